@@ -1,0 +1,42 @@
+# scim-edge — one entry point for humans and CI.
+#   make test   installs what it needs, builds, runs every test
+#   make demo   runs the multi-IdP sandbox (not built yet: says so)
+#   make bench  runs the benchmarks and writes docs/benchmarks.md
+SHELL := /bin/bash
+SWIFT ?= swift
+DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
+SWIFT_BUILD_FLAGS ?=
+
+.PHONY: deps build test test-unit demo bench bench-micro bench-http bench-lmdb clean
+
+# Idempotent: installs only what is missing, so a warm run does no apt work.
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "Debian packages present"; fi
+
+build: deps
+	$(SWIFT) build $(SWIFT_BUILD_FLAGS)
+
+test: deps
+	$(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
+	$(SWIFT) test --skip-build $(SWIFT_BUILD_FLAGS)
+
+demo: build
+	@echo "scim-edge sandbox: not built yet (issue 7). The platform layer is; see README.md."
+	@echo "Try 'make test' or 'make bench' meanwhile."
+
+bench: deps bench-micro bench-http
+
+bench-micro:
+	cd Benchmarks && $(SWIFT) package --allow-writing-to-package-directory benchmark --format markdown --path ../docs/bench-micro.md 2>&1 | tail -60 || true
+	cd Benchmarks && $(SWIFT) package benchmark
+
+bench-http: deps
+	$(SWIFT) build -c release --product edge-fixture
+	bash scripts/bench-http-vs-nginx.sh
+
+clean:
+	rm -rf .build Benchmarks/.build

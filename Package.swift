@@ -1,0 +1,38 @@
+// swift-tools-version:6.2
+import PackageDescription
+
+// Warnings that hide data races in C callbacks are errors here (PLATFORM-NOTES.md).
+let strict: [SwiftSetting] = [.treatWarning("ActorIsolatedCall", as: .error)]
+
+let package = Package(
+    name: "scim-edge",
+    products: [
+        .library(name: "EdgeLoop", targets: ["EdgeLoop"]),
+        .library(name: "EdgeTLS", targets: ["EdgeTLS"]),
+        .library(name: "EdgeHTTP", targets: ["EdgeHTTP"]),
+        .library(name: "EdgeStore", targets: ["EdgeStore"]),
+        .executable(name: "edge-fixture", targets: ["edge-fixture"]),
+    ],
+    targets: [
+        // System libraries from Debian: module map + shim header each, no copied source.
+        .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
+        .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
+        .systemLibrary(name: "CYAML", providers: [.apt(["libyaml-dev"])]),
+
+        .target(name: "EdgeLoop", dependencies: ["CLibUV"], swiftSettings: strict),
+        .target(name: "EdgeTLS", dependencies: ["COpenSSL"], swiftSettings: strict),
+        .target(name: "EdgeHTTP", dependencies: ["EdgeLoop", "EdgeTLS", "CHTTPParser"], swiftSettings: strict),
+        .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
+
+        // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
+        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore"],
+                          swiftSettings: strict),
+
+        .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop"], swiftSettings: strict),
+        .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS"], swiftSettings: strict),
+        .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS"], swiftSettings: strict),
+        .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore"], swiftSettings: strict),
+    ]
+)
