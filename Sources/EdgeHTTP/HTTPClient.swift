@@ -1,0 +1,246 @@
+import EdgeLoop
+import EdgeTLS
+
+public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible {
+    case connectFailed(String)
+    /// The connection ended before this request's response arrived. The
+    /// request may or may not have been processed: retry only idempotent work.
+    case connectionLost(String)
+    case tls(TLSError)
+    case timeout
+    case malformedResponse(String)
+    case closed
+
+    public var description: String {
+        switch self {
+        case .connectFailed(let s): return "connect failed: \(s)"
+        case .connectionLost(let s): return "connection lost: \(s)"
+        case .tls(let e): return e.description
+        case .timeout: return "timed out"
+        case .malformedResponse(let s): return "malformed response: \(s)"
+        case .closed: return "client closed"
+        }
+    }
+}
+
+public struct HTTPClientOptions: Sendable {
+    /// Requests written ahead of their responses on the connection.
+    public var maxPipelined = 16
+    public var connectTimeoutMilliseconds: UInt64 = 10_000
+    /// Per request, from the moment it is written.
+    public var responseTimeoutMilliseconds: UInt64 = 30_000
+    public var maxResponseBodyBytes = 64 << 20
+    public var maxHeaderBytes = 64 * 1024
+    public init() {}
+}
+
+/// An HTTP/1.1 client for one origin over a kept-alive TCP or TLS
+/// connection: requests are pipelined up to `maxPipelined`, responses are
+/// matched in order, and a lost connection is re-established on the next
+/// request. Threading: loop-confined.
+public final class HTTPClient {
+    public let loop: EventLoop
+    public let address: SocketAddress
+    private let tls: TLSContext?
+    private let peerName: String?
+    public let options: HTTPClientOptions
+    private let hostHeader: String
+    private let scratch: UnsafeMutableRawBufferPointer
+
+    private var transport: Transport?
+    private var parser: MessageParser?
+    private var connecting = false
+    private var queued: [PendingRequest] = []
+    private var inFlight: [PendingRequest] = []
+    private var timer: Timer?
+    private var connectStartedAt: UInt64 = 0
+    private var isClosed = false
+    /// Connections opened so far (reconnects show up here).
+    public private(set) var connectionsOpened = 0
+    /// The server certificate identity of the current connection.
+    public private(set) var serverIdentity: PeerIdentity?
+
+    public init(loop: EventLoop, address: SocketAddress, tls: TLSContext? = nil, serverName: String? = nil,
+                options: HTTPClientOptions = HTTPClientOptions()) {
+        self.loop = loop
+        self.address = address
+        self.tls = tls
+        self.peerName = serverName ?? address.host
+        self.options = options
+        self.hostHeader = serverName.map { "\($0):\(address.port)" } ?? address.description
+        scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
+    }
+
+    deinit { scratch.deallocate() }
+
+    /// Requests not yet answered (queued or in flight).
+    public var outstanding: Int { queued.count + inFlight.count }
+    public var isConnected: Bool { transport?.isReady ?? false }
+
+    /// Sends `request`; `completion` runs on the loop with the response or an error.
+    public func send(_ request: HTTPRequest, completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void) {
+        guard !isClosed else { completion(.failure(.closed)); return }
+        queued.append(PendingRequest(request: request, completion: completion))
+        ensureTimer()
+        pump()
+    }
+
+    /// Fails everything outstanding with `.closed` and closes the connection.
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        timer?.close()
+        timer = nil
+        dropConnection(reason: .closed, failQueued: true)
+    }
+
+    private func ensureTimer() {
+        guard timer == nil, let t = try? Timer(loop: loop) else { return }
+        t.start(after: 100, repeatEvery: 100) { [unowned self] in checkTimeouts() }
+        t.keepsLoopAlive = false
+        timer = t
+    }
+
+    private func pump() {
+        guard !isClosed else { return }
+        guard let transport, transport.isReady else {
+            if transport == nil && !connecting && !queued.isEmpty { connect() }
+            return
+        }
+        var batch: [UInt8] = []
+        while inFlight.count < options.maxPipelined, !queued.isEmpty {
+            var next = queued.removeFirst()
+            next.writtenAt = loop.now
+            batch.append(contentsOf: next.request.serialized(host: hostHeader))
+            inFlight.append(next)
+        }
+        if !batch.isEmpty { transport.write(batch) }
+    }
+
+    private func connect() {
+        connecting = true
+        connectStartedAt = loop.now
+        TCPStream.connect(loop: loop, to: address) { [weak self] result in
+            guard let self else {
+                if case .success(let s) = result { s.close() }
+                return
+            }
+            connecting = false
+            switch result {
+            case .failure(let e):
+                failAll(.connectFailed(e.description), queuedToo: true)
+            case .success(let stream):
+                if isClosed { stream.close(); return }
+                established(stream)
+            }
+        }
+    }
+
+    private func established(_ stream: TCPStream) {
+        let session: TLSSession?
+        if let tls {
+            do { session = try tls.makeSession(peerName: peerName) } catch {
+                stream.close()
+                failAll(.tls(error), queuedToo: true)
+                return
+            }
+        } else {
+            session = nil
+        }
+        connectionsOpened += 1
+        let t = Transport(stream: stream, tls: session, scratch: scratch)
+        let p = MessageParser(kind: .response, maxHeaderBytes: options.maxHeaderBytes,
+                              maxBodyBytes: options.maxResponseBodyBytes)
+        p.onHead = { [unowned self] head in
+            // 1xx are interim; HEAD responses and 204/304 have no body.
+            if head.status == 204 || head.status == 304 { return .skipBody }
+            if let first = inFlight.first, first.request.method == "HEAD" { return .skipBody }
+            return .readBody
+        }
+        p.onMessage = { [unowned self] head, body, keepAlive in response(head, body, keepAlive) }
+        transport = t
+        parser = p
+        t.onReady = { [unowned self] in
+            serverIdentity = transport?.peerIdentity
+            pump()
+        }
+        t.onData = { [unowned self] bytes in received(bytes) }
+        t.onEnd = { [unowned self] reason in lost(reason) }
+        t.start()
+    }
+
+    private func received(_ bytes: UnsafeRawBufferPointer) {
+        guard let parser else { return }
+        do { try parser.execute(bytes) } catch {
+            dropConnection(reason: .malformedResponse(error.detail), failQueued: false)
+            pump()
+        }
+    }
+
+    private func response(_ head: ParsedHead, _ body: [UInt8], _ keepAlive: Bool) {
+        if head.status >= 100 && head.status < 200 { return }  // interim (100 Continue)
+        guard !inFlight.isEmpty else {
+            dropConnection(reason: .malformedResponse("response without a request"), failQueued: false)
+            return
+        }
+        let pending = inFlight.removeFirst()
+        let response = HTTPResponse(status: head.status, headers: head.headers, body: body)
+        pending.completion(.success(response))
+        if !keepAlive {
+            // The server closes after this one: what else was in flight is resent on a new connection.
+            let retry = inFlight
+            inFlight = []
+            queued.insert(contentsOf: retry, at: 0)
+            dropConnection(reason: .connectionLost("server closed the connection"), failQueued: false)
+        }
+        pump()
+    }
+
+    private func lost(_ reason: TransportEnd) {
+        transport = nil
+        parser = nil
+        let error: HTTPClientError
+        if case .tlsError(let e) = reason { error = .tls(e) } else { error = .connectionLost(reason.description) }
+        failAll(error, queuedToo: false)
+        // A failed handshake would fail again at once: fail what waits too.
+        if case .tls = error { failAll(error, queuedToo: true) }
+        pump()
+    }
+
+    private func dropConnection(reason: HTTPClientError, failQueued: Bool) {
+        let t = transport
+        transport = nil
+        parser = nil
+        t?.onEnd = nil
+        t?.close()
+        failAll(reason, queuedToo: failQueued)
+    }
+
+    private func failAll(_ error: HTTPClientError, queuedToo: Bool) {
+        let failed = inFlight + (queuedToo ? queued : [])
+        inFlight = []
+        if queuedToo { queued = [] }
+        for p in failed { p.completion(.failure(error)) }
+    }
+
+    private func checkTimeouts() {
+        let now = loop.now
+        if connecting || (transport != nil && !(transport!.isReady)) {
+            if now - connectStartedAt > options.connectTimeoutMilliseconds {
+                connecting = false
+                dropConnection(reason: .timeout, failQueued: true)
+            }
+            return
+        }
+        if let first = inFlight.first, let at = first.writtenAt, now - at > options.responseTimeoutMilliseconds {
+            dropConnection(reason: .timeout, failQueued: false)
+            pump()
+        }
+    }
+}
+
+struct PendingRequest {
+    let request: HTTPRequest
+    let completion: (Result<HTTPResponse, HTTPClientError>) -> Void
+    var writtenAt: UInt64?
+}

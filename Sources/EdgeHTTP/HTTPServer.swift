@@ -1,0 +1,357 @@
+import EdgeLoop
+import EdgeTLS
+
+/// Limits of an HTTP server; every one has a status it answers with.
+public struct HTTPServerLimits: Sendable {
+    /// Request line plus header fields; above it: 431 and close.
+    public var maxHeaderBytes = 16 * 1024
+    /// Request body; above it: 413 and close, without reading the rest.
+    public var maxBodyBytes = 1 << 20
+    /// A request must arrive completely within this time after its first
+    /// byte (slow clients): 408 and close.
+    public var requestTimeoutMilliseconds: UInt64 = 30_000
+    /// A kept-alive connection with nothing in flight is closed after this.
+    public var idleTimeoutMilliseconds: UInt64 = 75_000
+    /// Connections above this are closed at accept.
+    public var maxConnections = 4096
+    /// Parsed requests waiting for their responses on one connection; above
+    /// it the connection stops reading until responses drain.
+    public var maxPipelinedRequests = 64
+    /// Queued response bytes that pause reading a connection, and the level
+    /// at which reading resumes (write backpressure).
+    public var writeHighWatermark = 1 << 20
+    public var writeLowWatermark = 256 * 1024
+
+    public init() {}
+}
+
+/// What the handler knows about where a request came from.
+public struct RequestContext {
+    public let connectionID: UInt64
+    public let peerAddress: SocketAddress?
+    /// The verified client certificate's identity (mutual TLS only).
+    public let peerIdentity: PeerIdentity?
+    public let isSecure: Bool
+}
+
+/// Answers one request, now or later (e.g. after an LMDB commit). Answers
+/// go out in request order on their connection; a second call is ignored,
+/// and so is a call after the connection closed.
+public final class Responder {
+    private weak var connection: ServerConnection?
+    private let slot: ResponseSlot
+    init(connection: ServerConnection, slot: ResponseSlot) {
+        self.connection = connection
+        self.slot = slot
+    }
+    public func respond(_ response: HTTPResponse) {
+        guard slot.response == nil else { return }
+        slot.response = response
+        connection?.flushResponses()
+    }
+    /// Whether the client is still there to receive an answer.
+    public var isConnected: Bool { connection != nil && !(connection!.isClosed) }
+}
+
+final class ResponseSlot {
+    var response: HTTPResponse?
+    let keepAlive: Bool
+    let omitBody: Bool
+    init(response: HTTPResponse? = nil, keepAlive: Bool, omitBody: Bool) {
+        self.response = response
+        self.keepAlive = keepAlive
+        self.omitBody = omitBody
+    }
+}
+
+/// Counters of a server's life, for metrics and tests.
+public struct HTTPServerStatistics: Sendable {
+    public var acceptedConnections = 0
+    public var rejectedConnections = 0
+    public var openConnections = 0
+    public var requests = 0
+    public var protocolErrors = 0
+    public var timeouts = 0
+    public var tlsFailures = 0
+    public var readPauses = 0
+}
+
+public typealias HTTPHandler = (HTTPRequest, RequestContext, Responder) -> Void
+
+/// An HTTP/1.1 server over TCP or TLS on one event loop.
+///
+/// Keep-alive, pipelining (answered in order), `Content-Length` and chunked
+/// bodies, `Expect: 100-continue`, limits with their statuses, write
+/// backpressure and a connection cap. Threading: loop-confined.
+public final class HTTPServer {
+    public let loop: EventLoop
+    public let limits: HTTPServerLimits
+    private let tls: ReloadableTLSContext?
+    private let handler: HTTPHandler
+    private var listener: TCPListener?
+    private var sweeper: Timer?
+    private var connections: [UInt64: ServerConnection] = [:]
+    private var nextID: UInt64 = 1
+    private var draining = false
+    private var drained: (() -> Void)?
+    let scratch: UnsafeMutableRawBufferPointer
+    private(set) var date = httpDate()
+    public internal(set) var statistics = HTTPServerStatistics()
+    /// Builds the body of responses the server itself sends (400, 408, 413,
+    /// 431, 505…). The SCIM endpoints set one that returns a SCIM error.
+    public var errorBody: (Int, String) -> HTTPResponse = { status, detail in
+        HTTPResponse(status: status, contentType: "text/plain; charset=utf-8", body: detail + "\n")
+    }
+    /// Called with each TLS handshake failure (for logs and metrics).
+    public var onTLSFailure: ((TLSError, SocketAddress?) -> Void)?
+
+    public init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
+                limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
+        self.loop = loop
+        self.limits = limits
+        self.tls = tls
+        self.handler = handler
+        scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
+        listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+        let timer = try Timer(loop: loop)
+        let tick = max(50, min(1000, min(limits.requestTimeoutMilliseconds, limits.idleTimeoutMilliseconds) / 4))
+        timer.start(after: tick, repeatEvery: tick) { [unowned self] in sweep() }
+        timer.keepsLoopAlive = false
+        sweeper = timer
+    }
+
+    deinit { scratch.deallocate() }
+
+    /// The bound address (the real port after binding port 0).
+    public var address: SocketAddress { listener!.address }
+    public var port: Int { address.port }
+
+    private func accept(_ stream: TCPStream) {
+        guard !draining, connections.count < limits.maxConnections else {
+            statistics.rejectedConnections += 1
+            stream.close()
+            return
+        }
+        let session: TLSSession?
+        if let tls {
+            do { session = try tls.context.makeSession() } catch {
+                statistics.tlsFailures += 1
+                stream.close()
+                return
+            }
+        } else {
+            session = nil
+        }
+        let id = nextID
+        nextID += 1
+        let connection = ServerConnection(id: id, server: self, transport: Transport(stream: stream, tls: session, scratch: scratch))
+        connections[id] = connection
+        statistics.acceptedConnections += 1
+        statistics.openConnections = connections.count
+        connection.start()
+    }
+
+    func connectionEnded(_ connection: ServerConnection, _ reason: TransportEnd) {
+        connections[connection.id] = nil
+        statistics.openConnections = connections.count
+        if case .tlsError(let e) = reason, !connection.handshakeDone {
+            statistics.tlsFailures += 1
+            onTLSFailure?(e, connection.peerAddress)
+        }
+        if draining && connections.isEmpty { finishDrain() }
+    }
+
+    func dispatch(_ request: HTTPRequest, _ connection: ServerConnection, _ responder: Responder) {
+        statistics.requests += 1
+        handler(request, connection.context, responder)
+    }
+
+    private func sweep() {
+        date = httpDate()
+        let now = loop.now
+        for connection in Array(connections.values) { connection.checkTimeouts(now: now) }
+    }
+
+    /// Graceful drain (SIGTERM): stop accepting, close idle connections,
+    /// let in-flight requests finish (their connections then close), then
+    /// close the listener and timer and call `completion`.
+    public func shutdown(_ completion: (() -> Void)? = nil) {
+        guard !draining else { return }
+        draining = true
+        drained = completion
+        listener?.close()
+        listener = nil
+        for connection in Array(connections.values) { connection.drain() }
+        if connections.isEmpty { finishDrain() }
+    }
+
+    public var isDraining: Bool { draining }
+
+    private func finishDrain() {
+        sweeper?.close()
+        sweeper = nil
+        let done = drained
+        drained = nil
+        done?()
+    }
+}
+
+/// One accepted connection: parser, response queue, timers' state.
+final class ServerConnection {
+    let id: UInt64
+    unowned let server: HTTPServer
+    let transport: Transport
+    private let parser: MessageParser
+    private var slots: [ResponseSlot] = []
+    private var closeAfterFlush = false
+    private(set) var isClosed = false
+    private var lastActivity: UInt64
+    private var messageStartedAt: UInt64?
+    private var readingPaused = false
+    private var continueSent = false
+    private(set) var handshakeDone = false
+    let peerAddress: SocketAddress?
+    lazy var context = RequestContext(connectionID: id, peerAddress: peerAddress,
+                                      peerIdentity: transport.peerIdentity, isSecure: transport.isSecure)
+
+    init(id: UInt64, server: HTTPServer, transport: Transport) {
+        self.id = id
+        self.server = server
+        self.transport = transport
+        self.peerAddress = transport.stream.peerAddress
+        parser = MessageParser(kind: .request, maxHeaderBytes: server.limits.maxHeaderBytes,
+                               maxBodyBytes: server.limits.maxBodyBytes)
+        lastActivity = server.loop.now
+    }
+
+    func start() {
+        parser.onHead = { [unowned self] head in decideHead(&head) }
+        parser.onMessage = { [unowned self] head, body, keepAlive in message(head, body, keepAlive) }
+        transport.onReady = { [unowned self] in handshakeDone = true }
+        transport.onData = { [unowned self] bytes in received(bytes) }
+        transport.onEnd = { [unowned self] reason in ended(reason) }
+        transport.onWriteDrained = { [unowned self] in writeDrained() }
+        transport.start()
+    }
+
+    private func received(_ bytes: UnsafeRawBufferPointer) {
+        lastActivity = server.loop.now
+        if messageStartedAt == nil { messageStartedAt = lastActivity }
+        do {
+            try parser.execute(bytes)
+        } catch {
+            server.statistics.protocolErrors += 1
+            fail(status: error.status, detail: error.detail)
+            return
+        }
+        if !parser.inMessage { messageStartedAt = nil }
+        applyBackpressure()
+    }
+
+    private func decideHead(_ head: inout ParsedHead) -> HeadDecision {
+        if let expect = head.headers["Expect"] {
+            guard equalsIgnoringCase(expect, "100-continue") else {
+                return .reject(status: 417, detail: "unsupported expectation '\(expect)'")
+            }
+            // Only when nothing earlier is waiting: a 100 must not overtake earlier responses.
+            if slots.isEmpty && !continueSent {
+                continueSent = true
+                transport.write(Array("HTTP/1.1 100 Continue\r\n\r\n".utf8))
+            }
+        }
+        return .readBody
+    }
+
+    private func message(_ head: ParsedHead, _ body: [UInt8], _ keepAlive: Bool) {
+        continueSent = false
+        messageStartedAt = nil
+        var request = HTTPRequest(method: head.method, target: String(decoding: head.target, as: UTF8.self),
+                                  headers: head.headers, body: body)
+        request.versionMajor = head.versionMajor
+        request.versionMinor = head.versionMinor
+        let slot = ResponseSlot(keepAlive: keepAlive && !server.isDraining, omitBody: head.method == "HEAD")
+        slots.append(slot)
+        if !keepAlive {
+            // Nothing after this request is read (RFC 9112 §9.6).
+            transport.pauseReading()
+            readingPaused = true
+        }
+        server.dispatch(request, self, Responder(connection: self, slot: slot))
+    }
+
+    /// Writes the answered responses at the head of the queue, in order.
+    func flushResponses() {
+        guard !isClosed else { return }
+        while let head = slots.first, let response = head.response {
+            slots.removeFirst()
+            let keepAlive = head.keepAlive && !closeAfterFlush
+            transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: head.omitBody))
+            if !keepAlive {
+                closeNow()
+                return
+            }
+        }
+        if slots.isEmpty {
+            lastActivity = server.loop.now
+            if server.isDraining { closeNow(); return }
+        }
+        applyBackpressure()
+    }
+
+    /// Answers a protocol error after the responses already owed, then closes.
+    private func fail(status: Int, detail: String) {
+        transport.pauseReading()
+        readingPaused = true
+        closeAfterFlush = true
+        slots.append(ResponseSlot(response: server.errorBody(status, detail), keepAlive: false, omitBody: false))
+        flushResponses()
+    }
+
+    private func applyBackpressure() {
+        guard !isClosed, !closeAfterFlush else { return }
+        let limits = server.limits
+        let overWrites = transport.queuedWriteBytes > limits.writeHighWatermark
+        let overPipeline = slots.count >= limits.maxPipelinedRequests
+        if (overWrites || overPipeline) && !readingPaused {
+            readingPaused = true
+            server.statistics.readPauses += 1
+            transport.pauseReading()
+        } else if readingPaused && !overPipeline && transport.queuedWriteBytes <= limits.writeLowWatermark
+                    && (slots.last?.keepAlive ?? true) {
+            readingPaused = false
+            transport.resumeReading()
+        }
+    }
+
+    private func writeDrained() { applyBackpressure() }
+
+    func checkTimeouts(now: UInt64) {
+        guard !isClosed else { return }
+        let limits = server.limits
+        if let started = messageStartedAt, now - started > limits.requestTimeoutMilliseconds {
+            server.statistics.timeouts += 1
+            messageStartedAt = nil
+            fail(status: 408, detail: "request not received within \(limits.requestTimeoutMilliseconds) ms")
+        } else if slots.isEmpty, messageStartedAt == nil, now - lastActivity > limits.idleTimeoutMilliseconds {
+            // Idle keep-alive connection: close quietly (nothing is owed).
+            closeNow()
+        } else if !transport.isReady, now - lastActivity > limits.requestTimeoutMilliseconds {
+            server.statistics.timeouts += 1
+            transport.close()  // TLS handshake never completed
+        }
+    }
+
+    func drain() {
+        if slots.isEmpty { closeNow() } else { closeAfterFlush = true }
+    }
+
+    private func closeNow() {
+        guard !isClosed else { return }
+        transport.closeAfterWrites()
+    }
+
+    private func ended(_ reason: TransportEnd) {
+        isClosed = true
+        server.connectionEnded(self, reason)
+    }
+}

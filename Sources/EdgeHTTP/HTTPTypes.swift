@@ -1,0 +1,180 @@
+import Glibc
+
+/// Header fields in arrival order; lookup by name is case-insensitive (RFC 9110 §5.1).
+public struct HTTPHeaders: Sendable, Sequence, ExpressibleByDictionaryLiteral {
+    public private(set) var fields: [(name: String, value: String)] = []
+
+    public init() {}
+    public init(dictionaryLiteral elements: (String, String)...) {
+        fields = elements.map { (name: $0.0, value: $0.1) }
+    }
+
+    public mutating func add(_ name: String, _ value: String) { fields.append((name, value)) }
+
+    /// Replaces every field called `name` with one.
+    public mutating func set(_ name: String, _ value: String) {
+        remove(name)
+        fields.append((name, value))
+    }
+
+    public mutating func remove(_ name: String) {
+        fields.removeAll { equalsIgnoringCase($0.name, name) }
+    }
+
+    /// The first value of `name`.
+    public subscript(name: String) -> String? {
+        fields.first { equalsIgnoringCase($0.name, name) }?.value
+    }
+
+    public func values(_ name: String) -> [String] {
+        fields.filter { equalsIgnoringCase($0.name, name) }.map(\.value)
+    }
+
+    public func contains(_ name: String) -> Bool { self[name] != nil }
+
+    public func makeIterator() -> IndexingIterator<[(name: String, value: String)]> { fields.makeIterator() }
+
+    /// Whether a comma-separated header (e.g. `Connection`) lists `token`.
+    public func hasToken(_ name: String, _ token: String) -> Bool {
+        values(name).contains { v in
+            v.split(separator: ",").contains { equalsIgnoringCase(trimmed($0), token) }
+        }
+    }
+}
+
+func trimmed(_ s: Substring) -> String {
+    var sub = s
+    while let f = sub.first, f == " " || f == "\t" { sub = sub.dropFirst() }
+    while let l = sub.last, l == " " || l == "\t" { sub = sub.dropLast() }
+    return String(sub)
+}
+
+/// ASCII case-insensitive comparison (header names and tokens are ASCII).
+public func equalsIgnoringCase(_ a: String, _ b: String) -> Bool {
+    let x = a.utf8, y = b.utf8
+    guard x.count == y.count else { return false }
+    for (c, d) in zip(x, y) where c != d {
+        let lc = c >= 65 && c <= 90 ? c + 32 : c
+        let ld = d >= 65 && d <= 90 ? d + 32 : d
+        if lc != ld { return false }
+    }
+    return true
+}
+
+public struct HTTPRequest: Sendable {
+    public var method: String
+    /// The request target as sent: path and optional `?query`.
+    public var target: String
+    public var headers: HTTPHeaders
+    public var body: [UInt8]
+    public var versionMajor: Int = 1
+    public var versionMinor: Int = 1
+
+    public init(method: String, target: String, headers: HTTPHeaders = HTTPHeaders(), body: [UInt8] = []) {
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+    }
+
+    /// The path part of the target, without the query.
+    public var path: Substring {
+        if let q = target.firstIndex(of: "?") { return target[..<q] }
+        return target[...]
+    }
+
+    /// The raw query string after `?`, if any.
+    public var query: Substring? {
+        guard let q = target.firstIndex(of: "?") else { return nil }
+        return target[target.index(after: q)...]
+    }
+
+    /// Serialises for the wire (client side). Adds `Content-Length` when the
+    /// request has a body and no length of its own.
+    public func serialized(host: String?) -> [UInt8] {
+        var head = "\(method) \(target) HTTP/1.1\r\n"
+        if let host, !headers.contains("Host") { head += "Host: \(host)\r\n" }
+        for (n, v) in headers.fields { head += "\(n): \(v)\r\n" }
+        if !headers.contains("Content-Length") && !headers.contains("Transfer-Encoding")
+            && (!body.isEmpty || method == "POST" || method == "PUT" || method == "PATCH") {
+            head += "Content-Length: \(body.count)\r\n"
+        }
+        head += "\r\n"
+        var out = Array(head.utf8)
+        out.append(contentsOf: body)
+        return out
+    }
+}
+
+public struct HTTPResponse: Sendable {
+    public var status: Int
+    public var headers: HTTPHeaders
+    public var body: [UInt8]
+
+    public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), body: [UInt8] = []) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+
+    public init(status: Int, contentType: String, body: String) {
+        self.init(status: status, headers: ["Content-Type": contentType], body: Array(body.utf8))
+    }
+
+    public var bodyText: String { String(decoding: body, as: UTF8.self) }
+
+    /// Serialises for the wire (server side).
+    func serialized(date: String, keepAlive: Bool, omitBody: Bool) -> [UInt8] {
+        var head = "HTTP/1.1 \(status) \(reasonPhrase(status))\r\n"
+        for (n, v) in headers.fields { head += "\(n): \(v)\r\n" }
+        if !headers.contains("Content-Length") { head += "Content-Length: \(body.count)\r\n" }
+        if !headers.contains("Date") { head += "Date: \(date)\r\n" }
+        if !keepAlive { head += "Connection: close\r\n" }
+        head += "\r\n"
+        var out = Array(head.utf8)
+        if !omitBody { out.append(contentsOf: body) }
+        return out
+    }
+}
+
+public func reasonPhrase(_ status: Int) -> String {
+    switch status {
+    case 100: return "Continue"
+    case 200: return "OK"
+    case 201: return "Created"
+    case 202: return "Accepted"
+    case 204: return "No Content"
+    case 304: return "Not Modified"
+    case 400: return "Bad Request"
+    case 401: return "Unauthorized"
+    case 403: return "Forbidden"
+    case 404: return "Not Found"
+    case 405: return "Method Not Allowed"
+    case 408: return "Request Timeout"
+    case 409: return "Conflict"
+    case 411: return "Length Required"
+    case 412: return "Precondition Failed"
+    case 413: return "Content Too Large"
+    case 415: return "Unsupported Media Type"
+    case 417: return "Expectation Failed"
+    case 429: return "Too Many Requests"
+    case 431: return "Request Header Fields Too Large"
+    case 500: return "Internal Server Error"
+    case 501: return "Not Implemented"
+    case 502: return "Bad Gateway"
+    case 503: return "Service Unavailable"
+    case 504: return "Gateway Timeout"
+    case 505: return "HTTP Version Not Supported"
+    default: return "Status \(status)"
+    }
+}
+
+/// The current time as an IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+func httpDate() -> String {
+    var t = time(nil)
+    var tmv = tm()
+    gmtime_r(&t, &tmv)
+    var buf = [CChar](repeating: 0, count: 40)
+    let n = strftime(&buf, buf.count, "%a, %d %b %Y %H:%M:%S GMT", &tmv)
+    return String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
