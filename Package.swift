@@ -26,13 +26,16 @@ let package = Package(
         .target(name: "EdgeHTTP", dependencies: ["EdgeLoop", "EdgeTLS", "CHTTPParser"], swiftSettings: strict),
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
 
+        // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
+        .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], swiftSettings: strict),
+
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
         .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore"],
                           swiftSettings: strict),
 
-        .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop"], swiftSettings: strict),
-        .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS"], swiftSettings: strict),
-        .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS"], swiftSettings: strict),
-        .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore"], swiftSettings: strict),
+        .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

@@ -118,3 +118,21 @@ private final class ThreadContext: @unchecked Sendable {  // handed to exactly o
     let body: () -> Void
     init(_ body: @escaping () -> Void) { self.body = body }
 }
+
+/// A loop-confined value that may be passed around between threads but only
+/// opened on the thread that created it (checked at every access).
+public final class LoopBound<Value>: @unchecked Sendable {  // access is checked against the owning thread
+    private let owner: pthread_t
+    private let stored: Value
+
+    public init(_ value: Value) {
+        owner = pthread_self()
+        stored = value
+    }
+
+    /// The value; traps when called from another thread.
+    public var value: Value {
+        precondition(pthread_equal(owner, pthread_self()) != 0, "LoopBound value used off its loop thread")
+        return stored
+    }
+}

@@ -1,1 +1,120 @@
-print("fixture")
+// Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
+// HTTP server to compare with nginx. Not installed by the packages.
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Glibc
+
+/// Unbuffered line output (file descriptors, not stdio: a SIGKILL must not
+/// eat lines the parent is waiting for).
+func emit(_ line: String, fd: Int32 = 1) {
+    let bytes = Array((line + "\n").utf8)
+    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+}
+
+func fail(_ message: String) -> Never {
+    emit("edge-fixture: \(message)", fd: 2)
+    exit(2)
+}
+
+/// Appends records forever, each commit holding one `data` entry and the
+/// `meta` counter; prints `committed N` after each durable commit. The crash
+/// test kills it and checks that everything printed is there, consistently.
+func lmdbWriter(_ dir: String, groupCommit: Bool) throws {
+    let env = try Environment(EnvironmentOptions(path: dir))
+    let data = try env.openDatabase("data")
+    let meta = try env.openDatabase("meta")
+    var seq: UInt64 = try env.read { txn in try txn.get(meta, Array("counter".utf8)).flatMap(UInt64.init(bigEndianBytes:)) } ?? 0
+    if !groupCommit {
+        while true {
+            seq += 1
+            let n = seq
+            try env.write { txn in
+                try txn.put(data, n.bigEndianBytes, record(n))
+                try txn.put(meta, Array("counter".utf8), n.bigEndianBytes)
+            }
+            emit("committed \(n)")
+        }
+    }
+    // Group commit: 16 writers on one loop, each resubmitting when done.
+    let loop = try EventLoop()
+    let writer = GroupCommitWriter(environment: env) { work, done in loop.offload(work, then: done) }
+    func submitNext() {
+        seq += 1
+        let n = seq
+        writer.submit({ txn in
+            let current = try txn.get(meta, Array("counter".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+            try txn.put(data, n.bigEndianBytes, record(n))
+            if n > current { try txn.put(meta, Array("counter".utf8), n.bigEndianBytes) }
+            return n
+        }) { result in
+            if case .success(let n) = result { emit("committed \(n)") }
+            submitNext()
+        }
+    }
+    for _ in 0..<16 { submitNext() }
+    while true { loop.runOnce(wait: true) }
+}
+
+/// Holds a read transaction open until killed: leaves a stale reader slot.
+/// With `--idle` it only keeps the environment open (as `scim-edge status`
+/// or a second tool would), so LMDB does not reset the reader table.
+func lmdbReader(_ dir: String, idle: Bool) throws -> Never {
+    let env = try Environment(EnvironmentOptions(path: dir))
+    if idle {
+        emit("open")
+        while true { sleep(60) }
+    }
+    let db = try env.openDatabase("x")
+    let txn = try env.beginRead()
+    emit("reading")
+    // Keep using it: a ~Copyable value may end at its last use.
+    while true { _ = try txn.count(db); sleep(60) }
+}
+
+/// 1 KiB derived from the sequence number, so a torn value is detectable.
+func record(_ n: UInt64) -> [UInt8] {
+    (0..<1024).map { UInt8(truncatingIfNeeded: n &* 31 &+ UInt64($0)) }
+}
+
+/// Serves `200 ok` to every request, like the nginx reference config.
+func httpServe(port: Int, cert: String?, key: String?) throws {
+    let loop = try EventLoop()
+    var tls: ReloadableTLSContext?
+    if let cert, let key {
+        tls = try ReloadableTLSContext(role: .server, configuration: TLSConfiguration(
+            certificateChainFile: cert, privateKeyFile: key, verifyPeer: false))
+    }
+    var limits = HTTPServerLimits()
+    limits.maxConnections = 10_000
+    let body = Array("ok\n".utf8)
+    let server = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: tls,
+                                limits: limits) { _, _, responder in
+        responder.respond(HTTPResponse(status: 200, headers: ["Content-Type": "text/plain"], body: body))
+    }
+    emit("listening \(server.port)")
+    let term = try SignalWatcher(loop: loop, signal: SIGTERM) { _ in server.shutdown() }
+    loop.run()
+    term.close()
+    _ = loop.close()
+}
+
+let args = Array(CommandLine.arguments.dropFirst())
+do {
+    switch args.first {
+    case "lmdb-writer":
+        guard args.count >= 2 else { fail("usage: edge-fixture lmdb-writer DIR [--group]") }
+        try lmdbWriter(args[1], groupCommit: args.contains("--group"))
+    case "lmdb-reader":
+        guard args.count >= 2 else { fail("usage: edge-fixture lmdb-reader DIR") }
+        try lmdbReader(args[1], idle: args.contains("--idle"))
+    case "http-serve":
+        func opt(_ name: String) -> String? { args.firstIndex(of: name).flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } }
+        try httpServe(port: Int(opt("--port") ?? "0") ?? 0, cert: opt("--cert"), key: opt("--key"))
+    default:
+        fail("usage: edge-fixture lmdb-writer DIR [--group] | http-serve [--port P] [--cert F --key F]")
+    }
+} catch {
+    fail("\(error)")
+}

@@ -1,0 +1,240 @@
+// Shared by the test targets only. Foundation is fine here: this module is
+// never linked into the agent or broker binaries.
+import Foundation
+import EdgeLoop
+import EdgeTLS
+import EdgeHTTP
+
+/// A fresh directory under the system temp dir, removed by `remove()`.
+public final class TempDirectory: @unchecked Sendable {  // immutable after init
+    public let path: String
+    public init(_ prefix: String = "scim-edge-test") {
+        let base = FileManager.default.temporaryDirectory.path
+        var template = Array("\(base)/\(prefix).XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        precondition(made != nil, "mkdtemp failed")
+        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
+    public func write(_ name: String, _ text: String) -> String {
+        let p = file(name)
+        _ = FileManager.default.createFile(atPath: p, contents: Data(text.utf8))
+        return p
+    }
+    public func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// Certificates for TLS tests, written as PEM files: a federation CA, a
+/// server (localhost / 127.0.0.1 / ::1), a good client, and the bad ones.
+public struct TestPKI: Sendable {
+    public let caFile: String
+    public let serverCert: String, serverKey: String
+    public let clientCert: String, clientKey: String
+    public let otherCAClientCert: String, otherCAClientKey: String
+    public let expiredClientCert: String, expiredClientKey: String
+    public let revokedClientCert: String, revokedClientKey: String
+    public let crlFile: String
+    public let otherCAFile: String
+    /// A server certificate valid only for `wrong.example`.
+    public let wrongHostServerCert: String, wrongHostServerKey: String
+    public let clientURI = "spiffe://scim-edge.test/agent/agent-1"
+
+    public init(in dir: TempDirectory) throws {
+        let ca = try CertificateAuthority(commonName: "scim-edge test federation CA")
+        let other = try CertificateAuthority(commonName: "some other CA")
+        func save(_ name: String, _ c: Credential) -> (String, String) {
+            (dir.write("\(name).crt", c.certificatePEM), dir.write("\(name).key", c.privateKeyPEM))
+        }
+        caFile = dir.write("ca.crt", ca.certificatePEM)
+        otherCAFile = dir.write("other-ca.crt", other.certificatePEM)
+        (serverCert, serverKey) = save("server", try ca.issue(CertificateRequest(
+            commonName: "broker.test", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"])))
+        (wrongHostServerCert, wrongHostServerKey) = save("wrong-host", try ca.issue(CertificateRequest(
+            commonName: "wrong.example", dnsNames: ["wrong.example"])))
+        (clientCert, clientKey) = save("client", try ca.issue(CertificateRequest(
+            commonName: "agent-1", dnsNames: ["agent-1.acme-de.test"], uris: [clientURI])))
+        (otherCAClientCert, otherCAClientKey) = save("other-client", try other.issue(CertificateRequest(
+            commonName: "agent-1", uris: [clientURI])))
+        (expiredClientCert, expiredClientKey) = save("expired", try ca.issue(CertificateRequest(
+            commonName: "agent-expired", notBeforeOffset: -10 * 86400, notAfterOffset: -86400)))
+        let revoked = try ca.issue(CertificateRequest(commonName: "agent-revoked"))
+        (revokedClientCert, revokedClientKey) = save("revoked", revoked)
+        crlFile = dir.write("ca.crl", try ca.revocationList(revoking: [revoked.serial]))
+    }
+
+    public func serverConfig(crl: Bool = true, requireClient: Bool = true) -> TLSConfiguration {
+        TLSConfiguration(certificateChainFile: serverCert, privateKeyFile: serverKey, trustRootsFile: caFile,
+                         crlFile: crl ? crlFile : nil, verifyPeer: requireClient)
+    }
+
+    public func clientConfig(cert: String? = nil, key: String? = nil, noCert: Bool = false) -> TLSConfiguration {
+        TLSConfiguration(certificateChainFile: noCert ? nil : (cert ?? clientCert),
+                         privateKeyFile: noCert ? nil : (key ?? clientKey), trustRootsFile: caFile)
+    }
+}
+
+/// A blocking TCP client for feeding servers raw bytes (malformed HTTP).
+public final class RawClient {
+    public let fd: Int32
+
+    public init(port: Int, host: String = "127.0.0.1", timeoutSeconds: Int = 10) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw POSIXError(.EIO) }
+        var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(port).bigEndian
+        inet_pton(AF_INET, host, &addr.sin_addr)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { close(fd); throw POSIXError(.ECONNREFUSED) }
+    }
+
+    deinit { close(fd) }
+
+    @discardableResult
+    public func send(_ text: String) -> Bool { send(Array(text.utf8)) }
+
+    @discardableResult
+    public func send(_ bytes: [UInt8]) -> Bool {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return false }
+            off += n
+        }
+        return true
+    }
+
+    /// Reads until the peer closes or the receive timeout passes.
+    public func readToEnd() -> String {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            out.append(contentsOf: buf[0..<n])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Reads exactly `count` complete responses (status line, headers,
+    /// Content-Length body) and returns them as (status, headers text, body).
+    public func readResponses(_ count: Int) -> [(status: Int, head: String, body: String)] {
+        var data: [UInt8] = []
+        var results: [(Int, String, String)] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while results.count < count {
+            if let (r, used) = Self.parseOne(data) {
+                results.append(r)
+                data.removeFirst(used)
+                continue
+            }
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            data.append(contentsOf: buf[0..<n])
+        }
+        return results
+    }
+
+    static func parseOne(_ data: [UInt8]) -> ((Int, String, String), Int)? {
+        let sep: [UInt8] = [13, 10, 13, 10]
+        guard data.count >= 4 else { return nil }
+        var end: Int?
+        for i in 0...(data.count - 4) where Array(data[i..<i + 4]) == sep { end = i; break }
+        guard let end else { return nil }
+        let head = String(decoding: data[0..<end], as: UTF8.self)
+        let status = Int(head.split(separator: " ").dropFirst().first ?? "") ?? 0
+        var length = 0
+        for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+            length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+        guard data.count >= end + 4 + length else { return nil }
+        let body = String(decoding: data[(end + 4)..<(end + 4 + length)], as: UTF8.self)
+        return ((status, head, body), end + 4 + length)
+    }
+}
+
+/// An HTTP server on its own loop thread, for tests.
+public final class ServerHarness: Sendable {
+    public let port: Int
+    private let thread: LoopThread
+    private let server: LoopBound<HTTPServer>
+    public let tlsFailures = Locked<[String]>([])
+
+    public init(tls: TLSConfiguration? = nil, limits: HTTPServerLimits = HTTPServerLimits(),
+                host: String = "127.0.0.1",
+                handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void) throws {
+        let ready = OneShot<LoopBound<HTTPServer>>()
+        let failures = tlsFailures
+        thread = try LoopThread.start { loop in
+            let context = try tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
+            let server = try HTTPServer(loop: loop, address: SocketAddress(host: host, port: 0), tls: context,
+                                        limits: limits, handler: handler)
+            server.onTLSFailure = { error, _ in failures.withLock { $0.append(error.description) } }
+            ready.fulfil(LoopBound(server))
+        }
+        guard let bound = ready.wait(seconds: 10) else { throw POSIXError(.ETIMEDOUT) }
+        server = bound
+        port = thread.inbox.sendAndWait { bound.value.port } ?? 0
+    }
+
+    /// Runs `body` with the server on its loop and returns its result.
+    public func onLoop<T: Sendable>(_ body: @escaping @Sendable (HTTPServer) -> T) -> T? {
+        let server = self.server
+        return thread.inbox.sendAndWait { body(server.value) }
+    }
+
+    /// Graceful shutdown; returns the handles left open when the loop closed (0 = clean).
+    public func stop() -> Int {
+        let server = self.server
+        thread.inbox.send { server.value.shutdown() }
+        return thread.join()
+    }
+}
+
+extension LoopInbox {
+    /// Runs `job` on the loop and waits for its result.
+    public func sendAndWait<T: Sendable>(seconds: Double = 10, _ job: @escaping @Sendable () -> T) -> T? {
+        let shot = OneShot<T>()
+        guard send({ shot.fulfil(job()) }) else { return nil }
+        return shot.wait(seconds: seconds)
+    }
+}
+
+/// Runs `body` on a fresh loop thread; `body` calls `finish` with its result
+/// once it has closed everything it opened. Returns the result and the number
+/// of handles still open when the loop closed (must be 0).
+public func runOnLoop<T: Sendable>(timeout: Double = 30,
+                                   _ body: @escaping @Sendable (EventLoop, @escaping @Sendable (T) -> Void) throws -> Void)
+    throws -> (T?, Int) {
+    let result = OneShot<T>()
+    let thread = try LoopThread.start { loop in try body(loop) { result.fulfil($0) } }
+    let value = result.wait(seconds: timeout)
+    let leftOpen = thread.join()
+    return (value, leftOpen)
+}
+
+/// A value behind a lock, for collecting results across threads in tests.
+public final class Locked<Value>: @unchecked Sendable {  // every access holds the lock
+    private var value: Value
+    private let lock = NSLock()
+    public init(_ value: Value) { self.value = value }
+    @discardableResult
+    public func withLock<R>(_ body: (inout Value) -> R) -> R {
+        lock.lock(); defer { lock.unlock() }
+        return body(&value)
+    }
+    public var current: Value { withLock { $0 } }
+}
+
+/// The directory of the test binary, where SwiftPM also puts `edge-fixture`.
+public var productsDirectory: String {
+    let exe = CommandLine.arguments[0]
+    var dir = (exe as NSString).deletingLastPathComponent
+    // `.xctest` bundles on Linux are plain executables next to the products.
+    if dir.hasSuffix(".xctest") { dir = (dir as NSString).deletingLastPathComponent }
+    return dir
+}
