@@ -52,7 +52,7 @@ public final class HTTPClient {
     private var connecting = false
     private var queued: [PendingRequest] = []
     private var inFlight: [PendingRequest] = []
-    private var timer: Timer?
+    private var timer: LoopTimer?
     private var connectStartedAt: UInt64 = 0
     private var isClosed = false
     /// Connections opened so far (reconnects show up here).
@@ -95,7 +95,7 @@ public final class HTTPClient {
     }
 
     private func ensureTimer() {
-        guard timer == nil, let t = try? Timer(loop: loop) else { return }
+        guard timer == nil, let t = try? LoopTimer(loop: loop) else { return }
         t.start(after: 100, repeatEvery: 100) { [unowned self] in checkTimeouts() }
         t.keepsLoopAlive = false
         timer = t

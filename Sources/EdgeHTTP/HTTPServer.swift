@@ -89,7 +89,7 @@ public final class HTTPServer {
     private let tls: ReloadableTLSContext?
     private let handler: HTTPHandler
     private var listener: TCPListener?
-    private var sweeper: Timer?
+    private var sweeper: LoopTimer?
     private var connections: [UInt64: ServerConnection] = [:]
     private var nextID: UInt64 = 1
     private var draining = false
@@ -113,7 +113,7 @@ public final class HTTPServer {
         self.handler = handler
         scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
         listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
-        let timer = try Timer(loop: loop)
+        let timer = try LoopTimer(loop: loop)
         let tick = max(50, min(1000, min(limits.requestTimeoutMilliseconds, limits.idleTimeoutMilliseconds) / 4))
         timer.start(after: tick, repeatEvery: tick) { [unowned self] in sweep() }
         timer.keepsLoopAlive = false

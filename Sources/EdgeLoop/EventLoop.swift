@@ -76,28 +76,21 @@ public final class EventLoop {
     public var now: UInt64 { uv_now(raw) }
 
     /// Handles that are open and not closing (the inbox's own handle excluded).
-    public var liveHandles: Int {
-        var count = 0
-        withUnsafeMutablePointer(to: &count) { countPtr in
-            uv_walk(raw, { handle, arg in
-                guard let handle, uv_is_closing(handle) == 0 else { return }
-                arg!.assumingMemoryBound(to: Int.self).pointee += 1
-            }, countPtr)
-        }
-        return count - (inbox.isOpen ? 1 : 0)
-    }
+    public var liveHandles: Int { liveHandleTypes.count }
 
-    /// Names of the live handles, for diagnostics (`tcp`, `timer`, …).
+    /// Type names of the live handles (`tcp`, `timer`, …), the inbox's own excluded.
     public var liveHandleTypes: [String] {
-        var names: [String] = []
-        withUnsafeMutablePointer(to: &names) { p in
+        var found: [(UnsafeMutableRawPointer, String)] = []
+        withUnsafeMutablePointer(to: &found) { p in
             uv_walk(raw, { handle, arg in
                 guard let handle, uv_is_closing(handle) == 0 else { return }
                 let name = String(cString: uv_handle_type_name(handle.pointee.type))
-                arg!.assumingMemoryBound(to: [String].self).pointee.append(name)
+                arg!.assumingMemoryBound(to: [(UnsafeMutableRawPointer, String)].self).pointee
+                    .append((UnsafeMutableRawPointer(handle), name))
             }, p)
         }
-        return names
+        let inboxHandle = inbox.handleAddress
+        return found.filter { $0.0 != inboxHandle }.map(\.1)
     }
 
     /// Closes the inbox, runs the loop until every close callback has run and
@@ -177,6 +170,7 @@ public final class LoopInbox: Sendable {
     }
 
     var isOpen: Bool { state.withLock { $0.open } }
+    var handleAddress: UnsafeMutableRawPointer { UnsafeMutableRawPointer(async) }
 
     /// Queues `job` to run on the loop thread. Returns `false` if the loop is closed.
     @discardableResult

@@ -66,7 +66,7 @@ public class LoopHandle {
 }
 
 /// A one-shot or repeating timer (`uv_timer_t`).
-public final class Timer: LoopHandle {
+public final class LoopTimer: LoopHandle {
     private var callback: (() -> Void)?
 
     public init(loop: EventLoop) throws(LoopError) {
@@ -82,7 +82,7 @@ public final class Timer: LoopHandle {
         precondition(!isClosing, "timer started after close")
         self.callback = callback
         uv_timer_start(memory.assumingMemoryBound(to: uv_timer_t.self), { t in
-            let timer = Unmanaged<Timer>.fromOpaque(t!.pointee.data!).takeUnretainedValue()
+            let timer = Unmanaged<LoopTimer>.fromOpaque(t!.pointee.data!).takeUnretainedValue()
             timer.callback?()
         }, milliseconds, repeatEvery)
     }

@@ -227,6 +227,7 @@ public final class TCPStream: LoopHandle {
 
     /// The peer's address, if connected.
     public var peerAddress: SocketAddress? {
+        guard !isClosing else { return nil }
         var storage = sockaddr_storage()
         var len = Int32(MemoryLayout<sockaddr_storage>.size)
         let rc = withUnsafeMutablePointer(to: &storage) { p in
