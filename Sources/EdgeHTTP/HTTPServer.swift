@@ -203,7 +203,8 @@ final class ServerConnection {
     let transport: Transport
     private let parser: MessageParser
     private var slots: [ResponseSlot] = []
-    private var closeAfterFlush = false
+    /// A protocol error was answered: read nothing more, close after it.
+    private var failed = false
     private(set) var isClosed = false
     private var lastActivity: UInt64
     private var messageStartedAt: UInt64?
@@ -284,7 +285,8 @@ final class ServerConnection {
         guard !isClosed else { return }
         while let head = slots.first, let response = head.response {
             slots.removeFirst()
-            let keepAlive = head.keepAlive && !closeAfterFlush
+            // While draining, the last owed response says goodbye.
+            let keepAlive = head.keepAlive && !(slots.isEmpty && server.isDraining)
             transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: head.omitBody))
             if !keepAlive {
                 closeNow()
@@ -302,13 +304,13 @@ final class ServerConnection {
     private func fail(status: Int, detail: String) {
         transport.pauseReading()
         readingPaused = true
-        closeAfterFlush = true
+        failed = true
         slots.append(ResponseSlot(response: server.errorBody(status, detail), keepAlive: false, omitBody: false))
         flushResponses()
     }
 
     private func applyBackpressure() {
-        guard !isClosed, !closeAfterFlush else { return }
+        guard !isClosed, !failed, !server.isDraining else { return }
         let limits = server.limits
         let overWrites = transport.queuedWriteBytes > limits.writeHighWatermark
         let overPipeline = slots.count >= limits.maxPipelinedRequests
@@ -341,8 +343,11 @@ final class ServerConnection {
         }
     }
 
+    /// Server shutdown: close now if nothing is owed, else after the last answer.
     func drain() {
-        if slots.isEmpty { closeNow() } else { closeAfterFlush = true }
+        transport.pauseReading()
+        readingPaused = true
+        if slots.isEmpty { closeNow() }
     }
 
     private func closeNow() {

@@ -64,29 +64,96 @@ final class MessageParser {
 
     deinit { parser.deallocate() }
 
+    /// The request line being collected before http_parser sees it (requests only).
+    private var requestLine: [UInt8] = []
+    private var blankLinesSkipped = 0
+
     /// Parses `bytes`; messages are delivered through the callbacks. Throws
     /// the status to answer with when the input is malformed or over a limit.
+    ///
+    /// Debian builds http_parser in its lenient mode, so for requests this
+    /// method pauses it at every message boundary and checks each request
+    /// line itself (RFC 9112 §3) before handing it over.
     func execute(_ bytes: UnsafeRawBufferPointer) throws(ParseFailure) {
         guard rejection == nil else { throw rejection! }
+        // Callbacks may lead the owner to drop this parser; keep it alive until we return.
+        let retained = self
+        defer { withExtendedLifetime(retained) {} }
+        do {
+            var offset = 0
+            while offset < bytes.count {
+                if kind == .request && !inMessage {
+                    guard let lineEnd = try takeRequestLine(bytes, from: offset) else { return }
+                    offset = lineEnd
+                    if requestLine.isEmpty { continue }  // a blank line between messages
+                    let line = requestLine
+                    requestLine = []
+                    let failure = line.withUnsafeBytes { l -> ParseFailure? in
+                        do throws(ParseFailure) { try run(l); return nil } catch { return error }
+                    }
+                    if let failure { throw failure }
+                    continue
+                }
+                offset += try run(UnsafeRawBufferPointer(rebasing: bytes[offset...]))
+            }
+        }
+    }
+
+    /// Collects the request line; returns the offset after its LF, or `nil`
+    /// when more bytes are needed. Leaves `requestLine` empty for a blank line.
+    private func takeRequestLine(_ bytes: UnsafeRawBufferPointer, from offset: Int) throws(ParseFailure) -> Int? {
+        var i = offset
+        while i < bytes.count && bytes[i] != 10 { i += 1 }
+        requestLine.append(contentsOf: bytes[offset..<min(i + 1, bytes.count)])
+        if requestLine.count > maxHeaderBytes {
+            throw reject(431, "request line longer than \(maxHeaderBytes) bytes")
+        }
+        guard i < bytes.count else { return nil }
+        if requestLine == [13, 10] || requestLine == [10] {
+            // RFC 9112 §2.2: ignore at least one empty line before a request.
+            blankLinesSkipped += 1
+            if blankLinesSkipped > 4 { throw reject(400, "too many empty lines before the request line") }
+            requestLine = []
+            return i + 1
+        }
+        blankLinesSkipped = 0
+        if let failure = validateRequestLine(requestLine) {
+            throw reject(failure.status, failure.detail)
+        }
+        return i + 1
+    }
+
+    private func reject(_ status: Int, _ detail: String) -> ParseFailure {
+        let failure = ParseFailure(status: status, detail: detail)
+        rejection = failure
+        return failure
+    }
+
+    /// One http_parser call; returns the bytes consumed. A pause means a
+    /// message ended (requests pause there so the next line is checked).
+    @discardableResult
+    private func run(_ bytes: UnsafeRawBufferPointer) throws(ParseFailure) -> Int {
         let n = http_parser_execute(parser, &MessageParser.settings.pointee,
                                     bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+        if edge_hp_upgrade(parser) != 0 {
+            // RFC 9110 §7.8: a server may ignore Upgrade. The request was
+            // answered as plain HTTP; keep parsing HTTP/1.1 after it.
+            http_parser_init(parser, kind == .request ? HTTP_REQUEST : HTTP_RESPONSE)
+            parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+            inMessage = false
+            return n > 0 ? n : bytes.count
+        }
         let errno = edge_hp_errno(parser)
+        if errno == HPE_PAUSED.rawValue {
+            http_parser_pause(parser, 0)
+            return n
+        }
         if errno != HPE_OK.rawValue {
             if let rejection { throw rejection }
             let failure = MessageParser.failure(errno)
-            rejection = failure
-            throw failure
+            throw reject(failure.status, failure.detail)
         }
-        if edge_hp_upgrade(parser) != 0 {
-            let failure = ParseFailure(status: 501, detail: "protocol upgrade is not supported")
-            rejection = failure
-            throw failure
-        }
-        if n != bytes.count {
-            let failure = ParseFailure(status: 400, detail: "unparsed bytes after message")
-            rejection = failure
-            throw failure
-        }
+        return n == 0 && bytes.count > 0 ? bytes.count : n
     }
 
     /// Tells the parser the peer closed: completes a body delimited by close
@@ -123,6 +190,13 @@ final class MessageParser {
 
     private func finishHeaderField() {
         guard inValue else { return }
+        if rejection == nil {
+            if field.isEmpty || !field.allSatisfy(isTokenChar) {
+                rejection = ParseFailure(status: 400, detail: "invalid header field name '\(String(decoding: field.prefix(64), as: UTF8.self))'")
+            } else if value.contains(where: { ($0 < 32 && $0 != 9) || $0 == 127 }) {
+                rejection = ParseFailure(status: 400, detail: "control character in header field '\(String(decoding: field, as: UTF8.self))'")
+            }
+        }
         head.headers.add(String(decoding: field, as: UTF8.self), String(decoding: value, as: UTF8.self))
         field.removeAll(keepingCapacity: true)
         value.removeAll(keepingCapacity: true)
@@ -157,6 +231,7 @@ final class MessageParser {
         s.pointee.on_header_field = { p, at, n in
             let m = me(p)
             m.finishHeaderField()
+            if m.rejection != nil { return -1 }
             m.field.append(contentsOf: UnsafeRawBufferPointer(start: at, count: n))
             return m.countHeader(n + 4)  // ": " and CRLF count towards the limit
         }
@@ -169,6 +244,7 @@ final class MessageParser {
         s.pointee.on_headers_complete = { p in
             let m = me(p)
             m.finishHeaderField()
+            if m.rejection != nil { return -1 }
             let parser = p!
             m.head.versionMajor = Int(parser.pointee.http_major)
             m.head.versionMinor = Int(parser.pointee.http_minor)
@@ -209,8 +285,48 @@ final class MessageParser {
             m.head = ParsedHead()
             m.body = []
             m.onMessage?(head, body, keepAlive)
+            if m.kind == .request { http_parser_pause(p, 1) }
             return 0
         }
         return s
     }()
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+func isTokenChar(_ c: UInt8) -> Bool {
+    switch c {
+    case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+        return true
+    default:
+        return Array("!#$%&'*+-.^_`|~".utf8).contains(c)
+    }
+}
+
+/// Checks `method SP request-target SP HTTP-version CRLF` (RFC 9112 §3).
+/// Returns the status to answer with, or `nil` when the line is well formed.
+func validateRequestLine(_ line: [UInt8]) -> ParseFailure? {
+    guard line.count >= 2, line[line.count - 2] == 13, line[line.count - 1] == 10 else {
+        return ParseFailure(status: 400, detail: "request line must end with CRLF")
+    }
+    let content = line.dropLast(2)
+    let parts = content.split(separator: 32, omittingEmptySubsequences: false)
+    guard parts.count == 3 else {
+        return ParseFailure(status: 400, detail: "request line must be 'METHOD target HTTP/1.1'")
+    }
+    let method = parts[0], target = parts[1], version = Array(parts[2])
+    guard !method.isEmpty, method.allSatisfy(isTokenChar) else {
+        return ParseFailure(status: 400, detail: "invalid method")
+    }
+    guard !target.isEmpty, !target.contains(where: { $0 <= 32 || $0 == 127 }) else {
+        return ParseFailure(status: 400, detail: "invalid request target")
+    }
+    let prefix = Array("HTTP/".utf8)
+    guard version.count == 8, Array(version.prefix(5)) == prefix, version[6] == UInt8(ascii: "."),
+          (48...57).contains(version[5]), (48...57).contains(version[7]) else {
+        return ParseFailure(status: 400, detail: "invalid HTTP version '\(String(decoding: version.prefix(16), as: UTF8.self))'")
+    }
+    guard version[5] == UInt8(ascii: "1"), version[7] == UInt8(ascii: "0") || version[7] == UInt8(ascii: "1") else {
+        return ParseFailure(status: 505, detail: "HTTP/\(Character(UnicodeScalar(version[5]))).\(Character(UnicodeScalar(version[7]))) is not supported; use HTTP/1.1")
+    }
+    return nil
 }
