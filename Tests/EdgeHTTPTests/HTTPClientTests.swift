@@ -1,0 +1,186 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeTLS
+import EdgeTestSupport
+import Foundation
+import XCTest
+
+/// The HTTPClient against HTTPServer, each on its own loop thread, over real
+/// sockets; TLS with certificates made by the test.
+final class HTTPClientTests: XCTestCase {
+    var dir: TempDirectory!
+    var pki: TestPKI!
+
+    override func setUpWithError() throws {
+        dir = TempDirectory("edge-http")
+        pki = try TestPKI(in: dir)
+    }
+    override func tearDown() { dir.remove() }
+
+    /// Sends `requests` from a client on its own loop; returns one line per
+    /// request (`status body` or `error …`) and the client's connection count.
+    func exchange(port: Int, host: String = "127.0.0.1", tls: TLSConfiguration? = nil, serverName: String? = nil,
+                  options: HTTPClientOptions = HTTPClientOptions(), sequential: Bool = false,
+                  _ requests: [HTTPRequest]) throws -> (lines: [String], connections: Int) {
+        let (result, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in
+            let context = try tls.map { try TLSContext(role: .client, configuration: $0) }
+            let client = HTTPClient(loop: loop, address: SocketAddress(host: host, port: port), tls: context,
+                                    serverName: serverName, options: options)
+            var lines = [String](repeating: "", count: requests.count)
+            var done = 0
+            func complete(_ i: Int, _ r: Result<HTTPResponse, HTTPClientError>) {
+                switch r {
+                case .success(let resp): lines[i] = "\(resp.status) \(resp.bodyText)"
+                case .failure(let e): lines[i] = "error \(e)"
+                }
+                done += 1
+                if sequential && done < requests.count {
+                    let next = done
+                    client.send(requests[next]) { complete(next, $0) }
+                }
+                if done == requests.count {
+                    lines.append("connections \(client.connectionsOpened)")
+                    client.close()
+                    finish(lines)
+                }
+            }
+            if sequential {
+                client.send(requests[0]) { complete(0, $0) }
+            } else {
+                for (i, r) in requests.enumerated() { client.send(r) { complete(i, $0) } }
+            }
+        }
+        XCTAssertEqual(leftOpen, 0, "client loop closed cleanly")
+        var lines = try XCTUnwrap(result)
+        let connections = Int(lines.removeLast().dropFirst("connections ".count)) ?? -1
+        return (lines, connections)
+    }
+
+    func get(_ path: String) -> HTTPRequest { HTTPRequest(method: "GET", target: path) }
+
+    func testKeepAliveReusesOneConnection() throws {
+        let server = try harness()
+        let r = try exchange(port: server.port, sequential: true, (0..<50).map { get("/r\($0)") })
+        XCTAssertEqual(r.lines, (0..<50).map { "200 /r\($0) GET" })
+        XCTAssertEqual(r.connections, 1)
+        XCTAssertEqual(server.onLoop { $0.statistics.acceptedConnections }, 1)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testPipelinedRequestsComeBackMatchedInOrder() throws {
+        let server = try harness()
+        var requests = (0..<40).map { i in i % 5 == 0 ? get("/slow/\(40 - i)") : get("/p\(i)") }
+        requests.append(HTTPRequest(method: "POST", target: "/echo", body: Array("payload".utf8)))
+        var options = HTTPClientOptions()
+        options.maxPipelined = 8
+        let r = try exchange(port: server.port, options: options, requests)
+        for (i, line) in r.lines.dropLast().enumerated() {
+            XCTAssertEqual(line, i % 5 == 0 ? "200 /slow/\(40 - i)" : "200 /p\(i) GET")
+        }
+        XCTAssertEqual(r.lines.last, "200 payload")
+        XCTAssertEqual(r.connections, 1)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testReconnectsAfterTheServerClosesTheConnection() throws {
+        var limits = HTTPServerLimits()
+        limits.idleTimeoutMilliseconds = 100
+        let server = try harness(limits: limits)
+        // Requests spaced beyond the idle timeout: the server closes in between.
+        let (result, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in
+            let client = HTTPClient(loop: loop, address: SocketAddress(host: "127.0.0.1", port: server.port))
+            var lines: [String] = []
+            let timer = try LoopTimer(loop: loop)
+            func step(_ i: Int) {
+                client.send(HTTPRequest(method: "GET", target: "/s\(i)")) { r in
+                    lines.append((try? r.get().bodyText) ?? "error \(r)")
+                    if i == 2 {
+                        lines.append("connections \(client.connectionsOpened)")
+                        client.close()
+                        timer.close()
+                        finish(lines)
+                    } else {
+                        timer.start(after: 400) { step(i + 1) }
+                    }
+                }
+            }
+            step(0)
+        }
+        XCTAssertEqual(leftOpen, 0)
+        XCTAssertEqual(result, ["/s0 GET", "/s1 GET", "/s2 GET", "connections 3"])
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testConnectionRefusedIsReported() throws {
+        let server = try harness()
+        let port = server.port
+        XCTAssertEqual(server.stop(), 0)
+        let r = try exchange(port: port, [get("/x")])
+        XCTAssertTrue(r.lines[0].hasPrefix("error connect failed: connect: ECONNREFUSED"), r.lines[0])
+    }
+
+    func testResponseTimeout() throws {
+        let server = try harness()
+        var options = HTTPClientOptions()
+        options.responseTimeoutMilliseconds = 200
+        let r = try exchange(port: server.port, options: options, [get("/slow/1000")])
+        XCTAssertEqual(r.lines, ["error timed out"])
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    // MARK: mutual TLS over sockets
+
+    func testMutualTLSRequestCarriesTheClientIdentity() throws {
+        let server = try harness(tls: pki.serverConfig())
+        for host in ["127.0.0.1", "localhost"] {
+            let r = try exchange(port: server.port, tls: pki.clientConfig(), serverName: host == "localhost" ? "localhost" : nil,
+                                 (0..<5).map { _ in get("/whoami") })
+            XCTAssertEqual(r.lines, Array(repeating: "200 \(pki.clientURI)", count: 5))
+            XCTAssertEqual(r.connections, 1)
+        }
+        XCTAssertEqual(server.tlsFailures.current, [])
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testTLSRefusalsSeenFromBothSides() throws {
+        let server = try harness(tls: pki.serverConfig())
+        let cases: [(String, TLSConfiguration, String, String)] = [
+            ("no client certificate", pki.clientConfig(noCert: true), "certificate required", "peer did not return a certificate"),
+            ("other CA", pki.clientConfig(cert: pki.otherCAClientCert, key: pki.otherCAClientKey), "unknown ca",
+             "unable to get local issuer certificate"),
+            ("expired", pki.clientConfig(cert: pki.expiredClientCert, key: pki.expiredClientKey), "certificate expired",
+             "certificate has expired"),
+            ("revoked", pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey), "certificate revoked",
+             "certificate revoked"),
+        ]
+        for (i, (name, config, clientSees, serverSees)) in cases.enumerated() {
+            let r = try exchange(port: server.port, tls: config, [get("/whoami")])
+            XCTAssertTrue(r.lines[0].hasPrefix("error") && r.lines[0].contains(clientSees), "\(name): client saw \(r.lines[0])")
+            let failures = server.tlsFailures.current
+            XCTAssertEqual(failures.count, i + 1, name)
+            XCTAssertTrue(failures.last?.contains(serverSees) ?? false, "\(name): server saw \(failures.last ?? "nothing")")
+        }
+        XCTAssertEqual(server.onLoop { $0.statistics.requests }, 0, "no refused client reached the handler")
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testClientRefusesAServerWithTheWrongName() throws {
+        var config = pki.serverConfig()
+        config.certificateChainFile = pki.wrongHostServerCert
+        config.privateKeyFile = pki.wrongHostServerKey
+        let server = try harness(tls: config)
+        let r = try exchange(port: server.port, tls: pki.clientConfig(), serverName: "localhost", [get("/whoami")])
+        XCTAssertTrue(r.lines[0].contains("hostname mismatch"), r.lines[0])
+        let failures = server.tlsFailures.current
+        XCTAssertTrue(failures.first?.contains("bad certificate") ?? false, "\(failures)")
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testPlainClientAgainstTLSServerFailsCleanly() throws {
+        let server = try harness(tls: pki.serverConfig())
+        let r = try exchange(port: server.port, [get("/whoami")])
+        XCTAssertTrue(r.lines[0].hasPrefix("error"), r.lines[0])
+        XCTAssertEqual(server.onLoop { $0.statistics.requests }, 0)
+        XCTAssertEqual(server.stop(), 0)
+    }
+}
