@@ -71,7 +71,14 @@ public final class HTTPClient {
         scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
     }
 
-    deinit { scratch.deallocate() }
+    deinit {
+        timer?.close()
+        if let transport {
+            transport.onEnd = nil
+            transport.close()
+        }
+        scratch.deallocate()
+    }
 
     /// Requests not yet answered (queued or in flight).
     public var outstanding: Int { queued.count + inFlight.count }
@@ -96,7 +103,7 @@ public final class HTTPClient {
 
     private func ensureTimer() {
         guard timer == nil, let t = try? LoopTimer(loop: loop) else { return }
-        t.start(after: 100, repeatEvery: 100) { [unowned self] in checkTimeouts() }
+        t.start(after: 100, repeatEvery: 100) { [weak self] in self?.checkTimeouts() }
         t.keepsLoopAlive = false
         timer = t
     }
@@ -151,7 +158,7 @@ public final class HTTPClient {
         let t = Transport(stream: stream, tls: session, scratch: scratch)
         let p = MessageParser(kind: .response, maxHeaderBytes: options.maxHeaderBytes,
                               maxBodyBytes: options.maxResponseBodyBytes)
-        p.onHead = { [unowned self] head in
+        p.onHead = { [unowned self] head in  // the parser dies with this client
             // 1xx are interim; HEAD responses and 204/304 have no body.
             if head.status == 204 || head.status == 304 { return .skipBody }
             if let first = inFlight.first, first.request.method == "HEAD" { return .skipBody }
@@ -160,12 +167,13 @@ public final class HTTPClient {
         p.onMessage = { [unowned self] head, body, keepAlive in response(head, body, keepAlive) }
         transport = t
         parser = p
-        t.onReady = { [unowned self] in
+        t.onReady = { [weak self] in
+            guard let self else { return }
             serverIdentity = transport?.peerIdentity
             pump()
         }
-        t.onData = { [unowned self] bytes in received(bytes) }
-        t.onEnd = { [unowned self] reason in lost(reason) }
+        t.onData = { [weak self] bytes in self?.received(bytes) }
+        t.onEnd = { [weak self] reason in self?.lost(reason) }
         t.start()
     }
 

@@ -83,6 +83,8 @@ public typealias HTTPHandler = (HTTPRequest, RequestContext, Responder) -> Void
 /// Keep-alive, pipelining (answered in order), `Content-Length` and chunked
 /// bodies, `Expect: 100-continue`, limits with their statuses, write
 /// backpressure and a connection cap. Threading: loop-confined.
+/// Lifetime: like a libuv handle, a listening server keeps itself alive
+/// until `shutdown()` has completed; callers may drop their reference.
 public final class HTTPServer {
     public let loop: EventLoop
     public let limits: HTTPServerLimits
@@ -118,7 +120,11 @@ public final class HTTPServer {
         timer.start(after: tick, repeatEvery: tick) { [unowned self] in sweep() }
         timer.keepsLoopAlive = false
         sweeper = timer
+        selfReference = Unmanaged.passRetained(self)
     }
+
+    /// Balanced by the release in `finishDrain`.
+    private var selfReference: Unmanaged<HTTPServer>?
 
     deinit { scratch.deallocate() }
 
@@ -193,6 +199,8 @@ public final class HTTPServer {
         let done = drained
         drained = nil
         done?()
+        selfReference?.release()
+        selfReference = nil
     }
 }
 

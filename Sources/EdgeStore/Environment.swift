@@ -75,7 +75,10 @@ public final class Environment: @unchecked Sendable {  // see the threading note
             try check(mdb_env_set_maxreaders(env, UInt32(options.maxReaders)))
             try check(mdb_env_set_mapsize(env, options.mapSize))
             if mkdir(options.path, 0o750) != 0 && errno != EEXIST { throw StoreError.system(errno) }
-            var flags = UInt32(MDB_NOTLS)
+            // MDB_NOMETASYNC: a commit syncs the data pages (so a crash can
+            // never corrupt the file); the meta page is flushed by `flush()`,
+            // which every durable commit path calls before it reports success.
+            var flags = UInt32(MDB_NOTLS) | UInt32(MDB_NOMETASYNC)
             if options.unsafeNoSync { flags |= UInt32(MDB_NOSYNC) }
             try check(mdb_env_open(env, options.path, flags, 0o640))
             var dead: Int32 = 0
@@ -200,8 +203,13 @@ public final class Environment: @unchecked Sendable {  // see the threading note
                                readersUsed: Int(info.me_numreaders), maxReaders: Int(info.me_maxreaders))
     }
 
-    /// Flushes buffers to disk; needed only after `unsafeNoSync` commits.
-    public func sync() throws(StoreError) { try check(mdb_env_sync(env, 1)) }
+    /// Makes every commit so far durable (`mdb_env_sync` with force): the
+    /// second half of a durable commit. Thread-safe; takes no LMDB lock, so a
+    /// write transaction may run meanwhile.
+    public func flush() throws(StoreError) {
+        if options.unsafeNoSync { return }
+        try check(mdb_env_sync(env, 1))
+    }
 
     /// Number of entries in a database.
     public func count(_ db: Database) throws(StoreError) -> Int {

@@ -11,9 +11,12 @@ public typealias WriteOperation<T> = @Sendable (borrowing WriteTransaction) thro
 /// Callers on the event loop `submit` write closures. While no batch is being
 /// committed, the next submission starts one at once; while one is, the
 /// submissions that arrive meanwhile wait and form the next batch. A batch runs
-/// on a worker (never blocking the loop), each closure in a nested transaction;
-/// after the single durable commit every caller is completed on the loop with
-/// its own result. A failing closure fails only itself.
+/// on a worker (never blocking the loop): one transaction, one durable
+/// commit. Then its callers are completed on the loop, each with its own
+/// result (acknowledged means durable), and only after all of them ran does
+/// the next batch start, so writers that resubmit from their completion join
+/// one batch instead of splitting into alternating small ones. A failing
+/// closure fails only itself.
 ///
 /// Threading: loop-confined (not `Sendable`); only `WriteBatch` crosses to the worker.
 public final class GroupCommitWriter {
@@ -64,16 +67,21 @@ public final class GroupCommitWriter {
         committing = true
         let environment = self.environment
         offload({ batch.run(in: environment) }, { [self] in
-            committing = false
             statistics.batches += 1
             statistics.writes += batch.writes.count
             statistics.largestBatch = max(statistics.largestBatch, batch.writes.count)
-            for write in batch.writes {
-                if write.error != nil { statistics.failedWrites += 1 }
-                write.complete(write.error)
-            }
+            // Still `committing` while callers run: their resubmissions queue up.
+            completeAll(batch)
+            committing = false
             startBatchIfIdle()
         })
+    }
+
+    private func completeAll(_ batch: WriteBatch) {
+        for write in batch.writes {
+            if write.error != nil { statistics.failedWrites += 1 }
+            write.complete(write.error)
+        }
     }
 }
 
@@ -103,23 +111,38 @@ final class WriteBatch: @unchecked Sendable {
     let writes: [PendingWrite]
     init(writes: [PendingWrite]) { self.writes = writes }
 
-    /// Applies every write in one transaction and commits once. On
-    /// `MDB_MAP_FULL` the map grows and the batch runs again; at the cap the
-    /// write that hit the limit fails with `.storeFull` and the others retry.
+    /// Applies every write in one transaction and commits once.
+    ///
+    /// Optimistic isolation: writes run directly in the batch transaction.
+    /// When one throws, the transaction is aborted, that write is settled with
+    /// its error and the others run again. Writes are deterministic and touch
+    /// nothing outside the transaction, so the outcome is the one per-write
+    /// rollback would give, without LMDB's nested transactions (each
+    /// allocates a 2 MB dirty list). After `maxOptimisticRetries` failures in
+    /// one batch the rest run in nested transactions.
+    /// On `MDB_MAP_FULL` the map grows and the batch runs again; at the cap the
+    /// write that hit the limit fails with `.storeFull`.
     func run(in environment: Environment) {
+        var retries = 0
         while true {
+            let nested = retries >= WriteBatch.maxOptimisticRetries
             var current: PendingWrite?
             do {
                 let txn = try environment.beginWrite()
                 for write in writes where !write.settled {
                     current = write
-                    do {
-                        try txn.nested { sub in try write.apply(sub) }
+                    if nested {
+                        do {
+                            try txn.nested { sub in try write.apply(sub) }
+                            write.error = nil
+                        } catch StoreError.mapFull {
+                            throw StoreError.mapFull
+                        } catch {
+                            write.error = error
+                        }
+                    } else {
+                        try write.apply(txn)
                         write.error = nil
-                    } catch StoreError.mapFull {
-                        throw StoreError.mapFull
-                    } catch {
-                        write.error = error
                     }
                 }
                 current = nil
@@ -139,14 +162,23 @@ final class WriteBatch: @unchecked Sendable {
                     }
                 }
             } catch {
-                settleAll(error)
-                return
+                guard let current else {
+                    // Begin or commit failed: the whole batch shares the error.
+                    settleAll(error)
+                    return
+                }
+                // This write failed: drop it and run the others again.
+                current.error = error
+                current.settled = true
+                retries += 1
             }
         }
     }
 
+    static let maxOptimisticRetries = 4
+
     private func settleAll(_ error: any Error) {
-        for write in writes where !write.settled {
+        for write in writes where !write.settled || write.error == nil {
             write.error = error
             write.settled = true
         }

@@ -153,9 +153,19 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         if ownsLock { environment.releaseTransactionLock() }
     }
 
-    /// Commits. LMDB frees the transaction even when the commit fails, so
-    /// nothing is aborted afterwards (no double free).
+    /// Commits durably: when this returns, the transaction survives a crash
+    /// or power loss. LMDB frees the transaction even when the commit fails,
+    /// so nothing is aborted afterwards (no double free).
     public consuming func commit() throws(StoreError) {
+        let environment = self.environment
+        let topLevel = ownsLock
+        try commitDeferringFlush()
+        if topLevel { try environment.flush() }
+    }
+
+    /// Commits with the data pages synced but the meta page not yet flushed:
+    /// atomic and consistent now, durable after the next `Environment.flush()`.
+    consuming func commitDeferringFlush() throws(StoreError) {
         let txn = self.txn
         let environment = self.environment
         let ownsLock = self.ownsLock
@@ -213,7 +223,7 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         guard let child else { throw StoreError.badTransaction }
         let sub = WriteTransaction(txn: child, environment: environment, ownsLock: false)
         let result = try body(sub)
-        try sub.commit()
+        try sub.commitDeferringFlush()  // a nested commit only merges into its parent
         return result
     }
 }

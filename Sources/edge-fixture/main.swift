@@ -54,6 +54,13 @@ func lmdbWriter(_ dir: String, groupCommit: Bool) throws {
         }
     }
     for _ in 0..<16 { submitNext() }
+    if getenv("EDGE_FIXTURE_STATS") != nil {
+        let stats = try LoopTimer(loop: loop)
+        stats.start(after: 1000, repeatEvery: 1000) {
+            let s = writer.statistics
+            emit("stats batches=\(s.batches) writes=\(s.writes) largest=\(s.largestBatch)", fd: 2)
+        }
+    }
     while true { loop.runOnce(wait: true) }
 }
 
@@ -109,6 +116,24 @@ do {
     case "lmdb-reader":
         guard args.count >= 2 else { fail("usage: edge-fixture lmdb-reader DIR") }
         try lmdbReader(args[1], idle: args.contains("--idle"))
+    case "lmdb-ceiling":
+        // Batches of N puts committed durably back to back on one thread: the
+        // ceiling group commit can reach without any thread hand-off.
+        let env = try Environment(EnvironmentOptions(path: args[1]))
+        let db = try env.openDatabase("c")
+        let batch = Int(args[2]) ?? 16
+        let value = [UInt8](repeating: 1, count: 1024)
+        var t0 = timespec(), t1 = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        var n: UInt64 = 0
+        for _ in 0..<2000 {
+            let txn = try env.beginWrite()
+            for _ in 0..<batch { n += 1; try txn.put(db, n.bigEndianBytes, value) }
+            try txn.commit()
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1)
+        let secs = Double(t1.tv_sec - t0.tv_sec) + Double(t1.tv_nsec - t0.tv_nsec) / 1e9
+        emit("commits/s \(Int(2000 / secs)) writes/s \(Int(Double(n) / secs))")
     case "http-serve":
         func opt(_ name: String) -> String? { args.firstIndex(of: name).flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } }
         try httpServe(port: Int(opt("--port") ?? "0") ?? 0, cert: opt("--cert"), key: opt("--key"))
