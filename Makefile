@@ -7,7 +7,7 @@ SWIFT ?= swift
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
 SWIFT_BUILD_FLAGS ?=
 
-.PHONY: deps build test test-unit demo bench bench-micro bench-http bench-lmdb clean
+.PHONY: deps build test demo bench bench-build clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -22,21 +22,20 @@ build: deps
 
 test: deps
 	$(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
-	$(SWIFT) test --skip-build $(SWIFT_BUILD_FLAGS)
+	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
+	$(MAKE) bench-build
 
 demo: build
 	@echo "scim-edge sandbox: not built yet (issue 7). The platform layer is; see README.md."
 	@echo "Try 'make test' or 'make bench' meanwhile."
 
-bench: deps bench-micro bench-http
+# Regenerates docs/benchmarks.md (micro-benchmarks, EdgeHTTP vs nginx).
+bench: deps
+	bash scripts/bench.sh
 
-bench-micro:
-	cd Benchmarks && $(SWIFT) package --allow-writing-to-package-directory benchmark --format markdown --path ../docs/bench-micro.md 2>&1 | tail -60 || true
-	cd Benchmarks && $(SWIFT) package benchmark
-
-bench-http: deps
-	$(SWIFT) build -c release --product edge-fixture
-	bash scripts/bench-http-vs-nginx.sh
+# The benchmark package is built by `make test` so that it cannot rot.
+bench-build:
+	cd Benchmarks && $(SWIFT) build --product FoundationBenchmarks
 
 clean:
 	rm -rf .build Benchmarks/.build

@@ -120,3 +120,36 @@ public final class SignalWatcher: LoopHandle {
 
     override func willClose() { callback = nil }
 }
+
+/// The process-level signals of a service, delivered on its loop:
+/// SIGTERM or SIGINT starts a graceful drain (a second one exits at once with
+/// status 1: everything acknowledged is already durable), SIGHUP asks for a
+/// reload (certificates, tokens, policy). Ignores SIGPIPE, which a peer that
+/// closes early would otherwise turn into a crash.
+public final class ServiceSignals {
+    private var watchers: [SignalWatcher] = []
+    public private(set) var drainRequested = false
+
+    public init(loop: EventLoop, onDrain: @escaping () -> Void, onReload: @escaping () -> Void) throws(LoopError) {
+        signal(SIGPIPE, SIG_IGN)
+        let drain: (Int32) -> Void = { [unowned self] _ in
+            if drainRequested { _exit(1) }
+            drainRequested = true
+            onDrain()
+        }
+        do {
+            watchers.append(try SignalWatcher(loop: loop, signal: SIGTERM, drain))
+            watchers.append(try SignalWatcher(loop: loop, signal: SIGINT, drain))
+            watchers.append(try SignalWatcher(loop: loop, signal: SIGHUP) { _ in onReload() })
+        } catch {
+            close()
+            throw error
+        }
+    }
+
+    /// Stops watching (call when the drain has finished, so the loop can end).
+    public func close() {
+        watchers.forEach { $0.close() }
+        watchers = []
+    }
+}

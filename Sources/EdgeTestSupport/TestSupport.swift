@@ -238,3 +238,59 @@ public var productsDirectory: String {
     if dir.hasSuffix(".xctest") { dir = (dir as NSString).deletingLastPathComponent }
     return dir
 }
+
+/// A child process whose standard output is collected line by line.
+public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; process only used by the test thread
+    public let process = Process()
+    private let lines = Locked<[String]>([])
+    private let reader: Thread
+
+    public init(_ executable: String, _ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        let handle = pipe.fileHandleForReading
+        let lines = self.lines
+        reader = Thread {
+            var pending = ""
+            while true {
+                let data = handle.availableData
+                if data.isEmpty { break }
+                pending += String(decoding: data, as: UTF8.self)
+                while let nl = pending.firstIndex(of: "\n") {
+                    let line = String(pending[..<nl])
+                    pending = String(pending[pending.index(after: nl)...])
+                    lines.withLock { $0.append(line) }
+                }
+            }
+        }
+        try process.run()
+        reader.start()
+    }
+
+    deinit {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    }
+
+    public var output: [String] { lines.current }
+
+    /// Waits for a line starting with `prefix`; returns it.
+    public func waitForLine(_ prefix: String, seconds: Double = 10) -> String? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if let l = lines.current.first(where: { $0.hasPrefix(prefix) }) { return l }
+            usleep(5_000)
+        }
+        return nil
+    }
+
+    public func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
+
+    /// Waits for the exit; returns the status, or nil on timeout.
+    public func waitForExit(seconds: Double = 10) -> Int32? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(5_000) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+}

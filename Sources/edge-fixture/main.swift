@@ -85,7 +85,8 @@ func record(_ n: UInt64) -> [UInt8] {
     (0..<1024).map { UInt8(truncatingIfNeeded: n &* 31 &+ UInt64($0)) }
 }
 
-/// Serves `200 ok` to every request, like the nginx reference config.
+/// Serves `200 ok` to every request, like the nginx reference config;
+/// `/slow` answers after 300 ms. SIGTERM drains, SIGHUP reloads the certificate.
 func httpServe(port: Int, cert: String?, key: String?) throws {
     let loop = try EventLoop()
     var tls: ReloadableTLSContext?
@@ -97,14 +98,31 @@ func httpServe(port: Int, cert: String?, key: String?) throws {
     limits.maxConnections = 10_000
     let body = Array("ok\n".utf8)
     let server = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: tls,
-                                limits: limits) { _, _, responder in
+                                limits: limits) { request, _, responder in
+        if request.path == "/slow" {
+            let timer = try! LoopTimer(loop: loop)
+            timer.start(after: 300) {
+                responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "slow\n"))
+                timer.close()
+            }
+            return
+        }
         responder.respond(HTTPResponse(status: 200, headers: ["Content-Type": "text/plain"], body: body))
     }
+    var signals: ServiceSignals?
+    signals = try ServiceSignals(loop: loop, onDrain: {
+        emit("draining")
+        server.shutdown {
+            signals?.close()
+            emit("drained")
+        }
+    }, onReload: {
+        do { try tls?.reload(); emit("reloaded") } catch { emit("reload failed: \(error)") }
+    })
     emit("listening \(server.port)")
-    let term = try SignalWatcher(loop: loop, signal: SIGTERM) { _ in server.shutdown() }
     loop.run()
-    term.close()
-    _ = loop.close()
+    let left = loop.close()
+    if left != 0 { fail("\(left) handles left open") }
 }
 
 let args = Array(CommandLine.arguments.dropFirst())
