@@ -294,3 +294,14 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
         return process.isRunning ? nil : process.terminationStatus
     }
 }
+
+/// Polls `condition` until it holds or `seconds` pass; returns whether it held.
+/// For effects another thread or process reports asynchronously.
+public func eventually(seconds: Double = 5, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(5_000)
+    }
+    return condition()
+}
