@@ -27,7 +27,8 @@ let package = Package(
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
-        .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], swiftSettings: strict),
+        .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",
+                swiftSettings: strict),
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
         .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore"],

@@ -21,6 +21,9 @@ public struct HTTPServerLimits: Sendable {
     /// at which reading resumes (write backpressure).
     public var writeHighWatermark = 1 << 20
     public var writeLowWatermark = 256 * 1024
+    /// How long a closing connection may take to hand its last bytes to a
+    /// peer before the socket is closed anyway.
+    public var closeLingerMilliseconds: UInt64 = 5_000
 
     public init() {}
 }
@@ -360,7 +363,7 @@ final class ServerConnection {
 
     private func closeNow() {
         guard !isClosed else { return }
-        transport.closeAfterWrites()
+        transport.closeAfterWrites(lingerMilliseconds: server.limits.closeLingerMilliseconds)
     }
 
     private func ended(_ reason: TransportEnd) {

@@ -141,14 +141,25 @@ final class Transport {
     func pauseReading() { stream.pauseReading() }
     func resumeReading() { if !ended { stream.resumeReading() } }
 
-    /// Sends close_notify (TLS), flushes queued writes, then closes the socket.
-    func closeAfterWrites() {
+    /// Sends close_notify (TLS), flushes queued writes, then closes the
+    /// socket; after `lingerMilliseconds` it closes anyway (a peer that stops
+    /// reading would otherwise hold the connection open for ever).
+    func closeAfterWrites(lingerMilliseconds: UInt64) {
         guard !ended else { return }
         tls?.close()
         flushCiphertext()
         ended = true
         stream.pauseReading()
-        stream.shutdown { [stream] in stream.close() }
+        let stream = self.stream
+        let linger = try? LoopTimer(loop: stream.loop)
+        linger?.start(after: lingerMilliseconds) {
+            stream.close()
+            linger?.close()
+        }
+        stream.shutdown {
+            stream.close()
+            linger?.close()
+        }
         onEnd?(.closedLocally)
         clearCallbacks()
     }

@@ -261,6 +261,19 @@ final class HTTPServerTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    func testShutdownDoesNotWaitForeverForAClientThatStopsReading() throws {
+        var limits = HTTPServerLimits()
+        limits.closeLingerMilliseconds = 300
+        let server = try harness(limits: limits)
+        let client = try RawClient(port: server.port)
+        client.send(String(repeating: "GET /big/1048576 HTTP/1.1\r\nHost: x\r\n\r\n", count: 32))
+        usleep(200_000)  // 32 MiB owed, the client reads none of it
+        let started = Date()
+        XCTAssertEqual(server.stop(), 0, "the drain completed and the loop closed cleanly")
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "bounded by the linger, not by the client")
+        withExtendedLifetime(client) {}
+    }
+
     func testHTTP10ClosesUnlessKeepAliveIsAsked() throws {
         let server = try harness()
         let c1 = try RawClient(port: server.port)

@@ -61,7 +61,8 @@ final class ServiceLifecycleTests: XCTestCase {
         XCTAssertEqual(child.waitForExit(), 0)
     }
 
-    func testSIGTERMDrainsInFlightRequestsThenExitsClean() throws {
+    /// A plain server with one `/slow` request in flight, then SIGTERM.
+    func serverDrainingASlowRequest() throws -> (ChildProcess, RawClient, Int) {
         let child = try ChildProcess(fixture, ["http-serve", "--port", "0"])
         let port = try XCTUnwrap(child.waitForLine("listening").flatMap { Int($0.split(separator: " ")[1]) })
         let client = try RawClient(port: port)
@@ -69,6 +70,11 @@ final class ServiceLifecycleTests: XCTestCase {
         usleep(50_000)
         child.signal(SIGTERM)
         XCTAssertNotNil(child.waitForLine("draining"))
+        return (child, client, port)
+    }
+
+    func testSIGTERMDrainsInFlightRequestsThenExitsClean() throws {
+        let (child, client, port) = try serverDrainingASlowRequest()
         let text = client.readToEnd()
         XCTAssertTrue(text.hasPrefix("HTTP/1.1 200 ") && text.hasSuffix("slow\n"), text)
         XCTAssertTrue(text.contains("Connection: close"))
@@ -78,13 +84,7 @@ final class ServiceLifecycleTests: XCTestCase {
     }
 
     func testASecondSIGTERMExitsAtOnce() throws {
-        let child = try ChildProcess(fixture, ["http-serve", "--port", "0"])
-        let port = try XCTUnwrap(child.waitForLine("listening").flatMap { Int($0.split(separator: " ")[1]) })
-        let client = try RawClient(port: port)
-        client.send("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        usleep(50_000)
-        child.signal(SIGTERM)
-        XCTAssertNotNil(child.waitForLine("draining"))
+        let (child, _, _) = try serverDrainingASlowRequest()
         child.signal(SIGTERM)
         XCTAssertEqual(child.waitForExit(), 1)
         XCTAssertNil(child.waitForLine("drained", seconds: 0.1))
