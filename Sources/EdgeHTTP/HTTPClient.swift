@@ -9,6 +9,8 @@ public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible
     case tls(TLSError)
     case timeout
     case malformedResponse(String)
+    /// More than `maxQueued` requests were waiting: push back on the caller.
+    case queueFull(Int)
     case closed
 
     public var description: String {
@@ -18,6 +20,7 @@ public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible
         case .tls(let e): return e.description
         case .timeout: return "timed out"
         case .malformedResponse(let s): return "malformed response: \(s)"
+        case .queueFull(let n): return "more than \(n) requests waiting"
         case .closed: return "client closed"
         }
     }
@@ -26,6 +29,9 @@ public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible
 public struct HTTPClientOptions: Sendable {
     /// Requests written ahead of their responses on the connection.
     public var maxPipelined = 16
+    /// Requests waiting to be written; beyond this `send` fails at once with
+    /// `.queueFull` (bounded memory: the caller holds the rest).
+    public var maxQueued = 1024
     public var connectTimeoutMilliseconds: UInt64 = 10_000
     /// Per request, from the moment it is written.
     public var responseTimeoutMilliseconds: UInt64 = 30_000
@@ -87,6 +93,7 @@ public final class HTTPClient {
     /// Sends `request`; `completion` runs on the loop with the response or an error.
     public func send(_ request: HTTPRequest, completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void) {
         guard !isClosed else { completion(.failure(.closed)); return }
+        guard queued.count < options.maxQueued else { completion(.failure(.queueFull(options.maxQueued))); return }
         queued.append(PendingRequest(request: request, completion: completion))
         ensureTimer()
         pump()

@@ -119,6 +119,18 @@ final class HTTPClientTests: XCTestCase {
         XCTAssertTrue(r.lines[0].hasPrefix("error connect failed: connect: ECONNREFUSED"), r.lines[0])
     }
 
+    func testQueueIsBounded() throws {
+        let server = try harness()
+        var options = HTTPClientOptions()
+        options.maxPipelined = 1
+        options.maxQueued = 3
+        // Five sent at once before the connection is up: three wait, two are refused.
+        let r = try exchange(port: server.port, options: options, (0..<5).map { get("/q\($0)") })
+        XCTAssertEqual(r.lines, ["200 /q0 GET", "200 /q1 GET", "200 /q2 GET",
+                                 "error more than 3 requests waiting", "error more than 3 requests waiting"])
+        XCTAssertEqual(server.stop(), 0)
+    }
+
     func testResponseTimeout() throws {
         let server = try harness()
         var options = HTTPClientOptions()
