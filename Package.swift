@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "EdgeTLS", targets: ["EdgeTLS"]),
         .library(name: "EdgeHTTP", targets: ["EdgeHTTP"]),
         .library(name: "EdgeStore", targets: ["EdgeStore"]),
+        .library(name: "SCIM", targets: ["SCIM"]),
         .executable(name: "edge-fixture", targets: ["edge-fixture"]),
     ],
     targets: [
@@ -25,6 +26,8 @@ let package = Package(
         .target(name: "EdgeTLS", dependencies: ["COpenSSL"], swiftSettings: strict),
         .target(name: "EdgeHTTP", dependencies: ["EdgeLoop", "EdgeTLS", "CHTTPParser"], swiftSettings: strict),
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
+        // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
+        .target(name: "SCIM", swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
         .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",
@@ -37,6 +40,7 @@ let package = Package(
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "SCIMTests", dependencies: ["SCIM"], swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

@@ -1,0 +1,400 @@
+/// Where and why JSON input was refused.
+public struct JSONError: Error, Sendable, Equatable, CustomStringConvertible {
+    public let message: String
+    /// Byte offset of the problem in the input.
+    public let offset: Int
+    public let line: Int
+    public let column: Int
+    public var description: String { "\(message) at line \(line), column \(column) (byte \(offset))" }
+}
+
+/// Limits on untrusted JSON; exceeding one is an error, never a truncation.
+public struct JSONLimits: Sendable {
+    public var maxBytes = 1 << 20
+    public var maxDepth = 64
+    public var maxStringBytes = 64 * 1024
+    public var maxNumberLength = 64
+    /// Members of one object / elements of one array.
+    public var maxContainerEntries = 10_000
+    /// Reject two members whose names differ only in case (SCIM's names are
+    /// case-insensitive, so such input is ambiguous). Exact duplicates are
+    /// always rejected.
+    public var rejectCaseInsensitiveDuplicates = true
+    public init() {}
+}
+
+/// A strict RFC 8259 parser: no trailing garbage, no comments, no trailing
+/// commas, valid UTF-8 only, no lone surrogates, no duplicate member names,
+/// bounded depth and sizes. Errors carry the position.
+public struct JSONParser: ~Copyable {
+    private let bytes: UnsafeBufferPointer<UInt8>
+    private let limits: JSONLimits
+    private var i = 0
+    private var depth = 0
+
+    public static func parse(_ input: [UInt8], limits: JSONLimits = JSONLimits()) throws(JSONError) -> JSON {
+        let result: Result<JSON, JSONError> = input.withUnsafeBufferPointer { buf in
+            var p = JSONParser(bytes: buf, limits: limits)
+            do throws(JSONError) { return .success(try p.document()) } catch { return .failure(error) }
+        }
+        return try result.get()
+    }
+
+    public static func parse(_ text: String, limits: JSONLimits = JSONLimits()) throws(JSONError) -> JSON {
+        try parse(Array(text.utf8), limits: limits)
+    }
+
+    private init(bytes: UnsafeBufferPointer<UInt8>, limits: JSONLimits) {
+        self.bytes = bytes
+        self.limits = limits
+    }
+
+    private func error(_ message: String, at offset: Int? = nil) -> JSONError {
+        let at = min(offset ?? i, bytes.count)
+        var line = 1, col = 1
+        for k in 0..<at {
+            if bytes[k] == 10 { line += 1; col = 1 } else if bytes[k] & 0xC0 != 0x80 { col += 1 }
+        }
+        return JSONError(message: message, offset: at, line: line, column: col)
+    }
+
+    private mutating func document() throws(JSONError) -> JSON {
+        guard bytes.count <= limits.maxBytes else {
+            throw JSONError(message: "document larger than \(limits.maxBytes) bytes", offset: limits.maxBytes, line: 0, column: 0)
+        }
+        skipSpace()
+        let v = try value()
+        skipSpace()
+        guard i == bytes.count else { throw error("unexpected data after the JSON value") }
+        return v
+    }
+
+    @inline(__always)
+    private mutating func skipSpace() {
+        while i < bytes.count {
+            switch bytes[i] {
+            case 0x20, 0x09, 0x0A, 0x0D: i += 1
+            default: return
+            }
+        }
+    }
+
+    private mutating func value() throws(JSONError) -> JSON {
+        guard i < bytes.count else { throw error("unexpected end of input") }
+        switch bytes[i] {
+        case UInt8(ascii: "{"): return try object()
+        case UInt8(ascii: "["): return try array()
+        case UInt8(ascii: "\""): return .string(try string())
+        case UInt8(ascii: "t"): try literal("true"); return .bool(true)
+        case UInt8(ascii: "f"): try literal("false"); return .bool(false)
+        case UInt8(ascii: "n"): try literal("null"); return .null
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return .number(try number())
+        default: throw error("unexpected character '\(printable(bytes[i]))'")
+        }
+    }
+
+    private mutating func literal(_ word: StaticString) throws(JSONError) {
+        let n = word.utf8CodeUnitCount
+        guard i + n <= bytes.count else { throw error("invalid literal") }
+        let w = word.utf8Start
+        for k in 0..<n where bytes[i + k] != w[k] { throw error("invalid literal") }
+        i += n
+    }
+
+    private mutating func enter() throws(JSONError) {
+        depth += 1
+        if depth > limits.maxDepth { throw error("nesting deeper than \(limits.maxDepth)") }
+    }
+
+    private mutating func object() throws(JSONError) -> JSON {
+        try enter()
+        i += 1
+        var members: [(key: String, value: JSON)] = []
+        skipSpace()
+        if i < bytes.count && bytes[i] == UInt8(ascii: "}") {
+            i += 1
+            depth -= 1
+            return .object(JSONObject(members))
+        }
+        while true {
+            skipSpace()
+            guard i < bytes.count, bytes[i] == UInt8(ascii: "\"") else { throw error("expected a member name in quotes") }
+            let keyStart = i
+            let key = try string()
+            for m in members {
+                if m.key == key || (limits.rejectCaseInsensitiveDuplicates && equalsIgnoringASCIICase(m.key, key)) {
+                    throw error("duplicate member name \"\(key)\"", at: keyStart)
+                }
+            }
+            skipSpace()
+            guard i < bytes.count, bytes[i] == UInt8(ascii: ":") else { throw error("expected ':' after member name") }
+            i += 1
+            skipSpace()
+            members.append((key, try value()))
+            guard members.count <= limits.maxContainerEntries else {
+                throw error("object with more than \(limits.maxContainerEntries) members")
+            }
+            skipSpace()
+            guard i < bytes.count else { throw error("unterminated object") }
+            if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
+            if bytes[i] == UInt8(ascii: "}") { i += 1; break }
+            throw error("expected ',' or '}' in object")
+        }
+        depth -= 1
+        return .object(JSONObject(members))
+    }
+
+    private mutating func array() throws(JSONError) -> JSON {
+        try enter()
+        i += 1
+        var items: [JSON] = []
+        skipSpace()
+        if i < bytes.count && bytes[i] == UInt8(ascii: "]") {
+            i += 1
+            depth -= 1
+            return .array(items)
+        }
+        while true {
+            skipSpace()
+            items.append(try value())
+            guard items.count <= limits.maxContainerEntries else {
+                throw error("array with more than \(limits.maxContainerEntries) elements")
+            }
+            skipSpace()
+            guard i < bytes.count else { throw error("unterminated array") }
+            if bytes[i] == UInt8(ascii: ",") { i += 1; continue }
+            if bytes[i] == UInt8(ascii: "]") { i += 1; break }
+            throw error("expected ',' or ']' in array")
+        }
+        depth -= 1
+        return .array(items)
+    }
+
+    private mutating func number() throws(JSONError) -> JSONNumber {
+        let start = i
+        var integral = true
+        if bytes[i] == UInt8(ascii: "-") { i += 1 }
+        guard i < bytes.count, isDigit(bytes[i]) else { throw error("invalid number") }
+        if bytes[i] == UInt8(ascii: "0") {
+            i += 1
+            if i < bytes.count && isDigit(bytes[i]) { throw error("leading zero in number") }
+        } else {
+            while i < bytes.count && isDigit(bytes[i]) { i += 1 }
+        }
+        if i < bytes.count && bytes[i] == UInt8(ascii: ".") {
+            integral = false
+            i += 1
+            guard i < bytes.count, isDigit(bytes[i]) else { throw error("digit expected after '.'") }
+            while i < bytes.count && isDigit(bytes[i]) { i += 1 }
+        }
+        if i < bytes.count && (bytes[i] == UInt8(ascii: "e") || bytes[i] == UInt8(ascii: "E")) {
+            integral = false
+            i += 1
+            if i < bytes.count && (bytes[i] == UInt8(ascii: "+") || bytes[i] == UInt8(ascii: "-")) { i += 1 }
+            guard i < bytes.count, isDigit(bytes[i]) else { throw error("digit expected in exponent") }
+            while i < bytes.count && isDigit(bytes[i]) { i += 1 }
+        }
+        guard i - start <= limits.maxNumberLength else { throw error("number longer than \(limits.maxNumberLength) characters", at: start) }
+        let text = String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<i]), as: UTF8.self)
+        // An integer too large for Int64 keeps its exact text as a decimal.
+        return JSONNumber(validatedText: text, integral: integral && Int64(text) != nil)
+    }
+
+    private mutating func string() throws(JSONError) -> String {
+        let open = i
+        i += 1
+        let start = i
+        // Fast path: ASCII without escapes.
+        while i < bytes.count {
+            let c = bytes[i]
+            if c == UInt8(ascii: "\"") {
+                guard i - start <= limits.maxStringBytes else { throw error("string longer than \(limits.maxStringBytes) bytes", at: open) }
+                let s = String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<i]), as: UTF8.self)
+                i += 1
+                return s
+            }
+            if c == UInt8(ascii: "\\") || c < 0x20 || c >= 0x80 { break }
+            i += 1
+        }
+        var out = Array(bytes[start..<i])
+        while true {
+            guard i < bytes.count else { throw error("unterminated string", at: open) }
+            guard out.count <= limits.maxStringBytes else { throw error("string longer than \(limits.maxStringBytes) bytes", at: open) }
+            let c = bytes[i]
+            switch c {
+            case UInt8(ascii: "\""):
+                i += 1
+                return String(decoding: out, as: UTF8.self)
+            case UInt8(ascii: "\\"):
+                try escape(into: &out)
+            case 0..<0x20:
+                throw error("unescaped control character in string")
+            case 0x80...:
+                try utf8Sequence(into: &out)
+            default:
+                out.append(c)
+                i += 1
+            }
+        }
+    }
+
+    private mutating func escape(into out: inout [UInt8]) throws(JSONError) {
+        let at = i
+        i += 1
+        guard i < bytes.count else { throw error("unterminated escape") }
+        let e = bytes[i]
+        i += 1
+        switch e {
+        case UInt8(ascii: "\""): out.append(0x22)
+        case UInt8(ascii: "\\"): out.append(0x5C)
+        case UInt8(ascii: "/"): out.append(0x2F)
+        case UInt8(ascii: "b"): out.append(0x08)
+        case UInt8(ascii: "f"): out.append(0x0C)
+        case UInt8(ascii: "n"): out.append(0x0A)
+        case UInt8(ascii: "r"): out.append(0x0D)
+        case UInt8(ascii: "t"): out.append(0x09)
+        case UInt8(ascii: "u"):
+            var scalar = try hex4()
+            if scalar >= 0xD800 && scalar <= 0xDBFF {
+                guard i + 1 < bytes.count, bytes[i] == UInt8(ascii: "\\"), bytes[i + 1] == UInt8(ascii: "u") else {
+                    throw error("lone high surrogate in \\u escape", at: at)
+                }
+                i += 2
+                let low = try hex4()
+                guard low >= 0xDC00 && low <= 0xDFFF else { throw error("high surrogate not followed by a low surrogate", at: at) }
+                scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+            } else if scalar >= 0xDC00 && scalar <= 0xDFFF {
+                throw error("lone low surrogate in \\u escape", at: at)
+            }
+            appendUTF8(UInt32(scalar), to: &out)
+        default:
+            throw error("invalid escape '\\\(printable(e))'", at: at)
+        }
+    }
+
+    private mutating func hex4() throws(JSONError) -> Int {
+        guard i + 4 <= bytes.count else { throw error("incomplete \\u escape") }
+        var v = 0
+        for _ in 0..<4 {
+            let c = bytes[i]
+            let d: Int
+            switch c {
+            case 48...57: d = Int(c) - 48
+            case 65...70: d = Int(c) - 55
+            case 97...102: d = Int(c) - 87
+            default: throw error("invalid hex digit in \\u escape")
+            }
+            v = v << 4 | d
+            i += 1
+        }
+        return v
+    }
+
+    /// Copies one well-formed UTF-8 sequence (RFC 3629: no overlongs, no
+    /// surrogates, nothing above U+10FFFF).
+    private mutating func utf8Sequence(into out: inout [UInt8]) throws(JSONError) {
+        let c = bytes[i]
+        let n: Int
+        var lo: UInt8 = 0x80, hi: UInt8 = 0xBF
+        switch c {
+        case 0xC2...0xDF: n = 2
+        case 0xE0: n = 3; lo = 0xA0
+        case 0xE1...0xEC, 0xEE...0xEF: n = 3
+        case 0xED: n = 3; hi = 0x9F
+        case 0xF0: n = 4; lo = 0x90
+        case 0xF1...0xF3: n = 4
+        case 0xF4: n = 4; hi = 0x8F
+        default: throw error("invalid UTF-8 byte 0x\(String(c, radix: 16))")
+        }
+        guard i + n <= bytes.count else { throw error("truncated UTF-8 sequence") }
+        let second = bytes[i + 1]
+        guard second >= lo && second <= hi else { throw error("invalid UTF-8 sequence") }
+        for k in 2..<max(n, 2) where bytes[i + k] & 0xC0 != 0x80 { throw error("invalid UTF-8 sequence") }
+        out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[i..<i + n]))
+        i += n
+    }
+}
+
+@inline(__always) private func isDigit(_ c: UInt8) -> Bool { c >= 48 && c <= 57 }
+
+private func printable(_ c: UInt8) -> String {
+    c >= 0x20 && c < 0x7F ? String(UnicodeScalar(c)) : "\\x" + String(c, radix: 16)
+}
+
+func appendUTF8(_ scalar: UInt32, to out: inout [UInt8]) {
+    switch scalar {
+    case 0..<0x80: out.append(UInt8(scalar))
+    case 0x80..<0x800:
+        out.append(UInt8(0xC0 | (scalar >> 6)))
+        out.append(UInt8(0x80 | (scalar & 0x3F)))
+    case 0x800..<0x10000:
+        out.append(UInt8(0xE0 | (scalar >> 12)))
+        out.append(UInt8(0x80 | ((scalar >> 6) & 0x3F)))
+        out.append(UInt8(0x80 | (scalar & 0x3F)))
+    default:
+        out.append(UInt8(0xF0 | (scalar >> 18)))
+        out.append(UInt8(0x80 | ((scalar >> 12) & 0x3F)))
+        out.append(UInt8(0x80 | ((scalar >> 6) & 0x3F)))
+        out.append(UInt8(0x80 | (scalar & 0x3F)))
+    }
+}
+
+// MARK: serialisation
+
+extension JSON {
+    /// Compact UTF-8 serialisation. Strings escape `"`, `\` and control
+    /// characters; numbers are written as they were read.
+    public func serialized() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(256)
+        write(to: &out)
+        return out
+    }
+
+    /// The serialisation as a `String`.
+    public var text: String { String(decoding: serialized(), as: UTF8.self) }
+
+    public func write(to out: inout [UInt8]) {
+        switch self {
+        case .null: out.append(contentsOf: [110, 117, 108, 108])
+        case .bool(let b): out.append(contentsOf: b ? Array("true".utf8) : Array("false".utf8))
+        case .number(let n): out.append(contentsOf: n.text.utf8)
+        case .string(let s): writeString(s, to: &out)
+        case .array(let a):
+            out.append(UInt8(ascii: "["))
+            for (k, v) in a.enumerated() {
+                if k > 0 { out.append(UInt8(ascii: ",")) }
+                v.write(to: &out)
+            }
+            out.append(UInt8(ascii: "]"))
+        case .object(let o):
+            out.append(UInt8(ascii: "{"))
+            for (k, m) in o.members.enumerated() {
+                if k > 0 { out.append(UInt8(ascii: ",")) }
+                writeString(m.key, to: &out)
+                out.append(UInt8(ascii: ":"))
+                m.value.write(to: &out)
+            }
+            out.append(UInt8(ascii: "}"))
+        }
+    }
+}
+
+private let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
+
+func writeString(_ s: String, to out: inout [UInt8]) {
+    out.append(UInt8(ascii: "\""))
+    for c in s.utf8 {
+        switch c {
+        case UInt8(ascii: "\""): out.append(contentsOf: [0x5C, 0x22])
+        case UInt8(ascii: "\\"): out.append(contentsOf: [0x5C, 0x5C])
+        case 0x0A: out.append(contentsOf: [0x5C, UInt8(ascii: "n")])
+        case 0x0D: out.append(contentsOf: [0x5C, UInt8(ascii: "r")])
+        case 0x09: out.append(contentsOf: [0x5C, UInt8(ascii: "t")])
+        case 0..<0x20:
+            out.append(contentsOf: [0x5C, UInt8(ascii: "u"), 48, 48, hexDigits[Int(c >> 4)], hexDigits[Int(c & 15)]])
+        default: out.append(c)
+        }
+    }
+    out.append(UInt8(ascii: "\""))
+}

@@ -1,0 +1,254 @@
+/// Deviations from RFC 7643/7644 that real identity providers send, accepted
+/// on input and normalised away. On by default; see docs/scim.md.
+public struct ClientProfile: Sendable, Equatable {
+    /// Microsoft Entra ID: op names in any case, "True"/"False" strings for
+    /// booleans, path-less replace with dotted keys, members removed with a
+    /// value array, `manager` as a plain string, add through a value filter
+    /// that matches nothing creates the element.
+    public var entraCompatible: Bool
+    public init(entraCompatible: Bool = true) { self.entraCompatible = entraCompatible }
+    public static let lenient = ClientProfile(entraCompatible: true)
+    public static let strict = ClientProfile(entraCompatible: false)
+}
+
+/// Validates resource input against a resource type and normalises it:
+/// attribute names in the schema's spelling, read-only attributes dropped,
+/// nulls and empty arrays removed (unassigned), booleans from the profile's
+/// strings. Every error names the attribute path.
+public struct ResourceValidator: Sendable {
+    public let registry: SchemaRegistry
+    public let type: ResourceType
+    public var profile: ClientProfile
+
+    public init(registry: SchemaRegistry, type: ResourceType, profile: ClientProfile = .lenient) {
+        self.registry = registry
+        self.type = type
+        self.profile = profile
+    }
+
+    /// A POST body: returns the resource without `id` and `meta`.
+    public func validateCreate(_ input: JSON) throws(SCIMError) -> JSONObject {
+        try normalize(input, existing: nil)
+    }
+
+    /// A PUT body against the stored resource: immutable attributes may not change.
+    public func validateReplace(_ input: JSON, existing: JSONObject) throws(SCIMError) -> JSONObject {
+        try normalize(input, existing: existing)
+    }
+
+    func normalize(_ input: JSON, existing: JSONObject?) throws(SCIMError) -> JSONObject {
+        guard let body = input.objectValue else {
+            throw .invalidSyntax("the resource must be a JSON object, not \(input.typeName)")
+        }
+        // schemas: must name the core schema and every extension used.
+        guard let listed = body["schemas"] else { throw .invalidValue("attribute 'schemas' is required") }
+        guard let list = listed.arrayValue, !list.isEmpty else {
+            throw .invalidValue("'schemas' must be a non-empty array of schema URNs")
+        }
+        var schemas: [String] = []
+        for (k, s) in list.enumerated() {
+            guard let urn = s.stringValue else { throw .invalidValue("schemas[\(k)] must be a string") }
+            let canonical: String
+            if equalsIgnoringASCIICase(urn, type.schema) {
+                canonical = type.schema
+            } else if let ext = registry.extensionSchema(urn, of: type) {
+                canonical = ext.id
+            } else {
+                throw .invalidValue("schemas[\(k)]: '\(urn)' is not a schema of resource type \(type.id)")
+            }
+            if !schemas.contains(canonical) { schemas.append(canonical) }
+        }
+        guard schemas.contains(type.schema) else {
+            throw .invalidValue("'schemas' must include the core schema \(type.schema)")
+        }
+        guard let core = registry.schema(type.schema) else { throw SCIMError(500, nil, "schema \(type.schema) not loaded") }
+
+        var out = JSONObject([("schemas", .array(schemas.map(JSON.string)))])
+        for (key, value) in body where !equalsIgnoringASCIICase(key, "schemas") {
+            if key.utf8.count > 4, equalsIgnoringASCIICase(String(key.prefix(4)), "urn:") {
+                guard let ext = registry.extensionSchema(key, of: type) else {
+                    if equalsIgnoringASCIICase(key, type.schema) {
+                        throw .invalidSyntax("core attributes go at the top level, not under '\(key)'")
+                    }
+                    throw .invalidSyntax("unknown schema extension '\(key)' for resource type \(type.id)")
+                }
+                guard schemas.contains(ext.id) else {
+                    throw .invalidValue("extension \(ext.id) is used but not listed in 'schemas'")
+                }
+                if value.isNull { continue }
+                guard let inner = value.objectValue else {
+                    throw .invalidSyntax("'\(ext.id)' must be an object, not \(value.typeName)")
+                }
+                var extOut = JSONObject()
+                for (k2, v2) in inner {
+                    guard let def = ext.attribute(k2) else {
+                        throw .invalidSyntax("unknown attribute '\(k2)' in \(ext.id)")
+                    }
+                    if let v = try check(v2, def, path: "\(ext.id):\(def.name)") { extOut[def.name] = v }
+                }
+                if !extOut.isEmpty { out[ext.id] = .object(extOut) }
+                continue
+            }
+            let def: AttributeDefinition
+            if let d = core.attribute(key) {
+                def = d
+            } else if let d = commonAttributes.first(where: { equalsIgnoringASCIICase($0.name, key) }) {
+                def = d
+            } else {
+                throw .invalidSyntax("unknown attribute '\(key)' for resource type \(type.id)")
+            }
+            if let v = try check(value, def, path: def.name) { out[def.name] = v }
+        }
+        if let existing { try checkImmutable(new: &out, old: existing) }
+        // `schemas` lists the core schema and the extensions that hold attributes.
+        out["schemas"] = .array(([type.schema] + type.extensions.map(\.schema).filter { out[$0] != nil }).map(JSON.string))
+        try checkRequired(out, core: core)
+        return out
+    }
+
+    /// Checks one attribute value; `nil` means unassigned (null, empty array,
+    /// or read-only input that is ignored).
+    func check(_ value: JSON, _ def: AttributeDefinition, path: String) throws(SCIMError) -> JSON? {
+        if def.mutability == .readOnly { return nil }  // RFC 7643 §2.2: ignored on input
+        if value.isNull { return nil }
+        if def.multiValued {
+            guard let items = value.arrayValue else {
+                throw .invalidValue("'\(path)' is multi-valued: expected an array, got \(value.typeName)")
+            }
+            var out: [JSON] = []
+            var primaries = 0
+            for (k, item) in items.enumerated() {
+                if item.isNull { throw .invalidValue("'\(path)[\(k)]' is null") }
+                guard let v = try checkSingle(item, def, path: "\(path)[\(k)]") else { continue }
+                if v["primary"] == .bool(true) { primaries += 1 }
+                if !out.contains(v) { out.append(v) }  // exact duplicates collapse
+            }
+            if primaries > 1 {
+                throw .invalidValue("'\(path)' has \(primaries) values with \"primary\": true; at most one is allowed")
+            }
+            return out.isEmpty ? nil : .array(out)
+        }
+        if case .array = value, !(profile.entraCompatible && def.type != .complex && value.arrayValue?.count == 1) {
+            throw .invalidValue("'\(path)' is single-valued: expected \(def.type.rawValue), got an array")
+        }
+        if let one = value.arrayValue?.first { return try checkSingle(one, def, path: path) }
+        return try checkSingle(value, def, path: path)
+    }
+
+    func checkSingle(_ value: JSON, _ def: AttributeDefinition, path: String) throws(SCIMError) -> JSON? {
+        func wrong() -> SCIMError {
+            .invalidValue("'\(path)' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
+        }
+        switch def.type {
+        case .string:
+            guard let s = value.stringValue else { throw wrong() }
+            if def.enforceCanonicalValues, !def.canonicalValues.isEmpty {
+                guard let c = def.canonicalValues.first(where: { equalsIgnoringASCIICase($0, s) }) else {
+                    throw .invalidValue("'\(path)' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
+                }
+                return .string(c)
+            }
+            return value
+        case .boolean:
+            if case .bool = value { return value }
+            if profile.entraCompatible, let s = value.stringValue {
+                if equalsIgnoringASCIICase(s, "true") { return .bool(true) }
+                if equalsIgnoringASCIICase(s, "false") { return .bool(false) }
+            }
+            throw wrong()
+        case .decimal:
+            guard case .number = value else { throw wrong() }
+            return value
+        case .integer:
+            guard let n = value.numberValue, n.isInteger else { throw wrong() }
+            return value
+        case .dateTime:
+            guard let s = value.stringValue else { throw wrong() }
+            guard DateTimeValue(s) != nil else {
+                throw .invalidValue("'\(path)' must be an xsd:dateTime such as 2025-01-23T04:56:22Z; got '\(s)'")
+            }
+            return value
+        case .binary:
+            guard let s = value.stringValue else { throw wrong() }
+            guard isBase64(s) else { throw .invalidValue("'\(path)' must be base64 (RFC 4648)") }
+            return value
+        case .reference:
+            guard let s = value.stringValue else { throw wrong() }
+            guard !s.isEmpty, !s.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) else {
+                throw .invalidValue("'\(path)' must be a URI reference without spaces")
+            }
+            return value
+        case .complex:
+            if profile.entraCompatible, let s = value.stringValue, def.subAttribute("value") != nil {
+                // Entra sends `"manager": "<id>"`: the plain string is the value.
+                return .object(["value": .string(s)])
+            }
+            guard let o = value.objectValue else { throw wrong() }
+            var out = JSONObject()
+            for (k, v) in o {
+                guard let sub = def.subAttribute(k) else {
+                    throw .invalidSyntax("unknown sub-attribute '\(k)' of '\(path)'")
+                }
+                if let checked = try check(v, sub, path: "\(path).\(sub.name)") { out[sub.name] = checked }
+            }
+            for sub in def.subAttributes where sub.required && out[sub.name] == nil {
+                throw .invalidValue("'\(path).\(sub.name)' is required")
+            }
+            return out.isEmpty ? nil : .object(out)
+        }
+    }
+
+    private func checkRequired(_ resource: JSONObject, core: Schema) throws(SCIMError) {
+        for def in core.attributes where def.required && def.mutability != .readOnly && resource[def.name] == nil {
+            throw .invalidValue("attribute '\(def.name)' is required")
+        }
+        for ext in type.extensions {
+            guard let schema = registry.schema(ext.schema) else { continue }
+            let container = resource[schema.id]?.objectValue
+            if ext.required && container == nil { throw .invalidValue("extension \(schema.id) is required") }
+            guard let container else { continue }
+            for def in schema.attributes where def.required && def.mutability != .readOnly && container[def.name] == nil {
+                throw .invalidValue("attribute '\(schema.id):\(def.name)' is required")
+            }
+        }
+    }
+
+    /// Immutable values already set may not change; omitted ones are kept
+    /// (RFC 7643 §2.2: immutable may be set once).
+    private func checkImmutable(new: inout JSONObject, old: JSONObject) throws(SCIMError) {
+        func visit(_ defs: [AttributeDefinition], _ new: inout JSONObject, _ old: JSONObject, _ prefix: String) throws(SCIMError) {
+            for def in defs {
+                guard let before = old[def.name] else { continue }
+                if def.mutability == .immutable {
+                    if let after = new[def.name] {
+                        guard after == before else {
+                            throw .mutability("'\(prefix)\(def.name)' is immutable and already set")
+                        }
+                    } else {
+                        new[def.name] = before
+                    }
+                } else if def.type == .complex, !def.multiValued, var inner = new[def.name]?.objectValue,
+                          let oldInner = before.objectValue {
+                    try visit(def.subAttributes, &inner, oldInner, "\(prefix)\(def.name).")
+                    new[def.name] = .object(inner)
+                }
+            }
+        }
+        for schema in registry.schemas(of: type) {
+            if schema.id == type.schema {
+                try visit(schema.attributes + commonAttributes, &new, old, "")
+            } else if let oldExt = old[schema.id]?.objectValue {
+                var ext = new[schema.id]?.objectValue ?? JSONObject()
+                try visit(schema.attributes, &ext, oldExt, "\(schema.id):")
+                if !ext.isEmpty { new[schema.id] = .object(ext) }
+            }
+        }
+    }
+}
+
+private func article(_ t: AttributeType) -> String {
+    switch t {
+    case .integer: return "an"
+    default: return "a"
+    }
+}
