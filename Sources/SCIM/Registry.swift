@@ -130,6 +130,10 @@ public struct SchemaRegistry: Sendable {
         } else if !isExtension, let d = commonAttributes.first(where: { equalsIgnoringASCIICase($0.name, path.attribute) }) {
             definition = d
             owner = nil
+        } else if !isExtension, path.schema == nil, equalsIgnoringASCIICase(path.attribute, "schemas") {
+            // Filterable like an attribute (RFC 7644 §3.4.2.2 filters on it), never writable.
+            definition = schemasAttribute
+            owner = nil
         } else {
             return nil
         }

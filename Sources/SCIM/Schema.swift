@@ -233,6 +233,10 @@ private func multi(_ name: String, _ description: String, value: AttributeDefini
 }
 
 /// `id`, `externalId` and `meta`: on every resource, outside any schema (RFC 7643 §3.1).
+/// `schemas` seen as an attribute, for filters (`schemas eq "urn:…"`).
+let schemasAttribute = AttributeDefinition("schemas", .reference, multiValued: true, mutability: .readOnly,
+                                           returned: .always, referenceTypes: ["uri"])
+
 public let commonAttributes: [AttributeDefinition] = [
     AttributeDefinition("id", description: "Identifier assigned by the service provider.", caseExact: true,
                         mutability: .readOnly, returned: .always, uniqueness: .server),
