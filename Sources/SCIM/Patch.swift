@@ -241,11 +241,24 @@ public struct PatchRequest: Sendable {
             }
             if def.multiValued {
                 let incoming = value.arrayValue ?? [value]
+                let primaries = incoming.filter { $0["primary"] == .bool(true) }.count
+                guard primaries <= 1 else {
+                    throw .invalidValue("'\(path.text)': \(primaries) values with \"primary\": true; at most one is allowed")
+                }
                 if op == .replace {
                     c[name] = .array(incoming)
                 } else {
+                    // Elements are identified by `value`: adding a known one updates it.
                     var items = c[name]?.arrayValue ?? []
-                    for v in incoming where !items.contains(v) { items.append(v) }
+                    for v in incoming where !items.contains(v) {
+                        if let key = v["value"], let k = items.firstIndex(where: { $0["value"] == key }),
+                           var existing = items[k].objectValue, let fields = v.objectValue {
+                            for (f, x) in fields { existing[f] = x.isNull ? nil : x }
+                            items[k] = .object(existing)
+                        } else {
+                            items.append(v)
+                        }
+                    }
                     c[name] = .array(items)
                 }
                 if let newPrimary = incoming.last(where: { $0["primary"] == .bool(true) }) {
