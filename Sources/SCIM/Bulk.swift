@@ -84,24 +84,13 @@ public struct BulkRequest: Sendable {
                 pending.append(op)
             }
         }
+        // Always run the earliest operation whose references are satisfied.
         var done: Set<Int> = []
         var ordered: [BulkOperation] = []
-        var progress = true
-        while progress && !pending.isEmpty {
-            progress = false
-            var rest: [BulkOperation] = []
-            for op in pending {
-                let ready = op.references.allSatisfy { done.contains(producers[$0]!) }
-                // An operation that references its own bulkId can never be ready.
-                if ready {
-                    ordered.append(op)
-                    done.insert(op.index)
-                    progress = true
-                } else {
-                    rest.append(op)
-                }
-            }
-            pending = rest
+        while let next = pending.firstIndex(where: { op in op.references.allSatisfy { done.contains(producers[$0]!) } }) {
+            let op = pending.remove(at: next)
+            ordered.append(op)
+            done.insert(op.index)
         }
         for op in pending {
             failed.append((op, SCIMError(409, nil, "Operations[\(op.index)]: circular bulkId references cannot be resolved")))
