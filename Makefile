@@ -7,7 +7,7 @@ SWIFT ?= swift
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
 SWIFT_BUILD_FLAGS ?=
 
-.PHONY: deps build test demo bench bench-build clean
+.PHONY: deps build test demo bench bench-build fuzz clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -24,6 +24,7 @@ test: deps
 	$(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
 	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
 	$(MAKE) bench-build
+	FUZZ_SECONDS=15 $(MAKE) fuzz
 
 demo: build
 	@echo "scim-edge sandbox: not built yet (issue 7). The platform layer is; see README.md."
@@ -37,5 +38,9 @@ bench: deps
 bench-build:
 	cd Benchmarks && $(SWIFT) build --product FoundationBenchmarks
 
+# Coverage-guided fuzzing of the JSON, filter and PATCH parsers (libFuzzer + ASan).
+fuzz:
+	bash scripts/fuzz.sh
+
 clean:
-	rm -rf .build Benchmarks/.build
+	rm -rf .build Benchmarks/.build Fuzz/.build

@@ -105,7 +105,16 @@ public struct JSONObject: Sendable, Equatable, Sequence {
     public func makeIterator() -> IndexingIterator<[(key: String, value: JSON)]> { members.makeIterator() }
 
     public func index(of key: String) -> Int? {
-        members.firstIndex { equalsIgnoringASCIICase($0.key, key) }
+        if let exact = members.firstIndex(where: { sameUTF8($0.key, key) }) { return exact }
+        return members.firstIndex { equalsIgnoringASCIICase($0.key, key) }
+    }
+
+    mutating func reserveCapacity(_ n: Int) { members.reserveCapacity(n) }
+
+    /// Appends without looking for an existing member: for builders whose
+    /// names are already unique.
+    mutating func appendUnique(_ key: String, _ value: JSON) {
+        members.append((key, value))
     }
 
     /// The member named `key` in any case; setting `nil` removes it, setting a
@@ -147,8 +156,10 @@ extension JSONObject: ExpressibleByDictionaryLiteral {
     }
 }
 
+// Not ExpressibleByNilLiteral on purpose: in a `JSON?` context `nil` must
+// mean "no value", never silently become `.null`.
 extension JSON: ExpressibleByStringLiteral, ExpressibleByBooleanLiteral, ExpressibleByIntegerLiteral,
-                ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral, ExpressibleByNilLiteral {
+                ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral {
     public init(stringLiteral value: String) { self = .string(value) }
     public init(booleanLiteral value: Bool) { self = .bool(value) }
     public init(integerLiteral value: Int64) { self = .number(JSONNumber(integer: value)) }
@@ -156,21 +167,43 @@ extension JSON: ExpressibleByStringLiteral, ExpressibleByBooleanLiteral, Express
     public init(dictionaryLiteral elements: (String, JSON)...) {
         self = .object(JSONObject(elements.map { (key: $0.0, value: $0.1) }))
     }
-    public init(nilLiteral: ()) { self = .null }
 }
 
 /// ASCII case-insensitive equality: attribute names and URNs are ASCII.
+/// Compares UTF-8 bytes directly (never Unicode-normalising `String ==`).
 @inline(__always)
 public func equalsIgnoringASCIICase(_ a: String, _ b: String) -> Bool {
-    var x = a.utf8.makeIterator(), y = b.utf8.makeIterator()
-    while true {
-        switch (x.next(), y.next()) {
-        case (nil, nil): return true
-        case (let c?, let d?):
-            if c != d && lowerASCII(c) != lowerASCII(d) { return false }
-        default: return false
-        }
+    compareUTF8(a, b, ignoringASCIICase: true)
+}
+
+/// Byte-for-byte equality of two strings' UTF-8.
+@inline(__always)
+func sameUTF8(_ a: String, _ b: String) -> Bool {
+    compareUTF8(a, b, ignoringASCIICase: false)
+}
+
+@inline(__always)
+func compareUTF8(_ a: String, _ b: String, ignoringASCIICase: Bool) -> Bool {
+    let x = a.utf8, y = b.utf8
+    guard x.count == y.count else { return false }  // O(1) for native strings
+    if a == b { return true }  // equal ASCII strings compare as bytes
+    if !ignoringASCIICase { return false }
+    // Iterate: most names are small (inline) strings, which have no contiguous buffer to borrow.
+    var i = x.makeIterator(), j = y.makeIterator()
+    while let c = i.next(), let d = j.next() {
+        if c != d && (!ignoringASCIICase || lowerASCII(c) != lowerASCII(d)) { return false }
     }
+    return true
+}
+
+/// Whether `s` starts with `urn:` in any case, without allocating.
+@inline(__always)
+func hasURNPrefix(_ s: String) -> Bool {
+    var it = s.utf8.makeIterator()
+    for expected in "urn:".utf8 {
+        guard let c = it.next(), lowerASCII(c) == expected else { return false }
+    }
+    return it.next() != nil
 }
 
 @inline(__always)

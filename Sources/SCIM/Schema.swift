@@ -15,23 +15,24 @@ public enum Uniqueness: String, Sendable, Equatable {
 }
 
 /// One attribute's definition with every characteristic of RFC 7643 §7.
-public struct AttributeDefinition: Sendable {
-    public var name: String
-    public var type: AttributeType
-    public var multiValued: Bool
-    public var description: String
-    public var required: Bool
-    public var caseExact: Bool
-    public var mutability: Mutability
-    public var returned: Returned
-    public var uniqueness: Uniqueness
-    public var canonicalValues: [String]
+/// Immutable and shared: a class, so passing one around costs one retain.
+public final class AttributeDefinition: Sendable {
+    public let name: String
+    public let type: AttributeType
+    public let multiValued: Bool
+    public let description: String
+    public let required: Bool
+    public let caseExact: Bool
+    public let mutability: Mutability
+    public let returned: Returned
+    public let uniqueness: Uniqueness
+    public let canonicalValues: [String]
     /// Refuse values outside `canonicalValues` (RFC 7643 lets providers
     /// accept others; we enforce it only where a value has a meaning to us,
     /// e.g. a member's `type`).
-    public var enforceCanonicalValues: Bool
-    public var referenceTypes: [String]
-    public var subAttributes: [AttributeDefinition]
+    public let enforceCanonicalValues: Bool
+    public let referenceTypes: [String]
+    public let subAttributes: [AttributeDefinition]
 
     public init(_ name: String, _ type: AttributeType = .string, multiValued: Bool = false, description: String = "",
                 required: Bool = false, caseExact: Bool = false, mutability: Mutability = .readWrite,
@@ -54,7 +55,7 @@ public struct AttributeDefinition: Sendable {
     }
 
     public func subAttribute(_ name: String) -> AttributeDefinition? {
-        subAttributes.first { equalsIgnoringASCIICase($0.name, name) }
+        subAttributes.first { sameUTF8($0.name, name) } ?? subAttributes.first { equalsIgnoringASCIICase($0.name, name) }
     }
 
     /// The representation used by `/Schemas` (RFC 7643 §7).
@@ -74,7 +75,7 @@ public struct AttributeDefinition: Sendable {
     }
 
     /// Reads a definition in the `/Schemas` format (custom extensions).
-    public init(json: JSON, path: String) throws(SCIMError) {
+    public convenience init(json: JSON, path: String) throws(SCIMError) {
         guard let o = json.objectValue else { throw .invalidValue("\(path): attribute definition must be an object") }
         guard let name = o["name"]?.stringValue, !name.isEmpty, isAttributeName(name) else {
             throw .invalidValue("\(path).name: missing or not a valid attribute name")
@@ -135,22 +136,26 @@ func isAttributeName(_ s: String) -> Bool {
 
 @inline(__always) func isAlpha(_ c: UInt8) -> Bool { (c >= 65 && c <= 90) || (c >= 97 && c <= 122) }
 
-/// A schema: its URN and attributes.
-public struct Schema: Sendable {
-    public var id: String
-    public var name: String
-    public var description: String
-    public var attributes: [AttributeDefinition]
+/// A schema: its URN and attributes. Immutable and shared.
+public final class Schema: Sendable {
+    public let id: String
+    public let name: String
+    public let description: String
+    public let attributes: [AttributeDefinition]
+    /// Attribute positions by exact name: the spelling clients almost always send.
+    private let byName: [String: Int]
 
     public init(id: String, name: String, description: String, attributes: [AttributeDefinition]) {
         self.id = id
         self.name = name
         self.description = description
         self.attributes = attributes
+        byName = Dictionary(attributes.enumerated().map { ($0.element.name, $0.offset) }, uniquingKeysWith: { a, _ in a })
     }
 
     public func attribute(_ name: String) -> AttributeDefinition? {
-        attributes.first { equalsIgnoringASCIICase($0.name, name) }
+        if let k = byName[name] { return attributes[k] }
+        return attributes.first { equalsIgnoringASCIICase($0.name, name) }
     }
 
     /// The `/Schemas` representation.
@@ -164,7 +169,7 @@ public struct Schema: Sendable {
     }
 
     /// Reads a schema in the `/Schemas` format (custom extensions at start).
-    public init(json: JSON) throws(SCIMError) {
+    public convenience init(json: JSON) throws(SCIMError) {
         guard let o = json.objectValue else { throw .invalidValue("schema must be a JSON object") }
         guard let id = o["id"]?.stringValue, id.hasPrefix("urn:") else { throw .invalidValue("schema id must be a URN") }
         guard let list = o["attributes"]?.arrayValue else { throw .invalidValue("\(id): 'attributes' must be an array") }
@@ -317,8 +322,8 @@ public let enterpriseUserSchema = Schema(id: SchemaURN.enterpriseUser, name: "En
 ])
 
 extension AttributeDefinition {
-    init(_ name: String, _ type: AttributeType = .string, caseExact: Bool = false, mutability: Mutability = .readWrite,
-         description: String) {
+    convenience init(_ name: String, _ type: AttributeType = .string, caseExact: Bool = false, mutability: Mutability = .readWrite,
+                     description: String) {
         self.init(name, type, description: description, caseExact: caseExact, mutability: mutability)
     }
 }

@@ -19,11 +19,20 @@ public struct ResourceValidator: Sendable {
     public let registry: SchemaRegistry
     public let type: ResourceType
     public var profile: ClientProfile
+    /// The type's schemas, resolved once.
+    let core: Schema?
+    let extensions: [(schema: Schema, required: Bool)]
 
     public init(registry: SchemaRegistry, type: ResourceType, profile: ClientProfile = .lenient) {
         self.registry = registry
         self.type = type
         self.profile = profile
+        core = registry.schema(type.schema)
+        extensions = type.extensions.compactMap { e in registry.schema(e.schema).map { ($0, e.required) } }
+    }
+
+    func extensionSchema(_ urn: String) -> Schema? {
+        extensions.first { equalsIgnoringASCIICase($0.schema.id, urn) }?.schema
     }
 
     /// A POST body: returns the resource without `id` and `meta`.
@@ -51,7 +60,7 @@ public struct ResourceValidator: Sendable {
             let canonical: String
             if equalsIgnoringASCIICase(urn, type.schema) {
                 canonical = type.schema
-            } else if let ext = registry.extensionSchema(urn, of: type) {
+            } else if let ext = extensionSchema(urn) {
                 canonical = ext.id
             } else {
                 throw .invalidValue("schemas[\(k)]: '\(urn)' is not a schema of resource type \(type.id)")
@@ -61,12 +70,13 @@ public struct ResourceValidator: Sendable {
         guard schemas.contains(type.schema) else {
             throw .invalidValue("'schemas' must include the core schema \(type.schema)")
         }
-        guard let core = registry.schema(type.schema) else { throw SCIMError(500, nil, "schema \(type.schema) not loaded") }
+        guard let core else { throw SCIMError(500, nil, "schema \(type.schema) not loaded") }
 
         var out = JSONObject([("schemas", .array(schemas.map(JSON.string)))])
+        out.reserveCapacity(body.count + 1)
         for (key, value) in body where !equalsIgnoringASCIICase(key, "schemas") {
-            if key.utf8.count > 4, equalsIgnoringASCIICase(String(key.prefix(4)), "urn:") {
-                guard let ext = registry.extensionSchema(key, of: type) else {
+            if hasURNPrefix(key) {
+                guard let ext = extensionSchema(key) else {
                     if equalsIgnoringASCIICase(key, type.schema) {
                         throw .invalidSyntax("core attributes go at the top level, not under '\(key)'")
                     }
@@ -84,9 +94,9 @@ public struct ResourceValidator: Sendable {
                     guard let def = ext.attribute(k2) else {
                         throw .invalidSyntax("unknown attribute '\(k2)' in \(ext.id)")
                     }
-                    if let v = try check(v2, def, path: "\(ext.id):\(def.name)") { extOut[def.name] = v }
+                    if let v = try check(v2, def, path: "\(ext.id):\(def.name)") { extOut.appendUnique(def.name, v) }
                 }
-                if !extOut.isEmpty { out[ext.id] = .object(extOut) }
+                if !extOut.isEmpty { out.appendUnique(ext.id, .object(extOut)) }
                 continue
             }
             let def: AttributeDefinition
@@ -97,54 +107,62 @@ public struct ResourceValidator: Sendable {
             } else {
                 throw .invalidSyntax("unknown attribute '\(key)' for resource type \(type.id)")
             }
-            if let v = try check(value, def, path: def.name) { out[def.name] = v }
+            if let v = try check(value, def, path: def.name) { out.appendUnique(def.name, v) }
         }
         if let existing { try checkImmutable(new: &out, old: existing) }
         // `schemas` lists the core schema and the extensions that hold attributes.
-        out["schemas"] = .array(([type.schema] + type.extensions.map(\.schema).filter { out[$0] != nil }).map(JSON.string))
+        out["schemas"] = .array([.string(type.schema)] + extensions.filter { out[$0.schema.id] != nil }.map { .string($0.schema.id) })
         try checkRequired(out, core: core)
         return out
     }
 
     /// Checks one attribute value; `nil` means unassigned (null, empty array,
     /// or read-only input that is ignored).
-    func check(_ value: JSON, _ def: AttributeDefinition, path: String) throws(SCIMError) -> JSON? {
+    /// `path` is built only when an error needs it.
+    func check(_ value: JSON, _ def: AttributeDefinition, path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
         if def.mutability == .readOnly { return nil }  // RFC 7643 §2.2: ignored on input
         if value.isNull { return nil }
         if def.multiValued {
             guard let items = value.arrayValue else {
-                throw .invalidValue("'\(path)' is multi-valued: expected an array, got \(value.typeName)")
+                throw .invalidValue("'\(path())' is multi-valued: expected an array, got \(value.typeName)")
             }
-            var out: [JSON] = []
+            // Rebuilt only once something changes; otherwise the input array is returned as is.
+            var rebuilt: [JSON]?
             var primaries = 0
             for (k, item) in items.enumerated() {
-                if item.isNull { throw .invalidValue("'\(path)[\(k)]' is null") }
-                guard let v = try checkSingle(item, def, path: "\(path)[\(k)]") else { continue }
+                if item.isNull { throw .invalidValue("'\(path())[\(k)]' is null") }
+                guard let v = try checkSingle(item, def, path: "\(path())[\(k)]") else {
+                    if rebuilt == nil { rebuilt = Array(items[0..<k]) }
+                    continue
+                }
                 if v["primary"] == .bool(true) { primaries += 1 }
-                if !out.contains(v) { out.append(v) }  // exact duplicates collapse
+                let duplicate = rebuilt.map { $0.contains(v) } ?? items[0..<k].contains(v)  // exact duplicates collapse
+                if (duplicate || v != item) && rebuilt == nil { rebuilt = Array(items[0..<k]) }
+                if !duplicate { rebuilt?.append(v) }
             }
             if primaries > 1 {
-                throw .invalidValue("'\(path)' has \(primaries) values with \"primary\": true; at most one is allowed")
+                throw .invalidValue("'\(path())' has \(primaries) values with \"primary\": true; at most one is allowed")
             }
-            return out.isEmpty ? nil : .array(out)
+            guard let rebuilt else { return items.isEmpty ? nil : value }
+            return rebuilt.isEmpty ? nil : .array(rebuilt)
         }
         if case .array = value, !(profile.entraCompatible && def.type != .complex && value.arrayValue?.count == 1) {
-            throw .invalidValue("'\(path)' is single-valued: expected \(def.type.rawValue), got an array")
+            throw .invalidValue("'\(path())' is single-valued: expected \(def.type.rawValue), got an array")
         }
-        if let one = value.arrayValue?.first { return try checkSingle(one, def, path: path) }
-        return try checkSingle(value, def, path: path)
+        if let one = value.arrayValue?.first { return try checkSingle(one, def, path: path()) }
+        return try checkSingle(value, def, path: path())
     }
 
-    func checkSingle(_ value: JSON, _ def: AttributeDefinition, path: String) throws(SCIMError) -> JSON? {
+    func checkSingle(_ value: JSON, _ def: AttributeDefinition, path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
         func wrong() -> SCIMError {
-            .invalidValue("'\(path)' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
+            .invalidValue("'\(path())' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
         }
         switch def.type {
         case .string:
             guard let s = value.stringValue else { throw wrong() }
             if def.enforceCanonicalValues, !def.canonicalValues.isEmpty {
                 guard let c = def.canonicalValues.first(where: { equalsIgnoringASCIICase($0, s) }) else {
-                    throw .invalidValue("'\(path)' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
+                    throw .invalidValue("'\(path())' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
                 }
                 return .string(c)
             }
@@ -165,17 +183,17 @@ public struct ResourceValidator: Sendable {
         case .dateTime:
             guard let s = value.stringValue else { throw wrong() }
             guard DateTimeValue(s) != nil else {
-                throw .invalidValue("'\(path)' must be an xsd:dateTime such as 2025-01-23T04:56:22Z; got '\(s)'")
+                throw .invalidValue("'\(path())' must be an xsd:dateTime such as 2025-01-23T04:56:22Z; got '\(s)'")
             }
             return value
         case .binary:
             guard let s = value.stringValue else { throw wrong() }
-            guard isBase64(s) else { throw .invalidValue("'\(path)' must be base64 (RFC 4648)") }
+            guard isBase64(s) else { throw .invalidValue("'\(path())' must be base64 (RFC 4648)") }
             return value
         case .reference:
             guard let s = value.stringValue else { throw wrong() }
             guard !s.isEmpty, !s.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) else {
-                throw .invalidValue("'\(path)' must be a URI reference without spaces")
+                throw .invalidValue("'\(path())' must be a URI reference without spaces")
             }
             return value
         case .complex:
@@ -184,17 +202,25 @@ public struct ResourceValidator: Sendable {
                 return .object(["value": .string(s)])
             }
             guard let o = value.objectValue else { throw wrong() }
-            var out = JSONObject()
-            for (k, v) in o {
-                guard let sub = def.subAttribute(k) else {
-                    throw .invalidSyntax("unknown sub-attribute '\(k)' of '\(path)'")
+            // Rebuilt only once something changes (a name's spelling, a dropped
+            // or coerced value); otherwise the input object is returned as is.
+            var rebuilt: JSONObject?
+            for (k, member) in o.members.enumerated() {
+                guard let sub = def.subAttribute(member.key) else {
+                    throw .invalidSyntax("unknown sub-attribute '\(member.key)' of '\(path())'")
                 }
-                if let checked = try check(v, sub, path: "\(path).\(sub.name)") { out[sub.name] = checked }
+                let checked = try check(member.value, sub, path: "\(path()).\(sub.name)")
+                if rebuilt == nil, checked == nil || !sameUTF8(member.key, sub.name) || checked! != member.value {
+                    rebuilt = JSONObject(Array(o.members[0..<k]))
+                }
+                if let checked { rebuilt?.appendUnique(sub.name, checked) }
             }
-            for sub in def.subAttributes where sub.required && out[sub.name] == nil {
-                throw .invalidValue("'\(path).\(sub.name)' is required")
+            let result = rebuilt ?? o
+            for sub in def.subAttributes where sub.required && result[sub.name] == nil {
+                throw .invalidValue("'\(path()).\(sub.name)' is required")
             }
-            return out.isEmpty ? nil : .object(out)
+            if result.isEmpty { return nil }
+            return rebuilt == nil ? value : .object(result)
         }
     }
 
@@ -202,10 +228,9 @@ public struct ResourceValidator: Sendable {
         for def in core.attributes where def.required && def.mutability != .readOnly && resource[def.name] == nil {
             throw .invalidValue("attribute '\(def.name)' is required")
         }
-        for ext in type.extensions {
-            guard let schema = registry.schema(ext.schema) else { continue }
+        for (schema, required) in extensions {
             let container = resource[schema.id]?.objectValue
-            if ext.required && container == nil { throw .invalidValue("extension \(schema.id) is required") }
+            if required && container == nil { throw .invalidValue("extension \(schema.id) is required") }
             guard let container else { continue }
             for def in schema.attributes where def.required && def.mutability != .readOnly && container[def.name] == nil {
                 throw .invalidValue("attribute '\(schema.id):\(def.name)' is required")
@@ -234,10 +259,9 @@ public struct ResourceValidator: Sendable {
                 }
             }
         }
-        for schema in registry.schemas(of: type) {
-            if schema.id == type.schema {
-                try visit(schema.attributes + commonAttributes, &new, old, "")
-            } else if let oldExt = old[schema.id]?.objectValue {
+        if let core { try visit(core.attributes + commonAttributes, &new, old, "") }
+        for (schema, _) in extensions {
+            if let oldExt = old[schema.id]?.objectValue {
                 var ext = new[schema.id]?.objectValue ?? JSONObject()
                 try visit(schema.attributes, &ext, oldExt, "\(schema.id):")
                 if !ext.isEmpty { new[schema.id] = .object(ext) }

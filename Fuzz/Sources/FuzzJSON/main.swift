@@ -1,0 +1,1 @@
+// libFuzzer provides main; this file only keeps SwiftPM's executable target shape.
