@@ -31,6 +31,10 @@ public struct JSONParser: ~Copyable {
     private let limits: JSONLimits
     private var i = 0
     private var depth = 0
+    /// Scratch stacks: members and elements of the containers being parsed,
+    /// so each finished container is allocated once at its exact size.
+    private var memberStack: [(key: String, value: JSON)] = []
+    private var elementStack: [JSON] = []
 
     public static func parse(_ input: [UInt8], limits: JSONLimits = JSONLimits()) throws(JSONError) -> JSON {
         let result: Result<JSON, JSONError> = input.withUnsafeBufferPointer { buf in
@@ -109,20 +113,21 @@ public struct JSONParser: ~Copyable {
     private mutating func object() throws(JSONError) -> JSON {
         try enter()
         i += 1
-        var members: [(key: String, value: JSON)] = []
         skipSpace()
         if i < bytes.count && bytes[i] == UInt8(ascii: "}") {
             i += 1
             depth -= 1
-            return .object(JSONObject(members))
+            return .object(JSONObject())
         }
+        let base = memberStack.count
         while true {
             skipSpace()
             guard i < bytes.count, bytes[i] == UInt8(ascii: "\"") else { throw error("expected a member name in quotes") }
             let keyStart = i
             let key = try string()
-            for m in members {
-                if m.key == key || (limits.rejectCaseInsensitiveDuplicates && equalsIgnoringASCIICase(m.key, key)) {
+            for k in base..<memberStack.count {
+                let other = memberStack[k].key
+                if limits.rejectCaseInsensitiveDuplicates ? equalsIgnoringASCIICase(other, key) : sameUTF8(other, key) {
                     throw error("duplicate member name \"\(key)\"", at: keyStart)
                 }
             }
@@ -130,8 +135,9 @@ public struct JSONParser: ~Copyable {
             guard i < bytes.count, bytes[i] == UInt8(ascii: ":") else { throw error("expected ':' after member name") }
             i += 1
             skipSpace()
-            members.append((key, try value()))
-            guard members.count <= limits.maxContainerEntries else {
+            let value = try value()
+            memberStack.append((key, value))
+            guard memberStack.count - base <= limits.maxContainerEntries else {
                 throw error("object with more than \(limits.maxContainerEntries) members")
             }
             skipSpace()
@@ -140,6 +146,8 @@ public struct JSONParser: ~Copyable {
             if bytes[i] == UInt8(ascii: "}") { i += 1; break }
             throw error("expected ',' or '}' in object")
         }
+        let members = Array(memberStack[base...])
+        memberStack.removeSubrange(base...)
         depth -= 1
         return .object(JSONObject(members))
     }
@@ -147,17 +155,18 @@ public struct JSONParser: ~Copyable {
     private mutating func array() throws(JSONError) -> JSON {
         try enter()
         i += 1
-        var items: [JSON] = []
         skipSpace()
         if i < bytes.count && bytes[i] == UInt8(ascii: "]") {
             i += 1
             depth -= 1
-            return .array(items)
+            return .array([])
         }
+        let base = elementStack.count
         while true {
             skipSpace()
-            items.append(try value())
-            guard items.count <= limits.maxContainerEntries else {
+            let value = try value()
+            elementStack.append(value)
+            guard elementStack.count - base <= limits.maxContainerEntries else {
                 throw error("array with more than \(limits.maxContainerEntries) elements")
             }
             skipSpace()
@@ -166,6 +175,8 @@ public struct JSONParser: ~Copyable {
             if bytes[i] == UInt8(ascii: "]") { i += 1; break }
             throw error("expected ',' or ']' in array")
         }
+        let items = Array(elementStack[base...])
+        elementStack.removeSubrange(base...)
         depth -= 1
         return .array(items)
     }
@@ -362,18 +373,19 @@ extension JSON {
         case .string(let s): writeString(s, to: &out)
         case .array(let a):
             out.append(UInt8(ascii: "["))
-            for (k, v) in a.enumerated() {
+            for k in a.indices {
                 if k > 0 { out.append(UInt8(ascii: ",")) }
-                v.write(to: &out)
+                a[k].write(to: &out)
             }
             out.append(UInt8(ascii: "]"))
         case .object(let o):
             out.append(UInt8(ascii: "{"))
-            for (k, m) in o.members.enumerated() {
+            let members = o.members
+            for k in members.indices {
                 if k > 0 { out.append(UInt8(ascii: ",")) }
-                writeString(m.key, to: &out)
+                writeString(members[k].key, to: &out)
                 out.append(UInt8(ascii: ":"))
-                m.value.write(to: &out)
+                members[k].value.write(to: &out)
             }
             out.append(UInt8(ascii: "}"))
         }
