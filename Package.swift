@@ -12,7 +12,12 @@ let package = Package(
         .library(name: "EdgeHTTP", targets: ["EdgeHTTP"]),
         .library(name: "EdgeStore", targets: ["EdgeStore"]),
         .library(name: "SCIM", targets: ["SCIM"]),
+        .library(name: "EdgeAgent", targets: ["EdgeAgent"]),
+        .executable(name: "scim-edge", targets: ["scim-edge"]),
         .executable(name: "edge-fixture", targets: ["edge-fixture"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
         // System libraries from Debian: module map + shim header each, no copied source.
@@ -28,6 +33,12 @@ let package = Package(
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
+        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM"],
+                swiftSettings: strict),
+
+        .executableTarget(name: "scim-edge", dependencies: [
+            "EdgeAgent", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
         .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",

@@ -402,3 +402,12 @@ func formatIP(_ b: [UInt8]) -> String {
     }
     return hex(b)
 }
+
+/// Cryptographically secure random bytes (OpenSSL `RAND_bytes`): ids,
+/// event ids, trace ids.
+public func secureRandomBytes(_ count: Int) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: count)
+    let ok = out.withUnsafeMutableBytes { RAND_bytes($0.baseAddress!.assumingMemoryBound(to: UInt8.self), Int32(count)) }
+    precondition(ok == 1, "RAND_bytes failed: the OpenSSL random generator is not seeded")
+    return out
+}

@@ -1,0 +1,114 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Glibc
+import SCIM
+
+/// Everything `scim-edge serve` runs: configuration in, a running agent out.
+public struct AgentConfiguration: Sendable {
+    public var dataDirectory: String
+    public var listen: SocketAddress
+    public var tokens: [String] = []
+    /// One token per line (`#` comments); re-read on SIGHUP.
+    public var tokenFile: String?
+    public var tls: TLSConfiguration?
+    public var endpoint = EndpointOptions()
+    public var limits = HTTPServerLimits()
+    public var maxStoreBytes = 16 << 30
+
+    public init(dataDirectory: String, listen: SocketAddress) {
+        self.dataDirectory = dataDirectory
+        self.listen = listen
+    }
+}
+
+public enum AgentError: Error, CustomStringConvertible {
+    case noTokens
+    case tokenFile(String)
+    public var description: String {
+        switch self {
+        case .noTokens: return "no bearer token configured: give --token or --token-file"
+        case .tokenFile(let m): return m
+        }
+    }
+}
+
+/// Reads a token file: one token per line, blank lines and `#` comments skipped.
+public func readTokenFile(_ path: String) throws -> [String] {
+    guard let f = fopen(path, "r") else { throw AgentError.tokenFile("cannot read token file \(path): \(String(cString: strerror(errno)))") }
+    defer { fclose(f) }
+    var tokens: [String] = []
+    var line: UnsafeMutablePointer<CChar>?
+    var cap = 0
+    while getline(&line, &cap, f) > 0 {
+        let text = String(cString: line!).trimmingASCIISpaces.trimmingCharacters(in: "\r\n")
+        if !text.isEmpty && !text.hasPrefix("#") { tokens.append(text) }
+    }
+    free(line)
+    guard !tokens.isEmpty else { throw AgentError.tokenFile("token file \(path) holds no token") }
+    return tokens
+}
+
+extension String {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let c = s.last, set.contains(c) { s = s.dropLast() }
+        return String(s).trimmingASCIISpaces
+    }
+}
+
+/// A running agent on the calling thread's loop.
+public final class AgentService {
+    public let loop: EventLoop
+    public let store: AgentStore
+    public let writer: GroupCommitWriter
+    public let endpoint: SCIMEndpoint
+    public let server: HTTPServer
+    private var signals: ServiceSignals?
+    private let configuration: AgentConfiguration
+    /// Called with one line per notable event (start, drain, reload).
+    public var log: (String) -> Void = { _ in }
+
+    public init(loop: EventLoop, configuration: AgentConfiguration) throws {
+        self.loop = loop
+        self.configuration = configuration
+        var endpointOptions = configuration.endpoint
+        if let file = configuration.tokenFile { endpointOptions.tokens += try readTokenFile(file) }
+        endpointOptions.tokens += configuration.tokens
+        guard !endpointOptions.tokens.isEmpty else { throw AgentError.noTokens }
+        let maxStore = configuration.maxStoreBytes
+        store = try AgentStore(path: configuration.dataDirectory, registry: .standard) { $0.maxMapSize = maxStore }
+        writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
+        let endpoint = SCIMEndpoint(store: store, writer: writer, options: endpointOptions)
+        self.endpoint = endpoint
+        let tls = try configuration.tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
+        server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits) {
+            request, _, responder in endpoint.handle(request, responder)
+        }
+        server.errorBody = SCIMEndpoint.errorResponse
+    }
+
+    /// Installs SIGTERM/SIGINT (drain) and SIGHUP (reload tokens and TLS).
+    public func installSignals(onDrained: @escaping () -> Void = {}) throws {
+        signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
+            log("draining")
+            server.shutdown { [unowned self] in
+                signals?.close()
+                log("drained")
+                onDrained()
+            }
+        }, onReload: { [unowned self] in reload() })
+    }
+
+    /// Re-reads the token file; keeps the old tokens if it fails.
+    public func reload() {
+        guard let file = configuration.tokenFile else { log("reload: nothing to reload"); return }
+        do {
+            endpoint.options.tokens = try readTokenFile(file) + configuration.tokens
+            log("reloaded \(endpoint.options.tokens.count) tokens")
+        } catch {
+            log("reload failed, keeping the old tokens: \(error)")
+        }
+    }
+}

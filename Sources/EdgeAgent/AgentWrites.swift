@@ -1,0 +1,188 @@
+import EdgeStore
+import SCIM
+
+/// What a write needs that must not change if group commit runs it again
+/// (ids, clocks): made on the loop before the write is submitted.
+public struct WriteContext: Sendable {
+    public var newID: String
+    public var now: String
+    public var epochSeconds: Int64
+    public var eventID: String
+    public var traceID: String
+    public var ifMatch: String?
+
+    public init(newID: String, now: String, epochSeconds: Int64, eventID: String, traceID: String, ifMatch: String? = nil) {
+        self.newID = newID
+        self.now = now
+        self.epochSeconds = epochSeconds
+        self.eventID = eventID
+        self.traceID = traceID
+        self.ifMatch = ifMatch
+    }
+}
+
+/// A change to one resource.
+public enum AgentWrite: Sendable {
+    /// `validated` is the output of `ResourceValidator.validateCreate`.
+    case create(ResourceType, validated: JSONObject)
+    case replace(ResourceType, id: String, body: JSON)
+    case patch(ResourceType, id: String, request: PatchRequest)
+    case delete(ResourceType, id: String)
+}
+
+/// RFC 9967 event URIs (SCIM profile for Security Event Tokens).
+enum EventURI {
+    static let createFull = "urn:ietf:params:SCIM:event:prov:create:full"
+    static let putFull = "urn:ietf:params:SCIM:event:prov:put:full"
+    static let patchFull = "urn:ietf:params:SCIM:event:prov:patch:full"
+    static let delete = "urn:ietf:params:SCIM:event:prov:delete"
+}
+
+extension AgentStore {
+    /// Applies `write` in `txn`: the resource, its indexes and its outbox
+    /// event(s) change together. Returns the stored resource (nil for a delete).
+    /// Deterministic given `ctx` and the store's state.
+    public func apply(_ write: AgentWrite, _ ctx: WriteContext, profile: ClientProfile,
+                      in txn: borrowing WriteTransaction) throws -> JSONObject? {
+        switch write {
+        case .create(let type, let validated):
+            return try store(type, id: ctx.newID, new: validated, old: nil, event: EventURI.createFull, ctx, txn)
+        case .replace(let type, let id, let body):
+            let old = try existing(type, id, ctx, txn)
+            let validator = ResourceValidator(registry: registry, type: type, profile: profile)
+            let new = try validator.validateReplace(body, existing: old)
+            return try store(type, id: id, new: new, old: old, event: EventURI.putFull, ctx, txn)
+        case .patch(let type, let id, let request):
+            let old = try existing(type, id, ctx, txn)
+            let new = try request.apply(to: old)
+            return try store(type, id: id, new: new, old: old, event: EventURI.patchFull, ctx, txn)
+        case .delete(let type, let id):
+            let old = try existing(type, id, ctx, txn)
+            try remove(type, id: id, old: old, ctx, txn)
+            return nil
+        }
+    }
+
+    /// The stored resource, after checking `If-Match`.
+    func existing(_ type: ResourceType, _ id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws -> JSONObject {
+        guard let old = try load(txn, type, id) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
+        let version = old["meta"]?["version"]?.stringValue
+        if ETag.evaluate(ifMatch: ctx.ifMatch, ifNoneMatch: nil, current: version, isRead: false) != .proceed {
+            throw SCIMError(412, nil, "If-Match \(ctx.ifMatch ?? "") does not match the current version \(version ?? "-")")
+        }
+        return old
+    }
+
+    func nextCounter(_ name: String, _ txn: borrowing WriteTransaction) throws -> UInt64 {
+        let key = Array(name.utf8)
+        let next = (try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+        try txn.put(meta, key, next.bigEndianBytes)
+        return next
+    }
+
+    /// Writes `new` (validated, without id and meta) as resource `id`.
+    func store(_ type: ResourceType, id: String, new: JSONObject, old: JSONObject?, event: String,
+               _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws -> JSONObject {
+        // userName is unique per agent (RFC 7643 uniqueness: server), compared case-insensitively.
+        if type.id == "User", let name = new["userName"]?.stringValue {
+            let key = Array(name.lowercased().utf8)
+            if let owner = try txn.get(userNames, key), String(decoding: owner, as: UTF8.self) != id {
+                throw SCIMError.uniqueness("userName '\(name)' is already taken")
+            }
+            if let oldName = old?["userName"]?.stringValue, oldName.lowercased() != name.lowercased() {
+                try txn.delete(userNames, Array(oldName.lowercased().utf8))
+            }
+            try txn.put(userNames, key, Array(id.utf8))
+        }
+        let oldExternal = old?["externalId"]?.stringValue, newExternal = new["externalId"]?.stringValue
+        if oldExternal != newExternal {
+            if let e = oldExternal { try txn.delete(externalIds, Array("\(type.id)/\(e)".utf8), value: Array(id.utf8)) }
+            if let e = newExternal { try txn.put(externalIds, Array("\(type.id)/\(e)".utf8), Array(id.utf8)) }
+        }
+        if type.id == "Group" {
+            try updateMemberships(groupID: id, old: memberIDs(old), new: memberIDs(new), txn)
+        }
+
+        let version = try nextCounter("version", txn)
+        var stored = JSONObject()
+        stored["schemas"] = new["schemas"]
+        stored["id"] = .string(id)
+        for (k, v) in new where k != "schemas" { stored[k] = v }
+        stored["meta"] = [
+            "resourceType": .string(type.id),
+            "created": old?["meta"]?["created"] ?? .string(ctx.now),
+            "lastModified": .string(ctx.now),
+            "version": .string(ETag.make(version: version)),
+        ]
+        try txn.put(resources, AgentStore.key(type, id), JSON.object(stored).serialized())
+        try appendEvent(event, type: type, id: id, data: stored, ctx, txn)
+        return stored
+    }
+
+    func memberIDs(_ group: JSONObject?) -> Set<String> {
+        Set(group?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
+    }
+
+    /// Keeps the member → groups index in step; new members must exist.
+    func updateMemberships(groupID: String, old: Set<String>, new: Set<String>, _ txn: borrowing WriteTransaction) throws {
+        let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
+        for member in new.subtracting(old) {
+            guard member != groupID else { throw SCIMError.invalidValue("a group cannot be a member of itself") }
+            guard try txn.get(resources, AgentStore.key(users, member)) != nil
+                    || txn.get(resources, AgentStore.key(groups, member)) != nil else {
+                throw SCIMError.invalidValue("members: '\(member)' is not a User or Group of this agent")
+            }
+            try txn.put(memberships, Array(member.utf8), Array(groupID.utf8))
+        }
+        for member in old.subtracting(new) {
+            try txn.delete(memberships, Array(member.utf8), value: Array(groupID.utf8))
+        }
+    }
+
+    /// Deletes a resource, its index entries and its memberships; groups that
+    /// held it get a new version and an event of their own.
+    func remove(_ type: ResourceType, id: String, old: JSONObject, _ ctx: WriteContext,
+                _ txn: borrowing WriteTransaction) throws {
+        try txn.delete(resources, AgentStore.key(type, id))
+        if let name = old["userName"]?.stringValue, type.id == "User" {
+            try txn.delete(userNames, Array(name.lowercased().utf8))
+        }
+        if let e = old["externalId"]?.stringValue {
+            try txn.delete(externalIds, Array("\(type.id)/\(e)".utf8), value: Array(id.utf8))
+        }
+        if type.id == "Group" {
+            try updateMemberships(groupID: id, old: memberIDs(old), new: [], txn)
+        }
+        let groups = registry.resourceType("Group")!
+        for gid in try groupIDs(txn, of: id) {
+            guard var group = try load(txn, groups, gid) else { continue }
+            let kept = group["members"]?.arrayValue?.filter { $0["value"]?.stringValue != id } ?? []
+            group["members"] = kept.isEmpty ? nil : .array(kept)
+            group["meta"] = nil
+            group["id"] = nil
+            _ = try store(groups, id: gid, new: group, old: try load(txn, groups, gid), event: EventURI.patchFull, ctx, txn)
+        }
+        try txn.delete(memberships, Array(id.utf8))
+        try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
+    }
+
+    /// The relay event (ARCHITECTURE.md, relay protocol v1): full state, so
+    /// applying it twice is harmless.
+    func appendEvent(_ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
+                     _ txn: borrowing WriteTransaction) throws {
+        let seq = try nextCounter("seq", txn)
+        var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
+        if let data {
+            body["version"] = data["meta"]?["version"]
+            body["data"] = .object(data)
+        }
+        let event: JSON = [
+            "seq": .number(JSONNumber(integer: Int64(seq))),
+            "jti": .string("\(ctx.eventID)-\(seq)"),
+            "txn": .string(ctx.traceID),
+            "iat": .number(JSONNumber(integer: ctx.epochSeconds)),
+            "events": .object(JSONObject([(uri, .object(body))])),
+        ]
+        try txn.put(outbox, seq.bigEndianBytes, event.serialized(), flags: .append)
+    }
+}

@@ -1,0 +1,467 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Glibc
+import SCIM
+
+/// Settings of the SCIM endpoint.
+public struct EndpointOptions: Sendable {
+    /// Path prefix of the SCIM API.
+    public var basePath = "/scim/v2"
+    /// Bearer tokens accepted (any of them).
+    public var tokens: [String] = []
+    public var profile = ClientProfile.lenient
+    public var maxResults = 1000
+    /// Filters without an index lookup scan at most this many resources.
+    public var scanBudget = 100_000
+    public var bulkMaxOperations = 1000
+    public var bulkMaxPayloadSize = 1 << 20
+    public init() {}
+}
+
+/// The agent's SCIM 2.0 service provider over HTTP (RFC 7644).
+///
+/// Every write is answered only after its resource and outbox event are
+/// committed durably (group commit). Threading: loop-confined.
+public final class SCIMEndpoint {
+    public let store: AgentStore
+    public let writer: GroupCommitWriter
+    public var options: EndpointOptions
+    let registry: SchemaRegistry
+    let features: ServiceProviderFeatures
+    public private(set) var requestCount = 0
+
+    public init(store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions) {
+        self.store = store
+        self.writer = writer
+        self.options = options
+        self.registry = store.registry
+        var f = ServiceProviderFeatures()
+        f.filterMaxResults = options.maxResults
+        f.bulkMaxOperations = options.bulkMaxOperations
+        f.bulkMaxPayloadSize = options.bulkMaxPayloadSize
+        f.cursorPagination = false
+        features = f
+    }
+
+    /// The SCIM error body for protocol errors of the HTTP layer (400, 413, …).
+    public static func errorResponse(_ status: Int, _ detail: String) -> HTTPResponse {
+        respond(SCIMError(status, status == 400 ? .invalidSyntax : nil, detail))
+    }
+
+    static func respond(_ error: SCIMError, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
+        var h = headers
+        h.set("Content-Type", "application/scim+json")
+        return HTTPResponse(status: error.status, headers: h, body: error.json.serialized())
+    }
+
+    static func respond(_ status: Int, _ body: JSON, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
+        var h = headers
+        h.set("Content-Type", "application/scim+json")
+        return HTTPResponse(status: status, headers: h, body: body.serialized())
+    }
+
+    // MARK: routing
+
+    public func handle(_ request: HTTPRequest, _ responder: Responder) {
+        requestCount += 1
+        let path = request.path
+        guard path.hasPrefix(options.basePath) else {
+            responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
+            return
+        }
+        guard authorized(request) else {
+            responder.respond(Self.respond(SCIMError(401, nil, "a valid bearer token is required"),
+                                           headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))
+            return
+        }
+        let rest = path.dropFirst(options.basePath.count)
+        let parts = rest.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        let base = baseURL(request)
+        do {
+            try route(request, parts, base, responder)
+        } catch let error as SCIMError {
+            responder.respond(Self.respond(error))
+        } catch {
+            responder.respond(Self.respond(SCIMError(500, nil, "internal error: \(error)")))
+        }
+    }
+
+    func route(_ request: HTTPRequest, _ parts: [String], _ base: String, _ responder: Responder) throws {
+        let method = request.method
+        switch parts.first {
+        case nil:
+            throw SCIMError.notFound("name a resource endpoint such as /Users")
+        case "ServiceProviderConfig":
+            guard parts.count == 1 else { throw SCIMError.notFound("no such endpoint") }
+            try onlyGET(method)
+            var config = features.json
+            if case .object(var o) = config { o["meta"] = ["resourceType": "ServiceProviderConfig", "location": .string("\(base)/ServiceProviderConfig")]; config = .object(o) }
+            responder.respond(Self.respond(200, config))
+        case "Schemas":
+            try onlyGET(method)
+            if parts.count == 2 {
+                guard let s = registry.schema(parts[1]) else { throw SCIMError.notFound("no schema \(parts[1])") }
+                responder.respond(Self.respond(200, s.json))
+            } else {
+                responder.respond(Self.respond(200, registry.schemasDocument))
+            }
+        case "ResourceTypes":
+            try onlyGET(method)
+            if parts.count == 2 {
+                guard let t = registry.resourceType(parts[1]) else { throw SCIMError.notFound("no resource type \(parts[1])") }
+                responder.respond(Self.respond(200, t.json))
+            } else {
+                responder.respond(Self.respond(200, registry.resourceTypesDocument))
+            }
+        case "Me":
+            throw SCIMError(501, nil, "/Me is not supported: the agent does not authenticate end users")
+        case "Bulk":
+            guard parts.count == 1 else { throw SCIMError.notFound("no such endpoint") }
+            guard method == "POST" else { throw methodNotAllowed(method, "POST") }
+            try bulk(request, base, responder)
+        case ".search":
+            guard method == "POST" else { throw methodNotAllowed(method, "POST") }
+            try search(request, types: registry.resourceTypes, base: base, responder)
+        case let endpoint?:
+            guard let type = registry.resourceType(endpoint: "/" + endpoint) else {
+                throw SCIMError.notFound("no such endpoint: /\(endpoint)")
+            }
+            try resource(request, type, Array(parts.dropFirst()), base, responder)
+        }
+    }
+
+    func resource(_ request: HTTPRequest, _ type: ResourceType, _ rest: [String], _ base: String,
+                  _ responder: Responder) throws {
+        let method = request.method
+        switch rest.count {
+        case 0:
+            switch method {
+            case "GET": try list(request, type, base, responder)
+            case "POST": try create(request, type, base, responder)
+            default: throw methodNotAllowed(method, "GET, POST")
+            }
+        case 1 where rest[0] == ".search":
+            guard method == "POST" else { throw methodNotAllowed(method, "POST") }
+            try search(request, types: [type], base: base, responder)
+        case 1:
+            let id = rest[0]
+            switch method {
+            case "GET": try read(request, type, id, base, responder)
+            case "PUT": try replace(request, type, id, base, responder)
+            case "PATCH": try patch(request, type, id, base, responder)
+            case "DELETE": try delete(request, type, id, responder)
+            default: throw methodNotAllowed(method, "GET, PUT, PATCH, DELETE")
+            }
+        default:
+            throw SCIMError.notFound("no such endpoint")
+        }
+    }
+
+    func onlyGET(_ method: String) throws {
+        guard method == "GET" || method == "HEAD" else { throw methodNotAllowed(method, "GET") }
+    }
+
+    func methodNotAllowed(_ method: String, _ allowed: String) -> SCIMError {
+        SCIMError(405, nil, "\(method) is not allowed here; use \(allowed)")
+    }
+
+    // MARK: reads
+
+    func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+        guard let stored = try store.get(type, id) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
+        let version = stored["meta"]?["version"]?.stringValue
+        switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
+                             current: version, isRead: true) {
+        case .notModified:
+            responder.respond(HTTPResponse(status: 304, headers: ["ETag": version ?? ""]))
+            return
+        case .preconditionFailed:
+            throw SCIMError(412, nil, "If-Match does not match the current version \(version ?? "-")")
+        case .proceed: break
+        }
+        let params = try queryParameters(request)
+        let query = try ListQuery(parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                                  registry: registry, type: type, maxResults: options.maxResults, profile: options.profile)
+        responder.respond(Self.respond(200, .object(try output(stored, type, base, query.projection)),
+                                       headers: etagHeaders(stored, type, base)))
+    }
+
+    func list(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Responder) throws {
+        let query = try ListQuery(parameters: try queryParameters(request), registry: registry, type: type,
+                                  maxResults: options.maxResults, profile: options.profile)
+        try answer(query, types: [type], base, responder)
+    }
+
+    func search(_ request: HTTPRequest, types: [ResourceType], base: String, _ responder: Responder) throws {
+        let body = try parseBody(request)
+        var queries: [(ResourceType, ListQuery)] = []
+        var firstError: SCIMError?
+        for type in types {
+            // A root search skips the types the filter does not fit.
+            do throws(SCIMError) {
+                queries.append((type, try ListQuery(searchBody: body, registry: registry, type: type,
+                                                    maxResults: options.maxResults, profile: options.profile)))
+            } catch {
+                if firstError == nil { firstError = error }
+            }
+        }
+        guard !queries.isEmpty else { throw firstError! }
+        try answer(queries[0].1, types: queries.map(\.0), base, responder, perType: Dictionary(queries.map { ($0.0.id, $0.1) }, uniquingKeysWith: { a, _ in a }))
+    }
+
+    func answer(_ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Responder,
+                perType: [String: ListQuery] = [:]) throws {
+        if query.cursor != nil {
+            throw SCIMError.invalidValue("cursor pagination is not supported by this agent yet; use startIndex and count")
+        }
+        var matches: [(ResourceType, JSONObject)] = []
+        for type in types {
+            let q = perType[type.id] ?? query
+            matches += try store.query(type, filter: q.filter, scanBudget: options.scanBudget).map { (type, $0) }
+        }
+        let sorted: [(ResourceType, JSONObject)]
+        if query.sortBy != nil, types.count == 1 {
+            sorted = query.sorted(matches.map(\.1)).map { (types[0], $0) }
+        } else {
+            sorted = matches
+        }
+        let from = min(query.startIndex - 1, sorted.count)
+        let page = sorted[from..<min(from + query.count, sorted.count)]
+        let resources = try page.map { type, r in JSON.object(try output(r, type, base, (perType[type.id] ?? query).projection)) }
+        responder.respond(Self.respond(200, makeListResponse(resources: resources, totalResults: sorted.count,
+                                                            startIndex: query.startIndex)))
+    }
+
+    /// The resource as returned: `groups` added for users, `meta.location`,
+    /// then projected.
+    func output(_ stored: JSONObject, _ type: ResourceType, _ base: String, _ projection: Projection) throws -> JSONObject {
+        var r = type.id == "User" ? try store.withGroups(stored, baseURL: base) : stored
+        if var meta = r["meta"]?.objectValue, let id = r["id"]?.stringValue {
+            meta["location"] = .string("\(base)\(type.endpoint)/\(id)")
+            r["meta"] = .object(meta)
+        }
+        return projection.apply(to: r)
+    }
+
+    func etagHeaders(_ stored: JSONObject, _ type: ResourceType, _ base: String) -> HTTPHeaders {
+        var h = HTTPHeaders()
+        if let v = stored["meta"]?["version"]?.stringValue { h.set("ETag", v) }
+        if let id = stored["id"]?.stringValue { h.set("Location", "\(base)\(type.endpoint)/\(id)") }
+        return h
+    }
+
+    // MARK: writes
+
+    func create(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Responder) throws {
+        let body = try parseBody(request)
+        let validated = try ResourceValidator(registry: registry, type: type, profile: options.profile).validateCreate(body)
+        submit(.create(type, validated: validated), request, type, base, status: 201, responder)
+    }
+
+    func replace(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+        submit(.replace(type, id: id, body: try parseBody(request)), request, type, base, status: 200, responder)
+    }
+
+    func patch(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+        let patch = try PatchRequest(try parseBody(request), registry: registry, type: type, profile: options.profile)
+        submit(.patch(type, id: id, request: patch), request, type, base, status: 200, responder)
+    }
+
+    func delete(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ responder: Responder) throws {
+        submit(.delete(type, id: id), request, type, "", status: 204, responder)
+    }
+
+    /// Commits `write` through group commit; answers after the durable commit.
+    func submit(_ write: AgentWrite, _ request: HTTPRequest, _ type: ResourceType, _ base: String, status: Int,
+                _ responder: Responder, projection: Projection? = nil) {
+        let ctx = makeContext(request)
+        perform(write, ctx) { [self] result in
+            switch result {
+            case .failure(let error):
+                responder.respond(Self.respond(error))
+            case .success(nil):
+                responder.respond(HTTPResponse(status: status))
+            case .success(let stored?):
+                do {
+                    let params = try queryParameters(request)
+                    let shape = try projection ?? ListQuery(
+                        parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                        registry: registry, type: type, maxResults: options.maxResults).projection
+                    responder.respond(Self.respond(status, .object(try output(stored, type, base, shape)),
+                                                   headers: etagHeaders(stored, type, base)))
+                } catch let e as SCIMError {
+                    responder.respond(Self.respond(e))
+                } catch {
+                    responder.respond(Self.respond(SCIMError(500, nil, "\(error)")))
+                }
+            }
+        }
+    }
+
+    /// Runs one write through the group-commit writer.
+    func perform(_ write: AgentWrite, _ ctx: WriteContext, _ completion: @escaping (Result<JSONObject?, SCIMError>) -> Void) {
+        let store = self.store, profile = options.profile
+        let operation: WriteOperation<JSONObject?> = { (txn: borrowing WriteTransaction) throws -> JSONObject? in
+            try store.apply(write, ctx, profile: profile, in: txn)
+        }
+        writer.submit(operation) { result in
+            switch result {
+            case .success(let stored): completion(.success(stored))
+            case .failure(let e as SCIMError): completion(.failure(e))
+            case .failure(StoreError.storeFull(let limit)):
+                completion(.failure(SCIMError(503, nil, "the store is full (\(limit) bytes); retry later")))
+            case .failure(let e): completion(.failure(SCIMError(500, nil, "store error: \(e)")))
+            }
+        }
+    }
+
+    func makeContext(_ request: HTTPRequest) -> WriteContext {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let trace = traceID(request.headers["traceparent"]) ?? randomHex(16)
+        return WriteContext(newID: uuid(), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
+                            epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
+                            ifMatch: request.headers["If-Match"])
+    }
+
+    // MARK: Bulk (RFC 7644 §3.7)
+
+    func bulk(_ request: HTTPRequest, _ base: String, _ responder: Responder) throws {
+        let body = try parseBody(request)
+        let bulk = try BulkRequest(body, payloadSize: request.body.count, maxOperations: options.bulkMaxOperations,
+                                   maxPayloadSize: options.bulkMaxPayloadSize)
+        let (ordered, failed) = bulk.executionOrder()
+        var results = failed.map { BulkResult(operation: $0.0, status: $0.1.status, error: $0.1) }
+        var errors = results.count
+        var ids: [String: String] = [:]
+        var remaining = ordered[...]
+        func next() {
+            if let limit = bulk.failOnErrors, errors >= limit { remaining = [] }
+            guard let op = remaining.popFirst() else {
+                responder.respond(Self.respond(200, makeBulkResponse(results)))
+                return
+            }
+            do {
+                let (write, type) = try bulkWrite(op, ids)
+                var ctx = makeContext(request)
+                ctx.ifMatch = op.version
+                perform(write, ctx) { result in
+                    switch result {
+                    case .success(let stored):
+                        if let b = op.bulkId, let id = stored?["id"]?.stringValue { ids[b] = id }
+                        let location = stored?["id"]?.stringValue.map { "\(base)\(type.endpoint)/\($0)" }
+                        results.append(BulkResult(operation: op, status: op.method == .POST ? 201 : (op.method == .DELETE ? 204 : 200),
+                                                  location: location, version: stored?["meta"]?["version"]?.stringValue))
+                    case .failure(let e):
+                        errors += 1
+                        results.append(BulkResult(operation: op, status: e.status, error: e))
+                    }
+                    next()
+                }
+            } catch {
+                let e = error as? SCIMError ?? SCIMError(500, nil, "\(error)")
+                errors += 1
+                results.append(BulkResult(operation: op, status: e.status, error: e))
+                next()
+            }
+        }
+        next()
+    }
+
+    func bulkWrite(_ op: BulkOperation, _ ids: [String: String]) throws -> (AgentWrite, ResourceType) {
+        let path = resolvingBulkIds(.string(op.path), ids).stringValue ?? op.path
+        let parts = path.split(separator: "/").map(String.init)
+        guard let first = parts.first, let type = registry.resourceType(endpoint: "/" + first) else {
+            throw SCIMError.invalidValue("Operations[\(op.index)].path '\(op.path)' names no resource type")
+        }
+        let data = op.data.map { resolvingBulkIds($0, ids) }
+        switch (op.method, parts.count) {
+        case (.POST, 1):
+            return (.create(type, validated: try ResourceValidator(registry: registry, type: type, profile: options.profile)
+                .validateCreate(data ?? .null)), type)
+        case (.PUT, 2): return (.replace(type, id: parts[1], body: data ?? .null), type)
+        case (.PATCH, 2):
+            return (.patch(type, id: parts[1], request: try PatchRequest(data ?? .null, registry: registry, type: type,
+                                                                         profile: options.profile)), type)
+        case (.DELETE, 2): return (.delete(type, id: parts[1]), type)
+        default: throw SCIMError.invalidValue("Operations[\(op.index)]: \(op.method.rawValue) \(op.path) is not a valid target")
+        }
+    }
+
+    // MARK: request helpers
+
+    func authorized(_ request: HTTPRequest) -> Bool {
+        guard let header = request.headers["Authorization"], header.utf8.count > 7,
+              equalsIgnoringASCIICase(String(header.prefix(7)), "bearer ") else { return false }
+        let presented = Array(header.utf8.dropFirst(7))
+        var ok = false
+        for token in options.tokens where constantTimeEquals(Array(token.utf8), presented) { ok = true }
+        return ok
+    }
+
+    func parseBody(_ request: HTTPRequest) throws -> JSON {
+        if let type = request.headers["Content-Type"] {
+            let mime = type.split(separator: ";").first.map { String($0).trimmingASCIISpaces.asciiLowercased } ?? ""
+            guard mime == "application/scim+json" || mime == "application/json" else {
+                throw SCIMError(415, nil, "Content-Type must be application/scim+json or application/json, not \(mime)")
+            }
+        }
+        do throws(JSONError) {
+            return try JSONParser.parse(request.body)
+        } catch {
+            throw error.scimError
+        }
+    }
+
+    func queryParameters(_ request: HTTPRequest) throws -> [String: String] {
+        guard let q = request.query else { return [:] }
+        guard let p = parseQueryString(q) else { throw SCIMError.invalidSyntax("malformed query string") }
+        return p
+    }
+
+    func baseURL(_ request: HTTPRequest) -> String {
+        let host = request.headers["Host"] ?? "localhost"
+        return "http://\(host)\(options.basePath)"
+    }
+}
+
+/// Compares without an early exit, so the time does not reveal how much of
+/// a token matched.
+func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    var diff = UInt8(truncatingIfNeeded: a.count ^ b.count)
+    for i in 0..<b.count { diff |= (i < a.count ? a[i] : 0) ^ b[i] }
+    return diff == 0 && a.count == b.count
+}
+
+extension String {
+    var trimmingASCIISpaces: String {
+        var s = Substring(self)
+        while s.first == " " { s = s.dropFirst() }
+        while s.last == " " { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
+func traceID(_ header: String?) -> String? {
+    guard let parts = header?.split(separator: "-"), parts.count == 4, parts[1].count == 32,
+          parts[1].allSatisfy({ $0.isHexDigit }) else { return nil }
+    return String(parts[1])
+}
+
+func randomBytes(_ n: Int) -> [UInt8] { secureRandomBytes(n) }
+
+func randomHex(_ n: Int) -> String {
+    randomBytes(n).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+}
+
+/// A random (version 4) UUID.
+func uuid() -> String {
+    var b = randomBytes(16)
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    let h = b.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }
+    return h[0..<4].joined() + "-" + h[4..<6].joined() + "-" + h[6..<8].joined() + "-" + h[8..<10].joined() + "-" + h[10..<16].joined()
+}
