@@ -7,7 +7,7 @@ SWIFT ?= swift
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
 SWIFT_BUILD_FLAGS ?=
 
-.PHONY: deps build test demo bench bench-build fuzz clean
+.PHONY: deps build test demo bench bench-build fuzz compliance clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -23,6 +23,7 @@ build: deps
 test: deps
 	$(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
 	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
+	$(MAKE) compliance
 	$(MAKE) bench-build
 	FUZZ_SECONDS=15 $(MAKE) fuzz
 
@@ -37,6 +38,10 @@ bench: deps
 # The benchmark package is built by `make test` so that it cannot rot.
 bench-build:
 	cd Benchmarks && $(SWIFT) build --product FoundationBenchmarks
+
+# The SCIM compliance suite (scim2-tester from PyPI, in .venv) against a running agent.
+compliance:
+	bash scripts/compliance.sh
 
 # Coverage-guided fuzzing of the JSON, filter and PATCH parsers (libFuzzer + ASan).
 fuzz:

@@ -55,6 +55,8 @@ public struct PatchOperation: Sendable {
     public let op: Op
     public let path: PatchPath?
     public let value: JSON?
+    /// `remove` with a bare extension URN as path: drops the whole extension.
+    public var removesExtension: String? = nil
 }
 
 /// A PATCH request (`PatchOp` message), parsed and checked against the schemas.
@@ -104,11 +106,23 @@ public struct PatchRequest: Sendable {
             throw .invalidSyntax("'op' must be add, remove or replace; got '\(opText)'")
         }
         var path: PatchPath?
+        let value = o["value"]
         if let p = o["path"] {
             guard let text = p.stringValue else { throw .invalidPath("'path' must be a string") }
+            // A bare extension URN names the whole extension object (RFC 7644 §3.10).
+            if let ext = registry.extensionSchema(text, of: type) {
+                switch op {
+                case .remove:
+                    return PatchOperation(op: .remove, path: nil, value: nil, removesExtension: ext.id)
+                case .add, .replace:
+                    guard let v = value, v.objectValue != nil else {
+                        throw .invalidValue("'\(op.rawValue)' of \(ext.id) needs an object of its attributes as 'value'")
+                    }
+                    return PatchOperation(op: op, path: nil, value: .object(JSONObject([(ext.id, v)])))
+                }
+            }
             path = try PatchPath(text, registry: registry, type: type, profile: profile)
         }
-        let value = o["value"]
         switch op {
         case .remove:
             guard path != nil else { throw .noTarget("'remove' needs a 'path'") }
@@ -150,6 +164,10 @@ public struct PatchRequest: Sendable {
     }
 
     func apply(_ op: PatchOperation, to resource: inout JSONObject) throws(SCIMError) {
+        if let urn = op.removesExtension {
+            resource[urn] = nil
+            return
+        }
         guard let path = op.path else {
             // No path: the value is an object of attributes (and extension objects).
             let value = op.value!.objectValue!
@@ -158,7 +176,7 @@ public struct PatchRequest: Sendable {
                     guard let inner = v.objectValue else {
                         throw .invalidValue("'\(key)' must be an object of \(ext.id) attributes")
                     }
-                    for (k2, v2) in inner {
+                    for (k2, v2) in inner where !equalsIgnoringASCIICase(k2, "schemas") {
                         let p = try PatchPath("\(ext.id):\(k2)", registry: registry, type: type, profile: profile)
                         try write(op.op, p, v2, into: &resource)
                     }

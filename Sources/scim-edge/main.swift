@@ -58,9 +58,15 @@ struct Serve: ParsableCommand {
         default: throw ValidationError("--tls-cert and --tls-key go together")
         }
         let loop = try EventLoop()
-        let agent = try AgentService(loop: loop, configuration: configuration)
-        agent.log = { line in emit(line) }
-        try agent.installSignals()
+        let agent: AgentService
+        do {
+            agent = try AgentService(loop: loop, configuration: configuration)
+            agent.log = { line in emit(line) }
+            try agent.installSignals()
+        } catch {
+            _ = loop.close()
+            throw error
+        }
         emit("scim-edge \(version) listening on \(agent.server.address) (SCIM at \(configuration.tls == nil ? "http" : "https")://\(agent.server.address)/scim/v2)")
         loop.run()
         let left = loop.close()

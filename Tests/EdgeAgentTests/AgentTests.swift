@@ -1,0 +1,289 @@
+import EdgeAgent
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// A running agent in this process (its own loop thread) on a temp LMDB file.
+final class AgentHarness: @unchecked Sendable {  // fields are immutable after init
+    let dir = TempDirectory("edge-agent")
+    let token = "test-token-\(UInt32.random(in: 0...UInt32.max))"
+    let port: Int
+    let thread: LoopThread
+    let service: OneShot<LoopBound<AgentService>>
+
+    init(scanBudget: Int = 100_000, maxBody: Int = 1 << 20) throws {
+        let ready = OneShot<LoopBound<AgentService>>()
+        let path = dir.file("data"), token = self.token
+        thread = try LoopThread.start { loop in
+            var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
+            config.tokens = [token]
+            config.endpoint.scanBudget = scanBudget
+            config.limits.maxBodyBytes = maxBody
+            ready.fulfil(LoopBound(try AgentService(loop: loop, configuration: config)))
+        }
+        service = ready
+        let bound = ready.wait()!
+        port = thread.inbox.sendAndWait { bound.value.server.port } ?? 0
+    }
+
+    /// Stops the agent; returns the handles left open (0 = clean).
+    func stop() -> Int {
+        let s = service.wait()!
+        thread.inbox.send { s.value.server.shutdown() }
+        let left = thread.join()
+        return left
+    }
+
+    deinit { dir.remove() }
+
+    struct Reply {
+        let status: Int
+        let head: String
+        let body: JSON?
+        func header(_ name: String) -> String? {
+            head.split(separator: "\r\n").first { $0.lowercased().hasPrefix(name.lowercased() + ":") }
+                .map { String($0.dropFirst(name.count + 1)).trimmingCharacters(in: .whitespaces) }
+        }
+    }
+
+    /// One request on its own connection.
+    func call(_ method: String, _ path: String, _ body: String? = nil, headers: [String: String] = [:],
+              token: String? = nil) throws -> Reply {
+        let client = try RawClient(port: port)
+        var head = "\(method) /scim/v2\(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
+        head += "Authorization: Bearer \(token ?? self.token)\r\n"
+        for (k, v) in headers { head += "\(k): \(v)\r\n" }
+        if let body {
+            if headers["Content-Type"] == nil { head += "Content-Type: application/scim+json\r\n" }
+            head += "Content-Length: \(body.utf8.count)\r\n"
+        }
+        client.send(head + "\r\n" + (body ?? ""))
+        guard let r = client.readResponses(1).first else { throw POSIXError(.EIO) }
+        return Reply(status: r.status, head: r.head, body: r.body.isEmpty ? nil : try? JSONParser.parse(r.body))
+    }
+
+    /// The store, opened after the agent stopped (or read-only alongside).
+    func openStore() throws -> AgentStore { try AgentStore(path: dir.file("data"), registry: .standard) }
+}
+
+let userSchema = #"["urn:ietf:params:scim:schemas:core:2.0:User"]"#
+func userBody(_ name: String, extra: String = "") -> String {
+    #"{"schemas":\#(userSchema),"userName":"\#(name)"\#(extra)}"#
+}
+
+final class AgentTests: XCTestCase {
+    func testUserLifecycleWithETagsAndOutboxEvents() throws {
+        let agent = try AgentHarness()
+        let created = try agent.call("POST", "/Users", userBody("bjensen", extra: #","name":{"givenName":"Barbara"}"#),
+                                     headers: ["traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
+        XCTAssertEqual(created.status, 201)
+        let id = try XCTUnwrap(created.body?["id"]?.stringValue)
+        let etag = try XCTUnwrap(created.header("ETag"))
+        XCTAssertEqual(created.header("Location"), "http://127.0.0.1:\(agent.port)/scim/v2/Users/\(id)")
+        XCTAssertEqual(created.body?["meta"]?["version"]?.stringValue, etag)
+
+        XCTAssertEqual(try agent.call("GET", "/Users/\(id)", headers: ["If-None-Match": etag]).status, 304)
+        let stale = try agent.call("PUT", "/Users/\(id)", userBody("bjensen", extra: #","title":"x""#), headers: ["If-Match": #"W/"999""#])
+        XCTAssertEqual(stale.status, 412)
+        let replaced = try agent.call("PUT", "/Users/\(id)", userBody("bjensen", extra: #","title":"Guide""#), headers: ["If-Match": etag])
+        XCTAssertEqual(replaced.status, 200)
+        XCTAssertNotEqual(replaced.header("ETag"), etag, "a new version")
+        XCTAssertNil(replaced.body?["name"], "PUT replaces: name is gone")
+        let patched = try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Lead"}]}"#)
+        XCTAssertEqual(patched.body?["title"], "Lead")
+        XCTAssertEqual(try agent.call("DELETE", "/Users/\(id)").status, 204)
+        XCTAssertEqual(try agent.call("GET", "/Users/\(id)").status, 404)
+        XCTAssertEqual(agent.stop(), 0)
+
+        let events = try agent.openStore().outboxEntries(after: 0, limit: 100)
+        XCTAssertEqual(events.map(\.0), [1, 2, 3, 4], "one event per write, in order")
+        let kinds = events.map { $0.1["events"]!.objectValue!.keys.first! }
+        XCTAssertEqual(kinds, ["urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
+                               "urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"])
+        XCTAssertEqual(events[0].1["txn"], "4bf92f3577b34da6a3ce929d0e0e4736", "trace id from traceparent")
+        let first = events[0].1["events"]!["urn:ietf:params:SCIM:event:prov:create:full"]!
+        XCTAssertEqual(first["ref"]?.stringValue, "/Users/\(id)")
+        XCTAssertEqual(first["data"]?["userName"], "bjensen", "full state in the event")
+        XCTAssertEqual(first["version"]?.stringValue, etag)
+    }
+
+    func testUserNameUniquenessIsCaseInsensitiveUnderConcurrentCreates() throws {
+        let agent = try AgentHarness()
+        let statuses = Locked<[Int]>([])
+        let threads = (0..<16).map { k in
+            Thread {
+                let name = k % 2 == 0 ? "Racer@Example.com" : "racer@example.COM"
+                let r = try? agent.call("POST", "/Users", userBody(name))
+                statuses.withLock { $0.append(r?.status ?? 0) }
+                if r?.status == 409 { XCTAssertEqual(r?.body?["scimType"], "uniqueness") }
+            }
+        }
+        threads.forEach { $0.start() }
+        XCTAssertTrue(eventually(seconds: 30) { statuses.current.count == 16 })
+        XCTAssertEqual(statuses.current.filter { $0 == 201 }.count, 1, "exactly one create wins: \(statuses.current)")
+        XCTAssertEqual(statuses.current.filter { $0 == 409 }.count, 15)
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 1, "refused creates leave no event")
+    }
+
+    func testFiltersByIndexAndByScan() throws {
+        let agent = try AgentHarness(scanBudget: 30)
+        for k in 0..<40 {
+            let r = try agent.call("POST", "/Users", userBody("user\(k)", extra: #","externalId":"ext-\#(k)","title":"\#(k % 4 == 0 ? "Lead" : "Guide")""#))
+            XCTAssertEqual(r.status, 201)
+        }
+        func q(_ filter: String) throws -> AgentHarness.Reply {
+            try agent.call("GET", "/Users?filter=" + filter.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!)
+        }
+        XCTAssertEqual(try q(#"userName eq "USER7""#).body?["totalResults"], 1, "userName index, case-insensitive")
+        XCTAssertEqual(try q(#"externalId eq "ext-12""#).body?["Resources"]?.arrayValue?.first?["userName"], "user12")
+        XCTAssertEqual(try q(#"externalId eq "EXT-12""#).body?["totalResults"], 0, "externalId is caseExact")
+        XCTAssertEqual(try q(#"userName eq "user8" and title eq "Lead""#).body?["totalResults"], 1, "index then filter")
+        XCTAssertEqual(try q(#"userName eq "user9" and title eq "Lead""#).body?["totalResults"], 0)
+        let scan = try q(#"title eq "Lead""#)
+        XCTAssertEqual(scan.status, 400, "a scan over the budget is refused")
+        XCTAssertEqual(scan.body?["scimType"], "tooMany")
+        let page = try agent.call("GET", "/Users?filter=userName%20sw%20%22user1%22&sortBy=userName&startIndex=2&count=3")
+        XCTAssertEqual(page.status, 400, "userName sw scans too")
+        XCTAssertEqual(agent.stop(), 0)
+
+        let wide = try AgentHarness()
+        for k in 0..<12 { _ = try wide.call("POST", "/Users", userBody("u\(k)", extra: #","title":"\#(k % 3 == 0 ? "Lead" : "Guide")""#)) }
+        let leads = try wide.call("GET", "/Users?filter=title%20eq%20%22lead%22&sortBy=userName&sortOrder=descending&count=2&attributes=userName")
+        XCTAssertEqual(leads.body?["totalResults"], 4)
+        XCTAssertEqual(leads.body?["Resources"]?.arrayValue?.compactMap { $0["userName"]?.stringValue }, ["u9", "u6"])
+        XCTAssertNil(leads.body?["Resources"]?.arrayValue?.first?["title"], "projection")
+        let search = try wide.call("POST", "/Users/.search", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"title eq \"Lead\"","startIndex":4}"#)
+        XCTAssertEqual(search.body?["itemsPerPage"], 1)
+        XCTAssertEqual(wide.stop(), 0)
+    }
+
+    func testGroupMembershipAndUserDeletion() throws {
+        let agent = try AgentHarness()
+        let u1 = try XCTUnwrap(try agent.call("POST", "/Users", userBody("a")).body?["id"]?.stringValue)
+        let u2 = try XCTUnwrap(try agent.call("POST", "/Users", userBody("b")).body?["id"]?.stringValue)
+        let g = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Guides","members":[{"value":"\#(u1)"},{"value":"\#(u2)"}]}"#)
+        XCTAssertEqual(g.status, 201)
+        let gid = try XCTUnwrap(g.body?["id"]?.stringValue)
+        let user = try agent.call("GET", "/Users/\(u1)")
+        XCTAssertEqual(user.body?["groups"]?.arrayValue?.first?["value"]?.stringValue, gid)
+        XCTAssertEqual(user.body?["groups"]?.arrayValue?.first?["display"], "Guides")
+        let bad = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"X","members":[{"value":"nobody"}]}"#)
+        XCTAssertEqual(bad.status, 400)
+        XCTAssertTrue(bad.body?["detail"]?.stringValue?.contains("'nobody' is not a User or Group") ?? false)
+
+        let before = try XCTUnwrap(try agent.call("GET", "/Groups/\(gid)").header("ETag"))
+        XCTAssertEqual(try agent.call("DELETE", "/Users/\(u1)").status, 204)
+        let after = try agent.call("GET", "/Groups/\(gid)")
+        XCTAssertEqual(after.body?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [u2])
+        XCTAssertNotEqual(after.header("ETag"), before, "the group changed, so its version did")
+        XCTAssertEqual(try agent.call("GET", "/Users/\(u2)").body?["groups"]?.arrayValue?.count, 1, "the other member keeps its group")
+        XCTAssertEqual(agent.stop(), 0)
+        let kinds = try agent.openStore().outboxEntries(after: 0, limit: 100).map { $0.1["events"]!.objectValue!.keys.first! }
+        XCTAssertEqual(kinds.suffix(2), ["urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"],
+                       "deleting a member emits the group's change, then the delete")
+    }
+
+    func testBulkWithForwardBulkIdReference() throws {
+        let agent = try AgentHarness()
+        let r = try agent.call("POST", "/Bulk", #"""
+        {"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[
+          {"method":"POST","path":"/Groups","bulkId":"g","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew","members":[{"type":"User","value":"bulkId:u"}]}},
+          {"method":"POST","path":"/Users","bulkId":"u","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"crew1"}},
+          {"method":"POST","path":"/Users","bulkId":"dup","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"CREW1"}},
+          {"method":"DELETE","path":"/Users/missing"}]}
+        """#)
+        XCTAssertEqual(r.status, 200)
+        let ops = try XCTUnwrap(r.body?["Operations"]?.arrayValue)
+        XCTAssertEqual(ops.map { $0["status"]?.stringValue }, ["201", "201", "409", "404"], "results in request order")
+        let groupLocation = try XCTUnwrap(ops[0]["location"]?.stringValue)
+        let gid = String(groupLocation.split(separator: "/").last!)
+        let group = try agent.call("GET", "/Groups/\(gid)")
+        let uid = String(try XCTUnwrap(ops[1]["location"]?.stringValue).split(separator: "/").last!)
+        XCTAssertEqual(group.body?["members"]?.arrayValue?.first?["value"]?.stringValue, uid, "bulkId:u was resolved")
+        let failFast = try agent.call("POST", "/Bulk", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"failOnErrors":1,"Operations":[{"method":"DELETE","path":"/Users/x1"},{"method":"DELETE","path":"/Users/x2"}]}"#)
+        XCTAssertEqual(failFast.body?["Operations"]?.arrayValue?.count, 1, "stops after failOnErrors errors")
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
+    func testAuthenticationAndErrorBodies() throws {
+        let agent = try AgentHarness(maxBody: 2048)
+        let anonymous = try agent.call("GET", "/Users", token: "wrong")
+        XCTAssertEqual(anonymous.status, 401)
+        XCTAssertEqual(anonymous.header("WWW-Authenticate"), #"Bearer realm="scim-edge""#)
+        XCTAssertEqual(anonymous.body?["schemas"], ["urn:ietf:params:scim:api:messages:2.0:Error"])
+        let wrongType = try agent.call("POST", "/Users", userBody("x"), headers: ["Content-Type": "text/plain"])
+        XCTAssertEqual(wrongType.status, 415)
+        let broken = try agent.call("POST", "/Users", #"{"schemas":"#)
+        XCTAssertEqual(broken.status, 400)
+        XCTAssertEqual(broken.body?["scimType"], "invalidSyntax")
+        XCTAssertTrue(broken.body?["detail"]?.stringValue?.contains("line 1, column") ?? false)
+        XCTAssertEqual(try agent.call("GET", "/Me").status, 501)
+        XCTAssertEqual(try agent.call("DELETE", "/Schemas").status, 405)
+        XCTAssertEqual(try agent.call("GET", "/Printers").status, 404)
+        let huge = try agent.call("POST", "/Users", userBody(String(repeating: "x", count: 4000)))
+        XCTAssertEqual(huge.status, 413, "HTTP-level limits answer with SCIM error bodies too")
+        XCTAssertEqual(huge.body?["status"], "413")
+        XCTAssertEqual(try agent.call("GET", "/ServiceProviderConfig").body?["patch"]?["supported"], true)
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 0, "nothing was written by refused requests")
+    }
+
+    /// SIGKILL the agent process during a write load: after a restart every
+    /// acknowledged create is in the store and in the outbox, in order, once.
+    func testAcknowledgedWritesSurviveSIGKILL() throws {
+        let dir = TempDirectory("edge-crash")
+        defer { dir.remove() }
+        let bin = productsDirectory + "/scim-edge"
+        func start() throws -> (ChildProcess, Int) {
+            let child = try ChildProcess(bin, ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0", "--token", "t"])
+            let line = try XCTUnwrap(child.waitForLine("scim-edge"))
+            let port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
+            return (child, port)
+        }
+        let (child, port) = try start()
+        let acked = Locked<[String]>([])
+        let writers = (0..<4).map { w in
+            Thread {
+                for k in 0..<10_000 {
+                    guard let client = try? RawClient(port: port, timeoutSeconds: 5) else { return }
+                    let name = "w\(w)-\(k)"
+                    let body = userBody(name)
+                    client.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+                    guard let r = client.readResponses(1).first, r.status == 201 else { return }
+                    acked.withLock { $0.append(name) }
+                }
+            }
+        }
+        writers.forEach { $0.start() }
+        XCTAssertTrue(eventually(seconds: 60) { acked.current.count >= 200 })
+        child.signal(SIGKILL)
+        XCTAssertNotNil(child.waitForExit())
+        while writers.contains(where: { !$0.isFinished }) { usleep(10_000) }
+        let acknowledged = Set(acked.current)
+        XCTAssertGreaterThanOrEqual(acknowledged.count, 200)
+
+        let store = try AgentStore(path: dir.file("data"), registry: .standard)
+        let users = try store.query(SchemaRegistry.standard.resourceType("User")!, filter: nil, scanBudget: 1_000_000)
+        let stored = Set(users.compactMap { $0["userName"]?.stringValue })
+        XCTAssertTrue(acknowledged.isSubset(of: stored), "\(acknowledged.subtracting(stored).count) acknowledged users lost")
+        let events = try store.outboxEntries(after: 0, limit: 1_000_000)
+        XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous")
+        let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["data"]?["userName"]?.stringValue }
+        XCTAssertEqual(created.count, Set(created).count, "no event twice")
+        XCTAssertEqual(Set(created), stored, "every stored user has exactly its create event")
+
+        // And the restarted agent serves them.
+        let (again, port2) = try start()
+        let client = try RawClient(port: port2)
+        let name = acked.current.first!
+        client.send("GET /scim/v2/Users?filter=userName%20eq%20%22\(name)%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n")
+        XCTAssertTrue(client.readToEnd().contains(#""totalResults":1"#))
+        again.signal(SIGTERM)
+        XCTAssertEqual(again.waitForExit(), 0)
+    }
+}
