@@ -6,6 +6,8 @@ SHELL := /bin/bash
 SWIFT ?= swift
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
 SWIFT_BUILD_FLAGS ?=
+# SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
+RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh
 
 .PHONY: deps build test demo bench bench-build fuzz compliance clean
 
@@ -18,10 +20,10 @@ deps:
 	else echo "Debian packages present"; fi
 
 build: deps
-	$(SWIFT) build $(SWIFT_BUILD_FLAGS)
+	$(RETRY) $(SWIFT) build $(SWIFT_BUILD_FLAGS)
 
 test: deps
-	$(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
+	$(RETRY) $(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
 	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
 	$(MAKE) compliance
 	$(MAKE) bench-build
@@ -37,7 +39,7 @@ bench: deps
 
 # The benchmark package is built by `make test` so that it cannot rot.
 bench-build:
-	cd Benchmarks && $(SWIFT) build --product FoundationBenchmarks
+	cd Benchmarks && $(RETRY) $(SWIFT) build --product FoundationBenchmarks
 
 # The SCIM compliance suite (scim2-tester from PyPI, in .venv) against a running agent.
 compliance:

@@ -10,7 +10,7 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 mkdir -p findings
 for pair in json:FuzzJSON filter:FuzzFilter patch:FuzzPatch; do
   dir=${pair%%:*}; target=${pair#*:}
-  swift build "${flags[@]}" --product "$target" >/dev/null
+  bash ../scripts/retry-on-crash.sh swift build "${flags[@]}" --product "$target" >/dev/null
   mkdir -p "$work/$dir"
   echo "fuzzing $target for ${seconds}s"
   if ! SWIFT_BACKTRACE=enable=no ".build/debug/$target" "$work/$dir" "corpus/$dir" \
