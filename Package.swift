@@ -37,7 +37,7 @@ let package = Package(
                 swiftSettings: strict),
 
         .executableTarget(name: "scim-edge", dependencies: [
-            "EdgeAgent", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeAgent", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).

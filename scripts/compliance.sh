@@ -13,7 +13,7 @@ bin=${SCIM_EDGE:-.build/debug/scim-edge}
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-"$bin" serve --data-dir "$work/data" --listen "127.0.0.1:$port" --token "$token" >"$work/agent.log" 2>&1 &
+"$bin" serve --data-dir "$work/data" --listen "127.0.0.1:$port" --token "$token" --admin-listen none >"$work/agent.log" 2>&1 &
 agent=$!
 trap 'kill $agent 2>/dev/null || true; wait $agent 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && break; sleep 0.1; done

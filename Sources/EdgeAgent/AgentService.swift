@@ -16,6 +16,8 @@ public struct AgentConfiguration: Sendable {
     public var endpoint = EndpointOptions()
     public var limits = HTTPServerLimits()
     public var maxStoreBytes = 16 << 30
+    /// The operations listener (`/healthz`, `/readyz`, `/metrics`); nil: none.
+    public var adminListen: SocketAddress?
 
     public init(dataDirectory: String, listen: SocketAddress) {
         self.dataDirectory = dataDirectory
@@ -65,6 +67,7 @@ public final class AgentService {
     public let writer: GroupCommitWriter
     public let endpoint: SCIMEndpoint
     public let server: HTTPServer
+    public private(set) var adminServer: HTTPServer?
     private var signals: ServiceSignals?
     private let configuration: AgentConfiguration
     /// Called with one line per notable event (start, drain, reload).
@@ -87,13 +90,30 @@ public final class AgentService {
             request, _, responder in endpoint.handle(request, responder)
         }
         server.errorBody = SCIMEndpoint.errorResponse
+        if let admin = configuration.adminListen {
+            let adminEndpoint = AdminEndpoint(agent: self)
+            adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
+                adminEndpoint.handle(request, responder)
+            }
+        }
+        endpoint.onBackpressureChange = { [unowned self] on, events, bytes in
+            log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
+                   : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
+        }
+    }
+
+    /// Stops accepting, finishes in-flight requests, then closes the listeners.
+    public func shutdown(_ completion: @escaping () -> Void = {}) {
+        server.shutdown { [self] in
+            if let adminServer { adminServer.shutdown(completion) } else { completion() }
+        }
     }
 
     /// Installs SIGTERM/SIGINT (drain) and SIGHUP (reload tokens and TLS).
     public func installSignals(onDrained: @escaping () -> Void = {}) throws {
         signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
             log("draining")
-            server.shutdown { [unowned self] in
+            shutdown { [unowned self] in
                 signals?.close()
                 log("drained")
                 onDrained()

@@ -165,3 +165,43 @@ public final class AgentStore: Sendable {
 
     public func outboxCount() throws -> Int { try environment.count(outbox) }
 }
+
+extension AgentStore {
+    /// Outbox size now: events and bytes (from LMDB's page counts).
+    public func outboxUsage() throws -> (events: Int, bytes: Int) {
+        let outbox = self.outbox
+        return try environment.read { txn in
+            (try txn.count(outbox), try txn.storedBytes(outbox))
+        }
+    }
+
+    /// The broker has everything up to `sequence`: those events leave the
+    /// outbox and the acknowledged sequence is kept, in one transaction.
+    /// Returns how many events were removed.
+    @discardableResult
+    public func acknowledge(through sequence: UInt64) throws -> Int {
+        let outbox = self.outbox, meta = self.meta
+        return try environment.write { txn in
+            var keys: [[UInt8]] = []
+            try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in keys.append(k); return true }
+            for k in keys { try txn.delete(outbox, k) }
+            let current = try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+            if sequence > current { try txn.put(meta, Array("acked".utf8), sequence.bigEndianBytes) }
+            return keys.count
+        }
+    }
+
+    /// The highest sequence the broker acknowledged (0: none yet).
+    public func acknowledgedSequence() throws -> UInt64 {
+        let meta = self.meta
+        return try environment.read { txn in
+            try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        }
+    }
+
+    /// The oldest event still in the outbox: its sequence and `iat`.
+    public func oldestOutboxEvent() throws -> (seq: UInt64, issuedAt: Int64)? {
+        guard let first = try outboxEntries(after: 0, limit: 1).first else { return nil }
+        return (first.0, first.1["iat"]?.numberValue?.integer ?? 0)
+    }
+}

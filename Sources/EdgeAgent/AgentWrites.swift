@@ -10,6 +10,8 @@ public struct WriteContext: Sendable {
     public var eventID: String
     public var traceID: String
     public var ifMatch: String?
+    /// Whether writes append relay events (false for a standalone agent).
+    public var recordEvents = true
 
     public init(newID: String, now: String, epochSeconds: Int64, eventID: String, traceID: String, ifMatch: String? = nil) {
         self.newID = newID
@@ -170,6 +172,7 @@ extension AgentStore {
     /// applying it twice is harmless.
     func appendEvent(_ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
                      _ txn: borrowing WriteTransaction) throws {
+        guard ctx.recordEvents else { return }
         let seq = try nextCounter("seq", txn)
         var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
         if let data {

@@ -17,7 +17,63 @@ public struct EndpointOptions: Sendable {
     public var scanBudget = 100_000
     public var bulkMaxOperations = 1000
     public var bulkMaxPayloadSize = 1 << 20
+    /// Append relay events to the outbox (off for a standalone agent: nothing would drain it).
+    public var recordOutbox = true
+    /// Backpressure: at or above either high watermark writes get 503 +
+    /// Retry-After until the outbox is at or below both low watermarks.
+    public var outboxHighEvents = 1_000_000
+    public var outboxLowEvents = 800_000
+    public var outboxHighBytes = 1 << 30
+    public var outboxLowBytes = 800 << 20
+    public var retryAfterSeconds = 5
     public init() {}
+}
+
+/// Request counters and a latency histogram, rendered by `/metrics`.
+public struct EndpointMetrics: Sendable {
+    public static let buckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+    /// `method|resource|status` → count.
+    public var requests: [String: Int] = [:]
+    public var latencyBuckets = [Int](repeating: 0, count: EndpointMetrics.buckets.count)
+    public var latencyCount = 0
+    public var latencySum = 0.0
+    public var backpressureRejections = 0
+
+    mutating func record(method: String, resource: String, status: Int, seconds: Double) {
+        requests["\(method)|\(resource)|\(status)", default: 0] += 1
+        latencyCount += 1
+        latencySum += seconds
+        for (k, le) in EndpointMetrics.buckets.enumerated() where seconds <= le { latencyBuckets[k] += 1 }
+    }
+}
+
+/// Answers a request and records it in the endpoint's metrics.
+final class Reply {
+    let responder: Responder
+    let started: UInt64
+    let method: String
+    let resource: String
+    unowned let endpoint: SCIMEndpoint
+
+    init(_ responder: Responder, method: String, resource: String, endpoint: SCIMEndpoint) {
+        self.responder = responder
+        self.started = monotonicNanoseconds()
+        self.method = method
+        self.resource = resource
+        self.endpoint = endpoint
+    }
+
+    func respond(_ response: HTTPResponse) {
+        let seconds = Double(monotonicNanoseconds() - started) / 1e9
+        endpoint.metrics.record(method: method, resource: resource, status: response.status, seconds: seconds)
+        responder.respond(response)
+    }
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 /// The agent's SCIM 2.0 service provider over HTTP (RFC 7644).
@@ -31,6 +87,11 @@ public final class SCIMEndpoint {
     let registry: SchemaRegistry
     let features: ServiceProviderFeatures
     public private(set) var requestCount = 0
+    public internal(set) var metrics = EndpointMetrics()
+    /// True while writes are refused because the outbox is over its watermark.
+    public private(set) var backpressure = false
+    /// Called when backpressure starts or ends.
+    public var onBackpressureChange: ((Bool, Int, Int) -> Void)?
 
     public init(store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions) {
         self.store = store
@@ -64,9 +125,10 @@ public final class SCIMEndpoint {
 
     // MARK: routing
 
-    public func handle(_ request: HTTPRequest, _ responder: Responder) {
+    public func handle(_ request: HTTPRequest, _ httpResponder: Responder) {
         requestCount += 1
         let path = request.path
+        let responder = Reply(httpResponder, method: request.method, resource: resourceLabel(path), endpoint: self)
         guard path.hasPrefix(options.basePath) else {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
             return
@@ -79,6 +141,11 @@ public final class SCIMEndpoint {
         let rest = path.dropFirst(options.basePath.count)
         let parts = rest.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
         let base = baseURL(request)
+        if isWrite(request, parts), let refusal = checkBackpressure() {
+            metrics.backpressureRejections += 1
+            responder.respond(Self.respond(refusal, headers: ["Retry-After": String(options.retryAfterSeconds)]))
+            return
+        }
         do {
             try route(request, parts, base, responder)
         } catch let error as SCIMError {
@@ -88,7 +155,39 @@ public final class SCIMEndpoint {
         }
     }
 
-    func route(_ request: HTTPRequest, _ parts: [String], _ base: String, _ responder: Responder) throws {
+    /// The metrics label of a path: its resource type or endpoint name.
+    func resourceLabel(_ path: Substring) -> String {
+        guard path.hasPrefix(options.basePath) else { return "other" }
+        let first = path.dropFirst(options.basePath.count).split(separator: "/").first.map(String.init) ?? ""
+        return registry.resourceType(endpoint: "/" + first)?.id ?? (first.isEmpty ? "root" : first)
+    }
+
+    func isWrite(_ request: HTTPRequest, _ parts: [String]) -> Bool {
+        switch request.method {
+        case "PUT", "PATCH", "DELETE": return true
+        case "POST": return parts.last != ".search"
+        default: return false
+        }
+    }
+
+    /// Writes are refused (503) from a high watermark of the outbox down to
+    /// its low watermark: pushback to the IdP, never dropping an event.
+    func checkBackpressure() -> SCIMError? {
+        guard options.recordOutbox, let (events, bytes) = try? store.outboxUsage() else { return nil }
+        if backpressure {
+            if events <= options.outboxLowEvents && bytes <= options.outboxLowBytes {
+                backpressure = false
+                onBackpressureChange?(false, events, bytes)
+            }
+        } else if events >= options.outboxHighEvents || bytes >= options.outboxHighBytes {
+            backpressure = true
+            onBackpressureChange?(true, events, bytes)
+        }
+        guard backpressure else { return nil }
+        return SCIMError(503, nil, "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s")
+    }
+
+    func route(_ request: HTTPRequest, _ parts: [String], _ base: String, _ responder: Reply) throws {
         let method = request.method
         switch parts.first {
         case nil:
@@ -133,7 +232,7 @@ public final class SCIMEndpoint {
     }
 
     func resource(_ request: HTTPRequest, _ type: ResourceType, _ rest: [String], _ base: String,
-                  _ responder: Responder) throws {
+                  _ responder: Reply) throws {
         let method = request.method
         switch rest.count {
         case 0:
@@ -169,7 +268,7 @@ public final class SCIMEndpoint {
 
     // MARK: reads
 
-    func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+    func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
         guard let stored = try store.get(type, id) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
         let version = stored["meta"]?["version"]?.stringValue
         switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
@@ -188,13 +287,13 @@ public final class SCIMEndpoint {
                                        headers: etagHeaders(stored, type, base)))
     }
 
-    func list(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Responder) throws {
+    func list(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Reply) throws {
         let query = try ListQuery(parameters: try queryParameters(request), registry: registry, type: type,
                                   maxResults: options.maxResults, profile: options.profile)
         try answer(query, types: [type], base, responder)
     }
 
-    func search(_ request: HTTPRequest, types: [ResourceType], base: String, _ responder: Responder) throws {
+    func search(_ request: HTTPRequest, types: [ResourceType], base: String, _ responder: Reply) throws {
         let body = try parseBody(request)
         var queries: [(ResourceType, ListQuery)] = []
         var firstError: SCIMError?
@@ -211,7 +310,7 @@ public final class SCIMEndpoint {
         try answer(queries[0].1, types: queries.map(\.0), base, responder, perType: Dictionary(queries.map { ($0.0.id, $0.1) }, uniquingKeysWith: { a, _ in a }))
     }
 
-    func answer(_ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Responder,
+    func answer(_ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Reply,
                 perType: [String: ListQuery] = [:]) throws {
         if query.cursor != nil {
             throw SCIMError.invalidValue("cursor pagination is not supported by this agent yet; use startIndex and count")
@@ -254,28 +353,28 @@ public final class SCIMEndpoint {
 
     // MARK: writes
 
-    func create(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Responder) throws {
+    func create(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Reply) throws {
         let body = try parseBody(request)
         let validated = try ResourceValidator(registry: registry, type: type, profile: options.profile).validateCreate(body)
         submit(.create(type, validated: validated), request, type, base, status: 201, responder)
     }
 
-    func replace(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+    func replace(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
         submit(.replace(type, id: id, body: try parseBody(request)), request, type, base, status: 200, responder)
     }
 
-    func patch(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Responder) throws {
+    func patch(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
         let patch = try PatchRequest(try parseBody(request), registry: registry, type: type, profile: options.profile)
         submit(.patch(type, id: id, request: patch), request, type, base, status: 200, responder)
     }
 
-    func delete(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ responder: Responder) throws {
+    func delete(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ responder: Reply) throws {
         submit(.delete(type, id: id), request, type, "", status: 204, responder)
     }
 
     /// Commits `write` through group commit; answers after the durable commit.
     func submit(_ write: AgentWrite, _ request: HTTPRequest, _ type: ResourceType, _ base: String, status: Int,
-                _ responder: Responder, projection: Projection? = nil) {
+                _ responder: Reply, projection: Projection? = nil) {
         let ctx = makeContext(request)
         perform(write, ctx) { [self] result in
             switch result {
@@ -321,14 +420,16 @@ public final class SCIMEndpoint {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let trace = traceID(request.headers["traceparent"]) ?? randomHex(16)
-        return WriteContext(newID: uuid(), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
-                            epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
-                            ifMatch: request.headers["If-Match"])
+        var ctx = WriteContext(newID: uuid(), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
+                               epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
+                               ifMatch: request.headers["If-Match"])
+        ctx.recordEvents = options.recordOutbox
+        return ctx
     }
 
     // MARK: Bulk (RFC 7644 §3.7)
 
-    func bulk(_ request: HTTPRequest, _ base: String, _ responder: Responder) throws {
+    func bulk(_ request: HTTPRequest, _ base: String, _ responder: Reply) throws {
         let body = try parseBody(request)
         let bulk = try BulkRequest(body, payloadSize: request.body.count, maxOperations: options.bulkMaxOperations,
                                    maxPayloadSize: options.bulkMaxPayloadSize)

@@ -12,6 +12,8 @@ public protocol StoreReading: ~Copyable {
     func withCursor<R>(_ db: Database, _ body: (inout Cursor) throws -> R) throws -> R
     /// Number of entries in `db`.
     func count(_ db: Database) throws(StoreError) -> Int
+    /// Bytes of the pages `db` occupies (`mdb_stat`).
+    func storedBytes(_ db: Database) throws(StoreError) -> Int
 }
 
 extension StoreReading where Self: ~Copyable {
@@ -78,6 +80,12 @@ func txnCursor<R>(_ txn: OpaquePointer, _ db: Database, _ body: (inout Cursor) t
     return try body(&cursor)
 }
 
+func txnStoredBytes(_ txn: OpaquePointer, _ db: Database) throws(StoreError) -> Int {
+    var stat = MDB_stat()
+    try check(mdb_stat(txn, db.dbi, &stat))
+    return Int(stat.ms_psize) * (stat.ms_branch_pages + stat.ms_leaf_pages + stat.ms_overflow_pages)
+}
+
 func txnCount(_ txn: OpaquePointer, _ db: Database) throws(StoreError) -> Int {
     var stat = MDB_stat()
     try check(mdb_stat(txn, db.dbi, &stat))
@@ -119,6 +127,7 @@ public struct ReadTransaction: ~Copyable, StoreReading {
         try txnCursor(txn, db, body)
     }
     public func count(_ db: Database) throws(StoreError) -> Int { try txnCount(txn, db) }
+    public func storedBytes(_ db: Database) throws(StoreError) -> Int { try txnStoredBytes(txn, db) }
 }
 
 /// How `put` treats an existing key.
@@ -185,6 +194,7 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         try txnCursor(txn, db, body)
     }
     public func count(_ db: Database) throws(StoreError) -> Int { try txnCount(txn, db) }
+    public func storedBytes(_ db: Database) throws(StoreError) -> Int { try txnStoredBytes(txn, db) }
 
     public func put(_ db: Database, _ key: [UInt8], _ value: [UInt8], flags: PutFlags = []) throws(StoreError) {
         let rc = withValue(key) { k in withValue(value) { v in mdb_put(txn, db.dbi, &k, &v, flags.rawValue) } }

@@ -3,6 +3,7 @@ import EdgeAgent
 import EdgeLoop
 import EdgeTLS
 import Glibc
+import SCIM
 
 let version = "0.1.0"
 
@@ -11,7 +12,7 @@ struct ScimEdge: ParsableCommand {
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self])
+        subcommands: [Serve.self, Status.self, Outbox.self, Resources.self])
 }
 
 struct Serve: ParsableCommand {
@@ -42,6 +43,18 @@ struct Serve: ParsableCommand {
     @Option(help: "YAML configuration file (not read by this version yet).")
     var config: String?
 
+    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT; 'none' to disable).")
+    var adminListen = "127.0.0.1:9180"
+
+    @Flag(help: "Record relay events in the outbox even without a broker (inspection, tests).")
+    var keepOutbox = false
+
+    @Option(help: "Backpressure: writes get 503 from this many unrelayed events (resume at 80%).")
+    var outboxMaxEvents = 1_000_000
+
+    @Option(help: "Backpressure: writes get 503 from this many outbox bytes (resume at 80%).")
+    var outboxMaxBytes = 1 << 30
+
     func run() throws {
         if let config {
             throw ValidationError("--config \(config): YAML configuration is not supported by this version yet; use the flags")
@@ -51,6 +64,15 @@ struct Serve: ParsableCommand {
         configuration.tokens = token
         configuration.tokenFile = tokenFile
         configuration.limits.maxBodyBytes = maxBodyBytes
+        configuration.endpoint.recordOutbox = keepOutbox
+        configuration.endpoint.outboxHighEvents = outboxMaxEvents
+        configuration.endpoint.outboxLowEvents = outboxMaxEvents * 4 / 5
+        configuration.endpoint.outboxHighBytes = outboxMaxBytes
+        configuration.endpoint.outboxLowBytes = outboxMaxBytes / 5 * 4
+        if adminListen != "none" {
+            guard let admin = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
+            configuration.adminListen = admin
+        }
         switch (tlsCert, tlsKey) {
         case let (cert?, key?):
             configuration.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false)
@@ -68,9 +90,94 @@ struct Serve: ParsableCommand {
             throw error
         }
         emit("scim-edge \(version) listening on \(agent.server.address) (SCIM at \(configuration.tls == nil ? "http" : "https")://\(agent.server.address)/scim/v2)")
+        if let admin = agent.adminServer { emit("operations at http://\(admin.address)/metrics") }
         loop.run()
         let left = loop.close()
         if left != 0 { emit("warning: \(left) handles were still open at exit") }
+    }
+}
+
+/// Opens the agent's LMDB file directly (also while the agent runs: LMDB
+/// readers never wait for the writer).
+struct DataDirectory: ParsableArguments {
+    @Option(help: "The agent's data directory.")
+    var dataDir: String
+
+    func open() throws -> AgentStore {
+        guard access(dataDir + "/data.mdb", R_OK) == 0 else { throw ValidationError("no agent data in \(dataDir)") }
+        return try AgentStore(path: dataDir, registry: .standard)
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the store, the outbox and the relay position.")
+    @OptionGroup var data: DataDirectory
+
+    func run() throws {
+        let store = try data.open()
+        let info = store.environment.info
+        let usage = try store.outboxUsage()
+        let users = try store.query(store.registry.resourceType("User")!, filter: nil, scanBudget: .max).count
+        let groups = try store.query(store.registry.resourceType("Group")!, filter: nil, scanBudget: .max).count
+        emit("data directory   \(data.dataDir)")
+        emit("store            \(info.usedBytes) of \(info.mapSize) bytes mapped (limit \(store.environment.options.maxMapSize))")
+        emit("resources        \(users) users, \(groups) groups")
+        emit("outbox           \(usage.events) events, \(usage.bytes) bytes")
+        emit("acknowledged     through sequence \(try store.acknowledgedSequence())")
+        if let oldest = try store.oldestOutboxEvent() {
+            emit("oldest event     sequence \(oldest.seq), issued at \(oldest.issuedAt) (Unix time)")
+        }
+    }
+}
+
+struct Outbox: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Inspect relay events not yet acknowledged.",
+                                                    subcommands: [List.self, Show.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One line per event: sequence, kind, resource, trace id.")
+        @OptionGroup var data: DataDirectory
+        @Option(help: "Start after this sequence.") var after: UInt64 = 0
+        @Option(help: "At most this many events.") var limit = 50
+
+        func run() throws {
+            for (seq, event) in try data.open().outboxEntries(after: after, limit: limit) {
+                let (uri, body) = event["events"]?.objectValue?.members.first ?? ("?", .null)
+                let kind = uri.hasPrefix("urn:ietf:params:SCIM:event:") ? String(uri.dropFirst(27)) : uri
+                emit("\(seq)\t\(kind)\t\(body["ref"]?.stringValue ?? "-")\t\(event["txn"]?.stringValue ?? "-")")
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print one event as JSON.")
+        @OptionGroup var data: DataDirectory
+        @Argument(help: "The event's sequence number.") var sequence: UInt64
+
+        func run() throws {
+            guard let (seq, event) = try data.open().outboxEntries(after: sequence &- 1, limit: 1).first, seq == sequence else {
+                throw ValidationError("no event \(sequence) in the outbox (acknowledged events are pruned)")
+            }
+            emit(event.text)
+        }
+    }
+}
+
+struct Resources: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Read stored resources.", subcommands: [Get.self])
+
+    struct Get: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a stored User or Group by id.")
+        @OptionGroup var data: DataDirectory
+        @Argument(help: "The resource id.") var id: String
+
+        func run() throws {
+            let store = try data.open()
+            for type in store.registry.resourceTypes {
+                if let r = try store.get(type, id) { emit(JSON.object(r).text); return }
+            }
+            throw ValidationError("no User or Group with id \(id)")
+        }
     }
 }
 

@@ -15,7 +15,10 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
     let thread: LoopThread
     let service: OneShot<LoopBound<AgentService>>
 
-    init(scanBudget: Int = 100_000, maxBody: Int = 1 << 20) throws {
+    let adminPort: Int
+
+    init(scanBudget: Int = 100_000, maxBody: Int = 1 << 20,
+         configure: @escaping @Sendable (inout AgentConfiguration) -> Void = { _ in }) throws {
         let ready = OneShot<LoopBound<AgentService>>()
         let path = dir.file("data"), token = self.token
         thread = try LoopThread.start { loop in
@@ -23,17 +26,28 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
             config.tokens = [token]
             config.endpoint.scanBudget = scanBudget
             config.limits.maxBodyBytes = maxBody
+            config.adminListen = SocketAddress(host: "127.0.0.1", port: 0)
+            configure(&config)
             ready.fulfil(LoopBound(try AgentService(loop: loop, configuration: config)))
         }
         service = ready
         let bound = ready.wait()!
         port = thread.inbox.sendAndWait { bound.value.server.port } ?? 0
+        adminPort = thread.inbox.sendAndWait { bound.value.adminServer?.port ?? 0 } ?? 0
+    }
+
+    /// GET on the operations listener: (status, body).
+    func admin(_ path: String) throws -> (Int, String) {
+        let client = try RawClient(port: adminPort)
+        client.send("GET \(path) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let r = try XCTUnwrap(client.readResponses(1).first)
+        return (r.status, r.body)
     }
 
     /// Stops the agent; returns the handles left open (0 = clean).
     func stop() -> Int {
         let s = service.wait()!
-        thread.inbox.send { s.value.server.shutdown() }
+        thread.inbox.send { s.value.shutdown() }
         let left = thread.join()
         return left
     }
@@ -240,7 +254,7 @@ final class AgentTests: XCTestCase {
         defer { dir.remove() }
         let bin = productsDirectory + "/scim-edge"
         func start() throws -> (ChildProcess, Int) {
-            let child = try ChildProcess(bin, ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0", "--token", "t"])
+            let child = try ChildProcess(bin, ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0", "--token", "t", "--keep-outbox", "--admin-listen", "none"])
             let line = try XCTUnwrap(child.waitForLine("scim-edge"))
             let port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
             return (child, port)
@@ -285,5 +299,84 @@ final class AgentTests: XCTestCase {
         XCTAssertTrue(client.readToEnd().contains(#""totalResults":1"#))
         again.signal(SIGTERM)
         XCTAssertEqual(again.waitForExit(), 0)
+    }
+
+    func testBackpressureRefusesWritesPastTheWatermarkAndRecovers() throws {
+        let agent = try AgentHarness { config in
+            config.endpoint.outboxHighEvents = 5
+            config.endpoint.outboxLowEvents = 3
+            config.endpoint.retryAfterSeconds = 7
+        }
+        for k in 0..<5 { XCTAssertEqual(try agent.call("POST", "/Users", userBody("bp\(k)")).status, 201) }
+        let refused = try agent.call("POST", "/Users", userBody("bp5"))
+        XCTAssertEqual(refused.status, 503)
+        XCTAssertEqual(refused.header("Retry-After"), "7")
+        XCTAssertTrue(refused.body?["detail"]?.stringValue?.contains("outbox holds 5 events") ?? false)
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=userName%20eq%20%22bp1%22").body?["totalResults"], 1, "reads keep working")
+        XCTAssertEqual(try agent.admin("/readyz").0, 503)
+        XCTAssertTrue(try agent.admin("/metrics").1.contains("scim_edge_backpressure 1"))
+        // The relay acknowledges two events: 3 left, at the low watermark: writes resume.
+        let store = agent.service.wait()!
+        let acked = agent.thread.inbox.sendAndWait { (try? store.value.store.acknowledge(through: 2)) ?? -1 }
+        XCTAssertEqual(acked, 2)
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("bp5")).status, 201)
+        XCTAssertEqual(try agent.admin("/readyz").0, 200)
+        XCTAssertEqual(agent.stop(), 0)
+        let events = try agent.openStore().outboxEntries(after: 0, limit: 100).map(\.0)
+        XCTAssertEqual(events, [3, 4, 5, 6], "nothing dropped: acknowledged events left, the rest stayed in order")
+        XCTAssertEqual(try agent.openStore().acknowledgedSequence(), 2)
+    }
+
+    func testOperationsEndpointsAndMetrics() throws {
+        let agent = try AgentHarness()
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("m1")).status, 201)
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("M1")).status, 409)
+        XCTAssertEqual(try agent.call("GET", "/Groups").status, 200)
+        XCTAssertEqual(try agent.admin("/healthz").0, 200)
+        XCTAssertEqual(try agent.admin("/readyz").0, 200)
+        let (status, metrics) = try agent.admin("/metrics")
+        XCTAssertEqual(status, 200)
+        for line in [#"scim_edge_requests_total{method="POST",resource="User",status="201"} 1"#,
+                     #"scim_edge_requests_total{method="POST",resource="User",status="409"} 1"#,
+                     #"scim_edge_requests_total{method="GET",resource="Group",status="200"} 1"#,
+                     #"scim_edge_request_duration_seconds_count 3"#, "scim_edge_outbox_events 1",
+                     "scim_edge_backpressure 0", "# TYPE scim_edge_request_duration_seconds histogram"] {
+            XCTAssertTrue(metrics.contains(line), "metrics should contain \(line)")
+        }
+        XCTAssertEqual(try agent.admin("/nothing").0, 404)
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
+    func testStandaloneAgentKeepsNoOutbox() throws {
+        let agent = try AgentHarness { $0.endpoint.recordOutbox = false }
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("solo")).status, 201)
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 0)
+    }
+
+    func testReadOnlySubcommands() throws {
+        let agent = try AgentHarness()
+        let id = try XCTUnwrap(try agent.call("POST", "/Users", userBody("cli-user"),
+                                             headers: ["traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]).body?["id"]?.stringValue)
+        XCTAssertEqual(agent.stop(), 0)
+        func run(_ args: [String]) throws -> (Int32, String) {
+            let child = try ChildProcess(productsDirectory + "/scim-edge", args)
+            let status = child.waitForExit() ?? -1
+            usleep(50_000)
+            return (status, child.output.joined(separator: "\n"))
+        }
+        let dataDir = agent.dir.file("data")
+        let status = try run(["status", "--data-dir", dataDir])
+        XCTAssertEqual(status.0, 0)
+        XCTAssertTrue(status.1.contains("1 users, 0 groups"), status.1)
+        XCTAssertTrue(status.1.contains("outbox           1 events"), status.1)
+        let list = try run(["outbox", "list", "--data-dir", dataDir])
+        XCTAssertEqual(list.1, "1\tprov:create:full\t/Users/\(id)\t0af7651916cd43dd8448eb211c80319c")
+        let show = try run(["outbox", "show", "1", "--data-dir", dataDir])
+        XCTAssertTrue(show.1.contains(#""userName":"cli-user""#))
+        let get = try run(["resources", "get", id, "--data-dir", dataDir])
+        XCTAssertTrue(get.1.hasPrefix("{") && get.1.contains(id))
+        let missing = try run(["resources", "get", "nope", "--data-dir", dataDir])
+        XCTAssertNotEqual(missing.0, 0)
     }
 }

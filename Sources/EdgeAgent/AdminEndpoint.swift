@@ -1,0 +1,85 @@
+import EdgeHTTP
+import EdgeStore
+import Glibc
+import SCIM
+
+/// The operations listener (loopback by default): `/healthz`, `/readyz` and
+/// `/metrics` in the Prometheus text format (version 0.0.4).
+/// Threading: loop-confined, like the endpoint it reports on.
+public final class AdminEndpoint {
+    unowned let agent: AgentService
+
+    init(agent: AgentService) { self.agent = agent }
+
+    public func handle(_ request: HTTPRequest, _ responder: Responder) {
+        guard request.method == "GET" || request.method == "HEAD" else {
+            responder.respond(HTTPResponse(status: 405, contentType: "text/plain", body: "GET only\n"))
+            return
+        }
+        switch request.path {
+        case "/healthz":
+            responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ok\n"))
+        case "/readyz":
+            if agent.server.isDraining {
+                responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "draining\n"))
+            } else if agent.endpoint.backpressure {
+                responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "backpressure: the outbox is over its high watermark\n"))
+            } else {
+                responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ready\n"))
+            }
+        case "/metrics":
+            responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                                           body: metricsText()))
+        default:
+            responder.respond(HTTPResponse(status: 404, contentType: "text/plain", body: "try /healthz, /readyz or /metrics\n"))
+        }
+    }
+
+    /// The Prometheus exposition of the agent's state.
+    public func metricsText() -> String {
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, String)]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
+        }
+        let m = agent.endpoint.metrics
+        metric("scim_edge_requests_total", "counter", "SCIM requests by method, resource type and status.",
+               m.requests.sorted { $0.key < $1.key }.map { key, count in
+                   let p = key.split(separator: "|", omittingEmptySubsequences: false)
+                   return ("{method=\"\(p[0])\",resource=\"\(p[1])\",status=\"\(p[2])\"}", String(count))
+               })
+        var buckets: [(String, String)] = []
+        for (k, le) in EndpointMetrics.buckets.enumerated() { buckets.append(("_bucket{le=\"\(le)\"}", String(m.latencyBuckets[k]))) }
+        buckets.append(("_bucket{le=\"+Inf\"}", String(m.latencyCount)))
+        buckets.append(("_sum", String(m.latencySum)))
+        buckets.append(("_count", String(m.latencyCount)))
+        out += "# HELP scim_edge_request_duration_seconds Time from request to response, commit included.\n"
+        out += "# TYPE scim_edge_request_duration_seconds histogram\n"
+        for (suffix, v) in buckets { out += "scim_edge_request_duration_seconds\(suffix) \(v)\n" }
+
+        let usage = (try? agent.store.outboxUsage()) ?? (events: 0, bytes: 0)
+        metric("scim_edge_outbox_events", "gauge", "Relay events not yet acknowledged by the broker.", [("", String(usage.events))])
+        metric("scim_edge_outbox_bytes", "gauge", "Bytes of the outbox in the store.", [("", String(usage.bytes))])
+        var age = 0.0
+        if let oldest = try? agent.store.oldestOutboxEvent() {
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            age = Double(max(0, Int64(ts.tv_sec) - oldest.issuedAt))
+        }
+        metric("scim_edge_outbox_oldest_age_seconds", "gauge", "Age of the oldest unacknowledged event.", [("", String(age))])
+        metric("scim_edge_backpressure", "gauge", "1 while writes are refused because the outbox is full.",
+               [("", agent.endpoint.backpressure ? "1" : "0")])
+        metric("scim_edge_backpressure_rejections_total", "counter", "Writes answered 503 because of backpressure.",
+               [("", String(m.backpressureRejections))])
+        let info = agent.store.environment.info
+        metric("scim_edge_store_map_bytes", "gauge", "Size of the LMDB map.", [("", String(info.mapSize))])
+        metric("scim_edge_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
+        metric("scim_edge_store_map_limit_bytes", "gauge", "The map's configured maximum.",
+               [("", String(agent.store.environment.options.maxMapSize))])
+        let g = agent.writer.statistics
+        metric("scim_edge_commit_batches_total", "counter", "Durable group commits.", [("", String(g.batches))])
+        metric("scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
+        metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(agent.server.statistics.openConnections))])
+        return out
+    }
+}
