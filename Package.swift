@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
-        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM"],
+        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "CYAML"],
                 swiftSettings: strict),
 
         .executableTarget(name: "scim-edge", dependencies: [

@@ -18,6 +18,8 @@ public struct AgentConfiguration: Sendable {
     public var maxStoreBytes = 16 << 30
     /// The operations listener (`/healthz`, `/readyz`, `/metrics`); nil: none.
     public var adminListen: SocketAddress?
+    /// What may leave the boundary; nil: everything propagates.
+    public var policy: LocalPolicy?
 
     public init(dataDirectory: String, listen: SocketAddress) {
         self.dataDirectory = dataDirectory
@@ -44,7 +46,9 @@ public func readTokenFile(_ path: String) throws -> [String] {
     var line: UnsafeMutablePointer<CChar>?
     var cap = 0
     while getline(&line, &cap, f) > 0 {
-        let text = String(cString: line!).trimmingASCIISpaces.trimmingCharacters(in: "\r\n")
+        var bytes = Array(String(cString: line!).utf8)
+        while let last = bytes.last, last == 10 || last == 13 || last == 32 || last == 9 { bytes.removeLast() }
+        let text = String(decoding: bytes, as: UTF8.self).trimmingASCIISpaces
         if !text.isEmpty && !text.hasPrefix("#") { tokens.append(text) }
     }
     free(line)
@@ -52,13 +56,6 @@ public func readTokenFile(_ path: String) throws -> [String] {
     return tokens
 }
 
-extension String {
-    func trimmingCharacters(in set: String) -> String {
-        var s = Substring(self)
-        while let c = s.last, set.contains(c) { s = s.dropLast() }
-        return String(s).trimmingASCIISpaces
-    }
-}
 
 /// A running agent on the calling thread's loop.
 public final class AgentService {
@@ -71,7 +68,10 @@ public final class AgentService {
     private var signals: ServiceSignals?
     private let configuration: AgentConfiguration
     /// Called with one line per notable event (start, drain, reload).
-    public var log: (String) -> Void = { _ in }
+    public var log: (String) -> Void = { _ in } {
+        didSet { startupNotes.forEach(log); startupNotes = [] }
+    }
+    private var startupNotes: [String] = []
 
     public init(loop: EventLoop, configuration: AgentConfiguration) throws {
         self.loop = loop
@@ -81,7 +81,9 @@ public final class AgentService {
         endpointOptions.tokens += configuration.tokens
         guard !endpointOptions.tokens.isEmpty else { throw AgentError.noTokens }
         let maxStore = configuration.maxStoreBytes
-        store = try AgentStore(path: configuration.dataDirectory, registry: .standard) { $0.maxMapSize = maxStore }
+        store = try AgentStore(path: configuration.dataDirectory, registry: .standard, policy: configuration.policy) {
+            $0.maxMapSize = maxStore
+        }
         writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
         let endpoint = SCIMEndpoint(store: store, writer: writer, options: endpointOptions)
         self.endpoint = endpoint
@@ -95,6 +97,13 @@ public final class AgentService {
             adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
                 adminEndpoint.handle(request, responder)
             }
+        }
+        if endpointOptions.recordOutbox {
+            // A changed policy is applied to what is already stored before serving.
+            var ctx = endpoint.makeContext(HTTPRequest(method: "POST", target: "/policy"))
+            ctx.traceID = "policy-" + store.policy.fingerprint.prefix(16)
+            let events = try store.reconcilePolicy(ctx)
+            if events > 0 { startupNotes.append("policy changed: \(events) events for resources whose outbound state changed") }
         }
         endpoint.onBackpressureChange = { [unowned self] on, events, bytes in
             log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"

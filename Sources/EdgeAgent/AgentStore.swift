@@ -11,7 +11,8 @@ import SCIM
 /// | `externalIds` | `<type>/<externalId>` | ids (duplicates sorted) |
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
-/// | `meta` | `seq`, `version`, `schema` | counters and the layout version |
+/// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
+/// | `meta` | `seq`, `version`, `schema`, `acked`, `policy` | counters, layout version, relay position, policy fingerprint |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
 /// of a `GroupCommitWriter` (on its worker thread).
@@ -24,14 +25,20 @@ public final class AgentStore: Sendable {
     let memberships: Database
     public let outbox: Database
     let meta: Database
+    let propagated: Database
+    /// What may leave the boundary (invariant 4), applied before the outbox.
+    public let policy: LocalPolicy
 
     public static let layoutVersion: UInt64 = 1
 
-    public init(path: String, registry: SchemaRegistry, options: (inout EnvironmentOptions) -> Void = { _ in }) throws {
+    public init(path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil,
+                options: (inout EnvironmentOptions) -> Void = { _ in }) throws {
         var o = EnvironmentOptions(path: path)
         options(&o)
         environment = try Environment(o)
         self.registry = registry
+        self.policy = policy ?? .propagateAll(registry)
+        propagated = try environment.openDatabase("propagated")
         resources = try environment.openDatabase("resources")
         userNames = try environment.openDatabase("userNames")
         externalIds = try environment.openDatabase("externalIds", flags: .duplicateSort)

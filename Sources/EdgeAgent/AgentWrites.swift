@@ -1,4 +1,5 @@
 import EdgeStore
+import EdgeTLS
 import SCIM
 
 /// What a write needs that must not change if group commit runs it again
@@ -117,7 +118,7 @@ extension AgentStore {
             "version": .string(ETag.make(version: version)),
         ]
         try txn.put(resources, AgentStore.key(type, id), JSON.object(stored).serialized())
-        try appendEvent(event, type: type, id: id, data: stored, ctx, txn)
+        try emitChange(type, id: id, current: stored, kind: event, ctx, txn)
         return stored
     }
 
@@ -165,7 +166,83 @@ extension AgentStore {
             _ = try store(groups, id: gid, new: group, old: try load(txn, groups, gid), event: EventURI.patchFull, ctx, txn)
         }
         try txn.delete(memberships, Array(id.utf8))
-        try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
+        try emitChange(type, id: id, current: nil, kind: EventURI.delete, ctx, txn)
+    }
+
+    /// Decides the relay event from what leaves now against what left last
+    /// (a hash per resource): entering the boundary is a create, leaving it a
+    /// delete, a change of what leaves is `kind`; a change that stays inside
+    /// (a keep-local attribute, an out-of-scope resource) sends nothing.
+    /// Groups list only members that have left the boundary, so a member
+    /// entering or leaving it changes the groups that hold it too.
+    func emitChange(_ type: ResourceType, id: String, current: JSONObject?, kind: String,
+                    _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        guard ctx.recordEvents else { return }
+        let key = AgentStore.key(type, id)
+        let previous = try txn.get(propagated, key)
+        var outbound = current.flatMap { policy.outbound($0, type: type) }
+        if type.id == "Group", var out = outbound {
+            let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
+            let members = try (out["members"]?.arrayValue ?? []).filter { m in
+                guard let v = m["value"]?.stringValue else { return false }
+                return try txn.get(propagated, AgentStore.key(users, v)) != nil
+                    || txn.get(propagated, AgentStore.key(groups, v)) != nil
+            }
+            out["members"] = members.isEmpty ? nil : .array(members)
+            outbound = out
+        }
+        // What leaves, without `meta` (version and timestamps change on every write).
+        let digest = outbound.map { o -> [UInt8] in
+            var content = o
+            content["meta"] = nil
+            return sha256(JSON.object(content).serialized())
+        }
+        switch (previous, digest) {
+        case (nil, nil):
+            return
+        case (nil, let d?):
+            try txn.put(propagated, key, d)
+            try appendEvent(EventURI.createFull, type: type, id: id, data: outbound, ctx, txn)
+        case (_?, nil):
+            try txn.delete(propagated, key)
+            try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
+        case (let p?, let d?):
+            guard p != d else { return }
+            try txn.put(propagated, key, d)
+            try appendEvent(kind == EventURI.createFull ? EventURI.putFull : kind, type: type, id: id, data: outbound, ctx, txn)
+        }
+        if (previous == nil) != (digest == nil) {
+            let groups = registry.resourceType("Group")!
+            for gid in try groupIDs(txn, of: id) {
+                guard let group = try load(txn, groups, gid) else { continue }
+                try emitChange(groups, id: gid, current: group, kind: EventURI.patchFull, ctx, txn)
+            }
+        }
+    }
+
+    /// Re-evaluates every stored resource against the current policy when the
+    /// policy changed since the last run: events for whatever now leaves,
+    /// stops leaving or leaves differently. Returns the events appended.
+    @discardableResult
+    public func reconcilePolicy(_ ctx: WriteContext) throws -> Int {
+        let meta = self.meta, outbox = self.outbox, fingerprint = Array(policy.fingerprint.utf8)
+        return try environment.write { txn in
+            guard try txn.get(meta, Array("policy".utf8)) != fingerprint else { return 0 }
+            let before = try txn.count(outbox)
+            // Users first, so that groups see their members' new state.
+            for type in registry.resourceTypes.sorted(by: { ($0.id == "User" ? 0 : 1) < ($1.id == "User" ? 0 : 1) }) {
+                var ids: [String] = []
+                try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { k, _ in
+                    ids.append(String(String(decoding: k, as: UTF8.self).dropFirst(type.id.count + 1)))
+                    return true
+                }
+                for id in ids {
+                    try emitChange(type, id: id, current: try load(txn, type, id), kind: EventURI.putFull, ctx, txn)
+                }
+            }
+            try txn.put(meta, Array("policy".utf8), fingerprint)
+            return try txn.count(outbox) - before
+        }
     }
 
     /// The relay event (ARCHITECTURE.md, relay protocol v1): full state, so

@@ -411,3 +411,26 @@ public func secureRandomBytes(_ count: Int) -> [UInt8] {
     precondition(ok == 1, "RAND_bytes failed: the OpenSSL random generator is not seeded")
     return out
 }
+
+/// SHA-256 of `bytes` (OpenSSL `EVP_Digest`).
+public func sha256(_ bytes: [UInt8]) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: 32)
+    var len: UInt32 = 0
+    bytes.withUnsafeBytes { b in _ = EVP_Digest(b.baseAddress, b.count, &out, &len, EVP_sha256(), nil) }
+    return out
+}
+
+/// HMAC-SHA256 of `message` under `key` (OpenSSL `HMAC`): stable pseudonyms.
+public func hmacSHA256(key: [UInt8], message: [UInt8]) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: 32)
+    var len: UInt32 = 0
+    key.withUnsafeBytes { k in
+        message.withUnsafeBytes { m in
+            _ = HMAC(EVP_sha256(), k.baseAddress, Int32(k.count), m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count, &out, &len)
+        }
+    }
+    return out
+}
+
+/// Lowercase hex of `bytes`.
+public func hexString(_ bytes: [UInt8]) -> String { hex(bytes) }

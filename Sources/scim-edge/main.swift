@@ -12,18 +12,22 @@ struct ScimEdge: ParsableCommand {
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self, Status.self, Outbox.self, Resources.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, Resources.self, Policy.self])
 }
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the agent: a SCIM 2.0 service provider at http://HOST:PORT/scim/v2.")
+        abstract: "Run the agent: a SCIM 2.0 service provider at http://HOST:PORT/scim/v2.",
+        discussion: "Settings come from --config (YAML, see packaging/agent.example.yaml); flags given here override it.")
+
+    @Option(help: "YAML configuration file.")
+    var config: String?
 
     @Option(help: "Directory of the agent's LMDB file (created if missing).")
-    var dataDir: String
+    var dataDir: String?
 
-    @Option(help: "Address of the SCIM listener, HOST:PORT (port 0 picks a free port).")
-    var listen = "127.0.0.1:8080"
+    @Option(help: "Address of the SCIM listener, HOST:PORT (port 0 picks a free port). Default 127.0.0.1:8080.")
+    var listen: String?
 
     @Option(help: "A bearer token accepted by the SCIM endpoint (repeatable).")
     var token: [String] = []
@@ -37,41 +41,55 @@ struct Serve: ParsableCommand {
     @Option(help: "... and this private key (PEM).")
     var tlsKey: String?
 
-    @Option(help: "Largest request body in bytes.")
-    var maxBodyBytes = 1 << 20
+    @Option(help: "Largest request body in bytes (default 1 MiB).")
+    var maxBodyBytes: Int?
 
-    @Option(help: "YAML configuration file (not read by this version yet).")
-    var config: String?
-
-    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT; 'none' to disable).")
-    var adminListen = "127.0.0.1:9180"
+    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none'). Default 127.0.0.1:9180.")
+    var adminListen: String?
 
     @Flag(help: "Record relay events in the outbox even without a broker (inspection, tests).")
     var keepOutbox = false
 
     @Option(help: "Backpressure: writes get 503 from this many unrelayed events (resume at 80%).")
-    var outboxMaxEvents = 1_000_000
+    var outboxMaxEvents: Int?
 
     @Option(help: "Backpressure: writes get 503 from this many outbox bytes (resume at 80%).")
-    var outboxMaxBytes = 1 << 30
+    var outboxMaxBytes: Int?
 
     func run() throws {
+        var configuration: AgentConfiguration
         if let config {
-            throw ValidationError("--config \(config): YAML configuration is not supported by this version yet; use the flags")
+            configuration = try AgentConfiguration.load(file: config)
+        } else {
+            guard let dataDir else { throw ValidationError("give --config FILE or --data-dir DIR") }
+            configuration = AgentConfiguration(dataDirectory: dataDir, listen: SocketAddress(host: "127.0.0.1", port: 8080))
+            configuration.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+            configuration.endpoint.recordOutbox = false
         }
-        guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
-        var configuration = AgentConfiguration(dataDirectory: dataDir, listen: address)
-        configuration.tokens = token
-        configuration.tokenFile = tokenFile
-        configuration.limits.maxBodyBytes = maxBodyBytes
-        configuration.endpoint.recordOutbox = keepOutbox
-        configuration.endpoint.outboxHighEvents = outboxMaxEvents
-        configuration.endpoint.outboxLowEvents = outboxMaxEvents * 4 / 5
-        configuration.endpoint.outboxHighBytes = outboxMaxBytes
-        configuration.endpoint.outboxLowBytes = outboxMaxBytes / 5 * 4
-        if adminListen != "none" {
-            guard let admin = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
-            configuration.adminListen = admin
+        if let dataDir { configuration.dataDirectory = dataDir }
+        if let listen {
+            guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
+            configuration.listen = address
+        }
+        configuration.tokens += token
+        if let tokenFile { configuration.tokenFile = tokenFile }
+        if let maxBodyBytes { configuration.limits.maxBodyBytes = maxBodyBytes }
+        if keepOutbox { configuration.endpoint.recordOutbox = true }
+        if let v = outboxMaxEvents {
+            configuration.endpoint.outboxHighEvents = v
+            configuration.endpoint.outboxLowEvents = v * 4 / 5
+        }
+        if let v = outboxMaxBytes {
+            configuration.endpoint.outboxHighBytes = v
+            configuration.endpoint.outboxLowBytes = v / 5 * 4
+        }
+        if let adminListen {
+            if adminListen == "none" {
+                configuration.adminListen = nil
+            } else {
+                guard let admin = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
+                configuration.adminListen = admin
+            }
         }
         switch (tlsCert, tlsKey) {
         case let (cert?, key?):
@@ -94,6 +112,41 @@ struct Serve: ParsableCommand {
         loop.run()
         let left = loop.close()
         if left != 0 { emit("warning: \(left) handles were still open at exit") }
+    }
+}
+
+struct CheckConfig: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-config", abstract: "Validate a configuration file (exit 0 when it is usable).")
+    @Argument(help: "The YAML file.") var file = "/etc/scim-edge/agent.yaml"
+
+    func run() throws {
+        let config = try AgentConfiguration.load(file: file)
+        if let tokens = config.tokenFile { _ = try readTokenFile(tokens) }
+        emit("\(file): ok (data in \(config.dataDirectory), SCIM on \(config.listen))")
+    }
+}
+
+struct Policy: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Local-control policy tools.", subcommands: [Explain.self])
+
+    struct Explain: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show what of one stored resource would leave the boundary under the configured policy.")
+        @Option(help: "The agent's YAML configuration (for its policy and data directory).") var config: String
+        @Argument(help: "The resource id.") var id: String
+
+        func run() throws {
+            let c = try AgentConfiguration.load(file: config)
+            let store = try AgentStore(path: c.dataDirectory, registry: .standard, policy: c.policy)
+            for type in store.registry.resourceTypes {
+                if let r = try store.get(type, id) {
+                    store.policy.explain(r, type: type).forEach(emit)
+                    return
+                }
+            }
+            throw ValidationError("no User or Group with id \(id)")
+        }
     }
 }
 

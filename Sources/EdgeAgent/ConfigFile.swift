@@ -1,0 +1,150 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeTLS
+import Glibc
+import SCIM
+
+/// Reads a whole file (configuration, keys, tokens).
+public func readFileBytes(_ path: String) throws(ConfigError) -> [UInt8] {
+    guard let f = fopen(path, "rb") else {
+        throw ConfigError("cannot read \(path): \(String(cString: strerror(errno)))", at: nil)
+    }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n > 0 { out.append(contentsOf: buf[0..<n]) }
+        if n < buf.count { break }
+    }
+    return out
+}
+
+extension AgentConfiguration {
+    /// Reads a YAML configuration file strictly: unknown keys, wrong types
+    /// and invalid values are errors with their line and column.
+    /// The keys are documented in `packaging/agent.example.yaml`.
+    public static func load(file path: String) throws(ConfigError) -> AgentConfiguration {
+        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
+        do throws(ConfigError) {
+            return try decode(try YAMLNode.parse(text))
+        } catch {
+            var e = error
+            e.file = path
+            throw e
+        }
+    }
+
+    public static func decode(_ root: YAMLNode) throws(ConfigError) -> AgentConfiguration {
+        var top = try YAMLMapping(root, path: "")
+        guard let dataDir = try top.string("dataDir") else { throw ConfigError("'dataDir' is required", at: root.mark) }
+        let listenText = try top.string("listen") ?? "127.0.0.1:8080"
+        guard let listen = SocketAddress(listenText) else {
+            throw ConfigError("'listen' must be HOST:PORT, got '\(listenText)'", at: top.node("listen")?.mark)
+        }
+        var config = AgentConfiguration(dataDirectory: dataDir, listen: listen)
+        config.tokenFile = try top.string("tokenFile")
+        if var tls = try top.mapping("tls") {
+            guard let cert = try tls.string("cert"), let key = try tls.string("key") else {
+                throw ConfigError("'tls' needs 'cert' and 'key'", at: tls.mark)
+            }
+            config.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false)
+            try tls.finish()
+        }
+        if var admin = try top.mapping("admin") {
+            if let l = try admin.string("listen"), l != "none" {
+                guard let a = SocketAddress(l) else { throw ConfigError("'admin.listen' must be HOST:PORT or none", at: admin.node("listen")?.mark) }
+                config.adminListen = a
+            }
+            try admin.finish()
+        } else {
+            config.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+        }
+        if var limits = try top.mapping("limits") {
+            if let v = try limits.int("maxBodyBytes") { config.limits.maxBodyBytes = v }
+            if let v = try limits.int("maxConnections") { config.limits.maxConnections = v }
+            if let v = try limits.int("requestTimeoutMs") { config.limits.requestTimeoutMilliseconds = UInt64(max(1, v)) }
+            if let v = try limits.int("idleTimeoutMs") { config.limits.idleTimeoutMilliseconds = UInt64(max(1, v)) }
+            try limits.finish()
+        }
+        if var store = try top.mapping("store") {
+            if let v = try store.int("maxBytes") { config.maxStoreBytes = v }
+            try store.finish()
+        }
+        if var outbox = try top.mapping("outbox") {
+            if let v = try outbox.bool("keep") { config.endpoint.recordOutbox = v }
+            if let v = try outbox.int("maxEvents") {
+                config.endpoint.outboxHighEvents = v
+                config.endpoint.outboxLowEvents = v * 4 / 5
+            }
+            if let v = try outbox.int("maxBytes") {
+                config.endpoint.outboxHighBytes = v
+                config.endpoint.outboxLowBytes = v / 5 * 4
+            }
+            try outbox.finish()
+        } else {
+            config.endpoint.recordOutbox = false  // standalone: no broker to drain it
+        }
+        if var scim = try top.mapping("scim") {
+            if let p = try scim.string("profile") {
+                switch p {
+                case "lenient": config.endpoint.profile = .lenient
+                case "strict": config.endpoint.profile = .strict
+                default: throw ConfigError("'scim.profile' must be lenient or strict", at: scim.node("profile")?.mark)
+                }
+            }
+            if let v = try scim.int("maxResults") { config.endpoint.maxResults = max(1, v) }
+            if let v = try scim.int("scanBudget") { config.endpoint.scanBudget = max(1, v) }
+            try scim.finish()
+        }
+        if var policy = try top.mapping("policy") {
+            config.policy = try decodePolicy(&policy)
+            try policy.finish()
+        }
+        try top.finish()
+        return config
+    }
+
+    static func decodePolicy(_ m: inout YAMLMapping) throws(ConfigError) -> LocalPolicy {
+        var types: [String: Bool] = [:]
+        if var t = try m.mapping("resourceTypes") {
+            for (name, mark, value) in t.entries() {
+                guard case .scalar(let s, _, _) = value, s == "propagate" || s == "keep-local" else {
+                    throw ConfigError("'policy.resourceTypes.\(name)' must be propagate or keep-local", at: mark)
+                }
+                types[name] = s == "propagate"
+            }
+            try t.finish()
+        }
+        var rules: [(String, AttributeRule)] = []
+        if var a = try m.mapping("attributes") {
+            for (path, mark, value) in a.entries() {
+                guard case .scalar(let s, _, _) = value, let rule = AttributeRule(rawValue: s) else {
+                    throw ConfigError("'policy.attributes.\(path)' must be propagate, keep-local or pseudonymize", at: mark)
+                }
+                rules.append((path, rule))
+            }
+            try a.finish()
+        }
+        var scopes: [String: String] = [:]
+        if var s = try m.mapping("scope") {
+            for (name, mark, value) in s.entries() {
+                guard case .scalar(let text, _, _) = value else { throw ConfigError("'policy.scope.\(name)' must be a SCIM filter", at: mark) }
+                scopes[name] = text
+            }
+            try s.finish()
+        }
+        var key: [UInt8]?
+        if let keyFile = try m.string("pseudonymKeyFile") {
+            key = try readFileBytes(keyFile)
+            guard key!.count >= 32 else {
+                throw ConfigError("pseudonym key file \(keyFile) must hold at least 32 bytes", at: m.node("pseudonymKeyFile")?.mark)
+            }
+        }
+        do throws(ConfigError) {
+            return try LocalPolicy(registry: .standard, resourceTypes: types, attributes: rules, scopes: scopes, pseudonymKey: key)
+        } catch {
+            throw ConfigError(error.message, at: m.mark)
+        }
+    }
+}

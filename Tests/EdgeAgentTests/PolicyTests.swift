@@ -1,0 +1,185 @@
+import EdgeAgent
+import EdgeLoop
+import EdgeTLS
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+let pseudonymKey = Array("0123456789abcdef0123456789abcdef".utf8)
+
+/// Invariant 4: data marked local never leaves its boundary.
+final class PolicyTests: XCTestCase {
+    func policy(_ attributes: [(String, AttributeRule)] = [], types: [String: Bool] = [:],
+                scopes: [String: String] = [:]) throws -> LocalPolicy {
+        try LocalPolicy(registry: .standard, resourceTypes: types, attributes: attributes, scopes: scopes, pseudonymKey: pseudonymKey)
+    }
+
+    func events(_ agent: AgentHarness) throws -> [(kind: String, ref: String, data: JSON?)] {
+        try agent.openStore().outboxEntries(after: 0, limit: 10_000).map { _, e in
+            let (uri, body) = e["events"]!.objectValue!.members.first!
+            return (String(uri.dropFirst("urn:ietf:params:SCIM:event:".count)), body["ref"]!.stringValue!, body["data"])
+        }
+    }
+
+    func testKeepLocalNeverLeavesAndPseudonymsAreStable() throws {
+        let p = try policy([("phoneNumbers", .keepLocal), ("addresses", .keepLocal),
+                            ("\(enterprise):employeeNumber", .pseudonymize), ("emails.type", .keepLocal)])
+        let agent = try AgentHarness { $0.policy = p }
+        let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"sec","phoneNumbers":[{"value":"+41 555 0100","type":"work"}],"addresses":[{"locality":"Zug"}],"emails":[{"value":"sec@x.ch","type":"work"}],"\#(enterprise)":{"employeeNumber":"E-7","department":"Ops"}}"#
+        let id = try XCTUnwrap(try agent.call("POST", "/Users", body).body?["id"]?.stringValue)
+        // A change that stays inside the boundary sends nothing.
+        XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"phoneNumbers","value":[{"value":"+41 555 0199"}]}]}"#).status, 200)
+        XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Head"}]}"#).status, 200)
+        XCTAssertEqual(agent.stop(), 0)
+
+        let e = try events(agent)
+        XCTAssertEqual(e.map(\.kind), ["prov:create:full", "prov:patch:full"], "the phone change sent nothing")
+        let data = try XCTUnwrap(e[0].data)
+        XCTAssertNil(data["phoneNumbers"])
+        XCTAssertNil(data["addresses"])
+        XCTAssertEqual(data["emails"], [["value": "sec@x.ch"]], "a kept-local sub-attribute is removed")
+        let expected = hexString(hmacSHA256(key: pseudonymKey, message: Array("E-7".utf8)))
+        XCTAssertEqual(data[enterprise]?["employeeNumber"]?.stringValue, expected)
+        XCTAssertEqual(data[enterprise]?["department"], "Ops", "other attributes propagate")
+        // Nothing local anywhere in the outbox, byte for byte.
+        let outbox = try agent.openStore().outboxEntries(after: 0, limit: 100).map { $0.1.text }.joined()
+        for secret in ["555 0100", "555 0199", "Zug", "E-7", "\"work\""] {
+            XCTAssertFalse(outbox.contains(secret), "'\(secret)' reached the outbox")
+        }
+
+        // Stable across restarts: the same key gives the same pseudonym.
+        let again = try AgentHarness { $0.policy = p }
+        _ = try again.call("POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"other","\#(enterprise)":{"employeeNumber":"E-7"}}"#)
+        XCTAssertEqual(again.stop(), 0)
+        XCTAssertEqual(try events(again).first?.data?[enterprise]?["employeeNumber"]?.stringValue, expected)
+    }
+
+    func testScopeTransitionsAndGroupMembers() throws {
+        let p = try policy(scopes: ["User": #"userType eq "Contractor""#])
+        let agent = try AgentHarness { $0.policy = p }
+        func patchType(_ id: String, _ t: String) throws {
+            XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"userType","value":"\#(t)"}]}"#).status, 200)
+        }
+        let emp = try XCTUnwrap(try agent.call("POST", "/Users", userBody("emp", extra: #","userType":"Employee""#)).body?["id"]?.stringValue)
+        let con = try XCTUnwrap(try agent.call("POST", "/Users", userBody("con", extra: #","userType":"Contractor""#)).body?["id"]?.stringValue)
+        let gid = try XCTUnwrap(try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Mixed","members":[{"value":"\#(emp)"},{"value":"\#(con)"}]}"#).body?["id"]?.stringValue)
+        try patchType(emp, "Contractor")   // enters the scope
+        try patchType(con, "Employee")     // leaves it
+        XCTAssertEqual(try agent.call("DELETE", "/Users/\(con)").status, 204)  // already outside: nothing
+        XCTAssertEqual(agent.stop(), 0)
+
+        let e = try events(agent)
+        XCTAssertEqual(e.map { "\($0.kind) \($0.ref)" }, [
+            "prov:create:full /Users/\(con)",
+            "prov:create:full /Groups/\(gid)",
+            "prov:create:full /Users/\(emp)",
+            "prov:patch:full /Groups/\(gid)",
+            "prov:delete /Users/\(con)",
+            "prov:patch:full /Groups/\(gid)",
+        ])
+        func members(_ k: Int) -> [String] { e[k].data?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [] }
+        XCTAssertEqual(members(1), [con], "the employee never left, so the group lists only the contractor")
+        XCTAssertEqual(Set(members(3)), [emp, con], "entering the scope adds the member to the group's event")
+        XCTAssertEqual(members(5), [emp], "leaving the scope removes it")
+    }
+
+    func testTypeKeptLocalAndChangedPolicyReconciledAtStart() throws {
+        let agent = try AgentHarness()  // everything propagates
+        _ = try agent.call("POST", "/Users", userBody("r1", extra: #","phoneNumbers":[{"value":"555"}]"#))
+        _ = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G"}"#)
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try events(agent).count, 2)
+
+        // Same data, stricter policy: phones stay, groups stay inside.
+        let p = try policy([("phoneNumbers", .keepLocal)], types: ["Group": false])
+        let path = agent.dir.file("data"), token = agent.token
+        let thread = try LoopThread.start { loop in
+            var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
+            config.tokens = [token]
+            config.policy = p
+            let service = try AgentService(loop: loop, configuration: config)
+            service.shutdown()
+        }
+        XCTAssertEqual(thread.join(), 0)
+        let e = try events(agent)
+        XCTAssertEqual(e.suffix(2).map(\.kind), ["prov:put:full", "prov:delete"], "the user is re-sent without phones, the group withdrawn")
+        XCTAssertNil(e[e.count - 2].data?["phoneNumbers"])
+        // A second start with the same policy changes nothing.
+        let count = e.count
+        let second = try LoopThread.start { loop in
+            var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
+            config.tokens = [token]
+            config.policy = p
+            try AgentService(loop: loop, configuration: config).shutdown()
+        }
+        XCTAssertEqual(second.join(), 0)
+        XCTAssertEqual(try events(agent).count, count)
+    }
+
+    func testPolicyErrors() {
+        XCTAssertThrowsError(try policy([("userName", .keepLocal)])) { XCTAssertTrue("\($0)".contains("pseudonymize it instead")) }
+        XCTAssertThrowsError(try policy([("id", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("always leaves")) }
+        XCTAssertThrowsError(try policy([("shoeSize", .keepLocal)])) { XCTAssertTrue("\($0)".contains("not an attribute")) }
+        XCTAssertThrowsError(try policy([("active", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("not a string")) }
+        XCTAssertThrowsError(try policy(scopes: ["User": "userType eq"])) { XCTAssertTrue("\($0)".contains("scope of User")) }
+        XCTAssertThrowsError(try LocalPolicy(registry: .standard, attributes: [("userName", .pseudonymize)])) {
+            XCTAssertTrue("\($0)".contains("needs a pseudonym key"))
+        }
+        XCTAssertNoThrow(try policy([("userName", .pseudonymize), ("name.givenName", .keepLocal)]))
+    }
+}
+
+final class ConfigTests: XCTestCase {
+    func decode(_ yaml: String) throws -> AgentConfiguration { try AgentConfiguration.decode(try YAMLNode.parse(yaml)) }
+
+    func fails(_ yaml: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
+               file: StaticString = #filePath, lineNo: UInt = #line) {
+        XCTAssertThrowsError(try decode(yaml), file: file, line: lineNo) { error in
+            let e = error as! ConfigError
+            XCTAssertTrue(e.message.contains(fragment), "'\(e.message)' should contain '\(fragment)'", file: file, line: lineNo)
+            if let line { XCTAssertEqual(e.mark?.line, line, file: file, line: lineNo) }
+            if let column { XCTAssertEqual(e.mark?.column, column, file: file, line: lineNo) }
+        }
+    }
+
+    /// The example shipped in packaging/ is valid (with its paths pointed at a temp dir).
+    func testShippedExampleConfigIsValid() throws {
+        let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("packaging/agent.example.yaml")
+        let dir = TempDirectory("edge-config")
+        defer { dir.remove() }
+        _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
+        _ = dir.write("tokens", "# comment\nabc\n\ndef\n")
+        let text = try String(contentsOf: source, encoding: .utf8).replacingOccurrences(of: "/etc/scim-edge", with: dir.path)
+        let path = dir.write("agent.yaml", text)
+        let config = try AgentConfiguration.load(file: path)
+        XCTAssertEqual(config.dataDirectory, "/var/lib/scim-edge")
+        XCTAssertEqual(config.listen.port, 8080)
+        XCTAssertEqual(config.adminListen?.port, 9180)
+        XCTAssertEqual(config.endpoint.outboxHighEvents, 1_000_000)
+        XCTAssertTrue(config.endpoint.recordOutbox)
+        XCTAssertNotNil(config.policy)
+        XCTAssertEqual(try readTokenFile(config.tokenFile!), ["abc", "def"])
+        // And the CLI agrees.
+        let child = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
+        XCTAssertEqual(child.waitForExit(), 0)
+    }
+
+    func testStrictErrorsWithLineAndColumn() {
+        fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "unknown key 'lsten'", line: 3, column: 1)
+        fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "'limits.maxBodyBytes' must be an integer", line: 3, column: 17)
+        fails("dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "unknown key 'limits.maxBodyByte'", line: 3, column: 3)
+        fails("dataDir: /d\ndataDir: /e\n", "appears twice", line: 2)
+        fails("listen: 127.0.0.1:1\n", "'dataDir' is required")
+        fails("dataDir: /d\nlisten: nowhere\n", "'listen' must be HOST:PORT")
+        fails("dataDir: /d\noutbox:\n  keep: maybe\n", "must be true or false")
+        fails("dataDir: /d\nscim:\n  profile: loose\n", "lenient or strict")
+        fails("dataDir: /d\npolicy:\n  attributes:\n    phoneNumbers: hide\n", "keep-local or pseudonymize", line: 4)
+        fails("dataDir: /d\npolicy:\n  attributes:\n    userName: keep-local\n", "pseudonymize it instead")
+        fails("dataDir: &a /d\nlisten: *a\n", "aliases are not supported")
+        fails("dataDir: [unclosed\n", "YAML:")
+        XCTAssertEqual(try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000\n").endpoint.outboxLowEvents, 800)
+    }
+}
