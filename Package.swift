@@ -18,6 +18,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // System libraries from Debian: module map + shim header each, no copied source.
@@ -33,11 +34,13 @@ let package = Package(
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
-        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "CYAML"],
+        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "CYAML",
+                                                  .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
 
         .executableTarget(name: "scim-edge", dependencies: [
             "EdgeAgent", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).

@@ -3,6 +3,7 @@ import EdgeLoop
 import EdgeStore
 import EdgeTLS
 import Glibc
+import Logging
 import SCIM
 
 /// Settings of the SCIM endpoint.
@@ -52,20 +53,29 @@ final class Reply {
     let responder: Responder
     let started: UInt64
     let method: String
+    let path: Substring
     let resource: String
+    /// From the request's `traceparent`, or new: on the log line and the relay event.
+    let traceID: String
     unowned let endpoint: SCIMEndpoint
 
-    init(_ responder: Responder, method: String, resource: String, endpoint: SCIMEndpoint) {
+    init(_ responder: Responder, request: HTTPRequest, resource: String, endpoint: SCIMEndpoint) {
         self.responder = responder
         self.started = monotonicNanoseconds()
-        self.method = method
+        self.method = request.method
+        self.path = request.path
         self.resource = resource
+        self.traceID = EdgeAgent.traceID(request.headers["traceparent"]) ?? randomHex(16)
         self.endpoint = endpoint
     }
 
     func respond(_ response: HTTPResponse) {
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
         endpoint.metrics.record(method: method, resource: resource, status: response.status, seconds: seconds)
+        endpoint.logger.info("request", metadata: [
+            "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
+            "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
+        ])
         responder.respond(response)
     }
 }
@@ -88,6 +98,8 @@ public final class SCIMEndpoint {
     let features: ServiceProviderFeatures
     public private(set) var requestCount = 0
     public internal(set) var metrics = EndpointMetrics()
+    /// Request log: one line per request (see `JSONLogHandler`).
+    public var logger = Logger(label: "scim-edge.scim")
     /// True while writes are refused because the outbox is over its watermark.
     public private(set) var backpressure = false
     /// Called when backpressure starts or ends.
@@ -128,7 +140,7 @@ public final class SCIMEndpoint {
     public func handle(_ request: HTTPRequest, _ httpResponder: Responder) {
         requestCount += 1
         let path = request.path
-        let responder = Reply(httpResponder, method: request.method, resource: resourceLabel(path), endpoint: self)
+        let responder = Reply(httpResponder, request: request, resource: resourceLabel(path), endpoint: self)
         guard path.hasPrefix(options.basePath) else {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
             return
@@ -375,7 +387,7 @@ public final class SCIMEndpoint {
     /// Commits `write` through group commit; answers after the durable commit.
     func submit(_ write: AgentWrite, _ request: HTTPRequest, _ type: ResourceType, _ base: String, status: Int,
                 _ responder: Reply, projection: Projection? = nil) {
-        let ctx = makeContext(request)
+        let ctx = makeContext(request, trace: responder.traceID)
         perform(write, ctx) { [self] result in
             switch result {
             case .failure(let error):
@@ -416,10 +428,10 @@ public final class SCIMEndpoint {
         }
     }
 
-    func makeContext(_ request: HTTPRequest) -> WriteContext {
+    func makeContext(_ request: HTTPRequest, trace given: String? = nil) -> WriteContext {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        let trace = traceID(request.headers["traceparent"]) ?? randomHex(16)
+        let trace = given ?? traceID(request.headers["traceparent"]) ?? randomHex(16)
         var ctx = WriteContext(newID: uuid(), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
                                epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
                                ifMatch: request.headers["If-Match"])
@@ -446,7 +458,7 @@ public final class SCIMEndpoint {
             }
             do {
                 let (write, type) = try bulkWrite(op, ids)
-                var ctx = makeContext(request)
+                var ctx = makeContext(request, trace: responder.traceID)
                 ctx.ifMatch = op.version
                 perform(write, ctx) { result in
                     switch result {

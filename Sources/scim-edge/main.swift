@@ -3,6 +3,7 @@ import EdgeAgent
 import EdgeLoop
 import EdgeTLS
 import Glibc
+import Logging
 import SCIM
 
 let version = "0.1.0"
@@ -97,11 +98,13 @@ struct Serve: ParsableCommand {
         case (nil, nil): break
         default: throw ValidationError("--tls-cert and --tls-key go together")
         }
+        LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
+        let lifecycle = Logger(label: "scim-edge")
         let loop = try EventLoop()
         let agent: AgentService
         do {
             agent = try AgentService(loop: loop, configuration: configuration)
-            agent.log = { line in emit(line) }
+            agent.log = { line in lifecycle.info("\(line)") }
             try agent.installSignals()
         } catch {
             _ = loop.close()

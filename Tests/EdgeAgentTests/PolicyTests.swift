@@ -1,4 +1,5 @@
 import EdgeAgent
+import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
 import EdgeTestSupport
@@ -181,5 +182,92 @@ final class ConfigTests: XCTestCase {
         fails("dataDir: &a /d\nlisten: *a\n", "aliases are not supported")
         fails("dataDir: [unclosed\n", "YAML:")
         XCTAssertEqual(try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000\n").endpoint.outboxLowEvents, 800)
+    }
+}
+
+final class AgentProcessTests: XCTestCase {
+    func start(_ args: [String]) throws -> (ChildProcess, Int) {
+        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"] + args)
+        let line = try XCTUnwrap(child.waitForLine("scim-edge"), "agent did not start: \(child.output)")
+        return (child, Int(line.split(separator: " ")[4].split(separator: ":")[1])!)
+    }
+
+    func status(_ port: Int, token: String) throws -> Int {
+        let c = try RawClient(port: port)
+        c.send("GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\n\r\n")
+        return c.readResponses(1).first?.status ?? 0
+    }
+
+    func testTokensAreReloadedOnSIGHUP() throws {
+        let dir = TempDirectory("edge-hup")
+        defer { dir.remove() }
+        let tokens = dir.write("tokens", "first-token\n")
+        let (child, port) = try start(["--data-dir", dir.file("data"), "--token-file", tokens])
+        XCTAssertEqual(try status(port, token: "first-token"), 200)
+        XCTAssertEqual(try status(port, token: "second-token"), 401)
+        _ = dir.write("tokens", "# rotated\nsecond-token\n")
+        child.signal(SIGHUP)
+        XCTAssertNotNil(child.waitForLine("reloaded 1 tokens"))
+        XCTAssertEqual(try status(port, token: "second-token"), 200)
+        XCTAssertEqual(try status(port, token: "first-token"), 401, "the old token is gone")
+        _ = dir.write("tokens", "")
+        child.signal(SIGHUP)
+        XCTAssertNotNil(child.waitForLine("reload failed"))
+        XCTAssertEqual(try status(port, token: "second-token"), 200, "a broken file keeps the old tokens")
+        child.signal(SIGTERM)
+        XCTAssertEqual(child.waitForExit(), 0)
+    }
+
+    func testSCIMOverTLSAndClearErrorsAtStart() throws {
+        let dir = TempDirectory("edge-tls-agent")
+        defer { dir.remove() }
+        let pki = try TestPKI(in: dir)
+        let (child, port) = try start(["--data-dir", dir.file("data"), "--token", "t", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey])
+        let (line, left) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable (String) -> Void) in
+            let ctx = try TLSContext(role: .client, configuration: pki.clientConfig(noCert: true))
+            let client = HTTPClient(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: ctx, serverName: "localhost")
+            client.send(HTTPRequest(method: "GET", target: "/scim/v2/ServiceProviderConfig", headers: ["Authorization": "Bearer t"])) { r in
+                client.close()
+                finish((try? r.get()).map { "\($0.status) \($0.headers["Content-Type"] ?? "")" } ?? "error \(r)")
+            }
+        }
+        XCTAssertEqual(left, 0)
+        XCTAssertEqual(line, "200 application/scim+json")
+        child.signal(SIGTERM)
+        XCTAssertEqual(child.waitForExit(), 0)
+
+        // Start-up problems are reported and exit non-zero, without a crash.
+        let bad = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("d2"), "--listen", "127.0.0.1:0"])
+        XCTAssertNotEqual(bad.waitForExit(), 0)
+        let noTLS = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("d3"), "--token", "t", "--listen", "127.0.0.1:0",
+                                                                       "--admin-listen", "none", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"])
+        XCTAssertEqual(noTLS.waitForExit(), 1)
+    }
+
+    func testRequestLogIsJSONWithTraceIDsAndNoAttributeValues() throws {
+        let dir = TempDirectory("edge-log")
+        defer { dir.remove() }
+        let (child, port) = try start(["--data-dir", dir.file("data"), "--token", "t"])
+        let c = try RawClient(port: port)
+        let body = userBody("secret.person@example.com", extra: #","phoneNumbers":[{"value":"+1 555 0123"}]"#)
+        c.send("POST /scim/v2/Users?attributes=userName HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+        XCTAssertEqual(c.readResponses(1).first?.status, 201)
+        let filter = try RawClient(port: port)
+        filter.send("GET /scim/v2/Users?filter=userName%20eq%20%22secret.person%40example.com%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n")
+        XCTAssertEqual(filter.readResponses(1).first?.status, 200)
+        let line = try XCTUnwrap(child.waitForLine("request"))
+        let entry = try JSONParser.parse(line)
+        XCTAssertEqual(entry["trace"], "4bf92f3577b34da6a3ce929d0e0e4736")
+        XCTAssertEqual(entry["method"], "POST")
+        XCTAssertEqual(entry["path"], "/scim/v2/Users", "no query string in the log")
+        XCTAssertEqual(entry["status"], 201)
+        XCTAssertNotNil(entry["ms"])
+        XCTAssertNotNil(entry["ts"])
+        XCTAssertTrue(eventually { child.output.filter { $0.contains("\"msg\":\"request\"") }.count == 2 })
+        let all = child.output.joined(separator: "\n")
+        XCTAssertFalse(all.contains("secret.person"), "attribute values never reach the log")
+        XCTAssertFalse(all.contains("555 0123"))
+        child.signal(SIGTERM)
+        XCTAssertEqual(child.waitForExit(), 0)
     }
 }

@@ -275,11 +275,12 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
 
     public var output: [String] { lines.current }
 
-    /// Waits for a line starting with `prefix`; returns it.
+    /// Waits for a line starting with `prefix`, or a JSON log line whose
+    /// message starts with it; returns the line.
     public func waitForLine(_ prefix: String, seconds: Double = 10) -> String? {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
-            if let l = lines.current.first(where: { $0.hasPrefix(prefix) }) { return l }
+            if let l = lines.current.first(where: { $0.hasPrefix(prefix) || $0.contains("\"msg\":\"\(prefix)") }) { return l }
             usleep(5_000)
         }
         return nil
