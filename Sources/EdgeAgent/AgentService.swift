@@ -48,7 +48,7 @@ public func readTokenFile(_ path: String) throws -> [String] {
     while getline(&line, &cap, f) > 0 {
         var bytes = Array(String(cString: line!).utf8)
         while let last = bytes.last, last == 10 || last == 13 || last == 32 || last == 9 { bytes.removeLast() }
-        let text = String(decoding: bytes, as: UTF8.self).trimmingASCIISpaces
+        let text = String(decoding: bytes, as: UTF8.self).trimmingSpaces
         if !text.isEmpty && !text.hasPrefix("#") { tokens.append(text) }
     }
     free(line)

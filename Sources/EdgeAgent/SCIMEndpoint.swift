@@ -211,21 +211,11 @@ public final class SCIMEndpoint {
             if case .object(var o) = config { o["meta"] = ["resourceType": "ServiceProviderConfig", "location": .string("\(base)/ServiceProviderConfig")]; config = .object(o) }
             responder.respond(Self.respond(200, config))
         case "Schemas":
-            try onlyGET(method)
-            if parts.count == 2 {
-                guard let s = registry.schema(parts[1]) else { throw SCIMError.notFound("no schema \(parts[1])") }
-                responder.respond(Self.respond(200, s.json))
-            } else {
-                responder.respond(Self.respond(200, registry.schemasDocument))
-            }
+            try discovery(method, parts, "schema", list: registry.schemasDocument) { registry.schema($0)?.json }
+            .map { responder.respond(Self.respond(200, $0)) }
         case "ResourceTypes":
-            try onlyGET(method)
-            if parts.count == 2 {
-                guard let t = registry.resourceType(parts[1]) else { throw SCIMError.notFound("no resource type \(parts[1])") }
-                responder.respond(Self.respond(200, t.json))
-            } else {
-                responder.respond(Self.respond(200, registry.resourceTypesDocument))
-            }
+            try discovery(method, parts, "resource type", list: registry.resourceTypesDocument) { registry.resourceType($0)?.json }
+            .map { responder.respond(Self.respond(200, $0)) }
         case "Me":
             throw SCIMError(501, nil, "/Me is not supported: the agent does not authenticate end users")
         case "Bulk":
@@ -268,6 +258,16 @@ public final class SCIMEndpoint {
         default:
             throw SCIMError.notFound("no such endpoint")
         }
+    }
+
+    /// `/Schemas` and `/ResourceTypes`: the list, or one entry by id.
+    func discovery(_ method: String, _ parts: [String], _ what: String, list: JSON,
+                   entry: (String) -> JSON?) throws -> JSON? {
+        try onlyGET(method)
+        guard parts.count <= 2 else { throw SCIMError.notFound("no such endpoint") }
+        guard parts.count == 2 else { return list }
+        guard let found = entry(parts[1]) else { throw SCIMError.notFound("no \(what) \(parts[1])") }
+        return found
     }
 
     func onlyGET(_ method: String) throws {
@@ -516,7 +516,7 @@ public final class SCIMEndpoint {
 
     func parseBody(_ request: HTTPRequest) throws -> JSON {
         if let type = request.headers["Content-Type"] {
-            let mime = type.split(separator: ";").first.map { String($0).trimmingASCIISpaces.asciiLowercased } ?? ""
+            let mime = type.split(separator: ";").first.map { String($0).trimmingSpaces.asciiLowercased } ?? ""
             guard mime == "application/scim+json" || mime == "application/json" else {
                 throw SCIMError(415, nil, "Content-Type must be application/scim+json or application/json, not \(mime)")
             }
@@ -548,14 +548,6 @@ func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     return diff == 0 && a.count == b.count
 }
 
-extension String {
-    var trimmingASCIISpaces: String {
-        var s = Substring(self)
-        while s.first == " " { s = s.dropFirst() }
-        while s.last == " " { s = s.dropLast() }
-        return String(s)
-    }
-}
 
 /// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
 func traceID(_ header: String?) -> String? {

@@ -146,7 +146,8 @@ public struct ListQuery: Sendable {
 }
 
 extension String {
-    var trimmingSpaces: String {
+    /// Without leading and trailing spaces.
+    public var trimmingSpaces: String {
         var s = Substring(self)
         while s.first == " " { s = s.dropFirst() }
         while s.last == " " { s = s.dropLast() }
