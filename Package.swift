@@ -13,6 +13,8 @@ let package = Package(
         .library(name: "EdgeStore", targets: ["EdgeStore"]),
         .library(name: "SCIM", targets: ["SCIM"]),
         .library(name: "EdgeAgent", targets: ["EdgeAgent"]),
+        .library(name: "EdgeBroker", targets: ["EdgeBroker"]),
+        .executable(name: "scim-broker", targets: ["scim-broker"]),
         .executable(name: "scim-edge", targets: ["scim-edge"]),
         .executable(name: "edge-fixture", targets: ["edge-fixture"]),
     ],
@@ -38,6 +40,13 @@ let package = Package(
                                                   .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
 
+        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM",
+                                                    .product(name: "Logging", package: "swift-log")],
+                swiftSettings: strict),
+        .executableTarget(name: "scim-broker", dependencies: [
+            "EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .executableTarget(name: "scim-edge", dependencies: [
             "EdgeAgent", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -56,6 +65,8 @@ let package = Package(
         .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "SCIMTests", dependencies: ["SCIM"], swiftSettings: strict),
         .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
+                    swiftSettings: strict),
+        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]

@@ -20,6 +20,8 @@ public struct AgentConfiguration: Sendable {
     public var adminListen: SocketAddress?
     /// What may leave the boundary; nil: everything propagates.
     public var policy: LocalPolicy?
+    /// The broker to relay to; nil: a standalone agent.
+    public var relay: RelayConfiguration?
 
     public init(dataDirectory: String, listen: SocketAddress) {
         self.dataDirectory = dataDirectory
@@ -65,6 +67,7 @@ public final class AgentService {
     public let endpoint: SCIMEndpoint
     public let server: HTTPServer
     public private(set) var adminServer: HTTPServer?
+    public private(set) var relay: Relay?
     private var signals: ServiceSignals?
     private let configuration: AgentConfiguration
     /// Called with one line per notable event (start, drain, reload).
@@ -105,6 +108,12 @@ public final class AgentService {
             let events = try store.reconcilePolicy(ctx)
             if events > 0 { startupNotes.append("policy changed: \(events) events for resources whose outbound state changed") }
         }
+        if let relayConfig = configuration.relay {
+            let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
+            self.relay = relay
+            endpoint.onCommitted = { relay.kick() }
+            try relay.start()
+        }
         endpoint.onBackpressureChange = { [unowned self] on, events, bytes in
             log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
                    : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
@@ -113,6 +122,7 @@ public final class AgentService {
 
     /// Stops accepting, finishes in-flight requests, then closes the listeners.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
+        relay?.stop()
         server.shutdown { [self] in
             if let adminServer { adminServer.shutdown(completion) } else { completion() }
         }

@@ -187,15 +187,17 @@ extension AgentStore {
     /// Returns how many events were removed.
     @discardableResult
     public func acknowledge(through sequence: UInt64) throws -> Int {
-        let outbox = self.outbox, meta = self.meta
-        return try environment.write { txn in
-            var keys: [[UInt8]] = []
-            try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in keys.append(k); return true }
-            for k in keys { try txn.delete(outbox, k) }
-            let current = try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
-            if sequence > current { try txn.put(meta, Array("acked".utf8), sequence.bigEndianBytes) }
-            return keys.count
-        }
+        try environment.write { txn in try acknowledge(through: sequence, in: txn) }
+    }
+
+    /// `acknowledge(through:)` inside a write transaction (the relay runs it through group commit).
+    public func acknowledge(through sequence: UInt64, in txn: borrowing WriteTransaction) throws -> Int {
+        var keys: [[UInt8]] = []
+        try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in keys.append(k); return true }
+        for k in keys { try txn.delete(outbox, k) }
+        let current = try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        if sequence > current { try txn.put(meta, Array("acked".utf8), sequence.bigEndianBytes) }
+        return keys.count
     }
 
     /// The highest sequence the broker acknowledged (0: none yet).

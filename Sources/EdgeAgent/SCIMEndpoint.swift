@@ -102,6 +102,8 @@ public final class SCIMEndpoint {
     public var logger = Logger(label: "scim-edge.scim")
     /// True while writes are refused because the outbox is over its watermark.
     public private(set) var backpressure = false
+    /// Called after each successful write commit (the relay sends soon after).
+    public var onCommitted: (() -> Void)?
     /// Called when backpressure starts or ends.
     public var onBackpressureChange: ((Bool, Int, Int) -> Void)?
 
@@ -419,7 +421,9 @@ public final class SCIMEndpoint {
         }
         writer.submit(operation) { result in
             switch result {
-            case .success(let stored): completion(.success(stored))
+            case .success(let stored):
+                self.onCommitted?()
+                completion(.success(stored))
             case .failure(let e as SCIMError): completion(.failure(e))
             case .failure(StoreError.storeFull(let limit)):
                 completion(.failure(SCIMError(503, nil, "the store is full (\(limit) bytes); retry later")))

@@ -51,6 +51,24 @@ struct Serve: ParsableCommand {
     @Flag(help: "Record relay events in the outbox even without a broker (inspection, tests).")
     var keepOutbox = false
 
+    @Option(help: "Relay to this broker: https://HOST:PORT (an IP address or localhost).")
+    var broker: String?
+
+    @Option(help: "Relay: the federation CA (PEM) the broker's certificate must chain to.")
+    var ca: String?
+
+    @Option(help: "Relay: this agent's certificate (PEM), carrying the identity the broker binds to --domain.")
+    var cert: String?
+
+    @Option(help: "Relay: this agent's private key (PEM).")
+    var key: String?
+
+    @Option(help: "Relay: this agent's domain (the broker checks it against the certificate).")
+    var domain: String?
+
+    @Option(help: "Relay: this agent's name in batches (informational; the broker names agents by certificate).")
+    var agentName = "agent"
+
     @Option(help: "Backpressure: writes get 503 from this many unrelayed events (resume at 80%).")
     var outboxMaxEvents: Int?
 
@@ -91,6 +109,17 @@ struct Serve: ParsableCommand {
                 guard let admin = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
                 configuration.adminListen = admin
             }
+        }
+        if let broker {
+            guard let (address, name) = RelayConfiguration.brokerAddress(broker) else {
+                throw ValidationError("--broker \(broker) is not https://HOST:PORT")
+            }
+            guard let ca, let cert, let key, let domain else {
+                throw ValidationError("--broker needs --ca, --cert, --key and --domain")
+            }
+            configuration.relay = RelayConfiguration(broker: address, brokerName: name, tls: TLSConfiguration(
+                certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca), domain: domain, agentName: agentName)
+            configuration.endpoint.recordOutbox = true
         }
         switch (tlsCert, tlsKey) {
         case let (cert?, key?):

@@ -1,0 +1,203 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Logging
+import SCIM
+
+/// A domain and the certificate identity (SAN URI, DNS name or CN) of its agents.
+public struct DomainBinding: Sendable, Equatable {
+    public var domain: String
+    public var identity: String
+    public init(domain: String, identity: String) {
+        self.domain = domain
+        self.identity = identity
+    }
+
+    /// Parses `NAME=CERT-IDENTITY`.
+    public init?(_ text: String) {
+        guard let eq = text.firstIndex(of: "="), eq != text.startIndex, text.index(after: eq) != text.endIndex else { return nil }
+        self.init(domain: String(text[..<eq]), identity: String(text[text.index(after: eq)...]))
+    }
+}
+
+public struct BrokerConfiguration: Sendable {
+    public var dataDirectory: String
+    public var listen: SocketAddress
+    /// Server certificate, key, federation CA (and CRL): client certificates required.
+    public var tls: TLSConfiguration
+    public var domains: [DomainBinding] = []
+    public var limits = HTTPServerLimits()
+    public var maxEventsPerBatch = 5000
+
+    public init(dataDirectory: String, listen: SocketAddress, tls: TLSConfiguration) {
+        self.dataDirectory = dataDirectory
+        self.listen = listen
+        self.tls = tls
+    }
+}
+
+/// Counters of the federation listener.
+public struct FederationStatistics: Sendable {
+    public var batches = 0
+    public var eventsApplied = 0
+    public var duplicates = 0
+    public var rejectedEvents = 0
+    public var gaps = 0
+    public var domainMismatches = 0
+    public var unknownIdentities = 0
+}
+
+/// `scim-broker serve`: the federation listener (relay protocol v1) over
+/// mutual TLS, applying batches exactly once. Threading: loop-confined.
+public final class BrokerService {
+    public let loop: EventLoop
+    public let store: BrokerStore
+    public let writer: GroupCommitWriter
+    public let server: HTTPServer
+    public let configuration: BrokerConfiguration
+    public private(set) var statistics = FederationStatistics()
+    public var logger = Logger(label: "scim-broker.federation")
+    private var signals: ServiceSignals?
+    private let tls: ReloadableTLSContext
+
+    public init(loop: EventLoop, configuration: BrokerConfiguration) throws {
+        guard configuration.tls.verifyPeer, configuration.tls.trustRootsFile != nil else {
+            throw BrokerError.configuration("the federation listener needs the federation CA: agents must present certificates")
+        }
+        guard !configuration.domains.isEmpty else { throw BrokerError.configuration("no --domain NAME=CERT-IDENTITY given") }
+        self.loop = loop
+        self.configuration = configuration
+        store = try BrokerStore(path: configuration.dataDirectory)
+        writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
+        tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
+        var limits = configuration.limits
+        limits.maxBodyBytes = max(limits.maxBodyBytes, 64 << 20)
+        weak var weakSelf: BrokerService?
+        server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: limits) { request, context, responder in
+            weakSelf?.handle(request, context, responder)
+        }
+        server.errorBody = { status, detail in
+            HTTPResponse(status: status, headers: ["Content-Type": "application/json"],
+                         body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
+        }
+        weakSelf = self
+    }
+
+    public func installSignals(onDrained: @escaping () -> Void = {}) throws {
+        signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
+            logger.info("draining")
+            server.shutdown { [unowned self] in
+                signals?.close()
+                logger.info("drained")
+                onDrained()
+            }
+        }, onReload: { [unowned self] in
+            do { try tls.reload(); logger.info("reloaded certificates") } catch { logger.error("reload failed: \(error)") }
+        })
+    }
+
+    /// The domain whose binding names one of the certificate's identities.
+    func binding(for peer: PeerIdentity?) -> DomainBinding? {
+        guard let peer else { return nil }
+        for name in peer.names {
+            if let b = configuration.domains.first(where: { $0.identity == name }) { return b }
+        }
+        return nil
+    }
+
+    static func json(_ status: Int, _ body: JSON, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
+        var h = headers
+        h.set("Content-Type", "application/json")
+        return HTTPResponse(status: status, headers: h, body: body.serialized())
+    }
+
+    static func failure(_ status: Int, _ error: String, _ description: String) -> HTTPResponse {
+        json(status, ["error": .string(error), "description": .string(description)])
+    }
+
+    func handle(_ request: HTTPRequest, _ context: RequestContext, _ responder: Responder) {
+        guard request.path == "/federation/v1/events" else {
+            responder.respond(Self.failure(404, "not_found", "the relay endpoint is POST /federation/v1/events"))
+            return
+        }
+        guard request.method == "POST" else {
+            responder.respond(Self.failure(405, "method_not_allowed", "use POST"))
+            return
+        }
+        guard let bound = binding(for: context.peerIdentity) else {
+            statistics.unknownIdentities += 1
+            logger.warning("refused: certificate identity is bound to no domain",
+                           metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-")])
+            responder.respond(Self.failure(403, "unknown_agent", "this certificate's identity is not bound to any domain"))
+            return
+        }
+        let body: JSON
+        do { body = try JSONParser.parse(request.body) } catch {
+            responder.respond(Self.failure(400, "invalid_request", "the batch is not valid JSON: \(error)"))
+            return
+        }
+        // Invariant 5: the domain is the certificate's; a batch claiming another is refused.
+        guard body["domain"]?.stringValue == bound.domain else {
+            statistics.domainMismatches += 1
+            logger.warning("refused: batch claims another domain",
+                           metadata: ["certificateDomain": .string(bound.domain), "claimed": .string(body["domain"]?.stringValue ?? "-")])
+            responder.respond(Self.failure(403, "domain_mismatch",
+                                           "this certificate belongs to domain '\(bound.domain)', not '\(body["domain"]?.stringValue ?? "")'"))
+            return
+        }
+        guard let list = body["events"]?.arrayValue, !list.isEmpty, list.count <= configuration.maxEventsPerBatch else {
+            responder.respond(Self.failure(400, "invalid_request", "'events' must hold 1 to \(configuration.maxEventsPerBatch) events"))
+            return
+        }
+        var events: [RelayEvent] = []
+        for e in list {
+            guard let n = e["seq"]?.numberValue?.integer, n > 0 else {
+                responder.respond(Self.failure(400, "invalid_request", "every event needs a positive 'seq'"))
+                return
+            }
+            events.append(RelayEvent(seq: UInt64(n), body: e))
+        }
+        let store = self.store, domain = bound.domain, agent = bound.identity, batch = events
+        let ids = (0..<events.count).map { _ in secureID() }
+        statistics.batches += 1
+        writer.submit({ txn in try store.apply(domain: domain, agent: agent, events: batch, newIDs: ids, in: txn) }) { [self] result in
+            switch result {
+            case .failure(let error):
+                logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+                responder.respond(Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
+                    .withHeader("Retry-After", "5"))
+            case .success(let outcome):
+                statistics.eventsApplied += outcome.applied
+                statistics.duplicates += outcome.duplicates
+                statistics.rejectedEvents += outcome.rejected.count
+                if let expected = outcome.expectedSequence {
+                    statistics.gaps += 1
+                    responder.respond(Self.json(409, ["expectedSeq": .number(JSONNumber(integer: Int64(expected)))]))
+                    return
+                }
+                var rejected = JSONObject()
+                for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
+                    rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
+                }
+                responder.respond(Self.json(200, ["ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
+                                                   "rejected": .object(rejected)]))
+            }
+        }
+    }
+}
+
+public enum BrokerError: Error, CustomStringConvertible {
+    case configuration(String)
+    public var description: String {
+        switch self { case .configuration(let m): return m }
+    }
+}
+
+extension HTTPResponse {
+    func withHeader(_ name: String, _ value: String) -> HTTPResponse {
+        var r = self
+        r.headers.set(name, value)
+        return r
+    }
+}

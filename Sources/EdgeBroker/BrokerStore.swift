@@ -1,0 +1,157 @@
+import EdgeStore
+import EdgeTLS
+import SCIM
+
+/// The broker's LMDB file: the federated directory and, per agent, the
+/// sequence applied so far, changed together in one transaction per batch.
+///
+/// | database | key | value |
+/// |---|---|---|
+/// | `agents` | `<domain>/<agent identity>` | applied sequence (big-endian) |
+/// | `resources` | `<domain>/<Type>/<source id>` | the federated resource (JSON) |
+/// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
+///
+/// The agent is named by its certificate identity, never by the batch
+/// (invariant 5): one agent cannot advance another's sequence.
+public final class BrokerStore: Sendable {
+    public let environment: Environment
+    let agents: Database
+    let resources: Database
+    let brokerIds: Database
+
+    public init(path: String, maxBytes: Int = 16 << 30) throws {
+        var o = EnvironmentOptions(path: path)
+        o.maxMapSize = maxBytes
+        environment = try Environment(o)
+        agents = try environment.openDatabase("agents")
+        resources = try environment.openDatabase("resources")
+        brokerIds = try environment.openDatabase("brokerIds")
+    }
+
+    public func appliedSequence(domain: String, agent: String) throws -> UInt64 {
+        let agents = self.agents
+        return try environment.read { txn in
+            try txn.get(agents, Array("\(domain)/\(agent)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        }
+    }
+
+    /// Every federated resource of a domain (for status and tests).
+    public func resources(domain: String) throws -> [JSONObject] {
+        let resources = self.resources
+        return try environment.read { txn in
+            var out: [JSONObject] = []
+            try txn.scan(resources, from: Array("\(domain)/".utf8), to: Array("\(domain)0".utf8)) { _, v in
+                if let o = try JSONParser.parse(v).objectValue { out.append(o) }
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Agents known to the broker and their applied sequences.
+    public func agentSequences() throws -> [(String, UInt64)] {
+        let agents = self.agents
+        return try environment.read { txn in
+            var out: [(String, UInt64)] = []
+            try txn.scan(agents) { k, v in
+                out.append((String(decoding: k, as: UTF8.self), UInt64(bigEndianBytes: v) ?? 0))
+                return true
+            }
+            return out
+        }
+    }
+}
+
+/// The outcome of applying one batch.
+public struct ApplyOutcome: Sendable, Equatable {
+    /// Everything up to here is applied (or was before).
+    public var ackedThrough: UInt64
+    /// Events refused for good: sequence → (error, description).
+    public var rejected: [UInt64: String] = [:]
+    /// Set when the batch does not continue the agent's sequence.
+    public var expectedSequence: UInt64?
+    public var applied = 0
+    public var duplicates = 0
+}
+
+/// One event of a batch as received.
+public struct RelayEvent: Sendable {
+    public let seq: UInt64
+    public let body: JSON
+}
+
+extension BrokerStore {
+    /// Applies a batch from `agent` of `domain` in `txn`: events at or below
+    /// the applied sequence are acknowledged without re-applying; a gap stops
+    /// the batch (the agent resends from `expectedSequence`). Deterministic:
+    /// `newIDs` supplies ids for resources seen for the first time.
+    public func apply(domain: String, agent: String, events: [RelayEvent], newIDs: [String],
+                      in txn: borrowing WriteTransaction) throws -> ApplyOutcome {
+        let key = Array("\(domain)/\(agent)".utf8)
+        var applied = try txn.get(agents, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        var outcome = ApplyOutcome(ackedThrough: applied)
+        var ids = newIDs[...]
+        for event in events.sorted(by: { $0.seq < $1.seq }) {
+            if event.seq <= applied {
+                outcome.duplicates += 1
+                continue
+            }
+            guard event.seq == applied + 1 else {
+                if outcome.applied == 0 { outcome.expectedSequence = applied + 1 }
+                break
+            }
+            do {
+                try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), txn)
+                if !ids.isEmpty { ids.removeFirst() }
+                outcome.applied += 1
+            } catch let e as SCIMError {
+                outcome.rejected[event.seq] = e.detail
+            }
+            applied = event.seq
+        }
+        try txn.put(agents, key, applied.bigEndianBytes)
+        outcome.ackedThrough = applied
+        return outcome
+    }
+
+    func applyOne(domain: String, agent: String, _ event: RelayEvent, id newID: String,
+                  _ txn: borrowing WriteTransaction) throws {
+        guard let events = event.body["events"]?.objectValue, events.count == 1, let (uri, body) = events.members.first else {
+            throw SCIMError.invalidValue("event \(event.seq) must hold exactly one SCIM event")
+        }
+        guard let ref = body["ref"]?.stringValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'ref'") }
+        let parts = ref.split(separator: "/")
+        guard parts.count == 2, ["Users", "Groups"].contains(parts[0]), !parts[1].isEmpty else {
+            throw SCIMError.invalidValue("event \(event.seq): 'ref' \(ref) is not /Users/<id> or /Groups/<id>")
+        }
+        let type = parts[0] == "Users" ? "User" : "Group"
+        let sourceID = String(parts[1])
+        let key = Array("\(domain)/\(type)/\(sourceID)".utf8)
+        let existing = try txn.get(resources, key).flatMap { try JSONParser.parse($0).objectValue }
+        switch uri {
+        case "urn:ietf:params:SCIM:event:prov:delete":
+            if let brokerID = existing?["id"]?.stringValue { try txn.delete(brokerIds, Array(brokerID.utf8)) }
+            try txn.delete(resources, key)
+        case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
+             "urn:ietf:params:SCIM:event:prov:patch:full":
+            guard var data = body["data"]?.objectValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'data'") }
+            // Namespaced by domain: the broker's own stable id, the source kept beside it.
+            let brokerID = existing?["id"]?.stringValue ?? newID
+            data["id"] = .string(brokerID)
+            var source: JSONObject = ["domain": .string(domain), "agent": .string(agent), "id": .string(sourceID)]
+            if let v = body["version"] { source["version"] = v }
+            if let t = event.body["txn"] { source["trace"] = t }
+            source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
+            data[BrokerStore.sourceExtension] = .object(source)
+            try txn.put(resources, key, JSON.object(data).serialized())
+            try txn.put(brokerIds, Array(brokerID.utf8), key)
+        default:
+            throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
+        }
+    }
+
+    /// Where a federated resource came from.
+    public static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
+}
+
+func secureID() -> String { hexString(secureRandomBytes(16)) }

@@ -1,0 +1,145 @@
+import EdgeAgent
+import EdgeBroker
+import EdgeTLS
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// Agents and a broker as real processes with certificates made by the test.
+final class FederationTests: XCTestCase {
+    var dir: TempDirectory!
+    var ca: String!, broker: (String, String)!
+    var de: (String, String)!, us: (String, String)!, rogue: (String, String)!
+    let deID = "spiffe://scim-edge.test/acme-de/agent-1"
+    let usID = "spiffe://scim-edge.test/acme-us/agent-1"
+    var children: [ChildProcess] = []
+
+    override func setUpWithError() throws {
+        dir = TempDirectory("edge-federation")
+        let authority = try CertificateAuthority(commonName: "federation CA")
+        let other = try CertificateAuthority(commonName: "another CA")
+        func save(_ name: String, _ c: Credential) -> (String, String) {
+            (dir.write("\(name).crt", c.certificatePEM), dir.write("\(name).key", c.privateKeyPEM))
+        }
+        ca = dir.write("ca.crt", authority.certificatePEM)
+        broker = save("broker", try authority.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"])))
+        de = save("de", try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
+        us = save("us", try authority.issue(CertificateRequest(commonName: "agent-us", uris: [usID])))
+        rogue = save("rogue", try other.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
+    }
+
+    override func tearDown() {
+        for c in children where c.process.isRunning { c.signal(SIGKILL); _ = c.waitForExit() }
+        dir.remove()
+    }
+
+    func port(of child: ChildProcess, _ prefix: String) throws -> Int {
+        let line = try XCTUnwrap(child.waitForLine(prefix), "did not start: \(child.output)")
+        let address = line.split(separator: " ").first { $0.contains("127.0.0.1:") }!
+        return Int(address.split(separator: ":").last!.filter(\.isNumber))!
+    }
+
+    func startBroker(port: Int = 0) throws -> (ChildProcess, Int) {
+        let child = try ChildProcess(productsDirectory + "/scim-broker", [
+            "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
+            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)"])
+        children.append(child)
+        return (child, try self.port(of: child, "scim-broker"))
+    }
+
+    func startAgent(_ name: String, cert: (String, String), domain: String, brokerPort: Int) throws -> (ChildProcess, Int) {
+        let child = try ChildProcess(productsDirectory + "/scim-edge", [
+            "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
+            "--broker", "https://127.0.0.1:\(brokerPort)", "--ca", ca, "--cert", cert.0, "--key", cert.1,
+            "--domain", domain, "--agent-name", name])
+        children.append(child)
+        return (child, try self.port(of: child, "scim-edge"))
+    }
+
+    @discardableResult
+    func create(_ port: Int, _ userName: String) throws -> Int { try createUser(port, userName) }
+
+    /// The broker's applied sequences, read from its LMDB file while it runs.
+    func applied() -> [String: UInt64] { brokerApplied(dir.file("broker")) }
+
+
+
+    func outboxEvents(_ name: String) throws -> Int { try AgentStore(path: dir.file(name), registry: .standard).outboxCount() }
+
+    func testTwoDomainsArriveExactlyOnceAndStayNamespaced() throws {
+        let (_, bp) = try startBroker()
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (_, up) = try startAgent("us", cert: us, domain: "acme-us", brokerPort: bp)
+        for k in 0..<40 { XCTAssertEqual(try create(dp, "de\(k)"), 201) }
+        for k in 0..<25 { XCTAssertEqual(try create(up, "us\(k)"), 201) }
+        XCTAssertEqual(try create(dp, "same@example.com"), 201)
+        XCTAssertEqual(try create(up, "same@example.com"), 201)
+        XCTAssertTrue(eventually(seconds: 30) {
+            self.applied()["acme-de/\(self.deID)"] == 41 && self.applied()["acme-us/\(self.usID)"] == 26
+        }, "broker applied \(applied())")
+        XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 }, "acknowledged events leave the agent's outbox")
+        for c in children { c.signal(SIGTERM); XCTAssertEqual(c.waitForExit(), 0) }
+
+        let store = try BrokerStore(path: dir.file("broker"))
+        let deUsers = try store.resources(domain: "acme-de"), usUsers = try store.resources(domain: "acme-us")
+        XCTAssertEqual(deUsers.count, 41)
+        XCTAssertEqual(usUsers.count, 26)
+        XCTAssertEqual(Set(deUsers.compactMap { $0["userName"]?.stringValue }).count, 41, "nothing twice")
+        let same = (deUsers + usUsers).filter { $0["userName"] == "same@example.com" }
+        XCTAssertEqual(same.count, 2, "the same userName from two domains stays two resources")
+        XCTAssertEqual(Set(same.compactMap { $0[BrokerStore.sourceExtension]?["domain"]?.stringValue }), ["acme-de", "acme-us"])
+        XCTAssertNotEqual(same[0]["id"], same[1]["id"], "each has its own broker id")
+    }
+
+    func testForeignCAAndClaimedDomainAreRefused() throws {
+        let (broker, bp) = try startBroker()
+        let (_, rp) = try startAgent("rogue", cert: rogue, domain: "acme-de", brokerPort: bp)
+        let (_, lp) = try startAgent("liar", cert: de, domain: "acme-us", brokerPort: bp)
+        XCTAssertEqual(try create(rp, "intruder"), 201, "the agent itself works")
+        XCTAssertEqual(try create(lp, "impostor"), 201)
+        XCTAssertTrue(eventually(seconds: 10) { broker.output.contains { $0.contains("batch claims another domain") } },
+                      "the broker logs the refused batch: \(broker.output)")
+        sleep(1)
+        XCTAssertEqual(applied(), [:], "nothing was applied for either")
+        XCTAssertEqual(try outboxEvents("rogue"), 1, "refused events stay in the outbox")
+        XCTAssertEqual(try outboxEvents("liar"), 1)
+    }
+
+    func testBrokerKilledMidLoadLosesNothingAndAppliesNothingTwice() throws {
+        var (broker, bp) = try startBroker()
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let created = Locked(0)
+        let writer = Thread {
+            for k in 0..<400 {
+                if (try? createUser(dp, "load\(k)")) == 201 { created.withLock { $0 += 1 } }
+            }
+        }
+        writer.start()
+        XCTAssertTrue(eventually(seconds: 30) { (self.applied()["acme-de/\(self.deID)"] ?? 0) >= 50 })
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        usleep(300_000)
+        (broker, _) = try startBroker(port: bp)
+        while !writer.isFinished { usleep(10_000) }
+        let total = UInt64(created.current)
+        XCTAssertEqual(total, 400, "the agent accepted everything while the broker was away")
+        XCTAssertTrue(eventually(seconds: 60) { self.applied()["acme-de/\(self.deID)"] == total }, "applied \(applied())")
+        for c in children where c.process.isRunning { c.signal(SIGTERM); _ = c.waitForExit() }
+        let users = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de")
+        XCTAssertEqual(users.count, 400)
+        XCTAssertEqual(Set(users.compactMap { $0["userName"]?.stringValue }).count, 400)
+    }
+}
+
+func createUser(_ port: Int, _ userName: String) throws -> Int {
+    let c = try RawClient(port: port)
+    let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(userName)"}"#
+    c.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+    return c.readResponses(1).first?.status ?? 0
+}
+
+func brokerApplied(_ path: String) -> [String: UInt64] {
+    guard let store = try? BrokerStore(path: path), let seqs = try? store.agentSequences() else { return [:] }
+    return Dictionary(seqs, uniquingKeysWith: { a, _ in a })
+}
