@@ -48,11 +48,12 @@ final class FederationTests: XCTestCase {
         return (child, try self.port(of: child, "scim-broker"))
     }
 
-    func startAgent(_ name: String, cert: (String, String), domain: String, brokerPort: Int) throws -> (ChildProcess, Int) {
+    func startAgent(_ name: String, cert: (String, String), domain: String, brokerPort: Int,
+                    extra: [String] = []) throws -> (ChildProcess, Int) {
         let child = try ChildProcess(productsDirectory + "/scim-edge", [
             "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
             "--broker", "https://127.0.0.1:\(brokerPort)", "--ca", ca, "--cert", cert.0, "--key", cert.1,
-            "--domain", domain, "--agent-name", name])
+            "--domain", domain, "--agent-name", name] + extra)
         children.append(child)
         return (child, try self.port(of: child, "scim-edge"))
     }
@@ -130,6 +131,41 @@ final class FederationTests: XCTestCase {
         XCTAssertEqual(users.count, 400)
         XCTAssertEqual(Set(users.compactMap { $0["userName"]?.stringValue }).count, 400)
     }
+
+    func testAgentKilledMidLoadRelaysEverythingOnceAfterRestart() throws {
+        let (_, bp) = try startBroker()
+        var (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var acked: [String] = []
+        for k in 0..<150 where try create(dp, "a\(k)") == 201 { acked.append("a\(k)") }
+        agent.signal(SIGKILL)
+        _ = agent.waitForExit()
+        (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 150..<200 where try create(dp, "a\(k)") == 201 { acked.append("a\(k)") }
+        XCTAssertEqual(acked.count, 200)
+        XCTAssertTrue(eventually(seconds: 30) { self.applied()["acme-de/\(self.deID)"] == 200 }, "applied \(applied())")
+        for c in children where c.process.isRunning { c.signal(SIGTERM); _ = c.waitForExit() }
+        let names = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").compactMap { $0["userName"]?.stringValue }
+        XCTAssertEqual(names.count, 200)
+        XCTAssertEqual(Set(names), Set(acked), "every acknowledged change, once")
+    }
+
+    func testBrokerAwayAgentsBufferThenPushBackThenDrain() throws {
+        var (broker, bp) = try startBroker()
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        // The broker is gone; the agent buffers up to 20 events, then pushes back.
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp, extra: ["--outbox-max-events", "20"])
+        var statuses: [Int] = []
+        for k in 0..<25 { statuses.append(try create(dp, "b\(k)")) }
+        XCTAssertEqual(statuses.filter { $0 == 201 }.count, 20, "accepted until the watermark: \(statuses)")
+        XCTAssertEqual(statuses.suffix(5), [503, 503, 503, 503, 503], "then 503 + Retry-After, nothing dropped")
+        XCTAssertEqual(try outboxEvents("de"), 20)
+        (broker, _) = try startBroker(port: bp)
+        XCTAssertTrue(eventually(seconds: 40) { self.applied()["acme-de/\(self.deID)"] == 20 }, "applied \(applied())")
+        XCTAssertTrue(eventually(seconds: 10) { (try? createUser(dp, "after")) == 201 }, "writes resume once the outbox drained")
+        XCTAssertTrue(eventually(seconds: 10) { self.applied()["acme-de/\(self.deID)"] == 21 })
+    }
+
 }
 
 func createUser(_ port: Int, _ userName: String) throws -> Int {
