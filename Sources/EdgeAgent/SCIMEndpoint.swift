@@ -509,14 +509,7 @@ public final class SCIMEndpoint {
 
     // MARK: request helpers
 
-    func authorized(_ request: HTTPRequest) -> Bool {
-        guard let header = request.headers["Authorization"], header.utf8.count > 7,
-              equalsIgnoringASCIICase(String(header.prefix(7)), "bearer ") else { return false }
-        let presented = Array(header.utf8.dropFirst(7))
-        var ok = false
-        for token in options.tokens where constantTimeEquals(Array(token.utf8), presented) { ok = true }
-        return ok
-    }
+    func authorized(_ request: HTTPRequest) -> Bool { request.hasBearerToken(in: options.tokens) }
 
     func parseBody(_ request: HTTPRequest) throws -> JSON {
         if let type = request.headers["Content-Type"] {
@@ -544,13 +537,6 @@ public final class SCIMEndpoint {
     }
 }
 
-/// Compares without an early exit, so the time does not reveal how much of
-/// a token matched.
-func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-    var diff = UInt8(truncatingIfNeeded: a.count ^ b.count)
-    for i in 0..<b.count { diff |= (i < a.count ? a[i] : 0) ^ b[i] }
-    return diff == 0 && a.count == b.count
-}
 
 
 /// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).

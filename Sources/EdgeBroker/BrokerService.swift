@@ -29,6 +29,9 @@ public struct BrokerConfiguration: Sendable {
     public var domains: [DomainBinding] = []
     public var limits = HTTPServerLimits()
     public var maxEventsPerBatch = 5000
+    /// The SCIM read API over the federated directory (`--api-listen`); nil: none.
+    public var apiListen: SocketAddress?
+    public var apiTokens: [String] = []
 
     public init(dataDirectory: String, listen: SocketAddress, tls: TLSConfiguration) {
         self.dataDirectory = dataDirectory
@@ -55,6 +58,7 @@ public final class BrokerService {
     public let store: BrokerStore
     public let writer: GroupCommitWriter
     public let server: HTTPServer
+    public private(set) var apiServer: HTTPServer?
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     public var logger = Logger(label: "scim-broker.federation")
@@ -82,12 +86,24 @@ public final class BrokerService {
                          body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
         }
         weakSelf = self
+        if let api = configuration.apiListen {
+            guard !configuration.apiTokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token") }
+            let handler = BrokerAPI(store: store, tokens: configuration.apiTokens)
+            apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
+        }
+    }
+
+    /// Stops both listeners after in-flight requests.
+    public func shutdown(_ completion: @escaping () -> Void = {}) {
+        server.shutdown { [self] in
+            if let apiServer { apiServer.shutdown(completion) } else { completion() }
+        }
     }
 
     public func installSignals(onDrained: @escaping () -> Void = {}) throws {
         signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
             logger.info("draining")
-            server.shutdown { [unowned self] in
+            shutdown { [unowned self] in
                 signals?.close()
                 logger.info("drained")
                 onDrained()

@@ -143,6 +143,9 @@ extension BrokerStore {
             if let t = event.body["txn"] { source["trace"] = t }
             source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
             data[BrokerStore.sourceExtension] = .object(source)
+            var schemas = data["schemas"]?.arrayValue ?? []
+            if !schemas.contains(.string(BrokerStore.sourceExtension)) { schemas.append(.string(BrokerStore.sourceExtension)) }
+            data["schemas"] = .array(schemas)
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
         default:

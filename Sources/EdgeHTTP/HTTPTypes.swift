@@ -178,3 +178,24 @@ func httpDate() -> String {
     let n = strftime(&buf, buf.count, "%a, %d %b %Y %H:%M:%S GMT", &tmv)
     return String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
+
+/// Compares without an early exit, so the time does not reveal how much of
+/// a secret matched.
+public func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    var diff = UInt8(truncatingIfNeeded: a.count ^ b.count)
+    for i in 0..<b.count { diff |= (i < a.count ? a[i] : 0) ^ b[i] }
+    return diff == 0 && a.count == b.count
+}
+
+extension HTTPRequest {
+    /// Whether `Authorization: Bearer <token>` names one of `tokens`
+    /// (every token compared in constant time).
+    public func hasBearerToken(in tokens: [String]) -> Bool {
+        guard let header = headers["Authorization"], header.utf8.count > 7,
+              equalsIgnoringCase(String(header.prefix(7)), "bearer ") else { return false }
+        let presented = Array(header.utf8.dropFirst(7))
+        var ok = false
+        for token in tokens where constantTimeEquals(Array(token.utf8), presented) { ok = true }
+        return ok
+    }
+}

@@ -52,13 +52,19 @@ public struct SchemaRegistry: Sendable {
         self.resourceTypes = resourceTypes
     }
 
-    /// Adds a custom extension schema (read from `/Schemas` JSON) to a resource type.
+    /// Adds a custom extension schema (read from `/Schemas` JSON) to a
+    /// resource type; the same schema may extend several types.
     public mutating func addExtension(_ schema: Schema, to resourceType: String, required: Bool = false) throws(SCIMError) {
-        guard self.schema(schema.id) == nil else { throw .invalidValue("schema \(schema.id) is already defined") }
+        if let known = self.schema(schema.id), known !== schema {
+            throw .invalidValue("schema \(schema.id) is already defined")
+        }
         guard let k = resourceTypes.firstIndex(where: { equalsIgnoringASCIICase($0.id, resourceType) }) else {
             throw .invalidValue("unknown resource type '\(resourceType)'")
         }
-        schemas.append(schema)
+        guard !resourceTypes[k].extensions.contains(where: { equalsIgnoringASCIICase($0.schema, schema.id) }) else {
+            throw .invalidValue("\(resourceType) already has the extension \(schema.id)")
+        }
+        if self.schema(schema.id) == nil { schemas.append(schema) }
         resourceTypes[k].extensions.append(.init(schema: schema.id, required: required))
     }
 

@@ -26,6 +26,10 @@ struct Serve: ParsableCommand {
     @Option(help: "Certificate revocation list of the federation CA (PEM).") var crl: String?
     @Option(help: "NAME=CERT-IDENTITY: agents whose certificate carries this identity (SAN URI, DNS name or CN) write into domain NAME (repeatable).")
     var domain: [String] = []
+    @Option(help: "SCIM read API over the federated directory at http://HOST:PORT/scim/v2 (keep it on loopback or behind TLS).")
+    var apiListen: String?
+    @Option(help: "A bearer token for the read API (repeatable).")
+    var apiToken: [String] = []
 
     func run() throws {
         guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
@@ -37,6 +41,11 @@ struct Serve: ParsableCommand {
         var config = BrokerConfiguration(dataDirectory: dataDir, listen: address, tls: TLSConfiguration(
             certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
         config.domains = domains
+        if let apiListen {
+            guard let a = SocketAddress(apiListen) else { throw ValidationError("--api-listen \(apiListen) is not HOST:PORT") }
+            config.apiListen = a
+            config.apiTokens = apiToken
+        }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
         let broker: BrokerService
@@ -48,6 +57,7 @@ struct Serve: ParsableCommand {
             throw error
         }
         emitLine("scim-broker 0.1.0 listening on \(broker.server.address) (federation over mutual TLS)")
+        if let api = broker.apiServer { emitLine("read API at http://\(api.address)/scim/v2") }
         loop.run()
         _ = loop.close()
     }

@@ -40,10 +40,10 @@ final class FederationTests: XCTestCase {
         return Int(address.split(separator: ":").last!.filter(\.isNumber))!
     }
 
-    func startBroker(port: Int = 0) throws -> (ChildProcess, Int) {
+    func startBroker(port: Int = 0, extra: [String] = []) throws -> (ChildProcess, Int) {
         let child = try ChildProcess(productsDirectory + "/scim-broker", [
             "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
-            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)"])
+            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)"] + extra)
         children.append(child)
         return (child, try self.port(of: child, "scim-broker"))
     }
@@ -68,8 +68,17 @@ final class FederationTests: XCTestCase {
 
     func outboxEvents(_ name: String) throws -> Int { try AgentStore(path: dir.file(name), registry: .standard).outboxCount() }
 
+    func api(_ port: Int, _ path: String, method: String = "GET", token: String = "api-token") throws -> (Int, JSON?) {
+        let c = try RawClient(port: port)
+        c.send("\(method) /scim/v2\(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        let r = try XCTUnwrap(c.readResponses(1).first)
+        return (r.status, try? JSONParser.parse(r.body))
+    }
+
     func testTwoDomainsArriveExactlyOnceAndStayNamespaced() throws {
-        let (_, bp) = try startBroker()
+        let (brokerProcess, bp) = try startBroker(extra: ["--api-listen", "127.0.0.1:0", "--api-token", "api-token"])
+        let apiLine = try XCTUnwrap(brokerProcess.waitForLine("read API at"))
+        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let (_, up) = try startAgent("us", cert: us, domain: "acme-us", brokerPort: bp)
         for k in 0..<40 { XCTAssertEqual(try create(dp, "de\(k)"), 201) }
@@ -80,6 +89,20 @@ final class FederationTests: XCTestCase {
             self.applied()["acme-de/\(self.deID)"] == 41 && self.applied()["acme-us/\(self.usID)"] == 26
         }, "broker applied \(applied())")
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 }, "acknowledged events leave the agent's outbox")
+
+        // The read API over all domains.
+        let both = try api(apiPort, "/Users?filter=userName%20eq%20%22same@example.com%22")
+        XCTAssertEqual(both.0, 200)
+        XCTAssertEqual(both.1?["totalResults"], 2)
+        let source = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
+        let deOnly = try api(apiPort, "/Users?count=0&filter=\(source):domain%20eq%20%22acme-de%22")
+        XCTAssertEqual(deOnly.1?["totalResults"], 41, "filter by source domain")
+        let brokerID = try XCTUnwrap(both.1?["Resources"]?.arrayValue?.first?["id"]?.stringValue)
+        XCTAssertEqual(try api(apiPort, "/Users/\(brokerID)").0, 200)
+        XCTAssertEqual(try api(apiPort, "/Groups/\(brokerID)").0, 404)
+        XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
+        XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
+        XCTAssertEqual(try api(apiPort, "/ResourceTypes/User").1?["schemaExtensions"]?.arrayValue?.count, 2)
         for c in children { c.signal(SIGTERM); XCTAssertEqual(c.waitForExit(), 0) }
 
         let store = try BrokerStore(path: dir.file("broker"))

@@ -1,0 +1,139 @@
+import EdgeHTTP
+import EdgeStore
+import SCIM
+
+/// The federated directory's schemas: the standard ones, plus the source
+/// extension every federated resource carries.
+public let brokerRegistry: SchemaRegistry = {
+    var r = SchemaRegistry.standard
+    let source = Schema(id: BrokerStore.sourceExtension, name: "Source", description: "Where a federated resource came from",
+                        attributes: [
+                            AttributeDefinition("domain", description: "The domain of the agent that sent it.", caseExact: true, mutability: .readOnly),
+                            AttributeDefinition("agent", description: "The agent's certificate identity.", caseExact: true, mutability: .readOnly),
+                            AttributeDefinition("id", description: "The id at the agent.", caseExact: true, mutability: .readOnly),
+                            AttributeDefinition("version", description: "The version at the agent.", caseExact: true, mutability: .readOnly),
+                            AttributeDefinition("trace", description: "Trace id of the change.", caseExact: true, mutability: .readOnly),
+                            AttributeDefinition("seq", .integer, description: "The agent's event sequence.", mutability: .readOnly),
+                        ])
+    try! r.addExtension(source, to: "User")
+    try! r.addExtension(source, to: "Group")
+    return r
+}()
+
+/// The broker's SCIM read API over the federated directory (all domains):
+/// GET by id, list with filter / sort / pagination / projection, `.search`,
+/// discovery. Writes are refused: provisioning goes through an agent.
+/// Threading: loop-confined.
+public final class BrokerAPI {
+    let store: BrokerStore
+    let tokens: [String]
+    let basePath = "/scim/v2"
+    let maxResults = 1000
+    let scanBudget = 1_000_000
+
+    public init(store: BrokerStore, tokens: [String]) {
+        self.store = store
+        self.tokens = tokens
+    }
+
+    static func respond(_ status: Int, _ body: JSON) -> HTTPResponse {
+        HTTPResponse(status: status, headers: ["Content-Type": "application/scim+json"], body: body.serialized())
+    }
+
+    public func handle(_ request: HTTPRequest, _ responder: Responder) {
+        do {
+            responder.respond(try route(request))
+        } catch let e as SCIMError {
+            var r = Self.respond(e.status, e.json)
+            if e.status == 401 { r.headers.set("WWW-Authenticate", #"Bearer realm="scim-broker""#) }
+            responder.respond(r)
+        } catch {
+            responder.respond(Self.respond(500, SCIMError(500, nil, "internal error: \(error)").json))
+        }
+    }
+
+    func route(_ request: HTTPRequest) throws -> HTTPResponse {
+        guard request.hasBearerToken(in: tokens) else { throw SCIMError(401, nil, "a valid bearer token is required") }
+        guard request.path.hasPrefix(basePath) else { throw SCIMError.notFound("no such endpoint: \(request.path)") }
+        let parts = request.path.dropFirst(basePath.count).split(separator: "/").map(String.init)
+        let isSearch = request.method == "POST" && parts.last == ".search"
+        guard request.method == "GET" || request.method == "HEAD" || isSearch else {
+            throw SCIMError(405, nil, "the federated directory is read-only here: provision through an agent")
+        }
+        switch parts.first {
+        case "ServiceProviderConfig":
+            var f = ServiceProviderFeatures()
+            f.patch = false
+            f.bulk = false
+            f.etag = false
+            f.cursorPagination = false
+            return Self.respond(200, f.json)
+        case "Schemas":
+            if parts.count == 2 {
+                guard let s = brokerRegistry.schema(parts[1]) else { throw SCIMError.notFound("no schema \(parts[1])") }
+                return Self.respond(200, s.json)
+            }
+            return Self.respond(200, brokerRegistry.schemasDocument)
+        case "ResourceTypes":
+            if parts.count == 2 {
+                guard let t = brokerRegistry.resourceType(parts[1]) else { throw SCIMError.notFound("no resource type \(parts[1])") }
+                return Self.respond(200, t.json)
+            }
+            return Self.respond(200, brokerRegistry.resourceTypesDocument)
+        case let endpoint?:
+            guard let type = brokerRegistry.resourceType(endpoint: "/" + endpoint) else {
+                throw SCIMError.notFound("no such endpoint: /\(endpoint)")
+            }
+            if parts.count == 2 && !isSearch {
+                guard let r = try store.resource(brokerID: parts[1]), r.type == type.id else {
+                    throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
+                }
+                return Self.respond(200, .object(r.resource))
+            }
+            let query: ListQuery
+            if isSearch {
+                query = try ListQuery(searchBody: try JSONParser.parse(request.body), registry: brokerRegistry, type: type,
+                                      maxResults: maxResults)
+            } else {
+                guard let params = request.query.map(parseQueryString) ?? [:] else { throw SCIMError.invalidSyntax("malformed query string") }
+                query = try ListQuery(parameters: params, registry: brokerRegistry, type: type, maxResults: maxResults)
+            }
+            guard query.cursor == nil else { throw SCIMError.invalidValue("cursor pagination is not supported here yet") }
+            let matches = query.sorted(try store.all(type.id, budget: scanBudget).filter { query.filter?.matches($0) ?? true })
+            let page = query.page(matches).map { JSON.object(query.projection.apply(to: $0)) }
+            return Self.respond(200, makeListResponse(resources: Array(page), totalResults: matches.count, startIndex: query.startIndex))
+        case nil:
+            throw SCIMError.notFound("name a resource endpoint such as /Users")
+        }
+    }
+}
+
+extension BrokerStore {
+    /// A federated resource by broker id, with its type.
+    public func resource(brokerID: String) throws -> (type: String, resource: JSONObject)? {
+        let brokerIds = self.brokerIds, resources = self.resources
+        return try environment.read { txn in
+            guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
+                  let o = try JSONParser.parse(bytes).objectValue else { return nil }
+            let type = String(decoding: key, as: UTF8.self).split(separator: "/")[1]
+            return (String(type), o)
+        }
+    }
+
+    /// Every federated resource of a type, across domains (at most `budget`).
+    public func all(_ type: String, budget: Int) throws -> [JSONObject] {
+        let resources = self.resources
+        return try environment.read { txn in
+            var out: [JSONObject] = []
+            var seen = 0
+            try txn.scan(resources) { k, v in
+                seen += 1
+                if seen > budget { throw SCIMError(400, .tooMany, "more than \(budget) resources to scan") }
+                let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
+                if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v).objectValue { out.append(o) }
+                return true
+            }
+            return out
+        }
+    }
+}
