@@ -80,6 +80,15 @@ public final class AdminEndpoint {
         metric("scim_edge_commit_batches_total", "counter", "Durable group commits.", [("", String(g.batches))])
         metric("scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(agent.server.statistics.openConnections))])
+        if let relay = agent.relay {
+            let r = relay.statistics
+            metric("scim_edge_relay_batches_sent_total", "counter", "Batches sent to the broker.", [("", String(r.batchesSent))])
+            metric("scim_edge_relay_events_acknowledged_total", "counter", "Events the broker acknowledged.", [("", String(r.eventsAcknowledged))])
+            metric("scim_edge_relay_events_rejected_total", "counter", "Events the broker refused for good (dead letters).", [("", String(r.eventsRejected))])
+            metric("scim_edge_relay_errors_total", "counter", "Failed relay attempts (retried).", [("", String(r.errors))])
+            metric("scim_edge_relay_rewinds_total", "counter", "409 expectedSeq answers.", [("", String(r.rewinds))])
+            metric("scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.", [("", relay.client.isConnected ? "1" : "0")])
+        }
         return out
     }
 }

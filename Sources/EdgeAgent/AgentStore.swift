@@ -12,6 +12,7 @@ import SCIM
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
+/// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `meta` | `seq`, `version`, `schema`, `acked`, `policy` | counters, layout version, relay position, policy fingerprint |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
@@ -26,6 +27,7 @@ public final class AgentStore: Sendable {
     public let outbox: Database
     let meta: Database
     let propagated: Database
+    let deadLetters: Database
     /// What may leave the boundary (invariant 4), applied before the outbox.
     public let policy: LocalPolicy
 
@@ -39,6 +41,7 @@ public final class AgentStore: Sendable {
         self.registry = registry
         self.policy = policy ?? .propagateAll(registry)
         propagated = try environment.openDatabase("propagated")
+        deadLetters = try environment.openDatabase("deadLetters")
         resources = try environment.openDatabase("resources")
         userNames = try environment.openDatabase("userNames")
         externalIds = try environment.openDatabase("externalIds", flags: .duplicateSort)
@@ -190,10 +193,19 @@ extension AgentStore {
         try environment.write { txn in try acknowledge(through: sequence, in: txn) }
     }
 
-    /// `acknowledge(through:)` inside a write transaction (the relay runs it through group commit).
-    public func acknowledge(through sequence: UInt64, in txn: borrowing WriteTransaction) throws -> Int {
+    /// `acknowledge(through:)` inside a write transaction (the relay runs it
+    /// through group commit). Events the broker refused for good move to the
+    /// dead letters with its reason instead of vanishing.
+    public func acknowledge(through sequence: UInt64, rejected: [UInt64: String] = [:], at epochSeconds: Int64 = 0,
+                            in txn: borrowing WriteTransaction) throws -> Int {
         var keys: [[UInt8]] = []
         try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in keys.append(k); return true }
+        for (seq, reason) in rejected where seq <= sequence {
+            guard let event = try txn.get(outbox, seq.bigEndianBytes) else { continue }
+            let letter: JSON = ["reason": .string(reason), "at": .number(JSONNumber(integer: epochSeconds)),
+                                "event": try JSONParser.parse(event)]
+            try txn.put(deadLetters, seq.bigEndianBytes, letter.serialized())
+        }
         for k in keys { try txn.delete(outbox, k) }
         let current = try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
         if sequence > current { try txn.put(meta, Array("acked".utf8), sequence.bigEndianBytes) }
@@ -212,5 +224,74 @@ extension AgentStore {
     public func oldestOutboxEvent() throws -> (seq: UInt64, issuedAt: Int64)? {
         guard let first = try outboxEntries(after: 0, limit: 1).first else { return nil }
         return (first.0, first.1["iat"]?.numberValue?.integer ?? 0)
+    }
+}
+
+extension AgentStore {
+    /// Dead letters: sequence, reason, the event.
+    public func deadLetterEntries() throws -> [(UInt64, String, JSON)] {
+        let deadLetters = self.deadLetters
+        return try environment.read { txn in
+            var out: [(UInt64, String, JSON)] = []
+            try txn.scan(deadLetters) { k, v in
+                let letter = try JSONParser.parse(v)
+                out.append((UInt64(bigEndianBytes: k)!, letter["reason"]?.stringValue ?? "", letter["event"] ?? .null))
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Forgets a dead letter. Returns whether it existed.
+    @discardableResult
+    public func dropDeadLetter(_ seq: UInt64) throws -> Bool {
+        let deadLetters = self.deadLetters
+        return try environment.write { txn in try txn.delete(deadLetters, seq.bigEndianBytes) }
+    }
+
+    /// Sends the resource of a dead letter again, as it is now (or its
+    /// deletion): a new event at the end of the outbox. Returns whether a
+    /// dead letter was found.
+    @discardableResult
+    public func retryDeadLetter(_ seq: UInt64, _ ctx: WriteContext) throws -> Bool {
+        let deadLetters = self.deadLetters, propagated = self.propagated
+        return try environment.write { txn in
+            guard let bytes = try txn.get(deadLetters, seq.bigEndianBytes) else { return false }
+            let letter = try JSONParser.parse(bytes)
+            guard let (_, body) = letter["event"]?["events"]?.objectValue?.members.first,
+                  let ref = body["ref"]?.stringValue else { return false }
+            let parts = ref.split(separator: "/")
+            if parts.count == 2, let type = registry.resourceType(endpoint: "/" + parts[0]) {
+                let id = String(parts[1])
+                // Forget what we believed had left, so the current state goes out in full.
+                try txn.delete(propagated, AgentStore.key(type, id))
+                let current = try load(txn, type, id)
+                if current == nil {
+                    try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
+                } else {
+                    try emitChange(type, id: id, current: current, kind: EventURI.putFull, ctx, txn)
+                }
+            }
+            try txn.delete(deadLetters, seq.bigEndianBytes)
+            return true
+        }
+    }
+}
+
+extension AgentStore {
+    /// Appends an event as given, with the next sequence number: for tests
+    /// that need an event the broker refuses. Not used by the agent itself.
+    public func appendEventForTesting(uri: String, ref: String, data: JSONObject?, _ ctx: WriteContext) throws {
+        let meta = self.meta, outbox = self.outbox
+        try environment.write { txn in
+            let key = Array("seq".utf8)
+            let seq = (try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+            try txn.put(meta, key, seq.bigEndianBytes)
+            var body: JSONObject = ["ref": .string(ref)]
+            if let data { body["data"] = .object(data) }
+            let event: JSON = ["seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string(ctx.eventID), "txn": .string(ctx.traceID),
+                               "iat": .number(JSONNumber(integer: ctx.epochSeconds)), "events": .object(JSONObject([(uri, .object(body))]))]
+            try txn.put(outbox, seq.bigEndianBytes, event.serialized(), flags: .append)
+        }
     }
 }

@@ -156,13 +156,16 @@ public final class Relay {
                     fail("broker answered 200 without a usable ackedThrough", retryAfter: nil)
                     return
                 }
-                let rejected = body?["rejected"]?.objectValue?.count ?? 0
-                if rejected > 0 {
-                    statistics.eventsRejected += rejected
-                    logger.error("broker rejected events for good", metadata: ["count": .string(String(rejected)),
-                                                                             "rejected": .string(body?["rejected"]?.text ?? "")])
+                var rejected: [UInt64: String] = [:]
+                for (seq, reason) in body?["rejected"]?.objectValue ?? JSONObject() {
+                    if let n = UInt64(seq) { rejected[n] = reason["description"]?.stringValue ?? reason.text }
                 }
-                acknowledge(through: acked)
+                if !rejected.isEmpty {
+                    statistics.eventsRejected += rejected.count
+                    logger.error("broker rejected events for good: kept as dead letters",
+                                 metadata: ["sequences": .string(rejected.keys.sorted().map(String.init).joined(separator: ","))])
+                }
+                acknowledge(through: acked, rejected: rejected)
             case 409:
                 guard let expected = body?["expectedSeq"]?.numberValue?.integer.map(UInt64.init), expected >= 1 else {
                     fail("broker answered 409 without expectedSeq", retryAfter: nil)
@@ -183,10 +186,13 @@ public final class Relay {
     }
 
     /// Prunes through `sequence` durably (group commit), then sends more.
-    private func acknowledge(through sequence: UInt64) {
+    private func acknowledge(through sequence: UInt64, rejected: [UInt64: String] = [:]) {
         let store = self.store
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let now = Int64(ts.tv_sec)
         inFlight = true
-        writer.submit({ txn in try store.acknowledge(through: sequence, in: txn) }) { [weak self] result in
+        writer.submit({ txn in try store.acknowledge(through: sequence, rejected: rejected, at: now, in: txn) }) { [weak self] result in
             guard let self else { return }
             inFlight = false
             switch result {

@@ -13,7 +13,7 @@ struct ScimEdge: ParsableCommand {
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, Resources.self, Policy.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self])
 }
 
 struct Serve: ParsableCommand {
@@ -244,6 +244,46 @@ struct Outbox: ParsableCommand {
                 throw ValidationError("no event \(sequence) in the outbox (acknowledged events are pruned)")
             }
             emit(event.text)
+        }
+    }
+}
+
+struct DeadLetter: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "deadletter", abstract: "Events the broker refused for good.", subcommands: [List.self, Retry.self, Drop.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One line per dead letter: sequence, resource, reason.")
+        @OptionGroup var data: DataDirectory
+        func run() throws {
+            for (seq, reason, event) in try data.open().deadLetterEntries() {
+                let ref = event["events"]?.objectValue?.members.first?.value["ref"]?.stringValue ?? "-"
+                emit("\(seq)\t\(ref)\t\(reason)")
+            }
+        }
+    }
+
+    struct Retry: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Send the resource again as it is now (a new event).")
+        @OptionGroup var data: DataDirectory
+        @Argument(help: "The dead letter's sequence.") var sequence: UInt64
+        func run() throws {
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            let ctx = WriteContext(newID: "", now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec)), epochSeconds: Int64(ts.tv_sec),
+                                   eventID: "retry-\(sequence)", traceID: "deadletter-retry-\(sequence)")
+            guard try data.open().retryDeadLetter(sequence, ctx) else { throw ValidationError("no dead letter \(sequence)") }
+            emit("dead letter \(sequence): resource queued again")
+        }
+    }
+
+    struct Drop: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Forget a dead letter.")
+        @OptionGroup var data: DataDirectory
+        @Argument(help: "The dead letter's sequence.") var sequence: UInt64
+        func run() throws {
+            guard try data.open().dropDeadLetter(sequence) else { throw ValidationError("no dead letter \(sequence)") }
+            emit("dead letter \(sequence) dropped")
         }
     }
 }

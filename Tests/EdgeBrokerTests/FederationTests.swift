@@ -189,6 +189,47 @@ final class FederationTests: XCTestCase {
         XCTAssertTrue(eventually(seconds: 10) { self.applied()["acme-de/\(self.deID)"] == 21 })
     }
 
+
+    func testEventsRefusedForGoodBecomeDeadLettersAndTheRelayMovesOn() throws {
+        let (_, bp) = try startBroker()
+        var (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        XCTAssertEqual(try create(dp, "first"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
+        agent.signal(SIGTERM)
+        XCTAssertEqual(agent.waitForExit(), 0)
+        // An event no broker accepts (no such resource type), then a good one.
+        let local = try AgentStore(path: dir.file("de"), registry: .standard)
+        let firstID = try XCTUnwrap(try local.query(SchemaRegistry.standard.resourceType("User")!, filter: nil, scanBudget: 10).first?["id"]?.stringValue)
+        let ctx = WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "bad", traceID: "bad")
+        try local.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Printers/p1", data: [:], ctx)
+        try local.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:shred", ref: "/Users/\(firstID)", data: nil, ctx)
+        (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        XCTAssertEqual(try create(dp, "second"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 4 }, "the relay moved past them")
+        agent.signal(SIGTERM)
+        XCTAssertEqual(agent.waitForExit(), 0)
+        func run(_ args: [String]) throws -> (Int32, String) {
+            let child = try ChildProcess(productsDirectory + "/scim-edge", args + ["--data-dir", dir.file("de")])
+            let status = child.waitForExit() ?? -1
+            usleep(50_000)
+            return (status, child.output.joined(separator: "\n"))
+        }
+        let list = try run(["deadletter", "list"])
+        XCTAssertTrue(list.1.hasPrefix("2\t/Printers/p1\t"), list.1)
+        XCTAssertTrue(list.1.contains("is not /Users/<id> or /Groups/<id>"), "the broker's reason is kept: \(list.1)")
+        XCTAssertTrue(list.1.contains("3\t/Users/\(firstID)\t"), list.1)
+        XCTAssertEqual(try run(["deadletter", "drop", "2"]).0, 0)
+        XCTAssertNotEqual(try run(["deadletter", "drop", "2"]).0, 0)
+        // Retry sends the user's current state again as a new event.
+        XCTAssertEqual(try run(["deadletter", "retry", "3"]).0, 0)
+        XCTAssertEqual(try run(["deadletter", "list"]).1, "")
+        let outbox = try run(["outbox", "list"])
+        XCTAssertTrue(outbox.1.hasPrefix("5\tprov:create:full\t/Users/\(firstID)"), outbox.1)
+        (agent, _) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 5 })
+        XCTAssertEqual(try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").count, 2, "both users, once each")
+    }
+
 }
 
 func createUser(_ port: Int, _ userName: String) throws -> Int {
