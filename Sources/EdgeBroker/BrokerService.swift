@@ -32,6 +32,12 @@ public struct BrokerConfiguration: Sendable {
     /// The SCIM read API over the federated directory (`--api-listen`); nil: none.
     public var apiListen: SocketAddress?
     public var apiTokens: [String] = []
+    /// `/healthz`, `/readyz`, `/metrics`; nil: none.
+    public var adminListen: SocketAddress?
+    /// Backpressure: with this many batches waiting to be applied, agents get
+    /// 503 + Retry-After (their outboxes hold the events meanwhile).
+    public var maxPendingBatches = 256
+    public var retryAfterSeconds = 2
 
     public init(dataDirectory: String, listen: SocketAddress, tls: TLSConfiguration) {
         self.dataDirectory = dataDirectory
@@ -49,6 +55,7 @@ public struct FederationStatistics: Sendable {
     public var gaps = 0
     public var domainMismatches = 0
     public var unknownIdentities = 0
+    public var busyRefusals = 0
 }
 
 /// `scim-broker serve`: the federation listener (relay protocol v1) over
@@ -59,6 +66,7 @@ public final class BrokerService {
     public let writer: GroupCommitWriter
     public let server: HTTPServer
     public private(set) var apiServer: HTTPServer?
+    public private(set) var adminServer: HTTPServer?
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     public var logger = Logger(label: "scim-broker.federation")
@@ -91,12 +99,61 @@ public final class BrokerService {
             let handler = BrokerAPI(store: store, tokens: configuration.apiTokens)
             apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
         }
+        if let admin = configuration.adminListen {
+            adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
+                weakSelf?.admin(request, responder)
+            }
+        }
+    }
+
+    /// The operations listener: health, readiness and Prometheus metrics.
+    func admin(_ request: HTTPRequest, _ responder: Responder) {
+        switch request.path {
+        case "/healthz":
+            responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ok\n"))
+        case "/readyz":
+            let busy = writer.queuedWrites >= configuration.maxPendingBatches
+            responder.respond(HTTPResponse(status: server.isDraining || busy ? 503 : 200, contentType: "text/plain",
+                                           body: server.isDraining ? "draining\n" : busy ? "busy\n" : "ready\n"))
+        case "/metrics":
+            responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8", body: metricsText()))
+        default:
+            responder.respond(HTTPResponse(status: 404, contentType: "text/plain", body: "try /healthz, /readyz or /metrics\n"))
+        }
+    }
+
+    public func metricsText() -> String {
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, String)]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
+        }
+        let s = statistics
+        metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
+        metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
+        metric("scim_broker_events_duplicate_total", "counter", "Events acknowledged again without re-applying.", [("", String(s.duplicates))])
+        metric("scim_broker_events_rejected_total", "counter", "Events refused for good.", [("", String(s.rejectedEvents))])
+        metric("scim_broker_sequence_gaps_total", "counter", "Batches answered 409 expectedSeq.", [("", String(s.gaps))])
+        metric("scim_broker_refused_total", "counter", "Batches refused, by reason.", [
+            ("{reason=\"domain_mismatch\"}", String(s.domainMismatches)), ("{reason=\"unknown_agent\"}", String(s.unknownIdentities)),
+            ("{reason=\"busy\"}", String(s.busyRefusals)),
+        ])
+        metric("scim_broker_pending_batches", "gauge", "Batches waiting to be applied.", [("", String(writer.queuedWrites))])
+        let sequences = (try? store.agentSequences()) ?? []
+        metric("scim_broker_agent_applied_sequence", "gauge", "Per agent: the last sequence applied.",
+               sequences.map { ("{agent=\"\($0.0)\"}", String($0.1)) })
+        let info = store.environment.info
+        metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
+        return out
     }
 
     /// Stops both listeners after in-flight requests.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
-        server.shutdown { [self] in
-            if let apiServer { apiServer.shutdown(completion) } else { completion() }
+        let extra = [apiServer, adminServer].compactMap { $0 }
+        server.shutdown {
+            var remaining = extra.count
+            if remaining == 0 { completion(); return }
+            for s in extra { s.shutdown { remaining -= 1; if remaining == 0 { completion() } } }
         }
     }
 
@@ -173,6 +230,13 @@ public final class BrokerService {
                 return
             }
             events.append(RelayEvent(seq: UInt64(n), body: e))
+        }
+        // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
+        guard writer.queuedWrites < configuration.maxPendingBatches else {
+            statistics.busyRefusals += 1
+            responder.respond(Self.failure(503, "busy", "the broker has \(writer.queuedWrites) batches waiting; retry later")
+                .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
+            return
         }
         let store = self.store, domain = bound.domain, agent = bound.identity, batch = events
         let ids = (0..<events.count).map { _ in secureID() }

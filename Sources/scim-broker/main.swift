@@ -30,6 +30,10 @@ struct Serve: ParsableCommand {
     var apiListen: String?
     @Option(help: "A bearer token for the read API (repeatable).")
     var apiToken: [String] = []
+    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none').")
+    var adminListen = "127.0.0.1:9190"
+    @Option(help: "Backpressure: agents get 503 + Retry-After while this many batches wait to be applied.")
+    var maxPendingBatches = 256
 
     func run() throws {
         guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
@@ -41,6 +45,11 @@ struct Serve: ParsableCommand {
         var config = BrokerConfiguration(dataDirectory: dataDir, listen: address, tls: TLSConfiguration(
             certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
         config.domains = domains
+        config.maxPendingBatches = maxPendingBatches
+        if adminListen != "none" {
+            guard let a = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
+            config.adminListen = a
+        }
         if let apiListen {
             guard let a = SocketAddress(apiListen) else { throw ValidationError("--api-listen \(apiListen) is not HOST:PORT") }
             config.apiListen = a
@@ -58,6 +67,7 @@ struct Serve: ParsableCommand {
         }
         emitLine("scim-broker 0.1.0 listening on \(broker.server.address) (federation over mutual TLS)")
         if let api = broker.apiServer { emitLine("read API at http://\(api.address)/scim/v2") }
+        if let admin = broker.adminServer { emitLine("operations at http://\(admin.address)/metrics") }
         loop.run()
         _ = loop.close()
     }

@@ -43,7 +43,7 @@ final class FederationTests: XCTestCase {
     func startBroker(port: Int = 0, extra: [String] = []) throws -> (ChildProcess, Int) {
         let child = try ChildProcess(productsDirectory + "/scim-broker", [
             "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
-            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)"] + extra)
+            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)", "--admin-listen", "127.0.0.1:0"] + extra)
         children.append(child)
         return (child, try self.port(of: child, "scim-broker"))
     }
@@ -103,6 +103,9 @@ final class FederationTests: XCTestCase {
         XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
         XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
         XCTAssertEqual(try api(apiPort, "/ResourceTypes/User").1?["schemaExtensions"]?.arrayValue?.count, 2)
+        let metrics = try brokerMetrics(brokerProcess)
+        XCTAssertTrue(metrics.contains("scim_broker_events_applied_total 67"), metrics)
+        XCTAssertTrue(metrics.contains(#"scim_broker_agent_applied_sequence{agent="acme-us/\#(usID)"} 26"#), metrics)
         for c in children { c.signal(SIGTERM); XCTAssertEqual(c.waitForExit(), 0) }
 
         let store = try BrokerStore(path: dir.file("broker"))
@@ -228,6 +231,25 @@ final class FederationTests: XCTestCase {
         (agent, _) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 5 })
         XCTAssertEqual(try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").count, 2, "both users, once each")
+    }
+
+
+    func brokerMetrics(_ broker: ChildProcess) throws -> String {
+        let line = try XCTUnwrap(broker.waitForLine("operations at"))
+        let port = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
+        let c = try RawClient(port: port)
+        c.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return try XCTUnwrap(c.readResponses(1).first).body
+    }
+
+    func testBrokerBackpressureMakesAgentsHoldTheirEvents() throws {
+        let (broker, bp) = try startBroker(extra: ["--max-pending-batches", "0"])
+        let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 0..<3 { XCTAssertEqual(try create(dp, "held\(k)"), 201) }
+        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("broker busy (503)") } }, "\(agent.output.suffix(3))")
+        XCTAssertTrue(try brokerMetrics(broker).contains(#"scim_broker_refused_total{reason="busy"}"#))
+        XCTAssertEqual(applied(), [:])
+        XCTAssertEqual(try outboxEvents("de"), 3, "the agent holds every event")
     }
 
 }
