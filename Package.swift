@@ -57,7 +57,7 @@ let package = Package(
                 swiftSettings: strict),
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
-        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore"],
+        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "SCIM"],
                           swiftSettings: strict),
 
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),

@@ -282,8 +282,13 @@ extension AgentStore {
     /// Appends an event as given, with the next sequence number: for tests
     /// that need an event the broker refuses. Not used by the agent itself.
     public func appendEventForTesting(uri: String, ref: String, data: JSONObject?, _ ctx: WriteContext) throws {
-        let meta = self.meta, outbox = self.outbox
-        try environment.write { txn in
+        try environment.write { txn in try appendEventForTesting(uri: uri, ref: ref, data: data, ctx, in: txn) }
+    }
+
+    /// The same inside a write transaction (bulk fills for benchmarks).
+    public func appendEventForTesting(uri: String, ref: String, data: JSONObject?, _ ctx: WriteContext,
+                                      in txn: borrowing WriteTransaction) throws {
+        do {
             let key = Array("seq".utf8)
             let seq = (try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
             try txn.put(meta, key, seq.bigEndianBytes)

@@ -19,6 +19,8 @@ public struct RelayConfiguration: Sendable {
     public var agentName: String
     public var maxEventsPerBatch = 500
     public var maxBytesPerBatch = 1 << 20
+    /// Batches in flight on the (pipelined) connection.
+    public var window = 4
     /// Wait this long after a commit so that close writes share a batch.
     public var lingerMilliseconds: UInt64 = 2
     /// Look at the outbox this often even without commits.
@@ -55,7 +57,9 @@ public struct RelayStatistics: Sendable {
 }
 
 /// Sends the outbox to the broker, in order, at least once; the broker's
-/// per-agent sequence makes the effect exactly once. One batch in flight.
+/// per-agent sequence makes the effect exactly once. Up to `window` batches
+/// are in flight on the pipelined connection; acknowledged events are pruned
+/// in the background (a crash before the prune only causes harmless resends).
 /// Threading: loop-confined.
 public final class Relay {
     let loop: EventLoop
@@ -64,7 +68,15 @@ public final class Relay {
     let configuration: RelayConfiguration
     let client: HTTPClient
     private var timer: LoopTimer?
-    private var inFlight = false
+    /// Batches sent and not yet answered.
+    private var inFlight = 0
+    /// The last sequence sent (in memory; restarts from the acknowledged one).
+    private var sentThrough: UInt64 = 0
+    /// The highest sequence the broker acknowledged, and the one pruned durably.
+    private var ackedThrough: UInt64 = 0
+    private var pruning = false
+    /// Bumped on every rewind: answers to batches sent before it are stale.
+    private var generation = 0
     private var scheduled = false
     private var failures = 0
     private var stopped = false
@@ -84,6 +96,8 @@ public final class Relay {
         let t = try LoopTimer(loop: loop)
         t.keepsLoopAlive = false
         timer = t
+        ackedThrough = try store.acknowledgedSequence()
+        sentThrough = ackedThrough
         schedule(after: 0)
     }
 
@@ -95,9 +109,12 @@ public final class Relay {
     }
 
     /// New events were committed: send them soon.
+    /// A backoff or Retry-After is running: commits do not cut it short.
+    private var backingOff = false
+
     public func kick() {
-        guard !inFlight, !stopped else { return }
-        schedule(after: configuration.lingerMilliseconds)
+        guard inFlight < configuration.window, !stopped, !backingOff else { return }
+        schedule(after: configuration.lingerMilliseconds)  // replaces a pending idle poll
     }
 
     private func schedule(after milliseconds: UInt64) {
@@ -106,54 +123,63 @@ public final class Relay {
         timer.start(after: milliseconds) { [unowned self] in
             scheduled = false
             sendNext()
+            if inFlight == 0 && !scheduled { idle() }
         }
     }
 
-    private func idle() { schedule(after: configuration.pollMilliseconds) }
+    private func idle() { if !scheduled { schedule(after: configuration.pollMilliseconds) } }
 
+    /// Fills the window with batches after `sentThrough`.
     private func sendNext() {
-        guard !inFlight, !stopped else { return }
-        let entries: [(UInt64, JSON)]
-        do {
-            entries = try store.outboxEntries(after: try store.acknowledgedSequence(), limit: configuration.maxEventsPerBatch)
-        } catch {
-            fail("cannot read the outbox: \(error)", retryAfter: nil)
-            return
+        while inFlight < configuration.window, !stopped {
+            let entries: [(UInt64, JSON)]
+            do {
+                entries = try store.outboxEntries(after: sentThrough, limit: configuration.maxEventsPerBatch)
+            } catch {
+                fail("cannot read the outbox: \(error)", retryAfter: nil)
+                return
+            }
+            guard !entries.isEmpty else {
+                if inFlight == 0 { idle() }
+                return
+            }
+            var events: [JSON] = []
+            var bytes = 0
+            for (_, e) in entries {
+                let size = e.serialized().count
+                if !events.isEmpty && bytes + size > configuration.maxBytesPerBatch { break }
+                events.append(e)
+                bytes += size
+            }
+            let first = entries[0].0, last = entries[events.count - 1].0
+            let batch: JSON = [
+                "agent": .string(configuration.agentName), "domain": .string(configuration.domain),
+                "firstSeq": .number(JSONNumber(integer: Int64(first))), "lastSeq": .number(JSONNumber(integer: Int64(last))),
+                "events": .array(events),
+            ]
+            inFlight += 1
+            sentThrough = last
+            statistics.batchesSent += 1
+            let sentIn = generation
+            let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
+                                      headers: ["Content-Type": "application/json"], body: batch.serialized())
+            client.send(request) { [weak self] result in self?.answered(result, first: first, generation: sentIn) }
         }
-        guard !entries.isEmpty else { idle(); return }
-        var events: [JSON] = []
-        var bytes = 0
-        for (_, e) in entries {
-            let size = e.serialized().count
-            if !events.isEmpty && bytes + size > configuration.maxBytesPerBatch { break }
-            events.append(e)
-            bytes += size
-        }
-        let first = entries[0].0, last = entries[events.count - 1].0
-        let batch: JSON = [
-            "agent": .string(configuration.agentName), "domain": .string(configuration.domain),
-            "firstSeq": .number(JSONNumber(integer: Int64(first))), "lastSeq": .number(JSONNumber(integer: Int64(last))),
-            "events": .array(events),
-        ]
-        inFlight = true
-        statistics.batchesSent += 1
-        let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
-                                  headers: ["Content-Type": "application/json"], body: batch.serialized())
-        client.send(request) { [weak self] result in self?.answered(result, first: first, last: last) }
     }
 
-    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, first: UInt64, last: UInt64) {
-        inFlight = false
+    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, first: UInt64, generation sentIn: Int) {
+        inFlight -= 1
         guard !stopped else { return }
+        let current = sentIn == generation
         switch result {
         case .failure(let e):
-            fail("broker unreachable: \(e)", retryAfter: nil)
+            if current { rewind("broker unreachable: \(e)", retryAfter: nil) }
         case .success(let r):
             let body = try? JSONParser.parse(r.body)
             switch r.status {
             case 200:
-                guard let acked = body?["ackedThrough"]?.numberValue?.integer.map(UInt64.init), acked >= first - 1 else {
-                    fail("broker answered 200 without a usable ackedThrough", retryAfter: nil)
+                guard let acked = body?["ackedThrough"]?.numberValue?.integer.map(UInt64.init) else {
+                    if current { rewind("broker answered 200 without ackedThrough", retryAfter: nil) }
                     return
                 }
                 var rejected: [UInt64: String] = [:]
@@ -165,49 +191,75 @@ public final class Relay {
                     logger.error("broker rejected events for good: kept as dead letters",
                                  metadata: ["sequences": .string(rejected.keys.sorted().map(String.init).joined(separator: ","))])
                 }
-                acknowledge(through: acked, rejected: rejected)
+                failures = 0
+                backingOff = false
+                acknowledged(through: acked, rejected: rejected)
+                if current { sendNext() }
             case 409:
                 guard let expected = body?["expectedSeq"]?.numberValue?.integer.map(UInt64.init), expected >= 1 else {
-                    fail("broker answered 409 without expectedSeq", retryAfter: nil)
+                    if current { rewind("broker answered 409 without expectedSeq", retryAfter: nil) }
                     return
                 }
                 statistics.rewinds += 1
-                // The broker has everything before `expected`: continue from there.
-                logger.warning("broker expects another sequence", metadata: ["expected": .string(String(expected)), "sent": .string(String(first))])
-                if expected - 1 >= first { acknowledge(through: expected - 1) } else {
-                    fail("broker expects sequence \(expected) but this agent already pruned it", retryAfter: nil)
+                // The broker has everything before `expected`.
+                if expected - 1 > ackedThrough { acknowledged(through: expected - 1, rejected: [:]) }
+                if expected - 1 < ackedThrough {
+                    logger.error("broker expects sequence \(expected), already pruned here: resending from \(ackedThrough + 1)")
                 }
+                if current { rewind(nil, retryAfter: 0) }
             case 429, 503:
-                fail("broker busy (\(r.status))", retryAfter: r.headers["Retry-After"].flatMap(UInt64.init))
+                if current { rewind("broker busy (\(r.status))", retryAfter: r.headers["Retry-After"].flatMap(UInt64.init)) }
             default:
-                fail("broker refused the batch: \(r.status) \(body?["description"]?.stringValue ?? r.bodyText)", retryAfter: nil)
+                if current {
+                    rewind("broker refused the batch: \(r.status) \(body?["description"]?.stringValue ?? r.bodyText)", retryAfter: nil)
+                }
             }
         }
     }
 
-    /// Prunes through `sequence` durably (group commit), then sends more.
-    private func acknowledge(through sequence: UInt64, rejected: [UInt64: String] = [:]) {
-        let store = self.store
+    /// The broker has everything through `sequence`: prune it (and keep
+    /// refused events as dead letters) in the background.
+    private func acknowledged(through sequence: UInt64, rejected: [UInt64: String]) {
+        guard sequence > ackedThrough || !rejected.isEmpty else { return }
+        let before = ackedThrough
+        ackedThrough = max(ackedThrough, sequence)
+        statistics.eventsAcknowledged += Int(ackedThrough - before)
+        pendingRejections.merge(rejected) { a, _ in a }
+        prune()
+    }
+
+    private var pendingRejections: [UInt64: String] = [:]
+
+    private func prune() {
+        guard !pruning else { return }
+        let target = ackedThrough, rejected = pendingRejections, store = self.store
+        pendingRejections = [:]
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let now = Int64(ts.tv_sec)
-        inFlight = true
-        writer.submit({ txn in try store.acknowledge(through: sequence, rejected: rejected, at: now, in: txn) }) { [weak self] result in
+        pruning = true
+        writer.submit({ txn in try store.acknowledge(through: target, rejected: rejected, at: now, in: txn) }) { [weak self] result in
             guard let self else { return }
-            inFlight = false
-            switch result {
-            case .success(let n):
-                failures = 0
-                statistics.eventsAcknowledged += n
-                schedule(after: 0)
-            case .failure(let e):
-                fail("cannot record the acknowledgement: \(e)", retryAfter: nil)
+            pruning = false
+            if case .failure(let e) = result {
+                logger.error("relay: cannot record the acknowledgement: \(e)")
+                pendingRejections.merge(rejected) { a, _ in a }
             }
+            if ackedThrough > target || !pendingRejections.isEmpty { prune() }
         }
+    }
+
+    /// Forgets what is in flight and resends from the last acknowledgement,
+    /// after the broker's Retry-After or a jittered backoff (none for 0).
+    private func rewind(_ message: String?, retryAfter: UInt64?) {
+        generation += 1
+        sentThrough = ackedThrough
+        if let message { fail(message, retryAfter: retryAfter) } else { schedule(after: (retryAfter ?? 0) * 1000) }
     }
 
     /// Capped exponential backoff with full jitter, or the broker's Retry-After.
     private func fail(_ message: String, retryAfter: UInt64?) {
+        backingOff = true
         failures += 1
         statistics.errors += 1
         statistics.lastError = message

@@ -1,10 +1,12 @@
 // Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
 // HTTP server to compare with nginx. Not installed by the packages.
+import EdgeAgent
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
 import Glibc
+import SCIM
 
 /// Unbuffered line output (file descriptors, not stdio: a SIGKILL must not
 /// eat lines the parent is waiting for).
@@ -152,6 +154,41 @@ do {
         clock_gettime(CLOCK_MONOTONIC, &t1)
         let secs = Double(t1.tv_sec - t0.tv_sec) + Double(t1.tv_nsec - t0.tv_nsec) / 1e9
         emit("commits/s \(Int(2000 / secs)) writes/s \(Int(Double(n) / secs))")
+    case "pki":
+        // A throwaway federation PKI: ca.crt, broker.{crt,key} (127.0.0.1), agent.{crt,key}
+        // with the identity spiffe://bench/<domain>/agent for each domain given.
+        guard args.count >= 3 else { fail("usage: edge-fixture pki DIR DOMAIN...") }
+        let ca = try CertificateAuthority(commonName: "bench federation CA")
+        func save(_ name: String, _ text: String) throws {
+            guard let f = fopen("\(args[1])/\(name)", "w") else { fail("cannot write \(args[1])/\(name)") }
+            fputs(text, f)
+            fclose(f)
+        }
+        try save("ca.crt", ca.certificatePEM)
+        let b = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]))
+        try save("broker.crt", b.certificatePEM)
+        try save("broker.key", b.privateKeyPEM)
+        for domain in args.dropFirst(2) {
+            let a = try ca.issue(CertificateRequest(commonName: "agent-\(domain)", uris: ["spiffe://bench/\(domain)/agent"]))
+            try save("\(domain).crt", a.certificatePEM)
+            try save("\(domain).key", a.privateKeyPEM)
+        }
+    case "fill-outbox":
+        // Appends N create events of distinct users to an agent's outbox (agent stopped).
+        guard args.count >= 3, let n = Int(args[2]) else { fail("usage: edge-fixture fill-outbox DIR N") }
+        let store = try AgentStore(path: args[1], registry: .standard)
+        for chunk in stride(from: 1, through: n, by: 50_000) { try store.environment.write { txn in
+            for k in chunk...min(n, chunk + 49_999) {
+                let user: JSONObject = ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
+                                        "userName": .string("user\(k)@example.com"), "active": true,
+                                        "name": ["givenName": "Bench", "familyName": .string("User \(k)")],
+                                        "meta": ["resourceType": "User", "version": "W/\"1\""]]
+                try store.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Users/u\(k)",
+                                                data: user, WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "f\(k)", traceID: "fill"),
+                                                in: txn)
+            }
+        } }
+        emit("filled \(n)")
     case "http-serve":
         func opt(_ name: String) -> String? { args.firstIndex(of: name).flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } }
         try httpServe(port: Int(opt("--port") ?? "0") ?? 0, cert: opt("--cert"), key: opt("--key"))
