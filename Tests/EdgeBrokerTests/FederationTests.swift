@@ -252,6 +252,36 @@ final class FederationTests: XCTestCase {
         XCTAssertEqual(try outboxEvents("de"), 3, "the agent holds every event")
     }
 
+
+    /// Drops, delays, resets and stalled reads between agent and broker:
+    /// everything converges, nothing lost, nothing twice.
+    func testFaultyNetworkConverges() throws {
+        let (_, bp) = try startBroker()
+        let proxy = try FaultProxy(upstreamPort: bp, seed: 20_261_129)
+        defer { proxy.stop() }
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: proxy.port)
+        // Writes for 5 s (at most 5,000) while the network misbehaves.
+        var acked: [String] = []
+        let until = Date().addingTimeInterval(5)
+        var k = 0
+        while Date() < until && k < 5000 {
+            if try create(dp, "f\(k)") == 201 { acked.append("f\(k)") }
+            k += 1
+        }
+        XCTAssertEqual(acked.count, k, "the IdP side never noticed the network")
+        proxy.healthy()
+        let total = UInt64(acked.count)
+        XCTAssertTrue(eventually(seconds: 120) { self.applied()["acme-de/\(self.deID)"] == total },
+                      "applied \(applied()) of \(total); faults \(proxy.faultCounts)")
+        let faults = proxy.faultCounts
+        XCTAssertGreaterThan(faults.values.reduce(0, +), 5, "the relay reconnected through many faulty connections: \(faults)")
+        XCTAssertGreaterThan(faults.filter { $0.key != "pass" }.values.reduce(0, +), 3, "faults were injected: \(faults)")
+        for c in children where c.process.isRunning { c.signal(SIGTERM); _ = c.waitForExit() }
+        let names = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").compactMap { $0["userName"]?.stringValue }
+        XCTAssertEqual(names.count, acked.count)
+        XCTAssertEqual(Set(names), Set(acked))
+    }
+
 }
 
 func createUser(_ port: Int, _ userName: String) throws -> Int {
