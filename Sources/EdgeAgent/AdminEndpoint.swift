@@ -88,6 +88,12 @@ public final class AdminEndpoint {
             metric("scim_edge_relay_errors_total", "counter", "Failed relay attempts (retried).", [("", String(r.errors))])
             metric("scim_edge_relay_rewinds_total", "counter", "409 expectedSeq answers.", [("", String(r.rewinds))])
             metric("scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.", [("", relay.client.isConnected ? "1" : "0")])
+            metric("scim_edge_relay_window", "gauge", "Batches allowed in flight (adaptive).", [("", String(r.window))])
+            out += "# HELP scim_edge_relay_rtt_seconds Round trip of a batch to the broker.\n# TYPE scim_edge_relay_rtt_seconds histogram\n"
+            for (k, le) in RelayStatistics.rttBuckets.enumerated() {
+                out += "scim_edge_relay_rtt_seconds_bucket{le=\"\(le)\"} \(r.rttBucketCounts[k])\n"
+            }
+            out += "scim_edge_relay_rtt_seconds_bucket{le=\"+Inf\"} \(r.rttCount)\nscim_edge_relay_rtt_seconds_sum \(r.rttSum)\nscim_edge_relay_rtt_seconds_count \(r.rttCount)\n"
         }
         return out
     }

@@ -19,8 +19,9 @@ public struct RelayConfiguration: Sendable {
     public var agentName: String
     public var maxEventsPerBatch = 500
     public var maxBytesPerBatch = 1 << 20
-    /// Batches in flight on the (pipelined) connection.
-    public var window = 4
+    /// Batches in flight on the (pipelined) connection: the window adapts
+    /// between 1 and this (additive increase, multiplicative decrease).
+    public var window = 16
     /// Wait this long after a commit so that close writes share a batch.
     public var lingerMilliseconds: UInt64 = 2
     /// Look at the outbox this often even without commits.
@@ -48,6 +49,12 @@ public struct RelayConfiguration: Sendable {
 
 /// Relay statistics, for metrics and status.
 public struct RelayStatistics: Sendable {
+    public static let rttBuckets: [Double] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+    public var rttBucketCounts = [Int](repeating: 0, count: RelayStatistics.rttBuckets.count)
+    public var rttCount = 0
+    public var rttSum = 0.0
+    /// The adaptive window now.
+    public var window = 1
     public var batchesSent = 0
     public var eventsAcknowledged = 0
     public var eventsRejected = 0
@@ -77,6 +84,9 @@ public final class Relay {
     private var pruning = false
     /// Bumped on every rewind: answers to batches sent before it are stale.
     private var generation = 0
+    /// The adaptive window (AIMD) and the best round trip seen, for the latency signal.
+    private var window = 1
+    private var bestRTT = Double.infinity
     private var scheduled = false
     private var failures = 0
     private var stopped = false
@@ -113,7 +123,7 @@ public final class Relay {
     private var backingOff = false
 
     public func kick() {
-        guard inFlight < configuration.window, !stopped, !backingOff else { return }
+        guard inFlight < window, !stopped, !backingOff else { return }
         schedule(after: configuration.lingerMilliseconds)  // replaces a pending idle poll
     }
 
@@ -131,7 +141,7 @@ public final class Relay {
 
     /// Fills the window with batches after `sentThrough`.
     private func sendNext() {
-        while inFlight < configuration.window, !stopped {
+        while inFlight < window, !stopped {
             let entries: [(UInt64, JSON)]
             do {
                 entries = try store.outboxEntries(after: sentThrough, limit: configuration.maxEventsPerBatch)
@@ -161,9 +171,13 @@ public final class Relay {
             sentThrough = last
             statistics.batchesSent += 1
             let sentIn = generation
+            let sentAt = monotonicNanoseconds()
             let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
                                       headers: ["Content-Type": "application/json"], body: batch.serialized())
-            client.send(request) { [weak self] result in self?.answered(result, first: first, generation: sentIn) }
+            client.send(request) { [weak self] result in
+                self?.recordRTT(Double(monotonicNanoseconds() - sentAt) / 1e9)
+                self?.answered(result, first: first, generation: sentIn)
+            }
         }
     }
 
@@ -193,6 +207,8 @@ public final class Relay {
                 }
                 failures = 0
                 backingOff = false
+                window = min(configuration.window, window + 1)  // additive increase
+                statistics.window = window
                 acknowledged(through: acked, rejected: rejected)
                 if current { sendNext() }
             case 409:
@@ -252,9 +268,26 @@ public final class Relay {
     /// Forgets what is in flight and resends from the last acknowledgement,
     /// after the broker's Retry-After or a jittered backoff (none for 0).
     private func rewind(_ message: String?, retryAfter: UInt64?) {
+        if message != nil { shrinkWindow() }
         generation += 1
         sentThrough = ackedThrough
         if let message { fail(message, retryAfter: retryAfter) } else { schedule(after: (retryAfter ?? 0) * 1000) }
+    }
+
+    /// Multiplicative decrease: on errors, busy answers and rising latency.
+    private func shrinkWindow() {
+        window = max(1, window / 2)
+        statistics.window = window
+    }
+
+    /// Records a round trip; one far above the best seen means a queue is
+    /// building somewhere: back off the window.
+    private func recordRTT(_ seconds: Double) {
+        statistics.rttCount += 1
+        statistics.rttSum += seconds
+        for (k, le) in RelayStatistics.rttBuckets.enumerated() where seconds <= le { statistics.rttBucketCounts[k] += 1 }
+        bestRTT = min(bestRTT, seconds)
+        if seconds > max(bestRTT * 4, 0.05) && window > 1 { shrinkWindow() }
     }
 
     /// Capped exponential backoff with full jitter, or the broker's Retry-After.

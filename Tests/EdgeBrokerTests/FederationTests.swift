@@ -79,7 +79,7 @@ final class FederationTests: XCTestCase {
         let (brokerProcess, bp) = try startBroker(extra: ["--api-listen", "127.0.0.1:0", "--api-token", "api-token"])
         let apiLine = try XCTUnwrap(brokerProcess.waitForLine("read API at"))
         let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
-        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (deAgent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp, extra: ["--admin-listen", "127.0.0.1:0"])
         let (_, up) = try startAgent("us", cert: us, domain: "acme-us", brokerPort: bp)
         for k in 0..<40 { XCTAssertEqual(try create(dp, "de\(k)"), 201) }
         for k in 0..<25 { XCTAssertEqual(try create(up, "us\(k)"), 201) }
@@ -89,6 +89,14 @@ final class FederationTests: XCTestCase {
             self.applied()["acme-de/\(self.deID)"] == 41 && self.applied()["acme-us/\(self.usID)"] == 26
         }, "broker applied \(applied())")
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 }, "acknowledged events leave the agent's outbox")
+
+        // The relay reports on the agent's /metrics.
+        let agentMetrics = try brokerMetrics(deAgent)
+        for line in ["scim_edge_relay_events_acknowledged_total 41", "scim_edge_relay_connected 1", "scim_edge_outbox_events 0",
+                     "scim_edge_relay_events_rejected_total 0", "scim_edge_relay_rtt_seconds_count"] {
+            XCTAssertTrue(agentMetrics.contains(line), "agent metrics should contain \(line)")
+        }
+        XCTAssertTrue(agentMetrics.contains("scim_edge_relay_window "), agentMetrics)
 
         // The read API over all domains.
         let both = try api(apiPort, "/Users?filter=userName%20eq%20%22same@example.com%22")
