@@ -97,6 +97,23 @@ extension AgentConfiguration {
             if let v = try scim.int("scanBudget") { config.endpoint.scanBudget = max(1, v) }
             try scim.finish()
         }
+        if var broker = try top.mapping("broker") {
+            guard let url = try broker.string("url"), let (address, name) = RelayConfiguration.brokerAddress(url) else {
+                throw ConfigError("'broker.url' must be https://HOST:PORT", at: broker.mark)
+            }
+            guard let ca = try broker.string("ca"), let cert = try broker.string("cert"), let key = try broker.string("key"),
+                  let domain = try broker.string("domain") else {
+                throw ConfigError("'broker' needs url, ca, cert, key and domain", at: broker.mark)
+            }
+            var relay = RelayConfiguration(broker: address, brokerName: name,
+                                           tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
+                                           domain: domain, agentName: try broker.string("agent") ?? "agent")
+            if let v = try broker.int("maxEventsPerBatch") { relay.maxEventsPerBatch = max(1, v) }
+            if let v = try broker.int("window") { relay.window = max(1, v) }
+            try broker.finish()
+            config.relay = relay
+            config.endpoint.recordOutbox = true
+        }
         if var policy = try top.mapping("policy") {
             config.policy = try decodePolicy(&policy)
             try policy.finish()

@@ -162,6 +162,9 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.endpoint.outboxHighEvents, 1_000_000)
         XCTAssertTrue(config.endpoint.recordOutbox)
         XCTAssertNotNil(config.policy)
+        XCTAssertEqual(config.relay?.domain, "acme-de")
+        XCTAssertEqual(config.relay?.broker.port, 8443)
+        XCTAssertEqual(config.relay?.window, 16)
         XCTAssertEqual(try readTokenFile(config.tokenFile!), ["abc", "def"])
         // And the CLI agrees.
         let child = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
@@ -181,6 +184,8 @@ final class ConfigTests: XCTestCase {
         fails("dataDir: /d\npolicy:\n  attributes:\n    userName: keep-local\n", "pseudonymize it instead")
         fails("dataDir: &a /d\nlisten: *a\n", "aliases are not supported")
         fails("dataDir: [unclosed\n", "YAML:")
+        fails("dataDir: /d\nbroker:\n  url: http://x:1\n", "https://HOST:PORT")
+        fails("dataDir: /d\nbroker:\n  url: https://127.0.0.1:1\n  ca: a\n", "needs url, ca, cert, key and domain")
         XCTAssertEqual(try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000\n").endpoint.outboxLowEvents, 800)
     }
 }

@@ -10,7 +10,8 @@ import XCTest
 final class FederationTests: XCTestCase {
     var dir: TempDirectory!
     var ca: String!, broker: (String, String)!
-    var de: (String, String)!, us: (String, String)!, rogue: (String, String)!
+    var de: (String, String)!, us: (String, String)!, rogue: (String, String)!, revoked: (String, String)!
+    var crl: String!
     let deID = "spiffe://scim-edge.test/acme-de/agent-1"
     let usID = "spiffe://scim-edge.test/acme-us/agent-1"
     var children: [ChildProcess] = []
@@ -27,6 +28,9 @@ final class FederationTests: XCTestCase {
         de = save("de", try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
         us = save("us", try authority.issue(CertificateRequest(commonName: "agent-us", uris: [usID])))
         rogue = save("rogue", try other.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
+        let stolen = try authority.issue(CertificateRequest(commonName: "agent-de-old", uris: [deID]))
+        revoked = save("revoked", stolen)
+        crl = dir.write("ca.crl", try authority.revocationList(revoking: [stolen.serial]))
     }
 
     override func tearDown() {
@@ -288,6 +292,21 @@ final class FederationTests: XCTestCase {
         let names = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").compactMap { $0["userName"]?.stringValue }
         XCTAssertEqual(names.count, acked.count)
         XCTAssertEqual(Set(names), Set(acked))
+    }
+
+
+    func testRevokedAgentCertificateIsRefused() throws {
+        let (_, bp) = try startBroker(extra: ["--crl", crl])
+        let (agent, dp) = try startAgent("old", cert: revoked, domain: "acme-de", brokerPort: bp)
+        XCTAssertEqual(try create(dp, "revoked-user"), 201)
+        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("certificate revoked") } },
+                      "the agent learns why: \(agent.output.suffix(2))")
+        XCTAssertEqual(applied(), [:])
+        XCTAssertEqual(try outboxEvents("old"), 1)
+        // A valid certificate with the same identity still works.
+        let (_, good) = try startAgent("new", cert: de, domain: "acme-de", brokerPort: bp)
+        XCTAssertEqual(try create(good, "valid-user"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
     }
 
 }
