@@ -36,19 +36,21 @@ let package = Package(
         .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
-        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "CYAML",
+        // Strict YAML configuration files (libyaml), shared by the agent and the broker.
+        .target(name: "EdgeConfig", dependencies: ["CYAML"], swiftSettings: strict),
+        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig",
                                                   .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
 
-        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM",
+        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig",
                                                     .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .executableTarget(name: "scim-broker", dependencies: [
-            "EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeBroker", "EdgeAgent", "EdgeConfig", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .executableTarget(name: "scim-edge", dependencies: [
-            "EdgeAgent", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeAgent", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
 
@@ -64,7 +66,7 @@ let package = Package(
         .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "SCIMTests", dependencies: ["SCIM"], swiftSettings: strict),
-        .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
+        .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),

@@ -1,24 +1,9 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
 import Glibc
 import SCIM
-
-/// Reads a whole file (configuration, keys, tokens).
-public func readFileBytes(_ path: String) throws(ConfigError) -> [UInt8] {
-    guard let f = fopen(path, "rb") else {
-        throw ConfigError("cannot read \(path): \(String(cString: strerror(errno)))", at: nil)
-    }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        if n > 0 { out.append(contentsOf: buf[0..<n]) }
-        if n < buf.count { break }
-    }
-    return out
-}
 
 extension AgentConfiguration {
     /// Reads a YAML configuration file strictly: unknown keys, wrong types

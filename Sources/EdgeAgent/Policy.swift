@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeTLS
 import SCIM
 

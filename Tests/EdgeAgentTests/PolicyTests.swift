@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeAgent
 import EdgeHTTP
 import EdgeLoop

@@ -1,4 +1,5 @@
 internal import CYAML
+import Glibc
 
 /// A position in a YAML file (1-based).
 public struct YAMLMark: Sendable, Equatable, CustomStringConvertible {
@@ -124,7 +125,7 @@ private struct EventReader {
 /// a misspelt or unknown key is an error with its line and column.
 public struct YAMLMapping {
     let members: [(key: String, keyMark: YAMLMark, value: YAMLNode)]
-    let mark: YAMLMark
+    public let mark: YAMLMark
     let path: String
     private var used: Set<String> = []
 
@@ -198,3 +199,20 @@ extension String {
     /// `1_000_000` → `1000000` (YAML-style digit grouping).
     var replacingUnderscores: String { String(filter { $0 != "_" }) }
 }
+
+/// Reads a whole file (configuration, keys, tokens).
+public func readFileBytes(_ path: String) throws(ConfigError) -> [UInt8] {
+    guard let f = fopen(path, "rb") else {
+        throw ConfigError("cannot read \(path): \(String(cString: strerror(errno)))", at: nil)
+    }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n > 0 { out.append(contentsOf: buf[0..<n]) }
+        if n < buf.count { break }
+    }
+    return out
+}
+
