@@ -11,6 +11,9 @@ public struct WriteContext: Sendable {
     public var eventID: String
     public var traceID: String
     public var ifMatch: String?
+    /// When the write was accepted, in Unix milliseconds (events carry it as
+    /// `ts`, so the broker can measure propagation).
+    public var epochMilliseconds: Int64 = 0
     /// Whether writes append relay events (false for a standalone agent).
     public var recordEvents = true
 
@@ -261,6 +264,7 @@ extension AgentStore {
             "jti": .string("\(ctx.eventID)-\(seq)"),
             "txn": .string(ctx.traceID),
             "iat": .number(JSONNumber(integer: ctx.epochSeconds)),
+            "ts": .number(JSONNumber(integer: ctx.epochMilliseconds)),
             "events": .object(JSONObject([(uri, .object(body))])),
         ]
         try txn.put(outbox, seq.bigEndianBytes, event.serialized(), flags: .append)

@@ -440,6 +440,7 @@ public final class SCIMEndpoint {
                                epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
                                ifMatch: request.headers["If-Match"])
         ctx.recordEvents = options.recordOutbox
+        ctx.epochMilliseconds = Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
         return ctx
     }
 

@@ -2,6 +2,7 @@ import EdgeHTTP
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
+import Glibc
 import Logging
 import SCIM
 
@@ -69,6 +70,8 @@ public final class BrokerService {
     public private(set) var adminServer: HTTPServer?
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
+    /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
+    private var propagation: [(at: Int64, seconds: Double)] = []
     public var logger = Logger(label: "scim-broker.federation")
     private var signals: ServiceSignals?
     private let tls: ReloadableTLSContext
@@ -122,6 +125,25 @@ public final class BrokerService {
         }
     }
 
+    func recordPropagation(_ acceptedAt: [Int64]) {
+        guard !acceptedAt.isEmpty else { return }
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let now = Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
+        for a in acceptedAt { propagation.append((now, Double(max(0, now - a)) / 1000)) }
+        if propagation.count > 200_000 { propagation.removeFirst(propagation.count - 200_000) }
+    }
+
+    /// Quantiles of propagation (agent acceptance → broker commit) over the last `window` seconds.
+    public func propagationQuantiles(window: Int64 = 10, _ qs: [Double] = [0.5, 0.99]) -> (count: Int, values: [Double]) {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let since = (Int64(ts.tv_sec) - window) * 1000
+        let recent = propagation.filter { $0.at >= since }.map(\.seconds).sorted()
+        guard !recent.isEmpty else { return (0, qs.map { _ in 0 }) }
+        return (recent.count, qs.map { recent[min(recent.count - 1, Int(Double(recent.count) * $0))] })
+    }
+
     public func metricsText() -> String {
         var out = ""
         func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, String)]) {
@@ -142,6 +164,11 @@ public final class BrokerService {
         let sequences = (try? store.agentSequences()) ?? []
         metric("scim_broker_agent_applied_sequence", "gauge", "Per agent: the last sequence applied.",
                sequences.map { ("{agent=\"\($0.0)\"}", String($0.1)) })
+        let (n, q) = propagationQuantiles()
+        out += "# HELP scim_broker_propagation_seconds From the agent accepting a change to the broker's commit (last 10 s).\n"
+        out += "# TYPE scim_broker_propagation_seconds summary\n"
+        out += "scim_broker_propagation_seconds{quantile=\"0.5\"} \(q[0])\nscim_broker_propagation_seconds{quantile=\"0.99\"} \(q[1])\n"
+        out += "scim_broker_propagation_seconds_count \(n)\n"
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
         return out
@@ -249,6 +276,7 @@ public final class BrokerService {
                     .withHeader("Retry-After", "5"))
             case .success(let outcome):
                 statistics.eventsApplied += outcome.applied
+                recordPropagation(outcome.acceptedAt)
                 statistics.duplicates += outcome.duplicates
                 statistics.rejectedEvents += outcome.rejected.count
                 if let expected = outcome.expectedSequence {

@@ -72,6 +72,8 @@ public struct ApplyOutcome: Sendable, Equatable {
     public var expectedSequence: UInt64?
     public var applied = 0
     public var duplicates = 0
+    /// `ts` (agent acceptance, Unix ms) of each applied event, for propagation metrics.
+    public var acceptedAt: [Int64] = []
 }
 
 /// One event of a batch as received.
@@ -104,6 +106,7 @@ extension BrokerStore {
                 try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), txn)
                 if !ids.isEmpty { ids.removeFirst() }
                 outcome.applied += 1
+                if let ts = event.body["ts"]?.numberValue?.integer, ts > 0 { outcome.acceptedAt.append(ts) }
             } catch let e as SCIMError {
                 outcome.rejected[event.seq] = e.detail
             }
