@@ -118,6 +118,9 @@ final class FederationTests: XCTestCase {
         let metrics = try brokerMetrics(brokerProcess)
         XCTAssertTrue(metrics.contains("scim_broker_events_applied_total 67"), metrics)
         XCTAssertTrue(metrics.contains(#"scim_broker_agent_applied_sequence{agent="acme-us/\#(usID)"} 26"#), metrics)
+        let samples = metrics.split(separator: "\n").first { $0.hasPrefix("scim_broker_propagation_seconds_count ") }
+            .flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+        XCTAssertGreaterThan(samples, 0, "propagation is measured from the agents' acceptance times")
         for c in children { c.signal(SIGTERM); XCTAssertEqual(c.waitForExit(), 0) }
 
         let store = try BrokerStore(path: dir.file("broker"))
