@@ -27,6 +27,9 @@ public struct EndpointOptions: Sendable {
     public var outboxHighBytes = 1 << 30
     public var outboxLowBytes = 800 << 20
     public var retryAfterSeconds = 5
+    /// Writes waiting for group commit; past this, writes get 503 at once
+    /// (a bounded queue: invariant 3).
+    public var maxQueuedWrites = 10_000
     public init() {}
 }
 
@@ -187,6 +190,9 @@ public final class SCIMEndpoint {
     /// Writes are refused (503) from a high watermark of the outbox down to
     /// its low watermark: pushback to the IdP, never dropping an event.
     func checkBackpressure() -> SCIMError? {
+        if writer.queuedWrites >= options.maxQueuedWrites {
+            return SCIMError(503, nil, "\(writer.queuedWrites) writes are waiting for the store; retry after \(options.retryAfterSeconds) s")
+        }
         guard options.recordOutbox, let (events, bytes) = try? store.outboxUsage() else { return nil }
         if backpressure {
             if events <= options.outboxLowEvents && bytes <= options.outboxLowBytes {
@@ -435,9 +441,11 @@ public final class SCIMEndpoint {
     func makeContext(_ request: HTTPRequest, trace given: String? = nil) -> WriteContext {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        let trace = given ?? traceID(request.headers["traceparent"]) ?? randomHex(16)
-        var ctx = WriteContext(newID: uuid(), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
-                               epochSeconds: Int64(ts.tv_sec), eventID: randomHex(8), traceID: trace,
+        // One call to the random generator for every id this write needs.
+        let random = secureRandomBytes(given == nil ? 40 : 24)
+        let trace = given ?? traceID(request.headers["traceparent"]) ?? hexString(Array(random[24..<40]))
+        var ctx = WriteContext(newID: uuid(from: random[0..<16]), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
+                               epochSeconds: Int64(ts.tv_sec), eventID: hexString(Array(random[16..<24])), traceID: trace,
                                ifMatch: request.headers["If-Match"])
         ctx.recordEvents = options.recordOutbox
         ctx.epochMilliseconds = Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
@@ -549,15 +557,22 @@ func traceID(_ header: String?) -> String? {
 
 func randomBytes(_ n: Int) -> [UInt8] { secureRandomBytes(n) }
 
-func randomHex(_ n: Int) -> String {
-    randomBytes(n).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
-}
+func randomHex(_ n: Int) -> String { hexString(secureRandomBytes(n)) }
 
 /// A random (version 4) UUID.
-func uuid() -> String {
-    var b = randomBytes(16)
+func uuid() -> String { uuid(from: secureRandomBytes(16)[...]) }
+
+/// A version 4 UUID from 16 random bytes.
+func uuid(from bytes: ArraySlice<UInt8>) -> String {
+    var b = Array(bytes)
     b[6] = (b[6] & 0x0F) | 0x40
     b[8] = (b[8] & 0x3F) | 0x80
-    let h = b.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }
-    return h[0..<4].joined() + "-" + h[4..<6].joined() + "-" + h[6..<8].joined() + "-" + h[8..<10].joined() + "-" + h[10..<16].joined()
+    let h = hexString(b)
+    var out = ""
+    out.reserveCapacity(36)
+    for (k, c) in h.enumerated() {
+        if k == 8 || k == 12 || k == 16 || k == 20 { out.append("-") }
+        out.append(c)
+    }
+    return out
 }

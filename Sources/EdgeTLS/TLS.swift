@@ -386,12 +386,16 @@ extension PeerIdentity {
     }
 }
 
+private let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
+
 func hex<C: Collection>(_ bytes: C) -> String where C.Element == UInt8 {
-    let digits: [Character] = Array("0123456789abcdef")
-    var s = ""
-    s.reserveCapacity(bytes.count * 2)
-    for b in bytes { s.append(digits[Int(b >> 4)]); s.append(digits[Int(b & 15)]) }
-    return s
+    var out = [UInt8]()
+    out.reserveCapacity(bytes.count * 2)
+    for b in bytes {
+        out.append(hexDigits[Int(b >> 4)])
+        out.append(hexDigits[Int(b & 15)])
+    }
+    return String(decoding: out, as: UTF8.self)
 }
 
 func formatIP(_ b: [UInt8]) -> String {

@@ -96,6 +96,9 @@ final class AgentTests: XCTestCase {
                                      headers: ["traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
         XCTAssertEqual(created.status, 201)
         let id = try XCTUnwrap(created.body?["id"]?.stringValue)
+        let parts = id.split(separator: "-").map(\.count)
+        XCTAssertEqual(parts, [8, 4, 4, 4, 12], "a UUID: \(id)")
+        XCTAssertTrue(id.allSatisfy { $0.isHexDigit || $0 == "-" } && Array(id)[14] == "4", "version 4: \(id)")
         let etag = try XCTUnwrap(created.header("ETag"))
         XCTAssertEqual(created.header("Location"), "http://127.0.0.1:\(agent.port)/scim/v2/Users/\(id)")
         XCTAssertEqual(created.body?["meta"]?["version"]?.stringValue, etag)
@@ -325,6 +328,16 @@ final class AgentTests: XCTestCase {
         let events = try agent.openStore().outboxEntries(after: 0, limit: 100).map(\.0)
         XCTAssertEqual(events, [3, 4, 5, 6], "nothing dropped: acknowledged events left, the rest stayed in order")
         XCTAssertEqual(try agent.openStore().acknowledgedSequence(), 2)
+    }
+
+    func testTheWriteQueueIsBounded() throws {
+        let agent = try AgentHarness { $0.endpoint.maxQueuedWrites = 0 }
+        let refused = try agent.call("POST", "/Users", userBody("queued"))
+        XCTAssertEqual(refused.status, 503)
+        XCTAssertNotNil(refused.header("Retry-After"))
+        XCTAssertTrue(refused.body?["detail"]?.stringValue?.contains("waiting for the store") ?? false)
+        XCTAssertEqual(try agent.call("GET", "/Users").status, 200, "reads are not queued")
+        XCTAssertEqual(agent.stop(), 0)
     }
 
     func testOperationsEndpointsAndMetrics() throws {
