@@ -65,7 +65,7 @@ let package = Package(
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
-        .testTarget(name: "SCIMTests", dependencies: ["SCIM"], swiftSettings: strict),
+        .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "SCIM", "EdgeTestSupport"],

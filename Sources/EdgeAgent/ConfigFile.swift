@@ -10,14 +10,7 @@ extension AgentConfiguration {
     /// and invalid values are errors with their line and column.
     /// The keys are documented in `packaging/agent.example.yaml`.
     public static func load(file path: String) throws(ConfigError) -> AgentConfiguration {
-        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
-        do throws(ConfigError) {
-            return try decode(try YAMLNode.parse(text))
-        } catch {
-            var e = error
-            e.file = path
-            throw e
-        }
+        try loadYAMLFile(path, decode)
     }
 
     public static func decode(_ root: YAMLNode) throws(ConfigError) -> AgentConfiguration {

@@ -7,14 +7,7 @@ extension BrokerConfiguration {
     /// Reads the broker's YAML configuration strictly (see
     /// `packaging/broker.example.yaml`); errors name their line and column.
     public static func load(file path: String) throws(ConfigError) -> BrokerConfiguration {
-        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
-        do throws(ConfigError) {
-            return try decode(try YAMLNode.parse(text))
-        } catch {
-            var e = error
-            e.file = path
-            throw e
-        }
+        try loadYAMLFile(path, decode)
     }
 
     public static func decode(_ root: YAMLNode) throws(ConfigError) -> BrokerConfiguration {

@@ -216,3 +216,15 @@ public func readFileBytes(_ path: String) throws(ConfigError) -> [UInt8] {
     return out
 }
 
+
+/// Reads the YAML file at `path` and decodes it; every error names the file.
+public func loadYAMLFile<T>(_ path: String, _ decode: (YAMLNode) throws(ConfigError) -> T) throws(ConfigError) -> T {
+    do throws(ConfigError) {
+        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
+        return try decode(try YAMLNode.parse(text))
+    } catch {
+        var e = error
+        if e.file == nil { e.file = path }
+        throw e
+    }
+}

@@ -19,7 +19,7 @@ final class FaultProxy: @unchecked Sendable {  // state behind `faults`; loop ob
         let ready = OneShot<LoopBound<TCPListener>>()
         let faultsOn = self.faultsOn, counts = self.counts
         thread = try LoopThread.start { loop in
-            var rng = SplitMixRNG(seed: seed)
+            var rng = SplitMix(seed: seed)
             let listener = try TCPListener(loop: loop, address: SocketAddress(host: "127.0.0.1", port: 0)) { client in
                 let faulty = faultsOn.current
                 let fault: Fault = faulty ? Fault.allCases[Int(rng.next() % 5)] : .pass
@@ -120,18 +120,5 @@ private final class Pipe {
         b.close()
         for t in timers { t.close() }
         timers.removeAll()
-    }
-}
-
-/// A deterministic generator for reproducible faults.
-struct SplitMixRNG {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

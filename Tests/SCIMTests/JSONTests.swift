@@ -1,3 +1,4 @@
+import EdgeTestSupport
 import SCIM
 import XCTest
 
@@ -146,20 +147,6 @@ final class JSONTests: XCTestCase {
             XCTAssertEqual(back.serialized(), bytes)
         }
     }
-}
-
-/// A small deterministic generator (no Foundation randomness: reproducible).
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
 }
 
 func randomJSON(_ rng: inout SplitMix, depth: Int) -> JSON {
