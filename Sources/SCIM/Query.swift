@@ -46,6 +46,8 @@ public struct ListQuery: Sendable {
     /// Cursor pagination when non-nil; `""` asks for the first page.
     public var cursor: String?
     public var projection: Projection
+    /// What a cursor is bound to: resource type, filter and sort.
+    var signature = ""
 
     /// Parses the query parameters. `maxResults` caps `count`.
     public init(parameters: [String: String], registry: SchemaRegistry, type: ResourceType,
@@ -116,6 +118,13 @@ public struct ListQuery: Sendable {
         if cursor != nil && o["startIndex"] != nil {
             throw .invalidValue("use either 'cursor' or 'startIndex', not both (RFC 9865)")
         }
+        if let c = cursor, let bad = c.utf8.first(where: { !isUnreserved($0) }) {
+            throw SCIMError(400, .invalidCursor, "cursor: character '\(Unicode.Scalar(bad))' is not allowed; a cursor is empty "
+                            + "(first page) or a nextCursor / previousCursor value (RFC 9865 §2)")
+        }
+        let filterText = try text("filter") ?? ""
+        let sortText = (try text("sortBy") ?? "").asciiLowercased
+        signature = "\(type.id)\u{0}\(filterText)\u{0}\(sortText)\u{0}\(sortOrder.rawValue)"
         projection = try Projection(attributes: try names("attributes"), excluded: try names("excludedAttributes"),
                                     registry: registry, type: type)
     }
@@ -143,6 +152,114 @@ public struct ListQuery: Sendable {
         let from = min(startIndex - 1, resources.count)
         return resources[from..<min(from + count, resources.count)]
     }
+}
+
+// MARK: cursor pagination (RFC 9865)
+
+/// One page of a cursor-paginated list.
+public struct CursorPage<Element> {
+    public var items: ArraySlice<Element>
+    public var nextCursor: String?
+    public var previousCursor: String?
+}
+
+/// RFC 3986 §2.3 unreserved characters: all a cursor may contain.
+func isUnreserved(_ c: UInt8) -> Bool {
+    switch c {
+    case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+         UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"): return true
+    default: return false
+    }
+}
+
+extension ListQuery {
+    /// A cursor is a position, not server state: `<query>.<n|p><offset>.<id>`,
+    /// where `<query>` binds it to the type, filter and sort it came from,
+    /// `n` means "after the resource `id`" and `p` "before it" (both hex),
+    /// and `offset` is where that resource was, used only when it has gone.
+    /// Positions survive inserts and deletes elsewhere in the list, so a walk
+    /// neither repeats nor skips a resource that stays put, and cursors never
+    /// expire.
+    ///
+    /// `ordered` must be in a total order that does not depend on the page:
+    /// by `id` when `orderedByID` (then a vanished anchor still has an exact
+    /// successor), or sorted by `sortBy` with `id` as the tie-break.
+    public func cursorPage<Element>(_ ordered: [Element], orderedByID: Bool,
+                                    id: (Element) -> String) throws(SCIMError) -> CursorPage<Element> {
+        let tag = Self.hex(fnv1a(signature))
+        var start = 0, end = min(count, ordered.count)
+        if let cursor, !cursor.isEmpty {
+            let parts = cursor.split(separator: ".", omittingEmptySubsequences: false)
+            guard parts.count == 3, let kind = parts[1].first, kind == "n" || kind == "p",
+                  let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
+                  let anchorBytes = Self.unhex(parts[2]) else {
+                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' was not issued by this server; start again with an empty cursor")
+            }
+            guard parts[0] == tag else {
+                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' belongs to another query (resource type, filter "
+                                + "or sort changed); start again with an empty cursor")
+            }
+            let anchor = String(decoding: anchorBytes, as: UTF8.self)
+            // Where the anchor is now; else where it would be.
+            let position: Int
+            if let i = ordered.firstIndex(where: { id($0) == anchor }) {
+                position = i
+            } else if orderedByID {
+                let after = ordered.firstIndex(where: { id($0).utf8.lexicographicallyPrecedes(anchor.utf8) == false }) ?? ordered.count
+                position = kind == "n" ? after - 1 : after
+            } else {
+                position = min(offset, ordered.count)
+            }
+            if kind == "n" {
+                start = min(position + 1, ordered.count)
+                end = min(start + count, ordered.count)
+            } else {
+                end = max(0, min(position, ordered.count))
+                start = max(0, end - count)
+            }
+        }
+        var page = CursorPage(items: ordered[start..<end], nextCursor: nil, previousCursor: nil)
+        if end < ordered.count, end > start {
+            page.nextCursor = "\(tag).n\(String(end - 1, radix: 16)).\(Self.hex(Array(id(ordered[end - 1]).utf8)))"
+        }
+        if start > 0, start < ordered.count, count > 0 {
+            page.previousCursor = "\(tag).p\(String(start, radix: 16)).\(Self.hex(Array(id(ordered[start]).utf8)))"
+        }
+        return page
+    }
+
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count * 2)
+        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func hex(_ value: UInt64) -> String {
+        hex((0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) })
+    }
+
+    static func unhex(_ text: Substring) -> [UInt8]? {
+        let u = Array(text.utf8)
+        guard u.count % 2 == 0 else { return nil }
+        var out: [UInt8] = []
+        var i = 0
+        while i < u.count {
+            guard let h = hexValue(u[i]), let l = hexValue(u[i + 1]) else { return nil }
+            out.append(h << 4 | l)
+            i += 2
+        }
+        return out
+    }
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint (not a security measure; a cursor
+/// only says where to continue a query the client may run anyway).
+func fnv1a(_ text: String) -> UInt64 {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+    return h
 }
 
 extension String {

@@ -195,9 +195,10 @@ public struct ServiceProviderFeatures: Sendable {
             "changePassword": ["supported": .bool(changePassword)],
             "sort": ["supported": .bool(sort)],
             "etag": ["supported": .bool(etag)],
+            // Cursors are positions, not server-side state, so they never
+            // expire: no cursorTimeout (RFC 9865 §4).
             "pagination": ["cursor": .bool(cursorPagination), "index": true, "defaultPaginationMethod": "index",
-                           "defaultPageSize": .int(min(100, filterMaxResults)), "maxPageSize": .int(filterMaxResults),
-                           "cursorTimeout": 3600],
+                           "defaultPageSize": .int(filterMaxResults), "maxPageSize": .int(filterMaxResults)],
             "authenticationSchemes": [[
                 "type": "oauthbearertoken", "name": "OAuth Bearer Token", "primary": true,
                 "description": "Authentication with a bearer token (RFC 6750).",

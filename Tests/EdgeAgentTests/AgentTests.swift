@@ -179,6 +179,48 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(wide.stop(), 0)
     }
 
+    func testCursorPaginationOverHTTP() throws {
+        let agent = try AgentHarness()
+        var ids: [String] = [], names: [String: String] = [:]
+        for k in 0..<23 {
+            let r = try agent.call("POST", "/Users", userBody("walker\(k)"))
+            ids.append(try XCTUnwrap(r.body?["id"]?.stringValue))
+            names[ids.last!] = "walker\(k)"
+        }
+        let config = try agent.call("GET", "/ServiceProviderConfig")
+        XCTAssertEqual(config.body?["pagination"]?["cursor"], true)
+        XCTAssertNil(config.body?["pagination"]?["cursorTimeout"], "cursors never expire")
+
+        var seen: [String] = [], cursor = "", deleted: String?
+        for _ in 0..<20 {
+            let page = try agent.call("GET", "/Users?count=5&attributes=userName&cursor=" + cursor)
+            XCTAssertEqual(page.status, 200)
+            XCTAssertNil(page.body?["startIndex"], "no startIndex with cursors")
+            XCTAssertEqual(page.body?["totalResults"], .int(ids.count - (deleted == nil ? 0 : 1)))
+            seen += page.body?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? []
+            guard let next = page.body?["nextCursor"]?.stringValue else { break }
+            if deleted == nil {
+                // Delete the last user served: the walk goes on after it.
+                deleted = seen.last
+                XCTAssertEqual(try agent.call("DELETE", "/Users/\(deleted!)").status, 204)
+            }
+            cursor = next
+        }
+        XCTAssertEqual(seen, ids.sorted(), "every user once, in id order")
+
+        let search = try agent.call("POST", "/Users/.search",
+                                    #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"cursor":"","count":4,"sortBy":"userName"}"#)
+        let remaining = names.filter { $0.key != deleted }.values.sorted()
+        XCTAssertEqual(search.body?["Resources"]?.arrayValue?.compactMap { $0["userName"]?.stringValue },
+                       Array(remaining.prefix(4)), "sorted by userName")
+        let next = try XCTUnwrap(search.body?["nextCursor"]?.stringValue)
+        let wrong = try agent.call("GET", "/Users?cursor=\(next)&count=4", headers: [:])
+        XCTAssertEqual(wrong.status, 400, "a cursor belongs to its sort and filter")
+        XCTAssertEqual(wrong.body?["scimType"], "invalidCursor")
+        XCTAssertEqual(try agent.call("GET", "/Users?cursor=x%2Fy").body?["scimType"], "invalidCursor")
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
     func testGroupMembershipAndUserDeletion() throws {
         let agent = try AgentHarness()
         let u1 = try XCTUnwrap(try agent.call("POST", "/Users", userBody("a")).body?["id"]?.stringValue)

@@ -115,6 +115,18 @@ final class FederationTests: XCTestCase {
         XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
         XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
         XCTAssertEqual(try api(apiPort, "/ResourceTypes/User").1?["schemaExtensions"]?.arrayValue?.count, 2)
+        // RFC 9865 cursors walk the federated directory: all 67 users, once each.
+        var walked: [String] = [], cursor = ""
+        for _ in 0..<20 {
+            let page = try api(apiPort, "/Users?count=10&cursor=\(cursor)")
+            XCTAssertEqual(page.0, 200)
+            walked += page.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? []
+            guard let next = page.1?["nextCursor"]?.stringValue else { break }
+            cursor = next
+        }
+        XCTAssertEqual(walked.count, 67)
+        XCTAssertEqual(Set(walked).count, 67, "no user twice")
+        XCTAssertEqual(try api(apiPort, "/Users?cursor=bogus").1?["scimType"], "invalidCursor")
         let metrics = try brokerMetrics(brokerProcess)
         XCTAssertTrue(metrics.contains("scim_broker_events_applied_total 67"), metrics)
         XCTAssertTrue(metrics.contains(#"scim_broker_agent_applied_sequence{agent="acme-us/\#(usID)"} 26"#), metrics)

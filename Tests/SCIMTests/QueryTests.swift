@@ -60,6 +60,66 @@ final class QueryTests: XCTestCase {
         XCTAssertEqual(response["schemas"], [.string(SchemaURN.listResponse)])
     }
 
+    /// Walks a list with cursors: every element exactly once, in order.
+    func walk(_ list: [JSONObject], _ q: String, orderedByID: Bool,
+              between: (Int, inout [JSONObject]) -> Void = { _, _ in }) throws -> [String] {
+        var list = list, seen: [String] = [], cursor = "", pages = 0
+        while true {
+            let page = try query(q + "&cursor=" + cursor).cursorPage(list, orderedByID: orderedByID) { $0["id"]!.stringValue! }
+            seen += page.items.map { $0["id"]!.stringValue! }
+            pages += 1
+            guard let next = page.nextCursor, pages < 100 else { return seen }
+            XCTAssertTrue(next.utf8.allSatisfy { "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8.contains($0) },
+                          "cursors use unreserved characters only: \(next)")
+            between(pages, &list)
+            cursor = next
+        }
+    }
+
+    func testCursorPagination() throws {
+        let list = (0..<10).map { k -> JSONObject in ["id": .string("id-\(k)"), "userName": .string("u\(9 - k)")] }
+        XCTAssertEqual(try walk(list, "count=3", orderedByID: true), list.map { $0["id"]!.stringValue! })
+        // Deleting the anchor (the last element served) does not skip its successor,
+        // and inserting before the position does not repeat anything.
+        let walked = try walk(list, "count=3", orderedByID: true) { page, l in
+            if page == 1 { l.removeAll { $0["id"] == "id-2" } }
+            if page == 2 { l.insert(["id": "id-0a", "userName": "new"], at: 1) }
+        }
+        XCTAssertEqual(walked, ["id-0", "id-1", "id-2", "id-3", "id-4", "id-5", "id-6", "id-7", "id-8", "id-9"])
+
+        // Backwards: previousCursor of the last page leads to the page before.
+        let q = try query("count=4&cursor=")
+        let first = try q.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }
+        XCTAssertNil(first.previousCursor, "the first page has no previous page")
+        var second = q
+        second.cursor = first.nextCursor
+        let p2 = try second.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }
+        XCTAssertEqual(p2.items.map { $0["id"]!.stringValue! }, ["id-4", "id-5", "id-6", "id-7"])
+        var back = q
+        back.cursor = p2.previousCursor
+        XCTAssertEqual(try back.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }.items.map { $0["id"]!.stringValue! },
+                       ["id-0", "id-1", "id-2", "id-3"])
+        var third = q
+        third.cursor = p2.nextCursor
+        let last = try third.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }
+        XCTAssertEqual(last.items.count, 2)
+        XCTAssertNil(last.nextCursor, "the last page has no next page")
+
+        // Sorted: the walk follows the sort.
+        let sorted = try query("sortBy=userName").sorted(list)
+        XCTAssertEqual(try walk(sorted, "sortBy=userName&count=4", orderedByID: false), sorted.map { $0["id"]!.stringValue! })
+
+        // A cursor from another query, a forged one, or one with bad characters is invalidCursor.
+        var other = try query("filter=userName%20pr&count=4")
+        other.cursor = first.nextCursor
+        for bad in [other, try query("cursor=abc.n1.zz"), try query("cursor=nonsense")] {
+            XCTAssertThrowsError(try bad.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }) {
+                XCTAssertEqual(($0 as? SCIMError)?.scimType, .invalidCursor, "\($0)")
+            }
+        }
+        XCTAssertThrowsError(try query("cursor=a%2Fb")) { XCTAssertEqual(($0 as? SCIMError)?.scimType, .invalidCursor) }
+    }
+
     func testSearchBody() throws {
         let q = try ListQuery(searchBody: json(#"""
           {"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"attributes":["displayName","userName"],
