@@ -142,20 +142,17 @@ public final class Schema: Sendable {
     public let name: String
     public let description: String
     public let attributes: [AttributeDefinition]
-    /// Attribute positions by exact name: the spelling clients almost always send.
-    private let byName: [String: Int]
 
     public init(id: String, name: String, description: String, attributes: [AttributeDefinition]) {
         self.id = id
         self.name = name
         self.description = description
         self.attributes = attributes
-        byName = Dictionary(attributes.enumerated().map { ($0.element.name, $0.offset) }, uniquingKeysWith: { a, _ in a })
     }
 
     public func attribute(_ name: String) -> AttributeDefinition? {
-        if let k = byName[name] { return attributes[k] }
-        return attributes.first { equalsIgnoringASCIICase($0.name, name) }
+        // A length-first scan beats hashing the name for a schema's few dozen attributes.
+        attributes.first { sameUTF8($0.name, name) } ?? attributes.first { equalsIgnoringASCIICase($0.name, name) }
     }
 
     /// The `/Schemas` representation.

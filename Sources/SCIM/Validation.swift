@@ -94,7 +94,8 @@ public struct ResourceValidator: Sendable {
                     guard let def = ext.attribute(k2) else {
                         throw .invalidSyntax("unknown attribute '\(k2)' in \(ext.id)")
                     }
-                    if let v = try check(v2, def, path: "\(ext.id):\(def.name)") { extOut.appendUnique(def.name, v) }
+                    var changed = false
+                    if let v = try check(v2, def, &changed, path: "\(ext.id):\(def.name)") { extOut.appendUnique(def.name, v) }
                 }
                 if !extOut.isEmpty { out.appendUnique(ext.id, .object(extOut)) }
                 continue
@@ -107,7 +108,8 @@ public struct ResourceValidator: Sendable {
             } else {
                 throw .invalidSyntax("unknown attribute '\(key)' for resource type \(type.id)")
             }
-            if let v = try check(value, def, path: def.name) { out.appendUnique(def.name, v) }
+            var changed = false
+            if let v = try check(value, def, &changed, path: def.name) { out.appendUnique(def.name, v) }
         }
         if let existing { try checkImmutable(new: &out, old: existing) }
         // `schemas` lists the core schema and the extensions that hold attributes.
@@ -118,10 +120,12 @@ public struct ResourceValidator: Sendable {
 
     /// Checks one attribute value; `nil` means unassigned (null, empty array,
     /// or read-only input that is ignored).
-    /// `path` is built only when an error needs it.
-    func check(_ value: JSON, _ def: AttributeDefinition, path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
-        if def.mutability == .readOnly { return nil }  // RFC 7643 §2.2: ignored on input
-        if value.isNull { return nil }
+    /// `path` is built only when an error needs it. `changed` is set when the
+    /// result differs from `value` (so callers need no deep comparison).
+    func check(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
+               path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
+        if def.mutability == .readOnly { changed = true; return nil }  // RFC 7643 §2.2: ignored on input
+        if value.isNull { changed = true; return nil }
         if def.multiValued {
             guard let items = value.arrayValue else {
                 throw .invalidValue("'\(path())' is multi-valued: expected an array, got \(value.typeName)")
@@ -131,29 +135,38 @@ public struct ResourceValidator: Sendable {
             var primaries = 0
             for (k, item) in items.enumerated() {
                 if item.isNull { throw .invalidValue("'\(path())[\(k)]' is null") }
-                guard let v = try checkSingle(item, def, path: "\(path())[\(k)]") else {
+                var itemChanged = false
+                guard let v = try checkSingle(item, def, &itemChanged, path: "\(path())[\(k)]") else {
                     if rebuilt == nil { rebuilt = Array(items[0..<k]) }
                     continue
                 }
                 if v["primary"] == .bool(true) { primaries += 1 }
                 let duplicate = rebuilt.map { $0.contains(v) } ?? items[0..<k].contains(v)  // exact duplicates collapse
-                if (duplicate || v != item) && rebuilt == nil { rebuilt = Array(items[0..<k]) }
+                if (duplicate || itemChanged) && rebuilt == nil { rebuilt = Array(items[0..<k]) }
                 if !duplicate { rebuilt?.append(v) }
             }
             if primaries > 1 {
                 throw .invalidValue("'\(path())' has \(primaries) values with \"primary\": true; at most one is allowed")
             }
-            guard let rebuilt else { return items.isEmpty ? nil : value }
+            guard let rebuilt else {
+                if items.isEmpty { changed = true; return nil }
+                return value
+            }
+            changed = true
             return rebuilt.isEmpty ? nil : .array(rebuilt)
         }
         if case .array = value, !(profile.entraCompatible && def.type != .complex && value.arrayValue?.count == 1) {
             throw .invalidValue("'\(path())' is single-valued: expected \(def.type.rawValue), got an array")
         }
-        if let one = value.arrayValue?.first { return try checkSingle(one, def, path: path()) }
-        return try checkSingle(value, def, path: path())
+        if let one = value.arrayValue?.first {
+            changed = true
+            return try checkSingle(one, def, &changed, path: path())
+        }
+        return try checkSingle(value, def, &changed, path: path())
     }
 
-    func checkSingle(_ value: JSON, _ def: AttributeDefinition, path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
+    func checkSingle(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
+                     path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
         func wrong() -> SCIMError {
             .invalidValue("'\(path())' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
         }
@@ -164,12 +177,14 @@ public struct ResourceValidator: Sendable {
                 guard let c = def.canonicalValues.first(where: { equalsIgnoringASCIICase($0, s) }) else {
                     throw .invalidValue("'\(path())' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
                 }
+                if !sameUTF8(c, s) { changed = true }
                 return .string(c)
             }
             return value
         case .boolean:
             if case .bool = value { return value }
             if profile.entraCompatible, let s = value.stringValue {
+                changed = true
                 if equalsIgnoringASCIICase(s, "true") { return .bool(true) }
                 if equalsIgnoringASCIICase(s, "false") { return .bool(false) }
             }
@@ -199,6 +214,7 @@ public struct ResourceValidator: Sendable {
         case .complex:
             if profile.entraCompatible, let s = value.stringValue, def.subAttribute("value") != nil {
                 // Entra sends `"manager": "<id>"`: the plain string is the value.
+                changed = true
                 return .object(["value": .string(s)])
             }
             guard let o = value.objectValue else { throw wrong() }
@@ -209,8 +225,9 @@ public struct ResourceValidator: Sendable {
                 guard let sub = def.subAttribute(member.key) else {
                     throw .invalidSyntax("unknown sub-attribute '\(member.key)' of '\(path())'")
                 }
-                let checked = try check(member.value, sub, path: "\(path()).\(sub.name)")
-                if rebuilt == nil, checked == nil || !sameUTF8(member.key, sub.name) || checked! != member.value {
+                var memberChanged = false
+                let checked = try check(member.value, sub, &memberChanged, path: "\(path()).\(sub.name)")
+                if rebuilt == nil, memberChanged || checked == nil || !sameUTF8(member.key, sub.name) {
                     rebuilt = JSONObject(Array(o.members[0..<k]))
                 }
                 if let checked { rebuilt?.appendUnique(sub.name, checked) }
@@ -219,8 +236,10 @@ public struct ResourceValidator: Sendable {
             for sub in def.subAttributes where sub.required && result[sub.name] == nil {
                 throw .invalidValue("'\(path()).\(sub.name)' is required")
             }
-            if result.isEmpty { return nil }
-            return rebuilt == nil ? value : .object(result)
+            if result.isEmpty { changed = true; return nil }
+            if rebuilt == nil { return value }
+            changed = true
+            return .object(result)
         }
     }
 

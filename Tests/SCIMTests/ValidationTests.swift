@@ -159,6 +159,20 @@ final class ValidationTests: XCTestCase {
         XCTAssertEqual(out["active"], .bool(true))
         XCTAssertEqual(out[SchemaURN.enterpriseUser]?["manager"], ["value": "m-1"])
         XCTAssertThrowsError(try strictValidator.validateCreate(json(body)), "the strict profile refuses both")
+
+        // Normalisation reaches inside multi-valued complex values: a coerced
+        // sub-attribute, a respelled name, a dropped read-only one, a null.
+        let nested = try userValidator.validateCreate(json(#"""
+          {"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a",
+           "emails":[{"value":"a@x","type":"work"},{"VALUE":"b@x","primary":"True","display":null}],
+           "groups":[{"value":"g1"}],
+           "name":{"givenName":"A","FamilyName":"B"}}
+        """#))
+        XCTAssertEqual(nested["emails"], [["value": "a@x", "type": "work"], ["value": "b@x", "primary": true]])
+        XCTAssertNil(nested["groups"], "read-only on input: ignored")
+        XCTAssertEqual(nested["name"], ["givenName": "A", "familyName": "B"])
+        let untouched = try userValidator.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","emails":[{"value":"a@x"},{"value":"a@x"}]}"#))
+        XCTAssertEqual(untouched["emails"], [["value": "a@x"]], "exact duplicates collapse")
     }
 
     func testNullsAndEmptyArraysAreUnassigned() throws {
