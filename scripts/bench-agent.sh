@@ -16,11 +16,7 @@ if ! .venv/bin/scim2-server --help >/dev/null 2>&1; then
   python3 -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check scim2-server
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib-processes.sh
 TOKEN=benchtoken
 
 # wrk scripts: unique userNames per thread and request; lookups of users that exist.

@@ -12,15 +12,10 @@ FIXTURE=${FIXTURE:-.build/release/edge-fixture}
 OUT=${OUT:-docs/bench-http.md}
 [ -x "$FIXTURE" ] || { echo "build first: swift build -c release --product edge-fixture" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
+. scripts/lib-processes.sh
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -addext subjectAltName=IP:127.0.0.1 -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_nginx() { # $1 = workers, $2 = plain port, $3 = tls port, $4 = name
   mkdir -p "$work/$4"

@@ -9,11 +9,7 @@ EVENTS=${EVENTS:-200000}
 OUT=${OUT:-docs/bench-relay.md}
 for p in scim-edge scim-broker edge-fixture; do swift build -c release --product "$p" >/dev/null; done
 bin=.build/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib-processes.sh
 
 "$bin/edge-fixture" pki "$work" de >/dev/null
 fill_start=$(date +%s.%N)
