@@ -336,28 +336,11 @@ public final class SCIMEndpoint {
             let q = perType[type.id] ?? query
             matches += try store.query(type, filter: q.filter, scanBudget: options.scanBudget).map { (type, $0) }
         }
-        let sortable = query.sortBy != nil && types.count == 1
-        if query.cursor != nil {
-            // Cursor positions need a total order: by id, then by sortBy (stable).
-            matches.sort { Self.id($0.1).utf8.lexicographicallyPrecedes(Self.id($1.1).utf8) }
-        }
-        let sorted = sortable ? query.sorted(matches.map(\.1)).map { (types[0], $0) } : matches
-        let page: ArraySlice<(ResourceType, JSONObject)>
-        var next: String?, previous: String?
-        if query.cursor != nil {
-            let p = try query.cursorPage(sorted, orderedByID: !sortable) { Self.id($0.1) }
-            (page, next, previous) = (p.items, p.nextCursor, p.previousCursor)
-        } else {
-            let from = min(query.startIndex - 1, sorted.count)
-            page = sorted[from..<min(from + query.count, sorted.count)]
-        }
-        let resources = try page.map { type, r in JSON.object(try output(r, type, base, (perType[type.id] ?? query).projection)) }
-        responder.respond(Self.respond(200, makeListResponse(resources: resources, totalResults: sorted.count,
-                                                            startIndex: query.cursor == nil ? query.startIndex : nil,
-                                                            nextCursor: next, previousCursor: previous)))
+        let page = try query.paginate(matches, sortable: types.count == 1) { $0.1 }
+        responder.respond(Self.respond(200, try makeListResponse(page) { type, r in
+            JSON.object(try output(r, type, base, (perType[type.id] ?? query).projection))
+        }))
     }
-
-    static func id(_ r: JSONObject) -> String { r["id"]?.stringValue ?? "" }
 
     /// The resource as returned: `groups` added for users, `meta.location`,
     /// then projected.

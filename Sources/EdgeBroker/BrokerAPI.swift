@@ -40,8 +40,6 @@ public final class BrokerAPI {
         HTTPResponse(status: status, headers: ["Content-Type": "application/scim+json"], body: body.serialized())
     }
 
-    static func id(_ r: JSONObject) -> String { r["id"]?.stringValue ?? "" }
-
     public func handle(_ request: HTTPRequest, _ responder: Responder) {
         do {
             responder.respond(try route(request))
@@ -99,21 +97,9 @@ public final class BrokerAPI {
                 guard let params = request.query.map(parseQueryString) ?? [:] else { throw SCIMError.invalidSyntax("malformed query string") }
                 query = try ListQuery(parameters: params, registry: brokerRegistry, type: type, maxResults: maxResults)
             }
-            var found = try store.all(type.id, budget: scanBudget).filter { query.filter?.matches($0) ?? true }
-            if query.cursor != nil {
-                // Cursor positions need a total order: by id, then by sortBy (stable).
-                found.sort { Self.id($0).utf8.lexicographicallyPrecedes(Self.id($1).utf8) }
-            }
-            let matches = query.sorted(found)
-            guard query.cursor != nil else {
-                let page = query.page(matches).map { JSON.object(query.projection.apply(to: $0)) }
-                return Self.respond(200, makeListResponse(resources: Array(page), totalResults: matches.count,
-                                                          startIndex: query.startIndex))
-            }
-            let page = try query.cursorPage(matches, orderedByID: query.sortBy == nil, id: Self.id)
-            return Self.respond(200, makeListResponse(resources: page.items.map { JSON.object(query.projection.apply(to: $0)) },
-                                                      totalResults: matches.count, startIndex: nil,
-                                                      nextCursor: page.nextCursor, previousCursor: page.previousCursor))
+            let matches = try store.all(type.id, budget: scanBudget).filter { query.filter?.matches($0) ?? true }
+            let page = try query.paginate(matches) { $0 }
+            return Self.respond(200, makeListResponse(page) { .object(query.projection.apply(to: $0)) })
         case nil:
             throw SCIMError.notFound("name a resource endpoint such as /Users")
         }

@@ -131,9 +131,13 @@ public struct ListQuery: Sendable {
 
     /// Sorts `resources` by `sortBy` (stable; resources without a value go last).
     public func sorted(_ resources: [JSONObject]) -> [JSONObject] {
-        guard let sortBy else { return resources }
+        sorted(resources) { $0 }
+    }
+
+    func sorted<Element>(_ items: [Element], resource: (Element) -> JSONObject) -> [Element] {
+        guard let sortBy else { return items }
         let leaf = sortBy.leaf.type == .complex ? sortBy.leaf.subAttribute("value")! : sortBy.leaf
-        let keyed = resources.enumerated().map { (offset: $0.offset, resource: $0.element, key: sortKey($0.element, sortBy)) }
+        let keyed = items.enumerated().map { (offset: $0.offset, item: $0.element, key: sortKey(resource($0.element), sortBy)) }
         let ascending = sortOrder == .ascending
         return keyed.sorted { a, b in
             switch (a.key, b.key) {
@@ -144,7 +148,7 @@ public struct ListQuery: Sendable {
                 if sortEqual(x, y, leaf) { return a.offset < b.offset }
                 return sortLess(x, y, leaf) == ascending
             }
-        }.map(\.resource)
+        }.map(\.item)
     }
 
     /// One page of already filtered and sorted resources (index pagination).
@@ -152,16 +156,35 @@ public struct ListQuery: Sendable {
         let from = min(startIndex - 1, resources.count)
         return resources[from..<min(from + count, resources.count)]
     }
+
+    /// The page this request asks for out of `matches` (filtered, in any
+    /// order): sorted by `sortBy` when `sortable`, then cut by cursor or by
+    /// index. Cursor positions need a total order, so with a cursor the
+    /// matches go by `id` first and `sortBy` (stable) breaks nothing.
+    public func paginate<Element>(_ matches: [Element], sortable: Bool = true,
+                                  resource: (Element) -> JSONObject) throws(SCIMError) -> ListPage<Element> {
+        func id(_ e: Element) -> String { resource(e)["id"]?.stringValue ?? "" }
+        let sortsBy = sortable && sortBy != nil
+        var ordered = matches
+        if cursor != nil { ordered.sort { id($0).utf8.lexicographicallyPrecedes(id($1).utf8) } }
+        if sortsBy { ordered = sorted(ordered, resource: resource) }
+        if cursor != nil { return try cursorPage(ordered, orderedByID: !sortsBy, id: id) }
+        let from = min(startIndex - 1, ordered.count)
+        return ListPage(items: ordered[from..<min(from + count, ordered.count)], totalResults: ordered.count, startIndex: startIndex)
+    }
 }
 
-// MARK: cursor pagination (RFC 9865)
-
-/// One page of a cursor-paginated list.
-public struct CursorPage<Element> {
+/// One page of a list, with what its ListResponse reports.
+public struct ListPage<Element> {
     public var items: ArraySlice<Element>
+    public var totalResults: Int
+    /// Index pagination only.
+    public var startIndex: Int?
     public var nextCursor: String?
     public var previousCursor: String?
 }
+
+// MARK: cursor pagination (RFC 9865)
 
 /// RFC 3986 §2.3 unreserved characters: all a cursor may contain.
 func isUnreserved(_ c: UInt8) -> Bool {
@@ -185,7 +208,7 @@ extension ListQuery {
     /// by `id` when `orderedByID` (then a vanished anchor still has an exact
     /// successor), or sorted by `sortBy` with `id` as the tie-break.
     public func cursorPage<Element>(_ ordered: [Element], orderedByID: Bool,
-                                    id: (Element) -> String) throws(SCIMError) -> CursorPage<Element> {
+                                    id: (Element) -> String) throws(SCIMError) -> ListPage<Element> {
         let tag = Self.hex(fnv1a(signature))
         var start = 0, end = min(count, ordered.count)
         if let cursor, !cursor.isEmpty {
@@ -218,7 +241,7 @@ extension ListQuery {
                 start = max(0, end - count)
             }
         }
-        var page = CursorPage(items: ordered[start..<end], nextCursor: nil, previousCursor: nil)
+        var page = ListPage(items: ordered[start..<end], totalResults: ordered.count)
         if end < ordered.count, end > start {
             page.nextCursor = "\(tag).n\(String(end - 1, radix: 16)).\(Self.hex(Array(id(ordered[end - 1]).utf8)))"
         }
@@ -424,6 +447,12 @@ public struct Projection: Sendable {
         }
         return drop(value)
     }
+}
+
+/// The ListResponse of one page, its resources already rendered.
+public func makeListResponse<Element>(_ page: ListPage<Element>, render: (Element) throws -> JSON) rethrows -> JSON {
+    makeListResponse(resources: try page.items.map(render), totalResults: page.totalResults, startIndex: page.startIndex,
+                     nextCursor: page.nextCursor, previousCursor: page.previousCursor)
 }
 
 /// A ListResponse (RFC 7644 §3.4.2), with RFC 9865 cursors when given.

@@ -54,9 +54,7 @@ public final class AttributeDefinition: Sendable {
         self.subAttributes = subAttributes
     }
 
-    public func subAttribute(_ name: String) -> AttributeDefinition? {
-        subAttributes.first { sameUTF8($0.name, name) } ?? subAttributes.first { equalsIgnoringASCIICase($0.name, name) }
-    }
+    public func subAttribute(_ name: String) -> AttributeDefinition? { subAttributes.named(name) }
 
     /// The representation used by `/Schemas` (RFC 7643 §7).
     public var json: JSON {
@@ -137,6 +135,16 @@ func isAttributeName(_ s: String) -> Bool {
 @inline(__always) func isAlpha(_ c: UInt8) -> Bool { (c >= 65 && c <= 90) || (c >= 97 && c <= 122) }
 
 /// A schema: its URN and attributes. Immutable and shared.
+extension [AttributeDefinition] {
+    /// The definition called `name`: the exact spelling (what clients almost
+    /// always send) first, then ignoring ASCII case (attribute names are
+    /// case-insensitive, RFC 7643 §2.1). A length-first scan beats hashing
+    /// the name for a schema's few dozen attributes.
+    func named(_ name: String) -> AttributeDefinition? {
+        first { sameUTF8($0.name, name) } ?? first { equalsIgnoringASCIICase($0.name, name) }
+    }
+}
+
 public final class Schema: Sendable {
     public let id: String
     public let name: String
@@ -150,10 +158,7 @@ public final class Schema: Sendable {
         self.attributes = attributes
     }
 
-    public func attribute(_ name: String) -> AttributeDefinition? {
-        // A length-first scan beats hashing the name for a schema's few dozen attributes.
-        attributes.first { sameUTF8($0.name, name) } ?? attributes.first { equalsIgnoringASCIICase($0.name, name) }
-    }
+    public func attribute(_ name: String) -> AttributeDefinition? { attributes.named(name) }
 
     /// The `/Schemas` representation.
     public var json: JSON {
