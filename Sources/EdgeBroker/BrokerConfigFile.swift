@@ -2,6 +2,7 @@ import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
+import SCIM
 
 extension BrokerConfiguration {
     /// Reads the broker's YAML configuration strictly (see
@@ -49,7 +50,117 @@ extension BrokerConfiguration {
             try admin.finish()
         }
         if let v = try top.int("maxPendingBatches") { config.maxPendingBatches = max(0, v) }
+        if let node = top.node("targets") {
+            guard case .sequence(let items, _) = node else { throw ConfigError("'targets' must be a list", at: node.mark) }
+            for item in items {
+                let t = try decodeTarget(item)
+                if config.targets.contains(where: { $0.name == t.name }) {
+                    throw ConfigError("target '\(t.name)' is defined twice", at: item.mark)
+                }
+                config.targets.append(t)
+            }
+        }
         try top.finish()
         return config
+    }
+
+    /// One entry of `targets:` (see `packaging/broker.example.yaml`).
+    static func decodeTarget(_ node: YAMLNode) throws(ConfigError) -> TargetConfiguration {
+        var m = try YAMLMapping(node, path: "targets[]")
+        guard let name = try m.string("name"), let url = try m.string("url") else {
+            throw ConfigError("a target needs 'name' and 'url'", at: node.mark)
+        }
+        var t: TargetConfiguration
+        do throws(SCIMError) { t = try TargetConfiguration(name: name, url: url) } catch {
+            throw ConfigError(error.detail, at: m.node("url")?.mark)
+        }
+        if let file = try m.string("tokenFile") {
+            let token = String(decoding: try readFileBytes(file), as: UTF8.self).trimmingCharacters
+            guard !token.isEmpty else { throw ConfigError("target '\(name)': \(file) holds no token", at: m.node("tokenFile")?.mark) }
+            t.token = token
+        }
+        if var tls = try m.mapping("tls") {
+            t.tls.trustRootsFile = try tls.string("ca")
+            t.tls.certificateChainFile = try tls.string("cert")
+            t.tls.privateKeyFile = try tls.string("key")
+            if (t.tls.certificateChainFile == nil) != (t.tls.privateKeyFile == nil) {
+                throw ConfigError("'tls' needs both cert and key for a client certificate", at: tls.mark)
+            }
+            t.tls.minimumVersion = (try tls.string("minVersion")) == "1.3" ? .tls13 : .tls12
+            try tls.finish()
+        }
+        if var rate = try m.mapping("rate") {
+            if let r = try rate.int("requestsPerSecond") {
+                guard r > 0 else { throw ConfigError("'rate.requestsPerSecond' must be positive", at: rate.node("requestsPerSecond")?.mark) }
+                t.requestsPerSecond = Double(r)
+            }
+            if let c = try rate.int("concurrency") {
+                guard (1...256).contains(c) else { throw ConfigError("'rate.concurrency' must be 1 to 256", at: rate.node("concurrency")?.mark) }
+                t.concurrency = c
+            }
+            try rate.finish()
+        }
+        if let r = try m.string("onRemove") {
+            guard let mode = RemovalMode(rawValue: r) else {
+                throw ConfigError("'onRemove' must be delete or deactivate", at: m.node("onRemove")?.mark)
+            }
+            t.removal = mode
+        }
+        if var g = try m.mapping("deleteGuard") {
+            if let n = try g.int("maxDeletes") { t.deletionGuard.maxDeletes = max(0, n) }
+            if let w = try g.int("windowSeconds") { t.deletionGuard.windowSeconds = max(1, w) }
+            try g.finish()
+        }
+        if let n = try m.int("breakerThreshold") { t.breakerThreshold = max(1, n) }
+        if let n = try m.int("timeoutMs") { t.requestTimeoutMilliseconds = UInt64(max(100, n)) }
+        if var mapping = try m.mapping("mapping") {
+            if var rename = try mapping.mapping("rename") {
+                for (from, mark, value) in rename.entries() {
+                    guard case .scalar(let to, _, _) = value, !to.isEmpty else {
+                        throw ConfigError("'mapping.rename.\(from)' must name an attribute", at: mark)
+                    }
+                    t.mapping.rename.append((from, to))
+                }
+                try rename.finish()
+            }
+            t.mapping.drop = try mapping.strings("drop") ?? []
+            if var constant = try mapping.mapping("constant") {
+                for (path, mark, value) in constant.entries() {
+                    guard case .scalar(let text, let plain, _) = value else {
+                        throw ConfigError("'mapping.constant.\(path)' must be a scalar", at: mark)
+                    }
+                    let json: JSON
+                    if plain && (text == "true" || text == "false") { json = .bool(text == "true") }
+                    else if plain, let n = JSONNumber(text) { json = .number(n) }
+                    else { json = .string(text) }
+                    t.mapping.constant.append((path, json))
+                }
+                try constant.finish()
+            }
+            try mapping.finish()
+        }
+        guard let routes = m.node("routes") else {
+            throw ConfigError("target '\(name)' needs 'routes' (which domains and resources flow to it)", at: node.mark)
+        }
+        guard case .sequence(let items, _) = routes else { throw ConfigError("'routes' must be a list", at: routes.mark) }
+        for item in items {
+            var r = try YAMLMapping(item, path: "routes[]")
+            let domains = try r.strings("domains") ?? [], types = try r.strings("types") ?? [], filter = try r.string("filter")
+            do throws(SCIMError) {
+                t.routes.append(try Route(domains: domains, types: types, filter: filter))
+            } catch {
+                throw ConfigError("target '\(name)': \(error.detail)", at: item.mark)
+            }
+            try r.finish()
+        }
+        try m.finish()
+        return t
+    }
+}
+
+extension String {
+    var trimmingCharacters: String {
+        String(drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }
+            .reversed().drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }.reversed())
     }
 }

@@ -39,6 +39,8 @@ public struct BrokerConfiguration: Sendable {
     /// 503 + Retry-After (their outboxes hold the events meanwhile).
     public var maxPendingBatches = 256
     public var retryAfterSeconds = 2
+    /// Downstream SCIM targets the directory fans out to.
+    public var targets: [TargetConfiguration] = []
 
     public init(dataDirectory: String, listen: SocketAddress, tls: TLSConfiguration) {
         self.dataDirectory = dataDirectory
@@ -68,6 +70,8 @@ public final class BrokerService {
     public let server: HTTPServer
     public private(set) var apiServer: HTTPServer?
     public private(set) var adminServer: HTTPServer?
+    /// One delivery worker per target.
+    public private(set) var workers: [TargetWorker] = []
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -83,8 +87,12 @@ public final class BrokerService {
         guard !configuration.domains.isEmpty else { throw BrokerError.configuration("no --domain NAME=CERT-IDENTITY given") }
         self.loop = loop
         self.configuration = configuration
-        store = try BrokerStore(path: configuration.dataDirectory)
+        store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
         writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
+        for t in configuration.targets {
+            workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
+        }
+        for w in workers { try w.start() }
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
         limits.maxBodyBytes = max(limits.maxBodyBytes, 64 << 20)
@@ -169,15 +177,58 @@ public final class BrokerService {
         out += "# TYPE scim_broker_propagation_seconds summary\n"
         out += "scim_broker_propagation_seconds{quantile=\"0.5\"} \(q[0])\nscim_broker_propagation_seconds{quantile=\"0.99\"} \(q[1])\n"
         out += "scim_broker_propagation_seconds_count \(n)\n"
+        if !workers.isEmpty { out += fanoutMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
+        return out
+    }
+
+    func fanoutMetrics() -> String {
+        var out = ""
+        func header(_ name: String, _ type: String, _ help: String) { out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
+        header("scim_broker_target_requests_total", "counter", "Requests to targets by method and status class (error: no response).")
+        for w in workers {
+            for (key, n) in w.statistics.requests.sorted(by: { $0.key < $1.key }) {
+                let parts = key.split(separator: " ")
+                out += "scim_broker_target_requests_total{target=\"\(w.target.name)\",method=\"\(parts[0])\",class=\"\(parts[1])\"} \(n)\n"
+            }
+        }
+        func gauge(_ name: String, _ type: String, _ help: String, _ value: (TargetWorker) -> String) {
+            header(name, type, help)
+            for w in workers { out += "\(name){target=\"\(w.target.name)\"} \(value(w))\n" }
+        }
+        gauge("scim_broker_target_queue_depth", "gauge", "Changes queued for the target.") { String($0.depth) }
+        gauge("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
+            w.oldestQueuedAt == 0 || w.depth == 0 ? "0" : String(Double(max(0, unixMilliseconds() - w.oldestQueuedAt)) / 1000)
+        }
+        gauge("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String($0.statistics.delivered) }
+        gauge("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
+            String($0.statistics.deadLettered)
+        }
+        gauge("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error or 5xx.") { String($0.statistics.retries) }
+        gauge("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
+        gauge("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
+        gauge("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
+        gauge("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
+        gauge("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
+        header("scim_broker_target_delivery_seconds", "histogram", "From the agent accepting a change to the target's answer.")
+        for w in workers {
+            let s = w.statistics
+            for (i, b) in TargetStatistics.latencyBuckets.enumerated() {
+                out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"\(b)\"} \(s.latencyCounts[i])\n"
+            }
+            out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"+Inf\"} \(s.latencyCount)\n"
+            out += "scim_broker_target_delivery_seconds_sum{target=\"\(w.target.name)\"} \(s.latencySum)\n"
+            out += "scim_broker_target_delivery_seconds_count{target=\"\(w.target.name)\"} \(s.latencyCount)\n"
+        }
         return out
     }
 
     /// Stops both listeners after in-flight requests.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         let extra = [apiServer, adminServer].compactMap { $0 }
-        server.shutdown {
+        server.shutdown { [workers] in
+            for w in workers { w.stop() }
             var remaining = extra.count
             if remaining == 0 { completion(); return }
             for s in extra { s.shutdown { remaining -= 1; if remaining == 0 { completion() } } }
@@ -276,6 +327,7 @@ public final class BrokerService {
                     .withHeader("Retry-After", "5"))
             case .success(let outcome):
                 statistics.eventsApplied += outcome.applied
+                for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
                 recordPropagation(outcome.acceptedAt)
                 statistics.duplicates += outcome.duplicates
                 statistics.rejectedEvents += outcome.rejected.count

@@ -18,14 +18,29 @@ public final class BrokerStore: Sendable {
     let agents: Database
     let resources: Database
     let brokerIds: Database
+    let fanout: Database
+    let targetIds: Database
+    let targetDead: Database
+    let trail: Database
+    let traces: Database
+    let targetState: Database
+    /// Where changes fan out to (their routes decide what is queued).
+    public let targets: [TargetConfiguration]
 
-    public init(path: String, maxBytes: Int = 16 << 30) throws {
+    public init(path: String, maxBytes: Int = 16 << 30, targets: [TargetConfiguration] = []) throws {
         var o = EnvironmentOptions(path: path)
         o.maxMapSize = maxBytes
         environment = try Environment(o)
         agents = try environment.openDatabase("agents")
         resources = try environment.openDatabase("resources")
         brokerIds = try environment.openDatabase("brokerIds")
+        fanout = try environment.openDatabase("fanout")
+        targetIds = try environment.openDatabase("targetIds")
+        targetDead = try environment.openDatabase("targetDead")
+        trail = try environment.openDatabase("trail")
+        traces = try environment.openDatabase("traces")
+        targetState = try environment.openDatabase("targetState")
+        self.targets = targets
     }
 
     public func appliedSequence(domain: String, agent: String) throws -> UInt64 {
@@ -74,6 +89,8 @@ public struct ApplyOutcome: Sendable, Equatable {
     public var duplicates = 0
     /// `ts` (agent acceptance, Unix ms) of each applied event, for propagation metrics.
     public var acceptedAt: [Int64] = []
+    /// Items queued per target (fan-out).
+    public var fanout: [String: Int] = [:]
 }
 
 /// One event of a batch as received.
@@ -103,7 +120,9 @@ extension BrokerStore {
                 break
             }
             do {
-                try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), txn)
+                for t in try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), txn) {
+                    outcome.fanout[t, default: 0] += 1
+                }
                 if !ids.isEmpty { ids.removeFirst() }
                 outcome.applied += 1
                 if let ts = event.body["ts"]?.numberValue?.integer, ts > 0 { outcome.acceptedAt.append(ts) }
@@ -118,7 +137,7 @@ extension BrokerStore {
     }
 
     func applyOne(domain: String, agent: String, _ event: RelayEvent, id newID: String,
-                  _ txn: borrowing WriteTransaction) throws {
+                  _ txn: borrowing WriteTransaction) throws -> [String] {
         guard let events = event.body["events"]?.objectValue, events.count == 1, let (uri, body) = events.members.first else {
             throw SCIMError.invalidValue("event \(event.seq) must hold exactly one SCIM event")
         }
@@ -131,10 +150,17 @@ extension BrokerStore {
         let sourceID = String(parts[1])
         let key = Array("\(domain)/\(type)/\(sourceID)".utf8)
         let existing = try txn.get(resources, key).flatMap { try JSONParser.parse($0).objectValue }
+        let trace = event.body["txn"]?.stringValue ?? ""
+        let acceptedAt = event.body["ts"]?.numberValue?.integer ?? 0
         switch uri {
         case "urn:ietf:params:SCIM:event:prov:delete":
-            if let brokerID = existing?["id"]?.stringValue { try txn.delete(brokerIds, Array(brokerID.utf8)) }
+            guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
+            try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
+            let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
+                                           acceptedAt: acceptedAt, txn)
+            try recordApply(brokerID: brokerID, domain: domain, sourceID: sourceID, event: event, uri: uri, trace: trace, txn)
+            return queued
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
              "urn:ietf:params:SCIM:event:prov:patch:full":
             guard var data = body["data"]?.objectValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'data'") }
@@ -143,17 +169,44 @@ extension BrokerStore {
             data["id"] = .string(brokerID)
             var source: JSONObject = ["domain": .string(domain), "agent": .string(agent), "id": .string(sourceID)]
             if let v = body["version"] { source["version"] = v }
-            if let t = event.body["txn"] { source["trace"] = t }
+            if !trace.isEmpty { source["trace"] = .string(trace) }
             source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
             data[BrokerStore.sourceExtension] = .object(source)
             var schemas = data["schemas"]?.arrayValue ?? []
             if !schemas.contains(.string(BrokerStore.sourceExtension)) { schemas.append(.string(BrokerStore.sourceExtension)) }
             data["schemas"] = .array(schemas)
+            // Members name users of the same domain by their source ids: the
+            // directory names them by broker id (unknown ones are not federated).
+            if type == "Group", let members = data["members"]?.arrayValue {
+                var mapped: [JSON] = []
+                for m in members {
+                    guard var o = m.objectValue, let v = o["value"]?.stringValue,
+                          let id = try memberBrokerID(domain: domain, sourceID: v, txn) else { continue }
+                    o["value"] = .string(id)
+                    o["$ref"] = nil
+                    mapped.append(.object(o))
+                }
+                data["members"] = .array(mapped)
+            }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
+            let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
+                                           acceptedAt: acceptedAt, txn)
+            try recordApply(brokerID: brokerID, domain: domain, sourceID: sourceID, event: event, uri: uri, trace: trace, txn)
+            return queued
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
+    }
+
+    /// The trail's first two hops: the agent's acceptance and this apply.
+    func recordApply(brokerID: String, domain: String, sourceID: String, event: RelayEvent, uri: String, trace: String,
+                     _ txn: borrowing WriteTransaction) throws {
+        let kind = String(uri.split(separator: ":").dropFirst(5).joined(separator: ":"))
+        var hop: JSONObject = ["hop": "broker apply", "domain": .string(domain), "sourceId": .string(sourceID),
+                               "event": .string(kind), "seq": .number(JSONNumber(integer: Int64(event.seq)))]
+        if let ts = event.body["ts"]?.numberValue?.integer { hop["accepted"] = .number(JSONNumber(integer: ts)) }
+        try recordHop(brokerID: brokerID, trace: trace, hop, txn)
     }
 
     /// Where a federated resource came from.

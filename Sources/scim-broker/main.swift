@@ -5,13 +5,14 @@ import EdgeLoop
 import EdgeTLS
 import Glibc
 import Logging
+import SCIM
 
 struct ScimBroker: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
         version: "0.1.0",
-        subcommands: [Serve.self, CheckConfig.self, Status.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self])
 }
 
 struct Serve: ParsableCommand {
@@ -35,6 +36,10 @@ struct Serve: ParsableCommand {
     var adminListen: String?
     @Option(help: "Backpressure: agents get 503 + Retry-After while this many batches wait to be applied (default 256).")
     var maxPendingBatches: Int?
+    @Option(help: "NAME=URL: a downstream SCIM target receiving every domain's users and groups (repeatable; routes, mapping and limits need the config file).")
+    var target: [String] = []
+    @Option(help: "NAME=TOKEN: the bearer token for target NAME (repeatable).")
+    var targetToken: [String] = []
 
     func run() throws {
         var config: BrokerConfiguration
@@ -73,6 +78,7 @@ struct Serve: ParsableCommand {
             config.apiListen = a
         }
         config.apiTokens += apiToken
+        try applyTargetFlags(&config.targets, target, targetToken)
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
         let broker: BrokerService
@@ -113,9 +119,217 @@ struct Status: ParsableCommand {
     }
 }
 
+/// `--target NAME=URL` and `--target-token NAME=TOKEN`: flag targets take every domain's users and groups.
+func applyTargetFlags(_ targets: inout [TargetConfiguration], _ flags: [String], _ tokens: [String]) throws {
+    for t in flags {
+        guard let eq = t.firstIndex(of: "=") else { throw ValidationError("--target \(t) is not NAME=URL") }
+        do {
+            var c = try TargetConfiguration(name: String(t[..<eq]), url: String(t[t.index(after: eq)...]))
+            c.routes = [try Route()]
+            targets.removeAll { $0.name == c.name }
+            targets.append(c)
+        } catch { throw ValidationError("--target \(t): \(error.detail)") }
+    }
+    for t in tokens {
+        guard let eq = t.firstIndex(of: "="), let i = targets.firstIndex(where: { $0.name == t[..<eq] }) else {
+            throw ValidationError("--target-token \(t) is not NAME=TOKEN for a configured target")
+        }
+        targets[i].token = String(t[t.index(after: eq)...])
+    }
+}
+
+/// Where the CLI finds the broker's data: `--data-dir`, or the config's `dataDir` (and targets).
+struct StoreOptions: ParsableArguments {
+    @Option(help: "The broker's YAML configuration (its dataDir and targets).") var config: String?
+    @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
+    @Option(help: "NAME=URL: a target not in the config (reconcile).") var target: [String] = []
+    @Option(help: "NAME=TOKEN: the bearer token for target NAME.") var targetToken: [String] = []
+
+    func open() throws -> (BrokerStore, [TargetConfiguration]) {
+        var targets: [TargetConfiguration] = []
+        var dir = dataDir
+        if let config {
+            let c = try BrokerConfiguration.load(file: config)
+            targets = c.targets
+            if dir == nil { dir = c.dataDirectory }
+        }
+        try applyTargetFlags(&targets, target, targetToken)
+        guard let dir else { throw ValidationError("give --config FILE or --data-dir DIR") }
+        return (try BrokerStore(path: dir), targets)
+    }
+}
+
+func formatTime(_ ms: Int64?) -> String {
+    guard let ms, ms > 0 else { return "-" }
+    return formatDateTime(secondsSinceEpoch: ms / 1000, milliseconds: Int(ms % 1000))
+}
+
+struct Targets: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Downstream targets: status, the deletion guard, reconciliation.",
+        subcommands: [TargetStatus.self, ConfirmDeletes.self, Reconcile.self])
+}
+
+struct TargetStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Per target: state, queue, dead letters, deletion guard.")
+    @OptionGroup var options: StoreOptions
+    @Flag(help: "One JSON document per line.") var json = false
+
+    func run() throws {
+        let (store, _) = try options.open()
+        let letters = try store.deadLetters(target: nil)
+        for (name, saved) in try store.targetStatuses() {
+            var status = saved
+            let depth = try store.queueDepth(target: name)
+            status["queued"] = .int(depth.count)
+            status["oldestQueuedAt"] = .number(JSONNumber(integer: depth.oldest))
+            status["deadLetters"] = .int(letters.filter { $0.target == name }.count)
+            status["deletesPaused"] = .bool(try store.deletionGuard(target: name).pausedSince != nil)
+            if json { emitLine(JSON.object(status).serializedString); continue }
+            let caps = status["capabilities"]?.objectValue.map { c in
+                c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
+            } ?? "-"
+            emitLine("\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
+                + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]!)"
+                + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
+                + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
+                + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
+                + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? ""))
+        }
+    }
+}
+
+struct ConfirmDeletes: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "confirm-deletes", abstract: "Release the removals the deletion guard holds back for a target.")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+
+    func run() throws {
+        let (store, _) = try options.open()
+        try store.confirmDeletes(target: name)
+        emitLine("\(name): removals queued so far are released (the guard counts again from now)")
+    }
+}
+
+struct Reconcile: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compare a target's users and groups with what the routes say it should hold.",
+        discussion: "Reports missing, drifted and stray accounts; --apply queues the fixes for the running broker.")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Flag(help: "Queue the fixes: create the missing, fix drift, deactivate the strays the broker created.") var apply = false
+    @Flag(help: "Print the report as JSON.") var json = false
+
+    func run() throws {
+        let (store, targets) = try options.open()
+        guard let target = targets.first(where: { $0.name == name }) else {
+            throw ValidationError("no target \(name) in the configuration (give --config or --target \(name)=URL)")
+        }
+        let report = try EdgeBroker.reconcile(store: store, target: target, apply: apply)
+        if json { emitLine(report.json.serializedString); return }
+        emitLine("\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
+                 + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
+                 + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : ""))
+        for id in report.missing { emitLine("missing\t\(id)") }
+        for d in report.drifted { emitLine("drifted\t\(d.brokerID)\t\(d.attributes.joined(separator: ","))") }
+        for s in report.strays { emitLine("stray\t\(s.targetID)\t(broker id \(s.brokerID))") }
+        if apply { emitLine("\(report.queued) fixes queued") }
+    }
+}
+
+struct DeadLetter: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "deadletter", abstract: "Changes a target refused for good: list, retry or drop them.",
+        subcommands: [DeadLetterList.self, DeadLetterRetry.self, DeadLetterDrop.self])
+}
+
+struct DeadLetterList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "The request, the status and the response of each.")
+    @OptionGroup var options: StoreOptions
+    @Option(name: .customLong("for"), help: "Only this target.") var only: String?
+    @Flag(help: "One JSON document per line.") var json = false
+
+    func run() throws {
+        let (store, _) = try options.open()
+        for (target, letter) in try store.deadLetters(target: only) {
+            if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
+            emitLine("\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
+                     + "\t\(letter["method"]?.stringValue ?? "") \(letter["path"]?.stringValue ?? "") → \(letter["status"]?.numberValue?.description ?? "")"
+                     + "\t\(letter["type"]?.stringValue ?? "") \(letter["id"]?.stringValue ?? "")\ttrace \(letter["trace"]?.stringValue ?? "-")")
+            emitLine("  request:  \(letter["request"]?.stringValue ?? "")")
+            emitLine("  response: \(letter["response"]?.stringValue ?? "")")
+        }
+    }
+}
+
+struct DeadLetterRetry: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "retry", abstract: "Queue dead-lettered resources again (their current state is delivered).")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Argument(help: "The dead letter's number (#N in list); none: all of the target's.") var seq: UInt64?
+
+    func run() throws {
+        let (store, _) = try options.open()
+        emitLine("\(try store.settleDeadLetters(target: name, seq: seq, requeue: true)) queued again for \(name)")
+    }
+}
+
+struct DeadLetterDrop: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "drop", abstract: "Forget dead letters.")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Argument(help: "The dead letter's number; none: all of the target's.") var seq: UInt64?
+
+    func run() throws {
+        let (store, _) = try options.open()
+        emitLine("\(try store.settleDeadLetters(target: name, seq: seq, requeue: false)) dropped for \(name)")
+    }
+}
+
+struct Trace: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer.")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "A broker id or a trace id.") var id: String
+    @Flag(help: "One JSON document per line.") var json = false
+
+    func run() throws {
+        let (store, _) = try options.open()
+        let hops = try store.trail(id)
+        guard !hops.isEmpty else { throw ValidationError("nothing recorded for \(id)") }
+        for (brokerID, hop) in hops {
+            if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
+            if let accepted = hop["accepted"]?.numberValue?.integer {
+                emitLine("\(formatTime(accepted))\t\(brokerID)\tagent accept\t\(hop["domain"]?.stringValue ?? "")/\(hop["sourceId"]?.stringValue ?? "")"
+                         + "\ttrace \(hop["trace"]?.stringValue ?? "-")")
+            }
+            var detail: [String] = []
+            for key in ["event", "seq", "method", "status", "detail"] {
+                if let v = hop[key] { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
+            }
+            emitLine("\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))")
+        }
+    }
+}
+
+extension JSONObject {
+    func merging(_ other: JSONObject) -> JSONObject {
+        var out = self
+        for (k, v) in other { out[k] = v }
+        return out
+    }
+}
+
 func emitLine(_ line: String) {
     let bytes = Array((line + "\n").utf8)
     _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+}
+
+
+extension JSON {
+    var serializedString: String { String(decoding: serialized(), as: UTF8.self) }
 }
 
 ScimBroker.main()

@@ -7,78 +7,7 @@ import SCIM
 import XCTest
 
 /// Agents and a broker as real processes with certificates made by the test.
-final class FederationTests: XCTestCase {
-    var dir: TempDirectory!
-    var ca: String!, broker: (String, String)!
-    var de: (String, String)!, us: (String, String)!, rogue: (String, String)!, revoked: (String, String)!
-    var crl: String!
-    let deID = "spiffe://scim-edge.test/acme-de/agent-1"
-    let usID = "spiffe://scim-edge.test/acme-us/agent-1"
-    var children: [ChildProcess] = []
-
-    override func setUpWithError() throws {
-        dir = TempDirectory("edge-federation")
-        let authority = try CertificateAuthority(commonName: "federation CA")
-        let other = try CertificateAuthority(commonName: "another CA")
-        func save(_ name: String, _ c: Credential) -> (String, String) {
-            (dir.write("\(name).crt", c.certificatePEM), dir.write("\(name).key", c.privateKeyPEM))
-        }
-        ca = dir.write("ca.crt", authority.certificatePEM)
-        broker = save("broker", try authority.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"])))
-        de = save("de", try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
-        us = save("us", try authority.issue(CertificateRequest(commonName: "agent-us", uris: [usID])))
-        rogue = save("rogue", try other.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
-        let stolen = try authority.issue(CertificateRequest(commonName: "agent-de-old", uris: [deID]))
-        revoked = save("revoked", stolen)
-        crl = dir.write("ca.crl", try authority.revocationList(revoking: [stolen.serial]))
-    }
-
-    override func tearDown() {
-        for c in children where c.process.isRunning { c.signal(SIGKILL); _ = c.waitForExit() }
-        dir.remove()
-    }
-
-    func port(of child: ChildProcess, _ prefix: String) throws -> Int {
-        let line = try XCTUnwrap(child.waitForLine(prefix), "did not start: \(child.output)")
-        let address = line.split(separator: " ").first { $0.contains("127.0.0.1:") }!
-        return Int(address.split(separator: ":").last!.filter(\.isNumber))!
-    }
-
-    func startBroker(port: Int = 0, extra: [String] = []) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-broker", [
-            "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
-            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)", "--admin-listen", "127.0.0.1:0"] + extra)
-        children.append(child)
-        return (child, try self.port(of: child, "scim-broker"))
-    }
-
-    func startAgent(_ name: String, cert: (String, String), domain: String, brokerPort: Int,
-                    extra: [String] = []) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-edge", [
-            "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
-            "--broker", "https://127.0.0.1:\(brokerPort)", "--ca", ca, "--cert", cert.0, "--key", cert.1,
-            "--domain", domain, "--agent-name", name] + extra)
-        children.append(child)
-        return (child, try self.port(of: child, "scim-edge"))
-    }
-
-    @discardableResult
-    func create(_ port: Int, _ userName: String) throws -> Int { try createUser(port, userName) }
-
-    /// The broker's applied sequences, read from its LMDB file while it runs.
-    func applied() -> [String: UInt64] { brokerApplied(dir.file("broker")) }
-
-
-
-    func outboxEvents(_ name: String) throws -> Int { try AgentStore(path: dir.file(name), registry: .standard).outboxCount() }
-
-    func api(_ port: Int, _ path: String, method: String = "GET", token: String = "api-token") throws -> (Int, JSON?) {
-        let c = try RawClient(port: port)
-        c.send("\(method) /scim/v2\(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-        let r = try XCTUnwrap(c.readResponses(1).first)
-        return (r.status, try? JSONParser.parse(r.body))
-    }
-
+final class FederationTests: FederationTestCase {
     func testTwoDomainsArriveExactlyOnceAndStayNamespaced() throws {
         let (brokerProcess, bp) = try startBroker(extra: ["--api-listen", "127.0.0.1:0", "--api-token", "api-token"])
         let apiLine = try XCTUnwrap(brokerProcess.waitForLine("read API at"))
@@ -261,13 +190,6 @@ final class FederationTests: XCTestCase {
     }
 
 
-    func brokerMetrics(_ broker: ChildProcess) throws -> String {
-        let line = try XCTUnwrap(broker.waitForLine("operations at"))
-        let port = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
-        let c = try RawClient(port: port)
-        c.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return try XCTUnwrap(c.readResponses(1).first).body
-    }
 
     func testBrokerBackpressureMakesAgentsHoldTheirEvents() throws {
         let (broker, bp) = try startBroker(extra: ["--max-pending-batches", "0"])

@@ -1,0 +1,736 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Glibc
+import Logging
+import SCIM
+
+/// What a target said it supports (`/ServiceProviderConfig`).
+public struct TargetCapabilities: Sendable, Equatable {
+    public var patch = false
+    public var bulk = false
+    public var filter = false
+    public var etag = false
+
+    init(_ config: JSON) {
+        patch = config["patch"]?["supported"]?.boolValue ?? false
+        bulk = config["bulk"]?["supported"]?.boolValue ?? false
+        filter = config["filter"]?["supported"]?.boolValue ?? false
+        etag = config["etag"]?["supported"]?.boolValue ?? false
+    }
+}
+
+/// Per-target counters for metrics and status.
+public struct TargetStatistics: Sendable {
+    public static let latencyBuckets: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+    /// "METHOD class" (e.g. "POST 2xx", "PATCH 4xx", "DELETE error") → count.
+    public var requests: [String: Int] = [:]
+    public var delivered = 0
+    public var deadLettered = 0
+    public var retries = 0
+    public var throttled = 0
+    public var adopted = 0
+    public var latencyCounts = [Int](repeating: 0, count: TargetStatistics.latencyBuckets.count)
+    public var latencyCount = 0
+    public var latencySum = 0.0
+    public var breakerOpened = 0
+    public var lastError: String?
+
+    mutating func observe(latency seconds: Double) {
+        latencyCount += 1
+        latencySum += seconds
+        for (i, b) in Self.latencyBuckets.enumerated() where seconds <= b { latencyCounts[i] += 1 }
+    }
+}
+
+func monotonicMilliseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
+}
+
+/// Delivers one target's queue: resources in queue order per resource,
+/// different resources concurrently (adaptive, at most `concurrency`),
+/// within the target's request rate; retries with backoff and jitter;
+/// 429/503 honour `Retry-After`; other 4xx become dead letters; a circuit
+/// breaker on sustained failure; the deletion guard. Threading: loop-confined.
+public final class TargetWorker {
+    public let target: TargetConfiguration
+    let store: BrokerStore
+    let writer: GroupCommitWriter
+    let loop: EventLoop
+    var logger: Logger
+    private var clients: [HTTPClient] = []
+    public private(set) var capabilities: TargetCapabilities?
+    public private(set) var statistics = TargetStatistics()
+
+    private struct Pending {
+        let key: [UInt8]
+        let item: DeliveryItem
+        var attempts = 0
+        var waits = 0
+        var notBefore: UInt64 = 0
+        var dispatched = false
+        let recovered: Bool
+    }
+    private var pending: [Pending] = []
+    private var lastLoaded: [UInt8]?
+    private var recoveredThrough: [UInt8]?
+    private var inFlight: Set<String> = []
+    /// Adaptive concurrency (AIMD), between 1 and `target.concurrency`.
+    public private(set) var limit: Double
+    private var tokens: Double
+    private var lastRefill = monotonicMilliseconds()
+    private var pausedUntil: UInt64 = 0
+    private var consecutiveFailures = 0
+    private var breakerOpenUntil: UInt64 = 0
+    private var breakerOpenings = 0
+    private var removalTimes: [UInt64] = []
+    private var guardPausedSince: Int64?
+    private var guardConfirmedAt: Int64 = 0
+    /// Items queued and not yet completed (refreshed from LMDB periodically).
+    public private(set) var depth = 0
+    public private(set) var oldestQueuedAt: Int64 = 0
+    private var timer: LoopTimer?
+    private var ticks = 0
+    private var discoveryAttempts = 0
+    private var nextDiscovery: UInt64 = 0
+    private var discovering = false
+    private var stopped = false
+    static let window = 2048
+    static let maxMemberWaits = 40
+
+    public enum BreakerState: String, Sendable { case closed, open, halfOpen = "half-open" }
+
+    public var breakerState: BreakerState {
+        if consecutiveFailures < target.breakerThreshold { return .closed }
+        return monotonicMilliseconds() < breakerOpenUntil ? .open : .halfOpen
+    }
+
+    public var deletesPaused: Bool { guardPausedSince != nil }
+
+    init(target: TargetConfiguration, store: BrokerStore, writer: GroupCommitWriter, loop: EventLoop) throws {
+        self.target = target
+        self.store = store
+        self.writer = writer
+        self.loop = loop
+        logger = Logger(label: "scim-broker.target")
+        logger[metadataKey: "target"] = .string(target.name)
+        limit = Double(target.concurrency)
+        tokens = max(1, target.requestsPerSecond)
+        var tlsContext: TLSContext?
+        if target.useTLS {
+            var tls = target.tls
+            tls.verifyPeer = true
+            if tls.minimumVersion == .tls13 && target.tls == TLSConfiguration() { tls.minimumVersion = .tls12 }
+            tlsContext = try TLSContext(role: .client, configuration: tls)
+        }
+        var options = HTTPClientOptions()
+        options.maxPipelined = 1
+        options.responseTimeoutMilliseconds = target.requestTimeoutMilliseconds
+        options.connectTimeoutMilliseconds = min(5_000, target.requestTimeoutMilliseconds)
+        for _ in 0..<max(1, target.concurrency) {
+            clients.append(HTTPClient(loop: loop, address: target.address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
+                                      options: options))
+        }
+    }
+
+    func start() throws {
+        let depth = try store.queueDepth(target: target.name)
+        self.depth = depth.count
+        oldestQueuedAt = depth.oldest
+        recoveredThrough = try store.queued(target: target.name, after: nil, limit: Int.max).last?.key
+        let g = try store.deletionGuard(target: target.name)
+        guardPausedSince = g.pausedSince
+        guardConfirmedAt = g.confirmedAt
+        let t = try LoopTimer(loop: loop)
+        t.keepsLoopAlive = false
+        t.start(after: 25, repeatEvery: 25) { [weak self] in self?.tick() }
+        timer = t
+        discover()
+    }
+
+    func stop() {
+        stopped = true
+        timer?.close()
+        timer = nil
+        for c in clients { c.close() }
+    }
+
+    /// New items were queued by an apply.
+    func kick(queued: Int) {
+        depth += queued
+        if oldestQueuedAt == 0 && queued > 0 { oldestQueuedAt = unixMilliseconds() }
+        load()
+        pump()
+    }
+
+    private func tick() {
+        ticks += 1
+        if ticks % 40 == 0 { refreshFromStore() }
+        if capabilities == nil { discover() }
+        pump()
+    }
+
+    /// Every second: queue depth, the deletion guard (the CLI changes it), new
+    /// items queued by other processes (dead-letter retries, reconciliation),
+    /// and the status snapshot `scim-broker targets status` reads.
+    private func refreshFromStore() {
+        if let d = try? store.queueDepth(target: target.name) { depth = d.count; oldestQueuedAt = d.oldest }
+        if let g = try? store.deletionGuard(target: target.name) {
+            if guardPausedSince != nil && g.pausedSince == nil {
+                logger.notice("removals released by confirm-deletes")
+                removalTimes.removeAll()
+            }
+            guardPausedSince = g.pausedSince
+            guardConfirmedAt = g.confirmedAt
+        }
+        load()
+        let snapshot = statusDocument()
+        let store = self.store, name = target.name
+        writer.submit({ txn in try store.saveStatus(target: name, snapshot, txn) }) { _ in }
+    }
+
+    public func statusDocument() -> JSONObject {
+        var o: JSONObject = [
+            "target": .string(target.name), "url": .string(target.url),
+            "state": .string(capabilities == nil ? "discovering" : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
+            "breaker": .string(breakerState.rawValue),
+            "queued": .int(depth), "oldestQueuedAt": .number(JSONNumber(integer: oldestQueuedAt)),
+            "inFlight": .int(inFlight.count), "concurrency": .int(Int(limit)),
+            "delivered": .int(statistics.delivered), "deadLettered": .int(statistics.deadLettered),
+            "retries": .int(statistics.retries), "throttled": .int(statistics.throttled), "adopted": .int(statistics.adopted),
+            "deletesPaused": .bool(guardPausedSince != nil), "updatedAt": .number(JSONNumber(integer: unixMilliseconds())),
+        ]
+        if let c = capabilities {
+            o["capabilities"] = ["patch": .bool(c.patch), "bulk": .bool(c.bulk), "filter": .bool(c.filter), "etag": .bool(c.etag)]
+        }
+        if let e = statistics.lastError { o["lastError"] = .string(e) }
+        return o
+    }
+
+    // MARK: discovery
+
+    private func discover() {
+        guard !discovering, !stopped, monotonicMilliseconds() >= nextDiscovery else { return }
+        discovering = true
+        send(HTTPRequest(method: "GET", target: target.basePath + "/ServiceProviderConfig", headers: headers(trace: "")),
+             method: "GET") { [weak self] result in
+            guard let self else { return }
+            discovering = false
+            if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body), doc.objectValue != nil {
+                capabilities = TargetCapabilities(doc)
+                logger.info("target capabilities", metadata: [
+                    "patch": .stringConvertible(capabilities!.patch), "filter": .stringConvertible(capabilities!.filter),
+                    "etag": .stringConvertible(capabilities!.etag), "bulk": .stringConvertible(capabilities!.bulk)])
+                load()
+                pump()
+            } else {
+                discoveryAttempts += 1
+                let why: String
+                switch result {
+                case .success(let r): why = "GET /ServiceProviderConfig answered \(r.status)"
+                case .failure(let e): why = "GET /ServiceProviderConfig: \(e)"
+                }
+                statistics.lastError = why
+                if discoveryAttempts == 1 || discoveryAttempts % 10 == 0 { logger.warning("target not ready", metadata: ["error": .string(why)]) }
+                nextDiscovery = monotonicMilliseconds() + backoff(discoveryAttempts)
+            }
+        }
+    }
+
+    // MARK: scheduling
+
+    private func load() {
+        guard pending.count < Self.window / 2 || lastLoaded == nil else { return }
+        guard let items = try? store.queued(target: target.name, after: lastLoaded, limit: Self.window - pending.count) else { return }
+        for (key, item) in items {
+            let recovered = recoveredThrough.map { !$0.lexicographicallyPrecedes(key) } ?? false
+            pending.append(Pending(key: key, item: item, recovered: recovered))
+            lastLoaded = key
+        }
+    }
+
+    private func refill(_ now: UInt64) {
+        let rate = max(0.1, target.requestsPerSecond)
+        tokens = min(max(1, rate), tokens + Double(now - lastRefill) * rate / 1000)
+        lastRefill = now
+    }
+
+    private var pumping = false
+    private var repump = false
+
+    private func pump() {
+        guard capabilities != nil, !stopped else { return }
+        if pumping { repump = true; return }
+        pumping = true
+        repeat {
+            repump = false
+            pumpOnce()
+        } while repump
+        pumping = false
+    }
+
+    private func pumpOnce() {
+        let now = monotonicMilliseconds()
+        refill(now)
+        guard now >= pausedUntil else { return }
+        var allowed = Int(limit)
+        switch breakerState {
+        case .closed: break
+        case .open: return
+        case .halfOpen: allowed = 1  // one probe
+        }
+        var blocked: Set<String> = []
+        var i = 0
+        while i < pending.count, inFlight.count < allowed {
+            let p = pending[i]
+            let id = p.item.brokerID
+            defer { i += 1 }
+            if p.dispatched || inFlight.contains(id) || blocked.contains(id) { blocked.insert(id); continue }
+            blocked.insert(id)  // later items of this resource wait for this one
+            if p.notBefore > now { continue }
+            if p.item.operation != .upsert && !removalAllowed(p.item, now) { continue }
+            guard tokens >= 1 else { break }
+            tokens -= 1
+            dispatch(i)
+        }
+    }
+
+    /// The deletion guard: held back while paused; trips past `maxDeletes`
+    /// removals within the window. Removals queued before the operator's
+    /// confirmation pass.
+    private func removalAllowed(_ item: DeliveryItem, _ now: UInt64) -> Bool {
+        if item.queuedAt <= guardConfirmedAt { return true }
+        if guardPausedSince != nil { return false }
+        let windowMs = UInt64(target.deletionGuard.windowSeconds) * 1000
+        removalTimes.removeAll { now - $0 > windowMs }
+        if removalTimes.count >= target.deletionGuard.maxDeletes {
+            let since = unixMilliseconds()
+            guardPausedSince = since
+            logger.error("deletion guard: removals paused until `scim-broker targets confirm-deletes \(target.name)`",
+                         metadata: ["removals": .stringConvertible(removalTimes.count),
+                                    "windowSeconds": .stringConvertible(target.deletionGuard.windowSeconds)])
+            let store = self.store, name = target.name, confirmed = guardConfirmedAt
+            writer.submit({ txn in try store.setDeletionGuard(target: name, pausedSince: since, confirmedAt: confirmed, txn) }) { _ in }
+            return false
+        }
+        removalTimes.append(now)
+        return true
+    }
+
+    /// Sends the item at `index` with the later items of the same resource
+    /// and operation (they all mean "deliver the current state").
+    private func dispatch(_ index: Int) {
+        let first = pending[index]
+        let id = first.item.brokerID
+        var keys: [[UInt8]] = []
+        for j in index..<pending.count where pending[j].item.brokerID == id && !pending[j].dispatched {
+            if pending[j].item.operation != first.item.operation { break }
+            pending[j].dispatched = true
+            keys.append(pending[j].key)
+        }
+        inFlight.insert(id)
+        var delivery = Delivery(item: first.item, keys: keys, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
+        do {
+            delivery.mapping = try store.mapping(target: target.name, brokerID: id)
+        } catch {
+            finish(delivery, .retry("cannot read the mapping: \(error)"))
+            return
+        }
+        switch first.item.operation {
+        case .upsert: upsert(delivery)
+        case .remove: remove(delivery, deactivate: target.removal == .deactivate && first.item.type == "User")
+        case .deactivate: remove(delivery, deactivate: first.item.type == "User")
+        }
+    }
+
+    struct Delivery {
+        let item: DeliveryItem
+        let keys: [[UInt8]]
+        var attempts: Int
+        var waits: Int
+        let recovered: Bool
+        var mapping: TargetMapping?
+        var adopted = false
+        var redirected = 0
+    }
+
+    enum Outcome {
+        /// Done; record the mapping (nil inside: forget it) and the hop.
+        case done(mapping: TargetMapping??, method: String?, status: Int?)
+        case deadLetter(method: String, path: String, request: String, status: Int, response: String)
+        case retry(String)
+        case throttled(retryAfter: UInt64?, status: Int)
+        /// Group members not yet at the target: try again shortly.
+        case waitForMembers
+    }
+
+    // MARK: the operations
+
+    private var endpoint: (String) -> String {
+        { [target] type in target.basePath + (type == "User" ? "/Users" : "/Groups") }
+    }
+
+    private func upsert(_ d: Delivery) {
+        guard let (domain, type, resource) = (try? store.located(brokerID: d.item.brokerID)) ?? nil,
+              target.routes(domain: domain, type: type, resource) else {
+            // Deleted or out of the routes since: the removal queued after it does the work.
+            finish(d, .done(mapping: .none, method: nil, status: nil))
+            return
+        }
+        var body = targetBody(resource, brokerID: d.item.brokerID, mapping: target.mapping)
+        if type == "Group", let members = body["members"]?.arrayValue {
+            var mapped: [JSON] = []
+            var missing = false
+            for m in members {
+                guard var o = m.objectValue, let v = o["value"]?.stringValue else { continue }
+                if let tid = (try? store.mapping(target: target.name, brokerID: v))??.targetID {
+                    o["value"] = .string(tid)
+                    o["$ref"] = nil
+                    o["display"] = nil
+                    mapped.append(.object(o))
+                } else if let (md, mt, mr) = (try? store.located(brokerID: v)) ?? nil, target.routes(domain: md, type: mt, mr) {
+                    missing = true  // routed here, not delivered yet
+                }
+            }
+            if missing && d.waits < Self.maxMemberWaits {
+                finish(d, .waitForMembers)
+                return
+            }
+            body["members"] = .array(mapped)
+        }
+        guard let mapping = d.mapping else {
+            if (d.recovered || d.attempts > 0), capabilities?.filter == true {
+                // A POST may have succeeded without its answer being recorded: look first.
+                lookup(d, type: type, attribute: "externalId", value: d.item.brokerID) { [weak self] found in
+                    guard let self else { return }
+                    if let found { adopt(d, found, body: body) } else { create(d, type: type, body: body) }
+                }
+            } else {
+                create(d, type: type, body: body)
+            }
+            return
+        }
+        update(d, type: type, mapping: mapping, body: body)
+    }
+
+    private func create(_ d: Delivery, type: String, body: JSONObject) {
+        let path = endpoint(type)
+        let bytes = JSON.object(body).serialized()
+        send(request("POST", path, d, body: bytes), method: "POST") { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success(let r) where r.status == 201 || r.status == 200:
+                guard let doc = try? JSONParser.parse(r.body), let id = doc["id"]?.stringValue else {
+                    finish(d, .deadLetter(method: "POST", path: path, request: String(decoding: bytes, as: UTF8.self), status: r.status,
+                                          response: "the response carries no id: " + r.bodyText))
+                    return
+                }
+                finish(d, .done(mapping: .some(TargetMapping(targetID: id, etag: etag(r, doc), sent: body)), method: "POST", status: r.status))
+            case .success(let r) where r.status == 409 && capabilities?.filter == true && !d.adopted:
+                // The account exists already: adopt it (userName for users, displayName for groups).
+                let attribute = type == "User" ? "userName" : "displayName"
+                guard let value = body[attribute]?.stringValue else {
+                    finish(d, classify(r, "POST", path, bytes))
+                    return
+                }
+                lookup(d, type: type, attribute: attribute, value: value) { [weak self] found in
+                    guard let self else { return }
+                    if let found { adopt(d, found, body: body) } else { finish(d, classify(r, "POST", path, bytes)) }
+                }
+            case .success(let r):
+                finish(d, classify(r, "POST", path, bytes))
+            case .failure(let e):
+                finish(d, .retry("POST \(path): \(e)"))
+            }
+        }
+    }
+
+    /// Takes over an existing account and brings it to the broker's state
+    /// with a full PUT (its current state is not known).
+    private func adopt(_ d: Delivery, _ targetID: String, body: JSONObject) {
+        var next = d
+        next.adopted = true
+        next.mapping = TargetMapping(targetID: targetID, etag: nil, sent: nil)
+        statistics.adopted += 1
+        logger.info("adopted an existing account", metadata: ["brokerId": .string(d.item.brokerID), "targetId": .string(targetID)])
+        update(next, type: d.item.type, mapping: next.mapping!, body: body)
+    }
+
+    private func update(_ d: Delivery, type: String, mapping: TargetMapping, body: JSONObject) {
+        let path = endpoint(type) + "/" + mapping.targetID
+        var method = "PUT"
+        var bytes: [UInt8]
+        if capabilities?.patch == true, let sent = mapping.sent {
+            let ops = patchOperations(from: sent, to: body)
+            if ops.isEmpty {
+                finish(d, .done(mapping: .some(mapping), method: nil, status: nil))
+                return
+            }
+            method = "PATCH"
+            bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
+        } else {
+            var full = body
+            full["id"] = .string(mapping.targetID)
+            bytes = JSON.object(full).serialized()
+        }
+        var req = request(method, path, d, body: bytes)
+        if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
+        send(req, method: method) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success(let r) where (200..<300).contains(r.status):
+                let doc = try? JSONParser.parse(r.body)
+                let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
+                finish(d, .done(mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: body)), method: method, status: r.status))
+            case .success(let r) where r.status == 404 && d.redirected < 2:
+                // Gone at the target (deleted there): create it again.
+                var next = d
+                next.mapping = nil
+                next.redirected += 1
+                create(next, type: type, body: body)
+            case .success(let r) where r.status == 412 && d.redirected < 2:
+                // Changed at the target since: the broker's state wins, without If-Match.
+                var next = d
+                next.redirected += 1
+                update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
+            case .success(let r):
+                finish(d, classify(r, method, path, bytes))
+            case .failure(let e):
+                finish(d, .retry("\(method) \(path): \(e)"))
+            }
+        }
+    }
+
+    private func remove(_ d: Delivery, deactivate: Bool) {
+        guard let mapping = d.mapping else {
+            finish(d, .done(mapping: .none, method: nil, status: nil))  // never reached the target
+            return
+        }
+        let path = endpoint(d.item.type) + "/" + mapping.targetID
+        if !deactivate {
+            send(request("DELETE", path, d, body: []), method: "DELETE") { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success(let r) where (200..<300).contains(r.status) || r.status == 404:
+                    finish(d, .done(mapping: .some(nil), method: "DELETE", status: r.status))
+                case .success(let r): finish(d, classify(r, "DELETE", path, []))
+                case .failure(let e): finish(d, .retry("DELETE \(path): \(e)"))
+                }
+            }
+            return
+        }
+        var sent = mapping.sent ?? JSONObject()
+        sent["active"] = .bool(false)
+        let method: String
+        let bytes: [UInt8]
+        if capabilities?.patch == true {
+            method = "PATCH"
+            bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                                 "Operations": [["op": "replace", "path": "active", "value": false]]]).serialized()
+        } else {
+            method = "PUT"
+            var full = sent
+            full["id"] = .string(mapping.targetID)
+            bytes = JSON.object(full).serialized()
+        }
+        send(request(method, path, d, body: bytes), method: method) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success(let r) where (200..<300).contains(r.status):
+                let tag = etag(r, try? JSONParser.parse(r.body))
+                finish(d, .done(mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: sent)), method: method, status: r.status))
+            case .success(let r) where r.status == 404:
+                finish(d, .done(mapping: .some(nil), method: method, status: 404))
+            case .success(let r): finish(d, classify(r, method, path, bytes))
+            case .failure(let e): finish(d, .retry("\(method) \(path): \(e)"))
+            }
+        }
+    }
+
+    /// `GET /Users?filter=attribute eq "value"`: the one match's id.
+    private func lookup(_ d: Delivery, type: String, attribute: String, value: String, _ done: @escaping (String?) -> Void) {
+        let escaped = value.replacing("\\", with: "\\\\").replacing("\"", with: "\\\"")
+        let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id"
+        send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
+            guard self != nil else { return }
+            if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body),
+               let list = doc["Resources"]?.arrayValue, list.count == 1, let id = list[0]["id"]?.stringValue {
+                done(id)
+            } else {
+                done(nil)
+            }
+        }
+    }
+
+    // MARK: the wire
+
+    func headers(trace: String) -> HTTPHeaders {
+        var h: HTTPHeaders = ["Accept": "application/scim+json"]
+        if let token = target.token { h.set("Authorization", "Bearer \(token)") }
+        let traceID = trace.count == 32 && trace.allSatisfy(\.isHexDigit) ? trace.lowercased() : hexString(secureRandomBytes(16))
+        h.set("traceparent", "00-\(traceID)-\(hexString(secureRandomBytes(8)))-01")
+        return h
+    }
+
+    private func request(_ method: String, _ path: String, _ d: Delivery, body: [UInt8]) -> HTTPRequest {
+        var h = headers(trace: d.item.trace)
+        if !body.isEmpty { h.set("Content-Type", "application/scim+json") }
+        return HTTPRequest(method: method, target: path, headers: h, body: body)
+    }
+
+    private func send(_ request: HTTPRequest, method: String, _ completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void) {
+        let client = clients.min { $0.outstanding < $1.outstanding }!
+        client.send(request) { [weak self] result in
+            guard let self else { return }
+            let label: String
+            switch result {
+            case .success(let r): label = "\(method) \(r.status / 100)xx"
+            case .failure: label = "\(method) error"
+            }
+            statistics.requests[label, default: 0] += 1
+            completion(result)
+        }
+    }
+
+    private func etag(_ r: HTTPResponse, _ doc: JSON?) -> String? {
+        r.headers["ETag"] ?? doc?["meta"]?["version"]?.stringValue
+    }
+
+    private func classify(_ r: HTTPResponse, _ method: String, _ path: String, _ request: [UInt8]) -> Outcome {
+        switch r.status {
+        case 429, 503: return .throttled(retryAfter: r.headers["Retry-After"].flatMap { UInt64($0.trimmingSpaces) }, status: r.status)
+        case 500...599, 408: return .retry("\(method) \(path) answered \(r.status)")
+        default:
+            return .deadLetter(method: method, path: path, request: String(decoding: request, as: UTF8.self), status: r.status,
+                               response: String(decoding: r.body.prefix(16 * 1024), as: UTF8.self))
+        }
+    }
+
+    // MARK: completion
+
+    private func finish(_ d: Delivery, _ outcome: Outcome) {
+        let id = d.item.brokerID
+        let now = monotonicMilliseconds()
+        func release(retryAt: UInt64?, countAttempt: Bool, wait: Bool = false) {
+            inFlight.remove(id)
+            for j in pending.indices where d.keys.contains(pending[j].key) {
+                pending[j].dispatched = false
+                if countAttempt { pending[j].attempts += 1 }
+                if wait { pending[j].waits += 1 }
+                if let retryAt { pending[j].notBefore = retryAt }
+            }
+            pump()
+        }
+        switch outcome {
+        case .waitForMembers:
+            release(retryAt: now + 250, countAttempt: false, wait: true)
+        case .throttled(let retryAfter, let status):
+            statistics.throttled += 1
+            statistics.lastError = "target answered \(status)"
+            limit = max(1, limit / 2)
+            pausedUntil = now + min(300, retryAfter ?? 1) * 1000
+            release(retryAt: pausedUntil, countAttempt: false)
+        case .retry(let why):
+            statistics.retries += 1
+            statistics.lastError = why
+            consecutiveFailures += 1
+            limit = max(1, limit / 2)
+            if consecutiveFailures == target.breakerThreshold || (consecutiveFailures > target.breakerThreshold) {
+                breakerOpenings += 1
+                statistics.breakerOpened += 1
+                let cooldown = min(60_000, 1000 << min(6, breakerOpenings))
+                breakerOpenUntil = now + UInt64(cooldown)
+                logger.error("circuit breaker open", metadata: ["failures": .stringConvertible(consecutiveFailures),
+                                                                "cooldownMs": .stringConvertible(cooldown), "error": .string(why)])
+            } else if d.attempts == 0 || d.attempts % 10 == 0 {
+                logger.warning("delivery failed, will retry", metadata: ["brokerId": .string(id), "error": .string(why)])
+            }
+            release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
+        case .done(let mapping, let method, let status):
+            succeeded()
+            var hop: JSONObject = ["hop": .string("target \(target.name)")]
+            if let method { hop["method"] = .string(method) }
+            if let status { hop["status"] = .int(status) }
+            if method == nil { hop["detail"] = "nothing to send" }
+            complete(d, mapping: mapping, deadLetter: nil, hop: hop)
+        case .deadLetter(let method, let path, let request, let status, let response):
+            succeeded()  // the target answered: it is up
+            statistics.deadLettered += 1
+            statistics.lastError = "\(method) \(path) answered \(status)"
+            logger.error("delivery refused by the target: dead letter", metadata: [
+                "brokerId": .string(id), "method": .string(method), "status": .stringConvertible(status), "trace": .string(d.item.trace)])
+            let letter: JSONObject = [
+                "id": .string(id), "type": .string(d.item.type), "op": .string(d.item.operation.rawValue), "trace": .string(d.item.trace),
+                "method": .string(method), "path": .string(path), "request": .string(request), "status": .int(status),
+                "response": .string(response), "at": .number(JSONNumber(integer: unixMilliseconds())),
+            ]
+            complete(d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
+                     hop: ["hop": .string("target \(target.name)"), "method": .string(method), "status": .int(status),
+                           "detail": "dead letter"])
+        }
+    }
+
+    private func succeeded() {
+        if consecutiveFailures >= target.breakerThreshold { logger.notice("circuit breaker closed") }
+        consecutiveFailures = 0
+        breakerOpenings = 0
+        limit = min(Double(target.concurrency), limit + 1 / max(1, limit))
+    }
+
+    private func complete(_ d: Delivery, mapping: TargetMapping??, deadLetter: JSONObject?, hop: JSONObject) {
+        let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace
+        writer.submit({ txn in
+            try store.completeDelivery(target: name, keys: keys, brokerID: id, mapping: mapping, deadLetter: deadLetter, hop: hop,
+                                       trace: trace, txn)
+        }) { [weak self] result in
+            guard let self else { return }
+            inFlight.remove(id)
+            switch result {
+            case .success:
+                let done = Set(keys)
+                pending.removeAll { done.contains($0.key) }
+                depth = max(0, depth - keys.count)
+                if deadLetter == nil {
+                    statistics.delivered += 1
+                    let from = d.item.acceptedAt > 0 ? d.item.acceptedAt : d.item.queuedAt
+                    statistics.observe(latency: Double(max(0, unixMilliseconds() - from)) / 1000)
+                }
+            case .failure(let error):
+                logger.error("cannot record a delivery; it will be repeated", metadata: ["error": .string("\(error)")])
+                for j in pending.indices where keys.contains(pending[j].key) {
+                    pending[j].dispatched = false
+                    pending[j].notBefore = monotonicMilliseconds() + 1000
+                }
+            }
+            pump()
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter: 0 … min(30 s, 250 ms · 2^attempt).
+func backoff(_ attempt: Int) -> UInt64 {
+    let cap = min(30_000, 250 << UInt64(min(attempt, 7)))
+    return UInt64.random(in: 0...UInt64(cap))
+}
+
+func percentEncode(_ s: String) -> String {
+    var out = ""
+    for b in s.utf8 {
+        switch b {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+             UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+            out.unicodeScalars.append(Unicode.Scalar(b))
+        default:
+            out += "%" + String(b, radix: 16, uppercase: true).leftPadded(2)
+        }
+    }
+    return out
+}
+
+extension String {
+    func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+    var trimmingSpaces: String { String(drop { $0 == " " }.reversed().drop { $0 == " " }.reversed()) }
+}

@@ -1,0 +1,350 @@
+import EdgeStore
+import Glibc
+import SCIM
+
+/// The fan-out's part of the broker's LMDB file.
+///
+/// | database | key | value |
+/// |---|---|---|
+/// | `fanout` | `<target> 0x00 <seq BE>` | a `DeliveryItem` (JSON) |
+/// | `targetIds` | `<target> 0x00 <broker id>` | target id, ETag, last body sent |
+/// | `targetDead` | `<target> 0x00 <seq BE>` | a dead letter: request, status, response |
+/// | `trail` | `<broker id> 0x00 <µs BE> <hop>` | one hop of a change |
+/// | `traces` | `<trace id> 0x00 <broker id>` | — |
+/// | `targetState` | `seq/<target>`, `guard/<target>`, `status/<target>` | counters, deletion guard, last status |
+///
+/// Queue entries are written in the apply's own transaction: what is
+/// acknowledged to an agent is already queued for every target.
+public struct DeliveryItem: Sendable, Equatable {
+    public enum Operation: String, Sendable {
+        /// Create or update to the current state.
+        case upsert
+        /// Deleted at the source or out of the target's routes: the target's removal mode.
+        case remove
+        /// Reconciliation: a stray account the broker created, set inactive.
+        case deactivate
+    }
+    public var brokerID: String
+    public var type: String
+    public var operation: Operation
+    public var trace: String
+    /// Unix ms: queued at the broker, and accepted at the agent (0: unknown).
+    public var queuedAt: Int64
+    public var acceptedAt: Int64
+
+    var json: JSON {
+        ["id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
+         "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt))]
+    }
+
+    init(brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64) {
+        self.brokerID = brokerID
+        self.type = type
+        self.operation = operation
+        self.trace = trace
+        self.queuedAt = queuedAt
+        self.acceptedAt = acceptedAt
+    }
+
+    init?(_ bytes: [UInt8]) {
+        guard let o = (try? JSONParser.parse(bytes))?.objectValue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
+              let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:)) else { return nil }
+        self.init(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+                  queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0)
+    }
+}
+
+/// What the broker knows of a resource at one target.
+public struct TargetMapping: Sendable, Equatable {
+    public var targetID: String
+    public var etag: String?
+    /// The body last delivered (after mapping); nil after adoption, when
+    /// the target's state is unknown (the next update is a full PUT).
+    public var sent: JSONObject?
+
+    var json: JSON {
+        var o: JSONObject = ["id": .string(targetID)]
+        if let etag { o["etag"] = .string(etag) }
+        if let sent { o["sent"] = .object(sent) }
+        return .object(o)
+    }
+
+    public init(targetID: String, etag: String?, sent: JSONObject?) {
+        self.targetID = targetID
+        self.etag = etag
+        self.sent = sent
+    }
+
+    init?(_ bytes: [UInt8]) {
+        guard let o = (try? JSONParser.parse(bytes))?.objectValue, let id = o["id"]?.stringValue else { return nil }
+        self.init(targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue)
+    }
+}
+
+func unixMilliseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
+}
+
+func unixMicroseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec / 1000)
+}
+
+func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
+func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
+func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
+
+extension BrokerStore {
+    /// Queues, in the apply's transaction, what each target must do after a
+    /// resource changed from `old` to `new` (nil: absent or deleted).
+    func enqueueFanout(domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
+                       trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction) throws -> [String] {
+        var queued: [String] = []
+        for target in targets {
+            let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
+            let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
+            guard was || now else { continue }
+            let item = DeliveryItem(brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
+                                    queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
+            try enqueue(target: target.name, item, txn)
+            queued.append(target.name)
+        }
+        return queued
+    }
+
+    func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws {
+        let seq = try nextCounter("seq/\(target)", txn)
+        try txn.put(fanout, prefixed(target, seq.bigEndianBytes), item.json.serialized())
+    }
+
+    func nextCounter(_ name: String, _ txn: borrowing WriteTransaction) throws -> UInt64 {
+        let key = Array(name.utf8)
+        let next = (try txn.get(targetState, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+        try txn.put(targetState, key, next.bigEndianBytes)
+        return next
+    }
+
+    /// Records one hop of a change in the resource's trail (and the trace
+    /// id's index); hops older than `trailRetention` are pruned as it grows.
+    func recordHop(brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction) throws {
+        let now = unixMicroseconds()
+        var value = hop
+        value["at"] = .number(JSONNumber(integer: now / 1000))
+        value["trace"] = .string(trace)
+        let name = hop["hop"]?.stringValue ?? ""
+        try txn.put(trail, prefixed(brokerID, UInt64(now).bigEndianBytes + Array(name.utf8)), JSON.object(value).serialized())
+        if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), []) }
+        // Bounded: drop hops past the retention, oldest first.
+        let cutoff = UInt64(now - BrokerStore.trailRetentionMicroseconds)
+        var stale: [[UInt8]] = []
+        try txn.scan(trail, from: prefixed(brokerID, []), to: prefixEnd(brokerID)) { k, _ in
+            let t = UInt64(bigEndianBytes: Array(k[(brokerID.utf8.count + 1)...].prefix(8))) ?? 0
+            if t >= cutoff { return false }
+            stale.append(k)
+            return stale.count < 64
+        }
+        for k in stale { _ = try txn.delete(trail, k) }
+    }
+
+    /// Seven days of hops per resource.
+    static let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
+
+    /// Every hop recorded for a broker id, or for the resources a trace id touched.
+    public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+        let trail = self.trail, traces = self.traces, brokerIds = self.brokerIds
+        return try environment.read { txn in
+            var ids: [String] = []
+            try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
+                ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
+                return true
+            }
+            let byTrace = !ids.isEmpty
+            if !byTrace { ids = [idOrTrace] }
+            var out: [(String, JSONObject)] = []
+            for id in ids {
+                try txn.scan(trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
+                    if let o = try JSONParser.parse(v).objectValue, !byTrace || o["trace"]?.stringValue == idOrTrace { out.append((id, o)) }
+                    return true
+                }
+            }
+            _ = brokerIds
+            return out.sorted { ($0.1["at"]?.numberValue?.integer ?? 0) < ($1.1["at"]?.numberValue?.integer ?? 0) }
+        }
+    }
+
+    // MARK: queue and mapping access for the delivery worker and the CLI
+
+    /// Up to `limit` queued items of `target` after `after` (a queue key).
+    func queued(target: String, after: [UInt8]?, limit: Int) throws -> [(key: [UInt8], item: DeliveryItem)] {
+        let fanout = self.fanout
+        return try environment.read { txn in
+            var out: [([UInt8], DeliveryItem)] = []
+            let start = after.map { $0 + [0] } ?? prefixed(target, [])
+            try txn.scan(fanout, from: start, to: prefixEnd(target)) { k, v in
+                if let item = DeliveryItem(v) { out.append((k, item)) }
+                return out.count < limit
+            }
+            return out
+        }
+    }
+
+    /// Queue depth and the oldest item's queue time (Unix ms; 0: empty).
+    public func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
+        let fanout = self.fanout
+        return try environment.read { txn in
+            var n = 0
+            var oldest: Int64 = 0
+            try txn.scan(fanout, from: prefixed(target, []), to: prefixEnd(target)) { _, v in
+                if n == 0 { oldest = DeliveryItem(v)?.queuedAt ?? 0 }
+                n += 1
+                return true
+            }
+            return (n, oldest)
+        }
+    }
+
+    func mapping(target: String, brokerID: String) throws -> TargetMapping? {
+        let targetIds = self.targetIds
+        return try environment.read { txn in try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) }
+    }
+
+    /// Every mapping of a target: broker id → mapping.
+    public func mappings(target: String) throws -> [String: TargetMapping] {
+        let targetIds = self.targetIds
+        return try environment.read { txn in
+            var out: [String: TargetMapping] = [:]
+            try txn.scan(targetIds, from: prefixed(target, []), to: prefixEnd(target)) { k, v in
+                if let m = TargetMapping(v) { out[String(decoding: k[(target.utf8.count + 1)...], as: UTF8.self)] = m }
+                return true
+            }
+            return out
+        }
+    }
+
+    /// A federated resource by broker id, with its domain and type.
+    func located(brokerID: String) throws -> (domain: String, type: String, resource: JSONObject)? {
+        let brokerIds = self.brokerIds, resources = self.resources
+        return try environment.read { txn in
+            guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
+                  let o = try JSONParser.parse(bytes).objectValue else { return nil }
+            let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
+            return (String(parts[0]), String(parts[1]), o)
+        }
+    }
+
+    /// The broker id of a domain's user by its source id.
+    func memberBrokerID(domain: String, sourceID: String, _ txn: borrowing WriteTransaction) throws -> String? {
+        guard let bytes = try txn.get(resources, Array("\(domain)/User/\(sourceID)".utf8)) else { return nil }
+        return try JSONParser.parse(bytes)["id"]?.stringValue
+    }
+
+    /// Completes deliveries: drops their queue entries, records the
+    /// mapping (nil: forget it), a dead letter, and the trail hop.
+    func completeDelivery(target: String, keys: [[UInt8]], brokerID: String, mapping: TargetMapping??,
+                          deadLetter: JSONObject?, hop: JSONObject?, trace: String, _ txn: borrowing WriteTransaction) throws {
+        for k in keys { _ = try txn.delete(fanout, k) }
+        switch mapping {
+        case .some(.some(let m)): try txn.put(targetIds, prefixed(target, brokerID), m.json.serialized())
+        case .some(.none): _ = try txn.delete(targetIds, prefixed(target, brokerID))
+        case .none: break
+        }
+        if let deadLetter {
+            let seq = try nextCounter("deadseq/\(target)", txn)
+            var d = deadLetter
+            d["seq"] = .number(JSONNumber(integer: Int64(seq)))
+            try txn.put(targetDead, prefixed(target, seq.bigEndianBytes), JSON.object(d).serialized())
+        }
+        if let hop { try recordHop(brokerID: brokerID, trace: trace, hop, txn) }
+    }
+
+    // MARK: dead letters, the deletion guard, status (shared with the CLI)
+
+    public func deadLetters(target: String?) throws -> [(target: String, letter: JSONObject)] {
+        let targetDead = self.targetDead
+        return try environment.read { txn in
+            var out: [(String, JSONObject)] = []
+            try txn.scan(targetDead, from: target.map { prefixed($0, []) }, to: target.map(prefixEnd)) { k, v in
+                let name = String(decoding: k.prefix { $0 != 0 }, as: UTF8.self)
+                if let o = try JSONParser.parse(v).objectValue { out.append((name, o)) }
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Removes dead letters of `target` (`seq` nil: all); with `requeue`,
+    /// queues the resource again (its current state is delivered).
+    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool) throws -> Int {
+        let targetDead = self.targetDead
+        return try environment.write { txn in
+            var found: [([UInt8], JSONObject)] = []
+            try txn.scan(targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
+                         to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)) { k, v in
+                if let o = try JSONParser.parse(v).objectValue { found.append((k, o)) }
+                return true
+            }
+            for (k, o) in found {
+                _ = try txn.delete(targetDead, k)
+                if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
+                   let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:)) {
+                    try enqueue(target: target, DeliveryItem(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+                                                             queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+                }
+            }
+            return found.count
+        }
+    }
+
+    /// The deletion guard's state: paused since (Unix ms), or nil; and the
+    /// time of the last confirmation.
+    public func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64) {
+        let targetState = self.targetState
+        return try environment.read { txn in
+            let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0).objectValue }
+            return (o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0)
+        }
+    }
+
+    func setDeletionGuard(target: String, pausedSince: Int64?, confirmedAt: Int64, _ txn: borrowing WriteTransaction) throws {
+        var o: JSONObject = ["confirmedAt": .number(JSONNumber(integer: confirmedAt))]
+        if let pausedSince { o["pausedSince"] = .number(JSONNumber(integer: pausedSince)) }
+        try txn.put(targetState, Array("guard/\(target)".utf8), JSON.object(o).serialized())
+    }
+
+    /// `scim-broker targets confirm-deletes NAME`: releases the removals held back.
+    public func confirmDeletes(target: String) throws {
+        try environment.write { txn in try setDeletionGuard(target: target, pausedSince: nil, confirmedAt: unixMilliseconds(), txn) }
+    }
+
+    func saveStatus(target: String, _ status: JSONObject, _ txn: borrowing WriteTransaction) throws {
+        try txn.put(targetState, Array("status/\(target)".utf8), JSON.object(status).serialized())
+    }
+
+    /// The last status a running broker saved for each target.
+    public func targetStatuses() throws -> [(String, JSONObject)] {
+        let targetState = self.targetState
+        return try environment.read { txn in
+            var out: [(String, JSONObject)] = []
+            try txn.scan(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k, v in
+                if let o = try JSONParser.parse(v).objectValue { out.append((String(decoding: k.dropFirst(7), as: UTF8.self), o)) }
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Queues an item from outside the apply (reconciliation, retries).
+    /// With `mapping`, the target account is recorded first (adopting a stray).
+    public func enqueue(target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
+                        mapping: TargetMapping? = nil) throws {
+        let targetIds = self.targetIds
+        try environment.write { txn in
+            if let mapping { try txn.put(targetIds, prefixed(target, brokerID), mapping.json.serialized()) }
+            try enqueue(target: target, DeliveryItem(brokerID: brokerID, type: type, operation: operation,
+                                                     trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeTLS
+import SCIM
+
+/// What `scim-broker targets reconcile` found at one target.
+public struct ReconcileReport: Sendable {
+    /// Broker ids the target should hold and does not.
+    public var missing: [String] = []
+    /// Broker ids whose account differs from what the broker would send.
+    public var drifted: [(brokerID: String, attributes: [String])] = []
+    /// Accounts the broker created that no route wants any more (target ids).
+    public var strays: [(targetID: String, brokerID: String, type: String)] = []
+    /// Accounts the broker did not create and leaves alone.
+    public var foreign = 0
+    /// Accounts found by `externalId` that the mapping had lost (recorded again).
+    public var relinked = 0
+    public var expected = 0
+    public var seen = 0
+    /// Fixes queued with `--apply`.
+    public var queued = 0
+
+    public var json: JSON {
+        ["expected": .int(expected), "seen": .int(seen), "missing": .array(missing.map { .string($0) }),
+         "drifted": .array(drifted.map { ["id": .string($0.brokerID), "attributes": .array($0.attributes.map { .string($0) })] }),
+         "strays": .array(strays.map { ["targetId": .string($0.targetID), "id": .string($0.brokerID), "type": .string($0.type)] }),
+         "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued)]
+    }
+}
+
+public enum ReconcileError: Error, CustomStringConvertible {
+    case target(String)
+    public var description: String { switch self { case .target(let m): return m } }
+}
+
+/// Compares a target's accounts with what the broker's routes say it
+/// should hold; with `apply`, queues the fixes: create the missing, fix
+/// drift (full PUT), deactivate the strays the broker created.
+/// Runs its own loop: for the CLI, beside (or without) a running broker.
+public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport {
+    let loop = try EventLoop()
+    defer { _ = loop.close() }
+    var tls: TLSContext?
+    if target.useTLS {
+        var c = target.tls
+        c.verifyPeer = true
+        tls = try TLSContext(role: .client, configuration: c)
+    }
+    let client = HTTPClient(loop: loop, address: target.address, tls: tls, serverName: target.useTLS ? target.host : nil)
+    defer { client.close() }
+
+    func get(_ path: String) throws -> JSON {
+        var result: Result<HTTPResponse, HTTPClientError>?
+        var headers: HTTPHeaders = ["Accept": "application/scim+json"]
+        if let token = target.token { headers.set("Authorization", "Bearer \(token)") }
+        client.send(HTTPRequest(method: "GET", target: target.basePath + path, headers: headers)) { result = $0 }
+        while result == nil { _ = loop.runOnce() }
+        switch result! {
+        case .failure(let e): throw ReconcileError.target("GET \(path): \(e)")
+        case .success(let r) where r.status == 200:
+            do { return try JSONParser.parse(r.body) } catch { throw ReconcileError.target("GET \(path): not JSON: \(error)") }
+        case .success(let r): throw ReconcileError.target("GET \(path) answered \(r.status): \(r.bodyText.prefix(300))")
+        }
+    }
+
+    var report = ReconcileReport()
+    let mappings = try store.mappings(target: target.name)
+    var byTargetID: [String: String] = [:]
+    for (b, m) in mappings { byTargetID[m.targetID] = b }
+    for (type, endpoint) in [("User", "/Users"), ("Group", "/Groups")] {
+        // The target's accounts, page by page (RFC 7644 §3.4.2.4).
+        var accounts: [String: JSONObject] = [:]
+        var start = 1
+        while true {
+            let page = try get("\(endpoint)?startIndex=\(start)&count=\(pageSize)")
+            let resources = page["Resources"]?.arrayValue ?? []
+            for r in resources { if let o = r.objectValue, let id = o["id"]?.stringValue { accounts[id] = o } }
+            let total = page["totalResults"]?.numberValue?.integer.map(Int.init) ?? 0
+            start += resources.count
+            if resources.isEmpty || start > total { break }
+        }
+        report.seen += accounts.count
+        var byExternal: [String: String] = [:]
+        for (id, o) in accounts { if let e = o["externalId"]?.stringValue { byExternal[e] = id } }
+
+        // What the routes want there.
+        var claimed: Set<String> = []
+        for resource in try store.all(type, budget: Int.max) {
+            guard let brokerID = resource["id"]?.stringValue,
+                  let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
+                  target.routes(domain: domain, type: type, resource) else { continue }
+            report.expected += 1
+            var want = targetBody(resource, brokerID: brokerID, mapping: target.mapping)
+            if type == "Group", let members = want["members"]?.arrayValue {
+                want["members"] = .array(members.compactMap { m -> JSON? in
+                    guard var o = m.objectValue, let v = o["value"]?.stringValue, let tid = mappings[v]?.targetID else { return nil }
+                    o["value"] = .string(tid)
+                    o["$ref"] = nil
+                    o["display"] = nil
+                    return .object(o)
+                })
+            }
+            var targetID = mappings[brokerID]?.targetID
+            if targetID.map({ accounts[$0] == nil }) ?? true, let found = byExternal[brokerID] {
+                targetID = found
+                report.relinked += 1
+                if apply { try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
+                                             mapping: TargetMapping(targetID: found, etag: nil, sent: nil)); report.queued += 1 }
+            }
+            guard let tid = targetID, let account = accounts[tid] else {
+                report.missing.append(brokerID)
+                if apply {
+                    try store.forgetMapping(target: target.name, brokerID: brokerID)
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert)
+                    report.queued += 1
+                }
+                continue
+            }
+            claimed.insert(tid)
+            let differing = want.compactMap { key, value -> String? in
+                key == "schemas" || sameValue(value, account[key]) ? nil : key
+            }
+            if !differing.isEmpty {
+                report.drifted.append((brokerID, differing))
+                if apply {
+                    // Unknown target state: the next delivery is a full PUT.
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
+                                      mapping: TargetMapping(targetID: tid, etag: nil, sent: nil))
+                    report.queued += 1
+                }
+            }
+        }
+        for (id, account) in accounts.sorted(by: { $0.key < $1.key }) where !claimed.contains(id) {
+            // Created by the broker: its mapping names it, or its externalId is a broker id the broker mapped.
+            let brokerID = byTargetID[id] ?? account["externalId"]?.stringValue.flatMap { mappings[$0] != nil ? $0 : nil }
+            guard let brokerID else { report.foreign += 1; continue }
+            if type == "User" && account["active"]?.boolValue == false { continue }  // already deactivated
+            report.strays.append((id, brokerID, type))
+            if apply {
+                try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate,
+                                  mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
+                report.queued += 1
+            }
+        }
+    }
+    return report
+}
+
+/// Whether the target's value holds what the broker sends: objects by
+/// the broker's members (a target may add defaults), lists element by
+/// element in any order, strings and numbers exactly.
+func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
+    guard let have else { return want.isNull || want.arrayValue?.isEmpty == true }
+    switch (want, have) {
+    case (.object(let w), .object(let h)):
+        return w.allSatisfy { sameValue($0.value, h[$0.key]) }
+    case (.array(let w), .array(let h)):
+        return w.count == h.count && w.allSatisfy { e in h.contains { sameValue(e, $0) } }
+    case (.number(let a), .number(let b)):
+        return a.numericallyEquals(b)
+    default:
+        return want == have
+    }
+}
+
+extension BrokerStore {
+    func forgetMapping(target: String, brokerID: String) throws {
+        let targetIds = self.targetIds
+        try environment.write { txn in _ = try txn.delete(targetIds, prefixed(target, brokerID)) }
+    }
+}
