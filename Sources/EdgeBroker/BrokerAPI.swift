@@ -14,6 +14,8 @@ public let brokerRegistry: SchemaRegistry = {
                             AttributeDefinition("version", description: "The version at the agent.", caseExact: true, mutability: .readOnly),
                             AttributeDefinition("trace", description: "Trace id of the change.", caseExact: true, mutability: .readOnly),
                             AttributeDefinition("seq", .integer, description: "The agent's event sequence.", mutability: .readOnly),
+                            AttributeDefinition("accepted", .integer, description: "When the agent accepted the change (Unix ms).", mutability: .readOnly),
+                            AttributeDefinition("applied", .integer, description: "When the broker applied it (Unix ms).", mutability: .readOnly),
                         ])
     try! r.addExtension(source, to: "User")
     try! r.addExtension(source, to: "Group")

@@ -159,7 +159,6 @@ extension BrokerStore {
             try txn.delete(resources, key)
             let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
                                            acceptedAt: acceptedAt, txn)
-            try recordApply(brokerID: brokerID, domain: domain, sourceID: sourceID, event: event, uri: uri, trace: trace, txn)
             return queued
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
              "urn:ietf:params:SCIM:event:prov:patch:full":
@@ -171,6 +170,8 @@ extension BrokerStore {
             if let v = body["version"] { source["version"] = v }
             if !trace.isEmpty { source["trace"] = .string(trace) }
             source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
+            if acceptedAt > 0 { source["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
+            source["applied"] = .number(JSONNumber(integer: unixMilliseconds()))
             data[BrokerStore.sourceExtension] = .object(source)
             var schemas = data["schemas"]?.arrayValue ?? []
             if !schemas.contains(.string(BrokerStore.sourceExtension)) { schemas.append(.string(BrokerStore.sourceExtension)) }
@@ -192,21 +193,10 @@ extension BrokerStore {
             try txn.put(brokerIds, Array(brokerID.utf8), key)
             let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
                                            acceptedAt: acceptedAt, txn)
-            try recordApply(brokerID: brokerID, domain: domain, sourceID: sourceID, event: event, uri: uri, trace: trace, txn)
             return queued
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
-    }
-
-    /// The trail's first two hops: the agent's acceptance and this apply.
-    func recordApply(brokerID: String, domain: String, sourceID: String, event: RelayEvent, uri: String, trace: String,
-                     _ txn: borrowing WriteTransaction) throws {
-        let kind = String(uri.split(separator: ":").dropFirst(5).joined(separator: ":"))
-        var hop: JSONObject = ["hop": "broker apply", "domain": .string(domain), "sourceId": .string(sourceID),
-                               "event": .string(kind), "seq": .number(JSONNumber(integer: Int64(event.seq)))]
-        if let ts = event.body["ts"]?.numberValue?.integer { hop["accepted"] = .number(JSONNumber(integer: ts)) }
-        try recordHop(brokerID: brokerID, trace: trace, hop, txn)
     }
 
     /// Where a federated resource came from.

@@ -651,7 +651,7 @@ public final class TargetWorker {
             release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
         case .done(let mapping, let method, let status):
             succeeded()
-            var hop: JSONObject = ["hop": .string("target \(target.name)")]
+            var hop: JSONObject = ["hop": .string("target \(target.name)"), "event": .string(d.item.operation.rawValue)]
             if let method { hop["method"] = .string(method) }
             if let status { hop["status"] = .int(status) }
             if method == nil { hop["detail"] = "nothing to send" }
@@ -668,8 +668,8 @@ public final class TargetWorker {
                 "response": .string(response), "at": .number(JSONNumber(integer: unixMilliseconds())),
             ]
             complete(d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
-                     hop: ["hop": .string("target \(target.name)"), "method": .string(method), "status": .int(status),
-                           "detail": "dead letter"])
+                     hop: ["hop": .string("target \(target.name)"), "event": .string(d.item.operation.rawValue), "method": .string(method),
+                           "status": .int(status), "detail": "dead letter"])
         }
     }
 
@@ -680,10 +680,13 @@ public final class TargetWorker {
         limit = min(Double(target.concurrency), limit + 1 / max(1, limit))
     }
 
-    private func complete(_ d: Delivery, mapping: TargetMapping??, deadLetter: JSONObject?, hop: JSONObject) {
-        let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace
+    private func complete(_ d: Delivery, mapping: TargetMapping??, deadLetter: JSONObject?, hop given: JSONObject) {
+        var hop = given
+        if d.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: d.item.acceptedAt)) }
+        hop["applied"] = .number(JSONNumber(integer: d.item.queuedAt))
+        let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
         writer.submit({ txn in
-            try store.completeDelivery(target: name, keys: keys, brokerID: id, mapping: mapping, deadLetter: deadLetter, hop: hop,
+            try store.completeDelivery(target: name, keys: keys, brokerID: id, mapping: mapping, deadLetter: deadLetter, hop: finalHop,
                                        trace: trace, txn)
         }) { [weak self] result in
             guard let self else { return }

@@ -152,26 +152,69 @@ extension BrokerStore {
     /// Seven days of hops per resource.
     static let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
 
-    /// Every hop recorded for a broker id, or for the resources a trace id touched.
+    /// The hops of a change: for a broker id, or for the resources a trace
+    /// id touched. Each target's delivery records one hop that carries the
+    /// agent's acceptance and the broker's apply times; the current state of
+    /// the resource adds its own last acceptance and apply (no target needed).
     public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
-        let trail = self.trail, traces = self.traces, brokerIds = self.brokerIds
+        let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
         return try environment.read { txn in
             var ids: [String] = []
             try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
                 ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
                 return true
             }
-            let byTrace = !ids.isEmpty
-            if !byTrace { ids = [idOrTrace] }
-            var out: [(String, JSONObject)] = []
+            var byTrace = !ids.isEmpty
+            if !byTrace {
+                if try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil || (try txn.get(trail, prefixed(idOrTrace, [])) != nil) {
+                    ids = [idOrTrace]
+                } else {
+                    // A trace that reached no target yet: the directory knows its latest change.
+                    try txn.scan(resources) { _, v in
+                        if let o = try JSONParser.parse(v).objectValue, o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
+                           let id = o["id"]?.stringValue { ids.append(id) }
+                        return true
+                    }
+                    byTrace = true
+                }
+                if ids.isEmpty { ids = [idOrTrace] }
+            }
+            var hops: [(String, JSONObject)] = []
+            var seen: Set<String> = []
+            func add(_ id: String, _ name: String, _ at: Int64?, _ trace: String?, _ extra: JSONObject = [:]) {
+                guard let at, at > 0, !byTrace || trace == idOrTrace else { return }
+                guard seen.insert("\(id) \(name) \(at) \(trace ?? "")").inserted else { return }
+                var o = extra
+                o["hop"] = .string(name)
+                o["at"] = .number(JSONNumber(integer: at))
+                if let trace { o["trace"] = .string(trace) }
+                hops.append((id, o))
+            }
             for id in ids {
                 try txn.scan(trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
-                    if let o = try JSONParser.parse(v).objectValue, !byTrace || o["trace"]?.stringValue == idOrTrace { out.append((id, o)) }
+                    guard let o = try JSONParser.parse(v).objectValue else { return true }
+                    let trace = o["trace"]?.stringValue
+                    add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
+                    add(id, "broker apply", o["applied"]?.numberValue?.integer, trace)
+                    var target = o
+                    target["accepted"] = nil
+                    target["applied"] = nil
+                    add(id, o["hop"]?.stringValue ?? "target", o["at"]?.numberValue?.integer, trace, target)
                     return true
                 }
+                if let key = try txn.get(brokerIds, Array(id.utf8)), let bytes = try txn.get(resources, key),
+                   let source = try JSONParser.parse(bytes)[BrokerStore.sourceExtension]?.objectValue {
+                    let trace = source["trace"]?.stringValue
+                    let extra: JSONObject = ["domain": source["domain"] ?? .null, "sourceId": source["id"] ?? .null, "seq": source["seq"] ?? .null]
+                    add(id, "agent accept", source["accepted"]?.numberValue?.integer, trace, extra)
+                    add(id, "broker apply", source["applied"]?.numberValue?.integer, trace, ["seq": source["seq"] ?? .null])
+                }
             }
-            _ = brokerIds
-            return out.sorted { ($0.1["at"]?.numberValue?.integer ?? 0) < ($1.1["at"]?.numberValue?.integer ?? 0) }
+            let order = ["agent accept": 0, "broker apply": 1]
+            return hops.sorted {
+                let a = $0.1["at"]?.numberValue?.integer ?? 0, b = $1.1["at"]?.numberValue?.integer ?? 0
+                return a != b ? a < b : (order[$0.1["hop"]?.stringValue ?? ""] ?? 2) < (order[$1.1["hop"]?.stringValue ?? ""] ?? 2)
+            }
         }
     }
 

@@ -32,7 +32,11 @@ public struct Route: Sendable {
         }
         if let filter {
             for type in ["User", "Group"] where types.isEmpty || types.contains(type) {
-                compiled[type] = try Filter(filter, registry: brokerRegistry, type: brokerRegistry.resourceType(type)!)
+                do throws(SCIMError) {
+                    compiled[type] = try Filter(filter, registry: brokerRegistry, type: brokerRegistry.resourceType(type)!)
+                } catch {
+                    throw SCIMError.invalidValue(error.detail + (types.isEmpty ? " (give the route `types: [\(type == "User" ? "Group" : "User")]`)" : ""))
+                }
             }
         }
     }

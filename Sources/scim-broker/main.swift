@@ -301,13 +301,9 @@ struct Trace: ParsableCommand {
         guard !hops.isEmpty else { throw ValidationError("nothing recorded for \(id)") }
         for (brokerID, hop) in hops {
             if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
-            if let accepted = hop["accepted"]?.numberValue?.integer {
-                emitLine("\(formatTime(accepted))\t\(brokerID)\tagent accept\t\(hop["domain"]?.stringValue ?? "")/\(hop["sourceId"]?.stringValue ?? "")"
-                         + "\ttrace \(hop["trace"]?.stringValue ?? "-")")
-            }
             var detail: [String] = []
-            for key in ["event", "seq", "method", "status", "detail"] {
-                if let v = hop[key] { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
+            for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
+                if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
             }
             emitLine("\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))")
         }

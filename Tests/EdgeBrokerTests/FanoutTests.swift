@@ -1,5 +1,6 @@
 import EdgeAgent
 import EdgeBroker
+import EdgeHTTP
 import EdgeTestSupport
 import Foundation
 import SCIM
@@ -163,4 +164,262 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(status.0, 0, status.1)
         XCTAssertTrue(status.1.contains("supports patch"), status.1)
     }
+
+    /// An account that already exists at the target (409 uniqueness) is
+    /// looked up by userName, adopted and brought to the broker's state.
+    func testConflictAdoptsTheExistingAccount() throws {
+        let (_, refPort) = try startReferenceServer()
+        let (pre, _) = try scim(refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"taken","title":"old"}"#,
+                                token: "ref-token", prefix: "")
+        XCTAssertEqual(pre, 201)
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + referenceTarget("ref", port: refPort))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "taken", extra: #","title":"new""#)
+        _ = try newUser(dp, "fresh")
+        XCTAssertTrue(eventually(seconds: 30) {
+            let u = self.users(refPort, token: "ref-token", prefix: "")
+            return u["taken"]?["title"] == "new" && u["fresh"] != nil
+        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        let u = users(refPort, token: "ref-token", prefix: "")
+        XCTAssertEqual(u.count, 2, "adopted, not duplicated")
+        let brokerID = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").first { $0["userName"] == "taken" }?["id"]
+        XCTAssertEqual(u["taken"]?["externalId"], brokerID, "the adopted account now carries the broker id")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_adopted_total{target="ref"}"#), 1, metrics)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="POST",class="4xx"}"#), 1, metrics)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="ref"}"#), 0)
+    }
+
+    /// A target answering 429 with Retry-After is given that time before the
+    /// next request, and everything still arrives once.
+    func testTargetAnswering429IsGivenItsRetryAfter() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let log = Locked<[(Double, Int)]>([])  // (time, status) of every write the proxy saw
+        let throttle = Locked(3)
+        let proxy = try ServerHarness { request, _, responder in
+            let now = Date().timeIntervalSince1970
+            if request.method != "GET", throttle.withLock({ n in n -= 1; return n >= 0 }) {
+                log.withLock { $0.append((now, 429)) }
+                responder.respond(HTTPResponse(status: 429, headers: ["Retry-After": "1", "Content-Type": "application/scim+json"],
+                                               body: Array(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"429"}"#.utf8)))
+                return
+            }
+            let r = forward(request, to: appPort)
+            if request.method != "GET" { log.withLock { $0.append((now, r.status)) } }
+            responder.respond(r)
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 0..<5 { _ = try newUser(dp, "user\(k)") }
+        XCTAssertTrue(eventually(seconds: 30) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
+        let seen = log.current
+        XCTAssertEqual(seen.filter { $0.1 == 429 }.count, 3)
+        // After a 429 the target gets its Retry-After (1 s): apart from requests
+        // already in flight when it was answered, nothing comes sooner.
+        let first = try XCTUnwrap(seen.first { $0.1 == 429 }?.0)
+        let early = seen.filter { $0.0 - first > 0.05 && $0.0 - first < 0.9 }
+        XCTAssertTrue(early.isEmpty, "requests during the Retry-After: \(seen)")
+        XCTAssertTrue(seen.contains { $0.0 - first >= 0.9 }, "\(seen)")
+        XCTAssertEqual(seen.filter { $0.1 == 201 }.count, 5, "each user created once: \(seen)")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_throttled_total{target="app"}"#), 3, metrics)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="4xx"}"#), 3, metrics)
+    }
+
+    /// A target that goes down: deliveries retry with backoff, the circuit
+    /// breaker opens (visible in status and metrics), and everything arrives
+    /// once it is back.
+    func testTargetDownOpensTheBreakerThenEverythingArrives() throws {
+        var (app, appPort) = try startAppAgent("app")
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: "    breakerThreshold: 3"))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "before")
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 1 })
+        app.signal(SIGKILL)
+        _ = app.waitForExit()
+        for k in 0..<6 { _ = try newUser(dp, "during\(k)") }
+        XCTAssertTrue(eventually(seconds: 30) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 1
+        }, "the breaker opens after 3 consecutive failures")
+        XCTAssertTrue(eventually(seconds: 5) {
+            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("breaker open")
+        })
+        let metrics = try brokerMetrics(broker)
+        XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="error"}"#) ?? 0, 3)
+        (app, _) = try startAppAgent("app", port: appPort)
+        XCTAssertTrue(eventually(seconds: 90) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 },
+                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys.sorted())")
+        XCTAssertTrue(eventually(seconds: 5) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 0
+        })
+    }
+
+    /// A 400 from the target becomes a dead letter holding the request, the
+    /// status and the response; the other resources keep flowing; the CLI
+    /// lists, retries and drops it.
+    func testRefusedChangeBecomesADeadLetterAndOthersFlow() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
+                mapping:
+                  rename: {nickName: bogusAttribute}
+            """))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "ok1")
+        _ = try newUser(dp, "refused", extra: #","nickName":"nick""#)
+        _ = try newUser(dp, "ok2")
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 2 })
+        let data = dir.file("broker")
+        XCTAssertTrue(eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("POST") })
+        let list = try brokerCLI(["deadletter", "list", "--data-dir", data])
+        XCTAssertEqual(list.0, 0)
+        XCTAssertTrue(list.1.contains("app\t#1"), list.1)
+        XCTAssertTrue(list.1.contains("POST /scim/v2/Users → 400"), list.1)
+        XCTAssertTrue(list.1.contains(#""bogusAttribute":"nick""#), "the request is kept: \(list.1)")
+        XCTAssertTrue(list.1.contains("invalidSyntax") && list.1.contains("bogusAttribute"), "the response is kept: \(list.1)")
+        let json = try brokerCLI(["deadletter", "list", "--data-dir", data, "--json"])
+        let letter = try JSONParser.parse(Array(json.1.split(separator: "\n")[0].utf8))
+        XCTAssertEqual(letter["status"], 400)
+        XCTAssertEqual(letter["method"], "POST")
+        // Retry: it is delivered again, refused again, and dead-lettered again (once).
+        XCTAssertTrue(try brokerCLI(["deadletter", "retry", "--data-dir", data, "app"]).1.hasPrefix("1 queued again"))
+        XCTAssertTrue(eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("app\t#2") })
+        XCTAssertEqual(try BrokerStore(path: data).deadLetters(target: "app").count, 1)
+        XCTAssertTrue(try brokerCLI(["deadletter", "drop", "--data-dir", data, "app", "2"]).1.hasPrefix("1 dropped"))
+        XCTAssertEqual(try BrokerStore(path: data).deadLetters(target: "app").count, 0)
+        XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 2)
+    }
+
+    /// More than maxDeletes removals within the window pause the target's
+    /// removals until `targets confirm-deletes`.
+    func testDeletionGuardHoldsMassDeletesUntilConfirmed() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
+                onRemove: delete
+                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
+            """))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var ids: [String] = []
+        for k in 0..<5 { ids.append(try newUser(dp, "leaver\(k)")) }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
+        for id in ids { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
+        XCTAssertTrue(eventually(seconds: 20) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
+        })
+        XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
+        Thread.sleep(forTimeInterval: 1.5)
+        XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 3, "two deletes passed, three are held")
+        XCTAssertTrue(eventually(seconds: 5) {
+            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("deletes PAUSED")
+        })
+        let confirm = try brokerCLI(["targets", "confirm-deletes", "--data-dir", dir.file("broker"), "app"])
+        XCTAssertEqual(confirm.0, 0, confirm.1)
+        XCTAssertTrue(eventually(seconds: 10) { self.users(appPort, token: "t", prefix: "/scim/v2").isEmpty })
+        XCTAssertTrue(eventually(seconds: 5) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
+        })
+    }
+
+    /// Reconciliation finds missing, drifted and stray accounts (and leaves
+    /// foreign ones alone); --apply queues the fixes and a second pass is clean.
+    func testReconcileFindsMissingDriftedAndStrayAccountsAndFixesThem() throws {
+        let (_, refPort) = try startReferenceServer()
+        let ref = referenceTarget("ref", port: refPort, extra: "    onRemove: delete")
+        var (broker, bp) = try startBroker(yaml: "targets:\n" + ref)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for name in ["gone", "tampered", "fine", "leaves-route"] { _ = try newUser(dp, name, extra: #","title":"Staff""#) }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(refPort, token: "ref-token", prefix: "").count == 4 })
+        var at = users(refPort, token: "ref-token", prefix: "")
+        // Someone changes the target behind the broker's back.
+        XCTAssertEqual(try scim(refPort, "DELETE", "/Users/\(at["gone"]!["id"]!.stringValue!)", token: "ref-token", prefix: "").0, 204)
+        XCTAssertEqual(try scim(refPort, "PATCH", "/Users/\(at["tampered"]!["id"]!.stringValue!)",
+                                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Hacked"}]}"#,
+                                token: "ref-token", prefix: "").0 / 100, 2)
+        XCTAssertEqual(try scim(refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"local-admin"}"#,
+                                token: "ref-token", prefix: "").0, 201)
+        // The routes change: "leaves-route" is no longer wanted there.
+        broker.signal(SIGTERM)
+        XCTAssertEqual(broker.waitForExit(), 0)
+        (broker, _) = try startBroker(yaml: "targets:\n" + ref.replacing("routes: [{domains: [acme-de]}]",
+                                                                            with: #"routes: [{types: [User], filter: 'userName ne "leaves-route"'}, {types: [Group]}]"#),
+                                      port: bp)
+        let config = dir.file("broker.yaml")
+        let report = try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--json"])
+        XCTAssertEqual(report.0, 0, report.1)
+        let r = try JSONParser.parse(Array(report.1.utf8))
+        XCTAssertEqual(r["missing"]?.arrayValue?.count, 1, report.1)
+        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["title"], report.1)
+        XCTAssertEqual(r["strays"]?.arrayValue?.count, 1, report.1)
+        XCTAssertEqual(r["foreign"], 1, "local-admin was not created by the broker")
+        XCTAssertEqual(r["expected"], 3)
+        let text = try brokerCLI(["targets", "reconcile", "--config", config, "ref"])
+        XCTAssertTrue(text.1.hasPrefix("ref: 3 expected, 4 at the target: 1 missing, 1 drifted, 1 strays, 1 not created by the broker"), text.1)
+
+        let applied = try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--apply"])
+        XCTAssertTrue(applied.1.contains("3 fixes queued"), applied.1)
+        XCTAssertTrue(eventually(seconds: 20) {
+            let u = self.users(refPort, token: "ref-token", prefix: "")
+            return u["gone"] != nil && u["tampered"]?["title"] == "Staff" && u["leaves-route"]?["active"] == .bool(false)
+        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        at = users(refPort, token: "ref-token", prefix: "")
+        XCTAssertEqual(at.count, 5)
+        XCTAssertNotNil(at["local-admin"], "foreign accounts are left alone")
+        let again = try JSONParser.parse(Array(try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--json"]).1.utf8))
+        XCTAssertEqual(again["missing"]?.arrayValue?.count, 0)
+        XCTAssertEqual(again["drifted"]?.arrayValue?.count, 0)
+        XCTAssertEqual(again["strays"]?.arrayValue?.count, 0, "deactivated strays are settled")
+    }
+
+    /// The broker SIGKILLed while delivering: after a restart everything
+    /// arrives, and no account exists twice (groups have no unique name, so
+    /// a repeated POST would show).
+    func testBrokerKilledMidDeliveryLosesNothingAndDuplicatesNothing() throws {
+        let (_, refPort) = try startReferenceServer()
+        // A slow target (50 requests/s) so that the kill lands mid-delivery.
+        let yaml = "targets:\n" + referenceTarget("ref", port: refPort).replacing("{requestsPerSecond: 2000, concurrency: 4}",
+                                                                                  with: "{requestsPerSecond: 50, concurrency: 2}")
+        var (broker, bp) = try startBroker(yaml: yaml)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let users = 120, groupCount = 40
+        for k in 0..<users { _ = try newUser(dp, "u\(k)") }
+        for k in 0..<groupCount {
+            XCTAssertEqual(try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"g\#(k)"}"#).0, 201)
+        }
+        XCTAssertTrue(eventually(seconds: 30) { self.users(refPort, token: "ref-token", prefix: "").count >= 20 })
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        let before = self.users(refPort, token: "ref-token", prefix: "").count
+        XCTAssertLessThan(before, users, "killed mid-delivery")
+        (broker, _) = try startBroker(yaml: yaml, port: bp)
+        XCTAssertTrue(eventually(seconds: 90) {
+            self.users(refPort, token: "ref-token", prefix: "").count == users && self.groups(refPort, token: "ref-token", prefix: "").count == groupCount
+        }, "killed with \(before) users delivered; now \(self.users(refPort, token: "ref-token", prefix: "").count) users, \(groups(refPort, token: "ref-token", prefix: "").count) groups")
+        let (_, all) = try scim(refPort, "GET", "/Groups?count=1000", token: "ref-token", prefix: "")
+        XCTAssertEqual(all?["totalResults"], .int(groupCount), "no group twice")
+        let store = try BrokerStore(path: dir.file("broker"))
+        let expected = Set(try store.resources(domain: "acme-de").compactMap { $0["id"]?.stringValue })
+        let external = self.users(refPort, token: "ref-token", prefix: "").values.compactMap { $0["externalId"]?.stringValue }
+            + (all?["Resources"]?.arrayValue ?? []).compactMap { $0["externalId"]?.stringValue }
+        XCTAssertEqual(Set(external), expected, "every account carries its broker id")
+        XCTAssertEqual(external.count, users + groupCount)
+    }
+}
+
+/// Forwards one request to 127.0.0.1:`port` over a blocking connection (test proxy).
+func forward(_ request: HTTPRequest, to port: Int) -> HTTPResponse {
+    guard let c = try? RawClient(port: port) else { return HTTPResponse(status: 502) }
+    var head = "\(request.method) \(request.target) HTTP/1.1\r\n"
+    for (n, v) in request.headers where n.lowercased() != "connection" && n.lowercased() != "content-length" { head += "\(n): \(v)\r\n" }
+    head += "Connection: close\r\nContent-Length: \(request.body.count)\r\n\r\n"
+    c.send(Array(head.utf8) + request.body)
+    guard let r = c.readResponses(1).first else { return HTTPResponse(status: 502) }
+    var headers = HTTPHeaders()
+    for line in r.head.split(separator: "\r\n").dropFirst() {
+        guard let colon = line.firstIndex(of: ":") else { continue }
+        let name = String(line[..<colon])
+        if ["content-type", "etag", "location", "retry-after"].contains(name.lowercased()) {
+            headers.set(name, String(line[line.index(after: colon)...]).trimmingCharacters(in: .whitespaces))
+        }
+    }
+    return HTTPResponse(status: r.status, headers: headers, body: Array(r.body.utf8))
 }
