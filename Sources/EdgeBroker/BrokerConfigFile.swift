@@ -74,11 +74,7 @@ extension BrokerConfiguration {
         do throws(SCIMError) { t = try TargetConfiguration(name: name, url: url) } catch {
             throw ConfigError(error.detail, at: m.node("url")?.mark)
         }
-        if let file = try m.string("tokenFile") {
-            let token = String(decoding: try readFileBytes(file), as: UTF8.self).trimmingCharacters
-            guard !token.isEmpty else { throw ConfigError("target '\(name)': \(file) holds no token", at: m.node("tokenFile")?.mark) }
-            t.token = token
-        }
+        t.tokenFile = try m.string("tokenFile")
         if var tls = try m.mapping("tls") {
             t.tls.trustRootsFile = try tls.string("ca")
             t.tls.certificateChainFile = try tls.string("cert")
@@ -155,6 +151,18 @@ extension BrokerConfiguration {
         }
         try m.finish()
         return t
+    }
+}
+
+extension TargetConfiguration {
+    /// The bearer token: `--target-token`, or the first line of `tokenFile`
+    /// (read at start and on SIGHUP, so that it can rotate).
+    public func resolveToken() throws(ConfigError) -> String? {
+        if let token { return token }
+        guard let tokenFile else { return nil }
+        let token = String(decoding: try readFileBytes(tokenFile), as: UTF8.self).trimmingCharacters
+        guard !token.isEmpty else { throw ConfigError("target '\(name)': \(tokenFile) holds no token", at: nil, file: tokenFile) }
+        return token
     }
 }
 

@@ -245,6 +245,7 @@ public final class BrokerService {
             }
         }, onReload: { [unowned self] in
             do { try tls.reload(); logger.info("reloaded certificates") } catch { logger.error("reload failed: \(error)") }
+            for w in workers { w.reload() }
         })
     }
 

@@ -62,6 +62,7 @@ public final class TargetWorker {
     let loop: EventLoop
     var logger: Logger
     private var clients: [HTTPClient] = []
+    private var token: String?
     public private(set) var capabilities: TargetCapabilities?
     public private(set) var statistics = TargetStatistics()
 
@@ -119,21 +120,39 @@ public final class TargetWorker {
         logger[metadataKey: "target"] = .string(target.name)
         limit = Double(target.concurrency)
         tokens = max(1, target.requestsPerSecond)
-        var tlsContext: TLSContext?
+        token = try target.resolveToken()
         if target.useTLS {
             var tls = target.tls
             tls.verifyPeer = true
-            if tls.minimumVersion == .tls13 && target.tls == TLSConfiguration() { tls.minimumVersion = .tls12 }
             tlsContext = try TLSContext(role: .client, configuration: tls)
         }
-        var options = HTTPClientOptions()
-        options.maxPipelined = 1
-        options.responseTimeoutMilliseconds = target.requestTimeoutMilliseconds
-        options.connectTimeoutMilliseconds = min(5_000, target.requestTimeoutMilliseconds)
-        for _ in 0..<max(1, target.concurrency) {
-            clients.append(HTTPClient(loop: loop, address: target.address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
-                                      options: options))
+        clientOptions.maxPipelined = 1
+        clientOptions.responseTimeoutMilliseconds = target.requestTimeoutMilliseconds
+        clientOptions.connectTimeoutMilliseconds = min(5_000, target.requestTimeoutMilliseconds)
+    }
+
+    private var tlsContext: TLSContext?
+    private var clientOptions = HTTPClientOptions()
+
+    /// One kept-alive connection per unit of concurrency, to the address the
+    /// host name resolves to now; false while it does not resolve.
+    private func ensureClients() -> Bool {
+        guard clients.isEmpty else { return true }
+        guard let address = target.resolveAddress() else {
+            statistics.lastError = "cannot resolve \(target.host)"
+            return false
         }
+        for _ in 0..<max(1, target.concurrency) {
+            clients.append(HTTPClient(loop: loop, address: address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
+                                      options: clientOptions))
+        }
+        return true
+    }
+
+    /// Closes the connections, so that the next request resolves the host again.
+    private func dropClients() {
+        for c in clients { c.close() }
+        clients.removeAll()
     }
 
     func start() throws {
@@ -149,6 +168,11 @@ public final class TargetWorker {
         t.start(after: 25, repeatEvery: 25) { [weak self] in self?.tick() }
         timer = t
         discover()
+    }
+
+    /// SIGHUP: the token file may have been rotated.
+    func reload() {
+        do { token = try target.resolveToken() } catch { logger.error("cannot reload the token: \(error)") }
     }
 
     func stop() {
@@ -214,6 +238,11 @@ public final class TargetWorker {
 
     private func discover() {
         guard !discovering, !stopped, monotonicMilliseconds() >= nextDiscovery else { return }
+        guard ensureClients() else {
+            discoveryAttempts += 1
+            nextDiscovery = monotonicMilliseconds() + backoff(discoveryAttempts)
+            return
+        }
         discovering = true
         send(HTTPRequest(method: "GET", target: target.basePath + "/ServiceProviderConfig", headers: headers(trace: "")),
              method: "GET") { [weak self] result in
@@ -234,6 +263,7 @@ public final class TargetWorker {
                 case .failure(let e): why = "GET /ServiceProviderConfig: \(e)"
                 }
                 statistics.lastError = why
+                if case .failure = result { dropClients() }
                 if discoveryAttempts == 1 || discoveryAttempts % 10 == 0 { logger.warning("target not ready", metadata: ["error": .string(why)]) }
                 nextDiscovery = monotonicMilliseconds() + backoff(discoveryAttempts)
             }
@@ -569,7 +599,7 @@ public final class TargetWorker {
 
     func headers(trace: String) -> HTTPHeaders {
         var h: HTTPHeaders = ["Accept": "application/scim+json"]
-        if let token = target.token { h.set("Authorization", "Bearer \(token)") }
+        if let token { h.set("Authorization", "Bearer \(token)") }
         let traceID = trace.count == 32 && trace.allSatisfy(\.isHexDigit) ? trace.lowercased() : hexString(secureRandomBytes(16))
         h.set("traceparent", "00-\(traceID)-\(hexString(secureRandomBytes(8)))-01")
         return h
@@ -582,7 +612,10 @@ public final class TargetWorker {
     }
 
     private func send(_ request: HTTPRequest, method: String, _ completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void) {
-        let client = clients.min { $0.outstanding < $1.outstanding }!
+        guard ensureClients(), let client = clients.min(by: { $0.outstanding < $1.outstanding }) else {
+            completion(.failure(.connectFailed("cannot resolve \(target.host)")))
+            return
+        }
         client.send(request) { [weak self] result in
             guard let self else { return }
             let label: String
@@ -643,6 +676,7 @@ public final class TargetWorker {
                 statistics.breakerOpened += 1
                 let cooldown = min(60_000, 1000 << min(6, breakerOpenings))
                 breakerOpenUntil = now + UInt64(cooldown)
+                dropClients()  // resolve again before the probe
                 logger.error("circuit breaker open", metadata: ["failures": .stringConvertible(consecutiveFailures),
                                                                 "cooldownMs": .stringConvertible(cooldown), "error": .string(why)])
             } else if d.attempts == 0 || d.attempts % 10 == 0 {

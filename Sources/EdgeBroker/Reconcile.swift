@@ -46,13 +46,14 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         c.verifyPeer = true
         tls = try TLSContext(role: .client, configuration: c)
     }
-    let client = HTTPClient(loop: loop, address: target.address, tls: tls, serverName: target.useTLS ? target.host : nil)
+    guard let address = target.resolveAddress() else { throw ReconcileError.target("cannot resolve \(target.host)") }
+    let client = HTTPClient(loop: loop, address: address, tls: tls, serverName: target.useTLS ? target.host : nil)
     defer { client.close() }
 
     func get(_ path: String) throws -> JSON {
         var result: Result<HTTPResponse, HTTPClientError>?
         var headers: HTTPHeaders = ["Accept": "application/scim+json"]
-        if let token = target.token { headers.set("Authorization", "Bearer \(token)") }
+        if let token { headers.set("Authorization", "Bearer \(token)") }
         client.send(HTTPRequest(method: "GET", target: target.basePath + path, headers: headers)) { result = $0 }
         while result == nil { _ = loop.runOnce() }
         switch result! {
@@ -63,6 +64,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         }
     }
 
+    let token = try target.resolveToken()
     var report = ReconcileReport()
     let mappings = try store.mappings(target: target.name)
     var byTargetID: [String: String] = [:]

@@ -112,14 +112,15 @@ public struct TargetConfiguration: Sendable {
     public var name: String
     /// `http(s)://host:port/base/path` (the SCIM base, e.g. `/scim/v2`).
     public var url: String
-    public var address: SocketAddress
+    public var port: Int
     public var useTLS: Bool
     public var basePath: String
     public var host: String
-    /// Bearer token (from `tokenFile` or `--target-token`).
+    /// Bearer token given literally (`--target-token`), or a file holding it.
     public var token: String?
+    public var tokenFile: String?
     /// CA to verify the target (https), and a client certificate for mTLS.
-    public var tls = TLSConfiguration()
+    public var tls = TLSConfiguration(minimumVersion: .tls12)
     public var requestsPerSecond: Double = 50
     public var concurrency = 4
     public var removal: RemovalMode = .deactivate
@@ -139,7 +140,7 @@ public struct TargetConfiguration: Sendable {
         }
         self.name = name
         self.url = url
-        (useTLS, host, address, basePath) = parsed
+        (useTLS, host, port, basePath) = parsed
     }
 
     /// Every route matching means the target should hold the resource.
@@ -147,7 +148,7 @@ public struct TargetConfiguration: Sendable {
         routes.contains { $0.matches(domain: domain, type: type, resource) }
     }
 
-    static func parseURL(_ url: String) -> (Bool, String, SocketAddress, String)? {
+    static func parseURL(_ url: String) -> (Bool, String, Int, String)? {
         let tls: Bool
         var rest: Substring
         if url.hasPrefix("https://") { tls = true; rest = url.dropFirst(8) }
@@ -159,14 +160,33 @@ public struct TargetConfiguration: Sendable {
             rest = rest[..<slash]
         }
         while path.hasSuffix("/") { path.removeLast() }
-        let hostPort: String = rest.contains(":") ? String(rest) : "\(rest):\(tls ? 443 : 80)"
-        guard let colon = hostPort.lastIndex(of: ":"), let port = Int(hostPort[hostPort.index(after: colon)...]),
-              port > 0, port < 65536 else { return nil }
-        let host = String(hostPort[..<colon])
-        guard !host.isEmpty else { return nil }
-        let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
-        guard let ip = SocketAddress("\(bare.contains(":") ? "[\(bare)]" : bare):\(port)") != nil ? bare : resolve(bare) else { return nil }
-        return (tls, bare, SocketAddress(host: ip, port: port), path)
+        var host: Substring
+        var portText: Substring?
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { return nil }
+            host = rest[rest.index(after: rest.startIndex)..<close]
+            let after = rest[rest.index(after: close)...]
+            if !after.isEmpty {
+                guard after.hasPrefix(":") else { return nil }
+                portText = after.dropFirst()
+            }
+        } else if let colon = rest.lastIndex(of: ":") {
+            host = rest[..<colon]
+            portText = rest[rest.index(after: colon)...]
+        } else {
+            host = rest
+        }
+        let port = portText.map { Int($0) ?? -1 } ?? (tls ? 443 : 80)
+        guard !host.isEmpty, port > 0, port < 65536 else { return nil }
+        return (tls, String(host), port, path)
+    }
+
+    /// The address to connect to: an IP address as is, a host name
+    /// resolved now (the worker resolves again when it cannot connect).
+    public func resolveAddress() -> SocketAddress? {
+        if host == "localhost" { return SocketAddress(host: "127.0.0.1", port: port) }
+        if SocketAddress(host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)") != nil { return SocketAddress(host: host, port: port) }
+        return resolve(host).map { SocketAddress(host: $0, port: port) }
     }
 }
 

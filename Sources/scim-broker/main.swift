@@ -190,7 +190,7 @@ struct TargetStatus: ParsableCommand {
                 c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
             } ?? "-"
             emitLine("\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
-                + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]!)"
+                + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
                 + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
                 + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
                 + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"

@@ -2,6 +2,7 @@ import EdgeBroker
 import EdgeConfig
 import EdgeTestSupport
 import Foundation
+import SCIM
 import XCTest
 
 final class BrokerConfigTests: XCTestCase {
@@ -17,6 +18,24 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertTrue(config.tls.verifyPeer, "client certificates are always required")
         XCTAssertEqual(config.apiTokens, ["change-me"])
         XCTAssertEqual(config.maxPendingBatches, 256)
+        let crm = try XCTUnwrap(config.targets.first)
+        XCTAssertEqual(crm.name, "crm")
+        XCTAssertTrue(crm.useTLS)
+        XCTAssertEqual(crm.basePath, "/scim/v2")
+        XCTAssertEqual(crm.port, 443)
+        XCTAssertEqual(crm.host, "crm.example.com")
+        XCTAssertEqual(crm.tokenFile, "/etc/scim-broker/crm.token")
+        XCTAssertEqual(crm.removal, .deactivate)
+        XCTAssertEqual(crm.deletionGuard, DeletionGuard(maxDeletes: 50, windowSeconds: 300))
+        XCTAssertEqual(crm.concurrency, 4)
+        XCTAssertEqual(crm.mapping.drop, ["phoneNumbers", "addresses"])
+        XCTAssertEqual(crm.routes.count, 2)
+        let employee: JSONObject = ["userName": "a", "active": false, "userType": "Employee"]
+        XCTAssertTrue(crm.routes(domain: "acme-de", type: "User", employee))
+        XCTAssertFalse(crm.routes(domain: "acme-fr", type: "User", employee), "domain not routed")
+        XCTAssertFalse(crm.routes(domain: "acme-de", type: "User", ["userName": "b", "active": false]))
+        XCTAssertTrue(crm.routes(domain: "acme-fr", type: "Group", ["displayName": "crm-admins"]), "no domain list: all")
+        XCTAssertFalse(crm.routes(domain: "acme-de", type: "Group", ["displayName": "staff"]))
         let child = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", source.path])
         XCTAssertEqual(child.waitForExit(), 0)
     }
@@ -35,5 +54,16 @@ final class BrokerConfigTests: XCTestCase {
         fails(base + "domains:\n  acme: [x]\n", "certificate identity")
         fails("dataDir: /d\ntls:\n  ca: a\n", "needs ca, cert and key")
         fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "'api.listen'")
+        let d = base + "domains:\n  acme: x\ntargets:\n"
+        fails(d + "  - name: a\n    url: ftp://x\n    routes: []\n", "is not http(s)://HOST:PORT/PATH", line: 10)
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n", "needs 'routes'", line: 9)
+        fails(d + "  - name: a b\n    url: http://127.0.0.1:1\n    routes: []\n", "letters, digits")
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{filter: 'userName eq 1 and'}]\n", "target 'a'")
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{filter: 'userName eq \"x\"'}]\n", "types: [User]")
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{types: [Users]}]\n", "must be User or Group")
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    onRemove: purge\n    routes: []\n", "delete or deactivate", line: 11)
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: []\n    color: red\n", "unknown key 'targets[].color'", line: 12)
+        fails(d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n", "defined twice")
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    rate: {concurrency: 0}\n    routes: []\n", "1 to 256")
     }
 }

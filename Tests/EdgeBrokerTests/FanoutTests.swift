@@ -227,6 +227,45 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="4xx"}"#), 3, metrics)
     }
 
+    /// A target behind TLS that requires a client certificate (mTLS): the
+    /// broker presents the configured one and verifies the target against
+    /// the configured CA; a target configured without a certificate gets no
+    /// accounts and says why in its status.
+    func testMutualTLSTarget() throws {
+        let pkiDir = TempDirectory("edge-target-pki")  // its own CA, apart from the federation's
+        defer { pkiDir.remove() }
+        let pki = try TestPKI(in: pkiDir)
+        let (_, appPort) = try startAppAgent("app")
+        let peers = Locked<Set<String>>([])
+        let proxy = try ServerHarness(tls: pki.serverConfig(crl: false, requireClient: true)) { request, context, responder in
+            peers.withLock { $0.formUnion(context.peerIdentity?.names ?? []) }
+            var forwarded = request
+            forwarded.headers.set("Authorization", "Bearer t")
+            responder.respond(forward(forwarded, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (_, bp) = try startBroker(yaml: """
+            targets:
+              - name: secure
+                url: https://localhost:\(proxy.port)/scim/v2
+                tls: {ca: \(pki.caFile), cert: \(pki.clientCert), key: \(pki.clientKey)}
+                routes: [{}]
+              - name: nocert
+                url: https://localhost:\(proxy.port)/scim/v2
+                tls: {ca: \(pki.caFile)}
+                routes: [{}]
+
+            """)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "over-mtls")
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["over-mtls"] != nil }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(peers.current.contains(pki.clientURI), "the broker presented its client certificate: \(peers.current)")
+        XCTAssertTrue(eventually(seconds: 10) {
+            let status = (try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? ""
+            return status.contains("secure\tclosed") && status.contains("nocert\tdiscovering") && status.contains("last error")
+        }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+    }
+
     /// A target that goes down: deliveries retry with backoff, the circuit
     /// breaker opens (visible in status and metrics), and everything arrives
     /// once it is back.
