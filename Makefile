@@ -4,12 +4,12 @@
 #   make bench  runs the benchmarks and writes docs/benchmarks.md
 SHELL := /bin/bash
 SWIFT ?= swift
-DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk
+DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk python3-venv curl
 SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh
 
-.PHONY: deps build test demo bench bench-build fuzz compliance clean
+.PHONY: deps venv build test demo bench bench-build fuzz compliance clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -19,10 +19,15 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "Debian packages present"; fi
 
+# Python tools from PyPI in .venv: scim2-server (a real downstream app in the
+# fan-out tests, a benchmark reference) and the scim2-tester compliance suite.
+venv: deps
+	bash scripts/venv.sh
+
 build: deps
 	$(RETRY) $(SWIFT) build $(SWIFT_BUILD_FLAGS)
 
-test: deps
+test: deps venv
 	$(RETRY) $(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
 	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
 	$(MAKE) compliance
@@ -34,7 +39,7 @@ demo: build
 	@echo "Try 'make test' or 'make bench' meanwhile."
 
 # Regenerates docs/benchmarks.md (micro-benchmarks, EdgeHTTP vs nginx).
-bench: deps
+bench: deps venv
 	bash scripts/bench.sh
 
 # The benchmark package is built by `make test` so that it cannot rot.

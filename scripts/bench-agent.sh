@@ -12,9 +12,7 @@ USERS=${USERS:-100000}
 OUT=${OUT:-docs/bench-agent.md}
 swift build -c release --product scim-edge >/dev/null
 AGENT=.build/release/scim-edge
-if ! .venv/bin/scim2-server --help >/dev/null 2>&1; then
-  python3 -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check scim2-server
-fi
+bash scripts/venv.sh
 
 . scripts/lib-processes.sh
 TOKEN=benchtoken

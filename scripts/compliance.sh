@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
-if ! "$venv/bin/scim2" --help >/dev/null 2>&1; then
-  python3 -m venv "$venv" || { echo "python3 -m venv failed: install python3-venv" >&2; exit 1; }
-  "$venv/bin/pip" install -q --disable-pip-version-check scim2-cli scim2-tester
-fi
+bash scripts/venv.sh
 bin=${SCIM_EDGE:-.build/debug/scim-edge}
 [ -x "$bin" ] || swift build --product scim-edge >/dev/null
 work=$(mktemp -d)

@@ -75,7 +75,7 @@ public final class BrokerService {
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
-    private var propagation: [(at: Int64, seconds: Double)] = []
+    private var propagation = RecentSamples()
     public var logger = Logger(label: "scim-broker.federation")
     private var signals: ServiceSignals?
     private let tls: ReloadableTLSContext
@@ -134,22 +134,13 @@ public final class BrokerService {
     }
 
     func recordPropagation(_ acceptedAt: [Int64]) {
-        guard !acceptedAt.isEmpty else { return }
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        let now = Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
-        for a in acceptedAt { propagation.append((now, Double(max(0, now - a)) / 1000)) }
-        if propagation.count > 200_000 { propagation.removeFirst(propagation.count - 200_000) }
+        let now = unixMilliseconds()
+        for a in acceptedAt { propagation.add(at: now, seconds: Double(max(0, now - a)) / 1000) }
     }
 
     /// Quantiles of propagation (agent acceptance → broker commit) over the last `window` seconds.
     public func propagationQuantiles(window: Int64 = 10, _ qs: [Double] = [0.5, 0.99]) -> (count: Int, values: [Double]) {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        let since = (Int64(ts.tv_sec) - window) * 1000
-        let recent = propagation.filter { $0.at >= since }.map(\.seconds).sorted()
-        guard !recent.isEmpty else { return (0, qs.map { _ in 0 }) }
-        return (recent.count, qs.map { recent[min(recent.count - 1, Int(Double(recent.count) * $0))] })
+        propagation.quantiles(window: window, qs)
     }
 
     public func metricsText() -> String {
@@ -172,11 +163,7 @@ public final class BrokerService {
         let sequences = (try? store.agentSequences()) ?? []
         metric("scim_broker_agent_applied_sequence", "gauge", "Per agent: the last sequence applied.",
                sequences.map { ("{agent=\"\($0.0)\"}", String($0.1)) })
-        let (n, q) = propagationQuantiles()
-        out += "# HELP scim_broker_propagation_seconds From the agent accepting a change to the broker's commit (last 10 s).\n"
-        out += "# TYPE scim_broker_propagation_seconds summary\n"
-        out += "scim_broker_propagation_seconds{quantile=\"0.5\"} \(q[0])\nscim_broker_propagation_seconds{quantile=\"0.99\"} \(q[1])\n"
-        out += "scim_broker_propagation_seconds_count \(n)\n"
+        out += propagation.summary("scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
         if !workers.isEmpty { out += fanoutMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
@@ -211,6 +198,13 @@ public final class BrokerService {
         gauge("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
         gauge("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
         gauge("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
+        header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
+        for w in workers {
+            let (n, q) = w.recent.quantiles(window: 10, [0.5, 0.99])
+            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.5\"} \(q[0])\n"
+            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.99\"} \(q[1])\n"
+            out += "scim_broker_target_propagation_seconds_count{target=\"\(w.target.name)\"} \(n)\n"
+        }
         header("scim_broker_target_delivery_seconds", "histogram", "From the agent accepting a change to the target's answer.")
         for w in workers {
             let s = w.statistics
@@ -360,5 +354,31 @@ extension HTTPResponse {
         var r = self
         r.headers.set(name, value)
         return r
+    }
+}
+
+/// Latency samples of the last moments (bounded), for exact quantiles over
+/// a recent window in /metrics and the benchmarks.
+struct RecentSamples {
+    private var samples: [(at: Int64, seconds: Double)] = []
+    let capacity = 200_000
+
+    mutating func add(at: Int64, seconds: Double) {
+        samples.append((at, seconds))
+        if samples.count > capacity + capacity / 4 { samples.removeFirst(samples.count - capacity) }
+    }
+
+    /// Quantiles `qs` over the samples of the last `window` seconds.
+    func quantiles(window: Int64, _ qs: [Double]) -> (count: Int, values: [Double]) {
+        let since = unixMilliseconds() - window * 1000
+        let recent = samples.filter { $0.at >= since }.map(\.seconds).sorted()
+        guard !recent.isEmpty else { return (0, qs.map { _ in 0 }) }
+        return (recent.count, qs.map { recent[min(recent.count - 1, Int(Double(recent.count) * $0))] })
+    }
+
+    func summary(_ name: String, _ help: String) -> String {
+        let (n, q) = quantiles(window: 10, [0.5, 0.99])
+        return "# HELP \(name) \(help)\n# TYPE \(name) summary\n"
+            + "\(name){quantile=\"0.5\"} \(q[0])\n\(name){quantile=\"0.99\"} \(q[1])\n\(name)_count \(n)\n"
     }
 }

@@ -65,6 +65,8 @@ public final class TargetWorker {
     private var token: String?
     public private(set) var capabilities: TargetCapabilities?
     public private(set) var statistics = TargetStatistics()
+    /// Agent acceptance → target answer, recent samples.
+    var recent = RecentSamples()
 
     private struct Pending {
         let key: [UInt8]
@@ -733,7 +735,9 @@ public final class TargetWorker {
                 if deadLetter == nil {
                     statistics.delivered += 1
                     let from = d.item.acceptedAt > 0 ? d.item.acceptedAt : d.item.queuedAt
-                    statistics.observe(latency: Double(max(0, unixMilliseconds() - from)) / 1000)
+                    let now = unixMilliseconds(), seconds = Double(max(0, now - from)) / 1000
+                    statistics.observe(latency: seconds)
+                    recent.add(at: now, seconds: seconds)
                 }
             case .failure(let error):
                 logger.error("cannot record a delivery; it will be repeated", metadata: ["error": .string("\(error)")])
