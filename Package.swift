@@ -37,7 +37,9 @@ let package = Package(
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
         // Strict YAML configuration files (libyaml), shared by the agent and the broker.
-        .target(name: "EdgeConfig", dependencies: ["CYAML"], swiftSettings: strict),
+        .target(name: "EdgeConfig", dependencies: ["CYAML"], swiftSettings: strict, plugins: ["VersionPlugin"]),
+        // `scimEdgeVersion` from the VERSION file (the one version source).
+        .plugin(name: "VersionPlugin", capability: .buildTool()),
         .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig",
                                                   .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),

@@ -76,4 +76,15 @@ static inline X509_INFO *edge_x509_info_at(STACK_OF(X509_INFO) *s, int i) {
 static inline void edge_x509_info_free_all(STACK_OF(X509_INFO) *s) { sk_X509_INFO_pop_free(s, X509_INFO_free); }
 static inline X509_CRL *edge_x509_info_crl(X509_INFO *i) { return i->crl; }
 static inline X509 *edge_x509_info_cert(X509_INFO *i) { return i->x509; }
+/* A certificate request's SAN extension: STACK_OF(X509_EXTENSION) is a typed stack. */
+static inline int edge_x509_req_add_san(X509_REQ *req, const char *value) {
+    X509_EXTENSION *ext = X509V3_EXT_conf_nid(NULL, NULL, NID_subject_alt_name, value);
+    if (!ext) return 0;
+    STACK_OF(X509_EXTENSION) *exts = sk_X509_EXTENSION_new_null();
+    if (!exts) { X509_EXTENSION_free(ext); return 0; }
+    sk_X509_EXTENSION_push(exts, ext);
+    int ok = X509_REQ_add_extensions(req, exts);
+    sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    return ok;
+}
 #endif

@@ -143,3 +143,50 @@ extension AgentConfiguration {
         }
     }
 }
+
+/// The certificate identity an agent is expected to carry:
+/// `spiffe://TRUST-DOMAIN/DOMAIN/AGENT` (SAN URI). `scim-edge pki csr`
+/// requests it; the broker binds it to the domain (`domains:` in its config).
+public func agentIdentity(trustDomain: String, domain: String, agent: String) -> String {
+    "spiffe://\(trustDomain)/\(domain)/\(agent)"
+}
+
+/// Whether a certificate names this domain and agent: a SAN URI whose path
+/// ends in `/DOMAIN/AGENT`, or a DNS name `AGENT.DOMAIN.…`.
+public func identityNames(_ identity: PeerIdentity, domain: String, agent: String) -> Bool {
+    identity.uris.contains { $0.hasSuffix("/\(domain)/\(agent)") && $0.contains("://") }
+        || identity.dnsNames.contains { $0.hasPrefix("\(agent).\(domain).") }
+}
+
+extension AgentConfiguration {
+    /// Problems with what the configuration refers to (`check-config`):
+    /// files, permissions of secrets, certificates (dates, key, CA) and the
+    /// relay certificate's identity against the configured domain and agent.
+    public func fileProblems() -> [String] {
+        var checks = FileChecks()
+        var st = stat()
+        let parent = dataDirectory.split(separator: "/").dropLast().joined(separator: "/")
+        if stat(dataDirectory, &st) != 0 && stat("/" + parent, &st) != 0 {
+            checks.problem("dataDir \(dataDirectory): neither it nor its parent directory exists")
+        }
+        if let tokenFile, checks.file(tokenFile, "tokenFile", secret: true) {
+            do { if try readTokenFile(tokenFile).isEmpty { checks.problem("tokenFile \(tokenFile): holds no token") } }
+            catch { checks.problem("tokenFile \(tokenFile): \(error)") }
+        }
+        if let tls, let cert = tls.certificateChainFile {
+            checks.certificate(cert, key: tls.privateKeyFile, ca: nil, "tls")
+        }
+        if let relay {
+            if let cert = relay.tls.certificateChainFile,
+               let summary = checks.certificate(cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, "broker") {
+                if !identityNames(summary.identity, domain: relay.domain, agent: relay.agentName) {
+                    checks.problem("broker certificate \(cert) names \(summary.identity.names.joined(separator: ", ")), not domain '\(relay.domain)' and agent '\(relay.agentName)' "
+                                   + "(expected a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. \(agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName)))")
+                }
+            } else if relay.tls.certificateChainFile == nil {
+                checks.problem("broker: a client certificate (cert, key) is required for mutual TLS")
+            }
+        }
+        return checks.problems
+    }
+}

@@ -2,6 +2,7 @@ import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
+import Glibc
 import SCIM
 
 extension BrokerConfiguration {
@@ -170,5 +171,38 @@ extension String {
     var trimmingCharacters: String {
         String(drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }
             .reversed().drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }.reversed())
+    }
+}
+
+extension BrokerConfiguration {
+    /// Problems with what the configuration refers to (`check-config`):
+    /// files, permissions of secrets, certificates (dates, key, federation
+    /// CA, CRL), and each target's token and TLS files.
+    public func fileProblems() -> [String] {
+        var checks = FileChecks()
+        var st = stat()
+        let parent = "/" + dataDirectory.split(separator: "/").dropLast().joined(separator: "/")
+        if stat(dataDirectory, &st) != 0 && stat(parent, &st) != 0 {
+            checks.problem("dataDir \(dataDirectory): neither it nor its parent directory exists")
+        }
+        if let cert = tls.certificateChainFile {
+            checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, "tls")
+        }
+        if let crl = tls.crlFile, checks.file(crl, "tls.crl"), let ca = tls.trustRootsFile {
+            do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) }
+            catch { checks.problem("tls.crl \(crl): \(error)") }
+        }
+        for d in domains where d.identity.isEmpty { checks.problem("domain \(d.domain): no certificate identity") }
+        for t in targets {
+            if let file = t.tokenFile, checks.file(file, "target \(t.name) tokenFile", secret: true) {
+                do { _ = try t.resolveToken() } catch { checks.problem(error.description) }
+            }
+            if t.token == nil && t.tokenFile == nil && t.tls.certificateChainFile == nil {
+                checks.problem("target \(t.name): no tokenFile and no client certificate: the app would be called without credentials")
+            }
+            if let ca = t.tls.trustRootsFile { checks.file(ca, "target \(t.name) tls.ca") }
+            if let cert = t.tls.certificateChainFile { checks.certificate(cert, key: t.tls.privateKeyFile, ca: nil, "target \(t.name) tls") }
+        }
+        return checks.problems
     }
 }

@@ -115,7 +115,7 @@ public final class CertificateAuthority {
     }
 }
 
-private func generateKey() throws(TLSError) -> OpaquePointer {
+func generateKey() throws(TLSError) -> OpaquePointer {
     guard let ctx = EVP_PKEY_CTX_new_from_name(nil, "EC", nil) else { throw TLSError.capture("EVP_PKEY_CTX_new") }
     defer { EVP_PKEY_CTX_free(ctx) }
     var key: OpaquePointer?
@@ -151,7 +151,7 @@ private func addExtension(_ x: OpaquePointer, issuer: OpaquePointer, _ nid: Int3
 }
 
 /// Runs a PEM writer against a memory BIO and returns the text.
-private func pem(_ write: (OpaquePointer) -> Int32) -> String {
+func pem(_ write: (OpaquePointer) -> Int32) -> String {
     guard let bio = BIO_new(BIO_s_mem()) else { return "" }
     defer { BIO_free(bio) }
     _ = write(bio)

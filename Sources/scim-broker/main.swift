@@ -1,6 +1,7 @@
 import ArgumentParser
 import EdgeAgent
 import EdgeBroker
+import EdgeConfig
 import EdgeLoop
 import EdgeTLS
 import Glibc
@@ -11,7 +12,7 @@ struct ScimBroker: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
-        version: "0.1.0",
+        version: scimEdgeVersion,
         subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self])
 }
 
@@ -89,7 +90,7 @@ struct Serve: ParsableCommand {
             _ = loop.close()
             throw error
         }
-        emitLine("scim-broker 0.1.0 listening on \(broker.server.address) (federation over mutual TLS)")
+        emitLine("scim-broker \(scimEdgeVersion) listening on \(broker.server.address) (federation over mutual TLS)")
         if let api = broker.apiServer { emitLine("read API at http://\(api.address)/scim/v2") }
         if let admin = broker.adminServer { emitLine("operations at http://\(admin.address)/metrics") }
         loop.run()
@@ -102,7 +103,13 @@ struct CheckConfig: ParsableCommand {
     @Argument(help: "The YAML file.") var file = "/etc/scim-broker/broker.yaml"
     func run() throws {
         let config = try BrokerConfiguration.load(file: file)
-        emitLine("\(file): ok (\(config.domains.count) domains, federation on \(config.listen))")
+        let problems = config.fileProblems()
+        guard problems.isEmpty else {
+            emitLine("\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s"):")
+            for p in problems { emitLine("  - \(p)") }
+            throw ExitCode(1)
+        }
+        emitLine("\(file): ok (\(config.domains.count) domains, \(config.targets.count) targets, federation on \(config.listen))")
     }
 }
 

@@ -1,19 +1,20 @@
 import ArgumentParser
 import EdgeAgent
+import EdgeConfig
 import EdgeLoop
 import EdgeTLS
 import Glibc
 import Logging
 import SCIM
 
-let version = "0.1.0"
+let version = scimEdgeVersion
 
 struct ScimEdge: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self])
 }
 
 struct Serve: ParsableCommand {
@@ -154,8 +155,62 @@ struct CheckConfig: ParsableCommand {
 
     func run() throws {
         let config = try AgentConfiguration.load(file: file)
-        if let tokens = config.tokenFile { _ = try readTokenFile(tokens) }
-        emit("\(file): ok (data in \(config.dataDirectory), SCIM on \(config.listen))")
+        let problems = config.fileProblems()
+        guard problems.isEmpty else {
+            emit("\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s"):")
+            for p in problems { emit("  - \(p)") }
+            throw ExitCode(1)
+        }
+        emit("\(file): ok (data in \(config.dataDirectory), SCIM on \(config.listen)"
+             + (config.relay.map { ", relaying domain \($0.domain) as \($0.agentName)" } ?? ", standalone") + ")")
+    }
+}
+
+struct PKI: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pki", abstract: "Certificates for the federation.", subcommands: [CSR.self])
+
+    struct CSR: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a new key and a certificate signing request carrying the identity the broker expects.",
+            discussion: """
+                The request names spiffe://TRUST-DOMAIN/DOMAIN/AGENT (SAN URI) and CN AGENT.DOMAIN. Have your \
+                organisation's CA sign it, install the certificate as broker.cert, and bind the identity to \
+                DOMAIN in the broker's configuration (domains: DOMAIN: spiffe://…).
+                """)
+        @Option(help: "The compliance domain the agent serves (as the broker names it).") var domain: String
+        @Option(help: "This agent's name within the domain.") var agent: String
+        @Option(help: "The SPIFFE-style trust domain of the federation.") var trustDomain = "scim-edge"
+        @Option(help: "Where to write AGENT.key (0600) and AGENT.csr.") var out = "."
+
+        func validate() throws {
+            let ok: (String) -> Bool = { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) } }
+            guard ok(domain), ok(agent), ok(trustDomain) else {
+                throw ValidationError("--domain, --agent and --trust-domain may hold letters, digits, '-', '_' and '.' only")
+            }
+        }
+
+        func run() throws {
+            let identity = agentIdentity(trustDomain: trustDomain, domain: domain, agent: agent)
+            let (key, csr) = try makeSigningRequest(commonName: "\(agent).\(domain)", uris: [identity])
+            let keyPath = "\(out)/\(agent).key", csrPath = "\(out)/\(agent).csr"
+            try writeFile(keyPath, key, mode: 0o600)
+            try writeFile(csrPath, csr, mode: 0o644)
+            emit("wrote \(keyPath) (keep it on this appliance) and \(csrPath)")
+            emit("identity: \(identity)")
+            emit("broker config: domains: { \(domain): \"\(identity)\" }")
+        }
+    }
+}
+
+/// Creates `path` with `mode` (refusing to overwrite) and writes `text`.
+func writeFile(_ path: String, _ text: String, mode: mode_t) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+    guard fd >= 0 else { throw ValidationError("cannot create \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    let bytes = Array(text.utf8)
+    guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+        throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
     }
 }
 

@@ -167,9 +167,45 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.relay?.broker.port, 8443)
         XCTAssertEqual(config.relay?.window, 16)
         XCTAssertEqual(try readTokenFile(config.tokenFile!), ["abc", "def"])
-        // And the CLI agrees.
-        let child = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
-        XCTAssertEqual(child.waitForExit(), 0)
+        // check-config also checks the files: with none of them there, it fails and names each.
+        let missing = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
+        XCTAssertEqual(missing.waitForExit(), 1)
+        XCTAssertTrue(missing.output.contains { $0.contains("broker certificate \(dir.path)/agent.crt: No such file or directory") },
+                      "\(missing.output)")
+        XCTAssertTrue(missing.output.contains { $0.contains("broker CA \(dir.path)/federation-ca.crt: No such file") })
+        // A federation PKI made here: the agent's certificate names its domain and agent.
+        let ca = try CertificateAuthority(commonName: "federation CA")
+        _ = dir.write("federation-ca.crt", ca.certificatePEM)
+        func install(_ c: Credential) {
+            _ = dir.write("agent.crt", c.certificatePEM)
+            _ = dir.write("agent.key", c.privateKeyPEM)
+            chmod(dir.file("agent.key"), 0o600)
+        }
+        chmod(dir.file("tokens"), 0o640)
+        chmod(dir.file("pseudonym.key"), 0o600)
+        install(try ca.issue(CertificateRequest(commonName: "agent-1.acme-de", uris: [agentIdentity(trustDomain: "acme.example", domain: "acme-de", agent: "agent-1")])))
+        let ok = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
+        XCTAssertEqual(ok.waitForExit(), 0, "\(ok.output)")
+        XCTAssertTrue(ok.output.first?.hasSuffix("relaying domain acme-de as agent-1)") ?? false, "\(ok.output)")
+
+        func problems(_ fragment: String) throws {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
+            XCTAssertEqual(c.waitForExit(), 1)
+            XCTAssertTrue(c.output.contains { $0.contains(fragment) }, "'\(fragment)' not in \(c.output)")
+        }
+        install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-us/agent-1"])))
+        try problems("not domain 'acme-de' and agent 'agent-1'")
+        install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"],
+                                                notBeforeOffset: -20 * 86400, notAfterOffset: -86400)))
+        try problems("expired on")
+        install(try CertificateAuthority(commonName: "someone else").issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
+        try problems("is not accepted by the CA")
+        install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
+        chmod(dir.file("agent.key"), 0o644)
+        try problems("broker key \(dir.path)/agent.key: readable by every user")
+        chmod(dir.file("agent.key"), 0o600)
+        chmod(dir.file("tokens"), 0o604)
+        try problems("tokenFile \(dir.path)/tokens: readable by every user")
     }
 
     func testStrictErrorsWithLineAndColumn() {

@@ -36,8 +36,12 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertFalse(crm.routes(domain: "acme-de", type: "User", ["userName": "b", "active": false]))
         XCTAssertTrue(crm.routes(domain: "acme-fr", type: "Group", ["displayName": "crm-admins"]), "no domain list: all")
         XCTAssertFalse(crm.routes(domain: "acme-de", type: "Group", ["displayName": "staff"]))
+        // As shipped, nothing it refers to exists yet: check-config says what is missing and fails.
         let child = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", source.path])
-        XCTAssertEqual(child.waitForExit(), 0)
+        XCTAssertEqual(child.waitForExit(), 1)
+        XCTAssertEqual(child.output.first, "\(source.path): 5 problems:", "\(child.output)")
+        XCTAssertTrue(child.output.contains("  - tls CA /etc/scim-broker/federation-ca.crt: No such file or directory"), "\(child.output)")
+        XCTAssertTrue(child.output.contains("  - target crm tokenFile /etc/scim-broker/crm.token: No such file or directory"))
     }
 
     func testStrictErrors() {
