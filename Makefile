@@ -4,12 +4,13 @@
 #   make bench  runs the benchmarks and writes docs/benchmarks.md
 SHELL := /bin/bash
 SWIFT ?= swift
-DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk python3-venv curl
+DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk python3-venv curl \
+            binutils lintian systemd procps
 SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh
 
-.PHONY: deps venv build test demo bench bench-build fuzz compliance clean
+.PHONY: deps venv build test test-deb deb demo bench bench-build fuzz compliance clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -31,12 +32,21 @@ test: deps venv
 	$(RETRY) $(SWIFT) build --build-tests $(SWIFT_BUILD_FLAGS)
 	bash scripts/test.sh $(SWIFT_BUILD_FLAGS)
 	$(MAKE) compliance
+	$(MAKE) test-deb
 	$(MAKE) bench-build
 	FUZZ_SECONDS=15 $(MAKE) fuzz
 
 demo: build
 	@echo "scim-edge sandbox: not built yet (issue 7). The platform layer is; see README.md."
 	@echo "Try 'make test' or 'make bench' meanwhile."
+
+# dist/scim-edge_<version>_<arch>.deb and dist/scim-broker_<version>_<arch>.deb (packaging/).
+deb: deps
+	bash scripts/deb.sh
+
+# Builds, lints, installs, upgrades, removes and purges both packages on this machine (root).
+test-deb: deps
+	bash scripts/test-deb.sh
 
 # Regenerates docs/benchmarks.md (micro-benchmarks, EdgeHTTP vs nginx).
 bench: deps venv
@@ -55,4 +65,4 @@ fuzz:
 	bash scripts/fuzz.sh
 
 clean:
-	rm -rf .build Benchmarks/.build Fuzz/.build
+	rm -rf .build Benchmarks/.build Fuzz/.build dist

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# `make test-deb`: builds both packages, lints them, and installs, upgrades,
+# removes and purges them on this machine (root), checking each step. Prints
+# the footprint (package and binary sizes, idle RSS) at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+pass=0
+check() { # description command...
+  local what=$1; shift
+  if "$@" >/dev/null 2>&1; then pass=$((pass + 1)); else echo "FAIL: $what" >&2; fail=$((fail + 1)); fi
+}
+no_crash() { ! grep -qi 'fatal error\|stack dump\|backtrace' <<<"$1"; }
+# Starts the installed agent as its service user on its data; sets $agent and $port.
+start_agent() {
+  : >"$work/agent.log"
+  runuser -u scim-edge -- scim-edge serve --data-dir /var/lib/scim-edge --listen 127.0.0.1:0 --token t --admin-listen none \
+    >"$work/agent.log" 2>&1 &
+  agent=$!
+  for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && break; sleep 0.1; done
+  port=$(grep -o '127.0.0.1:[0-9]*' "$work/agent.log" | head -1 | cut -d: -f2)
+}
+[ "$(id -u)" -eq 0 ] || { echo "test-deb: needs root (dpkg -i)" >&2; exit 1; }
+version=$(tr -d ' \n' < VERSION)
+arch=$(dpkg --print-architecture)
+bash scripts/deb.sh >/dev/null || { echo "test-deb: the build failed" >&2; exit 1; }
+edge=dist/scim-edge_${version}_${arch}.deb broker=dist/scim-broker_${version}_${arch}.deb
+work=$(mktemp -d)
+cleanup() { dpkg -P scim-edge scim-broker >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap cleanup EXIT
+dpkg -P scim-edge scim-broker >/dev/null 2>&1 || true
+
+check "lintian reports no errors or warnings" lintian --fail-on error,warning "$edge" "$broker"
+check ".deb of the agent is at most 8 MB" test "$(stat -c %s "$edge")" -le 8000000
+
+check "dpkg -i installs both" dpkg -i "$edge" "$broker"
+check "scim-edge --version is VERSION" test "$(scim-edge --version)" = "$version"
+check "scim-broker --version is VERSION" test "$(scim-broker --version)" = "$version"
+for pkg in scim-edge scim-broker; do
+  conf=/etc/$pkg/$([ $pkg = scim-edge ] && echo agent.yaml || echo broker.yaml)
+  check "$pkg: service user exists, no login" test "$(getent passwd $pkg | cut -d: -f7)" = /usr/sbin/nologin
+  check "$pkg: data dir is $pkg:$pkg 0750" test "$(stat -c '%U:%G %a' /var/lib/$pkg)" = "$pkg:$pkg 750"
+  check "$pkg: config is root:$pkg 0640" test "$(stat -c '%U:%G %a' $conf)" = "root:$pkg 640"
+  check "$pkg: /etc/$pkg is root:$pkg 0750" test "$(stat -c '%U:%G %a' /etc/$pkg)" = "root:$pkg 750"
+  check "$pkg: config is a conffile" grep -qx "$conf" "/var/lib/dpkg/info/$pkg.conffiles"
+  check "$pkg: man page installed" test -s /usr/share/man/man1/$pkg.1.gz
+  check "$pkg: unit enabled on first install" test -L /etc/systemd/system/multi-user.target.wants/$pkg.service
+  check "$pkg: not started on first install" sh -c "! pgrep -x $pkg"
+  check "$pkg: systemd-analyze verify passes" systemd-analyze verify /lib/systemd/system/$pkg.service
+  # The shipped configuration is unconfigured: check-config fails and says why.
+  out=$($pkg check-config "$conf" 2>&1); rc=$?
+  check "$pkg: check-config on the shipped config fails" test "$rc" -ne 0
+  check "$pkg: ... with a clear message naming a missing file" grep -q "No such file or directory" <<<"$out"
+  check "$pkg: ... and no crash" no_crash "$out"
+done
+check "unit hardening: ProtectSystem=strict" grep -qx ProtectSystem=strict /lib/systemd/system/scim-edge.service
+check "unit hardening: empty CapabilityBoundingSet" grep -qx CapabilityBoundingSet= /lib/systemd/system/scim-edge.service
+check "unit: ExecReload sends SIGHUP" grep -q 'ExecReload=/bin/kill -HUP $MAINPID' /lib/systemd/system/scim-edge.service
+
+# Data written by the service user, and a locally edited config.
+start_agent
+sleep 1
+rss=$(awk '$1=="VmRSS:" {print int($2/1024)}' /proc/$agent/status)
+check "the installed agent serves as its user" test "$(curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer t' \
+  -H 'Content-Type: application/scim+json' -d '{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"kept"}' \
+  "http://127.0.0.1:$port/scim/v2/Users")" = 201
+kill -TERM $agent; wait $agent 2>/dev/null
+check "the data belongs to the service user" test "$(stat -c %U /var/lib/scim-edge/data.mdb)" = scim-edge
+echo "# edited here" >>/etc/scim-edge/agent.yaml
+
+# Upgrade to a newer build: data and the edited config stay.
+PKG_VERSION="${version}+upgrade1" bash scripts/deb.sh >/dev/null
+check "dpkg -i of a newer build upgrades" dpkg -i --force-confold "dist/scim-edge_${version}+upgrade1_${arch}.deb"
+check "upgrade: package version" test "$(dpkg-query -W -f='${Version}' scim-edge)" = "${version}+upgrade1"
+check "upgrade: data kept" test -s /var/lib/scim-edge/data.mdb
+check "upgrade: edited config kept" grep -q "# edited here" /etc/scim-edge/agent.yaml
+start_agent
+check "upgrade: the stored user is served by the new build" grep -q '"totalResults":1' <<<"$(curl -s -H 'Authorization: Bearer t' \
+  "http://127.0.0.1:$port/scim/v2/Users?filter=userName%20eq%20%22kept%22")"
+kill -TERM $agent; wait $agent 2>/dev/null
+rm -f "dist/scim-edge_${version}+upgrade1_${arch}.deb"
+
+# Remove keeps data and config; purge deletes them.
+check "dpkg -r removes" dpkg -r scim-edge
+check "remove: binary gone" test ! -e /usr/bin/scim-edge
+check "remove: data kept" test -s /var/lib/scim-edge/data.mdb
+check "remove: config kept" test -f /etc/scim-edge/agent.yaml
+check "dpkg -P purges" dpkg -P scim-edge
+check "purge: data deleted" test ! -e /var/lib/scim-edge
+check "purge: config deleted" test ! -e /etc/scim-edge/agent.yaml
+
+installed=$(dpkg-deb -f "$edge" Installed-Size)
+echo "footprint: scim-edge .deb $(($(stat -c %s "$edge") / 1024)) KiB, scim-broker .deb $(($(stat -c %s "$broker") / 1024)) KiB;" \
+  "scim-edge installed $((installed / 1024)) MiB, binary $(($(dpkg-deb --fsys-tarfile "$edge" | tar -xO ./usr/bin/scim-edge | wc -c) / 1024 / 1024)) MiB;" \
+  "idle agent RSS ${rss} MiB"
+echo "test-deb: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
