@@ -147,6 +147,51 @@ final class ConfigTests: XCTestCase {
     }
 
     /// The example shipped in packaging/ is valid (with its paths pointed at a temp dir).
+    /// `pki csr` → the organisation's CA (openssl here) signs → check-config
+    /// accepts the certificate as this domain's agent.
+    func testSigningRequestCarriesTheIdentityCheckConfigExpects() throws {
+        let dir = TempDirectory("edge-csr")
+        defer { dir.remove() }
+        func run(_ exe: String, _ args: [String]) throws -> (Int32, [String]) {
+            let c = try ChildProcess(exe, args)
+            let status = c.waitForExit(seconds: 30)
+            return (status ?? -1, c.output)
+        }
+        let csr = try run(productsDirectory + "/scim-edge", ["pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
+                                                              "--trust-domain", "acme.example", "--out", dir.path])
+        XCTAssertEqual(csr.0, 0, "\(csr.1)")
+        XCTAssertTrue(csr.1.contains("identity: spiffe://acme.example/acme-de/agent-7"), "\(csr.1)")
+        var st = stat()
+        XCTAssertEqual(stat(dir.file("agent-7.key"), &st), 0)
+        XCTAssertEqual(st.st_mode & 0o777, 0o600, "the key is private")
+        XCTAssertNotEqual(try run(productsDirectory + "/scim-edge", ["pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
+                                                                     "--out", dir.path]).0, 0, "never overwrites a key")
+        // The organisation's CA, made and used with the openssl CLI.
+        let openssl = "/usr/bin/openssl"
+        XCTAssertEqual(try run(openssl, ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                                         "-keyout", dir.file("ca.key"), "-out", dir.file("ca.crt"), "-subj", "/CN=Acme CA", "-days", "2"]).0, 0)
+        XCTAssertEqual(try run(openssl, ["x509", "-req", "-in", dir.file("agent-7.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
+                                         "-CAcreateserial", "-out", dir.file("agent.crt"), "-days", "1", "-copy_extensions", "copy"]).0, 0)
+        let config = dir.write("agent.yaml", """
+            dataDir: \(dir.file("data"))
+            broker:
+              url: https://127.0.0.1:8443
+              ca: \(dir.file("ca.crt"))
+              cert: \(dir.file("agent.crt"))
+              key: \(dir.file("agent-7.key"))
+              domain: acme-de
+              agent: agent-7
+
+            """)
+        let ok = try run(productsDirectory + "/scim-edge", ["check-config", config])
+        XCTAssertEqual(ok.0, 0, "\(ok.1)")
+        let other = dir.write("other.yaml", try String(contentsOfFile: config, encoding: .utf8).replacingOccurrences(of: "agent: agent-7", with: "agent: agent-8"))
+        let wrong = try run(productsDirectory + "/scim-edge", ["check-config", other])
+        XCTAssertEqual(wrong.0, 1)
+        XCTAssertTrue(wrong.1.contains { $0.contains("names spiffe://acme.example/acme-de/agent-7") && $0.contains("not domain 'acme-de' and agent 'agent-8'") },
+                      "\(wrong.1)")
+    }
+
     func testShippedExampleConfigIsValid() throws {
         let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().appendingPathComponent("packaging/agent.example.yaml")

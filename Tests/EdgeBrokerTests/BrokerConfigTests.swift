@@ -1,5 +1,6 @@
 import EdgeBroker
 import EdgeConfig
+import EdgeTLS
 import EdgeTestSupport
 import Foundation
 import SCIM
@@ -42,6 +43,42 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertEqual(child.output.first, "\(source.path): 5 problems:", "\(child.output)")
         XCTAssertTrue(child.output.contains("  - tls CA /etc/scim-broker/federation-ca.crt: No such file or directory"), "\(child.output)")
         XCTAssertTrue(child.output.contains("  - target crm tokenFile /etc/scim-broker/crm.token: No such file or directory"))
+    }
+
+    func testCheckConfigAcceptsAConfiguredBrokerAndNamesEachProblem() throws {
+        let dir = TempDirectory("edge-broker-check")
+        defer { dir.remove() }
+        let ca = try CertificateAuthority(commonName: "federation CA")
+        let cert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["broker.acme.example"]))
+        _ = dir.write("ca.crt", ca.certificatePEM)
+        _ = dir.write("broker.crt", cert.certificatePEM)
+        _ = dir.write("broker.key", cert.privateKeyPEM)
+        _ = dir.write("crl.pem", try ca.revocationList(revoking: []))
+        _ = dir.write("app.token", "secret\n")
+        chmod(dir.file("broker.key"), 0o600)
+        chmod(dir.file("app.token"), 0o640)
+        let config = dir.write("broker.yaml", """
+            dataDir: \(dir.file("data"))
+            tls: {ca: \(dir.file("ca.crt")), cert: \(dir.file("broker.crt")), key: \(dir.file("broker.key")), crl: \(dir.file("crl.pem"))}
+            domains: {acme-de: "spiffe://acme.example/acme-de/agent-1"}
+            targets:
+              - {name: app, url: "https://app.example/scim/v2", tokenFile: \(dir.file("app.token")), routes: [{}]}
+
+            """)
+        func check() throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
+            return (c.waitForExit(), c.output)
+        }
+        let ok = try check()
+        XCTAssertEqual(ok.0, 0, "\(ok.1)")
+        XCTAssertEqual(ok.1.first, "\(config): ok (1 domains, 1 targets, federation on 127.0.0.1:8443)")
+        chmod(dir.file("app.token"), 0o644)
+        _ = dir.write("broker.crt", try CertificateAuthority(commonName: "other").issue(CertificateRequest(commonName: "broker")).certificatePEM)
+        let bad = try check()
+        XCTAssertEqual(bad.0, 1)
+        XCTAssertTrue(bad.1.contains { $0.contains("is not accepted by the CA") }, "\(bad.1)")
+        XCTAssertTrue(bad.1.contains { $0.contains("does not match") || $0.contains("key values mismatch") || $0.contains("and key") }, "\(bad.1)")
+        XCTAssertTrue(bad.1.contains { $0.contains("target app tokenFile \(dir.file("app.token")): readable by every user") }, "\(bad.1)")
     }
 
     func testStrictErrors() {
