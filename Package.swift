@@ -51,8 +51,10 @@ let package = Package(
             "EdgeBroker", "EdgeAgent", "EdgeConfig", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
+        // Operator tools in the agent binary: `scim-edge bench` and `scim-edge sandbox`.
+        .target(name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig"], swiftSettings: strict),
         .executableTarget(name: "scim-edge", dependencies: [
-            "EdgeAgent", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeAgent", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
 
@@ -72,6 +74,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
+        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

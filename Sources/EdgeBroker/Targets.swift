@@ -1,5 +1,5 @@
+import EdgeHTTP
 import EdgeLoop
-import Glibc
 import EdgeTLS
 import SCIM
 
@@ -135,12 +135,12 @@ public struct TargetConfiguration: Sendable {
         guard !name.isEmpty, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
             throw SCIMError.invalidValue("target name '\(name)' may hold letters, digits, '-' and '_' only")
         }
-        guard let parsed = Self.parseURL(url) else {
+        guard let parsed = ServiceURL(url) else {
             throw SCIMError.invalidValue("target '\(name)': '\(url)' is not http(s)://HOST:PORT/PATH")
         }
         self.name = name
         self.url = url
-        (useTLS, host, port, basePath) = parsed
+        (useTLS, host, port, basePath) = (parsed.tls, parsed.host, parsed.port, parsed.path)
     }
 
     /// Every route matching means the target should hold the resource.
@@ -148,64 +148,11 @@ public struct TargetConfiguration: Sendable {
         routes.contains { $0.matches(domain: domain, type: type, resource) }
     }
 
-    static func parseURL(_ url: String) -> (Bool, String, Int, String)? {
-        let tls: Bool
-        var rest: Substring
-        if url.hasPrefix("https://") { tls = true; rest = url.dropFirst(8) }
-        else if url.hasPrefix("http://") { tls = false; rest = url.dropFirst(7) }
-        else { return nil }
-        var path = ""
-        if let slash = rest.firstIndex(of: "/") {
-            path = String(rest[slash...])
-            rest = rest[..<slash]
-        }
-        while path.hasSuffix("/") { path.removeLast() }
-        var host: Substring
-        var portText: Substring?
-        if rest.hasPrefix("[") {
-            guard let close = rest.firstIndex(of: "]") else { return nil }
-            host = rest[rest.index(after: rest.startIndex)..<close]
-            let after = rest[rest.index(after: close)...]
-            if !after.isEmpty {
-                guard after.hasPrefix(":") else { return nil }
-                portText = after.dropFirst()
-            }
-        } else if let colon = rest.lastIndex(of: ":") {
-            host = rest[..<colon]
-            portText = rest[rest.index(after: colon)...]
-        } else {
-            host = rest
-        }
-        let port = portText.map { Int($0) ?? -1 } ?? (tls ? 443 : 80)
-        guard !host.isEmpty, port > 0, port < 65536 else { return nil }
-        return (tls, String(host), port, path)
-    }
-
     /// The address to connect to: an IP address as is, a host name
     /// resolved now (the worker resolves again when it cannot connect).
     public func resolveAddress() -> SocketAddress? {
-        if host == "localhost" { return SocketAddress(host: "127.0.0.1", port: port) }
-        if SocketAddress(host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)") != nil { return SocketAddress(host: host, port: port) }
-        return resolve(host).map { SocketAddress(host: $0, port: port) }
+        ServiceURL(tls: useTLS, host: host, port: port, path: basePath).resolveAddress()
     }
-}
-
-/// The first address of a host name (at start: targets are configured by name).
-func resolve(_ host: String) -> String? {
-    var hints = addrinfo()
-    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-    var result: UnsafeMutablePointer<addrinfo>?
-    guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return nil }
-    defer { freeaddrinfo(result) }
-    var name = [CChar](repeating: 0, count: 64)
-    if first.pointee.ai_family == AF_INET6 {
-        var a = first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
-        inet_ntop(AF_INET6, &a, &name, socklen_t(name.count))
-    } else {
-        var a = first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
-        inet_ntop(AF_INET, &a, &name, socklen_t(name.count))
-    }
-    return String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 /// Turns a federated resource into the body a target receives: no broker

@@ -3,6 +3,8 @@ import EdgeAgent
 import EdgeConfig
 import EdgeLoop
 import EdgeTLS
+import EdgeTools
+import EdgeHTTP
 import Glibc
 import Logging
 import SCIM
@@ -14,7 +16,7 @@ struct ScimEdge: ParsableCommand {
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self, BenchCommand.self])
 }
 
 struct Serve: ParsableCommand {
@@ -166,6 +168,96 @@ struct CheckConfig: ParsableCommand {
     }
 }
 
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "Load-test any SCIM 2.0 endpoint: throughput, latency percentiles, status codes.",
+        discussion: """
+            Closed loop by default (each connection sends its next request when the previous one is answered); \
+            with --rate, an open loop at a constant rate whose latencies are measured from each request's intended \
+            start (free of coordinated omission). --e2e-metrics adds the propagation a broker measured \
+            (agent → broker → targets) from its /metrics after the run.
+            """)
+    @Option(help: "The SCIM base URL, e.g. http://127.0.0.1:8080/scim/v2.") var url: String
+    @Option(help: "Bearer token.") var token: String?
+    @Option(help: "Kept-alive connections (one request in flight each).") var connections = 16
+    @Option(help: "Seconds to run (default 10 unless --requests is given).") var duration: Double?
+    @Option(help: "Requests to send.") var requests: Int?
+    @Option(help: "Open loop: requests per second.") var rate: Double?
+    @Option(help: "Operation weights: post, get, patch, filter (e.g. post=70,get=20,patch=10).") var mix = "post=1"
+    @Option(help: "Users created before measuring when the mix reads or patches.") var seedUsers = 200
+    @Option(help: "https: CA file to verify the server (default: the system's).") var ca: String?
+    @Option(help: "https: client certificate (PEM), for mutual TLS.") var cert: String?
+    @Option(help: "https: client key (PEM).") var key: String?
+    @Flag(help: "Print the report as JSON.") var json = false
+    @Option(help: "Write latency plots (over time, by percentile) to this SVG file.") var svg: String?
+    @Option(help: "After the run, read propagation quantiles from a broker's metrics URL (http://HOST:PORT/metrics).")
+    var e2eMetrics: String?
+    @Option(help: "Seconds to wait before reading --e2e-metrics (changes still propagating).") var settle = 2.0
+    @Flag(help: "No progress line.") var quiet = false
+
+    func run() throws {
+        guard let base = ServiceURL(url) else { throw ValidationError("--url \(url) is not http(s)://HOST:PORT/PATH") }
+        guard let parsedMix = BenchOptions.parseMix(mix) else {
+            throw ValidationError("--mix \(mix): give OPERATION=WEIGHT pairs of post, get, patch, filter")
+        }
+        var options = BenchOptions(url: base)
+        options.token = token
+        options.connections = max(1, connections)
+        options.duration = duration
+        options.requests = requests
+        options.rate = rate
+        options.mix = parsedMix
+        options.seedUsers = seedUsers
+        if let ca { options.tls.trustRootsFile = ca }
+        options.tls.certificateChainFile = cert
+        options.tls.privateKeyFile = key
+        let tty = isatty(2) == 1
+        if !quiet {
+            options.progress = { p in
+                let line = "\(fixed1(p.elapsed)) s  \(p.completed) requests  \(p.errors) errors  p99 \(fixed1(Double(p.recentP99Micros) / 1000)) ms (last second)"
+                writeStderr(tty ? "\r\u{1B}[K" + line : line + "\n")
+            }
+        }
+        let loop = try EventLoop()
+        var result: BenchReport?
+        let bench = try Bench(loop: loop, options: options)
+        bench.run { result = $0; loop.stop() }
+        loop.run()
+        if tty && !quiet { writeStderr("\r\u{1B}[K") }
+        guard var report = result else { throw ValidationError("the run did not finish") }
+        if let e2eMetrics {
+            report.propagation = try readPropagation(e2eMetrics, settle: settle)
+        }
+        _ = loop.close()
+        if json { emit(String(decoding: report.json.serialized(), as: UTF8.self)) } else { emit(report.text, newline: false) }
+        if let svg { try writeFile(svg, report.svg, mode: 0o644, replace: true) }
+        if report.completed == 0 { throw ExitCode(1) }
+    }
+}
+
+func fixed1(_ v: Double) -> String { String(Double(Int(v * 10)) / 10) }
+
+func writeStderr(_ text: String) {
+    let bytes = Array(text.utf8)
+    _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+}
+
+/// Reads `scim_broker_propagation_seconds` and `scim_broker_target_propagation_seconds` quantiles.
+func readPropagation(_ url: String, settle: Double) throws -> [(String, Double)] {
+    usleep(UInt32(max(0, settle) * 1_000_000))
+    let text = try httpGetText(url)
+    var out: [(String, Double)] = []
+    for line in text.split(separator: "\n") where line.hasPrefix("scim_broker_propagation_seconds{")
+        || line.hasPrefix("scim_broker_target_propagation_seconds{") {
+        let parts = line.split(separator: " ")
+        guard parts.count == 2, let v = Double(parts[1]) else { continue }
+        let name = String(parts[0]).replacing("scim_broker_", with: "").replacing("_seconds", with: "")
+        out.append((name, v))
+    }
+    guard !out.isEmpty else { throw ValidationError("\(url) reports no propagation quantiles (is it a broker's /metrics?)") }
+    return out
+}
+
 struct PKI: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pki", abstract: "Certificates for the federation.", subcommands: [CSR.self])
@@ -203,9 +295,9 @@ struct PKI: ParsableCommand {
     }
 }
 
-/// Creates `path` with `mode` (refusing to overwrite) and writes `text`.
-func writeFile(_ path: String, _ text: String, mode: mode_t) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+/// Creates `path` with `mode` (refusing to overwrite unless `replace`) and writes `text`.
+func writeFile(_ path: String, _ text: String, mode: mode_t, replace: Bool = false) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | (replace ? O_TRUNC : O_EXCL), mode)
     guard fd >= 0 else { throw ValidationError("cannot create \(path): \(String(cString: strerror(errno)))") }
     defer { close(fd) }
     let bytes = Array(text.utf8)
@@ -228,7 +320,7 @@ struct Policy: ParsableCommand {
             let store = try AgentStore(path: c.dataDirectory, registry: .standard, policy: c.policy)
             for type in store.registry.resourceTypes {
                 if let r = try store.get(type, id) {
-                    store.policy.explain(r, type: type).forEach(emit)
+                    store.policy.explain(r, type: type).forEach { emit($0) }
                     return
                 }
             }
@@ -362,8 +454,8 @@ struct Resources: ParsableCommand {
 }
 
 /// One line to standard output, unbuffered.
-func emit(_ line: String) {
-    let bytes = Array((line + "\n").utf8)
+func emit(_ line: String, newline: Bool = true) {
+    let bytes = Array((line + (newline ? "\n" : "")).utf8)
     _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
 }
 
