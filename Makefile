@@ -1,6 +1,6 @@
 # scim-edge — one entry point for humans and CI.
 #   make test   installs what it needs, builds, runs every test
-#   make demo   runs the multi-IdP sandbox (not built yet: says so)
+#   make demo   runs the multi-IdP sandbox (scim-edge sandbox)
 #   make bench  runs the benchmarks and writes docs/benchmarks.md
 SHELL := /bin/bash
 SWIFT ?= swift
@@ -36,9 +36,11 @@ test: deps venv
 	$(MAKE) bench-build
 	FUZZ_SECONDS=15 $(MAKE) fuzz
 
-demo: build
-	@echo "scim-edge sandbox: not built yet (issue 7). The platform layer is; see README.md."
-	@echo "Try 'make test' or 'make bench' meanwhile."
+# The multi-IdP sandbox: a broker, three agents, two targets, a scripted scenario, a live view, a verification.
+demo: deps venv
+	$(RETRY) $(SWIFT) build -c release --product scim-broker $(SWIFT_BUILD_FLAGS)
+	$(RETRY) $(SWIFT) build -c release --product scim-edge $(SWIFT_BUILD_FLAGS)
+	.build/release/scim-edge sandbox
 
 # dist/scim-edge_<version>_<arch>.deb and dist/scim-broker_<version>_<arch>.deb (packaging/).
 deb: deps

@@ -285,6 +285,9 @@ public final class Bench {
         }
     }
 
+    /// Stops now and reports what was measured so far.
+    public func cancel() { done() }
+
     private func done() {
         guard !finished else { return }
         finished = true

@@ -1,0 +1,521 @@
+import EdgeConfig
+import EdgeHTTP
+import EdgeLoop
+import EdgeTLS
+import Glibc
+import SCIM
+
+public struct SandboxOptions {
+    /// A smaller burst, for `make test`.
+    public var short = false
+    /// Users created by the load burst (default 3,000; 200 when short).
+    public var burst: Int?
+    /// Keep the temporary directory (configs, logs, data) for inspection.
+    public var keep = false
+    /// The live view redraws in place (a terminal) or prints plain lines.
+    public var live = false
+    /// Where the reference scim2-server is; nil: `$SCIM2_SERVER`, `.venv/bin`, PATH.
+    public var referenceServer: String?
+    public var output: (String) -> Void = { _ in }
+    public init() {}
+}
+
+/// Set by SIGINT/SIGTERM; the sandbox notices it in its waits and cleans up.
+nonisolated(unsafe) var sandboxInterrupted: sig_atomic_t = 0
+
+struct SandboxInterrupted: Error {}
+
+/// `scim-edge sandbox`: a throwaway federation on loopback. A PKI, a broker,
+/// three agents in three domains, two downstream targets; a scripted
+/// scenario as three IdPs would drive it; a live view of each hop; and a
+/// verification report. Every process and file is removed at the end, on
+/// Ctrl-C too.
+public final class Sandbox {
+    let options: SandboxOptions
+    let dir: String
+    var processes: [ServiceProcess] = []
+    var agents: [(domain: String, port: Int, admin: Int)] = []
+    var brokerAdmin = 0, brokerAPI = 0
+    var targets: [(name: String, url: ServiceURL, token: String)] = []
+    let idpToken = "sandbox-idp-token", apiToken = "sandbox-api-token"
+    var viewLines = 0
+    var lastSample: UInt64 = 0
+    var previous: [String: Double] = [:]
+    var lastPlain: UInt64 = 0
+    let started = monotonicMicros()
+    var results: [(ok: Bool, text: String)] = []
+
+    /// Whether a signal stopped the run.
+    public var interrupted: Bool { sandboxInterrupted != 0 }
+
+    public init(options: SandboxOptions) throws {
+        self.options = options
+        var template = Array("/tmp/scim-edge-sandbox.XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw BenchError("cannot create a temporary directory") }
+        dir = String(cString: made)
+    }
+
+    /// Runs everything; true when every check holds.
+    public func run() -> Bool {
+        signal(SIGINT) { _ in sandboxInterrupted = 1 }
+        signal(SIGTERM) { _ in sandboxInterrupted = 1 }
+        signal(SIGPIPE, SIG_IGN)
+        defer { cleanUp() }
+        do {
+            try start()
+            try scenario()
+            return report()
+        } catch is SandboxInterrupted {
+            say("interrupted: stopping the sandbox")
+            return false
+        } catch {
+            say("sandbox failed: \(error)")
+            for p in processes where !p.isRunning { say("  \(p.name) exited; its log:\n" + p.log.split(separator: "\n").suffix(8).joined(separator: "\n")) }
+            return false
+        }
+    }
+
+    // MARK: set-up
+
+    func start() throws {
+        say("scim-edge sandbox \(scimEdgeVersion): a federation on 127.0.0.1, files in \(dir)")
+        let ca = try CertificateAuthority(commonName: "sandbox federation CA", validDays: 2)
+        try writeText("\(dir)/ca.crt", ca.certificatePEM)
+        let brokerCert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]))
+        try writeText("\(dir)/broker.crt", brokerCert.certificatePEM)
+        try writeText("\(dir)/broker.key", brokerCert.privateKeyPEM, mode: 0o600)
+        let domains = ["hq", "subsidiary-eu", "partner"]
+        for d in domains {
+            let c = try ca.issue(CertificateRequest(commonName: "agent-1.\(d)", uris: ["spiffe://sandbox/\(d)/agent-1"]))
+            try writeText("\(dir)/\(d).crt", c.certificatePEM)
+            try writeText("\(dir)/\(d).key", c.privateKeyPEM, mode: 0o600)
+        }
+        say("▶ PKI: a federation CA, the broker's certificate, one agent certificate per domain (spiffe://sandbox/DOMAIN/agent-1)")
+
+        let agentBinary = executableDirectory() + "/scim-edge"
+        let self_ = access(agentBinary, X_OK) == 0 ? agentBinary : (findExecutable("scim-edge", candidates: []) ?? agentBinary)
+        guard let brokerBinary = findExecutable("scim-broker", candidates: [executableDirectory() + "/scim-broker"]) else {
+            throw BenchError("scim-broker not found next to scim-edge nor on PATH")
+        }
+
+        // Targets: a standalone agent as an "app", and the reference scim2-server when it is installed.
+        let appPort = freeLoopbackPort()
+        try writeText("\(dir)/app.token", "app-token\n", mode: 0o600)
+        processes.append(try ServiceProcess(name: "app", executable: self_, arguments: [
+            "serve", "--data-dir", "\(dir)/app", "--listen", "127.0.0.1:\(appPort)", "--token", "app-token", "--admin-listen", "none"],
+            logPath: "\(dir)/app.log"))
+        targets.append(("app", ServiceURL(tls: false, host: "127.0.0.1", port: appPort, path: "/scim/v2"), "app-token"))
+        let reference = options.referenceServer ?? findExecutable("scim2-server", candidates: [
+            getenv("SCIM2_SERVER").map { String(cString: $0) } ?? "", ".venv/bin/scim2-server"])
+        if let reference {
+            let port = freeLoopbackPort()
+            try writeText("\(dir)/reference.token", "reference-token\n", mode: 0o600)
+            processes.append(try ServiceProcess(name: "reference", executable: reference, arguments: [
+                "--port", String(port), "--bearer-token", "reference-token"], logPath: "\(dir)/reference.log", environment: ["PYTHONUNBUFFERED=1"]))
+            targets.append(("reference", ServiceURL(tls: false, host: "127.0.0.1", port: port, path: ""), "reference-token"))
+        }
+
+        // The broker.
+        let brokerPort = freeLoopbackPort()
+        brokerAdmin = freeLoopbackPort()
+        brokerAPI = freeLoopbackPort()
+        var yaml = """
+            dataDir: \(dir)/broker
+            listen: 127.0.0.1:\(brokerPort)
+            tls: {ca: \(dir)/ca.crt, cert: \(dir)/broker.crt, key: \(dir)/broker.key}
+            domains:
+
+            """
+        for d in domains { yaml += "  \(d): \"spiffe://sandbox/\(d)/agent-1\"\n" }
+        yaml += """
+            api: {listen: "127.0.0.1:\(brokerAPI)", tokens: [\(apiToken)]}
+            admin: {listen: "127.0.0.1:\(brokerAdmin)"}
+            targets:
+
+            """
+        for t in targets {
+            yaml += """
+                  - name: \(t.name)
+                    url: http://127.0.0.1:\(t.url.port)\(t.url.path)
+                    tokenFile: \(dir)/\(t.name).token
+                    rate: {requestsPerSecond: 20000, concurrency: \(t.name == "app" ? 16 : 4)}
+                    onRemove: delete
+                    routes: [{}]
+
+                """
+        }
+        try writeText("\(dir)/broker.yaml", yaml)
+        processes.append(try ServiceProcess(name: "broker", executable: brokerBinary, arguments: ["serve", "--config", "\(dir)/broker.yaml"],
+                                            logPath: "\(dir)/broker.log"))
+
+        // Three agents, three policies.
+        try writeText("\(dir)/idp.tokens", idpToken + "\n", mode: 0o600)
+        for d in domains {
+            let port = freeLoopbackPort(), admin = freeLoopbackPort()
+            var a = """
+                dataDir: \(dir)/\(d)
+                listen: 127.0.0.1:\(port)
+                tokenFile: \(dir)/idp.tokens
+                admin: {listen: "127.0.0.1:\(admin)"}
+                broker:
+                  url: https://127.0.0.1:\(brokerPort)
+                  ca: \(dir)/ca.crt
+                  cert: \(dir)/\(d).crt
+                  key: \(dir)/\(d).key
+                  domain: \(d)
+                  agent: agent-1
+
+                """
+            if d == "subsidiary-eu" { a += "policy:\n  attributes: {phoneNumbers: keep-local, addresses: keep-local}\n" }
+            if d == "partner" { a += "policy:\n  scope: {User: 'userType eq \"Contractor\"'}\n" }
+            try writeText("\(dir)/\(d).yaml", a)
+            processes.append(try ServiceProcess(name: d, executable: self_, arguments: ["serve", "--config", "\(dir)/\(d).yaml"],
+                                                logPath: "\(dir)/\(d).log"))
+            agents.append((d, port, admin))
+        }
+        for p in processes {
+            let up = p.name == "reference" ? waitHTTP(targets.first { $0.name == "reference" }!)
+                                           : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
+            guard up else {
+                throw BenchError("\(p.name) did not start; \(p.logPath):\n\(p.log.split(separator: "\n").suffix(6).joined(separator: "\n"))")
+            }
+            try checkInterrupt()
+        }
+        say("▶ started: broker (mutual TLS, read API, metrics), agents hq / subsidiary-eu (phones and addresses stay local) / "
+            + "partner (only userType \"Contractor\" leaves), targets " + targets.map(\.name).joined(separator: " and ")
+            + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : ""))
+    }
+
+    func waitHTTP(_ t: (name: String, url: ServiceURL, token: String)) -> Bool {
+        for _ in 0..<200 {
+            if httpGet(t.url, "/ServiceProviderConfig", headers: ["Authorization": "Bearer \(t.token)"]).status == 200 { return true }
+            usleep(50_000)
+        }
+        return false
+    }
+
+    func checkInterrupt() throws { if sandboxInterrupted != 0 { throw SandboxInterrupted() } }
+
+    func cleanUp() {
+        if options.live && viewLines > 0 { emitRaw("\n") }
+        for p in processes.reversed() { p.stop(grace: 5) }
+        if options.keep { say("kept \(dir) (configs, logs, data)") } else { removeTree(dir) }
+    }
+
+    // MARK: the IdPs' side
+
+    func agentURL(_ domain: String) -> ServiceURL {
+        ServiceURL(tls: false, host: "127.0.0.1", port: agents.first { $0.domain == domain }!.port, path: "/scim/v2")
+    }
+
+    @discardableResult
+    func idp(_ domain: String, _ method: String, _ path: String, _ body: JSON? = nil) throws -> JSON? {
+        try checkInterrupt()
+        var h: HTTPHeaders = ["Authorization": "Bearer \(idpToken)", "Accept": "application/scim+json"]
+        if body != nil { h.set("Content-Type", "application/scim+json") }
+        let url = agentURL(domain)
+        let r = httpRequest(url, HTTPRequest(method: method, target: url.path + path, headers: h, body: body?.serialized() ?? []))
+        guard (200..<300).contains(r.status) else {
+            throw BenchError("\(domain): \(method) \(path) answered \(r.status): \(String(decoding: r.body.prefix(300), as: UTF8.self))")
+        }
+        monitor()
+        return r.body.isEmpty ? nil : try JSONParser.parse(r.body)
+    }
+
+    func user(_ userName: String, given: String, family: String, extra: JSONObject = [:]) -> JSON {
+        var o: JSONObject = ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(userName),
+                             "name": ["givenName": .string(given), "familyName": .string(family)],
+                             "emails": [["value": .string(userName), "type": "work", "primary": true]], "active": true]
+        for (k, v) in extra { o[k] = v }
+        return .object(o)
+    }
+
+    func patch(_ ops: [JSON]) -> JSON { ["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)] }
+
+    var ids: [String: String] = [:]  // userName → id at its agent
+
+    func hire(_ domain: String, _ userName: String, _ given: String, _ family: String, _ extra: JSONObject = [:]) throws {
+        ids[userName] = try idp(domain, "POST", "/Users", user(userName, given: given, family: family, extra: extra))?["id"]?.stringValue
+    }
+
+    var deactivationMs: Double = 0
+    /// The metrics when the federation last drained (the latency windows cover the burst).
+    var drainedMetrics: [String: Double] = [:]
+    var burstReport: BenchReport?
+
+    func scenario() throws {
+        let phone: JSONObject = ["phoneNumbers": [["value": "+49 30 1234567", "type": "work"]]]
+        let address: JSONObject = ["addresses": [["streetAddress": "Unter den Linden 1", "locality": "Berlin", "country": "DE", "type": "work"]]]
+        say("▶ hires: 5 at hq, 4 at subsidiary-eu (with phones and addresses), 4 at partner (3 contractors, 1 employee)")
+        for (n, g, f) in [("alice", "Alice", "Adams"), ("bob", "Bob", "Brown"), ("carol", "Carol", "Clark"), ("dan", "Dan", "Diaz"), ("erin", "Erin", "Evans")] {
+            try hire("hq", "\(n)@hq.example", g, f, ["title": "Engineer", "phoneNumbers": [["value": "+1 555 0100", "type": "work"]]])
+        }
+        for (n, g, f) in [("franz", "Franz", "Fischer"), ("greta", "Greta", "Graf"), ("hans", "Hans", "Huber"), ("ines", "Ines", "Iglesias")] {
+            var extra = phone
+            for (k, v) in address { extra[k] = v }
+            extra["title"] = "Analyst"
+            try hire("subsidiary-eu", "\(n)@eu.example", g, f, extra)
+        }
+        for (n, g, f, type) in [("pat", "Pat", "Park", "Contractor"), ("quinn", "Quinn", "Quaid", "Contractor"),
+                                ("ravi", "Ravi", "Rao", "Contractor"), ("sam", "Sam", "Sato", "Employee")] {
+            try hire("partner", "\(n)@partner.example", g, f, ["userType": .string(type)])
+        }
+        say("▶ updates: a promotion at hq, a new title and phone at subsidiary-eu")
+        try idp("hq", "PATCH", "/Users/\(ids["bob@hq.example"]!)", patch([["op": "replace", "path": "title", "value": "Engineering Manager"]]))
+        try idp("subsidiary-eu", "PATCH", "/Users/\(ids["greta@eu.example"]!)", patch([
+            ["op": "replace", "path": "title", "value": "Senior Analyst"],
+            ["op": "replace", "path": "phoneNumbers", "value": [["value": "+49 30 7654321", "type": "work"]]]]))
+        say("▶ group changes: engineering (alice, bob, carol; then + dan, − carol), eu-staff (franz, greta)")
+        let eng = try idp("hq", "POST", "/Groups", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "engineering",
+                                                     "members": .array(["alice", "bob", "carol"].map { ["value": .string(ids["\($0)@hq.example"]!)] })])
+        let engID = try eng?["id"]?.stringValue ?? { throw BenchError("no group id") }()
+        try idp("hq", "PATCH", "/Groups/\(engID)", patch([["op": "add", "path": "members", "value": [["value": .string(ids["dan@hq.example"]!)]]],
+                                                         ["op": "remove", "path": .string("members[value eq \"\(ids["carol@hq.example"]!)\"]")]]))
+        try idp("subsidiary-eu", "POST", "/Groups", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "eu-staff",
+                                                     "members": .array(["franz", "greta"].map { ["value": .string(ids["\($0)@eu.example"]!)] })])
+        say("▶ quinn@partner.example becomes an employee: out of the partner's scope, so removed everywhere")
+        try idp("partner", "PATCH", "/Users/\(ids["quinn@partner.example"]!)", patch([["op": "replace", "path": "userType", "value": "Employee"]]))
+        try waitDrained(seconds: 30)
+
+        say("▶ contractor ravi@partner.example deactivated at the partner's IdP")
+        let t0 = monotonicMicros()
+        try idp("partner", "PATCH", "/Users/\(ids["ravi@partner.example"]!)", patch([["op": "replace", "path": "active", "value": false]]))
+        let app = targets[0]
+        while true {
+            try checkInterrupt()
+            let r = httpGet(app.url, "/Users?filter=" + percent("userName eq \"ravi@partner.example\""),
+                            headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
+            if r.status == 200, let o = try? JSONParser.parse(r.body), o["Resources"]?.arrayValue?.first?["active"] == .bool(false) { break }
+            if monotonicMicros() - t0 > 30_000_000 { throw BenchError("the deactivation did not reach the app within 30 s") }
+            usleep(500)
+        }
+        deactivationMs = Double(monotonicMicros() - t0) / 1000
+        say("  inactive at the app after \(fixed(deactivationMs, 1)) ms (IdP request → agent → broker → app)")
+
+        let n = options.burst ?? (options.short ? 200 : 3000)
+        say("▶ load burst: \(n) hires at hq as fast as 16 connections go")
+        let loop = try EventLoop()
+        var bench = BenchOptions(url: agentURL("hq"))
+        bench.token = idpToken
+        bench.requests = n
+        bench.prefix = "burst"
+        var cancel: () -> Void = {}
+        bench.progress = { [weak self] _ in
+            if sandboxInterrupted != 0 { cancel() }
+            self?.monitor(force: true)
+        }
+        var result: BenchReport?
+        let b = try Bench(loop: loop, options: bench)
+        cancel = { b.cancel() }
+        b.run { result = $0; loop.stop() }
+        loop.run()
+        _ = loop.close()
+        try checkInterrupt()
+        burstReport = result
+        if let r = result {
+            say("  \(r.completed) requests in \(fixed(r.duration, 2)) s (\(fixed(r.throughput, 0))/s), p99 \(ms(r.latency.quantile(0.99))) ms at the agent; "
+                + r.statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", "))
+        }
+        try waitDrained(seconds: options.short ? 60 : 90)
+    }
+
+    func percent(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            if (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2E || b == 0x2D || b == 0x40 {
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            } else {
+                let hex = Array("0123456789ABCDEF")
+                out += "%" + String(hex[Int(b >> 4)]) + String(hex[Int(b & 15)])
+            }
+        }
+        return out
+    }
+
+    /// Waits until every agent's outbox and every target's queue is empty.
+    func waitDrained(seconds: Double) throws {
+        let deadline = monotonicMicros() + UInt64(seconds * 1_000_000)
+        usleep(100_000)
+        while monotonicMicros() < deadline {
+            try checkInterrupt()
+            monitor(force: true)
+            let m = sample()
+            let outboxes = agents.map { m["\($0.domain) scim_edge_outbox_events"] ?? 1 }.reduce(0, +)
+            let queues = targets.map { m["broker scim_broker_target_queue_depth{target=\"\($0.name)\"}"] ?? 1 }.reduce(0, +)
+            let pending = m["broker scim_broker_pending_batches"] ?? 1
+            if outboxes == 0 && queues == 0 && pending == 0 { drainedMetrics = m; return }
+            usleep(200_000)
+        }
+        throw BenchError("the federation did not drain within \(Int(seconds)) s")
+    }
+
+    // MARK: the live view
+
+    /// Every metric of every hop, keyed "process metric{labels}".
+    func sample() -> [String: Double] {
+        var out: [String: Double] = [:]
+        var sources = agents.map { ($0.domain, $0.admin) }
+        sources.append(("broker", brokerAdmin))
+        for (name, port) in sources {
+            let r = httpGet(ServiceURL(tls: false, host: "127.0.0.1", port: port, path: ""), "/metrics", timeoutMilliseconds: 2000)
+            guard r.status == 200 else { continue }
+            for line in String(decoding: r.body, as: UTF8.self).split(separator: "\n") where !line.hasPrefix("#") {
+                guard let space = line.lastIndex(of: " "), let v = Double(line[line.index(after: space)...]) else { continue }
+                out["\(name) \(line[..<space])"] = v
+            }
+        }
+        return out
+    }
+
+    func monitor(force: Bool = false) {
+        let now = monotonicMicros()
+        guard force || now - lastSample >= 500_000 else { return }
+        let elapsed = Double(now - lastSample) / 1e6
+        lastSample = now
+        let m = sample()
+        func rate(_ key: String) -> String {
+            let v = m[key] ?? 0
+            defer { previous[key] = v }
+            guard let p = previous[key], elapsed > 0, elapsed < 30 else { return "-" }
+            return fixed(max(0, v - p) / elapsed, 0)
+        }
+        var lines: [String] = []
+        for a in agents {
+            let k = "\(a.domain) scim_edge_"
+            lines.append(pad(a.domain, 14) + " outbox " + pad(int(m[k + "outbox_events"]), 6) + " relayed " + pad(int(m[k + "relay_events_acknowledged_total"]), 7)
+                         + " (" + pad(rate(k + "relay_events_acknowledged_total"), 5) + "/s)  window " + pad(int(m[k + "relay_window"]), 3)
+                         + "  lag " + fixed(m[k + "outbox_oldest_age_seconds"] ?? 0, 1) + " s  relay errors " + int(m[k + "relay_errors_total"])
+                         + "  IdP 503s " + int(m[k + "backpressure_rejections_total"]))
+        }
+        let b = "broker scim_broker_"
+        lines.append(pad("broker", 14) + " applied " + pad(int(m[b + "events_applied_total"]), 7) + " (" + pad(rate(b + "events_applied_total"), 5)
+                     + "/s)  pending " + int(m[b + "pending_batches"]) + "  agent → broker p99 "
+                     + fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
+        for t in targets {
+            let l = "{target=\"\(t.name)\"}"
+            lines.append(pad("  → " + t.name, 14) + " queued " + pad(int(m[b + "target_queue_depth" + l]), 6) + " delivered "
+                         + pad(int(m[b + "target_delivered_total" + l]), 7) + " (" + pad(rate(b + "target_delivered_total" + l), 5) + "/s)"
+                         + "  dead letters " + int(m[b + "target_dead_letters_total" + l]) + "  retries " + int(m[b + "target_retries_total" + l])
+                         + "  agent → target p99 " + fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
+        }
+        if options.live {
+            var text = viewLines > 0 ? "\u{1B}[\(viewLines)A" : ""
+            for l in lines { text += "\u{1B}[K" + l + "\n" }
+            emitRaw(text)
+            viewLines = lines.count
+        } else if now - lastPlain >= 2_000_000 {
+            lastPlain = now
+            var parts = agents.map { "\($0.domain) outbox \(int(m["\($0.domain) scim_edge_outbox_events"]))" }
+            parts.append("broker applied \(int(m[b + "events_applied_total"])) pending \(int(m[b + "pending_batches"]))")
+            for t in targets {
+                let l = "{target=\"\(t.name)\"}"
+                parts.append("\(t.name) queued \(int(m[b + "target_queue_depth" + l])) delivered \(int(m[b + "target_delivered_total" + l]))"
+                             + " dead \(int(m[b + "target_dead_letters_total" + l]))")
+            }
+            emitRaw("  [\(fixed(Double(now - started) / 1e6, 1)) s] " + parts.joined(separator: " | ") + "\n")
+        }
+    }
+
+    func int(_ v: Double?) -> String { String(Int(v ?? 0)) }
+    func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+
+    func say(_ line: String) {
+        if options.live && viewLines > 0 {
+            emitRaw("\u{1B}[\(viewLines)A\u{1B}[J" + line + "\n")
+            viewLines = 0
+            monitor(force: true)
+        } else {
+            emitRaw(line + "\n")
+        }
+    }
+
+    func emitRaw(_ text: String) { options.output(text) }
+
+    // MARK: verification
+
+    func list(_ url: ServiceURL, _ token: String, _ endpoint: String) throws -> [JSONObject] {
+        var out: [JSONObject] = []
+        var start = 1
+        while true {
+            let r = httpGet(url, "\(endpoint)?startIndex=\(start)&count=500", headers: ["Authorization": "Bearer \(token)"], timeoutMilliseconds: 30_000)
+            guard r.status == 200, let page = try? JSONParser.parse(r.body) else {
+                throw BenchError("GET \(endpoint) at \(url.host):\(url.port) answered \(r.status)")
+            }
+            let resources = page["Resources"]?.arrayValue?.compactMap(\.objectValue) ?? []
+            out += resources
+            start += resources.count
+            if resources.isEmpty || start > Int(page["totalResults"]?.numberValue?.integer ?? 0) { return out }
+        }
+    }
+
+    func check(_ ok: Bool, _ text: String) {
+        results.append((ok, text))
+        say((ok ? "  ✔ " : "  ✘ ") + text)
+    }
+
+    func report() -> Bool {
+        if options.live && viewLines > 0 { monitor(force: true); emitRaw("\n"); viewLines = 0 }
+        say("▶ verification")
+        do {
+            // What should have left each domain: everything at hq and subsidiary-eu, the partner's contractors.
+            var expected: [String: JSONObject] = [:]
+            for a in agents {
+                for u in try list(agentURL(a.domain), idpToken, "/Users") {
+                    guard let name = u["userName"]?.stringValue else { continue }
+                    if a.domain == "partner" && u["userType"]?.stringValue != "Contractor" { continue }
+                    expected[name] = u
+                }
+            }
+            let euLocal = try list(agentURL("subsidiary-eu"), idpToken, "/Users").filter { $0["phoneNumbers"] != nil && $0["addresses"] != nil }
+            check(euLocal.count == 4, "subsidiary-eu still holds its users' phones and addresses locally (\(euLocal.count) of 4)")
+            let api = ServiceURL(tls: false, host: "127.0.0.1", port: brokerAPI, path: "/scim/v2")
+            var holders: [(String, [JSONObject], [JSONObject])] = [("broker", try list(api, apiToken, "/Users"), try list(api, apiToken, "/Groups"))]
+            for t in targets { holders.append((t.name, try list(t.url, t.token, "/Users"), try list(t.url, t.token, "/Groups"))) }
+            for (name, users, groups) in holders {
+                let names = users.compactMap { $0["userName"]?.stringValue }
+                let unique = Set(names)
+                check(names.count == unique.count && unique == Set(expected.keys),
+                      "\(name): every user that should be there is there exactly once (\(unique.count) of \(expected.count), \(names.count - unique.count) duplicates"
+                      + (unique == Set(expected.keys) ? ")" : "; missing \(Set(expected.keys).subtracting(unique).sorted().prefix(3)), extra \(unique.subtracting(expected.keys).sorted().prefix(3)))"))
+                let byName = Dictionary(users.compactMap { u in u["userName"]?.stringValue.map { ($0, u) } }, uniquingKeysWith: { a, _ in a })
+                let eu = users.filter { $0["userName"]?.stringValue?.hasSuffix("@eu.example") == true }
+                check(!eu.isEmpty && eu.allSatisfy { $0["phoneNumbers"] == nil && $0["addresses"] == nil },
+                      "\(name): subsidiary-eu's phones and addresses never arrived (keep-local)")
+                check(byName["alice@hq.example"]?["phoneNumbers"] != nil, "\(name): hq's phones did (they propagate)")
+                check(byName["ravi@partner.example"]?["active"] == .bool(false), "\(name): the deactivated contractor is inactive")
+                check(byName["quinn@partner.example"] == nil && byName["sam@partner.example"] == nil,
+                      "\(name): the partner's employees (out of scope) are absent")
+                check(byName["bob@hq.example"]?["title"] == "Engineering Manager" && byName["greta@eu.example"]?["title"] == "Senior Analyst",
+                      "\(name): updates arrived")
+                let idToName = Dictionary(users.compactMap { u in u["id"]?.stringValue.flatMap { id in u["userName"]?.stringValue.map { (id, $0) } } },
+                                          uniquingKeysWith: { a, _ in a })
+                func members(_ g: String) -> Set<String> {
+                    Set(groups.first { $0["displayName"]?.stringValue == g }?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue.flatMap { idToName[$0] } } ?? [])
+                }
+                check(groups.count == 2 && members("engineering") == ["alice@hq.example", "bob@hq.example", "dan@hq.example"]
+                      && members("eu-staff") == ["franz@eu.example", "greta@eu.example"], "\(name): groups and their members are right")
+            }
+            var m = sample()
+            for t in targets {
+                let dead = m["broker scim_broker_target_dead_letters_total{target=\"\(t.name)\"}"] ?? -1
+                check(dead == 0, "\(t.name): no change refused (dead letters \(Int(dead)))")
+            }
+            m = drainedMetrics
+            say("▶ latencies (the last 10 s before the federation drained, burst included: changes queued behind it wait)")
+            say("  deactivation, IdP request → visible at the app: \(fixed(deactivationMs, 1)) ms")
+            let b = "broker scim_broker_"
+            say("  agent acceptance → broker commit: p50 \(fixed((m[b + "propagation_seconds{quantile=\"0.5\"}"] ?? 0) * 1000, 1)) ms, "
+                + "p99 \(fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1)) ms")
+            for t in targets {
+                let q = { (x: String) in fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"\(x)\"}"] ?? 0) * 1000, 1) }
+                say("  agent acceptance → \(t.name)'s answer: p50 \(q("0.5")) ms, p99 \(q("0.99")) ms")
+            }
+        } catch {
+            check(false, "verification could not complete: \(error)")
+        }
+        let failed = results.filter { !$0.ok }.count
+        say(failed == 0 ? "sandbox: all \(results.count) checks passed in \(fixed(Double(monotonicMicros() - started) / 1e6, 1)) s"
+                        : "sandbox: \(failed) of \(results.count) checks FAILED")
+        return failed == 0
+    }
+}

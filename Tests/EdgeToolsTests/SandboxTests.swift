@@ -1,0 +1,33 @@
+import EdgeTestSupport
+import Foundation
+import XCTest
+
+/// `scim-edge sandbox --short`: the whole federation (real processes, real
+/// mutual TLS, real LMDB files, scim2-server as a target) and its own
+/// verification, as `make demo` runs it with a larger burst.
+final class SandboxTests: XCTestCase {
+    func testShortSandboxPassesItsVerificationAndCleansUp() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let reference = root + "/.venv/bin/scim2-server"
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: reference), "make venv installs scim2-server")
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--short", "--plain", "--reference", reference])
+        let status = c.waitForExit(seconds: 180)
+        let out = c.output
+        XCTAssertEqual(status, 0, out.joined(separator: "\n"))
+        XCTAssertTrue(out.last?.hasPrefix("sandbox: all ") ?? false, out.joined(separator: "\n"))
+        XCTAssertFalse(out.contains { $0.contains("✘") })
+        for holder in ["broker", "app", "reference"] {
+            XCTAssertTrue(out.contains("  ✔ \(holder): every user that should be there is there exactly once (211 of 211, 0 duplicates)"),
+                          "\(holder): \(out.joined(separator: "\n"))")
+        }
+        XCTAssertTrue(out.contains { $0.hasPrefix("  inactive at the app after ") })
+        XCTAssertTrue(out.contains { $0.hasPrefix("  agent acceptance → app's answer: p50 ") })
+        // Nothing left behind.
+        let first = try XCTUnwrap(out.first)
+        let dir = String(try XCTUnwrap(first.split(separator: " ").last))
+        XCTAssertTrue(dir.hasPrefix("/tmp/scim-edge-sandbox."))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir), "the sandbox removes its files")
+        let leftover = try ChildProcess("/usr/bin/pgrep", ["-f", dir])
+        XCTAssertEqual(leftover.waitForExit(), 1, "no process of the sandbox is left")
+    }
+}
