@@ -442,6 +442,27 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(Set(external), expected, "every account carries its broker id")
         XCTAssertEqual(external.count, users + groupCount)
     }
+
+    /// `scim-edge bench --e2e-metrics`: load at an agent, propagation read
+    /// from the broker afterwards (agent → broker and → each target).
+    func testBenchEndToEndModeReportsPropagation() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let line = try XCTUnwrap(broker.waitForLine("operations at"))
+        let metricsURL = String(line.split(separator: " ").last!)
+        let c = try ChildProcess(productsDirectory + "/scim-edge", [
+            "bench", "--url", "http://127.0.0.1:\(dp)/scim/v2", "--token", "t", "--requests", "300", "--connections", "8",
+            "--json", "--quiet", "--e2e-metrics", metricsURL, "--settle", "1.5"])
+        XCTAssertEqual(c.waitForExit(seconds: 60), 0, "\(c.output)")
+        let r = try JSONParser.parse(Array(c.output.joined(separator: "\n").utf8))
+        XCTAssertEqual(r["status"]?["201"], 300)
+        let p = try XCTUnwrap(r["propagationMs"]?.objectValue, "\(r)")
+        XCTAssertNotNil(p["propagation{quantile=\"0.99\"}"], "\(p)")
+        let target = try XCTUnwrap(p["target_propagation{target=\"app\",quantile=\"0.99\"}"]?.numberValue?.double, "\(p)")
+        XCTAssertGreaterThan(target, 0)
+        XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 300, "everything reached the target")
+    }
 }
 
 /// Forwards one request to 127.0.0.1:`port` over a blocking connection (test proxy).
