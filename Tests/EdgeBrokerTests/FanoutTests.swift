@@ -196,8 +196,10 @@ final class FanoutTests: FederationTestCase {
         let (_, appPort) = try startAppAgent("app")
         let log = Locked<[(Double, Int)]>([])  // (time, status) of every write the proxy saw
         let throttle = Locked(3)
+        let traceparents = Locked<[String]>([])
         let proxy = try ServerHarness { request, _, responder in
             let now = Date().timeIntervalSince1970
+            if request.method == "POST", let t = request.headers["traceparent"] { traceparents.withLock { $0.append(t) } }
             if request.method != "GET", throttle.withLock({ n in n -= 1; return n >= 0 }) {
                 log.withLock { $0.append((now, 429)) }
                 responder.respond(HTTPResponse(status: 429, headers: ["Retry-After": "1", "Content-Type": "application/scim+json"],
@@ -222,6 +224,19 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(early.isEmpty, "requests during the Retry-After: \(seen)")
         XCTAssertTrue(seen.contains { $0.0 - first >= 0.9 }, "\(seen)")
         XCTAssertEqual(seen.filter { $0.1 == 201 }.count, 5, "each user created once: \(seen)")
+        // W3C trace context: the IdP request's trace id reaches the target.
+        let traces = traceparents.current
+        XCTAssertEqual(traces.count, 8, "every POST carries a traceparent")
+        for t in traces {
+            let parts = t.split(separator: "-")
+            XCTAssertEqual(parts.count, 4, t)
+            XCTAssertEqual(parts.first, "00")
+            XCTAssertEqual(parts[1].count, 32)
+            XCTAssertEqual(parts[2].count, 16)
+        }
+        let store = try BrokerStore(path: dir.file("broker"))
+        let sourceTraces = Set(try store.resources(domain: "acme-de").compactMap { $0[BrokerStore.sourceExtension]?["trace"]?.stringValue })
+        XCTAssertEqual(Set(traces.map { String($0.split(separator: "-")[1]) }), sourceTraces, "the agent's trace ids, unchanged")
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_throttled_total{target="app"}"#), 3, metrics)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="4xx"}"#), 3, metrics)
