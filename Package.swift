@@ -72,7 +72,7 @@ let package = Package(
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "SCIM", "EdgeTestSupport"],
+        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),

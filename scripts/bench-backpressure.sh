@@ -27,10 +27,7 @@ start_broker() {
   broker=$!; pids+=($broker)
 }
 start_broker
-"$bin/scim-edge" serve --data-dir "$work/agent" --listen "127.0.0.1:$ap" --token t --admin-listen "127.0.0.1:$aa" \
-  --broker "https://127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/de.crt" --key "$work/de.key" --domain de \
-  --outbox-max-events "$OUTBOX" >"$work/agent.log" 2>&1 &
-pids+=($!)
+start_relay_agent agent "$ap" "127.0.0.1:$aa" "$bp" --outbox-max-events "$OUTBOX"
 sleep 1
 
 "$bin/scim-edge" bench --url "http://127.0.0.1:$ap/scim/v2" --token t --rate "$RATE" --duration "$DURATION" --connections 32 \

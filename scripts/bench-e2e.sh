@@ -18,10 +18,7 @@ bp=$(free_port); mp=$(free_port); ap=$(free_port)
 "$bin/scim-broker" serve --data-dir "$work/broker" --listen "127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/broker.crt" \
   --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen "127.0.0.1:$mp" >"$work/broker.log" 2>&1 &
 broker=$!; pids+=($broker)
-"$bin/scim-edge" serve --data-dir "$work/agent" --listen "127.0.0.1:$ap" --token t --admin-listen none \
-  --broker "https://127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/de.crt" --key "$work/de.key" --domain de \
-  >"$work/agent.log" 2>&1 &
-agent=$!; pids+=($agent)
+start_relay_agent agent "$ap" none "$bp"
 sleep 1
 
 cat >"$work/post.lua" <<'LUA'

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fan-out end to end (issue #6): IdP POSTs → agent (durable) → relay over
 # mutual TLS → broker (durable apply + queue) → target (a standalone
-# scim-edge agent, over SCIM). POSTs paced at RATE changes/s for DURATION s;
+# scim-edge agent, over SCIM). POSTs paced at RATE changes/s for DURATION s (`scim-edge bench`, open loop);
 # propagation quantiles (agent acceptance → the target's 2xx, last 10 s) from
 # the broker's /metrics. Then deactivation latency on its own: a user set
 # active=false at the IdP, timed until the target shows it (SAMPLES times).
@@ -37,28 +37,12 @@ targets:
 YAML
 "$bin/scim-broker" serve --config "$work/broker.yaml" >"$work/broker.log" 2>&1 &
 broker=$!; pids+=($broker)
-"$bin/scim-edge" serve --data-dir "$work/agent" --listen "127.0.0.1:$ap" --token t --admin-listen none \
-  --broker "https://127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/de.crt" --key "$work/de.key" --domain de \
-  >"$work/agent.log" 2>&1 &
-agent=$!; pids+=($agent)
+start_relay_agent agent "$ap" none "$bp"
 sleep 1
 
-cat >"$work/post.lua" <<'LUA'
-local counter = 0
-request = function()
-  counter = counter + 1
-  local body = '{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"fan-' .. counter ..
-    '","name":{"givenName":"Fan","familyName":"Out"},"emails":[{"value":"f' .. counter .. '@example.com","type":"work"}],"active":true}'
-  return wrk.format("POST", nil, nil, body)
-end
-local rate = tonumber(os.getenv("RATE") or "0")
-local conns = tonumber(os.getenv("CONNS") or "16")
-if rate > 0 then function delay() return conns * 1000 / rate end end
-LUA
-
-RATE=$RATE CONNS=$CONNECTIONS wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "Authorization: Bearer t" \
-  -H "Content-Type: application/scim+json" -s "$work/post.lua" "http://127.0.0.1:$ap/scim/v2/Users" >"$work/load.txt" 2>&1 || true
-achieved=$(awk '/Requests\/sec:/ {printf "%d", $2}' "$work/load.txt")
+"$bin/scim-edge" bench --url "http://127.0.0.1:$ap/scim/v2" --token t --rate "$RATE" --duration "$DURATION" \
+  --connections "$CONNECTIONS" --json --quiet >"$work/load.json"
+achieved=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["throughput"]))' "$work/load.json")
 sleep 1.5
 read -r p50 p99 n <<<"$(curl -s "http://127.0.0.1:$mp/metrics" | awk '
   /^scim_broker_target_propagation_seconds\{target="app",quantile="0.5"\}/ {a=$2}

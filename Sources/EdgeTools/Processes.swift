@@ -1,3 +1,4 @@
+import EdgeConfig
 import Glibc
 
 /// A child process whose output goes to a log file (for the sandbox).
@@ -75,18 +76,7 @@ public final class ServiceProcess {
     }
 }
 
-func readText(_ path: String) throws -> String {
-    guard let f = fopen(path, "rb") else { throw BenchError("cannot read \(path)") }
-    defer { fclose(f) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = fread(&buf, 1, buf.count, f)
-        if n > 0 { out.append(contentsOf: buf[0..<n]) }
-        if n < buf.count { break }
-    }
-    return String(decoding: out, as: UTF8.self)
-}
+func readText(_ path: String) throws -> String { String(decoding: try readFileBytes(path), as: UTF8.self) }
 
 func writeText(_ path: String, _ text: String, mode: mode_t = 0o640) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, mode)
@@ -98,7 +88,7 @@ func writeText(_ path: String, _ text: String, mode: mode_t = 0o640) throws {
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
-func freeLoopbackPort() -> Int {
+public func freeLoopbackPort() -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var a = sockaddr_in()

@@ -1,6 +1,7 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeTLS
+import EdgeTools
 import EdgeTestSupport
 import Foundation
 import SCIM
@@ -120,26 +121,13 @@ class FederationTestCase: XCTestCase {
         guard FileManager.default.isExecutableFile(atPath: exe) else {
             throw HarnessError("scim2-server is not installed at \(exe): run `make venv` (make test does)")
         }
-        let p = port ?? freePort()
+        let p = port ?? freeLoopbackPort()
         let child = try ChildProcess("/usr/bin/env", ["PYTHONUNBUFFERED=1", exe, "--port", String(p), "--bearer-token", "ref-token"])
         children.append(child)
         XCTAssertTrue(eventually(seconds: 20) { (try? scim(p, "GET", "/ServiceProviderConfig", token: "ref-token", prefix: "").0) == 200 },
                       "scim2-server did not start")
         return (child, p)
     }
-}
-
-/// A free loopback port (bound, then released).
-func freePort() -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var a = sockaddr_in()
-    a.sin_family = sa_family_t(AF_INET)
-    a.sin_addr.s_addr = inet_addr("127.0.0.1")
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
-    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-    return Int(UInt16(bigEndian: a.sin_port))
 }
 
 /// One SCIM request over a fresh connection: status and parsed body.
