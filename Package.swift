@@ -74,7 +74,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

@@ -83,6 +83,7 @@ public struct BenchReport: Sendable {
     /// Broker propagation quantiles read after the run (`--e2e-metrics`), name → value.
     public var propagation: [(String, Double)] = []
 
+    /// Requests answered (any status); failures without an answer are in `errors`.
     public var completed: Int { Int(latency.count) }
     public var throughput: Double { duration > 0 ? Double(completed) / duration : 0 }
     public var errorCount: Int { errors.values.reduce(0, +) }
@@ -199,6 +200,11 @@ public final class Bench {
                 if backlog.count > 1_000_000 { report.errors["more than 1,000,000 requests behind schedule", default: 0] += 1; done(); return }
             }
         }
+        if options.rate == nil {
+            while budgetLeft, let c = idle.popLast() { launch(on: c, intended: now) }
+        } else {
+            while !backlog.isEmpty, let c = idle.popLast() { send(on: c, intended: backlog.removeFirst()) }
+        }
         rollSeconds(now)
         if now - lastProgress >= 1_000_000 {
             lastProgress = now
@@ -231,22 +237,28 @@ public final class Bench {
     private func send(on c: Int, intended: UInt64) {
         let op = weights.isEmpty ? .post : weights[Int.random(in: 0..<weights.count, using: &rng)]
         clients[c].send(request(op)) { [self] result in
+            guard !finished else { return }
             let now = monotonicMicros()
             let micros = now > intended ? now - intended : 0
             switch result {
             case .success(let r):
                 report.statuses[r.status, default: 0] += 1
                 if op == .post { noteCreated(r) }
+                // Latencies are of answered requests; failures are counted apart.
+                report.latency.record(micros)
+                report.byOperation[op.rawValue, default: LatencyHistogram()].record(micros)
+                second.record(micros)
+                recent.record(micros)
+                secondCompleted += 1
             case .failure(let e):
                 report.errors["\(e)", default: 0] += 1
             }
-            report.latency.record(micros)
-            report.byOperation[op.rawValue, default: LatencyHistogram()].record(micros)
-            second.record(micros)
-            recent.record(micros)
-            secondCompleted += 1
             // Next: the open loop's backlog first, else (closed loop) a new request.
-            if let next = backlog.first {
+            // After a failure the connection waits for the next tick: a client
+            // that fails at once (closed, refused) must not recurse here.
+            if case .failure = result {
+                idle.append(c)
+            } else if let next = backlog.first {
                 backlog.removeFirst()
                 send(on: c, intended: next)
             } else if options.rate == nil, launch(on: c, intended: now) {

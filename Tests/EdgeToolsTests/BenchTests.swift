@@ -1,6 +1,7 @@
 @testable import EdgeTools
 import EdgeTestSupport
 import Foundation
+import EdgeHTTP
 import SCIM
 import XCTest
 
@@ -114,5 +115,32 @@ final class BenchCommandTests: XCTestCase {
         XCTAssertNotEqual(c.waitForExit(), 0)
         let m = try ChildProcess(productsDirectory + "/scim-edge", ["bench", "--url", "http://127.0.0.1:\(port)", "--mix", "post=1,delete=2"])
         XCTAssertNotEqual(m.waitForExit(), 0)
+    }
+}
+
+/// `scim-edge bench` over TLS with a client certificate (mutual TLS).
+final class BenchTLSTests: XCTestCase {
+    func testBenchPresentsItsClientCertificate() throws {
+        let dir = TempDirectory("edge-bench-tls")
+        defer { dir.remove() }
+        let pki = try TestPKI(in: dir)
+        let peers = Locked<Set<String>>([])
+        let server = try ServerHarness(tls: pki.serverConfig(crl: false, requireClient: true)) { request, context, responder in
+            peers.withLock { $0.formUnion(context.peerIdentity?.names ?? []) }
+            responder.respond(HTTPResponse(status: 201, headers: ["Content-Type": "application/scim+json"], body: Array(#"{"id":"1"}"#.utf8)))
+        }
+        defer { _ = server.stop() }
+        let c = try ChildProcess(productsDirectory + "/scim-edge", [
+            "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "50", "--connections", "2", "--json", "--quiet",
+            "--ca", pki.caFile, "--cert", pki.clientCert, "--key", pki.clientKey])
+        XCTAssertEqual(c.waitForExit(seconds: 30), 0)
+        let r = try JSONParser.parse(Array(c.output.joined(separator: "\n").utf8))
+        XCTAssertEqual(r["status"]?["201"], 50)
+        XCTAssertTrue(peers.current.contains(pki.clientURI))
+        // Without the client certificate the handshake fails: errors, not responses.
+        let refused = try ChildProcess(productsDirectory + "/scim-edge", [
+            "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "5", "--connections", "1", "--json", "--quiet",
+            "--ca", pki.caFile])
+        XCTAssertNotEqual(refused.waitForExit(seconds: 30), 0, "no request completed")
     }
 }

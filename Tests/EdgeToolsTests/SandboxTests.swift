@@ -30,4 +30,18 @@ final class SandboxTests: XCTestCase {
         let leftover = try ChildProcess("/usr/bin/pgrep", ["-f", dir])
         XCTAssertEqual(leftover.waitForExit(), 1, "no process of the sandbox is left")
     }
+
+    /// Ctrl-C: every process stops and the directory goes; exit status 130.
+    func testInterruptStopsEverythingAndCleansUp() throws {
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--burst", "100000"])
+        XCTAssertNotNil(c.waitForLine("▶ load burst", seconds: 60), "\(c.output)")
+        let dir = String(try XCTUnwrap(c.output.first?.split(separator: " ").last))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir))
+        c.signal(SIGINT)
+        XCTAssertEqual(c.waitForExit(seconds: 30), 130, "\(c.output)")
+        XCTAssertTrue(c.output.contains("interrupted: stopping the sandbox"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir))
+        let leftover = try ChildProcess("/usr/bin/pgrep", ["-f", dir])
+        XCTAssertEqual(leftover.waitForExit(), 1, "no process of the sandbox is left")
+    }
 }
