@@ -88,6 +88,8 @@ public final class Relay {
     private var window = 1
     private var bestRTT = Double.infinity
     private var scheduled = false
+    /// When the scheduled send fires (monotonic ns).
+    private var scheduledFor: UInt64 = 0
     private var failures = 0
     private var stopped = false
     public private(set) var statistics = RelayStatistics()
@@ -124,12 +126,17 @@ public final class Relay {
 
     public func kick() {
         guard inFlight < window, !stopped, !backingOff else { return }
+        // A send due within the linger stays as it is: under a steady stream of
+        // commits, restarting the timer at each one would postpone it forever.
+        let due = monotonicNanoseconds() + configuration.lingerMilliseconds * 1_000_000
+        if scheduled && scheduledFor <= due { return }
         schedule(after: configuration.lingerMilliseconds)  // replaces a pending idle poll
     }
 
     private func schedule(after milliseconds: UInt64) {
         guard let timer, !stopped else { return }
         scheduled = true
+        scheduledFor = monotonicNanoseconds() + milliseconds * 1_000_000
         timer.start(after: milliseconds) { [unowned self] in
             scheduled = false
             sendNext()
