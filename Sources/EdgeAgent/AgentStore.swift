@@ -163,10 +163,20 @@ public final class AgentStore: Sendable {
 
     /// Outbox entries after `sequence`, at most `limit`.
     public func outboxEntries(after sequence: UInt64, limit: Int) throws -> [(UInt64, JSON)] {
+        try rawOutboxEntries(after: sequence, limit: limit, maxBytes: .max).map { ($0.0, try JSONParser.parse($0.1)) }
+    }
+
+    /// Outbox events as stored (serialised JSON), in sequence order, up to
+    /// `limit` events and about `maxBytes` (at least one event): the relay
+    /// sends them as they are, without parsing them again.
+    public func rawOutboxEntries(after sequence: UInt64, limit: Int, maxBytes: Int) throws -> [(UInt64, [UInt8])] {
         try environment.read { txn in
-            var out: [(UInt64, JSON)] = []
+            var out: [(UInt64, [UInt8])] = []
+            var bytes = 0
             try txn.scan(outbox, from: (sequence &+ 1).bigEndianBytes) { k, v in
-                out.append((UInt64(bigEndianBytes: k)!, try JSONParser.parse(v)))
+                if !out.isEmpty && bytes + v.count > maxBytes { return false }
+                out.append((UInt64(bigEndianBytes: k)!, v))
+                bytes += v.count
                 return out.count < limit
             }
             return out

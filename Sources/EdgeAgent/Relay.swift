@@ -149,9 +149,10 @@ public final class Relay {
     /// Fills the window with batches after `sentThrough`.
     private func sendNext() {
         while inFlight < window, !stopped {
-            let entries: [(UInt64, JSON)]
+            let entries: [(UInt64, [UInt8])]
             do {
-                entries = try store.outboxEntries(after: sentThrough, limit: configuration.maxEventsPerBatch)
+                entries = try store.rawOutboxEntries(after: sentThrough, limit: configuration.maxEventsPerBatch,
+                                                     maxBytes: configuration.maxBytesPerBatch)
             } catch {
                 fail("cannot read the outbox: \(error)", retryAfter: nil)
                 return
@@ -160,27 +161,26 @@ public final class Relay {
                 if inFlight == 0 { idle() }
                 return
             }
-            var events: [JSON] = []
-            var bytes = 0
-            for (_, e) in entries {
-                let size = e.serialized().count
-                if !events.isEmpty && bytes + size > configuration.maxBytesPerBatch { break }
-                events.append(e)
-                bytes += size
+            let first = entries[0].0, last = entries[entries.count - 1].0
+            // The batch is assembled from the stored events' bytes (they are JSON already).
+            var body = JSON.object(["agent": .string(configuration.agentName), "domain": .string(configuration.domain),
+                                    "firstSeq": .number(JSONNumber(integer: Int64(first))),
+                                    "lastSeq": .number(JSONNumber(integer: Int64(last)))]).serialized()
+            body.removeLast()  // the closing brace
+            body.reserveCapacity(body.count + entries.reduce(16) { $0 + $1.1.count + 1 })
+            body.append(contentsOf: Array(#","events":["#.utf8))
+            for (i, e) in entries.enumerated() {
+                if i > 0 { body.append(UInt8(ascii: ",")) }
+                body.append(contentsOf: e.1)
             }
-            let first = entries[0].0, last = entries[events.count - 1].0
-            let batch: JSON = [
-                "agent": .string(configuration.agentName), "domain": .string(configuration.domain),
-                "firstSeq": .number(JSONNumber(integer: Int64(first))), "lastSeq": .number(JSONNumber(integer: Int64(last))),
-                "events": .array(events),
-            ]
+            body.append(contentsOf: [UInt8(ascii: "]"), UInt8(ascii: "}")])
             inFlight += 1
             sentThrough = last
             statistics.batchesSent += 1
             let sentIn = generation
             let sentAt = monotonicNanoseconds()
             let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
-                                      headers: ["Content-Type": "application/json"], body: batch.serialized())
+                                      headers: ["Content-Type": "application/json"], body: body)
             client.send(request) { [weak self] result in
                 self?.recordRTT(Double(monotonicNanoseconds() - sentAt) / 1e9)
                 self?.answered(result, first: first, generation: sentIn)

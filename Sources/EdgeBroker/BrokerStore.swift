@@ -63,6 +63,19 @@ public final class BrokerStore: Sendable {
         }
     }
 
+    /// How many federated resources a domain has (keys only: cheap enough to poll).
+    public func resourceCount(domain: String) throws -> Int {
+        let resources = self.resources
+        return try environment.read { txn in
+            var n = 0
+            try txn.scan(resources, from: Array("\(domain)/".utf8), to: Array("\(domain)0".utf8)) { _, _ in
+                n += 1
+                return true
+            }
+            return n
+        }
+    }
+
     /// Agents known to the broker and their applied sequences.
     public func agentSequences() throws -> [(String, UInt64)] {
         let agents = self.agents

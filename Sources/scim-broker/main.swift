@@ -121,7 +121,7 @@ struct Status: ParsableCommand {
         let store = try BrokerStore(path: dataDir)
         for (agent, seq) in try store.agentSequences() {
             let domain = String(agent.split(separator: "/", maxSplits: 1).first ?? "")
-            emitLine("\(agent)\tapplied through \(seq)\t\(try store.resources(domain: domain).count) resources in \(domain)")
+            emitLine("\(agent)\tapplied through \(seq)\t\(try store.resourceCount(domain: domain)) resources in \(domain)")
         }
     }
 }
