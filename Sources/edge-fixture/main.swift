@@ -1,6 +1,7 @@
 // Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
 // HTTP server to compare with nginx. Not installed by the packages.
 import EdgeAgent
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -189,6 +190,16 @@ do {
             }
         } }
         emit("filled \(n)")
+    case "scim-loop":
+        // Profiling aid: parse + validate + serialise a JSON file N times (perf record this).
+        let bytes = try readFileBytes(args[1])
+        let registry = SchemaRegistry.standard
+        let validator = ResourceValidator(registry: registry, type: registry.resourceType("User")!)
+        var total = 0
+        for _ in 0..<(Int(args[2]) ?? 100_000) {
+            total &+= JSON.object(try validator.validateCreate(try JSONParser.parse(bytes))).serialized().count
+        }
+        print(total)
     case "http-serve":
         func opt(_ name: String) -> String? { args.firstIndex(of: name).flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil } }
         try httpServe(port: Int(opt("--port") ?? "0") ?? 0, cert: opt("--cert"), key: opt("--key"))
