@@ -68,9 +68,23 @@ kill -TERM $agent; wait $agent 2>/dev/null
 check "the data belongs to the service user" test "$(stat -c %U /var/lib/scim-edge/data.mdb)" = scim-edge
 echo "# edited here" >>/etc/scim-edge/agent.yaml
 
-# Upgrade to a newer build: data and the edited config stay.
+# Upgrade to a newer build: data and the edited config stay, and a running service restarts.
+# systemd is not PID 1 here: the maintainer scripts' calls are recorded by stand-ins on PATH, with
+# /run/systemd/system present as on a booted system.
 PKG_VERSION="${version}+upgrade1" bash scripts/deb.sh >/dev/null
-check "dpkg -i of a newer build upgrades" dpkg -i --force-confold "dist/scim-edge_${version}+upgrade1_${arch}.deb"
+mkdir -p "$work/bin"
+for tool in systemctl deb-systemd-invoke deb-systemd-helper; do
+  printf '#!/bin/sh\necho "%s $*" >>%s/calls.log\n' "$tool" "$work" >"$work/bin/$tool"; chmod +x "$work/bin/$tool"
+done
+fake_systemd=0; [ -d /run/systemd/system ] || { mkdir -p /run/systemd/system; fake_systemd=1; }
+check "dpkg -i of a newer build upgrades" env PATH="$work/bin:$PATH" dpkg -i --force-confold "dist/scim-edge_${version}+upgrade1_${arch}.deb"
+check "upgrade: the service is restarted (try-restart: only if it runs)" grep -qx "deb-systemd-invoke try-restart scim-edge.service" "$work/calls.log"
+check "upgrade: systemd reloads the units" grep -qx "systemctl --system daemon-reload" "$work/calls.log"
+check "upgrade: never a plain start" sh -c "! grep -q ' start ' '$work/calls.log'"
+: >"$work/calls.log"
+check "dpkg -r stops the service" env PATH="$work/bin:$PATH" dpkg -r scim-broker
+check "remove: stop was called" grep -qx "deb-systemd-invoke stop scim-broker.service" "$work/calls.log"
+[ $fake_systemd -eq 1 ] && rmdir /run/systemd/system 2>/dev/null; rmdir /run/systemd 2>/dev/null || true
 check "upgrade: package version" test "$(dpkg-query -W -f='${Version}' scim-edge)" = "${version}+upgrade1"
 check "upgrade: data kept" test -s /var/lib/scim-edge/data.mdb
 check "upgrade: edited config kept" grep -q "# edited here" /etc/scim-edge/agent.yaml
