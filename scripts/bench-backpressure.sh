@@ -4,7 +4,7 @@
 # and restarted at START_AT s. The agent's outbox fills to its watermark
 # (OUTBOX events), the IdP then gets 503 + Retry-After, and everything drains
 # once the broker is back. Samples the agent every 0.25 s; writes
-# docs/backpressure.svg (accepted writes/s, 503s/s, outbox depth) and a
+# docs/backpressure.svg (IdP requests/s, accepted writes/s, 503s/s, outbox depth) and a
 # summary to docs/bench-backpressure.md (OUT), and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,10 +85,11 @@ for k in range(0, 5):
     d = dmax * k / 4; out.append('<text x="%d" y="%.1f">%d</text>' % (W - P + 4, yd(d) + 4, d))
 for s in range(0, int(tmax) + 1, 2):
     out.append('<text x="%.1f" y="%.1f" text-anchor="middle">%d s</text>' % (x(s), yr(0) + 14, s))
+out.append(line([(p[0], p[1] + p[2]) for p in pts], yr, "#7f7f7f", "2 2"))
 out.append(line([(p[0], p[1]) for p in pts], yr, "#2ca02c"))
 out.append(line([(p[0], p[2]) for p in pts], yr, "#d62728"))
 out.append(line([(p[0], p[3]) for p in pts], yd, "#1f77b4", "4 2"))
-for i, (name, color) in enumerate([("accepted writes/s (left)", "#2ca02c"), ("503 Retry-After /s (left)", "#d62728"), ("outbox events (right)", "#1f77b4")]):
+for i, (name, color) in enumerate([("IdP requests/s (left)", "#7f7f7f"), ("accepted writes/s (left)", "#2ca02c"), ("503 Retry-After /s (left)", "#d62728"), ("outbox events (right)", "#1f77b4")]):
     out.append('<text x="%d" y="%d" fill="%s">%s</text>' % (W - P - 190, P // 2 + 14 + 14 * i, color, name))
 out.append("</svg>")
 open(svg_path, "w").write("\n".join(out) + "\n")
