@@ -83,7 +83,6 @@ print("%.1f %.1f %.1f" % (lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat)
 PY
 )"
 [ -n "$d50" ] || { tail -5 "$work"/*.log >&2; exit 1; }
-rss() { awk -v k="$2" '$1==k":" {print int($2/1024)}' "/proc/$1/status"; }
 {
   echo "### Fan-out end to end: IdP → agent → broker → target ($(date -u +%Y-%m-%d), $(nproc) cores)"
   echo

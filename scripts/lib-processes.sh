@@ -14,3 +14,16 @@ start_relay_agent() {
     "$@" >"$work/$name.log" 2>&1 &
   agent=$!; pids+=($agent)
 }
+# track_anon PID NAME: records the peak anonymous RSS (heap and stacks, MiB) of PID in $work/NAME.anon while it
+# runs; peak_anon NAME prints it. LMDB's mapped file pages are page cache, not counted here (see docs/benchmarks.md).
+track_anon() {
+  ( peak=0; while kill -0 "$1" 2>/dev/null; do
+      a=$(awk '$1=="RssAnon:" {print int($2/1024)}' "/proc/$1/status" 2>/dev/null || echo 0)
+      if [ "${a:-0}" -gt "$peak" ]; then peak=$a; echo "$peak" >"$work/$2.anon"; fi
+      sleep 0.2
+    done ) &
+  pids+=($!)
+}
+peak_anon() { cat "$work/$1.anon" 2>/dev/null || echo 0; }
+# rss PID FIELD: a /proc/PID/status field in MiB (VmHWM: peak resident, LMDB's mapped pages included).
+rss() { awk -v k="$2" '$1==k":" {print int($2/1024)}' "/proc/$1/status"; }
