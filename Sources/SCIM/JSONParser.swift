@@ -33,8 +33,6 @@ public struct JSONParser: ~Copyable {
     private var depth = 0
     /// Scratch stacks: members and elements of the containers being parsed,
     /// so each finished container is allocated once at its exact size.
-    private var memberStack: [(key: String, value: JSON)] = []
-    private var elementStack: [JSON] = []
 
     public static func parse(_ input: [UInt8], limits: JSONLimits = JSONLimits()) throws(JSONError) -> JSON {
         let result: Result<JSON, JSONError> = input.withUnsafeBufferPointer { buf in
@@ -119,15 +117,17 @@ public struct JSONParser: ~Copyable {
             depth -= 1
             return .object(JSONObject())
         }
-        let base = memberStack.count
+        // Members are collected in the object's own array (moved into the
+        // result, no copy): fewer retain/release pairs than a shared stack.
+        var members: [(key: String, value: JSON)] = []
+        members.reserveCapacity(8)
         while true {
             skipSpace()
             guard i < bytes.count, bytes[i] == UInt8(ascii: "\"") else { throw error("expected a member name in quotes") }
             let keyStart = i
             let key = try string()
-            for k in base..<memberStack.count {
-                let other = memberStack[k].key
-                if limits.rejectCaseInsensitiveDuplicates ? equalsIgnoringASCIICase(other, key) : sameUTF8(other, key) {
+            for m in members {
+                if limits.rejectCaseInsensitiveDuplicates ? equalsIgnoringASCIICase(m.key, key) : sameUTF8(m.key, key) {
                     throw error("duplicate member name \"\(key)\"", at: keyStart)
                 }
             }
@@ -136,8 +136,8 @@ public struct JSONParser: ~Copyable {
             i += 1
             skipSpace()
             let value = try value()
-            memberStack.append((key, value))
-            guard memberStack.count - base <= limits.maxContainerEntries else {
+            members.append((key, value))
+            guard members.count <= limits.maxContainerEntries else {
                 throw error("object with more than \(limits.maxContainerEntries) members")
             }
             skipSpace()
@@ -146,8 +146,6 @@ public struct JSONParser: ~Copyable {
             if bytes[i] == UInt8(ascii: "}") { i += 1; break }
             throw error("expected ',' or '}' in object")
         }
-        let members = Array(memberStack[base...])
-        memberStack.removeSubrange(base...)
         depth -= 1
         return .object(JSONObject(members))
     }
@@ -161,12 +159,13 @@ public struct JSONParser: ~Copyable {
             depth -= 1
             return .array([])
         }
-        let base = elementStack.count
+        var items: [JSON] = []
+        items.reserveCapacity(4)
         while true {
             skipSpace()
             let value = try value()
-            elementStack.append(value)
-            guard elementStack.count - base <= limits.maxContainerEntries else {
+            items.append(value)
+            guard items.count <= limits.maxContainerEntries else {
                 throw error("array with more than \(limits.maxContainerEntries) elements")
             }
             skipSpace()
@@ -175,8 +174,6 @@ public struct JSONParser: ~Copyable {
             if bytes[i] == UInt8(ascii: "]") { i += 1; break }
             throw error("expected ',' or ']' in array")
         }
-        let items = Array(elementStack[base...])
-        elementStack.removeSubrange(base...)
         depth -= 1
         return .array(items)
     }
@@ -401,25 +398,31 @@ private let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
 /// Writes `s` quoted, copying runs that need no escape in one go.
 func writeString(_ s: String, to out: inout [UInt8]) {
     out.append(UInt8(ascii: "\""))
-    var s = s
-    s.withUTF8 { bytes in
-        var run = 0
-        for i in 0..<bytes.count {
-            let c = bytes[i]
-            guard c == 0x22 || c == 0x5C || c < 0x20 else { continue }
-            out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run..<i]))
-            run = i + 1
-            switch c {
-            case 0x22: out.append(contentsOf: [0x5C, 0x22])
-            case 0x5C: out.append(contentsOf: [0x5C, 0x5C])
-            case 0x0A: out.append(contentsOf: [0x5C, UInt8(ascii: "n")])
-            case 0x0D: out.append(contentsOf: [0x5C, UInt8(ascii: "r")])
-            case 0x09: out.append(contentsOf: [0x5C, UInt8(ascii: "t")])
-            default:
-                out.append(contentsOf: [0x5C, UInt8(ascii: "u"), 48, 48, hexDigits[Int(c >> 4)], hexDigits[Int(c & 15)]])
-            }
-        }
-        out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run...]))
+    // Native strings are read in place (no uniqueness check, no copy); small
+    // and bridged ones through a contiguous copy.
+    if s.utf8.withContiguousStorageIfAvailable({ writeEscaped($0, to: &out) }) == nil {
+        var copy = s
+        copy.withUTF8 { writeEscaped($0, to: &out) }
     }
     out.append(UInt8(ascii: "\""))
+}
+
+private func writeEscaped(_ bytes: UnsafeBufferPointer<UInt8>, to out: inout [UInt8]) {
+    var run = 0
+    for i in 0..<bytes.count {
+        let c = bytes[i]
+        guard c == 0x22 || c == 0x5C || c < 0x20 else { continue }
+        out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run..<i]))
+        run = i + 1
+        switch c {
+        case 0x22: out.append(contentsOf: [0x5C, 0x22])
+        case 0x5C: out.append(contentsOf: [0x5C, 0x5C])
+        case 0x0A: out.append(contentsOf: [0x5C, UInt8(ascii: "n")])
+        case 0x0D: out.append(contentsOf: [0x5C, UInt8(ascii: "r")])
+        case 0x09: out.append(contentsOf: [0x5C, UInt8(ascii: "t")])
+        default:
+            out.append(contentsOf: [0x5C, UInt8(ascii: "u"), 48, 48, hexDigits[Int(c >> 4)], hexDigits[Int(c & 15)]])
+        }
+    }
+    out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run...]))
 }

@@ -33,6 +33,8 @@ public final class AttributeDefinition: Sendable {
     public let enforceCanonicalValues: Bool
     public let referenceTypes: [String]
     public let subAttributes: [AttributeDefinition]
+    /// The required sub-attributes (usually none), for validation's hot path.
+    let requiredSubAttributes: [AttributeDefinition]
 
     public init(_ name: String, _ type: AttributeType = .string, multiValued: Bool = false, description: String = "",
                 required: Bool = false, caseExact: Bool = false, mutability: Mutability = .readWrite,
@@ -52,6 +54,7 @@ public final class AttributeDefinition: Sendable {
         self.enforceCanonicalValues = enforceCanonicalValues
         self.referenceTypes = referenceTypes
         self.subAttributes = subAttributes
+        requiredSubAttributes = subAttributes.filter(\.required)
     }
 
     public func subAttribute(_ name: String) -> AttributeDefinition? { subAttributes.named(name) }
@@ -156,7 +159,11 @@ public final class Schema: Sendable {
         self.name = name
         self.description = description
         self.attributes = attributes
+        requiredInput = attributes.filter { $0.required && $0.mutability != .readOnly }
     }
+
+    /// Attributes a create or replace must carry.
+    let requiredInput: [AttributeDefinition]
 
     public func attribute(_ name: String) -> AttributeDefinition? { attributes.named(name) }
 

@@ -233,7 +233,7 @@ public struct ResourceValidator: Sendable {
                 if let checked { rebuilt?.appendUnique(sub.name, checked) }
             }
             let result = rebuilt ?? o
-            for sub in def.subAttributes where sub.required && result[sub.name] == nil {
+            for sub in def.requiredSubAttributes where result[sub.name] == nil {
                 throw .invalidValue("'\(path()).\(sub.name)' is required")
             }
             if result.isEmpty { changed = true; return nil }
@@ -244,14 +244,14 @@ public struct ResourceValidator: Sendable {
     }
 
     private func checkRequired(_ resource: JSONObject, core: Schema) throws(SCIMError) {
-        for def in core.attributes where def.required && def.mutability != .readOnly && resource[def.name] == nil {
+        for def in core.requiredInput where resource[def.name] == nil {
             throw .invalidValue("attribute '\(def.name)' is required")
         }
         for (schema, required) in extensions {
             let container = resource[schema.id]?.objectValue
             if required && container == nil { throw .invalidValue("extension \(schema.id) is required") }
             guard let container else { continue }
-            for def in schema.attributes where def.required && def.mutability != .readOnly && container[def.name] == nil {
+            for def in schema.requiredInput where container[def.name] == nil {
                 throw .invalidValue("attribute '\(schema.id):\(def.name)' is required")
             }
         }

@@ -196,7 +196,10 @@ do {
         let registry = SchemaRegistry.standard
         let validator = ResourceValidator(registry: registry, type: registry.resourceType("User")!)
         var total = 0
+        let parsed = try JSONParser.parse(bytes)
+        let validateOnly = args.contains("--validate")
         for _ in 0..<(Int(args[2]) ?? 100_000) {
+            if validateOnly { total &+= try validator.validateCreate(parsed).count; continue }
             total &+= JSON.object(try validator.validateCreate(try JSONParser.parse(bytes))).serialized().count
         }
         print(total)
