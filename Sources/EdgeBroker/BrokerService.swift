@@ -72,6 +72,11 @@ public final class BrokerService {
     public private(set) var adminServer: HTTPServer?
     /// One delivery worker per target.
     public private(set) var workers: [TargetWorker] = []
+    /// Keeps the trail bounded: a few thousand keys per second, in the background.
+    private var sweepTimer: LoopTimer?
+    private var sweepCursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
+    private var sweeping = false
+    private var nextSweepPass: UInt64 = 0
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -93,6 +98,8 @@ public final class BrokerService {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }
         for w in workers { try w.start() }
+        sweepTimer = try LoopTimer(loop: loop)
+        sweepTimer?.keepsLoopAlive = false
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
         limits.maxBodyBytes = max(limits.maxBodyBytes, 64 << 20)
@@ -114,6 +121,21 @@ public final class BrokerService {
             adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
                 weakSelf?.admin(request, responder)
             }
+        }
+        sweepTimer?.start(after: 1000, repeatEvery: 1000) { weakSelf?.sweepTrail() }
+    }
+
+    /// A pass walks both tables a step per second; after a whole pass the next
+    /// one starts a minute later (an idle broker does not commit every second).
+    func sweepTrail() {
+        guard !sweeping, loop.now >= nextSweepPass else { return }
+        sweeping = true
+        let store = self.store, cursors = sweepCursors
+        writer.submit({ txn in try store.sweepTrail(trailFrom: cursors.trail, tracesFrom: cursors.traces, limit: 5000, txn) }) { [self] r in
+            sweeping = false
+            guard case .success(let next) = r else { return }
+            sweepCursors = (next.trail, next.traces)
+            if next.trail == nil && next.traces == nil { nextSweepPass = loop.now + 60_000 }
         }
     }
 
@@ -221,6 +243,8 @@ public final class BrokerService {
     /// Stops both listeners after in-flight requests.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         let extra = [apiServer, adminServer].compactMap { $0 }
+        sweepTimer?.close()
+        sweepTimer = nil
         server.shutdown { [workers] in
             for w in workers { w.stop() }
             var remaining = extra.count

@@ -129,14 +129,14 @@ extension BrokerStore {
 
     /// Records one hop of a change in the resource's trail (and the trace
     /// id's index); hops older than `trailRetention` are pruned as it grows.
-    func recordHop(brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction) throws {
-        let now = unixMicroseconds()
+    func recordHop(brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction,
+                   now: Int64 = unixMicroseconds()) throws {
         var value = hop
         value["at"] = .number(JSONNumber(integer: now / 1000))
         value["trace"] = .string(trace)
         let name = hop["hop"]?.stringValue ?? ""
         try txn.put(trail, prefixed(brokerID, UInt64(now).bigEndianBytes + Array(name.utf8)), JSON.object(value).serialized())
-        if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), []) }
+        if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), UInt64(now).bigEndianBytes) }
         // Bounded: drop hops past the retention, oldest first.
         let cutoff = UInt64(now - BrokerStore.trailRetentionMicroseconds)
         var stale: [[UInt8]] = []
@@ -152,6 +152,40 @@ extension BrokerStore {
     /// Seven days of hops per resource.
     static let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
 
+    /// One step of the background sweep that keeps the trail bounded (hops of
+    /// resources that changed no more, deleted ones included, and their trace
+    /// index entries): looks at up to `limit` keys of each table from the
+    /// cursors, deletes what is past the retention, and returns where to go
+    /// on (nil: the table's end; the next sweep starts again from the top).
+    func sweepTrail(trailFrom: [UInt8]?, tracesFrom: [UInt8]?, limit: Int, now: Int64 = unixMicroseconds(),
+                    _ txn: borrowing WriteTransaction) throws -> (trail: [UInt8]?, traces: [UInt8]?, deleted: Int) {
+        let cutoff = UInt64(max(0, now - BrokerStore.trailRetentionMicroseconds))
+        var stale: [[UInt8]] = []
+        var seen = 0
+        var nextTrail: [UInt8]?
+        try txn.scan(trail, from: trailFrom) { k, _ in
+            seen += 1
+            if seen > limit { nextTrail = k; return false }
+            if let zero = k.firstIndex(of: 0), k.count >= zero + 9,
+               let t = UInt64(bigEndianBytes: Array(k[(zero + 1)...(zero + 8)])), t < cutoff { stale.append(k) }
+            return true
+        }
+        for k in stale { _ = try txn.delete(trail, k) }
+        var deleted = stale.count
+        stale.removeAll()
+        seen = 0
+        var nextTraces: [UInt8]?
+        try txn.scan(traces, from: tracesFrom) { k, v in
+            seen += 1
+            if seen > limit { nextTraces = k; return false }
+            if (UInt64(bigEndianBytes: v) ?? 0) < cutoff { stale.append(k) }
+            return true
+        }
+        for k in stale { _ = try txn.delete(traces, k) }
+        deleted += stale.count
+        return (nextTrail, nextTraces, deleted)
+    }
+
     /// The hops of a change: for a broker id, or for the resources a trace
     /// id touched. Each target's delivery records one hop that carries the
     /// agent's acceptance and the broker's apply times; the current state of
@@ -166,7 +200,10 @@ extension BrokerStore {
             }
             var byTrace = !ids.isEmpty
             if !byTrace {
-                if try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil || (try txn.get(trail, prefixed(idOrTrace, [])) != nil) {
+                var hasTrail = false
+                try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in hasTrail = true; return false }
+                let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
+                if hasTrail || known {
                     ids = [idOrTrace]
                 } else {
                     // A trace that reached no target yet: the directory knows its latest change.
@@ -175,9 +212,8 @@ extension BrokerStore {
                            let id = o["id"]?.stringValue { ids.append(id) }
                         return true
                     }
-                    byTrace = true
+                    byTrace = !ids.isEmpty
                 }
-                if ids.isEmpty { ids = [idOrTrace] }
             }
             var hops: [(String, JSONObject)] = []
             var seen: Set<String> = []

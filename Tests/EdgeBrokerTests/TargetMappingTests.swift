@@ -1,4 +1,5 @@
 @testable import EdgeBroker
+import EdgeTestSupport
 import SCIM
 import XCTest
 
@@ -80,5 +81,40 @@ final class TargetMappingTests: XCTestCase {
         for attempt in 0..<20 { XCTAssertLessThanOrEqual(backoff(attempt), 30_000) }
         XCTAssertLessThanOrEqual((0..<200).map { _ in backoff(1) }.max()!, 500)
         XCTAssertGreaterThan(Set((0..<50).map { _ in backoff(6) }).count, 10, "jittered")
+    }
+}
+
+/// The trail stays bounded: hops past the retention go, with their trace index.
+final class TrailSweepTests: XCTestCase {
+    func testSweepDeletesOnlyHopsPastTheRetention() throws {
+        let dir = TempDirectory("edge-trail")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.path)
+        let now = unixMicroseconds()
+        let old = now - BrokerStore.trailRetentionMicroseconds - 3_600_000_000
+        try store.environment.write { txn in
+            for k in 0..<30 {
+                try store.recordHop(brokerID: "gone-\(k)", trace: "trace-old-\(k)", ["hop": "target app"], txn, now: old)
+            }
+            try store.recordHop(brokerID: "kept", trace: "trace-new", ["hop": "target app"], txn, now: now)
+        }
+        XCTAssertEqual(try store.trail("gone-3").count, 1)
+        // Small steps: the cursors carry the walk across calls.
+        var cursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
+        var deleted = 0, steps = 0
+        repeat {
+            let r = try store.environment.write { txn in
+                try store.sweepTrail(trailFrom: cursors.trail, tracesFrom: cursors.traces, limit: 7, now: now, txn)
+            }
+            cursors = (r.trail, r.traces)
+            deleted += r.deleted
+            steps += 1
+        } while cursors.trail != nil || cursors.traces != nil
+        XCTAssertGreaterThan(steps, 3, "walked in steps of 7 keys")
+        XCTAssertEqual(deleted, 60, "30 hops and their 30 trace entries")
+        XCTAssertTrue(try store.trail("gone-3").isEmpty)
+        XCTAssertTrue(try store.trail("trace-old-3").isEmpty)
+        XCTAssertEqual(try store.trail("kept").count, 1, "recent hops stay")
+        XCTAssertEqual(try store.trail("trace-new").count, 1)
     }
 }
