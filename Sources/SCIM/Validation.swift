@@ -95,7 +95,7 @@ public struct ResourceValidator: Sendable {
                         throw .invalidSyntax("unknown attribute '\(k2)' in \(ext.id)")
                     }
                     var changed = false
-                    if let v = try check(v2, def, &changed, path: "\(ext.id):\(def.name)") { extOut.appendUnique(def.name, v) }
+                    if let v = try check(v2, def, &changed, path: ValuePath(schema: ext, attribute: def)) { extOut.appendUnique(def.name, v) }
                 }
                 if !extOut.isEmpty { out.appendUnique(ext.id, .object(extOut)) }
                 continue
@@ -109,7 +109,7 @@ public struct ResourceValidator: Sendable {
                 throw .invalidSyntax("unknown attribute '\(key)' for resource type \(type.id)")
             }
             var changed = false
-            if let v = try check(value, def, &changed, path: def.name) { out.appendUnique(def.name, v) }
+            if let v = try check(value, def, &changed, path: ValuePath(schema: nil, attribute: def)) { out.appendUnique(def.name, v) }
         }
         if let existing { try checkImmutable(new: &out, old: existing) }
         // `schemas` lists the core schema and the extensions that hold attributes.
@@ -120,23 +120,23 @@ public struct ResourceValidator: Sendable {
 
     /// Checks one attribute value; `nil` means unassigned (null, empty array,
     /// or read-only input that is ignored).
-    /// `path` is built only when an error needs it. `changed` is set when the
+    /// `path` becomes text only when an error needs it. `changed` is set when the
     /// result differs from `value` (so callers need no deep comparison).
     func check(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
-               path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
+               path: ValuePath) throws(SCIMError) -> JSON? {
         if def.mutability == .readOnly { changed = true; return nil }  // RFC 7643 §2.2: ignored on input
         if value.isNull { changed = true; return nil }
         if def.multiValued {
             guard let items = value.arrayValue else {
-                throw .invalidValue("'\(path())' is multi-valued: expected an array, got \(value.typeName)")
+                throw .invalidValue("'\(path.text)' is multi-valued: expected an array, got \(value.typeName)")
             }
             // Rebuilt only once something changes; otherwise the input array is returned as is.
             var rebuilt: [JSON]?
             var primaries = 0
             for (k, item) in items.enumerated() {
-                if item.isNull { throw .invalidValue("'\(path())[\(k)]' is null") }
+                if item.isNull { throw .invalidValue("'\(path.indexed(k).text)' is null") }
                 var itemChanged = false
-                guard let v = try checkSingle(item, def, &itemChanged, path: "\(path())[\(k)]") else {
+                guard let v = try checkSingle(item, def, &itemChanged, path: path.indexed(k)) else {
                     if rebuilt == nil { rebuilt = Array(items[0..<k]) }
                     continue
                 }
@@ -146,7 +146,7 @@ public struct ResourceValidator: Sendable {
                 if !duplicate { rebuilt?.append(v) }
             }
             if primaries > 1 {
-                throw .invalidValue("'\(path())' has \(primaries) values with \"primary\": true; at most one is allowed")
+                throw .invalidValue("'\(path.text)' has \(primaries) values with \"primary\": true; at most one is allowed")
             }
             guard let rebuilt else {
                 if items.isEmpty { changed = true; return nil }
@@ -156,26 +156,26 @@ public struct ResourceValidator: Sendable {
             return rebuilt.isEmpty ? nil : .array(rebuilt)
         }
         if case .array = value, !(profile.entraCompatible && def.type != .complex && value.arrayValue?.count == 1) {
-            throw .invalidValue("'\(path())' is single-valued: expected \(def.type.rawValue), got an array")
+            throw .invalidValue("'\(path.text)' is single-valued: expected \(def.type.rawValue), got an array")
         }
         if let one = value.arrayValue?.first {
             changed = true
-            return try checkSingle(one, def, &changed, path: path())
+            return try checkSingle(one, def, &changed, path: path)
         }
-        return try checkSingle(value, def, &changed, path: path())
+        return try checkSingle(value, def, &changed, path: path)
     }
 
     func checkSingle(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
-                     path: @autoclosure () -> String) throws(SCIMError) -> JSON? {
+                     path: ValuePath) throws(SCIMError) -> JSON? {
         func wrong() -> SCIMError {
-            .invalidValue("'\(path())' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
+            .invalidValue("'\(path.text)' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
         }
         switch def.type {
         case .string:
             guard let s = value.stringValue else { throw wrong() }
             if def.enforceCanonicalValues, !def.canonicalValues.isEmpty {
                 guard let c = def.canonicalValues.first(where: { equalsIgnoringASCIICase($0, s) }) else {
-                    throw .invalidValue("'\(path())' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
+                    throw .invalidValue("'\(path.text)' must be one of \(def.canonicalValues.joined(separator: ", ")); got '\(s)'")
                 }
                 if !sameUTF8(c, s) { changed = true }
                 return .string(c)
@@ -198,17 +198,17 @@ public struct ResourceValidator: Sendable {
         case .dateTime:
             guard let s = value.stringValue else { throw wrong() }
             guard DateTimeValue(s) != nil else {
-                throw .invalidValue("'\(path())' must be an xsd:dateTime such as 2025-01-23T04:56:22Z; got '\(s)'")
+                throw .invalidValue("'\(path.text)' must be an xsd:dateTime such as 2025-01-23T04:56:22Z; got '\(s)'")
             }
             return value
         case .binary:
             guard let s = value.stringValue else { throw wrong() }
-            guard isBase64(s) else { throw .invalidValue("'\(path())' must be base64 (RFC 4648)") }
+            guard isBase64(s) else { throw .invalidValue("'\(path.text)' must be base64 (RFC 4648)") }
             return value
         case .reference:
             guard let s = value.stringValue else { throw wrong() }
             guard !s.isEmpty, !s.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) else {
-                throw .invalidValue("'\(path())' must be a URI reference without spaces")
+                throw .invalidValue("'\(path.text)' must be a URI reference without spaces")
             }
             return value
         case .complex:
@@ -223,10 +223,10 @@ public struct ResourceValidator: Sendable {
             var rebuilt: JSONObject?
             for (k, member) in o.members.enumerated() {
                 guard let sub = def.subAttribute(member.key) else {
-                    throw .invalidSyntax("unknown sub-attribute '\(member.key)' of '\(path())'")
+                    throw .invalidSyntax("unknown sub-attribute '\(member.key)' of '\(path.text)'")
                 }
                 var memberChanged = false
-                let checked = try check(member.value, sub, &memberChanged, path: "\(path()).\(sub.name)")
+                let checked = try check(member.value, sub, &memberChanged, path: path.child(sub))
                 if rebuilt == nil, memberChanged || checked == nil || !sameUTF8(member.key, sub.name) {
                     rebuilt = JSONObject(Array(o.members[0..<k]))
                 }
@@ -234,7 +234,7 @@ public struct ResourceValidator: Sendable {
             }
             let result = rebuilt ?? o
             for sub in def.requiredSubAttributes where result[sub.name] == nil {
-                throw .invalidValue("'\(path()).\(sub.name)' is required")
+                throw .invalidValue("'\(path.child(sub).text)' is required")
             }
             if result.isEmpty { changed = true; return nil }
             if rebuilt == nil { return value }
@@ -293,5 +293,44 @@ private func article(_ t: AttributeType) -> String {
     switch t {
     case .integer: return "an"
     default: return "a"
+    }
+}
+
+/// Where a value sits (`[ext:]attr[i].sub[j]`), as references: error
+/// messages make it text; the success path never builds a string and,
+/// being unowned, never retains the definitions it names.
+struct ValuePath {
+    unowned(unsafe) let schema: Schema?
+    unowned(unsafe) let attribute: AttributeDefinition
+    var index = -1
+    unowned(unsafe) var sub: AttributeDefinition?
+    var subIndex = -1
+
+    init(schema: Schema?, attribute: AttributeDefinition) {
+        self.schema = schema
+        self.attribute = attribute
+    }
+
+    func indexed(_ k: Int) -> ValuePath {
+        var p = self
+        if sub == nil { p.index = k } else { p.subIndex = k }
+        return p
+    }
+
+    func child(_ s: AttributeDefinition) -> ValuePath {
+        var p = self
+        p.sub = s
+        return p
+    }
+
+    var text: String {
+        var t = schema.map { "\($0.id):" } ?? ""
+        t += attribute.name
+        if index >= 0 { t += "[\(index)]" }
+        if let sub {
+            t += "." + sub.name
+            if subIndex >= 0 { t += "[\(subIndex)]" }
+        }
+        return t
     }
 }

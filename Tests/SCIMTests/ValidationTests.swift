@@ -109,6 +109,10 @@ final class ValidationTests: XCTestCase {
         invalid(base + #""emails":[{"value":7}]}"#, .invalidValue, "'emails[0].value' must be a string")
         invalid(base + #""x509Certificates":[{"value":"not base64!"}]}"#, .invalidValue, "'x509Certificates[0].value' must be base64")
         invalid(base + #""profileUrl":"has space"}"#, .invalidValue, "URI reference")
+        invalid(base + #""name":{"givenName":1}}"#, .invalidValue, "'name.givenName' must be a string, got integer")
+        let enterprise = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"u","#
+        invalid(enterprise + #""urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"manager":{"value":7}}}"#, .invalidValue,
+                "'urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager.value' must be a string")
         invalid(base + #""displayName":["a","b"]}"#, .invalidValue, "single-valued")
         invalid(base + #""emails":[{"value":"a@x","primary":true},{"value":"b@x","primary":true}]}"#,
                 .invalidValue, "2 values with \"primary\": true")
