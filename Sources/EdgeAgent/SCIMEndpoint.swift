@@ -68,7 +68,7 @@ final class Reply {
         self.method = request.method
         self.path = request.path
         self.resource = resource
-        self.traceID = EdgeAgent.traceID(request.headers["traceparent"]) ?? randomHex(16)
+        self.traceID = EdgeAgent.traceID(request.headers["traceparent"]) ?? endpoint.newTraceID()
         self.endpoint = endpoint
     }
 
@@ -100,6 +100,8 @@ public final class SCIMEndpoint {
     let registry: SchemaRegistry
     let features: ServiceProviderFeatures
     public private(set) var requestCount = 0
+    /// Trace ids for requests without `traceparent` (loop-confined).
+    var traceRandom = Xoshiro256()
     public internal(set) var metrics = EndpointMetrics()
     /// Request log: one line per request (see `JSONLogHandler`).
     public var logger = Logger(label: "scim-edge.scim")
@@ -144,8 +146,11 @@ public final class SCIMEndpoint {
     public func handle(_ request: HTTPRequest, _ httpResponder: Responder) {
         requestCount += 1
         let path = request.path
-        let responder = Reply(httpResponder, request: request, resource: resourceLabel(path), endpoint: self)
-        guard path.hasPrefix(options.basePath) else {
+        let inBase = path.hasPrefix(options.basePath)
+        // Path segments split on bytes (a Character split runs grapheme breaking).
+        let parts = inBase ? path.dropFirst(options.basePath.count).utf8.split(separator: UInt8(ascii: "/")).map { String(Substring($0)) } : []
+        let responder = Reply(httpResponder, request: request, resource: resourceLabel(inBase, parts), endpoint: self)
+        guard inBase else {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
             return
         }
@@ -154,8 +159,6 @@ public final class SCIMEndpoint {
                                            headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))
             return
         }
-        let rest = path.dropFirst(options.basePath.count)
-        let parts = rest.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
         let base = baseURL(request)
         if isWrite(request, parts), let refusal = checkBackpressure() {
             metrics.backpressureRejections += 1
@@ -172,10 +175,22 @@ public final class SCIMEndpoint {
     }
 
     /// The metrics label of a path: its resource type or endpoint name.
-    func resourceLabel(_ path: Substring) -> String {
-        guard path.hasPrefix(options.basePath) else { return "other" }
-        let first = path.dropFirst(options.basePath.count).split(separator: "/").first.map(String.init) ?? ""
+    func resourceLabel(_ inBase: Bool, _ parts: [String]) -> String {
+        guard inBase else { return "other" }
+        let first = parts.first ?? ""
         return registry.resourceType(endpoint: "/" + first)?.id ?? (first.isEmpty ? "root" : first)
+    }
+
+    /// A new trace id (128 random bits, W3C trace context) for a request that
+    /// brought none: from a fast generator seeded once from the system's
+    /// secure source (a trace id identifies, it does not authorise).
+    func newTraceID() -> String {
+        var bytes = [UInt8](repeating: 0, count: 16)
+        for k in 0..<2 {
+            let v = traceRandom.next()
+            for b in 0..<8 { bytes[k * 8 + b] = UInt8(truncatingIfNeeded: v >> UInt64(b * 8)) }
+        }
+        return hexString(bytes)
     }
 
     func isWrite(_ request: HTTPRequest, _ parts: [String]) -> Bool {
@@ -564,4 +579,32 @@ func uuid(from bytes: ArraySlice<UInt8>) -> String {
         out.append(c)
     }
     return out
+}
+
+/// xoshiro256** (Blackman and Vigna), seeded from the system's secure source:
+/// fast, well-distributed 64-bit values for identifiers that must be unique
+/// but are not secrets (trace ids). Not for keys or tokens.
+struct Xoshiro256 {
+    private var s: (UInt64, UInt64, UInt64, UInt64)
+
+    init() {
+        let b = secureRandomBytes(32)
+        func word(_ k: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[k * 8 + $1]) << UInt64($1 * 8) } }
+        s = (word(0), word(1), word(2), word(3))
+        if s == (0, 0, 0, 0) { s.0 = 1 }
+    }
+
+    mutating func next() -> UInt64 {
+        let result = rotl(s.1 &* 5, 7) &* 9
+        let t = s.1 << 17
+        s.2 ^= s.0
+        s.3 ^= s.1
+        s.1 ^= s.2
+        s.0 ^= s.3
+        s.2 ^= t
+        s.3 = rotl(s.3, 45)
+        return result
+    }
+
+    private func rotl(_ x: UInt64, _ k: UInt64) -> UInt64 { (x << k) | (x >> (64 - k)) }
 }

@@ -77,16 +77,17 @@ public struct HTTPRequest: Sendable {
         self.body = body
     }
 
-    /// The path part of the target, without the query.
+    /// The path part of the target, without the query. (The search is on
+    /// bytes: a Character search would run grapheme breaking on every request.)
     public var path: Substring {
-        if let q = target.firstIndex(of: "?") { return target[..<q] }
+        if let q = target.utf8.firstIndex(of: UInt8(ascii: "?")) { return target[..<q] }
         return target[...]
     }
 
     /// The raw query string after `?`, if any.
     public var query: Substring? {
-        guard let q = target.firstIndex(of: "?") else { return nil }
-        return target[target.index(after: q)...]
+        guard let q = target.utf8.firstIndex(of: UInt8(ascii: "?")) else { return nil }
+        return target[target.utf8.index(after: q)...]
     }
 
     /// Serialises for the wire (client side). Adds `Content-Length` when the
