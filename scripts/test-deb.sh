@@ -92,7 +92,7 @@ start_agent
 check "upgrade: the stored user is served by the new build" grep -q '"totalResults":1' <<<"$(curl -s -H 'Authorization: Bearer t' \
   "http://127.0.0.1:$port/scim/v2/Users?filter=userName%20eq%20%22kept%22")"
 kill -TERM $agent; wait $agent 2>/dev/null
-rm -f "dist/scim-edge_${version}+upgrade1_${arch}.deb"
+rm -f "dist/scim-edge_${version}+upgrade1_${arch}.deb" "dist/scim-broker_${version}+upgrade1_${arch}.deb"
 
 # Remove keeps data and config; purge deletes them.
 check "dpkg -r removes" dpkg -r scim-edge
