@@ -142,7 +142,6 @@ public final class Bench {
     /// Seeds users when the mix needs them, runs, then calls `completion` on the loop.
     public func run(_ completion: @escaping (BenchReport) -> Void) {
         self.completion = completion
-        let needsUsers = options.mix.contains { $0.0 != .post }
         if needsUsers { seed(remaining: options.seedUsers, inFlight: 0) } else { begin() }
     }
 
@@ -269,9 +268,15 @@ public final class Bench {
         }
     }
 
+    /// Whether the mix reads or patches users this run created.
+    private var needsUsers: Bool { options.mix.contains { $0.0 != .post } }
+
+    /// Keeps the id of a created user (only when the mix needs them: parsing
+    /// every answer would cost the generator CPU the server should get).
     private func noteCreated(_ r: HTTPResponse) {
-        guard r.status == 201, let o = try? JSONParser.parse(r.body), let id = o["id"]?.stringValue else { return }
-        if ids.count < 100_000 { ids.append((id, o["userName"]?.stringValue ?? "")) }
+        guard needsUsers, ids.count < 100_000, r.status == 201, let o = try? JSONParser.parse(r.body),
+              let id = o["id"]?.stringValue else { return }
+        ids.append((id, o["userName"]?.stringValue ?? ""))
     }
 
     private func request(_ op: BenchOperation) -> HTTPRequest {
