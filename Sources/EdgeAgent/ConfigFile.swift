@@ -164,11 +164,7 @@ extension AgentConfiguration {
     /// relay certificate's identity against the configured domain and agent.
     public func fileProblems() -> [String] {
         var checks = FileChecks()
-        var st = stat()
-        let parent = dataDirectory.split(separator: "/").dropLast().joined(separator: "/")
-        if stat(dataDirectory, &st) != 0 && stat("/" + parent, &st) != 0 {
-            checks.problem("dataDir \(dataDirectory): neither it nor its parent directory exists")
-        }
+        checks.dataDirectory(dataDirectory)
         if let tokenFile, checks.file(tokenFile, "tokenFile", secret: true) {
             do { if try readTokenFile(tokenFile).isEmpty { checks.problem("tokenFile \(tokenFile): holds no token") } }
             catch { checks.problem("tokenFile \(tokenFile): \(error)") }

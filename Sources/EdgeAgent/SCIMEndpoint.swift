@@ -559,10 +559,6 @@ func traceID(_ header: String?) -> String? {
     return String(parts[1])
 }
 
-func randomBytes(_ n: Int) -> [UInt8] { secureRandomBytes(n) }
-
-func randomHex(_ n: Int) -> String { hexString(secureRandomBytes(n)) }
-
 /// A random (version 4) UUID.
 func uuid() -> String { uuid(from: secureRandomBytes(16)[...]) }
 

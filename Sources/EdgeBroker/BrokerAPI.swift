@@ -109,14 +109,14 @@ public final class BrokerAPI {
 }
 
 extension BrokerStore {
-    /// A federated resource by broker id, with its type.
-    public func resource(brokerID: String) throws -> (type: String, resource: JSONObject)? {
+    /// A federated resource by broker id, with its source domain and type.
+    public func resource(brokerID: String) throws -> (domain: String, type: String, resource: JSONObject)? {
         let brokerIds = self.brokerIds, resources = self.resources
         return try environment.read { txn in
             guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
                   let o = try JSONParser.parse(bytes).objectValue else { return nil }
-            let type = String(decoding: key, as: UTF8.self).split(separator: "/")[1]
-            return (String(type), o)
+            let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
+            return (String(parts[0]), String(parts[1]), o)
         }
     }
 

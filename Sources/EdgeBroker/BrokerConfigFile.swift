@@ -2,7 +2,6 @@ import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
-import Glibc
 import SCIM
 
 extension BrokerConfiguration {
@@ -161,16 +160,10 @@ extension TargetConfiguration {
     public func resolveToken() throws(ConfigError) -> String? {
         if let token { return token }
         guard let tokenFile else { return nil }
-        let token = String(decoding: try readFileBytes(tokenFile), as: UTF8.self).trimmingCharacters
+        let text = String(decoding: try readFileBytes(tokenFile), as: UTF8.self)
+        let token = text.split(whereSeparator: \.isNewline).first.map { String($0).trimmingSpaces } ?? ""
         guard !token.isEmpty else { throw ConfigError("target '\(name)': \(tokenFile) holds no token", at: nil, file: tokenFile) }
         return token
-    }
-}
-
-extension String {
-    var trimmingCharacters: String {
-        String(drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }
-            .reversed().drop { $0 == " " || $0 == "\n" || $0 == "\r" || $0 == "\t" }.reversed())
     }
 }
 
@@ -180,11 +173,7 @@ extension BrokerConfiguration {
     /// CA, CRL), and each target's token and TLS files.
     public func fileProblems() -> [String] {
         var checks = FileChecks()
-        var st = stat()
-        let parent = "/" + dataDirectory.split(separator: "/").dropLast().joined(separator: "/")
-        if stat(dataDirectory, &st) != 0 && stat(parent, &st) != 0 {
-            checks.problem("dataDir \(dataDirectory): neither it nor its parent directory exists")
-        }
+        checks.dataDirectory(dataDirectory)
         if let cert = tls.certificateChainFile {
             checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, "tls")
         }

@@ -202,24 +202,24 @@ public final class BrokerService {
                 out += "scim_broker_target_requests_total{target=\"\(w.target.name)\",method=\"\(parts[0])\",class=\"\(parts[1])\"} \(n)\n"
             }
         }
-        func gauge(_ name: String, _ type: String, _ help: String, _ value: (TargetWorker) -> String) {
+        func perTarget(_ name: String, _ type: String, _ help: String, _ value: (TargetWorker) -> String) {
             header(name, type, help)
             for w in workers { out += "\(name){target=\"\(w.target.name)\"} \(value(w))\n" }
         }
-        gauge("scim_broker_target_queue_depth", "gauge", "Changes queued for the target.") { String($0.depth) }
-        gauge("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
+        perTarget("scim_broker_target_queue_depth", "gauge", "Changes queued for the target.") { String($0.depth) }
+        perTarget("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
             w.oldestQueuedAt == 0 || w.depth == 0 ? "0" : String(Double(max(0, unixMilliseconds() - w.oldestQueuedAt)) / 1000)
         }
-        gauge("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String($0.statistics.delivered) }
-        gauge("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
+        perTarget("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String($0.statistics.delivered) }
+        perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
             String($0.statistics.deadLettered)
         }
-        gauge("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error or 5xx.") { String($0.statistics.retries) }
-        gauge("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
-        gauge("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
-        gauge("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
-        gauge("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
-        gauge("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
+        perTarget("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error or 5xx.") { String($0.statistics.retries) }
+        perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
+        perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
+        perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
+        perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
+        perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
         header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
         for w in workers {
             let (n, q) = w.recent.quantiles(window: 10, [0.5, 0.99])

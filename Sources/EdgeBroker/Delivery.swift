@@ -161,7 +161,7 @@ public final class TargetWorker {
         let depth = try store.queueDepth(target: target.name)
         self.depth = depth.count
         oldestQueuedAt = depth.oldest
-        recoveredThrough = try store.queued(target: target.name, after: nil, limit: Int.max).last?.key
+        recoveredThrough = try store.lastQueueKey(target: target.name)
         let g = try store.deletionGuard(target: target.name)
         guardPausedSince = g.pausedSince
         guardConfirmedAt = g.confirmedAt
@@ -199,11 +199,15 @@ public final class TargetWorker {
         pump()
     }
 
-    /// Every second: queue depth, the deletion guard (the CLI changes it), new
-    /// items queued by other processes (dead-letter retries, reconciliation),
-    /// and the status snapshot `scim-broker targets status` reads.
+    /// Every second: the deletion guard (the CLI changes it), new items queued
+    /// by other processes (dead-letter retries, reconciliation), and the status
+    /// snapshot `scim-broker targets status` reads, saved when it changed (or
+    /// every 10 s). The queue is counted every 10 s (a scan of the whole
+    /// queue); in between, `kick` and completions keep the count (items other
+    /// processes queue show up at the next count).
     private func refreshFromStore() {
-        if let d = try? store.queueDepth(target: target.name) { depth = d.count; oldestQueuedAt = d.oldest }
+        let recount = ticks % 400 == 0
+        if recount, let d = try? store.queueDepth(target: target.name) { depth = d.count; oldestQueuedAt = d.oldest }
         if let g = try? store.deletionGuard(target: target.name) {
             if guardPausedSince != nil && g.pausedSince == nil {
                 logger.notice("removals released by confirm-deletes")
@@ -213,10 +217,16 @@ public final class TargetWorker {
             guardConfirmedAt = g.confirmedAt
         }
         load()
-        let snapshot = statusDocument()
-        let store = self.store, name = target.name
-        writer.submit({ txn in try store.saveStatus(target: name, snapshot, txn) }) { _ in }
+        var snapshot = statusDocument()
+        snapshot["updatedAt"] = nil
+        guard recount || snapshot != lastSavedStatus else { return }
+        lastSavedStatus = snapshot
+        snapshot["updatedAt"] = .number(JSONNumber(integer: unixMilliseconds()))
+        let store = self.store, name = target.name, saved = snapshot
+        writer.submit({ txn in try store.saveStatus(target: name, saved, txn) }) { _ in }
     }
+
+    private var lastSavedStatus: JSONObject?
 
     public func statusDocument() -> JSONObject {
         var o: JSONObject = [
@@ -401,12 +411,11 @@ public final class TargetWorker {
 
     // MARK: the operations
 
-    private var endpoint: (String) -> String {
-        { [target] type in target.basePath + (type == "User" ? "/Users" : "/Groups") }
-    }
+    /// The target's collection for a resource type: `/Users` or `/Groups` under its base.
+    private func endpoint(_ type: String) -> String { target.basePath + (type == "User" ? "/Users" : "/Groups") }
 
     private func upsert(_ d: Delivery) {
-        guard let (domain, type, resource) = (try? store.located(brokerID: d.item.brokerID)) ?? nil,
+        guard let (domain, type, resource) = (try? store.resource(brokerID: d.item.brokerID)) ?? nil,
               target.routes(domain: domain, type: type, resource) else {
             // Deleted or out of the routes since: the removal queued after it does the work.
             finish(d, .done(mapping: .none, method: nil, status: nil))
@@ -423,7 +432,7 @@ public final class TargetWorker {
                     o["$ref"] = nil
                     o["display"] = nil
                     mapped.append(.object(o))
-                } else if let (md, mt, mr) = (try? store.located(brokerID: v)) ?? nil, target.routes(domain: md, type: mt, mr) {
+                } else if let (md, mt, mr) = (try? store.resource(brokerID: v)) ?? nil, target.routes(domain: md, type: mt, mr) {
                     missing = true  // routed here, not delivered yet
                 }
             }
@@ -755,23 +764,4 @@ public final class TargetWorker {
 func backoff(_ attempt: Int) -> UInt64 {
     let cap = min(30_000, 250 << UInt64(min(attempt, 7)))
     return UInt64.random(in: 0...UInt64(cap))
-}
-
-func percentEncode(_ s: String) -> String {
-    var out = ""
-    for b in s.utf8 {
-        switch b {
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-             UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
-            out.unicodeScalars.append(Unicode.Scalar(b))
-        default:
-            out += "%" + String(b, radix: 16, uppercase: true).leftPadded(2)
-        }
-    }
-    return out
-}
-
-extension String {
-    func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
-    var trimmingSpaces: String { String(drop { $0 == " " }.reversed().drop { $0 == " " }.reversed()) }
 }

@@ -128,7 +128,7 @@ extension BrokerStore {
     }
 
     /// Records one hop of a change in the resource's trail (and the trace
-    /// id's index); hops older than `trailRetention` are pruned as it grows.
+    /// id's index); `sweepTrail` removes them after the retention.
     func recordHop(brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction,
                    now: Int64 = unixMicroseconds()) throws {
         var value = hop
@@ -137,16 +137,6 @@ extension BrokerStore {
         let name = hop["hop"]?.stringValue ?? ""
         try txn.put(trail, prefixed(brokerID, UInt64(now).bigEndianBytes + Array(name.utf8)), JSON.object(value).serialized())
         if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), UInt64(now).bigEndianBytes) }
-        // Bounded: drop hops past the retention, oldest first.
-        let cutoff = UInt64(now - BrokerStore.trailRetentionMicroseconds)
-        var stale: [[UInt8]] = []
-        try txn.scan(trail, from: prefixed(brokerID, []), to: prefixEnd(brokerID)) { k, _ in
-            let t = UInt64(bigEndianBytes: Array(k[(brokerID.utf8.count + 1)...].prefix(8))) ?? 0
-            if t >= cutoff { return false }
-            stale.append(k)
-            return stale.count < 64
-        }
-        for k in stale { _ = try txn.delete(trail, k) }
     }
 
     /// Seven days of hops per resource.
@@ -270,6 +260,19 @@ extension BrokerStore {
         }
     }
 
+    /// The key of the last queued item of `target` (nil: empty), without reading the rest.
+    func lastQueueKey(target: String) throws -> [UInt8]? {
+        let fanout = self.fanout
+        return try environment.read { txn in
+            var last: [UInt8]?
+            try txn.scan(fanout, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k, _ in
+                last = k
+                return false
+            }
+            return last
+        }
+    }
+
     /// Queue depth and the oldest item's queue time (Unix ms; 0: empty).
     public func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
         let fanout = self.fanout
@@ -300,17 +303,6 @@ extension BrokerStore {
                 return true
             }
             return out
-        }
-    }
-
-    /// A federated resource by broker id, with its domain and type.
-    func located(brokerID: String) throws -> (domain: String, type: String, resource: JSONObject)? {
-        let brokerIds = self.brokerIds, resources = self.resources
-        return try environment.read { txn in
-            guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
-                  let o = try JSONParser.parse(bytes).objectValue else { return nil }
-            let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-            return (String(parts[0]), String(parts[1]), o)
         }
     }
 

@@ -31,11 +31,15 @@ public struct Route: Sendable {
             throw SCIMError.invalidValue("route type '\(t)' must be User or Group")
         }
         if let filter {
+            func compile(_ type: String) throws(SCIMError) -> Filter {
+                try Filter(filter, registry: brokerRegistry, type: brokerRegistry.resourceType(type)!)
+            }
             for type in ["User", "Group"] where types.isEmpty || types.contains(type) {
-                do throws(SCIMError) {
-                    compiled[type] = try Filter(filter, registry: brokerRegistry, type: brokerRegistry.resourceType(type)!)
-                } catch {
-                    throw SCIMError.invalidValue(error.detail + (types.isEmpty ? " (give the route `types: [\(type == "User" ? "Group" : "User")]`)" : ""))
+                do throws(SCIMError) { compiled[type] = try compile(type) } catch {
+                    // A filter on one type's attributes: say which type the route should name.
+                    let other = type == "User" ? "Group" : "User"
+                    let hint = types.isEmpty && (try? compile(other)) != nil ? " (give the route `types: [\(other)]`)" : ""
+                    throw SCIMError.invalidValue(error.detail + hint)
                 }
             }
         }

@@ -90,6 +90,16 @@ public struct FileChecks: Sendable {
 
     public mutating func problem(_ text: String) { problems.append(text) }
 
+    /// A data directory: it exists, or its parent does (the service creates it).
+    public mutating func dataDirectory(_ path: String) {
+        var st = stat()
+        guard stat(path, &st) != 0 else { return }
+        let parent = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        if stat(parent.isEmpty ? "/" : parent, &st) != 0 {
+            problems.append("dataDir \(path): neither it nor its parent directory exists")
+        }
+    }
+
     /// A file the service reads. A secret (key, token) must not be readable
     /// by every user.
     @discardableResult

@@ -283,7 +283,7 @@ public final class Sandbox {
         let app = targets[0]
         while true {
             try checkInterrupt()
-            let r = httpGet(app.url, "/Users?filter=" + percent("userName eq \"ravi@partner.example\""),
+            let r = httpGet(app.url, "/Users?filter=" + percentEncode("userName eq \"ravi@partner.example\""),
                             headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
             if r.status == 200, let o = try? JSONParser.parse(r.body), o["Resources"]?.arrayValue?.first?["active"] == .bool(false) { break }
             if monotonicMicros() - t0 > 30_000_000 { throw BenchError("the deactivation did not reach the app within 30 s") }
@@ -317,19 +317,6 @@ public final class Sandbox {
                 + r.statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", "))
         }
         try waitDrained(seconds: options.short ? 60 : 90)
-    }
-
-    func percent(_ s: String) -> String {
-        var out = ""
-        for b in s.utf8 {
-            if (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2E || b == 0x2D || b == 0x40 {
-                out.unicodeScalars.append(Unicode.Scalar(b))
-            } else {
-                let hex = Array("0123456789ABCDEF")
-                out += "%" + String(hex[Int(b >> 4)]) + String(hex[Int(b & 15)])
-            }
-        }
-        return out
     }
 
     /// Waits until every agent's outbox and every target's queue is empty.

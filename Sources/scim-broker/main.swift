@@ -270,29 +270,29 @@ struct DeadLetterList: ParsableCommand {
     }
 }
 
-struct DeadLetterRetry: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "retry", abstract: "Queue dead-lettered resources again (their current state is delivered).")
+/// Which dead letters `retry` and `drop` settle.
+struct DeadLetterSelection: ParsableArguments {
     @OptionGroup var options: StoreOptions
     @Argument(help: "The target.") var name: String
     @Argument(help: "The dead letter's number (#N in list); none: all of the target's.") var seq: UInt64?
 
-    func run() throws {
+    func settle(requeue: Bool) throws -> Int {
         let (store, _) = try options.open()
-        emitLine("\(try store.settleDeadLetters(target: name, seq: seq, requeue: true)) queued again for \(name)")
+        return try store.settleDeadLetters(target: name, seq: seq, requeue: requeue)
     }
+}
+
+struct DeadLetterRetry: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "retry", abstract: "Queue dead-lettered resources again (their current state is delivered).")
+    @OptionGroup var selection: DeadLetterSelection
+    func run() throws { emitLine("\(try selection.settle(requeue: true)) queued again for \(selection.name)") }
 }
 
 struct DeadLetterDrop: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "drop", abstract: "Forget dead letters.")
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Argument(help: "The dead letter's number; none: all of the target's.") var seq: UInt64?
-
-    func run() throws {
-        let (store, _) = try options.open()
-        emitLine("\(try store.settleDeadLetters(target: name, seq: seq, requeue: false)) dropped for \(name)")
-    }
+    @OptionGroup var selection: DeadLetterSelection
+    func run() throws { emitLine("\(try selection.settle(requeue: false)) dropped for \(selection.name)") }
 }
 
 struct Trace: ParsableCommand {
