@@ -563,6 +563,30 @@ public final class TargetWorker {
             }
             return
         }
+        if capabilities?.patch != true && mapping.sent == nil {
+            // A PUT replaces the whole account: without PATCH and without the
+            // body last sent (an adopted or stray account), read it first.
+            send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success(let r) where r.status == 200:
+                    guard var current = (try? JSONParser.parse(r.body))?.objectValue else {
+                        finish(d, classify(r, "GET", path, []))
+                        return
+                    }
+                    current["meta"] = nil
+                    current["id"] = nil
+                    var next = d
+                    next.mapping = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: current)
+                    remove(next, deactivate: true)
+                case .success(let r) where r.status == 404:
+                    finish(d, .done(mapping: .some(nil), method: "GET", status: 404))
+                case .success(let r): finish(d, classify(r, "GET", path, []))
+                case .failure(let e): finish(d, .retry("GET \(path): \(e)"))
+                }
+            }
+            return
+        }
         var sent = mapping.sent ?? JSONObject()
         sent["active"] = .bool(false)
         let method: String

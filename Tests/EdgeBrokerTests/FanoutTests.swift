@@ -424,6 +424,37 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(again["strays"]?.arrayValue?.count, 0, "deactivated strays are settled")
     }
 
+    /// A target without PATCH: deactivating an account whose last body the
+    /// broker does not know (a stray found by reconciliation) reads it first,
+    /// so the PUT keeps its attributes instead of wiping them.
+    func testDeactivationWithoutPatchKeepsTheAccountsAttributes() throws {
+        let spc = dir.write("spc.json", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],"patch":{"supported":false},"bulk":{"supported":false,"maxOperations":0,"maxPayloadSize":0},"filter":{"supported":true,"maxResults":1000},"changePassword":{"supported":false},"sort":{"supported":false},"etag":{"supported":false},"authenticationSchemes":[]}"#)
+        let (_, refPort) = try startReferenceServer(arguments: ["--service-provider-config", spc])
+        let ref = referenceTarget("ref", port: refPort, extra: "    onRemove: deactivate")
+        var (broker, bp) = try startBroker(yaml: "targets:\n" + ref)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "stays", extra: #","title":"Staff""#)
+        _ = try newUser(dp, "leaves", extra: #","title":"Staff","name":{"givenName":"Lea","familyName":"Ves"}"#)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(refPort, token: "ref-token", prefix: "").count == 2 })
+        broker.signal(SIGTERM)
+        XCTAssertEqual(broker.waitForExit(), 0)
+        (broker, _) = try startBroker(yaml: "targets:\n" + ref.replacing("routes: [{domains: [acme-de]}]",
+                                                                            with: #"routes: [{types: [User], filter: 'userName ne "leaves"'}]"#),
+                                      port: bp)
+        let applied = try brokerCLI(["targets", "reconcile", "--config", dir.file("broker.yaml"), "ref", "--apply"])
+        XCTAssertTrue(applied.1.contains("1 strays") && applied.1.contains("1 fixes queued"), applied.1)
+        XCTAssertTrue(eventually(seconds: 20) {
+            self.users(refPort, token: "ref-token", prefix: "")["leaves"]?["active"] == .bool(false)
+        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        let leaves = users(refPort, token: "ref-token", prefix: "")["leaves"]
+        XCTAssertEqual(leaves?["title"], "Staff", "a PUT of the account read back, not of {active: false} alone")
+        XCTAssertEqual(leaves?["name"]?["givenName"], "Lea")
+        XCTAssertEqual(try BrokerStore(path: dir.file("broker")).deadLetters(target: "ref").count, 0)
+        let metrics = try brokerMetrics(broker)
+        XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="GET",class="2xx"}"#) ?? 0, 1)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="PATCH",class="2xx"}"#), nil, "no PATCH sent")
+    }
+
     /// The broker SIGKILLed while delivering: after a restart everything
     /// arrives, and no account exists twice (groups have no unique name, so
     /// a repeated POST would show).
