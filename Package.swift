@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "EdgeLoop", dependencies: ["CLibUV"], swiftSettings: strict),
         .target(name: "EdgeTLS", dependencies: ["COpenSSL"], swiftSettings: strict),
         .target(name: "EdgeHTTP", dependencies: ["EdgeLoop", "EdgeTLS", "CHTTPParser"], swiftSettings: strict),
-        .target(name: "EdgeStore", dependencies: ["CLMDB"], swiftSettings: strict),
+        .target(name: "EdgeStore", dependencies: ["CLMDB", "EdgeLoop"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
         // Strict YAML configuration files (libyaml), shared by the agent and the broker.

@@ -3,7 +3,8 @@
 # commit, GET by id, and filter=userName eq over a store of USERS users,
 # 16 keep-alive connections on loopback, with nginx (a static response of
 # the same size) and the reference scim2-server (PyPI) measured in the same
-# run. Writes docs/bench-agent.md (OUT) and prints it.
+# run. Writes docs/bench-agent.md (OUT) and prints it. The agent and nginx
+# both use every core (agent: workers auto; nginx: worker_processes auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -52,7 +53,7 @@ agent_pid=$!; pids+=($agent_pid)
 body='{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"id":"2819c223-7f76-453a-919d-413861904646","userName":"bjensen","name":{"givenName":"Barbara","familyName":"Jensen"},"emails":[{"value":"bjensen@example.com","type":"work","primary":true}],"active":true,"meta":{"resourceType":"User","version":"W/\"1\""}}'
 mkdir -p "$work/nginx"
 cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes auto;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log;
 daemon off;
@@ -120,6 +121,7 @@ ratio() { python3 -c "print(f'{float(\"$1\")/max(float(\"$2\"),1e-9):.2f}')"; }
   echo "### Agent SCIM endpoint, $CONNECTIONS keep-alive connections, wrk -t1, ${DURATION}s each ($(date -u +%Y-%m-%d), $(nproc) cores)"
   echo
   echo "Store: $loaded users. POST bodies ~300 bytes with unique userNames; every 201 followed a durable LMDB commit."
+  echo "Both servers use every core: the agent one serving loop per CPU (workers: auto), nginx worker_processes auto."
   echo
   echo "| request | scim-edge req/s | p50 | p99 | nginx req/s | scim2-server req/s | vs nginx | vs scim2-server |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"

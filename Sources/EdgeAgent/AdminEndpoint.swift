@@ -28,26 +28,33 @@ public final class AdminEndpoint {
                 responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ready\n"))
             }
         case "/metrics":
-            responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
-                                           body: metricsText()))
+            agent.openConnections { [self] connections in
+                responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                                               body: metricsText(openConnections: connections)))
+            }
         default:
             responder.respond(HTTPResponse(status: 404, contentType: "text/plain", body: "try /healthz, /readyz or /metrics\n"))
         }
     }
 
     /// The Prometheus exposition of the agent's state.
-    public func metricsText() -> String {
+    public func metricsText(openConnections: Int) -> String {
         var out = ""
         func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, String)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
         }
-        let m = agent.endpoint.metrics
+        let m = agent.requestMetrics
         metric("scim_edge_requests_total", "counter", "SCIM requests by method, resource type and status.",
                m.requests.sorted { $0.key < $1.key }.map { key, count in
                    let p = key.split(separator: "|", omittingEmptySubsequences: false)
                    return ("{method=\"\(p[0])\",resource=\"\(p[1])\",status=\"\(p[2])\"}", String(count))
                })
+        var perLoop = [("{loop=\"0\"}", String(agent.endpoint.metrics.latencyCount))]
+        for (k, loop) in agent.servingLoops.enumerated() {
+            perLoop.append(("{loop=\"\(k + 1)\"}", String(loop.metrics.snapshot.latencyCount)))
+        }
+        metric("scim_edge_loop_requests_total", "counter", "SCIM requests answered by each serving loop (0: the main loop).", perLoop)
         var buckets: [(String, String)] = []
         for (k, le) in EndpointMetrics.buckets.enumerated() { buckets.append(("_bucket{le=\"\(le)\"}", String(m.latencyBuckets[k]))) }
         buckets.append(("_bucket{le=\"+Inf\"}", String(m.latencyCount)))
@@ -78,8 +85,9 @@ public final class AdminEndpoint {
                [("", String(agent.store.environment.options.maxMapSize))])
         let g = agent.writer.statistics
         metric("scim_edge_commit_batches_total", "counter", "Durable group commits.", [("", String(g.batches))])
+        metric("scim_edge_commit_flushes_total", "counter", "Syncs that made committed batches durable (one may cover several batches).", [("", String(g.flushes))])
         metric("scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
-        metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(agent.server.statistics.openConnections))])
+        metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
         if let relay = agent.relay {
             let r = relay.statistics
             metric("scim_edge_relay_batches_sent_total", "counter", "Batches sent to the broker.", [("", String(r.batchesSent))])

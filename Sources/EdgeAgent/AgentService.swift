@@ -22,6 +22,12 @@ public struct AgentConfiguration: Sendable {
     public var policy: LocalPolicy?
     /// The broker to relay to; nil: a standalone agent.
     public var relay: RelayConfiguration?
+    /// Loops serving SCIM requests, each on its own thread (the main loop
+    /// included); accepted connections are spread over them round-robin.
+    /// Writes from every loop share one group-commit writer.
+    public var servingLoops = 1
+    /// Request lines straight to this sink (`serve`: standard output); nil: through swift-log.
+    public var accessLog: LogSink?
 
     public init(dataDirectory: String, listen: SocketAddress) {
         self.dataDirectory = dataDirectory
@@ -64,8 +70,12 @@ public final class AgentService {
     public let loop: EventLoop
     public let store: AgentStore
     public let writer: GroupCommitWriter
+    /// The main loop's endpoint (writes, relay kicks and backpressure notes go through it).
     public let endpoint: SCIMEndpoint
     public let server: HTTPServer
+    /// The other serving loops (`servingLoops - 1` of them).
+    let servingLoops: [ServingLoop]
+    private var spreader: ConnectionSpreader?
     public private(set) var adminServer: HTTPServer?
     public private(set) var relay: Relay?
     private var signals: ServiceSignals?
@@ -87,14 +97,27 @@ public final class AgentService {
         store = try AgentStore(path: configuration.dataDirectory, registry: .standard, policy: configuration.policy) {
             $0.maxMapSize = maxStore
         }
-        writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
-        let endpoint = SCIMEndpoint(store: store, writer: writer, options: endpointOptions)
+        writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
+        let shared = EndpointShared()
+        let endpoint = SCIMEndpoint(store: store, writer: writer, options: endpointOptions, shared: shared)
         self.endpoint = endpoint
+        endpoint.accessLog = configuration.accessLog
         let tls = try configuration.tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
         server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits) {
             request, _, responder in endpoint.handle(request, responder)
         }
         server.errorBody = SCIMEndpoint.errorResponse
+        let store = self.store, writer = self.writer
+        let committed = configuration.relay == nil ? nil : LoopBound<() -> Void>({ endpoint.onCommitted?() })
+        servingLoops = try (1..<max(1, configuration.servingLoops)).map { _ in
+            try ServingLoop(store: store, writer: writer, options: endpointOptions, shared: shared, tls: tls,
+                            limits: configuration.limits, mainInbox: loop.inbox, committed: committed, logger: endpoint.logger, accessLog: configuration.accessLog)
+        }
+        if !servingLoops.isEmpty {
+            let spreader = ConnectionSpreader(loops: servingLoops)
+            self.spreader = spreader
+            server.handOver = { spreader.handOver($0) }
+        }
         if let admin = configuration.adminListen {
             let adminEndpoint = AdminEndpoint(agent: self)
             adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
@@ -114,18 +137,62 @@ public final class AgentService {
             endpoint.onCommitted = { relay.kick() }
             try relay.start()
         }
-        endpoint.onBackpressureChange = { [unowned self] on, events, bytes in
-            log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
-                   : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
+        // Noticed on any serving loop, logged on this one.
+        let me = LoopBound(Unmanaged.passUnretained(self))
+        let inbox: LoopInbox = loop.inbox
+        shared.onChange.withLock {
+            $0 = { on, events, bytes in
+                inbox.send {
+                    me.value.takeUnretainedValue().log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
+                                                          : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
+                }
+            }
+        }
+    }
+
+    /// SCIM request metrics of every serving loop.
+    public var requestMetrics: EndpointMetrics {
+        var m = endpoint.metrics
+        for s in servingLoops { m.merge(s.metrics.snapshot) }
+        return m
+    }
+
+    /// Open SCIM connections on every serving loop; `answer` runs on this loop.
+    func openConnections(_ answer: @escaping (Int) -> Void) {
+        let tally = LoopBound(Tally(count: server.statistics.openConnections, waiting: servingLoops.count, answer: answer))
+        guard !servingLoops.isEmpty else { answer(tally.value.count); return }
+        let inbox: LoopInbox = loop.inbox
+        for s in servingLoops {
+            inbox.hold()
+            s.openConnections { n in
+                inbox.send {
+                    inbox.release()
+                    let t = tally.value
+                    t.count += n
+                    t.waiting -= 1
+                    if t.waiting == 0 { t.answer(t.count) }
+                }
+            }
         }
     }
 
     /// Stops accepting, finishes in-flight requests, then closes the listeners.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         relay?.stop()
-        server.shutdown { [self] in
+        // The main server stops accepting; every serving loop drains; then the operations listener closes.
+        var waiting = servingLoops.count + 1
+        let finished: () -> Void = { [self] in
+            waiting -= 1
+            guard waiting == 0 else { return }
             if let adminServer { adminServer.shutdown(completion) } else { completion() }
         }
+        let inbox: LoopInbox = loop.inbox
+        let back = LoopBound(finished)
+        for s in servingLoops {
+            inbox.hold()  // this loop keeps running until the serving loop answers
+            s.shutdown { inbox.send { inbox.release(); back.value() } }
+        }
+        server.shutdown(finished)
     }
 
     /// Installs SIGTERM/SIGINT (drain) and SIGHUP (reload tokens and TLS).
@@ -145,9 +212,22 @@ public final class AgentService {
         guard let file = configuration.tokenFile else { log("reload: nothing to reload"); return }
         do {
             endpoint.options.tokens = try readTokenFile(file) + configuration.tokens
+            for s in servingLoops { s.setTokens(endpoint.options.tokens) }
             log("reloaded \(endpoint.options.tokens.count) tokens")
         } catch {
             log("reload failed, keeping the old tokens: \(error)")
         }
+    }
+}
+
+/// Answers gathered from the serving loops, on the main loop.
+private final class Tally {
+    var count: Int
+    var waiting: Int
+    let answer: (Int) -> Void
+    init(count: Int, waiting: Int, answer: @escaping (Int) -> Void) {
+        self.count = count
+        self.waiting = waiting
+        self.answer = answer
     }
 }

@@ -22,6 +22,11 @@ extension AgentConfiguration {
         }
         var config = AgentConfiguration(dataDirectory: dataDir, listen: listen)
         config.tokenFile = try top.string("tokenFile")
+        let workersText = try top.string("workers") ?? "auto"
+        guard let workers = servingLoopCount(workersText) else {
+            throw ConfigError("'workers' must be auto or a number from 1 to 64, got '\(workersText)'", at: top.node("workers")?.mark)
+        }
+        config.servingLoops = workers
         if var tls = try top.mapping("tls") {
             guard let cert = try tls.string("cert"), let key = try tls.string("key") else {
                 throw ConfigError("'tls' needs 'cert' and 'key'", at: tls.mark)
@@ -185,4 +190,12 @@ extension AgentConfiguration {
         }
         return checks.problems
     }
+}
+
+/// The number of serving loops for `workers`: `auto` is one per online CPU
+/// (at most 16), or a number from 1 to 64.
+public func servingLoopCount(_ text: String) -> Int? {
+    if text == "auto" { return max(1, min(16, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) }
+    guard let n = Int(text), (1...64).contains(n) else { return nil }
+    return n
 }

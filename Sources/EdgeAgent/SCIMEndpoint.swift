@@ -5,6 +5,7 @@ import EdgeTLS
 import Glibc
 import Logging
 import SCIM
+import Synchronization
 
 /// Settings of the SCIM endpoint.
 public struct EndpointOptions: Sendable {
@@ -49,6 +50,24 @@ public struct EndpointMetrics: Sendable {
         latencySum += seconds
         for (k, le) in EndpointMetrics.buckets.enumerated() where seconds <= le { latencyBuckets[k] += 1 }
     }
+
+    /// Adds another serving loop's figures to these.
+    public mutating func merge(_ other: EndpointMetrics) {
+        requests.merge(other.requests, uniquingKeysWith: +)
+        for k in latencyBuckets.indices { latencyBuckets[k] += other.latencyBuckets[k] }
+        latencyCount += other.latencyCount
+        latencySum += other.latencySum
+        backpressureRejections += other.backpressureRejections
+    }
+}
+
+/// One endpoint's metrics, recorded on its loop and read by the operations
+/// listener on another.
+public final class MetricsCell: Sendable {
+    let state = Mutex(EndpointMetrics())
+    public init() {}
+    public var snapshot: EndpointMetrics { state.withLock { $0 } }
+    func update(_ body: (inout EndpointMetrics) -> Void) { state.withLock { body(&$0) } }
 }
 
 /// Answers a request and records it in the endpoint's metrics.
@@ -74,11 +93,16 @@ final class Reply {
 
     func respond(_ response: HTTPResponse) {
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
-        endpoint.metrics.record(method: method, resource: resource, status: response.status, seconds: seconds)
-        endpoint.logger.info("request", metadata: [
+        endpoint.metricsCell.update { $0.record(method: method, resource: resource, status: response.status, seconds: seconds) }
+        if let sink = endpoint.accessLog {
+            sink.request(logger: endpoint.logger.label, method: method, path: path, status: response.status,
+                         milliseconds: Int(seconds * 1000), trace: traceID, clock: &endpoint.logClock)
+        } else {
+            endpoint.logger.info("request", metadata: [
             "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
-            "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
-        ])
+                "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
+            ])
+        }
         responder.respond(response)
     }
 }
@@ -89,32 +113,64 @@ func monotonicNanoseconds() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
+/// What the endpoints of one agent share across their loops: the count of
+/// writes not yet answered (bounded queue) and the backpressure state.
+public final class EndpointShared: Sendable {
+    /// Writes submitted and not yet answered, on every loop.
+    public let queuedWrites = Atomic<Int>(0)
+    let refusingWrites = Atomic<Bool>(false)
+    /// Called (on whichever loop noticed) when backpressure starts or ends.
+    let onChange: Mutex<(@Sendable (Bool, Int, Int) -> Void)?> = Mutex(nil)
+
+    public init() {}
+
+    public var backpressure: Bool { refusingWrites.load(ordering: .relaxed) }
+
+    /// Flips the state; only the caller that flipped it reports the change.
+    func change(to on: Bool, events: Int, bytes: Int) {
+        guard refusingWrites.compareExchange(expected: !on, desired: on, ordering: .relaxed).exchanged else { return }
+        onChange.withLock { $0 }?(on, events, bytes)
+    }
+}
+
 /// The agent's SCIM 2.0 service provider over HTTP (RFC 7644).
 ///
 /// Every write is answered only after its resource and outbox event are
-/// committed durably (group commit). Threading: loop-confined.
+/// committed durably (group commit). An agent runs one endpoint per serving
+/// loop; they share the store, the writer and `shared`. Threading: loop-confined.
 public final class SCIMEndpoint {
     public let store: AgentStore
     public let writer: GroupCommitWriter
+    /// This endpoint's loop, for write completions; nil: the writer's own loop.
+    let inbox: LoopInbox?
+    public let shared: EndpointShared
     public var options: EndpointOptions
     let registry: SchemaRegistry
     let features: ServiceProviderFeatures
     public private(set) var requestCount = 0
     /// Trace ids for requests without `traceparent` (loop-confined).
     var traceRandom = Xoshiro256()
-    public internal(set) var metrics = EndpointMetrics()
+    /// Read by the operations listener on another loop, hence the lock.
+    public let metricsCell = MetricsCell()
+    public var metrics: EndpointMetrics { metricsCell.snapshot }
     /// Request log: one line per request (see `JSONLogHandler`).
     public var logger = Logger(label: "scim-edge.scim")
+    /// When set, request lines go straight to this sink (the same JSON as
+    /// `JSONLogHandler`, built faster) instead of through `logger`.
+    public var accessLog: LogSink?
+    var logClock = LogClock()
     /// True while writes are refused because the outbox is over its watermark.
-    public private(set) var backpressure = false
+    public var backpressure: Bool { shared.backpressure }
     /// Called after each successful write commit (the relay sends soon after).
     public var onCommitted: (() -> Void)?
-    /// Called when backpressure starts or ends.
-    public var onBackpressureChange: ((Bool, Int, Int) -> Void)?
 
-    public init(store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions) {
+    /// `inbox`: this endpoint's loop, when that is not the writer's own.
+    public init(store: AgentStore, writer: GroupCommitWriter, inbox: LoopInbox? = nil, options: EndpointOptions,
+                shared: EndpointShared = EndpointShared()) {
         self.store = store
         self.writer = writer
+        self.inbox = inbox
+        self.shared = shared
         self.options = options
         self.registry = store.registry
         var f = ServiceProviderFeatures()
@@ -161,7 +217,7 @@ public final class SCIMEndpoint {
         }
         let base = baseURL(request)
         if isWrite(request, parts), let refusal = checkBackpressure() {
-            metrics.backpressureRejections += 1
+            metricsCell.update { $0.backpressureRejections += 1 }
             responder.respond(Self.respond(refusal, headers: ["Retry-After": String(options.retryAfterSeconds)]))
             return
         }
@@ -204,18 +260,17 @@ public final class SCIMEndpoint {
     /// Writes are refused (503) from a high watermark of the outbox down to
     /// its low watermark: pushback to the IdP, never dropping an event.
     func checkBackpressure() -> SCIMError? {
-        if writer.queuedWrites >= options.maxQueuedWrites {
-            return SCIMError(503, nil, "\(writer.queuedWrites) writes are waiting for the store; retry after \(options.retryAfterSeconds) s")
+        let queued = shared.queuedWrites.load(ordering: .relaxed)
+        if queued >= options.maxQueuedWrites {
+            return SCIMError(503, nil, "\(queued) writes are waiting for the store; retry after \(options.retryAfterSeconds) s")
         }
         guard options.recordOutbox, let (events, bytes) = try? store.outboxUsage() else { return nil }
         if backpressure {
             if events <= options.outboxLowEvents && bytes <= options.outboxLowBytes {
-                backpressure = false
-                onBackpressureChange?(false, events, bytes)
+                shared.change(to: false, events: events, bytes: bytes)
             }
         } else if events >= options.outboxHighEvents || bytes >= options.outboxHighBytes {
-            backpressure = true
-            onBackpressureChange?(true, events, bytes)
+            shared.change(to: true, events: events, bytes: bytes)
         }
         guard backpressure else { return nil }
         return SCIMError(503, nil, "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s")
@@ -429,10 +484,12 @@ public final class SCIMEndpoint {
         let operation: WriteOperation<JSONObject?> = { (txn: borrowing WriteTransaction) throws -> JSONObject? in
             try store.apply(write, ctx, profile: profile, in: txn)
         }
-        writer.submit(operation) { result in
+        shared.queuedWrites.add(1, ordering: .relaxed)
+        let finished: (Result<JSONObject?, any Error>) -> Void = { [self] result in
+            shared.queuedWrites.subtract(1, ordering: .relaxed)
             switch result {
             case .success(let stored):
-                self.onCommitted?()
+                onCommitted?()
                 completion(.success(stored))
             case .failure(let e as SCIMError): completion(.failure(e))
             case .failure(StoreError.storeFull(let limit)):
@@ -440,6 +497,7 @@ public final class SCIMEndpoint {
             case .failure(let e): completion(.failure(SCIMError(500, nil, "store error: \(e)")))
             }
         }
+        writer.submit(operation, inbox: inbox, completion: finished)
     }
 
     func makeContext(_ request: HTTPRequest, trace given: String? = nil) -> WriteContext {

@@ -93,7 +93,7 @@ public final class BrokerService {
         self.loop = loop
         self.configuration = configuration
         store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
-        writer = GroupCommitWriter(environment: store.environment) { work, done in loop.offload(work, then: done) }
+        writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
         for t in configuration.targets {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }

@@ -1,4 +1,5 @@
 import EdgeLoop
+import Glibc
 import EdgeTLS
 
 /// Limits of an HTTP server; every one has a status it answers with.
@@ -110,18 +111,26 @@ public final class HTTPServer {
     /// Called with each TLS handshake failure (for logs and metrics).
     public var onTLSFailure: ((TLSError, SocketAddress?) -> Void)?
 
-    public init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
+    public convenience init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
+                            limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
+        try self.init(loop: loop, tls: tls, limits: limits, handler: handler)
+        listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+        sweeper?.keepsLoopAlive = false
+    }
+
+    /// A server without a listener of its own: it serves the connections
+    /// another loop's server hands it (`handOver`, then `adopt(descriptor:)`).
+    public init(loop: EventLoop, tls: ReloadableTLSContext? = nil,
                 limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
         self.loop = loop
         self.limits = limits
         self.tls = tls
         self.handler = handler
         scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
-        listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
         let timer = try LoopTimer(loop: loop)
         let tick = max(50, min(1000, min(limits.requestTimeoutMilliseconds, limits.idleTimeoutMilliseconds) / 4))
         timer.start(after: tick, repeatEvery: tick) { [unowned self] in sweep() }
-        timer.keepsLoopAlive = false
+        // Without a listener the timer keeps the loop running until the drain ends.
         sweeper = timer
         selfReference = Unmanaged.passRetained(self)
     }
@@ -131,11 +140,26 @@ public final class HTTPServer {
 
     deinit { scratch.deallocate() }
 
-    /// The bound address (the real port after binding port 0).
+    /// The bound address (the real port after binding port 0); a server
+    /// without a listener has none.
     public var address: SocketAddress { listener!.address }
     public var port: Int { address.port }
 
+    /// Spreads accepted connections over other loops: returns true when it
+    /// took the stream (detached it and handed it to another server), false
+    /// to serve it here. Connections past `maxConnections` are refused first.
+    public var handOver: ((TCPStream) -> Bool)?
+
+    /// Serves a connection detached from another loop's server (on this
+    /// server's loop).
+    public func adopt(descriptor: Int32) {
+        guard !draining else { Glibc.close(descriptor); return }
+        guard let stream = try? TCPStream.adopting(loop: loop, descriptor: descriptor) else { return }
+        accept(stream)
+    }
+
     private func accept(_ stream: TCPStream) {
+        if !draining, connections.count < limits.maxConnections, let handOver, handOver(stream) { return }
         guard !draining, connections.count < limits.maxConnections else {
             statistics.rejectedConnections += 1
             stream.close()

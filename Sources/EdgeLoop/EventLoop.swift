@@ -170,6 +170,22 @@ public final class LoopInbox: Sendable {
     }
 
     var isOpen: Bool { state.withLock { $0.open } }
+
+    /// Work started from this loop whose result will come through the inbox
+    /// (loop thread only). While any is outstanding, the loop keeps running.
+    private nonisolated(unsafe) var holds = 0
+
+    /// Keeps the loop running until the matching `release()` (loop thread only).
+    public func hold() {
+        holds += 1
+        if holds == 1 { uv_ref(UnsafeMutableRawPointer(async).assumingMemoryBound(to: uv_handle_t.self)) }
+    }
+
+    /// Ends one `hold()` (loop thread only).
+    public func release() {
+        holds -= 1
+        if holds == 0 { uv_unref(UnsafeMutableRawPointer(async).assumingMemoryBound(to: uv_handle_t.self)) }
+    }
     var handleAddress: UnsafeMutableRawPointer { UnsafeMutableRawPointer(async) }
 
     /// Queues `job` to run on the loop thread. Returns `false` if the loop is closed.

@@ -93,6 +93,33 @@ public final class TCPStream: LoopHandle {
         adopt()
     }
 
+    /// A stream over an already connected socket, such as one `detach()`ed
+    /// from another loop. The stream owns `descriptor` from then on.
+    public static func adopting(loop: EventLoop, descriptor: Int32) throws(LoopError) -> TCPStream {
+        let stream = try TCPStream(loop: loop, uninitialised: ())
+        let rc = uv_tcp_open(stream.tcp, uv_os_sock_t(descriptor))
+        guard rc == 0 else {
+            Glibc.close(descriptor)
+            stream.close()
+            throw LoopError(code: rc, operation: "uv_tcp_open")
+        }
+        uv_tcp_nodelay(stream.tcp, 1)
+        return stream
+    }
+
+    /// Hands the connection over to another loop: returns a duplicate of the
+    /// socket (for `adopting(loop:descriptor:)`) and closes this handle. Only
+    /// before anything was read or written.
+    public func detach() throws(LoopError) -> Int32 {
+        var fd: uv_os_fd_t = -1
+        let rc = uv_fileno(handle, &fd)
+        guard rc == 0 else { close(); throw LoopError(code: rc, operation: "uv_fileno") }
+        let copy = dup(fd)
+        close()
+        guard copy >= 0 else { throw LoopError(code: -errno, operation: "dup") }
+        return copy
+    }
+
     /// Connects to `address`; `completion` gets the stream or the error.
     public static func connect(loop: EventLoop, to address: SocketAddress,
                                _ completion: @escaping (Result<TCPStream, LoopError>) -> Void) {

@@ -192,6 +192,14 @@ public final class Environment: @unchecked Sendable {  // see the threading note
         try check(mdb_env_set_mapsize(env, next))
     }
 
+    /// The id of the last committed write transaction (it changes only when
+    /// a commit wrote, and so synced, something).
+    public var lastTransactionID: Int {
+        var info = MDB_envinfo()
+        mdb_env_info(env, &info)
+        return info.me_last_txnid
+    }
+
     public var info: EnvironmentInfo {
         var info = MDB_envinfo()
         var stat = MDB_stat()
@@ -205,9 +213,12 @@ public final class Environment: @unchecked Sendable {  // see the threading note
 
     /// Makes every commit so far durable (`mdb_env_sync` with force): the
     /// second half of a durable commit. Thread-safe; takes no LMDB lock, so a
-    /// write transaction may run meanwhile.
+    /// write transaction may run meanwhile (it only keeps the map from being
+    /// resized under it).
     public func flush() throws(StoreError) {
         if options.unsafeNoSync { return }
+        pthread_rwlock_rdlock(resizeLock)
+        defer { pthread_rwlock_unlock(resizeLock) }
         try check(mdb_env_sync(env, 1))
     }
 

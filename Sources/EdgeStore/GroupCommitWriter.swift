@@ -1,6 +1,5 @@
-/// Runs `work` on a worker thread, then `completion` back on the caller's
-/// event-loop thread. `EventLoop.offload` (EdgeLoop) has this shape.
-public typealias Offload = (_ work: @escaping @Sendable () -> Void, _ completion: @escaping () -> Void) -> Void
+import EdgeLoop
+import Glibc
 
 /// One write operation: runs inside its own nested transaction, so an error
 /// undoes only its own changes.
@@ -8,101 +7,211 @@ public typealias WriteOperation<T> = @Sendable (borrowing WriteTransaction) thro
 
 /// Group commit: many callers' writes in one transaction and one fsync.
 ///
-/// Callers on the event loop `submit` write closures. While no batch is being
-/// committed, the next submission starts one at once; while one is, the
-/// submissions that arrive meanwhile wait and form the next batch. A batch runs
-/// on a worker (never blocking the loop): one transaction, one durable
-/// commit. Then its callers are completed on the loop, each with its own
-/// result (acknowledged means durable), and only after all of them ran does
-/// the next batch start, so writers that resubmit from their completion join
-/// one batch instead of splitting into alternating small ones. A failing
-/// closure fails only itself.
+/// Callers on any event loop `submit` write closures. A writer thread takes
+/// every write waiting, applies them in one transaction and commits it with
+/// its data pages synced, then takes the next batch at once: the writes that
+/// arrived meanwhile. A batch's callers are answered (on their loops) once
+/// its meta page is durable too: by the next batch's commit, whose data sync
+/// covers it, or by a flush when nothing follows (acknowledged means
+/// durable). Under load that is one sync per batch, and no event loop sits
+/// between two batches. Completions come in commit order; a failing closure
+/// fails only itself.
 ///
-/// Threading: loop-confined (not `Sendable`); only `WriteBatch` crosses to the worker.
-public final class GroupCommitWriter {
+/// Threading: `submit` on any loop's thread, naming that loop's inbox;
+/// completions run there, and the loop keeps running until they have.
+public final class GroupCommitWriter: Sendable {
     public struct Statistics: Sendable {
         public var batches = 0
         public var writes = 0
         public var failedWrites = 0
         public var largestBatch = 0
+        /// Flushes (meta-page syncs); fewer than batches under load.
+        public var flushes = 0
     }
 
     public let environment: Environment
-    private let offload: Offload
-    private let maxBatch: Int
-    private var pending: [PendingWrite] = []
-    private var committing = false
-    public private(set) var statistics = Statistics()
+    private let core: WriterCore
+    private let inbox: LoopInbox
 
-    /// Writes waiting for the next batch, plus those being committed.
-    public var queuedWrites: Int { pending.count }
-    public var isCommitting: Bool { committing }
-
-    public init(environment: Environment, maxBatch: Int = 1024, offload: @escaping Offload) {
+    /// `inbox`: the loop of callers that name none of their own.
+    public init(environment: Environment, maxBatch: Int = 1024, inbox: LoopInbox) {
         self.environment = environment
-        self.maxBatch = maxBatch
-        self.offload = offload
+        self.inbox = inbox
+        core = WriterCore(environment: environment, maxBatch: maxBatch)
+        core.start()
     }
 
-    /// Queues `operation`; `completion` runs on the loop after the batch
+    deinit { core.stop() }
+
+    /// Queues `operation`; `completion` runs on the caller's loop (`inbox`,
+    /// or the writer's own; called on that loop's thread) after the batch
     /// holding it committed durably (success) or with this write's own error.
-    public func submit<T: Sendable>(_ operation: @escaping WriteOperation<T>,
+    public func submit<T: Sendable>(_ operation: @escaping WriteOperation<T>, inbox: LoopInbox? = nil,
                                     completion: @escaping (Result<T, any Error>) -> Void) {
+        let inbox = inbox ?? self.inbox
+        inbox.hold()
         let box = ResultBox<T>()
         let write = PendingWrite(apply: { txn in box.value = try operation(txn) },
                                  complete: { error in
+                                     inbox.release()
                                      if let error { completion(.failure(error)) }
                                      else if let value = box.value { completion(.success(value)) }
                                      else { completion(.failure(StoreError.badTransaction)) }
-                                 })
-        pending.append(write)
-        startBatchIfIdle()
+                                 }, inbox: inbox)
+        core.enqueue(write)
     }
 
-    private func startBatchIfIdle() {
-        guard !committing, !pending.isEmpty else { return }
-        let take = min(pending.count, maxBatch)
-        let batch = WriteBatch(writes: Array(pending.prefix(take)))
-        pending.removeFirst(take)
-        committing = true
-        let environment = self.environment
-        offload({ batch.run(in: environment) }, { [self] in
-            statistics.batches += 1
-            statistics.writes += batch.writes.count
-            statistics.largestBatch = max(statistics.largestBatch, batch.writes.count)
-            // Still `committing` while callers run: their resubmissions queue up.
-            completeAll(batch)
-            committing = false
-            startBatchIfIdle()
-        })
+    /// Writes not yet answered: waiting for a batch, being committed, or
+    /// waiting for the flush that makes them durable.
+    public var queuedWrites: Int { core.locked { $0.queued } }
+    public var statistics: Statistics { core.locked { $0.statistics } }
+}
+
+/// The writer thread's state, shared with submitters under one mutex.
+final class WriterCore: @unchecked Sendable {  // every field below is used under `mutex` only
+    struct State {
+        var pending: [PendingWrite] = []
+        var queued = 0
+        var stopping = false
+        var statistics = GroupCommitWriter.Statistics()
     }
 
-    private func completeAll(_ batch: WriteBatch) {
-        for write in batch.writes {
-            if write.error != nil { statistics.failedWrites += 1 }
-            write.complete(write.error)
+    let environment: Environment
+    let maxBatch: Int
+    private var state = State()
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let work = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    init(environment: Environment, maxBatch: Int) {
+        self.environment = environment
+        self.maxBatch = maxBatch
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(work, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex); mutex.deallocate()
+        pthread_cond_destroy(work); work.deallocate()
+    }
+
+    func locked<R>(_ body: (inout State) -> R) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return body(&state)
+    }
+
+    func start() {
+        let context = Unmanaged.passRetained(self).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { arg in
+            Unmanaged<WriterCore>.fromOpaque(arg!).takeRetainedValue().writerLoop()
+            return nil
+        }, context)
+        precondition(rc == 0, "cannot start the group-commit thread: \(rc)")
+        pthread_detach(thread)
+    }
+
+    /// The thread finishes what is queued, then ends.
+    func stop() {
+        locked { $0.stopping = true }
+        pthread_cond_signal(work)
+    }
+
+    func enqueue(_ write: PendingWrite) {
+        locked {
+            $0.pending.append(write)
+            $0.queued += 1
+        }
+        pthread_cond_signal(work)
+    }
+
+    /// Batches back to back. A commit syncs the file's data before it writes
+    /// its meta page (`MDB_NOMETASYNC`), and that sync also makes the previous
+    /// commit's meta page durable: under load each batch is acknowledged after
+    /// the next one's commit, one sync per batch. With nothing more to commit,
+    /// the last batch gets a flush of its own.
+    private func writerLoop() {
+        var unflushed: WriteBatch?
+        pthread_mutex_lock(mutex)
+        while true {
+            while state.pending.isEmpty && unflushed == nil && !state.stopping { pthread_cond_wait(work, mutex) }
+            guard !state.pending.isEmpty else {
+                guard let last = unflushed else { break }  // stopping, nothing left
+                pthread_mutex_unlock(mutex)
+                acknowledge([last], flushError: flush())
+                unflushed = nil
+                pthread_mutex_lock(mutex)
+                continue
+            }
+            let take = min(state.pending.count, maxBatch)
+            let batch = WriteBatch(writes: Array(state.pending.prefix(take)))
+            state.pending.removeFirst(take)
+            state.statistics.batches += 1
+            state.statistics.writes += take
+            state.statistics.largestBatch = max(state.statistics.largestBatch, take)
+            pthread_mutex_unlock(mutex)
+            let before = environment.lastTransactionID
+            batch.run(in: environment)
+            if environment.lastTransactionID != before {
+                // This commit's data sync covered the previous meta page.
+                if let previous = unflushed { acknowledge([previous], flushError: nil) }
+                unflushed = batch
+            } else {
+                // Nothing written (every write failed or changed nothing): no sync happened.
+                acknowledge([unflushed, batch].compactMap { $0 }, flushError: unflushed == nil ? nil : flush())
+                unflushed = nil
+            }
+            pthread_mutex_lock(mutex)
+        }
+        pthread_mutex_unlock(mutex)
+    }
+
+    private func flush() -> (any Error)? {
+        locked { $0.statistics.flushes += 1 }
+        do { try environment.flush() } catch { return error }
+        return nil
+    }
+
+    /// Posts each write's completion to its loop (called without the mutex).
+    private func acknowledge(_ batches: [WriteBatch], flushError: (any Error)?) {
+        var failed = 0, answered = 0
+        for batch in batches {
+            for write in batch.writes {
+                // Committed but not known durable: the caller must not take it as acknowledged.
+                let error = write.error ?? flushError
+                if error != nil { failed += 1 }
+                answered += 1
+                write.inbox.send { write.complete(error) }
+            }
+        }
+        locked {
+            $0.statistics.failedWrites += failed
+            $0.queued -= answered
         }
     }
 }
 
-/// Holds one write's result between the worker and the loop. Written on the
-/// worker before the batch's completion is scheduled, read on the loop after:
-/// the offload hand-over orders the two, so no lock is needed.
+/// Holds one write's result between the writer thread and the loop. Written
+/// on the writer before the completion is posted, read on the loop after:
+/// the post (a mutex hand-over) orders the two.
 final class ResultBox<T>: @unchecked Sendable {
     var value: T?
 }
 
 /// See `ResultBox` for why crossing threads is safe: `apply` and `error` are
-/// used by the worker only while the loop does not look, `complete` only on the loop.
+/// used by the writer threads only, `complete` only on the submitter's loop.
 final class PendingWrite: @unchecked Sendable {
     let apply: @Sendable (borrowing WriteTransaction) throws -> Void
     let complete: (Error?) -> Void
+    let inbox: LoopInbox
     var error: (any Error)?
     var settled = false
 
-    init(apply: @escaping @Sendable (borrowing WriteTransaction) throws -> Void, complete: @escaping (Error?) -> Void) {
+    init(apply: @escaping @Sendable (borrowing WriteTransaction) throws -> Void, complete: @escaping (Error?) -> Void,
+         inbox: LoopInbox) {
         self.apply = apply
         self.complete = complete
+        self.inbox = inbox
     }
 }
 
@@ -111,7 +220,8 @@ final class WriteBatch: @unchecked Sendable {
     let writes: [PendingWrite]
     init(writes: [PendingWrite]) { self.writes = writes }
 
-    /// Applies every write in one transaction and commits once.
+    /// Applies every write in one transaction and commits once, with the
+    /// data pages synced; the writer flushes the meta page before answering.
     ///
     /// Optimistic isolation: writes run directly in the batch transaction.
     /// When one throws, the transaction is aborted, that write is settled with
@@ -146,7 +256,7 @@ final class WriteBatch: @unchecked Sendable {
                     }
                 }
                 current = nil
-                try txn.commit()
+                try txn.commitDeferringFlush()
                 return
             } catch StoreError.mapFull {
                 do {

@@ -395,6 +395,9 @@ private let falseBytes: [UInt8] = Array("false".utf8)
 
 private let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
 
+/// Appends `s` as a JSON string (quoted and escaped) to `out`.
+public func appendJSONString(_ s: String, to out: inout [UInt8]) { writeString(s, to: &out) }
+
 /// Writes `s` quoted, copying runs that need no escape in one go.
 func writeString(_ s: String, to out: inout [UInt8]) {
     out.append(UInt8(ascii: "\""))

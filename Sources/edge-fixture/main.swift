@@ -42,7 +42,7 @@ func lmdbWriter(_ dir: String, groupCommit: Bool) throws {
     }
     // Group commit: 16 writers on one loop, each resubmitting when done.
     let loop = try EventLoop()
-    let writer = GroupCommitWriter(environment: env) { work, done in loop.offload(work, then: done) }
+    let writer = GroupCommitWriter(environment: env, inbox: loop.inbox)
     func submitNext() {
         seq += 1
         let n = seq

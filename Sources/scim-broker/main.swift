@@ -95,6 +95,7 @@ struct Serve: ParsableCommand {
         if let admin = broker.adminServer { emitLine("operations at http://\(admin.address)/metrics") }
         loop.run()
         _ = loop.close()
+        LogSink.standardOutput.flush()
     }
 }
 
@@ -326,6 +327,7 @@ extension JSONObject {
 }
 
 func emitLine(_ line: String) {
+    LogSink.standardOutput.flush()  // buffered log lines first: stdout keeps its order
     let bytes = Array((line + "\n").utf8)
     _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
 }

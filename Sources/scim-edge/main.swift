@@ -51,6 +51,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none'). Default 127.0.0.1:9180.")
     var adminListen: String?
 
+    @Option(help: "Threads serving SCIM requests: auto (one per CPU, the default) or a number.")
+    var workers: String?
+
     @Flag(help: "Record relay events in the outbox even without a broker (inspection, tests).")
     var keepOutbox = false
 
@@ -89,6 +92,11 @@ struct Serve: ParsableCommand {
             configuration.endpoint.recordOutbox = false
         }
         if let dataDir { configuration.dataDirectory = dataDir }
+        if config == nil || workers != nil {
+            let text = workers ?? "auto"
+            guard let n = servingLoopCount(text) else { throw ValidationError("--workers must be auto or a number from 1 to 64, got '\(text)'") }
+            configuration.servingLoops = n
+        }
         if let listen {
             guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
             configuration.listen = address
@@ -131,6 +139,7 @@ struct Serve: ParsableCommand {
         default: throw ValidationError("--tls-cert and --tls-key go together")
         }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
+        configuration.accessLog = .standardOutput
         let lifecycle = Logger(label: "scim-edge")
         let loop = try EventLoop()
         let agent: AgentService
@@ -147,6 +156,7 @@ struct Serve: ParsableCommand {
         loop.run()
         let left = loop.close()
         if left != 0 { emit("warning: \(left) handles were still open at exit") }
+        LogSink.standardOutput.flush()
     }
 }
 
@@ -485,6 +495,7 @@ struct Resources: ParsableCommand {
 
 /// One line to standard output, unbuffered.
 func emit(_ line: String, newline: Bool = true) {
+    LogSink.standardOutput.flush()  // buffered log lines first: stdout keeps its order
     let bytes = Array((line + (newline ? "\n" : "")).utf8)
     _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
 }

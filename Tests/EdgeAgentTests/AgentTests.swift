@@ -147,6 +147,55 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.openStore().outboxCount(), 1, "refused creates leave no event")
     }
 
+    func testServingLoopsShareOneStoreOneWriterAndOneUniqueness() throws {
+        // Three loops: connections are spread round-robin, so these requests
+        // land on every loop; writes from all of them go through one writer.
+        let agent = try AgentHarness { $0.servingLoops = 3 }
+        let statuses = Locked<[Int]>([])
+        let ids = Locked<[String]>([])
+        let threads = (0..<12).map { k in
+            Thread {
+                // Half race for one userName, half create their own.
+                let name = k % 2 == 0 ? "Shared@Example.com" : "own-\(k)"
+                let r = try? agent.call("POST", "/Users", userBody(name))
+                statuses.withLock { $0.append(r?.status ?? 0) }
+                if r?.status == 201, let id = r?.body?["id"]?.stringValue { ids.withLock { $0.append(id) } }
+            }
+        }
+        threads.forEach { $0.start() }
+        XCTAssertTrue(eventually(seconds: 30) { statuses.current.count == 12 })
+        XCTAssertEqual(statuses.current.filter { $0 == 201 }.count, 7, "6 own names and one winner of the race: \(statuses.current)")
+        XCTAssertEqual(statuses.current.filter { $0 == 409 }.count, 5)
+        // Every loop reads what any loop wrote (one GET per connection: each lands on the next loop).
+        for id in ids.current {
+            for _ in 0..<3 { XCTAssertEqual(try agent.call("GET", "/Users/\(id)").status, 200) }
+        }
+        // One keep-alive connection stays on its loop for all its requests.
+        var client: RawClient? = try RawClient(port: agent.port)
+        for _ in 0..<3 {
+            client!.send("GET /scim/v2/Users?filter=userName%20eq%20%22own-1%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(agent.token)\r\n\r\n")
+        }
+        let answers = client!.readResponses(3)
+        XCTAssertEqual(answers.map(\.status), [200, 200, 200])
+        XCTAssertTrue(answers.allSatisfy { $0.body.contains("own-1") })
+        // The metrics add up every loop's requests and connections.
+        let (_, metrics) = try agent.admin("/metrics")
+        let total = metrics.split(separator: "\n").filter { $0.hasPrefix("scim_edge_requests_total{") }
+            .compactMap { Int($0.split(separator: " ").last!) }.reduce(0, +)
+        XCTAssertEqual(total, 12 + 3 * 7 + 3, metrics)
+        for loop in 0..<3 {
+            let line = metrics.split(separator: "\n").first { $0.hasPrefix("scim_edge_loop_requests_total{loop=\"\(loop)\"}") }
+            XCTAssertGreaterThan(Int(line?.split(separator: " ").last ?? "") ?? 0, 5, "loop \(loop) served its share: \(metrics)")
+        }
+        XCTAssertTrue(metrics.contains("scim_edge_committed_writes_total 12\n"), metrics)
+        XCTAssertTrue(eventually(seconds: 10) { (try? agent.admin("/metrics").1.contains("scim_edge_http_connections 1\n")) == true },
+                      "the kept-alive connection is counted on its loop")
+        client = nil
+        // Draining ends every loop; the main one closes clean.
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 7, "one event per accepted create")
+    }
+
     func testFiltersByIndexAndByScan() throws {
         let agent = try AgentHarness(scanBudget: 30)
         for k in 0..<40 {

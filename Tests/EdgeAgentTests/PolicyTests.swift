@@ -285,6 +285,30 @@ final class AgentProcessTests: XCTestCase {
         return c.readResponses(1).first?.status ?? 0
     }
 
+    func testServingLoopsTakeTurnsAndAllDrainOnSIGTERM() throws {
+        let dir = TempDirectory("edge-loops")
+        defer { dir.remove() }
+        let tokens = dir.write("tokens", "first-token\n")
+        let (child, port) = try start(["--data-dir", dir.file("data"), "--token-file", tokens, "--workers", "3"])
+        // Consecutive connections go to the next loop: all of them see the reloaded tokens.
+        _ = dir.write("tokens", "second-token\n")
+        child.signal(SIGHUP)
+        XCTAssertNotNil(child.waitForLine("reloaded 1 tokens"), "\(child.output)")
+        for _ in 0..<6 {
+            XCTAssertEqual(try status(port, token: "second-token"), 200)
+            XCTAssertEqual(try status(port, token: "first-token"), 401)
+        }
+        // A connection kept open on a serving loop does not stop the drain.
+        let idle = try RawClient(port: port)
+        idle.send("GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer second-token\r\n\r\n")
+        XCTAssertEqual(idle.readResponses(1).first?.status, 200)
+        child.signal(SIGTERM)
+        XCTAssertEqual(child.waitForExit(), 0)
+        XCTAssertTrue(child.output.contains { $0.contains("\"drained\"") }, "\(child.output)")
+        XCTAssertFalse(child.output.contains { $0.contains("still open") }, "every loop closed its handles: \(child.output)")
+        XCTAssertThrowsError(try RawClient(port: port), "nothing listens any more")
+    }
+
     func testTokensAreReloadedOnSIGHUP() throws {
         let dir = TempDirectory("edge-hup")
         defer { dir.remove() }

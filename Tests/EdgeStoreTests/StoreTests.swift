@@ -138,9 +138,12 @@ final class StoreTests: XCTestCase {
         let (results, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in
             let env = try Environment(EnvironmentOptions(path: path))
             let db = try env.openDatabase("g")
-            let writer = GroupCommitWriter(environment: env) { work, done in loop.offload(work, then: done) }
+            let writer = GroupCommitWriter(environment: env, inbox: loop.inbox)
             var outcomes: [String] = Array(repeating: "", count: 40)
             var remaining = 40
+            // A slow first write holds the writer thread while the others queue.
+            writer.submit({ _ in usleep(50_000); return -1 }) { _ in }
+            while writer.statistics.batches == 0 { usleep(100) }
             for i in 0..<40 {
                 writer.submit({ txn in
                     try txn.put(db, UInt32(i).bigEndianBytes, [UInt8(i)])
@@ -167,8 +170,8 @@ final class StoreTests: XCTestCase {
         let refused: Set = [3, 5, 7, 9, 11, 17]
         for i in 0..<40 { XCTAssertEqual(outcomes[i], refused.contains(i) ? "refused" : "ok \(i)") }
         let stats = outcomes[40]
-        // The first write starts a batch alone; the 39 submitted meanwhile share the next.
-        XCTAssertTrue(stats.hasPrefix("batches 2 largest 39 failed 6"), stats)
+        // The slow write's batch ends after the other 40 were queued: they share one batch.
+        XCTAssertTrue(stats.hasPrefix("batches 2 largest 40 failed 6"), stats)
         let env = try Environment(EnvironmentOptions(path: path))
         let db = try env.openDatabase("g")
         XCTAssertEqual(try env.count(db), 34)
@@ -186,7 +189,7 @@ final class StoreTests: XCTestCase {
             options.maxMapSize = 2 << 20
             let env = try Environment(options)
             let db = try env.openDatabase("g")
-            let writer = GroupCommitWriter(environment: env) { work, done in loop.offload(work, then: done) }
+            let writer = GroupCommitWriter(environment: env, inbox: loop.inbox)
             var outcomes: [String] = []
             let small = [UInt8](repeating: 1, count: 100)
             let huge = [UInt8](repeating: 2, count: 3 << 20)

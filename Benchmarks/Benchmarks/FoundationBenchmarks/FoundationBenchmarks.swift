@@ -140,7 +140,7 @@ final class StoreRig: @unchecked Sendable {  // used by one benchmark at a time
     func groupWrites(_ count: Int, writers: Int) {
         let env = self.env, db = self.db
         let (_, _) = try! runLoop { loop, finish in
-            let writer = GroupCommitWriter(environment: env) { work, done in loop.offload(work, then: done) }
+            let writer = GroupCommitWriter(environment: env, inbox: loop.inbox)
             var submitted = 0, completed = 0
             let value = [UInt8](repeating: 42, count: 1024)
             func submit() {
