@@ -73,6 +73,9 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
         var pending: [PendingWrite] = []
         var queued = 0
         var stopping = false
+        /// Completion jobs running on loops: their callers' resubmissions
+        /// wait for the job's end to wake the writer, so they form one batch.
+        var completing = 0
         var statistics = GroupCommitWriter.Statistics()
     }
 
@@ -118,11 +121,21 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
     }
 
     func enqueue(_ write: PendingWrite) {
-        locked {
+        let wake = locked {
             $0.pending.append(write)
             $0.queued += 1
+            return $0.completing == 0
         }
-        pthread_cond_signal(work)
+        if wake { pthread_cond_signal(work) }
+    }
+
+    /// A completion job ended: wake the writer for what its callers submitted.
+    func endCompletions() {
+        let wake = locked {
+            $0.completing -= 1
+            return $0.completing == 0 && !$0.pending.isEmpty
+        }
+        if wake { pthread_cond_signal(work) }
     }
 
     /// Batches back to back. A commit syncs the file's data before it writes
@@ -175,20 +188,39 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
     /// Posts each write's completion to its loop (called without the mutex).
     private func acknowledge(_ batches: [WriteBatch], flushError: (any Error)?) {
         var failed = 0, answered = 0
+        // One job per loop, completing its writes in commit order.
+        var groups: [(LoopInbox, [(PendingWrite, (any Error)?)])] = []
         for batch in batches {
             for write in batch.writes {
                 // Committed but not known durable: the caller must not take it as acknowledged.
                 let error = write.error ?? flushError
                 if error != nil { failed += 1 }
                 answered += 1
-                write.inbox.send { write.complete(error) }
+                if let k = groups.firstIndex(where: { $0.0 === write.inbox }) { groups[k].1.append((write, error)) }
+                else { groups.append((write.inbox, [(write, error)])) }
             }
         }
         locked {
             $0.statistics.failedWrites += failed
             $0.queued -= answered
+            $0.completing += groups.count
+        }
+        for (inbox, writes) in groups {
+            let job = CompletionJob(writes)
+            let sent = inbox.send { [self] in
+                job.run()
+                endCompletions()
+            }
+            if !sent { endCompletions() }  // the loop is gone: nobody to answer
         }
     }
+}
+
+/// The completions of one batch for one loop; run there (see `ResultBox`).
+final class CompletionJob: @unchecked Sendable {
+    let writes: [(PendingWrite, (any Error)?)]
+    init(_ writes: [(PendingWrite, (any Error)?)]) { self.writes = writes }
+    func run() { for (write, error) in writes { write.complete(error) } }
 }
 
 /// Holds one write's result between the writer thread and the loop. Written
