@@ -146,6 +146,15 @@ final class ConfigTests: XCTestCase {
         }
     }
 
+    func testWorkersIsAutoOrABoundedNumber() throws {
+        XCTAssertEqual(try decode("dataDir: /tmp/x\nworkers: 3\n").servingLoops, 3)
+        let cpus = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        XCTAssertEqual(try decode("dataDir: /tmp/x\n").servingLoops, max(1, min(16, cpus)), "auto by default")
+        XCTAssertEqual(try decode("dataDir: /tmp/x\nworkers: auto\n").servingLoops, max(1, min(16, cpus)))
+        fails("dataDir: /tmp/x\nworkers: 0\n", "'workers' must be auto or a number from 1 to 64", line: 2)
+        fails("dataDir: /tmp/x\nworkers: many\n", "got 'many'", line: 2)
+    }
+
     /// The example shipped in packaging/ is valid (with its paths pointed at a temp dir).
     /// `pki csr` → the organisation's CA (openssl here) signs → check-config
     /// accepts the certificate as this domain's agent.
