@@ -145,20 +145,31 @@ public final class AgentStore: Sendable {
         return ids
     }
 
+    /// A resource as a client reads it, in one snapshot: users with their
+    /// read-only `groups` from the membership index.
+    public func getAsReturned(_ type: ResourceType, _ id: String, baseURL: String) throws -> JSONObject? {
+        try environment.read { txn in
+            guard let stored = try load(txn, type, id) else { return nil }
+            return type.id == "User" ? try addGroups(txn, stored, baseURL: baseURL) : stored
+        }
+    }
+
     /// A user as returned: with its read-only `groups` from the membership index.
     public func withGroups(_ user: JSONObject, baseURL: String) throws -> JSONObject {
+        try environment.read { txn in try addGroups(txn, user, baseURL: baseURL) }
+    }
+
+    func addGroups(_ txn: borrowing some StoreReading & ~Copyable, _ user: JSONObject, baseURL: String) throws -> JSONObject {
         guard let id = user["id"]?.stringValue else { return user }
-        return try environment.read { txn in
-            var out = user
-            let groups: [JSON] = try groupIDs(txn, of: id).compactMap { gid in
-                guard let group = try load(txn, registry.resourceType("Group")!, gid) else { return nil }
-                var g: JSONObject = ["value": .string(gid), "$ref": .string("\(baseURL)/Groups/\(gid)"), "type": "direct"]
-                if let name = group["displayName"] { g["display"] = name }
-                return .object(g)
-            }
-            out["groups"] = groups.isEmpty ? nil : .array(groups)
-            return out
+        var out = user
+        let groups: [JSON] = try groupIDs(txn, of: id).compactMap { gid in
+            guard let group = try load(txn, registry.resourceType("Group")!, gid) else { return nil }
+            var g: JSONObject = ["value": .string(gid), "$ref": .string("\(baseURL)/Groups/\(gid)"), "type": "direct"]
+            if let name = group["displayName"] { g["display"] = name }
+            return .object(g)
         }
+        out["groups"] = groups.isEmpty ? nil : .array(groups)
+        return out
     }
 
     /// Outbox entries after `sequence`, at most `limit`.

@@ -159,6 +159,7 @@ public final class SCIMEndpoint {
     /// `JSONLogHandler`, built faster) instead of through `logger`.
     public var accessLog: LogSink?
     var logClock = LogClock()
+    var defaultProjections: [String: Projection] = [:]
     /// True while writes are refused because the outbox is over its watermark.
     public var backpressure: Bool { shared.backpressure }
     /// Called after each successful write commit (the relay sends soon after).
@@ -358,7 +359,7 @@ public final class SCIMEndpoint {
     // MARK: reads
 
     func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
-        guard let stored = try store.get(type, id) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
+        guard let stored = try store.getAsReturned(type, id, baseURL: base) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
         let version = stored["meta"]?["version"]?.stringValue
         switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
                              current: version, isRead: true) {
@@ -369,10 +370,15 @@ public final class SCIMEndpoint {
             throw SCIMError(412, nil, "If-Match does not match the current version \(version ?? "-")")
         case .proceed: break
         }
-        let params = try queryParameters(request)
-        let query = try ListQuery(parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
-                                  registry: registry, type: type, maxResults: options.maxResults, profile: options.profile)
-        responder.respond(Self.respond(200, .object(try output(stored, type, base, query.projection)),
+        let projection: Projection
+        if request.query == nil {
+            projection = defaultProjection(type)
+        } else {
+            let params = try queryParameters(request)
+            projection = try ListQuery(parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                                       registry: registry, type: type, maxResults: options.maxResults, profile: options.profile).projection
+        }
+        responder.respond(Self.respond(200, .object(try output(stored, type, base, projection, groupsAdded: true)),
                                        headers: etagHeaders(stored, type, base)))
     }
 
@@ -414,13 +420,22 @@ public final class SCIMEndpoint {
 
     /// The resource as returned: `groups` added for users, `meta.location`,
     /// then projected.
-    func output(_ stored: JSONObject, _ type: ResourceType, _ base: String, _ projection: Projection) throws -> JSONObject {
-        var r = type.id == "User" ? try store.withGroups(stored, baseURL: base) : stored
+    func output(_ stored: JSONObject, _ type: ResourceType, _ base: String, _ projection: Projection,
+                groupsAdded: Bool = false) throws -> JSONObject {
+        var r = type.id == "User" && !groupsAdded ? try store.withGroups(stored, baseURL: base) : stored
         if var meta = r["meta"]?.objectValue, let id = r["id"]?.stringValue {
             meta["location"] = .string("\(base)\(type.endpoint)/\(id)")
             r["meta"] = .object(meta)
         }
         return projection.apply(to: r)
+    }
+
+    /// The projection of a request without `attributes` or `excludedAttributes`, per type.
+    func defaultProjection(_ type: ResourceType) -> Projection {
+        if let p = defaultProjections[type.id] { return p }
+        let p = Projection.none(registry: registry, type: type)
+        defaultProjections[type.id] = p
+        return p
     }
 
     func etagHeaders(_ stored: JSONObject, _ type: ResourceType, _ base: String) -> HTTPHeaders {
