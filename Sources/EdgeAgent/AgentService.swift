@@ -75,7 +75,6 @@ public final class AgentService {
     public let server: HTTPServer
     /// The other serving loops (`servingLoops - 1` of them).
     let servingLoops: [ServingLoop]
-    private var spreader: ConnectionSpreader?
     public private(set) var adminServer: HTTPServer?
     public private(set) var relay: Relay?
     private var signals: ServiceSignals?
@@ -114,8 +113,7 @@ public final class AgentService {
                             limits: configuration.limits, mainInbox: loop.inbox, committed: committed, logger: endpoint.logger, accessLog: configuration.accessLog)
         }
         if !servingLoops.isEmpty {
-            let spreader = ConnectionSpreader(loops: servingLoops)
-            self.spreader = spreader
+            let spreader = ConnectionSpreader(loops: servingLoops)  // kept by the closure
             server.handOver = { spreader.handOver($0) }
         }
         if let admin = configuration.adminListen {

@@ -154,9 +154,11 @@ public final class AgentStore: Sendable {
         }
     }
 
-    /// A user as returned: with its read-only `groups` from the membership index.
-    public func withGroups(_ user: JSONObject, baseURL: String) throws -> JSONObject {
-        try environment.read { txn in try addGroups(txn, user, baseURL: baseURL) }
+    /// A stored resource as a client reads it: users with their read-only
+    /// `groups` from the membership index.
+    public func asReturned(_ stored: JSONObject, _ type: ResourceType, baseURL: String) throws -> JSONObject {
+        guard type.id == "User" else { return stored }
+        return try environment.read { txn in try addGroups(txn, stored, baseURL: baseURL) }
     }
 
     func addGroups(_ txn: borrowing some StoreReading & ~Copyable, _ user: JSONObject, baseURL: String) throws -> JSONObject {

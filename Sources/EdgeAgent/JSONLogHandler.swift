@@ -78,7 +78,7 @@ public final class LogSink: Sendable {
     private let writing = Mutex<Void>(())
     static let limit = 32 * 1024
 
-    public init(fd: Int32) {
+    private init(fd: Int32) {
         self.fd = fd
         let context = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
@@ -129,19 +129,19 @@ extension LogSink {
                  clock: inout LogClock) {
         var line: [UInt8] = []
         line.reserveCapacity(160 + path.utf8.count)
-        line += LogClock.open
+        line += RequestLine.open
         clock.stamp(into: &line)
-        line += Array(#","level":"info","msg":"request","logger":"#.utf8)
+        line += RequestLine.level
         appendJSONString(logger, to: &line)
-        line += Array(#","method":"#.utf8)
+        line += RequestLine.method
         appendJSONString(method, to: &line)
-        line += Array(#","ms":"#.utf8)
-        line += Array(String(milliseconds).utf8)
-        line += Array(#","path":"#.utf8)
+        line += RequestLine.ms
+        line += String(milliseconds).utf8
+        line += RequestLine.path
         appendJSONString(String(path), to: &line)
-        line += Array(#","status":"#.utf8)
-        line += Array(String(status).utf8)
-        line += Array(#","trace":"#.utf8)
+        line += RequestLine.status
+        line += String(status).utf8
+        line += RequestLine.trace
         appendJSONString(trace, to: &line)
         line.append(UInt8(ascii: "}"))
         line.append(10)
@@ -149,9 +149,19 @@ extension LogSink {
     }
 }
 
+/// The fixed parts of an access-log line.
+private enum RequestLine {
+    static let open = Array(#"{"ts":""#.utf8)
+    static let level = Array(#","level":"info","msg":"request","logger":"#.utf8)
+    static let method = Array(#","method":"#.utf8)
+    static let ms = Array(#","ms":"#.utf8)
+    static let path = Array(#","path":"#.utf8)
+    static let status = Array(#","status":"#.utf8)
+    static let trace = Array(#","trace":"#.utf8)
+}
+
 /// The access log's timestamp, with the formatted second cached (one per loop).
 struct LogClock {
-    static let open = Array(#"{"ts":""#.utf8)
     private var second: Int = -1
     private var prefix: [UInt8] = []
 
@@ -170,7 +180,8 @@ struct LogClock {
         out.append(UInt8(48 + ms / 100))
         out.append(UInt8(48 + ms / 10 % 10))
         out.append(UInt8(48 + ms % 10))
-        out += Array("Z\"".utf8)
+        out.append(UInt8(ascii: "Z"))
+        out.append(UInt8(ascii: "\""))
     }
 }
 

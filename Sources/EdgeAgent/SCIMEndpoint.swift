@@ -95,11 +95,13 @@ final class Reply {
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
         endpoint.metricsCell.update { $0.record(method: method, resource: resource, status: response.status, seconds: seconds) }
         if let sink = endpoint.accessLog {
-            sink.request(logger: endpoint.logger.label, method: method, path: path, status: response.status,
-                         milliseconds: Int(seconds * 1000), trace: traceID, clock: &endpoint.logClock)
+            if endpoint.logger.logLevel <= .info {
+                sink.request(logger: endpoint.logger.label, method: method, path: path, status: response.status,
+                             milliseconds: Int(seconds * 1000), trace: traceID, clock: &endpoint.logClock)
+            }
         } else {
             endpoint.logger.info("request", metadata: [
-            "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
+                "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
                 "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
             ])
         }
@@ -378,7 +380,7 @@ public final class SCIMEndpoint {
             projection = try ListQuery(parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                                        registry: registry, type: type, maxResults: options.maxResults, profile: options.profile).projection
         }
-        responder.respond(Self.respond(200, .object(try output(stored, type, base, projection, groupsAdded: true)),
+        responder.respond(Self.respond(200, .object(try output(stored, type, base, projection)),
                                        headers: etagHeaders(stored, type, base)))
     }
 
@@ -414,15 +416,14 @@ public final class SCIMEndpoint {
         }
         let page = try query.paginate(matches, sortable: types.count == 1) { $0.1 }
         responder.respond(Self.respond(200, try makeListResponse(page) { type, r in
-            JSON.object(try output(r, type, base, (perType[type.id] ?? query).projection))
+            JSON.object(try output(try store.asReturned(r, type, baseURL: base), type, base, (perType[type.id] ?? query).projection))
         }))
     }
 
-    /// The resource as returned: `groups` added for users, `meta.location`,
-    /// then projected.
-    func output(_ stored: JSONObject, _ type: ResourceType, _ base: String, _ projection: Projection,
-                groupsAdded: Bool = false) throws -> JSONObject {
-        var r = type.id == "User" && !groupsAdded ? try store.withGroups(stored, baseURL: base) : stored
+    /// A resource as returned (`AgentStore.asReturned`) with its
+    /// `meta.location`, projected.
+    func output(_ returned: JSONObject, _ type: ResourceType, _ base: String, _ projection: Projection) throws -> JSONObject {
+        var r = returned
         if var meta = r["meta"]?.objectValue, let id = r["id"]?.stringValue {
             meta["location"] = .string("\(base)\(type.endpoint)/\(id)")
             r["meta"] = .object(meta)
@@ -482,7 +483,7 @@ public final class SCIMEndpoint {
                     let shape = try projection ?? ListQuery(
                         parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                         registry: registry, type: type, maxResults: options.maxResults).projection
-                    responder.respond(Self.respond(status, .object(try output(stored, type, base, shape)),
+                    responder.respond(Self.respond(status, .object(try output(try store.asReturned(stored, type, baseURL: base), type, base, shape)),
                                                    headers: etagHeaders(stored, type, base)))
                 } catch let e as SCIMError {
                     responder.respond(Self.respond(e))

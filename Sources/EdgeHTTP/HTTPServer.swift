@@ -1,6 +1,6 @@
 import EdgeLoop
-import Glibc
 import EdgeTLS
+import Glibc
 
 /// Limits of an HTTP server; every one has a status it answers with.
 public struct HTTPServerLimits: Sendable {
@@ -159,12 +159,12 @@ public final class HTTPServer {
     }
 
     private func accept(_ stream: TCPStream) {
-        if !draining, connections.count < limits.maxConnections, let handOver, handOver(stream) { return }
         guard !draining, connections.count < limits.maxConnections else {
             statistics.rejectedConnections += 1
             stream.close()
             return
         }
+        if let handOver, handOver(stream) { return }
         let session: TLSSession?
         if let tls {
             do { session = try tls.context.makeSession() } catch {

@@ -166,7 +166,9 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
             let before = environment.lastTransactionID
             batch.run(in: environment)
             if environment.lastTransactionID != before {
-                // This commit's data sync covered the previous meta page.
+                // A commit happened after the previous batch's (this one, or
+                // another thread's through `Environment.write`); its data sync
+                // covered the previous meta page.
                 if let previous = unflushed { acknowledge([previous], flushError: nil) }
                 unflushed = batch
             } else {
