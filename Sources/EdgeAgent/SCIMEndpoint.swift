@@ -522,7 +522,8 @@ public final class SCIMEndpoint {
         // One call to the random generator for every id this write needs.
         let random = secureRandomBytes(given == nil ? 40 : 24)
         let trace = given ?? traceID(request.headers["traceparent"]) ?? hexString(Array(random[24..<40]))
-        var ctx = WriteContext(newID: uuid(from: random[0..<16]), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
+        let milliseconds = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
+        var ctx = WriteContext(newID: uuidV7(milliseconds: milliseconds, random: random[0..<16]), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
                                epochSeconds: Int64(ts.tv_sec), eventID: hexString(Array(random[16..<24])), traceID: trace,
                                ifMatch: request.headers["If-Match"])
         ctx.recordEvents = options.recordOutbox
@@ -633,13 +634,16 @@ func traceID(_ header: String?) -> String? {
     return String(parts[1])
 }
 
-/// A random (version 4) UUID.
-func uuid() -> String { uuid(from: secureRandomBytes(16)[...]) }
-
-/// A version 4 UUID from 16 random bytes.
-func uuid(from bytes: ArraySlice<UInt8>) -> String {
-    var b = Array(bytes)
-    b[6] = (b[6] & 0x0F) | 0x40
+/// A time-ordered (version 7, RFC 9562) UUID: 48 bits of Unix milliseconds,
+/// then 74 random bits from `random` (16 bytes; the first 6 are replaced).
+/// Resources created together get neighbouring keys, so a batch of creates
+/// changes a few B-tree pages instead of one random page each: about half the
+/// pages each durable commit writes. The creation time it reveals is already
+/// in `meta.created`.
+func uuidV7(milliseconds: UInt64, random: ArraySlice<UInt8>) -> String {
+    var b = Array(random)
+    for k in 0..<6 { b[k] = UInt8(truncatingIfNeeded: milliseconds >> UInt64(40 - 8 * k)) }
+    b[6] = (b[6] & 0x0F) | 0x70
     b[8] = (b[8] & 0x3F) | 0x80
     let h = hexString(b)
     var out = ""

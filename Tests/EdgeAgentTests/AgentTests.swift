@@ -98,7 +98,7 @@ final class AgentTests: XCTestCase {
         let id = try XCTUnwrap(created.body?["id"]?.stringValue)
         let parts = id.split(separator: "-").map(\.count)
         XCTAssertEqual(parts, [8, 4, 4, 4, 12], "a UUID: \(id)")
-        XCTAssertTrue(id.allSatisfy { $0.isHexDigit || $0 == "-" } && Array(id)[14] == "4", "version 4: \(id)")
+        XCTAssertTrue(id.allSatisfy { $0.isHexDigit || $0 == "-" } && Array(id)[14] == "7", "version 7: \(id)")
         let etag = try XCTUnwrap(created.header("ETag"))
         XCTAssertEqual(created.header("Location"), "http://127.0.0.1:\(agent.port)/scim/v2/Users/\(id)")
         XCTAssertEqual(created.body?["meta"]?["version"]?.stringValue, etag)
@@ -126,6 +126,32 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(first["ref"]?.stringValue, "/Users/\(id)")
         XCTAssertEqual(first["data"]?["userName"], "bjensen", "full state in the event")
         XCTAssertEqual(first["version"]?.stringValue, etag)
+    }
+
+    /// Ids are RFC 9562 version 7 UUIDs: creation time first, so ids sort by
+    /// creation and a batch of creates lands on neighbouring B-tree pages.
+    func testIDsAreTimeOrderedVersion7UUIDs() throws {
+        let agent = try AgentHarness()
+        var ids: [String] = []
+        for k in 0..<3 {
+            if k > 0 { usleep(2000) }
+            let reply = try agent.call("POST", "/Users", userBody("ordered\(k)"))
+            XCTAssertEqual(reply.status, 201)
+            let id = try XCTUnwrap(reply.body?["id"]?.stringValue)
+            let hex = Array(id.replacingOccurrences(of: "-", with: ""))
+            XCTAssertEqual(hex[12], "7", "version 7: \(id)")
+            XCTAssertTrue("89ab".contains(hex[16]), "RFC 9562 variant: \(id)")
+            let millis = try XCTUnwrap(UInt64(String(hex[0..<12]), radix: 16))
+            let created = try XCTUnwrap(reply.body?["meta"]?["created"]?.stringValue)
+            let format = ISO8601DateFormatter()
+            format.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            let createdMillis = UInt64((try XCTUnwrap(format.date(from: created)).timeIntervalSince1970 * 1000).rounded())
+            XCTAssertEqual(millis, createdMillis, "the id starts with meta.created in ms: \(id) \(created)")
+            ids.append(id)
+        }
+        XCTAssertEqual(ids, ids.sorted(), "later creates sort later")
+        XCTAssertEqual(Set(ids).count, 3)
+        XCTAssertEqual(agent.stop(), 0)
     }
 
     func testUserNameUniquenessIsCaseInsensitiveUnderConcurrentCreates() throws {
