@@ -154,6 +154,59 @@ public final class AgentStore: Sendable {
         }
     }
 
+    /// What a GET by id without `attributes` or `excludedAttributes` answers.
+    public enum DefaultRead {
+        case notFound
+        /// The response body, made from the stored bytes, and `meta.version`.
+        case body([UInt8], version: String?)
+        /// The stored form needs the general path (`asReturned`, then a projection).
+        case general(JSONObject)
+    }
+
+    /// GET by id in one snapshot, without parsing the resource when it can be
+    /// answered as stored: `store` writes `meta` last, so the body is the
+    /// stored bytes up to `meta`, then `meta` with its `location`, then (users)
+    /// `groups`: the bytes `output(asReturned(…))` gives under the default
+    /// projection (tested). `hidden`: the names that projection drops
+    /// (`Projection.namesHiddenByDefault`); a resource naming one of them,
+    /// or not ending in a `meta` object, takes the general path.
+    public func getForDefaultRead(_ type: ResourceType, _ id: String, baseURL: String, hidden: [String]) throws -> DefaultRead {
+        try environment.read { txn in
+            guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return .notFound }
+            let isUser = type.id == "User"
+            let metaStart = lastRange(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
+            var meta: JSONObject?
+            if let metaStart, bytes.last == UInt8(ascii: "}"),
+               !hidden.contains(where: { namesMember(bytes, $0) }), !(isUser && namesMember(bytes, "groups")),
+               // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
+               let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)])).objectValue,
+               parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil {
+                meta = parsed
+            }
+            guard var meta, let metaStart else {
+                let stored = try JSONParser.parse(bytes).objectValue ?? [:]
+                return .general(isUser ? try addGroups(txn, stored, baseURL: baseURL) : stored)
+            }
+            meta["location"] = .string("\(baseURL)\(type.endpoint)/\(id)")
+            var body: [UInt8] = []
+            body.reserveCapacity(bytes.count + 256)
+            body.append(contentsOf: bytes[..<metaStart])
+            JSON.object(meta).write(to: &body)
+            if isUser {
+                let groups = try groupsReturned(txn, of: id, baseURL: baseURL)
+                if !groups.isEmpty {
+                    body.append(contentsOf: AgentStore.groupsMember)
+                    JSON.array(groups).write(to: &body)
+                }
+            }
+            body.append(UInt8(ascii: "}"))
+            return .body(body, version: meta["version"]?.stringValue)
+        }
+    }
+
+    static let metaMember = Array(#","meta":"#.utf8)
+    static let groupsMember = Array(#","groups":"#.utf8)
+
     /// A stored resource as a client reads it: users with their read-only
     /// `groups` from the membership index.
     public func asReturned(_ stored: JSONObject, _ type: ResourceType, baseURL: String) throws -> JSONObject {
@@ -164,14 +217,19 @@ public final class AgentStore: Sendable {
     func addGroups(_ txn: borrowing some StoreReading & ~Copyable, _ user: JSONObject, baseURL: String) throws -> JSONObject {
         guard let id = user["id"]?.stringValue else { return user }
         var out = user
-        let groups: [JSON] = try groupIDs(txn, of: id).compactMap { gid in
+        let groups = try groupsReturned(txn, of: id, baseURL: baseURL)
+        out["groups"] = groups.isEmpty ? nil : .array(groups)
+        return out
+    }
+
+    /// A user's read-only `groups` values, from the membership index.
+    func groupsReturned(_ txn: borrowing some StoreReading & ~Copyable, of id: String, baseURL: String) throws -> [JSON] {
+        try groupIDs(txn, of: id).compactMap { gid in
             guard let group = try load(txn, registry.resourceType("Group")!, gid) else { return nil }
             var g: JSONObject = ["value": .string(gid), "$ref": .string("\(baseURL)/Groups/\(gid)"), "type": "direct"]
             if let name = group["displayName"] { g["display"] = name }
             return .object(g)
         }
-        out["groups"] = groups.isEmpty ? nil : .array(groups)
-        return out
     }
 
     /// Outbox entries after `sequence`, at most `limit`.
@@ -323,3 +381,37 @@ extension AgentStore {
         }
     }
 }
+
+/// Whether serialised JSON has a member named `name` (ASCII case-insensitive:
+/// attribute names are). A string value that reads `"name":` also counts,
+/// which only sends the caller down its general path.
+func namesMember(_ bytes: [UInt8], _ name: String) -> Bool {
+    let pattern = [UInt8(ascii: "\"")] + Array(name.lowercased().utf8) + [UInt8(ascii: "\""), UInt8(ascii: ":")]
+    guard bytes.count >= pattern.count else { return false }
+    return bytes.withUnsafeBufferPointer { b in
+        var k = 0
+        let last = b.count - pattern.count
+        while k <= last {
+            if b[k] == pattern[0] {
+                var m = 1
+                while m < pattern.count, asciiLower(b[k + m]) == pattern[m] { m += 1 }
+                if m == pattern.count { return true }
+            }
+            k += 1
+        }
+        return false
+    }
+}
+
+/// The start of the last occurrence of `pattern` in `bytes`.
+func lastRange(of pattern: [UInt8], in bytes: [UInt8]) -> Int? {
+    guard bytes.count >= pattern.count else { return nil }
+    var k = bytes.count - pattern.count
+    while k >= 0 {
+        if bytes[k] == pattern[0] && bytes[k..<(k + pattern.count)].elementsEqual(pattern) { return k }
+        k -= 1
+    }
+    return nil
+}
+
+@inline(__always) func asciiLower(_ c: UInt8) -> UInt8 { c >= 65 && c <= 90 ? c | 0x20 : c }

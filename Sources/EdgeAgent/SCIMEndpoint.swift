@@ -162,6 +162,7 @@ public final class SCIMEndpoint {
     public var accessLog: LogSink?
     var logClock = LogClock()
     var defaultProjections: [String: Projection] = [:]
+    var hiddenNames: [String: [String]] = [:]
     /// True while writes are refused because the outbox is over its watermark.
     public var backpressure: Bool { shared.backpressure }
     /// Called after each successful write commit (the relay sends soon after).
@@ -361,17 +362,26 @@ public final class SCIMEndpoint {
     // MARK: reads
 
     func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
-        guard let stored = try store.getAsReturned(type, id, baseURL: base) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
-        let version = stored["meta"]?["version"]?.stringValue
-        switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
-                             current: version, isRead: true) {
-        case .notModified:
-            responder.respond(HTTPResponse(status: 304, headers: ["ETag": version ?? ""]))
-            return
-        case .preconditionFailed:
-            throw SCIMError(412, nil, "If-Match does not match the current version \(version ?? "-")")
-        case .proceed: break
+        let stored: JSONObject
+        if request.query == nil {
+            // The common case: the body straight from the stored bytes.
+            switch try store.getForDefaultRead(type, id, baseURL: base, hidden: hiddenByDefault(type)) {
+            case .notFound: throw SCIMError.notFound("\(type.id) \(id) not found")
+            case .general(let returned): stored = returned
+            case .body(let body, let version):
+                guard try passesPreconditions(request, version, responder) else { return }
+                var headers = HTTPHeaders()
+                if let version { headers.set("ETag", version) }
+                headers.set("Location", "\(base)\(type.endpoint)/\(id)")
+                headers.set("Content-Type", "application/scim+json")
+                responder.respond(HTTPResponse(status: 200, headers: headers, body: body))
+                return
+            }
+        } else {
+            guard let returned = try store.getAsReturned(type, id, baseURL: base) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
+            stored = returned
         }
+        guard try passesPreconditions(request, stored["meta"]?["version"]?.stringValue, responder) else { return }
         let projection: Projection
         if request.query == nil {
             projection = defaultProjection(type)
@@ -382,6 +392,20 @@ public final class SCIMEndpoint {
         }
         responder.respond(Self.respond(200, .object(try output(stored, type, base, projection)),
                                        headers: etagHeaders(stored, type, base)))
+    }
+
+    /// `If-None-Match` / `If-Match` on a read: false when answered (304) here.
+    func passesPreconditions(_ request: HTTPRequest, _ version: String?, _ responder: Reply) throws -> Bool {
+        switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
+                             current: version, isRead: true) {
+        case .notModified:
+            responder.respond(HTTPResponse(status: 304, headers: ["ETag": version ?? ""]))
+            return false
+        case .preconditionFailed:
+            throw SCIMError(412, nil, "If-Match does not match the current version \(version ?? "-")")
+        case .proceed:
+            return true
+        }
     }
 
     func list(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Reply) throws {
@@ -429,6 +453,14 @@ public final class SCIMEndpoint {
             r["meta"] = .object(meta)
         }
         return projection.apply(to: r)
+    }
+
+    /// The names the default projection drops, per type (see `AgentStore.getForDefaultRead`).
+    func hiddenByDefault(_ type: ResourceType) -> [String] {
+        if let names = hiddenNames[type.id] { return names }
+        let names = Projection.namesHiddenByDefault(registry: registry, type: type)
+        hiddenNames[type.id] = names
+        return names
     }
 
     /// The projection of a request without `attributes` or `excludedAttributes`, per type.

@@ -360,6 +360,19 @@ public struct Projection: Sendable {
         try! Projection(registry: registry, type: type)
     }
 
+    /// The names of every attribute and sub-attribute of `type` (its schemas
+    /// and the common attributes) that a request without `attributes` or
+    /// `excludedAttributes` never gets back (`returned: never` or `request`).
+    /// A validated resource naming none of them is returned as it is.
+    public static func namesHiddenByDefault(registry: SchemaRegistry, type: ResourceType) -> [String] {
+        func hidden(_ defs: [AttributeDefinition]) -> [String] {
+            defs.flatMap { def in
+                (def.returned == .never || def.returned == .request ? [def.name] : []) + hidden(def.subAttributes)
+            }
+        }
+        return hidden(commonAttributes + registry.schemas(of: type).flatMap(\.attributes))
+    }
+
     var selective: Bool { !attributes.isEmpty || !wholeExtensions.isEmpty }
 
     /// The resource as returned to a client.

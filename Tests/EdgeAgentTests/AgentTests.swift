@@ -58,6 +58,7 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
         let status: Int
         let head: String
         let body: JSON?
+        let raw: String
         func header(_ name: String) -> String? {
             head.split(separator: "\r\n").first { $0.lowercased().hasPrefix(name.lowercased() + ":") }
                 .map { String($0.dropFirst(name.count + 1)).trimmingCharacters(in: .whitespaces) }
@@ -77,7 +78,7 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
         }
         client.send(head + "\r\n" + (body ?? ""))
         guard let r = client.readResponses(1).first else { throw POSIXError(.EIO) }
-        return Reply(status: r.status, head: r.head, body: r.body.isEmpty ? nil : try? JSONParser.parse(r.body))
+        return Reply(status: r.status, head: r.head, body: r.body.isEmpty ? nil : try? JSONParser.parse(r.body), raw: r.body)
     }
 
     /// The store, opened after the agent stopped (or read-only alongside).
@@ -320,6 +321,55 @@ final class AgentTests: XCTestCase {
         let kinds = try agent.openStore().outboxEntries(after: 0, limit: 100).map { $0.1["events"]!.objectValue!.keys.first! }
         XCTAssertEqual(kinds.suffix(2), ["urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"],
                        "deleting a member emits the group's change, then the delete")
+    }
+
+    /// GET by id without a query answers from the stored bytes; it must give
+    /// exactly what the general path (asReturned, meta.location, the default
+    /// projection) gives, which a filtered list still uses.
+    func testReadFromStoredBytesMatchesTheGeneralPath() throws {
+        let agent = try AgentHarness()
+        let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+        let bodies = [
+            userBody("plain"),
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"ext","externalId":"e-1","name":{"givenName":"Zoë","familyName":"O\"Brien \\ \u0001"},"emails":[{"value":"x@example.com","type":"work","primary":true}],"title":"\"meta\":{","active":true,"\#(enterprise)":{"employeeNumber":"42","manager":{"value":"m-1"}}}"#,
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"secret","password":"hunter2","nickName":"s"}"#,
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"UserName":"MixedCase","displayName":"meta"}"#,
+        ]
+        var ids: [String] = []
+        for body in bodies {
+            let created = try agent.call("POST", "/Users", body)
+            XCTAssertEqual(created.status, 201, created.raw)
+            ids.append(try XCTUnwrap(created.body?["id"]?.stringValue))
+        }
+        let g = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew \"1\"","members":[{"value":"\#(ids[0])"},{"value":"\#(ids[1])"}]}"#)
+        XCTAssertEqual(g.status, 201)
+        let gid = try XCTUnwrap(g.body?["id"]?.stringValue)
+        let second = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Two","members":[{"value":"\#(ids[1])"}]}"#)
+        XCTAssertEqual(second.status, 201)
+        let patched = try agent.call("PATCH", "/Users/\(ids[0])", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"title","value":"after"}]}"#)
+        XCTAssertEqual(patched.status, 200)
+
+        for (type, id) in ids.map({ ("Users", $0) }) + [("Groups", gid)] {
+            let direct = try agent.call("GET", "/\(type)/\(id)")
+            XCTAssertEqual(direct.status, 200)
+            let listed = try agent.call("GET", "/\(type)?filter=id%20eq%20%22\(id)%22")
+            let general = try XCTUnwrap(listed.body?["Resources"]?.arrayValue?.first, listed.raw)
+            XCTAssertEqual(direct.raw, String(decoding: general.serialized(), as: UTF8.self), "\(type)/\(id): same bytes as the general path")
+            XCTAssertEqual(direct.header("ETag"), general["meta"]?["version"]?.stringValue)
+            XCTAssertEqual(direct.header("Location"), general["meta"]?["location"]?.stringValue)
+            XCTAssertEqual(direct.header("Content-Type"), "application/scim+json")
+            XCTAssertFalse(direct.raw.lowercased().contains("hunter2"), "password is never returned")
+        }
+        let withGroups = try agent.call("GET", "/Users/\(ids[1])")
+        XCTAssertEqual(withGroups.body?["groups"]?.arrayValue?.count, 2)
+        XCTAssertEqual(withGroups.body?["groups"]?.arrayValue?.first?["display"], #"Crew "1""#)
+        XCTAssertEqual(withGroups.body?["meta"]?["location"]?.stringValue, "http://127.0.0.1:\(agent.port)/scim/v2/Users/\(ids[1])")
+        XCTAssertNil(try agent.call("GET", "/Users/\(ids[2])").body?["password"])
+        let etag = try XCTUnwrap(withGroups.header("ETag"))
+        XCTAssertEqual(try agent.call("GET", "/Users/\(ids[1])", headers: ["If-None-Match": etag]).status, 304)
+        XCTAssertEqual(try agent.call("GET", "/Users/\(ids[1])", headers: ["If-Match": #"W/"0""#]).status, 412)
+        XCTAssertEqual(try agent.call("GET", "/Users/nope").status, 404)
+        XCTAssertEqual(agent.stop(), 0)
     }
 
     func testBulkWithForwardBulkIdReference() throws {
