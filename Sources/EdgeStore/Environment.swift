@@ -192,14 +192,6 @@ public final class Environment: @unchecked Sendable {  // see the threading note
         try check(mdb_env_set_mapsize(env, next))
     }
 
-    /// The id of the last committed write transaction (it changes only when
-    /// a commit wrote, and so synced, something).
-    public var lastTransactionID: Int {
-        var info = MDB_envinfo()
-        mdb_env_info(env, &info)
-        return info.me_last_txnid
-    }
-
     public var info: EnvironmentInfo {
         var info = MDB_envinfo()
         var stat = MDB_stat()

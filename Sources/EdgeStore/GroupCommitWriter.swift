@@ -8,12 +8,10 @@ public typealias WriteOperation<T> = @Sendable (borrowing WriteTransaction) thro
 /// Group commit: many callers' writes in one transaction and one fsync.
 ///
 /// Callers on any event loop `submit` write closures. A writer thread takes
-/// every write waiting, applies them in one transaction and commits it with
-/// its data pages synced, then takes the next batch at once: the writes that
-/// arrived meanwhile. A batch's callers are answered (on their loops) once
-/// its meta page is durable too: by the next batch's commit, whose data sync
-/// covers it, or by a flush when nothing follows (acknowledged means
-/// durable). Under load that is one sync per batch, and no event loop sits
+/// every write waiting, applies them in one transaction, commits it with its
+/// data pages synced and flushes its meta page; then it answers the batch's
+/// callers (on their loops: acknowledged means durable) and takes the next
+/// batch at once, the writes that arrived meanwhile. No event loop sits
 /// between two batches. Completions come in commit order; a failing closure
 /// fails only itself.
 ///
@@ -25,7 +23,7 @@ public final class GroupCommitWriter: Sendable {
         public var writes = 0
         public var failedWrites = 0
         public var largestBatch = 0
-        /// Flushes (meta-page syncs); fewer than batches under load.
+        /// Flushes (meta-page syncs): one per batch.
         public var flushes = 0
     }
 
@@ -138,24 +136,22 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
         if wake { pthread_cond_signal(work) }
     }
 
-    /// Batches back to back. A commit syncs the file's data before it writes
-    /// its meta page (`MDB_NOMETASYNC`), and that sync also makes the previous
-    /// commit's meta page durable: under load each batch is acknowledged after
-    /// the next one's commit, one sync per batch. With nothing more to commit,
-    /// the last batch gets a flush of its own.
+    /// Batches back to back: each is applied in one transaction, committed
+    /// with its data pages synced (`MDB_NOMETASYNC`), flushed so that its meta
+    /// page is durable too, and only then answered.
+    ///
+    /// Leaving the flush to the next commit's data sync would save a sync per
+    /// batch, but every write would then wait for a whole extra commit, and
+    /// with a bounded number of clients that splits them over two batches in
+    /// flight: measured smaller batches and about 8 % fewer POST /Users per
+    /// second. A batch that committed nothing is flushed as well: its answers
+    /// may rest on another thread's commit that is not flushed yet, and a sync
+    /// with nothing to write is cheap.
     private func writerLoop() {
-        var unflushed: WriteBatch?
         pthread_mutex_lock(mutex)
         while true {
-            while state.pending.isEmpty && unflushed == nil && !state.stopping { pthread_cond_wait(work, mutex) }
-            guard !state.pending.isEmpty else {
-                guard let last = unflushed else { break }  // stopping, nothing left
-                pthread_mutex_unlock(mutex)
-                acknowledge([last], flushError: flush())
-                unflushed = nil
-                pthread_mutex_lock(mutex)
-                continue
-            }
+            while state.pending.isEmpty && !state.stopping { pthread_cond_wait(work, mutex) }
+            guard !state.pending.isEmpty else { break }  // stopping, nothing left
             let take = min(state.pending.count, maxBatch)
             let batch = WriteBatch(writes: Array(state.pending.prefix(take)))
             state.pending.removeFirst(take)
@@ -163,19 +159,8 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
             state.statistics.writes += take
             state.statistics.largestBatch = max(state.statistics.largestBatch, take)
             pthread_mutex_unlock(mutex)
-            let before = environment.lastTransactionID
             batch.run(in: environment)
-            if environment.lastTransactionID != before {
-                // A commit happened after the previous batch's (this one, or
-                // another thread's through `Environment.write`); its data sync
-                // covered the previous meta page.
-                if let previous = unflushed { acknowledge([previous], flushError: nil) }
-                unflushed = batch
-            } else {
-                // Nothing written (every write failed or changed nothing): no sync happened.
-                acknowledge([unflushed, batch].compactMap { $0 }, flushError: unflushed == nil ? nil : flush())
-                unflushed = nil
-            }
+            acknowledge(batch, flushError: flush())
             pthread_mutex_lock(mutex)
         }
         pthread_mutex_unlock(mutex)
@@ -188,19 +173,17 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
     }
 
     /// Posts each write's completion to its loop (called without the mutex).
-    private func acknowledge(_ batches: [WriteBatch], flushError: (any Error)?) {
+    private func acknowledge(_ batch: WriteBatch, flushError: (any Error)?) {
         var failed = 0, answered = 0
         // One job per loop, completing its writes in commit order.
         var groups: [(LoopInbox, [(PendingWrite, (any Error)?)])] = []
-        for batch in batches {
-            for write in batch.writes {
-                // Committed but not known durable: the caller must not take it as acknowledged.
-                let error = write.error ?? flushError
-                if error != nil { failed += 1 }
-                answered += 1
-                if let k = groups.firstIndex(where: { $0.0 === write.inbox }) { groups[k].1.append((write, error)) }
-                else { groups.append((write.inbox, [(write, error)])) }
-            }
+        for write in batch.writes {
+            // Committed but not known durable: the caller must not take it as acknowledged.
+            let error = write.error ?? flushError
+            if error != nil { failed += 1 }
+            answered += 1
+            if let k = groups.firstIndex(where: { $0.0 === write.inbox }) { groups[k].1.append((write, error)) }
+            else { groups.append((write.inbox, [(write, error)])) }
         }
         locked {
             $0.statistics.failedWrites += failed
