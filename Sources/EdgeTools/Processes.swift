@@ -24,7 +24,12 @@ public final class ServiceProcess {
         // Its own process group: a Ctrl-C at the terminal reaches the sandbox only, which then stops the children in order.
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
         posix_spawnattr_setpgroup(&attributes, 0)
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        // A parent-death signal (set by util-linux `setpriv`, which then execs
+        // the program under the same pid): if the sandbox is killed with
+        // SIGKILL and cannot stop its children, they get SIGTERM and drain.
+        let launcher = ServiceProcess.deathSignalLauncher
+        let command = launcher.map { [$0, "--pdeathsig", "TERM", "--", executable] } ?? [executable]
+        let argv = (command + arguments).map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
         var env: [UnsafeMutablePointer<CChar>?] = []
         var p = environ
@@ -33,10 +38,13 @@ public final class ServiceProcess {
         env.append(nil)
         defer { for e in env { free(e) } }
         var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, &attributes, argv, env)
+        let rc = posix_spawn(&child, command[0], &actions, &attributes, argv, env)
         guard rc == 0 else { throw BenchError("cannot start \(executable): \(String(cString: strerror(rc)))") }
         pid = child
     }
+
+    /// `setpriv` when the machine has it (util-linux, essential on Debian).
+    static let deathSignalLauncher: String? = access("/usr/bin/setpriv", X_OK) == 0 ? "/usr/bin/setpriv" : nil
 
     public var isRunning: Bool {
         guard exitStatus == nil else { return false }

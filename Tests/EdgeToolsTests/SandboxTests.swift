@@ -31,6 +31,41 @@ final class SandboxTests: XCTestCase {
         XCTAssertEqual(leftover.waitForExit(), 1, "no process of the sandbox is left")
     }
 
+    /// SIGKILL leaves the sandbox no chance to stop its children: they get a
+    /// parent-death signal instead and end on their own.
+    func testChildrenEndWhenTheSandboxIsKilled() throws {
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--burst", "100000"])
+        XCTAssertNotNil(c.waitForLine("▶ load burst", seconds: 60), "\(c.output)")
+        let dir = String(try XCTUnwrap(c.output.first?.split(separator: " ").last))
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let children = try childProcesses(of: c.process.processIdentifier)
+        XCTAssertGreaterThanOrEqual(children.count, 5, "app, broker and three agents: \(children)")
+        c.signal(SIGKILL)
+        _ = c.waitForExit(seconds: 10)
+        let deadline = Date().addingTimeInterval(20)
+        var alive = children
+        while !alive.isEmpty && Date() < deadline {
+            alive = alive.filter { kill($0, 0) == 0 && !isZombie($0) }
+            usleep(100_000)
+        }
+        XCTAssertEqual(alive, [], "every child of the killed sandbox ended")
+    }
+
+    func childProcesses(of parent: pid_t) throws -> [pid_t] {
+        try FileManager.default.contentsOfDirectory(atPath: "/proc").compactMap { Int32($0) }.filter { pid in
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { return false }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            return fields.count > 2 && Int32(fields[1]) == parent
+        }
+    }
+
+    func isZombie(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
+    }
+
     /// Ctrl-C: every process stops and the directory goes; exit status 130.
     func testInterruptStopsEverythingAndCleansUp() throws {
         let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--burst", "100000"])
