@@ -44,7 +44,8 @@ let package = Package(
                                                   .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
 
-        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig",
+        .target(name: "EdgeMetrics", swiftSettings: strict),
+        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics",
                                                     .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .executableTarget(name: "scim-broker", dependencies: [
@@ -52,7 +53,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         // Operator tools in the agent binary: `scim-edge bench` and `scim-edge sandbox`.
-        .target(name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig"], swiftSettings: strict),
+        .target(name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig", "EdgeMetrics"], swiftSettings: strict),
         .executableTarget(name: "scim-edge", dependencies: [
             "EdgeAgent", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -74,7 +75,8 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(name: "EdgeMetricsTests", dependencies: ["EdgeMetrics"], swiftSettings: strict),
+        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

@@ -1,5 +1,6 @@
 import EdgeHTTP
 import EdgeLoop
+import EdgeMetrics
 import EdgeStore
 import EdgeTLS
 import Glibc
@@ -160,9 +161,9 @@ public final class BrokerService {
         for a in acceptedAt { propagation.add(at: now, seconds: Double(max(0, now - a)) / 1000) }
     }
 
-    /// Quantiles of propagation (agent acceptance → broker commit) over the last `window` seconds.
-    public func propagationQuantiles(window: Int64 = 10, _ qs: [Double] = [0.5, 0.99]) -> (count: Int, values: [Double]) {
-        propagation.quantiles(window: window, qs)
+    /// Quantiles of propagation (agent acceptance → broker commit) over the last 10 s.
+    public func propagationQuantiles(_ qs: [Double] = [0.5, 0.99]) -> (count: Int, values: [Double]) {
+        propagation.quantiles(qs)
     }
 
     public func metricsText() -> String {
@@ -222,7 +223,7 @@ public final class BrokerService {
         perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
         header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
         for w in workers {
-            let (n, q) = w.recent.quantiles(window: 10, [0.5, 0.99])
+            let (n, q) = w.recent.quantiles([0.5, 0.99])
             out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.5\"} \(q[0])\n"
             out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.99\"} \(q[1])\n"
             out += "scim_broker_target_propagation_seconds_count{target=\"\(w.target.name)\"} \(n)\n"
@@ -381,27 +382,24 @@ extension HTTPResponse {
     }
 }
 
-/// Latency samples of the last moments (bounded), for exact quantiles over
-/// a recent window in /metrics and the benchmarks.
+/// Latencies of the last 10 s for the /metrics summaries: per-second
+/// histograms (`RecentLatencies`), so a scrape costs the same whatever the
+/// traffic and memory is fixed.
 struct RecentSamples {
-    private var samples: [(at: Int64, seconds: Double)] = []
-    let capacity = 200_000
+    private var latencies = RecentLatencies(windowSeconds: 10)
 
     mutating func add(at: Int64, seconds: Double) {
-        samples.append((at, seconds))
-        if samples.count > capacity + capacity / 4 { samples.removeFirst(samples.count - capacity) }
+        latencies.record(UInt64(max(0, seconds) * 1_000_000), atMillis: at)
     }
 
-    /// Quantiles `qs` over the samples of the last `window` seconds.
-    func quantiles(window: Int64, _ qs: [Double]) -> (count: Int, values: [Double]) {
-        let since = unixMilliseconds() - window * 1000
-        let recent = samples.filter { $0.at >= since }.map(\.seconds).sorted()
-        guard !recent.isEmpty else { return (0, qs.map { _ in 0 }) }
-        return (recent.count, qs.map { recent[min(recent.count - 1, Int(Double(recent.count) * $0))] })
+    /// Quantiles `qs` over the last 10 s, in seconds.
+    func quantiles(_ qs: [Double]) -> (count: Int, values: [Double]) {
+        let window = latencies.window(nowMillis: unixMilliseconds())
+        return (Int(window.count), qs.map { Double(window.quantile($0)) / 1_000_000 })
     }
 
     func summary(_ name: String, _ help: String) -> String {
-        let (n, q) = quantiles(window: 10, [0.5, 0.99])
+        let (n, q) = quantiles([0.5, 0.99])
         return "# HELP \(name) \(help)\n# TYPE \(name) summary\n"
             + "\(name){quantile=\"0.5\"} \(q[0])\n\(name){quantile=\"0.99\"} \(q[1])\n\(name)_count \(n)\n"
     }

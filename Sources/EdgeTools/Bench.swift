@@ -1,4 +1,5 @@
 import EdgeHTTP
+import EdgeMetrics
 import EdgeLoop
 import EdgeTLS
 import Glibc

@@ -1,4 +1,5 @@
 import Glibc
+import EdgeMetrics
 import SCIM
 
 func ms(_ micros: UInt64) -> String { fixed(Double(micros) / 1000, 2) }

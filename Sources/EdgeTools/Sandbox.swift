@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeMetrics
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS

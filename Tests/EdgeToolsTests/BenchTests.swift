@@ -1,5 +1,6 @@
 @testable import EdgeTools
 import EdgeTestSupport
+import EdgeMetrics
 import Foundation
 import EdgeHTTP
 import SCIM

@@ -1,6 +1,8 @@
-/// An HDR-style latency histogram: log-linear buckets with 128 sub-buckets
-/// per power of two (relative error below 1 %) from 1 µs to about 70 min, in
-/// a fixed 4 KiB array of counters whatever the number of samples.
+/// An HDR-style latency histogram: log-linear buckets, 64 per power of two
+/// above 128 µs (values are reported at their bucket's upper bound: at most
+/// 1/64, 1.6 %, above the true value), exact below, from 1 µs to about
+/// 70 min, in a fixed array of 3,456 counters (27 KiB) whatever the number
+/// of samples.
 public struct LatencyHistogram: Sendable, Equatable {
     static let subBits = 7
     static let subCount = 1 << subBits
