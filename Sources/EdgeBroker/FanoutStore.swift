@@ -407,6 +407,47 @@ extension BrokerStore {
         }
     }
 
+    /// What `forgetTarget` removed.
+    public struct ForgottenTarget: Sendable {
+        public var queued = 0
+        public var mappings = 0
+        public var deadLetters = 0
+        /// Status, deletion guard and counters.
+        public var stateEntries = 0
+        public var total: Int { queued + mappings + deadLetters + stateEntries }
+    }
+
+    /// `scim-broker targets forget NAME`: removes everything kept for a target
+    /// that left the configuration (its queue, account mappings, dead letters,
+    /// status, deletion guard and counters). Deletes in transactions of at
+    /// most `chunk` entries, so a long queue does not make one huge commit;
+    /// running it again finishes an interrupted run. The caller checks that
+    /// the target is no longer configured.
+    public func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
+        var result = ForgottenTarget()
+        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetDead, \.deadLetters)] {
+            while true {
+                let removed = try environment.write { txn in
+                    var keys: [[UInt8]] = []
+                    try txn.scan(db, from: prefixed(name, []), to: prefixEnd(name)) { k, _ in
+                        keys.append(k)
+                        return keys.count < chunk
+                    }
+                    for k in keys { _ = try txn.delete(db, k) }
+                    return keys.count
+                }
+                result[keyPath: field] += removed
+                if removed < chunk { break }
+            }
+        }
+        result.stateEntries = try environment.write { txn in
+            try ["status/", "guard/", "seq/", "deadseq/"].reduce(0) { n, kind in
+                n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
+            }
+        }
+        return result
+    }
+
     /// Queues an item from outside the apply (reconciliation, retries).
     /// With `mapping`, the target account is recorded first (adopting a stray).
     public func enqueue(target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,

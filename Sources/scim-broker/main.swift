@@ -175,7 +175,7 @@ func formatTime(_ ms: Int64?) -> String {
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Downstream targets: status, the deletion guard, reconciliation.",
-        subcommands: [TargetStatus.self, ConfirmDeletes.self, Reconcile.self])
+        subcommands: [TargetStatus.self, ConfirmDeletes.self, Reconcile.self, Forget.self])
 }
 
 struct TargetStatus: ParsableCommand {
@@ -184,10 +184,13 @@ struct TargetStatus: ParsableCommand {
     @Flag(help: "One JSON document per line.") var json = false
 
     func run() throws {
-        let (store, _) = try options.open()
+        let (store, configured) = try options.open()
         let letters = try store.deadLetters(target: nil)
         for (name, saved) in try store.targetStatuses() {
             var status = saved
+            // With --config: a target that left it keeps its queue until `targets forget`.
+            let removed = options.config != nil && !configured.contains { $0.name == name }
+            if removed { status["removed"] = .bool(true) }
             let depth = try store.queueDepth(target: name)
             status["queued"] = .int(depth.count)
             status["oldestQueuedAt"] = .number(JSONNumber(integer: depth.oldest))
@@ -202,7 +205,8 @@ struct TargetStatus: ParsableCommand {
                 + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
                 + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
                 + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
-                + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? ""))
+                + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
+                + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))
         }
     }
 }
@@ -217,6 +221,33 @@ struct ConfirmDeletes: ParsableCommand {
         let (store, _) = try options.open()
         try store.confirmDeletes(target: name)
         emitLine("\(name): removals queued so far are released (the guard counts again from now)")
+    }
+}
+
+struct Forget: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Clear what the broker keeps for a target removed from the configuration.",
+        discussion: """
+            Removes the target's queued changes, account mappings, dead letters, status and deletion guard. \
+            Needs --config, to check that the target is no longer there; run it once the broker runs \
+            without the target.
+            """)
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The removed target.") var name: String
+
+    func run() throws {
+        guard options.config != nil else { throw ValidationError("give --config FILE: forget checks that \(name) is no longer configured") }
+        let (store, targets) = try options.open()
+        guard !targets.contains(where: { $0.name == name }) else {
+            throw ValidationError("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
+        }
+        let gone = try store.forgetTarget(name)
+        guard gone.total > 0 else {
+            emitLine("\(name): nothing stored for this target")
+            return
+        }
+        emitLine("\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
+                 + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
     }
 }
 

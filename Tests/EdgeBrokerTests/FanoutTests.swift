@@ -309,6 +309,48 @@ final class FanoutTests: FederationTestCase {
         })
     }
 
+    /// A target removed from the configuration keeps its queue (shown as
+    /// removed) until `targets forget` clears it; forget refuses a target
+    /// that is still configured and leaves the other targets alone.
+    func testForgetClearsWhatARemovedTargetLeftBehind() throws {
+        let (gone, gonePort) = try startAppAgent("gone")
+        gone.signal(SIGKILL)
+        _ = gone.waitForExit()
+        let (_, keptPort) = try startAppAgent("kept")
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("gone", port: gonePort) + target("kept", port: keptPort))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 0..<4 { _ = try newUser(dp, "waiting\(k)") }
+        let data = dir.file("broker")
+        XCTAssertTrue(eventually(seconds: 30) { self.users(keptPort, token: "t", prefix: "/scim/v2").count == 4 })
+        XCTAssertTrue(eventually(seconds: 20) {
+            ((try? self.brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "").contains("gone\t")
+        }, (try? brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "")
+        let config = dir.file("broker.yaml")
+        let refused = try brokerCLI(["targets", "forget", "--config", config, "gone"])
+        XCTAssertNotEqual(refused.0, 0)
+        XCTAssertTrue(refused.1.contains("gone is still a target in"), refused.1)
+        XCTAssertNotEqual(try brokerCLI(["targets", "forget", "--data-dir", data, "gone"]).0, 0, "--config is required")
+
+        broker.signal(SIGTERM)
+        XCTAssertEqual(broker.waitForExit(seconds: 20), 0)
+        let full = try String(contentsOfFile: config, encoding: .utf8)
+        let without = dir.write("without-gone.yaml", full.components(separatedBy: "targets:")[0] + "targets:\n" + target("kept", port: keptPort))
+        let status = try brokerCLI(["targets", "status", "--config", without])
+        let goneLine = status.1.split(separator: "\n").first { $0.hasPrefix("gone\t") } ?? ""
+        XCTAssertTrue(goneLine.contains("queued 4") && goneLine.contains("REMOVED from the configuration"), status.1)
+        XCTAssertFalse(status.1.split(separator: "\n").first { $0.hasPrefix("kept\t") }?.contains("REMOVED") ?? true, status.1)
+
+        let forgot = try brokerCLI(["targets", "forget", "--config", without, "gone"])
+        XCTAssertEqual(forgot.0, 0, forgot.1)
+        XCTAssertTrue(forgot.1.hasPrefix("gone: forgot 4 queued changes, 0 account mappings, 0 dead letters"), forgot.1)
+        let after = try brokerCLI(["targets", "status", "--config", without]).1
+        XCTAssertFalse(after.contains("gone\t"), after)
+        XCTAssertTrue(after.contains("kept\t"), after)
+        XCTAssertEqual(try BrokerStore(path: data).queueDepth(target: "gone").count, 0)
+        XCTAssertEqual(try BrokerStore(path: data).mappings(target: "kept").count, 4, "the other target's state is untouched")
+        XCTAssertEqual(try brokerCLI(["targets", "forget", "--config", without, "gone"]).1, "gone: nothing stored for this target\n")
+    }
+
     /// A 400 from the target becomes a dead letter holding the request, the
     /// status and the response; the other resources keep flowing; the CLI
     /// lists, retries and drops it.

@@ -183,7 +183,10 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try run(["deadletter", "retry", "3"]).0, 0)
         XCTAssertEqual(try run(["deadletter", "list"]).1, "")
         let outbox = try run(["outbox", "list"])
-        XCTAssertTrue(outbox.1.hasPrefix("5\tprov:create:full\t/Users/\(firstID)"), outbox.1)
+        // Event 4 may still be listed: the broker's acknowledgement of it can
+        // be in flight when the agent stops, and it is sent again (and applied
+        // once) after the restart.
+        XCTAssertTrue(outbox.1.split(separator: "\n").contains { $0.hasPrefix("5\tprov:create:full\t/Users/\(firstID)") }, outbox.1)
         (agent, _) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 5 })
         XCTAssertEqual(try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").count, 2, "both users, once each")
