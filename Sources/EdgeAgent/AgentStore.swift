@@ -1,3 +1,4 @@
+import Glibc
 import EdgeStore
 import SCIM
 
@@ -168,16 +169,16 @@ public final class AgentStore: Sendable {
     /// stored bytes up to `meta`, then `meta` with its `location`, then (users)
     /// `groups`: the bytes `output(asReturned(…))` gives under the default
     /// projection (tested). `hidden`: the names that projection drops
-    /// (`Projection.namesHiddenByDefault`); a resource naming one of them,
+    /// (`Projection.namesHiddenByDefault`, lowercased UTF-8); a resource naming one of them,
     /// or not ending in a `meta` object, takes the general path.
-    public func getForDefaultRead(_ type: ResourceType, _ id: String, baseURL: String, hidden: [String]) throws -> DefaultRead {
+    public func getForDefaultRead(_ type: ResourceType, _ id: String, baseURL: String, hidden: [[UInt8]]) throws -> DefaultRead {
         try environment.read { txn in
             guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return .notFound }
             let isUser = type.id == "User"
             let metaStart = lastRange(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
             var meta: JSONObject?
             if let metaStart, bytes.last == UInt8(ascii: "}"),
-               !hidden.contains(where: { namesMember(bytes, $0) }), !(isUser && namesMember(bytes, "groups")),
+               !namesMember(bytes, isUser ? hidden + [AgentStore.groupsName] : hidden),
                // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
                let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)])).objectValue,
                parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil {
@@ -206,6 +207,7 @@ public final class AgentStore: Sendable {
 
     static let metaMember = Array(#","meta":"#.utf8)
     static let groupsMember = Array(#","groups":"#.utf8)
+    static let groupsName = Array("groups".utf8)
 
     /// A stored resource as a client reads it: users with their read-only
     /// `groups` from the membership index.
@@ -382,22 +384,25 @@ extension AgentStore {
     }
 }
 
-/// Whether serialised JSON has a member named `name` (ASCII case-insensitive:
-/// attribute names are). A string value that reads `"name":` also counts,
-/// which only sends the caller down its general path.
-func namesMember(_ bytes: [UInt8], _ name: String) -> Bool {
-    let pattern = [UInt8(ascii: "\"")] + Array(name.lowercased().utf8) + [UInt8(ascii: "\""), UInt8(ascii: ":")]
-    guard bytes.count >= pattern.count else { return false }
+/// Whether serialised JSON has a member named one of `names` (lowercase;
+/// compared ASCII case-insensitively, as attribute names are). A string value
+/// that reads `"name":` also counts, which only sends the caller down its
+/// general path. One pass over the bytes, from quote to quote.
+func namesMember(_ bytes: [UInt8], _ names: [[UInt8]]) -> Bool {
+    guard !names.isEmpty else { return false }
+    let quote = UInt8(ascii: "\""), colon = UInt8(ascii: ":")
     return bytes.withUnsafeBufferPointer { b in
+        guard let base = b.baseAddress else { return false }
         var k = 0
-        let last = b.count - pattern.count
-        while k <= last {
-            if b[k] == pattern[0] {
-                var m = 1
-                while m < pattern.count, asciiLower(b[k + m]) == pattern[m] { m += 1 }
-                if m == pattern.count { return true }
+        while k < b.count, let hit = memchr(base + k, Int32(quote), b.count - k) {
+            let start = base.distance(to: hit.assumingMemoryBound(to: UInt8.self)) + 1
+            for name in names where start + name.count + 1 < b.count
+                && b[start + name.count] == quote && b[start + name.count + 1] == colon {
+                var m = 0
+                while m < name.count, asciiLower(b[start + m]) == name[m] { m += 1 }
+                if m == name.count { return true }
             }
-            k += 1
+            k = start
         }
         return false
     }

@@ -87,8 +87,10 @@ extension AgentStore {
     }
 
     /// Writes `new` (validated, without id and meta) as resource `id`.
-    func store(_ type: ResourceType, id: String, new: JSONObject, old: JSONObject?, event: String,
+    func store(_ type: ResourceType, id: String, new given: JSONObject, old: JSONObject?, event: String,
                _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws -> JSONObject {
+        // writeOnly values (`password`) are accepted and dropped: never stored, relayed or returned.
+        let new = registry.removingWriteOnly(given, of: type)
         // userName is unique per agent (RFC 7643 uniqueness: server), compared case-insensitively.
         if type.id == "User", let name = new["userName"]?.stringValue {
             let key = Array(name.lowercased().utf8)

@@ -162,7 +162,7 @@ public final class SCIMEndpoint {
     public var accessLog: LogSink?
     var logClock = LogClock()
     var defaultProjections: [String: Projection] = [:]
-    var hiddenNames: [String: [String]] = [:]
+    var hiddenNames: [String: [[UInt8]]] = [:]
     /// True while writes are refused because the outbox is over its watermark.
     public var backpressure: Bool { shared.backpressure }
     /// Called after each successful write commit (the relay sends soon after).
@@ -456,9 +456,9 @@ public final class SCIMEndpoint {
     }
 
     /// The names the default projection drops, per type (see `AgentStore.getForDefaultRead`).
-    func hiddenByDefault(_ type: ResourceType) -> [String] {
+    func hiddenByDefault(_ type: ResourceType) -> [[UInt8]] {
         if let names = hiddenNames[type.id] { return names }
-        let names = Projection.namesHiddenByDefault(registry: registry, type: type)
+        let names = Projection.namesHiddenByDefault(registry: registry, type: type).map { Array($0.lowercased().utf8) }
         hiddenNames[type.id] = names
         return names
     }

@@ -125,18 +125,35 @@ public struct HTTPResponse: Sendable {
     public var bodyText: String { String(decoding: body, as: UTF8.self) }
 
     /// Serialises for the wire (server side).
+    /// The response as sent: status line, headers, blank line, body. Built
+    /// straight into one byte array (no intermediate strings).
     func serialized(date: String, keepAlive: Bool, omitBody: Bool) -> [UInt8] {
-        var head = "HTTP/1.1 \(status) \(reasonPhrase(status))\r\n"
-        for (n, v) in headers.fields { head += "\(n): \(v)\r\n" }
-        if !headers.contains("Content-Length") { head += "Content-Length: \(body.count)\r\n" }
-        if !headers.contains("Date") { head += "Date: \(date)\r\n" }
-        if !keepAlive { head += "Connection: close\r\n" }
-        head += "\r\n"
-        var out = Array(head.utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(160 + headers.fields.count * 48 + (omitBody ? 0 : body.count))
+        func field(_ name: String, _ value: String) {
+            out.append(contentsOf: name.utf8)
+            out.append(contentsOf: fieldSeparator)
+            out.append(contentsOf: value.utf8)
+            out.append(contentsOf: lineEnd)
+        }
+        out.append(contentsOf: statusLinePrefix)
+        out.append(contentsOf: String(status).utf8)
+        out.append(UInt8(ascii: " "))
+        out.append(contentsOf: reasonPhrase(status).utf8)
+        out.append(contentsOf: lineEnd)
+        for (n, v) in headers.fields { field(n, v) }
+        if !headers.contains("Content-Length") { field("Content-Length", String(body.count)) }
+        if !headers.contains("Date") { field("Date", date) }
+        if !keepAlive { field("Connection", "close") }
+        out.append(contentsOf: lineEnd)
         if !omitBody { out.append(contentsOf: body) }
         return out
     }
 }
+
+private let statusLinePrefix = Array("HTTP/1.1 ".utf8)
+private let fieldSeparator = Array(": ".utf8)
+private let lineEnd = Array("\r\n".utf8)
 
 public func reasonPhrase(_ status: Int) -> String {
     switch status {

@@ -210,3 +210,39 @@ public struct ServiceProviderFeatures: Sendable {
         return .object(o)
     }
 }
+
+extension SchemaRegistry {
+    /// `resource` without its writeOnly attributes and sub-attributes, core
+    /// and extension (RFC 7643 §2.2: such values are never returned). The
+    /// agent accepts them and drops them: it does not manage credentials, so
+    /// a `password` is neither stored nor relayed.
+    public func removingWriteOnly(_ resource: JSONObject, of type: ResourceType) -> JSONObject {
+        /// A member's value without its writeOnly parts; nil: the member goes.
+        func kept(_ key: String, _ value: JSON, _ defs: [AttributeDefinition]) -> JSON? {
+            guard let def = defs.named(key) else { return value }
+            if def.mutability == .writeOnly { return nil }
+            let subs = def.subAttributes
+            guard subs.contains(where: { $0.mutability == .writeOnly }) else { return value }
+            switch value {
+            case .object(let o): return .object(strip(o, subs))
+            case .array(let items): return .array(items.map { $0.objectValue.map { .object(strip($0, subs)) } ?? $0 })
+            default: return value
+            }
+        }
+        func strip(_ object: JSONObject, _ defs: [AttributeDefinition]) -> JSONObject {
+            var out = JSONObject()
+            for (key, value) in object { if let v = kept(key, value, defs) { out[key] = v } }
+            return out
+        }
+        let core = schema(type.schema)?.attributes ?? []
+        var out = JSONObject()
+        for (key, value) in resource {
+            if let ext = extensionSchema(key, of: type), let inner = value.objectValue {
+                out[key] = .object(strip(inner, ext.attributes))
+            } else if let v = kept(key, value, core) {
+                out[key] = v
+            }
+        }
+        return out
+    }
+}
