@@ -1,5 +1,5 @@
-import Glibc
 import EdgeStore
+import Glibc
 import SCIM
 
 /// The agent's LMDB file: resources, their indexes, group memberships and the
@@ -175,7 +175,7 @@ public final class AgentStore: Sendable {
         try environment.read { txn in
             guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return .notFound }
             let isUser = type.id == "User"
-            let metaStart = lastRange(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
+            let metaStart = lastIndex(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
             var meta: JSONObject?
             if let metaStart, bytes.last == UInt8(ascii: "}"),
                !namesMember(bytes, isUser ? hidden + [AgentStore.groupsName] : hidden),
@@ -409,7 +409,7 @@ func namesMember(_ bytes: [UInt8], _ names: [[UInt8]]) -> Bool {
 }
 
 /// The start of the last occurrence of `pattern` in `bytes`.
-func lastRange(of pattern: [UInt8], in bytes: [UInt8]) -> Int? {
+func lastIndex(of pattern: [UInt8], in bytes: [UInt8]) -> Int? {
     guard bytes.count >= pattern.count else { return nil }
     var k = bytes.count - pattern.count
     while k >= 0 {

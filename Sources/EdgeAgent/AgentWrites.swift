@@ -116,6 +116,8 @@ extension AgentStore {
         stored["schemas"] = new["schemas"]
         stored["id"] = .string(id)
         for (k, v) in new where k != "schemas" { stored[k] = v }
+        // meta last: GET by id answers from these stored
+        // bytes (`AgentStore.getForDefaultRead`).
         stored["meta"] = [
             "resourceType": .string(type.id),
             "created": old?["meta"]?["created"] ?? .string(ctx.now),

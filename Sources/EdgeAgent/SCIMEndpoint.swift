@@ -370,9 +370,7 @@ public final class SCIMEndpoint {
             case .general(let returned): stored = returned
             case .body(let body, let version):
                 guard try passesPreconditions(request, version, responder) else { return }
-                var headers = HTTPHeaders()
-                if let version { headers.set("ETag", version) }
-                headers.set("Location", "\(base)\(type.endpoint)/\(id)")
+                var headers = resourceHeaders(version: version, type, id: id, base)
                 headers.set("Content-Type", "application/scim+json")
                 responder.respond(HTTPResponse(status: 200, headers: headers, body: body))
                 return
@@ -472,9 +470,14 @@ public final class SCIMEndpoint {
     }
 
     func etagHeaders(_ stored: JSONObject, _ type: ResourceType, _ base: String) -> HTTPHeaders {
+        resourceHeaders(version: stored["meta"]?["version"]?.stringValue, type, id: stored["id"]?.stringValue, base)
+    }
+
+    /// `ETag` and `Location` of a resource response.
+    func resourceHeaders(version: String?, _ type: ResourceType, id: String?, _ base: String) -> HTTPHeaders {
         var h = HTTPHeaders()
-        if let v = stored["meta"]?["version"]?.stringValue { h.set("ETag", v) }
-        if let id = stored["id"]?.stringValue { h.set("Location", "\(base)\(type.endpoint)/\(id)") }
+        if let version { h.set("ETag", version) }
+        if let id { h.set("Location", "\(base)\(type.endpoint)/\(id)") }
         return h
     }
 
@@ -559,7 +562,7 @@ public final class SCIMEndpoint {
                                epochSeconds: Int64(ts.tv_sec), eventID: hexString(Array(random[16..<24])), traceID: trace,
                                ifMatch: request.headers["If-Match"])
         ctx.recordEvents = options.recordOutbox
-        ctx.epochMilliseconds = Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
+        ctx.epochMilliseconds = Int64(milliseconds)
         return ctx
     }
 
