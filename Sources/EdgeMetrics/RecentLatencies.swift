@@ -28,12 +28,13 @@ public struct RecentLatencies: Sendable {
         slots[k].record(micros)
     }
 
-    /// Every sample of the last `windowSeconds` seconds before `nowMillis`
-    /// (the current second counts as one of them), in one histogram.
+    /// Every sample of the last `windowSeconds` whole seconds and of the
+    /// current one (so 10 to 11 s for a 10 s window: never less than asked),
+    /// in one histogram.
     public func window(nowMillis: Int64) -> LatencyHistogram {
         let current = nowMillis / 1000
         var merged = LatencyHistogram()
-        for k in slots.indices where slotSecond[k] > current - windowSeconds && slotSecond[k] <= current {
+        for k in slots.indices where slotSecond[k] >= current - windowSeconds && slotSecond[k] <= current {
             merged.merge(slots[k])
         }
         return merged
