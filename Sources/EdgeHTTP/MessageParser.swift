@@ -298,35 +298,44 @@ func isTokenChar(_ c: UInt8) -> Bool {
     case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
         return true
     default:
-        return Array("!#$%&'*+-.^_`|~".utf8).contains(c)
+        return tokenPunctuation.contains(c)
     }
 }
+
+private let tokenPunctuation = Array("!#$%&'*+-.^_`|~".utf8)
 
 /// Checks `method SP request-target SP HTTP-version CRLF` (RFC 9112 §3).
 /// Returns the status to answer with, or `nil` when the line is well formed.
 func validateRequestLine(_ line: [UInt8]) -> ParseFailure? {
-    guard line.count >= 2, line[line.count - 2] == 13, line[line.count - 1] == 10 else {
-        return ParseFailure(status: 400, detail: "request line must end with CRLF")
+    // One pass over the bytes, no allocation: this runs for every request.
+    line.withUnsafeBufferPointer { b -> ParseFailure? in
+        let n = b.count
+        guard n >= 2, b[n - 2] == 13, b[n - 1] == 10 else {
+            return ParseFailure(status: 400, detail: "request line must end with CRLF")
+        }
+        let end = n - 2
+        guard let firstSpace = b[0..<end].firstIndex(of: 32),
+              let secondSpace = b[(firstSpace + 1)..<end].firstIndex(of: 32),
+              !b[(secondSpace + 1)..<end].contains(32) else {
+            return ParseFailure(status: 400, detail: "request line must be 'METHOD target HTTP/1.1'")
+        }
+        guard firstSpace > 0, b[0..<firstSpace].allSatisfy(isTokenChar) else {
+            return ParseFailure(status: 400, detail: "invalid method")
+        }
+        let target = b[(firstSpace + 1)..<secondSpace]
+        guard !target.isEmpty, !target.contains(where: { $0 <= 32 || $0 == 127 }) else {
+            return ParseFailure(status: 400, detail: "invalid request target")
+        }
+        let version = b[(secondSpace + 1)..<end]
+        let v = version.startIndex
+        guard version.count == 8, b[v] == UInt8(ascii: "H"), b[v + 1] == UInt8(ascii: "T"), b[v + 2] == UInt8(ascii: "T"),
+              b[v + 3] == UInt8(ascii: "P"), b[v + 4] == UInt8(ascii: "/"), b[v + 6] == UInt8(ascii: "."),
+              (48...57).contains(b[v + 5]), (48...57).contains(b[v + 7]) else {
+            return ParseFailure(status: 400, detail: "invalid HTTP version '\(String(decoding: version.prefix(16), as: UTF8.self))'")
+        }
+        guard b[v + 5] == UInt8(ascii: "1"), b[v + 7] == UInt8(ascii: "0") || b[v + 7] == UInt8(ascii: "1") else {
+            return ParseFailure(status: 505, detail: "HTTP/\(Character(UnicodeScalar(b[v + 5]))).\(Character(UnicodeScalar(b[v + 7]))) is not supported; use HTTP/1.1")
+        }
+        return nil
     }
-    let content = line.dropLast(2)
-    let parts = content.split(separator: 32, omittingEmptySubsequences: false)
-    guard parts.count == 3 else {
-        return ParseFailure(status: 400, detail: "request line must be 'METHOD target HTTP/1.1'")
-    }
-    let method = parts[0], target = parts[1], version = Array(parts[2])
-    guard !method.isEmpty, method.allSatisfy(isTokenChar) else {
-        return ParseFailure(status: 400, detail: "invalid method")
-    }
-    guard !target.isEmpty, !target.contains(where: { $0 <= 32 || $0 == 127 }) else {
-        return ParseFailure(status: 400, detail: "invalid request target")
-    }
-    let prefix = Array("HTTP/".utf8)
-    guard version.count == 8, Array(version.prefix(5)) == prefix, version[6] == UInt8(ascii: "."),
-          (48...57).contains(version[5]), (48...57).contains(version[7]) else {
-        return ParseFailure(status: 400, detail: "invalid HTTP version '\(String(decoding: version.prefix(16), as: UTF8.self))'")
-    }
-    guard version[5] == UInt8(ascii: "1"), version[7] == UInt8(ascii: "0") || version[7] == UInt8(ascii: "1") else {
-        return ParseFailure(status: 505, detail: "HTTP/\(Character(UnicodeScalar(version[5]))).\(Character(UnicodeScalar(version[7]))) is not supported; use HTTP/1.1")
-    }
-    return nil
 }
