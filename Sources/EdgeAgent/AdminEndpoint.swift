@@ -85,7 +85,7 @@ public final class AdminEndpoint {
                [("", String(agent.store.environment.options.maxMapSize))])
         let g = agent.writer.statistics
         metric("scim_edge_commit_batches_total", "counter", "Durable group commits.", [("", String(g.batches))])
-        metric("scim_edge_commit_flushes_total", "counter", "Syncs that made committed batches durable (one may cover several batches).", [("", String(g.flushes))])
+        metric("scim_edge_commit_flushes_total", "counter", "Syncs that made committed batches durable (one per batch).", [("", String(g.flushes))])
         metric("scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
         if let relay = agent.relay {

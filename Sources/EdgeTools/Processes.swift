@@ -27,6 +27,11 @@ public final class ServiceProcess {
         // A parent-death signal (set by util-linux `setpriv`, which then execs
         // the program under the same pid): if the sandbox is killed with
         // SIGKILL and cannot stop its children, they get SIGTERM and drain.
+        guard access(executable, X_OK) == 0 else {
+            throw BenchError("cannot start \(executable): \(String(cString: strerror(errno)))")
+        }
+        // The signal goes when the spawning thread ends: the sandbox spawns
+        // from its main thread, which lives until the sandbox exits.
         let launcher = ServiceProcess.deathSignalLauncher
         let command = launcher.map { [$0, "--pdeathsig", "TERM", "--", executable] } ?? [executable]
         let argv = (command + arguments).map { strdup($0) } + [nil]
