@@ -174,7 +174,7 @@ func formatTime(_ ms: Int64?) -> String {
 
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Downstream targets: status, the deletion guard, reconciliation.",
+        abstract: "Downstream targets: status, the deletion guard, reconciliation, forgetting a removed target.",
         subcommands: [TargetStatus.self, ConfirmDeletes.self, Reconcile.self, Forget.self])
 }
 
