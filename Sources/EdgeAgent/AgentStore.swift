@@ -31,6 +31,11 @@ public final class AgentStore: Sendable {
     let deadLetters: Database
     /// What may leave the boundary (invariant 4), applied before the outbox.
     public let policy: LocalPolicy
+    /// Per resource type, the member names (lowercased UTF-8) that send a GET
+    /// by id down the general path: those the default projection drops
+    /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
+    /// the read adds from the membership index.
+    let generalPathNames: [String: [[UInt8]]]
 
     public static let layoutVersion: UInt64 = 1
 
@@ -41,6 +46,10 @@ public final class AgentStore: Sendable {
         environment = try Environment(o)
         self.registry = registry
         self.policy = policy ?? .propagateAll(registry)
+        generalPathNames = Dictionary(uniqueKeysWithValues: registry.resourceTypes.map { type in
+            (type.id, (Projection.namesHiddenByDefault(registry: registry, type: type) + (type.id == "User" ? ["groups"] : []))
+                .map { Array($0.lowercased().utf8) })
+        })
         propagated = try environment.openDatabase("propagated")
         deadLetters = try environment.openDatabase("deadLetters")
         resources = try environment.openDatabase("resources")
@@ -168,17 +177,16 @@ public final class AgentStore: Sendable {
     /// answered as stored: `store` writes `meta` last, so the body is the
     /// stored bytes up to `meta`, then `meta` with its `location`, then (users)
     /// `groups`: the bytes `output(asReturned(…))` gives under the default
-    /// projection (tested). `hidden`: the names that projection drops
-    /// (`Projection.namesHiddenByDefault`, lowercased UTF-8); a resource naming one of them,
-    /// or not ending in a `meta` object, takes the general path.
-    public func getForDefaultRead(_ type: ResourceType, _ id: String, baseURL: String, hidden: [[UInt8]]) throws -> DefaultRead {
+    /// projection (tested). A resource naming one of `generalPathNames`, or
+    /// not ending in a `meta` object, takes the general path.
+    public func getForDefaultRead(_ type: ResourceType, _ id: String, baseURL: String) throws -> DefaultRead {
         try environment.read { txn in
             guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return .notFound }
             let isUser = type.id == "User"
             let metaStart = lastIndex(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
             var meta: JSONObject?
             if let metaStart, bytes.last == UInt8(ascii: "}"),
-               !namesMember(bytes, isUser ? hidden + [AgentStore.groupsName] : hidden),
+               !namesMember(bytes, generalPathNames[type.id] ?? []),
                // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
                let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)])).objectValue,
                parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil {
@@ -207,7 +215,6 @@ public final class AgentStore: Sendable {
 
     static let metaMember = Array(#","meta":"#.utf8)
     static let groupsMember = Array(#","groups":"#.utf8)
-    static let groupsName = Array("groups".utf8)
 
     /// A stored resource as a client reads it: users with their read-only
     /// `groups` from the membership index.

@@ -162,7 +162,6 @@ public final class SCIMEndpoint {
     public var accessLog: LogSink?
     var logClock = LogClock()
     var defaultProjections: [String: Projection] = [:]
-    var hiddenNames: [String: [[UInt8]]] = [:]
     /// True while writes are refused because the outbox is over its watermark.
     public var backpressure: Bool { shared.backpressure }
     /// Called after each successful write commit (the relay sends soon after).
@@ -365,7 +364,7 @@ public final class SCIMEndpoint {
         let stored: JSONObject
         if request.query == nil {
             // The common case: the body straight from the stored bytes.
-            switch try store.getForDefaultRead(type, id, baseURL: base, hidden: hiddenByDefault(type)) {
+            switch try store.getForDefaultRead(type, id, baseURL: base) {
             case .notFound: throw SCIMError.notFound("\(type.id) \(id) not found")
             case .general(let returned): stored = returned
             case .body(let body, let version):
@@ -451,14 +450,6 @@ public final class SCIMEndpoint {
             r["meta"] = .object(meta)
         }
         return projection.apply(to: r)
-    }
-
-    /// The names the default projection drops, per type (see `AgentStore.getForDefaultRead`).
-    func hiddenByDefault(_ type: ResourceType) -> [[UInt8]] {
-        if let names = hiddenNames[type.id] { return names }
-        let names = Projection.namesHiddenByDefault(registry: registry, type: type).map { Array($0.lowercased().utf8) }
-        hiddenNames[type.id] = names
-        return names
     }
 
     /// The projection of a request without `attributes` or `excludedAttributes`, per type.
