@@ -95,6 +95,10 @@ public final class AdminEndpoint {
             metric("scim_edge_relay_events_rejected_total", "counter", "Events the broker refused for good (dead letters).", [("", String(r.eventsRejected))])
             metric("scim_edge_relay_errors_total", "counter", "Failed relay attempts (retried).", [("", String(r.errors))])
             metric("scim_edge_relay_rewinds_total", "counter", "409 expectedSeq answers.", [("", String(r.rewinds))])
+            metric("scim_edge_relay_protocol_errors_total", "counter",
+                   "Broker answers acknowledging more than was sent (connection reset, nothing skipped).", [("", String(r.protocolErrors))])
+            metric("scim_edge_relay_splits_total", "counter", "Batches the broker refused as a whole, split to isolate the event.",
+                   [("", String(r.splits))])
             metric("scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.", [("", relay.client.isConnected ? "1" : "0")])
             metric("scim_edge_relay_window", "gauge", "Batches allowed in flight (adaptive).", [("", String(r.window))])
             out += "# HELP scim_edge_relay_rtt_seconds Round trip of a batch to the broker.\n# TYPE scim_edge_relay_rtt_seconds histogram\n"

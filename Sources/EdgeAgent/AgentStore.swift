@@ -1,4 +1,5 @@
 import EdgeStore
+import EdgeTLS
 import Glibc
 import SCIM
 
@@ -14,7 +15,7 @@ import SCIM
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
-/// | `meta` | `seq`, `version`, `schema`, `acked`, `policy` | counters, layout version, relay position, policy fingerprint |
+/// | `meta` | `seq`, `version`, `schema`, `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
 /// of a `GroupCommitWriter` (on its worker thread).
@@ -39,6 +40,15 @@ public final class AgentStore: Sendable {
 
     public static let layoutVersion: UInt64 = 1
 
+    /// This store's identity, made when the store is: 32 hex digits, sent
+    /// with every relay batch. The broker keys the applied sequence by
+    /// certificate identity *and* epoch, so a re-imaged appliance (a new,
+    /// empty store with the old certificate) or a second agent with the same
+    /// certificate starts a sequence of its own instead of having its events
+    /// taken for duplicates. Empty for a store that sent events before epochs
+    /// existed: it keeps the one sequence it had.
+    public let epoch: String
+
     public init(path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil,
                 options: (inout EnvironmentOptions) -> Void = { _ in }) throws {
         var o = EnvironmentOptions(path: path)
@@ -59,12 +69,19 @@ public final class AgentStore: Sendable {
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
         let meta = self.meta
-        try environment.write { txn in
+        epoch = try environment.write { txn in
             if let v = try txn.get(meta, Array("schema".utf8)).flatMap(UInt64.init(bigEndianBytes:)) {
                 guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
             } else {
                 try txn.put(meta, Array("schema".utf8), AgentStore.layoutVersion.bigEndianBytes)
             }
+            if let e = try txn.get(meta, Array("epoch".utf8)) { return String(decoding: e, as: UTF8.self) }
+            // A store that already numbered events under the old, single
+            // sequence keeps it: a new epoch would make the broker expect 1.
+            if try txn.get(meta, Array("seq".utf8)) != nil { return "" }
+            let e = hexString(secureRandomBytes(16))
+            try txn.put(meta, Array("epoch".utf8), Array(e.utf8))
+            return e
         }
     }
 
@@ -84,7 +101,7 @@ public final class AgentStore: Sendable {
 
     func load(_ txn: borrowing some StoreReading & ~Copyable, _ type: ResourceType, _ id: String) throws -> JSONObject? {
         guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return nil }
-        return try JSONParser.parse(bytes).objectValue
+        return try JSONParser.parse(bytes, limits: .stored).objectValue
     }
 
     /// The ids an index equality names (`userName` case-insensitively).
@@ -129,7 +146,7 @@ public final class AgentStore: Sendable {
                     return false
                 }
                 do {
-                    guard let r = try JSONParser.parse(value).objectValue else { return true }
+                    guard let r = try JSONParser.parse(value, limits: .stored).objectValue else { return true }
                     if filter?.matches(r) ?? true { out.append(r) }
                 } catch {
                     failure = error
@@ -188,12 +205,12 @@ public final class AgentStore: Sendable {
             if let metaStart, bytes.last == UInt8(ascii: "}"),
                !namesMember(bytes, generalPathNames[type.id] ?? []),
                // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
-               let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)])).objectValue,
+               let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)]), limits: .stored).objectValue,
                parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil {
                 meta = parsed
             }
             guard var meta, let metaStart else {
-                let stored = try JSONParser.parse(bytes).objectValue ?? [:]
+                let stored = try JSONParser.parse(bytes, limits: .stored).objectValue ?? [:]
                 return .general(isUser ? try addGroups(txn, stored, baseURL: baseURL) : stored)
             }
             meta["location"] = .string("\(baseURL)\(type.endpoint)/\(id)")
@@ -243,20 +260,23 @@ public final class AgentStore: Sendable {
 
     /// Outbox entries after `sequence`, at most `limit`.
     public func outboxEntries(after sequence: UInt64, limit: Int) throws -> [(UInt64, JSON)] {
-        try rawOutboxEntries(after: sequence, limit: limit, maxBytes: .max).map { ($0.0, try JSONParser.parse($0.1)) }
+        try rawOutboxEntries(after: sequence, limit: limit, maxBytes: .max).map { ($0.0, try JSONParser.parse($0.1, limits: .stored)) }
     }
 
     /// Outbox events as stored (serialised JSON), in sequence order, up to
-    /// `limit` events and about `maxBytes` (at least one event): the relay
-    /// sends them as they are, without parsing them again.
-    public func rawOutboxEntries(after sequence: UInt64, limit: Int, maxBytes: Int) throws -> [(UInt64, [UInt8])] {
+    /// `limit` events and `maxBytes`, counting `separatorBytes` between two
+    /// events (at least one event, however large): the relay sends them as
+    /// they are, without parsing them again.
+    public func rawOutboxEntries(after sequence: UInt64, limit: Int, maxBytes: Int,
+                                 separatorBytes: Int = 0) throws -> [(UInt64, [UInt8])] {
         try environment.read { txn in
             var out: [(UInt64, [UInt8])] = []
             var bytes = 0
             try txn.scan(outbox, from: (sequence &+ 1).bigEndianBytes) { k, v in
-                if !out.isEmpty && bytes + v.count > maxBytes { return false }
+                let more = out.isEmpty ? v.count : separatorBytes + v.count
+                if !out.isEmpty && bytes + more > maxBytes { return false }
                 out.append((UInt64(bigEndianBytes: k)!, v))
-                bytes += v.count
+                bytes += more
                 return out.count < limit
             }
             return out
@@ -293,7 +313,7 @@ extension AgentStore {
         for (seq, reason) in rejected where seq <= sequence {
             guard let event = try txn.get(outbox, seq.bigEndianBytes) else { continue }
             let letter: JSON = ["reason": .string(reason), "at": .number(JSONNumber(integer: epochSeconds)),
-                                "event": try JSONParser.parse(event)]
+                                "event": try JSONParser.parse(event, limits: .stored)]
             try txn.put(deadLetters, seq.bigEndianBytes, letter.serialized())
         }
         for k in keys { try txn.delete(outbox, k) }
@@ -324,7 +344,7 @@ extension AgentStore {
         return try environment.read { txn in
             var out: [(UInt64, String, JSON)] = []
             try txn.scan(deadLetters) { k, v in
-                let letter = try JSONParser.parse(v)
+                let letter = try JSONParser.parse(v, limits: .stored)
                 out.append((UInt64(bigEndianBytes: k)!, letter["reason"]?.stringValue ?? "", letter["event"] ?? .null))
                 return true
             }
@@ -347,7 +367,7 @@ extension AgentStore {
         let deadLetters = self.deadLetters, propagated = self.propagated
         return try environment.write { txn in
             guard let bytes = try txn.get(deadLetters, seq.bigEndianBytes) else { return false }
-            let letter = try JSONParser.parse(bytes)
+            let letter = try JSONParser.parse(bytes, limits: .stored)
             guard let (_, body) = letter["event"]?["events"]?.objectValue?.members.first,
                   let ref = body["ref"]?.stringValue else { return false }
             let parts = ref.split(separator: "/")

@@ -42,6 +42,9 @@ enum EventURI {
     static let putFull = "urn:ietf:params:SCIM:event:prov:put:full"
     static let patchFull = "urn:ietf:params:SCIM:event:prov:patch:full"
     static let delete = "urn:ietf:params:SCIM:event:prov:delete"
+    /// Relay only (docs/protocol.md): stands in for an event the broker
+    /// refused on its own, so that its sequence is recorded as rejected.
+    static let undeliverable = "urn:scim-edge:params:event:undeliverable"
 }
 
 extension AgentStore {

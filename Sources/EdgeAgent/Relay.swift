@@ -60,6 +60,11 @@ public struct RelayStatistics: Sendable {
     public var eventsRejected = 0
     public var errors = 0
     public var rewinds = 0
+    /// Answers no honest broker gives (an acknowledgement of more than was
+    /// sent): logged, counted, the connection reset, nothing skipped.
+    public var protocolErrors = 0
+    /// Batches the broker refused as a whole, split to find the event it cannot take.
+    public var splits = 0
     public var lastError: String?
 }
 
@@ -79,6 +84,21 @@ public final class Relay {
     private var inFlight = 0
     /// The last sequence sent (in memory; restarts from the acknowledged one).
     private var sentThrough: UInt64 = 0
+    /// The highest sequence sent since start: an acknowledgement beyond it
+    /// acknowledges what this agent never sent.
+    private var sentHigh: UInt64 = 0
+    /// While isolating an event the broker refuses as part of a batch:
+    /// batches stay at most this many events until the refused range
+    /// (through `isolating.through`) is acknowledged.
+    private var isolating: (limit: Int, through: UInt64)?
+    /// Events the broker refused alone: sent as an `undeliverable` stand-in
+    /// for the same sequence, which the broker records as rejected, so the
+    /// original becomes a dead letter with the broker's reason and the
+    /// sequence stays contiguous. In memory: after a restart the event is
+    /// tried once more and replaced again.
+    private var standIns: [UInt64: [UInt8]] = [:]
+    /// The batch envelope's bytes around the events (with 20-digit sequences).
+    private let envelopeBytes: Int
     /// The highest sequence the broker acknowledged, and the one pruned durably.
     private var ackedThrough: UInt64 = 0
     private var pruning = false
@@ -102,6 +122,19 @@ public final class Relay {
         self.configuration = configuration
         let context = try TLSContext(role: .client, configuration: configuration.tls)
         client = HTTPClient(loop: loop, address: configuration.broker, tls: context, serverName: configuration.brokerName)
+        envelopeBytes = Relay.envelope(configuration, store.epoch, first: .max, last: .max).count + 2
+    }
+
+    /// The batch's members before `"events":[`, without the closing brace.
+    static func envelope(_ configuration: RelayConfiguration, _ epoch: String, first: UInt64, last: UInt64) -> [UInt8] {
+        var members: JSONObject = ["agent": .string(configuration.agentName), "domain": .string(configuration.domain)]
+        if !epoch.isEmpty { members["epoch"] = .string(epoch) }
+        members["firstSeq"] = .number(JSONNumber(integer: Int64(bitPattern: first)))
+        members["lastSeq"] = .number(JSONNumber(integer: Int64(bitPattern: last)))
+        var body = JSON.object(members).serialized()
+        body.removeLast()  // the closing brace
+        body.append(contentsOf: Array(#","events":["#.utf8))
+        return body
     }
 
     public func start() throws {
@@ -110,6 +143,7 @@ public final class Relay {
         timer = t
         ackedThrough = try store.acknowledgedSequence()
         sentThrough = ackedThrough
+        sentHigh = ackedThrough
         schedule(after: 0)
     }
 
@@ -151,8 +185,11 @@ public final class Relay {
         while inFlight < window, !stopped {
             let entries: [(UInt64, [UInt8])]
             do {
-                entries = try store.rawOutboxEntries(after: sentThrough, limit: configuration.maxEventsPerBatch,
-                                                     maxBytes: configuration.maxBytesPerBatch)
+                // The budget counts the envelope and the commas: the whole
+                // body stays within `maxBytesPerBatch`, except an event
+                // larger than that on its own, which goes alone.
+                entries = try store.rawOutboxEntries(after: sentThrough, limit: isolating?.limit ?? configuration.maxEventsPerBatch,
+                                                     maxBytes: max(1, configuration.maxBytesPerBatch - envelopeBytes), separatorBytes: 1)
             } catch {
                 fail("cannot read the outbox: \(error)", retryAfter: nil)
                 return
@@ -163,35 +200,37 @@ public final class Relay {
             }
             let first = entries[0].0, last = entries[entries.count - 1].0
             // The batch is assembled from the stored events' bytes (they are JSON already).
-            var body = JSON.object(["agent": .string(configuration.agentName), "domain": .string(configuration.domain),
-                                    "firstSeq": .number(JSONNumber(integer: Int64(first))),
-                                    "lastSeq": .number(JSONNumber(integer: Int64(last)))]).serialized()
-            body.removeLast()  // the closing brace
-            body.reserveCapacity(body.count + entries.reduce(16) { $0 + $1.1.count + 1 })
-            body.append(contentsOf: Array(#","events":["#.utf8))
+            var body = Relay.envelope(configuration, store.epoch, first: first, last: last)
+            body.reserveCapacity(body.count + entries.reduce(2) { $0 + $1.1.count + 1 })
             for (i, e) in entries.enumerated() {
                 if i > 0 { body.append(UInt8(ascii: ",")) }
-                body.append(contentsOf: e.1)
+                body.append(contentsOf: standIns[e.0] ?? e.1)
             }
             body.append(contentsOf: [UInt8(ascii: "]"), UInt8(ascii: "}")])
             inFlight += 1
             sentThrough = last
+            sentHigh = max(sentHigh, last)
             statistics.batchesSent += 1
             let sentIn = generation
             let sentAt = monotonicNanoseconds()
             let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
                                       headers: ["Content-Type": "application/json"], body: body)
+            let batch = SentBatch(first: first, last: last, count: entries.count, generation: sentIn)
             client.send(request) { [weak self] result in
                 self?.recordRTT(Double(monotonicNanoseconds() - sentAt) / 1e9)
-                self?.answered(result, first: first, generation: sentIn)
+                self?.answered(result, batch)
             }
         }
     }
 
-    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, first: UInt64, generation sentIn: Int) {
+    struct SentBatch {
+        let first: UInt64, last: UInt64, count: Int, generation: Int
+    }
+
+    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, _ batch: SentBatch) {
         inFlight -= 1
         guard !stopped else { return }
-        let current = sentIn == generation
+        let current = batch.generation == generation
         switch result {
         case .failure(let e):
             if current { rewind("broker unreachable: \(e)", retryAfter: nil) }
@@ -199,13 +238,17 @@ public final class Relay {
             let body = try? JSONParser.parse(r.body)
             switch r.status {
             case 200:
-                guard let acked = body?["ackedThrough"]?.numberValue?.integer.map(UInt64.init) else {
+                guard let acked = body?["ackedThrough"]?.numberValue?.integer.map({ UInt64(clamping: $0) }) else {
                     if current { rewind("broker answered 200 without ackedThrough", retryAfter: nil) }
                     return
                 }
+                // Believed only as far as this batch reached: the broker may
+                // truly hold more (resends after a restart), and the next
+                // batch learns it without anything being skipped.
+                let believed = min(acked, batch.last)
                 var rejected: [UInt64: String] = [:]
                 for (seq, reason) in body?["rejected"]?.objectValue ?? JSONObject() {
-                    if let n = UInt64(seq) { rejected[n] = reason["description"]?.stringValue ?? reason.text }
+                    if let n = UInt64(seq), n >= batch.first, n <= believed { rejected[n] = reason["description"]?.stringValue ?? reason.text }
                 }
                 if !rejected.isEmpty {
                     statistics.eventsRejected += rejected.count
@@ -216,14 +259,22 @@ public final class Relay {
                 backingOff = false
                 window = min(configuration.window, window + 1)  // additive increase
                 statistics.window = window
-                acknowledged(through: acked, rejected: rejected)
+                acknowledged(through: believed, rejected: rejected)
+                if acked > sentHigh {
+                    protocolError("broker acknowledged through \(acked), but this agent has sent only through \(sentHigh)")
+                    return
+                }
                 if current { sendNext() }
             case 409:
-                guard let expected = body?["expectedSeq"]?.numberValue?.integer.map(UInt64.init), expected >= 1 else {
+                guard let expected = body?["expectedSeq"]?.numberValue?.integer.map({ UInt64(clamping: $0) }), expected >= 1 else {
                     if current { rewind("broker answered 409 without expectedSeq", retryAfter: nil) }
                     return
                 }
                 statistics.rewinds += 1
+                guard expected - 1 <= sentHigh else {
+                    protocolError("broker expects sequence \(expected), but this agent has sent only through \(sentHigh)")
+                    return
+                }
                 // The broker has everything before `expected`.
                 if expected - 1 > ackedThrough { acknowledged(through: expected - 1, rejected: [:]) }
                 if expected - 1 < ackedThrough {
@@ -232,12 +283,55 @@ public final class Relay {
                 if current { rewind(nil, retryAfter: 0) }
             case 429, 503:
                 if current { rewind("broker busy (\(r.status))", retryAfter: r.headers["Retry-After"].flatMap(UInt64.init)) }
+            case 400, 413, 422:
+                // The broker cannot take this batch as a whole. Split it
+                // until the event it cannot take is alone; that event is
+                // replaced by a stand-in the broker records as rejected.
+                guard current else { return }
+                let reason = "\(r.status) \(body?["description"]?.stringValue ?? r.bodyText)"
+                if batch.count > 1 {
+                    statistics.splits += 1
+                    isolating = (max(1, batch.count / 2), max(isolating?.through ?? 0, batch.last))
+                    logger.warning("relay: broker refused a batch of \(batch.count) events (\(reason)): splitting it")
+                    rewind(nil, retryAfter: 0)
+                } else if standIns[batch.first] == nil {
+                    standIns[batch.first] = undeliverable(batch.first, reason: reason)
+                    logger.error("relay: broker refused event \(batch.first) on its own: it becomes a dead letter",
+                                 metadata: ["reason": .string(reason)])
+                    rewind(nil, retryAfter: 0)
+                } else {
+                    // Even the stand-in is refused: the batch, not the event, is at fault.
+                    rewind("broker refused the batch: \(reason)", retryAfter: nil)
+                }
             default:
                 if current {
                     rewind("broker refused the batch: \(r.status) \(body?["description"]?.stringValue ?? r.bodyText)", retryAfter: nil)
                 }
             }
         }
+    }
+
+    /// An answer that acknowledges what was never sent: logged and counted,
+    /// the connection reset, and sending resumes from what was really
+    /// acknowledged, so no event is skipped on the broker's word.
+    private func protocolError(_ message: String) {
+        statistics.protocolErrors += 1
+        logger.error("relay: protocol error: \(message); resetting the connection")
+        rewind("protocol error: \(message)", retryAfter: nil)
+        client.resetConnection()  // what is in flight on it is stale now (answers of an old generation)
+    }
+
+    /// The stand-in for an event the broker refused alone: same sequence and
+    /// `jti`, the same `ref`, and the broker's reason.
+    private func undeliverable(_ seq: UInt64, reason: String) -> [UInt8] {
+        let original = (try? store.rawOutboxEntries(after: seq - 1, limit: 1, maxBytes: .max).first)
+            .flatMap { $0.0 == seq ? try? JSONParser.parse($0.1, limits: .stored) : nil }
+        var body: JSONObject = ["reason": .string(reason)]
+        if let ref = original?["events"]?.objectValue?.members.first?.value["ref"] { body["ref"] = ref }
+        var event: JSONObject = ["seq": .number(JSONNumber(integer: Int64(seq)))]
+        for k in ["jti", "txn", "iat", "ts"] { if let v = original?[k] { event[k] = v } }
+        event["events"] = .object([EventURI.undeliverable: .object(body)])
+        return JSON.object(event).serialized()
     }
 
     /// The broker has everything through `sequence`: prune it (and keep
@@ -247,6 +341,8 @@ public final class Relay {
         let before = ackedThrough
         ackedThrough = max(ackedThrough, sequence)
         statistics.eventsAcknowledged += Int(ackedThrough - before)
+        if let i = isolating, ackedThrough >= i.through { isolating = nil }
+        for seq in standIns.keys where seq <= ackedThrough { standIns[seq] = nil }
         pendingRejections.merge(rejected) { a, _ in a }
         prune()
     }

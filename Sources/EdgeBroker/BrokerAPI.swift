@@ -114,7 +114,7 @@ extension BrokerStore {
         let brokerIds = self.brokerIds, resources = self.resources
         return try environment.read { txn in
             guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
-                  let o = try JSONParser.parse(bytes).objectValue else { return nil }
+                  let o = try JSONParser.parse(bytes, limits: .stored).objectValue else { return nil }
             let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
             return (String(parts[0]), String(parts[1]), o)
         }
@@ -130,7 +130,7 @@ extension BrokerStore {
                 seen += 1
                 if seen > budget { throw SCIMError(400, .tooMany, "more than \(budget) resources to scan") }
                 let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
-                if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v).objectValue { out.append(o) }
+                if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append(o) }
                 return true
             }
             return out

@@ -59,6 +59,7 @@ public struct FederationStatistics: Sendable {
     public var gaps = 0
     public var domainMismatches = 0
     public var unknownIdentities = 0
+    public var ambiguousIdentities = 0
     public var busyRefusals = 0
 }
 
@@ -180,12 +181,13 @@ public final class BrokerService {
         metric("scim_broker_sequence_gaps_total", "counter", "Batches answered 409 expectedSeq.", [("", String(s.gaps))])
         metric("scim_broker_refused_total", "counter", "Batches refused, by reason.", [
             ("{reason=\"domain_mismatch\"}", String(s.domainMismatches)), ("{reason=\"unknown_agent\"}", String(s.unknownIdentities)),
+            ("{reason=\"ambiguous_identity\"}", String(s.ambiguousIdentities)),
             ("{reason=\"busy\"}", String(s.busyRefusals)),
         ])
         metric("scim_broker_pending_batches", "gauge", "Batches waiting to be applied.", [("", String(writer.queuedWrites))])
         let sequences = (try? store.agentSequences()) ?? []
-        metric("scim_broker_agent_applied_sequence", "gauge", "Per agent: the last sequence applied.",
-               sequences.map { ("{agent=\"\($0.0)\"}", String($0.1)) })
+        metric("scim_broker_agent_applied_sequence", "gauge", "Per agent store (certificate identity and store epoch): the last sequence applied.",
+               sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
         out += propagation.summary("scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
         if !workers.isEmpty { out += fanoutMetrics() }
         let info = store.environment.info
@@ -268,13 +270,36 @@ public final class BrokerService {
         })
     }
 
-    /// The domain whose binding names one of the certificate's identities.
-    func binding(for peer: PeerIdentity?) -> DomainBinding? {
-        guard let peer else { return nil }
-        for name in peer.names {
-            if let b = configuration.domains.first(where: { $0.identity == name }) { return b }
+    /// What a peer's certificate is bound to.
+    enum Binding: Equatable {
+        case bound(DomainBinding)
+        /// The certificate names no configured identity (or none that binds: a CN never does).
+        case unbound
+        /// It names identities of two bindings: it cannot be told which agent it is.
+        case ambiguous([DomainBinding])
+    }
+
+    /// The binding whose identity one of the certificate's binding names
+    /// (`PeerIdentity.bindingNames`: SAN URIs, else DNS SANs, never the CN)
+    /// spells. A certificate that matches two bindings is refused: it could
+    /// otherwise write as either agent.
+    func binding(for peer: PeerIdentity?) -> Binding {
+        guard let peer else { return .unbound }
+        let names = peer.bindingNames
+        var matches: [DomainBinding] = []
+        for b in configuration.domains where names.contains(b.identity) && !matches.contains(b) { matches.append(b) }
+        switch matches.count {
+        case 0: return .unbound
+        case 1: return .bound(matches[0])
+        default: return .ambiguous(matches)
         }
-        return nil
+    }
+
+    /// A store epoch as agents send it: 1 to 64 letters, digits, `-` or `_`.
+    static func validEpoch(_ s: String) -> Bool {
+        !s.isEmpty && s.utf8.count <= 64 && s.utf8.allSatisfy { c in
+            (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 95
+        }
     }
 
     static func json(_ status: Int, _ body: JSON, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
@@ -296,17 +321,41 @@ public final class BrokerService {
             responder.respond(Self.failure(405, "method_not_allowed", "use POST"))
             return
         }
-        guard let bound = binding(for: context.peerIdentity) else {
+        let bound: DomainBinding
+        switch binding(for: context.peerIdentity) {
+        case .bound(let b):
+            bound = b
+        case .unbound:
             statistics.unknownIdentities += 1
             logger.warning("refused: certificate identity is bound to no domain",
                            metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-")])
-            responder.respond(Self.failure(403, "unknown_agent", "this certificate's identity is not bound to any domain"))
+            responder.respond(Self.failure(403, "unknown_agent",
+                                           "this certificate's identity is not bound to any domain (bindings match SAN URIs, else DNS SANs; never the subject CN)"))
+            return
+        case .ambiguous(let bindings):
+            statistics.ambiguousIdentities += 1
+            let named = bindings.map { "\($0.domain)=\($0.identity)" }.joined(separator: ", ")
+            logger.error("refused: certificate matches more than one binding",
+                         metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-"), "bindings": .string(named)])
+            responder.respond(Self.failure(403, "ambiguous_identity", "this certificate matches more than one binding (\(named)); give each agent a certificate of its own"))
             return
         }
         let body: JSON
-        do { body = try JSONParser.parse(request.body) } catch {
+        do { body = try JSONParser.parse(request.body, limits: .relayBatch) } catch {
             responder.respond(Self.failure(400, "invalid_request", "the batch is not valid JSON: \(error)"))
             return
+        }
+        // The store epoch: the agent store's own identity. A re-imaged or a
+        // second agent with this certificate has another one and so a
+        // sequence of its own; no epoch is the single sequence of stores
+        // made before epochs existed.
+        var epoch = ""
+        if let e = body["epoch"] {
+            guard let text = e.stringValue, Self.validEpoch(text) else {
+                responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
+                return
+            }
+            epoch = text
         }
         // Invariant 5: the domain is the certificate's; a batch claiming another is refused.
         guard body["domain"]?.stringValue == bound.domain else {
@@ -336,16 +385,22 @@ public final class BrokerService {
                 .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
             return
         }
-        let store = self.store, domain = bound.domain, agent = bound.identity, batch = events
+        let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
         let ids = (0..<events.count).map { _ in secureID() }
         statistics.batches += 1
-        writer.submit({ txn in try store.apply(domain: domain, agent: agent, events: batch, newIDs: ids, in: txn) }) { [self] result in
+        writer.submit({ txn in
+            try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn)
+        }) { [self] result in
             switch result {
             case .failure(let error):
                 logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
                 responder.respond(Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
                     .withHeader("Retry-After", "5"))
             case .success(let outcome):
+                if outcome.newSequence {
+                    logger.notice("a new agent store: its sequence starts at 1",
+                                  metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+                }
                 statistics.eventsApplied += outcome.applied
                 for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
                 recordPropagation(outcome.acceptedAt)

@@ -7,12 +7,15 @@ import SCIM
 ///
 /// | database | key | value |
 /// |---|---|---|
-/// | `agents` | `<domain>/<agent identity>` | applied sequence (big-endian) |
+/// | `agents` | `<domain>/<agent identity>` or `<domain>/<agent identity>\0<epoch>` | applied sequence (big-endian) |
 /// | `resources` | `<domain>/<Type>/<source id>` | the federated resource (JSON) |
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
 ///
 /// The agent is named by its certificate identity, never by the batch
-/// (invariant 5): one agent cannot advance another's sequence.
+/// (invariant 5): one agent cannot advance another's sequence. Each agent
+/// store has an epoch of its own, so a re-imaged agent, or a second one
+/// with the same certificate, gets a sequence of its own that starts at 1
+/// (invariant 6: a new store never makes changes vanish as "duplicates").
 public final class BrokerStore: Sendable {
     public let environment: Environment
     let agents: Database
@@ -43,10 +46,10 @@ public final class BrokerStore: Sendable {
         self.targets = targets
     }
 
-    public func appliedSequence(domain: String, agent: String) throws -> UInt64 {
+    public func appliedSequence(domain: String, agent: AgentKey) throws -> UInt64 {
         let agents = self.agents
         return try environment.read { txn in
-            try txn.get(agents, Array("\(domain)/\(agent)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+            try txn.get(agents, agent.storeKey(domain: domain)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
         }
     }
 
@@ -56,7 +59,7 @@ public final class BrokerStore: Sendable {
         return try environment.read { txn in
             var out: [JSONObject] = []
             try txn.scan(resources, from: Array("\(domain)/".utf8), to: Array("\(domain)0".utf8)) { _, v in
-                if let o = try JSONParser.parse(v).objectValue { out.append(o) }
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append(o) }
                 return true
             }
             return out
@@ -76,18 +79,53 @@ public final class BrokerStore: Sendable {
         }
     }
 
-    /// Agents known to the broker and their applied sequences.
-    public func agentSequences() throws -> [(String, UInt64)] {
+    /// Agent stores known to the broker and their applied sequences.
+    public func agentSequences() throws -> [AgentSequence] {
         let agents = self.agents
         return try environment.read { txn in
-            var out: [(String, UInt64)] = []
+            var out: [AgentSequence] = []
             try txn.scan(agents) { k, v in
-                out.append((String(decoding: k, as: UTF8.self), UInt64(bigEndianBytes: v) ?? 0))
+                let nul = k.firstIndex(of: 0) ?? k.endIndex
+                let name = String(decoding: k[..<nul], as: UTF8.self)
+                let epoch = nul == k.endIndex ? "" : String(decoding: k[(nul + 1)...], as: UTF8.self)
+                let slash = name.firstIndex(of: "/") ?? name.endIndex
+                out.append(AgentSequence(domain: String(name[..<slash]),
+                                         agent: AgentKey(identity: slash == name.endIndex ? "" : String(name[name.index(after: slash)...]), epoch: epoch),
+                                         sequence: UInt64(bigEndianBytes: v) ?? 0))
                 return true
             }
             return out
         }
     }
+}
+
+/// One agent store as the broker keys its sequence: the certificate identity
+/// that bound it and the epoch its store was created with ("" for a store
+/// made before epochs, which has the single sequence such stores had).
+public struct AgentKey: Sendable, Hashable, CustomStringConvertible {
+    public var identity: String
+    public var epoch: String
+    public init(identity: String, epoch: String = "") {
+        self.identity = identity
+        self.epoch = epoch
+    }
+
+    /// `<domain>/<identity>`, then NUL and the epoch when there is one (a
+    /// configured identity never holds NUL, so the key is unambiguous).
+    func storeKey(domain: String) -> [UInt8] {
+        var key = Array("\(domain)/\(identity)".utf8)
+        if !epoch.isEmpty { key.append(0); key.append(contentsOf: epoch.utf8) }
+        return key
+    }
+
+    public var description: String { epoch.isEmpty ? identity : "\(identity) (epoch \(epoch))" }
+}
+
+/// An agent store's applied sequence.
+public struct AgentSequence: Sendable, Equatable {
+    public var domain: String
+    public var agent: AgentKey
+    public var sequence: UInt64
 }
 
 /// The outcome of applying one batch.
@@ -98,6 +136,8 @@ public struct ApplyOutcome: Sendable, Equatable {
     public var rejected: [UInt64: String] = [:]
     /// Set when the batch does not continue the agent's sequence.
     public var expectedSequence: UInt64?
+    /// The first batch of an agent store the broker had not seen.
+    public var newSequence = false
     public var applied = 0
     public var duplicates = 0
     /// `ts` (agent acceptance, Unix ms) of each applied event, for propagation metrics.
@@ -117,11 +157,13 @@ extension BrokerStore {
     /// the applied sequence are acknowledged without re-applying; a gap stops
     /// the batch (the agent resends from `expectedSequence`). Deterministic:
     /// `newIDs` supplies ids for resources seen for the first time.
-    public func apply(domain: String, agent: String, events: [RelayEvent], newIDs: [String],
+    public func apply(domain: String, agent: AgentKey, events: [RelayEvent], newIDs: [String],
                       in txn: borrowing WriteTransaction) throws -> ApplyOutcome {
-        let key = Array("\(domain)/\(agent)".utf8)
-        var applied = try txn.get(agents, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        let key = agent.storeKey(domain: domain)
+        let known = try txn.get(agents, key).flatMap(UInt64.init(bigEndianBytes:))
+        var applied = known ?? 0
         var outcome = ApplyOutcome(ackedThrough: applied)
+        outcome.newSequence = known == nil
         var ids = newIDs[...]
         for event in events.sorted(by: { $0.seq < $1.seq }) {
             if event.seq <= applied {
@@ -149,10 +191,15 @@ extension BrokerStore {
         return outcome
     }
 
-    func applyOne(domain: String, agent: String, _ event: RelayEvent, id newID: String,
+    func applyOne(domain: String, agent: AgentKey, _ event: RelayEvent, id newID: String,
                   _ txn: borrowing WriteTransaction) throws -> [String] {
         guard let events = event.body["events"]?.objectValue, events.count == 1, let (uri, body) = events.members.first else {
             throw SCIMError.invalidValue("event \(event.seq) must hold exactly one SCIM event")
+        }
+        if uri == BrokerStore.undeliverableEvent {
+            // The agent could not deliver this event (the broker refused it on
+            // its own): recorded as rejected, so the agent keeps it as a dead letter.
+            throw SCIMError.invalidValue("event \(event.seq) (\(body["ref"]?.stringValue ?? "no ref")) could not be delivered: \(body["reason"]?.stringValue ?? "no reason given")")
         }
         guard let ref = body["ref"]?.stringValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'ref'") }
         let parts = ref.split(separator: "/")
@@ -162,7 +209,7 @@ extension BrokerStore {
         let type = parts[0] == "Users" ? "User" : "Group"
         let sourceID = String(parts[1])
         let key = Array("\(domain)/\(type)/\(sourceID)".utf8)
-        let existing = try txn.get(resources, key).flatMap { try JSONParser.parse($0).objectValue }
+        let existing = try txn.get(resources, key).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
         let trace = event.body["txn"]?.stringValue ?? ""
         let acceptedAt = event.body["ts"]?.numberValue?.integer ?? 0
         switch uri {
@@ -179,7 +226,8 @@ extension BrokerStore {
             // Namespaced by domain: the broker's own stable id, the source kept beside it.
             let brokerID = existing?["id"]?.stringValue ?? newID
             data["id"] = .string(brokerID)
-            var source: JSONObject = ["domain": .string(domain), "agent": .string(agent), "id": .string(sourceID)]
+            var source: JSONObject = ["domain": .string(domain), "agent": .string(agent.identity), "id": .string(sourceID)]
+            if !agent.epoch.isEmpty { source["epoch"] = .string(agent.epoch) }
             if let v = body["version"] { source["version"] = v }
             if !trace.isEmpty { source["trace"] = .string(trace) }
             source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
@@ -211,6 +259,9 @@ extension BrokerStore {
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
     }
+
+    /// Stands in for an event the broker refused on its own (docs/protocol.md).
+    public static let undeliverableEvent = "urn:scim-edge:params:event:undeliverable"
 
     /// Where a federated resource came from.
     public static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"

@@ -47,7 +47,7 @@ public struct DeliveryItem: Sendable, Equatable {
     }
 
     init?(_ bytes: [UInt8]) {
-        guard let o = (try? JSONParser.parse(bytes))?.objectValue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
+        guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
               let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:)) else { return nil }
         self.init(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
                   queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0)
@@ -76,7 +76,7 @@ public struct TargetMapping: Sendable, Equatable {
     }
 
     init?(_ bytes: [UInt8]) {
-        guard let o = (try? JSONParser.parse(bytes))?.objectValue, let id = o["id"]?.stringValue else { return nil }
+        guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue else { return nil }
         self.init(targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue)
     }
 }
@@ -198,7 +198,7 @@ extension BrokerStore {
                 } else {
                     // A trace that reached no target yet: the directory knows its latest change.
                     try txn.scan(resources) { _, v in
-                        if let o = try JSONParser.parse(v).objectValue, o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
+                        if let o = try JSONParser.parse(v, limits: .stored).objectValue, o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
                            let id = o["id"]?.stringValue { ids.append(id) }
                         return true
                     }
@@ -218,7 +218,7 @@ extension BrokerStore {
             }
             for id in ids {
                 try txn.scan(trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
-                    guard let o = try JSONParser.parse(v).objectValue else { return true }
+                    guard let o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
                     let trace = o["trace"]?.stringValue
                     add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
                     add(id, "broker apply", o["applied"]?.numberValue?.integer, trace)
@@ -229,7 +229,7 @@ extension BrokerStore {
                     return true
                 }
                 if let key = try txn.get(brokerIds, Array(id.utf8)), let bytes = try txn.get(resources, key),
-                   let source = try JSONParser.parse(bytes)[BrokerStore.sourceExtension]?.objectValue {
+                   let source = try JSONParser.parse(bytes, limits: .stored)[BrokerStore.sourceExtension]?.objectValue {
                     let trace = source["trace"]?.stringValue
                     let extra: JSONObject = ["domain": source["domain"] ?? .null, "sourceId": source["id"] ?? .null, "seq": source["seq"] ?? .null]
                     add(id, "agent accept", source["accepted"]?.numberValue?.integer, trace, extra)
@@ -309,7 +309,7 @@ extension BrokerStore {
     /// The broker id of a domain's user by its source id.
     func memberBrokerID(domain: String, sourceID: String, _ txn: borrowing WriteTransaction) throws -> String? {
         guard let bytes = try txn.get(resources, Array("\(domain)/User/\(sourceID)".utf8)) else { return nil }
-        return try JSONParser.parse(bytes)["id"]?.stringValue
+        return try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
     }
 
     /// Completes deliveries: drops their queue entries, records the
@@ -339,7 +339,7 @@ extension BrokerStore {
             var out: [(String, JSONObject)] = []
             try txn.scan(targetDead, from: target.map { prefixed($0, []) }, to: target.map(prefixEnd)) { k, v in
                 let name = String(decoding: k.prefix { $0 != 0 }, as: UTF8.self)
-                if let o = try JSONParser.parse(v).objectValue { out.append((name, o)) }
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append((name, o)) }
                 return true
             }
             return out
@@ -354,7 +354,7 @@ extension BrokerStore {
             var found: [([UInt8], JSONObject)] = []
             try txn.scan(targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
                          to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)) { k, v in
-                if let o = try JSONParser.parse(v).objectValue { found.append((k, o)) }
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
                 return true
             }
             for (k, o) in found {
@@ -374,7 +374,7 @@ extension BrokerStore {
     public func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64) {
         let targetState = self.targetState
         return try environment.read { txn in
-            let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0).objectValue }
+            let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
             return (o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0)
         }
     }
@@ -400,7 +400,7 @@ extension BrokerStore {
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
             try txn.scan(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k, v in
-                if let o = try JSONParser.parse(v).objectValue { out.append((String(decoding: k.dropFirst(7), as: UTF8.self), o)) }
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append((String(decoding: k.dropFirst(7), as: UTF8.self), o)) }
                 return true
             }
             return out

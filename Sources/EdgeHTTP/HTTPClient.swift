@@ -108,6 +108,14 @@ public final class HTTPClient {
         dropConnection(reason: .closed, failQueued: true)
     }
 
+    /// Drops the connection and fails everything outstanding with
+    /// `.connectionLost`, and stays usable: the next request connects anew
+    /// (for a peer whose answers can no longer be trusted on this connection).
+    public func resetConnection() {
+        guard !isClosed else { return }
+        dropConnection(reason: .connectionLost("reset by the client"), failQueued: true)
+    }
+
     private func ensureTimer() {
         guard timer == nil, let t = try? LoopTimer(loop: loop) else { return }
         t.start(after: 100, repeatEvery: 100) { [weak self] in self?.checkTimeouts() }

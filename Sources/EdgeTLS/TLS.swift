@@ -52,9 +52,17 @@ public struct PeerIdentity: Sendable, Equatable, CustomStringConvertible {
     public var sha256Fingerprint: String
     public var serialNumber: String
 
-    /// The identities to match against configuration, most specific first:
-    /// SAN URIs, then DNS names, then the subject CN.
-    public var names: [String] { uris + dnsNames + (commonName.map { [$0] } ?? []) }
+    /// The names this certificate may be bound by: its SAN URIs when it has
+    /// any, else its DNS SANs, and never the subject CN. A CN is free text
+    /// that any CA-signed certificate can spell; letting it stand beside a
+    /// SAN would let one certificate claim two identities (RFC 6125 §6.4.4
+    /// deprecates it for the same reason). A certificate with neither kind
+    /// of SAN has no identity to bind.
+    public var bindingNames: [String] { uris.isEmpty ? dnsNames : uris }
+
+    /// Every name the certificate carries, for logs and diagnostics: SAN
+    /// URIs, DNS names, then the subject CN (marked).
+    public var names: [String] { uris + dnsNames + (commonName.map { ["CN=\($0)"] } ?? []) }
 
     public var description: String {
         "PeerIdentity(cn: \(commonName ?? "-"), uris: \(uris), dns: \(dnsNames), sha256: \(sha256Fingerprint))"

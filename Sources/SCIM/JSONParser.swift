@@ -21,6 +21,32 @@ public struct JSONLimits: Sendable {
     /// always rejected.
     public var rejectCaseInsensitiveDuplicates = true
     public init() {}
+
+    /// For JSON this program stored itself after accepting it: what was
+    /// accepted must always read back, so no size or count limit applies,
+    /// only a depth that covers an accepted resource (64) inside the
+    /// envelopes the stores wrap around it.
+    public static let stored: JSONLimits = {
+        var l = JSONLimits()
+        l.maxBytes = .max
+        l.maxStringBytes = .max
+        l.maxContainerEntries = .max
+        l.maxDepth = 96
+        return l
+    }()
+
+    /// A relay batch at the broker: up to 64 MiB of events that agents
+    /// accepted under their request limits (a 1 MiB body, 64 KiB strings,
+    /// a depth of 64) and may since have grown by PATCH (a group's members):
+    /// only the batch's size and a depth covering the envelope are limits.
+    public static let relayBatch: JSONLimits = {
+        var l = JSONLimits()
+        l.maxBytes = 64 << 20
+        l.maxStringBytes = 64 << 20
+        l.maxContainerEntries = .max
+        l.maxDepth = 96
+        return l
+    }()
 }
 
 /// A strict RFC 8259 parser: no trailing garbage, no comments, no trailing

@@ -115,14 +115,14 @@ struct CheckConfig: ParsableCommand {
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Per domain and agent: the applied sequence; resources per domain.")
+    static let configuration = CommandConfiguration(abstract: "Per domain, agent and store epoch: the applied sequence; resources per domain.")
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String
 
     func run() throws {
         let store = try BrokerStore(path: dataDir)
-        for (agent, seq) in try store.agentSequences() {
-            let domain = String(agent.split(separator: "/", maxSplits: 1).first ?? "")
-            emitLine("\(agent)\tapplied through \(seq)\t\(try store.resourceCount(domain: domain)) resources in \(domain)")
+        for a in try store.agentSequences() {
+            let epoch = a.agent.epoch.isEmpty ? "-" : a.agent.epoch
+            emitLine("\(a.domain)/\(a.agent.identity)\tepoch \(epoch)\tapplied through \(a.sequence)\t\(try store.resourceCount(domain: a.domain)) resources in \(a.domain)")
         }
     }
 }

@@ -393,6 +393,7 @@ struct Status: ParsableCommand {
         let groups = try store.query(store.registry.resourceType("Group")!, filter: nil, scanBudget: .max).count
         emit("data directory   \(data.dataDir)")
         emit("store            \(info.usedBytes) of \(info.mapSize) bytes mapped (limit \(store.environment.options.maxMapSize))")
+        emit("store epoch      \(store.epoch.isEmpty ? "none (made before store epochs: one sequence per certificate)" : store.epoch)")
         emit("resources        \(users) users, \(groups) groups")
         emit("outbox           \(usage.events) events, \(usage.bytes) bytes")
         emit("acknowledged     through sequence \(try store.acknowledgedSequence())")

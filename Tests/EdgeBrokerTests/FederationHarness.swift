@@ -13,13 +13,15 @@ class FederationTestCase: XCTestCase {
     var ca: String!, broker: (String, String)!
     var de: (String, String)!, us: (String, String)!, rogue: (String, String)!, revoked: (String, String)!
     var crl: String!
+    /// The federation CA, for tests that issue certificates of their own.
+    var authority: CertificateAuthority!
     let deID = "spiffe://scim-edge.test/acme-de/agent-1"
     let usID = "spiffe://scim-edge.test/acme-us/agent-1"
     var children: [ChildProcess] = []
 
     override func setUpWithError() throws {
         dir = TempDirectory("edge-federation")
-        let authority = try CertificateAuthority(commonName: "federation CA")
+        authority = try CertificateAuthority(commonName: "federation CA")
         let other = try CertificateAuthority(commonName: "another CA")
         func save(_ name: String, _ c: Credential) -> (String, String) {
             (dir.write("\(name).crt", c.certificatePEM), dir.write("\(name).key", c.privateKeyPEM))
