@@ -567,8 +567,7 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(agent.stop(), 0)
         func run(_ args: [String]) throws -> (Int32, String) {
             let child = try ChildProcess(productsDirectory + "/scim-edge", args)
-            let status = child.waitForExit() ?? -1
-            usleep(50_000)
+            let status = child.waitForExit() ?? -1  // also waits for the last lines
             return (status, child.output.joined(separator: "\n"))
         }
         let dataDir = agent.dir.file("data")

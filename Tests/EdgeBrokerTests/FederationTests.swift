@@ -170,8 +170,7 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(agent.waitForExit(), 0)
         func run(_ args: [String]) throws -> (Int32, String) {
             let child = try ChildProcess(productsDirectory + "/scim-edge", args + ["--data-dir", dir.file("de")])
-            let status = child.waitForExit() ?? -1
-            usleep(50_000)
+            let status = child.waitForExit() ?? -1  // also waits for the last lines
             return (status, child.output.joined(separator: "\n"))
         }
         let list = try run(["deadletter", "list"])

@@ -244,6 +244,8 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
     public let process = Process()
     private let lines = Locked<[String]>([])
     private let reader: Thread
+    /// Signalled when the reader saw the end of the output (every line is in `lines`).
+    private let readerDone = DispatchSemaphore(value: 0)
 
     public init(_ executable: String, _ arguments: [String]) throws {
         process.executableURL = URL(fileURLWithPath: executable)
@@ -251,7 +253,7 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
         let pipe = Pipe()
         process.standardOutput = pipe
         let handle = pipe.fileHandleForReading
-        let lines = self.lines
+        let lines = self.lines, done = readerDone
         reader = Thread {
             var pending = ""
             while true {
@@ -264,6 +266,8 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
                     lines.withLock { $0.append(line) }
                 }
             }
+            if !pending.isEmpty { lines.withLock { $0.append(pending) } }  // a last line without a newline
+            done.signal()
         }
         try process.run()
         reader.start()
@@ -288,12 +292,20 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
 
     public func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
 
-    /// Waits for the exit; returns the status, or nil on timeout.
+    /// Waits for the exit and for the output reader to have read every line
+    /// (bounded: a grandchild may keep the pipe open); returns the status,
+    /// or nil on timeout.
     public func waitForExit(seconds: Double = 10) -> Int32? {
         let deadline = Date().addingTimeInterval(seconds)
         while process.isRunning && Date() < deadline { usleep(5_000) }
-        return process.isRunning ? nil : process.terminationStatus
+        guard !process.isRunning else { return nil }
+        if !readerJoined {
+            readerJoined = readerDone.wait(timeout: .now() + min(2, max(0.1, deadline.timeIntervalSinceNow))) == .success
+        }
+        return process.terminationStatus
     }
+
+    private var readerJoined = false
 }
 
 /// Polls `condition` until it holds or `seconds` pass; returns whether it held.
