@@ -107,6 +107,33 @@ extension BrokerConfiguration {
             if let w = try g.int("windowSeconds") { t.deletionGuard.windowSeconds = max(1, w) }
             try g.finish()
         }
+        if let c = try m.string("collisions") {
+            switch c {
+            case "refuse": t.collisions = .refuse
+            case "namespace":
+                var userName = CollisionPolicy.defaultUserNameTemplate, displayName = CollisionPolicy.defaultDisplayNameTemplate
+                if var n = try m.mapping("namespace") {
+                    for (key, placeholder) in [("userName", "{userName}"), ("displayName", "{displayName}")] {
+                        guard let template = try n.string(key) else { continue }
+                        guard template.contains(placeholder), template.contains("{domain}") else {
+                            throw ConfigError("'namespace.\(key)' must hold \(placeholder) and {domain}, so that names stay unique per domain",
+                                              at: n.node(key)?.mark)
+                        }
+                        if key == "userName" { userName = template } else { displayName = template }
+                    }
+                    try n.finish()
+                }
+                t.collisions = .namespace(userName: userName, displayName: displayName)
+            case "link":
+                throw ConfigError("'collisions: link' (one account for the same person in two domains) is not available yet; use refuse or namespace",
+                                  at: m.node("collisions")?.mark)
+            default:
+                throw ConfigError("'collisions' must be refuse or namespace", at: m.node("collisions")?.mark)
+            }
+        }
+        if m.node("namespace") != nil, case .refuse = t.collisions {
+            throw ConfigError("'namespace' applies only with 'collisions: namespace'", at: m.node("namespace")?.mark)
+        }
         if let n = try m.int("breakerThreshold") { t.breakerThreshold = max(1, n) }
         if let n = try m.int("timeoutMs") { t.requestTimeoutMilliseconds = UInt64(max(100, n)) }
         if var mapping = try m.mapping("mapping") {

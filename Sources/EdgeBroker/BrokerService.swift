@@ -220,6 +220,10 @@ public final class BrokerService {
         perTarget("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error or 5xx.") { String($0.statistics.retries) }
         perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
         perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
+        perTarget("scim_broker_target_collisions_total", "counter",
+                  "Changes refused (dead letters) because the account at the target belongs to another resource.") {
+            String($0.statistics.collisions)
+        }
         perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
         perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
         perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }

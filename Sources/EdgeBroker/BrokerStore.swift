@@ -27,6 +27,7 @@ public final class BrokerStore: Sendable {
     let trail: Database
     let traces: Database
     let targetState: Database
+    let targetOwners: Database
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
 
@@ -43,6 +44,7 @@ public final class BrokerStore: Sendable {
         trail = try environment.openDatabase("trail")
         traces = try environment.openDatabase("traces")
         targetState = try environment.openDatabase("targetState")
+        targetOwners = try environment.openDatabase("targetOwners")
         self.targets = targets
     }
 

@@ -31,6 +31,8 @@ public struct TargetStatistics: Sendable {
     public var retries = 0
     public var throttled = 0
     public var adopted = 0
+    /// Changes refused because the account belongs to another resource.
+    public var collisions = 0
     public var latencyCounts = [Int](repeating: 0, count: TargetStatistics.latencyBuckets.count)
     public var latencyCount = 0
     public var latencySum = 0.0
@@ -421,7 +423,7 @@ public final class TargetWorker {
             finish(d, .done(mapping: .none, method: nil, status: nil))
             return
         }
-        var body = targetBody(resource, brokerID: d.item.brokerID, mapping: target.mapping)
+        var body = targetBody(resource, type: type, brokerID: d.item.brokerID, target: target)
         if type == "Group", let members = body["members"]?.arrayValue {
             var mapped: [JSON] = []
             var missing = false
@@ -447,7 +449,7 @@ public final class TargetWorker {
                 // A POST may have succeeded without its answer being recorded: look first.
                 lookup(d, type: type, attribute: "externalId", value: d.item.brokerID) { [weak self] found in
                     guard let self else { return }
-                    if let found { adopt(d, found, body: body) } else { create(d, type: type, body: body) }
+                    if let found { adopt(d, found.id, body: body) } else { create(d, type: type, body: body) }
                 }
             } else {
                 create(d, type: type, body: body)
@@ -479,7 +481,16 @@ public final class TargetWorker {
                 }
                 lookup(d, type: type, attribute: attribute, value: value) { [weak self] found in
                     guard let self else { return }
-                    if let found { adopt(d, found, body: body) } else { finish(d, classify(r, "POST", path, bytes)) }
+                    guard let found else { finish(d, classify(r, "POST", path, bytes)); return }
+                    // Never adopt an account that is another resource's (invariant 6).
+                    switch owner(of: found, type: type) {
+                    case .failure(let e):
+                        finish(d, .retry("cannot tell whose account \(found.id) is: \(e)"))
+                    case .success(let other?) where other != d.item.brokerID:
+                        finish(d, collision(d, attribute: attribute, value: value, targetID: found.id, other: other, path: path, bytes))
+                    case .success:
+                        adopt(d, found.id, body: body)
+                    }
                 }
             case .success(let r):
                 finish(d, classify(r, "POST", path, bytes))
@@ -487,6 +498,33 @@ public final class TargetWorker {
                 finish(d, .retry("POST \(path): \(e)"))
             }
         }
+    }
+
+    /// The broker id an account at the target belongs to, if any: the one
+    /// whose mapping names it, else its `externalId` when that is a broker
+    /// id the directory holds (an account the broker created for another
+    /// resource). An account of neither kind was made outside the broker and
+    /// may be adopted.
+    private func owner(of account: (id: String, externalId: String?), type: String) -> Result<String?, Error> {
+        Result {
+            if let mapped = try store.accountOwner(target: target.name, type: type, targetID: account.id) { return mapped }
+            if let e = account.externalId, !e.isEmpty, try store.resource(brokerID: e) != nil { return e }
+            return nil
+        }
+    }
+
+    /// An account that is another resource's: with `collisions: refuse` (and
+    /// when a namespace still collides) the change becomes a dead letter
+    /// that names both domains and both broker ids.
+    private func collision(_ d: Delivery, attribute: String, value: String, targetID: String, other: String,
+                           path: String, _ bytes: [UInt8]) -> Outcome {
+        statistics.collisions += 1
+        func domain(_ id: String) -> String { ((try? store.resource(brokerID: id)) ?? nil)?.0 ?? "unknown" }
+        let reason = "collision: \(attribute) '\(value)' at target \(target.name) is account \(targetID) of broker id \(other) "
+            + "(domain \(domain(other))); broker id \(d.item.brokerID) (domain \(domain(d.item.brokerID))) may not adopt it"
+        logger.error("cross-resource collision: refused", metadata: [
+            "brokerId": .string(d.item.brokerID), "owner": .string(other), "targetId": .string(targetID), "attribute": .string(attribute)])
+        return .deadLetter(method: "POST", path: path, request: String(decoding: bytes, as: UTF8.self), status: 409, response: reason)
     }
 
     /// Takes over an existing account and brings it to the broker's state
@@ -615,15 +653,16 @@ public final class TargetWorker {
         }
     }
 
-    /// `GET /Users?filter=attribute eq "value"`: the one match's id.
-    private func lookup(_ d: Delivery, type: String, attribute: String, value: String, _ done: @escaping (String?) -> Void) {
+    /// `GET /Users?filter=attribute eq "value"`: the one match's id and externalId.
+    private func lookup(_ d: Delivery, type: String, attribute: String, value: String,
+                        _ done: @escaping ((id: String, externalId: String?)?) -> Void) {
         let escaped = value.replacing("\\", with: "\\\\").replacing("\"", with: "\\\"")
-        let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id"
+        let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id,externalId"
         send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
             guard self != nil else { return }
             if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body),
                let list = doc["Resources"]?.arrayValue, list.count == 1, let id = list[0]["id"]?.stringValue {
-                done(id)
+                done((id, list[0]["externalId"]?.stringValue))
             } else {
                 done(nil)
             }
@@ -754,8 +793,9 @@ public final class TargetWorker {
         if d.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: d.item.acceptedAt)) }
         hop["applied"] = .number(JSONNumber(integer: d.item.queuedAt))
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
+        let type = d.item.type
         writer.submit({ txn in
-            try store.completeDelivery(target: name, keys: keys, brokerID: id, mapping: mapping, deadLetter: deadLetter, hop: finalHop,
+            try store.completeDelivery(target: name, keys: keys, brokerID: id, type: type, mapping: mapping, deadLetter: deadLetter, hop: finalHop,
                                        trace: trace, txn)
         }) { [weak self] result in
             guard let self else { return }

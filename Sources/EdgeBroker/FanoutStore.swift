@@ -8,6 +8,7 @@ import SCIM
 /// |---|---|---|
 /// | `fanout` | `<target> 0x00 <seq BE>` | a `DeliveryItem` (JSON) |
 /// | `targetIds` | `<target> 0x00 <broker id>` | target id, ETag, last body sent |
+/// | `targetOwners` | `<target> 0x00 <type>/<target id>` | the broker id whose mapping names that account |
 /// | `targetDead` | `<target> 0x00 <seq BE>` | a dead letter: request, status, response |
 /// | `trail` | `<broker id> 0x00 <µs BE> <hop>` | one hop of a change |
 /// | `traces` | `<trace id> 0x00 <broker id>` | — |
@@ -288,6 +289,34 @@ extension BrokerStore {
         }
     }
 
+    /// Records (or, with nil, forgets) which target account a broker id has,
+    /// and keeps the reverse index (`targetOwners`) that tells whose an
+    /// account is, so that no other resource adopts it.
+    func setMapping(target: String, type: String, brokerID: String, _ mapping: TargetMapping?,
+                    _ txn: borrowing WriteTransaction) throws {
+        let key = prefixed(target, brokerID)
+        if let old = try txn.get(targetIds, key).flatMap(TargetMapping.init), old.targetID != mapping?.targetID {
+            let ownerKey = prefixed(target, "\(type)/\(old.targetID)")
+            if try txn.get(targetOwners, ownerKey).map({ String(decoding: $0, as: UTF8.self) }) == brokerID {
+                _ = try txn.delete(targetOwners, ownerKey)
+            }
+        }
+        if let mapping {
+            try txn.put(targetIds, key, mapping.json.serialized())
+            try txn.put(targetOwners, prefixed(target, "\(type)/\(mapping.targetID)"), Array(brokerID.utf8))
+        } else {
+            _ = try txn.delete(targetIds, key)
+        }
+    }
+
+    /// The broker id whose mapping names account `targetID` at the target, if any.
+    public func accountOwner(target: String, type: String, targetID: String) throws -> String? {
+        let targetOwners = self.targetOwners
+        return try environment.read { txn in
+            try txn.get(targetOwners, prefixed(target, "\(type)/\(targetID)")).map { String(decoding: $0, as: UTF8.self) }
+        }
+    }
+
     func mapping(target: String, brokerID: String) throws -> TargetMapping? {
         let targetIds = self.targetIds
         return try environment.read { txn in try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) }
@@ -314,14 +343,10 @@ extension BrokerStore {
 
     /// Completes deliveries: drops their queue entries, records the
     /// mapping (nil: forget it), a dead letter, and the trail hop.
-    func completeDelivery(target: String, keys: [[UInt8]], brokerID: String, mapping: TargetMapping??,
+    func completeDelivery(target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
                           deadLetter: JSONObject?, hop: JSONObject?, trace: String, _ txn: borrowing WriteTransaction) throws {
         for k in keys { _ = try txn.delete(fanout, k) }
-        switch mapping {
-        case .some(.some(let m)): try txn.put(targetIds, prefixed(target, brokerID), m.json.serialized())
-        case .some(.none): _ = try txn.delete(targetIds, prefixed(target, brokerID))
-        case .none: break
-        }
+        if case .some(let m) = mapping { try setMapping(target: target, type: type, brokerID: brokerID, m, txn) }
         if let deadLetter {
             let seq = try nextCounter("deadseq/\(target)", txn)
             var d = deadLetter
@@ -411,6 +436,8 @@ extension BrokerStore {
     public struct ForgottenTarget: Sendable {
         public var queued = 0
         public var mappings = 0
+        /// Reverse entries of the mappings (whose an account is).
+        public var owners = 0
         public var deadLetters = 0
         /// Status, deletion guard and counters.
         public var stateEntries = 0
@@ -425,7 +452,7 @@ extension BrokerStore {
     /// the target is no longer configured.
     public func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
         var result = ForgottenTarget()
-        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetDead, \.deadLetters)] {
+        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters)] {
             while true {
                 let removed = try environment.write { txn in
                     var keys: [[UInt8]] = []
@@ -452,9 +479,8 @@ extension BrokerStore {
     /// With `mapping`, the target account is recorded first (adopting a stray).
     public func enqueue(target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
                         mapping: TargetMapping? = nil) throws {
-        let targetIds = self.targetIds
         try environment.write { txn in
-            if let mapping { try txn.put(targetIds, prefixed(target, brokerID), mapping.json.serialized()) }
+            if let mapping { try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn) }
             try enqueue(target: target, DeliveryItem(brokerID: brokerID, type: type, operation: operation,
                                                      trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
         }

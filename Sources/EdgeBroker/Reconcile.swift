@@ -92,7 +92,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                   let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
                   target.routes(domain: domain, type: type, resource) else { continue }
             report.expected += 1
-            var want = targetBody(resource, brokerID: brokerID, mapping: target.mapping)
+            var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
             if type == "Group", let members = want["members"]?.arrayValue {
                 want["members"] = .array(members.compactMap { m -> JSON? in
                     guard var o = m.objectValue, let v = o["value"]?.stringValue, let tid = mappings[v]?.targetID else { return nil }
@@ -112,7 +112,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
             guard let tid = targetID, let account = accounts[tid] else {
                 report.missing.append(brokerID)
                 if apply {
-                    try store.forgetMapping(target: target.name, brokerID: brokerID)
+                    try store.forgetMapping(target: target.name, type: type, brokerID: brokerID)
                     try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert)
                     report.queued += 1
                 }
@@ -166,8 +166,7 @@ func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
 }
 
 extension BrokerStore {
-    func forgetMapping(target: String, brokerID: String) throws {
-        let targetIds = self.targetIds
-        try environment.write { txn in _ = try txn.delete(targetIds, prefixed(target, brokerID)) }
+    func forgetMapping(target: String, type: String, brokerID: String) throws {
+        try environment.write { txn in try setMapping(target: target, type: type, brokerID: brokerID, nil, txn) }
     }
 }

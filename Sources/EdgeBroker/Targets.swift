@@ -111,6 +111,36 @@ public struct DeletionGuard: Sendable, Equatable {
     }
 }
 
+/// What a target does when a change would land on an account that already
+/// belongs to another federated resource (another broker id, most often of
+/// another domain: the same `userName` in two domains).
+public enum CollisionPolicy: Sendable, Equatable {
+    /// Never adopt it: the change becomes a dead letter naming both domains
+    /// and both broker ids.
+    case refuse
+    /// Make the target's unique names unique per domain: users' `userName`
+    /// and groups' `displayName` are rewritten by these templates
+    /// (`{userName}`, `{displayName}`, `{domain}`), on every create, update,
+    /// reconciliation and adoption alike.
+    case namespace(userName: String, displayName: String)
+
+    public static let defaultUserNameTemplate = "{userName}@{domain}"
+    public static let defaultDisplayNameTemplate = "{displayName} ({domain})"
+
+    /// The name the target sees for `name` of `domain`.
+    static func expand(_ template: String, _ placeholder: String, _ name: String, domain: String) -> String {
+        template.replacing(placeholder, with: name).replacing("{domain}", with: domain)
+    }
+
+    func apply(to body: inout JSONObject, type: String, domain: String) {
+        guard case .namespace(let userName, let displayName) = self else { return }
+        let (attribute, template) = type == "User" ? ("userName", userName) : ("displayName", displayName)
+        if let name = body[attribute]?.stringValue {
+            body[attribute] = .string(Self.expand(template, "{\(attribute)}", name, domain: domain))
+        }
+    }
+}
+
 /// A downstream SCIM service provider the broker provisions.
 public struct TargetConfiguration: Sendable {
     public var name: String
@@ -131,6 +161,7 @@ public struct TargetConfiguration: Sendable {
     public var mapping = AttributeMapping()
     public var routes: [Route] = []
     public var deletionGuard = DeletionGuard()
+    public var collisions: CollisionPolicy = .refuse
     /// Consecutive failures (network, 5xx) that open the circuit breaker.
     public var breakerThreshold = 10
     public var requestTimeoutMilliseconds: UInt64 = 15_000
@@ -161,8 +192,17 @@ public struct TargetConfiguration: Sendable {
 
 /// Turns a federated resource into the body a target receives: no broker
 /// `id`/`meta`, no source extension, `externalId` set to the broker id (the
-/// broker is the target's provisioning client, RFC 7643 §3.1), then the
-/// target's attribute mapping.
+/// broker is the target's provisioning client, RFC 7643 §3.1), the
+/// target's collision namespace, then its attribute mapping.
+func targetBody(_ resource: JSONObject, type: String, brokerID: String, target: TargetConfiguration) -> JSONObject {
+    var body = targetBody(resource, brokerID: brokerID, mapping: AttributeMapping())
+    if let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue {
+        target.collisions.apply(to: &body, type: type, domain: domain)
+    }
+    target.mapping.apply(to: &body)
+    return body
+}
+
 func targetBody(_ resource: JSONObject, brokerID: String, mapping: AttributeMapping) -> JSONObject {
     var body = resource
     _ = body.removeValue(forKey: "id")
