@@ -227,6 +227,8 @@ public final class BrokerService {
         perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
         perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
         perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
+        perTarget("scim_broker_target_credentials_refused", "gauge",
+                  "1 while the target refuses the credentials or the TLS handshake (paused, queue kept).") { $0.credentialsRefused ? "1" : "0" }
         header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
         for w in workers {
             let (n, q) = w.recent.quantiles([0.5, 0.99])

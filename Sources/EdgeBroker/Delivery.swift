@@ -94,6 +94,17 @@ public final class TargetWorker {
     private var removalTimes: [UInt64] = []
     private var guardPausedSince: Int64?
     private var guardConfirmedAt: Int64 = 0
+    /// Set while the target refuses the credentials (401/403) or the TLS
+    /// handshake: nothing is sent but one probe now and then; the queue stays.
+    struct CredentialsPause {
+        var reason: String
+        let since: Int64
+        var probeAt: UInt64 = 0
+        var probes = 0
+    }
+    private var credentialsPause: CredentialsPause?
+    /// Resource types whose PATCH the target answered 501.
+    private var patchNotImplemented: Set<String> = []
     /// Items queued and not yet completed (refreshed from LMDB periodically).
     public private(set) var depth = 0
     public private(set) var oldestQueuedAt: Int64 = 0
@@ -114,6 +125,8 @@ public final class TargetWorker {
     }
 
     public var deletesPaused: Bool { guardPausedSince != nil }
+    /// Paused because the target refuses the credentials or the TLS handshake.
+    public var credentialsRefused: Bool { credentialsPause != nil }
 
     init(target: TargetConfiguration, store: BrokerStore, writer: GroupCommitWriter, loop: EventLoop) throws {
         self.target = target
@@ -177,6 +190,11 @@ public final class TargetWorker {
     /// SIGHUP: the token file may have been rotated.
     func reload() {
         do { token = try target.resolveToken() } catch { logger.error("cannot reload the token: \(error)") }
+        if credentialsPause != nil {
+            credentialsPause?.probeAt = 0  // try the new credentials now
+            credentialsPause?.probes = 0
+            pump()
+        }
     }
 
     func stop() {
@@ -233,7 +251,8 @@ public final class TargetWorker {
     public func statusDocument() -> JSONObject {
         var o: JSONObject = [
             "target": .string(target.name), "url": .string(target.url),
-            "state": .string(capabilities == nil ? "discovering" : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
+            "state": .string(capabilities == nil ? "discovering" : credentialsPause != nil ? "credentials-refused"
+                                : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
             "breaker": .string(breakerState.rawValue),
             "queued": .int(depth), "oldestQueuedAt": .number(JSONNumber(integer: oldestQueuedAt)),
             "inFlight": .int(inFlight.count), "concurrency": .int(Int(limit)),
@@ -245,6 +264,9 @@ public final class TargetWorker {
             o["capabilities"] = ["patch": .bool(c.patch), "bulk": .bool(c.bulk), "filter": .bool(c.filter), "etag": .bool(c.etag)]
         }
         if let e = statistics.lastError { o["lastError"] = .string(e) }
+        if let p = credentialsPause {
+            o["credentialsRefused"] = ["since": .number(JSONNumber(integer: p.since)), "reason": .string(p.reason)]
+        }
         return o
     }
 
@@ -321,6 +343,10 @@ public final class TargetWorker {
         refill(now)
         guard now >= pausedUntil else { return }
         var allowed = Int(limit)
+        if let pause = credentialsPause {
+            guard now >= pause.probeAt, inFlight.isEmpty else { return }
+            allowed = 1  // one change probes the credentials
+        }
         switch breakerState {
         case .closed: break
         case .open: return
@@ -409,6 +435,8 @@ public final class TargetWorker {
         case throttled(retryAfter: UInt64?, status: Int)
         /// Group members not yet at the target: try again shortly.
         case waitForMembers
+        /// 401/403 or a TLS failure: the target's state, not the change's.
+        case credentialsRefused(String)
     }
 
     // MARK: the operations
@@ -495,7 +523,7 @@ public final class TargetWorker {
             case .success(let r):
                 finish(d, classify(r, "POST", path, bytes))
             case .failure(let e):
-                finish(d, .retry("POST \(path): \(e)"))
+                finish(d, transportFailure(e, "POST \(path)"))
             }
         }
     }
@@ -542,7 +570,7 @@ public final class TargetWorker {
         let path = endpoint(type) + "/" + mapping.targetID
         var method = "PUT"
         var bytes: [UInt8]
-        if capabilities?.patch == true, let sent = mapping.sent {
+        if usesPatch(type), let sent = mapping.sent {
             let ops = patchOperations(from: sent, to: body)
             if ops.isEmpty {
                 finish(d, .done(mapping: .some(mapping), method: nil, status: nil))
@@ -575,10 +603,15 @@ public final class TargetWorker {
                 var next = d
                 next.redirected += 1
                 update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
+            case .success(let r) where r.status == 501 && method == "PATCH":
+                // This PATCH form is not implemented there (RFC 7644 §3.12): a
+                // property of the request, not a fault. A full PUT says the same.
+                patchRefused(type, r)
+                update(d, type: type, mapping: mapping, body: body)
             case .success(let r):
                 finish(d, classify(r, method, path, bytes))
             case .failure(let e):
-                finish(d, .retry("\(method) \(path): \(e)"))
+                finish(d, transportFailure(e, "\(method) \(path)"))
             }
         }
     }
@@ -596,12 +629,12 @@ public final class TargetWorker {
                 case .success(let r) where (200..<300).contains(r.status) || r.status == 404:
                     finish(d, .done(mapping: .some(nil), method: "DELETE", status: r.status))
                 case .success(let r): finish(d, classify(r, "DELETE", path, []))
-                case .failure(let e): finish(d, .retry("DELETE \(path): \(e)"))
+                case .failure(let e): finish(d, transportFailure(e, "DELETE \(path)"))
                 }
             }
             return
         }
-        if capabilities?.patch != true && mapping.sent == nil {
+        if !usesPatch(d.item.type) && mapping.sent == nil {
             // A PUT replaces the whole account: without PATCH and without the
             // body last sent (an adopted or stray account), read it first.
             send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
@@ -620,7 +653,7 @@ public final class TargetWorker {
                 case .success(let r) where r.status == 404:
                     finish(d, .done(mapping: .some(nil), method: "GET", status: 404))
                 case .success(let r): finish(d, classify(r, "GET", path, []))
-                case .failure(let e): finish(d, .retry("GET \(path): \(e)"))
+                case .failure(let e): finish(d, transportFailure(e, "GET \(path)"))
                 }
             }
             return
@@ -629,7 +662,7 @@ public final class TargetWorker {
         sent["active"] = .bool(false)
         let method: String
         let bytes: [UInt8]
-        if capabilities?.patch == true {
+        if usesPatch(d.item.type) {
             method = "PATCH"
             bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
                                  "Operations": [["op": "replace", "path": "active", "value": false]]]).serialized()
@@ -647,8 +680,11 @@ public final class TargetWorker {
                 finish(d, .done(mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: sent)), method: method, status: r.status))
             case .success(let r) where r.status == 404:
                 finish(d, .done(mapping: .some(nil), method: method, status: 404))
+            case .success(let r) where r.status == 501 && method == "PATCH":
+                patchRefused(d.item.type, r)
+                remove(d, deactivate: true)
             case .success(let r): finish(d, classify(r, method, path, bytes))
-            case .failure(let e): finish(d, .retry("\(method) \(path): \(e)"))
+            case .failure(let e): finish(d, transportFailure(e, "\(method) \(path)"))
             }
         }
     }
@@ -702,6 +738,25 @@ public final class TargetWorker {
         }
     }
 
+    /// A request that got no answer: TLS failures (a certificate the target
+    /// refuses or that fails verification) pause the target like refused
+    /// credentials; anything else is retried and counts toward the breaker.
+    private func transportFailure(_ e: HTTPClientError, _ what: String) -> Outcome {
+        if case .tls = e { return .credentialsRefused("\(what): TLS: \(e)") }
+        return .retry("\(what): \(e)")
+    }
+
+    /// The target answered 501 to a PATCH: updates of this type go as full PUTs from now on.
+    private func patchRefused(_ type: String, _ r: HTTPResponse) {
+        guard !patchNotImplemented.contains(type) else { return }
+        patchNotImplemented.insert(type)
+        logger.warning("the target does not implement this PATCH (501): \(type) updates are sent as PUT",
+                       metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+    }
+
+    /// Whether updates of `type` go as PATCH.
+    private func usesPatch(_ type: String) -> Bool { capabilities?.patch == true && !patchNotImplemented.contains(type) }
+
     private func etag(_ r: HTTPResponse, _ doc: JSON?) -> String? {
         r.headers["ETag"] ?? doc?["meta"]?["version"]?.stringValue
     }
@@ -709,8 +764,14 @@ public final class TargetWorker {
     private func classify(_ r: HTTPResponse, _ method: String, _ path: String, _ request: [UInt8]) -> Outcome {
         switch r.status {
         case 429, 503: return .throttled(retryAfter: r.headers["Retry-After"].flatMap { UInt64($0.trimmingSpaces) }, status: r.status)
-        case 500...599, 408: return .retry("\(method) \(path) answered \(r.status)")
+        case 401, 403:
+            // The credentials, not the change: the target pauses with its queue kept.
+            return .credentialsRefused("\(method) \(path) answered \(r.status): \(String(decoding: r.body.prefix(300), as: UTF8.self))")
+        case 500...599 where r.status != 501, 408:
+            return .retry("\(method) \(path) answered \(r.status)")
         default:
+            // 501 too: not implemented (RFC 7644 §3.12) is a property of the
+            // request form; retrying cannot help, and the target is up.
             return .deadLetter(method: method, path: path, request: String(decoding: request, as: UTF8.self), status: r.status,
                                response: String(decoding: r.body.prefix(16 * 1024), as: UTF8.self))
         }
@@ -734,6 +795,19 @@ public final class TargetWorker {
         switch outcome {
         case .waitForMembers:
             release(retryAt: now + 250, countAttempt: false, wait: true)
+        case .credentialsRefused(let why):
+            statistics.lastError = why
+            var pause = credentialsPause ?? CredentialsPause(reason: why, since: unixMilliseconds())
+            pause.reason = why
+            pause.probes += 1
+            // Probe again (with one queued change) after 1, 2, 4 … 60 s; a SIGHUP probes at once.
+            pause.probeAt = now + UInt64(min(60_000, 1000 << min(6, pause.probes - 1)))
+            if credentialsPause == nil {
+                logger.error("target refused the credentials: paused with its queue kept until they work again (SIGHUP re-reads the token)",
+                             metadata: ["error": .string(why)])
+            }
+            credentialsPause = pause
+            release(retryAt: nil, countAttempt: false)
         case .throttled(let retryAfter, let status):
             statistics.throttled += 1
             statistics.lastError = "target answered \(status)"
@@ -782,6 +856,11 @@ public final class TargetWorker {
     }
 
     private func succeeded() {
+        if let pause = credentialsPause {
+            logger.notice("target accepts the credentials again: resumed",
+                          metadata: ["pausedSeconds": .stringConvertible((unixMilliseconds() - pause.since) / 1000)])
+            credentialsPause = nil
+        }
         if consecutiveFailures >= target.breakerThreshold { logger.notice("circuit breaker closed") }
         consecutiveFailures = 0
         breakerOpenings = 0
