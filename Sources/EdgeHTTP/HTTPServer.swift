@@ -114,7 +114,17 @@ public final class HTTPServer {
     public convenience init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
                             limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
         try self.init(loop: loop, tls: tls, limits: limits, handler: handler)
-        listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+        do {
+            listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+        } catch {
+            // Undo what only a drain would undo (`deinit` frees `scratch` alone):
+            // the timer and the self-reference, so the throw releases the server.
+            sweeper?.close()
+            sweeper = nil
+            selfReference?.release()
+            selfReference = nil
+            throw error
+        }
         sweeper?.keepsLoopAlive = false
     }
 

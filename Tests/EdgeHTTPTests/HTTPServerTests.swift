@@ -218,6 +218,36 @@ final class HTTPServerTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    /// Binding a port in use throws EADDRINUSE and leaves nothing behind:
+    /// the server is released (its handler with it) and opened no handle,
+    /// so the loop ends and closes clean.
+    func testBindingAPortInUseThrowsAndLeavesNothingBehind() throws {
+        final class Sentinel: Sendable {}
+        let (outcome, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable (String) -> Void) in
+            let first = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: 0), handler: testHandler)
+            let handles = loop.liveHandles
+            var sentinel: Sentinel? = Sentinel()
+            weak let watched = sentinel
+            var failure = "no error"
+            do {
+                _ = try HTTPServer(loop: loop, address: first.address) { [sentinel] request, context, responder in
+                    withExtendedLifetime(sentinel) { testHandler(request, context, responder) }
+                }
+            } catch let error as LoopError {
+                failure = error.name
+            }
+            sentinel = nil
+            let released = watched == nil
+            let opened = loop.liveHandles - handles
+            first.shutdown {
+                finish("\(failure) released=\(released) handles=\(opened)")
+                loop.stop()  // a leaked timer would otherwise keep the loop running: close() reports it
+            }
+        }
+        XCTAssertEqual(outcome, "EADDRINUSE released=true handles=0")
+        XCTAssertEqual(leftOpen, 0)
+    }
+
     func testWriteBackpressurePausesReadingUntilTheClientReads() throws {
         var limits = HTTPServerLimits()
         limits.writeHighWatermark = 256 * 1024
