@@ -267,7 +267,16 @@ public final class SCIMEndpoint {
         if queued >= options.maxQueuedWrites {
             return SCIMError(503, nil, "\(queued) writes are waiting for the store; retry after \(options.retryAfterSeconds) s")
         }
-        guard options.recordOutbox, let (events, bytes) = try? store.outboxUsage() else { return nil }
+        guard options.recordOutbox else { return nil }
+        let events: Int, bytes: Int
+        do {
+            (events, bytes) = try store.outboxUsage()
+        } catch {
+            // The outbox's size is unknown: refuse the write rather than let
+            // the outbox grow unbounded (the shared state stays as it was).
+            logger.error("cannot read the outbox's size; refusing the write", metadata: ["error": .string("\(error)")])
+            return SCIMError(503, nil, "cannot read the outbox's size (\(error)); retry after \(options.retryAfterSeconds) s")
+        }
         if backpressure {
             if events <= options.outboxLowEvents && bytes <= options.outboxLowBytes {
                 shared.change(to: false, events: events, bytes: bytes)

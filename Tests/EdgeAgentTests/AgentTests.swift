@@ -523,6 +523,34 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.openStore().acknowledgedSequence(), 2)
     }
 
+    /// While the outbox cannot be read (every LMDB reader slot taken: a real
+    /// MDB_READERS_FULL; write transactions need no slot), its size is
+    /// unknown: writes are refused with 503 and a SCIM error, not let through,
+    /// and /readyz says 503. Once it reads again, all is as before.
+    func testAnUnreadableOutboxRefusesWritesAndIsNotReady() throws {
+        let agent = try AgentHarness()
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("before")).status, 201)
+        let bound = agent.service.wait()!
+        let environment = try XCTUnwrap(agent.thread.inbox.sendAndWait { bound.value.store.environment })
+        try whileEveryReaderSlotIsTaken(environment) {
+            let refused = try agent.call("POST", "/Users", userBody("blind"))
+            XCTAssertEqual(refused.status, 503, refused.raw)
+            XCTAssertNotNil(refused.header("Retry-After"))
+            XCTAssertEqual(refused.body?["schemas"], ["urn:ietf:params:scim:api:messages:2.0:Error"])
+            XCTAssertTrue(refused.body?["detail"]?.stringValue?.contains("cannot read the outbox") ?? false, refused.raw)
+            let (ready, why) = try agent.admin("/readyz")
+            XCTAssertEqual(ready, 503)
+            XCTAssertTrue(why.contains("cannot read the outbox"), why)
+            let metrics = try agent.admin("/metrics").1
+            XCTAssertFalse(metrics.contains("scim_edge_outbox_events 0"), "no made-up size")
+        }
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("after")).status, 201)
+        XCTAssertEqual(try agent.admin("/readyz").0, 200)
+        XCTAssertEqual(agent.stop(), 0)
+        let store = try agent.openStore()
+        XCTAssertEqual(try store.outboxCount(), 2, "the refused write left nothing")
+    }
+
     func testTheWriteQueueIsBounded() throws {
         let agent = try AgentHarness { $0.endpoint.maxQueuedWrites = 0 }
         let refused = try agent.call("POST", "/Users", userBody("queued"))
@@ -585,4 +613,19 @@ final class AgentTests: XCTestCase {
         let missing = try run(["resources", "get", "nope", "--data-dir", dataDir])
         XCTAssertNotEqual(missing.0, 0)
     }
+}
+
+/// Runs `body` while every reader slot of `environment` is held by this
+/// thread: LMDB then refuses new read transactions with MDB_READERS_FULL.
+func whileEveryReaderSlotIsTaken<R>(_ environment: Environment, _ body: () throws -> R) throws -> R {
+    let txn: ReadTransaction
+    do throws(StoreError) {
+        txn = try environment.beginRead()
+    } catch {
+        guard error == .readersFull else { throw error }
+        return try body()
+    }
+    let result = try whileEveryReaderSlotIsTaken(environment, body)
+    _ = consume txn
+    return result
 }
