@@ -133,6 +133,7 @@ public final class AgentService {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
             self.relay = relay
             endpoint.onCommitted = { relay.kick() }
+            relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()
         }
         // Noticed on any serving loop, logged on this one.
