@@ -131,6 +131,38 @@ final class AgentTests: XCTestCase {
 
     /// Ids are RFC 9562 version 7 UUIDs: creation time first, so ids sort by
     /// creation and a batch of creates lands on neighbouring B-tree pages.
+    /// `maxConnections` is the agent's limit, not each serving loop's: with
+    /// two loops and a limit of 2, a third connection is closed at accept
+    /// (round-robin would hand it to a loop holding only one), and a slot
+    /// freed on either loop admits the next.
+    func testTheConnectionLimitHoldsAcrossServingLoops() throws {
+        let agent = try AgentHarness { config in
+            config.servingLoops = 2
+            config.limits.maxConnections = 2
+        }
+        let request = "GET /scim/v2/ServiceProviderConfig HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(agent.token)\r\n\r\n"
+        var open: [RawClient] = []
+        for _ in 0..<2 {
+            let client = try RawClient(port: agent.port)
+            client.send(request)
+            XCTAssertEqual(client.readResponses(1).first?.status, 200)
+            open.append(client)
+        }
+        for _ in 0..<2 {
+            let refused = try RawClient(port: agent.port)
+            refused.send(request)
+            XCTAssertEqual(refused.readToEnd(), "", "closed at accept: the agent holds 2 connections")
+        }
+        open.removeFirst()  // closes it: its slot comes back once its loop sees the end
+        XCTAssertTrue(eventually(seconds: 10) {
+            guard let next = try? RawClient(port: agent.port, timeoutSeconds: 2) else { return false }
+            next.send(request)
+            return next.readResponses(1).first?.status == 200
+        }, "a freed slot admits a new connection")
+        open.removeAll()
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
     func testIDsAreTimeOrderedVersion7UUIDs() throws {
         let agent = try AgentHarness()
         var ids: [String] = []
