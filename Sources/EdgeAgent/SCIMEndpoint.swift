@@ -213,6 +213,10 @@ public final class SCIMEndpoint {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
             return
         }
+        guard !request.hasRepeatedAuthorization else {
+            responder.respond(Self.respond(.invalidSyntax("more than one Authorization header field")))
+            return
+        }
         guard authorized(request) else {
             responder.respond(Self.respond(SCIMError(401, nil, "a valid bearer token is required"),
                                            headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))

@@ -475,6 +475,27 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.openStore().outboxCount(), 0, "nothing was written by refused requests")
     }
 
+    /// Two `Authorization` fields are a malformed request: 400 invalidSyntax
+    /// whichever of them holds the token, and nothing changes.
+    func testTwoAuthorizationHeadersAre400AndChangeNothing() throws {
+        let agent = try AgentHarness()
+        let body = userBody("twice")
+        for pair in [(agent.token, "wrong"), ("wrong", agent.token), (agent.token, agent.token)] {
+            let client = try RawClient(port: agent.port)
+            client.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \(pair.0)\r\n"
+                        + "Authorization: Bearer \(pair.1)\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+            let r = try XCTUnwrap(client.readResponses(1).first)
+            XCTAssertEqual(r.status, 400, r.body)
+            let error = try JSONParser.parse(r.body)
+            XCTAssertEqual(error["scimType"], "invalidSyntax")
+            XCTAssertEqual(error["schemas"], ["urn:ietf:params:scim:api:messages:2.0:Error"])
+        }
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=userName%20eq%20%22twice%22").body?["totalResults"], 0)
+        XCTAssertEqual(try agent.call("POST", "/Users", body).status, 201, "one field with the token still works")
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 1)
+    }
+
     /// SIGKILL the agent process during a write load: after a restart every
     /// acknowledged create is in the store and in the outbox, in order, once.
     func testAcknowledgedWritesSurviveSIGKILL() throws {

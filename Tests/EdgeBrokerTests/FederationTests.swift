@@ -44,6 +44,11 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try api(apiPort, "/Groups/\(brokerID)").0, 404)
         XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
         XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
+        let twice = try RawClient(port: apiPort)
+        twice.send("GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nAuthorization: Bearer other\r\nConnection: close\r\n\r\n")
+        let refused = try XCTUnwrap(twice.readResponses(1).first)
+        XCTAssertEqual(refused.status, 400, "two Authorization fields: \(refused.body)")
+        XCTAssertEqual(try JSONParser.parse(refused.body)["scimType"], "invalidSyntax")
         XCTAssertEqual(try api(apiPort, "/ResourceTypes/User").1?["schemaExtensions"]?.arrayValue?.count, 2)
         // RFC 9865 cursors walk the federated directory: all 67 users, once each.
         var walked: [String] = [], cursor = ""
