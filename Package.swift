@@ -73,7 +73,7 @@ let package = Package(
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
+        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeMetricsTests", dependencies: ["EdgeMetrics"], swiftSettings: strict),
         .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),

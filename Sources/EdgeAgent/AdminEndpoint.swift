@@ -24,6 +24,8 @@ public final class AdminEndpoint {
                 responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "draining\n"))
             } else if agent.endpoint.backpressure {
                 responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "backpressure: the outbox is over its high watermark\n"))
+            } else if let error = outboxUnreadable() {
+                responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "cannot read the outbox: \(error)\n"))
             } else {
                 responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ready\n"))
             }
@@ -35,6 +37,13 @@ public final class AdminEndpoint {
         default:
             responder.respond(HTTPResponse(status: 404, contentType: "text/plain", body: "try /healthz, /readyz or /metrics\n"))
         }
+    }
+
+    /// Why writes would be refused for an unreadable outbox (see
+    /// `SCIMEndpoint.checkBackpressure`); nil when it reads, or none is kept.
+    func outboxUnreadable() -> String? {
+        guard agent.endpoint.options.recordOutbox else { return nil }
+        do { _ = try agent.store.outboxUsage(); return nil } catch { return "\(error)" }
     }
 
     /// The Prometheus exposition of the agent's state.
@@ -64,16 +73,21 @@ public final class AdminEndpoint {
         out += "# TYPE scim_edge_request_duration_seconds histogram\n"
         for (suffix, v) in buckets { out += "scim_edge_request_duration_seconds\(suffix) \(v)\n" }
 
-        let usage = (try? agent.store.outboxUsage()) ?? (events: 0, bytes: 0)
-        metric("scim_edge_outbox_events", "gauge", "Relay events not yet acknowledged by the broker.", [("", String(usage.events))])
-        metric("scim_edge_outbox_bytes", "gauge", "Bytes of the outbox in the store.", [("", String(usage.bytes))])
-        var age = 0.0
-        if let oldest = try? agent.store.oldestOutboxEvent() {
-            var ts = timespec()
-            clock_gettime(CLOCK_REALTIME, &ts)
-            age = Double(max(0, Int64(ts.tv_sec) - oldest.issuedAt))
-        }
-        metric("scim_edge_outbox_oldest_age_seconds", "gauge", "Age of the oldest unacknowledged event.", [("", String(age))])
+        // An unreadable outbox has no sample (absent, not a misleading 0).
+        let usage = try? agent.store.outboxUsage()
+        metric("scim_edge_outbox_events", "gauge", "Relay events not yet acknowledged by the broker.", usage.map { [("", String($0.events))] } ?? [])
+        metric("scim_edge_outbox_bytes", "gauge", "Bytes of the outbox in the store.", usage.map { [("", String($0.bytes))] } ?? [])
+        var age: [(String, String)] = []
+        do {
+            var seconds = 0.0
+            if let oldest = try agent.store.oldestOutboxEvent() {
+                var ts = timespec()
+                clock_gettime(CLOCK_REALTIME, &ts)
+                seconds = Double(max(0, Int64(ts.tv_sec) - oldest.issuedAt))
+            }
+            age = [("", String(seconds))]
+        } catch {}  // unreadable: no sample, like the outbox gauges
+        metric("scim_edge_outbox_oldest_age_seconds", "gauge", "Age of the oldest unacknowledged event.", age)
         metric("scim_edge_backpressure", "gauge", "1 while writes are refused because the outbox is full.",
                [("", agent.endpoint.backpressure ? "1" : "0")])
         metric("scim_edge_backpressure_rejections_total", "counter", "Writes answered 503 because of backpressure.",

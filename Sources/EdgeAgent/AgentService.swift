@@ -102,18 +102,19 @@ public final class AgentService {
         self.endpoint = endpoint
         endpoint.accessLog = configuration.accessLog
         let tls = try configuration.tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
-        server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits) {
-            request, _, responder in endpoint.handle(request, responder)
-        }
+        // One budget for every serving loop: `maxConnections` is the agent's limit.
+        let budget = ConnectionBudget(limit: configuration.limits.maxConnections)
+        server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits,
+                                connectionBudget: budget) { request, _, responder in endpoint.handle(request, responder) }
         server.errorBody = SCIMEndpoint.errorResponse
         let store = self.store, writer = self.writer
         let committed = configuration.relay == nil ? nil : LoopBound<() -> Void>({ endpoint.onCommitted?() })
         servingLoops = try (1..<max(1, configuration.servingLoops)).map { _ in
             try ServingLoop(store: store, writer: writer, options: endpointOptions, shared: shared, tls: tls,
-                            limits: configuration.limits, mainInbox: loop.inbox, committed: committed, logger: endpoint.logger, accessLog: configuration.accessLog)
+                            limits: configuration.limits, connectionBudget: budget, mainInbox: loop.inbox, committed: committed, logger: endpoint.logger, accessLog: configuration.accessLog)
         }
         if !servingLoops.isEmpty {
-            let spreader = ConnectionSpreader(loops: servingLoops)  // kept by the closure
+            let spreader = ConnectionSpreader(loops: servingLoops, budget: budget)  // kept by the closure
             server.handOver = { spreader.handOver($0) }
         }
         if let admin = configuration.adminListen {
@@ -133,6 +134,7 @@ public final class AgentService {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
             self.relay = relay
             endpoint.onCommitted = { relay.kick() }
+            relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()
         }
         // Noticed on any serving loop, logged on this one.

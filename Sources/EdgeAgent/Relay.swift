@@ -114,6 +114,8 @@ public final class Relay {
     private var stopped = false
     public private(set) var statistics = RelayStatistics()
     public var logger = Logger(label: "scim-edge.relay")
+    /// Called after an acknowledgement's prune committed (the outbox shrank).
+    public var onAcknowledged: (() -> Void)?
 
     public init(loop: EventLoop, store: AgentStore, writer: GroupCommitWriter, configuration: RelayConfiguration) throws {
         self.loop = loop
@@ -364,6 +366,7 @@ public final class Relay {
                 logger.error("relay: cannot record the acknowledgement: \(e)")
                 pendingRejections.merge(rejected) { a, _ in a }
             }
+            if case .success = result { onAcknowledged?() }
             if ackedThrough > target || !pendingRejections.isEmpty { prune() }
         }
     }

@@ -213,6 +213,10 @@ public final class SCIMEndpoint {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
             return
         }
+        guard !request.hasRepeatedAuthorization else {
+            responder.respond(Self.respond(.invalidSyntax("more than one Authorization header field")))
+            return
+        }
         guard authorized(request) else {
             responder.respond(Self.respond(SCIMError(401, nil, "a valid bearer token is required"),
                                            headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))
@@ -267,7 +271,25 @@ public final class SCIMEndpoint {
         if queued >= options.maxQueuedWrites {
             return SCIMError(503, nil, "\(queued) writes are waiting for the store; retry after \(options.retryAfterSeconds) s")
         }
-        guard options.recordOutbox, let (events, bytes) = try? store.outboxUsage() else { return nil }
+        guard options.recordOutbox else { return nil }
+        let events: Int, bytes: Int
+        do {
+            (events, bytes) = try updateBackpressure()
+        } catch {
+            // The outbox's size is unknown: refuse the write rather than let
+            // the outbox grow unbounded (the shared state stays as it was).
+            logger.error("cannot read the outbox's size; refusing the write", metadata: ["error": .string("\(error)")])
+            return SCIMError(503, nil, "cannot read the outbox's size (\(error)); retry after \(options.retryAfterSeconds) s")
+        }
+        guard backpressure else { return nil }
+        return SCIMError(503, nil, "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s")
+    }
+
+    /// Reads the outbox's size and moves the backpressure state across the
+    /// watermarks (on for every loop of the agent: `shared`).
+    @discardableResult
+    func updateBackpressure() throws -> (events: Int, bytes: Int) {
+        let (events, bytes) = try store.outboxUsage()
         if backpressure {
             if events <= options.outboxLowEvents && bytes <= options.outboxLowBytes {
                 shared.change(to: false, events: events, bytes: bytes)
@@ -275,8 +297,16 @@ public final class SCIMEndpoint {
         } else if events >= options.outboxHighEvents || bytes >= options.outboxHighBytes {
             shared.change(to: true, events: events, bytes: bytes)
         }
-        guard backpressure else { return nil }
-        return SCIMError(503, nil, "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s")
+        return (events, bytes)
+    }
+
+    /// The relay pruned acknowledged events: backpressure may end now, not
+    /// only at the next write (so /readyz and the metric follow the drain).
+    public func outboxShrank() {
+        guard options.recordOutbox, backpressure else { return }
+        do { try updateBackpressure() } catch {
+            logger.error("cannot read the outbox's size after an acknowledgement", metadata: ["error": .string("\(error)")])
+        }
     }
 
     func route(_ request: HTTPRequest, _ parts: [String], _ base: String, _ responder: Reply) throws {

@@ -21,7 +21,7 @@ final class ServingLoop: Sendable {
     /// Starts the loop; `committed` (the relay's kick) runs on the main loop
     /// (through `mainInbox`) after each successful write.
     init(store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions, shared: EndpointShared,
-         tls: ReloadableTLSContext?, limits: HTTPServerLimits, mainInbox: LoopInbox,
+         tls: ReloadableTLSContext?, limits: HTTPServerLimits, connectionBudget: ConnectionBudget, mainInbox: LoopInbox,
          committed: LoopBound<() -> Void>?, logger: Logger, accessLog: LogSink?) throws {
         let made = OneShot<Made>()
         thread = try LoopThread.start { loop in
@@ -30,7 +30,7 @@ final class ServingLoop: Sendable {
             endpoint.logger = logger
             endpoint.accessLog = accessLog
             if let committed { endpoint.onCommitted = { mainInbox.send { committed.value() } } }
-            let server = try HTTPServer(loop: loop, tls: tls, limits: limits) { request, _, responder in
+            let server = try HTTPServer(loop: loop, tls: tls, limits: limits, connectionBudget: connectionBudget) { request, _, responder in
                 endpoint.handle(request, responder)
             }
             server.errorBody = SCIMEndpoint.errorResponse
@@ -47,10 +47,13 @@ final class ServingLoop: Sendable {
         let metrics: MetricsCell
     }
 
-    /// Serves a connection detached from the main loop.
-    func adopt(_ descriptor: Int32) {
+    /// Serves a connection detached from the main loop; false (the
+    /// descriptor closed) when this loop has ended.
+    func adopt(_ descriptor: Int32) -> Bool {
         let parts = self.parts
-        if !thread.inbox.send({ parts.value.server.adopt(descriptor: descriptor) }) { close(descriptor) }
+        if thread.inbox.send({ parts.value.server.adopt(descriptor: descriptor) }) { return true }
+        close(descriptor)
+        return false
     }
 
     /// Sets the accepted tokens (after a reload).
@@ -76,16 +79,24 @@ final class ServingLoop: Sendable {
 /// Round-robin of accepted connections over the main loop and the serving loops.
 final class ConnectionSpreader {
     let loops: [ServingLoop]
+    /// The agent's one budget: the stream's slot, taken at accept, goes with it.
+    let budget: ConnectionBudget
     private var next = 0
 
-    init(loops: [ServingLoop]) { self.loops = loops }
+    init(loops: [ServingLoop], budget: ConnectionBudget) {
+        self.loops = loops
+        self.budget = budget
+    }
 
-    /// True when the stream went to a serving loop, false to serve it on the main loop.
+    /// True when the stream went to a serving loop (or was closed on the
+    /// way), false to serve it on the main loop.
     func handOver(_ stream: TCPStream) -> Bool {
         next = (next + 1) % (loops.count + 1)
         guard next > 0 else { return false }
-        guard let fd = try? stream.detach() else { return true }
-        loops[next - 1].adopt(fd)
+        guard let fd = try? stream.detach(), loops[next - 1].adopt(fd) else {
+            budget.give()  // the connection is gone before a server took it
+            return true
+        }
         return true
     }
 }

@@ -55,6 +55,7 @@ public final class BrokerAPI {
     }
 
     func route(_ request: HTTPRequest) throws -> HTTPResponse {
+        guard !request.hasRepeatedAuthorization else { throw SCIMError.invalidSyntax("more than one Authorization header field") }
         guard request.hasBearerToken(in: tokens) else { throw SCIMError(401, nil, "a valid bearer token is required") }
         guard request.path.hasPrefix(basePath) else { throw SCIMError.notFound("no such endpoint: \(request.path)") }
         let parts = request.path.dropFirst(basePath.count).split(separator: "/").map(String.init)

@@ -406,7 +406,7 @@ public final class TargetWorker {
         do {
             delivery.mapping = try store.mapping(target: target.name, brokerID: id)
         } catch {
-            finish(delivery, .retry("cannot read the mapping: \(error)"))
+            finish(delivery, .storeError("cannot read the mapping: \(error)"))
             return
         }
         switch first.item.operation {
@@ -432,6 +432,9 @@ public final class TargetWorker {
         case done(mapping: TargetMapping??, method: String?, status: Int?)
         case deadLetter(method: String, path: String, request: String, status: Int, response: String)
         case retry(String)
+        /// The broker's own store could not be read: retried later, and not
+        /// held against the target (its breaker and concurrency stay as they are).
+        case storeError(String)
         case throttled(retryAfter: UInt64?, status: Int)
         /// Group members not yet at the target: try again shortly.
         case waitForMembers
@@ -445,8 +448,13 @@ public final class TargetWorker {
     private func endpoint(_ type: String) -> String { target.basePath + (type == "User" ? "/Users" : "/Groups") }
 
     private func upsert(_ d: Delivery) {
-        guard let (domain, type, resource) = (try? store.resource(brokerID: d.item.brokerID)) ?? nil,
-              target.routes(domain: domain, type: type, resource) else {
+        // A read error is not a deletion: the item stays queued and is retried.
+        let stored: (domain: String, type: String, resource: JSONObject)?
+        do { stored = try store.resource(brokerID: d.item.brokerID) } catch {
+            finish(d, .storeError("cannot read the resource: \(error)"))
+            return
+        }
+        guard let (domain, type, resource) = stored, target.routes(domain: domain, type: type, resource) else {
             // Deleted or out of the routes since: the removal queued after it does the work.
             finish(d, .done(mapping: .none, method: nil, status: nil))
             return
@@ -457,12 +465,21 @@ public final class TargetWorker {
             var missing = false
             for m in members {
                 guard var o = m.objectValue, let v = o["value"]?.stringValue else { continue }
-                if let tid = (try? store.mapping(target: target.name, brokerID: v))??.targetID {
+                // An unreadable member must not drop out of the group: retry the group.
+                let memberMapping: TargetMapping?, member: (domain: String, type: String, resource: JSONObject)?
+                do {
+                    memberMapping = try store.mapping(target: target.name, brokerID: v)
+                    member = memberMapping == nil ? try store.resource(brokerID: v) : nil
+                } catch {
+                    finish(d, .storeError("cannot read group member \(v): \(error)"))
+                    return
+                }
+                if let tid = memberMapping?.targetID {
                     o["value"] = .string(tid)
                     o["$ref"] = nil
                     o["display"] = nil
                     mapped.append(.object(o))
-                } else if let (md, mt, mr) = (try? store.resource(brokerID: v)) ?? nil, target.routes(domain: md, type: mt, mr) {
+                } else if let (md, mt, mr) = member, target.routes(domain: md, type: mt, mr) {
                     missing = true  // routed here, not delivered yet
                 }
             }
@@ -829,6 +846,14 @@ public final class TargetWorker {
                                                                 "cooldownMs": .stringConvertible(cooldown), "error": .string(why)])
             } else if d.attempts == 0 || d.attempts % 10 == 0 {
                 logger.warning("delivery failed, will retry", metadata: ["brokerId": .string(id), "error": .string(why)])
+            }
+            release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
+        case .storeError(let why):
+            statistics.retries += 1
+            statistics.lastError = why
+            if d.attempts == 0 || d.attempts % 10 == 0 {
+                logger.error("cannot read the store for a delivery; it stays queued and is retried",
+                             metadata: ["brokerId": .string(id), "error": .string(why)])
             }
             release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
         case .done(let mapping, let method, let status):

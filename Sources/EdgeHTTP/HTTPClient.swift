@@ -220,7 +220,12 @@ public final class HTTPClient {
     }
 
     private func lost(_ reason: TransportEnd) {
+        let ended = transport
         transport = nil
+        // A response delimited by the end of the connection (no Content-Length,
+        // not chunked: RFC 9112 §6.3) is complete now: tell the parser (EOF).
+        // One cut short (a Content-Length not reached) fails below as lost.
+        if let parser, ended?.endedCleanly == true { try? parser.finish() }
         parser = nil
         let error: HTTPClientError
         if case .tlsError(let e) = reason { error = .tls(e) } else { error = .connectionLost(reason.description) }

@@ -1,6 +1,7 @@
 import EdgeLoop
 import EdgeTLS
 import Glibc
+import Synchronization
 
 /// Limits of an HTTP server; every one has a status it answers with.
 public struct HTTPServerLimits: Sendable {
@@ -13,7 +14,8 @@ public struct HTTPServerLimits: Sendable {
     public var requestTimeoutMilliseconds: UInt64 = 30_000
     /// A kept-alive connection with nothing in flight is closed after this.
     public var idleTimeoutMilliseconds: UInt64 = 75_000
-    /// Connections above this are closed at accept.
+    /// Connections above this are closed at accept (the limit of the
+    /// server's `ConnectionBudget` unless it is given one).
     public var maxConnections = 4096
     /// Parsed requests waiting for their responses on one connection; above
     /// it the connection stops reading until responses drain.
@@ -27,6 +29,33 @@ public struct HTTPServerLimits: Sendable {
     public var closeLingerMilliseconds: UInt64 = 5_000
 
     public init() {}
+}
+
+/// The open connections of one or more servers, counted against one limit:
+/// an agent's serving loops share one, so `maxConnections` holds for the
+/// agent, not per loop. Thread-safe (an atomic counter).
+public final class ConnectionBudget: Sendable {
+    public let limit: Int
+    private let open = Atomic<Int>(0)
+
+    public init(limit: Int) { self.limit = limit }
+
+    /// Connections holding a slot now.
+    public var count: Int { open.load(ordering: .relaxed) }
+
+    /// Takes a slot; false when all `limit` are taken.
+    public func take() -> Bool {
+        var current = open.load(ordering: .relaxed)
+        while current < limit {
+            let (exchanged, seen) = open.compareExchange(expected: current, desired: current + 1, ordering: .relaxed)
+            if exchanged { return true }
+            current = seen
+        }
+        return false
+    }
+
+    /// Gives back a slot taken by `take()`.
+    public func give() { open.subtract(1, ordering: .relaxed) }
 }
 
 /// What the handler knows about where a request came from.
@@ -92,6 +121,8 @@ public typealias HTTPHandler = (HTTPRequest, RequestContext, Responder) -> Void
 public final class HTTPServer {
     public let loop: EventLoop
     public let limits: HTTPServerLimits
+    /// Every connection of this server holds one slot of it while open.
+    public let connectionBudget: ConnectionBudget
     private let tls: ReloadableTLSContext?
     private let handler: HTTPHandler
     private var listener: TCPListener?
@@ -112,18 +143,33 @@ public final class HTTPServer {
     public var onTLSFailure: ((TLSError, SocketAddress?) -> Void)?
 
     public convenience init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
-                            limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
-        try self.init(loop: loop, tls: tls, limits: limits, handler: handler)
-        listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+                            limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
+                            handler: @escaping HTTPHandler) throws {
+        try self.init(loop: loop, tls: tls, limits: limits, connectionBudget: connectionBudget, handler: handler)
+        do {
+            listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
+        } catch {
+            // Undo what only a drain would undo (`deinit` frees `scratch` alone):
+            // the timer and the self-reference, so the throw releases the server.
+            sweeper?.close()
+            sweeper = nil
+            selfReference?.release()
+            selfReference = nil
+            throw error
+        }
         sweeper?.keepsLoopAlive = false
     }
 
     /// A server without a listener of its own: it serves the connections
     /// another loop's server hands it (`handOver`, then `adopt(descriptor:)`).
+    /// `connectionBudget`: shared with other servers to limit their
+    /// connections together; nil: one of its own, of `limits.maxConnections`.
     public init(loop: EventLoop, tls: ReloadableTLSContext? = nil,
-                limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping HTTPHandler) throws {
+                limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
+                handler: @escaping HTTPHandler) throws {
         self.loop = loop
         self.limits = limits
+        self.connectionBudget = connectionBudget ?? ConnectionBudget(limit: limits.maxConnections)
         self.tls = tls
         self.handler = handler
         scratch = .allocate(byteCount: 16 * 1024, alignment: 16)
@@ -147,29 +193,45 @@ public final class HTTPServer {
 
     /// Spreads accepted connections over other loops: returns true when it
     /// took the stream (detached it and handed it to another server), false
-    /// to serve it here. Connections past `maxConnections` are refused first.
+    /// to serve it here. Connections past the budget are refused first; a
+    /// stream handed over keeps its slot, which the adopting server (sharing
+    /// the budget) gives back when the connection ends, or the taker gives
+    /// back if the stream never gets there.
     public var handOver: ((TCPStream) -> Bool)?
 
     /// Serves a connection detached from another loop's server (on this
-    /// server's loop).
+    /// server's loop), with the budget slot that server took for it.
     public func adopt(descriptor: Int32) {
-        guard !draining else { Glibc.close(descriptor); return }
-        guard let stream = try? TCPStream.adopting(loop: loop, descriptor: descriptor) else { return }
-        accept(stream)
+        guard !draining else {
+            Glibc.close(descriptor)
+            connectionBudget.give()
+            return
+        }
+        guard let stream = try? TCPStream.adopting(loop: loop, descriptor: descriptor) else {
+            connectionBudget.give()
+            return
+        }
+        serve(stream)
     }
 
     private func accept(_ stream: TCPStream) {
-        guard !draining, connections.count < limits.maxConnections else {
+        guard !draining, connectionBudget.take() else {
             statistics.rejectedConnections += 1
             stream.close()
             return
         }
         if let handOver, handOver(stream) { return }
+        serve(stream)
+    }
+
+    /// Serves a stream that holds a budget slot (given back when it ends).
+    private func serve(_ stream: TCPStream) {
         let session: TLSSession?
         if let tls {
             do { session = try tls.context.makeSession() } catch {
                 statistics.tlsFailures += 1
                 stream.close()
+                connectionBudget.give()
                 return
             }
         } else {
@@ -186,6 +248,7 @@ public final class HTTPServer {
 
     func connectionEnded(_ connection: ServerConnection, _ reason: TransportEnd) {
         connections[connection.id] = nil
+        connectionBudget.give()
         statistics.openConnections = connections.count
         if case .tlsError(let e) = reason, !connection.handshakeDone {
             statistics.tlsFailures += 1
@@ -280,7 +343,13 @@ final class ServerConnection {
             fail(status: error.status, detail: error.detail)
             return
         }
-        if !parser.inMessage { messageStartedAt = nil }
+        // The request timeout runs from a request's first byte, request line
+        // included; a pipelined request begun in these bytes starts its own.
+        if !parser.isMidMessage {
+            messageStartedAt = nil
+        } else if messageStartedAt == nil {
+            messageStartedAt = lastActivity
+        }
         applyBackpressure()
     }
 

@@ -39,6 +39,13 @@ public struct HTTPHeaders: Sendable, Sequence, ExpressibleByDictionaryLiteral {
 
     public func contains(_ name: String) -> Bool { self[name] != nil }
 
+    /// How many fields are called `name` (without building their list).
+    public func count(_ name: String) -> Int {
+        var n = 0
+        for field in fields where equalsIgnoringCase(field.name, name) { n += 1 }
+        return n
+    }
+
     public func makeIterator() -> IndexingIterator<[(name: String, value: String)]> { fields.makeIterator() }
 
     /// Whether a comma-separated header (e.g. `Connection`) lists `token`.
@@ -213,10 +220,16 @@ public func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
 }
 
 extension HTTPRequest {
+    /// More than one `Authorization` field: a malformed request (the field
+    /// is not a list, RFC 9110 §11.6.2), to be answered 400, never
+    /// resolved by picking one of them.
+    public var hasRepeatedAuthorization: Bool { headers.count("Authorization") > 1 }
+
     /// Whether `Authorization: Bearer <token>` names one of `tokens`
-    /// (every token compared in constant time).
+    /// (every token compared in constant time). Never with two
+    /// `Authorization` fields.
     public func hasBearerToken(in tokens: [String]) -> Bool {
-        guard let header = headers["Authorization"], header.utf8.count > 7,
+        guard !hasRepeatedAuthorization, let header = headers["Authorization"], header.utf8.count > 7,
               equalsIgnoringCase(String(header.prefix(7)), "bearer ") else { return false }
         let presented = Array(header.utf8.dropFirst(7))
         var ok = false

@@ -66,6 +66,10 @@ final class MessageParser {
 
     /// The request line being collected before http_parser sees it (requests only).
     private var requestLine: [UInt8] = []
+
+    /// True from the first byte of a message (its request line included)
+    /// to its end: what the server's request timeout measures.
+    var isMidMessage: Bool { inMessage || !requestLine.isEmpty }
     private var blankLinesSkipped = 0
 
     /// Parses `bytes`; messages are delivered through the callbacks. Throws

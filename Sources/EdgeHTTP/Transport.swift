@@ -32,6 +32,9 @@ final class Transport {
     private var heldUntilHandshake: [UInt8] = []
     private(set) var ended = false
     private var readyFired = false
+    /// The peer ended the stream properly: a TCP close without TLS, or a TLS
+    /// close_notify. (A bare TCP close under TLS may be a truncation.)
+    private(set) var endedCleanly = false
 
     var onReady: (() -> Void)?
     var onData: ((UnsafeRawBufferPointer) -> Void)?
@@ -54,7 +57,9 @@ final class Transport {
         stream.startReading { [unowned self] event in
             switch event {
             case .data(let bytes): received(bytes)
-            case .endOfStream: end(.closedByPeer)
+            case .endOfStream:
+                if tls == nil { endedCleanly = true }
+                end(.closedByPeer)
             case .failed(let e): end(.networkError(e.description))
             }
         }
@@ -111,6 +116,7 @@ final class Transport {
                 flushCiphertext()
                 return
             case .closed:
+                endedCleanly = true
                 end(.closedByPeer)
                 return
             case .failed(let e):

@@ -38,14 +38,23 @@ public final class EventLoop {
     public init() throws(LoopError) {
         raw = .allocate(capacity: 1)
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
+        // Every stored property is set: from here a throw runs `deinit`, the
+        // one place that frees `raw` and `readBuffer`. A failed init has
+        // nothing to close (`closed`), except the libuv loop once it is initialised.
         let rc = uv_loop_init(raw)
         guard rc == 0 else {
-            raw.deallocate()
-            readBuffer.deallocate()
+            closed = true
             throw LoopError(code: rc, operation: "uv_loop_init")
         }
         raw.pointee.data = Unmanaged.passUnretained(self).toOpaque()
-        inbox = try LoopInbox(loop: self)
+        do {
+            inbox = try LoopInbox(loop: self)
+        } catch {
+            // No handle was opened (LoopInbox registers none when it fails): the loop closes at once.
+            uv_loop_close(raw)
+            closed = true
+            throw error
+        }
     }
 
     deinit {

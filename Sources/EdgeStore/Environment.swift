@@ -57,7 +57,7 @@ public final class Environment: @unchecked Sendable {  // see the threading note
     public let options: EnvironmentOptions
     private let resizeLock: UnsafeMutablePointer<pthread_rwlock_t>
     private var databasesByName: [String: Database] = [:]
-    private let namesLock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let namesLock: UnsafeMutablePointer<pthread_mutex_t>
     /// Number of stale reader slots cleared when the environment was opened.
     public private(set) var staleReadersCleared: Int = 0
 
@@ -69,29 +69,25 @@ public final class Environment: @unchecked Sendable {  // see the threading note
         env = envp
         resizeLock = .allocate(capacity: 1)
         pthread_rwlock_init(resizeLock, nil)
+        namesLock = .allocate(capacity: 1)
         pthread_mutex_init(namesLock, nil)
-        do throws(StoreError) {
-            try check(mdb_env_set_maxdbs(env, UInt32(options.maxDatabases)))
-            try check(mdb_env_set_maxreaders(env, UInt32(options.maxReaders)))
-            try check(mdb_env_set_mapsize(env, options.mapSize))
-            if mkdir(options.path, 0o750) != 0 && errno != EEXIST { throw StoreError.system(errno) }
-            // MDB_NOMETASYNC: a commit syncs the data pages (so a crash can
-            // never corrupt the file); the meta page is flushed by `flush()`,
-            // which every durable commit path calls before it reports success.
-            var flags = UInt32(MDB_NOTLS) | UInt32(MDB_NOMETASYNC)
-            if options.unsafeNoSync { flags |= UInt32(MDB_NOSYNC) }
-            try check(mdb_env_open(env, options.path, flags, 0o640))
-            var dead: Int32 = 0
-            try check(mdb_reader_check(env, &dead))
-            staleReadersCleared = Int(dead)
-            // Adopt a larger map left by an earlier run (LMDB: size 0 = adopt current).
-            try check(mdb_env_set_mapsize(env, 0))
-        } catch {
-            mdb_env_close(env)
-            pthread_rwlock_destroy(resizeLock); resizeLock.deallocate()
-            pthread_mutex_destroy(namesLock); namesLock.deallocate()
-            throw error
-        }
+        // Every stored property is set: from here a throw runs `deinit`, the
+        // one place that closes the environment and frees the locks.
+        try check(mdb_env_set_maxdbs(env, UInt32(options.maxDatabases)))
+        try check(mdb_env_set_maxreaders(env, UInt32(options.maxReaders)))
+        try check(mdb_env_set_mapsize(env, options.mapSize))
+        if mkdir(options.path, 0o750) != 0 && errno != EEXIST { throw StoreError.system(errno) }
+        // MDB_NOMETASYNC: a commit syncs the data pages (so a crash can
+        // never corrupt the file); the meta page is flushed by `flush()`,
+        // which every durable commit path calls before it reports success.
+        var flags = UInt32(MDB_NOTLS) | UInt32(MDB_NOMETASYNC)
+        if options.unsafeNoSync { flags |= UInt32(MDB_NOSYNC) }
+        try check(mdb_env_open(env, options.path, flags, 0o640))
+        var dead: Int32 = 0
+        try check(mdb_reader_check(env, &dead))
+        staleReadersCleared = Int(dead)
+        // Adopt a larger map left by an earlier run (LMDB: size 0 = adopt current).
+        try check(mdb_env_set_mapsize(env, 0))
     }
 
     deinit {

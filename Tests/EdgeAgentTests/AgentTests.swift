@@ -131,6 +131,38 @@ final class AgentTests: XCTestCase {
 
     /// Ids are RFC 9562 version 7 UUIDs: creation time first, so ids sort by
     /// creation and a batch of creates lands on neighbouring B-tree pages.
+    /// `maxConnections` is the agent's limit, not each serving loop's: with
+    /// two loops and a limit of 2, a third connection is closed at accept
+    /// (round-robin would hand it to a loop holding only one), and a slot
+    /// freed on either loop admits the next.
+    func testTheConnectionLimitHoldsAcrossServingLoops() throws {
+        let agent = try AgentHarness { config in
+            config.servingLoops = 2
+            config.limits.maxConnections = 2
+        }
+        let request = "GET /scim/v2/ServiceProviderConfig HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(agent.token)\r\n\r\n"
+        var open: [RawClient] = []
+        for _ in 0..<2 {
+            let client = try RawClient(port: agent.port)
+            client.send(request)
+            XCTAssertEqual(client.readResponses(1).first?.status, 200)
+            open.append(client)
+        }
+        for _ in 0..<2 {
+            let refused = try RawClient(port: agent.port)
+            refused.send(request)
+            XCTAssertEqual(refused.readToEnd(), "", "closed at accept: the agent holds 2 connections")
+        }
+        open.removeFirst()  // closes it: its slot comes back once its loop sees the end
+        XCTAssertTrue(eventually(seconds: 10) {
+            guard let next = try? RawClient(port: agent.port, timeoutSeconds: 2) else { return false }
+            next.send(request)
+            return next.readResponses(1).first?.status == 200
+        }, "a freed slot admits a new connection")
+        open.removeAll()
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
     func testIDsAreTimeOrderedVersion7UUIDs() throws {
         let agent = try AgentHarness()
         var ids: [String] = []
@@ -443,6 +475,27 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.openStore().outboxCount(), 0, "nothing was written by refused requests")
     }
 
+    /// Two `Authorization` fields are a malformed request: 400 invalidSyntax
+    /// whichever of them holds the token, and nothing changes.
+    func testTwoAuthorizationHeadersAre400AndChangeNothing() throws {
+        let agent = try AgentHarness()
+        let body = userBody("twice")
+        for pair in [(agent.token, "wrong"), ("wrong", agent.token), (agent.token, agent.token)] {
+            let client = try RawClient(port: agent.port)
+            client.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \(pair.0)\r\n"
+                        + "Authorization: Bearer \(pair.1)\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+            let r = try XCTUnwrap(client.readResponses(1).first)
+            XCTAssertEqual(r.status, 400, r.body)
+            let error = try JSONParser.parse(r.body)
+            XCTAssertEqual(error["scimType"], "invalidSyntax")
+            XCTAssertEqual(error["schemas"], ["urn:ietf:params:scim:api:messages:2.0:Error"])
+        }
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=userName%20eq%20%22twice%22").body?["totalResults"], 0)
+        XCTAssertEqual(try agent.call("POST", "/Users", body).status, 201, "one field with the token still works")
+        XCTAssertEqual(agent.stop(), 0)
+        XCTAssertEqual(try agent.openStore().outboxCount(), 1)
+    }
+
     /// SIGKILL the agent process during a write load: after a restart every
     /// acknowledged create is in the store and in the outbox, in order, once.
     func testAcknowledgedWritesSurviveSIGKILL() throws {
@@ -523,6 +576,34 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.openStore().acknowledgedSequence(), 2)
     }
 
+    /// While the outbox cannot be read (every LMDB reader slot taken: a real
+    /// MDB_READERS_FULL; write transactions need no slot), its size is
+    /// unknown: writes are refused with 503 and a SCIM error, not let through,
+    /// and /readyz says 503. Once it reads again, all is as before.
+    func testAnUnreadableOutboxRefusesWritesAndIsNotReady() throws {
+        let agent = try AgentHarness()
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("before")).status, 201)
+        let bound = agent.service.wait()!
+        let environment = try XCTUnwrap(agent.thread.inbox.sendAndWait { bound.value.store.environment })
+        try whileEveryReaderSlotIsTaken(environment) {
+            let refused = try agent.call("POST", "/Users", userBody("blind"))
+            XCTAssertEqual(refused.status, 503, refused.raw)
+            XCTAssertNotNil(refused.header("Retry-After"))
+            XCTAssertEqual(refused.body?["schemas"], ["urn:ietf:params:scim:api:messages:2.0:Error"])
+            XCTAssertTrue(refused.body?["detail"]?.stringValue?.contains("cannot read the outbox") ?? false, refused.raw)
+            let (ready, why) = try agent.admin("/readyz")
+            XCTAssertEqual(ready, 503)
+            XCTAssertTrue(why.contains("cannot read the outbox"), why)
+            let metrics = try agent.admin("/metrics").1
+            XCTAssertFalse(metrics.contains("scim_edge_outbox_events 0"), "no made-up size")
+        }
+        XCTAssertEqual(try agent.call("POST", "/Users", userBody("after")).status, 201)
+        XCTAssertEqual(try agent.admin("/readyz").0, 200)
+        XCTAssertEqual(agent.stop(), 0)
+        let store = try agent.openStore()
+        XCTAssertEqual(try store.outboxCount(), 2, "the refused write left nothing")
+    }
+
     func testTheWriteQueueIsBounded() throws {
         let agent = try AgentHarness { $0.endpoint.maxQueuedWrites = 0 }
         let refused = try agent.call("POST", "/Users", userBody("queued"))
@@ -584,4 +665,19 @@ final class AgentTests: XCTestCase {
         let missing = try run(["resources", "get", "nope", "--data-dir", dataDir])
         XCTAssertNotEqual(missing.0, 0)
     }
+}
+
+/// Runs `body` while every reader slot of `environment` is held by this
+/// thread: LMDB then refuses new read transactions with MDB_READERS_FULL.
+func whileEveryReaderSlotIsTaken<R>(_ environment: Environment, _ body: () throws -> R) throws -> R {
+    let txn: ReadTransaction
+    do throws(StoreError) {
+        txn = try environment.beginRead()
+    } catch {
+        guard error == .readersFull else { throw error }
+        return try body()
+    }
+    let result = try whileEveryReaderSlotIsTaken(environment, body)
+    _ = consume txn
+    return result
 }

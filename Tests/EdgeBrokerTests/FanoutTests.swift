@@ -1,6 +1,8 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeHTTP
+import EdgeStore
+import EdgeTools
 import EdgeTestSupport
 import Foundation
 import SCIM
@@ -188,6 +190,34 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(metric(metrics, #"scim_broker_target_adopted_total{target="ref"}"#), 1, metrics)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="POST",class="4xx"}"#), 1, metrics)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="ref"}"#), 0)
+    }
+
+    /// A queued change whose resource cannot be read (its stored record is
+    /// not JSON) is not taken for a deletion: it stays queued, is retried and
+    /// counted, and arrives once the record reads again.
+    func testAnUnreadableResourceStaysQueuedAndIsRetried() throws {
+        let appPort = freeLoopbackPort()  // the target starts only once the record is broken
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let id = try newUser(dp, "fragile")
+        let store = try BrokerStore(path: dir.file("broker"))
+        XCTAssertTrue(eventually(seconds: 30) { (try? store.queueDepth(target: "app").count) == 1 }, "applied and queued")
+        let resources = try store.environment.openDatabase("resources")
+        let key = Array("acme-de/User/\(id)".utf8)
+        let original = try XCTUnwrap(try store.environment.read { try $0.get(resources, key) })
+        try store.environment.write { try $0.put(resources, key, Array(#"{"userName":"#.utf8)) }
+
+        _ = try startAppAgent("app", port: appPort)
+        XCTAssertTrue(eventually(seconds: 60) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_retries_total{target="app"}"#) } ?? 0 >= 1
+        }, "the failed read is counted as a retry")
+        XCTAssertEqual(try store.queueDepth(target: "app").count, 1, "the change is still queued")
+        XCTAssertTrue(users(appPort, token: "t", prefix: "/scim/v2").isEmpty)
+
+        try store.environment.write { try $0.put(resources, key, original) }
+        XCTAssertTrue(eventually(seconds: 60) { self.users(appPort, token: "t", prefix: "/scim/v2")["fragile"] != nil },
+                      "delivered once the record reads")
+        XCTAssertTrue(eventually(seconds: 10) { (try? store.queueDepth(target: "app").count) == 0 })
     }
 
     /// A target answering 429 with Retry-After is given that time before the

@@ -1,6 +1,7 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeTLS
+import EdgeTools
 import EdgeTestSupport
 import Foundation
 import SCIM
@@ -43,6 +44,11 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try api(apiPort, "/Groups/\(brokerID)").0, 404)
         XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
         XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
+        let twice = try RawClient(port: apiPort)
+        twice.send("GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nAuthorization: Bearer other\r\nConnection: close\r\n\r\n")
+        let refused = try XCTUnwrap(twice.readResponses(1).first)
+        XCTAssertEqual(refused.status, 400, "two Authorization fields: \(refused.body)")
+        XCTAssertEqual(try JSONParser.parse(refused.body)["scimType"], "invalidSyntax")
         XCTAssertEqual(try api(apiPort, "/ResourceTypes/User").1?["schemaExtensions"]?.arrayValue?.count, 2)
         // RFC 9865 cursors walk the federated directory: all 67 users, once each.
         var walked: [String] = [], cursor = ""
@@ -249,6 +255,35 @@ final class FederationTests: FederationTestCase {
         XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
     }
 
+
+    /// Backpressure ends when the relay drains the outbox, not at the next
+    /// write: /readyz and scim_edge_backpressure follow the acknowledgement.
+    func testBackpressureEndsWhenTheRelayDrainsTheOutbox() throws {
+        let brokerPort = freeLoopbackPort()  // the broker starts once the outbox is full
+        let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: brokerPort,
+                                         extra: ["--admin-listen", "127.0.0.1:0", "--outbox-max-events", "5"])
+        let line = try XCTUnwrap(agent.waitForLine("operations at"))
+        let adminPort = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
+        func admin(_ path: String) -> (Int, String) {
+            guard let c = try? RawClient(port: adminPort) else { return (0, "") }
+            c.send("GET \(path) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            guard let r = c.readResponses(1).first else { return (0, "") }
+            return (r.status, r.body)
+        }
+        for k in 0..<5 { XCTAssertEqual(try create(dp, "bp\(k)"), 201) }
+        XCTAssertEqual(try create(dp, "bp5"), 503, "the outbox is at its high watermark")
+        XCTAssertEqual(admin("/readyz").0, 503)
+        XCTAssertTrue(admin("/metrics").1.contains("scim_edge_backpressure 1"))
+
+        _ = try startBroker(port: brokerPort)
+        XCTAssertTrue(eventually(seconds: 30) { self.applied()["acme-de/\(self.deID)"] == 5 }, "broker applied \(applied())")
+        // No write comes: the acknowledgement alone ends the backpressure.
+        XCTAssertTrue(eventually(seconds: 30) { admin("/readyz").0 == 200 }, "ready again once the outbox drained")
+        let metrics = admin("/metrics").1
+        XCTAssertTrue(metrics.contains("scim_edge_backpressure 0"), metrics)
+        XCTAssertTrue(metrics.contains("scim_edge_outbox_events 0"), metrics)
+        XCTAssertEqual(try create(dp, "bp5"), 201)
+    }
 }
 
 func createUser(_ port: Int, _ userName: String) throws -> Int {

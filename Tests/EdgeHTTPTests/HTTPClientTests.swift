@@ -111,6 +111,23 @@ final class HTTPClientTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    /// A response delimited by closing the connection (HTTP/1.1, `Connection:
+    /// close`, neither Content-Length nor chunked: RFC 9112 §6.3) completes
+    /// when the server closes; one closed before its Content-Length is
+    /// reached still fails as a lost connection.
+    func testAResponseDelimitedByTheServerClosingCompletes() throws {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\nread until the end", "200 read until the end"),
+            ("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\ncut short", "error connection lost: closed by peer"),
+        ]
+        for (answer, expected) in cases {
+            let server = try OneShotRawServer(answer: answer)
+            let r = try exchange(port: server.port, [get("/x")])
+            XCTAssertEqual(r.lines, [expected])
+            XCTAssertTrue(server.finished(), "the raw server ran")
+        }
+    }
+
     func testConnectionRefusedIsReported() throws {
         let server = try harness()
         let port = server.port
@@ -197,4 +214,46 @@ final class HTTPClientTests: XCTestCase {
         XCTAssertEqual(server.onLoop { $0.statistics.requests }, 0)
         XCTAssertEqual(server.stop(), 0)
     }
+}
+
+/// A listening socket on 127.0.0.1 that accepts one connection, reads one
+/// request head, writes `answer` and closes: servers EdgeHTTP's own would
+/// not be (no framing of its own choice).
+final class OneShotRawServer: Sendable {
+    let port: Int
+    private let done = OneShot<Bool>()
+
+    init(answer: String) throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = 0
+        inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
+                bind(listener, p, len) == 0 && listen(listener, 1) == 0 && getsockname(listener, p, &len) == 0
+            }
+        }
+        guard bound else { close(listener); throw POSIXError(.EADDRINUSE) }
+        port = Int(UInt16(bigEndian: addr.sin_port))
+        let done = self.done
+        Thread {
+            let fd = accept(listener, nil, nil)
+            var head: [UInt8] = [], buf = [UInt8](repeating: 0, count: 4096)
+            while fd >= 0, !String(decoding: head, as: UTF8.self).contains("\r\n\r\n") {
+                let n = recv(fd, &buf, buf.count, 0)
+                if n <= 0 { break }
+                head.append(contentsOf: buf[0..<n])
+            }
+            let bytes = Array(answer.utf8)
+            _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            close(fd)
+            close(listener)
+            done.fulfil(fd >= 0)
+        }.start()
+    }
+
+    /// Waits (bounded) until the answer was sent and the connection closed.
+    func finished() -> Bool { done.wait(seconds: 10) ?? false }
 }

@@ -202,6 +202,28 @@ final class HTTPServerTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    /// The request timeout runs from a request's first byte: a client that
+    /// sends part of a request line and goes silent gets 408 at the request
+    /// timeout, not a quiet close at the (much longer) idle timeout. So does
+    /// a pipelined request begun after a complete one.
+    func testTheRequestTimeoutStartsAtTheFirstByteOfTheRequestLine() throws {
+        var limits = HTTPServerLimits()
+        limits.requestTimeoutMilliseconds = 300
+        limits.idleTimeoutMilliseconds = 60_000
+        let server = try harness(limits: limits)
+        for (sent, answers) in [("GET /twenty-bytes-of", 1), ("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /then-twenty-b", 2)] {
+            let client = try RawClient(port: server.port, timeoutSeconds: 20)
+            let started = Date()
+            client.send(sent)  // and nothing more
+            let text = client.readToEnd()
+            XCTAssertEqual(text.components(separatedBy: "HTTP/1.1 ").count - 1, answers, text)
+            XCTAssertTrue(text.contains("HTTP/1.1 408 "), "\(sent.debugDescription): \(text)")
+            XCTAssertLessThan(Date().timeIntervalSince(started), 5, "closed at the request timeout")
+        }
+        XCTAssertEqual(server.onLoop { $0.statistics.timeouts }, 2)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
     func testConnectionLimit() throws {
         var limits = HTTPServerLimits()
         limits.maxConnections = 2
@@ -216,6 +238,36 @@ final class HTTPServerTests: XCTestCase {
         XCTAssertEqual(c.readToEnd(), "", "the third connection is closed at accept")
         XCTAssertEqual(server.onLoop { $0.statistics.rejectedConnections }, 1)
         XCTAssertEqual(server.stop(), 0)
+    }
+
+    /// Binding a port in use throws EADDRINUSE and leaves nothing behind:
+    /// the server is released (its handler with it) and opened no handle,
+    /// so the loop ends and closes clean.
+    func testBindingAPortInUseThrowsAndLeavesNothingBehind() throws {
+        final class Sentinel: Sendable {}
+        let (outcome, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable (String) -> Void) in
+            let first = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: 0), handler: testHandler)
+            let handles = loop.liveHandles
+            var sentinel: Sentinel? = Sentinel()
+            weak let watched = sentinel
+            var failure = "no error"
+            do {
+                _ = try HTTPServer(loop: loop, address: first.address) { [sentinel] request, context, responder in
+                    withExtendedLifetime(sentinel) { testHandler(request, context, responder) }
+                }
+            } catch let error as LoopError {
+                failure = error.name
+            }
+            sentinel = nil
+            let released = watched == nil
+            let opened = loop.liveHandles - handles
+            first.shutdown {
+                finish("\(failure) released=\(released) handles=\(opened)")
+                loop.stop()  // a leaked timer would otherwise keep the loop running: close() reports it
+            }
+        }
+        XCTAssertEqual(outcome, "EADDRINUSE released=true handles=0")
+        XCTAssertEqual(leftOpen, 0)
     }
 
     func testWriteBackpressurePausesReadingUntilTheClientReads() throws {

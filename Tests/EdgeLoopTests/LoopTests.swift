@@ -36,6 +36,53 @@ final class LoopTests: XCTestCase {
         XCTAssertEqual(loop.close(), 1, "a forgotten timer is reported")
     }
 
+    /// A loop whose `uv_loop_init` fails (out of descriptors: RLIMIT_NOFILE
+    /// binds root too) throws EMFILE and frees its memory once (`deinit`
+    /// used to free it a second time, after asserting on a loop never closed).
+    func testALoopThatCannotBeCreatedThrowsAndLeaksNothing() throws {
+        try EventLoop().close()  // libuv's process-wide signal pipe exists before descriptors run out
+        func openDescriptors() -> [Int32] {
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap { Int32($0) }
+        }
+        func target(_ fd: Int32) -> String {
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?"
+        }
+        let before = openDescriptors()
+        var saved = rlimit()
+        XCTAssertEqual(getrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved), 0)
+        var low = saved
+        low.rlim_cur = rlim_t((before.max() ?? 0) + 64)
+        XCTAssertEqual(setrlimit(Int32(RLIMIT_NOFILE.rawValue), &low), 0)
+        defer { _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved) }
+        var fillers: [Int32] = []
+        func fill() { while true { let fd = open("/dev/null", O_RDONLY); if fd < 0 { break }; fillers.append(fd) } }
+        var failures = 0, successes = 0
+        // Free 0, 1, 2, … descriptors: uv_loop_init fails at each of its
+        // steps (epoll, the signal pipe, the thread pool's eventfd) until it fits.
+        for free in 0..<6 {
+            fill()
+            for _ in 0..<free { close(fillers.removeLast()) }
+            do {
+                let loop = try EventLoop()
+                successes += 1
+                XCTAssertEqual(loop.close(), 0)
+            } catch {
+                failures += 1
+                XCTAssertEqual(error.name, "EMFILE", "\(error)")
+            }
+        }
+        for fd in fillers { close(fd) }
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved)
+        XCTAssertGreaterThanOrEqual(failures, 3)
+        XCTAssertGreaterThanOrEqual(successes, 1)
+        // libuv 1.44 itself leaves the epoll descriptor open when uv_loop_init
+        // fails after creating it (its error path does not close backend_fd);
+        // nothing else may be left.
+        let left = Set(openDescriptors()).subtracting(before).map(target)
+        XCTAssertEqual(left.filter { $0 != "anon_inode:[eventpoll]" }, [], "descriptors leaked")
+        try EventLoop().close()
+    }
+
     func testInboxRunsJobsFromOtherThreadsOnTheLoopThread() throws {
         let counter = Locked(0)
         let loopThreadID = Locked<UInt>(0)

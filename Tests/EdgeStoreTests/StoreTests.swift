@@ -259,6 +259,28 @@ final class StoreTests: XCTestCase {
         }
     }
 
+    /// An open that fails after `mdb_env_create` (here in `mkdir` and in
+    /// `mdb_env_open`; the tests run as root, so no permission bits would
+    /// stop it) throws its error and frees the environment once: a second
+    /// free would abort the process. A good open afterwards still works.
+    func testAnOpenThatFailsAfterCreatingTheEnvironmentFreesItOnce() throws {
+        let file = dir.write("plain-file", "not a directory\n")
+        for _ in 0..<3 {
+            // The data directory is a regular file: mkdir says EEXIST, mdb_env_open ENOTDIR.
+            XCTAssertThrowsError(try Environment(EnvironmentOptions(path: file))) { error in
+                XCTAssertEqual(error as? StoreError, .system(ENOTDIR))
+            }
+            // Its parent is a regular file: mkdir fails with ENOTDIR.
+            XCTAssertThrowsError(try Environment(EnvironmentOptions(path: file + "/db"))) { error in
+                XCTAssertEqual(error as? StoreError, .system(ENOTDIR))
+            }
+        }
+        let env = try Environment(EnvironmentOptions(path: dir.file("db")))
+        let db = try env.openDatabase("things")
+        try env.write { txn in try txn.put(db, key("k"), [1]) }
+        XCTAssertEqual(try env.read { try $0.get(db, key("k")) }, [1])
+    }
+
     func testStaleReaderSlotsAreClearedAtOpen() throws {
         // Process A holds a read transaction and is SIGKILLed while process B
         // keeps the file open (so LMDB does not reset its reader table): A's
