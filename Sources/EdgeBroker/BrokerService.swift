@@ -217,7 +217,7 @@ public final class BrokerService {
         perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
             String($0.statistics.deadLettered)
         }
-        perTarget("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error or 5xx.") { String($0.statistics.retries) }
+        perTarget("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error, a 5xx other than 501, or a store read error.") { String($0.statistics.retries) }
         perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
         perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
         perTarget("scim_broker_target_collisions_total", "counter",

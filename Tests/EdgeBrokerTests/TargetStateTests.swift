@@ -1,0 +1,98 @@
+import EdgeAgent
+import EdgeBroker
+import EdgeHTTP
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// Answers that say something about the target, not about one change:
+/// refused credentials pause it, 501 is a property of a request form.
+extension FanoutTests {
+    /// A target whose token expired answers 401 to everything: the target
+    /// pauses with its queue kept (no dead letters), `targets status` and
+    /// `/metrics` say so, and after the token file is rotated and the broker
+    /// gets SIGHUP every queued change arrives.
+    func testRefusedCredentialsPauseTheTargetAndSIGHUPResumesIt() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let accepted = Locked("Bearer new-token")
+        let proxy = try ServerHarness { request, _, responder in
+            guard request.headers["Authorization"] == accepted.current || request.path.hasSuffix("/ServiceProviderConfig") else {
+                responder.respond(HTTPResponse(status: 401, headers: ["Content-Type": "application/scim+json"],
+                                               body: Array(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401","detail":"token expired"}"#.utf8)))
+                return
+            }
+            var forwarded = request
+            forwarded.headers.set("Authorization", "Bearer t")
+            responder.respond(forward(forwarded, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port, token: "old-token"))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 0..<5 { _ = try newUser(dp, "waiting-\(k)") }
+        XCTAssertTrue(eventually(seconds: 20) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 1
+        }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(eventually(seconds: 10) {
+            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("app\tcredentials-refused\tqueued 5")
+        }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(broker.output.contains { $0.contains("refused the credentials") && $0.contains("\"level\":\"error\"") }, "\(broker.output)")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, "no change is blamed for the token")
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)
+        XCTAssertTrue(users(appPort, token: "t", prefix: "/scim/v2").isEmpty)
+
+        _ = dir.write("app.token", "new-token\n")
+        broker.signal(SIGHUP)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 },
+                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
+        XCTAssertTrue(eventually(seconds: 10) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 0
+        })
+        XCTAssertTrue(broker.output.contains { $0.contains("accepts the credentials again") }, "\(broker.output)")
+        XCTAssertEqual(try brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1, "")
+    }
+
+    /// A target answering 501 to a group PATCH that removes members by
+    /// `members[value eq …]` (as django-scim2 does): the broker sends the
+    /// group as a full PUT instead, never retries the 501 as a fault and
+    /// never opens the breaker; a create answered 501 becomes a dead letter
+    /// with the target's answer at once.
+    func testNotImplementedIsNeverRetriedAndAPatchFallsBackToPut() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let notImplemented = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"501","detail":"filtered member removal is not implemented"}"#
+        let refusals = Locked(0)
+        let proxy = try ServerHarness { request, _, responder in
+            let body = String(decoding: request.body, as: UTF8.self)
+            if (request.method == "PATCH" && body.contains("members[value eq")) || (request.method == "POST" && body.contains("unimplemented")) {
+                refusals.withLock { $0 += 1 }
+                responder.respond(HTTPResponse(status: 501, headers: ["Content-Type": "application/scim+json"], body: Array(notImplemented.utf8)))
+                return
+            }
+            responder.respond(forward(request, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port, extra: "    breakerThreshold: 2"))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let alice = try newUser(dp, "alice"), bob = try newUser(dp, "bob")
+        let (status, group) = try idp(dp, "POST", "/Groups",
+                                      #"{"schemas":["\#(groupSchema)"],"displayName":"team","members":[{"value":"\#(alice)"},{"value":"\#(bob)"}]}"#)
+        XCTAssertEqual(status, 201)
+        let groupID = try XCTUnwrap(group?["id"]?.stringValue)
+        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 2 })
+        XCTAssertEqual(try idp(dp, "PATCH", "/Groups/\(groupID)",
+                               #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"remove","path":"members[value eq \"\#(alice)\"]"}]}"#).0, 200)
+        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 1 },
+                      "the removal arrives as a PUT: \(groups(appPort, token: "t", prefix: "/scim/v2"))")
+        XCTAssertEqual(refusals.current, 1, "the 501 form was tried once, then PUT")
+        _ = try newUser(dp, "unimplemented")
+        XCTAssertTrue(eventually(seconds: 20) {
+            ((try? self.brokerCLI(["deadletter", "list", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("501")
+        }, (try? brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1) ?? "")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_retries_total{target="app"}"#), 0, metrics)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 1)
+        XCTAssertEqual(refusals.current, 2, "the create answered 501 was not retried")
+    }
+}
