@@ -113,6 +113,15 @@ public final class AdminEndpoint {
                    "Broker answers acknowledging more than was sent (connection reset, nothing skipped).", [("", String(r.protocolErrors))])
             metric("scim_edge_relay_splits_total", "counter", "Batches the broker refused as a whole, split to isolate the event.",
                    [("", String(r.splits))])
+            metric("scim_edge_relay_tls_failures_total", "counter",
+                   "Failed TLS handshakes with the broker (a refused, revoked or expired certificate; another CA).", [("", String(r.tlsFailures))])
+            if let relay = agent.relay {
+                metric("scim_edge_relay_certificate_expiry_timestamp_seconds", "gauge", "When this agent's client certificate expires (Unix time).",
+                       [("", String(relay.certificateNotAfter))])
+                metric("scim_edge_broker_certificate_expiry_timestamp_seconds", "gauge",
+                       "When the broker's certificate (from the last handshake) expires (Unix time; 0: not connected yet).",
+                       [("", String(relay.brokerCertificateNotAfter))])
+            }
             metric("scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.", [("", relay.client.isConnected ? "1" : "0")])
             metric("scim_edge_relay_window", "gauge", "Batches allowed in flight (adaptive).", [("", String(r.window))])
             out += "# HELP scim_edge_relay_rtt_seconds Round trip of a batch to the broker.\n# TYPE scim_edge_relay_rtt_seconds histogram\n"

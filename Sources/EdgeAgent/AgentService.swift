@@ -79,6 +79,8 @@ public final class AgentService {
     public private(set) var relay: Relay?
     private var signals: ServiceSignals?
     private let configuration: AgentConfiguration
+    /// The SCIM listener's certificate and key (all serving loops share it): re-read on SIGHUP.
+    private var listenerTLS: ReloadableTLSContext?
     /// Called with one line per notable event (start, drain, reload).
     public var log: (String) -> Void = { _ in } {
         didSet { startupNotes.forEach(log); startupNotes = [] }
@@ -102,6 +104,7 @@ public final class AgentService {
         self.endpoint = endpoint
         endpoint.accessLog = configuration.accessLog
         let tls = try configuration.tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
+        listenerTLS = tls
         // One budget for every serving loop: `maxConnections` is the agent's limit.
         let budget = ConnectionBudget(limit: configuration.limits.maxConnections)
         server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits,
@@ -195,7 +198,7 @@ public final class AgentService {
         server.shutdown(finished)
     }
 
-    /// Installs SIGTERM/SIGINT (drain) and SIGHUP (reload tokens and TLS).
+    /// Installs SIGTERM/SIGINT (drain) and SIGHUP (`reload()`).
     public func installSignals(onDrained: @escaping () -> Void = {}) throws {
         signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
             log("draining")
@@ -207,16 +210,34 @@ public final class AgentService {
         }, onReload: { [unowned self] in reload() })
     }
 
-    /// Re-reads the token file; keeps the old tokens if it fails.
+    /// SIGHUP: re-reads the token file, the SCIM listener's certificate and
+    /// key, and the relay's client certificate, key and federation CA (the
+    /// relay reconnects with them at once). Each part that fails to load
+    /// keeps what it had, and says so. The policy is read at start only: a
+    /// changed policy needs a restart, where it is re-evaluated against
+    /// everything stored before the agent serves.
     public func reload() {
-        guard let file = configuration.tokenFile else { log("reload: nothing to reload"); return }
-        do {
-            endpoint.options.tokens = try readTokenFile(file) + configuration.tokens
-            for s in servingLoops { s.setTokens(endpoint.options.tokens) }
-            log("reloaded \(endpoint.options.tokens.count) tokens")
-        } catch {
-            log("reload failed, keeping the old tokens: \(error)")
+        var done: [String] = [], failed: [String] = []
+        if let file = configuration.tokenFile {
+            do {
+                endpoint.options.tokens = try readTokenFile(file) + configuration.tokens
+                for s in servingLoops { s.setTokens(endpoint.options.tokens) }
+                done.append("\(endpoint.options.tokens.count) tokens")
+            } catch {
+                failed.append("tokens (\(error))")
+            }
         }
+        if let listenerTLS {
+            do { try listenerTLS.reload(); done.append("the listener certificate") } catch { failed.append("the listener certificate (\(error))") }
+        }
+        if let relay {
+            do { try relay.reloadTLS(); done.append("the relay certificate, key and CA") } catch {
+                failed.append("the relay certificate (\(error))")
+            }
+        }
+        if done.isEmpty && failed.isEmpty { log("reload: nothing to reload (no token file, no TLS)"); return }
+        if !done.isEmpty { log("reloaded " + done.joined(separator: ", ") + " (the policy is read at start: restart to apply a changed one)") }
+        if !failed.isEmpty { log("reload failed, keeping the old " + failed.joined(separator: ", ")) }
     }
 }
 

@@ -65,6 +65,8 @@ public struct RelayStatistics: Sendable {
     public var protocolErrors = 0
     /// Batches the broker refused as a whole, split to find the event it cannot take.
     public var splits = 0
+    /// Failed TLS handshakes with the broker (refused or unverifiable certificates).
+    public var tlsFailures = 0
     public var lastError: String?
 }
 
@@ -79,6 +81,12 @@ public final class Relay {
     let writer: GroupCommitWriter
     let configuration: RelayConfiguration
     let client: HTTPClient
+    /// The client certificate, key and federation CA: re-read on SIGHUP.
+    let tls: ReloadableTLSContext
+    /// This agent's client certificate's end of validity (Unix seconds; 0: unknown).
+    public private(set) var certificateNotAfter: Int64 = 0
+    /// The broker's certificate's, from the last handshake (0: none yet).
+    public var brokerCertificateNotAfter: Int64 { client.serverIdentity?.notAfter ?? 0 }
     private var timer: LoopTimer?
     /// Batches sent and not yet answered.
     private var inFlight = 0
@@ -122,8 +130,9 @@ public final class Relay {
         self.store = store
         self.writer = writer
         self.configuration = configuration
-        let context = try TLSContext(role: .client, configuration: configuration.tls)
-        client = HTTPClient(loop: loop, address: configuration.broker, tls: context, serverName: configuration.brokerName)
+        tls = try ReloadableTLSContext(role: .client, configuration: configuration.tls)
+        client = HTTPClient(loop: loop, address: configuration.broker, reloadableTLS: tls, serverName: configuration.brokerName)
+        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
         envelopeBytes = Relay.envelope(configuration, store.epoch, first: .max, last: .max).count + 2
     }
 
@@ -147,6 +156,16 @@ public final class Relay {
         sentThrough = ackedThrough
         sentHigh = ackedThrough
         schedule(after: 0)
+    }
+
+    /// SIGHUP: re-reads the client certificate, key and CA (a rotation) and
+    /// reconnects, so the broker sees the new certificate now. On error the
+    /// old ones stay in use.
+    public func reloadTLS() throws(TLSError) {
+        try tls.reload()
+        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+        rewind(nil, retryAfter: 0)
+        client.resetConnection()
     }
 
     public func stop() {
@@ -234,6 +253,11 @@ public final class Relay {
         guard !stopped else { return }
         let current = batch.generation == generation
         switch result {
+        case .failure(.tls(let e)):
+            // Not "unreachable": the broker answered and the handshake failed
+            // (a revoked or expired certificate, another CA).
+            statistics.tlsFailures += 1
+            if current { rewind("TLS handshake with the broker failed: \(e)", retryAfter: nil) }
         case .failure(let e):
             if current { rewind("broker unreachable: \(e)", retryAfter: nil) }
         case .success(let r):

@@ -61,6 +61,23 @@ public struct FederationStatistics: Sendable {
     public var unknownIdentities = 0
     public var ambiguousIdentities = 0
     public var busyRefusals = 0
+    /// Failed TLS handshakes on the federation listener, by reason.
+    public var handshakeFailures: [TLSFailureReason: Int] = [:]
+}
+
+/// Why a TLS handshake failed, in a few kinds (a metric label).
+public enum TLSFailureReason: String, Sendable, CaseIterable {
+    case revoked, expired, untrusted, noCertificate = "no_certificate", other
+
+    public init(_ error: TLSError) {
+        let text = ((error.verifyError.map { [$0] } ?? []) + error.reasons).joined(separator: " ").lowercased()
+        if text.contains("revoked") { self = .revoked }
+        else if text.contains("expired") || text.contains("not yet valid") { self = .expired }
+        else if text.contains("did not return a certificate") || text.contains("peer did not return") { self = .noCertificate }
+        else if text.contains("issuer") || text.contains("self-signed") || text.contains("self signed") || text.contains("unknown ca")
+                    || text.contains("certificate verify failed") { self = .untrusted }
+        else { self = .other }
+    }
 }
 
 /// `scim-broker serve`: the federation listener (relay protocol v1) over
@@ -86,6 +103,10 @@ public final class BrokerService {
     public var logger = Logger(label: "scim-broker.federation")
     private var signals: ServiceSignals?
     private let tls: ReloadableTLSContext
+    /// The federation listener's certificate's end of validity (Unix seconds; 0: unknown).
+    private var certificateNotAfter: Int64 = 0
+    /// Per bound agent (`<domain>/<identity>`): its certificate's end of validity, from its last request.
+    private var agentCertificates: [String: Int64] = [:]
 
     public init(loop: EventLoop, configuration: BrokerConfiguration) throws {
         guard configuration.tls.verifyPeer, configuration.tls.trustRootsFile != nil else {
@@ -109,11 +130,23 @@ public final class BrokerService {
         server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: limits) { request, context, responder in
             weakSelf?.handle(request, context, responder)
         }
+        server.onTLSFailure = { error, address in
+            let reason = TLSFailureReason(error)
+            weakSelf?.statistics.handshakeFailures[reason, default: 0] += 1
+            weakSelf?.logger.warning("refused a TLS handshake", metadata: [
+                "reason": .string(reason.rawValue), "error": .string(error.description), "peer": .string(address?.description ?? "-")])
+        }
+        server.onCertificateClosure = { reason, peer, address in
+            weakSelf?.logger.error("closed an agent connection: its certificate is no longer valid", metadata: [
+                "reason": .string(reason), "identities": .string(peer?.names.joined(separator: ",") ?? "-"),
+                "peer": .string(address?.description ?? "-")])
+        }
         server.errorBody = { status, detail in
             HTTPResponse(status: status, headers: ["Content-Type": "application/json"],
                          body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
         }
         weakSelf = self
+        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
         if let api = configuration.apiListen {
             guard !configuration.apiTokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token") }
             let handler = BrokerAPI(store: store, tokens: configuration.apiTokens)
@@ -185,6 +218,16 @@ public final class BrokerService {
             ("{reason=\"busy\"}", String(s.busyRefusals)),
         ])
         metric("scim_broker_pending_batches", "gauge", "Batches waiting to be applied.", [("", String(writer.queuedWrites))])
+        metric("scim_broker_tls_handshake_failures_total", "counter", "Refused TLS handshakes on the federation listener, by reason.",
+               TLSFailureReason.allCases.map { ("{reason=\"\($0.rawValue)\"}", String(s.handshakeFailures[$0] ?? 0)) })
+        metric("scim_broker_certificate_closures_total", "counter",
+               "Agent connections closed because their certificate expired or was revoked (checked on SIGHUP).",
+               [("", String(server.statistics.certificateClosures))])
+        metric("scim_broker_certificate_expiry_timestamp_seconds", "gauge", "When the federation listener's certificate expires (Unix time).",
+               [("", String(certificateNotAfter))])
+        metric("scim_broker_agent_certificate_expiry_timestamp_seconds", "gauge",
+               "Per bound agent: when the certificate it last presented expires (Unix time).",
+               agentCertificates.sorted { $0.key < $1.key }.map { ("{agent=\"\($0.key)\"}", String($0.value)) })
         let sequences = (try? store.agentSequences()) ?? []
         metric("scim_broker_agent_applied_sequence", "gauge", "Per agent store (certificate identity and store epoch): the last sequence applied.",
                sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
@@ -270,10 +313,27 @@ public final class BrokerService {
                 logger.info("drained")
                 onDrained()
             }
-        }, onReload: { [unowned self] in
-            do { try tls.reload(); logger.info("reloaded certificates") } catch { logger.error("reload failed: \(error)") }
-            for w in workers { w.reload() }
-        })
+        }, onReload: { [unowned self] in reload() })
+    }
+
+    /// SIGHUP: re-reads the federation certificate, key, CA and CRL, then
+    /// holds every live agent connection to them (one whose certificate was
+    /// revoked since, or no longer chains, is closed at once), and re-reads
+    /// each target's token file. Says what it reloaded.
+    public func reload() {
+        var parts: [String] = []
+        do {
+            try tls.reload()
+            certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+            let closed = server.revalidatePeerCertificates()
+            parts.append("the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"
+                         + " (\(closed) agent connection\(closed == 1 ? "" : "s") closed: certificate no longer valid)")
+        } catch {
+            logger.error("reload failed, keeping the old federation certificates: \(error)")
+        }
+        for w in workers { w.reload() }
+        if !workers.isEmpty { parts.append("the tokens of targets " + workers.map(\.target.name).joined(separator: ", ")) }
+        logger.notice("reloaded \(parts.isEmpty ? "nothing" : parts.joined(separator: "; "))")
     }
 
     /// What a peer's certificate is bound to.
@@ -391,6 +451,7 @@ public final class BrokerService {
                 .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
             return
         }
+        if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
         let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
         let ids = (0..<events.count).map { _ in secureID() }
         statistics.batches += 1

@@ -47,7 +47,8 @@ public struct HTTPClientOptions: Sendable {
 public final class HTTPClient {
     public let loop: EventLoop
     public let address: SocketAddress
-    private let tls: TLSContext?
+    /// The context each new connection uses (a reloadable one changes on SIGHUP).
+    private let tls: (() -> TLSContext)?
     private let peerName: String?
     public let options: HTTPClientOptions
     private let hostHeader: String
@@ -66,11 +67,24 @@ public final class HTTPClient {
     /// The server certificate identity of the current connection.
     public private(set) var serverIdentity: PeerIdentity?
 
-    public init(loop: EventLoop, address: SocketAddress, tls: TLSContext? = nil, serverName: String? = nil,
-                options: HTTPClientOptions = HTTPClientOptions()) {
+    public convenience init(loop: EventLoop, address: SocketAddress, tls: TLSContext? = nil, serverName: String? = nil,
+                            options: HTTPClientOptions = HTTPClientOptions()) {
+        self.init(loop: loop, address: address, tlsSource: tls.map { context in { context } }, serverName: serverName, options: options)
+    }
+
+    /// A client whose new connections use `tls` as it is at the time:
+    /// after `reload()` (certificate rotation), the next connection presents
+    /// the new certificate (`resetConnection()` makes that now).
+    public convenience init(loop: EventLoop, address: SocketAddress, reloadableTLS tls: ReloadableTLSContext, serverName: String? = nil,
+                            options: HTTPClientOptions = HTTPClientOptions()) {
+        self.init(loop: loop, address: address, tlsSource: { tls.context }, serverName: serverName, options: options)
+    }
+
+    private init(loop: EventLoop, address: SocketAddress, tlsSource: (() -> TLSContext)?, serverName: String?,
+                 options: HTTPClientOptions) {
         self.loop = loop
         self.address = address
-        self.tls = tls
+        self.tls = tlsSource
         self.peerName = serverName ?? address.host
         self.options = options
         self.hostHeader = serverName.map { "\($0):\(address.port)" } ?? address.description
@@ -161,7 +175,7 @@ public final class HTTPClient {
     private func established(_ stream: TCPStream) {
         let session: TLSSession?
         if let tls {
-            do { session = try tls.makeSession(peerName: peerName) } catch {
+            do { session = try tls().makeSession(peerName: peerName) } catch {
                 stream.close()
                 failAll(.tls(error), queuedToo: true)
                 return

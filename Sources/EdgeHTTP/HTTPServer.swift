@@ -107,6 +107,8 @@ public struct HTTPServerStatistics: Sendable {
     public var timeouts = 0
     public var tlsFailures = 0
     public var readPauses = 0
+    /// Connections closed because the peer's certificate expired or no longer verifies.
+    public var certificateClosures = 0
 }
 
 public typealias HTTPHandler = (HTTPRequest, RequestContext, Responder) -> Void
@@ -141,6 +143,26 @@ public final class HTTPServer {
     }
     /// Called with each TLS handshake failure (for logs and metrics).
     public var onTLSFailure: ((TLSError, SocketAddress?) -> Void)?
+    /// Called when a live connection is closed because its peer's
+    /// certificate expired or no longer verifies (after a CRL reload).
+    public var onCertificateClosure: ((String, PeerIdentity?, SocketAddress?) -> Void)?
+
+    /// Checks every live TLS connection's peer certificate against the TLS
+    /// context as it is now (after `ReloadableTLSContext.reload()`: new CRLs,
+    /// new trust roots) and closes those that no longer verify. Returns how
+    /// many it closed.
+    @discardableResult
+    public func revalidatePeerCertificates() -> Int {
+        guard let context = tls?.context else { return 0 }
+        var closed = 0
+        for connection in Array(connections.values) {
+            if let problem = connection.certificateProblem(context) {
+                connection.closeForCertificate(problem)
+                closed += 1
+            }
+        }
+        return closed
+    }
 
     public convenience init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
                             limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
@@ -309,6 +331,8 @@ final class ServerConnection {
     private var readingPaused = false
     private var continueSent = false
     private(set) var handshakeDone = false
+    /// When the peer's certificate stops being valid (Unix seconds; 0: no certificate).
+    private var peerNotAfter: Int64 = 0
     let peerAddress: SocketAddress?
     lazy var context = RequestContext(connectionID: id, peerAddress: peerAddress,
                                       peerIdentity: transport.peerIdentity, isSecure: transport.isSecure)
@@ -326,7 +350,10 @@ final class ServerConnection {
     func start() {
         parser.onHead = { [unowned self] head in decideHead(&head) }
         parser.onMessage = { [unowned self] head, body, keepAlive in message(head, body, keepAlive) }
-        transport.onReady = { [unowned self] in handshakeDone = true }
+        transport.onReady = { [unowned self] in
+            handshakeDone = true
+            peerNotAfter = transport.peerIdentity?.notAfter ?? 0
+        }
         transport.onData = { [unowned self] bytes in received(bytes) }
         transport.onEnd = { [unowned self] reason in ended(reason) }
         transport.onWriteDrained = { [unowned self] in writeDrained() }
@@ -433,6 +460,11 @@ final class ServerConnection {
 
     func checkTimeouts(now: UInt64) {
         guard !isClosed else { return }
+        if peerNotAfter > 0, currentUnixSeconds() > peerNotAfter {
+            // A connection is no better than the certificate that opened it.
+            closeForCertificate("certificate has expired")
+            return
+        }
         let limits = server.limits
         if let started = messageStartedAt, now - started > limits.requestTimeoutMilliseconds {
             server.statistics.timeouts += 1
@@ -445,6 +477,21 @@ final class ServerConnection {
             server.statistics.timeouts += 1
             transport.close()  // TLS handshake never completed
         }
+    }
+
+    /// Closes at once (in-flight requests are not answered): the peer's
+    /// certificate no longer holds.
+    func closeForCertificate(_ reason: String) {
+        guard !isClosed else { return }
+        server.statistics.certificateClosures += 1
+        server.onCertificateClosure?(reason, transport.peerIdentity, peerAddress)
+        transport.close()
+    }
+
+    /// Why the peer's certificate no longer verifies against `context`, or nil.
+    func certificateProblem(_ context: TLSContext) -> String? {
+        guard handshakeDone, let tls = transport.tls else { return nil }
+        return tls.reverifyPeer(against: context)
     }
 
     /// Server shutdown: close now if nothing is owed, else after the last answer.
@@ -463,4 +510,10 @@ final class ServerConnection {
         isClosed = true
         server.connectionEnded(self, reason)
     }
+}
+
+func currentUnixSeconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec)
 }

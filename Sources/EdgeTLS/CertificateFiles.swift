@@ -65,7 +65,7 @@ public func makeSigningRequest(commonName: String, uris: [String] = [], dnsNames
     return (pem { PEM_write_bio_PrivateKey($0, key, nil, nil, 0, nil, nil) }, pem { PEM_write_bio_X509_REQ($0, req) })
 }
 
-private func unixTime(_ t: UnsafePointer<ASN1_TIME>?) -> Int64 {
+func unixTime(_ t: UnsafePointer<ASN1_TIME>?) -> Int64 {
     var tm = Glibc.tm()
     guard let t, ASN1_TIME_to_tm(t, &tm) == 1 else { return 0 }
     return Int64(timegm(&tm))

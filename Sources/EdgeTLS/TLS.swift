@@ -51,6 +51,8 @@ public struct PeerIdentity: Sendable, Equatable, CustomStringConvertible {
     /// SHA-256 of the DER certificate, lowercase hex.
     public var sha256Fingerprint: String
     public var serialNumber: String
+    /// The end of the certificate's validity, in Unix seconds (0: unknown).
+    public var notAfter: Int64 = 0
 
     /// The names this certificate may be bound by: its SAN URIs when it has
     /// any, else its DNS SANs, and never the subject CN. A CN is free text
@@ -349,6 +351,23 @@ public final class TLSSession {
         return PeerIdentity(certificate: cert)
     }
 
+    /// Verifies the peer's certificate again, against `context`'s trust
+    /// roots and CRLs as they are now and at the current time: nil while it
+    /// still verifies, else why not (e.g. "certificate revoked" after a CRL
+    /// reload, "certificate has expired"). A live connection proved its
+    /// identity once; this is how it is held to a revocation made since.
+    public func reverifyPeer(against context: TLSContext) -> String? {
+        guard handshakeComplete, let cert = SSL_get1_peer_certificate(ssl) else { return "no peer certificate" }
+        defer { X509_free(cert) }
+        guard let store = SSL_CTX_get_cert_store(context.ctx), let check = X509_STORE_CTX_new() else { return "cannot verify" }
+        defer { X509_STORE_CTX_free(check) }
+        guard X509_STORE_CTX_init(check, store, cert, SSL_get_peer_cert_chain(ssl)) == 1 else { return "cannot verify" }
+        // The purpose the handshake checked: a client certificate at a server, a server's at a client.
+        _ = X509_STORE_CTX_set_default(check, role == .server ? "ssl_client" : "ssl_server")
+        if X509_verify_cert(check) == 1 { return nil }
+        return String(cString: X509_verify_cert_error_string(Int(X509_STORE_CTX_get_error(check))))
+    }
+
     /// The negotiated protocol, e.g. `TLSv1.3`.
     public var protocolVersion: String { String(cString: SSL_get_version(ssl)) }
 }
@@ -390,7 +409,7 @@ extension PeerIdentity {
             BN_free(bn)
         }
         self.init(commonName: cn, dnsNames: dns, uris: uris, ipAddresses: ips,
-                  sha256Fingerprint: hex(md.prefix(Int(mdLen))), serialNumber: serial)
+                  sha256Fingerprint: hex(md.prefix(Int(mdLen))), serialNumber: serial, notAfter: unixTime(X509_get0_notAfter(cert)))
     }
 }
 
