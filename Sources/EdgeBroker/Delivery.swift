@@ -105,6 +105,7 @@ public final class TargetWorker {
     private var credentialsPause: CredentialsPause?
     /// Resource types whose PATCH the target answered 501.
     private var patchNotImplemented: Set<String> = []
+    private var guardRejectedAt: Int64 = 0
     /// Items queued and not yet completed (refreshed from LMDB periodically).
     public private(set) var depth = 0
     public private(set) var oldestQueuedAt: Int64 = 0
@@ -180,6 +181,7 @@ public final class TargetWorker {
         let g = try store.deletionGuard(target: target.name)
         guardPausedSince = g.pausedSince
         guardConfirmedAt = g.confirmedAt
+        guardRejectedAt = g.rejectedAt
         let t = try LoopTimer(loop: loop)
         t.keepsLoopAlive = false
         t.start(after: 25, repeatEvery: 25) { [weak self] in self?.tick() }
@@ -228,13 +230,16 @@ public final class TargetWorker {
     private func refreshFromStore() {
         let recount = ticks % 400 == 0
         if recount, let d = try? store.queueDepth(target: target.name) { depth = d.count; oldestQueuedAt = d.oldest }
-        if let g = try? store.deletionGuard(target: target.name) {
+        // After a rejection, the guard changes only once the rejected removals are out of `pending`.
+        if let g = try? store.deletionGuard(target: target.name), g.rejectedAt == guardRejectedAt || dropRejectedRemovals() {
             if guardPausedSince != nil && g.pausedSince == nil {
-                logger.notice("removals released by confirm-deletes")
+                logger.notice(g.confirmedAt != guardConfirmedAt ? "removals released by confirm-deletes"
+                              : "removals resume: reject-deletes dropped the ones held")
                 removalTimes.removeAll()
             }
             guardPausedSince = g.pausedSince
             guardConfirmedAt = g.confirmedAt
+            guardRejectedAt = g.rejectedAt
         }
         load()
         var snapshot = statusDocument()
@@ -387,6 +392,19 @@ public final class TargetWorker {
             return false
         }
         removalTimes.append(now)
+        return true
+    }
+
+    /// `reject-deletes` dropped held removals from the queue (and may have
+    /// lifted the pause): forgets the copies loaded before, so they are never
+    /// sent. Read after the guard, so it sees that transaction. False when
+    /// the queue cannot be read (the guard's old state then stays).
+    private func dropRejectedRemovals() -> Bool {
+        let held = pending.filter { !$0.dispatched && $0.item.operation != .upsert }.map(\.key)
+        guard let gone = try? store.missingQueueKeys(held) else { return false }
+        pending.removeAll { !$0.dispatched && gone.contains($0.key) }
+        depth = max(0, depth - gone.count)
+        if !gone.isEmpty { logger.notice("held removals rejected by the operator", metadata: ["removals": .stringConvertible(gone.count)]) }
         return true
     }
 

@@ -32,10 +32,20 @@ public struct DeliveryItem: Sendable, Equatable {
     /// Unix ms: queued at the broker, and accepted at the agent (0: unknown).
     public var queuedAt: Int64
     public var acceptedAt: Int64
+    /// A removal's source domain and userName (users) or displayName
+    /// (groups) when it was queued: a resource deleted at the source is
+    /// gone from the directory, and the deletion guard's list
+    /// (`targets held`) must still name it. Nil for other operations and
+    /// for items queued before they were kept.
+    public var domain: String?
+    public var name: String?
 
     var json: JSON {
-        ["id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
-         "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt))]
+        var o: JSONObject = ["id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
+                             "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt))]
+        if let domain { o["domain"] = .string(domain) }
+        if let name { o["name"] = .string(name) }
+        return .object(o)
     }
 
     init(brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64) {
@@ -52,6 +62,8 @@ public struct DeliveryItem: Sendable, Equatable {
               let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:)) else { return nil }
         self.init(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
                   queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0)
+        domain = o["domain"]?.stringValue
+        name = o["name"]?.stringValue
     }
 }
 
@@ -108,8 +120,13 @@ extension BrokerStore {
             let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
             let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
             guard was || now else { continue }
-            let item = DeliveryItem(brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
+            var item = DeliveryItem(brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
                                     queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
+            if !now, let old {
+                // Who is removed, kept with the removal: the directory may no longer know (see `DeliveryItem.name`).
+                item.domain = domain
+                item.name = old[type == "User" ? "userName" : "displayName"]?.stringValue
+            }
             try enqueue(target: target.name, item, txn)
             queued.append(target.name)
         }
@@ -181,6 +198,8 @@ extension BrokerStore {
     /// id touched. Each target's delivery records one hop that carries the
     /// agent's acceptance and the broker's apply times; the current state of
     /// the resource adds its own last acceptance and apply (no target needed).
+    /// A removal the deletion guard holds has no hop yet: it adds one that
+    /// says so (`heldSince`, `target`), from the paused target's queue.
     public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
         let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
         return try environment.read { txn in
@@ -205,6 +224,12 @@ extension BrokerStore {
                     }
                     byTrace = !ids.isEmpty
                 }
+            }
+            let held = try heldRemovals(matching: idOrTrace, txn)
+            if ids.isEmpty && !held.isEmpty {
+                // Deleted at the source and held before any target answered: only the queue knows it.
+                byTrace = !held.contains { $0.item.brokerID == idOrTrace }
+                for h in held where !ids.contains(h.item.brokerID) { ids.append(h.item.brokerID) }
             }
             var hops: [(String, JSONObject)] = []
             var seen: Set<String> = []
@@ -236,6 +261,15 @@ extension BrokerStore {
                     add(id, "agent accept", source["accepted"]?.numberValue?.integer, trace, extra)
                     add(id, "broker apply", source["applied"]?.numberValue?.integer, trace, ["seq": source["seq"] ?? .null])
                 }
+            }
+            for h in held {
+                let id = h.item.brokerID, trace = h.item.trace
+                add(id, "agent accept", h.item.acceptedAt, trace)
+                add(id, "broker apply", h.item.queuedAt, trace)
+                add(id, "target \(h.target)", h.heldSince, trace,
+                    ["event": .string(h.item.operation.rawValue), "detail": .string("held by the deletion guard of target \(h.target)"),
+                     "target": .string(h.target), "heldSince": .number(JSONNumber(integer: h.heldSince)),
+                     "queueSeq": .number(JSONNumber(integer: Int64(h.seq)))])
             }
             let order = ["agent accept": 0, "broker apply": 1]
             return hops.sorted {
@@ -394,19 +428,27 @@ extension BrokerStore {
         }
     }
 
-    /// The deletion guard's state: paused since (Unix ms), or nil; and the
-    /// time of the last confirmation.
-    public func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64) {
-        let targetState = self.targetState
-        return try environment.read { txn in
-            let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
-            return (o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0)
-        }
+    /// The deletion guard's state: paused since (Unix ms), or nil; the
+    /// time of the last confirmation; and of the last `reject-deletes`
+    /// (0: never), which tells a running worker to drop what it loaded of
+    /// the rejected removals.
+    public func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
+        try environment.read { txn in try deletionGuard(target: target, txn) }
     }
 
-    func setDeletionGuard(target: String, pausedSince: Int64?, confirmedAt: Int64, _ txn: borrowing WriteTransaction) throws {
+    func deletionGuard(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
+        -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
+        let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
+        return (o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0, o?["rejectedAt"]?.numberValue?.integer ?? 0)
+    }
+
+    /// Writes the pause and the confirmation; `rejectedAt` is kept unless given.
+    func setDeletionGuard(target: String, pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64? = nil,
+                          _ txn: borrowing WriteTransaction) throws {
         var o: JSONObject = ["confirmedAt": .number(JSONNumber(integer: confirmedAt))]
         if let pausedSince { o["pausedSince"] = .number(JSONNumber(integer: pausedSince)) }
+        let rejected = try rejectedAt ?? deletionGuard(target: target, txn).rejectedAt
+        if rejected > 0 { o["rejectedAt"] = .number(JSONNumber(integer: rejected)) }
         try txn.put(targetState, Array("guard/\(target)".utf8), JSON.object(o).serialized())
     }
 

@@ -165,6 +165,45 @@ struct StoreOptions: ParsableArguments {
         guard let dir else { throw ValidationError("give --config FILE or --data-dir DIR") }
         return (try BrokerStore(path: dir), targets)
     }
+
+    /// `open()` for a command about target `name`, which must be known: with
+    /// --config (or --target), a configured target; with only --data-dir,
+    /// one the store holds state for (a queue, mappings, dead letters, a
+    /// status or a guard). A mistyped name must not look like success.
+    func open(target name: String) throws -> (BrokerStore, [TargetConfiguration]) {
+        let (store, targets) = try open()
+        if config != nil || !target.isEmpty {
+            guard targets.contains(where: { $0.name == name }) else {
+                let stored = try store.storedTargetNames().contains(name)
+                throw UnknownTarget(name: name, known: targets.map(\.name), configured: true, storedButRemoved: stored)
+            }
+        } else {
+            let stored = try store.storedTargetNames()
+            guard stored.contains(name) else { throw UnknownTarget(name: name, known: stored, configured: false) }
+        }
+        return (store, targets)
+    }
+}
+
+/// A target name the CLI does not know (exit status 1).
+struct UnknownTarget: Error, CustomStringConvertible {
+    var name: String
+    var known: [String]
+    /// The names are the configured targets (else: the targets the store holds state for).
+    var configured: Bool
+    var storedButRemoved = false
+    /// `forget`: the name must be one the store holds state for.
+    var forgetting = false
+
+    var description: String {
+        let list = known.isEmpty ? "none" : known.joined(separator: ", ")
+        if forgetting { return "nothing stored for a target named '\(name)' (with stored state: \(list))" }
+        guard configured else {
+            return "no target named '\(name)' (with stored state: \(list); give --config to check the configured ones)"
+        }
+        return "no target named '\(name)' (configured: \(list))"
+            + (storedButRemoved ? "; the store still holds state for it: `scim-broker targets forget \(name)` clears it" : "")
+    }
 }
 
 func formatTime(_ ms: Int64?) -> String {
@@ -175,7 +214,7 @@ func formatTime(_ ms: Int64?) -> String {
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Downstream targets: status, the deletion guard, reconciliation, forgetting a removed target.",
-        subcommands: [TargetStatus.self, ConfirmDeletes.self, Reconcile.self, Forget.self])
+        subcommands: [TargetStatus.self, Held.self, ConfirmDeletes.self, RejectDeletes.self, Reconcile.self, Forget.self])
 }
 
 struct TargetStatus: ParsableCommand {
@@ -218,9 +257,74 @@ struct ConfirmDeletes: ParsableCommand {
     @Argument(help: "The target.") var name: String
 
     func run() throws {
-        let (store, _) = try options.open()
+        let (store, _) = try options.open(target: name)
         try store.confirmDeletes(target: name)
         emitLine("\(name): removals queued so far are released (the guard counts again from now)")
+    }
+}
+
+struct Held: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the removals the deletion guard holds back for a target.",
+        discussion: """
+            One line each: the queue sequence (#N, for reject-deletes), the operation, the type and broker id, \
+            the userName or displayName, the source domain, when it was queued, and the trace id.
+            """)
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Flag(help: "One JSON document per line.") var json = false
+
+    func run() throws {
+        let (store, _) = try options.open(target: name)
+        let (pausedSince, held) = try store.heldRemovals(target: name)
+        if json {
+            for h in held { emitLine(h.json.serializedString) }
+            return
+        }
+        guard let pausedSince else {
+            emitLine("\(name): the deletion guard holds nothing (removals flow)")
+            return
+        }
+        emitLine("\(name): \(held.count) removal\(held.count == 1 ? "" : "s") held by the deletion guard since \(formatTime(pausedSince))"
+                 + " (targets confirm-deletes \(name) sends them, targets reject-deletes \(name) [SEQ…] drops them)")
+        for h in held { emitLine(describe(h)) }
+    }
+}
+
+/// One held removal, one line (`held`, `reject-deletes`).
+func describe(_ h: HeldRemoval) -> String {
+    "#\(h.seq)\t\(h.item.operation.rawValue) \(h.item.type) \(h.item.brokerID)\t\(h.nameAttribute) \(h.name ?? "-")"
+        + "\tdomain \(h.domain ?? "-")\tqueued \(formatTime(h.item.queuedAt))\ttrace \(h.item.trace.isEmpty ? "-" : h.item.trace)"
+}
+
+struct RejectDeletes: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reject-deletes", abstract: "Drop removals the deletion guard holds back for a target: they are never sent.",
+        discussion: """
+            Drops the given held removals (#N from `targets held`), or all of them, from the target's queue and \
+            records the rejection in each change's trail. When nothing stays held, the target's removals resume \
+            and the guard counts again from then; the accounts stay at the target (reconcile reports them as strays).
+            """)
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Argument(help: "Queue sequences of held removals (#N or N); none: all held removals.") var seq: [String] = []
+
+    func run() throws {
+        var seqs: [UInt64] = []
+        for s in seq {
+            guard let n = UInt64(s.hasPrefix("#") ? String(s.dropFirst()) : s) else { throw ValidationError("\(s) is not a queue sequence (#N)") }
+            seqs.append(n)
+        }
+        let (store, _) = try options.open(target: name)
+        let result = try store.rejectHeldRemovals(target: name, seqs: seqs.isEmpty ? nil : seqs)
+        guard !result.rejected.isEmpty else {
+            emitLine("\(name): the deletion guard holds nothing; nothing rejected")
+            return
+        }
+        for h in result.rejected { emitLine("rejected \(describe(h))") }
+        emitLine("\(name): \(result.rejected.count) held removal\(result.rejected.count == 1 ? "" : "s") rejected; "
+                 + (result.resumed ? "nothing held any more: removals resume (the guard counts again from now)"
+                    : "\(result.stillHeld) still held (confirm-deletes or reject-deletes)"))
     }
 }
 
@@ -241,11 +345,11 @@ struct Forget: ParsableCommand {
         guard !targets.contains(where: { $0.name == name }) else {
             throw ValidationError("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
         }
-        let gone = try store.forgetTarget(name)
-        guard gone.total > 0 else {
-            emitLine("\(name): nothing stored for this target")
-            return
+        let stored = try store.storedTargetNames()
+        guard stored.contains(name) else {
+            throw UnknownTarget(name: name, known: stored, configured: false, forgetting: true)
         }
+        let gone = try store.forgetTarget(name)
         emitLine("\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
                  + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
     }
@@ -290,7 +394,7 @@ struct DeadLetterList: ParsableCommand {
     @Flag(help: "One JSON document per line.") var json = false
 
     func run() throws {
-        let (store, _) = try options.open()
+        let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
         for (target, letter) in try store.deadLetters(target: only) {
             if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
             emitLine("\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
@@ -309,7 +413,7 @@ struct DeadLetterSelection: ParsableArguments {
     @Argument(help: "The dead letter's number (#N in list); none: all of the target's.") var seq: UInt64?
 
     func settle(requeue: Bool) throws -> Int {
-        let (store, _) = try options.open()
+        let (store, _) = try options.open(target: name)
         return try store.settleDeadLetters(target: name, seq: seq, requeue: requeue)
     }
 }
@@ -340,6 +444,11 @@ struct Trace: ParsableCommand {
         guard !hops.isEmpty else { throw ValidationError("nothing recorded for \(id)") }
         for (brokerID, hop) in hops {
             if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
+            var hop = hop
+            if let since = hop["heldSince"]?.numberValue?.integer, let target = hop["target"]?.stringValue {
+                hop["detail"] = .string("held by the deletion guard of target \(target) since \(formatTime(since))"
+                                        + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
+            }
             var detail: [String] = []
             for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
                 if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }

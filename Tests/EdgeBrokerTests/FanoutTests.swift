@@ -378,7 +378,9 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(after.contains("kept\t"), after)
         XCTAssertEqual(try BrokerStore(path: data).queueDepth(target: "gone").count, 0)
         XCTAssertEqual(try BrokerStore(path: data).mappings(target: "kept").count, 4, "the other target's state is untouched")
-        XCTAssertEqual(try brokerCLI(["targets", "forget", "--config", without, "gone"]).1, "gone: nothing stored for this target\n")
+        let again = try brokerCLI(["targets", "forget", "--config", without, "gone"])
+        XCTAssertEqual(again.0, 1, again.1)
+        XCTAssertTrue(again.1.contains("nothing stored for a target named 'gone' (with stored state: kept)"), again.1)
     }
 
     /// A 400 from the target becomes a dead letter holding the request, the
@@ -444,6 +446,133 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(eventually(seconds: 5) {
             (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
         })
+    }
+
+    /// Issue 14 point 7: the removals the guard holds are listed with their
+    /// userNames (the users are gone from the directory); `trace` says a
+    /// held delete is held; one rejected removal never reaches the target
+    /// (although the worker had it loaded) and its trail says so; the rest
+    /// are confirmed and delivered; unknown target names are refused.
+    func testHeldDeletionsAreListedAndCanBeRejected() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
+                onRemove: delete
+                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
+            """))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let data = dir.file("broker"), config = dir.file("broker.yaml")
+        func cli(_ args: [String]) -> (Int32, String) { (try? brokerCLI(args)) ?? (-1, "") }
+        var ids: [String] = []
+        for k in 0..<5 { ids.append(try newUser(dp, "leaver\(k)")) }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
+        for id in ids { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
+        XCTAssertTrue(eventually(seconds: 20) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
+        })
+        XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
+        let remaining = Set(users(appPort, token: "t", prefix: "/scim/v2").keys)
+
+        // held: one line per held removal, named although the directory no longer has the users.
+        XCTAssertTrue(eventually(seconds: 5) { cli(["targets", "held", "--data-dir", data, "app"]).1.contains("3 removals held") },
+                      cli(["targets", "held", "--data-dir", data, "app"]).1)
+        let held = cli(["targets", "held", "--config", config, "app"])
+        XCTAssertEqual(held.0, 0, held.1)
+        let lines = held.1.split(separator: "\n").filter { $0.hasPrefix("#") }
+        XCTAssertEqual(lines.count, 3, held.1)
+        for name in remaining { XCTAssertEqual(lines.filter { $0.contains("\tuserName \(name)\t") }.count, 1, held.1) }
+        XCTAssertTrue(lines.allSatisfy { $0.contains("remove User ") && $0.contains("\tdomain acme-de\t") }, held.1)
+        let docs = try cli(["targets", "held", "--data-dir", data, "app", "--json"]).1.split(separator: "\n")
+            .map { try JSONParser.parse(Array($0.utf8)) }
+        XCTAssertEqual(Set(docs.compactMap { $0["userName"]?.stringValue }), remaining)
+        let first = try XCTUnwrap(docs.first)
+        let rejectedName = try XCTUnwrap(first["userName"]?.stringValue)
+        let rejectedSeq = try XCTUnwrap(first["seq"]?.numberValue?.integer)
+        let rejectedID = try XCTUnwrap(first["id"]?.stringValue)
+        let rejectedTrace = try XCTUnwrap(first["trace"]?.stringValue)
+        XCTAssertFalse(rejectedTrace.isEmpty)
+        XCTAssertEqual(first["domain"]?.stringValue, "acme-de")
+
+        // trace of a held delete (by its trace id and by broker id) says it is held.
+        for id in [rejectedTrace, rejectedID] {
+            let trace = cli(["trace", "--data-dir", data, id])
+            XCTAssertEqual(trace.0, 0, trace.1)
+            XCTAssertTrue(trace.1.contains("held by the deletion guard of target app since "), trace.1)
+        }
+
+        // Unknown names and sequences are refused, changing nothing.
+        let unknown = cli(["targets", "confirm-deletes", "--data-dir", data, "nosuch"])
+        XCTAssertEqual(unknown.0, 1, unknown.1)
+        XCTAssertTrue(unknown.1.contains("no target named 'nosuch' (with stored state: app;"), unknown.1)
+        let unknownConfigured = cli(["targets", "confirm-deletes", "--config", config, "nosuch"])
+        XCTAssertEqual(unknownConfigured.0, 1, unknownConfigured.1)
+        XCTAssertTrue(unknownConfigured.1.contains("no target named 'nosuch' (configured: app)"), unknownConfigured.1)
+        for command in [["targets", "held"], ["targets", "reject-deletes"]] {
+            let r = cli(command + ["--data-dir", data, "nosuch"])
+            XCTAssertEqual(r.0, 1, "\(command): \(r.1)")
+            XCTAssertTrue(r.1.contains("no target named 'nosuch'"), r.1)
+        }
+        let notHeld = cli(["targets", "reject-deletes", "--data-dir", data, "app", "\(rejectedSeq)", "999999"])
+        XCTAssertEqual(notHeld.0, 1, notHeld.1)
+        XCTAssertTrue(notHeld.1.contains("#999999 is not held by the deletion guard"), notHeld.1)
+        XCTAssertEqual(cli(["targets", "held", "--data-dir", data, "app"]).1.split(separator: "\n").filter { $0.hasPrefix("#") }.count, 3)
+
+        // Reject one, then confirm at once (the worker may not have seen the rejection yet).
+        let reject = cli(["targets", "reject-deletes", "--data-dir", data, "app", "#\(rejectedSeq)"])
+        XCTAssertEqual(reject.0, 0, reject.1)
+        XCTAssertTrue(reject.1.contains("rejected #\(rejectedSeq)\tremove User \(rejectedID)\tuserName \(rejectedName)\t"), reject.1)
+        XCTAssertTrue(reject.1.contains("app: 1 held removal rejected; 2 still held"), reject.1)
+        let stillHeld = cli(["targets", "held", "--data-dir", data, "app"]).1
+        XCTAssertTrue(stillHeld.contains("2 removals held") && !stillHeld.contains("userName \(rejectedName)\t"), stillHeld)
+        let confirm = cli(["targets", "confirm-deletes", "--data-dir", data, "app"])
+        XCTAssertEqual(confirm.0, 0, confirm.1)
+        XCTAssertTrue(eventually(seconds: 10) { Set(self.users(appPort, token: "t", prefix: "/scim/v2").keys) == [rejectedName] },
+                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
+        XCTAssertTrue(eventually(seconds: 5) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
+        })
+        XCTAssertTrue(eventually(seconds: 15) {
+            let status = cli(["targets", "status", "--data-dir", data]).1
+            return status.contains("queued 0") && status.contains("deletes flowing") && status.contains("delivered 9")
+        }, cli(["targets", "status", "--data-dir", data]).1)
+        XCTAssertEqual(Set(users(appPort, token: "t", prefix: "/scim/v2").keys), [rejectedName], "the rejected delete was never sent")
+
+        let trace = cli(["trace", "--data-dir", data, rejectedTrace])
+        XCTAssertEqual(trace.0, 0, trace.1)
+        XCTAssertTrue(trace.1.contains("target app\tevent remove detail rejected by the operator: the deletion guard held it"), trace.1)
+        XCTAssertFalse(trace.1.contains("held by the deletion guard of target"), trace.1)
+        XCTAssertFalse(trace.1.contains("DELETE"), trace.1)
+        XCTAssertTrue(cli(["targets", "held", "--data-dir", data, "app"]).1.contains("holds nothing"))
+    }
+
+    /// Rejecting every held removal lifts the pause, and removals queued
+    /// after it are counted by the guard afresh.
+    func testRejectingAllHeldDeletionsResumesTheTarget() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
+                onRemove: delete
+                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
+            """))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let data = dir.file("broker")
+        func cli(_ args: [String]) -> (Int32, String) { (try? brokerCLI(args)) ?? (-1, "") }
+        func heldCount() -> Int { cli(["targets", "held", "--data-dir", data, "app"]).1.split(separator: "\n").filter { $0.hasPrefix("#") }.count }
+        var ids: [String] = []
+        for k in 0..<7 { ids.append(try newUser(dp, "user\(k)")) }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 })
+        for id in ids[0..<4] { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
+        XCTAssertTrue(eventually(seconds: 20) { heldCount() == 2 }, cli(["targets", "held", "--data-dir", data, "app"]).1)
+        XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 5)
+        let reject = cli(["targets", "reject-deletes", "--data-dir", data, "app"])
+        XCTAssertEqual(reject.0, 0, reject.1)
+        XCTAssertTrue(reject.1.contains("app: 2 held removals rejected; nothing held any more: removals resume"), reject.1)
+        XCTAssertTrue(eventually(seconds: 10) { cli(["targets", "status", "--data-dir", data]).1.contains("deletes flowing") })
+        // Counted afresh: two pass, the third is held again.
+        for id in ids[4..<7] { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
+        XCTAssertTrue(eventually(seconds: 20) { heldCount() == 1 }, cli(["targets", "held", "--data-dir", data, "app"]).1)
+        XCTAssertTrue(eventually(seconds: 10) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
+        let kept = Set(users(appPort, token: "t", prefix: "/scim/v2").keys)
+        XCTAssertEqual(kept.filter { ["user0", "user1", "user2", "user3"].contains($0) }.count, 2, "the rejected stay: \(kept)")
+        XCTAssertEqual(kept.filter { ["user4", "user5", "user6"].contains($0) }.count, 1, "one held again: \(kept)")
     }
 
     /// Reconciliation finds missing, drifted and stray accounts (and leaves

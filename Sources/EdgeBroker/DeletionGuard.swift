@@ -1,0 +1,188 @@
+import EdgeStore
+import SCIM
+
+/// A removal the deletion guard holds back: in a paused target's queue,
+/// queued after the last confirmation (`TargetWorker.removalAllowed` holds
+/// exactly these).
+public struct HeldRemoval: Sendable {
+    public var target: String
+    /// The queue sequence (`targets held` shows it as `#N`; `reject-deletes` takes it).
+    public var seq: UInt64
+    public var item: DeliveryItem
+    /// userName (users) or displayName (groups), from the broker's data: what
+    /// the removal kept, else the directory, else the body last sent to the
+    /// target. Nil when none of them knows.
+    public var name: String?
+    public var domain: String?
+    /// Unix ms: the later of its queueing and the guard's trip.
+    public var heldSince: Int64
+    let key: [UInt8]
+
+    public var nameAttribute: String { item.type == "User" ? "userName" : "displayName" }
+
+    public var json: JSON {
+        var o: JSONObject = [
+            "target": .string(target), "seq": .number(JSONNumber(integer: Int64(seq))), "id": .string(item.brokerID),
+            "type": .string(item.type), "op": .string(item.operation.rawValue), "trace": .string(item.trace),
+            "queuedAt": .number(JSONNumber(integer: item.queuedAt)), "heldSince": .number(JSONNumber(integer: heldSince)),
+        ]
+        if item.acceptedAt > 0 { o["acceptedAt"] = .number(JSONNumber(integer: item.acceptedAt)) }
+        o[nameAttribute] = name.map(JSON.string) ?? .null
+        o["domain"] = domain.map(JSON.string) ?? .null
+        return .object(o)
+    }
+}
+
+/// What `rejectHeldRemovals` did.
+public struct RejectedRemovals: Sendable {
+    public var rejected: [HeldRemoval] = []
+    /// Removals the guard still holds after the rejection.
+    public var stillHeld = 0
+    /// Nothing is held any more: the pause is lifted and the guard counts anew.
+    public var resumed = false
+}
+
+public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
+    /// `reject-deletes` named queue sequences the guard does not hold (nothing was changed).
+    case notHeld(target: String, seqs: [UInt64], held: [UInt64])
+
+    public var description: String {
+        switch self {
+        case .notHeld(let target, let seqs, let held):
+            let which = seqs.map { "#\($0)" }.joined(separator: ", ")
+            let now = held.isEmpty ? "the guard holds nothing for \(target)"
+                : "held for \(target): " + held.map { "#\($0)" }.joined(separator: ", ")
+            return "\(which) \(seqs.count == 1 ? "is" : "are") not held by the deletion guard (\(now)); nothing was rejected"
+        }
+    }
+}
+
+extension BrokerStore {
+    /// The removals the deletion guard holds for `target`, in queue order,
+    /// and since when the target is paused (nil: not paused, nothing held).
+    public func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+        try environment.read { txn in try heldRemovals(target: target, txn) }
+    }
+
+    func heldRemovals(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
+        -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+        let g = try deletionGuard(target: target, txn)
+        guard let pausedSince = g.pausedSince else { return (nil, []) }
+        var items: [([UInt8], DeliveryItem)] = []
+        try txn.scan(fanout, from: prefixed(target, []), to: prefixEnd(target)) { k, v in
+            // A removal queued up to the confirmation passes the guard (see `TargetWorker.removalAllowed`).
+            if let item = DeliveryItem(v), item.operation != .upsert, item.queuedAt > g.confirmedAt { items.append((k, item)) }
+            return true
+        }
+        var out: [HeldRemoval] = []
+        for (key, item) in items {
+            guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) else { continue }
+            var held = HeldRemoval(target: target, seq: seq, item: item, name: item.name, domain: item.domain,
+                                   heldSince: max(item.queuedAt, pausedSince), key: key)
+            if held.name == nil || held.domain == nil, let path = try txn.get(brokerIds, Array(item.brokerID.utf8)) {
+                // Out of the routes rather than deleted (or queued before removals kept the name): the directory knows.
+                if held.domain == nil { held.domain = String(decoding: path.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self) }
+                if held.name == nil, let bytes = try txn.get(resources, path) {
+                    held.name = try JSONParser.parse(bytes, limits: .stored)[held.nameAttribute]?.stringValue
+                }
+            }
+            if held.name == nil, let m = try txn.get(targetIds, prefixed(target, item.brokerID)).flatMap(TargetMapping.init) {
+                held.name = m.sent?[held.nameAttribute]?.stringValue
+            }
+            out.append(held)
+        }
+        return (pausedSince, out)
+    }
+
+    /// Held removals, of every paused target, of the broker id or trace id `idOrTrace` (for `trace`).
+    func heldRemovals(matching idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [HeldRemoval] {
+        var paused: [String] = []
+        try txn.scan(targetState, from: Array("guard/".utf8), to: Array("guard0".utf8)) { k, v in
+            if (try JSONParser.parse(v, limits: .stored))["pausedSince"]?.numberValue != nil {
+                paused.append(String(decoding: k.dropFirst(6), as: UTF8.self))
+            }
+            return true
+        }
+        var out: [HeldRemoval] = []
+        for target in paused {
+            out += try heldRemovals(target: target, txn).removals.filter { $0.item.brokerID == idOrTrace || $0.item.trace == idOrTrace }
+        }
+        return out
+    }
+
+    /// `scim-broker targets reject-deletes NAME [SEQ…]`: drops held removals
+    /// (`seqs` nil: all) from the target's queue, records a hop for each in
+    /// the trail, and lifts the pause when nothing stays held, all in one
+    /// transaction. Marks the guard (`rejectedAt`) so that a running worker
+    /// forgets the copies it loaded. Throws, changing nothing, when a given
+    /// sequence is not held.
+    public func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
+        try environment.write { txn in
+            let (pausedSince, held) = try heldRemovals(target: target, txn)
+            var result = RejectedRemovals()
+            if let seqs {
+                let unknown = Set(seqs).subtracting(held.map(\.seq)).sorted()
+                guard unknown.isEmpty else { throw DeletionGuardError.notHeld(target: target, seqs: unknown, held: held.map(\.seq)) }
+                result.rejected = held.filter { seqs.contains($0.seq) }
+            } else {
+                result.rejected = held
+            }
+            guard let pausedSince, !result.rejected.isEmpty else { return result }
+            let now = unixMicroseconds()
+            for (i, h) in result.rejected.enumerated() {
+                _ = try txn.delete(fanout, h.key)
+                var hop: JSONObject = ["hop": .string("target \(target)"), "event": .string(h.item.operation.rawValue),
+                                       "detail": "rejected by the operator: the deletion guard held it",
+                                       "applied": .number(JSONNumber(integer: h.item.queuedAt))]
+                if h.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: h.item.acceptedAt)) }
+                // One µs apart: two removals of one resource get a hop each (the time is in the key).
+                try recordHop(brokerID: h.item.brokerID, trace: h.item.trace, hop, txn, now: now + Int64(i))
+            }
+            result.stillHeld = held.count - result.rejected.count
+            result.resumed = result.stillHeld == 0
+            let g = try deletionGuard(target: target, txn)
+            // The confirmation time stays: rejecting confirms nothing. Removals
+            // queued from now on are counted by the guard afresh.
+            try setDeletionGuard(target: target, pausedSince: result.resumed ? nil : pausedSince, confirmedAt: g.confirmedAt,
+                                 rejectedAt: max(now / 1000, g.rejectedAt + 1), txn)
+            return result
+        }
+    }
+
+    /// Which of `keys` (a target's queue keys) are no longer queued.
+    func missingQueueKeys(_ keys: [[UInt8]]) throws -> Set<[UInt8]> {
+        try environment.read { txn in
+            var gone: Set<[UInt8]> = []
+            for k in keys where try txn.get(fanout, k) == nil { gone.insert(k) }
+            return gone
+        }
+    }
+
+    /// Targets the store holds anything for: a queue, account mappings, dead
+    /// letters, a status, a deletion guard or counters (sorted).
+    public func storedTargetNames() throws -> [String] {
+        try environment.read { txn in
+            var names: Set<String> = []
+            for db in [fanout, targetIds, targetDead] {
+                // One seek per target: the keys are `<target> 0x00 …`.
+                var from: [UInt8]? = nil
+                while true {
+                    var next: String?
+                    try txn.scan(db, from: from) { k, _ in
+                        next = String(decoding: k.prefix { $0 != 0 }, as: UTF8.self)
+                        return false
+                    }
+                    guard let name = next else { break }
+                    names.insert(name)
+                    from = prefixEnd(name)
+                }
+            }
+            try txn.scan(targetState) { k, _ in
+                let key = String(decoding: k, as: UTF8.self)
+                if let slash = key.firstIndex(of: "/") { names.insert(String(key[key.index(after: slash)...])) }
+                return true
+            }
+            return names.sorted()
+        }
+    }
+}
