@@ -200,6 +200,98 @@ final class IntegrityTests: FederationTestCase {
     }
 }
 
+extension IntegrityTests {
+    func agentMetrics(_ agent: ChildProcess) throws -> String {
+        let line = try XCTUnwrap(agent.waitForLine("operations at"))
+        let port = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
+        let c = try RawClient(port: port)
+        c.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return try XCTUnwrap(c.readResponses(1).first).body
+    }
+
+    // MARK: revocation, expiry, rotation
+
+    /// A certificate revoked while its agent is connected: reloading the CRL
+    /// (SIGHUP) closes the live connection at once, the reconnect is refused
+    /// and counted as revoked, the agent says the handshake failed (not that
+    /// the broker is unreachable), and nothing it writes afterwards is applied.
+    func testRevocationReloadedBySIGHUPCutsTheLiveConnection() throws {
+        let leaf = try authority.issue(CertificateRequest(commonName: "agent-de-2", uris: [deID]))
+        let cert = (dir.write("de2.crt", leaf.certificatePEM), dir.write("de2.key", leaf.privateKeyPEM))
+        let crlFile = dir.write("live.crl", try authority.revocationList(revoking: []))
+        let (broker, bp) = try startBroker(extra: ["--crl", crlFile])
+        let (agent, dp) = try startAgent("de", cert: cert, domain: "acme-de", brokerPort: bp, extra: ["--admin-listen", "127.0.0.1:0"])
+        for k in 0..<3 { XCTAssertEqual(try create(dp, "before-\(k)"), 201) }
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 3 })
+
+        _ = dir.write("live.crl", try authority.revocationList(revoking: [leaf.serial]))
+        broker.signal(SIGHUP)
+        XCTAssertTrue(eventually(seconds: 10) { broker.output.contains { $0.contains("closed an agent connection") && $0.contains("revoked") } },
+                      "\(broker.output.suffix(5))")
+        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("reloaded") && $0.contains("1 agent connection closed") } },
+                      "\(broker.output.suffix(5))")
+        XCTAssertEqual(try create(dp, "after"), 201)
+        XCTAssertTrue(eventually(seconds: 20) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="revoked"}"#) } ?? 0 >= 1
+        }, (try? brokerMetrics(broker)) ?? "")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metricValue(metrics, "scim_broker_certificate_closures_total"), 1, metrics)
+        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("TLS handshake with the broker failed") } }, "\(agent.output.suffix(3))")
+        XCTAssertFalse(agent.output.contains { $0.contains("broker unreachable") && $0.contains("revoked") }, "\(agent.output)")
+        XCTAssertGreaterThanOrEqual(metricValue(try agentMetrics(agent), "scim_edge_relay_tls_failures_total") ?? 0, 1)
+        XCTAssertEqual(applied()["acme-de/\(deID)"], 3, "nothing after the revocation")
+        XCTAssertEqual(try outboxEvents("de"), 1, "the agent keeps what it could not send")
+    }
+
+    /// A connection ends when the certificate that opened it expires.
+    func testAConnectionEndsWhenItsCertificateExpires() throws {
+        let leaf = try authority.issue(CertificateRequest(commonName: "agent-de-short", uris: [deID], notAfterOffset: 4))
+        let cert = (dir.write("short.crt", leaf.certificatePEM), dir.write("short.key", leaf.privateKeyPEM))
+        let (broker, bp) = try startBroker()
+        let (_, dp) = try startAgent("de", cert: cert, domain: "acme-de", brokerPort: bp)
+        XCTAssertEqual(try create(dp, "in-time"), 201)
+        XCTAssertTrue(eventually(seconds: 3) { self.applied()["acme-de/\(self.deID)"] == 1 }, "delivered while valid")
+        XCTAssertTrue(eventually(seconds: 15) {
+            broker.output.contains { $0.contains("closed an agent connection") && $0.contains("expired") }
+        }, "\(broker.output.suffix(5))")
+        XCTAssertEqual(try create(dp, "too-late"), 201)
+        XCTAssertTrue(eventually(seconds: 20) {
+            (try? self.brokerMetrics(broker)).flatMap { self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="expired"}"#) } ?? 0 >= 1
+        }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertEqual(applied()["acme-de/\(deID)"], 1)
+    }
+
+    /// The agent's SIGHUP re-reads its relay certificate: after a rotation the
+    /// broker sees the new certificate (its expiry on the broker's metrics)
+    /// without a restart, and both sides report certificate expiry times.
+    func testAgentSIGHUPRotatesTheRelayCertificate() throws {
+        let first = try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID], notAfterOffset: 10 * 86400))
+        let second = try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID], notAfterOffset: 20 * 86400))
+        let cert = (dir.write("rot.crt", first.certificatePEM), dir.write("rot.key", first.privateKeyPEM))
+        let (broker, bp) = try startBroker()
+        let (agent, dp) = try startAgent("de", cert: cert, domain: "acme-de", brokerPort: bp, extra: ["--admin-listen", "127.0.0.1:0"])
+        XCTAssertEqual(try create(dp, "one"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
+        let name = #"scim_broker_agent_certificate_expiry_timestamp_seconds{agent="acme-de/\#(deID)"}"#
+        let before = try XCTUnwrap(metricValue(try brokerMetrics(broker), name))
+        let own = try XCTUnwrap(metricValue(try agentMetrics(agent), "scim_edge_relay_certificate_expiry_timestamp_seconds"))
+        XCTAssertEqual(before, own, "both sides see the same certificate")
+        XCTAssertGreaterThan(metricValue(try agentMetrics(agent), "scim_edge_broker_certificate_expiry_timestamp_seconds") ?? 0, 0)
+        XCTAssertGreaterThan(metricValue(try brokerMetrics(broker), "scim_broker_certificate_expiry_timestamp_seconds") ?? 0, 0)
+
+        _ = dir.write("rot.crt", second.certificatePEM)
+        _ = dir.write("rot.key", second.privateKeyPEM)
+        agent.signal(SIGHUP)
+        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("reloaded") && $0.contains("relay certificate") } },
+                      "\(agent.output.suffix(3))")
+        XCTAssertEqual(try create(dp, "two"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 2 })
+        let after = try XCTUnwrap(metricValue(try brokerMetrics(broker), name))
+        XCTAssertEqual(after - before, 10 * 86400, accuracy: 5, "the broker saw the rotated certificate")
+        XCTAssertEqual(metricValue(try agentMetrics(agent), "scim_edge_relay_certificate_expiry_timestamp_seconds"), after)
+    }
+}
+
 /// A relay peer in the test process: applies batches as the broker does
 /// (per sequence, duplicates acknowledged, gaps answered 409), but can lie
 /// about its first acknowledgement or refuse every batch holding a marker.
