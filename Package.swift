@@ -1,7 +1,7 @@
 // swift-tools-version:6.2
 import PackageDescription
 
-// Warnings that hide data races in C callbacks are errors here (PLATFORM-NOTES.md).
+// Warnings that hide data races in C callbacks are errors here (docs/platform.md, "SwiftPM").
 let strict: [SwiftSetting] = [.treatWarning("ActorIsolatedCall", as: .error)]
 
 let package = Package(
