@@ -326,7 +326,10 @@ public final class Relay {
                                  metadata: ["reason": .string(reason)])
                     rewind(nil, retryAfter: 0)
                 } else {
-                    // Even the stand-in is refused: the batch, not the event, is at fault.
+                    // Even the stand-in is refused: the batch, not the event, is
+                    // at fault (the envelope, the broker). The original is tried
+                    // again after the backoff; nothing becomes a dead letter.
+                    standIns[batch.first] = nil
                     rewind("broker refused the batch: \(reason)", retryAfter: nil)
                 }
             default:

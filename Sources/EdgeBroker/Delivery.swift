@@ -197,6 +197,7 @@ public final class TargetWorker {
             credentialsPause?.probes = 0
             pump()
         }
+        if capabilities == nil { nextDiscovery = 0 }  // a discovery refused for its credentials, too
     }
 
     func stop() {

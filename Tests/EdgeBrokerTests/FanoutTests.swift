@@ -418,9 +418,9 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 2)
     }
 
-    /// More than maxDeletes removals within the window pause the target's
-    /// removals until `targets confirm-deletes`.
-    func testDeletionGuardHoldsMassDeletesUntilConfirmed() throws {
+    /// An agent target with `maxDeletes: 2` and five users, all deleted at
+    /// the source: two removals pass and the guard holds three.
+    func tripDeletionGuard() throws -> (broker: ChildProcess, appPort: Int, agentPort: Int, ids: [String]) {
         let (_, appPort) = try startAppAgent("app")
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
                 onRemove: delete
@@ -435,6 +435,13 @@ final class FanoutTests: FederationTestCase {
             (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
         })
         XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
+        return (broker, appPort, dp, ids)
+    }
+
+    /// More than maxDeletes removals within the window pause the target's
+    /// removals until `targets confirm-deletes`.
+    func testDeletionGuardHoldsMassDeletesUntilConfirmed() throws {
+        let (broker, appPort, _, _) = try tripDeletionGuard()
         Thread.sleep(forTimeInterval: 1.5)
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 3, "two deletes passed, three are held")
         XCTAssertTrue(eventually(seconds: 5) {
@@ -454,22 +461,9 @@ final class FanoutTests: FederationTestCase {
     /// (although the worker had it loaded) and its trail says so; the rest
     /// are confirmed and delivered; unknown target names are refused.
     func testHeldDeletionsAreListedAndCanBeRejected() throws {
-        let (_, appPort) = try startAppAgent("app")
-        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
-                onRemove: delete
-                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
-            """))
-        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (broker, appPort, _, _) = try tripDeletionGuard()
         let data = dir.file("broker"), config = dir.file("broker.yaml")
         func cli(_ args: [String]) -> (Int32, String) { (try? brokerCLI(args)) ?? (-1, "") }
-        var ids: [String] = []
-        for k in 0..<5 { ids.append(try newUser(dp, "leaver\(k)")) }
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
-        for id in ids { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
-        XCTAssertTrue(eventually(seconds: 20) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
-        })
-        XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
         let remaining = Set(users(appPort, token: "t", prefix: "/scim/v2").keys)
 
         // held: one line per held removal, named although the directory no longer has the users.

@@ -82,6 +82,7 @@ class FederationTestCase: XCTestCase {
         return (r.status, try? JSONParser.parse(r.body))
     }
 
+    /// `/metrics` of a broker or an agent process (from its "operations at" line).
     func brokerMetrics(_ broker: ChildProcess) throws -> String {
         let line = try XCTUnwrap(broker.waitForLine("operations at"))
         let port = Int(line.split(separator: ":").last!.split(separator: "/").first!)!

@@ -36,7 +36,8 @@ extension FanoutTests {
         XCTAssertTrue(eventually(seconds: 10) {
             ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("app\tcredentials-refused\tqueued 5")
         }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
-        XCTAssertTrue(broker.output.contains { $0.contains("refused the credentials") && $0.contains("\"level\":\"error\"") }, "\(broker.output)")
+        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("refused the credentials") && $0.contains("\"level\":\"error\"") } },
+                      "\(broker.output)")
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, "no change is blamed for the token")
         XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)
@@ -49,7 +50,7 @@ extension FanoutTests {
         XCTAssertTrue(eventually(seconds: 10) {
             (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 0
         })
-        XCTAssertTrue(broker.output.contains { $0.contains("accepts the credentials again") }, "\(broker.output)")
+        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("accepts the credentials again") } }, "\(broker.output)")
         XCTAssertEqual(try brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1, "")
     }
 
