@@ -59,19 +59,23 @@ public final class AttributeDefinition: Sendable {
 
     public func subAttribute(_ name: String) -> AttributeDefinition? { subAttributes.named(name) }
 
-    /// The representation used by `/Schemas` (RFC 7643 §7).
+    /// The representation used by `/Schemas` (RFC 7643 §7): every
+    /// characteristic the section lists, for every attribute (clients such
+    /// as Entra's and Okta's importers read them rather than assume the
+    /// defaults); `canonicalValues` where there are some, `referenceTypes`
+    /// for references, `subAttributes` for complex attributes. Generated
+    /// from the definitions the validator uses, so it cannot drift from it.
     public var json: JSON {
         var o: JSONObject = [
             "name": .string(name), "type": .string(type.rawValue), "multiValued": .bool(multiValued),
-            "description": .string(description), "required": .bool(required),
+            "description": .string(description), "required": .bool(required), "caseExact": .bool(caseExact),
         ]
-        if type == .string || type == .reference || type == .binary { o["caseExact"] = .bool(caseExact) }
         if !canonicalValues.isEmpty { o["canonicalValues"] = .array(canonicalValues.map(JSON.string)) }
         if type == .reference { o["referenceTypes"] = .array(referenceTypes.map(JSON.string)) }
         if type == .complex { o["subAttributes"] = .array(subAttributes.map(\.json)) }
         o["mutability"] = .string(mutability.rawValue)
         o["returned"] = .string(returned.rawValue)
-        if type != .complex && type != .boolean { o["uniqueness"] = .string(uniqueness.rawValue) }
+        o["uniqueness"] = .string(uniqueness.rawValue)
         return .object(o)
     }
 

@@ -471,6 +471,12 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(huge.status, 413, "HTTP-level limits answer with SCIM error bodies too")
         XCTAssertEqual(huge.body?["status"], "413")
         XCTAssertEqual(try agent.call("GET", "/ServiceProviderConfig").body?["patch"]?["supported"], true)
+        // /Schemas over the socket is the validator's own definitions, every characteristic included.
+        let served = try XCTUnwrap(try agent.call("GET", "/Schemas").body?["Resources"]?.arrayValue)
+        for schema in SchemaRegistry.standard.schemasDocument["Resources"]?.arrayValue ?? [] {
+            XCTAssertEqual(served.first { $0["id"] == schema["id"] }?["attributes"], schema["attributes"], "\(schema["id"] ?? .null)")
+        }
+        XCTAssertEqual(served.count, 3)
         XCTAssertEqual(agent.stop(), 0)
         XCTAssertEqual(try agent.openStore().outboxCount(), 0, "nothing was written by refused requests")
     }

@@ -229,4 +229,45 @@ final class ValidationTests: XCTestCase {
                        #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"400","scimType":"invalidValue","detail":"attribute 'userName' is required"}"#)
         XCTAssertEqual(SCIMError.notFound("no").json["scimType"], nil)
     }
+
+    /// `/Schemas` describes every attribute, sub-attributes included, with
+    /// every characteristic of RFC 7643 §7, and reads back into the same
+    /// definitions the validator uses.
+    func testSchemasDescribeEveryAttributeWithEveryCharacteristic() throws {
+        let types = ["string", "boolean", "decimal", "integer", "dateTime", "reference", "complex", "binary"]
+        var walked = 0
+        func walk(_ attribute: JSON, _ path: String) {
+            walked += 1
+            for key in ["name", "type", "multiValued", "description", "required", "caseExact", "mutability", "returned", "uniqueness"] {
+                XCTAssertNotNil(attribute[key], "\(path) has no \(key)")
+            }
+            let type = attribute["type"]?.stringValue ?? ""
+            XCTAssertTrue(types.contains(type), "\(path): type \(type)")
+            XCTAssertNotNil(attribute["multiValued"]?.boolValue, path)
+            XCTAssertNotNil(attribute["required"]?.boolValue, path)
+            XCTAssertNotNil(attribute["caseExact"]?.boolValue, path)
+            XCTAssertTrue(["readOnly", "readWrite", "immutable", "writeOnly"].contains(attribute["mutability"]?.stringValue ?? ""), path)
+            XCTAssertTrue(["always", "never", "default", "request"].contains(attribute["returned"]?.stringValue ?? ""), path)
+            XCTAssertTrue(["none", "server", "global"].contains(attribute["uniqueness"]?.stringValue ?? ""), path)
+            XCTAssertEqual(attribute["referenceTypes"] != nil, type == "reference", "\(path): referenceTypes where they apply")
+            if type == "reference" { XCTAssertFalse(attribute["referenceTypes"]?.arrayValue?.isEmpty ?? true, path) }
+            XCTAssertEqual(attribute["subAttributes"] != nil, type == "complex", path)
+            for sub in attribute["subAttributes"]?.arrayValue ?? [] { walk(sub, path + "." + (sub["name"]?.stringValue ?? "?")) }
+        }
+        let document = registry.schemasDocument
+        let resources = try XCTUnwrap(document["Resources"]?.arrayValue)
+        XCTAssertEqual(resources.count, 3)
+        for schema in resources {
+            let id = try XCTUnwrap(schema["id"]?.stringValue)
+            for a in schema["attributes"]?.arrayValue ?? [] { walk(a, id + ":" + (a["name"]?.stringValue ?? "?")) }
+            // The document is the definitions: parsed back, it serialises the same.
+            XCTAssertEqual(try Schema(json: schema).json["attributes"], schema["attributes"], id)
+        }
+        XCTAssertGreaterThan(walked, 60, "users, groups and the enterprise extension, sub-attributes included")
+        let members = resources.first { $0["id"] == .string(SchemaURN.group) }?["attributes"]?.arrayValue?.first { $0["name"] == "members" }
+        XCTAssertEqual(members?["subAttributes"]?.arrayValue?.first { $0["name"] == "type" }?["canonicalValues"], ["User", "Group"])
+        let active = resources.first { $0["id"] == .string(SchemaURN.user) }?["attributes"]?.arrayValue?.first { $0["name"] == "active" }
+        XCTAssertEqual(active?["uniqueness"], "none", "booleans carry uniqueness too")
+        XCTAssertEqual(active?["caseExact"], false)
+    }
 }
