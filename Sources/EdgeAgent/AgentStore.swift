@@ -30,7 +30,7 @@ public final class AgentStore: Sendable {
     let meta: Database
     let propagated: Database
     let deadLetters: Database
-    /// What may leave the boundary (invariant 4), applied before the outbox.
+    /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
     /// by id down the general path: those the default projection drops

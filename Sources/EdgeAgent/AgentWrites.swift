@@ -255,7 +255,7 @@ extension AgentStore {
         }
     }
 
-    /// The relay event (ARCHITECTURE.md, relay protocol v1): full state, so
+    /// The relay event (docs/protocol.md, relay protocol v1): full state, so
     /// applying it twice is harmless.
     func appendEvent(_ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
                      _ txn: borrowing WriteTransaction) throws {

@@ -2,7 +2,7 @@ import EdgeConfig
 import EdgeTLS
 import SCIM
 
-/// What may leave the compliance boundary, decided inside it (invariant 4).
+/// What may leave the compliance boundary, decided inside it (invariant 5).
 public enum AttributeRule: String, Sendable, CaseIterable {
     case propagate
     /// Never leaves: removed from every event.

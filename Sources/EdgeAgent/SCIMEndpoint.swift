@@ -29,7 +29,7 @@ public struct EndpointOptions: Sendable {
     public var outboxLowBytes = 800 << 20
     public var retryAfterSeconds = 5
     /// Writes waiting for group commit; past this, writes get 503 at once
-    /// (a bounded queue: invariant 3).
+    /// (a bounded queue: invariant 4).
     public var maxQueuedWrites = 10_000
     public init() {}
 }

@@ -423,7 +423,7 @@ public final class BrokerService {
             }
             epoch = text
         }
-        // Invariant 5: the domain is the certificate's; a batch claiming another is refused.
+        // Invariant 6: the domain is the certificate's; a batch claiming another is refused.
         guard body["domain"]?.stringValue == bound.domain else {
             statistics.domainMismatches += 1
             logger.warning("refused: batch claims another domain",

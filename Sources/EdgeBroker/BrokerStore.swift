@@ -12,10 +12,10 @@ import SCIM
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
 ///
 /// The agent is named by its certificate identity, never by the batch
-/// (invariant 5): one agent cannot advance another's sequence. Each agent
+/// (invariant 6): one agent cannot advance another's sequence. Each agent
 /// store has an epoch of its own, so a re-imaged agent, or a second one
 /// with the same certificate, gets a sequence of its own that starts at 1
-/// (invariant 6: a new store never makes changes vanish as "duplicates").
+/// (invariant 3: a new store never makes changes vanish as "duplicates").
 public final class BrokerStore: Sendable {
     public let environment: Environment
     let agents: Database

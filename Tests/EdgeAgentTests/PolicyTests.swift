@@ -11,7 +11,7 @@ import XCTest
 let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 let pseudonymKey = Array("0123456789abcdef0123456789abcdef".utf8)
 
-/// Invariant 4: data marked local never leaves its boundary.
+/// Invariant 5: data marked local never leaves its boundary.
 final class PolicyTests: XCTestCase {
     func policy(_ attributes: [(String, AttributeRule)] = [], types: [String: Bool] = [:],
                 scopes: [String: String] = [:]) throws -> LocalPolicy {
