@@ -442,7 +442,11 @@ final class FanoutTests: FederationTestCase {
     /// removals until `targets confirm-deletes`.
     func testDeletionGuardHoldsMassDeletesUntilConfirmed() throws {
         let (broker, appPort, _, _) = try tripDeletionGuard()
-        Thread.sleep(forTimeInterval: 1.5)
+        // The positive signal first: three removals are listed as held, so none of them can pass any more.
+        XCTAssertTrue(eventually(seconds: 10) {
+            ((try? self.brokerCLI(["targets", "held", "--data-dir", self.dir.file("broker"), "app"]).1) ?? "")
+                .split(separator: "\n").filter { $0.hasPrefix("#") }.count == 3
+        })
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 3, "two deletes passed, three are held")
         XCTAssertTrue(eventually(seconds: 5) {
             ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("deletes PAUSED")

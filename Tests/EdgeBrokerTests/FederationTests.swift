@@ -90,7 +90,12 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try create(lp, "impostor"), 201)
         XCTAssertTrue(eventually(seconds: 10) { broker.output.contains { $0.contains("batch claims another domain") } },
                       "the broker logs the refused batch: \(broker.output)")
-        sleep(1)
+        // Both were refused at least once (the rogue at the handshake), so nothing can have been applied since.
+        XCTAssertTrue(eventually(seconds: 10) {
+            guard let m = try? self.brokerMetrics(broker) else { return false }
+            return m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} "#)
+                && !m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} 0"#)
+        }, (try? brokerMetrics(broker)) ?? "")
         XCTAssertEqual(applied(), [:], "nothing was applied for either")
         XCTAssertEqual(try outboxEvents("rogue"), 1, "refused events stay in the outbox")
         XCTAssertEqual(try outboxEvents("liar"), 1)
