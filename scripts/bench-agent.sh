@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The agent's SCIM endpoint under load (issue #4): POST /Users with durable
+# The agent's SCIM endpoint under load: POST /Users with durable
 # commit, GET by id, and filter=userName eq over a store of USERS users,
 # 16 keep-alive connections on loopback, with nginx (a static response of
 # the same size) and the reference scim2-server (PyPI) measured in the same

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Backpressure over time (issue #7): an IdP sends user creates at RATE/s to an
+# Backpressure over time: an IdP sends user creates at RATE/s to an
 # agent (open loop, `scim-edge bench`) while the broker is stopped at STOP_AT s
 # and restarted at START_AT s. The agent's outbox fills to its watermark
 # (OUTBOX events), the IdP then gets 503 + Retry-After, and everything drains

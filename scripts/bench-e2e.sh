@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End to end (issue #5): IdP requests → agent (durable) → relay over mutual
+# End to end: IdP requests → agent (durable) → relay over mutual
 # TLS → broker (durable). POSTs paced at 1,000 and 5,000 changes/s, then
 # unpaced (peak), DURATION s each, with `scim-edge bench` (open loop); after each phase, the broker's propagation
 # quantiles (agent acceptance → broker commit, last 10 s) from its /metrics.

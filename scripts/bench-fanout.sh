@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fan-out end to end (issue #6): IdP POSTs → agent (durable) → relay over
+# Fan-out end to end: IdP POSTs → agent (durable) → relay over
 # mutual TLS → broker (durable apply + queue) → target (a standalone
 # scim-edge agent, over SCIM). POSTs paced at RATE changes/s for DURATION s (`scim-edge bench`, open loop);
 # propagation quantiles (agent acceptance → the target's 2xx, last 10 s) from

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Relay throughput (issue #5): EVENTS create events wait in an agent's outbox
+# Relay throughput: EVENTS create events wait in an agent's outbox
 # while the broker is down; the broker starts; the time until it applied
 # them all gives the drain rate (agent → broker over mutual TLS, exactly once,
 # durable at both ends). Writes docs/bench-relay.md (OUT) and prints it.

@@ -53,11 +53,11 @@ Every ratio compares figures measured in the same run.
 
 ## Summary
 
-| goal (issue #2) | measured | ratio | target |
+| goal | measured | ratio | target |
 |---|---|---:|---|
 | group commit vs one commit per write, 16 writers, durable 1 KiB writes | {s:.0f} µs vs {g:.0f} µs per write (p50) | **{s/g:.1f}×** | ≥ 10× |
 | EdgeHTTP vs nginx, HTTP/1.1 keep-alive over TLS 1.3, wrk | see below | see below | ≥ 0.50 |
-| SCIM (issue #3): parse + validate + serialize a 1 KiB User, one core | {pvs:.1f} µs (p50) | | < 10 µs |
+| SCIM core: parse + validate + serialize a 1 KiB User, one core | {pvs:.1f} µs (p50) | | < 10 µs |
 
 The group-commit ratio is bounded by the disk: a durable commit of 16 such writes
 costs more than a commit of one (more pages to sync). Without any thread hand-off,
@@ -65,17 +65,17 @@ back-to-back durable commits on one thread reach {w(ceiling)} writes/s in batche
 and {w(single)} writes/s one by one (`edge-fixture lmdb-ceiling`), a ceiling of
 {w(ceiling)/w(single):.1f}× for 16 writers on this machine.
 
-## The agent's SCIM endpoint (issue #4): scim-edge vs nginx vs scim2-server
+## The agent's SCIM endpoint: scim-edge vs nginx vs scim2-server
 
 {agent}
-## Relay agent → broker (issue #5)
+## Relay agent → broker
 
 {relay}
 {e2e}
-## Fan-out to downstream apps (issue #6)
+## Fan-out to downstream apps
 
 {fanout}
-## Backpressure (issue #7)
+## Backpressure
 
 {backpressure}
 ## HTTP: EdgeHTTP vs nginx (same machine, same client, same certificate)

@@ -459,7 +459,7 @@ final class FanoutTests: FederationTestCase {
         })
     }
 
-    /// Issue 14 point 7: the removals the guard holds are listed with their
+    /// The removals the guard holds are listed with their
     /// userNames (the users are gone from the directory); `trace` says a
     /// held delete is held; one rejected removal never reaches the target
     /// (although the worker had it loaded) and its trail says so; the rest
