@@ -235,6 +235,14 @@ func patchOperations(from old: JSONObject, to new: JSONObject) -> [JSON] {
             continue
         }
         ops.append(["op": "replace", "path": .string(key), "value": value])
+        if let b = before?.objectValue, let a = value.objectValue {
+            // A replace of a complex attribute (or an extension) leaves the
+            // sub-attributes it does not name as they were (RFC 7644
+            // §3.5.2.3): the ones dropped are removed.
+            for (sub, _) in b where a[sub] == nil {
+                ops.append(["op": "remove", "path": .string(key.hasPrefix("urn:") ? "\(key):\(sub)" : "\(key).\(sub)")])
+            }
+        }
     }
     for (key, _) in old where key != "schemas" && new[key] == nil {
         ops.append(["op": "remove", "path": .string(key)])
