@@ -97,8 +97,17 @@ extension FanoutTests {
     /// The collision settings are checked where they are written.
     func testCollisionSettingsAreValidated() throws {
         for (yaml, fragment) in [
-            ("    collisions: merge", "'collisions' must be refuse or namespace"),
-            ("    collisions: link", "not available yet"),
+            ("    collisions: merge", "'collisions' must be refuse, namespace or link"),
+            ("    collisions: link", "needs 'link: {attribute"),
+            ("    collisions: link\n    link: {sourceOfRecord: [acme-de]}", "'link.attribute'"),
+            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: []}", "must list at least one domain"),
+            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-fr]}", "'acme-fr', which is not one of the broker's domains"),
+            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-de, acme-de]}", "names 'acme-de' twice"),
+            ("    collisions: link\n    link: {attribute: emails, sourceOfRecord: [acme-de]}", "is multi-valued: pick one element"),
+            ("    collisions: link\n    link: {attribute: badgeNumber, sourceOfRecord: [acme-de]}", "no such User attribute"),
+            ("    collisions: link\n    link: {attribute: 'emails[value eq \"x\"].value', sourceOfRecord: [acme-de]}", "only value filter allowed"),
+            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-de], order: x}", "unknown key 'targets[].link.order'"),
+            ("    link: {attribute: employeeNumber, sourceOfRecord: [acme-de]}", "only with 'collisions: link'"),
             ("    collisions: namespace\n    namespace: {userName: \"{userName}\"}", "must hold {userName} and {domain}"),
             ("    namespace: {userName: \"{userName}@{domain}\"}", "only with 'collisions: namespace'"),
         ] {
@@ -114,6 +123,21 @@ extension FanoutTests {
             let (status, out) = try brokerCLI(["check-config", file])
             XCTAssertEqual(status, 1, out)
             XCTAssertTrue(out.contains(fragment), "'\(fragment)' not in \(out)")
+            XCTAssertTrue(out.contains("bad.yaml:"), "the error names its line: \(out)")
         }
+        // The attribute forms a link accepts, and the value each reads (trimmed, any case).
+        let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+        let user = try XCTUnwrap(JSONParser.parse(Array(#"""
+            {"userName": "Bob", "\#(enterprise)": {"employeeNumber": " E-42 "},
+             "emails": [{"value": "bob@home.example", "type": "home"}, {"value": "Bob@Work.example", "type": "work"}]}
+            """#.utf8)).objectValue)
+        for (attribute, value) in [("employeeNumber", "e-42"), ("\(enterprise):employeeNumber", "e-42"),
+                                   (#"emails[type eq "work"].value"#, "bob@work.example"), (#"emails[type eq "other"].value"#, nil),
+                                   ("userName", "bob"), ("nickName", nil)] {
+            XCTAssertEqual(try LinkPolicy(attribute: attribute, sourceOfRecord: ["acme-de"]).value(of: user), value, attribute)
+        }
+        XCTAssertNil(try LinkPolicy(attribute: "employeeNumber", sourceOfRecord: ["acme-de"]).value(of: ["\(enterprise)": ["employeeNumber": "  "]]),
+                     "nothing links on an empty value")
     }
+
 }
