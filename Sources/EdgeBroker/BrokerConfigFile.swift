@@ -53,7 +53,7 @@ extension BrokerConfiguration {
         if let node = top.node("targets") {
             guard case .sequence(let items, _) = node else { throw ConfigError("'targets' must be a list", at: node.mark) }
             for item in items {
-                let t = try decodeTarget(item)
+                let t = try decodeTarget(item, domains: config.domains.map(\.domain))
                 if config.targets.contains(where: { $0.name == t.name }) {
                     throw ConfigError("target '\(t.name)' is defined twice", at: item.mark)
                 }
@@ -65,7 +65,8 @@ extension BrokerConfiguration {
     }
 
     /// One entry of `targets:` (see `packaging/broker.example.yaml`).
-    static func decodeTarget(_ node: YAMLNode) throws(ConfigError) -> TargetConfiguration {
+    /// `domains`: the broker's domains, for the link's source-of-record order.
+    static func decodeTarget(_ node: YAMLNode, domains: [String] = []) throws(ConfigError) -> TargetConfiguration {
         var m = try YAMLMapping(node, path: "targets[]")
         guard let name = try m.string("name"), let url = try m.string("url") else {
             throw ConfigError("a target needs 'name' and 'url'", at: node.mark)
@@ -125,14 +126,36 @@ extension BrokerConfiguration {
                 }
                 t.collisions = .namespace(userName: userName, displayName: displayName)
             case "link":
-                throw ConfigError("'collisions: link' (one account for the same person in two domains) is not available yet; use refuse or namespace",
-                                  at: m.node("collisions")?.mark)
+                guard var l = try m.mapping("link") else {
+                    throw ConfigError("'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'", at: m.node("collisions")?.mark)
+                }
+                guard let attribute = try l.string("attribute") else {
+                    throw ConfigError("'link.attribute' (the attribute that says two users are one person) is required", at: l.mark)
+                }
+                guard let order = try l.strings("sourceOfRecord"), !order.isEmpty else {
+                    throw ConfigError("'link.sourceOfRecord' (domains, the first one's data wins) must list at least one domain",
+                                      at: l.node("sourceOfRecord")?.mark ?? l.mark)
+                }
+                if let unknown = order.first(where: { d in !domains.isEmpty && !domains.contains(d) }) {
+                    throw ConfigError("'link.sourceOfRecord' names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))",
+                                      at: l.node("sourceOfRecord")?.mark)
+                }
+                if let twice = order.enumerated().first(where: { order[..<$0.offset].contains($0.element) })?.element {
+                    throw ConfigError("'link.sourceOfRecord' names '\(twice)' twice", at: l.node("sourceOfRecord")?.mark)
+                }
+                do throws(SCIMError) { t.collisions = .link(try LinkPolicy(attribute: attribute, sourceOfRecord: order)) } catch {
+                    throw ConfigError(error.detail, at: l.node("attribute")?.mark)
+                }
+                try l.finish()
             default:
-                throw ConfigError("'collisions' must be refuse or namespace", at: m.node("collisions")?.mark)
+                throw ConfigError("'collisions' must be refuse, namespace or link", at: m.node("collisions")?.mark)
             }
         }
-        if m.node("namespace") != nil, case .refuse = t.collisions {
+        if m.node("namespace") != nil, t.collisions == .refuse || t.collisions.linkPolicy != nil {
             throw ConfigError("'namespace' applies only with 'collisions: namespace'", at: m.node("namespace")?.mark)
+        }
+        if m.node("link") != nil, t.collisions.linkPolicy == nil {
+            throw ConfigError("'link' applies only with 'collisions: link'", at: m.node("link")?.mark)
         }
         if let n = try m.int("breakerThreshold") { t.breakerThreshold = max(1, n) }
         if let n = try m.int("timeoutMs") { t.requestTimeoutMilliseconds = UInt64(max(100, n)) }

@@ -117,6 +117,10 @@ public final class BrokerService {
         self.configuration = configuration
         store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
         writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
+        for t in configuration.targets where try store.rebuildLinkIndexIfNeeded(t) {
+            logger.notice("link index built from the directory (collisions: link is new or changed): run `scim-broker targets reconcile --apply \(t.name)` to merge accounts of users now linked",
+                          metadata: ["target": .string(t.name), "linkedAccounts": .stringConvertible((try? store.linkedAccounts(target: t.name)) ?? 0)])
+        }
         for t in configuration.targets {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }
@@ -267,6 +271,8 @@ public final class BrokerService {
                   "Changes refused (dead letters) because the account at the target belongs to another resource.") {
             String($0.statistics.collisions)
         }
+        perTarget("scim_broker_target_linked_accounts", "gauge",
+                  "Accounts two users or more of different domains share (collisions: link; read every second).") { String($0.linkedAccounts) }
         perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
         perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
         perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }

@@ -28,6 +28,7 @@ public final class BrokerStore: Sendable {
     let traces: Database
     let targetState: Database
     let targetOwners: Database
+    let targetLinks: Database
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
 
@@ -45,6 +46,7 @@ public final class BrokerStore: Sendable {
         traces = try environment.openDatabase("traces")
         targetState = try environment.openDatabase("targetState")
         targetOwners = try environment.openDatabase("targetOwners")
+        targetLinks = try environment.openDatabase("targetLinks")
         self.targets = targets
     }
 

@@ -82,7 +82,12 @@ public final class TargetWorker {
     private var pending: [Pending] = []
     private var lastLoaded: [UInt8]?
     private var recoveredThrough: [UInt8]?
+    /// Serial keys of the deliveries under way: broker ids, and the link
+    /// values of linked accounts (`DeliveryItem.serialKeys`).
     private var inFlight: Set<String> = []
+    private var inFlightCount = 0
+    /// Accounts two users or more share (`collisions: link`), from the store.
+    public private(set) var linkedAccounts = 0
     /// Adaptive concurrency (AIMD), between 1 and `target.concurrency`.
     public private(set) var limit: Double
     private var tokens: Double
@@ -242,6 +247,7 @@ public final class TargetWorker {
             guardConfirmedAt = g.confirmedAt
             guardRejectedAt = g.rejectedAt
         }
+        if target.collisions.linkPolicy != nil, let n = try? store.linkedAccounts(target: target.name) { linkedAccounts = n }
         load()
         var snapshot = statusDocument()
         snapshot["updatedAt"] = nil
@@ -261,11 +267,12 @@ public final class TargetWorker {
                                 : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
             "breaker": .string(breakerState.rawValue),
             "queued": .int(depth), "oldestQueuedAt": .number(JSONNumber(integer: oldestQueuedAt)),
-            "inFlight": .int(inFlight.count), "concurrency": .int(Int(limit)),
+            "inFlight": .int(inFlightCount), "concurrency": .int(Int(limit)),
             "delivered": .int(statistics.delivered), "deadLettered": .int(statistics.deadLettered),
             "retries": .int(statistics.retries), "throttled": .int(statistics.throttled), "adopted": .int(statistics.adopted),
             "deletesPaused": .bool(guardPausedSince != nil), "updatedAt": .number(JSONNumber(integer: unixMilliseconds())),
         ]
+        if target.collisions.linkPolicy != nil { o["linked"] = .int(linkedAccounts) }
         if let c = capabilities {
             o["capabilities"] = ["patch": .bool(c.patch), "bulk": .bool(c.bulk), "filter": .bool(c.filter), "etag": .bool(c.etag)]
         }
@@ -360,12 +367,15 @@ public final class TargetWorker {
         }
         var blocked: Set<String> = []
         var i = 0
-        while i < pending.count, inFlight.count < allowed {
+        while i < pending.count, inFlightCount < allowed {
             let p = pending[i]
-            let id = p.item.brokerID
+            let serial = p.item.serialKeys
             defer { i += 1 }
-            if p.dispatched || inFlight.contains(id) || blocked.contains(id) { blocked.insert(id); continue }
-            blocked.insert(id)  // later items of this resource wait for this one
+            if p.dispatched || serial.contains(where: { inFlight.contains($0) || blocked.contains($0) }) {
+                blocked.formUnion(serial)
+                continue
+            }
+            blocked.formUnion(serial)  // later items of this resource (and of its linked account) wait for this one
             if p.notBefore > now { continue }
             if p.item.operation != .upsert && !removalAllowed(p.item, now) { continue }
             guard tokens >= 1 else { break }
@@ -420,10 +430,17 @@ public final class TargetWorker {
             pending[j].dispatched = true
             keys.append(pending[j].key)
         }
-        inFlight.insert(id)
+        inFlight.formUnion(first.item.serialKeys)
+        inFlightCount += 1
         var delivery = Delivery(item: first.item, keys: keys, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
         do {
-            delivery.mapping = try store.mapping(target: target.name, brokerID: id)
+            if let account = first.item.account {
+                // A stray named by its account: deactivated, and no mapping recorded.
+                delivery.mapping = TargetMapping(targetID: account, etag: nil, sent: nil)
+                delivery.recordsMapping = false
+            } else {
+                delivery.mapping = try store.mapping(target: target.name, brokerID: id)
+            }
         } catch {
             finish(delivery, .storeError("cannot read the mapping: \(error)"))
             return
@@ -444,6 +461,14 @@ public final class TargetWorker {
         var mapping: TargetMapping?
         var adopted = false
         var redirected = 0
+        /// `collisions: link`: the value and the users that share the account
+        /// (each gets its mapping on success).
+        var linkValue: String?
+        var linked: [String] = []
+        /// The user left an account it shared: that account is the others'
+        /// and may neither be adopted nor looked up as this user's.
+        var leftLink = false
+        var recordsMapping = true
     }
 
     enum Outcome {
@@ -478,6 +503,10 @@ public final class TargetWorker {
             finish(d, .done(mapping: .none, method: nil, status: nil))
             return
         }
+        if type == "User", let link = target.collisions.linkPolicy {
+            linkedUpsert(d, link, LinkedResource(brokerID: d.item.brokerID, domain: domain, resource: resource))
+            return
+        }
         var body = targetBody(resource, type: type, brokerID: d.item.brokerID, target: target)
         if type == "Group", let members = body["members"]?.arrayValue {
             var mapped: [JSON] = []
@@ -508,10 +537,15 @@ public final class TargetWorker {
             }
             body["members"] = .array(mapped)
         }
+        deliver(d, type: type, body: body, externalID: d.item.brokerID)
+    }
+
+    /// Sends `body` to the account the mapping names, or creates it.
+    private func deliver(_ d: Delivery, type: String, body: JSONObject, externalID: String) {
         guard let mapping = d.mapping else {
-            if (d.recovered || d.attempts > 0), capabilities?.filter == true {
+            if (d.recovered || d.attempts > 0), capabilities?.filter == true, !d.leftLink {
                 // A POST may have succeeded without its answer being recorded: look first.
-                lookup(d, type: type, attribute: "externalId", value: d.item.brokerID) { [weak self] found in
+                lookup(d, type: type, attribute: "externalId", value: externalID) { [weak self] found in
                     guard let self else { return }
                     if let found { adopt(d, found.id, body: body) } else { create(d, type: type, body: body) }
                 }
@@ -521,6 +555,63 @@ public final class TargetWorker {
             return
         }
         update(d, type: type, mapping: mapping, body: body)
+    }
+
+    /// The users linked under `value` as they are now: those that still
+    /// exist, are routed here and have that value (the index is kept in the
+    /// apply; an entry that no longer fits is a user that changed since,
+    /// whose own queued change re-sends what it must).
+    private func linkedResources(_ link: LinkPolicy, value: String) throws -> [LinkedResource] {
+        var out: [LinkedResource] = []
+        for id in try store.linkMembers(target: target.name, value: value) {
+            guard let (domain, type, resource) = try store.resource(brokerID: id), type == "User",
+                  target.routes(domain: domain, type: type, resource), link.value(of: resource) == value else { continue }
+            out.append(LinkedResource(brokerID: id, domain: domain, resource: resource))
+        }
+        return out
+    }
+
+    /// `collisions: link`: a user's change re-sends the merged state of
+    /// every user linked to it, to their one account.
+    private func linkedUpsert(_ given: Delivery, _ link: LinkPolicy, _ me: LinkedResource) {
+        var d = given
+        let value = link.value(of: me.resource)
+        do {
+            if let shared = d.mapping?.link, shared != value,
+               try linkedResources(link, value: shared).contains(where: { $0.brokerID != me.brokerID }) {
+                // It left an account others still share: that one stays theirs
+                // (their merged state is queued); this user needs one of its own.
+                d.mapping = nil
+                d.leftLink = true
+            }
+            guard let value else {
+                // Nothing to link by: the user's own account, as under refuse.
+                deliver(d, type: "User", body: targetBody(me.resource, type: "User", brokerID: me.brokerID, target: target),
+                        externalID: me.brokerID)
+                return
+            }
+            var members = try linkedResources(link, value: value)
+            if !members.contains(where: { $0.brokerID == me.brokerID }) { members.append(me) }
+            guard let (anchor, body) = linkedTargetBody(members, link: link, target: target) else { return }
+            // The account: that of the first user, in source-of-record order, that has one.
+            var chosen: TargetMapping?
+            for m in link.ordered(members) {
+                let mapping = m.brokerID == me.brokerID ? d.mapping : try store.mapping(target: target.name, brokerID: m.brokerID)
+                if let mapping { chosen = mapping; break }
+            }
+            if let mine = d.mapping, let chosen, mine.targetID != chosen.targetID {
+                logger.warning("a linked user had an account of its own: its data now goes to the linked account; the other one is left as it is",
+                               metadata: ["brokerId": .string(me.brokerID), "targetId": .string(mine.targetID), "linkedTo": .string(chosen.targetID)])
+            }
+            // Its own mapping of that account may say more (none of the body
+            // sent: reconciliation found drift, and a full PUT is due).
+            d.mapping = d.mapping.flatMap { $0.targetID == chosen?.targetID ? $0 : nil } ?? chosen
+            d.linkValue = value
+            d.linked = members.map(\.brokerID)
+            deliver(d, type: "User", body: body, externalID: anchor)
+        } catch {
+            finish(d, .storeError("cannot read the linked users: \(error)"))
+        }
     }
 
     private func create(_ d: Delivery, type: String, body: JSONObject) {
@@ -550,7 +641,8 @@ public final class TargetWorker {
                     switch owner(of: found, type: type) {
                     case .failure(let e):
                         finish(d, .retry("cannot tell whose account \(found.id) is: \(e)"))
-                    case .success(let other?) where other != d.item.brokerID:
+                    case .success(let other?) where (other != d.item.brokerID || d.leftLink) && !d.linked.contains(other):
+                        // Linked users share one account; one that left its link adopts nothing of the others'.
                         finish(d, collision(d, attribute: attribute, value: value, targetID: found.id, other: other, path: path, bytes))
                     case .success:
                         adopt(d, found.id, body: body)
@@ -656,6 +748,19 @@ public final class TargetWorker {
         guard let mapping = d.mapping else {
             finish(d, .done(mapping: .none, method: nil, status: nil))  // never reached the target
             return
+        }
+        if d.item.type == "User", let link = target.collisions.linkPolicy, let shared = mapping.link {
+            // A linked account is removed only when every user sharing it is gone.
+            do {
+                if try linkedResources(link, value: shared).contains(where: { $0.brokerID != d.item.brokerID }) {
+                    // The others' merged state is queued (by the apply); only this user's mapping goes.
+                    finish(d, .done(mapping: .some(nil), method: nil, status: nil))
+                    return
+                }
+            } catch {
+                finish(d, .storeError("cannot read the linked users: \(error)"))
+                return
+            }
         }
         let path = endpoint(d.item.type) + "/" + mapping.targetID
         if !deactivate {
@@ -819,7 +924,7 @@ public final class TargetWorker {
         let id = d.item.brokerID
         let now = monotonicMilliseconds()
         func release(retryAt: UInt64?, countAttempt: Bool, wait: Bool = false) {
-            inFlight.remove(id)
+            endFlight(d)
             for j in pending.indices where d.keys.contains(pending[j].key) {
                 pending[j].dispatched = false
                 if countAttempt { pending[j].attempts += 1 }
@@ -899,6 +1004,11 @@ public final class TargetWorker {
         }
     }
 
+    private func endFlight(_ d: Delivery) {
+        inFlight.subtract(d.item.serialKeys)
+        inFlightCount = max(0, inFlightCount - 1)
+    }
+
     private func succeeded() {
         if let pause = credentialsPause {
             logger.notice("target accepts the credentials again: resumed",
@@ -917,12 +1027,15 @@ public final class TargetWorker {
         hop["applied"] = .number(JSONNumber(integer: d.item.queuedAt))
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
         let type = d.item.type
+        // A linked account's mapping says under which value it is shared; every user sharing it gets it.
+        let recorded = !d.recordsMapping ? .none : d.linkValue == nil ? mapping : mapping.map { $0.map { m in var m = m; m.link = d.linkValue; return m } }
+        let linked = d.linked
         writer.submit({ txn in
-            try store.completeDelivery(target: name, keys: keys, brokerID: id, type: type, mapping: mapping, deadLetter: deadLetter, hop: finalHop,
-                                       trace: trace, txn)
+            try store.completeDelivery(target: name, keys: keys, brokerID: id, type: type, mapping: recorded, linked: linked,
+                                       deadLetter: deadLetter, hop: finalHop, trace: trace, txn)
         }) { [weak self] result in
             guard let self else { return }
-            inFlight.remove(id)
+            endFlight(d)
             switch result {
             case .success:
                 let done = Set(keys)

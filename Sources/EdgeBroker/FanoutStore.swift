@@ -9,10 +9,11 @@ import SCIM
 /// | `fanout` | `<target> 0x00 <seq BE>` | a `DeliveryItem` (JSON) |
 /// | `targetIds` | `<target> 0x00 <broker id>` | target id, ETag, last body sent |
 /// | `targetOwners` | `<target> 0x00 <type>/<target id>` | the broker id whose mapping names that account |
+/// | `targetLinks` | `<target> 0x00 <link value> 0x00 <broker id>` | — (`collisions: link`: the users linked into one account) |
 /// | `targetDead` | `<target> 0x00 <seq BE>` | a dead letter: request, status, response |
 /// | `trail` | `<broker id> 0x00 <µs BE> <hop>` | one hop of a change |
 /// | `traces` | `<trace id> 0x00 <broker id>` | — |
-/// | `targetState` | `seq/<target>`, `guard/<target>`, `status/<target>` | counters, deletion guard, last status |
+/// | `targetState` | `seq/<target>`, `guard/<target>`, `status/<target>`, `links/<target>` | counters, deletion guard, last status, linked accounts |
 ///
 /// Queue entries are written in the apply's own transaction: what is
 /// acknowledged to an agent is already queued for every target.
@@ -39,32 +40,49 @@ public struct DeliveryItem: Sendable, Equatable {
     /// for items queued before they were kept.
     public var domain: String?
     public var name: String?
+    /// `collisions: link`: the link value of the account the item is about
+    /// (the user's, or the one it left). Deliveries of one link value go one
+    /// at a time, like those of one resource: they all write one account.
+    public var link: String?
+    /// `deactivate` of a stray named by its target id, leaving the broker
+    /// id's mapping alone (with `collisions: link` that names the account
+    /// the user shares).
+    public var account: String?
 
     var json: JSON {
         var o: JSONObject = ["id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
                              "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt))]
         if let domain { o["domain"] = .string(domain) }
         if let name { o["name"] = .string(name) }
+        if let link { o["link"] = .string(link) }
+        if let account { o["account"] = .string(account) }
         return .object(o)
     }
 
-    init(brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64) {
+    init(brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64, link: String? = nil,
+         account: String? = nil) {
         self.brokerID = brokerID
         self.type = type
         self.operation = operation
         self.trace = trace
         self.queuedAt = queuedAt
         self.acceptedAt = acceptedAt
+        self.link = link
+        self.account = account
     }
 
     init?(_ bytes: [UInt8]) {
         guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
               let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:)) else { return nil }
         self.init(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                  queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0)
+                  queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0,
+                  link: o["link"]?.stringValue, account: o["account"]?.stringValue)
         domain = o["domain"]?.stringValue
         name = o["name"]?.stringValue
     }
+
+    /// What the worker serialises on: the resource, and a linked account's link value.
+    var serialKeys: [String] { link.map { [brokerID, "link\u{0}" + $0] } ?? [brokerID] }
 }
 
 /// What the broker knows of a resource at one target.
@@ -74,23 +92,28 @@ public struct TargetMapping: Sendable, Equatable {
     /// The body last delivered (after mapping); nil after adoption, when
     /// the target's state is unknown (the next update is a full PUT).
     public var sent: JSONObject?
+    /// `collisions: link`: the link value under which this account is shared
+    /// with other linked users (nil: the resource's own account).
+    public var link: String?
 
     var json: JSON {
         var o: JSONObject = ["id": .string(targetID)]
         if let etag { o["etag"] = .string(etag) }
         if let sent { o["sent"] = .object(sent) }
+        if let link { o["link"] = .string(link) }
         return .object(o)
     }
 
-    public init(targetID: String, etag: String?, sent: JSONObject?) {
+    public init(targetID: String, etag: String?, sent: JSONObject?, link: String? = nil) {
         self.targetID = targetID
         self.etag = etag
         self.sent = sent
+        self.link = link
     }
 
     init?(_ bytes: [UInt8]) {
         guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue else { return nil }
-        self.init(targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue)
+        self.init(targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue, link: o["link"]?.stringValue)
     }
 }
 
@@ -127,10 +150,120 @@ extension BrokerStore {
                 item.domain = domain
                 item.name = old[type == "User" ? "userName" : "displayName"]?.stringValue
             }
+            var partner: (id: String, link: String)?
+            if type == "User", let link = target.collisions.linkPolicy {
+                // The link index holds the routed users that have a link value.
+                let before = was ? old.flatMap(link.value) : nil, after = now ? new.flatMap(link.value) : nil
+                if before != after {
+                    if let before, let other = try removeLink(target: target.name, value: before, brokerID: brokerID, txn) {
+                        partner = (other, before)
+                    }
+                    if let after { try addLink(target: target.name, value: after, brokerID: brokerID, txn) }
+                }
+                item.link = after ?? before
+            }
             try enqueue(target: target.name, item, txn)
             queued.append(target.name)
+            if let partner {
+                // It left an account it shared: the others' merged state is sent again (once, by one of them).
+                try enqueue(target: target.name, DeliveryItem(brokerID: partner.id, type: type, operation: .upsert, trace: trace,
+                                                              queuedAt: unixMilliseconds(), acceptedAt: acceptedAt, link: partner.link), txn)
+                queued.append(target.name)
+            }
         }
         return queued
+    }
+
+    func linkKey(_ target: String, _ value: String, _ brokerID: String = "") -> [UInt8] {
+        prefixed(target, Array(value.utf8) + [0] + Array(brokerID.utf8))
+    }
+
+    /// Up to `limit` broker ids linked under `value` at `target`, in key order (one range read).
+    func linkMembers(target: String, value: String, limit: Int = Int.max, _ txn: borrowing WriteTransaction) throws -> [String] {
+        var out: [String] = []
+        let start = linkKey(target, value)
+        try txn.scan(targetLinks, from: start, to: prefixed(target, Array(value.utf8) + [1])) { k, _ in
+            out.append(String(decoding: k[start.count...], as: UTF8.self))
+            return out.count < limit
+        }
+        return out
+    }
+
+    /// Adds a user to the link index; the linked-accounts gauge counts values with two users or more.
+    func addLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws {
+        let others = try linkMembers(target: target, value: value, limit: 2, txn).filter { $0 != brokerID }
+        try txn.put(targetLinks, linkKey(target, value, brokerID), [])
+        if others.count == 1 { try addToCounter("links/\(target)", 1, txn) }
+    }
+
+    /// Removes a user from the link index; returns one user still linked under the value, if any.
+    func removeLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws -> String? {
+        guard try txn.delete(targetLinks, linkKey(target, value, brokerID)) else {
+            return try linkMembers(target: target, value: value, limit: 1, txn).first
+        }
+        let rest = try linkMembers(target: target, value: value, limit: 2, txn)
+        if rest.count == 1 { try addToCounter("links/\(target)", -1, txn) }
+        return rest.first
+    }
+
+    func addToCounter(_ name: String, _ delta: Int64, _ txn: borrowing WriteTransaction) throws {
+        let key = Array(name.utf8)
+        let now = Int64(bitPattern: try txn.get(targetState, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
+        try txn.put(targetState, key, UInt64(bitPattern: max(0, now + delta)).bigEndianBytes)
+    }
+
+    /// `collisions: link`: the users linked under `value` (read for a delivery).
+    func linkMembers(target: String, value: String) throws -> [String] {
+        try environment.read { txn in
+            var out: [String] = []
+            let start = linkKey(target, value)
+            try txn.scan(targetLinks, from: start, to: prefixed(target, Array(value.utf8) + [1])) { k, _ in
+                out.append(String(decoding: k[start.count...], as: UTF8.self))
+                return true
+            }
+            return out
+        }
+    }
+
+    /// `collisions: link`: the apply keeps the link index; when a target's
+    /// link attribute or routes change (or it is new), the index is built
+    /// again from the directory, once, at start: one pass over the
+    /// directory, nothing queued (`targets reconcile --apply` then merges
+    /// the accounts of users that are now linked). True: it was rebuilt.
+    public func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
+        guard let link = target.collisions.linkPolicy else { return false }
+        let fingerprint = Array(([link.attribute] + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
+            .joined(separator: "\n").utf8)
+        let stateKey = Array("linkindex/\(target.name)".utf8)
+        let targetState = self.targetState, targetLinks = self.targetLinks, resources = self.resources
+        return try environment.write { txn in
+            if try txn.get(targetState, stateKey) == fingerprint { return false }
+            var stale: [[UInt8]] = []
+            try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in stale.append(k); return true }
+            for k in stale { _ = try txn.delete(targetLinks, k) }
+            _ = try txn.delete(targetState, Array("links/\(target.name)".utf8))
+            var linked: [(value: String, brokerID: String)] = []
+            try txn.scan(resources) { k, v in
+                // `<domain>/User/<source id>`
+                let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+                guard parts.count == 3, parts[1].elementsEqual("User".utf8),
+                      let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue else { return true }
+                let domain = String(decoding: parts[0], as: UTF8.self)
+                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o) { linked.append((value, id)) }
+                return true
+            }
+            for (value, id) in linked { try addLink(target: target.name, value: value, brokerID: id, txn) }
+            try txn.put(targetState, stateKey, fingerprint)
+            return true
+        }
+    }
+
+    /// Accounts at `target` that two users or more share (`collisions: link`).
+    public func linkedAccounts(target: String) throws -> Int {
+        let targetState = self.targetState
+        return try environment.read { txn in
+            Int(Int64(bitPattern: try txn.get(targetState, Array("links/\(target)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0))
+        }
     }
 
     func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws {
@@ -377,10 +510,16 @@ extension BrokerStore {
 
     /// Completes deliveries: drops their queue entries, records the
     /// mapping (nil: forget it), a dead letter, and the trail hop.
+    /// `linked`: the other users sharing the account (`collisions: link`)
+    /// get the same mapping.
     func completeDelivery(target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
-                          deadLetter: JSONObject?, hop: JSONObject?, trace: String, _ txn: borrowing WriteTransaction) throws {
+                          linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String,
+                          _ txn: borrowing WriteTransaction) throws {
         for k in keys { _ = try txn.delete(fanout, k) }
-        if case .some(let m) = mapping { try setMapping(target: target, type: type, brokerID: brokerID, m, txn) }
+        if case .some(let m) = mapping {
+            try setMapping(target: target, type: type, brokerID: brokerID, m, txn)
+            if let m { for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, m, txn) } }
+        }
         if let deadLetter {
             let seq = try nextCounter("deadseq/\(target)", txn)
             var d = deadLetter
@@ -480,6 +619,8 @@ extension BrokerStore {
         public var mappings = 0
         /// Reverse entries of the mappings (whose an account is).
         public var owners = 0
+        /// Link index entries (`collisions: link`).
+        public var links = 0
         public var deadLetters = 0
         /// Status, deletion guard and counters.
         public var stateEntries = 0
@@ -494,7 +635,8 @@ extension BrokerStore {
     /// the target is no longer configured.
     public func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
         var result = ForgottenTarget()
-        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters)] {
+        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
+                            (targetLinks, \.links)] {
             while true {
                 let removed = try environment.write { txn in
                     var keys: [[UInt8]] = []
@@ -510,7 +652,7 @@ extension BrokerStore {
             }
         }
         result.stateEntries = try environment.write { txn in
-            try ["status/", "guard/", "seq/", "deadseq/"].reduce(0) { n, kind in
+            try ["status/", "guard/", "seq/", "deadseq/", "links/", "linkindex/"].reduce(0) { n, kind in
                 n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
             }
         }
@@ -518,13 +660,17 @@ extension BrokerStore {
     }
 
     /// Queues an item from outside the apply (reconciliation, retries).
-    /// With `mapping`, the target account is recorded first (adopting a stray).
+    /// With `mapping`, the target account is recorded first (adopting a
+    /// stray), for the users in `linked` too (the users of a linked account).
     public func enqueue(target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
-                        mapping: TargetMapping? = nil) throws {
+                        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil) throws {
         try environment.write { txn in
-            if let mapping { try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn) }
+            if let mapping {
+                for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, mapping, txn) }
+                try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn)
+            }
             try enqueue(target: target, DeliveryItem(brokerID: brokerID, type: type, operation: operation,
-                                                     trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+                                                     trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, account: account), txn)
         }
     }
 }

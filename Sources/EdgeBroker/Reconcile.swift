@@ -85,13 +85,22 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         var byExternal: [String: String] = [:]
         for (id, o) in accounts { if let e = o["externalId"]?.stringValue { byExternal[e] = id } }
 
-        // What the routes want there.
+        // What the routes want there: one account per resource, and with
+        // `collisions: link` one per link value, holding the merged state
+        // and named by its anchor (the other linked users are neither
+        // missing nor strays: their mappings name the same account).
         var claimed: Set<String> = []
+        var wanted: [(brokerID: String, want: JSONObject, candidates: [String], link: String?)] = []
+        var linkedUsers: [String: [LinkedResource]] = [:]
+        let link = type == "User" ? target.collisions.linkPolicy : nil
         for resource in try store.all(type, budget: Int.max) {
             guard let brokerID = resource["id"]?.stringValue,
                   let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
                   target.routes(domain: domain, type: type, resource) else { continue }
-            report.expected += 1
+            if let link, let value = link.value(of: resource) {
+                linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
+                continue
+            }
             var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
             if type == "Group", let members = want["members"]?.arrayValue {
                 want["members"] = .array(members.compactMap { m -> JSON? in
@@ -102,17 +111,30 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                     return .object(o)
                 })
             }
-            var targetID = mappings[brokerID]?.targetID
+            wanted.append((brokerID, want, [brokerID], nil))
+        }
+        if let link {
+            for value in linkedUsers.keys.sorted() {
+                let members = link.ordered(linkedUsers[value]!)
+                guard let (anchor, want) = linkedTargetBody(members, link: link, target: target) else { continue }
+                wanted.append((anchor, want, [anchor] + members.map(\.brokerID).filter { $0 != anchor }, value))
+            }
+        }
+        for (brokerID, want, candidates, linkValue) in wanted {
+            report.expected += 1
+            // The account: the first candidate's whose mapping names one the target has.
+            var targetID = candidates.lazy.compactMap { mappings[$0]?.targetID }.first { accounts[$0] != nil }
+                ?? mappings[brokerID]?.targetID
             if targetID.map({ accounts[$0] == nil }) ?? true, let found = byExternal[brokerID] {
                 targetID = found
                 report.relinked += 1
                 if apply { try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
-                                             mapping: TargetMapping(targetID: found, etag: nil, sent: nil)); report.queued += 1 }
+                                             mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates); report.queued += 1 }
             }
             guard let tid = targetID, let account = accounts[tid] else {
                 report.missing.append(brokerID)
                 if apply {
-                    try store.forgetMapping(target: target.name, type: type, brokerID: brokerID)
+                    for id in candidates { try store.forgetMapping(target: target.name, type: type, brokerID: id) }
                     try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert)
                     report.queued += 1
                 }
@@ -127,7 +149,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 if apply {
                     // Unknown target state: the next delivery is a full PUT.
                     try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
-                                      mapping: TargetMapping(targetID: tid, etag: nil, sent: nil))
+                                      mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates)
                     report.queued += 1
                 }
             }
@@ -139,8 +161,13 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
             if type == "User" && account["active"]?.boolValue == false { continue }  // already deactivated
             report.strays.append((id, brokerID, type))
             if apply {
-                try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate,
-                                  mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
+                if link != nil {
+                    // Named by the account: the user's mapping may name the account it shares.
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate, account: id)
+                } else {
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate,
+                                      mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
+                }
                 report.queued += 1
             }
         }

@@ -123,6 +123,16 @@ public enum CollisionPolicy: Sendable, Equatable {
     /// (`{userName}`, `{displayName}`, `{domain}`), on every create, update,
     /// reconciliation and adoption alike.
     case namespace(userName: String, displayName: String)
+    /// Users only: the same person in two domains is one account when the
+    /// link attribute matches (see `LinkPolicy`). Groups are refused as with
+    /// `refuse`.
+    case link(LinkPolicy)
+
+    /// The link settings, when the policy is `link`.
+    public var linkPolicy: LinkPolicy? {
+        if case .link(let l) = self { return l }
+        return nil
+    }
 
     public static let defaultUserNameTemplate = "{userName}@{domain}"
     public static let defaultDisplayNameTemplate = "{displayName} ({domain})"
@@ -139,6 +149,188 @@ public enum CollisionPolicy: Sendable, Equatable {
             body[attribute] = .string(Self.expand(template, "{\(attribute)}", name, domain: domain))
         }
     }
+}
+
+/// `collisions: link`: which attribute says two domains' users are the same
+/// person, and which domain's data wins.
+public struct LinkPolicy: Sendable, Equatable {
+    /// The attribute as configured (`employeeNumber`, the full URN path, or
+    /// `emails[type eq "work"].value`).
+    public let attribute: String
+    /// An extension URN; nil: the core schema.
+    let schema: String?
+    let name: String
+    /// A complex attribute's sub-attribute (`name.familyName`, `emails[…].value`).
+    let subAttribute: String?
+    /// Multi-valued: the element whose `type` is this (case-insensitive).
+    let elementType: String?
+    /// Domains in order of precedence: each attribute of a linked account
+    /// comes from the first of them that has it; other domains come after,
+    /// by name.
+    public let sourceOfRecord: [String]
+
+    /// Parses and resolves `attribute` against the federated User schema: a
+    /// core or extension attribute (a short name not in the core schema is
+    /// looked up in the User's extensions, so `employeeNumber` is the
+    /// enterprise extension's), a complex one's `attr.sub`, or a
+    /// multi-valued one's element by type, `emails[type eq "work"].value`.
+    public init(attribute: String, sourceOfRecord: [String]) throws(SCIMError) {
+        self.attribute = attribute
+        self.sourceOfRecord = sourceOfRecord
+        guard let userType = brokerRegistry.resourceType("User") else { throw SCIMError.invalidValue("no User resource type") }
+        var text = attribute.trimmingSpaces
+        var elementType: String?
+        if let open = text.firstIndex(of: "[") {
+            // `attr[type eq "X"].sub`: only this form of value filter (a link needs one value).
+            guard let close = text.firstIndex(of: "]"), open < close else {
+                throw SCIMError.invalidValue("link attribute '\(attribute)': unbalanced '['")
+            }
+            let selector = text[text.index(after: open)..<close].split(separator: " ", omittingEmptySubsequences: true)
+            guard selector.count == 3, equalsIgnoringASCIICase(String(selector[0]), "type"), equalsIgnoringASCIICase(String(selector[1]), "eq"),
+                  selector[2].count >= 2, selector[2].first == "\"", selector[2].last == "\"" else {
+                throw SCIMError.invalidValue("link attribute '\(attribute)': the only value filter allowed is [type eq \"…\"]")
+            }
+            elementType = String(selector[2].dropFirst().dropLast())
+            let rest = text[text.index(after: close)...]
+            guard rest.isEmpty || rest.first == "." else {
+                throw SCIMError.invalidValue("link attribute '\(attribute)': expected '.sub-attribute' after ']'")
+            }
+            text = String(text[..<open]) + (rest.isEmpty ? ".value" : String(rest))
+        }
+        guard let path = brokerRegistry.parsePath(text, in: userType) else {
+            throw SCIMError.invalidValue("link attribute '\(attribute)' is not an attribute path")
+        }
+        var resolved = brokerRegistry.resolve(path, in: userType)
+        var schema = path.schema
+        if resolved == nil, path.schema == nil {
+            for ext in userType.extensions where ext.schema != BrokerStore.sourceExtension {
+                var p = path
+                p.schema = ext.schema
+                if let r = brokerRegistry.resolve(p, in: userType) { resolved = r; schema = ext.schema; break }
+            }
+        }
+        guard let resolved, !path.attribute.isEmpty else {
+            throw SCIMError.invalidValue("link attribute '\(attribute)': no such User attribute")
+        }
+        if schema.map({ equalsIgnoringASCIICase($0, BrokerStore.sourceExtension) }) ?? false {
+            throw SCIMError.invalidValue("link attribute '\(attribute)': the source extension differs per domain by design")
+        }
+        guard resolved.leaf.type != .complex, resolved.attribute.multiValued == (elementType != nil) else {
+            throw SCIMError.invalidValue(resolved.attribute.multiValued
+                ? "link attribute '\(attribute)' is multi-valued: pick one element, e.g. \(path.attribute)[type eq \"work\"].value"
+                : "link attribute '\(attribute)' must name a single value")
+        }
+        if elementType != nil, resolved.attribute.subAttribute("type") == nil {
+            throw SCIMError.invalidValue("link attribute '\(attribute)': \(path.attribute) has no 'type' to select by")
+        }
+        if resolved.schema.map({ equalsIgnoringASCIICase($0.id, userType.schema) }) ?? true { schema = nil }
+        self.schema = schema
+        name = resolved.attribute.name
+        subAttribute = resolved.subAttribute?.name
+        self.elementType = elementType
+        if sourceOfRecord.isEmpty { throw SCIMError.invalidValue("link 'sourceOfRecord' must list at least one domain") }
+    }
+
+    public static func == (a: LinkPolicy, b: LinkPolicy) -> Bool { a.attribute == b.attribute && a.sourceOfRecord == b.sourceOfRecord }
+
+    /// The value users are linked by: trimmed and lower-cased, so that
+    /// `E123 ` and `e123` are one person; nil when the user has none (nothing
+    /// links on a missing or empty value) or it holds a NUL (the index's key
+    /// separator).
+    public func value(of resource: JSONObject) -> String? {
+        var holder = resource
+        if let schema {
+            guard let ext = resource[schema]?.objectValue else { return nil }
+            holder = ext
+        }
+        var v = holder[name]
+        if let elementType {
+            v = v?.arrayValue?.first { element in
+                element["type"]?.stringValue.map { equalsIgnoringASCIICase($0, elementType) } ?? false
+            }
+        }
+        if let subAttribute { v = v?.objectValue?[subAttribute] }
+        let text: String
+        switch v {
+        case .string(let s)?: text = s
+        case .number(let n)?: text = n.description
+        default: return nil
+        }
+        let key = trimmingWhitespace(text).lowercased()
+        return key.isEmpty || key.utf8.contains(0) ? nil : key
+    }
+
+    /// Precedence of a domain: its place in `sourceOfRecord`, others after.
+    func rank(_ domain: String) -> Int { sourceOfRecord.firstIndex(of: domain) ?? sourceOfRecord.count }
+
+    /// Linked resources in precedence order: source of record, then the
+    /// other domains by name, then broker id (stable whatever the order read).
+    func ordered(_ members: [LinkedResource]) -> [LinkedResource] {
+        members.sorted { a, b in
+            let (ra, rb) = (rank(a.domain), rank(b.domain))
+            if ra != rb { return ra < rb }
+            if a.domain != b.domain { return a.domain < b.domain }
+            return a.brokerID < b.brokerID
+        }
+    }
+}
+
+func trimmingWhitespace(_ s: String) -> String {
+    var t = Substring(s)
+    while let c = t.first, c.isWhitespace { t = t.dropFirst() }
+    while let c = t.last, c.isWhitespace { t = t.dropLast() }
+    return String(t)
+}
+
+/// One federated user of a linked account.
+struct LinkedResource {
+    let brokerID: String
+    let domain: String
+    let resource: JSONObject
+}
+
+/// The body of a linked account (`collisions: link`): the linked users'
+/// attributes merged, each from the first source (in source-of-record
+/// order) that has it; an extension's attributes one by one. While any
+/// source is active, only the active ones supply data and the account is
+/// active; when none is, all supply it and the account is inactive.
+/// `externalId` is the broker id of the first source that supplies data
+/// (the anchor). Then the target's attribute mapping. Nil: no members.
+func linkedTargetBody(_ members: [LinkedResource], link: LinkPolicy, target: TargetConfiguration) -> (anchor: String, body: JSONObject)? {
+    let ordered = link.ordered(members)
+    let active = ordered.filter { $0.resource["active"]?.boolValue != false }
+    let sources = active.isEmpty ? ordered : active
+    guard let anchor = sources.first?.brokerID else { return nil }
+    func empty(_ v: JSON) -> Bool {
+        switch v {
+        case .null: return true
+        case .string(let s): return s.isEmpty
+        case .array(let a): return a.isEmpty
+        case .object(let o): return o.isEmpty
+        default: return false
+        }
+    }
+    var body = JSONObject()
+    var schemas: [JSON] = []
+    for source in sources {
+        let b = targetBody(source.resource, brokerID: anchor, mapping: AttributeMapping())
+        for (key, value) in b {
+            if key == "schemas" {
+                for s in value.arrayValue ?? [] where !schemas.contains(s) { schemas.append(s) }
+            } else if key.hasPrefix("urn:"), let ext = value.objectValue {
+                var merged = body[key]?.objectValue ?? JSONObject()
+                for (k, v) in ext where merged[k] == nil && !empty(v) { merged[k] = v }
+                if !merged.isEmpty { body[key] = .object(merged) }
+            } else if body[key] == nil, !empty(value) {
+                body[key] = value
+            }
+        }
+    }
+    if !schemas.isEmpty { body["schemas"] = .array(schemas) }
+    body["externalId"] = .string(anchor)
+    body["active"] = .bool(!active.isEmpty)
+    target.mapping.apply(to: &body)
+    return (anchor, body)
 }
 
 /// A downstream SCIM service provider the broker provisions.
@@ -235,6 +427,14 @@ func patchOperations(from old: JSONObject, to new: JSONObject) -> [JSON] {
             continue
         }
         ops.append(["op": "replace", "path": .string(key), "value": value])
+        if let b = before?.objectValue, let a = value.objectValue {
+            // A replace of a complex attribute (or an extension) leaves the
+            // sub-attributes it does not name as they were (RFC 7644
+            // §3.5.2.3): the ones dropped are removed.
+            for (sub, _) in b where a[sub] == nil {
+                ops.append(["op": "remove", "path": .string(key.hasPrefix("urn:") ? "\(key):\(sub)" : "\(key).\(sub)")])
+            }
+        }
     }
     for (key, _) in old where key != "schemas" && new[key] == nil {
         ops.append(["op": "remove", "path": .string(key)])

@@ -243,6 +243,7 @@ struct TargetStatus: ParsableCommand {
                 + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
                 + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
                 + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
+                + (status["linked"]?.numberValue.map { "\tlinked \($0.description)" } ?? "")
                 + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
                 + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
                 + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))

@@ -43,6 +43,20 @@ final class TargetMappingTests: XCTestCase {
         XCTAssertEqual(patchOperations(from: new, to: new), [], "nothing changed: nothing to send")
     }
 
+    /// A replace of a complex attribute leaves the sub-attributes it does not
+    /// name (RFC 7644 §3.5.2.3): those dropped are removed by path.
+    func testPatchRemovesSubAttributesDroppedFromAComplexValue() {
+        let ext = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+        let old: JSONObject = ["name": ["givenName": "Ana", "middleName": "M"], ext: ["employeeNumber": "1", "department": "d"]]
+        let new: JSONObject = ["name": ["givenName": "Ana"], ext: ["employeeNumber": "1"]]
+        XCTAssertEqual(patchOperations(from: old, to: new), [
+            ["op": "replace", "path": "name", "value": ["givenName": "Ana"]],
+            ["op": "remove", "path": "name.middleName"],
+            ["op": "replace", "path": .string(ext), "value": ["employeeNumber": "1"]],
+            ["op": "remove", "path": .string(ext + ":department")],
+        ])
+    }
+
     func testGroupMembersAreAddedAndRemovedByValue() {
         let old: JSONObject = ["displayName": "g", "members": [["value": "a"], ["value": "b"]]]
         let new: JSONObject = ["displayName": "g", "members": [["value": "b"], ["value": "c"]]]
