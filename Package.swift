@@ -40,7 +40,9 @@ let package = Package(
         .target(name: "EdgeConfig", dependencies: ["CYAML"], swiftSettings: strict, plugins: ["VersionPlugin"]),
         // `scimEdgeVersion` from the VERSION file (the one version source).
         .plugin(name: "VersionPlugin", capability: .buildTool()),
-        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig",
+        // JSON log lines (swift-log handler, the buffered access log) and the one plain-line writer, for both programs.
+        .target(name: "EdgeLog", dependencies: ["SCIM", .product(name: "Logging", package: "swift-log")], swiftSettings: strict),
+        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeLog",
                                                   .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
 
@@ -49,13 +51,13 @@ let package = Package(
                                                     .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .executableTarget(name: "scim-broker", dependencies: [
-            "EdgeBroker", "EdgeAgent", "EdgeConfig", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeBroker", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         // Operator tools in the agent binary: `scim-edge bench` and `scim-edge sandbox`.
         .target(name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig", "EdgeMetrics"], swiftSettings: strict),
         .executableTarget(name: "scim-edge", dependencies: [
-            "EdgeAgent", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "EdgeAgent", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
 
@@ -64,7 +66,7 @@ let package = Package(
                 swiftSettings: strict),
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
-        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "SCIM"],
+        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "SCIM"],
                           swiftSettings: strict),
 
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
@@ -73,7 +75,7 @@ let package = Package(
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
+        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "EdgeMetricsTests", dependencies: ["EdgeMetrics"], swiftSettings: strict),
         .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),

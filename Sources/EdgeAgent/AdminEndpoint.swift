@@ -1,3 +1,4 @@
+import EdgeLoop
 import EdgeHTTP
 import EdgeStore
 import Glibc
@@ -81,9 +82,7 @@ public final class AdminEndpoint {
         do {
             var seconds = 0.0
             if let oldest = try agent.store.oldestOutboxEvent() {
-                var ts = timespec()
-                clock_gettime(CLOCK_REALTIME, &ts)
-                seconds = Double(max(0, Int64(ts.tv_sec) - oldest.issuedAt))
+                seconds = Double(max(0, unixSeconds() - oldest.issuedAt))
             }
             age = [("", String(seconds))]
         } catch {}  // unreadable: no sample, like the outbox gauges

@@ -382,9 +382,7 @@ public final class Relay {
         guard !pruning else { return }
         let target = ackedThrough, rejected = pendingRejections, store = self.store
         pendingRejections = [:]
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        let now = Int64(ts.tv_sec)
+        let now = unixSeconds()
         pruning = true
         writer.submit({ txn in try store.acknowledge(through: target, rejected: rejected, at: now, in: txn) }) { [weak self] result in
             guard let self else { return }

@@ -1,3 +1,4 @@
+import EdgeLog
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore

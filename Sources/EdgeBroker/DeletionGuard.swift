@@ -1,3 +1,4 @@
+import EdgeLoop
 import EdgeStore
 import SCIM
 

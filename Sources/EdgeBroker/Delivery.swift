@@ -46,11 +46,6 @@ public struct TargetStatistics: Sendable {
     }
 }
 
-func monotonicMilliseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
-}
 
 /// Delivers one target's queue: resources in queue order per resource,
 /// different resources concurrently (adaptive, at most `concurrency`),

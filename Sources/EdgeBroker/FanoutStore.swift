@@ -1,3 +1,4 @@
+import EdgeLoop
 import EdgeStore
 import Glibc
 import SCIM
@@ -117,17 +118,6 @@ public struct TargetMapping: Sendable, Equatable {
     }
 }
 
-func unixMilliseconds() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000)
-}
-
-func unixMicroseconds() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec / 1000)
-}
 
 func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
 func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }

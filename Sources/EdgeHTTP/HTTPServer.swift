@@ -460,7 +460,7 @@ final class ServerConnection {
 
     func checkTimeouts(now: UInt64) {
         guard !isClosed else { return }
-        if peerNotAfter > 0, currentUnixSeconds() > peerNotAfter {
+        if peerNotAfter > 0, unixSeconds() > peerNotAfter {
             // A connection is no better than the certificate that opened it.
             closeForCertificate("certificate has expired")
             return
@@ -510,10 +510,4 @@ final class ServerConnection {
         isClosed = true
         server.connectionEnded(self, reason)
     }
-}
-
-func currentUnixSeconds() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return Int64(ts.tv_sec)
 }

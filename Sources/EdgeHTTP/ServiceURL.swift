@@ -77,20 +77,3 @@ func resolve(_ host: String) -> String? {
     }
     return String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
-
-/// Percent-encodes everything but RFC 3986 unreserved characters (for query values).
-public func percentEncode(_ s: String) -> String {
-    let hex = Array("0123456789ABCDEF".utf8)
-    var out: [UInt8] = []
-    out.reserveCapacity(s.utf8.count)
-    for b in s.utf8 {
-        switch b {
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-             UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
-            out.append(b)
-        default:
-            out += [UInt8(ascii: "%"), hex[Int(b >> 4)], hex[Int(b & 15)]]
-        }
-    }
-    return String(decoding: out, as: UTF8.self)
-}

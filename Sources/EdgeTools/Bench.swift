@@ -329,8 +329,4 @@ public struct BenchError: Error, CustomStringConvertible {
     public init(_ d: String) { description = d }
 }
 
-func monotonicMicros() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec / 1000)
-}
+func monotonicMicros() -> UInt64 { monotonicMicroseconds() }

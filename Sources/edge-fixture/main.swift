@@ -1,5 +1,6 @@
 // Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
 // HTTP server to compare with nginx. Not installed by the packages.
+import EdgeLog
 import EdgeAgent
 import EdgeConfig
 import EdgeHTTP
@@ -11,10 +12,7 @@ import SCIM
 
 /// Unbuffered line output (file descriptors, not stdio: a SIGKILL must not
 /// eat lines the parent is waiting for).
-func emit(_ line: String, fd: Int32 = 1) {
-    let bytes = Array((line + "\n").utf8)
-    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-}
+func emit(_ line: String, fd: Int32 = 1) { writeLine(line, fd: fd) }
 
 func fail(_ message: String) -> Never {
     emit("edge-fixture: \(message)", fd: 2)

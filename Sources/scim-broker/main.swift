@@ -1,7 +1,7 @@
 import ArgumentParser
-import EdgeAgent
 import EdgeBroker
 import EdgeConfig
+import EdgeLog
 import EdgeLoop
 import EdgeTLS
 import Glibc
@@ -467,11 +467,8 @@ extension JSONObject {
     }
 }
 
-func emitLine(_ line: String) {
-    LogSink.standardOutput.flush()  // buffered log lines first: stdout keeps its order
-    let bytes = Array((line + "\n").utf8)
-    _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
-}
+/// One line to standard output, unbuffered (`writeLine`).
+func emitLine(_ line: String) { writeLine(line) }
 
 
 extension JSON {

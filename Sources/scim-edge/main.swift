@@ -1,3 +1,4 @@
+import EdgeLog
 import ArgumentParser
 import EdgeAgent
 import EdgeConfig
@@ -456,9 +457,8 @@ struct DeadLetter: ParsableCommand {
         @OptionGroup var data: DataDirectory
         @Argument(help: "The dead letter's sequence.") var sequence: UInt64
         func run() throws {
-            var ts = timespec()
-            clock_gettime(CLOCK_REALTIME, &ts)
-            let ctx = WriteContext(newID: "", now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec)), epochSeconds: Int64(ts.tv_sec),
+            let now = unixSeconds()
+            let ctx = WriteContext(newID: "", now: formatDateTime(secondsSinceEpoch: now), epochSeconds: now,
                                    eventID: "retry-\(sequence)", traceID: "deadletter-retry-\(sequence)")
             guard try data.open().retryDeadLetter(sequence, ctx) else { throw ValidationError("no dead letter \(sequence)") }
             emit("dead letter \(sequence): resource queued again")
@@ -494,11 +494,7 @@ struct Resources: ParsableCommand {
     }
 }
 
-/// One line to standard output, unbuffered.
-func emit(_ line: String, newline: Bool = true) {
-    LogSink.standardOutput.flush()  // buffered log lines first: stdout keeps its order
-    let bytes = Array((line + (newline ? "\n" : "")).utf8)
-    _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
-}
+/// One line to standard output, unbuffered (`writeLine`).
+func emit(_ line: String, newline: Bool = true) { writeLine(line, newline: newline) }
 
 ScimEdge.main()

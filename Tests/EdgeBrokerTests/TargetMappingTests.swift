@@ -1,4 +1,5 @@
 @testable import EdgeBroker
+import EdgeLoop
 import EdgeTestSupport
 import SCIM
 import XCTest

@@ -125,7 +125,7 @@ extension LogSink {
     /// for `logger.info("request", metadata: [method, ms, path, status,
     /// trace])`, same fields in the same order, built straight into bytes
     /// (no metadata dictionary, no sorting; the time's seconds cached).
-    func request(logger: String, method: String, path: Substring, status: Int, milliseconds: Int, trace: String,
+    public func request(logger: String, method: String, path: Substring, status: Int, milliseconds: Int, trace: String,
                  clock: inout LogClock) {
         var line: [UInt8] = []
         line.reserveCapacity(160 + path.utf8.count)
@@ -161,14 +161,14 @@ private enum RequestLine {
 }
 
 /// The access log's timestamp, with the formatted second cached (one per loop).
-struct LogClock {
+public struct LogClock {
     private var second: Int = -1
     private var prefix: [UInt8] = []
 
-    init() {}
+    public init() {}
 
     /// Appends `2026-11-29T18:14:18.065Z"` (the closing quote included).
-    mutating func stamp(into out: inout [UInt8]) {
+    public mutating func stamp(into out: inout [UInt8]) {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         if ts.tv_sec != second {
@@ -185,3 +185,13 @@ struct LogClock {
     }
 }
 
+
+/// One line to a file descriptor (standard output by default), unbuffered:
+/// a SIGKILL must not eat a line a parent process waits for. Log lines
+/// buffered in `LogSink.standardOutput` go first, so standard output keeps
+/// its order. The programs' one writer of plain output lines.
+public func writeLine(_ line: String, newline: Bool = true, fd: Int32 = 1) {
+    LogSink.standardOutput.flush()
+    let bytes = Array((line + (newline ? "\n" : "")).utf8)
+    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+}

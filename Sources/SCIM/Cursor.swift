@@ -1,0 +1,91 @@
+/// Cursor pagination (RFC 9865): cursors as positions, bound to their query.
+
+extension ListQuery {
+    /// A cursor is a position, not server state: `<query>.<n|p><offset>.<id>`,
+    /// where `<query>` binds it to the type, filter and sort it came from,
+    /// `n` means "after the resource `id`" and `p` "before it" (both hex),
+    /// and `offset` is where that resource was, used only when it has gone.
+    /// Positions survive inserts and deletes elsewhere in the list, so a walk
+    /// neither repeats nor skips a resource that stays put, and cursors never
+    /// expire.
+    ///
+    /// `ordered` must be in a total order that does not depend on the page:
+    /// by `id` when `orderedByID` (then a vanished anchor still has an exact
+    /// successor), or sorted by `sortBy` with `id` as the tie-break.
+    public func cursorPage<Element>(_ ordered: [Element], orderedByID: Bool,
+                                    id: (Element) -> String) throws(SCIMError) -> ListPage<Element> {
+        let tag = Self.hex(fnv1a(signature))
+        var start = 0, end = min(count, ordered.count)
+        if let cursor, !cursor.isEmpty {
+            let parts = cursor.split(separator: ".", omittingEmptySubsequences: false)
+            guard parts.count == 3, let kind = parts[1].first, kind == "n" || kind == "p",
+                  let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
+                  let anchorBytes = Self.unhex(parts[2]) else {
+                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' was not issued by this server; start again with an empty cursor")
+            }
+            guard parts[0] == tag else {
+                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' belongs to another query (resource type, filter "
+                                + "or sort changed); start again with an empty cursor")
+            }
+            let anchor = String(decoding: anchorBytes, as: UTF8.self)
+            // Where the anchor is now; else where it would be.
+            let position: Int
+            if let i = ordered.firstIndex(where: { id($0) == anchor }) {
+                position = i
+            } else if orderedByID {
+                let after = ordered.firstIndex(where: { id($0).utf8.lexicographicallyPrecedes(anchor.utf8) == false }) ?? ordered.count
+                position = kind == "n" ? after - 1 : after
+            } else {
+                position = min(offset, ordered.count)
+            }
+            if kind == "n" {
+                start = min(position + 1, ordered.count)
+                end = min(start + count, ordered.count)
+            } else {
+                end = max(0, min(position, ordered.count))
+                start = max(0, end - count)
+            }
+        }
+        var page = ListPage(items: ordered[start..<end], totalResults: ordered.count)
+        if end < ordered.count, end > start {
+            page.nextCursor = "\(tag).n\(String(end - 1, radix: 16)).\(Self.hex(Array(id(ordered[end - 1]).utf8)))"
+        }
+        if start > 0, start < ordered.count, count > 0 {
+            page.previousCursor = "\(tag).p\(String(start, radix: 16)).\(Self.hex(Array(id(ordered[start]).utf8)))"
+        }
+        return page
+    }
+
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count * 2)
+        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func hex(_ value: UInt64) -> String {
+        hex((0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) })
+    }
+
+    static func unhex(_ text: Substring) -> [UInt8]? {
+        let u = Array(text.utf8)
+        guard u.count % 2 == 0 else { return nil }
+        var out: [UInt8] = []
+        var i = 0
+        while i < u.count {
+            guard let h = hexValue(u[i]), let l = hexValue(u[i + 1]) else { return nil }
+            out.append(h << 4 | l)
+            i += 2
+        }
+        return out
+    }
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint (not a security measure; a cursor
+/// only says where to continue a query the client may run anyway).
+func fnv1a(_ text: String) -> UInt64 {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+    return h
+}
