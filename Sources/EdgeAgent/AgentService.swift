@@ -95,6 +95,8 @@ public final class AgentService {
         if let file = configuration.tokenFile { endpointOptions.tokens += try readTokenFile(file) }
         endpointOptions.tokens += configuration.tokens
         guard !endpointOptions.tokens.isEmpty else { throw AgentError.noTokens }
+        // What /ServiceProviderConfig advertises is what is enforced: a Bulk body is also an HTTP body.
+        endpointOptions.bulkMaxPayloadSize = min(endpointOptions.bulkMaxPayloadSize, configuration.limits.maxBodyBytes)
         let maxStore = configuration.maxStoreBytes
         store = try AgentStore(path: configuration.dataDirectory, registry: .standard, policy: configuration.policy) {
             $0.maxMapSize = maxStore

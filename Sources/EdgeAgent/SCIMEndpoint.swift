@@ -583,49 +583,62 @@ public final class SCIMEndpoint {
 
     // MARK: Bulk (RFC 7644 §3.7)
 
+    /// Every operation of one request in **one** group-commit write: one
+    /// transaction and one sync for the lot, so a Bulk of 1,000 creates
+    /// costs about one commit instead of 1,000. Each operation runs in a
+    /// nested transaction, so a failing one undoes only itself (per-operation
+    /// results, `bulkId` references resolved in order, `failOnErrors` as
+    /// before); all of them are answered after the one durable commit.
     func bulk(_ request: HTTPRequest, _ base: String, _ responder: Reply) throws {
         let body = try parseBody(request)
         let bulk = try BulkRequest(body, payloadSize: request.body.count, maxOperations: options.bulkMaxOperations,
                                    maxPayloadSize: options.bulkMaxPayloadSize)
         let (ordered, failed) = bulk.executionOrder()
-        var results = failed.map { BulkResult(operation: $0.0, status: $0.1.status, error: $0.1) }
-        var errors = results.count
-        var ids: [String: String] = [:]
-        var remaining = ordered[...]
-        func next() {
-            if let limit = bulk.failOnErrors, errors >= limit { remaining = [] }
-            guard let op = remaining.popFirst() else {
-                responder.respond(Self.respond(200, makeBulkResponse(results)))
-                return
-            }
-            do {
-                let (write, type) = try bulkWrite(op, ids)
-                var ctx = makeContext(request, trace: responder.traceID)
-                ctx.ifMatch = op.version
-                perform(write, ctx) { result in
-                    switch result {
-                    case .success(let stored):
-                        if let b = op.bulkId, let id = stored?["id"]?.stringValue { ids[b] = id }
-                        let location = stored?["id"]?.stringValue.map { "\(base)\(type.endpoint)/\($0)" }
-                        results.append(BulkResult(operation: op, status: op.method == .POST ? 201 : (op.method == .DELETE ? 204 : 200),
-                                                  location: location, version: stored?["meta"]?["version"]?.stringValue))
-                    case .failure(let e):
-                        errors += 1
-                        results.append(BulkResult(operation: op, status: e.status, error: e))
-                    }
-                    next()
+        let refused = failed.map { BulkResult(operation: $0.0, status: $0.1.status, error: $0.1) }
+        // The contexts (ids, times, trace) are made here: the write must be
+        // deterministic, as the writer may run it again (map growth).
+        let contexts = ordered.map { op -> WriteContext in
+            var ctx = makeContext(request, trace: responder.traceID)
+            ctx.ifMatch = op.version
+            return ctx
+        }
+        let store = self.store, registry = self.registry, profile = options.profile, failOnErrors = bulk.failOnErrors
+        let operation: WriteOperation<[BulkResult]> = { (txn: borrowing WriteTransaction) throws -> [BulkResult] in
+            var results = refused, ids: [String: String] = [:], errors = refused.count
+            for (op, ctx) in zip(ordered, contexts) {
+                if let limit = failOnErrors, errors >= limit { break }
+                do {
+                    let (write, type) = try Self.bulkWrite(op, ids, registry: registry, profile: profile)
+                    let stored = try txn.nested { sub in try store.apply(write, ctx, profile: profile, in: sub) }
+                    if let b = op.bulkId, let id = stored?["id"]?.stringValue { ids[b] = id }
+                    let location = stored?["id"]?.stringValue.map { "\(base)\(type.endpoint)/\($0)" }
+                    results.append(BulkResult(operation: op, status: op.method == .POST ? 201 : (op.method == .DELETE ? 204 : 200),
+                                              location: location, version: stored?["meta"]?["version"]?.stringValue))
+                } catch let e as SCIMError {
+                    errors += 1
+                    results.append(BulkResult(operation: op, status: e.status, error: e))
                 }
-            } catch {
-                let e = error as? SCIMError ?? SCIMError(500, nil, "\(error)")
-                errors += 1
-                results.append(BulkResult(operation: op, status: e.status, error: e))
-                next()
+                // Store errors (a full map, an I/O error) end the whole write: the writer grows the map and runs it again, or fails it.
+            }
+            return results
+        }
+        shared.queuedWrites.add(1, ordering: .relaxed)
+        writer.submit(operation, inbox: inbox) { [self] result in
+            shared.queuedWrites.subtract(1, ordering: .relaxed)
+            switch result {
+            case .success(let results):
+                if results.contains(where: { $0.error == nil }) { onCommitted?() }
+                responder.respond(Self.respond(200, makeBulkResponse(results)))
+            case .failure(StoreError.storeFull(let limit)):
+                responder.respond(Self.respond(SCIMError(503, nil, "the store is full (\(limit) bytes); retry later")))
+            case .failure(let e):
+                responder.respond(Self.respond(SCIMError(500, nil, "store error: \(e)")))
             }
         }
-        next()
     }
 
-    func bulkWrite(_ op: BulkOperation, _ ids: [String: String]) throws -> (AgentWrite, ResourceType) {
+    static func bulkWrite(_ op: BulkOperation, _ ids: [String: String], registry: SchemaRegistry,
+                          profile: ClientProfile) throws -> (AgentWrite, ResourceType) {
         let path = resolvingBulkIds(.string(op.path), ids).stringValue ?? op.path
         let parts = path.split(separator: "/").map(String.init)
         guard let first = parts.first, let type = registry.resourceType(endpoint: "/" + first) else {
@@ -634,12 +647,12 @@ public final class SCIMEndpoint {
         let data = op.data.map { resolvingBulkIds($0, ids) }
         switch (op.method, parts.count) {
         case (.POST, 1):
-            return (.create(type, validated: try ResourceValidator(registry: registry, type: type, profile: options.profile)
+            return (.create(type, validated: try ResourceValidator(registry: registry, type: type, profile: profile)
                 .validateCreate(data ?? .null)), type)
         case (.PUT, 2): return (.replace(type, id: parts[1], body: data ?? .null), type)
         case (.PATCH, 2):
             return (.patch(type, id: parts[1], request: try PatchRequest(data ?? .null, registry: registry, type: type,
-                                                                         profile: options.profile)), type)
+                                                                         profile: profile)), type)
         case (.DELETE, 2): return (.delete(type, id: parts[1]), type)
         default: throw SCIMError.invalidValue("Operations[\(op.index)]: \(op.method.rawValue) \(op.path) is not a valid target")
         }

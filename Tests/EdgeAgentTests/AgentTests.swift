@@ -504,6 +504,56 @@ final class AgentTests: XCTestCase {
 
     /// SIGKILL the agent process during a write load: after a restart every
     /// acknowledged create is in the store and in the outbox, in order, once.
+    /// A Bulk request is one commit: after a SIGKILL in the middle of a
+    /// stream of Bulk requests, every acknowledged request's operations are
+    /// all stored (acknowledged means durable, per operation), and every
+    /// other request is there whole or not at all, never in part.
+    func testBulkRequestsAreAtomicUnderSIGKILL() throws {
+        let dir = TempDirectory("edge-bulk-crash")
+        defer { dir.remove() }
+        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0",
+                                                                     "--token", "t", "--keep-outbox", "--admin-listen", "none"])
+        let line = try XCTUnwrap(child.waitForLine("scim-edge"))
+        let port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
+        let perBulk = 50
+        let acked = Locked<Set<Int>>([]), sent = Locked<Set<Int>>([])
+        let writers = (0..<2).map { w in
+            Thread {
+                for k in 0..<10_000 {
+                    guard let client = try? RawClient(port: port, timeoutSeconds: 5) else { return }
+                    let request = w * 100_000 + k
+                    let ops = (0..<perBulk).map { n in
+                        #"{"method":"POST","path":"/Users","bulkId":"b\#(n)","data":\#(userBody("bulk-\(request)-\(n)"))}"#
+                    }.joined(separator: ",")
+                    let body = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops)]}"#
+                    sent.withLock { _ = $0.insert(request) }
+                    client.send("POST /scim/v2/Bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+                    guard let r = client.readResponses(1).first, r.status == 200, r.body.components(separatedBy: #""status":"201""#).count == perBulk + 1 else { return }
+                    acked.withLock { _ = $0.insert(request) }
+                }
+            }
+        }
+        writers.forEach { $0.start() }
+        XCTAssertTrue(eventually(seconds: 60) { acked.current.count >= 20 })
+        child.signal(SIGKILL)
+        XCTAssertNotNil(child.waitForExit())
+        while writers.contains(where: { !$0.isFinished }) { usleep(10_000) }
+
+        let store = try AgentStore(path: dir.file("data"), registry: .standard)
+        let users = try store.query(SchemaRegistry.standard.resourceType("User")!, filter: nil, scanBudget: 10_000_000)
+        var perRequest: [Int: Int] = [:]
+        for name in users.compactMap({ $0["userName"]?.stringValue }) {
+            let parts = name.split(separator: "-")
+            if parts.count == 3, let request = Int(parts[1]) { perRequest[request, default: 0] += 1 }
+        }
+        for request in acked.current { XCTAssertEqual(perRequest[request], perBulk, "acknowledged Bulk \(request) lost operations") }
+        for (request, n) in perRequest { XCTAssertEqual(n, perBulk, "Bulk \(request) stored in part") }
+        XCTAssertTrue(Set(perRequest.keys).isSubset(of: sent.current))
+        XCTAssertGreaterThanOrEqual(perRequest.count, acked.current.count)
+        let events = try store.outboxEntries(after: 0, limit: 10_000_000)
+        XCTAssertEqual(events.count, users.count, "one create event per stored user")
+    }
+
     func testAcknowledgedWritesSurviveSIGKILL() throws {
         let dir = TempDirectory("edge-crash")
         defer { dir.remove() }
