@@ -17,7 +17,8 @@ final class BrokerConfigTests: XCTestCase {
                                         DomainBinding(domain: "acme-us", identity: "spiffe://acme.example/acme-us/agent-1")])
         XCTAssertEqual(config.tls.crlFile, "/etc/scim-broker/federation-ca.crl")
         XCTAssertTrue(config.tls.verifyPeer, "client certificates are always required")
-        XCTAssertEqual(config.apiTokens, ["change-me"])
+        XCTAssertEqual(config.apiTokens, [], "no token in a conffile")
+        XCTAssertEqual(config.apiTokenFile, "/etc/scim-broker/api.tokens")
         XCTAssertEqual(config.maxPendingBatches, 256)
         let crm = try XCTUnwrap(config.targets.first)
         XCTAssertEqual(crm.name, "crm")
@@ -40,9 +41,11 @@ final class BrokerConfigTests: XCTestCase {
         // As shipped, nothing it refers to exists yet: check-config says what is missing and fails.
         let child = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", source.path])
         XCTAssertEqual(child.waitForExit(), 1)
-        XCTAssertEqual(child.output.first, "\(source.path): 5 problems:", "\(child.output)")
-        XCTAssertTrue(child.output.contains("  - tls CA /etc/scim-broker/federation-ca.crt: No such file or directory"), "\(child.output)")
-        XCTAssertTrue(child.output.contains("  - target crm tokenFile /etc/scim-broker/crm.token: No such file or directory"))
+        XCTAssertEqual(child.output.last, "\(source.path): 6 problems", "\(child.output)")
+        XCTAssertTrue(child.output.contains("\(source.path):9:7: tls.ca: /etc/scim-broker/federation-ca.crt: No such file or directory (fix: create it, or correct the path)"),
+                      "\(child.output)")
+        XCTAssertTrue(child.output.contains { $0.hasPrefix("\(source.path):24:14: api.tokenFile: /etc/scim-broker/api.tokens: No such file") }, "\(child.output)")
+        XCTAssertTrue(child.output.contains { $0.contains("targets[0].tokenFile: /etc/scim-broker/crm.token: No such file or directory") })
     }
 
     func testCheckConfigAcceptsAConfiguredBrokerAndNamesEachProblem() throws {
@@ -78,23 +81,24 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertEqual(bad.0, 1)
         XCTAssertTrue(bad.1.contains { $0.contains("is not accepted by the CA") }, "\(bad.1)")
         XCTAssertTrue(bad.1.contains { $0.contains("does not match") || $0.contains("key values mismatch") || $0.contains("and key") }, "\(bad.1)")
-        XCTAssertTrue(bad.1.contains { $0.contains("target app tokenFile \(dir.file("app.token")): readable by every user") }, "\(bad.1)")
+        XCTAssertTrue(bad.1.contains { $0.contains("targets[0].tokenFile: \(dir.file("app.token")): a secret readable by every user") }, "\(bad.1)")
     }
 
     func testStrictErrors() {
-        func fails(_ yaml: String, _ fragment: String, line: Int? = nil) {
-            XCTAssertThrowsError(try BrokerConfiguration.decode(try YAMLNode.parse(yaml))) { error in
-                let e = error as! ConfigError
-                XCTAssertTrue(e.message.contains(fragment), "'\(e.message)' should contain '\(fragment)'")
-                if let line { XCTAssertEqual(e.mark?.line, line) }
+        func fails(_ yaml: String, _ fragment: String, line: Int? = nil, file: StaticString = #filePath, lineNo: UInt = #line) {
+            let d = ConfigDiagnostics()
+            _ = BrokerConfiguration.decode(YAMLNode.parse(yaml, d), d)
+            guard let e = d.problems.first(where: { !$0.isWarning && $0.description.contains(fragment) }) else {
+                return XCTFail("'\(fragment)' not in \(d.problems)", file: file, line: lineNo)
             }
+            if let line { XCTAssertEqual(e.mark?.line, line, "\(e)", file: file, line: lineNo) }
         }
         let base = "dataDir: /d\ntls:\n  ca: a\n  cert: b\n  key: c\n"
-        fails(base, "'domains'")
-        fails(base + "domains:\n  acme: x\nmaxPending: 3\n", "unknown key 'maxPending'", line: 8)
+        fails(base, "domains: is required")
+        fails(base + "domains:\n  acme: x\nmaxPending: 3\n", "maxPending: unknown key; did you mean 'maxPendingBatches'?", line: 8)
         fails(base + "domains:\n  acme: [x]\n", "certificate identity")
-        fails("dataDir: /d\ntls:\n  ca: a\n", "needs ca, cert and key")
-        fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "'api.listen'")
+        fails("dataDir: /d\ntls:\n  ca: a\n", "tls.cert: is required")
+        fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "api.listen: must be HOST:PORT")
         let d = base + "domains:\n  acme: x\ntargets:\n"
         fails(d + "  - name: a\n    url: ftp://x\n    routes: []\n", "is not http(s)://HOST:PORT/PATH", line: 10)
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n", "needs 'routes'", line: 9)
@@ -103,7 +107,7 @@ final class BrokerConfigTests: XCTestCase {
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{filter: 'userName eq \"x\"'}]\n", "types: [User]")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{types: [Users]}]\n", "must be User or Group")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    onRemove: purge\n    routes: []\n", "delete or deactivate", line: 11)
-        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: []\n    color: red\n", "unknown key 'targets[].color'", line: 12)
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: []\n    color: red\n", "targets[0].color: unknown key", line: 12)
         fails(d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n", "defined twice")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    rate: {concurrency: 0}\n    routes: []\n", "1 to 256")
     }

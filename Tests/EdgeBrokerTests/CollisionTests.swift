@@ -97,7 +97,7 @@ extension FanoutTests {
     /// The collision settings are checked where they are written.
     func testCollisionSettingsAreValidated() throws {
         for (yaml, fragment) in [
-            ("    collisions: merge", "'collisions' must be refuse or namespace"),
+            ("    collisions: merge", "collisions: must be refuse or namespace"),
             ("    collisions: link", "not available yet"),
             ("    collisions: namespace\n    namespace: {userName: \"{userName}\"}", "must hold {userName} and {domain}"),
             ("    namespace: {userName: \"{userName}@{domain}\"}", "only with 'collisions: namespace'"),
