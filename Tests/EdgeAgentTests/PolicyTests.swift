@@ -271,6 +271,103 @@ final class ConfigTests: XCTestCase {
         try problems("tokenFile: \(dir.path)/tokens: a secret readable by every user")
     }
 
+    /// Issue 19: one run names every problem at its own line, where the
+    /// first one used to hide the rest.
+    func testCheckConfigReportsEveryProblemInOneRun() throws {
+        let dir = TempDirectory("edge-check-all")
+        defer { dir.remove() }
+        _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
+        chmod(dir.file("pseudonym.key"), 0o644)
+        _ = dir.write("tokens", "a-long-enough-idp-token-1234\n")
+        chmod(dir.file("tokens"), 0o640)
+        let config = dir.write("agent.yaml", """
+            dataDir: \(dir.file("data"))
+            tokenFile: \(dir.file("tokens"))
+            lisen: 127.0.0.1:8080
+            broker:
+              url: https://127.0.0.1:8443
+              ca: \(dir.file("ca.crt"))
+              cert: \(dir.file("agent.crt"))
+              key: \(dir.file("agent.key"))
+              domain: acme-de
+            policy:
+              scope:
+                User: 'userType eq'
+              pseudonymKeyFile: \(dir.file("pseudonym.key"))
+            admin: {listen: 127.0.0.1:9180}
+            admin: {listen: none}
+            limits: {maxBodyBytes: *size}
+
+            """)
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", config])
+        XCTAssertEqual(c.waitForExit(), 1)
+        for expected in [
+            "\(config):3:1: lisen: unknown key; did you mean 'listen'? (fix: rename it to 'listen')",
+            "\(config):6:7: broker.ca: \(dir.file("ca.crt")): No such file or directory",
+            "\(config):7:9: broker.cert: \(dir.file("agent.crt")): No such file or directory",
+            "\(config):12:11: policy.scope.User: not a valid SCIM filter for User",
+            "\(config):13:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): a secret readable by every user (mode 0644",
+            "\(config):15:1: admin: appears twice (first at line 14)",
+            "\(config):16:24: limits.maxBodyBytes: YAML aliases are not supported",
+        ] {
+            XCTAssertTrue(c.output.contains { $0.hasPrefix(expected) }, "'\(expected)' not in \(c.output)")
+        }
+        XCTAssertEqual(c.output.last, "\(config): 8 problems", "the key file is missing too: \(c.output)")
+
+        // A syntax error ends the parse, but what came before it is still checked.
+        let broken = dir.write("broken.yaml", "dataDir: \(dir.file("data"))\nworkers: many\nlimits: {maxBodyBytes: 1\n")
+        let b = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", broken])
+        XCTAssertEqual(b.waitForExit(), 1)
+        XCTAssertTrue(b.output.contains { $0.hasPrefix("\(broken):2:10: workers: must be auto or a number from 1 to 64") }, "\(b.output)")
+        XCTAssertTrue(b.output.contains { $0.hasPrefix("\(broken):4:1: YAML syntax:") }, "\(b.output)")
+        // And serve refuses to start with all of them, not just the first.
+        let serve = try ChildProcess("/bin/sh", ["-c", "'\(productsDirectory)/scim-edge' serve --config '\(config)' 2>&1"])
+        XCTAssertNotEqual(serve.waitForExit(), 0)
+        XCTAssertTrue(serve.output.joined(separator: "\n").contains("policy.scope.User") && serve.output.joined(separator: "\n").contains("lisen"),
+                      "\(serve.output)")
+    }
+
+    /// `--as-user`: root reads everything; the service's user may not. A
+    /// root-owned 0600 key passes for root and fails for `nobody`, at its line.
+    func testCheckConfigAsTheServiceUser() throws {
+        guard getuid() == 0 else { throw XCTSkip("checking as another user needs root") }
+        let nobody = try XCTUnwrap(getpwnam("nobody")?.pointee)
+        let dir = TempDirectory("edge-as-user")
+        defer { dir.remove() }
+        chmod(dir.path, 0o755)
+        _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
+        chmod(dir.file("pseudonym.key"), 0o600)
+        mkdir(dir.file("data"), 0o750)
+        chown(dir.file("data"), nobody.pw_uid, nobody.pw_gid)
+        let config = dir.write("agent.yaml", """
+            dataDir: \(dir.file("data"))
+            policy:
+              attributes:
+                externalId: pseudonymize
+              pseudonymKeyFile: \(dir.file("pseudonym.key"))
+
+            """)
+        chmod(config, 0o644)
+        func check(_ args: [String]) throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config"] + args + [config])
+            return (c.waitForExit(), c.output)
+        }
+        let root = try check([])
+        XCTAssertEqual(root.0, 0, "\(root.1)")
+        let denied = try check(["--as-user", "nobody"])
+        XCTAssertEqual(denied.0, 1, "\(denied.1)")
+        XCTAssertTrue(denied.1.contains { $0.hasPrefix("\(config):5:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): user nobody cannot read it") },
+                      "\(denied.1)")
+        XCTAssertEqual(denied.1.count, 2, "only the key: \(denied.1)")
+        // Given to the user's group, it passes (and root is still itself afterwards: the key is read as root again).
+        chown(dir.file("pseudonym.key"), 0, nobody.pw_gid)
+        chmod(dir.file("pseudonym.key"), 0o640)
+        let allowed = try check(["--as-user", "nobody"])
+        XCTAssertEqual(allowed.0, 0, "\(allowed.1)")
+        XCTAssertTrue(allowed.1.last?.hasSuffix("readable by nobody)") ?? false, "\(allowed.1)")
+        XCTAssertNotEqual(try check(["--as-user", "no-such-user-here"]).0, 0)
+    }
+
     func testStrictErrorsWithLineAndColumn() {
         fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "lsten: unknown key; did you mean 'listen'?", line: 3, column: 1)
         fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "limits.maxBodyBytes: must be an integer", line: 3, column: 17)

@@ -84,6 +84,67 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertTrue(bad.1.contains { $0.contains("targets[0].tokenFile: \(dir.file("app.token")): a secret readable by every user") }, "\(bad.1)")
     }
 
+    /// Issue 19: what is valid key by key can still be wrong across keys;
+    /// each is reported at its own line, all in one run.
+    func testCrossFieldProblemsAtTheirLines() throws {
+        let dir = TempDirectory("edge-broker-cross")
+        defer { dir.remove() }
+        let ca = try CertificateAuthority(commonName: "federation CA")
+        let cert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["broker.acme.example"]))
+        _ = dir.write("ca.crt", ca.certificatePEM)
+        _ = dir.write("broker.crt", cert.certificatePEM)
+        _ = dir.write("broker.key", cert.privateKeyPEM)
+        _ = dir.write("crm.token", "app-issued\n")
+        chmod(dir.file("broker.key"), 0o600)
+        chmod(dir.file("crm.token"), 0o600)
+        let config = dir.write("broker.yaml", """
+            dataDir: \(dir.file("data"))
+            tls: {ca: \(dir.file("ca.crt")), cert: \(dir.file("broker.crt")), key: \(dir.file("broker.key"))}
+            domains:
+              acme-de: spiffe://acme.example/acme-de/agent-1
+              acme-us: spiffe://acme.example/acme-de/agent-1
+            api:
+              listen: 0.0.0.0:9443
+              tokens: [change-me]
+            targets:
+              - name: crm
+                url: https://crm.example/scim/v2
+                tokenFile: \(dir.file("crm.token"))
+                routes:
+                  - domains: [acme-de, acme-fr]
+
+            """)
+        let c = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
+        XCTAssertEqual(c.waitForExit(), 1)
+        for expected in [
+            "\(config):5:12: domains.acme-us: 'spiffe://acme.example/acme-de/agent-1' is already bound to domain 'acme-de' (line 4)",
+            "\(config):7:11: api.listen: the read API has no TLS: on 0.0.0.0",
+            "\(config):8:11: warning: api.tokens: a token in the configuration file",
+            "\(config):8:12: api.tokens[0]: the token is a placeholder",
+            "\(config):14:28: targets[0].routes[0].domains[1]: domain 'acme-fr' is not bound in 'domains'; did you mean 'acme-de'?",
+        ] {
+            XCTAssertTrue(c.output.contains { $0.hasPrefix(expected) }, "'\(expected)' not in \(c.output)")
+        }
+        XCTAssertEqual(c.output.last, "\(config): 4 problems, 1 warning", "\(c.output)")
+
+        // Fixed, with the read API's tokens in api.tokenFile: it passes (the warning gone with the inline tokens).
+        _ = dir.write("api.tokens", "# rotated 2025-01\nq3Jx9vY2mP8sL4tW6nB1cR7e\n")
+        chmod(dir.file("api.tokens"), 0o640)
+        _ = dir.write("broker.yaml", try String(contentsOfFile: config, encoding: .utf8)
+            .replacingOccurrences(of: "acme-us: spiffe://acme.example/acme-de/", with: "acme-us: spiffe://acme.example/acme-us/")
+            .replacingOccurrences(of: "0.0.0.0:9443", with: "127.0.0.1:9443")
+            .replacingOccurrences(of: "tokens: [change-me]", with: "tokenFile: \(dir.file("api.tokens"))")
+            .replacingOccurrences(of: "acme-fr", with: "acme-us"))
+        let ok = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
+        XCTAssertEqual(ok.waitForExit(), 0, "\(ok.output)")
+        XCTAssertEqual(ok.output, ["\(config): ok (2 domains, 1 targets, federation on 127.0.0.1:8443)"])
+        // A weak token in that file fails, at the key naming it.
+        _ = dir.write("api.tokens", "changeme\n")
+        let weak = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
+        XCTAssertEqual(weak.waitForExit(), 1)
+        XCTAssertTrue(weak.output.contains { $0.hasPrefix("\(config):8:14: api.tokenFile: \(dir.file("api.tokens")): token 1 is a placeholder") }, "\(weak.output)")
+    }
+
     func testStrictErrors() {
         func fails(_ yaml: String, _ fragment: String, line: Int? = nil, file: StaticString = #filePath, lineNo: UInt = #line) {
             let d = ConfigDiagnostics()
