@@ -179,8 +179,8 @@ extension BrokerConfiguration {
             if let w = g.int("windowSeconds") { target.deletionGuard.windowSeconds = max(1, w) }
             g.finish()
         }
-        var namespace = m.mapping("namespace")
-        if let c = m.string("collisions") {
+        let namespace = m.mapping("namespace"), collisions = m.string("collisions")
+        if let c = collisions {
             switch c {
             case "refuse": target.collisions = .refuse
             case "namespace":
@@ -195,7 +195,6 @@ extension BrokerConfiguration {
                         if key == "userName" { userName = template } else { displayName = template }
                     }
                     n.finish()
-                    namespace = nil
                 }
                 target.collisions = .namespace(userName: userName, displayName: displayName)
             case "link":
@@ -204,7 +203,8 @@ extension BrokerConfiguration {
                 m.problem("collisions", "must be refuse or namespace, got '\(c)'")
             }
         }
-        if namespace != nil, case .refuse = target.collisions {
+        // Not when 'collisions' is itself wrong: that is the one problem to report.
+        if namespace != nil, collisions == nil || collisions == "refuse" {
             m.problem("namespace", "applies only with 'collisions: namespace'", fix: "add collisions: namespace, or remove it")
         }
         if let n = m.int("breakerThreshold") { target.breakerThreshold = max(1, n) }
