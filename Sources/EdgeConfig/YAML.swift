@@ -105,6 +105,16 @@ public final class ConfigDiagnostics {
         }.map(\.element)
     }
 
+    /// check-config's output: every problem in file order, then
+    /// `FILE: N problems[, M warnings]`, or `FILE: ` + `ok()` when no
+    /// problem is an error.
+    public func report(ok: () -> String) -> (lines: [String], passed: Bool) {
+        let errors = problems.filter { !$0.isWarning }.count, warnings = problems.count - errors
+        let noted = warnings == 0 ? "" : ", \(warnings) warning\(warnings == 1 ? "" : "s")"
+        let summary = errors == 0 ? ok() : "\(errors) problem\(errors == 1 ? "" : "s")"
+        return (sorted.map(\.description) + ["\(file ?? "configuration"): \(summary)\(noted)"], errors == 0)
+    }
+
     /// Throws every problem when one of them is an error (warnings alone do not stop the service).
     public func failIfErrors() throws(ConfigProblems) {
         if hasErrors { throw ConfigProblems(sorted) }

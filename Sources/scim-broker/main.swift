@@ -122,15 +122,12 @@ struct CheckConfig: ParsableCommand {
         let d = ConfigDiagnostics(file: file)
         let config = BrokerConfiguration.read(file: file, d)
         config?.checkFiles(d, configFile: file, serviceUser: user)
-        for p in d.sorted { emitLine(p.description) }
-        let errors = d.problems.filter { !$0.isWarning }.count, warnings = d.problems.count - errors
-        let noted = warnings == 0 ? "" : ", \(warnings) warning\(warnings == 1 ? "" : "s")"
-        guard errors == 0, let config else {
-            emitLine("\(file): \(errors) problem\(errors == 1 ? "" : "s")\(noted)")
-            throw ExitCode(1)
+        let (lines, passed) = d.report {
+            "ok (\(config!.domains.count) domains, \(config!.targets.count) targets, federation on \(config!.listen)"
+                + (user.map { ", readable by \($0.name)" } ?? "") + ")"
         }
-        emitLine("\(file): ok (\(config.domains.count) domains, \(config.targets.count) targets, federation on \(config.listen)"
-                 + (user.map { ", readable by \($0.name)" } ?? "") + ")\(noted)")
+        for line in lines { emitLine(line) }
+        if !passed { throw ExitCode(1) }
     }
 }
 

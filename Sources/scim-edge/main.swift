@@ -179,24 +179,14 @@ struct CheckConfig: ParsableCommand {
         let d = ConfigDiagnostics(file: file)
         let config = AgentConfiguration.read(file: file, d)
         config?.checkFiles(d, configFile: file, serviceUser: user)
-        try report(d, file: file) {
+        let (lines, passed) = d.report {
             "ok (data in \(config!.dataDirectory), SCIM on \(config!.listen)"
                 + (config!.relay.map { ", relaying domain \($0.domain) as \($0.agentName)" } ?? ", standalone")
                 + (user.map { ", readable by \($0.name)" } ?? "") + ")"
         }
+        for line in lines { emit(line) }
+        if !passed { throw ExitCode(1) }
     }
-}
-
-/// Prints every problem, one per line in file order, then a summary; exit status 1 when one is an error.
-func report(_ d: ConfigDiagnostics, file: String, ok: () -> String) throws {
-    for p in d.sorted { emit(p.description) }
-    let errors = d.problems.filter { !$0.isWarning }.count, warnings = d.problems.count - errors
-    let noted = warnings == 0 ? "" : ", \(warnings) warning\(warnings == 1 ? "" : "s")"
-    guard errors == 0 else {
-        emit("\(file): \(errors) problem\(errors == 1 ? "" : "s")\(noted)")
-        throw ExitCode(1)
-    }
-    emit("\(file): \(ok())\(noted)")
 }
 
 struct SandboxCommand: ParsableCommand {
