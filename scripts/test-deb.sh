@@ -53,6 +53,13 @@ for pkg in scim-edge scim-broker; do
   check "$pkg: check-config on the shipped config fails" test "$rc" -ne 0
   check "$pkg: ... with a clear message naming a missing file" grep -q "No such file or directory" <<<"$out"
   check "$pkg: ... and no crash" no_crash "$out"
+  # As the unit's ExecStartPre runs it: as the service user, checking as that user.
+  check "$pkg: ExecStartPre checks as the service user" \
+    grep -qx "ExecStartPre=/usr/bin/$pkg check-config --as-user $pkg $conf" /lib/systemd/system/$pkg.service
+  out=$(runuser -u $pkg -- $pkg check-config --as-user $pkg "$conf" 2>&1); rc=$?
+  check "$pkg: ... which fails on the shipped config (exit 1)" test "$rc" -eq 1
+  check "$pkg: ... naming a missing file at its line" grep -q "^$conf:[0-9]*:[0-9]*: .*No such file or directory" <<<"$out"
+  check "$pkg: ... and no crash" no_crash "$out"
 done
 check "unit hardening: ProtectSystem=strict" grep -qx ProtectSystem=strict /lib/systemd/system/scim-edge.service
 check "unit hardening: empty CapabilityBoundingSet" grep -qx CapabilityBoundingSet= /lib/systemd/system/scim-edge.service

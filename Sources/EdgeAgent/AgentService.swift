@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeLog
 import EdgeHTTP
 import EdgeLoop
@@ -21,6 +22,9 @@ public struct AgentConfiguration: Sendable {
     public var adminListen: SocketAddress?
     /// What may leave the boundary; nil: everything propagates.
     public var policy: LocalPolicy?
+    /// Where the policy's pseudonym key came from (read when the
+    /// configuration is; kept for check-config's permission checks).
+    public var pseudonymKeyFile: String?
     /// The broker to relay to; nil: a standalone agent.
     public var relay: RelayConfiguration?
     /// Loops serving SCIM requests, each on its own thread (the main loop
@@ -49,18 +53,10 @@ public enum AgentError: Error, CustomStringConvertible {
 
 /// Reads a token file: one token per line, blank lines and `#` comments skipped.
 public func readTokenFile(_ path: String) throws -> [String] {
-    guard let f = fopen(path, "r") else { throw AgentError.tokenFile("cannot read token file \(path): \(String(cString: strerror(errno)))") }
-    defer { fclose(f) }
-    var tokens: [String] = []
-    var line: UnsafeMutablePointer<CChar>?
-    var cap = 0
-    while getline(&line, &cap, f) > 0 {
-        var bytes = Array(String(cString: line!).utf8)
-        while let last = bytes.last, last == 10 || last == 13 || last == 32 || last == 9 { bytes.removeLast() }
-        let text = String(decoding: bytes, as: UTF8.self).trimmingSpaces
-        if !text.isEmpty && !text.hasPrefix("#") { tokens.append(text) }
+    let tokens: [String]
+    do throws(ConfigError) { tokens = try readTokenLines(path) } catch {
+        throw AgentError.tokenFile("cannot read token file " + error.message.dropFirst("cannot read ".count))
     }
-    free(line)
     guard !tokens.isEmpty else { throw AgentError.tokenFile("token file \(path) holds no token") }
     return tokens
 }

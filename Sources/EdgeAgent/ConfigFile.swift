@@ -7,145 +7,181 @@ import SCIM
 
 extension AgentConfiguration {
     /// Reads a YAML configuration file strictly: unknown keys, wrong types
-    /// and invalid values are errors with their line and column.
-    /// The keys are documented in `packaging/agent.example.yaml`.
-    public static func load(file path: String) throws(ConfigError) -> AgentConfiguration {
-        try loadYAMLFile(path, decode)
+    /// and invalid values are errors with their line and column; all of
+    /// them are thrown together. The keys are documented in
+    /// `packaging/agent.example.yaml`.
+    public static func load(file path: String) throws(ConfigProblems) -> AgentConfiguration {
+        let d = ConfigDiagnostics(file: path)
+        let config = read(file: path, d)
+        try d.failIfErrors()
+        return config!
     }
 
-    public static func decode(_ root: YAMLNode) throws(ConfigError) -> AgentConfiguration {
-        var top = try YAMLMapping(root, path: "")
-        guard let dataDir = try top.string("dataDir") else { throw ConfigError("'dataDir' is required", at: root.mark) }
-        let listenText = try top.string("listen") ?? "127.0.0.1:8080"
-        guard let listen = SocketAddress(listenText) else {
-            throw ConfigError("'listen' must be HOST:PORT, got '\(listenText)'", at: top.node("listen")?.mark)
-        }
-        var config = AgentConfiguration(dataDirectory: dataDir, listen: listen)
-        config.tokenFile = try top.string("tokenFile")
-        let workersText = try top.string("workers") ?? "auto"
-        guard let workers = servingLoopCount(workersText) else {
-            throw ConfigError("'workers' must be auto or a number from 1 to 64, got '\(workersText)'", at: top.node("workers")?.mark)
-        }
-        config.servingLoops = workers
-        if var tls = try top.mapping("tls") {
-            guard let cert = try tls.string("cert"), let key = try tls.string("key") else {
-                throw ConfigError("'tls' needs 'cert' and 'key'", at: tls.mark)
-            }
-            config.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false)
-            try tls.finish()
-        }
-        if var admin = try top.mapping("admin") {
-            if let l = try admin.string("listen"), l != "none" {
-                guard let a = SocketAddress(l) else { throw ConfigError("'admin.listen' must be HOST:PORT or none", at: admin.node("listen")?.mark) }
-                config.adminListen = a
-            }
-            try admin.finish()
-        } else {
-            config.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
-        }
-        if var limits = try top.mapping("limits") {
-            if let v = try limits.int("maxBodyBytes") { config.limits.maxBodyBytes = v }
-            if let v = try limits.int("maxConnections") { config.limits.maxConnections = v }
-            if let v = try limits.int("requestTimeoutMs") { config.limits.requestTimeoutMilliseconds = UInt64(max(1, v)) }
-            if let v = try limits.int("idleTimeoutMs") { config.limits.idleTimeoutMilliseconds = UInt64(max(1, v)) }
-            try limits.finish()
-        }
-        if var store = try top.mapping("store") {
-            if let v = try store.int("maxBytes") { config.maxStoreBytes = v }
-            try store.finish()
-        }
-        if var outbox = try top.mapping("outbox") {
-            if let v = try outbox.bool("keep") { config.endpoint.recordOutbox = v }
-            if let v = try outbox.int("maxEvents") {
-                config.endpoint.outboxHighEvents = v
-                config.endpoint.outboxLowEvents = v * 4 / 5
-            }
-            if let v = try outbox.int("maxBytes") {
-                config.endpoint.outboxHighBytes = v
-                config.endpoint.outboxLowBytes = v / 5 * 4
-            }
-            try outbox.finish()
-        } else {
-            config.endpoint.recordOutbox = false  // standalone: no broker to drain it
-        }
-        if var scim = try top.mapping("scim") {
-            if let p = try scim.string("profile") {
-                switch p {
-                case "lenient": config.endpoint.profile = .lenient
-                case "strict": config.endpoint.profile = .strict
-                default: throw ConfigError("'scim.profile' must be lenient or strict", at: scim.node("profile")?.mark)
-                }
-            }
-            if let v = try scim.int("maxResults") { config.endpoint.maxResults = max(1, v) }
-            if let v = try scim.int("scanBudget") { config.endpoint.scanBudget = max(1, v) }
-            try scim.finish()
-        }
-        if var broker = try top.mapping("broker") {
-            guard let url = try broker.string("url"), let (address, name) = RelayConfiguration.brokerAddress(url) else {
-                throw ConfigError("'broker.url' must be https://HOST:PORT", at: broker.mark)
-            }
-            guard let ca = try broker.string("ca"), let cert = try broker.string("cert"), let key = try broker.string("key"),
-                  let domain = try broker.string("domain") else {
-                throw ConfigError("'broker' needs url, ca, cert, key and domain", at: broker.mark)
-            }
-            var relay = RelayConfiguration(broker: address, brokerName: name,
-                                           tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
-                                           domain: domain, agentName: try broker.string("agent") ?? "agent")
-            if let v = try broker.int("maxEventsPerBatch") { relay.maxEventsPerBatch = max(1, v) }
-            if let v = try broker.int("window") { relay.window = max(1, v) }
-            try broker.finish()
-            config.relay = relay
-            config.endpoint.recordOutbox = true
-        }
-        if var policy = try top.mapping("policy") {
-            config.policy = try decodePolicy(&policy)
-            try policy.finish()
-        }
-        try top.finish()
+    /// Reads and decodes `path`, recording every problem in `diagnostics`
+    /// (nil only when the file cannot be read at all).
+    public static func read(file path: String, _ diagnostics: ConfigDiagnostics) -> AgentConfiguration? {
+        readYAMLFile(path, diagnostics).map { decode($0, diagnostics) }
+    }
+
+    public static func decode(_ root: YAMLNode) throws(ConfigProblems) -> AgentConfiguration {
+        let d = ConfigDiagnostics()
+        let config = decode(root, d)
+        try d.failIfErrors()
         return config
     }
 
-    static func decodePolicy(_ m: inout YAMLMapping) throws(ConfigError) -> LocalPolicy {
+    /// Decodes what is valid and records a problem for everything else,
+    /// going on with the next key: the result is meaningful only when no
+    /// error was recorded (check-config still checks its files).
+    public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> AgentConfiguration {
+        var config = AgentConfiguration(dataDirectory: "", listen: SocketAddress(host: "127.0.0.1", port: 8080))
+        config.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+        guard var top = YAMLMapping(root, path: "", d) else { return config }
+        config.dataDirectory = top.required("dataDir", "the directory of the agent's LMDB file") ?? ""
+        if let text = top.string("listen") {
+            if let a = SocketAddress(text) { config.listen = a } else { top.problem("listen", "must be HOST:PORT, got '\(text)'") }
+        }
+        config.tokenFile = top.string("tokenFile")
+        let workersText = top.string("workers") ?? "auto"
+        if let workers = servingLoopCount(workersText) { config.servingLoops = workers } else {
+            top.problem("workers", "must be auto or a number from 1 to 64, got '\(workersText)'")
+        }
+        if var tls = top.mapping("tls") {
+            let cert = tls.required("cert"), key = tls.required("key")
+            if let cert, let key { config.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false) }
+            tls.finish()
+        }
+        if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
+            top.problem("listen", "the SCIM listener is on \(config.listen.host) without TLS: bearer tokens and personal data would cross the network in the clear",
+                        fix: "add tls: {cert, key}, or listen on 127.0.0.1 behind a TLS-terminating proxy")
+        }
+        if var admin = top.mapping("admin") {
+            if let l = admin.string("listen") {
+                if l == "none" { config.adminListen = nil } else if let a = SocketAddress(l) {
+                    config.adminListen = a
+                    if !a.isLoopback {
+                        admin.warning("listen", "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
+                                      fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
+                    }
+                } else { admin.problem("listen", "must be HOST:PORT or none, got '\(l)'") }
+            }
+            admin.finish()
+        }
+        if var limits = top.mapping("limits") {
+            if let v = limits.int("maxBodyBytes") { config.limits.maxBodyBytes = v }
+            if let v = limits.int("maxConnections") { config.limits.maxConnections = v }
+            if let v = limits.int("requestTimeoutMs") { config.limits.requestTimeoutMilliseconds = UInt64(max(1, v)) }
+            if let v = limits.int("idleTimeoutMs") { config.limits.idleTimeoutMilliseconds = UInt64(max(1, v)) }
+            limits.finish()
+        }
+        if var store = top.mapping("store") {
+            if let v = store.int("maxBytes") { config.maxStoreBytes = v }
+            store.finish()
+        }
+        if var outbox = top.mapping("outbox") {
+            if let v = outbox.bool("keep") { config.endpoint.recordOutbox = v }
+            if let v = outbox.int("maxEvents") {
+                config.endpoint.outboxHighEvents = v
+                config.endpoint.outboxLowEvents = v * 4 / 5
+            }
+            if let v = outbox.int("maxBytes") {
+                config.endpoint.outboxHighBytes = v
+                config.endpoint.outboxLowBytes = v / 5 * 4
+            }
+            outbox.finish()
+        } else {
+            config.endpoint.recordOutbox = false  // standalone: no broker to drain it
+        }
+        if var scim = top.mapping("scim") {
+            if let p = scim.string("profile") {
+                switch p {
+                case "lenient": config.endpoint.profile = .lenient
+                case "strict": config.endpoint.profile = .strict
+                default: scim.problem("profile", "must be lenient or strict, got '\(p)'")
+                }
+            }
+            if let v = scim.int("maxResults") { config.endpoint.maxResults = max(1, v) }
+            if let v = scim.int("scanBudget") { config.endpoint.scanBudget = max(1, v) }
+            scim.finish()
+        }
+        if var broker = top.mapping("broker") {
+            let url = broker.required("url", "https://HOST:PORT of the broker")
+            let target = url.flatMap(RelayConfiguration.brokerAddress)
+            if let url, target == nil { broker.problem("url", "must be https://HOST:PORT (an IP address or localhost), got '\(url)'") }
+            let ca = broker.required("ca", "the federation CA"), cert = broker.required("cert", "this agent's certificate")
+            let key = broker.required("key", "this agent's private key"), domain = broker.required("domain", "this agent's domain")
+            let agent = broker.string("agent") ?? "agent"
+            let batch = broker.int("maxEventsPerBatch"), window = broker.int("window")
+            broker.finish()
+            if let (address, name) = target, let ca, let cert, let key, let domain {
+                var relay = RelayConfiguration(broker: address, brokerName: name,
+                                               tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
+                                               domain: domain, agentName: agent)
+                if let batch { relay.maxEventsPerBatch = max(1, batch) }
+                if let window { relay.window = max(1, window) }
+                config.relay = relay
+            }
+            config.endpoint.recordOutbox = true
+        }
+        if var policy = top.mapping("policy") {
+            (config.policy, config.pseudonymKeyFile) = decodePolicy(&policy)
+            policy.finish()
+        }
+        top.finish()
+        return config
+    }
+
+    /// The policy, with each invalid entry reported at its own line.
+    static func decodePolicy(_ m: inout YAMLMapping) -> (LocalPolicy?, keyFile: String?) {
+        let d = m.diagnostics
         var types: [String: Bool] = [:]
-        if var t = try m.mapping("resourceTypes") {
+        if var t = m.mapping("resourceTypes") {
             for (name, mark, value) in t.entries() {
                 guard case .scalar(let s, _, _) = value, s == "propagate" || s == "keep-local" else {
-                    throw ConfigError("'policy.resourceTypes.\(name)' must be propagate or keep-local", at: mark)
+                    d.error(t.full(name), "must be propagate or keep-local", at: mark)
+                    continue
                 }
                 types[name] = s == "propagate"
             }
-            try t.finish()
+            t.finish()
         }
         var rules: [(String, AttributeRule)] = []
-        if var a = try m.mapping("attributes") {
+        if var a = m.mapping("attributes") {
             for (path, mark, value) in a.entries() {
                 guard case .scalar(let s, _, _) = value, let rule = AttributeRule(rawValue: s) else {
-                    throw ConfigError("'policy.attributes.\(path)' must be propagate, keep-local or pseudonymize", at: mark)
+                    d.error(a.full(path), "must be propagate, keep-local or pseudonymize", at: mark)
+                    continue
                 }
                 rules.append((path, rule))
             }
-            try a.finish()
+            a.finish()
         }
         var scopes: [String: String] = [:]
-        if var s = try m.mapping("scope") {
+        if var s = m.mapping("scope") {
             for (name, mark, value) in s.entries() {
-                guard case .scalar(let text, _, _) = value else { throw ConfigError("'policy.scope.\(name)' must be a SCIM filter", at: mark) }
+                guard case .scalar(let text, _, _) = value else { d.error(s.full(name), "must be a SCIM filter", at: mark); continue }
                 scopes[name] = text
             }
-            try s.finish()
+            s.finish()
         }
         var key: [UInt8]?
-        if let keyFile = try m.string("pseudonymKeyFile") {
-            key = try readFileBytes(keyFile)
-            guard key!.count >= 32 else {
-                throw ConfigError("pseudonym key file \(keyFile) must hold at least 32 bytes", at: m.node("pseudonymKeyFile")?.mark)
+        let keyFile = m.string("pseudonymKeyFile")
+        if let keyFile {
+            do throws(ConfigError) {
+                key = try readFileBytes(keyFile)
+                if key!.count < 32 { m.problem("pseudonymKeyFile", "\(keyFile) holds \(key!.count) bytes; at least 32 are needed",
+                                               fix: "head -c 32 /dev/urandom > \(keyFile)") }
+            } catch {
+                m.problem("pseudonymKeyFile", error.message, fix: "create it: head -c 32 /dev/urandom > \(keyFile)")
             }
+            // A key that could not be read is reported above; the rules are
+            // still checked as if it were there, not reported a second time.
+            if key == nil || key!.count < 32 { key = [UInt8](repeating: 0, count: 32) }
         }
-        do throws(ConfigError) {
-            return try LocalPolicy(registry: .standard, resourceTypes: types, attributes: rules, scopes: scopes, pseudonymKey: key)
-        } catch {
-            throw ConfigError(error.message, at: m.mark)
-        }
+        var problems: [ConfigError] = []
+        let policy = LocalPolicy(registry: .standard, resourceTypes: types, attributes: rules, scopes: scopes, pseudonymKey: key, problems: &problems)
+        for p in problems { d.add(p) }
+        return (problems.isEmpty ? policy : nil, keyFile)
     }
 }
 
@@ -165,30 +201,36 @@ public func identityNames(_ identity: PeerIdentity, domain: String, agent: Strin
 
 extension AgentConfiguration {
     /// Problems with what the configuration refers to (`check-config`):
-    /// files, permissions of secrets, certificates (dates, key, CA) and the
+    /// files, permissions of every secret, readability by the service's user
+    /// (`serviceUser`), weak tokens, certificates (dates, key, CA) and the
     /// relay certificate's identity against the configured domain and agent.
-    public func fileProblems() -> [String] {
-        var checks = FileChecks()
-        checks.dataDirectory(dataDirectory)
-        if let tokenFile, checks.file(tokenFile, "tokenFile", secret: true) {
-            do { if try readTokenFile(tokenFile).isEmpty { checks.problem("tokenFile \(tokenFile): holds no token") } }
-            catch { checks.problem("tokenFile \(tokenFile): \(error)") }
+    /// Each is reported at the line of the key naming the file.
+    public func checkFiles(_ d: ConfigDiagnostics, configFile: String? = nil, serviceUser: ServiceUser? = nil) {
+        var checks = FileChecks(serviceUser: serviceUser)
+        if let configFile, serviceUser != nil { checks.file(configFile, at: "") }
+        if !dataDirectory.isEmpty { checks.dataDirectory(dataDirectory) }
+        if let tokenFile, checks.file(tokenFile, at: "tokenFile", secret: true) {
+            do {
+                for (i, token) in try readTokenFile(tokenFile).enumerated() {
+                    if let weak = weakTokenReason(token) { checks.problem("tokenFile", "\(tokenFile): token \(i + 1) \(weak)", fix: tokenFix) }
+                }
+            } catch { checks.problem("tokenFile", "\(error)", fix: "write one token per line") }
         }
         if let tls, let cert = tls.certificateChainFile {
-            checks.certificate(cert, key: tls.privateKeyFile, ca: nil, "tls")
+            checks.certificate(cert, key: tls.privateKeyFile, ca: nil, at: ("tls.cert", "tls.key", "tls.ca"))
         }
-        if let relay {
-            if let cert = relay.tls.certificateChainFile,
-               let summary = checks.certificate(cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, "broker") {
-                if !identityNames(summary.identity, domain: relay.domain, agent: relay.agentName) {
-                    checks.problem("broker certificate \(cert) names \(summary.identity.names.joined(separator: ", ")), not domain '\(relay.domain)' and agent '\(relay.agentName)' "
-                                   + "(expected a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. \(agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName)))")
-                }
-            } else if relay.tls.certificateChainFile == nil {
-                checks.problem("broker: a client certificate (cert, key) is required for mutual TLS")
-            }
+        // Not when reading it already failed: that is reported once, by the decoding.
+        if let pseudonymKeyFile, !d.problems.contains(where: { $0.key == "policy.pseudonymKeyFile" }) {
+            checks.file(pseudonymKeyFile, at: "policy.pseudonymKeyFile", secret: true)
         }
-        return checks.problems
+        if let relay, let cert = relay.tls.certificateChainFile,
+           let summary = checks.certificate(cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, at: ("broker.cert", "broker.key", "broker.ca")),
+           !identityNames(summary.identity, domain: relay.domain, agent: relay.agentName) {
+            checks.problem("broker.cert", "\(cert) names \(summary.identity.names.joined(separator: ", ")), not domain '\(relay.domain)' and agent '\(relay.agentName)'",
+                           fix: "a certificate with a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. "
+                                + agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName) + " (scim-edge pki csr)")
+        }
+        for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }
     }
 }
 

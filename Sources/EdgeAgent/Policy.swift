@@ -38,17 +38,35 @@ public struct LocalPolicy: Sendable {
     ///   - resourceTypes: type id → propagate (`true`) or keep local (`false`); unlisted types propagate.
     ///   - attributes: attribute path (`phoneNumbers`, `name.givenName`, URN-qualified) → rule.
     ///   - scopes: type id → SCIM filter; only matching resources leave.
+    /// - Throws: every problem, each with the YAML key of its entry (`policy.scope.User`).
     public init(registry: SchemaRegistry, resourceTypes: [String: Bool] = [:], attributes: [(String, AttributeRule)] = [],
-                scopes: [String: String] = [:], pseudonymKey: [UInt8]? = nil) throws(ConfigError) {
+                scopes: [String: String] = [:], pseudonymKey: [UInt8]? = nil) throws(ConfigProblems) {
+        var problems: [ConfigError] = []
+        self.init(registry: registry, resourceTypes: resourceTypes, attributes: attributes, scopes: scopes, pseudonymKey: pseudonymKey,
+                  problems: &problems)
+        if !problems.isEmpty { throw ConfigProblems(problems) }
+    }
+
+    /// Compiles the valid entries and records a problem for each other one,
+    /// keyed by its YAML key, so that a configuration reports them all at
+    /// their own lines. Used only when `problems` stays empty.
+    public init(registry: SchemaRegistry, resourceTypes: [String: Bool], attributes: [(String, AttributeRule)],
+                scopes: [String: String], pseudonymKey: [UInt8]?, problems: inout [ConfigError]) {
+        func problem(_ key: String, _ message: String, fix: String? = nil) {
+            problems.append(ConfigError(message, at: nil, key: "policy.\(key)", fix: fix))
+        }
         self.registry = registry
         var disabled: Set<String> = []
         for (name, on) in resourceTypes {
-            guard let t = registry.resourceType(name) else { throw ConfigError("policy: unknown resource type '\(name)'", at: nil) }
+            guard let t = registry.resourceType(name) else {
+                problem("resourceTypes.\(name)", "unknown resource type", fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
+                continue
+            }
             if !on { disabled.insert(t.id) }
         }
         disabledTypes = disabled
         var compiled: [CompiledRule] = []
-        for (path, rule) in attributes {
+        rules: for (path, rule) in attributes {
             var matched = false
             for type in registry.resourceTypes {
                 guard let p = registry.parsePath(path, in: type), !p.attribute.isEmpty,
@@ -56,32 +74,40 @@ public struct LocalPolicy: Sendable {
                 matched = true
                 let name = r.attribute.name.asciiLowercased
                 guard !["id", "meta", "schemas"].contains(name) else {
-                    throw ConfigError("policy: '\(path)' identifies the resource and always leaves with it", at: nil)
+                    problem("attributes.\(path)", "identifies the resource and always leaves with it", fix: "remove this rule")
+                    continue rules
                 }
                 if rule == .keepLocal && r.subAttribute == nil && r.attribute.required {
-                    throw ConfigError("policy: '\(path)' is required by \(type.id): pseudonymize it instead of keeping it local", at: nil)
+                    problem("attributes.\(path)", "is required by \(type.id): pseudonymize it instead of keeping it local", fix: "pseudonymize")
+                    continue rules
                 }
                 if rule == .pseudonymize {
                     let leaf = r.subAttribute ?? (r.attribute.type == .complex ? r.attribute.subAttribute("value") : r.attribute)
                     guard let leaf, leaf.type == .string || leaf.type == .reference else {
-                        throw ConfigError("policy: '\(path)' is not a string and cannot be pseudonymized", at: nil)
+                        problem("attributes.\(path)", "is not a string and cannot be pseudonymized", fix: "keep-local")
+                        continue rules
                     }
                     guard pseudonymKey != nil else {
-                        throw ConfigError("policy: pseudonymizing '\(path)' needs a pseudonym key file", at: nil)
+                        problem("attributes.\(path)", "pseudonymizing needs a pseudonym key file",
+                                fix: "set policy.pseudonymKeyFile (head -c 32 /dev/urandom > FILE)")
+                        continue rules
                     }
                 }
                 compiled.append(CompiledRule(type: type.id, attribute: r, rule: rule, text: path))
             }
-            guard matched else { throw ConfigError("policy: '\(path)' is not an attribute of any resource type", at: nil) }
+            if !matched { problem("attributes.\(path)", "is not an attribute of any resource type", fix: "check the spelling (name.givenName, URN:attribute)") }
         }
         rules = compiled
         var filters: [String: Filter] = [:]
         for (name, text) in scopes {
-            guard let t = registry.resourceType(name) else { throw ConfigError("policy: unknown resource type '\(name)' in scope", at: nil) }
+            guard let t = registry.resourceType(name) else {
+                problem("scope.\(name)", "unknown resource type in scope", fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
+                continue
+            }
             do throws(SCIMError) {
                 filters[t.id] = try Filter(text, registry: registry, type: t)
             } catch {
-                throw ConfigError("policy: scope of \(t.id): \(error.detail)", at: nil)
+                problem("scope.\(name)", "not a valid SCIM filter for \(t.id): \(error.detail)")
             }
         }
         self.scopes = filters

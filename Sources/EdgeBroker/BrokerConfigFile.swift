@@ -6,201 +6,291 @@ import SCIM
 
 extension BrokerConfiguration {
     /// Reads the broker's YAML configuration strictly (see
-    /// `packaging/broker.example.yaml`); errors name their line and column.
-    public static func load(file path: String) throws(ConfigError) -> BrokerConfiguration {
-        try loadYAMLFile(path, decode)
+    /// `packaging/broker.example.yaml`); every problem is thrown, each with
+    /// its line and column.
+    public static func load(file path: String) throws(ConfigProblems) -> BrokerConfiguration {
+        let d = ConfigDiagnostics(file: path)
+        let config = read(file: path, d)
+        try d.failIfErrors()
+        return config!
     }
 
-    public static func decode(_ root: YAMLNode) throws(ConfigError) -> BrokerConfiguration {
-        var top = try YAMLMapping(root, path: "")
-        guard let dataDir = try top.string("dataDir") else { throw ConfigError("'dataDir' is required", at: root.mark) }
-        let listenText = try top.string("listen") ?? "127.0.0.1:8443"
-        guard let listen = SocketAddress(listenText) else { throw ConfigError("'listen' must be HOST:PORT", at: top.node("listen")?.mark) }
-        guard var tls = try top.mapping("tls") else { throw ConfigError("'tls' (ca, cert, key) is required", at: root.mark) }
-        guard let ca = try tls.string("ca"), let cert = try tls.string("cert"), let key = try tls.string("key") else {
-            throw ConfigError("'tls' needs ca, cert and key", at: tls.mark)
-        }
-        let crl = try tls.string("crl")
-        try tls.finish()
-        var config = BrokerConfiguration(dataDirectory: dataDir, listen: listen, tls: TLSConfiguration(
-            certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
-        guard var domains = try top.mapping("domains") else {
-            throw ConfigError("'domains' (NAME: certificate identity) is required", at: root.mark)
-        }
-        for (name, mark, value) in domains.entries() {
-            guard case .scalar(let identity, _, _) = value, !identity.isEmpty else {
-                throw ConfigError("'domains.\(name)' must be a certificate identity (SAN URI, DNS name or CN)", at: mark)
-            }
-            config.domains.append(DomainBinding(domain: name, identity: identity))
-        }
-        try domains.finish()
-        if var api = try top.mapping("api") {
-            if let l = try api.string("listen") {
-                guard let a = SocketAddress(l) else { throw ConfigError("'api.listen' must be HOST:PORT", at: api.node("listen")?.mark) }
-                config.apiListen = a
-            }
-            config.apiTokens = try api.strings("tokens") ?? []
-            try api.finish()
-        }
-        if var admin = try top.mapping("admin") {
-            if let l = try admin.string("listen"), l != "none" {
-                guard let a = SocketAddress(l) else { throw ConfigError("'admin.listen' must be HOST:PORT or none", at: admin.node("listen")?.mark) }
-                config.adminListen = a
-            }
-            try admin.finish()
-        }
-        if let v = try top.int("maxPendingBatches") { config.maxPendingBatches = max(0, v) }
-        if let node = top.node("targets") {
-            guard case .sequence(let items, _) = node else { throw ConfigError("'targets' must be a list", at: node.mark) }
-            for item in items {
-                let t = try decodeTarget(item, domains: config.domains.map(\.domain))
-                if config.targets.contains(where: { $0.name == t.name }) {
-                    throw ConfigError("target '\(t.name)' is defined twice", at: item.mark)
-                }
-                config.targets.append(t)
-            }
-        }
-        try top.finish()
+    /// Reads and decodes `path`, recording every problem in `diagnostics`
+    /// (nil only when the file cannot be read at all).
+    public static func read(file path: String, _ diagnostics: ConfigDiagnostics) -> BrokerConfiguration? {
+        readYAMLFile(path, diagnostics).map { decode($0, diagnostics) }
+    }
+
+    public static func decode(_ root: YAMLNode) throws(ConfigProblems) -> BrokerConfiguration {
+        let d = ConfigDiagnostics()
+        let config = decode(root, d)
+        try d.failIfErrors()
         return config
     }
 
-    /// One entry of `targets:` (see `packaging/broker.example.yaml`).
-    /// `domains`: the broker's domains, for the link's source-of-record order.
-    static func decodeTarget(_ node: YAMLNode, domains: [String] = []) throws(ConfigError) -> TargetConfiguration {
-        var m = try YAMLMapping(node, path: "targets[]")
-        guard let name = try m.string("name"), let url = try m.string("url") else {
-            throw ConfigError("a target needs 'name' and 'url'", at: node.mark)
+    /// Decodes what is valid and records a problem for everything else,
+    /// going on with the next key or entry; then the checks across fields
+    /// (an identity bound twice, a route to a domain not bound, a read API
+    /// off loopback, placeholder tokens). The result is meaningful only
+    /// when no error was recorded.
+    public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> BrokerConfiguration {
+        var config = BrokerConfiguration(dataDirectory: "", listen: SocketAddress(host: "127.0.0.1", port: 8443), tls: TLSConfiguration(verifyPeer: true))
+        guard var top = YAMLMapping(root, path: "", d) else { return config }
+        config.dataDirectory = top.required("dataDir", "the directory of the broker's LMDB file") ?? ""
+        if let text = top.string("listen") {
+            if let a = SocketAddress(text) { config.listen = a } else { top.problem("listen", "must be HOST:PORT, got '\(text)'") }
         }
-        var t: TargetConfiguration
-        do throws(SCIMError) { t = try TargetConfiguration(name: name, url: url) } catch {
-            throw ConfigError(error.detail, at: m.node("url")?.mark)
+        if var tls = top.mapping("tls") {
+            config.tls.trustRootsFile = tls.required("ca", "the federation CA agents' certificates chain to")
+            config.tls.certificateChainFile = tls.required("cert", "the broker's certificate")
+            config.tls.privateKeyFile = tls.required("key", "the broker's private key")
+            config.tls.crlFile = tls.string("crl")
+            tls.finish()
+        } else if !top.has("tls") && !d.truncated {
+            d.error("tls", "is required: the federation listener is mutual TLS", at: top.mark, fix: "add tls: {ca, cert, key}")
         }
-        t.tokenFile = try m.string("tokenFile")
-        if var tls = try m.mapping("tls") {
-            t.tls.trustRootsFile = try tls.string("ca")
-            t.tls.certificateChainFile = try tls.string("cert")
-            t.tls.privateKeyFile = try tls.string("key")
-            if (t.tls.certificateChainFile == nil) != (t.tls.privateKeyFile == nil) {
-                throw ConfigError("'tls' needs both cert and key for a client certificate", at: tls.mark)
+        if var domains = top.mapping("domains") {
+            var bound: [String: (domain: String, line: Int)] = [:]
+            for (name, mark, value) in domains.entries() {
+                guard case .scalar(let identity, _, _) = value, !identity.isEmpty else {
+                    d.error(domains.full(name), "must be a certificate identity (SAN URI, DNS name or CN)", at: mark)
+                    continue
+                }
+                if let other = bound[identity] {
+                    d.error(domains.full(name), "'\(identity)' is already bound to domain '\(other.domain)' (line \(other.line)); an agent's certificate must name one domain",
+                            at: mark, fix: "give each domain the identity its own agents' certificates carry")
+                    continue
+                }
+                bound[identity] = (name, mark.line)
+                config.domains.append(DomainBinding(domain: name, identity: identity))
             }
-            t.tls.minimumVersion = (try tls.string("minVersion")) == "1.3" ? .tls13 : .tls12
-            try tls.finish()
+            domains.finish()
+        } else if !top.has("domains") && !d.truncated {
+            d.error("domains", "is required: NAME: certificate identity of its agents", at: top.mark,
+                    fix: "add domains: {acme-de: spiffe://acme.example/acme-de/agent-1}")
         }
-        if var rate = try m.mapping("rate") {
-            if let r = try rate.int("requestsPerSecond") {
-                guard r > 0 else { throw ConfigError("'rate.requestsPerSecond' must be positive", at: rate.node("requestsPerSecond")?.mark) }
-                t.requestsPerSecond = Double(r)
+        if var api = top.mapping("api") {
+            if let l = api.string("listen") {
+                if let a = SocketAddress(l) { config.apiListen = a } else { api.problem("listen", "must be HOST:PORT, got '\(l)'") }
             }
-            if let c = try rate.int("concurrency") {
-                guard (1...256).contains(c) else { throw ConfigError("'rate.concurrency' must be 1 to 256", at: rate.node("concurrency")?.mark) }
-                t.concurrency = c
+            if let tokens = api.strings("tokens") {
+                config.apiTokens = tokens
+                api.warning("tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
+                            fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
+                for (i, token) in tokens.enumerated() {
+                    if let weak = weakTokenReason(token) { d.error("\(api.full("tokens"))[\(i)]", "the token \(weak)", fix: tokenFix) }
+                }
             }
-            try rate.finish()
-        }
-        if let r = try m.string("onRemove") {
-            guard let mode = RemovalMode(rawValue: r) else {
-                throw ConfigError("'onRemove' must be delete or deactivate", at: m.node("onRemove")?.mark)
+            config.apiTokenFile = api.string("tokenFile")
+            if let a = config.apiListen, !a.isLoopback {
+                api.problem("listen", "the read API has no TLS: on \(a.host), bearer tokens and the federated directory would cross the network in the clear",
+                            fix: "listen on 127.0.0.1 and put a TLS-terminating proxy in front")
             }
-            t.removal = mode
+            api.finish()
         }
-        if var g = try m.mapping("deleteGuard") {
-            if let n = try g.int("maxDeletes") { t.deletionGuard.maxDeletes = max(0, n) }
-            if let w = try g.int("windowSeconds") { t.deletionGuard.windowSeconds = max(1, w) }
-            try g.finish()
+        if var admin = top.mapping("admin") {
+            if let l = admin.string("listen"), l != "none" {
+                if let a = SocketAddress(l) {
+                    config.adminListen = a
+                    if !a.isLoopback {
+                        admin.warning("listen", "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
+                                      fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
+                    }
+                } else { admin.problem("listen", "must be HOST:PORT or none, got '\(l)'") }
+            }
+            admin.finish()
         }
-        if let c = try m.string("collisions") {
+        if let v = top.int("maxPendingBatches") { config.maxPendingBatches = max(0, v) }
+        if let items = top.sequence("targets") {
+            var names: [String: Int] = [:]
+            for (i, item) in items.enumerated() {
+                guard let t = decodeTarget(item, path: "targets[\(i)]", domains: config.domains.map(\.domain), d) else { continue }
+                if let line = names[t.name] {
+                    d.error("targets[\(i)].name", "target '\(t.name)' is defined twice (first at line \(line))", fix: "give each target its own name")
+                    continue
+                }
+                names[t.name] = d.mark("targets[\(i)].name")?.line ?? 0
+                config.targets.append(t)
+            }
+            // A route naming a domain not bound would never carry anything: a typo, most likely.
+            let known = config.domains.map(\.domain)
+            for (i, item) in items.enumerated() {
+                guard case .mapping(let members, _) = item, let routes = members.first(where: { $0.key == "routes" })?.value,
+                      case .sequence(let list, _) = routes else { continue }
+                for (r, route) in list.enumerated() {
+                    guard case .mapping(let fields, _) = route, let domains = fields.first(where: { $0.key == "domains" })?.value,
+                          case .sequence(let names, _) = domains else { continue }
+                    for (j, node) in names.enumerated() {
+                        guard case .scalar(let name, _, let mark) = node, !known.contains(name), !known.isEmpty || !top.has("domains") else { continue }
+                        d.error("targets[\(i)].routes[\(r)].domains[\(j)]", "domain '\(name)' is not bound in 'domains'"
+                                + (closestKey(to: name, among: known).map { "; did you mean '\($0)'?" } ?? ""), at: mark,
+                                fix: "name one of " + (known.isEmpty ? "the domains under 'domains'" : known.joined(separator: ", ")))
+                    }
+                }
+            }
+        }
+        top.finish()
+        return config
+    }
+
+    /// One entry of `targets:` (see `packaging/broker.example.yaml`); nil
+    /// when it is unusable (its problems are recorded). `domains`: the
+    /// broker's domains, for the link's source-of-record order.
+    static func decodeTarget(_ node: YAMLNode, path: String, domains: [String] = [], _ d: ConfigDiagnostics) -> TargetConfiguration? {
+        guard var m = YAMLMapping(node, path: path, d) else { return nil }
+        let name = m.required("name"), url = m.required("url", "the app's SCIM base URL")
+        var t: TargetConfiguration?
+        if let name, let url {
+            do throws(SCIMError) { t = try TargetConfiguration(name: name, url: url) } catch {
+                m.problem(error.detail.hasPrefix("target name") ? "name" : "url", error.detail)
+            }
+        }
+        // Every key is read even when the target is already unusable, so
+        // that its other problems are reported in the same run.
+        var target = t ?? (try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
+        target.tokenFile = m.string("tokenFile")
+        if var tls = m.mapping("tls") {
+            target.tls.trustRootsFile = tls.string("ca")
+            target.tls.certificateChainFile = tls.string("cert")
+            target.tls.privateKeyFile = tls.string("key")
+            if (target.tls.certificateChainFile == nil) != (target.tls.privateKeyFile == nil) {
+                d.error(tls.path, "needs both cert and key for a client certificate", at: tls.mark)
+            }
+            if let v = tls.string("minVersion") {
+                if v == "1.3" { target.tls.minimumVersion = .tls13 } else if v == "1.2" { target.tls.minimumVersion = .tls12 } else {
+                    tls.problem("minVersion", "must be 1.2 or 1.3, got '\(v)'")
+                }
+            }
+            tls.finish()
+        }
+        if var rate = m.mapping("rate") {
+            if let r = rate.int("requestsPerSecond") {
+                if r > 0 { target.requestsPerSecond = Double(r) } else { rate.problem("requestsPerSecond", "must be positive") }
+            }
+            if let c = rate.int("concurrency") {
+                if (1...256).contains(c) { target.concurrency = c } else { rate.problem("concurrency", "must be 1 to 256, got \(c)") }
+            }
+            rate.finish()
+        }
+        if let r = m.string("onRemove") {
+            if let mode = RemovalMode(rawValue: r) { target.removal = mode } else { m.problem("onRemove", "must be delete or deactivate, got '\(r)'") }
+        }
+        if var g = m.mapping("deleteGuard") {
+            if let n = g.int("maxDeletes") { target.deletionGuard.maxDeletes = max(0, n) }
+            if let w = g.int("windowSeconds") { target.deletionGuard.windowSeconds = max(1, w) }
+            g.finish()
+        }
+        let namespace = m.mapping("namespace"), link = m.mapping("link"), collisions = m.string("collisions")
+        if let c = collisions {
             switch c {
-            case "refuse": t.collisions = .refuse
+            case "refuse": target.collisions = .refuse
             case "namespace":
                 var userName = CollisionPolicy.defaultUserNameTemplate, displayName = CollisionPolicy.defaultDisplayNameTemplate
-                if var n = try m.mapping("namespace") {
+                if var n = namespace {
                     for (key, placeholder) in [("userName", "{userName}"), ("displayName", "{displayName}")] {
-                        guard let template = try n.string(key) else { continue }
+                        guard let template = n.string(key) else { continue }
                         guard template.contains(placeholder), template.contains("{domain}") else {
-                            throw ConfigError("'namespace.\(key)' must hold \(placeholder) and {domain}, so that names stay unique per domain",
-                                              at: n.node(key)?.mark)
+                            n.problem(key, "must hold \(placeholder) and {domain}, so that names stay unique per domain")
+                            continue
                         }
                         if key == "userName" { userName = template } else { displayName = template }
                     }
-                    try n.finish()
+                    n.finish()
                 }
-                t.collisions = .namespace(userName: userName, displayName: displayName)
+                target.collisions = .namespace(userName: userName, displayName: displayName)
             case "link":
-                guard var l = try m.mapping("link") else {
-                    throw ConfigError("'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'", at: m.node("collisions")?.mark)
+                guard var l = link else {
+                    m.problem("collisions", "'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'",
+                              fix: "add link: {attribute: employeeNumber, sourceOfRecord: [your domains, first one's data wins]}")
+                    break
                 }
-                guard let attribute = try l.string("attribute") else {
-                    throw ConfigError("'link.attribute' (the attribute that says two users are one person) is required", at: l.mark)
+                let attribute = l.required("attribute", "the attribute that says two users are one person")
+                let order = l.strings("sourceOfRecord")
+                var usable = attribute != nil && order != nil
+                if let order {
+                    if order.isEmpty {
+                        l.problem("sourceOfRecord", "must list at least one domain (the first one's data wins)")
+                        usable = false
+                    } else if let unknown = order.first(where: { !domains.isEmpty && !domains.contains($0) }) {
+                        l.problem("sourceOfRecord", "names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))")
+                        usable = false
+                    } else if let twice = order.enumerated().first(where: { order[..<$0.offset].contains($0.element) })?.element {
+                        l.problem("sourceOfRecord", "names '\(twice)' twice")
+                        usable = false
+                    }
+                } else if !l.has("sourceOfRecord") {
+                    l.problem("sourceOfRecord", "is required: the domains in order of precedence (the first one's data wins)")
                 }
-                guard let order = try l.strings("sourceOfRecord"), !order.isEmpty else {
-                    throw ConfigError("'link.sourceOfRecord' (domains, the first one's data wins) must list at least one domain",
-                                      at: l.node("sourceOfRecord")?.mark ?? l.mark)
+                if usable, let attribute, let order {
+                    do throws(SCIMError) { target.collisions = .link(try LinkPolicy(attribute: attribute, sourceOfRecord: order)) } catch {
+                        l.problem("attribute", error.detail)
+                    }
                 }
-                if let unknown = order.first(where: { d in !domains.isEmpty && !domains.contains(d) }) {
-                    throw ConfigError("'link.sourceOfRecord' names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))",
-                                      at: l.node("sourceOfRecord")?.mark)
-                }
-                if let twice = order.enumerated().first(where: { order[..<$0.offset].contains($0.element) })?.element {
-                    throw ConfigError("'link.sourceOfRecord' names '\(twice)' twice", at: l.node("sourceOfRecord")?.mark)
-                }
-                do throws(SCIMError) { t.collisions = .link(try LinkPolicy(attribute: attribute, sourceOfRecord: order)) } catch {
-                    throw ConfigError(error.detail, at: l.node("attribute")?.mark)
-                }
-                try l.finish()
+                l.finish()
             default:
-                throw ConfigError("'collisions' must be refuse, namespace or link", at: m.node("collisions")?.mark)
+                m.problem("collisions", "must be refuse, namespace or link, got '\(c)'")
             }
         }
-        if m.node("namespace") != nil, t.collisions == .refuse || t.collisions.linkPolicy != nil {
-            throw ConfigError("'namespace' applies only with 'collisions: namespace'", at: m.node("namespace")?.mark)
+        // Not when 'collisions' is itself wrong: that is the one problem to report.
+        if namespace != nil, collisions == nil || collisions == "refuse" || collisions == "link" {
+            m.problem("namespace", "applies only with 'collisions: namespace'", fix: "add collisions: namespace, or remove it")
         }
-        if m.node("link") != nil, t.collisions.linkPolicy == nil {
-            throw ConfigError("'link' applies only with 'collisions: link'", at: m.node("link")?.mark)
+        if link != nil, collisions == nil || collisions == "refuse" || collisions == "namespace" {
+            m.problem("link", "applies only with 'collisions: link'", fix: "add collisions: link, or remove it")
         }
-        if let n = try m.int("breakerThreshold") { t.breakerThreshold = max(1, n) }
-        if let n = try m.int("timeoutMs") { t.requestTimeoutMilliseconds = UInt64(max(100, n)) }
-        if var mapping = try m.mapping("mapping") {
-            if var rename = try mapping.mapping("rename") {
+        if let n = m.int("breakerThreshold") { target.breakerThreshold = max(1, n) }
+        if let n = m.int("timeoutMs") { target.requestTimeoutMilliseconds = UInt64(max(100, n)) }
+        if var mapping = m.mapping("mapping") {
+            if var rename = mapping.mapping("rename") {
                 for (from, mark, value) in rename.entries() {
                     guard case .scalar(let to, _, _) = value, !to.isEmpty else {
-                        throw ConfigError("'mapping.rename.\(from)' must name an attribute", at: mark)
+                        d.error(rename.full(from), "must name an attribute", at: mark)
+                        continue
                     }
-                    t.mapping.rename.append((from, to))
+                    target.mapping.rename.append((from, to))
                 }
-                try rename.finish()
+                rename.finish()
             }
-            t.mapping.drop = try mapping.strings("drop") ?? []
-            if var constant = try mapping.mapping("constant") {
+            target.mapping.drop = mapping.strings("drop") ?? []
+            if var constant = mapping.mapping("constant") {
                 for (path, mark, value) in constant.entries() {
                     guard case .scalar(let text, let plain, _) = value else {
-                        throw ConfigError("'mapping.constant.\(path)' must be a scalar", at: mark)
+                        d.error(constant.full(path), "must be a scalar", at: mark)
+                        continue
                     }
                     let json: JSON
                     if plain && (text == "true" || text == "false") { json = .bool(text == "true") }
                     else if plain, let n = JSONNumber(text) { json = .number(n) }
                     else { json = .string(text) }
-                    t.mapping.constant.append((path, json))
+                    target.mapping.constant.append((path, json))
                 }
-                try constant.finish()
+                constant.finish()
             }
-            try mapping.finish()
+            mapping.finish()
         }
-        guard let routes = m.node("routes") else {
-            throw ConfigError("target '\(name)' needs 'routes' (which domains and resources flow to it)", at: node.mark)
-        }
-        guard case .sequence(let items, _) = routes else { throw ConfigError("'routes' must be a list", at: routes.mark) }
-        for item in items {
-            var r = try YAMLMapping(item, path: "routes[]")
-            let domains = try r.strings("domains") ?? [], types = try r.strings("types") ?? [], filter = try r.string("filter")
-            do throws(SCIMError) {
-                t.routes.append(try Route(domains: domains, types: types, filter: filter))
-            } catch {
-                throw ConfigError("target '\(name)': \(error.detail)", at: item.mark)
+        if let routes = m.sequence("routes") {
+            for (i, item) in routes.enumerated() {
+                guard var r = YAMLMapping(item, path: "\(m.full("routes"))[\(i)]", d) else { continue }
+                let domains = r.strings("domains") ?? [], filter = r.string("filter")
+                var types = r.strings("types") ?? []
+                for (j, type) in types.enumerated() where type != "User" && type != "Group" {
+                    d.error("\(r.full("types"))[\(j)]", "route type '\(type)' must be User or Group")
+                }
+                types = types.filter { $0 == "User" || $0 == "Group" }
+                do throws(SCIMError) {
+                    target.routes.append(try Route(domains: domains, types: types, filter: filter))
+                } catch {
+                    // What Route refuses, with the types already checked above, is the filter.
+                    r.problem("filter", "target '\(name ?? "?")': \(error.detail)")
+                }
+                r.finish()
             }
-            try r.finish()
+        } else if !m.has("routes") && !d.truncated {
+            d.error(m.full("routes"), "target '\(name ?? "?")' needs 'routes' (which domains and resources flow to it)", at: m.mark,
+                    fix: "add routes: [{}] for every domain's users and groups")
         }
-        try m.finish()
-        return t
+        m.finish()
+        return t == nil ? nil : target
     }
 }
 
@@ -219,29 +309,44 @@ extension TargetConfiguration {
 
 extension BrokerConfiguration {
     /// Problems with what the configuration refers to (`check-config`):
-    /// files, permissions of secrets, certificates (dates, key, federation
-    /// CA, CRL), and each target's token and TLS files.
-    public func fileProblems() -> [String] {
-        var checks = FileChecks()
-        checks.dataDirectory(dataDirectory)
+    /// files, permissions of every secret, readability by the service's
+    /// user (`serviceUser`), certificates (dates, key, federation CA, CRL),
+    /// the read API's tokens, and each target's token and TLS files. Each
+    /// is reported at the line of the key naming the file.
+    public func checkFiles(_ d: ConfigDiagnostics, configFile: String? = nil, serviceUser: ServiceUser? = nil) {
+        var checks = FileChecks(serviceUser: serviceUser)
+        if let configFile, serviceUser != nil { checks.file(configFile, at: "") }
+        if !dataDirectory.isEmpty { checks.dataDirectory(dataDirectory) }
         if let cert = tls.certificateChainFile {
-            checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, "tls")
+            checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, at: ("tls.cert", "tls.key", "tls.ca"))
         }
-        if let crl = tls.crlFile, checks.file(crl, "tls.crl"), let ca = tls.trustRootsFile {
+        if let crl = tls.crlFile, checks.file(crl, at: "tls.crl"), let ca = tls.trustRootsFile {
             do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) }
-            catch { checks.problem("tls.crl \(crl): \(error)") }
+            catch { checks.problem("tls.crl", "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)") }
         }
-        for d in domains where d.identity.isEmpty { checks.problem("domain \(d.domain): no certificate identity") }
-        for t in targets {
-            if let file = t.tokenFile, checks.file(file, "target \(t.name) tokenFile", secret: true) {
-                do { _ = try t.resolveToken() } catch { checks.problem(error.description) }
+        if let apiTokenFile, checks.file(apiTokenFile, at: "api.tokenFile", secret: true) {
+            do throws(ConfigError) {
+                for (i, token) in try readTokenLines(apiTokenFile).enumerated() {
+                    if let weak = weakTokenReason(token) { checks.problem("api.tokenFile", "\(apiTokenFile): token \(i + 1) \(weak)", fix: tokenFix) }
+                }
+            } catch { checks.problem("api.tokenFile", error.message, fix: "write one token per line") }
+        }
+        if apiListen != nil && apiTokens.isEmpty && apiTokenFile == nil {
+            checks.problem("api.listen", "the read API needs a bearer token", fix: "set api.tokenFile")
+        }
+        for (i, t) in targets.enumerated() {
+            if let file = t.tokenFile, checks.file(file, at: "targets[\(i)].tokenFile", secret: true) {
+                do { _ = try t.resolveToken() } catch { checks.problem("targets[\(i)].tokenFile", error.message, fix: "write the app's token on the first line") }
             }
             if t.token == nil && t.tokenFile == nil && t.tls.certificateChainFile == nil {
-                checks.problem("target \(t.name): no tokenFile and no client certificate: the app would be called without credentials")
+                checks.problem("targets[\(i)]", "target \(t.name): no tokenFile and no client certificate: the app would be called without credentials",
+                               fix: "set tokenFile, or tls: {cert, key}")
             }
-            if let ca = t.tls.trustRootsFile { checks.file(ca, "target \(t.name) tls.ca") }
-            if let cert = t.tls.certificateChainFile { checks.certificate(cert, key: t.tls.privateKeyFile, ca: nil, "target \(t.name) tls") }
+            if let ca = t.tls.trustRootsFile { checks.file(ca, at: "targets[\(i)].tls.ca") }
+            if let cert = t.tls.certificateChainFile {
+                checks.certificate(cert, key: t.tls.privateKeyFile, ca: nil, at: ("targets[\(i)].tls.cert", "targets[\(i)].tls.key", "targets[\(i)].tls.ca"))
+            }
         }
-        return checks.problems
+        for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }
     }
 }

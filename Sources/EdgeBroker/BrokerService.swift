@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeMetrics
@@ -34,6 +35,9 @@ public struct BrokerConfiguration: Sendable {
     /// The SCIM read API over the federated directory (`--api-listen`); nil: none.
     public var apiListen: SocketAddress?
     public var apiTokens: [String] = []
+    /// Read-API tokens, one per line (`api.tokenFile`), read at start: so
+    /// that no token needs to sit in the configuration file.
+    public var apiTokenFile: String?
     /// `/healthz`, `/readyz`, `/metrics`; nil: none.
     public var adminListen: SocketAddress?
     /// Backpressure: with this many batches waiting to be applied, agents get
@@ -152,8 +156,12 @@ public final class BrokerService {
         weakSelf = self
         certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
         if let api = configuration.apiListen {
-            guard !configuration.apiTokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token") }
-            let handler = BrokerAPI(store: store, tokens: configuration.apiTokens)
+            var tokens = configuration.apiTokens
+            if let file = configuration.apiTokenFile {
+                do throws(ConfigError) { tokens += try readTokenLines(file) } catch { throw BrokerError.configuration("api.tokenFile: \(error.message)") }
+            }
+            guard !tokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token or --api-token-file") }
+            let handler = BrokerAPI(store: store, tokens: tokens)
             apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
         }
         if let admin = configuration.adminListen {

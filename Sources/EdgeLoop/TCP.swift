@@ -8,6 +8,8 @@ public struct SocketAddress: Sendable, CustomStringConvertible, Equatable {
     public let host: String
     public let port: Int
     public var isIPv6: Bool { host.contains(":") }
+    /// Reachable from this machine only (127.0.0.0/8, ::1).
+    public var isLoopback: Bool { host == "::1" || host.hasPrefix("127.") }
 
     public init(host: String, port: Int) {
         self.host = host == "localhost" ? "127.0.0.1" : host

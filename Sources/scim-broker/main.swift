@@ -31,8 +31,10 @@ struct Serve: ParsableCommand {
     var domain: [String] = []
     @Option(help: "SCIM read API over the federated directory at http://HOST:PORT/scim/v2 (keep it on loopback or behind TLS).")
     var apiListen: String?
-    @Option(help: "A bearer token for the read API (repeatable).")
+    @Option(help: "A bearer token for the read API (repeatable; --api-token-file keeps it out of the process list).")
     var apiToken: [String] = []
+    @Option(help: "A file of read-API bearer tokens, one per line (read at start).")
+    var apiTokenFile: String?
     @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none'; default 127.0.0.1:9190).")
     var adminListen: String?
     @Option(help: "Backpressure: agents get 503 + Retry-After while this many batches wait to be applied (default 256).")
@@ -79,6 +81,7 @@ struct Serve: ParsableCommand {
             config.apiListen = a
         }
         config.apiTokens += apiToken
+        if let apiTokenFile { config.apiTokenFile = apiTokenFile }
         try applyTargetFlags(&config.targets, target, targetToken)
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
@@ -100,17 +103,31 @@ struct Serve: ParsableCommand {
 }
 
 struct CheckConfig: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "check-config", abstract: "Validate a configuration file.")
+    static let configuration = CommandConfiguration(
+        commandName: "check-config", abstract: "Validate a configuration file (exit 0 when it is usable).",
+        discussion: """
+            Reports every problem in one run, one per line as FILE:LINE:COLUMN: KEY: PROBLEM (fix: WHAT TO DO): \
+            unknown keys (with the key probably meant), wrong values, an identity bound to two domains, routes to \
+            domains not bound, a read API off loopback, placeholder tokens, missing or unreadable files, secrets \
+            readable beyond the service, certificates (dates, key, federation CA, CRL). Warnings (tokens written in \
+            the file) are printed too but do not fail the check. Exit status 1 when there is an error.
+            """)
     @Argument(help: "The YAML file.") var file = "/etc/scim-broker/broker.yaml"
+    @Option(help: ArgumentHelp("Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
+                               valueName: "NAME"))
+    var asUser: String?
+
     func run() throws {
-        let config = try BrokerConfiguration.load(file: file)
-        let problems = config.fileProblems()
-        guard problems.isEmpty else {
-            emitLine("\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s"):")
-            for p in problems { emitLine("  - \(p)") }
-            throw ExitCode(1)
+        let user = try asUser.map { name throws(ServiceUserError) in try ServiceUser(name: name) }
+        let d = ConfigDiagnostics(file: file)
+        let config = BrokerConfiguration.read(file: file, d)
+        config?.checkFiles(d, configFile: file, serviceUser: user)
+        let (lines, passed) = d.report {
+            "ok (\(config!.domains.count) domains, \(config!.targets.count) targets, federation on \(config!.listen)"
+                + (user.map { ", readable by \($0.name)" } ?? "") + ")"
         }
-        emitLine("\(file): ok (\(config.domains.count) domains, \(config.targets.count) targets, federation on \(config.listen))")
+        for line in lines { emitLine(line) }
+        if !passed { throw ExitCode(1) }
     }
 }
 

@@ -163,19 +163,30 @@ struct Serve: ParsableCommand {
 
 struct CheckConfig: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "check-config", abstract: "Validate a configuration file (exit 0 when it is usable).")
+        commandName: "check-config", abstract: "Validate a configuration file (exit 0 when it is usable).",
+        discussion: """
+            Reports every problem in one run, one per line as FILE:LINE:COLUMN: KEY: PROBLEM (fix: WHAT TO DO): \
+            unknown keys (with the key probably meant), wrong values, policy entries, missing or unreadable files, \
+            secrets readable beyond the service, weak or placeholder tokens, certificates (dates, key, CA, identity). \
+            Warnings are printed too but do not fail the check. Exit status 1 when there is an error.
+            """)
     @Argument(help: "The YAML file.") var file = "/etc/scim-edge/agent.yaml"
+    @Option(help: ArgumentHelp("Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
+                               valueName: "NAME"))
+    var asUser: String?
 
     func run() throws {
-        let config = try AgentConfiguration.load(file: file)
-        let problems = config.fileProblems()
-        guard problems.isEmpty else {
-            emit("\(file): \(problems.count) problem\(problems.count == 1 ? "" : "s"):")
-            for p in problems { emit("  - \(p)") }
-            throw ExitCode(1)
+        let user = try asUser.map { name throws(ServiceUserError) in try ServiceUser(name: name) }
+        let d = ConfigDiagnostics(file: file)
+        let config = AgentConfiguration.read(file: file, d)
+        config?.checkFiles(d, configFile: file, serviceUser: user)
+        let (lines, passed) = d.report {
+            "ok (data in \(config!.dataDirectory), SCIM on \(config!.listen)"
+                + (config!.relay.map { ", relaying domain \($0.domain) as \($0.agentName)" } ?? ", standalone")
+                + (user.map { ", readable by \($0.name)" } ?? "") + ")"
         }
-        emit("\(file): ok (data in \(config.dataDirectory), SCIM on \(config.listen)"
-             + (config.relay.map { ", relaying domain \($0.domain) as \($0.agentName)" } ?? ", standalone") + ")")
+        for line in lines { emit(line) }
+        if !passed { throw ExitCode(1) }
     }
 }
 

@@ -125,7 +125,7 @@ final class PolicyTests: XCTestCase {
         XCTAssertThrowsError(try policy([("id", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("always leaves")) }
         XCTAssertThrowsError(try policy([("shoeSize", .keepLocal)])) { XCTAssertTrue("\($0)".contains("not an attribute")) }
         XCTAssertThrowsError(try policy([("active", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("not a string")) }
-        XCTAssertThrowsError(try policy(scopes: ["User": "userType eq"])) { XCTAssertTrue("\($0)".contains("scope of User")) }
+        XCTAssertThrowsError(try policy(scopes: ["User": "userType eq"])) { XCTAssertTrue("\($0)".contains("policy.scope.User: not a valid SCIM filter")) }
         XCTAssertThrowsError(try LocalPolicy(registry: .standard, attributes: [("userName", .pseudonymize)])) {
             XCTAssertTrue("\($0)".contains("needs a pseudonym key"))
         }
@@ -134,15 +134,24 @@ final class PolicyTests: XCTestCase {
 }
 
 final class ConfigTests: XCTestCase {
-    func decode(_ yaml: String) throws -> AgentConfiguration { try AgentConfiguration.decode(try YAMLNode.parse(yaml)) }
+    /// Decodes as `serve` does: every problem of the text, YAML and configuration alike.
+    func decode(_ yaml: String) throws -> AgentConfiguration {
+        let d = ConfigDiagnostics()
+        let config = AgentConfiguration.decode(YAMLNode.parse(yaml, d), d)
+        try d.failIfErrors()
+        return config
+    }
 
+    /// One of the problems holds `fragment` (and is at `line`, `column`).
     func fails(_ yaml: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
                file: StaticString = #filePath, lineNo: UInt = #line) {
         XCTAssertThrowsError(try decode(yaml), file: file, line: lineNo) { error in
-            let e = error as! ConfigError
-            XCTAssertTrue(e.message.contains(fragment), "'\(e.message)' should contain '\(fragment)'", file: file, line: lineNo)
-            if let line { XCTAssertEqual(e.mark?.line, line, file: file, line: lineNo) }
-            if let column { XCTAssertEqual(e.mark?.column, column, file: file, line: lineNo) }
+            let all = (error as! ConfigProblems).errors
+            guard let e = all.first(where: { $0.description.contains(fragment) }) else {
+                return XCTFail("'\(fragment)' not in \(all)", file: file, line: lineNo)
+            }
+            if let line { XCTAssertEqual(e.mark?.line, line, "\(e)", file: file, line: lineNo) }
+            if let column { XCTAssertEqual(e.mark?.column, column, "\(e)", file: file, line: lineNo) }
         }
     }
 
@@ -151,7 +160,7 @@ final class ConfigTests: XCTestCase {
         let cpus = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
         XCTAssertEqual(try decode("dataDir: /tmp/x\n").servingLoops, max(1, min(16, cpus)), "auto by default")
         XCTAssertEqual(try decode("dataDir: /tmp/x\nworkers: auto\n").servingLoops, max(1, min(16, cpus)))
-        fails("dataDir: /tmp/x\nworkers: 0\n", "'workers' must be auto or a number from 1 to 64", line: 2)
+        fails("dataDir: /tmp/x\nworkers: 0\n", "workers: must be auto or a number from 1 to 64", line: 2)
         fails("dataDir: /tmp/x\nworkers: many\n", "got 'many'", line: 2)
     }
 
@@ -207,7 +216,7 @@ final class ConfigTests: XCTestCase {
         let dir = TempDirectory("edge-config")
         defer { dir.remove() }
         _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
-        _ = dir.write("tokens", "# comment\nabc\n\ndef\n")
+        _ = dir.write("tokens", "# comment\nabcdefghijklmnop-1\n\nabcdefghijklmnop-2\n")
         let text = try String(contentsOf: source, encoding: .utf8).replacingOccurrences(of: "/etc/scim-edge", with: dir.path)
         let path = dir.write("agent.yaml", text)
         let config = try AgentConfiguration.load(file: path)
@@ -220,13 +229,13 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.relay?.domain, "acme-de")
         XCTAssertEqual(config.relay?.broker.port, 8443)
         XCTAssertEqual(config.relay?.window, 16)
-        XCTAssertEqual(try readTokenFile(config.tokenFile!), ["abc", "def"])
+        XCTAssertEqual(try readTokenFile(config.tokenFile!), ["abcdefghijklmnop-1", "abcdefghijklmnop-2"])
         // check-config also checks the files: with none of them there, it fails and names each.
         let missing = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
         XCTAssertEqual(missing.waitForExit(), 1)
-        XCTAssertTrue(missing.output.contains { $0.contains("broker certificate \(dir.path)/agent.crt: No such file or directory") },
+        XCTAssertTrue(missing.output.contains { $0.contains("agent.yaml:39:9: broker.cert: \(dir.path)/agent.crt: No such file or directory") },
                       "\(missing.output)")
-        XCTAssertTrue(missing.output.contains { $0.contains("broker CA \(dir.path)/federation-ca.crt: No such file") })
+        XCTAssertTrue(missing.output.contains { $0.contains("agent.yaml:38:7: broker.ca: \(dir.path)/federation-ca.crt: No such file") })
         // A federation PKI made here: the agent's certificate names its domain and agent.
         let ca = try CertificateAuthority(commonName: "federation CA")
         _ = dir.write("federation-ca.crt", ca.certificatePEM)
@@ -256,27 +265,124 @@ final class ConfigTests: XCTestCase {
         try problems("is not accepted by the CA")
         install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
         chmod(dir.file("agent.key"), 0o644)
-        try problems("broker key \(dir.path)/agent.key: readable by every user")
+        try problems("broker.key: \(dir.path)/agent.key: a secret readable by every user")
         chmod(dir.file("agent.key"), 0o600)
         chmod(dir.file("tokens"), 0o604)
-        try problems("tokenFile \(dir.path)/tokens: readable by every user")
+        try problems("tokenFile: \(dir.path)/tokens: a secret readable by every user")
+    }
+
+    /// Issue 19: one run names every problem at its own line, where the
+    /// first one used to hide the rest.
+    func testCheckConfigReportsEveryProblemInOneRun() throws {
+        let dir = TempDirectory("edge-check-all")
+        defer { dir.remove() }
+        _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
+        chmod(dir.file("pseudonym.key"), 0o644)
+        _ = dir.write("tokens", "a-long-enough-idp-token-1234\n")
+        chmod(dir.file("tokens"), 0o640)
+        let config = dir.write("agent.yaml", """
+            dataDir: \(dir.file("data"))
+            tokenFile: \(dir.file("tokens"))
+            lisen: 127.0.0.1:8080
+            broker:
+              url: https://127.0.0.1:8443
+              ca: \(dir.file("ca.crt"))
+              cert: \(dir.file("agent.crt"))
+              key: \(dir.file("agent.key"))
+              domain: acme-de
+            policy:
+              scope:
+                User: 'userType eq'
+              pseudonymKeyFile: \(dir.file("pseudonym.key"))
+            admin: {listen: 127.0.0.1:9180}
+            admin: {listen: none}
+            limits: {maxBodyBytes: *size}
+
+            """)
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", config])
+        XCTAssertEqual(c.waitForExit(), 1)
+        for expected in [
+            "\(config):3:1: lisen: unknown key; did you mean 'listen'? (fix: rename it to 'listen')",
+            "\(config):6:7: broker.ca: \(dir.file("ca.crt")): No such file or directory",
+            "\(config):7:9: broker.cert: \(dir.file("agent.crt")): No such file or directory",
+            "\(config):12:11: policy.scope.User: not a valid SCIM filter for User",
+            "\(config):13:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): a secret readable by every user (mode 0644",
+            "\(config):15:1: admin: appears twice (first at line 14)",
+            "\(config):16:24: limits.maxBodyBytes: YAML aliases are not supported",
+        ] {
+            XCTAssertTrue(c.output.contains { $0.hasPrefix(expected) }, "'\(expected)' not in \(c.output)")
+        }
+        XCTAssertEqual(c.output.last, "\(config): 8 problems", "the key file is missing too: \(c.output)")
+
+        // A syntax error ends the parse, but what came before it is still checked.
+        let broken = dir.write("broken.yaml", "dataDir: \(dir.file("data"))\nworkers: many\nlimits: {maxBodyBytes: 1\n")
+        let b = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", broken])
+        XCTAssertEqual(b.waitForExit(), 1)
+        XCTAssertTrue(b.output.contains { $0.hasPrefix("\(broken):2:10: workers: must be auto or a number from 1 to 64") }, "\(b.output)")
+        XCTAssertTrue(b.output.contains { $0.hasPrefix("\(broken):4:1: YAML syntax:") }, "\(b.output)")
+        // And serve refuses to start with all of them, not just the first.
+        let serve = try ChildProcess("/bin/sh", ["-c", "'\(productsDirectory)/scim-edge' serve --config '\(config)' 2>&1"])
+        XCTAssertNotEqual(serve.waitForExit(), 0)
+        XCTAssertTrue(serve.output.joined(separator: "\n").contains("policy.scope.User") && serve.output.joined(separator: "\n").contains("lisen"),
+                      "\(serve.output)")
+    }
+
+    /// `--as-user`: root reads everything; the service's user may not. A
+    /// root-owned 0600 key passes for root and fails for `nobody`, at its line.
+    func testCheckConfigAsTheServiceUser() throws {
+        guard getuid() == 0 else { throw XCTSkip("checking as another user needs root") }
+        let nobody = try XCTUnwrap(getpwnam("nobody")?.pointee)
+        let dir = TempDirectory("edge-as-user")
+        defer { dir.remove() }
+        chmod(dir.path, 0o755)
+        _ = dir.write("pseudonym.key", String(repeating: "k", count: 32))
+        chmod(dir.file("pseudonym.key"), 0o600)
+        mkdir(dir.file("data"), 0o750)
+        chown(dir.file("data"), nobody.pw_uid, nobody.pw_gid)
+        let config = dir.write("agent.yaml", """
+            dataDir: \(dir.file("data"))
+            policy:
+              attributes:
+                externalId: pseudonymize
+              pseudonymKeyFile: \(dir.file("pseudonym.key"))
+
+            """)
+        chmod(config, 0o644)
+        func check(_ args: [String]) throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config"] + args + [config])
+            return (c.waitForExit(), c.output)
+        }
+        let root = try check([])
+        XCTAssertEqual(root.0, 0, "\(root.1)")
+        let denied = try check(["--as-user", "nobody"])
+        XCTAssertEqual(denied.0, 1, "\(denied.1)")
+        XCTAssertTrue(denied.1.contains { $0.hasPrefix("\(config):5:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): user nobody cannot read it") },
+                      "\(denied.1)")
+        XCTAssertEqual(denied.1.count, 2, "only the key: \(denied.1)")
+        // Given to the user's group, it passes (and root is still itself afterwards: the key is read as root again).
+        chown(dir.file("pseudonym.key"), 0, nobody.pw_gid)
+        chmod(dir.file("pseudonym.key"), 0o640)
+        let allowed = try check(["--as-user", "nobody"])
+        XCTAssertEqual(allowed.0, 0, "\(allowed.1)")
+        XCTAssertTrue(allowed.1.last?.hasSuffix("readable by nobody)") ?? false, "\(allowed.1)")
+        XCTAssertNotEqual(try check(["--as-user", "no-such-user-here"]).0, 0)
     }
 
     func testStrictErrorsWithLineAndColumn() {
-        fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "unknown key 'lsten'", line: 3, column: 1)
-        fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "'limits.maxBodyBytes' must be an integer", line: 3, column: 17)
-        fails("dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "unknown key 'limits.maxBodyByte'", line: 3, column: 3)
+        fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "lsten: unknown key; did you mean 'listen'?", line: 3, column: 1)
+        fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "limits.maxBodyBytes: must be an integer", line: 3, column: 17)
+        fails("dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "limits.maxBodyByte: unknown key; did you mean 'maxBodyBytes'?", line: 3, column: 3)
         fails("dataDir: /d\ndataDir: /e\n", "appears twice", line: 2)
-        fails("listen: 127.0.0.1:1\n", "'dataDir' is required")
-        fails("dataDir: /d\nlisten: nowhere\n", "'listen' must be HOST:PORT")
+        fails("listen: 127.0.0.1:1\n", "dataDir: is required")
+        fails("dataDir: /d\nlisten: nowhere\n", "listen: must be HOST:PORT")
         fails("dataDir: /d\noutbox:\n  keep: maybe\n", "must be true or false")
         fails("dataDir: /d\nscim:\n  profile: loose\n", "lenient or strict")
         fails("dataDir: /d\npolicy:\n  attributes:\n    phoneNumbers: hide\n", "keep-local or pseudonymize", line: 4)
         fails("dataDir: /d\npolicy:\n  attributes:\n    userName: keep-local\n", "pseudonymize it instead")
         fails("dataDir: &a /d\nlisten: *a\n", "aliases are not supported")
-        fails("dataDir: [unclosed\n", "YAML:")
+        fails("dataDir: [unclosed\n", "YAML syntax:")
         fails("dataDir: /d\nbroker:\n  url: http://x:1\n", "https://HOST:PORT")
-        fails("dataDir: /d\nbroker:\n  url: https://127.0.0.1:1\n  ca: a\n", "needs url, ca, cert, key and domain")
+        fails("dataDir: /d\nbroker:\n  url: https://127.0.0.1:1\n  ca: a\n", "broker.cert: is required")
         XCTAssertEqual(try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000\n").endpoint.outboxLowEvents, 800)
     }
 }

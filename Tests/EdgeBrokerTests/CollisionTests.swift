@@ -97,16 +97,16 @@ extension FanoutTests {
     /// The collision settings are checked where they are written.
     func testCollisionSettingsAreValidated() throws {
         for (yaml, fragment) in [
-            ("    collisions: merge", "'collisions' must be refuse, namespace or link"),
+            ("    collisions: merge", "collisions: must be refuse, namespace or link, got 'merge'"),
             ("    collisions: link", "needs 'link: {attribute"),
-            ("    collisions: link\n    link: {sourceOfRecord: [acme-de]}", "'link.attribute'"),
+            ("    collisions: link\n    link: {sourceOfRecord: [acme-de]}", "link.attribute: is required"),
             ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: []}", "must list at least one domain"),
             ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-fr]}", "'acme-fr', which is not one of the broker's domains"),
             ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-de, acme-de]}", "names 'acme-de' twice"),
             ("    collisions: link\n    link: {attribute: emails, sourceOfRecord: [acme-de]}", "is multi-valued: pick one element"),
             ("    collisions: link\n    link: {attribute: badgeNumber, sourceOfRecord: [acme-de]}", "no such User attribute"),
             ("    collisions: link\n    link: {attribute: 'emails[value eq \"x\"].value', sourceOfRecord: [acme-de]}", "only value filter allowed"),
-            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-de], order: x}", "unknown key 'targets[].link.order'"),
+            ("    collisions: link\n    link: {attribute: employeeNumber, sourceOfRecord: [acme-de], order: x}", "link.order: unknown key"),
             ("    link: {attribute: employeeNumber, sourceOfRecord: [acme-de]}", "only with 'collisions: link'"),
             ("    collisions: namespace\n    namespace: {userName: \"{userName}\"}", "must hold {userName} and {domain}"),
             ("    namespace: {userName: \"{userName}@{domain}\"}", "only with 'collisions: namespace'"),
