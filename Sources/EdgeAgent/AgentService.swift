@@ -38,6 +38,11 @@ public struct AgentConfiguration: Sendable {
         self.dataDirectory = dataDirectory
         self.listen = listen
     }
+
+    /// The SCIM listener when none is given (flags and config file alike).
+    public static let defaultListen = SocketAddress(host: "127.0.0.1", port: 8080)
+    /// The operations listener when none is given (`none` turns it off).
+    public static let defaultAdminListen = SocketAddress(host: "127.0.0.1", port: 9180)
 }
 
 public enum AgentError: Error, CustomStringConvertible {

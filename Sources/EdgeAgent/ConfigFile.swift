@@ -34,8 +34,8 @@ extension AgentConfiguration {
     /// going on with the next key: the result is meaningful only when no
     /// error was recorded (check-config still checks its files).
     public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> AgentConfiguration {
-        var config = AgentConfiguration(dataDirectory: "", listen: SocketAddress(host: "127.0.0.1", port: 8080))
-        config.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+        var config = AgentConfiguration(dataDirectory: "", listen: AgentConfiguration.defaultListen)
+        config.adminListen = AgentConfiguration.defaultAdminListen
         guard var top = YAMLMapping(root, path: "", d) else { return config }
         config.dataDirectory = top.required("dataDir", "the directory of the agent's LMDB file") ?? ""
         if let text = top.string("listen") {
@@ -80,14 +80,7 @@ extension AgentConfiguration {
         }
         if var outbox = top.mapping("outbox") {
             if let v = outbox.bool("keep") { config.endpoint.recordOutbox = v }
-            if let v = outbox.int("maxEvents") {
-                config.endpoint.outboxHighEvents = v
-                config.endpoint.outboxLowEvents = v * 4 / 5
-            }
-            if let v = outbox.int("maxBytes") {
-                config.endpoint.outboxHighBytes = v
-                config.endpoint.outboxLowBytes = v / 5 * 4
-            }
+            config.endpoint.limitOutbox(events: outbox.int("maxEvents"), bytes: outbox.int("maxBytes"))
             outbox.finish()
         } else {
             config.endpoint.recordOutbox = false  // standalone: no broker to drain it

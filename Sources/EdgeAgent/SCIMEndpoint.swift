@@ -23,11 +23,23 @@ public struct EndpointOptions: Sendable {
     /// Append relay events to the outbox (off for a standalone agent: nothing would drain it).
     public var recordOutbox = true
     /// Backpressure: at or above either high watermark writes get 503 +
-    /// Retry-After until the outbox is at or below both low watermarks.
+    /// Retry-After until the outbox is at or below both low watermarks. The
+    /// configuration sets the high ones through `limitOutbox`, which derives
+    /// the low ones by the one rule (`lowWatermark`).
     public var outboxHighEvents = 1_000_000
-    public var outboxLowEvents = 800_000
+    public var outboxLowEvents = EndpointOptions.lowWatermark(1_000_000)
     public var outboxHighBytes = 1 << 30
-    public var outboxLowBytes = 800 << 20
+    public var outboxLowBytes = EndpointOptions.lowWatermark(1 << 30)
+
+    /// Four fifths of a high watermark: writes resume when the outbox has
+    /// drained a fifth of its limit, so backpressure does not flap.
+    public static func lowWatermark(_ high: Int) -> Int { high - high / 5 }
+
+    /// Sets the outbox's high watermarks (nil: unchanged) and their low ones.
+    public mutating func limitOutbox(events: Int? = nil, bytes: Int? = nil) {
+        if let events { (outboxHighEvents, outboxLowEvents) = (events, Self.lowWatermark(events)) }
+        if let bytes { (outboxHighBytes, outboxLowBytes) = (bytes, Self.lowWatermark(bytes)) }
+    }
     public var retryAfterSeconds = 5
     /// Writes waiting for group commit; past this, writes get 503 at once
     /// (a bounded queue: invariant 4).

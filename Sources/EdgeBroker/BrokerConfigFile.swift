@@ -34,7 +34,7 @@ extension BrokerConfiguration {
     /// off loopback, placeholder tokens). The result is meaningful only
     /// when no error was recorded.
     public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> BrokerConfiguration {
-        var config = BrokerConfiguration(dataDirectory: "", listen: SocketAddress(host: "127.0.0.1", port: 8443), tls: TLSConfiguration(verifyPeer: true))
+        var config = BrokerConfiguration(dataDirectory: "", tls: TLSConfiguration(verifyPeer: true))
         guard var top = YAMLMapping(root, path: "", d) else { return config }
         config.dataDirectory = top.required("dataDir", "the directory of the broker's LMDB file") ?? ""
         if let text = top.string("listen") {

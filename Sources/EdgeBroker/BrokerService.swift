@@ -47,11 +47,14 @@ public struct BrokerConfiguration: Sendable {
     /// Downstream SCIM targets the directory fans out to.
     public var targets: [TargetConfiguration] = []
 
-    public init(dataDirectory: String, listen: SocketAddress, tls: TLSConfiguration) {
+    public init(dataDirectory: String, listen: SocketAddress = BrokerConfiguration.defaultListen, tls: TLSConfiguration) {
         self.dataDirectory = dataDirectory
         self.listen = listen
         self.tls = tls
     }
+
+    /// The federation listener when none is given (flags and config file alike).
+    public static let defaultListen = SocketAddress(host: "127.0.0.1", port: 8443)
 }
 
 /// Counters of the federation listener.

@@ -50,7 +50,7 @@ struct Serve: ParsableCommand {
             config = try BrokerConfiguration.load(file: file)
         } else {
             guard let dataDir, let ca, let cert, let key else { throw ValidationError("give --config FILE, or --data-dir, --ca, --cert and --key") }
-            config = BrokerConfiguration(dataDirectory: dataDir, listen: SocketAddress(host: "127.0.0.1", port: 8443), tls: TLSConfiguration(
+            config = BrokerConfiguration(dataDirectory: dataDir, tls: TLSConfiguration(
                 certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
             config.adminListen = SocketAddress(host: "127.0.0.1", port: 9190)
         }

@@ -88,8 +88,8 @@ struct Serve: ParsableCommand {
             configuration = try AgentConfiguration.load(file: config)
         } else {
             guard let dataDir else { throw ValidationError("give --config FILE or --data-dir DIR") }
-            configuration = AgentConfiguration(dataDirectory: dataDir, listen: SocketAddress(host: "127.0.0.1", port: 8080))
-            configuration.adminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+            configuration = AgentConfiguration(dataDirectory: dataDir, listen: AgentConfiguration.defaultListen)
+            configuration.adminListen = AgentConfiguration.defaultAdminListen
             configuration.endpoint.recordOutbox = false
         }
         if let dataDir { configuration.dataDirectory = dataDir }
@@ -106,14 +106,7 @@ struct Serve: ParsableCommand {
         if let tokenFile { configuration.tokenFile = tokenFile }
         if let maxBodyBytes { configuration.limits.maxBodyBytes = maxBodyBytes }
         if keepOutbox { configuration.endpoint.recordOutbox = true }
-        if let v = outboxMaxEvents {
-            configuration.endpoint.outboxHighEvents = v
-            configuration.endpoint.outboxLowEvents = v * 4 / 5
-        }
-        if let v = outboxMaxBytes {
-            configuration.endpoint.outboxHighBytes = v
-            configuration.endpoint.outboxLowBytes = v / 5 * 4
-        }
+        configuration.endpoint.limitOutbox(events: outboxMaxEvents, bytes: outboxMaxBytes)
         if let adminListen {
             if adminListen == "none" {
                 configuration.adminListen = nil

@@ -368,7 +368,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertNotEqual(try check(["--as-user", "no-such-user-here"]).0, 0)
     }
 
-    func testStrictErrorsWithLineAndColumn() {
+    func testStrictErrorsWithLineAndColumn() throws {
         fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "lsten: unknown key; did you mean 'listen'?", line: 3, column: 1)
         fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "limits.maxBodyBytes: must be an integer", line: 3, column: 17)
         fails("dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "limits.maxBodyByte: unknown key; did you mean 'maxBodyBytes'?", line: 3, column: 3)
@@ -384,6 +384,18 @@ final class ConfigTests: XCTestCase {
         fails("dataDir: /d\nbroker:\n  url: http://x:1\n", "https://HOST:PORT")
         fails("dataDir: /d\nbroker:\n  url: https://127.0.0.1:1\n  ca: a\n", "broker.cert: is required")
         XCTAssertEqual(try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000\n").endpoint.outboxLowEvents, 800)
+        // One rule for the low watermarks, whoever sets the high ones: the built-in defaults, the file, the flags.
+        let defaults = EndpointOptions()
+        XCTAssertEqual(defaults.outboxLowEvents, EndpointOptions.lowWatermark(defaults.outboxHighEvents))
+        XCTAssertEqual(defaults.outboxLowBytes, EndpointOptions.lowWatermark(defaults.outboxHighBytes))
+        let fromFile = try decode("dataDir: /d\noutbox:\n  maxEvents: 1_000_003\n  maxBytes: 1_073_741_827\n").endpoint
+        var fromFlags = EndpointOptions()
+        fromFlags.limitOutbox(events: 1_000_003, bytes: 1_073_741_827)
+        XCTAssertEqual(fromFile.outboxLowEvents, fromFlags.outboxLowEvents)
+        XCTAssertEqual(fromFile.outboxLowBytes, fromFlags.outboxLowBytes)
+        XCTAssertEqual(fromFile.outboxLowBytes, 1_073_741_827 - 1_073_741_827 / 5)
+        XCTAssertEqual(try decode("dataDir: /d\n").adminListen, AgentConfiguration.defaultAdminListen)
+        XCTAssertEqual(try decode("dataDir: /d\n").listen, AgentConfiguration.defaultListen)
     }
 }
 
