@@ -10,7 +10,7 @@ SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh
 
-.PHONY: deps venv build test test-deb deb demo bench bench-build fuzz compliance clean
+.PHONY: deps venv build test test-deb deb demo bench bench-build fuzz compliance format clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -65,6 +65,10 @@ compliance:
 # Coverage-guided fuzzing of the JSON, filter and PATCH parsers (libFuzzer + ASan).
 fuzz:
 	bash scripts/fuzz.sh
+
+# Formats the Swift sources with the toolchain's swift-format (configuration: .swift-format).
+format:
+	$(SWIFT) format -i -r Sources Tests Benchmarks/Sources Fuzz/Sources Plugins
 
 clean:
 	rm -rf .build Benchmarks/.build Fuzz/.build dist

@@ -1,5 +1,5 @@
-import EdgeLoop
 import EdgeHTTP
+import EdgeLoop
 import EdgeStore
 import Glibc
 import SCIM
@@ -24,7 +24,8 @@ public final class AdminEndpoint {
             if agent.server.isDraining {
                 responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "draining\n"))
             } else if agent.endpoint.backpressure {
-                responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "backpressure: the outbox is over its high watermark\n"))
+                responder.respond(
+                    HTTPResponse(status: 503, contentType: "text/plain", body: "backpressure: the outbox is over its high watermark\n"))
             } else if let error = outboxUnreadable() {
                 responder.respond(HTTPResponse(status: 503, contentType: "text/plain", body: "cannot read the outbox: \(error)\n"))
             } else {
@@ -32,8 +33,10 @@ public final class AdminEndpoint {
             }
         case "/metrics":
             agent.openConnections { [self] connections in
-                responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
-                                               body: metricsText(openConnections: connections)))
+                responder.respond(
+                    HTTPResponse(
+                        status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                        body: metricsText(openConnections: connections)))
             }
         default:
             responder.respond(HTTPResponse(status: 404, contentType: "text/plain", body: "try /healthz, /readyz or /metrics\n"))
@@ -55,11 +58,12 @@ public final class AdminEndpoint {
             for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
         }
         let m = agent.requestMetrics
-        metric("scim_edge_requests_total", "counter", "SCIM requests by method, resource type and status.",
-               m.requests.sorted { $0.key < $1.key }.map { key, count in
-                   let p = key.split(separator: "|", omittingEmptySubsequences: false)
-                   return ("{method=\"\(p[0])\",resource=\"\(p[1])\",status=\"\(p[2])\"}", String(count))
-               })
+        metric(
+            "scim_edge_requests_total", "counter", "SCIM requests by method, resource type and status.",
+            m.requests.sorted { $0.key < $1.key }.map { key, count in
+                let p = key.split(separator: "|", omittingEmptySubsequences: false)
+                return ("{method=\"\(p[0])\",resource=\"\(p[1])\",status=\"\(p[2])\"}", String(count))
+            })
         var perLoop = [("{loop=\"0\"}", String(agent.endpoint.metrics.latencyCount))]
         for (k, loop) in agent.servingLoops.enumerated() {
             perLoop.append(("{loop=\"\(k + 1)\"}", String(loop.metrics.snapshot.latencyCount)))
@@ -76,7 +80,9 @@ public final class AdminEndpoint {
 
         // An unreadable outbox has no sample (absent, not a misleading 0).
         let usage = try? agent.store.outboxUsage()
-        metric("scim_edge_outbox_events", "gauge", "Relay events not yet acknowledged by the broker.", usage.map { [("", String($0.events))] } ?? [])
+        metric(
+            "scim_edge_outbox_events", "gauge", "Relay events not yet acknowledged by the broker.",
+            usage.map { [("", String($0.events))] } ?? [])
         metric("scim_edge_outbox_bytes", "gauge", "Bytes of the outbox in the store.", usage.map { [("", String($0.bytes))] } ?? [])
         var age: [(String, String)] = []
         do {
@@ -87,47 +93,67 @@ public final class AdminEndpoint {
             age = [("", String(seconds))]
         } catch {}  // unreadable: no sample, like the outbox gauges
         metric("scim_edge_outbox_oldest_age_seconds", "gauge", "Age of the oldest unacknowledged event.", age)
-        metric("scim_edge_backpressure", "gauge", "1 while writes are refused because the outbox is full.",
-               [("", agent.endpoint.backpressure ? "1" : "0")])
-        metric("scim_edge_backpressure_rejections_total", "counter", "Writes answered 503 because of backpressure.",
-               [("", String(m.backpressureRejections))])
+        metric(
+            "scim_edge_backpressure", "gauge", "1 while writes are refused because the outbox is full.",
+            [("", agent.endpoint.backpressure ? "1" : "0")])
+        metric(
+            "scim_edge_backpressure_rejections_total", "counter", "Writes answered 503 because of backpressure.",
+            [("", String(m.backpressureRejections))])
         let info = agent.store.environment.info
         metric("scim_edge_store_map_bytes", "gauge", "Size of the LMDB map.", [("", String(info.mapSize))])
         metric("scim_edge_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
-        metric("scim_edge_store_map_limit_bytes", "gauge", "The map's configured maximum.",
-               [("", String(agent.store.environment.options.maxMapSize))])
+        metric(
+            "scim_edge_store_map_limit_bytes", "gauge", "The map's configured maximum.",
+            [("", String(agent.store.environment.options.maxMapSize))])
         let g = agent.writer.statistics
         metric("scim_edge_commit_batches_total", "counter", "Durable group commits.", [("", String(g.batches))])
-        metric("scim_edge_commit_flushes_total", "counter", "Syncs that made committed batches durable (one per batch).", [("", String(g.flushes))])
-        metric("scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
+        metric(
+            "scim_edge_commit_flushes_total", "counter", "Syncs that made committed batches durable (one per batch).",
+            [("", String(g.flushes))])
+        metric(
+            "scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
         if let relay = agent.relay {
             let r = relay.statistics
             metric("scim_edge_relay_batches_sent_total", "counter", "Batches sent to the broker.", [("", String(r.batchesSent))])
-            metric("scim_edge_relay_events_acknowledged_total", "counter", "Events the broker acknowledged.", [("", String(r.eventsAcknowledged))])
-            metric("scim_edge_relay_events_rejected_total", "counter", "Events the broker refused for good (dead letters).", [("", String(r.eventsRejected))])
+            metric(
+                "scim_edge_relay_events_acknowledged_total", "counter", "Events the broker acknowledged.",
+                [("", String(r.eventsAcknowledged))])
+            metric(
+                "scim_edge_relay_events_rejected_total", "counter", "Events the broker refused for good (dead letters).",
+                [("", String(r.eventsRejected))])
             metric("scim_edge_relay_errors_total", "counter", "Failed relay attempts (retried).", [("", String(r.errors))])
             metric("scim_edge_relay_rewinds_total", "counter", "409 expectedSeq answers.", [("", String(r.rewinds))])
-            metric("scim_edge_relay_protocol_errors_total", "counter",
-                   "Broker answers acknowledging more than was sent (connection reset, nothing skipped).", [("", String(r.protocolErrors))])
-            metric("scim_edge_relay_splits_total", "counter", "Batches the broker refused as a whole, split to isolate the event.",
-                   [("", String(r.splits))])
-            metric("scim_edge_relay_tls_failures_total", "counter",
-                   "Failed TLS handshakes with the broker (a refused, revoked or expired certificate; another CA).", [("", String(r.tlsFailures))])
+            metric(
+                "scim_edge_relay_protocol_errors_total", "counter",
+                "Broker answers acknowledging more than was sent (connection reset, nothing skipped).", [("", String(r.protocolErrors))])
+            metric(
+                "scim_edge_relay_splits_total", "counter", "Batches the broker refused as a whole, split to isolate the event.",
+                [("", String(r.splits))])
+            metric(
+                "scim_edge_relay_tls_failures_total", "counter",
+                "Failed TLS handshakes with the broker (a refused, revoked or expired certificate; another CA).",
+                [("", String(r.tlsFailures))])
             if let relay = agent.relay {
-                metric("scim_edge_relay_certificate_expiry_timestamp_seconds", "gauge", "When this agent's client certificate expires (Unix time).",
-                       [("", String(relay.certificateNotAfter))])
-                metric("scim_edge_broker_certificate_expiry_timestamp_seconds", "gauge",
-                       "When the broker's certificate (from the last handshake) expires (Unix time; 0: not connected yet).",
-                       [("", String(relay.brokerCertificateNotAfter))])
+                metric(
+                    "scim_edge_relay_certificate_expiry_timestamp_seconds", "gauge",
+                    "When this agent's client certificate expires (Unix time).",
+                    [("", String(relay.certificateNotAfter))])
+                metric(
+                    "scim_edge_broker_certificate_expiry_timestamp_seconds", "gauge",
+                    "When the broker's certificate (from the last handshake) expires (Unix time; 0: not connected yet).",
+                    [("", String(relay.brokerCertificateNotAfter))])
             }
-            metric("scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.", [("", relay.client.isConnected ? "1" : "0")])
+            metric(
+                "scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.",
+                [("", relay.client.isConnected ? "1" : "0")])
             metric("scim_edge_relay_window", "gauge", "Batches allowed in flight (adaptive).", [("", String(r.window))])
             out += "# HELP scim_edge_relay_rtt_seconds Round trip of a batch to the broker.\n# TYPE scim_edge_relay_rtt_seconds histogram\n"
             for (k, le) in RelayStatistics.rttBuckets.enumerated() {
                 out += "scim_edge_relay_rtt_seconds_bucket{le=\"\(le)\"} \(r.rttBucketCounts[k])\n"
             }
-            out += "scim_edge_relay_rtt_seconds_bucket{le=\"+Inf\"} \(r.rttCount)\nscim_edge_relay_rtt_seconds_sum \(r.rttSum)\nscim_edge_relay_rtt_seconds_count \(r.rttCount)\n"
+            out +=
+                "scim_edge_relay_rtt_seconds_bucket{le=\"+Inf\"} \(r.rttCount)\nscim_edge_relay_rtt_seconds_sum \(r.rttSum)\nscim_edge_relay_rtt_seconds_count \(r.rttCount)\n"
         }
         return out
     }

@@ -1,6 +1,6 @@
 import EdgeConfig
-import EdgeLog
 import EdgeHTTP
+import EdgeLog
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -66,7 +66,6 @@ public func readTokenFile(_ path: String) throws -> [String] {
     return tokens
 }
 
-
 /// A running agent on the calling thread's loop.
 public final class AgentService {
     public let loop: EventLoop
@@ -111,14 +110,18 @@ public final class AgentService {
         listenerTLS = tls
         // One budget for every serving loop: `maxConnections` is the agent's limit.
         let budget = ConnectionBudget(limit: configuration.limits.maxConnections)
-        server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits,
-                                connectionBudget: budget) { request, _, responder in endpoint.handle(request, responder) }
+        server = try HTTPServer(
+            loop: loop, address: configuration.listen, tls: tls, limits: configuration.limits,
+            connectionBudget: budget
+        ) { request, _, responder in endpoint.handle(request, responder) }
         server.errorBody = SCIMEndpoint.errorResponse
         let store = self.store, writer = self.writer
         let committed = configuration.relay == nil ? nil : LoopBound<() -> Void>({ endpoint.onCommitted?() })
         servingLoops = try (1..<max(1, configuration.servingLoops)).map { _ in
-            try ServingLoop(store: store, writer: writer, options: endpointOptions, shared: shared, tls: tls,
-                            limits: configuration.limits, connectionBudget: budget, mainInbox: loop.inbox, committed: committed, logger: endpoint.logger, accessLog: configuration.accessLog)
+            try ServingLoop(
+                store: store, writer: writer, options: endpointOptions, shared: shared, tls: tls,
+                limits: configuration.limits, connectionBudget: budget, mainInbox: loop.inbox, committed: committed,
+                logger: endpoint.logger, accessLog: configuration.accessLog)
         }
         if !servingLoops.isEmpty {
             let spreader = ConnectionSpreader(loops: servingLoops, budget: budget)  // kept by the closure
@@ -150,8 +153,10 @@ public final class AgentService {
         shared.onChange.withLock {
             $0 = { on, events, bytes in
                 inbox.send {
-                    me.value.takeUnretainedValue().log(on ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
-                                                          : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
+                    me.value.takeUnretainedValue().log(
+                        on
+                            ? "backpressure on: outbox holds \(events) events, \(bytes) bytes; writes get 503"
+                            : "backpressure off: outbox down to \(events) events, \(bytes) bytes")
                 }
             }
         }
@@ -197,21 +202,27 @@ public final class AgentService {
         let back = LoopBound(finished)
         for s in servingLoops {
             inbox.hold()  // this loop keeps running until the serving loop answers
-            s.shutdown { inbox.send { inbox.release(); back.value() } }
+            s.shutdown {
+                inbox.send {
+                    inbox.release(); back.value()
+                }
+            }
         }
         server.shutdown(finished)
     }
 
     /// Installs SIGTERM/SIGINT (drain) and SIGHUP (`reload()`).
     public func installSignals(onDrained: @escaping () -> Void = {}) throws {
-        signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
-            log("draining")
-            shutdown { [unowned self] in
-                signals?.close()
-                log("drained")
-                onDrained()
-            }
-        }, onReload: { [unowned self] in reload() })
+        signals = try ServiceSignals(
+            loop: loop,
+            onDrain: { [unowned self] in
+                log("draining")
+                shutdown { [unowned self] in
+                    signals?.close()
+                    log("drained")
+                    onDrained()
+                }
+            }, onReload: { [unowned self] in reload() })
     }
 
     /// SIGHUP: re-reads the token file, the SCIM listener's certificate and
@@ -232,7 +243,9 @@ public final class AgentService {
             }
         }
         if let listenerTLS {
-            do { try listenerTLS.reload(); done.append("the listener certificate") } catch { failed.append("the listener certificate (\(error))") }
+            do { try listenerTLS.reload(); done.append("the listener certificate") } catch {
+                failed.append("the listener certificate (\(error))")
+            }
         }
         if let relay {
             do { try relay.reloadTLS(); done.append("the relay certificate, key and CA") } catch {
@@ -240,7 +253,9 @@ public final class AgentService {
             }
         }
         if done.isEmpty && failed.isEmpty { log("reload: nothing to reload (no token file, no TLS)"); return }
-        if !done.isEmpty { log("reloaded " + done.joined(separator: ", ") + " (the policy is read at start: restart to apply a changed one)") }
+        if !done.isEmpty {
+            log("reloaded " + done.joined(separator: ", ") + " (the policy is read at start: restart to apply a changed one)")
+        }
         if !failed.isEmpty { log("reload failed, keeping the old " + failed.joined(separator: ", ")) }
     }
 }

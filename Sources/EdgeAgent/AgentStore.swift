@@ -49,17 +49,23 @@ public final class AgentStore: Sendable {
     /// existed: it keeps the one sequence it had.
     public let epoch: String
 
-    public init(path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil,
-                options: (inout EnvironmentOptions) -> Void = { _ in }) throws {
+    public init(
+        path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil,
+        options: (inout EnvironmentOptions) -> Void = { _ in }
+    ) throws {
         var o = EnvironmentOptions(path: path)
         options(&o)
         environment = try Environment(o)
         self.registry = registry
         self.policy = policy ?? .propagateAll(registry)
-        generalPathNames = Dictionary(uniqueKeysWithValues: registry.resourceTypes.map { type in
-            (type.id, (Projection.namesHiddenByDefault(registry: registry, type: type) + (type.id == "User" ? ["groups"] : []))
-                .map { Array($0.lowercased().utf8) })
-        })
+        generalPathNames = Dictionary(
+            uniqueKeysWithValues: registry.resourceTypes.map { type in
+                (
+                    type.id,
+                    (Projection.namesHiddenByDefault(registry: registry, type: type) + (type.id == "User" ? ["groups"] : []))
+                        .map { Array($0.lowercased().utf8) }
+                )
+            })
         propagated = try environment.openDatabase("propagated")
         deadLetters = try environment.openDatabase("deadLetters")
         resources = try environment.openDatabase("resources")
@@ -142,7 +148,8 @@ public final class AgentStore: Sendable {
             try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _, value in
                 scanned += 1
                 if scanned > scanBudget {
-                    failure = SCIMError(400, .tooMany, "the filter needs a scan of more than \(scanBudget) resources; filter on id, userName or externalId")
+                    failure = SCIMError(
+                        400, .tooMany, "the filter needs a scan of more than \(scanBudget) resources; filter on id, userName or externalId")
                     return false
                 }
                 do {
@@ -203,10 +210,11 @@ public final class AgentStore: Sendable {
             let metaStart = lastIndex(of: AgentStore.metaMember, in: bytes).map { $0 + AgentStore.metaMember.count }
             var meta: JSONObject?
             if let metaStart, bytes.last == UInt8(ascii: "}"),
-               !namesMember(bytes, generalPathNames[type.id] ?? []),
-               // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
-               let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)]), limits: .stored).objectValue,
-               parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil {
+                !namesMember(bytes, generalPathNames[type.id] ?? []),
+                // The rest is exactly one object (the parse fails on anything after it): meta is the last member.
+                let parsed = try? JSONParser.parse(Array(bytes[metaStart..<(bytes.count - 1)]), limits: .stored).objectValue,
+                parsed["resourceType"]?.stringValue == type.id, parsed["location"] == nil
+            {
                 meta = parsed
             }
             guard var meta, let metaStart else {
@@ -267,8 +275,10 @@ public final class AgentStore: Sendable {
     /// `limit` events and `maxBytes`, counting `separatorBytes` between two
     /// events (at least one event, however large): the relay sends them as
     /// they are, without parsing them again.
-    public func rawOutboxEntries(after sequence: UInt64, limit: Int, maxBytes: Int,
-                                 separatorBytes: Int = 0) throws -> [(UInt64, [UInt8])] {
+    public func rawOutboxEntries(
+        after sequence: UInt64, limit: Int, maxBytes: Int,
+        separatorBytes: Int = 0
+    ) throws -> [(UInt64, [UInt8])] {
         try environment.read { txn in
             var out: [(UInt64, [UInt8])] = []
             var bytes = 0
@@ -306,14 +316,20 @@ extension AgentStore {
     /// `acknowledge(through:)` inside a write transaction (the relay runs it
     /// through group commit). Events the broker refused for good move to the
     /// dead letters with its reason instead of vanishing.
-    public func acknowledge(through sequence: UInt64, rejected: [UInt64: String] = [:], at epochSeconds: Int64 = 0,
-                            in txn: borrowing WriteTransaction) throws -> Int {
+    public func acknowledge(
+        through sequence: UInt64, rejected: [UInt64: String] = [:], at epochSeconds: Int64 = 0,
+        in txn: borrowing WriteTransaction
+    ) throws -> Int {
         var keys: [[UInt8]] = []
-        try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in keys.append(k); return true }
+        try txn.scan(outbox, to: (sequence &+ 1).bigEndianBytes) { k, _ in
+            keys.append(k); return true
+        }
         for (seq, reason) in rejected where seq <= sequence {
             guard let event = try txn.get(outbox, seq.bigEndianBytes) else { continue }
-            let letter: JSON = ["reason": .string(reason), "at": .number(JSONNumber(integer: epochSeconds)),
-                                "event": try JSONParser.parse(event, limits: .stored)]
+            let letter: JSON = [
+                "reason": .string(reason), "at": .number(JSONNumber(integer: epochSeconds)),
+                "event": try JSONParser.parse(event, limits: .stored),
+            ]
             try txn.put(deadLetters, seq.bigEndianBytes, letter.serialized())
         }
         for k in keys { try txn.delete(outbox, k) }
@@ -369,7 +385,8 @@ extension AgentStore {
             guard let bytes = try txn.get(deadLetters, seq.bigEndianBytes) else { return false }
             let letter = try JSONParser.parse(bytes, limits: .stored)
             guard let (_, body) = letter["event"]?["events"]?.objectValue?.members.first,
-                  let ref = body["ref"]?.stringValue else { return false }
+                let ref = body["ref"]?.stringValue
+            else { return false }
             let parts = ref.split(separator: "/")
             if parts.count == 2, let type = registry.resourceType(endpoint: "/" + parts[0]) {
                 let id = String(parts[1])
@@ -396,16 +413,20 @@ extension AgentStore {
     }
 
     /// The same inside a write transaction (bulk fills for benchmarks).
-    public func appendEventForTesting(uri: String, ref: String, data: JSONObject?, _ ctx: WriteContext,
-                                      in txn: borrowing WriteTransaction) throws {
+    public func appendEventForTesting(
+        uri: String, ref: String, data: JSONObject?, _ ctx: WriteContext,
+        in txn: borrowing WriteTransaction
+    ) throws {
         do {
             let key = Array("seq".utf8)
             let seq = (try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
             try txn.put(meta, key, seq.bigEndianBytes)
             var body: JSONObject = ["ref": .string(ref)]
             if let data { body["data"] = .object(data) }
-            let event: JSON = ["seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string(ctx.eventID), "txn": .string(ctx.traceID),
-                               "iat": .number(JSONNumber(integer: ctx.epochSeconds)), "events": .object(JSONObject([(uri, .object(body))]))]
+            let event: JSON = [
+                "seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string(ctx.eventID), "txn": .string(ctx.traceID),
+                "iat": .number(JSONNumber(integer: ctx.epochSeconds)), "events": .object(JSONObject([(uri, .object(body))])),
+            ]
             try txn.put(outbox, seq.bigEndianBytes, event.serialized(), flags: .append)
         }
     }
@@ -423,8 +444,10 @@ func namesMember(_ bytes: [UInt8], _ names: [[UInt8]]) -> Bool {
         var k = 0
         while k < b.count, let hit = memchr(base + k, Int32(quote), b.count - k) {
             let start = base.distance(to: hit.assumingMemoryBound(to: UInt8.self)) + 1
-            for name in names where start + name.count + 1 < b.count
-                && b[start + name.count] == quote && b[start + name.count + 1] == colon {
+            for name in names
+            where start + name.count + 1 < b.count
+                && b[start + name.count] == quote && b[start + name.count + 1] == colon
+            {
                 var m = 0
                 while m < name.count, asciiLower(b[start + m]) == name[m] { m += 1 }
                 if m == name.count { return true }

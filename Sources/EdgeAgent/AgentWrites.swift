@@ -51,8 +51,10 @@ extension AgentStore {
     /// Applies `write` in `txn`: the resource, its indexes and its outbox
     /// event(s) change together. Returns the stored resource (nil for a delete).
     /// Deterministic given `ctx` and the store's state.
-    public func apply(_ write: AgentWrite, _ ctx: WriteContext, profile: ClientProfile,
-                      in txn: borrowing WriteTransaction) throws -> JSONObject? {
+    public func apply(
+        _ write: AgentWrite, _ ctx: WriteContext, profile: ClientProfile,
+        in txn: borrowing WriteTransaction
+    ) throws -> JSONObject? {
         switch write {
         case .create(let type, let validated):
             return try store(type, id: ctx.newID, new: validated, old: nil, event: EventURI.createFull, ctx, txn)
@@ -90,8 +92,10 @@ extension AgentStore {
     }
 
     /// Writes `new` (validated, without id and meta) as resource `id`.
-    func store(_ type: ResourceType, id: String, new given: JSONObject, old: JSONObject?, event: String,
-               _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws -> JSONObject {
+    func store(
+        _ type: ResourceType, id: String, new given: JSONObject, old: JSONObject?, event: String,
+        _ ctx: WriteContext, _ txn: borrowing WriteTransaction
+    ) throws -> JSONObject {
         // writeOnly values (`password`) are accepted and dropped: never stored, relayed or returned.
         let new = registry.removingWriteOnly(given, of: type)
         // userName is unique per agent (RFC 7643 uniqueness: server), compared case-insensitively.
@@ -141,8 +145,10 @@ extension AgentStore {
         let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
         for member in new.subtracting(old) {
             guard member != groupID else { throw SCIMError.invalidValue("a group cannot be a member of itself") }
-            guard try txn.get(resources, AgentStore.key(users, member)) != nil
-                    || txn.get(resources, AgentStore.key(groups, member)) != nil else {
+            guard
+                try txn.get(resources, AgentStore.key(users, member)) != nil
+                    || txn.get(resources, AgentStore.key(groups, member)) != nil
+            else {
                 throw SCIMError.invalidValue("members: '\(member)' is not a User or Group of this agent")
             }
             try txn.put(memberships, Array(member.utf8), Array(groupID.utf8))
@@ -154,8 +160,10 @@ extension AgentStore {
 
     /// Deletes a resource, its index entries and its memberships; groups that
     /// held it get a new version and an event of their own.
-    func remove(_ type: ResourceType, id: String, old: JSONObject, _ ctx: WriteContext,
-                _ txn: borrowing WriteTransaction) throws {
+    func remove(
+        _ type: ResourceType, id: String, old: JSONObject, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
         try txn.delete(resources, AgentStore.key(type, id))
         if let name = old["userName"]?.stringValue, type.id == "User" {
             try txn.delete(userNames, Array(name.lowercased().utf8))
@@ -185,8 +193,10 @@ extension AgentStore {
     /// (a keep-local attribute, an out-of-scope resource) sends nothing.
     /// Groups list only members that have left the boundary, so a member
     /// entering or leaving it changes the groups that hold it too.
-    func emitChange(_ type: ResourceType, id: String, current: JSONObject?, kind: String,
-                    _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+    func emitChange(
+        _ type: ResourceType, id: String, current: JSONObject?, kind: String,
+        _ ctx: WriteContext, _ txn: borrowing WriteTransaction
+    ) throws {
         guard ctx.recordEvents else { return }
         let key = AgentStore.key(type, id)
         let previous = try txn.get(propagated, key)
@@ -257,8 +267,10 @@ extension AgentStore {
 
     /// The relay event (docs/protocol.md, relay protocol v1): full state, so
     /// applying it twice is harmless.
-    func appendEvent(_ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
-                     _ txn: borrowing WriteTransaction) throws {
+    func appendEvent(
+        _ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
         guard ctx.recordEvents else { return }
         let seq = try nextCounter("seq", txn)
         var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]

@@ -43,7 +43,9 @@ extension AgentConfiguration {
         }
         config.tokenFile = top.string("tokenFile")
         let workersText = top.string("workers") ?? "auto"
-        if let workers = servingLoopCount(workersText) { config.servingLoops = workers } else {
+        if let workers = servingLoopCount(workersText) {
+            config.servingLoops = workers
+        } else {
             top.problem("workers", "must be auto or a number from 1 to 64, got '\(workersText)'")
         }
         if var tls = top.mapping("tls") {
@@ -52,18 +54,26 @@ extension AgentConfiguration {
             tls.finish()
         }
         if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
-            top.problem("listen", "the SCIM listener is on \(config.listen.host) without TLS: bearer tokens and personal data would cross the network in the clear",
-                        fix: "add tls: {cert, key}, or listen on 127.0.0.1 behind a TLS-terminating proxy")
+            top.problem(
+                "listen",
+                "the SCIM listener is on \(config.listen.host) without TLS: bearer tokens and personal data would cross the network in the clear",
+                fix: "add tls: {cert, key}, or listen on 127.0.0.1 behind a TLS-terminating proxy")
         }
         if var admin = top.mapping("admin") {
             if let l = admin.string("listen") {
-                if l == "none" { config.adminListen = nil } else if let a = SocketAddress(l) {
+                if l == "none" {
+                    config.adminListen = nil
+                } else if let a = SocketAddress(l) {
                     config.adminListen = a
                     if !a.isLoopback {
-                        admin.warning("listen", "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
-                                      fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
+                        admin.warning(
+                            "listen",
+                            "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
+                            fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
                     }
-                } else { admin.problem("listen", "must be HOST:PORT or none, got '\(l)'") }
+                } else {
+                    admin.problem("listen", "must be HOST:PORT or none, got '\(l)'")
+                }
             }
             admin.finish()
         }
@@ -107,9 +117,10 @@ extension AgentConfiguration {
             let batch = broker.int("maxEventsPerBatch"), window = broker.int("window")
             broker.finish()
             if let (address, name) = target, let ca, let cert, let key, let domain {
-                var relay = RelayConfiguration(broker: address, brokerName: name,
-                                               tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
-                                               domain: domain, agentName: agent)
+                var relay = RelayConfiguration(
+                    broker: address, brokerName: name,
+                    tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
+                    domain: domain, agentName: agent)
                 if let batch { relay.maxEventsPerBatch = max(1, batch) }
                 if let window { relay.window = max(1, window) }
                 config.relay = relay
@@ -162,8 +173,11 @@ extension AgentConfiguration {
         if let keyFile {
             do throws(ConfigError) {
                 key = try readFileBytes(keyFile)
-                if key!.count < 32 { m.problem("pseudonymKeyFile", "\(keyFile) holds \(key!.count) bytes; at least 32 are needed",
-                                               fix: "head -c 32 /dev/urandom > \(keyFile)") }
+                if key!.count < 32 {
+                    m.problem(
+                        "pseudonymKeyFile", "\(keyFile) holds \(key!.count) bytes; at least 32 are needed",
+                        fix: "head -c 32 /dev/urandom > \(keyFile)")
+                }
             } catch {
                 m.problem("pseudonymKeyFile", error.message, fix: "create it: head -c 32 /dev/urandom > \(keyFile)")
             }
@@ -172,7 +186,8 @@ extension AgentConfiguration {
             if key == nil || key!.count < 32 { key = [UInt8](repeating: 0, count: 32) }
         }
         var problems: [ConfigError] = []
-        let policy = LocalPolicy(registry: .standard, resourceTypes: types, attributes: rules, scopes: scopes, pseudonymKey: key, problems: &problems)
+        let policy = LocalPolicy(
+            registry: .standard, resourceTypes: types, attributes: rules, scopes: scopes, pseudonymKey: key, problems: &problems)
         for p in problems { d.add(p) }
         return (problems.isEmpty ? policy : nil, keyFile)
     }
@@ -205,7 +220,9 @@ extension AgentConfiguration {
         if let tokenFile, checks.file(tokenFile, at: "tokenFile", secret: true) {
             do {
                 for (i, token) in try readTokenFile(tokenFile).enumerated() {
-                    if let weak = weakTokenReason(token) { checks.problem("tokenFile", "\(tokenFile): token \(i + 1) \(weak)", fix: tokenFix) }
+                    if let weak = weakTokenReason(token) {
+                        checks.problem("tokenFile", "\(tokenFile): token \(i + 1) \(weak)", fix: tokenFix)
+                    }
                 }
             } catch { checks.problem("tokenFile", "\(error)", fix: "write one token per line") }
         }
@@ -217,11 +234,15 @@ extension AgentConfiguration {
             checks.file(pseudonymKeyFile, at: "policy.pseudonymKeyFile", secret: true)
         }
         if let relay, let cert = relay.tls.certificateChainFile,
-           let summary = checks.certificate(cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, at: ("broker.cert", "broker.key", "broker.ca")),
-           !identityNames(summary.identity, domain: relay.domain, agent: relay.agentName) {
-            checks.problem("broker.cert", "\(cert) names \(summary.identity.names.joined(separator: ", ")), not domain '\(relay.domain)' and agent '\(relay.agentName)'",
-                           fix: "a certificate with a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. "
-                                + agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName) + " (scim-edge pki csr)")
+            let summary = checks.certificate(
+                cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, at: ("broker.cert", "broker.key", "broker.ca")),
+            !identityNames(summary.identity, domain: relay.domain, agent: relay.agentName)
+        {
+            checks.problem(
+                "broker.cert",
+                "\(cert) names \(summary.identity.names.joined(separator: ", ")), not domain '\(relay.domain)' and agent '\(relay.agentName)'",
+                fix: "a certificate with a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. "
+                    + agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName) + " (scim-edge pki csr)")
         }
         for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }
     }

@@ -6,7 +6,8 @@ import EdgeTLS
 /// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
 func traceID(_ header: String?) -> String? {
     guard let parts = header?.split(separator: "-"), parts.count == 4, parts[1].count == 32,
-          parts[1].allSatisfy({ $0.isHexDigit }) else { return nil }
+        parts[1].allSatisfy({ $0.isHexDigit })
+    else { return nil }
     return String(parts[1])
 }
 

@@ -39,19 +39,24 @@ public struct LocalPolicy: Sendable {
     ///   - attributes: attribute path (`phoneNumbers`, `name.givenName`, URN-qualified) → rule.
     ///   - scopes: type id → SCIM filter; only matching resources leave.
     /// - Throws: every problem, each with the YAML key of its entry (`policy.scope.User`).
-    public init(registry: SchemaRegistry, resourceTypes: [String: Bool] = [:], attributes: [(String, AttributeRule)] = [],
-                scopes: [String: String] = [:], pseudonymKey: [UInt8]? = nil) throws(ConfigProblems) {
+    public init(
+        registry: SchemaRegistry, resourceTypes: [String: Bool] = [:], attributes: [(String, AttributeRule)] = [],
+        scopes: [String: String] = [:], pseudonymKey: [UInt8]? = nil
+    ) throws(ConfigProblems) {
         var problems: [ConfigError] = []
-        self.init(registry: registry, resourceTypes: resourceTypes, attributes: attributes, scopes: scopes, pseudonymKey: pseudonymKey,
-                  problems: &problems)
+        self.init(
+            registry: registry, resourceTypes: resourceTypes, attributes: attributes, scopes: scopes, pseudonymKey: pseudonymKey,
+            problems: &problems)
         if !problems.isEmpty { throw ConfigProblems(problems) }
     }
 
     /// Compiles the valid entries and records a problem for each other one,
     /// keyed by its YAML key, so that a configuration reports them all at
     /// their own lines. Used only when `problems` stays empty.
-    public init(registry: SchemaRegistry, resourceTypes: [String: Bool], attributes: [(String, AttributeRule)],
-                scopes: [String: String], pseudonymKey: [UInt8]?, problems: inout [ConfigError]) {
+    public init(
+        registry: SchemaRegistry, resourceTypes: [String: Bool], attributes: [(String, AttributeRule)],
+        scopes: [String: String], pseudonymKey: [UInt8]?, problems: inout [ConfigError]
+    ) {
         func problem(_ key: String, _ message: String, fix: String? = nil) {
             problems.append(ConfigError(message, at: nil, key: "policy.\(key)", fix: fix))
         }
@@ -59,7 +64,9 @@ public struct LocalPolicy: Sendable {
         var disabled: Set<String> = []
         for (name, on) in resourceTypes {
             guard let t = registry.resourceType(name) else {
-                problem("resourceTypes.\(name)", "unknown resource type", fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
+                problem(
+                    "resourceTypes.\(name)", "unknown resource type",
+                    fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
                 continue
             }
             if !on { disabled.insert(t.id) }
@@ -70,7 +77,8 @@ public struct LocalPolicy: Sendable {
             var matched = false
             for type in registry.resourceTypes {
                 guard let p = registry.parsePath(path, in: type), !p.attribute.isEmpty,
-                      let r = registry.resolve(p, in: type) else { continue }
+                    let r = registry.resolve(p, in: type)
+                else { continue }
                 matched = true
                 let name = r.attribute.name.asciiLowercased
                 guard !["id", "meta", "schemas"].contains(name) else {
@@ -78,7 +86,8 @@ public struct LocalPolicy: Sendable {
                     continue rules
                 }
                 if rule == .keepLocal && r.subAttribute == nil && r.attribute.required {
-                    problem("attributes.\(path)", "is required by \(type.id): pseudonymize it instead of keeping it local", fix: "pseudonymize")
+                    problem(
+                        "attributes.\(path)", "is required by \(type.id): pseudonymize it instead of keeping it local", fix: "pseudonymize")
                     continue rules
                 }
                 if rule == .pseudonymize {
@@ -88,20 +97,27 @@ public struct LocalPolicy: Sendable {
                         continue rules
                     }
                     guard pseudonymKey != nil else {
-                        problem("attributes.\(path)", "pseudonymizing needs a pseudonym key file",
-                                fix: "set policy.pseudonymKeyFile (head -c 32 /dev/urandom > FILE)")
+                        problem(
+                            "attributes.\(path)", "pseudonymizing needs a pseudonym key file",
+                            fix: "set policy.pseudonymKeyFile (head -c 32 /dev/urandom > FILE)")
                         continue rules
                     }
                 }
                 compiled.append(CompiledRule(type: type.id, attribute: r, rule: rule, text: path))
             }
-            if !matched { problem("attributes.\(path)", "is not an attribute of any resource type", fix: "check the spelling (name.givenName, URN:attribute)") }
+            if !matched {
+                problem(
+                    "attributes.\(path)", "is not an attribute of any resource type",
+                    fix: "check the spelling (name.givenName, URN:attribute)")
+            }
         }
         rules = compiled
         var filters: [String: Filter] = [:]
         for (name, text) in scopes {
             guard let t = registry.resourceType(name) else {
-                problem("scope.\(name)", "unknown resource type in scope", fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
+                problem(
+                    "scope.\(name)", "unknown resource type in scope",
+                    fix: "use one of " + registry.resourceTypes.map(\.id).joined(separator: ", "))
                 continue
             }
             do throws(SCIMError) {
@@ -195,7 +211,8 @@ public struct LocalPolicy: Sendable {
         }
         if let scope = scopes[type.id] {
             let inScope = scope.matches(resource)
-            lines.append("\(type.id) \(id): scope '\(scope.text)' \(inScope ? "matches: it leaves the boundary" : "does not match: nothing leaves")")
+            lines.append(
+                "\(type.id) \(id): scope '\(scope.text)' \(inScope ? "matches: it leaves the boundary" : "does not match: nothing leaves")")
             if !inScope { return lines }
         } else {
             lines.append("\(type.id) \(id): no scope filter: it leaves the boundary")

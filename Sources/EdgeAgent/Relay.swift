@@ -209,8 +209,9 @@ public final class Relay {
                 // The budget counts the envelope and the commas: the whole
                 // body stays within `maxBytesPerBatch`, except an event
                 // larger than that on its own, which goes alone.
-                entries = try store.rawOutboxEntries(after: sentThrough, limit: isolating?.limit ?? configuration.maxEventsPerBatch,
-                                                     maxBytes: max(1, configuration.maxBytesPerBatch - envelopeBytes), separatorBytes: 1)
+                entries = try store.rawOutboxEntries(
+                    after: sentThrough, limit: isolating?.limit ?? configuration.maxEventsPerBatch,
+                    maxBytes: max(1, configuration.maxBytesPerBatch - envelopeBytes), separatorBytes: 1)
             } catch {
                 fail("cannot read the outbox: \(error)", retryAfter: nil)
                 return
@@ -234,8 +235,9 @@ public final class Relay {
             statistics.batchesSent += 1
             let sentIn = generation
             let sentAt = monotonicNanoseconds()
-            let request = HTTPRequest(method: "POST", target: "/federation/v1/events",
-                                      headers: ["Content-Type": "application/json"], body: body)
+            let request = HTTPRequest(
+                method: "POST", target: "/federation/v1/events",
+                headers: ["Content-Type": "application/json"], body: body)
             let batch = SentBatch(first: first, last: last, count: entries.count, generation: sentIn)
             client.send(request) { [weak self] result in
                 self?.recordRTT(Double(monotonicNanoseconds() - sentAt) / 1e9)
@@ -274,12 +276,15 @@ public final class Relay {
                 let believed = min(acked, batch.last)
                 var rejected: [UInt64: String] = [:]
                 for (seq, reason) in body?["rejected"]?.objectValue ?? JSONObject() {
-                    if let n = UInt64(seq), n >= batch.first, n <= believed { rejected[n] = reason["description"]?.stringValue ?? reason.text }
+                    if let n = UInt64(seq), n >= batch.first, n <= believed {
+                        rejected[n] = reason["description"]?.stringValue ?? reason.text
+                    }
                 }
                 if !rejected.isEmpty {
                     statistics.eventsRejected += rejected.count
-                    logger.error("broker rejected events for good: kept as dead letters",
-                                 metadata: ["sequences": .string(rejected.keys.sorted().map(String.init).joined(separator: ","))])
+                    logger.error(
+                        "broker rejected events for good: kept as dead letters",
+                        metadata: ["sequences": .string(rejected.keys.sorted().map(String.init).joined(separator: ","))])
                 }
                 failures = 0
                 backingOff = false
@@ -322,8 +327,9 @@ public final class Relay {
                     rewind(nil, retryAfter: 0)
                 } else if standIns[batch.first] == nil {
                     standIns[batch.first] = undeliverable(batch.first, reason: reason)
-                    logger.error("relay: broker refused event \(batch.first) on its own: it becomes a dead letter",
-                                 metadata: ["reason": .string(reason)])
+                    logger.error(
+                        "relay: broker refused event \(batch.first) on its own: it becomes a dead letter",
+                        metadata: ["reason": .string(reason)])
                     rewind(nil, retryAfter: 0)
                 } else {
                     // Even the stand-in is refused: the batch, not the event, is

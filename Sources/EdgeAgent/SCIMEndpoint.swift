@@ -1,5 +1,5 @@
-import EdgeLog
 import EdgeHTTP
+import EdgeLog
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -109,14 +109,17 @@ final class Reply {
         endpoint.metricsCell.update { $0.record(method: method, resource: resource, status: response.status, seconds: seconds) }
         if let sink = endpoint.accessLog {
             if endpoint.logger.logLevel <= .info {
-                sink.request(logger: endpoint.logger.label, method: method, path: path, status: response.status,
-                             milliseconds: Int(seconds * 1000), trace: traceID, clock: &endpoint.logClock)
+                sink.request(
+                    logger: endpoint.logger.label, method: method, path: path, status: response.status,
+                    milliseconds: Int(seconds * 1000), trace: traceID, clock: &endpoint.logClock)
             }
         } else {
-            endpoint.logger.info("request", metadata: [
-                "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
-                "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
-            ])
+            endpoint.logger.info(
+                "request",
+                metadata: [
+                    "trace": .string(traceID), "method": .string(method), "path": .string(String(path)),
+                    "status": .string(String(response.status)), "ms": .string(String(Int(seconds * 1000))),
+                ])
         }
         responder.respond(response)
     }
@@ -175,8 +178,10 @@ public final class SCIMEndpoint {
     public var onCommitted: (() -> Void)?
 
     /// `inbox`: this endpoint's loop, when that is not the writer's own.
-    public init(store: AgentStore, writer: GroupCommitWriter, inbox: LoopInbox? = nil, options: EndpointOptions,
-                shared: EndpointShared = EndpointShared()) {
+    public init(
+        store: AgentStore, writer: GroupCommitWriter, inbox: LoopInbox? = nil, options: EndpointOptions,
+        shared: EndpointShared = EndpointShared()
+    ) {
         self.store = store
         self.writer = writer
         self.inbox = inbox
@@ -214,7 +219,8 @@ public final class SCIMEndpoint {
         let path = request.path
         let inBase = path.hasPrefix(options.basePath)
         // Path segments split on bytes (a Character split runs grapheme breaking).
-        let parts = inBase ? path.dropFirst(options.basePath.count).utf8.split(separator: UInt8(ascii: "/")).map { String(Substring($0)) } : []
+        let parts =
+            inBase ? path.dropFirst(options.basePath.count).utf8.split(separator: UInt8(ascii: "/")).map { String(Substring($0)) } : []
         let responder = Reply(httpResponder, request: request, resource: resourceLabel(inBase, parts), endpoint: self)
         guard inBase else {
             responder.respond(Self.respond(.notFound("no such endpoint: \(path)")))
@@ -225,8 +231,10 @@ public final class SCIMEndpoint {
             return
         }
         guard authorized(request) else {
-            responder.respond(Self.respond(SCIMError(401, nil, "a valid bearer token is required"),
-                                           headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))
+            responder.respond(
+                Self.respond(
+                    SCIMError(401, nil, "a valid bearer token is required"),
+                    headers: ["WWW-Authenticate": #"Bearer realm="scim-edge""#]))
             return
         }
         let base = baseURL(request)
@@ -289,7 +297,10 @@ public final class SCIMEndpoint {
             return SCIMError(503, nil, "cannot read the outbox's size (\(error)); retry after \(options.retryAfterSeconds) s")
         }
         guard backpressure else { return nil }
-        return SCIMError(503, nil, "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s")
+        return SCIMError(
+            503, nil,
+            "the outbox holds \(events) events (\(bytes) bytes) not yet relayed; writes resume when it drains below \(options.outboxLowEvents) events; retry after \(options.retryAfterSeconds) s"
+        )
     }
 
     /// Reads the outbox's size and moves the backpressure state across the
@@ -325,14 +336,17 @@ public final class SCIMEndpoint {
             guard parts.count == 1 else { throw SCIMError.notFound("no such endpoint") }
             try onlyGET(method)
             var config = features.json
-            if case .object(var o) = config { o["meta"] = ["resourceType": "ServiceProviderConfig", "location": .string("\(base)/ServiceProviderConfig")]; config = .object(o) }
+            if case .object(var o) = config {
+                o["meta"] = ["resourceType": "ServiceProviderConfig", "location": .string("\(base)/ServiceProviderConfig")];
+                config = .object(o)
+            }
             responder.respond(Self.respond(200, config))
         case "Schemas":
             try discovery(method, parts, "schema", list: registry.schemasDocument) { registry.schema($0)?.json }
-            .map { responder.respond(Self.respond(200, $0)) }
+                .map { responder.respond(Self.respond(200, $0)) }
         case "ResourceTypes":
             try discovery(method, parts, "resource type", list: registry.resourceTypesDocument) { registry.resourceType($0)?.json }
-            .map { responder.respond(Self.respond(200, $0)) }
+                .map { responder.respond(Self.respond(200, $0)) }
         case "Me":
             throw SCIMError(501, nil, "/Me is not supported: the agent does not authenticate end users")
         case "Bulk":
@@ -350,8 +364,10 @@ public final class SCIMEndpoint {
         }
     }
 
-    func resource(_ request: HTTPRequest, _ type: ResourceType, _ rest: [String], _ base: String,
-                  _ responder: Reply) throws {
+    func resource(
+        _ request: HTTPRequest, _ type: ResourceType, _ rest: [String], _ base: String,
+        _ responder: Reply
+    ) throws {
         let method = request.method
         switch rest.count {
         case 0:
@@ -378,8 +394,10 @@ public final class SCIMEndpoint {
     }
 
     /// `/Schemas` and `/ResourceTypes`: the list, or one entry by id.
-    func discovery(_ method: String, _ parts: [String], _ what: String, list: JSON,
-                   entry: (String) -> JSON?) throws -> JSON? {
+    func discovery(
+        _ method: String, _ parts: [String], _ what: String, list: JSON,
+        entry: (String) -> JSON?
+    ) throws -> JSON? {
         try onlyGET(method)
         guard parts.count <= 2 else { throw SCIMError.notFound("no such endpoint") }
         guard parts.count == 2 else { return list }
@@ -412,7 +430,9 @@ public final class SCIMEndpoint {
                 return
             }
         } else {
-            guard let returned = try store.getAsReturned(type, id, baseURL: base) else { throw SCIMError.notFound("\(type.id) \(id) not found") }
+            guard let returned = try store.getAsReturned(type, id, baseURL: base) else {
+                throw SCIMError.notFound("\(type.id) \(id) not found")
+            }
             stored = returned
         }
         guard try passesPreconditions(request, stored["meta"]?["version"]?.stringValue, responder) else { return }
@@ -421,17 +441,23 @@ public final class SCIMEndpoint {
             projection = defaultProjection(type)
         } else {
             let params = try queryParameters(request)
-            projection = try ListQuery(parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
-                                       registry: registry, type: type, maxResults: options.maxResults, profile: options.profile).projection
+            projection = try ListQuery(
+                parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                registry: registry, type: type, maxResults: options.maxResults, profile: options.profile
+            ).projection
         }
-        responder.respond(Self.respond(200, .object(try output(stored, type, base, projection)),
-                                       headers: etagHeaders(stored, type, base)))
+        responder.respond(
+            Self.respond(
+                200, .object(try output(stored, type, base, projection)),
+                headers: etagHeaders(stored, type, base)))
     }
 
     /// `If-None-Match` / `If-Match` on a read: false when answered (304) here.
     func passesPreconditions(_ request: HTTPRequest, _ version: String?, _ responder: Reply) throws -> Bool {
-        switch ETag.evaluate(ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
-                             current: version, isRead: true) {
+        switch ETag.evaluate(
+            ifMatch: request.headers["If-Match"], ifNoneMatch: request.headers["If-None-Match"],
+            current: version, isRead: true)
+        {
         case .notModified:
             responder.respond(HTTPResponse(status: 304, headers: ["ETag": version ?? ""]))
             return false
@@ -443,8 +469,9 @@ public final class SCIMEndpoint {
     }
 
     func list(_ request: HTTPRequest, _ type: ResourceType, _ base: String, _ responder: Reply) throws {
-        let query = try ListQuery(parameters: try queryParameters(request), registry: registry, type: type,
-                                  maxResults: options.maxResults, profile: options.profile)
+        let query = try ListQuery(
+            parameters: try queryParameters(request), registry: registry, type: type,
+            maxResults: options.maxResults, profile: options.profile)
         try answer(query, types: [type], base, responder)
     }
 
@@ -455,27 +482,40 @@ public final class SCIMEndpoint {
         for type in types {
             // A root search skips the types the filter does not fit.
             do throws(SCIMError) {
-                queries.append((type, try ListQuery(searchBody: body, registry: registry, type: type,
-                                                    maxResults: options.maxResults, profile: options.profile)))
+                queries.append(
+                    (
+                        type,
+                        try ListQuery(
+                            searchBody: body, registry: registry, type: type,
+                            maxResults: options.maxResults, profile: options.profile)
+                    ))
             } catch {
                 if firstError == nil { firstError = error }
             }
         }
         guard !queries.isEmpty else { throw firstError! }
-        try answer(queries[0].1, types: queries.map(\.0), base, responder, perType: Dictionary(queries.map { ($0.0.id, $0.1) }, uniquingKeysWith: { a, _ in a }))
+        try answer(
+            queries[0].1, types: queries.map(\.0), base, responder,
+            perType: Dictionary(queries.map { ($0.0.id, $0.1) }, uniquingKeysWith: { a, _ in a }))
     }
 
-    func answer(_ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Reply,
-                perType: [String: ListQuery] = [:]) throws {
+    func answer(
+        _ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Reply,
+        perType: [String: ListQuery] = [:]
+    ) throws {
         var matches: [(ResourceType, JSONObject)] = []
         for type in types {
             let q = perType[type.id] ?? query
             matches += try store.query(type, filter: q.filter, scanBudget: options.scanBudget).map { (type, $0) }
         }
         let page = try query.paginate(matches, sortable: types.count == 1) { $0.1 }
-        responder.respond(Self.respond(200, try makeListResponse(page) { type, r in
-            JSON.object(try output(try store.asReturned(r, type, baseURL: base), type, base, (perType[type.id] ?? query).projection))
-        }))
+        responder.respond(
+            Self.respond(
+                200,
+                try makeListResponse(page) { type, r in
+                    JSON.object(
+                        try output(try store.asReturned(r, type, baseURL: base), type, base, (perType[type.id] ?? query).projection))
+                }))
     }
 
     /// A resource as returned (`AgentStore.asReturned`) with its
@@ -531,8 +571,10 @@ public final class SCIMEndpoint {
     }
 
     /// Commits `write` through group commit; answers after the durable commit.
-    func submit(_ write: AgentWrite, _ request: HTTPRequest, _ type: ResourceType, _ base: String, status: Int,
-                _ responder: Reply, projection: Projection? = nil) {
+    func submit(
+        _ write: AgentWrite, _ request: HTTPRequest, _ type: ResourceType, _ base: String, status: Int,
+        _ responder: Reply, projection: Projection? = nil
+    ) {
         let ctx = makeContext(request, trace: responder.traceID)
         perform(write, ctx) { [self] result in
             switch result {
@@ -543,11 +585,16 @@ public final class SCIMEndpoint {
             case .success(let stored?):
                 do {
                     let params = try queryParameters(request)
-                    let shape = try projection ?? ListQuery(
-                        parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
-                        registry: registry, type: type, maxResults: options.maxResults).projection
-                    responder.respond(Self.respond(status, .object(try output(try store.asReturned(stored, type, baseURL: base), type, base, shape)),
-                                                   headers: etagHeaders(stored, type, base)))
+                    let shape =
+                        try projection
+                        ?? ListQuery(
+                            parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                            registry: registry, type: type, maxResults: options.maxResults
+                        ).projection
+                    responder.respond(
+                        Self.respond(
+                            status, .object(try output(try store.asReturned(stored, type, baseURL: base), type, base, shape)),
+                            headers: etagHeaders(stored, type, base)))
                 } catch let e as SCIMError {
                     responder.respond(Self.respond(e))
                 } catch {
@@ -585,9 +632,11 @@ public final class SCIMEndpoint {
         let random = secureRandomBytes(given == nil ? 40 : 24)
         let trace = given ?? traceID(request.headers["traceparent"]) ?? hexString(Array(random[24..<40]))
         let milliseconds = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
-        var ctx = WriteContext(newID: uuidV7(milliseconds: milliseconds, random: random[0..<16]), now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
-                               epochSeconds: Int64(ts.tv_sec), eventID: hexString(Array(random[16..<24])), traceID: trace,
-                               ifMatch: request.headers["If-Match"])
+        var ctx = WriteContext(
+            newID: uuidV7(milliseconds: milliseconds, random: random[0..<16]),
+            now: formatDateTime(secondsSinceEpoch: Int64(ts.tv_sec), milliseconds: ts.tv_nsec / 1_000_000),
+            epochSeconds: Int64(ts.tv_sec), eventID: hexString(Array(random[16..<24])), traceID: trace,
+            ifMatch: request.headers["If-Match"])
         ctx.recordEvents = options.recordOutbox
         ctx.epochMilliseconds = Int64(milliseconds)
         return ctx
@@ -603,8 +652,9 @@ public final class SCIMEndpoint {
     /// before); all of them are answered after the one durable commit.
     func bulk(_ request: HTTPRequest, _ base: String, _ responder: Reply) throws {
         let body = try parseBody(request)
-        let bulk = try BulkRequest(body, payloadSize: request.body.count, maxOperations: options.bulkMaxOperations,
-                                   maxPayloadSize: options.bulkMaxPayloadSize)
+        let bulk = try BulkRequest(
+            body, payloadSize: request.body.count, maxOperations: options.bulkMaxOperations,
+            maxPayloadSize: options.bulkMaxPayloadSize)
         let (ordered, failed) = bulk.executionOrder()
         let refused = failed.map { BulkResult(operation: $0.0, status: $0.1.status, error: $0.1) }
         // The contexts (ids, times, trace) are made here: the write must be
@@ -624,8 +674,10 @@ public final class SCIMEndpoint {
                     let stored = try txn.nested { sub in try store.apply(write, ctx, profile: profile, in: sub) }
                     if let b = op.bulkId, let id = stored?["id"]?.stringValue { ids[b] = id }
                     let location = stored?["id"]?.stringValue.map { "\(base)\(type.endpoint)/\($0)" }
-                    results.append(BulkResult(operation: op, status: op.method == .POST ? 201 : (op.method == .DELETE ? 204 : 200),
-                                              location: location, version: stored?["meta"]?["version"]?.stringValue))
+                    results.append(
+                        BulkResult(
+                            operation: op, status: op.method == .POST ? 201 : (op.method == .DELETE ? 204 : 200),
+                            location: location, version: stored?["meta"]?["version"]?.stringValue))
                 } catch let e as SCIMError {
                     errors += 1
                     results.append(BulkResult(operation: op, status: e.status, error: e))
@@ -649,8 +701,10 @@ public final class SCIMEndpoint {
         }
     }
 
-    static func bulkWrite(_ op: BulkOperation, _ ids: [String: String], registry: SchemaRegistry,
-                          profile: ClientProfile) throws -> (AgentWrite, ResourceType) {
+    static func bulkWrite(
+        _ op: BulkOperation, _ ids: [String: String], registry: SchemaRegistry,
+        profile: ClientProfile
+    ) throws -> (AgentWrite, ResourceType) {
         let path = resolvingBulkIds(.string(op.path), ids).stringValue ?? op.path
         let parts = path.split(separator: "/").map(String.init)
         guard let first = parts.first, let type = registry.resourceType(endpoint: "/" + first) else {
@@ -659,12 +713,21 @@ public final class SCIMEndpoint {
         let data = op.data.map { resolvingBulkIds($0, ids) }
         switch (op.method, parts.count) {
         case (.POST, 1):
-            return (.create(type, validated: try ResourceValidator(registry: registry, type: type, profile: profile)
-                .validateCreate(data ?? .null)), type)
+            return (
+                .create(
+                    type,
+                    validated: try ResourceValidator(registry: registry, type: type, profile: profile)
+                        .validateCreate(data ?? .null)), type
+            )
         case (.PUT, 2): return (.replace(type, id: parts[1], body: data ?? .null), type)
         case (.PATCH, 2):
-            return (.patch(type, id: parts[1], request: try PatchRequest(data ?? .null, registry: registry, type: type,
-                                                                         profile: profile)), type)
+            return (
+                .patch(
+                    type, id: parts[1],
+                    request: try PatchRequest(
+                        data ?? .null, registry: registry, type: type,
+                        profile: profile)), type
+            )
         case (.DELETE, 2): return (.delete(type, id: parts[1]), type)
         default: throw SCIMError.invalidValue("Operations[\(op.index)]: \(op.method.rawValue) \(op.path) is not a valid target")
         }

@@ -1,5 +1,5 @@
-import EdgeLog
 import EdgeHTTP
+import EdgeLog
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -21,9 +21,11 @@ final class ServingLoop: Sendable {
 
     /// Starts the loop; `committed` (the relay's kick) runs on the main loop
     /// (through `mainInbox`) after each successful write.
-    init(store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions, shared: EndpointShared,
-         tls: ReloadableTLSContext?, limits: HTTPServerLimits, connectionBudget: ConnectionBudget, mainInbox: LoopInbox,
-         committed: LoopBound<() -> Void>?, logger: Logger, accessLog: LogSink?) throws {
+    init(
+        store: AgentStore, writer: GroupCommitWriter, options: EndpointOptions, shared: EndpointShared,
+        tls: ReloadableTLSContext?, limits: HTTPServerLimits, connectionBudget: ConnectionBudget, mainInbox: LoopInbox,
+        committed: LoopBound<() -> Void>?, logger: Logger, accessLog: LogSink?
+    ) throws {
         let made = OneShot<Made>()
         thread = try LoopThread.start { loop in
             let inbox: LoopInbox = loop.inbox

@@ -6,17 +6,18 @@ import SCIM
 /// extension every federated resource carries.
 public let brokerRegistry: SchemaRegistry = {
     var r = SchemaRegistry.standard
-    let source = Schema(id: BrokerStore.sourceExtension, name: "Source", description: "Where a federated resource came from",
-                        attributes: [
-                            AttributeDefinition("domain", description: "The domain of the agent that sent it.", caseExact: true, mutability: .readOnly),
-                            AttributeDefinition("agent", description: "The agent's certificate identity.", caseExact: true, mutability: .readOnly),
-                            AttributeDefinition("id", description: "The id at the agent.", caseExact: true, mutability: .readOnly),
-                            AttributeDefinition("version", description: "The version at the agent.", caseExact: true, mutability: .readOnly),
-                            AttributeDefinition("trace", description: "Trace id of the change.", caseExact: true, mutability: .readOnly),
-                            AttributeDefinition("seq", .integer, description: "The agent's event sequence.", mutability: .readOnly),
-                            AttributeDefinition("accepted", .integer, description: "When the agent accepted the change (Unix ms).", mutability: .readOnly),
-                            AttributeDefinition("applied", .integer, description: "When the broker applied it (Unix ms).", mutability: .readOnly),
-                        ])
+    let source = Schema(
+        id: BrokerStore.sourceExtension, name: "Source", description: "Where a federated resource came from",
+        attributes: [
+            AttributeDefinition("domain", description: "The domain of the agent that sent it.", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("agent", description: "The agent's certificate identity.", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("id", description: "The id at the agent.", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("version", description: "The version at the agent.", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("trace", description: "Trace id of the change.", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("seq", .integer, description: "The agent's event sequence.", mutability: .readOnly),
+            AttributeDefinition("accepted", .integer, description: "When the agent accepted the change (Unix ms).", mutability: .readOnly),
+            AttributeDefinition("applied", .integer, description: "When the broker applied it (Unix ms).", mutability: .readOnly),
+        ])
     try! r.addExtension(source, to: "User")
     try! r.addExtension(source, to: "Group")
     return r
@@ -94,10 +95,13 @@ public final class BrokerAPI {
             }
             let query: ListQuery
             if isSearch {
-                query = try ListQuery(searchBody: try JSONParser.parse(request.body), registry: brokerRegistry, type: type,
-                                      maxResults: maxResults)
+                query = try ListQuery(
+                    searchBody: try JSONParser.parse(request.body), registry: brokerRegistry, type: type,
+                    maxResults: maxResults)
             } else {
-                guard let params = request.query.map(parseQueryString) ?? [:] else { throw SCIMError.invalidSyntax("malformed query string") }
+                guard let params = request.query.map(parseQueryString) ?? [:] else {
+                    throw SCIMError.invalidSyntax("malformed query string")
+                }
                 query = try ListQuery(parameters: params, registry: brokerRegistry, type: type, maxResults: maxResults)
             }
             let matches = try store.all(type.id, budget: scanBudget).filter { query.filter?.matches($0) ?? true }
@@ -115,7 +119,8 @@ extension BrokerStore {
         let brokerIds = self.brokerIds, resources = self.resources
         return try environment.read { txn in
             guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
-                  let o = try JSONParser.parse(bytes, limits: .stored).objectValue else { return nil }
+                let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+            else { return nil }
             let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
             return (String(parts[0]), String(parts[1]), o)
         }

@@ -57,8 +57,10 @@ extension BrokerConfiguration {
                     continue
                 }
                 if let other = bound[identity] {
-                    d.error(domains.full(name), "'\(identity)' is already bound to domain '\(other.domain)' (line \(other.line)); an agent's certificate must name one domain",
-                            at: mark, fix: "give each domain the identity its own agents' certificates carry")
+                    d.error(
+                        domains.full(name),
+                        "'\(identity)' is already bound to domain '\(other.domain)' (line \(other.line)); an agent's certificate must name one domain",
+                        at: mark, fix: "give each domain the identity its own agents' certificates carry")
                     continue
                 }
                 bound[identity] = (name, mark.line)
@@ -66,8 +68,9 @@ extension BrokerConfiguration {
             }
             domains.finish()
         } else if !top.has("domains") && !d.truncated {
-            d.error("domains", "is required: NAME: certificate identity of its agents", at: top.mark,
-                    fix: "add domains: {acme-de: spiffe://acme.example/acme-de/agent-1}")
+            d.error(
+                "domains", "is required: NAME: certificate identity of its agents", at: top.mark,
+                fix: "add domains: {acme-de: spiffe://acme.example/acme-de/agent-1}")
         }
         if var api = top.mapping("api") {
             if let l = api.string("listen") {
@@ -75,16 +78,19 @@ extension BrokerConfiguration {
             }
             if let tokens = api.strings("tokens") {
                 config.apiTokens = tokens
-                api.warning("tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
-                            fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
+                api.warning(
+                    "tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
+                    fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
                 for (i, token) in tokens.enumerated() {
                     if let weak = weakTokenReason(token) { d.error("\(api.full("tokens"))[\(i)]", "the token \(weak)", fix: tokenFix) }
                 }
             }
             config.apiTokenFile = api.string("tokenFile")
             if let a = config.apiListen, !a.isLoopback {
-                api.problem("listen", "the read API has no TLS: on \(a.host), bearer tokens and the federated directory would cross the network in the clear",
-                            fix: "listen on 127.0.0.1 and put a TLS-terminating proxy in front")
+                api.problem(
+                    "listen",
+                    "the read API has no TLS: on \(a.host), bearer tokens and the federated directory would cross the network in the clear",
+                    fix: "listen on 127.0.0.1 and put a TLS-terminating proxy in front")
             }
             api.finish()
         }
@@ -93,10 +99,14 @@ extension BrokerConfiguration {
                 if let a = SocketAddress(l) {
                     config.adminListen = a
                     if !a.isLoopback {
-                        admin.warning("listen", "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
-                                      fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
+                        admin.warning(
+                            "listen",
+                            "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
+                            fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
                     }
-                } else { admin.problem("listen", "must be HOST:PORT or none, got '\(l)'") }
+                } else {
+                    admin.problem("listen", "must be HOST:PORT or none, got '\(l)'")
+                }
             }
             admin.finish()
         }
@@ -106,7 +116,9 @@ extension BrokerConfiguration {
             for (i, item) in items.enumerated() {
                 guard let t = decodeTarget(item, path: "targets[\(i)]", domains: config.domains.map(\.domain), d) else { continue }
                 if let line = names[t.name] {
-                    d.error("targets[\(i)].name", "target '\(t.name)' is defined twice (first at line \(line))", fix: "give each target its own name")
+                    d.error(
+                        "targets[\(i)].name", "target '\(t.name)' is defined twice (first at line \(line))",
+                        fix: "give each target its own name")
                     continue
                 }
                 names[t.name] = d.mark("targets[\(i)].name")?.line ?? 0
@@ -116,15 +128,20 @@ extension BrokerConfiguration {
             let known = config.domains.map(\.domain)
             for (i, item) in items.enumerated() {
                 guard case .mapping(let members, _) = item, let routes = members.first(where: { $0.key == "routes" })?.value,
-                      case .sequence(let list, _) = routes else { continue }
+                    case .sequence(let list, _) = routes
+                else { continue }
                 for (r, route) in list.enumerated() {
                     guard case .mapping(let fields, _) = route, let domains = fields.first(where: { $0.key == "domains" })?.value,
-                          case .sequence(let names, _) = domains else { continue }
+                        case .sequence(let names, _) = domains
+                    else { continue }
                     for (j, node) in names.enumerated() {
-                        guard case .scalar(let name, _, let mark) = node, !known.contains(name), !known.isEmpty || !top.has("domains") else { continue }
-                        d.error("targets[\(i)].routes[\(r)].domains[\(j)]", "domain '\(name)' is not bound in 'domains'"
+                        guard case .scalar(let name, _, let mark) = node, !known.contains(name), !known.isEmpty || !top.has("domains")
+                        else { continue }
+                        d.error(
+                            "targets[\(i)].routes[\(r)].domains[\(j)]",
+                            "domain '\(name)' is not bound in 'domains'"
                                 + (closestKey(to: name, among: known).map { "; did you mean '\($0)'?" } ?? ""), at: mark,
-                                fix: "name one of " + (known.isEmpty ? "the domains under 'domains'" : known.joined(separator: ", ")))
+                            fix: "name one of " + (known.isEmpty ? "the domains under 'domains'" : known.joined(separator: ", ")))
                     }
                 }
             }
@@ -157,7 +174,11 @@ extension BrokerConfiguration {
                 d.error(tls.path, "needs both cert and key for a client certificate", at: tls.mark)
             }
             if let v = tls.string("minVersion") {
-                if v == "1.3" { target.tls.minimumVersion = .tls13 } else if v == "1.2" { target.tls.minimumVersion = .tls12 } else {
+                if v == "1.3" {
+                    target.tls.minimumVersion = .tls13
+                } else if v == "1.2" {
+                    target.tls.minimumVersion = .tls12
+                } else {
                     tls.problem("minVersion", "must be 1.2 or 1.3, got '\(v)'")
                 }
             }
@@ -173,7 +194,11 @@ extension BrokerConfiguration {
             rate.finish()
         }
         if let r = m.string("onRemove") {
-            if let mode = RemovalMode(rawValue: r) { target.removal = mode } else { m.problem("onRemove", "must be delete or deactivate, got '\(r)'") }
+            if let mode = RemovalMode(rawValue: r) {
+                target.removal = mode
+            } else {
+                m.problem("onRemove", "must be delete or deactivate, got '\(r)'")
+            }
         }
         if var g = m.mapping("deleteGuard") {
             if let n = g.int("maxDeletes") { target.deletionGuard.maxDeletes = max(0, n) }
@@ -200,8 +225,9 @@ extension BrokerConfiguration {
                 target.collisions = .namespace(userName: userName, displayName: displayName)
             case "link":
                 guard var l = link else {
-                    m.problem("collisions", "'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'",
-                              fix: "add link: {attribute: employeeNumber, sourceOfRecord: [your domains, first one's data wins]}")
+                    m.problem(
+                        "collisions", "'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'",
+                        fix: "add link: {attribute: employeeNumber, sourceOfRecord: [your domains, first one's data wins]}")
                     break
                 }
                 let attribute = l.required("attribute", "the attribute that says two users are one person")
@@ -212,7 +238,9 @@ extension BrokerConfiguration {
                         l.problem("sourceOfRecord", "must list at least one domain (the first one's data wins)")
                         usable = false
                     } else if let unknown = order.first(where: { !domains.isEmpty && !domains.contains($0) }) {
-                        l.problem("sourceOfRecord", "names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))")
+                        l.problem(
+                            "sourceOfRecord",
+                            "names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))")
                         usable = false
                     } else if let twice = order.enumerated().first(where: { order[..<$0.offset].contains($0.element) })?.element {
                         l.problem("sourceOfRecord", "names '\(twice)' twice")
@@ -259,9 +287,13 @@ extension BrokerConfiguration {
                         continue
                     }
                     let json: JSON
-                    if plain && (text == "true" || text == "false") { json = .bool(text == "true") }
-                    else if plain, let n = JSONNumber(text) { json = .number(n) }
-                    else { json = .string(text) }
+                    if plain && (text == "true" || text == "false") {
+                        json = .bool(text == "true")
+                    } else if plain, let n = JSONNumber(text) {
+                        json = .number(n)
+                    } else {
+                        json = .string(text)
+                    }
                     target.mapping.constant.append((path, json))
                 }
                 constant.finish()
@@ -286,8 +318,9 @@ extension BrokerConfiguration {
                 r.finish()
             }
         } else if !m.has("routes") && !d.truncated {
-            d.error(m.full("routes"), "target '\(name ?? "?")' needs 'routes' (which domains and resources flow to it)", at: m.mark,
-                    fix: "add routes: [{}] for every domain's users and groups")
+            d.error(
+                m.full("routes"), "target '\(name ?? "?")' needs 'routes' (which domains and resources flow to it)", at: m.mark,
+                fix: "add routes: [{}] for every domain's users and groups")
         }
         m.finish()
         return t == nil ? nil : target
@@ -321,13 +354,16 @@ extension BrokerConfiguration {
             checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, at: ("tls.cert", "tls.key", "tls.ca"))
         }
         if let crl = tls.crlFile, checks.file(crl, at: "tls.crl"), let ca = tls.trustRootsFile {
-            do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) }
-            catch { checks.problem("tls.crl", "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)") }
+            do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) } catch {
+                checks.problem("tls.crl", "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)")
+            }
         }
         if let apiTokenFile, checks.file(apiTokenFile, at: "api.tokenFile", secret: true) {
             do throws(ConfigError) {
                 for (i, token) in try readTokenLines(apiTokenFile).enumerated() {
-                    if let weak = weakTokenReason(token) { checks.problem("api.tokenFile", "\(apiTokenFile): token \(i + 1) \(weak)", fix: tokenFix) }
+                    if let weak = weakTokenReason(token) {
+                        checks.problem("api.tokenFile", "\(apiTokenFile): token \(i + 1) \(weak)", fix: tokenFix)
+                    }
                 }
             } catch { checks.problem("api.tokenFile", error.message, fix: "write one token per line") }
         }
@@ -336,15 +372,21 @@ extension BrokerConfiguration {
         }
         for (i, t) in targets.enumerated() {
             if let file = t.tokenFile, checks.file(file, at: "targets[\(i)].tokenFile", secret: true) {
-                do { _ = try t.resolveToken() } catch { checks.problem("targets[\(i)].tokenFile", error.message, fix: "write the app's token on the first line") }
+                do { _ = try t.resolveToken() } catch {
+                    checks.problem("targets[\(i)].tokenFile", error.message, fix: "write the app's token on the first line")
+                }
             }
             if t.token == nil && t.tokenFile == nil && t.tls.certificateChainFile == nil {
-                checks.problem("targets[\(i)]", "target \(t.name): no tokenFile and no client certificate: the app would be called without credentials",
-                               fix: "set tokenFile, or tls: {cert, key}")
+                checks.problem(
+                    "targets[\(i)]",
+                    "target \(t.name): no tokenFile and no client certificate: the app would be called without credentials",
+                    fix: "set tokenFile, or tls: {cert, key}")
             }
             if let ca = t.tls.trustRootsFile { checks.file(ca, at: "targets[\(i)].tls.ca") }
             if let cert = t.tls.certificateChainFile {
-                checks.certificate(cert, key: t.tls.privateKeyFile, ca: nil, at: ("targets[\(i)].tls.cert", "targets[\(i)].tls.key", "targets[\(i)].tls.ca"))
+                checks.certificate(
+                    cert, key: t.tls.privateKeyFile, ca: nil,
+                    at: ("targets[\(i)].tls.cert", "targets[\(i)].tls.key", "targets[\(i)].tls.ca"))
             }
         }
         for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }

@@ -78,12 +78,19 @@ public enum TLSFailureReason: String, Sendable, CaseIterable {
 
     public init(_ error: TLSError) {
         let text = ((error.verifyError.map { [$0] } ?? []) + error.reasons).joined(separator: " ").lowercased()
-        if text.contains("revoked") { self = .revoked }
-        else if text.contains("expired") || text.contains("not yet valid") { self = .expired }
-        else if text.contains("did not return a certificate") || text.contains("peer did not return") { self = .noCertificate }
-        else if text.contains("issuer") || text.contains("self-signed") || text.contains("self signed") || text.contains("unknown ca")
-                    || text.contains("certificate verify failed") { self = .untrusted }
-        else { self = .other }
+        if text.contains("revoked") {
+            self = .revoked
+        } else if text.contains("expired") || text.contains("not yet valid") {
+            self = .expired
+        } else if text.contains("did not return a certificate") || text.contains("peer did not return") {
+            self = .noCertificate
+        } else if text.contains("issuer") || text.contains("self-signed") || text.contains("self signed") || text.contains("unknown ca")
+            || text.contains("certificate verify failed")
+        {
+            self = .untrusted
+        } else {
+            self = .other
+        }
     }
 }
 
@@ -125,8 +132,11 @@ public final class BrokerService {
         store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
         writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
         for t in configuration.targets where try store.rebuildLinkIndexIfNeeded(t) {
-            logger.notice("link index built from the directory (collisions: link is new or changed): run `scim-broker targets reconcile --apply \(t.name)` to merge accounts of users now linked",
-                          metadata: ["target": .string(t.name), "linkedAccounts": .stringConvertible((try? store.linkedAccounts(target: t.name)) ?? 0)])
+            logger.notice(
+                "link index built from the directory (collisions: link is new or changed): run `scim-broker targets reconcile --apply \(t.name)` to merge accounts of users now linked",
+                metadata: [
+                    "target": .string(t.name), "linkedAccounts": .stringConvertible((try? store.linkedAccounts(target: t.name)) ?? 0),
+                ])
         }
         for t in configuration.targets {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
@@ -144,24 +154,33 @@ public final class BrokerService {
         server.onTLSFailure = { error, address in
             let reason = TLSFailureReason(error)
             weakSelf?.statistics.handshakeFailures[reason, default: 0] += 1
-            weakSelf?.logger.warning("refused a TLS handshake", metadata: [
-                "reason": .string(reason.rawValue), "error": .string(error.description), "peer": .string(address?.description ?? "-")])
+            weakSelf?.logger.warning(
+                "refused a TLS handshake",
+                metadata: [
+                    "reason": .string(reason.rawValue), "error": .string(error.description), "peer": .string(address?.description ?? "-"),
+                ])
         }
         server.onCertificateClosure = { reason, peer, address in
-            weakSelf?.logger.error("closed an agent connection: its certificate is no longer valid", metadata: [
-                "reason": .string(reason), "identities": .string(peer?.names.joined(separator: ",") ?? "-"),
-                "peer": .string(address?.description ?? "-")])
+            weakSelf?.logger.error(
+                "closed an agent connection: its certificate is no longer valid",
+                metadata: [
+                    "reason": .string(reason), "identities": .string(peer?.names.joined(separator: ",") ?? "-"),
+                    "peer": .string(address?.description ?? "-"),
+                ])
         }
         server.errorBody = { status, detail in
-            HTTPResponse(status: status, headers: ["Content-Type": "application/json"],
-                         body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
+            HTTPResponse(
+                status: status, headers: ["Content-Type": "application/json"],
+                body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
         }
         weakSelf = self
         certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
         if let api = configuration.apiListen {
             var tokens = configuration.apiTokens
             if let file = configuration.apiTokenFile {
-                do throws(ConfigError) { tokens += try readTokenLines(file) } catch { throw BrokerError.configuration("api.tokenFile: \(error.message)") }
+                do throws(ConfigError) { tokens += try readTokenLines(file) } catch {
+                    throw BrokerError.configuration("api.tokenFile: \(error.message)")
+                }
             }
             guard !tokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token or --api-token-file") }
             let handler = BrokerAPI(store: store, tokens: tokens)
@@ -196,8 +215,10 @@ public final class BrokerService {
             responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "ok\n"))
         case "/readyz":
             let busy = writer.queuedWrites >= configuration.maxPendingBatches
-            responder.respond(HTTPResponse(status: server.isDraining || busy ? 503 : 200, contentType: "text/plain",
-                                           body: server.isDraining ? "draining\n" : busy ? "busy\n" : "ready\n"))
+            responder.respond(
+                HTTPResponse(
+                    status: server.isDraining || busy ? 503 : 200, contentType: "text/plain",
+                    body: server.isDraining ? "draining\n" : busy ? "busy\n" : "ready\n"))
         case "/metrics":
             responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8", body: metricsText()))
         default:
@@ -224,29 +245,39 @@ public final class BrokerService {
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
-        metric("scim_broker_events_duplicate_total", "counter", "Events acknowledged again without re-applying.", [("", String(s.duplicates))])
+        metric(
+            "scim_broker_events_duplicate_total", "counter", "Events acknowledged again without re-applying.", [("", String(s.duplicates))])
         metric("scim_broker_events_rejected_total", "counter", "Events refused for good.", [("", String(s.rejectedEvents))])
         metric("scim_broker_sequence_gaps_total", "counter", "Batches answered 409 expectedSeq.", [("", String(s.gaps))])
-        metric("scim_broker_refused_total", "counter", "Batches refused, by reason.", [
-            ("{reason=\"domain_mismatch\"}", String(s.domainMismatches)), ("{reason=\"unknown_agent\"}", String(s.unknownIdentities)),
-            ("{reason=\"ambiguous_identity\"}", String(s.ambiguousIdentities)),
-            ("{reason=\"busy\"}", String(s.busyRefusals)),
-        ])
+        metric(
+            "scim_broker_refused_total", "counter", "Batches refused, by reason.",
+            [
+                ("{reason=\"domain_mismatch\"}", String(s.domainMismatches)), ("{reason=\"unknown_agent\"}", String(s.unknownIdentities)),
+                ("{reason=\"ambiguous_identity\"}", String(s.ambiguousIdentities)),
+                ("{reason=\"busy\"}", String(s.busyRefusals)),
+            ])
         metric("scim_broker_pending_batches", "gauge", "Batches waiting to be applied.", [("", String(writer.queuedWrites))])
-        metric("scim_broker_tls_handshake_failures_total", "counter", "Refused TLS handshakes on the federation listener, by reason.",
-               TLSFailureReason.allCases.map { ("{reason=\"\($0.rawValue)\"}", String(s.handshakeFailures[$0] ?? 0)) })
-        metric("scim_broker_certificate_closures_total", "counter",
-               "Agent connections closed because their certificate expired or was revoked (checked on SIGHUP).",
-               [("", String(server.statistics.certificateClosures))])
-        metric("scim_broker_certificate_expiry_timestamp_seconds", "gauge", "When the federation listener's certificate expires (Unix time).",
-               [("", String(certificateNotAfter))])
-        metric("scim_broker_agent_certificate_expiry_timestamp_seconds", "gauge",
-               "Per bound agent: when the certificate it last presented expires (Unix time).",
-               agentCertificates.sorted { $0.key < $1.key }.map { ("{agent=\"\($0.key)\"}", String($0.value)) })
+        metric(
+            "scim_broker_tls_handshake_failures_total", "counter", "Refused TLS handshakes on the federation listener, by reason.",
+            TLSFailureReason.allCases.map { ("{reason=\"\($0.rawValue)\"}", String(s.handshakeFailures[$0] ?? 0)) })
+        metric(
+            "scim_broker_certificate_closures_total", "counter",
+            "Agent connections closed because their certificate expired or was revoked (checked on SIGHUP).",
+            [("", String(server.statistics.certificateClosures))])
+        metric(
+            "scim_broker_certificate_expiry_timestamp_seconds", "gauge", "When the federation listener's certificate expires (Unix time).",
+            [("", String(certificateNotAfter))])
+        metric(
+            "scim_broker_agent_certificate_expiry_timestamp_seconds", "gauge",
+            "Per bound agent: when the certificate it last presented expires (Unix time).",
+            agentCertificates.sorted { $0.key < $1.key }.map { ("{agent=\"\($0.key)\"}", String($0.value)) })
         let sequences = (try? store.agentSequences()) ?? []
-        metric("scim_broker_agent_applied_sequence", "gauge", "Per agent store (certificate identity and store epoch): the last sequence applied.",
-               sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
-        out += propagation.summary("scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
+        metric(
+            "scim_broker_agent_applied_sequence", "gauge",
+            "Per agent store (certificate identity and store epoch): the last sequence applied.",
+            sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
+        out += propagation.summary(
+            "scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
         if !workers.isEmpty { out += fanoutMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
@@ -275,20 +306,33 @@ public final class BrokerService {
         perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
             String($0.statistics.deadLettered)
         }
-        perTarget("scim_broker_target_retries_total", "counter", "Deliveries retried after a network error, a 5xx other than 501, or a store read error.") { String($0.statistics.retries) }
+        perTarget(
+            "scim_broker_target_retries_total", "counter",
+            "Deliveries retried after a network error, a 5xx other than 501, or a store read error."
+        ) { String($0.statistics.retries) }
         perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
         perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
-        perTarget("scim_broker_target_collisions_total", "counter",
-                  "Changes refused (dead letters) because the account at the target belongs to another resource.") {
+        perTarget(
+            "scim_broker_target_collisions_total", "counter",
+            "Changes refused (dead letters) because the account at the target belongs to another resource."
+        ) {
             String($0.statistics.collisions)
         }
-        perTarget("scim_broker_target_linked_accounts", "gauge",
-                  "Accounts two users or more of different domains share (collisions: link; read every second).") { String($0.linkedAccounts) }
+        perTarget(
+            "scim_broker_target_linked_accounts", "gauge",
+            "Accounts two users or more of different domains share (collisions: link; read every second)."
+        ) { String($0.linkedAccounts) }
         perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
-        perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") { $0.breakerState == .open ? "1" : "0" }
-        perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") { $0.deletesPaused ? "1" : "0" }
-        perTarget("scim_broker_target_credentials_refused", "gauge",
-                  "1 while the target refuses the credentials or the TLS handshake (paused, queue kept).") { $0.credentialsRefused ? "1" : "0" }
+        perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") {
+            $0.breakerState == .open ? "1" : "0"
+        }
+        perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") {
+            $0.deletesPaused ? "1" : "0"
+        }
+        perTarget(
+            "scim_broker_target_credentials_refused", "gauge",
+            "1 while the target refuses the credentials or the TLS handshake (paused, queue kept)."
+        ) { $0.credentialsRefused ? "1" : "0" }
         header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
         for w in workers {
             let (n, q) = w.recent.quantiles([0.5, 0.99])
@@ -318,19 +362,25 @@ public final class BrokerService {
             for w in workers { w.stop() }
             var remaining = extra.count
             if remaining == 0 { completion(); return }
-            for s in extra { s.shutdown { remaining -= 1; if remaining == 0 { completion() } } }
+            for s in extra {
+                s.shutdown {
+                    remaining -= 1; if remaining == 0 { completion() }
+                }
+            }
         }
     }
 
     public func installSignals(onDrained: @escaping () -> Void = {}) throws {
-        signals = try ServiceSignals(loop: loop, onDrain: { [unowned self] in
-            logger.info("draining")
-            shutdown { [unowned self] in
-                signals?.close()
-                logger.info("drained")
-                onDrained()
-            }
-        }, onReload: { [unowned self] in reload() })
+        signals = try ServiceSignals(
+            loop: loop,
+            onDrain: { [unowned self] in
+                logger.info("draining")
+                shutdown { [unowned self] in
+                    signals?.close()
+                    logger.info("drained")
+                    onDrained()
+                }
+            }, onReload: { [unowned self] in reload() })
     }
 
     /// SIGHUP: re-reads the federation certificate, key, CA and CRL, then
@@ -343,8 +393,9 @@ public final class BrokerService {
             try tls.reload()
             certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
             let closed = server.revalidatePeerCertificates()
-            parts.append("the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"
-                         + " (\(closed) agent connection\(closed == 1 ? "" : "s") closed: certificate no longer valid)")
+            parts.append(
+                "the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"
+                    + " (\(closed) agent connection\(closed == 1 ? "" : "s") closed: certificate no longer valid)")
         } catch {
             logger.error("reload failed, keeping the old federation certificates: \(error)")
         }
@@ -380,9 +431,10 @@ public final class BrokerService {
 
     /// A store epoch as agents send it: 1 to 64 letters, digits, `-` or `_`.
     static func validEpoch(_ s: String) -> Bool {
-        !s.isEmpty && s.utf8.count <= 64 && s.utf8.allSatisfy { c in
-            (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 95
-        }
+        !s.isEmpty && s.utf8.count <= 64
+            && s.utf8.allSatisfy { c in
+                (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 95
+            }
     }
 
     static func json(_ status: Int, _ body: JSON, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
@@ -410,17 +462,25 @@ public final class BrokerService {
             bound = b
         case .unbound:
             statistics.unknownIdentities += 1
-            logger.warning("refused: certificate identity is bound to no domain",
-                           metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-")])
-            responder.respond(Self.failure(403, "unknown_agent",
-                                           "this certificate's identity is not bound to any domain (bindings match SAN URIs, else DNS SANs; never the subject CN)"))
+            logger.warning(
+                "refused: certificate identity is bound to no domain",
+                metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-")])
+            responder.respond(
+                Self.failure(
+                    403, "unknown_agent",
+                    "this certificate's identity is not bound to any domain (bindings match SAN URIs, else DNS SANs; never the subject CN)")
+            )
             return
         case .ambiguous(let bindings):
             statistics.ambiguousIdentities += 1
             let named = bindings.map { "\($0.domain)=\($0.identity)" }.joined(separator: ", ")
-            logger.error("refused: certificate matches more than one binding",
-                         metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-"), "bindings": .string(named)])
-            responder.respond(Self.failure(403, "ambiguous_identity", "this certificate matches more than one binding (\(named)); give each agent a certificate of its own"))
+            logger.error(
+                "refused: certificate matches more than one binding",
+                metadata: ["identities": .string(context.peerIdentity?.names.joined(separator: ",") ?? "-"), "bindings": .string(named)])
+            responder.respond(
+                Self.failure(
+                    403, "ambiguous_identity",
+                    "this certificate matches more than one binding (\(named)); give each agent a certificate of its own"))
             return
         }
         let body: JSON
@@ -443,10 +503,13 @@ public final class BrokerService {
         // Invariant 6: the domain is the certificate's; a batch claiming another is refused.
         guard body["domain"]?.stringValue == bound.domain else {
             statistics.domainMismatches += 1
-            logger.warning("refused: batch claims another domain",
-                           metadata: ["certificateDomain": .string(bound.domain), "claimed": .string(body["domain"]?.stringValue ?? "-")])
-            responder.respond(Self.failure(403, "domain_mismatch",
-                                           "this certificate belongs to domain '\(bound.domain)', not '\(body["domain"]?.stringValue ?? "")'"))
+            logger.warning(
+                "refused: batch claims another domain",
+                metadata: ["certificateDomain": .string(bound.domain), "claimed": .string(body["domain"]?.stringValue ?? "-")])
+            responder.respond(
+                Self.failure(
+                    403, "domain_mismatch",
+                    "this certificate belongs to domain '\(bound.domain)', not '\(body["domain"]?.stringValue ?? "")'"))
             return
         }
         guard let list = body["events"]?.arrayValue, !list.isEmpty, list.count <= configuration.maxEventsPerBatch else {
@@ -464,8 +527,9 @@ public final class BrokerService {
         // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
         guard writer.queuedWrites < configuration.maxPendingBatches else {
             statistics.busyRefusals += 1
-            responder.respond(Self.failure(503, "busy", "the broker has \(writer.queuedWrites) batches waiting; retry later")
-                .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
+            responder.respond(
+                Self.failure(503, "busy", "the broker has \(writer.queuedWrites) batches waiting; retry later")
+                    .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
             return
         }
         if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
@@ -478,12 +542,14 @@ public final class BrokerService {
             switch result {
             case .failure(let error):
                 logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
-                responder.respond(Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
-                    .withHeader("Retry-After", "5"))
+                responder.respond(
+                    Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
+                        .withHeader("Retry-After", "5"))
             case .success(let outcome):
                 if outcome.newSequence {
-                    logger.notice("a new agent store: its sequence starts at 1",
-                                  metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+                    logger.notice(
+                        "a new agent store: its sequence starts at 1",
+                        metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
                 }
                 statistics.eventsApplied += outcome.applied
                 for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
@@ -499,8 +565,13 @@ public final class BrokerService {
                 for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
                     rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
                 }
-                responder.respond(Self.json(200, ["ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
-                                                   "rejected": .object(rejected)]))
+                responder.respond(
+                    Self.json(
+                        200,
+                        [
+                            "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
+                            "rejected": .object(rejected),
+                        ]))
             }
         }
     }
@@ -509,7 +580,9 @@ public final class BrokerService {
 public enum BrokerError: Error, CustomStringConvertible {
     case configuration(String)
     public var description: String {
-        switch self { case .configuration(let m): return m }
+        switch self {
+        case .configuration(let m): return m
+        }
     }
 }
 

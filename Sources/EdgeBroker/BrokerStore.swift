@@ -94,9 +94,11 @@ public final class BrokerStore: Sendable {
                 let name = String(decoding: k[..<nul], as: UTF8.self)
                 let epoch = nul == k.endIndex ? "" : String(decoding: k[(nul + 1)...], as: UTF8.self)
                 let slash = name.firstIndex(of: "/") ?? name.endIndex
-                out.append(AgentSequence(domain: String(name[..<slash]),
-                                         agent: AgentKey(identity: slash == name.endIndex ? "" : String(name[name.index(after: slash)...]), epoch: epoch),
-                                         sequence: UInt64(bigEndianBytes: v) ?? 0))
+                out.append(
+                    AgentSequence(
+                        domain: String(name[..<slash]),
+                        agent: AgentKey(identity: slash == name.endIndex ? "" : String(name[name.index(after: slash)...]), epoch: epoch),
+                        sequence: UInt64(bigEndianBytes: v) ?? 0))
                 return true
             }
             return out
@@ -162,8 +164,10 @@ extension BrokerStore {
     /// the applied sequence are acknowledged without re-applying; a gap stops
     /// the batch (the agent resends from `expectedSequence`). Deterministic:
     /// `newIDs` supplies ids for resources seen for the first time.
-    public func apply(domain: String, agent: AgentKey, events: [RelayEvent], newIDs: [String],
-                      in txn: borrowing WriteTransaction) throws -> ApplyOutcome {
+    public func apply(
+        domain: String, agent: AgentKey, events: [RelayEvent], newIDs: [String],
+        in txn: borrowing WriteTransaction
+    ) throws -> ApplyOutcome {
         let key = agent.storeKey(domain: domain)
         let known = try txn.get(agents, key).flatMap(UInt64.init(bigEndianBytes:))
         var applied = known ?? 0
@@ -196,15 +200,19 @@ extension BrokerStore {
         return outcome
     }
 
-    func applyOne(domain: String, agent: AgentKey, _ event: RelayEvent, id newID: String,
-                  _ txn: borrowing WriteTransaction) throws -> [String] {
+    func applyOne(
+        domain: String, agent: AgentKey, _ event: RelayEvent, id newID: String,
+        _ txn: borrowing WriteTransaction
+    ) throws -> [String] {
         guard let events = event.body["events"]?.objectValue, events.count == 1, let (uri, body) = events.members.first else {
             throw SCIMError.invalidValue("event \(event.seq) must hold exactly one SCIM event")
         }
         if uri == BrokerStore.undeliverableEvent {
             // The agent could not deliver this event (the broker refused it on
             // its own): recorded as rejected, so the agent keeps it as a dead letter.
-            throw SCIMError.invalidValue("event \(event.seq) (\(body["ref"]?.stringValue ?? "no ref")) could not be delivered: \(body["reason"]?.stringValue ?? "no reason given")")
+            throw SCIMError.invalidValue(
+                "event \(event.seq) (\(body["ref"]?.stringValue ?? "no ref")) could not be delivered: \(body["reason"]?.stringValue ?? "no reason given")"
+            )
         }
         guard let ref = body["ref"]?.stringValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'ref'") }
         let parts = ref.split(separator: "/")
@@ -222,11 +230,12 @@ extension BrokerStore {
             guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
-            let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
-                                           acceptedAt: acceptedAt, txn)
+            let queued = try enqueueFanout(
+                domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
+                acceptedAt: acceptedAt, txn)
             return queued
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
-             "urn:ietf:params:SCIM:event:prov:patch:full":
+            "urn:ietf:params:SCIM:event:prov:patch:full":
             guard var data = body["data"]?.objectValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'data'") }
             // Namespaced by domain: the broker's own stable id, the source kept beside it.
             let brokerID = existing?["id"]?.stringValue ?? newID
@@ -248,7 +257,8 @@ extension BrokerStore {
                 var mapped: [JSON] = []
                 for m in members {
                     guard var o = m.objectValue, let v = o["value"]?.stringValue,
-                          let id = try memberBrokerID(domain: domain, sourceID: v, txn) else { continue }
+                        let id = try memberBrokerID(domain: domain, sourceID: v, txn)
+                    else { continue }
                     o["value"] = .string(id)
                     o["$ref"] = nil
                     mapped.append(.object(o))
@@ -257,8 +267,9 @@ extension BrokerStore {
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
-            let queued = try enqueueFanout(domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
-                                           acceptedAt: acceptedAt, txn)
+            let queued = try enqueueFanout(
+                domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
+                acceptedAt: acceptedAt, txn)
             return queued
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")

@@ -51,7 +51,9 @@ public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .notHeld(let target, let seqs, let held):
             let which = seqs.map { "#\($0)" }.joined(separator: ", ")
-            let now = held.isEmpty ? "the guard holds nothing for \(target)"
+            let now =
+                held.isEmpty
+                ? "the guard holds nothing for \(target)"
                 : "held for \(target): " + held.map { "#\($0)" }.joined(separator: ", ")
             return "\(which) \(seqs.count == 1 ? "is" : "are") not held by the deletion guard (\(now)); nothing was rejected"
         }
@@ -66,7 +68,8 @@ extension BrokerStore {
     }
 
     func heldRemovals(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
-        -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+        -> (pausedSince: Int64?, removals: [HeldRemoval])
+    {
         let g = try deletionGuard(target: target, txn)
         guard let pausedSince = g.pausedSince else { return (nil, []) }
         var items: [([UInt8], DeliveryItem)] = []
@@ -78,8 +81,9 @@ extension BrokerStore {
         var out: [HeldRemoval] = []
         for (key, item) in items {
             guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) else { continue }
-            var held = HeldRemoval(target: target, seq: seq, item: item, name: item.name, domain: item.domain,
-                                   heldSince: max(item.queuedAt, pausedSince), key: key)
+            var held = HeldRemoval(
+                target: target, seq: seq, item: item, name: item.name, domain: item.domain,
+                heldSince: max(item.queuedAt, pausedSince), key: key)
             if held.name == nil || held.domain == nil, let path = try txn.get(brokerIds, Array(item.brokerID.utf8)) {
                 // Out of the routes rather than deleted (or queued before removals kept the name): the directory knows.
                 if held.domain == nil { held.domain = String(decoding: path.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self) }
@@ -132,9 +136,11 @@ extension BrokerStore {
             let now = unixMicroseconds()
             for (i, h) in result.rejected.enumerated() {
                 _ = try txn.delete(fanout, h.key)
-                var hop: JSONObject = ["hop": .string("target \(target)"), "event": .string(h.item.operation.rawValue),
-                                       "detail": "rejected by the operator: the deletion guard held it",
-                                       "applied": .number(JSONNumber(integer: h.item.queuedAt))]
+                var hop: JSONObject = [
+                    "hop": .string("target \(target)"), "event": .string(h.item.operation.rawValue),
+                    "detail": "rejected by the operator: the deletion guard held it",
+                    "applied": .number(JSONNumber(integer: h.item.queuedAt)),
+                ]
                 if h.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: h.item.acceptedAt)) }
                 // One µs apart: two removals of one resource get a hop each (the time is in the key).
                 try recordHop(brokerID: h.item.brokerID, trace: h.item.trace, hop, txn, now: now + Int64(i))
@@ -144,8 +150,9 @@ extension BrokerStore {
             let g = try deletionGuard(target: target, txn)
             // The confirmation time stays: rejecting confirms nothing. Removals
             // queued from now on are counted by the guard afresh.
-            try setDeletionGuard(target: target, pausedSince: result.resumed ? nil : pausedSince, confirmedAt: g.confirmedAt,
-                                 rejectedAt: max(now / 1000, g.rejectedAt + 1), txn)
+            try setDeletionGuard(
+                target: target, pausedSince: result.resumed ? nil : pausedSince, confirmedAt: g.confirmedAt,
+                rejectedAt: max(now / 1000, g.rejectedAt + 1), txn)
             return result
         }
     }

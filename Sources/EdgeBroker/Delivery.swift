@@ -46,7 +46,6 @@ public struct TargetStatistics: Sendable {
     }
 }
 
-
 /// Delivers one target's queue: resources in queue order per resource,
 /// different resources concurrently (adaptive, at most `concurrency`),
 /// within the target's request rate; retries with backoff and jitter;
@@ -161,8 +160,10 @@ public final class TargetWorker {
             return false
         }
         for _ in 0..<max(1, target.concurrency) {
-            clients.append(HTTPClient(loop: loop, address: address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
-                                      options: clientOptions))
+            clients.append(
+                HTTPClient(
+                    loop: loop, address: address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
+                    options: clientOptions))
         }
         return true
     }
@@ -234,8 +235,10 @@ public final class TargetWorker {
         // After a rejection, the guard changes only once the rejected removals are out of `pending`.
         if let g = try? store.deletionGuard(target: target.name), g.rejectedAt == guardRejectedAt || dropRejectedRemovals() {
             if guardPausedSince != nil && g.pausedSince == nil {
-                logger.notice(g.confirmedAt != guardConfirmedAt ? "removals released by confirm-deletes"
-                              : "removals resume: reject-deletes dropped the ones held")
+                logger.notice(
+                    g.confirmedAt != guardConfirmedAt
+                        ? "removals released by confirm-deletes"
+                        : "removals resume: reject-deletes dropped the ones held")
                 removalTimes.removeAll()
             }
             guardPausedSince = g.pausedSince
@@ -258,8 +261,12 @@ public final class TargetWorker {
     public func statusDocument() -> JSONObject {
         var o: JSONObject = [
             "target": .string(target.name), "url": .string(target.url),
-            "state": .string(capabilities == nil ? "discovering" : credentialsPause != nil ? "credentials-refused"
-                                : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
+            "state": .string(
+                capabilities == nil
+                    ? "discovering"
+                    : credentialsPause != nil
+                        ? "credentials-refused"
+                        : guardPausedSince != nil ? "deletes-paused" : breakerState.rawValue),
             "breaker": .string(breakerState.rawValue),
             "queued": .int(depth), "oldestQueuedAt": .number(JSONNumber(integer: oldestQueuedAt)),
             "inFlight": .int(inFlightCount), "concurrency": .int(Int(limit)),
@@ -288,15 +295,20 @@ public final class TargetWorker {
             return
         }
         discovering = true
-        send(HTTPRequest(method: "GET", target: target.basePath + "/ServiceProviderConfig", headers: headers(trace: "")),
-             method: "GET") { [weak self] result in
+        send(
+            HTTPRequest(method: "GET", target: target.basePath + "/ServiceProviderConfig", headers: headers(trace: "")),
+            method: "GET"
+        ) { [weak self] result in
             guard let self else { return }
             discovering = false
             if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body), doc.objectValue != nil {
                 capabilities = TargetCapabilities(doc)
-                logger.info("target capabilities", metadata: [
-                    "patch": .stringConvertible(capabilities!.patch), "filter": .stringConvertible(capabilities!.filter),
-                    "etag": .stringConvertible(capabilities!.etag), "bulk": .stringConvertible(capabilities!.bulk)])
+                logger.info(
+                    "target capabilities",
+                    metadata: [
+                        "patch": .stringConvertible(capabilities!.patch), "filter": .stringConvertible(capabilities!.filter),
+                        "etag": .stringConvertible(capabilities!.etag), "bulk": .stringConvertible(capabilities!.bulk),
+                    ])
                 load()
                 pump()
             } else {
@@ -308,7 +320,9 @@ public final class TargetWorker {
                 }
                 statistics.lastError = why
                 if case .failure = result { dropClients() }
-                if discoveryAttempts == 1 || discoveryAttempts % 10 == 0 { logger.warning("target not ready", metadata: ["error": .string(why)]) }
+                if discoveryAttempts == 1 || discoveryAttempts % 10 == 0 {
+                    logger.warning("target not ready", metadata: ["error": .string(why)])
+                }
                 nextDiscovery = monotonicMilliseconds() + backoff(discoveryAttempts)
             }
         }
@@ -390,9 +404,12 @@ public final class TargetWorker {
         if removalTimes.count >= target.deletionGuard.maxDeletes {
             let since = unixMilliseconds()
             guardPausedSince = since
-            logger.error("deletion guard: removals paused until `scim-broker targets confirm-deletes \(target.name)`",
-                         metadata: ["removals": .stringConvertible(removalTimes.count),
-                                    "windowSeconds": .stringConvertible(target.deletionGuard.windowSeconds)])
+            logger.error(
+                "deletion guard: removals paused until `scim-broker targets confirm-deletes \(target.name)`",
+                metadata: [
+                    "removals": .stringConvertible(removalTimes.count),
+                    "windowSeconds": .stringConvertible(target.deletionGuard.windowSeconds),
+                ])
             let store = self.store, name = target.name, confirmed = guardConfirmedAt
             writer.submit({ txn in try store.setDeletionGuard(target: name, pausedSince: since, confirmedAt: confirmed, txn) }) { _ in }
             return false
@@ -560,7 +577,8 @@ public final class TargetWorker {
         var out: [LinkedResource] = []
         for id in try store.linkMembers(target: target.name, value: value) {
             guard let (domain, type, resource) = try store.resource(brokerID: id), type == "User",
-                  target.routes(domain: domain, type: type, resource), link.value(of: resource) == value else { continue }
+                target.routes(domain: domain, type: type, resource), link.value(of: resource) == value
+            else { continue }
             out.append(LinkedResource(brokerID: id, domain: domain, resource: resource))
         }
         return out
@@ -573,7 +591,8 @@ public final class TargetWorker {
         let value = link.value(of: me.resource)
         do {
             if let shared = d.mapping?.link, shared != value,
-               try linkedResources(link, value: shared).contains(where: { $0.brokerID != me.brokerID }) {
+                try linkedResources(link, value: shared).contains(where: { $0.brokerID != me.brokerID })
+            {
                 // It left an account others still share: that one stays theirs
                 // (their merged state is queued); this user needs one of its own.
                 d.mapping = nil
@@ -581,8 +600,9 @@ public final class TargetWorker {
             }
             guard let value else {
                 // Nothing to link by: the user's own account, as under refuse.
-                deliver(d, type: "User", body: targetBody(me.resource, type: "User", brokerID: me.brokerID, target: target),
-                        externalID: me.brokerID)
+                deliver(
+                    d, type: "User", body: targetBody(me.resource, type: "User", brokerID: me.brokerID, target: target),
+                    externalID: me.brokerID)
                 return
             }
             var members = try linkedResources(link, value: value)
@@ -595,8 +615,9 @@ public final class TargetWorker {
                 if let mapping { chosen = mapping; break }
             }
             if let mine = d.mapping, let chosen, mine.targetID != chosen.targetID {
-                logger.warning("a linked user had an account of its own: its data now goes to the linked account; the other one is left as it is",
-                               metadata: ["brokerId": .string(me.brokerID), "targetId": .string(mine.targetID), "linkedTo": .string(chosen.targetID)])
+                logger.warning(
+                    "a linked user had an account of its own: its data now goes to the linked account; the other one is left as it is",
+                    metadata: ["brokerId": .string(me.brokerID), "targetId": .string(mine.targetID), "linkedTo": .string(chosen.targetID)])
             }
             // Its own mapping of that account may say more (none of the body
             // sent: reconciliation found drift, and a full PUT is due).
@@ -617,11 +638,15 @@ public final class TargetWorker {
             switch result {
             case .success(let r) where r.status == 201 || r.status == 200:
                 guard let doc = try? JSONParser.parse(r.body), let id = doc["id"]?.stringValue else {
-                    finish(d, .deadLetter(method: "POST", path: path, request: String(decoding: bytes, as: UTF8.self), status: r.status,
-                                          response: "the response carries no id: " + r.bodyText))
+                    finish(
+                        d,
+                        .deadLetter(
+                            method: "POST", path: path, request: String(decoding: bytes, as: UTF8.self), status: r.status,
+                            response: "the response carries no id: " + r.bodyText))
                     return
                 }
-                finish(d, .done(mapping: .some(TargetMapping(targetID: id, etag: etag(r, doc), sent: body)), method: "POST", status: r.status))
+                finish(
+                    d, .done(mapping: .some(TargetMapping(targetID: id, etag: etag(r, doc), sent: body)), method: "POST", status: r.status))
             case .success(let r) where r.status == 409 && capabilities?.filter == true && !d.adopted:
                 // The account exists already: adopt it (userName for users, displayName for groups).
                 let attribute = type == "User" ? "userName" : "displayName"
@@ -667,14 +692,21 @@ public final class TargetWorker {
     /// An account that is another resource's: with `collisions: refuse` (and
     /// when a namespace still collides) the change becomes a dead letter
     /// that names both domains and both broker ids.
-    private func collision(_ d: Delivery, attribute: String, value: String, targetID: String, other: String,
-                           path: String, _ bytes: [UInt8]) -> Outcome {
+    private func collision(
+        _ d: Delivery, attribute: String, value: String, targetID: String, other: String,
+        path: String, _ bytes: [UInt8]
+    ) -> Outcome {
         statistics.collisions += 1
         func domain(_ id: String) -> String { ((try? store.resource(brokerID: id)) ?? nil)?.0 ?? "unknown" }
-        let reason = "collision: \(attribute) '\(value)' at target \(target.name) is account \(targetID) of broker id \(other) "
+        let reason =
+            "collision: \(attribute) '\(value)' at target \(target.name) is account \(targetID) of broker id \(other) "
             + "(domain \(domain(other))); broker id \(d.item.brokerID) (domain \(domain(d.item.brokerID))) may not adopt it"
-        logger.error("cross-resource collision: refused", metadata: [
-            "brokerId": .string(d.item.brokerID), "owner": .string(other), "targetId": .string(targetID), "attribute": .string(attribute)])
+        logger.error(
+            "cross-resource collision: refused",
+            metadata: [
+                "brokerId": .string(d.item.brokerID), "owner": .string(other), "targetId": .string(targetID),
+                "attribute": .string(attribute),
+            ])
         return .deadLetter(method: "POST", path: path, request: String(decoding: bytes, as: UTF8.self), status: 409, response: reason)
     }
 
@@ -714,7 +746,10 @@ public final class TargetWorker {
             case .success(let r) where (200..<300).contains(r.status):
                 let doc = try? JSONParser.parse(r.body)
                 let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
-                finish(d, .done(mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: body)), method: method, status: r.status))
+                finish(
+                    d,
+                    .done(
+                        mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: body)), method: method, status: r.status))
             case .success(let r) where r.status == 404 && d.redirected < 2:
                 // Gone at the target (deleted there): create it again.
                 var next = d
@@ -800,8 +835,10 @@ public final class TargetWorker {
         let bytes: [UInt8]
         if usesPatch(d.item.type) {
             method = "PATCH"
-            bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                                 "Operations": [["op": "replace", "path": "active", "value": false]]]).serialized()
+            bytes = JSON.object([
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [["op": "replace", "path": "active", "value": false]],
+            ]).serialized()
         } else {
             method = "PUT"
             var full = sent
@@ -813,7 +850,10 @@ public final class TargetWorker {
             switch result {
             case .success(let r) where (200..<300).contains(r.status):
                 let tag = etag(r, try? JSONParser.parse(r.body))
-                finish(d, .done(mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: sent)), method: method, status: r.status))
+                finish(
+                    d,
+                    .done(
+                        mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: sent)), method: method, status: r.status))
             case .success(let r) where r.status == 404:
                 finish(d, .done(mapping: .some(nil), method: method, status: 404))
             case .success(let r) where r.status == 501 && method == "PATCH":
@@ -826,14 +866,17 @@ public final class TargetWorker {
     }
 
     /// `GET /Users?filter=attribute eq "value"`: the one match's id and externalId.
-    private func lookup(_ d: Delivery, type: String, attribute: String, value: String,
-                        _ done: @escaping ((id: String, externalId: String?)?) -> Void) {
+    private func lookup(
+        _ d: Delivery, type: String, attribute: String, value: String,
+        _ done: @escaping ((id: String, externalId: String?)?) -> Void
+    ) {
         let escaped = value.replacing("\\", with: "\\\\").replacing("\"", with: "\\\"")
         let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id,externalId"
         send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
             guard self != nil else { return }
             if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body),
-               let list = doc["Resources"]?.arrayValue, list.count == 1, let id = list[0]["id"]?.stringValue {
+                let list = doc["Resources"]?.arrayValue, list.count == 1, let id = list[0]["id"]?.stringValue
+            {
                 done((id, list[0]["externalId"]?.stringValue))
             } else {
                 done(nil)
@@ -886,8 +929,9 @@ public final class TargetWorker {
     private func patchRefused(_ type: String, _ r: HTTPResponse) {
         guard !patchNotImplemented.contains(type) else { return }
         patchNotImplemented.insert(type)
-        logger.warning("the target does not implement this PATCH (501): \(type) updates are sent as PUT",
-                       metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+        logger.warning(
+            "the target does not implement this PATCH (501): \(type) updates are sent as PUT",
+            metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
     }
 
     /// Whether updates of `type` go as PATCH.
@@ -908,8 +952,9 @@ public final class TargetWorker {
         default:
             // 501 too: not implemented (RFC 7644 §3.12) is a property of the
             // request form; retrying cannot help, and the target is up.
-            return .deadLetter(method: method, path: path, request: String(decoding: request, as: UTF8.self), status: r.status,
-                               response: String(decoding: r.body.prefix(16 * 1024), as: UTF8.self))
+            return .deadLetter(
+                method: method, path: path, request: String(decoding: request, as: UTF8.self), status: r.status,
+                response: String(decoding: r.body.prefix(16 * 1024), as: UTF8.self))
         }
     }
 
@@ -939,8 +984,9 @@ public final class TargetWorker {
             // Probe again (with one queued change) after 1, 2, 4 … 60 s; a SIGHUP probes at once.
             pause.probeAt = now + UInt64(min(60_000, 1000 << min(6, pause.probes - 1)))
             if credentialsPause == nil {
-                logger.error("target refused the credentials: paused with its queue kept until they work again (SIGHUP re-reads the token)",
-                             metadata: ["error": .string(why)])
+                logger.error(
+                    "target refused the credentials: paused with its queue kept until they work again (SIGHUP re-reads the token)",
+                    metadata: ["error": .string(why)])
             }
             credentialsPause = pause
             release(retryAt: nil, countAttempt: false)
@@ -961,8 +1007,12 @@ public final class TargetWorker {
                 let cooldown = min(60_000, 1000 << min(6, breakerOpenings))
                 breakerOpenUntil = now + UInt64(cooldown)
                 dropClients()  // resolve again before the probe
-                logger.error("circuit breaker open", metadata: ["failures": .stringConvertible(consecutiveFailures),
-                                                                "cooldownMs": .stringConvertible(cooldown), "error": .string(why)])
+                logger.error(
+                    "circuit breaker open",
+                    metadata: [
+                        "failures": .stringConvertible(consecutiveFailures),
+                        "cooldownMs": .stringConvertible(cooldown), "error": .string(why),
+                    ])
             } else if d.attempts == 0 || d.attempts % 10 == 0 {
                 logger.warning("delivery failed, will retry", metadata: ["brokerId": .string(id), "error": .string(why)])
             }
@@ -971,8 +1021,9 @@ public final class TargetWorker {
             statistics.retries += 1
             statistics.lastError = why
             if d.attempts == 0 || d.attempts % 10 == 0 {
-                logger.error("cannot read the store for a delivery; it stays queued and is retried",
-                             metadata: ["brokerId": .string(id), "error": .string(why)])
+                logger.error(
+                    "cannot read the store for a delivery; it stays queued and is retried",
+                    metadata: ["brokerId": .string(id), "error": .string(why)])
             }
             release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
         case .done(let mapping, let method, let status):
@@ -986,16 +1037,23 @@ public final class TargetWorker {
             succeeded()  // the target answered: it is up
             statistics.deadLettered += 1
             statistics.lastError = "\(method) \(path) answered \(status)"
-            logger.error("delivery refused by the target: dead letter", metadata: [
-                "brokerId": .string(id), "method": .string(method), "status": .stringConvertible(status), "trace": .string(d.item.trace)])
+            logger.error(
+                "delivery refused by the target: dead letter",
+                metadata: [
+                    "brokerId": .string(id), "method": .string(method), "status": .stringConvertible(status),
+                    "trace": .string(d.item.trace),
+                ])
             let letter: JSONObject = [
                 "id": .string(id), "type": .string(d.item.type), "op": .string(d.item.operation.rawValue), "trace": .string(d.item.trace),
                 "method": .string(method), "path": .string(path), "request": .string(request), "status": .int(status),
                 "response": .string(response), "at": .number(JSONNumber(integer: unixMilliseconds())),
             ]
-            complete(d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
-                     hop: ["hop": .string("target \(target.name)"), "event": .string(d.item.operation.rawValue), "method": .string(method),
-                           "status": .int(status), "detail": "dead letter"])
+            complete(
+                d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
+                hop: [
+                    "hop": .string("target \(target.name)"), "event": .string(d.item.operation.rawValue), "method": .string(method),
+                    "status": .int(status), "detail": "dead letter",
+                ])
         }
     }
 
@@ -1006,8 +1064,9 @@ public final class TargetWorker {
 
     private func succeeded() {
         if let pause = credentialsPause {
-            logger.notice("target accepts the credentials again: resumed",
-                          metadata: ["pausedSeconds": .stringConvertible((unixMilliseconds() - pause.since) / 1000)])
+            logger.notice(
+                "target accepts the credentials again: resumed",
+                metadata: ["pausedSeconds": .stringConvertible((unixMilliseconds() - pause.since) / 1000)])
             credentialsPause = nil
         }
         if consecutiveFailures >= target.breakerThreshold { logger.notice("circuit breaker closed") }
@@ -1023,11 +1082,21 @@ public final class TargetWorker {
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
         let type = d.item.type
         // A linked account's mapping says under which value it is shared; every user sharing it gets it.
-        let recorded = !d.recordsMapping ? .none : d.linkValue == nil ? mapping : mapping.map { $0.map { m in var m = m; m.link = d.linkValue; return m } }
+        let recorded =
+            !d.recordsMapping
+            ? .none
+            : d.linkValue == nil
+                ? mapping
+                : mapping.map {
+                    $0.map { m in
+                        var m = m; m.link = d.linkValue; return m
+                    }
+                }
         let linked = d.linked
         writer.submit({ txn in
-            try store.completeDelivery(target: name, keys: keys, brokerID: id, type: type, mapping: recorded, linked: linked,
-                                       deadLetter: deadLetter, hop: finalHop, trace: trace, txn)
+            try store.completeDelivery(
+                target: name, keys: keys, brokerID: id, type: type, mapping: recorded, linked: linked,
+                deadLetter: deadLetter, hop: finalHop, trace: trace, txn)
         }) { [weak self] result in
             guard let self else { return }
             endFlight(d)

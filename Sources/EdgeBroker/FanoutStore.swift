@@ -51,8 +51,10 @@ public struct DeliveryItem: Sendable, Equatable {
     public var account: String?
 
     var json: JSON {
-        var o: JSONObject = ["id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
-                             "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt))]
+        var o: JSONObject = [
+            "id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
+            "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt)),
+        ]
         if let domain { o["domain"] = .string(domain) }
         if let name { o["name"] = .string(name) }
         if let link { o["link"] = .string(link) }
@@ -60,8 +62,10 @@ public struct DeliveryItem: Sendable, Equatable {
         return .object(o)
     }
 
-    init(brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64, link: String? = nil,
-         account: String? = nil) {
+    init(
+        brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64, link: String? = nil,
+        account: String? = nil
+    ) {
         self.brokerID = brokerID
         self.type = type
         self.operation = operation
@@ -73,11 +77,14 @@ public struct DeliveryItem: Sendable, Equatable {
     }
 
     init?(_ bytes: [UInt8]) {
-        guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
-              let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:)) else { return nil }
-        self.init(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                  queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0,
-                  link: o["link"]?.stringValue, account: o["account"]?.stringValue)
+        guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue,
+            let type = o["type"]?.stringValue,
+            let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:))
+        else { return nil }
+        self.init(
+            brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+            queuedAt: o["at"]?.numberValue?.integer ?? 0, acceptedAt: o["accepted"]?.numberValue?.integer ?? 0,
+            link: o["link"]?.stringValue, account: o["account"]?.stringValue)
         domain = o["domain"]?.stringValue
         name = o["name"]?.stringValue
     }
@@ -118,7 +125,6 @@ public struct TargetMapping: Sendable, Equatable {
     }
 }
 
-
 func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
 func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
 func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
@@ -126,15 +132,18 @@ func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
 extension BrokerStore {
     /// Queues, in the apply's transaction, what each target must do after a
     /// resource changed from `old` to `new` (nil: absent or deleted).
-    func enqueueFanout(domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
-                       trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction) throws -> [String] {
+    func enqueueFanout(
+        domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
+        trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction
+    ) throws -> [String] {
         var queued: [String] = []
         for target in targets {
             let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
             let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
             guard was || now else { continue }
-            var item = DeliveryItem(brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
-                                    queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
+            var item = DeliveryItem(
+                brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
+                queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
             if !now, let old {
                 // Who is removed, kept with the removal: the directory may no longer know (see `DeliveryItem.name`).
                 item.domain = domain
@@ -156,8 +165,11 @@ extension BrokerStore {
             queued.append(target.name)
             if let partner {
                 // It left an account it shared: the others' merged state is sent again (once, by one of them).
-                try enqueue(target: target.name, DeliveryItem(brokerID: partner.id, type: type, operation: .upsert, trace: trace,
-                                                              queuedAt: unixMilliseconds(), acceptedAt: acceptedAt, link: partner.link), txn)
+                try enqueue(
+                    target: target.name,
+                    DeliveryItem(
+                        brokerID: partner.id, type: type, operation: .upsert, trace: trace,
+                        queuedAt: unixMilliseconds(), acceptedAt: acceptedAt, link: partner.link), txn)
                 queued.append(target.name)
             }
         }
@@ -222,14 +234,17 @@ extension BrokerStore {
     /// the accounts of users that are now linked). True: it was rebuilt.
     public func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
         guard let link = target.collisions.linkPolicy else { return false }
-        let fingerprint = Array(([link.attribute] + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
-            .joined(separator: "\n").utf8)
+        let fingerprint = Array(
+            ([link.attribute] + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
+                .joined(separator: "\n").utf8)
         let stateKey = Array("linkindex/\(target.name)".utf8)
         let targetState = self.targetState, targetLinks = self.targetLinks, resources = self.resources
         return try environment.write { txn in
             if try txn.get(targetState, stateKey) == fingerprint { return false }
             var stale: [[UInt8]] = []
-            try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in stale.append(k); return true }
+            try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in
+                stale.append(k); return true
+            }
             for k in stale { _ = try txn.delete(targetLinks, k) }
             _ = try txn.delete(targetState, Array("links/\(target.name)".utf8))
             var linked: [(value: String, brokerID: String)] = []
@@ -237,7 +252,8 @@ extension BrokerStore {
                 // `<domain>/User/<source id>`
                 let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
                 guard parts.count == 3, parts[1].elementsEqual("User".utf8),
-                      let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue else { return true }
+                    let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
+                else { return true }
                 let domain = String(decoding: parts[0], as: UTF8.self)
                 if target.routes(domain: domain, type: "User", o), let value = link.value(of: o) { linked.append((value, id)) }
                 return true
@@ -270,8 +286,10 @@ extension BrokerStore {
 
     /// Records one hop of a change in the resource's trail (and the trace
     /// id's index); `sweepTrail` removes them after the retention.
-    func recordHop(brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction,
-                   now: Int64 = unixMicroseconds()) throws {
+    func recordHop(
+        brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction,
+        now: Int64 = unixMicroseconds()
+    ) throws {
         var value = hop
         value["at"] = .number(JSONNumber(integer: now / 1000))
         value["trace"] = .string(trace)
@@ -288,8 +306,10 @@ extension BrokerStore {
     /// index entries): looks at up to `limit` keys of each table from the
     /// cursors, deletes what is past the retention, and returns where to go
     /// on (nil: the table's end; the next sweep starts again from the top).
-    func sweepTrail(trailFrom: [UInt8]?, tracesFrom: [UInt8]?, limit: Int, now: Int64 = unixMicroseconds(),
-                    _ txn: borrowing WriteTransaction) throws -> (trail: [UInt8]?, traces: [UInt8]?, deleted: Int) {
+    func sweepTrail(
+        trailFrom: [UInt8]?, tracesFrom: [UInt8]?, limit: Int, now: Int64 = unixMicroseconds(),
+        _ txn: borrowing WriteTransaction
+    ) throws -> (trail: [UInt8]?, traces: [UInt8]?, deleted: Int) {
         let cutoff = UInt64(max(0, now - BrokerStore.trailRetentionMicroseconds))
         var stale: [[UInt8]] = []
         var seen = 0
@@ -298,7 +318,10 @@ extension BrokerStore {
             seen += 1
             if seen > limit { nextTrail = k; return false }
             if let zero = k.firstIndex(of: 0), k.count >= zero + 9,
-               let t = UInt64(bigEndianBytes: Array(k[(zero + 1)...(zero + 8)])), t < cutoff { stale.append(k) }
+                let t = UInt64(bigEndianBytes: Array(k[(zero + 1)...(zero + 8)])), t < cutoff
+            {
+                stale.append(k)
+            }
             return true
         }
         for k in stale { _ = try txn.delete(trail, k) }
@@ -334,15 +357,21 @@ extension BrokerStore {
             var byTrace = !ids.isEmpty
             if !byTrace {
                 var hasTrail = false
-                try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in hasTrail = true; return false }
+                try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in
+                    hasTrail = true; return false
+                }
                 let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
                 if hasTrail || known {
                     ids = [idOrTrace]
                 } else {
                     // A trace that reached no target yet: the directory knows its latest change.
                     try txn.scan(resources) { _, v in
-                        if let o = try JSONParser.parse(v, limits: .stored).objectValue, o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
-                           let id = o["id"]?.stringValue { ids.append(id) }
+                        if let o = try JSONParser.parse(v, limits: .stored).objectValue,
+                            o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
+                            let id = o["id"]?.stringValue
+                        {
+                            ids.append(id)
+                        }
                         return true
                     }
                     byTrace = !ids.isEmpty
@@ -378,9 +407,12 @@ extension BrokerStore {
                     return true
                 }
                 if let key = try txn.get(brokerIds, Array(id.utf8)), let bytes = try txn.get(resources, key),
-                   let source = try JSONParser.parse(bytes, limits: .stored)[BrokerStore.sourceExtension]?.objectValue {
+                    let source = try JSONParser.parse(bytes, limits: .stored)[BrokerStore.sourceExtension]?.objectValue
+                {
                     let trace = source["trace"]?.stringValue
-                    let extra: JSONObject = ["domain": source["domain"] ?? .null, "sourceId": source["id"] ?? .null, "seq": source["seq"] ?? .null]
+                    let extra: JSONObject = [
+                        "domain": source["domain"] ?? .null, "sourceId": source["id"] ?? .null, "seq": source["seq"] ?? .null,
+                    ]
                     add(id, "agent accept", source["accepted"]?.numberValue?.integer, trace, extra)
                     add(id, "broker apply", source["applied"]?.numberValue?.integer, trace, ["seq": source["seq"] ?? .null])
                 }
@@ -389,10 +421,13 @@ extension BrokerStore {
                 let id = h.item.brokerID, trace = h.item.trace
                 add(id, "agent accept", h.item.acceptedAt, trace)
                 add(id, "broker apply", h.item.queuedAt, trace)
-                add(id, "target \(h.target)", h.heldSince, trace,
-                    ["event": .string(h.item.operation.rawValue), "detail": .string("held by the deletion guard of target \(h.target)"),
-                     "target": .string(h.target), "heldSince": .number(JSONNumber(integer: h.heldSince)),
-                     "queueSeq": .number(JSONNumber(integer: Int64(h.seq)))])
+                add(
+                    id, "target \(h.target)", h.heldSince, trace,
+                    [
+                        "event": .string(h.item.operation.rawValue), "detail": .string("held by the deletion guard of target \(h.target)"),
+                        "target": .string(h.target), "heldSince": .number(JSONNumber(integer: h.heldSince)),
+                        "queueSeq": .number(JSONNumber(integer: Int64(h.seq))),
+                    ])
             }
             let order = ["agent accept": 0, "broker apply": 1]
             return hops.sorted {
@@ -449,8 +484,10 @@ extension BrokerStore {
     /// Records (or, with nil, forgets) which target account a broker id has,
     /// and keeps the reverse index (`targetOwners`) that tells whose an
     /// account is, so that no other resource adopts it.
-    func setMapping(target: String, type: String, brokerID: String, _ mapping: TargetMapping?,
-                    _ txn: borrowing WriteTransaction) throws {
+    func setMapping(
+        target: String, type: String, brokerID: String, _ mapping: TargetMapping?,
+        _ txn: borrowing WriteTransaction
+    ) throws {
         let key = prefixed(target, brokerID)
         if let old = try txn.get(targetIds, key).flatMap(TargetMapping.init), old.targetID != mapping?.targetID {
             let ownerKey = prefixed(target, "\(type)/\(old.targetID)")
@@ -502,9 +539,11 @@ extension BrokerStore {
     /// mapping (nil: forget it), a dead letter, and the trail hop.
     /// `linked`: the other users sharing the account (`collisions: link`)
     /// get the same mapping.
-    func completeDelivery(target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
-                          linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String,
-                          _ txn: borrowing WriteTransaction) throws {
+    func completeDelivery(
+        target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
+        linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String,
+        _ txn: borrowing WriteTransaction
+    ) throws {
         for k in keys { _ = try txn.delete(fanout, k) }
         if case .some(let m) = mapping {
             try setMapping(target: target, type: type, brokerID: brokerID, m, txn)
@@ -540,17 +579,23 @@ extension BrokerStore {
         let targetDead = self.targetDead
         return try environment.write { txn in
             var found: [([UInt8], JSONObject)] = []
-            try txn.scan(targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
-                         to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)) { k, v in
+            try txn.scan(
+                targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
+                to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)
+            ) { k, v in
                 if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
                 return true
             }
             for (k, o) in found {
                 _ = try txn.delete(targetDead, k)
                 if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
-                   let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:)) {
-                    try enqueue(target: target, DeliveryItem(brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                                                             queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+                    let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
+                {
+                    try enqueue(
+                        target: target,
+                        DeliveryItem(
+                            brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+                            queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
                 }
             }
             return found.count
@@ -566,14 +611,20 @@ extension BrokerStore {
     }
 
     func deletionGuard(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
-        -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
+        -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64)
+    {
         let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
-        return (o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0, o?["rejectedAt"]?.numberValue?.integer ?? 0)
+        return (
+            o?["pausedSince"]?.numberValue?.integer, o?["confirmedAt"]?.numberValue?.integer ?? 0,
+            o?["rejectedAt"]?.numberValue?.integer ?? 0
+        )
     }
 
     /// Writes the pause and the confirmation; `rejectedAt` is kept unless given.
-    func setDeletionGuard(target: String, pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64? = nil,
-                          _ txn: borrowing WriteTransaction) throws {
+    func setDeletionGuard(
+        target: String, pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64? = nil,
+        _ txn: borrowing WriteTransaction
+    ) throws {
         var o: JSONObject = ["confirmedAt": .number(JSONNumber(integer: confirmedAt))]
         if let pausedSince { o["pausedSince"] = .number(JSONNumber(integer: pausedSince)) }
         let rejected = try rejectedAt ?? deletionGuard(target: target, txn).rejectedAt
@@ -596,7 +647,9 @@ extension BrokerStore {
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
             try txn.scan(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k, v in
-                if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append((String(decoding: k.dropFirst(7), as: UTF8.self), o)) }
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue {
+                    out.append((String(decoding: k.dropFirst(7), as: UTF8.self), o))
+                }
                 return true
             }
             return out
@@ -625,8 +678,10 @@ extension BrokerStore {
     /// the target is no longer configured.
     public func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
         var result = ForgottenTarget()
-        for (db, field) in [(fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
-                            (targetLinks, \.links)] {
+        for (db, field) in [
+            (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
+            (targetLinks, \.links),
+        ] {
             while true {
                 let removed = try environment.write { txn in
                     var keys: [[UInt8]] = []
@@ -652,15 +707,20 @@ extension BrokerStore {
     /// Queues an item from outside the apply (reconciliation, retries).
     /// With `mapping`, the target account is recorded first (adopting a
     /// stray), for the users in `linked` too (the users of a linked account).
-    public func enqueue(target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
-                        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil) throws {
+    public func enqueue(
+        target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
+        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil
+    ) throws {
         try environment.write { txn in
             if let mapping {
                 for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, mapping, txn) }
                 try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn)
             }
-            try enqueue(target: target, DeliveryItem(brokerID: brokerID, type: type, operation: operation,
-                                                     trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, account: account), txn)
+            try enqueue(
+                target: target,
+                DeliveryItem(
+                    brokerID: brokerID, type: type, operation: operation,
+                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, account: account), txn)
         }
     }
 }

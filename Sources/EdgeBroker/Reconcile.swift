@@ -21,16 +21,22 @@ public struct ReconcileReport: Sendable {
     public var queued = 0
 
     public var json: JSON {
-        ["expected": .int(expected), "seen": .int(seen), "missing": .array(missing.map { .string($0) }),
-         "drifted": .array(drifted.map { ["id": .string($0.brokerID), "attributes": .array($0.attributes.map { .string($0) })] }),
-         "strays": .array(strays.map { ["targetId": .string($0.targetID), "id": .string($0.brokerID), "type": .string($0.type)] }),
-         "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued)]
+        [
+            "expected": .int(expected), "seen": .int(seen), "missing": .array(missing.map { .string($0) }),
+            "drifted": .array(drifted.map { ["id": .string($0.brokerID), "attributes": .array($0.attributes.map { .string($0) })] }),
+            "strays": .array(strays.map { ["targetId": .string($0.targetID), "id": .string($0.brokerID), "type": .string($0.type)] }),
+            "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued),
+        ]
     }
 }
 
 public enum ReconcileError: Error, CustomStringConvertible {
     case target(String)
-    public var description: String { switch self { case .target(let m): return m } }
+    public var description: String {
+        switch self {
+        case .target(let m): return m
+        }
+    }
 }
 
 /// Compares a target's accounts with what the broker's routes say it
@@ -95,21 +101,23 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         let link = type == "User" ? target.collisions.linkPolicy : nil
         for resource in try store.all(type, budget: Int.max) {
             guard let brokerID = resource["id"]?.stringValue,
-                  let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
-                  target.routes(domain: domain, type: type, resource) else { continue }
+                let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
+                target.routes(domain: domain, type: type, resource)
+            else { continue }
             if let link, let value = link.value(of: resource) {
                 linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
                 continue
             }
             var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
             if type == "Group", let members = want["members"]?.arrayValue {
-                want["members"] = .array(members.compactMap { m -> JSON? in
-                    guard var o = m.objectValue, let v = o["value"]?.stringValue, let tid = mappings[v]?.targetID else { return nil }
-                    o["value"] = .string(tid)
-                    o["$ref"] = nil
-                    o["display"] = nil
-                    return .object(o)
-                })
+                want["members"] = .array(
+                    members.compactMap { m -> JSON? in
+                        guard var o = m.objectValue, let v = o["value"]?.stringValue, let tid = mappings[v]?.targetID else { return nil }
+                        o["value"] = .string(tid)
+                        o["$ref"] = nil
+                        o["display"] = nil
+                        return .object(o)
+                    })
             }
             wanted.append((brokerID, want, [brokerID], nil))
         }
@@ -123,13 +131,18 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         for (brokerID, want, candidates, linkValue) in wanted {
             report.expected += 1
             // The account: the first candidate's whose mapping names one the target has.
-            var targetID = candidates.lazy.compactMap { mappings[$0]?.targetID }.first { accounts[$0] != nil }
+            var targetID =
+                candidates.lazy.compactMap { mappings[$0]?.targetID }.first { accounts[$0] != nil }
                 ?? mappings[brokerID]?.targetID
             if targetID.map({ accounts[$0] == nil }) ?? true, let found = byExternal[brokerID] {
                 targetID = found
                 report.relinked += 1
-                if apply { try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
-                                             mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates); report.queued += 1 }
+                if apply {
+                    try store.enqueue(
+                        target: target.name, brokerID: brokerID, type: type, .upsert,
+                        mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates);
+                    report.queued += 1
+                }
             }
             guard let tid = targetID, let account = accounts[tid] else {
                 report.missing.append(brokerID)
@@ -148,8 +161,9 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 report.drifted.append((brokerID, differing))
                 if apply {
                     // Unknown target state: the next delivery is a full PUT.
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert,
-                                      mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates)
+                    try store.enqueue(
+                        target: target.name, brokerID: brokerID, type: type, .upsert,
+                        mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates)
                     report.queued += 1
                 }
             }
@@ -165,8 +179,9 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                     // Named by the account: the user's mapping may name the account it shares.
                     try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate, account: id)
                 } else {
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate,
-                                      mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
+                    try store.enqueue(
+                        target: target.name, brokerID: brokerID, type: type, .deactivate,
+                        mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
                 }
                 report.queued += 1
             }

@@ -186,8 +186,10 @@ public struct LinkPolicy: Sendable, Equatable {
                 throw SCIMError.invalidValue("link attribute '\(attribute)': unbalanced '['")
             }
             let selector = text[text.index(after: open)..<close].split(separator: " ", omittingEmptySubsequences: true)
-            guard selector.count == 3, equalsIgnoringASCIICase(String(selector[0]), "type"), equalsIgnoringASCIICase(String(selector[1]), "eq"),
-                  selector[2].count >= 2, selector[2].first == "\"", selector[2].last == "\"" else {
+            guard selector.count == 3, equalsIgnoringASCIICase(String(selector[0]), "type"),
+                equalsIgnoringASCIICase(String(selector[1]), "eq"),
+                selector[2].count >= 2, selector[2].first == "\"", selector[2].last == "\""
+            else {
                 throw SCIMError.invalidValue("link attribute '\(attribute)': the only value filter allowed is [type eq \"…\"]")
             }
             elementType = String(selector[2].dropFirst().dropLast())
@@ -216,9 +218,10 @@ public struct LinkPolicy: Sendable, Equatable {
             throw SCIMError.invalidValue("link attribute '\(attribute)': the source extension differs per domain by design")
         }
         guard resolved.leaf.type != .complex, resolved.attribute.multiValued == (elementType != nil) else {
-            throw SCIMError.invalidValue(resolved.attribute.multiValued
-                ? "link attribute '\(attribute)' is multi-valued: pick one element, e.g. \(path.attribute)[type eq \"work\"].value"
-                : "link attribute '\(attribute)' must name a single value")
+            throw SCIMError.invalidValue(
+                resolved.attribute.multiValued
+                    ? "link attribute '\(attribute)' is multi-valued: pick one element, e.g. \(path.attribute)[type eq \"work\"].value"
+                    : "link attribute '\(attribute)' must name a single value")
         }
         if elementType != nil, resolved.attribute.subAttribute("type") == nil {
             throw SCIMError.invalidValue("link attribute '\(attribute)': \(path.attribute) has no 'type' to select by")

@@ -71,7 +71,9 @@ public final class ConfigDiagnostics {
     public func add(_ problem: ConfigError) {
         var p = problem
         if p.file == nil { p.file = file }
-        if p.mark == nil, let key = p.key, let m = mark(key) { p = ConfigError(p.message, at: m, file: p.file, key: key, fix: p.fix, warning: p.isWarning) }
+        if p.mark == nil, let key = p.key, let m = mark(key) {
+            p = ConfigError(p.message, at: m, file: p.file, key: key, fix: p.fix, warning: p.isWarning)
+        }
         problems.append(p)
     }
 
@@ -100,7 +102,8 @@ public final class ConfigDiagnostics {
     /// The problems in file order (those without a line last, in the order found).
     public var sorted: [ConfigError] {
         problems.enumerated().sorted { a, b in
-            let la = a.element.mark.map { ($0.line, $0.column) } ?? (Int.max, 0), lb = b.element.mark.map { ($0.line, $0.column) } ?? (Int.max, 0)
+            let la = a.element.mark.map { ($0.line, $0.column) } ?? (Int.max, 0),
+                lb = b.element.mark.map { ($0.line, $0.column) } ?? (Int.max, 0)
             return la != lb ? la < lb : a.offset < b.offset
         }.map(\.element)
     }
@@ -181,9 +184,10 @@ private struct EventReader {
             let p = parser.pointee
             let problem = p.problem.map { String(cString: $0) } ?? "invalid YAML"
             let context = p.context.map { " " + String(cString: $0) } ?? ""
-            diagnostics.error(nil, "YAML syntax: \(problem)\(context); nothing after this point was checked",
-                              at: YAMLMark(line: p.problem_mark.line + 1, column: p.problem_mark.column + 1),
-                              fix: "check the indentation and quoting here (a value holding ': ' or ' #' needs quotes)")
+            diagnostics.error(
+                nil, "YAML syntax: \(problem)\(context); nothing after this point was checked",
+                at: YAMLMark(line: p.problem_mark.line + 1, column: p.problem_mark.column + 1),
+                fix: "check the indentation and quoting here (a value holding ': ' or ' #' needs quotes)")
             diagnostics.truncated = true
             return nil
         }
@@ -211,7 +215,8 @@ private struct EventReader {
         if let end = next(), end.type != YAML_DOCUMENT_END_EVENT {
             diagnostics.error(nil, "expected the end of the document", at: end.mark)
         } else if let end = next(), end.type != YAML_STREAM_END_EVENT {
-            diagnostics.error(nil, "only one YAML document is allowed", at: end.mark, fix: "remove the '---' and what follows, or merge the documents")
+            diagnostics.error(
+                nil, "only one YAML document is allowed", at: end.mark, fix: "remove the '---' and what follows, or merge the documents")
         }
         return root
     }
@@ -241,16 +246,18 @@ private struct EventReader {
                 guard let v = next() else { break }
                 let value = node(v, path: key)
                 if let first = members.first(where: { $0.key == k.value }) {
-                    diagnostics.error(key, "appears twice (first at line \(first.keyMark.line)); the second is ignored", at: k.mark,
-                                      fix: "keep one of them")
+                    diagnostics.error(
+                        key, "appears twice (first at line \(first.keyMark.line)); the second is ignored", at: k.mark,
+                        fix: "keep one of them")
                     continue
                 }
                 members.append((k.value, k.mark, value))
             }
             return .mapping(members, e.mark)
         case YAML_ALIAS_EVENT:
-            diagnostics.error(path.isEmpty ? nil : path, "YAML aliases are not supported in configuration files", at: e.mark,
-                              fix: "write the value out")
+            diagnostics.error(
+                path.isEmpty ? nil : path, "YAML aliases are not supported in configuration files", at: e.mark,
+                fix: "write the value out")
             return .invalid(e.mark)
         default:
             diagnostics.error(path.isEmpty ? nil : path, "unexpected YAML content", at: e.mark)
@@ -393,8 +400,9 @@ public struct YAMLMapping {
             if let guess = closestKey(to: m.key, among: known) {
                 diagnostics.error(full(m.key), "unknown key; did you mean '\(guess)'?", at: m.keyMark, fix: "rename it to '\(guess)'")
             } else {
-                diagnostics.error(full(m.key), "unknown key", at: m.keyMark,
-                                  fix: known.isEmpty ? "remove it" : "remove it; the keys here are " + known.joined(separator: ", "))
+                diagnostics.error(
+                    full(m.key), "unknown key", at: m.keyMark,
+                    fix: known.isEmpty ? "remove it" : "remove it; the keys here are " + known.joined(separator: ", "))
             }
         }
     }

@@ -67,21 +67,27 @@ public final class HTTPClient {
     /// The server certificate identity of the current connection.
     public private(set) var serverIdentity: PeerIdentity?
 
-    public convenience init(loop: EventLoop, address: SocketAddress, tls: TLSContext? = nil, serverName: String? = nil,
-                            options: HTTPClientOptions = HTTPClientOptions()) {
+    public convenience init(
+        loop: EventLoop, address: SocketAddress, tls: TLSContext? = nil, serverName: String? = nil,
+        options: HTTPClientOptions = HTTPClientOptions()
+    ) {
         self.init(loop: loop, address: address, tlsSource: tls.map { context in { context } }, serverName: serverName, options: options)
     }
 
     /// A client whose new connections use `tls` as it is at the time:
     /// after `reload()` (certificate rotation), the next connection presents
     /// the new certificate (`resetConnection()` makes that now).
-    public convenience init(loop: EventLoop, address: SocketAddress, reloadableTLS tls: ReloadableTLSContext, serverName: String? = nil,
-                            options: HTTPClientOptions = HTTPClientOptions()) {
+    public convenience init(
+        loop: EventLoop, address: SocketAddress, reloadableTLS tls: ReloadableTLSContext, serverName: String? = nil,
+        options: HTTPClientOptions = HTTPClientOptions()
+    ) {
         self.init(loop: loop, address: address, tlsSource: { tls.context }, serverName: serverName, options: options)
     }
 
-    private init(loop: EventLoop, address: SocketAddress, tlsSource: (() -> TLSContext)?, serverName: String?,
-                 options: HTTPClientOptions) {
+    private init(
+        loop: EventLoop, address: SocketAddress, tlsSource: (() -> TLSContext)?, serverName: String?,
+        options: HTTPClientOptions
+    ) {
         self.loop = loop
         self.address = address
         self.tls = tlsSource
@@ -185,8 +191,9 @@ public final class HTTPClient {
         }
         connectionsOpened += 1
         let t = Transport(stream: stream, tls: session, scratch: scratch)
-        let p = MessageParser(kind: .response, maxHeaderBytes: options.maxHeaderBytes,
-                              maxBodyBytes: options.maxResponseBodyBytes)
+        let p = MessageParser(
+            kind: .response, maxHeaderBytes: options.maxHeaderBytes,
+            maxBodyBytes: options.maxResponseBodyBytes)
         p.onHead = { [unowned self] head in  // the parser dies with this client
             // 1xx are interim; HEAD responses and 204/304 have no body.
             if head.status == 204 || head.status == 304 { return .skipBody }

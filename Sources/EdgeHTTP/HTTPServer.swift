@@ -164,9 +164,11 @@ public final class HTTPServer {
         return closed
     }
 
-    public convenience init(loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
-                            limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
-                            handler: @escaping HTTPHandler) throws {
+    public convenience init(
+        loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
+        limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
+        handler: @escaping HTTPHandler
+    ) throws {
         try self.init(loop: loop, tls: tls, limits: limits, connectionBudget: connectionBudget, handler: handler)
         do {
             listener = try TCPListener(loop: loop, address: address) { [unowned self] stream in accept(stream) }
@@ -186,9 +188,11 @@ public final class HTTPServer {
     /// another loop's server hands it (`handOver`, then `adopt(descriptor:)`).
     /// `connectionBudget`: shared with other servers to limit their
     /// connections together; nil: one of its own, of `limits.maxConnections`.
-    public init(loop: EventLoop, tls: ReloadableTLSContext? = nil,
-                limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
-                handler: @escaping HTTPHandler) throws {
+    public init(
+        loop: EventLoop, tls: ReloadableTLSContext? = nil,
+        limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,
+        handler: @escaping HTTPHandler
+    ) throws {
         self.loop = loop
         self.limits = limits
         self.connectionBudget = connectionBudget ?? ConnectionBudget(limit: limits.maxConnections)
@@ -334,16 +338,18 @@ final class ServerConnection {
     /// When the peer's certificate stops being valid (Unix seconds; 0: no certificate).
     private var peerNotAfter: Int64 = 0
     let peerAddress: SocketAddress?
-    lazy var context = RequestContext(connectionID: id, peerAddress: peerAddress,
-                                      peerIdentity: transport.peerIdentity, isSecure: transport.isSecure)
+    lazy var context = RequestContext(
+        connectionID: id, peerAddress: peerAddress,
+        peerIdentity: transport.peerIdentity, isSecure: transport.isSecure)
 
     init(id: UInt64, server: HTTPServer, transport: Transport) {
         self.id = id
         self.server = server
         self.transport = transport
         self.peerAddress = transport.stream.peerAddress
-        parser = MessageParser(kind: .request, maxHeaderBytes: server.limits.maxHeaderBytes,
-                               maxBodyBytes: server.limits.maxBodyBytes)
+        parser = MessageParser(
+            kind: .request, maxHeaderBytes: server.limits.maxHeaderBytes,
+            maxBodyBytes: server.limits.maxBodyBytes)
         lastActivity = server.loop.now
     }
 
@@ -397,8 +403,9 @@ final class ServerConnection {
     private func message(_ head: ParsedHead, _ body: [UInt8], _ keepAlive: Bool) {
         continueSent = false
         messageStartedAt = nil
-        var request = HTTPRequest(method: head.method, target: String(decoding: head.target, as: UTF8.self),
-                                  headers: head.headers, body: body)
+        var request = HTTPRequest(
+            method: head.method, target: String(decoding: head.target, as: UTF8.self),
+            headers: head.headers, body: body)
         request.versionMajor = head.versionMajor
         request.versionMinor = head.versionMinor
         let slot = ResponseSlot(keepAlive: keepAlive && !server.isDraining, omitBody: head.method == "HEAD")
@@ -450,7 +457,8 @@ final class ServerConnection {
             server.statistics.readPauses += 1
             transport.pauseReading()
         } else if readingPaused && !overPipeline && transport.queuedWriteBytes <= limits.writeLowWatermark
-                    && (slots.last?.keepAlive ?? true) {
+            && (slots.last?.keepAlive ?? true)
+        {
             readingPaused = false
             transport.resumeReading()
         }

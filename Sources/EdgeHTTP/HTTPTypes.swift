@@ -111,7 +111,8 @@ public struct HTTPRequest: Sendable {
         if let host, !headers.contains("Host") { head += "Host: \(host)\r\n" }
         for (n, v) in headers.fields { head += "\(n): \(v)\r\n" }
         if !headers.contains("Content-Length") && !headers.contains("Transfer-Encoding")
-            && (!body.isEmpty || method == "POST" || method == "PUT" || method == "PATCH") {
+            && (!body.isEmpty || method == "POST" || method == "PUT" || method == "PATCH")
+        {
             head += "Content-Length: \(body.count)\r\n"
         }
         head += "\r\n"
@@ -230,7 +231,8 @@ extension HTTPRequest {
     /// `Authorization` fields.
     public func hasBearerToken(in tokens: [String]) -> Bool {
         guard !hasRepeatedAuthorization, let header = headers["Authorization"], header.utf8.count > 7,
-              equalsIgnoringCase(String(header.prefix(7)), "bearer ") else { return false }
+            equalsIgnoringCase(String(header.prefix(7)), "bearer ")
+        else { return false }
         let presented = Array(header.utf8.dropFirst(7))
         var ok = false
         for token in tokens where constantTimeEquals(Array(token.utf8), presented) { ok = true }

@@ -137,8 +137,9 @@ final class MessageParser {
     /// message ended (requests pause there so the next line is checked).
     @discardableResult
     private func run(_ bytes: UnsafeRawBufferPointer) throws(ParseFailure) -> Int {
-        let n = http_parser_execute(parser, &MessageParser.settings.pointee,
-                                    bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+        let n = http_parser_execute(
+            parser, &MessageParser.settings.pointee,
+            bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
         if edge_hp_upgrade(parser) != 0 {
             // RFC 9110 §7.8: a server may ignore Upgrade. The request was
             // answered as plain HTTP; keep parsing HTTP/1.1 after it.
@@ -196,9 +197,11 @@ final class MessageParser {
         guard inValue else { return }
         if rejection == nil {
             if field.isEmpty || !field.allSatisfy(isTokenChar) {
-                rejection = ParseFailure(status: 400, detail: "invalid header field name '\(String(decoding: field.prefix(64), as: UTF8.self))'")
+                rejection = ParseFailure(
+                    status: 400, detail: "invalid header field name '\(String(decoding: field.prefix(64), as: UTF8.self))'")
             } else if value.contains(where: { ($0 < 32 && $0 != 9) || $0 == 127 }) {
-                rejection = ParseFailure(status: 400, detail: "control character in header field '\(String(decoding: field, as: UTF8.self))'")
+                rejection = ParseFailure(
+                    status: 400, detail: "control character in header field '\(String(decoding: field, as: UTF8.self))'")
             }
         }
         head.headers.add(String(decoding: field, as: UTF8.self), String(decoding: value, as: UTF8.self))
@@ -319,8 +322,9 @@ func validateRequestLine(_ line: [UInt8]) -> ParseFailure? {
         }
         let end = n - 2
         guard let firstSpace = b[0..<end].firstIndex(of: 32),
-              let secondSpace = b[(firstSpace + 1)..<end].firstIndex(of: 32),
-              !b[(secondSpace + 1)..<end].contains(32) else {
+            let secondSpace = b[(firstSpace + 1)..<end].firstIndex(of: 32),
+            !b[(secondSpace + 1)..<end].contains(32)
+        else {
             return ParseFailure(status: 400, detail: "request line must be 'METHOD target HTTP/1.1'")
         }
         guard firstSpace > 0, b[0..<firstSpace].allSatisfy(isTokenChar) else {
@@ -333,12 +337,15 @@ func validateRequestLine(_ line: [UInt8]) -> ParseFailure? {
         let version = b[(secondSpace + 1)..<end]
         let v = version.startIndex
         guard version.count == 8, b[v] == UInt8(ascii: "H"), b[v + 1] == UInt8(ascii: "T"), b[v + 2] == UInt8(ascii: "T"),
-              b[v + 3] == UInt8(ascii: "P"), b[v + 4] == UInt8(ascii: "/"), b[v + 6] == UInt8(ascii: "."),
-              (48...57).contains(b[v + 5]), (48...57).contains(b[v + 7]) else {
+            b[v + 3] == UInt8(ascii: "P"), b[v + 4] == UInt8(ascii: "/"), b[v + 6] == UInt8(ascii: "."),
+            (48...57).contains(b[v + 5]), (48...57).contains(b[v + 7])
+        else {
             return ParseFailure(status: 400, detail: "invalid HTTP version '\(String(decoding: version.prefix(16), as: UTF8.self))'")
         }
         guard b[v + 5] == UInt8(ascii: "1"), b[v + 7] == UInt8(ascii: "0") || b[v + 7] == UInt8(ascii: "1") else {
-            return ParseFailure(status: 505, detail: "HTTP/\(Character(UnicodeScalar(b[v + 5]))).\(Character(UnicodeScalar(b[v + 7]))) is not supported; use HTTP/1.1")
+            return ParseFailure(
+                status: 505,
+                detail: "HTTP/\(Character(UnicodeScalar(b[v + 5]))).\(Character(UnicodeScalar(b[v + 7]))) is not supported; use HTTP/1.1")
         }
         return nil
     }

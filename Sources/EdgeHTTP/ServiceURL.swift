@@ -21,9 +21,13 @@ public struct ServiceURL: Sendable, Equatable {
     public init?(_ url: String) {
         let tls: Bool
         var rest: Substring
-        if url.hasPrefix("https://") { tls = true; rest = url.dropFirst(8) }
-        else if url.hasPrefix("http://") { tls = false; rest = url.dropFirst(7) }
-        else { return nil }
+        if url.hasPrefix("https://") {
+            tls = true; rest = url.dropFirst(8)
+        } else if url.hasPrefix("http://") {
+            tls = false; rest = url.dropFirst(7)
+        } else {
+            return nil
+        }
         var path = ""
         if let slash = rest.firstIndex(of: "/") {
             path = String(rest[slash...])
@@ -55,7 +59,9 @@ public struct ServiceURL: Sendable, Equatable {
     /// now (callers resolve again when they cannot connect).
     public func resolveAddress() -> SocketAddress? {
         if host == "localhost" { return SocketAddress(host: "127.0.0.1", port: port) }
-        if SocketAddress(host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)") != nil { return SocketAddress(host: host, port: port) }
+        if SocketAddress(host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)") != nil {
+            return SocketAddress(host: host, port: port)
+        }
         return resolve(host).map { SocketAddress(host: $0, port: port) }
     }
 }

@@ -82,13 +82,16 @@ public final class LogSink: Sendable {
         self.fd = fd
         let context = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
-        if pthread_create(&thread, nil, { arg in
-            let sink = Unmanaged<LogSink>.fromOpaque(arg!).takeRetainedValue()
-            while true {
-                usleep(100_000)
-                sink.flush()
-            }
-        }, context) == 0 {
+        if pthread_create(
+            &thread, nil,
+            { arg in
+                let sink = Unmanaged<LogSink>.fromOpaque(arg!).takeRetainedValue()
+                while true {
+                    usleep(100_000)
+                    sink.flush()
+                }
+            }, context) == 0
+        {
             pthread_detach(thread)
         }
     }
@@ -125,8 +128,10 @@ extension LogSink {
     /// for `logger.info("request", metadata: [method, ms, path, status,
     /// trace])`, same fields in the same order, built straight into bytes
     /// (no metadata dictionary, no sorting; the time's seconds cached).
-    public func request(logger: String, method: String, path: Substring, status: Int, milliseconds: Int, trace: String,
-                 clock: inout LogClock) {
+    public func request(
+        logger: String, method: String, path: Substring, status: Int, milliseconds: Int, trace: String,
+        clock: inout LogClock
+    ) {
         var line: [UInt8] = []
         line.reserveCapacity(160 + path.utf8.count)
         line += RequestLine.open
@@ -184,7 +189,6 @@ public struct LogClock {
         out.append(UInt8(ascii: "\""))
     }
 }
-
 
 /// One line to a file descriptor (standard output by default), unbuffered:
 /// a SIGKILL must not eat a line a parent process waits for. Log lines

@@ -91,12 +91,14 @@ public final class EventLoop {
     public var liveHandleTypes: [String] {
         var found: [(UnsafeMutableRawPointer, String)] = []
         withUnsafeMutablePointer(to: &found) { p in
-            uv_walk(raw, { handle, arg in
-                guard let handle, uv_is_closing(handle) == 0 else { return }
-                let name = String(cString: uv_handle_type_name(handle.pointee.type))
-                arg!.assumingMemoryBound(to: [(UnsafeMutableRawPointer, String)].self).pointee
-                    .append((UnsafeMutableRawPointer(handle), name))
-            }, p)
+            uv_walk(
+                raw,
+                { handle, arg in
+                    guard let handle, uv_is_closing(handle) == 0 else { return }
+                    let name = String(cString: uv_handle_type_name(handle.pointee.type))
+                    arg!.assumingMemoryBound(to: [(UnsafeMutableRawPointer, String)].self).pointee
+                        .append((UnsafeMutableRawPointer(handle), name))
+                }, p)
         }
         let inboxHandle = inbox.handleAddress
         return found.filter { $0.0 != inboxHandle }.map(\.1)
@@ -111,10 +113,12 @@ public final class EventLoop {
         let leftOpen = liveHandles
         inbox.close()
         if leftOpen > 0 {
-            uv_walk(raw, { handle, _ in
-                guard let handle, uv_is_closing(handle) == 0 else { return }
-                uv_close(handle, LoopHandle.closeCallback)
-            }, nil)
+            uv_walk(
+                raw,
+                { handle, _ in
+                    guard let handle, uv_is_closing(handle) == 0 else { return }
+                    uv_close(handle, LoopHandle.closeCallback)
+                }, nil)
         }
         uv_run(raw, UV_RUN_DEFAULT)
         let rc = uv_loop_close(raw)
@@ -128,14 +132,17 @@ public final class EventLoop {
         let req = UnsafeMutablePointer<uv_work_t>.allocate(capacity: 1)
         let box = OffloadBox(work: work, completion: completion)
         req.pointee.data = Unmanaged.passRetained(box).toOpaque()
-        let rc = uv_queue_work(raw, req, { req in
-            let box = Unmanaged<OffloadBox>.fromOpaque(req!.pointee.data!).takeUnretainedValue()
-            box.work()
-        }, { req, _ in
-            let box = Unmanaged<OffloadBox>.fromOpaque(req!.pointee.data!).takeRetainedValue()
-            req!.deallocate()
-            box.completion()
-        })
+        let rc = uv_queue_work(
+            raw, req,
+            { req in
+                let box = Unmanaged<OffloadBox>.fromOpaque(req!.pointee.data!).takeUnretainedValue()
+                box.work()
+            },
+            { req, _ in
+                let box = Unmanaged<OffloadBox>.fromOpaque(req!.pointee.data!).takeRetainedValue()
+                req!.deallocate()
+                box.completion()
+            })
         precondition(rc == 0, "uv_queue_work failed: \(rc)")
     }
 }

@@ -81,10 +81,12 @@ public final class LoopTimer: LoopHandle {
     public func start(after milliseconds: UInt64, repeatEvery: UInt64 = 0, _ callback: @escaping () -> Void) {
         precondition(!isClosing, "timer started after close")
         self.callback = callback
-        uv_timer_start(memory.assumingMemoryBound(to: uv_timer_t.self), { t in
-            let timer = Unmanaged<LoopTimer>.fromOpaque(t!.pointee.data!).takeUnretainedValue()
-            timer.callback?()
-        }, milliseconds, repeatEvery)
+        uv_timer_start(
+            memory.assumingMemoryBound(to: uv_timer_t.self),
+            { t in
+                let timer = Unmanaged<LoopTimer>.fromOpaque(t!.pointee.data!).takeUnretainedValue()
+                timer.callback?()
+            }, milliseconds, repeatEvery)
     }
 
     public func stop() {
@@ -109,10 +111,12 @@ public final class SignalWatcher: LoopHandle {
         guard rc == 0 else { discardUninitialised(); throw LoopError(code: rc, operation: "uv_signal_init") }
         adopt()
         self.callback = callback
-        rc = uv_signal_start(sig, { s, signum in
-            let watcher = Unmanaged<SignalWatcher>.fromOpaque(s!.pointee.data!).takeUnretainedValue()
-            watcher.callback?(signum)
-        }, signal)
+        rc = uv_signal_start(
+            sig,
+            { s, signum in
+                let watcher = Unmanaged<SignalWatcher>.fromOpaque(s!.pointee.data!).takeUnretainedValue()
+                watcher.callback?(signum)
+            }, signal)
         if rc != 0 { close(); throw LoopError(code: rc, operation: "uv_signal_start") }
         // A signal watcher alone does not keep a loop running.
         keepsLoopAlive = false

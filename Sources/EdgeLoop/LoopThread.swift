@@ -74,11 +74,13 @@ public final class LoopThread: Sendable {
             }
         }
         var tid = pthread_t()
-        let rc = pthread_create(&tid, nil, { arg in
-            let ctx = Unmanaged<ThreadContext>.fromOpaque(arg!).takeRetainedValue()
-            ctx.body()
-            return nil
-        }, Unmanaged.passRetained(context).toOpaque())
+        let rc = pthread_create(
+            &tid, nil,
+            { arg in
+                let ctx = Unmanaged<ThreadContext>.fromOpaque(arg!).takeRetainedValue()
+                ctx.body()
+                return nil
+            }, Unmanaged.passRetained(context).toOpaque())
         guard rc == 0 else { throw LoopError(code: -rc, operation: "pthread_create") }
         switch ready.wait(seconds: 60) {
         case .ready(let inbox)?:

@@ -123,8 +123,10 @@ public final class TCPStream: LoopHandle {
     }
 
     /// Connects to `address`; `completion` gets the stream or the error.
-    public static func connect(loop: EventLoop, to address: SocketAddress,
-                               _ completion: @escaping (Result<TCPStream, LoopError>) -> Void) {
+    public static func connect(
+        loop: EventLoop, to address: SocketAddress,
+        _ completion: @escaping (Result<TCPStream, LoopError>) -> Void
+    ) {
         let stream: TCPStream
         do { stream = try TCPStream(loop: loop, uninitialised: ()) } catch { completion(.failure(error)); return }
         var storage = sockaddr_storage()
@@ -163,22 +165,26 @@ public final class TCPStream: LoopHandle {
     public func resumeReading() {
         guard !isReading, !isClosing, onRead != nil else { return }
         isReading = true
-        uv_read_start(stream, { handle, _, buf in
-            let loop = EventLoop.from(handle!.pointee.loop)
-            buf!.pointee = uv_buf_init(loop.readBuffer.baseAddress!.assumingMemoryBound(to: CChar.self),
-                                       UInt32(loop.readBuffer.count))
-        }, { s, nread, buf in
-            let me = Unmanaged<TCPStream>.fromOpaque(s!.pointee.data!).takeUnretainedValue()
-            if nread > 0 {
-                me.onRead?(.data(UnsafeRawBufferPointer(start: buf!.pointee.base, count: nread)))
-            } else if nread == Int(UV_EOF.rawValue) {
-                me.pauseReading()
-                me.onRead?(.endOfStream)
-            } else if nread < 0 {
-                me.pauseReading()
-                me.onRead?(.failed(LoopError(code: Int32(nread), operation: "read")))
-            }
-        })
+        uv_read_start(
+            stream,
+            { handle, _, buf in
+                let loop = EventLoop.from(handle!.pointee.loop)
+                buf!.pointee = uv_buf_init(
+                    loop.readBuffer.baseAddress!.assumingMemoryBound(to: CChar.self),
+                    UInt32(loop.readBuffer.count))
+            },
+            { s, nread, buf in
+                let me = Unmanaged<TCPStream>.fromOpaque(s!.pointee.data!).takeUnretainedValue()
+                if nread > 0 {
+                    me.onRead?(.data(UnsafeRawBufferPointer(start: buf!.pointee.base, count: nread)))
+                } else if nread == Int(UV_EOF.rawValue) {
+                    me.pauseReading()
+                    me.onRead?(.endOfStream)
+                } else if nread < 0 {
+                    me.pauseReading()
+                    me.onRead?(.failed(LoopError(code: Int32(nread), operation: "read")))
+                }
+            })
     }
 
     /// Stops reading: the kernel buffer fills and TCP pushes back on the peer.
@@ -194,8 +200,9 @@ public final class TCPStream: LoopHandle {
         guard !isClosing else { completion?(LoopError(code: UV_ECANCELED.rawValue, operation: "write")); return }
         var offset = 0
         if queuedWriteBytes == 0 && bytes.count > 0 {
-            var buf = uv_buf_init(UnsafeMutablePointer(mutating: bytes.baseAddress!.assumingMemoryBound(to: CChar.self)),
-                                  UInt32(bytes.count))
+            var buf = uv_buf_init(
+                UnsafeMutablePointer(mutating: bytes.baseAddress!.assumingMemoryBound(to: CChar.self)),
+                UInt32(bytes.count))
             let n = uv_try_write(stream, &buf, 1)
             if n > 0 { offset = Int(n) }
             if n < 0 && n != UV_EAGAIN.rawValue {
@@ -301,8 +308,10 @@ public final class TCPListener: LoopHandle {
     private var onConnection: ((TCPStream) -> Void)?
     public private(set) var address: SocketAddress
 
-    public init(loop: EventLoop, address: SocketAddress, backlog: Int32 = 511,
-                _ onConnection: @escaping (TCPStream) -> Void) throws(LoopError) {
+    public init(
+        loop: EventLoop, address: SocketAddress, backlog: Int32 = 511,
+        _ onConnection: @escaping (TCPStream) -> Void
+    ) throws(LoopError) {
         self.address = address
         super.init(loop: loop, type: UV_TCP)
         let tcp = memory.assumingMemoryBound(to: uv_tcp_t.self)
@@ -319,11 +328,12 @@ public final class TCPListener: LoopHandle {
             }
             try uvCheck(rc, "bind \(address)")
             let stream = memory.assumingMemoryBound(to: uv_stream_t.self)
-            try uvCheck(uv_listen(stream, backlog) { server, status in
-                let me = Unmanaged<TCPListener>.fromOpaque(server!.pointee.data!).takeUnretainedValue()
-                guard status == 0 else { return }
-                me.acceptOne()
-            }, "listen \(address)")
+            try uvCheck(
+                uv_listen(stream, backlog) { server, status in
+                    let me = Unmanaged<TCPListener>.fromOpaque(server!.pointee.data!).takeUnretainedValue()
+                    guard status == 0 else { return }
+                    me.acceptOne()
+                }, "listen \(address)")
             var bound = sockaddr_storage()
             var len = Int32(MemoryLayout<sockaddr_storage>.size)
             _ = withUnsafeMutablePointer(to: &bound) { p in

@@ -194,9 +194,10 @@ public final class Environment: @unchecked Sendable {  // see the threading note
         mdb_env_info(env, &info)
         mdb_env_stat(env, &stat)
         let page = Int(stat.ms_psize)
-        return EnvironmentInfo(mapSize: info.me_mapsize, usedBytes: (info.me_last_pgno + 1) * page,
-                               pageSize: page, lastTransactionID: info.me_last_txnid,
-                               readersUsed: Int(info.me_numreaders), maxReaders: Int(info.me_maxreaders))
+        return EnvironmentInfo(
+            mapSize: info.me_mapsize, usedBytes: (info.me_last_pgno + 1) * page,
+            pageSize: page, lastTransactionID: info.me_last_txnid,
+            readersUsed: Int(info.me_numreaders), maxReaders: Int(info.me_maxreaders))
     }
 
     /// Makes every commit so far durable (`mdb_env_sync` with force): the

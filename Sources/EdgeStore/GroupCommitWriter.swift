@@ -44,18 +44,25 @@ public final class GroupCommitWriter: Sendable {
     /// Queues `operation`; `completion` runs on the caller's loop (`inbox`,
     /// or the writer's own; called on that loop's thread) after the batch
     /// holding it committed durably (success) or with this write's own error.
-    public func submit<T: Sendable>(_ operation: @escaping WriteOperation<T>, inbox: LoopInbox? = nil,
-                                    completion: @escaping (Result<T, any Error>) -> Void) {
+    public func submit<T: Sendable>(
+        _ operation: @escaping WriteOperation<T>, inbox: LoopInbox? = nil,
+        completion: @escaping (Result<T, any Error>) -> Void
+    ) {
         let inbox = inbox ?? self.inbox
         inbox.hold()
         let box = ResultBox<T>()
-        let write = PendingWrite(apply: { txn in box.value = try operation(txn) },
-                                 complete: { error in
-                                     inbox.release()
-                                     if let error { completion(.failure(error)) }
-                                     else if let value = box.value { completion(.success(value)) }
-                                     else { completion(.failure(StoreError.badTransaction)) }
-                                 }, inbox: inbox)
+        let write = PendingWrite(
+            apply: { txn in box.value = try operation(txn) },
+            complete: { error in
+                inbox.release()
+                if let error {
+                    completion(.failure(error))
+                } else if let value = box.value {
+                    completion(.success(value))
+                } else {
+                    completion(.failure(StoreError.badTransaction))
+                }
+            }, inbox: inbox)
         core.enqueue(write)
     }
 
@@ -104,10 +111,12 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
     func start() {
         let context = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { arg in
-            Unmanaged<WriterCore>.fromOpaque(arg!).takeRetainedValue().writerLoop()
-            return nil
-        }, context)
+        let rc = pthread_create(
+            &thread, nil,
+            { arg in
+                Unmanaged<WriterCore>.fromOpaque(arg!).takeRetainedValue().writerLoop()
+                return nil
+            }, context)
         precondition(rc == 0, "cannot start the group-commit thread: \(rc)")
         pthread_detach(thread)
     }
@@ -182,8 +191,11 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
             let error = write.error ?? flushError
             if error != nil { failed += 1 }
             answered += 1
-            if let k = groups.firstIndex(where: { $0.0 === write.inbox }) { groups[k].1.append((write, error)) }
-            else { groups.append((write.inbox, [(write, error)])) }
+            if let k = groups.firstIndex(where: { $0.0 === write.inbox }) {
+                groups[k].1.append((write, error))
+            } else {
+                groups.append((write.inbox, [(write, error)]))
+            }
         }
         locked {
             $0.statistics.failedWrites += failed
@@ -224,8 +236,10 @@ final class PendingWrite: @unchecked Sendable {
     var error: (any Error)?
     var settled = false
 
-    init(apply: @escaping @Sendable (borrowing WriteTransaction) throws -> Void, complete: @escaping (Error?) -> Void,
-         inbox: LoopInbox) {
+    init(
+        apply: @escaping @Sendable (borrowing WriteTransaction) throws -> Void, complete: @escaping (Error?) -> Void,
+        inbox: LoopInbox
+    ) {
         self.apply = apply
         self.complete = complete
         self.inbox = inbox

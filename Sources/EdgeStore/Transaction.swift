@@ -19,8 +19,10 @@ public protocol StoreReading: ~Copyable {
 extension StoreReading where Self: ~Copyable {
     /// Visits entries with `start <= key < end` (`nil` = unbounded) in key
     /// order, or in reverse; `body` returns `false` to stop early.
-    public func scan(_ db: Database, from start: [UInt8]? = nil, to end: [UInt8]? = nil, reverse: Bool = false,
-                     _ body: ([UInt8], [UInt8]) throws -> Bool) throws {
+    public func scan(
+        _ db: Database, from start: [UInt8]? = nil, to end: [UInt8]? = nil, reverse: Bool = false,
+        _ body: ([UInt8], [UInt8]) throws -> Bool
+    ) throws {
         try withCursor(db) { cursor in
             var entry: (key: [UInt8], value: [UInt8])?
             if reverse {

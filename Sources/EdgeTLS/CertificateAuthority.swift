@@ -20,8 +20,10 @@ public struct CertificateRequest: Sendable {
     public var serverAuth = true
     public var clientAuth = true
 
-    public init(commonName: String, dnsNames: [String] = [], ipAddresses: [String] = [], uris: [String] = [],
-                notBeforeOffset: Int = -300, notAfterOffset: Int = 365 * 86400) {
+    public init(
+        commonName: String, dnsNames: [String] = [], ipAddresses: [String] = [], uris: [String] = [],
+        notBeforeOffset: Int = -300, notAfterOffset: Int = 365 * 86400
+    ) {
         self.commonName = commonName
         self.dnsNames = dnsNames
         self.ipAddresses = ipAddresses
@@ -46,8 +48,9 @@ public final class CertificateAuthority {
         key = try generateKey()
         guard let x = X509_new() else { EVP_PKEY_free(key); throw TLSError.capture("X509_new") }
         cert = x
-        try fill(x, serial: 1, commonName: commonName, notBefore: -300, notAfter: validDays * 86400,
-                 publicKey: key, issuer: nil)
+        try fill(
+            x, serial: 1, commonName: commonName, notBefore: -300, notAfter: validDays * 86400,
+            publicKey: key, issuer: nil)
         try addExtension(x, issuer: x, NID_basic_constraints, "critical,CA:TRUE")
         try addExtension(x, issuer: x, NID_key_usage, "critical,keyCertSign,cRLSign")
         try addExtension(x, issuer: x, NID_subject_key_identifier, "hash")
@@ -70,22 +73,25 @@ public final class CertificateAuthority {
         defer { X509_free(x) }
         let serial = nextSerial
         nextSerial += 1
-        try fill(x, serial: serial, commonName: request.commonName, notBefore: request.notBeforeOffset,
-                 notAfter: request.notAfterOffset, publicKey: leafKey, issuer: cert)
+        try fill(
+            x, serial: serial, commonName: request.commonName, notBefore: request.notBeforeOffset,
+            notAfter: request.notAfterOffset, publicKey: leafKey, issuer: cert)
         try addExtension(x, issuer: cert, NID_basic_constraints, "critical,CA:FALSE")
         try addExtension(x, issuer: cert, NID_key_usage, "critical,digitalSignature,keyEncipherment")
         var usages: [String] = []
         if request.serverAuth { usages.append("serverAuth") }
         if request.clientAuth { usages.append("clientAuth") }
         if !usages.isEmpty { try addExtension(x, issuer: cert, NID_ext_key_usage, usages.joined(separator: ",")) }
-        let sans = request.dnsNames.map { "DNS:\($0)" } + request.ipAddresses.map { "IP:\($0)" }
+        let sans =
+            request.dnsNames.map { "DNS:\($0)" } + request.ipAddresses.map { "IP:\($0)" }
             + request.uris.map { "URI:\($0)" }
         if !sans.isEmpty { try addExtension(x, issuer: cert, NID_subject_alt_name, sans.joined(separator: ",")) }
         try addExtension(x, issuer: cert, NID_authority_key_identifier, "keyid:always")
         guard X509_sign(x, key, EVP_sha256()) > 0 else { throw TLSError.capture("sign certificate") }
-        return Credential(certificatePEM: pem { PEM_write_bio_X509($0, x) },
-                          privateKeyPEM: pem { PEM_write_bio_PrivateKey($0, leafKey, nil, nil, 0, nil, nil) },
-                          serial: serial)
+        return Credential(
+            certificatePEM: pem { PEM_write_bio_X509($0, x) },
+            privateKeyPEM: pem { PEM_write_bio_PrivateKey($0, leafKey, nil, nil, 0, nil, nil) },
+            serial: serial)
     }
 
     /// A CRL (PEM) revoking the given serial numbers, valid for `validDays`.
@@ -120,14 +126,17 @@ func generateKey() throws(TLSError) -> OpaquePointer {
     defer { EVP_PKEY_CTX_free(ctx) }
     var key: OpaquePointer?
     guard EVP_PKEY_keygen_init(ctx) == 1, EVP_PKEY_CTX_set_group_name(ctx, "P-256") == 1,
-          EVP_PKEY_generate(ctx, &key) == 1, let key else {
+        EVP_PKEY_generate(ctx, &key) == 1, let key
+    else {
         throw TLSError.capture("generate EC P-256 key")
     }
     return key
 }
 
-private func fill(_ x: OpaquePointer, serial: Int, commonName: String, notBefore: Int, notAfter: Int,
-                  publicKey: OpaquePointer, issuer: OpaquePointer?) throws(TLSError) {
+private func fill(
+    _ x: OpaquePointer, serial: Int, commonName: String, notBefore: Int, notAfter: Int,
+    publicKey: OpaquePointer, issuer: OpaquePointer?
+) throws(TLSError) {
     X509_set_version(x, 2)
     ASN1_INTEGER_set(X509_get_serialNumber(x), serial)
     X509_gmtime_adj(X509_getm_notBefore(x), notBefore)

@@ -47,7 +47,8 @@ public func certificateChainProblem(_ path: String, caFile: String) -> String? {
 /// A new EC P-256 key and a certificate signing request for it (PEM), for
 /// an organisation's own CA to sign.
 public func makeSigningRequest(commonName: String, uris: [String] = [], dnsNames: [String] = [])
-    throws(TLSError) -> (privateKeyPEM: String, requestPEM: String) {
+    throws(TLSError) -> (privateKeyPEM: String, requestPEM: String)
+{
     let key = try generateKey()
     defer { EVP_PKEY_free(key) }
     guard let req = X509_REQ_new() else { throw TLSError.capture("X509_REQ_new") }
@@ -110,8 +111,9 @@ public struct FileChecks: Sendable {
         if stat(path, &st) == 0 {
             guard (st.st_mode & S_IFMT) == S_IFDIR else { return problem(key, "\(path): not a directory") }
             if let user = serviceUser, let e = user.access(path, R_OK | W_OK | X_OK) {
-                problem(key, "\(path): user \(user.name) cannot read and write it (\(String(cString: strerror(e))); \(modeText(st)))",
-                        fix: "chown \(user.name):\(user.groupName) \(path) && chmod 0750 \(path)")
+                problem(
+                    key, "\(path): user \(user.name) cannot read and write it (\(String(cString: strerror(e))); \(modeText(st)))",
+                    fix: "chown \(user.name):\(user.groupName) \(path) && chmod 0750 \(path)")
             }
             return
         }
@@ -120,8 +122,9 @@ public struct FileChecks: Sendable {
         if stat(dir, &st) != 0 {
             problem(key, "\(path): neither it nor its parent directory exists", fix: "create it, owned by the service's user")
         } else if let user = serviceUser, let e = user.access(dir, W_OK | X_OK) {
-            problem(key, "\(path) does not exist and user \(user.name) cannot create it in \(dir) (\(String(cString: strerror(e))))",
-                    fix: "install -d -o \(user.name) -g \(user.groupName) -m 0750 \(path)")
+            problem(
+                key, "\(path) does not exist and user \(user.name) cannot create it in \(dir) (\(String(cString: strerror(e))))",
+                fix: "install -d -o \(user.name) -g \(user.groupName) -m 0750 \(path)")
         }
     }
 
@@ -141,8 +144,9 @@ public struct FileChecks: Sendable {
         }
         if let user = serviceUser {
             if let e = user.access(path, R_OK) {
-                problem(key, "\(path): user \(user.name) cannot read it (\(String(cString: strerror(e))); \(modeText(st)))",
-                        fix: "chgrp \(user.groupName) \(path) && chmod g+r \(path), and let \(user.name) search every directory above it")
+                problem(
+                    key, "\(path): user \(user.name) cannot read it (\(String(cString: strerror(e))); \(modeText(st)))",
+                    fix: "chgrp \(user.groupName) \(path) && chmod g+r \(path), and let \(user.name) search every directory above it")
                 return false
             }
         } else if access(path, R_OK) != 0 {
@@ -150,11 +154,13 @@ public struct FileChecks: Sendable {
             return false
         }
         if secret && (st.st_mode & 0o006) != 0 {
-            problem(key, "\(path): a secret \((st.st_mode & 0o004) != 0 ? "readable" : "writable") by every user (\(modeText(st)))",
-                    fix: "chmod 0640 \(path) (or 0600)")
+            problem(
+                key, "\(path): a secret \((st.st_mode & 0o004) != 0 ? "readable" : "writable") by every user (\(modeText(st)))",
+                fix: "chmod 0640 \(path) (or 0600)")
         } else if secret, (st.st_mode & 0o040) != 0, let user = serviceUser, st.st_uid != user.uid, !user.groups.contains(st.st_gid) {
-            problem(key, "\(path): a secret readable by group \(nameOfGroup(st.st_gid)), which user \(user.name) is not in (\(modeText(st)))",
-                    fix: "chgrp \(user.groupName) \(path), or chmod g-r \(path)")
+            problem(
+                key, "\(path): a secret readable by group \(nameOfGroup(st.st_gid)), which user \(user.name) is not in (\(modeText(st)))",
+                fix: "chgrp \(user.groupName) \(path), or chmod g-r \(path)")
         }
         return true
     }
@@ -163,7 +169,9 @@ public struct FileChecks: Sendable {
     /// and issued by `ca` when given. Returns it for identity checks.
     /// `at` names the YAML keys of the three files.
     @discardableResult
-    public mutating func certificate(_ cert: String, key: String?, ca: String?, at keys: (cert: String, key: String, ca: String)) -> CertificateSummary? {
+    public mutating func certificate(_ cert: String, key: String?, ca: String?, at keys: (cert: String, key: String, ca: String))
+        -> CertificateSummary?
+    {
         let caOK = ca.map { file($0, at: keys.ca) } ?? false
         guard file(cert, at: keys.cert) else {
             if let key { file(key, at: keys.key, secret: true) }
@@ -180,11 +188,19 @@ public struct FileChecks: Sendable {
         clock_gettime(CLOCK_REALTIME, &now)
         if let p = summary.validityProblem(now: Int64(now.tv_sec)) { problem(keys.cert, "\(cert) \(p)", fix: "renew the certificate") }
         if let key, keyOK {
-            do { _ = try TLSContext(role: .client, configuration: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false)) }
-            catch { problem(keys.key, "\(key) does not go with the certificate \(cert): \(error)", fix: "give the key the certificate was issued for") }
+            do {
+                _ = try TLSContext(
+                    role: .client, configuration: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false))
+            } catch {
+                problem(
+                    keys.key, "\(key) does not go with the certificate \(cert): \(error)",
+                    fix: "give the key the certificate was issued for")
+            }
         }
         if let ca, caOK, let p = certificateChainProblem(cert, caFile: ca) {
-            problem(keys.cert, "\(cert) is not accepted by the CA \(ca): \(p)", fix: "have the certificate issued by that CA, or name its issuer's CA")
+            problem(
+                keys.cert, "\(cert) is not accepted by the CA \(ca): \(p)",
+                fix: "have the certificate issued by that CA, or name its issuer's CA")
         }
         return summary
     }

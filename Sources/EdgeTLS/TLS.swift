@@ -86,8 +86,10 @@ public struct TLSConfiguration: Sendable, Equatable {
     /// TLS 1.3 unless lowered on purpose for an old peer.
     public var minimumVersion: TLSVersion = .tls13
 
-    public init(certificateChainFile: String? = nil, privateKeyFile: String? = nil, trustRootsFile: String? = nil,
-                crlFile: String? = nil, verifyPeer: Bool = true, minimumVersion: TLSVersion = .tls13) {
+    public init(
+        certificateChainFile: String? = nil, privateKeyFile: String? = nil, trustRootsFile: String? = nil,
+        crlFile: String? = nil, verifyPeer: Bool = true, minimumVersion: TLSVersion = .tls13
+    ) {
         self.certificateChainFile = certificateChainFile
         self.privateKeyFile = privateKeyFile
         self.trustRootsFile = trustRootsFile
@@ -230,7 +232,7 @@ public enum TLSReadResult: Equatable, Sendable {
 /// Threading: confined to the thread (event loop) that uses the connection.
 public final class TLSSession {
     let ssl: OpaquePointer
-    private let networkIn: OpaquePointer   // ciphertext from the peer → OpenSSL
+    private let networkIn: OpaquePointer  // ciphertext from the peer → OpenSSL
     private let networkOut: OpaquePointer  // OpenSSL → ciphertext for the peer
     public let role: TLSRole
     public private(set) var handshakeComplete = false
@@ -408,8 +410,9 @@ extension PeerIdentity {
             if let hex = BN_bn2hex(bn) { serial = String(cString: hex).lowercased(); edge_openssl_free(hex) }
             BN_free(bn)
         }
-        self.init(commonName: cn, dnsNames: dns, uris: uris, ipAddresses: ips,
-                  sha256Fingerprint: hex(md.prefix(Int(mdLen))), serialNumber: serial, notAfter: unixTime(X509_get0_notAfter(cert)))
+        self.init(
+            commonName: cn, dnsNames: dns, uris: uris, ipAddresses: ips,
+            sha256Fingerprint: hex(md.prefix(Int(mdLen))), serialNumber: serial, notAfter: unixTime(X509_get0_notAfter(cert)))
     }
 }
 

@@ -1,6 +1,6 @@
 import EdgeHTTP
-import EdgeMetrics
 import EdgeLoop
+import EdgeMetrics
 import EdgeTLS
 import Glibc
 import SCIM
@@ -124,9 +124,12 @@ public final class Bench {
         self.loop = loop
         self.options = options
         let mixText = options.mix.map { "\($0.0.rawValue)=\($0.1)" }.joined(separator: ",")
-        report = BenchReport(options: (options.connections, options.rate,
-                                       "\(options.url.tls ? "https" : "http")://\(options.url.host):\(options.url.port)\(options.url.path)", mixText),
-                             duration: 0)
+        report = BenchReport(
+            options: (
+                options.connections, options.rate,
+                "\(options.url.tls ? "https" : "http")://\(options.url.host):\(options.url.port)\(options.url.path)", mixText
+            ),
+            duration: 0)
         guard let address = options.url.resolveAddress() else { throw BenchError("cannot resolve \(options.url.host)") }
         var tls: TLSContext?
         if options.url.tls { tls = try TLSContext(role: .client, configuration: options.tls) }
@@ -134,7 +137,8 @@ public final class Bench {
         o.maxPipelined = 1
         o.responseTimeoutMilliseconds = 60_000
         for i in 0..<max(1, options.connections) {
-            clients.append(HTTPClient(loop: loop, address: address, tls: tls, serverName: options.url.tls ? options.url.host : nil, options: o))
+            clients.append(
+                HTTPClient(loop: loop, address: address, tls: tls, serverName: options.url.tls ? options.url.host : nil, options: o))
             idle.append(i)
         }
         for (op, w) in options.mix { weights += Array(repeating: op, count: w) }
@@ -197,7 +201,9 @@ public final class Bench {
                 intendedNext += interval
                 started += 1
                 if let c = idle.popLast() { send(on: c, intended: intended) } else { backlog.append(intended); report.queuedBehind += 1 }
-                if backlog.count > 1_000_000 { report.errors["more than 1,000,000 requests behind schedule", default: 0] += 1; done(); return }
+                if backlog.count > 1_000_000 {
+                    report.errors["more than 1,000,000 requests behind schedule", default: 0] += 1; done(); return
+                }
             }
         }
         if options.rate == nil {
@@ -208,8 +214,10 @@ public final class Bench {
         rollSeconds(now)
         if now - lastProgress >= 1_000_000 {
             lastProgress = now
-            options.progress?(BenchProgress(elapsed: Double(now - startTime) / 1e6, completed: report.completed,
-                                            errors: report.errorCount, recentP99Micros: recent.quantile(0.99)))
+            options.progress?(
+                BenchProgress(
+                    elapsed: Double(now - startTime) / 1e6, completed: report.completed,
+                    errors: report.errorCount, recentP99Micros: recent.quantile(0.99)))
             recent = LatencyHistogram()
         }
         if !budgetLeft && backlog.isEmpty && idle.count == clients.count { done() }
@@ -218,8 +226,10 @@ public final class Bench {
     private func rollSeconds(_ now: UInt64) {
         let s = Int((now - startTime) / 1_000_000)
         while secondIndex < s {
-            report.timeline.append(BenchSecond(second: secondIndex + 1, completed: secondCompleted,
-                                               p50Micros: second.quantile(0.5), p99Micros: second.quantile(0.99)))
+            report.timeline.append(
+                BenchSecond(
+                    second: secondIndex + 1, completed: secondCompleted,
+                    p50Micros: second.quantile(0.5), p99Micros: second.quantile(0.99)))
             second = LatencyHistogram()
             secondCompleted = 0
             secondIndex += 1
@@ -276,7 +286,8 @@ public final class Bench {
     /// every answer would cost the generator CPU the server should get).
     private func noteCreated(_ r: HTTPResponse) {
         guard needsUsers, ids.count < 100_000, r.status == 201, let o = try? JSONParser.parse(r.body),
-              let id = o["id"]?.stringValue else { return }
+            let id = o["id"]?.stringValue
+        else { return }
         ids.append((id, o["userName"]?.stringValue ?? ""))
     }
 
@@ -290,7 +301,8 @@ public final class Bench {
             return HTTPRequest(method: "GET", target: "\(base)/Users/\(p.id)", headers: h)
         case (.patch, let p?):
             h.set("Content-Type", "application/scim+json")
-            let body = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Title \#(started)"}]}"#
+            let body =
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Title \#(started)"}]}"#
             return HTTPRequest(method: "PATCH", target: "\(base)/Users/\(p.id)", headers: h, body: Array(body.utf8))
         case (.filter, let p?):
             return HTTPRequest(method: "GET", target: "\(base)/Users?filter=userName%20eq%20%22\(p.userName)%22", headers: h)
@@ -298,7 +310,8 @@ public final class Bench {
             created += 1
             h.set("Content-Type", "application/scim+json")
             let n = created, user = "\(options.prefix)-\(n)"
-            let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(user)","name":{"givenName":"Bench","familyName":"User \#(n)"},"displayName":"Bench User \#(n)","emails":[{"value":"\#(user)@bench.example","type":"work","primary":true}],"phoneNumbers":[{"value":"+1 555 0100","type":"work"}],"title":"Engineer","active":true}"#
+            let body =
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(user)","name":{"givenName":"Bench","familyName":"User \#(n)"},"displayName":"Bench User \#(n)","emails":[{"value":"\#(user)@bench.example","type":"work","primary":true}],"phoneNumbers":[{"value":"+1 555 0100","type":"work"}],"title":"Engineer","active":true}"#
             return HTTPRequest(method: "POST", target: "\(base)/Users", headers: h, body: Array(body.utf8))
         }
     }
@@ -314,8 +327,10 @@ public final class Bench {
         let now = monotonicMicros()
         rollSeconds(now)
         if secondCompleted > 0 {
-            report.timeline.append(BenchSecond(second: secondIndex + 1, completed: secondCompleted,
-                                               p50Micros: second.quantile(0.5), p99Micros: second.quantile(0.99)))
+            report.timeline.append(
+                BenchSecond(
+                    second: secondIndex + 1, completed: secondCompleted,
+                    p50Micros: second.quantile(0.5), p99Micros: second.quantile(0.99)))
         }
         report.duration = startTime == 0 ? 0 : Double(now - startTime) / 1e6
         for c in clients { c.close() }

@@ -1,5 +1,5 @@
-import Glibc
 import EdgeMetrics
+import Glibc
 import SCIM
 
 func ms(_ micros: UInt64) -> String { fixed(Double(micros) / 1000, 2) }
@@ -34,12 +34,16 @@ extension BenchReport {
         let mode = options.rate.map { "open loop at \(fixed($0, 0)) requests/s" } ?? "closed loop"
         lines.append("scim-edge bench \(options.url) (\(options.mix)), \(options.connections) connections, \(mode)")
         lines.append("\(grouped(completed)) requests in \(fixed(duration, 2)) s: \(fixed(throughput, 1)) requests/s")
-        lines.append("latency (ms): " + Self.quantiles.map { "\($0.0) \(ms(latency.quantile($0.1)))" }.joined(separator: "  ")
-                     + "  mean \(fixed(latency.mean / 1000, 2))")
+        lines.append(
+            "latency (ms): " + Self.quantiles.map { "\($0.0) \(ms(latency.quantile($0.1)))" }.joined(separator: "  ")
+                + "  mean \(fixed(latency.mean / 1000, 2))")
         for (name, h) in byOperation.sorted(by: { $0.key < $1.key }) where byOperation.count > 1 {
             lines.append("  \(name): \(grouped(Int(h.count))) requests, p50 \(ms(h.quantile(0.5))) ms, p99 \(ms(h.quantile(0.99))) ms")
         }
-        lines.append("status: " + (statuses.isEmpty ? "none" : statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\(grouped($0.value))" }.joined(separator: ", ")))
+        lines.append(
+            "status: "
+                + (statuses.isEmpty
+                    ? "none" : statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\(grouped($0.value))" }.joined(separator: ", ")))
         if !errors.isEmpty {
             lines.append("errors: " + errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", "))
         }
@@ -57,8 +61,10 @@ extension BenchReport {
         latencyObject["mean"] = .number(JSONNumber(fixed(latency.mean / 1000, 3))!)
         var ops = JSONObject()
         for (name, h) in byOperation.sorted(by: { $0.key < $1.key }) {
-            ops[name] = ["requests": .int(Int(h.count)), "p50": .number(JSONNumber(fixed(Double(h.quantile(0.5)) / 1000, 3))!),
-                         "p99": .number(JSONNumber(fixed(Double(h.quantile(0.99)) / 1000, 3))!)]
+            ops[name] = [
+                "requests": .int(Int(h.count)), "p50": .number(JSONNumber(fixed(Double(h.quantile(0.5)) / 1000, 3))!),
+                "p99": .number(JSONNumber(fixed(Double(h.quantile(0.99)) / 1000, 3))!),
+            ]
         }
         var status = JSONObject()
         for (k, v) in statuses.sorted(by: { $0.key < $1.key }) { status[String(k)] = .int(v) }
@@ -70,9 +76,14 @@ extension BenchReport {
             "requests": .int(completed), "durationSeconds": .number(JSONNumber(fixed(duration, 3))!),
             "throughput": .number(JSONNumber(fixed(throughput, 1))!), "latencyMs": .object(latencyObject),
             "operations": .object(ops), "status": .object(status), "errors": .object(errs),
-            "timeline": .array(timeline.map { ["second": .int($0.second), "requests": .int($0.completed),
-                                               "p50": .number(JSONNumber(fixed(Double($0.p50Micros) / 1000, 3))!),
-                                               "p99": .number(JSONNumber(fixed(Double($0.p99Micros) / 1000, 3))!)] }),
+            "timeline": .array(
+                timeline.map {
+                    [
+                        "second": .int($0.second), "requests": .int($0.completed),
+                        "p50": .number(JSONNumber(fixed(Double($0.p50Micros) / 1000, 3))!),
+                        "p99": .number(JSONNumber(fixed(Double($0.p99Micros) / 1000, 3))!),
+                    ]
+                }),
         ]
         if let rate = options.rate {
             object["rate"] = .number(JSONNumber(fixed(rate, 1))!)
@@ -92,8 +103,10 @@ extension BenchReport {
         let w = 720.0, h = 260.0, pad = 48.0
         var out = #"<svg xmlns="http://www.w3.org/2000/svg" width="720" height="560" font-family="sans-serif" font-size="11">"#
         out += #"<rect width="720" height="560" fill="white"/>"#
-        func panel(_ y0: Double, _ title: String, _ xLabel: String, _ xs: [Double], _ series: [(String, String, [Double])],
-                   _ xTicks: [(Double, String)]) {
+        func panel(
+            _ y0: Double, _ title: String, _ xLabel: String, _ xs: [Double], _ series: [(String, String, [Double])],
+            _ xTicks: [(Double, String)]
+        ) {
             let maxY = max(0.001, series.flatMap(\.2).max() ?? 1) * 1.1
             let minX = xs.first ?? 0, maxX = max(minX + 1e-9, xs.last ?? 1)
             func px(_ x: Double) -> Double { pad + (x - minX) / (maxX - minX) * (w - 2 * pad) }
@@ -116,15 +129,19 @@ extension BenchReport {
             }
         }
         let seconds = timeline.map { Double($0.second) }
-        panel(0, "Latency over time (\(options.mix), \(options.rate.map { "\(fixed($0, 0))/s" } ?? "closed loop"))", "seconds",
-              seconds, [("p50", "#1f77b4", timeline.map { Double($0.p50Micros) / 1000 }),
-                        ("p99", "#d62728", timeline.map { Double($0.p99Micros) / 1000 })],
-              timeline.filter { $0.second % max(1, timeline.count / 10) == 0 }.map { (Double($0.second), String($0.second)) })
+        panel(
+            0, "Latency over time (\(options.mix), \(options.rate.map { "\(fixed($0, 0))/s" } ?? "closed loop"))", "seconds",
+            seconds,
+            [
+                ("p50", "#1f77b4", timeline.map { Double($0.p50Micros) / 1000 }),
+                ("p99", "#d62728", timeline.map { Double($0.p99Micros) / 1000 }),
+            ],
+            timeline.filter { $0.second % max(1, timeline.count / 10) == 0 }.map { (Double($0.second), String($0.second)) })
         let qs: [Double] = (0...60).map { 1 - pow(10, -Double($0) / 15) }  // 0 … 99.99 %
         let xs = qs.map { -log10(max(1e-6, 1 - $0)) }
-        panel(290, "Latency by percentile", "percentile", xs, [("latency", "#2ca02c", qs.map { Double(latency.quantile($0)) / 1000 })],
-              [(0, "0%"), (1, "90%"), (2, "99%"), (3, "99.9%"), (4, "99.99%")])
+        panel(
+            290, "Latency by percentile", "percentile", xs, [("latency", "#2ca02c", qs.map { Double(latency.quantile($0)) / 1000 })],
+            [(0, "0%"), (1, "90%"), (2, "99%"), (3, "99.9%"), (4, "99.99%")])
         return out + "</svg>\n"
     }
 }
-

@@ -3,8 +3,10 @@ import EdgeLoop
 
 /// One blocking GET on a loop of its own (for command-line tools), returning
 /// the status and body; 0 and the error text when there is no answer.
-public func httpGet(_ url: ServiceURL, _ path: String, headers extra: HTTPHeaders = HTTPHeaders(),
-                    timeoutMilliseconds: UInt64 = 10_000) -> (status: Int, body: [UInt8]) {
+public func httpGet(
+    _ url: ServiceURL, _ path: String, headers extra: HTTPHeaders = HTTPHeaders(),
+    timeoutMilliseconds: UInt64 = 10_000
+) -> (status: Int, body: [UInt8]) {
     httpRequest(url, HTTPRequest(method: "GET", target: url.path + path, headers: extra), timeoutMilliseconds: timeoutMilliseconds)
 }
 
@@ -32,6 +34,8 @@ public func httpRequest(_ url: ServiceURL, _ request: HTTPRequest, timeoutMillis
 public func httpGetText(_ url: String) throws -> String {
     guard let parsed = ServiceURL(url) else { throw BenchError("\(url) is not http://HOST:PORT/PATH") }
     let r = httpGet(ServiceURL(tls: false, host: parsed.host, port: parsed.port, path: ""), parsed.path)
-    guard r.status == 200 else { throw BenchError("GET \(url): \(r.status == 0 ? String(decoding: r.body, as: UTF8.self) : "status \(r.status)")") }
+    guard r.status == 200 else {
+        throw BenchError("GET \(url): \(r.status == 0 ? String(decoding: r.body, as: UTF8.self) : "status \(r.status)")")
+    }
     return String(decoding: r.body, as: UTF8.self)
 }

@@ -1,7 +1,7 @@
 import EdgeConfig
-import EdgeMetrics
 import EdgeHTTP
 import EdgeLoop
+import EdgeMetrics
 import EdgeTLS
 import Glibc
 import SCIM
@@ -71,7 +71,9 @@ public final class Sandbox {
             return false
         } catch {
             say("sandbox failed: \(error)")
-            for p in processes where !p.isRunning { say("  \(p.name) exited; its log:\n" + p.log.split(separator: "\n").suffix(8).joined(separator: "\n")) }
+            for p in processes where !p.isRunning {
+                say("  \(p.name) exited; its log:\n" + p.log.split(separator: "\n").suffix(8).joined(separator: "\n"))
+            }
             return false
         }
     }
@@ -102,17 +104,31 @@ public final class Sandbox {
         // Targets: a standalone agent as an "app", and the reference scim2-server when it is installed.
         let appPort = freeLoopbackPort()
         try writeText("\(dir)/app.token", "app-token\n", mode: 0o600)
-        processes.append(try ServiceProcess(name: "app", executable: self_, arguments: [
-            "serve", "--data-dir", "\(dir)/app", "--listen", "127.0.0.1:\(appPort)", "--token", "app-token", "--admin-listen", "none"],
-            logPath: "\(dir)/app.log"))
+        processes.append(
+            try ServiceProcess(
+                name: "app", executable: self_,
+                arguments: [
+                    "serve", "--data-dir", "\(dir)/app", "--listen", "127.0.0.1:\(appPort)", "--token", "app-token", "--admin-listen",
+                    "none",
+                ],
+                logPath: "\(dir)/app.log"))
         targets.append(("app", ServiceURL(tls: false, host: "127.0.0.1", port: appPort, path: "/scim/v2"), "app-token"))
-        let reference = options.referenceServer ?? findExecutable("scim2-server", candidates: [
-            getenv("SCIM2_SERVER").map { String(cString: $0) } ?? "", ".venv/bin/scim2-server"])
+        let reference =
+            options.referenceServer
+            ?? findExecutable(
+                "scim2-server",
+                candidates: [
+                    getenv("SCIM2_SERVER").map { String(cString: $0) } ?? "", ".venv/bin/scim2-server",
+                ])
         if let reference {
             let port = freeLoopbackPort()
             try writeText("\(dir)/reference.token", "reference-token\n", mode: 0o600)
-            processes.append(try ServiceProcess(name: "reference", executable: reference, arguments: [
-                "--port", String(port), "--bearer-token", "reference-token"], logPath: "\(dir)/reference.log", environment: ["PYTHONUNBUFFERED=1"]))
+            processes.append(
+                try ServiceProcess(
+                    name: "reference", executable: reference,
+                    arguments: [
+                        "--port", String(port), "--bearer-token", "reference-token",
+                    ], logPath: "\(dir)/reference.log", environment: ["PYTHONUNBUFFERED=1"]))
             targets.append(("reference", ServiceURL(tls: false, host: "127.0.0.1", port: port, path: ""), "reference-token"))
         }
 
@@ -146,8 +162,10 @@ public final class Sandbox {
                 """
         }
         try writeText("\(dir)/broker.yaml", yaml)
-        processes.append(try ServiceProcess(name: "broker", executable: brokerBinary, arguments: ["serve", "--config", "\(dir)/broker.yaml"],
-                                            logPath: "\(dir)/broker.log"))
+        processes.append(
+            try ServiceProcess(
+                name: "broker", executable: brokerBinary, arguments: ["serve", "--config", "\(dir)/broker.yaml"],
+                logPath: "\(dir)/broker.log"))
 
         // Three agents, three policies.
         try writeText("\(dir)/idp.tokens", idpToken + "\n", mode: 0o600)
@@ -170,21 +188,27 @@ public final class Sandbox {
             if d == "subsidiary-eu" { a += "policy:\n  attributes: {phoneNumbers: keep-local, addresses: keep-local}\n" }
             if d == "partner" { a += "policy:\n  scope: {User: 'userType eq \"Contractor\"'}\n" }
             try writeText("\(dir)/\(d).yaml", a)
-            processes.append(try ServiceProcess(name: d, executable: self_, arguments: ["serve", "--config", "\(dir)/\(d).yaml"],
-                                                logPath: "\(dir)/\(d).log"))
+            processes.append(
+                try ServiceProcess(
+                    name: d, executable: self_, arguments: ["serve", "--config", "\(dir)/\(d).yaml"],
+                    logPath: "\(dir)/\(d).log"))
             agents.append((d, port, admin))
         }
         for p in processes {
-            let up = p.name == "reference" ? waitHTTP(targets.first { $0.name == "reference" }!)
-                                           : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
+            let up =
+                p.name == "reference"
+                ? waitHTTP(targets.first { $0.name == "reference" }!)
+                : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
             guard up else {
-                throw BenchError("\(p.name) did not start; \(p.logPath):\n\(p.log.split(separator: "\n").suffix(6).joined(separator: "\n"))")
+                throw BenchError(
+                    "\(p.name) did not start; \(p.logPath):\n\(p.log.split(separator: "\n").suffix(6).joined(separator: "\n"))")
             }
             try checkInterrupt()
         }
-        say("▶ started: broker (mutual TLS, read API, metrics), agents hq / subsidiary-eu (phones and addresses stay local) / "
-            + "partner (only userType \"Contractor\" leaves), targets " + targets.map(\.name).joined(separator: " and ")
-            + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : ""))
+        say(
+            "▶ started: broker (mutual TLS, read API, metrics), agents hq / subsidiary-eu (phones and addresses stay local) / "
+                + "partner (only userType \"Contractor\" leaves), targets " + targets.map(\.name).joined(separator: " and ")
+                + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : ""))
     }
 
     func waitHTTP(_ t: (name: String, url: ServiceURL, token: String)) -> Bool {
@@ -224,9 +248,11 @@ public final class Sandbox {
     }
 
     func user(_ userName: String, given: String, family: String, extra: JSONObject = [:]) -> JSON {
-        var o: JSONObject = ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(userName),
-                             "name": ["givenName": .string(given), "familyName": .string(family)],
-                             "emails": [["value": .string(userName), "type": "work", "primary": true]], "active": true]
+        var o: JSONObject = [
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(userName),
+            "name": ["givenName": .string(given), "familyName": .string(family)],
+            "emails": [["value": .string(userName), "type": "work", "primary": true]], "active": true,
+        ]
         for (k, v) in extra { o[k] = v }
         return .object(o)
     }
@@ -246,36 +272,63 @@ public final class Sandbox {
 
     func scenario() throws {
         let phone: JSONObject = ["phoneNumbers": [["value": "+49 30 1234567", "type": "work"]]]
-        let address: JSONObject = ["addresses": [["streetAddress": "Unter den Linden 1", "locality": "Berlin", "country": "DE", "type": "work"]]]
+        let address: JSONObject = [
+            "addresses": [["streetAddress": "Unter den Linden 1", "locality": "Berlin", "country": "DE", "type": "work"]]
+        ]
         say("▶ hires: 5 at hq, 4 at subsidiary-eu (with phones and addresses), 4 at partner (3 contractors, 1 employee)")
-        for (n, g, f) in [("alice", "Alice", "Adams"), ("bob", "Bob", "Brown"), ("carol", "Carol", "Clark"), ("dan", "Dan", "Diaz"), ("erin", "Erin", "Evans")] {
+        for (n, g, f) in [
+            ("alice", "Alice", "Adams"), ("bob", "Bob", "Brown"), ("carol", "Carol", "Clark"), ("dan", "Dan", "Diaz"),
+            ("erin", "Erin", "Evans"),
+        ] {
             try hire("hq", "\(n)@hq.example", g, f, ["title": "Engineer", "phoneNumbers": [["value": "+1 555 0100", "type": "work"]]])
         }
-        for (n, g, f) in [("franz", "Franz", "Fischer"), ("greta", "Greta", "Graf"), ("hans", "Hans", "Huber"), ("ines", "Ines", "Iglesias")] {
+        for (n, g, f) in [
+            ("franz", "Franz", "Fischer"), ("greta", "Greta", "Graf"), ("hans", "Hans", "Huber"), ("ines", "Ines", "Iglesias"),
+        ] {
             var extra = phone
             for (k, v) in address { extra[k] = v }
             extra["title"] = "Analyst"
             try hire("subsidiary-eu", "\(n)@eu.example", g, f, extra)
         }
-        for (n, g, f, type) in [("pat", "Pat", "Park", "Contractor"), ("quinn", "Quinn", "Quaid", "Contractor"),
-                                ("ravi", "Ravi", "Rao", "Contractor"), ("sam", "Sam", "Sato", "Employee")] {
+        for (n, g, f, type) in [
+            ("pat", "Pat", "Park", "Contractor"), ("quinn", "Quinn", "Quaid", "Contractor"),
+            ("ravi", "Ravi", "Rao", "Contractor"), ("sam", "Sam", "Sato", "Employee"),
+        ] {
             try hire("partner", "\(n)@partner.example", g, f, ["userType": .string(type)])
         }
         say("▶ updates: a promotion at hq, a new title and phone at subsidiary-eu")
-        try idp("hq", "PATCH", "/Users/\(ids["bob@hq.example"]!)", patch([["op": "replace", "path": "title", "value": "Engineering Manager"]]))
-        try idp("subsidiary-eu", "PATCH", "/Users/\(ids["greta@eu.example"]!)", patch([
-            ["op": "replace", "path": "title", "value": "Senior Analyst"],
-            ["op": "replace", "path": "phoneNumbers", "value": [["value": "+49 30 7654321", "type": "work"]]]]))
+        try idp(
+            "hq", "PATCH", "/Users/\(ids["bob@hq.example"]!)", patch([["op": "replace", "path": "title", "value": "Engineering Manager"]]))
+        try idp(
+            "subsidiary-eu", "PATCH", "/Users/\(ids["greta@eu.example"]!)",
+            patch([
+                ["op": "replace", "path": "title", "value": "Senior Analyst"],
+                ["op": "replace", "path": "phoneNumbers", "value": [["value": "+49 30 7654321", "type": "work"]]],
+            ]))
         say("▶ group changes: engineering (alice, bob, carol; then + dan, − carol), eu-staff (franz, greta)")
-        let eng = try idp("hq", "POST", "/Groups", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "engineering",
-                                                     "members": .array(["alice", "bob", "carol"].map { ["value": .string(ids["\($0)@hq.example"]!)] })])
+        let eng = try idp(
+            "hq", "POST", "/Groups",
+            [
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "engineering",
+                "members": .array(["alice", "bob", "carol"].map { ["value": .string(ids["\($0)@hq.example"]!)] }),
+            ])
         let engID = try eng?["id"]?.stringValue ?? { throw BenchError("no group id") }()
-        try idp("hq", "PATCH", "/Groups/\(engID)", patch([["op": "add", "path": "members", "value": [["value": .string(ids["dan@hq.example"]!)]]],
-                                                         ["op": "remove", "path": .string("members[value eq \"\(ids["carol@hq.example"]!)\"]")]]))
-        try idp("subsidiary-eu", "POST", "/Groups", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "eu-staff",
-                                                     "members": .array(["franz", "greta"].map { ["value": .string(ids["\($0)@eu.example"]!)] })])
+        try idp(
+            "hq", "PATCH", "/Groups/\(engID)",
+            patch([
+                ["op": "add", "path": "members", "value": [["value": .string(ids["dan@hq.example"]!)]]],
+                ["op": "remove", "path": .string("members[value eq \"\(ids["carol@hq.example"]!)\"]")],
+            ]))
+        try idp(
+            "subsidiary-eu", "POST", "/Groups",
+            [
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "eu-staff",
+                "members": .array(["franz", "greta"].map { ["value": .string(ids["\($0)@eu.example"]!)] }),
+            ])
         say("▶ quinn@partner.example becomes an employee: out of the partner's scope, so removed everywhere")
-        try idp("partner", "PATCH", "/Users/\(ids["quinn@partner.example"]!)", patch([["op": "replace", "path": "userType", "value": "Employee"]]))
+        try idp(
+            "partner", "PATCH", "/Users/\(ids["quinn@partner.example"]!)",
+            patch([["op": "replace", "path": "userType", "value": "Employee"]]))
         try waitDrained(seconds: 30)
 
         say("▶ contractor ravi@partner.example deactivated at the partner's IdP")
@@ -284,9 +337,12 @@ public final class Sandbox {
         let app = targets[0]
         while true {
             try checkInterrupt()
-            let r = httpGet(app.url, "/Users?filter=" + percentEncode("userName eq \"ravi@partner.example\""),
-                            headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
-            if r.status == 200, let o = try? JSONParser.parse(r.body), o["Resources"]?.arrayValue?.first?["active"] == .bool(false) { break }
+            let r = httpGet(
+                app.url, "/Users?filter=" + percentEncode("userName eq \"ravi@partner.example\""),
+                headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
+            if r.status == 200, let o = try? JSONParser.parse(r.body), o["Resources"]?.arrayValue?.first?["active"] == .bool(false) {
+                break
+            }
             if monotonicMicros() - t0 > 30_000_000 { throw BenchError("the deactivation did not reach the app within 30 s") }
             usleep(500)
         }
@@ -308,14 +364,17 @@ public final class Sandbox {
         var result: BenchReport?
         let b = try Bench(loop: loop, options: bench)
         cancel = { b.cancel() }
-        b.run { result = $0; loop.stop() }
+        b.run {
+            result = $0; loop.stop()
+        }
         loop.run()
         _ = loop.close()
         try checkInterrupt()
         burstReport = result
         if let r = result {
-            say("  \(r.completed) requests in \(fixed(r.duration, 2)) s (\(fixed(r.throughput, 0))/s), p99 \(ms(r.latency.quantile(0.99))) ms at the agent; "
-                + r.statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", "))
+            say(
+                "  \(r.completed) requests in \(fixed(r.duration, 2)) s (\(fixed(r.throughput, 0))/s), p99 \(ms(r.latency.quantile(0.99))) ms at the agent; "
+                    + r.statuses.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", "))
         }
         try waitDrained(seconds: options.short ? 60 : 90)
     }
@@ -370,21 +429,27 @@ public final class Sandbox {
         var lines: [String] = []
         for a in agents {
             let k = "\(a.domain) scim_edge_"
-            lines.append(pad(a.domain, 14) + " outbox " + pad(int(m[k + "outbox_events"]), 6) + " relayed " + pad(int(m[k + "relay_events_acknowledged_total"]), 7)
-                         + " (" + pad(rate(k + "relay_events_acknowledged_total"), 5) + "/s)  window " + pad(int(m[k + "relay_window"]), 3)
-                         + "  lag " + fixed(m[k + "outbox_oldest_age_seconds"] ?? 0, 1) + " s  relay errors " + int(m[k + "relay_errors_total"])
-                         + "  IdP 503s " + int(m[k + "backpressure_rejections_total"]))
+            lines.append(
+                pad(a.domain, 14) + " outbox " + pad(int(m[k + "outbox_events"]), 6) + " relayed "
+                    + pad(int(m[k + "relay_events_acknowledged_total"]), 7)
+                    + " (" + pad(rate(k + "relay_events_acknowledged_total"), 5) + "/s)  window " + pad(int(m[k + "relay_window"]), 3)
+                    + "  lag " + fixed(m[k + "outbox_oldest_age_seconds"] ?? 0, 1) + " s  relay errors " + int(m[k + "relay_errors_total"])
+                    + "  IdP 503s " + int(m[k + "backpressure_rejections_total"]))
         }
         let b = "broker scim_broker_"
-        lines.append(pad("broker", 14) + " applied " + pad(int(m[b + "events_applied_total"]), 7) + " (" + pad(rate(b + "events_applied_total"), 5)
-                     + "/s)  pending " + int(m[b + "pending_batches"]) + "  agent → broker p99 "
-                     + fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
+        lines.append(
+            pad("broker", 14) + " applied " + pad(int(m[b + "events_applied_total"]), 7) + " (" + pad(rate(b + "events_applied_total"), 5)
+                + "/s)  pending " + int(m[b + "pending_batches"]) + "  agent → broker p99 "
+                + fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
         for t in targets {
             let l = "{target=\"\(t.name)\"}"
-            lines.append(pad("  → " + t.name, 14) + " queued " + pad(int(m[b + "target_queue_depth" + l]), 6) + " delivered "
-                         + pad(int(m[b + "target_delivered_total" + l]), 7) + " (" + pad(rate(b + "target_delivered_total" + l), 5) + "/s)"
-                         + "  dead letters " + int(m[b + "target_dead_letters_total" + l]) + "  retries " + int(m[b + "target_retries_total" + l])
-                         + "  agent → target p99 " + fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
+            lines.append(
+                pad("  → " + t.name, 14) + " queued " + pad(int(m[b + "target_queue_depth" + l]), 6) + " delivered "
+                    + pad(int(m[b + "target_delivered_total" + l]), 7) + " (" + pad(rate(b + "target_delivered_total" + l), 5) + "/s)"
+                    + "  dead letters " + int(m[b + "target_dead_letters_total" + l]) + "  retries "
+                    + int(m[b + "target_retries_total" + l])
+                    + "  agent → target p99 "
+                    + fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
         }
         if options.live {
             var text = viewLines > 0 ? "\u{1B}[\(viewLines)A" : ""
@@ -397,8 +462,9 @@ public final class Sandbox {
             parts.append("broker applied \(int(m[b + "events_applied_total"])) pending \(int(m[b + "pending_batches"]))")
             for t in targets {
                 let l = "{target=\"\(t.name)\"}"
-                parts.append("\(t.name) queued \(int(m[b + "target_queue_depth" + l])) delivered \(int(m[b + "target_delivered_total" + l]))"
-                             + " dead \(int(m[b + "target_dead_letters_total" + l]))")
+                parts.append(
+                    "\(t.name) queued \(int(m[b + "target_queue_depth" + l])) delivered \(int(m[b + "target_delivered_total" + l]))"
+                        + " dead \(int(m[b + "target_dead_letters_total" + l]))")
             }
             emitRaw("  [\(fixed(Double(now - started) / 1e6, 1)) s] " + parts.joined(separator: " | ") + "\n")
         }
@@ -425,7 +491,9 @@ public final class Sandbox {
         var out: [JSONObject] = []
         var start = 1
         while true {
-            let r = httpGet(url, "\(endpoint)?startIndex=\(start)&count=500", headers: ["Authorization": "Bearer \(token)"], timeoutMilliseconds: 30_000)
+            let r = httpGet(
+                url, "\(endpoint)?startIndex=\(start)&count=500", headers: ["Authorization": "Bearer \(token)"], timeoutMilliseconds: 30_000
+            )
             guard r.status == 200, let page = try? JSONParser.parse(r.body) else {
                 throw BenchError("GET \(endpoint) at \(url.host):\(url.port) answered \(r.status)")
             }
@@ -454,34 +522,51 @@ public final class Sandbox {
                     expected[name] = u
                 }
             }
-            let euLocal = try list(agentURL("subsidiary-eu"), idpToken, "/Users").filter { $0["phoneNumbers"] != nil && $0["addresses"] != nil }
+            let euLocal = try list(agentURL("subsidiary-eu"), idpToken, "/Users").filter {
+                $0["phoneNumbers"] != nil && $0["addresses"] != nil
+            }
             check(euLocal.count == 4, "subsidiary-eu still holds its users' phones and addresses locally (\(euLocal.count) of 4)")
             let api = ServiceURL(tls: false, host: "127.0.0.1", port: brokerAPI, path: "/scim/v2")
-            var holders: [(String, [JSONObject], [JSONObject])] = [("broker", try list(api, apiToken, "/Users"), try list(api, apiToken, "/Groups"))]
+            var holders: [(String, [JSONObject], [JSONObject])] = [
+                ("broker", try list(api, apiToken, "/Users"), try list(api, apiToken, "/Groups"))
+            ]
             for t in targets { holders.append((t.name, try list(t.url, t.token, "/Users"), try list(t.url, t.token, "/Groups"))) }
             for (name, users, groups) in holders {
                 let names = users.compactMap { $0["userName"]?.stringValue }
                 let unique = Set(names)
-                check(names.count == unique.count && unique == Set(expected.keys),
-                      "\(name): every user that should be there is there exactly once (\(unique.count) of \(expected.count), \(names.count - unique.count) duplicates"
-                      + (unique == Set(expected.keys) ? ")" : "; missing \(Set(expected.keys).subtracting(unique).sorted().prefix(3)), extra \(unique.subtracting(expected.keys).sorted().prefix(3)))"))
-                let byName = Dictionary(users.compactMap { u in u["userName"]?.stringValue.map { ($0, u) } }, uniquingKeysWith: { a, _ in a })
+                check(
+                    names.count == unique.count && unique == Set(expected.keys),
+                    "\(name): every user that should be there is there exactly once (\(unique.count) of \(expected.count), \(names.count - unique.count) duplicates"
+                        + (unique == Set(expected.keys)
+                            ? ")"
+                            : "; missing \(Set(expected.keys).subtracting(unique).sorted().prefix(3)), extra \(unique.subtracting(expected.keys).sorted().prefix(3)))")
+                )
+                let byName = Dictionary(
+                    users.compactMap { u in u["userName"]?.stringValue.map { ($0, u) } }, uniquingKeysWith: { a, _ in a })
                 let eu = users.filter { $0["userName"]?.stringValue?.hasSuffix("@eu.example") == true }
-                check(!eu.isEmpty && eu.allSatisfy { $0["phoneNumbers"] == nil && $0["addresses"] == nil },
-                      "\(name): subsidiary-eu's phones and addresses never arrived (keep-local)")
+                check(
+                    !eu.isEmpty && eu.allSatisfy { $0["phoneNumbers"] == nil && $0["addresses"] == nil },
+                    "\(name): subsidiary-eu's phones and addresses never arrived (keep-local)")
                 check(byName["alice@hq.example"]?["phoneNumbers"] != nil, "\(name): hq's phones did (they propagate)")
                 check(byName["ravi@partner.example"]?["active"] == .bool(false), "\(name): the deactivated contractor is inactive")
-                check(byName["quinn@partner.example"] == nil && byName["sam@partner.example"] == nil,
-                      "\(name): the partner's employees (out of scope) are absent")
-                check(byName["bob@hq.example"]?["title"] == "Engineering Manager" && byName["greta@eu.example"]?["title"] == "Senior Analyst",
-                      "\(name): updates arrived")
-                let idToName = Dictionary(users.compactMap { u in u["id"]?.stringValue.flatMap { id in u["userName"]?.stringValue.map { (id, $0) } } },
-                                          uniquingKeysWith: { a, _ in a })
+                check(
+                    byName["quinn@partner.example"] == nil && byName["sam@partner.example"] == nil,
+                    "\(name): the partner's employees (out of scope) are absent")
+                check(
+                    byName["bob@hq.example"]?["title"] == "Engineering Manager" && byName["greta@eu.example"]?["title"] == "Senior Analyst",
+                    "\(name): updates arrived")
+                let idToName = Dictionary(
+                    users.compactMap { u in u["id"]?.stringValue.flatMap { id in u["userName"]?.stringValue.map { (id, $0) } } },
+                    uniquingKeysWith: { a, _ in a })
                 func members(_ g: String) -> Set<String> {
-                    Set(groups.first { $0["displayName"]?.stringValue == g }?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue.flatMap { idToName[$0] } } ?? [])
+                    Set(
+                        groups.first { $0["displayName"]?.stringValue == g }?["members"]?.arrayValue?.compactMap {
+                            $0["value"]?.stringValue.flatMap { idToName[$0] }
+                        } ?? [])
                 }
-                check(groups.count == 2 && members("engineering") == ["alice@hq.example", "bob@hq.example", "dan@hq.example"]
-                      && members("eu-staff") == ["franz@eu.example", "greta@eu.example"], "\(name): groups and their members are right")
+                check(
+                    groups.count == 2 && members("engineering") == ["alice@hq.example", "bob@hq.example", "dan@hq.example"]
+                        && members("eu-staff") == ["franz@eu.example", "greta@eu.example"], "\(name): groups and their members are right")
             }
             var m = sample()
             for t in targets {
@@ -492,18 +577,22 @@ public final class Sandbox {
             say("▶ latencies (the last 10 s before the federation drained, burst included: changes queued behind it wait)")
             say("  deactivation, IdP request → visible at the app: \(fixed(deactivationMs, 1)) ms")
             let b = "broker scim_broker_"
-            say("  agent acceptance → broker commit: p50 \(fixed((m[b + "propagation_seconds{quantile=\"0.5\"}"] ?? 0) * 1000, 1)) ms, "
-                + "p99 \(fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1)) ms")
+            say(
+                "  agent acceptance → broker commit: p50 \(fixed((m[b + "propagation_seconds{quantile=\"0.5\"}"] ?? 0) * 1000, 1)) ms, "
+                    + "p99 \(fixed((m[b + "propagation_seconds{quantile=\"0.99\"}"] ?? 0) * 1000, 1)) ms")
             for t in targets {
-                let q = { (x: String) in fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"\(x)\"}"] ?? 0) * 1000, 1) }
+                let q = { (x: String) in fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"\(x)\"}"] ?? 0) * 1000, 1)
+                }
                 say("  agent acceptance → \(t.name)'s answer: p50 \(q("0.5")) ms, p99 \(q("0.99")) ms")
             }
         } catch {
             check(false, "verification could not complete: \(error)")
         }
         let failed = results.filter { !$0.ok }.count
-        say(failed == 0 ? "sandbox: all \(results.count) checks passed in \(fixed(Double(monotonicMicros() - started) / 1e6, 1)) s"
-                        : "sandbox: \(failed) of \(results.count) checks FAILED")
+        say(
+            failed == 0
+                ? "sandbox: all \(results.count) checks passed in \(fixed(Double(monotonicMicros() - started) / 1e6, 1)) s"
+                : "sandbox: \(failed) of \(results.count) checks FAILED")
         return failed == 0
     }
 }

@@ -26,7 +26,8 @@ public struct BulkRequest: Sendable {
         }
         guard let o = body.objectValue else { throw .invalidSyntax("the bulk request must be a JSON object") }
         guard let schemas = o["schemas"]?.arrayValue,
-              schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.bulkRequest) } ?? false }) else {
+            schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.bulkRequest) } ?? false })
+        else {
             throw .invalidSyntax("'schemas' must contain \(SchemaURN.bulkRequest)")
         }
         if let f = o["failOnErrors"] {
@@ -62,8 +63,10 @@ public struct BulkRequest: Sendable {
             if method != .DELETE && data == nil { throw .invalidValue("Operations[\(k)]: \(method.rawValue) needs 'data'") }
             var refs = bulkReferences(in: data ?? .null)
             if let r = bulkIdReference(path) { refs.insert(r) }
-            ops.append(BulkOperation(index: k, method: method, bulkId: bulkId, version: op["version"]?.stringValue,
-                                     path: path, data: data, references: refs))
+            ops.append(
+                BulkOperation(
+                    index: k, method: method, bulkId: bulkId, version: op["version"]?.stringValue,
+                    path: path, data: data, references: refs))
         }
         operations = ops
     }

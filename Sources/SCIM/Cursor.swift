@@ -12,20 +12,25 @@ extension ListQuery {
     /// `ordered` must be in a total order that does not depend on the page:
     /// by `id` when `orderedByID` (then a vanished anchor still has an exact
     /// successor), or sorted by `sortBy` with `id` as the tie-break.
-    public func cursorPage<Element>(_ ordered: [Element], orderedByID: Bool,
-                                    id: (Element) -> String) throws(SCIMError) -> ListPage<Element> {
+    public func cursorPage<Element>(
+        _ ordered: [Element], orderedByID: Bool,
+        id: (Element) -> String
+    ) throws(SCIMError) -> ListPage<Element> {
         let tag = Self.hex(fnv1a(signature))
         var start = 0, end = min(count, ordered.count)
         if let cursor, !cursor.isEmpty {
             let parts = cursor.split(separator: ".", omittingEmptySubsequences: false)
             guard parts.count == 3, let kind = parts[1].first, kind == "n" || kind == "p",
-                  let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
-                  let anchorBytes = Self.unhex(parts[2]) else {
+                let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
+                let anchorBytes = Self.unhex(parts[2])
+            else {
                 throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' was not issued by this server; start again with an empty cursor")
             }
             guard parts[0] == tag else {
-                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' belongs to another query (resource type, filter "
-                                + "or sort changed); start again with an empty cursor")
+                throw SCIMError(
+                    400, .invalidCursor,
+                    "cursor '\(cursor)' belongs to another query (resource type, filter "
+                        + "or sort changed); start again with an empty cursor")
             }
             let anchor = String(decoding: anchorBytes, as: UTF8.self)
             // Where the anchor is now; else where it would be.

@@ -40,8 +40,10 @@ public struct Filter: Sendable {
 
     /// Parses and compiles `text` for resources of `type`. Errors are
     /// `400 invalidFilter` with the position.
-    public init(_ text: String, registry: SchemaRegistry, type: ResourceType,
-                profile: ClientProfile = .lenient) throws(SCIMError) {
+    public init(
+        _ text: String, registry: SchemaRegistry, type: ResourceType,
+        profile: ClientProfile = .lenient
+    ) throws(SCIMError) {
         var parser = FilterParser(text: text, registry: registry, type: type, profile: profile)
         root = try parser.parseFilter()
         self.text = text
@@ -85,7 +87,8 @@ extension FilterNode {
             return vs.contains { compareValue($0, op, literal, t.definition) }
         case .valuePath(let t, let inner):
             guard let container = t.container.flatMap({ object[$0]?.objectValue }) ?? (t.container == nil ? object : nil),
-                  let attr = t.attribute, let value = container[attr] else { return false }
+                let attr = t.attribute, let value = container[attr]
+            else { return false }
             let elements = value.arrayValue ?? [value]
             return elements.contains { element in element.objectValue.map { inner.matches($0) } ?? false }
         }
@@ -249,7 +252,10 @@ struct FilterParser {
             while k < bytes.count {
                 let c = bytes[k]
                 if c == 0x20 || c == 0x09 || c == 0x0A || c == 0x0D || c == UInt8(ascii: "(") || c == UInt8(ascii: ")")
-                    || c == UInt8(ascii: "[") || c == UInt8(ascii: "]") || c == UInt8(ascii: "\"") { break }
+                    || c == UInt8(ascii: "[") || c == UInt8(ascii: "]") || c == UInt8(ascii: "\"")
+                {
+                    break
+                }
                 k += 1
             }
             let word = String(decoding: bytes[i..<k], as: UTF8.self)
@@ -341,11 +347,17 @@ struct FilterParser {
         switch v {
         case .string(let s): literal = .string(s)
         case .word(let w):
-            if w == "true" { literal = .bool(true) }
-            else if w == "false" { literal = .bool(false) }
-            else if w == "null" { literal = .null }
-            else if let n = JSONNumber(w) { literal = .number(n) }
-            else { throw fail("invalid comparison value '\(w)' (strings need double quotes)", at: vat) }
+            if w == "true" {
+                literal = .bool(true)
+            } else if w == "false" {
+                literal = .bool(false)
+            } else if w == "null" {
+                literal = .null
+            } else if let n = JSONNumber(w) {
+                literal = .number(n)
+            } else {
+                throw fail("invalid comparison value '\(w)' (strings need double quotes)", at: vat)
+            }
         default:
             throw fail("expected a comparison value after '\(opWord)'", at: vat)
         }
@@ -404,8 +416,9 @@ struct FilterParser {
             guard isAttributeName(word), let sub = scope.attribute.subAttribute(word) else {
                 throw fail("'\(word)' is not a sub-attribute of '\(scope.canonicalPath)'", at: at)
             }
-            return FilterTarget(container: nil, attribute: sub.name, subAttribute: nil, definition: sub,
-                                path: scope.canonicalPath + "." + sub.name)
+            return FilterTarget(
+                container: nil, attribute: sub.name, subAttribute: nil, definition: sub,
+                path: scope.canonicalPath + "." + sub.name)
         }
         guard let resolved = try resolve(word, at: at, scope: nil) else {
             throw fail("unknown attribute '\(word)' for resource type \(type.id)", at: at)
@@ -416,14 +429,16 @@ struct FilterParser {
             guard let value = resolved.attribute.subAttribute("value") else {
                 // Only usable in `pr` or `attr[...]`; give it a string type for `pr`.
                 leaf = AttributeDefinition(resolved.attribute.name, .complex)
-                return FilterTarget(container: resolved.isExtension ? resolved.schema!.id : nil,
-                                    attribute: resolved.attribute.name, subAttribute: nil, definition: leaf,
-                                    path: resolved.canonicalPath)
+                return FilterTarget(
+                    container: resolved.isExtension ? resolved.schema!.id : nil,
+                    attribute: resolved.attribute.name, subAttribute: nil, definition: leaf,
+                    path: resolved.canonicalPath)
             }
             leaf = value
         }
-        return FilterTarget(container: resolved.isExtension ? resolved.schema!.id : nil, attribute: resolved.attribute.name,
-                            subAttribute: resolved.subAttribute?.name, definition: leaf, path: resolved.canonicalPath)
+        return FilterTarget(
+            container: resolved.isExtension ? resolved.schema!.id : nil, attribute: resolved.attribute.name,
+            subAttribute: resolved.subAttribute?.name, definition: leaf, path: resolved.canonicalPath)
     }
 
     func describe(_ t: FilterToken) -> String {
@@ -442,8 +457,10 @@ struct FilterParser {
 extension Filter {
     /// Compiles the filter inside `attr[...]` of a PATCH path: its attribute
     /// names are sub-attributes of `scope`.
-    static func valueFilter(_ text: String, scope: ResolvedAttribute, registry: SchemaRegistry, type: ResourceType,
-                            profile: ClientProfile) throws(SCIMError) -> FilterNode {
+    static func valueFilter(
+        _ text: String, scope: ResolvedAttribute, registry: SchemaRegistry, type: ResourceType,
+        profile: ClientProfile
+    ) throws(SCIMError) -> FilterNode {
         var parser = FilterParser(text: text, registry: registry, type: type, profile: profile)
         guard !text.isEmpty else { throw .invalidPath("empty value filter in '\(scope.canonicalPath)[]'") }
         let node = try parser.parseOr(scope: scope)

@@ -159,7 +159,8 @@ extension JSONObject: ExpressibleByDictionaryLiteral {
 // Not ExpressibleByNilLiteral on purpose: in a `JSON?` context `nil` must
 // mean "no value", never silently become `.null`.
 extension JSON: ExpressibleByStringLiteral, ExpressibleByBooleanLiteral, ExpressibleByIntegerLiteral,
-                ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral {
+    ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral
+{
     public init(stringLiteral value: String) { self = .string(value) }
     public init(booleanLiteral value: Bool) { self = .bool(value) }
     public init(integerLiteral value: Int64) { self = .number(JSONNumber(integer: value)) }

@@ -16,26 +16,33 @@ public struct ListQuery: Sendable {
     var signature = ""
 
     /// Parses the query parameters. `maxResults` caps `count`.
-    public init(parameters: [String: String], registry: SchemaRegistry, type: ResourceType,
-                maxResults: Int = 1000, profile: ClientProfile = .lenient) throws(SCIMError) {
+    public init(
+        parameters: [String: String], registry: SchemaRegistry, type: ResourceType,
+        maxResults: Int = 1000, profile: ClientProfile = .lenient
+    ) throws(SCIMError) {
         var body = JSONObject()
         for (k, v) in parameters { body[k] = .string(v) }
         try self.init(body, fromQuery: true, registry: registry, type: type, maxResults: maxResults, profile: profile)
     }
 
     /// Parses a `/.search` body.
-    public init(searchBody: JSON, registry: SchemaRegistry, type: ResourceType, maxResults: Int = 1000,
-                profile: ClientProfile = .lenient) throws(SCIMError) {
+    public init(
+        searchBody: JSON, registry: SchemaRegistry, type: ResourceType, maxResults: Int = 1000,
+        profile: ClientProfile = .lenient
+    ) throws(SCIMError) {
         guard let o = searchBody.objectValue else { throw .invalidSyntax("the search request must be a JSON object") }
         guard let schemas = o["schemas"]?.arrayValue,
-              schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.searchRequest) } ?? false }) else {
+            schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.searchRequest) } ?? false })
+        else {
             throw .invalidSyntax("'schemas' must contain \(SchemaURN.searchRequest)")
         }
         try self.init(o, fromQuery: false, registry: registry, type: type, maxResults: maxResults, profile: profile)
     }
 
-    init(_ o: JSONObject, fromQuery: Bool, registry: SchemaRegistry, type: ResourceType, maxResults: Int,
-         profile: ClientProfile) throws(SCIMError) {
+    init(
+        _ o: JSONObject, fromQuery: Bool, registry: SchemaRegistry, type: ResourceType, maxResults: Int,
+        profile: ClientProfile
+    ) throws(SCIMError) {
         let known = ["schemas", "filter", "sortby", "sortorder", "startindex", "count", "cursor", "attributes", "excludedattributes"]
         for key in o.keys where !known.contains(key.asciiLowercased) {
             if !fromQuery { throw .invalidSyntax("unknown member '\(key)' in a search request") }
@@ -64,7 +71,8 @@ public struct ListQuery: Sendable {
         }
         if let s = try text("sortBy"), !s.isEmpty {
             guard let path = registry.parsePath(s, in: type), !path.attribute.isEmpty,
-                  let resolved = registry.resolve(path, in: type) else {
+                let resolved = registry.resolve(path, in: type)
+            else {
                 throw .invalidValue("sortBy: '\(s)' is not an attribute of resource type \(type.id)")
             }
             guard resolved.leaf.type != .complex || resolved.leaf.subAttribute("value") != nil else {
@@ -85,14 +93,17 @@ public struct ListQuery: Sendable {
             throw .invalidValue("use either 'cursor' or 'startIndex', not both (RFC 9865)")
         }
         if let c = cursor, let bad = c.utf8.first(where: { !isUnreserved($0) }) {
-            throw SCIMError(400, .invalidCursor, "cursor: character '\(Unicode.Scalar(bad))' is not allowed; a cursor is empty "
-                            + "(first page) or a nextCursor / previousCursor value (RFC 9865 §2)")
+            throw SCIMError(
+                400, .invalidCursor,
+                "cursor: character '\(Unicode.Scalar(bad))' is not allowed; a cursor is empty "
+                    + "(first page) or a nextCursor / previousCursor value (RFC 9865 §2)")
         }
         let filterText = try text("filter") ?? ""
         let sortText = (try text("sortBy") ?? "").asciiLowercased
         signature = "\(type.id)\u{0}\(filterText)\u{0}\(sortText)\u{0}\(sortOrder.rawValue)"
-        projection = try Projection(attributes: try names("attributes"), excluded: try names("excludedAttributes"),
-                                    registry: registry, type: type)
+        projection = try Projection(
+            attributes: try names("attributes"), excluded: try names("excludedAttributes"),
+            registry: registry, type: type)
     }
 
     /// Sorts `resources` by `sortBy` (stable; resources without a value go last).
@@ -127,8 +138,10 @@ public struct ListQuery: Sendable {
     /// order): sorted by `sortBy` when `sortable`, then cut by cursor or by
     /// index. Cursor positions need a total order, so with a cursor the
     /// matches go by `id` first and `sortBy` (stable) breaks nothing.
-    public func paginate<Element>(_ matches: [Element], sortable: Bool = true,
-                                  resource: (Element) -> JSONObject) throws(SCIMError) -> ListPage<Element> {
+    public func paginate<Element>(
+        _ matches: [Element], sortable: Bool = true,
+        resource: (Element) -> JSONObject
+    ) throws(SCIMError) -> ListPage<Element> {
         func id(_ e: Element) -> String { resource(e)["id"]?.stringValue ?? "" }
         let sortsBy = sortable && sortBy != nil
         var ordered = matches

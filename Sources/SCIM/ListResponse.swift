@@ -1,12 +1,15 @@
 /// The ListResponse of one page, its resources already rendered.
 public func makeListResponse<Element>(_ page: ListPage<Element>, render: (Element) throws -> JSON) rethrows -> JSON {
-    makeListResponse(resources: try page.items.map(render), totalResults: page.totalResults, startIndex: page.startIndex,
-                     nextCursor: page.nextCursor, previousCursor: page.previousCursor)
+    makeListResponse(
+        resources: try page.items.map(render), totalResults: page.totalResults, startIndex: page.startIndex,
+        nextCursor: page.nextCursor, previousCursor: page.previousCursor)
 }
 
 /// A ListResponse (RFC 7644 §3.4.2), with RFC 9865 cursors when given.
-public func makeListResponse(resources: [JSON], totalResults: Int, startIndex: Int?, nextCursor: String? = nil,
-                             previousCursor: String? = nil) -> JSON {
+public func makeListResponse(
+    resources: [JSON], totalResults: Int, startIndex: Int?, nextCursor: String? = nil,
+    previousCursor: String? = nil
+) -> JSON {
     var o: JSONObject = ["schemas": [.string(SchemaURN.listResponse)], "totalResults": .int(totalResults)]
     o["itemsPerPage"] = .int(resources.count)
     if let startIndex { o["startIndex"] = .int(startIndex) }

@@ -23,7 +23,8 @@ public struct PatchPath: Sendable {
             after = text[text.index(after: close)...]
         }
         guard let path = registry.parsePath(String(attrPart), in: type), !path.attribute.isEmpty,
-              let resolved = registry.resolve(path, in: type) else {
+            let resolved = registry.resolve(path, in: type)
+        else {
             throw .invalidPath("path '\(text)' does not name an attribute of resource type \(type.id)")
         }
         var sub = resolved.subAttribute
@@ -40,8 +41,9 @@ public struct PatchPath: Sendable {
                 sub = s
             }
         }
-        attribute = ResolvedAttribute(schema: resolved.schema, isExtension: resolved.isExtension,
-                                      attribute: resolved.attribute, subAttribute: nil)
+        attribute = ResolvedAttribute(
+            schema: resolved.schema, isExtension: resolved.isExtension,
+            attribute: resolved.attribute, subAttribute: nil)
         self.filter = filter
         self.subAttribute = sub
     }
@@ -66,14 +68,17 @@ public struct PatchRequest: Sendable {
     let type: ResourceType
     let profile: ClientProfile
 
-    public init(_ body: JSON, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile = .lenient,
-                maxOperations: Int = 1000) throws(SCIMError) {
+    public init(
+        _ body: JSON, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile = .lenient,
+        maxOperations: Int = 1000
+    ) throws(SCIMError) {
         self.registry = registry
         self.type = type
         self.profile = profile
         guard let o = body.objectValue else { throw .invalidSyntax("the PATCH body must be a JSON object") }
         guard let schemas = o["schemas"]?.arrayValue,
-              schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.patchOp) } ?? false }) else {
+            schemas.contains(where: { $0.stringValue.map { equalsIgnoringASCIICase($0, SchemaURN.patchOp) } ?? false })
+        else {
             throw .invalidSyntax("'schemas' must contain \(SchemaURN.patchOp)")
         }
         for key in o.keys where !["schemas", "operations"].contains(key.asciiLowercased) {
@@ -94,8 +99,10 @@ public struct PatchRequest: Sendable {
         operations = ops
     }
 
-    static func operation(_ item: JSON, registry: SchemaRegistry, type: ResourceType,
-                          profile: ClientProfile) throws(SCIMError) -> PatchOperation {
+    static func operation(
+        _ item: JSON, registry: SchemaRegistry, type: ResourceType,
+        profile: ClientProfile
+    ) throws(SCIMError) -> PatchOperation {
         guard let o = item.objectValue else { throw .invalidSyntax("an operation must be an object") }
         for key in o.keys where !["op", "path", "value"].contains(key.asciiLowercased) {
             throw .invalidSyntax("unknown member '\(key)'")
@@ -203,8 +210,10 @@ public struct PatchRequest: Sendable {
 
     /// Reads and writes the object that holds `path`'s attribute: the
     /// resource itself, or its extension object.
-    func withContainer(_ path: PatchPath, _ resource: inout JSONObject,
-                       _ body: (inout JSONObject) throws(SCIMError) -> Void) throws(SCIMError) {
+    func withContainer(
+        _ path: PatchPath, _ resource: inout JSONObject,
+        _ body: (inout JSONObject) throws(SCIMError) -> Void
+    ) throws(SCIMError) {
         guard path.attribute.isExtension, let urn = path.attribute.schema?.id else {
             try body(&resource)
             return
@@ -270,7 +279,8 @@ public struct PatchRequest: Sendable {
                     var items = c[name]?.arrayValue ?? []
                     for v in incoming where !items.contains(v) {
                         if let key = v["value"], let k = items.firstIndex(where: { $0["value"] == key }),
-                           var existing = items[k].objectValue, let fields = v.objectValue {
+                            var existing = items[k].objectValue, let fields = v.objectValue
+                        {
                             for (f, x) in fields { existing[f] = x.isNull ? nil : x }
                             items[k] = .object(existing)
                         } else {

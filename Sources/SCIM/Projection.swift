@@ -9,8 +9,10 @@ public struct Projection: Sendable {
     let registry: SchemaRegistry
     let type: ResourceType
 
-    public init(attributes: [String] = [], excluded: [String] = [], registry: SchemaRegistry,
-                type: ResourceType) throws(SCIMError) {
+    public init(
+        attributes: [String] = [], excluded: [String] = [], registry: SchemaRegistry,
+        type: ResourceType
+    ) throws(SCIMError) {
         self.registry = registry
         self.type = type
         func resolve(_ names: [String], _ param: String) throws(SCIMError) -> ([ResolvedAttribute], [String]) {
@@ -67,8 +69,10 @@ public struct Projection: Sendable {
                 if !kept.isEmpty { out[key] = .object(kept) }
                 continue
             }
-            guard let def = registry.schema(type.schema)?.attribute(key)
-                    ?? commonAttributes.first(where: { equalsIgnoringASCIICase($0.name, key) }) else { continue }
+            guard
+                let def = registry.schema(type.schema)?.attribute(key)
+                    ?? commonAttributes.first(where: { equalsIgnoringASCIICase($0.name, key) })
+            else { continue }
             if let v = project(value, def, schema: nil, isExtension: false, forceWhole: false) { out[key] = v }
         }
         return out
@@ -79,8 +83,10 @@ public struct Projection: Sendable {
             && (!isExtension || equalsIgnoringASCIICase(r.schema?.id ?? "", schema ?? ""))
     }
 
-    private func project(_ value: JSON, _ def: AttributeDefinition, schema: String?, isExtension: Bool,
-                         forceWhole: Bool) -> JSON? {
+    private func project(
+        _ value: JSON, _ def: AttributeDefinition, schema: String?, isExtension: Bool,
+        forceWhole: Bool
+    ) -> JSON? {
         switch def.returned {
         case .never: return nil
         case .always: return value
@@ -123,10 +129,11 @@ public struct Projection: Sendable {
         guard !subs.isEmpty else { return value }
         func drop(_ v: JSON) -> JSON? {
             guard let o = v.objectValue else { return v }
-            let kept = JSONObject(o.members.filter { m in
-                !subs.contains { equalsIgnoringASCIICase($0, m.key) }
-                    || def.subAttribute(m.key)?.returned == .always
-            })
+            let kept = JSONObject(
+                o.members.filter { m in
+                    !subs.contains { equalsIgnoringASCIICase($0, m.key) }
+                        || def.subAttribute(m.key)?.returned == .always
+                })
             return kept.isEmpty ? nil : .object(kept)
         }
         if let items = value.arrayValue {

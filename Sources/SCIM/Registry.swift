@@ -42,8 +42,9 @@ public struct SchemaRegistry: Sendable {
     public static let standard = SchemaRegistry(
         schemas: [userSchema, enterpriseUserSchema, groupSchema],
         resourceTypes: [
-            ResourceType(id: "User", endpoint: "/Users", description: "User Account", schema: SchemaURN.user,
-                         extensions: [.init(schema: SchemaURN.enterpriseUser, required: false)]),
+            ResourceType(
+                id: "User", endpoint: "/Users", description: "User Account", schema: SchemaURN.user,
+                extensions: [.init(schema: SchemaURN.enterpriseUser, required: false)]),
             ResourceType(id: "Group", endpoint: "/Groups", description: "Group", schema: SchemaURN.group, extensions: []),
         ])
 
@@ -96,10 +97,12 @@ public struct SchemaRegistry: Sendable {
         var urn: String?
         if text.utf8.count > 4, equalsIgnoringASCIICase(String(text.prefix(4)), "urn:") {
             let candidates = schemas(of: type).map(\.id)
-            guard let match = candidates.sorted(by: { $0.count > $1.count }).first(where: { id in
-                text.utf8.count > id.utf8.count + 1 && equalsIgnoringASCIICase(String(text.prefix(id.count)), id)
-                    && text.utf8[text.utf8.index(text.utf8.startIndex, offsetBy: id.utf8.count)] == UInt8(ascii: ":")
-            }) else {
+            guard
+                let match = candidates.sorted(by: { $0.count > $1.count }).first(where: { id in
+                    text.utf8.count > id.utf8.count + 1 && equalsIgnoringASCIICase(String(text.prefix(id.count)), id)
+                        && text.utf8[text.utf8.index(text.utf8.startIndex, offsetBy: id.utf8.count)] == UInt8(ascii: ":")
+                })
+            else {
                 // A bare extension URN (the whole extension object) is a path too.
                 if let whole = candidates.first(where: { equalsIgnoringASCIICase($0, text) }) {
                     return AttributePath(schema: whole, attribute: "")
@@ -197,13 +200,17 @@ public struct ServiceProviderFeatures: Sendable {
             "etag": ["supported": .bool(etag)],
             // Cursors are positions, not server-side state, so they never
             // expire: no cursorTimeout (RFC 9865 §4).
-            "pagination": ["cursor": .bool(cursorPagination), "index": true, "defaultPaginationMethod": "index",
-                           "defaultPageSize": .int(filterMaxResults), "maxPageSize": .int(filterMaxResults)],
-            "authenticationSchemes": [[
-                "type": "oauthbearertoken", "name": "OAuth Bearer Token", "primary": true,
-                "description": "Authentication with a bearer token (RFC 6750).",
-                "specUri": "https://www.rfc-editor.org/info/rfc6750",
-            ]],
+            "pagination": [
+                "cursor": .bool(cursorPagination), "index": true, "defaultPaginationMethod": "index",
+                "defaultPageSize": .int(filterMaxResults), "maxPageSize": .int(filterMaxResults),
+            ],
+            "authenticationSchemes": [
+                [
+                    "type": "oauthbearertoken", "name": "OAuth Bearer Token", "primary": true,
+                    "description": "Authentication with a bearer token (RFC 6750).",
+                    "specUri": "https://www.rfc-editor.org/info/rfc6750",
+                ]
+            ],
             "meta": ["resourceType": "ServiceProviderConfig", "location": "/ServiceProviderConfig"],
         ]
         if let documentationURI { o["documentationUri"] = .string(documentationURI) }

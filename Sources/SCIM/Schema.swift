@@ -36,11 +36,13 @@ public final class AttributeDefinition: Sendable {
     /// The required sub-attributes (usually none), for validation's hot path.
     let requiredSubAttributes: [AttributeDefinition]
 
-    public init(_ name: String, _ type: AttributeType = .string, multiValued: Bool = false, description: String = "",
-                required: Bool = false, caseExact: Bool = false, mutability: Mutability = .readWrite,
-                returned: Returned = .default, uniqueness: Uniqueness = .none, canonicalValues: [String] = [],
-                enforceCanonicalValues: Bool = false, referenceTypes: [String] = [],
-                subAttributes: [AttributeDefinition] = []) {
+    public init(
+        _ name: String, _ type: AttributeType = .string, multiValued: Bool = false, description: String = "",
+        required: Bool = false, caseExact: Bool = false, mutability: Mutability = .readWrite,
+        returned: Returned = .default, uniqueness: Uniqueness = .none, canonicalValues: [String] = [],
+        enforceCanonicalValues: Bool = false, referenceTypes: [String] = [],
+        subAttributes: [AttributeDefinition] = []
+    ) {
         self.name = name
         self.type = type
         self.multiValued = multiValued
@@ -125,10 +127,11 @@ public final class AttributeDefinition: Sendable {
                 subs.append(sub)
             }
         }
-        self.init(name, type, multiValued: try flag("multiValued"), description: try text("description", ""),
-                  required: try flag("required"), caseExact: try flag("caseExact"), mutability: mutability,
-                  returned: returned, uniqueness: uniqueness, canonicalValues: try strings("canonicalValues"),
-                  referenceTypes: try strings("referenceTypes"), subAttributes: subs)
+        self.init(
+            name, type, multiValued: try flag("multiValued"), description: try text("description", ""),
+            required: try flag("required"), caseExact: try flag("caseExact"), mutability: mutability,
+            returned: returned, uniqueness: uniqueness, canonicalValues: try strings("canonicalValues"),
+            referenceTypes: try strings("referenceTypes"), subAttributes: subs)
     }
 }
 
@@ -194,8 +197,9 @@ public final class Schema: Sendable {
             }
             attributes.append(def)
         }
-        self.init(id: id, name: o["name"]?.stringValue ?? id, description: o["description"]?.stringValue ?? "",
-                  attributes: attributes)
+        self.init(
+            id: id, name: o["name"]?.stringValue ?? id, description: o["description"]?.stringValue ?? "",
+            attributes: attributes)
     }
 }
 
@@ -236,107 +240,138 @@ public enum SchemaURN {
 
 // MARK: the standard definitions (RFC 7643 §4, §8.7.1)
 
-private func multi(_ name: String, _ description: String, value: AttributeDefinition? = nil,
-                   types: [String], enforceTypes: Bool = false, primary: Bool = true,
-                   mutability: Mutability = .readWrite) -> AttributeDefinition {
-    var subs = [value ?? AttributeDefinition("value", description: "The value.", mutability: mutability),
-                AttributeDefinition("display", description: "A human-readable name.", mutability: mutability),
-                AttributeDefinition("type", description: "A label indicating the attribute's function.",
-                                    mutability: mutability, canonicalValues: types, enforceCanonicalValues: enforceTypes)]
+private func multi(
+    _ name: String, _ description: String, value: AttributeDefinition? = nil,
+    types: [String], enforceTypes: Bool = false, primary: Bool = true,
+    mutability: Mutability = .readWrite
+) -> AttributeDefinition {
+    var subs = [
+        value ?? AttributeDefinition("value", description: "The value.", mutability: mutability),
+        AttributeDefinition("display", description: "A human-readable name.", mutability: mutability),
+        AttributeDefinition(
+            "type", description: "A label indicating the attribute's function.",
+            mutability: mutability, canonicalValues: types, enforceCanonicalValues: enforceTypes),
+    ]
     if primary {
         subs.append(AttributeDefinition("primary", .boolean, description: "The primary value, at most one.", mutability: mutability))
     }
-    return AttributeDefinition(name, .complex, multiValued: true, description: description, mutability: mutability,
-                               subAttributes: subs)
+    return AttributeDefinition(
+        name, .complex, multiValued: true, description: description, mutability: mutability,
+        subAttributes: subs)
 }
 
 /// `id`, `externalId` and `meta`: on every resource, outside any schema (RFC 7643 §3.1).
 /// `schemas` seen as an attribute, for filters (`schemas eq "urn:…"`).
-let schemasAttribute = AttributeDefinition("schemas", .reference, multiValued: true, mutability: .readOnly,
-                                           returned: .always, referenceTypes: ["uri"])
+let schemasAttribute = AttributeDefinition(
+    "schemas", .reference, multiValued: true, mutability: .readOnly,
+    returned: .always, referenceTypes: ["uri"])
 
 public let commonAttributes: [AttributeDefinition] = [
-    AttributeDefinition("id", description: "Identifier assigned by the service provider.", caseExact: true,
-                        mutability: .readOnly, returned: .always, uniqueness: .server),
+    AttributeDefinition(
+        "id", description: "Identifier assigned by the service provider.", caseExact: true,
+        mutability: .readOnly, returned: .always, uniqueness: .server),
     AttributeDefinition("externalId", description: "Identifier assigned by the provisioning client.", caseExact: true),
-    AttributeDefinition("meta", .complex, description: "Resource metadata.", mutability: .readOnly, subAttributes: [
-        AttributeDefinition("resourceType", caseExact: true, mutability: .readOnly),
-        AttributeDefinition("created", .dateTime, mutability: .readOnly),
-        AttributeDefinition("lastModified", .dateTime, mutability: .readOnly),
-        AttributeDefinition("location", .reference, caseExact: true, mutability: .readOnly, referenceTypes: ["uri"]),
-        AttributeDefinition("version", caseExact: true, mutability: .readOnly),
-    ]),
+    AttributeDefinition(
+        "meta", .complex, description: "Resource metadata.", mutability: .readOnly,
+        subAttributes: [
+            AttributeDefinition("resourceType", caseExact: true, mutability: .readOnly),
+            AttributeDefinition("created", .dateTime, mutability: .readOnly),
+            AttributeDefinition("lastModified", .dateTime, mutability: .readOnly),
+            AttributeDefinition("location", .reference, caseExact: true, mutability: .readOnly, referenceTypes: ["uri"]),
+            AttributeDefinition("version", caseExact: true, mutability: .readOnly),
+        ]),
 ]
 
-public let userSchema = Schema(id: SchemaURN.user, name: "User", description: "User Account", attributes: [
-    AttributeDefinition("userName", description: "Unique identifier for the User, used to authenticate.",
-                        required: true, uniqueness: .server),
-    AttributeDefinition("name", .complex, description: "The components of the user's real name.", subAttributes: [
-        AttributeDefinition("formatted"), AttributeDefinition("familyName"), AttributeDefinition("givenName"),
-        AttributeDefinition("middleName"), AttributeDefinition("honorificPrefix"), AttributeDefinition("honorificSuffix"),
-    ]),
-    AttributeDefinition("displayName", description: "The name of the User, suitable for display."),
-    AttributeDefinition("nickName"),
-    AttributeDefinition("profileUrl", .reference, referenceTypes: ["external"]),
-    AttributeDefinition("title"),
-    AttributeDefinition("userType", description: "Relationship to the organisation, e.g. Employee, Contractor."),
-    AttributeDefinition("preferredLanguage"),
-    AttributeDefinition("locale"),
-    AttributeDefinition("timezone"),
-    AttributeDefinition("active", .boolean, description: "The User's administrative status."),
-    AttributeDefinition("password", description: "The User's cleartext password.", mutability: .writeOnly, returned: .never),
-    multi("emails", "Email addresses.", types: ["work", "home", "other"]),
-    multi("phoneNumbers", "Phone numbers.", types: ["work", "home", "mobile", "fax", "pager", "other"]),
-    multi("ims", "Instant messaging addresses.", types: ["aim", "gtalk", "icq", "xmpp", "msn", "skype", "qq", "yahoo"]),
-    multi("photos", "URLs of images of the User.",
-          value: AttributeDefinition("value", .reference, referenceTypes: ["external"]), types: ["photo", "thumbnail"]),
-    AttributeDefinition("addresses", .complex, multiValued: true, description: "Physical mailing addresses.", subAttributes: [
-        AttributeDefinition("formatted"), AttributeDefinition("streetAddress"), AttributeDefinition("locality"),
-        AttributeDefinition("region"), AttributeDefinition("postalCode"), AttributeDefinition("country"),
-        AttributeDefinition("type", canonicalValues: ["work", "home", "other"]),
-        AttributeDefinition("primary", .boolean),
-    ]),
-    AttributeDefinition("groups", .complex, multiValued: true, description: "Groups the user belongs to.",
-                        mutability: .readOnly, subAttributes: [
-        AttributeDefinition("value", mutability: .readOnly),
-        AttributeDefinition("$ref", .reference, mutability: .readOnly, referenceTypes: ["User", "Group"]),
-        AttributeDefinition("display", mutability: .readOnly),
-        AttributeDefinition("type", mutability: .readOnly, canonicalValues: ["direct", "indirect"], enforceCanonicalValues: true),
-    ]),
-    multi("entitlements", "Entitlements.", types: []),
-    multi("roles", "Roles.", types: []),
-    multi("x509Certificates", "DER-encoded X.509 certificates.",
-          value: AttributeDefinition("value", .binary), types: []),
-])
+public let userSchema = Schema(
+    id: SchemaURN.user, name: "User", description: "User Account",
+    attributes: [
+        AttributeDefinition(
+            "userName", description: "Unique identifier for the User, used to authenticate.",
+            required: true, uniqueness: .server),
+        AttributeDefinition(
+            "name", .complex, description: "The components of the user's real name.",
+            subAttributes: [
+                AttributeDefinition("formatted"), AttributeDefinition("familyName"), AttributeDefinition("givenName"),
+                AttributeDefinition("middleName"), AttributeDefinition("honorificPrefix"), AttributeDefinition("honorificSuffix"),
+            ]),
+        AttributeDefinition("displayName", description: "The name of the User, suitable for display."),
+        AttributeDefinition("nickName"),
+        AttributeDefinition("profileUrl", .reference, referenceTypes: ["external"]),
+        AttributeDefinition("title"),
+        AttributeDefinition("userType", description: "Relationship to the organisation, e.g. Employee, Contractor."),
+        AttributeDefinition("preferredLanguage"),
+        AttributeDefinition("locale"),
+        AttributeDefinition("timezone"),
+        AttributeDefinition("active", .boolean, description: "The User's administrative status."),
+        AttributeDefinition("password", description: "The User's cleartext password.", mutability: .writeOnly, returned: .never),
+        multi("emails", "Email addresses.", types: ["work", "home", "other"]),
+        multi("phoneNumbers", "Phone numbers.", types: ["work", "home", "mobile", "fax", "pager", "other"]),
+        multi("ims", "Instant messaging addresses.", types: ["aim", "gtalk", "icq", "xmpp", "msn", "skype", "qq", "yahoo"]),
+        multi(
+            "photos", "URLs of images of the User.",
+            value: AttributeDefinition("value", .reference, referenceTypes: ["external"]), types: ["photo", "thumbnail"]),
+        AttributeDefinition(
+            "addresses", .complex, multiValued: true, description: "Physical mailing addresses.",
+            subAttributes: [
+                AttributeDefinition("formatted"), AttributeDefinition("streetAddress"), AttributeDefinition("locality"),
+                AttributeDefinition("region"), AttributeDefinition("postalCode"), AttributeDefinition("country"),
+                AttributeDefinition("type", canonicalValues: ["work", "home", "other"]),
+                AttributeDefinition("primary", .boolean),
+            ]),
+        AttributeDefinition(
+            "groups", .complex, multiValued: true, description: "Groups the user belongs to.",
+            mutability: .readOnly,
+            subAttributes: [
+                AttributeDefinition("value", mutability: .readOnly),
+                AttributeDefinition("$ref", .reference, mutability: .readOnly, referenceTypes: ["User", "Group"]),
+                AttributeDefinition("display", mutability: .readOnly),
+                AttributeDefinition("type", mutability: .readOnly, canonicalValues: ["direct", "indirect"], enforceCanonicalValues: true),
+            ]),
+        multi("entitlements", "Entitlements.", types: []),
+        multi("roles", "Roles.", types: []),
+        multi(
+            "x509Certificates", "DER-encoded X.509 certificates.",
+            value: AttributeDefinition("value", .binary), types: []),
+    ])
 
-public let groupSchema = Schema(id: SchemaURN.group, name: "Group", description: "Group", attributes: [
-    // RFC 7643 §4.2 calls displayName REQUIRED (the §8.7.1 listing disagrees; we follow §4.2).
-    AttributeDefinition("displayName", description: "A human-readable name for the Group.", required: true),
-    AttributeDefinition("members", .complex, multiValued: true, description: "A list of members of the Group.", subAttributes: [
-        AttributeDefinition("value", caseExact: true, mutability: .immutable, description: "Identifier of the member."),
-        AttributeDefinition("$ref", .reference, mutability: .immutable, referenceTypes: ["User", "Group"]),
-        AttributeDefinition("display", mutability: .readOnly),
-        AttributeDefinition("type", mutability: .immutable, canonicalValues: ["User", "Group"], enforceCanonicalValues: true),
-    ]),
-])
+public let groupSchema = Schema(
+    id: SchemaURN.group, name: "Group", description: "Group",
+    attributes: [
+        // RFC 7643 §4.2 calls displayName REQUIRED (the §8.7.1 listing disagrees; we follow §4.2).
+        AttributeDefinition("displayName", description: "A human-readable name for the Group.", required: true),
+        AttributeDefinition(
+            "members", .complex, multiValued: true, description: "A list of members of the Group.",
+            subAttributes: [
+                AttributeDefinition("value", caseExact: true, mutability: .immutable, description: "Identifier of the member."),
+                AttributeDefinition("$ref", .reference, mutability: .immutable, referenceTypes: ["User", "Group"]),
+                AttributeDefinition("display", mutability: .readOnly),
+                AttributeDefinition("type", mutability: .immutable, canonicalValues: ["User", "Group"], enforceCanonicalValues: true),
+            ]),
+    ])
 
-public let enterpriseUserSchema = Schema(id: SchemaURN.enterpriseUser, name: "EnterpriseUser",
-                                         description: "Enterprise User", attributes: [
-    AttributeDefinition("employeeNumber"),
-    AttributeDefinition("costCenter"),
-    AttributeDefinition("organization"),
-    AttributeDefinition("division"),
-    AttributeDefinition("department"),
-    AttributeDefinition("manager", .complex, description: "The User's manager.", subAttributes: [
-        AttributeDefinition("value", caseExact: true, description: "The id of the manager."),
-        AttributeDefinition("$ref", .reference, referenceTypes: ["User"]),
-        AttributeDefinition("displayName", mutability: .readOnly),
-    ]),
-])
+public let enterpriseUserSchema = Schema(
+    id: SchemaURN.enterpriseUser, name: "EnterpriseUser",
+    description: "Enterprise User",
+    attributes: [
+        AttributeDefinition("employeeNumber"),
+        AttributeDefinition("costCenter"),
+        AttributeDefinition("organization"),
+        AttributeDefinition("division"),
+        AttributeDefinition("department"),
+        AttributeDefinition(
+            "manager", .complex, description: "The User's manager.",
+            subAttributes: [
+                AttributeDefinition("value", caseExact: true, description: "The id of the manager."),
+                AttributeDefinition("$ref", .reference, referenceTypes: ["User"]),
+                AttributeDefinition("displayName", mutability: .readOnly),
+            ]),
+    ])
 
 extension AttributeDefinition {
-    convenience init(_ name: String, _ type: AttributeType = .string, caseExact: Bool = false, mutability: Mutability = .readWrite,
-                     description: String) {
+    convenience init(
+        _ name: String, _ type: AttributeType = .string, caseExact: Bool = false, mutability: Mutability = .readWrite,
+        description: String
+    ) {
         self.init(name, type, description: description, caseExact: caseExact, mutability: mutability)
     }
 }

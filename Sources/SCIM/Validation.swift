@@ -95,7 +95,9 @@ public struct ResourceValidator: Sendable {
                         throw .invalidSyntax("unknown attribute '\(k2)' in \(ext.id)")
                     }
                     var changed = false
-                    if let v = try check(v2, def, &changed, path: ValuePath(schema: ext, attribute: def)) { extOut.appendUnique(def.name, v) }
+                    if let v = try check(v2, def, &changed, path: ValuePath(schema: ext, attribute: def)) {
+                        extOut.appendUnique(def.name, v)
+                    }
                 }
                 if !extOut.isEmpty { out.appendUnique(ext.id, .object(extOut)) }
                 continue
@@ -122,8 +124,10 @@ public struct ResourceValidator: Sendable {
     /// or read-only input that is ignored).
     /// `path` becomes text only when an error needs it. `changed` is set when the
     /// result differs from `value` (so callers need no deep comparison).
-    func check(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
-               path: ValuePath) throws(SCIMError) -> JSON? {
+    func check(
+        _ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
+        path: ValuePath
+    ) throws(SCIMError) -> JSON? {
         if def.mutability == .readOnly { changed = true; return nil }  // RFC 7643 §2.2: ignored on input
         if value.isNull { changed = true; return nil }
         if def.multiValued {
@@ -165,8 +169,10 @@ public struct ResourceValidator: Sendable {
         return try checkSingle(value, def, &changed, path: path)
     }
 
-    func checkSingle(_ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
-                     path: ValuePath) throws(SCIMError) -> JSON? {
+    func checkSingle(
+        _ value: JSON, _ def: AttributeDefinition, _ changed: inout Bool,
+        path: ValuePath
+    ) throws(SCIMError) -> JSON? {
         func wrong() -> SCIMError {
             .invalidValue("'\(path.text)' must be \(article(def.type)) \(def.type.rawValue), got \(value.typeName)")
         }
@@ -272,7 +278,8 @@ public struct ResourceValidator: Sendable {
                         new[def.name] = before
                     }
                 } else if def.type == .complex, !def.multiValued, var inner = new[def.name]?.objectValue,
-                          let oldInner = before.objectValue {
+                    let oldInner = before.objectValue
+                {
                     try visit(def.subAttributes, &inner, oldInner, "\(prefix)\(def.name).")
                     new[def.name] = .object(inner)
                 }

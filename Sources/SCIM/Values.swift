@@ -29,7 +29,8 @@ public struct DateTimeValue: Sendable, Comparable, Equatable {
             return true
         }
         guard let year = digits(4), expect("-"), let month = digits(2), expect("-"), let day = digits(2),
-              i < b.count, b[i] == UInt8(ascii: "T") || b[i] == UInt8(ascii: "t") else { return nil }
+            i < b.count, b[i] == UInt8(ascii: "T") || b[i] == UInt8(ascii: "t")
+        else { return nil }
         i += 1
         guard let hour = digits(2), expect(":"), let minute = digits(2), expect(":"), let second = digits(2) else { return nil }
         var nanos = 0
@@ -58,7 +59,7 @@ public struct DateTimeValue: Sendable, Comparable, Equatable {
             }
         }
         guard i == b.count, (1...12).contains(month), day >= 1, day <= daysIn(month, year),
-              hour < 24 || (hour == 24 && minute == 0 && second == 0 && nanos == 0), minute < 60, second < 60
+            hour < 24 || (hour == 24 && minute == 0 && second == 0 && nanos == 0), minute < 60, second < 60
         else { return nil }
         let days = daysFromCivil(year, month, day)
         secondsSinceEpoch = Int64(days) * 86400 + Int64(hour * 3600 + minute * 60 + second - offset)
@@ -124,5 +125,6 @@ public func formatDateTime(secondsSinceEpoch: Int64, milliseconds: Int = 0) -> S
         let s = String(v)
         return String(repeating: "0", count: max(0, n - s.count)) + s
     }
-    return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(secs / 3600, 2)):\(pad(secs / 60 % 60, 2)):\(pad(secs % 60, 2)).\(pad(milliseconds, 3))Z"
+    return
+        "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(secs / 3600, 2)):\(pad(secs / 60 % 60, 2)):\(pad(secs % 60, 2)).\(pad(milliseconds, 3))Z"
 }

@@ -1,9 +1,9 @@
-// Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
-// HTTP server to compare with nginx. Not installed by the packages.
-import EdgeLog
 import EdgeAgent
 import EdgeConfig
 import EdgeHTTP
+// Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
+// HTTP server to compare with nginx. Not installed by the packages.
+import EdgeLog
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -92,14 +92,18 @@ func httpServe(port: Int, cert: String?, key: String?) throws {
     let loop = try EventLoop()
     var tls: ReloadableTLSContext?
     if let cert, let key {
-        tls = try ReloadableTLSContext(role: .server, configuration: TLSConfiguration(
-            certificateChainFile: cert, privateKeyFile: key, verifyPeer: false))
+        tls = try ReloadableTLSContext(
+            role: .server,
+            configuration: TLSConfiguration(
+                certificateChainFile: cert, privateKeyFile: key, verifyPeer: false))
     }
     var limits = HTTPServerLimits()
     limits.maxConnections = 10_000
     let body = Array("ok\n".utf8)
-    let server = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: tls,
-                                limits: limits) { request, _, responder in
+    let server = try HTTPServer(
+        loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: tls,
+        limits: limits
+    ) { request, _, responder in
         if request.path == "/slow" {
             let timer = try! LoopTimer(loop: loop)
             timer.start(after: 300) {
@@ -111,15 +115,18 @@ func httpServe(port: Int, cert: String?, key: String?) throws {
         responder.respond(HTTPResponse(status: 200, headers: ["Content-Type": "text/plain"], body: body))
     }
     var signals: ServiceSignals?
-    signals = try ServiceSignals(loop: loop, onDrain: {
-        emit("draining")
-        server.shutdown {
-            signals?.close()
-            emit("drained")
-        }
-    }, onReload: {
-        do { try tls?.reload(); emit("reloaded") } catch { emit("reload failed: \(error)") }
-    })
+    signals = try ServiceSignals(
+        loop: loop,
+        onDrain: {
+            emit("draining")
+            server.shutdown {
+                signals?.close()
+                emit("drained")
+            }
+        },
+        onReload: {
+            do { try tls?.reload(); emit("reloaded") } catch { emit("reload failed: \(error)") }
+        })
     emit("listening \(server.port)")
     loop.run()
     let left = loop.close()
@@ -176,17 +183,22 @@ do {
         // Appends N create events of distinct users to an agent's outbox (agent stopped).
         guard args.count >= 3, let n = Int(args[2]) else { fail("usage: edge-fixture fill-outbox DIR N") }
         let store = try AgentStore(path: args[1], registry: .standard)
-        for chunk in stride(from: 1, through: n, by: 50_000) { try store.environment.write { txn in
-            for k in chunk...min(n, chunk + 49_999) {
-                let user: JSONObject = ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
-                                        "userName": .string("user\(k)@example.com"), "active": true,
-                                        "name": ["givenName": "Bench", "familyName": .string("User \(k)")],
-                                        "meta": ["resourceType": "User", "version": "W/\"1\""]]
-                try store.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Users/u\(k)",
-                                                data: user, WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "f\(k)", traceID: "fill"),
-                                                in: txn)
+        for chunk in stride(from: 1, through: n, by: 50_000) {
+            try store.environment.write { txn in
+                for k in chunk...min(n, chunk + 49_999) {
+                    let user: JSONObject = [
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
+                        "userName": .string("user\(k)@example.com"), "active": true,
+                        "name": ["givenName": "Bench", "familyName": .string("User \(k)")],
+                        "meta": ["resourceType": "User", "version": "W/\"1\""],
+                    ]
+                    try store.appendEventForTesting(
+                        uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Users/u\(k)",
+                        data: user, WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "f\(k)", traceID: "fill"),
+                        in: txn)
+                }
             }
-        } }
+        }
         emit("filled \(n)")
     case "scim-loop":
         // Profiling aid: parse + validate + serialise a JSON file N times (perf record this).

@@ -27,7 +27,10 @@ struct Serve: ParsableCommand {
     @Option(help: "The broker's certificate chain (PEM).") var cert: String?
     @Option(help: "The broker's private key (PEM).") var key: String?
     @Option(help: "Certificate revocation list of the federation CA (PEM).") var crl: String?
-    @Option(help: "NAME=CERT-IDENTITY: agents whose certificate carries this identity (SAN URI, DNS name or CN) write into domain NAME (repeatable).")
+    @Option(
+        help:
+            "NAME=CERT-IDENTITY: agents whose certificate carries this identity (SAN URI, DNS name or CN) write into domain NAME (repeatable)."
+    )
     var domain: [String] = []
     @Option(help: "SCIM read API over the federated directory at http://HOST:PORT/scim/v2 (keep it on loopback or behind TLS).")
     var apiListen: String?
@@ -39,7 +42,10 @@ struct Serve: ParsableCommand {
     var adminListen: String?
     @Option(help: "Backpressure: agents get 503 + Retry-After while this many batches wait to be applied (default 256).")
     var maxPendingBatches: Int?
-    @Option(help: "NAME=URL: a downstream SCIM target receiving every domain's users and groups (repeatable; routes, mapping and limits need the config file).")
+    @Option(
+        help:
+            "NAME=URL: a downstream SCIM target receiving every domain's users and groups (repeatable; routes, mapping and limits need the config file)."
+    )
     var target: [String] = []
     @Option(help: "NAME=TOKEN: the bearer token for target NAME (repeatable).")
     var targetToken: [String] = []
@@ -49,9 +55,13 @@ struct Serve: ParsableCommand {
         if let file = self.config {
             config = try BrokerConfiguration.load(file: file)
         } else {
-            guard let dataDir, let ca, let cert, let key else { throw ValidationError("give --config FILE, or --data-dir, --ca, --cert and --key") }
-            config = BrokerConfiguration(dataDirectory: dataDir, tls: TLSConfiguration(
-                certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
+            guard let dataDir, let ca, let cert, let key else {
+                throw ValidationError("give --config FILE, or --data-dir, --ca, --cert and --key")
+            }
+            config = BrokerConfiguration(
+                dataDirectory: dataDir,
+                tls: TLSConfiguration(
+                    certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
             config.adminListen = SocketAddress(host: "127.0.0.1", port: 9190)
         }
         if let dataDir { config.dataDirectory = dataDir }
@@ -71,7 +81,9 @@ struct Serve: ParsableCommand {
         }
         if let maxPendingBatches { config.maxPendingBatches = maxPendingBatches }
         if let adminListen {
-            if adminListen == "none" { config.adminListen = nil } else {
+            if adminListen == "none" {
+                config.adminListen = nil
+            } else {
                 guard let a = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
                 config.adminListen = a
             }
@@ -113,8 +125,10 @@ struct CheckConfig: ParsableCommand {
             the file) are printed too but do not fail the check. Exit status 1 when there is an error.
             """)
     @Argument(help: "The YAML file.") var file = "/etc/scim-broker/broker.yaml"
-    @Option(help: ArgumentHelp("Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
-                               valueName: "NAME"))
+    @Option(
+        help: ArgumentHelp(
+            "Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
+            valueName: "NAME"))
     var asUser: String?
 
     func run() throws {
@@ -132,14 +146,17 @@ struct CheckConfig: ParsableCommand {
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Per domain, agent and store epoch: the applied sequence; resources per domain.")
+    static let configuration = CommandConfiguration(
+        abstract: "Per domain, agent and store epoch: the applied sequence; resources per domain.")
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String
 
     func run() throws {
         let store = try BrokerStore(path: dataDir)
         for a in try store.agentSequences() {
             let epoch = a.agent.epoch.isEmpty ? "-" : a.agent.epoch
-            emitLine("\(a.domain)/\(a.agent.identity)\tepoch \(epoch)\tapplied through \(a.sequence)\t\(try store.resourceCount(domain: a.domain)) resources in \(a.domain)")
+            emitLine(
+                "\(a.domain)/\(a.agent.identity)\tepoch \(epoch)\tapplied through \(a.sequence)\t\(try store.resourceCount(domain: a.domain)) resources in \(a.domain)"
+            )
         }
     }
 }
@@ -235,7 +252,8 @@ struct Targets: ParsableCommand {
 }
 
 struct TargetStatus: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Per target: state, queue, dead letters, deletion guard.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Per target: state, queue, dead letters, deletion guard.")
     @OptionGroup var options: StoreOptions
     @Flag(help: "One JSON document per line.") var json = false
 
@@ -253,17 +271,19 @@ struct TargetStatus: ParsableCommand {
             status["deadLetters"] = .int(letters.filter { $0.target == name }.count)
             status["deletesPaused"] = .bool(try store.deletionGuard(target: name).pausedSince != nil)
             if json { emitLine(JSON.object(status).serializedString); continue }
-            let caps = status["capabilities"]?.objectValue.map { c in
-                c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
-            } ?? "-"
-            emitLine("\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
-                + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
-                + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
-                + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
-                + (status["linked"]?.numberValue.map { "\tlinked \($0.description)" } ?? "")
-                + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
-                + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
-                + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))
+            let caps =
+                status["capabilities"]?.objectValue.map { c in
+                    c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
+                } ?? "-"
+            emitLine(
+                "\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
+                    + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
+                    + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
+                    + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
+                    + (status["linked"]?.numberValue.map { "\tlinked \($0.description)" } ?? "")
+                    + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
+                    + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
+                    + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))
         }
     }
 }
@@ -303,8 +323,9 @@ struct Held: ParsableCommand {
             emitLine("\(name): the deletion guard holds nothing (removals flow)")
             return
         }
-        emitLine("\(name): \(held.count) removal\(held.count == 1 ? "" : "s") held by the deletion guard since \(formatTime(pausedSince))"
-                 + " (targets confirm-deletes \(name) sends them, targets reject-deletes \(name) [SEQ…] drops them)")
+        emitLine(
+            "\(name): \(held.count) removal\(held.count == 1 ? "" : "s") held by the deletion guard since \(formatTime(pausedSince))"
+                + " (targets confirm-deletes \(name) sends them, targets reject-deletes \(name) [SEQ…] drops them)")
         for h in held { emitLine(describe(h)) }
     }
 }
@@ -330,7 +351,9 @@ struct RejectDeletes: ParsableCommand {
     func run() throws {
         var seqs: [UInt64] = []
         for s in seq {
-            guard let n = UInt64(s.hasPrefix("#") ? String(s.dropFirst()) : s) else { throw ValidationError("\(s) is not a queue sequence (#N)") }
+            guard let n = UInt64(s.hasPrefix("#") ? String(s.dropFirst()) : s) else {
+                throw ValidationError("\(s) is not a queue sequence (#N)")
+            }
             seqs.append(n)
         }
         let (store, _) = try options.open(target: name)
@@ -340,8 +363,10 @@ struct RejectDeletes: ParsableCommand {
             return
         }
         for h in result.rejected { emitLine("rejected \(describe(h))") }
-        emitLine("\(name): \(result.rejected.count) held removal\(result.rejected.count == 1 ? "" : "s") rejected; "
-                 + (result.resumed ? "nothing held any more: removals resume (the guard counts again from now)"
+        emitLine(
+            "\(name): \(result.rejected.count) held removal\(result.rejected.count == 1 ? "" : "s") rejected; "
+                + (result.resumed
+                    ? "nothing held any more: removals resume (the guard counts again from now)"
                     : "\(result.stillHeld) still held (confirm-deletes or reject-deletes)"))
     }
 }
@@ -368,8 +393,9 @@ struct Forget: ParsableCommand {
             throw UnknownTarget(name: name, known: stored, configured: false, forgetting: true)
         }
         let gone = try store.forgetTarget(name)
-        emitLine("\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
-                 + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
+        emitLine(
+            "\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
+                + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
     }
 }
 
@@ -389,9 +415,10 @@ struct Reconcile: ParsableCommand {
         }
         let report = try EdgeBroker.reconcile(store: store, target: target, apply: apply)
         if json { emitLine(report.json.serializedString); return }
-        emitLine("\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
-                 + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
-                 + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : ""))
+        emitLine(
+            "\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
+                + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
+                + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : ""))
         for id in report.missing { emitLine("missing\t\(id)") }
         for d in report.drifted { emitLine("drifted\t\(d.brokerID)\t\(d.attributes.joined(separator: ","))") }
         for s in report.strays { emitLine("stray\t\(s.targetID)\t(broker id \(s.brokerID))") }
@@ -415,9 +442,11 @@ struct DeadLetterList: ParsableCommand {
         let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
         for (target, letter) in try store.deadLetters(target: only) {
             if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
-            emitLine("\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
-                     + "\t\(letter["method"]?.stringValue ?? "") \(letter["path"]?.stringValue ?? "") → \(letter["status"]?.numberValue?.description ?? "")"
-                     + "\t\(letter["type"]?.stringValue ?? "") \(letter["id"]?.stringValue ?? "")\ttrace \(letter["trace"]?.stringValue ?? "-")")
+            emitLine(
+                "\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
+                    + "\t\(letter["method"]?.stringValue ?? "") \(letter["path"]?.stringValue ?? "") → \(letter["status"]?.numberValue?.description ?? "")"
+                    + "\t\(letter["type"]?.stringValue ?? "") \(letter["id"]?.stringValue ?? "")\ttrace \(letter["trace"]?.stringValue ?? "-")"
+            )
             emitLine("  request:  \(letter["request"]?.stringValue ?? "")")
             emitLine("  response: \(letter["response"]?.stringValue ?? "")")
         }
@@ -464,14 +493,17 @@ struct Trace: ParsableCommand {
             if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
             var hop = hop
             if let since = hop["heldSince"]?.numberValue?.integer, let target = hop["target"]?.stringValue {
-                hop["detail"] = .string("held by the deletion guard of target \(target) since \(formatTime(since))"
-                                        + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
+                hop["detail"] = .string(
+                    "held by the deletion guard of target \(target) since \(formatTime(since))"
+                        + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
             }
             var detail: [String] = []
             for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
                 if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
             }
-            emitLine("\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))")
+            emitLine(
+                "\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))"
+            )
         }
     }
 }
@@ -486,7 +518,6 @@ extension JSONObject {
 
 /// One line to standard output, unbuffered (`writeLine`).
 func emitLine(_ line: String) { writeLine(line) }
-
 
 extension JSON {
     var serializedString: String { String(decoding: serialized(), as: UTF8.self) }

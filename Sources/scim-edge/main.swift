@@ -1,11 +1,11 @@
-import EdgeLog
 import ArgumentParser
 import EdgeAgent
 import EdgeConfig
+import EdgeHTTP
+import EdgeLog
 import EdgeLoop
 import EdgeTLS
 import EdgeTools
-import EdgeHTTP
 import Glibc
 import Logging
 import SCIM
@@ -17,7 +17,10 @@ struct ScimEdge: ParsableCommand {
         commandName: "scim-edge",
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self, BenchCommand.self, SandboxCommand.self])
+        subcommands: [
+            Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
+            BenchCommand.self, SandboxCommand.self,
+        ])
 }
 
 struct Serve: ParsableCommand {
@@ -95,7 +98,9 @@ struct Serve: ParsableCommand {
         if let dataDir { configuration.dataDirectory = dataDir }
         if config == nil || workers != nil {
             let text = workers ?? "auto"
-            guard let n = servingLoopCount(text) else { throw ValidationError("--workers must be auto or a number from 1 to 64, got '\(text)'") }
+            guard let n = servingLoopCount(text) else {
+                throw ValidationError("--workers must be auto or a number from 1 to 64, got '\(text)'")
+            }
             configuration.servingLoops = n
         }
         if let listen {
@@ -111,7 +116,9 @@ struct Serve: ParsableCommand {
             if adminListen == "none" {
                 configuration.adminListen = nil
             } else {
-                guard let admin = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
+                guard let admin = SocketAddress(adminListen) else {
+                    throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT")
+                }
                 configuration.adminListen = admin
             }
         }
@@ -122,8 +129,10 @@ struct Serve: ParsableCommand {
             guard let ca, let cert, let key, let domain else {
                 throw ValidationError("--broker needs --ca, --cert, --key and --domain")
             }
-            configuration.relay = RelayConfiguration(broker: address, brokerName: name, tls: TLSConfiguration(
-                certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca), domain: domain, agentName: agentName)
+            configuration.relay = RelayConfiguration(
+                broker: address, brokerName: name,
+                tls: TLSConfiguration(
+                    certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca), domain: domain, agentName: agentName)
             configuration.endpoint.recordOutbox = true
         }
         switch (tlsCert, tlsKey) {
@@ -145,7 +154,9 @@ struct Serve: ParsableCommand {
             _ = loop.close()
             throw error
         }
-        emit("scim-edge \(version) listening on \(agent.server.address) (SCIM at \(configuration.tls == nil ? "http" : "https")://\(agent.server.address)/scim/v2)")
+        emit(
+            "scim-edge \(version) listening on \(agent.server.address) (SCIM at \(configuration.tls == nil ? "http" : "https")://\(agent.server.address)/scim/v2)"
+        )
         if let admin = agent.adminServer { emit("operations at http://\(admin.address)/metrics") }
         loop.run()
         let left = loop.close()
@@ -164,8 +175,10 @@ struct CheckConfig: ParsableCommand {
             Warnings are printed too but do not fail the check. Exit status 1 when there is an error.
             """)
     @Argument(help: "The YAML file.") var file = "/etc/scim-edge/agent.yaml"
-    @Option(help: ArgumentHelp("Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
-                               valueName: "NAME"))
+    @Option(
+        help: ArgumentHelp(
+            "Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
+            valueName: "NAME"))
     var asUser: String?
 
     func run() throws {
@@ -259,14 +272,17 @@ struct BenchCommand: ParsableCommand {
         let tty = isatty(2) == 1
         if !quiet {
             options.progress = { p in
-                let line = "\(fixed1(p.elapsed)) s  \(p.completed) requests  \(p.errors) errors  p99 \(fixed1(Double(p.recentP99Micros) / 1000)) ms (last second)"
+                let line =
+                    "\(fixed1(p.elapsed)) s  \(p.completed) requests  \(p.errors) errors  p99 \(fixed1(Double(p.recentP99Micros) / 1000)) ms (last second)"
                 writeStderr(tty ? "\r\u{1B}[K" + line : line + "\n")
             }
         }
         let loop = try EventLoop()
         var result: BenchReport?
         let bench = try Bench(loop: loop, options: options)
-        bench.run { result = $0; loop.stop() }
+        bench.run {
+            result = $0; loop.stop()
+        }
         loop.run()
         if tty && !quiet { writeStderr("\r\u{1B}[K") }
         guard var report = result else { throw ValidationError("the run did not finish") }
@@ -292,8 +308,10 @@ func readPropagation(_ url: String, settle: Double) throws -> [(String, Double)]
     usleep(UInt32(max(0, settle) * 1_000_000))
     let text = try httpGetText(url)
     var out: [(String, Double)] = []
-    for line in text.split(separator: "\n") where line.hasPrefix("scim_broker_propagation_seconds{")
-        || line.hasPrefix("scim_broker_target_propagation_seconds{") {
+    for line in text.split(separator: "\n")
+    where line.hasPrefix("scim_broker_propagation_seconds{")
+        || line.hasPrefix("scim_broker_target_propagation_seconds{")
+    {
         let parts = line.split(separator: " ")
         guard parts.count == 2, let v = Double(parts[1]) else { continue }
         let name = String(parts[0]).replacing("scim_broker_", with: "").replacing("_seconds", with: "")
@@ -409,8 +427,9 @@ struct Status: ParsableCommand {
 }
 
 struct Outbox: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Inspect relay events not yet acknowledged.",
-                                                    subcommands: [List.self, Show.self])
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect relay events not yet acknowledged.",
+        subcommands: [List.self, Show.self])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "One line per event: sequence, kind, resource, trace id.")
@@ -462,8 +481,9 @@ struct DeadLetter: ParsableCommand {
         @Argument(help: "The dead letter's sequence.") var sequence: UInt64
         func run() throws {
             let now = unixSeconds()
-            let ctx = WriteContext(newID: "", now: formatDateTime(secondsSinceEpoch: now), epochSeconds: now,
-                                   eventID: "retry-\(sequence)", traceID: "deadletter-retry-\(sequence)")
+            let ctx = WriteContext(
+                newID: "", now: formatDateTime(secondsSinceEpoch: now), epochSeconds: now,
+                eventID: "retry-\(sequence)", traceID: "deadletter-retry-\(sequence)")
             guard try data.open().retryDeadLetter(sequence, ctx) else { throw ValidationError("no dead letter \(sequence)") }
             emit("dead letter \(sequence): resource queued again")
         }

@@ -17,8 +17,10 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
 
     let adminPort: Int
 
-    init(scanBudget: Int = 100_000, maxBody: Int = 1 << 20,
-         configure: @escaping @Sendable (inout AgentConfiguration) -> Void = { _ in }) throws {
+    init(
+        scanBudget: Int = 100_000, maxBody: Int = 1 << 20,
+        configure: @escaping @Sendable (inout AgentConfiguration) -> Void = { _ in }
+    ) throws {
         let ready = OneShot<LoopBound<AgentService>>()
         let path = dir.file("data"), token = self.token
         thread = try LoopThread.start { loop in
@@ -66,8 +68,10 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
     }
 
     /// One request on its own connection.
-    func call(_ method: String, _ path: String, _ body: String? = nil, headers: [String: String] = [:],
-              token: String? = nil) throws -> Reply {
+    func call(
+        _ method: String, _ path: String, _ body: String? = nil, headers: [String: String] = [:],
+        token: String? = nil
+    ) throws -> Reply {
         let client = try RawClient(port: port)
         var head = "\(method) /scim/v2\(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
         head += "Authorization: Bearer \(token ?? self.token)\r\n"
@@ -93,8 +97,9 @@ func userBody(_ name: String, extra: String = "") -> String {
 final class AgentTests: XCTestCase {
     func testUserLifecycleWithETagsAndOutboxEvents() throws {
         let agent = try AgentHarness()
-        let created = try agent.call("POST", "/Users", userBody("bjensen", extra: #","name":{"givenName":"Barbara"}"#),
-                                     headers: ["traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
+        let created = try agent.call(
+            "POST", "/Users", userBody("bjensen", extra: #","name":{"givenName":"Barbara"}"#),
+            headers: ["traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"])
         XCTAssertEqual(created.status, 201)
         let id = try XCTUnwrap(created.body?["id"]?.stringValue)
         let parts = id.split(separator: "-").map(\.count)
@@ -111,7 +116,9 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(replaced.status, 200)
         XCTAssertNotEqual(replaced.header("ETag"), etag, "a new version")
         XCTAssertNil(replaced.body?["name"], "PUT replaces: name is gone")
-        let patched = try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Lead"}]}"#)
+        let patched = try agent.call(
+            "PATCH", "/Users/\(id)",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Lead"}]}"#)
         XCTAssertEqual(patched.body?["title"], "Lead")
         XCTAssertEqual(try agent.call("DELETE", "/Users/\(id)").status, 204)
         XCTAssertEqual(try agent.call("GET", "/Users/\(id)").status, 404)
@@ -120,8 +127,12 @@ final class AgentTests: XCTestCase {
         let events = try agent.openStore().outboxEntries(after: 0, limit: 100)
         XCTAssertEqual(events.map(\.0), [1, 2, 3, 4], "one event per write, in order")
         let kinds = events.map { $0.1["events"]!.objectValue!.keys.first! }
-        XCTAssertEqual(kinds, ["urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
-                               "urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"])
+        XCTAssertEqual(
+            kinds,
+            [
+                "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
+                "urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete",
+            ])
         XCTAssertEqual(events[0].1["txn"], "4bf92f3577b34da6a3ce929d0e0e4736", "trace id from traceparent")
         let first = events[0].1["events"]!["urn:ietf:params:SCIM:event:prov:create:full"]!
         XCTAssertEqual(first["ref"]?.stringValue, "/Users/\(id)")
@@ -154,11 +165,12 @@ final class AgentTests: XCTestCase {
             XCTAssertEqual(refused.readToEnd(), "", "closed at accept: the agent holds 2 connections")
         }
         open.removeFirst()  // closes it: its slot comes back once its loop sees the end
-        XCTAssertTrue(eventually(seconds: 10) {
-            guard let next = try? RawClient(port: agent.port, timeoutSeconds: 2) else { return false }
-            next.send(request)
-            return next.readResponses(1).first?.status == 200
-        }, "a freed slot admits a new connection")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                guard let next = try? RawClient(port: agent.port, timeoutSeconds: 2) else { return false }
+                next.send(request)
+                return next.readResponses(1).first?.status == 200
+            }, "a freed slot admits a new connection")
         open.removeAll()
         XCTAssertEqual(agent.stop(), 0)
     }
@@ -232,7 +244,8 @@ final class AgentTests: XCTestCase {
         // One keep-alive connection stays on its loop for all its requests.
         var client: RawClient? = try RawClient(port: agent.port)
         for _ in 0..<3 {
-            client!.send("GET /scim/v2/Users?filter=userName%20eq%20%22own-1%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(agent.token)\r\n\r\n")
+            client!.send(
+                "GET /scim/v2/Users?filter=userName%20eq%20%22own-1%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(agent.token)\r\n\r\n")
         }
         let answers = client!.readResponses(3)
         XCTAssertEqual(answers.map(\.status), [200, 200, 200])
@@ -247,8 +260,9 @@ final class AgentTests: XCTestCase {
             XCTAssertGreaterThan(Int(line?.split(separator: " ").last ?? "") ?? 0, 5, "loop \(loop) served its share: \(metrics)")
         }
         XCTAssertTrue(metrics.contains("scim_edge_committed_writes_total 12\n"), metrics)
-        XCTAssertTrue(eventually(seconds: 10) { (try? agent.admin("/metrics").1.contains("scim_edge_http_connections 1\n")) == true },
-                      "the kept-alive connection is counted on its loop")
+        XCTAssertTrue(
+            eventually(seconds: 10) { (try? agent.admin("/metrics").1.contains("scim_edge_http_connections 1\n")) == true },
+            "the kept-alive connection is counted on its loop")
         client = nil
         // Draining ends every loop; the main one closes clean.
         XCTAssertEqual(agent.stop(), 0)
@@ -258,7 +272,8 @@ final class AgentTests: XCTestCase {
     func testFiltersByIndexAndByScan() throws {
         let agent = try AgentHarness(scanBudget: 30)
         for k in 0..<40 {
-            let r = try agent.call("POST", "/Users", userBody("user\(k)", extra: #","externalId":"ext-\#(k)","title":"\#(k % 4 == 0 ? "Lead" : "Guide")""#))
+            let r = try agent.call(
+                "POST", "/Users", userBody("user\(k)", extra: #","externalId":"ext-\#(k)","title":"\#(k % 4 == 0 ? "Lead" : "Guide")""#))
             XCTAssertEqual(r.status, 201)
         }
         func q(_ filter: String) throws -> AgentHarness.Reply {
@@ -278,11 +293,14 @@ final class AgentTests: XCTestCase {
 
         let wide = try AgentHarness()
         for k in 0..<12 { _ = try wide.call("POST", "/Users", userBody("u\(k)", extra: #","title":"\#(k % 3 == 0 ? "Lead" : "Guide")""#)) }
-        let leads = try wide.call("GET", "/Users?filter=title%20eq%20%22lead%22&sortBy=userName&sortOrder=descending&count=2&attributes=userName")
+        let leads = try wide.call(
+            "GET", "/Users?filter=title%20eq%20%22lead%22&sortBy=userName&sortOrder=descending&count=2&attributes=userName")
         XCTAssertEqual(leads.body?["totalResults"], 4)
         XCTAssertEqual(leads.body?["Resources"]?.arrayValue?.compactMap { $0["userName"]?.stringValue }, ["u9", "u6"])
         XCTAssertNil(leads.body?["Resources"]?.arrayValue?.first?["title"], "projection")
-        let search = try wide.call("POST", "/Users/.search", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"title eq \"Lead\"","startIndex":4}"#)
+        let search = try wide.call(
+            "POST", "/Users/.search",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"title eq \"Lead\"","startIndex":4}"#)
         XCTAssertEqual(search.body?["itemsPerPage"], 1)
         XCTAssertEqual(wide.stop(), 0)
     }
@@ -316,11 +334,13 @@ final class AgentTests: XCTestCase {
         }
         XCTAssertEqual(seen, ids.sorted(), "every user once, in id order")
 
-        let search = try agent.call("POST", "/Users/.search",
-                                    #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"cursor":"","count":4,"sortBy":"userName"}"#)
+        let search = try agent.call(
+            "POST", "/Users/.search",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"cursor":"","count":4,"sortBy":"userName"}"#)
         let remaining = names.filter { $0.key != deleted }.values.sorted()
-        XCTAssertEqual(search.body?["Resources"]?.arrayValue?.compactMap { $0["userName"]?.stringValue },
-                       Array(remaining.prefix(4)), "sorted by userName")
+        XCTAssertEqual(
+            search.body?["Resources"]?.arrayValue?.compactMap { $0["userName"]?.stringValue },
+            Array(remaining.prefix(4)), "sorted by userName")
         let next = try XCTUnwrap(search.body?["nextCursor"]?.stringValue)
         let wrong = try agent.call("GET", "/Users?cursor=\(next)&count=4", headers: [:])
         XCTAssertEqual(wrong.status, 400, "a cursor belongs to its sort and filter")
@@ -333,13 +353,18 @@ final class AgentTests: XCTestCase {
         let agent = try AgentHarness()
         let u1 = try XCTUnwrap(try agent.call("POST", "/Users", userBody("a")).body?["id"]?.stringValue)
         let u2 = try XCTUnwrap(try agent.call("POST", "/Users", userBody("b")).body?["id"]?.stringValue)
-        let g = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Guides","members":[{"value":"\#(u1)"},{"value":"\#(u2)"}]}"#)
+        let g = try agent.call(
+            "POST", "/Groups",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Guides","members":[{"value":"\#(u1)"},{"value":"\#(u2)"}]}"#
+        )
         XCTAssertEqual(g.status, 201)
         let gid = try XCTUnwrap(g.body?["id"]?.stringValue)
         let user = try agent.call("GET", "/Users/\(u1)")
         XCTAssertEqual(user.body?["groups"]?.arrayValue?.first?["value"]?.stringValue, gid)
         XCTAssertEqual(user.body?["groups"]?.arrayValue?.first?["display"], "Guides")
-        let bad = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"X","members":[{"value":"nobody"}]}"#)
+        let bad = try agent.call(
+            "POST", "/Groups",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"X","members":[{"value":"nobody"}]}"#)
         XCTAssertEqual(bad.status, 400)
         XCTAssertTrue(bad.body?["detail"]?.stringValue?.contains("'nobody' is not a User or Group") ?? false)
 
@@ -351,8 +376,9 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.call("GET", "/Users/\(u2)").body?["groups"]?.arrayValue?.count, 1, "the other member keeps its group")
         XCTAssertEqual(agent.stop(), 0)
         let kinds = try agent.openStore().outboxEntries(after: 0, limit: 100).map { $0.1["events"]!.objectValue!.keys.first! }
-        XCTAssertEqual(kinds.suffix(2), ["urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"],
-                       "deleting a member emits the group's change, then the delete")
+        XCTAssertEqual(
+            kinds.suffix(2), ["urn:ietf:params:SCIM:event:prov:patch:full", "urn:ietf:params:SCIM:event:prov:delete"],
+            "deleting a member emits the group's change, then the delete")
     }
 
     /// GET by id without a query answers from the stored bytes; it must give
@@ -374,12 +400,19 @@ final class AgentTests: XCTestCase {
             XCTAssertEqual(created.status, 201, created.raw)
             ids.append(try XCTUnwrap(created.body?["id"]?.stringValue))
         }
-        let g = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew \"1\"","members":[{"value":"\#(ids[0])"},{"value":"\#(ids[1])"}]}"#)
+        let g = try agent.call(
+            "POST", "/Groups",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew \"1\"","members":[{"value":"\#(ids[0])"},{"value":"\#(ids[1])"}]}"#
+        )
         XCTAssertEqual(g.status, 201)
         let gid = try XCTUnwrap(g.body?["id"]?.stringValue)
-        let second = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Two","members":[{"value":"\#(ids[1])"}]}"#)
+        let second = try agent.call(
+            "POST", "/Groups",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Two","members":[{"value":"\#(ids[1])"}]}"#)
         XCTAssertEqual(second.status, 201)
-        let patched = try agent.call("PATCH", "/Users/\(ids[0])", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"title","value":"after"}]}"#)
+        let patched = try agent.call(
+            "PATCH", "/Users/\(ids[0])",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"title","value":"after"}]}"#)
         XCTAssertEqual(patched.status, 200)
 
         for (type, id) in ids.map({ ("Users", $0) }) + [("Groups", gid)] {
@@ -387,7 +420,8 @@ final class AgentTests: XCTestCase {
             XCTAssertEqual(direct.status, 200)
             let listed = try agent.call("GET", "/\(type)?filter=id%20eq%20%22\(id)%22")
             let general = try XCTUnwrap(listed.body?["Resources"]?.arrayValue?.first, listed.raw)
-            XCTAssertEqual(direct.raw, String(decoding: general.serialized(), as: UTF8.self), "\(type)/\(id): same bytes as the general path")
+            XCTAssertEqual(
+                direct.raw, String(decoding: general.serialized(), as: UTF8.self), "\(type)/\(id): same bytes as the general path")
             XCTAssertEqual(direct.header("ETag"), general["meta"]?["version"]?.stringValue)
             XCTAssertEqual(direct.header("Location"), general["meta"]?["location"]?.stringValue)
             XCTAssertEqual(direct.header("Content-Type"), "application/scim+json")
@@ -410,11 +444,20 @@ final class AgentTests: XCTestCase {
     /// store, not in any relay event, never returned.
     func testPasswordIsAcceptedButNeitherStoredNorRelayed() throws {
         let agent = try AgentHarness()
-        let created = try agent.call("POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"pw","password":"s3cret-create"}"#)
+        let created = try agent.call(
+            "POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"pw","password":"s3cret-create"}"#)
         XCTAssertEqual(created.status, 201, created.raw)
         let id = try XCTUnwrap(created.body?["id"]?.stringValue)
-        XCTAssertEqual(try agent.call("PUT", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"pw","password":"s3cret-put","title":"t"}"#).status, 200)
-        XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"password","value":"s3cret-patch"}]}"#).status, 200)
+        XCTAssertEqual(
+            try agent.call(
+                "PUT", "/Users/\(id)",
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"pw","password":"s3cret-put","title":"t"}"#
+            ).status, 200)
+        XCTAssertEqual(
+            try agent.call(
+                "PATCH", "/Users/\(id)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"password","value":"s3cret-patch"}]}"#
+            ).status, 200)
         for path in ["/Users/\(id)", "/Users?filter=userName%20eq%20%22pw%22", "/Users/\(id)?attributes=password"] {
             let r = try agent.call("GET", path)
             XCTAssertEqual(r.status, 200)
@@ -432,13 +475,15 @@ final class AgentTests: XCTestCase {
 
     func testBulkWithForwardBulkIdReference() throws {
         let agent = try AgentHarness()
-        let r = try agent.call("POST", "/Bulk", #"""
-        {"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[
-          {"method":"POST","path":"/Groups","bulkId":"g","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew","members":[{"type":"User","value":"bulkId:u"}]}},
-          {"method":"POST","path":"/Users","bulkId":"u","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"crew1"}},
-          {"method":"POST","path":"/Users","bulkId":"dup","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"CREW1"}},
-          {"method":"DELETE","path":"/Users/missing"}]}
-        """#)
+        let r = try agent.call(
+            "POST", "/Bulk",
+            #"""
+            {"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[
+              {"method":"POST","path":"/Groups","bulkId":"g","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Crew","members":[{"type":"User","value":"bulkId:u"}]}},
+              {"method":"POST","path":"/Users","bulkId":"u","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"crew1"}},
+              {"method":"POST","path":"/Users","bulkId":"dup","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"CREW1"}},
+              {"method":"DELETE","path":"/Users/missing"}]}
+            """#)
         XCTAssertEqual(r.status, 200)
         let ops = try XCTUnwrap(r.body?["Operations"]?.arrayValue)
         XCTAssertEqual(ops.map { $0["status"]?.stringValue }, ["201", "201", "409", "404"], "results in request order")
@@ -447,7 +492,10 @@ final class AgentTests: XCTestCase {
         let group = try agent.call("GET", "/Groups/\(gid)")
         let uid = String(try XCTUnwrap(ops[1]["location"]?.stringValue).split(separator: "/").last!)
         XCTAssertEqual(group.body?["members"]?.arrayValue?.first?["value"]?.stringValue, uid, "bulkId:u was resolved")
-        let failFast = try agent.call("POST", "/Bulk", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"failOnErrors":1,"Operations":[{"method":"DELETE","path":"/Users/x1"},{"method":"DELETE","path":"/Users/x2"}]}"#)
+        let failFast = try agent.call(
+            "POST", "/Bulk",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"failOnErrors":1,"Operations":[{"method":"DELETE","path":"/Users/x1"},{"method":"DELETE","path":"/Users/x2"}]}"#
+        )
         XCTAssertEqual(failFast.body?["Operations"]?.arrayValue?.count, 1, "stops after failOnErrors errors")
         XCTAssertEqual(agent.stop(), 0)
     }
@@ -488,8 +536,10 @@ final class AgentTests: XCTestCase {
         let body = userBody("twice")
         for pair in [(agent.token, "wrong"), ("wrong", agent.token), (agent.token, agent.token)] {
             let client = try RawClient(port: agent.port)
-            client.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \(pair.0)\r\n"
-                        + "Authorization: Bearer \(pair.1)\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+            client.send(
+                "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \(pair.0)\r\n"
+                    + "Authorization: Bearer \(pair.1)\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            )
             let r = try XCTUnwrap(client.readResponses(1).first)
             XCTAssertEqual(r.status, 400, r.body)
             let error = try JSONParser.parse(r.body)
@@ -511,8 +561,12 @@ final class AgentTests: XCTestCase {
     func testBulkRequestsAreAtomicUnderSIGKILL() throws {
         let dir = TempDirectory("edge-bulk-crash")
         defer { dir.remove() }
-        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0",
-                                                                     "--token", "t", "--keep-outbox", "--admin-listen", "none"])
+        let child = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0",
+                "--token", "t", "--keep-outbox", "--admin-listen", "none",
+            ])
         let line = try XCTUnwrap(child.waitForLine("scim-edge"))
         let port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
         let perBulk = 50
@@ -527,8 +581,12 @@ final class AgentTests: XCTestCase {
                     }.joined(separator: ",")
                     let body = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops)]}"#
                     sent.withLock { _ = $0.insert(request) }
-                    client.send("POST /scim/v2/Bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
-                    guard let r = client.readResponses(1).first, r.status == 200, r.body.components(separatedBy: #""status":"201""#).count == perBulk + 1 else { return }
+                    client.send(
+                        "POST /scim/v2/Bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+                    )
+                    guard let r = client.readResponses(1).first, r.status == 200,
+                        r.body.components(separatedBy: #""status":"201""#).count == perBulk + 1
+                    else { return }
                     acked.withLock { _ = $0.insert(request) }
                 }
             }
@@ -559,7 +617,12 @@ final class AgentTests: XCTestCase {
         defer { dir.remove() }
         let bin = productsDirectory + "/scim-edge"
         func start() throws -> (ChildProcess, Int) {
-            let child = try ChildProcess(bin, ["serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0", "--token", "t", "--keep-outbox", "--admin-listen", "none"])
+            let child = try ChildProcess(
+                bin,
+                [
+                    "serve", "--data-dir", dir.file("data"), "--listen", "127.0.0.1:0", "--token", "t", "--keep-outbox", "--admin-listen",
+                    "none",
+                ])
             let line = try XCTUnwrap(child.waitForLine("scim-edge"))
             let port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
             return (child, port)
@@ -572,7 +635,9 @@ final class AgentTests: XCTestCase {
                     guard let client = try? RawClient(port: port, timeoutSeconds: 5) else { return }
                     let name = "w\(w)-\(k)"
                     let body = userBody(name)
-                    client.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+                    client.send(
+                        "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+                    )
                     guard let r = client.readResponses(1).first, r.status == 201 else { return }
                     acked.withLock { $0.append(name) }
                 }
@@ -592,7 +657,9 @@ final class AgentTests: XCTestCase {
         XCTAssertTrue(acknowledged.isSubset(of: stored), "\(acknowledged.subtracting(stored).count) acknowledged users lost")
         let events = try store.outboxEntries(after: 0, limit: 1_000_000)
         XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous")
-        let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["data"]?["userName"]?.stringValue }
+        let created = events.compactMap {
+            $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["data"]?["userName"]?.stringValue
+        }
         XCTAssertEqual(created.count, Set(created).count, "no event twice")
         XCTAssertEqual(Set(created), stored, "every stored user has exactly its create event")
 
@@ -600,7 +667,9 @@ final class AgentTests: XCTestCase {
         let (again, port2) = try start()
         let client = try RawClient(port: port2)
         let name = acked.current.first!
-        client.send("GET /scim/v2/Users?filter=userName%20eq%20%22\(name)%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n")
+        client.send(
+            "GET /scim/v2/Users?filter=userName%20eq%20%22\(name)%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
+        )
         XCTAssertTrue(client.readToEnd().contains(#""totalResults":1"#))
         again.signal(SIGTERM)
         XCTAssertEqual(again.waitForExit(), 0)
@@ -679,11 +748,13 @@ final class AgentTests: XCTestCase {
         XCTAssertEqual(try agent.admin("/readyz").0, 200)
         let (status, metrics) = try agent.admin("/metrics")
         XCTAssertEqual(status, 200)
-        for line in [#"scim_edge_requests_total{method="POST",resource="User",status="201"} 1"#,
-                     #"scim_edge_requests_total{method="POST",resource="User",status="409"} 1"#,
-                     #"scim_edge_requests_total{method="GET",resource="Group",status="200"} 1"#,
-                     #"scim_edge_request_duration_seconds_count 3"#, "scim_edge_outbox_events 1",
-                     "scim_edge_backpressure 0", "# TYPE scim_edge_request_duration_seconds histogram"] {
+        for line in [
+            #"scim_edge_requests_total{method="POST",resource="User",status="201"} 1"#,
+            #"scim_edge_requests_total{method="POST",resource="User",status="409"} 1"#,
+            #"scim_edge_requests_total{method="GET",resource="Group",status="200"} 1"#,
+            #"scim_edge_request_duration_seconds_count 3"#, "scim_edge_outbox_events 1",
+            "scim_edge_backpressure 0", "# TYPE scim_edge_request_duration_seconds histogram",
+        ] {
             XCTAssertTrue(metrics.contains(line), "metrics should contain \(line)")
         }
         XCTAssertEqual(try agent.admin("/nothing").0, 404)
@@ -699,8 +770,11 @@ final class AgentTests: XCTestCase {
 
     func testReadOnlySubcommands() throws {
         let agent = try AgentHarness()
-        let id = try XCTUnwrap(try agent.call("POST", "/Users", userBody("cli-user"),
-                                             headers: ["traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]).body?["id"]?.stringValue)
+        let id = try XCTUnwrap(
+            try agent.call(
+                "POST", "/Users", userBody("cli-user"),
+                headers: ["traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]
+            ).body?["id"]?.stringValue)
         XCTAssertEqual(agent.stop(), 0)
         func run(_ args: [String]) throws -> (Int32, String) {
             let child = try ChildProcess(productsDirectory + "/scim-edge", args)

@@ -1,5 +1,5 @@
-import EdgeConfig
 import EdgeAgent
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -13,8 +13,10 @@ let pseudonymKey = Array("0123456789abcdef0123456789abcdef".utf8)
 
 /// Invariant 5: data marked local never leaves its boundary.
 final class PolicyTests: XCTestCase {
-    func policy(_ attributes: [(String, AttributeRule)] = [], types: [String: Bool] = [:],
-                scopes: [String: String] = [:]) throws -> LocalPolicy {
+    func policy(
+        _ attributes: [(String, AttributeRule)] = [], types: [String: Bool] = [:],
+        scopes: [String: String] = [:]
+    ) throws -> LocalPolicy {
         try LocalPolicy(registry: .standard, resourceTypes: types, attributes: attributes, scopes: scopes, pseudonymKey: pseudonymKey)
     }
 
@@ -26,14 +28,25 @@ final class PolicyTests: XCTestCase {
     }
 
     func testKeepLocalNeverLeavesAndPseudonymsAreStable() throws {
-        let p = try policy([("phoneNumbers", .keepLocal), ("addresses", .keepLocal),
-                            ("\(enterprise):employeeNumber", .pseudonymize), ("emails.type", .keepLocal)])
+        let p = try policy([
+            ("phoneNumbers", .keepLocal), ("addresses", .keepLocal),
+            ("\(enterprise):employeeNumber", .pseudonymize), ("emails.type", .keepLocal),
+        ])
         let agent = try AgentHarness { $0.policy = p }
-        let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"sec","phoneNumbers":[{"value":"+41 555 0100","type":"work"}],"addresses":[{"locality":"Zug"}],"emails":[{"value":"sec@x.ch","type":"work"}],"\#(enterprise)":{"employeeNumber":"E-7","department":"Ops"}}"#
+        let body =
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"sec","phoneNumbers":[{"value":"+41 555 0100","type":"work"}],"addresses":[{"locality":"Zug"}],"emails":[{"value":"sec@x.ch","type":"work"}],"\#(enterprise)":{"employeeNumber":"E-7","department":"Ops"}}"#
         let id = try XCTUnwrap(try agent.call("POST", "/Users", body).body?["id"]?.stringValue)
         // A change that stays inside the boundary sends nothing.
-        XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"phoneNumbers","value":[{"value":"+41 555 0199"}]}]}"#).status, 200)
-        XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Head"}]}"#).status, 200)
+        XCTAssertEqual(
+            try agent.call(
+                "PATCH", "/Users/\(id)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"phoneNumbers","value":[{"value":"+41 555 0199"}]}]}"#
+            ).status, 200)
+        XCTAssertEqual(
+            try agent.call(
+                "PATCH", "/Users/\(id)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Head"}]}"#
+            ).status, 200)
         XCTAssertEqual(agent.stop(), 0)
 
         let e = try events(agent)
@@ -53,7 +66,10 @@ final class PolicyTests: XCTestCase {
 
         // Stable across restarts: the same key gives the same pseudonym.
         let again = try AgentHarness { $0.policy = p }
-        _ = try again.call("POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"other","\#(enterprise)":{"employeeNumber":"E-7"}}"#)
+        _ = try again.call(
+            "POST", "/Users",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","\#(enterprise)"],"userName":"other","\#(enterprise)":{"employeeNumber":"E-7"}}"#
+        )
         XCTAssertEqual(again.stop(), 0)
         XCTAssertEqual(try events(again).first?.data?[enterprise]?["employeeNumber"]?.stringValue, expected)
     }
@@ -62,25 +78,37 @@ final class PolicyTests: XCTestCase {
         let p = try policy(scopes: ["User": #"userType eq "Contractor""#])
         let agent = try AgentHarness { $0.policy = p }
         func patchType(_ id: String, _ t: String) throws {
-            XCTAssertEqual(try agent.call("PATCH", "/Users/\(id)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"userType","value":"\#(t)"}]}"#).status, 200)
+            XCTAssertEqual(
+                try agent.call(
+                    "PATCH", "/Users/\(id)",
+                    #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"userType","value":"\#(t)"}]}"#
+                ).status, 200)
         }
-        let emp = try XCTUnwrap(try agent.call("POST", "/Users", userBody("emp", extra: #","userType":"Employee""#)).body?["id"]?.stringValue)
-        let con = try XCTUnwrap(try agent.call("POST", "/Users", userBody("con", extra: #","userType":"Contractor""#)).body?["id"]?.stringValue)
-        let gid = try XCTUnwrap(try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Mixed","members":[{"value":"\#(emp)"},{"value":"\#(con)"}]}"#).body?["id"]?.stringValue)
-        try patchType(emp, "Contractor")   // enters the scope
-        try patchType(con, "Employee")     // leaves it
+        let emp = try XCTUnwrap(
+            try agent.call("POST", "/Users", userBody("emp", extra: #","userType":"Employee""#)).body?["id"]?.stringValue)
+        let con = try XCTUnwrap(
+            try agent.call("POST", "/Users", userBody("con", extra: #","userType":"Contractor""#)).body?["id"]?.stringValue)
+        let gid = try XCTUnwrap(
+            try agent.call(
+                "POST", "/Groups",
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Mixed","members":[{"value":"\#(emp)"},{"value":"\#(con)"}]}"#
+            ).body?["id"]?.stringValue)
+        try patchType(emp, "Contractor")  // enters the scope
+        try patchType(con, "Employee")  // leaves it
         XCTAssertEqual(try agent.call("DELETE", "/Users/\(con)").status, 204)  // already outside: nothing
         XCTAssertEqual(agent.stop(), 0)
 
         let e = try events(agent)
-        XCTAssertEqual(e.map { "\($0.kind) \($0.ref)" }, [
-            "prov:create:full /Users/\(con)",
-            "prov:create:full /Groups/\(gid)",
-            "prov:create:full /Users/\(emp)",
-            "prov:patch:full /Groups/\(gid)",
-            "prov:delete /Users/\(con)",
-            "prov:patch:full /Groups/\(gid)",
-        ])
+        XCTAssertEqual(
+            e.map { "\($0.kind) \($0.ref)" },
+            [
+                "prov:create:full /Users/\(con)",
+                "prov:create:full /Groups/\(gid)",
+                "prov:create:full /Users/\(emp)",
+                "prov:patch:full /Groups/\(gid)",
+                "prov:delete /Users/\(con)",
+                "prov:patch:full /Groups/\(gid)",
+            ])
         func members(_ k: Int) -> [String] { e[k].data?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [] }
         XCTAssertEqual(members(1), [con], "the employee never left, so the group lists only the contractor")
         XCTAssertEqual(Set(members(3)), [emp, con], "entering the scope adds the member to the group's event")
@@ -106,7 +134,8 @@ final class PolicyTests: XCTestCase {
         }
         XCTAssertEqual(thread.join(), 0)
         let e = try events(agent)
-        XCTAssertEqual(e.suffix(2).map(\.kind), ["prov:put:full", "prov:delete"], "the user is re-sent without phones, the group withdrawn")
+        XCTAssertEqual(
+            e.suffix(2).map(\.kind), ["prov:put:full", "prov:delete"], "the user is re-sent without phones, the group withdrawn")
         XCTAssertNil(e[e.count - 2].data?["phoneNumbers"])
         // A second start with the same policy changes nothing.
         let count = e.count
@@ -125,7 +154,9 @@ final class PolicyTests: XCTestCase {
         XCTAssertThrowsError(try policy([("id", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("always leaves")) }
         XCTAssertThrowsError(try policy([("shoeSize", .keepLocal)])) { XCTAssertTrue("\($0)".contains("not an attribute")) }
         XCTAssertThrowsError(try policy([("active", .pseudonymize)])) { XCTAssertTrue("\($0)".contains("not a string")) }
-        XCTAssertThrowsError(try policy(scopes: ["User": "userType eq"])) { XCTAssertTrue("\($0)".contains("policy.scope.User: not a valid SCIM filter")) }
+        XCTAssertThrowsError(try policy(scopes: ["User": "userType eq"])) {
+            XCTAssertTrue("\($0)".contains("policy.scope.User: not a valid SCIM filter"))
+        }
         XCTAssertThrowsError(try LocalPolicy(registry: .standard, attributes: [("userName", .pseudonymize)])) {
             XCTAssertTrue("\($0)".contains("needs a pseudonym key"))
         }
@@ -143,8 +174,10 @@ final class ConfigTests: XCTestCase {
     }
 
     /// One of the problems holds `fragment` (and is at `line`, `column`).
-    func fails(_ yaml: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
-               file: StaticString = #filePath, lineNo: UInt = #line) {
+    func fails(
+        _ yaml: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
+        file: StaticString = #filePath, lineNo: UInt = #line
+    ) {
         XCTAssertThrowsError(try decode(yaml), file: file, line: lineNo) { error in
             let all = (error as! ConfigProblems).errors
             guard let e = all.first(where: { $0.description.contains(fragment) }) else {
@@ -175,22 +208,46 @@ final class ConfigTests: XCTestCase {
             let status = c.waitForExit(seconds: 30)
             return (status ?? -1, c.output)
         }
-        let csr = try run(productsDirectory + "/scim-edge", ["pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
-                                                              "--trust-domain", "acme.example", "--out", dir.path])
+        let csr = try run(
+            productsDirectory + "/scim-edge",
+            [
+                "pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
+                "--trust-domain", "acme.example", "--out", dir.path,
+            ])
         XCTAssertEqual(csr.0, 0, "\(csr.1)")
         XCTAssertTrue(csr.1.contains("identity: spiffe://acme.example/acme-de/agent-7"), "\(csr.1)")
         var st = stat()
         XCTAssertEqual(stat(dir.file("agent-7.key"), &st), 0)
         XCTAssertEqual(st.st_mode & 0o777, 0o600, "the key is private")
-        XCTAssertNotEqual(try run(productsDirectory + "/scim-edge", ["pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
-                                                                     "--out", dir.path]).0, 0, "never overwrites a key")
+        XCTAssertNotEqual(
+            try run(
+                productsDirectory + "/scim-edge",
+                [
+                    "pki", "csr", "--domain", "acme-de", "--agent", "agent-7",
+                    "--out", dir.path,
+                ]
+            ).0, 0, "never overwrites a key")
         // The organisation's CA, made and used with the openssl CLI.
         let openssl = "/usr/bin/openssl"
-        XCTAssertEqual(try run(openssl, ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                                         "-keyout", dir.file("ca.key"), "-out", dir.file("ca.crt"), "-subj", "/CN=Acme CA", "-days", "2"]).0, 0)
-        XCTAssertEqual(try run(openssl, ["x509", "-req", "-in", dir.file("agent-7.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
-                                         "-CAcreateserial", "-out", dir.file("agent.crt"), "-days", "1", "-copy_extensions", "copy"]).0, 0)
-        let config = dir.write("agent.yaml", """
+        XCTAssertEqual(
+            try run(
+                openssl,
+                [
+                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", dir.file("ca.key"), "-out", dir.file("ca.crt"), "-subj", "/CN=Acme CA", "-days", "2",
+                ]
+            ).0, 0)
+        XCTAssertEqual(
+            try run(
+                openssl,
+                [
+                    "x509", "-req", "-in", dir.file("agent-7.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
+                    "-CAcreateserial", "-out", dir.file("agent.crt"), "-days", "1", "-copy_extensions", "copy",
+                ]
+            ).0, 0)
+        let config = dir.write(
+            "agent.yaml",
+            """
             dataDir: \(dir.file("data"))
             broker:
               url: https://127.0.0.1:8443
@@ -203,11 +260,16 @@ final class ConfigTests: XCTestCase {
             """)
         let ok = try run(productsDirectory + "/scim-edge", ["check-config", config])
         XCTAssertEqual(ok.0, 0, "\(ok.1)")
-        let other = dir.write("other.yaml", try String(contentsOfFile: config, encoding: .utf8).replacingOccurrences(of: "agent: agent-7", with: "agent: agent-8"))
+        let other = dir.write(
+            "other.yaml",
+            try String(contentsOfFile: config, encoding: .utf8).replacingOccurrences(of: "agent: agent-7", with: "agent: agent-8"))
         let wrong = try run(productsDirectory + "/scim-edge", ["check-config", other])
         XCTAssertEqual(wrong.0, 1)
-        XCTAssertTrue(wrong.1.contains { $0.contains("names spiffe://acme.example/acme-de/agent-7") && $0.contains("not domain 'acme-de' and agent 'agent-8'") },
-                      "\(wrong.1)")
+        XCTAssertTrue(
+            wrong.1.contains {
+                $0.contains("names spiffe://acme.example/acme-de/agent-7") && $0.contains("not domain 'acme-de' and agent 'agent-8'")
+            },
+            "\(wrong.1)")
     }
 
     func testShippedExampleConfigIsValid() throws {
@@ -233,8 +295,9 @@ final class ConfigTests: XCTestCase {
         // check-config also checks the files: with none of them there, it fails and names each.
         let missing = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
         XCTAssertEqual(missing.waitForExit(), 1)
-        XCTAssertTrue(missing.output.contains { $0.contains("agent.yaml:39:9: broker.cert: \(dir.path)/agent.crt: No such file or directory") },
-                      "\(missing.output)")
+        XCTAssertTrue(
+            missing.output.contains { $0.contains("agent.yaml:39:9: broker.cert: \(dir.path)/agent.crt: No such file or directory") },
+            "\(missing.output)")
         XCTAssertTrue(missing.output.contains { $0.contains("agent.yaml:38:7: broker.ca: \(dir.path)/federation-ca.crt: No such file") })
         // A federation PKI made here: the agent's certificate names its domain and agent.
         let ca = try CertificateAuthority(commonName: "federation CA")
@@ -246,7 +309,11 @@ final class ConfigTests: XCTestCase {
         }
         chmod(dir.file("tokens"), 0o640)
         chmod(dir.file("pseudonym.key"), 0o600)
-        install(try ca.issue(CertificateRequest(commonName: "agent-1.acme-de", uris: [agentIdentity(trustDomain: "acme.example", domain: "acme-de", agent: "agent-1")])))
+        install(
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "agent-1.acme-de", uris: [agentIdentity(trustDomain: "acme.example", domain: "acme-de", agent: "agent-1")]))
+        )
         let ok = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", path])
         XCTAssertEqual(ok.waitForExit(), 0, "\(ok.output)")
         XCTAssertTrue(ok.output.first?.hasSuffix("relaying domain acme-de as agent-1)") ?? false, "\(ok.output)")
@@ -258,10 +325,15 @@ final class ConfigTests: XCTestCase {
         }
         install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-us/agent-1"])))
         try problems("not domain 'acme-de' and agent 'agent-1'")
-        install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"],
-                                                notBeforeOffset: -20 * 86400, notAfterOffset: -86400)))
+        install(
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"],
+                    notBeforeOffset: -20 * 86400, notAfterOffset: -86400)))
         try problems("expired on")
-        install(try CertificateAuthority(commonName: "someone else").issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
+        install(
+            try CertificateAuthority(commonName: "someone else").issue(
+                CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
         try problems("is not accepted by the CA")
         install(try ca.issue(CertificateRequest(commonName: "x", uris: ["spiffe://acme.example/acme-de/agent-1"])))
         chmod(dir.file("agent.key"), 0o644)
@@ -280,7 +352,9 @@ final class ConfigTests: XCTestCase {
         chmod(dir.file("pseudonym.key"), 0o644)
         _ = dir.write("tokens", "a-long-enough-idp-token-1234\n")
         chmod(dir.file("tokens"), 0o640)
-        let config = dir.write("agent.yaml", """
+        let config = dir.write(
+            "agent.yaml",
+            """
             dataDir: \(dir.file("data"))
             tokenFile: \(dir.file("tokens"))
             lisen: 127.0.0.1:8080
@@ -323,8 +397,9 @@ final class ConfigTests: XCTestCase {
         // And serve refuses to start with all of them, not just the first.
         let serve = try ChildProcess("/bin/sh", ["-c", "'\(productsDirectory)/scim-edge' serve --config '\(config)' 2>&1"])
         XCTAssertNotEqual(serve.waitForExit(), 0)
-        XCTAssertTrue(serve.output.joined(separator: "\n").contains("policy.scope.User") && serve.output.joined(separator: "\n").contains("lisen"),
-                      "\(serve.output)")
+        XCTAssertTrue(
+            serve.output.joined(separator: "\n").contains("policy.scope.User") && serve.output.joined(separator: "\n").contains("lisen"),
+            "\(serve.output)")
     }
 
     /// `--as-user`: root reads everything; the service's user may not. A
@@ -339,7 +414,9 @@ final class ConfigTests: XCTestCase {
         chmod(dir.file("pseudonym.key"), 0o600)
         mkdir(dir.file("data"), 0o750)
         chown(dir.file("data"), nobody.pw_uid, nobody.pw_gid)
-        let config = dir.write("agent.yaml", """
+        let config = dir.write(
+            "agent.yaml",
+            """
             dataDir: \(dir.file("data"))
             policy:
               attributes:
@@ -356,8 +433,11 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(root.0, 0, "\(root.1)")
         let denied = try check(["--as-user", "nobody"])
         XCTAssertEqual(denied.0, 1, "\(denied.1)")
-        XCTAssertTrue(denied.1.contains { $0.hasPrefix("\(config):5:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): user nobody cannot read it") },
-                      "\(denied.1)")
+        XCTAssertTrue(
+            denied.1.contains {
+                $0.hasPrefix("\(config):5:21: policy.pseudonymKeyFile: \(dir.file("pseudonym.key")): user nobody cannot read it")
+            },
+            "\(denied.1)")
         XCTAssertEqual(denied.1.count, 2, "only the key: \(denied.1)")
         // Given to the user's group, it passes (and root is still itself afterwards: the key is read as root again).
         chown(dir.file("pseudonym.key"), 0, nobody.pw_gid)
@@ -371,7 +451,8 @@ final class ConfigTests: XCTestCase {
     func testStrictErrorsWithLineAndColumn() throws {
         fails("dataDir: /d\nlisten: 127.0.0.1:1\nlsten: x\n", "lsten: unknown key; did you mean 'listen'?", line: 3, column: 1)
         fails("dataDir: /d\nlimits:\n  maxBodyBytes: lots\n", "limits.maxBodyBytes: must be an integer", line: 3, column: 17)
-        fails("dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "limits.maxBodyByte: unknown key; did you mean 'maxBodyBytes'?", line: 3, column: 3)
+        fails(
+            "dataDir: /d\nlimits:\n  maxBodyByte: 1\n", "limits.maxBodyByte: unknown key; did you mean 'maxBodyBytes'?", line: 3, column: 3)
         fails("dataDir: /d\ndataDir: /e\n", "appears twice", line: 2)
         fails("listen: 127.0.0.1:1\n", "dataDir: is required")
         fails("dataDir: /d\nlisten: nowhere\n", "listen: must be HOST:PORT")
@@ -401,7 +482,8 @@ final class ConfigTests: XCTestCase {
 
 final class AgentProcessTests: XCTestCase {
     func start(_ args: [String]) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"] + args)
+        let child = try ChildProcess(
+            productsDirectory + "/scim-edge", ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "none"] + args)
         let line = try XCTUnwrap(child.waitForLine("scim-edge"), "agent did not start: \(child.output)")
         return (child, Int(line.split(separator: " ")[4].split(separator: ":")[1])!)
     }
@@ -460,7 +542,9 @@ final class AgentProcessTests: XCTestCase {
         let dir = TempDirectory("edge-tls-agent")
         defer { dir.remove() }
         let pki = try TestPKI(in: dir)
-        let (child, port) = try start(["--data-dir", dir.file("data"), "--token", "t", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey])
+        let (child, port) = try start([
+            "--data-dir", dir.file("data"), "--token", "t", "--tls-cert", pki.serverCert, "--tls-key", pki.serverKey,
+        ])
         let (line, left) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable (String) -> Void) in
             let ctx = try TLSContext(role: .client, configuration: pki.clientConfig(noCert: true))
             let client = HTTPClient(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: ctx, serverName: "localhost")
@@ -477,8 +561,12 @@ final class AgentProcessTests: XCTestCase {
         // Start-up problems are reported and exit non-zero, without a crash.
         let bad = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("d2"), "--listen", "127.0.0.1:0"])
         XCTAssertNotEqual(bad.waitForExit(), 0)
-        let noTLS = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--data-dir", dir.file("d3"), "--token", "t", "--listen", "127.0.0.1:0",
-                                                                       "--admin-listen", "none", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"])
+        let noTLS = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "serve", "--data-dir", dir.file("d3"), "--token", "t", "--listen", "127.0.0.1:0",
+                "--admin-listen", "none", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key",
+            ])
         XCTAssertEqual(noTLS.waitForExit(), 1)
     }
 
@@ -488,10 +576,14 @@ final class AgentProcessTests: XCTestCase {
         let (child, port) = try start(["--data-dir", dir.file("data"), "--token", "t"])
         let c = try RawClient(port: port)
         let body = userBody("secret.person@example.com", extra: #","phoneNumbers":[{"value":"+1 555 0123"}]"#)
-        c.send("POST /scim/v2/Users?attributes=userName HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+        c.send(
+            "POST /scim/v2/Users?attributes=userName HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+        )
         XCTAssertEqual(c.readResponses(1).first?.status, 201)
         let filter = try RawClient(port: port)
-        filter.send("GET /scim/v2/Users?filter=userName%20eq%20%22secret.person%40example.com%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n")
+        filter.send(
+            "GET /scim/v2/Users?filter=userName%20eq%20%22secret.person%40example.com%22 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
+        )
         XCTAssertEqual(filter.readResponses(1).first?.status, 200)
         let line = try XCTUnwrap(child.waitForLine("request"))
         let entry = try JSONParser.parse(line)

@@ -13,8 +13,12 @@ final class BrokerConfigTests: XCTestCase {
         let config = try BrokerConfiguration.load(file: source.path)
         XCTAssertEqual(config.dataDirectory, "/var/lib/scim-broker")
         XCTAssertEqual(config.listen.port, 8443)
-        XCTAssertEqual(config.domains, [DomainBinding(domain: "acme-de", identity: "spiffe://acme.example/acme-de/agent-1"),
-                                        DomainBinding(domain: "acme-us", identity: "spiffe://acme.example/acme-us/agent-1")])
+        XCTAssertEqual(
+            config.domains,
+            [
+                DomainBinding(domain: "acme-de", identity: "spiffe://acme.example/acme-de/agent-1"),
+                DomainBinding(domain: "acme-us", identity: "spiffe://acme.example/acme-us/agent-1"),
+            ])
         XCTAssertEqual(config.tls.crlFile, "/etc/scim-broker/federation-ca.crl")
         XCTAssertTrue(config.tls.verifyPeer, "client certificates are always required")
         XCTAssertEqual(config.apiTokens, [], "no token in a conffile")
@@ -42,9 +46,14 @@ final class BrokerConfigTests: XCTestCase {
         let child = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", source.path])
         XCTAssertEqual(child.waitForExit(), 1)
         XCTAssertEqual(child.output.last, "\(source.path): 6 problems", "\(child.output)")
-        XCTAssertTrue(child.output.contains("\(source.path):9:7: tls.ca: /etc/scim-broker/federation-ca.crt: No such file or directory (fix: create it, or correct the path)"),
-                      "\(child.output)")
-        XCTAssertTrue(child.output.contains { $0.hasPrefix("\(source.path):24:14: api.tokenFile: /etc/scim-broker/api.tokens: No such file") }, "\(child.output)")
+        XCTAssertTrue(
+            child.output.contains(
+                "\(source.path):9:7: tls.ca: /etc/scim-broker/federation-ca.crt: No such file or directory (fix: create it, or correct the path)"
+            ),
+            "\(child.output)")
+        XCTAssertTrue(
+            child.output.contains { $0.hasPrefix("\(source.path):24:14: api.tokenFile: /etc/scim-broker/api.tokens: No such file") },
+            "\(child.output)")
         XCTAssertTrue(child.output.contains { $0.contains("targets[0].tokenFile: /etc/scim-broker/crm.token: No such file or directory") })
     }
 
@@ -60,7 +69,9 @@ final class BrokerConfigTests: XCTestCase {
         _ = dir.write("app.token", "secret\n")
         chmod(dir.file("broker.key"), 0o600)
         chmod(dir.file("app.token"), 0o640)
-        let config = dir.write("broker.yaml", """
+        let config = dir.write(
+            "broker.yaml",
+            """
             dataDir: \(dir.file("data"))
             tls: {ca: \(dir.file("ca.crt")), cert: \(dir.file("broker.crt")), key: \(dir.file("broker.key")), crl: \(dir.file("crl.pem"))}
             domains: {acme-de: "spiffe://acme.example/acme-de/agent-1"}
@@ -76,12 +87,15 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertEqual(ok.0, 0, "\(ok.1)")
         XCTAssertEqual(ok.1.first, "\(config): ok (1 domains, 1 targets, federation on 127.0.0.1:8443)")
         chmod(dir.file("app.token"), 0o644)
-        _ = dir.write("broker.crt", try CertificateAuthority(commonName: "other").issue(CertificateRequest(commonName: "broker")).certificatePEM)
+        _ = dir.write(
+            "broker.crt", try CertificateAuthority(commonName: "other").issue(CertificateRequest(commonName: "broker")).certificatePEM)
         let bad = try check()
         XCTAssertEqual(bad.0, 1)
         XCTAssertTrue(bad.1.contains { $0.contains("is not accepted by the CA") }, "\(bad.1)")
-        XCTAssertTrue(bad.1.contains { $0.contains("does not match") || $0.contains("key values mismatch") || $0.contains("and key") }, "\(bad.1)")
-        XCTAssertTrue(bad.1.contains { $0.contains("targets[0].tokenFile: \(dir.file("app.token")): a secret readable by every user") }, "\(bad.1)")
+        XCTAssertTrue(
+            bad.1.contains { $0.contains("does not match") || $0.contains("key values mismatch") || $0.contains("and key") }, "\(bad.1)")
+        XCTAssertTrue(
+            bad.1.contains { $0.contains("targets[0].tokenFile: \(dir.file("app.token")): a secret readable by every user") }, "\(bad.1)")
     }
 
     /// Issue 19: what is valid key by key can still be wrong across keys;
@@ -97,7 +111,9 @@ final class BrokerConfigTests: XCTestCase {
         _ = dir.write("crm.token", "app-issued\n")
         chmod(dir.file("broker.key"), 0o600)
         chmod(dir.file("crm.token"), 0o600)
-        let config = dir.write("broker.yaml", """
+        let config = dir.write(
+            "broker.yaml",
+            """
             dataDir: \(dir.file("data"))
             tls: {ca: \(dir.file("ca.crt")), cert: \(dir.file("broker.crt")), key: \(dir.file("broker.key"))}
             domains:
@@ -130,11 +146,13 @@ final class BrokerConfigTests: XCTestCase {
         // Fixed, with the read API's tokens in api.tokenFile: it passes (the warning gone with the inline tokens).
         _ = dir.write("api.tokens", "# rotated 2025-01\nq3Jx9vY2mP8sL4tW6nB1cR7e\n")
         chmod(dir.file("api.tokens"), 0o640)
-        _ = dir.write("broker.yaml", try String(contentsOfFile: config, encoding: .utf8)
-            .replacingOccurrences(of: "acme-us: spiffe://acme.example/acme-de/", with: "acme-us: spiffe://acme.example/acme-us/")
-            .replacingOccurrences(of: "0.0.0.0:9443", with: "127.0.0.1:9443")
-            .replacingOccurrences(of: "tokens: [change-me]", with: "tokenFile: \(dir.file("api.tokens"))")
-            .replacingOccurrences(of: "acme-fr", with: "acme-us"))
+        _ = dir.write(
+            "broker.yaml",
+            try String(contentsOfFile: config, encoding: .utf8)
+                .replacingOccurrences(of: "acme-us: spiffe://acme.example/acme-de/", with: "acme-us: spiffe://acme.example/acme-us/")
+                .replacingOccurrences(of: "0.0.0.0:9443", with: "127.0.0.1:9443")
+                .replacingOccurrences(of: "tokens: [change-me]", with: "tokenFile: \(dir.file("api.tokens"))")
+                .replacingOccurrences(of: "acme-fr", with: "acme-us"))
         let ok = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
         XCTAssertEqual(ok.waitForExit(), 0, "\(ok.output)")
         XCTAssertEqual(ok.output, ["\(config): ok (2 domains, 1 targets, federation on 127.0.0.1:8443)"])
@@ -142,7 +160,9 @@ final class BrokerConfigTests: XCTestCase {
         _ = dir.write("api.tokens", "changeme\n")
         let weak = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
         XCTAssertEqual(weak.waitForExit(), 1)
-        XCTAssertTrue(weak.output.contains { $0.hasPrefix("\(config):8:14: api.tokenFile: \(dir.file("api.tokens")): token 1 is a placeholder") }, "\(weak.output)")
+        XCTAssertTrue(
+            weak.output.contains { $0.hasPrefix("\(config):8:14: api.tokenFile: \(dir.file("api.tokens")): token 1 is a placeholder") },
+            "\(weak.output)")
     }
 
     func testStrictErrors() {
@@ -169,7 +189,9 @@ final class BrokerConfigTests: XCTestCase {
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{types: [Users]}]\n", "must be User or Group")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    onRemove: purge\n    routes: []\n", "delete or deactivate", line: 11)
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: []\n    color: red\n", "targets[0].color: unknown key", line: 12)
-        fails(d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n", "defined twice")
+        fails(
+            d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n",
+            "defined twice")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    rate: {concurrency: 0}\n    routes: []\n", "1 to 256")
     }
 }

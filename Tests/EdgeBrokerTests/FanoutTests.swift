@@ -2,8 +2,8 @@ import EdgeAgent
 import EdgeBroker
 import EdgeHTTP
 import EdgeStore
-import EdgeTools
 import EdgeTestSupport
+import EdgeTools
 import Foundation
 import SCIM
 import XCTest
@@ -51,14 +51,18 @@ final class FanoutTests: FederationTestCase {
 
     /// The target's users (by userName), read through its own SCIM API.
     func users(_ port: Int, token: String, prefix: String) -> [String: JSON] {
-        guard let (status, body) = try? scim(port, "GET", "/Users?count=1000", token: token, prefix: prefix), status == 200 else { return [:] }
+        guard let (status, body) = try? scim(port, "GET", "/Users?count=1000", token: token, prefix: prefix), status == 200 else {
+            return [:]
+        }
         var out: [String: JSON] = [:]
         for r in body?["Resources"]?.arrayValue ?? [] { if let n = r["userName"]?.stringValue { out[n] = r } }
         return out
     }
 
     func groups(_ port: Int, token: String, prefix: String) -> [String: JSON] {
-        guard let (status, body) = try? scim(port, "GET", "/Groups?count=1000", token: token, prefix: prefix), status == 200 else { return [:] }
+        guard let (status, body) = try? scim(port, "GET", "/Groups?count=1000", token: token, prefix: prefix), status == 200 else {
+            return [:]
+        }
         var out: [String: JSON] = [:]
         for r in body?["Resources"]?.arrayValue ?? [] { if let n = r["displayName"]?.stringValue { out[n] = r } }
         return out
@@ -87,71 +91,101 @@ final class FanoutTests: FederationTestCase {
     func testChangesReachReferenceServerAndAgentTargets() throws {
         let (_, refPort) = try startReferenceServer()
         let (_, appPort) = try startAppAgent("app")
-        let (broker, bp) = try startBroker(yaml: "targets:\n"
-            + referenceTarget("ref", port: refPort, extra: "    onRemove: deactivate")
-            + target("app", port: appPort, extra: "    onRemove: delete"))
+        let (broker, bp) = try startBroker(
+            yaml: "targets:\n"
+                + referenceTarget("ref", port: refPort, extra: "    onRemove: deactivate")
+                + target("app", port: appPort, extra: "    onRemove: delete"))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let (_, up) = try startAgent("us", cert: us, domain: "acme-us", brokerPort: bp)
 
-        let alice = try newUser(dp, "alice", extra: #","name":{"givenName":"Alice","familyName":"Liddell"},"emails":[{"value":"alice@de.example","type":"work","primary":true}]"#)
+        let alice = try newUser(
+            dp, "alice",
+            extra:
+                #","name":{"givenName":"Alice","familyName":"Liddell"},"emails":[{"value":"alice@de.example","type":"work","primary":true}]"#
+        )
         let bob = try newUser(dp, "bob", extra: #","title":"Engineer""#)
         let carol = try newUser(dp, "carol")
         _ = try newUser(up, "us-only")  // acme-us is not routed to these targets
-        let (gs, group) = try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"staff","members":[{"value":"\#(alice)"},{"value":"\#(bob)"}]}"#)
+        let (gs, group) = try idp(
+            dp, "POST", "/Groups",
+            #"{"schemas":["\#(groupSchema)"],"displayName":"staff","members":[{"value":"\#(alice)"},{"value":"\#(bob)"}]}"#)
         XCTAssertEqual(gs, 201)
         let groupID = try XCTUnwrap(group?["id"]?.stringValue)
 
         for (port, token, prefix) in [(refPort, "ref-token", ""), (appPort, "t", "/scim/v2")] {
-            XCTAssertTrue(eventually(seconds: 30) {
-                let u = self.users(port, token: token, prefix: prefix)
-                let g = self.groups(port, token: token, prefix: prefix)
-                return u.count == 3 && g["staff"]?["members"]?.arrayValue?.count == 2
-            }, "target \(port): \(users(port, token: token, prefix: prefix).keys.sorted()) \(groups(port, token: token, prefix: prefix))")
+            XCTAssertTrue(
+                eventually(seconds: 30) {
+                    let u = self.users(port, token: token, prefix: prefix)
+                    let g = self.groups(port, token: token, prefix: prefix)
+                    return u.count == 3 && g["staff"]?["members"]?.arrayValue?.count == 2
+                },
+                "target \(port): \(users(port, token: token, prefix: prefix).keys.sorted()) \(groups(port, token: token, prefix: prefix))")
             let u = users(port, token: token, prefix: prefix)
             XCTAssertNil(u["us-only"], "routes: acme-us does not flow here")
             XCTAssertEqual(u["alice"]?["name"]?["givenName"], "Alice")
             XCTAssertEqual(u["bob"]?["title"], "Engineer")
             // Members are the target's own ids.
-            let memberIDs = Set(groups(port, token: token, prefix: prefix)["staff"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
+            let memberIDs = Set(
+                groups(port, token: token, prefix: prefix)["staff"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
             XCTAssertEqual(memberIDs, Set([u["alice"]?["id"]?.stringValue, u["bob"]?["id"]?.stringValue].compactMap { $0 }))
         }
 
         // Update, membership change, deactivation at the IdP.
-        XCTAssertEqual(try idp(dp, "PATCH", "/Users/\(bob)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Manager"}]}"#).0, 200)
-        XCTAssertEqual(try idp(dp, "PATCH", "/Groups/\(groupID)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"members","value":[{"value":"\#(carol)"}]},{"op":"remove","path":"members[value eq \"\#(alice)\"]"}]}"#).0, 200)
-        XCTAssertEqual(try idp(dp, "PATCH", "/Users/\(carol)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#).0, 200)
+        XCTAssertEqual(
+            try idp(
+                dp, "PATCH", "/Users/\(bob)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Manager"}]}"#
+            ).0, 200)
+        XCTAssertEqual(
+            try idp(
+                dp, "PATCH", "/Groups/\(groupID)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"members","value":[{"value":"\#(carol)"}]},{"op":"remove","path":"members[value eq \"\#(alice)\"]"}]}"#
+            ).0, 200)
+        XCTAssertEqual(
+            try idp(
+                dp, "PATCH", "/Users/\(carol)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+            ).0, 200)
         // Delete at the IdP: DELETE at "app", active=false at "ref".
         XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(alice)").0, 204)
 
         for (port, token, prefix) in [(refPort, "ref-token", ""), (appPort, "t", "/scim/v2")] {
-            XCTAssertTrue(eventually(seconds: 30) {
-                let u = self.users(port, token: token, prefix: prefix)
-                let members = Set(self.groups(port, token: token, prefix: prefix)["staff"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
-                let aliceGone = port == appPort ? u["alice"] == nil : u["alice"]?["active"] == .bool(false)
-                return u["bob"]?["title"] == "Manager" && u["carol"]?["active"] == .bool(false) && aliceGone
-                    && members == Set([u["bob"]?["id"]?.stringValue, u["carol"]?["id"]?.stringValue].compactMap { $0 })
-            }, "target \(port): \(users(port, token: token, prefix: prefix)) \(groups(port, token: token, prefix: prefix))")
+            XCTAssertTrue(
+                eventually(seconds: 30) {
+                    let u = self.users(port, token: token, prefix: prefix)
+                    let members = Set(
+                        self.groups(port, token: token, prefix: prefix)["staff"]?["members"]?.arrayValue?.compactMap {
+                            $0["value"]?.stringValue
+                        } ?? [])
+                    let aliceGone = port == appPort ? u["alice"] == nil : u["alice"]?["active"] == .bool(false)
+                    return u["bob"]?["title"] == "Manager" && u["carol"]?["active"] == .bool(false) && aliceGone
+                        && members == Set([u["bob"]?["id"]?.stringValue, u["carol"]?["id"]?.stringValue].compactMap { $0 })
+                }, "target \(port): \(users(port, token: token, prefix: prefix)) \(groups(port, token: token, prefix: prefix))")
         }
         XCTAssertEqual(users(refPort, token: "ref-token", prefix: "").count, 3, "nothing twice at the reference server")
 
         // Metrics per target, method and status class; the latency histogram.
         let metrics = try brokerMetrics(broker)
         for target in ["ref", "app"] {
-            XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="\#(target)",method="POST",class="2xx"}"#) ?? 0, 4, metrics)
-            XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="\#(target)",method="PATCH",class="2xx"}"#) ?? 0, 2, metrics)
+            XCTAssertGreaterThanOrEqual(
+                metric(metrics, #"scim_broker_target_requests_total{target="\#(target)",method="POST",class="2xx"}"#) ?? 0, 4, metrics)
+            XCTAssertGreaterThanOrEqual(
+                metric(metrics, #"scim_broker_target_requests_total{target="\#(target)",method="PATCH",class="2xx"}"#) ?? 0, 2, metrics)
             XCTAssertEqual(metric(metrics, #"scim_broker_target_queue_depth{target="\#(target)"}"#), 0, metrics)
             XCTAssertGreaterThan(metric(metrics, #"scim_broker_target_delivery_seconds_count{target="\#(target)"}"#) ?? 0, 0)
         }
-        XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="DELETE",class="2xx"}"#) ?? 0, 1)
+        XCTAssertGreaterThanOrEqual(
+            metric(metrics, #"scim_broker_target_requests_total{target="app",method="DELETE",class="2xx"}"#) ?? 0, 1)
 
         // `trace <broker id>`: agent accept → broker apply → each target.
         let store = try BrokerStore(path: dir.file("broker"))
         let bobBroker = try XCTUnwrap(store.resources(domain: "acme-de").first { $0["userName"] == "bob" }?["id"]?.stringValue)
-        XCTAssertTrue(eventually(seconds: 5) {
-            let t = (try? self.brokerCLI(["trace", "--data-dir", self.dir.file("broker"), bobBroker]).1) ?? ""
-            return t.contains("agent accept") && t.contains("broker apply") && t.contains("target ref") && t.contains("target app")
-                && t.contains("method PATCH status 200")
-        }, (try? brokerCLI(["trace", "--data-dir", dir.file("broker"), bobBroker]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                let t = (try? self.brokerCLI(["trace", "--data-dir", self.dir.file("broker"), bobBroker]).1) ?? ""
+                return t.contains("agent accept") && t.contains("broker apply") && t.contains("target ref") && t.contains("target app")
+                    && t.contains("method PATCH status 200")
+            }, (try? brokerCLI(["trace", "--data-dir", dir.file("broker"), bobBroker]).1) ?? "")
         let trace = try brokerCLI(["trace", "--data-dir", dir.file("broker"), bobBroker])
         XCTAssertEqual(trace.0, 0, trace.1)
         // The same hops by trace id.
@@ -159,9 +193,11 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(try brokerCLI(["trace", "--data-dir", dir.file("broker"), traceID]).1.contains("target app"))
 
         // The running broker saves each target's status every second.
-        XCTAssertTrue(eventually(seconds: 5) {
-            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("ref\tclosed\tqueued 0")
-        })
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains(
+                    "ref\tclosed\tqueued 0")
+            })
         let status = try brokerCLI(["targets", "status", "--data-dir", dir.file("broker")])
         XCTAssertEqual(status.0, 0, status.1)
         XCTAssertTrue(status.1.contains("supports patch"), status.1)
@@ -171,17 +207,19 @@ final class FanoutTests: FederationTestCase {
     /// looked up by userName, adopted and brought to the broker's state.
     func testConflictAdoptsTheExistingAccount() throws {
         let (_, refPort) = try startReferenceServer()
-        let (pre, _) = try scim(refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"taken","title":"old"}"#,
-                                token: "ref-token", prefix: "")
+        let (pre, _) = try scim(
+            refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"taken","title":"old"}"#,
+            token: "ref-token", prefix: "")
         XCTAssertEqual(pre, 201)
         let (broker, bp) = try startBroker(yaml: "targets:\n" + referenceTarget("ref", port: refPort))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         _ = try newUser(dp, "taken", extra: #","title":"new""#)
         _ = try newUser(dp, "fresh")
-        XCTAssertTrue(eventually(seconds: 30) {
-            let u = self.users(refPort, token: "ref-token", prefix: "")
-            return u["taken"]?["title"] == "new" && u["fresh"] != nil
-        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                let u = self.users(refPort, token: "ref-token", prefix: "")
+                return u["taken"]?["title"] == "new" && u["fresh"] != nil
+            }, "\(users(refPort, token: "ref-token", prefix: ""))")
         let u = users(refPort, token: "ref-token", prefix: "")
         XCTAssertEqual(u.count, 2, "adopted, not duplicated")
         let brokerID = try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").first { $0["userName"] == "taken" }?["id"]
@@ -208,15 +246,17 @@ final class FanoutTests: FederationTestCase {
         try store.environment.write { try $0.put(resources, key, Array(#"{"userName":"#.utf8)) }
 
         _ = try startAppAgent("app", port: appPort)
-        XCTAssertTrue(eventually(seconds: 60) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_retries_total{target="app"}"#) } ?? 0 >= 1
-        }, "the failed read is counted as a retry")
+        XCTAssertTrue(
+            eventually(seconds: 60) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_retries_total{target="app"}"#) } ?? 0 >= 1
+            }, "the failed read is counted as a retry")
         XCTAssertEqual(try store.queueDepth(target: "app").count, 1, "the change is still queued")
         XCTAssertTrue(users(appPort, token: "t", prefix: "/scim/v2").isEmpty)
 
         try store.environment.write { try $0.put(resources, key, original) }
-        XCTAssertTrue(eventually(seconds: 60) { self.users(appPort, token: "t", prefix: "/scim/v2")["fragile"] != nil },
-                      "delivered once the record reads")
+        XCTAssertTrue(
+            eventually(seconds: 60) { self.users(appPort, token: "t", prefix: "/scim/v2")["fragile"] != nil },
+            "delivered once the record reads")
         XCTAssertTrue(eventually(seconds: 10) { (try? store.queueDepth(target: "app").count) == 0 })
     }
 
@@ -230,10 +270,16 @@ final class FanoutTests: FederationTestCase {
         let proxy = try ServerHarness { request, _, responder in
             let now = Date().timeIntervalSince1970
             if request.method == "POST", let t = request.headers["traceparent"] { traceparents.withLock { $0.append(t) } }
-            if request.method != "GET", throttle.withLock({ n in n -= 1; return n >= 0 }) {
+            if request.method != "GET",
+                throttle.withLock({ n in
+                    n -= 1; return n >= 0
+                })
+            {
                 log.withLock { $0.append((now, 429)) }
-                responder.respond(HTTPResponse(status: 429, headers: ["Retry-After": "1", "Content-Type": "application/scim+json"],
-                                               body: Array(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"429"}"#.utf8)))
+                responder.respond(
+                    HTTPResponse(
+                        status: 429, headers: ["Retry-After": "1", "Content-Type": "application/scim+json"],
+                        body: Array(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"429"}"#.utf8)))
                 return
             }
             let r = forward(request, to: appPort)
@@ -289,26 +335,30 @@ final class FanoutTests: FederationTestCase {
             responder.respond(forward(forwarded, to: appPort))
         }
         defer { _ = proxy.stop() }
-        let (_, bp) = try startBroker(yaml: """
-            targets:
-              - name: secure
-                url: https://localhost:\(proxy.port)/scim/v2
-                tls: {ca: \(pki.caFile), cert: \(pki.clientCert), key: \(pki.clientKey)}
-                routes: [{}]
-              - name: nocert
-                url: https://localhost:\(proxy.port)/scim/v2
-                tls: {ca: \(pki.caFile)}
-                routes: [{}]
+        let (_, bp) = try startBroker(
+            yaml: """
+                targets:
+                  - name: secure
+                    url: https://localhost:\(proxy.port)/scim/v2
+                    tls: {ca: \(pki.caFile), cert: \(pki.clientCert), key: \(pki.clientKey)}
+                    routes: [{}]
+                  - name: nocert
+                    url: https://localhost:\(proxy.port)/scim/v2
+                    tls: {ca: \(pki.caFile)}
+                    routes: [{}]
 
-            """)
+                """)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         _ = try newUser(dp, "over-mtls")
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["over-mtls"] != nil }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["over-mtls"] != nil },
+            (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
         XCTAssertTrue(peers.current.contains(pki.clientURI), "the broker presented its client certificate: \(peers.current)")
-        XCTAssertTrue(eventually(seconds: 10) {
-            let status = (try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? ""
-            return status.contains("secure\tclosed") && status.contains("nocert\tdiscovering") && status.contains("last error")
-        }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                let status = (try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? ""
+                return status.contains("secure\tclosed") && status.contains("nocert\tdiscovering") && status.contains("last error")
+            }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
     }
 
     /// A target that goes down: deliveries retry with backoff, the circuit
@@ -323,20 +373,25 @@ final class FanoutTests: FederationTestCase {
         app.signal(SIGKILL)
         _ = app.waitForExit()
         for k in 0..<6 { _ = try newUser(dp, "during\(k)") }
-        XCTAssertTrue(eventually(seconds: 30) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 1
-        }, "the breaker opens after 3 consecutive failures")
-        XCTAssertTrue(eventually(seconds: 5) {
-            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("breaker open")
-        })
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 1
+            }, "the breaker opens after 3 consecutive failures")
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("breaker open")
+            })
         let metrics = try brokerMetrics(broker)
-        XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="error"}"#) ?? 0, 3)
+        XCTAssertGreaterThanOrEqual(
+            metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="error"}"#) ?? 0, 3)
         (app, _) = try startAppAgent("app", port: appPort)
-        XCTAssertTrue(eventually(seconds: 90) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 },
-                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys.sorted())")
-        XCTAssertTrue(eventually(seconds: 5) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 0
-        })
+        XCTAssertTrue(
+            eventually(seconds: 90) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 },
+            "\(users(appPort, token: "t", prefix: "/scim/v2").keys.sorted())")
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_breaker_open{target="app"}"#) } == 0
+            })
     }
 
     /// A target removed from the configuration keeps its queue (shown as
@@ -352,9 +407,10 @@ final class FanoutTests: FederationTestCase {
         for k in 0..<4 { _ = try newUser(dp, "waiting\(k)") }
         let data = dir.file("broker")
         XCTAssertTrue(eventually(seconds: 30) { self.users(keptPort, token: "t", prefix: "/scim/v2").count == 4 })
-        XCTAssertTrue(eventually(seconds: 20) {
-            ((try? self.brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "").contains("gone\t")
-        }, (try? brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                ((try? self.brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "").contains("gone\t")
+            }, (try? brokerCLI(["targets", "status", "--data-dir", data]).1) ?? "")
         let config = dir.file("broker.yaml")
         let refused = try brokerCLI(["targets", "forget", "--config", config, "gone"])
         XCTAssertNotEqual(refused.0, 0)
@@ -364,7 +420,8 @@ final class FanoutTests: FederationTestCase {
         broker.signal(SIGTERM)
         XCTAssertEqual(broker.waitForExit(seconds: 20), 0)
         let full = try String(contentsOfFile: config, encoding: .utf8)
-        let without = dir.write("without-gone.yaml", full.components(separatedBy: "targets:")[0] + "targets:\n" + target("kept", port: keptPort))
+        let without = dir.write(
+            "without-gone.yaml", full.components(separatedBy: "targets:")[0] + "targets:\n" + target("kept", port: keptPort))
         let status = try brokerCLI(["targets", "status", "--config", without])
         let goneLine = status.1.split(separator: "\n").first { $0.hasPrefix("gone\t") } ?? ""
         XCTAssertTrue(goneLine.contains("queued 4") && goneLine.contains("REMOVED from the configuration"), status.1)
@@ -388,17 +445,22 @@ final class FanoutTests: FederationTestCase {
     /// lists, retries and drops it.
     func testRefusedChangeBecomesADeadLetterAndOthersFlow() throws {
         let (_, appPort) = try startAppAgent("app")
-        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
-                mapping:
-                  rename: {nickName: bogusAttribute}
-            """))
+        let (_, bp) = try startBroker(
+            yaml: "targets:\n"
+                + target(
+                    "app", port: appPort,
+                    extra: """
+                            mapping:
+                              rename: {nickName: bogusAttribute}
+                        """))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         _ = try newUser(dp, "ok1")
         _ = try newUser(dp, "refused", extra: #","nickName":"nick""#)
         _ = try newUser(dp, "ok2")
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 2 })
         let data = dir.file("broker")
-        XCTAssertTrue(eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("POST") })
+        XCTAssertTrue(
+            eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("POST") })
         let list = try brokerCLI(["deadletter", "list", "--data-dir", data])
         XCTAssertEqual(list.0, 0)
         XCTAssertTrue(list.1.contains("app\t#1"), list.1)
@@ -411,7 +473,8 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(letter["method"], "POST")
         // Retry: it is delivered again, refused again, and dead-lettered again (once).
         XCTAssertTrue(try brokerCLI(["deadletter", "retry", "--data-dir", data, "app"]).1.hasPrefix("1 queued again"))
-        XCTAssertTrue(eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("app\t#2") })
+        XCTAssertTrue(
+            eventually(seconds: 10) { ((try? self.brokerCLI(["deadletter", "list", "--data-dir", data]).1) ?? "").contains("app\t#2") })
         XCTAssertEqual(try BrokerStore(path: data).deadLetters(target: "app").count, 1)
         XCTAssertTrue(try brokerCLI(["deadletter", "drop", "--data-dir", data, "app", "2"]).1.hasPrefix("1 dropped"))
         XCTAssertEqual(try BrokerStore(path: data).deadLetters(target: "app").count, 0)
@@ -422,18 +485,23 @@ final class FanoutTests: FederationTestCase {
     /// the source: two removals pass and the guard holds three.
     func tripDeletionGuard() throws -> (broker: ChildProcess, appPort: Int, agentPort: Int, ids: [String]) {
         let (_, appPort) = try startAppAgent("app")
-        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
-                onRemove: delete
-                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
-            """))
+        let (broker, bp) = try startBroker(
+            yaml: "targets:\n"
+                + target(
+                    "app", port: appPort,
+                    extra: """
+                            onRemove: delete
+                            deleteGuard: {maxDeletes: 2, windowSeconds: 600}
+                        """))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         var ids: [String] = []
         for k in 0..<5 { ids.append(try newUser(dp, "leaver\(k)")) }
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
         for id in ids { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
-        XCTAssertTrue(eventually(seconds: 20) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
-        })
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
+            })
         XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
         return (broker, appPort, dp, ids)
     }
@@ -443,20 +511,23 @@ final class FanoutTests: FederationTestCase {
     func testDeletionGuardHoldsMassDeletesUntilConfirmed() throws {
         let (broker, appPort, _, _) = try tripDeletionGuard()
         // The positive signal first: three removals are listed as held, so none of them can pass any more.
-        XCTAssertTrue(eventually(seconds: 10) {
-            ((try? self.brokerCLI(["targets", "held", "--data-dir", self.dir.file("broker"), "app"]).1) ?? "")
-                .split(separator: "\n").filter { $0.hasPrefix("#") }.count == 3
-        })
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                ((try? self.brokerCLI(["targets", "held", "--data-dir", self.dir.file("broker"), "app"]).1) ?? "")
+                    .split(separator: "\n").filter { $0.hasPrefix("#") }.count == 3
+            })
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 3, "two deletes passed, three are held")
-        XCTAssertTrue(eventually(seconds: 5) {
-            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("deletes PAUSED")
-        })
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("deletes PAUSED")
+            })
         let confirm = try brokerCLI(["targets", "confirm-deletes", "--data-dir", dir.file("broker"), "app"])
         XCTAssertEqual(confirm.0, 0, confirm.1)
         XCTAssertTrue(eventually(seconds: 10) { self.users(appPort, token: "t", prefix: "/scim/v2").isEmpty })
-        XCTAssertTrue(eventually(seconds: 5) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
-        })
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
+            })
     }
 
     /// The removals the guard holds are listed with their
@@ -471,8 +542,9 @@ final class FanoutTests: FederationTestCase {
         let remaining = Set(users(appPort, token: "t", prefix: "/scim/v2").keys)
 
         // held: one line per held removal, named although the directory no longer has the users.
-        XCTAssertTrue(eventually(seconds: 5) { cli(["targets", "held", "--data-dir", data, "app"]).1.contains("3 removals held") },
-                      cli(["targets", "held", "--data-dir", data, "app"]).1)
+        XCTAssertTrue(
+            eventually(seconds: 5) { cli(["targets", "held", "--data-dir", data, "app"]).1.contains("3 removals held") },
+            cli(["targets", "held", "--data-dir", data, "app"]).1)
         let held = cli(["targets", "held", "--config", config, "app"])
         XCTAssertEqual(held.0, 0, held.1)
         let lines = held.1.split(separator: "\n").filter { $0.hasPrefix("#") }
@@ -523,15 +595,18 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(stillHeld.contains("2 removals held") && !stillHeld.contains("userName \(rejectedName)\t"), stillHeld)
         let confirm = cli(["targets", "confirm-deletes", "--data-dir", data, "app"])
         XCTAssertEqual(confirm.0, 0, confirm.1)
-        XCTAssertTrue(eventually(seconds: 10) { Set(self.users(appPort, token: "t", prefix: "/scim/v2").keys) == [rejectedName] },
-                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
-        XCTAssertTrue(eventually(seconds: 5) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
-        })
-        XCTAssertTrue(eventually(seconds: 15) {
-            let status = cli(["targets", "status", "--data-dir", data]).1
-            return status.contains("queued 0") && status.contains("deletes flowing") && status.contains("delivered 9")
-        }, cli(["targets", "status", "--data-dir", data]).1)
+        XCTAssertTrue(
+            eventually(seconds: 10) { Set(self.users(appPort, token: "t", prefix: "/scim/v2").keys) == [rejectedName] },
+            "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 0
+            })
+        XCTAssertTrue(
+            eventually(seconds: 15) {
+                let status = cli(["targets", "status", "--data-dir", data]).1
+                return status.contains("queued 0") && status.contains("deletes flowing") && status.contains("delivered 9")
+            }, cli(["targets", "status", "--data-dir", data]).1)
         XCTAssertEqual(Set(users(appPort, token: "t", prefix: "/scim/v2").keys), [rejectedName], "the rejected delete was never sent")
 
         let trace = cli(["trace", "--data-dir", data, rejectedTrace])
@@ -546,14 +621,20 @@ final class FanoutTests: FederationTestCase {
     /// after it are counted by the guard afresh.
     func testRejectingAllHeldDeletionsResumesTheTarget() throws {
         let (_, appPort) = try startAppAgent("app")
-        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: """
-                onRemove: delete
-                deleteGuard: {maxDeletes: 2, windowSeconds: 600}
-            """))
+        let (_, bp) = try startBroker(
+            yaml: "targets:\n"
+                + target(
+                    "app", port: appPort,
+                    extra: """
+                            onRemove: delete
+                            deleteGuard: {maxDeletes: 2, windowSeconds: 600}
+                        """))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let data = dir.file("broker")
         func cli(_ args: [String]) -> (Int32, String) { (try? brokerCLI(args)) ?? (-1, "") }
-        func heldCount() -> Int { cli(["targets", "held", "--data-dir", data, "app"]).1.split(separator: "\n").filter { $0.hasPrefix("#") }.count }
+        func heldCount() -> Int {
+            cli(["targets", "held", "--data-dir", data, "app"]).1.split(separator: "\n").filter { $0.hasPrefix("#") }.count
+        }
         var ids: [String] = []
         for k in 0..<7 { ids.append(try newUser(dp, "user\(k)")) }
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 })
@@ -585,17 +666,26 @@ final class FanoutTests: FederationTestCase {
         var at = users(refPort, token: "ref-token", prefix: "")
         // Someone changes the target behind the broker's back.
         XCTAssertEqual(try scim(refPort, "DELETE", "/Users/\(at["gone"]!["id"]!.stringValue!)", token: "ref-token", prefix: "").0, 204)
-        XCTAssertEqual(try scim(refPort, "PATCH", "/Users/\(at["tampered"]!["id"]!.stringValue!)",
-                                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Hacked"}]}"#,
-                                token: "ref-token", prefix: "").0 / 100, 2)
-        XCTAssertEqual(try scim(refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"local-admin"}"#,
-                                token: "ref-token", prefix: "").0, 201)
+        XCTAssertEqual(
+            try scim(
+                refPort, "PATCH", "/Users/\(at["tampered"]!["id"]!.stringValue!)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"Hacked"}]}"#,
+                token: "ref-token", prefix: ""
+            ).0 / 100, 2)
+        XCTAssertEqual(
+            try scim(
+                refPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"local-admin"}"#,
+                token: "ref-token", prefix: ""
+            ).0, 201)
         // The routes change: "leaves-route" is no longer wanted there.
         broker.signal(SIGTERM)
         XCTAssertEqual(broker.waitForExit(), 0)
-        (broker, _) = try startBroker(yaml: "targets:\n" + ref.replacing("routes: [{domains: [acme-de]}]",
-                                                                            with: #"routes: [{types: [User], filter: 'userName ne "leaves-route"'}, {types: [Group]}]"#),
-                                      port: bp)
+        (broker, _) = try startBroker(
+            yaml: "targets:\n"
+                + ref.replacing(
+                    "routes: [{domains: [acme-de]}]",
+                    with: #"routes: [{types: [User], filter: 'userName ne "leaves-route"'}, {types: [Group]}]"#),
+            port: bp)
         let config = dir.file("broker.yaml")
         let report = try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--json"])
         XCTAssertEqual(report.0, 0, report.1)
@@ -606,14 +696,16 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(r["foreign"], 1, "local-admin was not created by the broker")
         XCTAssertEqual(r["expected"], 3)
         let text = try brokerCLI(["targets", "reconcile", "--config", config, "ref"])
-        XCTAssertTrue(text.1.hasPrefix("ref: 3 expected, 4 at the target: 1 missing, 1 drifted, 1 strays, 1 not created by the broker"), text.1)
+        XCTAssertTrue(
+            text.1.hasPrefix("ref: 3 expected, 4 at the target: 1 missing, 1 drifted, 1 strays, 1 not created by the broker"), text.1)
 
         let applied = try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--apply"])
         XCTAssertTrue(applied.1.contains("3 fixes queued"), applied.1)
-        XCTAssertTrue(eventually(seconds: 20) {
-            let u = self.users(refPort, token: "ref-token", prefix: "")
-            return u["gone"] != nil && u["tampered"]?["title"] == "Staff" && u["leaves-route"]?["active"] == .bool(false)
-        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                let u = self.users(refPort, token: "ref-token", prefix: "")
+                return u["gone"] != nil && u["tampered"]?["title"] == "Staff" && u["leaves-route"]?["active"] == .bool(false)
+            }, "\(users(refPort, token: "ref-token", prefix: ""))")
         at = users(refPort, token: "ref-token", prefix: "")
         XCTAssertEqual(at.count, 5)
         XCTAssertNotNil(at["local-admin"], "foreign accounts are left alone")
@@ -627,7 +719,10 @@ final class FanoutTests: FederationTestCase {
     /// broker does not know (a stray found by reconciliation) reads it first,
     /// so the PUT keeps its attributes instead of wiping them.
     func testDeactivationWithoutPatchKeepsTheAccountsAttributes() throws {
-        let spc = dir.write("spc.json", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],"patch":{"supported":false},"bulk":{"supported":false,"maxOperations":0,"maxPayloadSize":0},"filter":{"supported":true,"maxResults":1000},"changePassword":{"supported":false},"sort":{"supported":false},"etag":{"supported":false},"authenticationSchemes":[]}"#)
+        let spc = dir.write(
+            "spc.json",
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],"patch":{"supported":false},"bulk":{"supported":false,"maxOperations":0,"maxPayloadSize":0},"filter":{"supported":true,"maxResults":1000},"changePassword":{"supported":false},"sort":{"supported":false},"etag":{"supported":false},"authenticationSchemes":[]}"#
+        )
         let (_, refPort) = try startReferenceServer(arguments: ["--service-provider-config", spc])
         let ref = referenceTarget("ref", port: refPort, extra: "    onRemove: deactivate")
         var (broker, bp) = try startBroker(yaml: "targets:\n" + ref)
@@ -637,21 +732,26 @@ final class FanoutTests: FederationTestCase {
         XCTAssertTrue(eventually(seconds: 20) { self.users(refPort, token: "ref-token", prefix: "").count == 2 })
         broker.signal(SIGTERM)
         XCTAssertEqual(broker.waitForExit(), 0)
-        (broker, _) = try startBroker(yaml: "targets:\n" + ref.replacing("routes: [{domains: [acme-de]}]",
-                                                                            with: #"routes: [{types: [User], filter: 'userName ne "leaves"'}]"#),
-                                      port: bp)
+        (broker, _) = try startBroker(
+            yaml: "targets:\n"
+                + ref.replacing(
+                    "routes: [{domains: [acme-de]}]",
+                    with: #"routes: [{types: [User], filter: 'userName ne "leaves"'}]"#),
+            port: bp)
         let applied = try brokerCLI(["targets", "reconcile", "--config", dir.file("broker.yaml"), "ref", "--apply"])
         XCTAssertTrue(applied.1.contains("1 strays") && applied.1.contains("1 fixes queued"), applied.1)
-        XCTAssertTrue(eventually(seconds: 20) {
-            self.users(refPort, token: "ref-token", prefix: "")["leaves"]?["active"] == .bool(false)
-        }, "\(users(refPort, token: "ref-token", prefix: ""))")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                self.users(refPort, token: "ref-token", prefix: "")["leaves"]?["active"] == .bool(false)
+            }, "\(users(refPort, token: "ref-token", prefix: ""))")
         let leaves = users(refPort, token: "ref-token", prefix: "")["leaves"]
         XCTAssertEqual(leaves?["title"], "Staff", "a PUT of the account read back, not of {active: false} alone")
         XCTAssertEqual(leaves?["name"]?["givenName"], "Lea")
         XCTAssertEqual(try BrokerStore(path: dir.file("broker")).deadLetters(target: "ref").count, 0)
         let metrics = try brokerMetrics(broker)
         XCTAssertGreaterThanOrEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="GET",class="2xx"}"#) ?? 0, 1)
-        XCTAssertEqual(metric(metrics, #"scim_broker_target_requests_total{target="ref",method="PATCH",class="2xx"}"#), nil, "no PATCH sent")
+        XCTAssertEqual(
+            metric(metrics, #"scim_broker_target_requests_total{target="ref",method="PATCH",class="2xx"}"#), nil, "no PATCH sent")
     }
 
     /// The broker SIGKILLed while delivering: after a restart everything
@@ -660,8 +760,11 @@ final class FanoutTests: FederationTestCase {
     func testBrokerKilledMidDeliveryLosesNothingAndDuplicatesNothing() throws {
         let (_, refPort) = try startReferenceServer()
         // A slow target (50 requests/s) so that the kill lands mid-delivery.
-        let yaml = "targets:\n" + referenceTarget("ref", port: refPort).replacing("{requestsPerSecond: 2000, concurrency: 4}",
-                                                                                  with: "{requestsPerSecond: 50, concurrency: 2}")
+        let yaml =
+            "targets:\n"
+            + referenceTarget("ref", port: refPort).replacing(
+                "{requestsPerSecond: 2000, concurrency: 4}",
+                with: "{requestsPerSecond: 50, concurrency: 2}")
         var (broker, bp) = try startBroker(yaml: yaml)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let users = 120, groupCount = 40
@@ -675,14 +778,19 @@ final class FanoutTests: FederationTestCase {
         let before = self.users(refPort, token: "ref-token", prefix: "").count
         XCTAssertLessThan(before, users, "killed mid-delivery")
         (broker, _) = try startBroker(yaml: yaml, port: bp)
-        XCTAssertTrue(eventually(seconds: 90) {
-            self.users(refPort, token: "ref-token", prefix: "").count == users && self.groups(refPort, token: "ref-token", prefix: "").count == groupCount
-        }, "killed with \(before) users delivered; now \(self.users(refPort, token: "ref-token", prefix: "").count) users, \(groups(refPort, token: "ref-token", prefix: "").count) groups")
+        XCTAssertTrue(
+            eventually(seconds: 90) {
+                self.users(refPort, token: "ref-token", prefix: "").count == users
+                    && self.groups(refPort, token: "ref-token", prefix: "").count == groupCount
+            },
+            "killed with \(before) users delivered; now \(self.users(refPort, token: "ref-token", prefix: "").count) users, \(groups(refPort, token: "ref-token", prefix: "").count) groups"
+        )
         let (_, all) = try scim(refPort, "GET", "/Groups?count=1000", token: "ref-token", prefix: "")
         XCTAssertEqual(all?["totalResults"], .int(groupCount), "no group twice")
         let store = try BrokerStore(path: dir.file("broker"))
         let expected = Set(try store.resources(domain: "acme-de").compactMap { $0["id"]?.stringValue })
-        let external = self.users(refPort, token: "ref-token", prefix: "").values.compactMap { $0["externalId"]?.stringValue }
+        let external =
+            self.users(refPort, token: "ref-token", prefix: "").values.compactMap { $0["externalId"]?.stringValue }
             + (all?["Resources"]?.arrayValue ?? []).compactMap { $0["externalId"]?.stringValue }
         XCTAssertEqual(Set(external), expected, "every account carries its broker id")
         XCTAssertEqual(external.count, users + groupCount)
@@ -696,9 +804,12 @@ final class FanoutTests: FederationTestCase {
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let line = try XCTUnwrap(broker.waitForLine("operations at"))
         let metricsURL = String(line.split(separator: " ").last!)
-        let c = try ChildProcess(productsDirectory + "/scim-edge", [
-            "bench", "--url", "http://127.0.0.1:\(dp)/scim/v2", "--token", "t", "--requests", "300", "--connections", "8",
-            "--json", "--quiet", "--e2e-metrics", metricsURL, "--settle", "1.5"])
+        let c = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "bench", "--url", "http://127.0.0.1:\(dp)/scim/v2", "--token", "t", "--requests", "300", "--connections", "8",
+                "--json", "--quiet", "--e2e-metrics", metricsURL, "--settle", "1.5",
+            ])
         XCTAssertEqual(c.waitForExit(seconds: 60), 0, "\(c.output)")
         let r = try JSONParser.parse(Array(c.output.joined(separator: "\n").utf8))
         XCTAssertEqual(r["status"]?["201"], 300)

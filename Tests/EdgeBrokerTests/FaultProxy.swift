@@ -26,7 +26,9 @@ final class FaultProxy: @unchecked Sendable {  // state behind `faults`; loop ob
                 counts.withLock { $0["\(fault)", default: 0] += 1 }
                 if fault == .drop { client.close(); return }
                 // While faults are on, even a passing connection ends (after more bytes), so the relay keeps reconnecting.
-                let budget = fault == .pass ? (faulty ? Int(rng.next() % 200_000) + 50_000 : Int.max)
+                let budget =
+                    fault == .pass
+                    ? (faulty ? Int(rng.next() % 200_000) + 50_000 : Int.max)
                     : fault == .delay ? Int(rng.next() % 100_000) + 10_000 : Int(rng.next() % 20_000) + 200
                 TCPStream.connect(loop: loop, to: SocketAddress(host: "127.0.0.1", port: upstreamPort)) { result in
                     guard case .success(let upstream) = result else { client.close(); return }
@@ -105,7 +107,9 @@ private final class Pipe {
                     b.pauseReading()
                     guard let t = try? LoopTimer(loop: loop) else { close(); return }
                     timers.append(t)
-                    t.start(after: 1500) { [self] in t.close(); timers.removeAll { $0 === t }; close() }
+                    t.start(after: 1500) { [self] in
+                        t.close(); timers.removeAll { $0 === t }; close()
+                    }
                     return
                 }
                 dst.write(chunk)

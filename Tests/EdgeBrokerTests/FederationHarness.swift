@@ -1,8 +1,8 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeTLS
-import EdgeTools
 import EdgeTestSupport
+import EdgeTools
 import Foundation
 import SCIM
 import XCTest
@@ -27,7 +27,8 @@ class FederationTestCase: XCTestCase {
             (dir.write("\(name).crt", c.certificatePEM), dir.write("\(name).key", c.privateKeyPEM))
         }
         ca = dir.write("ca.crt", authority.certificatePEM)
-        broker = save("broker", try authority.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"])))
+        broker = save(
+            "broker", try authority.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"])))
         de = save("de", try authority.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
         us = save("us", try authority.issue(CertificateRequest(commonName: "agent-us", uris: [usID])))
         rogue = save("rogue", try other.issue(CertificateRequest(commonName: "agent-de", uris: [deID])))
@@ -48,19 +49,27 @@ class FederationTestCase: XCTestCase {
     }
 
     func startBroker(port: Int = 0, extra: [String] = []) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-broker", [
-            "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
-            "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)", "--admin-listen", "127.0.0.1:0"] + extra)
+        let child = try ChildProcess(
+            productsDirectory + "/scim-broker",
+            [
+                "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:\(port)", "--ca", ca, "--cert", broker.0,
+                "--key", broker.1, "--domain", "acme-de=\(deID)", "--domain", "acme-us=\(usID)", "--admin-listen", "127.0.0.1:0",
+            ] + extra)
         children.append(child)
         return (child, try self.port(of: child, "scim-broker"))
     }
 
-    func startAgent(_ name: String, cert: (String, String), domain: String, brokerPort: Int,
-                    extra: [String] = []) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-edge", [
-            "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
-            "--broker", "https://127.0.0.1:\(brokerPort)", "--ca", ca, "--cert", cert.0, "--key", cert.1,
-            "--domain", domain, "--agent-name", name] + extra)
+    func startAgent(
+        _ name: String, cert: (String, String), domain: String, brokerPort: Int,
+        extra: [String] = []
+    ) throws -> (ChildProcess, Int) {
+        let child = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
+                "--broker", "https://127.0.0.1:\(brokerPort)", "--ca", ca, "--cert", cert.0, "--key", cert.1,
+                "--domain", domain, "--agent-name", name,
+            ] + extra)
         children.append(child)
         return (child, try self.port(of: child, "scim-edge"))
     }
@@ -71,13 +80,13 @@ class FederationTestCase: XCTestCase {
     /// The broker's applied sequences, read from its LMDB file while it runs.
     func applied() -> [String: UInt64] { brokerApplied(dir.file("broker")) }
 
-
-
     func outboxEvents(_ name: String) throws -> Int { try AgentStore(path: dir.file(name), registry: .standard).outboxCount() }
 
     func api(_ port: Int, _ path: String, method: String = "GET", token: String = "api-token") throws -> (Int, JSON?) {
         let c = try RawClient(port: port)
-        c.send("\(method) /scim/v2\(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        c.send(
+            "\(method) /scim/v2\(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
         let r = try XCTUnwrap(c.readResponses(1).first)
         return (r.status, try? JSONParser.parse(r.body))
     }
@@ -94,7 +103,9 @@ class FederationTestCase: XCTestCase {
     /// A broker started from a YAML file: the federation settings of
     /// `startBroker` plus `extraYAML` (targets, api, ...).
     func startBroker(yaml extraYAML: String, port: Int = 0, name: String = "broker") throws -> (ChildProcess, Int) {
-        let file = dir.write("\(name).yaml", """
+        let file = dir.write(
+            "\(name).yaml",
+            """
             dataDir: \(dir.file(name))
             listen: 127.0.0.1:\(port)
             tls: {ca: \(ca!), cert: \(broker.0), key: \(broker.1)}
@@ -111,8 +122,11 @@ class FederationTestCase: XCTestCase {
 
     /// A standalone agent (no broker): a downstream app for the fan-out, token `t`.
     func startAppAgent(_ name: String, port: Int = 0) throws -> (ChildProcess, Int) {
-        let child = try ChildProcess(productsDirectory + "/scim-edge", [
-            "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:\(port)", "--token", "t", "--admin-listen", "none"])
+        let child = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "serve", "--data-dir", dir.file(name), "--listen", "127.0.0.1:\(port)", "--token", "t", "--admin-listen", "none",
+            ])
         children.append(child)
         return (child, try self.port(of: child, "scim-edge"))
     }
@@ -125,21 +139,26 @@ class FederationTestCase: XCTestCase {
             throw HarnessError("scim2-server is not installed at \(exe): run `make venv` (make test does)")
         }
         let p = port ?? freeLoopbackPort()
-        let child = try ChildProcess("/usr/bin/env", ["PYTHONUNBUFFERED=1", exe, "--port", String(p), "--bearer-token", "ref-token"] + arguments)
+        let child = try ChildProcess(
+            "/usr/bin/env", ["PYTHONUNBUFFERED=1", exe, "--port", String(p), "--bearer-token", "ref-token"] + arguments)
         children.append(child)
-        XCTAssertTrue(eventually(seconds: 20) { (try? scim(p, "GET", "/ServiceProviderConfig", token: "ref-token", prefix: "").0) == 200 },
-                      "scim2-server did not start")
+        XCTAssertTrue(
+            eventually(seconds: 20) { (try? scim(p, "GET", "/ServiceProviderConfig", token: "ref-token", prefix: "").0) == 200 },
+            "scim2-server did not start")
         return (child, p)
     }
 }
 
 /// One SCIM request over a fresh connection: status and parsed body.
 @discardableResult
-func scim(_ port: Int, _ method: String, _ path: String, _ body: String = "", token: String = "t",
-          prefix: String = "/scim/v2") throws -> (Int, JSON?) {
+func scim(
+    _ port: Int, _ method: String, _ path: String, _ body: String = "", token: String = "t",
+    prefix: String = "/scim/v2"
+) throws -> (Int, JSON?) {
     let c = try RawClient(port: port)
-    c.send("\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n"
-           + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+    c.send(
+        "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n"
+            + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
     guard let r = c.readResponses(1).first else { return (0, nil) }
     return (r.status, try? JSONParser.parse(r.body))
 }

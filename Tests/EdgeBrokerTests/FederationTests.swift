@@ -1,8 +1,8 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeTLS
-import EdgeTools
 import EdgeTestSupport
+import EdgeTools
 import Foundation
 import SCIM
 import XCTest
@@ -19,15 +19,18 @@ final class FederationTests: FederationTestCase {
         for k in 0..<25 { XCTAssertEqual(try create(up, "us\(k)"), 201) }
         XCTAssertEqual(try create(dp, "same@example.com"), 201)
         XCTAssertEqual(try create(up, "same@example.com"), 201)
-        XCTAssertTrue(eventually(seconds: 30) {
-            self.applied()["acme-de/\(self.deID)"] == 41 && self.applied()["acme-us/\(self.usID)"] == 26
-        }, "broker applied \(applied())")
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                self.applied()["acme-de/\(self.deID)"] == 41 && self.applied()["acme-us/\(self.usID)"] == 26
+            }, "broker applied \(applied())")
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 }, "acknowledged events leave the agent's outbox")
 
         // The relay reports on the agent's /metrics.
         let agentMetrics = try brokerMetrics(deAgent)
-        for line in ["scim_edge_relay_events_acknowledged_total 41", "scim_edge_relay_connected 1", "scim_edge_outbox_events 0",
-                     "scim_edge_relay_events_rejected_total 0", "scim_edge_relay_rtt_seconds_count"] {
+        for line in [
+            "scim_edge_relay_events_acknowledged_total 41", "scim_edge_relay_connected 1", "scim_edge_outbox_events 0",
+            "scim_edge_relay_events_rejected_total 0", "scim_edge_relay_rtt_seconds_count",
+        ] {
             XCTAssertTrue(agentMetrics.contains(line), "agent metrics should contain \(line)")
         }
         XCTAssertTrue(agentMetrics.contains("scim_edge_relay_window "), agentMetrics)
@@ -45,7 +48,9 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try api(apiPort, "/Users", method: "POST").0, 405, "the directory is read-only here")
         XCTAssertEqual(try api(apiPort, "/Users", token: "wrong").0, 401)
         let twice = try RawClient(port: apiPort)
-        twice.send("GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nAuthorization: Bearer other\r\nConnection: close\r\n\r\n")
+        twice.send(
+            "GET /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nAuthorization: Bearer other\r\nConnection: close\r\n\r\n"
+        )
         let refused = try XCTUnwrap(twice.readResponses(1).first)
         XCTAssertEqual(refused.status, 400, "two Authorization fields: \(refused.body)")
         XCTAssertEqual(try JSONParser.parse(refused.body)["scimType"], "invalidSyntax")
@@ -64,9 +69,12 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try api(apiPort, "/Users?cursor=bogus").1?["scimType"], "invalidCursor")
         let metrics = try brokerMetrics(brokerProcess)
         XCTAssertTrue(metrics.contains("scim_broker_events_applied_total 67"), metrics)
-        XCTAssertNotNil(metrics.range(of: #"scim_broker_agent_applied_sequence\{agent="acme-us/\#(usID)",epoch="[0-9a-f]{32}"\} 26\n"#,
-                                      options: .regularExpression), metrics)
-        let samples = metrics.split(separator: "\n").first { $0.hasPrefix("scim_broker_propagation_seconds_count ") }
+        XCTAssertNotNil(
+            metrics.range(
+                of: #"scim_broker_agent_applied_sequence\{agent="acme-us/\#(usID)",epoch="[0-9a-f]{32}"\} 26\n"#,
+                options: .regularExpression), metrics)
+        let samples =
+            metrics.split(separator: "\n").first { $0.hasPrefix("scim_broker_propagation_seconds_count ") }
             .flatMap { Int($0.split(separator: " ")[1]) } ?? 0
         XCTAssertGreaterThan(samples, 0, "propagation is measured from the agents' acceptance times")
         for c in children { c.signal(SIGTERM); XCTAssertEqual(c.waitForExit(), 0) }
@@ -88,14 +96,16 @@ final class FederationTests: FederationTestCase {
         let (_, lp) = try startAgent("liar", cert: de, domain: "acme-us", brokerPort: bp)
         XCTAssertEqual(try create(rp, "intruder"), 201, "the agent itself works")
         XCTAssertEqual(try create(lp, "impostor"), 201)
-        XCTAssertTrue(eventually(seconds: 10) { broker.output.contains { $0.contains("batch claims another domain") } },
-                      "the broker logs the refused batch: \(broker.output)")
+        XCTAssertTrue(
+            eventually(seconds: 10) { broker.output.contains { $0.contains("batch claims another domain") } },
+            "the broker logs the refused batch: \(broker.output)")
         // Both were refused at least once (the rogue at the handshake), so nothing can have been applied since.
-        XCTAssertTrue(eventually(seconds: 10) {
-            guard let m = try? self.brokerMetrics(broker) else { return false }
-            return m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} "#)
-                && !m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} 0"#)
-        }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                guard let m = try? self.brokerMetrics(broker) else { return false }
+                return m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} "#)
+                    && !m.contains(#"scim_broker_tls_handshake_failures_total{reason="untrusted"} 0"#)
+            }, (try? brokerMetrics(broker)) ?? "")
         XCTAssertEqual(applied(), [:], "nothing was applied for either")
         XCTAssertEqual(try outboxEvents("rogue"), 1, "refused events stay in the outbox")
         XCTAssertEqual(try outboxEvents("liar"), 1)
@@ -160,7 +170,6 @@ final class FederationTests: FederationTestCase {
         XCTAssertTrue(eventually(seconds: 10) { self.applied()["acme-de/\(self.deID)"] == 21 })
     }
 
-
     func testEventsRefusedForGoodBecomeDeadLettersAndTheRelayMovesOn() throws {
         let (_, bp) = try startBroker()
         var (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -170,7 +179,8 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(agent.waitForExit(), 0)
         // An event no broker accepts (no such resource type), then a good one.
         let local = try AgentStore(path: dir.file("de"), registry: .standard)
-        let firstID = try XCTUnwrap(try local.query(SchemaRegistry.standard.resourceType("User")!, filter: nil, scanBudget: 10).first?["id"]?.stringValue)
+        let firstID = try XCTUnwrap(
+            try local.query(SchemaRegistry.standard.resourceType("User")!, filter: nil, scanBudget: 10).first?["id"]?.stringValue)
         let ctx = WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "bad", traceID: "bad")
         try local.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Printers/p1", data: [:], ctx)
         try local.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:shred", ref: "/Users/\(firstID)", data: nil, ctx)
@@ -203,8 +213,6 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(try BrokerStore(path: dir.file("broker")).resources(domain: "acme-de").count, 2, "both users, once each")
     }
 
-
-
     func testBrokerBackpressureMakesAgentsHoldTheirEvents() throws {
         let (broker, bp) = try startBroker(extra: ["--max-pending-batches", "0"])
         let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -214,7 +222,6 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(applied(), [:])
         XCTAssertEqual(try outboxEvents("de"), 3, "the agent holds every event")
     }
-
 
     /// Drops, delays, resets and stalled reads between agent and broker:
     /// everything converges, nothing lost, nothing twice.
@@ -234,8 +241,9 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(acked.count, k, "the IdP side never noticed the network")
         proxy.healthy()
         let total = UInt64(acked.count)
-        XCTAssertTrue(eventually(seconds: 120) { self.applied()["acme-de/\(self.deID)"] == total },
-                      "applied \(applied()) of \(total); faults \(proxy.faultCounts)")
+        XCTAssertTrue(
+            eventually(seconds: 120) { self.applied()["acme-de/\(self.deID)"] == total },
+            "applied \(applied()) of \(total); faults \(proxy.faultCounts)")
         let faults = proxy.faultCounts
         XCTAssertGreaterThan(faults.values.reduce(0, +), 5, "the relay reconnected through many faulty connections: \(faults)")
         XCTAssertGreaterThan(faults.filter { $0.key != "pass" }.values.reduce(0, +), 3, "faults were injected: \(faults)")
@@ -245,13 +253,13 @@ final class FederationTests: FederationTestCase {
         XCTAssertEqual(Set(names), Set(acked))
     }
 
-
     func testRevokedAgentCertificateIsRefused() throws {
         let (_, bp) = try startBroker(extra: ["--crl", crl])
         let (agent, dp) = try startAgent("old", cert: revoked, domain: "acme-de", brokerPort: bp)
         XCTAssertEqual(try create(dp, "revoked-user"), 201)
-        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("certificate revoked") } },
-                      "the agent learns why: \(agent.output.suffix(2))")
+        XCTAssertTrue(
+            eventually(seconds: 10) { agent.output.contains { $0.contains("certificate revoked") } },
+            "the agent learns why: \(agent.output.suffix(2))")
         XCTAssertEqual(applied(), [:])
         XCTAssertEqual(try outboxEvents("old"), 1)
         // A valid certificate with the same identity still works.
@@ -260,13 +268,13 @@ final class FederationTests: FederationTestCase {
         XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
     }
 
-
     /// Backpressure ends when the relay drains the outbox, not at the next
     /// write: /readyz and scim_edge_backpressure follow the acknowledgement.
     func testBackpressureEndsWhenTheRelayDrainsTheOutbox() throws {
         let brokerPort = freeLoopbackPort()  // the broker starts once the outbox is full
-        let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: brokerPort,
-                                         extra: ["--admin-listen", "127.0.0.1:0", "--outbox-max-events", "5"])
+        let (agent, dp) = try startAgent(
+            "de", cert: de, domain: "acme-de", brokerPort: brokerPort,
+            extra: ["--admin-listen", "127.0.0.1:0", "--outbox-max-events", "5"])
         let line = try XCTUnwrap(agent.waitForLine("operations at"))
         let adminPort = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
         func admin(_ path: String) -> (Int, String) {
@@ -294,7 +302,9 @@ final class FederationTests: FederationTestCase {
 func createUser(_ port: Int, _ userName: String) throws -> Int {
     let c = try RawClient(port: port)
     let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(userName)"}"#
-    c.send("POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+    c.send(
+        "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+    )
     return c.readResponses(1).first?.status ?? 0
 }
 

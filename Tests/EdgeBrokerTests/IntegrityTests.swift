@@ -49,12 +49,15 @@ final class IntegrityTests: FederationTestCase {
             XCTAssertEqual(try create(bothPort, "both-\(k)"), 201)
         }
         // The positive signal first: all three were refused (and counted), then nothing moved.
-        XCTAssertTrue(eventually(seconds: 20) {
-            guard let m = try? self.brokerMetrics(broker) else { return false }
-            return (self.metricValue(m, #"scim_broker_refused_total{reason="unknown_agent"}"#) ?? 0) >= 2
-                && (self.metricValue(m, #"scim_broker_refused_total{reason="ambiguous_identity"}"#) ?? 0) >= 1
-        }, (try? brokerMetrics(broker)) ?? "")
-        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("certificate matches more than one binding") } }, "\(broker.output)")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                guard let m = try? self.brokerMetrics(broker) else { return false }
+                return (self.metricValue(m, #"scim_broker_refused_total{reason="unknown_agent"}"#) ?? 0) >= 2
+                    && (self.metricValue(m, #"scim_broker_refused_total{reason="ambiguous_identity"}"#) ?? 0) >= 1
+            }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 5) { broker.output.contains { $0.contains("certificate matches more than one binding") } },
+            "\(broker.output)")
         XCTAssertEqual(applied(), ["acme-de/\(deID)": 3], "acme-de's sequence is untouched; nothing applied for the others")
         XCTAssertEqual(brokerResources("acme-de"), 3)
         XCTAssertEqual(brokerResources("acme-us"), 0)
@@ -78,8 +81,9 @@ final class IntegrityTests: FederationTestCase {
         try FileManager.default.removeItem(atPath: dir.file("de"))
         (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         for k in 0..<20 { XCTAssertEqual(try create(dp, "after-\(k)"), 201) }
-        XCTAssertTrue(eventually(seconds: 20) { self.brokerResources("acme-de") == 40 },
-                      "20 of 20 new creates reach the broker: \(brokerResources("acme-de"))")
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.brokerResources("acme-de") == 40 },
+            "20 of 20 new creates reach the broker: \(brokerResources("acme-de"))")
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 })
         let newEpoch = try AgentStore(path: dir.file("de"), registry: .standard).epoch
         XCTAssertNotEqual(oldEpoch, newEpoch)
@@ -105,8 +109,9 @@ final class IntegrityTests: FederationTestCase {
         }
         XCTAssertEqual(group.wait(timeout: .now() + 60), .success)
         XCTAssertEqual(statuses.current.filter { $0 == 201 }.count, 150)
-        XCTAssertTrue(eventually(seconds: 30) { self.brokerResources("acme-de") == 150 },
-                      "150 accepted, \(brokerResources("acme-de")) at the broker")
+        XCTAssertTrue(
+            eventually(seconds: 30) { self.brokerResources("acme-de") == 150 },
+            "150 accepted, \(brokerResources("acme-de")) at the broker")
         XCTAssertEqual(applied()["acme-de/\(deID)"], 150, "two sequences of 75")
     }
 
@@ -116,17 +121,20 @@ final class IntegrityTests: FederationTestCase {
     /// the agent logs and counts a protocol error, resets the connection and
     /// skips nothing: every event reaches the fixture.
     func testOverAcknowledgementIsAProtocolErrorAndSkipsNothing() throws {
-        let fake = try FakeBroker(tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca),
-                                  overAcknowledgeFirst: true)
+        let fake = try FakeBroker(
+            tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca),
+            overAcknowledgeFirst: true)
         defer { _ = fake.harness.stop() }
         let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: fake.harness.port)
         for k in 0..<10 { XCTAssertEqual(try create(dp, "u\(k)"), 201) }
         XCTAssertTrue(eventually(seconds: 20) { agent.output.contains { $0.contains("protocol error") } }, "\(agent.output)")
         for k in 10..<20 { XCTAssertEqual(try create(dp, "u\(k)"), 201) }
-        XCTAssertTrue(eventually(seconds: 30) { fake.state.current.applied == 20 }, "the fixture got \(fake.state.current.applied): \(agent.output)")
+        XCTAssertTrue(
+            eventually(seconds: 30) { fake.state.current.applied == 20 }, "the fixture got \(fake.state.current.applied): \(agent.output)")
         XCTAssertEqual(Set(fake.state.current.received.keys), Set(1...20), "every event, none skipped")
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 })
-        XCTAssertTrue(agent.output.contains { $0.contains("acknowledged through") && $0.contains("has sent only through") }, "\(agent.output)")
+        XCTAssertTrue(
+            agent.output.contains { $0.contains("acknowledged through") && $0.contains("has sent only through") }, "\(agent.output)")
     }
 
     // MARK: anything accepted can be delivered
@@ -178,8 +186,9 @@ final class IntegrityTests: FederationTestCase {
     /// agent splits its batches until that event is alone, and it becomes a
     /// dead letter with the broker's reason; the events after it flow.
     func testAnEventTheBrokerRefusesIsIsolatedAndDeadLettered() throws {
-        let fake = try FakeBroker(tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca),
-                                  refusing: "POISON-PILL")
+        let fake = try FakeBroker(
+            tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca),
+            refusing: "POISON-PILL")
         defer { _ = fake.harness.stop() }
         let (agent, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: fake.harness.port)
         for k in 0..<6 { XCTAssertEqual(try create(dp, "before-\(k)"), 201) }
@@ -220,17 +229,24 @@ extension IntegrityTests {
 
         _ = dir.write("live.crl", try authority.revocationList(revoking: [leaf.serial]))
         broker.signal(SIGHUP)
-        XCTAssertTrue(eventually(seconds: 10) { broker.output.contains { $0.contains("closed an agent connection") && $0.contains("revoked") } },
-                      "\(broker.output.suffix(5))")
-        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("reloaded") && $0.contains("1 agent connection closed") } },
-                      "\(broker.output.suffix(5))")
+        XCTAssertTrue(
+            eventually(seconds: 10) { broker.output.contains { $0.contains("closed an agent connection") && $0.contains("revoked") } },
+            "\(broker.output.suffix(5))")
+        XCTAssertTrue(
+            eventually(seconds: 5) { broker.output.contains { $0.contains("reloaded") && $0.contains("1 agent connection closed") } },
+            "\(broker.output.suffix(5))")
         XCTAssertEqual(try create(dp, "after"), 201)
-        XCTAssertTrue(eventually(seconds: 20) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="revoked"}"#) } ?? 0 >= 1
-        }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                (try? self.brokerMetrics(broker)).flatMap {
+                    self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="revoked"}"#)
+                } ?? 0 >= 1
+            }, (try? brokerMetrics(broker)) ?? "")
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metricValue(metrics, "scim_broker_certificate_closures_total"), 1, metrics)
-        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("TLS handshake with the broker failed") } }, "\(agent.output.suffix(3))")
+        XCTAssertTrue(
+            eventually(seconds: 10) { agent.output.contains { $0.contains("TLS handshake with the broker failed") } },
+            "\(agent.output.suffix(3))")
         XCTAssertFalse(agent.output.contains { $0.contains("broker unreachable") && $0.contains("revoked") }, "\(agent.output)")
         XCTAssertGreaterThanOrEqual(metricValue(try agentMetrics(agent), "scim_edge_relay_tls_failures_total") ?? 0, 1)
         XCTAssertEqual(applied()["acme-de/\(deID)"], 3, "nothing after the revocation")
@@ -245,13 +261,17 @@ extension IntegrityTests {
         let (_, dp) = try startAgent("de", cert: cert, domain: "acme-de", brokerPort: bp)
         XCTAssertEqual(try create(dp, "in-time"), 201)
         XCTAssertTrue(eventually(seconds: 3) { self.applied()["acme-de/\(self.deID)"] == 1 }, "delivered while valid")
-        XCTAssertTrue(eventually(seconds: 15) {
-            broker.output.contains { $0.contains("closed an agent connection") && $0.contains("expired") }
-        }, "\(broker.output.suffix(5))")
+        XCTAssertTrue(
+            eventually(seconds: 15) {
+                broker.output.contains { $0.contains("closed an agent connection") && $0.contains("expired") }
+            }, "\(broker.output.suffix(5))")
         XCTAssertEqual(try create(dp, "too-late"), 201)
-        XCTAssertTrue(eventually(seconds: 20) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="expired"}"#) } ?? 0 >= 1
-        }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                (try? self.brokerMetrics(broker)).flatMap {
+                    self.metricValue($0, #"scim_broker_tls_handshake_failures_total{reason="expired"}"#)
+                } ?? 0 >= 1
+            }, (try? brokerMetrics(broker)) ?? "")
         XCTAssertEqual(applied()["acme-de/\(deID)"], 1)
     }
 
@@ -276,8 +296,9 @@ extension IntegrityTests {
         _ = dir.write("rot.crt", second.certificatePEM)
         _ = dir.write("rot.key", second.privateKeyPEM)
         agent.signal(SIGHUP)
-        XCTAssertTrue(eventually(seconds: 10) { agent.output.contains { $0.contains("reloaded") && $0.contains("relay certificate") } },
-                      "\(agent.output.suffix(3))")
+        XCTAssertTrue(
+            eventually(seconds: 10) { agent.output.contains { $0.contains("reloaded") && $0.contains("relay certificate") } },
+            "\(agent.output.suffix(3))")
         XCTAssertEqual(try create(dp, "two"), 201)
         XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 2 })
         let after = try XCTUnwrap(metricValue(try brokerMetrics(broker), name))
@@ -301,12 +322,18 @@ final class FakeBroker: Sendable {
 
     init(tls: TLSConfiguration, overAcknowledgeFirst: Bool = false, refusing marker: String? = nil) throws {
         let state = self.state
-        harness = try ServerHarness(tls: tls, limits: { var l = HTTPServerLimits(); l.maxBodyBytes = 64 << 20; return l }()) { request, _, responder in
+        harness = try ServerHarness(
+            tls: tls,
+            limits: {
+                var l = HTTPServerLimits(); l.maxBodyBytes = 64 << 20; return l
+            }()
+        ) { request, _, responder in
             func answer(_ status: Int, _ body: JSON) {
                 responder.respond(HTTPResponse(status: status, headers: ["Content-Type": "application/json"], body: body.serialized()))
             }
             if let marker, request.body.count >= marker.utf8.count,
-               String(decoding: request.body, as: UTF8.self).contains(marker) {
+                String(decoding: request.body, as: UTF8.self).contains(marker)
+            {
                 answer(400, ["error": "invalid_request", "description": "this broker refuses that event"])
                 return
             }

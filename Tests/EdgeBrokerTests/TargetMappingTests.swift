@@ -1,8 +1,9 @@
-@testable import EdgeBroker
 import EdgeLoop
 import EdgeTestSupport
 import SCIM
 import XCTest
+
+@testable import EdgeBroker
 
 /// The body a target receives and the PATCH that brings it up to date.
 final class TargetMappingTests: XCTestCase {
@@ -36,11 +37,13 @@ final class TargetMappingTests: XCTestCase {
         let old: JSONObject = ["schemas": ["u"], "userName": "ana", "title": "Engineer", "nickName": "an", "active": true]
         let new: JSONObject = ["schemas": ["u"], "userName": "ana", "title": "Manager", "active": true, "locale": "pt-BR"]
         let ops = patchOperations(from: old, to: new)
-        XCTAssertEqual(ops, [
-            ["op": "replace", "path": "title", "value": "Manager"],
-            ["op": "replace", "path": "locale", "value": "pt-BR"],
-            ["op": "remove", "path": "nickName"],
-        ])
+        XCTAssertEqual(
+            ops,
+            [
+                ["op": "replace", "path": "title", "value": "Manager"],
+                ["op": "replace", "path": "locale", "value": "pt-BR"],
+                ["op": "remove", "path": "nickName"],
+            ])
         XCTAssertEqual(patchOperations(from: new, to: new), [], "nothing changed: nothing to send")
     }
 
@@ -50,21 +53,25 @@ final class TargetMappingTests: XCTestCase {
         let ext = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
         let old: JSONObject = ["name": ["givenName": "Ana", "middleName": "M"], ext: ["employeeNumber": "1", "department": "d"]]
         let new: JSONObject = ["name": ["givenName": "Ana"], ext: ["employeeNumber": "1"]]
-        XCTAssertEqual(patchOperations(from: old, to: new), [
-            ["op": "replace", "path": "name", "value": ["givenName": "Ana"]],
-            ["op": "remove", "path": "name.middleName"],
-            ["op": "replace", "path": .string(ext), "value": ["employeeNumber": "1"]],
-            ["op": "remove", "path": .string(ext + ":department")],
-        ])
+        XCTAssertEqual(
+            patchOperations(from: old, to: new),
+            [
+                ["op": "replace", "path": "name", "value": ["givenName": "Ana"]],
+                ["op": "remove", "path": "name.middleName"],
+                ["op": "replace", "path": .string(ext), "value": ["employeeNumber": "1"]],
+                ["op": "remove", "path": .string(ext + ":department")],
+            ])
     }
 
     func testGroupMembersAreAddedAndRemovedByValue() {
         let old: JSONObject = ["displayName": "g", "members": [["value": "a"], ["value": "b"]]]
         let new: JSONObject = ["displayName": "g", "members": [["value": "b"], ["value": "c"]]]
-        XCTAssertEqual(patchOperations(from: old, to: new), [
-            ["op": "add", "path": "members", "value": [["value": "c"]]],
-            ["op": "remove", "path": "members[value eq \"a\"]"],
-        ])
+        XCTAssertEqual(
+            patchOperations(from: old, to: new),
+            [
+                ["op": "add", "path": "members", "value": [["value": "c"]]],
+                ["op": "remove", "path": "members[value eq \"a\"]"],
+            ])
     }
 
     func testTargetURLs() throws {
@@ -79,8 +86,9 @@ final class TargetMappingTests: XCTestCase {
         XCTAssertEqual(s.basePath, "/tenant/42/scim")
         XCTAssertThrowsError(try TargetConfiguration(name: "x", url: "http://:80"))
         XCTAssertThrowsError(try TargetConfiguration(name: "x", url: "http://h:0"))
-        XCTAssertNil(try TargetConfiguration(name: "x", url: "http://no-such-host.invalid:80").resolveAddress(),
-                     "names resolve when the worker connects, not when the config is read")
+        XCTAssertNil(
+            try TargetConfiguration(name: "x", url: "http://no-such-host.invalid:80").resolveAddress(),
+            "names resolve when the worker connects, not when the config is read")
     }
 
     func testReconcileComparesWhatTheBrokerSends() {

@@ -18,8 +18,11 @@ extension FanoutTests {
         let accepted = Locked("Bearer new-token")
         let proxy = try ServerHarness { request, _, responder in
             guard request.headers["Authorization"] == accepted.current || request.path.hasSuffix("/ServiceProviderConfig") else {
-                responder.respond(HTTPResponse(status: 401, headers: ["Content-Type": "application/scim+json"],
-                                               body: Array(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401","detail":"token expired"}"#.utf8)))
+                responder.respond(
+                    HTTPResponse(
+                        status: 401, headers: ["Content-Type": "application/scim+json"],
+                        body: Array(
+                            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401","detail":"token expired"}"#.utf8)))
                 return
             }
             var forwarded = request
@@ -30,14 +33,20 @@ extension FanoutTests {
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port, token: "old-token"))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         for k in 0..<5 { _ = try newUser(dp, "waiting-\(k)") }
-        XCTAssertTrue(eventually(seconds: 20) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 1
-        }, (try? brokerMetrics(broker)) ?? "")
-        XCTAssertTrue(eventually(seconds: 10) {
-            ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("app\tcredentials-refused\tqueued 5")
-        }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
-        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("refused the credentials") && $0.contains("\"level\":\"error\"") } },
-                      "\(broker.output)")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 1
+            }, (try? brokerMetrics(broker)) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains(
+                    "app\tcredentials-refused\tqueued 5")
+            }, (try? brokerCLI(["targets", "status", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                broker.output.contains { $0.contains("refused the credentials") && $0.contains("\"level\":\"error\"") }
+            },
+            "\(broker.output)")
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, "no change is blamed for the token")
         XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)
@@ -45,12 +54,15 @@ extension FanoutTests {
 
         _ = dir.write("app.token", "new-token\n")
         broker.signal(SIGHUP)
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 },
-                      "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
-        XCTAssertTrue(eventually(seconds: 10) {
-            (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 0
-        })
-        XCTAssertTrue(eventually(seconds: 5) { broker.output.contains { $0.contains("accepts the credentials again") } }, "\(broker.output)")
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 },
+            "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_credentials_refused{target="app"}"#) } == 0
+            })
+        XCTAssertTrue(
+            eventually(seconds: 5) { broker.output.contains { $0.contains("accepts the credentials again") } }, "\(broker.output)")
         XCTAssertEqual(try brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1, "")
     }
 
@@ -61,13 +73,17 @@ extension FanoutTests {
     /// with the target's answer at once.
     func testNotImplementedIsNeverRetriedAndAPatchFallsBackToPut() throws {
         let (_, appPort) = try startAppAgent("app")
-        let notImplemented = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"501","detail":"filtered member removal is not implemented"}"#
+        let notImplemented =
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"501","detail":"filtered member removal is not implemented"}"#
         let refusals = Locked(0)
         let proxy = try ServerHarness { request, _, responder in
             let body = String(decoding: request.body, as: UTF8.self)
-            if (request.method == "PATCH" && body.contains("members[value eq")) || (request.method == "POST" && body.contains("unimplemented")) {
+            if (request.method == "PATCH" && body.contains("members[value eq"))
+                || (request.method == "POST" && body.contains("unimplemented"))
+            {
                 refusals.withLock { $0 += 1 }
-                responder.respond(HTTPResponse(status: 501, headers: ["Content-Type": "application/scim+json"], body: Array(notImplemented.utf8)))
+                responder.respond(
+                    HTTPResponse(status: 501, headers: ["Content-Type": "application/scim+json"], body: Array(notImplemented.utf8)))
                 return
             }
             responder.respond(forward(request, to: appPort))
@@ -76,20 +92,27 @@ extension FanoutTests {
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port, extra: "    breakerThreshold: 2"))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let alice = try newUser(dp, "alice"), bob = try newUser(dp, "bob")
-        let (status, group) = try idp(dp, "POST", "/Groups",
-                                      #"{"schemas":["\#(groupSchema)"],"displayName":"team","members":[{"value":"\#(alice)"},{"value":"\#(bob)"}]}"#)
+        let (status, group) = try idp(
+            dp, "POST", "/Groups",
+            #"{"schemas":["\#(groupSchema)"],"displayName":"team","members":[{"value":"\#(alice)"},{"value":"\#(bob)"}]}"#)
         XCTAssertEqual(status, 201)
         let groupID = try XCTUnwrap(group?["id"]?.stringValue)
-        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 2 })
-        XCTAssertEqual(try idp(dp, "PATCH", "/Groups/\(groupID)",
-                               #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"remove","path":"members[value eq \"\#(alice)\"]"}]}"#).0, 200)
-        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 1 },
-                      "the removal arrives as a PUT: \(groups(appPort, token: "t", prefix: "/scim/v2"))")
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 2 })
+        XCTAssertEqual(
+            try idp(
+                dp, "PATCH", "/Groups/\(groupID)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"remove","path":"members[value eq \"\#(alice)\"]"}]}"#
+            ).0, 200)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 1 },
+            "the removal arrives as a PUT: \(groups(appPort, token: "t", prefix: "/scim/v2"))")
         XCTAssertEqual(refusals.current, 1, "the 501 form was tried once, then PUT")
         _ = try newUser(dp, "unimplemented")
-        XCTAssertTrue(eventually(seconds: 20) {
-            ((try? self.brokerCLI(["deadletter", "list", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("501")
-        }, (try? brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1) ?? "")
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                ((try? self.brokerCLI(["deadletter", "list", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("501")
+            }, (try? brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1) ?? "")
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_retries_total{target="app"}"#), 0, metrics)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)

@@ -19,13 +19,16 @@ final class HTTPClientTests: XCTestCase {
 
     /// Sends `requests` from a client on its own loop; returns one line per
     /// request (`status body` or `error …`) and the client's connection count.
-    func exchange(port: Int, host: String = "127.0.0.1", tls: TLSConfiguration? = nil, serverName: String? = nil,
-                  options: HTTPClientOptions = HTTPClientOptions(), sequential: Bool = false,
-                  _ requests: [HTTPRequest]) throws -> (lines: [String], connections: Int) {
+    func exchange(
+        port: Int, host: String = "127.0.0.1", tls: TLSConfiguration? = nil, serverName: String? = nil,
+        options: HTTPClientOptions = HTTPClientOptions(), sequential: Bool = false,
+        _ requests: [HTTPRequest]
+    ) throws -> (lines: [String], connections: Int) {
         let (result, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in
             let context = try tls.map { try TLSContext(role: .client, configuration: $0) }
-            let client = HTTPClient(loop: loop, address: SocketAddress(host: host, port: port), tls: context,
-                                    serverName: serverName, options: options)
+            let client = HTTPClient(
+                loop: loop, address: SocketAddress(host: host, port: port), tls: context,
+                serverName: serverName, options: options)
             var lines = [String](repeating: "", count: requests.count)
             var done = 0
             func complete(_ i: Int, _ r: Result<HTTPResponse, HTTPClientError>) {
@@ -143,8 +146,12 @@ final class HTTPClientTests: XCTestCase {
         options.maxQueued = 3
         // Five sent at once before the connection is up: three wait, two are refused.
         let r = try exchange(port: server.port, options: options, (0..<5).map { get("/q\($0)") })
-        XCTAssertEqual(r.lines, ["200 /q0 GET", "200 /q1 GET", "200 /q2 GET",
-                                 "error more than 3 requests waiting", "error more than 3 requests waiting"])
+        XCTAssertEqual(
+            r.lines,
+            [
+                "200 /q0 GET", "200 /q1 GET", "200 /q2 GET",
+                "error more than 3 requests waiting", "error more than 3 requests waiting",
+            ])
         XCTAssertEqual(server.stop(), 0)
     }
 
@@ -162,8 +169,9 @@ final class HTTPClientTests: XCTestCase {
     func testMutualTLSRequestCarriesTheClientIdentity() throws {
         let server = try harness(tls: pki.serverConfig())
         for host in ["127.0.0.1", "localhost"] {
-            let r = try exchange(port: server.port, tls: pki.clientConfig(), serverName: host == "localhost" ? "localhost" : nil,
-                                 (0..<5).map { _ in get("/whoami") })
+            let r = try exchange(
+                port: server.port, tls: pki.clientConfig(), serverName: host == "localhost" ? "localhost" : nil,
+                (0..<5).map { _ in get("/whoami") })
             XCTAssertEqual(r.lines, Array(repeating: "200 \(pki.clientURI)", count: 5))
             XCTAssertEqual(r.connections, 1)
         }
@@ -175,12 +183,18 @@ final class HTTPClientTests: XCTestCase {
         let server = try harness(tls: pki.serverConfig())
         let cases: [(String, TLSConfiguration, String, String)] = [
             ("no client certificate", pki.clientConfig(noCert: true), "certificate required", "peer did not return a certificate"),
-            ("other CA", pki.clientConfig(cert: pki.otherCAClientCert, key: pki.otherCAClientKey), "unknown ca",
-             "unable to get local issuer certificate"),
-            ("expired", pki.clientConfig(cert: pki.expiredClientCert, key: pki.expiredClientKey), "certificate expired",
-             "certificate has expired"),
-            ("revoked", pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey), "certificate revoked",
-             "certificate revoked"),
+            (
+                "other CA", pki.clientConfig(cert: pki.otherCAClientCert, key: pki.otherCAClientKey), "unknown ca",
+                "unable to get local issuer certificate"
+            ),
+            (
+                "expired", pki.clientConfig(cert: pki.expiredClientCert, key: pki.expiredClientKey), "certificate expired",
+                "certificate has expired"
+            ),
+            (
+                "revoked", pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey), "certificate revoked",
+                "certificate revoked"
+            ),
         ]
         for (i, (name, config, clientSees, serverSees)) in cases.enumerated() {
             let r = try exchange(port: server.port, tls: config, [get("/whoami")])

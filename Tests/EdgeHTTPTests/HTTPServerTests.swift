@@ -1,5 +1,6 @@
 import EdgeHTTP
 import EdgeLoop
+import EdgeTLS
 import EdgeTestSupport
 import Foundation
 import XCTest
@@ -20,8 +21,10 @@ import XCTest
     } else if path.hasPrefix("/big/"), let n = Int(path.dropFirst(5)) {
         responder.respond(HTTPResponse(status: 200, body: [UInt8](repeating: 65, count: n)))
     } else if path == "/whoami" {
-        responder.respond(HTTPResponse(status: 200, contentType: "text/plain",
-                                       body: context.peerIdentity?.uris.joined(separator: ",") ?? "anonymous"))
+        responder.respond(
+            HTTPResponse(
+                status: 200, contentType: "text/plain",
+                body: context.peerIdentity?.uris.joined(separator: ",") ?? "anonymous"))
     } else {
         responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "\(path) \(request.method)"))
     }
@@ -30,14 +33,16 @@ import XCTest
 /// The loop of the server under test (set on its thread by `harness`).
 nonisolated(unsafe) var currentLoop: EventLoop?
 
-func harness(limits: HTTPServerLimits = HTTPServerLimits(), tls: TLSConfiguration? = nil,
-             handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void = testHandler) throws -> ServerHarness {
+func harness(
+    limits: HTTPServerLimits = HTTPServerLimits(), tls: TLSConfiguration? = nil,
+    handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void = testHandler
+) throws -> ServerHarness {
     let h = try ServerHarness(tls: tls, limits: limits, handler: handler)
-    _ = h.onLoop { server in currentLoop = server.loop; return true }
+    _ = h.onLoop { server in
+        currentLoop = server.loop; return true
+    }
     return h
 }
-
-import EdgeTLS
 
 final class HTTPServerTests: XCTestCase {
     func testKeepAliveServesSeveralRequestsOnOneConnection() throws {
@@ -58,8 +63,9 @@ final class HTTPServerTests: XCTestCase {
     func testPipelinedRequestsAreAnsweredInOrderEvenWhenHandlersFinishOutOfOrder() throws {
         let server = try harness()
         let client = try RawClient(port: server.port)
-        client.send("GET /slow/80 HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
-                    + "GET /slow/30 HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nlast")
+        client.send(
+            "GET /slow/80 HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
+                + "GET /slow/30 HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nlast")
         let r = client.readResponses(4)
         XCTAssertEqual(r.map(\.body), ["/slow/80", "/fast GET", "/slow/30", "last"])
         XCTAssertEqual(server.stop(), 0)
@@ -68,7 +74,9 @@ final class HTTPServerTests: XCTestCase {
     func testChunkedAndContentLengthBodies() throws {
         let server = try harness()
         let client = try RawClient(port: server.port)
-        client.send("POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: t\r\n\r\n")
+        client.send(
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: t\r\n\r\n"
+        )
         XCTAssertEqual(client.readResponses(1).first?.body, "hello, world")
         client.send("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
         XCTAssertEqual(client.readResponses(1).first?.body, "abc")
@@ -127,7 +135,10 @@ final class HTTPServerTests: XCTestCase {
             ("bad version token", "GET / HTPT/1.1\r\nHost: x\r\n\r\n", 400),
             ("unsupported version", "GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
             ("HTTP/0.9 style", "GET /\r\n\r\n", 400),
-            ("CL and TE (smuggling)", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+            (
+                "CL and TE (smuggling)",
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400
+            ),
             ("duplicate Content-Length", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
             ("negative Content-Length", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
             ("TE not ending in chunked", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
@@ -138,7 +149,11 @@ final class HTTPServerTests: XCTestCase {
             ("header block too large", hugeHeader, 431),
             ("too many headers", manyHeaders, 431),
             ("body too large by length", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
-            ("chunked body too large", "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + String(repeating: "b", count: 2048) + "\r\n0\r\n\r\n", 413),
+            (
+                "chunked body too large",
+                "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + String(repeating: "b", count: 2048)
+                    + "\r\n0\r\n\r\n", 413
+            ),
             ("unknown expectation", "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nExpect: magic\r\n\r\nx", 417),
             ("NUL in header", "GET / HTTP/1.1\r\nHost: x\u{0}y\r\n\r\n", 400),
             ("request line without CRLF", "GET / HTTP/1.1\nHost: x\r\n\r\n", 400),

@@ -15,8 +15,9 @@ final class ServiceLifecycleTests: XCTestCase {
     func probe(port: Int, pki: TestPKI, serverName: String) throws -> String {
         let (line, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable (String) -> Void) in
             let ctx = try TLSContext(role: .client, configuration: pki.clientConfig(noCert: true))
-            let client = HTTPClient(loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: ctx,
-                                    serverName: serverName)
+            let client = HTTPClient(
+                loop: loop, address: SocketAddress(host: "127.0.0.1", port: port), tls: ctx,
+                serverName: serverName)
             client.send(HTTPRequest(method: "GET", target: "/")) { r in
                 client.close()
                 switch r {

@@ -119,14 +119,16 @@ final class LoopTests: XCTestCase {
         let (result, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([Bool]) -> Void) in
             let loopThread = pthread_self()
             let workThread = Locked<pthread_t?>(nil)
-            loop.offload({
-                usleep(20_000)  // blocking work must not block the loop
-                workThread.withLock { $0 = pthread_self() }
-            }, then: {
-                let onLoop = pthread_equal(pthread_self(), loopThread) != 0
-                let offLoop = pthread_equal(workThread.current!, loopThread) == 0
-                finish([onLoop, offLoop])
-            })
+            loop.offload(
+                {
+                    usleep(20_000)  // blocking work must not block the loop
+                    workThread.withLock { $0 = pthread_self() }
+                },
+                then: {
+                    let onLoop = pthread_equal(pthread_self(), loopThread) != 0
+                    let offLoop = pthread_equal(workThread.current!, loopThread) == 0
+                    finish([onLoop, offLoop])
+                })
         }
         XCTAssertEqual(result, [true, true])
         XCTAssertEqual(leftOpen, 0)
@@ -143,14 +145,16 @@ final class LoopTests: XCTestCase {
                 keep.close()
                 finish(received)
             }
-            watchers.append(try SignalWatcher(loop: loop, signal: SIGHUP) { sig in
-                received.append(sig)
-                kill(getpid(), SIGUSR2)
-            })
-            watchers.append(try SignalWatcher(loop: loop, signal: SIGUSR2) { sig in
-                received.append(sig)
-                done()
-            })
+            watchers.append(
+                try SignalWatcher(loop: loop, signal: SIGHUP) { sig in
+                    received.append(sig)
+                    kill(getpid(), SIGUSR2)
+                })
+            watchers.append(
+                try SignalWatcher(loop: loop, signal: SIGUSR2) { sig in
+                    received.append(sig)
+                    done()
+                })
             kill(getpid(), SIGHUP)
         }
         XCTAssertEqual(got, [SIGHUP, SIGUSR2])

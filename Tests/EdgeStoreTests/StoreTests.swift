@@ -61,7 +61,9 @@ final class StoreTests: XCTestCase {
         try env.write { txn in for n in numbers { try txn.put(outbox, n.bigEndianBytes, Array("\(n)".utf8)) } }
         var seen: [UInt64] = []
         try env.read { txn in
-            try txn.scan(outbox) { k, _ in seen.append(UInt64(bigEndianBytes: k)!); return true }
+            try txn.scan(outbox) { k, _ in
+                seen.append(UInt64(bigEndianBytes: k)!); return true
+            }
         }
         XCTAssertEqual(seen, numbers.sorted())
         var range: [UInt64] = []
@@ -90,10 +92,11 @@ final class StoreTests: XCTestCase {
         struct Boom: Error {}
         try env.write { txn in
             try txn.put(db, key("outer"), [1])
-            XCTAssertThrowsError(try txn.nested { sub in
-                try sub.put(db, self.key("inner"), [2])
-                throw Boom()
-            })
+            XCTAssertThrowsError(
+                try txn.nested { sub in
+                    try sub.put(db, self.key("inner"), [2])
+                    throw Boom()
+                })
             try txn.nested { sub in try sub.put(db, self.key("kept"), [3]) }
         }
         try env.read { txn in
@@ -142,7 +145,9 @@ final class StoreTests: XCTestCase {
             var outcomes: [String] = Array(repeating: "", count: 40)
             var remaining = 40
             // A slow first write holds the writer thread while the others queue.
-            writer.submit({ _ in usleep(50_000); return -1 }) { _ in }
+            writer.submit({ _ in
+                usleep(50_000); return -1
+            }) { _ in }
             while writer.statistics.batches == 0 { usleep(100) }
             for i in 0..<40 {
                 writer.submit({ txn in

@@ -51,7 +51,13 @@ final class TLSTests: XCTestCase {
                 move(s, c)
             }
             let r = buf.withUnsafeMutableBytes { c.read(into: $0) }
-            if case .data(4) = r { out.client = "ok" } else if case .failed(let e) = r { out.client = "failed: \(e)" } else { out.client = "read: \(r)" }
+            if case .data(4) = r {
+                out.client = "ok"
+            } else if case .failed(let e) = r {
+                out.client = "failed: \(e)"
+            } else {
+                out.client = "read: \(r)"
+            }
         }
         out.serverSawClient = s.peerIdentity
         out.clientSawServer = c.peerIdentity
@@ -105,27 +111,31 @@ final class TLSTests: XCTestCase {
     }
 
     func testClientFromAnotherCAIsRefusedOnBothSides() throws {
-        let o = try connect(server: pki.serverConfig(),
-                            client: pki.clientConfig(cert: pki.otherCAClientCert, key: pki.otherCAClientKey))
+        let o = try connect(
+            server: pki.serverConfig(),
+            client: pki.clientConfig(cert: pki.otherCAClientCert, key: pki.otherCAClientKey))
         XCTAssertTrue(o.server.contains("unable to get local issuer certificate"), o.server)
         XCTAssertTrue(o.client.hasPrefix("failed:") && o.client.contains("unknown ca"), o.client)
     }
 
     func testExpiredClientIsRefusedOnBothSides() throws {
-        let o = try connect(server: pki.serverConfig(),
-                            client: pki.clientConfig(cert: pki.expiredClientCert, key: pki.expiredClientKey))
+        let o = try connect(
+            server: pki.serverConfig(),
+            client: pki.clientConfig(cert: pki.expiredClientCert, key: pki.expiredClientKey))
         XCTAssertTrue(o.server.contains("certificate has expired"), o.server)
         XCTAssertTrue(o.client.hasPrefix("failed:") && o.client.contains("certificate expired"), o.client)
     }
 
     func testRevokedClientIsRefusedOnBothSides() throws {
-        let o = try connect(server: pki.serverConfig(crl: true),
-                            client: pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey))
+        let o = try connect(
+            server: pki.serverConfig(crl: true),
+            client: pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey))
         XCTAssertTrue(o.server.contains("certificate revoked"), o.server)
         XCTAssertTrue(o.client.hasPrefix("failed:") && o.client.contains("certificate revoked"), o.client)
         // Without the CRL the same certificate is accepted: the CRL is what refuses it.
-        let without = try connect(server: pki.serverConfig(crl: false),
-                                  client: pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey))
+        let without = try connect(
+            server: pki.serverConfig(crl: false),
+            client: pki.clientConfig(cert: pki.revokedClientCert, key: pki.revokedClientKey))
         XCTAssertEqual(without.server, "ok")
     }
 
@@ -168,18 +178,29 @@ final class TLSTests: XCTestCase {
     }
 
     func testErrorsCarryTheOpenSSLErrorQueue() {
-        XCTAssertThrowsError(try TLSContext(role: .server, configuration: TLSConfiguration(
-            certificateChainFile: "/nonexistent/cert.pem", privateKeyFile: "/nonexistent/key.pem"))) { error in
+        XCTAssertThrowsError(
+            try TLSContext(
+                role: .server,
+                configuration: TLSConfiguration(
+                    certificateChainFile: "/nonexistent/cert.pem", privateKeyFile: "/nonexistent/key.pem"))
+        ) { error in
             let e = error as! TLSError
             XCTAssertTrue(e.operation.contains("/nonexistent/cert.pem"))
             XCTAssertFalse(e.reasons.isEmpty, "the OpenSSL error queue is kept")
         }
-        XCTAssertThrowsError(try TLSContext(role: .server, configuration: TLSConfiguration(
-            certificateChainFile: pki.serverCert, privateKeyFile: pki.clientKey))) { error in
+        XCTAssertThrowsError(
+            try TLSContext(
+                role: .server,
+                configuration: TLSConfiguration(
+                    certificateChainFile: pki.serverCert, privateKeyFile: pki.clientKey))
+        ) { error in
             XCTAssertTrue("\(error)".contains("key values mismatch"), "\(error)")
         }
         let notCRL = dir.write("empty.crl", "")
-        XCTAssertThrowsError(try TLSContext(role: .server, configuration: TLSConfiguration(
-            certificateChainFile: pki.serverCert, privateKeyFile: pki.serverKey, trustRootsFile: pki.caFile, crlFile: notCRL)))
+        XCTAssertThrowsError(
+            try TLSContext(
+                role: .server,
+                configuration: TLSConfiguration(
+                    certificateChainFile: pki.serverCert, privateKeyFile: pki.serverKey, trustRootsFile: pki.caFile, crlFile: notCRL)))
     }
 }

@@ -1,9 +1,9 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeTLS
 // Shared by the test targets only. Foundation is fine here: this module is
 // never linked into the agent or broker binaries.
 import Foundation
-import EdgeLoop
-import EdgeTLS
-import EdgeHTTP
 
 /// A fresh directory under the system temp dir, removed by `remove()`.
 public final class TempDirectory: @unchecked Sendable {  // immutable after init
@@ -47,29 +47,46 @@ public struct TestPKI: Sendable {
         }
         caFile = dir.write("ca.crt", ca.certificatePEM)
         otherCAFile = dir.write("other-ca.crt", other.certificatePEM)
-        (serverCert, serverKey) = save("server", try ca.issue(CertificateRequest(
-            commonName: "broker.test", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"])))
-        (wrongHostServerCert, wrongHostServerKey) = save("wrong-host", try ca.issue(CertificateRequest(
-            commonName: "wrong.example", dnsNames: ["wrong.example"])))
-        (clientCert, clientKey) = save("client", try ca.issue(CertificateRequest(
-            commonName: "agent-1", dnsNames: ["agent-1.acme-de.test"], uris: [clientURI])))
-        (otherCAClientCert, otherCAClientKey) = save("other-client", try other.issue(CertificateRequest(
-            commonName: "agent-1", uris: [clientURI])))
-        (expiredClientCert, expiredClientKey) = save("expired", try ca.issue(CertificateRequest(
-            commonName: "agent-expired", notBeforeOffset: -10 * 86400, notAfterOffset: -86400)))
+        (serverCert, serverKey) = save(
+            "server",
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "broker.test", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"])))
+        (wrongHostServerCert, wrongHostServerKey) = save(
+            "wrong-host",
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "wrong.example", dnsNames: ["wrong.example"])))
+        (clientCert, clientKey) = save(
+            "client",
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "agent-1", dnsNames: ["agent-1.acme-de.test"], uris: [clientURI])))
+        (otherCAClientCert, otherCAClientKey) = save(
+            "other-client",
+            try other.issue(
+                CertificateRequest(
+                    commonName: "agent-1", uris: [clientURI])))
+        (expiredClientCert, expiredClientKey) = save(
+            "expired",
+            try ca.issue(
+                CertificateRequest(
+                    commonName: "agent-expired", notBeforeOffset: -10 * 86400, notAfterOffset: -86400)))
         let revoked = try ca.issue(CertificateRequest(commonName: "agent-revoked"))
         (revokedClientCert, revokedClientKey) = save("revoked", revoked)
         crlFile = dir.write("ca.crl", try ca.revocationList(revoking: [revoked.serial]))
     }
 
     public func serverConfig(crl: Bool = true, requireClient: Bool = true) -> TLSConfiguration {
-        TLSConfiguration(certificateChainFile: serverCert, privateKeyFile: serverKey, trustRootsFile: caFile,
-                         crlFile: crl ? crlFile : nil, verifyPeer: requireClient)
+        TLSConfiguration(
+            certificateChainFile: serverCert, privateKeyFile: serverKey, trustRootsFile: caFile,
+            crlFile: crl ? crlFile : nil, verifyPeer: requireClient)
     }
 
     public func clientConfig(cert: String? = nil, key: String? = nil, noCert: Bool = false) -> TLSConfiguration {
-        TLSConfiguration(certificateChainFile: noCert ? nil : (cert ?? clientCert),
-                         privateKeyFile: noCert ? nil : (key ?? clientKey), trustRootsFile: caFile)
+        TLSConfiguration(
+            certificateChainFile: noCert ? nil : (cert ?? clientCert),
+            privateKeyFile: noCert ? nil : (key ?? clientKey), trustRootsFile: caFile)
     }
 }
 
@@ -164,15 +181,18 @@ public final class ServerHarness: Sendable {
     private let server: LoopBound<HTTPServer>
     public let tlsFailures = Locked<[String]>([])
 
-    public init(tls: TLSConfiguration? = nil, limits: HTTPServerLimits = HTTPServerLimits(),
-                host: String = "127.0.0.1",
-                handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void) throws {
+    public init(
+        tls: TLSConfiguration? = nil, limits: HTTPServerLimits = HTTPServerLimits(),
+        host: String = "127.0.0.1",
+        handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void
+    ) throws {
         let ready = OneShot<LoopBound<HTTPServer>>()
         let failures = tlsFailures
         thread = try LoopThread.start { loop in
             let context = try tls.map { try ReloadableTLSContext(role: .server, configuration: $0) }
-            let server = try HTTPServer(loop: loop, address: SocketAddress(host: host, port: 0), tls: context,
-                                        limits: limits, handler: handler)
+            let server = try HTTPServer(
+                loop: loop, address: SocketAddress(host: host, port: 0), tls: context,
+                limits: limits, handler: handler)
             server.onTLSFailure = { error, _ in failures.withLock { $0.append(error.description) } }
             ready.fulfil(LoopBound(server))
         }
@@ -207,9 +227,12 @@ extension LoopInbox {
 /// Runs `body` on a fresh loop thread; `body` calls `finish` with its result
 /// once it has closed everything it opened. Returns the result and the number
 /// of handles still open when the loop closed (must be 0).
-public func runOnLoop<T: Sendable>(timeout: Double = 30,
-                                   _ body: @escaping @Sendable (EventLoop, @escaping @Sendable (T) -> Void) throws -> Void)
-    throws -> (T?, Int) {
+public func runOnLoop<T: Sendable>(
+    timeout: Double = 30,
+    _ body: @escaping @Sendable (EventLoop, @escaping @Sendable (T) -> Void) throws -> Void
+)
+    throws -> (T?, Int)
+{
     let result = OneShot<T>()
     let thread = try LoopThread.start { loop in try body(loop) { result.fulfil($0) } }
     let value = result.wait(seconds: timeout)

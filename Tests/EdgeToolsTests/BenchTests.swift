@@ -1,10 +1,11 @@
-@testable import EdgeTools
-import EdgeTestSupport
-import EdgeMetrics
-import Foundation
 import EdgeHTTP
+import EdgeMetrics
+import EdgeTestSupport
+import Foundation
 import SCIM
 import XCTest
+
+@testable import EdgeTools
 
 final class HistogramTests: XCTestCase {
     func testQuantilesWithinOnePercent() {
@@ -37,7 +38,9 @@ final class BenchCommandTests: XCTestCase {
     override func setUpWithError() throws {
         dir = TempDirectory("edge-bench")
         // A threaded HTTP/1.1 server: every request takes DELAY seconds; POST answers 201 with an id.
-        let script = dir.write("server.py", """
+        let script = dir.write(
+            "server.py",
+            """
             import http.server, json, sys, time, itertools
             DELAY = float(sys.argv[2]); counter = itertools.count(1)
             class H(http.server.BaseHTTPRequestHandler):
@@ -69,7 +72,8 @@ final class BenchCommandTests: XCTestCase {
     }
 
     func bench(_ args: [String]) throws -> JSON {
-        let c = try ChildProcess(productsDirectory + "/scim-edge", ["bench", "--url", "http://127.0.0.1:\(port)/scim/v2", "--json", "--quiet"] + args)
+        let c = try ChildProcess(
+            productsDirectory + "/scim-edge", ["bench", "--url", "http://127.0.0.1:\(port)/scim/v2", "--json", "--quiet"] + args)
         XCTAssertEqual(c.waitForExit(seconds: 60), 0)
         return try JSONParser.parse(Array(c.output.joined(separator: "\n").utf8))
     }
@@ -114,7 +118,8 @@ final class BenchCommandTests: XCTestCase {
     func testBadArgumentsFailClearly() throws {
         let c = try ChildProcess(productsDirectory + "/scim-edge", ["bench", "--url", "ftp://x", "--quiet"])
         XCTAssertNotEqual(c.waitForExit(), 0)
-        let m = try ChildProcess(productsDirectory + "/scim-edge", ["bench", "--url", "http://127.0.0.1:\(port)", "--mix", "post=1,delete=2"])
+        let m = try ChildProcess(
+            productsDirectory + "/scim-edge", ["bench", "--url", "http://127.0.0.1:\(port)", "--mix", "post=1,delete=2"])
         XCTAssertNotEqual(m.waitForExit(), 0)
     }
 }
@@ -128,20 +133,27 @@ final class BenchTLSTests: XCTestCase {
         let peers = Locked<Set<String>>([])
         let server = try ServerHarness(tls: pki.serverConfig(crl: false, requireClient: true)) { request, context, responder in
             peers.withLock { $0.formUnion(context.peerIdentity?.names ?? []) }
-            responder.respond(HTTPResponse(status: 201, headers: ["Content-Type": "application/scim+json"], body: Array(#"{"id":"1"}"#.utf8)))
+            responder.respond(
+                HTTPResponse(status: 201, headers: ["Content-Type": "application/scim+json"], body: Array(#"{"id":"1"}"#.utf8)))
         }
         defer { _ = server.stop() }
-        let c = try ChildProcess(productsDirectory + "/scim-edge", [
-            "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "50", "--connections", "2", "--json", "--quiet",
-            "--ca", pki.caFile, "--cert", pki.clientCert, "--key", pki.clientKey])
+        let c = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "50", "--connections", "2", "--json", "--quiet",
+                "--ca", pki.caFile, "--cert", pki.clientCert, "--key", pki.clientKey,
+            ])
         XCTAssertEqual(c.waitForExit(seconds: 30), 0)
         let r = try JSONParser.parse(Array(c.output.joined(separator: "\n").utf8))
         XCTAssertEqual(r["status"]?["201"], 50)
         XCTAssertTrue(peers.current.contains(pki.clientURI))
         // Without the client certificate the handshake fails: errors, not responses.
-        let refused = try ChildProcess(productsDirectory + "/scim-edge", [
-            "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "5", "--connections", "1", "--json", "--quiet",
-            "--ca", pki.caFile])
+        let refused = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "bench", "--url", "https://localhost:\(server.port)/scim/v2", "--requests", "5", "--connections", "1", "--json", "--quiet",
+                "--ca", pki.caFile,
+            ])
         XCTAssertNotEqual(refused.waitForExit(seconds: 30), 0, "no request completed")
     }
 }

@@ -17,8 +17,9 @@ final class SandboxTests: XCTestCase {
         XCTAssertTrue(out.last?.hasPrefix("sandbox: all ") ?? false, out.joined(separator: "\n"))
         XCTAssertFalse(out.contains { $0.contains("✘") })
         for holder in ["broker", "app", "reference"] {
-            XCTAssertTrue(out.contains("  ✔ \(holder): every user that should be there is there exactly once (211 of 211, 0 duplicates)"),
-                          "\(holder): \(out.joined(separator: "\n"))")
+            XCTAssertTrue(
+                out.contains("  ✔ \(holder): every user that should be there is there exactly once (211 of 211, 0 duplicates)"),
+                "\(holder): \(out.joined(separator: "\n"))")
         }
         XCTAssertTrue(out.contains { $0.hasPrefix("  inactive at the app after ") })
         XCTAssertTrue(out.contains { $0.hasPrefix("  agent acceptance → app's answer: p50 ") })
@@ -54,7 +55,8 @@ final class SandboxTests: XCTestCase {
     func childProcesses(of parent: pid_t) throws -> [pid_t] {
         try FileManager.default.contentsOfDirectory(atPath: "/proc").compactMap { Int32($0) }.filter { pid in
             guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return false }
+                let close = stat.lastIndex(of: ")")
+            else { return false }
             let fields = stat[stat.index(after: close)...].split(separator: " ")
             return fields.count > 2 && Int32(fields[1]) == parent
         }
@@ -62,7 +64,8 @@ final class SandboxTests: XCTestCase {
 
     func isZombie(_ pid: pid_t) -> Bool {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return true }
+            let close = stat.lastIndex(of: ")")
+        else { return true }
         return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
     }
 

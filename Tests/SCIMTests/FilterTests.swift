@@ -7,17 +7,21 @@ final class FilterTests: XCTestCase {
     lazy var barbara: JSONObject = {
         var u = try! userValidator.validateCreate(json(fullUser))
         u["id"] = "2819c223-7f76-453a-919d-413861904646"
-        u["meta"] = ["resourceType": "User", "created": "2010-01-23T04:56:22Z", "lastModified": "2011-05-13T04:42:34Z",
-                     "version": "W/\"3694e05e9dff591\""]
+        u["meta"] = [
+            "resourceType": "User", "created": "2010-01-23T04:56:22Z", "lastModified": "2011-05-13T04:42:34Z",
+            "version": "W/\"3694e05e9dff591\"",
+        ]
         return u
     }()
 
     lazy var intern: JSONObject = {
-        var u = try! userValidator.validateCreate(json(#"""
-          {"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"JSmith","userType":"Intern",
-           "name":{"familyName":"O'Malley"},"emails":[{"value":"js@example.org","type":"home"}],
-           "ims":[{"value":"js@foo.com","type":"xmpp"}],"active":false}
-        """#))
+        var u = try! userValidator.validateCreate(
+            json(
+                #"""
+                  {"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"JSmith","userType":"Intern",
+                   "name":{"familyName":"O'Malley"},"emails":[{"value":"js@example.org","type":"home"}],
+                   "ims":[{"value":"js@foo.com","type":"xmpp"}],"active":false}
+                """#))
         u["id"] = "abc"
         u["meta"] = ["lastModified": "2011-05-13T06:42:34+02:00"]
         return u
@@ -126,8 +130,10 @@ final class FilterTests: XCTestCase {
     }
 
     func testGroupFilters() throws {
-        let g = try ResourceValidator(registry: registry, type: groupType).validateCreate(json(
-            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Tour Guides","members":[{"value":"2819c223","type":"User"},{"value":"g-2","type":"Group"}]}"#))
+        let g = try ResourceValidator(registry: registry, type: groupType).validateCreate(
+            json(
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"Tour Guides","members":[{"value":"2819c223","type":"User"},{"value":"g-2","type":"Group"}]}"#
+            ))
         func m(_ f: String) throws -> Bool { try Filter(f, registry: registry, type: groupType).matches(g) }
         XCTAssertTrue(try m(#"members[value eq "2819c223"]"#))
         XCTAssertFalse(try m(#"members[value eq "2819C223"]"#), "members.value is caseExact")

@@ -6,12 +6,15 @@ import XCTest
 final class JSONTests: XCTestCase {
     func parse(_ s: String, _ limits: JSONLimits = JSONLimits()) throws -> JSON { try JSONParser.parse(s, limits: limits) }
 
-    func rejects(_ s: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
-                 limits: JSONLimits = JSONLimits(), file: StaticString = #filePath, lineNo: UInt = #line) {
+    func rejects(
+        _ s: String, _ fragment: String, line: Int? = nil, column: Int? = nil,
+        limits: JSONLimits = JSONLimits(), file: StaticString = #filePath, lineNo: UInt = #line
+    ) {
         XCTAssertThrowsError(try JSONParser.parse(s, limits: limits), file: file, line: lineNo) { error in
             let e = error as! JSONError
-            XCTAssertTrue(e.message.contains(fragment), "'\(e.message)' should mention '\(fragment)' for \(s.debugDescription)",
-                          file: file, line: lineNo)
+            XCTAssertTrue(
+                e.message.contains(fragment), "'\(e.message)' should mention '\(fragment)' for \(s.debugDescription)",
+                file: file, line: lineNo)
             if let line { XCTAssertEqual(e.line, line, "line", file: file, line: lineNo) }
             if let column { XCTAssertEqual(e.column, column, "column", file: file, line: lineNo) }
         }
@@ -76,10 +79,10 @@ final class JSONTests: XCTestCase {
         rejects(#""\ud800\u0041""#, "not followed by a low surrogate")
         func bytes(_ b: [UInt8]) -> [UInt8] { [0x22] + b + [0x22] }
         let invalid: [[UInt8]] = [
-            [0xC0, 0xAF],               // overlong '/'
-            [0xE0, 0x80, 0xAF],         // overlong
-            [0xED, 0xA0, 0x80],         // UTF-8-encoded surrogate
-            [0xF4, 0x90, 0x80, 0x80],   // above U+10FFFF
+            [0xC0, 0xAF],  // overlong '/'
+            [0xE0, 0x80, 0xAF],  // overlong
+            [0xED, 0xA0, 0x80],  // UTF-8-encoded surrogate
+            [0xF4, 0x90, 0x80, 0x80],  // above U+10FFFF
             [0xFF], [0x80], [0xE2, 0x82],
         ]
         for seq in invalid {

@@ -28,14 +28,18 @@ final class QueryTests: XCTestCase {
 
     func testSortIsTypedCaseAwareAndStable() throws {
         let list = users([("carol", "b", true), ("Alice", nil, false), ("bob", "A", true), ("alice2", "a", nil)])
-        XCTAssertEqual(try query("sortBy=userName").sorted(list).map { $0["userName"]!.stringValue! },
-                       ["Alice", "alice2", "bob", "carol"], "userName is caseExact false")
-        XCTAssertEqual(try query("sortBy=userName&sortOrder=descending").sorted(list).map { $0["userName"]!.stringValue! },
-                       ["carol", "bob", "alice2", "Alice"])
-        XCTAssertEqual(try query("sortBy=title").sorted(list).map { $0["userName"]!.stringValue! },
-                       ["bob", "alice2", "carol", "Alice"], "equal keys keep input order; missing values go last")
-        XCTAssertEqual(try query("sortBy=active").sorted(list).map { $0["userName"]!.stringValue! },
-                       ["Alice", "carol", "bob", "alice2"], "false before true")
+        XCTAssertEqual(
+            try query("sortBy=userName").sorted(list).map { $0["userName"]!.stringValue! },
+            ["Alice", "alice2", "bob", "carol"], "userName is caseExact false")
+        XCTAssertEqual(
+            try query("sortBy=userName&sortOrder=descending").sorted(list).map { $0["userName"]!.stringValue! },
+            ["carol", "bob", "alice2", "Alice"])
+        XCTAssertEqual(
+            try query("sortBy=title").sorted(list).map { $0["userName"]!.stringValue! },
+            ["bob", "alice2", "carol", "Alice"], "equal keys keep input order; missing values go last")
+        XCTAssertEqual(
+            try query("sortBy=active").sorted(list).map { $0["userName"]!.stringValue! },
+            ["Alice", "carol", "bob", "alice2"], "false before true")
         XCTAssertThrowsError(try query("sortBy=shoeSize"))
         XCTAssertThrowsError(try query("sortBy=userName&sortOrder=sideways"))
     }
@@ -61,16 +65,19 @@ final class QueryTests: XCTestCase {
     }
 
     /// Walks a list with cursors: every element exactly once, in order.
-    func walk(_ list: [JSONObject], _ q: String, orderedByID: Bool,
-              between: (Int, inout [JSONObject]) -> Void = { _, _ in }) throws -> [String] {
+    func walk(
+        _ list: [JSONObject], _ q: String, orderedByID: Bool,
+        between: (Int, inout [JSONObject]) -> Void = { _, _ in }
+    ) throws -> [String] {
         var list = list, seen: [String] = [], cursor = "", pages = 0
         while true {
             let page = try query(q + "&cursor=" + cursor).cursorPage(list, orderedByID: orderedByID) { $0["id"]!.stringValue! }
             seen += page.items.map { $0["id"]!.stringValue! }
             pages += 1
             guard let next = page.nextCursor, pages < 100 else { return seen }
-            XCTAssertTrue(next.utf8.allSatisfy { "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8.contains($0) },
-                          "cursors use unreserved characters only: \(next)")
+            XCTAssertTrue(
+                next.utf8.allSatisfy { "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8.contains($0) },
+                "cursors use unreserved characters only: \(next)")
             between(pages, &list)
             cursor = next
         }
@@ -97,8 +104,9 @@ final class QueryTests: XCTestCase {
         XCTAssertEqual(p2.items.map { $0["id"]!.stringValue! }, ["id-4", "id-5", "id-6", "id-7"])
         var back = q
         back.cursor = p2.previousCursor
-        XCTAssertEqual(try back.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }.items.map { $0["id"]!.stringValue! },
-                       ["id-0", "id-1", "id-2", "id-3"])
+        XCTAssertEqual(
+            try back.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }.items.map { $0["id"]!.stringValue! },
+            ["id-0", "id-1", "id-2", "id-3"])
         var third = q
         third.cursor = p2.nextCursor
         let last = try third.cursorPage(list, orderedByID: true) { $0["id"]!.stringValue! }
@@ -121,15 +129,19 @@ final class QueryTests: XCTestCase {
     }
 
     func testSearchBody() throws {
-        let q = try ListQuery(searchBody: json(#"""
-          {"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"attributes":["displayName","userName"],
-           "filter":"displayName sw \"smith\"","startIndex":1,"count":10}
-        """#), registry: registry, type: userType)
+        let q = try ListQuery(
+            searchBody: json(
+                #"""
+                  {"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"attributes":["displayName","userName"],
+                   "filter":"displayName sw \"smith\"","startIndex":1,"count":10}
+                """#), registry: registry, type: userType)
         XCTAssertEqual(q.count, 10)
         XCTAssertNotNil(q.filter)
         XCTAssertThrowsError(try ListQuery(searchBody: json(#"{"filter":"title pr"}"#), registry: registry, type: userType))
-        XCTAssertThrowsError(try ListQuery(searchBody: json(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"colour":"red"}"#),
-                                           registry: registry, type: userType))
+        XCTAssertThrowsError(
+            try ListQuery(
+                searchBody: json(#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"colour":"red"}"#),
+                registry: registry, type: userType))
     }
 
     func testProjection() throws {
@@ -153,7 +165,8 @@ final class QueryTests: XCTestCase {
         let wholeExt = try project("attributes=urn:ietf:params:scim:schemas:extension:enterprise:2.0:User")
         XCTAssertEqual(wholeExt[SchemaURN.enterpriseUser]?.objectValue?.count, 6)
 
-        let excluded = try project("excludedAttributes=emails,name.middleName,id,urn:ietf:params:scim:schemas:extension:enterprise:2.0:User")
+        let excluded = try project(
+            "excludedAttributes=emails,name.middleName,id,urn:ietf:params:scim:schemas:extension:enterprise:2.0:User")
         XCTAssertNil(excluded["emails"])
         XCTAssertNil(excluded["name"]?["middleName"])
         XCTAssertEqual(excluded["name"]?["givenName"], "Barbara")
@@ -170,20 +183,21 @@ final class QueryTests: XCTestCase {
         let cases: [(String?, String?, String?, Bool, ETag.Outcome)] = [
             (nil, nil, v, false, ETag.Outcome.proceed),
             (#"W/"3""#, nil, v, false, .proceed),
-            (#""3""#, nil, v, false, .proceed),                 // weak comparison
+            (#""3""#, nil, v, false, .proceed),  // weak comparison
             (#"W/"2", W/"3""#, nil, v, false, .proceed),
             (#"W/"2""#, nil, v, false, .preconditionFailed),
             ("*", nil, v, false, .proceed),
-            ("*", nil, nil, false, .preconditionFailed),          // no resource
+            ("*", nil, nil, false, .preconditionFailed),  // no resource
             (nil, #"W/"3""#, v, true, .notModified),
             (nil, #"W/"3""#, v, false, .preconditionFailed),
             (nil, #"W/"4""#, v, true, .proceed),
-            (nil, "*", nil, false, .proceed),                     // create only if absent
+            (nil, "*", nil, false, .proceed),  // create only if absent
             (nil, "*", v, false, .preconditionFailed),
         ]
         for (ifMatch, ifNoneMatch, current, isRead, expected) in cases {
-            XCTAssertEqual(ETag.evaluate(ifMatch: ifMatch, ifNoneMatch: ifNoneMatch, current: current, isRead: isRead), expected,
-                           "If-Match \(ifMatch ?? "-") If-None-Match \(ifNoneMatch ?? "-") current \(current ?? "-")")
+            XCTAssertEqual(
+                ETag.evaluate(ifMatch: ifMatch, ifNoneMatch: ifNoneMatch, current: current, isRead: isRead), expected,
+                "If-Match \(ifMatch ?? "-") If-None-Match \(ifNoneMatch ?? "-") current \(current ?? "-")")
         }
     }
 
@@ -197,12 +211,13 @@ final class QueryTests: XCTestCase {
 
     func testBulkForwardReferencesAreOrdered() throws {
         // The group (op 0) references a user created later (op 1): op 1 runs first.
-        let req = try bulk(#"""
-        [{"method":"POST","path":"/Groups","bulkId":"g1","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"type":"User","value":"bulkId:u1"}]}},
-         {"method":"POST","path":"/Users","bulkId":"u1","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a"}},
-         {"method":"PATCH","path":"/Users/bulkId:u1","data":{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"title","value":"x"}]}},
-         {"method":"DELETE","path":"/Users/xyz"}]
-        """#, failOnErrors: 2)
+        let req = try bulk(
+            #"""
+            [{"method":"POST","path":"/Groups","bulkId":"g1","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"type":"User","value":"bulkId:u1"}]}},
+             {"method":"POST","path":"/Users","bulkId":"u1","data":{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a"}},
+             {"method":"PATCH","path":"/Users/bulkId:u1","data":{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"title","value":"x"}]}},
+             {"method":"DELETE","path":"/Users/xyz"}]
+            """#, failOnErrors: 2)
         XCTAssertEqual(req.failOnErrors, 2)
         let (ordered, failed) = req.executionOrder()
         XCTAssertEqual(ordered.map(\.index), [1, 0, 2, 3])
@@ -215,13 +230,14 @@ final class QueryTests: XCTestCase {
     }
 
     func testBulkCyclesAndUnknownReferencesFail() throws {
-        let req = try bulk(#"""
-        [{"method":"POST","path":"/Groups","bulkId":"a","data":{"members":[{"value":"bulkId:b"}]}},
-         {"method":"POST","path":"/Groups","bulkId":"b","data":{"members":[{"value":"bulkId:a"}]}},
-         {"method":"POST","path":"/Groups","bulkId":"c","data":{"members":[{"value":"bulkId:nope"}]}},
-         {"method":"POST","path":"/Groups","bulkId":"d","data":{"members":[{"value":"bulkId:d"}]}},
-         {"method":"POST","path":"/Users","bulkId":"e","data":{"userName":"e"}}]
-        """#)
+        let req = try bulk(
+            #"""
+            [{"method":"POST","path":"/Groups","bulkId":"a","data":{"members":[{"value":"bulkId:b"}]}},
+             {"method":"POST","path":"/Groups","bulkId":"b","data":{"members":[{"value":"bulkId:a"}]}},
+             {"method":"POST","path":"/Groups","bulkId":"c","data":{"members":[{"value":"bulkId:nope"}]}},
+             {"method":"POST","path":"/Groups","bulkId":"d","data":{"members":[{"value":"bulkId:d"}]}},
+             {"method":"POST","path":"/Users","bulkId":"e","data":{"userName":"e"}}]
+            """#)
         let (ordered, failed) = req.executionOrder()
         XCTAssertEqual(ordered.map(\.index), [4])
         XCTAssertEqual(failed.map(\.0.index), [0, 1, 2, 3])
@@ -230,7 +246,8 @@ final class QueryTests: XCTestCase {
     }
 
     func testBulkLimitsAndShape() {
-        XCTAssertThrowsError(try bulk(#"[{"method":"DELETE","path":"/Users/1"},{"method":"DELETE","path":"/Users/2"}]"#, maxOperations: 1)) {
+        XCTAssertThrowsError(try bulk(#"[{"method":"DELETE","path":"/Users/1"},{"method":"DELETE","path":"/Users/2"}]"#, maxOperations: 1))
+        {
             XCTAssertEqual(($0 as! SCIMError).status, 413)
         }
         XCTAssertThrowsError(try bulk(#"[{"method":"DELETE","path":"/Users/1"}]"#, maxPayload: 20)) {
@@ -239,14 +256,17 @@ final class QueryTests: XCTestCase {
         XCTAssertThrowsError(try bulk(#"[{"method":"POST","path":"/Users","data":{}}]"#)) {
             XCTAssertTrue(($0 as! SCIMError).detail.contains("a POST needs a 'bulkId'"))
         }
-        XCTAssertThrowsError(try bulk(#"[{"method":"POST","path":"/Users","bulkId":"x","data":{}},{"method":"POST","path":"/Users","bulkId":"x","data":{}}]"#))
+        XCTAssertThrowsError(
+            try bulk(
+                #"[{"method":"POST","path":"/Users","bulkId":"x","data":{}},{"method":"POST","path":"/Users","bulkId":"x","data":{}}]"#))
         XCTAssertThrowsError(try bulk(#"[{"method":"GET","path":"/Users"}]"#))
         XCTAssertThrowsError(try bulk("[]"))
         XCTAssertThrowsError(try bulk(#"[{"method":"DELETE","path":"/Users/1"}]"#, failOnErrors: 0))
     }
 
     func testBulkResponse() throws {
-        let req = try bulk(#"[{"method":"POST","path":"/Users","bulkId":"q","data":{"userName":"x"}},{"method":"DELETE","path":"/Users/9"}]"#)
+        let req = try bulk(
+            #"[{"method":"POST","path":"/Users","bulkId":"q","data":{"userName":"x"}},{"method":"DELETE","path":"/Users/9"}]"#)
         let body = makeBulkResponse([
             BulkResult(operation: req.operations[1], status: 404, error: .notFound("resource 9 not found")),
             BulkResult(operation: req.operations[0], status: 201, location: "https://h/v2/Users/1", version: #"W/"1""#),

@@ -11,37 +11,39 @@ func json(_ s: String) -> JSON { try! JSONParser.parse(s) }
 
 /// A full enterprise user in the style of RFC 7643 §8.3.
 let fullUser = """
-{
-  "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
-              "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
-  "id": "ignored-on-input", "externalId": "701984", "userName": "bjensen@example.com",
-  "name": {"formatted": "Ms. Barbara J Jensen, III", "familyName": "Jensen", "givenName": "Barbara",
-           "middleName": "Jane", "honorificPrefix": "Ms.", "honorificSuffix": "III"},
-  "displayName": "Babs Jensen", "nickName": "Babs", "profileUrl": "https://login.example.com/bjensen",
-  "emails": [{"value": "bjensen@example.com", "type": "work", "primary": true},
-             {"value": "babs@jensen.org", "type": "home"}],
-  "addresses": [{"type": "work", "streetAddress": "100 Universal City Plaza", "locality": "Hollywood",
-                 "region": "CA", "postalCode": "91608", "country": "USA", "primary": true}],
-  "phoneNumbers": [{"value": "555-555-5555", "type": "work"}, {"value": "555-555-4444", "type": "mobile"}],
-  "ims": [{"value": "someaimhandle", "type": "aim"}],
-  "photos": [{"value": "https://photos.example.com/profilephoto/72930000000Ccne/F", "type": "photo"}],
-  "userType": "Employee", "title": "Tour Guide", "preferredLanguage": "en-US", "locale": "en-US",
-  "timezone": "America/Los_Angeles", "active": true, "password": "t1meMa$heen",
-  "groups": [{"value": "e9e30dba-f08f-4109-8486-d5c6a331660a", "display": "Tour Guides"}],
-  "x509Certificates": [{"value": "MIIDQzCCAqygAwIBAgICEAAwDQYJKoZIhvcNAQEFBQAwTjELMAkGA1UEBhMCVVMx"}],
-  "meta": {"resourceType": "User", "version": "W/\\"3694e05e9dff591\\""},
-  "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {
-    "employeeNumber": "701984", "costCenter": "4130", "organization": "Universal Studios",
-    "division": "Theme Park", "department": "Tour Operations",
-    "manager": {"value": "26118915-6090-4610-87e4-49d8ca9f808d", "$ref": "../Users/26118915-6090-4610-87e4-49d8ca9f808d",
-                "displayName": "John Smith"}
-  }
-}
-"""
+    {
+      "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                  "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+      "id": "ignored-on-input", "externalId": "701984", "userName": "bjensen@example.com",
+      "name": {"formatted": "Ms. Barbara J Jensen, III", "familyName": "Jensen", "givenName": "Barbara",
+               "middleName": "Jane", "honorificPrefix": "Ms.", "honorificSuffix": "III"},
+      "displayName": "Babs Jensen", "nickName": "Babs", "profileUrl": "https://login.example.com/bjensen",
+      "emails": [{"value": "bjensen@example.com", "type": "work", "primary": true},
+                 {"value": "babs@jensen.org", "type": "home"}],
+      "addresses": [{"type": "work", "streetAddress": "100 Universal City Plaza", "locality": "Hollywood",
+                     "region": "CA", "postalCode": "91608", "country": "USA", "primary": true}],
+      "phoneNumbers": [{"value": "555-555-5555", "type": "work"}, {"value": "555-555-4444", "type": "mobile"}],
+      "ims": [{"value": "someaimhandle", "type": "aim"}],
+      "photos": [{"value": "https://photos.example.com/profilephoto/72930000000Ccne/F", "type": "photo"}],
+      "userType": "Employee", "title": "Tour Guide", "preferredLanguage": "en-US", "locale": "en-US",
+      "timezone": "America/Los_Angeles", "active": true, "password": "t1meMa$heen",
+      "groups": [{"value": "e9e30dba-f08f-4109-8486-d5c6a331660a", "display": "Tour Guides"}],
+      "x509Certificates": [{"value": "MIIDQzCCAqygAwIBAgICEAAwDQYJKoZIhvcNAQEFBQAwTjELMAkGA1UEBhMCVVMx"}],
+      "meta": {"resourceType": "User", "version": "W/\\"3694e05e9dff591\\""},
+      "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {
+        "employeeNumber": "701984", "costCenter": "4130", "organization": "Universal Studios",
+        "division": "Theme Park", "department": "Tour Operations",
+        "manager": {"value": "26118915-6090-4610-87e4-49d8ca9f808d", "$ref": "../Users/26118915-6090-4610-87e4-49d8ca9f808d",
+                    "displayName": "John Smith"}
+      }
+    }
+    """
 
 final class ValidationTests: XCTestCase {
-    func invalid(_ body: String, _ type: SCIMType, _ fragment: String, validator: ResourceValidator = userValidator,
-                 file: StaticString = #filePath, line: UInt = #line) {
+    func invalid(
+        _ body: String, _ type: SCIMType, _ fragment: String, validator: ResourceValidator = userValidator,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
         XCTAssertThrowsError(try validator.validateCreate(json(body)), file: file, line: line) { error in
             let e = error as! SCIMError
             XCTAssertEqual(e.status, 400, file: file, line: line)
@@ -63,10 +65,12 @@ final class ValidationTests: XCTestCase {
     }
 
     func testAttributeNamesAreCaseInsensitiveAndNormalised() throws {
-        let out = try userValidator.validateCreate(json(#"""
-            {"SCHEMAS":["URN:IETF:PARAMS:SCIM:SCHEMAS:CORE:2.0:USER"],"USERNAME":"a","NAME":{"GIVENNAME":"x"},
-             "Emails":[{"VALUE":"a@x.org","Type":"work"}]}
-            """#))
+        let out = try userValidator.validateCreate(
+            json(
+                #"""
+                {"SCHEMAS":["URN:IETF:PARAMS:SCIM:SCHEMAS:CORE:2.0:USER"],"USERNAME":"a","NAME":{"GIVENNAME":"x"},
+                 "Emails":[{"VALUE":"a@x.org","Type":"work"}]}
+                """#))
         XCTAssertEqual(out.keys, ["schemas", "userName", "name", "emails"])
         XCTAssertEqual(out["name"]?.objectValue?.keys, ["givenName"])
         XCTAssertEqual(out["emails"]?.arrayValue?.first?.objectValue?.keys, ["value", "type"])
@@ -75,28 +79,37 @@ final class ValidationTests: XCTestCase {
     func testSchemasRules() {
         invalid(#"{"userName":"a"}"#, .invalidValue, "'schemas' is required")
         invalid(#"{"schemas":[],"userName":"a"}"#, .invalidValue, "non-empty array")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"userName":"a"}"#, .invalidValue,
-                "not a schema of resource type User")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"a"}"#,
-                .invalidValue, "must include the core schema")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"department":"x"}}"#,
-                .invalidValue, "used but not listed in 'schemas'")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","urn:example:custom":{"x":1}}"#,
-                .invalidSyntax, "unknown schema extension 'urn:example:custom'")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"userName":"a"}"#, .invalidValue,
+            "not a schema of resource type User")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"a"}"#,
+            .invalidValue, "must include the core schema")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"department":"x"}}"#,
+            .invalidValue, "used but not listed in 'schemas'")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","urn:example:custom":{"x":1}}"#,
+            .invalidSyntax, "unknown schema extension 'urn:example:custom'")
     }
 
     func testUnknownAndRequiredAttributes() {
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","favouriteColour":"blue"}"#,
-                .invalidSyntax, "unknown attribute 'favouriteColour'")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","name":{"nick":"x"}}"#,
-                .invalidSyntax, "unknown sub-attribute 'nick' of 'name'")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"displayName":"x"}"#,
-                .invalidValue, "attribute 'userName' is required")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":null}"#,
-                .invalidValue, "attribute 'userName' is required")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"members":[]}"#,
-                .invalidValue, "attribute 'displayName' is required",
-                validator: ResourceValidator(registry: registry, type: groupType))
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","favouriteColour":"blue"}"#,
+            .invalidSyntax, "unknown attribute 'favouriteColour'")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","name":{"nick":"x"}}"#,
+            .invalidSyntax, "unknown sub-attribute 'nick' of 'name'")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"displayName":"x"}"#,
+            .invalidValue, "attribute 'userName' is required")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":null}"#,
+            .invalidValue, "attribute 'userName' is required")
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"members":[]}"#,
+            .invalidValue, "attribute 'displayName' is required",
+            validator: ResourceValidator(registry: registry, type: groupType))
     }
 
     func testTypes() {
@@ -110,30 +123,37 @@ final class ValidationTests: XCTestCase {
         invalid(base + #""x509Certificates":[{"value":"not base64!"}]}"#, .invalidValue, "'x509Certificates[0].value' must be base64")
         invalid(base + #""profileUrl":"has space"}"#, .invalidValue, "URI reference")
         invalid(base + #""name":{"givenName":1}}"#, .invalidValue, "'name.givenName' must be a string, got integer")
-        let enterprise = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"u","#
-        invalid(enterprise + #""urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"manager":{"value":7}}}"#, .invalidValue,
-                "'urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager.value' must be a string")
+        let enterprise =
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"u","#
+        invalid(
+            enterprise + #""urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"manager":{"value":7}}}"#, .invalidValue,
+            "'urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager.value' must be a string")
         invalid(base + #""displayName":["a","b"]}"#, .invalidValue, "single-valued")
-        invalid(base + #""emails":[{"value":"a@x","primary":true},{"value":"b@x","primary":true}]}"#,
-                .invalidValue, "2 values with \"primary\": true")
+        invalid(
+            base + #""emails":[{"value":"a@x","primary":true},{"value":"b@x","primary":true}]}"#,
+            .invalidValue, "2 values with \"primary\": true")
     }
 
     func testDateTimeAndCustomSchemaTypes() throws {
         var reg = SchemaRegistry.standard
-        let custom = try Schema(json: json(#"""
-          {"id":"urn:example:params:scim:schemas:extension:badge:2.0:User","name":"Badge","attributes":[
-            {"name":"issued","type":"dateTime"},{"name":"level","type":"integer","required":true},
-            {"name":"ratio","type":"decimal"},{"name":"photo","type":"binary"},
-            {"name":"doors","type":"complex","multiValued":true,"subAttributes":[{"name":"code","type":"string","caseExact":true}]}]}
-        """#))
+        let custom = try Schema(
+            json: json(
+                #"""
+                  {"id":"urn:example:params:scim:schemas:extension:badge:2.0:User","name":"Badge","attributes":[
+                    {"name":"issued","type":"dateTime"},{"name":"level","type":"integer","required":true},
+                    {"name":"ratio","type":"decimal"},{"name":"photo","type":"binary"},
+                    {"name":"doors","type":"complex","multiValued":true,"subAttributes":[{"name":"code","type":"string","caseExact":true}]}]}
+                """#))
         try reg.addExtension(custom, to: "User")
         let v = ResourceValidator(registry: reg, type: reg.resourceType("User")!)
         let urn = "urn:example:params:scim:schemas:extension:badge:2.0:User"
         func body(_ ext: String) -> String {
             #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User",""# + urn + #""],"userName":"a",""# + urn + #"":"# + ext + "}"
         }
-        let ok = try v.validateCreate(json(body(
-            #"{"issued":"2025-02-28T23:59:59.123+02:00","level":2,"ratio":0.25,"photo":"aGk=","doors":[{"code":"A1"}]}"#)))
+        let ok = try v.validateCreate(
+            json(
+                body(
+                    #"{"issued":"2025-02-28T23:59:59.123+02:00","level":2,"ratio":0.25,"photo":"aGk=","doors":[{"code":"A1"}]}"#)))
         XCTAssertEqual(ok[urn]?["level"], 2)
         invalid(body(#"{"issued":"2025-02-30T10:00:00Z","level":1}"#), .invalidValue, "xsd:dateTime", validator: v)
         invalid(body(#"{"issued":"yesterday","level":1}"#), .invalidValue, "xsd:dateTime", validator: v)
@@ -149,16 +169,23 @@ final class ValidationTests: XCTestCase {
 
     func testCanonicalValuesWhereEnforced() throws {
         let groups = ResourceValidator(registry: registry, type: groupType)
-        let out = try groups.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"value":"1","type":"user"}]}"#))
+        let out = try groups.validateCreate(
+            json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"value":"1","type":"user"}]}"#))
         XCTAssertEqual(out["members"]?.arrayValue?.first?["type"], "User", "canonical spelling")
-        invalid(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"value":"1","type":"Robot"}]}"#,
-                .invalidValue, "must be one of User, Group", validator: groups)
+        invalid(
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"G","members":[{"value":"1","type":"Robot"}]}"#,
+            .invalidValue, "must be one of User, Group", validator: groups)
         // Advisory canonical values (emails.type) accept other labels (RFC 7643 §2.4).
-        XCTAssertNoThrow(try userValidator.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","emails":[{"value":"a@x","type":"alias"}]}"#)))
+        XCTAssertNoThrow(
+            try userValidator.validateCreate(
+                json(
+                    #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","emails":[{"value":"a@x","type":"alias"}]}"#)
+            ))
     }
 
     func testEntraProfileCoercionsAndStrictMode() throws {
-        let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"a","active":"True","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"manager":"m-1"}}"#
+        let body =
+            #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],"userName":"a","active":"True","urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":{"manager":"m-1"}}"#
         let out = try userValidator.validateCreate(json(body))
         XCTAssertEqual(out["active"], .bool(true))
         XCTAssertEqual(out[SchemaURN.enterpriseUser]?["manager"], ["value": "m-1"])
@@ -166,21 +193,27 @@ final class ValidationTests: XCTestCase {
 
         // Normalisation reaches inside multi-valued complex values: a coerced
         // sub-attribute, a respelled name, a dropped read-only one, a null.
-        let nested = try userValidator.validateCreate(json(#"""
-          {"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a",
-           "emails":[{"value":"a@x","type":"work"},{"VALUE":"b@x","primary":"True","display":null}],
-           "groups":[{"value":"g1"}],
-           "name":{"givenName":"A","FamilyName":"B"}}
-        """#))
+        let nested = try userValidator.validateCreate(
+            json(
+                #"""
+                  {"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a",
+                   "emails":[{"value":"a@x","type":"work"},{"VALUE":"b@x","primary":"True","display":null}],
+                   "groups":[{"value":"g1"}],
+                   "name":{"givenName":"A","FamilyName":"B"}}
+                """#))
         XCTAssertEqual(nested["emails"], [["value": "a@x", "type": "work"], ["value": "b@x", "primary": true]])
         XCTAssertNil(nested["groups"], "read-only on input: ignored")
         XCTAssertEqual(nested["name"], ["givenName": "A", "familyName": "B"])
-        let untouched = try userValidator.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","emails":[{"value":"a@x"},{"value":"a@x"}]}"#))
+        let untouched = try userValidator.validateCreate(
+            json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","emails":[{"value":"a@x"},{"value":"a@x"}]}"#))
         XCTAssertEqual(untouched["emails"], [["value": "a@x"]], "exact duplicates collapse")
     }
 
     func testNullsAndEmptyArraysAreUnassigned() throws {
-        let out = try userValidator.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","nickName":null,"emails":[],"name":{"givenName":null}}"#))
+        let out = try userValidator.validateCreate(
+            json(
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"a","nickName":null,"emails":[],"name":{"givenName":null}}"#
+            ))
         XCTAssertEqual(out.keys, ["schemas", "userName"])
     }
 
@@ -190,13 +223,22 @@ final class ValidationTests: XCTestCase {
         let ext = try Schema(json: json(#"{"id":"urn:example:hr","attributes":[{"name":"hireId","mutability":"immutable"}]}"#))
         try schema.addExtension(ext, to: "User")
         let v = ResourceValidator(registry: schema, type: schema.resourceType("User")!)
-        let existing = try v.validateCreate(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:example:hr"],"userName":"a","urn:example:hr":{"hireId":"H1"}}"#))
-        XCTAssertThrowsError(try v.validateReplace(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:example:hr"],"userName":"a","urn:example:hr":{"hireId":"H2"}}"#),
-                                                   existing: existing)) { error in
+        let existing = try v.validateCreate(
+            json(
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:example:hr"],"userName":"a","urn:example:hr":{"hireId":"H1"}}"#
+            ))
+        XCTAssertThrowsError(
+            try v.validateReplace(
+                json(
+                    #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User","urn:example:hr"],"userName":"a","urn:example:hr":{"hireId":"H2"}}"#
+                ),
+                existing: existing)
+        ) { error in
             XCTAssertEqual((error as! SCIMError).scimType, .mutability)
             XCTAssertTrue((error as! SCIMError).detail.contains("urn:example:hr:hireId"))
         }
-        let kept = try v.validateReplace(json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"b"}"#), existing: existing)
+        let kept = try v.validateReplace(
+            json(#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"b"}"#), existing: existing)
         XCTAssertEqual(kept["urn:example:hr"]?["hireId"], "H1", "an omitted immutable value is kept")
         XCTAssertEqual(kept["schemas"]?.arrayValue?.count, 2)
         _ = groups
@@ -225,8 +267,10 @@ final class ValidationTests: XCTestCase {
 
     func testErrorBody() {
         let e = SCIMError.invalidValue("attribute 'userName' is required")
-        XCTAssertEqual(e.json.text,
-                       #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"400","scimType":"invalidValue","detail":"attribute 'userName' is required"}"#)
+        XCTAssertEqual(
+            e.json.text,
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"400","scimType":"invalidValue","detail":"attribute 'userName' is required"}"#
+        )
         XCTAssertEqual(SCIMError.notFound("no").json["scimType"], nil)
     }
 
