@@ -5,31 +5,11 @@ import EdgeTLS
 import Glibc
 import SCIM
 
-extension AgentConfiguration {
-    /// Reads a YAML configuration file strictly: unknown keys, wrong types
-    /// and invalid values are errors with their line and column; all of
-    /// them are thrown together. The keys are documented in
-    /// `packaging/agent.example.yaml`.
-    public static func load(file path: String) throws(ConfigProblems) -> AgentConfiguration {
-        let d = ConfigDiagnostics(file: path)
-        let config = read(file: path, d)
-        try d.failIfErrors()
-        return config!
-    }
-
-    /// Reads and decodes `path`, recording every problem in `diagnostics`
-    /// (nil only when the file cannot be read at all).
-    public static func read(file path: String, _ diagnostics: ConfigDiagnostics) -> AgentConfiguration? {
-        readYAMLFile(path, diagnostics).map { decode($0, diagnostics) }
-    }
-
-    public static func decode(_ root: YAMLNode) throws(ConfigProblems) -> AgentConfiguration {
-        let d = ConfigDiagnostics()
-        let config = decode(root, d)
-        try d.failIfErrors()
-        return config
-    }
-
+/// The agent's YAML file, read strictly: unknown keys, wrong types and
+/// invalid values are errors with their line and column, all reported
+/// together (`YAMLConfiguration.load`). The keys are documented in
+/// `packaging/agent.example.yaml`.
+extension AgentConfiguration: YAMLConfiguration {
     /// Decodes what is valid and records a problem for everything else,
     /// going on with the next key: the result is meaningful only when no
     /// error was recorded (check-config still checks its files).

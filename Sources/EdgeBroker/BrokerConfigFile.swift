@@ -4,30 +4,10 @@ import EdgeLoop
 import EdgeTLS
 import SCIM
 
-extension BrokerConfiguration {
-    /// Reads the broker's YAML configuration strictly (see
-    /// `packaging/broker.example.yaml`); every problem is thrown, each with
-    /// its line and column.
-    public static func load(file path: String) throws(ConfigProblems) -> BrokerConfiguration {
-        let d = ConfigDiagnostics(file: path)
-        let config = read(file: path, d)
-        try d.failIfErrors()
-        return config!
-    }
-
-    /// Reads and decodes `path`, recording every problem in `diagnostics`
-    /// (nil only when the file cannot be read at all).
-    public static func read(file path: String, _ diagnostics: ConfigDiagnostics) -> BrokerConfiguration? {
-        readYAMLFile(path, diagnostics).map { decode($0, diagnostics) }
-    }
-
-    public static func decode(_ root: YAMLNode) throws(ConfigProblems) -> BrokerConfiguration {
-        let d = ConfigDiagnostics()
-        let config = decode(root, d)
-        try d.failIfErrors()
-        return config
-    }
-
+/// The broker's YAML file, read strictly (see `packaging/broker.example.yaml`):
+/// every problem is reported together, each with its line and column
+/// (`YAMLConfiguration.load`).
+extension BrokerConfiguration: YAMLConfiguration {
     /// Decodes what is valid and records a problem for everything else,
     /// going on with the next key or entry; then the checks across fields
     /// (an identity bound twice, a route to a domain not bound, a read API

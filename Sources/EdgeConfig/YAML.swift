@@ -498,3 +498,37 @@ public func readYAMLFile(_ path: String, _ diagnostics: ConfigDiagnostics) -> YA
         return nil
     }
 }
+
+/// A configuration read from one YAML file: a type says how to decode its
+/// document (recording every problem and going on), and gets the ways to
+/// load it from this one place.
+public protocol YAMLConfiguration {
+    /// Decodes what is valid and records a problem for everything else; the
+    /// result is meaningful only when no error was recorded.
+    static func decode(_ root: YAMLNode, _ diagnostics: ConfigDiagnostics) -> Self
+}
+
+extension YAMLConfiguration {
+    /// Reads the file strictly: every problem is thrown together, each with
+    /// its line and column.
+    public static func load(file path: String) throws(ConfigProblems) -> Self {
+        let d = ConfigDiagnostics(file: path)
+        let config = read(file: path, d)
+        try d.failIfErrors()
+        return config!
+    }
+
+    /// Reads and decodes `path`, recording every problem in `diagnostics`
+    /// (nil only when the file cannot be read at all).
+    public static func read(file path: String, _ diagnostics: ConfigDiagnostics) -> Self? {
+        readYAMLFile(path, diagnostics).map { decode($0, diagnostics) }
+    }
+
+    /// Decodes a parsed document, throwing every problem.
+    public static func decode(_ root: YAMLNode) throws(ConfigProblems) -> Self {
+        let d = ConfigDiagnostics()
+        let config = decode(root, d)
+        try d.failIfErrors()
+        return config
+    }
+}
