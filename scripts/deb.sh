@@ -56,7 +56,15 @@ build_package() { # package conf-file example-config
   mkdir -p "$stage/usr/share/man/man1"
   "$manual" "$stage/usr/bin/$pkg" --output-directory "$stage/usr/share/man/man1" --section 1 \
     --authors "the scim-edge developers" --date "$(date -u +%Y-%m-%d)" >/dev/null
+  # FILES, SIGNALS, EXAMPLES and SEE ALSO (written by hand) go before AUTHORS.
+  awk -v extra="packaging/man/$pkg.1.extra" '/^\.Sh AUTHORS/ { while ((getline l < extra) > 0) print l } { print }' \
+    "$stage/usr/share/man/man1/$pkg.1" >"$stage/$pkg.1" && mv "$stage/$pkg.1" "$stage/usr/share/man/man1/$pkg.1"
+  grep -q '^\.Sh SIGNALS' "$stage/usr/share/man/man1/$pkg.1" || { echo "deb: no SIGNALS section in $pkg.1" >&2; exit 1; }
   gzip -9n "$stage/usr/share/man/man1/$pkg.1"
+  # The configuration file's own page, and the example (the conffile is edited; the example stays as shipped).
+  install -D -m 0644 "packaging/man/$pkg.yaml.5" "$stage/usr/share/man/man5/$pkg.yaml.5"
+  gzip -9n "$stage/usr/share/man/man5/$pkg.yaml.5"
+  install -D -m 0644 "$example" "$stage/usr/share/doc/$pkg/examples/$(basename "$example")"
 
   install -D -m 0640 "$example" "$stage/etc/$pkg/$conf"
   install -D -m 0644 "packaging/systemd/$pkg.service" "$stage/lib/systemd/system/$pkg.service"

@@ -44,6 +44,12 @@ for pkg in scim-edge scim-broker; do
   check "$pkg: /etc/$pkg is root:$pkg 0750" test "$(stat -c '%U:%G %a' /etc/$pkg)" = "root:$pkg 750"
   check "$pkg: config is a conffile" grep -qx "$conf" "/var/lib/dpkg/info/$pkg.conffiles"
   check "$pkg: man page installed" test -s /usr/share/man/man1/$pkg.1.gz
+  for section in FILES SIGNALS EXAMPLES; do
+    check "$pkg: man page has $section" sh -c "zcat /usr/share/man/man1/$pkg.1.gz | grep -q '^\.Sh $section'"
+  done
+  check "$pkg: the configuration file has its page ($pkg.yaml(5))" test -s /usr/share/man/man5/$pkg.yaml.5.gz
+  check "$pkg: the example configuration is installed under /usr/share/doc" \
+    test -s /usr/share/doc/$pkg/examples/$([ $pkg = scim-edge ] && echo agent || echo broker).example.yaml
   check "$pkg: unit enabled on first install" test -L /etc/systemd/system/multi-user.target.wants/$pkg.service
   # Asked of the service user, not of every process: another agent on this machine (a test's) is not this package's.
   check "$pkg: not started on first install" sh -c "! pgrep -u $pkg"

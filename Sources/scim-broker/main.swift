@@ -20,7 +20,7 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the federation listener (POST /federation/v1/events over mutual TLS).")
 
-    @Option(help: "YAML configuration file (packaging/broker.example.yaml); flags override it.") var config: String?
+    @Option(help: "YAML configuration file (scim-broker.yaml(5); an example is in /usr/share/doc/scim-broker/examples/); flags override it.") var config: String?
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
     @Option(help: "Federation listener, HOST:PORT (default 127.0.0.1:8443).") var listen: String?
     @Option(help: "The federation CA (PEM): agents' certificates must chain to it.") var ca: String?

@@ -26,7 +26,7 @@ struct ScimEdge: ParsableCommand {
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the agent: a SCIM 2.0 service provider at http://HOST:PORT/scim/v2.",
-        discussion: "Settings come from --config (YAML, see packaging/agent.example.yaml); flags given here override it.")
+        discussion: "Settings come from --config (YAML: see scim-edge.yaml(5), and the example in /usr/share/doc/scim-edge/examples/); flags given here override it.")
 
     @Option(help: "YAML configuration file.")
     var config: String?
