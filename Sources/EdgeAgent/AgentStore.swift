@@ -338,6 +338,15 @@ extension AgentStore {
         return keys.count
     }
 
+    /// The highest sequence this store has numbered (0: none yet): every
+    /// event up to it may have been sent, by this run or one before a crash.
+    public func numberedSequence() throws -> UInt64 {
+        let meta = self.meta
+        return try environment.read { txn in
+            try txn.get(meta, Array("seq".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        }
+    }
+
     /// The highest sequence the broker acknowledged (0: none yet).
     public func acknowledgedSequence() throws -> UInt64 {
         let meta = self.meta

@@ -92,8 +92,10 @@ public final class Relay {
     private var inFlight = 0
     /// The last sequence sent (in memory; restarts from the acknowledged one).
     private var sentThrough: UInt64 = 0
-    /// The highest sequence sent since start: an acknowledgement beyond it
-    /// acknowledges what this agent never sent.
+    /// The highest sequence that may have been sent: everything numbered
+    /// when this run started (a run before a crash may have sent it) and what
+    /// this run sent since. An acknowledgement beyond it acknowledges what
+    /// this agent never sent.
     private var sentHigh: UInt64 = 0
     /// While isolating an event the broker refuses as part of a batch:
     /// batches stay at most this many events until the refused range
@@ -154,7 +156,9 @@ public final class Relay {
         timer = t
         ackedThrough = try store.acknowledgedSequence()
         sentThrough = ackedThrough
-        sentHigh = ackedThrough
+        // A run before a crash may have sent everything numbered: an honest
+        // broker may acknowledge up to there at once.
+        sentHigh = max(ackedThrough, try store.numberedSequence())
         schedule(after: 0)
     }
 
@@ -309,7 +313,13 @@ public final class Relay {
                 // The broker has everything before `expected`.
                 if expected - 1 > ackedThrough { acknowledged(through: expected - 1, rejected: [:]) }
                 if expected - 1 < ackedThrough {
-                    logger.error("broker expects sequence \(expected), already pruned here: resending from \(ackedThrough + 1)")
+                    // The broker lost what it acknowledged (restored from an older
+                    // backup?): those events are gone here. Say so, count it, back off:
+                    // resending at once would only loop.
+                    protocolError(
+                        "broker expects sequence \(expected), but it acknowledged through \(ackedThrough) and this agent pruned those events; resending from \(ackedThrough + 1)"
+                    )
+                    return
                 }
                 if current { rewind(nil, retryAfter: 0) }
             case 429, 503:

@@ -141,14 +141,15 @@ public final class TargetWorker {
         if target.useTLS {
             var tls = target.tls
             tls.verifyPeer = true
-            tlsContext = try TLSContext(role: .client, configuration: tls)
+            tlsContext = try ReloadableTLSContext(role: .client, configuration: tls)
         }
         clientOptions.maxPipelined = 1
         clientOptions.responseTimeoutMilliseconds = target.requestTimeoutMilliseconds
         clientOptions.connectTimeoutMilliseconds = min(5_000, target.requestTimeoutMilliseconds)
     }
 
-    private var tlsContext: TLSContext?
+    /// The target's CA and client certificate: re-read on SIGHUP (a rotated client certificate resumes a paused target).
+    private var tlsContext: ReloadableTLSContext?
     private var clientOptions = HTTPClientOptions()
 
     /// One kept-alive connection per unit of concurrency, to the address the
@@ -160,10 +161,12 @@ public final class TargetWorker {
             return false
         }
         for _ in 0..<max(1, target.concurrency) {
+            let serverName = target.useTLS ? target.host : nil
             clients.append(
-                HTTPClient(
-                    loop: loop, address: address, tls: tlsContext, serverName: target.useTLS ? target.host : nil,
-                    options: clientOptions))
+                tlsContext.map {
+                    HTTPClient(loop: loop, address: address, reloadableTLS: $0, serverName: serverName, options: clientOptions)
+                }
+                    ?? HTTPClient(loop: loop, address: address, serverName: serverName, options: clientOptions))
         }
         return true
     }
@@ -190,9 +193,15 @@ public final class TargetWorker {
         discover()
     }
 
-    /// SIGHUP: the token file may have been rotated.
+    /// SIGHUP: the token file, the CA and the client certificate may have been rotated.
     func reload() {
         do { token = try target.resolveToken() } catch { logger.error("cannot reload the token: \(error)") }
+        if let tlsContext {
+            do {
+                try tlsContext.reload()
+                dropClients()  // the next requests handshake with what was re-read
+            } catch { logger.error("cannot reload the target's TLS files, keeping the old ones: \(error)") }
+        }
         if credentialsPause != nil {
             credentialsPause?.probeAt = 0  // try the new credentials now
             credentialsPause?.probes = 0
@@ -494,8 +503,10 @@ public final class TargetWorker {
         case throttled(retryAfter: UInt64?, status: Int)
         /// Group members not yet at the target: try again shortly.
         case waitForMembers
-        /// 401/403 or a TLS failure: the target's state, not the change's.
+        /// 401, a 403 the credentials check confirmed, or a TLS failure: the target's state, not the change's.
         case credentialsRefused(String)
+        /// 403 to one change: a dead letter if the credentials work, else a credentials pause.
+        case forbidden(method: String, path: String, request: String, response: String)
     }
 
     // MARK: the operations
@@ -557,9 +568,13 @@ public final class TargetWorker {
         guard let mapping = d.mapping else {
             if (d.recovered || d.attempts > 0), capabilities?.filter == true, !d.leftLink {
                 // A POST may have succeeded without its answer being recorded: look first.
-                lookup(d, type: type, attribute: "externalId", value: externalID) { [weak self] found in
+                lookup(d, type: type, attribute: "externalId", value: externalID) { [weak self] result in
                     guard let self else { return }
-                    if let found { adopt(d, found.id, body: body) } else { create(d, type: type, body: body) }
+                    switch result {
+                    case .found(let found): adopt(d, found.id, body: body)
+                    case .absent: create(d, type: type, body: body)
+                    case .failed(let outcome): finish(d, outcome)  // never "absent" on a failed look: that could create it twice
+                    }
                 }
             } else {
                 create(d, type: type, body: body)
@@ -654,9 +669,18 @@ public final class TargetWorker {
                     finish(d, classify(r, "POST", path, bytes))
                     return
                 }
-                lookup(d, type: type, attribute: attribute, value: value) { [weak self] found in
+                lookup(d, type: type, attribute: attribute, value: value) { [weak self] result in
                     guard let self else { return }
-                    guard let found else { finish(d, classify(r, "POST", path, bytes)); return }
+                    let found: (id: String, externalId: String?)
+                    switch result {
+                    case .found(let f): found = f
+                    case .absent:
+                        finish(d, classify(r, "POST", path, bytes))
+                        return
+                    case .failed(let outcome):
+                        finish(d, outcome)
+                        return
+                    }
                     // Never adopt an account that is another resource's (invariant 6).
                     switch owner(of: found, type: type) {
                     case .failure(let e):
@@ -865,21 +889,41 @@ public final class TargetWorker {
         }
     }
 
+    /// What a lookup found: the one match, none, or no answer to go by.
+    enum LookupResult {
+        case found((id: String, externalId: String?))
+        case absent
+        /// The request failed (no answer, 5xx, 401/403, a body that is not a list): not "absent".
+        case failed(Outcome)
+    }
+
     /// `GET /Users?filter=attribute eq "value"`: the one match's id and externalId.
     private func lookup(
         _ d: Delivery, type: String, attribute: String, value: String,
-        _ done: @escaping ((id: String, externalId: String?)?) -> Void
+        _ done: @escaping (LookupResult) -> Void
     ) {
         let escaped = value.replacing("\\", with: "\\\\").replacing("\"", with: "\\\"")
         let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id,externalId"
         send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
-            guard self != nil else { return }
-            if case .success(let r) = result, r.status == 200, let doc = try? JSONParser.parse(r.body),
-                let list = doc["Resources"]?.arrayValue, list.count == 1, let id = list[0]["id"]?.stringValue
-            {
-                done((id, list[0]["externalId"]?.stringValue))
-            } else {
-                done(nil)
+            guard let self else { return }
+            switch result {
+            case .success(let r) where r.status == 200:
+                // A list; with no match a server may leave `Resources` out (RFC 7644 §3.4.2).
+                let doc = try? JSONParser.parse(r.body)
+                guard let list = doc?["Resources"]?.arrayValue ?? (doc?["totalResults"]?.numberValue?.integer == 0 ? [] : nil) else {
+                    done(.failed(.retry("GET \(path): the answer is not a list")))
+                    return
+                }
+                // Several matches: none of them is known to be the one.
+                if list.count == 1, let id = list[0]["id"]?.stringValue {
+                    done(.found((id, list[0]["externalId"]?.stringValue)))
+                } else {
+                    done(.absent)
+                }
+            case .success(let r):
+                done(.failed(classify(r, "GET", path, [])))
+            case .failure(let e):
+                done(.failed(transportFailure(e, "GET \(path)")))
             }
         }
     }
@@ -944,9 +988,15 @@ public final class TargetWorker {
     private func classify(_ r: HTTPResponse, _ method: String, _ path: String, _ request: [UInt8]) -> Outcome {
         switch r.status {
         case 429, 503: return .throttled(retryAfter: r.headers["Retry-After"].flatMap { UInt64($0.trimmingSpaces) }, status: r.status)
-        case 401, 403:
+        case 401:
             // The credentials, not the change: the target pauses with its queue kept.
-            return .credentialsRefused("\(method) \(path) answered \(r.status): \(String(decoding: r.body.prefix(300), as: UTF8.self))")
+            return .credentialsRefused("\(method) \(path) answered 401: \(String(decoding: r.body.prefix(300), as: UTF8.self))")
+        case 403:
+            // The credentials, or this one change ("operation not permitted",
+            // RFC 7644 §3.12): `finish` asks the target with a request about no resource.
+            return .forbidden(
+                method: method, path: path, request: String(decoding: request, as: UTF8.self),
+                response: String(decoding: r.body.prefix(16 * 1024), as: UTF8.self))
         case 500...599 where r.status != 501, 408:
             return .retry("\(method) \(path) answered \(r.status)")
         default:
@@ -976,6 +1026,22 @@ public final class TargetWorker {
         switch outcome {
         case .waitForMembers:
             release(retryAt: now + 250, countAttempt: false, wait: true)
+        case .forbidden(let method, let path, let request, let response):
+            // One page of one resource, about no change: it answers whether the credentials work.
+            let check = endpoint(d.item.type) + "?count=1&attributes=id"
+            send(self.request("GET", check, d, body: []), method: "GET") { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success(let r) where (200..<300).contains(r.status):
+                    finish(d, .deadLetter(method: method, path: path, request: request, status: 403, response: response))
+                case .success(let r) where r.status == 401 || r.status == 403:
+                    finish(d, .credentialsRefused("\(method) \(path) answered 403, and so did GET \(check) (\(r.status))"))
+                case .success(let r):
+                    finish(d, .retry("\(method) \(path) answered 403; GET \(check) answered \(r.status)"))
+                case .failure(let e):
+                    finish(d, transportFailure(e, "GET \(check) (after a 403 to \(method) \(path))"))
+                }
+            }
         case .credentialsRefused(let why):
             statistics.lastError = why
             var pause = credentialsPause ?? CredentialsPause(reason: why, since: unixMilliseconds())
@@ -1027,7 +1093,9 @@ public final class TargetWorker {
             }
             release(retryAt: now + backoff(d.attempts + 1), countAttempt: true)
         case .done(let mapping, let method, let status):
-            succeeded()
+            // Only an answer says the target is up (or takes the credentials): a
+            // delivery with nothing to send leaves the breaker and a pause as they are.
+            if method != nil { succeeded() }
             var hop: JSONObject = ["hop": .string("target \(target.name)"), "event": .string(d.item.operation.rawValue)]
             if let method { hop["method"] = .string(method) }
             if let status { hop["status"] = .int(status) }

@@ -137,6 +137,47 @@ final class IntegrityTests: FederationTestCase {
             agent.output.contains { $0.contains("acknowledged through") && $0.contains("has sent only through") }, "\(agent.output)")
     }
 
+    /// An honest broker ahead of a restarted agent: it applied events whose
+    /// acknowledgement the agent never pruned (a crash between the broker's
+    /// commit and the agent's prune), and acknowledges all of them at the
+    /// agent's first batch. That is no protocol error: the agent prunes them
+    /// and goes on, with nothing skipped and nothing logged as an error.
+    func testAnHonestBrokerAheadOfARestartedAgentIsNoProtocolError() throws {
+        let store = try AgentStore(path: dir.file("de"), registry: .standard)
+        let ctx = WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "e", traceID: "t")
+        for k in 0..<50 {
+            try store.appendEventForTesting(uri: "urn:ietf:params:SCIM:event:prov:delete", ref: "/Users/u\(k)", data: nil, ctx)
+        }
+        let fake = try FakeBroker(
+            tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca), applied: 50)
+        defer { _ = fake.harness.stop() }
+        // Batches of 10: the first answer acknowledges 50, far past what this run has sent.
+        let tokens = dir.write("de.tokens", "t-for-the-integrity-tests\n")
+        chmod(tokens, 0o600)
+        let config = dir.write(
+            "de.yaml",
+            """
+            dataDir: \(dir.file("de"))
+            listen: 127.0.0.1:0
+            tokenFile: \(tokens)
+            admin: {listen: none}
+            broker: {url: "https://127.0.0.1:\(fake.harness.port)", ca: \(ca!), cert: \(de.0), key: \(de.1), domain: acme-de, agent: agent-1, maxEventsPerBatch: 10}
+
+            """)
+        let agent = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", config])
+        children.append(agent)
+        let dp = try port(of: agent, "scim-edge")
+        let body = #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"after"}"#
+        let c = try RawClient(port: dp)
+        c.send(
+            "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t-for-the-integrity-tests\r\nContent-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+        )
+        XCTAssertEqual(c.readResponses(1).first?.status, 201)
+        XCTAssertTrue(eventually(seconds: 20) { fake.state.current.applied == 51 }, "the fixture applied \(fake.state.current.applied)")
+        XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 })
+        XCTAssertFalse(agent.output.contains { $0.contains("protocol error") }, "\(agent.output.filter { $0.contains("relay") })")
+    }
+
     // MARK: anything accepted can be delivered
 
     /// Four users of 261,714 bytes (each event just under the relay's 1 MiB
@@ -320,8 +361,9 @@ final class FakeBroker: Sendable {
     let state = Locked(State())
     let harness: ServerHarness
 
-    init(tls: TLSConfiguration, overAcknowledgeFirst: Bool = false, refusing marker: String? = nil) throws {
+    init(tls: TLSConfiguration, overAcknowledgeFirst: Bool = false, refusing marker: String? = nil, applied: UInt64 = 0) throws {
         let state = self.state
+        state.withLock { $0.applied = applied }
         harness = try ServerHarness(
             tls: tls,
             limits: {

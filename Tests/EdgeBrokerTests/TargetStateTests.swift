@@ -66,6 +66,42 @@ extension FanoutTests {
         XCTAssertEqual(try brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1, "")
     }
 
+    /// A 403 to one change ("operation not permitted", RFC 7644 §3.12) is
+    /// that change's: the credentials still work (the broker asks the target
+    /// a request about no resource), so it becomes a dead letter with the
+    /// target's answer, the target does not pause, and the changes after it
+    /// are delivered.
+    func testA403ForOneChangeIsADeadLetterNotAPause() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let proxy = try ServerHarness { request, _, responder in
+            if request.method == "POST", String(decoding: request.body, as: UTF8.self).contains("protected-admin") {
+                responder.respond(
+                    HTTPResponse(
+                        status: 403, headers: ["Content-Type": "application/scim+json"],
+                        body: Array(
+                            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"403","detail":"not permitted for this account"}"#
+                                .utf8)))
+                return
+            }
+            responder.respond(forward(request, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "protected-admin")
+        for k in 0..<3 { _ = try newUser(dp, "after-\(k)") }
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 },
+            "\(users(appPort, token: "t", prefix: "/scim/v2").keys)")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                ((try? self.brokerCLI(["deadletter", "list", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("403")
+            }, (try? brokerCLI(["deadletter", "list", "--data-dir", dir.file("broker")]).1) ?? "")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_credentials_refused{target="app"}"#), 0, "no pause for one change's 403")
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 1)
+    }
+
     /// A target answering 501 to a group PATCH that removes members by
     /// `members[value eq …]` (as django-scim2 does): the broker sends the
     /// group as a full PUT instead, never retries the 501 as a fault and
