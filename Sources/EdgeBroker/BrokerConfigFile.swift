@@ -32,8 +32,12 @@ extension BrokerConfiguration: YAMLConfiguration {
         if var domains = top.mapping("domains") {
             var bound: [String: (domain: String, line: Int)] = [:]
             for (name, mark, value) in domains.entries() {
+                guard DomainBinding.validName(name) else {
+                    d.error(domains.full(name), "a domain name holds letters, digits, '.', '_' and '-' only (at most 64)", at: mark)
+                    continue
+                }
                 guard case .scalar(let identity, _, _) = value, !identity.isEmpty else {
-                    d.error(domains.full(name), "must be a certificate identity (SAN URI, DNS name or CN)", at: mark)
+                    d.error(domains.full(name), "must be a certificate identity: the agents' SAN URI (or DNS SAN; never the CN)", at: mark)
                     continue
                 }
                 if let other = bound[identity] {

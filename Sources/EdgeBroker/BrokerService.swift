@@ -8,7 +8,8 @@ import Glibc
 import Logging
 import SCIM
 
-/// A domain and the certificate identity (SAN URI, DNS name or CN) of its agents.
+/// A domain and the certificate identity of its agents: a SAN URI, or a DNS
+/// SAN for certificates without a URI (a subject CN never binds).
 public struct DomainBinding: Sendable, Equatable {
     public var domain: String
     public var identity: String
@@ -17,10 +18,22 @@ public struct DomainBinding: Sendable, Equatable {
         self.identity = identity
     }
 
-    /// Parses `NAME=CERT-IDENTITY`.
+    /// Parses `NAME=CERT-IDENTITY`; nil when NAME is not a valid domain name.
     public init?(_ text: String) {
-        guard let eq = text.firstIndex(of: "="), eq != text.startIndex, text.index(after: eq) != text.endIndex else { return nil }
+        guard let eq = text.firstIndex(of: "="), eq != text.startIndex, text.index(after: eq) != text.endIndex,
+            DomainBinding.validName(String(text[..<eq]))
+        else { return nil }
         self.init(domain: String(text[..<eq]), identity: String(text[text.index(after: eq)...]))
+    }
+
+    /// Letters, digits, `.`, `_` and `-`, at most 64: a domain name is part
+    /// of the broker's LMDB keys (`<domain>/…`), where a `/` would let one
+    /// domain's key range take in another's.
+    public static func validName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 64
+            && name.utf8.allSatisfy { c in
+                (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 46 || c == 95
+            }
     }
 }
 

@@ -1015,6 +1015,15 @@ public final class TargetWorker {
         let now = monotonicMilliseconds()
         func release(retryAt: UInt64?, countAttempt: Bool, wait: Bool = false) {
             endFlight(d)
+            // A removal rejected by the operator while it was in flight is gone
+            // from the queue: it must not be tried again. (A failed read keeps it:
+            // the next refresh looks again.)
+            var rejected: Set<[UInt8]> = []
+            if d.item.operation != .upsert, let gone = try? store.missingQueueKeys(d.keys) { rejected = gone }
+            if !rejected.isEmpty {
+                pending.removeAll { rejected.contains($0.key) }
+                depth = max(0, depth - rejected.count)
+            }
             for j in pending.indices where d.keys.contains(pending[j].key) {
                 pending[j].dispatched = false
                 if countAttempt { pending[j].attempts += 1 }

@@ -20,7 +20,9 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the federation listener (POST /federation/v1/events over mutual TLS).")
 
-    @Option(help: "YAML configuration file (scim-broker.yaml(5); an example is in /usr/share/doc/scim-broker/examples/); flags override it.") var config: String?
+    @Option(
+        help: "YAML configuration file (scim-broker.yaml(5); an example is in /usr/share/doc/scim-broker/examples/); flags override it.")
+    var config: String?
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
     @Option(help: "Federation listener, HOST:PORT (default 127.0.0.1:8443).") var listen: String?
     @Option(help: "The federation CA (PEM): agents' certificates must chain to it.") var ca: String?
@@ -76,7 +78,9 @@ struct Serve: ParsableCommand {
             if let crl { config.tls.crlFile = crl }
         }
         for d in domain {
-            guard let b = DomainBinding(d) else { throw ValidationError("--domain \(d) is not NAME=CERT-IDENTITY") }
+            guard let b = DomainBinding(d) else {
+                throw ValidationError("--domain \(d) is not NAME=CERT-IDENTITY (NAME: letters, digits, '.', '_' and '-')")
+            }
             config.domains.append(b)
         }
         if let maxPendingBatches { config.maxPendingBatches = maxPendingBatches }

@@ -52,7 +52,7 @@ final class BrokerConfigTests: XCTestCase {
             ),
             "\(child.output)")
         XCTAssertTrue(
-            child.output.contains { $0.hasPrefix("\(source.path):24:14: api.tokenFile: /etc/scim-broker/api.tokens: No such file") },
+            child.output.contains { $0.hasPrefix("\(source.path):25:14: api.tokenFile: /etc/scim-broker/api.tokens: No such file") },
             "\(child.output)")
         XCTAssertTrue(child.output.contains { $0.contains("targets[0].tokenFile: /etc/scim-broker/crm.token: No such file or directory") })
     }
@@ -178,6 +178,10 @@ final class BrokerConfigTests: XCTestCase {
         fails(base, "domains: is required")
         fails(base + "domains:\n  acme: x\nmaxPending: 3\n", "maxPending: unknown key; did you mean 'maxPendingBatches'?", line: 8)
         fails(base + "domains:\n  acme: [x]\n", "certificate identity")
+        // A '/' would let one domain's LMDB key range (`<domain>/…`) take in another's.
+        fails(base + "domains:\n  acme/de: x\n", "letters, digits, '.', '_' and '-' only", line: 7)
+        XCTAssertNil(DomainBinding("acme/de=spiffe://x"))
+        XCTAssertNotNil(DomainBinding("acme-de.eu_1=spiffe://x"))
         fails("dataDir: /d\ntls:\n  ca: a\n", "tls.cert: is required")
         fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "api.listen: must be HOST:PORT")
         let d = base + "domains:\n  acme: x\ntargets:\n"
