@@ -250,6 +250,13 @@ extension BrokerConfiguration: YAMLConfiguration {
         if link != nil, collisions == nil || collisions == "refuse" || collisions == "namespace" {
             m.problem("link", "applies only with 'collisions: link'", fix: "add collisions: link, or remove it")
         }
+        if let n = m.int("maxMembersPerPatch") {
+            if (1...10_000).contains(n) {
+                target.maxMembersPerPatch = n
+            } else {
+                m.problem("maxMembersPerPatch", "must be 1 to 10,000, got \(n)")
+            }
+        }
         if let n = m.int("breakerThreshold") { target.breakerThreshold = max(1, n) }
         if let n = m.int("timeoutMs") { target.requestTimeoutMilliseconds = UInt64(max(100, n)) }
         if var mapping = m.mapping("mapping") {

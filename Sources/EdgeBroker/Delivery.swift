@@ -645,8 +645,12 @@ public final class TargetWorker {
         }
     }
 
-    private func create(_ d: Delivery, type: String, body: JSONObject) {
+    private func create(_ d: Delivery, type: String, body full: JSONObject) {
         let path = endpoint(type)
+        // A group larger than one request may carry is created with its first
+        // members and grown by PATCH (`update`, in steps).
+        let first = usesPatch(type) ? membershipStep(from: nil, to: full, limit: target.maxMembersPerPatch) : nil
+        let body = first ?? full
         let bytes = JSON.object(body).serialized()
         send(request("POST", path, d, body: bytes), method: "POST") { [weak self] result in
             guard let self else { return }
@@ -660,8 +664,14 @@ public final class TargetWorker {
                             response: "the response carries no id: " + r.bodyText))
                     return
                 }
-                finish(
-                    d, .done(mapping: .some(TargetMapping(targetID: id, etag: etag(r, doc), sent: body)), method: "POST", status: r.status))
+                let created = TargetMapping(targetID: id, etag: etag(r, doc), sent: body)
+                if first != nil {
+                    var next = d
+                    next.mapping = created
+                    update(next, type: type, mapping: created, body: full)
+                    return
+                }
+                finish(d, .done(mapping: .some(created), method: "POST", status: r.status))
             case .success(let r) where r.status == 409 && capabilities?.filter == true && !d.adopted:
                 // The account exists already: adopt it (userName for users, displayName for groups).
                 let attribute = type == "User" ? "userName" : "displayName"
@@ -689,7 +699,7 @@ public final class TargetWorker {
                         // Linked users share one account; one that left its link adopts nothing of the others'.
                         finish(d, collision(d, attribute: attribute, value: value, targetID: found.id, other: other, path: path, bytes))
                     case .success:
-                        adopt(d, found.id, body: body)
+                        adopt(d, found.id, body: full)
                     }
                 }
             case .success(let r):
@@ -749,8 +759,11 @@ public final class TargetWorker {
         let path = endpoint(type) + "/" + mapping.targetID
         var method = "PUT"
         var bytes: [UInt8]
+        // A membership change larger than the target takes in one request goes in steps.
+        var step = body
         if usesPatch(type), let sent = mapping.sent {
-            let ops = patchOperations(from: sent, to: body)
+            step = membershipStep(from: sent, to: body, limit: target.maxMembersPerPatch) ?? body
+            let ops = patchOperations(from: sent, to: step)
             if ops.isEmpty {
                 finish(d, .done(mapping: .some(mapping), method: nil, status: nil))
                 return
@@ -770,10 +783,12 @@ public final class TargetWorker {
             case .success(let r) where (200..<300).contains(r.status):
                 let doc = try? JSONParser.parse(r.body)
                 let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
-                finish(
-                    d,
-                    .done(
-                        mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: body)), method: method, status: r.status))
+                let now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
+                if step != body {
+                    update(d, type: type, mapping: now, body: body)  // the next step
+                    return
+                }
+                finish(d, .done(mapping: .some(now), method: method, status: r.status))
             case .success(let r) where r.status == 404 && d.redirected < 2:
                 // Gone at the target (deleted there): create it again.
                 var next = d

@@ -357,6 +357,11 @@ public struct TargetConfiguration: Sendable {
     public var routes: [Route] = []
     public var deletionGuard = DeletionGuard()
     public var collisions: CollisionPolicy = .refuse
+    /// Group members one request may add or remove at most (AWS IAM Identity
+    /// Center takes 100 per PATCH, some apps fewer): larger changes go as
+    /// several PATCHes, a new large group as a POST of the first ones and
+    /// PATCHes for the rest.
+    public var maxMembersPerPatch = 100
     /// Consecutive failures (network, 5xx) that open the circuit breaker.
     public var breakerThreshold = 10
     public var requestTimeoutMilliseconds: UInt64 = 15_000
@@ -443,4 +448,23 @@ func patchOperations(from old: JSONObject, to new: JSONObject) -> [JSON] {
         ops.append(["op": "remove", "path": .string(key)])
     }
     return ops
+}
+
+/// A body on the way from `sent` (nil: nothing at the target yet) to `body`
+/// whose members differ from `sent`'s by at most `limit` additions and
+/// removals (removals first: they free room at a target with a cap), or nil
+/// when `body` is within the limit already. Every other attribute is
+/// `body`'s: only the members are spread over requests.
+func membershipStep(from sent: JSONObject?, to body: JSONObject, limit: Int) -> JSONObject? {
+    func values(_ members: [JSON]) -> Set<String> { Set(members.compactMap { $0["value"]?.stringValue }) }
+    let want = body["members"]?.arrayValue ?? [], have = sent?["members"]?.arrayValue ?? []
+    let wantIDs = values(want), haveIDs = values(have)
+    let added = want.filter { !haveIDs.contains($0["value"]?.stringValue ?? "") }
+    let removed = have.filter { !wantIDs.contains($0["value"]?.stringValue ?? "") }
+    guard added.count + removed.count > max(1, limit) else { return nil }
+    let removeNow = values(Array(removed.prefix(max(1, limit))))
+    let addNow = added.prefix(max(0, max(1, limit) - removeNow.count))
+    var step = body
+    step["members"] = .array(have.filter { !removeNow.contains($0["value"]?.stringValue ?? "") } + addNow)
+    return step
 }

@@ -102,6 +102,64 @@ extension FanoutTests {
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 1)
     }
 
+    /// `maxMembersPerPatch: 2`: the target receives no request that adds or
+    /// removes more than 2 members; a new group of 5 is created with 2 and
+    /// grown by PATCH, a change of 5 members goes as 3 PATCHes, and the group
+    /// at the target ends exactly right.
+    func testMembershipChangesGoInChunksOfMaxMembersPerPatch() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let sizes = Locked<[(String, Int)]>([])
+        let proxy = try ServerHarness { request, _, responder in
+            if request.path.contains("/Groups"), request.method == "POST" || request.method == "PATCH",
+                let doc = try? JSONParser.parse(request.body)
+            {
+                let n: Int
+                if request.method == "POST" {
+                    n = doc["members"]?.arrayValue?.count ?? 0
+                } else {
+                    n = (doc["Operations"]?.arrayValue ?? []).reduce(0) { total, op in
+                        let path = op["path"]?.stringValue ?? ""
+                        if path.hasPrefix("members[") { return total + 1 }
+                        if path == "members" { return total + (op["value"]?.arrayValue?.count ?? 1) }
+                        return total
+                    }
+                }
+                sizes.withLock { $0.append((request.method, n)) }
+            }
+            responder.respond(forward(request, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port, extra: "    maxMembersPerPatch: 2"))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<8).map { try newUser(dp, "member\($0)") }
+        let members = ids[0..<5].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let (status, group) = try idp(
+            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"big","members":[\#(members)]}"#)
+        XCTAssertEqual(status, 201)
+        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        func atTarget() -> Set<String> {
+            let appUsers = users(appPort, token: "t", prefix: "/scim/v2")
+            let byTargetID = Dictionary(uniqueKeysWithValues: appUsers.compactMap { name, u in u["id"]?.stringValue.map { ($0, name) } })
+            return Set(
+                groups(appPort, token: "t", prefix: "/scim/v2")["big"]?["members"]?.arrayValue?.compactMap {
+                    $0["value"]?.stringValue.flatMap { byTargetID[$0] }
+                } ?? [])
+        }
+        XCTAssertTrue(eventually(seconds: 20) { atTarget() == Set((0..<5).map { "member\($0)" }) }, "\(atTarget())")
+        // Remove two, add three: five member changes.
+        let ops =
+            #"[{"op":"remove","path":"members[value eq \"\#(ids[0])\"]"},{"op":"remove","path":"members[value eq \"\#(ids[1])\"]"},"#
+            + #"{"op":"add","path":"members","value":[{"value":"\#(ids[5])"},{"value":"\#(ids[6])"},{"value":"\#(ids[7])"}]}]"#
+        XCTAssertEqual(
+            try idp(dp, "PATCH", "/Groups/\(gid)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(ops)}"#)
+                .0, 200)
+        XCTAssertTrue(eventually(seconds: 20) { atTarget() == Set((2..<8).map { "member\($0)" }) }, "\(atTarget())")
+        let seen = sizes.current
+        XCTAssertTrue(seen.allSatisfy { $0.1 <= 2 }, "no request changes more than 2 members: \(seen)")
+        XCTAssertEqual(seen.first?.0, "POST")
+        XCTAssertGreaterThanOrEqual(seen.filter { $0.0 == "PATCH" }.count, 5, "2 + 1 PATCHes to grow it, 3 for the change: \(seen)")
+    }
+
     /// A target answering 501 to a group PATCH that removes members by
     /// `members[value eq …]` (as django-scim2 does): the broker sends the
     /// group as a full PUT instead, never retries the 501 as a fault and
