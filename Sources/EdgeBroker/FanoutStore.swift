@@ -232,21 +232,35 @@ extension BrokerStore {
     /// again from the directory, once, at start: one pass over the
     /// directory, nothing queued (`targets reconcile --apply` then merges
     /// the accounts of users that are now linked). True: it was rebuilt.
+    /// A target that is not `link` (any more) loses its index and
+    /// fingerprint, so that turning link on again rebuilds the index: the
+    /// apply does not keep it meanwhile.
     public func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
-        guard let link = target.collisions.linkPolicy else { return false }
-        let fingerprint = Array(
-            ([link.attribute] + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
-                .joined(separator: "\n").utf8)
         let stateKey = Array("linkindex/\(target.name)".utf8)
         let targetState = self.targetState, targetLinks = self.targetLinks, resources = self.resources
-        return try environment.write { txn in
-            if try txn.get(targetState, stateKey) == fingerprint { return false }
+        func dropIndex(_ txn: borrowing WriteTransaction) throws {
             var stale: [[UInt8]] = []
             try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in
                 stale.append(k); return true
             }
             for k in stale { _ = try txn.delete(targetLinks, k) }
             _ = try txn.delete(targetState, Array("links/\(target.name)".utf8))
+        }
+        guard let link = target.collisions.linkPolicy else {
+            try environment.write { txn in
+                guard try txn.get(targetState, stateKey) != nil else { return }
+                try dropIndex(txn)
+                _ = try txn.delete(targetState, stateKey)
+            }
+            return false
+        }
+        let fingerprint = Array(
+            ([link.attribute, link.sourceOfRecord.joined(separator: ",")]
+                + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
+                .joined(separator: "\n").utf8)
+        return try environment.write { txn in
+            if try txn.get(targetState, stateKey) == fingerprint { return false }
+            try dropIndex(txn)
             var linked: [(value: String, brokerID: String)] = []
             try txn.scan(resources) { k, v in
                 // `<domain>/User/<source id>`

@@ -1,0 +1,54 @@
+import EdgeLoop
+import EdgeStore
+import EdgeTestSupport
+import SCIM
+import XCTest
+
+@testable import EdgeBroker
+
+/// The store's side of `collisions: link`: the link index across policy
+/// changes, whose a shared account is, and what a dead letter's retry queues.
+final class LinkStoreTests: XCTestCase {
+    let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+    func target(link: Bool, name: String = "app") throws -> TargetConfiguration {
+        var t = try TargetConfiguration(name: name, url: "http://127.0.0.1:9/scim/v2")
+        t.routes = [try Route()]
+        if link { t.collisions = .link(try LinkPolicy(attribute: "employeeNumber", sourceOfRecord: ["acme-de", "acme-us"])) }
+        return t
+    }
+
+    /// Writes a federated user as the apply would (resource and broker id), without queuing anything.
+    func putUser(_ store: BrokerStore, domain: String, sourceID: String, brokerID: String, employeeNumber: String) throws {
+        let user: JSONObject = [
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", .string(enterprise), .string(BrokerStore.sourceExtension)],
+            "id": .string(brokerID), "userName": .string(sourceID), .init(enterprise): ["employeeNumber": .string(employeeNumber)],
+            .init(BrokerStore.sourceExtension): ["domain": .string(domain)],
+        ]
+        let key = Array("\(domain)/User/\(sourceID)".utf8)
+        try store.environment.write { txn in
+            try txn.put(store.resources, key, JSON.object(user).serialized())
+            try txn.put(store.brokerIds, Array(brokerID.utf8), key)
+        }
+    }
+
+    /// #4: link off, then on again: the index is built again, with the users
+    /// created while the target ran without link (the apply kept no index then).
+    func testLinkTurnedOffAndOnAgainRebuildsTheIndex() throws {
+        let dir = TempDirectory("edge-link-index")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.path)
+        try putUser(store, domain: "acme-de", sourceID: "bob", brokerID: "b-de", employeeNumber: "E-1")
+        XCTAssertTrue(try store.rebuildLinkIndexIfNeeded(target(link: true)))
+        XCTAssertFalse(try store.rebuildLinkIndexIfNeeded(target(link: true)), "unchanged: not rebuilt")
+        XCTAssertEqual(try store.linkMembers(target: "app", value: "e-1"), ["b-de"])
+        // Without link: no index kept.
+        XCTAssertFalse(try store.rebuildLinkIndexIfNeeded(target(link: false)))
+        XCTAssertEqual(try store.linkMembers(target: "app", value: "e-1"), [], "the index goes with link")
+        try putUser(store, domain: "acme-us", sourceID: "bob", brokerID: "b-us", employeeNumber: "e-1")
+        // Link again: rebuilt from the directory, with the user created meanwhile.
+        XCTAssertTrue(try store.rebuildLinkIndexIfNeeded(target(link: true)), "turned on again: rebuilt")
+        XCTAssertEqual(try store.linkMembers(target: "app", value: "e-1"), ["b-de", "b-us"])
+        XCTAssertEqual(try store.linkedAccounts(target: "app"), 1)
+    }
+}
