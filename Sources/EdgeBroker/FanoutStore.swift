@@ -506,7 +506,18 @@ extension BrokerStore {
         if let old = try txn.get(targetIds, key).flatMap(TargetMapping.init), old.targetID != mapping?.targetID {
             let ownerKey = prefixed(target, "\(type)/\(old.targetID)")
             if try txn.get(targetOwners, ownerKey).map({ String(decoding: $0, as: UTF8.self) }) == brokerID {
-                _ = try txn.delete(targetOwners, ownerKey)
+                // A shared (linked) account stays owned while another linked
+                // user's mapping still names it: the entry moves to that user.
+                var heir: String?
+                if let shared = old.link {
+                    for other in try linkMembers(target: target, value: shared, txn) where other != brokerID {
+                        if try txn.get(targetIds, prefixed(target, other)).flatMap(TargetMapping.init)?.targetID == old.targetID {
+                            heir = other
+                            break
+                        }
+                    }
+                }
+                if let heir { try txn.put(targetOwners, ownerKey, Array(heir.utf8)) } else { _ = try txn.delete(targetOwners, ownerKey) }
             }
         }
         if let mapping {

@@ -51,4 +51,42 @@ final class LinkStoreTests: XCTestCase {
         XCTAssertEqual(try store.linkMembers(target: "app", value: "e-1"), ["b-de", "b-us"])
         XCTAssertEqual(try store.linkedAccounts(target: "app"), 1)
     }
+
+    /// #5: the reverse index of a shared account follows the users that
+    /// still share it: dropping or changing the mapping of the broker id it
+    /// names hands the account to another linked user's mapping.
+    func testASharedAccountStaysOwnedWhileALinkedMappingNamesIt() throws {
+        let dir = TempDirectory("edge-link-owner")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.path)
+        let shared = TargetMapping(targetID: "acct-1", etag: nil, sent: nil, link: "e-1")
+        try store.environment.write { txn in
+            for id in ["b-de", "b-us", "b-fr"] { try store.addLink(target: "app", value: "e-1", brokerID: id, txn) }
+            for id in ["b-de", "b-us", "b-fr"] { try store.setMapping(target: "app", type: "User", brokerID: id, shared, txn) }
+        }
+        XCTAssertEqual(try store.accountOwner(target: "app", type: "User", targetID: "acct-1"), "b-fr")
+        // b-fr deleted (the apply removed its link first): the account is still the others'.
+        try store.environment.write { txn in
+            _ = try store.removeLink(target: "app", value: "e-1", brokerID: "b-fr", txn)
+            try store.setMapping(target: "app", type: "User", brokerID: "b-fr", nil, txn)
+        }
+        let afterDelete = try store.accountOwner(target: "app", type: "User", targetID: "acct-1")
+        XCTAssertNotNil(afterDelete, "another linked mapping names the account")
+        XCTAssertTrue(["b-de", "b-us"].contains(afterDelete ?? ""), "\(afterDelete ?? "nil")")
+        // The owner leaves the link for an account of its own: the last one sharing it owns it.
+        let leaving = try XCTUnwrap(afterDelete), staying = leaving == "b-de" ? "b-us" : "b-de"
+        try store.environment.write { txn in
+            _ = try store.removeLink(target: "app", value: "e-1", brokerID: leaving, txn)
+            try store.setMapping(
+                target: "app", type: "User", brokerID: leaving, TargetMapping(targetID: "acct-2", etag: nil, sent: nil), txn)
+        }
+        XCTAssertEqual(try store.accountOwner(target: "app", type: "User", targetID: "acct-1"), staying)
+        XCTAssertEqual(try store.accountOwner(target: "app", type: "User", targetID: "acct-2"), leaving)
+        // The last one gone: nobody's.
+        try store.environment.write { txn in
+            _ = try store.removeLink(target: "app", value: "e-1", brokerID: staying, txn)
+            try store.setMapping(target: "app", type: "User", brokerID: staying, nil, txn)
+        }
+        XCTAssertNil(try store.accountOwner(target: "app", type: "User", targetID: "acct-1"))
+    }
 }
