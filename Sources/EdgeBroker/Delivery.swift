@@ -1043,11 +1043,14 @@ public final class TargetWorker {
                     "brokerId": .string(id), "method": .string(method), "status": .stringConvertible(status),
                     "trace": .string(d.item.trace),
                 ])
-            let letter: JSONObject = [
+            var letter: JSONObject = [
                 "id": .string(id), "type": .string(d.item.type), "op": .string(d.item.operation.rawValue), "trace": .string(d.item.trace),
                 "method": .string(method), "path": .string(path), "request": .string(request), "status": .int(status),
                 "response": .string(response), "at": .number(JSONNumber(integer: unixMilliseconds())),
             ]
+            // A retry queues the item as it was: the stray's account, the linked account's value.
+            if let account = d.item.account { letter["account"] = .string(account) }
+            if let link = d.item.link { letter["link"] = .string(link) }
             complete(
                 d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
                 hop: [

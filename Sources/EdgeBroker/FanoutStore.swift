@@ -599,9 +599,13 @@ extension BrokerStore {
     }
 
     /// Removes dead letters of `target` (`seq` nil: all); with `requeue`,
-    /// queues the resource again (its current state is delivered).
-    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool) throws -> Int {
+    /// queues the resource again (its current state is delivered), with the
+    /// item's `account` and `link` as they were (a letter written before
+    /// they were kept: the link value of the resource as it is now, with
+    /// `linkPolicy`, else the one of the store's configured target).
+    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
         let targetDead = self.targetDead
+        let policy = linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy
         return try environment.write { txn in
             var found: [([UInt8], JSONObject)] = []
             try txn.scan(
@@ -616,11 +620,13 @@ extension BrokerStore {
                 if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
                     let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
                 {
+                    var link = o["link"]?.stringValue
+                    if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
                     try enqueue(
                         target: target,
                         DeliveryItem(
                             brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                            queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+                            queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
                 }
             }
             return found.count
@@ -729,14 +735,30 @@ extension BrokerStore {
         return result
     }
 
+    /// The link value (`collisions: link`) of a user as the directory holds it now.
+    func currentLinkValue(brokerID: String, _ policy: LinkPolicy, _ txn: borrowing WriteTransaction) throws -> String? {
+        guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
+            let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+        else { return nil }
+        let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+        guard parts.count == 3, parts[1].elementsEqual("User".utf8) else { return nil }
+        return policy.value(of: o)
+    }
+
     /// Queues an item from outside the apply (reconciliation, retries).
     /// With `mapping`, the target account is recorded first (adopting a
     /// stray), for the users in `linked` too (the users of a linked account).
+    /// With `collisions: link` (`linkPolicy`, else the store's configured
+    /// target) a user's item carries its current link value, so that it
+    /// waits for the other deliveries to that account.
     public func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
-        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil
+        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil
     ) throws {
+        let policy = type == "User" ? linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy : nil
         try environment.write { txn in
+            var link = mapping?.link
+            if let policy, let now = try currentLinkValue(brokerID: brokerID, policy, txn) { link = now }
             if let mapping {
                 for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, mapping, txn) }
                 try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn)
@@ -745,7 +767,7 @@ extension BrokerStore {
                 target: target,
                 DeliveryItem(
                     brokerID: brokerID, type: type, operation: operation,
-                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, account: account), txn)
+                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: account), txn)
         }
     }
 }

@@ -89,4 +89,38 @@ final class LinkStoreTests: XCTestCase {
         }
         XCTAssertNil(try store.accountOwner(target: "app", type: "User", targetID: "acct-1"))
     }
+
+    /// #6: a dead letter keeps the item's `account` and `link`, and a retry
+    /// queues them again; a letter without them (and reconciliation's
+    /// items) get the user's current link value.
+    func testRetriedDeadLettersAndReconcileItemsKeepAccountAndLink() throws {
+        let dir = TempDirectory("edge-link-dead")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.path, targets: [target(link: true)])
+        try putUser(store, domain: "acme-de", sourceID: "bob", brokerID: "b-de", employeeNumber: "E-1")
+        func letter(_ extra: JSONObject) -> JSONObject {
+            var o: JSONObject = ["id": "b-de", "type": "User", "op": "deactivate", "trace": "t", "status": 400]
+            for (k, v) in extra { o[k] = v }
+            return o
+        }
+        try store.environment.write { txn in
+            try store.completeDelivery(
+                target: "app", keys: [], brokerID: "b-de", type: "User", mapping: .none,
+                deadLetter: letter(["account": "acct-9", "link": "e-1"]), hop: nil, trace: "t", txn)
+            try store.completeDelivery(
+                target: "app", keys: [], brokerID: "b-de", type: "User", mapping: .none,
+                deadLetter: letter(["op": "upsert"]), hop: nil, trace: "t", txn)
+        }
+        XCTAssertEqual(try store.settleDeadLetters(target: "app", seq: nil, requeue: true), 2)
+        let items = try store.queued(target: "app", after: nil, limit: 10).map(\.item)
+        XCTAssertEqual(items.count, 2)
+        XCTAssertEqual(items.first?.operation, .deactivate)
+        XCTAssertEqual(items.first?.account, "acct-9", "the stray's account, not the user's mapping")
+        XCTAssertEqual(items.first?.link, "e-1")
+        XCTAssertEqual(items.last?.link, "e-1", "an older letter: the user's link value now")
+        XCTAssertNil(items.last?.account)
+
+        try store.enqueue(target: "app", brokerID: "b-de", type: "User", .upsert)
+        XCTAssertEqual(try store.queued(target: "app", after: nil, limit: 10).last?.item.link, "e-1", "reconciliation's item")
+    }
 }
