@@ -437,14 +437,22 @@ public final class TargetWorker {
         let first = pending[index]
         let id = first.item.brokerID
         var keys: [[UInt8]] = []
+        // Every folded item's serial keys are held (a later item of the
+        // resource may name another linked account); one whose account is
+        // under way in another delivery is not folded.
+        var serial = Set(first.item.serialKeys)
         for j in index..<pending.count where pending[j].item.brokerID == id && !pending[j].dispatched {
-            if pending[j].item.operation != first.item.operation { break }
+            if pending[j].item.operation != first.item.operation || pending[j].item.account != first.item.account { break }
+            let more = pending[j].item.serialKeys.filter { !serial.contains($0) }
+            if more.contains(where: { inFlight.contains($0) }) { break }
+            serial.formUnion(more)
             pending[j].dispatched = true
             keys.append(pending[j].key)
         }
-        inFlight.formUnion(first.item.serialKeys)
+        inFlight.formUnion(serial)
         inFlightCount += 1
-        var delivery = Delivery(item: first.item, keys: keys, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
+        var delivery = Delivery(
+            item: first.item, keys: keys, serialKeys: serial, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
         do {
             if let account = first.item.account {
                 // A stray named by its account: deactivated, and no mapping recorded.
@@ -467,6 +475,8 @@ public final class TargetWorker {
     struct Delivery {
         let item: DeliveryItem
         let keys: [[UInt8]]
+        /// What it holds in `inFlight`: the serial keys of every item folded into it.
+        let serialKeys: Set<String>
         var attempts: Int
         var waits: Int
         let recovered: Bool
@@ -1061,7 +1071,7 @@ public final class TargetWorker {
     }
 
     private func endFlight(_ d: Delivery) {
-        inFlight.subtract(d.item.serialKeys)
+        inFlight.subtract(d.serialKeys)
         inFlightCount = max(0, inFlightCount - 1)
     }
 
