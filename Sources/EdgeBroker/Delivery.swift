@@ -617,7 +617,11 @@ public final class TargetWorker {
             }
             var members = try linkedResources(link, value: value)
             if !members.contains(where: { $0.brokerID == me.brokerID }) { members.append(me) }
-            guard let (anchor, body) = linkedTargetBody(members, link: link, target: target) else { return }
+            guard let (anchor, body) = linkedTargetBody(members, link: link, target: target) else {
+                // No member to take data from (never: `me` is one): nothing to send, and the delivery ends.
+                finish(d, .done(mapping: .none, method: nil, status: nil))
+                return
+            }
             // The account: that of the first user, in source-of-record order, that has one.
             var chosen: TargetMapping?
             for m in link.ordered(members) {
