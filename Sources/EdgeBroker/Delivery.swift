@@ -587,7 +587,7 @@ public final class TargetWorker {
         var out: [LinkedResource] = []
         for id in try store.linkMembers(target: target.name, value: value) {
             guard let (domain, type, resource) = try store.resource(brokerID: id), type == "User",
-                target.routes(domain: domain, type: type, resource), link.value(of: resource) == value
+                target.routes(domain: domain, type: type, resource), link.value(of: resource, domain: domain) == value
             else { continue }
             out.append(LinkedResource(brokerID: id, domain: domain, resource: resource))
         }
@@ -598,7 +598,8 @@ public final class TargetWorker {
     /// every user linked to it, to their one account.
     private func linkedUpsert(_ given: Delivery, _ link: LinkPolicy, _ me: LinkedResource) {
         var d = given
-        let value = link.value(of: me.resource)
+        // Only the domains in `sourceOfRecord` link: another domain's user has no link value.
+        let value = link.value(of: me.resource, domain: me.domain)
         do {
             if let shared = d.mapping?.link, shared != value,
                 try linkedResources(link, value: shared).contains(where: { $0.brokerID != me.brokerID })

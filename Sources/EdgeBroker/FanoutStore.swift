@@ -152,7 +152,9 @@ extension BrokerStore {
             var partner: (id: String, link: String)?
             if type == "User", let link = target.collisions.linkPolicy {
                 // The link index holds the routed users that have a link value.
-                let before = was ? old.flatMap(link.value) : nil, after = now ? new.flatMap(link.value) : nil
+                // Only the domains in `sourceOfRecord` link; other domains' users have no link value.
+                let before = was ? old.flatMap { link.value(of: $0, domain: domain) } : nil
+                let after = now ? new.flatMap { link.value(of: $0, domain: domain) } : nil
                 if before != after {
                     if let before, let other = try removeLink(target: target.name, value: before, brokerID: brokerID, txn) {
                         partner = (other, before)
@@ -269,7 +271,9 @@ extension BrokerStore {
                     let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
                 else { return true }
                 let domain = String(decoding: parts[0], as: UTF8.self)
-                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o) { linked.append((value, id)) }
+                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o, domain: domain) {
+                    linked.append((value, id))
+                }
                 return true
             }
             for (value, id) in linked { try addLink(target: target.name, value: value, brokerID: id, txn) }
@@ -742,7 +746,7 @@ extension BrokerStore {
         else { return nil }
         let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 2)
         guard parts.count == 3, parts[1].elementsEqual("User".utf8) else { return nil }
-        return policy.value(of: o)
+        return policy.value(of: o, domain: String(decoding: parts[0], as: UTF8.self))
     }
 
     /// Queues an item from outside the apply (reconciliation, retries).

@@ -104,7 +104,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
                 target.routes(domain: domain, type: type, resource)
             else { continue }
-            if let link, let value = link.value(of: resource) {
+            if let link, let value = link.value(of: resource, domain: domain) {
                 linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
                 continue
             }

@@ -123,4 +123,21 @@ final class LinkStoreTests: XCTestCase {
         try store.enqueue(target: "app", brokerID: "b-de", type: "User", .upsert)
         XCTAssertEqual(try store.queued(target: "app", after: nil, limit: 10).last?.item.link, "e-1", "reconciliation's item")
     }
+
+    /// #11: only the domains in `sourceOfRecord` link.
+    func testOnlySourceOfRecordDomainsLink() throws {
+        let policy = try LinkPolicy(attribute: "employeeNumber", sourceOfRecord: ["acme-de"])
+        let user: JSONObject = [.init(enterprise): ["employeeNumber": "E-1"]]
+        XCTAssertEqual(policy.value(of: user, domain: "acme-de"), "e-1")
+        XCTAssertNil(policy.value(of: user, domain: "acme-us"))
+        let dir = TempDirectory("edge-link-sor")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.path)
+        try putUser(store, domain: "acme-de", sourceID: "bob", brokerID: "b-de", employeeNumber: "E-1")
+        try putUser(store, domain: "acme-us", sourceID: "bob", brokerID: "b-us", employeeNumber: "E-1")
+        var t = try target(link: true)
+        t.collisions = .link(policy)
+        XCTAssertTrue(try store.rebuildLinkIndexIfNeeded(t))
+        XCTAssertEqual(try store.linkMembers(target: "app", value: "e-1"), ["b-de"], "acme-us is not a source of record")
+    }
 }
