@@ -446,14 +446,22 @@ public final class TargetWorker {
         let first = pending[index]
         let id = first.item.brokerID
         var keys: [[UInt8]] = []
+        // Every folded item's serial keys are held (a later item of the
+        // resource may name another linked account); one whose account is
+        // under way in another delivery is not folded.
+        var serial = Set(first.item.serialKeys)
         for j in index..<pending.count where pending[j].item.brokerID == id && !pending[j].dispatched {
-            if pending[j].item.operation != first.item.operation { break }
+            if pending[j].item.operation != first.item.operation || pending[j].item.account != first.item.account { break }
+            let more = pending[j].item.serialKeys.filter { !serial.contains($0) }
+            if more.contains(where: { inFlight.contains($0) }) { break }
+            serial.formUnion(more)
             pending[j].dispatched = true
             keys.append(pending[j].key)
         }
-        inFlight.formUnion(first.item.serialKeys)
+        inFlight.formUnion(serial)
         inFlightCount += 1
-        var delivery = Delivery(item: first.item, keys: keys, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
+        var delivery = Delivery(
+            item: first.item, keys: keys, serialKeys: serial, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
         do {
             if let account = first.item.account {
                 // A stray named by its account: deactivated, and no mapping recorded.
@@ -476,6 +484,8 @@ public final class TargetWorker {
     struct Delivery {
         let item: DeliveryItem
         let keys: [[UInt8]]
+        /// What it holds in `inFlight`: the serial keys of every item folded into it.
+        let serialKeys: Set<String>
         var attempts: Int
         var waits: Int
         let recovered: Bool
@@ -592,7 +602,7 @@ public final class TargetWorker {
         var out: [LinkedResource] = []
         for id in try store.linkMembers(target: target.name, value: value) {
             guard let (domain, type, resource) = try store.resource(brokerID: id), type == "User",
-                target.routes(domain: domain, type: type, resource), link.value(of: resource) == value
+                target.routes(domain: domain, type: type, resource), link.value(of: resource, domain: domain) == value
             else { continue }
             out.append(LinkedResource(brokerID: id, domain: domain, resource: resource))
         }
@@ -603,7 +613,8 @@ public final class TargetWorker {
     /// every user linked to it, to their one account.
     private func linkedUpsert(_ given: Delivery, _ link: LinkPolicy, _ me: LinkedResource) {
         var d = given
-        let value = link.value(of: me.resource)
+        // Only the domains in `sourceOfRecord` link: another domain's user has no link value.
+        let value = link.value(of: me.resource, domain: me.domain)
         do {
             if let shared = d.mapping?.link, shared != value,
                 try linkedResources(link, value: shared).contains(where: { $0.brokerID != me.brokerID })
@@ -622,7 +633,11 @@ public final class TargetWorker {
             }
             var members = try linkedResources(link, value: value)
             if !members.contains(where: { $0.brokerID == me.brokerID }) { members.append(me) }
-            guard let (anchor, body) = linkedTargetBody(members, link: link, target: target) else { return }
+            guard let (anchor, body) = linkedTargetBody(members, link: link, target: target) else {
+                // No member to take data from (never: `me` is one): nothing to send, and the delivery ends.
+                finish(d, .done(mapping: .none, method: nil, status: nil))
+                return
+            }
             // The account: that of the first user, in source-of-record order, that has one.
             var chosen: TargetMapping?
             for m in link.ordered(members) {
@@ -1135,11 +1150,14 @@ public final class TargetWorker {
                     "brokerId": .string(id), "method": .string(method), "status": .stringConvertible(status),
                     "trace": .string(d.item.trace),
                 ])
-            let letter: JSONObject = [
+            var letter: JSONObject = [
                 "id": .string(id), "type": .string(d.item.type), "op": .string(d.item.operation.rawValue), "trace": .string(d.item.trace),
                 "method": .string(method), "path": .string(path), "request": .string(request), "status": .int(status),
                 "response": .string(response), "at": .number(JSONNumber(integer: unixMilliseconds())),
             ]
+            // A retry queues the item as it was: the stray's account, the linked account's value.
+            if let account = d.item.account { letter["account"] = .string(account) }
+            if let link = d.item.link { letter["link"] = .string(link) }
             complete(
                 d, mapping: d.adopted ? .some(d.mapping) : .none, deadLetter: letter,
                 hop: [
@@ -1150,7 +1168,7 @@ public final class TargetWorker {
     }
 
     private func endFlight(_ d: Delivery) {
-        inFlight.subtract(d.item.serialKeys)
+        inFlight.subtract(d.serialKeys)
         inFlightCount = max(0, inFlightCount - 1)
     }
 

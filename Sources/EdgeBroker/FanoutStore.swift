@@ -152,7 +152,9 @@ extension BrokerStore {
             var partner: (id: String, link: String)?
             if type == "User", let link = target.collisions.linkPolicy {
                 // The link index holds the routed users that have a link value.
-                let before = was ? old.flatMap(link.value) : nil, after = now ? new.flatMap(link.value) : nil
+                // Only the domains in `sourceOfRecord` link; other domains' users have no link value.
+                let before = was ? old.flatMap { link.value(of: $0, domain: domain) } : nil
+                let after = now ? new.flatMap { link.value(of: $0, domain: domain) } : nil
                 if before != after {
                     if let before, let other = try removeLink(target: target.name, value: before, brokerID: brokerID, txn) {
                         partner = (other, before)
@@ -232,21 +234,35 @@ extension BrokerStore {
     /// again from the directory, once, at start: one pass over the
     /// directory, nothing queued (`targets reconcile --apply` then merges
     /// the accounts of users that are now linked). True: it was rebuilt.
+    /// A target that is not `link` (any more) loses its index and
+    /// fingerprint, so that turning link on again rebuilds the index: the
+    /// apply does not keep it meanwhile.
     public func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
-        guard let link = target.collisions.linkPolicy else { return false }
-        let fingerprint = Array(
-            ([link.attribute] + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
-                .joined(separator: "\n").utf8)
         let stateKey = Array("linkindex/\(target.name)".utf8)
         let targetState = self.targetState, targetLinks = self.targetLinks, resources = self.resources
-        return try environment.write { txn in
-            if try txn.get(targetState, stateKey) == fingerprint { return false }
+        func dropIndex(_ txn: borrowing WriteTransaction) throws {
             var stale: [[UInt8]] = []
             try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in
                 stale.append(k); return true
             }
             for k in stale { _ = try txn.delete(targetLinks, k) }
             _ = try txn.delete(targetState, Array("links/\(target.name)".utf8))
+        }
+        guard let link = target.collisions.linkPolicy else {
+            try environment.write { txn in
+                guard try txn.get(targetState, stateKey) != nil else { return }
+                try dropIndex(txn)
+                _ = try txn.delete(targetState, stateKey)
+            }
+            return false
+        }
+        let fingerprint = Array(
+            ([link.attribute, link.sourceOfRecord.joined(separator: ",")]
+                + target.routes.map { "\($0.domains)|\($0.types)|\($0.filter ?? "")" })
+                .joined(separator: "\n").utf8)
+        return try environment.write { txn in
+            if try txn.get(targetState, stateKey) == fingerprint { return false }
+            try dropIndex(txn)
             var linked: [(value: String, brokerID: String)] = []
             try txn.scan(resources) { k, v in
                 // `<domain>/User/<source id>`
@@ -255,7 +271,9 @@ extension BrokerStore {
                     let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
                 else { return true }
                 let domain = String(decoding: parts[0], as: UTF8.self)
-                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o) { linked.append((value, id)) }
+                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o, domain: domain) {
+                    linked.append((value, id))
+                }
                 return true
             }
             for (value, id) in linked { try addLink(target: target.name, value: value, brokerID: id, txn) }
@@ -492,7 +510,18 @@ extension BrokerStore {
         if let old = try txn.get(targetIds, key).flatMap(TargetMapping.init), old.targetID != mapping?.targetID {
             let ownerKey = prefixed(target, "\(type)/\(old.targetID)")
             if try txn.get(targetOwners, ownerKey).map({ String(decoding: $0, as: UTF8.self) }) == brokerID {
-                _ = try txn.delete(targetOwners, ownerKey)
+                // A shared (linked) account stays owned while another linked
+                // user's mapping still names it: the entry moves to that user.
+                var heir: String?
+                if let shared = old.link {
+                    for other in try linkMembers(target: target, value: shared, txn) where other != brokerID {
+                        if try txn.get(targetIds, prefixed(target, other)).flatMap(TargetMapping.init)?.targetID == old.targetID {
+                            heir = other
+                            break
+                        }
+                    }
+                }
+                if let heir { try txn.put(targetOwners, ownerKey, Array(heir.utf8)) } else { _ = try txn.delete(targetOwners, ownerKey) }
             }
         }
         if let mapping {
@@ -574,9 +603,13 @@ extension BrokerStore {
     }
 
     /// Removes dead letters of `target` (`seq` nil: all); with `requeue`,
-    /// queues the resource again (its current state is delivered).
-    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool) throws -> Int {
+    /// queues the resource again (its current state is delivered), with the
+    /// item's `account` and `link` as they were (a letter written before
+    /// they were kept: the link value of the resource as it is now, with
+    /// `linkPolicy`, else the one of the store's configured target).
+    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
         let targetDead = self.targetDead
+        let policy = linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy
         return try environment.write { txn in
             var found: [([UInt8], JSONObject)] = []
             try txn.scan(
@@ -591,11 +624,13 @@ extension BrokerStore {
                 if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
                     let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
                 {
+                    var link = o["link"]?.stringValue
+                    if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
                     try enqueue(
                         target: target,
                         DeliveryItem(
                             brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                            queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+                            queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
                 }
             }
             return found.count
@@ -704,14 +739,30 @@ extension BrokerStore {
         return result
     }
 
+    /// The link value (`collisions: link`) of a user as the directory holds it now.
+    func currentLinkValue(brokerID: String, _ policy: LinkPolicy, _ txn: borrowing WriteTransaction) throws -> String? {
+        guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
+            let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+        else { return nil }
+        let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+        guard parts.count == 3, parts[1].elementsEqual("User".utf8) else { return nil }
+        return policy.value(of: o, domain: String(decoding: parts[0], as: UTF8.self))
+    }
+
     /// Queues an item from outside the apply (reconciliation, retries).
     /// With `mapping`, the target account is recorded first (adopting a
     /// stray), for the users in `linked` too (the users of a linked account).
+    /// With `collisions: link` (`linkPolicy`, else the store's configured
+    /// target) a user's item carries its current link value, so that it
+    /// waits for the other deliveries to that account.
     public func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
-        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil
+        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil
     ) throws {
+        let policy = type == "User" ? linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy : nil
         try environment.write { txn in
+            var link = mapping?.link
+            if let policy, let now = try currentLinkValue(brokerID: brokerID, policy, txn) { link = now }
             if let mapping {
                 for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, mapping, txn) }
                 try setMapping(target: target, type: type, brokerID: brokerID, mapping, txn)
@@ -720,7 +771,7 @@ extension BrokerStore {
                 target: target,
                 DeliveryItem(
                     brokerID: brokerID, type: type, operation: operation,
-                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, account: account), txn)
+                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: account), txn)
         }
     }
 }

@@ -104,7 +104,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
                 target.routes(domain: domain, type: type, resource)
             else { continue }
-            if let link, let value = link.value(of: resource) {
+            if let link, let value = link.value(of: resource, domain: domain) {
                 linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
                 continue
             }
@@ -140,7 +140,8 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 if apply {
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .upsert,
-                        mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates);
+                        mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates,
+                        linkPolicy: link);
                     report.queued += 1
                 }
             }
@@ -148,7 +149,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 report.missing.append(brokerID)
                 if apply {
                     for id in candidates { try store.forgetMapping(target: target.name, type: type, brokerID: id) }
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert)
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, linkPolicy: link)
                     report.queued += 1
                 }
                 continue
@@ -163,7 +164,8 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                     // Unknown target state: the next delivery is a full PUT.
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .upsert,
-                        mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates)
+                        mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates,
+                        linkPolicy: link)
                     report.queued += 1
                 }
             }
@@ -177,7 +179,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
             if apply {
                 if link != nil {
                     // Named by the account: the user's mapping may name the account it shares.
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate, account: id)
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate, account: id, linkPolicy: link)
                 } else {
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .deactivate,

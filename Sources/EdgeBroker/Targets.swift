@@ -164,9 +164,12 @@ public struct LinkPolicy: Sendable, Equatable {
     let subAttribute: String?
     /// Multi-valued: the element whose `type` is this (case-insensitive).
     let elementType: String?
-    /// Domains in order of precedence: each attribute of a linked account
-    /// comes from the first of them that has it; other domains come after,
-    /// by name.
+    /// The domains that link, in order of precedence: each attribute of a
+    /// linked account comes from the first of them that has it. Users of
+    /// other domains are never linked (their accounts are their own, and a
+    /// collision with a linked account is refused): a domain not listed
+    /// cannot join, and later take over, another domain's account by giving
+    /// a user the same link value.
     public let sourceOfRecord: [String]
 
     /// Parses and resolves `attribute` against the federated User schema: a
@@ -263,11 +266,17 @@ public struct LinkPolicy: Sendable, Equatable {
         return key.isEmpty || key.utf8.contains(0) ? nil : key
     }
 
-    /// Precedence of a domain: its place in `sourceOfRecord`, others after.
+    /// The link value of a user of `domain`: nil when the domain is not in
+    /// `sourceOfRecord` (it does not link).
+    public func value(of resource: JSONObject, domain: String) -> String? {
+        sourceOfRecord.contains(domain) ? value(of: resource) : nil
+    }
+
+    /// Precedence of a domain: its place in `sourceOfRecord` (only listed domains link).
     func rank(_ domain: String) -> Int { sourceOfRecord.firstIndex(of: domain) ?? sourceOfRecord.count }
 
-    /// Linked resources in precedence order: source of record, then the
-    /// other domains by name, then broker id (stable whatever the order read).
+    /// Linked resources in precedence order: source of record, then broker
+    /// id (stable whatever the order read).
     func ordered(_ members: [LinkedResource]) -> [LinkedResource] {
         members.sorted { a, b in
             let (ra, rb) = (rank(a.domain), rank(b.domain))

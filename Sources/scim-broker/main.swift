@@ -464,8 +464,9 @@ struct DeadLetterSelection: ParsableArguments {
     @Argument(help: "The dead letter's number (#N in list); none: all of the target's.") var seq: UInt64?
 
     func settle(requeue: Bool) throws -> Int {
-        let (store, _) = try options.open(target: name)
-        return try store.settleDeadLetters(target: name, seq: seq, requeue: requeue)
+        let (store, targets) = try options.open(target: name)
+        return try store.settleDeadLetters(
+            target: name, seq: seq, requeue: requeue, linkPolicy: targets.first { $0.name == name }?.collisions.linkPolicy)
     }
 }
 

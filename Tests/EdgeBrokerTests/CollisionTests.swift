@@ -350,6 +350,39 @@ extension FanoutTests {
         XCTAssertEqual(report["strays"]?.arrayValue?.count, 0, "\(report)")
     }
 
+    /// `collisions: link` links only the domains in `sourceOfRecord`: a user
+    /// of another domain with the same employeeNumber is not linked (it
+    /// cannot join, nor later take over, the other domain's account): under
+    /// another userName it has an account of its own, under the same one it
+    /// is refused as a collision, and the linked account keeps its data.
+    func testOnlyTheSourceOfRecordDomainsLink() throws {
+        let (_, refPort) = try startReferenceServer()
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + linkTarget("ref", port: refPort, order: "[acme-de]"))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (_, up) = try startAgent("us", cert: us, domain: "acme-us", brokerPort: bp)
+        func accounts() -> [String: JSON] { users(refPort, token: "ref-token", prefix: "") }
+        func collisions() -> Double? {
+            (try? brokerMetrics(broker)).flatMap { metric($0, #"scim_broker_target_collisions_total{target="ref"}"#) }
+        }
+        let deBob = try newEmployee(dp, "shared-bob", employeeNumber: "E-1", extra: #","title":"de-title""#)
+        XCTAssertTrue(eventually(seconds: 20) { accounts()["shared-bob"] != nil }, "\(accounts())")
+        _ = try newEmployee(up, "robert", employeeNumber: "e-1", extra: #","title":"us-title","nickName":"rob""#)
+        XCTAssertTrue(eventually(seconds: 20) { accounts()["robert"] != nil }, "an account of its own: \(accounts())")
+        _ = try newEmployee(up, "shared-bob", employeeNumber: "E-1", extra: #","title":"us-title","nickName":"bobby""#)
+        XCTAssertTrue(eventually(seconds: 20) { collisions() == 1 }, "refused, not linked: \((try? brokerMetrics(broker)) ?? "")")
+        // The source of record's user inactive: the account is not handed to the other domain's user.
+        XCTAssertEqual(try patch(dp, deBob, #"{"op":"replace","path":"active","value":false}"#), 200)
+        waitForIdle("ref")
+        let bob = try XCTUnwrap(accounts()["shared-bob"])
+        XCTAssertEqual(bob["title"], "de-title", "\(bob)")
+        XCTAssertNil(bob["nickName"], "no data of acme-us: \(bob)")
+        XCTAssertEqual(bob["active"], .bool(false), "deactivated with its only source")
+        XCTAssertEqual(accounts()["robert"]?["title"], "us-title")
+        XCTAssertEqual(accounts().count, 2)
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_linked_accounts{target="ref"}"#), 0, metrics)
+    }
+
     /// `collisions: link` turned on for a target that already holds both
     /// users' accounts: the link index is built from the directory at start,
     /// and `reconcile --apply` merges them: the source of record's account
