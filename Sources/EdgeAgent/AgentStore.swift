@@ -16,6 +16,7 @@ import SCIM
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `meta` | `seq`, `version`, `schema`, `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
+/// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
 /// of a `GroupCommitWriter` (on its worker thread).
@@ -74,12 +75,23 @@ public final class AgentStore: Sendable {
         memberships = try environment.openDatabase("memberships", flags: .duplicateSort)
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
-        let meta = self.meta
+        let meta = self.meta, resources = self.resources, types = registry.resourceTypes
         epoch = try environment.write { txn in
             if let v = try txn.get(meta, Array("schema".utf8)).flatMap(UInt64.init(bigEndianBytes:)) {
                 guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
             } else {
                 try txn.put(meta, Array("schema".utf8), AgentStore.layoutVersion.bigEndianBytes)
+            }
+            // A store made before resource counts existed gets them here, once:
+            // a key-only scan per type, in this one write transaction. From
+            // then on every create and delete keeps them (`adjustCount`).
+            for type in types where try txn.get(meta, AgentStore.countKey(type)) == nil {
+                var n: UInt64 = 0
+                try txn.scanKeys(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _ in
+                    n += 1
+                    return true
+                }
+                try txn.put(meta, AgentStore.countKey(type), n.bigEndianBytes)
             }
             if let e = try txn.get(meta, Array("epoch".utf8)) { return String(decoding: e, as: UTF8.self) }
             // A store that already numbered events under the old, single
@@ -97,6 +109,18 @@ public final class AgentStore: Sendable {
     }
 
     static func key(_ type: ResourceType, _ id: String) -> [UInt8] { Array("\(type.id)/\(id)".utf8) }
+
+    /// The `meta` key of a type's resource count.
+    static func countKey(_ type: ResourceType) -> [UInt8] { Array("count/\(type.id)".utf8) }
+
+    /// How many resources of `type` are stored: the count kept in `meta`, O(1).
+    public func count(_ type: ResourceType) throws -> Int {
+        try environment.read { txn in try count(txn, type) }
+    }
+
+    func count(_ txn: borrowing some StoreReading & ~Copyable, _ type: ResourceType) throws -> Int {
+        Int(try txn.get(meta, AgentStore.countKey(type)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
+    }
 
     // MARK: reads
 

@@ -161,4 +161,15 @@ public struct ListPage<Element> {
     public var startIndex: Int?
     public var nextCursor: String?
     public var previousCursor: String?
+
+    public init(
+        items: ArraySlice<Element>, totalResults: Int, startIndex: Int? = nil, nextCursor: String? = nil,
+        previousCursor: String? = nil
+    ) {
+        self.items = items
+        self.totalResults = totalResults
+        self.startIndex = startIndex
+        self.nextCursor = nextCursor
+        self.previousCursor = previousCursor
+    }
 }
