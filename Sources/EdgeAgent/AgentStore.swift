@@ -8,8 +8,8 @@ import SCIM
 ///
 /// | database | key | value |
 /// |---|---|---|
-/// | `resources` | `User/<id>`, `Group/<id>` | the stored resource (JSON, with `id` and `meta`) |
-/// | `userNames` | lower-cased `userName` | user id |
+/// | `resources` | `User/<id>`, `Group/<id>` | the stored resource (JSON, with `id` and `meta`); unfiltered pages walk these keys (`AgentLists.swift`) |
+/// | `userNames` | lower-cased `userName` | user id (also the order of `sortBy=userName` pages) |
 /// | `externalIds` | `<type>/<externalId>` | ids (duplicates sorted) |
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |

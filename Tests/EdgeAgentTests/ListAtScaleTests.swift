@@ -65,9 +65,102 @@ final class ListAtScaleTests: XCTestCase {
                 _ = try txn.delete(meta, Array("count/Group".utf8))
             }
         }
-        let store = try agent!.openStore()
-        XCTAssertEqual(try store.count(SchemaRegistry.standard.resourceType("User")!), 1_493, "computed once at open")
-        XCTAssertEqual(try store.count(SchemaRegistry.standard.resourceType("Group")!), 1)
+        let migrated = try AgentHarness(scanBudget: 500) { $0.dataDirectory = path }
+        XCTAssertEqual(try migrated.call("GET", "/Users?count=0").body?["totalResults"], 1_493, "computed once at open")
+        XCTAssertEqual(try migrated.call("GET", "/Groups?count=0").body?["totalResults"], 1)
+        XCTAssertEqual(try migrated.call("DELETE", "/Users/\(ids[8])").status, 204)
+        XCTAssertEqual(try migrated.call("GET", "/Users?count=0").body?["totalResults"], 1_492, "and kept from then on")
+        XCTAssertEqual(migrated.stop(), 0)
         agent = nil
+    }
+
+    /// The ids (or `attribute` values) of every page of a walk: by cursor
+    /// when `cursor`, else by startIndex; checks totalResults on each page.
+    func pages(
+        _ agent: AgentHarness, _ query: String, count: Int, cursor: Bool, total: Int, attribute: String = "id",
+        file: StaticString = #filePath, line: UInt = #line
+    ) throws -> [String] {
+        var out: [String] = [], next = "", start = 1
+        for _ in 0..<10_000 {
+            let page = try agent.call(
+                "GET", "/Users?\(query)&count=\(count)&attributes=userName&" + (cursor ? "cursor=\(next)" : "startIndex=\(start)"))
+            XCTAssertEqual(page.status, 200, page.raw, file: file, line: line)
+            XCTAssertEqual(page.body?["totalResults"], .int(total), file: file, line: line)
+            let got = page.body?["Resources"]?.arrayValue?.compactMap { $0[attribute]?.stringValue } ?? []
+            XCTAssertLessThanOrEqual(got.count, count, file: file, line: line)
+            out += got
+            if cursor {
+                guard let n = page.body?["nextCursor"]?.stringValue else { break }
+                next = n
+            } else {
+                XCTAssertEqual(page.body?["startIndex"], .int(start), file: file, line: line)
+                start += count
+                if start > total { break }
+            }
+        }
+        return out
+    }
+
+    func testUnfilteredPagesAboveTheBudget() throws {
+        let agent = try AgentHarness(scanBudget: 500)
+        let ids = try fill(agent, 2_000)
+        _ = try agent.call("POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"g"}"#)
+
+        let okta = try agent.call("GET", "/Users?startIndex=1&count=100")
+        XCTAssertEqual(okta.status, 200, "an import page needs no scan")
+        XCTAssertEqual(okta.body?["totalResults"], 2_000)
+        XCTAssertEqual(okta.body?["itemsPerPage"], 100)
+        XCTAssertEqual(okta.body?["Resources"]?.arrayValue?.first?["meta"]?["resourceType"], "User")
+
+        let walked = try pages(agent, "x=1", count: 300, cursor: true, total: 2_000)
+        XCTAssertEqual(walked, ids.sorted(), "every user once, in id order")
+        guard walked.count == 2_000 else { return XCTFail("the walk is incomplete") }
+        let indexed = try pages(agent, "x=1", count: 300, cursor: false, total: 2_000)
+        XCTAssertEqual(indexed, walked, "startIndex pages agree with the cursor walk")
+
+        let deep = try agent.call("GET", "/Users?startIndex=1991&count=100&attributes=userName")
+        XCTAssertEqual(deep.body?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue }, Array(walked[1990...]))
+        XCTAssertEqual(try agent.call("GET", "/Users?startIndex=2001").body?["itemsPerPage"], 0)
+
+        // previousCursor goes back a page; a deleted anchor still has its place.
+        let first = try agent.call("GET", "/Users?count=50&cursor=")
+        let second = try agent.call("GET", "/Users?count=50&cursor=\(first.body?["nextCursor"]?.stringValue ?? "")")
+        XCTAssertEqual(second.body?["Resources"]?.arrayValue?.first?["id"]?.stringValue, walked[50])
+        let back = try agent.call("GET", "/Users?count=50&cursor=\(second.body?["previousCursor"]?.stringValue ?? "")")
+        XCTAssertEqual(back.body?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue }, Array(walked[0..<50]))
+        XCTAssertNil(first.body?["previousCursor"])
+        XCTAssertEqual(try agent.call("DELETE", "/Users/\(walked[49])").status, 204)
+        let resumed = try agent.call("GET", "/Users?count=50&cursor=\(first.body?["nextCursor"]?.stringValue ?? "")")
+        XCTAssertEqual(resumed.body?["Resources"]?.arrayValue?.first?["id"]?.stringValue, walked[50], "after a vanished anchor")
+        XCTAssertEqual(resumed.body?["totalResults"], 1_999)
+        XCTAssertEqual(agent.stop(), 0)
+    }
+
+    func testSortByUserNamePagesAboveTheBudget() throws {
+        let agent = try AgentHarness(scanBudget: 500)
+        // Mixed case: the order is case-insensitive.
+        try fill(agent, 1_200, prefix: "") { _ in "" }
+        let names = (0..<1_200).map { "\($0)" }
+        for (order, expected) in [("ascending", names.sorted()), ("descending", names.sorted().reversed())] {
+            let q = "sortBy=userName&sortOrder=\(order)"
+            let byCursor = try pages(agent, q, count: 250, cursor: true, total: 1_200, attribute: "userName")
+            XCTAssertEqual(byCursor, expected, "\(order), by cursor: sorted and complete")
+            let byIndex = try pages(agent, q, count: 250, cursor: false, total: 1_200, attribute: "userName")
+            XCTAssertEqual(byIndex, expected, "\(order), by startIndex")
+        }
+        XCTAssertEqual(agent.stop(), 0)
+
+        let mixed = try AgentHarness(scanBudget: 500)
+        try fill(mixed, 600, prefix: "b")
+        try fill(mixed, 600, prefix: "A")
+        let sorted = try pages(mixed, "sortBy=userName", count: 500, cursor: true, total: 1_200, attribute: "userName")
+        XCTAssertEqual(sorted, sorted.sorted { $0.lowercased() < $1.lowercased() })
+        XCTAssertEqual(sorted.first?.first, "A", "case-insensitive: A before b")
+        XCTAssertEqual(Set(sorted).count, 1_200)
+        // Other attributes sort within the budget, as before.
+        let other = try mixed.call("GET", "/Users?sortBy=displayName")
+        XCTAssertEqual(other.status, 400)
+        XCTAssertEqual(other.body?["scimType"], "tooMany")
+        XCTAssertEqual(mixed.stop(), 0)
     }
 }

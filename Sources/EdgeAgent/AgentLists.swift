@@ -1,0 +1,167 @@
+import EdgeStore
+import SCIM
+
+/// Lists of one resource type at any store size (docs/scim.md, "Lists: what
+/// each form costs"). LMDB keeps keys in order but has no order statistics
+/// (no "k-th key"), so a list walks an ordered key space, `resources` (by id)
+/// or `userNames` (by lowercased userName), from where the request starts:
+/// a cursor's anchor is a seek, a `startIndex` is a walk over keys only to
+/// it; then only the resources on the page are read and parsed.
+extension AgentStore {
+    /// The page `query` asks for. Forms that cannot be answered from a walk
+    /// (a `sortBy` other than userName, a scanned filter with `startIndex` or
+    /// `sortBy`) load at most `scanBudget` resources, then are `tooMany`.
+    public func list(_ type: ResourceType, _ query: ListQuery, scanBudget: Int) throws -> ListPage<JSONObject> {
+        try environment.read { txn in
+            if let filter = query.filter, let hint = filter.indexLookup {
+                // An index names the few candidates: read them, page in memory.
+                let matches = try lookup(txn, type, hint.lookup).compactMap { id -> JSONObject? in
+                    guard let r = try load(txn, type, id) else { return nil }
+                    return hint.exact || filter.matches(r) ? r : nil
+                }
+                return try query.paginate(matches) { $0 }
+            }
+            let byUserName = type.id == "User" && AgentStore.sortsByUserName(query)
+            if query.filter == nil && (query.sortBy == nil || byUserName) {
+                return try walk(txn, type, query, byUserName: byUserName)
+            }
+            let all = try loadAll(txn, type, filter: query.filter, scanBudget: scanBudget, cursorHelps: query.sortBy == nil)
+            return try query.paginate(all) { $0 }
+        }
+    }
+
+    /// Whether the request sorts by the core `userName` (the `userNames`
+    /// index's order: lowercased, byte order, which is code point order).
+    static func sortsByUserName(_ query: ListQuery) -> Bool {
+        guard let s = query.sortBy else { return false }
+        return !s.isExtension && s.subAttribute == nil && equalsIgnoringASCIICase(s.attribute.name, "userName")
+    }
+
+    /// Every resource of `type` matching `filter`, scanning at most
+    /// `scanBudget`, else `tooMany` (with the advice to use a cursor when a
+    /// cursor would page through the scan).
+    func loadAll(
+        _ txn: borrowing ReadTransaction, _ type: ResourceType, filter: Filter?, scanBudget: Int, cursorHelps: Bool
+    ) throws -> [JSONObject] {
+        var out: [JSONObject] = []
+        var scanned = 0
+        var failure: Error?
+        try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _, value in
+            scanned += 1
+            if scanned > scanBudget {
+                let advice =
+                    cursorHelps
+                    ? "page through it with a cursor (cursor= and count=, RFC 9865), or filter on id, userName or externalId"
+                    : "filter on id, userName or externalId, or sort by userName"
+                failure = SCIMError(400, .tooMany, "this request needs a scan of more than \(scanBudget) resources; \(advice)")
+                return false
+            }
+            do {
+                guard let r = try JSONParser.parse(value, limits: .stored).objectValue else { return true }
+                if filter?.matches(r) ?? true { out.append(r) }
+            } catch {
+                failure = error
+                return false
+            }
+            return true
+        }
+        if let failure { throw failure }
+        return out
+    }
+
+    /// An unfiltered page in id order or userName order (either direction).
+    /// Cursors anchor at the key (id, or lowercased userName): a seek finds
+    /// the anchor's place even when it has gone. `totalResults` is the
+    /// maintained count.
+    func walk(_ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, byUserName: Bool) throws -> ListPage<JSONObject> {
+        let space = byUserName ? KeySpace(db: userNames, prefix: []) : KeySpace(db: resources, prefix: Array("\(type.id)/".utf8))
+        let descending = byUserName && query.sortOrder == .descending
+        // userName cursors anchor at a name, not an id: they must not be
+        // taken for the id-anchored cursors of the same query before this walk.
+        let salt = byUserName ? "\u{0}userNames" : ""
+        var entries: [([UInt8], [UInt8])] = []
+        var startIndex: Int?
+        if query.count == 0 {
+            // Only totalResults (RFC 7644 §3.4.2.4).
+            if query.cursor == nil { startIndex = query.startIndex }
+        } else if let position = try query.cursorPosition(salt: salt) {
+            let anchor = space.prefix + position.anchor
+            if position.after {
+                entries = try space.entries(txn, beyond: anchor, descending: descending, skip: 0, limit: query.count)
+            } else {
+                entries = try space.entries(txn, beyond: anchor, descending: !descending, skip: 0, limit: query.count).reversed()
+            }
+        } else {
+            if query.cursor == nil { startIndex = query.startIndex }
+            entries = try space.entries(txn, beyond: nil, descending: descending, skip: (startIndex ?? 1) - 1, limit: query.count)
+        }
+        var items: [JSONObject] = []
+        items.reserveCapacity(entries.count)
+        for (_, value) in entries {
+            if byUserName {
+                if let r = try load(txn, type, String(decoding: value, as: UTF8.self)) { items.append(r) }
+            } else if let r = try JSONParser.parse(value, limits: .stored).objectValue {
+                items.append(r)
+            }
+        }
+        var page = ListPage(items: items[...], totalResults: try count(txn, type), startIndex: startIndex)
+        if query.cursor != nil, let first = entries.first?.0, let last = entries.last?.0 {
+            if try !space.entries(txn, beyond: last, descending: descending, skip: 0, limit: 0).isEmpty {
+                page.nextCursor = query.makeCursor(after: true, offset: 0, anchor: Array(last.dropFirst(space.prefix.count)), salt: salt)
+            }
+            if try !space.entries(txn, beyond: first, descending: !descending, skip: 0, limit: 0).isEmpty {
+                page.previousCursor = query.makeCursor(
+                    after: false, offset: 0, anchor: Array(first.dropFirst(space.prefix.count)), salt: salt)
+            }
+        }
+        return page
+    }
+}
+
+/// The keys of `db` that start with `prefix`, in key order.
+struct KeySpace {
+    let db: Database
+    let prefix: [UInt8]
+
+    /// Entries strictly beyond `anchor` (nil: from the first, or the last
+    /// when `descending`) in the walk's direction: `skip` of them walked by
+    /// key only (nothing copied but the key), then up to `limit` with their
+    /// values. `limit` 0 returns at most one entry: whether any is beyond.
+    func entries(
+        _ txn: borrowing ReadTransaction, beyond anchor: [UInt8]?, descending: Bool, skip: Int, limit: Int
+    ) throws -> [([UInt8], [UInt8])] {
+        let end = prefixEnd()
+        // [from, to) in key order; the smallest key above `a` is `a + [0]`.
+        var from: [UInt8]? = prefix.isEmpty ? nil : prefix, to = end
+        if let anchor {
+            if descending { to = anchor } else { from = anchor + [0] }
+        }
+        if skip > 0 {
+            var walked = 0
+            var start: [UInt8]?
+            try txn.scanKeys(db, from: from, to: to, reverse: descending) { key in
+                if walked == skip {
+                    start = key
+                    return false
+                }
+                walked += 1
+                return true
+            }
+            guard let start else { return [] }
+            if descending { to = start + [0] } else { from = start }
+        }
+        var out: [([UInt8], [UInt8])] = []
+        try txn.scan(db, from: from, to: to, reverse: descending) { key, value in
+            out.append((key, value))
+            return out.count < max(limit, 1)
+        }
+        return limit == 0 ? Array(out.prefix(1)) : out
+    }
+
+    /// The first key past every key with `prefix` (nil: unbounded).
+    func prefixEnd() -> [UInt8]? {
+        guard let last = prefix.last else { return nil }
+        // Resource prefixes end in "/"; the next byte is "0".
+        return prefix.dropLast() + [last + 1]
+    }
+}
