@@ -25,6 +25,20 @@ extension AgentStore {
             if query.filter == nil && (query.sortBy == nil || byUserName) {
                 return try walk(txn, type, query, byUserName: byUserName)
             }
+            if let filter = query.filter, query.sortBy == nil, query.count > 0 {
+                if query.cursor != nil { return try scanPage(txn, type, query, filter, scanBudget: scanBudget) }
+                if !query.namesStartIndex {
+                    // Neither startIndex nor cursor: the exact answer when the
+                    // scan fits the budget, else a cursor page (RFC 9865 §2.4
+                    // lets a provider page by cursor when none was asked for).
+                    do {
+                        let all = try loadAll(txn, type, filter: filter, scanBudget: scanBudget, cursorHelps: true)
+                        return try query.paginate(all) { $0 }
+                    } catch let e as SCIMError where e.scimType == .tooMany {
+                        return try scanPage(txn, type, query, filter, scanBudget: scanBudget)
+                    }
+                }
+            }
             let all = try loadAll(txn, type, filter: query.filter, scanBudget: scanBudget, cursorHelps: query.sortBy == nil)
             return try query.paginate(all) { $0 }
         }
@@ -163,5 +177,60 @@ struct KeySpace {
         guard let last = prefix.last else { return nil }
         // Resource prefixes end in "/"; the next byte is "0".
         return prefix.dropLast() + [last + 1]
+    }
+}
+
+extension AgentStore {
+    /// A filter no index answers, paged through its scan (RFC 9865): from
+    /// the cursor's anchor (the last resource the previous page scanned, in
+    /// id order), at most `scanBudget` resources are parsed per request, and
+    /// the page holds the matches found, up to `count`: possibly fewer, even
+    /// none, with a `nextCursor` that resumes the scan where it stopped
+    /// (RFC 9865 §2: the provider "MAY return fewer results"; `nextCursor` is
+    /// omitted only on the last page). The number of matches is not known
+    /// before the scan ends: `totalResults` is the matches so far (earlier
+    /// pages, carried in the cursor's offset, plus this one), so it grows
+    /// along the walk and is exact on the last page.
+    func scanPage(
+        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter, scanBudget: Int
+    ) throws -> ListPage<JSONObject> {
+        // Scan cursors carry a match count, not a position: not to be taken
+        // for the cursors of this query issued before scans paged.
+        let salt = "\u{0}scan"
+        let prefix = Array("\(type.id)/".utf8)
+        var from = prefix, before = 0
+        if let position = try query.cursorPosition(salt: salt) {
+            guard position.after else {
+                throw SCIMError(
+                    400, .invalidCursor, "a filter that scans pages forward only (no previousCursor); start again with an empty cursor")
+            }
+            from = prefix + position.anchor + [0]
+            before = position.offset
+        }
+        var items: [JSONObject] = [], scanned = 0, more = false
+        var last: [UInt8]?
+        var failure: Error?
+        try txn.scan(resources, from: from, to: Array("\(type.id)0".utf8)) { key, value in
+            if items.count == query.count || scanned == max(1, scanBudget) {
+                more = true
+                return false
+            }
+            scanned += 1
+            last = key
+            do {
+                if let r = try JSONParser.parse(value, limits: .stored).objectValue, filter.matches(r) { items.append(r) }
+            } catch {
+                failure = error
+                return false
+            }
+            return true
+        }
+        if let failure { throw failure }
+        var page = ListPage(items: items[...], totalResults: before + items.count)
+        if more, let last {
+            page.nextCursor = query.makeCursor(
+                after: true, offset: before + items.count, anchor: Array(last.dropFirst(prefix.count)), salt: salt)
+        }
+        return page
     }
 }

@@ -163,4 +163,62 @@ final class ListAtScaleTests: XCTestCase {
         XCTAssertEqual(other.body?["scimType"], "tooMany")
         XCTAssertEqual(mixed.stop(), 0)
     }
+
+    func testAScannedFilterPagesThroughWithCursors() throws {
+        let agent = try AgentHarness(scanBudget: 500)
+        let ids = try fill(agent, 2_000) { #","active":\#($0 % 3 == 0)"# }
+        let expected = Set(ids.enumerated().filter { $0.offset % 3 == 0 }.map(\.element))
+        let filter = "filter=active%20eq%20true"
+
+        var seen: [String] = [], next = "", requests = 0, lastTotal = 0
+        while requests < 100 {
+            requests += 1
+            let page = try agent.call("GET", "/Users?\(filter)&count=100&attributes=active&cursor=\(next)")
+            XCTAssertEqual(page.status, 200, page.raw)
+            let got = page.body?["Resources"]?.arrayValue ?? []
+            XCTAssertLessThanOrEqual(got.count, 100)
+            for r in got { XCTAssertEqual(r["active"], true) }
+            seen += got.compactMap { $0["id"]?.stringValue }
+            let total = page.body?["totalResults"]?.numberValue?.integer ?? -1
+            XCTAssertEqual(Int(total), seen.count, "totalResults: the matches so far")
+            XCTAssertGreaterThanOrEqual(Int(total), lastTotal)
+            lastTotal = Int(total)
+            guard let n = page.body?["nextCursor"]?.stringValue else { break }
+            next = n
+        }
+        XCTAssertEqual(seen.count, expected.count, "every match exactly once")
+        XCTAssertEqual(Set(seen), expected)
+        XCTAssertEqual(lastTotal, 667, "exact on the last page")
+        XCTAssertGreaterThanOrEqual(requests, 4, "no request scanned more than the budget")
+
+        // A filter that matches nothing walks to the end with empty pages.
+        var empty = 0, cursor = ""
+        for _ in 0..<20 {
+            let page = try agent.call("GET", "/Users?filter=title%20eq%20%22nobody%22&count=10&cursor=\(cursor)")
+            XCTAssertEqual(page.status, 200)
+            XCTAssertEqual(page.body?["itemsPerPage"], 0)
+            empty += 1
+            guard let n = page.body?["nextCursor"]?.stringValue else { break }
+            cursor = n
+        }
+        XCTAssertEqual(empty, 4, "2,000 users, 500 a request")
+
+        // Neither startIndex nor cursor: a cursor page (RFC 9865 §2.4).
+        let plain = try agent.call("GET", "/Users?\(filter)&count=50")
+        XCTAssertEqual(plain.status, 200)
+        XCTAssertEqual(plain.body?["itemsPerPage"], 50)
+        XCTAssertNotNil(plain.body?["nextCursor"])
+        // .search pages the same way.
+        let search = try agent.call(
+            "POST", "/Users/.search",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"active eq true","cursor":"","count":30}"#)
+        XCTAssertEqual(search.body?["itemsPerPage"], 30)
+        XCTAssertNotNil(search.body?["nextCursor"])
+        // startIndex asks for a position in a scan: refused, with the way out.
+        let indexed = try agent.call("GET", "/Users?\(filter)&startIndex=1&count=100")
+        XCTAssertEqual(indexed.status, 400)
+        XCTAssertEqual(indexed.body?["scimType"], "tooMany")
+        XCTAssertTrue(indexed.body?["detail"]?.stringValue?.contains("cursor") ?? false)
+        XCTAssertEqual(agent.stop(), 0)
+    }
 }
