@@ -21,9 +21,29 @@ extension AgentStore {
                 }
                 return try query.paginate(matches) { $0 }
             }
+            if let filter = query.filter, query.sortBy == nil, let value = AttributeIndex.lookup(filter, type) {
+                // `active eq true` and the like: the index's key range for
+                // the value, in id order, paged like an unfiltered list.
+                let space = KeySpace(db: attributes, prefix: value + [0])
+                return try walk(txn, query, space, descending: false, salt: "\u{0}attributes", total: try valueCount(txn, value)) {
+                    key, _ in
+                    try load(txn, type, String(decoding: key.dropFirst(space.prefix.count), as: UTF8.self))
+                }
+            }
             let byUserName = type.id == "User" && AgentStore.sortsByUserName(query)
-            if query.filter == nil && (query.sortBy == nil || byUserName) {
-                return try walk(txn, type, query, byUserName: byUserName)
+            if query.filter == nil && byUserName {
+                // userName cursors anchor at a name, not an id: they must not be
+                // taken for the id-anchored cursors of the same query before this walk.
+                let space = KeySpace(db: userNames, prefix: [])
+                return try walk(
+                    txn, query, space, descending: query.sortOrder == .descending, salt: "\u{0}userNames", total: try count(txn, type)
+                ) { _, value in try load(txn, type, String(decoding: value, as: UTF8.self)) }
+            }
+            if query.filter == nil && query.sortBy == nil {
+                let space = KeySpace(db: resources, prefix: Array("\(type.id)/".utf8))
+                return try walk(txn, query, space, descending: false, salt: "", total: try count(txn, type)) { _, value in
+                    try JSONParser.parse(value, limits: .stored).objectValue
+                }
             }
             if let filter = query.filter, query.sortBy == nil, query.count > 0 {
                 if query.cursor != nil { return try scanPage(txn, type, query, filter, scanBudget: scanBudget) }
@@ -65,8 +85,8 @@ extension AgentStore {
             if scanned > scanBudget {
                 let advice =
                     cursorHelps
-                    ? "page through it with a cursor (cursor= and count=, RFC 9865), or filter on id, userName or externalId"
-                    : "filter on id, userName or externalId, or sort by userName"
+                    ? "page through it with a cursor (cursor= and count=, RFC 9865), or filter by equality on id, userName, externalId, active, userType or emails.value"
+                    : "filter by equality on id, userName, externalId, active, userType or emails.value, or sort by userName"
                 failure = SCIMError(400, .tooMany, "this request needs a scan of more than \(scanBudget) resources; \(advice)")
                 return false
             }
@@ -83,16 +103,14 @@ extension AgentStore {
         return out
     }
 
-    /// An unfiltered page in id order or userName order (either direction).
-    /// Cursors anchor at the key (id, or lowercased userName): a seek finds
-    /// the anchor's place even when it has gone. `totalResults` is the
-    /// maintained count.
-    func walk(_ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, byUserName: Bool) throws -> ListPage<JSONObject> {
-        let space = byUserName ? KeySpace(db: userNames, prefix: []) : KeySpace(db: resources, prefix: Array("\(type.id)/".utf8))
-        let descending = byUserName && query.sortOrder == .descending
-        // userName cursors anchor at a name, not an id: they must not be
-        // taken for the id-anchored cursors of the same query before this walk.
-        let salt = byUserName ? "\u{0}userNames" : ""
+    /// A page of an ordered key space (ids, userNames, or the ids of one
+    /// indexed value), in either direction. Cursors anchor at the key
+    /// without the space's prefix: a seek finds the anchor's place even when
+    /// it has gone. Only the page's entries become resources (`resource`).
+    func walk(
+        _ txn: borrowing ReadTransaction, _ query: ListQuery, _ space: KeySpace, descending: Bool, salt: String, total: Int,
+        resource: ([UInt8], [UInt8]) throws -> JSONObject?
+    ) throws -> ListPage<JSONObject> {
         var entries: [([UInt8], [UInt8])] = []
         var startIndex: Int?
         if query.count == 0 {
@@ -111,14 +129,10 @@ extension AgentStore {
         }
         var items: [JSONObject] = []
         items.reserveCapacity(entries.count)
-        for (_, value) in entries {
-            if byUserName {
-                if let r = try load(txn, type, String(decoding: value, as: UTF8.self)) { items.append(r) }
-            } else if let r = try JSONParser.parse(value, limits: .stored).objectValue {
-                items.append(r)
-            }
+        for (key, value) in entries {
+            if let r = try resource(key, value) { items.append(r) }
         }
-        var page = ListPage(items: items[...], totalResults: try count(txn, type), startIndex: startIndex)
+        var page = ListPage(items: items[...], totalResults: total, startIndex: startIndex)
         if query.cursor != nil, let first = entries.first?.0, let last = entries.last?.0 {
             if try !space.entries(txn, beyond: last, descending: descending, skip: 0, limit: 0).isEmpty {
                 page.nextCursor = query.makeCursor(after: true, offset: 0, anchor: Array(last.dropFirst(space.prefix.count)), salt: salt)

@@ -11,11 +11,13 @@ import SCIM
 /// | `resources` | `User/<id>`, `Group/<id>` | the stored resource (JSON, with `id` and `meta`); unfiltered pages walk these keys (`AgentLists.swift`) |
 /// | `userNames` | lower-cased `userName` | user id (also the order of `sortBy=userName` pages) |
 /// | `externalIds` | `<type>/<externalId>` | ids (duplicates sorted) |
+/// | `attributes` | `User/<attribute>/<value>\0<id>`; `User/<attribute>/<value>` | empty: the index of `active`, `userType`, `emails.value` (normalised, `AttributeIndex`); the count of ids with the value |
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `meta` | `seq`, `version`, `schema`, `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
+/// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
 /// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
@@ -27,6 +29,7 @@ public final class AgentStore: Sendable {
     let userNames: Database
     let externalIds: Database
     let memberships: Database
+    let attributes: Database
     public let outbox: Database
     let meta: Database
     let propagated: Database
@@ -73,9 +76,10 @@ public final class AgentStore: Sendable {
         userNames = try environment.openDatabase("userNames")
         externalIds = try environment.openDatabase("externalIds", flags: .duplicateSort)
         memberships = try environment.openDatabase("memberships", flags: .duplicateSort)
+        attributes = try environment.openDatabase("attributes")
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
-        let meta = self.meta, resources = self.resources, types = registry.resourceTypes
+        let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         epoch = try environment.write { txn in
             if let v = try txn.get(meta, Array("schema".utf8)).flatMap(UInt64.init(bigEndianBytes:)) {
                 guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
@@ -92,6 +96,9 @@ public final class AgentStore: Sendable {
                     return true
                 }
                 try txn.put(meta, AgentStore.countKey(type), n.bigEndianBytes)
+            }
+            if try txn.get(meta, Array("attributeIndex".utf8)) != AttributeIndex.format {
+                try AttributeIndex.rebuild(txn, resources: resources, attributes: attributes, meta: meta, registry: registry)
             }
             if let e = try txn.get(meta, Array("epoch".utf8)) { return String(decoding: e, as: UTF8.self) }
             // A store that already numbered events under the old, single

@@ -143,6 +143,7 @@ extension AgentStore {
         // `old` is nil exactly when the resource is new (create): the only
         // writes that add a resource come through here.
         if old == nil { try adjustCount(type, by: 1, txn) }
+        try updateAttributeIndex(type, id: id, old: old, new: stored, txn)
         try emitChange(type, id: id, current: stored, kind: event, ctx, txn)
         return stored
     }
@@ -176,6 +177,7 @@ extension AgentStore {
         _ txn: borrowing WriteTransaction
     ) throws {
         if try txn.delete(resources, AgentStore.key(type, id)) { try adjustCount(type, by: -1, txn) }
+        try updateAttributeIndex(type, id: id, old: old, new: nil, txn)
         if let name = old["userName"]?.stringValue, type.id == "User" {
             try txn.delete(userNames, Array(name.lowercased().utf8))
         }

@@ -166,18 +166,19 @@ final class ListAtScaleTests: XCTestCase {
 
     func testAScannedFilterPagesThroughWithCursors() throws {
         let agent = try AgentHarness(scanBudget: 500)
-        let ids = try fill(agent, 2_000) { #","active":\#($0 % 3 == 0)"# }
+        let ids = try fill(agent, 2_000) { #","title":"\#($0 % 3 == 0 ? "Lead" : "Guide")""# }
         let expected = Set(ids.enumerated().filter { $0.offset % 3 == 0 }.map(\.element))
-        let filter = "filter=active%20eq%20true"
+        // title is not indexed: the filter scans.
+        let filter = "filter=title%20eq%20%22lead%22"
 
         var seen: [String] = [], next = "", requests = 0, lastTotal = 0
         while requests < 100 {
             requests += 1
-            let page = try agent.call("GET", "/Users?\(filter)&count=100&attributes=active&cursor=\(next)")
+            let page = try agent.call("GET", "/Users?\(filter)&count=100&attributes=title&cursor=\(next)")
             XCTAssertEqual(page.status, 200, page.raw)
             let got = page.body?["Resources"]?.arrayValue ?? []
             XCTAssertLessThanOrEqual(got.count, 100)
-            for r in got { XCTAssertEqual(r["active"], true) }
+            for r in got { XCTAssertEqual(r["title"], "Lead") }
             seen += got.compactMap { $0["id"]?.stringValue }
             let total = page.body?["totalResults"]?.numberValue?.integer ?? -1
             XCTAssertEqual(Int(total), seen.count, "totalResults: the matches so far")
@@ -211,7 +212,7 @@ final class ListAtScaleTests: XCTestCase {
         // .search pages the same way.
         let search = try agent.call(
             "POST", "/Users/.search",
-            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"active eq true","cursor":"","count":30}"#)
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"title eq \"Lead\"","cursor":"","count":30}"#)
         XCTAssertEqual(search.body?["itemsPerPage"], 30)
         XCTAssertNotNil(search.body?["nextCursor"])
         // startIndex asks for a position in a scan: refused, with the way out.
@@ -220,5 +221,54 @@ final class ListAtScaleTests: XCTestCase {
         XCTAssertEqual(indexed.body?["scimType"], "tooMany")
         XCTAssertTrue(indexed.body?["detail"]?.stringValue?.contains("cursor") ?? false)
         XCTAssertEqual(agent.stop(), 0)
+    }
+
+    func testEqualityOnActiveUserTypeAndEmailsUsesTheAttributeIndex() throws {
+        let agent = try AgentHarness(scanBudget: 500)
+        let ids = try fill(agent, 2_000) { k in
+            #","active":\#(k % 3 == 0),"userType":"\#(k % 2 == 0 ? "Employee" : "Contractor")","emails":[{"value":"U\#(k)@Example.com","type":"work"}]"#
+        }
+        let active = ids.enumerated().filter { $0.offset % 3 == 0 }.map(\.element).sorted()
+        let byCursor = try pages(agent, "filter=active%20eq%20true", count: 100, cursor: true, total: active.count)
+        XCTAssertEqual(byCursor, active, "every active user once, in id order, exact totalResults on every page")
+        let byIndex = try pages(agent, "filter=active%20eq%20true", count: 100, cursor: false, total: active.count)
+        XCTAssertEqual(byIndex, active, "startIndex pages of an indexed filter")
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=active%20eq%20false&count=0").body?["totalResults"], 1_333)
+        XCTAssertEqual(
+            try agent.call("GET", "/Users?filter=userType%20eq%20%22employee%22&count=0").body?["totalResults"], 1_000,
+            "userType is not caseExact")
+        let email = try agent.call("GET", "/Users?filter=emails.value%20eq%20%22u7%40example.COM%22")
+        XCTAssertEqual(email.status, 200)
+        XCTAssertEqual(email.body?["Resources"]?.arrayValue?.first?["id"]?.stringValue, ids[7])
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=emails%20eq%20%22U8%40example.com%22").body?["totalResults"], 1)
+
+        // Writes keep it: a deactivation, a delete, a replace.
+        let patch =
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+        XCTAssertEqual(try agent.call("PATCH", "/Users/\(ids[0])", patch).status, 200)
+        XCTAssertEqual(try agent.call("DELETE", "/Users/\(ids[3])").status, 204)
+        XCTAssertEqual(try agent.call("PUT", "/Users/\(ids[7])", userBody("u7", extra: #","active":true"#)).status, 200)
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=active%20eq%20true&count=0").body?["totalResults"], .int(active.count - 1))
+        XCTAssertEqual(try agent.call("GET", "/Users?filter=emails.value%20eq%20%22u7%40example.com%22").body?["totalResults"], 0)
+        let walk = try pages(agent, "filter=active%20eq%20true", count: 500, cursor: true, total: active.count - 1)
+        XCTAssertEqual(Set(walk), Set(active).subtracting([ids[0], ids[3]]).union([ids[7]]))
+        XCTAssertEqual(agent.stop(), 0)
+
+        // A store without the index (made before it) gets it at open.
+        do {
+            let store = try agent.openStore()
+            let meta = try store.environment.openDatabase("meta"), index = try store.environment.openDatabase("attributes")
+            try store.environment.write { txn in
+                _ = try txn.delete(meta, Array("attributeIndex".utf8))
+                try txn.clear(index)
+            }
+        }
+        let path = agent.dir.file("data")
+        let again = try AgentHarness(scanBudget: 500) { $0.dataDirectory = path }
+        XCTAssertEqual(try again.call("GET", "/Users?filter=active%20eq%20true&count=0").body?["totalResults"], .int(active.count - 1))
+        XCTAssertEqual(
+            try again.call("GET", "/Users?filter=userType%20eq%20%22Contractor%22&count=0").body?["totalResults"], 998,
+            "u3 deleted, u7 replaced without userType")
+        XCTAssertEqual(again.stop(), 0)
     }
 }

@@ -61,6 +61,15 @@ final class ListCostTests: XCTestCase {
             let cursor = try ListQuery(parameters: ["cursor": ""], registry: registry, type: users).makeCursor(
                 after: true, offset: 0, anchor: Array(anchor.utf8))
             try time("cursor mid page count=100", ["cursor": cursor, "count": "100"])
+            try time("filter=active eq true (indexed) count=0", ["filter": "active eq true", "count": "0"])
+            try time("filter=active eq true (indexed) startIndex=1 count=100", ["filter": "active eq true", "count": "100"])
+            try time("filter=title eq x (scan, budget 500) cursor= count=100", ["filter": "title eq \"x\"", "cursor": "", "count": "100"])
+            // The index built once at open for a store made before it.
+            let meta = try store.environment.openDatabase("meta")
+            try store.environment.write { txn in _ = try txn.delete(meta, Array("attributeIndex".utf8)) }
+            let opened = DispatchTime.now().uptimeNanoseconds
+            _ = try AgentStore(path: dir.file("data"), registry: registry) { $0.mapSize = 8 << 30 }
+            print("lists n=\(n) open with the attribute index rebuilt: \((DispatchTime.now().uptimeNanoseconds - opened) / 1_000_000) ms")
         }
     }
 }
