@@ -2,6 +2,7 @@ import EdgeStore
 import EdgeTLS
 import Glibc
 import SCIM
+import Synchronization
 
 /// The agent's LMDB file: resources, their indexes, group memberships and the
 /// outbox, changed together in one transaction per write.
@@ -41,6 +42,11 @@ public final class AgentStore: Sendable {
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
     /// the read adds from the membership index.
     let generalPathNames: [String: [[UInt8]]]
+    /// Checkpoints of `startIndex` walks (`PositionIndex`), in memory.
+    let positionIndex = PositionIndex()
+
+    /// Keys the last `startIndex` page stepped over to reach its start.
+    public var lastStartIndexSteps: Int { positionIndex.lastSteps.load(ordering: .relaxed) }
 
     public static let layoutVersion: UInt64 = 1
 
