@@ -2,20 +2,24 @@ import EdgeStore
 import EdgeTLS
 import Glibc
 import SCIM
+import Synchronization
 
 /// The agent's LMDB file: resources, their indexes, group memberships and the
 /// outbox, changed together in one transaction per write.
 ///
 /// | database | key | value |
 /// |---|---|---|
-/// | `resources` | `User/<id>`, `Group/<id>` | the stored resource (JSON, with `id` and `meta`) |
-/// | `userNames` | lower-cased `userName` | user id |
+/// | `resources` | `User/<id>`, `Group/<id>` | the stored resource (JSON, with `id` and `meta`); unfiltered pages walk these keys (`AgentLists.swift`) |
+/// | `userNames` | lower-cased `userName` | user id (also the order of `sortBy=userName` pages) |
 /// | `externalIds` | `<type>/<externalId>` | ids (duplicates sorted) |
+/// | `attributes` | `User/<attribute>/<value>\0<id>`; `User/<attribute>/<value>` | empty: the index of `active`, `userType`, `emails.value` (normalised, `AttributeIndex`); the count of ids with the value |
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `meta` | `seq`, `version`, `schema`, `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
+/// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
+/// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
 /// of a `GroupCommitWriter` (on its worker thread).
@@ -26,6 +30,7 @@ public final class AgentStore: Sendable {
     let userNames: Database
     let externalIds: Database
     let memberships: Database
+    let attributes: Database
     public let outbox: Database
     let meta: Database
     let propagated: Database
@@ -37,6 +42,11 @@ public final class AgentStore: Sendable {
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
     /// the read adds from the membership index.
     let generalPathNames: [String: [[UInt8]]]
+    /// Checkpoints of `startIndex` walks (`PositionIndex`), in memory.
+    let positionIndex = PositionIndex()
+
+    /// Keys the last `startIndex` page stepped over to reach its start.
+    public var lastStartIndexSteps: Int { positionIndex.lastSteps.load(ordering: .relaxed) }
 
     public static let layoutVersion: UInt64 = 1
 
@@ -72,14 +82,29 @@ public final class AgentStore: Sendable {
         userNames = try environment.openDatabase("userNames")
         externalIds = try environment.openDatabase("externalIds", flags: .duplicateSort)
         memberships = try environment.openDatabase("memberships", flags: .duplicateSort)
+        attributes = try environment.openDatabase("attributes")
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
-        let meta = self.meta
+        let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         epoch = try environment.write { txn in
             if let v = try txn.get(meta, Array("schema".utf8)).flatMap(UInt64.init(bigEndianBytes:)) {
                 guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
             } else {
                 try txn.put(meta, Array("schema".utf8), AgentStore.layoutVersion.bigEndianBytes)
+            }
+            // A store made before resource counts existed gets them here, once:
+            // a key-only scan per type, in this one write transaction. From
+            // then on every create and delete keeps them (`adjustCount`).
+            for type in types where try txn.get(meta, AgentStore.countKey(type)) == nil {
+                var n: UInt64 = 0
+                try txn.scanKeys(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _ in
+                    n += 1
+                    return true
+                }
+                try txn.put(meta, AgentStore.countKey(type), n.bigEndianBytes)
+            }
+            if try txn.get(meta, Array("attributeIndex".utf8)) != AttributeIndex.format {
+                try AttributeIndex.rebuild(txn, resources: resources, attributes: attributes, meta: meta, registry: registry)
             }
             if let e = try txn.get(meta, Array("epoch".utf8)) { return String(decoding: e, as: UTF8.self) }
             // A store that already numbered events under the old, single
@@ -97,6 +122,18 @@ public final class AgentStore: Sendable {
     }
 
     static func key(_ type: ResourceType, _ id: String) -> [UInt8] { Array("\(type.id)/\(id)".utf8) }
+
+    /// The `meta` key of a type's resource count.
+    static func countKey(_ type: ResourceType) -> [UInt8] { Array("count/\(type.id)".utf8) }
+
+    /// How many resources of `type` are stored: the count kept in `meta`, O(1).
+    public func count(_ type: ResourceType) throws -> Int {
+        try environment.read { txn in try count(txn, type) }
+    }
+
+    func count(_ txn: borrowing some StoreReading & ~Copyable, _ type: ResourceType) throws -> Int {
+        Int(try txn.get(meta, AgentStore.countKey(type)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
+    }
 
     // MARK: reads
 

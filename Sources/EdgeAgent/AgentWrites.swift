@@ -91,6 +91,14 @@ extension AgentStore {
         return next
     }
 
+    /// Adds `delta` to the stored count of `type` (`meta` `count/<type>`), in
+    /// the transaction that adds or removes the resource.
+    func adjustCount(_ type: ResourceType, by delta: Int64, _ txn: borrowing WriteTransaction) throws {
+        let key = AgentStore.countKey(type)
+        let current = Int64(try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
+        try txn.put(meta, key, UInt64(max(0, current + delta)).bigEndianBytes)
+    }
+
     /// Writes `new` (validated, without id and meta) as resource `id`.
     func store(
         _ type: ResourceType, id: String, new given: JSONObject, old: JSONObject?, event: String,
@@ -132,6 +140,10 @@ extension AgentStore {
             "version": .string(ETag.make(version: version)),
         ]
         try txn.put(resources, AgentStore.key(type, id), JSON.object(stored).serialized())
+        // `old` is nil exactly when the resource is new (create): the only
+        // writes that add a resource come through here.
+        if old == nil { try adjustCount(type, by: 1, txn) }
+        try updateAttributeIndex(type, id: id, old: old, new: stored, txn)
         try emitChange(type, id: id, current: stored, kind: event, ctx, txn)
         return stored
     }
@@ -164,7 +176,8 @@ extension AgentStore {
         _ type: ResourceType, id: String, old: JSONObject, _ ctx: WriteContext,
         _ txn: borrowing WriteTransaction
     ) throws {
-        try txn.delete(resources, AgentStore.key(type, id))
+        if try txn.delete(resources, AgentStore.key(type, id)) { try adjustCount(type, by: -1, txn) }
+        try updateAttributeIndex(type, id: id, old: old, new: nil, txn)
         if let name = old["userName"]?.stringValue, type.id == "User" {
             try txn.delete(userNames, Array(name.lowercased().utf8))
         }

@@ -503,6 +503,19 @@ public final class SCIMEndpoint {
         _ query: ListQuery, types: [ResourceType], _ base: String, _ responder: Reply,
         perType: [String: ListQuery] = [:]
     ) throws {
+        if types.count == 1 {
+            // One type: walked from where the page starts (AgentStore.list).
+            let type = types[0], q = perType[type.id] ?? query
+            let page = try store.list(type, q, scanBudget: options.scanBudget)
+            responder.respond(
+                Self.respond(
+                    200,
+                    try makeListResponse(page) { r in
+                        JSON.object(try output(try store.asReturned(r, type, baseURL: base), type, base, q.projection))
+                    }))
+            return
+        }
+        // A root search over several types: each within the budget, merged in memory.
         var matches: [(ResourceType, JSONObject)] = []
         for type in types {
             let q = perType[type.id] ?? query

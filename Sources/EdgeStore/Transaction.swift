@@ -45,6 +45,35 @@ extension StoreReading where Self: ~Copyable {
     }
 }
 
+extension StoreReading where Self: ~Copyable {
+    /// Like `scan`, keys only: the values are never copied out, so walking
+    /// keys costs a cursor step each, whatever the values' size.
+    public func scanKeys(
+        _ db: Database, from start: [UInt8]? = nil, to end: [UInt8]? = nil, reverse: Bool = false,
+        _ body: ([UInt8]) throws -> Bool
+    ) throws {
+        try withCursor(db) { cursor in
+            var key: [UInt8]?
+            if reverse {
+                if let end {
+                    key = try cursor.seekKey(atLeast: end)
+                    key = key == nil ? try cursor.lastKey() : try cursor.previousKey()
+                } else {
+                    key = try cursor.lastKey()
+                }
+            } else {
+                key = try start.map { k throws(StoreError) in try cursor.seekKey(atLeast: k) } ?? cursor.firstKey()
+            }
+            while let k = key {
+                if !reverse, let end, !lexicographicallyLess(k, end) { break }
+                if reverse, let start, lexicographicallyLess(k, start) { break }
+                guard try body(k) else { break }
+                key = reverse ? try cursor.previousKey() : try cursor.nextKey()
+            }
+        }
+    }
+}
+
 @inline(__always)
 func lexicographicallyLess(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     a.lexicographicallyPrecedes(b)
@@ -261,6 +290,30 @@ public struct Cursor: ~Copyable {
         try check(rc)
         return (copyOut(k), copyOut(v))
     }
+
+    /// A step that copies out the key only (the value stays in the map).
+    private func stepKey(_ op: MDB_cursor_op, key: [UInt8]? = nil) throws(StoreError) -> [UInt8]? {
+        var k = MDB_val()
+        var v = MDB_val()
+        let rc: Int32
+        if let key {
+            rc = withValue(key) { kv in
+                k = kv
+                return mdb_cursor_get(cursor, &k, &v, op)
+            }
+        } else {
+            rc = mdb_cursor_get(cursor, &k, &v, op)
+        }
+        if rc == MDB_NOTFOUND { return nil }
+        try check(rc)
+        return copyOut(k)
+    }
+
+    public mutating func firstKey() throws(StoreError) -> [UInt8]? { try stepKey(MDB_FIRST) }
+    public mutating func lastKey() throws(StoreError) -> [UInt8]? { try stepKey(MDB_LAST) }
+    public mutating func nextKey() throws(StoreError) -> [UInt8]? { try stepKey(MDB_NEXT) }
+    public mutating func previousKey() throws(StoreError) -> [UInt8]? { try stepKey(MDB_PREV) }
+    public mutating func seekKey(atLeast key: [UInt8]) throws(StoreError) -> [UInt8]? { try stepKey(MDB_SET_RANGE, key: key) }
 
     public mutating func first() throws(StoreError) -> (key: [UInt8], value: [UInt8])? { try step(MDB_FIRST) }
     public mutating func last() throws(StoreError) -> (key: [UInt8], value: [UInt8])? { try step(MDB_LAST) }

@@ -16,23 +16,10 @@ extension ListQuery {
         _ ordered: [Element], orderedByID: Bool,
         id: (Element) -> String
     ) throws(SCIMError) -> ListPage<Element> {
-        let tag = Self.hex(fnv1a(signature))
         var start = 0, end = min(count, ordered.count)
-        if let cursor, !cursor.isEmpty {
-            let parts = cursor.split(separator: ".", omittingEmptySubsequences: false)
-            guard parts.count == 3, let kind = parts[1].first, kind == "n" || kind == "p",
-                let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
-                let anchorBytes = Self.unhex(parts[2])
-            else {
-                throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' was not issued by this server; start again with an empty cursor")
-            }
-            guard parts[0] == tag else {
-                throw SCIMError(
-                    400, .invalidCursor,
-                    "cursor '\(cursor)' belongs to another query (resource type, filter "
-                        + "or sort changed); start again with an empty cursor")
-            }
-            let anchor = String(decoding: anchorBytes, as: UTF8.self)
+        if let given = try cursorPosition() {
+            let kind: Character = given.after ? "n" : "p", offset = given.offset
+            let anchor = String(decoding: given.anchor, as: UTF8.self)
             // Where the anchor is now; else where it would be.
             let position: Int
             if let i = ordered.firstIndex(where: { id($0) == anchor }) {
@@ -53,13 +40,44 @@ extension ListQuery {
         }
         var page = ListPage(items: ordered[start..<end], totalResults: ordered.count)
         if end < ordered.count, end > start {
-            page.nextCursor = "\(tag).n\(String(end - 1, radix: 16)).\(Self.hex(Array(id(ordered[end - 1]).utf8)))"
+            page.nextCursor = makeCursor(after: true, offset: end - 1, anchor: Array(id(ordered[end - 1]).utf8))
         }
         if start > 0, start < ordered.count, count > 0 {
-            page.previousCursor = "\(tag).p\(String(start, radix: 16)).\(Self.hex(Array(id(ordered[start]).utf8)))"
+            page.previousCursor = makeCursor(after: false, offset: start, anchor: Array(id(ordered[start]).utf8))
         }
         return page
     }
+
+    /// Where this request's cursor points: nil without a cursor or with the
+    /// empty one (the first page). Refuses a cursor this server did not
+    /// issue for this query (type, filter, sort); `salt` tells apart cursors
+    /// of one query whose anchors mean different things.
+    public func cursorPosition(salt: String = "") throws(SCIMError) -> CursorPosition? {
+        guard let cursor, !cursor.isEmpty else { return nil }
+        let parts = cursor.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let kind = parts[1].first, kind == "n" || kind == "p",
+            let offset = Int(parts[1].dropFirst(), radix: 16), offset >= 0,
+            let anchor = Self.unhex(parts[2])
+        else {
+            throw SCIMError(400, .invalidCursor, "cursor '\(cursor)' was not issued by this server; start again with an empty cursor")
+        }
+        guard parts[0] == cursorTag(salt: salt) else {
+            throw SCIMError(
+                400, .invalidCursor,
+                "cursor '\(cursor)' belongs to another query (resource type, filter "
+                    + "or sort changed); start again with an empty cursor")
+        }
+        return CursorPosition(after: kind == "n", offset: offset, anchor: anchor)
+    }
+
+    /// A cursor of this query: after (`nextCursor`) or before
+    /// (`previousCursor`) `anchor`, with `offset` (a position, or whatever
+    /// the walk that issues it needs carried to the next page).
+    public func makeCursor(after: Bool, offset: Int, anchor: [UInt8], salt: String = "") -> String {
+        "\(cursorTag(salt: salt)).\(after ? "n" : "p")\(String(max(0, offset), radix: 16)).\(Self.hex(anchor))"
+    }
+
+    func cursorTag(salt: String = "") -> String { Self.hex(fnv1a(signature + salt)) }
 
     static func hex(_ bytes: [UInt8]) -> String {
         let digits = Array("0123456789abcdef".utf8)
@@ -85,6 +103,14 @@ extension ListQuery {
         }
         return out
     }
+}
+
+/// A parsed cursor: after or before `anchor` (bytes whose meaning the walk
+/// that issued the cursor decides), with its `offset`.
+public struct CursorPosition: Sendable, Equatable {
+    public var after: Bool
+    public var offset: Int
+    public var anchor: [UInt8]
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint (not a security measure; a cursor

@@ -8,6 +8,9 @@ public struct ListQuery: Sendable {
     public var sortOrder: SortOrder = .ascending
     /// 1-based (index pagination).
     public var startIndex = 1
+    /// Whether the request named `startIndex` (index pagination asked for),
+    /// as opposed to naming neither `startIndex` nor `cursor`.
+    public var namesStartIndex = false
     public var count: Int
     /// Cursor pagination when non-nil; `""` asks for the first page.
     public var cursor: String?
@@ -87,6 +90,7 @@ public struct ListQuery: Sendable {
             sortOrder = o
         }
         startIndex = max(1, try integer("startIndex") ?? 1)  // RFC 7644 §3.4.2.4: below 1 means 1
+        namesStartIndex = o["startIndex"] != nil
         count = min(max(0, try integer("count") ?? maxResults), maxResults)
         cursor = try text("cursor")
         if cursor != nil && o["startIndex"] != nil {
@@ -161,4 +165,15 @@ public struct ListPage<Element> {
     public var startIndex: Int?
     public var nextCursor: String?
     public var previousCursor: String?
+
+    public init(
+        items: ArraySlice<Element>, totalResults: Int, startIndex: Int? = nil, nextCursor: String? = nil,
+        previousCursor: String? = nil
+    ) {
+        self.items = items
+        self.totalResults = totalResults
+        self.startIndex = startIndex
+        self.nextCursor = nextCursor
+        self.previousCursor = previousCursor
+    }
 }

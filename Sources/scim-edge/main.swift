@@ -412,8 +412,8 @@ struct Status: ParsableCommand {
         let store = try data.open()
         let info = store.environment.info
         let usage = try store.outboxUsage()
-        let users = try store.query(store.registry.resourceType("User")!, filter: nil, scanBudget: .max).count
-        let groups = try store.query(store.registry.resourceType("Group")!, filter: nil, scanBudget: .max).count
+        let users = try store.count(store.registry.resourceType("User")!)
+        let groups = try store.count(store.registry.resourceType("Group")!)
         emit("data directory   \(data.dataDir)")
         emit("store            \(info.usedBytes) of \(info.mapSize) bytes mapped (limit \(store.environment.options.maxMapSize))")
         emit("store epoch      \(store.epoch.isEmpty ? "none (made before store epochs: one sequence per certificate)" : store.epoch)")
