@@ -53,7 +53,7 @@ for _ in $(seq 1 120); do
 done
 ms=$(( $(date +%s%3N) - t0 )); drained=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
 
-applied=$("$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | awk '{print $4}' | head -1)
+applied=$("$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | sed -nE 's/.*applied through ([0-9]+).*/\1/p' | head -1)
 python3 - "$work/samples.txt" "$work/bench.json" "$SVG" "$STOP_AT" "$START_AT" "$RATE" "$OUTBOX" "$drained" "${applied:-0}" <<'PY' | tee "$OUT"
 import json, sys, datetime, os
 samples, bench, svg_path = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]

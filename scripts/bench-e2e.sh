@@ -24,7 +24,7 @@ track_anon $broker broker
 sleep 1
 
 quantiles() { curl -s "http://127.0.0.1:$mp/metrics" | awk '/^scim_broker_propagation_seconds\{quantile="0.5"\}/ {p50=$2} /^scim_broker_propagation_seconds\{quantile="0.99"\}/ {p99=$2} /^scim_broker_propagation_seconds_count/ {n=$2} END {printf "%.1f %.1f %d", p50*1000, p99*1000, n}'; }
-applied() { "$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | awk '{print $4}' | head -1; }
+applied() { "$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | sed -nE 's/.*applied through ([0-9]+).*/\1/p' | head -1; }
 phase() { # name rate → "achieved p50ms p99ms samples" (rate 0: closed loop, as fast as it goes)
   local pace=(); [ "$2" -gt 0 ] && pace=(--rate "$2")
   "$bin/scim-edge" bench --url "http://127.0.0.1:$ap/scim/v2" --token t --connections "$CONNECTIONS" --duration "$DURATION" \

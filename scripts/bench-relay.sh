@@ -31,7 +31,7 @@ track_anon $broker broker
 applied=0; first_applied=""; first_at=""
 while [ "$applied" -lt "$EVENTS" ]; do
   sleep 0.1
-  applied=$("$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | awk '{print $4}' | head -1)
+  applied=$("$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | sed -nE 's/.*applied through ([0-9]+).*/\1/p' | head -1)
   applied=${applied:-0}
   if [ -z "$first_at" ] && [ "$applied" -gt 0 ]; then first_at=$(date +%s.%N); first_applied=$applied; fi
   if ! kill -0 $broker 2>/dev/null || ! kill -0 $agent 2>/dev/null; then echo "a process died" >&2; tail "$work"/*.log >&2; exit 1; fi

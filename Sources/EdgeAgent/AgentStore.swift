@@ -179,27 +179,7 @@ public final class AgentStore: Sendable {
                     return hint.exact || filter!.matches(r) ? r : nil
                 }
             }
-            var out: [JSONObject] = []
-            var scanned = 0
-            var failure: Error?
-            try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _, value in
-                scanned += 1
-                if scanned > scanBudget {
-                    failure = SCIMError(
-                        400, .tooMany, "the filter needs a scan of more than \(scanBudget) resources; filter on id, userName or externalId")
-                    return false
-                }
-                do {
-                    guard let r = try JSONParser.parse(value, limits: .stored).objectValue else { return true }
-                    if filter?.matches(r) ?? true { out.append(r) }
-                } catch {
-                    failure = error
-                    return false
-                }
-                return true
-            }
-            if let failure { throw failure }
-            return out
+            return try loadAll(txn, type, filter: filter, scanBudget: scanBudget, cursorHelps: false)
         }
     }
 

@@ -274,7 +274,9 @@ public struct WriteTransaction: ~Copyable, StoreReading {
 public struct Cursor: ~Copyable {
     let cursor: OpaquePointer
 
-    private func step(_ op: MDB_cursor_op, key: [UInt8]? = nil) throws(StoreError) -> (key: [UInt8], value: [UInt8])? {
+    /// One `mdb_cursor_get`: the entry's key and value as LMDB holds them
+    /// (valid until the next step or the transaction's end), nil at the end.
+    private func rawStep(_ op: MDB_cursor_op, key: [UInt8]?) throws(StoreError) -> (MDB_val, MDB_val)? {
         var k = MDB_val()
         var v = MDB_val()
         let rc: Int32
@@ -288,24 +290,17 @@ public struct Cursor: ~Copyable {
         }
         if rc == MDB_NOTFOUND { return nil }
         try check(rc)
+        return (k, v)
+    }
+
+    private func step(_ op: MDB_cursor_op, key: [UInt8]? = nil) throws(StoreError) -> (key: [UInt8], value: [UInt8])? {
+        guard let (k, v) = try rawStep(op, key: key) else { return nil }
         return (copyOut(k), copyOut(v))
     }
 
     /// A step that copies out the key only (the value stays in the map).
     private func stepKey(_ op: MDB_cursor_op, key: [UInt8]? = nil) throws(StoreError) -> [UInt8]? {
-        var k = MDB_val()
-        var v = MDB_val()
-        let rc: Int32
-        if let key {
-            rc = withValue(key) { kv in
-                k = kv
-                return mdb_cursor_get(cursor, &k, &v, op)
-            }
-        } else {
-            rc = mdb_cursor_get(cursor, &k, &v, op)
-        }
-        if rc == MDB_NOTFOUND { return nil }
-        try check(rc)
+        guard let (k, _) = try rawStep(op, key: key) else { return nil }
         return copyOut(k)
     }
 
