@@ -37,7 +37,7 @@ let package = Package(
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
         // Strict YAML configuration files (libyaml), shared by the agent and the broker.
-        .target(name: "EdgeConfig", dependencies: ["CYAML"], swiftSettings: strict, plugins: ["VersionPlugin"]),
+        .target(name: "EdgeConfig", dependencies: ["CYAML", "EdgeLoop"], swiftSettings: strict, plugins: ["VersionPlugin"]),
         // `scimEdgeVersion` from the VERSION file (the one version source).
         .plugin(name: "VersionPlugin", capability: .buildTool()),
         // JSON log lines (swift-log handler, the buffered access log) and the one plain-line writer, for both programs.

@@ -79,19 +79,7 @@ extension BrokerConfiguration: YAMLConfiguration {
             api.finish()
         }
         if var admin = top.mapping("admin") {
-            if let l = admin.string("listen"), l != "none" {
-                if let a = SocketAddress(l) {
-                    config.adminListen = a
-                    if !a.isLoopback {
-                        admin.warning(
-                            "listen",
-                            "the operations listener (no authentication, no TLS) is on \(a.host): anyone who reaches it reads /metrics",
-                            fix: "listen on 127.0.0.1 and scrape through a proxy, or firewall the port")
-                    }
-                } else {
-                    admin.problem("listen", "must be HOST:PORT or none, got '\(l)'")
-                }
-            }
+            if let listener = admin.operationsListener() { config.adminListen = listener }
             admin.finish()
         }
         if let v = top.int("maxPendingBatches") { config.maxPendingBatches = max(0, v) }

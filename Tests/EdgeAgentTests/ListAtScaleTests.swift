@@ -4,7 +4,7 @@ import Foundation
 import SCIM
 import XCTest
 
-/// Lists above the scan budget (issue 15, point 3): a small budget, a few
+/// Lists above the scan budget: a small budget, a few
 /// thousand users, every list form over a real socket.
 final class ListAtScaleTests: XCTestCase {
     /// Creates `n` users named `<prefix><k>` through `/Bulk` requests of up to

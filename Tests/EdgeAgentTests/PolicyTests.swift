@@ -343,7 +343,7 @@ final class ConfigTests: XCTestCase {
         try problems("tokenFile: \(dir.path)/tokens: a secret readable by every user")
     }
 
-    /// Issue 19: one run names every problem at its own line, where the
+    /// One run names every problem at its own line, where the
     /// first one used to hide the rest.
     func testCheckConfigReportsEveryProblemInOneRun() throws {
         let dir = TempDirectory("edge-check-all")

@@ -60,11 +60,7 @@ final class BrokerConfigTests: XCTestCase {
     func testCheckConfigAcceptsAConfiguredBrokerAndNamesEachProblem() throws {
         let dir = TempDirectory("edge-broker-check")
         defer { dir.remove() }
-        let ca = try CertificateAuthority(commonName: "federation CA")
-        let cert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["broker.acme.example"]))
-        _ = dir.write("ca.crt", ca.certificatePEM)
-        _ = dir.write("broker.crt", cert.certificatePEM)
-        _ = dir.write("broker.key", cert.privateKeyPEM)
+        let ca = try writeBrokerPKI(in: dir)
         _ = dir.write("crl.pem", try ca.revocationList(revoking: []))
         _ = dir.write("app.token", "secret\n")
         chmod(dir.file("broker.key"), 0o600)
@@ -98,16 +94,12 @@ final class BrokerConfigTests: XCTestCase {
             bad.1.contains { $0.contains("targets[0].tokenFile: \(dir.file("app.token")): a secret readable by every user") }, "\(bad.1)")
     }
 
-    /// Issue 19: what is valid key by key can still be wrong across keys;
+    /// What is valid key by key can still be wrong across keys;
     /// each is reported at its own line, all in one run.
     func testCrossFieldProblemsAtTheirLines() throws {
         let dir = TempDirectory("edge-broker-cross")
         defer { dir.remove() }
-        let ca = try CertificateAuthority(commonName: "federation CA")
-        let cert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["broker.acme.example"]))
-        _ = dir.write("ca.crt", ca.certificatePEM)
-        _ = dir.write("broker.crt", cert.certificatePEM)
-        _ = dir.write("broker.key", cert.privateKeyPEM)
+        _ = try writeBrokerPKI(in: dir)
         _ = dir.write("crm.token", "app-issued\n")
         chmod(dir.file("broker.key"), 0o600)
         chmod(dir.file("crm.token"), 0o600)
@@ -197,5 +189,15 @@ final class BrokerConfigTests: XCTestCase {
             d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n",
             "defined twice")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    rate: {concurrency: 0}\n    routes: []\n", "1 to 256")
+    }
+
+    /// A federation CA and a broker certificate and key in `dir` (`ca.crt`, `broker.crt`, `broker.key`).
+    func writeBrokerPKI(in dir: TempDirectory) throws -> CertificateAuthority {
+        let ca = try CertificateAuthority(commonName: "federation CA")
+        let cert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["broker.acme.example"]))
+        _ = dir.write("ca.crt", ca.certificatePEM)
+        _ = dir.write("broker.crt", cert.certificatePEM)
+        _ = dir.write("broker.key", cert.privateKeyPEM)
+        return ca
     }
 }

@@ -481,9 +481,12 @@ final class FanoutTests: FederationTestCase {
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 2)
     }
 
-    /// An agent target with `maxDeletes: 2` and five users, all deleted at
-    /// the source: two removals pass and the guard holds three.
-    func tripDeletionGuard() throws -> (broker: ChildProcess, appPort: Int, agentPort: Int, ids: [String]) {
+    /// An agent target with `maxDeletes: 2` and `users` users (named
+    /// `prefix` and a number), the first `deleting` of them deleted at the
+    /// source: two removals pass and the guard holds the rest.
+    func tripDeletionGuard(users count: Int = 5, deleting: Int? = nil, prefix: String = "leaver") throws -> (
+        broker: ChildProcess, appPort: Int, agentPort: Int, ids: [String]
+    ) {
         let (_, appPort) = try startAppAgent("app")
         let (broker, bp) = try startBroker(
             yaml: "targets:\n"
@@ -495,14 +498,14 @@ final class FanoutTests: FederationTestCase {
                         """))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         var ids: [String] = []
-        for k in 0..<5 { ids.append(try newUser(dp, "leaver\(k)")) }
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
-        for id in ids { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
+        for k in 0..<count { ids.append(try newUser(dp, "\(prefix)\(k)")) }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == count })
+        for id in ids.prefix(deleting ?? count) { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
         XCTAssertTrue(
             eventually(seconds: 20) {
                 (try? self.brokerMetrics(broker)).flatMap { self.metric($0, #"scim_broker_target_deletes_paused{target="app"}"#) } == 1
             })
-        XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 3 })
+        XCTAssertTrue(eventually(seconds: 5) { self.users(appPort, token: "t", prefix: "/scim/v2").count == count - 2 })
         return (broker, appPort, dp, ids)
     }
 
@@ -620,25 +623,12 @@ final class FanoutTests: FederationTestCase {
     /// Rejecting every held removal lifts the pause, and removals queued
     /// after it are counted by the guard afresh.
     func testRejectingAllHeldDeletionsResumesTheTarget() throws {
-        let (_, appPort) = try startAppAgent("app")
-        let (_, bp) = try startBroker(
-            yaml: "targets:\n"
-                + target(
-                    "app", port: appPort,
-                    extra: """
-                            onRemove: delete
-                            deleteGuard: {maxDeletes: 2, windowSeconds: 600}
-                        """))
-        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (_, appPort, dp, ids) = try tripDeletionGuard(users: 7, deleting: 4, prefix: "user")
         let data = dir.file("broker")
         func cli(_ args: [String]) -> (Int32, String) { (try? brokerCLI(args)) ?? (-1, "") }
         func heldCount() -> Int {
             cli(["targets", "held", "--data-dir", data, "app"]).1.split(separator: "\n").filter { $0.hasPrefix("#") }.count
         }
-        var ids: [String] = []
-        for k in 0..<7 { ids.append(try newUser(dp, "user\(k)")) }
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 })
-        for id in ids[0..<4] { XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(id)").0, 204) }
         XCTAssertTrue(eventually(seconds: 20) { heldCount() == 2 }, cli(["targets", "held", "--data-dir", data, "app"]).1)
         XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2").count, 5)
         let reject = cli(["targets", "reject-deletes", "--data-dir", data, "app"])
