@@ -42,6 +42,8 @@ public final class AgentStore: Sendable {
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
     /// the read adds from the membership index.
     let generalPathNames: [String: [[UInt8]]]
+    /// `AttributeIndex.caseExactness`, resolved once (every write reads it).
+    let attributeCaseExact: [Bool]
     /// Checkpoints of `startIndex` walks (`PositionIndex`), in memory.
     let positionIndex = PositionIndex()
 
@@ -68,6 +70,7 @@ public final class AgentStore: Sendable {
         environment = try Environment(o)
         self.registry = registry
         self.policy = policy ?? .propagateAll(registry)
+        attributeCaseExact = AttributeIndex.caseExactness(registry)
         generalPathNames = Dictionary(
             uniqueKeysWithValues: registry.resourceTypes.map { type in
                 (

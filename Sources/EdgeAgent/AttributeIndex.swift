@@ -40,13 +40,21 @@ enum AttributeIndex {
         Array("\(type)/\(attribute)/".utf8) + value
     }
 
-    /// The value keys a resource has in the index.
-    static func valueKeys(_ type: ResourceType, _ resource: JSONObject?, registry: SchemaRegistry) -> Set<[UInt8]> {
+    /// Whether each of `attributes` compares case-exactly, in their order:
+    /// resolved once per store, not on every write.
+    static func caseExactness(_ registry: SchemaRegistry) -> [Bool] {
+        attributes.map { t, attribute, sub in
+            registry.resourceType(t).map { caseExactness(registry, $0, attribute, sub) } ?? false
+        }
+    }
+
+    /// The value keys a resource has in the index (`caseExact`: from `caseExactness(_:)`).
+    static func valueKeys(_ type: ResourceType, _ resource: JSONObject?, caseExact exact: [Bool]) -> Set<[UInt8]> {
         guard let resource else { return [] }
         var keys = Set<[UInt8]>()
-        for (t, attribute, sub) in attributes where t == type.id {
+        for (i, (t, attribute, sub)) in attributes.enumerated() where t == type.id {
             guard let v = resource[attribute] else { continue }
-            let caseExact = caseExactness(registry, type, attribute, sub)
+            let caseExact = exact[i]
             let values: [JSON] = sub.map { s in (v.arrayValue ?? [v]).compactMap { $0[s] } } ?? [v]
             for value in values {
                 if let n = normalised(value, caseExact: caseExact) { keys.insert(valueKey(type.id, attribute, n)) }
@@ -93,7 +101,7 @@ extension AttributeIndex {
         _ txn: borrowing WriteTransaction, resources: Database, attributes: Database, meta: Database, registry: SchemaRegistry
     ) throws {
         try txn.clear(attributes)
-        var counts: [[UInt8]: UInt64] = [:]
+        let exact = caseExactness(registry)
         for type in registry.resourceTypes where Self.attributes.contains(where: { $0.type == type.id }) {
             let prefix = Array("\(type.id)/".utf8)
             var failure: Error?
@@ -102,10 +110,12 @@ extension AttributeIndex {
                     let r = try JSONParser.parse(value, limits: .stored).objectValue
                     let id = Array(key.dropFirst(prefix.count))
                     // Written as the scan goes (another database than the
-                    // one the cursor reads): nothing but the counts is held.
-                    for k in valueKeys(type, r, registry: registry) {
+                    // one the cursor reads), counts included: nothing is held
+                    // in memory, whatever the number of distinct values.
+                    for k in valueKeys(type, r, caseExact: exact) {
                         try txn.put(attributes, k + [0] + id, [])
-                        counts[k, default: 0] += 1
+                        let n = try txn.get(attributes, k).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+                        try txn.put(attributes, k, (n + 1).bigEndianBytes)
                     }
                 } catch {
                     failure = error
@@ -115,7 +125,6 @@ extension AttributeIndex {
             }
             if let failure { throw failure }
         }
-        for (k, n) in counts { try txn.put(attributes, k, n.bigEndianBytes) }
         try txn.put(meta, Array("attributeIndex".utf8), format)
     }
 }
@@ -127,8 +136,8 @@ extension AgentStore {
     func updateAttributeIndex(
         _ type: ResourceType, id: String, old: JSONObject?, new: JSONObject?, _ txn: borrowing WriteTransaction
     ) throws {
-        let before = AttributeIndex.valueKeys(type, old, registry: registry)
-        let after = AttributeIndex.valueKeys(type, new, registry: registry)
+        let before = AttributeIndex.valueKeys(type, old, caseExact: attributeCaseExact)
+        let after = AttributeIndex.valueKeys(type, new, caseExact: attributeCaseExact)
         guard before != after else { return }
         for key in before.subtracting(after) {
             try txn.delete(attributes, key + [0] + Array(id.utf8))

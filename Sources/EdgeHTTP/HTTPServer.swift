@@ -291,7 +291,8 @@ public final class HTTPServer {
     private func sweep() {
         date = httpDate()
         let now = loop.now
-        for connection in Array(connections.values) { connection.checkTimeouts(now: now) }
+        let unixNow = unixSeconds()  // once per sweep, not per connection
+        for connection in Array(connections.values) { connection.checkTimeouts(now: now, unixNow: unixNow) }
     }
 
     /// Graceful drain (SIGTERM): stop accepting, close idle connections,
@@ -466,9 +467,9 @@ final class ServerConnection {
 
     private func writeDrained() { applyBackpressure() }
 
-    func checkTimeouts(now: UInt64) {
+    func checkTimeouts(now: UInt64, unixNow: Int64) {
         guard !isClosed else { return }
-        if peerNotAfter > 0, unixSeconds() > peerNotAfter {
+        if peerNotAfter > 0, unixNow > peerNotAfter {
             // A connection is no better than the certificate that opened it.
             closeForCertificate("certificate has expired")
             return
