@@ -134,7 +134,7 @@ public final class Relay {
         self.configuration = configuration
         tls = try ReloadableTLSContext(role: .client, configuration: configuration.tls)
         client = HTTPClient(loop: loop, address: configuration.broker, reloadableTLS: tls, serverName: configuration.brokerName)
-        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+        certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
         envelopeBytes = Relay.envelope(configuration, store.epoch, first: .max, last: .max).count + 2
     }
 
@@ -167,7 +167,7 @@ public final class Relay {
     /// old ones stay in use.
     public func reloadTLS() throws(TLSError) {
         try tls.reload()
-        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+        certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
         rewind(nil, retryAfter: 0)
         client.resetConnection()
     }

@@ -187,7 +187,7 @@ public final class BrokerService {
                 body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
         }
         weakSelf = self
-        certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+        certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
         if let api = configuration.apiListen {
             var tokens = configuration.apiTokens
             if let file = configuration.apiTokenFile {
@@ -404,7 +404,7 @@ public final class BrokerService {
         var parts: [String] = []
         do {
             try tls.reload()
-            certificateNotAfter = configuration.tls.certificateChainFile.flatMap { try? CertificateSummary(file: $0).notAfter } ?? 0
+            certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
             let closed = server.revalidatePeerCertificates()
             parts.append(
                 "the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"

@@ -19,6 +19,13 @@ public struct CertificateSummary: Sendable {
         notAfter = unixTime(X509_get0_notAfter(cert))
     }
 
+    /// The end of validity of the first certificate in `path` (Unix
+    /// seconds), for expiry metrics; 0 when there is no file or it cannot be read.
+    public static func expiry(ofFile path: String?) -> Int64 {
+        guard let path else { return 0 }
+        return (try? CertificateSummary(file: path).notAfter) ?? 0
+    }
+
     /// Why the certificate is not valid at `now` (Unix seconds), or nil.
     public func validityProblem(now: Int64) -> String? {
         if now < notBefore { return "is not valid before \(formatUnix(notBefore))" }
