@@ -159,7 +159,7 @@ public final class BrokerService {
         sweepTimer?.keepsLoopAlive = false
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
-        limits.maxBodyBytes = max(limits.maxBodyBytes, 64 << 20)
+        limits.maxBodyBytes = max(limits.maxBodyBytes, JSONLimits.relayBatch.maxBytes)  // the one batch limit (docs/protocol.md)
         weak var weakSelf: BrokerService?
         server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: limits) { request, context, responder in
             weakSelf?.handle(request, context, responder)
