@@ -10,7 +10,7 @@ SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh
 
-.PHONY: deps venv build test test-deb deb demo bench bench-build fuzz compliance format clean
+.PHONY: deps venv build test test-deb deb demo bench bench-build fuzz compliance format docs clean
 
 # Idempotent: installs only what is missing, so a warm run does no apt work.
 deps:
@@ -65,6 +65,11 @@ compliance:
 # Coverage-guided fuzzing of the JSON, filter and PATCH parsers (libFuzzer + ASan).
 fuzz:
 	bash scripts/fuzz.sh
+
+# docs/configuration.md from the option tables (a test fails when it is stale).
+docs: deps
+	swift build --product scim-edge
+	$$(swift build --show-bin-path)/scim-edge reference --markdown > docs/configuration.md
 
 # Formats the Swift sources with the toolchain's swift-format (configuration: .swift-format).
 format:

@@ -13,6 +13,7 @@ version=${PKG_VERSION:-$(tr -d ' \n' < VERSION)}
 arch=$(dpkg --print-architecture)
 scratch=.build/static
 mkdir -p dist
+# scim-edge first: it renders both configuration files' man pages.
 for p in scim-edge scim-broker; do
   bash scripts/retry-on-crash.sh swift build -c release --static-swift-stdlib --scratch-path "$scratch" --product "$p" >/dev/null
 done
@@ -61,8 +62,11 @@ build_package() { # package conf-file example-config
     "$stage/usr/share/man/man1/$pkg.1" >"$stage/$pkg.1" && mv "$stage/$pkg.1" "$stage/usr/share/man/man1/$pkg.1"
   grep -q '^\.Sh SIGNALS' "$stage/usr/share/man/man1/$pkg.1" || { echo "deb: no SIGNALS section in $pkg.1" >&2; exit 1; }
   gzip -9n "$stage/usr/share/man/man1/$pkg.1"
-  # The configuration file's own page, and the example (the conffile is edited; the example stays as shipped).
-  install -D -m 0644 "packaging/man/$pkg.yaml.5" "$stage/usr/share/man/man5/$pkg.yaml.5"
+  # The configuration file's own page, rendered from the option table (as docs/configuration.md is),
+  # and the example (the conffile is edited; the example stays as shipped).
+  mkdir -p "$stage/usr/share/man/man5"
+  "$scratch/release/scim-edge" reference --man "$pkg" --date "$(date -u +%Y-%m-%d)" >"$stage/usr/share/man/man5/$pkg.yaml.5"
+  grep -q '^\.It Ic dataDir' "$stage/usr/share/man/man5/$pkg.yaml.5" || { echo "deb: $pkg.yaml.5 has no keys" >&2; exit 1; }
   gzip -9n "$stage/usr/share/man/man5/$pkg.yaml.5"
   install -D -m 0644 "$example" "$stage/usr/share/doc/$pkg/examples/$(basename "$example")"
 

@@ -39,6 +39,10 @@ public struct AgentConfiguration: Sendable {
         self.listen = listen
     }
 
+    /// Whether writes append relay events: always with a broker, else only
+    /// when asked (`outbox.keep`).
+    public var recordsOutbox: Bool { endpoint.recordOutbox || relay != nil }
+
     /// The SCIM listener when none is given (flags and config file alike).
     public static let defaultListen = SocketAddress(host: "127.0.0.1", port: 8080)
     /// The operations listener when none is given (`none` turns it off).
@@ -92,6 +96,7 @@ public final class AgentService {
         self.loop = loop
         self.configuration = configuration
         var endpointOptions = configuration.endpoint
+        endpointOptions.recordOutbox = configuration.recordsOutbox
         if let file = configuration.tokenFile { endpointOptions.tokens += try readTokenFile(file) }
         endpointOptions.tokens += configuration.tokens
         guard !endpointOptions.tokens.isEmpty else { throw AgentError.noTokens }

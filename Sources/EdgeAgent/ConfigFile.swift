@@ -5,99 +5,140 @@ import EdgeTLS
 import Glibc
 import SCIM
 
-/// The agent's YAML file, read strictly: unknown keys, wrong types and
-/// invalid values are errors with their line and column, all reported
-/// together (`YAMLConfiguration.load`). The keys are documented in
-/// `packaging/agent.example.yaml`.
+/// The agent's options (`AgentOptions`, one declaration each) bound to
+/// `AgentConfiguration`: what `serve`'s flags and the YAML file set.
+public let agentOptionTable = OptionTable<AgentConfiguration>(
+    AgentOptions.all,
+    [
+        .init(AgentOptions.dataDir) { c, v in
+            c.dataDirectory = v.text; return nil
+        },
+        .init(AgentOptions.listen) { c, v in
+            c.listen = v.address!; return nil
+        },
+        .init(AgentOptions.workers) { c, v in
+            guard let n = servingLoopCount(v.text) else { return OptionProblem("must be auto or a number from 1 to 64, got '\(v.text)'") }
+            c.servingLoops = n
+            return nil
+        },
+        .init(AgentOptions.tokenFile) { c, v in
+            c.tokenFile = v.text; return nil
+        },
+        .init(AgentOptions.token) { c, v in
+            c.tokens += v.list; return nil
+        },
+        .init(AgentOptions.tlsCert) { c, v in
+            c.tls = c.tls ?? TLSConfiguration(verifyPeer: false)
+            c.tls!.certificateChainFile = v.text
+            return nil
+        },
+        .init(AgentOptions.tlsKey) { c, v in
+            c.tls = c.tls ?? TLSConfiguration(verifyPeer: false)
+            c.tls!.privateKeyFile = v.text
+            return nil
+        },
+        .init(AgentOptions.adminListen) { c, v in
+            c.adminListen = v.address; return nil
+        },
+        .init(AgentOptions.maxBodyBytes) { c, v in
+            c.limits.maxBodyBytes = v.integer; return nil
+        },
+        .init(AgentOptions.maxConnections) { c, v in
+            c.limits.maxConnections = v.integer; return nil
+        },
+        .init(AgentOptions.requestTimeoutMs) { c, v in
+            c.limits.requestTimeoutMilliseconds = UInt64(v.integer); return nil
+        },
+        .init(AgentOptions.idleTimeoutMs) { c, v in
+            c.limits.idleTimeoutMilliseconds = UInt64(v.integer); return nil
+        },
+        .init(AgentOptions.storeMaxBytes) { c, v in
+            c.maxStoreBytes = v.integer; return nil
+        },
+        .init(AgentOptions.keepOutbox) { c, v in
+            c.endpoint.recordOutbox = v.boolean; return nil
+        },
+        .init(AgentOptions.outboxMaxEvents) { c, v in
+            c.endpoint.limitOutbox(events: v.integer); return nil
+        },
+        .init(AgentOptions.outboxMaxBytes) { c, v in
+            c.endpoint.limitOutbox(bytes: v.integer); return nil
+        },
+        .init(AgentOptions.profile) { c, v in
+            c.endpoint.profile = v.text == "strict" ? .strict : .lenient; return nil
+        },
+        .init(AgentOptions.maxResults) { c, v in
+            c.endpoint.maxResults = v.integer; return nil
+        },
+        .init(AgentOptions.scanBudget) { c, v in
+            c.endpoint.scanBudget = v.integer; return nil
+        },
+        .init(AgentOptions.brokerURL) { c, v in
+            guard let (address, name) = RelayConfiguration.brokerAddress(v.text) else {
+                return OptionProblem("must be https://HOST:PORT (an IP address or localhost), got '\(v.text)'")
+            }
+            if c.relay == nil {
+                c.relay = RelayConfiguration(broker: address, brokerName: name, tls: TLSConfiguration(), domain: "", agentName: "")
+                agentOptionTable.applyDefaults(section: AgentOptions.brokerURL.section, to: &c)
+            }
+            (c.relay!.broker, c.relay!.brokerName) = (address, name)
+            return nil
+        },
+        .init(AgentOptions.brokerCA) { c, v in
+            c.relay?.tls.trustRootsFile = v.text; return nil
+        },
+        .init(AgentOptions.brokerCert) { c, v in
+            c.relay?.tls.certificateChainFile = v.text; return nil
+        },
+        .init(AgentOptions.brokerKey) { c, v in
+            c.relay?.tls.privateKeyFile = v.text; return nil
+        },
+        .init(AgentOptions.brokerDomain) { c, v in
+            c.relay?.domain = v.text; return nil
+        },
+        .init(AgentOptions.brokerAgent) { c, v in
+            c.relay?.agentName = v.text; return nil
+        },
+        .init(AgentOptions.maxEventsPerBatch) { c, v in
+            c.relay?.maxEventsPerBatch = v.integer; return nil
+        },
+        .init(AgentOptions.window) { c, v in
+            c.relay?.window = v.integer; return nil
+        },
+        .init(section: AgentOptions.policy) { node, path, d, c in
+            guard var policy = YAMLMapping(node, path: path, d) else { return }
+            (c.policy, c.pseudonymKeyFile) = AgentConfiguration.decodePolicy(&policy)
+            policy.finish()
+        },
+    ])
+
+extension AgentConfiguration {
+    /// Where every run starts, with a file or with flags only: the table's
+    /// defaults (`AgentOptions`).
+    public static var defaults: AgentConfiguration {
+        agentOptionTable.defaults(AgentConfiguration(dataDirectory: "", listen: AgentConfiguration.defaultListen))
+    }
+}
+
+/// The agent's YAML file, read strictly through `agentOptionTable`:
+/// unknown keys, wrong types, values out of bounds and invalid values are
+/// errors with their line and column, all reported together
+/// (`YAMLConfiguration.load`). The keys: `docs/configuration.md`.
 extension AgentConfiguration: YAMLConfiguration {
     /// Decodes what is valid and records a problem for everything else,
     /// going on with the next key: the result is meaningful only when no
     /// error was recorded (check-config still checks its files).
     public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> AgentConfiguration {
-        var config = AgentConfiguration(dataDirectory: "", listen: AgentConfiguration.defaultListen)
-        config.adminListen = AgentConfiguration.defaultAdminListen
+        var config = AgentConfiguration.defaults
         guard var top = YAMLMapping(root, path: "", d) else { return config }
-        config.dataDirectory = top.required("dataDir", "the directory of the agent's LMDB file") ?? ""
-        if let text = top.string("listen") {
-            if let a = SocketAddress(text) { config.listen = a } else { top.problem("listen", "must be HOST:PORT, got '\(text)'") }
-        }
-        config.tokenFile = top.string("tokenFile")
-        let workersText = top.string("workers") ?? "auto"
-        if let workers = servingLoopCount(workersText) {
-            config.servingLoops = workers
-        } else {
-            top.problem("workers", "must be auto or a number from 1 to 64, got '\(workersText)'")
-        }
-        if var tls = top.mapping("tls") {
-            let cert = tls.required("cert"), key = tls.required("key")
-            if let cert, let key { config.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false) }
-            tls.finish()
-        }
+        agentOptionTable.decode(&top, into: &config)
+        top.finish()
         if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
             top.problem(
                 "listen",
                 "the SCIM listener is on \(config.listen.host) without TLS: bearer tokens and personal data would cross the network in the clear",
                 fix: "add tls: {cert, key}, or listen on 127.0.0.1 behind a TLS-terminating proxy")
         }
-        if var admin = top.mapping("admin") {
-            if let listener = admin.operationsListener() { config.adminListen = listener }
-            admin.finish()
-        }
-        if var limits = top.mapping("limits") {
-            if let v = limits.int("maxBodyBytes") { config.limits.maxBodyBytes = v }
-            if let v = limits.int("maxConnections") { config.limits.maxConnections = v }
-            if let v = limits.int("requestTimeoutMs") { config.limits.requestTimeoutMilliseconds = UInt64(max(1, v)) }
-            if let v = limits.int("idleTimeoutMs") { config.limits.idleTimeoutMilliseconds = UInt64(max(1, v)) }
-            limits.finish()
-        }
-        if var store = top.mapping("store") {
-            if let v = store.int("maxBytes") { config.maxStoreBytes = v }
-            store.finish()
-        }
-        if var outbox = top.mapping("outbox") {
-            if let v = outbox.bool("keep") { config.endpoint.recordOutbox = v }
-            config.endpoint.limitOutbox(events: outbox.int("maxEvents"), bytes: outbox.int("maxBytes"))
-            outbox.finish()
-        } else {
-            config.endpoint.recordOutbox = false  // standalone: no broker to drain it
-        }
-        if var scim = top.mapping("scim") {
-            if let p = scim.string("profile") {
-                switch p {
-                case "lenient": config.endpoint.profile = .lenient
-                case "strict": config.endpoint.profile = .strict
-                default: scim.problem("profile", "must be lenient or strict, got '\(p)'")
-                }
-            }
-            if let v = scim.int("maxResults") { config.endpoint.maxResults = max(1, v) }
-            if let v = scim.int("scanBudget") { config.endpoint.scanBudget = max(1, v) }
-            scim.finish()
-        }
-        if var broker = top.mapping("broker") {
-            let url = broker.required("url", "https://HOST:PORT of the broker")
-            let target = url.flatMap(RelayConfiguration.brokerAddress)
-            if let url, target == nil { broker.problem("url", "must be https://HOST:PORT (an IP address or localhost), got '\(url)'") }
-            let ca = broker.required("ca", "the federation CA"), cert = broker.required("cert", "this agent's certificate")
-            let key = broker.required("key", "this agent's private key"), domain = broker.required("domain", "this agent's domain")
-            let agent = broker.string("agent") ?? "agent"
-            let batch = broker.int("maxEventsPerBatch"), window = broker.int("window")
-            broker.finish()
-            if let (address, name) = target, let ca, let cert, let key, let domain {
-                var relay = RelayConfiguration(
-                    broker: address, brokerName: name,
-                    tls: TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca),
-                    domain: domain, agentName: agent)
-                if let batch { relay.maxEventsPerBatch = max(1, batch) }
-                if let window { relay.window = max(1, window) }
-                config.relay = relay
-            }
-            config.endpoint.recordOutbox = true
-        }
-        if var policy = top.mapping("policy") {
-            (config.policy, config.pseudonymKeyFile) = decodePolicy(&policy)
-            policy.finish()
-        }
-        top.finish()
         return config
     }
 

@@ -20,8 +20,10 @@ public struct EndpointOptions: Sendable {
     public var scanBudget = 100_000
     public var bulkMaxOperations = 1000
     public var bulkMaxPayloadSize = 1 << 20
-    /// Append relay events to the outbox (off for a standalone agent: nothing would drain it).
-    public var recordOutbox = true
+    /// Append relay events to the outbox: with a broker always
+    /// (`AgentConfiguration.recordsOutbox`); off by default, as for a
+    /// standalone agent nothing would drain it (`outbox.keep`).
+    public var recordOutbox = false
     /// Backpressure: at or above either high watermark writes get 503 +
     /// Retry-After until the outbox is at or below both low watermarks. The
     /// configuration sets the high ones through `limitOutbox`, which derives

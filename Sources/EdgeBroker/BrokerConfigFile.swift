@@ -4,9 +4,209 @@ import EdgeLoop
 import EdgeTLS
 import SCIM
 
-/// The broker's YAML file, read strictly (see `packaging/broker.example.yaml`):
+/// The broker's options (`BrokerOptions`, one declaration each) bound to
+/// `BrokerConfiguration`: what `serve`'s flags and the YAML file set.
+public let brokerOptionTable = OptionTable<BrokerConfiguration>(
+    BrokerOptions.all,
+    [
+        .init(BrokerOptions.dataDir) { c, v in
+            c.dataDirectory = v.text; return nil
+        },
+        .init(BrokerOptions.listen) { c, v in
+            c.listen = v.address!; return nil
+        },
+        .init(BrokerOptions.tlsCA) { c, v in
+            c.tls.trustRootsFile = v.text; return nil
+        },
+        .init(BrokerOptions.tlsCert) { c, v in
+            c.tls.certificateChainFile = v.text; return nil
+        },
+        .init(BrokerOptions.tlsKey) { c, v in
+            c.tls.privateKeyFile = v.text; return nil
+        },
+        .init(BrokerOptions.tlsCRL) { c, v in
+            c.tls.crlFile = v.text; return nil
+        },
+        .init(
+            section: BrokerOptions.domains,
+            flag: { c, v in
+                guard let b = DomainBinding(v.text) else {
+                    return OptionProblem("is not NAME=CERT-IDENTITY (NAME: letters, digits, '.', '_' and '-')")
+                }
+                c.domains.append(b)
+                return nil
+            }, BrokerConfiguration.decodeDomains),
+        .init(BrokerOptions.apiListen) { c, v in
+            c.apiListen = v.address; return nil
+        },
+        .init(BrokerOptions.apiTokens) { c, v in
+            c.apiTokens += v.list; return nil
+        },
+        .init(BrokerOptions.apiTokenFile) { c, v in
+            c.apiTokenFile = v.text; return nil
+        },
+        .init(BrokerOptions.adminListen) { c, v in
+            c.adminListen = v.address; return nil
+        },
+        .init(BrokerOptions.maxPendingBatches) { c, v in
+            c.maxPendingBatches = v.integer; return nil
+        },
+        .init(
+            section: BrokerOptions.targets,
+            flag: { c, v in
+                let text = v.text
+                guard let eq = text.firstIndex(of: "=") else { return OptionProblem("is not NAME=URL") }
+                do throws(SCIMError) {
+                    var t = targetOptionTable.defaults(
+                        try TargetConfiguration(name: String(text[..<eq]), url: String(text[text.index(after: eq)...])))
+                    t.routes = [try Route()]
+                    c.targets.removeAll { $0.name == t.name }
+                    c.targets.append(t)
+                } catch { return OptionProblem(error.detail) }
+                return nil
+            }, BrokerConfiguration.decodeTargets),
+        .init(BrokerOptions.targetToken) { c, v in
+            let t = v.text
+            guard let eq = t.firstIndex(of: "="), let i = c.targets.firstIndex(where: { $0.name == t[..<eq] }) else {
+                return OptionProblem("is not NAME=TOKEN for a configured target")
+            }
+            c.targets[i].token = String(t[t.index(after: eq)...])
+            return nil
+        },
+    ])
+
+/// The keys of one entry of `targets` bound to `TargetConfiguration`.
+/// `collisions`, `namespace` and `link` depend on each other: declared
+/// here, read by `decodeTarget`.
+public let targetOptionTable = OptionTable<TargetConfiguration>(
+    BrokerOptions.Target.all,
+    [
+        .init(BrokerOptions.Target.name) { t, v in
+            do throws(SCIMError) { t.name = try TargetConfiguration(name: v.text, url: "http://127.0.0.1:1").name } catch {
+                return OptionProblem(error.detail)
+            }
+            return nil
+        },
+        .init(BrokerOptions.Target.url) { t, v in
+            do throws(SCIMError) {
+                let parsed = try TargetConfiguration(name: "unnamed", url: v.text)
+                (t.url, t.port, t.useTLS, t.basePath, t.host) = (parsed.url, parsed.port, parsed.useTLS, parsed.basePath, parsed.host)
+            } catch { return OptionProblem(error.detail) }
+            return nil
+        },
+        .init(BrokerOptions.Target.tokenFile) { t, v in
+            t.tokenFile = v.text; return nil
+        },
+        .init(BrokerOptions.Target.tlsCA) { t, v in
+            t.tls.trustRootsFile = v.text; return nil
+        },
+        .init(BrokerOptions.Target.tlsCert) { t, v in
+            t.tls.certificateChainFile = v.text; return nil
+        },
+        .init(BrokerOptions.Target.tlsKey) { t, v in
+            t.tls.privateKeyFile = v.text; return nil
+        },
+        .init(BrokerOptions.Target.tlsMinVersion) { t, v in
+            t.tls.minimumVersion = v.text == "1.3" ? .tls13 : .tls12; return nil
+        },
+        .init(BrokerOptions.Target.requestsPerSecond) { t, v in
+            t.requestsPerSecond = Double(v.integer); return nil
+        },
+        .init(BrokerOptions.Target.concurrency) { t, v in
+            t.concurrency = v.integer; return nil
+        },
+        .init(BrokerOptions.Target.onRemove) { t, v in
+            t.removal = RemovalMode(rawValue: v.text)!; return nil
+        },
+        .init(BrokerOptions.Target.maxDeletes) { t, v in
+            t.deletionGuard.maxDeletes = v.integer; return nil
+        },
+        .init(BrokerOptions.Target.windowSeconds) { t, v in
+            t.deletionGuard.windowSeconds = v.integer; return nil
+        },
+        .init(manual: BrokerOptions.Target.collisions),
+        .init(manual: BrokerOptions.Target.namespaceUserName),
+        .init(manual: BrokerOptions.Target.namespaceDisplayName),
+        .init(manual: BrokerOptions.Target.linkAttribute),
+        .init(manual: BrokerOptions.Target.linkSourceOfRecord),
+        .init(BrokerOptions.Target.maxMembersPerPatch) { t, v in
+            t.maxMembersPerPatch = v.integer; return nil
+        },
+        .init(BrokerOptions.Target.breakerThreshold) { t, v in
+            t.breakerThreshold = v.integer; return nil
+        },
+        .init(BrokerOptions.Target.timeoutMs) { t, v in
+            t.requestTimeoutMilliseconds = UInt64(v.integer); return nil
+        },
+        .init(section: BrokerOptions.Target.rename) { node, path, d, t in
+            guard var rename = YAMLMapping(node, path: path, d) else { return }
+            for (from, mark, value) in rename.entries() {
+                guard case .scalar(let to, _, _) = value, !to.isEmpty else {
+                    d.error(rename.full(from), "must name an attribute", at: mark)
+                    continue
+                }
+                t.mapping.rename.append((from, to))
+            }
+            rename.finish()
+        },
+        .init(BrokerOptions.Target.drop) { t, v in
+            t.mapping.drop = v.list; return nil
+        },
+        .init(section: BrokerOptions.Target.constant) { node, path, d, t in
+            guard var constant = YAMLMapping(node, path: path, d) else { return }
+            for (path, mark, value) in constant.entries() {
+                guard case .scalar(let text, let plain, _) = value else {
+                    d.error(constant.full(path), "must be a scalar", at: mark)
+                    continue
+                }
+                let json: JSON
+                if plain && (text == "true" || text == "false") {
+                    json = .bool(text == "true")
+                } else if plain, let n = JSONNumber(text) {
+                    json = .number(n)
+                } else {
+                    json = .string(text)
+                }
+                t.mapping.constant.append((path, json))
+            }
+            constant.finish()
+        },
+        .init(section: BrokerOptions.Target.routes) { node, path, d, t in
+            guard case .sequence(let routes, _) = node else {
+                d.error(path, "must be a list ('- …' entries)", at: node.mark)
+                return
+            }
+            for (i, item) in routes.enumerated() {
+                d.record("\(path)[\(i)]", item.mark)
+                guard var r = YAMLMapping(item, path: "\(path)[\(i)]", d) else { continue }
+                let domains = r.strings("domains") ?? [], filter = r.string("filter")
+                var types = r.strings("types") ?? []
+                for (j, type) in types.enumerated() where type != "User" && type != "Group" {
+                    d.error("\(r.full("types"))[\(j)]", "route type '\(type)' must be User or Group")
+                }
+                types = types.filter { $0 == "User" || $0 == "Group" }
+                do throws(SCIMError) {
+                    t.routes.append(try Route(domains: domains, types: types, filter: filter))
+                } catch {
+                    // What Route refuses, with the types already checked above, is the filter.
+                    r.problem("filter", "target '\(t.name)': \(error.detail)")
+                }
+                r.finish()
+            }
+        },
+    ])
+
+extension BrokerConfiguration {
+    /// Where every run starts, with a file or with flags only: the table's
+    /// defaults (`BrokerOptions`).
+    public static var defaults: BrokerConfiguration {
+        brokerOptionTable.defaults(BrokerConfiguration(dataDirectory: "", tls: TLSConfiguration(verifyPeer: true)))
+    }
+}
+
+/// The broker's YAML file, read strictly through `brokerOptionTable`:
 /// every problem is reported together, each with its line and column
-/// (`YAMLConfiguration.load`).
+/// (`YAMLConfiguration.load`). The keys: `docs/configuration.md`.
 extension BrokerConfiguration: YAMLConfiguration {
     /// Decodes what is valid and records a problem for everything else,
     /// going on with the next key or entry; then the checks across fields
@@ -14,169 +214,112 @@ extension BrokerConfiguration: YAMLConfiguration {
     /// off loopback, placeholder tokens). The result is meaningful only
     /// when no error was recorded.
     public static func decode(_ root: YAMLNode, _ d: ConfigDiagnostics) -> BrokerConfiguration {
-        var config = BrokerConfiguration(dataDirectory: "", tls: TLSConfiguration(verifyPeer: true))
+        var config = BrokerConfiguration.defaults
         guard var top = YAMLMapping(root, path: "", d) else { return config }
-        config.dataDirectory = top.required("dataDir", "the directory of the broker's LMDB file") ?? ""
-        if let text = top.string("listen") {
-            if let a = SocketAddress(text) { config.listen = a } else { top.problem("listen", "must be HOST:PORT, got '\(text)'") }
-        }
-        if var tls = top.mapping("tls") {
-            config.tls.trustRootsFile = tls.required("ca", "the federation CA agents' certificates chain to")
-            config.tls.certificateChainFile = tls.required("cert", "the broker's certificate")
-            config.tls.privateKeyFile = tls.required("key", "the broker's private key")
-            config.tls.crlFile = tls.string("crl")
-            tls.finish()
-        } else if !top.has("tls") && !d.truncated {
+        brokerOptionTable.decode(&top, into: &config)
+        top.finish()
+        if !top.has("tls") && !d.truncated {
             d.error("tls", "is required: the federation listener is mutual TLS", at: top.mark, fix: "add tls: {ca, cert, key}")
         }
-        if var domains = top.mapping("domains") {
-            var bound: [String: (domain: String, line: Int)] = [:]
-            for (name, mark, value) in domains.entries() {
-                guard DomainBinding.validName(name) else {
-                    d.error(domains.full(name), "a domain name holds letters, digits, '.', '_' and '-' only (at most 64)", at: mark)
-                    continue
-                }
-                guard case .scalar(let identity, _, _) = value, !identity.isEmpty else {
-                    d.error(domains.full(name), "must be a certificate identity: the agents' SAN URI (or DNS SAN; never the CN)", at: mark)
-                    continue
-                }
-                if let other = bound[identity] {
-                    d.error(
-                        domains.full(name),
-                        "'\(identity)' is already bound to domain '\(other.domain)' (line \(other.line)); an agent's certificate must name one domain",
-                        at: mark, fix: "give each domain the identity its own agents' certificates carry")
-                    continue
-                }
-                bound[identity] = (name, mark.line)
-                config.domains.append(DomainBinding(domain: name, identity: identity))
+        if !config.apiTokens.isEmpty {
+            d.warning(
+                "api.tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
+                at: d.mark("api.tokens"), fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
+            for (i, token) in config.apiTokens.enumerated() {
+                if let weak = weakTokenReason(token) { d.error("api.tokens[\(i)]", "the token \(weak)", fix: tokenFix) }
             }
-            domains.finish()
-        } else if !top.has("domains") && !d.truncated {
+        }
+        if let a = config.apiListen, !a.isLoopback {
             d.error(
-                "domains", "is required: NAME: certificate identity of its agents", at: top.mark,
-                fix: "add domains: {acme-de: spiffe://acme.example/acme-de/agent-1}")
+                "api.listen",
+                "the read API has no TLS: on \(a.host), bearer tokens and the federated directory would cross the network in the clear",
+                at: d.mark("api.listen"), fix: "listen on 127.0.0.1 and put a TLS-terminating proxy in front")
         }
-        if var api = top.mapping("api") {
-            if let l = api.string("listen") {
-                if let a = SocketAddress(l) { config.apiListen = a } else { api.problem("listen", "must be HOST:PORT, got '\(l)'") }
-            }
-            if let tokens = api.strings("tokens") {
-                config.apiTokens = tokens
-                api.warning(
-                    "tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
-                    fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
-                for (i, token) in tokens.enumerated() {
-                    if let weak = weakTokenReason(token) { d.error("\(api.full("tokens"))[\(i)]", "the token \(weak)", fix: tokenFix) }
-                }
-            }
-            config.apiTokenFile = api.string("tokenFile")
-            if let a = config.apiListen, !a.isLoopback {
-                api.problem(
-                    "listen",
-                    "the read API has no TLS: on \(a.host), bearer tokens and the federated directory would cross the network in the clear",
-                    fix: "listen on 127.0.0.1 and put a TLS-terminating proxy in front")
-            }
-            api.finish()
-        }
-        if var admin = top.mapping("admin") {
-            if let listener = admin.operationsListener() { config.adminListen = listener }
-            admin.finish()
-        }
-        if let v = top.int("maxPendingBatches") { config.maxPendingBatches = max(0, v) }
-        if let items = top.sequence("targets") {
-            var names: [String: Int] = [:]
-            for (i, item) in items.enumerated() {
-                guard let t = decodeTarget(item, path: "targets[\(i)]", domains: config.domains.map(\.domain), d) else { continue }
-                if let line = names[t.name] {
-                    d.error(
-                        "targets[\(i)].name", "target '\(t.name)' is defined twice (first at line \(line))",
-                        fix: "give each target its own name")
-                    continue
-                }
-                names[t.name] = d.mark("targets[\(i)].name")?.line ?? 0
-                config.targets.append(t)
-            }
-            // A route naming a domain not bound would never carry anything: a typo, most likely.
-            let known = config.domains.map(\.domain)
-            for (i, item) in items.enumerated() {
-                guard case .mapping(let members, _) = item, let routes = members.first(where: { $0.key == "routes" })?.value,
-                    case .sequence(let list, _) = routes
-                else { continue }
-                for (r, route) in list.enumerated() {
-                    guard case .mapping(let fields, _) = route, let domains = fields.first(where: { $0.key == "domains" })?.value,
-                        case .sequence(let names, _) = domains
-                    else { continue }
-                    for (j, node) in names.enumerated() {
-                        guard case .scalar(let name, _, let mark) = node, !known.contains(name), !known.isEmpty || !top.has("domains")
-                        else { continue }
-                        d.error(
-                            "targets[\(i)].routes[\(r)].domains[\(j)]",
-                            "domain '\(name)' is not bound in 'domains'"
-                                + (closestKey(to: name, among: known).map { "; did you mean '\($0)'?" } ?? ""), at: mark,
-                            fix: "name one of " + (known.isEmpty ? "the domains under 'domains'" : known.joined(separator: ", ")))
-                    }
-                }
-            }
-        }
-        top.finish()
         return config
     }
 
-    /// One entry of `targets:` (see `packaging/broker.example.yaml`); nil
-    /// when it is unusable (its problems are recorded). `domains`: the
-    /// broker's domains, for the link's source-of-record order.
-    static func decodeTarget(_ node: YAMLNode, path: String, domains: [String] = [], _ d: ConfigDiagnostics) -> TargetConfiguration? {
-        guard var m = YAMLMapping(node, path: path, d) else { return nil }
-        let name = m.required("name"), url = m.required("url", "the app's SCIM base URL")
-        var t: TargetConfiguration?
-        if let name, let url {
-            do throws(SCIMError) { t = try TargetConfiguration(name: name, url: url) } catch {
-                m.problem(error.detail.hasPrefix("target name") ? "name" : "url", error.detail)
+    /// `domains:`, each entry at its own line; an identity bound twice is refused.
+    static func decodeDomains(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout BrokerConfiguration) {
+        guard var domains = YAMLMapping(node, path: path, d) else { return }
+        var bound: [String: (domain: String, line: Int)] = [:]
+        for (name, mark, value) in domains.entries() {
+            guard DomainBinding.validName(name) else {
+                d.error(domains.full(name), "a domain name holds letters, digits, '.', '_' and '-' only (at most 64)", at: mark)
+                continue
             }
+            guard case .scalar(let identity, _, _) = value, !identity.isEmpty else {
+                d.error(domains.full(name), "must be a certificate identity: the agents' SAN URI (or DNS SAN; never the CN)", at: mark)
+                continue
+            }
+            if let other = bound[identity] {
+                d.error(
+                    domains.full(name),
+                    "'\(identity)' is already bound to domain '\(other.domain)' (line \(other.line)); an agent's certificate must name one domain",
+                    at: mark, fix: "give each domain the identity its own agents' certificates carry")
+                continue
+            }
+            bound[identity] = (name, mark.line)
+            config.domains.append(DomainBinding(domain: name, identity: identity))
         }
-        // Every key is read even when the target is already unusable, so
-        // that its other problems are reported in the same run.
-        var target = t ?? (try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
-        target.tokenFile = m.string("tokenFile")
-        if var tls = m.mapping("tls") {
-            target.tls.trustRootsFile = tls.string("ca")
-            target.tls.certificateChainFile = tls.string("cert")
-            target.tls.privateKeyFile = tls.string("key")
-            if (target.tls.certificateChainFile == nil) != (target.tls.privateKeyFile == nil) {
-                d.error(tls.path, "needs both cert and key for a client certificate", at: tls.mark)
+        domains.finish()
+    }
+
+    /// `targets:`, each entry through `targetOptionTable`; a name defined
+    /// twice and a route to a domain not bound (a typo, most likely: it
+    /// would never carry anything) are refused at their own line.
+    static func decodeTargets(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout BrokerConfiguration) {
+        guard case .sequence(let items, _) = node else {
+            d.error(path, "must be a list ('- …' entries)", at: node.mark)
+            return
+        }
+        var names: [String: Int] = [:]
+        let known = config.domains.map(\.domain)
+        for (i, item) in items.enumerated() {
+            d.record("\(path)[\(i)]", item.mark)
+            guard let t = decodeTarget(item, path: "\(path)[\(i)]", domains: known, d) else { continue }
+            if let line = names[t.name] {
+                d.error(
+                    "\(path)[\(i)].name", "target '\(t.name)' is defined twice (first at line \(line))",
+                    fix: "give each target its own name")
+                continue
             }
-            if let v = tls.string("minVersion") {
-                if v == "1.3" {
-                    target.tls.minimumVersion = .tls13
-                } else if v == "1.2" {
-                    target.tls.minimumVersion = .tls12
-                } else {
-                    tls.problem("minVersion", "must be 1.2 or 1.3, got '\(v)'")
+            names[t.name] = d.mark("\(path)[\(i)].name")?.line ?? 0
+            config.targets.append(t)
+        }
+        for (i, item) in items.enumerated() {
+            guard case .mapping(let members, _) = item, let routes = members.first(where: { $0.key == "routes" })?.value,
+                case .sequence(let list, _) = routes
+            else { continue }
+            for (r, route) in list.enumerated() {
+                guard case .mapping(let fields, _) = route, let domains = fields.first(where: { $0.key == "domains" })?.value,
+                    case .sequence(let names, _) = domains
+                else { continue }
+                for (j, node) in names.enumerated() {
+                    guard case .scalar(let name, _, let mark) = node, !known.contains(name), !known.isEmpty || d.mark("domains") == nil
+                    else { continue }
+                    d.error(
+                        "\(path)[\(i)].routes[\(r)].domains[\(j)]",
+                        "domain '\(name)' is not bound in 'domains'"
+                            + (closestKey(to: name, among: known).map { "; did you mean '\($0)'?" } ?? ""),
+                        at: mark, fix: "name one of " + (known.isEmpty ? "the domains under 'domains'" : known.joined(separator: ", ")))
                 }
             }
-            tls.finish()
         }
-        if var rate = m.mapping("rate") {
-            if let r = rate.int("requestsPerSecond") {
-                if r > 0 { target.requestsPerSecond = Double(r) } else { rate.problem("requestsPerSecond", "must be positive") }
-            }
-            if let c = rate.int("concurrency") {
-                if (1...256).contains(c) { target.concurrency = c } else { rate.problem("concurrency", "must be 1 to 256, got \(c)") }
-            }
-            rate.finish()
-        }
-        if let r = m.string("onRemove") {
-            if let mode = RemovalMode(rawValue: r) {
-                target.removal = mode
-            } else {
-                m.problem("onRemove", "must be delete or deactivate, got '\(r)'")
-            }
-        }
-        if var g = m.mapping("deleteGuard") {
-            if let n = g.int("maxDeletes") { target.deletionGuard.maxDeletes = max(0, n) }
-            if let w = g.int("windowSeconds") { target.deletionGuard.windowSeconds = max(1, w) }
-            g.finish()
-        }
+    }
+
+    /// One entry of `targets:`; nil when it is unusable (its problems are
+    /// recorded). `domains`: the broker's domains, for the link's
+    /// source-of-record order.
+    static func decodeTarget(_ node: YAMLNode, path: String, domains: [String] = [], _ d: ConfigDiagnostics) -> TargetConfiguration? {
+        guard var m = YAMLMapping(node, path: path, d) else { return nil }
+        // Every key is read even when the target is already unusable, so
+        // that its other problems are reported in the same run.
+        var target = targetOptionTable.defaults(try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
+        let problemsBefore = d.problems.count
+        targetOptionTable.decode(&m, into: &target)
+        let usable =
+            m.has("name") && m.has("url")
+            && !d.problems[problemsBefore...].contains { $0.key == m.full("name") || $0.key == m.full("url") }
         let namespace = m.mapping("namespace"), link = m.mapping("link"), collisions = m.string("collisions")
         if let c = collisions {
             switch c {
@@ -238,71 +381,8 @@ extension BrokerConfiguration: YAMLConfiguration {
         if link != nil, collisions == nil || collisions == "refuse" || collisions == "namespace" {
             m.problem("link", "applies only with 'collisions: link'", fix: "add collisions: link, or remove it")
         }
-        if let n = m.int("maxMembersPerPatch") {
-            if (1...10_000).contains(n) {
-                target.maxMembersPerPatch = n
-            } else {
-                m.problem("maxMembersPerPatch", "must be 1 to 10,000, got \(n)")
-            }
-        }
-        if let n = m.int("breakerThreshold") { target.breakerThreshold = max(1, n) }
-        if let n = m.int("timeoutMs") { target.requestTimeoutMilliseconds = UInt64(max(100, n)) }
-        if var mapping = m.mapping("mapping") {
-            if var rename = mapping.mapping("rename") {
-                for (from, mark, value) in rename.entries() {
-                    guard case .scalar(let to, _, _) = value, !to.isEmpty else {
-                        d.error(rename.full(from), "must name an attribute", at: mark)
-                        continue
-                    }
-                    target.mapping.rename.append((from, to))
-                }
-                rename.finish()
-            }
-            target.mapping.drop = mapping.strings("drop") ?? []
-            if var constant = mapping.mapping("constant") {
-                for (path, mark, value) in constant.entries() {
-                    guard case .scalar(let text, let plain, _) = value else {
-                        d.error(constant.full(path), "must be a scalar", at: mark)
-                        continue
-                    }
-                    let json: JSON
-                    if plain && (text == "true" || text == "false") {
-                        json = .bool(text == "true")
-                    } else if plain, let n = JSONNumber(text) {
-                        json = .number(n)
-                    } else {
-                        json = .string(text)
-                    }
-                    target.mapping.constant.append((path, json))
-                }
-                constant.finish()
-            }
-            mapping.finish()
-        }
-        if let routes = m.sequence("routes") {
-            for (i, item) in routes.enumerated() {
-                guard var r = YAMLMapping(item, path: "\(m.full("routes"))[\(i)]", d) else { continue }
-                let domains = r.strings("domains") ?? [], filter = r.string("filter")
-                var types = r.strings("types") ?? []
-                for (j, type) in types.enumerated() where type != "User" && type != "Group" {
-                    d.error("\(r.full("types"))[\(j)]", "route type '\(type)' must be User or Group")
-                }
-                types = types.filter { $0 == "User" || $0 == "Group" }
-                do throws(SCIMError) {
-                    target.routes.append(try Route(domains: domains, types: types, filter: filter))
-                } catch {
-                    // What Route refuses, with the types already checked above, is the filter.
-                    r.problem("filter", "target '\(name ?? "?")': \(error.detail)")
-                }
-                r.finish()
-            }
-        } else if !m.has("routes") && !d.truncated {
-            d.error(
-                m.full("routes"), "target '\(name ?? "?")' needs 'routes' (which domains and resources flow to it)", at: m.mark,
-                fix: "add routes: [{}] for every domain's users and groups")
-        }
         m.finish()
-        return t == nil ? nil : target
+        return usable ? target : nil
     }
 }
 

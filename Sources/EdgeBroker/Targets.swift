@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -134,8 +135,8 @@ public enum CollisionPolicy: Sendable, Equatable {
         return nil
     }
 
-    public static let defaultUserNameTemplate = "{userName}@{domain}"
-    public static let defaultDisplayNameTemplate = "{displayName} ({domain})"
+    public static let defaultUserNameTemplate = BrokerOptions.Target.namespaceUserName.defaultValue!
+    public static let defaultDisplayNameTemplate = BrokerOptions.Target.namespaceDisplayName.defaultValue!
 
     /// The name the target sees for `name` of `domain`.
     static func expand(_ template: String, _ placeholder: String, _ name: String, domain: String) -> String {

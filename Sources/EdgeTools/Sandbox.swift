@@ -107,10 +107,12 @@ public final class Sandbox {
         processes.append(
             try ServiceProcess(
                 name: "app", executable: self_,
-                arguments: [
-                    "serve", "--data-dir", "\(dir)/app", "--listen", "127.0.0.1:\(appPort)", "--token", "app-token", "--admin-listen",
-                    "none",
-                ],
+                arguments: ["serve"]
+                    + [
+                        (AgentOptions.dataDir, "\(dir)/app"), (AgentOptions.listen, "127.0.0.1:\(appPort)"),
+                        (AgentOptions.token, "app-token"),
+                        (AgentOptions.adminListen, "none"),
+                    ].flatMap { ["--" + $0.0.flag!, $0.1] },
                 logPath: "\(dir)/app.log"))
         targets.append(("app", ServiceURL(tls: false, host: "127.0.0.1", port: appPort, path: "/scim/v2"), "app-token"))
         let reference =
@@ -136,31 +138,30 @@ public final class Sandbox {
         let brokerPort = freeLoopbackPort()
         brokerAdmin = freeLoopbackPort()
         brokerAPI = freeLoopbackPort()
-        var yaml = """
-            dataDir: \(dir)/broker
-            listen: 127.0.0.1:\(brokerPort)
-            tls: {ca: \(dir)/ca.crt, cert: \(dir)/broker.crt, key: \(dir)/broker.key}
-            domains:
-
-            """
-        for d in domains { yaml += "  \(d): \"spiffe://sandbox/\(d)/agent-1\"\n" }
-        yaml += """
-            api: {listen: "127.0.0.1:\(brokerAPI)", tokens: [\(apiToken)]}
-            admin: {listen: "127.0.0.1:\(brokerAdmin)"}
-            targets:
-
-            """
+        // The configuration files are written through the option tables, so
+        // a key or value the programs would refuse fails here, at once.
+        var broker = ConfigDocument()
+        try broker.set(BrokerOptions.dataDir, "\(dir)/broker")
+        try broker.set(BrokerOptions.listen, "127.0.0.1:\(brokerPort)")
+        try broker.set(BrokerOptions.tlsCA, "\(dir)/ca.crt")
+        try broker.set(BrokerOptions.tlsCert, "\(dir)/broker.crt")
+        try broker.set(BrokerOptions.tlsKey, "\(dir)/broker.key")
+        broker.set(BrokerOptions.domains, map: domains.map { ($0, "spiffe://sandbox/\($0)/agent-1") })
+        try broker.set(BrokerOptions.apiListen, "127.0.0.1:\(brokerAPI)")
+        broker.set(BrokerOptions.apiTokens, list: [apiToken])
+        try broker.set(BrokerOptions.adminListen, "127.0.0.1:\(brokerAdmin)")
         for t in targets {
-            yaml += """
-                  - name: \(t.name)
-                    url: http://127.0.0.1:\(t.url.port)\(t.url.path)
-                    tokenFile: \(dir)/\(t.name).token
-                    rate: {requestsPerSecond: 20000, concurrency: \(t.name == "app" ? 16 : 4)}
-                    onRemove: delete
-                    routes: [{}]
-
-                """
+            var target = ConfigDocument()
+            try target.set(BrokerOptions.Target.name, t.name)
+            try target.set(BrokerOptions.Target.url, "http://127.0.0.1:\(t.url.port)\(t.url.path)")
+            try target.set(BrokerOptions.Target.tokenFile, "\(dir)/\(t.name).token")
+            try target.set(BrokerOptions.Target.requestsPerSecond, 20000)
+            try target.set(BrokerOptions.Target.concurrency, t.name == "app" ? 16 : 4)
+            try target.set(BrokerOptions.Target.onRemove, "delete")
+            target.append(BrokerOptions.Target.routes, ConfigDocument())
+            broker.append(BrokerOptions.targets, target)
         }
+        let yaml = broker.yaml()
         try writeText("\(dir)/broker.yaml", yaml)
         processes.append(
             try ServiceProcess(
@@ -171,22 +172,24 @@ public final class Sandbox {
         try writeText("\(dir)/idp.tokens", idpToken + "\n", mode: 0o600)
         for d in domains {
             let port = freeLoopbackPort(), admin = freeLoopbackPort()
-            var a = """
-                dataDir: \(dir)/\(d)
-                listen: 127.0.0.1:\(port)
-                tokenFile: \(dir)/idp.tokens
-                admin: {listen: "127.0.0.1:\(admin)"}
-                broker:
-                  url: https://127.0.0.1:\(brokerPort)
-                  ca: \(dir)/ca.crt
-                  cert: \(dir)/\(d).crt
-                  key: \(dir)/\(d).key
-                  domain: \(d)
-                  agent: agent-1
-
-                """
-            if d == "subsidiary-eu" { a += "policy:\n  attributes: {phoneNumbers: keep-local, addresses: keep-local}\n" }
-            if d == "partner" { a += "policy:\n  scope: {User: 'userType eq \"Contractor\"'}\n" }
+            var agent = ConfigDocument()
+            try agent.set(AgentOptions.dataDir, "\(dir)/\(d)")
+            try agent.set(AgentOptions.listen, "127.0.0.1:\(port)")
+            try agent.set(AgentOptions.tokenFile, "\(dir)/idp.tokens")
+            try agent.set(AgentOptions.adminListen, "127.0.0.1:\(admin)")
+            try agent.set(AgentOptions.brokerURL, "https://127.0.0.1:\(brokerPort)")
+            try agent.set(AgentOptions.brokerCA, "\(dir)/ca.crt")
+            try agent.set(AgentOptions.brokerCert, "\(dir)/\(d).crt")
+            try agent.set(AgentOptions.brokerKey, "\(dir)/\(d).key")
+            try agent.set(AgentOptions.brokerDomain, d)
+            try agent.set(AgentOptions.brokerAgent, "agent-1")
+            var policy = ConfigDocument()
+            if d == "subsidiary-eu" {
+                policy.set(AgentOptions.policyAttributes, map: [("phoneNumbers", "keep-local"), ("addresses", "keep-local")])
+            }
+            if d == "partner" { policy.set(AgentOptions.policyScope, map: [("User", #"userType eq "Contractor""#)]) }
+            if !policy.isEmpty { agent.set(AgentOptions.policy, policy) }
+            let a = agent.yaml()
             try writeText("\(dir)/\(d).yaml", a)
             processes.append(
                 try ServiceProcess(

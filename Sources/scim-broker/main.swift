@@ -16,89 +16,71 @@ struct ScimBroker: ParsableCommand {
         subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self])
 }
 
+/// `--help` of an option, from its one declaration.
+func help(_ spec: OptionSpec) -> ArgumentHelp { ArgumentHelp(spec.flagHelp, valueName: spec.valueName) }
+/// Its flag's name, from the same declaration.
+func flag(_ spec: OptionSpec) -> NameSpecification { .customLong(spec.flag!) }
+
+extension Optional where Wrapped == String {
+    /// The value given, as a list of zero or one.
+    var list: [String] { map { [$0] } ?? [] }
+}
+
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the federation listener (POST /federation/v1/events over mutual TLS).")
+        abstract: "Run the federation listener (POST /federation/v1/events over mutual TLS).",
+        discussion:
+            "Settings come from --config (YAML: see scim-broker.yaml(5), docs/configuration.md, and the example in /usr/share/doc/scim-broker/examples/); flags given here override it. Without --config, the flags and the defaults shown are the whole configuration."
+    )
 
-    @Option(
-        help: "YAML configuration file (scim-broker.yaml(5); an example is in /usr/share/doc/scim-broker/examples/); flags override it.")
-    var config: String?
-    @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
-    @Option(help: "Federation listener, HOST:PORT (default 127.0.0.1:8443).") var listen: String?
-    @Option(help: "The federation CA (PEM): agents' certificates must chain to it.") var ca: String?
-    @Option(help: "The broker's certificate chain (PEM).") var cert: String?
-    @Option(help: "The broker's private key (PEM).") var key: String?
-    @Option(help: "Certificate revocation list of the federation CA (PEM).") var crl: String?
-    @Option(
-        help:
-            "NAME=CERT-IDENTITY: agents whose certificate carries this identity (SAN URI, DNS name or CN) write into domain NAME (repeatable)."
-    )
-    var domain: [String] = []
-    @Option(help: "SCIM read API over the federated directory at http://HOST:PORT/scim/v2 (keep it on loopback or behind TLS).")
-    var apiListen: String?
-    @Option(help: "A bearer token for the read API (repeatable; --api-token-file keeps it out of the process list).")
-    var apiToken: [String] = []
-    @Option(help: "A file of read-API bearer tokens, one per line (read at start).")
-    var apiTokenFile: String?
-    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none'; default 127.0.0.1:9190).")
-    var adminListen: String?
-    @Option(help: "Backpressure: agents get 503 + Retry-After while this many batches wait to be applied (default 256).")
-    var maxPendingBatches: Int?
-    @Option(
-        help:
-            "NAME=URL: a downstream SCIM target receiving every domain's users and groups (repeatable; routes, mapping and limits need the config file)."
-    )
-    var target: [String] = []
-    @Option(help: "NAME=TOKEN: the bearer token for target NAME (repeatable).")
-    var targetToken: [String] = []
+    @Option(help: "YAML configuration file.") var config: String?
+    // Each flag is one option of the table (BrokerOptions): its name, help,
+    // default and bounds come from there, and the table parses the value.
+    @Option(name: flag(BrokerOptions.dataDir), help: help(BrokerOptions.dataDir)) var dataDir: String?
+    @Option(name: flag(BrokerOptions.listen), help: help(BrokerOptions.listen)) var listen: String?
+    @Option(name: flag(BrokerOptions.tlsCA), help: help(BrokerOptions.tlsCA)) var ca: String?
+    @Option(name: flag(BrokerOptions.tlsCert), help: help(BrokerOptions.tlsCert)) var cert: String?
+    @Option(name: flag(BrokerOptions.tlsKey), help: help(BrokerOptions.tlsKey)) var key: String?
+    @Option(name: flag(BrokerOptions.tlsCRL), help: help(BrokerOptions.tlsCRL)) var crl: String?
+    @Option(name: flag(BrokerOptions.domains), help: help(BrokerOptions.domains)) var domain: [String] = []
+    @Option(name: flag(BrokerOptions.apiListen), help: help(BrokerOptions.apiListen)) var apiListen: String?
+    @Option(name: flag(BrokerOptions.apiTokens), help: help(BrokerOptions.apiTokens)) var apiToken: [String] = []
+    @Option(name: flag(BrokerOptions.apiTokenFile), help: help(BrokerOptions.apiTokenFile)) var apiTokenFile: String?
+    @Option(name: flag(BrokerOptions.adminListen), help: help(BrokerOptions.adminListen)) var adminListen: String?
+    @Option(name: flag(BrokerOptions.maxPendingBatches), help: help(BrokerOptions.maxPendingBatches)) var maxPendingBatches: String?
+    @Option(name: flag(BrokerOptions.targets), help: help(BrokerOptions.targets)) var target: [String] = []
+    @Option(name: flag(BrokerOptions.targetToken), help: help(BrokerOptions.targetToken)) var targetToken: [String] = []
+
+    /// The flags given, in the table's order (targets before their tokens).
+    var given: [(name: String, value: String)] {
+        let values: [(OptionSpec, [String])] = [
+            (BrokerOptions.dataDir, dataDir.list), (BrokerOptions.listen, listen.list), (BrokerOptions.tlsCA, ca.list),
+            (BrokerOptions.tlsCert, cert.list), (BrokerOptions.tlsKey, key.list), (BrokerOptions.tlsCRL, crl.list),
+            (BrokerOptions.domains, domain), (BrokerOptions.apiListen, apiListen.list), (BrokerOptions.apiTokens, apiToken),
+            (BrokerOptions.apiTokenFile, apiTokenFile.list), (BrokerOptions.adminListen, adminListen.list),
+            (BrokerOptions.maxPendingBatches, maxPendingBatches.list), (BrokerOptions.targets, target),
+            (BrokerOptions.targetToken, targetToken),
+        ]
+        return BrokerOptions.all.flatMap { spec in
+            values.first { $0.0.flag == spec.flag && spec.flag != nil }.map { v in v.1.map { (spec.flag!, $0) } } ?? []
+        }
+    }
 
     func run() throws {
-        var config: BrokerConfiguration
+        var config = BrokerConfiguration.defaults
+        var fromFile: Set<String>?
         if let file = self.config {
-            config = try BrokerConfiguration.load(file: file)
-        } else {
-            guard let dataDir, let ca, let cert, let key else {
-                throw ValidationError("give --config FILE, or --data-dir, --ca, --cert and --key")
-            }
-            config = BrokerConfiguration(
-                dataDirectory: dataDir,
-                tls: TLSConfiguration(
-                    certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca, crlFile: crl, verifyPeer: true))
-            config.adminListen = SocketAddress(host: "127.0.0.1", port: 9190)
+            let d = ConfigDiagnostics(file: file)
+            guard let read = BrokerConfiguration.read(file: file, d) else { try d.failIfErrors(); return }
+            try d.failIfErrors()
+            config = read
+            fromFile = Set(d.marks.keys)
         }
-        if let dataDir { config.dataDirectory = dataDir }
-        if let listen {
-            guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
-            config.listen = address
+        do throws(OptionProblems) {
+            try brokerOptionTable.apply(flags: given, to: &config, fromFile: fromFile)
+        } catch {
+            throw ValidationError(error.description)
         }
-        if self.config != nil {
-            if let ca { config.tls.trustRootsFile = ca }
-            if let cert { config.tls.certificateChainFile = cert }
-            if let key { config.tls.privateKeyFile = key }
-            if let crl { config.tls.crlFile = crl }
-        }
-        for d in domain {
-            guard let b = DomainBinding(d) else {
-                throw ValidationError("--domain \(d) is not NAME=CERT-IDENTITY (NAME: letters, digits, '.', '_' and '-')")
-            }
-            config.domains.append(b)
-        }
-        if let maxPendingBatches { config.maxPendingBatches = maxPendingBatches }
-        if let adminListen {
-            if adminListen == "none" {
-                config.adminListen = nil
-            } else {
-                guard let a = SocketAddress(adminListen) else { throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT") }
-                config.adminListen = a
-            }
-        }
-        if let apiListen {
-            guard let a = SocketAddress(apiListen) else { throw ValidationError("--api-listen \(apiListen) is not HOST:PORT") }
-            config.apiListen = a
-        }
-        config.apiTokens += apiToken
-        if let apiTokenFile { config.apiTokenFile = apiTokenFile }
-        try applyTargetFlags(&config.targets, target, targetToken)
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
         let broker: BrokerService
@@ -166,22 +148,19 @@ struct Status: ParsableCommand {
 }
 
 /// `--target NAME=URL` and `--target-token NAME=TOKEN`: flag targets take every domain's users and groups.
+/// `--target NAME=URL` and `--target-token NAME=TOKEN` of the other
+/// commands, read as `serve` reads them (`brokerOptionTable`).
 func applyTargetFlags(_ targets: inout [TargetConfiguration], _ flags: [String], _ tokens: [String]) throws {
-    for t in flags {
-        guard let eq = t.firstIndex(of: "=") else { throw ValidationError("--target \(t) is not NAME=URL") }
-        do {
-            var c = try TargetConfiguration(name: String(t[..<eq]), url: String(t[t.index(after: eq)...]))
-            c.routes = [try Route()]
-            targets.removeAll { $0.name == c.name }
-            targets.append(c)
-        } catch { throw ValidationError("--target \(t): \(error.detail)") }
+    var config = BrokerConfiguration.defaults
+    config.targets = targets
+    do throws(OptionProblems) {
+        try brokerOptionTable.apply(
+            flags: flags.map { (BrokerOptions.targets.flag!, $0) } + tokens.map { (BrokerOptions.targetToken.flag!, $0) }, to: &config,
+            fromFile: [])
+    } catch {
+        throw ValidationError(error.description)
     }
-    for t in tokens {
-        guard let eq = t.firstIndex(of: "="), let i = targets.firstIndex(where: { $0.name == t[..<eq] }) else {
-            throw ValidationError("--target-token \(t) is not NAME=TOKEN for a configured target")
-        }
-        targets[i].token = String(t[t.index(after: eq)...])
-    }
+    targets = config.targets
 }
 
 /// Where the CLI finds the broker's data: `--data-dir`, or the config's `dataDir` (and targets).

@@ -10,6 +10,11 @@ import Glibc
 import Logging
 import SCIM
 
+extension Optional where Wrapped == String {
+    /// The value given, as a list of zero or one.
+    var list: [String] { map { [$0] } ?? [] }
+}
+
 let version = scimEdgeVersion
 
 struct ScimEdge: ParsableCommand {
@@ -19,127 +24,79 @@ struct ScimEdge: ParsableCommand {
         version: version,
         subcommands: [
             Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
-            BenchCommand.self, SandboxCommand.self,
+            BenchCommand.self, SandboxCommand.self, Reference.self,
         ])
 }
+
+/// `--help` of an option, from its one declaration.
+func help(_ spec: OptionSpec) -> ArgumentHelp { ArgumentHelp(spec.flagHelp, valueName: spec.valueName) }
+/// Its flag's name, from the same declaration.
+func flag(_ spec: OptionSpec) -> NameSpecification { .customLong(spec.flag!) }
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the agent: a SCIM 2.0 service provider at http://HOST:PORT/scim/v2.",
-        discussion: "Settings come from --config (YAML: see scim-edge.yaml(5), and the example in /usr/share/doc/scim-edge/examples/); flags given here override it.")
+        discussion:
+            "Settings come from --config (YAML: see scim-edge.yaml(5), docs/configuration.md, and the example in /usr/share/doc/scim-edge/examples/); flags given here override it. Without --config, the flags and the defaults shown are the whole configuration."
+    )
 
     @Option(help: "YAML configuration file.")
     var config: String?
 
-    @Option(help: "Directory of the agent's LMDB file (created if missing).")
-    var dataDir: String?
+    // Each flag is one option of the table (AgentOptions): its name, help,
+    // default and bounds come from there, and the table parses the value.
+    @Option(name: flag(AgentOptions.dataDir), help: help(AgentOptions.dataDir)) var dataDir: String?
+    @Option(name: flag(AgentOptions.listen), help: help(AgentOptions.listen)) var listen: String?
+    @Option(name: flag(AgentOptions.workers), help: help(AgentOptions.workers)) var workers: String?
+    @Option(name: flag(AgentOptions.tokenFile), help: help(AgentOptions.tokenFile)) var tokenFile: String?
+    @Option(name: flag(AgentOptions.token), help: help(AgentOptions.token)) var token: [String] = []
+    @Option(name: flag(AgentOptions.tlsCert), help: help(AgentOptions.tlsCert)) var tlsCert: String?
+    @Option(name: flag(AgentOptions.tlsKey), help: help(AgentOptions.tlsKey)) var tlsKey: String?
+    @Option(name: flag(AgentOptions.adminListen), help: help(AgentOptions.adminListen)) var adminListen: String?
+    @Option(name: flag(AgentOptions.maxBodyBytes), help: help(AgentOptions.maxBodyBytes)) var maxBodyBytes: String?
+    @Option(name: flag(AgentOptions.maxConnections), help: help(AgentOptions.maxConnections)) var maxConnections: String?
+    @Flag(name: flag(AgentOptions.keepOutbox), help: ArgumentHelp(AgentOptions.keepOutbox.help)) var keepOutbox = false
+    @Option(name: flag(AgentOptions.outboxMaxEvents), help: help(AgentOptions.outboxMaxEvents)) var outboxMaxEvents: String?
+    @Option(name: flag(AgentOptions.outboxMaxBytes), help: help(AgentOptions.outboxMaxBytes)) var outboxMaxBytes: String?
+    @Option(name: flag(AgentOptions.brokerURL), help: help(AgentOptions.brokerURL)) var broker: String?
+    @Option(name: flag(AgentOptions.brokerCA), help: help(AgentOptions.brokerCA)) var ca: String?
+    @Option(name: flag(AgentOptions.brokerCert), help: help(AgentOptions.brokerCert)) var cert: String?
+    @Option(name: flag(AgentOptions.brokerKey), help: help(AgentOptions.brokerKey)) var key: String?
+    @Option(name: flag(AgentOptions.brokerDomain), help: help(AgentOptions.brokerDomain)) var domain: String?
+    @Option(name: flag(AgentOptions.brokerAgent), help: help(AgentOptions.brokerAgent)) var agentName: String?
 
-    @Option(help: "Address of the SCIM listener, HOST:PORT (port 0 picks a free port). Default 127.0.0.1:8080.")
-    var listen: String?
-
-    @Option(help: "A bearer token accepted by the SCIM endpoint (repeatable).")
-    var token: [String] = []
-
-    @Option(help: "File with bearer tokens, one per line; re-read on SIGHUP.")
-    var tokenFile: String?
-
-    @Option(help: "Serve TLS with this certificate chain (PEM) ...")
-    var tlsCert: String?
-
-    @Option(help: "... and this private key (PEM).")
-    var tlsKey: String?
-
-    @Option(help: "Largest request body in bytes (default 1 MiB).")
-    var maxBodyBytes: Int?
-
-    @Option(help: "Operations listener for /healthz, /readyz and /metrics (HOST:PORT, or 'none'). Default 127.0.0.1:9180.")
-    var adminListen: String?
-
-    @Option(help: "Threads serving SCIM requests: auto (one per CPU, the default) or a number.")
-    var workers: String?
-
-    @Flag(help: "Record relay events in the outbox even without a broker (inspection, tests).")
-    var keepOutbox = false
-
-    @Option(help: "Relay to this broker: https://HOST:PORT (an IP address or localhost).")
-    var broker: String?
-
-    @Option(help: "Relay: the federation CA (PEM) the broker's certificate must chain to.")
-    var ca: String?
-
-    @Option(help: "Relay: this agent's certificate (PEM), carrying the identity the broker binds to --domain.")
-    var cert: String?
-
-    @Option(help: "Relay: this agent's private key (PEM).")
-    var key: String?
-
-    @Option(help: "Relay: this agent's domain (the broker checks it against the certificate).")
-    var domain: String?
-
-    @Option(help: "Relay: this agent's name in batches (informational; the broker names agents by certificate).")
-    var agentName = "agent"
-
-    @Option(help: "Backpressure: writes get 503 from this many unrelayed events (resume at 80%).")
-    var outboxMaxEvents: Int?
-
-    @Option(help: "Backpressure: writes get 503 from this many outbox bytes (resume at 80%).")
-    var outboxMaxBytes: Int?
+    /// The flags given, in the table's order (so that `--broker` creates the
+    /// relay before `--ca` fills it in).
+    var given: [(name: String, value: String)] {
+        let values: [(OptionSpec, [String])] = [
+            (AgentOptions.dataDir, dataDir.list), (AgentOptions.listen, listen.list), (AgentOptions.workers, workers.list),
+            (AgentOptions.tokenFile, tokenFile.list), (AgentOptions.token, token), (AgentOptions.tlsCert, tlsCert.list),
+            (AgentOptions.tlsKey, tlsKey.list), (AgentOptions.adminListen, adminListen.list),
+            (AgentOptions.maxBodyBytes, maxBodyBytes.list),
+            (AgentOptions.maxConnections, maxConnections.list), (AgentOptions.keepOutbox, keepOutbox ? ["true"] : []),
+            (AgentOptions.outboxMaxEvents, outboxMaxEvents.list), (AgentOptions.outboxMaxBytes, outboxMaxBytes.list),
+            (AgentOptions.brokerURL, broker.list), (AgentOptions.brokerCA, ca.list), (AgentOptions.brokerCert, cert.list),
+            (AgentOptions.brokerKey, key.list), (AgentOptions.brokerDomain, domain.list), (AgentOptions.brokerAgent, agentName.list),
+        ]
+        return AgentOptions.all.flatMap { spec in
+            values.first { $0.0.flag == spec.flag && spec.flag != nil }.map { v in v.1.map { (spec.flag!, $0) } } ?? []
+        }
+    }
 
     func run() throws {
-        var configuration: AgentConfiguration
+        var configuration = AgentConfiguration.defaults
+        var fromFile: Set<String>?
         if let config {
-            configuration = try AgentConfiguration.load(file: config)
-        } else {
-            guard let dataDir else { throw ValidationError("give --config FILE or --data-dir DIR") }
-            configuration = AgentConfiguration(dataDirectory: dataDir, listen: AgentConfiguration.defaultListen)
-            configuration.adminListen = AgentConfiguration.defaultAdminListen
-            configuration.endpoint.recordOutbox = false
+            let d = ConfigDiagnostics(file: config)
+            guard let read = AgentConfiguration.read(file: config, d) else { try d.failIfErrors(); return }
+            try d.failIfErrors()
+            configuration = read
+            fromFile = Set(d.marks.keys)
         }
-        if let dataDir { configuration.dataDirectory = dataDir }
-        if config == nil || workers != nil {
-            let text = workers ?? "auto"
-            guard let n = servingLoopCount(text) else {
-                throw ValidationError("--workers must be auto or a number from 1 to 64, got '\(text)'")
-            }
-            configuration.servingLoops = n
-        }
-        if let listen {
-            guard let address = SocketAddress(listen) else { throw ValidationError("--listen \(listen) is not HOST:PORT") }
-            configuration.listen = address
-        }
-        configuration.tokens += token
-        if let tokenFile { configuration.tokenFile = tokenFile }
-        if let maxBodyBytes { configuration.limits.maxBodyBytes = maxBodyBytes }
-        if keepOutbox { configuration.endpoint.recordOutbox = true }
-        configuration.endpoint.limitOutbox(events: outboxMaxEvents, bytes: outboxMaxBytes)
-        if let adminListen {
-            if adminListen == "none" {
-                configuration.adminListen = nil
-            } else {
-                guard let admin = SocketAddress(adminListen) else {
-                    throw ValidationError("--admin-listen \(adminListen) is not HOST:PORT")
-                }
-                configuration.adminListen = admin
-            }
-        }
-        if let broker {
-            guard let (address, name) = RelayConfiguration.brokerAddress(broker) else {
-                throw ValidationError("--broker \(broker) is not https://HOST:PORT")
-            }
-            guard let ca, let cert, let key, let domain else {
-                throw ValidationError("--broker needs --ca, --cert, --key and --domain")
-            }
-            configuration.relay = RelayConfiguration(
-                broker: address, brokerName: name,
-                tls: TLSConfiguration(
-                    certificateChainFile: cert, privateKeyFile: key, trustRootsFile: ca), domain: domain, agentName: agentName)
-            configuration.endpoint.recordOutbox = true
-        }
-        switch (tlsCert, tlsKey) {
-        case let (cert?, key?):
-            configuration.tls = TLSConfiguration(certificateChainFile: cert, privateKeyFile: key, verifyPeer: false)
-        case (nil, nil): break
-        default: throw ValidationError("--tls-cert and --tls-key go together")
+        do throws(OptionProblems) {
+            try agentOptionTable.apply(flags: given, to: &configuration, fromFile: fromFile)
+        } catch {
+            throw ValidationError(error.description)
         }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         configuration.accessLog = .standardOutput
@@ -162,6 +119,25 @@ struct Serve: ParsableCommand {
         let left = loop.close()
         if left != 0 { emit("warning: \(left) handles were still open at exit") }
         LogSink.standardOutput.flush()
+    }
+}
+
+struct Reference: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the configuration reference, rendered from the option tables (make docs, packaging).",
+        shouldDisplay: false)
+    @Flag(help: "docs/configuration.md (both programs).") var markdown = false
+    @Option(help: ArgumentHelp("The configuration file's man page (section 5) of PROGRAM: scim-edge or scim-broker.", valueName: "PROGRAM"))
+    var man: String?
+    @Option(help: "The man page's date.") var date = "2026-12-01"
+
+    func run() throws {
+        switch (markdown, man) {
+        case (true, nil): emit(configurationReference(), newline: false)
+        case (false, "scim-edge"?): emit(AgentOptions.reference.manPage(date: date), newline: false)
+        case (false, "scim-broker"?): emit(BrokerOptions.reference.manPage(date: date), newline: false)
+        default: throw ValidationError("give --markdown, or --man scim-edge|scim-broker")
+        }
     }
 }
 

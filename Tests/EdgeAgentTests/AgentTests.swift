@@ -26,6 +26,7 @@ final class AgentHarness: @unchecked Sendable {  // fields are immutable after i
         thread = try LoopThread.start { loop in
             var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
             config.tokens = [token]
+            config.endpoint.recordOutbox = true  // the tests read what a broker would get
             config.endpoint.scanBudget = scanBudget
             config.limits.maxBodyBytes = maxBody
             config.adminListen = SocketAddress(host: "127.0.0.1", port: 0)

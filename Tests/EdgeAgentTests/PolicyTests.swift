@@ -128,6 +128,7 @@ final class PolicyTests: XCTestCase {
         let thread = try LoopThread.start { loop in
             var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
             config.tokens = [token]
+            config.endpoint.recordOutbox = true
             config.policy = p
             let service = try AgentService(loop: loop, configuration: config)
             service.shutdown()
@@ -142,6 +143,7 @@ final class PolicyTests: XCTestCase {
         let second = try LoopThread.start { loop in
             var config = AgentConfiguration(dataDirectory: path, listen: SocketAddress(host: "127.0.0.1", port: 0))
             config.tokens = [token]
+            config.endpoint.recordOutbox = true
             config.policy = p
             try AgentService(loop: loop, configuration: config).shutdown()
         }
@@ -286,7 +288,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.listen.port, 8080)
         XCTAssertEqual(config.adminListen?.port, 9180)
         XCTAssertEqual(config.endpoint.outboxHighEvents, 1_000_000)
-        XCTAssertTrue(config.endpoint.recordOutbox)
+        XCTAssertTrue(config.recordsOutbox)
         XCTAssertNotNil(config.policy)
         XCTAssertEqual(config.relay?.domain, "acme-de")
         XCTAssertEqual(config.relay?.broker.port, 8443)

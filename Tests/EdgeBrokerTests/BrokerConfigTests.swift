@@ -178,7 +178,7 @@ final class BrokerConfigTests: XCTestCase {
         fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "api.listen: must be HOST:PORT")
         let d = base + "domains:\n  acme: x\ntargets:\n"
         fails(d + "  - name: a\n    url: ftp://x\n    routes: []\n", "is not http(s)://HOST:PORT/PATH", line: 10)
-        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n", "needs 'routes'", line: 9)
+        fails(d + "  - name: a\n    url: http://127.0.0.1:1\n", "targets[0].routes: is required", line: 9)
         fails(d + "  - name: a b\n    url: http://127.0.0.1:1\n    routes: []\n", "letters, digits")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{filter: 'userName eq 1 and'}]\n", "target 'a'")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    routes: [{filter: 'userName eq \"x\"'}]\n", "types: [User]")

@@ -1,0 +1,107 @@
+/// Every option of `scim-edge serve`, declared once (see `OptionSpec`). The
+/// agent binds them to `AgentConfiguration` (EdgeAgent, `agentOptionTable`);
+/// the sandbox writes agent files through them; `docs/configuration.md` and
+/// `scim-edge.yaml(5)` are rendered from them.
+public enum AgentOptions {
+    public static let dataDir = OptionSpec(
+        "dataDir", flag: "data-dir", .path, value: "DIR", required: .always,
+        "The directory of the agent's LMDB file (created if missing).")
+    public static let listen = OptionSpec(
+        "listen", flag: "listen", .address, default: "127.0.0.1:8080",
+        "The SCIM endpoint the IdP provisions to (port 0 picks a free port). Off loopback it needs tls.")
+    public static let workers = OptionSpec(
+        "workers", flag: "workers", .text, default: "auto", value: "auto|N",
+        "Threads serving SCIM requests: auto (one per CPU, at most 16) or 1 to 64.")
+    public static let tokenFile = OptionSpec(
+        "tokenFile", flag: "token-file", .path,
+        "Bearer tokens accepted from the IdP, one per line (# comments; at least 16 characters, no placeholders); re-read on SIGHUP; mode 0640 or stricter."
+    )
+    public static let token = OptionSpec(
+        nil, flag: "token", .list, value: "TOKEN",
+        "A bearer token accepted by the SCIM endpoint (repeatable; a token file keeps it out of the process list).")
+    public static let tlsCert = OptionSpec(
+        "tls.cert", flag: "tls-cert", .path, required: .withSection,
+        "TLS on the SCIM listener: the certificate chain (PEM); re-read on SIGHUP.")
+    public static let tlsKey = OptionSpec(
+        "tls.key", flag: "tls-key", .path, required: .withSection, "TLS on the SCIM listener: the private key (PEM).")
+    public static let adminListen = OptionSpec(
+        "admin.listen", flag: "admin-listen", .addressOrNone, default: "127.0.0.1:9180",
+        "The operations listener (/healthz, /readyz, /metrics; no authentication): keep it on loopback; none turns it off.")
+    public static let maxBodyBytes = OptionSpec(
+        "limits.maxBodyBytes", flag: "max-body-bytes", .integer(1024...(1 << 30)), default: "1048576",
+        "The largest request body in bytes (the largest /Bulk too).")
+    public static let maxConnections = OptionSpec(
+        "limits.maxConnections", flag: "max-connections", .integer(1...1_000_000), default: "4096",
+        "Connections open at once, for the whole agent; past it new ones wait in the kernel's backlog.")
+    public static let requestTimeoutMs = OptionSpec(
+        "limits.requestTimeoutMs", .integer(100...3_600_000), default: "30000",
+        "How long a client may take to send one request, in milliseconds.")
+    public static let idleTimeoutMs = OptionSpec(
+        "limits.idleTimeoutMs", .integer(100...3_600_000), default: "75000", "How long an idle keep-alive connection stays open.")
+    public static let storeMaxBytes = OptionSpec(
+        "store.maxBytes", .integer((1 << 20)...(1 << 44)), default: "17179869184",
+        "The largest the LMDB map may grow (the file grows as it fills; writes past it get 507).")
+    public static let keepOutbox = OptionSpec(
+        "outbox.keep", flag: "keep-outbox", .boolean, default: "false",
+        "Record relay events in the outbox even without a broker (inspection, tests); with a broker they always are.")
+    public static let outboxMaxEvents = OptionSpec(
+        "outbox.maxEvents", flag: "outbox-max-events", .integer(1...1_000_000_000), default: "1000000",
+        "Backpressure: from this many unrelayed events writes get 503 and Retry-After, until the outbox drains to four fifths of it.")
+    public static let outboxMaxBytes = OptionSpec(
+        "outbox.maxBytes", flag: "outbox-max-bytes", .integer(1024...(1 << 40)), default: "1073741824",
+        "Backpressure: the same limit in bytes of unrelayed events.")
+    public static let profile = OptionSpec(
+        "scim.profile", .choice(["lenient", "strict"]), default: "lenient",
+        "lenient accepts Microsoft Entra ID's PATCH forms (\"True\" for booleans, paths with filters on add); strict refuses them.")
+    public static let maxResults = OptionSpec(
+        "scim.maxResults", .integer(1...100_000), default: "1000", "The largest page of a list (itemsPerPage never exceeds it).")
+    public static let scanBudget = OptionSpec(
+        "scim.scanBudget", .integer(1...100_000_000), default: "100000",
+        "How many resources one page of a filter without an index may examine before it answers with a cursor to go on.")
+    public static let brokerURL = OptionSpec(
+        "broker.url", flag: "broker", .url, value: "https://HOST:PORT", required: .withSection,
+        "The broker to relay to, https://HOST:PORT (an IP address or localhost). Without broker the agent is a standalone SCIM server.")
+    public static let brokerCA = OptionSpec(
+        "broker.ca", flag: "ca", .path, required: .withSection, "The federation CA (PEM) the broker's certificate must chain to.")
+    public static let brokerCert = OptionSpec(
+        "broker.cert", flag: "cert", .path, required: .withSection,
+        "This agent's certificate (PEM): its SAN URI carries the identity the broker binds to the domain.")
+    public static let brokerKey = OptionSpec("broker.key", flag: "key", .path, required: .withSection, "This agent's private key (PEM).")
+    public static let brokerDomain = OptionSpec(
+        "broker.domain", flag: "domain", .text, value: "NAME", required: .withSection,
+        "This agent's domain (the broker checks it against the certificate).")
+    public static let brokerAgent = OptionSpec(
+        "broker.agent", flag: "agent-name", .text, default: "agent", value: "NAME",
+        "This agent's name in batches (informational: the broker names agents by their certificate).")
+    public static let maxEventsPerBatch = OptionSpec(
+        "broker.maxEventsPerBatch", .integer(1...5000), default: "500", "The most events the relay sends in one batch.")
+    public static let window = OptionSpec(
+        "broker.window", .integer(1...256), default: "16", "Batches the relay keeps in flight before it waits for acknowledgements.")
+    public static let policyResourceTypes = OptionSpec(
+        "resourceTypes", .section, "Per resource type (User, Group): propagate or keep-local (never leaves this agent).")
+    public static let policyAttributes = OptionSpec(
+        "attributes", .section,
+        "Per attribute path (name.givenName, phoneNumbers, the enterprise extension's manager): propagate, keep-local or pseudonymize (an HMAC with the key file, stable per value)."
+    )
+    public static let policyScope = OptionSpec(
+        "scope", .section, "Per resource type, a SCIM filter: only what matches leaves the boundary.")
+    public static let policyKeyFile = OptionSpec(
+        "pseudonymKeyFile", .path, "The HMAC key of pseudonymize: at least 32 bytes, mode 0600 or 0640.")
+    public static let policy = OptionSpec(
+        "policy", .section,
+        "What may leave the boundary, decided here before the outbox. Read at start only: a changed policy needs a restart, where it is applied to everything stored before the agent serves.",
+        children: [policyResourceTypes, policyAttributes, policyScope, policyKeyFile])
+
+    /// In the order of the reference and of `--help`.
+    public static let all: [OptionSpec] = [
+        dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
+        idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, brokerURL,
+        brokerCA, brokerCert, brokerKey, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy,
+    ]
+
+    public static let reference = ConfigReference(
+        program: "scim-edge", file: "/etc/scim-edge/agent.yaml", title: "configuration of the scim-edge agent",
+        about: [
+            "scim-edge serve --config FILE reads its settings from a YAML file (/etc/scim-edge/agent.yaml for the service). It is read strictly: an unknown key, a value of the wrong type or out of bounds, an alias or a duplicate key is an error, and scim-edge check-config reports every problem of the file in one run, each with its line, column, key and a fix. Flags given to scim-edge serve override the file; without a file the flags and these defaults are the whole configuration."
+        ], specs: all, seeAlso: ["scim-broker.yaml(5)"])
+}
