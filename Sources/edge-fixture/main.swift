@@ -105,6 +105,7 @@ func httpServe(port: Int, cert: String?, key: String?) throws {
         limits: limits
     ) { request, _, responder in
         if request.path == "/slow" {
+            emit("in flight: /slow")  // the tests' signal that the request arrived
             let timer = try! LoopTimer(loop: loop)
             timer.start(after: 300) {
                 responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "slow\n"))

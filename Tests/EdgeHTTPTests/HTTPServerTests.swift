@@ -294,9 +294,8 @@ final class HTTPServerTests: XCTestCase {
         // 16 MiB of answers: far more than loopback socket buffers hold.
         let count = 64
         client.send(String(repeating: "GET /big/262144 HTTP/1.1\r\nHost: x\r\n\r\n", count: count))
-        usleep(300_000)  // not reading: the server's queued bytes pass its watermark
-        let paused = server.onLoop { $0.statistics.readPauses } ?? 0
-        XCTAssertGreaterThanOrEqual(paused, 1, "the server stopped reading this connection")
+        // Not reading: the server's queued bytes pass its watermark.
+        XCTAssertTrue(eventually { (server.onLoop { $0.statistics.readPauses } ?? 0) >= 1 }, "the server stopped reading this connection")
         let responses = client.readResponses(count)
         XCTAssertEqual(responses.count, count, "every response arrives once the client reads")
         XCTAssertTrue(responses.allSatisfy { $0.body.utf8.count == 262_144 })
@@ -307,7 +306,7 @@ final class HTTPServerTests: XCTestCase {
         let server = try harness()
         let client = try RawClient(port: server.port)
         client.send("GET /slow/200 HTTP/1.1\r\nHost: x\r\n\r\n")
-        usleep(50_000)
+        XCTAssertTrue(eventually { (server.onLoop { $0.statistics.requests } ?? 0) >= 1 }, "the request is in flight")
         let stopped = Locked(-1)
         let stopper = Thread { stopped.withLock { $0 = server.stop() } }
         stopper.start()
@@ -334,7 +333,8 @@ final class HTTPServerTests: XCTestCase {
         let server = try harness(limits: limits)
         let client = try RawClient(port: server.port)
         client.send(String(repeating: "GET /big/1048576 HTTP/1.1\r\nHost: x\r\n\r\n", count: 32))
-        usleep(200_000)  // 32 MiB owed, the client reads none of it
+        // 32 MiB owed, the client reads none of it: the server has stopped reading.
+        XCTAssertTrue(eventually { (server.onLoop { $0.statistics.readPauses } ?? 0) >= 1 })
         let started = Date()
         XCTAssertEqual(server.stop(), 0, "the drain completed and the loop closed cleanly")
         XCTAssertLessThan(Date().timeIntervalSince(started), 5, "bounded by the linger, not by the client")

@@ -68,7 +68,7 @@ final class ServiceLifecycleTests: XCTestCase {
         let port = try XCTUnwrap(child.waitForLine("listening").flatMap { Int($0.split(separator: " ")[1]) })
         let client = try RawClient(port: port)
         client.send("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        usleep(50_000)
+        XCTAssertNotNil(child.waitForLine("in flight: /slow"), "the request reached the server")
         child.signal(SIGTERM)
         XCTAssertNotNil(child.waitForLine("draining"))
         return (child, client, port)
