@@ -584,6 +584,8 @@ public final class BrokerService {
                         [
                             "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
                             "rejected": .object(rejected),
+                            // What this broker understands: agents send membership deltas once they see 2.
+                            "protocol": .number(JSONNumber(integer: Int64(BrokerStore.protocolVersion))),
                         ]))
             }
         }

@@ -157,6 +157,10 @@ public struct ApplyOutcome: Sendable, Equatable {
 public struct RelayEvent: Sendable {
     public let seq: UInt64
     public let body: JSON
+    public init(seq: UInt64, body: JSON) {
+        self.seq = seq
+        self.body = body
+    }
 }
 
 extension BrokerStore {
@@ -271,10 +275,60 @@ extension BrokerStore {
                 domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
                 acceptedAt: acceptedAt, txn)
             return queued
+        case BrokerStore.membersEvent:
+            // Protocol 2: the members added and removed, not the whole group.
+            guard type == "Group" else { throw SCIMError.invalidValue("event \(event.seq): a members change names a group, not \(ref)") }
+            guard let existing, let brokerID = existing["id"]?.stringValue else {
+                throw SCIMError.invalidValue("event \(event.seq): members change for \(ref), which this broker does not hold")
+            }
+            let added = body["added"]?.arrayValue ?? [], removed = body["removed"]?.arrayValue ?? []
+            var data = existing
+            var members = data["members"]?.arrayValue ?? []
+            var present = Set(members.compactMap { $0["value"]?.stringValue })
+            var gone = Set<String>()
+            for r in removed {
+                guard let v = r.stringValue else {
+                    throw SCIMError.invalidValue("event \(event.seq): 'removed' holds member ids (strings)")
+                }
+                if let id = try memberBrokerID(domain: domain, sourceID: v, txn) { gone.insert(id) }
+            }
+            if !gone.isEmpty {
+                members.removeAll { gone.contains($0["value"]?.stringValue ?? "") }
+                present.subtract(gone)
+            }
+            for a in added {
+                guard var o = a.objectValue, let v = o["value"]?.stringValue else {
+                    throw SCIMError.invalidValue("event \(event.seq): 'added' holds members ({\"value\": id})")
+                }
+                // Members the directory does not hold were not federated (as for full state).
+                guard let id = try memberBrokerID(domain: domain, sourceID: v, txn), !present.contains(id) else { continue }
+                o["value"] = .string(id)
+                o["$ref"] = nil
+                members.append(.object(o))
+                present.insert(id)
+            }
+            data["members"] = .array(members)
+            var source = existing[BrokerStore.sourceExtension]?.objectValue ?? [:]
+            if let v = body["version"] { source["version"] = v }
+            if !trace.isEmpty { source["trace"] = .string(trace) }
+            source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
+            if acceptedAt > 0 { source["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
+            source["applied"] = .number(JSONNumber(integer: unixMilliseconds()))
+            data[BrokerStore.sourceExtension] = .object(source)
+            try txn.put(resources, key, JSON.object(data).serialized())
+            return try enqueueFanout(
+                domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace, acceptedAt: acceptedAt, txn)
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
     }
+
+    /// The relay protocol this broker speaks (docs/protocol.md): 2 adds
+    /// `membersEvent`; it says so in every 200.
+    public static let protocolVersion = 2
+    /// A group's members added and removed (protocol 2): `ref`, `version`,
+    /// `added` (members, `{"value": id}` in the agent's ids), `removed` (ids).
+    public static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
 
     /// Stands in for an event the broker refused on its own (docs/protocol.md).
     public static let undeliverableEvent = "urn:scim-edge:params:event:undeliverable"

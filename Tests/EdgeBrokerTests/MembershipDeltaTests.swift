@@ -1,0 +1,92 @@
+import EdgeBroker
+import EdgeStore
+import EdgeTestSupport
+import SCIM
+import XCTest
+
+/// Protocol 2's membership deltas at the broker, against a real LMDB file:
+/// applied as the members added and removed, exactly once (a replayed
+/// batch changes nothing), refused when they name what the broker does not
+/// hold.
+final class MembershipDeltaTests: XCTestCase {
+    let agent = AgentKey(identity: "spiffe://t/acme-de/agent-1", epoch: "e1")
+
+    func event(_ seq: UInt64, _ uri: String, _ body: JSONObject) -> RelayEvent {
+        RelayEvent(seq: seq, body: ["seq": .number(JSONNumber(integer: Int64(seq))), "events": .object([uri: .object(body)])])
+    }
+
+    func user(_ seq: UInt64, _ id: String) -> RelayEvent {
+        event(
+            seq, "urn:ietf:params:SCIM:event:prov:create:full",
+            [
+                "ref": .string("/Users/\(id)"),
+                "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string(id), "userName": .string(id)],
+            ])
+    }
+
+    func members(_ seq: UInt64, _ group: String, added: [String] = [], removed: [String] = []) -> RelayEvent {
+        event(
+            seq, BrokerStore.membersEvent,
+            [
+                "ref": .string("/Groups/\(group)"), "version": .string("W/\"\(seq)\""),
+                "added": .array(added.map { .object(["value": .string($0)]) }), "removed": .array(removed.map { .string($0) }),
+            ])
+    }
+
+    func apply(_ store: BrokerStore, _ events: [RelayEvent]) throws -> ApplyOutcome {
+        try store.environment.write { txn in
+            try store.apply(domain: "acme-de", agent: agent, events: events, newIDs: events.map { "b-\($0.seq)" }, in: txn)
+        }
+    }
+
+    func groupMembers(_ store: BrokerStore) throws -> [String] {
+        let group = try XCTUnwrap(try store.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == "G" })
+        return (group["members"]?.arrayValue ?? []).compactMap { $0["value"]?.stringValue }.sorted()
+    }
+
+    func testMembershipDeltasApplyOnceAndReplaysChangeNothing() throws {
+        let dir = TempDirectory("broker-deltas")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.file("broker"))
+        let group = event(
+            4, "urn:ietf:params:SCIM:event:prov:create:full",
+            [
+                "ref": "/Groups/g1",
+                "data": [
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": "g1", "displayName": "G",
+                    "members": [["value": "u1"]],
+                ],
+            ])
+        var outcome = try apply(store, [user(1, "u1"), user(2, "u2"), user(3, "u3"), group])
+        XCTAssertEqual(outcome.applied, 4)
+        XCTAssertEqual(try groupMembers(store), ["b-1"])
+
+        // +u2 +u3 −u1, then +u2 again (already a member: no duplicate entry).
+        let batch = [members(5, "g1", added: ["u2", "u3"], removed: ["u1"]), members(6, "g1", added: ["u2"])]
+        outcome = try apply(store, batch)
+        XCTAssertEqual(outcome.applied, 2)
+        XCTAssertEqual(outcome.rejected, [:])
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3"])
+
+        // The same batch again (a resend after a lost answer): acknowledged, not applied.
+        outcome = try apply(store, batch)
+        XCTAssertEqual(outcome.applied, 0)
+        XCTAssertEqual(outcome.duplicates, 2)
+        XCTAssertEqual(outcome.ackedThrough, 6)
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3"])
+        // The source extension follows the last change.
+        let g = try XCTUnwrap(try store.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == "G" })
+        XCTAssertEqual(g[BrokerStore.sourceExtension]?["seq"]?.numberValue?.integer, 6)
+
+        // A delta for a group the broker does not hold, or naming a user,
+        // is refused for good (a dead letter at the agent), and the events
+        // after it still apply.
+        outcome = try apply(store, [members(7, "nope", added: ["u1"]), user(8, "u4"), members(9, "g1", added: ["u4"])])
+        XCTAssertEqual(outcome.ackedThrough, 9)
+        XCTAssertTrue(outcome.rejected[7]?.contains("does not hold") ?? false, "\(outcome.rejected)")
+        // (a refused event takes no new id: u4 gets the batch's first, b-7)
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"])
+        outcome = try apply(store, [members(10, "u1", added: ["u2"])])
+        XCTAssertNotNil(outcome.rejected[10])
+    }
+}
