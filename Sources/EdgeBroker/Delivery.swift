@@ -104,6 +104,9 @@ public final class TargetWorker {
     private var credentialsPause: CredentialsPause?
     /// Resource types whose PATCH the target answered 501.
     private var patchNotImplemented: Set<String> = []
+    /// The form of member removal this target takes: learnt from a 501 to
+    /// the other one (kept for this run; a restart costs one more 501).
+    private(set) var memberRemoval = MemberRemovalForm.filter
     private var guardRejectedAt: Int64 = 0
     /// Items queued and not yet completed (refreshed from LMDB periodically).
     public private(set) var depth = 0
@@ -492,6 +495,10 @@ public final class TargetWorker {
         var mapping: TargetMapping?
         var adopted = false
         var redirected = 0
+        /// Steps whose answer showed members other than those sent (a target
+        /// that drops members on POST or PUT): bounded, so that one that
+        /// never takes them ends as a dead letter, not a loop.
+        var readBacks = 0
         /// `collisions: link`: the value and the users that share the account
         /// (each gets its mapping on success).
         var linkValue: String?
@@ -679,7 +686,24 @@ public final class TargetWorker {
                             response: "the response carries no id: " + r.bodyText))
                     return
                 }
-                let created = TargetMapping(targetID: id, etag: etag(r, doc), sent: body)
+                var created = TargetMapping(targetID: id, etag: etag(r, doc), sent: body)
+                if type == "Group", let held = answeredMembers(doc, differingFrom: body, absentMeansNone: usesPatch(type)) {
+                    // Created without (some of) the members it was sent (django-scim2
+                    // drops members on POST): the rest goes by PATCH, or, without
+                    // PATCH, the membership cannot be delivered.
+                    guard usesPatch(type) else {
+                        finish(d, droppedMembers("POST", path, bytes, r, sent: body, held: held))
+                        return
+                    }
+                    var actual = body
+                    actual["members"] = .array(held)
+                    created = TargetMapping(targetID: id, etag: etag(r, doc), sent: actual)
+                    var next = d
+                    next.mapping = created
+                    next.readBacks += 1
+                    update(next, type: type, mapping: created, body: full)
+                    return
+                }
                 if first != nil {
                     var next = d
                     next.mapping = created
@@ -778,7 +802,7 @@ public final class TargetWorker {
         var step = body
         if usesPatch(type), let sent = mapping.sent {
             step = membershipStep(from: sent, to: body, limit: target.maxMembersPerPatch) ?? body
-            let ops = patchOperations(from: sent, to: step)
+            let ops = patchOperations(from: sent, to: step, removal: memberRemoval)
             if ops.isEmpty {
                 finish(d, .done(mapping: .some(mapping), method: nil, status: nil))
                 return
@@ -798,7 +822,25 @@ public final class TargetWorker {
             case .success(let r) where (200..<300).contains(r.status):
                 let doc = try? JSONParser.parse(r.body)
                 let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
-                let now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
+                var now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
+                if type == "Group",
+                    let held = answeredMembers(doc, differingFrom: step, absentMeansNone: method == "PUT" && usesPatch(type))
+                {
+                    // The target holds other members than it was sent: what it
+                    // answered is what it has, and the rest goes by PATCH.
+                    let before = Set(memberValues(mapping.sent?["members"]))
+                    guard usesPatch(type), d.readBacks < 3, !(method == "PATCH" && Set(memberValues(.array(held))) == before) else {
+                        finish(d, droppedMembers(method, path, bytes, r, sent: step, held: held))
+                        return
+                    }
+                    var actual = step
+                    actual["members"] = .array(held)
+                    now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: actual)
+                    var next = d
+                    next.readBacks += 1
+                    update(next, type: type, mapping: now, body: body)
+                    return
+                }
                 if step != body {
                     update(d, type: type, mapping: now, body: body)  // the next step
                     return
@@ -815,6 +857,16 @@ public final class TargetWorker {
                 var next = d
                 next.redirected += 1
                 update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
+            case .success(let r)
+            where r.status == 501 && method == "PATCH" && memberRemoval == .filter
+                && String(decoding: bytes, as: UTF8.self).contains("\"members[value eq "):
+                // Removal by value filter is not implemented there (django-scim2):
+                // the same removal with a value list, remembered for this target.
+                memberRemoval = .valueList
+                logger.warning(
+                    "the target does not implement member removal by filter (501): members are removed with a value list",
+                    metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+                update(d, type: type, mapping: mapping, body: body)
             case .success(let r) where r.status == 501 && method == "PATCH":
                 // This PATCH form is not implemented there (RFC 7644 §3.12): a
                 // property of the request, not a fault. A full PUT says the same.
@@ -1006,6 +1058,38 @@ public final class TargetWorker {
         logger.warning(
             "the target does not implement this PATCH (501): \(type) updates are sent as PUT",
             metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+    }
+
+    /// The members a target's answer says the group holds, when they differ
+    /// from those `sent` (nil: the same, or the answer does not say).
+    /// `absentMeansNone`: the answer to a POST or PUT is the whole resource,
+    /// so a group in it without `members` holds none (a PATCH answer may
+    /// leave them out: there only `members` given is believed).
+    private func answeredMembers(_ doc: JSON?, differingFrom sent: JSONObject, absentMeansNone: Bool) -> [JSON]? {
+        guard let doc = doc?.objectValue, doc["id"] != nil else { return nil }
+        let held = doc["members"]?.arrayValue ?? (doc.keys.contains("members") ? [] : nil)
+        let answered = held ?? (absentMeansNone && doc["displayName"] != nil ? [] : nil)
+        guard let answered else { return nil }
+        let values = memberValues(.array(answered))
+        guard Set(values) != Set(memberValues(sent["members"])) else { return nil }
+        return values.map { ["value": .string($0)] }
+    }
+
+    private func memberValues(_ members: JSON?) -> [String] { members?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [] }
+
+    /// A dead letter for a target that took the request (2xx) but not its members.
+    private func droppedMembers(_ method: String, _ path: String, _ bytes: [UInt8], _ r: HTTPResponse, sent: JSONObject, held: [JSON])
+        -> Outcome
+    {
+        let want = Set(memberValues(sent["members"])), have = Set(memberValues(.array(held)))
+        logger.error(
+            "the target answered success but did not take the group's members",
+            metadata: ["method": .string(method), "path": .string(path), "missing": .string(String(want.subtracting(have).count))])
+        return .deadLetter(
+            method: method, path: path, request: String(decoding: bytes.prefix(4096), as: UTF8.self), status: r.status,
+            response: "the target answered \(r.status) but holds \(have.count) of the \(want.count) members sent "
+                + "(\(want.subtracting(have).count) missing, \(have.subtracting(want).count) not sent): it dropped them silently; "
+                + String(decoding: r.body.prefix(1024), as: UTF8.self))
     }
 
     /// Whether updates of `type` go as PATCH.

@@ -427,10 +427,20 @@ func targetBody(_ resource: JSONObject, brokerID: String, mapping: AttributeMapp
     return body
 }
 
+/// How a target takes the removal of group members in a PATCH.
+public enum MemberRemovalForm: Sendable, Equatable {
+    /// One `{"op":"remove","path":"members[value eq \"ID\"]"}` per member (RFC 7644 §3.5.2.2).
+    case filter
+    /// One `{"op":"remove","path":"members","value":[{"value":"ID"}, …]}`, as
+    /// Entra ID and authentik send it and django-scim2 takes it.
+    case valueList
+}
+
 /// PATCH operations (RFC 7644 §3.5.2) that turn `old` into `new`: replace
 /// changed or added attributes, remove dropped ones; group members as
-/// value-filtered adds and removes so large groups stay cheap.
-func patchOperations(from old: JSONObject, to new: JSONObject) -> [JSON] {
+/// adds and removes of the members that changed, so large groups stay
+/// cheap, removals in the form the target takes.
+func patchOperations(from old: JSONObject, to new: JSONObject, removal: MemberRemovalForm = .filter) -> [JSON] {
     var ops: [JSON] = []
     for (key, value) in new where key != "schemas" {
         let before = old[key]
@@ -439,8 +449,11 @@ func patchOperations(from old: JSONObject, to new: JSONObject) -> [JSON] {
             let bv = Set(b.compactMap { $0["value"]?.stringValue }), av = Set(a.compactMap { $0["value"]?.stringValue })
             let added = a.filter { av.subtracting(bv).contains($0["value"]?.stringValue ?? "") }
             if !added.isEmpty { ops.append(["op": "add", "path": "members", "value": .array(added)]) }
-            for gone in bv.subtracting(av).sorted() {
-                ops.append(["op": "remove", "path": .string("members[value eq \"\(gone)\"]")])
+            let gone = bv.subtracting(av).sorted()
+            if removal == .valueList && !gone.isEmpty {
+                ops.append(["op": "remove", "path": "members", "value": .array(gone.map { ["value": .string($0)] })])
+            } else {
+                for id in gone { ops.append(["op": "remove", "path": .string("members[value eq \"\(id)\"]")]) }
             }
             continue
         }

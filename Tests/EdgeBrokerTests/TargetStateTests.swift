@@ -160,11 +160,11 @@ extension FanoutTests {
         XCTAssertGreaterThanOrEqual(seen.filter { $0.0 == "PATCH" }.count, 5, "2 + 1 PATCHes to grow it, 3 for the change: \(seen)")
     }
 
-    /// A target answering 501 to a group PATCH that removes members by
-    /// `members[value eq …]` (as django-scim2 does): the broker sends the
-    /// group as a full PUT instead, never retries the 501 as a fault and
-    /// never opens the breaker; a create answered 501 becomes a dead letter
-    /// with the target's answer at once.
+    /// A target answering 501 to every group PATCH that removes members
+    /// (by `members[value eq …]` and by a value list): the broker tries the
+    /// other form once, then sends the group as a full PUT, never retries a
+    /// 501 as a fault and never opens the breaker; a create answered 501
+    /// becomes a dead letter with the target's answer at once.
     func testNotImplementedIsNeverRetriedAndAPatchFallsBackToPut() throws {
         let (_, appPort) = try startAppAgent("app")
         let notImplemented =
@@ -172,9 +172,8 @@ extension FanoutTests {
         let refusals = Locked(0)
         let proxy = try ServerHarness { request, _, responder in
             let body = String(decoding: request.body, as: UTF8.self)
-            if (request.method == "PATCH" && body.contains("members[value eq"))
-                || (request.method == "POST" && body.contains("unimplemented"))
-            {
+            let removesMembers = body.contains("members[value eq") || (body.contains(#""op":"remove","path":"members","value""#))
+            if (request.method == "PATCH" && removesMembers) || (request.method == "POST" && body.contains("unimplemented")) {
                 refusals.withLock { $0 += 1 }
                 responder.respond(
                     HTTPResponse(status: 501, headers: ["Content-Type": "application/scim+json"], body: Array(notImplemented.utf8)))
@@ -201,7 +200,7 @@ extension FanoutTests {
         XCTAssertTrue(
             eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["team"]?["members"]?.arrayValue?.count == 1 },
             "the removal arrives as a PUT: \(groups(appPort, token: "t", prefix: "/scim/v2"))")
-        XCTAssertEqual(refusals.current, 1, "the 501 form was tried once, then PUT")
+        XCTAssertEqual(refusals.current, 2, "each removal form was tried once, then PUT")
         _ = try newUser(dp, "unimplemented")
         XCTAssertTrue(
             eventually(seconds: 20) {
@@ -211,6 +210,77 @@ extension FanoutTests {
         XCTAssertEqual(metric(metrics, #"scim_broker_target_retries_total{target="app"}"#), 0, metrics)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_breaker_open{target="app"}"#), 0)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 1)
-        XCTAssertEqual(refusals.current, 2, "the create answered 501 was not retried")
+        XCTAssertEqual(refusals.current, 3, "the create answered 501 was not retried")
+    }
+
+    /// A target that behaves like django-scim2: it drops `members` given on
+    /// POST and PUT (answering success with no members) and answers 501 to
+    /// removal by `members[value eq …]`, but takes PATCH adds and removal
+    /// with a value list. The broker sees from the answers what the target
+    /// holds, grows the group by PATCH, removes with the value-list form
+    /// after one 501 and keeps using it, and the group at the target ends
+    /// exactly right, with no dead letter.
+    func testMembersDroppedOnCreateAreSeenAndTheRemovalFormIsLearnt() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let filterRemovals = Locked(0), valueListRemovals = Locked(0)
+        let proxy = try ServerHarness { request, _, responder in
+            let body = String(decoding: request.body, as: UTF8.self)
+            if request.path.contains("/Groups"), request.method == "PATCH", body.contains("members[value eq") {
+                filterRemovals.withLock { $0 += 1 }
+                let error = #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"501","detail":"not implemented"}"#
+                responder.respond(HTTPResponse(status: 501, headers: ["Content-Type": "application/scim+json"], body: Array(error.utf8)))
+                return
+            }
+            if request.path.contains("/Groups"), request.method == "PATCH", body.contains(#""op":"remove","path":"members","value""#) {
+                valueListRemovals.withLock { $0 += 1 }
+            }
+            var forwarded = request
+            if request.path.contains("/Groups"), request.method == "POST" || request.method == "PUT",
+                var doc = (try? JSONParser.parse(request.body))?.objectValue
+            {
+                doc["members"] = nil  // dropped, as django-scim2 does
+                forwarded.body = JSON.object(doc).serialized()
+            }
+            responder.respond(forward(forwarded, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<4).map { try newUser(dp, "m\($0)") }
+        func atTarget() -> Set<String> {
+            let appUsers = users(appPort, token: "t", prefix: "/scim/v2")
+            let byTargetID = Dictionary(uniqueKeysWithValues: appUsers.compactMap { name, u in u["id"]?.stringValue.map { ($0, name) } })
+            return Set(
+                groups(appPort, token: "t", prefix: "/scim/v2")["crew"]?["members"]?.arrayValue?.compactMap {
+                    $0["value"]?.stringValue.flatMap { byTargetID[$0] }
+                } ?? [])
+        }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
+        let members = ids[0..<3].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let (status, group) = try idp(
+            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[\#(members)]}"#)
+        XCTAssertEqual(status, 201)
+        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        XCTAssertTrue(
+            eventually(seconds: 20) { atTarget() == ["m0", "m1", "m2"] }, "members dropped on POST arrive by PATCH: \(atTarget())")
+        // Two removals, one after the other: the first learns the form, the second uses it at once.
+        for (n, id) in [ids[0], ids[1]].enumerated() {
+            let remove = #"[{"op":"remove","path":"members[value eq \"\#(id)\"]"}]"#
+            XCTAssertEqual(
+                try idp(
+                    dp, "PATCH", "/Groups/\(gid)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(remove)}"#
+                ).0,
+                200)
+            let want: Set<String> = n == 0 ? ["m1", "m2"] : ["m2"]
+            XCTAssertTrue(eventually(seconds: 20) { atTarget() == want }, "\(atTarget())")
+        }
+        XCTAssertEqual(filterRemovals.current, 1, "one 501, then the value-list form is remembered")
+        XCTAssertEqual(valueListRemovals.current, 2)
+        // A PUT of the group (a replace by the IdP) drops the members again: seen and repaired by PATCH.
+        let put = #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[{"value":"\#(ids[2])"},{"value":"\#(ids[3])"}]}"#
+        XCTAssertEqual(try idp(dp, "PUT", "/Groups/\(gid)", put).0, 200)
+        XCTAssertTrue(eventually(seconds: 20) { atTarget() == ["m2", "m3"] }, "\(atTarget())")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, metrics)
     }
 }
