@@ -9,7 +9,7 @@ public struct PatchPath: Sendable {
     /// or of a singular complex attribute (`name.givenName`).
     public let subAttribute: AttributeDefinition?
 
-    init(_ text: String, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile) throws(SCIMError) {
+    public init(_ text: String, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile) throws(SCIMError) {
         self.text = text
         var attrPart = Substring(text)
         var filterText: Substring?
@@ -59,6 +59,15 @@ public struct PatchOperation: Sendable {
     public let value: JSON?
     /// `remove` with a bare extension URN as path: drops the whole extension.
     public var removesExtension: String? = nil
+
+    /// An operation made by a store that splits a request (the agent applies
+    /// a group's `members` to its index and the rest to the stored group).
+    public init(op: Op, path: PatchPath?, value: JSON?, removesExtension: String? = nil) {
+        self.op = op
+        self.path = path
+        self.value = value
+        self.removesExtension = removesExtension
+    }
 }
 
 /// A PATCH request (`PatchOp` message), parsed and checked against the schemas.
@@ -169,6 +178,16 @@ public struct PatchRequest: Sendable {
             throw error.prefixed("after applying the operations")
         }
     }
+
+    /// Applies one operation to `resource` without validating the result:
+    /// for a store that applies part of a resource (a group's members) to a
+    /// subset it holds elsewhere and validates the changed values itself.
+    public func applyUnvalidated(_ op: PatchOperation, to resource: inout JSONObject) throws(SCIMError) {
+        try apply(op, to: &resource)
+    }
+
+    /// The client profile the request was parsed under.
+    public var clientProfile: ClientProfile { profile }
 
     func apply(_ op: PatchOperation, to resource: inout JSONObject) throws(SCIMError) {
         if let urn = op.removesExtension {
