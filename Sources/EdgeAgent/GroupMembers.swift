@@ -230,7 +230,11 @@ extension AgentStore {
         guard working.keys.allSatisfy({ equalsIgnoringASCIICase($0, "members") }) else {
             throw SCIMError.invalidPath("'\(path.text)' must change members as a whole or through a value filter")
         }
-        let after = working["members"].map { $0.arrayValue ?? [$0] } ?? []
+        // `members.value` without a filter writes one object, not a list: refused, as the validator refuses it.
+        guard let after = working["members"].map({ $0.arrayValue }) ?? [] else {
+            throw SCIMError.invalidValue(
+                "'\(path.text)': members is multi-valued; name the members with a value filter (members[value eq \"…\"])")
+        }
         var kept = Set<String>(), changed: [JSON] = []
         for m in after {
             if let id = m["value"]?.stringValue { kept.insert(id) }

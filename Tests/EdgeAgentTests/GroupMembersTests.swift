@@ -183,6 +183,12 @@ final class GroupMembersTests: XCTestCase {
         XCTAssertEqual(bad.status, 400, bad.raw)
         XCTAssertEqual(try members(agent, gid), [u[0], u[4], u[5]])
 
+        // `members.value` without a filter names no member: refused, nothing changes.
+        let unfiltered = try agent.call(
+            "PATCH", "/Groups/\(gid)", patchBody(#"{"op":"replace","path":"members.value","value":"\#(u[1])"}"#))
+        XCTAssertEqual(unfiltered.status, 400, unfiltered.raw)
+        XCTAssertEqual(try members(agent, gid), [u[0], u[4], u[5]])
+
         // A filter on another sub-attribute walks the group.
         XCTAssertEqual(
             try agent.call(
