@@ -14,6 +14,7 @@ OUT="$tmp/e2e.md" bash scripts/bench-e2e.sh >/dev/null
 OUT="$tmp/fanout.md" bash scripts/bench-fanout.sh >/dev/null
 OUT="$tmp/backpressure.md" SVG=docs/backpressure.svg bash scripts/bench-backpressure.sh >/dev/null
 OUT="$tmp/bulk.md" bash scripts/bench-bulk.sh >/dev/null
+OUT="$tmp/members.md" bash scripts/bench-members.sh >/dev/null
 rm -rf /var/tmp/scim-edge-ceiling
 ceiling=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 16); rm -rf /var/tmp/scim-edge-ceiling
 single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1); rm -rf /var/tmp/scim-edge-ceiling
@@ -22,7 +23,7 @@ single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1);
 (cd Benchmarks && swift package benchmark --no-progress --target SCIMBenchmarks --format markdown --path stdout 2>/dev/null) \
   | sed -n '/^## SCIMBenchmarks/,$p' | sed 's/^## SCIMBenchmarks//' >"$tmp/scim.md"
 
-python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" >docs/benchmarks.md <<'PY'
+python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" "$tmp/members.md" >docs/benchmarks.md <<'PY'
 import re, sys, datetime, os
 micro = open(sys.argv[1]).read()
 http = open(sys.argv[2]).read()
@@ -34,6 +35,7 @@ e2e = open(sys.argv[8]).read()
 fanout = open(sys.argv[9]).read()
 backpressure = open(sys.argv[10]).read()
 bulk = open(sys.argv[11]).read()
+members = open(sys.argv[12]).read()
 
 def p50(title, metric, text=None):
     sect = (text or micro).split("### " + title)[1].split("###")[0]
@@ -81,6 +83,7 @@ and {w(single)} writes/s one by one (`edge-fixture lmdb-ceiling`), a ceiling of
 
 {backpressure}
 {bulk}
+{members}
 ## HTTP: EdgeHTTP vs nginx (same machine, same client, same certificate)
 
 {http}

@@ -19,8 +19,12 @@ extension AgentStore {
                 // An index names the few candidates: read them, page in memory.
                 let matches = try lookup(txn, type, hint.lookup).compactMap { id -> JSONObject? in
                     guard let r = try load(txn, type, id) else { return nil }
-                    return hint.exact || filter.matches(r) ? r : nil
+                    return try hint.exact || filter.matches(forMatching(txn, type, r, filter)) ? r : nil
                 }
+                return try query.paginate(matches) { $0 }
+            }
+            if let filter = query.filter, let matches = try groupsRequiringMembers(txn, type, filter) {
+                // `members.value eq "X"`: the groups holding X, from the member → groups index.
                 return try query.paginate(matches) { $0 }
             }
             if let filter = query.filter, query.sortBy == nil, let value = AttributeIndex.lookup(filter, type) {
@@ -94,7 +98,7 @@ extension AgentStore {
             }
             do {
                 guard let r = try JSONParser.parse(value, limits: .stored).objectValue else { return true }
-                if filter?.matches(r) ?? true { out.append(r) }
+                if try filter == nil || filter!.matches(forMatching(txn, type, r, filter)) { out.append(r) }
             } catch {
                 failure = error
                 return false
@@ -262,7 +266,9 @@ extension AgentStore {
             scanned += 1
             last = key
             do {
-                if let r = try JSONParser.parse(value, limits: .stored).objectValue, filter.matches(r) { items.append(r) }
+                if let r = try JSONParser.parse(value, limits: .stored).objectValue, filter.matches(try forMatching(txn, type, r, filter)) {
+                    items.append(r)
+                }
             } catch {
                 failure = error
                 return false

@@ -14,10 +14,11 @@ import Synchronization
 /// | `externalIds` | `<type>/<externalId>` | ids (duplicates sorted) |
 /// | `attributes` | `User/<attribute>/<value>\0<id>`; `User/<attribute>/<value>` | empty: the index of `active`, `userType`, `emails.value` (normalised, `AttributeIndex`); the count of ids with the value |
 /// | `memberships` | member id | ids of the groups holding it (duplicates sorted) |
+/// | `groupMembers` | `<group id>\0<member id>` | the member as stored (`value`, `type`, `$ref`; JSON): a group's `members`, which the stored group never holds (`GroupMembers.swift`) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
-/// | `meta` | `seq`, `version`, `schema`, `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
+/// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
 /// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
 /// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
 ///
@@ -30,6 +31,7 @@ public final class AgentStore: Sendable {
     let userNames: Database
     let externalIds: Database
     let memberships: Database
+    let groupMembers: Database
     let attributes: Database
     public let outbox: Database
     let meta: Database
@@ -50,7 +52,9 @@ public final class AgentStore: Sendable {
     /// Keys the last `startIndex` page stepped over to reach its start.
     public var lastStartIndexSteps: Int { positionIndex.lastSteps.load(ordering: .relaxed) }
 
-    public static let layoutVersion: UInt64 = 1
+    /// 1: a group's `members` inline in its stored JSON; 2: in `groupMembers`.
+    /// A store of layout 1 is migrated when it is opened (`migrateInlineMembers`).
+    public static let layoutVersion: UInt64 = 2
 
     /// This store's identity, made when the store is: 32 hex digits, sent
     /// with every relay batch. The broker keys the applied sequence by
@@ -85,13 +89,20 @@ public final class AgentStore: Sendable {
         userNames = try environment.openDatabase("userNames")
         externalIds = try environment.openDatabase("externalIds", flags: .duplicateSort)
         memberships = try environment.openDatabase("memberships", flags: .duplicateSort)
+        groupMembers = try environment.openDatabase("groupMembers")
         attributes = try environment.openDatabase("attributes")
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
         let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
+        let groupMembers = self.groupMembers
         epoch = try environment.write { txn in
             if let v = try txn.get(meta, Array("schema".utf8)).flatMap(UInt64.init(bigEndianBytes:)) {
-                guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
+                if v == 1 {
+                    try AgentStore.migrateInlineMembers(txn, resources: resources, groupMembers: groupMembers)
+                    try txn.put(meta, Array("schema".utf8), AgentStore.layoutVersion.bigEndianBytes)
+                } else {
+                    guard v == AgentStore.layoutVersion else { throw StoreLayoutError(found: v) }
+                }
             } else {
                 try txn.put(meta, Array("schema".utf8), AgentStore.layoutVersion.bigEndianBytes)
             }
@@ -126,6 +137,35 @@ public final class AgentStore: Sendable {
 
     static func key(_ type: ResourceType, _ id: String) -> [UInt8] { Array("\(type.id)/\(id)".utf8) }
 
+    /// Layout 1 → 2, once, in the open's write transaction: every group
+    /// whose stored JSON holds `members` gets them as `groupMembers`
+    /// entries and is rewritten without them (its other members, `meta`
+    /// last, unchanged; no new version and no event: what the group is did
+    /// not change). `memberships` was already kept by layout 1. A member
+    /// without a string `value` could not be read back as one and is
+    /// dropped. Groups are parsed with `JSONLimits.stored`, so one grown
+    /// past the request limits migrates too (invariant 8). Costs one parse
+    /// and rewrite of every group, and memory for the group keys.
+    static func migrateInlineMembers(_ txn: borrowing WriteTransaction, resources: Database, groupMembers: Database) throws {
+        var keys: [[UInt8]] = []
+        try txn.scanKeys(resources, from: Array("Group/".utf8), to: Array("Group0".utf8)) { k in
+            keys.append(k)
+            return true
+        }
+        for key in keys {
+            guard let bytes = try txn.get(resources, key), var group = try JSONParser.parse(bytes, limits: .stored).objectValue,
+                let name = group.keys.first(where: { equalsIgnoringASCIICase($0, "members") })
+            else { continue }
+            let id = String(decoding: key.dropFirst("Group/".utf8.count), as: UTF8.self)
+            for m in group[name]?.arrayValue ?? [] {
+                guard let o = m.objectValue, let mid = o["value"]?.stringValue, !mid.isEmpty else { continue }
+                try txn.put(groupMembers, memberKey(id, mid), JSON.object(o).serialized())
+            }
+            group[name] = nil
+            try txn.put(resources, key, JSON.object(group).serialized())
+        }
+    }
+
     /// The `meta` key of a type's resource count.
     static func countKey(_ type: ResourceType) -> [UInt8] { Array("count/\(type.id)".utf8) }
 
@@ -140,9 +180,9 @@ public final class AgentStore: Sendable {
 
     // MARK: reads
 
-    /// The stored resource, or nil.
+    /// The stored resource, or nil; a group with its `members` (from the index, O(n)).
     public func get(_ type: ResourceType, _ id: String) throws -> JSONObject? {
-        try environment.read { txn in try load(txn, type, id) }
+        try environment.read { txn in try load(txn, type, id).map { type.id == "Group" ? try withMembers(txn, $0) : $0 } }
     }
 
     func load(_ txn: borrowing some StoreReading & ~Copyable, _ type: ResourceType, _ id: String) throws -> JSONObject? {
@@ -179,9 +219,10 @@ public final class AgentStore: Sendable {
             if let hint = filter?.indexLookup {
                 return try lookup(txn, type, hint.lookup).compactMap { id in
                     guard let r = try load(txn, type, id) else { return nil }
-                    return hint.exact || filter!.matches(r) ? r : nil
+                    return try hint.exact || filter!.matches(forMatching(txn, type, r, filter)) ? r : nil
                 }
             }
+            if let filter, let found = try groupsRequiringMembers(txn, type, filter) { return found }
             return try loadAll(txn, type, filter: filter, scanBudget: scanBudget, cursorHelps: false)
         }
     }
@@ -200,11 +241,24 @@ public final class AgentStore: Sendable {
     }
 
     /// A resource as a client reads it, in one snapshot: users with their
-    /// read-only `groups` from the membership index.
-    public func getAsReturned(_ type: ResourceType, _ id: String, baseURL: String) throws -> JSONObject? {
+    /// read-only `groups` from the membership index, groups with their
+    /// `members` from theirs unless `members` is false (the projection
+    /// drops them: `excludedAttributes=members`, `attributes=displayName`),
+    /// when the members index is not read at all.
+    public func getAsReturned(_ type: ResourceType, _ id: String, baseURL: String, members: Bool = true) throws -> JSONObject? {
         try environment.read { txn in
             guard let stored = try load(txn, type, id) else { return nil }
-            return type.id == "User" ? try addGroups(txn, stored, baseURL: baseURL) : stored
+            return try asReturned(txn, stored, type, baseURL: baseURL, members: members)
+        }
+    }
+
+    func asReturned(
+        _ txn: borrowing some StoreReading & ~Copyable, _ stored: JSONObject, _ type: ResourceType, baseURL: String, members: Bool
+    ) throws -> JSONObject {
+        switch type.id {
+        case "User": return try addGroups(txn, stored, baseURL: baseURL)
+        case "Group" where members: return try withMembers(txn, stored)
+        default: return stored
         }
     }
 
@@ -239,7 +293,7 @@ public final class AgentStore: Sendable {
             }
             guard var meta, let metaStart else {
                 let stored = try JSONParser.parse(bytes, limits: .stored).objectValue ?? [:]
-                return .general(isUser ? try addGroups(txn, stored, baseURL: baseURL) : stored)
+                return .general(try asReturned(txn, stored, type, baseURL: baseURL, members: true))
             }
             meta["location"] = .string("\(baseURL)\(type.endpoint)/\(id)")
             var body: [UInt8] = []
@@ -252,6 +306,9 @@ public final class AgentStore: Sendable {
                     body.append(contentsOf: AgentStore.groupsMember)
                     JSON.array(groups).write(to: &body)
                 }
+            } else if type.id == "Group" {
+                // Straight from the index's stored bytes, after meta (as `withMembers` places them).
+                try appendMembers(txn, of: id, to: &body)
             }
             body.append(UInt8(ascii: "}"))
             return .body(body, version: meta["version"]?.stringValue)
@@ -262,10 +319,11 @@ public final class AgentStore: Sendable {
     static let groupsMember = Array(#","groups":"#.utf8)
 
     /// A stored resource as a client reads it: users with their read-only
-    /// `groups` from the membership index.
-    public func asReturned(_ stored: JSONObject, _ type: ResourceType, baseURL: String) throws -> JSONObject {
-        guard type.id == "User" else { return stored }
-        return try environment.read { txn in try addGroups(txn, stored, baseURL: baseURL) }
+    /// `groups` from the membership index, groups with their `members`
+    /// (unless `members` is false, or they are there already).
+    public func asReturned(_ stored: JSONObject, _ type: ResourceType, baseURL: String, members: Bool = true) throws -> JSONObject {
+        guard type.id == "User" || (type.id == "Group" && members && stored["members"] == nil) else { return stored }
+        return try environment.read { txn in try asReturned(txn, stored, type, baseURL: baseURL, members: members) }
     }
 
     func addGroups(_ txn: borrowing some StoreReading & ~Copyable, _ user: JSONObject, baseURL: String) throws -> JSONObject {

@@ -63,6 +63,8 @@ extension AgentStore {
             let validator = ResourceValidator(registry: registry, type: type, profile: profile)
             let new = try validator.validateReplace(body, existing: old)
             return try store(type, id: id, new: new, old: old, event: EventURI.putFull, ctx, txn)
+        case .patch(let type, let id, let request) where type.id == "Group":
+            return try patchGroup(type, id: id, request, ctx, profile: profile, txn)
         case .patch(let type, let id, let request):
             let old = try existing(type, id, ctx, txn)
             let new = try request.apply(to: old)
@@ -72,6 +74,42 @@ extension AgentStore {
             try remove(type, id: id, old: old, ctx, txn)
             return nil
         }
+    }
+
+    /// A group PATCH: operations on `members` change the members index (the
+    /// few entries they name: O(k log n)), the others the stored group
+    /// (without members: small whatever the group's size), validated as a
+    /// replacement as `PatchRequest.apply` does. All in this transaction, so
+    /// a failing operation changes nothing. Errors name the operation's
+    /// index in the request.
+    func patchGroup(
+        _ type: ResourceType, id: String, _ request: PatchRequest, _ ctx: WriteContext, profile: ClientProfile,
+        _ txn: borrowing WriteTransaction
+    ) throws -> JSONObject {
+        let old = try existing(type, id, ctx, txn)
+        let (memberOps, otherOps) = try splitMemberOperations(request, profile: profile)
+        for (k, op) in memberOps {
+            do {
+                try applyMemberOperation(op, request, groupID: id, profile: profile, txn)
+            } catch let e as SCIMError {
+                throw e.prefixed("Operations[\(k)]")
+            }
+        }
+        var working = old
+        for (k, op) in otherOps {
+            do throws(SCIMError) {
+                try request.applyUnvalidated(op, to: &working)
+            } catch {
+                throw error.prefixed("Operations[\(k)]")
+            }
+        }
+        let new: JSONObject
+        do throws(SCIMError) {
+            new = try ResourceValidator(registry: registry, type: type, profile: profile).validateReplace(.object(working), existing: old)
+        } catch {
+            throw error.prefixed("after applying the operations")
+        }
+        return try store(type, id: id, new: new, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
     }
 
     /// The stored resource, after checking `If-Match`.
@@ -99,13 +137,26 @@ extension AgentStore {
         try txn.put(meta, key, UInt64(max(0, current + delta)).bigEndianBytes)
     }
 
-    /// Writes `new` (validated, without id and meta) as resource `id`.
+    /// Writes `new` (validated, without id and meta) as resource `id`. A
+    /// group's `members` go to the members index, never into the stored
+    /// group: `replacingMembers` (create, replace) makes `new`'s members the
+    /// whole membership; otherwise (PATCH, a member's deletion) the caller
+    /// has changed the index and `new` holds no members.
     func store(
         _ type: ResourceType, id: String, new given: JSONObject, old: JSONObject?, event: String,
-        _ ctx: WriteContext, _ txn: borrowing WriteTransaction
+        _ ctx: WriteContext, _ txn: borrowing WriteTransaction, replacingMembers: Bool = true
     ) throws -> JSONObject {
         // writeOnly values (`password`) are accepted and dropped: never stored, relayed or returned.
-        let new = registry.removingWriteOnly(given, of: type)
+        var new = registry.removingWriteOnly(given, of: type)
+        if type.id == "Group" {
+            let members = new["members"]
+            new["members"] = nil
+            if replacingMembers {
+                try replaceMembers(id, with: members?.arrayValue?.compactMap(\.objectValue) ?? [], txn)
+            } else if members != nil {
+                throw SCIMError.invalidPath("members can be changed only through the path 'members' or a path-less value naming it")
+            }
+        }
         // userName is unique per agent (RFC 7643 uniqueness: server), compared case-insensitively.
         if type.id == "User", let name = new["userName"]?.stringValue {
             let key = Array(name.lowercased().utf8)
@@ -122,10 +173,6 @@ extension AgentStore {
             if let e = oldExternal { try txn.delete(externalIds, Array("\(type.id)/\(e)".utf8), value: Array(id.utf8)) }
             if let e = newExternal { try txn.put(externalIds, Array("\(type.id)/\(e)".utf8), Array(id.utf8)) }
         }
-        if type.id == "Group" {
-            try updateMemberships(groupID: id, old: memberIDs(old), new: memberIDs(new), txn)
-        }
-
         let version = try nextCounter("version", txn)
         var stored = JSONObject()
         stored["schemas"] = new["schemas"]
@@ -148,28 +195,6 @@ extension AgentStore {
         return stored
     }
 
-    func memberIDs(_ group: JSONObject?) -> Set<String> {
-        Set(group?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
-    }
-
-    /// Keeps the member → groups index in step; new members must exist.
-    func updateMemberships(groupID: String, old: Set<String>, new: Set<String>, _ txn: borrowing WriteTransaction) throws {
-        let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
-        for member in new.subtracting(old) {
-            guard member != groupID else { throw SCIMError.invalidValue("a group cannot be a member of itself") }
-            guard
-                try txn.get(resources, AgentStore.key(users, member)) != nil
-                    || txn.get(resources, AgentStore.key(groups, member)) != nil
-            else {
-                throw SCIMError.invalidValue("members: '\(member)' is not a User or Group of this agent")
-            }
-            try txn.put(memberships, Array(member.utf8), Array(groupID.utf8))
-        }
-        for member in old.subtracting(new) {
-            try txn.delete(memberships, Array(member.utf8), value: Array(groupID.utf8))
-        }
-    }
-
     /// Deletes a resource, its index entries and its memberships; groups that
     /// held it get a new version and an event of their own.
     func remove(
@@ -185,18 +210,21 @@ extension AgentStore {
             try txn.delete(externalIds, Array("\(type.id)/\(e)".utf8), value: Array(id.utf8))
         }
         if type.id == "Group" {
-            try updateMemberships(groupID: id, old: memberIDs(old), new: [], txn)
+            try replaceMembers(id, with: [], txn)
         }
+        // Each group holding it loses one index entry and gets a new
+        // version; no group's other members are read (unless events are
+        // recorded: the event carries the group's members, `emitChange`).
         let groups = registry.resourceType("Group")!
         for gid in try groupIDs(txn, of: id) {
-            guard var group = try load(txn, groups, gid) else { continue }
-            let kept = group["members"]?.arrayValue?.filter { $0["value"]?.stringValue != id } ?? []
-            group["members"] = kept.isEmpty ? nil : .array(kept)
+            guard let old = try load(txn, groups, gid) else { continue }
+            _ = try txn.delete(groupMembers, AgentStore.memberKey(gid, id))
+            var group = old
             group["meta"] = nil
             group["id"] = nil
-            _ = try store(groups, id: gid, new: group, old: try load(txn, groups, gid), event: EventURI.patchFull, ctx, txn)
+            _ = try store(groups, id: gid, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
         }
-        try txn.delete(memberships, Array(id.utf8))
+        _ = try txn.delete(memberships, Array(id.utf8))
         try emitChange(type, id: id, current: nil, kind: EventURI.delete, ctx, txn)
     }
 
@@ -213,7 +241,11 @@ extension AgentStore {
         guard ctx.recordEvents else { return }
         let key = AgentStore.key(type, id)
         let previous = try txn.get(propagated, key)
-        var outbound = current.flatMap { policy.outbound($0, type: type) }
+        // The relay protocol carries a group's full state, members included:
+        // built here from the members index, O(n) for a group of n (the
+        // cost of relaying membership as deltas is not paid yet).
+        var outbound: JSONObject?
+        if let current { outbound = policy.outbound(type.id == "Group" ? try withMembers(txn, current) : current, type: type) }
         if type.id == "Group", var out = outbound {
             let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
             let members = try (out["members"]?.arrayValue ?? []).filter { m in

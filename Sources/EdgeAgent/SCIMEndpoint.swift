@@ -43,6 +43,12 @@ public struct EndpointOptions: Sendable {
         if let bytes { (outboxHighBytes, outboxLowBytes) = (bytes, Self.lowWatermark(bytes)) }
     }
     public var retryAfterSeconds = 5
+    /// A PATCH of a group answers 200 with the whole group (members from the
+    /// index) while it has at most this many members, else 204 No Content
+    /// (RFC 7644 §3.5.2 allows either): rendering every member into each
+    /// PATCH response would make adding one member cost O(n). A request
+    /// whose `attributes` / `excludedAttributes` leave members out gets 200.
+    public var patchResponseMaxMembers = 1000
     /// Writes waiting for group commit; past this, writes get 503 at once
     /// (a bounded queue: invariant 4).
     public var maxQueuedWrites = 10_000
@@ -418,7 +424,7 @@ public final class SCIMEndpoint {
     // MARK: reads
 
     func read(_ request: HTTPRequest, _ type: ResourceType, _ id: String, _ base: String, _ responder: Reply) throws {
-        let stored: JSONObject
+        var stored: JSONObject = [:]
         if request.query == nil {
             // The common case: the body straight from the stored bytes.
             switch try store.getForDefaultRead(type, id, baseURL: base) {
@@ -431,13 +437,7 @@ public final class SCIMEndpoint {
                 responder.respond(HTTPResponse(status: 200, headers: headers, body: body))
                 return
             }
-        } else {
-            guard let returned = try store.getAsReturned(type, id, baseURL: base) else {
-                throw SCIMError.notFound("\(type.id) \(id) not found")
-            }
-            stored = returned
         }
-        guard try passesPreconditions(request, stored["meta"]?["version"]?.stringValue, responder) else { return }
         let projection: Projection
         if request.query == nil {
             projection = defaultProjection(type)
@@ -447,7 +447,13 @@ public final class SCIMEndpoint {
                 parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                 registry: registry, type: type, maxResults: options.maxResults, profile: options.profile
             ).projection
+            // A projection without members never reads the members index.
+            guard let returned = try store.getAsReturned(type, id, baseURL: base, members: returnsMembers(projection, type)) else {
+                throw SCIMError.notFound("\(type.id) \(id) not found")
+            }
+            stored = returned
         }
+        guard try passesPreconditions(request, stored["meta"]?["version"]?.stringValue, responder) else { return }
         responder.respond(
             Self.respond(
                 200, .object(try output(stored, type, base, projection)),
@@ -513,7 +519,10 @@ public final class SCIMEndpoint {
                 Self.respond(
                     200,
                     try makeListResponse(page) { r in
-                        JSON.object(try output(try store.asReturned(r, type, baseURL: base), type, base, q.projection))
+                        JSON.object(
+                            try output(
+                                try store.asReturned(r, type, baseURL: base, members: returnsMembers(q.projection, type)), type, base,
+                                q.projection))
                     }))
             return
         }
@@ -528,8 +537,11 @@ public final class SCIMEndpoint {
             Self.respond(
                 200,
                 try makeListResponse(page) { type, r in
-                    JSON.object(
-                        try output(try store.asReturned(r, type, baseURL: base), type, base, (perType[type.id] ?? query).projection))
+                    let projection = (perType[type.id] ?? query).projection
+                    return JSON.object(
+                        try output(
+                            try store.asReturned(r, type, baseURL: base, members: returnsMembers(projection, type)), type, base, projection)
+                    )
                 }))
     }
 
@@ -542,6 +554,12 @@ public final class SCIMEndpoint {
             r["meta"] = .object(meta)
         }
         return projection.apply(to: r)
+    }
+
+    /// Whether `projection` returns a group's `members` (false for any other
+    /// type): when it does not, the members index is never read.
+    func returnsMembers(_ projection: Projection, _ type: ResourceType) -> Bool {
+        type.id == "Group" && projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
     }
 
     /// The projection of a request without `attributes` or `excludedAttributes`, per type.
@@ -606,9 +624,18 @@ public final class SCIMEndpoint {
                             parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                             registry: registry, type: type, maxResults: options.maxResults
                         ).projection
+                    let members = returnsMembers(shape, type)
+                    if members, case .patch = write,
+                        try store.hasMoreMembers(stored["id"]?.stringValue ?? "", than: options.patchResponseMaxMembers)
+                    {
+                        // A large group: 204, so that one member's change is not answered with all of them.
+                        responder.respond(HTTPResponse(status: 204, headers: etagHeaders(stored, type, base)))
+                        return
+                    }
                     responder.respond(
                         Self.respond(
-                            status, .object(try output(try store.asReturned(stored, type, baseURL: base), type, base, shape)),
+                            status,
+                            .object(try output(try store.asReturned(stored, type, baseURL: base, members: members), type, base, shape)),
                             headers: etagHeaders(stored, type, base)))
                 } catch let e as SCIMError {
                     responder.respond(Self.respond(e))

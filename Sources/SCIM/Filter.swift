@@ -62,7 +62,7 @@ public struct Filter: Sendable {
 }
 
 extension FilterNode {
-    func matches(_ object: JSONObject) -> Bool {
+    public func matches(_ object: JSONObject) -> Bool {
         switch self {
         case .and(let a, let b): return a.matches(object) && b.matches(object)
         case .or(let a, let b): return a.matches(object) || b.matches(object)

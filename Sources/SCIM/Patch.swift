@@ -9,7 +9,7 @@ public struct PatchPath: Sendable {
     /// or of a singular complex attribute (`name.givenName`).
     public let subAttribute: AttributeDefinition?
 
-    init(_ text: String, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile) throws(SCIMError) {
+    public init(_ text: String, registry: SchemaRegistry, type: ResourceType, profile: ClientProfile) throws(SCIMError) {
         self.text = text
         var attrPart = Substring(text)
         var filterText: Substring?
@@ -59,6 +59,15 @@ public struct PatchOperation: Sendable {
     public let value: JSON?
     /// `remove` with a bare extension URN as path: drops the whole extension.
     public var removesExtension: String? = nil
+
+    /// An operation made by a store that splits a request (the agent applies
+    /// a group's `members` to its index and the rest to the stored group).
+    public init(op: Op, path: PatchPath?, value: JSON?, removesExtension: String? = nil) {
+        self.op = op
+        self.path = path
+        self.value = value
+        self.removesExtension = removesExtension
+    }
 }
 
 /// A PATCH request (`PatchOp` message), parsed and checked against the schemas.
@@ -170,6 +179,16 @@ public struct PatchRequest: Sendable {
         }
     }
 
+    /// Applies one operation to `resource` without validating the result:
+    /// for a store that applies part of a resource (a group's members) to a
+    /// subset it holds elsewhere and validates the changed values itself.
+    public func applyUnvalidated(_ op: PatchOperation, to resource: inout JSONObject) throws(SCIMError) {
+        try apply(op, to: &resource)
+    }
+
+    /// The client profile the request was parsed under.
+    public var clientProfile: ClientProfile { profile }
+
     func apply(_ op: PatchOperation, to resource: inout JSONObject) throws(SCIMError) {
         if let urn = op.removesExtension {
             resource[urn] = nil
@@ -276,14 +295,21 @@ public struct PatchRequest: Sendable {
                     c[name] = .array(incoming)
                 } else {
                     // Elements are identified by `value`: adding a known one updates it.
+                    // Indexes of the elements by their `value` string (nil: none), so
+                    // adding k values to n costs O(k + n), not O(k × n).
                     var items = c[name]?.arrayValue ?? []
-                    for v in incoming where !items.contains(v) {
-                        if let key = v["value"], let k = items.firstIndex(where: { $0["value"] == key }),
+                    var positions: [String?: [Int]] = [:]
+                    for (k, item) in items.enumerated() { positions[item["value"]?.stringValue, default: []].append(k) }
+                    for v in incoming {
+                        let bucket = v["value"]?.stringValue
+                        if positions[bucket]?.contains(where: { items[$0] == v }) ?? false { continue }
+                        if let key = v["value"], let k = positions[bucket]?.first(where: { items[$0]["value"] == key }),
                             var existing = items[k].objectValue, let fields = v.objectValue
                         {
                             for (f, x) in fields { existing[f] = x.isNull ? nil : x }
                             items[k] = .object(existing)
                         } else {
+                            positions[bucket, default: []].append(items.count)
                             items.append(v)
                         }
                     }
@@ -354,9 +380,13 @@ public struct PatchRequest: Sendable {
             if def.multiValued, let value {
                 // Entra: `{"op":"Remove","path":"members","value":[{"value":"id"}]}`.
                 let targets = value.arrayValue ?? [value]
+                // Targets with a string `value` are looked up by it; the others compared one by one.
+                let byValue = Set(targets.compactMap { $0["value"]?.stringValue })
+                let others = targets.filter { $0["value"]?.stringValue == nil }
                 var items = c[name]?.arrayValue ?? []
                 items.removeAll { item in
-                    targets.contains { t in
+                    if let iv = item["value"]?.stringValue, byValue.contains(iv) { return true }
+                    return others.contains { t in
                         if let tv = t["value"], let iv = item["value"] { return tv == iv }
                         return t == item
                     }

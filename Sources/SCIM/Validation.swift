@@ -137,6 +137,10 @@ public struct ResourceValidator: Sendable {
             // Rebuilt only once something changes; otherwise the input array is returned as is.
             var rebuilt: [JSON]?
             var primaries = 0
+            // Earlier values by their `value` string (nil: none): an exact
+            // duplicate has the same one, so each value is compared with
+            // those few only (a 10,000-member group is not 50 million comparisons).
+            var earlier: [String?: [JSON]] = [:]
             for (k, item) in items.enumerated() {
                 if item.isNull { throw .invalidValue("'\(path.indexed(k).text)' is null") }
                 var itemChanged = false
@@ -145,7 +149,9 @@ public struct ResourceValidator: Sendable {
                     continue
                 }
                 if v["primary"] == .bool(true) { primaries += 1 }
-                let duplicate = rebuilt.map { $0.contains(v) } ?? items[0..<k].contains(v)  // exact duplicates collapse
+                let bucket = v["value"]?.stringValue
+                let duplicate = earlier[bucket]?.contains(v) ?? false  // exact duplicates collapse
+                if !duplicate { earlier[bucket, default: []].append(v) }
                 if (duplicate || itemChanged) && rebuilt == nil { rebuilt = Array(items[0..<k]) }
                 if !duplicate { rebuilt?.append(v) }
             }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Adding and removing one member of a group of N members vs of 100, at a
+# release agent (standalone: no relay events, durable commits), for
+# N = 100, 10,000, 100,000 and 1,000,000 (MEMBERS_SIZES overrides). Users are
+# created through /Bulk, each group grown by PATCH in chunks of 5,000; then
+# one spare user is added and removed R times (PATCH as Entra and Okta send
+# it: path "members" with a value list, and members[value eq "…"]). Reports
+# the median latency and its ratio to the 100-member group's in the same
+# run. Writes a markdown section to $OUT (default: stdout).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib-processes.sh
+${SWIFT_BUILD_LOCK:+flock "$SWIFT_BUILD_LOCK"} swift build -c release --product scim-edge >/dev/null
+bin=.build/release
+port=$(free_port)
+"$bin/scim-edge" serve --data-dir "$work/data" --listen "127.0.0.1:$port" --token t --admin-listen none >"$work/agent.log" 2>&1 &
+pids+=($!)
+agent=$!
+for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && break; sleep 0.1; done
+python3 - "$port" "${MEMBERS_SIZES:-100 10000 100000 1000000}" "$agent" >"${OUT:-/dev/stdout}" <<'PY'
+import http.client, json, statistics, sys, time
+port, sizes, pid = int(sys.argv[1]), [int(s) for s in sys.argv[2].split()], sys.argv[3]
+H = {"Authorization": "Bearer t", "Content-Type": "application/scim+json"}
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+def call(method, path, body=None):
+    c.request(method, "/scim/v2" + path, None if body is None else json.dumps(body), H)
+    r = c.getresponse(); data = r.read()
+    return r.status, data
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+def patch(gid, *ops):
+    s, d = call("PATCH", f"/Groups/{gid}", {"schemas": [PATCH], "Operations": list(ops)})
+    assert s in (200, 204), (s, d[:300])
+R = 30
+users, made = [], time.perf_counter()
+need = max(sizes) + R
+while len(users) < need:
+    n = min(1000, need - len(users))
+    ops = [{"method": "POST", "path": "/Users", "bulkId": f"b{k}",
+            "data": {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": f"m{len(users) + k}"}} for k in range(n)]
+    s, d = call("POST", "/Bulk", {"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops})
+    assert s == 200, s
+    users += [o["location"].rsplit("/", 1)[1] for o in json.loads(d)["Operations"]]
+made = time.perf_counter() - made
+spares, rows, base = users[-R:], [], None
+for n in sizes:
+    s, d = call("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": f"g{n}"})
+    assert s == 201, s
+    gid = json.loads(d)["id"]
+    grown = time.perf_counter()
+    for k in range(0, n, 5000):
+        patch(gid, {"op": "add", "path": "members", "value": [{"value": u} for u in users[k:min(n, k + 5000)]]})
+    grown = time.perf_counter() - grown
+    add, remove = [], []
+    for u in spares:
+        t = time.perf_counter(); patch(gid, {"op": "add", "path": "members", "value": [{"value": u}]}); add.append(time.perf_counter() - t)
+        t = time.perf_counter(); patch(gid, {"op": "remove", "path": f'members[value eq "{u}"]'}); remove.append(time.perf_counter() - t)
+    a, r = statistics.median(add), statistics.median(remove)
+    if base is None: base = (a, r)
+    rows.append((n, grown, a, r))
+rss = 0
+for line in open(f"/proc/{pid}/status"):
+    if line.startswith("RssAnon:"): rss = int(line.split()[1]) // 1024
+print("## Group membership: one member at N vs at 100\n")
+print("A release agent (standalone, durable commits) on one kept-alive connection: a group grown by")
+print(f"PATCH in chunks of 5,000 to N members, then one member added (`path: members`, a value list) and")
+print(f"removed (`members[value eq \"…\"]`) {R} times; median latency (the client included) and its ratio")
+print("to the 100-member group's in the same run. The 100-member PATCH answers 200 with the group,")
+print("a group over 1,000 members 204 (docs/scim.md).\n")
+print("| N members | growing it (5,000 per PATCH) | add one | ratio | remove one | ratio |")
+print("|---:|---:|---:|---:|---:|---:|")
+for n, g, a, r in rows:
+    print(f"| {n:,} | {g:.1f} s | {a*1000:.2f} ms | **{a/base[0]:.2f}×** | {r*1000:.2f} ms | **{r/base[1]:.2f}×** |")
+print(f"\n{len(users):,} users created first through /Bulk ({made:.0f} s); agent heap (anonymous RSS) at the end: {rss} MiB.")
+print("Goal (issue 15): ≤ 2× the 100-member cost at 1,000,000 members.")
+PY
