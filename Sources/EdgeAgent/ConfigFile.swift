@@ -73,6 +73,9 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
         .init(AgentOptions.scanBudget) { c, v in
             c.endpoint.scanBudget = v.integer; return nil
         },
+        .init(AgentOptions.patchResponseMaxMembers) { c, v in
+            c.endpoint.patchResponseMaxMembers = v.integer; return nil
+        },
         .init(AgentOptions.brokerURL) { c, v in
             guard let (address, name) = RelayConfiguration.brokerAddress(v.text) else {
                 return OptionProblem("must be https://HOST:PORT (an IP address or localhost), got '\(v.text)'")

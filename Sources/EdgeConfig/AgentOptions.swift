@@ -58,6 +58,10 @@ public enum AgentOptions {
     public static let scanBudget = OptionSpec(
         "scim.scanBudget", .integer(1...100_000_000), default: "100000",
         "How many resources one page of a filter without an index may examine before it answers with a cursor to go on.")
+    public static let patchResponseMaxMembers = OptionSpec(
+        "scim.patchResponseMaxMembers", .integer(0...1_000_000), default: "1000",
+        "A PATCH of a group with more members than this answers 204 with its ETag instead of the whole group (RFC 7644 §3.5.2), unless attributes or excludedAttributes leave members out."
+    )
     public static let brokerURL = OptionSpec(
         "broker.url", flag: "broker", .url, value: "https://HOST:PORT", required: .withSection,
         "The broker to relay to, https://HOST:PORT (an IP address or localhost). Without broker the agent is a standalone SCIM server.")
@@ -95,7 +99,8 @@ public enum AgentOptions {
     /// In the order of the reference and of `--help`.
     public static let all: [OptionSpec] = [
         dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
-        idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, brokerURL,
+        idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, patchResponseMaxMembers,
+        brokerURL,
         brokerCA, brokerCert, brokerKey, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy,
     ]
 
