@@ -36,6 +36,13 @@ public final class AgentStore: Sendable {
     public let outbox: Database
     let meta: Database
     let propagated: Database
+    /// Per group, the members the broker was last told it has
+    /// (`group id\0member id` → the member as relayed): membership changes
+    /// are relayed as the difference from it (`emitGroupChange`).
+    let relayedMembers: Database
+    /// Members a write changed in a group, until that write's event is
+    /// decided (`group id\0member id`; emptied in the same transaction).
+    let pendingMembers: Database
     let deadLetters: Database
     /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
@@ -84,6 +91,8 @@ public final class AgentStore: Sendable {
                 )
             })
         propagated = try environment.openDatabase("propagated")
+        relayedMembers = try environment.openDatabase("relayedMembers")
+        pendingMembers = try environment.openDatabase("pendingMembers")
         deadLetters = try environment.openDatabase("deadLetters")
         resources = try environment.openDatabase("resources")
         userNames = try environment.openDatabase("userNames")

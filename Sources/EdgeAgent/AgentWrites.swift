@@ -218,7 +218,7 @@ extension AgentStore {
         let groups = registry.resourceType("Group")!
         for gid in try groupIDs(txn, of: id) {
             guard let old = try load(txn, groups, gid) else { continue }
-            _ = try txn.delete(groupMembers, AgentStore.memberKey(gid, id))
+            try deleteMember(gid, Array(id.utf8), txn)
             var group = old
             group["meta"] = nil
             group["id"] = nil
@@ -233,56 +233,54 @@ extension AgentStore {
     /// delete, a change of what leaves is `kind`; a change that stays inside
     /// (a keep-local attribute, an out-of-scope resource) sends nothing.
     /// Groups list only members that have left the boundary, so a member
-    /// entering or leaving it changes the groups that hold it too.
+    /// entering or leaving it changes the groups that hold it too: entering,
+    /// after its own event; leaving, before it (the broker names the member
+    /// by its id while it still holds it). Groups: `emitGroupChange`.
     func emitChange(
         _ type: ResourceType, id: String, current: JSONObject?, kind: String,
         _ ctx: WriteContext, _ txn: borrowing WriteTransaction
     ) throws {
+        if type.id == "Group" { return try emitGroupChange(type, id: id, current: current, kind: kind, ctx, txn) }
         guard ctx.recordEvents else { return }
         let key = AgentStore.key(type, id)
         let previous = try txn.get(propagated, key)
-        // The relay protocol carries a group's full state, members included:
-        // built here from the members index, O(n) for a group of n (the
-        // cost of relaying membership as deltas is not paid yet).
-        var outbound: JSONObject?
-        if let current { outbound = policy.outbound(type.id == "Group" ? try withMembers(txn, current) : current, type: type) }
-        if type.id == "Group", var out = outbound {
-            let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
-            let members = try (out["members"]?.arrayValue ?? []).filter { m in
-                guard let v = m["value"]?.stringValue else { return false }
-                return try txn.get(propagated, AgentStore.key(users, v)) != nil
-                    || txn.get(propagated, AgentStore.key(groups, v)) != nil
-            }
-            out["members"] = members.isEmpty ? nil : .array(members)
-            outbound = out
-        }
-        // What leaves, without `meta` (version and timestamps change on every write).
-        let digest = outbound.map { o -> [UInt8] in
-            var content = o
-            content["meta"] = nil
-            return sha256(JSON.object(content).serialized())
-        }
+        let outbound = current.flatMap { policy.outbound($0, type: type) }
+        let digest = outbound.map(outboundDigest)
         switch (previous, digest) {
         case (nil, nil):
             return
         case (nil, let d?):
             try txn.put(propagated, key, d)
             try appendEvent(EventURI.createFull, type: type, id: id, data: outbound, ctx, txn)
+            try memberCrossed(id, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
+            try memberCrossed(id, ctx, txn)
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?):
             guard p != d else { return }
             try txn.put(propagated, key, d)
             try appendEvent(kind == EventURI.createFull ? EventURI.putFull : kind, type: type, id: id, data: outbound, ctx, txn)
         }
-        if (previous == nil) != (digest == nil) {
-            let groups = registry.resourceType("Group")!
-            for gid in try groupIDs(txn, of: id) {
-                guard let group = try load(txn, groups, gid) else { continue }
-                try emitChange(groups, id: gid, current: group, kind: EventURI.patchFull, ctx, txn)
-            }
+    }
+
+    /// A member entered or left the boundary: each group holding it decides
+    /// its event for that one member.
+    func memberCrossed(_ id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        let groups = registry.resourceType("Group")!
+        for gid in try groupIDs(txn, of: id) {
+            guard let group = try load(txn, groups, gid) else { continue }
+            try txn.put(pendingMembers, AgentStore.memberKey(gid, id), [])
+            try emitChange(groups, id: gid, current: group, kind: EventURI.patchFull, ctx, txn)
         }
+    }
+
+    /// What is hashed of an outbound resource: all but `meta` (version and
+    /// timestamps change on every write).
+    func outboundDigest(_ outbound: JSONObject) -> [UInt8] {
+        var content = outbound
+        content["meta"] = nil
+        return sha256(JSON.object(content).serialized())
     }
 
     /// Re-evaluates every stored resource against the current policy when the
@@ -316,13 +314,18 @@ extension AgentStore {
         _ uri: String, type: ResourceType, id: String, data: JSONObject?, _ ctx: WriteContext,
         _ txn: borrowing WriteTransaction
     ) throws {
-        guard ctx.recordEvents else { return }
-        let seq = try nextCounter("seq", txn)
         var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
         if let data {
             body["version"] = data["meta"]?["version"]
             body["data"] = .object(data)
         }
+        try appendEvent(uri, body: body, ctx, txn)
+    }
+
+    /// Appends one event with `body` (`ref` and what the event carries) to the outbox.
+    func appendEvent(_ uri: String, body: JSONObject, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        guard ctx.recordEvents else { return }
+        let seq = try nextCounter("seq", txn)
         let event: JSON = [
             "seq": .number(JSONNumber(integer: Int64(seq))),
             "jti": .string("\(ctx.eventID)-\(seq)"),

@@ -138,7 +138,10 @@ extension AgentStore {
         let key = AgentStore.memberKey(groupID, id)
         let bytes = JSON.object(member).serialized()
         if let current = try txn.get(groupMembers, key) {
-            if current != bytes { try txn.put(groupMembers, key, bytes) }
+            if current != bytes {
+                try txn.put(groupMembers, key, bytes)
+                try txn.put(pendingMembers, key, [])
+            }
             return
         }
         guard id != groupID else { throw SCIMError.invalidValue("a group cannot be a member of itself") }
@@ -150,6 +153,7 @@ extension AgentStore {
             throw SCIMError.invalidValue("members: '\(id)' is not a User or Group of this agent")
         }
         try txn.put(groupMembers, key, bytes)
+        try txn.put(pendingMembers, key, [])
         try txn.put(memberships, Array(id.utf8), Array(groupID.utf8))
     }
 
@@ -157,6 +161,7 @@ extension AgentStore {
     @discardableResult
     func deleteMember(_ groupID: String, _ memberID: [UInt8], _ txn: borrowing WriteTransaction) throws -> Bool {
         guard try txn.delete(groupMembers, AgentStore.memberPrefix(groupID) + memberID) else { return false }
+        try txn.put(pendingMembers, AgentStore.memberPrefix(groupID) + memberID, [])
         _ = try txn.delete(memberships, memberID, value: Array(groupID.utf8))
         return true
     }
@@ -173,7 +178,10 @@ extension AgentStore {
                 let id = String(decoding: e.id, as: UTF8.self)
                 if let m = wanted.removeValue(forKey: id) {
                     let bytes = JSON.object(m).serialized()
-                    if bytes != e.value { try txn.put(groupMembers, AgentStore.memberPrefix(groupID) + e.id, bytes) }
+                    if bytes != e.value {
+                        try txn.put(groupMembers, AgentStore.memberPrefix(groupID) + e.id, bytes)
+                        try txn.put(pendingMembers, AgentStore.memberPrefix(groupID) + e.id, [])
+                    }
                 } else {
                     try deleteMember(groupID, e.id, txn)
                 }

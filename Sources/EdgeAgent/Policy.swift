@@ -137,6 +137,12 @@ public struct LocalPolicy: Sendable {
 
     /// What of `resource` leaves the boundary, or nil when nothing does
     /// (type kept local, or out of scope).
+    /// Whether the scope of `type` looks at members (then whether a group
+    /// leaves depends on them, and its events are decided on the whole group).
+    func scopeReadsMembers(_ type: ResourceType) -> Bool {
+        scopes[type.id].map { filterReadsMembers($0.root) } ?? false
+    }
+
     public func outbound(_ resource: JSONObject, type: ResourceType) -> JSONObject? {
         guard !disabledTypes.contains(type.id) else { return nil }
         if let scope = scopes[type.id], !scope.matches(resource) { return nil }

@@ -122,6 +122,9 @@ public final class Relay {
     private var scheduledFor: UInt64 = 0
     private var failures = 0
     private var stopped = false
+    /// The relay protocol the broker says it speaks (`protocol` in its 200s),
+    /// as recorded in the store: membership changes become deltas from 2.
+    public private(set) var brokerProtocol = 1
     public private(set) var statistics = RelayStatistics()
     public var logger = Logger(label: "scim-edge.relay")
     /// Called after an acknowledgement's prune committed (the outbox shrank).
@@ -159,6 +162,7 @@ public final class Relay {
         // A run before a crash may have sent everything numbered: an honest
         // broker may acknowledge up to there at once.
         sentHigh = max(ackedThrough, try store.numberedSequence())
+        brokerProtocol = try store.brokerProtocol()
         schedule(after: 0)
     }
 
@@ -292,6 +296,8 @@ public final class Relay {
                 }
                 failures = 0
                 backingOff = false
+                let spoken = body?["protocol"]?.numberValue?.integer.map { Int(clamping: $0) } ?? 1
+                if spoken != brokerProtocol { learnProtocol(spoken) }
                 window = min(configuration.window, window + 1)  // additive increase
                 statistics.window = window
                 acknowledged(through: believed, rejected: rejected)
@@ -393,6 +399,17 @@ public final class Relay {
     }
 
     private var pendingRejections: [UInt64: String] = [:]
+
+    /// The broker speaks another protocol than recorded: recorded durably, so
+    /// that the writes after it (on any loop) decide their events by it.
+    private func learnProtocol(_ version: Int) {
+        brokerProtocol = version
+        logger.info("the broker speaks relay protocol \(version)", metadata: ["protocol": .string(String(version))])
+        let store = self.store
+        writer.submit({ txn in try store.recordBrokerProtocol(version, in: txn) }) { [weak self] result in
+            if case .failure(let e) = result { self?.logger.error("relay: cannot record the broker's protocol: \(e)") }
+        }
+    }
 
     private func prune() {
         guard !pruning else { return }

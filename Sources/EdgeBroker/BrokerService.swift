@@ -74,6 +74,7 @@ public struct BrokerConfiguration: Sendable {
 public struct FederationStatistics: Sendable {
     public var batches = 0
     public var eventsApplied = 0
+    public var membershipDeltas = 0
     public var duplicates = 0
     public var rejectedEvents = 0
     public var gaps = 0
@@ -258,6 +259,9 @@ public final class BrokerService {
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
+        metric(
+            "scim_broker_membership_deltas_total", "counter", "Of them, group membership changes relayed as members added and removed.",
+            [("", String(s.membershipDeltas))])
         metric(
             "scim_broker_events_duplicate_total", "counter", "Events acknowledged again without re-applying.", [("", String(s.duplicates))])
         metric("scim_broker_events_rejected_total", "counter", "Events refused for good.", [("", String(s.rejectedEvents))])
@@ -565,6 +569,7 @@ public final class BrokerService {
                         metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
                 }
                 statistics.eventsApplied += outcome.applied
+                statistics.membershipDeltas += outcome.membershipDeltas
                 for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
                 recordPropagation(outcome.acceptedAt)
                 statistics.duplicates += outcome.duplicates

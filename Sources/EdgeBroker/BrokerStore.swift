@@ -146,6 +146,8 @@ public struct ApplyOutcome: Sendable, Equatable {
     /// The first batch of an agent store the broker had not seen.
     public var newSequence = false
     public var applied = 0
+    /// Of them, membership deltas (protocol 2).
+    public var membershipDeltas = 0
     public var duplicates = 0
     /// `ts` (agent acceptance, Unix ms) of each applied event, for propagation metrics.
     public var acceptedAt: [Int64] = []
@@ -193,6 +195,7 @@ extension BrokerStore {
                 }
                 if !ids.isEmpty { ids.removeFirst() }
                 outcome.applied += 1
+                if event.body["events"]?[BrokerStore.membersEvent] != nil { outcome.membershipDeltas += 1 }
                 if let ts = event.body["ts"]?.numberValue?.integer, ts > 0 { outcome.acceptedAt.append(ts) }
             } catch let e as SCIMError {
                 outcome.rejected[event.seq] = e.detail
@@ -301,9 +304,11 @@ extension BrokerStore {
                     throw SCIMError.invalidValue("event \(event.seq): 'added' holds members ({\"value\": id})")
                 }
                 // Members the directory does not hold were not federated (as for full state).
-                guard let id = try memberBrokerID(domain: domain, sourceID: v, txn), !present.contains(id) else { continue }
+                guard let id = try memberBrokerID(domain: domain, sourceID: v, txn) else { continue }
                 o["value"] = .string(id)
                 o["$ref"] = nil
+                // A member already there is updated (its display or type changed).
+                if present.contains(id) { members.removeAll { $0["value"]?.stringValue == id } }
                 members.append(.object(o))
                 present.insert(id)
             }

@@ -393,6 +393,10 @@ struct Status: ParsableCommand {
         emit("data directory   \(data.dataDir)")
         emit("store            \(info.usedBytes) of \(info.mapSize) bytes mapped (limit \(store.environment.options.maxMapSize))")
         emit("store epoch      \(store.epoch.isEmpty ? "none (made before store epochs: one sequence per certificate)" : store.epoch)")
+        let spoken = try store.brokerProtocol()
+        emit(
+            "relay protocol   \(spoken)"
+                + (spoken >= 2 ? " (membership changes go as deltas)" : " (the broker has not said it speaks 2: groups go as full state)"))
         emit("resources        \(users) users, \(groups) groups")
         emit("outbox           \(usage.events) events, \(usage.bytes) bytes")
         emit("acknowledged     through sequence \(try store.acknowledgedSequence())")

@@ -1,0 +1,158 @@
+import EdgeStore
+import SCIM
+
+/// A group's relay events. What leaves of a group is its attributes (hashed
+/// in `propagated`, as for users, but without members) and its members that
+/// have left the boundary themselves, kept in `relayedMembers` as the broker
+/// was last told them. A change of the attributes, or a group entering the
+/// boundary, sends the whole group (O(n)); a change of members only — the
+/// PATCH of an IdP adding one person to "all staff", a member entering or
+/// leaving the boundary — sends the members added and removed
+/// (`prov:patch:members`, relay protocol 2: docs/protocol.md), O(k log n),
+/// once the broker has said it speaks protocol 2. Before that (an older
+/// broker, or none heard from yet since the store was made) the same change
+/// goes as the whole group.
+extension AgentStore {
+    /// The members event of relay protocol 2 (`BrokerStore.membersEvent` at the broker).
+    static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
+    static let brokerProtocolKey = Array("brokerProtocol".utf8)
+
+    /// The relay protocol the broker last said it speaks (1 when it never said).
+    public func brokerProtocol() throws -> Int {
+        try environment.read { txn in try brokerProtocol(txn) }
+    }
+
+    func brokerProtocol(_ txn: borrowing some StoreReading & ~Copyable) throws -> Int {
+        Int(try txn.get(meta, AgentStore.brokerProtocolKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 1)
+    }
+
+    /// Records what the broker answered (the relay, when it changes).
+    public func recordBrokerProtocol(_ version: Int, in txn: borrowing WriteTransaction) throws {
+        try txn.put(meta, AgentStore.brokerProtocolKey, UInt64(max(1, version)).bigEndianBytes)
+    }
+
+    /// The member ids a write marked in `groupID` (and forgets the marks).
+    func takePendingMembers(_ groupID: String, _ txn: borrowing WriteTransaction) throws -> [String] {
+        let prefix = AgentStore.memberPrefix(groupID)
+        var ids: [[UInt8]] = []
+        try txn.scanKeys(pendingMembers, from: prefix, to: Array(groupID.utf8) + [1]) { k in
+            ids.append(Array(k[prefix.count...]))
+            return true
+        }
+        for id in ids { _ = try txn.delete(pendingMembers, prefix + id) }
+        return ids.map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Whether member `id` (a user or a group) has left the boundary.
+    func isPropagated(_ id: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> Bool {
+        let users = registry.resourceType("User")!, groups = registry.resourceType("Group")!
+        return try txn.get(propagated, AgentStore.key(users, id)) != nil || txn.get(propagated, AgentStore.key(groups, id)) != nil
+    }
+
+    func emitGroupChange(
+        _ type: ResourceType, id: String, current: JSONObject?, kind: String, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
+        let pending = try takePendingMembers(id, txn)
+        guard ctx.recordEvents else { return }
+        let key = AgentStore.key(type, id)
+        let previous = try txn.get(propagated, key)
+        var attributes: JSONObject?
+        var whole: JSONObject?  // the outbound group with its members, when it was needed already
+        if let current {
+            if policy.scopeReadsMembers(type) {
+                // The scope decides on members: the whole group is needed to know whether it leaves.
+                whole = try policy.outbound(withMembers(txn, current), type: type)
+                attributes = whole.map {
+                    var a = $0; a["members"] = nil; return a
+                }
+            } else {
+                attributes = policy.outbound(current, type: type)
+            }
+        }
+        let digest = attributes.map(outboundDigest)
+        switch (previous, digest) {
+        case (nil, nil):
+            return
+        case (nil, let d?):
+            try txn.put(propagated, key, d)
+            try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.createFull, ctx, txn)
+            try memberCrossed(id, ctx, txn)
+        case (_?, nil):
+            try txn.delete(propagated, key)
+            try forgetRelayedMembers(id, txn)
+            try memberCrossed(id, ctx, txn)
+            try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
+        case (let p?, let d?) where p != d:
+            try txn.put(propagated, key, d)
+            try emitWholeGroup(
+                type, id: id, current: current!, outbound: whole, uri: kind == EventURI.createFull ? EventURI.putFull : kind, ctx, txn)
+        case (_?, _?):
+            guard !pending.isEmpty else { return }
+            // Only members changed: those marked, each decided against what the broker was told.
+            var subset = current!
+            subset["members"] = .array(try members(txn, of: id, ids: pending))
+            let outbound = (whole ?? policy.outbound(subset, type: type))?["members"]?.arrayValue ?? []
+            var byID: [String: JSON] = [:]
+            for m in outbound { if let v = m["value"]?.stringValue { byID[v] = m } }
+            var added: [JSON] = [], removed: [JSON] = []
+            for m in pending.sorted() {
+                let relayedKey = AgentStore.memberKey(id, m)
+                let was = try txn.get(relayedMembers, relayedKey)
+                if let member = byID[m], try isPropagated(m, txn) {
+                    let bytes = JSON.object(member.objectValue ?? [:]).serialized()
+                    guard was != bytes else { continue }
+                    added.append(member)
+                    try txn.put(relayedMembers, relayedKey, bytes)
+                } else if was != nil {
+                    removed.append(.string(m))
+                    _ = try txn.delete(relayedMembers, relayedKey)
+                }
+            }
+            guard !added.isEmpty || !removed.isEmpty else { return }
+            if try brokerProtocol(txn) >= 2 {
+                var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
+                body["version"] = current!["meta"]?["version"]
+                body["added"] = .array(added)
+                body["removed"] = .array(removed)
+                try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
+            } else {
+                try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.patchFull, ctx, txn)
+            }
+        }
+    }
+
+    /// The whole group as it leaves (members that left the boundary only),
+    /// and `relayedMembers` made to match it. O(n).
+    func emitWholeGroup(
+        _ type: ResourceType, id: String, current: JSONObject, outbound known: JSONObject?, uri: String, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
+        guard var out = try known ?? policy.outbound(withMembers(txn, current), type: type) else { return }
+        var members: [JSON] = []
+        for m in out["members"]?.arrayValue ?? [] {
+            guard let v = m["value"]?.stringValue, try isPropagated(v, txn) else { continue }
+            members.append(m)
+        }
+        out["members"] = members.isEmpty ? nil : .array(members)
+        try forgetRelayedMembers(id, txn)
+        for m in members {
+            try txn.put(relayedMembers, AgentStore.memberKey(id, m["value"]!.stringValue!), JSON.object(m.objectValue ?? [:]).serialized())
+        }
+        try appendEvent(uri, type: type, id: id, data: out, ctx, txn)
+    }
+
+    /// Empties `relayedMembers` of `groupID`.
+    func forgetRelayedMembers(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
+        let prefix = AgentStore.memberPrefix(groupID)
+        while true {
+            var keys: [[UInt8]] = []
+            try txn.scanKeys(relayedMembers, from: prefix, to: Array(groupID.utf8) + [1]) { k in
+                keys.append(k)
+                return keys.count < AgentStore.memberChunk
+            }
+            for k in keys { _ = try txn.delete(relayedMembers, k) }
+            if keys.count < AgentStore.memberChunk { return }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+import EdgeAgent
+import EdgeStore
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// A group's relay events with relay protocol 2 (real agent, real LMDB
+/// file): a change of members only goes as the members added and removed,
+/// small whatever the group's size; a change of its attributes, or a broker
+/// that never said it speaks 2, sends the whole group.
+final class MembershipEventTests: XCTestCase {
+    let groupSchema = #"["urn:ietf:params:scim:schemas:core:2.0:Group"]"#
+    let patchSchema = #"["urn:ietf:params:scim:api:messages:2.0:PatchOp"]"#
+
+    /// Every outbox event after `after`: its kind, ref, the event's own bytes and body.
+    func events(_ store: AgentStore, after: UInt64 = 0) throws -> [(kind: String, ref: String, bytes: Int, body: JSON)] {
+        try store.outboxEntries(after: after, limit: 100_000).map { _, e in
+            let (uri, body) = e["events"]!.objectValue!.members.first!
+            // prov:create:full, prov:patch:members, prov:delete …
+            let kind = uri.split(separator: ":").drop { $0 != "prov" }.joined(separator: ":")
+            return (kind, body["ref"]!.stringValue!, e.serialized().count, body)
+        }
+    }
+
+    func patch(_ agent: AgentHarness, _ gid: String, _ ops: String) throws {
+        XCTAssertEqual(try agent.call("PATCH", "/Groups/\(gid)", #"{"schemas":\#(patchSchema),"Operations":\#(ops)}"#).status, 200)
+    }
+
+    func testMembershipChangesAreRelayedAsDeltasOnceTheBrokerSpeaksProtocol2() throws {
+        let first = try AgentHarness()  // kept: its directory holds the store
+        var agent: AgentHarness? = first
+        let path = first.dir.file("data")
+        let ids = try (0..<3).map { k in try XCTUnwrap(try agent!.call("POST", "/Users", userBody("u\(k)")).body?["id"]?.stringValue) }
+        let gid = try XCTUnwrap(
+            try agent!.call("POST", "/Groups", #"{"schemas":\#(groupSchema),"displayName":"staff","members":[{"value":"\#(ids[0])"}]}"#)
+                .body?["id"]?.stringValue)
+        // Protocol 1 (no broker has said otherwise): a member added is the whole group.
+        try patch(agent!, gid, #"[{"op":"add","path":"members","value":[{"value":"\#(ids[1])"}]}]"#)
+        XCTAssertEqual(agent!.stop(), 0)
+        var store = try AgentStore(path: path, registry: .standard)
+        var e = try events(store)
+        XCTAssertEqual(e.map(\.kind), ["prov:create:full", "prov:create:full", "prov:create:full", "prov:create:full", "prov:patch:full"])
+        XCTAssertEqual(e[4].body["data"]?["members"]?.arrayValue?.count, 2)
+        let seen = try store.numberedSequence()
+        // The broker said 2 (what the relay records from its answers).
+        try store.environment.write { txn in try store.recordBrokerProtocol(2, in: txn) }
+        store = try AgentStore(path: path, registry: .standard)
+        XCTAssertEqual(try store.brokerProtocol(), 2)
+
+        agent = try AgentHarness { $0.dataDirectory = path }
+        // Members added and removed, in the forms IdPs send, and a user deleted while a member.
+        try patch(agent!, gid, #"[{"op":"add","path":"members","value":[{"value":"\#(ids[2])"}]}]"#)
+        try patch(agent!, gid, #"[{"op":"remove","path":"members[value eq \"\#(ids[0])\"]"}]"#)
+        try patch(agent!, gid, #"[{"op":"add","path":"members","value":[{"value":"\#(ids[2])"}]}]"#)  // already a member: no event
+        XCTAssertEqual(try agent!.call("DELETE", "/Users/\(ids[1])").status, 204)
+        // An attribute change sends the whole group (still with its one member).
+        try patch(agent!, gid, #"[{"op":"replace","path":"displayName","value":"all staff"}]"#)
+        XCTAssertEqual(agent!.stop(), 0)
+        e = try events(try AgentStore(path: path, registry: .standard), after: seen)
+        XCTAssertEqual(
+            e.map { "\($0.kind) \($0.ref)" },
+            [
+                "prov:patch:members /Groups/\(gid)", "prov:patch:members /Groups/\(gid)",
+                // The group loses the user before the user goes: the broker resolves the member while it holds it.
+                "prov:patch:members /Groups/\(gid)", "prov:delete /Users/\(ids[1])",
+                "prov:patch:full /Groups/\(gid)",
+            ])
+        func values(_ k: Int, _ key: String) -> [String] {
+            (e[k].body[key]?.arrayValue ?? []).compactMap { $0["value"]?.stringValue ?? $0.stringValue }
+        }
+        XCTAssertEqual(values(0, "added"), [ids[2]])
+        XCTAssertEqual(values(0, "removed"), [])
+        XCTAssertEqual(values(1, "removed"), [ids[0]])
+        XCTAssertEqual(values(2, "removed"), [ids[1]])
+        XCTAssertNotNil(e[0].body["version"], "a delta carries the group's version")
+        for k in 0..<3 { XCTAssertLessThan(e[k].bytes, 1024, "one member's change is well under 1 KiB: \(e[k].bytes) bytes") }
+        XCTAssertEqual(e[4].body["data"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [ids[2]])
+        XCTAssertEqual(e[4].body["data"]?["displayName"]?.stringValue, "all staff")
+    }
+}
