@@ -122,7 +122,7 @@ extension BrokerStore {
                 let o = try JSONParser.parse(bytes, limits: .stored).objectValue
             else { return nil }
             let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-            return (String(parts[0]), String(parts[1]), o)
+            return (String(parts[0]), String(parts[1]), parts[1] == "Group" ? try withMembers(txn, o) : o)
         }
     }
 
@@ -136,7 +136,9 @@ extension BrokerStore {
                 seen += 1
                 if seen > budget { throw SCIMError(400, .tooMany, "more than \(budget) resources to scan") }
                 let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
-                if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append(o) }
+                if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue {
+                    out.append(type == "Group" ? try withMembers(txn, o) : o)
+                }
                 return true
             }
             return out

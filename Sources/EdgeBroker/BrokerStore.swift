@@ -30,6 +30,15 @@ public final class BrokerStore: Sendable {
     let targetState: Database
     let targetOwners: Database
     let targetLinks: Database
+    /// A group's members (`group broker id\0member broker id` → the member),
+    /// not an array in the stored group: a change of k members costs
+    /// O(k log n) (`BrokerMembers.swift`).
+    let groupMembers: Database
+    /// The other direction (member broker id → group broker ids), so that a
+    /// deleted user leaves its groups without a scan.
+    let memberOf: Database
+    /// The store's own settings (`layout`).
+    let meta: Database
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
 
@@ -48,7 +57,11 @@ public final class BrokerStore: Sendable {
         targetState = try environment.openDatabase("targetState")
         targetOwners = try environment.openDatabase("targetOwners")
         targetLinks = try environment.openDatabase("targetLinks")
+        groupMembers = try environment.openDatabase("groupMembers")
+        memberOf = try environment.openDatabase("memberOf", flags: .duplicateSort)
+        meta = try environment.openDatabase("meta")
         self.targets = targets
+        try migrateInlineMembers()
     }
 
     public func appliedSequence(domain: String, agent: AgentKey) throws -> UInt64 {
@@ -63,8 +76,10 @@ public final class BrokerStore: Sendable {
         let resources = self.resources
         return try environment.read { txn in
             var out: [JSONObject] = []
-            try txn.scan(resources, from: Array("\(domain)/".utf8), to: Array("\(domain)0".utf8)) { _, v in
-                if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append(o) }
+            try txn.scan(resources, from: Array("\(domain)/".utf8), to: Array("\(domain)0".utf8)) { k, v in
+                if let o = try JSONParser.parse(v, limits: .stored).objectValue {
+                    out.append(k.starts(with: Array("\(domain)/Group/".utf8)) ? try withMembers(txn, o) : o)
+                }
                 return true
             }
             return out
@@ -237,6 +252,8 @@ extension BrokerStore {
             guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
+            if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
+            try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
                 acceptedAt: acceptedAt, txn)
@@ -260,17 +277,19 @@ extension BrokerStore {
             data["schemas"] = .array(schemas)
             // Members name users of the same domain by their source ids: the
             // directory names them by broker id (unknown ones are not federated).
-            if type == "Group", let members = data["members"]?.arrayValue {
-                var mapped: [JSON] = []
-                for m in members {
+            // They go to the members index, not into the stored group.
+            if type == "Group" {
+                var mapped: [JSONObject] = []
+                for m in data["members"]?.arrayValue ?? [] {
                     guard var o = m.objectValue, let v = o["value"]?.stringValue,
                         let id = try memberBrokerID(domain: domain, sourceID: v, txn)
                     else { continue }
                     o["value"] = .string(id)
                     o["$ref"] = nil
-                    mapped.append(.object(o))
+                    mapped.append(o)
                 }
-                data["members"] = .array(mapped)
+                data["members"] = nil
+                try replaceMembers(brokerID, with: mapped, txn)
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
@@ -286,18 +305,11 @@ extension BrokerStore {
             }
             let added = body["added"]?.arrayValue ?? [], removed = body["removed"]?.arrayValue ?? []
             var data = existing
-            var members = data["members"]?.arrayValue ?? []
-            var present = Set(members.compactMap { $0["value"]?.stringValue })
-            var gone = Set<String>()
             for r in removed {
                 guard let v = r.stringValue else {
                     throw SCIMError.invalidValue("event \(event.seq): 'removed' holds member ids (strings)")
                 }
-                if let id = try memberBrokerID(domain: domain, sourceID: v, txn) { gone.insert(id) }
-            }
-            if !gone.isEmpty {
-                members.removeAll { gone.contains($0["value"]?.stringValue ?? "") }
-                present.subtract(gone)
+                if let id = try memberBrokerID(domain: domain, sourceID: v, txn) { try deleteMember(brokerID, id, txn) }
             }
             for a in added {
                 guard var o = a.objectValue, let v = o["value"]?.stringValue else {
@@ -307,12 +319,8 @@ extension BrokerStore {
                 guard let id = try memberBrokerID(domain: domain, sourceID: v, txn) else { continue }
                 o["value"] = .string(id)
                 o["$ref"] = nil
-                // A member already there is updated (its display or type changed).
-                if present.contains(id) { members.removeAll { $0["value"]?.stringValue == id } }
-                members.append(.object(o))
-                present.insert(id)
+                try putMember(brokerID, o, txn)  // a member already there is updated (display, type)
             }
-            data["members"] = .array(members)
             var source = existing[BrokerStore.sourceExtension]?.objectValue ?? [:]
             if let v = body["version"] { source["version"] = v }
             if !trace.isEmpty { source["trace"] = .string(trace) }

@@ -89,4 +89,57 @@ final class MembershipDeltaTests: XCTestCase {
         outcome = try apply(store, [members(10, "u1", added: ["u2"])])
         XCTAssertNotNil(outcome.rejected[10])
     }
+
+    /// The stored group holds no members (they are an index); a deleted
+    /// user leaves the index; a store written with members inline (layout 1)
+    /// is migrated when it is opened and reads back the same.
+    func testMembersAreAnIndexAndAnInlineStoreIsMigrated() throws {
+        let dir = TempDirectory("broker-members")
+        defer { dir.remove() }
+        do {
+            let store = try BrokerStore(path: dir.file("broker"))
+            let group = event(
+                3, "urn:ietf:params:SCIM:event:prov:create:full",
+                [
+                    "ref": "/Groups/g1",
+                    "data": [
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": "g1", "displayName": "G",
+                        "members": [["value": "u1"], ["value": "u2"]],
+                    ],
+                ])
+            _ = try apply(store, [user(1, "u1"), user(2, "u2"), group])
+            let resources = try store.environment.openDatabase("resources")
+            let raw = try store.environment.read { txn in try txn.get(resources, Array("acme-de/Group/g1".utf8)) }
+            let stored = try JSONParser.parse(try XCTUnwrap(raw))
+            XCTAssertNil(stored["members"], "the stored group holds no members")
+            XCTAssertLessThan(raw!.count, 1024)
+            XCTAssertEqual(try groupMembers(store), ["b-1", "b-2"])
+            // u1 deleted at the broker: it leaves the group.
+            _ = try apply(store, [event(4, "urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/u1"])])
+            XCTAssertEqual(try groupMembers(store), ["b-2"])
+        }
+        // Layout 1: a group with its members inline, as older brokers wrote it.
+        let old = dir.file("old")
+        do {
+            let env = try Environment(EnvironmentOptions(path: old))
+            let resources = try env.openDatabase("resources"), ids = try env.openDatabase("brokerIds")
+            try env.write { txn in
+                for (key, doc) in [
+                    ("acme-de/User/u1", #"{"id":"b1","userName":"u1"}"#),
+                    ("acme-de/Group/g1", #"{"id":"bg","displayName":"G","members":[{"value":"b1","display":"u1"}]}"#),
+                ] {
+                    try txn.put(resources, Array(key.utf8), Array(doc.utf8))
+                    try txn.put(ids, Array((key.hasSuffix("u1") ? "b1" : "bg").utf8), Array(key.utf8))
+                }
+            }
+        }
+        let migrated = try BrokerStore(path: old)
+        let g = try XCTUnwrap(try migrated.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == "G" })
+        XCTAssertEqual(g["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, ["b1"])
+        XCTAssertEqual(g["members"]?.arrayValue?.first?["display"]?.stringValue, "u1")
+        let resources = try migrated.environment.openDatabase("resources")
+        let raw = try migrated.environment.read { txn in try txn.get(resources, Array("acme-de/Group/g1".utf8)) }
+        XCTAssertNil(try JSONParser.parse(try XCTUnwrap(raw))["members"], "moved to the index")
+        XCTAssertEqual(try migrated.resource(brokerID: "bg")?.resource["members"]?.arrayValue?.count, 1)
+    }
 }

@@ -1,0 +1,122 @@
+import EdgeStore
+import SCIM
+
+/// The federated directory's group members as an index (`groupMembers`:
+/// `group broker id\0member broker id` → the member as JSON; `memberOf`:
+/// member → groups), maintained in the apply transaction. A membership delta
+/// costs O(k log n) whatever the group's size, and the stored group stays a
+/// few hundred bytes; readers put `members` back (`withMembers`, O(n)).
+/// Broker ids are hex and never hold a NUL, so keys split unambiguously.
+extension BrokerStore {
+    static func memberPrefix(_ groupID: String) -> [UInt8] { Array(groupID.utf8) + [0] }
+    static func memberKey(_ groupID: String, _ memberID: String) -> [UInt8] { memberPrefix(groupID) + Array(memberID.utf8) }
+    static let memberChunk = 4096
+    static let layoutKey = Array("layout".utf8)
+    /// 1 (or absent): members inline in the stored group; 2: in `groupMembers`.
+    static let layoutVersion: UInt64 = 2
+
+    /// Adds or updates one member of `groupID`.
+    func putMember(_ groupID: String, _ member: JSONObject, _ txn: borrowing WriteTransaction) throws {
+        guard let id = member["value"]?.stringValue else { return }
+        let key = BrokerStore.memberKey(groupID, id)
+        let bytes = JSON.object(member).serialized()
+        let current = try txn.get(groupMembers, key)
+        guard current != bytes else { return }
+        try txn.put(groupMembers, key, bytes)
+        if current == nil { try txn.put(memberOf, Array(id.utf8), Array(groupID.utf8)) }
+    }
+
+    func deleteMember(_ groupID: String, _ memberID: String, _ txn: borrowing WriteTransaction) throws {
+        guard try txn.delete(groupMembers, BrokerStore.memberKey(groupID, memberID)) else { return }
+        _ = try txn.delete(memberOf, Array(memberID.utf8), value: Array(groupID.utf8))
+    }
+
+    /// Makes `members` the whole membership of `groupID`: one walk of the
+    /// group's range (kept, updated, deleted), then what is new. O(old + new).
+    func replaceMembers(_ groupID: String, with members: [JSONObject], _ txn: borrowing WriteTransaction) throws {
+        var wanted: [String: JSONObject] = [:]
+        for m in members { if let v = m["value"]?.stringValue { wanted[v] = m } }
+        let prefix = BrokerStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+        var from = prefix
+        while true {
+            var chunk: [(id: String, value: [UInt8])] = []
+            try txn.scan(groupMembers, from: from, to: end) { k, v in
+                chunk.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
+                return chunk.count < BrokerStore.memberChunk
+            }
+            for e in chunk {
+                if let m = wanted.removeValue(forKey: e.id) {
+                    let bytes = JSON.object(m).serialized()
+                    if bytes != e.value { try txn.put(groupMembers, prefix + Array(e.id.utf8), bytes) }
+                } else {
+                    try deleteMember(groupID, e.id, txn)
+                }
+            }
+            guard chunk.count == BrokerStore.memberChunk else { break }
+            from = prefix + Array(chunk[chunk.count - 1].id.utf8) + [0]
+        }
+        for id in wanted.keys.sorted() { try putMember(groupID, wanted[id]!, txn) }
+    }
+
+    /// A deleted resource leaves every group holding it (each one index entry).
+    func leaveGroups(_ memberID: String, _ txn: borrowing WriteTransaction) throws {
+        var groups: [String] = []
+        try txn.withCursor(memberOf) { cursor in
+            var entry = try cursor.seek(exactly: Array(memberID.utf8))
+            while let e = entry {
+                groups.append(String(decoding: e.value, as: UTF8.self))
+                entry = try cursor.nextDuplicate()
+            }
+        }
+        for g in groups { _ = try txn.delete(groupMembers, BrokerStore.memberKey(g, memberID)) }
+        _ = try txn.delete(memberOf, Array(memberID.utf8))
+    }
+
+    /// The members of `groupID` (O(n): each is parsed).
+    func members(_ txn: borrowing some StoreReading & ~Copyable, of groupID: String) throws -> [JSON] {
+        var out: [JSON] = []
+        try txn.scan(groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1]) { _, v in
+            out.append(try JSONParser.parse(v, limits: .stored))
+            return true
+        }
+        return out
+    }
+
+    /// The group with its `members` from the index, as readers see it.
+    func withMembers(_ txn: borrowing some StoreReading & ~Copyable, _ group: JSONObject) throws -> JSONObject {
+        guard let id = group["id"]?.stringValue, group["members"] == nil else { return group }
+        var out = group
+        out["members"] = .array(try members(txn, of: id))
+        return out
+    }
+
+    /// A store of layout 1 holds each group's members inline: moved to the
+    /// index once, when it is opened (the groups keep their versions; no
+    /// fan-out: nothing changed).
+    func migrateInlineMembers() throws {
+        let meta = self.meta, resources = self.resources
+        try environment.write { txn in
+            if let v = try txn.get(meta, BrokerStore.layoutKey).flatMap(UInt64.init(bigEndianBytes:)), v >= BrokerStore.layoutVersion {
+                return
+            }
+            var groups: [([UInt8], JSONObject)] = []
+            try txn.scan(resources) { k, v in
+                let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+                if parts.count == 3, parts[1].elementsEqual("Group".utf8), let o = try JSONParser.parse(v, limits: .stored).objectValue,
+                    o["members"] != nil
+                {
+                    groups.append((k, o))
+                }
+                return true
+            }
+            for (key, var group) in groups {
+                guard let id = group["id"]?.stringValue else { continue }
+                let members = group["members"]?.arrayValue?.compactMap(\.objectValue) ?? []
+                group["members"] = nil
+                try replaceMembers(id, with: members, txn)
+                try txn.put(resources, key, JSON.object(group).serialized())
+            }
+            try txn.put(meta, BrokerStore.layoutKey, BrokerStore.layoutVersion.bigEndianBytes)
+        }
+    }
+}
