@@ -37,6 +37,11 @@ public enum SyncRepl {
         /// The entry's UUID, 16 bytes (`uuidString` formats it as entryUUID does).
         public var entryUUID: [UInt8]
         public var cookie: [UInt8]?
+        public init(state: EntryState, entryUUID: [UInt8], cookie: [UInt8]?) {
+            self.state = state
+            self.entryUUID = entryUUID
+            self.cookie = cookie
+        }
     }
 
     /// syncStateValue.
