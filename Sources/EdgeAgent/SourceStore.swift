@@ -148,24 +148,28 @@ extension AgentStore {
         try environment.read { txn in try txn.get(sources, SourceKey.position(source)) }
     }
 
-    /// Every source with state in this store, by name.
+    /// Every source with state in this store, by name (a walk of the
+    /// `sources` database: for the operator's command, not the write path).
     public func sourceStatuses() throws -> [SourceStatus] {
+        var names: [String] = []
         try environment.read { txn in
-            var out: [SourceStatus] = []
-            try txn.scan(sources) { k, v in
+            try txn.scanKeys(sources) { k in
                 let key = String(decoding: k, as: UTF8.self)
-                guard key.hasSuffix("\u{0}status"), let o = try? JSONParser.parse(v, limits: .stored).objectValue else { return true }
-                let name = String(key.dropLast("\u{0}status".count))
-                out.append(SourceStatus(name: name, json: o, position: try txn.get(sources, SourceKey.position(name))))
+                if key.hasSuffix("\u{0}status") { names.append(String(key.dropLast("\u{0}status".count))) }
                 return true
             }
-            return out
         }
+        return try names.map(sourceStatus)
     }
 
-    /// The status of one source (empty when it never wrote).
+    /// The status of one source (empty when it never wrote): two reads, whatever the number of entries.
     public func sourceStatus(_ source: String) throws -> SourceStatus {
-        try sourceStatuses().first { $0.name == source } ?? SourceStatus(name: source)
+        try environment.read { txn in
+            guard let bytes = try txn.get(sources, SourceKey.status(source)),
+                let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+            else { return SourceStatus(name: source) }
+            return SourceStatus(name: source, json: o, position: try txn.get(sources, SourceKey.position(source)))
+        }
     }
 
     /// Applies one batch of a source in `txn`, through the same writes as
