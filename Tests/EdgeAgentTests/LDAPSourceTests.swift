@@ -1,4 +1,5 @@
 import EdgeAgent
+import EdgeConfig
 import EdgeLDAP
 import EdgeTestSupport
 import Foundation
@@ -424,6 +425,46 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertTrue(status.position?.hasSuffix("Z") == true, "the high-water mark: \(status.position ?? "none")")
         XCTAssertEqual(status.entries, 50, "51 users, one deactivated")
         directory.stop()
+    }
+
+    /// `sources:` is read strictly: each problem at its key, and what is valid is bound.
+    func testSourcesConfigurationIsReadStrictly() throws {
+        let dir = TempDirectory("edge-ldap-config")
+        defer { dir.remove() }
+        let file = dir.write(
+            "agent.yaml",
+            """
+            dataDir: \(dir.file("data"))
+            token: [test-token-0123456789]
+            sources:
+              - name: corp
+                url: ldaps://10.0.0.5
+                baseDN: dc=example,dc=org
+                mode: poll
+                mapping:
+                  users: {userName: "sAMAccountName, uid", title: ""}
+              - name: corp
+                url: ldap://10.0.0.6
+                baseDN: dc=example,dc=org
+              - name: bad
+                url: http://10.0.0.7
+                baseDN: dc=example,dc=org
+                userFilter: (uid=a
+                mode: sync
+            """)
+        let d = ConfigDiagnostics(file: file)
+        let config = try XCTUnwrap(AgentConfiguration.read(file: file, d))
+        let keys = d.problems.compactMap(\.key)
+        XCTAssertTrue(keys.contains("sources[1].name"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].url"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].userFilter"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].mode"), "\(d.problems)")
+        XCTAssertEqual(config.sources.count, 1)
+        let corp = try XCTUnwrap(config.sources.first)
+        XCTAssertEqual(corp.mode, .poll)
+        XCTAssertEqual(corp.onDelete, .deactivate, "the default")
+        XCTAssertEqual(corp.mapping.users.first { $0.path == "userName" }?.attributes, ["sAMAccountName", "uid"])
+        XCTAssertNil(corp.mapping.users.first { $0.path == "title" }, "unmapped")
     }
 
     func testSyncReplMessagesFilterAndMapping() throws {
