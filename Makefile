@@ -4,7 +4,7 @@
 #   make bench  runs the benchmarks and writes docs/benchmarks.md
 SHELL := /bin/bash
 SWIFT ?= swift
-DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev lmdb-utils openssl nginx-light wrk python3-venv curl \
+DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev libldap-dev slapd ldap-utils lmdb-utils openssl nginx-light wrk python3-venv curl \
             binutils lintian systemd procps
 SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.

@@ -29,11 +29,14 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
         .systemLibrary(name: "CYAML", providers: [.apt(["libyaml-dev"])]),
+        .systemLibrary(name: "CLDAP", pkgConfig: "ldap", providers: [.apt(["libldap-dev"])]),
 
         .target(name: "EdgeLoop", dependencies: ["CLibUV"], swiftSettings: strict),
         .target(name: "EdgeTLS", dependencies: ["COpenSSL"], swiftSettings: strict),
         .target(name: "EdgeHTTP", dependencies: ["EdgeLoop", "EdgeTLS", "CHTTPParser"], swiftSettings: strict),
         .target(name: "EdgeStore", dependencies: ["CLMDB", "EdgeLoop"], swiftSettings: strict),
+        // The OpenLDAP client (libldap): connections, searches, RFC 4533 sync controls; used by the agent's LDAP sources.
+        .target(name: "EdgeLDAP", dependencies: ["CLDAP"], swiftSettings: strict),
         // SCIM 2.0 protocol core: pure Swift, no I/O, no Foundation.
         .target(name: "SCIM", swiftSettings: strict),
         // Strict YAML configuration files (libyaml), shared by the agent and the broker.
@@ -42,43 +45,67 @@ let package = Package(
         .plugin(name: "VersionPlugin", capability: .buildTool()),
         // JSON log lines (swift-log handler, the buffered access log) and the one plain-line writer, for both programs.
         .target(name: "EdgeLog", dependencies: ["SCIM", .product(name: "Logging", package: "swift-log")], swiftSettings: strict),
-        .target(name: "EdgeAgent", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeLog",
-                                                  .product(name: "Logging", package: "swift-log")],
-                swiftSettings: strict),
+        .target(
+            name: "EdgeAgent",
+            dependencies: [
+                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeLog", "EdgeLDAP",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
 
         .target(name: "EdgeMetrics", swiftSettings: strict),
-        .target(name: "EdgeBroker", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics",
-                                                    .product(name: "Logging", package: "swift-log")],
-                swiftSettings: strict),
-        .executableTarget(name: "scim-broker", dependencies: [
-            "EdgeBroker", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS", .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "Logging", package: "swift-log"),
-        ], swiftSettings: strict),
+        .target(
+            name: "EdgeBroker",
+            dependencies: [
+                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "scim-broker",
+            dependencies: [
+                "EdgeBroker", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ], swiftSettings: strict),
         // Operator tools in the agent binary: `scim-edge bench` and `scim-edge sandbox`.
-        .target(name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig", "EdgeMetrics"], swiftSettings: strict),
-        .executableTarget(name: "scim-edge", dependencies: [
-            "EdgeAgent", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "Logging", package: "swift-log"),
-        ], swiftSettings: strict),
+        .target(
+            name: "EdgeTools", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM", "EdgeConfig", "EdgeMetrics"], swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "scim-edge",
+            dependencies: [
+                "EdgeAgent", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ], swiftSettings: strict),
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
-        .target(name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",
-                swiftSettings: strict),
+        .target(
+            name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",
+            swiftSettings: strict),
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
-        .executableTarget(name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "SCIM"],
-                          swiftSettings: strict),
+        .executableTarget(
+            name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "SCIM"],
+            swiftSettings: strict),
 
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeTLSTests", dependencies: ["EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "EdgeHTTPTests", dependencies: ["EdgeHTTP", "EdgeLoop", "EdgeTLS", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
-        .testTarget(name: "EdgeAgentTests", dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"],
-                    swiftSettings: strict),
-        .testTarget(name: "EdgeBrokerTests", dependencies: ["EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
-                    swiftSettings: strict),
+        .testTarget(
+            name: "EdgeAgentTests",
+            dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "SCIM", "EdgeTestSupport"],
+            swiftSettings: strict),
+        .testTarget(
+            name: "EdgeBrokerTests",
+            dependencies: ["EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
+            swiftSettings: strict),
         .testTarget(name: "EdgeMetricsTests", dependencies: ["EdgeMetrics"], swiftSettings: strict),
-        .testTarget(name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict
+        ),
         .testTarget(name: "EdgeStoreTests", dependencies: ["EdgeStore", "EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
     ]
 )

@@ -113,6 +113,36 @@ public final class AdminEndpoint {
         metric(
             "scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
+        if !agent.sourceDrivers.isEmpty {
+            let sources = agent.sourceDrivers.map { d in
+                (label: "{source=\"\(d.runner.configuration.name)\"}", stats: d.statistics, live: d.runner.live.withLock { $0 })
+            }
+            metric(
+                "scim_edge_source_connected", "gauge", "1 while the source's directory connection is up.",
+                sources.map { ($0.label, $0.live.connected ? "1" : "0") })
+            metric(
+                "scim_edge_source_entries", "gauge", "Directory entries the source holds as resources (deactivated ones not counted).",
+                sources.map { ($0.label, String($0.stats.entries)) })
+            metric(
+                "scim_edge_source_batches_total", "counter", "Batches of the source committed (each with the position it reached).",
+                sources.map { ($0.label, String($0.stats.batches)) })
+            metric(
+                "scim_edge_source_changes_total", "counter", "Resources the source created, changed, deactivated or deleted.",
+                sources.map { ($0.label, String($0.stats.written)) })
+            metric(
+                "scim_edge_source_unchanged_total", "counter", "Entries read again that were already stored as they are.",
+                sources.map { ($0.label, String($0.stats.unchanged)) })
+            metric(
+                "scim_edge_source_errors_total", "counter", "Entries that could not be mapped or were refused (logged with their DN).",
+                sources.map { ($0.label, String($0.stats.failures)) })
+            metric(
+                "scim_edge_source_connection_failures_total", "counter", "Failed connections, binds and searches (retried with backoff).",
+                sources.map { ($0.label, String($0.live.connectionFailures)) })
+            metric(
+                "scim_edge_source_last_success_timestamp_seconds", "gauge",
+                "When the source's last batch was committed (Unix time; 0: never).",
+                sources.map { ($0.label, String($0.stats.lastSuccess)) })
+        }
         if let relay = agent.relay {
             let r = relay.statistics
             metric("scim_edge_relay_batches_sent_total", "counter", "Batches sent to the broker.", [("", String(r.batchesSent))])

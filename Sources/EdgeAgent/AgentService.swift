@@ -31,6 +31,8 @@ public struct AgentConfiguration: Sendable {
     /// included); accepted connections are spread over them round-robin.
     /// Writes from every loop share one group-commit writer.
     public var servingLoops = 1
+    /// Directories the agent pulls from (docs/sources.md).
+    public var sources: [LDAPSourceConfiguration] = []
     /// Request lines straight to this sink (`serve`: standard output); nil: through swift-log.
     public var accessLog: LogSink?
 
@@ -82,6 +84,9 @@ public final class AgentService {
     let servingLoops: [ServingLoop]
     public private(set) var adminServer: HTTPServer?
     public private(set) var relay: Relay?
+    /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
+    private(set) var sourceDrivers: [SourceDriver] = []
+    private var sourceHolders: [SourceDriverHolder] = []
     private var signals: ServiceSignals?
     private let configuration: AgentConfiguration
     /// The SCIM listener's certificate and key (all serving loops share it): re-read on SIGHUP.
@@ -155,6 +160,25 @@ public final class AgentService {
         // Noticed on any serving loop, logged on this one.
         let me = LoopBound(Unmanaged.passUnretained(self))
         let inbox: LoopInbox = loop.inbox
+        for source in configuration.sources {
+            let holder = SourceDriverHolder()
+            let bound = LoopBound(holder)
+            let runner = LDAPSourceRunner(
+                configuration: source, store: store,
+                submit: { batch, answer in
+                    inbox.send {
+                        guard let driver = bound.value.driver else { return answer.fulfil(.stopped) }
+                        driver.submit(batch) { answer.fulfil($0) }
+                    }
+                },
+                log: { line in _ = inbox.send { bound.value.driver?.log(line) } })
+            let driver = SourceDriver(runner: runner, endpoint: endpoint, writer: writer, store: store)
+            driver.log = { [weak self] line in self?.log(line) }
+            holder.driver = driver
+            sourceHolders.append(holder)
+            sourceDrivers.append(driver)
+        }
+        for driver in sourceDrivers { driver.runner.start() }
         shared.onChange.withLock {
             $0 = { on, events, bytes in
                 inbox.send {
@@ -196,6 +220,9 @@ public final class AgentService {
     /// Stops accepting, finishes in-flight requests, then closes the listeners.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         relay?.stop()
+        // Sources stop reading; a batch they hand over from now on is not written (it is read again at the next start).
+        for d in sourceDrivers { d.runner.stop() }
+        for h in sourceHolders { h.driver = nil }
         // The main server stops accepting; every serving loop drains; then the operations listener closes.
         var waiting = servingLoops.count + 1
         let finished: () -> Void = { [self] in

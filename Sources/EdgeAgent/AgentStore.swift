@@ -17,8 +17,11 @@ import Synchronization
 /// | `groupMembers` | `<group id>\0<member id>` | the member as stored (`value`, `type`, `$ref`; JSON): a group's `members`, which the stored group never holds (`GroupMembers.swift`) |
 /// | `outbox` | big-endian sequence | relay event (JSON) |
 /// | `propagated` | `User/<id>`, `Group/<id>` | SHA-256 of what last left the boundary |
+/// | `relayedMembers` | `<group id>\0<member id>` | the member as the broker was last told it (relay deltas, `GroupEvents.swift`) |
+/// | `pendingMembers` | `<group id>\0<member id>` | members a write changed, until its event is decided (emptied in the same transaction) |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
-/// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch` | counters, layout version, relay position, policy fingerprint, store identity |
+/// | `sources` | `<source>\0cookie`, `<source>\0status`, `<source>\0k\0<key>`, `<source>\0d\0<dn>`, `<source>\0p\0<dn>\0<group key>` | a pull source's position (written with the changes it covers), its status, each entry's resource, the DN index, group members waiting for their entry (`SourceStore.swift`) |
+/// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch`, `brokerProtocol` | counters, layout version, relay position, policy fingerprint, store identity |
 /// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
 /// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
 ///
@@ -44,6 +47,8 @@ public final class AgentStore: Sendable {
     /// decided (`group id\0member id`; emptied in the same transaction).
     let pendingMembers: Database
     let deadLetters: Database
+    /// The pull sources' state (`SourceStore.swift`): positions, status, entry records, DN index, pending members.
+    let sources: Database
     /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
@@ -102,6 +107,7 @@ public final class AgentStore: Sendable {
         attributes = try environment.openDatabase("attributes")
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
+        sources = try environment.openDatabase("sources")
         let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         let groupMembers = self.groupMembers
         epoch = try environment.write { txn in

@@ -1,5 +1,6 @@
 import EdgeConfig
 import EdgeHTTP
+import EdgeLDAP
 import EdgeLoop
 import EdgeTLS
 import Glibc
@@ -113,7 +114,137 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
             (c.policy, c.pseudonymKeyFile) = AgentConfiguration.decodePolicy(&policy)
             policy.finish()
         },
+        .init(section: AgentOptions.sources, AgentConfiguration.decodeSources),
     ])
+
+/// The keys of one entry of `sources` bound to `LDAPSourceConfiguration`.
+public let sourceOptionTable = OptionTable<LDAPSourceConfiguration>(
+    AgentOptions.Source.all,
+    [
+        .init(AgentOptions.Source.name) { s, v in
+            guard isSourceName(v.text) else { return OptionProblem("must be letters, digits, '.', '_' and '-', got '\(v.text)'") }
+            s.name = v.text
+            return nil
+        },
+        .init(AgentOptions.Source.url) { s, v in
+            guard v.text.hasPrefix("ldap://") || v.text.hasPrefix("ldaps://"), v.text.split(separator: "/").count >= 2 else {
+                return OptionProblem("must be ldap://HOST[:PORT] or ldaps://HOST[:PORT], got '\(v.text)'")
+            }
+            s.url = v.text
+            return nil
+        },
+        .init(AgentOptions.Source.bindDN) { s, v in
+            s.bindDN = v.text; return nil
+        },
+        .init(AgentOptions.Source.bindPasswordFile) { s, v in
+            s.bindPasswordFile = v.text; return nil
+        },
+        .init(AgentOptions.Source.baseDN) { s, v in
+            s.baseDN = v.text; return nil
+        },
+        .init(AgentOptions.Source.userFilter) { s, v in
+            guard (try? LDAPFilter(v.text)) != nil else { return OptionProblem("is not an LDAP filter (RFC 4515): '\(v.text)'") }
+            s.userFilter = v.text
+            return nil
+        },
+        .init(AgentOptions.Source.groupFilter) { s, v in
+            guard (try? LDAPFilter(v.text)) != nil else { return OptionProblem("is not an LDAP filter (RFC 4515): '\(v.text)'") }
+            s.groupFilter = v.text
+            return nil
+        },
+        .init(AgentOptions.Source.mode) { s, v in
+            s.mode = SourceMode(rawValue: v.text)!; return nil
+        },
+        .init(AgentOptions.Source.pollSeconds) { s, v in
+            s.pollSeconds = v.integer; return nil
+        },
+        .init(AgentOptions.Source.fullCompareEvery) { s, v in
+            s.fullCompareEvery = v.integer; return nil
+        },
+        .init(AgentOptions.Source.onDelete) { s, v in
+            s.onDelete = SourceDeletion(rawValue: v.text)!; return nil
+        },
+        .init(AgentOptions.Source.schema) { s, v in
+            s.schema = DirectorySchema(rawValue: v.text)!; return nil
+        },
+        .init(AgentOptions.Source.keyAttribute) { s, v in
+            s.keyAttribute = v.text; return nil
+        },
+        .init(section: AgentOptions.Source.mappingUsers) { node, path, d, s in
+            s.userMapping = decodeSourceMapping(node, path, d)
+        },
+        .init(section: AgentOptions.Source.mappingGroups) { node, path, d, s in
+            s.groupMapping = decodeSourceMapping(node, path, d)
+        },
+        .init(AgentOptions.Source.tlsCA) { s, v in
+            s.tls.caFile = v.text; return nil
+        },
+        .init(AgentOptions.Source.startTLS) { s, v in
+            s.tls.startTLS = v.boolean; return nil
+        },
+        .init(AgentOptions.Source.batchSize) { s, v in
+            s.batchSize = v.integer; return nil
+        },
+    ])
+
+func isSourceName(_ name: String) -> Bool {
+    !name.isEmpty
+        && name.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c == 0x2e || c == 0x5f || c == 0x2d
+        }
+}
+
+/// `mapping.users` / `mapping.groups`: SCIM path → LDAP attributes, a
+/// comma-separated string or a list; empty unmaps the path.
+func decodeSourceMapping(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics) -> [(path: String, attributes: [String])] {
+    guard var m = YAMLMapping(node, path: path, d) else { return [] }
+    var out: [(path: String, attributes: [String])] = []
+    for (key, mark, value) in m.entries() {
+        switch value {
+        case .scalar(let text, _, _):
+            out.append((key, text.split(separator: ",").map { String($0).trimmingSpaces }.filter { !$0.isEmpty }))
+        case .sequence(let items, _):
+            var names: [String] = []
+            for item in items {
+                guard case .scalar(let t, _, _) = item else { d.error(m.full(key), "must list attribute names", at: mark); continue }
+                names.append(t)
+            }
+            out.append((key, names))
+        default:
+            d.error(m.full(key), "must be an LDAP attribute name, a comma-separated list of them, or a list", at: mark)
+        }
+    }
+    m.finish()
+    return out
+}
+
+extension AgentConfiguration {
+    /// `sources:`, each entry through `sourceOptionTable`; a name defined twice is refused at its line.
+    static func decodeSources(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+        guard case .sequence(let items, _) = node else {
+            d.error(path, "must be a list ('- …' entries)", at: node.mark)
+            return
+        }
+        var names: [String: Int] = [:]
+        for (i, item) in items.enumerated() {
+            let at = "\(path)[\(i)]"
+            d.record(at, item.mark)
+            guard var m = YAMLMapping(item, path: at, d) else { continue }
+            var source = sourceOptionTable.defaults(LDAPSourceConfiguration(name: "", url: "", baseDN: ""))
+            let before = d.problems.count
+            sourceOptionTable.decode(&m, into: &source)
+            m.finish()
+            guard d.problems.count == before else { continue }
+            if let line = names[source.name] {
+                d.error(
+                    "\(at).name", "source '\(source.name)' is defined twice (first at line \(line))", fix: "give each source its own name")
+                continue
+            }
+            names[source.name] = d.mark("\(at).name")?.line ?? 0
+            config.sources.append(source)
+        }
+    }
+}
 
 extension AgentConfiguration {
     /// Where every run starts, with a file or with flags only: the table's
@@ -242,6 +373,10 @@ extension AgentConfiguration {
         // Not when reading it already failed: that is reported once, by the decoding.
         if let pseudonymKeyFile, !d.problems.contains(where: { $0.key == "policy.pseudonymKeyFile" }) {
             checks.file(pseudonymKeyFile, at: "policy.pseudonymKeyFile", secret: true)
+        }
+        for (i, source) in sources.enumerated() {
+            if let file = source.bindPasswordFile { checks.file(file, at: "sources[\(i)].bindPasswordFile", secret: true) }
+            if let ca = source.tls.caFile { checks.file(ca, at: "sources[\(i)].tls.ca") }
         }
         if let relay, let cert = relay.tls.certificateChainFile,
             let summary = checks.certificate(

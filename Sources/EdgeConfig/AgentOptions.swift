@@ -96,12 +96,70 @@ public enum AgentOptions {
         "What may leave the boundary, decided here before the outbox. Read at start only: a changed policy needs a restart, where it is applied to everything stored before the agent serves.",
         children: [policyResourceTypes, policyAttributes, policyScope, policyKeyFile])
 
+    /// The keys of one entry of `sources` (docs/sources.md).
+    public enum Source {
+        public static let name = OptionSpec(
+            "name", .text, required: .always, "The source's name (letters, digits, '.', '_' and '-'), in metrics, logs and sources status.")
+        public static let url = OptionSpec(
+            "url", .url, required: .always,
+            "The directory, ldap://HOST[:PORT] or ldaps://HOST[:PORT] (one server: a poll's position is that server's).")
+        public static let bindDN = OptionSpec("bindDN", .text, "The DN to bind as (none: an anonymous bind).")
+        public static let bindPasswordFile = OptionSpec(
+            "bindPasswordFile", .path, "The bind password, on the file's first line; read at every connection; mode 0640 or stricter.")
+        public static let baseDN = OptionSpec(
+            "baseDN", .text, required: .always, "Where the users and groups are (searched with scope subtree).")
+        public static let userFilter = OptionSpec(
+            "userFilter", .text, "The users, an LDAP filter (default: the schema's, (objectClass=inetOrgPerson) or AD's person users).")
+        public static let groupFilter = OptionSpec(
+            "groupFilter", .text, "The groups, an LDAP filter (default: the schema's, (objectClass=groupOfNames) or (objectClass=group)).")
+        public static let mode = OptionSpec(
+            "mode", .choice(["auto", "syncrepl", "poll"]), default: "auto",
+            "syncrepl (RFC 4533 refreshAndPersist: changes as they happen, deletions included), poll (modifyTimestamp, deletions at each full comparison) or auto (syncrepl when the server offers it)."
+        )
+        public static let pollSeconds = OptionSpec(
+            "pollSeconds", .integer(1...86_400), default: "60", "With poll: seconds between two polls.")
+        public static let fullCompareEvery = OptionSpec(
+            "fullCompareEvery", .integer(1...100_000), default: "10",
+            "With poll: every this many polls (and the first), a listing of every key finds the entries deleted since.")
+        public static let onDelete = OptionSpec(
+            "onDelete", .choice(["delete", "deactivate"]), default: "deactivate",
+            "What a user deleted in the directory (or gone out of the filter) becomes: deleted, or kept with active false. Groups are deleted."
+        )
+        public static let schema = OptionSpec(
+            "schema", .choice(["inetOrgPerson", "activeDirectory"]), default: "inetOrgPerson",
+            "The default filters, key and mapping: inetOrgPerson/groupOfNames (entryUUID) or Active Directory (objectGUID, userAccountControl)."
+        )
+        public static let keyAttribute = OptionSpec(
+            "keyAttribute", .text,
+            "The attribute that names an entry for good, the resource's externalId (default: entryUUID, or objectGUID for activeDirectory); renames keep it."
+        )
+        public static let mappingUsers = OptionSpec(
+            "mapping.users", .section,
+            "SCIM path: LDAP attributes (comma-separated, first present wins) over the schema's defaults; an empty value unmaps the path.")
+        public static let mappingGroups = OptionSpec("mapping.groups", .section, "The same for groups (displayName, members).")
+        public static let tlsCA = OptionSpec(
+            "tls.ca", .path, "The CA (PEM) the server's certificate must chain to (ldaps:// or startTLS; default: the system's).")
+        public static let startTLS = OptionSpec(
+            "tls.startTLS", .boolean, default: "false", "Upgrade an ldap:// connection with StartTLS before the bind.")
+        public static let batchSize = OptionSpec(
+            "batchSize", .integer(1...10_000), default: "500", "Changes written in one transaction (with the position they reach).")
+
+        public static let all: [OptionSpec] = [
+            name, url, bindDN, bindPasswordFile, baseDN, userFilter, groupFilter, mode, pollSeconds, fullCompareEvery, onDelete, schema,
+            keyAttribute, mappingUsers, mappingGroups, tlsCA, startTLS, batchSize,
+        ]
+    }
+
+    public static let sources = OptionSpec(
+        "sources", .sections,
+        "Directories the agent pulls users and groups from (LDAP, Active Directory): their changes take the same write path as the SCIM endpoint's (docs/sources.md).",
+        children: Source.all)
+
     /// In the order of the reference and of `--help`.
     public static let all: [OptionSpec] = [
         dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
         idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, patchResponseMaxMembers,
-        brokerURL,
-        brokerCA, brokerCert, brokerKey, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy,
+        brokerURL, brokerCA, brokerCert, brokerKey, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, sources,
     ]
 
     public static let reference = ConfigReference(

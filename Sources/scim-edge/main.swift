@@ -23,7 +23,7 @@ struct ScimEdge: ParsableCommand {
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
         subcommands: [
-            Serve.self, CheckConfig.self, Status.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
+            Serve.self, CheckConfig.self, Status.self, Sources.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
             BenchCommand.self, SandboxCommand.self, Reference.self,
         ])
 }
@@ -402,6 +402,36 @@ struct Status: ParsableCommand {
         emit("acknowledged     through sequence \(try store.acknowledgedSequence())")
         if let oldest = try store.oldestOutboxEvent() {
             emit("oldest event     sequence \(oldest.seq), issued at \(oldest.issuedAt) (Unix time)")
+        }
+    }
+}
+
+struct Sources: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Pull sources (LDAP, Active Directory): their state in the store.", subcommands: [SourceStatus.self])
+
+    struct SourceStatus: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "status", abstract: "Per source: mode, position, last success, entries, errors and the last failures.")
+        @OptionGroup var data: DataDirectory
+
+        func run() throws {
+            let store = try data.open()
+            let statuses = try store.sourceStatuses()
+            if statuses.isEmpty { emit("no source has written to \(data.dataDir)") }
+            let now = unixSeconds()
+            for s in statuses {
+                emit("source \(s.name)")
+                emit("  mode           \(s.mode)")
+                emit("  position       \(s.position ?? "none (the next start reads everything)")")
+                emit(
+                    "  last success   "
+                        + (s.lastSuccess == 0 ? "never" : "\(s.lastSuccess) (Unix time, \(max(0, now - s.lastSuccess)) s ago)"))
+                emit("  entries        \(s.entries)")
+                emit("  changes        \(s.written)")
+                emit("  errors         \(s.errors)")
+                for f in s.lastFailures { emit("  failed         \(f.dn): \(f.reason) (at \(f.at))") }
+            }
         }
     }
 }

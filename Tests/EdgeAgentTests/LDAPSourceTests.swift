@@ -1,0 +1,515 @@
+import EdgeAgent
+import EdgeConfig
+import EdgeLDAP
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// A slapd of the test's own: configured in a temporary directory
+/// (slapd.conf with the syncprov overlay and a small schema for the
+/// Active Directory attributes), loaded with slapadd, listening on
+/// 127.0.0.1 on a free port. Never the system's slapd.
+final class TestDirectory {
+    static let slapd = "/usr/sbin/slapd"
+    static let suffix = "dc=example,dc=org"
+    static let admin = "cn=admin,dc=example,dc=org"
+    let dir: TempDirectory
+    let port: Int
+    private(set) var process: ChildProcess?
+    var url: String { "ldap://127.0.0.1:\(port)" }
+
+    init() throws {
+        guard FileManager.default.isExecutableFile(atPath: Self.slapd) else {
+            throw XCTSkip("slapd is not installed (make deps installs slapd and ldap-utils): the LDAP source tests need it")
+        }
+        dir = TempDirectory("edge-slapd")
+        port = try freePort()
+        try FileManager.default.createDirectory(atPath: dir.file("db"), withIntermediateDirectories: true)
+        _ = dir.write(
+            "slapd.conf",
+            """
+            include /etc/ldap/schema/core.schema
+            include /etc/ldap/schema/cosine.schema
+            include /etc/ldap/schema/inetorgperson.schema
+            attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+            attributetype ( 1.3.6.1.4.1.55555.1.2 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+            attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'userPrincipalName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName ) )
+            pidfile \(dir.file("slapd.pid"))
+            modulepath /usr/lib/ldap
+            moduleload back_mdb
+            moduleload syncprov
+            sizelimit unlimited
+            database mdb
+            maxsize 1073741824
+            suffix "\(Self.suffix)"
+            rootdn "\(Self.admin)"
+            rootpw secret
+            directory \(dir.file("db"))
+            index objectClass,entryCSN,entryUUID eq
+            overlay syncprov
+            syncprov-checkpoint 10 1
+            syncprov-sessionlog 10000
+
+            """)
+    }
+
+    deinit {
+        if let p = process, p.process.isRunning { p.signal(SIGKILL); _ = p.waitForExit() }
+        dir.remove()
+    }
+
+    /// Loads LDIF offline (before the first start).
+    func slapadd(_ ldif: String) throws {
+        let file = dir.write("load.ldif", ldif)
+        let c = try ChildProcess("/usr/sbin/slapadd", ["-q", "-f", dir.file("slapd.conf"), "-l", file])
+        XCTAssertEqual(c.waitForExit(seconds: 120), 0, "slapadd: \(c.output)")
+    }
+
+    func start() throws {
+        process = try ChildProcess(Self.slapd, ["-d", "0", "-f", dir.file("slapd.conf"), "-h", "\(url)/"])
+        XCTAssertTrue(
+            eventually(seconds: 20) { (try? self.ldap("/usr/bin/ldapsearch", ["-b", "", "-s", "base"], "")) == 0 }, "slapd answers")
+    }
+
+    func stop() {
+        process?.signal(SIGTERM)
+        XCTAssertNotNil(process?.waitForExit(seconds: 30))
+        process = nil
+    }
+
+    /// Runs an ldap-utils tool bound as the directory's admin; its status.
+    @discardableResult
+    func ldap(_ tool: String, _ args: [String], _ input: String) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: tool)
+        p.arguments = ["-x", "-H", url, "-D", Self.admin, "-w", "secret"] + args
+        let pipe = Pipe()
+        p.standardInput = pipe
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        pipe.fileHandleForWriting.write(Data(input.utf8))
+        try pipe.fileHandleForWriting.close()
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+
+    func modify(_ ldif: String) throws {
+        XCTAssertEqual(try ldap("/usr/bin/ldapmodify", [], ldif), 0, "ldapmodify:\n\(ldif)")
+    }
+}
+
+func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = 0
+    inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+    _ = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// A running agent (`scim-edge serve --config`) and its SCIM answers.
+final class SourceAgent {
+    let child: ChildProcess
+    let port: Int
+    let adminPort: Int
+
+    init(config: String) throws {
+        child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", config])
+        let line = try XCTUnwrap(child.waitForLine("scim-edge"), "agent started: \(child.output)")
+        port = Int(line.split(separator: " ")[4].split(separator: ":")[1])!
+        let ops = try XCTUnwrap(child.waitForLine("operations at"))
+        adminPort = Int(ops.split(separator: ":").last!.split(separator: "/")[0])!
+    }
+
+    func get(_ target: String, port: Int? = nil) -> (Int, [String: Any]) {
+        guard let client = try? RawClient(port: port ?? self.port) else { return (0, [:]) }
+        client.send("GET \(target) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token-0123456789\r\nConnection: close\r\n\r\n")
+        guard let r = client.readResponses(1).first else { return (0, [:]) }
+        let json = (try? JSONSerialization.jsonObject(with: Data(r.body.utf8))) as? [String: Any] ?? [:]
+        return (r.status, json)
+    }
+
+    func metrics() -> String {
+        guard let client = try? RawClient(port: adminPort) else { return "" }
+        client.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return client.readResponses(1).first?.body ?? ""
+    }
+
+    func total(_ type: String, filter: String? = nil) -> Int {
+        let q = filter.map { "?filter=" + $0.addingPercentEncoding(withAllowedCharacters: .alphanumerics)! + "&count=0" } ?? "?count=0"
+        return get("/scim/v2/\(type)\(q)").1["totalResults"] as? Int ?? -1
+    }
+
+    func user(_ userName: String) -> [String: Any]? {
+        let q = "userName eq \"\(userName)\"".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+        return (get("/scim/v2/Users?filter=\(q)").1["Resources"] as? [[String: Any]])?.first
+    }
+
+    func group(_ name: String) -> [String: Any]? {
+        let q = "displayName eq \"\(name)\"".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+        return (get("/scim/v2/Groups?filter=\(q)").1["Resources"] as? [[String: Any]])?.first
+    }
+
+    func memberIDs(_ group: String) -> Set<String> {
+        Set((self.group(group)?["members"] as? [[String: Any]] ?? []).compactMap { $0["value"] as? String })
+    }
+
+    func kill() {
+        child.signal(SIGKILL)
+        XCTAssertNotNil(child.waitForExit())
+    }
+
+    func stop() {
+        child.signal(SIGTERM)
+        XCTAssertEqual(child.waitForExit(seconds: 20), 0, "clean exit: \(child.output.suffix(5))")
+    }
+}
+
+func person(_ uid: String, ou: String = "people", extra: String = "") -> String {
+    // Object classes first: slapadd -q wants them together.
+    let classes = extra.split(separator: "\n").filter { $0.hasPrefix("objectClass:") }
+    let rest = extra.split(separator: "\n").filter { !$0.hasPrefix("objectClass:") }
+    return
+        (["dn: uid=\(uid),ou=\(ou),\(TestDirectory.suffix)", "objectClass: inetOrgPerson"] + classes.map(String.init)
+        + ["uid: \(uid)", "cn: Person \(uid)", "givenName: Given\(uid)", "sn: Family\(uid)", "mail: \(uid)@example.org"]
+        + rest.map(String.init)).joined(separator: "\n") + "\n\n"
+}
+
+/// An entry's LDIF as an add for ldapmodify.
+func added(_ entry: String) -> String {
+    let lines = entry.split(separator: "\n", omittingEmptySubsequences: false)
+    return ([lines[0], "changetype: add"] + lines.dropFirst()).joined(separator: "\n")
+}
+
+func skeleton(_ ous: [String]) -> String {
+    """
+    dn: \(TestDirectory.suffix)
+    objectClass: dcObject
+    objectClass: organization
+    o: Example
+    dc: example
+    """ + "\n\n" + ous.map { "dn: ou=\($0),\(TestDirectory.suffix)\nobjectClass: organizationalUnit\nou: \($0)\n\n" }.joined()
+}
+
+final class LDAPSourceTests: XCTestCase {
+    func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, source: String) -> String {
+        let password = dir.write("bind.pw", "secret\n")
+        chmod(password, 0o600)
+        let tokens = dir.write("tokens", "test-token-0123456789\n")
+        chmod(tokens, 0o600)
+        return dir.write(
+            "agent.yaml",
+            """
+            dataDir: \(dir.file("data"))
+            listen: 127.0.0.1:0
+            tokenFile: \(tokens)
+            admin:
+              listen: 127.0.0.1:0
+            outbox:
+              keep: true
+            sources:
+              - name: corp
+                url: \(directory.url)
+                bindDN: \(TestDirectory.admin)
+                bindPasswordFile: \(password)
+                baseDN: \(TestDirectory.suffix)
+            \(source)
+            """)
+    }
+
+    /// Syncrepl end to end against a real slapd: the initial refresh, then
+    /// adds, modifies, deletes, a rename (same SCIM id), membership
+    /// changes, a disabled account and an unmappable entry (counted, the
+    /// next ones still arrive); the agent SIGKILLed and restarted resumes
+    /// from its cookie with nothing lost or doubled; slapd restarted under
+    /// the agent (it reconnects).
+    func testSyncReplFollowsTheDirectoryAndResumesFromItsCookie() throws {
+        let directory = try TestDirectory()
+        let dir = TempDirectory("edge-ldap-sync")
+        defer { dir.remove() }
+        let count = 10_000
+        var ldif = skeleton(["people", "groups"])
+        for i in 0..<count {
+            ldif += person(String(format: "u%04d", i))
+            if i == 1000 {
+                // An entry that cannot be mapped (no uid for userName), in the middle of the load.
+                ldif += "dn: cn=No Uid,ou=people,\(TestDirectory.suffix)\nobjectClass: inetOrgPerson\ncn: No Uid\nsn: Uid\n\n"
+            }
+        }
+        ldif += person("disabled", extra: "objectClass: adAccount\nuserAccountControl: 512")
+        ldif += "dn: cn=staff,ou=groups,\(TestDirectory.suffix)\nobjectClass: groupOfNames\ncn: staff\n"
+        ldif += (0..<10).map { "member: uid=u\(String(format: "%04d", $0)),ou=people,\(TestDirectory.suffix)\n" }.joined()
+        // A member that arrives later (pending until then).
+        ldif += "member: uid=late,ou=people,\(TestDirectory.suffix)\n\n"
+        try directory.slapadd(ldif)
+        try directory.start()
+
+        let config = agentConfig(
+            dir, directory,
+            source: """
+                    mode: syncrepl
+                    onDelete: delete
+                    mapping:
+                      users:
+                        active: userAccountControl
+                """)
+        var agent = try SourceAgent(config: config)
+        let started = Date()
+        XCTAssertTrue(eventually(seconds: 60) { agent.total("Users") == count + 1 }, "initial sync: \(agent.total("Users")) users")
+        let took = Date().timeIntervalSince(started)
+        print("initial sync of \(count + 1) users: \(String(format: "%.1f", took)) s")
+        XCTAssertTrue(eventually(seconds: 10) { agent.memberIDs("staff").count == 10 }, "the group and its members")
+        let u0 = try XCTUnwrap(agent.user("u0000"))
+        XCTAssertEqual(u0["externalId"] as? String, (u0["externalId"] as? String)?.lowercased())
+        XCTAssertEqual((u0["name"] as? [String: Any])?["familyName"] as? String, "Familyu0000")
+        XCTAssertEqual((u0["emails"] as? [[String: Any]])?.first?["value"] as? String, "u0000@example.org")
+        XCTAssertEqual(agent.user("disabled")?["active"] as? Bool, true)
+        XCTAssertTrue(eventually { agent.metrics().contains("scim_edge_source_errors_total{source=\"corp\"} 1") }, agent.metrics())
+        XCTAssertTrue(agent.child.output.contains { $0.contains("cn=No Uid") && $0.contains("no value for userName") })
+
+        // Add, modify, rename, membership, disable, delete: each arrives.
+        try directory.modify(added(person("late")))
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("late") != nil }, "add")
+        let late = try XCTUnwrap(agent.user("late")?["id"] as? String)
+        XCTAssertTrue(
+            eventually(seconds: 10) { agent.memberIDs("staff").contains(late) }, "a pending member joins its group when it arrives")
+        try directory.modify(
+            "dn: uid=u0001,ou=people,\(TestDirectory.suffix)\nchangetype: modify\nreplace: mail\nmail: changed@example.org\n")
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                (agent.user("u0001")?["emails"] as? [[String: Any]])?.first?["value"] as? String == "changed@example.org"
+            })
+        let u2 = try XCTUnwrap(agent.user("u0002")?["id"] as? String)
+        try directory.modify(
+            "dn: uid=u0002,ou=people,\(TestDirectory.suffix)\nchangetype: modrdn\nnewrdn: uid=u0002-renamed\ndeleteoldrdn: 1\n")
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("u0002-renamed")?["id"] as? String == u2 }, "a rename keeps the SCIM id")
+        XCTAssertNil(agent.user("u0002"))
+        XCTAssertTrue(agent.memberIDs("staff").contains(u2), "the renamed member stays in its group")
+        let u0id = try XCTUnwrap(u0["id"] as? String)
+        let u100 = try XCTUnwrap(agent.user("u0100")?["id"] as? String)
+        try directory.modify(
+            """
+            dn: cn=staff,ou=groups,\(TestDirectory.suffix)
+            changetype: modify
+            add: member
+            member: uid=u0100,ou=people,\(TestDirectory.suffix)
+            -
+            delete: member
+            member: uid=u0000,ou=people,\(TestDirectory.suffix)
+
+            """)
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                let m = agent.memberIDs("staff"); return m.contains(u100) && !m.contains(u0id)
+            }, "membership")
+        try directory.modify(
+            "dn: uid=disabled,ou=people,\(TestDirectory.suffix)\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 514\n"
+        )
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("disabled")?["active"] as? Bool == false }, "the disabled bit")
+        try directory.modify("dn: uid=u0003,ou=people,\(TestDirectory.suffix)\nchangetype: delete\n")
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("u0003") == nil }, "delete")
+        // The next entry after a failing one still arrives.
+        try directory.modify(
+            "dn: cn=Another No Uid,ou=people,\(TestDirectory.suffix)\nchangetype: add\nobjectClass: inetOrgPerson\ncn: Another No Uid\nsn: X\n"
+        )
+        try directory.modify(added(person("after-bad")))
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("after-bad") != nil })
+        XCTAssertTrue(eventually { agent.metrics().contains("scim_edge_source_errors_total{source=\"corp\"} 2") })
+
+        // SIGKILL; the directory changes meanwhile; the restarted agent resumes from its cookie.
+        agent.kill()
+        try directory.modify(added(person("while-down")))
+        try directory.modify("dn: uid=u0004,ou=people,\(TestDirectory.suffix)\nchangetype: delete\n")
+        agent = try SourceAgent(config: config)
+        XCTAssertTrue(eventually(seconds: 20) { agent.user("while-down") != nil && agent.user("u0004") == nil }, "changes while down")
+
+        // slapd restarted under the agent: it reconnects and follows again.
+        directory.stop()
+        XCTAssertTrue(eventually(seconds: 10) { agent.metrics().contains("scim_edge_source_connected{source=\"corp\"} 0") })
+        try directory.start()
+        try directory.modify(added(person("after-restart")))
+        XCTAssertTrue(
+            eventually(seconds: 40) { agent.user("after-restart") != nil }, "after slapd's restart: \(agent.child.output.suffix(5))")
+        let expected = count + 1 - 2 + 4  // - u0003, u0004; + late, after-bad, while-down, after-restart
+        XCTAssertTrue(eventually(seconds: 10) { agent.total("Users") == expected }, "\(agent.total("Users")) users")
+        agent.stop()
+
+        // Nothing lost, nothing doubled: one create event per user, the outbox contiguous; the cookie stored.
+        let store = try AgentStore(path: dir.file("data"), registry: .standard)
+        let events = try store.outboxEntries(after: 0, limit: 1_000_000)
+        XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous")
+        let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["ref"]?.stringValue }
+        XCTAssertEqual(created.count, Set(created).count, "no resource created twice")
+        let users = created.filter { $0.hasPrefix("/Users/") }
+        XCTAssertEqual(users.count, count + 1 + 4, "every user created once (the deleted ones included)")
+        let status = try store.sourceStatus("corp")
+        XCTAssertEqual(status.mode, "syncrepl")
+        XCTAssertTrue(status.position?.contains("csn=") == true, "the cookie: \(status.position ?? "none")")
+        XCTAssertEqual(status.entries, expected + 1, "users and the group")
+        XCTAssertEqual(status.errors, 2)
+
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sources", "status", "--data-dir", dir.file("data")])
+        XCTAssertEqual(c.waitForExit(), 0)
+        XCTAssertTrue(c.output.contains { $0.contains("cn=No Uid") }, "\(c.output)")
+        XCTAssertTrue(c.output.contains("  mode           syncrepl"), "\(c.output)")
+        directory.stop()
+    }
+
+    /// Polling against the same kind of slapd with the Active Directory
+    /// mapping (sAMAccountName/userPrincipalName, userAccountControl; the
+    /// key is entryUUID, as slapd has no objectGUID): changes arrive at
+    /// the next poll, renames keep the id, deletions at the full comparison.
+    func testPollingWithTheActiveDirectoryMapping() throws {
+        let directory = try TestDirectory()
+        let dir = TempDirectory("edge-ldap-poll")
+        defer { dir.remove() }
+        func adUser(_ name: String, uac: Int = 512) -> String {
+            """
+            dn: cn=\(name),ou=ad,\(TestDirectory.suffix)
+            objectClass: inetOrgPerson
+            objectClass: adAccount
+            cn: \(name)
+            sn: S\(name)
+            sAMAccountName: \(name)
+            userPrincipalName: \(name)@corp.example.org
+            userAccountControl: \(uac)
+            """ + "\n\n"
+        }
+        var ldif = skeleton(["ad"])
+        for i in 0..<50 { ldif += adUser("ad\(i)") }
+        try directory.slapadd(ldif)
+        try directory.start()
+        let config = agentConfig(
+            dir, directory,
+            source: """
+                    mode: poll
+                    pollSeconds: 1
+                    fullCompareEvery: 2
+                    schema: activeDirectory
+                    keyAttribute: entryUUID
+                    userFilter: (objectClass=adAccount)
+                    groupFilter: (objectClass=groupOfNames)
+                """)
+        let agent = try SourceAgent(config: config)
+        XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 50 }, "\(agent.total("Users"))")
+        let ad1 = try XCTUnwrap(agent.user("ad1@corp.example.org"))
+        XCTAssertEqual(ad1["active"] as? Bool, true)
+        try directory.modify(
+            "dn: cn=ad1,ou=ad,\(TestDirectory.suffix)\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 514\n")
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("ad1@corp.example.org")?["active"] as? Bool == false }, "disabled bit")
+        try directory.modify(added(adUser("ad-new")))
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("ad-new@corp.example.org") != nil }, "add")
+        let ad2 = try XCTUnwrap(agent.user("ad2@corp.example.org")?["id"] as? String)
+        try directory.modify(
+            "dn: cn=ad2,ou=ad,\(TestDirectory.suffix)\nchangetype: modrdn\nnewrdn: cn=ad2-renamed\ndeleteoldrdn: 1\n\n"
+                + "dn: cn=ad2-renamed,ou=ad,\(TestDirectory.suffix)\nchangetype: modify\nreplace: userPrincipalName\nuserPrincipalName: ad2-renamed@corp.example.org\n"
+        )
+        XCTAssertTrue(
+            eventually(seconds: 10) { agent.user("ad2-renamed@corp.example.org")?["id"] as? String == ad2 }, "rename keeps the id")
+        try directory.modify("dn: cn=ad3,ou=ad,\(TestDirectory.suffix)\nchangetype: delete\n")
+        // onDelete: deactivate (the default): kept, with active false, at the next full comparison.
+        XCTAssertTrue(eventually(seconds: 15) { agent.user("ad3@corp.example.org")?["active"] as? Bool == false }, "deletion seen")
+        XCTAssertEqual(agent.total("Users"), 51)
+        agent.stop()
+        let status = try AgentStore(path: dir.file("data"), registry: .standard).sourceStatus("corp")
+        XCTAssertEqual(status.mode, "poll")
+        XCTAssertTrue(status.position?.hasSuffix("Z") == true, "the high-water mark: \(status.position ?? "none")")
+        XCTAssertEqual(status.entries, 50, "51 users, one deactivated")
+        directory.stop()
+    }
+
+    /// `sources:` is read strictly: each problem at its key, and what is valid is bound.
+    func testSourcesConfigurationIsReadStrictly() throws {
+        let dir = TempDirectory("edge-ldap-config")
+        defer { dir.remove() }
+        let file = dir.write(
+            "agent.yaml",
+            """
+            dataDir: \(dir.file("data"))
+            token: [test-token-0123456789]
+            sources:
+              - name: corp
+                url: ldaps://10.0.0.5
+                baseDN: dc=example,dc=org
+                mode: poll
+                mapping:
+                  users: {userName: "sAMAccountName, uid", title: ""}
+              - name: corp
+                url: ldap://10.0.0.6
+                baseDN: dc=example,dc=org
+              - name: bad
+                url: http://10.0.0.7
+                baseDN: dc=example,dc=org
+                userFilter: (uid=a
+                mode: sync
+            """)
+        let d = ConfigDiagnostics(file: file)
+        let config = try XCTUnwrap(AgentConfiguration.read(file: file, d))
+        let keys = d.problems.compactMap(\.key)
+        XCTAssertTrue(keys.contains("sources[1].name"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].url"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].userFilter"), "\(d.problems)")
+        XCTAssertTrue(keys.contains("sources[2].mode"), "\(d.problems)")
+        XCTAssertEqual(config.sources.count, 1)
+        let corp = try XCTUnwrap(config.sources.first)
+        XCTAssertEqual(corp.mode, .poll)
+        XCTAssertEqual(corp.onDelete, .deactivate, "the default")
+        XCTAssertEqual(corp.mapping.users.first { $0.path == "userName" }?.attributes, ["sAMAccountName", "uid"])
+        XCTAssertNil(corp.mapping.users.first { $0.path == "title" }, "unmapped")
+    }
+
+    func testSyncReplMessagesFilterAndMapping() throws {
+        // syncRequestValue: SEQUENCE { ENUMERATED 3, OCTET STRING "c" }
+        XCTAssertEqual(
+            SyncRepl.request(mode: .refreshAndPersist, cookie: Array("c".utf8)), [0x30, 0x06, 0x0a, 0x01, 0x03, 0x04, 0x01, 0x63])
+        let uuid: [UInt8] = Array(0..<16)
+        let state = BER.element(0x30, BER.element(0x0a, [1]) + BER.element(0x04, uuid) + BER.element(0x04, Array("k".utf8)))
+        XCTAssertEqual(try SyncRepl.state(state), SyncRepl.State(state: .add, entryUUID: uuid, cookie: Array("k".utf8)))
+        XCTAssertEqual(uuidString(uuid), "00010203-0405-0607-0809-0a0b0c0d0e0f")
+        XCTAssertEqual(guidString(uuid), "03020100-0504-0706-0809-0a0b0c0d0e0f")
+        XCTAssertEqual(try SyncRepl.info(BER.element(0x80, [0x61])), .newCookie([0x61]))
+        XCTAssertEqual(try SyncRepl.info(BER.element(0xa2, BER.element(0x04, [0x61]))), .refreshPresent(cookie: [0x61], done: true))
+        XCTAssertEqual(
+            try SyncRepl.info(BER.element(0xa3, BER.element(0x01, [0xff]) + BER.element(0x31, BER.element(0x04, uuid)))),
+            .idSet(cookie: nil, refreshDeletes: true, uuids: [uuid]))
+        XCTAssertThrowsError(try SyncRepl.state([0x30, 0x05, 0x0a]), "truncated input is an error, not a crash")
+        let long = [UInt8](repeating: 7, count: 300)
+        var reader = BERReader(BER.element(0x04, long))
+        XCTAssertEqual(try reader.next(0x04).remaining, long)
+
+        let entry = LDAPEntry(
+            dn: "uid=a,ou=people,dc=example,dc=org", attributes: ["objectClass": [Array("inetOrgPerson".utf8)], "uid": [Array("a".utf8)]])
+        XCTAssertTrue(try LDAPFilter("(&(objectClass=inetorgperson)(uid=*))").matches(entry))
+        XCTAssertFalse(try LDAPFilter("(|(objectClass=groupOfNames)(!(uid=a)))").matches(entry))
+        XCTAssertTrue(try LDAPFilter("(uid=\\61)").matches(entry))
+        XCTAssertThrowsError(try LDAPFilter("(uid=a"))
+        XCTAssertEqual(normalizedDN("UID=A, OU=People,dc=Example"), "uid=a,ou=people,dc=example")
+
+        let mapping = SourceMapping(schema: .inetOrgPerson)
+        XCTAssertFalse(mapping.isGroup(entry))
+        let body = try mapping.body(of: entry, group: false, key: "k1")
+        XCTAssertEqual(body["userName"]?.stringValue, "a")
+        XCTAssertEqual(body["externalId"]?.stringValue, "k1")
+        let noUid = LDAPEntry(dn: "cn=x", attributes: ["cn": [Array("x".utf8)]])
+        XCTAssertThrowsError(try mapping.body(of: noUid, group: false, key: "k2")) { e in
+            XCTAssertTrue("\(e)".contains("no value for userName"), "\(e)")
+        }
+        let ad = SourceMapping(schema: .activeDirectory, users: [(path: "title", attributes: [])])
+        let adEntry = LDAPEntry(
+            dn: "cn=b",
+            attributes: ["sAMAccountName": [Array("b".utf8)], "userAccountControl": [Array("514".utf8)], "title": [Array("t".utf8)]])
+        let adBody = try ad.body(of: adEntry, group: false, key: "k3")
+        XCTAssertEqual(adBody["userName"]?.stringValue, "b", "sAMAccountName when there is no userPrincipalName")
+        XCTAssertEqual(adBody["active"]?.boolValue, false, "ACCOUNTDISABLE")
+        XCTAssertNil(adBody["title"], "an empty override unmaps the path")
+    }
+}
