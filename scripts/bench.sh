@@ -15,6 +15,8 @@ OUT="$tmp/fanout.md" bash scripts/bench-fanout.sh >/dev/null
 OUT="$tmp/backpressure.md" SVG=docs/backpressure.svg bash scripts/bench-backpressure.sh >/dev/null
 OUT="$tmp/bulk.md" bash scripts/bench-bulk.sh >/dev/null
 OUT="$tmp/members.md" bash scripts/bench-members.sh >/dev/null
+OUT="$tmp/relay-members.md" bash scripts/bench-relay-members.sh >/dev/null
+printf '\n' >>"$tmp/members.md"; cat "$tmp/relay-members.md" >>"$tmp/members.md"
 rm -rf /var/tmp/scim-edge-ceiling
 ceiling=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 16); rm -rf /var/tmp/scim-edge-ceiling
 single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1); rm -rf /var/tmp/scim-edge-ceiling

@@ -46,9 +46,9 @@ public struct AgentConfiguration: Sendable {
     public var recordsOutbox: Bool { endpoint.recordOutbox || relay != nil }
 
     /// The SCIM listener when none is given (flags and config file alike).
-    public static let defaultListen = SocketAddress(host: "127.0.0.1", port: 8080)
+    public static let defaultListen = SocketAddress(AgentOptions.listen.defaultValue!)!
     /// The operations listener when none is given (`none` turns it off).
-    public static let defaultAdminListen = SocketAddress(host: "127.0.0.1", port: 9180)
+    public static let defaultAdminListen = SocketAddress(AgentOptions.adminListen.defaultValue!)!
 }
 
 public enum AgentError: Error, CustomStringConvertible {

@@ -424,6 +424,7 @@ extension AgentStore {
                 "event": try JSONParser.parse(event, limits: .stored),
             ]
             try txn.put(deadLetters, seq.bigEndianBytes, letter.serialized())
+            try forgetRefusedGroup(event, txn)
         }
         for k in keys { try txn.delete(outbox, k) }
         let current = try txn.get(meta, Array("acked".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0

@@ -252,10 +252,10 @@ extension AgentStore {
         case (nil, let d?):
             try txn.put(propagated, key, d)
             try appendEvent(EventURI.createFull, type: type, id: id, data: outbound, ctx, txn)
-            try memberCrossed(id, ctx, txn)
+            try memberCrossed(id, entering: true, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
-            try memberCrossed(id, ctx, txn)
+            try memberCrossed(id, entering: false, ctx, txn)
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?):
             guard p != d else { return }
@@ -265,11 +265,15 @@ extension AgentStore {
     }
 
     /// A member entered or left the boundary: each group holding it decides
-    /// its event for that one member.
-    func memberCrossed(_ id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+    /// its event for that one member. Entering, it is sent again even if
+    /// the broker was told of it before: it may not have held the member
+    /// then (a create it refused, now retried) and dropped it, and adding
+    /// is idempotent there.
+    func memberCrossed(_ id: String, entering: Bool, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
         let groups = registry.resourceType("Group")!
         for gid in try groupIDs(txn, of: id) {
             guard let group = try load(txn, groups, gid) else { continue }
+            if entering { _ = try txn.delete(relayedMembers, AgentStore.memberKey(gid, id)) }
             try txn.put(pendingMembers, AgentStore.memberKey(gid, id), [])
             try emitChange(groups, id: gid, current: group, kind: EventURI.patchFull, ctx, txn)
         }
@@ -301,6 +305,8 @@ extension AgentStore {
                 }
                 for id in ids {
                     try emitChange(type, id: id, current: try load(txn, type, id), kind: EventURI.putFull, ctx, txn)
+                    // A group's members are not in its hash: compared on their own.
+                    if type.id == "Group" && ctx.recordEvents { try reconcileGroupMembers(type, id: id, ctx, txn) }
                 }
             }
             try txn.put(meta, Array("policy".utf8), fingerprint)

@@ -77,11 +77,11 @@ extension AgentStore {
         case (nil, let d?):
             try txn.put(propagated, key, d)
             try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.createFull, ctx, txn)
-            try memberCrossed(id, ctx, txn)
+            try memberCrossed(id, entering: true, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
             try forgetRelayedMembers(id, txn)
-            try memberCrossed(id, ctx, txn)
+            try memberCrossed(id, entering: false, ctx, txn)
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?) where p != d:
             try txn.put(propagated, key, d)
@@ -154,5 +154,42 @@ extension AgentStore {
             for k in keys { _ = try txn.delete(relayedMembers, k) }
             if keys.count < AgentStore.memberChunk { return }
         }
+    }
+}
+
+extension AgentStore {
+    /// A group event the broker refused for good: what the agent believed
+    /// the broker holds of the group (its hash and its members) is
+    /// forgotten, so that the group's next change goes in full (a create the
+    /// broker may take) rather than as a delta against state it never had.
+    func forgetRefusedGroup(_ event: [UInt8], _ txn: borrowing WriteTransaction) throws {
+        guard let (_, body) = try JSONParser.parse(event, limits: .stored)["events"]?.objectValue?.members.first,
+            let ref = body["ref"]?.stringValue, ref.hasPrefix("/Groups/")
+        else { return }
+        let id = String(ref.dropFirst("/Groups/".count))
+        _ = try txn.delete(propagated, AgentStore.key(registry.resourceType("Group")!, id))
+        try forgetRelayedMembers(id, txn)
+    }
+
+    /// After a policy change (`reconcilePolicy`): a group whose attributes
+    /// leave as before may still list its members otherwise (a rule on
+    /// `members` or its sub-attributes, a member now kept local): compared
+    /// with what the broker was told, and sent in full when they differ. O(n).
+    func reconcileGroupMembers(_ type: ResourceType, id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        guard try txn.get(propagated, AgentStore.key(type, id)) != nil, let current = try load(txn, type, id),
+            let out = try policy.outbound(withMembers(txn, current), type: type)
+        else { return }
+        var want: [[UInt8]: [UInt8]] = [:]
+        for m in out["members"]?.arrayValue ?? [] {
+            guard let v = m["value"]?.stringValue, try isPropagated(v, txn) else { continue }
+            want[AgentStore.memberKey(id, v)] = JSON.object(m.objectValue ?? [:]).serialized()
+        }
+        var same = true
+        try txn.scan(relayedMembers, from: AgentStore.memberPrefix(id), to: Array(id.utf8) + [1]) { k, v in
+            if want.removeValue(forKey: k) != v { same = false }
+            return same
+        }
+        if same && want.isEmpty { return }
+        try emitWholeGroup(type, id: id, current: current, outbound: nil, uri: EventURI.putFull, ctx, txn)
     }
 }

@@ -308,13 +308,7 @@ extension AgentStore {
 // MARK: filters on members
 
 /// Whether a filter reads `members` anywhere.
-func filterReadsMembers(_ node: FilterNode) -> Bool {
-    switch node {
-    case .and(let a, let b), .or(let a, let b): return filterReadsMembers(a) || filterReadsMembers(b)
-    case .not(let a): return filterReadsMembers(a)
-    case .present(let t), .compare(let t, _, _), .valuePath(let t, _): return isMembers(t)
-    }
-}
+func filterReadsMembers(_ node: FilterNode) -> Bool { node.reads("members") }
 
 func isMembers(_ t: FilterTarget) -> Bool {
     t.container == nil && t.attribute.map { equalsIgnoringASCIICase($0, "members") } ?? false

@@ -92,31 +92,39 @@ extension BrokerStore {
 
     /// A store of layout 1 holds each group's members inline: moved to the
     /// index once, when it is opened (the groups keep their versions; no
-    /// fan-out: nothing changed).
+    /// fan-out: nothing changed), a few groups per transaction, so that
+    /// memory holds one batch, not the store.
     func migrateInlineMembers() throws {
         let meta = self.meta, resources = self.resources
-        try environment.write { txn in
-            if let v = try txn.get(meta, BrokerStore.layoutKey).flatMap(UInt64.init(bigEndianBytes:)), v >= BrokerStore.layoutVersion {
-                return
-            }
-            var groups: [([UInt8], JSONObject)] = []
-            try txn.scan(resources) { k, v in
+        let done = try environment.read { txn in
+            (try txn.get(meta, BrokerStore.layoutKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 1) >= BrokerStore.layoutVersion
+        }
+        if done { return }
+        var keys: [[UInt8]] = []
+        try environment.read { txn in
+            try txn.scanKeys(resources) { k in
                 let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
-                if parts.count == 3, parts[1].elementsEqual("Group".utf8), let o = try JSONParser.parse(v, limits: .stored).objectValue,
-                    o["members"] != nil
-                {
-                    groups.append((k, o))
-                }
+                if parts.count == 3, parts[1].elementsEqual("Group".utf8) { keys.append(k) }
                 return true
             }
-            for (key, var group) in groups {
-                guard let id = group["id"]?.stringValue else { continue }
-                let members = group["members"]?.arrayValue?.compactMap(\.objectValue) ?? []
-                group["members"] = nil
-                try replaceMembers(id, with: members, txn)
-                try txn.put(resources, key, JSON.object(group).serialized())
+        }
+        var rest = keys[...]
+        while true {
+            let batch = rest.prefix(64)
+            rest = rest.dropFirst(batch.count)
+            try environment.write { txn in
+                for key in batch {
+                    guard let bytes = try txn.get(resources, key), var group = try JSONParser.parse(bytes, limits: .stored).objectValue,
+                        group["members"] != nil, let id = group["id"]?.stringValue
+                    else { continue }
+                    let members = group["members"]?.arrayValue?.compactMap(\.objectValue) ?? []
+                    group["members"] = nil
+                    try replaceMembers(id, with: members, txn)
+                    try txn.put(resources, key, JSON.object(group).serialized())
+                }
+                if rest.isEmpty { try txn.put(meta, BrokerStore.layoutKey, BrokerStore.layoutVersion.bigEndianBytes) }
             }
-            try txn.put(meta, BrokerStore.layoutKey, BrokerStore.layoutVersion.bigEndianBytes)
+            if rest.isEmpty { return }
         }
     }
 }

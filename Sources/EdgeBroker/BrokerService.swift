@@ -67,7 +67,7 @@ public struct BrokerConfiguration: Sendable {
     }
 
     /// The federation listener when none is given (flags and config file alike).
-    public static let defaultListen = SocketAddress(host: "127.0.0.1", port: 8443)
+    public static let defaultListen = SocketAddress(BrokerOptions.listen.defaultValue!)!
 }
 
 /// Counters of the federation listener.

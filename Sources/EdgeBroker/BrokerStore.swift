@@ -247,6 +247,10 @@ extension BrokerStore {
         let existing = try txn.get(resources, key).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
         let trace = event.body["txn"]?.stringValue ?? ""
         let acceptedAt = event.body["ts"]?.numberValue?.integer ?? 0
+        // A route that decides on members sees them (read before the index changes, and after).
+        let routesReadMembers = type == "Group" && targets.contains { $0.groupRoutesReadMembers }
+        let routedOld = routesReadMembers ? try existing.map { try withMembers(txn, $0) } : existing
+        func routed(_ new: JSONObject) throws -> JSONObject { routesReadMembers ? try withMembers(txn, new) : new }
         switch uri {
         case "urn:ietf:params:SCIM:event:prov:delete":
             guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
@@ -255,7 +259,7 @@ extension BrokerStore {
             if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
             try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
-                domain: domain, type: type, brokerID: brokerID, old: existing, new: nil, trace: trace,
+                domain: domain, type: type, brokerID: brokerID, old: routedOld, new: nil, trace: trace,
                 acceptedAt: acceptedAt, txn)
             return queued
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
@@ -294,7 +298,7 @@ extension BrokerStore {
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
             let queued = try enqueueFanout(
-                domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace,
+                domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
                 acceptedAt: acceptedAt, txn)
             return queued
         case BrokerStore.membersEvent:
@@ -330,7 +334,8 @@ extension BrokerStore {
             data[BrokerStore.sourceExtension] = .object(source)
             try txn.put(resources, key, JSON.object(data).serialized())
             return try enqueueFanout(
-                domain: domain, type: type, brokerID: brokerID, old: existing, new: data, trace: trace, acceptedAt: acceptedAt, txn)
+                domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
+                acceptedAt: acceptedAt, txn)
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }

@@ -687,7 +687,9 @@ public final class TargetWorker {
                     return
                 }
                 var created = TargetMapping(targetID: id, etag: etag(r, doc), sent: body)
-                if type == "Group", let held = answeredMembers(doc, differingFrom: body, absentMeansNone: usesPatch(type)) {
+                if type == "Group",
+                    let (held, _) = answeredMembers(doc, sent: body, before: nil, whole: true, absentMeansNone: usesPatch(type))
+                {
                     // Created without (some of) the members it was sent (django-scim2
                     // drops members on POST): the rest goes by PATCH, or, without
                     // PATCH, the membership cannot be delivered.
@@ -824,12 +826,13 @@ public final class TargetWorker {
                 let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
                 var now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
                 if type == "Group",
-                    let held = answeredMembers(doc, differingFrom: step, absentMeansNone: method == "PUT" && usesPatch(type))
+                    let (held, tookNothing) = answeredMembers(
+                        doc, sent: step, before: mapping.sent?["members"], whole: method == "PUT",
+                        absentMeansNone: method == "PUT" && usesPatch(type))
                 {
-                    // The target holds other members than it was sent: what it
-                    // answered is what it has, and the rest goes by PATCH.
-                    let before = Set(memberValues(mapping.sent?["members"]))
-                    guard usesPatch(type), d.readBacks < 3, !(method == "PATCH" && Set(memberValues(.array(held))) == before) else {
+                    // The target did not take (all) the members of this change:
+                    // what it answered is what it has, and the rest goes by PATCH.
+                    guard usesPatch(type), d.readBacks < 3, !(method == "PATCH" && tookNothing) else {
                         finish(d, droppedMembers(method, path, bytes, r, sent: step, held: held))
                         return
                     }
@@ -858,8 +861,7 @@ public final class TargetWorker {
                 next.redirected += 1
                 update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
             case .success(let r)
-            where r.status == 501 && method == "PATCH" && memberRemoval == .filter
-                && String(decoding: bytes, as: UTF8.self).contains("\"members[value eq "):
+            where r.status == 501 && method == "PATCH" && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
                 // Removal by value filter is not implemented there (django-scim2):
                 // the same removal with a value list, remembered for this target.
                 memberRemoval = .valueList
@@ -1060,19 +1062,51 @@ public final class TargetWorker {
             metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
     }
 
-    /// The members a target's answer says the group holds, when they differ
-    /// from those `sent` (nil: the same, or the answer does not say).
-    /// `absentMeansNone`: the answer to a POST or PUT is the whole resource,
-    /// so a group in it without `members` holds none (a PATCH answer may
-    /// leave them out: there only `members` given is believed).
-    private func answeredMembers(_ doc: JSON?, differingFrom sent: JSONObject, absentMeansNone: Bool) -> [JSON]? {
+    /// What a target's answer says of the members this request changed:
+    /// nil when it took them all (or the answer cannot tell), else the
+    /// members it holds of `sent` (those added that it dropped left out,
+    /// those removed that it kept put back) and whether it took none of the
+    /// change. Only the members of the change are judged, ids compared
+    /// ASCII case-insensitively. An answer is believed only when it can
+    /// tell: the answer to a POST or PUT (`whole`) when it lists none of
+    /// the members sent (django-scim2 drops them all; a shorter list may be
+    /// a capped one), a PATCH answer when it lists every member the change
+    /// kept (else it is a partial or paged list). `before`: the members the
+    /// target had (nil: none, a create). A `whole` answer without `members`
+    /// holds none (a PATCH answer may leave them out) when PATCH can repair it.
+    private func answeredMembers(_ doc: JSON?, sent: JSONObject, before: JSON?, whole: Bool, absentMeansNone: Bool) -> (
+        held: [JSON], tookNothing: Bool
+    )? {
         guard let doc = doc?.objectValue, doc["id"] != nil else { return nil }
         let held = doc["members"]?.arrayValue ?? (doc.keys.contains("members") ? [] : nil)
-        let answered = held ?? (absentMeansNone && doc["displayName"] != nil ? [] : nil)
-        guard let answered else { return nil }
-        let values = memberValues(.array(answered))
-        guard Set(values) != Set(memberValues(sent["members"])) else { return nil }
-        return values.map { ["value": .string($0)] }
+        guard let answered = held ?? (absentMeansNone && doc["displayName"] != nil ? [] : nil) else { return nil }
+        let holds = Set(memberValues(.array(answered)).map { $0.lowercased() })
+        let want = sent["members"]?.arrayValue ?? []
+        let had = Set(memberValues(before).map { $0.lowercased() }), wanted = Set(memberValues(sent["members"]).map { $0.lowercased() })
+        if whole {
+            guard holds.isDisjoint(with: wanted) else { return nil }
+        } else {
+            guard had.intersection(wanted).isSubset(of: holds) else { return nil }
+        }
+        let added = want.filter { !had.contains(($0["value"]?.stringValue ?? "").lowercased()) }
+        let removed = memberValues(before).filter { !wanted.contains($0.lowercased()) }
+        let dropped = Set(added.compactMap { $0["value"]?.stringValue?.lowercased() }.filter { !holds.contains($0) })
+        let kept = removed.filter { holds.contains($0.lowercased()) }
+        guard !dropped.isEmpty || !kept.isEmpty else { return nil }
+        let actual = want.filter { !dropped.contains(($0["value"]?.stringValue ?? "").lowercased()) } + kept.map { ["value": .string($0)] }
+        return (actual, dropped.count == added.count && kept.count == removed.count)
+    }
+
+    /// Whether a PATCH holds only removals of members by value filter: then
+    /// a 501 is the form's (django-scim2), not another operation's, and the
+    /// value-list form may be tried. (On a server that ignored the value,
+    /// `remove` of `members` would remove every member: only a target that
+    /// refused the filter form is sent it.)
+    private func onlyFilteredMemberRemovals(_ bytes: [UInt8]) -> Bool {
+        guard let ops = (try? JSONParser.parse(bytes))?["Operations"]?.arrayValue, !ops.isEmpty else { return false }
+        return ops.allSatisfy { op in
+            op["op"]?.stringValue == "remove" && (op["path"]?.stringValue?.hasPrefix("members[value eq ") ?? false)
+        }
     }
 
     private func memberValues(_ members: JSON?) -> [String] { members?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [] }

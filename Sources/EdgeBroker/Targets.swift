@@ -393,6 +393,9 @@ public struct TargetConfiguration: Sendable {
         routes.contains { $0.matches(domain: domain, type: type, resource) }
     }
 
+    /// Whether a route decides on a group's members (then the apply reads them to route it).
+    public var groupRoutesReadMembers: Bool { routes.contains { $0.compiled["Group"]?.root.reads("members") ?? false } }
+
     /// The address to connect to: an IP address as is, a host name
     /// resolved now (the worker resolves again when it cannot connect).
     public func resolveAddress() -> SocketAddress? {

@@ -469,3 +469,16 @@ extension Filter {
         return node
     }
 }
+
+extension FilterNode {
+    /// Whether the filter reads the top-level attribute `name` anywhere
+    /// (`members` in `members.value eq "…"`, `members[type eq "User"]`).
+    public func reads(_ name: String) -> Bool {
+        switch self {
+        case .and(let a, let b), .or(let a, let b): return a.reads(name) || b.reads(name)
+        case .not(let a): return a.reads(name)
+        case .present(let t), .compare(let t, _, _), .valuePath(let t, _):
+            return t.container == nil && (t.attribute.map { equalsIgnoringASCIICase($0, name) } ?? false)
+        }
+    }
+}

@@ -78,4 +78,77 @@ final class MembershipEventTests: XCTestCase {
         XCTAssertEqual(e[4].body["data"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [ids[2]])
         XCTAssertEqual(e[4].body["data"]?["displayName"]?.stringValue, "all staff")
     }
+
+    /// What the broker refused is not believed to be there: a user whose
+    /// create was refused, added to a group meanwhile, is added again when
+    /// the dead letter is retried; a group whose create was refused is sent
+    /// in full at its next change, not as a delta against nothing.
+    func testRefusedEventsAreNotBelievedByTheDeltas() throws {
+        let first = try AgentHarness()
+        let path = first.dir.file("data")
+        let gid = try XCTUnwrap(
+            try first.call("POST", "/Groups", #"{"schemas":\#(groupSchema),"displayName":"team"}"#).body?["id"]?.stringValue)
+        let uid = try XCTUnwrap(try first.call("POST", "/Users", userBody("late")).body?["id"]?.stringValue)
+        XCTAssertEqual(first.stop(), 0)
+        var store = try AgentStore(path: path, registry: .standard)
+        // The broker speaks 2, took the group's create (seq 1) and refused the user's (seq 2).
+        try store.environment.write { txn in
+            try store.recordBrokerProtocol(2, in: txn)
+            _ = try store.acknowledge(through: 2, rejected: [2: "refused for the test"], in: txn)
+        }
+        let second = try AgentHarness { $0.dataDirectory = path }
+        try patch(second, gid, #"[{"op":"add","path":"members","value":[{"value":"\#(uid)"}]}]"#)
+        XCTAssertEqual(second.stop(), 0)
+        store = try AgentStore(path: path, registry: .standard)
+        XCTAssertEqual(try events(store, after: 2).map(\.kind), ["prov:patch:members"], "sent, but the broker held no such user")
+        let ctx = WriteContext(newID: "", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "retry", traceID: "retry")
+        XCTAssertTrue(try store.retryDeadLetter(2, ctx))
+        let retried = try events(store, after: 3)
+        XCTAssertEqual(retried.map(\.kind), ["prov:create:full", "prov:patch:members"], "the user, then its membership again")
+        guard retried.count == 2 else { return }
+        XCTAssertEqual((retried[1].body["added"]?.arrayValue ?? []).compactMap { $0["value"]?.stringValue }, [uid])
+
+        // A group whose create was refused: its next change is a full create.
+        let third = try AgentHarness { $0.dataDirectory = path }
+        let g2 = try XCTUnwrap(
+            try third.call("POST", "/Groups", #"{"schemas":\#(groupSchema),"displayName":"refused"}"#).body?["id"]?.stringValue)
+        XCTAssertEqual(third.stop(), 0)
+        store = try AgentStore(path: path, registry: .standard)
+        let refused = try store.numberedSequence()
+        try store.environment.write { txn in
+            _ = try store.acknowledge(through: refused, rejected: [refused: "refused for the test"], in: txn)
+        }
+        let fourth = try AgentHarness { $0.dataDirectory = path }
+        try patch(fourth, g2, #"[{"op":"add","path":"members","value":[{"value":"\#(uid)"}]}]"#)
+        XCTAssertEqual(fourth.stop(), 0)
+        let after = try events(try AgentStore(path: path, registry: .standard), after: refused)
+        XCTAssertEqual(after.map { "\($0.kind) \($0.ref)" }, ["prov:create:full /Groups/\(g2)"], "in full, not a delta")
+        XCTAssertEqual(after.first?.body["data"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [uid])
+    }
+
+    /// A policy change that only changes how members leave (here: members
+    /// kept local) re-sends the groups concerned at start.
+    func testAPolicyChangeOnMembersReSendsTheGroup() throws {
+        let first = try AgentHarness()
+        let path = first.dir.file("data")
+        let uid = try XCTUnwrap(try first.call("POST", "/Users", userBody("shown")).body?["id"]?.stringValue)
+        let gid = try XCTUnwrap(
+            try first.call(
+                "POST", "/Groups", #"{"schemas":\#(groupSchema),"displayName":"g","members":[{"value":"\#(uid)"}]}"#
+            ).body?["id"]?.stringValue)
+        XCTAssertEqual(first.stop(), 0)
+        let store = try AgentStore(path: path, registry: .standard)
+        try store.environment.write { txn in try store.recordBrokerProtocol(2, in: txn) }
+        let seq = try store.numberedSequence()
+        let policy = try LocalPolicy(registry: .standard, attributes: [("members", .keepLocal)])
+        let second = try AgentHarness {
+            $0.dataDirectory = path
+            $0.policy = policy
+        }
+        XCTAssertEqual(second.stop(), 0)
+        let e = try events(try AgentStore(path: path, registry: .standard), after: seq)
+        XCTAssertEqual(e.map { "\($0.kind) \($0.ref)" }, ["prov:put:full /Groups/\(gid)"])
+        XCTAssertNil(e.first?.body["data"]?["members"], "the members stay inside: the broker is told the group has none")
+        XCTAssertNotNil(uid)
+    }
 }

@@ -283,4 +283,40 @@ extension FanoutTests {
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, metrics)
     }
+
+    /// A target that answers with a partial member list (the first member
+    /// only, as a paging or capping server might) but holds them all: only
+    /// the members of each change are judged, so nothing is re-sent as
+    /// dropped and nothing becomes a dead letter.
+    func testAPartialMemberListInAnswersIsNotTakenForDroppedMembers() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let proxy = try ServerHarness { request, _, responder in
+            var r = forward(request, to: appPort)
+            if request.path.contains("/Groups"), var doc = (try? JSONParser.parse(r.body))?.objectValue,
+                let members = doc["members"]?.arrayValue, members.count > 1
+            {
+                doc["members"] = .array([members[0]])
+                r.body = JSON.object(doc).serialized()
+            }
+            responder.respond(r)
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<4).map { try newUser(dp, "p\($0)") }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
+        let members = ids[0..<3].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let (status, group) = try idp(
+            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"paged","members":[\#(members)]}"#)
+        XCTAssertEqual(status, 201)
+        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        let add = #"[{"op":"add","path":"members","value":[{"value":"\#(ids[3])"}]}]"#
+        XCTAssertEqual(
+            try idp(dp, "PATCH", "/Groups/\(gid)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(add)}"#)
+                .0, 200)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["paged"]?["members"]?.arrayValue?.count == 4 })
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, metrics)
+    }
 }
