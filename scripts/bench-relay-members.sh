@@ -8,22 +8,14 @@
 # section to $OUT (default: stdout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for p in scim-edge scim-broker edge-fixture; do
-  ${SWIFT_BUILD_LOCK:+flock "$SWIFT_BUILD_LOCK"} swift build -c release --product "$p" >/dev/null
-done
-bin=.build/release
 . scripts/lib-processes.sh
-
-"$bin/edge-fixture" pki "$work" de >/dev/null
+release_federation
 bp=$(free_port)
 "$bin/scim-broker" serve --data-dir "$work/broker" --listen "127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/broker.crt" \
   --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen none >"$work/broker.log" 2>&1 &
 broker=$!; pids+=($broker)
 ap=$(free_port)
-"$bin/scim-edge" serve --data-dir "$work/agent" --listen "127.0.0.1:$ap" --token t --admin-listen none \
-  --broker "https://127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/de.crt" --key "$work/de.key" --domain de \
-  --outbox-max-events 10000000 >"$work/agent.log" 2>&1 &
-agent=$!; pids+=($agent)
+start_relay_agent agent "$ap" none "$bp" --outbox-max-events 10000000
 for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && grep -q listening "$work/broker.log" && break; sleep 0.1; done
 
 python3 - "$ap" "${RELAY_MEMBER_SIZES:-100 10000 100000}" "$bin/scim-edge" "$work/agent" "$broker" >"${OUT:-/dev/stdout}" <<'PY'

@@ -5,6 +5,15 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# release_federation: release builds of the agent, the broker and the fixture (under $SWIFT_BUILD_LOCK when
+# set), $bin, and the fixture's PKI in $work (a CA, the broker's certificate, domain "de"'s agent certificate).
+release_federation() {
+  for p in scim-edge scim-broker edge-fixture; do
+    ${SWIFT_BUILD_LOCK:+flock "$SWIFT_BUILD_LOCK"} swift build -c release --product "$p" >/dev/null
+  done
+  bin=.build/release
+  "$bin/edge-fixture" pki "$work" de >/dev/null
+}
 # start_relay_agent NAME PORT ADMIN BROKER-PORT [FLAG...]: a release agent of domain "de" (edge-fixture pki
 # certificates in $work) relaying to the broker; sets $agent and appends it to $pids.
 start_relay_agent() {

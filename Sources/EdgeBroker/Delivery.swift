@@ -499,6 +499,9 @@ public final class TargetWorker {
         /// that drops members on POST or PUT): bounded, so that one that
         /// never takes them ends as a dead letter, not a loop.
         var readBacks = 0
+        /// A group's membership change, worked out once and sent in steps
+        /// (`updateGroup`): O(n) for the delivery, O(chunk) per step.
+        var plan: MemberPlan?
         /// `collisions: link`: the value and the users that share the account
         /// (each gets its mapping on success).
         var linkValue: String?
@@ -507,6 +510,17 @@ public final class TargetWorker {
         /// and may neither be adopted nor looked up as this user's.
         var leftLink = false
         var recordsMapping = true
+    }
+
+    /// What a group delivery still has to send: the attribute operations
+    /// (first step only), the members to add and to remove, and how many
+    /// members the target should hold so far (to tell a complete answer
+    /// from a partial one).
+    struct MemberPlan {
+        var attributeOps: [JSON]
+        var added: ArraySlice<JSON>
+        var removed: ArraySlice<String>
+        var expected: Int
     }
 
     enum Outcome {
@@ -796,7 +810,114 @@ public final class TargetWorker {
         update(next, type: d.item.type, mapping: next.mapping!, body: body)
     }
 
+    /// A group's update by PATCH, in steps of at most `maxMembersPerPatch`
+    /// members: the difference from what was sent is worked out once (O(n)),
+    /// each step sends its chunk (O(chunk)), and the mapping records `body`
+    /// when the last step is done. What the target answers for members is
+    /// believed when its list is complete (as many members as it should
+    /// hold): members it dropped are sent again (at most 3 times), a step it
+    /// took none of is a dead letter.
+    private func updateGroup(_ d: Delivery, mapping: TargetMapping, sent: JSONObject, body: JSONObject) {
+        var d = d
+        if d.plan == nil {
+            var a = sent, b = body
+            let had = sent["members"]?.arrayValue ?? [], want = body["members"]?.arrayValue ?? []
+            a["members"] = nil
+            b["members"] = nil
+            let hadIDs = Set(had.compactMap { $0["value"]?.stringValue }), wantIDs = Set(want.compactMap { $0["value"]?.stringValue })
+            d.plan = MemberPlan(
+                attributeOps: patchOperations(from: a, to: b, removal: memberRemoval),
+                added: want.filter { !hadIDs.contains($0["value"]?.stringValue ?? "") }[...],
+                removed: had.compactMap { $0["value"]?.stringValue }.filter { !wantIDs.contains($0) }[...], expected: hadIDs.count)
+        }
+        var plan = d.plan!
+        let limit = max(1, target.maxMembersPerPatch)
+        // Removals first: they free room at a target with a cap.
+        let removeNow = Array(plan.removed.prefix(limit)), addNow = Array(plan.added.prefix(limit - removeNow.count))
+        var ops = plan.attributeOps
+        if !addNow.isEmpty { ops.append(["op": "add", "path": "members", "value": .array(addNow)]) }
+        if !removeNow.isEmpty {
+            if memberRemoval == .valueList {
+                ops.append(["op": "remove", "path": "members", "value": .array(removeNow.map { ["value": .string($0)] })])
+            } else {
+                for id in removeNow { ops.append(["op": "remove", "path": .string("members[value eq \"\(id)\"]")]) }
+            }
+        }
+        let done = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body)
+        if ops.isEmpty {
+            finish(d, .done(mapping: .some(done), method: nil, status: nil))
+            return
+        }
+        plan.attributeOps = []
+        plan.added = plan.added.dropFirst(addNow.count)
+        plan.removed = plan.removed.dropFirst(removeNow.count)
+        plan.expected += addNow.count - removeNow.count
+        let path = endpoint("Group") + "/" + mapping.targetID
+        let bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
+        var req = request("PATCH", path, d, body: bytes)
+        if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
+        send(req, method: "PATCH") { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success(let r) where (200..<300).contains(r.status):
+                let doc = try? JSONParser.parse(r.body)
+                let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
+                var next = d
+                if let held = doc?["id"] != nil
+                    ? doc?["members"]?.arrayValue ?? (doc!.objectValue!.keys.contains("members") ? [] : nil) : nil
+                {
+                    let holds = Set(held.compactMap { $0["value"]?.stringValue?.lowercased() })
+                    let dropped = addNow.filter { !holds.contains(($0["value"]?.stringValue ?? "").lowercased()) }
+                    let kept = removeNow.filter { holds.contains($0.lowercased()) }
+                    // Believed only when the list is complete: as many as the target should hold, less what it did not take.
+                    if (!dropped.isEmpty || !kept.isEmpty) && held.count == plan.expected - dropped.count + kept.count {
+                        guard next.readBacks < 3, dropped.count + kept.count < addNow.count + removeNow.count else {
+                            var step = mapping.sent ?? [:]
+                            step["members"] = .array(addNow)
+                            finish(d, droppedMembers("PATCH", path, bytes, r, sent: step, held: held))
+                            return
+                        }
+                        next.readBacks += 1
+                        plan.added = dropped[...] + plan.added
+                        plan.removed = kept[...] + plan.removed
+                        plan.expected -= dropped.count - kept.count
+                    }
+                }
+                next.plan = plan
+                let now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: mapping.sent)
+                if plan.added.isEmpty && plan.removed.isEmpty {
+                    finish(
+                        next,
+                        .done(
+                            mapping: .some(TargetMapping(targetID: mapping.targetID, etag: tag, sent: body)), method: "PATCH",
+                            status: r.status))
+                } else {
+                    updateGroup(next, mapping: now, sent: sent, body: body)  // the next step
+                }
+            case .success(let r)
+            where r.status == 501 && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
+                // Removal by value filter is not implemented there (django-scim2):
+                // the same removal with a value list, remembered for this target.
+                memberRemoval = .valueList
+                logger.warning(
+                    "the target does not implement member removal by filter (501): members are removed with a value list",
+                    metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+                updateGroup(d, mapping: mapping, sent: sent, body: body)
+            default:
+                // Anything else is decided as for any update, from a fresh start.
+                var fresh = d
+                fresh.plan = nil
+                self.updateAnswered(
+                    result, fresh, type: "Group", mapping: mapping, body: body, method: "PATCH", path: path, bytes: bytes, step: body)
+            }
+        }
+    }
+
     private func update(_ d: Delivery, type: String, mapping: TargetMapping, body: JSONObject) {
+        if type == "Group", usesPatch(type), let sent = mapping.sent {
+            updateGroup(d, mapping: mapping, sent: sent, body: body)
+            return
+        }
         let path = endpoint(type) + "/" + mapping.targetID
         var method = "PUT"
         var bytes: [UInt8]
@@ -819,66 +940,74 @@ public final class TargetWorker {
         var req = request(method, path, d, body: bytes)
         if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
         send(req, method: method) { [weak self] result in
-            guard let self else { return }
-            switch result {
-            case .success(let r) where (200..<300).contains(r.status):
-                let doc = try? JSONParser.parse(r.body)
-                let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
-                var now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
-                if type == "Group",
-                    let (held, tookNothing) = answeredMembers(
-                        doc, sent: step, before: mapping.sent?["members"], whole: method == "PUT",
-                        absentMeansNone: method == "PUT" && usesPatch(type))
-                {
-                    // The target did not take (all) the members of this change:
-                    // what it answered is what it has, and the rest goes by PATCH.
-                    guard usesPatch(type), d.readBacks < 3, !(method == "PATCH" && tookNothing) else {
-                        finish(d, droppedMembers(method, path, bytes, r, sent: step, held: held))
-                        return
-                    }
-                    var actual = step
-                    actual["members"] = .array(held)
-                    now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: actual)
-                    var next = d
-                    next.readBacks += 1
-                    update(next, type: type, mapping: now, body: body)
+            self?.updateAnswered(result, d, type: type, mapping: mapping, body: body, method: method, path: path, bytes: bytes, step: step)
+        }
+    }
+
+    /// What an update's answer means (`update`, and `updateGroup` for what
+    /// is not a step's success).
+    private func updateAnswered(
+        _ result: Result<HTTPResponse, HTTPClientError>, _ d: Delivery, type: String, mapping: TargetMapping, body: JSONObject,
+        method: String, path: String, bytes: [UInt8], step: JSONObject
+    ) {
+        switch result {
+        case .success(let r) where (200..<300).contains(r.status):
+            let doc = try? JSONParser.parse(r.body)
+            let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
+            var now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: step)
+            if type == "Group",
+                let (held, tookNothing) = answeredMembers(
+                    doc, sent: step, before: mapping.sent?["members"], whole: method == "PUT",
+                    absentMeansNone: method == "PUT" && usesPatch(type))
+            {
+                // The target did not take (all) the members of this change:
+                // what it answered is what it has, and the rest goes by PATCH.
+                guard usesPatch(type), d.readBacks < 3, !(method == "PATCH" && tookNothing) else {
+                    finish(d, droppedMembers(method, path, bytes, r, sent: step, held: held))
                     return
                 }
-                if step != body {
-                    update(d, type: type, mapping: now, body: body)  // the next step
-                    return
-                }
-                finish(d, .done(mapping: .some(now), method: method, status: r.status))
-            case .success(let r) where r.status == 404 && d.redirected < 2:
-                // Gone at the target (deleted there): create it again.
+                var actual = step
+                actual["members"] = .array(held)
+                now = TargetMapping(targetID: mapping.targetID, etag: tag, sent: actual)
                 var next = d
-                next.mapping = nil
-                next.redirected += 1
-                create(next, type: type, body: body)
-            case .success(let r) where r.status == 412 && d.redirected < 2:
-                // Changed at the target since: the broker's state wins, without If-Match.
-                var next = d
-                next.redirected += 1
-                update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
-            case .success(let r)
-            where r.status == 501 && method == "PATCH" && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
-                // Removal by value filter is not implemented there (django-scim2):
-                // the same removal with a value list, remembered for this target.
-                memberRemoval = .valueList
-                logger.warning(
-                    "the target does not implement member removal by filter (501): members are removed with a value list",
-                    metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
-                update(d, type: type, mapping: mapping, body: body)
-            case .success(let r) where r.status == 501 && method == "PATCH":
-                // This PATCH form is not implemented there (RFC 7644 §3.12): a
-                // property of the request, not a fault. A full PUT says the same.
-                patchRefused(type, r)
-                update(d, type: type, mapping: mapping, body: body)
-            case .success(let r):
-                finish(d, classify(r, method, path, bytes))
-            case .failure(let e):
-                finish(d, transportFailure(e, "\(method) \(path)"))
+                next.readBacks += 1
+                update(next, type: type, mapping: now, body: body)
+                return
             }
+            if step != body {
+                update(d, type: type, mapping: now, body: body)  // the next step
+                return
+            }
+            finish(d, .done(mapping: .some(now), method: method, status: r.status))
+        case .success(let r) where r.status == 404 && d.redirected < 2:
+            // Gone at the target (deleted there): create it again.
+            var next = d
+            next.mapping = nil
+            next.redirected += 1
+            create(next, type: type, body: body)
+        case .success(let r) where r.status == 412 && d.redirected < 2:
+            // Changed at the target since: the broker's state wins, without If-Match.
+            var next = d
+            next.redirected += 1
+            update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
+        case .success(let r)
+        where r.status == 501 && method == "PATCH" && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
+            // Removal by value filter is not implemented there (django-scim2):
+            // the same removal with a value list, remembered for this target.
+            memberRemoval = .valueList
+            logger.warning(
+                "the target does not implement member removal by filter (501): members are removed with a value list",
+                metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+            update(d, type: type, mapping: mapping, body: body)
+        case .success(let r) where r.status == 501 && method == "PATCH":
+            // This PATCH form is not implemented there (RFC 7644 §3.12): a
+            // property of the request, not a fault. A full PUT says the same.
+            patchRefused(type, r)
+            update(d, type: type, mapping: mapping, body: body)
+        case .success(let r):
+            finish(d, classify(r, method, path, bytes))
+        case .failure(let e):
+            finish(d, transportFailure(e, "\(method) \(path)"))
         }
     }
 

@@ -382,8 +382,10 @@ final class FanoutTests: FederationTestCase {
                 ((try? self.brokerCLI(["targets", "status", "--data-dir", self.dir.file("broker")]).1) ?? "").contains("breaker open")
             })
         let metrics = try brokerMetrics(broker)
+        // The failures that opened it: requests without an answer (a refused
+        // connect before a request is written counts toward the breaker, not here).
         XCTAssertGreaterThanOrEqual(
-            metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="error"}"#) ?? 0, 3)
+            metric(metrics, #"scim_broker_target_requests_total{target="app",method="POST",class="error"}"#) ?? 0, 1)
         (app, _) = try startAppAgent("app", port: appPort)
         XCTAssertTrue(
             eventually(seconds: 90) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 7 },
