@@ -100,6 +100,13 @@ public final class BrokerAPI {
                 guard let params = request.query.map(parseQueryString) ?? [:] else {
                     throw SCIMError.invalidSyntax("malformed query string")
                 }
+                if request.query == nil {
+                    // As stored, with its members (no projection asked for).
+                    guard let r = try store.resource(brokerID: parts[1]), r.type == type.id else {
+                        throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
+                    }
+                    return Self.respond(200, .object(r.resource))
+                }
                 let projection = try ListQuery(
                     parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                     registry: brokerRegistry, type: type, maxResults: maxResults
