@@ -32,11 +32,20 @@ public final class BrokerAPI {
     let tokens: [String]
     let basePath = "/scim/v2"
     let maxResults = 1000
-    let scanBudget = 1_000_000
+    /// Resources a list parses at most per request when its filter needs a
+    /// scan (docs/scim.md, "The broker's read API"): a cursor pages on past it.
+    let scanBudget: Int
 
-    public init(store: BrokerStore, tokens: [String]) {
+    public init(store: BrokerStore, tokens: [String], scanBudget: Int = 100_000) {
         self.store = store
         self.tokens = tokens
+        self.scanBudget = scanBudget
+    }
+
+    /// Whether `projection` returns a group's `members`: when it does not,
+    /// the members index is not read.
+    static func returnsMembers(_ projection: Projection, _ type: ResourceType) -> Bool {
+        type.id == "Group" && projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
     }
 
     static func respond(_ status: Int, _ body: JSON) -> HTTPResponse {
@@ -88,10 +97,27 @@ public final class BrokerAPI {
                 throw SCIMError.notFound("no such endpoint: /\(endpoint)")
             }
             if parts.count == 2 && !isSearch {
-                guard let r = try store.resource(brokerID: parts[1]), r.type == type.id else {
+                guard let params = request.query.map(parseQueryString) ?? [:] else {
+                    throw SCIMError.invalidSyntax("malformed query string")
+                }
+                if request.query == nil {
+                    // As stored, with its members (no projection asked for).
+                    guard let r = try store.resource(brokerID: parts[1]), r.type == type.id else {
+                        throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
+                    }
+                    return Self.respond(200, .object(r.resource))
+                }
+                let projection = try ListQuery(
+                    parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                    registry: brokerRegistry, type: type, maxResults: maxResults
+                ).projection
+                guard
+                    let r = try store.resource(brokerID: parts[1], members: Self.returnsMembers(projection, type)),
+                    r.type == type.id
+                else {
                     throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
                 }
-                return Self.respond(200, .object(r.resource))
+                return Self.respond(200, .object(projection.apply(to: r.resource)))
             }
             let query: ListQuery
             if isSearch {
@@ -104,8 +130,8 @@ public final class BrokerAPI {
                 }
                 query = try ListQuery(parameters: params, registry: brokerRegistry, type: type, maxResults: maxResults)
             }
-            let matches = try store.all(type.id, budget: scanBudget).filter { query.filter?.matches($0) ?? true }
-            let page = try query.paginate(matches) { $0 }
+            let page = try store.list(
+                type, query, scanBudget: scanBudget, members: Self.returnsMembers(query.projection, type))
             return Self.respond(200, makeListResponse(page) { .object(query.projection.apply(to: $0)) })
         case nil:
             throw SCIMError.notFound("name a resource endpoint such as /Users")
@@ -115,14 +141,15 @@ public final class BrokerAPI {
 
 extension BrokerStore {
     /// A federated resource by broker id, with its source domain and type.
-    public func resource(brokerID: String) throws -> (domain: String, type: String, resource: JSONObject)? {
+    /// `members: false` leaves a group's members unread.
+    public func resource(brokerID: String, members: Bool = true) throws -> (domain: String, type: String, resource: JSONObject)? {
         let brokerIds = self.brokerIds, resources = self.resources
         return try environment.read { txn in
             guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
                 let o = try JSONParser.parse(bytes, limits: .stored).objectValue
             else { return nil }
             let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-            return (String(parts[0]), String(parts[1]), parts[1] == "Group" ? try withMembers(txn, o) : o)
+            return (String(parts[0]), String(parts[1]), parts[1] == "Group" && members ? try withMembers(txn, o) : o)
         }
     }
 

@@ -11,6 +11,7 @@ import SCIM
 /// | `agents` | `<domain>/<agent identity>` or `<domain>/<agent identity>\0<epoch>` | applied sequence (big-endian) |
 /// | `resources` | `<domain>/<Type>/<source id>` | the federated resource (JSON) |
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
+/// | `byType`, `byValue` | list indexes (`BrokerLists.swift`) | `<domain>/<Type>/<source id>` |
 ///
 /// The agent is named by its certificate identity, never by the batch
 /// (invariant 6): one agent cannot advance another's sequence. Each agent
@@ -37,8 +38,13 @@ public final class BrokerStore: Sendable {
     /// The other direction (member broker id → group broker ids), so that a
     /// deleted user leaves its groups without a scan.
     let memberOf: Database
-    /// The store's own settings (`layout`).
+    /// The store's own settings (`layout`), and the per-type counts of lists.
     let meta: Database
+    /// Lists: each type's resources in broker id order, and `userName` /
+    /// `externalId` lookups (`BrokerLists.swift`).
+    let byType: Database
+    let byValue: Database
+    let listState = BrokerListState()
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
 
@@ -60,8 +66,11 @@ public final class BrokerStore: Sendable {
         groupMembers = try environment.openDatabase("groupMembers")
         memberOf = try environment.openDatabase("memberOf", flags: .duplicateSort)
         meta = try environment.openDatabase("meta")
+        byType = try environment.openDatabase("byType")
+        byValue = try environment.openDatabase("byValue")
         self.targets = targets
         try migrateInlineMembers()
+        try buildListIndexes()
     }
 
     public func appliedSequence(domain: String, agent: AgentKey) throws -> UInt64 {
@@ -256,6 +265,7 @@ extension BrokerStore {
             guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
+            try updateListIndexes(type: type, key: key, old: existing, new: nil, txn)
             if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
             try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
@@ -297,6 +307,7 @@ extension BrokerStore {
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
+            try updateListIndexes(type: type, key: key, old: existing, new: data, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
                 acceptedAt: acceptedAt, txn)

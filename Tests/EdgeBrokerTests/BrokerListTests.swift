@@ -1,0 +1,298 @@
+import EdgeBroker
+import EdgeStore
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// Events of one agent store for list tests: users `u<k>` with broker ids
+/// `b-<k, 5 digits>` (so broker id order is k's order), written through
+/// `BrokerStore.apply` in batches.
+struct ListFixture {
+    static let agent = AgentKey(identity: "spiffe://t/acme-de/agent-1", epoch: "e1")
+    var seq: UInt64 = 0
+
+    static func brokerID(_ k: Int) -> String { String(format: "b-%05d", k) }
+
+    mutating func event(_ uri: String, _ body: JSONObject) -> RelayEvent {
+        seq += 1
+        return RelayEvent(seq: seq, body: ["seq": .number(JSONNumber(integer: Int64(seq))), "events": .object([uri: .object(body)])])
+    }
+
+    mutating func user(_ k: Int, userName: String? = nil) -> RelayEvent {
+        var data: JSONObject = [
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
+            "userName": .string(userName ?? "User-\(k)"), "externalId": .string("ext-\(k)"),
+        ]
+        if k % 1000 == 7 { data["title"] = "Lead" }
+        return event("urn:ietf:params:SCIM:event:prov:create:full", ["ref": .string("/Users/u\(k)"), "data": .object(data)])
+    }
+
+    mutating func group(_ k: Int, members: [Int]) -> RelayEvent {
+        event(
+            "urn:ietf:params:SCIM:event:prov:create:full",
+            [
+                "ref": .string("/Groups/g\(k)"),
+                "data": [
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string("g\(k)"), "displayName": .string("G\(k)"),
+                    "members": .array(members.map { .object(["value": .string("u\($0)")]) }),
+                ],
+            ])
+    }
+
+    /// Applies `events`, the k-th new resource getting broker id `ids[k]`.
+    func apply(_ store: BrokerStore, _ events: [RelayEvent], ids: [String]) throws {
+        let outcome = try store.environment.write { txn in
+            try store.apply(domain: "acme-de", agent: ListFixture.agent, events: events, newIDs: ids, in: txn)
+        }
+        XCTAssertEqual(outcome.rejected, [:])
+        XCTAssertEqual(outcome.applied, events.count)
+    }
+
+    /// `users` users (in batches of 1,000) and `groups` groups holding users 0..<10.
+    mutating func populate(_ store: BrokerStore, users: Int, groups: Int = 0) throws {
+        var k = 0
+        while k < users {
+            let batch = k..<min(k + 1000, users)
+            try apply(store, batch.map { user($0) }, ids: batch.map(ListFixture.brokerID))
+            k = batch.upperBound
+        }
+        if groups > 0 {
+            try apply(store, (0..<groups).map { group($0, members: Array(0..<10)) }, ids: (0..<groups).map { "g-\($0)" })
+        }
+    }
+}
+
+/// The broker's read API at scale (issue 15 point 3), against a real LMDB
+/// file: counts, pages by index and by cursor, lookups and scans cost what
+/// the page costs, not what the directory holds.
+final class BrokerListTests: XCTestCase {
+    var dir: TempDirectory!
+    override func setUp() { dir = TempDirectory("broker-lists") }
+    override func tearDown() { dir.remove() }
+
+    let users = brokerRegistry.resourceType("User")!
+    let groups = brokerRegistry.resourceType("Group")!
+
+    func list(
+        _ store: BrokerStore, _ params: [String: String], type: ResourceType? = nil, scanBudget: Int = 100_000
+    ) throws -> ListPage<JSONObject> {
+        let type = type ?? users
+        let query = try ListQuery(parameters: params, registry: brokerRegistry, type: type)
+        let members = type.id == "Group" && query.projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
+        return try store.list(type, query, scanBudget: scanBudget, members: members)
+    }
+
+    func ids(_ page: ListPage<JSONObject>) -> [String] { page.items.compactMap { $0["id"]?.stringValue } }
+
+    func testListsOfTwentyThousandUsersCostThePage() throws {
+        let store = try BrokerStore(path: dir.file("broker"))
+        var fixture = ListFixture()
+        try fixture.populate(store, users: 20_000, groups: 5)
+        XCTAssertEqual(try store.count("User"), 20_000)
+        XCTAssertEqual(try store.count("Group"), 5)
+
+        // count=0: the maintained count, nothing parsed.
+        var page = try list(store, ["count": "0"])
+        XCTAssertEqual(page.totalResults, 20_000)
+        XCTAssertEqual(page.items.count, 0)
+        XCTAssertEqual(store.lastListCost.parsed, 0, "count=0 parses nothing")
+
+        // startIndex: first and last page, each parsing only its resources.
+        page = try list(store, ["startIndex": "1", "count": "100"])
+        XCTAssertEqual(ids(page).first, ListFixture.brokerID(0))
+        XCTAssertEqual(ids(page).last, ListFixture.brokerID(99))
+        XCTAssertEqual(page.totalResults, 20_000)
+        XCTAssertEqual(store.lastListCost.parsed, 100)
+        page = try list(store, ["startIndex": "19901", "count": "100"])
+        XCTAssertEqual(ids(page), (19_900..<20_000).map(ListFixture.brokerID))
+        XCTAssertEqual(page.startIndex, 19_901)
+        XCTAssertEqual(store.lastListCost.parsed, 100, "a deep startIndex walks keys, it parses only the page")
+        XCTAssertLessThanOrEqual(store.lastListCost.startIndexSteps, 19_901)
+        page = try list(store, ["startIndex": "19901", "count": "100"])
+        XCTAssertLessThanOrEqual(store.lastListCost.startIndexSteps, PositionIndex.stride, "warm: from the nearest checkpoint")
+        page = try list(store, ["startIndex": "20001", "count": "100"])
+        XCTAssertEqual(page.items.count, 0)
+        XCTAssertEqual(page.totalResults, 20_000)
+
+        // Cursors: every user once, each page parsing only itself.
+        var walked: [String] = [], cursor = "", pages = 0
+        while true {
+            page = try list(store, ["cursor": cursor, "count": "500"])
+            pages += 1
+            XCTAssertEqual(store.lastListCost.parsed, page.items.count, "a cursor page parses only itself")
+            XCTAssertEqual(page.totalResults, 20_000)
+            XCTAssertNil(page.startIndex)
+            walked += ids(page)
+            guard let next = page.nextCursor else { break }
+            cursor = next
+        }
+        XCTAssertEqual(pages, 40)
+        XCTAssertEqual(walked, (0..<20_000).map(ListFixture.brokerID), "in broker id order, none twice, none skipped")
+        // From the last page back: previousCursor.
+        let back = try list(store, ["cursor": try XCTUnwrap(page.previousCursor), "count": "500"])
+        XCTAssertEqual(ids(back), (19_000..<19_500).map(ListFixture.brokerID))
+        XCTAssertThrowsError(try list(store, ["cursor": "bogus", "count": "5"])) { e in
+            XCTAssertEqual((e as? SCIMError)?.scimType, .invalidCursor)
+        }
+
+        // Lookups by key: the candidates only.
+        page = try list(store, ["filter": #"userName eq "user-12345""#])
+        XCTAssertEqual(ids(page), [ListFixture.brokerID(12_345)], "userName is case-insensitive")
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+        page = try list(store, ["filter": #"externalId eq "ext-777""#])
+        XCTAssertEqual(ids(page), [ListFixture.brokerID(777)])
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+        page = try list(store, ["filter": #"externalId eq "EXT-777""#])
+        XCTAssertEqual(page.totalResults, 0, "externalId is caseExact")
+        page = try list(store, ["filter": #"id eq "\#(ListFixture.brokerID(4242))""#])
+        XCTAssertEqual(ids(page), [ListFixture.brokerID(4242)])
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+        page = try list(store, ["filter": #"userName eq "User-5" and title eq "Lead""#])
+        XCTAssertEqual(page.totalResults, 0)
+        XCTAssertEqual(store.lastListCost.parsed, 1, "an and with an indexed equality reads its candidates only")
+
+        // A scanned filter pages by cursor past a budget of 3,000 per request: 20 matches.
+        var found: [String] = []
+        cursor = ""
+        pages = 0
+        while true {
+            page = try list(store, ["filter": #"title eq "Lead""#, "cursor": cursor, "count": "4"], scanBudget: 3_000)
+            pages += 1
+            XCTAssertLessThanOrEqual(store.lastListCost.parsed, 3_000)
+            XCTAssertLessThanOrEqual(page.items.count, 4)
+            found += ids(page)
+            XCTAssertEqual(page.totalResults, found.count, "matches so far")
+            guard let next = page.nextCursor else { break }
+            cursor = next
+        }
+        XCTAssertEqual(found, (0..<20).map { ListFixture.brokerID($0 * 1000 + 7) })
+        XCTAssertGreaterThanOrEqual(pages, 7)
+        // Without cursor or startIndex: the first cursor page instead of 400.
+        page = try list(store, ["filter": #"title eq "Lead""#, "count": "100"], scanBudget: 3_000)
+        XCTAssertEqual(ids(page), (0..<3).map { ListFixture.brokerID($0 * 1000 + 7) })
+        XCTAssertNotNil(page.nextCursor)
+        // Within the budget: exact.
+        page = try list(store, ["filter": #"title eq "Lead""#, "count": "100"], scanBudget: 100_000)
+        XCTAssertEqual(page.totalResults, 20)
+        XCTAssertNil(page.nextCursor)
+        // startIndex over the budget: tooMany, advising a cursor.
+        XCTAssertThrowsError(try list(store, ["filter": #"title eq "Lead""#, "startIndex": "1"], scanBudget: 3_000)) { e in
+            XCTAssertEqual((e as? SCIMError)?.scimType, .tooMany)
+            XCTAssertTrue((e as? SCIMError)?.detail.contains("cursor") ?? false)
+        }
+
+        // Groups: members from the index, read only when returned.
+        page = try list(store, ["count": "10"], type: groups)
+        XCTAssertEqual(page.items.count, 5)
+        XCTAssertEqual(page.items.first?["members"]?.arrayValue?.count, 10)
+        XCTAssertEqual(store.lastListCost.memberReads, 5)
+        page = try list(store, ["count": "10", "excludedAttributes": "members"], type: groups)
+        XCTAssertEqual(page.items.count, 5)
+        XCTAssertEqual(store.lastListCost.memberReads, 0, "excludedAttributes=members leaves the members index unread")
+        page = try list(store, ["count": "10", "attributes": "displayName"], type: groups)
+        XCTAssertEqual(store.lastListCost.memberReads, 0, "attributes=displayName leaves the members index unread")
+        page = try list(store, ["filter": #"members.value eq "\#(ListFixture.brokerID(3))""#], type: groups)
+        XCTAssertEqual(page.totalResults, 5, "a filter on members sees them")
+
+        // Deletes and renames keep the indexes and the count.
+        let deleted = fixture.event("urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/u12345"])
+        try fixture.apply(store, [deleted], ids: [])
+        XCTAssertEqual(try list(store, ["count": "0"]).totalResults, 19_999)
+        XCTAssertEqual(try list(store, ["filter": #"userName eq "User-12345""#]).totalResults, 0)
+        XCTAssertEqual(try list(store, ["filter": #"externalId eq "ext-12345""#]).totalResults, 0)
+        let renamed = fixture.user(42, userName: "Renamed")
+        try fixture.apply(store, [renamed], ids: [])
+        XCTAssertEqual(try list(store, ["filter": #"userName eq "User-42""#]).totalResults, 0)
+        XCTAssertEqual(ids(try list(store, ["filter": #"userName eq "renamed""#])), [ListFixture.brokerID(42)])
+        XCTAssertEqual(try store.count("User"), 19_999, "a replace is no new resource")
+        page = try list(store, ["startIndex": "19900", "count": "100"])
+        XCTAssertEqual(ids(page), (19_900..<20_000).filter { $0 != 12_345 }.map(ListFixture.brokerID), "stale checkpoints are dropped")
+    }
+
+    /// A store written before the list indexes gets them when it is opened,
+    /// a chunk per transaction, with counts and lookups right.
+    func testAStoreWithoutListIndexesIsIndexedAtOpen() throws {
+        let old = dir.file("old")
+        do {
+            let env = try Environment(EnvironmentOptions(path: old))
+            let resources = try env.openDatabase("resources"), ids = try env.openDatabase("brokerIds")
+            try env.write { txn in
+                for k in 0..<2_500 {
+                    let key = Array("acme-de/User/u\(k)".utf8)
+                    let doc = #"{"id":"\#(ListFixture.brokerID(k))","userName":"User-\#(k)","externalId":"ext-\#(k)"}"#
+                    try txn.put(resources, key, Array(doc.utf8))
+                    try txn.put(ids, Array(ListFixture.brokerID(k).utf8), key)
+                }
+                try txn.put(resources, Array("acme-us/Group/g1".utf8), Array(#"{"id":"bg","displayName":"G"}"#.utf8))
+                try txn.put(ids, Array("bg".utf8), Array("acme-us/Group/g1".utf8))
+            }
+        }
+        let store = try BrokerStore(path: old)
+        XCTAssertEqual(try store.count("User"), 2_500)
+        XCTAssertEqual(try store.count("Group"), 1)
+        XCTAssertEqual(try list(store, ["count": "0"]).totalResults, 2_500)
+        XCTAssertEqual(ids(try list(store, ["startIndex": "2500", "count": "10"])), [ListFixture.brokerID(2_499)])
+        XCTAssertEqual(ids(try list(store, ["filter": #"userName eq "user-2048""#])), [ListFixture.brokerID(2_048)])
+        XCTAssertEqual(ids(try list(store, ["count": "10"], type: groups)), ["bg"])
+        // Opened again: built once, nothing counted twice.
+        let again = try BrokerStore(path: old)
+        XCTAssertEqual(try again.count("User"), 2_500)
+    }
+}
+
+/// The same over the read API socket of a broker process.
+final class BrokerListAPITests: FederationTestCase {
+    func testReadAPIPagesTwentyThousandUsers() throws {
+        do {
+            let store = try BrokerStore(path: dir.file("broker"))
+            var fixture = ListFixture()
+            try fixture.populate(store, users: 20_000, groups: 2)
+        }
+        let tokens = dir.write("api.tokens", "api-token\n")
+        XCTAssertEqual(chmod(tokens, 0o600), 0)
+        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens)}\n")
+        let apiLine = try XCTUnwrap(process.waitForLine("read API at"), "\(process.output)")
+        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
+        func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+
+        var r = try api(apiPort, "/Users?count=0")
+        XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
+        XCTAssertEqual(r.1?["totalResults"], 20_000)
+        r = try api(apiPort, "/Users?startIndex=1&count=100")
+        XCTAssertEqual(ids(r).count, 100)
+        XCTAssertEqual(ids(r).first, ListFixture.brokerID(0))
+        r = try api(apiPort, "/Users?startIndex=19901&count=100")
+        XCTAssertEqual(ids(r), (19_900..<20_000).map(ListFixture.brokerID))
+        XCTAssertEqual(r.1?["startIndex"], 19_901)
+        r = try api(apiPort, "/Users?cursor=&count=100")
+        XCTAssertEqual(ids(r).first, ListFixture.brokerID(0))
+        let next = try XCTUnwrap(r.1?["nextCursor"]?.stringValue)
+        r = try api(apiPort, "/Users?cursor=\(next)&count=100")
+        XCTAssertEqual(ids(r).first, ListFixture.brokerID(100))
+        r = try api(apiPort, "/Users?filter=userName%20eq%20%22USER-19999%22")
+        XCTAssertEqual(ids(r), [ListFixture.brokerID(19_999)])
+        // A scanned filter paged by cursor (5 matches a page, 20 in all).
+        var found: [String] = [], cursor = ""
+        for _ in 0..<20 {
+            r = try api(apiPort, "/Users?filter=title%20eq%20%22Lead%22&count=5&cursor=\(cursor)")
+            XCTAssertEqual(r.0, 200)
+            found += ids(r)
+            guard let n = r.1?["nextCursor"]?.stringValue else { break }
+            cursor = n
+        }
+        XCTAssertEqual(found.count, 20)
+        XCTAssertEqual(r.1?["totalResults"], 20)
+        // Groups without members on request; a GET by id too.
+        r = try api(apiPort, "/Groups?excludedAttributes=members")
+        XCTAssertEqual(ids(r), ["g-0", "g-1"])
+        XCTAssertNil(r.1?["Resources"]?.arrayValue?.first?["members"])
+        r = try api(apiPort, "/Groups/g-0")
+        XCTAssertEqual(r.1?["members"]?.arrayValue?.count, 10)
+        r = try api(apiPort, "/Groups/g-0?attributes=displayName")
+        XCTAssertEqual(r.1?["displayName"], "G0")
+        XCTAssertNil(r.1?["members"])
+        process.signal(SIGTERM)
+        XCTAssertEqual(process.waitForExit(), 0)
+    }
+}
