@@ -45,6 +45,10 @@ public let brokerOptionTable = OptionTable<BrokerConfiguration>(
         .init(BrokerOptions.apiTokenFile) { c, v in
             c.apiTokenFile = v.text; return nil
         },
+        .init(BrokerOptions.apiScanBudget) { c, v in
+            c.apiScanBudget = v.integer
+            return nil
+        },
         .init(BrokerOptions.adminListen) { c, v in
             c.adminListen = v.address; return nil
         },

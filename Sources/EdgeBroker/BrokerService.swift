@@ -51,6 +51,8 @@ public struct BrokerConfiguration: Sendable {
     /// Read-API tokens, one per line (`api.tokenFile`), read at start: so
     /// that no token needs to sit in the configuration file.
     public var apiTokenFile: String?
+    /// Resources one page of a read-API filter without an index may examine.
+    public var apiScanBudget = 100_000
     /// `/healthz`, `/readyz`, `/metrics`; nil: none.
     public var adminListen: SocketAddress?
     /// Backpressure: with this many batches waiting to be applied, agents get
@@ -197,7 +199,7 @@ public final class BrokerService {
                 }
             }
             guard !tokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token or --api-token-file") }
-            let handler = BrokerAPI(store: store, tokens: tokens)
+            let handler = BrokerAPI(store: store, tokens: tokens, scanBudget: configuration.apiScanBudget)
             apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
         }
         if let admin = configuration.adminListen {

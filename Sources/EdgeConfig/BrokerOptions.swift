@@ -28,6 +28,9 @@ public enum BrokerOptions {
     public static let apiTokenFile = OptionSpec(
         "api.tokenFile", flag: "api-token-file", .path, "The read API's bearer tokens, one per line (read at start); mode 0640 or stricter."
     )
+    public static let apiScanBudget = OptionSpec(
+        "api.scanBudget", .integer(1...100_000_000), default: "100000",
+        "How many resources one page of a read-API filter without an index may examine before it answers with a cursor to go on.")
     public static let adminListen = OptionSpec(
         "admin.listen", flag: "admin-listen", .addressOrNone, default: "127.0.0.1:9190",
         "The operations listener (/healthz, /readyz, /metrics; no authentication): keep it on loopback; none turns it off.")
@@ -109,7 +112,8 @@ public enum BrokerOptions {
         nil, flag: "target-token", .list, value: "NAME=TOKEN", "The bearer token for target NAME (repeatable).")
 
     public static let all: [OptionSpec] = [
-        dataDir, listen, tlsCA, tlsCert, tlsKey, tlsCRL, domains, apiListen, apiTokens, apiTokenFile, adminListen, maxPendingBatches,
+        dataDir, listen, tlsCA, tlsCert, tlsKey, tlsCRL, domains, apiListen, apiTokens, apiTokenFile, apiScanBudget, adminListen,
+        maxPendingBatches,
         targets, targetToken,
     ]
 
