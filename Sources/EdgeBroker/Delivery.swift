@@ -83,13 +83,12 @@ public final class TargetWorker {
     /// Accounts two users or more share (`collisions: link`), from the store.
     public private(set) var linkedAccounts = 0
     /// Adaptive concurrency (AIMD), between 1 and `target.concurrency`.
-    public private(set) var limit: Double
-    private var tokens: Double
-    private var lastRefill = monotonicMilliseconds()
+    private var concurrency: AdaptiveLimit
+    public var limit: Double { concurrency.value }
+    /// The target's request rate.
+    private var bucket: TokenBucket
     private var pausedUntil: UInt64 = 0
-    private var consecutiveFailures = 0
-    private var breakerOpenUntil: UInt64 = 0
-    private var breakerOpenings = 0
+    private var breaker: CircuitBreaker
     private var removalTimes: [UInt64] = []
     private var guardPausedSince: Int64?
     private var guardConfirmedAt: Int64 = 0
@@ -122,10 +121,7 @@ public final class TargetWorker {
 
     public enum BreakerState: String, Sendable { case closed, open, halfOpen = "half-open" }
 
-    public var breakerState: BreakerState {
-        if consecutiveFailures < target.breakerThreshold { return .closed }
-        return monotonicMilliseconds() < breakerOpenUntil ? .open : .halfOpen
-    }
+    public var breakerState: BreakerState { BreakerState(rawValue: breaker.state(now: monotonicMilliseconds()).rawValue)! }
 
     public var deletesPaused: Bool { guardPausedSince != nil }
     /// Paused because the target refuses the credentials or the TLS handshake.
@@ -138,8 +134,9 @@ public final class TargetWorker {
         self.loop = loop
         logger = Logger(label: "scim-broker.target")
         logger[metadataKey: "target"] = .string(target.name)
-        limit = Double(target.concurrency)
-        tokens = max(1, target.requestsPerSecond)
+        concurrency = AdaptiveLimit(maximum: target.concurrency)
+        bucket = TokenBucket(requestsPerSecond: target.requestsPerSecond, now: monotonicMilliseconds())
+        breaker = CircuitBreaker(threshold: target.breakerThreshold)
         token = try target.resolveToken()
         if target.useTLS {
             var tls = target.tls
@@ -352,12 +349,6 @@ public final class TargetWorker {
         }
     }
 
-    private func refill(_ now: UInt64) {
-        let rate = max(0.1, target.requestsPerSecond)
-        tokens = min(max(1, rate), tokens + Double(now - lastRefill) * rate / 1000)
-        lastRefill = now
-    }
-
     private var pumping = false
     private var repump = false
 
@@ -374,7 +365,6 @@ public final class TargetWorker {
 
     private func pumpOnce() {
         let now = monotonicMilliseconds()
-        refill(now)
         guard now >= pausedUntil else { return }
         var allowed = Int(limit)
         if let pause = credentialsPause {
@@ -399,8 +389,7 @@ public final class TargetWorker {
             blocked.formUnion(serial)  // later items of this resource (and of its linked account) wait for this one
             if p.notBefore > now { continue }
             if p.item.operation != .upsert && !removalAllowed(p.item, now) { continue }
-            guard tokens >= 1 else { break }
-            tokens -= 1
+            guard bucket.take(now: now) else { break }
             dispatch(i)
         }
     }
@@ -1345,24 +1334,20 @@ public final class TargetWorker {
         case .throttled(let retryAfter, let status):
             statistics.throttled += 1
             statistics.lastError = "target answered \(status)"
-            limit = max(1, limit / 2)
+            concurrency.decrease()
             pausedUntil = now + min(300, retryAfter ?? 1) * 1000
             release(retryAt: pausedUntil, countAttempt: false)
         case .retry(let why):
             statistics.retries += 1
             statistics.lastError = why
-            consecutiveFailures += 1
-            limit = max(1, limit / 2)
-            if consecutiveFailures == target.breakerThreshold || (consecutiveFailures > target.breakerThreshold) {
-                breakerOpenings += 1
+            concurrency.decrease()
+            if let cooldown = breaker.failure(now: now) {
                 statistics.breakerOpened += 1
-                let cooldown = min(60_000, 1000 << min(6, breakerOpenings))
-                breakerOpenUntil = now + UInt64(cooldown)
                 dropClients()  // resolve again before the probe
                 logger.error(
                     "circuit breaker open",
                     metadata: [
-                        "failures": .stringConvertible(consecutiveFailures),
+                        "failures": .stringConvertible(breaker.consecutiveFailures),
                         "cooldownMs": .stringConvertible(cooldown), "error": .string(why),
                     ])
             } else if d.attempts == 0 || d.attempts % 10 == 0 {
@@ -1426,10 +1411,8 @@ public final class TargetWorker {
                 metadata: ["pausedSeconds": .stringConvertible((unixMilliseconds() - pause.since) / 1000)])
             credentialsPause = nil
         }
-        if consecutiveFailures >= target.breakerThreshold { logger.notice("circuit breaker closed") }
-        consecutiveFailures = 0
-        breakerOpenings = 0
-        limit = min(Double(target.concurrency), limit + 1 / max(1, limit))
+        if breaker.success() { logger.notice("circuit breaker closed") }
+        concurrency.increase()
     }
 
     private func complete(_ d: Delivery, mapping: TargetMapping??, deadLetter: JSONObject?, hop given: JSONObject) {
@@ -1479,10 +1462,4 @@ public final class TargetWorker {
             pump()
         }
     }
-}
-
-/// Capped exponential backoff with full jitter: 0 … min(30 s, 250 ms · 2^attempt).
-func backoff(_ attempt: Int) -> UInt64 {
-    let cap = min(30_000, 250 << UInt64(min(attempt, 7)))
-    return UInt64.random(in: 0...UInt64(cap))
 }

@@ -100,11 +100,6 @@ final class TargetMappingTests: XCTestCase {
         XCTAssertFalse(sameValue("x", nil))
     }
 
-    func testBackoffIsCappedWithFullJitter() {
-        for attempt in 0..<20 { XCTAssertLessThanOrEqual(backoff(attempt), 30_000) }
-        XCTAssertLessThanOrEqual((0..<200).map { _ in backoff(1) }.max()!, 500)
-        XCTAssertGreaterThan(Set((0..<50).map { _ in backoff(6) }).count, 10, "jittered")
-    }
 }
 
 /// The trail stays bounded: hops past the retention go, with their trace index.

@@ -343,7 +343,7 @@ public func eventually(seconds: Double = 5, _ condition: () -> Bool) -> Bool {
 }
 
 /// A small deterministic generator (reproducible test data and faults).
-public struct SplitMix {
+public struct SplitMix: RandomNumberGenerator {
     public var state: UInt64
     public init(seed: UInt64) { state = seed }
     public mutating func next() -> UInt64 {
