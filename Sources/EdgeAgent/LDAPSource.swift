@@ -395,3 +395,49 @@ final class SourceDriver {
         }
     }
 }
+
+extension AgentConfiguration {
+    /// `check-config --connect`: each pull source is reached, bound with its
+    /// credentials and asked for its base DN, so that a wrong URL, password
+    /// or base DN is found before the service starts. Each problem is
+    /// reported at the key that causes it. (Not in the units' ExecStartPre:
+    /// a directory that is down must not keep the agent from starting; the
+    /// source retries.)
+    public func checkSourceConnections(_ d: ConfigDiagnostics) {
+        for (i, source) in sources.enumerated() {
+            let at = "sources[\(i)]"
+            let connection: LDAPConnection
+            do throws(LDAPError) {
+                connection = try LDAPConnection(url: source.url, tls: source.tls, timeoutSeconds: 10)
+            } catch {
+                d.error("\(at).url", "cannot reach \(source.url): \(error)", fix: "check the host, the port and the TLS settings")
+                continue
+            }
+            defer { connection.close() }
+            do {
+                var password: [UInt8] = []
+                if let file = source.bindPasswordFile { password = try readSecretLine(file) }
+                try connection.bind(dn: source.bindDN, password: password)
+            } catch let e as LDAPError where [-1, -5, -11].contains(e.code) {
+                // LDAP_SERVER_DOWN, LDAP_TIMEOUT, LDAP_CONNECT_ERROR: libldap connects at the first operation.
+                d.error("\(at).url", "cannot reach \(source.url): \(e)", fix: "check the host, the port and the TLS settings")
+                continue
+            } catch {
+                d.error(
+                    "\(at).bindDN", "\(source.url) refused the bind as \(source.bindDN ?? "anonymous"): \(error)",
+                    fix: "check bindDN and the password in bindPasswordFile")
+                continue
+            }
+            do {
+                var found = false
+                try connection.search(base: source.baseDN, scope: .base, filter: "(objectClass=*)", attributes: ["1.1"]) { _ in found = true
+                }
+                if !found { d.error("\(at).baseDN", "\(source.url) has no entry \(source.baseDN) readable by this bind") }
+            } catch {
+                d.error(
+                    "\(at).baseDN", "\(source.url): cannot read \(source.baseDN): \(error)",
+                    fix: "check baseDN (the directory's suffix or a subtree of it)")
+            }
+        }
+    }
+}

@@ -156,12 +156,18 @@ struct CheckConfig: ParsableCommand {
             "Check that user NAME (the service's) can read every file and write the data directory; needs root, or to run as NAME.",
             valueName: "NAME"))
     var asUser: String?
+    @Flag(
+        help:
+            "Also connect to every pull source: bind with its credentials and read its base DN (a network check: not run by the service's unit, so that a directory that is down does not keep the agent from starting)."
+    )
+    var connect = false
 
     func run() throws {
         let user = try asUser.map { name throws(ServiceUserError) in try ServiceUser(name: name) }
         let d = ConfigDiagnostics(file: file)
         let config = AgentConfiguration.read(file: file, d)
         config?.checkFiles(d, configFile: file, serviceUser: user)
+        if connect { config?.checkSourceConnections(d) }
         let (lines, passed) = d.report {
             "ok (data in \(config!.dataDirectory), SCIM on \(config!.listen)"
                 + (config!.relay.map { ", relaying domain \($0.domain) as \($0.agentName)" } ?? ", standalone")

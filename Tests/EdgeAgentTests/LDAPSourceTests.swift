@@ -428,6 +428,45 @@ final class LDAPSourceTests: XCTestCase {
     }
 
     /// `sources:` is read strictly: each problem at its key, and what is valid is bound.
+    /// `check-config --connect` reaches the directory: a right
+    /// configuration passes; a wrong password, a base DN that does not
+    /// exist and a port nobody listens on are each reported at their key.
+    func testCheckConfigConnectsBindsAndReadsTheBaseDN() throws {
+        let directory = try TestDirectory()
+        let dir = TempDirectory("edge-ldap-check")
+        defer { dir.remove() }
+        try directory.slapadd(skeleton(["people"]))
+        try directory.start()
+        let good = agentConfig(dir, directory, source: "    mode: poll\n")
+        func check(_ file: String) throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", "--connect", file])
+            return (c.waitForExit(seconds: 60), c.output)
+        }
+        var (status, out) = try check(good)
+        XCTAssertEqual(status, 0, "\(out)")
+        let text = try String(contentsOfFile: good, encoding: .utf8)
+        let wrong = dir.write("wrong.pw", "not-the-password\n")
+        chmod(wrong, 0o600)
+        let badPassword = dir.write("bad-password.yaml", text.replacingOccurrences(of: dir.file("bind.pw"), with: wrong))
+        (status, out) = try check(badPassword)
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].bindDN:") && $0.contains("refused the bind") }, "\(out)")
+        let badBase = dir.write(
+            "bad-base.yaml",
+            text.replacingOccurrences(of: "baseDN: \(TestDirectory.suffix)", with: "baseDN: ou=nowhere,\(TestDirectory.suffix)"))
+        (status, out) = try check(badBase)
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].baseDN:") }, "\(out)")
+        let nobody = try freePort()
+        let badURL = dir.write("bad-url.yaml", text.replacingOccurrences(of: directory.url, with: "ldap://127.0.0.1:\(nobody)"))
+        (status, out) = try check(badURL)
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].url:") && $0.contains("cannot reach") }, "\(out)")
+        // Without --connect nothing is dialled: the unreachable one passes the file checks.
+        let offline = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", badURL])
+        XCTAssertEqual(offline.waitForExit(seconds: 60), 0, "\(offline.output)")
+    }
+
     func testSourcesConfigurationIsReadStrictly() throws {
         let dir = TempDirectory("edge-ldap-config")
         defer { dir.remove() }
