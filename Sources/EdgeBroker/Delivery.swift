@@ -89,7 +89,7 @@ public final class TargetWorker {
     private var bucket: TokenBucket
     private var pausedUntil: UInt64 = 0
     private var breaker: CircuitBreaker
-    private var removalTimes: [UInt64] = []
+    private var removals: RemovalWindow
     private var guardPausedSince: Int64?
     private var guardConfirmedAt: Int64 = 0
     /// Set while the target refuses the credentials (401/403) or the TLS
@@ -137,6 +137,7 @@ public final class TargetWorker {
         concurrency = AdaptiveLimit(maximum: target.concurrency)
         bucket = TokenBucket(requestsPerSecond: target.requestsPerSecond, now: monotonicMilliseconds())
         breaker = CircuitBreaker(threshold: target.breakerThreshold)
+        removals = RemovalWindow(maxDeletes: target.deletionGuard.maxDeletes, windowSeconds: target.deletionGuard.windowSeconds)
         token = try target.resolveToken()
         if target.useTLS {
             var tls = target.tls
@@ -248,7 +249,7 @@ public final class TargetWorker {
                     g.confirmedAt != guardConfirmedAt
                         ? "removals released by confirm-deletes"
                         : "removals resume: reject-deletes dropped the ones held")
-                removalTimes.removeAll()
+                removals.reset()
             }
             guardPausedSince = g.pausedSince
             guardConfirmedAt = g.confirmedAt
@@ -400,22 +401,19 @@ public final class TargetWorker {
     private func removalAllowed(_ item: DeliveryItem, _ now: UInt64) -> Bool {
         if item.queuedAt <= guardConfirmedAt { return true }
         if guardPausedSince != nil { return false }
-        let windowMs = UInt64(target.deletionGuard.windowSeconds) * 1000
-        removalTimes.removeAll { now - $0 > windowMs }
-        if removalTimes.count >= target.deletionGuard.maxDeletes {
+        if !removals.admit(now: now) {
             let since = unixMilliseconds()
             guardPausedSince = since
             logger.error(
                 "deletion guard: removals paused until `scim-broker targets confirm-deletes \(target.name)`",
                 metadata: [
-                    "removals": .stringConvertible(removalTimes.count),
+                    "removals": .stringConvertible(removals.times.count),
                     "windowSeconds": .stringConvertible(target.deletionGuard.windowSeconds),
                 ])
             let store = self.store, name = target.name, confirmed = guardConfirmedAt
             writer.submit({ txn in try store.setDeletionGuard(target: name, pausedSince: since, confirmedAt: confirmed, txn) }) { _ in }
             return false
         }
-        removalTimes.append(now)
         return true
     }
 

@@ -89,3 +89,28 @@ func backoff(_ attempt: Int, using generator: inout some RandomNumberGenerator) 
     let cap = min(30_000, 250 << UInt64(min(max(0, attempt), 7)))
     return UInt64.random(in: 0...UInt64(cap), using: &generator)
 }
+
+/// The deletion guard's count: removals within a sliding window; the one
+/// that would make more than `maxDeletes` in `windowMilliseconds` trips it
+/// (the worker then pauses removals until an operator confirms or rejects).
+struct RemovalWindow: Sendable {
+    let maxDeletes: Int
+    let windowMilliseconds: UInt64
+    private(set) var times: [UInt64] = []
+
+    init(maxDeletes: Int, windowSeconds: Int) {
+        self.maxDeletes = max(0, maxDeletes)
+        windowMilliseconds = UInt64(max(1, windowSeconds)) * 1000
+    }
+
+    /// Counts a removal at `now`; false (and not counted) when it would trip the guard.
+    mutating func admit(now: UInt64) -> Bool {
+        times.removeAll { now &- $0 > windowMilliseconds && $0 <= now }
+        guard times.count < maxDeletes else { return false }
+        times.append(now)
+        return true
+    }
+
+    /// After a release by the operator: the count starts again.
+    mutating func reset() { times.removeAll() }
+}

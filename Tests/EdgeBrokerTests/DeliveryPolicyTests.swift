@@ -66,4 +66,19 @@ final class DeliveryPolicyTests: XCTestCase {
         var a = SplitMix(seed: 42), b = SplitMix(seed: 42)
         XCTAssertEqual((0..<10).map { backoff($0, using: &a) }, (0..<10).map { backoff($0, using: &b) }, "reproducible")
     }
+
+    func testTheRemovalWindowTripsPastMaxDeletesAndForgetsOldRemovals() {
+        var w = RemovalWindow(maxDeletes: 3, windowSeconds: 10)
+        XCTAssertTrue(w.admit(now: 0))
+        XCTAssertTrue(w.admit(now: 1_000))
+        XCTAssertTrue(w.admit(now: 2_000))
+        XCTAssertFalse(w.admit(now: 3_000), "a fourth within 10 s trips the guard")
+        XCTAssertFalse(w.admit(now: 9_999))
+        XCTAssertTrue(w.admit(now: 10_001), "the first has left the window")
+        XCTAssertFalse(w.admit(now: 10_002))
+        w.reset()
+        XCTAssertTrue(w.admit(now: 10_003), "released by the operator: counted again from zero")
+        var none = RemovalWindow(maxDeletes: 0, windowSeconds: 1)
+        XCTAssertFalse(none.admit(now: 0), "maxDeletes 0: every removal is held")
+    }
 }
