@@ -410,13 +410,20 @@ extension AgentConfiguration {
             do throws(LDAPError) {
                 connection = try LDAPConnection(url: source.url, tls: source.tls, timeoutSeconds: 10)
             } catch {
-                d.error("\(at).url", "cannot reach \(source.url): \(error)", fix: "check the host, the port and the TLS settings")
+                let ca = error.operation.hasPrefix("TLS: CA file")
+                d.error(
+                    "\(at).\(ca ? "tls.ca" : "url")", "cannot use \(source.url): \(error)",
+                    fix: ca ? "give the CA (PEM) the directory's certificate chains to" : "check the URL and the TLS settings")
                 continue
             }
             defer { connection.close() }
+            var password: [UInt8] = []
+            if let file = source.bindPasswordFile {
+                // Its problems (missing, readable by others) are reported at bindPasswordFile by the file checks.
+                guard let secret = try? readSecretLine(file) else { continue }
+                password = secret
+            }
             do {
-                var password: [UInt8] = []
-                if let file = source.bindPasswordFile { password = try readSecretLine(file) }
                 try connection.bind(dn: source.bindDN, password: password)
             } catch let e as LDAPError where [-1, -5, -11].contains(e.code) {
                 // LDAP_SERVER_DOWN, LDAP_TIMEOUT, LDAP_CONNECT_ERROR: libldap connects at the first operation.
@@ -433,6 +440,8 @@ extension AgentConfiguration {
                 try connection.search(base: source.baseDN, scope: .base, filter: "(objectClass=*)", attributes: ["1.1"]) { _ in found = true
                 }
                 if !found { d.error("\(at).baseDN", "\(source.url) has no entry \(source.baseDN) readable by this bind") }
+            } catch let e as LDAPError where [-1, -5, -11].contains(e.code) {
+                d.error("\(at).url", "\(source.url) went away while reading \(source.baseDN): \(e)", fix: "check the directory")
             } catch {
                 d.error(
                     "\(at).baseDN", "\(source.url): cannot read \(source.baseDN): \(error)",

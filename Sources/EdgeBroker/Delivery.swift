@@ -389,8 +389,10 @@ public final class TargetWorker {
             }
             blocked.formUnion(serial)  // later items of this resource (and of its linked account) wait for this one
             if p.notBefore > now { continue }
+            guard bucket.available(now: now) else { break }
+            // A removal is counted by the guard only when it is sent now.
             if p.item.operation != .upsert && !removalAllowed(p.item, now) { continue }
-            guard bucket.take(now: now) else { break }
+            _ = bucket.take(now: now)
             dispatch(i)
         }
     }
@@ -507,7 +509,8 @@ public final class TargetWorker {
         var attributeOps: [JSON]
         var added: ArraySlice<JSON>
         var removed: ArraySlice<String>
-        var expected: Int
+        /// The members (lowercased) the target should hold so far.
+        var expected: Set<String>
     }
 
     enum Outcome {
@@ -812,10 +815,15 @@ public final class TargetWorker {
             a["members"] = nil
             b["members"] = nil
             let hadIDs = Set(had.compactMap { $0["value"]?.stringValue }), wantIDs = Set(want.compactMap { $0["value"]?.stringValue })
+            // Each value once (two linked users share one account: one member there).
+            var seen = Set<String>()
+            let added = want.filter { m in
+                guard let v = m["value"]?.stringValue, !hadIDs.contains(v) else { return false }
+                return seen.insert(v).inserted
+            }
             d.plan = MemberPlan(
-                attributeOps: patchOperations(from: a, to: b, removal: memberRemoval),
-                added: want.filter { !hadIDs.contains($0["value"]?.stringValue ?? "") }[...],
-                removed: had.compactMap { $0["value"]?.stringValue }.filter { !wantIDs.contains($0) }[...], expected: hadIDs.count)
+                attributeOps: patchOperations(from: a, to: b, removal: memberRemoval), added: added[...],
+                removed: hadIDs.subtracting(wantIDs).sorted()[...], expected: Set(hadIDs.map { $0.lowercased() }))
         }
         var plan = d.plan!
         let limit = max(1, target.maxMembersPerPatch)
@@ -838,7 +846,9 @@ public final class TargetWorker {
         plan.attributeOps = []
         plan.added = plan.added.dropFirst(addNow.count)
         plan.removed = plan.removed.dropFirst(removeNow.count)
-        plan.expected += addNow.count - removeNow.count
+        // What the target should still hold of what it had: an answer that lists all of it is complete.
+        let keptOld = plan.expected.subtracting(removeNow.map { $0.lowercased() })
+        plan.expected = keptOld.union(addNow.compactMap { $0["value"]?.stringValue?.lowercased() })
         let path = endpoint("Group") + "/" + mapping.targetID
         let bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
         var req = request("PATCH", path, d, body: bytes)
@@ -856,18 +866,21 @@ public final class TargetWorker {
                     let holds = Set(held.compactMap { $0["value"]?.stringValue?.lowercased() })
                     let dropped = addNow.filter { !holds.contains(($0["value"]?.stringValue ?? "").lowercased()) }
                     let kept = removeNow.filter { holds.contains($0.lowercased()) }
-                    // Believed only when the list is complete: as many as the target should hold, less what it did not take.
-                    if (!dropped.isEmpty || !kept.isEmpty) && held.count == plan.expected - dropped.count + kept.count {
+                    // Believed only when the list is complete: every member the target kept from before is in it
+                    // (a shorter list is a partial or capped one, and says nothing of the change).
+                    if (!dropped.isEmpty || !kept.isEmpty) && keptOld.isSubset(of: holds) {
                         guard next.readBacks < 3, dropped.count + kept.count < addNow.count + removeNow.count else {
-                            var step = mapping.sent ?? [:]
-                            step["members"] = .array(addNow)
-                            finish(d, droppedMembers("PATCH", path, bytes, r, sent: step, held: held))
+                            finish(
+                                d,
+                                stepRefused(path, bytes, r, dropped: dropped.count, of: addNow.count, kept: kept.count, of: removeNow.count)
+                            )
                             return
                         }
                         next.readBacks += 1
                         plan.added = dropped[...] + plan.added
                         plan.removed = kept[...] + plan.removed
-                        plan.expected -= dropped.count - kept.count
+                        plan.expected.subtract(dropped.compactMap { $0["value"]?.stringValue?.lowercased() })
+                        plan.expected.formUnion(kept.map { $0.lowercased() })
                     }
                 }
                 next.plan = plan
@@ -1226,6 +1239,20 @@ public final class TargetWorker {
     }
 
     private func memberValues(_ members: JSON?) -> [String] { members?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [] }
+
+    /// A dead letter for a PATCH step answered with success whose member changes the target took none of.
+    private func stepRefused(_ path: String, _ bytes: [UInt8], _ r: HTTPResponse, dropped: Int, of added: Int, kept: Int, of removed: Int)
+        -> Outcome
+    {
+        logger.error(
+            "the target answered success but did not take the group's member changes",
+            metadata: ["path": .string(path), "dropped": .string("\(dropped)/\(added)"), "kept": .string("\(kept)/\(removed)")])
+        return .deadLetter(
+            method: "PATCH", path: path, request: String(decoding: bytes.prefix(4096), as: UTF8.self), status: r.status,
+            response: "the target answered \(r.status) but its member list shows none of the change: \(dropped) of \(added) members "
+                + "added are missing and \(kept) of \(removed) removed are still there (after 3 tries); "
+                + String(decoding: r.body.prefix(1024), as: UTF8.self))
+    }
 
     /// A dead letter for a target that took the request (2xx) but not its members.
     private func droppedMembers(_ method: String, _ path: String, _ bytes: [UInt8], _ r: HTTPResponse, sent: JSONObject, held: [JSON])

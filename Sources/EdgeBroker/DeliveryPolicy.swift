@@ -18,11 +18,16 @@ struct TokenBucket: Sendable {
 
     /// Takes one token if there is one (after refilling to `now`).
     mutating func take(now: UInt64) -> Bool {
-        tokens = min(max(1, rate), tokens + Double(now &- min(now, last)) * rate / 1000)
-        last = max(last, now)
-        guard tokens >= 1 else { return false }
+        guard available(now: now) else { return false }
         tokens -= 1
         return true
+    }
+
+    /// Whether a token is there (after refilling to `now`), without taking it.
+    mutating func available(now: UInt64) -> Bool {
+        tokens = min(max(1, rate), tokens + Double(now &- min(now, last)) * rate / 1000)
+        last = max(last, now)
+        return tokens >= 1
     }
 }
 
@@ -44,10 +49,13 @@ struct CircuitBreaker: Sendable {
         return now < openUntil ? .open : .halfOpen
     }
 
-    /// A failure (retryable, or no answer): the cooldown when it opens (or opens again).
+    /// A failure (retryable, or no answer): the cooldown when it opens (or
+    /// opens again after a failed probe). Failures while it is open (the
+    /// requests in flight when it opened) are counted, not another opening.
     mutating func failure(now: UInt64) -> UInt64? {
         consecutiveFailures += 1
         guard consecutiveFailures >= threshold else { return nil }
+        if consecutiveFailures > threshold && now < openUntil { return nil }
         openings += 1
         let cooldown = UInt64(min(60_000, 1000 << min(6, openings)))
         openUntil = now + cooldown

@@ -18,8 +18,13 @@ final class DeliveryPolicyTests: XCTestCase {
         now += 2000
         XCTAssertEqual(b.state(now: now), .halfOpen, "after the cooldown: one probe")
         XCTAssertEqual(b.failure(now: now), 4000, "the probe failed: open again, twice as long")
-        var last: UInt64 = 0
-        for _ in 0..<10 { last = b.failure(now: now) ?? 0 }
+        XCTAssertNil(b.failure(now: now + 1), "a request in flight failing while it is open: no new opening")
+        XCTAssertEqual(b.openings, 2)
+        var last: UInt64 = 4000
+        for _ in 0..<10 {
+            now += last  // each probe after the cooldown fails
+            last = b.failure(now: now) ?? 0
+        }
         XCTAssertEqual(last, 60_000, "capped at a minute")
         XCTAssertTrue(b.success(), "an answer closes it")
         XCTAssertEqual(b.state(now: now), .closed)

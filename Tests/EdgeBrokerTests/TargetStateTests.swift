@@ -319,4 +319,69 @@ extension FanoutTests {
         let metrics = try brokerMetrics(broker)
         XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, metrics)
     }
+
+    /// A target that drops a member from an add the first time it sees it,
+    /// and holds a member the broker never sent: its complete answer is
+    /// believed (every member it kept is listed), the dropped member is sent
+    /// again, and the group ends right, the target's own member untouched.
+    func testADroppedMemberIsSentAgainWhenTheTargetHoldsOthersToo() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let seen = Locked(Set<String>()), drops = Locked(0)
+        let proxy = try ServerHarness { request, _, responder in
+            var forwarded = request
+            if request.path.contains("/Groups"), request.method == "PATCH", var doc = (try? JSONParser.parse(request.body))?.objectValue,
+                var ops = doc["Operations"]?.arrayValue
+            {
+                for (k, op) in ops.enumerated() where op["op"]?.stringValue == "add" {
+                    guard var o = op.objectValue, var values = o["value"]?.arrayValue, values.count > 1,
+                        let v = values.last?["value"]?.stringValue
+                    else { continue }
+                    if seen.withLock({ $0.insert(v).inserted }) {
+                        values.removeLast()  // dropped, silently, once
+                        drops.withLock { $0 += 1 }
+                    }
+                    o["value"] = .array(values)
+                    ops[k] = .object(o)
+                }
+                doc["Operations"] = .array(ops)
+                forwarded.body = JSON.object(doc).serialized()
+            }
+            // No If-Match: the app's own member is a change the broker's ETag would otherwise overwrite (412, then PUT).
+            forwarded.headers.remove("If-Match")
+            responder.respond(forward(forwarded, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<4).map { try newUser(dp, "d\($0)") }
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
+        let (status, group) = try idp(
+            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"mixed","members":[{"value":"\#(ids[0])"}]}"#)
+        XCTAssertEqual(status, 201)
+        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["mixed"] != nil })
+        // A member of the app's own, added there directly.
+        let (_, own) = try scim(appPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"app-own"}"#)
+        let ownID = try XCTUnwrap(own?["id"]?.stringValue)
+        let appGroup = try XCTUnwrap(groups(appPort, token: "t", prefix: "/scim/v2")["mixed"]?["id"]?.stringValue)
+        let addOwn = #"[{"op":"add","path":"members","value":[{"value":"\#(ownID)"}]}]"#
+        XCTAssertEqual(
+            try scim(
+                appPort, "PATCH", "/Groups/\(appGroup)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(addOwn)}"#
+            ).0,
+            200)
+        let add = ids[1...].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        XCTAssertEqual(
+            try idp(
+                dp, "PATCH", "/Groups/\(gid)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"members","value":[\#(add)]}]}"#
+            ).0, 200)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["mixed"]?["members"]?.arrayValue?.count == 5 },
+            "\(groups(appPort, token: "t", prefix: "/scim/v2")["mixed"] ?? .null)")
+        XCTAssertEqual(drops.current, 1, "one member was dropped once")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0, metrics)
+    }
 }
