@@ -176,19 +176,8 @@ extension AgentStore {
     func scanPage(
         _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter, scanBudget: Int
     ) throws -> ListPage<JSONObject> {
-        // Scan cursors carry a match count, not a position: not to be taken
-        // for the cursors of this query issued before scans paged.
-        let salt = "\u{0}scan"
         let prefix = Array("\(type.id)/".utf8)
-        var from = prefix, before = 0
-        if let position = try query.cursorPosition(salt: salt) {
-            guard position.after else {
-                throw SCIMError(
-                    400, .invalidCursor, "a filter that scans pages forward only (no previousCursor); start again with an empty cursor")
-            }
-            from = prefix + position.anchor + [0]
-            before = position.offset
-        }
+        let (from, before) = try query.scanStart(under: prefix)
         var items: [JSONObject] = [], scanned = 0, more = false
         var last: [UInt8]?
         var failure: Error?
@@ -212,8 +201,7 @@ extension AgentStore {
         if let failure { throw failure }
         var page = ListPage(items: items[...], totalResults: before + items.count)
         if more, let last {
-            page.nextCursor = query.makeCursor(
-                after: true, offset: before + items.count, anchor: Array(last.dropFirst(prefix.count)), salt: salt)
+            page.nextCursor = query.scanCursor(after: last, under: prefix, matches: before + items.count)
         }
         return page
     }

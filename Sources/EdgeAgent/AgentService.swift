@@ -17,7 +17,7 @@ public struct AgentConfiguration: Sendable {
     public var tls: TLSConfiguration?
     public var endpoint = EndpointOptions()
     public var limits = HTTPServerLimits()
-    public var maxStoreBytes = 16 << 30
+    public var maxStoreBytes = AgentOptions.storeMaxBytes.defaultInteger
     /// The operations listener (`/healthz`, `/readyz`, `/metrics`); nil: none.
     public var adminListen: SocketAddress?
     /// What may leave the boundary; nil: everything propagates.

@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -17,11 +18,11 @@ public struct RelayConfiguration: Sendable {
     /// This agent's domain; the broker checks it against the certificate.
     public var domain: String
     public var agentName: String
-    public var maxEventsPerBatch = 500
+    public var maxEventsPerBatch = AgentOptions.maxEventsPerBatch.defaultInteger
     public var maxBytesPerBatch = 1 << 20
     /// Batches in flight on the (pipelined) connection: the window adapts
     /// between 1 and this (additive increase, multiplicative decrease).
-    public var window = 16
+    public var window = AgentOptions.window.defaultInteger
     /// Wait this long after a commit so that close writes share a batch.
     public var lingerMilliseconds: UInt64 = 2
     /// Look at the outbox this often even without commits.

@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLog
 import EdgeLoop
@@ -15,9 +16,9 @@ public struct EndpointOptions: Sendable {
     /// Bearer tokens accepted (any of them).
     public var tokens: [String] = []
     public var profile = ClientProfile.lenient
-    public var maxResults = 1000
+    public var maxResults = AgentOptions.maxResults.defaultInteger
     /// Filters without an index lookup scan at most this many resources.
-    public var scanBudget = 100_000
+    public var scanBudget = AgentOptions.scanBudget.defaultInteger
     public var bulkMaxOperations = 1000
     public var bulkMaxPayloadSize = 1 << 20
     /// Append relay events to the outbox: with a broker always
@@ -28,10 +29,10 @@ public struct EndpointOptions: Sendable {
     /// Retry-After until the outbox is at or below both low watermarks. The
     /// configuration sets the high ones through `limitOutbox`, which derives
     /// the low ones by the one rule (`lowWatermark`).
-    public var outboxHighEvents = 1_000_000
-    public var outboxLowEvents = EndpointOptions.lowWatermark(1_000_000)
-    public var outboxHighBytes = 1 << 30
-    public var outboxLowBytes = EndpointOptions.lowWatermark(1 << 30)
+    public var outboxHighEvents = AgentOptions.outboxMaxEvents.defaultInteger
+    public var outboxLowEvents = EndpointOptions.lowWatermark(AgentOptions.outboxMaxEvents.defaultInteger)
+    public var outboxHighBytes = AgentOptions.outboxMaxBytes.defaultInteger
+    public var outboxLowBytes = EndpointOptions.lowWatermark(AgentOptions.outboxMaxBytes.defaultInteger)
 
     /// Four fifths of a high watermark: writes resume when the outbox has
     /// drained a fifth of its limit, so backpressure does not flap.
@@ -48,7 +49,7 @@ public struct EndpointOptions: Sendable {
     /// (RFC 7644 §3.5.2 allows either): rendering every member into each
     /// PATCH response would make adding one member cost O(n). A request
     /// whose `attributes` / `excludedAttributes` leave members out gets 200.
-    public var patchResponseMaxMembers = 1000
+    public var patchResponseMaxMembers = AgentOptions.patchResponseMaxMembers.defaultInteger
     /// Writes waiting for group commit; past this, writes get 503 at once
     /// (a bounded queue: invariant 4).
     public var maxQueuedWrites = 10_000

@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeStore
 import SCIM
@@ -36,7 +37,7 @@ public final class BrokerAPI {
     /// scan (docs/scim.md, "The broker's read API"): a cursor pages on past it.
     let scanBudget: Int
 
-    public init(store: BrokerStore, tokens: [String], scanBudget: Int = 100_000) {
+    public init(store: BrokerStore, tokens: [String], scanBudget: Int = BrokerOptions.apiScanBudget.defaultInteger) {
         self.store = store
         self.tokens = tokens
         self.scanBudget = scanBudget

@@ -310,17 +310,8 @@ extension BrokerStore {
         _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter, scanBudget: Int,
         _ cost: inout ListCost
     ) throws -> ListPage<JSONObject> {
-        let salt = "\u{0}scan"
         let prefix = BrokerStore.typePrefix(type.id)
-        var from = prefix, before = 0
-        if let position = try query.cursorPosition(salt: salt) {
-            guard position.after else {
-                throw SCIMError(
-                    400, .invalidCursor, "a filter that scans pages forward only (no previousCursor); start again with an empty cursor")
-            }
-            from = prefix + position.anchor + [0]
-            before = position.offset
-        }
+        let (from, before) = try query.scanStart(under: prefix)
         var entries: [([UInt8], [UInt8])] = []
         var more = false
         try txn.scan(byType, from: from, to: Array(type.id.utf8) + [1]) { k, v in
@@ -343,8 +334,7 @@ extension BrokerStore {
         }
         var page = ListPage(items: items[...], totalResults: before + items.count)
         if more, let last {
-            page.nextCursor = query.makeCursor(
-                after: true, offset: before + items.count, anchor: Array(last.dropFirst(prefix.count)), salt: salt)
+            page.nextCursor = query.scanCursor(after: last, under: prefix, matches: before + items.count)
         }
         return page
     }

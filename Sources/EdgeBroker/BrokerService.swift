@@ -52,12 +52,12 @@ public struct BrokerConfiguration: Sendable {
     /// that no token needs to sit in the configuration file.
     public var apiTokenFile: String?
     /// Resources one page of a read-API filter without an index may examine.
-    public var apiScanBudget = 100_000
+    public var apiScanBudget = BrokerOptions.apiScanBudget.defaultInteger
     /// `/healthz`, `/readyz`, `/metrics`; nil: none.
     public var adminListen: SocketAddress?
     /// Backpressure: with this many batches waiting to be applied, agents get
     /// 503 + Retry-After (their outboxes hold the events meanwhile).
-    public var maxPendingBatches = 256
+    public var maxPendingBatches = BrokerOptions.maxPendingBatches.defaultInteger
     public var retryAfterSeconds = 2
     /// Downstream SCIM targets the directory fans out to.
     public var targets: [TargetConfiguration] = []

@@ -280,11 +280,7 @@ extension BrokerStore {
             data["id"] = .string(brokerID)
             var source: JSONObject = ["domain": .string(domain), "agent": .string(agent.identity), "id": .string(sourceID)]
             if !agent.epoch.isEmpty { source["epoch"] = .string(agent.epoch) }
-            if let v = body["version"] { source["version"] = v }
-            if !trace.isEmpty { source["trace"] = .string(trace) }
-            source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
-            if acceptedAt > 0 { source["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
-            source["applied"] = .number(JSONNumber(integer: unixMilliseconds()))
+            stamp(&source, event, body)
             data[BrokerStore.sourceExtension] = .object(source)
             var schemas = data["schemas"]?.arrayValue ?? []
             if !schemas.contains(.string(BrokerStore.sourceExtension)) { schemas.append(.string(BrokerStore.sourceExtension)) }
@@ -295,12 +291,7 @@ extension BrokerStore {
             if type == "Group" {
                 var mapped: [JSONObject] = []
                 for m in data["members"]?.arrayValue ?? [] {
-                    guard var o = m.objectValue, let v = o["value"]?.stringValue,
-                        let id = try memberBrokerID(domain: domain, sourceID: v, txn)
-                    else { continue }
-                    o["value"] = .string(id)
-                    o["$ref"] = nil
-                    mapped.append(o)
+                    if let o = try federatedMember(m, domain: domain, txn) { mapped.append(o) }
                 }
                 data["members"] = nil
                 try replaceMembers(brokerID, with: mapped, txn)
@@ -327,21 +318,14 @@ extension BrokerStore {
                 if let id = try memberBrokerID(domain: domain, sourceID: v, txn) { try deleteMember(brokerID, id, txn) }
             }
             for a in added {
-                guard var o = a.objectValue, let v = o["value"]?.stringValue else {
+                guard a["value"]?.stringValue != nil else {
                     throw SCIMError.invalidValue("event \(event.seq): 'added' holds members ({\"value\": id})")
                 }
-                // Members the directory does not hold were not federated (as for full state).
-                guard let id = try memberBrokerID(domain: domain, sourceID: v, txn) else { continue }
-                o["value"] = .string(id)
-                o["$ref"] = nil
-                try putMember(brokerID, o, txn)  // a member already there is updated (display, type)
+                // A member already there is updated (display, type).
+                if let o = try federatedMember(a, domain: domain, txn) { try putMember(brokerID, o, txn) }
             }
             var source = existing[BrokerStore.sourceExtension]?.objectValue ?? [:]
-            if let v = body["version"] { source["version"] = v }
-            if !trace.isEmpty { source["trace"] = .string(trace) }
-            source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
-            if acceptedAt > 0 { source["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
-            source["applied"] = .number(JSONNumber(integer: unixMilliseconds()))
+            stamp(&source, event, body)
             data[BrokerStore.sourceExtension] = .object(source)
             try txn.put(resources, key, JSON.object(data).serialized())
             return try enqueueFanout(
@@ -350,6 +334,30 @@ extension BrokerStore {
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
+    }
+
+    /// The source extension's fields of the event last applied: the agent's
+    /// version, the trace, the sequence, and when it was accepted and applied.
+    func stamp(_ source: inout JSONObject, _ event: RelayEvent, _ body: JSON) {
+        if let v = body["version"] { source["version"] = v }
+        if let trace = event.body["txn"]?.stringValue, !trace.isEmpty { source["trace"] = .string(trace) }
+        source["seq"] = .number(JSONNumber(integer: Int64(event.seq)))
+        if let accepted = event.body["ts"]?.numberValue?.integer, accepted > 0 {
+            source["accepted"] = .number(JSONNumber(integer: accepted))
+        }
+        source["applied"] = .number(JSONNumber(integer: unixMilliseconds()))
+    }
+
+    /// A member as the agent named it (its source id) as the directory names
+    /// it (the broker id of the domain's user); nil when the directory does
+    /// not hold it (it was not federated).
+    func federatedMember(_ member: JSON, domain: String, _ txn: borrowing WriteTransaction) throws -> JSONObject? {
+        guard var o = member.objectValue, let v = o["value"]?.stringValue,
+            let id = try memberBrokerID(domain: domain, sourceID: v, txn)
+        else { return nil }
+        o["value"] = .string(id)
+        o["$ref"] = nil
+        return o
     }
 
     /// The relay protocol this broker speaks (docs/protocol.md): 2 adds

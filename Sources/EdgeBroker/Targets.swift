@@ -104,9 +104,12 @@ public struct AttributeMapping: Sendable, Equatable {
 /// `windowSeconds` pause the target's removals until an operator runs
 /// `scim-broker targets confirm-deletes NAME`.
 public struct DeletionGuard: Sendable, Equatable {
-    public var maxDeletes = 100
-    public var windowSeconds = 300
-    public init(maxDeletes: Int = 100, windowSeconds: Int = 300) {
+    public var maxDeletes: Int
+    public var windowSeconds: Int
+    public init(
+        maxDeletes: Int = BrokerOptions.Target.maxDeletes.defaultInteger,
+        windowSeconds: Int = BrokerOptions.Target.windowSeconds.defaultInteger
+    ) {
         self.maxDeletes = maxDeletes
         self.windowSeconds = windowSeconds
     }
@@ -360,8 +363,8 @@ public struct TargetConfiguration: Sendable {
     public var tokenFile: String?
     /// CA to verify the target (https), and a client certificate for mTLS.
     public var tls = TLSConfiguration(minimumVersion: .tls12)
-    public var requestsPerSecond: Double = 50
-    public var concurrency = 4
+    public var requestsPerSecond = Double(BrokerOptions.Target.requestsPerSecond.defaultInteger)
+    public var concurrency = BrokerOptions.Target.concurrency.defaultInteger
     public var removal: RemovalMode = .deactivate
     public var mapping = AttributeMapping()
     public var routes: [Route] = []
@@ -371,10 +374,10 @@ public struct TargetConfiguration: Sendable {
     /// Center takes 100 per PATCH, some apps fewer): larger changes go as
     /// several PATCHes, a new large group as a POST of the first ones and
     /// PATCHes for the rest.
-    public var maxMembersPerPatch = 100
+    public var maxMembersPerPatch = BrokerOptions.Target.maxMembersPerPatch.defaultInteger
     /// Consecutive failures (network, 5xx) that open the circuit breaker.
-    public var breakerThreshold = 10
-    public var requestTimeoutMilliseconds: UInt64 = 15_000
+    public var breakerThreshold = BrokerOptions.Target.breakerThreshold.defaultInteger
+    public var requestTimeoutMilliseconds = UInt64(BrokerOptions.Target.timeoutMs.defaultInteger)
 
     public init(name: String, url: String) throws(SCIMError) {
         guard !name.isEmpty, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {

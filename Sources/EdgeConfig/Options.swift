@@ -110,6 +110,10 @@ public struct OptionSpec: Sendable {
         }
     }
 
+    /// The default of an integer option, for the library's own defaults
+    /// (`EndpointOptions.maxResults`…), so that it is written here only.
+    public var defaultInteger: Int { Int(defaultValue!.replacingUnderscores)! }
+
     /// The help as `--help` shows it: the text, then the default.
     public var flagHelp: String { help + (defaultValue.map { " (default \($0))" } ?? "") }
 
@@ -389,4 +393,24 @@ func grouped(_ n: Int) -> String {
         out.append(c)
     }
     return (n < 0 ? "-" : "") + out
+}
+
+extension OptionTable where Config: YAMLConfiguration {
+    /// What a program runs with: `defaults`, or the file when one is given
+    /// (its problems thrown together, `ConfigProblems`), then the flags over
+    /// it (`OptionProblems`; options a section needs may come from either).
+    public func configuration(defaults: Config, file: String?, flags: [(name: String, value: String)]) throws -> Config {
+        var config = defaults
+        var fromFile: Set<String>?
+        if let file {
+            let d = ConfigDiagnostics(file: file)
+            let read = Config.read(file: file, d)
+            try d.failIfErrors()
+            guard let read else { throw ConfigProblems([ConfigError("cannot read \(file)", at: nil, file: file)]) }
+            config = read
+            fromFile = Set(d.marks.keys)
+        }
+        try apply(flags: flags, to: &config, fromFile: fromFile)
+        return config
+    }
 }

@@ -120,3 +120,26 @@ func fnv1a(_ text: String) -> UInt64 {
     for b in text.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
     return h
 }
+
+extension ListQuery {
+    /// Cursors of a page of a scanned filter carry a match count, not a
+    /// position: salted apart from the same query's other cursors.
+    public static let scanSalt = "\u{0}scan"
+
+    /// Where a page of a scanned filter over keys under `prefix` starts: the
+    /// first key (after the one its cursor names) and the matches before it.
+    /// Forward only: a `previousCursor` is refused.
+    public func scanStart(under prefix: [UInt8]) throws(SCIMError) -> (from: [UInt8], before: Int) {
+        guard let position = try cursorPosition(salt: Self.scanSalt) else { return (prefix, 0) }
+        guard position.after else {
+            throw SCIMError(
+                400, .invalidCursor, "a filter that scans pages forward only (no previousCursor); start again with an empty cursor")
+        }
+        return (prefix + position.anchor + [0], position.offset)
+    }
+
+    /// The `nextCursor` of a scanned page that stopped after `key` with `matches` matches so far.
+    public func scanCursor(after key: [UInt8], under prefix: [UInt8], matches: Int) -> String {
+        makeCursor(after: true, offset: matches, anchor: Array(key.dropFirst(prefix.count)), salt: Self.scanSalt)
+    }
+}

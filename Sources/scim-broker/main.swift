@@ -67,20 +67,10 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
-        var config = BrokerConfiguration.defaults
-        var fromFile: Set<String>?
-        if let file = self.config {
-            let d = ConfigDiagnostics(file: file)
-            guard let read = BrokerConfiguration.read(file: file, d) else { try d.failIfErrors(); return }
-            try d.failIfErrors()
-            config = read
-            fromFile = Set(d.marks.keys)
-        }
-        do throws(OptionProblems) {
-            try brokerOptionTable.apply(flags: given, to: &config, fromFile: fromFile)
-        } catch {
-            throw ValidationError(error.description)
-        }
+        let config: BrokerConfiguration
+        do {
+            config = try brokerOptionTable.configuration(defaults: .defaults, file: self.config, flags: given)
+        } catch let e as OptionProblems { throw ValidationError(e.description) }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
         let broker: BrokerService

@@ -84,20 +84,10 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
-        var configuration = AgentConfiguration.defaults
-        var fromFile: Set<String>?
-        if let config {
-            let d = ConfigDiagnostics(file: config)
-            guard let read = AgentConfiguration.read(file: config, d) else { try d.failIfErrors(); return }
-            try d.failIfErrors()
-            configuration = read
-            fromFile = Set(d.marks.keys)
-        }
-        do throws(OptionProblems) {
-            try agentOptionTable.apply(flags: given, to: &configuration, fromFile: fromFile)
-        } catch {
-            throw ValidationError(error.description)
-        }
+        var configuration: AgentConfiguration
+        do {
+            configuration = try agentOptionTable.configuration(defaults: .defaults, file: config, flags: given)
+        } catch let e as OptionProblems { throw ValidationError(e.description) }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         configuration.accessLog = .standardOutput
         let lifecycle = Logger(label: "scim-edge")
