@@ -39,7 +39,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-python3 - "$ap" "$app" "${GROUP_FANOUT_SIZES:-1000 10000 50000}" >"${OUT:-/dev/stdout}" <<'PY'
+PYTHONPATH=scripts python3 - "$ap" "$app" "${GROUP_FANOUT_SIZES:-1000 10000 50000}" >"${OUT:-/dev/stdout}" <<'PY'
+from bench_scim import bulk_users
 import http.client, json, statistics, sys, time, urllib.parse
 agent, app, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(s) for s in sys.argv[3].split()]
 def conn(port): return http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -52,14 +53,7 @@ def call(c, token, method, path, body=None):
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 R = 10
 need = max(sizes) + R * len(sizes)
-users = []
-while len(users) < need:
-    n = min(1000, need - len(users))
-    ops = [{"method": "POST", "path": "/Users", "bulkId": f"b{k}",
-            "data": {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": f"f{len(users) + k}"}} for k in range(n)]
-    s, d = call(a, "t", "POST", "/Bulk", {"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops})
-    assert s == 200, s
-    users += [o["location"].rsplit("/", 1)[1] for o in json.loads(d)["Operations"]]
+users = bulk_users(lambda b: call(a, "t", "POST", "/Bulk", b), need, "f")
 def app_count(kind):
     s, d = call(b, "app-token-0123456789", "GET", f"/{kind}?count=0")
     return json.loads(d)["totalResults"] if s == 200 else -1

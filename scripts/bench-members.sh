@@ -17,7 +17,8 @@ port=$(free_port)
 pids+=($!)
 agent=$!
 for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && break; sleep 0.1; done
-python3 - "$port" "${MEMBERS_SIZES:-100 10000 100000 1000000}" "$agent" >"${OUT:-/dev/stdout}" <<'PY'
+PYTHONPATH=scripts python3 - "$port" "${MEMBERS_SIZES:-100 10000 100000 1000000}" "$agent" >"${OUT:-/dev/stdout}" <<'PY'
+from bench_scim import bulk_users
 import http.client, json, statistics, sys, time
 port, sizes, pid = int(sys.argv[1]), [int(s) for s in sys.argv[2].split()], sys.argv[3]
 H = {"Authorization": "Bearer t", "Content-Type": "application/scim+json"}
@@ -31,15 +32,9 @@ def patch(gid, *ops):
     s, d = call("PATCH", f"/Groups/{gid}", {"schemas": [PATCH], "Operations": list(ops)})
     assert s in (200, 204), (s, d[:300])
 R = 30
-users, made = [], time.perf_counter()
+made = time.perf_counter()
 need = max(sizes) + R
-while len(users) < need:
-    n = min(1000, need - len(users))
-    ops = [{"method": "POST", "path": "/Users", "bulkId": f"b{k}",
-            "data": {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": f"m{len(users) + k}"}} for k in range(n)]
-    s, d = call("POST", "/Bulk", {"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops})
-    assert s == 200, s
-    users += [o["location"].rsplit("/", 1)[1] for o in json.loads(d)["Operations"]]
+users = bulk_users(lambda b: call("POST", "/Bulk", b), need, "m")
 made = time.perf_counter() - made
 spares, rows, base = users[-R:], [], None
 for n in sizes:

@@ -18,7 +18,8 @@ ap=$(free_port)
 start_relay_agent agent "$ap" none "$bp" --outbox-max-events 10000000
 for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && grep -q listening "$work/broker.log" && break; sleep 0.1; done
 
-python3 - "$ap" "${RELAY_MEMBER_SIZES:-100 10000 100000}" "$bin/scim-edge" "$work/agent" "$broker" >"${OUT:-/dev/stdout}" <<'PY'
+PYTHONPATH=scripts python3 - "$ap" "${RELAY_MEMBER_SIZES:-100 10000 100000}" "$bin/scim-edge" "$work/agent" "$broker" >"${OUT:-/dev/stdout}" <<'PY'
+from bench_scim import bulk_users
 import http.client, json, os, signal, subprocess, sys, time
 port, sizes, cli, data, broker = int(sys.argv[1]), [int(s) for s in sys.argv[2].split()], sys.argv[3], sys.argv[4], int(sys.argv[5])
 H = {"Authorization": "Bearer t", "Content-Type": "application/scim+json"}
@@ -37,14 +38,7 @@ def drained(deadline=600):
         time.sleep(0.2)
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 need = max(sizes) + len(sizes)
-users = []
-while len(users) < need:
-    n = min(1000, need - len(users))
-    ops = [{"method": "POST", "path": "/Users", "bulkId": f"b{k}",
-            "data": {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": f"r{len(users) + k}"}} for k in range(n)]
-    s, d = call("POST", "/Bulk", {"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops})
-    assert s == 200, s
-    users += [o["location"].rsplit("/", 1)[1] for o in json.loads(d)["Operations"]]
+users = bulk_users(lambda b: call("POST", "/Bulk", b), need, "r")
 groups = {}
 for n in sizes:
     s, d = call("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": f"g{n}"})
