@@ -15,25 +15,33 @@ extension BrokerStore {
     /// 1 (or absent): members inline in the stored group; 2: in `groupMembers`.
     static let layoutVersion: UInt64 = 2
 
-    /// Adds or updates one member of `groupID`.
-    func putMember(_ groupID: String, _ member: JSONObject, _ txn: borrowing WriteTransaction) throws {
-        guard let id = member["value"]?.stringValue else { return }
+    /// Adds or updates one member of `groupID`; returns its id when that changed anything.
+    @discardableResult
+    func putMember(_ groupID: String, _ member: JSONObject, _ txn: borrowing WriteTransaction) throws -> String? {
+        guard let id = member["value"]?.stringValue else { return nil }
         let key = BrokerStore.memberKey(groupID, id)
         let bytes = JSON.object(member).serialized()
         let current = try txn.get(groupMembers, key)
-        guard current != bytes else { return }
+        guard current != bytes else { return nil }
         try txn.put(groupMembers, key, bytes)
         if current == nil { try txn.put(memberOf, Array(id.utf8), Array(groupID.utf8)) }
+        return id
     }
 
-    func deleteMember(_ groupID: String, _ memberID: String, _ txn: borrowing WriteTransaction) throws {
-        guard try txn.delete(groupMembers, BrokerStore.memberKey(groupID, memberID)) else { return }
+    /// Returns whether the group held the member.
+    @discardableResult
+    func deleteMember(_ groupID: String, _ memberID: String, _ txn: borrowing WriteTransaction) throws -> Bool {
+        guard try txn.delete(groupMembers, BrokerStore.memberKey(groupID, memberID)) else { return false }
         _ = try txn.delete(memberOf, Array(memberID.utf8), value: Array(groupID.utf8))
+        return true
     }
 
     /// Makes `members` the whole membership of `groupID`: one walk of the
     /// group's range (kept, updated, deleted), then what is new. O(old + new).
-    func replaceMembers(_ groupID: String, with members: [JSONObject], _ txn: borrowing WriteTransaction) throws {
+    /// Returns the members that changed (added, updated or removed).
+    @discardableResult
+    func replaceMembers(_ groupID: String, with members: [JSONObject], _ txn: borrowing WriteTransaction) throws -> [String] {
+        var touched: [String] = []
         var wanted: [String: JSONObject] = [:]
         for m in members { if let v = m["value"]?.stringValue { wanted[v] = m } }
         let prefix = BrokerStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
@@ -47,29 +55,48 @@ extension BrokerStore {
             for e in chunk {
                 if let m = wanted.removeValue(forKey: e.id) {
                     let bytes = JSON.object(m).serialized()
-                    if bytes != e.value { try txn.put(groupMembers, prefix + Array(e.id.utf8), bytes) }
+                    if bytes != e.value {
+                        try txn.put(groupMembers, prefix + Array(e.id.utf8), bytes)
+                        touched.append(e.id)
+                    }
                 } else {
                     try deleteMember(groupID, e.id, txn)
+                    touched.append(e.id)
                 }
             }
             guard chunk.count == BrokerStore.memberChunk else { break }
             from = prefix + Array(chunk[chunk.count - 1].id.utf8) + [0]
         }
-        for id in wanted.keys.sorted() { try putMember(groupID, wanted[id]!, txn) }
+        for id in wanted.keys.sorted() { if let t = try putMember(groupID, wanted[id]!, txn) { touched.append(t) } }
+        return touched
     }
 
-    /// A deleted resource leaves every group holding it (each one index entry).
-    func leaveGroups(_ memberID: String, _ txn: borrowing WriteTransaction) throws {
-        var groups: [String] = []
-        try txn.withCursor(memberOf) { cursor in
-            var entry = try cursor.seek(exactly: Array(memberID.utf8))
+    /// A deleted resource leaves every group holding it (each one index
+    /// entry); returns those groups.
+    @discardableResult
+    func leaveGroups(_ memberID: String, _ txn: borrowing WriteTransaction) throws -> [String] {
+        let groups = try groups(of: memberID, txn)
+        for g in groups { _ = try txn.delete(groupMembers, BrokerStore.memberKey(g, memberID)) }
+        _ = try txn.delete(memberOf, Array(memberID.utf8))
+        return groups
+    }
+
+    /// The values of a `duplicateSort` key.
+    func duplicates(_ db: Database, _ key: [UInt8], _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        var values: [String] = []
+        try txn.withCursor(db) { cursor in
+            var entry = try cursor.seek(exactly: key)
             while let e = entry {
-                groups.append(String(decoding: e.value, as: UTF8.self))
+                values.append(String(decoding: e.value, as: UTF8.self))
                 entry = try cursor.nextDuplicate()
             }
         }
-        for g in groups { _ = try txn.delete(groupMembers, BrokerStore.memberKey(g, memberID)) }
-        _ = try txn.delete(memberOf, Array(memberID.utf8))
+        return values
+    }
+
+    /// The groups `member` belongs to in the directory.
+    func groups(of member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        try duplicates(memberOf, Array(member.utf8), txn)
     }
 
     /// The members of `groupID` (O(n): each is parsed).

@@ -332,6 +332,10 @@ public final class BrokerService {
         perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
         perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
         perTarget(
+            "scim_broker_target_member_steps_total", "counter",
+            "Group PATCHes sent from the member index (only the members that changed)."
+        ) { String($0.statistics.memberSteps) }
+        perTarget(
             "scim_broker_target_collisions_total", "counter",
             "Changes refused (dead letters) because the account at the target belongs to another resource."
         ) {

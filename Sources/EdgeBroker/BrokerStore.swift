@@ -38,6 +38,11 @@ public final class BrokerStore: Sendable {
     /// The other direction (member broker id → group broker ids), so that a
     /// deleted user leaves its groups without a scan.
     let memberOf: Database
+    /// What each target holds of each group's members, and the members
+    /// changed since the group was delivered there (`TargetMembers.swift`).
+    let targetMembers: Database
+    let targetMemberOf: Database
+    let targetPending: Database
     /// The store's own settings (`layout`), and the per-type counts of lists.
     let meta: Database
     /// Lists: each type's resources in broker id order, and `userName` /
@@ -65,6 +70,9 @@ public final class BrokerStore: Sendable {
         targetLinks = try environment.openDatabase("targetLinks")
         groupMembers = try environment.openDatabase("groupMembers")
         memberOf = try environment.openDatabase("memberOf", flags: .duplicateSort)
+        targetMembers = try environment.openDatabase("targetMembers")
+        targetMemberOf = try environment.openDatabase("targetMemberOf", flags: .duplicateSort)
+        targetPending = try environment.openDatabase("targetPending")
         meta = try environment.openDatabase("meta")
         byType = try environment.openDatabase("byType")
         byValue = try environment.openDatabase("byValue")
@@ -267,11 +275,11 @@ extension BrokerStore {
             try txn.delete(resources, key)
             try updateListIndexes(type: type, key: key, old: existing, new: nil, txn)
             if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
-            try leaveGroups(brokerID, txn)
+            let left = try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: nil, trace: trace,
                 acceptedAt: acceptedAt, txn)
-            return queued
+            return queued + (try memberLeft(brokerID, groups: left, trace: trace, acceptedAt: acceptedAt, txn))
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
             "urn:ietf:params:SCIM:event:prov:patch:full":
             guard var data = body["data"]?.objectValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'data'") }
@@ -288,20 +296,21 @@ extension BrokerStore {
             // Members name users of the same domain by their source ids: the
             // directory names them by broker id (unknown ones are not federated).
             // They go to the members index, not into the stored group.
+            var touched: [String] = []
             if type == "Group" {
                 var mapped: [JSONObject] = []
                 for m in data["members"]?.arrayValue ?? [] {
                     if let o = try federatedMember(m, domain: domain, txn) { mapped.append(o) }
                 }
                 data["members"] = nil
-                try replaceMembers(brokerID, with: mapped, txn)
+                touched = try replaceMembers(brokerID, with: mapped, txn)
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
             try updateListIndexes(type: type, key: key, old: existing, new: data, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
-                acceptedAt: acceptedAt, txn)
+                acceptedAt: acceptedAt, touched: touched, txn)
             return queued
         case BrokerStore.membersEvent:
             // Protocol 2: the members added and removed, not the whole group.
@@ -311,18 +320,19 @@ extension BrokerStore {
             }
             let added = body["added"]?.arrayValue ?? [], removed = body["removed"]?.arrayValue ?? []
             var data = existing
+            var touched: [String] = []
             for r in removed {
                 guard let v = r.stringValue else {
                     throw SCIMError.invalidValue("event \(event.seq): 'removed' holds member ids (strings)")
                 }
-                if let id = try memberBrokerID(domain: domain, sourceID: v, txn) { try deleteMember(brokerID, id, txn) }
+                if let id = try memberBrokerID(domain: domain, sourceID: v, txn), try deleteMember(brokerID, id, txn) { touched.append(id) }
             }
             for a in added {
                 guard a["value"]?.stringValue != nil else {
                     throw SCIMError.invalidValue("event \(event.seq): 'added' holds members ({\"value\": id})")
                 }
                 // A member already there is updated (display, type).
-                if let o = try federatedMember(a, domain: domain, txn) { try putMember(brokerID, o, txn) }
+                if let o = try federatedMember(a, domain: domain, txn), let id = try putMember(brokerID, o, txn) { touched.append(id) }
             }
             var source = existing[BrokerStore.sourceExtension]?.objectValue ?? [:]
             stamp(&source, event, body)
@@ -330,7 +340,7 @@ extension BrokerStore {
             try txn.put(resources, key, JSON.object(data).serialized())
             return try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
-                acceptedAt: acceptedAt, txn)
+                acceptedAt: acceptedAt, touched: touched, txn)
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }

@@ -31,6 +31,8 @@ public struct TargetStatistics: Sendable {
     public var retries = 0
     public var throttled = 0
     public var adopted = 0
+    /// Group PATCHes sent from the member index (`groupDelta`).
+    public var memberSteps = 0
     /// Changes refused because the account belongs to another resource.
     public var collisions = 0
     public var latencyCounts = [Int](repeating: 0, count: TargetStatistics.latencyBuckets.count)
@@ -491,6 +493,8 @@ public final class TargetWorker {
         /// A group's membership change, worked out once and sent in steps
         /// (`updateGroup`): O(n) for the delivery, O(chunk) per step.
         var plan: MemberPlan?
+        /// A group's change sent from the member index (`groupDelta`).
+        var delta: DeltaPlan?
         /// `collisions: link`: the value and the users that share the account
         /// (each gets its mapping on success).
         var linkValue: String?
@@ -512,6 +516,24 @@ public final class TargetWorker {
         /// The members (lowercased) the target should hold so far.
         var expected: Set<String>
     }
+
+    /// What a group delivery from the index still has to send: the
+    /// attribute operations (first step only), and the pending members read
+    /// so far, as removals and additions. Pending members are read in
+    /// batches (`deltaBatch`) after `cursor`: memory holds a batch, not the group.
+    struct DeltaPlan {
+        var attributeOps: [JSON]
+        var cursor: String?
+        var exhausted = false
+        var removes: [(member: String, targetID: String)] = []
+        var adds: [(member: String, targetID: String)] = []
+        /// Pending entries to clear: of members found as the target holds
+        /// them, and, once their operations are sent, of the others.
+        var done: [(member: String, mark: [UInt8])] = []
+        /// Per member with operations: its pending mark and how many of its operations are left.
+        var open: [String: (mark: [UInt8], left: Int)] = [:]
+    }
+    static let deltaBatch = 1024
 
     enum Outcome {
         /// Done; record the mapping (nil inside: forget it) and the hop.
@@ -535,16 +557,33 @@ public final class TargetWorker {
     /// The target's collection for a resource type: `/Users` or `/Groups` under its base.
     private func endpoint(_ type: String) -> String { target.basePath + (type == "User" ? "/Users" : "/Groups") }
 
+    /// Whether a group's members at this target are kept in the index
+    /// (`TargetMembers.swift`), so that a change sends only what changed:
+    /// with PATCH, without `collisions: link` (linked users share one
+    /// account, which one member there stands for) and without routes that
+    /// read members (those need the whole group anyway).
+    private var indexesGroupMembers: Bool {
+        usesPatch("Group") && target.collisions.linkPolicy == nil && !target.groupRoutesReadMembers
+    }
+
     private func upsert(_ d: Delivery) {
+        // A group already delivered from the index is read without its members.
+        let delta = d.item.type == "Group" && indexesGroupMembers && d.mapping?.members != nil && d.mapping?.sent != nil
         // A read error is not a deletion: the item stays queued and is retried.
         let stored: (domain: String, type: String, resource: JSONObject)?
-        do { stored = try store.resource(brokerID: d.item.brokerID) } catch {
+        do { stored = try store.resource(brokerID: d.item.brokerID, members: !delta) } catch {
             finish(d, .storeError("cannot read the resource: \(error)"))
             return
         }
         guard let (domain, type, resource) = stored, target.routes(domain: domain, type: type, resource) else {
             // Deleted or out of the routes since: the removal queued after it does the work.
             finish(d, .done(mapping: .none, method: nil, status: nil))
+            return
+        }
+        if delta, let mapping = d.mapping {
+            var body = targetBody(resource, type: type, brokerID: d.item.brokerID, target: target)
+            body["members"] = nil
+            groupDelta(d, mapping: mapping, body: body)
             return
         }
         if type == "User", let link = target.collisions.linkPolicy {
@@ -829,15 +868,7 @@ public final class TargetWorker {
         let limit = max(1, target.maxMembersPerPatch)
         // Removals first: they free room at a target with a cap.
         let removeNow = Array(plan.removed.prefix(limit)), addNow = Array(plan.added.prefix(limit - removeNow.count))
-        var ops = plan.attributeOps
-        if !addNow.isEmpty { ops.append(["op": "add", "path": "members", "value": .array(addNow)]) }
-        if !removeNow.isEmpty {
-            if memberRemoval == .valueList {
-                ops.append(["op": "remove", "path": "members", "value": .array(removeNow.map { ["value": .string($0)] })])
-            } else {
-                for id in removeNow { ops.append(["op": "remove", "path": .string("members[value eq \"\(id)\"]")]) }
-            }
-        }
+        let ops = plan.attributeOps + memberOperations(add: addNow, remove: removeNow)
         let done = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body)
         if ops.isEmpty {
             finish(d, .done(mapping: .some(done), method: nil, status: nil))
@@ -896,12 +927,7 @@ public final class TargetWorker {
                 }
             case .success(let r)
             where r.status == 501 && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
-                // Removal by value filter is not implemented there (django-scim2):
-                // the same removal with a value list, remembered for this target.
-                memberRemoval = .valueList
-                logger.warning(
-                    "the target does not implement member removal by filter (501): members are removed with a value list",
-                    metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+                learnValueListRemoval(r)
                 updateGroup(d, mapping: mapping, sent: sent, body: body)
             default:
                 // Anything else is decided as for any update, from a fresh start.
@@ -911,6 +937,189 @@ public final class TargetWorker {
                     result, fresh, type: "Group", mapping: mapping, body: body, method: "PATCH", path: path, bytes: bytes, step: body)
             }
         }
+    }
+
+    /// A PATCH's member operations: additions as one value list, removals
+    /// in the form the target takes.
+    private func memberOperations(add: [JSON], remove: [String]) -> [JSON] {
+        var ops: [JSON] = []
+        if !add.isEmpty { ops.append(["op": "add", "path": "members", "value": .array(add)]) }
+        if !remove.isEmpty {
+            if memberRemoval == .valueList {
+                ops.append(["op": "remove", "path": "members", "value": .array(remove.map { ["value": .string($0)] })])
+            } else {
+                for id in remove { ops.append(["op": "remove", "path": .string("members[value eq \"\(id)\"]")]) }
+            }
+        }
+        return ops
+    }
+
+    /// Above this many members at the target, a step asks for its answer
+    /// without them (RFC 7644 §3.9 allows `excludedAttributes` on PATCH):
+    /// an answer of the whole group would make a step O(n). Such a step's
+    /// members are then not read back; reconcile compares them.
+    static let readBackMembers = 1000
+
+    /// A group's change from the member index (`TargetMembers.swift`): the
+    /// attribute operations, then the members marked pending, in PATCH
+    /// steps of at most `maxMembersPerPatch`. Each step the target took is
+    /// recorded at once (index, pending marks, count), so a retry sends
+    /// only what was not taken. O(k log n) for k changed members, whatever
+    /// the group's size. What the target answers for members is checked as
+    /// in `updateGroup`, when its list is complete.
+    private func groupDelta(_ d: Delivery, mapping: TargetMapping, body: JSONObject) {
+        var d = d
+        var plan = d.delta ?? DeltaPlan(attributeOps: patchOperations(from: mapping.sent ?? [:], to: body, removal: memberRemoval))
+        let group = d.item.brokerID, target = self.target
+        // Pending members, a batch at a time, until there is something to send or none are left.
+        while plan.removes.isEmpty && plan.adds.isEmpty && !plan.exhausted {
+            let changes: [BrokerStore.MemberChange]
+            do {
+                changes = try store.pendingMemberChanges(target: target.name, group: group, after: plan.cursor, limit: Self.deltaBatch) {
+                    target.routes(domain: $0, type: $1, $2)
+                }
+            } catch {
+                finish(d, .storeError("cannot read the group's pending members: \(error)"))
+                return
+            }
+            plan.cursor = changes.last?.member ?? plan.cursor
+            plan.exhausted = changes.count < Self.deltaBatch
+            for c in changes {
+                var left = 0
+                if let held = c.held, held != c.want {
+                    plan.removes.append((c.member, held))
+                    left += 1
+                }
+                if let want = c.want, want != c.held {
+                    plan.adds.append((c.member, want))
+                    left += 1
+                }
+                // Routed here and not there yet: it stays pending (its delivery marks it again).
+                if c.waiting { continue }
+                if left == 0 { plan.done.append((c.member, c.mark)) } else { plan.open[c.member] = (c.mark, left) }
+            }
+        }
+        let limit = max(1, target.maxMembersPerPatch)
+        let removeNow = Array(plan.removes.prefix(limit)), addNow = Array(plan.adds.prefix(limit - removeNow.count))
+        let ops =
+            plan.attributeOps + memberOperations(add: addNow.map { ["value": .string($0.targetID)] }, remove: removeNow.map(\.targetID))
+        d.delta = plan
+        if ops.isEmpty {
+            let same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body, members: mapping.members)
+            finish(d, .done(mapping: .some(same), method: nil, status: nil))
+            return
+        }
+        let large = (mapping.members ?? 0) > Self.readBackMembers
+        let path = endpoint("Group") + "/" + mapping.targetID
+        let bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
+        var req = request("PATCH", path + (large ? "?excludedAttributes=members" : ""), d, body: bytes)
+        if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
+        statistics.memberSteps += 1
+        send(req, method: "PATCH") { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success(let r) where (200..<300).contains(r.status):
+                let doc = r.body.isEmpty ? nil : try? JSONParser.parse(r.body)
+                let tag = etag(r, doc) ?? (r.status == 204 ? nil : mapping.etag)
+                var dropped: [(member: String, targetID: String)] = [], kept: [(member: String, targetID: String)] = []
+                if !large, let o = doc?.objectValue, o["id"] != nil,
+                    let held = o["members"]?.arrayValue ?? (o.keys.contains("members") ? [] : nil)
+                {
+                    let holds = Set(held.compactMap { $0["value"]?.stringValue?.lowercased() })
+                    // Believed only when complete: at least as many as the target kept from before
+                    // (a shorter list is a partial or capped one, and says nothing of the change).
+                    if holds.count >= (mapping.members ?? 0) - removeNow.count {
+                        dropped = addNow.filter { !holds.contains($0.targetID.lowercased()) }
+                        kept = removeNow.filter { holds.contains($0.targetID.lowercased()) }
+                    }
+                }
+                var next = d
+                if !dropped.isEmpty || !kept.isEmpty {
+                    guard next.readBacks < 3, dropped.count + kept.count < addNow.count + removeNow.count else {
+                        finish(
+                            d, stepRefused(path, bytes, r, dropped: dropped.count, of: addNow.count, kept: kept.count, of: removeNow.count))
+                        return
+                    }
+                    next.readBacks += 1
+                }
+                var plan = plan
+                plan.attributeOps = []
+                plan.removes = kept + plan.removes.dropFirst(removeNow.count)
+                plan.adds = dropped + plan.adds.dropFirst(addNow.count)
+                var done = plan.done
+                plan.done = []
+                let again = Set((dropped + kept).map(\.member))
+                for m in (removeNow + addNow).map(\.member) where !again.contains(m) {
+                    guard var o = plan.open[m] else { continue }
+                    o.left -= 1
+                    if o.left == 0 {
+                        done.append((m, o.mark))
+                        plan.open[m] = nil
+                    } else {
+                        plan.open[m] = o
+                    }
+                }
+                let added = addNow.filter { !again.contains($0.member) },
+                    removed = removeNow.filter { !again.contains($0.member) }.map(\.member)
+                let step = TargetMapping(targetID: mapping.targetID, etag: tag, sent: body, members: mapping.members)
+                let store = self.store, name = target.name, cleared = done
+                writer.submit({ txn in
+                    try store.recordMemberStep(
+                        target: name, group: group, added: added, removed: removed, done: cleared, mapping: step, txn)
+                }) { [weak self] recorded in
+                    guard let self else { return }
+                    switch recorded {
+                    case .success(let now):
+                        next.delta = plan
+                        next.mapping = now
+                        if plan.removes.isEmpty && plan.adds.isEmpty && plan.exhausted {
+                            finish(next, .done(mapping: .some(now), method: "PATCH", status: r.status))
+                        } else {
+                            groupDelta(next, mapping: now, body: body)  // the next step
+                        }
+                    case .failure(let error):
+                        finish(d, .storeError("cannot record a group's step: \(error)"))
+                    }
+                }
+            case .success(let r)
+            where r.status == 501 && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
+                learnValueListRemoval(r)
+                groupDelta(d, mapping: mapping, body: body)
+            case .success(let r) where r.status == 501:
+                // No PATCH there: the whole group by PUT (its completion drops the index).
+                patchRefused("Group", r)
+                var next = d
+                next.delta = nil
+                upsert(next)
+            case .success(let r) where r.status == 404 && d.redirected < 2:
+                // Gone at the target (deleted there): created again, whole.
+                var next = d
+                next.delta = nil
+                next.mapping = nil
+                next.redirected += 1
+                upsert(next)
+            case .success(let r) where r.status == 412 && d.redirected < 2:
+                // Changed at the target since: the broker's change is sent without If-Match.
+                var next = d
+                next.redirected += 1
+                var m = mapping
+                m.etag = nil
+                groupDelta(next, mapping: m, body: body)
+            case .success(let r):
+                finish(d, classify(r, "PATCH", path, bytes))
+            case .failure(let e):
+                finish(d, transportFailure(e, "PATCH \(path)"))
+            }
+        }
+    }
+
+    /// Removal by value filter is not implemented there (django-scim2): the
+    /// same removal with a value list, remembered for this target.
+    private func learnValueListRemoval(_ r: HTTPResponse) {
+        memberRemoval = .valueList
+        logger.warning(
+            "the target does not implement member removal by filter (501): members are removed with a value list",
+            metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
     }
 
     private func update(_ d: Delivery, type: String, mapping: TargetMapping, body: JSONObject) {
@@ -992,12 +1201,7 @@ public final class TargetWorker {
             update(next, type: type, mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), body: body)
         case .success(let r)
         where r.status == 501 && method == "PATCH" && memberRemoval == .filter && onlyFilteredMemberRemovals(bytes):
-            // Removal by value filter is not implemented there (django-scim2):
-            // the same removal with a value list, remembered for this target.
-            memberRemoval = .valueList
-            logger.warning(
-                "the target does not implement member removal by filter (501): members are removed with a value list",
-                metadata: ["response": .string(String(decoding: r.body.prefix(300), as: UTF8.self))])
+            learnValueListRemoval(r)
             update(d, type: type, mapping: mapping, body: body)
         case .success(let r) where r.status == 501 && method == "PATCH":
             // This PATCH form is not implemented there (RFC 7644 §3.12): a
@@ -1458,15 +1662,20 @@ public final class TargetWorker {
                     }
                 }
         let linked = d.linked
+        // What a group's mapping says of its members there (`TargetMembers.swift`).
+        let indexing: BrokerStore.GroupIndexing =
+            d.delta.map { .keep(done: $0.done) } ?? (indexesGroupMembers ? .rebuild : .none)
         writer.submit({ txn in
             try store.completeDelivery(
                 target: name, keys: keys, brokerID: id, type: type, mapping: recorded, linked: linked,
-                deadLetter: deadLetter, hop: finalHop, trace: trace, txn)
+                deadLetter: deadLetter, hop: finalHop, trace: trace, indexing: indexing, txn)
         }) { [weak self] result in
             guard let self else { return }
             endFlight(d)
             switch result {
-            case .success:
+            case .success(let queued):
+                // A user's account changed there: the groups it joins or leaves were queued.
+                if queued > 0 { kick(queued: queued) }
                 let done = Set(keys)
                 pending.removeAll { done.contains($0.key) }
                 depth = max(0, depth - keys.count)

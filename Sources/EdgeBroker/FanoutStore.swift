@@ -103,25 +103,33 @@ public struct TargetMapping: Sendable, Equatable {
     /// `collisions: link`: the link value under which this account is shared
     /// with other linked users (nil: the resource's own account).
     public var link: String?
+    /// A group whose members at the target are in the index
+    /// (`TargetMembers.swift`): how many it holds there, and `sent` holds
+    /// no members. Nil: `sent` lists them.
+    public var members: Int?
 
     var json: JSON {
         var o: JSONObject = ["id": .string(targetID)]
         if let etag { o["etag"] = .string(etag) }
         if let sent { o["sent"] = .object(sent) }
         if let link { o["link"] = .string(link) }
+        if let members { o["members"] = .int(members) }
         return .object(o)
     }
 
-    public init(targetID: String, etag: String?, sent: JSONObject?, link: String? = nil) {
+    public init(targetID: String, etag: String?, sent: JSONObject?, link: String? = nil, members: Int? = nil) {
         self.targetID = targetID
         self.etag = etag
         self.sent = sent
         self.link = link
+        self.members = members
     }
 
     init?(_ bytes: [UInt8]) {
         guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue else { return nil }
-        self.init(targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue, link: o["link"]?.stringValue)
+        self.init(
+            targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue, link: o["link"]?.stringValue,
+            members: o["members"]?.numberValue?.integer.map(Int.init))
     }
 }
 
@@ -132,9 +140,11 @@ func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
 extension BrokerStore {
     /// Queues, in the apply's transaction, what each target must do after a
     /// resource changed from `old` to `new` (nil: absent or deleted).
+    /// `touched`: a group's members that changed (marked pending at each
+    /// target the group goes to: its delivery sends only those).
     func enqueueFanout(
         domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
-        trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction
+        trace: String, acceptedAt: Int64, touched: [String] = [], _ txn: borrowing WriteTransaction
     ) throws -> [String] {
         var queued: [String] = []
         for target in targets {
@@ -163,7 +173,10 @@ extension BrokerStore {
                 }
                 item.link = after ?? before
             }
-            try enqueue(target: target.name, item, txn)
+            let seq = try enqueue(target: target.name, item, txn)
+            if now && type == "Group" && !touched.isEmpty {
+                try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn)
+            }
             queued.append(target.name)
             if let partner {
                 // It left an account it shared: the others' merged state is sent again (once, by one of them).
@@ -290,9 +303,12 @@ extension BrokerStore {
         }
     }
 
-    func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws {
+    /// Returns the item's sequence in the target's queue.
+    @discardableResult
+    func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws -> UInt64 {
         let seq = try nextCounter("seq/\(target)", txn)
         try txn.put(fanout, prefixed(target, seq.bigEndianBytes), item.json.serialized())
+        return seq
     }
 
     func nextCounter(_ name: String, _ txn: borrowing WriteTransaction) throws -> UInt64 {
@@ -568,13 +584,29 @@ extension BrokerStore {
     /// mapping (nil: forget it), a dead letter, and the trail hop.
     /// `linked`: the other users sharing the account (`collisions: link`)
     /// get the same mapping.
+    /// A group's `indexing` says what its mapping's members mean
+    /// (`TargetMembers.swift`); a user whose account changed gets its
+    /// groups there queued. Returns how many items that queued.
+    @discardableResult
     func completeDelivery(
         target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
-        linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String,
+        linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String, indexing: GroupIndexing = .none,
         _ txn: borrowing WriteTransaction
-    ) throws {
+    ) throws -> Int {
         for k in keys { _ = try txn.delete(fanout, k) }
-        if case .some(let m) = mapping {
+        var queued = 0
+        if case .some(var m) = mapping {
+            if type == "Group" {
+                if let g = m {
+                    let through = keys.compactMap { UInt64(bigEndianBytes: Array($0.suffix(8))) }.max() ?? 0
+                    m = try completeGroupMapping(target: target, group: brokerID, g, indexing: indexing, through: through, txn)
+                } else {
+                    try clearGroupIndex(target: target, group: brokerID, pendingThrough: nil, txn)
+                }
+            } else if linked.isEmpty {
+                let old = try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init)
+                queued += try userAccountChanged(target: target, user: brokerID, old: old, new: m, trace: trace, txn)
+            }
             try setMapping(target: target, type: type, brokerID: brokerID, m, txn)
             if let m { for other in linked where other != brokerID { try setMapping(target: target, type: type, brokerID: other, m, txn) } }
         }
@@ -585,6 +617,7 @@ extension BrokerStore {
             try txn.put(targetDead, prefixed(target, seq.bigEndianBytes), JSON.object(d).serialized())
         }
         if let hop { try recordHop(brokerID: brokerID, trace: trace, hop, txn) }
+        return queued
     }
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
@@ -699,6 +732,8 @@ extension BrokerStore {
         public var owners = 0
         /// Link index entries (`collisions: link`).
         public var links = 0
+        /// Group member index entries (what the target holds, and what is pending).
+        public var members = 0
         public var deadLetters = 0
         /// Status, deletion guard and counters.
         public var stateEntries = 0
@@ -715,7 +750,7 @@ extension BrokerStore {
         var result = ForgottenTarget()
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
-            (targetLinks, \.links),
+            (targetLinks, \.links), (targetMembers, \.members), (targetMemberOf, \.members), (targetPending, \.members),
         ] {
             while true {
                 let removed = try environment.write { txn in

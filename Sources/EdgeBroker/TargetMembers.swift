@@ -1,0 +1,273 @@
+import EdgeLoop
+import EdgeStore
+import SCIM
+
+/// What each target holds of each group's members, as an index, and which
+/// members changed since the group was last delivered there: a membership
+/// change reaches a target in O(k log n), whatever the group's size.
+///
+/// | database | key | value |
+/// |---|---|---|
+/// | `targetMembers` | `<target> 0x00 <group> 0x00 <member>` | the member's id at the target, as the target holds it |
+/// | `targetMemberOf` | `<target> 0x00 <member>` (duplicates) | group broker id |
+/// | `targetPending` | `<target> 0x00 <group> 0x00 <member>` | the queue sequence (BE) of the change that touched it |
+///
+/// The apply marks a member pending at every target the group goes to,
+/// in the transaction that changes it, and queues the group there as
+/// before; the group's delivery reads the pending members only, compares
+/// each with the directory and with what the target holds, and sends the
+/// difference. A pending entry is removed only when its member's state was
+/// sent (or was found the same), and only if no later change marked it
+/// again (its sequence is unchanged): a change is never skipped.
+///
+/// A group mapping with `members` (a count) is delivered this way; one
+/// without (a target without PATCH, or a store from before) keeps the
+/// members in `sent`, and its next delivery compares whole groups, then
+/// moves what the target holds into the index (`GroupIndexing.rebuild`).
+extension BrokerStore {
+    static func targetGroupPrefix(_ target: String, _ group: String) -> [UInt8] {
+        Array(target.utf8) + [0] + Array(group.utf8) + [0]
+    }
+    static func targetMemberKey(_ target: String, _ group: String, _ member: String) -> [UInt8] {
+        targetGroupPrefix(target, group) + Array(member.utf8)
+    }
+    static func targetGroupEnd(_ target: String, _ group: String) -> [UInt8] { Array(target.utf8) + [0] + Array(group.utf8) + [1] }
+
+    /// Marks `members` of `group` pending at `target`, by the queue item `seq`.
+    func markMembersPending(target: String, group: String, _ members: some Sequence<String>, seq: UInt64, _ txn: borrowing WriteTransaction)
+        throws
+    {
+        let value = seq.bigEndianBytes
+        for m in members { try txn.put(targetPending, BrokerStore.targetMemberKey(target, group, m), value) }
+    }
+
+    /// A member's change as a group's delivery sees it: what the target
+    /// should hold and what it holds.
+    struct MemberChange: Sendable {
+        var member: String
+        /// The pending entry's value when read (removed only if unchanged).
+        var mark: [UInt8]
+        /// The member's id at the target, if the target should hold it now.
+        var want: String?
+        /// The id the target holds for it, if any.
+        var held: String?
+        /// The member as the directory holds it (`type`), when wanted.
+        var entry: JSONObject?
+        /// Routed to the target but not there yet: stays pending (its
+        /// delivery marks it again when it arrives).
+        var waiting: Bool
+    }
+
+    /// Up to `limit` pending members of `group` at `target`, after `cursor`
+    /// (a member id; nil: the first), each with what the target should hold
+    /// and holds. `routes` says whether a member without a mapping there is
+    /// routed to it (then it waits). The last member read is the next cursor.
+    func pendingMemberChanges(
+        target: String, group: String, after cursor: String?, limit: Int,
+        routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool
+    ) throws -> [MemberChange] {
+        let targetPending = self.targetPending, groupMembers = self.groupMembers, targetMembers = self.targetMembers
+        let targetIds = self.targetIds, brokerIds = self.brokerIds, resources = self.resources
+        return try environment.read { txn in
+            let prefix = BrokerStore.targetGroupPrefix(target, group)
+            var marks: [(String, [UInt8])] = []
+            try txn.scan(
+                targetPending, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix,
+                to: BrokerStore.targetGroupEnd(target, group)
+            ) { k, v in
+                marks.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
+                return marks.count < limit
+            }
+            var out: [MemberChange] = []
+            for (member, mark) in marks {
+                let entry = try txn.get(groupMembers, BrokerStore.memberKey(group, member)).flatMap {
+                    try JSONParser.parse($0, limits: .stored).objectValue
+                }
+                let held = try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, member)).map {
+                    String(decoding: $0, as: UTF8.self)
+                }
+                var want: String?, waiting = false
+                if entry != nil {
+                    want = try txn.get(targetIds, prefixed(target, member)).flatMap(TargetMapping.init)?.targetID
+                    if want == nil, let key = try txn.get(brokerIds, Array(member.utf8)), let bytes = try txn.get(resources, key),
+                        let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+                    {
+                        let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
+                        waiting = parts.count == 3 && routes(String(parts[0]), String(parts[1]), o)
+                    }
+                }
+                out.append(MemberChange(member: member, mark: mark, want: want, held: held, entry: entry, waiting: waiting))
+            }
+            return out
+        }
+    }
+
+    /// Records one step of a group's delivery: the members the target now
+    /// holds (`added`: member → its id there) and no longer holds, the
+    /// pending entries done (removed when unchanged), and the group's
+    /// mapping (its count updated by what really changed). Returns the mapping.
+    func recordMemberStep(
+        target: String, group: String, added: [(member: String, targetID: String)], removed: [String],
+        done: [(member: String, mark: [UInt8])], mapping: TargetMapping, _ txn: borrowing WriteTransaction
+    ) throws -> TargetMapping {
+        var count = try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members ?? mapping.members ?? 0
+        // Removals first: a member whose account there changed is removed under the old id and added under the new.
+        for m in removed where try dropMember(target: target, group: group, member: m, txn) { count -= 1 }
+        for (m, tid) in added where try holdMember(target: target, group: group, member: m, targetID: tid, txn) { count += 1 }
+        for (m, mark) in done {
+            let key = BrokerStore.targetMemberKey(target, group, m)
+            if try txn.get(targetPending, key) == mark { _ = try txn.delete(targetPending, key) }
+        }
+        var m = mapping
+        m.members = max(0, count)
+        try txn.put(targetIds, prefixed(target, group), m.json.serialized())
+        return m
+    }
+
+    /// Returns whether the member is new in the group's index at the target.
+    func holdMember(target: String, group: String, member: String, targetID: String, _ txn: borrowing WriteTransaction) throws -> Bool {
+        let key = BrokerStore.targetMemberKey(target, group, member)
+        let had = try txn.get(targetMembers, key)
+        try txn.put(targetMembers, key, Array(targetID.utf8))
+        if had == nil { try txn.put(targetMemberOf, prefixed(target, member), Array(group.utf8)) }
+        return had == nil
+    }
+
+    /// Returns whether the member was in the group's index at the target.
+    func dropMember(target: String, group: String, member: String, _ txn: borrowing WriteTransaction) throws -> Bool {
+        guard try txn.delete(targetMembers, BrokerStore.targetMemberKey(target, group, member)) else { return false }
+        _ = try txn.delete(targetMemberOf, prefixed(target, member), value: Array(group.utf8))
+        return true
+    }
+
+    /// The groups whose index at `target` holds `member`.
+    func heldGroups(target: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        try duplicates(targetMemberOf, prefixed(target, member), txn)
+    }
+
+    /// Forgets what `target` holds of `group`'s members, and its pending
+    /// marks through `through` (all: nil). O(n), in one transaction: when
+    /// the group leaves the target or its membership is recorded anew.
+    func clearGroupIndex(target: String, group: String, pendingThrough through: UInt64?, _ txn: borrowing WriteTransaction) throws {
+        let prefix = BrokerStore.targetGroupPrefix(target, group), end = BrokerStore.targetGroupEnd(target, group)
+        var held: [String] = []
+        try txn.scanKeys(targetMembers, from: prefix, to: end) { k in
+            held.append(String(decoding: k[prefix.count...], as: UTF8.self))
+            return true
+        }
+        for m in held { _ = try dropMember(target: target, group: group, member: m, txn) }
+        var marks: [[UInt8]] = []
+        try txn.scan(targetPending, from: prefix, to: end) { k, v in
+            if through.map({ (UInt64(bigEndianBytes: v) ?? 0) <= $0 }) ?? true { marks.append(k) }
+            return true
+        }
+        for k in marks { _ = try txn.delete(targetPending, k) }
+    }
+
+    /// How a group delivery's completion treats the target's member index.
+    enum GroupIndexing: Sendable {
+        /// The mapping's `sent` lists every member the target holds (a whole
+        /// group was sent): they move into the index, `sent` keeps the rest.
+        case rebuild
+        /// Delivered from the index: it is current; the stored count stands,
+        /// and `done`'s pending marks are cleared (when unchanged).
+        case keep(done: [(member: String, mark: [UInt8])])
+        /// The target takes no PATCH: members stay in `sent`, the index goes.
+        case none
+    }
+
+    /// A group's mapping as its delivery ends (`completeDelivery`): the
+    /// index made to match `indexing`, pending marks through `through`
+    /// (the last queue item the delivery covered) cleared after a whole-
+    /// group delivery. Returns the mapping to record.
+    func completeGroupMapping(
+        target: String, group: String, _ mapping: TargetMapping, indexing: GroupIndexing, through: UInt64,
+        _ txn: borrowing WriteTransaction
+    ) throws -> TargetMapping {
+        var m = mapping
+        switch indexing {
+        case .keep(let done):
+            m.members = try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members ?? mapping.members ?? 0
+            for (member, mark) in done {
+                let key = BrokerStore.targetMemberKey(target, group, member)
+                if try txn.get(targetPending, key) == mark { _ = try txn.delete(targetPending, key) }
+            }
+        case .rebuild, .none:
+            try clearGroupIndex(target: target, group: group, pendingThrough: through, txn)
+            guard case .rebuild = indexing, var sent = m.sent else {
+                m.members = nil
+                return m
+            }
+            var count = 0
+            for member in sent["members"]?.arrayValue ?? [] {
+                // A member the broker did not send (the target's own) is not ours to track.
+                guard let tid = member["value"]?.stringValue,
+                    let owner = try txn.get(targetOwners, prefixed(target, "User/\(tid)")).map({ String(decoding: $0, as: UTF8.self) })
+                else { continue }
+                if try holdMember(target: target, group: group, member: owner, targetID: tid, txn) { count += 1 }
+            }
+            sent["members"] = nil
+            m.sent = sent
+            m.members = count
+        }
+        return m
+    }
+
+    /// A user's account at `target` changed from `old` to `new`: the groups
+    /// that hold it there, or should, are queued with the user marked
+    /// pending (a user that arrives after its group joins it; one whose
+    /// account was replaced is swapped). An account deleted at the target
+    /// left its groups there with it: their index forgets it. Returns how
+    /// many items were queued.
+    func userAccountChanged(
+        target: String, user: String, old: TargetMapping?, new: TargetMapping?, trace: String, _ txn: borrowing WriteTransaction
+    ) throws -> Int {
+        guard old?.targetID != new?.targetID else { return 0 }
+        guard new != nil else {
+            for g in try heldGroups(target: target, member: user, txn) {
+                guard try dropMember(target: target, group: g, member: user, txn),
+                    var gm = try txn.get(targetIds, prefixed(target, g)).flatMap(TargetMapping.init), let n = gm.members
+                else { continue }
+                gm.members = max(0, n - 1)
+                try txn.put(targetIds, prefixed(target, g), gm.json.serialized())
+            }
+            return 0
+        }
+        var queued = 0
+        for g in Set(try groups(of: user, txn) + heldGroups(target: target, member: user, txn)).sorted() {
+            // A group not delivered there yet takes its members when it is.
+            guard try txn.get(targetIds, prefixed(target, g)).flatMap(TargetMapping.init)?.members != nil else { continue }
+            let seq = try enqueue(
+                target: target,
+                DeliveryItem(
+                    brokerID: g, type: "Group", operation: .upsert, trace: trace, queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+            try markMembersPending(target: target, group: g, [user], seq: seq, txn)
+            queued += 1
+        }
+        return queued
+    }
+}
+
+extension BrokerStore {
+    /// A user deleted at its source left `groups`: at a target that keeps
+    /// removed users as inactive accounts, the groups holding it there are
+    /// queued with the user marked, so that it leaves them. (A target that
+    /// deletes the account drops its memberships with it.)
+    func memberLeft(_ member: String, groups: [String], trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction) throws
+        -> [String]
+    {
+        var queued: [String] = []
+        for target in targets where target.removal == .deactivate {
+            for g in groups where try txn.get(targetMembers, BrokerStore.targetMemberKey(target.name, g, member)) != nil {
+                let seq = try enqueue(
+                    target: target.name,
+                    DeliveryItem(
+                        brokerID: g, type: "Group", operation: .upsert, trace: trace, queuedAt: unixMilliseconds(),
+                        acceptedAt: acceptedAt), txn)
+                try markMembersPending(target: target.name, group: g, [member], seq: seq, txn)
+                queued.append(target.name)
+            }
+        }
+        return queued
+    }
+}

@@ -1,0 +1,123 @@
+import EdgeAgent
+import EdgeBroker
+import EdgeHTTP
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// A group's change reaches a target from the member index: only the
+/// members that changed are read and sent, and members whose own account
+/// there changes join or leave the group there.
+extension FanoutTests {
+    /// The target's members of `name`, by userName.
+    func membersAtTarget(_ appPort: Int, _ name: String) -> Set<String> {
+        let appUsers = users(appPort, token: "t", prefix: "/scim/v2")
+        let byTargetID = Dictionary(uniqueKeysWithValues: appUsers.compactMap { n, u in u["id"]?.stringValue.map { ($0, n) } })
+        return Set(
+            groups(appPort, token: "t", prefix: "/scim/v2")[name]?["members"]?.arrayValue?.compactMap {
+                $0["value"]?.stringValue.flatMap { byTargetID[$0] }
+            } ?? [])
+    }
+
+    func patchAt(_ dp: Int, _ path: String, _ ops: String) throws -> Int {
+        try idp(dp, "PATCH", path, #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(ops)}"#).0
+    }
+
+    /// After a group is delivered, its mapping holds no members (they are
+    /// in the index, with their count); a one-member change is one PATCH of
+    /// that member, sent from the index; a broker SIGKILLed and restarted
+    /// between changes sends each change once; the group at the target ends
+    /// exactly as the IdP's.
+    func testAGroupChangeIsSentFromTheMemberIndex() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let patches = Locked<[String]>([])
+        let proxy = try ServerHarness { request, _, responder in
+            if request.path.contains("/Groups/"), request.method == "PATCH" {
+                patches.withLock { $0.append(String(decoding: request.body, as: UTF8.self)) }
+            }
+            responder.respond(forward(request, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let yaml = "targets:\n" + target("app", port: proxy.port)
+        var (broker, bp) = try startBroker(yaml: yaml)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<12).map { try newUser(dp, "u\($0)") }
+        let members = ids[0..<10].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let (status, group) = try idp(
+            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"staff","members":[\#(members)]}"#)
+        XCTAssertEqual(status, 201)
+        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.membersAtTarget(appPort, "staff").count == 10 }, "\(membersAtTarget(appPort, "staff"))")
+
+        // The mapping records the count, not the members.
+        let store = try BrokerStore(path: dir.file("broker"))
+        let groupID = try XCTUnwrap(store.resources(domain: "acme-de").first { $0["displayName"] == "staff" }?["id"]?.stringValue)
+        XCTAssertTrue(
+            eventually(seconds: 10) { (try? store.mappings(target: "app"))?[groupID]?.members == 10 },
+            "\(String(describing: try? store.mappings(target: "app")[groupID]))")
+        XCTAssertNil(try store.mappings(target: "app")[groupID]?.sent?["members"], "members are in the index, not in the mapping")
+
+        patches.withLock { $0 = [] }
+        XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"add","path":"members","value":[{"value":"\#(ids[10])"}]}]"#), 200)
+        XCTAssertTrue(eventually(seconds: 20) { self.membersAtTarget(appPort, "staff").contains("u10") })
+        var sent = patches.current
+        XCTAssertEqual(sent.count, 1, "\(sent)")
+        let added = try JSONParser.parse(Array(sent[0].utf8))["Operations"]?.arrayValue ?? []
+        XCTAssertEqual(added.count, 1, sent[0])
+        XCTAssertEqual(added.first?["value"]?.arrayValue?.count, 1, "only the member added: \(sent[0])")
+        let steps = try XCTUnwrap(metric(try brokerMetrics(broker), #"scim_broker_target_member_steps_total{target="app"}"#))
+        XCTAssertGreaterThanOrEqual(steps, 1, "sent from the index")
+
+        // A broker SIGKILL between changes: each is sent once.
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        (broker, bp) = try startBroker(yaml: yaml, port: bp)
+        patches.withLock { $0 = [] }
+        XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"remove","path":"members[value eq \"\#(ids[0])\"]"}]"#), 200)
+        XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"add","path":"members","value":[{"value":"\#(ids[11])"}]}]"#), 200)
+        let want = Set((1..<12).map { "u\($0)" })
+        XCTAssertTrue(eventually(seconds: 20) { self.membersAtTarget(appPort, "staff") == want }, "\(membersAtTarget(appPort, "staff"))")
+        sent = patches.current
+        XCTAssertLessThanOrEqual(sent.count, 2, "one PATCH per change at most (they may fold into one): \(sent)")
+        XCTAssertTrue(sent.allSatisfy { !$0.contains(ids[5]) }, "unchanged members are not sent")
+        XCTAssertTrue(
+            eventually(seconds: 10) { (try? store.mappings(target: "app"))?[groupID]?.members == 11 },
+            "\(String(describing: try? store.mappings(target: "app")[groupID]))")
+    }
+
+    /// A member that reaches the target after its group (it entered the
+    /// target's routes later) joins the group there, and a user deleted at
+    /// its source, kept as an inactive account by a `removal: deactivate`
+    /// target, leaves the group there: neither waits for the group's next
+    /// change.
+    func testMembersWhoseAccountChangesJoinAndLeaveTheGroupAtTheTarget() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let routes = "routes: [{domains: [acme-de], types: [Group]}, {domains: [acme-de], types: [User], filter: 'title eq \"staff\"'}]"
+        let yaml = "targets:\n" + target("app", port: appPort).replacing("routes: [{domains: [acme-de]}]", with: routes)
+        let (_, bp) = try startBroker(yaml: yaml)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let a = try newUser(dp, "ann", extra: #","title":"staff""#), b = try newUser(dp, "ben", extra: #","title":"staff""#)
+        let c = try newUser(dp, "cat", extra: #","title":"intern""#)
+        let (status, group) = try idp(
+            dp, "POST", "/Groups",
+            #"{"schemas":["\#(groupSchema)"],"displayName":"team","members":[{"value":"\#(a)"},{"value":"\#(b)"},{"value":"\#(c)"}]}"#)
+        XCTAssertEqual(status, 201)
+        _ = try XCTUnwrap(group?["id"]?.stringValue)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.membersAtTarget(appPort, "team") == ["ann", "ben"] }, "\(membersAtTarget(appPort, "team"))")
+
+        // cat enters the routes: created at the target, and it joins the group there.
+        XCTAssertEqual(try patchAt(dp, "/Users/\(c)", #"[{"op":"replace","path":"title","value":"staff"}]"#), 200)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.membersAtTarget(appPort, "team") == ["ann", "ben", "cat"] },
+            "\(membersAtTarget(appPort, "team"))")
+
+        // ann is deleted at the source: deactivated at the target, and out of the group there.
+        XCTAssertEqual(try idp(dp, "DELETE", "/Users/\(a)").0, 204)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["ann"]?["active"]?.boolValue == false })
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.membersAtTarget(appPort, "team") == ["ben", "cat"] }, "\(membersAtTarget(appPort, "team"))")
+    }
+}
