@@ -284,7 +284,13 @@ public final class AgentStore: Sendable {
         case body([UInt8], version: String?)
         /// The stored form needs the general path (`asReturned`, then a projection).
         case general(JSONObject)
+        /// A group with more members than one body should hold: the body up
+        /// to its members, which follow streamed (`memberStream`).
+        case streamed(head: [UInt8], version: String?)
     }
+
+    /// Above this many members, a group's default read is streamed.
+    public static let streamMembersAbove = 1000
 
     /// GET by id in one snapshot, without parsing the resource when it can be
     /// answered as stored: `store` writes `meta` last, so the body is the
@@ -322,6 +328,9 @@ public final class AgentStore: Sendable {
                     JSON.array(groups).write(to: &body)
                 }
             } else if type.id == "Group" {
+                if try hasMoreMembers(txn, id, than: AgentStore.streamMembersAbove) {
+                    return .streamed(head: body, version: meta["version"]?.stringValue)
+                }
                 // Straight from the index's stored bytes, after meta (as `withMembers` places them).
                 try appendMembers(txn, of: id, to: &body)
             }

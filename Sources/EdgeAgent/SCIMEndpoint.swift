@@ -437,6 +437,21 @@ public final class SCIMEndpoint {
                 headers.set("Content-Type", "application/scim+json")
                 responder.respond(HTTPResponse(status: 200, headers: headers, body: body))
                 return
+            case .streamed(let head, let version):
+                // A large group: its members follow as the connection drains (bounded memory).
+                guard try passesPreconditions(request, version, responder) else { return }
+                var headers = resourceHeaders(version: version, type, id: id, base)
+                headers.set("Content-Type", "application/scim+json")
+                var response = HTTPResponse(status: 200, headers: headers)
+                let members = store.memberStream(of: id)
+                var sentHead = false
+                response.stream = BodyStream {
+                    if sentHead { return try members.next() }
+                    sentHead = true
+                    return head
+                }
+                responder.respond(response)
+                return
             }
         }
         let projection: Projection

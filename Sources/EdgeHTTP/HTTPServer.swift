@@ -90,10 +90,15 @@ final class ResponseSlot {
     var response: HTTPResponse?
     let keepAlive: Bool
     let omitBody: Bool
-    init(response: HTTPResponse? = nil, keepAlive: Bool, omitBody: Bool) {
+    /// HTTP/1.0: a streamed body is collected, not chunked.
+    let chunkedAllowed: Bool
+    /// A streamed body's head is out; its pieces follow as the connection drains.
+    var streaming = false
+    init(response: HTTPResponse? = nil, keepAlive: Bool, omitBody: Bool, chunkedAllowed: Bool = true) {
         self.response = response
         self.keepAlive = keepAlive
         self.omitBody = omitBody
+        self.chunkedAllowed = chunkedAllowed
     }
 }
 
@@ -409,7 +414,9 @@ final class ServerConnection {
             headers: head.headers, body: body)
         request.versionMajor = head.versionMajor
         request.versionMinor = head.versionMinor
-        let slot = ResponseSlot(keepAlive: keepAlive && !server.isDraining, omitBody: head.method == "HEAD")
+        let slot = ResponseSlot(
+            keepAlive: keepAlive && !server.isDraining, omitBody: head.method == "HEAD",
+            chunkedAllowed: head.versionMajor > 1 || (head.versionMajor == 1 && head.versionMinor >= 1))
         slots.append(slot)
         if !keepAlive {
             // Nothing after this request is read (RFC 9112 §9.6).
@@ -422,10 +429,36 @@ final class ServerConnection {
     /// Writes the answered responses at the head of the queue, in order.
     func flushResponses() {
         guard !isClosed else { return }
-        while let head = slots.first, let response = head.response {
-            slots.removeFirst()
+        while let head = slots.first, var response = head.response {
             // While draining, the last owed response says goodbye.
-            let keepAlive = head.keepAlive && !(slots.isEmpty && server.isDraining)
+            let keepAlive = head.keepAlive && !(slots.count == 1 && server.isDraining)
+            if let stream = response.stream {
+                if head.omitBody || !head.chunkedAllowed {
+                    if !head.omitBody {
+                        do { response.body = try stream.collect() } catch {
+                            transport.close()
+                            return
+                        }
+                    }
+                    response.stream = nil
+                } else {
+                    if !head.streaming {
+                        head.streaming = true
+                        transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: false, chunked: true))
+                    }
+                    guard pump(stream) else {
+                        applyBackpressure()
+                        return  // more when the writes drain
+                    }
+                    slots.removeFirst()
+                    if !keepAlive {
+                        closeNow()
+                        return
+                    }
+                    continue
+                }
+            }
+            slots.removeFirst()
             transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: head.omitBody))
             if !keepAlive {
                 closeNow()
@@ -437,6 +470,25 @@ final class ServerConnection {
             if server.isDraining { closeNow(); return }
         }
         applyBackpressure()
+    }
+
+    /// Writes a streamed body's pieces while the write buffer is under its
+    /// high watermark; true once the last one is out. A failing stream
+    /// closes the connection.
+    private func pump(_ stream: BodyStream) -> Bool {
+        while transport.queuedWriteBytes <= server.limits.writeHighWatermark {
+            let piece: [UInt8]?
+            do { piece = try stream.next() } catch {
+                transport.close()
+                return false
+            }
+            guard let piece else {
+                transport.write(lastChunk)
+                return true
+            }
+            if !piece.isEmpty { transport.write(chunk(piece)) }
+        }
+        return false
     }
 
     /// Answers a protocol error after the responses already owed, then closes.
@@ -465,7 +517,9 @@ final class ServerConnection {
         }
     }
 
-    private func writeDrained() { applyBackpressure() }
+    private func writeDrained() {
+        if slots.first?.streaming == true { flushResponses() } else { applyBackpressure() }
+    }
 
     func checkTimeouts(now: UInt64, unixNow: Int64) {
         guard !isClosed else { return }

@@ -122,10 +122,29 @@ public struct HTTPRequest: Sendable {
     }
 }
 
+/// A response body made piece by piece as the connection drains, sent with
+/// the chunked transfer coding (RFC 9112 §7.1): memory holds a piece and
+/// the connection's write buffer, not the whole body. `next` returns the
+/// next piece, nil at the end; an error ends the connection (the client sees
+/// an incomplete body, never a wrong one). Called on the server's loop.
+public final class BodyStream: @unchecked Sendable {
+    public let next: () throws -> [UInt8]?
+    public init(_ next: @escaping () throws -> [UInt8]?) { self.next = next }
+
+    /// Every piece, joined (for an HTTP/1.0 client, which has no chunked coding).
+    func collect() throws -> [UInt8] {
+        var out: [UInt8] = []
+        while let piece = try next() { out.append(contentsOf: piece) }
+        return out
+    }
+}
+
 public struct HTTPResponse: Sendable {
     public var status: Int
     public var headers: HTTPHeaders
     public var body: [UInt8]
+    /// When set, the body is streamed from it (`body` is not sent).
+    public var stream: BodyStream?
 
     public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), body: [UInt8] = []) {
         self.status = status
@@ -142,7 +161,8 @@ public struct HTTPResponse: Sendable {
     /// Serialises for the wire (server side).
     /// The response as sent: status line, headers, blank line, body. Built
     /// straight into one byte array (no intermediate strings).
-    func serialized(date: String, keepAlive: Bool, omitBody: Bool) -> [UInt8] {
+    /// With `chunked`, only the head, announcing the chunked coding.
+    func serialized(date: String, keepAlive: Bool, omitBody: Bool, chunked: Bool = false) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(160 + headers.fields.count * 48 + (omitBody ? 0 : body.count))
         func field(_ name: String, _ value: String) {
@@ -157,14 +177,30 @@ public struct HTTPResponse: Sendable {
         out.append(contentsOf: reasonPhrase(status).utf8)
         out.append(contentsOf: lineEnd)
         for (n, v) in headers.fields { field(n, v) }
-        if !headers.contains("Content-Length") { field("Content-Length", String(body.count)) }
+        if chunked {
+            field("Transfer-Encoding", "chunked")
+        } else if !headers.contains("Content-Length") {
+            field("Content-Length", String(body.count))
+        }
         if !headers.contains("Date") { field("Date", date) }
         if !keepAlive { field("Connection", "close") }
         out.append(contentsOf: lineEnd)
-        if !omitBody { out.append(contentsOf: body) }
+        if !omitBody && !chunked { out.append(contentsOf: body) }
         return out
     }
 }
+
+/// One piece of a chunked body: size in hex, CRLF, the bytes, CRLF.
+func chunk(_ piece: [UInt8]) -> [UInt8] {
+    var out = Array(String(piece.count, radix: 16).utf8)
+    out.reserveCapacity(out.count + piece.count + 4)
+    out.append(contentsOf: lineEnd)
+    out.append(contentsOf: piece)
+    out.append(contentsOf: lineEnd)
+    return out
+}
+
+let lastChunk = Array("0\r\n\r\n".utf8)
 
 private let statusLinePrefix = Array("HTTP/1.1 ".utf8)
 private let fieldSeparator = Array(": ".utf8)

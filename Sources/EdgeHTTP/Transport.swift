@@ -182,6 +182,8 @@ final class Transport {
     }
 
     private func clearCallbacks() {
+        // Writes still queued complete after this transport may be gone.
+        stream.writeDrained = nil
         onReady = nil
         onData = nil
         onEnd = nil

@@ -62,12 +62,14 @@ final class GroupMembersTests: XCTestCase {
             return (child, Int(line.split(separator: " ")[4].split(separator: ":")[1])!)
         }
         var (child, port) = try start()
+        var lastHead = ""
         func call(_ method: String, _ path: String, _ body: String? = nil) throws -> (Int, String) {
             let client = try RawClient(port: port, timeoutSeconds: 30)
             var head = "\(method) /scim/v2\(path) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n"
             if let body { head += "Content-Type: application/scim+json\r\nContent-Length: \(body.utf8.count)\r\n" }
             _ = client.send(head + "\r\n" + (body ?? ""))
             let r = try XCTUnwrap(client.readResponses(1).first)
+            lastHead = r.head
             return (r.status, r.body)
         }
         let n = 10_500
@@ -83,6 +85,8 @@ final class GroupMembersTests: XCTestCase {
         func checkReadsBack(_ when: String) throws {
             let group = try call("GET", "/Groups/\(gid)")
             XCTAssertEqual(group.0, 200, when)
+            XCTAssertTrue(lastHead.contains("Transfer-Encoding: chunked"), "\(when): the members are streamed: \(lastHead)")
+            XCTAssertTrue(lastHead.contains("ETag: "), lastHead)
             XCTAssertEqual(Set(try memberIDs(group.1)), Set(ids), "\(when): every member reads back")
             let member = try call("GET", "/Users/\(ids[n - 1])")
             XCTAssertEqual(member.0, 200, when)

@@ -354,3 +354,76 @@ final class HTTPServerTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 }
+
+/// A streamed body (`HTTPResponse.stream`): chunked, produced only as the
+/// client reads, whole once it has.
+final class StreamedBodyTests: XCTestCase {
+    static let piece = 64 * 1024
+
+    func streamingServer(pieces: Int, produced: Locked<Int>) throws -> ServerHarness {
+        var limits = HTTPServerLimits()
+        limits.writeHighWatermark = 256 * 1024
+        limits.writeLowWatermark = 64 * 1024
+        return try harness(limits: limits) { request, _, responder in
+            guard request.path == "/stream" else {
+                responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: "plain"))
+                return
+            }
+            var n = 0
+            var response = HTTPResponse(status: 200, headers: ["Content-Type": "application/octet-stream"])
+            response.stream = BodyStream {
+                guard n < pieces else { return nil }
+                n += 1
+                produced.withLock { $0 += 1 }
+                return [UInt8](repeating: UInt8(ascii: "a") + UInt8(n % 26), count: StreamedBodyTests.piece)
+            }
+            responder.respond(response)
+        }
+    }
+
+    func testAStreamedBodyIsProducedAsTheClientReadsAndArrivesWhole() throws {
+        let pieces = 1000  // 62.5 MiB
+        let produced = Locked(0)
+        let server = try streamingServer(pieces: pieces, produced: produced)
+        let client = try RawClient(port: server.port, timeoutSeconds: 20)
+        client.send("GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        // Not reading: production stops at the write watermark plus what the socket buffers hold.
+        XCTAssertTrue(eventually { produced.current >= 4 })
+        let bound = 32 * 1024 * 1024 / Self.piece
+        XCTAssertFalse(eventually(seconds: 2) { produced.current > bound }, "produced \(produced.current) pieces before any was read")
+        let raw = Array(client.readToEnd().utf8)
+        let split = try XCTUnwrap(
+            (0..<(raw.count - 3)).first { raw[$0] == 13 && raw[$0 + 1] == 10 && raw[$0 + 2] == 13 && raw[$0 + 3] == 10 })
+        let head = String(decoding: raw[..<split], as: UTF8.self)
+        XCTAssertTrue(head.hasPrefix("HTTP/1.1 200"), head)
+        XCTAssertTrue(head.contains("Transfer-Encoding: chunked"), head)
+        XCTAssertFalse(head.contains("Content-Length"), head)
+        let body = try XCTUnwrap(dechunk(raw[(split + 4)...])?.body, "a complete chunked body")
+        XCTAssertEqual(body.count, pieces * Self.piece)
+        XCTAssertEqual(body[0], UInt8(ascii: "b"))
+        XCTAssertEqual(body[body.count - 1], UInt8(ascii: "a") + UInt8(pieces % 26))
+        XCTAssertEqual(produced.current, pieces)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    /// HTTP/1.0 has no chunked coding: the pieces are joined and sent with
+    /// a Content-Length; HEAD sends no body at all.
+    func testHTTP10GetsTheBodyWholeAndHeadNone() throws {
+        let produced = Locked(0)
+        let server = try streamingServer(pieces: 3, produced: produced)
+        let old = try RawClient(port: server.port)
+        old.send("GET /stream HTTP/1.0\r\n\r\n")
+        let response = old.readResponses(1)
+        XCTAssertEqual(response.first?.status, 200)
+        XCTAssertTrue(response.first?.head.contains("Content-Length: \(3 * Self.piece)") ?? false, response.first?.head ?? "")
+        XCTAssertEqual(response.first?.body.utf8.count, 3 * Self.piece)
+        let head = try RawClient(port: server.port)
+        head.send("HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let text = head.readToEnd()
+        XCTAssertTrue(text.hasPrefix("HTTP/1.1 200"), text)
+        XCTAssertEqual(
+            text.components(separatedBy: "HTTP/1.1 200").count, 3, "the HEAD's answer, then the next request's: \(text.prefix(400))")
+        XCTAssertLessThan(text.utf8.count, 2 * Self.piece, "no body after HEAD")
+        XCTAssertEqual(server.stop(), 0)
+    }
+}

@@ -168,10 +168,37 @@ public final class RawClient {
         for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
             length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
         }
+        if head.lowercased().contains("\r\ntransfer-encoding: chunked") {
+            guard let (body, used) = dechunk(data[(end + 4)...]) else { return nil }
+            return ((status, head, String(decoding: body, as: UTF8.self)), end + 4 + used)
+        }
         guard data.count >= end + 4 + length else { return nil }
         let body = String(decoding: data[(end + 4)..<(end + 4 + length)], as: UTF8.self)
         return ((status, head, body), end + 4 + length)
     }
+}
+
+/// A chunked body (RFC 9112 §7.1) at the start of `data`, and how many
+/// bytes it took; nil while it is incomplete.
+public func dechunk(_ data: ArraySlice<UInt8>) -> (body: [UInt8], used: Int)? {
+    var i = data.startIndex, out: [UInt8] = []
+    func line() -> String? {
+        var j = i
+        while j + 1 < data.endIndex, !(data[j] == 13 && data[j + 1] == 10) { j += 1 }
+        guard j + 1 < data.endIndex else { return nil }
+        defer { i = j + 2 }
+        return String(decoding: data[i..<j], as: UTF8.self)
+    }
+    while let size = line().flatMap({ Int($0, radix: 16) }) {
+        if size == 0 {
+            guard i + 1 < data.endIndex else { return nil }
+            return (out, i + 2 - data.startIndex)  // no trailers: the last chunk's empty line
+        }
+        guard i + size + 2 <= data.endIndex else { return nil }
+        out.append(contentsOf: data[i..<(i + size)])
+        i += size + 2
+    }
+    return nil
 }
 
 /// An HTTP server on its own loop thread, for tests.
