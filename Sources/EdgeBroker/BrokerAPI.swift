@@ -154,8 +154,9 @@ extension BrokerStore {
         }
     }
 
-    /// Every federated resource of a type, across domains (at most `budget`).
-    public func all(_ type: String, budget: Int) throws -> [JSONObject] {
+    /// Every federated resource of a type, across domains (at most
+    /// `budget`); groups with their members unless `members` is false.
+    public func all(_ type: String, budget: Int, members: Bool = true) throws -> [JSONObject] {
         let resources = self.resources
         return try environment.read { txn in
             var out: [JSONObject] = []
@@ -165,7 +166,7 @@ extension BrokerStore {
                 if seen > budget { throw SCIMError(400, .tooMany, "more than \(budget) resources to scan") }
                 let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
                 if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue {
-                    out.append(type == "Group" ? try withMembers(txn, o) : o)
+                    out.append(type == "Group" && members ? try withMembers(txn, o) : o)
                 }
                 return true
             }

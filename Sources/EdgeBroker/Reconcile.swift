@@ -75,12 +75,17 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
     let mappings = try store.mappings(target: target.name)
     var byTargetID: [String: String] = [:]
     for (b, m) in mappings { byTargetID[m.targetID] = b }
+    // Groups are listed and compared without their members (a route that
+    // reads members needs them); each group's members are then compared one
+    // group at a time (`reconcileMembers`).
+    let groupsWithMembers = target.groupRoutesReadMembers
     for (type, endpoint) in [("User", "/Users"), ("Group", "/Groups")] {
         // The target's accounts, page by page (RFC 7644 §3.4.2.4).
         var accounts: [String: JSONObject] = [:]
         var start = 1
+        let listing = type == "Group" ? "&excludedAttributes=members" : ""
         while true {
-            let page = try get("\(endpoint)?startIndex=\(start)&count=\(pageSize)")
+            let page = try get("\(endpoint)?startIndex=\(start)&count=\(pageSize)\(listing)")
             let resources = page["Resources"]?.arrayValue ?? []
             for r in resources { if let o = r.objectValue, let id = o["id"]?.stringValue { accounts[id] = o } }
             let total = page["totalResults"]?.numberValue?.integer.map(Int.init) ?? 0
@@ -99,7 +104,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         var wanted: [(brokerID: String, want: JSONObject, candidates: [String], link: String?)] = []
         var linkedUsers: [String: [LinkedResource]] = [:]
         let link = type == "User" ? target.collisions.linkPolicy : nil
-        for resource in try store.all(type, budget: Int.max) {
+        for resource in try store.all(type, budget: Int.max, members: type == "User" || groupsWithMembers) {
             guard let brokerID = resource["id"]?.stringValue,
                 let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
                 target.routes(domain: domain, type: type, resource)
@@ -109,16 +114,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 continue
             }
             var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
-            if type == "Group", let members = want["members"]?.arrayValue {
-                want["members"] = .array(
-                    members.compactMap { m -> JSON? in
-                        guard var o = m.objectValue, let v = o["value"]?.stringValue, let tid = mappings[v]?.targetID else { return nil }
-                        o["value"] = .string(tid)
-                        o["$ref"] = nil
-                        o["display"] = nil
-                        return .object(o)
-                    })
-            }
+            want["members"] = nil  // compared by `reconcileMembers`
             wanted.append((brokerID, want, [brokerID], nil))
         }
         if let link {
@@ -155,18 +151,32 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 continue
             }
             claimed.insert(tid)
-            let differing = want.compactMap { key, value -> String? in
+            var differing = want.compactMap { key, value -> String? in
                 key == "schemas" || sameValue(value, account[key]) ? nil : key
             }
+            // A group's members: compared (and with `apply` queued) one group at a time.
+            let membersDrift =
+                try type == "Group"
+                && (reconcileMembers(
+                    store: store, target: target, group: brokerID, mapping: mappings[brokerID], mappings: mappings,
+                    byTargetID: byTargetID, held: try get("\(endpoint)/\(tid)")["members"], apply: apply))
+            if membersDrift { differing.append("members") }
             if !differing.isEmpty {
                 report.drifted.append((brokerID, differing))
-                if apply {
-                    // Unknown target state: the next delivery is a full PUT.
+                // A full PUT queued for the members sends the attributes too.
+                let putQueued = membersDrift && mappings[brokerID]?.members == nil
+                if apply && membersDrift { report.queued += 1 }
+                if apply && differing != ["members"] && !putQueued {
+                    // Unknown target state: the next delivery is a full PUT; a
+                    // group delivered from the member index keeps its index and
+                    // gets its attributes sent again (`sent` empty).
+                    let indexed = type == "Group" ? mappings[brokerID]?.members : nil
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .upsert,
-                        mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue), linked: candidates,
-                        linkPolicy: link)
-                    report.queued += 1
+                        mapping: TargetMapping(
+                            targetID: tid, etag: nil, sent: indexed == nil ? nil : [:], link: linkValue, members: indexed),
+                        linked: candidates, linkPolicy: link)
+                    if !membersDrift { report.queued += 1 }
                 }
             }
         }
@@ -190,6 +200,40 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         }
     }
     return report
+}
+
+/// Compares one group's members at the target (`held`, as it answered a
+/// GET of that group: memory holds one group) with the directory's, read a
+/// chunk at a time, each member named by its account there. Members of its
+/// own that the target holds (not created by the broker) are left alone.
+/// With `apply`, a group delivered from the member index gets just the
+/// differing members queued (`repairGroupMembers`); any other gets a full
+/// PUT. Returns whether they differ.
+func reconcileMembers(
+    store: BrokerStore, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
+    byTargetID: [String: String], held: JSON?, apply: Bool
+) throws -> Bool {
+    var remaining = Set(held?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
+    var missing: [String] = []
+    try store.forEachMemberID(of: group) { ids in
+        for id in ids {
+            // As delivery does: a member is sent once it has an account there.
+            guard let tid = mappings[id]?.targetID else { continue }
+            if remaining.remove(tid) == nil { missing.append(id) }
+        }
+    }
+    let extra = remaining.sorted().compactMap { tid in byTargetID[tid].map { (member: $0, targetID: tid) } }
+    guard !missing.isEmpty || !extra.isEmpty else { return false }
+    if apply, let mapping {
+        if mapping.members != nil {
+            try store.repairGroupMembers(target: target.name, group: group, missing: missing, extra: extra)
+        } else {
+            try store.enqueue(
+                target: target.name, brokerID: group, type: "Group", .upsert,
+                mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil))
+        }
+    }
+    return true
 }
 
 /// Whether the target's value holds what the broker sends: objects by

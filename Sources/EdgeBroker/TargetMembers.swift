@@ -271,3 +271,47 @@ extension BrokerStore {
         return queued
     }
 }
+
+extension BrokerStore {
+    /// The broker ids of `group`'s members, a chunk at a time, each chunk
+    /// read in a snapshot of its own (reconcile: memory holds a chunk).
+    func forEachMemberID(of group: String, _ body: ([String]) throws -> Void) throws {
+        let groupMembers = self.groupMembers, prefix = BrokerStore.memberPrefix(group), end = Array(group.utf8) + [1]
+        var from = prefix
+        while true {
+            let ids: [String] = try environment.read { txn in
+                var ids: [String] = []
+                try txn.scanKeys(groupMembers, from: from, to: end) { k in
+                    ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
+                    return ids.count < BrokerStore.memberChunk
+                }
+                return ids
+            }
+            try body(ids)
+            guard ids.count == BrokerStore.memberChunk else { return }
+            from = prefix + Array(ids[ids.count - 1].utf8) + [0]
+        }
+    }
+
+    /// Reconcile found `group`'s members at `target` other than the index
+    /// says: `missing` (members the target lacks) and `extra` (members it
+    /// holds that it should not, with their ids there). The index is set to
+    /// what the target holds and those members are marked, with the group
+    /// queued: its delivery sends just those (`groupDelta`).
+    func repairGroupMembers(target: String, group: String, missing: [String], extra: [(member: String, targetID: String)]) throws {
+        try environment.write { txn in
+            var count = 0
+            for m in missing where try dropMember(target: target, group: group, member: m, txn) { count -= 1 }
+            for (m, tid) in extra where try holdMember(target: target, group: group, member: m, targetID: tid, txn) { count += 1 }
+            if var gm = try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init), let n = gm.members {
+                gm.members = max(0, n + count)
+                try txn.put(targetIds, prefixed(target, group), gm.json.serialized())
+            }
+            let seq = try enqueue(
+                target: target,
+                DeliveryItem(brokerID: group, type: "Group", operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                txn)
+            try markMembersPending(target: target, group: group, missing + extra.map(\.member), seq: seq, txn)
+        }
+    }
+}

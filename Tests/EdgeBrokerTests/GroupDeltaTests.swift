@@ -121,3 +121,69 @@ extension FanoutTests {
             eventually(seconds: 20) { self.membersAtTarget(appPort, "team") == ["ben", "cat"] }, "\(membersAtTarget(appPort, "team"))")
     }
 }
+
+extension FanoutTests {
+    /// Reconcile compares a group's members one group at a time: members
+    /// removed and added behind the broker's back are reported as drift of
+    /// `members`, and `--apply` sends just those (a PATCH of two members,
+    /// from the index), leaving a member the target added of its own alone.
+    func testReconcileRepairsAGroupsMembersOneByOne() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let patches = Locked<[String]>([])
+        let proxy = try ServerHarness { request, _, responder in
+            let r = forward(request, to: appPort)
+            if request.path.contains("/Groups/"), request.method == "PATCH" || request.method == "PUT" {
+                patches.withLock { $0.append("\(request.method) \(r.status) " + String(decoding: request.body, as: UTF8.self)) }
+            }
+            responder.respond(r)
+        }
+        defer { _ = proxy.stop() }
+        let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<6).map { try newUser(dp, "r\($0)") }
+        let members = ids[0..<5].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        XCTAssertEqual(
+            try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[\#(members)]}"#).0, 201)
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                self.membersAtTarget(appPort, "crew").count == 5 && self.users(appPort, token: "t", prefix: "/scim/v2").count == 6
+            })
+        // Behind the broker's back: r0 removed, r5 (the broker's, not a member) and a local account added.
+        let at = users(appPort, token: "t", prefix: "/scim/v2")
+        let local = try XCTUnwrap(
+            try scim(appPort, "POST", "/Users", #"{"schemas":["\#(userSchema)"],"userName":"local"}"#, token: "t", prefix: "/scim/v2").1?[
+                "id"]?
+                .stringValue)
+        let gid = try XCTUnwrap(groups(appPort, token: "t", prefix: "/scim/v2")["crew"]?["id"]?.stringValue)
+        let ops =
+            #"[{"op":"remove","path":"members[value eq \"\#(at["r0"]!["id"]!.stringValue!)\"]"},"#
+            + #"{"op":"add","path":"members","value":[{"value":"\#(at["r5"]!["id"]!.stringValue!)"},{"value":"\#(local)"}]}]"#
+        XCTAssertEqual(
+            try scim(
+                appPort, "PATCH", "/Groups/\(gid)", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":\#(ops)}"#,
+                token: "t", prefix: "/scim/v2"
+            ).0 / 100, 2)
+        XCTAssertEqual(membersAtTarget(appPort, "crew"), ["r1", "r2", "r3", "r4", "r5", "local"])
+
+        let config = dir.file("broker.yaml")
+        let report = try brokerCLI(["targets", "reconcile", "--config", config, "app", "--json"])
+        XCTAssertEqual(report.0, 0, report.1)
+        let r = try JSONParser.parse(Array(report.1.utf8))
+        XCTAssertEqual(r["drifted"]?.arrayValue?.count, 1, report.1)
+        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["members"], report.1)
+        patches.withLock { $0 = [] }
+        let applied = try brokerCLI(["targets", "reconcile", "--config", config, "app", "--apply"])
+        XCTAssertTrue(applied.1.contains("1 fixes queued"), applied.1)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.membersAtTarget(appPort, "crew") == ["r0", "r1", "r2", "r3", "r4", "local"] },
+            "\(membersAtTarget(appPort, "crew"))")
+        // The group changed at the target, so its ETag did: a 412, then the same PATCH without If-Match.
+        let sent = patches.current.filter { !$0.hasPrefix("PATCH 412 ") }
+        XCTAssertEqual(sent.count, 1, "\(patches.current) \(broker.output.suffix(30))")
+        XCTAssertTrue(sent.first?.hasPrefix("PATCH 200 ") ?? false, "\(sent)")
+        let operations = try JSONParser.parse(Array(try XCTUnwrap(sent.first).split(separator: " ", maxSplits: 2)[2].utf8))["Operations"]
+        XCTAssertEqual(operations?.arrayValue?.count, 2, "r0 added, r5 removed, nothing else: \(sent)")
+        let again = try JSONParser.parse(Array(try brokerCLI(["targets", "reconcile", "--config", config, "app", "--json"]).1.utf8))
+        XCTAssertEqual(again["drifted"]?.arrayValue?.count, 0, "settled")
+    }
+}
