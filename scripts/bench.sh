@@ -17,8 +17,10 @@ OUT="$tmp/bulk.md" bash scripts/bench-bulk.sh >/dev/null
 OUT="$tmp/members.md" bash scripts/bench-members.sh >/dev/null
 OUT="$tmp/relay-members.md" bash scripts/bench-relay-members.sh >/dev/null
 OUT="$tmp/group-fanout.md" bash scripts/bench-group-fanout.sh >/dev/null
+OUT="$tmp/scale.md" bash scripts/bench-scale.sh >/dev/null
 printf '\n' >>"$tmp/members.md"; cat "$tmp/relay-members.md" >>"$tmp/members.md"
 printf '\n' >>"$tmp/members.md"; cat "$tmp/group-fanout.md" >>"$tmp/members.md"
+printf '\n' >>"$tmp/members.md"; cat "$tmp/scale.md" >>"$tmp/members.md"
 rm -rf /var/tmp/scim-edge-ceiling
 ceiling=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 16); rm -rf /var/tmp/scim-edge-ceiling
 single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1); rm -rf /var/tmp/scim-edge-ceiling

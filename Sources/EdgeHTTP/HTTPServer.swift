@@ -433,12 +433,19 @@ final class ServerConnection {
             // While draining, the last owed response says goodbye.
             let keepAlive = head.keepAlive && !(slots.count == 1 && server.isDraining)
             if let stream = response.stream {
-                if head.omitBody || !head.chunkedAllowed {
-                    if !head.omitBody {
-                        do { response.body = try stream.collect() } catch {
-                            transport.close()
-                            return
-                        }
+                if head.omitBody {
+                    // HEAD: the GET's head (chunked, as the GET would be), no pieces.
+                    slots.removeFirst()
+                    transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: true, chunked: true))
+                    if !keepAlive {
+                        closeNow()
+                        return
+                    }
+                    continue
+                } else if !head.chunkedAllowed {
+                    do { response.body = try stream.collect() } catch {
+                        transport.close()
+                        return
                     }
                     response.stream = nil
                 } else {

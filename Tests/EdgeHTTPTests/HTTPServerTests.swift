@@ -424,6 +424,7 @@ final class StreamedBodyTests: XCTestCase {
         XCTAssertEqual(
             text.components(separatedBy: "HTTP/1.1 200").count, 3, "the HEAD's answer, then the next request's: \(text.prefix(400))")
         XCTAssertLessThan(text.utf8.count, 2 * Self.piece, "no body after HEAD")
+        XCTAssertTrue(text.hasPrefix("HTTP/1.1 200 OK\r\n") && text.components(separatedBy: "Transfer-Encoding: chunked").count == 2, text)
         XCTAssertEqual(server.stop(), 0)
     }
 }
