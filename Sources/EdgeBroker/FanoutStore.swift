@@ -146,11 +146,14 @@ extension BrokerStore {
         domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
         trace: String, acceptedAt: Int64, touched: [String] = [], _ txn: borrowing WriteTransaction
     ) throws -> [String] {
-        var queued: [String] = []
+        var queued: [String] = [], outOfScope: [String] = []
         for target in targets {
             let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
             let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
-            guard was || now else { continue }
+            guard was || now else {
+                outOfScope.append(target.name)
+                continue
+            }
             var item = DeliveryItem(
                 brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
                 queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
@@ -187,6 +190,16 @@ extension BrokerStore {
                         queuedAt: unixMilliseconds(), acceptedAt: acceptedAt, link: partner.link), txn)
                 queued.append(target.name)
             }
+        }
+        if !outOfScope.isEmpty && new != nil {
+            // The provisioning log says why a target got nothing (`trace`).
+            var hop: JSONObject = [
+                "hop": "broker routes", "event": "out of scope",
+                "detail": .string("out of scope for \(outOfScope.count == 1 ? "target" : "targets") \(outOfScope.joined(separator: ", "))"),
+                "outOfScope": .array(outOfScope.map { .string($0) }), "applied": .number(JSONNumber(integer: unixMilliseconds())),
+            ]
+            if acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
+            try recordHop(brokerID: brokerID, trace: trace, hop, txn)
         }
         return queued
     }
@@ -380,9 +393,19 @@ extension BrokerStore {
     /// the resource adds its own last acceptance and apply (no target needed).
     /// A removal the deletion guard holds has no hop yet: it adds one that
     /// says so (`heldSince`, `target`), from the paused target's queue.
+    /// `idOrTrace` may also be what an operator knows of a resource: its
+    /// `userName` or `externalId` (indexed), its id at a target, or, by a
+    /// scan of the directory, its id at its source or a group's `displayName`.
     public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
         let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
+        let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
         return try environment.read { txn in
+            // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
+            var targetNames = Set(targets.map(\.name))
+            try txn.scanKeys(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k in
+                targetNames.insert(String(decoding: k.dropFirst(7), as: UTF8.self))
+                return true
+            }
             var ids: [String] = []
             try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
                 ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
@@ -398,17 +421,47 @@ extension BrokerStore {
                 if hasTrail || known {
                     ids = [idOrTrace]
                 } else {
-                    // A trace that reached no target yet: the directory knows its latest change.
+                    // A userName or externalId, from the list indexes.
+                    for type in ["User", "Group"] {
+                        for attribute in [UInt8(ascii: "u"), UInt8(ascii: "e")] {
+                            guard let p = BrokerStore.valuePrefix(type, attribute, idOrTrace) else { continue }
+                            try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
+                                if let bytes = try txn.get(resources, key),
+                                    let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
+                                    !ids.contains(id)
+                                {
+                                    ids.append(id)
+                                }
+                                return true
+                            }
+                        }
+                    }
+                    // An account at a target.
+                    for name in targetNames.sorted() {
+                        for type in ["User", "Group"] {
+                            if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
+                                let id = String(decoding: owner, as: UTF8.self)
+                                if !ids.contains(id) { ids.append(id) }
+                            }
+                        }
+                    }
+                }
+                if ids.isEmpty {
+                    // A trace that reached no target yet (the directory knows its latest change), a source id, a displayName.
+                    var named: [String] = []
                     try txn.scan(resources) { _, v in
-                        if let o = try JSONParser.parse(v, limits: .stored).objectValue,
-                            o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace,
-                            let id = o["id"]?.stringValue
-                        {
-                            ids.append(id)
+                        if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
+                            let source = o[BrokerStore.sourceExtension]
+                            if source?["trace"]?.stringValue == idOrTrace {
+                                ids.append(id)
+                            } else if source?["id"]?.stringValue == idOrTrace || o["displayName"]?.stringValue == idOrTrace {
+                                named.append(id)
+                            }
                         }
                         return true
                     }
                     byTrace = !ids.isEmpty
+                    if !byTrace { ids = named }
                 }
             }
             let held = try heldRemovals(matching: idOrTrace, txn)
@@ -792,7 +845,8 @@ extension BrokerStore {
     /// waits for the other deliveries to that account.
     public func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
-        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil
+        mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil,
+        trace: String = ""
     ) throws {
         let policy = type == "User" ? linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy : nil
         try environment.write { txn in
@@ -806,7 +860,7 @@ extension BrokerStore {
                 target: target,
                 DeliveryItem(
                     brokerID: brokerID, type: type, operation: operation,
-                    trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: account), txn)
+                    trace: trace, queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: account), txn)
         }
     }
 }

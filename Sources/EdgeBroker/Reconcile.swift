@@ -19,13 +19,15 @@ public struct ReconcileReport: Sendable {
     public var seen = 0
     /// Fixes queued with `--apply`.
     public var queued = 0
+    /// The trace id the fixes carry (`scim-broker trace`).
+    public var trace = ""
 
     public var json: JSON {
         [
             "expected": .int(expected), "seen": .int(seen), "missing": .array(missing.map { .string($0) }),
             "drifted": .array(drifted.map { ["id": .string($0.brokerID), "attributes": .array($0.attributes.map { .string($0) })] }),
             "strays": .array(strays.map { ["targetId": .string($0.targetID), "id": .string($0.brokerID), "type": .string($0.type)] }),
-            "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued),
+            "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued), "trace": .string(trace),
         ]
     }
 }
@@ -72,6 +74,9 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
 
     let token = try target.resolveToken()
     var report = ReconcileReport()
+    // One trace id for the run: every fix it queues carries it, so its hops can be followed.
+    let trace = "reconcile-" + hexString(secureRandomBytes(12))
+    report.trace = trace
     let mappings = try store.mappings(target: target.name)
     var byTargetID: [String: String] = [:]
     for (b, m) in mappings { byTargetID[m.targetID] = b }
@@ -137,7 +142,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .upsert,
                         mapping: TargetMapping(targetID: found, etag: nil, sent: nil, link: linkValue), linked: candidates,
-                        linkPolicy: link);
+                        linkPolicy: link, trace: trace);
                     report.queued += 1
                 }
             }
@@ -145,7 +150,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 report.missing.append(brokerID)
                 if apply {
                     for id in candidates { try store.forgetMapping(target: target.name, type: type, brokerID: id) }
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, linkPolicy: link)
+                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, linkPolicy: link, trace: trace)
                     report.queued += 1
                 }
                 continue
@@ -159,7 +164,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 try type == "Group"
                 && (reconcileMembers(
                     store: store, target: target, group: brokerID, mapping: mappings[brokerID], mappings: mappings,
-                    byTargetID: byTargetID, held: try get("\(endpoint)/\(tid)")["members"], apply: apply))
+                    byTargetID: byTargetID, held: try get("\(endpoint)/\(tid)")["members"], apply: apply, trace: trace))
             if membersDrift { differing.append("members") }
             if !differing.isEmpty {
                 report.drifted.append((brokerID, differing))
@@ -175,7 +180,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                         target: target.name, brokerID: brokerID, type: type, .upsert,
                         mapping: TargetMapping(
                             targetID: tid, etag: nil, sent: indexed == nil ? nil : [:], link: linkValue, members: indexed),
-                        linked: candidates, linkPolicy: link)
+                        linked: candidates, linkPolicy: link, trace: trace)
                     if !membersDrift { report.queued += 1 }
                 }
             }
@@ -189,11 +194,12 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
             if apply {
                 if link != nil {
                     // Named by the account: the user's mapping may name the account it shares.
-                    try store.enqueue(target: target.name, brokerID: brokerID, type: type, .deactivate, account: id, linkPolicy: link)
+                    try store.enqueue(
+                        target: target.name, brokerID: brokerID, type: type, .deactivate, account: id, linkPolicy: link, trace: trace)
                 } else {
                     try store.enqueue(
                         target: target.name, brokerID: brokerID, type: type, .deactivate,
-                        mapping: TargetMapping(targetID: id, etag: nil, sent: nil))
+                        mapping: TargetMapping(targetID: id, etag: nil, sent: nil), trace: trace)
                 }
                 report.queued += 1
             }
@@ -211,7 +217,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
 /// PUT. Returns whether they differ.
 func reconcileMembers(
     store: BrokerStore, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
-    byTargetID: [String: String], held: JSON?, apply: Bool
+    byTargetID: [String: String], held: JSON?, apply: Bool, trace: String
 ) throws -> Bool {
     var remaining = Set(held?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
     var missing: [String] = []
@@ -226,11 +232,11 @@ func reconcileMembers(
     guard !missing.isEmpty || !extra.isEmpty else { return false }
     if apply, let mapping {
         if mapping.members != nil {
-            try store.repairGroupMembers(target: target.name, group: group, missing: missing, extra: extra)
+            try store.repairGroupMembers(target: target.name, group: group, missing: missing, extra: extra, trace: trace)
         } else {
             try store.enqueue(
                 target: target.name, brokerID: group, type: "Group", .upsert,
-                mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil))
+                mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), trace: trace)
         }
     }
     return true

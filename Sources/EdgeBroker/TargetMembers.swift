@@ -298,7 +298,9 @@ extension BrokerStore {
     /// holds that it should not, with their ids there). The index is set to
     /// what the target holds and those members are marked, with the group
     /// queued: its delivery sends just those (`groupDelta`).
-    func repairGroupMembers(target: String, group: String, missing: [String], extra: [(member: String, targetID: String)]) throws {
+    func repairGroupMembers(
+        target: String, group: String, missing: [String], extra: [(member: String, targetID: String)], trace: String
+    ) throws {
         try environment.write { txn in
             var count = 0
             for m in missing where try dropMember(target: target, group: group, member: m, txn) { count -= 1 }

@@ -395,7 +395,7 @@ struct Reconcile: ParsableCommand {
         for id in report.missing { emitLine("missing\t\(id)") }
         for d in report.drifted { emitLine("drifted\t\(d.brokerID)\t\(d.attributes.joined(separator: ","))") }
         for s in report.strays { emitLine("stray\t\(s.targetID)\t(broker id \(s.brokerID))") }
-        if apply { emitLine("\(report.queued) fixes queued") }
+        if apply { emitLine("\(report.queued) fixes queued (trace \(report.trace))") }
     }
 }
 
@@ -456,7 +456,9 @@ struct Trace: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer.")
     @OptionGroup var options: StoreOptions
-    @Argument(help: "A broker id or a trace id.") var id: String
+    @Argument(
+        help: "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName.")
+    var id: String
     @Flag(help: "One JSON document per line.") var json = false
 
     func run() throws {

@@ -1,0 +1,49 @@
+import EdgeAgent
+import EdgeBroker
+import EdgeHTTP
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// The provisioning log on the command line: `trace` finds a resource by
+/// what an operator knows of it, says why a target got nothing, and follows
+/// what reconciliation queued.
+extension FanoutTests {
+    func testTraceFindsAResourceByAnyOfItsNamesAndSaysWhatWasOutOfScope() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let routes = #"routes: [{domains: [acme-de], types: [User], filter: 'title eq "staff"'}]"#
+        let (_, bp) = try startBroker(
+            yaml: "targets:\n" + target("app", port: appPort).replacing("routes: [{domains: [acme-de]}]", with: routes))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let dora = try newUser(dp, "dora", extra: #","title":"staff","externalId":"hr-4711""#)
+        _ = try newUser(dp, "eve", extra: #","title":"intern""#)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["dora"] != nil })
+        let atApp = try XCTUnwrap(users(appPort, token: "t", prefix: "/scim/v2")["dora"]?["id"]?.stringValue)
+        func trace(_ what: String) -> String { (try? brokerCLI(["trace", "--data-dir", dir.file("broker"), what]).1) ?? "" }
+        // By userName, externalId, the id at the target and the id at the source: the same hops.
+        for name in ["dora", "hr-4711", atApp, dora] {
+            XCTAssertTrue(
+                eventually(seconds: 10) {
+                    let t = trace(name)
+                    return t.contains("agent accept") && t.contains("broker apply") && t.contains("target app")
+                }, "trace \(name): \(trace(name))")
+        }
+        // eve is out of the target's routes: the log says so.
+        XCTAssertTrue(trace("eve").contains("out of scope for target app"), trace("eve"))
+        XCTAssertFalse(trace("eve").contains("target app\t"), trace("eve"))
+        let unknown = try brokerCLI(["trace", "--data-dir", dir.file("broker"), "nobody-at-all"])
+        XCTAssertNotEqual(unknown.0, 0)
+
+        // What reconciliation queues carries its own trace id.
+        XCTAssertEqual(try scim(appPort, "DELETE", "/Users/\(atApp)", token: "t", prefix: "/scim/v2").0, 204)
+        let applied = try brokerCLI(["targets", "reconcile", "--config", dir.file("broker.yaml"), "app", "--apply"])
+        let reconcileTrace = try XCTUnwrap(
+            applied.1.split(separator: "(trace ").last?.split(separator: ")").first.map(String.init), applied.1)
+        XCTAssertTrue(reconcileTrace.hasPrefix("reconcile-"), applied.1)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["dora"] != nil })
+        XCTAssertTrue(
+            eventually(seconds: 10) { trace(reconcileTrace).contains("target app") && trace(reconcileTrace).contains("POST") },
+            trace(reconcileTrace))
+    }
+}
