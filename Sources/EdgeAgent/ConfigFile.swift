@@ -334,13 +334,6 @@ extension AgentConfiguration: YAMLConfiguration {
     }
 }
 
-/// The certificate identity an agent is expected to carry:
-/// `spiffe://TRUST-DOMAIN/DOMAIN/AGENT` (SAN URI). `scim-edge pki csr`
-/// requests it; the broker binds it to the domain (`domains:` in its config).
-public func agentIdentity(trustDomain: String, domain: String, agent: String) -> String {
-    "spiffe://\(trustDomain)/\(domain)/\(agent)"
-}
-
 /// Whether a certificate names this domain and agent: a SAN URI whose path
 /// ends in `/DOMAIN/AGENT`, or a DNS name `AGENT.DOMAIN.…`.
 public func identityNames(_ identity: PeerIdentity, domain: String, agent: String) -> Bool {

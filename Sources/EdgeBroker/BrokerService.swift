@@ -135,6 +135,8 @@ public final class BrokerService {
     private let tls: ReloadableTLSContext
     /// The federation listener's certificate's end of validity (Unix seconds; 0: unknown).
     private var certificateNotAfter: Int64 = 0
+    /// The CRL's next update (Unix seconds; 0: no CRL): past it every agent is refused.
+    private var crlNextUpdate: Int64 = 0
     /// Per bound agent (`<domain>/<identity>`): its certificate's end of validity, from its last request.
     private var agentCertificates: [String: Int64] = [:]
 
@@ -191,6 +193,7 @@ public final class BrokerService {
         }
         weakSelf = self
         certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+        crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
         if let api = configuration.apiListen {
             var tokens = configuration.apiTokens
             if let file = configuration.apiTokenFile {
@@ -286,6 +289,12 @@ public final class BrokerService {
         metric(
             "scim_broker_certificate_expiry_timestamp_seconds", "gauge", "When the federation listener's certificate expires (Unix time).",
             [("", String(certificateNotAfter))])
+        if configuration.tls.crlFile != nil {
+            metric(
+                "scim_broker_crl_next_update_timestamp_seconds", "gauge",
+                "When the CRL loaded runs out (Unix time): past it OpenSSL refuses every agent, so issue it again before (scim-broker pki crl).",
+                [("", String(crlNextUpdate))])
+        }
         metric(
             "scim_broker_agent_certificate_expiry_timestamp_seconds", "gauge",
             "Per bound agent: when the certificate it last presented expires (Unix time).",
@@ -411,6 +420,7 @@ public final class BrokerService {
         do {
             try tls.reload()
             certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+            crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
             let closed = server.revalidatePeerCertificates()
             parts.append(
                 "the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"

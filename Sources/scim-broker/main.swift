@@ -13,7 +13,7 @@ struct ScimBroker: ParsableCommand {
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
         version: scimEdgeVersion,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self, PKI.self])
 }
 
 /// `--help` of an option, from its one declaration.

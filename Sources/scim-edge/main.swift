@@ -301,14 +301,17 @@ struct PKI: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Write a new key and a certificate signing request carrying the identity the broker expects.",
             discussion: """
-                The request names spiffe://TRUST-DOMAIN/DOMAIN/AGENT (SAN URI) and CN AGENT.DOMAIN. Have your \
-                organisation's CA sign it, install the certificate as broker.cert, and bind the identity to \
-                DOMAIN in the broker's configuration (domains: DOMAIN: spiffe://…).
+                Writes OUT/agent.key (0600) and OUT/agent.csr: the file names the configuration's broker.key and \
+                broker.cert expect (/etc/scim-edge/agent.key, agent.crt). The request names \
+                spiffe://TRUST-DOMAIN/DOMAIN/AGENT (SAN URI) and CN AGENT.DOMAIN. Have the federation CA sign it \
+                (scim-broker pki sign agent --csr agent.csr, or your organisation's CA: clientAuth, that SAN URI), \
+                install the certificate as OUT/agent.crt, and bind the identity to DOMAIN in the broker's \
+                configuration (domains: DOMAIN: spiffe://…). See docs/pki.md.
                 """)
         @Option(help: "The compliance domain the agent serves (as the broker names it).") var domain: String
         @Option(help: "This agent's name within the domain.") var agent: String
         @Option(help: "The SPIFFE-style trust domain of the federation.") var trustDomain = "scim-edge"
-        @Option(help: "Where to write AGENT.key (0600) and AGENT.csr.") var out = "."
+        @Option(help: "Where to write agent.key (0600) and agent.csr.") var out = "."
 
         func validate() throws {
             let ok: (String) -> Bool = { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) } }
@@ -320,24 +323,15 @@ struct PKI: ParsableCommand {
         func run() throws {
             let identity = agentIdentity(trustDomain: trustDomain, domain: domain, agent: agent)
             let (key, csr) = try makeSigningRequest(commonName: "\(agent).\(domain)", uris: [identity])
-            let keyPath = "\(out)/\(agent).key", csrPath = "\(out)/\(agent).csr"
+            // The names of the example configuration, whatever the agent's name (several
+            // agents of a domain are several appliances, each with its own /etc/scim-edge).
+            let keyPath = "\(out)/agent.key", csrPath = "\(out)/agent.csr"
             try writeFile(keyPath, key, mode: 0o600)
             try writeFile(csrPath, csr, mode: 0o644)
             emit("wrote \(keyPath) (keep it on this appliance) and \(csrPath)")
             emit("identity: \(identity)")
             emit("broker config: domains: { \(domain): \"\(identity)\" }")
         }
-    }
-}
-
-/// Creates `path` with `mode` (refusing to overwrite unless `replace`) and writes `text`.
-func writeFile(_ path: String, _ text: String, mode: mode_t, replace: Bool = false) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | (replace ? O_TRUNC : O_EXCL), mode)
-    guard fd >= 0 else { throw ValidationError("cannot create \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    let bytes = Array(text.utf8)
-    guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
-        throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
     }
 }
 
