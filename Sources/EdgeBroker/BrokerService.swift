@@ -261,6 +261,9 @@ public final class BrokerService {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
         }
+        metric(
+            "scim_broker_build_info", "gauge", "Always 1; the version of this broker (from VERSION) as a label.",
+            [("{version=\"\(scimEdgeVersion)\"}", "1")])
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])

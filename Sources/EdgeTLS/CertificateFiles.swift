@@ -225,6 +225,14 @@ public struct FileChecks: Sendable {
         }
         return summary
     }
+
+    /// A CRL file: readable, and a CRL of the CA in `ca` (loadable beside it).
+    public mutating func revocationList(_ crl: String, ca: String?, at key: String) {
+        guard file(crl, at: key), let ca else { return }
+        do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) } catch {
+            problem(key, "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)")
+        }
+    }
 }
 
 func modeText(_ st: stat) -> String {

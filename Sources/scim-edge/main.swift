@@ -62,6 +62,7 @@ struct Serve: ParsableCommand {
     @Option(name: flag(AgentOptions.brokerCA), help: help(AgentOptions.brokerCA)) var ca: String?
     @Option(name: flag(AgentOptions.brokerCert), help: help(AgentOptions.brokerCert)) var cert: String?
     @Option(name: flag(AgentOptions.brokerKey), help: help(AgentOptions.brokerKey)) var key: String?
+    @Option(name: flag(AgentOptions.brokerCRL), help: help(AgentOptions.brokerCRL)) var crl: String?
     @Option(name: flag(AgentOptions.brokerDomain), help: help(AgentOptions.brokerDomain)) var domain: String?
     @Option(name: flag(AgentOptions.brokerAgent), help: help(AgentOptions.brokerAgent)) var agentName: String?
 
@@ -76,7 +77,8 @@ struct Serve: ParsableCommand {
             (AgentOptions.maxConnections, maxConnections.list), (AgentOptions.keepOutbox, keepOutbox ? ["true"] : []),
             (AgentOptions.outboxMaxEvents, outboxMaxEvents.list), (AgentOptions.outboxMaxBytes, outboxMaxBytes.list),
             (AgentOptions.brokerURL, broker.list), (AgentOptions.brokerCA, ca.list), (AgentOptions.brokerCert, cert.list),
-            (AgentOptions.brokerKey, key.list), (AgentOptions.brokerDomain, domain.list), (AgentOptions.brokerAgent, agentName.list),
+            (AgentOptions.brokerKey, key.list), (AgentOptions.brokerCRL, crl.list), (AgentOptions.brokerDomain, domain.list),
+            (AgentOptions.brokerAgent, agentName.list),
         ]
         return AgentOptions.all.flatMap { spec in
             values.first { $0.0.flag == spec.flag && spec.flag != nil }.map { v in v.1.map { (spec.flag!, $0) } } ?? []

@@ -57,7 +57,7 @@ final class PKITests: FederationTestCase {
             var out: [String: String] = [:], inSection = false
             for line in try String(contentsOfFile: "\(root)/packaging/\(example)", encoding: .utf8).split(separator: "\n") {
                 if !line.hasPrefix(" ") { inSection = line.hasPrefix("\(section):") }
-                let t = line.trimmingCharacters(in: .whitespaces)
+                let t = line.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: "# ", with: "")  // optional ones too
                 guard inSection, let colon = t.firstIndex(of: ":"), t[t.index(after: colon)...].hasPrefix(" /") else { continue }
                 let value = t[t.index(colon, offsetBy: 2)...].split(separator: " ").first!
                 out[String(t[..<colon])] = (value as NSString).lastPathComponent
@@ -66,7 +66,7 @@ final class PKITests: FederationTestCase {
         }
         let agent = try files("agent.example.yaml", under: "broker")
         let broker = try files("broker.example.yaml", under: "tls")
-        XCTAssertEqual(agent.count, 3, "\(agent)")
+        XCTAssertEqual(agent.count, 4, "\(agent)")
         XCTAssertEqual(broker.count, 4, "\(broker)")
 
         let appliance = dir.file("appliance"), ca = dir.file("ca"), out = dir.file("issued")
@@ -79,7 +79,7 @@ final class PKITests: FederationTestCase {
         _ = try pki(["sign", "agent", "--dir", ca, "--csr", "\(appliance)/agent.csr", "--out", appliance])
         _ = try pki(["sign", "broker", "--dir", ca, "--dns", "localhost", "--out", out])
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(appliance)/\(agent["cert"]!)"))
-        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(ca)/\(agent["ca"]!)"))
+        for key in ["ca", "crl"] { XCTAssertTrue(FileManager.default.fileExists(atPath: "\(ca)/\(agent[key]!)"), key) }
         for key in ["ca", "crl"] { XCTAssertTrue(FileManager.default.fileExists(atPath: "\(ca)/\(broker[key]!)"), key) }
         for key in ["cert", "key"] { XCTAssertTrue(FileManager.default.fileExists(atPath: "\(out)/\(broker[key]!)"), key) }
         XCTAssertEqual(try mode("\(ca)/federation-ca.key"), 0o600)
@@ -171,6 +171,33 @@ final class PKITests: FederationTestCase {
         let nextUpdate = try XCTUnwrap(sample(metrics, "scim_broker_crl_next_update_timestamp_seconds"), metrics)
         XCTAssertEqual(nextUpdate, Date().timeIntervalSince1970 + 30 * 86400, accuracy: 120)
         XCTAssertEqual(applied()["acme-de/\(identity)"], 2, "nothing relayed with the revoked certificate")
+    }
+
+    /// With broker.crl an agent holds the broker to revocations too (a
+    /// broker key that leaked): the handshake fails, nothing is relayed, the
+    /// outbox keeps it; with a CRL that does not list the broker, it relays.
+    func testAnAgentWithTheCRLRefusesARevokedBrokerCertificate() throws {
+        let leaked = try authority.issue(.broker(dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"], validDays: 30))
+        broker = (dir.write("leaked.crt", leaked.certificatePEM), dir.write("leaked.key", leaked.privateKeyPEM))
+        let listsBroker = dir.write("broker-revoked.crl", try authority.revocationList(revoking: [leaked.serial]))
+        let (_, bp) = try startBroker()
+        let (agent, dp) = try startAgent(
+            "de", cert: de, domain: "acme-de", brokerPort: bp, extra: ["--crl", listsBroker, "--admin-listen", "127.0.0.1:0"])
+        XCTAssertEqual(try create(dp, "held-back"), 201)
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                agent.output.contains { $0.contains("TLS handshake with the broker failed") && $0.contains("revoked") }
+            },
+            "\(agent.output.suffix(3))")
+        let metrics = try scrapeMetrics(try adminPort(agent))
+        XCTAssertEqual(sample(metrics, "scim_edge_relay_connected"), 0, metrics)
+        XCTAssertNotNil(sample(metrics, "scim_edge_relay_crl_next_update_timestamp_seconds"), metrics)
+        XCTAssertEqual(applied(), [:])
+        agent.signal(SIGTERM)
+        XCTAssertEqual(agent.waitForExit(), 0)
+        _ = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp, extra: ["--crl", crl])
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 }, "relayed once the CRL does not list the broker")
     }
 
     /// The CA decides what it issues: not another trust domain, not another
