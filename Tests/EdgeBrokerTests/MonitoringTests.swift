@@ -18,17 +18,7 @@ final class MonitoringTests: FederationTestCase {
         guard FileManager.default.isExecutableFile(atPath: exe) else {
             throw HarnessError("promtool is not installed: apt-get install prometheus (make test installs it)")
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = arguments
-        p.currentDirectoryURL = URL(fileURLWithPath: monitoring)
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        return (p.terminationStatus, text)
+        return try runProgram(exe, arguments, in: monitoring)
     }
 
     /// Every PromQL expression of the dashboard's panels.

@@ -34,6 +34,22 @@ func runTool(_ program: String, _ arguments: [String], seconds: Double = 30) thr
     return ToolRun(status: p.terminationStatus, stdout: stdout, stderr: stderrText.current)
 }
 
+/// Runs any program (promtool, openssl) to the end; its status and its
+/// standard output and error together.
+func runProgram(_ executable: String, _ arguments: [String], in directory: String? = nil) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = arguments
+    if let directory { p.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    return (p.terminationStatus, text)
+}
+
 /// The port of a process's operations listener (its "operations at" line).
 func adminPort(_ child: ChildProcess) throws -> Int {
     let line = try XCTUnwrap(child.waitForLine("operations at"), "no operations listener: \(child.output)")

@@ -31,17 +31,15 @@ final class PKITests: FederationTestCase {
 
     /// An extension of a certificate as OpenSSL's own tool prints it: an
     /// opinion independent of the code that wrote it.
-    func openssl(_ arguments: [String]) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        p.arguments = arguments
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        return text
+    func openssl(_ arguments: [String]) throws -> String { try runProgram("/usr/bin/openssl", arguments).output }
+
+    /// The agent's log says its handshake with the broker failed on a revoked certificate.
+    func assertRefusedAsRevoked(_ agent: ChildProcess, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertTrue(
+            eventually(seconds: 20) {
+                agent.output.contains { $0.contains("TLS handshake with the broker failed") && $0.contains("revoked") }
+            },
+            "\(agent.output.suffix(3))", file: file, line: line)
     }
 
     func mode(_ path: String) throws -> Int {
@@ -160,11 +158,7 @@ final class PKITests: FederationTestCase {
         XCTAssertTrue(
             eventually(seconds: 10) { broker.output.contains { $0.contains("closed an agent connection") } }, "\(broker.output.suffix(3))")
         XCTAssertEqual(try create(dp, "after-revocation"), 201)
-        XCTAssertTrue(
-            eventually(seconds: 20) {
-                agent.output.contains { $0.contains("TLS handshake with the broker failed") && $0.contains("revoked") }
-            },
-            "\(agent.output.suffix(3))")
+        assertRefusedAsRevoked(agent)
         let metrics = try scrapeMetrics(try adminPort(broker))
         XCTAssertGreaterThanOrEqual(sample(metrics, #"scim_broker_tls_handshake_failures_total{reason="revoked"}"#) ?? 0, 1, metrics)
         // The CRL `pki revoke` wrote runs 30 days: the broker says when (an alert watches it).
@@ -184,11 +178,7 @@ final class PKITests: FederationTestCase {
         let (agent, dp) = try startAgent(
             "de", cert: de, domain: "acme-de", brokerPort: bp, extra: ["--crl", listsBroker, "--admin-listen", "127.0.0.1:0"])
         XCTAssertEqual(try create(dp, "held-back"), 201)
-        XCTAssertTrue(
-            eventually(seconds: 20) {
-                agent.output.contains { $0.contains("TLS handshake with the broker failed") && $0.contains("revoked") }
-            },
-            "\(agent.output.suffix(3))")
+        assertRefusedAsRevoked(agent)
         let metrics = try scrapeMetrics(try adminPort(agent))
         XCTAssertEqual(sample(metrics, "scim_edge_relay_connected"), 0, metrics)
         XCTAssertNotNil(sample(metrics, "scim_edge_relay_crl_next_update_timestamp_seconds"), metrics)
