@@ -167,6 +167,43 @@ final class PKITests: FederationTestCase {
         XCTAssertEqual(applied()["acme-de/\(identity)"], 2, "nothing relayed with the revoked certificate")
     }
 
+    /// Replacing the CA itself: a new CA of the same trust domain; for the
+    /// transition both CA certificates are trusted (one PEM bundle) and both
+    /// CRLs loaded (one PEM file), so agents on the old CA and a broker on
+    /// the new one relay, with CRL checking on both sides.
+    func testTheCAIsReplacedWithBothTrustedDuringTheTransition() throws {
+        let old = dir.file("ca-old"), new = dir.file("ca-new"), appliance = dir.file("appliance"), central = dir.file("central")
+        for d in [old, new, central] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        _ = try pki(["init", "--dir", old, "--trust-domain", "acme.example"])
+        _ = try pki(["init", "--dir", new, "--trust-domain", "acme.example", "--name", "Acme federation CA 2"])
+        _ = try csr(out: appliance)
+        _ = try pki(["sign", "agent", "--dir", old, "--csr", "\(appliance)/agent.csr", "--out", appliance])
+        _ = try pki(["sign", "broker", "--dir", new, "--dns", "localhost", "--out", central])
+        func concatenated(_ name: String, _ file: String) throws -> String {
+            try dir.write(
+                name, String(contentsOfFile: "\(old)/\(file)", encoding: .utf8) + String(contentsOfFile: "\(new)/\(file)", encoding: .utf8))
+        }
+        let trust = try concatenated("both-ca.crt", "federation-ca.crt"), crls = try concatenated("both.crl", "federation-ca.crl")
+        let broker = try ChildProcess(
+            productsDirectory + "/scim-broker",
+            [
+                "serve", "--data-dir", dir.file("broker"), "--listen", "127.0.0.1:0", "--ca", trust, "--cert", "\(central)/broker.crt",
+                "--key", "\(central)/broker.key", "--crl", crls, "--domain", "acme-de=\(identity)", "--admin-listen", "none",
+            ])
+        children.append(broker)
+        let bp = try port(of: broker, "scim-broker")
+        let agent = try ChildProcess(
+            productsDirectory + "/scim-edge",
+            [
+                "serve", "--data-dir", dir.file("agent"), "--listen", "127.0.0.1:0", "--token", "t", "--admin-listen", "none",
+                "--broker", "https://localhost:\(bp)", "--ca", trust, "--crl", crls, "--cert", "\(appliance)/agent.crt",
+                "--key", "\(appliance)/agent.key", "--domain", "acme-de", "--agent-name", "agent-1",
+            ])
+        children.append(agent)
+        XCTAssertEqual(try create(try port(of: agent, "scim-edge"), "across-cas"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.identity)"] == 1 }, "\(agent.output.suffix(3))")
+    }
+
     /// With broker.crl an agent holds the broker to revocations too (a
     /// broker key that leaked): the handshake fails, nothing is relayed, the
     /// outbox keeps it; with a CRL that does not list the broker, it relays.
