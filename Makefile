@@ -4,8 +4,9 @@
 #   make bench  runs the benchmarks and writes docs/benchmarks.md
 SHELL := /bin/bash
 SWIFT ?= swift
+# prometheus brings promtool, which checks the shipped alert rules (MonitoringTests, test-deb).
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev libldap-dev slapd ldap-utils lmdb-utils openssl nginx-light wrk python3-venv curl \
-            binutils lintian systemd procps
+            binutils lintian systemd procps prometheus
 SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh

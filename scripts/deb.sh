@@ -69,6 +69,10 @@ build_package() { # package conf-file example-config
   grep -q '^\.It Ic dataDir' "$stage/usr/share/man/man5/$pkg.yaml.5" || { echo "deb: $pkg.yaml.5 has no keys" >&2; exit 1; }
   gzip -9n "$stage/usr/share/man/man5/$pkg.yaml.5"
   install -D -m 0644 "$example" "$stage/usr/share/doc/$pkg/examples/$(basename "$example")"
+  # Monitoring (packaging/monitoring): the package's Prometheus alert rules and the federation's Grafana dashboard.
+  install -D -m 0644 "packaging/monitoring/$pkg.rules.yml" "$stage/usr/share/doc/$pkg/examples/$pkg.rules.yml"
+  install -D -m 0644 packaging/monitoring/scim-edge-federation.dashboard.json \
+    "$stage/usr/share/doc/$pkg/examples/scim-edge-federation.dashboard.json"
 
   install -D -m 0640 "$example" "$stage/etc/$pkg/$conf"
   install -D -m 0644 "packaging/systemd/$pkg.service" "$stage/lib/systemd/system/$pkg.service"

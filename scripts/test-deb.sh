@@ -50,6 +50,9 @@ for pkg in scim-edge scim-broker; do
   check "$pkg: the configuration file has its page ($pkg.yaml(5))" test -s /usr/share/man/man5/$pkg.yaml.5.gz
   check "$pkg: the example configuration is installed under /usr/share/doc" \
     test -s /usr/share/doc/$pkg/examples/$([ $pkg = scim-edge ] && echo agent || echo broker).example.yaml
+  check "$pkg: its alert rules are installed and pass promtool" promtool check rules /usr/share/doc/$pkg/examples/$pkg.rules.yml
+  check "$pkg: the Grafana dashboard is installed (JSON)" \
+    python3 -c 'import json, sys; json.load(open(sys.argv[1]))["panels"][0]' /usr/share/doc/$pkg/examples/scim-edge-federation.dashboard.json
   check "$pkg: unit enabled on first install" test -L /etc/systemd/system/multi-user.target.wants/$pkg.service
   # Asked of the service user, not of every process: another agent on this machine (a test's) is not this package's.
   check "$pkg: not started on first install" sh -c "! pgrep -u $pkg"

@@ -87,4 +87,12 @@ static inline int edge_x509_req_add_san(X509_REQ *req, const char *value) {
     sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
     return ok;
 }
+/* A request's SAN extension, read back (NULL without one). */
+static inline GENERAL_NAMES *edge_x509_req_get_sans(X509_REQ *req) {
+    STACK_OF(X509_EXTENSION) *exts = X509_REQ_get_extensions(req);
+    if (!exts) return NULL;
+    GENERAL_NAMES *names = (GENERAL_NAMES *)X509V3_get_d2i(exts, NID_subject_alt_name, NULL, NULL);
+    sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    return names;
+}
 #endif

@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -57,6 +58,9 @@ public final class AdminEndpoint {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
         }
+        metric(
+            "scim_edge_build_info", "gauge", "Always 1; the version of this agent (from VERSION) as a label.",
+            [("{version=\"\(scimEdgeVersion)\"}", "1")])
         let m = agent.requestMetrics
         metric(
             "scim_edge_requests_total", "counter", "SCIM requests by method, resource type and status.",
@@ -169,14 +173,21 @@ public final class AdminEndpoint {
                     "scim_edge_relay_certificate_expiry_timestamp_seconds", "gauge",
                     "When this agent's client certificate expires (Unix time).",
                     [("", String(relay.certificateNotAfter))])
+                if relay.configuration.tls.crlFile != nil {
+                    metric(
+                        "scim_edge_relay_crl_next_update_timestamp_seconds", "gauge",
+                        "When the CRL (broker.crl) runs out (Unix time): past it every handshake with the broker fails.",
+                        [("", String(relay.crlNextUpdate))])
+                }
                 metric(
                     "scim_edge_broker_certificate_expiry_timestamp_seconds", "gauge",
                     "When the broker's certificate (from the last handshake) expires (Unix time; 0: not connected yet).",
                     [("", String(relay.brokerCertificateNotAfter))])
             }
             metric(
-                "scim_edge_relay_connected", "gauge", "1 while the connection to the broker is up.",
-                [("", relay.client.isConnected ? "1" : "0")])
+                "scim_edge_relay_connected", "gauge",
+                "1 while the connection to the broker is up and the broker takes batches on it (0 while it refuses them).",
+                [("", relay.isConnected ? "1" : "0")])
             metric("scim_edge_relay_window", "gauge", "Batches allowed in flight (adaptive).", [("", String(r.window))])
             out += "# HELP scim_edge_relay_rtt_seconds Round trip of a batch to the broker.\n# TYPE scim_edge_relay_rtt_seconds histogram\n"
             for (k, le) in RelayStatistics.rttBuckets.enumerated() {

@@ -97,6 +97,9 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
         .init(AgentOptions.brokerKey) { c, v in
             c.relay?.tls.privateKeyFile = v.text; return nil
         },
+        .init(AgentOptions.brokerCRL) { c, v in
+            c.relay?.tls.crlFile = v.text; return nil
+        },
         .init(AgentOptions.brokerDomain) { c, v in
             c.relay?.domain = v.text; return nil
         },
@@ -334,13 +337,6 @@ extension AgentConfiguration: YAMLConfiguration {
     }
 }
 
-/// The certificate identity an agent is expected to carry:
-/// `spiffe://TRUST-DOMAIN/DOMAIN/AGENT` (SAN URI). `scim-edge pki csr`
-/// requests it; the broker binds it to the domain (`domains:` in its config).
-public func agentIdentity(trustDomain: String, domain: String, agent: String) -> String {
-    "spiffe://\(trustDomain)/\(domain)/\(agent)"
-}
-
 /// Whether a certificate names this domain and agent: a SAN URI whose path
 /// ends in `/DOMAIN/AGENT`, or a DNS name `AGENT.DOMAIN.…`.
 public func identityNames(_ identity: PeerIdentity, domain: String, agent: String) -> Bool {
@@ -389,6 +385,7 @@ extension AgentConfiguration {
                 fix: "a certificate with a SAN URI ending in /\(relay.domain)/\(relay.agentName), e.g. "
                     + agentIdentity(trustDomain: "example.org", domain: relay.domain, agent: relay.agentName) + " (scim-edge pki csr)")
         }
+        if let relay, let crl = relay.tls.crlFile { checks.revocationList(crl, ca: relay.tls.trustRootsFile, at: "broker.crl") }
         for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }
     }
 }

@@ -86,8 +86,19 @@ public final class Relay {
     let tls: ReloadableTLSContext
     /// This agent's client certificate's end of validity (Unix seconds; 0: unknown).
     public private(set) var certificateNotAfter: Int64 = 0
+    /// The CRL's next update (Unix seconds; 0: no CRL configured).
+    public private(set) var crlNextUpdate: Int64 = 0
     /// The broker's certificate's, from the last handshake (0: none yet).
     public var brokerCertificateNotAfter: Int64 { client.serverIdentity?.notAfter ?? 0 }
+    /// The broker refuses what this agent sends (a handshake that fails, an
+    /// identity bound to no domain, any answer other than taking the batch or
+    /// asking to wait): the connection may be up, the relay is not.
+    private var refused = false
+    /// The connection (`HTTPClient.connectionsOpened`) last logged as working.
+    private var connectionLogged = 0
+    /// The connection is up and the broker takes batches on it: what
+    /// `scim_edge_relay_connected` says (0 while every batch is refused).
+    public var isConnected: Bool { client.isConnected && !refused }
     private var timer: LoopTimer?
     /// Batches sent and not yet answered.
     private var inFlight = 0
@@ -139,6 +150,7 @@ public final class Relay {
         tls = try ReloadableTLSContext(role: .client, configuration: configuration.tls)
         client = HTTPClient(loop: loop, address: configuration.broker, reloadableTLS: tls, serverName: configuration.brokerName)
         certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+        crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
         envelopeBytes = Relay.envelope(configuration, store.epoch, first: .max, last: .max).count + 2
     }
 
@@ -173,6 +185,7 @@ public final class Relay {
     public func reloadTLS() throws(TLSError) {
         try tls.reload()
         certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+        crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
         rewind(nil, retryAfter: 0)
         client.resetConnection()
     }
@@ -268,6 +281,7 @@ public final class Relay {
             // Not "unreachable": the broker answered and the handshake failed
             // (a revoked or expired certificate, another CA).
             statistics.tlsFailures += 1
+            refused = true
             if current { rewind("TLS handshake with the broker failed: \(e)", retryAfter: nil) }
         case .failure(let e):
             if current { rewind("broker unreachable: \(e)", retryAfter: nil) }
@@ -295,6 +309,7 @@ public final class Relay {
                         "broker rejected events for good: kept as dead letters",
                         metadata: ["sequences": .string(rejected.keys.sorted().map(String.init).joined(separator: ","))])
                 }
+                taken(afterFailures: failures)
                 failures = 0
                 backingOff = false
                 let spoken = body?["protocol"]?.numberValue?.integer.map { Int(clamping: $0) } ?? 1
@@ -313,6 +328,7 @@ public final class Relay {
                     return
                 }
                 statistics.rewinds += 1
+                taken(afterFailures: failures)
                 guard expected - 1 <= sentHigh else {
                     protocolError("broker expects sequence \(expected), but this agent has sent only through \(sentHigh)")
                     return
@@ -353,14 +369,33 @@ public final class Relay {
                     // at fault (the envelope, the broker). The original is tried
                     // again after the backoff; nothing becomes a dead letter.
                     standIns[batch.first] = nil
+                    refused = true
                     rewind("broker refused the batch: \(reason)", retryAfter: nil)
                 }
             default:
+                refused = true
                 if current {
                     rewind("broker refused the batch: \(r.status) \(body?["description"]?.stringValue ?? r.bodyText)", retryAfter: nil)
                 }
             }
         }
+    }
+
+    /// The broker took a batch (200, or 409 with its position): the relay is
+    /// up. The first time on each connection, it is logged: a reconnection
+    /// says how many attempts failed before it.
+    private func taken(afterFailures failed: Int) {
+        refused = false
+        guard client.connectionsOpened != connectionLogged else { return }
+        let first = connectionLogged == 0
+        connectionLogged = client.connectionsOpened
+        var metadata: Logger.Metadata = [
+            "broker": .string("\(configuration.brokerName):\(configuration.broker.port)"),
+            "brokerIdentity": .string(client.serverIdentity?.names.joined(separator: ",") ?? "-"),
+            "connection": .stringConvertible(client.connectionsOpened),
+        ]
+        if failed > 0 { metadata["failedAttempts"] = .stringConvertible(failed) }
+        logger.info(first ? "relay: connected to the broker" : "relay: reconnected to the broker", metadata: metadata)
     }
 
     /// An answer that acknowledges what was never sent: logged and counted,

@@ -416,11 +416,7 @@ extension BrokerConfiguration {
         if let cert = tls.certificateChainFile {
             checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, at: ("tls.cert", "tls.key", "tls.ca"))
         }
-        if let crl = tls.crlFile, checks.file(crl, at: "tls.crl"), let ca = tls.trustRootsFile {
-            do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) } catch {
-                checks.problem("tls.crl", "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)")
-            }
-        }
+        if let crl = tls.crlFile { checks.revocationList(crl, ca: tls.trustRootsFile, at: "tls.crl") }
         if let apiTokenFile, checks.file(apiTokenFile, at: "api.tokenFile", secret: true) {
             do throws(ConfigError) {
                 for (i, token) in try readTokenLines(apiTokenFile).enumerated() {

@@ -135,6 +135,8 @@ public final class BrokerService {
     private let tls: ReloadableTLSContext
     /// The federation listener's certificate's end of validity (Unix seconds; 0: unknown).
     private var certificateNotAfter: Int64 = 0
+    /// The CRL's next update (Unix seconds; 0: no CRL): past it every agent is refused.
+    private var crlNextUpdate: Int64 = 0
     /// Per bound agent (`<domain>/<identity>`): its certificate's end of validity, from its last request.
     private var agentCertificates: [String: Int64] = [:]
 
@@ -191,6 +193,7 @@ public final class BrokerService {
         }
         weakSelf = self
         certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+        crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
         if let api = configuration.apiListen {
             var tokens = configuration.apiTokens
             if let file = configuration.apiTokenFile {
@@ -258,6 +261,9 @@ public final class BrokerService {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for (labels, value) in samples { out += "\(name)\(labels) \(value)\n" }
         }
+        metric(
+            "scim_broker_build_info", "gauge", "Always 1; the version of this broker (from VERSION) as a label.",
+            [("{version=\"\(scimEdgeVersion)\"}", "1")])
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
@@ -286,6 +292,12 @@ public final class BrokerService {
         metric(
             "scim_broker_certificate_expiry_timestamp_seconds", "gauge", "When the federation listener's certificate expires (Unix time).",
             [("", String(certificateNotAfter))])
+        if configuration.tls.crlFile != nil {
+            metric(
+                "scim_broker_crl_next_update_timestamp_seconds", "gauge",
+                "When the CRL loaded runs out (Unix time): past it OpenSSL refuses every agent, so issue it again before (scim-broker pki crl).",
+                [("", String(crlNextUpdate))])
+        }
         metric(
             "scim_broker_agent_certificate_expiry_timestamp_seconds", "gauge",
             "Per bound agent: when the certificate it last presented expires (Unix time).",
@@ -415,6 +427,7 @@ public final class BrokerService {
         do {
             try tls.reload()
             certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
+            crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
             let closed = server.revalidatePeerCertificates()
             parts.append(
                 "the federation certificate, key, CA\(configuration.tls.crlFile == nil ? "" : " and CRL")"

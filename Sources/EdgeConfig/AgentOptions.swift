@@ -71,6 +71,10 @@ public enum AgentOptions {
         "broker.cert", flag: "cert", .path, required: .withSection,
         "This agent's certificate (PEM): its SAN URI carries the identity the broker binds to the domain.")
     public static let brokerKey = OptionSpec("broker.key", flag: "key", .path, required: .withSection, "This agent's private key (PEM).")
+    public static let brokerCRL = OptionSpec(
+        "broker.crl", flag: "crl", .path,
+        "The federation CA's certificate revocation list (PEM): a revoked broker certificate is refused; re-read on SIGHUP. Optional; once given, issue it again before its next update (scim-broker pki crl): past it every handshake fails."
+    )
     public static let brokerDomain = OptionSpec(
         "broker.domain", flag: "domain", .text, value: "NAME", required: .withSection,
         "This agent's domain (the broker checks it against the certificate).")
@@ -159,7 +163,7 @@ public enum AgentOptions {
     public static let all: [OptionSpec] = [
         dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
         idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, patchResponseMaxMembers,
-        brokerURL, brokerCA, brokerCert, brokerKey, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, sources,
+        brokerURL, brokerCA, brokerCert, brokerKey, brokerCRL, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, sources,
     ]
 
     public static let reference = ConfigReference(

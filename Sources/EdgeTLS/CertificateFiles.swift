@@ -34,6 +34,20 @@ public struct CertificateSummary: Sendable {
     }
 }
 
+/// The nextUpdate of the first CRL in a PEM file (Unix seconds), for the
+/// CRL expiry metric: past it, a peer checking CRLs refuses every
+/// certificate. 0 when there is no file, no CRL or no nextUpdate.
+public func revocationListNextUpdate(ofFile path: String?) -> Int64 {
+    guard let path, let bio = BIO_new_file(path, "r") else { return 0 }
+    defer { BIO_free(bio) }
+    guard let crl = PEM_read_bio_X509_CRL(bio, nil, nil, nil) else {
+        ERR_clear_error()
+        return 0
+    }
+    defer { X509_CRL_free(crl) }
+    return unixTime(X509_CRL_get0_nextUpdate(crl))
+}
+
 /// Verifies that the certificate in `path` chains to a CA in `caFile`;
 /// returns the reason when it does not.
 public func certificateChainProblem(_ path: String, caFile: String) -> String? {
@@ -210,6 +224,14 @@ public struct FileChecks: Sendable {
                 fix: "have the certificate issued by that CA, or name its issuer's CA")
         }
         return summary
+    }
+
+    /// A CRL file: readable, and a CRL of the CA in `ca` (loadable beside it).
+    public mutating func revocationList(_ crl: String, ca: String?, at key: String) {
+        guard file(crl, at: key), let ca else { return }
+        do { _ = try TLSContext(role: .server, configuration: TLSConfiguration(trustRootsFile: ca, crlFile: crl)) } catch {
+            problem(key, "\(crl): \(error)", fix: "give the CRL the federation CA issued (PEM)")
+        }
     }
 }
 

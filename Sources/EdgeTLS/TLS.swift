@@ -387,21 +387,7 @@ extension PeerIdentity {
             var buf = [CChar](repeating: 0, count: 256)
             if X509_NAME_get_text_by_NID(subject, NID_commonName, &buf, Int32(buf.count)) > 0 { cn = string(buf) }
         }
-        var dns: [String] = [], uris: [String] = [], ips: [String] = []
-        if let sans = edge_x509_get_sans(cert) {
-            defer { edge_general_names_free(sans) }
-            for i in 0..<edge_san_count(sans) {
-                var len: Int32 = 0
-                guard let p = edge_san_bytes(sans, i, &len) else { continue }
-                let bytes = Array(UnsafeBufferPointer(start: p, count: Int(len)))
-                switch edge_san_type(sans, i) {
-                case GEN_DNS: dns.append(String(decoding: bytes, as: UTF8.self))
-                case GEN_URI: uris.append(String(decoding: bytes, as: UTF8.self))
-                case GEN_IPADD: ips.append(formatIP(bytes))
-                default: break
-                }
-            }
-        }
+        let sans = SANs(edge_x509_get_sans(cert))
         var md = [UInt8](repeating: 0, count: 32)
         var mdLen: UInt32 = 0
         X509_digest(cert, EVP_sha256(), &md, &mdLen)
@@ -411,8 +397,29 @@ extension PeerIdentity {
             BN_free(bn)
         }
         self.init(
-            commonName: cn, dnsNames: dns, uris: uris, ipAddresses: ips,
+            commonName: cn, dnsNames: sans.dns, uris: sans.uris, ipAddresses: sans.ips,
             sha256Fingerprint: hex(md.prefix(Int(mdLen))), serialNumber: serial, notAfter: unixTime(X509_get0_notAfter(cert)))
+    }
+}
+
+/// The DNS, URI and IP names of a subjectAltName extension (a
+/// certificate's or a request's), which it frees.
+struct SANs {
+    var dns: [String] = [], uris: [String] = [], ips: [String] = []
+    init(_ names: OpaquePointer?) {
+        guard let names else { return }
+        defer { edge_general_names_free(names) }
+        for i in 0..<edge_san_count(names) {
+            var len: Int32 = 0
+            guard let p = edge_san_bytes(names, i, &len) else { continue }
+            let bytes = Array(UnsafeBufferPointer(start: p, count: Int(len)))
+            switch edge_san_type(names, i) {
+            case GEN_DNS: dns.append(String(decoding: bytes, as: UTF8.self))
+            case GEN_URI: uris.append(String(decoding: bytes, as: UTF8.self))
+            case GEN_IPADD: ips.append(formatIP(bytes))
+            default: break
+            }
+        }
     }
 }
 

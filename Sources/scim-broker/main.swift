@@ -13,7 +13,7 @@ struct ScimBroker: ParsableCommand {
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
         version: scimEdgeVersion,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self])
+        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self, PKI.self])
 }
 
 /// `--help` of an option, from its one declaration.
@@ -70,7 +70,7 @@ struct Serve: ParsableCommand {
         let config: BrokerConfiguration
         do {
             config = try brokerOptionTable.configuration(defaults: .defaults, file: self.config, flags: given)
-        } catch let e as OptionProblems { throw ValidationError(e.description) }
+        } catch let e as OptionProblems { throw CommandFailure(e.description) }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         let loop = try EventLoop()
         let broker: BrokerService
@@ -128,7 +128,9 @@ struct Status: ParsableCommand {
 
     func run() throws {
         let store = try BrokerStore(path: dataDir)
-        for a in try store.agentSequences() {
+        let agents = try store.agentSequences()
+        if agents.isEmpty { emitLine("nothing to show: no agent has relayed to this broker yet") }
+        for a in agents {
             let epoch = a.agent.epoch.isEmpty ? "-" : a.agent.epoch
             emitLine(
                 "\(a.domain)/\(a.agent.identity)\tepoch \(epoch)\tapplied through \(a.sequence)\t\(try store.resourceCount(domain: a.domain)) resources in \(a.domain)"
@@ -233,7 +235,9 @@ struct TargetStatus: ParsableCommand {
     func run() throws {
         let (store, configured) = try options.open()
         let letters = try store.deadLetters(target: nil)
-        for (name, saved) in try store.targetStatuses() {
+        let statuses = try store.targetStatuses()
+        if statuses.isEmpty && !json { emitLine("nothing to show: no target has state in this broker") }
+        for (name, saved) in statuses {
             var status = saved
             // With --config: a target that left it keeps its queue until `targets forget`.
             let removed = options.config != nil && !configured.contains { $0.name == name }
@@ -359,7 +363,7 @@ struct Forget: ParsableCommand {
         guard options.config != nil else { throw ValidationError("give --config FILE: forget checks that \(name) is no longer configured") }
         let (store, targets) = try options.open()
         guard !targets.contains(where: { $0.name == name }) else {
-            throw ValidationError("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
+            throw CommandFailure("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
         }
         let stored = try store.storedTargetNames()
         guard stored.contains(name) else {
@@ -384,7 +388,7 @@ struct Reconcile: ParsableCommand {
     func run() throws {
         let (store, targets) = try options.open()
         guard let target = targets.first(where: { $0.name == name }) else {
-            throw ValidationError("no target \(name) in the configuration (give --config or --target \(name)=URL)")
+            throw CommandFailure("no target \(name) in the configuration (give --config or --target \(name)=URL)")
         }
         let report = try EdgeBroker.reconcile(store: store, target: target, apply: apply)
         if json { emitLine(report.json.serializedString); return }
@@ -413,7 +417,9 @@ struct DeadLetterList: ParsableCommand {
 
     func run() throws {
         let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
-        for (target, letter) in try store.deadLetters(target: only) {
+        let letters = try store.deadLetters(target: only)
+        if letters.isEmpty && !json { emitLine("nothing to show: no dead letters" + (only.map { " for \($0)" } ?? "")) }
+        for (target, letter) in letters {
             if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
             emitLine(
                 "\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
@@ -430,7 +436,7 @@ struct DeadLetterList: ParsableCommand {
 struct DeadLetterSelection: ParsableArguments {
     @OptionGroup var options: StoreOptions
     @Argument(help: "The target.") var name: String
-    @Argument(help: "The dead letter's number (#N in list); none: all of the target's.") var seq: UInt64?
+    @Argument(help: "The dead letter's number (#N in list); none: all of the target's (drop asks for --all then).") var seq: UInt64?
 
     func settle(requeue: Bool) throws -> Int {
         let (store, targets) = try options.open(target: name)
@@ -447,8 +453,19 @@ struct DeadLetterRetry: ParsableCommand {
 }
 
 struct DeadLetterDrop: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "drop", abstract: "Forget dead letters.")
+    static let configuration = CommandConfiguration(
+        commandName: "drop", abstract: "Forget dead letters: one (#N), or every one of the target with --all.")
     @OptionGroup var selection: DeadLetterSelection
+    @Flag(help: "Drop every dead letter of the target (without a number).") var all = false
+
+    /// Forgetting is for good: all of a target's only when asked in so many words.
+    func validate() throws {
+        if selection.seq == nil && !all {
+            throw ValidationError("give the dead letter's number (#N in deadletter list), or --all to drop every one of \(selection.name)")
+        }
+        if selection.seq != nil && all { throw ValidationError("give a number or --all, not both") }
+    }
+
     func run() throws { emitLine("\(try selection.settle(requeue: false)) dropped for \(selection.name)") }
 }
 
@@ -464,7 +481,7 @@ struct Trace: ParsableCommand {
     func run() throws {
         let (store, _) = try options.open()
         let hops = try store.trail(id)
-        guard !hops.isEmpty else { throw ValidationError("nothing recorded for \(id)") }
+        guard !hops.isEmpty else { throw CommandFailure("nothing recorded for \(id)") }
         for (brokerID, hop) in hops {
             if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
             var hop = hop

@@ -62,6 +62,7 @@ struct Serve: ParsableCommand {
     @Option(name: flag(AgentOptions.brokerCA), help: help(AgentOptions.brokerCA)) var ca: String?
     @Option(name: flag(AgentOptions.brokerCert), help: help(AgentOptions.brokerCert)) var cert: String?
     @Option(name: flag(AgentOptions.brokerKey), help: help(AgentOptions.brokerKey)) var key: String?
+    @Option(name: flag(AgentOptions.brokerCRL), help: help(AgentOptions.brokerCRL)) var crl: String?
     @Option(name: flag(AgentOptions.brokerDomain), help: help(AgentOptions.brokerDomain)) var domain: String?
     @Option(name: flag(AgentOptions.brokerAgent), help: help(AgentOptions.brokerAgent)) var agentName: String?
 
@@ -76,7 +77,8 @@ struct Serve: ParsableCommand {
             (AgentOptions.maxConnections, maxConnections.list), (AgentOptions.keepOutbox, keepOutbox ? ["true"] : []),
             (AgentOptions.outboxMaxEvents, outboxMaxEvents.list), (AgentOptions.outboxMaxBytes, outboxMaxBytes.list),
             (AgentOptions.brokerURL, broker.list), (AgentOptions.brokerCA, ca.list), (AgentOptions.brokerCert, cert.list),
-            (AgentOptions.brokerKey, key.list), (AgentOptions.brokerDomain, domain.list), (AgentOptions.brokerAgent, agentName.list),
+            (AgentOptions.brokerKey, key.list), (AgentOptions.brokerCRL, crl.list), (AgentOptions.brokerDomain, domain.list),
+            (AgentOptions.brokerAgent, agentName.list),
         ]
         return AgentOptions.all.flatMap { spec in
             values.first { $0.0.flag == spec.flag && spec.flag != nil }.map { v in v.1.map { (spec.flag!, $0) } } ?? []
@@ -87,7 +89,7 @@ struct Serve: ParsableCommand {
         var configuration: AgentConfiguration
         do {
             configuration = try agentOptionTable.configuration(defaults: .defaults, file: config, flags: given)
-        } catch let e as OptionProblems { throw ValidationError(e.description) }
+        } catch let e as OptionProblems { throw CommandFailure(e.description) }
         LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
         configuration.accessLog = .standardOutput
         let lifecycle = Logger(label: "scim-edge")
@@ -257,7 +259,7 @@ struct BenchCommand: ParsableCommand {
         }
         loop.run()
         if tty && !quiet { writeStderr("\r\u{1B}[K") }
-        guard var report = result else { throw ValidationError("the run did not finish") }
+        guard var report = result else { throw CommandFailure("the run did not finish") }
         if let e2eMetrics {
             report.propagation = try readPropagation(e2eMetrics, settle: settle)
         }
@@ -289,7 +291,7 @@ func readPropagation(_ url: String, settle: Double) throws -> [(String, Double)]
         let name = String(parts[0]).replacing("scim_broker_", with: "").replacing("_seconds", with: "")
         out.append((name, v))
     }
-    guard !out.isEmpty else { throw ValidationError("\(url) reports no propagation quantiles (is it a broker's /metrics?)") }
+    guard !out.isEmpty else { throw CommandFailure("\(url) reports no propagation quantiles (is it a broker's /metrics?)") }
     return out
 }
 
@@ -301,14 +303,17 @@ struct PKI: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Write a new key and a certificate signing request carrying the identity the broker expects.",
             discussion: """
-                The request names spiffe://TRUST-DOMAIN/DOMAIN/AGENT (SAN URI) and CN AGENT.DOMAIN. Have your \
-                organisation's CA sign it, install the certificate as broker.cert, and bind the identity to \
-                DOMAIN in the broker's configuration (domains: DOMAIN: spiffe://…).
+                Writes OUT/agent.key (0600) and OUT/agent.csr: the file names the configuration's broker.key and \
+                broker.cert expect (/etc/scim-edge/agent.key, agent.crt). The request names \
+                spiffe://TRUST-DOMAIN/DOMAIN/AGENT (SAN URI) and CN AGENT.DOMAIN. Have the federation CA sign it \
+                (scim-broker pki sign agent --csr agent.csr, or your organisation's CA: clientAuth, that SAN URI), \
+                install the certificate as OUT/agent.crt, and bind the identity to DOMAIN in the broker's \
+                configuration (domains: DOMAIN: spiffe://…). See docs/pki.md.
                 """)
         @Option(help: "The compliance domain the agent serves (as the broker names it).") var domain: String
         @Option(help: "This agent's name within the domain.") var agent: String
         @Option(help: "The SPIFFE-style trust domain of the federation.") var trustDomain = "scim-edge"
-        @Option(help: "Where to write AGENT.key (0600) and AGENT.csr.") var out = "."
+        @Option(help: "Where to write agent.key (0600) and agent.csr.") var out = "."
 
         func validate() throws {
             let ok: (String) -> Bool = { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) } }
@@ -320,24 +325,15 @@ struct PKI: ParsableCommand {
         func run() throws {
             let identity = agentIdentity(trustDomain: trustDomain, domain: domain, agent: agent)
             let (key, csr) = try makeSigningRequest(commonName: "\(agent).\(domain)", uris: [identity])
-            let keyPath = "\(out)/\(agent).key", csrPath = "\(out)/\(agent).csr"
+            // The names of the example configuration, whatever the agent's name (several
+            // agents of a domain are several appliances, each with its own /etc/scim-edge).
+            let keyPath = "\(out)/agent.key", csrPath = "\(out)/agent.csr"
             try writeFile(keyPath, key, mode: 0o600)
             try writeFile(csrPath, csr, mode: 0o644)
             emit("wrote \(keyPath) (keep it on this appliance) and \(csrPath)")
             emit("identity: \(identity)")
             emit("broker config: domains: { \(domain): \"\(identity)\" }")
         }
-    }
-}
-
-/// Creates `path` with `mode` (refusing to overwrite unless `replace`) and writes `text`.
-func writeFile(_ path: String, _ text: String, mode: mode_t, replace: Bool = false) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | (replace ? O_TRUNC : O_EXCL), mode)
-    guard fd >= 0 else { throw ValidationError("cannot create \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    let bytes = Array(text.utf8)
-    guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
-        throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
     }
 }
 
@@ -359,7 +355,7 @@ struct Policy: ParsableCommand {
                     return
                 }
             }
-            throw ValidationError("no User or Group with id \(id)")
+            throw CommandFailure("no User or Group with id \(id)")
         }
     }
 }
@@ -371,7 +367,7 @@ struct DataDirectory: ParsableArguments {
     var dataDir: String
 
     func open() throws -> AgentStore {
-        guard access(dataDir + "/data.mdb", R_OK) == 0 else { throw ValidationError("no agent data in \(dataDir)") }
+        guard access(dataDir + "/data.mdb", R_OK) == 0 else { throw CommandFailure("no agent data in \(dataDir)") }
         return try AgentStore(path: dataDir, registry: .standard)
     }
 }
@@ -397,7 +393,9 @@ struct Status: ParsableCommand {
         emit("outbox           \(usage.events) events, \(usage.bytes) bytes")
         emit("acknowledged     through sequence \(try store.acknowledgedSequence())")
         if let oldest = try store.oldestOutboxEvent() {
-            emit("oldest event     sequence \(oldest.seq), issued at \(oldest.issuedAt) (Unix time)")
+            emit(
+                "oldest event     sequence \(oldest.seq), issued at \(formatDateTime(secondsSinceEpoch: oldest.issuedAt))"
+                    + " (\(max(0, unixSeconds() - oldest.issuedAt)) s ago)")
         }
     }
 }
@@ -414,7 +412,7 @@ struct Sources: ParsableCommand {
         func run() throws {
             let store = try data.open()
             let statuses = try store.sourceStatuses()
-            if statuses.isEmpty { emit("no source has written to \(data.dataDir)") }
+            if statuses.isEmpty { emit("nothing to show: no source has written to \(data.dataDir)") }
             let now = unixSeconds()
             for s in statuses {
                 emit("source \(s.name)")
@@ -422,11 +420,12 @@ struct Sources: ParsableCommand {
                 emit("  position       \(s.position ?? "none (the next start reads everything)")")
                 emit(
                     "  last success   "
-                        + (s.lastSuccess == 0 ? "never" : "\(s.lastSuccess) (Unix time, \(max(0, now - s.lastSuccess)) s ago)"))
+                        + (s.lastSuccess == 0
+                            ? "never" : "\(formatDateTime(secondsSinceEpoch: s.lastSuccess)) (\(max(0, now - s.lastSuccess)) s ago)"))
                 emit("  entries        \(s.entries)")
                 emit("  changes        \(s.written)")
                 emit("  errors         \(s.errors)")
-                for f in s.lastFailures { emit("  failed         \(f.dn): \(f.reason) (at \(f.at))") }
+                for f in s.lastFailures { emit("  failed         \(f.dn): \(f.reason) (at \(formatDateTime(secondsSinceEpoch: f.at)))") }
             }
         }
     }
@@ -444,7 +443,9 @@ struct Outbox: ParsableCommand {
         @Option(help: "At most this many events.") var limit = 50
 
         func run() throws {
-            for (seq, event) in try data.open().outboxEntries(after: after, limit: limit) {
+            let entries = try data.open().outboxEntries(after: after, limit: limit)
+            if entries.isEmpty { emit("nothing to show: no event waits for the broker" + (after > 0 ? " after sequence \(after)" : "")) }
+            for (seq, event) in entries {
                 let (uri, body) = event["events"]?.objectValue?.members.first ?? ("?", .null)
                 let kind = uri.hasPrefix("urn:ietf:params:SCIM:event:") ? String(uri.dropFirst(27)) : uri
                 emit("\(seq)\t\(kind)\t\(body["ref"]?.stringValue ?? "-")\t\(event["txn"]?.stringValue ?? "-")")
@@ -459,7 +460,7 @@ struct Outbox: ParsableCommand {
 
         func run() throws {
             guard let (seq, event) = try data.open().outboxEntries(after: sequence &- 1, limit: 1).first, seq == sequence else {
-                throw ValidationError("no event \(sequence) in the outbox (acknowledged events are pruned)")
+                throw CommandFailure("no event \(sequence) in the outbox (acknowledged events are pruned)")
             }
             emit(event.text)
         }
@@ -474,7 +475,9 @@ struct DeadLetter: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "One line per dead letter: sequence, resource, reason.")
         @OptionGroup var data: DataDirectory
         func run() throws {
-            for (seq, reason, event) in try data.open().deadLetterEntries() {
+            let letters = try data.open().deadLetterEntries()
+            if letters.isEmpty { emit("nothing to show: no dead letters") }
+            for (seq, reason, event) in letters {
                 let ref = event["events"]?.objectValue?.members.first?.value["ref"]?.stringValue ?? "-"
                 emit("\(seq)\t\(ref)\t\(reason)")
             }
@@ -490,7 +493,7 @@ struct DeadLetter: ParsableCommand {
             let ctx = WriteContext(
                 newID: "", now: formatDateTime(secondsSinceEpoch: now), epochSeconds: now,
                 eventID: "retry-\(sequence)", traceID: "deadletter-retry-\(sequence)")
-            guard try data.open().retryDeadLetter(sequence, ctx) else { throw ValidationError("no dead letter \(sequence)") }
+            guard try data.open().retryDeadLetter(sequence, ctx) else { throw CommandFailure("no dead letter \(sequence)") }
             emit("dead letter \(sequence): resource queued again")
         }
     }
@@ -500,7 +503,7 @@ struct DeadLetter: ParsableCommand {
         @OptionGroup var data: DataDirectory
         @Argument(help: "The dead letter's sequence.") var sequence: UInt64
         func run() throws {
-            guard try data.open().dropDeadLetter(sequence) else { throw ValidationError("no dead letter \(sequence)") }
+            guard try data.open().dropDeadLetter(sequence) else { throw CommandFailure("no dead letter \(sequence)") }
             emit("dead letter \(sequence) dropped")
         }
     }
@@ -519,7 +522,7 @@ struct Resources: ParsableCommand {
             for type in store.registry.resourceTypes {
                 if let r = try store.get(type, id) { emit(JSON.object(r).text); return }
             }
-            throw ValidationError("no User or Group with id \(id)")
+            throw CommandFailure("no User or Group with id \(id)")
         }
     }
 }

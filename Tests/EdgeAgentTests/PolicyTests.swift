@@ -220,7 +220,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(csr.0, 0, "\(csr.1)")
         XCTAssertTrue(csr.1.contains("identity: spiffe://acme.example/acme-de/agent-7"), "\(csr.1)")
         var st = stat()
-        XCTAssertEqual(stat(dir.file("agent-7.key"), &st), 0)
+        XCTAssertEqual(stat(dir.file("agent.key"), &st), 0)
         XCTAssertEqual(st.st_mode & 0o777, 0o600, "the key is private")
         XCTAssertNotEqual(
             try run(
@@ -244,7 +244,7 @@ final class ConfigTests: XCTestCase {
             try run(
                 openssl,
                 [
-                    "x509", "-req", "-in", dir.file("agent-7.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
+                    "x509", "-req", "-in", dir.file("agent.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
                     "-CAcreateserial", "-out", dir.file("agent.crt"), "-days", "1", "-copy_extensions", "copy",
                 ]
             ).0, 0)
@@ -256,7 +256,7 @@ final class ConfigTests: XCTestCase {
               url: https://127.0.0.1:8443
               ca: \(dir.file("ca.crt"))
               cert: \(dir.file("agent.crt"))
-              key: \(dir.file("agent-7.key"))
+              key: \(dir.file("agent.key"))
               domain: acme-de
               agent: agent-7
 

@@ -204,7 +204,7 @@ final class FederationTests: FederationTestCase {
         XCTAssertNotEqual(try run(["deadletter", "drop", "2"]).0, 0)
         // Retry sends the user's current state again as a new event.
         XCTAssertEqual(try run(["deadletter", "retry", "3"]).0, 0)
-        XCTAssertEqual(try run(["deadletter", "list"]).1, "")
+        XCTAssertEqual(try run(["deadletter", "list"]).1, "nothing to show: no dead letters")
         let outbox = try run(["outbox", "list"])
         // Event 4 may still be listed: the broker's acknowledgement of it can
         // be in flight when the agent stops, and it is sent again (and applied

@@ -126,6 +126,36 @@ final class TLSTests: XCTestCase {
         XCTAssertTrue(o.client.hasPrefix("failed:") && o.client.contains("certificate expired"), o.client)
     }
 
+    /// The `pki sign` profiles: an agent's certificate (clientAuth) cannot
+    /// serve as the broker's, the broker's (serverAuth) cannot pass as an
+    /// agent's; each works in its own role. A CA loaded from its PEM files
+    /// signs a request's key with the names it decides.
+    func testSignedProfilesHoldOnlyInTheirRole() throws {
+        let made = try CertificateAuthority(commonName: "federation", uris: ["spiffe://acme.example"])
+        let ca = try CertificateAuthority(certificatePEM: made.certificatePEM, privateKeyPEM: made.privateKeyPEM)
+        XCTAssertEqual(ca.identity.uris, ["spiffe://acme.example"])
+        let caFile = dir.write("fed.crt", ca.certificatePEM)
+        let request = try makeSigningRequest(commonName: "asked", uris: ["spiffe://acme.example/acme-de/agent-1"])
+        let csr = try SigningRequest(pem: request.requestPEM)
+        XCTAssertEqual(csr.identity.uris, ["spiffe://acme.example/acme-de/agent-1"])
+        let agent = try ca.sign(csr, .agent(trustDomain: "acme.example", domain: "acme-de", agent: "agent-1", validDays: 1))
+        let agentFiles = (dir.write("a.crt", agent.certificatePEM), dir.write("a.key", request.privateKeyPEM))
+        let broker = try ca.issue(.broker(dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"], validDays: 1))
+        let brokerFiles = (dir.write("b.crt", broker.certificatePEM), dir.write("b.key", broker.privateKeyPEM))
+        func with(_ files: (String, String)) -> TLSConfiguration {
+            TLSConfiguration(certificateChainFile: files.0, privateKeyFile: files.1, trustRootsFile: caFile)
+        }
+        let right = try connect(server: with(brokerFiles), client: with(agentFiles))
+        XCTAssertEqual(right.server, "ok")
+        XCTAssertEqual(right.serverSawClient?.uris, ["spiffe://acme.example/acme-de/agent-1"])
+        XCTAssertEqual(right.serverSawClient?.commonName, "agent-1.acme-de", "the CA's names, not the request's")
+        let swapped = try connect(server: with(agentFiles), client: with(brokerFiles))
+        XCTAssertTrue(swapped.client.contains("certificate purpose"), swapped.client)
+        let asAgent = try connect(server: with(brokerFiles), client: with(brokerFiles))
+        XCTAssertTrue(asAgent.server.contains("certificate purpose"), asAgent.server)
+        XCTAssertThrowsError(try SigningRequest(pem: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"))
+    }
+
     func testRevokedClientIsRefusedOnBothSides() throws {
         let o = try connect(
             server: pki.serverConfig(crl: true),
