@@ -15,6 +15,9 @@ public struct SandboxOptions {
     public var keep = false
     /// The live view redraws in place (a terminal) or prints plain lines.
     public var live = false
+    /// After the verification, keep the federation running (and say where
+    /// it is) until Ctrl-C: `make demo` on a terminal.
+    public var stay = false
     /// Where the reference scim2-server is; nil: `$SCIM2_SERVER`, `.venv/bin`, PATH.
     public var referenceServer: String?
     public var output: (String) -> Void = { _ in }
@@ -65,7 +68,9 @@ public final class Sandbox {
         do {
             try start()
             try scenario()
-            return report()
+            let verified = report()
+            if options.stay { try stayUntilInterrupted() }
+            return verified
         } catch is SandboxInterrupted {
             say("interrupted: stopping the sandbox")
             return false
@@ -223,6 +228,34 @@ public final class Sandbox {
     }
 
     func checkInterrupt() throws { if sandboxInterrupted != 0 { throw SandboxInterrupted() } }
+
+    /// The federation as the scenario left it, for an operator to look at
+    /// and drive: where each part listens and with which token, then the
+    /// live view, until Ctrl-C (or until a process of it stops).
+    func stayUntilInterrupted() throws {
+        guard sandboxInterrupted == 0 else { return }
+        say("▶ the federation keeps running until Ctrl-C")
+        say("  broker read API   http://127.0.0.1:\(brokerAPI)/scim/v2   (Authorization: Bearer \(apiToken))")
+        say("  broker metrics    http://127.0.0.1:\(brokerAdmin)/metrics")
+        for a in agents {
+            say(
+                "  agent \(pad(a.domain, 13)) http://127.0.0.1:\(a.port)/scim/v2   (Bearer \(idpToken)), metrics http://127.0.0.1:\(a.admin)/metrics"
+            )
+        }
+        for t in targets {
+            say("  target \(pad(t.name, 12)) http\(t.url.tls ? "s" : "")://\(t.url.host):\(t.url.port)\(t.url.path)   (Bearer \(t.token))")
+        }
+        say("  configs, logs and data in \(dir)" + (options.keep ? "" : " (removed at the end; --keep keeps them)"))
+        while sandboxInterrupted == 0 {
+            if let stopped = processes.first(where: { !$0.isRunning }) {
+                say("\(stopped.name) stopped; the sandbox ends")
+                return
+            }
+            if options.live { monitor() }
+            usleep(100_000)
+        }
+        say("Ctrl-C: stopping the sandbox")
+    }
 
     func cleanUp() {
         if options.live && viewLines > 0 { emitRaw("\n") }

@@ -185,6 +185,10 @@ struct SandboxCommand: ParsableCommand {
     @Option(help: "Users created by the load burst (default 3000; 200 with --short).") var burst: Int?
     @Flag(help: "Keep the temporary directory (configs, logs, data).") var keep = false
     @Flag(help: "Plain lines instead of a live view, even on a terminal.") var plain = false
+    @Flag(
+        inversion: .prefixedNo,
+        help: "After the verification, keep the federation running until Ctrl-C (default: when standard input is a terminal).")
+    var stay: Bool?
     @Option(help: "The reference scim2-server executable (default: $SCIM2_SERVER, .venv/bin, PATH).") var reference: String?
 
     func run() throws {
@@ -193,6 +197,7 @@ struct SandboxCommand: ParsableCommand {
         options.burst = burst
         options.keep = keep
         options.live = !plain && isatty(1) == 1
+        options.stay = stay ?? (isatty(0) == 1)
         options.referenceServer = reference
         options.output = { emit($0, newline: false) }
         let sandbox = try Sandbox(options: options)

@@ -310,7 +310,8 @@ public final class ChildProcess: @unchecked Sendable {  // lines behind a lock; 
                 let data = handle.availableData
                 if data.isEmpty { break }
                 pending += String(decoding: data, as: UTF8.self)
-                while let nl = pending.firstIndex(of: "\n") {
+                // A terminal's lines end in CRLF, which Swift reads as one Character.
+                while let nl = pending.firstIndex(where: { $0 == "\n" || $0 == "\r\n" }) {
                     let line = String(pending[..<nl])
                     pending = String(pending[pending.index(after: nl)...])
                     lines.withLock { $0.append(line) }

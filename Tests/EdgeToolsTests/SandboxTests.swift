@@ -6,11 +6,39 @@ import XCTest
 /// mutual TLS, real LMDB files, scim2-server as a target) and its own
 /// verification, as `make demo` runs it with a larger burst.
 final class SandboxTests: XCTestCase {
+    /// On a terminal (standard input a TTY: `script` gives it one) the
+    /// sandbox verifies, then stays up saying where everything is, serves
+    /// what it says, and on Ctrl-C stops with the verification's status.
+    func testOnATerminalTheFederationStaysUpUntilCtrlC() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let reference = root + "/.venv/bin/scim2-server"
+        let command = "\(productsDirectory)/scim-edge sandbox --short --plain --reference \(reference)"
+        let c = try ChildProcess("/usr/bin/script", ["-qefc", command, "/dev/null"])
+        defer { c.signal(SIGKILL) }
+        XCTAssertNotNil(c.waitForLine("▶ the federation keeps running until Ctrl-C", seconds: 180), c.output.joined(separator: "\n"))
+        XCTAssertTrue(c.output.contains { $0.hasPrefix("sandbox: all ") }, "verified first: \(c.output.joined(separator: "\n"))")
+        let api = try XCTUnwrap(c.waitForLine("  broker read API", seconds: 5))
+        let port = try XCTUnwrap(Int(api.split(separator: ":")[2].prefix { $0.isNumber }), api)
+        let client = try RawClient(port: port)
+        client.send("GET /scim/v2/Users?count=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sandbox-api-token\r\n\r\n")
+        let answer = try XCTUnwrap(client.readResponses(1).first)
+        XCTAssertEqual(answer.status, 200)
+        XCTAssertTrue(answer.body.contains(#""totalResults":211"#), "the federation as the scenario left it: \(answer.body)")
+        // Ctrl-C reaches the sandbox (the child of `script` on the terminal).
+        let pgrep = try ChildProcess("/usr/bin/pgrep", ["-P", String(c.process.processIdentifier), "-f", "scim-edge sandbox"])
+        XCTAssertEqual(pgrep.waitForExit(), 0)
+        let pid = try XCTUnwrap(pgrep.output.first.flatMap { Int32($0.trimmingCharacters(in: .whitespaces)) })
+        kill(pid, SIGINT)
+        XCTAssertEqual(c.waitForExit(seconds: 30), 0, "the verification's status: \(c.output.suffix(5))")
+        XCTAssertTrue(c.output.contains { $0.contains("Ctrl-C: stopping the sandbox") })
+    }
+
     func testShortSandboxPassesItsVerificationAndCleansUp() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let reference = root + "/.venv/bin/scim2-server"
         XCTAssertTrue(FileManager.default.isExecutableFile(atPath: reference), "make venv installs scim2-server")
-        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--short", "--plain", "--reference", reference])
+        let c = try ChildProcess(
+            productsDirectory + "/scim-edge", ["sandbox", "--short", "--plain", "--no-stay", "--reference", reference])
         let status = c.waitForExit(seconds: 180)
         let out = c.output
         XCTAssertEqual(status, 0, out.joined(separator: "\n"))
@@ -35,7 +63,7 @@ final class SandboxTests: XCTestCase {
     /// SIGKILL leaves the sandbox no chance to stop its children: they get a
     /// parent-death signal instead and end on their own.
     func testChildrenEndWhenTheSandboxIsKilled() throws {
-        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--burst", "100000"])
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--no-stay", "--burst", "100000"])
         XCTAssertNotNil(c.waitForLine("▶ load burst", seconds: 60), "\(c.output)")
         let dir = String(try XCTUnwrap(c.output.first?.split(separator: " ").last))
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -71,7 +99,7 @@ final class SandboxTests: XCTestCase {
 
     /// Ctrl-C: every process stops and the directory goes; exit status 130.
     func testInterruptStopsEverythingAndCleansUp() throws {
-        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--burst", "100000"])
+        let c = try ChildProcess(productsDirectory + "/scim-edge", ["sandbox", "--plain", "--no-stay", "--burst", "100000"])
         XCTAssertNotNil(c.waitForLine("▶ load burst", seconds: 60), "\(c.output)")
         let dir = String(try XCTUnwrap(c.output.first?.split(separator: " ").last))
         XCTAssertTrue(FileManager.default.fileExists(atPath: dir))
