@@ -116,6 +116,55 @@ func freePort() throws -> Int {
     return Int(UInt16(bigEndian: addr.sin_port))
 }
 
+/// A file only its owner reads (a password, a token), `text` on its first line; its path.
+func secretFile(_ dir: TempDirectory, _ name: String, _ text: String) -> String {
+    let path = dir.write(name, text + "\n")
+    chmod(path, 0o600)
+    return path
+}
+
+/// The configuration file of an agent with one pull source (`source`:
+/// its `- name: …` entry, indented as an item of `sources:`), its SCIM
+/// endpoint and operations listener on free ports, its outbox kept.
+func sourceAgentConfig(_ dir: TempDirectory, source: String) -> String {
+    let tokens = secretFile(dir, "tokens", "test-token-0123456789")
+    return dir.write(
+        "agent.yaml",
+        """
+        dataDir: \(dir.file("data"))
+        listen: 127.0.0.1:0
+        tokenFile: \(tokens)
+        admin:
+          listen: 127.0.0.1:0
+        outbox:
+          keep: true
+        sources:
+        \(source)
+        """)
+}
+
+/// A configuration whose `sources:` are `entries` (its items, indented as
+/// under `sources:`), read as `check-config` reads it: what was bound and
+/// the problems found.
+func readSources(_ entries: String) throws -> (AgentConfiguration, ConfigDiagnostics) {
+    let dir = TempDirectory("edge-sources-config")
+    defer { dir.remove() }
+    let file = dir.write("agent.yaml", "dataDir: \(dir.file("data"))\ntoken: [test-token-0123456789]\nsources:\n" + entries)
+    let d = ConfigDiagnostics(file: file)
+    return (try XCTUnwrap(AgentConfiguration.read(file: file, d)), d)
+}
+
+/// The resources the outbox says were created (their refs), after checking
+/// that nothing was lost or doubled: the sequence has no gap, and no
+/// resource was created twice.
+func createdOnce(_ store: AgentStore, file: StaticString = #filePath, line: UInt = #line) throws -> [String] {
+    let events = try store.outboxEntries(after: 0, limit: 1_000_000)
+    XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous", file: file, line: line)
+    let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["ref"]?.stringValue }
+    XCTAssertEqual(created.count, Set(created).count, "no resource created twice", file: file, line: line)
+    return created
+}
+
 /// A running agent (`scim-edge serve --config`) and its SCIM answers.
 final class SourceAgent {
     let child: ChildProcess
@@ -202,28 +251,17 @@ func skeleton(_ ous: [String]) -> String {
 
 final class LDAPSourceTests: XCTestCase {
     func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, source: String) -> String {
-        let password = dir.write("bind.pw", "secret\n")
-        chmod(password, 0o600)
-        let tokens = dir.write("tokens", "test-token-0123456789\n")
-        chmod(tokens, 0o600)
-        return dir.write(
-            "agent.yaml",
-            """
-            dataDir: \(dir.file("data"))
-            listen: 127.0.0.1:0
-            tokenFile: \(tokens)
-            admin:
-              listen: 127.0.0.1:0
-            outbox:
-              keep: true
-            sources:
-              - name: corp
-                url: \(directory.url)
-                bindDN: \(TestDirectory.admin)
-                bindPasswordFile: \(password)
-                baseDN: \(TestDirectory.suffix)
-            \(source)
-            """)
+        let password = secretFile(dir, "bind.pw", "secret")
+        return sourceAgentConfig(
+            dir,
+            source: """
+                  - name: corp
+                    url: \(directory.url)
+                    bindDN: \(TestDirectory.admin)
+                    bindPasswordFile: \(password)
+                    baseDN: \(TestDirectory.suffix)
+                \(source)
+                """)
     }
 
     /// Syncrepl end to end against a real slapd: the initial refresh, then
@@ -345,11 +383,7 @@ final class LDAPSourceTests: XCTestCase {
 
         // Nothing lost, nothing doubled: one create event per user, the outbox contiguous; the cookie stored.
         let store = try AgentStore(path: dir.file("data"), registry: .standard)
-        let events = try store.outboxEntries(after: 0, limit: 1_000_000)
-        XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous")
-        let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["ref"]?.stringValue }
-        XCTAssertEqual(created.count, Set(created).count, "no resource created twice")
-        let users = created.filter { $0.hasPrefix("/Users/") }
+        let users = try createdOnce(store).filter { $0.hasPrefix("/Users/") }
         XCTAssertEqual(users.count, count + 1 + 4, "every user created once (the deleted ones included)")
         let status = try store.sourceStatus("corp")
         XCTAssertEqual(status.mode, "syncrepl")
@@ -468,14 +502,8 @@ final class LDAPSourceTests: XCTestCase {
     }
 
     func testSourcesConfigurationIsReadStrictly() throws {
-        let dir = TempDirectory("edge-ldap-config")
-        defer { dir.remove() }
-        let file = dir.write(
-            "agent.yaml",
+        let (config, d) = try readSources(
             """
-            dataDir: \(dir.file("data"))
-            token: [test-token-0123456789]
-            sources:
               - name: corp
                 url: ldaps://10.0.0.5
                 baseDN: dc=example,dc=org
@@ -491,8 +519,6 @@ final class LDAPSourceTests: XCTestCase {
                 userFilter: (uid=a
                 mode: sync
             """)
-        let d = ConfigDiagnostics(file: file)
-        let config = try XCTUnwrap(AgentConfiguration.read(file: file, d))
         let keys = d.problems.compactMap(\.key)
         XCTAssertTrue(keys.contains("sources[1].name"), "\(d.problems)")
         XCTAssertTrue(keys.contains("sources[2].url"), "\(d.problems)")
