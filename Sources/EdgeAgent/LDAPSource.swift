@@ -89,9 +89,13 @@ final class LDAPSourceRunner: SourceReader {
         // Every key the refresh sent (added, modified or present): at the end
         // of a present phase the entries not in it are gone.
         var refreshKeys = Set<String>()
-        func flush(keepOnly: Set<String>? = nil) throws -> Bool {
+        // Past the refresh: an idle moment means everything up to it has been read.
+        var persisting = false
+        func flush(keepOnly: Set<String>? = nil, caughtUp: Bool = false) throws -> Bool {
             guard !pending.isEmpty || position != nil || keepOnly != nil else { return true }
-            let batch = SourceBatch(source: name, mode: "syncrepl", changes: pending, position: position, keepOnly: keepOnly)
+            var batch = SourceBatch(source: name, mode: "syncrepl", changes: pending, position: position, keepOnly: keepOnly)
+            batch.caughtUpAt = caughtUp ? unixSeconds() : nil
+            batch.newestChange = position.flatMap(cookieChangeSeconds)
             guard try hand(batch) else { return false }
             pending = []
             position = nil
@@ -99,7 +103,11 @@ final class LDAPSourceRunner: SourceReader {
         }
         while !isStopping {
             guard let event = try c.next(msgid, timeoutMilliseconds: pending.isEmpty && position == nil ? 1000 : 50) else {
-                guard try flush() else { return .stopped }
+                if persisting {
+                    let now = unixSeconds()
+                    thread.live.withLock { $0.caughtUpAt = now }
+                }
+                guard try flush(caughtUp: persisting) else { return .stopped }
                 continue
             }
             switch event {
@@ -124,12 +132,14 @@ final class LDAPSourceRunner: SourceReader {
                 switch try SyncRepl.info(value) {
                 case .newCookie(let c):
                     position = c
-                case .refreshDelete(let c, _):
+                case .refreshDelete(let c, let done):
                     if let c { position = c }
                     refreshKeys = []
+                    persisting = persisting || done
                     guard try flush() else { return .stopped }
-                case .refreshPresent(let c, _):
+                case .refreshPresent(let c, let done):
                     if let c { position = c }
+                    persisting = persisting || done
                     let keep = refreshKeys
                     refreshKeys = []
                     guard try flush(keepOnly: keep) else { return .stopped }
@@ -159,35 +169,36 @@ final class LDAPSourceRunner: SourceReader {
         return .stopped
     }
 
-    // MARK: polling (modifyTimestamp, full comparison for deletions)
+    // MARK: polling (modifyTimestamp or uSNChanged, full comparison for deletions)
 
     private func runPoll(_ c: LDAPConnection) throws {
         let name = configuration.name
+        let poll = PollHighWater(attribute: configuration.pollAttribute)
         var highWater = try store.sourcePosition(name).map { String(decoding: $0, as: UTF8.self) }
         var polls = 0
         while !isStopping {
+            let started = unixSeconds()
             let full = highWater == nil || polls % configuration.fullCompareEvery == 0
-            let filter = highWater.map { "(&\(mapping.searchFilter)(modifyTimestamp>=\($0)))" } ?? mapping.searchFilter
             var pending: [SourceChange] = []
             var newest = highWater
-            var stopped = false
-            try c.search(base: configuration.baseDN, filter: filter, attributes: mapping.attributes + ["modifyTimestamp"], pageSize: 500) {
+            let attributes = mapping.attributes + [poll.attribute.rawValue]
+            try c.search(
+                base: configuration.baseDN, filter: poll.filter(mapping.searchFilter, since: highWater), attributes: attributes,
+                pageSize: 500
+            ) {
                 entry in
-                if let ts = entry.first("modifyTimestamp"), newest.map({ ts > $0 }) ?? true { newest = ts }
+                if let value = entry.first(poll.attribute.rawValue), poll.isNewer(value, than: newest) { newest = value }
                 if let key = mapping.key(of: entry) {
                     pending.append(mapping.change(entry, key: key))
                 } else {
                     pending.append(.unmappable(dn: entry.dn, reason: "no \(mapping.keyAttribute) (the key attribute)"))
                 }
                 if pending.count >= configuration.batchSize {
-                    guard try hand(SourceBatch(source: name, mode: "poll", changes: pending)) else {
-                        stopped = true
-                        throw SourceMappingError("stopping")
-                    }
+                    try thread.handOrStop(SourceBatch(source: name, mode: "poll", changes: pending))
                     pending = []
                 }
             }
-            if stopped || isStopping { return }
+            if isStopping { return }
             var keep: Set<String>?
             if full {
                 var keys = Set<String>()
@@ -197,13 +208,93 @@ final class LDAPSourceRunner: SourceReader {
                 }
                 keep = keys
             }
-            let position = newest.map { Array($0.utf8) }
-            guard try hand(SourceBatch(source: name, mode: "poll", changes: pending, position: position, keepOnly: keep)) else { return }
+            var batch = SourceBatch(source: name, mode: "poll", changes: pending, position: newest.map { Array($0.utf8) }, keepOnly: keep)
+            // Everything changed before this poll started is in it.
+            batch.caughtUpAt = started
+            batch.newestChange = newest.flatMap(poll.seconds)
+            guard try hand(batch) else { return }
             highWater = newest
             polls += 1
             pause(Double(configuration.pollSeconds))
         }
     }
+}
+
+/// An LDAP poll's high-water mark: the largest value of the change
+/// attribute seen, and the filter of what changed since. `modifyTimestamp`
+/// is a GeneralizedTime (its text orders like its time, for the same
+/// form), compared with `>=` (a change in the same second as the mark is
+/// read again, found unchanged); `uSNChanged` is an integer, compared as
+/// one (9 < 10), asked for from the mark plus one.
+public struct PollHighWater: Sendable {
+    public let attribute: PollAttribute
+    public init(attribute: PollAttribute) { self.attribute = attribute }
+
+    /// The search filter: `base` alone without a mark, else `base` and changed since `mark`.
+    public func filter(_ base: String, since mark: String?) -> String {
+        guard let mark else { return base }
+        switch attribute {
+        case .modifyTimestamp: return "(&\(base)(modifyTimestamp>=\(escapedFilterValue(mark))))"
+        case .uSNChanged:
+            // A mark that is not a number cannot have come from this mode: read everything again.
+            guard let n = UInt64(mark) else { return base }
+            return "(&\(base)(uSNChanged>=\(n + 1)))"
+        }
+    }
+
+    /// Whether `value` is past `mark` (any value is, without a mark).
+    public func isNewer(_ value: String, than mark: String?) -> Bool {
+        guard let mark else { return true }
+        switch attribute {
+        case .modifyTimestamp: return value > mark
+        case .uSNChanged:
+            guard let v = UInt64(value) else { return false }
+            return UInt64(mark).map { v > $0 } ?? true
+        }
+    }
+
+    /// When the change at `mark` happened (Unix seconds), if the attribute says.
+    public func seconds(_ mark: String) -> Int64? {
+        attribute == .modifyTimestamp ? generalizedTimeSeconds(mark) : nil
+    }
+}
+
+/// Unix seconds of a GeneralizedTime (`YYYYMMDDhhmmss[.f]Z`, as
+/// `modifyTimestamp` and OpenLDAP's CSNs write it); nil when it is not one.
+public func generalizedTimeSeconds<S: StringProtocol>(_ text: S) -> Int64? {
+    let d = Array(text.utf8)
+    guard d.count >= 15, d[0..<14].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+    let t = String(decoding: d[0..<14], as: UTF8.self)
+    func part(_ from: Int, _ n: Int) -> Substring { t.dropFirst(from).prefix(n) }
+    let iso = "\(part(0, 4))-\(part(4, 2))-\(part(6, 2))T\(part(8, 2)):\(part(10, 2)):\(part(12, 2))Z"
+    return DateTimeValue(iso)?.secondsSinceEpoch
+}
+
+/// When the change an OpenLDAP sync cookie stands for happened: the time
+/// of its CSN (`rid=000,csn=20261201165330.123456Z#000000#000#000000`);
+/// nil for another server's cookie.
+public func cookieChangeSeconds(_ cookie: [UInt8]) -> Int64? {
+    let marker = Array("csn=".utf8)
+    guard cookie.count > marker.count,
+        let at = (0...(cookie.count - marker.count)).first(where: { cookie[$0..<$0 + marker.count].elementsEqual(marker) })
+    else { return nil }
+    return generalizedTimeSeconds(String(decoding: cookie[(at + marker.count)...], as: UTF8.self))
+}
+
+/// A value in an LDAP filter, escaped (RFC 4515 §3).
+func escapedFilterValue(_ value: String) -> String {
+    var out = ""
+    for c in value {
+        switch c {
+        case "*": out += "\\2a"
+        case "(": out += "\\28"
+        case ")": out += "\\29"
+        case "\\": out += "\\5c"
+        case "\u{0}": out += "\\00"
+        default: out.append(c)
+        }
+    }
+    return out
 }
 
 extension AgentConfiguration {

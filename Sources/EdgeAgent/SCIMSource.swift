@@ -43,6 +43,7 @@ final class SCIMSourceRunner: SourceReader {
         var filters = server.filter
         var polls = 0
         while !thread.isStopping {
+            let started = unixSeconds()
             let full = mark == nil || !filters || polls % configuration.fullCompareEvery == 0
             var newest = mark.flatMap(DateTimeValue.init).map { ($0, mark!) }
             var pending: [SourceChange] = []
@@ -77,9 +78,12 @@ final class SCIMSourceRunner: SourceReader {
             if full && !consistent {
                 thread.log("source \(name): the listing changed while it was read; deletions are looked for at the next full listing")
             }
-            let batch = SourceBatch(
+            var batch = SourceBatch(
                 source: name, mode: "scim", changes: pending, position: newest.map { Array($0.1.utf8) },
                 keepOnly: full && consistent ? keys : nil)
+            // Everything changed before this poll started is in it.
+            batch.caughtUpAt = started
+            batch.newestChange = newest?.0.secondsSinceEpoch
             guard try thread.hand(batch) else { return }
             mark = newest?.1
             polls += 1

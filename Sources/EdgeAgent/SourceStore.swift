@@ -50,6 +50,13 @@ public struct SourceBatch: Sendable {
     /// A full comparison: every entry known from this source whose key is
     /// not in the set (nor in `changes`) is gone.
     public var keepOnly: Set<String>?
+    /// Unix seconds (the agent's clock) up to which every change of the
+    /// source is in this batch or before it (a poll's start, an idle
+    /// persistent search); nil: not known from this batch.
+    public var caughtUpAt: Int64?
+    /// Unix seconds (the source's clock) of the newest change in this
+    /// batch, when the source says (modifyTimestamp, a CSN, lastModified).
+    public var newestChange: Int64?
 
     public init(source: String, mode: String, changes: [SourceChange], position: [UInt8]? = nil, keepOnly: Set<String>? = nil) {
         self.source = source
@@ -82,9 +89,12 @@ public struct SourceStatus: Sendable {
     public var errors = 0
     /// Unix seconds of the last batch committed; 0: never.
     public var lastSuccess: Int64 = 0
+    /// The newest `caughtUpAt` and `newestChange` committed (`SourceBatch`); 0: none.
+    public var caughtUpAt: Int64 = 0
+    public var newestChange: Int64 = 0
     public var lastFailures: [(dn: String, reason: String, at: Int64)] = []
 
-    init(name: String) { self.name = name }
+    public init(name: String) { self.name = name }
 
     init(name: String, json: JSONObject, position: [UInt8]?) {
         self.name = name
@@ -93,10 +103,23 @@ public struct SourceStatus: Sendable {
         written = Int(json["written"]?.numberValue?.integer ?? 0)
         errors = Int(json["errors"]?.numberValue?.integer ?? 0)
         lastSuccess = json["lastSuccess"]?.numberValue?.integer ?? 0
+        caughtUpAt = json["caughtUpAt"]?.numberValue?.integer ?? 0
+        newestChange = json["newestChange"]?.numberValue?.integer ?? 0
         lastFailures = (json["lastFailures"]?.arrayValue ?? []).map {
             ($0["dn"]?.stringValue ?? "", $0["reason"]?.stringValue ?? "", $0["at"]?.numberValue?.integer ?? 0)
         }
         self.position = position.map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// How far behind its source the store may be at `now`, in seconds:
+    /// since the latest moment up to which every change of the source is
+    /// known committed (a poll's start, an idle persistent search), or,
+    /// when the source cannot say that, since the newest committed change
+    /// happened there. nil: nothing committed says. `live`: a later such
+    /// moment the running source knows without having written it.
+    public func lag(now: Int64, live: Int64 = 0) -> Int64? {
+        let mark = max(caughtUpAt, newestChange, live)
+        return mark == 0 ? nil : max(0, now - mark)
     }
 
     var json: JSONObject {
@@ -104,6 +127,7 @@ public struct SourceStatus: Sendable {
             "mode": .string(mode), "entries": .number(JSONNumber(integer: Int64(entries))),
             "written": .number(JSONNumber(integer: Int64(written))), "errors": .number(JSONNumber(integer: Int64(errors))),
             "lastSuccess": .number(JSONNumber(integer: lastSuccess)),
+            "caughtUpAt": .number(JSONNumber(integer: caughtUpAt)), "newestChange": .number(JSONNumber(integer: newestChange)),
             "lastFailures": .array(
                 lastFailures.map {
                     ["dn": .string($0.dn), "reason": .string($0.reason), "at": .number(JSONNumber(integer: $0.at))]
@@ -272,6 +296,8 @@ extension AgentStore {
         status.written += result.written
         status.errors += result.failures.count
         status.lastSuccess = contexts.last!.epochSeconds
+        if let t = batch.caughtUpAt { status.caughtUpAt = max(status.caughtUpAt, t) }
+        if let t = batch.newestChange { status.newestChange = max(status.newestChange, t) }
         status.lastFailures = Array(
             (status.lastFailures + result.failures.map { ($0.dn, $0.reason, contexts.last!.epochSeconds) }).suffix(keptSourceFailures))
         try txn.put(sources, SourceKey.status(s), JSON.object(status.json).serialized())

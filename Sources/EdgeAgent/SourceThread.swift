@@ -198,6 +198,8 @@ final class SourceDriver {
         var failures = 0
         var entries = 0
         var lastSuccess: Int64 = 0
+        /// As stored: the source's entries and what its lag is reckoned from.
+        var stored: SourceStatus?
     }
 
     init(runner: any SourceReader, endpoint: SCIMEndpoint, writer: GroupCommitWriter, store: AgentStore) {
@@ -206,7 +208,7 @@ final class SourceDriver {
         self.writer = writer
         self.store = store
         if let s = try? store.sourceStatus(runner.configuration.name) {
-            (statistics.entries, statistics.lastSuccess) = (s.entries, s.lastSuccess)
+            (statistics.entries, statistics.lastSuccess, statistics.stored) = (s.entries, s.lastSuccess, s)
         }
     }
 
@@ -236,7 +238,7 @@ final class SourceDriver {
                 statistics.unchanged += r.unchanged
                 statistics.failures += r.failures.count
                 statistics.lastSuccess = base.epochSeconds
-                if let s = try? store.sourceStatus(batch.source) { statistics.entries = s.entries }
+                if let s = try? store.sourceStatus(batch.source) { (statistics.entries, statistics.stored) = (s.entries, s) }
                 for f in r.failures { log("source \(batch.source): entry \(f.dn) not applied: \(f.reason)") }
                 if r.written > 0 { endpoint.onCommitted?() }
                 completion(.committed(r))

@@ -35,7 +35,8 @@ final class TestDirectory {
             attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
             attributetype ( 1.3.6.1.4.1.55555.1.2 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
             attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'userPrincipalName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName ) )
+            attributetype ( 1.3.6.1.4.1.55555.1.4 NAME 'uSNChanged' EQUALITY integerMatch ORDERING integerOrderingMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName $ uSNChanged ) )
             pidfile \(dir.file("slapd.pid"))
             modulepath /usr/lib/ldap
             moduleload back_mdb
@@ -65,6 +66,12 @@ final class TestDirectory {
         let file = dir.write("load.ldif", ldif)
         let c = try ChildProcess("/usr/sbin/slapadd", ["-q", "-f", dir.file("slapd.conf"), "-l", file])
         XCTAssertEqual(c.waitForExit(seconds: 120), 0, "slapadd: \(c.output)")
+    }
+
+    /// Loads `ldif` offline, then starts.
+    func start(loading ldif: String) throws {
+        try slapadd(ldif)
+        try start()
     }
 
     func start() throws {
@@ -362,6 +369,8 @@ final class LDAPSourceTests: XCTestCase {
         try directory.modify(added(person("after-bad")))
         XCTAssertTrue(eventually(seconds: 10) { agent.user("after-bad") != nil })
         XCTAssertTrue(eventually { agent.metrics().contains("scim_edge_source_errors_total{source=\"corp\"} 2") })
+        // An idle persistent search is caught up: the lag stays within a few seconds.
+        XCTAssertTrue(eventually(seconds: 5) { (metric(agent.metrics(), "scim_edge_source_lag_seconds{source=\"corp\"}") ?? 99) <= 2 })
 
         // SIGKILL; the directory changes meanwhile; the restarted agent resumes from its cookie.
         agent.kill()
@@ -395,6 +404,7 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertEqual(c.waitForExit(), 0)
         XCTAssertTrue(c.output.contains { $0.contains("cn=No Uid") }, "\(c.output)")
         XCTAssertTrue(c.output.contains("  mode           syncrepl"), "\(c.output)")
+        XCTAssertTrue(c.output.contains { $0.hasPrefix("  lag            ") && $0.hasSuffix("/metrics has it live)") }, "\(c.output)")
         directory.stop()
     }
 
@@ -459,6 +469,83 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertTrue(status.position?.hasSuffix("Z") == true, "the high-water mark: \(status.position ?? "none")")
         XCTAssertEqual(status.entries, 50, "51 users, one deactivated")
         directory.stop()
+    }
+
+    /// `pollAttribute: uSNChanged` against slapd, which has no USNs: the
+    /// test's schema declares an integer `uSNChanged` and the test keeps
+    /// it as a domain controller would (one more at every change). What
+    /// the test shows: the poll asks for `uSNChanged>=mark+1` and keeps
+    /// the mark as an integer (9 then 10, where text would stop at 9);
+    /// a change that does not raise the USN is not read, so the filter is
+    /// the one in force. Not shown: Active Directory itself.
+    func testPollingByUSNChanged() throws {
+        let directory = try TestDirectory()
+        let dir = TempDirectory("edge-ldap-usn")
+        defer { dir.remove() }
+        var ldif = skeleton(["people"])
+        for i in 1...9 { ldif += person("n\(i)", extra: "objectClass: adAccount\nuSNChanged: \(i)") }
+        try directory.start(loading: ldif)
+        let config = agentConfig(
+            dir, directory,
+            source: """
+                    mode: poll
+                    pollSeconds: 1
+                    fullCompareEvery: 1000
+                    pollAttribute: uSNChanged
+                """)
+        let agent = try SourceAgent(config: config)
+        XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 9 }, "\(agent.total("Users"))")
+        func change(_ uid: String, title: String, usn: Int?) throws {
+            try directory.modify(
+                "dn: uid=\(uid),ou=people,\(TestDirectory.suffix)\nchangetype: modify\nreplace: title\ntitle: \(title)\n"
+                    + (usn.map { "-\nreplace: uSNChanged\nuSNChanged: \($0)\n" } ?? ""))
+        }
+        try change("n1", title: "ten", usn: 10)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("n1")?["title"] as? String == "ten" }, "USN 10 after 9")
+        try change("n2", title: "unseen", usn: nil)
+        try change("n3", title: "eleven", usn: 11)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("n3")?["title"] as? String == "eleven" }, "USN 11")
+        XCTAssertNil(agent.user("n2")?["title"], "a change without a higher USN is not asked for")
+        XCTAssertTrue(eventually(seconds: 5) { (metric(agent.metrics(), "scim_edge_source_lag_seconds{source=\"corp\"}") ?? 99) <= 5 })
+        agent.stop()
+        let status = try AgentStore(path: dir.file("data"), registry: .standard).sourceStatus("corp")
+        XCTAssertEqual(status.position, "11", "the mark, an integer")
+        XCTAssertEqual(status.newestChange, 0, "a USN says no time: lag counts from the last poll")
+        XCTAssertGreaterThan(status.caughtUpAt, 0)
+        directory.stop()
+    }
+
+    /// The high-water logic of both poll attributes, the times read from
+    /// GeneralizedTime and from OpenLDAP's cookies, and the lag.
+    func testPollHighWaterAndLag() throws {
+        let usn = PollHighWater(attribute: .uSNChanged)
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: nil), "(objectClass=user)")
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: "41"), "(&(objectClass=user)(uSNChanged>=42))")
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: "2024"), "(&(objectClass=user)(uSNChanged>=2025))")
+        XCTAssertEqual(usn.filter("(o=x)", since: "20240101000000Z"), "(o=x)", "a mark of another mode reads everything again")
+        XCTAssertTrue(usn.isNewer("10", than: "9"), "compared as integers")
+        XCTAssertFalse(usn.isNewer("9", than: "10"))
+        XCTAssertFalse(usn.isNewer("x", than: "10"))
+        XCTAssertTrue(usn.isNewer("1", than: nil))
+        XCTAssertNil(usn.seconds("10"))
+        let ts = PollHighWater(attribute: .modifyTimestamp)
+        XCTAssertEqual(ts.filter("(o=x)", since: "20240101000000Z"), "(&(o=x)(modifyTimestamp>=20240101000000Z))")
+        XCTAssertEqual(ts.filter("(o=x)", since: "2024*)"), "(&(o=x)(modifyTimestamp>=2024\\2a\\29))", "escaped, never spliced")
+        XCTAssertTrue(ts.isNewer("20240101000001Z", than: "20240101000000Z"))
+        XCTAssertEqual(ts.seconds("19700101000100Z"), 60)
+        XCTAssertEqual(generalizedTimeSeconds("20240229235959.5Z"), 1_709_251_199)
+        XCTAssertNil(generalizedTimeSeconds("2024"))
+        XCTAssertEqual(cookieChangeSeconds(Array("rid=000,csn=19700101000200.000000Z#000000#000#000000".utf8)), 120)
+        XCTAssertNil(cookieChangeSeconds(Array("opaque".utf8)))
+
+        var status = SourceStatus(name: "s")
+        XCTAssertNil(status.lag(now: 1000), "nothing says")
+        status.newestChange = 900
+        XCTAssertEqual(status.lag(now: 1000), 100, "since the newest change, when that is all that is known")
+        status.caughtUpAt = 990
+        XCTAssertEqual(status.lag(now: 1000), 10, "since the moment everything was read")
+        XCTAssertEqual(status.lag(now: 1000, live: 999), 1, "a running source's later moment")
+        XCTAssertEqual(status.lag(now: 980), 0, "never negative (clocks differ)")
     }
 
     /// `sources:` is read strictly: each problem at its key, and what is valid is bound.

@@ -154,6 +154,9 @@ final class SCIMSourceTests: XCTestCase {
         XCTAssertEqual(p0["title"] as? String, "T0")
         XCTAssertEqual(agent.memberIDs("staff").count, 5)
         XCTAssertTrue(proxy.seen.current.contains { $0.target.contains("startIndex=41") }, "paged by startIndex")
+        XCTAssertTrue(
+            eventually(seconds: 5) { (metric(agent.metrics(), "scim_edge_source_lag_seconds{source=\"hr\"}") ?? 99) <= 4 },
+            "lag: a poll a second")
 
         // A modification, seen through the lastModified filter.
         XCTAssertEqual(
@@ -240,6 +243,8 @@ final class SCIMSourceTests: XCTestCase {
         XCTAssertEqual(status.entries, expected - 1 + 1, "the source's users (not the IdP's) and the group")
         // Refused again at each full listing (it heals when the conflict is resolved), counted each time.
         XCTAssertGreaterThanOrEqual(status.errors, 1)
+        XCTAssertGreaterThan(status.newestChange, 0, "the newest lastModified committed")
+        XCTAssertGreaterThanOrEqual(status.caughtUpAt, status.newestChange - 5)
     }
 
     /// A scim entry of `sources:` is read strictly: its URL must be
