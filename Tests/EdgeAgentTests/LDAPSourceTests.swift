@@ -16,15 +16,24 @@ final class TestDirectory {
     static let admin = "cn=admin,dc=example,dc=org"
     let dir: TempDirectory
     let port: Int
+    /// With a certificate: LDAPS on this port too (StartTLS on `port`).
+    let tlsPort: Int?
     private(set) var process: ChildProcess?
     var url: String { "ldap://127.0.0.1:\(port)" }
+    var ldapsURL: String { "ldaps://127.0.0.1:\(tlsPort ?? 0)" }
 
-    init() throws {
+    /// `pki`: serve TLS with its server certificate (127.0.0.1 and localhost).
+    init(pki: TestPKI? = nil) throws {
         guard FileManager.default.isExecutableFile(atPath: Self.slapd) else {
             throw XCTSkip("slapd is not installed (make deps installs slapd and ldap-utils): the LDAP source tests need it")
         }
         dir = TempDirectory("edge-slapd")
         port = try freePort()
+        tlsPort = try pki.map { _ in try freePort() }
+        let tls =
+            pki.map {
+                "TLSCACertificateFile \($0.caFile)\nTLSCertificateFile \($0.serverCert)\nTLSCertificateKeyFile \($0.serverKey)\n"
+            } ?? ""
         try FileManager.default.createDirectory(atPath: dir.file("db"), withIntermediateDirectories: true)
         _ = dir.write(
             "slapd.conf",
@@ -37,7 +46,7 @@ final class TestDirectory {
             attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'userPrincipalName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
             attributetype ( 1.3.6.1.4.1.55555.1.4 NAME 'uSNChanged' EQUALITY integerMatch ORDERING integerOrderingMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
             objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName $ uSNChanged ) )
-            pidfile \(dir.file("slapd.pid"))
+            \(tls)pidfile \(dir.file("slapd.pid"))
             modulepath /usr/lib/ldap
             moduleload back_mdb
             moduleload syncprov
@@ -75,7 +84,8 @@ final class TestDirectory {
     }
 
     func start() throws {
-        process = try ChildProcess(Self.slapd, ["-d", "0", "-f", dir.file("slapd.conf"), "-h", "\(url)/"])
+        let urls = "\(url)/" + (tlsPort == nil ? "" : " \(ldapsURL)/")
+        process = try ChildProcess(Self.slapd, ["-d", "0", "-f", dir.file("slapd.conf"), "-h", urls])
         XCTAssertTrue(
             eventually(seconds: 20) { (try? self.ldap("/usr/bin/ldapsearch", ["-b", "", "-s", "base"], "")) == 0 }, "slapd answers")
     }
@@ -257,13 +267,13 @@ func skeleton(_ ous: [String]) -> String {
 }
 
 final class LDAPSourceTests: XCTestCase {
-    func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, source: String) -> String {
+    func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, url: String? = nil, source: String) -> String {
         let password = secretFile(dir, "bind.pw", "secret")
         return sourceAgentConfig(
             dir,
             source: """
                   - name: corp
-                    url: \(directory.url)
+                    url: \(url ?? directory.url)
                     bindDN: \(TestDirectory.admin)
                     bindPasswordFile: \(password)
                     baseDN: \(TestDirectory.suffix)
@@ -546,6 +556,46 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertEqual(status.lag(now: 1000), 10, "since the moment everything was read")
         XCTAssertEqual(status.lag(now: 1000, live: 999), 1, "a running source's later moment")
         XCTAssertEqual(status.lag(now: 980), 0, "never negative (clocks differ)")
+    }
+
+    /// TLS to the directory, against a slapd serving a certificate the
+    /// test issued: LDAPS with its CA carries a sync end to end; StartTLS
+    /// with it connects, binds and reads; either with another CA is
+    /// refused (so StartTLS really upgrades and verifies before the bind).
+    func testLDAPSAndStartTLSVerifyTheDirectorysCertificate() throws {
+        let dir = TempDirectory("edge-ldap-tls")
+        defer { dir.remove() }
+        let pki = try TestPKI(in: dir)
+        let directory = try TestDirectory(pki: pki)
+        try directory.start(loading: skeleton(["people"]) + person("tls1") + person("tls2"))
+        func source(_ url: String, ca: String, startTLS: Bool = false) -> String {
+            agentConfig(
+                dir, directory, url: url, source: "    mode: poll\n    pollSeconds: 1\n    tls: {ca: \(ca), startTLS: \(startTLS)}\n")
+        }
+        func connect(_ config: String) throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", "--connect", config])
+            return (c.waitForExit(seconds: 60), c.output)
+        }
+
+        let agent = try SourceAgent(config: source(directory.ldapsURL, ca: pki.caFile))
+        XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 2 }, "over LDAPS: \(agent.child.output.suffix(5))")
+        agent.stop()
+        var (status, out) = try connect(source(directory.url, ca: pki.caFile, startTLS: true))
+        XCTAssertEqual(status, 0, "StartTLS with the right CA: \(out)")
+        for (url, startTLS) in [(directory.ldapsURL, false), (directory.url, true)] {
+            (status, out) = try connect(source(url, ca: pki.otherCAFile, startTLS: startTLS))
+            XCTAssertEqual(status, 1, "\(url) startTLS \(startTLS) with another CA: \(out)")
+            XCTAssertTrue(out.contains { $0.contains("sources[0].url") }, "\(out)")
+        }
+        // The agent itself refuses too: nothing is read, the failure is in the metrics.
+        let refused = try SourceAgent(config: source(directory.ldapsURL, ca: pki.otherCAFile))
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                (metric(refused.metrics(), "scim_edge_source_connection_failures_total{source=\"corp\"}") ?? 0) >= 1
+            })
+        XCTAssertEqual(refused.total("Users"), 2, "what the first run stored, nothing more")
+        refused.stop()
+        directory.stop()
     }
 
     /// `sources:` is read strictly: each problem at its key, and what is valid is bound.
