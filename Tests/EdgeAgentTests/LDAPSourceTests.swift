@@ -204,6 +204,16 @@ final class SourceAgent {
         return (r.status, json)
     }
 
+    /// A write to its SCIM endpoint, as an IdP would push it; the status.
+    @discardableResult
+    func send(_ method: String, _ target: String, _ body: String = "") -> Int {
+        guard let client = try? RawClient(port: port) else { return 0 }
+        client.send(
+            "\(method) \(target) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token-0123456789\r\n"
+                + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+        return client.readResponses(1).first?.status ?? 0
+    }
+
     func metrics() -> String {
         guard let client = try? RawClient(port: adminPort) else { return "" }
         client.send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -440,6 +450,8 @@ final class LDAPSourceTests: XCTestCase {
         }
         var ldif = skeleton(["ad"])
         for i in 0..<50 { ldif += adUser("ad\(i)") }
+        ldif += "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nobjectClass: groupOfNames\ncn: ops\n"
+        ldif += "member: cn=ad3,ou=ad,\(TestDirectory.suffix)\nmember: cn=ad4,ou=ad,\(TestDirectory.suffix)\n\n"
         try directory.slapadd(ldif)
         try directory.start()
         let config = agentConfig(
@@ -473,11 +485,21 @@ final class LDAPSourceTests: XCTestCase {
         // onDelete: deactivate (the default): kept, with active false, at the next full comparison.
         XCTAssertTrue(eventually(seconds: 15) { agent.user("ad3@corp.example.org")?["active"] as? Bool == false }, "deletion seen")
         XCTAssertEqual(agent.total("Users"), 51)
+        // Membership follows the directory's group: while it still lists the
+        // deleted entry (slapd without refint), the deactivated user stays a
+        // member, as Entra keeps a disabled user's groups; when the group
+        // drops it (Active Directory does at deletion), it leaves.
+        let ad3 = try XCTUnwrap(agent.user("ad3@corp.example.org")?["id"] as? String)
+        let ad4 = try XCTUnwrap(agent.user("ad4@corp.example.org")?["id"] as? String)
+        XCTAssertEqual(agent.memberIDs("ops"), [ad3, ad4])
+        try directory.modify(
+            "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nchangetype: modify\ndelete: member\nmember: cn=ad3,ou=ad,\(TestDirectory.suffix)\n")
+        XCTAssertTrue(eventually(seconds: 10) { agent.memberIDs("ops") == [ad4] }, "\(agent.memberIDs("ops"))")
         agent.stop()
         let status = try AgentStore(path: dir.file("data"), registry: .standard).sourceStatus("corp")
         XCTAssertEqual(status.mode, "poll")
         XCTAssertTrue(status.position?.hasSuffix("Z") == true, "the high-water mark: \(status.position ?? "none")")
-        XCTAssertEqual(status.entries, 50, "51 users, one deactivated")
+        XCTAssertEqual(status.entries, 51, "51 users, one deactivated, and the group")
         directory.stop()
     }
 

@@ -177,12 +177,7 @@ final class SCIMSourceTests: XCTestCase {
         XCTAssertTrue(eventually(seconds: 15) { agent.memberIDs("staff").contains(p10) }, "a member added")
 
         // A resource the agent refuses (its userName taken here by an IdP's push), then one after it.
-        let local = try RawClient(port: agent.port)
-        let body = #"{"schemas":["\#(userSchema)"],"userName":"taken"}"#
-        local.send(
-            "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token-0123456789\r\nContent-Type: application/scim+json\r\n"
-                + "Connection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
-        XCTAssertEqual(local.readResponses(1).first?.status, 201)
+        XCTAssertEqual(agent.send("POST", "/scim/v2/Users", #"{"schemas":["\#(userSchema)"],"userName":"taken"}"#), 201)
         _ = createUser(refPort, "taken")
         _ = createUser(refPort, "after-refused")
         XCTAssertTrue(eventually(seconds: 15) { agent.user("after-refused") != nil }, "the next resource still arrives")
@@ -245,6 +240,52 @@ final class SCIMSourceTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(status.errors, 1)
         XCTAssertGreaterThan(status.newestChange, 0, "the newest lastModified committed")
         XCTAssertGreaterThanOrEqual(status.caughtUpAt, status.newestChange - 5)
+    }
+
+    /// Another scim-edge agent as the source: it offers cursor pagination
+    /// (RFC 9865) and filters on meta.lastModified, so the poll pages by
+    /// cursor and asks for changes only; a modification and a deletion
+    /// there arrive here.
+    func testPollingAServerThatPagesByCursor() throws {
+        let upstreamDir = TempDirectory("edge-scim-upstream")
+        defer { upstreamDir.remove() }
+        let tokens = secretFile(upstreamDir, "tokens", "test-token-0123456789")
+        let upstream = try SourceAgent(
+            config: upstreamDir.write(
+                "agent.yaml",
+                "dataDir: \(upstreamDir.file("data"))\nlisten: 127.0.0.1:0\ntokenFile: \(tokens)\nadmin:\n  listen: 127.0.0.1:0\n"))
+        defer { upstream.stop() }
+        var ids: [String] = []
+        for i in 0..<120 {
+            XCTAssertEqual(upstream.send("POST", "/scim/v2/Users", #"{"schemas":["\#(userSchema)"],"userName":"c\#(i)"}"#), 201)
+            ids.append(try XCTUnwrap(upstream.user("c\(i)")?["id"] as? String))
+        }
+        let dir = TempDirectory("edge-scim-cursor")
+        defer { dir.remove() }
+        let token = secretFile(dir, "source.token", "test-token-0123456789")
+        let agent = try SourceAgent(
+            config: sourceAgentConfig(
+                dir,
+                source: """
+                      - name: peer
+                        kind: scim
+                        url: http://127.0.0.1:\(upstream.port)/scim/v2
+                        tokenFile: \(token)
+                        pollSeconds: 1
+                        fullCompareEvery: 2
+                        pageSize: 50
+                        onDelete: delete
+                    """))
+        XCTAssertTrue(eventually(seconds: 30) { agent.total("Users") == 120 }, "\(agent.total("Users"))")
+        XCTAssertTrue(agent.child.output.contains { $0.contains("(poll by cursor)") }, "\(agent.child.output.prefix(20))")
+        XCTAssertEqual(
+            upstream.send("PUT", "/scim/v2/Users/\(ids[7])", #"{"schemas":["\#(userSchema)"],"userName":"c7","title":"Moved"}"#), 200)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("c7")?["title"] as? String == "Moved" }, "modify")
+        XCTAssertEqual(upstream.send("DELETE", "/scim/v2/Users/\(ids[8])"), 204)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("c8") == nil }, "delete")
+        XCTAssertEqual(agent.total("Users"), 119)
+        XCTAssertFalse(agent.child.output.contains { $0.contains("refuses meta.lastModified filters") }, "the filter is taken")
+        agent.stop()
     }
 
     /// A scim entry of `sources:` is read strictly: its URL must be
