@@ -215,9 +215,7 @@ public final class SCIMPollClient {
         if sortable && !cursor { query += "&sortBy=id" }
         var startIndex = 1
         var next: String? = cursor ? "" : nil
-        var total: Int?
-        var seen = 0
-        var consistent = true
+        var tally = ListingTally()
         while !thread.isStopping {
             let page: String
             if let n = next {
@@ -234,20 +232,18 @@ public final class SCIMPollClient {
             }
             let resources = list["Resources"]?.arrayValue ?? []
             let pageTotal = list["totalResults"]?.numberValue?.integer.map(Int.init)
-            if let t = total, let p = pageTotal, t != p { consistent = false }
-            total = total ?? pageTotal
+            tally.page(total: pageTotal, resources: resources.count)
             for r in resources { try each(r) }
-            seen += resources.count
             if cursor {
                 guard let n = list["nextCursor"]?.stringValue, !n.isEmpty, !resources.isEmpty else { break }
                 next = n
             } else {
-                guard !resources.isEmpty, seen < (pageTotal ?? 0) else { break }
+                guard !resources.isEmpty, tally.seen < (pageTotal ?? 0) else { break }
                 startIndex += resources.count
             }
         }
         if thread.isStopping { throw SourceStopping() }
-        return consistent && (total.map { $0 == seen } ?? true)
+        return tally.consistent
     }
 
     /// One GET, its JSON body; 429 and 503 waited out and sent again.
@@ -295,6 +291,27 @@ public final class SCIMPollClient {
         case .failure(let e): throw SourceMappingError("GET \(base.host):\(base.port)\(request.target): \(e)")
         }
     }
+}
+
+/// What the pages of one listing said: whether it can be taken for the
+/// whole collection (for deletions). It can when every page gave the same
+/// `totalResults` and as many resources arrived; by `startIndex`, a
+/// deletion meanwhile shifts the later pages by one, so a resource is
+/// skipped and the counts disagree.
+public struct ListingTally: Sendable, Equatable {
+    public private(set) var total: Int?
+    public private(set) var seen = 0
+    private var sameTotal = true
+    public init() {}
+
+    public mutating func page(total pageTotal: Int?, resources: Int) {
+        if let t = total, let p = pageTotal, t != p { sameTotal = false }
+        total = total ?? pageTotal
+        seen += resources
+    }
+
+    /// Without a `totalResults` (allowed with cursors) only the pages' agreement counts.
+    public var consistent: Bool { sameTotal && (total.map { $0 == seen } ?? true) }
 }
 
 /// A status other than 200, 429 or 503.

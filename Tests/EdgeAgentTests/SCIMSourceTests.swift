@@ -288,6 +288,42 @@ final class SCIMSourceTests: XCTestCase {
         agent.stop()
     }
 
+    /// A source's secret readable by others (a SCIM token, an LDAP bind
+    /// password) is refused: by `check-config` at its key, and by the
+    /// running source at every connection (nothing is sent with it).
+    func testSourceSecretsReadableByOthersAreRefused() throws {
+        let dir = TempDirectory("edge-source-secrets")
+        defer { dir.remove() }
+        let token = dir.write("open.token", "ref-token\n")
+        chmod(token, 0o644)
+        let password = dir.write("open.pw", "secret\n")
+        chmod(password, 0o644)
+        let port = try freePort()
+        let config = sourceAgentConfig(
+            dir,
+            source: """
+                  - name: hr
+                    kind: scim
+                    url: http://127.0.0.1:\(port)
+                    tokenFile: \(token)
+                  - name: corp
+                    url: ldap://127.0.0.1:\(port)
+                    baseDN: dc=example,dc=org
+                    bindPasswordFile: \(password)
+                """)
+        let check = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", config])
+        XCTAssertEqual(check.waitForExit(seconds: 30), 1)
+        XCTAssertTrue(check.output.contains { $0.contains("sources[0].tokenFile") }, "\(check.output)")
+        XCTAssertTrue(check.output.contains { $0.contains("sources[1].bindPasswordFile") }, "\(check.output)")
+        let agent = try SourceAgent(config: config)
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                agent.child.output.contains { $0.contains("source hr:") && $0.contains("readable by others") }
+                    && agent.child.output.contains { $0.contains("source corp:") && $0.contains("readable by others") }
+            }, "\(agent.child.output.suffix(5))")
+        agent.stop()
+    }
+
     /// A scim entry of `sources:` is read strictly: its URL must be
     /// http(s), it needs a token file; an ldap entry needs ldap(s) and a
     /// base DN; what is valid is bound.
@@ -353,6 +389,22 @@ final class SCIMSourceTests: XCTestCase {
         XCTAssertEqual(
             scimChange(try JSONParser.parse(#"{"userName":"x"}"#), group: false, endpoint: "Users"),
             .unmappable(dn: "Users/?", reason: "a resource without an id"))
+
+        // A listing is taken for deletions only when its pages agree.
+        var whole = ListingTally()
+        whole.page(total: 3, resources: 2)
+        whole.page(total: 3, resources: 1)
+        XCTAssertTrue(whole.consistent)
+        var shifted = ListingTally()
+        shifted.page(total: 3, resources: 2)
+        shifted.page(total: 2, resources: 0)  // one deleted meanwhile: the third resource moved to page one
+        XCTAssertFalse(shifted.consistent, "a skipped resource must not be taken for a deletion")
+        var short = ListingTally()
+        short.page(total: 5, resources: 4)
+        XCTAssertFalse(short.consistent, "fewer than counted")
+        var uncounted = ListingTally()
+        uncounted.page(total: nil, resources: 4)
+        XCTAssertTrue(uncounted.consistent, "a cursor listing without totalResults")
 
         let full = SCIMServerCapabilities(
             try JSONParser.parse(#"{"filter":{"supported":true},"sort":{"supported":false},"pagination":{"cursor":true,"index":true}}"#))
