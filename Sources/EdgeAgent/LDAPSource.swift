@@ -298,13 +298,14 @@ func escapedFilterValue(_ value: String) -> String {
 }
 
 extension AgentConfiguration {
-    /// `check-config --connect`: each pull source is reached, bound with its
-    /// credentials and asked for its base DN, so that a wrong URL, password
+    /// `check-config --connect`: each LDAP source is reached, bound with its
+    /// credentials and asked for its base DN (each SCIM source: `checkSCIMSourceConnections`), so that a wrong URL, password
     /// or base DN is found before the service starts. Each problem is
     /// reported at the key that causes it. (Not in the units' ExecStartPre:
     /// a directory that is down must not keep the agent from starting; the
     /// source retries.)
     public func checkSourceConnections(_ d: ConfigDiagnostics) {
+        checkSCIMSourceConnections(d)
         for (i, source) in sources.enumerated() where source.kind == .ldap {
             let at = "sources[\(i)]"
             let connection: LDAPConnection

@@ -1,3 +1,4 @@
+import EdgeConfig
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -156,6 +157,8 @@ public final class SCIMPollClient {
     private let client: HTTPClient
     private let spacingMs: UInt64
     private var nextAt: UInt64 = 0
+    /// A 429 or 503 is an answer (`SCIMPollStatus.refused`), not waited out: for `check-config`.
+    var waitsWhenThrottled = true
 
     init(configuration: SourceConfiguration, token: String, thread: SourceThread) throws {
         guard let base = ServiceURL(configuration.url) else { throw SourceMappingError("not an http(s) URL: \(configuration.url)") }
@@ -267,7 +270,8 @@ public final class SCIMPollClient {
                 do { return try JSONParser.parse(response.body, limits: limits) } catch {
                     throw SourceMappingError("GET \(pathAndQuery): the answer is not JSON: \(error)")
                 }
-            case 429, 503:
+            case 429,
+                503 where waitsWhenThrottled:
                 let wait =
                     response.headers["Retry-After"].flatMap { Double($0.trimmingSpaces) }.map { min(600, max(0, $0)) } ?? throttledBackoff
                 throttledBackoff = min(60, throttledBackoff * 2)
@@ -320,6 +324,42 @@ enum SCIMPollStatus: Error, CustomStringConvertible {
     var description: String {
         switch self {
         case .refused(let status, let detail): return "the server answered \(status)\(detail.isEmpty ? "" : ": \(detail)")"
+        }
+    }
+}
+
+extension AgentConfiguration {
+    /// `check-config --connect` for each SCIM source: its
+    /// `/ServiceProviderConfig` and a page of `/Users` are read with its token, so that a wrong URL,
+    /// a refused token or a CA that does not fit is found before the service
+    /// starts; each problem at its key. A server that throttles the check is
+    /// reachable: a warning.
+    public func checkSCIMSourceConnections(_ d: ConfigDiagnostics) {
+        for (i, source) in sources.enumerated() where source.kind == .scim {
+            let at = "sources[\(i)]"
+            // A token file that is missing or readable by others is reported at tokenFile by the file checks.
+            guard let file = source.tokenFile, let secret = try? readSecretLine(file) else { continue }
+            let thread = SourceThread(name: source.name, submit: { _, _ in false }, log: { _ in })
+            do {
+                let client = try SCIMPollClient(
+                    configuration: source, token: String(decoding: secret, as: UTF8.self).trimmingSpaces, thread: thread)
+                defer { client.close() }
+                client.waitsWhenThrottled = false
+                _ = try client.capabilities()
+                // /ServiceProviderConfig may be served without authentication (RFC 7644 §4): the token is tried on a list.
+                _ = try client.get("/Users?count=1")
+            } catch SCIMPollStatus.refused(let status, let detail) where status == 401 || status == 403 {
+                d.error(
+                    "\(at).tokenFile", "\(source.url) refused the token (\(status)\(detail.isEmpty ? "" : ": \(detail)"))",
+                    fix: "check the token in tokenFile")
+            } catch SCIMPollStatus.refused(let status, _) where status == 429 || status == 503 {
+                d.warning("\(at).url", "\(source.url) answered \(status): reachable, but throttling now")
+            } catch let e as SCIMPollStatus {
+                d.error(
+                    "\(at).url", "\(source.url)/ServiceProviderConfig: \(e)", fix: "check the SCIM base URL (up to /scim/v2 or the like)")
+            } catch {
+                d.error("\(at).url", "cannot reach \(source.url): \(error)", fix: "check the host, the port and tls.ca")
+            }
         }
     }
 }

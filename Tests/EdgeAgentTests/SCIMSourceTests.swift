@@ -288,6 +288,36 @@ final class SCIMSourceTests: XCTestCase {
         agent.stop()
     }
 
+    /// `check-config --connect` reads each SCIM source's
+    /// /ServiceProviderConfig with its token: a right configuration passes;
+    /// a refused token, a wrong base path and a port nobody listens on are
+    /// each reported at their key.
+    func testCheckConfigConnectsToSCIMSources() throws {
+        let dir = TempDirectory("edge-scim-check")
+        defer { dir.remove() }
+        let refPort = try freePort()
+        let server = try startReferenceSCIMServer(port: refPort)
+        defer { server.signal(SIGKILL); _ = server.waitForExit() }
+        let nobody = try freePort()
+        func check(url: String, token: String = "ref-token") throws -> (Int32?, [String]) {
+            let file = secretFile(dir, "source.token", token)
+            let config = sourceAgentConfig(dir, source: "  - {name: hr, kind: scim, url: \"\(url)\", tokenFile: \(file)}\n")
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", "--connect", config])
+            return (c.waitForExit(seconds: 60), c.output)
+        }
+        var (status, out) = try check(url: "http://127.0.0.1:\(refPort)")
+        XCTAssertEqual(status, 0, "\(out)")
+        (status, out) = try check(url: "http://127.0.0.1:\(refPort)", token: "wrong-token")
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].tokenFile:") && $0.contains("refused the token") }, "\(out)")
+        (status, out) = try check(url: "http://127.0.0.1:\(refPort)/nope")
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].url:") && $0.contains("ServiceProviderConfig") }, "\(out)")
+        (status, out) = try check(url: "http://127.0.0.1:\(nobody)")
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(out.contains { $0.contains("sources[0].url:") && $0.contains("cannot reach") }, "\(out)")
+    }
+
     /// A source's secret readable by others (a SCIM token, an LDAP bind
     /// password) is refused: by `check-config` at its key, and by the
     /// running source at every connection (nothing is sent with it).
