@@ -84,6 +84,17 @@ final class SCIMSourceTests: XCTestCase {
     let userSchema = "urn:ietf:params:scim:schemas:core:2.0:User"
     let groupSchema = "urn:ietf:params:scim:schemas:core:2.0:Group"
 
+    /// The reference scim2-server on a free port, killed when the test ends; its port.
+    func referenceServer() throws -> Int {
+        let port = try freePort()
+        let server = try startReferenceSCIMServer(port: port)
+        addTeardownBlock {
+            server.signal(SIGKILL)
+            _ = server.waitForExit()
+        }
+        return port
+    }
+
     /// One request to the reference server (directly, not through the proxy).
     @discardableResult
     func ref(_ port: Int, _ method: String, _ path: String, _ body: String = "") -> (Int, [String: Any]) {
@@ -131,9 +142,7 @@ final class SCIMSourceTests: XCTestCase {
     func testPollingTheReferenceServer() throws {
         let dir = TempDirectory("edge-scim-poll")
         defer { dir.remove() }
-        let refPort = try freePort()
-        let server = try startReferenceSCIMServer(port: refPort)
-        defer { server.signal(SIGKILL); _ = server.waitForExit() }
+        let refPort = try referenceServer()
         let proxy = try ThrottlingProxy(upstreamPort: refPort)
         defer { proxy.stop() }
 
@@ -295,9 +304,7 @@ final class SCIMSourceTests: XCTestCase {
     func testCheckConfigConnectsToSCIMSources() throws {
         let dir = TempDirectory("edge-scim-check")
         defer { dir.remove() }
-        let refPort = try freePort()
-        let server = try startReferenceSCIMServer(port: refPort)
-        defer { server.signal(SIGKILL); _ = server.waitForExit() }
+        let refPort = try referenceServer()
         let nobody = try freePort()
         func check(url: String, token: String = "ref-token") throws -> (Int32?, [String]) {
             let file = secretFile(dir, "source.token", token)
