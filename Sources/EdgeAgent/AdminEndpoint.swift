@@ -119,7 +119,7 @@ public final class AdminEndpoint {
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
         if !agent.sourceDrivers.isEmpty {
             let sources = agent.sourceDrivers.map { d in
-                (label: "{source=\"\(d.runner.configuration.name)\"}", stats: d.statistics, live: d.runner.live.withLock { $0 })
+                (label: "{source=\"\(d.runner.configuration.name)\"}", stats: d.statistics, live: d.runner.thread.live.withLock { $0 })
             }
             metric(
                 "scim_edge_source_connected", "gauge", "1 while the source's directory connection is up.",
@@ -142,6 +142,15 @@ public final class AdminEndpoint {
             metric(
                 "scim_edge_source_connection_failures_total", "counter", "Failed connections, binds and searches (retried with backoff).",
                 sources.map { ($0.label, String($0.live.connectionFailures)) })
+            metric(
+                "scim_edge_source_throttled_total", "counter",
+                "Requests a SCIM source answered with 429 or 503 (waited out per Retry-After, sent again).",
+                sources.map { ($0.label, String($0.live.throttled)) })
+            let now = unixSeconds()
+            metric(
+                "scim_edge_source_lag_seconds", "gauge",
+                "How far behind its source the store may be: since every change of the source up to then is known committed (docs/sources.md); absent until the source says.",
+                sources.compactMap { s in s.stats.stored?.lag(now: now, live: s.live.caughtUpAt).map { (s.label, String($0)) } })
             metric(
                 "scim_edge_source_last_success_timestamp_seconds", "gauge",
                 "When the source's last batch was committed (Unix time; 0: never).",

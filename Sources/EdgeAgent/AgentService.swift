@@ -32,7 +32,7 @@ public struct AgentConfiguration: Sendable {
     /// Writes from every loop share one group-commit writer.
     public var servingLoops = 1
     /// Directories the agent pulls from (docs/sources.md).
-    public var sources: [LDAPSourceConfiguration] = []
+    public var sources: [SourceConfiguration] = []
     /// Request lines straight to this sink (`serve`: standard output); nil: through swift-log.
     public var accessLog: LogSink?
 
@@ -163,8 +163,8 @@ public final class AgentService {
         for source in configuration.sources {
             let holder = SourceDriverHolder()
             let bound = LoopBound(holder)
-            let runner = LDAPSourceRunner(
-                configuration: source, store: store,
+            let thread = SourceThread(
+                name: source.name,
                 submit: { batch, answer in
                     inbox.send {
                         guard let driver = bound.value.driver else { return answer.fulfil(.stopped) }
@@ -172,6 +172,11 @@ public final class AgentService {
                     }
                 },
                 log: { line in _ = inbox.send { bound.value.driver?.log(line) } })
+            let runner: any SourceReader =
+                switch source.kind {
+                case .ldap: LDAPSourceRunner(configuration: source, store: store, thread: thread)
+                case .scim: SCIMSourceRunner(configuration: source, store: store, thread: thread)
+                }
             let driver = SourceDriver(runner: runner, endpoint: endpoint, writer: writer, store: store)
             driver.log = { [weak self] line in self?.log(line) }
             holder.driver = driver

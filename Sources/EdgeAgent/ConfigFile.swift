@@ -120,8 +120,8 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
         .init(section: AgentOptions.sources, AgentConfiguration.decodeSources),
     ])
 
-/// The keys of one entry of `sources` bound to `LDAPSourceConfiguration`.
-public let sourceOptionTable = OptionTable<LDAPSourceConfiguration>(
+/// The keys of one entry of `sources` bound to `SourceConfiguration`.
+public let sourceOptionTable = OptionTable<SourceConfiguration>(
     AgentOptions.Source.all,
     [
         .init(AgentOptions.Source.name) { s, v in
@@ -129,22 +129,20 @@ public let sourceOptionTable = OptionTable<LDAPSourceConfiguration>(
             s.name = v.text
             return nil
         },
+        .init(AgentOptions.Source.kind, \.kind),
         .init(AgentOptions.Source.url) { s, v in
-            guard v.text.hasPrefix("ldap://") || v.text.hasPrefix("ldaps://"), v.text.split(separator: "/").count >= 2 else {
-                return OptionProblem("must be ldap://HOST[:PORT] or ldaps://HOST[:PORT], got '\(v.text)'")
+            // The kind is checked against the scheme once the entry is read (decodeSources).
+            let ldap = (v.text.hasPrefix("ldap://") || v.text.hasPrefix("ldaps://")) && v.text.split(separator: "/").count >= 2
+            guard ldap || ServiceURL(v.text) != nil else {
+                return OptionProblem(
+                    "must be ldap://HOST[:PORT], ldaps://HOST[:PORT] or (kind: scim) http(s)://HOST[:PORT][/PATH], got '\(v.text)'")
             }
             s.url = v.text
             return nil
         },
-        .init(AgentOptions.Source.bindDN) { s, v in
-            s.bindDN = v.text; return nil
-        },
-        .init(AgentOptions.Source.bindPasswordFile) { s, v in
-            s.bindPasswordFile = v.text; return nil
-        },
-        .init(AgentOptions.Source.baseDN) { s, v in
-            s.baseDN = v.text; return nil
-        },
+        .init(AgentOptions.Source.bindDN, \.bindDN),
+        .init(AgentOptions.Source.bindPasswordFile, \.bindPasswordFile),
+        .init(AgentOptions.Source.baseDN, \.baseDN),
         .init(AgentOptions.Source.userFilter) { s, v in
             guard (try? LDAPFilter(v.text)) != nil else { return OptionProblem("is not an LDAP filter (RFC 4515): '\(v.text)'") }
             s.userFilter = v.text
@@ -155,24 +153,13 @@ public let sourceOptionTable = OptionTable<LDAPSourceConfiguration>(
             s.groupFilter = v.text
             return nil
         },
-        .init(AgentOptions.Source.mode) { s, v in
-            s.mode = SourceMode(rawValue: v.text)!; return nil
-        },
-        .init(AgentOptions.Source.pollSeconds) { s, v in
-            s.pollSeconds = v.integer; return nil
-        },
-        .init(AgentOptions.Source.fullCompareEvery) { s, v in
-            s.fullCompareEvery = v.integer; return nil
-        },
-        .init(AgentOptions.Source.onDelete) { s, v in
-            s.onDelete = SourceDeletion(rawValue: v.text)!; return nil
-        },
-        .init(AgentOptions.Source.schema) { s, v in
-            s.schema = DirectorySchema(rawValue: v.text)!; return nil
-        },
-        .init(AgentOptions.Source.keyAttribute) { s, v in
-            s.keyAttribute = v.text; return nil
-        },
+        .init(AgentOptions.Source.mode, \.mode),
+        .init(AgentOptions.Source.pollSeconds, \.pollSeconds),
+        .init(AgentOptions.Source.pollAttribute, \.pollAttribute),
+        .init(AgentOptions.Source.fullCompareEvery, \.fullCompareEvery),
+        .init(AgentOptions.Source.onDelete, \.onDelete),
+        .init(AgentOptions.Source.schema, \.schema),
+        .init(AgentOptions.Source.keyAttribute, \.keyAttribute),
         .init(section: AgentOptions.Source.mappingUsers) { node, path, d, s in
             s.userMapping = decodeSourceMapping(node, path, d)
         },
@@ -185,9 +172,10 @@ public let sourceOptionTable = OptionTable<LDAPSourceConfiguration>(
         .init(AgentOptions.Source.startTLS) { s, v in
             s.tls.startTLS = v.boolean; return nil
         },
-        .init(AgentOptions.Source.batchSize) { s, v in
-            s.batchSize = v.integer; return nil
-        },
+        .init(AgentOptions.Source.tokenFile, \.tokenFile),
+        .init(AgentOptions.Source.requestsPerSecond, \.requestsPerSecond),
+        .init(AgentOptions.Source.pageSize, \.pageSize),
+        .init(AgentOptions.Source.batchSize, \.batchSize),
     ])
 
 func isSourceName(_ name: String) -> Bool {
@@ -233,10 +221,23 @@ extension AgentConfiguration {
             let at = "\(path)[\(i)]"
             d.record(at, item.mark)
             guard var m = YAMLMapping(item, path: at, d) else { continue }
-            var source = sourceOptionTable.defaults(LDAPSourceConfiguration(name: "", url: "", baseDN: ""))
+            var source = sourceOptionTable.defaults(SourceConfiguration(name: "", url: "", baseDN: ""))
             let before = d.problems.count
             sourceOptionTable.decode(&m, into: &source)
             m.finish()
+            // The kind against the scheme and the keys it needs, even when other keys have problems.
+            let ldapURL = source.url.hasPrefix("ldap://") || source.url.hasPrefix("ldaps://")
+            switch source.kind {
+            case .ldap where !ldapURL && !source.url.isEmpty:
+                d.error("\(at).url", "an ldap source needs ldap:// or ldaps://, got '\(source.url)'", fix: "or set kind: scim")
+            case .ldap where source.baseDN.isEmpty:
+                d.error("\(at).baseDN", "an ldap source needs baseDN (where its users and groups are)")
+            case .scim where ldapURL:
+                d.error("\(at).url", "a scim source needs http:// or https://, got '\(source.url)'", fix: "or set kind: ldap")
+            case .scim where source.tokenFile == nil:
+                d.error("\(at).tokenFile", "a scim source needs tokenFile (its bearer token)")
+            default: break
+            }
             guard d.problems.count == before else { continue }
             if let line = names[source.name] {
                 d.error(
@@ -372,6 +373,7 @@ extension AgentConfiguration {
         }
         for (i, source) in sources.enumerated() {
             if let file = source.bindPasswordFile { checks.file(file, at: "sources[\(i)].bindPasswordFile", secret: true) }
+            if let file = source.tokenFile { checks.file(file, at: "sources[\(i)].tokenFile", secret: true) }
             if let ca = source.tls.caFile { checks.file(ca, at: "sources[\(i)].tls.ca") }
         }
         if let relay, let cert = relay.tls.certificateChainFile,

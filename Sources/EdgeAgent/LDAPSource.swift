@@ -7,113 +7,38 @@ import Glibc
 import SCIM
 import Synchronization
 
-/// What became of a batch handed to the agent's loop.
-enum SourceDelivery: Sendable {
-    case committed(SourceBatchResult)
-    /// Not written: the outbox is full or the write queue is (invariant 4); the same batch is offered again.
-    case busy(String)
-    /// The write failed (a store error): the source reconnects and resumes from the stored position.
-    case failed(String)
-    case stopped
-}
-
-/// What the source thread shares with the loop, under a mutex.
-struct SourceLive: Sendable {
-    var connected = false
-    var mode = ""
-    var lastError = ""
-    var connectionFailures = 0
-}
-
-/// One LDAP source on its own thread: libldap's calls block, so they never
-/// run on an event loop. It reads changes (syncrepl or polling), and hands
-/// each batch to the agent's loop through its inbox (`deliver`), waiting
-/// until the batch is committed before it reads on: one batch in flight,
-/// so memory stays bounded and a slow store slows the reading (TCP then
-/// pushes back on the server). The position it resumes from is always the
-/// one stored with the last committed batch.
-///
-/// Threading: `start` and `stop` on any thread; everything else on the
-/// source's thread. `Sendable`: its state is immutable or behind `Mutex`/`Atomic`.
-final class LDAPSourceRunner: Sendable {
-    let configuration: LDAPSourceConfiguration
+/// One LDAP source on its own thread (`SourceThread`: libldap's calls
+/// block, so they never run on an event loop). It reads changes (syncrepl
+/// or polling) and hands each batch to the agent's loop, one at a time
+/// (TCP then pushes back on the server when the store is slow).
+final class LDAPSourceRunner: SourceReader {
+    let configuration: SourceConfiguration
     let mapping: SourceMapping
     let store: AgentStore
-    /// Posts a batch to the agent's loop, which fulfils the answer; false when the loop is gone.
-    let submit: @Sendable (SourceBatch, OneShot<SourceDelivery>) -> Bool
-    let log: @Sendable (String) -> Void
-    let live = Mutex(SourceLive())
-    private let stopping = Atomic<Bool>(false)
-    private let stopSignal = OneShot<Bool>()
-    /// Fulfilled when the thread has finished.
-    let finished = OneShot<Bool>()
+    let thread: SourceThread
 
-    init(
-        configuration: LDAPSourceConfiguration, store: AgentStore,
-        submit: @escaping @Sendable (SourceBatch, OneShot<SourceDelivery>) -> Bool, log: @escaping @Sendable (String) -> Void
-    ) {
+    init(configuration: SourceConfiguration, store: AgentStore, thread: SourceThread) {
         self.configuration = configuration
         self.mapping = configuration.mapping
         self.store = store
-        self.submit = submit
-        self.log = log
+        self.thread = thread
     }
 
-    var isStopping: Bool { stopping.load(ordering: .relaxed) }
+    private var isStopping: Bool { thread.isStopping }
+    private func log(_ line: String) { thread.log(line) }
+    private func pause(_ seconds: Double) { thread.pause(seconds) }
+    private func hand(_ batch: SourceBatch) throws -> Bool { try thread.hand(batch) }
 
-    func start() {
-        var thread = pthread_t()
-        let context = Unmanaged.passRetained(self).toOpaque()
-        let rc = pthread_create(
-            &thread, nil,
-            { arg in
-                let runner = Unmanaged<LDAPSourceRunner>.fromOpaque(arg!).takeRetainedValue()
-                runner.run()
-                runner.finished.fulfil(true)
-                return nil
-            }, context)
-        precondition(rc == 0, "cannot start the thread of source \(configuration.name): \(rc)")
-        pthread_detach(thread)
-    }
-
-    /// Asks the thread to end: it notices within a second (its reads time out that often).
-    func stop() {
-        stopping.store(true, ordering: .relaxed)
-        stopSignal.fulfil(true)
-    }
-
-    /// Waits `seconds` unless stopped meanwhile.
-    private func pause(_ seconds: Double) { _ = stopSignal.wait(seconds: seconds) }
+    func start() { thread.start { [self] in run() } }
 
     private func run() {
-        var attempt = 0
-        while !isStopping {
-            do {
-                let connection = try connect()
-                defer { connection.close() }
-                let mode = try resolveMode(connection)
-                live.withLock {
-                    $0.connected = true
-                    $0.mode = mode.rawValue
-                    $0.lastError = ""
-                }
-                log("source \(configuration.name): connected to \(configuration.url) (\(mode.rawValue))")
-                attempt = 0
-                if mode == .syncrepl { try runSyncRepl(connection) } else { try runPoll(connection) }
-            } catch {
-                guard !isStopping else { break }
-                attempt += 1
-                let delay = min(30.0, Double(1 << min(attempt - 1, 5))) * (0.75 + Double(UInt32.random(in: 0...1000)) / 4000)
-                live.withLock {
-                    $0.connected = false
-                    $0.lastError = "\(error)"
-                    $0.connectionFailures += 1
-                }
-                log("source \(configuration.name): \(error); retrying in \(Int(delay * 1000)) ms")
-                pause(delay)
-            }
+        thread.runSessions {
+            let connection = try connect()
+            defer { connection.close() }
+            let mode = try resolveMode(connection)
+            thread.connected(mode: mode.rawValue, to: configuration.url)
+            if mode == .syncrepl { try runSyncRepl(connection) } else { try runPoll(connection) }
         }
-        live.withLock { $0.connected = false }
     }
 
     private func connect() throws -> LDAPConnection {
@@ -133,31 +58,6 @@ final class LDAPSourceRunner: Sendable {
             }
             return .syncrepl
         case .auto: return try c.offersSyncRepl() ? .syncrepl : .poll
-        }
-    }
-
-    /// Hands a batch over until it is committed; false when stopping.
-    /// Throws when the write failed (the caller reconnects and resumes
-    /// from the stored position).
-    private func hand(_ batch: SourceBatch) throws -> Bool {
-        while !isStopping {
-            switch deliver(batch) {
-            case .committed: return true
-            case .busy: pause(1)
-            case .failed(let why): throw SourceMappingError("writing a batch failed: \(why)")
-            case .stopped: return false
-            }
-        }
-        return false
-    }
-
-    /// One batch to the loop and its answer (waiting in steps of a second, to notice `stop`).
-    private func deliver(_ batch: SourceBatch) -> SourceDelivery {
-        let answer = OneShot<SourceDelivery>()
-        guard submit(batch, answer) else { return .stopped }
-        while true {
-            if let a = answer.wait(seconds: 1) { return a }
-            if isStopping { return .stopped }
         }
     }
 
@@ -189,9 +89,13 @@ final class LDAPSourceRunner: Sendable {
         // Every key the refresh sent (added, modified or present): at the end
         // of a present phase the entries not in it are gone.
         var refreshKeys = Set<String>()
-        func flush(keepOnly: Set<String>? = nil) throws -> Bool {
+        // Past the refresh: an idle moment means everything up to it has been read.
+        var persisting = false
+        func flush(keepOnly: Set<String>? = nil, caughtUp: Bool = false) throws -> Bool {
             guard !pending.isEmpty || position != nil || keepOnly != nil else { return true }
-            let batch = SourceBatch(source: name, mode: "syncrepl", changes: pending, position: position, keepOnly: keepOnly)
+            var batch = SourceBatch(source: name, mode: "syncrepl", changes: pending, position: position, keepOnly: keepOnly)
+            batch.caughtUpAt = caughtUp ? unixSeconds() : nil
+            batch.newestChange = position.flatMap(cookieChangeSeconds)
             guard try hand(batch) else { return false }
             pending = []
             position = nil
@@ -199,7 +103,11 @@ final class LDAPSourceRunner: Sendable {
         }
         while !isStopping {
             guard let event = try c.next(msgid, timeoutMilliseconds: pending.isEmpty && position == nil ? 1000 : 50) else {
-                guard try flush() else { return .stopped }
+                if persisting {
+                    let now = unixSeconds()
+                    thread.live.withLock { $0.caughtUpAt = now }
+                }
+                guard try flush(caughtUp: persisting) else { return .stopped }
                 continue
             }
             switch event {
@@ -212,7 +120,7 @@ final class LDAPSourceRunner: Sendable {
                 let key = uuidString(s.entryUUID)
                 switch s.state {
                 case .add, .modify:
-                    pending.append(.upsert(entry, key: key))
+                    pending.append(mapping.change(entry, key: key))
                     refreshKeys.insert(key)
                 case .present: refreshKeys.insert(key)
                 case .delete: pending.append(.delete(key: key))
@@ -224,12 +132,14 @@ final class LDAPSourceRunner: Sendable {
                 switch try SyncRepl.info(value) {
                 case .newCookie(let c):
                     position = c
-                case .refreshDelete(let c, _):
+                case .refreshDelete(let c, let done):
                     if let c { position = c }
                     refreshKeys = []
+                    persisting = persisting || done
                     guard try flush() else { return .stopped }
-                case .refreshPresent(let c, _):
+                case .refreshPresent(let c, let done):
                     if let c { position = c }
+                    persisting = persisting || done
                     let keep = refreshKeys
                     refreshKeys = []
                     guard try flush(keepOnly: keep) else { return .stopped }
@@ -259,35 +169,36 @@ final class LDAPSourceRunner: Sendable {
         return .stopped
     }
 
-    // MARK: polling (modifyTimestamp, full comparison for deletions)
+    // MARK: polling (modifyTimestamp or uSNChanged, full comparison for deletions)
 
     private func runPoll(_ c: LDAPConnection) throws {
         let name = configuration.name
+        let poll = PollHighWater(attribute: configuration.pollAttribute)
         var highWater = try store.sourcePosition(name).map { String(decoding: $0, as: UTF8.self) }
         var polls = 0
         while !isStopping {
+            let started = unixSeconds()
             let full = highWater == nil || polls % configuration.fullCompareEvery == 0
-            let filter = highWater.map { "(&\(mapping.searchFilter)(modifyTimestamp>=\($0)))" } ?? mapping.searchFilter
             var pending: [SourceChange] = []
             var newest = highWater
-            var stopped = false
-            try c.search(base: configuration.baseDN, filter: filter, attributes: mapping.attributes + ["modifyTimestamp"], pageSize: 500) {
+            let attributes = mapping.attributes + [poll.attribute.rawValue]
+            try c.search(
+                base: configuration.baseDN, filter: poll.filter(mapping.searchFilter, since: highWater), attributes: attributes,
+                pageSize: 500
+            ) {
                 entry in
-                if let ts = entry.first("modifyTimestamp"), newest.map({ ts > $0 }) ?? true { newest = ts }
+                if let value = entry.first(poll.attribute.rawValue), poll.isNewer(value, than: newest) { newest = value }
                 if let key = mapping.key(of: entry) {
-                    pending.append(.upsert(entry, key: key))
+                    pending.append(mapping.change(entry, key: key))
                 } else {
                     pending.append(.unmappable(dn: entry.dn, reason: "no \(mapping.keyAttribute) (the key attribute)"))
                 }
                 if pending.count >= configuration.batchSize {
-                    guard try hand(SourceBatch(source: name, mode: "poll", changes: pending)) else {
-                        stopped = true
-                        throw SourceMappingError("stopping")
-                    }
+                    try thread.handOrStop(SourceBatch(source: name, mode: "poll", changes: pending))
                     pending = []
                 }
             }
-            if stopped || isStopping { return }
+            if isStopping { return }
             var keep: Set<String>?
             if full {
                 var keys = Set<String>()
@@ -297,8 +208,11 @@ final class LDAPSourceRunner: Sendable {
                 }
                 keep = keys
             }
-            let position = newest.map { Array($0.utf8) }
-            guard try hand(SourceBatch(source: name, mode: "poll", changes: pending, position: position, keepOnly: keep)) else { return }
+            var batch = SourceBatch(source: name, mode: "poll", changes: pending, position: newest.map { Array($0.utf8) }, keepOnly: keep)
+            // Everything changed before this poll started is in it.
+            batch.caughtUpAt = started
+            batch.newestChange = newest.flatMap(poll.seconds)
+            guard try hand(batch) else { return }
             highWater = newest
             polls += 1
             pause(Double(configuration.pollSeconds))
@@ -306,105 +220,93 @@ final class LDAPSourceRunner: Sendable {
     }
 }
 
-/// The first line of a secret file (a bind password), after checking that
-/// only its owner and group may read it (like token files).
-func readSecretLine(_ path: String) throws -> [UInt8] {
-    var st = stat()
-    guard stat(path, &st) == 0 else { throw SourceMappingError("cannot read \(path): \(String(cString: strerror(errno)))") }
-    guard st.st_mode & 0o007 == 0 else {
-        throw SourceMappingError("\(path) is readable by others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 0640 \(path)")
+/// An LDAP poll's high-water mark: the largest value of the change
+/// attribute seen, and the filter of what changed since. `modifyTimestamp`
+/// is a GeneralizedTime (its text orders like its time, for the same
+/// form), compared with `>=` (a change in the same second as the mark is
+/// read again, found unchanged); `uSNChanged` is an integer, compared as
+/// one (9 < 10), asked for from the mark plus one.
+public struct PollHighWater: Sendable {
+    public let attribute: PollAttribute
+    public init(attribute: PollAttribute) { self.attribute = attribute }
+
+    /// The search filter: `base` alone without a mark, else `base` and changed since `mark`.
+    public func filter(_ base: String, since mark: String?) -> String {
+        guard let mark else { return base }
+        switch attribute {
+        case .modifyTimestamp: return "(&\(base)(modifyTimestamp>=\(escapedFilterValue(mark))))"
+        case .uSNChanged:
+            // A mark that is not a number cannot have come from this mode: read everything again.
+            guard let n = UInt64(mark) else { return base }
+            return "(&\(base)(uSNChanged>=\(n + 1)))"
+        }
     }
-    let bytes: [UInt8]
-    do throws(ConfigError) { bytes = try readFileBytes(path) } catch { throw SourceMappingError(error.message) }
-    return Array(bytes.prefix { $0 != 0x0a && $0 != 0x0d })
+
+    /// Whether `value` is past `mark` (any value is, without a mark).
+    public func isNewer(_ value: String, than mark: String?) -> Bool {
+        guard let mark else { return true }
+        switch attribute {
+        case .modifyTimestamp: return value > mark
+        case .uSNChanged:
+            guard let v = UInt64(value) else { return false }
+            return UInt64(mark).map { v > $0 } ?? true
+        }
+    }
+
+    /// When the change at `mark` happened (Unix seconds), if the attribute says.
+    public func seconds(_ mark: String) -> Int64? {
+        attribute == .modifyTimestamp ? generalizedTimeSeconds(mark) : nil
+    }
 }
 
-/// What the source thread's closures reach on the loop: the driver, until
-/// the agent shuts down. Loop-bound (opened through `LoopBound`).
-final class SourceDriverHolder {
-    var driver: SourceDriver?
+/// Unix seconds of a GeneralizedTime (`YYYYMMDDhhmmss[.f]Z`, as
+/// `modifyTimestamp` and OpenLDAP's CSNs write it); nil when it is not one.
+public func generalizedTimeSeconds<S: StringProtocol>(_ text: S) -> Int64? {
+    let d = Array(text.utf8)
+    guard d.count >= 15, d[0..<14].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+    let t = String(decoding: d[0..<14], as: UTF8.self)
+    func part(_ from: Int, _ n: Int) -> Substring { t.dropFirst(from).prefix(n) }
+    let iso = "\(part(0, 4))-\(part(4, 2))-\(part(6, 2))T\(part(8, 2)):\(part(10, 2)):\(part(12, 2))Z"
+    return DateTimeValue(iso)?.secondsSinceEpoch
 }
 
-/// The loop side of a source: takes its batches on the agent's main loop,
-/// checks backpressure, submits them to the group-commit writer, logs
-/// what could not be mapped and keeps the figures for `/metrics`.
-/// Loop-bound (the agent's main loop).
-final class SourceDriver {
-    let runner: LDAPSourceRunner
-    unowned let endpoint: SCIMEndpoint
-    let writer: GroupCommitWriter
-    let store: AgentStore
-    var log: (String) -> Void = { _ in }
-    var statistics = SourceStatistics()
+/// When the change an OpenLDAP sync cookie stands for happened: the time
+/// of its CSN (`rid=000,csn=20261201165330.123456Z#000000#000#000000`);
+/// nil for another server's cookie.
+public func cookieChangeSeconds(_ cookie: [UInt8]) -> Int64? {
+    let marker = Array("csn=".utf8)
+    guard cookie.count > marker.count,
+        let at = (0...(cookie.count - marker.count)).first(where: { cookie[$0..<$0 + marker.count].elementsEqual(marker) })
+    else { return nil }
+    return generalizedTimeSeconds(String(decoding: cookie[(at + marker.count)...], as: UTF8.self))
+}
 
-    struct SourceStatistics {
-        var batches = 0
-        var written = 0
-        var unchanged = 0
-        var failures = 0
-        var entries = 0
-        var lastSuccess: Int64 = 0
-    }
-
-    init(runner: LDAPSourceRunner, endpoint: SCIMEndpoint, writer: GroupCommitWriter, store: AgentStore) {
-        self.runner = runner
-        self.endpoint = endpoint
-        self.writer = writer
-        self.store = store
-        if let s = try? store.sourceStatus(runner.configuration.name) {
-            (statistics.entries, statistics.lastSuccess) = (s.entries, s.lastSuccess)
+/// A value in an LDAP filter, escaped (RFC 4515 §3).
+func escapedFilterValue(_ value: String) -> String {
+    var out = ""
+    for c in value {
+        switch c {
+        case "*": out += "\\2a"
+        case "(": out += "\\28"
+        case ")": out += "\\29"
+        case "\\": out += "\\5c"
+        case "\u{0}": out += "\\00"
+        default: out.append(c)
         }
     }
-
-    func submit(_ batch: SourceBatch, _ completion: @escaping (SourceDelivery) -> Void) {
-        if let refusal = endpoint.checkBackpressure() {
-            completion(.busy(refusal.detail))
-            return
-        }
-        var base = endpoint.makeContext(HTTPRequest(method: "POST", target: "/sources/\(batch.source)"))
-        base.traceID = "source-" + base.traceID.prefix(24)
-        let contexts = (0...batch.changes.count).map { i -> WriteContext in
-            guard i > 0 else { return base }
-            var c = endpoint.makeContext(HTTPRequest(method: "POST", target: "/sources/\(batch.source)"))
-            c.traceID = base.traceID
-            return c
-        }
-        let store = self.store, mapping = runner.mapping, onDelete = runner.configuration.onDelete
-        let profile = endpoint.options.profile
-        let operation: WriteOperation<SourceBatchResult> = { (txn: borrowing WriteTransaction) throws -> SourceBatchResult in
-            try store.applySource(batch, mapping: mapping, onDelete: onDelete, contexts: contexts, profile: profile, in: txn)
-        }
-        writer.submit(operation, inbox: endpoint.inbox) { [self] result in
-            switch result {
-            case .success(let r):
-                statistics.batches += 1
-                statistics.written += r.written
-                statistics.unchanged += r.unchanged
-                statistics.failures += r.failures.count
-                statistics.lastSuccess = base.epochSeconds
-                if let s = try? store.sourceStatus(batch.source) { statistics.entries = s.entries }
-                for f in r.failures { log("source \(batch.source): entry \(f.dn) not applied: \(f.reason)") }
-                if r.written > 0 { endpoint.onCommitted?() }
-                completion(.committed(r))
-            case .failure(StoreError.storeFull(let limit)):
-                completion(.busy("the store is full (\(limit) bytes)"))
-            case .failure(let e):
-                log("source \(batch.source): writing a batch failed: \(e)")
-                completion(.failed("\(e)"))
-            }
-        }
-    }
+    return out
 }
 
 extension AgentConfiguration {
-    /// `check-config --connect`: each pull source is reached, bound with its
-    /// credentials and asked for its base DN, so that a wrong URL, password
+    /// `check-config --connect`: each LDAP source is reached, bound with its
+    /// credentials and asked for its base DN (each SCIM source: `checkSCIMSourceConnections`), so that a wrong URL, password
     /// or base DN is found before the service starts. Each problem is
     /// reported at the key that causes it. (Not in the units' ExecStartPre:
     /// a directory that is down must not keep the agent from starting; the
     /// source retries.)
     public func checkSourceConnections(_ d: ConfigDiagnostics) {
-        for (i, source) in sources.enumerated() {
+        checkSCIMSourceConnections(d)
+        for (i, source) in sources.enumerated() where source.kind == .ldap {
             let at = "sources[\(i)]"
             let connection: LDAPConnection
             do throws(LDAPError) {

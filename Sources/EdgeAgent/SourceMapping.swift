@@ -12,14 +12,27 @@ public enum SourceDeletion: String, Sendable, CaseIterable {
     case delete, deactivate
 }
 
+/// What a source reads: an LDAP directory, or a SCIM server polled (docs/sources.md).
+public enum SourceKind: String, Sendable, CaseIterable {
+    case ldap, scim
+}
+
+/// The attribute an LDAP poll compares with its high-water mark:
+/// `modifyTimestamp` (a GeneralizedTime, any directory) or `uSNChanged`
+/// (an integer, Active Directory, one domain controller: USNs are per DC).
+public enum PollAttribute: String, Sendable, CaseIterable {
+    case modifyTimestamp, uSNChanged
+}
+
 /// The directory's kind: the default filters, key and mapping.
 public enum DirectorySchema: String, Sendable, CaseIterable {
     case inetOrgPerson, activeDirectory
 }
 
-/// One pull source: an LDAP directory (docs/sources.md).
-public struct LDAPSourceConfiguration: Sendable {
+/// One pull source: an LDAP directory or a SCIM server (docs/sources.md).
+public struct SourceConfiguration: Sendable {
     public var name: String
+    public var kind: SourceKind = .ldap
     public var url: String
     public var bindDN: String?
     /// The bind password on the file's first line; mode 0640 or stricter; read at every (re)connect.
@@ -29,6 +42,14 @@ public struct LDAPSourceConfiguration: Sendable {
     public var groupFilter: String?
     public var mode: SourceMode = .auto
     public var pollSeconds = 60
+    /// LDAP polls: the change attribute.
+    public var pollAttribute: PollAttribute = .modifyTimestamp
+    /// SCIM: the bearer token on the file's first line; mode 0640 or stricter; read at every (re)connect.
+    public var tokenFile: String?
+    /// SCIM: requests per second at most (429 and 503 slow it further, per Retry-After).
+    public var requestsPerSecond = 10
+    /// SCIM: resources asked for per page.
+    public var pageSize = 100
     /// Every this many polls, a full listing finds the entries deleted since.
     public var fullCompareEvery = 10
     public var onDelete: SourceDeletion = .deactivate
@@ -206,6 +227,20 @@ public struct SourceMapping: Sendable {
         }
         body["schemas"] = .array(schemas)
         return body
+    }
+
+    /// The entry as the write path takes it: mapped, or unmappable with the reason.
+    public func change(_ entry: LDAPEntry, key: String) -> SourceChange {
+        let group = isGroup(entry)
+        do throws(SourceMappingError) {
+            let body = try body(of: entry, group: group, key: key)
+            return .upsert(
+                SourceEntry(
+                    key: key, reference: normalizedDN(entry.dn), name: entry.dn, group: group, body: body,
+                    members: group ? memberDNs(of: entry) : []))
+        } catch {
+            return .unmappable(dn: entry.dn, reason: error.message)
+        }
     }
 
     /// The member DNs of a group entry, normalised.

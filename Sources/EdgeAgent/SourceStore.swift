@@ -1,11 +1,36 @@
-import EdgeLDAP
 import EdgeStore
 import SCIM
 
+/// One entry of a source, mapped to its SCIM body on the source's thread
+/// (an LDAP entry by `SourceMapping`, a SCIM resource by `SCIMSourceMapping`):
+/// what the write path needs, whatever the kind of source.
+public struct SourceEntry: Sendable, Equatable {
+    /// What names the entry for good (entryUUID, objectGUID, the SCIM id): renames keep it.
+    public var key: String
+    /// How groups of the same source name it as a member (a normalised DN, a SCIM id).
+    public var reference: String
+    /// For logs and `sources status` (the DN, the resource's path).
+    public var name: String
+    public var group: Bool
+    /// The SCIM body, without members (those are `members`, resolved in the write transaction).
+    public var body: JSONObject
+    /// For a group: its members' references.
+    public var members: [String]
+
+    public init(key: String, reference: String, name: String, group: Bool, body: JSONObject, members: [String] = []) {
+        self.key = key
+        self.reference = reference
+        self.name = name
+        self.group = group
+        self.body = body
+        self.members = members
+    }
+}
+
 /// One change read from a source.
 public enum SourceChange: Sendable, Equatable {
-    /// The entry as it is now (added, modified or renamed), with its key.
-    case upsert(LDAPEntry, key: String)
+    /// The entry as it is now (added, modified or renamed).
+    case upsert(SourceEntry)
     /// The entry with this key is gone (or left the source's filters).
     case delete(key: String)
     /// An entry that cannot even be keyed: recorded as a failure in the batch's transaction.
@@ -25,6 +50,13 @@ public struct SourceBatch: Sendable {
     /// A full comparison: every entry known from this source whose key is
     /// not in the set (nor in `changes`) is gone.
     public var keepOnly: Set<String>?
+    /// Unix seconds (the agent's clock) up to which every change of the
+    /// source is in this batch or before it (a poll's start, an idle
+    /// persistent search); nil: not known from this batch.
+    public var caughtUpAt: Int64?
+    /// Unix seconds (the source's clock) of the newest change in this
+    /// batch, when the source says (modifyTimestamp, a CSN, lastModified).
+    public var newestChange: Int64?
 
     public init(source: String, mode: String, changes: [SourceChange], position: [UInt8]? = nil, keepOnly: Set<String>? = nil) {
         self.source = source
@@ -57,9 +89,12 @@ public struct SourceStatus: Sendable {
     public var errors = 0
     /// Unix seconds of the last batch committed; 0: never.
     public var lastSuccess: Int64 = 0
+    /// The newest `caughtUpAt` and `newestChange` committed (`SourceBatch`); 0: none.
+    public var caughtUpAt: Int64 = 0
+    public var newestChange: Int64 = 0
     public var lastFailures: [(dn: String, reason: String, at: Int64)] = []
 
-    init(name: String) { self.name = name }
+    public init(name: String) { self.name = name }
 
     init(name: String, json: JSONObject, position: [UInt8]?) {
         self.name = name
@@ -68,10 +103,23 @@ public struct SourceStatus: Sendable {
         written = Int(json["written"]?.numberValue?.integer ?? 0)
         errors = Int(json["errors"]?.numberValue?.integer ?? 0)
         lastSuccess = json["lastSuccess"]?.numberValue?.integer ?? 0
+        caughtUpAt = json["caughtUpAt"]?.numberValue?.integer ?? 0
+        newestChange = json["newestChange"]?.numberValue?.integer ?? 0
         lastFailures = (json["lastFailures"]?.arrayValue ?? []).map {
             ($0["dn"]?.stringValue ?? "", $0["reason"]?.stringValue ?? "", $0["at"]?.numberValue?.integer ?? 0)
         }
         self.position = position.map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// How far behind its source the store may be at `now`, in seconds:
+    /// since the latest moment up to which every change of the source is
+    /// known committed (a poll's start, an idle persistent search), or,
+    /// when the source cannot say that, since the newest committed change
+    /// happened there. nil: nothing committed says. `live`: a later such
+    /// moment the running source knows without having written it.
+    public func lag(now: Int64, live: Int64 = 0) -> Int64? {
+        let mark = max(caughtUpAt, newestChange, live)
+        return mark == 0 ? nil : max(0, now - mark)
     }
 
     var json: JSONObject {
@@ -79,6 +127,7 @@ public struct SourceStatus: Sendable {
             "mode": .string(mode), "entries": .number(JSONNumber(integer: Int64(entries))),
             "written": .number(JSONNumber(integer: Int64(written))), "errors": .number(JSONNumber(integer: Int64(errors))),
             "lastSuccess": .number(JSONNumber(integer: lastSuccess)),
+            "caughtUpAt": .number(JSONNumber(integer: caughtUpAt)), "newestChange": .number(JSONNumber(integer: newestChange)),
             "lastFailures": .array(
                 lastFailures.map {
                     ["dn": .string($0.dn), "reason": .string($0.reason), "at": .number(JSONNumber(integer: $0.at))]
@@ -182,7 +231,7 @@ extension AgentStore {
     /// change, then one for the deletions of `keepOnly`. Deterministic
     /// given the contexts and the store.
     public func applySource(
-        _ batch: SourceBatch, mapping: SourceMapping, onDelete: SourceDeletion, contexts: [WriteContext],
+        _ batch: SourceBatch, onDelete: SourceDeletion, contexts: [WriteContext],
         profile: ClientProfile, in txn: borrowing WriteTransaction
     ) throws -> SourceBatchResult {
         precondition(contexts.count == batch.changes.count + 1, "one context per change and one for the comparison")
@@ -198,9 +247,9 @@ extension AgentStore {
             do {
                 try txn.nested { sub in
                     switch change {
-                    case .upsert(let entry, let key):
-                        seen.insert(key)
-                        let (wrote, added) = try upsertEntry(entry, key: key, s, mapping, ctx, profile, sub)
+                    case .upsert(let entry):
+                        seen.insert(entry.key)
+                        let (wrote, added) = try upsertEntry(entry, s, ctx, profile, sub)
                         if wrote { result.written += 1 } else { result.unchanged += 1 }
                         if added { entriesDelta += 1 }
                     case .delete(let key):
@@ -247,6 +296,8 @@ extension AgentStore {
         status.written += result.written
         status.errors += result.failures.count
         status.lastSuccess = contexts.last!.epochSeconds
+        if let t = batch.caughtUpAt { status.caughtUpAt = max(status.caughtUpAt, t) }
+        if let t = batch.newestChange { status.newestChange = max(status.newestChange, t) }
         status.lastFailures = Array(
             (status.lastFailures + result.failures.map { ($0.dn, $0.reason, contexts.last!.epochSeconds) }).suffix(keptSourceFailures))
         try txn.put(sources, SourceKey.status(s), JSON.object(status.json).serialized())
@@ -256,14 +307,13 @@ extension AgentStore {
     /// Creates or updates the resource of `entry`. Returns whether anything
     /// was written and whether the entry is new to the source.
     private func upsertEntry(
-        _ entry: LDAPEntry, key: String, _ s: String, _ mapping: SourceMapping, _ ctx: WriteContext, _ profile: ClientProfile,
-        _ txn: borrowing WriteTransaction
+        _ entry: SourceEntry, _ s: String, _ ctx: WriteContext, _ profile: ClientProfile, _ txn: borrowing WriteTransaction
     ) throws -> (wrote: Bool, added: Bool) {
-        let group = mapping.isGroup(entry)
+        let group = entry.group, key = entry.key
         let type = registry.resourceType(group ? "Group" : "User")!
-        var body = try mapping.body(of: entry, group: group, key: key)
+        var body = entry.body
         if !group && body["active"] == nil { body["active"] = true }
-        let dn = normalizedDN(entry.dn)
+        let dn = entry.reference
         var record = try txn.get(sources, SourceKey.record(s, key)).flatMap(SourceRecord.init)
         let added = record == nil || record!.gone
         if let r = record, r.type != type.id {
@@ -280,7 +330,7 @@ extension AgentStore {
         var members: [String] = []
         if group {
             for old in record?.members ?? [] { _ = try txn.delete(sources, SourceKey.pending(s, old, key)) }
-            members = mapping.memberDNs(of: entry)
+            members = entry.members
             body["members"] = try resolveMembers(members, group: key, s, txn)
         }
         let (id, wrote) = try upsertResource(type, id: record?.id, body: body, ctx, profile, txn, mayCreate: true)!
@@ -403,7 +453,7 @@ extension SourceChange {
     /// The DN for a failure's report (a deletion has only its key).
     var dn: String {
         switch self {
-        case .upsert(let e, _): return e.dn
+        case .upsert(let e): return e.name
         case .delete(let key): return "(key \(key))"
         case .unmappable(let dn, _): return dn
         }

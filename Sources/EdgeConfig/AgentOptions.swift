@@ -104,14 +104,19 @@ public enum AgentOptions {
     public enum Source {
         public static let name = OptionSpec(
             "name", .text, required: .always, "The source's name (letters, digits, '.', '_' and '-'), in metrics, logs and sources status.")
+        public static let kind = OptionSpec(
+            "kind", .choice(["ldap", "scim"]), default: "ldap",
+            "ldap (a directory: LDAP, Active Directory) or scim (a SCIM 2.0 server that cannot push, polled: meta.lastModified for changes, a full listing for deletions)."
+        )
         public static let url = OptionSpec(
             "url", .url, required: .always,
-            "The directory, ldap://HOST[:PORT] or ldaps://HOST[:PORT] (one server: a poll's position is that server's).")
+            "ldap: the directory, ldap://HOST[:PORT] or ldaps://HOST[:PORT] (one server: a poll's position is that server's); scim: the SCIM base, http(s)://HOST[:PORT][/PATH]."
+        )
         public static let bindDN = OptionSpec("bindDN", .text, "The DN to bind as (none: an anonymous bind).")
         public static let bindPasswordFile = OptionSpec(
             "bindPasswordFile", .path, "The bind password, on the file's first line; read at every connection; mode 0640 or stricter.")
         public static let baseDN = OptionSpec(
-            "baseDN", .text, required: .always, "Where the users and groups are (searched with scope subtree).")
+            "baseDN", .text, "ldap (required): where the users and groups are (searched with scope subtree).")
         public static let userFilter = OptionSpec(
             "userFilter", .text, "The users, an LDAP filter (default: the schema's, (objectClass=inetOrgPerson) or AD's person users).")
         public static let groupFilter = OptionSpec(
@@ -121,10 +126,21 @@ public enum AgentOptions {
             "syncrepl (RFC 4533 refreshAndPersist: changes as they happen, deletions included), poll (modifyTimestamp, deletions at each full comparison) or auto (syncrepl when the server offers it)."
         )
         public static let pollSeconds = OptionSpec(
-            "pollSeconds", .integer(1...86_400), default: "60", "With poll: seconds between two polls.")
+            "pollSeconds", .integer(1...86_400), default: "60", "With poll (and scim): seconds between two polls.")
+        public static let pollAttribute = OptionSpec(
+            "pollAttribute", .choice(["modifyTimestamp", "uSNChanged"]), default: "modifyTimestamp",
+            "With poll: the change attribute, modifyTimestamp (any directory) or uSNChanged (Active Directory, compared as an integer; USNs are per domain controller: the url must name one fixed DC)."
+        )
+        public static let tokenFile = OptionSpec(
+            "tokenFile", .path, "scim: the bearer token, on the file's first line; read at every connection; mode 0640 or stricter.")
+        public static let requestsPerSecond = OptionSpec(
+            "requestsPerSecond", .integer(1...1000), default: "10",
+            "scim: requests per second at most; a 429 or 503 waits as its Retry-After says (at most 10 minutes).")
+        public static let pageSize = OptionSpec(
+            "pageSize", .integer(1...1000), default: "100", "scim: resources asked for per page (count).")
         public static let fullCompareEvery = OptionSpec(
             "fullCompareEvery", .integer(1...100_000), default: "10",
-            "With poll: every this many polls (and the first), a listing of every key finds the entries deleted since.")
+            "With poll (and scim): every this many polls (and the first), a listing of every key finds the entries deleted since.")
         public static let onDelete = OptionSpec(
             "onDelete", .choice(["delete", "deactivate"]), default: "deactivate",
             "What a user deleted in the directory (or gone out of the filter) becomes: deleted, or kept with active false. Groups are deleted."
@@ -142,21 +158,21 @@ public enum AgentOptions {
             "SCIM path: LDAP attributes (comma-separated, first present wins) over the schema's defaults; an empty value unmaps the path.")
         public static let mappingGroups = OptionSpec("mapping.groups", .section, "The same for groups (displayName, members).")
         public static let tlsCA = OptionSpec(
-            "tls.ca", .path, "The CA (PEM) the server's certificate must chain to (ldaps:// or startTLS; default: the system's).")
+            "tls.ca", .path, "The CA (PEM) the server's certificate must chain to (ldaps://, startTLS or https://; default: the system's).")
         public static let startTLS = OptionSpec(
             "tls.startTLS", .boolean, default: "false", "Upgrade an ldap:// connection with StartTLS before the bind.")
         public static let batchSize = OptionSpec(
             "batchSize", .integer(1...10_000), default: "500", "Changes written in one transaction (with the position they reach).")
 
         public static let all: [OptionSpec] = [
-            name, url, bindDN, bindPasswordFile, baseDN, userFilter, groupFilter, mode, pollSeconds, fullCompareEvery, onDelete, schema,
-            keyAttribute, mappingUsers, mappingGroups, tlsCA, startTLS, batchSize,
+            name, kind, url, bindDN, bindPasswordFile, baseDN, userFilter, groupFilter, mode, pollSeconds, pollAttribute, fullCompareEvery,
+            onDelete, schema, keyAttribute, mappingUsers, mappingGroups, tlsCA, startTLS, tokenFile, requestsPerSecond, pageSize, batchSize,
         ]
     }
 
     public static let sources = OptionSpec(
         "sources", .sections,
-        "Directories the agent pulls users and groups from (LDAP, Active Directory): their changes take the same write path as the SCIM endpoint's (docs/sources.md).",
+        "Directories and SCIM servers the agent pulls users and groups from (LDAP, Active Directory, SCIM polling): their changes take the same write path as the SCIM endpoint's (docs/sources.md).",
         children: Source.all)
 
     /// In the order of the reference and of `--help`.

@@ -214,6 +214,41 @@ public struct OptionBinding<Config>: Sendable {
         self.manual = false
     }
 
+    /// An option that sets one property to its text as it is.
+    public init(_ spec: OptionSpec, _ property: WritableKeyPath<Config, String> & Sendable) {
+        self.init(spec) { c, v in
+            c[keyPath: property] = v.text
+            return nil
+        }
+    }
+
+    /// An option that sets one optional property to its text.
+    public init(_ spec: OptionSpec, _ property: WritableKeyPath<Config, String?> & Sendable) {
+        self.init(spec) { c, v in
+            c[keyPath: property] = v.text
+            return nil
+        }
+    }
+
+    /// An option that sets one property to its integer (the spec checks the bounds).
+    public init(_ spec: OptionSpec, _ property: WritableKeyPath<Config, Int> & Sendable) {
+        self.init(spec) { c, v in
+            c[keyPath: property] = v.integer
+            return nil
+        }
+    }
+
+    /// A choice option that sets one property of an enumeration of the
+    /// choices (the spec has checked the text is one of them).
+    public init<Choice: RawRepresentable & SendableMetatype>(_ spec: OptionSpec, _ property: WritableKeyPath<Config, Choice> & Sendable)
+    where Choice.RawValue == String {
+        self.init(spec) { c, v in
+            guard let choice = Choice(rawValue: v.text) else { return OptionProblem("is not one of the choices: '\(v.text)'") }
+            c[keyPath: property] = choice
+            return nil
+        }
+    }
+
     /// A section: its own decoding from the YAML node at `path`; `flag`
     /// applies the section's flag (`--domain NAME=IDENTITY`), when it has one.
     public init(

@@ -74,13 +74,7 @@ public final class LoopThread: Sendable {
             }
         }
         var tid = pthread_t()
-        let rc = pthread_create(
-            &tid, nil,
-            { arg in
-                let ctx = Unmanaged<ThreadContext>.fromOpaque(arg!).takeRetainedValue()
-                ctx.body()
-                return nil
-            }, Unmanaged.passRetained(context).toOpaque())
+        let rc = spawnThread(&tid, context)
         guard rc == 0 else { throw LoopError(code: -rc, operation: "pthread_create") }
         switch ready.wait(seconds: 60) {
         case .ready(let inbox)?:
@@ -119,6 +113,26 @@ enum LoopInboxOrError: Sendable {
 private final class ThreadContext: @unchecked Sendable {  // handed to exactly one new thread
     let body: () -> Void
     init(_ body: @escaping () -> Void) { self.body = body }
+}
+
+/// Starts a thread running `context`'s body; pthread_create's status.
+private func spawnThread(_ tid: inout pthread_t, _ context: ThreadContext) -> Int32 {
+    pthread_create(
+        &tid, nil,
+        { arg in
+            Unmanaged<ThreadContext>.fromOpaque(arg!).takeRetainedValue().body()
+            return nil
+        }, Unmanaged.passRetained(context).toOpaque())
+}
+
+/// Runs `body` on a new detached thread: blocking work that must never run
+/// on a loop (LMDB commits, libldap, a pull source's reads). `what` names
+/// it if the system refuses a thread (a precondition: nothing can go on).
+public func startDetachedThread(_ what: String, _ body: @escaping @Sendable () -> Void) {
+    var tid = pthread_t()
+    let rc = spawnThread(&tid, ThreadContext(body))
+    precondition(rc == 0, "cannot start \(what): \(rc)")
+    pthread_detach(tid)
 }
 
 /// A loop-confined value that may be passed around between threads but only

@@ -109,16 +109,7 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
     }
 
     func start() {
-        let context = Unmanaged.passRetained(self).toOpaque()
-        var thread = pthread_t()
-        let rc = pthread_create(
-            &thread, nil,
-            { arg in
-                Unmanaged<WriterCore>.fromOpaque(arg!).takeRetainedValue().writerLoop()
-                return nil
-            }, context)
-        precondition(rc == 0, "cannot start the group-commit thread: \(rc)")
-        pthread_detach(thread)
+        startDetachedThread("the group-commit thread") { [self] in writerLoop() }
     }
 
     /// The thread finishes what is queued, then ends.

@@ -411,7 +411,7 @@ struct Sources: ParsableCommand {
 
     struct SourceStatus: ParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "status", abstract: "Per source: mode, position, last success, entries, errors and the last failures.")
+            commandName: "status", abstract: "Per source: mode, position, last success, lag, entries, errors and the last failures.")
         @OptionGroup var data: DataDirectory
 
         func run() throws {
@@ -427,6 +427,10 @@ struct Sources: ParsableCommand {
                     "  last success   "
                         + (s.lastSuccess == 0
                             ? "never" : "\(formatDateTime(secondsSinceEpoch: s.lastSuccess)) (\(max(0, now - s.lastSuccess)) s ago)"))
+                emit(
+                    "  lag            "
+                        + (s.lag(now: now).map { "\($0) s (as of the last committed batch; /metrics has it live)" }
+                            ?? "unknown (nothing committed says)"))
                 emit("  entries        \(s.entries)")
                 emit("  changes        \(s.written)")
                 emit("  errors         \(s.errors)")

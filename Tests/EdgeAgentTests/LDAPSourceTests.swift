@@ -16,15 +16,24 @@ final class TestDirectory {
     static let admin = "cn=admin,dc=example,dc=org"
     let dir: TempDirectory
     let port: Int
+    /// With a certificate: LDAPS on this port too (StartTLS on `port`).
+    let tlsPort: Int?
     private(set) var process: ChildProcess?
     var url: String { "ldap://127.0.0.1:\(port)" }
+    var ldapsURL: String { "ldaps://127.0.0.1:\(tlsPort ?? 0)" }
 
-    init() throws {
+    /// `pki`: serve TLS with its server certificate (127.0.0.1 and localhost).
+    init(pki: TestPKI? = nil) throws {
         guard FileManager.default.isExecutableFile(atPath: Self.slapd) else {
             throw XCTSkip("slapd is not installed (make deps installs slapd and ldap-utils): the LDAP source tests need it")
         }
         dir = TempDirectory("edge-slapd")
         port = try freePort()
+        tlsPort = try pki.map { _ in try freePort() }
+        let tls =
+            pki.map {
+                "TLSCACertificateFile \($0.caFile)\nTLSCertificateFile \($0.serverCert)\nTLSCertificateKeyFile \($0.serverKey)\n"
+            } ?? ""
         try FileManager.default.createDirectory(atPath: dir.file("db"), withIntermediateDirectories: true)
         _ = dir.write(
             "slapd.conf",
@@ -35,8 +44,9 @@ final class TestDirectory {
             attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
             attributetype ( 1.3.6.1.4.1.55555.1.2 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
             attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'userPrincipalName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName ) )
-            pidfile \(dir.file("slapd.pid"))
+            attributetype ( 1.3.6.1.4.1.55555.1.4 NAME 'uSNChanged' EQUALITY integerMatch ORDERING integerOrderingMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName $ uSNChanged ) )
+            \(tls)pidfile \(dir.file("slapd.pid"))
             modulepath /usr/lib/ldap
             moduleload back_mdb
             moduleload syncprov
@@ -67,8 +77,15 @@ final class TestDirectory {
         XCTAssertEqual(c.waitForExit(seconds: 120), 0, "slapadd: \(c.output)")
     }
 
+    /// Loads `ldif` offline, then starts.
+    func start(loading ldif: String) throws {
+        try slapadd(ldif)
+        try start()
+    }
+
     func start() throws {
-        process = try ChildProcess(Self.slapd, ["-d", "0", "-f", dir.file("slapd.conf"), "-h", "\(url)/"])
+        let urls = "\(url)/" + (tlsPort == nil ? "" : " \(ldapsURL)/")
+        process = try ChildProcess(Self.slapd, ["-d", "0", "-f", dir.file("slapd.conf"), "-h", urls])
         XCTAssertTrue(
             eventually(seconds: 20) { (try? self.ldap("/usr/bin/ldapsearch", ["-b", "", "-s", "base"], "")) == 0 }, "slapd answers")
     }
@@ -116,6 +133,55 @@ func freePort() throws -> Int {
     return Int(UInt16(bigEndian: addr.sin_port))
 }
 
+/// A file only its owner reads (a password, a token), `text` on its first line; its path.
+func secretFile(_ dir: TempDirectory, _ name: String, _ text: String) -> String {
+    let path = dir.write(name, text + "\n")
+    chmod(path, 0o600)
+    return path
+}
+
+/// The configuration file of an agent with one pull source (`source`:
+/// its `- name: …` entry, indented as an item of `sources:`), its SCIM
+/// endpoint and operations listener on free ports, its outbox kept.
+func sourceAgentConfig(_ dir: TempDirectory, source: String) -> String {
+    let tokens = secretFile(dir, "tokens", "test-token-0123456789")
+    return dir.write(
+        "agent.yaml",
+        """
+        dataDir: \(dir.file("data"))
+        listen: 127.0.0.1:0
+        tokenFile: \(tokens)
+        admin:
+          listen: 127.0.0.1:0
+        outbox:
+          keep: true
+        sources:
+        \(source)
+        """)
+}
+
+/// A configuration whose `sources:` are `entries` (its items, indented as
+/// under `sources:`), read as `check-config` reads it: what was bound and
+/// the problems found.
+func readSources(_ entries: String) throws -> (AgentConfiguration, ConfigDiagnostics) {
+    let dir = TempDirectory("edge-sources-config")
+    defer { dir.remove() }
+    let file = dir.write("agent.yaml", "dataDir: \(dir.file("data"))\ntoken: [test-token-0123456789]\nsources:\n" + entries)
+    let d = ConfigDiagnostics(file: file)
+    return (try XCTUnwrap(AgentConfiguration.read(file: file, d)), d)
+}
+
+/// The resources the outbox says were created (their refs), after checking
+/// that nothing was lost or doubled: the sequence has no gap, and no
+/// resource was created twice.
+func createdOnce(_ store: AgentStore, file: StaticString = #filePath, line: UInt = #line) throws -> [String] {
+    let events = try store.outboxEntries(after: 0, limit: 1_000_000)
+    XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous", file: file, line: line)
+    let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["ref"]?.stringValue }
+    XCTAssertEqual(created.count, Set(created).count, "no resource created twice", file: file, line: line)
+    return created
+}
+
 /// A running agent (`scim-edge serve --config`) and its SCIM answers.
 final class SourceAgent {
     let child: ChildProcess
@@ -136,6 +202,16 @@ final class SourceAgent {
         guard let r = client.readResponses(1).first else { return (0, [:]) }
         let json = (try? JSONSerialization.jsonObject(with: Data(r.body.utf8))) as? [String: Any] ?? [:]
         return (r.status, json)
+    }
+
+    /// A write to its SCIM endpoint, as an IdP would push it; the status.
+    @discardableResult
+    func send(_ method: String, _ target: String, _ body: String = "") -> Int {
+        guard let client = try? RawClient(port: port) else { return 0 }
+        client.send(
+            "\(method) \(target) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token-0123456789\r\n"
+                + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
+        return client.readResponses(1).first?.status ?? 0
     }
 
     func metrics() -> String {
@@ -201,29 +277,18 @@ func skeleton(_ ous: [String]) -> String {
 }
 
 final class LDAPSourceTests: XCTestCase {
-    func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, source: String) -> String {
-        let password = dir.write("bind.pw", "secret\n")
-        chmod(password, 0o600)
-        let tokens = dir.write("tokens", "test-token-0123456789\n")
-        chmod(tokens, 0o600)
-        return dir.write(
-            "agent.yaml",
-            """
-            dataDir: \(dir.file("data"))
-            listen: 127.0.0.1:0
-            tokenFile: \(tokens)
-            admin:
-              listen: 127.0.0.1:0
-            outbox:
-              keep: true
-            sources:
-              - name: corp
-                url: \(directory.url)
-                bindDN: \(TestDirectory.admin)
-                bindPasswordFile: \(password)
-                baseDN: \(TestDirectory.suffix)
-            \(source)
-            """)
+    func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, url: String? = nil, source: String) -> String {
+        let password = secretFile(dir, "bind.pw", "secret")
+        return sourceAgentConfig(
+            dir,
+            source: """
+                  - name: corp
+                    url: \(url ?? directory.url)
+                    bindDN: \(TestDirectory.admin)
+                    bindPasswordFile: \(password)
+                    baseDN: \(TestDirectory.suffix)
+                \(source)
+                """)
     }
 
     /// Syncrepl end to end against a real slapd: the initial refresh, then
@@ -324,6 +389,8 @@ final class LDAPSourceTests: XCTestCase {
         try directory.modify(added(person("after-bad")))
         XCTAssertTrue(eventually(seconds: 10) { agent.user("after-bad") != nil })
         XCTAssertTrue(eventually { agent.metrics().contains("scim_edge_source_errors_total{source=\"corp\"} 2") })
+        // An idle persistent search is caught up: the lag stays within a few seconds.
+        XCTAssertTrue(eventually(seconds: 5) { (metric(agent.metrics(), "scim_edge_source_lag_seconds{source=\"corp\"}") ?? 99) <= 2 })
 
         // SIGKILL; the directory changes meanwhile; the restarted agent resumes from its cookie.
         agent.kill()
@@ -345,11 +412,7 @@ final class LDAPSourceTests: XCTestCase {
 
         // Nothing lost, nothing doubled: one create event per user, the outbox contiguous; the cookie stored.
         let store = try AgentStore(path: dir.file("data"), registry: .standard)
-        let events = try store.outboxEntries(after: 0, limit: 1_000_000)
-        XCTAssertEqual(events.map(\.0), Array(1...UInt64(events.count)), "outbox sequence contiguous")
-        let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"]?["ref"]?.stringValue }
-        XCTAssertEqual(created.count, Set(created).count, "no resource created twice")
-        let users = created.filter { $0.hasPrefix("/Users/") }
+        let users = try createdOnce(store).filter { $0.hasPrefix("/Users/") }
         XCTAssertEqual(users.count, count + 1 + 4, "every user created once (the deleted ones included)")
         let status = try store.sourceStatus("corp")
         XCTAssertEqual(status.mode, "syncrepl")
@@ -361,6 +424,7 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertEqual(c.waitForExit(), 0)
         XCTAssertTrue(c.output.contains { $0.contains("cn=No Uid") }, "\(c.output)")
         XCTAssertTrue(c.output.contains("  mode           syncrepl"), "\(c.output)")
+        XCTAssertTrue(c.output.contains { $0.hasPrefix("  lag            ") && $0.hasSuffix("/metrics has it live)") }, "\(c.output)")
         directory.stop()
     }
 
@@ -386,6 +450,8 @@ final class LDAPSourceTests: XCTestCase {
         }
         var ldif = skeleton(["ad"])
         for i in 0..<50 { ldif += adUser("ad\(i)") }
+        ldif += "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nobjectClass: groupOfNames\ncn: ops\n"
+        ldif += "member: cn=ad3,ou=ad,\(TestDirectory.suffix)\nmember: cn=ad4,ou=ad,\(TestDirectory.suffix)\n\n"
         try directory.slapadd(ldif)
         try directory.start()
         let config = agentConfig(
@@ -419,11 +485,138 @@ final class LDAPSourceTests: XCTestCase {
         // onDelete: deactivate (the default): kept, with active false, at the next full comparison.
         XCTAssertTrue(eventually(seconds: 15) { agent.user("ad3@corp.example.org")?["active"] as? Bool == false }, "deletion seen")
         XCTAssertEqual(agent.total("Users"), 51)
+        // Membership follows the directory's group: while it still lists the
+        // deleted entry (slapd without refint), the deactivated user stays a
+        // member, as Entra keeps a disabled user's groups; when the group
+        // drops it (Active Directory does at deletion), it leaves.
+        let ad3 = try XCTUnwrap(agent.user("ad3@corp.example.org")?["id"] as? String)
+        let ad4 = try XCTUnwrap(agent.user("ad4@corp.example.org")?["id"] as? String)
+        XCTAssertEqual(agent.memberIDs("ops"), [ad3, ad4])
+        try directory.modify(
+            "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nchangetype: modify\ndelete: member\nmember: cn=ad3,ou=ad,\(TestDirectory.suffix)\n")
+        XCTAssertTrue(eventually(seconds: 10) { agent.memberIDs("ops") == [ad4] }, "\(agent.memberIDs("ops"))")
         agent.stop()
         let status = try AgentStore(path: dir.file("data"), registry: .standard).sourceStatus("corp")
         XCTAssertEqual(status.mode, "poll")
         XCTAssertTrue(status.position?.hasSuffix("Z") == true, "the high-water mark: \(status.position ?? "none")")
-        XCTAssertEqual(status.entries, 50, "51 users, one deactivated")
+        XCTAssertEqual(status.entries, 51, "51 users, one deactivated, and the group")
+        directory.stop()
+    }
+
+    /// `pollAttribute: uSNChanged` against slapd, which has no USNs: the
+    /// test's schema declares an integer `uSNChanged` and the test keeps
+    /// it as a domain controller would (one more at every change). What
+    /// the test shows: the poll asks for `uSNChanged>=mark+1` and keeps
+    /// the mark as an integer (9 then 10, where text would stop at 9);
+    /// a change that does not raise the USN is not read, so the filter is
+    /// the one in force. Not shown: Active Directory itself.
+    func testPollingByUSNChanged() throws {
+        let directory = try TestDirectory()
+        let dir = TempDirectory("edge-ldap-usn")
+        defer { dir.remove() }
+        var ldif = skeleton(["people"])
+        for i in 1...9 { ldif += person("n\(i)", extra: "objectClass: adAccount\nuSNChanged: \(i)") }
+        try directory.start(loading: ldif)
+        let config = agentConfig(
+            dir, directory,
+            source: """
+                    mode: poll
+                    pollSeconds: 1
+                    fullCompareEvery: 1000
+                    pollAttribute: uSNChanged
+                """)
+        let agent = try SourceAgent(config: config)
+        XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 9 }, "\(agent.total("Users"))")
+        func change(_ uid: String, title: String, usn: Int?) throws {
+            try directory.modify(
+                "dn: uid=\(uid),ou=people,\(TestDirectory.suffix)\nchangetype: modify\nreplace: title\ntitle: \(title)\n"
+                    + (usn.map { "-\nreplace: uSNChanged\nuSNChanged: \($0)\n" } ?? ""))
+        }
+        try change("n1", title: "ten", usn: 10)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("n1")?["title"] as? String == "ten" }, "USN 10 after 9")
+        try change("n2", title: "unseen", usn: nil)
+        try change("n3", title: "eleven", usn: 11)
+        XCTAssertTrue(eventually(seconds: 10) { agent.user("n3")?["title"] as? String == "eleven" }, "USN 11")
+        XCTAssertNil(agent.user("n2")?["title"], "a change without a higher USN is not asked for")
+        XCTAssertTrue(eventually(seconds: 5) { (metric(agent.metrics(), "scim_edge_source_lag_seconds{source=\"corp\"}") ?? 99) <= 5 })
+        agent.stop()
+        let status = try AgentStore(path: dir.file("data"), registry: .standard).sourceStatus("corp")
+        XCTAssertEqual(status.position, "11", "the mark, an integer")
+        XCTAssertEqual(status.newestChange, 0, "a USN says no time: lag counts from the last poll")
+        XCTAssertGreaterThan(status.caughtUpAt, 0)
+        directory.stop()
+    }
+
+    /// The high-water logic of both poll attributes, the times read from
+    /// GeneralizedTime and from OpenLDAP's cookies, and the lag.
+    func testPollHighWaterAndLag() throws {
+        let usn = PollHighWater(attribute: .uSNChanged)
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: nil), "(objectClass=user)")
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: "41"), "(&(objectClass=user)(uSNChanged>=42))")
+        XCTAssertEqual(usn.filter("(objectClass=user)", since: "2024"), "(&(objectClass=user)(uSNChanged>=2025))")
+        XCTAssertEqual(usn.filter("(o=x)", since: "20240101000000Z"), "(o=x)", "a mark of another mode reads everything again")
+        XCTAssertTrue(usn.isNewer("10", than: "9"), "compared as integers")
+        XCTAssertFalse(usn.isNewer("9", than: "10"))
+        XCTAssertFalse(usn.isNewer("x", than: "10"))
+        XCTAssertTrue(usn.isNewer("1", than: nil))
+        XCTAssertNil(usn.seconds("10"))
+        let ts = PollHighWater(attribute: .modifyTimestamp)
+        XCTAssertEqual(ts.filter("(o=x)", since: "20240101000000Z"), "(&(o=x)(modifyTimestamp>=20240101000000Z))")
+        XCTAssertEqual(ts.filter("(o=x)", since: "2024*)"), "(&(o=x)(modifyTimestamp>=2024\\2a\\29))", "escaped, never spliced")
+        XCTAssertTrue(ts.isNewer("20240101000001Z", than: "20240101000000Z"))
+        XCTAssertEqual(ts.seconds("19700101000100Z"), 60)
+        XCTAssertEqual(generalizedTimeSeconds("20240229235959.5Z"), 1_709_251_199)
+        XCTAssertNil(generalizedTimeSeconds("2024"))
+        XCTAssertEqual(cookieChangeSeconds(Array("rid=000,csn=19700101000200.000000Z#000000#000#000000".utf8)), 120)
+        XCTAssertNil(cookieChangeSeconds(Array("opaque".utf8)))
+
+        var status = SourceStatus(name: "s")
+        XCTAssertNil(status.lag(now: 1000), "nothing says")
+        status.newestChange = 900
+        XCTAssertEqual(status.lag(now: 1000), 100, "since the newest change, when that is all that is known")
+        status.caughtUpAt = 990
+        XCTAssertEqual(status.lag(now: 1000), 10, "since the moment everything was read")
+        XCTAssertEqual(status.lag(now: 1000, live: 999), 1, "a running source's later moment")
+        XCTAssertEqual(status.lag(now: 980), 0, "never negative (clocks differ)")
+    }
+
+    /// TLS to the directory, against a slapd serving a certificate the
+    /// test issued: LDAPS with its CA carries a sync end to end; StartTLS
+    /// with it connects, binds and reads; either with another CA is
+    /// refused (so StartTLS really upgrades and verifies before the bind).
+    func testLDAPSAndStartTLSVerifyTheDirectorysCertificate() throws {
+        let dir = TempDirectory("edge-ldap-tls")
+        defer { dir.remove() }
+        let pki = try TestPKI(in: dir)
+        let directory = try TestDirectory(pki: pki)
+        try directory.start(loading: skeleton(["people"]) + person("tls1") + person("tls2"))
+        func source(_ url: String, ca: String, startTLS: Bool = false) -> String {
+            agentConfig(
+                dir, directory, url: url, source: "    mode: poll\n    pollSeconds: 1\n    tls: {ca: \(ca), startTLS: \(startTLS)}\n")
+        }
+        func connect(_ config: String) throws -> (Int32?, [String]) {
+            let c = try ChildProcess(productsDirectory + "/scim-edge", ["check-config", "--connect", config])
+            return (c.waitForExit(seconds: 60), c.output)
+        }
+
+        let agent = try SourceAgent(config: source(directory.ldapsURL, ca: pki.caFile))
+        XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 2 }, "over LDAPS: \(agent.child.output.suffix(5))")
+        agent.stop()
+        var (status, out) = try connect(source(directory.url, ca: pki.caFile, startTLS: true))
+        XCTAssertEqual(status, 0, "StartTLS with the right CA: \(out)")
+        for (url, startTLS) in [(directory.ldapsURL, false), (directory.url, true)] {
+            (status, out) = try connect(source(url, ca: pki.otherCAFile, startTLS: startTLS))
+            XCTAssertEqual(status, 1, "\(url) startTLS \(startTLS) with another CA: \(out)")
+            XCTAssertTrue(out.contains { $0.contains("sources[0].url") }, "\(out)")
+        }
+        // The agent itself refuses too: nothing is read, the failure is in the metrics.
+        let refused = try SourceAgent(config: source(directory.ldapsURL, ca: pki.otherCAFile))
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                (metric(refused.metrics(), "scim_edge_source_connection_failures_total{source=\"corp\"}") ?? 0) >= 1
+            })
+        XCTAssertEqual(refused.total("Users"), 2, "what the first run stored, nothing more")
+        refused.stop()
         directory.stop()
     }
 
@@ -468,14 +661,8 @@ final class LDAPSourceTests: XCTestCase {
     }
 
     func testSourcesConfigurationIsReadStrictly() throws {
-        let dir = TempDirectory("edge-ldap-config")
-        defer { dir.remove() }
-        let file = dir.write(
-            "agent.yaml",
+        let (config, d) = try readSources(
             """
-            dataDir: \(dir.file("data"))
-            token: [test-token-0123456789]
-            sources:
               - name: corp
                 url: ldaps://10.0.0.5
                 baseDN: dc=example,dc=org
@@ -491,8 +678,6 @@ final class LDAPSourceTests: XCTestCase {
                 userFilter: (uid=a
                 mode: sync
             """)
-        let d = ConfigDiagnostics(file: file)
-        let config = try XCTUnwrap(AgentConfiguration.read(file: file, d))
         let keys = d.problems.compactMap(\.key)
         XCTAssertTrue(keys.contains("sources[1].name"), "\(d.problems)")
         XCTAssertTrue(keys.contains("sources[2].url"), "\(d.problems)")

@@ -133,18 +133,9 @@ class FederationTestCase: XCTestCase {
 
     /// The reference SCIM server (PyPI `scim2-server`), installed into .venv by `make test`.
     func startReferenceServer(port: Int? = nil, arguments: [String] = []) throws -> (ChildProcess, Int) {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-        let exe = ProcessInfo.processInfo.environment["SCIM2_SERVER"] ?? root + "/.venv/bin/scim2-server"
-        guard FileManager.default.isExecutableFile(atPath: exe) else {
-            throw HarnessError("scim2-server is not installed at \(exe): run `make venv` (make test does)")
-        }
         let p = port ?? freeLoopbackPort()
-        let child = try ChildProcess(
-            "/usr/bin/env", ["PYTHONUNBUFFERED=1", exe, "--port", String(p), "--bearer-token", "ref-token"] + arguments)
+        let child = try startReferenceSCIMServer(port: p, arguments: arguments)
         children.append(child)
-        XCTAssertTrue(
-            eventually(seconds: 20) { (try? scim(p, "GET", "/ServiceProviderConfig", token: "ref-token", prefix: "").0) == 200 },
-            "scim2-server did not start")
         return (child, p)
     }
 }

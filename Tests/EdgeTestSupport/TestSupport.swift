@@ -383,3 +383,30 @@ public struct SplitMix: RandomNumberGenerator {
     }
     public mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
 }
+
+/// Why a test's helper could not set up what it needed.
+public struct TestSetupError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The reference SCIM server (scim2-server from PyPI, in `.venv`: `make
+/// venv`; `SCIM2_SERVER` overrides the path) as a real process on
+/// 127.0.0.1:`port`, accepting `token`; returns once it answers.
+public func startReferenceSCIMServer(port: Int, token: String = "ref-token", arguments: [String] = []) throws -> ChildProcess {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    let exe = ProcessInfo.processInfo.environment["SCIM2_SERVER"] ?? root + "/.venv/bin/scim2-server"
+    guard FileManager.default.isExecutableFile(atPath: exe) else {
+        throw TestSetupError("scim2-server is not installed at \(exe): run `make venv` (make test does)")
+    }
+    let child = try ChildProcess(
+        "/usr/bin/env", ["PYTHONUNBUFFERED=1", exe, "--port", String(port), "--bearer-token", token] + arguments)
+    let up = eventually(seconds: 20) {
+        guard let c = try? RawClient(port: port),
+            c.send("GET /ServiceProviderConfig HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\n\r\n")
+        else { return false }
+        return c.readResponses(1).first?.status == 200
+    }
+    guard up else { throw TestSetupError("scim2-server did not start: \(child.output.suffix(5))") }
+    return child
+}
