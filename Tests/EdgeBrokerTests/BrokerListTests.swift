@@ -492,3 +492,52 @@ final class BrokerListAPITests: FederationTestCase {
         XCTAssertEqual(process.waitForExit(), 0)
     }
 }
+
+extension BrokerListAPITests {
+    /// The attribute indexes and index-served sorts over the socket, with a
+    /// scan budget of 100: a scan of the 20,000 users could answer none of it.
+    func testReadAPIAnswersIndexedFiltersAndSortsWithoutScanning() throws {
+        do {
+            let store = try BrokerStore(path: dir.file("broker"))
+            var fixture = ListFixture()
+            try fixture.populate(store, users: 20_000, groups: 3)
+        }
+        let tokens = dir.write("api.tokens", "api-token\n")
+        XCTAssertEqual(chmod(tokens, 0o600), 0)
+        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens), scanBudget: 100}\n")
+        let apiLine = try XCTUnwrap(process.waitForLine("read API at"), "\(process.output)")
+        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
+        func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+        let order = (0..<20_000).sorted { "user-\($0)".utf8.lexicographicallyPrecedes("user-\($1)".utf8) }.map(ListFixture.brokerID)
+
+        var r = try api(apiPort, "/Users?filter=active%20eq%20false&count=0")
+        XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
+        XCTAssertEqual(r.1?["totalResults"], 5_000)
+        r = try api(apiPort, "/Users?filter=active%20eq%20true&startIndex=14998&count=5")
+        XCTAssertEqual(ids(r), [19_997, 19_998, 19_999].map(ListFixture.brokerID))
+        XCTAssertEqual(r.1?["totalResults"], 15_000)
+        r = try api(apiPort, "/Users?filter=userType%20eq%20%22Contractor%22&cursor=&count=150")
+        XCTAssertEqual(ids(r).count, 150)
+        r = try api(
+            apiPort, "/Users?cursor=\(try XCTUnwrap(r.1?["nextCursor"]?.stringValue))&filter=userType%20eq%20%22Contractor%22&count=150")
+        XCTAssertEqual(ids(r), (150..<200).map { ListFixture.brokerID($0 * 100 + 3) })
+        XCTAssertEqual(r.1?["totalResults"], 200)
+        r = try api(apiPort, "/Users?filter=emails%5Bvalue%20eq%20%22USER-19999%40acme.example%22%5D")
+        XCTAssertEqual(ids(r), [ListFixture.brokerID(19_999)])
+        r = try api(apiPort, "/Users?sortBy=userName&sortOrder=descending&count=3")
+        XCTAssertEqual(ids(r), Array(order.reversed().prefix(3)))
+        r = try api(apiPort, "/Users?sortBy=userName&startIndex=19999&count=5")
+        XCTAssertEqual(ids(r), Array(order.suffix(2)))
+        XCTAssertEqual(r.1?["totalResults"], 20_000)
+        r = try api(apiPort, "/Groups?filter=displayName%20eq%20%22g2%22&excludedAttributes=members")
+        XCTAssertEqual(ids(r), ["g-2"])
+        r = try api(apiPort, "/Groups?sortBy=displayName&sortOrder=descending&attributes=displayName")
+        XCTAssertEqual(ids(r), ["g-2", "g-1", "g-0"])
+        // Not indexed: within the budget or tooMany, as before.
+        r = try api(apiPort, "/Users?sortBy=title&count=5")
+        XCTAssertEqual(r.0, 400)
+        XCTAssertEqual(r.1?["scimType"], "tooMany")
+        process.signal(SIGTERM)
+        XCTAssertEqual(process.waitForExit(), 0)
+    }
+}
