@@ -434,23 +434,30 @@ final class BrokerListTests: XCTestCase {
         XCTAssertEqual(try list(again, ["filter": "active eq true", "count": "0"]).totalResults, 1_875, "built once")
         XCTAssertEqual(try again.count("User"), 2_500)
     }
-
 }
 
 /// The same over the read API socket of a broker process.
 final class BrokerListAPITests: FederationTestCase {
-    func testReadAPIPagesTwentyThousandUsers() throws {
+    /// A broker over a store of 20,000 users and `groups` groups, its read
+    /// API configured with `api` (YAML flow members) besides its listener
+    /// and token file: the process and the API's port.
+    func startAPI(groups: Int, api: String = "") throws -> (ChildProcess, Int) {
         do {
             let store = try BrokerStore(path: dir.file("broker"))
             var fixture = ListFixture()
-            try fixture.populate(store, users: 20_000, groups: 2)
+            try fixture.populate(store, users: 20_000, groups: groups)
         }
         let tokens = dir.write("api.tokens", "api-token\n")
         XCTAssertEqual(chmod(tokens, 0o600), 0)
-        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens)}\n")
+        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens)\(api)}\n")
         let apiLine = try XCTUnwrap(process.waitForLine("read API at"), "\(process.output)")
-        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
-        func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+        return (process, Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!)
+    }
+
+    func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+
+    func testReadAPIPagesTwentyThousandUsers() throws {
+        let (process, apiPort) = try startAPI(groups: 2)
 
         var r = try api(apiPort, "/Users?count=0")
         XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
@@ -497,17 +504,7 @@ extension BrokerListAPITests {
     /// The attribute indexes and index-served sorts over the socket, with a
     /// scan budget of 100: a scan of the 20,000 users could answer none of it.
     func testReadAPIAnswersIndexedFiltersAndSortsWithoutScanning() throws {
-        do {
-            let store = try BrokerStore(path: dir.file("broker"))
-            var fixture = ListFixture()
-            try fixture.populate(store, users: 20_000, groups: 3)
-        }
-        let tokens = dir.write("api.tokens", "api-token\n")
-        XCTAssertEqual(chmod(tokens, 0o600), 0)
-        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens), scanBudget: 100}\n")
-        let apiLine = try XCTUnwrap(process.waitForLine("read API at"), "\(process.output)")
-        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
-        func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+        let (process, apiPort) = try startAPI(groups: 3, api: ", scanBudget: 100")
         let order = (0..<20_000).sorted { "user-\($0)".utf8.lexicographicallyPrecedes("user-\($1)".utf8) }.map(ListFixture.brokerID)
 
         var r = try api(apiPort, "/Users?filter=active%20eq%20false&count=0")
