@@ -8,47 +8,64 @@ import Synchronization
 /// | database / key | value |
 /// |---|---|
 /// | `byType`: `<Type>\0<broker id>` | `<domain>/<Type>/<source id>` (the `resources` key) |
-/// | `byValue`: `<Type>\0u\0<lowercased userName>\0<broker id>` | the `resources` key |
-/// | `byValue`: `<Type>\0e\0<externalId>\0<broker id>` | the `resources` key |
+/// | `byValue`: `<Type>\0<letter>\0<value>\0<broker id>` | the `resources` key (`IndexedAttribute`) |
 /// | `meta`: `count/<Type>` | how many resources of the type (big-endian) |
+/// | `meta`: `count/<Type>\0<letter>\0<value>\0` | how many hold the value (`countedPerValue`) |
+/// | `meta`: `unsorted/<Type>/<letter>` | resources without an entry of a `sortable` attribute |
 /// | `meta`: `generation/<Type>` | bumped by every insert into or delete from the type's `byType` range |
-/// | `meta`: `lists` | 1 once the indexes are built (`buildListIndexes`) |
+/// | `meta`: `generation/<Type>/values` | the same for the type's `byValue` entries |
+/// | `meta`: `lists` | the layout built (`listsLayout`, `buildListIndexes`) |
 ///
 /// `byType` is in broker id order across domains: an unfiltered page is a
 /// walk of it (a cursor is a seek, a `startIndex` a key-only walk shortened
 /// by a `PositionIndex`), and only the page's resources are read and parsed.
+/// A value's range of `byValue` is walked the same way for an equality, and
+/// an attribute's whole range, in value order, for `sortBy`.
 /// Broker ids are hex: the NUL separators split keys unambiguously. Values
 /// over `maxIndexedValue` bytes or holding a NUL are not in `byValue`; a
 /// lookup of such a value scans.
 extension BrokerStore {
     static let listsLayoutKey = Array("lists".utf8)
+    /// 2: `active`, `userType`, `emails.value` and `displayName` in
+    /// `byValue`, with their counts; a store of layout 1 is rebuilt at open.
+    static let listsLayout: UInt64 = 2
     static let maxIndexedValue = 256
     static let listsChunk = 1024
+    static let sortedSalt = "\u{0}sorted"
 
     static func countKey(_ type: String) -> [UInt8] { Array("count/\(type)".utf8) }
     static func generationKey(_ type: String) -> [UInt8] { Array("generation/\(type)".utf8) }
+    static func valuesGenerationKey(_ type: String) -> [UInt8] { Array("generation/\(type)/values".utf8) }
+    static func valueCountKey(_ prefix: [UInt8]) -> [UInt8] { Array("count/".utf8) + prefix }
+    static func unsortedKey(_ type: String, _ a: IndexedAttribute) -> [UInt8] { Array("unsorted/\(type)/".utf8) + [a.rawValue] }
     static func typePrefix(_ type: String) -> [UInt8] { Array(type.utf8) + [0] }
-
-    /// The `byValue` prefix of one value of one attribute (`u` userName,
-    /// `e` externalId): nil when the value is not indexed.
-    static func valuePrefix(_ type: String, _ attribute: UInt8, _ value: String) -> [UInt8]? {
-        let normalized = Array((attribute == UInt8(ascii: "u") ? value.lowercased() : value).utf8)
-        guard normalized.count <= maxIndexedValue, !normalized.contains(0) else { return nil }
-        return typePrefix(type) + [attribute, 0] + normalized + [0]
+    static func attributePrefix(_ type: String, _ a: IndexedAttribute) -> [UInt8] { typePrefix(type) + [a.rawValue, 0] }
+    static func valuePrefix(_ type: String, _ a: IndexedAttribute, _ value: [UInt8]) -> [UInt8] {
+        attributePrefix(type, a) + value + [0]
     }
 
-    static func indexedValues(_ type: String, _ resource: JSONObject?) -> [[UInt8]] {
+    /// The `byValue` prefixes of `resource`'s values, one per distinct value.
+    static func indexedValues(_ type: String, _ resource: JSONObject?) -> Set<[UInt8]> {
         guard let resource else { return [] }
-        var out: [[UInt8]] = []
-        if let u = resource["userName"]?.stringValue, let p = valuePrefix(type, UInt8(ascii: "u"), u) { out.append(p) }
-        if let e = resource["externalId"]?.stringValue, let p = valuePrefix(type, UInt8(ascii: "e"), e) { out.append(p) }
+        var out = Set<[UInt8]>()
+        for a in IndexedAttribute.allCases where a.applies(to: type) {
+            for v in a.values(resource) { if let n = a.normalized(v) { out.insert(valuePrefix(type, a, n)) } }
+        }
         return out
+    }
+
+    /// 1 when `resource` exists and has no entry in `a`'s range (`sortBy`
+    /// from the index needs none such).
+    static func unsorted(_ type: String, _ a: IndexedAttribute, _ resource: JSONObject?) -> Int {
+        guard let resource else { return 0 }
+        return a.values(resource).contains { a.normalized($0) != nil } ? 0 : 1
     }
 
     /// Keeps the list indexes of one resource in the apply transaction:
     /// `old` as stored before (nil: new), `new` as stored now (nil: deleted).
-    /// Idempotent: counts move only when a `byType` entry really comes or
-    /// goes, so the migration may run it again after a crash.
+    /// Counts move only when an entry really comes or goes; `unsorted`
+    /// follows `old` and `new`, so the migration runs this once per
+    /// resource (its progress commits with each chunk).
     func updateListIndexes(
         type: String, key: [UInt8], old: JSONObject?, new: JSONObject?, _ txn: borrowing WriteTransaction
     ) throws {
@@ -64,27 +81,66 @@ extension BrokerStore {
             delta = -1
         }
         if delta != 0 {
-            let count = try txn.get(meta, BrokerStore.countKey(type)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
-            try txn.put(meta, BrokerStore.countKey(type), UInt64(max(0, Int64(count) + Int64(delta))).bigEndianBytes)
-            let generation = try txn.get(meta, BrokerStore.generationKey(type)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
-            try txn.put(meta, BrokerStore.generationKey(type), (generation &+ 1).bigEndianBytes)
+            try addToCounter(BrokerStore.countKey(type), delta, txn)
+            try addToCounter(BrokerStore.generationKey(type), 1, txn)
         }
-        let before = Set(BrokerStore.indexedValues(type, old)), after = Set(BrokerStore.indexedValues(type, new))
-        let id = Array(brokerID.utf8)
-        for p in before.subtracting(after) { _ = try txn.delete(byValue, p + id) }
-        for p in after where try txn.get(byValue, p + id) != key { try txn.put(byValue, p + id, key) }
+        try updateValueEntries(type: type, id: Array(brokerID.utf8), key: key, old: old, new: new, txn)
     }
 
-    /// A store made before the list indexes gets them once, when it is
-    /// opened: `listsChunk` resources per transaction (memory holds one
-    /// chunk), the position reached kept in `meta` with each chunk, so an
-    /// interrupted build goes on where it stopped. No fan-out: nothing changed.
+    func updateValueEntries(
+        type: String, id: [UInt8], key: [UInt8], old: JSONObject?, new: JSONObject?, _ txn: borrowing WriteTransaction
+    ) throws {
+        let before = BrokerStore.indexedValues(type, old), after = BrokerStore.indexedValues(type, new)
+        var changed = false
+        for p in before.subtracting(after) where try txn.delete(byValue, p + id) {
+            changed = true
+            try countValue(type, p, -1, txn)
+        }
+        for p in after {
+            let stored = try txn.get(byValue, p + id)
+            guard stored != key else { continue }
+            try txn.put(byValue, p + id, key)
+            if stored == nil {
+                changed = true
+                try countValue(type, p, 1, txn)
+            }
+        }
+        if changed { try addToCounter(BrokerStore.valuesGenerationKey(type), 1, txn) }
+        for a in IndexedAttribute.allCases where a.sortable && a.applies(to: type) {
+            let d = BrokerStore.unsorted(type, a, new) - BrokerStore.unsorted(type, a, old)
+            if d != 0 { try addToCounter(BrokerStore.unsortedKey(type, a), d, txn) }
+        }
+    }
+
+    /// The count of the value `prefix` names, for the attributes counted per value.
+    func countValue(_ type: String, _ prefix: [UInt8], _ delta: Int, _ txn: borrowing WriteTransaction) throws {
+        guard let a = IndexedAttribute(rawValue: prefix[BrokerStore.typePrefix(type).count]), a.countedPerValue else { return }
+        try addToCounter(BrokerStore.valueCountKey(prefix), delta, txn)
+    }
+
+    /// A big-endian counter of `meta` (0 when absent).
+    func counter(_ txn: borrowing some StoreReading & ~Copyable, _ key: [UInt8]) throws -> Int {
+        Int(try txn.get(meta, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
+    }
+
+    /// Moves a counter of `meta`, never below 0; one at 0 is deleted.
+    func addToCounter(_ key: [UInt8], _ delta: Int, _ txn: borrowing WriteTransaction) throws {
+        let n = max(0, try counter(txn, key) + delta)
+        if n == 0 { _ = try txn.delete(meta, key) } else { try txn.put(meta, key, UInt64(n).bigEndianBytes) }
+    }
+
+    /// A store made before the list indexes of `listsLayout` gets them once,
+    /// when it is opened: `listsChunk` resources per transaction (memory
+    /// holds one chunk), the position reached kept in `meta` with each
+    /// chunk, so an interrupted build goes on where it stopped. Entries of
+    /// an older layout are kept (not counted again). No fan-out: nothing changed.
     func buildListIndexes() throws {
         let meta = self.meta, resources = self.resources
-        let progressKey = Array("lists/from".utf8)
+        let progressKey = Array("lists/from/\(BrokerStore.listsLayout)".utf8)
         while true {
             let done = try environment.write { txn -> Bool in
-                if try txn.get(meta, BrokerStore.listsLayoutKey) != nil { return true }
+                let built = try txn.get(meta, BrokerStore.listsLayoutKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+                if built >= BrokerStore.listsLayout { return true }
                 var from: [UInt8]? = try txn.get(meta, progressKey).map { $0 + [0] }
                 if from == [0] { from = nil }
                 var chunk: [([UInt8], [UInt8])] = []
@@ -98,8 +154,9 @@ extension BrokerStore {
                     try updateListIndexes(type: String(decoding: parts[1], as: UTF8.self), key: k, old: nil, new: o, txn)
                 }
                 if chunk.count < BrokerStore.listsChunk {
-                    try txn.put(meta, BrokerStore.listsLayoutKey, UInt64(1).bigEndianBytes)
+                    try txn.put(meta, BrokerStore.listsLayoutKey, BrokerStore.listsLayout.bigEndianBytes)
                     _ = try txn.delete(meta, progressKey)
+                    _ = try txn.delete(meta, Array("lists/from".utf8))  // layout 1's
                     return true
                 }
                 try txn.put(meta, progressKey, chunk[chunk.count - 1].0)
@@ -111,10 +168,7 @@ extension BrokerStore {
 
     /// How many resources of `type` the directory holds (O(1)).
     public func count(_ type: String) throws -> Int {
-        let meta = self.meta
-        return try environment.read { txn in
-            Int(try txn.get(meta, BrokerStore.countKey(type)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
-        }
+        try environment.read { txn in try counter(txn, BrokerStore.countKey(type)) }
     }
 
     /// Resources parsed by the last list (`list`), and groups whose members
@@ -126,14 +180,17 @@ extension BrokerStore {
         )
     }
 
-    /// The page `query` asks for. An `id`, `userName` or `externalId`
-    /// equality reads its few candidates from a key; an unfiltered list walks
-    /// `byType`; any other filter scans at most `scanBudget` resources per
-    /// request and, by cursor (or when no pagination was named), pages
-    /// through the scan. A `sortBy`, or a scanned filter with `startIndex`
-    /// or `count=0`, needs every match: within `scanBudget`, else `tooMany`.
-    /// Groups get their members from the index only when `members` is
-    /// returned (`withMembers`).
+    /// The page `query` asks for. An equality on `id` or an indexed
+    /// attribute (`IndexedAttribute`) alone walks its value's range like an
+    /// unfiltered list walks `byType`, and `sortBy` on `userName` (users) or
+    /// `displayName` (groups) without a filter walks that attribute's range:
+    /// O(page). An `and` with such an equality scans that value's range,
+    /// any other filter the type's; a scan parses at most `scanBudget`
+    /// resources per request and, by cursor (or when no pagination was
+    /// named), pages through. Any other `sortBy`, or a scan with
+    /// `startIndex` or `count=0`, needs every match: within `scanBudget`,
+    /// else `tooMany`. Groups get their members from the index only when
+    /// `members` is returned (`withMembers`).
     public func list(_ type: ResourceType, _ query: ListQuery, scanBudget: Int, members: Bool) throws -> ListPage<JSONObject> {
         listState.positions.lastSteps.store(0, ordering: .relaxed)
         var cost = ListCost()
@@ -161,53 +218,72 @@ extension BrokerStore {
     func listPage(
         _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, scanBudget: Int, _ cost: inout ListCost
     ) throws -> ListPage<JSONObject> {
-        if let filter = query.filter, let hint = filter.indexLookup, let keys = try lookup(txn, type.id, hint.lookup) {
-            // A key names the few candidates: read them, check, page in memory.
-            var found: [JSONObject] = []
-            for key in keys {
-                if let r = try load(txn, key, &cost), try matches(txn, type, r, filter, &cost) { found.append(r) }
+        let all = KeySpace(db: byType, prefix: BrokerStore.typePrefix(type.id))
+        if let filter = query.filter, let (plan, exact) = IndexPlan.of(filter.root, type.id) {
+            switch plan {
+            case .id(let id):
+                var found: [JSONObject] = []
+                if let key = try txn.get(brokerIds, Array(id.utf8)), BrokerStore.type(ofKey: key) == type.id,
+                    let r = try load(txn, key, &cost), try matches(txn, type, r, filter, &cost)
+                {
+                    found.append(r)
+                }
+                return try query.paginate(found) { $0 }
+            case .value(let attribute, let value):
+                let space = KeySpace(db: byValue, prefix: BrokerStore.valuePrefix(type.id, attribute, value))
+                if exact && query.sortBy == nil {
+                    let total = try rangeCount(txn, attribute, space)
+                    let generation = try txn.get(meta, BrokerStore.valuesGenerationKey(type.id)) ?? []
+                    return try walk(txn, query, IndexWalk(space: space, total: total, generation: generation), &cost)
+                }
+                // Each candidate is checked: the value's range is the scan.
+                return try scanned(txn, type, query, filter, space, scanBudget: scanBudget, &cost)
             }
-            return try query.paginate(found) { $0 }
         }
         if query.filter == nil && query.sortBy == nil {
-            return try walk(txn, type, query, &cost)
+            let generation = try txn.get(meta, BrokerStore.generationKey(type.id)) ?? []
+            let total = try counter(txn, BrokerStore.countKey(type.id))
+            return try walk(txn, query, IndexWalk(space: all, total: total, generation: generation), &cost)
         }
-        if let filter = query.filter, query.sortBy == nil, query.count > 0 {
-            if query.cursor != nil { return try scanPage(txn, type, query, filter, scanBudget: scanBudget, &cost) }
-            if !query.namesStartIndex {
-                // Neither startIndex nor cursor: exact when the scan fits the
-                // budget, else the first cursor page (RFC 9865 §2.4).
-                do {
-                    return try query.paginate(try loadAll(txn, type, filter, scanBudget: scanBudget, cursorHelps: true, &cost)) { $0 }
-                } catch let e as SCIMError where e.scimType == .tooMany {
-                    return try scanPage(txn, type, query, filter, scanBudget: scanBudget, &cost)
-                }
-            }
+        if query.filter == nil, let sorted = try sortedWalk(txn, type, query) {
+            return try walk(txn, query, sorted, &cost)
         }
-        let all = try loadAll(txn, type, query.filter, scanBudget: scanBudget, cursorHelps: query.sortBy == nil, &cost)
-        return try query.paginate(all) { $0 }
+        return try scanned(txn, type, query, query.filter, all, scanBudget: scanBudget, &cost)
     }
 
-    /// The `resources` keys an equality names, from `brokerIds` or
-    /// `byValue`; nil when the value is not indexed (then the filter scans).
-    func lookup(_ txn: borrowing ReadTransaction, _ type: String, _ lookup: IndexLookup) throws -> [[UInt8]]? {
-        let prefix: [UInt8]
-        switch lookup {
-        case .id(let id):
-            return try txn.get(brokerIds, Array(id.utf8)).map { [$0] } ?? []
-        case .userName(let v):
-            guard let p = BrokerStore.valuePrefix(type, UInt8(ascii: "u"), v) else { return nil }
-            prefix = p
-        case .externalId(let v):
-            guard let p = BrokerStore.valuePrefix(type, UInt8(ascii: "e"), v) else { return nil }
-            prefix = p
-        }
-        var keys: [[UInt8]] = []
-        try txn.scan(byValue, from: prefix, to: prefix.dropLast() + [1]) { _, v in
-            keys.append(v)
+    /// `<domain>/<Type>/<source id>` → `Type`.
+    static func type(ofKey key: [UInt8]) -> String? {
+        let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+        return parts.count == 3 ? String(decoding: parts[1], as: UTF8.self) : nil
+    }
+
+    /// How many resources hold one value: its maintained count, or (for
+    /// attributes whose values are nearly unique) a key-only walk of its range.
+    func rangeCount(_ txn: borrowing ReadTransaction, _ attribute: IndexedAttribute, _ space: KeySpace) throws -> Int {
+        if attribute.countedPerValue { return try counter(txn, BrokerStore.valueCountKey(space.prefix)) }
+        var n = 0
+        try txn.scanKeys(space.db, from: space.prefix, to: space.prefixEnd()) { _ in
+            n += 1
             return true
         }
-        return keys
+        return n
+    }
+
+    /// An unfiltered `sortBy` the index serves: the sorted attribute's range
+    /// when every resource of the type is in it (`unsorted` is 0), else nil
+    /// (the resources are sorted in memory, within the budget). Ties go by
+    /// broker id in the walk's direction.
+    func sortedWalk(_ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery) throws -> IndexWalk? {
+        guard let sortBy = query.sortBy, !sortBy.isExtension,
+            let attribute = IndexedAttribute.allCases.first(where: {
+                $0.sortable && $0.applies(to: type.id) && $0.paths.contains(sortBy.canonicalPath.asciiLowercased)
+            }),
+            try counter(txn, BrokerStore.unsortedKey(type.id, attribute)) == 0
+        else { return nil }
+        return IndexWalk(
+            space: KeySpace(db: byValue, prefix: BrokerStore.attributePrefix(type.id, attribute)),
+            total: try counter(txn, BrokerStore.countKey(type.id)), descending: query.sortOrder == .descending,
+            generation: try txn.get(meta, BrokerStore.valuesGenerationKey(type.id)) ?? [], salt: BrokerStore.sortedSalt)
     }
 
     func load(_ txn: borrowing ReadTransaction, _ key: [UInt8], _ cost: inout ListCost) throws -> JSONObject? {
@@ -226,57 +302,83 @@ extension BrokerStore {
         return filter.matches(try withMembers(txn, resource))
     }
 
-    /// An unfiltered page: `byType` from the cursor's anchor (a seek) or
-    /// from `startIndex` (a key-only walk from the nearest checkpoint); only
-    /// the page's resources are parsed; `totalResults` is the count.
-    func walk(_ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ cost: inout ListCost) throws -> ListPage<
+    /// A page of an index range that is the answer: from the cursor's
+    /// anchor (a seek) or from `startIndex` (a key-only walk from the
+    /// nearest checkpoint); only the page's resources are parsed;
+    /// `totalResults` is the walk's `total`.
+    func walk(_ txn: borrowing ReadTransaction, _ query: ListQuery, _ w: IndexWalk, _ cost: inout ListCost) throws -> ListPage<
         JSONObject
     > {
-        let space = KeySpace(db: byType, prefix: BrokerStore.typePrefix(type.id))
-        let total = Int(try txn.get(meta, BrokerStore.countKey(type.id)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
         var entries: [([UInt8], [UInt8])] = []
         var startIndex: Int?
-        let position = try query.cursorPosition()
+        let position = try query.cursorPosition(salt: w.salt)
         if query.count == 0 {
             if query.cursor == nil { startIndex = query.startIndex }
         } else if let position {
-            let anchor = space.prefix + position.anchor
+            let anchor = w.space.prefix + position.anchor
             entries =
                 position.after
-                ? try space.entries(txn, beyond: anchor, descending: false, skip: 0, limit: query.count)
-                : try space.entries(txn, beyond: anchor, descending: true, skip: 0, limit: query.count).reversed()
+                ? try w.space.entries(txn, beyond: anchor, descending: w.descending, skip: 0, limit: query.count)
+                : try w.space.entries(txn, beyond: anchor, descending: !w.descending, skip: 0, limit: query.count).reversed()
         } else {
             if query.cursor == nil { startIndex = query.startIndex }
-            let generation = try txn.get(meta, BrokerStore.generationKey(type.id)) ?? []
-            entries = try space.entries(
-                txn, beyond: nil, descending: false, skip: (startIndex ?? 1) - 1, limit: query.count,
-                positions: (listState.positions, "byType/\(type.id)", generation))
+            entries = try w.space.entries(
+                txn, beyond: nil, descending: w.descending, skip: (startIndex ?? 1) - 1, limit: query.count,
+                positions: (listState.positions, w.positionsName, w.generation))
         }
         var items: [JSONObject] = []
         for (_, key) in entries { if let r = try load(txn, key, &cost) { items.append(r) } }
-        var page = ListPage(items: items[...], totalResults: total, startIndex: startIndex)
+        var page = ListPage(items: items[...], totalResults: w.total, startIndex: startIndex)
         if query.cursor != nil, let first = entries.first?.0, let last = entries.last?.0 {
-            if try !space.entries(txn, beyond: last, descending: false, skip: 0, limit: 0).isEmpty {
-                page.nextCursor = query.makeCursor(after: true, offset: 0, anchor: Array(last.dropFirst(space.prefix.count)))
+            func anchor(_ key: [UInt8]) -> [UInt8] { Array(key.dropFirst(w.space.prefix.count)) }
+            if try !w.space.entries(txn, beyond: last, descending: w.descending, skip: 0, limit: 0).isEmpty {
+                page.nextCursor = query.makeCursor(after: true, offset: 0, anchor: anchor(last), salt: w.salt)
             }
-            if try !space.entries(txn, beyond: first, descending: true, skip: 0, limit: 0).isEmpty {
-                page.previousCursor = query.makeCursor(after: false, offset: 0, anchor: Array(first.dropFirst(space.prefix.count)))
+            if try !w.space.entries(txn, beyond: first, descending: !w.descending, skip: 0, limit: 0).isEmpty {
+                page.previousCursor = query.makeCursor(after: false, offset: 0, anchor: anchor(first), salt: w.salt)
             }
         }
         return page
     }
 
-    /// Every match of `filter` (nil: every resource), parsing at most
-    /// `scanBudget` resources, else `tooMany` (with the advice to page by
-    /// cursor when a cursor would page through the scan).
+    /// A filter (nil: none, with a `sortBy` no index serves) answered by
+    /// scanning `space` (the type's `byType` range, or the candidates of an
+    /// `and`'s indexed equality): by cursor page by page within the budget;
+    /// without pagination named, exact when the scan fits the budget, else
+    /// the first cursor page (RFC 9865 §2.4); otherwise every match within
+    /// the budget, or `tooMany`.
+    func scanned(
+        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter?, _ space: KeySpace,
+        scanBudget: Int, _ cost: inout ListCost
+    ) throws -> ListPage<JSONObject> {
+        if let filter, query.sortBy == nil, query.count > 0 {
+            if query.cursor != nil { return try scanPage(txn, type, query, filter, space, scanBudget: scanBudget, &cost) }
+            if !query.namesStartIndex {
+                do {
+                    return try query.paginate(try loadAll(txn, type, filter, space, scanBudget: scanBudget, cursorHelps: true, &cost)) {
+                        $0
+                    }
+                } catch let e as SCIMError where e.scimType == .tooMany {
+                    return try scanPage(txn, type, query, filter, space, scanBudget: scanBudget, &cost)
+                }
+            }
+        }
+        let all = try loadAll(txn, type, filter, space, scanBudget: scanBudget, cursorHelps: query.sortBy == nil, &cost)
+        return try query.paginate(all) { $0 }
+    }
+
+    static let indexedFilters = "id, userName, externalId, active, userType or emails.value (displayName for groups)"
+
+    /// Every match of `filter` (nil: every resource) in `space`, parsing at
+    /// most `scanBudget` resources, else `tooMany` (with the advice to page
+    /// by cursor when a cursor would page through the scan).
     func loadAll(
-        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ filter: Filter?, scanBudget: Int, cursorHelps: Bool,
-        _ cost: inout ListCost
+        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ filter: Filter?, _ space: KeySpace, scanBudget: Int,
+        cursorHelps: Bool, _ cost: inout ListCost
     ) throws -> [JSONObject] {
-        let prefix = BrokerStore.typePrefix(type.id)
         var keys: [[UInt8]] = []
         var tooMany = false
-        try txn.scan(byType, from: prefix, to: Array(type.id.utf8) + [1]) { _, v in
+        try txn.scan(space.db, from: space.prefix, to: space.prefixEnd()) { _, v in
             if keys.count == scanBudget {
                 tooMany = true
                 return false
@@ -287,8 +389,8 @@ extension BrokerStore {
         if tooMany {
             let advice =
                 cursorHelps
-                ? "page through it with a cursor (cursor= and count=, RFC 9865), or filter by equality on id, userName or externalId"
-                : "filter by equality on id, userName or externalId, or leave sortBy out and page by cursor"
+                ? "page through it with a cursor (cursor= and count=, RFC 9865), or filter by equality on \(BrokerStore.indexedFilters)"
+                : "filter by equality on \(BrokerStore.indexedFilters), sort by userName (displayName for groups), or leave sortBy out and page by cursor"
             throw SCIMError(400, .tooMany, "this request needs a scan of more than \(scanBudget) resources; \(advice)")
         }
         var out: [JSONObject] = []
@@ -299,22 +401,21 @@ extension BrokerStore {
         return out
     }
 
-    /// A filter no key answers, paged through its scan (RFC 9865), as the
-    /// agent does: from the cursor's anchor (the last broker id the previous
-    /// page scanned) at most `scanBudget` resources are parsed, and the page
-    /// holds the matches found, up to `count` (possibly none), with a
-    /// `nextCursor` while the scan has not ended. `totalResults` is the
-    /// matches so far (earlier pages' count travels in the cursor's offset).
-    /// Forward only.
+    /// A filter no key answers alone, paged through its scan of `space`
+    /// (RFC 9865), as the agent does: from the cursor's anchor (the last
+    /// key the previous page scanned) at most `scanBudget` resources are
+    /// parsed, and the page holds the matches found, up to `count` (possibly
+    /// none), with a `nextCursor` while the scan has not ended.
+    /// `totalResults` is the matches so far (earlier pages' count travels in
+    /// the cursor's offset). Forward only.
     func scanPage(
-        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter, scanBudget: Int,
-        _ cost: inout ListCost
+        _ txn: borrowing ReadTransaction, _ type: ResourceType, _ query: ListQuery, _ filter: Filter, _ space: KeySpace,
+        scanBudget: Int, _ cost: inout ListCost
     ) throws -> ListPage<JSONObject> {
-        let prefix = BrokerStore.typePrefix(type.id)
-        let (from, before) = try query.scanStart(under: prefix)
+        let (from, before) = try query.scanStart(under: space.prefix)
         var entries: [([UInt8], [UInt8])] = []
         var more = false
-        try txn.scan(byType, from: from, to: Array(type.id.utf8) + [1]) { k, v in
+        try txn.scan(space.db, from: from, to: space.prefixEnd()) { k, v in
             if entries.count == max(1, scanBudget) {
                 more = true
                 return false
@@ -334,10 +435,25 @@ extension BrokerStore {
         }
         var page = ListPage(items: items[...], totalResults: before + items.count)
         if more, let last {
-            page.nextCursor = query.scanCursor(after: last, under: prefix, matches: before + items.count)
+            page.nextCursor = query.scanCursor(after: last, under: space.prefix, matches: before + items.count)
         }
         return page
     }
+}
+
+/// An index range walked as the answer to a list: `byType` (unfiltered),
+/// one value's range of `byValue` (an equality), or one attribute's
+/// (`sortBy`, `descending` for `sortOrder=descending`). `generation`
+/// invalidates its `startIndex` checkpoints; `salt` keeps its cursors
+/// apart from the same query's other kinds.
+struct IndexWalk {
+    var space: KeySpace
+    var total: Int
+    var descending = false
+    var generation: [UInt8]
+    var salt = ""
+
+    var positionsName: String { (descending ? "<" : ">") + String(decoding: space.prefix, as: UTF8.self) }
 }
 
 /// What lists keep in memory: `startIndex` checkpoints and the last list's cost.

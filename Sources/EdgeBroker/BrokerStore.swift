@@ -45,8 +45,8 @@ public final class BrokerStore: Sendable {
     let targetPending: Database
     /// The store's own settings (`layout`), and the per-type counts of lists.
     let meta: Database
-    /// Lists: each type's resources in broker id order, and `userName` /
-    /// `externalId` lookups (`BrokerLists.swift`).
+    /// Lists: each type's resources in broker id order, and the values of
+    /// the attributes filtered and sorted on (`BrokerLists.swift`).
     let byType: Database
     let byValue: Database
     let listState = BrokerListState()

@@ -19,22 +19,28 @@ struct ListFixture {
         return RelayEvent(seq: seq, body: ["seq": .number(JSONNumber(integer: Int64(seq))), "events": .object([uri: .object(body)])])
     }
 
-    mutating func user(_ k: Int, userName: String? = nil) -> RelayEvent {
+    /// User k: `active` unless k % 4 == 0, `userType` Contractor when
+    /// k % 100 == 3 (else Employee), two e-mails (one from the userName).
+    mutating func user(_ k: Int, userName: String? = nil, active: Bool? = nil) -> RelayEvent {
+        let name = userName ?? "User-\(k)"
         var data: JSONObject = [
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
-            "userName": .string(userName ?? "User-\(k)"), "externalId": .string("ext-\(k)"),
+            "userName": .string(name), "externalId": .string("ext-\(k)"), "active": .bool(active ?? (k % 4 != 0)),
+            "userType": .string(k % 100 == 3 ? "Contractor" : "Employee"),
+            "emails": [["value": .string("\(name)@Acme.example"), "primary": true], ["value": .string("u\(k)@alt.example")]],
         ]
         if k % 1000 == 7 { data["title"] = "Lead" }
         return event("urn:ietf:params:SCIM:event:prov:create:full", ["ref": .string("/Users/u\(k)"), "data": .object(data)])
     }
 
-    mutating func group(_ k: Int, members: [Int]) -> RelayEvent {
+    mutating func group(_ k: Int, members: [Int], displayName: String? = nil) -> RelayEvent {
         event(
             "urn:ietf:params:SCIM:event:prov:create:full",
             [
                 "ref": .string("/Groups/g\(k)"),
                 "data": [
-                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string("g\(k)"), "displayName": .string("G\(k)"),
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string("g\(k)"),
+                    "displayName": .string(displayName ?? "G\(k)"),
                     "members": .array(members.map { .object(["value": .string("u\($0)")]) }),
                 ],
             ])
@@ -239,22 +245,219 @@ final class BrokerListTests: XCTestCase {
         let again = try BrokerStore(path: old)
         XCTAssertEqual(try again.count("User"), 2_500)
     }
+    /// `active`, `userType`, `emails.value` (users) and `displayName`
+    /// (groups) answer an equality from `byValue`: a page parses only itself,
+    /// `totalResults` is exact, and writes keep entries and counts right.
+    func testIndexedAttributesAnswerTheirEqualitiesAtThePagesCost() throws {
+        let store = try BrokerStore(path: dir.file("broker"))
+        var fixture = ListFixture()
+        try fixture.populate(store, users: 20_000, groups: 5)
+        let inactive = (0..<20_000).filter { $0 % 4 == 0 }, active = (0..<20_000).filter { $0 % 4 != 0 }
+        // A budget of 1,000 resources: a scan of 20,000 could not answer any of this.
+        func indexed(_ params: [String: String], type: ResourceType? = nil) throws -> ListPage<JSONObject> {
+            try list(store, params, type: type, scanBudget: 1_000)
+        }
+
+        // active: a maintained count per value, pages by startIndex and by cursor.
+        var page = try indexed(["filter": "active eq true", "count": "0"])
+        XCTAssertEqual(page.totalResults, 15_000)
+        XCTAssertEqual(store.lastListCost.parsed, 0)
+        page = try indexed(["filter": "active eq true", "startIndex": "1", "count": "100"])
+        XCTAssertEqual(ids(page), active.prefix(100).map(ListFixture.brokerID))
+        XCTAssertEqual(page.totalResults, 15_000)
+        XCTAssertEqual(store.lastListCost.parsed, 100)
+        page = try indexed(["filter": "active eq true", "startIndex": "14901", "count": "100"])
+        XCTAssertEqual(ids(page), active.suffix(100).map(ListFixture.brokerID))
+        XCTAssertEqual(store.lastListCost.parsed, 100, "a deep startIndex walks keys, it parses only the page")
+        var walked: [String] = [], cursor = ""
+        while true {
+            page = try indexed(["filter": "active eq false", "cursor": cursor, "count": "1000"])
+            XCTAssertEqual(store.lastListCost.parsed, page.items.count, "a cursor page parses only itself")
+            XCTAssertEqual(page.totalResults, 5_000)
+            walked += ids(page)
+            guard let next = page.nextCursor else { break }
+            cursor = next
+        }
+        XCTAssertEqual(walked, inactive.map(ListFixture.brokerID))
+
+        // userType (counted per value) and the e-mails (one entry each), case-insensitive.
+        page = try indexed(["filter": #"userType eq "contractor""#, "count": "50"])
+        XCTAssertEqual(page.totalResults, 200)
+        XCTAssertEqual(ids(page), (0..<50).map { ListFixture.brokerID($0 * 100 + 3) })
+        XCTAssertEqual(store.lastListCost.parsed, 50)
+        for filter in [
+            #"emails.value eq "USER-777@acme.example""#, #"emails eq "u777@ALT.example""#, #"emails[value eq "u777@alt.example"]"#,
+        ] {
+            page = try indexed(["filter": filter])
+            XCTAssertEqual(ids(page), [ListFixture.brokerID(777)], filter)
+            XCTAssertEqual(page.totalResults, 1, filter)
+            XCTAssertEqual(store.lastListCost.parsed, 1, filter)
+        }
+        page = try indexed(["filter": #"displayName eq "g3""#], type: groups)
+        XCTAssertEqual(ids(page), ["g-3"])
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+
+        // An and: the more selective side's candidates, each checked.
+        page = try indexed(["filter": #"active eq true and userType eq "Contractor""#, "count": "10"])
+        XCTAssertEqual(page.totalResults, 200)
+        XCTAssertEqual(store.lastListCost.parsed, 200, "userType's 200 candidates, not active's 15,000")
+        page = try indexed(["filter": #"emails[type eq "work" and value eq "u5@alt.example"]"#])
+        XCTAssertEqual(page.totalResults, 0, "the candidate is checked: it has no work e-mail")
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+
+        // Writes keep entries and counts: a flip, a delete, a rename.
+        let writes = [
+            fixture.user(4, active: true), fixture.event("urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/u8"]),
+            fixture.user(42, userName: "Renamed"),
+        ]
+        try fixture.apply(store, writes, ids: [])
+        XCTAssertEqual(try indexed(["filter": "active eq true", "count": "0"]).totalResults, 15_001)
+        XCTAssertEqual(try indexed(["filter": "active eq false", "count": "0"]).totalResults, 4_998)
+        page = try indexed(["filter": "active eq false", "count": "2"])
+        XCTAssertEqual(ids(page), [0, 12].map(ListFixture.brokerID))
+        XCTAssertEqual(try indexed(["filter": #"emails eq "user-42@acme.example""#]).totalResults, 0)
+        XCTAssertEqual(ids(try indexed(["filter": #"emails eq "renamed@acme.example""#])), [ListFixture.brokerID(42)])
+        XCTAssertEqual(ids(try indexed(["filter": #"emails eq "u42@alt.example""#])), [ListFixture.brokerID(42)])
+        XCTAssertEqual(try indexed(["filter": #"emails eq "u8@alt.example""#]).totalResults, 0)
+    }
+
+    /// `sortBy=userName` (users) and `displayName` (groups) walk the
+    /// attribute's range of `byValue`, both ways, by startIndex and cursor;
+    /// another sortBy sorts in memory within the budget, as before.
+    func testSortByUserNameOrDisplayNameWalksTheIndex() throws {
+        let store = try BrokerStore(path: dir.file("broker"))
+        var fixture = ListFixture()
+        try fixture.populate(store, users: 20_000)
+        let names = ["Zeta", "alpha", "Mu", "beta", "Omega"]
+        let created = names.indices.map { fixture.group($0, members: [], displayName: names[$0]) }
+        try fixture.apply(store, created, ids: names.indices.map { "g-\($0)" })
+        let order = (0..<20_000).sorted { "user-\($0)".utf8.lexicographicallyPrecedes("user-\($1)".utf8) }.map(ListFixture.brokerID)
+        func sorted(_ params: [String: String], budget: Int = 1_000, type: ResourceType? = nil) throws -> ListPage<JSONObject> {
+            try list(store, params.merging(["sortBy": "userName"]) { a, _ in a }, type: type, scanBudget: budget)
+        }
+
+        var page = try sorted(["startIndex": "1", "count": "100"])
+        XCTAssertEqual(ids(page), Array(order.prefix(100)))
+        XCTAssertEqual(page.totalResults, 20_000)
+        XCTAssertEqual(store.lastListCost.parsed, 100)
+        page = try sorted(["startIndex": "19901", "count": "100"])
+        XCTAssertEqual(ids(page), Array(order.suffix(100)))
+        XCTAssertEqual(store.lastListCost.parsed, 100)
+        page = try sorted(["startIndex": "1", "count": "100", "sortOrder": "descending"])
+        XCTAssertEqual(ids(page), Array(order.reversed().prefix(100)))
+        XCTAssertEqual(store.lastListCost.parsed, 100)
+        page = try sorted(["startIndex": "19991", "count": "100", "sortOrder": "descending"])
+        XCTAssertEqual(ids(page), Array(order.prefix(10).reversed()))
+
+        // By cursor, descending: every user once, each page parsing itself.
+        var walked: [String] = [], cursor = ""
+        while true {
+            page = try sorted(["cursor": cursor, "count": "1000", "sortOrder": "descending"])
+            XCTAssertEqual(store.lastListCost.parsed, page.items.count)
+            walked += ids(page)
+            guard let next = page.nextCursor else { break }
+            cursor = next
+        }
+        XCTAssertEqual(walked, order.reversed())
+        let back = try sorted(["cursor": try XCTUnwrap(page.previousCursor), "count": "1000", "sortOrder": "descending"])
+        XCTAssertEqual(ids(back), Array(order.reversed()[18_000..<19_000]))
+        XCTAssertThrowsError(try sorted(["cursor": cursor, "count": "10"]), "a descending cursor is not an ascending one") { e in
+            XCTAssertEqual((e as? SCIMError)?.scimType, .invalidCursor)
+        }
+
+        // Groups by displayName, case-insensitive.
+        page = try list(store, ["sortBy": "displayName", "excludedAttributes": "members"], type: groups, scanBudget: 1)
+        XCTAssertEqual(page.items.compactMap { $0["displayName"]?.stringValue }, ["alpha", "beta", "Mu", "Omega", "Zeta"])
+        page = try list(store, ["sortBy": "displayName", "sortOrder": "descending", "count": "2"], type: groups, scanBudget: 1)
+        XCTAssertEqual(page.items.compactMap { $0["displayName"]?.stringValue }, ["Zeta", "Omega"])
+        XCTAssertEqual(page.totalResults, 5)
+
+        // Another attribute: sorted in memory, within the budget or tooMany.
+        XCTAssertThrowsError(try list(store, ["sortBy": "title"], scanBudget: 1_000)) { e in
+            XCTAssertEqual((e as? SCIMError)?.scimType, .tooMany)
+        }
+        page = try list(store, ["sortBy": "title", "count": "3"], scanBudget: 100_000)
+        XCTAssertEqual(ids(page), [7, 1007, 2007].map(ListFixture.brokerID))
+
+        // A user without a userName is in no range: sorted in memory until it goes.
+        let nameless = fixture.event(
+            "urn:ietf:params:SCIM:event:prov:create:full", ["ref": "/Users/nameless", "data": ["id": "nameless"]])
+        try fixture.apply(store, [nameless], ids: ["b-99999"])
+        XCTAssertThrowsError(try sorted(["count": "10"])) { e in XCTAssertEqual((e as? SCIMError)?.scimType, .tooMany) }
+        page = try sorted(["startIndex": "20001", "count": "10"], budget: 100_000)
+        XCTAssertEqual(ids(page), ["b-99999"], "without a value: last")
+        let gone = fixture.event("urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/nameless"])
+        try fixture.apply(store, [gone], ids: [])
+        page = try sorted(["count": "10"])
+        XCTAssertEqual(ids(page), Array(order.prefix(10)))
+        XCTAssertEqual(store.lastListCost.parsed, 10)
+    }
+
+    /// A store of the first list layout (byType, userName and externalId
+    /// only) gets the attribute entries and their counts when it is opened,
+    /// a chunk per transaction, with nothing counted twice.
+    func testAStoreOfTheFirstListLayoutGetsTheAttributeIndexesAtOpen() throws {
+        let old = dir.file("old")
+        do {
+            let env = try Environment(EnvironmentOptions(path: old))
+            let resources = try env.openDatabase("resources"), brokerIds = try env.openDatabase("brokerIds")
+            let byType = try env.openDatabase("byType"), byValue = try env.openDatabase("byValue"), meta = try env.openDatabase("meta")
+            try env.write { txn in
+                for k in 0..<2_500 {
+                    let key = Array("acme-de/User/u\(k)".utf8), id = Array(ListFixture.brokerID(k).utf8)
+                    let doc = #"""
+                        {"id":"\#(ListFixture.brokerID(k))","userName":"User-\#(k)","externalId":"ext-\#(k)","active":\#(k % 4 != 0),
+                        "emails":[{"value":"User-\#(k)@Acme.example"}]}
+                        """#
+                    try txn.put(resources, key, Array(doc.utf8))
+                    try txn.put(brokerIds, id, key)
+                    try txn.put(byType, Array("User\0".utf8) + id, key)
+                    try txn.put(byValue, Array("User\0u\0user-\(k)\0".utf8) + id, key)
+                    try txn.put(byValue, Array("User\0e\0ext-\(k)\0".utf8) + id, key)
+                }
+                try txn.put(meta, Array("count/User".utf8), UInt64(2_500).bigEndianBytes)
+                try txn.put(meta, Array("lists".utf8), UInt64(1).bigEndianBytes)
+            }
+        }
+        let store = try BrokerStore(path: old)
+        XCTAssertEqual(try store.count("User"), 2_500, "counted once")
+        var page = try list(store, ["filter": "active eq false", "count": "10"], scanBudget: 100)
+        XCTAssertEqual(page.totalResults, 625)
+        XCTAssertEqual(ids(page), (0..<10).map { ListFixture.brokerID($0 * 4) })
+        XCTAssertEqual(store.lastListCost.parsed, 10)
+        page = try list(store, ["filter": #"emails eq "user-2048@acme.example""#], scanBudget: 100)
+        XCTAssertEqual(ids(page), [ListFixture.brokerID(2_048)])
+        page = try list(store, ["sortBy": "userName", "sortOrder": "descending", "count": "1"], scanBudget: 100)
+        XCTAssertEqual(ids(page), [ListFixture.brokerID(999)], "user-999 sorts last")
+        XCTAssertEqual(store.lastListCost.parsed, 1)
+        let again = try BrokerStore(path: old)
+        XCTAssertEqual(try list(again, ["filter": "active eq true", "count": "0"]).totalResults, 1_875, "built once")
+        XCTAssertEqual(try again.count("User"), 2_500)
+    }
 }
 
 /// The same over the read API socket of a broker process.
 final class BrokerListAPITests: FederationTestCase {
-    func testReadAPIPagesTwentyThousandUsers() throws {
+    /// A broker over a store of 20,000 users and `groups` groups, its read
+    /// API configured with `api` (YAML flow members) besides its listener
+    /// and token file: the process and the API's port.
+    func startAPI(groups: Int, api: String = "") throws -> (ChildProcess, Int) {
         do {
             let store = try BrokerStore(path: dir.file("broker"))
             var fixture = ListFixture()
-            try fixture.populate(store, users: 20_000, groups: 2)
+            try fixture.populate(store, users: 20_000, groups: groups)
         }
         let tokens = dir.write("api.tokens", "api-token\n")
         XCTAssertEqual(chmod(tokens, 0o600), 0)
-        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens)}\n")
+        let (process, _) = try startBroker(yaml: "api: {listen: 127.0.0.1:0, tokenFile: \(tokens)\(api)}\n")
         let apiLine = try XCTUnwrap(process.waitForLine("read API at"), "\(process.output)")
-        let apiPort = Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!
-        func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+        return (process, Int(apiLine.split(separator: ":").last!.split(separator: "/").first!)!)
+    }
+
+    func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
+
+    func testReadAPIPagesTwentyThousandUsers() throws {
+        let (process, apiPort) = try startAPI(groups: 2)
 
         var r = try api(apiPort, "/Users?count=0")
         XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
@@ -292,6 +495,45 @@ final class BrokerListAPITests: FederationTestCase {
         r = try api(apiPort, "/Groups/g-0?attributes=displayName")
         XCTAssertEqual(r.1?["displayName"], "G0")
         XCTAssertNil(r.1?["members"])
+        process.signal(SIGTERM)
+        XCTAssertEqual(process.waitForExit(), 0)
+    }
+}
+
+extension BrokerListAPITests {
+    /// The attribute indexes and index-served sorts over the socket, with a
+    /// scan budget of 100: a scan of the 20,000 users could answer none of it.
+    func testReadAPIAnswersIndexedFiltersAndSortsWithoutScanning() throws {
+        let (process, apiPort) = try startAPI(groups: 3, api: ", scanBudget: 100")
+        let order = (0..<20_000).sorted { "user-\($0)".utf8.lexicographicallyPrecedes("user-\($1)".utf8) }.map(ListFixture.brokerID)
+
+        var r = try api(apiPort, "/Users?filter=active%20eq%20false&count=0")
+        XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
+        XCTAssertEqual(r.1?["totalResults"], 5_000)
+        r = try api(apiPort, "/Users?filter=active%20eq%20true&startIndex=14998&count=5")
+        XCTAssertEqual(ids(r), [19_997, 19_998, 19_999].map(ListFixture.brokerID))
+        XCTAssertEqual(r.1?["totalResults"], 15_000)
+        r = try api(apiPort, "/Users?filter=userType%20eq%20%22Contractor%22&cursor=&count=150")
+        XCTAssertEqual(ids(r).count, 150)
+        r = try api(
+            apiPort, "/Users?cursor=\(try XCTUnwrap(r.1?["nextCursor"]?.stringValue))&filter=userType%20eq%20%22Contractor%22&count=150")
+        XCTAssertEqual(ids(r), (150..<200).map { ListFixture.brokerID($0 * 100 + 3) })
+        XCTAssertEqual(r.1?["totalResults"], 200)
+        r = try api(apiPort, "/Users?filter=emails%5Bvalue%20eq%20%22USER-19999%40acme.example%22%5D")
+        XCTAssertEqual(ids(r), [ListFixture.brokerID(19_999)])
+        r = try api(apiPort, "/Users?sortBy=userName&sortOrder=descending&count=3")
+        XCTAssertEqual(ids(r), Array(order.reversed().prefix(3)))
+        r = try api(apiPort, "/Users?sortBy=userName&startIndex=19999&count=5")
+        XCTAssertEqual(ids(r), Array(order.suffix(2)))
+        XCTAssertEqual(r.1?["totalResults"], 20_000)
+        r = try api(apiPort, "/Groups?filter=displayName%20eq%20%22g2%22&excludedAttributes=members")
+        XCTAssertEqual(ids(r), ["g-2"])
+        r = try api(apiPort, "/Groups?sortBy=displayName&sortOrder=descending&attributes=displayName")
+        XCTAssertEqual(ids(r), ["g-2", "g-1", "g-0"])
+        // Not indexed: within the budget or tooMany, as before.
+        r = try api(apiPort, "/Users?sortBy=title&count=5")
+        XCTAssertEqual(r.0, 400)
+        XCTAssertEqual(r.1?["scimType"], "tooMany")
         process.signal(SIGTERM)
         XCTAssertEqual(process.waitForExit(), 0)
     }
