@@ -394,8 +394,9 @@ extension BrokerStore {
     /// A removal the deletion guard holds has no hop yet: it adds one that
     /// says so (`heldSince`, `target`), from the paused target's queue.
     /// `idOrTrace` may also be what an operator knows of a resource: its
-    /// `userName` or `externalId` (indexed), its id at a target, or, by a
-    /// scan of the directory, its id at its source or a group's `displayName`.
+    /// `userName`, `externalId`, an email or a group's `displayName`
+    /// (indexed), its id at a target, or (by a scan of the directory) its id
+    /// at its source.
     public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
         let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
         let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
@@ -421,10 +422,11 @@ extension BrokerStore {
                 if hasTrail || known {
                     ids = [idOrTrace]
                 } else {
-                    // A userName or externalId, from the list indexes.
+                    // A userName, an externalId, an email or a group's displayName, from the list indexes.
                     for type in ["User", "Group"] {
-                        for attribute in [UInt8(ascii: "u"), UInt8(ascii: "e")] {
-                            guard let p = BrokerStore.valuePrefix(type, attribute, idOrTrace) else { continue }
+                        for attribute in [IndexedAttribute.userName, .externalId, .email, .displayName] where attribute.applies(to: type) {
+                            guard let value = attribute.normalized(.string(idOrTrace)) else { continue }
+                            let p = BrokerStore.valuePrefix(type, attribute, value)
                             try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
                                 if let bytes = try txn.get(resources, key),
                                     let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
@@ -447,14 +449,14 @@ extension BrokerStore {
                     }
                 }
                 if ids.isEmpty {
-                    // A trace that reached no target yet (the directory knows its latest change), a source id, a displayName.
+                    // A trace that reached no target yet (the directory knows its latest change), or a source id.
                     var named: [String] = []
                     try txn.scan(resources) { _, v in
                         if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
                             let source = o[BrokerStore.sourceExtension]
                             if source?["trace"]?.stringValue == idOrTrace {
                                 ids.append(id)
-                            } else if source?["id"]?.stringValue == idOrTrace || o["displayName"]?.stringValue == idOrTrace {
+                            } else if source?["id"]?.stringValue == idOrTrace {
                                 named.append(id)
                             }
                         }
