@@ -309,7 +309,7 @@ public final class TargetWorker {
         discovering = true
         send(
             HTTPRequest(method: "GET", target: target.basePath + "/ServiceProviderConfig", headers: headers(trace: "")),
-            method: "GET"
+            method: "GET", nil
         ) { [weak self] result in
             guard let self else { return }
             discovering = false
@@ -454,6 +454,7 @@ public final class TargetWorker {
         }
         inFlight.formUnion(serial)
         inFlightCount += 1
+        steps[id] = nil
         var delivery = Delivery(
             item: first.item, keys: keys, serialKeys: serial, attempts: first.attempts, waits: first.waits, recovered: first.recovered)
         do {
@@ -717,7 +718,7 @@ public final class TargetWorker {
         let first = usesPatch(type) ? membershipStep(from: nil, to: full, limit: target.maxMembersPerPatch) : nil
         let body = first ?? full
         let bytes = JSON.object(body).serialized()
-        send(request("POST", path, d, body: bytes), method: "POST") { [weak self] result in
+        send(request("POST", path, d, body: bytes), method: "POST", d) { [weak self] result in
             guard let self else { return }
             switch result {
             case .success(let r) where r.status == 201 || r.status == 200:
@@ -884,7 +885,7 @@ public final class TargetWorker {
         let bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
         var req = request("PATCH", path, d, body: bytes)
         if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
-        send(req, method: "PATCH") { [weak self] result in
+        send(req, method: "PATCH", d) { [weak self] result in
             guard let self else { return }
             switch result {
             case .success(let r) where (200..<300).contains(r.status):
@@ -1015,7 +1016,7 @@ public final class TargetWorker {
         var req = request("PATCH", path + (large ? "?excludedAttributes=members" : ""), d, body: bytes)
         if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
         statistics.memberSteps += 1
-        send(req, method: "PATCH") { [weak self] result in
+        send(req, method: "PATCH", d) { [weak self] result in
             guard let self else { return }
             switch result {
             case .success(let r) where (200..<300).contains(r.status):
@@ -1148,7 +1149,7 @@ public final class TargetWorker {
         }
         var req = request(method, path, d, body: bytes)
         if capabilities?.etag == true, let etag = mapping.etag { req.headers.set("If-Match", etag) }
-        send(req, method: method) { [weak self] result in
+        send(req, method: method, d) { [weak self] result in
             self?.updateAnswered(result, d, type: type, mapping: mapping, body: body, method: method, path: path, bytes: bytes, step: step)
         }
     }
@@ -1235,7 +1236,7 @@ public final class TargetWorker {
         }
         let path = endpoint(d.item.type) + "/" + mapping.targetID
         if !deactivate {
-            send(request("DELETE", path, d, body: []), method: "DELETE") { [weak self] result in
+            send(request("DELETE", path, d, body: []), method: "DELETE", d) { [weak self] result in
                 guard let self else { return }
                 switch result {
                 case .success(let r) where (200..<300).contains(r.status) || r.status == 404:
@@ -1249,7 +1250,7 @@ public final class TargetWorker {
         if !usesPatch(d.item.type) && mapping.sent == nil {
             // A PUT replaces the whole account: without PATCH and without the
             // body last sent (an adopted or stray account), read it first.
-            send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
+            send(request("GET", path, d, body: []), method: "GET", d) { [weak self] result in
                 guard let self else { return }
                 switch result {
                 case .success(let r) where r.status == 200:
@@ -1286,7 +1287,7 @@ public final class TargetWorker {
             full["id"] = .string(mapping.targetID)
             bytes = JSON.object(full).serialized()
         }
-        send(request(method, path, d, body: bytes), method: method) { [weak self] result in
+        send(request(method, path, d, body: bytes), method: method, d) { [weak self] result in
             guard let self else { return }
             switch result {
             case .success(let r) where (200..<300).contains(r.status):
@@ -1321,7 +1322,7 @@ public final class TargetWorker {
     ) {
         let escaped = value.replacing("\\", with: "\\\\").replacing("\"", with: "\\\"")
         let path = endpoint(type) + "?filter=" + percentEncode("\(attribute) eq \"\(escaped)\"") + "&attributes=id,externalId"
-        send(request("GET", path, d, body: []), method: "GET") { [weak self] result in
+        send(request("GET", path, d, body: []), method: "GET", d) { [weak self] result in
             guard let self else { return }
             switch result {
             case .success(let r) where r.status == 200:
@@ -1361,8 +1362,15 @@ public final class TargetWorker {
         return HTTPRequest(method: method, target: path, headers: h, body: body)
     }
 
-    private func send(_ request: HTTPRequest, method: String, _ completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void) {
+    /// Sends one request (of delivery `d`: its method, path and answer are
+    /// kept as one of the delivery's steps, which the hop lists: `trace`,
+    /// `targets push`).
+    private func send(
+        _ request: HTTPRequest, method: String, _ d: Delivery?, _ completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void
+    ) {
+        let id = d?.item.brokerID, path = request.target
         guard ensureClients(), let client = clients.min(by: { $0.outstanding < $1.outstanding }) else {
+            step(id, method, path, nil, "cannot resolve \(target.host)")
             completion(.failure(.connectFailed("cannot resolve \(target.host)")))
             return
         }
@@ -1370,12 +1378,29 @@ public final class TargetWorker {
             guard let self else { return }
             let label: String
             switch result {
-            case .success(let r): label = "\(method) \(r.status / 100)xx"
-            case .failure: label = "\(method) error"
+            case .success(let r):
+                label = "\(method) \(r.status / 100)xx"
+                step(id, method, path, r.status, nil)
+            case .failure(let e):
+                label = "\(method) error"
+                step(id, method, path, nil, "\(e)")
             }
             statistics.requests[label, default: 0] += 1
             completion(result)
         }
+    }
+
+    /// The requests of the deliveries in flight, by broker id (at most
+    /// `maxSteps` each: a long membership change keeps its first ones).
+    private var steps: [String: [JSON]] = [:]
+    static let maxSteps = 16
+
+    private func step(_ id: String?, _ method: String, _ path: String, _ status: Int?, _ error: String?) {
+        guard let id, steps[id, default: []].count < Self.maxSteps else { return }
+        var o: JSONObject = ["method": .string(method), "path": .string(path)]
+        if let status { o["status"] = .int(status) }
+        if let error { o["error"] = .string(String(error.prefix(200))) }
+        steps[id, default: []].append(.object(o))
     }
 
     /// A request that got no answer: TLS failures (a certificate the target
@@ -1510,6 +1535,7 @@ public final class TargetWorker {
         let now = monotonicMilliseconds()
         func release(retryAt: UInt64?, countAttempt: Bool, wait: Bool = false) {
             endFlight(d)
+            steps[id] = nil
             // A removal rejected by the operator while it was in flight is gone
             // from the queue: it must not be tried again. (A failed read keeps it:
             // the next refresh looks again.)
@@ -1533,7 +1559,7 @@ public final class TargetWorker {
         case .forbidden(let method, let path, let request, let response):
             // One page of one resource, about no change: it answers whether the credentials work.
             let check = endpoint(d.item.type) + "?count=1&attributes=id"
-            send(self.request("GET", check, d, body: []), method: "GET") { [weak self] result in
+            send(self.request("GET", check, d, body: []), method: "GET", d) { [weak self] result in
                 guard let self else { return }
                 switch result {
                 case .success(let r) where (200..<300).contains(r.status):
@@ -1646,6 +1672,7 @@ public final class TargetWorker {
 
     private func complete(_ d: Delivery, mapping: TargetMapping??, deadLetter: JSONObject?, hop given: JSONObject) {
         var hop = given
+        if let taken = steps.removeValue(forKey: d.item.brokerID), !taken.isEmpty { hop["steps"] = .array(taken) }
         if d.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: d.item.acceptedAt)) }
         hop["applied"] = .number(JSONNumber(integer: d.item.queuedAt))
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop

@@ -397,75 +397,93 @@ extension BrokerStore {
     /// `userName`, `externalId`, an email or a group's `displayName`
     /// (indexed), its id at a target, or (by a scan of the directory) its id
     /// at its source.
-    public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+    /// The broker ids `query` names (`trail`): those a trace id touched
+    /// (`byTrace`), or the one resource a broker id, `userName`,
+    /// `externalId`, email, group `displayName`, id at a target or id at the
+    /// source names (several when several resources share that name).
+    func resolve(_ idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool) {
         let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
         let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
-        return try environment.read { txn in
-            // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
-            var targetNames = Set(targets.map(\.name))
-            try txn.scanKeys(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k in
-                targetNames.insert(String(decoding: k.dropFirst(7), as: UTF8.self))
-                return true
+        // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
+        var targetNames = Set(targets.map(\.name))
+        try txn.scanKeys(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k in
+            targetNames.insert(String(decoding: k.dropFirst(7), as: UTF8.self))
+            return true
+        }
+        var ids: [String] = []
+        try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
+            ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
+            return true
+        }
+        var byTrace = !ids.isEmpty
+        if !byTrace {
+            var hasTrail = false
+            try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in
+                hasTrail = true; return false
             }
-            var ids: [String] = []
-            try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
-                ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
-                return true
-            }
-            var byTrace = !ids.isEmpty
-            if !byTrace {
-                var hasTrail = false
-                try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in
-                    hasTrail = true; return false
-                }
-                let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
-                if hasTrail || known {
-                    ids = [idOrTrace]
-                } else {
-                    // A userName, an externalId, an email or a group's displayName, from the list indexes.
-                    for type in ["User", "Group"] {
-                        for attribute in [IndexedAttribute.userName, .externalId, .email, .displayName] where attribute.applies(to: type) {
-                            guard let value = attribute.normalized(.string(idOrTrace)) else { continue }
-                            let p = BrokerStore.valuePrefix(type, attribute, value)
-                            try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
-                                if let bytes = try txn.get(resources, key),
-                                    let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
-                                    !ids.contains(id)
-                                {
-                                    ids.append(id)
-                                }
-                                return true
-                            }
-                        }
-                    }
-                    // An account at a target.
-                    for name in targetNames.sorted() {
-                        for type in ["User", "Group"] {
-                            if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
-                                let id = String(decoding: owner, as: UTF8.self)
-                                if !ids.contains(id) { ids.append(id) }
-                            }
-                        }
-                    }
-                }
-                if ids.isEmpty {
-                    // A trace that reached no target yet (the directory knows its latest change), or a source id.
-                    var named: [String] = []
-                    try txn.scan(resources) { _, v in
-                        if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
-                            let source = o[BrokerStore.sourceExtension]
-                            if source?["trace"]?.stringValue == idOrTrace {
+            let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
+            if hasTrail || known {
+                ids = [idOrTrace]
+            } else {
+                // A userName, an externalId, an email or a group's displayName, from the list indexes.
+                for type in ["User", "Group"] {
+                    for attribute in [IndexedAttribute.userName, .externalId, .email, .displayName] where attribute.applies(to: type) {
+                        guard let value = attribute.normalized(.string(idOrTrace)) else { continue }
+                        let p = BrokerStore.valuePrefix(type, attribute, value)
+                        try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
+                            if let bytes = try txn.get(resources, key),
+                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
+                                !ids.contains(id)
+                            {
                                 ids.append(id)
-                            } else if source?["id"]?.stringValue == idOrTrace {
-                                named.append(id)
                             }
+                            return true
                         }
-                        return true
                     }
-                    byTrace = !ids.isEmpty
-                    if !byTrace { ids = named }
+                }
+                // An account at a target.
+                for name in targetNames.sorted() {
+                    for type in ["User", "Group"] {
+                        if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
+                            let id = String(decoding: owner, as: UTF8.self)
+                            if !ids.contains(id) { ids.append(id) }
+                        }
+                    }
                 }
             }
+            if ids.isEmpty {
+                // A trace that reached no target yet (the directory knows its latest change), or a source id.
+                var named: [String] = []
+                try txn.scan(resources) { _, v in
+                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
+                        let source = o[BrokerStore.sourceExtension]
+                        if source?["trace"]?.stringValue == idOrTrace {
+                            ids.append(id)
+                        } else if source?["id"]?.stringValue == idOrTrace {
+                            named.append(id)
+                        }
+                    }
+                    return true
+                }
+                byTrace = !ids.isEmpty
+                if !byTrace { ids = named }
+            }
+        }
+        return (ids, byTrace)
+    }
+
+    /// The resources `query` names (not a trace id): for `targets push`.
+    public func resources(named query: String) throws -> [String] {
+        try environment.read { txn in
+            let (ids, byTrace) = try resolve(query, txn)
+            return byTrace ? [] : ids
+        }
+    }
+
+    public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+        let trail = self.trail, resources = self.resources, brokerIds = self.brokerIds
+        return try environment.read { txn in
+            var (ids, byTrace) = try resolve(idOrTrace, txn)
             let held = try heldRemovals(matching: idOrTrace, txn)
             if ids.isEmpty && !held.isEmpty {
                 // Deleted at the source and held before any target answered: only the queue knows it.
@@ -611,7 +629,8 @@ extension BrokerStore {
         }
     }
 
-    func mapping(target: String, brokerID: String) throws -> TargetMapping? {
+    /// What the broker knows of `brokerID`'s account at `target`.
+    public func mapping(target: String, brokerID: String) throws -> TargetMapping? {
         let targetIds = self.targetIds
         return try environment.read { txn in try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) }
     }

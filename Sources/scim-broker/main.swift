@@ -223,7 +223,7 @@ func formatTime(_ ms: Int64?) -> String {
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Downstream targets: status, the deletion guard, reconciliation, forgetting a removed target.",
-        subcommands: [TargetStatus.self, Held.self, ConfirmDeletes.self, RejectDeletes.self, Reconcile.self, Forget.self])
+        subcommands: [TargetStatus.self, Held.self, ConfirmDeletes.self, RejectDeletes.self, Reconcile.self, Push.self, Forget.self])
 }
 
 struct TargetStatus: ParsableCommand {
@@ -497,7 +497,77 @@ struct Trace: ParsableCommand {
             emitLine(
                 "\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))"
             )
+            for step in hop["steps"]?.arrayValue ?? [] { emitLine("\t\t  " + describeStep(step)) }
         }
+    }
+}
+
+/// One request of a delivery: `PATCH /scim/v2/Groups/… → 200`.
+func describeStep(_ step: JSON) -> String {
+    "\(step["method"]?.stringValue ?? "?") \(step["path"]?.stringValue ?? "?") → "
+        + (step["status"]?.numberValue.map { "\($0)" } ?? "no answer: \(step["error"]?.stringValue ?? "")")
+}
+
+struct Push: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Provision on demand: deliver one resource to a target now, and print each step's result.",
+        discussion: """
+            The resource is named by anything `trace` takes (a broker id, a userName, an externalId, an email, a \
+            group's displayName, an id at a target or at the source). It is checked against the target's routes, \
+            queued for the running broker with a trace id of its own, and followed until the target answered \
+            (--wait seconds). Exit status 0 when the target took it.
+            """)
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Argument(help: "The resource.") var id: String
+    @Option(help: "How long to wait for the target's answer, in seconds.") var wait = 30
+
+    func run() throws {
+        let (store, targets) = try options.open(target: name)
+        guard let target = targets.first(where: { $0.name == name }) else {
+            throw CommandFailure("give --config: the target's routes decide whether \(id) goes to \(name)")
+        }
+        let ids = try store.resources(named: id)
+        guard ids.count == 1, let brokerID = ids.first else {
+            throw CommandFailure(
+                ids.isEmpty
+                    ? "no resource named \(id)" : "\(id) names \(ids.count) resources (\(ids.joined(separator: ", "))): give a broker id")
+        }
+        guard let (domain, type, resource) = try store.resource(brokerID: brokerID) else { throw CommandFailure("\(brokerID) is gone") }
+        let label = resource[type == "User" ? "userName" : "displayName"]?.stringValue ?? "-"
+        emitLine("resource\t\(type) \(brokerID) (\(label), domain \(domain))")
+        guard target.routes(domain: domain, type: type, resource) else {
+            emitLine("scope\tout of scope: the routes of target \(name) do not want it; nothing is sent")
+            throw ExitCode(1)
+        }
+        emitLine("scope\tin scope for target \(name)")
+        // Its state at the target is taken as unknown: the whole resource is sent (a user by PUT; a group
+        // from the member index gets its attributes again), as reconcile does for drift.
+        var forced = try store.mapping(target: name, brokerID: brokerID)
+        let indexed = forced?.members != nil
+        forced?.sent = indexed ? [:] : nil
+        forced?.etag = nil
+        emitLine(
+            "account\t" + (forced.map { "\(type) \($0.targetID) at the target: sent again, whole" } ?? "none at the target yet: created"))
+        let trace = "push-" + hexString(secureRandomBytes(12))
+        try store.enqueue(target: name, brokerID: brokerID, type: type, .upsert, mapping: forced, trace: trace)
+        emitLine("queued\ttrace \(trace)")
+        // The running broker picks it up within a second; its hop carries the trace id.
+        let deadline = monotonicMilliseconds() + UInt64(max(1, wait)) * 1000
+        while monotonicMilliseconds() < deadline {
+            if let hop = try store.trail(trace).first(where: { $0.hop["hop"]?.stringValue == "target \(name)" })?.hop {
+                for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + describeStep(step)) }
+                let ok = hop["detail"]?.stringValue != "dead letter"
+                emitLine(
+                    "result\t" + (ok ? "delivered" : "refused: a dead letter (`scim-broker deadletter list --for \(name)`)")
+                        + (hop["status"]?.numberValue.map { " (\($0))" } ?? "") + (hop["detail"]?.stringValue.map { ": \($0)" } ?? ""))
+                if !ok { throw ExitCode(1) }
+                return
+            }
+            usleep(100_000)
+        }
+        throw CommandFailure(
+            "no answer from target \(name) within \(wait) s: the push stays queued (is the broker running? `scim-broker targets status`)")
     }
 }
 

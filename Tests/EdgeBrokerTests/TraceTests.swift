@@ -47,3 +47,45 @@ extension FanoutTests {
             trace(reconcileTrace))
     }
 }
+
+extension FanoutTests {
+    /// `targets push`: provision on demand. A resource in scope is sent now
+    /// (whole: its state at the target is taken as unknown) and each request
+    /// and answer is printed; one out of scope is not sent, and says why.
+    func testPushDeliversOneResourceNowAndPrintsEachStep() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let routes = #"routes: [{domains: [acme-de], types: [User], filter: 'title eq "staff"'}]"#
+        let (_, bp) = try startBroker(
+            yaml: "targets:\n" + target("app", port: appPort).replacing("routes: [{domains: [acme-de]}]", with: routes))
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        _ = try newUser(dp, "fay", extra: #","title":"staff""#)
+        _ = try newUser(dp, "gus", extra: #","title":"intern""#)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["fay"] != nil })
+        // Changed at the target behind the broker's back: the push puts it right.
+        let atApp = try XCTUnwrap(users(appPort, token: "t", prefix: "/scim/v2")["fay"]?["id"]?.stringValue)
+        XCTAssertEqual(
+            try scim(
+                appPort, "PATCH", "/Users/\(atApp)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"title","value":"tampered"}]}"#,
+                token: "t", prefix: "/scim/v2"
+            ).0 / 100, 2)
+        let push = try brokerCLI(["targets", "push", "--config", dir.file("broker.yaml"), "app", "fay"])
+        XCTAssertEqual(push.0, 0, push.1)
+        XCTAssertTrue(push.1.contains("scope\tin scope for target app"), push.1)
+        XCTAssertTrue(push.1.contains("step\tPUT /scim/v2/Users/\(atApp) → 200"), push.1)
+        XCTAssertTrue(push.1.contains("result\tdelivered"), push.1)
+        XCTAssertEqual(users(appPort, token: "t", prefix: "/scim/v2")["fay"]?["title"], "staff")
+        // The push's own trace id finds its hop, with the step.
+        let trace = try XCTUnwrap(
+            push.1.split(separator: "\n").first { $0.hasPrefix("queued\ttrace ") }?.split(separator: " ").last.map(String.init))
+        XCTAssertTrue(try brokerCLI(["trace", "--data-dir", dir.file("broker"), trace]).1.contains("PUT /scim/v2/Users/\(atApp) → 200"))
+
+        let out = try brokerCLI(["targets", "push", "--config", dir.file("broker.yaml"), "app", "gus"])
+        XCTAssertEqual(out.0, 1, out.1)
+        XCTAssertTrue(out.1.contains("out of scope: the routes of target app do not want it; nothing is sent"), out.1)
+        XCTAssertNil(users(appPort, token: "t", prefix: "/scim/v2")["gus"])
+        let unknown = try brokerCLI(["targets", "push", "--config", dir.file("broker.yaml"), "app", "nobody"])
+        XCTAssertEqual(unknown.0, 1)
+        XCTAssertTrue(unknown.1.contains("no resource named nobody"), unknown.1)
+    }
+}
