@@ -229,6 +229,14 @@ extension BrokerStore {
                     found.append(r)
                 }
                 return try query.paginate(found) { $0 }
+            case .member(let id):
+                // A member's groups: as many as it belongs to, whatever their sizes.
+                var found: [JSONObject] = []
+                for g in try groups(of: id, txn).sorted() {
+                    guard let key = try txn.get(brokerIds, Array(g.utf8)), let r = try load(txn, key, &cost) else { continue }
+                    if try exact || matches(txn, type, r, filter, &cost) { found.append(r) }
+                }
+                return try query.paginate(found) { $0 }
             case .value(let attribute, let value):
                 let space = KeySpace(db: byValue, prefix: BrokerStore.valuePrefix(type.id, attribute, value))
                 if exact && query.sortBy == nil {

@@ -88,6 +88,9 @@ enum IndexedAttribute: UInt8, CaseIterable {
 enum IndexPlan: Equatable {
     case id(String)
     case value(IndexedAttribute, [UInt8])
+    /// Groups holding one member (`members.value eq`, `members[value eq …]`,
+    /// as Entra and Okta ask): from the member → groups index.
+    case member(String)
 
     var selectivity: Int {
         if case .value(let a, _) = self { return 1 + a.selectivity }
@@ -104,6 +107,7 @@ enum IndexPlan: Equatable {
         case .compare(let t, .eq, let literal) where t.container == nil:
             let path = t.path.asciiLowercased
             if path == "id", let id = literal.stringValue { return (.id(id), true) }
+            if type == "Group", path == "members.value" || path == "members", let id = literal.stringValue { return (.member(id), true) }
             guard let a = IndexedAttribute.allCases.first(where: { $0.applies(to: type) && $0.paths.contains(path) }),
                 let value = a.normalized(literal)
             else { return nil }

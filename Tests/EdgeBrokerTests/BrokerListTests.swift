@@ -200,6 +200,19 @@ final class BrokerListTests: XCTestCase {
         XCTAssertEqual(store.lastListCost.memberReads, 0, "attributes=displayName leaves the members index unread")
         page = try list(store, ["filter": #"members.value eq "\#(ListFixture.brokerID(3))""#], type: groups)
         XCTAssertEqual(page.totalResults, 5, "a filter on members sees them")
+        // As Entra and Okta ask it: from the member → groups index, not a scan of every group's members.
+        let more = (5..<60).map { fixture.group($0, members: [100 + $0]) }
+        try fixture.apply(store, more, ids: (5..<60).map { "g-\($0)" })
+        for filter in [#"members.value eq "\#(ListFixture.brokerID(3))""#, #"members[value eq "\#(ListFixture.brokerID(3))"]"#] {
+            page = try list(store, ["filter": filter, "attributes": "displayName"], type: groups)
+            XCTAssertEqual(ids(page), (0..<5).map { "g-\($0)" }, filter)
+            XCTAssertEqual(store.lastListCost.parsed, 5, "only the member's groups are read: \(filter)")
+            XCTAssertEqual(store.lastListCost.memberReads, 0, filter)
+        }
+        page = try list(store, ["filter": #"members.value eq "\#(ListFixture.brokerID(159))""#, "attributes": "displayName"], type: groups)
+        XCTAssertEqual(ids(page), ["g-59"])
+        page = try list(store, ["filter": #"members.value eq "\#(ListFixture.brokerID(160))""#, "attributes": "displayName"], type: groups)
+        XCTAssertEqual(ids(page), [], "no group holds user 160")
 
         // Deletes and renames keep the indexes and the count.
         let deleted = fixture.event("urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/u12345"])
