@@ -116,29 +116,10 @@ extension AgentStore {
     /// then the closing brackets. Memory holds one chunk. A group changing
     /// while it is streamed shows each member as one of the snapshots saw it.
     public func memberStream(of groupID: String) -> BodyStream {
-        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
-        var from: [UInt8]? = prefix, first = true
-        return BodyStream { [groupMembers] in
-            guard let start = from else { return nil }
-            var piece: [UInt8] = [], n = 0, last: [UInt8] = []
-            try self.environment.read { txn in
-                try txn.scan(groupMembers, from: start, to: end) { k, v in
-                    piece.append(contentsOf: first ? AgentStore.membersMember : [UInt8(ascii: ",")])
-                    first = false
-                    piece.append(contentsOf: v)
-                    last = k
-                    n += 1
-                    return n < AgentStore.memberChunk
-                }
-            }
-            if n == AgentStore.memberChunk {
-                from = last + [0]
-            } else {
-                from = nil
-                piece.append(contentsOf: first ? [UInt8(ascii: "}")] : Array("]}".utf8))
-            }
-            return piece
-        }
+        BodyStream(
+            storedArrayPieces(
+                environment, groupMembers, from: AgentStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
+                member: AgentStore.membersMember, chunk: AgentStore.memberChunk))
     }
 
     // MARK: writes

@@ -327,7 +327,7 @@ extension AgentConfiguration {
             }
             do {
                 try connection.bind(dn: source.bindDN, password: password)
-            } catch let e as LDAPError where [-1, -5, -11].contains(e.code) {
+            } catch let e where [-1, -5, -11].contains(e.code) {
                 // LDAP_SERVER_DOWN, LDAP_TIMEOUT, LDAP_CONNECT_ERROR: libldap connects at the first operation.
                 d.error("\(at).url", "cannot reach \(source.url): \(e)", fix: "check the host, the port and the TLS settings")
                 continue

@@ -102,11 +102,24 @@ public final class BrokerAPI {
                     throw SCIMError.invalidSyntax("malformed query string")
                 }
                 if request.query == nil {
-                    // As stored, with its members (no projection asked for).
-                    guard let r = try store.resource(brokerID: parts[1]), r.type == type.id else {
+                    // As stored, with its members (no projection asked for); a large group streamed.
+                    guard let r = try store.resource(brokerID: parts[1], members: false), r.type == type.id else {
                         throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
                     }
-                    return Self.respond(200, .object(r.resource))
+                    if type.id == "Group", try store.hasMoreMembers(parts[1], than: BrokerStore.streamMembersAbove) {
+                        var head = JSON.object(r.resource).serialized()
+                        head.removeLast()  // the closing brace: the members follow
+                        let members = store.memberStream(of: parts[1])
+                        var response = HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"])
+                        var sentHead = false
+                        response.stream = BodyStream {
+                            if sentHead { return try members.next() }
+                            sentHead = true
+                            return head
+                        }
+                        return response
+                    }
+                    return Self.respond(200, .object(try store.withMembers(r.resource)))
                 }
                 let projection = try ListQuery(
                     parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },

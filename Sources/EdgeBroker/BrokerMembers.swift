@@ -1,3 +1,4 @@
+import EdgeHTTP
 import EdgeStore
 import SCIM
 
@@ -107,6 +108,36 @@ extension BrokerStore {
             return true
         }
         return out
+    }
+
+    /// Above this many members, a GET of a group by the read API is streamed.
+    public static let streamMembersAbove = 1000
+    static let membersMember = Array(#","members":["#.utf8)
+
+    /// Whether `groupID` has more than `limit` members (reads at most `limit + 1` keys).
+    func hasMoreMembers(_ groupID: String, than limit: Int) throws -> Bool {
+        let groupMembers = self.groupMembers
+        return try environment.read { txn in
+            var n = 0
+            try txn.scanKeys(groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1]) { _ in
+                n += 1
+                return n <= limit
+            }
+            return n > limit
+        }
+    }
+
+    /// The rest of a streamed group body: its members a chunk at a time, then `]}` (`storedArrayPieces`).
+    func memberStream(of groupID: String) -> BodyStream {
+        BodyStream(
+            storedArrayPieces(
+                environment, groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
+                member: BrokerStore.membersMember, chunk: BrokerStore.memberChunk))
+    }
+
+    /// The group with its `members` from the index, in a snapshot of its own.
+    func withMembers(_ group: JSONObject) throws -> JSONObject {
+        try environment.read { txn in try withMembers(txn, group) }
     }
 
     /// The group with its `members` from the index, as readers see it.

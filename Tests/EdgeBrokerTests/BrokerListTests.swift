@@ -454,11 +454,15 @@ final class BrokerListAPITests: FederationTestCase {
     /// A broker over a store of 20,000 users and `groups` groups, its read
     /// API configured with `api` (YAML flow members) besides its listener
     /// and token file: the process and the API's port.
-    func startAPI(groups: Int, api: String = "") throws -> (ChildProcess, Int) {
+    func startAPI(groups: Int, api: String = "", bigGroup: Int = 0) throws -> (ChildProcess, Int) {
         do {
             let store = try BrokerStore(path: dir.file("broker"))
             var fixture = ListFixture()
             try fixture.populate(store, users: 20_000, groups: groups)
+            if bigGroup > 0 {
+                let big = fixture.group(1_000, members: Array(0..<bigGroup), displayName: "all staff")
+                try fixture.apply(store, [big], ids: ["g-big"])
+            }
         }
         let tokens = dir.write("api.tokens", "api-token\n")
         XCTAssertEqual(chmod(tokens, 0o600), 0)
@@ -470,7 +474,16 @@ final class BrokerListAPITests: FederationTestCase {
     func ids(_ r: (Int, JSON?)) -> [String] { r.1?["Resources"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? [] }
 
     func testReadAPIPagesTwentyThousandUsers() throws {
-        let (process, apiPort) = try startAPI(groups: 2)
+        let (process, apiPort) = try startAPI(groups: 2, bigGroup: 5_000)
+        // A group of more than 1,000 members is streamed (chunked), whole.
+        let raw = try RawClient(port: apiPort)
+        raw.send("GET /scim/v2/Groups/g-big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nConnection: close\r\n\r\n")
+        let big = try XCTUnwrap(raw.readResponses(1).first)
+        XCTAssertEqual(big.status, 200)
+        XCTAssertTrue(big.head.contains("Transfer-Encoding: chunked"), big.head)
+        let doc = try JSONParser.parse(Array(big.body.utf8))
+        XCTAssertEqual(doc["displayName"], "all staff")
+        XCTAssertEqual(Set(doc["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []), Set((0..<5_000).map(ListFixture.brokerID)))
 
         var r = try api(apiPort, "/Users?count=0")
         XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")
@@ -501,7 +514,7 @@ final class BrokerListAPITests: FederationTestCase {
         XCTAssertEqual(r.1?["totalResults"], 20)
         // Groups without members on request; a GET by id too.
         r = try api(apiPort, "/Groups?excludedAttributes=members")
-        XCTAssertEqual(ids(r), ["g-0", "g-1"])
+        XCTAssertEqual(ids(r), ["g-0", "g-1", "g-big"])
         XCTAssertNil(r.1?["Resources"]?.arrayValue?.first?["members"])
         r = try api(apiPort, "/Groups/g-0")
         XCTAssertEqual(r.1?["members"]?.arrayValue?.count, 10)

@@ -1,0 +1,33 @@
+/// The pieces of a JSON array member (`,"members":[…]`) whose elements are
+/// the stored values of one key range, read a chunk at a time, each chunk in
+/// a read snapshot of its own, then the object's closing brace: for a body
+/// streamed as the connection drains (memory holds one chunk). A range
+/// changing while it is read shows each element as one of those snapshots
+/// saw it. `member` is the opening (`,"members":[`); an empty range gives
+/// just `}`. Returns nil after the last piece.
+public func storedArrayPieces(
+    _ environment: Environment, _ db: Database, from prefix: [UInt8], to end: [UInt8], member: [UInt8], chunk: Int
+) -> () throws -> [UInt8]? {
+    var from: [UInt8]? = prefix, first = true
+    return {
+        guard let start = from else { return nil }
+        var piece: [UInt8] = [], n = 0, last: [UInt8] = []
+        try environment.read { txn in
+            try txn.scan(db, from: start, to: end) { k, v in
+                piece.append(contentsOf: first ? member : [UInt8(ascii: ",")])
+                first = false
+                piece.append(contentsOf: v)
+                last = k
+                n += 1
+                return n < chunk
+            }
+        }
+        if n == chunk {
+            from = last + [0]
+        } else {
+            from = nil
+            piece.append(contentsOf: first ? [UInt8(ascii: "}")] : Array("]}".utf8))
+        }
+        return piece
+    }
+}
