@@ -587,6 +587,18 @@ public final class TargetWorker {
             groupDelta(d, mapping: mapping, body: body)
             return
         }
+        var d = d
+        if type == "Group", var mapping = d.mapping, mapping.members != nil, var sent = mapping.sent {
+            // Delivered from the index before, compared whole now (the target took `collisions: link` or
+            // member-reading routes, or lost PATCH): the difference is taken from what it holds.
+            do { sent["members"] = .array(try store.heldMembers(target: target.name, group: d.item.brokerID)) } catch {
+                finish(d, .storeError("cannot read what the target holds of the group: \(error)"))
+                return
+            }
+            mapping.sent = sent
+            mapping.members = nil
+            d.mapping = mapping
+        }
         if type == "User", let link = target.collisions.linkPolicy {
             linkedUpsert(d, link, LinkedResource(brokerID: d.item.brokerID, domain: domain, resource: resource))
             return
@@ -972,8 +984,9 @@ public final class TargetWorker {
         var d = d
         var plan = d.delta ?? DeltaPlan(attributeOps: patchOperations(from: mapping.sent ?? [:], to: body, removal: memberRemoval))
         let group = d.item.brokerID, target = self.target
-        // Pending members, a batch at a time, until there is something to send or none are left.
-        while plan.removes.isEmpty && plan.adds.isEmpty && !plan.exhausted {
+        // Pending members, a batch at a time, until there is something to send or none are left
+        // (or a batch of settled marks to record first: memory and each transaction hold a batch).
+        while plan.removes.isEmpty && plan.adds.isEmpty && !plan.exhausted && plan.done.count < Self.deltaBatch {
             let changes: [BrokerStore.MemberChange]
             do {
                 changes = try store.pendingMemberChanges(target: target.name, group: group, after: plan.cursor, limit: Self.deltaBatch) {
@@ -1005,12 +1018,36 @@ public final class TargetWorker {
         let ops =
             plan.attributeOps + memberOperations(add: addNow.map { ["value": .string($0.targetID)] }, remove: removeNow.map(\.targetID))
         d.delta = plan
+        if ops.isEmpty && !plan.exhausted {
+            // Marks found settled, more to read: record them, then go on from the loop.
+            var next = d
+            next.delta?.done = []
+            let store = self.store, name = target.name, settled = plan.done
+            let same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: mapping.sent, members: mapping.members)
+            writer.submit({ txn in
+                try store.recordMemberStep(target: name, group: group, added: [], removed: [], done: settled, mapping: same, txn)
+            }) { [weak self] recorded in
+                guard let self else { return }
+                switch recorded {
+                case .success(let now): groupDelta(next, mapping: now, body: body)
+                case .failure(let error): finish(d, .storeError("cannot record a group's settled members: \(error)"))
+                }
+            }
+            return
+        }
         if ops.isEmpty {
             let same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body, members: mapping.members)
             finish(d, .done(mapping: .some(same), method: nil, status: nil))
             return
         }
         let large = (mapping.members ?? 0) > Self.readBackMembers
+        // An answer's member list is believed complete when it holds a sample of what the target holds
+        // (a capped or partial list misses some; the target's own members do not count).
+        let sample: [String]
+        do { sample = large ? [] : try store.heldSample(target: target.name, group: group, limit: 32) } catch {
+            finish(d, .storeError("cannot read what the target holds of the group: \(error)"))
+            return
+        }
         let path = endpoint("Group") + "/" + mapping.targetID
         let bytes = JSON.object(["schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": .array(ops)]).serialized()
         var req = request("PATCH", path + (large ? "?excludedAttributes=members" : ""), d, body: bytes)
@@ -1027,9 +1064,12 @@ public final class TargetWorker {
                     let held = o["members"]?.arrayValue ?? (o.keys.contains("members") ? [] : nil)
                 {
                     let holds = Set(held.compactMap { $0["value"]?.stringValue?.lowercased() })
-                    // Believed only when complete: at least as many as the target kept from before
-                    // (a shorter list is a partial or capped one, and says nothing of the change).
-                    if holds.count >= (mapping.members ?? 0) - removeNow.count {
+                    // Believed only when complete: at least as many as the target kept from before, the sample
+                    // of what it held among them (a partial or capped list says nothing of the change).
+                    let removing = Set(removeNow.map { $0.targetID.lowercased() })
+                    if holds.count >= (mapping.members ?? 0) - removeNow.count,
+                        sample.allSatisfy({ removing.contains($0.lowercased()) || holds.contains($0.lowercased()) })
+                    {
                         dropped = addNow.filter { !holds.contains($0.targetID.lowercased()) }
                         kept = removeNow.filter { holds.contains($0.targetID.lowercased()) }
                     }
@@ -1100,11 +1140,14 @@ public final class TargetWorker {
                 next.redirected += 1
                 upsert(next)
             case .success(let r) where r.status == 412 && d.redirected < 2:
-                // Changed at the target since: the broker's change is sent without If-Match.
+                // Changed at the target since: the broker's state wins, without If-Match, its attributes
+                // all sent again (as a full update would), with the pending members.
                 var next = d
                 next.redirected += 1
+                next.delta?.attributeOps = patchOperations(from: [:], to: body, removal: memberRemoval)
                 var m = mapping
                 m.etag = nil
+                m.sent = [:]
                 groupDelta(next, mapping: m, body: body)
             case .success(let r):
                 finish(d, classify(r, "PATCH", path, bytes))

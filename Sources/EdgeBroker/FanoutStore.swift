@@ -177,8 +177,13 @@ extension BrokerStore {
                 item.link = after ?? before
             }
             let seq = try enqueue(target: target.name, item, txn)
-            if now && type == "Group" && !touched.isEmpty {
-                try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn)
+            if now && type == "Group" {
+                if !was, try txn.get(targetIds, prefixed(target.name, brokerID)).flatMap(TargetMapping.init)?.members != nil {
+                    // Back in the routes with its old index: what changed while it was out is compared too.
+                    try markWholeGroupPending(target: target.name, group: brokerID, seq: seq, txn)
+                } else if !touched.isEmpty {
+                    try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn)
+                }
             }
             queued.append(target.name)
             if let partner {
@@ -864,13 +869,23 @@ extension BrokerStore {
     /// With `collisions: link` (`linkPolicy`, else the store's configured
     /// target) a user's item carries its current link value, so that it
     /// waits for the other deliveries to that account.
+    /// With `resend`, the account's state at the target is taken as unknown
+    /// (reconcile's drift, `targets push`): the stored mapping, read in this
+    /// transaction, forgets its ETag and the body last sent (a group
+    /// delivered from the member index keeps its index and count: its
+    /// attributes are sent again), so the resource is sent whole.
     public func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
         mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil,
-        trace: String = ""
+        trace: String = "", resend: Bool = false
     ) throws {
         let policy = type == "User" ? linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy : nil
         try environment.write { txn in
+            if resend, var stored = try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) {
+                stored.sent = stored.members != nil ? [:] : nil
+                stored.etag = nil
+                try txn.put(targetIds, prefixed(target, brokerID), stored.json.serialized())
+            }
             var link = mapping?.link
             if let policy, let now = try currentLinkValue(brokerID: brokerID, policy, txn) { link = now }
             if let mapping {

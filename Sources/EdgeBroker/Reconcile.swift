@@ -175,12 +175,15 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                     // Unknown target state: the next delivery is a full PUT; a
                     // group delivered from the member index keeps its index and
                     // gets its attributes sent again (`sent` empty).
-                    let indexed = type == "Group" ? mappings[brokerID]?.members : nil
-                    try store.enqueue(
-                        target: target.name, brokerID: brokerID, type: type, .upsert,
-                        mapping: TargetMapping(
-                            targetID: tid, etag: nil, sent: indexed == nil ? nil : [:], link: linkValue, members: indexed),
-                        linked: candidates, linkPolicy: link, trace: trace)
+                    if type == "Group" && mappings[brokerID]?.members != nil && mappings[brokerID]?.targetID == tid {
+                        // Its index and count stand (read in the enqueue's transaction): the attributes go again.
+                        try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, trace: trace, resend: true)
+                    } else {
+                        try store.enqueue(
+                            target: target.name, brokerID: brokerID, type: type, .upsert,
+                            mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue),
+                            linked: candidates, linkPolicy: link, trace: trace)
+                    }
                     if !membersDrift { report.queued += 1 }
                 }
             }
@@ -219,16 +222,27 @@ func reconcileMembers(
     store: BrokerStore, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
     byTargetID: [String: String], held: JSON?, apply: Bool, trace: String
 ) throws -> Bool {
-    var remaining = Set(held?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? [])
-    var missing: [String] = []
+    // A target that leaves `members` out of a GET of the group says nothing of them.
+    guard let listed = held?.arrayValue else { return false }
+    var remaining = Set(listed.compactMap { $0["value"]?.stringValue })
+    var missing: [String] = [], matched: Set<String> = []
     try store.forEachMemberID(of: group) { ids in
         for id in ids {
             // As delivery does: a member is sent once it has an account there.
             guard let tid = mappings[id]?.targetID else { continue }
-            if remaining.remove(tid) == nil { missing.append(id) }
+            // Linked users share one account there: one member stands for them all.
+            if remaining.remove(tid) != nil || matched.contains(tid) {
+                matched.insert(tid)
+            } else {
+                missing.append(id)
+            }
         }
     }
-    let extra = remaining.sorted().compactMap { tid in byTargetID[tid].map { (member: $0, targetID: tid) } }
+    // Only users the broker created there are the broker's to remove (an id is a user's by its owner entry,
+    // never by another type's account that happens to share the id).
+    let extra = try remaining.sorted().compactMap { tid in
+        try store.accountOwner(target: target.name, type: "User", targetID: tid).map { (member: $0, targetID: tid) }
+    }
     guard !missing.isEmpty || !extra.isEmpty else { return false }
     if apply, let mapping {
         if mapping.members != nil {

@@ -234,9 +234,16 @@ extension BrokerStore {
             return 0
         }
         var queued = 0
+        let config = targets.first { $0.name == target }
         for g in Set(try groups(of: user, txn) + heldGroups(target: target, member: user, txn)).sorted() {
-            // A group not delivered there yet takes its members when it is.
-            guard try txn.get(targetIds, prefixed(target, g)).flatMap(TargetMapping.init)?.members != nil else { continue }
+            // Every group there or on its way there: one whose first whole delivery is in flight read its
+            // members before this account existed, and its next delivery (from the index) adds the user.
+            if try txn.get(targetIds, prefixed(target, g)) == nil {
+                guard let config, let key = try txn.get(brokerIds, Array(g.utf8)), let bytes = try txn.get(resources, key),
+                    let group = try JSONParser.parse(bytes, limits: .stored).objectValue,
+                    config.routes(domain: String(decoding: key.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self), type: "Group", group)
+                else { continue }
+            }
             let seq = try enqueue(
                 target: target,
                 DeliveryItem(
@@ -311,9 +318,63 @@ extension BrokerStore {
             }
             let seq = try enqueue(
                 target: target,
-                DeliveryItem(brokerID: group, type: "Group", operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                DeliveryItem(brokerID: group, type: "Group", operation: .upsert, trace: trace, queuedAt: unixMilliseconds(), acceptedAt: 0),
                 txn)
             try markMembersPending(target: target, group: group, missing + extra.map(\.member), seq: seq, txn)
+        }
+    }
+}
+
+extension BrokerStore {
+    /// Every member of `group` in the directory and every one `target` holds
+    /// of it, marked pending by `seq`: a group that comes back into a
+    /// target's routes with its old mapping (and index) still there missed
+    /// the changes made while it was out, so its next delivery compares all
+    /// of them. O(n), at that transition only.
+    func markWholeGroupPending(target: String, group: String, seq: UInt64, _ txn: borrowing WriteTransaction) throws {
+        var members: [String] = []
+        let prefix = BrokerStore.memberPrefix(group)
+        try txn.scanKeys(groupMembers, from: prefix, to: Array(group.utf8) + [1]) { k in
+            members.append(String(decoding: k[prefix.count...], as: UTF8.self))
+            return true
+        }
+        let held = BrokerStore.targetGroupPrefix(target, group)
+        try txn.scanKeys(targetMembers, from: held, to: BrokerStore.targetGroupEnd(target, group)) { k in
+            members.append(String(decoding: k[held.count...], as: UTF8.self))
+            return true
+        }
+        try markMembersPending(target: target, group: group, members, seq: seq, txn)
+    }
+
+    /// What `target` holds of `group`'s members (their ids there), from the
+    /// index: a group delivered from it, now compared whole (its target took
+    /// `collisions: link` or member-reading routes, or lost PATCH), diffs
+    /// against what the target really holds. O(n).
+    func heldMembers(target: String, group: String) throws -> [JSON] {
+        let targetMembers = self.targetMembers
+        return try environment.read { txn in
+            var out: [JSON] = []
+            try txn.scan(targetMembers, from: BrokerStore.targetGroupPrefix(target, group), to: BrokerStore.targetGroupEnd(target, group)) {
+                _, v in
+                out.append(["value": .string(String(decoding: v, as: UTF8.self))])
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Up to `limit` of the ids `target` holds for `group`'s members: a
+    /// sample that a complete member list in an answer must contain.
+    func heldSample(target: String, group: String, limit: Int) throws -> [String] {
+        let targetMembers = self.targetMembers
+        return try environment.read { txn in
+            var out: [String] = []
+            try txn.scan(targetMembers, from: BrokerStore.targetGroupPrefix(target, group), to: BrokerStore.targetGroupEnd(target, group)) {
+                _, v in
+                out.append(String(decoding: v, as: UTF8.self))
+                return out.count < limit
+            }
+            return out
         }
     }
 }

@@ -94,6 +94,8 @@ final class ResponseSlot {
     let chunkedAllowed: Bool
     /// A streamed body's head is out; its pieces follow as the connection drains.
     var streaming = false
+    /// Decided when a streamed body's head went out (it said so).
+    var streamKeepAlive = false
     init(response: HTTPResponse? = nil, keepAlive: Bool, omitBody: Bool, chunkedAllowed: Bool = true) {
         self.response = response
         self.keepAlive = keepAlive
@@ -433,37 +435,26 @@ final class ServerConnection {
             // While draining, the last owed response says goodbye.
             let keepAlive = head.keepAlive && !(slots.count == 1 && server.isDraining)
             if let stream = response.stream {
-                if head.omitBody {
-                    // HEAD: the GET's head (chunked, as the GET would be), no pieces.
-                    slots.removeFirst()
-                    transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: true, chunked: true))
-                    if !keepAlive {
-                        closeNow()
-                        return
-                    }
-                    continue
-                } else if !head.chunkedAllowed {
-                    do { response.body = try stream.collect() } catch {
-                        transport.close()
-                        return
-                    }
-                    response.stream = nil
-                } else {
-                    if !head.streaming {
-                        head.streaming = true
-                        transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: false, chunked: true))
-                    }
-                    guard pump(stream) else {
-                        applyBackpressure()
-                        return  // more when the writes drain
-                    }
-                    slots.removeFirst()
-                    if !keepAlive {
-                        closeNow()
-                        return
-                    }
-                    continue
+                // Chunked (RFC 9112 §7.1); an HTTP/1.0 client has no chunked coding: its body ends with the
+                // connection. The head decides keep-alive once, for the whole stream.
+                let chunked = head.chunkedAllowed
+                if !head.streaming {
+                    head.streaming = true
+                    head.streamKeepAlive = keepAlive && (chunked || head.omitBody)
+                    transport.write(
+                        response.serialized(
+                            date: server.date, keepAlive: head.streamKeepAlive, omitBody: true, framing: chunked ? .chunked : .untilClose))
                 }
+                guard head.omitBody || pump(stream, chunked: chunked) else {
+                    applyBackpressure()
+                    return  // more when the writes drain
+                }
+                slots.removeFirst()
+                if !head.streamKeepAlive {
+                    closeNow()
+                    return
+                }
+                continue
             }
             slots.removeFirst()
             transport.write(response.serialized(date: server.date, keepAlive: keepAlive, omitBody: head.omitBody))
@@ -482,18 +473,19 @@ final class ServerConnection {
     /// Writes a streamed body's pieces while the write buffer is under its
     /// high watermark; true once the last one is out. A failing stream
     /// closes the connection.
-    private func pump(_ stream: BodyStream) -> Bool {
-        while transport.queuedWriteBytes <= server.limits.writeHighWatermark {
+    private func pump(_ stream: BodyStream, chunked: Bool) -> Bool {
+        // A connection gone queues nothing: stop producing (the pieces would be read and thrown away).
+        while !isClosed && !transport.ended && transport.queuedWriteBytes <= server.limits.writeHighWatermark {
             let piece: [UInt8]?
             do { piece = try stream.next() } catch {
                 transport.close()
                 return false
             }
             guard let piece else {
-                transport.write(lastChunk)
+                if chunked { transport.write(lastChunk) }
                 return true
             }
-            if !piece.isEmpty { transport.write(chunk(piece)) }
+            if !piece.isEmpty { transport.write(chunked ? chunk(piece) : piece) }
         }
         return false
     }

@@ -130,13 +130,6 @@ public struct HTTPRequest: Sendable {
 public final class BodyStream: @unchecked Sendable {
     public let next: () throws -> [UInt8]?
     public init(_ next: @escaping () throws -> [UInt8]?) { self.next = next }
-
-    /// Every piece, joined (for an HTTP/1.0 client, which has no chunked coding).
-    func collect() throws -> [UInt8] {
-        var out: [UInt8] = []
-        while let piece = try next() { out.append(contentsOf: piece) }
-        return out
-    }
 }
 
 public struct HTTPResponse: Sendable {
@@ -159,10 +152,14 @@ public struct HTTPResponse: Sendable {
     public var bodyText: String { String(decoding: body, as: UTF8.self) }
 
     /// Serialises for the wire (server side).
+    /// How the body's end is known: its `Content-Length`, the chunked
+    /// coding, or (an HTTP/1.0 client, a streamed body) the connection's end.
+    enum Framing { case length, chunked, untilClose }
+
     /// The response as sent: status line, headers, blank line, body. Built
-    /// straight into one byte array (no intermediate strings).
-    /// With `chunked`, only the head, announcing the chunked coding.
-    func serialized(date: String, keepAlive: Bool, omitBody: Bool, chunked: Bool = false) -> [UInt8] {
+    /// straight into one byte array (no intermediate strings). With a framing
+    /// other than `.length`, only the head (the body is streamed after it).
+    func serialized(date: String, keepAlive: Bool, omitBody: Bool, framing: Framing = .length) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(160 + headers.fields.count * 48 + (omitBody ? 0 : body.count))
         func field(_ name: String, _ value: String) {
@@ -177,15 +174,15 @@ public struct HTTPResponse: Sendable {
         out.append(contentsOf: reasonPhrase(status).utf8)
         out.append(contentsOf: lineEnd)
         for (n, v) in headers.fields { field(n, v) }
-        if chunked {
-            field("Transfer-Encoding", "chunked")
-        } else if !headers.contains("Content-Length") {
-            field("Content-Length", String(body.count))
+        switch framing {
+        case .chunked: field("Transfer-Encoding", "chunked")
+        case .untilClose: break
+        case .length: if !headers.contains("Content-Length") { field("Content-Length", String(body.count)) }
         }
         if !headers.contains("Date") { field("Date", date) }
         if !keepAlive { field("Connection", "close") }
         out.append(contentsOf: lineEnd)
-        if !omitBody && !chunked { out.append(contentsOf: body) }
+        if !omitBody && framing == .length { out.append(contentsOf: body) }
         return out
     }
 }

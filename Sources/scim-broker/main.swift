@@ -543,19 +543,19 @@ struct Push: ParsableCommand {
         emitLine("scope\tin scope for target \(name)")
         // Its state at the target is taken as unknown: the whole resource is sent (a user by PUT; a group
         // from the member index gets its attributes again), as reconcile does for drift.
-        var forced = try store.mapping(target: name, brokerID: brokerID)
-        let indexed = forced?.members != nil
-        forced?.sent = indexed ? [:] : nil
-        forced?.etag = nil
-        emitLine(
-            "account\t" + (forced.map { "\(type) \($0.targetID) at the target: sent again, whole" } ?? "none at the target yet: created"))
+        let account = try store.mapping(target: name, brokerID: brokerID)?.targetID
+        emitLine("account\t" + (account.map { "\(type) \($0) at the target: sent again, whole" } ?? "none at the target yet: created"))
         let trace = "push-" + hexString(secureRandomBytes(12))
-        try store.enqueue(target: name, brokerID: brokerID, type: type, .upsert, mapping: forced, trace: trace)
+        let queuedAt = unixMilliseconds()
+        try store.enqueue(target: name, brokerID: brokerID, type: type, .upsert, trace: trace, resend: true)
         emitLine("queued\ttrace \(trace)")
-        // The running broker picks it up within a second; its hop carries the trace id.
+        // The running broker picks it up within a second. Its hop is the resource's first at this target
+        // since now (a change queued before may fold the push into its own delivery, under its trace id).
         let deadline = monotonicMilliseconds() + UInt64(max(1, wait)) * 1000
         while monotonicMilliseconds() < deadline {
-            if let hop = try store.trail(trace).first(where: { $0.hop["hop"]?.stringValue == "target \(name)" })?.hop {
+            if let hop = try store.trail(brokerID).first(where: {
+                $0.hop["hop"]?.stringValue == "target \(name)" && ($0.hop["at"]?.numberValue?.integer ?? 0) >= queuedAt
+            })?.hop {
                 for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + describeStep(step)) }
                 let ok = hop["detail"]?.stringValue != "dead letter"
                 emitLine(

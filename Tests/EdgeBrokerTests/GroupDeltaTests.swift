@@ -33,10 +33,12 @@ extension FanoutTests {
         let (_, appPort) = try startAppAgent("app")
         let patches = Locked<[String]>([])
         let proxy = try ServerHarness { request, _, responder in
-            if request.path.contains("/Groups/"), request.method == "PATCH" {
+            let r = forward(request, to: appPort)
+            // A 412 (a replay after the SIGKILL with an ETag the broker had not recorded yet) is sent again.
+            if request.path.contains("/Groups/"), request.method == "PATCH", r.status != 412 {
                 patches.withLock { $0.append(String(decoding: request.body, as: UTF8.self)) }
             }
-            responder.respond(forward(request, to: appPort))
+            responder.respond(r)
         }
         defer { _ = proxy.stop() }
         let yaml = "targets:\n" + target("app", port: proxy.port)
@@ -62,6 +64,8 @@ extension FanoutTests {
         patches.withLock { $0 = [] }
         XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"add","path":"members","value":[{"value":"\#(ids[10])"}]}]"#), 200)
         XCTAssertTrue(eventually(seconds: 20) { self.membersAtTarget(appPort, "staff").contains("u10") })
+        // The proxy records a PATCH once its answer is back (the target may show the change a moment before).
+        XCTAssertTrue(eventually(seconds: 5) { !patches.current.isEmpty })
         var sent = patches.current
         XCTAssertEqual(sent.count, 1, "\(sent)")
         let added = try JSONParser.parse(Array(sent[0].utf8))["Operations"]?.arrayValue ?? []
@@ -79,6 +83,7 @@ extension FanoutTests {
         XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"add","path":"members","value":[{"value":"\#(ids[11])"}]}]"#), 200)
         let want = Set((1..<12).map { "u\($0)" })
         XCTAssertTrue(eventually(seconds: 20) { self.membersAtTarget(appPort, "staff") == want }, "\(membersAtTarget(appPort, "staff"))")
+        XCTAssertTrue(eventually(seconds: 5) { !patches.current.isEmpty })
         sent = patches.current
         XCTAssertLessThanOrEqual(sent.count, 2, "one PATCH per change at most (they may fold into one): \(sent)")
         XCTAssertTrue(sent.allSatisfy { !$0.contains(ids[5]) }, "unchanged members are not sent")
@@ -178,12 +183,59 @@ extension FanoutTests {
             eventually(seconds: 20) { self.membersAtTarget(appPort, "crew") == ["r0", "r1", "r2", "r3", "r4", "local"] },
             "\(membersAtTarget(appPort, "crew"))")
         // The group changed at the target, so its ETag did: a 412, then the same PATCH without If-Match.
+        XCTAssertTrue(eventually(seconds: 5) { patches.current.contains { $0.hasPrefix("PATCH 200 ") } })
         let sent = patches.current.filter { !$0.hasPrefix("PATCH 412 ") }
         XCTAssertEqual(sent.count, 1, "\(patches.current) \(broker.output.suffix(30))")
         XCTAssertTrue(sent.first?.hasPrefix("PATCH 200 ") ?? false, "\(sent)")
         let operations = try JSONParser.parse(Array(try XCTUnwrap(sent.first).split(separator: " ", maxSplits: 2)[2].utf8))["Operations"]
-        XCTAssertEqual(operations?.arrayValue?.count, 2, "r0 added, r5 removed, nothing else: \(sent)")
+        // After the 412 the group's attributes go again too (the broker's state wins); of members, just the two.
+        let memberOps = operations?.arrayValue?.filter { ($0["path"]?.stringValue ?? "").hasPrefix("members") } ?? []
+        XCTAssertEqual(memberOps.count, 2, "r0 added, r5 removed, nothing else: \(sent)")
+        XCTAssertEqual(memberOps.first?["value"]?.arrayValue?.count, 1, "\(sent)")
         let again = try JSONParser.parse(Array(try brokerCLI(["targets", "reconcile", "--config", config, "app", "--json"]).1.utf8))
         XCTAssertEqual(again["drifted"]?.arrayValue?.count, 0, "settled")
+    }
+}
+
+extension FanoutTests {
+    /// A member that reaches the target while its group's first delivery is
+    /// under way (the group was read before the member had an account
+    /// there) joins the group once that delivery ends: the group is queued
+    /// with the member marked, even though it had no mapping yet.
+    func testAMemberArrivingWhileItsGroupIsBeingCreatedJoinsIt() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let catCreated = Locked(false)
+        let proxy = try ServerHarness { request, _, responder in
+            // A slow target for the group's growth: each PATCH takes 1.5 s.
+            if request.path.contains("/Groups/"), request.method == "PATCH" { usleep(1_500_000) }
+            let r = forward(request, to: appPort)
+            if request.method == "POST", String(decoding: request.body, as: UTF8.self).contains(#""userName":"cat""#) {
+                catCreated.withLock { $0 = true }
+            }
+            responder.respond(r)
+        }
+        defer { _ = proxy.stop() }
+        let routes = "routes: [{domains: [acme-de], types: [Group]}, {domains: [acme-de], types: [User], filter: 'title eq \"staff\"'}]"
+        let yaml =
+            "targets:\n"
+            + target("app", port: proxy.port, extra: "    maxMembersPerPatch: 1").replacing("routes: [{domains: [acme-de]}]", with: routes)
+        let (_, bp) = try startBroker(yaml: yaml)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try ["ann", "bob", "dan", "eve"].map { try newUser(dp, $0, extra: #","title":"staff""#) }
+        let cat = try newUser(dp, "cat", extra: #","title":"intern""#)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
+        let members = (ids + [cat]).map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        XCTAssertEqual(
+            try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[\#(members)]}"#).0, 201)
+        // The group is created with ann and grown by slow PATCHes; meanwhile cat enters the routes.
+        XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["crew"] != nil })
+        XCTAssertEqual(try patchAt(dp, "/Users/\(cat)", #"[{"op":"replace","path":"title","value":"staff"}]"#), 200)
+        XCTAssertTrue(eventually(seconds: 20) { catCreated.current })
+        XCTAssertTrue(
+            (groups(appPort, token: "t", prefix: "/scim/v2")["crew"]?["members"]?.arrayValue?.count ?? 0) < 4,
+            "cat arrived while the group was still being grown (the case under test)")
+        XCTAssertTrue(
+            eventually(seconds: 30) { self.membersAtTarget(appPort, "crew") == ["ann", "bob", "dan", "eve", "cat"] },
+            "\(membersAtTarget(appPort, "crew"))")
     }
 }

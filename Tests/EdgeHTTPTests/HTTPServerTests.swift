@@ -406,17 +406,20 @@ final class StreamedBodyTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
-    /// HTTP/1.0 has no chunked coding: the pieces are joined and sent with
-    /// a Content-Length; HEAD sends no body at all.
-    func testHTTP10GetsTheBodyWholeAndHeadNone() throws {
+    /// HTTP/1.0 has no chunked coding: the pieces are streamed as they come
+    /// and the body ends with the connection (RFC 9112 §6.3), never joined in
+    /// memory; HEAD sends no body at all.
+    func testHTTP10GetsTheBodyUntilTheConnectionEndsAndHeadNone() throws {
         let produced = Locked(0)
         let server = try streamingServer(pieces: 3, produced: produced)
         let old = try RawClient(port: server.port)
-        old.send("GET /stream HTTP/1.0\r\n\r\n")
-        let response = old.readResponses(1)
-        XCTAssertEqual(response.first?.status, 200)
-        XCTAssertTrue(response.first?.head.contains("Content-Length: \(3 * Self.piece)") ?? false, response.first?.head ?? "")
-        XCTAssertEqual(response.first?.body.utf8.count, 3 * Self.piece)
+        old.send("GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        let whole = old.readToEnd()
+        let parts = whole.components(separatedBy: "\r\n\r\n")
+        XCTAssertTrue(parts[0].hasPrefix("HTTP/1.1 200"), parts[0])
+        XCTAssertFalse(parts[0].contains("Content-Length") || parts[0].contains("Transfer-Encoding"), parts[0])
+        XCTAssertTrue(parts[0].contains("Connection: close"), "the end of the body is the end of the connection: \(parts[0])")
+        XCTAssertEqual(parts.dropFirst().joined(separator: "\r\n\r\n").utf8.count, 3 * Self.piece)
         let head = try RawClient(port: server.port)
         head.send("HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         let text = head.readToEnd()
