@@ -96,7 +96,9 @@ let package = Package(
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(
             name: "EdgeAgentTests",
-            dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "SCIM", "EdgeTestSupport"],
+            dependencies: [
+                "EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "EdgeTools", "SCIM", "EdgeTestSupport",
+            ],
             swiftSettings: strict),
         .testTarget(
             name: "EdgeBrokerTests",
