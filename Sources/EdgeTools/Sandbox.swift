@@ -85,7 +85,13 @@ public final class Sandbox {
         } catch {
             say("sandbox failed: \(error)")
             for p in processes where !p.isRunning {
-                say("  \(p.name) exited; its log:\n" + p.log.split(separator: "\n").suffix(8).joined(separator: "\n"))
+                // A crash's backtrace ends the log: its first lines say why.
+                let lines = p.log.split(separator: "\n")
+                let why = lines.firstIndex { $0.contains("Fatal error") || $0.contains("crashed") || $0.hasPrefix("Error:") }
+                say(
+                    "  \(p.name) exited; its log:\n"
+                        + (why.map { lines[$0..<min(lines.count, $0 + 4)].joined(separator: "\n") + "\n  …\n" } ?? "")
+                        + lines.suffix(8).joined(separator: "\n"))
             }
             return false
         }
@@ -112,6 +118,8 @@ public final class Sandbox {
             try writeText("\(dir)/\(d).key", c.privateKeyPEM, mode: 0o600)
         }
         say("▶ PKI: a federation CA, the broker's certificate, one agent certificate per domain (spiffe://sandbox/DOMAIN/agent-1)")
+        // The directory first: its port is bound before the other ports are picked.
+        if case .success(let programs) = ldapPrograms { try startDirectory(programs) }
 
         let agentBinary = executableDirectory() + "/scim-edge"
         let self_ = access(agentBinary, X_OK) == 0 ? agentBinary : (findExecutable("scim-edge", candidates: []) ?? agentBinary)
@@ -186,8 +194,6 @@ public final class Sandbox {
                 name: "broker", executable: brokerBinary, arguments: ["serve", "--config", "\(dir)/broker.yaml"],
                 logPath: "\(dir)/broker.log"))
 
-        if case .success(let programs) = ldapPrograms { try startDirectory(programs) }
-
         // Three agents, three policies (and the directory's agent).
         try writeText("\(dir)/idp.tokens", idpToken + "\n", mode: 0o600)
         for d in domains {
@@ -224,8 +230,7 @@ public final class Sandbox {
                 ? waitHTTP(targets.first { $0.name == "reference" }!)
                 : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
             guard up else {
-                throw BenchError(
-                    "\(p.name) did not start; \(p.logPath):\n\(p.log.split(separator: "\n").suffix(6).joined(separator: "\n"))")
+                throw BenchError("\(p.name) did not start (its log: \(p.logPath))")
             }
             try checkInterrupt()
         }
