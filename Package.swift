@@ -87,7 +87,8 @@ let package = Package(
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
         .executableTarget(
-            name: "edge-fixture", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "SCIM"],
+            name: "edge-fixture",
+            dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "EdgeTools", "SCIM"],
             swiftSettings: strict),
 
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),
@@ -96,7 +97,9 @@ let package = Package(
         .testTarget(name: "SCIMTests", dependencies: ["SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(
             name: "EdgeAgentTests",
-            dependencies: ["EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "SCIM", "EdgeTestSupport"],
+            dependencies: [
+                "EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "EdgeTools", "SCIM", "EdgeTestSupport",
+            ],
             swiftSettings: strict),
         .testTarget(
             name: "EdgeBrokerTests",

@@ -18,6 +18,7 @@ OUT="$tmp/members.md" bash scripts/bench-members.sh >/dev/null
 OUT="$tmp/relay-members.md" bash scripts/bench-relay-members.sh >/dev/null
 OUT="$tmp/group-fanout.md" bash scripts/bench-group-fanout.sh >/dev/null
 OUT="$tmp/scale.md" bash scripts/bench-scale.sh >/dev/null
+OUT="$tmp/ldap.md" bash scripts/bench-ldap.sh >/dev/null
 printf '\n' >>"$tmp/members.md"; cat "$tmp/relay-members.md" >>"$tmp/members.md"
 printf '\n' >>"$tmp/members.md"; cat "$tmp/group-fanout.md" >>"$tmp/members.md"
 printf '\n' >>"$tmp/members.md"; cat "$tmp/scale.md" >>"$tmp/members.md"
@@ -29,7 +30,7 @@ single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1);
 (cd Benchmarks && swift package benchmark --no-progress --target SCIMBenchmarks --format markdown --path stdout 2>/dev/null) \
   | sed -n '/^## SCIMBenchmarks/,$p' | sed 's/^## SCIMBenchmarks//' >"$tmp/scim.md"
 
-python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" "$tmp/members.md" >docs/benchmarks.md <<'PY'
+python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" "$tmp/members.md" "$tmp/ldap.md" >docs/benchmarks.md <<'PY'
 import re, sys, datetime, os
 micro = open(sys.argv[1]).read()
 http = open(sys.argv[2]).read()
@@ -42,6 +43,7 @@ fanout = open(sys.argv[9]).read()
 backpressure = open(sys.argv[10]).read()
 bulk = open(sys.argv[11]).read()
 members = open(sys.argv[12]).read()
+ldap = open(sys.argv[13]).read()
 
 def p50(title, metric, text=None):
     sect = (text or micro).split("### " + title)[1].split("###")[0]
@@ -90,6 +92,7 @@ and {w(single)} writes/s one by one (`edge-fixture lmdb-ceiling`), a ceiling of
 {backpressure}
 {bulk}
 {members}
+{ldap}
 ## HTTP: EdgeHTTP vs nginx (same machine, same client, same certificate)
 
 {http}

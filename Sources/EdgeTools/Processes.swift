@@ -74,6 +74,18 @@ public final class ServiceProcess {
         }
     }
 
+    /// Waits up to `seconds` for the exit: the exit status (128 + the
+    /// signal when killed by one), nil if still running then.
+    public func waitForExit(seconds: Double) -> Int32? {
+        let deadline = monotonicMicros() + UInt64(seconds * 1_000_000)
+        while isRunning {
+            if monotonicMicros() >= deadline { return nil }
+            usleep(10_000)
+        }
+        guard let s = exitStatus else { return nil }
+        return s & 0x7f == 0 ? (s >> 8) & 0xff : 128 + (s & 0x7f)
+    }
+
     /// The log so far.
     public var log: String { (try? readText(logPath)) ?? "" }
 

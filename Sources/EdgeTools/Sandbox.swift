@@ -20,6 +20,9 @@ public struct SandboxOptions {
     public var stay = false
     /// Where the reference scim2-server is; nil: `$SCIM2_SERVER`, `.venv/bin`, PATH.
     public var referenceServer: String?
+    /// The slapd of the LDAP domain; nil: /usr/sbin/slapd or PATH. Without
+    /// one (or its tools) the domain is skipped.
+    public var slapd: String?
     public var output: (String) -> Void = { _ in }
     public init() {}
 }
@@ -30,8 +33,10 @@ nonisolated(unsafe) var sandboxInterrupted: sig_atomic_t = 0
 struct SandboxInterrupted: Error {}
 
 /// `scim-edge sandbox`: a throwaway federation on loopback. A PKI, a broker,
-/// three agents in three domains, two downstream targets; a scripted
-/// scenario as three IdPs would drive it; a live view of each hop; and a
+/// three agents in three domains (a fourth whose source of record is an
+/// LDAP directory, a slapd of the sandbox's own, when slapd is installed),
+/// two downstream targets; a scripted scenario as three IdPs and the
+/// directory's administrator would drive it; a live view of each hop; and a
 /// verification report. Every process and file is removed at the end, on
 /// Ctrl-C too.
 public final class Sandbox {
@@ -48,6 +53,9 @@ public final class Sandbox {
     var lastPlain: UInt64 = 0
     let started = monotonicMicros()
     var results: [(ok: Bool, text: String)] = []
+    /// The LDAP domain's directory, when it runs.
+    var directory: (url: String, ldapmodify: String)?
+    let directoryDomain = "directory"
 
     /// Whether a signal stopped the run.
     public var interrupted: Bool { sandboxInterrupted != 0 }
@@ -77,7 +85,13 @@ public final class Sandbox {
         } catch {
             say("sandbox failed: \(error)")
             for p in processes where !p.isRunning {
-                say("  \(p.name) exited; its log:\n" + p.log.split(separator: "\n").suffix(8).joined(separator: "\n"))
+                // A crash's backtrace ends the log: its first lines say why.
+                let lines = p.log.split(separator: "\n")
+                let why = lines.firstIndex { $0.contains("Fatal error") || $0.contains("crashed") || $0.hasPrefix("Error:") }
+                say(
+                    "  \(p.name) exited; its log:\n"
+                        + (why.map { lines[$0..<min(lines.count, $0 + 4)].joined(separator: "\n") + "\n  …\n" } ?? "")
+                        + lines.suffix(8).joined(separator: "\n"))
             }
             return false
         }
@@ -92,13 +106,20 @@ public final class Sandbox {
         let brokerCert = try ca.issue(CertificateRequest(commonName: "broker", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]))
         try writeText("\(dir)/broker.crt", brokerCert.certificatePEM)
         try writeText("\(dir)/broker.key", brokerCert.privateKeyPEM, mode: 0o600)
-        let domains = ["hq", "subsidiary-eu", "partner"]
+        var domains = ["hq", "subsidiary-eu", "partner"]
+        let ldapPrograms = LocalDirectory.programs(slapd: options.slapd)
+        switch ldapPrograms {
+        case .success: domains.append(directoryDomain)
+        case .failure(let why): say("▶ the LDAP domain is skipped: \(why)")
+        }
         for d in domains {
             let c = try ca.issue(CertificateRequest(commonName: "agent-1.\(d)", uris: ["spiffe://sandbox/\(d)/agent-1"]))
             try writeText("\(dir)/\(d).crt", c.certificatePEM)
             try writeText("\(dir)/\(d).key", c.privateKeyPEM, mode: 0o600)
         }
         say("▶ PKI: a federation CA, the broker's certificate, one agent certificate per domain (spiffe://sandbox/DOMAIN/agent-1)")
+        // The directory first: its port is bound before the other ports are picked.
+        if case .success(let programs) = ldapPrograms { try startDirectory(programs) }
 
         let agentBinary = executableDirectory() + "/scim-edge"
         let self_ = access(agentBinary, X_OK) == 0 ? agentBinary : (findExecutable("scim-edge", candidates: []) ?? agentBinary)
@@ -173,7 +194,7 @@ public final class Sandbox {
                 name: "broker", executable: brokerBinary, arguments: ["serve", "--config", "\(dir)/broker.yaml"],
                 logPath: "\(dir)/broker.log"))
 
-        // Three agents, three policies.
+        // Three agents, three policies (and the directory's agent).
         try writeText("\(dir)/idp.tokens", idpToken + "\n", mode: 0o600)
         for d in domains {
             let port = freeLoopbackPort(), admin = freeLoopbackPort()
@@ -194,6 +215,7 @@ public final class Sandbox {
             }
             if d == "partner" { policy.set(AgentOptions.policyScope, map: [("User", #"userType eq "Contractor""#)]) }
             if !policy.isEmpty { agent.set(AgentOptions.policy, policy) }
+            if d == directoryDomain, let url = directory?.url { agent.append(AgentOptions.sources, try directorySource(url)) }
             let a = agent.yaml()
             try writeText("\(dir)/\(d).yaml", a)
             processes.append(
@@ -202,21 +224,157 @@ public final class Sandbox {
                     logPath: "\(dir)/\(d).log"))
             agents.append((d, port, admin))
         }
-        for p in processes {
+        for p in processes where p.name != "slapd" {
             let up =
                 p.name == "reference"
                 ? waitHTTP(targets.first { $0.name == "reference" }!)
                 : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
             guard up else {
-                throw BenchError(
-                    "\(p.name) did not start; \(p.logPath):\n\(p.log.split(separator: "\n").suffix(6).joined(separator: "\n"))")
+                throw BenchError("\(p.name) did not start (its log: \(p.logPath))")
             }
             try checkInterrupt()
         }
         say(
             "▶ started: broker (mutual TLS, read API, metrics), agents hq / subsidiary-eu (phones and addresses stay local) / "
                 + "partner (only userType \"Contractor\" leaves), targets " + targets.map(\.name).joined(separator: " and ")
-                + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : ""))
+                + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : "")
+                + (directory == nil ? "" : "; agent directory follows slapd (syncrepl)"))
+    }
+
+    // MARK: the LDAP domain
+
+    /// The directory's people: uid, given name, family name.
+    let directoryPeople = [
+        ("lena", "Lena", "Lindqvist"), ("mike", "Mike", "Moreau"), ("nina", "Nina", "Novak"), ("omar", "Omar", "Okafor"),
+    ]
+
+    func personDN(_ uid: String) -> String { "uid=\(uid),ou=people,\(LocalDirectory.suffix)" }
+
+    /// A person's entry; `add`: as an add for ldapmodify.
+    func personLDIF(_ p: (String, String, String), add: Bool = false) -> String {
+        "dn: \(personDN(p.0))\n" + (add ? "changetype: add\n" : "")
+            + "objectClass: inetOrgPerson\nobjectClass: adAccount\nuid: \(p.0)\ncn: \(p.1) \(p.2)\n"
+            + "givenName: \(p.1)\nsn: \(p.2)\nmail: \(p.0)@directory.example\ntitle: Engineer\nuserAccountControl: 512\n"
+    }
+
+    /// A slapd of the sandbox's own on loopback, configured in its
+    /// directory and loaded offline (slapadd) with four users and a group.
+    func startDirectory(_ programs: (slapd: String, slapadd: String, ldapsearch: String, ldapmodify: String)) throws {
+        let base = "\(dir)/ldap"
+        guard mkdir(base, 0o700) == 0, mkdir(base + "/db", 0o700) == 0 else { throw BenchError("cannot create \(base)") }
+        let conf = base + "/slapd.conf"
+        try writeText(conf, LocalDirectory.slapdConfig(database: base + "/db", pidFile: base + "/slapd.pid"))
+        let s = LocalDirectory.suffix
+        var ldif = "dn: \(s)\nobjectClass: dcObject\nobjectClass: organization\no: Sandbox\ndc: example\n\n"
+        for ou in ["people", "groups"] { ldif += "dn: ou=\(ou),\(s)\nobjectClass: organizationalUnit\nou: \(ou)\n\n" }
+        for p in directoryPeople { ldif += personLDIF(p) + "\n" }
+        ldif += "dn: cn=directory-staff,ou=groups,\(s)\nobjectClass: groupOfNames\ncn: directory-staff\n"
+        ldif += ["lena", "mike", "nina"].map { "member: \(personDN($0))\n" }.joined()
+        try writeText(base + "/load.ldif", ldif)
+        guard try runTool("slapadd", programs.slapadd, ["-q", "-f", conf, "-l", base + "/load.ldif"]) == 0 else {
+            throw BenchError("slapadd failed: \((try? readText("\(dir)/slapadd.log")) ?? "")")
+        }
+        let url = "ldap://127.0.0.1:\(freeLoopbackPort())"
+        let slapd = try ServiceProcess(
+            name: "slapd", executable: programs.slapd, arguments: ["-d", "0", "-f", conf, "-h", url + "/"], logPath: "\(dir)/slapd.log")
+        processes.append(slapd)
+        let deadline = monotonicMicros() + 20_000_000
+        while try runTool("ldapsearch", programs.ldapsearch, ["-x", "-H", url, "-b", "", "-s", "base"]) != 0 {
+            try checkInterrupt()
+            guard slapd.isRunning, monotonicMicros() < deadline else {
+                throw BenchError(
+                    "slapd did not answer on \(url); \(slapd.logPath):\n\(slapd.log.split(separator: "\n").suffix(6).joined(separator: "\n"))"
+                )
+            }
+            usleep(100_000)
+        }
+        try writeText("\(dir)/ldap.pw", LocalDirectory.password + "\n", mode: 0o600)
+        directory = (url, programs.ldapmodify)
+        say(
+            "▶ LDAP: a slapd of the sandbox's own on \(url) (syncprov), loaded with \(directoryPeople.count) users and the group directory-staff"
+        )
+    }
+
+    /// The `sources:` entry of the directory's agent: syncrepl, the mail as
+    /// userName, Active Directory's disabled bit as active.
+    func directorySource(_ url: String) throws -> ConfigDocument {
+        typealias S = AgentOptions.Source
+        var source = ConfigDocument()
+        try source.set(S.name, "corp-directory")
+        try source.set(S.url, url)
+        try source.set(S.bindDN, LocalDirectory.admin)
+        try source.set(S.bindPasswordFile, "\(dir)/ldap.pw")
+        try source.set(S.baseDN, LocalDirectory.suffix)
+        try source.set(S.mode, "syncrepl")
+        try source.set(S.onDelete, "deactivate")
+        source.set(S.mappingUsers, map: [("userName", "mail"), ("active", "userAccountControl")])
+        return source
+    }
+
+    /// Runs a program to its end (its output in DIR/NAME.log); its exit status.
+    func runTool(_ name: String, _ executable: String, _ arguments: [String], seconds: Double = 60) throws -> Int32 {
+        let p = try ServiceProcess(name: name, executable: executable, arguments: arguments, logPath: "\(dir)/\(name).log")
+        guard let status = p.waitForExit(seconds: seconds) else {
+            p.stop(grace: 1)
+            throw BenchError("\(name) did not finish within \(Int(seconds)) s")
+        }
+        return status
+    }
+
+    /// The directory's administrator at work: `ldif` through ldapmodify.
+    func ldapModify(_ ldif: String) throws {
+        guard let d = directory else { return }
+        try writeText("\(dir)/ldap/change.ldif", ldif)
+        let args = ["-x", "-H", d.url, "-D", LocalDirectory.admin, "-w", LocalDirectory.password, "-f", "\(dir)/ldap/change.ldif"]
+        guard try runTool("ldapmodify", d.ldapmodify, args) == 0 else {
+            throw BenchError("ldapmodify failed: \((try? readText("\(dir)/ldapmodify.log")) ?? "")")
+        }
+    }
+
+    /// Waits until `holds` is true of the users and groups at `url`.
+    func waitFor(
+        _ what: String, at url: ServiceURL, token: String, seconds: Double = 30, _ holds: ([String: JSONObject], [JSONObject]) -> Bool
+    ) throws {
+        let deadline = monotonicMicros() + UInt64(seconds * 1_000_000)
+        while true {
+            try checkInterrupt()
+            monitor()
+            let users = try list(url, token, "/Users")
+            let byName = Dictionary(users.compactMap { u in u["userName"]?.stringValue.map { ($0, u) } }, uniquingKeysWith: { a, _ in a })
+            if holds(byName, try list(url, token, "/Groups")) { return }
+            if monotonicMicros() > deadline { throw BenchError("\(what) within \(Int(seconds)) s: not so") }
+            usleep(20_000)
+        }
+    }
+
+    /// The directory's part of the scenario: its initial load reaches the
+    /// agent; then a hire, a modify, a disabled account and a membership
+    /// change made in the directory reach the app.
+    func directoryScenario() throws {
+        guard directory != nil else { return }
+        let s = LocalDirectory.suffix
+        try waitFor("the directory's agent holds its 4 users and directory-staff", at: agentURL(directoryDomain), token: idpToken) {
+            users, groups in
+            users.count == 4 && groups.first { $0["displayName"]?.stringValue == "directory-staff" }?["members"]?.arrayValue?.count == 3
+        }
+        say(
+            "▶ in the directory (ldapmodify): pia hired and added to directory-staff, nina leaves it, mike's title changes, "
+                + "omar's account disabled (userAccountControl 514)")
+        let t0 = monotonicMicros()
+        try ldapModify(
+            personLDIF(("pia", "Pia", "Petrova"), add: true) + "\n"
+                + "dn: \(personDN("mike"))\nchangetype: modify\nreplace: title\ntitle: Staff Engineer\n\n"
+                + "dn: \(personDN("omar"))\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 514\n\n"
+                + "dn: cn=directory-staff,ou=groups,\(s)\nchangetype: modify\nadd: member\nmember: \(personDN("pia"))\n-\n"
+                + "delete: member\nmember: \(personDN("nina"))\n")
+        let app = targets[0]
+        try waitFor("the directory's changes at the app", at: app.url, token: app.token) { users, _ in
+            users["omar@directory.example"]?["active"] == .bool(false) && users["pia@directory.example"] != nil
+                && users["mike@directory.example"]?["title"] == "Staff Engineer"
+        }
+        say(
+            "  at the app after \(fixed(Double(monotonicMicros() - t0) / 1000, 1)) ms (ldapmodify → slapd → agent (syncrepl) → broker → app)"
+        )
     }
 
     func waitHTTP(_ t: (name: String, url: ServiceURL, token: String)) -> Bool {
@@ -244,6 +402,11 @@ public final class Sandbox {
         }
         for t in targets {
             say("  target \(pad(t.name, 12)) http\(t.url.tls ? "s" : "")://\(t.url.host):\(t.url.port)\(t.url.path)   (Bearer \(t.token))")
+        }
+        if let d = directory {
+            say(
+                "  directory (slapd) \(d.url)   (bind \(LocalDirectory.admin), password \(LocalDirectory.password); base \(LocalDirectory.suffix))"
+            )
         }
         say("  configs, logs and data in \(dir)" + (options.keep ? "" : " (removed at the end; --keep keeps them)"))
         while sandboxInterrupted == 0 {
@@ -361,6 +524,7 @@ public final class Sandbox {
                 "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "eu-staff",
                 "members": .array(["franz", "greta"].map { ["value": .string(ids["\($0)@eu.example"]!)] }),
             ])
+        try directoryScenario()
         say("▶ quinn@partner.example becomes an employee: out of the partner's scope, so removed everywhere")
         try idp(
             "partner", "PATCH", "/Users/\(ids["quinn@partner.example"]!)",
@@ -600,8 +764,22 @@ public final class Sandbox {
                             $0["value"]?.stringValue.flatMap { idToName[$0] }
                         } ?? [])
                 }
+                if directory != nil {
+                    check(
+                        byName["omar@directory.example"]?["active"] == .bool(false)
+                            && byName["mike@directory.example"]?["title"] == "Staff Engineer"
+                            && byName["lena@directory.example"]?["title"] == "Engineer",
+                        "\(name): the directory's users arrived, its modify and its disabled account too")
+                }
+                let groupNames = groups.compactMap { $0["displayName"]?.stringValue }
                 check(
-                    groups.count == 2 && members("engineering") == ["alice@hq.example", "bob@hq.example", "dan@hq.example"]
+                    groupNames.count == Set(groupNames).count
+                        && (directory == nil
+                            || members("directory-staff") == ["lena@directory.example", "mike@directory.example", "pia@directory.example"]),
+                    "\(name): every group is there once" + (directory == nil ? "" : ", directory-staff with the directory's members"))
+                check(
+                    groups.count == (directory == nil ? 2 : 3)
+                        && members("engineering") == ["alice@hq.example", "bob@hq.example", "dan@hq.example"]
                         && members("eu-staff") == ["franz@eu.example", "greta@eu.example"], "\(name): groups and their members are right")
             }
             var m = sample()

@@ -7,6 +7,7 @@ import EdgeLog
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
+import EdgeTools
 import Glibc
 import SCIM
 
@@ -180,6 +181,10 @@ do {
             try save("\(domain).crt", a.certificatePEM)
             try save("\(domain).key", a.privateKeyPEM)
         }
+    case "slapd-conf":
+        // The slapd.conf of a throwaway directory (the sandbox's and the LDAP source tests'), for the benchmarks.
+        guard args.count == 3 else { fail("usage: edge-fixture slapd-conf DATABASE-DIR PIDFILE") }
+        writeLine(LocalDirectory.slapdConfig(database: args[1], pidFile: args[2]), newline: false)
     case "fill-outbox":
         // Appends N create events of distinct users to an agent's outbox (agent stopped).
         guard args.count >= 3, let n = Int(args[2]) else { fail("usage: edge-fixture fill-outbox DIR N") }

@@ -175,9 +175,11 @@ struct SandboxCommand: ParsableCommand {
         commandName: "sandbox", abstract: "A multi-IdP federation on loopback, driven by a scripted scenario, then verified.",
         discussion: """
             Creates a throwaway PKI; starts a broker, three agents (hq; subsidiary-eu keeping phone numbers and \
-            addresses local; partner where only contractors leave) and two targets (a standalone agent as an app, \
+            addresses local; partner where only contractors leave), when slapd is installed a fourth whose source of \
+            record is an LDAP directory (a slapd of the sandbox's own, followed with syncrepl), and two targets (a standalone agent as an app, \
             and the reference scim2-server when installed); plays hires, updates, group changes, a user leaving the \
-            partner's scope, a contractor's deactivation and a load burst; shows each hop live; and verifies that \
+            partner's scope, a contractor's deactivation, a hire, a modify, a disabled account and a membership \
+            change made in the directory, and a load burst; shows each hop live; and verifies that \
             everything arrived exactly once where it should, and nothing local left its domain. Exit status 0 only \
             when every check holds. Everything is removed at the end, on Ctrl-C too.
             """)
@@ -190,6 +192,7 @@ struct SandboxCommand: ParsableCommand {
         help: "After the verification, keep the federation running until Ctrl-C (default: when standard input is a terminal).")
     var stay: Bool?
     @Option(help: "The reference scim2-server executable (default: $SCIM2_SERVER, .venv/bin, PATH).") var reference: String?
+    @Option(help: "The slapd of the LDAP domain (default: /usr/sbin/slapd, PATH); without it the domain is skipped.") var slapd: String?
 
     func run() throws {
         var options = SandboxOptions()
@@ -199,6 +202,7 @@ struct SandboxCommand: ParsableCommand {
         options.live = !plain && isatty(1) == 1
         options.stay = stay ?? (isatty(0) == 1)
         options.referenceServer = reference
+        options.slapd = slapd
         options.output = { emit($0, newline: false) }
         let sandbox = try Sandbox(options: options)
         if !sandbox.run() { throw ExitCode(sandbox.interrupted ? 130 : 1) }

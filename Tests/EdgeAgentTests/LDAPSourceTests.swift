@@ -2,18 +2,19 @@ import EdgeAgent
 import EdgeConfig
 import EdgeLDAP
 import EdgeTestSupport
+import EdgeTools
 import Foundation
 import SCIM
 import XCTest
 
 /// A slapd of the test's own: configured in a temporary directory
-/// (slapd.conf with the syncprov overlay and a small schema for the
-/// Active Directory attributes), loaded with slapadd, listening on
-/// 127.0.0.1 on a free port. Never the system's slapd.
+/// (`LocalDirectory`'s slapd.conf, as the sandbox's: the syncprov overlay
+/// and a small schema for the Active Directory attributes), loaded with
+/// slapadd, listening on 127.0.0.1 on a free port. Never the system's slapd.
 final class TestDirectory {
     static let slapd = "/usr/sbin/slapd"
-    static let suffix = "dc=example,dc=org"
-    static let admin = "cn=admin,dc=example,dc=org"
+    static let suffix = LocalDirectory.suffix
+    static let admin = LocalDirectory.admin
     let dir: TempDirectory
     let port: Int
     /// With a certificate: LDAPS on this port too (StartTLS on `port`).
@@ -35,34 +36,7 @@ final class TestDirectory {
                 "TLSCACertificateFile \($0.caFile)\nTLSCertificateFile \($0.serverCert)\nTLSCertificateKeyFile \($0.serverKey)\n"
             } ?? ""
         try FileManager.default.createDirectory(atPath: dir.file("db"), withIntermediateDirectories: true)
-        _ = dir.write(
-            "slapd.conf",
-            """
-            include /etc/ldap/schema/core.schema
-            include /etc/ldap/schema/cosine.schema
-            include /etc/ldap/schema/inetorgperson.schema
-            attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
-            attributetype ( 1.3.6.1.4.1.55555.1.2 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-            attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'userPrincipalName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-            attributetype ( 1.3.6.1.4.1.55555.1.4 NAME 'uSNChanged' EQUALITY integerMatch ORDERING integerOrderingMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
-            objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'adAccount' AUXILIARY MAY ( userAccountControl $ sAMAccountName $ userPrincipalName $ uSNChanged ) )
-            \(tls)pidfile \(dir.file("slapd.pid"))
-            modulepath /usr/lib/ldap
-            moduleload back_mdb
-            moduleload syncprov
-            sizelimit unlimited
-            database mdb
-            maxsize 1073741824
-            suffix "\(Self.suffix)"
-            rootdn "\(Self.admin)"
-            rootpw secret
-            directory \(dir.file("db"))
-            index objectClass,entryCSN,entryUUID eq
-            overlay syncprov
-            syncprov-checkpoint 10 1
-            syncprov-sessionlog 10000
-
-            """)
+        _ = dir.write("slapd.conf", LocalDirectory.slapdConfig(database: dir.file("db"), pidFile: dir.file("slapd.pid"), tls: tls))
     }
 
     deinit {
@@ -101,7 +75,7 @@ final class TestDirectory {
     func ldap(_ tool: String, _ args: [String], _ input: String) throws -> Int32 {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: tool)
-        p.arguments = ["-x", "-H", url, "-D", Self.admin, "-w", "secret"] + args
+        p.arguments = ["-x", "-H", url, "-D", Self.admin, "-w", LocalDirectory.password] + args
         let pipe = Pipe()
         p.standardInput = pipe
         p.standardOutput = FileHandle.nullDevice
@@ -278,7 +252,7 @@ func skeleton(_ ous: [String]) -> String {
 
 final class LDAPSourceTests: XCTestCase {
     func agentConfig(_ dir: TempDirectory, _ directory: TestDirectory, url: String? = nil, source: String) -> String {
-        let password = secretFile(dir, "bind.pw", "secret")
+        let password = secretFile(dir, "bind.pw", LocalDirectory.password)
         return sourceAgentConfig(
             dir,
             source: """

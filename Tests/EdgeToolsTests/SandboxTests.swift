@@ -9,20 +9,26 @@ final class SandboxTests: XCTestCase {
     /// On a terminal (standard input a TTY: `script` gives it one) the
     /// sandbox verifies, then stays up saying where everything is, serves
     /// what it says, and on Ctrl-C stops with the verification's status.
+    /// Without slapd (here: none where --slapd says) the LDAP domain is
+    /// skipped with one line and the rest runs as without it.
     func testOnATerminalTheFederationStaysUpUntilCtrlC() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let reference = root + "/.venv/bin/scim2-server"
-        let command = "\(productsDirectory)/scim-edge sandbox --short --plain --reference \(reference)"
+        let command = "\(productsDirectory)/scim-edge sandbox --short --plain --reference \(reference) --slapd /nonexistent/slapd"
         let c = try ChildProcess("/usr/bin/script", ["-qefc", command, "/dev/null"])
         defer { c.signal(SIGKILL) }
         XCTAssertNotNil(c.waitForLine("▶ the federation keeps running until Ctrl-C", seconds: 180), c.output.joined(separator: "\n"))
         XCTAssertTrue(c.output.contains { $0.hasPrefix("sandbox: all ") }, "verified first: \(c.output.joined(separator: "\n"))")
+        XCTAssertEqual(
+            c.output.filter { $0.contains("LDAP") || $0.contains("slapd") },
+            ["▶ the LDAP domain is skipped: no slapd at /nonexistent/slapd"])
         let api = try XCTUnwrap(c.waitForLine("  broker read API", seconds: 5))
         let port = try XCTUnwrap(Int(api.split(separator: ":")[2].prefix { $0.isNumber }), api)
         let client = try RawClient(port: port)
         client.send("GET /scim/v2/Users?count=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sandbox-api-token\r\n\r\n")
         let answer = try XCTUnwrap(client.readResponses(1).first)
         XCTAssertEqual(answer.status, 200)
+        // 211: 13 hires, 2 out of the partner's scope, the burst of 200 (no directory here).
         XCTAssertTrue(answer.body.contains(#""totalResults":211"#), "the federation as the scenario left it: \(answer.body)")
         // Ctrl-C reaches the sandbox (the child of `script` on the terminal).
         let pgrep = try ChildProcess("/usr/bin/pgrep", ["-P", String(c.process.processIdentifier), "-f", "scim-edge sandbox"])
@@ -33,6 +39,10 @@ final class SandboxTests: XCTestCase {
         XCTAssertTrue(c.output.contains { $0.contains("Ctrl-C: stopping the sandbox") })
     }
 
+    /// With slapd installed (make deps), the LDAP domain runs too: its
+    /// four users and group loaded into the sandbox's own slapd, then a
+    /// hire, a modify, a disabled account and a membership change made
+    /// there, each verified at the broker and both targets, exactly once.
     func testShortSandboxPassesItsVerificationAndCleansUp() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let reference = root + "/.venv/bin/scim2-server"
@@ -44,10 +54,18 @@ final class SandboxTests: XCTestCase {
         XCTAssertEqual(status, 0, out.joined(separator: "\n"))
         XCTAssertTrue(out.last?.hasPrefix("sandbox: all ") ?? false, out.joined(separator: "\n"))
         XCTAssertFalse(out.contains { $0.contains("✘") })
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: "/usr/sbin/slapd"), "make deps installs slapd")
+        XCTAssertTrue(
+            out.contains { $0.hasPrefix("▶ LDAP: a slapd of the sandbox's own on ldap://127.0.0.1:") }, out.joined(separator: "\n"))
+        XCTAssertTrue(
+            out.contains { $0.hasPrefix("  at the app after ") && $0.hasSuffix("(ldapmodify → slapd → agent (syncrepl) → broker → app)") })
         for holder in ["broker", "app", "reference"] {
+            // 216: the terminal test's 211 and the directory's 5 (4 loaded, 1 hired by ldapmodify).
             XCTAssertTrue(
-                out.contains("  ✔ \(holder): every user that should be there is there exactly once (211 of 211, 0 duplicates)"),
+                out.contains("  ✔ \(holder): every user that should be there is there exactly once (216 of 216, 0 duplicates)"),
                 "\(holder): \(out.joined(separator: "\n"))")
+            XCTAssertTrue(out.contains("  ✔ \(holder): the directory's users arrived, its modify and its disabled account too"))
+            XCTAssertTrue(out.contains("  ✔ \(holder): every group is there once, directory-staff with the directory's members"))
         }
         XCTAssertTrue(out.contains { $0.hasPrefix("  inactive at the app after ") })
         XCTAssertTrue(out.contains { $0.hasPrefix("  agent acceptance → app's answer: p50 ") })
