@@ -60,12 +60,23 @@ def sample():
         for p in procs: peaks[p["name"]] = max(peaks[p["name"]], rss_anon(p["pid"]))
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
-def conn(port): return http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-a, b = conn(agent), conn(app)
-def call(c, token, method, path, body=None):
-    c.request(method, "/scim/v2" + path, None if body is None else json.dumps(body),
-              {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"})
-    r = c.getresponse(); d = r.read()
+# A connection per port, opened again when the server closed it while it was idle (a GET is sent again;
+# a write is not: a request that reached the server is never repeated).
+conns, used = {}, {}
+a, b = agent, app
+def call(port, token, method, path, body=None, again=True):
+    if port in conns and time.time() - used.get(port, 0) > 5:
+        conns.pop(port).close()  # idle a while: the server may be closing it; a write goes on a new one
+    used[port] = time.time()
+    c = conns.get(port) or conns.setdefault(port, http.client.HTTPConnection("127.0.0.1", port, timeout=600))
+    try:
+        c.request(method, "/scim/v2" + path, None if body is None else json.dumps(body),
+                  {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"})
+        r = c.getresponse(); d = r.read()
+    except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+        c.close(); conns.pop(port, None)
+        if not again or method != "GET": raise
+        return call(port, token, method, path, body, again=False)
     return r.status, d
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 R = 10
