@@ -483,7 +483,8 @@ final class BrokerListAPITests: FederationTestCase {
         XCTAssertTrue(big.head.contains("Transfer-Encoding: chunked"), big.head)
         let doc = try JSONParser.parse(Array(big.body.utf8))
         XCTAssertEqual(doc["displayName"], "all staff")
-        XCTAssertEqual(Set(doc["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []), Set((0..<5_000).map(ListFixture.brokerID)))
+        XCTAssertEqual(
+            Set(doc["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []), Set((0..<5_000).map(ListFixture.brokerID)))
 
         var r = try api(apiPort, "/Users?count=0")
         XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")

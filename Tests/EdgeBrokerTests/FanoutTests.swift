@@ -49,6 +49,22 @@ final class FanoutTests: FederationTestCase {
         return try XCTUnwrap(body?["id"]?.stringValue)
     }
 
+    /// A group created at the agent on `port` with `members` (ids there): its id.
+    func newGroup(_ port: Int, _ displayName: String, members: some Sequence<String>) throws -> String {
+        let list = members.map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let (status, group) = try idp(
+            port, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"\#(displayName)","members":[\#(list)]}"#)
+        XCTAssertEqual(status, 201)
+        return try XCTUnwrap(group?["id"]?.stringValue)
+    }
+
+    /// `scim-broker targets reconcile TARGET --json` with the test's configuration, parsed.
+    func reconcileReport(_ target: String) throws -> JSON {
+        let report = try brokerCLI(["targets", "reconcile", "--config", dir.file("broker.yaml"), target, "--json"])
+        XCTAssertEqual(report.0, 0, report.1)
+        return try JSONParser.parse(Array(report.1.utf8))
+    }
+
     /// The target's users (by userName), read through its own SCIM API.
     func users(_ port: Int, token: String, prefix: String) -> [String: JSON] {
         guard let (status, body) = try? scim(port, "GET", "/Users?count=1000", token: token, prefix: prefix), status == 200 else {
@@ -679,12 +695,10 @@ final class FanoutTests: FederationTestCase {
                     with: #"routes: [{types: [User], filter: 'userName ne "leaves-route"'}, {types: [Group]}]"#),
             port: bp)
         let config = dir.file("broker.yaml")
-        let report = try brokerCLI(["targets", "reconcile", "--config", config, "ref", "--json"])
-        XCTAssertEqual(report.0, 0, report.1)
-        let r = try JSONParser.parse(Array(report.1.utf8))
-        XCTAssertEqual(r["missing"]?.arrayValue?.count, 1, report.1)
-        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["title"], report.1)
-        XCTAssertEqual(r["strays"]?.arrayValue?.count, 1, report.1)
+        let r = try reconcileReport("ref")
+        XCTAssertEqual(r["missing"]?.arrayValue?.count, 1, "\(r)")
+        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["title"], "\(r)")
+        XCTAssertEqual(r["strays"]?.arrayValue?.count, 1, "\(r)")
         XCTAssertEqual(r["foreign"], 1, "local-admin was not created by the broker")
         XCTAssertEqual(r["expected"], 3)
         let text = try brokerCLI(["targets", "reconcile", "--config", config, "ref"])

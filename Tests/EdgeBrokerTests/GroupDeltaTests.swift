@@ -45,11 +45,7 @@ extension FanoutTests {
         var (broker, bp) = try startBroker(yaml: yaml)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let ids = try (0..<12).map { try newUser(dp, "u\($0)") }
-        let members = ids[0..<10].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
-        let (status, group) = try idp(
-            dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"staff","members":[\#(members)]}"#)
-        XCTAssertEqual(status, 201)
-        let gid = try XCTUnwrap(group?["id"]?.stringValue)
+        let gid = try newGroup(dp, "staff", members: ids[0..<10])
         XCTAssertTrue(
             eventually(seconds: 20) { self.membersAtTarget(appPort, "staff").count == 10 }, "\(membersAtTarget(appPort, "staff"))")
 
@@ -146,9 +142,7 @@ extension FanoutTests {
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("app", port: proxy.port))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let ids = try (0..<6).map { try newUser(dp, "r\($0)") }
-        let members = ids[0..<5].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
-        XCTAssertEqual(
-            try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[\#(members)]}"#).0, 201)
+        _ = try newGroup(dp, "crew", members: ids[0..<5])
         XCTAssertTrue(
             eventually(seconds: 20) {
                 self.membersAtTarget(appPort, "crew").count == 5 && self.users(appPort, token: "t", prefix: "/scim/v2").count == 6
@@ -171,11 +165,9 @@ extension FanoutTests {
         XCTAssertEqual(membersAtTarget(appPort, "crew"), ["r1", "r2", "r3", "r4", "r5", "local"])
 
         let config = dir.file("broker.yaml")
-        let report = try brokerCLI(["targets", "reconcile", "--config", config, "app", "--json"])
-        XCTAssertEqual(report.0, 0, report.1)
-        let r = try JSONParser.parse(Array(report.1.utf8))
-        XCTAssertEqual(r["drifted"]?.arrayValue?.count, 1, report.1)
-        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["members"], report.1)
+        let r = try reconcileReport("app")
+        XCTAssertEqual(r["drifted"]?.arrayValue?.count, 1, "\(r)")
+        XCTAssertEqual(r["drifted"]?.arrayValue?.first?["attributes"], ["members"], "\(r)")
         patches.withLock { $0 = [] }
         let applied = try brokerCLI(["targets", "reconcile", "--config", config, "app", "--apply"])
         XCTAssertTrue(applied.1.contains("1 fixes queued"), applied.1)
@@ -224,9 +216,7 @@ extension FanoutTests {
         let ids = try ["ann", "bob", "dan", "eve"].map { try newUser(dp, $0, extra: #","title":"staff""#) }
         let cat = try newUser(dp, "cat", extra: #","title":"intern""#)
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
-        let members = (ids + [cat]).map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
-        XCTAssertEqual(
-            try idp(dp, "POST", "/Groups", #"{"schemas":["\#(groupSchema)"],"displayName":"crew","members":[\#(members)]}"#).0, 201)
+        _ = try newGroup(dp, "crew", members: ids + [cat])
         // The group is created with ann and grown by slow PATCHes; meanwhile cat enters the routes.
         XCTAssertTrue(eventually(seconds: 20) { self.groups(appPort, token: "t", prefix: "/scim/v2")["crew"] != nil })
         XCTAssertEqual(try patchAt(dp, "/Users/\(cat)", #"[{"op":"replace","path":"title","value":"staff"}]"#), 200)

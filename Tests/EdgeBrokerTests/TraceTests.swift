@@ -10,12 +10,19 @@ import XCTest
 /// what an operator knows of it, says why a target got nothing, and follows
 /// what reconciliation queued.
 extension FanoutTests {
-    func testTraceFindsAResourceByAnyOfItsNamesAndSaysWhatWasOutOfScope() throws {
+    /// A broker with one app (a standalone agent) whose routes take acme-de's
+    /// users with title "staff" only, and acme-de's agent: the app's port and the agent's.
+    func staffOnlyFederation() throws -> (app: Int, agent: Int) {
         let (_, appPort) = try startAppAgent("app")
         let routes = #"routes: [{domains: [acme-de], types: [User], filter: 'title eq "staff"'}]"#
         let (_, bp) = try startBroker(
             yaml: "targets:\n" + target("app", port: appPort).replacing("routes: [{domains: [acme-de]}]", with: routes))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        return (appPort, dp)
+    }
+
+    func testTraceFindsAResourceByAnyOfItsNamesAndSaysWhatWasOutOfScope() throws {
+        let (appPort, dp) = try staffOnlyFederation()
         let dora = try newUser(dp, "dora", extra: #","title":"staff","externalId":"hr-4711""#)
         _ = try newUser(dp, "eve", extra: #","title":"intern""#)
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["dora"] != nil })
@@ -53,11 +60,7 @@ extension FanoutTests {
     /// (whole: its state at the target is taken as unknown) and each request
     /// and answer is printed; one out of scope is not sent, and says why.
     func testPushDeliversOneResourceNowAndPrintsEachStep() throws {
-        let (_, appPort) = try startAppAgent("app")
-        let routes = #"routes: [{domains: [acme-de], types: [User], filter: 'title eq "staff"'}]"#
-        let (_, bp) = try startBroker(
-            yaml: "targets:\n" + target("app", port: appPort).replacing("routes: [{domains: [acme-de]}]", with: routes))
-        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (appPort, dp) = try staffOnlyFederation()
         _ = try newUser(dp, "fay", extra: #","title":"staff""#)
         _ = try newUser(dp, "gus", extra: #","title":"intern""#)
         XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2")["fay"] != nil })
