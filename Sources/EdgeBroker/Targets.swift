@@ -378,6 +378,10 @@ public struct TargetConfiguration: Sendable {
     /// Consecutive failures (network, 5xx) that open the circuit breaker.
     public var breakerThreshold = BrokerOptions.Target.breakerThreshold.defaultInteger
     public var requestTimeoutMilliseconds = UInt64(BrokerOptions.Target.timeoutMs.defaultInteger)
+    /// A boundary instead of an app (`domain:`): that domain's agent
+    /// fetches the target's queue as its downlink feed (`Downlink.swift`);
+    /// no `TargetWorker` runs for it. Nil: an app at `url`.
+    public var destination: String?
 
     public init(name: String, url: String) throws(SCIMError) {
         guard !name.isEmpty, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
@@ -391,9 +395,10 @@ public struct TargetConfiguration: Sendable {
         (useTLS, host, port, basePath) = (parsed.tls, parsed.host, parsed.port, parsed.path)
     }
 
-    /// Every route matching means the target should hold the resource.
+    /// Every route matching means the target should hold the resource. A
+    /// destination never gets its own domain's resources back.
     public func routes(domain: String, type: String, _ resource: JSONObject) -> Bool {
-        routes.contains { $0.matches(domain: domain, type: type, resource) }
+        domain != destination && routes.contains { $0.matches(domain: domain, type: type, resource) }
     }
 
     /// Whether a route decides on a group's members (then the apply reads them to route it).
