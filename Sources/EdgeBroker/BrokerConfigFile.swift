@@ -170,15 +170,7 @@ public let targetOptionTable = OptionTable<TargetConfiguration>(
                     d.error(constant.full(path), "must be a scalar", at: mark)
                     continue
                 }
-                let json: JSON
-                if plain && (text == "true" || text == "false") {
-                    json = .bool(text == "true")
-                } else if plain, let n = JSONNumber(text) {
-                    json = .number(n)
-                } else {
-                    json = .string(text)
-                }
-                t.mapping.constant.append((path, json))
+                t.mapping.constant.append((path, AttributeMapping.constantValue(text, plain: plain)))
             }
             constant.finish()
         },
