@@ -24,13 +24,13 @@ final class DownlinkTests: FederationTestCase {
 
     /// An agent of acme-us (or claiming to be) with an inbound policy, from a YAML file.
     func startInboundAgent(
-        _ name: String, cert: (String, String), domain: String = "acme-us", brokerPort: Int, waitMs: Int = 2000, port: Int = 0
+        _ name: String, cert: (String, String), domain: String = "acme-us", brokerPort: Int, waitMs: Int = 2000, maxEvents: Int = 100
     ) throws -> (ChildProcess, Int) {
         let file = dir.write(
             "\(name).yaml",
             """
             dataDir: \(dir.file(name))
-            listen: 127.0.0.1:\(port)
+            listen: 127.0.0.1:0
             admin: {listen: 127.0.0.1:0}
             broker: {url: "https://127.0.0.1:\(brokerPort)", ca: \(ca!), cert: \(cert.0), key: \(cert.1), domain: \(domain), agent: \(name)}
             inbound:
@@ -42,6 +42,7 @@ final class DownlinkTests: FederationTestCase {
                 userName: "{userName}@{domain}"
                 drop: [title]
               waitMs: \(waitMs)
+              maxEventsPerPoll: \(maxEvents)
 
             """)
         let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", file, "--token", "t"])
@@ -192,5 +193,103 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertEqual(try scim(up, "GET", "/Users?count=0").1?["totalResults"], 0)
         XCTAssertEqual(metric(broker, "scim_broker_downlink_polls_waiting"), 0)
         XCTAssertEqual(metric(broker, "scim_broker_downlink_acked_sequence"), 0)
+    }
+
+    /// The feed position at the broker, and what the agent committed.
+    func positions(_ agent: String) -> (issued: UInt64, acked: UInt64, committed: UInt64)? {
+        guard let p = try? BrokerStore(path: dir.file("broker")).feedPosition(target: "us-boundary"),
+            let c = try? AgentStore(path: dir.file(agent), registry: .standard).downlinkSequence()
+        else { return nil }
+        return (p.issued, p.acked, c)
+    }
+
+    /// Every HQ user is at the subsidiary once, and the feed is committed and acknowledged through its end.
+    func assertArrivedOnce(
+        _ names: [String], groups: Int = 0, port: Int, agent: String, file: StaticString = #filePath, line: UInt = #line
+    ) throws {
+        XCTAssertTrue(
+            eventually(seconds: 120) { self.foreign(agent) == ["acme-de": names.count + groups] }, "\(foreign(agent))", file: file,
+            line: line)
+        var seen: [String] = []
+        for start in stride(from: 1, through: names.count, by: 100) {
+            let page = try scim(port, "GET", "/Users?startIndex=\(start)&count=100").1?["Resources"]?.arrayValue ?? []
+            seen += page.compactMap { $0["userName"]?.stringValue }
+        }
+        XCTAssertEqual(seen.count, names.count, "no user twice", file: file, line: line)
+        XCTAssertEqual(Set(seen), Set(names.map { "\($0)@acme-de" }), file: file, line: line)
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                guard let p = self.positions(agent) else { return false }
+                return p.issued > 0 && p.issued == p.committed && p.acked == p.issued
+            }, "feed \(String(describing: positions(agent)))", file: file, line: line)
+    }
+
+    /// SIGKILL of the subsidiary's agent in the middle of its feed, then of
+    /// the broker: after the restarts every HQ user is there exactly once,
+    /// the feed committed and acknowledged through its last event.
+    func testKilledAgentAndBrokerLoseNothingAndApplyNothingTwice() throws {
+        let brokerPort = freeLoopbackPort()
+        var (broker, bp) = try startBroker(yaml: brokerYAML, port: brokerPort)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var names: [String] = []
+        func create(_ n: Int) throws {
+            for _ in 0..<n {
+                let name = "k\(names.count)"
+                XCTAssertEqual(try createUser(dp, name), 201)
+                names.append(name)
+            }
+        }
+        try create(150)
+        XCTAssertTrue(eventually(seconds: 30) { self.applied()["acme-de/\(self.deID)"] == 150 })
+        // A backlog of 150 for a subsidiary agent that takes 2 events a poll.
+        var (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp, maxEvents: 2)
+        XCTAssertTrue(eventually(seconds: 30) { (self.foreign("us")["acme-de"] ?? 0) > 0 }, "the feed started")
+        usAgent.signal(SIGKILL)
+        _ = usAgent.waitForExit()
+        XCTAssertLessThan(foreign("us")["acme-de"] ?? 0, 150, "killed in the middle of the feed")
+        try create(50)
+        (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp, maxEvents: 2)
+        XCTAssertTrue(eventually(seconds: 30) { (self.foreign("us")["acme-de"] ?? 0) > 150 }, "\(foreign("us"))")
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        try create(50)  // buffered in acme-de's outbox meanwhile
+        (broker, bp) = try startBroker(yaml: brokerYAML, port: brokerPort)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_refused_total"), 0)
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total"), 0)
+    }
+
+    /// A fault proxy between the subsidiary's agent and the broker (drops,
+    /// delays, resets, stalls): users and a group with its members converge,
+    /// each once.
+    func testFaultyNetworkToTheSubsidiaryConverges() throws {
+        let (_, bp) = try startBroker(yaml: brokerYAML)
+        let proxy = try FaultProxy(upstreamPort: bp, seed: 20_261_201)
+        defer { proxy.stop() }
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: proxy.port, waitMs: 500)
+        var names: [String] = []
+        var ids: [String] = []
+        for k in 0..<120 {
+            XCTAssertEqual(try createUser(dp, "f\(k)"), 201)
+            names.append("f\(k)")
+        }
+        for name in names.prefix(30) { ids.append(try XCTUnwrap(try user(dp, name)?["id"]?.stringValue)) }
+        let members = ids.map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        XCTAssertEqual(
+            try scim(
+                dp, "POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"faulty","members":[\#(members)]}"#
+            ).0, 201)
+        Thread.sleep(forTimeInterval: 4)
+        proxy.healthy()
+        try assertArrivedOnce(names, groups: 1, port: up, agent: "us")
+        XCTAssertTrue(
+            eventually(seconds: 60) {
+                let g = try? scim(up, "GET", "/Groups?filter=displayName%20eq%20%22faulty%22").1?["Resources"]?.arrayValue?.first
+                return g?["members"]?.arrayValue?.count == 30
+            }, "the group and its 30 members")
+        let faults = proxy.faultCounts
+        XCTAssertGreaterThan(faults.filter { $0.key != "pass" }.values.reduce(0, +), 2, "faults were injected: \(faults)")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total"), 0)
     }
 }
