@@ -194,6 +194,7 @@ extension BrokerService {
     }
 
     func downlinkMetrics() -> String {
+        for (domain, t) in feeds.destinations { refreshBacklog(domain, t) }  // also while no agent polls
         var out = ""
         func metric(_ name: String, _ type: String, _ help: String, _ value: (String, TargetConfiguration) -> String) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"

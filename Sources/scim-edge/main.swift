@@ -399,6 +399,12 @@ struct Status: ParsableCommand {
         if let oldest = try store.oldestOutboxEvent() {
             emit("oldest event     sequence \(oldest.seq), issued at \(oldest.issuedAt) (Unix time)")
         }
+        let foreign = try store.foreignCounts()
+        emit("downlink         committed through feed sequence \(try store.downlinkSequence())")
+        emit(
+            "foreign          "
+                + (foreign.isEmpty
+                    ? "none" : foreign.sorted { $0.key < $1.key }.map { "\($0.value) from \($0.key)" }.joined(separator: ", ")))
     }
 }
 

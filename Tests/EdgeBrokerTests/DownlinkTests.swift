@@ -195,6 +195,29 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertEqual(metric(broker, "scim_broker_downlink_acked_sequence"), 0)
     }
 
+    /// While the boundary's agent is away its backlog grows, visible in
+    /// `targets status` and /metrics (depth, age); it drains when the agent comes.
+    func testTheBacklogIsVisibleWhileTheBoundaryIsAway() throws {
+        let (broker, bp) = try startBroker(yaml: brokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        for k in 0..<7 { XCTAssertEqual(try createUser(dp, "away\(k)"), 201) }
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 7 })
+        XCTAssertEqual(metric(broker, "scim_broker_downlink_queue_depth"), 7)
+        XCTAssertGreaterThan(metric(broker, "scim_broker_downlink_queue_oldest_age_seconds") ?? 0, 0)
+        let status = try ChildProcess(productsDirectory + "/scim-broker", ["targets", "status", "--config", dir.file("broker.yaml")])
+        XCTAssertEqual(status.waitForExit(), 0)
+        XCTAssertTrue(
+            status.output.contains { $0.hasPrefix("us-boundary\tdownlink to acme-us\tqueued 7 (oldest 20") }, "\(status.output)")
+        _ = try startInboundAgent("us", cert: us, brokerPort: bp)
+        XCTAssertTrue(eventually(seconds: 20) { self.foreign("us") == ["acme-de": 7] })
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                self.metric(broker, "scim_broker_downlink_queue_depth") == 0
+                    && self.metric(broker, "scim_broker_downlink_unacked_events") == 0
+            })
+        XCTAssertEqual(metric(broker, "scim_broker_downlink_polls_waiting"), 1, "the agent's long poll is parked")
+    }
+
     /// The feed position at the broker, and what the agent committed.
     func positions(_ agent: String) -> (issued: UInt64, acked: UInt64, committed: UInt64)? {
         guard let p = try? BrokerStore(path: dir.file("broker")).feedPosition(target: "us-boundary"),
@@ -278,7 +301,8 @@ final class DownlinkTests: FederationTestCase {
         let members = ids.map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
         XCTAssertEqual(
             try scim(
-                dp, "POST", "/Groups", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"faulty","members":[\#(members)]}"#
+                dp, "POST", "/Groups",
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"faulty","members":[\#(members)]}"#
             ).0, 201)
         Thread.sleep(forTimeInterval: 4)
         proxy.healthy()
