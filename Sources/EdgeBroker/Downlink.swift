@@ -33,6 +33,9 @@ extension BrokerStore {
         static let delete = "urn:ietf:params:SCIM:event:prov:delete"
     }
 
+    /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
+    static let maxPageBytes = 4 << 20
+
     /// The downlink protocol version (docs/protocol.md).
     public static let downlinkVersion = 1
 
@@ -108,8 +111,12 @@ extension BrokerStore {
         let itemsLeft = try materialize(target, room: window - position.unacked, txn)
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
+        var bytes = 0
         try txn.scan(downlink, from: prefixed(target.name, (ack + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
+            // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
+            guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
             events.append(v)
+            bytes += v.count + 1
             return events.count < limit
         }
         return FeedPage(events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - ack)
