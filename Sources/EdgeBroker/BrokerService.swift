@@ -129,7 +129,7 @@ public final class BrokerService {
     private var sweeping = false
     private var nextSweepPass: UInt64 = 0
     public let configuration: BrokerConfiguration
-    public internal(set) var statistics = FederationStatistics()
+    public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
     private var propagation = RecentSamples()
     public var logger = Logger(label: "scim-broker.federation")
@@ -524,6 +524,17 @@ public final class BrokerService {
         }
     }
 
+    /// Backpressure (invariant 4): with `maxPendingBatches` writes waiting,
+    /// answers 503 + Retry-After (counted) and returns true.
+    func refusedBusy(_ responder: Responder) -> Bool {
+        guard writer.queuedWrites >= configuration.maxPendingBatches else { return false }
+        statistics.busyRefusals += 1
+        responder.respond(
+            Self.failure(503, "busy", "the broker has \(writer.queuedWrites) writes waiting; retry later")
+                .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
+        return true
+    }
+
     /// `POST /federation/v1/events`: a batch of the uplink (relay protocol).
     func relay(_ request: HTTPRequest, _ context: RequestContext, _ bound: DomainBinding, _ responder: Responder) {
         let body: JSON
@@ -568,13 +579,7 @@ public final class BrokerService {
             events.append(RelayEvent(seq: UInt64(n), body: e))
         }
         // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
-        guard writer.queuedWrites < configuration.maxPendingBatches else {
-            statistics.busyRefusals += 1
-            responder.respond(
-                Self.failure(503, "busy", "the broker has \(writer.queuedWrites) batches waiting; retry later")
-                    .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
-            return
-        }
+        if refusedBusy(responder) { return }
         if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
         let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
         let ids = (0..<events.count).map { _ in secureID() }

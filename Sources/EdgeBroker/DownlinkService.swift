@@ -99,13 +99,7 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'timeoutMs' must be 0 to \(Self.maxFeedWaitMilliseconds)"))
             return
         }
-        guard writer.queuedWrites < configuration.maxPendingBatches else {
-            statistics.busyRefusals += 1
-            responder.respond(
-                Self.failure(503, "busy", "the broker has \(writer.queuedWrites) writes waiting; retry later")
-                    .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
-            return
-        }
+        if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
         fetch(bound.domain, target, ack: UInt64(ack), limit: limit, responder) { [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
