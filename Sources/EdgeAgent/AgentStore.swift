@@ -22,6 +22,7 @@ import Synchronization
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `sources` | `<source>\0cookie`, `<source>\0status`, `<source>\0k\0<key>`, `<source>\0d\0<dn>`, `<source>\0p\0<dn>\0<group key>` | a pull source's position (written with the changes it covers), its status, each entry's resource, the DN index, group members waiting for their entry (`SourceStore.swift`) |
 /// | `foreign` | `User/<id>`, `Group/<id>` | the source domain of a resource that entered through the downlink (`Inbound.swift`) |
+/// | `foreignWaiting` | `m\0<member>\0<group>` (the member), `g\0<group>\0<member>` | members of foreign groups not held here, until the user enters or the group forgets them |
 /// | `meta` | `downlinkSeq` | the last downlink feed sequence committed (with the changes it brought) |
 /// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch`, `brokerProtocol` | counters, layout version, relay position, policy fingerprint, store identity |
 /// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
@@ -53,6 +54,8 @@ public final class AgentStore: Sendable {
     let sources: Database
     /// Resources that entered from other domains (`Inbound.swift`): `<type>/<id>` → source domain.
     let foreign: Database
+    /// Members of foreign groups that this boundary does not hold (yet): `Inbound.swift`.
+    let foreignWaiting: Database
     /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
@@ -113,6 +116,7 @@ public final class AgentStore: Sendable {
         meta = try environment.openDatabase("meta")
         sources = try environment.openDatabase("sources")
         foreign = try environment.openDatabase("foreign")
+        foreignWaiting = try environment.openDatabase("foreignWaiting")
         let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         let groupMembers = self.groupMembers
         epoch = try environment.write { txn in

@@ -208,6 +208,7 @@ extension AgentStore {
         switch uri {
         case EventURI.delete:
             if let old { try removeForeign(type, id, old, ctx, txn) }
+            if type.id == "User" { try forgetWaiting(member: id, txn) }
             return .applied
         case EventURI.createFull, EventURI.putFull, EventURI.patchFull:
             guard let data = body["data"]?.objectValue else { throw SCIMError.invalidValue("\(ref): no 'data'") }
@@ -217,21 +218,27 @@ extension AgentStore {
                 return .notAccepted
             }
             var mapped = policy.mapped(data, type: type.id, domain: domain)
-            if type.id == "Group" { mapped["members"] = .array(try heldMembers(data["members"]?.arrayValue ?? [], txn)) }
+            if type.id == "Group" {
+                try forgetWaiting(group: id, txn)  // full state: the members it names now are the ones waiting
+                mapped["members"] = .array(try heldMembers(data["members"]?.arrayValue ?? [], group: id, txn))
+            }
             let validator = ResourceValidator(registry: registry, type: type, profile: .lenient)
             let new =
                 try old.map { try validator.validateReplace(.object(mapped), existing: $0) } ?? validator.validateCreate(.object(mapped))
             // Marked foreign first: the write then sends nothing up (`emitChange`).
             try txn.put(foreign, AgentStore.key(type, id), Array(domain.utf8))
             _ = try store(type, id: id, new: new, old: old, event: uri, ctx, txn)
+            if old == nil && type.id == "User" { try joinWaitingGroups(id, ctx, txn) }
             return .applied
         case AgentStore.membersEvent:
             // Held only if accepted: a delta for a group this boundary did not take is not its business.
             guard type.id == "Group", let old else { return .notAccepted }
             for r in body["removed"]?.arrayValue ?? [] {
-                if let m = r.stringValue { try deleteMember(id, Array(m.utf8), txn) }
+                guard let m = r.stringValue else { continue }
+                try deleteMember(id, Array(m.utf8), txn)
+                try unwait(member: m, group: id, txn)
             }
-            for m in try heldMembers(body["added"]?.arrayValue ?? [], txn) {
+            for m in try heldMembers(body["added"]?.arrayValue ?? [], group: id, txn) {
                 if let o = m.objectValue { try putMember(id, o, txn) }
             }
             var group = old
@@ -243,23 +250,74 @@ extension AgentStore {
         }
     }
 
-    /// The members of a foreign group that this boundary holds (foreign
-    /// users it accepted), as `{value, type}`; the others did not enter.
-    func heldMembers(_ members: [JSON], _ txn: borrowing WriteTransaction) throws -> [JSON] {
+    /// The members of foreign group `group` that this boundary holds
+    /// (foreign users it accepted), as `{value, type}`. The others wait
+    /// (`foreignWaiting`): the broker sent them, so it will not name them
+    /// again, and a user this policy accepts later (it came to match the
+    /// filter) joins the group then (`joinWaitingGroups`).
+    func heldMembers(_ members: [JSON], group: String, _ txn: borrowing WriteTransaction) throws -> [JSON] {
         var out: [JSON] = []
         for m in members {
             guard let v = m["value"]?.stringValue else { continue }
             let type = m["type"]?.stringValue == "Group" ? "Group" : "User"
-            guard try foreignDomain(registry.resourceType(type)!, v, txn) != nil else { continue }
-            out.append(["value": .string(v), "type": .string(type)])
+            let member: JSON = ["value": .string(v), "type": .string(type)]
+            if try foreignDomain(registry.resourceType(type)!, v, txn) != nil {
+                out.append(member)
+            } else {
+                try txn.put(foreignWaiting, AgentStore.waitingKey("m", v, group), member.serialized())
+                try txn.put(foreignWaiting, AgentStore.waitingKey("g", group, v), [])
+            }
         }
         return out
+    }
+
+    /// `foreignWaiting` keys: `m\0<member>\0<group>` → the member, and `g\0<group>\0<member>`.
+    static func waitingKey(_ kind: String, _ a: String, _ b: String = "") -> [UInt8] {
+        Array(kind.utf8) + [0] + Array(a.utf8) + [0] + Array(b.utf8)
+    }
+
+    func unwait(member: String, group: String, _ txn: borrowing WriteTransaction) throws {
+        _ = try txn.delete(foreignWaiting, AgentStore.waitingKey("m", member, group))
+        _ = try txn.delete(foreignWaiting, AgentStore.waitingKey("g", group, member))
+    }
+
+    /// The other ids under `kind\0<id>\0` (a member's groups, or a group's members).
+    func waiting(_ kind: String, _ id: String, _ txn: borrowing WriteTransaction) throws -> [(String, [UInt8])] {
+        let prefix = AgentStore.waitingKey(kind, id)
+        var out: [(String, [UInt8])] = []
+        try txn.scan(foreignWaiting, from: prefix, to: Array(prefix.dropLast()) + [1]) { k, v in
+            out.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
+            return true
+        }
+        return out
+    }
+
+    func forgetWaiting(group: String, _ txn: borrowing WriteTransaction) throws {
+        for (member, _) in try waiting("g", group, txn) { try unwait(member: member, group: group, txn) }
+    }
+
+    func forgetWaiting(member: String, _ txn: borrowing WriteTransaction) throws {
+        for (group, _) in try waiting("m", member, txn) { try unwait(member: member, group: group, txn) }
+    }
+
+    /// A foreign user entered: it joins the foreign groups that named it while it was not here.
+    func joinWaitingGroups(_ member: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        let groups = registry.resourceType("Group")!
+        for (gid, bytes) in try waiting("m", member, txn) {
+            try unwait(member: member, group: gid, txn)
+            guard let old = try load(txn, groups, gid), let m = try JSONParser.parse(bytes, limits: .stored).objectValue else { continue }
+            try putMember(gid, m, txn)
+            var group = old
+            (group["id"], group["meta"]) = (nil, nil)
+            _ = try store(groups, id: gid, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
+        }
     }
 
     func removeForeign(_ type: ResourceType, _ id: String, _ old: JSONObject, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws
     {
         try remove(type, id: id, old: old, ctx, txn)
         _ = try txn.delete(foreign, AgentStore.key(type, id))
+        if type.id == "Group" { try forgetWaiting(group: id, txn) }
     }
 
     /// The local IdP (or a pull source) may not change what entered from

@@ -35,8 +35,8 @@ final class InboundTests: XCTestCase {
         XCTAssertEqual(policy?.accepts(domain: "other", type: "User", ["userName": "a", "active": true]), false, "only the domains named")
     }
 
-    func event(_ seq: Int, _ uri: String, _ id: String, data: JSON? = nil, domain: String = "hq") -> JSON {
-        var body: JSONObject = ["ref": .string("/Users/\(id)")]
+    func event(_ seq: Int, _ uri: String, _ id: String, data: JSON? = nil, domain: String = "hq", endpoint: String = "Users") -> JSON {
+        var body: JSONObject = ["ref": .string("/\(endpoint)/\(id)")]
         if let data { body["data"] = data }
         return ["seq": .int(seq), "domain": .string(domain), "events": .object(JSONObject([(uri, .object(body))]))]
     }
@@ -99,5 +99,43 @@ final class InboundTests: XCTestCase {
         XCTAssertNil(try store.get(users, "b1"))
         XCTAssertEqual(try store.foreignCounts(), [:])
         XCTAssertEqual(try store.outboxCount(), 1)
+    }
+
+    /// A member the boundary did not take when its group arrived (out of the
+    /// filter then) joins the group when it enters later: the broker, which
+    /// sent it, will not name it again.
+    func testAUserAcceptedLaterJoinsTheGroupsThatNamedIt() throws {
+        let dir = TempDirectory("inbound-late")
+        defer { dir.remove() }
+        let store = try AgentStore(path: dir.path, registry: .standard)
+        let policy = InboundPolicy(accept: [
+            try InboundPolicy.Rule(domains: ["hq"], types: ["User"], filter: "active eq true"),
+            try InboundPolicy.Rule(domains: ["hq"], types: ["Group"]),
+        ])
+        let ctx = WriteContext(newID: "n", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t")
+        let create = "urn:ietf:params:SCIM:event:prov:create:full", put = "urn:ietf:params:SCIM:event:prov:put:full"
+        func apply(_ events: [JSON]) throws -> DownlinkOutcome {
+            try store.environment.write { txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }
+        }
+        func person(_ name: String, active: Bool) -> JSON {
+            ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(name), "active": .bool(active)]
+        }
+        let staff = event(
+            3, create, "g1",
+            data: [
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "staff",
+                "members": [["value": "u1", "type": "User"], ["value": "u2", "type": "User"]],
+            ], endpoint: "Groups")
+        let first = try apply([
+            event(1, create, "u1", data: person("in", active: true)), event(2, create, "u2", data: person("out", active: false)), staff,
+        ])
+        XCTAssertEqual(first.notAccepted, 1)
+        let groups = store.registry.resourceType("Group")!
+        func members() throws -> [String] {
+            try store.get(groups, "g1")?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []
+        }
+        XCTAssertEqual(try members(), ["u1"])
+        _ = try apply([event(4, put, "u2", data: person("out", active: true))])
+        XCTAssertEqual(try members().sorted(), ["u1", "u2"], "u2 entered and joined the group that named it")
     }
 }
