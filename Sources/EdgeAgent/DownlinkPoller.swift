@@ -94,6 +94,8 @@ public final class DownlinkPoller {
         let body: JSON = [
             "ackedThrough": .number(JSONNumber(integer: Int64(statistics.appliedThrough))),
             "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(policy.waitMilliseconds),
+            // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
+            "epoch": .string(store.epoch),
         ]
         let request = HTTPRequest(
             method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"], body: body.serialized())

@@ -56,13 +56,15 @@ extension BrokerStore {
         public var more: Bool
     }
 
-    /// An acknowledgement no honest agent sends.
+    /// A poll the feed cannot answer as it stands.
     public enum FeedError: Error, Equatable {
-        /// Beyond what was issued.
+        /// An acknowledgement beyond what was issued: no honest agent sends it.
         case beyondIssued(issued: UInt64)
-        /// Below what it acknowledged before: those events are gone here
-        /// (a store restored or re-imaged at the agent).
-        case behind(acked: UInt64)
+        /// Another store than the one the feed was for (a re-imaged agent), or
+        /// one behind what it acknowledged (restored from a backup): the
+        /// events it lacks are gone here, so the feed starts again for it
+        /// (`resyncStep`), the destination's current state queued anew.
+        case newStore(acked: UInt64)
     }
 
     func feedPosition(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> FeedPosition {
@@ -92,12 +94,17 @@ extension BrokerStore {
     /// One poll, in one write transaction: drops the events through `ack`,
     /// materialises queue items while fewer than `window` events are
     /// unacknowledged, and returns up to `limit` events after `ack`.
-    func pollFeed(target: TargetConfiguration, ack: UInt64, limit: Int, window: Int, _ txn: borrowing WriteTransaction) throws
-        -> FeedPage
-    {
+    func pollFeed(
+        target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, window: Int, _ txn: borrowing WriteTransaction
+    ) throws -> FeedPage {
         var position = try feedPosition(target: target.name, txn)
+        let epochKey = Array("dlepoch/\(target.name)".utf8)
+        if let known = try txn.get(targetState, epochKey) {
+            if known != Array(epoch.utf8) || ack < position.acked { throw FeedError.newStore(acked: position.acked) }
+        } else {
+            try txn.put(targetState, epochKey, Array(epoch.utf8))  // the first store to poll
+        }
         if ack > position.issued { throw FeedError.beyondIssued(issued: position.issued) }
-        if ack < position.acked { throw FeedError.behind(acked: position.acked) }
         if ack > position.acked {
             var done: [[UInt8]] = []
             try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
@@ -316,6 +323,76 @@ extension BrokerStore {
             return true
         }
         for m in ids { try body(m) }
+    }
+}
+
+/// Starting a boundary's feed again (`FeedError.newStore`), a chunk per
+/// write transaction so that memory and each commit stay small: forget what
+/// the broker believes the destination holds (its queue, feed, mappings and
+/// member index), then queue every resource its routes want, users before
+/// groups (a group then finds its members there), and take the new store's
+/// epoch. Changes applied meanwhile are queued as usual; a resource queued
+/// twice is sent once more at its current state.
+public enum ResyncPhase: Sendable, Equatable {
+    /// Clearing the `n`th of the tables kept per target.
+    case clear(Int)
+    case requeue(type: String)
+    case done
+}
+
+extension BrokerStore {
+    /// One chunk of a resync: returns the phase and key to go on from.
+    func resyncStep(
+        _ target: TargetConfiguration, epoch: String, _ phase: ResyncPhase, from: [UInt8]?, chunk: Int = 5000,
+        _ txn: borrowing WriteTransaction
+    ) throws -> (ResyncPhase, [UInt8]?) {
+        let name = target.name
+        switch phase {
+        case .clear(let n):
+            let tables = [fanout, downlink, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
+            guard n < tables.count else {
+                // The feed's sequence starts again; the queue's own goes on (items queued meanwhile keep theirs).
+                for kind in ["dlseq/", "dlacked/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }
+                return (.requeue(type: "User"), nil)
+            }
+            var keys: [[UInt8]] = []
+            try txn.scanKeys(tables[n], from: prefixed(name, []), to: prefixEnd(name)) { k in
+                keys.append(k)
+                return keys.count < chunk
+            }
+            for k in keys { _ = try txn.delete(tables[n], k) }
+            return keys.count < chunk ? (.clear(n + 1), nil) : (phase, nil)
+        case .requeue(let type):
+            var last: [UInt8]?
+            var seen = 0
+            try txn.scan(resources, from: from.map { $0 + [0] }) { k, v in
+                seen += 1
+                last = k
+                // `<domain>/<Type>/<source id>`
+                let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+                guard parts.count == 3, parts[1].elementsEqual(type.utf8),
+                    let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
+                else { return seen < chunk }
+                let domain = String(decoding: parts[0], as: UTF8.self)
+                let routed = try target.routes(
+                    domain: domain, type: type, type == "Group" && target.groupRoutesReadMembers ? withMembers(txn, o) : o)
+                if routed {
+                    try enqueue(
+                        target: name,
+                        DeliveryItem(brokerID: id, type: type, operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                        txn)
+                }
+                return seen < chunk
+            }
+            if seen == chunk { return (phase, last) }
+            guard type == "User" else {
+                try txn.put(targetState, Array("dlepoch/\(name)".utf8), Array(epoch.utf8))
+                return (.done, nil)
+            }
+            return (.requeue(type: "Group"), nil)
+        case .done:
+            return (.done, nil)
+        }
     }
 }
 

@@ -12,6 +12,7 @@ final class BrokerFeeds {
     struct Parked {
         let responder: Responder
         let timer: LoopTimer
+        let epoch: String
         let ack: UInt64
         let limit: Int
     }
@@ -23,6 +24,8 @@ final class BrokerFeeds {
     var backlog: [String: (count: Int, oldest: Int64, countedAt: UInt64)] = [:]
     /// Events served (each delivery of an event counts: resends too).
     var served: [String: Int] = [:]
+    /// Destinations whose feed is starting again for a new store.
+    var resyncing: Set<String> = []
 
     init(destinations: [TargetConfiguration]) {
         var byDomain: [String: TargetConfiguration] = [:]
@@ -93,6 +96,15 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'maxEvents' must be 1 to \(Self.maxFeedEvents)"))
             return
         }
+        let epoch = body["epoch"]?.stringValue ?? ""
+        guard epoch.isEmpty || Self.validEpoch(epoch) else {
+            responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
+            return
+        }
+        if feeds.resyncing.contains(bound.domain) {
+            responder.respond(Self.failure(503, "resync", "the feed is starting again for this store").withHeader("Retry-After", "1"))
+            return
+        }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
         guard (0...Self.maxFeedWaitMilliseconds).contains(wait) else {
@@ -101,14 +113,15 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, ack: UInt64(ack), limit: limit, responder) { [self] page in
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, responder) { [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
             timer.start(after: UInt64(wait)) { [weak self] in
                 guard let self, let p = feeds.unpark(bound.domain) else { return }
                 p.responder.respond(Self.feedAnswer(page, limit: p.limit))
             }
-            _ = feeds.park(bound.domain, BrokerFeeds.Parked(responder: responder, timer: timer, ack: page.position.acked, limit: limit))
+            _ = feeds.park(
+                bound.domain, BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, limit: limit))
             return true
         }
     }
@@ -116,11 +129,12 @@ extension BrokerService {
     /// Runs the poll's transaction and answers, unless `park` keeps the
     /// responder waiting (it returns true).
     func fetch(
-        _ domain: String, _ target: TargetConfiguration, ack: UInt64, limit: Int, _ responder: Responder,
+        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, _ responder: Responder,
         park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
-        writer.submit({ txn in try store.pollFeed(target: target, ack: ack, limit: limit, window: window, txn) }) { [self] result in
+        writer.submit({ txn in try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, txn) }) {
+            [self] result in
             switch result {
             case .success(let page):
                 refreshBacklog(domain, target)
@@ -138,19 +152,14 @@ extension BrokerService {
                             "error": "ack_beyond_issued", "lastSeq": .number(JSONNumber(integer: Int64(issued))),
                             "description": .string("acknowledged \(ack), but this feed issued only through \(issued)"),
                         ]))
-            case .failure(BrokerStore.FeedError.behind(let acked)):
-                logger.error(
-                    "downlink: an agent is behind what it acknowledged (a restored or re-imaged store?): those events are gone here",
+            case .failure(BrokerStore.FeedError.newStore(let acked)):
+                logger.warning(
+                    "downlink: another agent store polls (re-imaged, or restored from a backup): the feed starts again with the destination's current state",
                     metadata: [
                         "domain": .string(domain), "ackedThrough": .stringConvertible(ack), "acknowledged": .stringConvertible(acked),
                     ])
-                responder.respond(
-                    Self.json(
-                        409,
-                        [
-                            "error": "feed_behind", "ackedThrough": .number(JSONNumber(integer: Int64(acked))),
-                            "description": .string("this feed was acknowledged through \(acked); the agent says \(ack)"),
-                        ]))
+                resync(domain, target, epoch: epoch)
+                responder.respond(Self.failure(503, "resync", "the feed starts again for this store").withHeader("Retry-After", "1"))
             case .failure(let error):
                 logger.error("downlink poll failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
                 responder.respond(
@@ -159,10 +168,35 @@ extension BrokerService {
         }
     }
 
+    /// Runs a resync (`ResyncPhase`) a chunk per group-commit write, so the
+    /// loop stays free; polls of the destination get 503 meanwhile.
+    func resync(_ domain: String, _ target: TargetConfiguration, epoch: String) {
+        guard feeds.resyncing.insert(domain).inserted else { return }
+        if let p = feeds.unpark(domain) { p.responder.respond(Self.feedAnswer(nil, limit: 0)) }
+        func step(_ phase: ResyncPhase, _ from: [UInt8]?) {
+            let store = self.store
+            writer.submit({ txn in try store.resyncStep(target, epoch: epoch, phase, from: from, txn) }) { [self] result in
+                switch result {
+                case .success((.done, _)):
+                    feeds.resyncing.remove(domain)
+                    feeds.backlog[domain] = nil
+                    logger.notice("downlink: the feed starts again", metadata: ["domain": .string(domain)])
+                case .success(let (next, from)):
+                    step(next, from)
+                case .failure(let error):
+                    // Tried again from the start at the store's next poll (every step is idempotent).
+                    feeds.resyncing.remove(domain)
+                    logger.error("downlink: resync failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+                }
+            }
+        }
+        step(.clear(0), nil)
+    }
+
     /// A parked poll's destination got changes: materialise and answer.
     func wake(_ domain: String) {
         guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
-        fetch(domain, target, ack: p.ack, limit: p.limit, p.responder)
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, limit: p.limit, p.responder)
     }
 
     /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).

@@ -218,6 +218,32 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertEqual(metric(broker, "scim_broker_downlink_polls_waiting"), 1, "the agent's long poll is parked")
     }
 
+    /// The subsidiary's appliance re-imaged (an empty data directory, the
+    /// same certificate): its new store has another epoch, so the broker
+    /// starts the feed again with everything the routes want, and nothing is
+    /// lost for the new store (invariant 3).
+    func testAReimagedSubsidiaryAgentGetsEverythingAgain() throws {
+        let (_, bp) = try startBroker(yaml: brokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var names: [String] = []
+        for k in 0..<20 {
+            XCTAssertEqual(try createUser(dp, "r\(k)"), 201)
+            names.append("r\(k)")
+        }
+        var (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        usAgent.signal(SIGKILL)
+        _ = usAgent.waitForExit()
+        try FileManager.default.removeItem(atPath: dir.file("us"))
+        for k in 20..<25 {
+            XCTAssertEqual(try createUser(dp, "r\(k)"), 201)
+            names.append("r\(k)")
+        }
+        (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total"), 0)
+    }
+
     /// The feed position at the broker, and what the agent committed.
     func positions(_ agent: String) -> (issued: UInt64, acked: UInt64, committed: UInt64)? {
         guard let p = try? BrokerStore(path: dir.file("broker")).feedPosition(target: "us-boundary"),
