@@ -189,6 +189,9 @@ public final class AdminEndpoint {
                     "scim_edge_downlink_protocol_errors_total", "counter", "Feed answers no honest broker gives (nothing applied).",
                     [("", String(s.protocolErrors))])
                 metric(
+                    "scim_edge_downlink_resyncs_total", "counter", "Times the broker started this boundary's feed again (counting from 0).",
+                    [("", String(s.resyncs))])
+                metric(
                     "scim_edge_downlink_applied_sequence", "gauge", "The feed sequence committed here.", [("", String(s.appliedThrough))])
                 metric(
                     "scim_edge_downlink_lag_events", "gauge", "Feed events the broker issued that are not committed here.",

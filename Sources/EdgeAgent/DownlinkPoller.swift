@@ -19,6 +19,8 @@ public struct DownlinkStatistics: Sendable {
     /// Answers no honest broker gives (a gap in the feed, an acknowledgement
     /// it says was never issued): logged, counted, nothing applied.
     public var protocolErrors = 0
+    /// Times the broker started the feed again for this store.
+    public var resyncs = 0
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
     public var brokerLastSeq: UInt64 = 0
@@ -125,6 +127,8 @@ public final class DownlinkPoller {
                 retry("the broker has no feed for this domain: \(description)", after: 60)
             case 409:
                 protocolError("broker refused the acknowledgement: \(description)")
+            case 503 where body?["error"]?.stringValue == "resync":
+                restart(after: r.headers["Retry-After"].flatMap(UInt64.init) ?? 1)
             case 429, 503:
                 retry("broker busy (\(r.status))", after: r.headers["Retry-After"].flatMap(UInt64.init))
             default:
@@ -157,6 +161,21 @@ public final class DownlinkPoller {
             case .failure(let e):
                 retry("cannot store the feed's events: \(e)", after: nil)
             }
+        }
+    }
+
+    /// The broker starts the feed again (this store, or the broker's, is not
+    /// the one the other side knew): count from 0, durably, then poll. The
+    /// current state arrives again; what is held is updated in place.
+    private func restart(after seconds: UInt64) {
+        logger.warning("downlink: the broker starts the feed again; counting from 0")
+        statistics.resyncs += 1
+        let store = self.store
+        writer.submit({ txn in try store.restartDownlink(in: txn) }) { [weak self] result in
+            guard let self, !stopped else { return }
+            if case .failure(let e) = result { return retry("cannot record the feed's restart: \(e)", after: nil) }
+            statistics.appliedThrough = 0
+            schedule(after: seconds * 1000)
         }
     }
 

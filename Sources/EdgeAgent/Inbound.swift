@@ -140,6 +140,11 @@ extension AgentStore {
         try environment.read { txn in try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0 }
     }
 
+    /// The broker starts the feed again: the next poll acknowledges nothing.
+    public func restartDownlink(in txn: borrowing WriteTransaction) throws {
+        try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
+    }
+
     /// How many foreign resources of each source domain are stored.
     public func foreignCounts() throws -> [String: Int] {
         try environment.read { txn in

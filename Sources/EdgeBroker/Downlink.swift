@@ -56,15 +56,14 @@ extension BrokerStore {
         public var more: Bool
     }
 
-    /// A poll the feed cannot answer as it stands.
+    /// A poll the feed cannot answer as it stands: another store than the
+    /// one the feed was for (a re-imaged agent), one behind what it
+    /// acknowledged (restored from a backup), or one ahead of what this feed
+    /// issued (the broker restored from a backup). Either side lacks what the
+    /// other believes delivered, so the feed starts again (`resyncStep`): the
+    /// destination's current state queued anew, and the agent counting from 0.
     public enum FeedError: Error, Equatable {
-        /// An acknowledgement beyond what was issued: no honest agent sends it.
-        case beyondIssued(issued: UInt64)
-        /// Another store than the one the feed was for (a re-imaged agent), or
-        /// one behind what it acknowledged (restored from a backup): the
-        /// events it lacks are gone here, so the feed starts again for it
-        /// (`resyncStep`), the destination's current state queued anew.
-        case newStore(acked: UInt64)
+        case newStore(acked: UInt64, issued: UInt64)
     }
 
     func feedPosition(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> FeedPosition {
@@ -100,11 +99,15 @@ extension BrokerStore {
         var position = try feedPosition(target: target.name, txn)
         let epochKey = Array("dlepoch/\(target.name)".utf8)
         if let known = try txn.get(targetState, epochKey) {
-            if known != Array(epoch.utf8) || ack < position.acked { throw FeedError.newStore(acked: position.acked) }
+            if known != Array(epoch.utf8) || ack < position.acked || ack > position.issued {
+                throw FeedError.newStore(acked: position.acked, issued: position.issued)
+            }
+        } else if ack > 0 {
+            // A store that counted a feed this broker does not know of (its data restored or replaced).
+            throw FeedError.newStore(acked: position.acked, issued: position.issued)
         } else {
             try txn.put(targetState, epochKey, Array(epoch.utf8))  // the first store to poll
         }
-        if ack > position.issued { throw FeedError.beyondIssued(issued: position.issued) }
         if ack > position.acked {
             var done: [[UInt8]] = []
             try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
@@ -141,14 +144,13 @@ extension BrokerStore {
         var written = 0
         var seenUsers: Set<String> = []
         for (key, item) in items {
-            let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) ?? 0
             var events: [JSONObject] = []
             var more = false
             if item.type == "User" {
                 // Later items of one user in this pass: the first already sent its current state.
                 if seenUsers.insert(item.brokerID).inserted, let e = try userEvent(target, item.brokerID, txn) { events = [e] }
             } else if item.type == "Group" {
-                (events, more) = try groupEvents(target, item.brokerID, limit: max(1, room - written), through: seq, txn)
+                (events, more) = try groupEvents(target, item.brokerID, limit: max(1, room - written), txn)
             }
             for e in events { try appendFeedEvent(target.name, e, item, txn) }
             written += events.count
@@ -236,7 +238,7 @@ extension BrokerStore {
     /// events of `maxMembersPerPatch` members; a change of its other
     /// attributes is full state again (a rename, rare). Out of the routes or
     /// deleted: a delete. `more`: pending members are left for the next pass.
-    func groupEvents(_ target: TargetConfiguration, _ id: String, limit: Int, through seq: UInt64, _ txn: borrowing WriteTransaction)
+    func groupEvents(_ target: TargetConfiguration, _ id: String, limit: Int, _ txn: borrowing WriteTransaction)
         throws -> (events: [JSONObject], more: Bool)
     {
         let name = target.name, ref = "/Groups/\(id)"

@@ -101,10 +101,7 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
             return
         }
-        if feeds.resyncing.contains(bound.domain) {
-            responder.respond(Self.failure(503, "resync", "the feed is starting again for this store").withHeader("Retry-After", "1"))
-            return
-        }
+        if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
         guard (0...Self.maxFeedWaitMilliseconds).contains(wait) else {
@@ -141,25 +138,15 @@ extension BrokerService {
                 if park(page) { return }
                 feeds.served[domain, default: 0] += page.events.count
                 responder.respond(Self.feedAnswer(page, limit: limit))
-            case .failure(BrokerStore.FeedError.beyondIssued(let issued)):
-                logger.error(
-                    "downlink: an agent acknowledged feed sequences never issued",
-                    metadata: ["domain": .string(domain), "ackedThrough": .stringConvertible(ack), "issued": .stringConvertible(issued)])
-                responder.respond(
-                    Self.json(
-                        409,
-                        [
-                            "error": "ack_beyond_issued", "lastSeq": .number(JSONNumber(integer: Int64(issued))),
-                            "description": .string("acknowledged \(ack), but this feed issued only through \(issued)"),
-                        ]))
-            case .failure(BrokerStore.FeedError.newStore(let acked)):
+            case .failure(BrokerStore.FeedError.newStore(let acked, let issued)):
                 logger.warning(
-                    "downlink: another agent store polls (re-imaged, or restored from a backup): the feed starts again with the destination's current state",
+                    "downlink: the agent's store and the feed disagree (a re-imaged or restored store, or a restored broker): the feed starts again with the destination's current state",
                     metadata: [
                         "domain": .string(domain), "ackedThrough": .stringConvertible(ack), "acknowledged": .stringConvertible(acked),
+                        "issued": .stringConvertible(issued),
                     ])
                 resync(domain, target, epoch: epoch)
-                responder.respond(Self.failure(503, "resync", "the feed starts again for this store").withHeader("Retry-After", "1"))
+                responder.respond(Self.resyncAnswer)
             case .failure(let error):
                 logger.error("downlink poll failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
                 responder.respond(
@@ -167,6 +154,11 @@ extension BrokerService {
             }
         }
     }
+
+    /// The feed starts again: the agent counts from 0 and polls after a second.
+    static let resyncAnswer = failure(
+        503, "resync", "the feed starts again from sequence 1 with the destination's current state: count from 0"
+    ).withHeader("Retry-After", "1")
 
     /// Runs a resync (`ResyncPhase`) a chunk per group-commit write, so the
     /// loop stays free; polls of the destination get 503 meanwhile.

@@ -244,6 +244,47 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total"), 0)
     }
 
+    /// The subsidiary's store restored from an older backup (same epoch,
+    /// behind what it acknowledged): the broker starts the feed again, the
+    /// agent counts from 0, and the users it lacked arrive (none skipped as
+    /// a "resend").
+    func testARestoredSubsidiaryStoreGetsWhatItLacks() throws {
+        let (_, bp) = try startBroker(yaml: brokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var names: [String] = []
+        func create(_ n: Int) throws {
+            for _ in 0..<n {
+                XCTAssertEqual(try createUser(dp, "b\(names.count)"), 201)
+                names.append("b\(names.count)")
+            }
+        }
+        try create(10)
+        var (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        usAgent.signal(SIGKILL)
+        _ = usAgent.waitForExit()
+        try FileManager.default.copyItem(atPath: dir.file("us"), toPath: dir.file("us-backup"))
+        (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        // b0 changes after the backup: the restored store holds it as it was, and its new state is the feed's first event again.
+        let b0 = try XCTUnwrap(try user(dp, "b0")?["id"]?.stringValue)
+        XCTAssertEqual(
+            try scim(
+                dp, "PATCH", "/Users/\(b0)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+            ).0, 200)
+        try create(10)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        usAgent.signal(SIGKILL)
+        _ = usAgent.waitForExit()
+        try FileManager.default.removeItem(atPath: dir.file("us"))
+        try FileManager.default.moveItem(atPath: dir.file("us-backup"), toPath: dir.file("us"))
+        try create(5)
+        (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        try assertArrivedOnce(names, port: up, agent: "us")
+        XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_resyncs_total") ?? 0, 1)
+        XCTAssertEqual(try user(up, "b0@acme-de")?["active"], false, "the restored store's old b0 was updated, not skipped")
+    }
+
     /// The feed position at the broker, and what the agent committed.
     func positions(_ agent: String) -> (issued: UInt64, acked: UInt64, committed: UInt64)? {
         guard let p = try? BrokerStore(path: dir.file("broker")).feedPosition(target: "us-boundary"),
