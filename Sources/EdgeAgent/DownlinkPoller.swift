@@ -16,8 +16,7 @@ public struct DownlinkStatistics: Sendable {
     /// Events accepted but not storable here (logged with their reason).
     public var refused = 0
     public var errors = 0
-    /// Answers no honest broker gives (a gap in the feed, an acknowledgement
-    /// it says was never issued): logged, counted, nothing applied.
+    /// Answers no honest broker gives (a gap in the feed): logged, counted, nothing applied.
     public var protocolErrors = 0
     /// Times the broker started the feed again for this store.
     public var resyncs = 0
@@ -125,8 +124,6 @@ public final class DownlinkPoller {
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
                 retry("the broker has no feed for this domain: \(description)", after: 60)
-            case 409:
-                protocolError("broker refused the acknowledgement: \(description)")
             case 503 where body?["error"]?.stringValue == "resync":
                 restart(after: r.headers["Retry-After"].flatMap(UInt64.init) ?? 1)
             case 429, 503:
