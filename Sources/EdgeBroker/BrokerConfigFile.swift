@@ -341,6 +341,16 @@ extension BrokerConfiguration: YAMLConfiguration {
                 m.full("domain"), "domain '\(destination)' is not bound in 'domains': no agent could fetch its feed",
                 fix: "name one of " + domains.joined(separator: ", "))
         }
+        if target.destination != nil {
+            // A boundary's agent fetches and maps for itself: an app's delivery settings would silently do nothing.
+            for key in [
+                "tokenFile", "tls", "rate", "onRemove", "deleteGuard", "collisions", "namespace", "link", "breakerThreshold", "timeoutMs",
+                "mapping",
+            ]
+            where m.has(key) {
+                m.warning(key, "applies to apps (url), not to a boundary (domain): its agent's inbound policy maps what enters")
+            }
+        }
         let namespace = m.mapping("namespace"), link = m.mapping("link"), collisions = m.string("collisions")
         if let c = collisions {
             switch c {

@@ -203,6 +203,12 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertEqual(boundary?.destination, "acme")
         XCTAssertEqual(boundary?.routes(domain: "other", type: "User", ["userName": "u"]), true)
         XCTAssertEqual(boundary?.routes(domain: "acme", type: "User", ["userName": "u"]), false, "never its own domain's back")
+        let warned = ConfigDiagnostics()
+        _ = BrokerConfiguration.decode(
+            YAMLNode.parse(d + "  - {name: b, domain: acme, routes: [{}], mapping: {drop: [title]}}\n", warned), warned)
+        XCTAssertTrue(
+            warned.problems.contains { $0.isWarning && $0.description.contains("mapping: applies to apps (url), not to a boundary") },
+            "\(warned.problems)")
     }
 
     /// A federation CA and a broker certificate and key in `dir` (`ca.crt`, `broker.crt`, `broker.key`).
