@@ -57,6 +57,14 @@ final class DownlinkTests: FederationTestCase {
 
     func user(_ port: Int, _ userName: String) throws -> JSON? { try users(port, "userName eq \"\(userName)\"").first }
 
+    /// PATCH active=false at an agent; the status.
+    func deactivate(_ port: Int, _ id: String) throws -> Int {
+        try scim(
+            port, "PATCH", "/Users/\(id)",
+            #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+        ).0
+    }
+
     func foreign(_ name: String) -> [String: Int] {
         (try? AgentStore(path: dir.file(name), registry: .standard).foreignCounts()) ?? [:]
     }
@@ -107,11 +115,7 @@ final class DownlinkTests: FederationTestCase {
 
         // A deactivation in HQ shows there.
         let hqID = try XCTUnwrap(try user(dp, "alice")?["id"]?.stringValue)
-        XCTAssertEqual(
-            try scim(
-                dp, "PATCH", "/Users/\(hqID)",
-                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
-            ).0, 200)
+        XCTAssertEqual(try deactivate(dp, hqID), 200)
         XCTAssertTrue(eventually(seconds: 20) { (try? self.user(up, "alice@acme-de"))??["active"] == .bool(false) })
 
         // Nothing echoes: bob never came down, alice never went up as acme-us's.
@@ -267,11 +271,7 @@ final class DownlinkTests: FederationTestCase {
         (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: bp)
         // b0 changes after the backup: the restored store holds it as it was, and its new state is the feed's first event again.
         let b0 = try XCTUnwrap(try user(dp, "b0")?["id"]?.stringValue)
-        XCTAssertEqual(
-            try scim(
-                dp, "PATCH", "/Users/\(b0)",
-                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
-            ).0, 200)
+        XCTAssertEqual(try deactivate(dp, b0), 200)
         try create(10)
         try assertArrivedOnce(names, port: up, agent: "us")
         usAgent.signal(SIGKILL)
