@@ -177,6 +177,39 @@ public final class AdminEndpoint {
                 "scim_edge_relay_tls_failures_total", "counter",
                 "Failed TLS handshakes with the broker (a refused, revoked or expired certificate; another CA).",
                 [("", String(r.tlsFailures))])
+            if let downlink = agent.downlink {
+                let s = downlink.statistics
+                metric(
+                    "scim_edge_downlink_polls_total", "counter", "Polls of the broker's feed for this boundary.", [("", String(s.polls))])
+                metric(
+                    "scim_edge_downlink_events_applied_total", "counter", "Feed events accepted and stored (foreign resources).",
+                    [("", String(s.eventsApplied))])
+                metric(
+                    "scim_edge_downlink_membership_deltas_total", "counter",
+                    "Of them, group membership changes as members added and removed.",
+                    [("", String(s.membershipDeltas))])
+                metric(
+                    "scim_edge_downlink_events_not_accepted_total", "counter", "Feed events the inbound policy did not accept.",
+                    [("", String(s.notAccepted))])
+                metric(
+                    "scim_edge_downlink_events_refused_total", "counter",
+                    "Feed events accepted but not storable here (a userName taken, an invalid value): logged.", [("", String(s.refused))])
+                metric(
+                    "scim_edge_downlink_duplicates_total", "counter", "Feed events received again after they were committed (skipped).",
+                    [("", String(s.duplicates))])
+                metric("scim_edge_downlink_errors_total", "counter", "Failed polls (retried).", [("", String(s.errors))])
+                metric(
+                    "scim_edge_downlink_protocol_errors_total", "counter", "Feed answers no honest broker gives (nothing applied).",
+                    [("", String(s.protocolErrors))])
+                metric(
+                    "scim_edge_downlink_resyncs_total", "counter", "Times the broker started this boundary's feed again (counting from 0).",
+                    [("", String(s.resyncs))])
+                metric(
+                    "scim_edge_downlink_applied_sequence", "gauge", "The feed sequence committed here.", [("", String(s.appliedThrough))])
+                metric(
+                    "scim_edge_downlink_lag_events", "gauge", "Feed events the broker issued that are not committed here.",
+                    [("", String(s.brokerLastSeq > s.appliedThrough ? s.brokerLastSeq - s.appliedThrough : 0))])
+            }
             if let relay = agent.relay {
                 metric(
                     "scim_edge_relay_certificate_expiry_timestamp_seconds", "gauge",

@@ -31,6 +31,9 @@ public struct AgentConfiguration: Sendable {
     /// included); accepted connections are spread over them round-robin.
     /// Writes from every loop share one group-commit writer.
     public var servingLoops = 1
+    /// What enters from other domains through the downlink; nil: nothing
+    /// does, and the agent never polls (invariant 5).
+    public var inbound: InboundPolicy?
     /// Directories the agent pulls from (docs/sources.md).
     public var sources: [SourceConfiguration] = []
     /// Request lines straight to this sink (`serve`: standard output); nil: through swift-log.
@@ -84,6 +87,8 @@ public final class AgentService {
     let servingLoops: [ServingLoop]
     public private(set) var adminServer: HTTPServer?
     public private(set) var relay: Relay?
+    /// Fetches the downlink feed; only with an inbound policy (nothing else ever polls).
+    public private(set) var downlink: DownlinkPoller?
     /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
     private(set) var sourceDrivers: [SourceDriver] = []
     private var sourceHolders: [SourceDriverHolder] = []
@@ -156,6 +161,15 @@ public final class AgentService {
             endpoint.onCommitted = { relay.kick() }
             relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()
+            if let inbound = configuration.inbound {
+                let poller = try DownlinkPoller(
+                    loop: loop, store: store, writer: writer, relay: relayConfig, policy: inbound,
+                    makeContext: { [unowned endpoint] trace in
+                        endpoint.makeContext(HTTPRequest(method: "POST", target: "/downlink"), trace: trace)
+                    })
+                downlink = poller
+                try poller.start()
+            }
         }
         // Noticed on any serving loop, logged on this one.
         let me = LoopBound(Unmanaged.passUnretained(self))
@@ -225,6 +239,7 @@ public final class AgentService {
     /// Stops accepting, finishes in-flight requests, then closes the listeners.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         relay?.stop()
+        downlink?.stop()
         // Sources stop reading; a batch they hand over from now on is not written (it is read again at the next start).
         for d in sourceDrivers { d.runner.stop() }
         for h in sourceHolders { h.driver = nil }
@@ -287,6 +302,11 @@ public final class AgentService {
         if let relay {
             do { try relay.reloadTLS(); done.append("the relay certificate, key and CA") } catch {
                 failed.append("the relay certificate (\(error))")
+            }
+        }
+        if let downlink {
+            do { try downlink.reloadTLS(); done.append("the downlink's certificate") } catch {
+                failed.append("the downlink's certificate (\(error))")
             }
         }
         if done.isEmpty && failed.isEmpty { log("reload: nothing to reload (no token file, no TLS)"); return }

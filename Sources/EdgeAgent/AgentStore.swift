@@ -21,6 +21,9 @@ import Synchronization
 /// | `pendingMembers` | `<group id>\0<member id>` | members a write changed, until its event is decided (emptied in the same transaction) |
 /// | `deadLetters` | big-endian sequence | an event the broker refused for good, with its reason |
 /// | `sources` | `<source>\0cookie`, `<source>\0status`, `<source>\0k\0<key>`, `<source>\0d\0<dn>`, `<source>\0p\0<dn>\0<group key>` | a pull source's position (written with the changes it covers), its status, each entry's resource, the DN index, group members waiting for their entry (`SourceStore.swift`) |
+/// | `foreign` | `User/<id>`, `Group/<id>` | the source domain of a resource that entered through the downlink (`Inbound.swift`) |
+/// | `foreignWaiting` | `m\0<member>\0<group>` (the member), `g\0<group>\0<member>` | members of foreign groups not held here, until the user enters or the group forgets them |
+/// | `meta` | `downlinkSeq` | the last downlink feed sequence committed (with the changes it brought) |
 /// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch`, `brokerProtocol` | counters, layout version, relay position, policy fingerprint, store identity |
 /// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
 /// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
@@ -49,6 +52,10 @@ public final class AgentStore: Sendable {
     let deadLetters: Database
     /// The pull sources' state (`SourceStore.swift`): positions, status, entry records, DN index, pending members.
     let sources: Database
+    /// Resources that entered from other domains (`Inbound.swift`): `<type>/<id>` → source domain.
+    let foreign: Database
+    /// Members of foreign groups that this boundary does not hold (yet): `Inbound.swift`.
+    let foreignWaiting: Database
     /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
@@ -108,6 +115,8 @@ public final class AgentStore: Sendable {
         outbox = try environment.openDatabase("outbox")
         meta = try environment.openDatabase("meta")
         sources = try environment.openDatabase("sources")
+        foreign = try environment.openDatabase("foreign")
+        foreignWaiting = try environment.openDatabase("foreignWaiting")
         let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         let groupMembers = self.groupMembers
         epoch = try environment.write { txn in

@@ -36,6 +36,16 @@ public enum AgentWrite: Sendable {
     case delete(ResourceType, id: String)
 }
 
+extension AgentWrite {
+    /// The stored resource the write changes (nil: a create).
+    var existingResource: (ResourceType, String)? {
+        switch self {
+        case .create: return nil
+        case .replace(let type, let id, _), .patch(let type, let id, _), .delete(let type, let id): return (type, id)
+        }
+    }
+}
+
 /// RFC 9967 event URIs (SCIM profile for Security Event Tokens).
 enum EventURI {
     static let createFull = "urn:ietf:params:SCIM:event:prov:create:full"
@@ -55,6 +65,7 @@ extension AgentStore {
         _ write: AgentWrite, _ ctx: WriteContext, profile: ClientProfile,
         in txn: borrowing WriteTransaction
     ) throws -> JSONObject? {
+        if let (type, id) = write.existingResource { try refuseForeignWrite(type, id, txn) }
         switch write {
         case .create(let type, let validated):
             return try store(type, id: ctx.newID, new: validated, old: nil, event: EventURI.createFull, ctx, txn)
@@ -240,6 +251,11 @@ extension AgentStore {
         _ type: ResourceType, id: String, current: JSONObject?, kind: String,
         _ ctx: WriteContext, _ txn: borrowing WriteTransaction
     ) throws {
+        // What entered from another domain never goes back up as this boundary's own.
+        if try foreignDomain(type, id, txn) != nil {
+            if type.id == "Group" { _ = try takePendingMembers(id, txn) }
+            return
+        }
         if type.id == "Group" { return try emitGroupChange(type, id: id, current: current, kind: kind, ctx, txn) }
         guard ctx.recordEvents else { return }
         let key = AgentStore.key(type, id)
@@ -306,7 +322,9 @@ extension AgentStore {
                 for id in ids {
                     try emitChange(type, id: id, current: try load(txn, type, id), kind: EventURI.putFull, ctx, txn)
                     // A group's members are not in its hash: compared on their own.
-                    if type.id == "Group" && ctx.recordEvents { try reconcileGroupMembers(type, id: id, ctx, txn) }
+                    if type.id == "Group", ctx.recordEvents, try foreignDomain(type, id, txn) == nil {
+                        try reconcileGroupMembers(type, id: id, ctx, txn)
+                    }
                 }
             }
             try txn.put(meta, Array("policy".utf8), fingerprint)

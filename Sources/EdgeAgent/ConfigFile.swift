@@ -117,6 +117,11 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
             (c.policy, c.pseudonymKeyFile) = AgentConfiguration.decodePolicy(&policy)
             policy.finish()
         },
+        .init(section: AgentOptions.inbound) { node, path, d, c in
+            guard var inbound = YAMLMapping(node, path: path, d) else { return }
+            c.inbound = AgentConfiguration.decodeInbound(&inbound)
+            inbound.finish()
+        },
         .init(section: AgentOptions.sources, AgentConfiguration.decodeSources),
     ])
 
@@ -271,6 +276,11 @@ extension AgentConfiguration: YAMLConfiguration {
         guard var top = YAMLMapping(root, path: "", d) else { return config }
         agentOptionTable.decode(&top, into: &config)
         top.finish()
+        if top.has("inbound") && config.relay == nil {
+            top.problem(
+                "inbound", "needs broker: the downlink is fetched over the relay's connection",
+                fix: "add broker: {url, ca, cert, key, domain}")
+        }
         if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
             top.problem(
                 "listen",
@@ -278,6 +288,61 @@ extension AgentConfiguration: YAMLConfiguration {
                 fix: "add tls: {cert, key}, or listen on 127.0.0.1 behind a TLS-terminating proxy")
         }
         return config
+    }
+
+    /// `inbound:`, each problem at its own line; nil when unusable.
+    static func decodeInbound(_ m: inout YAMLMapping) -> InboundPolicy? {
+        let d = m.diagnostics, before = d.problems.count
+        var rules: [InboundPolicy.Rule] = []
+        if let entries = m.sequence("accept") {
+            for (i, item) in entries.enumerated() {
+                guard var e = YAMLMapping(item, path: "\(m.full("accept"))[\(i)]", d) else { continue }
+                let domains = e.strings("domains") ?? [], types = e.strings("types") ?? [], filter = e.string("filter")
+                do throws(SCIMError) { rules.append(try InboundPolicy.Rule(domains: domains, types: types, filter: filter)) } catch {
+                    e.problem(filter != nil && !domains.isEmpty ? "filter" : "domains", error.detail)
+                }
+                e.finish()
+            }
+        } else if !m.has("accept") {
+            m.problem(
+                "accept", "is required: which source domains (and types, and a filter) may enter", fix: "add accept: [{domains: [hq]}]")
+        }
+        var policy = InboundPolicy(accept: rules)
+        if var map = m.mapping("map") {
+            if var set = map.mapping("set") {
+                for (path, mark, value) in set.entries() {
+                    guard case .scalar(let text, let plain, _) = value else {
+                        d.error(set.full(path), "must be a scalar", at: mark); continue
+                    }
+                    policy.mapping.constant.append((path, AttributeMapping.constantValue(text, plain: plain)))
+                }
+                set.finish()
+            }
+            if let template = map.string("userName") {
+                if template.contains("{userName}") {
+                    policy.userNameTemplate = template
+                } else {
+                    map.problem("userName", "must hold {userName} (and, to keep domains apart, {domain})")
+                }
+            }
+            policy.mapping.drop = map.strings("drop") ?? []
+            for path in policy.unknownPaths() {
+                map.problem(policy.mapping.drop.contains(path) ? "drop" : "set", "'\(path)' is an attribute of neither User nor Group")
+            }
+            map.finish()
+        }
+        for (key, spec, keyPath) in [
+            ("maxEventsPerPoll", AgentOptions.Inbound.maxEventsPerPoll, \InboundPolicy.maxEventsPerPoll),
+            ("waitMs", AgentOptions.Inbound.waitMs, \InboundPolicy.waitMilliseconds),
+        ] {
+            guard let n = m.int(key), case .integer(let range) = spec.kind else { continue }
+            guard range.contains(n) else {
+                m.problem(key, "must be from \(range.lowerBound) to \(range.upperBound), got \(n)")
+                continue
+            }
+            policy[keyPath: keyPath] = n
+        }
+        return d.problems.count == before ? policy : nil
     }
 
     /// The policy, with each invalid entry reported at its own line.

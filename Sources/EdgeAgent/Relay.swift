@@ -501,9 +501,14 @@ public final class Relay {
         if let retryAfter {
             delay = retryAfter * 1000
         } else {
-            let cap = min(configuration.maxBackoffMilliseconds, 100 << UInt64(min(failures, 16)))
-            delay = UInt64.random(in: 0...cap)
+            delay = jitteredBackoff(failures: failures, cap: configuration.maxBackoffMilliseconds)
         }
         schedule(after: delay)
     }
+}
+
+/// Capped exponential backoff with full jitter, in milliseconds: up to
+/// 100 ms × 2^failures, at most `cap`.
+func jitteredBackoff(failures: Int, cap: UInt64) -> UInt64 {
+    UInt64.random(in: 0...min(cap, 100 << UInt64(min(failures, 16))))
 }

@@ -98,6 +98,13 @@ public let targetOptionTable = OptionTable<TargetConfiguration>(
             } catch { return OptionProblem(error.detail) }
             return nil
         },
+        .init(BrokerOptions.Target.domain) { t, v in
+            guard DomainBinding.validName(v.text) else {
+                return OptionProblem("a domain name holds letters, digits, '.', '_' and '-' only (at most 64), got '\(v.text)'")
+            }
+            t.destination = v.text
+            return nil
+        },
         .init(BrokerOptions.Target.tokenFile) { t, v in
             t.tokenFile = v.text; return nil
         },
@@ -163,15 +170,7 @@ public let targetOptionTable = OptionTable<TargetConfiguration>(
                     d.error(constant.full(path), "must be a scalar", at: mark)
                     continue
                 }
-                let json: JSON
-                if plain && (text == "true" || text == "false") {
-                    json = .bool(text == "true")
-                } else if plain, let n = JSONNumber(text) {
-                    json = .number(n)
-                } else {
-                    json = .string(text)
-                }
-                t.mapping.constant.append((path, json))
+                t.mapping.constant.append((path, AttributeMapping.constantValue(text, plain: plain)))
             }
             constant.finish()
         },
@@ -287,6 +286,12 @@ extension BrokerConfiguration: YAMLConfiguration {
                     fix: "give each target its own name")
                 continue
             }
+            if let destination = t.destination, config.targets.contains(where: { $0.destination == destination }) {
+                d.error(
+                    "\(path)[\(i)].domain", "domain '\(destination)' is already the destination of another target",
+                    fix: "one target per boundary: give it several routes")
+                continue
+            }
             names[t.name] = d.mark("\(path)[\(i)].name")?.line ?? 0
             config.targets.append(t)
         }
@@ -322,8 +327,30 @@ extension BrokerConfiguration: YAMLConfiguration {
         let problemsBefore = d.problems.count
         targetOptionTable.decode(&m, into: &target)
         let usable =
-            m.has("name") && m.has("url")
-            && !d.problems[problemsBefore...].contains { $0.key == m.full("name") || $0.key == m.full("url") }
+            m.has("name") && m.has("url") != m.has("domain")
+            && !d.problems[problemsBefore...].contains { [m.full("name"), m.full("url"), m.full("domain")].contains($0.key) }
+        if m.has("url") == m.has("domain") {
+            d.error(
+                m.full(m.has("url") ? "domain" : "url"),
+                m.has("url")
+                    ? "a target is an app (url) or a boundary (domain), not both"
+                    : "is required: the app's SCIM base URL (or domain: a boundary)",
+                at: m.mark, fix: m.has("url") ? "make two targets" : "add 'url: https://…/scim/v2', or 'domain: NAME' for a boundary")
+        } else if let destination = target.destination, !domains.isEmpty, !domains.contains(destination) {
+            d.error(
+                m.full("domain"), "domain '\(destination)' is not bound in 'domains': no agent could fetch its feed",
+                fix: "name one of " + domains.joined(separator: ", "))
+        }
+        if target.destination != nil {
+            // A boundary's agent fetches and maps for itself: an app's delivery settings would silently do nothing.
+            for key in [
+                "tokenFile", "tls", "rate", "onRemove", "deleteGuard", "collisions", "namespace", "link", "breakerThreshold", "timeoutMs",
+                "mapping",
+            ]
+            where m.has(key) {
+                m.warning(key, "applies to apps (url), not to a boundary (domain): its agent's inbound policy maps what enters")
+            }
+        }
         let namespace = m.mapping("namespace"), link = m.mapping("link"), collisions = m.string("collisions")
         if let c = collisions {
             switch c {

@@ -119,8 +119,10 @@ public final class BrokerService {
     public let server: HTTPServer
     public private(set) var apiServer: HTTPServer?
     public private(set) var adminServer: HTTPServer?
-    /// One delivery worker per target.
+    /// One delivery worker per target (app).
     public private(set) var workers: [TargetWorker] = []
+    /// The downlink feeds of the targets that are boundaries, and their parked polls.
+    var feeds = BrokerFeeds(destinations: [])
     /// Keeps the trail bounded: a few thousand keys per second, in the background.
     private var sweepTimer: LoopTimer?
     private var sweepCursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
@@ -156,9 +158,11 @@ public final class BrokerService {
                     "target": .string(t.name), "linkedAccounts": .stringConvertible((try? store.linkedAccounts(target: t.name)) ?? 0),
                 ])
         }
-        for t in configuration.targets {
+        // A destination's "worker" is its polling agent (`BrokerFeeds`): no HTTP push into a boundary.
+        for t in configuration.targets where t.destination == nil {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }
+        feeds = BrokerFeeds(destinations: configuration.targets.filter { $0.destination != nil })
         for w in workers { try w.start() }
         sweepTimer = try LoopTimer(loop: loop)
         sweepTimer?.keepsLoopAlive = false
@@ -192,6 +196,7 @@ public final class BrokerService {
                 body: JSON.object(["error": .string("http"), "description": .string(detail)]).serialized())
         }
         weakSelf = self
+        feeds.onChange = { weakSelf?.wake($0) }
         certificateNotAfter = CertificateSummary.expiry(ofFile: configuration.tls.certificateChainFile)
         crlNextUpdate = revocationListNextUpdate(ofFile: configuration.tls.crlFile)
         if let api = configuration.apiListen {
@@ -310,6 +315,7 @@ public final class BrokerService {
         out += propagation.summary(
             "scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
         if !workers.isEmpty { out += fanoutMetrics() }
+        if !feeds.destinations.isEmpty { out += downlinkMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
         return out
@@ -393,6 +399,7 @@ public final class BrokerService {
         let extra = [apiServer, adminServer].compactMap { $0 }
         sweepTimer?.close()
         sweepTimer = nil
+        feeds.closeAll()
         server.shutdown { [workers] in
             for w in workers { w.stop() }
             var remaining = extra.count
@@ -484,18 +491,27 @@ public final class BrokerService {
     }
 
     func handle(_ request: HTTPRequest, _ context: RequestContext, _ responder: Responder) {
-        guard request.path == "/federation/v1/events" else {
-            responder.respond(Self.failure(404, "not_found", "the relay endpoint is POST /federation/v1/events"))
+        guard request.path == "/federation/v1/events" || request.path == BrokerService.feedPath else {
+            responder.respond(
+                Self.failure(
+                    404, "not_found", "the relay endpoint is POST /federation/v1/events, the downlink POST \(BrokerService.feedPath)"))
             return
         }
         guard request.method == "POST" else {
             responder.respond(Self.failure(405, "method_not_allowed", "use POST"))
             return
         }
-        let bound: DomainBinding
+        guard let bound = bind(context, responder) else { return }
+        if request.path == BrokerService.feedPath { return poll(request, bound, responder) }
+        relay(request, context, bound, responder)
+    }
+
+    /// The certificate's binding (invariant 6), or nil when the request was
+    /// refused for it (answered, logged and counted here).
+    func bind(_ context: RequestContext, _ responder: Responder) -> DomainBinding? {
         switch binding(for: context.peerIdentity) {
         case .bound(let b):
-            bound = b
+            return b
         case .unbound:
             statistics.unknownIdentities += 1
             logger.warning(
@@ -506,7 +522,7 @@ public final class BrokerService {
                     403, "unknown_agent",
                     "this certificate's identity is not bound to any domain (bindings match SAN URIs, else DNS SANs; never the subject CN)")
             )
-            return
+            return nil
         case .ambiguous(let bindings):
             statistics.ambiguousIdentities += 1
             let named = bindings.map { "\($0.domain)=\($0.identity)" }.joined(separator: ", ")
@@ -517,8 +533,23 @@ public final class BrokerService {
                 Self.failure(
                     403, "ambiguous_identity",
                     "this certificate matches more than one binding (\(named)); give each agent a certificate of its own"))
-            return
+            return nil
         }
+    }
+
+    /// Backpressure (invariant 4): with `maxPendingBatches` writes waiting,
+    /// answers 503 + Retry-After (counted) and returns true.
+    func refusedBusy(_ responder: Responder) -> Bool {
+        guard writer.queuedWrites >= configuration.maxPendingBatches else { return false }
+        statistics.busyRefusals += 1
+        responder.respond(
+            Self.failure(503, "busy", "the broker has \(writer.queuedWrites) writes waiting; retry later")
+                .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
+        return true
+    }
+
+    /// `POST /federation/v1/events`: a batch of the uplink (relay protocol).
+    func relay(_ request: HTTPRequest, _ context: RequestContext, _ bound: DomainBinding, _ responder: Responder) {
         let body: JSON
         do { body = try JSONParser.parse(request.body, limits: .relayBatch) } catch {
             responder.respond(Self.failure(400, "invalid_request", "the batch is not valid JSON: \(error)"))
@@ -561,13 +592,7 @@ public final class BrokerService {
             events.append(RelayEvent(seq: UInt64(n), body: e))
         }
         // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
-        guard writer.queuedWrites < configuration.maxPendingBatches else {
-            statistics.busyRefusals += 1
-            responder.respond(
-                Self.failure(503, "busy", "the broker has \(writer.queuedWrites) batches waiting; retry later")
-                    .withHeader("Retry-After", String(configuration.retryAfterSeconds)))
-            return
-        }
+        if refusedBusy(responder) { return }
         if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
         let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
         let ids = (0..<events.count).map { _ in secureID() }
@@ -590,6 +615,7 @@ public final class BrokerService {
                 statistics.eventsApplied += outcome.applied
                 statistics.membershipDeltas += outcome.membershipDeltas
                 for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
+                feeds.changed(outcome.fanout.keys)
                 recordPropagation(outcome.acceptedAt)
                 statistics.duplicates += outcome.duplicates
                 statistics.rejectedEvents += outcome.rejected.count

@@ -12,6 +12,7 @@ import SCIM
 /// | `resources` | `<domain>/<Type>/<source id>` | the federated resource (JSON) |
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
 /// | `byType`, `byValue` | list indexes (`BrokerLists.swift`) | `<domain>/<Type>/<source id>` |
+/// | `downlink` | `<target> 0x00 <feed seq BE>` | a downlink event not yet acknowledged (`Downlink.swift`) |
 ///
 /// The agent is named by its certificate identity, never by the batch
 /// (invariant 6): one agent cannot advance another's sequence. Each agent
@@ -49,6 +50,8 @@ public final class BrokerStore: Sendable {
     /// the attributes filtered and sorted on (`BrokerLists.swift`).
     let byType: Database
     let byValue: Database
+    /// The downlink feeds, per destination (`Downlink.swift`).
+    let downlink: Database
     let listState = BrokerListState()
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
@@ -76,6 +79,7 @@ public final class BrokerStore: Sendable {
         meta = try environment.openDatabase("meta")
         byType = try environment.openDatabase("byType")
         byValue = try environment.openDatabase("byValue")
+        downlink = try environment.openDatabase("downlink")
         self.targets = targets
         try migrateInlineMembers()
         try buildListIndexes()

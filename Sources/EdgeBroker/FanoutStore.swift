@@ -830,6 +830,7 @@ extension BrokerStore {
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
             (targetLinks, \.links), (targetMembers, \.members), (targetMemberOf, \.members), (targetPending, \.members),
+            (downlink, \.queued),
         ] {
             while true {
                 let removed = try environment.write { txn in
@@ -846,7 +847,7 @@ extension BrokerStore {
             }
         }
         result.stateEntries = try environment.write { txn in
-            try ["status/", "guard/", "seq/", "deadseq/", "links/", "linkindex/"].reduce(0) { n, kind in
+            try ["status/", "guard/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
                 n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
             }
         }

@@ -66,40 +66,46 @@ extension BrokerStore {
         target: String, group: String, after cursor: String?, limit: Int,
         routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool
     ) throws -> [MemberChange] {
-        let targetPending = self.targetPending, groupMembers = self.groupMembers, targetMembers = self.targetMembers
-        let targetIds = self.targetIds, brokerIds = self.brokerIds, resources = self.resources
-        return try environment.read { txn in
-            let prefix = BrokerStore.targetGroupPrefix(target, group)
-            var marks: [(String, [UInt8])] = []
-            try txn.scan(
-                targetPending, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix,
-                to: BrokerStore.targetGroupEnd(target, group)
-            ) { k, v in
-                marks.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
-                return marks.count < limit
-            }
-            var out: [MemberChange] = []
-            for (member, mark) in marks {
-                let entry = try txn.get(groupMembers, BrokerStore.memberKey(group, member)).flatMap {
-                    try JSONParser.parse($0, limits: .stored).objectValue
-                }
-                let held = try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, member)).map {
-                    String(decoding: $0, as: UTF8.self)
-                }
-                var want: String?, waiting = false
-                if entry != nil {
-                    want = try txn.get(targetIds, prefixed(target, member)).flatMap(TargetMapping.init)?.targetID
-                    if want == nil, let key = try txn.get(brokerIds, Array(member.utf8)), let bytes = try txn.get(resources, key),
-                        let o = try JSONParser.parse(bytes, limits: .stored).objectValue
-                    {
-                        let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-                        waiting = parts.count == 3 && routes(String(parts[0]), String(parts[1]), o)
-                    }
-                }
-                out.append(MemberChange(member: member, mark: mark, want: want, held: held, entry: entry, waiting: waiting))
-            }
-            return out
+        try environment.read { txn in
+            try pendingMemberChanges(target: target, group: group, after: cursor, limit: limit, routes: routes, txn)
         }
+    }
+
+    /// The same in `txn` (the downlink reads them in the transaction that records them).
+    func pendingMemberChanges(
+        target: String, group: String, after cursor: String?, limit: Int,
+        routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool, _ txn: borrowing some StoreReading & ~Copyable
+    ) throws -> [MemberChange] {
+        let prefix = BrokerStore.targetGroupPrefix(target, group)
+        var marks: [(String, [UInt8])] = []
+        try txn.scan(
+            targetPending, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix,
+            to: BrokerStore.targetGroupEnd(target, group)
+        ) { k, v in
+            marks.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
+            return marks.count < limit
+        }
+        var out: [MemberChange] = []
+        for (member, mark) in marks {
+            let entry = try txn.get(groupMembers, BrokerStore.memberKey(group, member)).flatMap {
+                try JSONParser.parse($0, limits: .stored).objectValue
+            }
+            let held = try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, member)).map {
+                String(decoding: $0, as: UTF8.self)
+            }
+            var want: String?, waiting = false
+            if entry != nil {
+                want = try txn.get(targetIds, prefixed(target, member)).flatMap(TargetMapping.init)?.targetID
+                if want == nil, let key = try txn.get(brokerIds, Array(member.utf8)), let bytes = try txn.get(resources, key),
+                    let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+                {
+                    let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
+                    waiting = parts.count == 3 && routes(String(parts[0]), String(parts[1]), o)
+                }
+            }
+            out.append(MemberChange(member: member, mark: mark, want: want, held: held, entry: entry, waiting: waiting))
+        }
+        return out
     }
 
     /// Records one step of a group's delivery: the members the target now

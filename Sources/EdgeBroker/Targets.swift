@@ -53,53 +53,6 @@ public struct Route: Sendable {
     }
 }
 
-/// Per-target attribute mapping, applied to the body sent to the target.
-/// Paths are `attr` or `attr.sub` (a complex attribute's sub-attribute).
-public struct AttributeMapping: Sendable, Equatable {
-    /// from → to (the value moves).
-    public var rename: [(from: String, to: String)] = []
-    public var drop: [String] = []
-    /// path → value set on every resource.
-    public var constant: [(path: String, value: JSON)] = []
-    public init() {}
-
-    public static func == (a: AttributeMapping, b: AttributeMapping) -> Bool {
-        a.rename.elementsEqual(b.rename, by: { $0 == $1 }) && a.drop == b.drop
-            && a.constant.elementsEqual(b.constant, by: { $0.path == $1.path && $0.value == $1.value })
-    }
-
-    public var isEmpty: Bool { rename.isEmpty && drop.isEmpty && constant.isEmpty }
-
-    func apply(to body: inout JSONObject) {
-        for (from, to) in rename {
-            if let v = Self.remove(from, in: &body) { Self.set(to, v, in: &body) }
-        }
-        for path in drop { _ = Self.remove(path, in: &body) }
-        for (path, value) in constant { Self.set(path, value, in: &body) }
-    }
-
-    static func split(_ path: String) -> (String, String?) {
-        guard let dot = path.firstIndex(of: "."), !path.hasPrefix("urn:") else { return (path, nil) }
-        return (String(path[..<dot]), String(path[path.index(after: dot)...]))
-    }
-
-    static func remove(_ path: String, in body: inout JSONObject) -> JSON? {
-        let (attr, sub) = split(path)
-        guard let sub else { return body.removeValue(forKey: attr) }
-        guard var inner = body[attr]?.objectValue, let v = inner.removeValue(forKey: sub) else { return nil }
-        body[attr] = inner.isEmpty ? nil : .object(inner)
-        return v
-    }
-
-    static func set(_ path: String, _ value: JSON, in body: inout JSONObject) {
-        let (attr, sub) = split(path)
-        guard let sub else { body[attr] = value; return }
-        var inner = body[attr]?.objectValue ?? JSONObject()
-        inner[sub] = value
-        body[attr] = .object(inner)
-    }
-}
-
 /// The deletion guard: more than `maxDeletes` removals within
 /// `windowSeconds` pause the target's removals until an operator runs
 /// `scim-broker targets confirm-deletes NAME`.
@@ -378,6 +331,10 @@ public struct TargetConfiguration: Sendable {
     /// Consecutive failures (network, 5xx) that open the circuit breaker.
     public var breakerThreshold = BrokerOptions.Target.breakerThreshold.defaultInteger
     public var requestTimeoutMilliseconds = UInt64(BrokerOptions.Target.timeoutMs.defaultInteger)
+    /// A boundary instead of an app (`domain:`): that domain's agent
+    /// fetches the target's queue as its downlink feed (`Downlink.swift`);
+    /// no `TargetWorker` runs for it. Nil: an app at `url`.
+    public var destination: String?
 
     public init(name: String, url: String) throws(SCIMError) {
         guard !name.isEmpty, name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
@@ -391,9 +348,10 @@ public struct TargetConfiguration: Sendable {
         (useTLS, host, port, basePath) = (parsed.tls, parsed.host, parsed.port, parsed.path)
     }
 
-    /// Every route matching means the target should hold the resource.
+    /// Every route matching means the target should hold the resource. A
+    /// destination never gets its own domain's resources back.
     public func routes(domain: String, type: String, _ resource: JSONObject) -> Bool {
-        routes.contains { $0.matches(domain: domain, type: type, resource) }
+        domain != destination && routes.contains { $0.matches(domain: domain, type: type, resource) }
     }
 
     /// Whether a route decides on a group's members (then the apply reads them to route it).

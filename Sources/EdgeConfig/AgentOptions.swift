@@ -175,11 +175,42 @@ public enum AgentOptions {
         "Directories and SCIM servers the agent pulls users and groups from (LDAP, Active Directory, SCIM polling): their changes take the same write path as the SCIM endpoint's (docs/sources.md).",
         children: Source.all)
 
+    /// The keys of `inbound` (docs/agent.md, "Inbound policy").
+    public enum Inbound {
+        public static let domains = OptionSpec(
+            "domains", .list, required: .always, "The source domains this entry accepts (at least one).")
+        public static let types = OptionSpec("types", .list, "User, Group or both (empty: both).")
+        public static let filter = OptionSpec(
+            "filter", .text,
+            "A SCIM scoping filter over the resource as it arrives: only what matches enters (and what stops matching goes).")
+        public static let accept = OptionSpec(
+            "accept", .sections, required: .always,
+            "What enters: a list of {domains, types, filter}; a resource enters when any entry matches.",
+            children: [domains, types, filter])
+        public static let set = OptionSpec(
+            "map.set", .section, "Attribute paths set on every resource that enters, PATH: VALUE (userType: Guest).")
+        public static let userName = OptionSpec(
+            "map.userName", .text, default: "{userName}",
+            "The userName a foreign user gets here: a template of {userName} and {domain} ({userName}@{domain} keeps domains apart).")
+        public static let drop = OptionSpec("map.drop", .list, "Attribute paths that never enter.")
+        public static let maxEventsPerPoll = OptionSpec(
+            "maxEventsPerPoll", .integer(1...1000), default: "100", "The most events one poll of the downlink asks for.")
+        public static let waitMs = OptionSpec(
+            "waitMs", .integer(0...60_000), default: "25000",
+            "How long the broker may hold a poll open when nothing is waiting (long poll), in milliseconds.")
+        public static let all: [OptionSpec] = [accept, set, userName, drop, maxEventsPerPoll, waitMs]
+    }
+
+    public static let inbound = OptionSpec(
+        "inbound", .section,
+        "What this boundary accepts from other domains, fetched from the broker over the relay's outbound mutual TLS (the downlink): stored as read-only foreign resources. Without it the agent never polls and nothing enters. Needs broker.",
+        children: Inbound.all)
+
     /// In the order of the reference and of `--help`.
     public static let all: [OptionSpec] = [
         dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
         idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, patchResponseMaxMembers,
-        brokerURL, brokerCA, brokerCert, brokerKey, brokerCRL, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, sources,
+        brokerURL, brokerCA, brokerCert, brokerKey, brokerCRL, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, inbound, sources,
     ]
 
     public static let reference = ConfigReference(

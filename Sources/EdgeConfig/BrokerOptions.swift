@@ -42,7 +42,12 @@ public enum BrokerOptions {
     public enum Target {
         public static let name = OptionSpec(
             "name", .text, required: .always, "The target's name (letters, digits, '.', '_' and '-'), in metrics, logs and the CLI.")
-        public static let url = OptionSpec("url", .url, required: .always, "The app's SCIM base URL, http(s)://HOST[:PORT]/PATH.")
+        public static let url = OptionSpec(
+            "url", .url, "The app's SCIM base URL, http(s)://HOST[:PORT]/PATH (give url or domain).")
+        public static let domain = OptionSpec(
+            "domain", .text,
+            "Instead of url: a boundary. The domain whose agent fetches what the routes send here over its own outbound connection (the downlink, docs/protocol.md), never its own domain's resources; the agent's inbound policy decides what it takes. Only name, routes and maxMembersPerPatch apply."
+        )
         public static let tokenFile = OptionSpec(
             "tokenFile", .path, "The bearer token for the app, on the file's first line; re-read on SIGHUP; mode 0640 or stricter.")
         public static let tlsCA = OptionSpec("tls.ca", .path, "The CA (PEM) the app's certificate must chain to (default: the system's).")
@@ -98,7 +103,7 @@ public enum BrokerOptions {
             children: [routeDomains, routeTypes, routeFilter])
 
         public static let all: [OptionSpec] = [
-            name, url, tokenFile, tlsCA, tlsCert, tlsKey, tlsMinVersion, requestsPerSecond, concurrency, onRemove, maxDeletes,
+            name, url, domain, tokenFile, tlsCA, tlsCert, tlsKey, tlsMinVersion, requestsPerSecond, concurrency, onRemove, maxDeletes,
             windowSeconds, collisions, namespaceUserName, namespaceDisplayName, linkAttribute, linkSourceOfRecord, maxMembersPerPatch,
             breakerThreshold, timeoutMs, rename, drop, constant, routes,
         ]

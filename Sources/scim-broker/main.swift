@@ -235,8 +235,29 @@ struct TargetStatus: ParsableCommand {
     func run() throws {
         let (store, configured) = try options.open()
         let letters = try store.deadLetters(target: nil)
+        // Boundaries (`domain:`): their agent fetches the queue; no worker saves a status for them.
+        for t in configured where t.destination != nil {
+            let depth = try store.queueDepth(target: t.name), feed = try store.feedPosition(target: t.name)
+            let oldestFeed = try store.feedOldest(target: t.name)
+            if json {
+                emitLine(
+                    JSON.object([
+                        "target": .string(t.name), "destination": .string(t.destination!), "queued": .int(depth.count),
+                        "oldestQueuedAt": .number(JSONNumber(integer: depth.oldest)), "feedIssued": .int(Int(feed.issued)),
+                        "feedAcked": .int(Int(feed.acked)), "feedUnacked": .int(feed.unacked),
+                        "oldestUnackedAt": .number(JSONNumber(integer: oldestFeed)),
+                    ]).serializedString)
+                continue
+            }
+            emitLine(
+                "\(t.name)\tdownlink to \(t.destination!)\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
+                    + "\tfeed issued \(feed.issued), acknowledged \(feed.acked), unacknowledged \(feed.unacked) (oldest \(formatTime(oldestFeed)))"
+            )
+        }
         let statuses = try store.targetStatuses()
-        if statuses.isEmpty && !json { emitLine("nothing to show: no target has state in this broker") }
+        if statuses.isEmpty && !json && !configured.contains(where: { $0.destination != nil }) {
+            emitLine("nothing to show: no target has state in this broker")
+        }
         for (name, saved) in statuses {
             var status = saved
             // With --config: a target that left it keeps its queue until `targets forget`.

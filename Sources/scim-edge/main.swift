@@ -406,6 +406,12 @@ struct Status: ParsableCommand {
                 "oldest event     sequence \(oldest.seq), issued at \(formatDateTime(secondsSinceEpoch: oldest.issuedAt))"
                     + " (\(max(0, unixSeconds() - oldest.issuedAt)) s ago)")
         }
+        let foreign = try store.foreignCounts()
+        emit("downlink         committed through feed sequence \(try store.downlinkSequence())")
+        emit(
+            "foreign          "
+                + (foreign.isEmpty
+                    ? "none" : foreign.sorted { $0.key < $1.key }.map { "\($0.value) from \($0.key)" }.joined(separator: ", ")))
     }
 }
 

@@ -189,6 +189,26 @@ final class BrokerConfigTests: XCTestCase {
             d + "  - {name: a, url: 'http://127.0.0.1:1', routes: []}\n  - {name: a, url: 'http://127.0.0.1:2', routes: []}\n",
             "defined twice")
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n    rate: {concurrency: 0}\n    routes: []\n", "1 to 256")
+        // A target is an app (url) or a boundary (domain).
+        fails(d + "  - name: a\n    routes: []\n", "targets[0].url: is required")
+        fails(
+            d + "  - name: a\n    url: http://127.0.0.1:1\n    domain: acme\n    routes: []\n",
+            "an app (url) or a boundary (domain), not both")
+        fails(d + "  - name: a\n    domain: acme-fr\n    routes: []\n", "domain 'acme-fr' is not bound")
+        fails(d + "  - {name: a, domain: acme, routes: []}\n  - {name: b, domain: acme, routes: []}\n", "already the destination")
+        let ok = ConfigDiagnostics()
+        let config = BrokerConfiguration.decode(YAMLNode.parse(d + "  - {name: b, domain: acme, routes: [{}]}\n", ok), ok)
+        XCTAssertEqual(ok.problems.filter { !$0.isWarning }.map(\.description), [])
+        let boundary = try? XCTUnwrap(config.targets.first)
+        XCTAssertEqual(boundary?.destination, "acme")
+        XCTAssertEqual(boundary?.routes(domain: "other", type: "User", ["userName": "u"]), true)
+        XCTAssertEqual(boundary?.routes(domain: "acme", type: "User", ["userName": "u"]), false, "never its own domain's back")
+        let warned = ConfigDiagnostics()
+        _ = BrokerConfiguration.decode(
+            YAMLNode.parse(d + "  - {name: b, domain: acme, routes: [{}], mapping: {drop: [title]}}\n", warned), warned)
+        XCTAssertTrue(
+            warned.problems.contains { $0.isWarning && $0.description.contains("mapping: applies to apps (url), not to a boundary") },
+            "\(warned.problems)")
     }
 
     /// A federation CA and a broker certificate and key in `dir` (`ca.crt`, `broker.crt`, `broker.key`).

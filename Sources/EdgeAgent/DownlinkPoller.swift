@@ -1,0 +1,198 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTLS
+import Logging
+import SCIM
+
+/// Downlink figures, for metrics and status.
+public struct DownlinkStatistics: Sendable {
+    public var polls = 0
+    public var eventsApplied = 0
+    public var membershipDeltas = 0
+    public var duplicates = 0
+    /// Events the inbound policy did not accept.
+    public var notAccepted = 0
+    /// Events accepted but not storable here (logged with their reason).
+    public var refused = 0
+    public var errors = 0
+    /// Answers no honest broker gives (a gap in the feed): logged, counted, nothing applied.
+    public var protocolErrors = 0
+    /// Times the broker started the feed again for this store.
+    public var resyncs = 0
+    /// The feed sequence committed here, and the last the broker issued.
+    public var appliedThrough: UInt64 = 0
+    public var brokerLastSeq: UInt64 = 0
+    public var lastError: String?
+}
+
+/// Fetches this boundary's feed from the broker (docs/protocol.md,
+/// "Downlink"), modelled on RFC 8936 poll-based delivery: each poll carries
+/// the acknowledgement of what this agent committed and asks for more,
+/// the broker holding it open while there is nothing. The events are
+/// applied with the feed sequence they reach in one LMDB transaction
+/// (`AgentStore.applyDownlink`), and only the next poll acknowledges them:
+/// delivery is at least once, the effect exactly once. Outbound only, on a
+/// connection of its own beside the relay's (a long poll would hold up the
+/// relay's pipelined batches); the same client certificate, so the broker
+/// picks the feed by it. Runs only with an inbound policy (invariant 5).
+/// Threading: loop-confined.
+public final class DownlinkPoller {
+    let loop: EventLoop
+    let store: AgentStore
+    let writer: GroupCommitWriter
+    let policy: InboundPolicy
+    let tls: ReloadableTLSContext
+    let client: HTTPClient
+    /// A write context per applied answer (ids, clock, trace).
+    let makeContext: (String?) -> WriteContext
+    private var timer: LoopTimer?
+    private var failures = 0
+    private var stopped = false
+    public private(set) var statistics = DownlinkStatistics()
+    public var logger = Logger(label: "scim-edge.downlink")
+    static let maxBackoffMilliseconds: UInt64 = 30_000
+
+    public init(
+        loop: EventLoop, store: AgentStore, writer: GroupCommitWriter, relay: RelayConfiguration, policy: InboundPolicy,
+        makeContext: @escaping (String?) -> WriteContext
+    ) throws {
+        self.loop = loop
+        self.store = store
+        self.writer = writer
+        self.policy = policy
+        self.makeContext = makeContext
+        tls = try ReloadableTLSContext(role: .client, configuration: relay.tls)
+        var options = HTTPClientOptions()
+        options.responseTimeoutMilliseconds = UInt64(policy.waitMilliseconds) + 15_000
+        client = HTTPClient(loop: loop, address: relay.broker, reloadableTLS: tls, serverName: relay.brokerName, options: options)
+    }
+
+    public func start() throws {
+        let t = try LoopTimer(loop: loop)
+        t.keepsLoopAlive = false
+        timer = t
+        statistics.appliedThrough = try store.downlinkSequence()
+        poll()
+    }
+
+    public func stop() {
+        stopped = true
+        timer?.close()
+        timer = nil
+        client.close()
+    }
+
+    /// SIGHUP: the rotated certificate is presented on a new connection now.
+    public func reloadTLS() throws(TLSError) {
+        try tls.reload()
+        client.resetConnection()
+    }
+
+    private func poll() {
+        guard !stopped else { return }
+        statistics.polls += 1
+        let body: JSON = [
+            "ackedThrough": .number(JSONNumber(integer: Int64(statistics.appliedThrough))),
+            "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(policy.waitMilliseconds),
+            // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
+            "epoch": .string(store.epoch),
+        ]
+        let request = HTTPRequest(
+            method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"], body: body.serialized())
+        client.send(request) { [weak self] result in self?.answered(result) }
+    }
+
+    private func answered(_ result: Result<HTTPResponse, HTTPClientError>) {
+        guard !stopped else { return }
+        switch result {
+        case .failure(let e):
+            retry("broker unreachable: \(e)", after: nil)
+        case .success(let r):
+            let body = try? JSONParser.parse(r.body, limits: .relayBatch)
+            let description = body?["description"]?.stringValue ?? r.bodyText
+            switch r.status {
+            case 200:
+                guard let events = body?["events"]?.arrayValue else { return retry("broker answered 200 without events", after: nil) }
+                statistics.brokerLastSeq = body?["lastSeq"]?.numberValue?.integer.map { UInt64(clamping: $0) } ?? statistics.brokerLastSeq
+                failures = 0
+                if events.isEmpty {
+                    // The broker held the poll while there was nothing: ask again (at once, unless it may not hold polls).
+                    return policy.waitMilliseconds == 0 ? schedule(after: 1000) : poll()
+                }
+                apply(events)
+            case 404:
+                // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
+                retry("the broker has no feed for this domain: \(description)", after: 60)
+            case 503 where body?["error"]?.stringValue == "resync":
+                restart(after: r.headers["Retry-After"].flatMap(UInt64.init) ?? 1)
+            case 429, 503:
+                retry("broker busy (\(r.status))", after: r.headers["Retry-After"].flatMap(UInt64.init))
+            default:
+                retry("broker refused the poll: \(r.status) \(description)", after: nil)
+            }
+        }
+    }
+
+    /// Commits the events with the sequence they reach, then polls again (acknowledging them).
+    private func apply(_ events: [JSON]) {
+        let store = self.store, policy = self.policy, ctx = makeContext(events.first?["txn"]?.stringValue)
+        writer.submit({ txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }) { [weak self] result in
+            guard let self, !stopped else { return }
+            switch result {
+            case .success(let outcome):
+                statistics.appliedThrough = outcome.appliedThrough
+                statistics.eventsApplied += outcome.applied
+                statistics.membershipDeltas += outcome.membershipDeltas
+                statistics.duplicates += outcome.duplicates
+                statistics.notAccepted += outcome.notAccepted
+                statistics.refused += outcome.refused.count
+                for (seq, reason) in outcome.refused.sorted(by: { $0.key < $1.key }) {
+                    logger.warning(
+                        "downlink: an accepted resource could not be stored here; it is skipped (counted)",
+                        metadata: ["seq": .stringConvertible(seq), "reason": .string(reason)])
+                }
+                poll()
+            case .failure(let gap as DownlinkGap):
+                protocolError("\(gap)")
+            case .failure(let e):
+                retry("cannot store the feed's events: \(e)", after: nil)
+            }
+        }
+    }
+
+    /// The broker starts the feed again (this store, or the broker's, is not
+    /// the one the other side knew): count from 0, durably, then poll. The
+    /// current state arrives again; what is held is updated in place.
+    private func restart(after seconds: UInt64) {
+        logger.warning("downlink: the broker starts the feed again; counting from 0")
+        statistics.resyncs += 1
+        let store = self.store
+        writer.submit({ txn in try store.restartDownlink(in: txn) }) { [weak self] result in
+            guard let self, !stopped else { return }
+            if case .failure(let e) = result { return retry("cannot record the feed's restart: \(e)", after: nil) }
+            statistics.appliedThrough = 0
+            schedule(after: seconds * 1000)
+        }
+    }
+
+    private func protocolError(_ message: String) {
+        statistics.protocolErrors += 1
+        logger.error("downlink: protocol error: \(message); nothing applied, resetting the connection")
+        client.resetConnection()
+        retry("protocol error: \(message)", after: nil)
+    }
+
+    /// Polls again after the broker's Retry-After (seconds) or a jittered backoff.
+    private func retry(_ message: String, after seconds: UInt64?) {
+        failures += 1
+        statistics.errors += 1
+        statistics.lastError = message
+        logger.warning("downlink: \(message)")
+        schedule(after: seconds.map { $0 * 1000 } ?? jitteredBackoff(failures: failures, cap: Self.maxBackoffMilliseconds))
+    }
+
+    private func schedule(after milliseconds: UInt64) {
+        timer?.start(after: milliseconds) { [weak self] in self?.poll() }
+    }
+}

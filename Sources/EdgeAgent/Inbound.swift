@@ -1,0 +1,339 @@
+import EdgeConfig
+import EdgeStore
+import SCIM
+
+/// What this boundary accepts from other domains through the broker's
+/// downlink, and how it maps it: decided here, inside the boundary
+/// (invariant 5). Without one the agent never polls and nothing enters.
+public struct InboundPolicy: Sendable {
+    /// One `accept:` entry: a resource enters when any entry matches.
+    public struct Rule: Sendable {
+        public var domains: [String]
+        /// `User`, `Group`; empty: both.
+        public var types: [String]
+        public var filter: String?
+        /// The filter compiled per type it applies to.
+        var compiled: [String: Filter] = [:]
+
+        public init(domains: [String], types: [String] = [], filter: String? = nil, registry: SchemaRegistry = .standard)
+            throws(SCIMError)
+        {
+            guard !domains.isEmpty else { throw SCIMError.invalidValue("name at least one source domain") }
+            for t in types where t != "User" && t != "Group" { throw SCIMError.invalidValue("type '\(t)' must be User or Group") }
+            (self.domains, self.types, self.filter) = (domains, types, filter)
+            guard let filter else { return }
+            for type in ["User", "Group"] where types.isEmpty || types.contains(type) {
+                do throws(SCIMError) {
+                    compiled[type] = try Filter(filter, registry: registry, type: registry.resourceType(type)!)
+                } catch {
+                    throw SCIMError.invalidValue(error.detail + (types.isEmpty ? " (give the entry `types: [User]` or `[Group]`)" : ""))
+                }
+            }
+        }
+
+        func matches(domain: String, type: String, _ resource: JSONObject) -> Bool {
+            guard domains.contains(domain), types.isEmpty || types.contains(type) else { return false }
+            return filter == nil || (compiled[type]?.matches(resource) ?? false)
+        }
+    }
+
+    public var accept: [Rule]
+    /// `map.set` and `map.drop`: each path applies to the types whose schema has it (`userType` to users only).
+    public var mapping: AttributeMapping
+    /// `map.userName`: `{userName}` and `{domain}`.
+    public var userNameTemplate: String
+    /// Per poll: events asked for, and how long the broker may hold the poll.
+    public var maxEventsPerPoll = AgentOptions.Inbound.maxEventsPerPoll.defaultInteger
+    public var waitMilliseconds = AgentOptions.Inbound.waitMs.defaultInteger
+
+    public static let defaultUserNameTemplate = AgentOptions.Inbound.userName.defaultValue!
+
+    public init(accept: [Rule], mapping: AttributeMapping = AttributeMapping(), userNameTemplate: String = defaultUserNameTemplate) {
+        self.accept = accept
+        self.mapping = mapping
+        self.userNameTemplate = userNameTemplate
+    }
+
+    /// Whether a resource of `domain` enters, judged on it as it arrives.
+    public func accepts(domain: String, type: String, _ resource: JSONObject) -> Bool {
+        accept.contains { $0.matches(domain: domain, type: type, resource) }
+    }
+
+    /// The paths of `mapping` that `type`'s schema has.
+    func mapping(for type: String, registry: SchemaRegistry = .standard) -> AttributeMapping {
+        guard let t = registry.resourceType(type) else { return AttributeMapping() }
+        func has(_ path: String) -> Bool { registry.parsePath(path, in: t).flatMap { registry.resolve($0, in: t) } != nil }
+        var m = AttributeMapping()
+        m.constant = mapping.constant.filter { has($0.path) }
+        m.drop = mapping.drop.filter(has)
+        return m
+    }
+
+    /// A path of `map` that no type has (a typo: it would never apply).
+    public func unknownPaths(registry: SchemaRegistry = .standard) -> [String] {
+        let known = Set(
+            ["User", "Group"].flatMap { t in
+                mapping(for: t, registry: registry).constant.map(\.path) + mapping(for: t, registry: registry).drop
+            })
+        return (mapping.constant.map(\.path) + mapping.drop).filter { !known.contains($0) }
+    }
+
+    /// The resource as it is stored here: the broker's bookkeeping removed
+    /// (`id`, `meta`, the source extension), then `map`, then the userName
+    /// template. Members are left to the caller (they must be held here).
+    func mapped(_ data: JSONObject, type: String, domain: String) -> JSONObject {
+        var o = data
+        for k in ["id", "meta", "groups", "members", AgentStore.sourceExtension] { o[k] = nil }
+        if let schemas = o["schemas"]?.arrayValue {
+            o["schemas"] = .array(schemas.filter { $0.stringValue != AgentStore.sourceExtension })
+        }
+        mapping(for: type).apply(to: &o)
+        if type == "User", let name = o["userName"]?.stringValue {
+            o["userName"] = .string(userNameTemplate.replacing("{userName}", with: name).replacing("{domain}", with: domain))
+        }
+        return o
+    }
+}
+
+/// What one applied poll answer did.
+public struct DownlinkOutcome: Sendable, Equatable {
+    /// The feed sequence committed with the changes (the next poll acknowledges it).
+    public var appliedThrough: UInt64
+    public var applied = 0
+    /// Of them, group membership deltas.
+    public var membershipDeltas = 0
+    /// At or below what was committed before: skipped (a resend).
+    public var duplicates = 0
+    /// Not accepted by the inbound policy (and, if held, removed).
+    public var notAccepted = 0
+    /// Accepted but not storable here (a userName taken by a local user, an
+    /// invalid value): counted and logged, the sequence goes on.
+    public var refused: [UInt64: String] = [:]
+}
+
+/// A feed answer that skips a sequence: no honest broker sends one.
+public struct DownlinkGap: Error, CustomStringConvertible {
+    public let expected: UInt64, got: UInt64
+    public var description: String { "the feed skipped from \(expected) to \(got)" }
+}
+
+/// Foreign resources: what entered from other domains (`foreign`:
+/// `<type>/<id>` → the source domain). Their id here is the broker's id
+/// (unique across the federation); they are read-only for the local IdP,
+/// readable by local apps, and never relayed back up.
+extension AgentStore {
+    /// Where a federated resource came from (the broker's source extension; only `domain` reaches an agent).
+    static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
+    static let downlinkKey = Array("downlinkSeq".utf8)
+
+    /// The source domain of a foreign resource; nil: the resource is this boundary's own.
+    func foreignDomain(_ type: ResourceType, _ id: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> String? {
+        try txn.get(foreign, AgentStore.key(type, id)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    public func foreignDomain(_ type: ResourceType, _ id: String) throws -> String? {
+        try environment.read { txn in try foreignDomain(type, id, txn) }
+    }
+
+    /// The last downlink sequence committed (0: none).
+    public func downlinkSequence() throws -> UInt64 {
+        try environment.read { txn in try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0 }
+    }
+
+    /// The broker starts the feed again: the next poll acknowledges nothing.
+    public func restartDownlink(in txn: borrowing WriteTransaction) throws {
+        try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
+    }
+
+    /// How many foreign resources of each source domain are stored.
+    public func foreignCounts() throws -> [String: Int] {
+        try environment.read { txn in
+            var out: [String: Int] = [:]
+            try txn.scan(foreign) { _, v in
+                out[String(decoding: v, as: UTF8.self), default: 0] += 1
+                return true
+            }
+            return out
+        }
+    }
+
+    /// Applies a feed answer's events in `txn`, with the sequence they
+    /// reach: what is committed and what is acknowledged are one (the poll
+    /// after this commit acknowledges `appliedThrough`). Events at or below
+    /// it are resends and skipped; a gap is an error (nothing applied).
+    /// Each event runs in a nested transaction, so one that cannot be stored
+    /// changes nothing and the others go on.
+    public func applyDownlink(_ events: [JSON], policy: InboundPolicy, _ ctx: WriteContext, in txn: borrowing WriteTransaction) throws
+        -> DownlinkOutcome
+    {
+        var last = try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        var outcome = DownlinkOutcome(appliedThrough: last)
+        for event in events {
+            guard let n = event["seq"]?.numberValue?.integer, n > 0 else { throw DownlinkGap(expected: last + 1, got: 0) }
+            let seq = UInt64(n)
+            if seq <= last {
+                outcome.duplicates += 1
+                continue
+            }
+            guard seq == last + 1 else { throw DownlinkGap(expected: last + 1, got: seq) }
+            do {
+                switch try txn.nested({ sub in try applyForeign(event, policy: policy, ctx, sub) }) {
+                case .applied: outcome.applied += 1
+                case .delta: (outcome.applied, outcome.membershipDeltas) = (outcome.applied + 1, outcome.membershipDeltas + 1)
+                case .notAccepted: outcome.notAccepted += 1
+                }
+            } catch let e as SCIMError {
+                outcome.refused[seq] = e.detail
+            }
+            last = seq
+        }
+        try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
+        outcome.appliedThrough = last
+        return outcome
+    }
+
+    enum ForeignChange { case applied, delta, notAccepted }
+
+    /// One feed event, and what became of it.
+    func applyForeign(_ event: JSON, policy: InboundPolicy, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws
+        -> ForeignChange
+    {
+        guard let (uri, body) = event["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue else {
+            throw SCIMError.invalidValue("a feed event holds one SCIM event with a 'ref'")
+        }
+        let parts = ref.split(separator: "/")
+        guard parts.count == 2, let type = registry.resourceType(parts[0] == "Users" ? "User" : parts[0] == "Groups" ? "Group" : "") else {
+            throw SCIMError.invalidValue("'ref' \(ref) is not /Users/<id> or /Groups/<id>")
+        }
+        let id = String(parts[1])
+        let domain = event["domain"]?.stringValue ?? ""
+        let old = try load(txn, type, id)
+        let held = try foreignDomain(type, id, txn)
+        if old != nil && held == nil { throw SCIMError.uniqueness("\(ref) is a resource of this boundary, not a foreign one") }
+        switch uri {
+        case EventURI.delete:
+            if let old { try removeForeign(type, id, old, ctx, txn) }
+            if type.id == "User" { try forgetWaiting(member: id, txn) }
+            return .applied
+        case EventURI.createFull, EventURI.putFull, EventURI.patchFull:
+            guard let data = body["data"]?.objectValue else { throw SCIMError.invalidValue("\(ref): no 'data'") }
+            guard policy.accepts(domain: domain, type: type.id, data) else {
+                // Out of what this boundary accepts (now): what it held goes.
+                if let old { try removeForeign(type, id, old, ctx, txn) }
+                return .notAccepted
+            }
+            var mapped = policy.mapped(data, type: type.id, domain: domain)
+            if type.id == "Group" {
+                try forgetWaiting(group: id, txn)  // full state: the members it names now are the ones waiting
+                mapped["members"] = .array(try heldMembers(data["members"]?.arrayValue ?? [], group: id, txn))
+            }
+            let validator = ResourceValidator(registry: registry, type: type, profile: .lenient)
+            let new =
+                try old.map { try validator.validateReplace(.object(mapped), existing: $0) } ?? validator.validateCreate(.object(mapped))
+            // Marked foreign first: the write then sends nothing up (`emitChange`).
+            try txn.put(foreign, AgentStore.key(type, id), Array(domain.utf8))
+            _ = try store(type, id: id, new: new, old: old, event: uri, ctx, txn)
+            if old == nil && type.id == "User" { try joinWaitingGroups(id, ctx, txn) }
+            return .applied
+        case AgentStore.membersEvent:
+            // Held only if accepted: a delta for a group this boundary did not take is not its business.
+            guard type.id == "Group", let old else { return .notAccepted }
+            for r in body["removed"]?.arrayValue ?? [] {
+                guard let m = r.stringValue else { continue }
+                try deleteMember(id, Array(m.utf8), txn)
+                try unwait(member: m, group: id, txn)
+            }
+            for m in try heldMembers(body["added"]?.arrayValue ?? [], group: id, txn) {
+                if let o = m.objectValue { try putMember(id, o, txn) }
+            }
+            var group = old
+            (group["id"], group["meta"]) = (nil, nil)
+            _ = try store(type, id: id, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
+            return .delta
+        default:
+            throw SCIMError.invalidValue("\(ref): unknown event type \(uri)")
+        }
+    }
+
+    /// The members of foreign group `group` that this boundary holds
+    /// (foreign users it accepted), as `{value, type}`. The others wait
+    /// (`foreignWaiting`): the broker sent them, so it will not name them
+    /// again, and a user this policy accepts later (it came to match the
+    /// filter) joins the group then (`joinWaitingGroups`).
+    func heldMembers(_ members: [JSON], group: String, _ txn: borrowing WriteTransaction) throws -> [JSON] {
+        var out: [JSON] = []
+        for m in members {
+            guard let v = m["value"]?.stringValue else { continue }
+            let type = m["type"]?.stringValue == "Group" ? "Group" : "User"
+            let member: JSON = ["value": .string(v), "type": .string(type)]
+            if try foreignDomain(registry.resourceType(type)!, v, txn) != nil {
+                out.append(member)
+            } else {
+                try txn.put(foreignWaiting, AgentStore.waitingKey("m", v, group), member.serialized())
+                try txn.put(foreignWaiting, AgentStore.waitingKey("g", group, v), [])
+            }
+        }
+        return out
+    }
+
+    /// `foreignWaiting` keys: `m\0<member>\0<group>` → the member, and `g\0<group>\0<member>`.
+    static func waitingKey(_ kind: String, _ a: String, _ b: String = "") -> [UInt8] {
+        Array(kind.utf8) + [0] + Array(a.utf8) + [0] + Array(b.utf8)
+    }
+
+    func unwait(member: String, group: String, _ txn: borrowing WriteTransaction) throws {
+        _ = try txn.delete(foreignWaiting, AgentStore.waitingKey("m", member, group))
+        _ = try txn.delete(foreignWaiting, AgentStore.waitingKey("g", group, member))
+    }
+
+    /// The other ids under `kind\0<id>\0` (a member's groups, or a group's members).
+    func waiting(_ kind: String, _ id: String, _ txn: borrowing WriteTransaction) throws -> [(String, [UInt8])] {
+        let prefix = AgentStore.waitingKey(kind, id)
+        var out: [(String, [UInt8])] = []
+        try txn.scan(foreignWaiting, from: prefix, to: Array(prefix.dropLast()) + [1]) { k, v in
+            out.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
+            return true
+        }
+        return out
+    }
+
+    func forgetWaiting(group: String, _ txn: borrowing WriteTransaction) throws {
+        for (member, _) in try waiting("g", group, txn) { try unwait(member: member, group: group, txn) }
+    }
+
+    func forgetWaiting(member: String, _ txn: borrowing WriteTransaction) throws {
+        for (group, _) in try waiting("m", member, txn) { try unwait(member: member, group: group, txn) }
+    }
+
+    /// A foreign user entered: it joins the foreign groups that named it while it was not here.
+    func joinWaitingGroups(_ member: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
+        let groups = registry.resourceType("Group")!
+        for (gid, bytes) in try waiting("m", member, txn) {
+            try unwait(member: member, group: gid, txn)
+            guard let old = try load(txn, groups, gid), let m = try JSONParser.parse(bytes, limits: .stored).objectValue else { continue }
+            try putMember(gid, m, txn)
+            var group = old
+            (group["id"], group["meta"]) = (nil, nil)
+            _ = try store(groups, id: gid, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
+        }
+    }
+
+    func removeForeign(_ type: ResourceType, _ id: String, _ old: JSONObject, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws
+    {
+        try remove(type, id: id, old: old, ctx, txn)
+        _ = try txn.delete(foreign, AgentStore.key(type, id))
+        if type.id == "Group" { try forgetWaiting(group: id, txn) }
+    }
+
+    /// The local IdP (or a pull source) may not change what entered from
+    /// another domain: 400 `mutability` (RFC 7644 §3.12: "not compatible
+    /// with the target attribute's mutability or current state"; the whole
+    /// resource is read-only here). Not 403: a SCIM client (the broker
+    /// itself) reads 403 as refused credentials, and these are fine.
+    func refuseForeignWrite(_ type: ResourceType, _ id: String, _ txn: borrowing WriteTransaction) throws {
+        guard let domain = try foreignDomain(type, id, txn) else { return }
+        throw SCIMError(
+            400, .mutability,
+            "\(type.id) \(id) entered this boundary from domain '\(domain)' and is read-only here: change it in its own domain")
+    }
+}

@@ -1,0 +1,404 @@
+import EdgeLoop
+import EdgeStore
+import SCIM
+
+/// The downlink's durable side (docs/protocol.md, "Downlink"): a target
+/// with `domain:` is a boundary, and its fan-out queue becomes a feed that
+/// the boundary's agent fetches over its own outbound connection.
+///
+/// The apply queues a destination's changes as for any target
+/// (`enqueueFanout`: routes, and never the destination's own domain). A
+/// poll *materialises* queue items into feed events (the resource's
+/// current state, a group's member changes from the per-target member
+/// index) with a sequence of the destination's own, in the transaction that
+/// records what the destination now holds (mappings, member index), and
+/// removes the items. The events stay in `downlink` until the agent
+/// acknowledges them, and are served again until then: the feed is what was
+/// promised, so the index is right once the agent has applied it, and a
+/// resend is harmless (the agent skips what it committed).
+///
+/// | `targetState` key | value |
+/// |---|---|
+/// | `dlseq/<target>` | the last feed sequence issued (BE) |
+/// | `dlacked/<target>` | the sequence the agent acknowledged (BE): entries through it are gone |
+///
+/// Bounded: at most `window` events are materialised and unacknowledged;
+/// the rest waits as queue items (one per change, as for a slow app), with
+/// depth and age visible.
+extension BrokerStore {
+    /// RFC 9967 event URIs, as the uplink uses them.
+    enum DownlinkURI {
+        static let createFull = "urn:ietf:params:SCIM:event:prov:create:full"
+        static let putFull = "urn:ietf:params:SCIM:event:prov:put:full"
+        static let delete = "urn:ietf:params:SCIM:event:prov:delete"
+    }
+
+    /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
+    static let maxPageBytes = 4 << 20
+
+    /// The downlink protocol version (docs/protocol.md).
+    public static let downlinkVersion = 1
+
+    /// Where a destination's feed stands.
+    public struct FeedPosition: Sendable, Equatable {
+        /// The last sequence issued, and the one acknowledged.
+        public var issued: UInt64
+        public var acked: UInt64
+        public var unacked: Int { Int(issued - acked) }
+    }
+
+    /// What a poll answers.
+    public struct FeedPage: Sendable {
+        /// Events after the acknowledgement, in order (their stored bytes).
+        public var events: [[UInt8]]
+        public var position: FeedPosition
+        /// More is waiting (events past this page, or queue items not yet materialised).
+        public var more: Bool
+    }
+
+    /// A poll the feed cannot answer as it stands: another store than the
+    /// one the feed was for (a re-imaged agent), one behind what it
+    /// acknowledged (restored from a backup), or one ahead of what this feed
+    /// issued (the broker restored from a backup). Either side lacks what the
+    /// other believes delivered, so the feed starts again (`resyncStep`): the
+    /// destination's current state queued anew, and the agent counting from 0.
+    public enum FeedError: Error, Equatable {
+        case newStore(acked: UInt64, issued: UInt64)
+    }
+
+    func feedPosition(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> FeedPosition {
+        func counter(_ name: String) throws -> UInt64 {
+            try txn.get(targetState, Array("\(name)/\(target)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        }
+        return FeedPosition(issued: try counter("dlseq"), acked: try counter("dlacked"))
+    }
+
+    public func feedPosition(target: String) throws -> FeedPosition {
+        try environment.read { txn in try feedPosition(target: target, txn) }
+    }
+
+    /// The oldest unacknowledged event's queue time (Unix ms; 0: none).
+    public func feedOldest(target: String) throws -> Int64 {
+        let downlink = self.downlink
+        return try environment.read { txn in
+            var at: Int64 = 0
+            try txn.scan(downlink, from: prefixed(target, []), to: prefixEnd(target)) { _, v in
+                at = try JSONParser.parse(v, limits: .stored)["queued"]?.numberValue?.integer ?? 0
+                return false
+            }
+            return at
+        }
+    }
+
+    /// One poll, in one write transaction: drops the events through `ack`,
+    /// materialises queue items while fewer than `window` events are
+    /// unacknowledged, and returns up to `limit` events after `ack`.
+    func pollFeed(
+        target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, window: Int, _ txn: borrowing WriteTransaction
+    ) throws -> FeedPage {
+        var position = try feedPosition(target: target.name, txn)
+        let epochKey = Array("dlepoch/\(target.name)".utf8)
+        if let known = try txn.get(targetState, epochKey) {
+            if known != Array(epoch.utf8) || ack < position.acked || ack > position.issued {
+                throw FeedError.newStore(acked: position.acked, issued: position.issued)
+            }
+        } else if ack > 0 {
+            // A store that counted a feed this broker does not know of (its data restored or replaced).
+            throw FeedError.newStore(acked: position.acked, issued: position.issued)
+        } else {
+            try txn.put(targetState, epochKey, Array(epoch.utf8))  // the first store to poll
+        }
+        if ack > position.acked {
+            var done: [[UInt8]] = []
+            try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
+                done.append(k)
+                return true
+            }
+            for k in done { _ = try txn.delete(downlink, k) }
+            try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
+            position.acked = ack
+        }
+        let itemsLeft = try materialize(target, room: window - position.unacked, txn)
+        position = try feedPosition(target: target.name, txn)
+        var events: [[UInt8]] = []
+        var bytes = 0
+        try txn.scan(downlink, from: prefixed(target.name, (ack + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
+            // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
+            guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
+            events.append(v)
+            bytes += v.count + 1
+            return events.count < limit
+        }
+        return FeedPage(events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - ack)
+    }
+
+    /// Turns up to `room` events' worth of queue items into feed events.
+    /// Returns whether queue items are left.
+    func materialize(_ target: TargetConfiguration, room: Int, _ txn: borrowing WriteTransaction) throws -> Bool {
+        guard room > 0 else { return try hasQueued(target.name, txn) }
+        var items: [([UInt8], DeliveryItem)] = []
+        try txn.scan(fanout, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, v in
+            if let item = DeliveryItem(v) { items.append((k, item)) } else { items.append((k, DeliveryItem.unreadable)) }
+            return items.count < room
+        }
+        var written = 0
+        var seenUsers: Set<String> = []
+        for (key, item) in items {
+            var events: [JSONObject] = []
+            var more = false
+            if item.type == "User" {
+                // Later items of one user in this pass: the first already sent its current state.
+                if seenUsers.insert(item.brokerID).inserted, let e = try userEvent(target, item.brokerID, txn) { events = [e] }
+            } else if item.type == "Group" {
+                (events, more) = try groupEvents(target, item.brokerID, limit: max(1, room - written), txn)
+            }
+            for e in events { try appendFeedEvent(target.name, e, item, txn) }
+            written += events.count
+            if !more { _ = try txn.delete(fanout, key) }
+            if written >= room || more { break }
+        }
+        return try hasQueued(target.name, txn)
+    }
+
+    func hasQueued(_ target: String, _ txn: borrowing WriteTransaction) throws -> Bool {
+        var any = false
+        try txn.scanKeys(fanout, from: prefixed(target, []), to: prefixEnd(target)) { _ in
+            any = true
+            return false
+        }
+        return any
+    }
+
+    /// Appends one event to the feed under the next sequence.
+    func appendFeedEvent(_ target: String, _ event: JSONObject, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws {
+        let seq = try nextCounter("dlseq/\(target)", txn)
+        var e: JSONObject = [
+            "seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string("\(target)-\(seq)"), "txn": .string(item.trace),
+            "iat": .number(JSONNumber(integer: unixMilliseconds() / 1000)),
+            "ts": .number(JSONNumber(integer: item.acceptedAt)), "queued": .number(JSONNumber(integer: item.queuedAt)),
+        ]
+        for (k, v) in event { e[k] = v }
+        try txn.put(downlink, prefixed(target, seq.bigEndianBytes), JSON.object(e).serialized())
+    }
+
+    /// A resource of the directory by broker id: its domain and state (nil: gone).
+    func current(_ brokerID: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (domain: String, resource: JSONObject)? {
+        guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
+            let o = try JSONParser.parse(bytes, limits: .stored).objectValue
+        else { return nil }
+        return (String(decoding: key.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self), o)
+    }
+
+    /// What a destination receives of a resource: its broker id as `id`, the
+    /// source domain (the only field of the source extension that leaves the
+    /// broker), no `meta` or `groups` (the agent keeps its own).
+    func downlinkData(_ resource: JSONObject, domain: String) -> JSONObject {
+        var data = resource
+        data["meta"] = nil
+        data["groups"] = nil
+        data[BrokerStore.sourceExtension] = ["domain": .string(domain)]
+        return data
+    }
+
+    /// One SCIM event body (RFC 9967 URI → `ref`, `data`) plus the source domain.
+    func feedEvent(_ uri: String, _ ref: String, domain: String, data: JSONObject? = nil, extra: JSONObject = [:]) -> JSONObject {
+        var body: JSONObject = ["ref": .string(ref)]
+        if let data { body["data"] = .object(data) }
+        for (k, v) in extra { body[k] = v }
+        return ["domain": .string(domain), "events": .object(JSONObject([(uri, .object(body))]))]
+    }
+
+    /// A user's event: its current state if the routes want it there (a
+    /// create the first time), a delete if it was there and is no more,
+    /// nothing otherwise. The mapping (target id = broker id: the agent
+    /// names foreign resources by it) is recorded with the event, and the
+    /// groups it joins or leaves there are queued (`userAccountChanged`).
+    func userEvent(_ target: TargetConfiguration, _ id: String, _ txn: borrowing WriteTransaction) throws -> JSONObject? {
+        let old = try txn.get(targetIds, prefixed(target.name, id)).flatMap(TargetMapping.init)
+        let now = try current(id, txn)
+        if let now, target.routes(domain: now.domain, type: "User", now.resource) {
+            if old == nil {
+                let m = TargetMapping(targetID: id, etag: nil, sent: nil)
+                try setMapping(target: target.name, type: "User", brokerID: id, m, txn)
+                _ = try userAccountChanged(target: target.name, user: id, old: nil, new: m, trace: "", txn)
+            }
+            return feedEvent(
+                old == nil ? DownlinkURI.createFull : DownlinkURI.putFull, "/Users/\(id)", domain: now.domain,
+                data: downlinkData(now.resource, domain: now.domain))
+        }
+        guard old != nil else { return nil }
+        try setMapping(target: target.name, type: "User", brokerID: id, nil, txn)
+        _ = try userAccountChanged(target: target.name, user: id, old: old, new: nil, trace: "", txn)
+        return feedEvent(DownlinkURI.delete, "/Users/\(id)", domain: now?.domain ?? "")
+    }
+
+    /// A group's events. New there: its full state with the members the
+    /// destination holds (O(n), once). Then membership changes as deltas of
+    /// the pending members (`TargetMembers.swift`: O(k)), at most `limit`
+    /// events of `maxMembersPerPatch` members; a change of its other
+    /// attributes is full state again (a rename, rare). Out of the routes or
+    /// deleted: a delete. `more`: pending members are left for the next pass.
+    func groupEvents(_ target: TargetConfiguration, _ id: String, limit: Int, _ txn: borrowing WriteTransaction)
+        throws -> (events: [JSONObject], more: Bool)
+    {
+        let name = target.name, ref = "/Groups/\(id)"
+        let mapping = try txn.get(targetIds, prefixed(name, id)).flatMap(TargetMapping.init)
+        let now = try current(id, txn)
+        let routed = try now.map { n in
+            target.routes(domain: n.domain, type: "Group", target.groupRoutesReadMembers ? try withMembers(txn, n.resource) : n.resource)
+        }
+        guard let now, routed == true else {
+            try clearGroupIndex(target: name, group: id, pendingThrough: nil, txn)
+            guard mapping != nil else { return ([], false) }
+            try setMapping(target: name, type: "Group", brokerID: id, nil, txn)
+            return ([feedEvent(DownlinkURI.delete, ref, domain: now?.domain ?? "")], false)
+        }
+        let attributes = downlinkData(now.resource, domain: now.domain)
+        guard var mapping else {
+            try clearGroupIndex(target: name, group: id, pendingThrough: nil, txn)
+            var count = 0
+            try forEachMember(of: id, txn) { member in
+                guard try txn.get(targetIds, prefixed(name, member)) != nil else { return }
+                if try holdMember(target: name, group: id, member: member, targetID: member, txn) { count += 1 }
+            }
+            try setMapping(
+                target: name, type: "Group", brokerID: id, TargetMapping(targetID: id, etag: nil, sent: attributes, members: count), txn)
+            return ([try fullGroupEvent(DownlinkURI.createFull, target: name, id, attributes, domain: now.domain, txn)], false)
+        }
+        var events: [JSONObject] = []
+        var cursor: String?
+        var more = false
+        let chunk = max(1, target.maxMembersPerPatch)
+        while events.count < limit {
+            let changes = try pendingMemberChanges(
+                target: name, group: id, after: cursor, limit: chunk, routes: { target.routes(domain: $0, type: $1, $2) }, txn)
+            let added = changes.filter { $0.want != nil && $0.held == nil }
+            let removed = changes.filter { $0.want == nil && $0.held != nil }
+            mapping = try recordMemberStep(
+                target: name, group: id, added: added.map { ($0.member, $0.member) }, removed: removed.map(\.member),
+                done: changes.filter { !$0.waiting }.map { ($0.member, $0.mark) }, mapping: mapping, txn)
+            if !added.isEmpty || !removed.isEmpty {
+                let members: [JSON] = added.map { ["value": .string($0.member), "type": $0.entry?["type"] ?? "User"] }
+                events.append(
+                    feedEvent(
+                        BrokerStore.membersEvent, ref, domain: now.domain,
+                        extra: ["added": .array(members), "removed": .array(removed.map { .string($0.member) })]))
+            }
+            cursor = changes.last?.member
+            more = changes.count == chunk
+            if !more { break }
+        }
+        if mapping.sent != attributes {
+            mapping.sent = attributes
+            try setMapping(target: name, type: "Group", brokerID: id, mapping, txn)
+            events.append(try fullGroupEvent(DownlinkURI.putFull, target: name, id, attributes, domain: now.domain, txn))
+        }
+        return (events, more)
+    }
+
+    /// A group's full state as the destination holds it: its attributes and
+    /// the members of its index there.
+    func fullGroupEvent(
+        _ uri: String, target: String, _ id: String, _ attributes: JSONObject, domain: String, _ txn: borrowing WriteTransaction
+    ) throws -> JSONObject {
+        var data = attributes
+        var members: [JSON] = []
+        let prefix = BrokerStore.targetGroupPrefix(target, id)
+        try txn.scanKeys(targetMembers, from: prefix, to: BrokerStore.targetGroupEnd(target, id)) { k in
+            let member = String(decoding: k[prefix.count...], as: UTF8.self)
+            let type = try txn.get(groupMembers, BrokerStore.memberKey(id, member)).flatMap {
+                try JSONParser.parse($0, limits: .stored)["type"]
+            }
+            members.append(["value": .string(member), "type": type ?? "User"])
+            return true
+        }
+        data["members"] = .array(members)
+        return feedEvent(uri, "/Groups/\(id)", domain: domain, data: data)
+    }
+
+    /// Every member broker id of `group`, in this transaction.
+    func forEachMember(of group: String, _ txn: borrowing WriteTransaction, _ body: (String) throws -> Void) throws {
+        let prefix = BrokerStore.memberPrefix(group)
+        var ids: [String] = []
+        try txn.scanKeys(groupMembers, from: prefix, to: Array(group.utf8) + [1]) { k in
+            ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
+            return true
+        }
+        for m in ids { try body(m) }
+    }
+}
+
+/// Starting a boundary's feed again (`FeedError.newStore`), a chunk per
+/// write transaction so that memory and each commit stay small: forget what
+/// the broker believes the destination holds (its queue, feed, mappings and
+/// member index), then queue every resource its routes want, users before
+/// groups (a group then finds its members there), and take the new store's
+/// epoch. Changes applied meanwhile are queued as usual; a resource queued
+/// twice is sent once more at its current state.
+public enum ResyncPhase: Sendable, Equatable {
+    /// Clearing the `n`th of the tables kept per target.
+    case clear(Int)
+    case requeue(type: String)
+    case done
+}
+
+extension BrokerStore {
+    /// One chunk of a resync: returns the phase and key to go on from.
+    func resyncStep(
+        _ target: TargetConfiguration, epoch: String, _ phase: ResyncPhase, from: [UInt8]?, chunk: Int = 5000,
+        _ txn: borrowing WriteTransaction
+    ) throws -> (ResyncPhase, [UInt8]?) {
+        let name = target.name
+        switch phase {
+        case .clear(let n):
+            let tables = [fanout, downlink, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
+            guard n < tables.count else {
+                // The feed's sequence starts again; the queue's own goes on (items queued meanwhile keep theirs).
+                for kind in ["dlseq/", "dlacked/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }
+                return (.requeue(type: "User"), nil)
+            }
+            var keys: [[UInt8]] = []
+            try txn.scanKeys(tables[n], from: prefixed(name, []), to: prefixEnd(name)) { k in
+                keys.append(k)
+                return keys.count < chunk
+            }
+            for k in keys { _ = try txn.delete(tables[n], k) }
+            return keys.count < chunk ? (.clear(n + 1), nil) : (phase, nil)
+        case .requeue(let type):
+            var last: [UInt8]?
+            var seen = 0
+            try txn.scan(resources, from: from.map { $0 + [0] }) { k, v in
+                seen += 1
+                last = k
+                // `<domain>/<Type>/<source id>`
+                let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
+                guard parts.count == 3, parts[1].elementsEqual(type.utf8),
+                    let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
+                else { return seen < chunk }
+                let domain = String(decoding: parts[0], as: UTF8.self)
+                let routed = try target.routes(
+                    domain: domain, type: type, type == "Group" && target.groupRoutesReadMembers ? withMembers(txn, o) : o)
+                if routed {
+                    try enqueue(
+                        target: name,
+                        DeliveryItem(brokerID: id, type: type, operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                        txn)
+                }
+                return seen < chunk
+            }
+            if seen == chunk { return (phase, last) }
+            guard type == "User" else {
+                try txn.put(targetState, Array("dlepoch/\(name)".utf8), Array(epoch.utf8))
+                return (.done, nil)
+            }
+            return (.requeue(type: "Group"), nil)
+        case .done:
+            return (.done, nil)
+        }
+    }
+}
+
+extension DeliveryItem {
+    /// A queue entry that does not parse: dropped by the downlink with nothing sent (it names no resource).
+    static let unreadable = DeliveryItem(brokerID: "", type: "", operation: .upsert, trace: "", queuedAt: 0, acceptedAt: 0)
+}

@@ -1,0 +1,251 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import SCIM
+
+/// The feeds of the targets that are boundaries (`domain:`), and the polls
+/// parked on them (long poll, RFC 8936 §2.4 without `returnImmediately`).
+/// At most one poll is parked per destination: a newer one answers the
+/// older with nothing (bounded, and a dead connection's poll goes).
+/// Threading: loop-confined (the broker's loop).
+final class BrokerFeeds {
+    struct Parked {
+        let responder: Responder
+        let timer: LoopTimer
+        let epoch: String
+        let ack: UInt64
+        let limit: Int
+    }
+    /// By destination domain.
+    let destinations: [String: TargetConfiguration]
+    private(set) var parked: [String: Parked] = [:]
+    /// Per destination: queue depth and the oldest item's time, counted at
+    /// most every 10 s (the count walks the queue), for metrics.
+    var backlog: [String: (count: Int, oldest: Int64, countedAt: UInt64)] = [:]
+    /// Events served (each delivery of an event counts: resends too).
+    var served: [String: Int] = [:]
+    /// Destinations whose feed is starting again for a new store.
+    var resyncing: Set<String> = []
+
+    init(destinations: [TargetConfiguration]) {
+        var byDomain: [String: TargetConfiguration] = [:]
+        for t in destinations { if let d = t.destination { byDomain[d] = t } }
+        self.destinations = byDomain
+    }
+
+    func park(_ domain: String, _ poll: Parked) -> Parked? {
+        let older = parked[domain]
+        parked[domain] = poll
+        return older
+    }
+
+    func unpark(_ domain: String) -> Parked? {
+        guard let p = parked.removeValue(forKey: domain) else { return nil }
+        p.timer.close()
+        return p
+    }
+
+    /// The destinations among `targets` (names) with a parked poll.
+    func waiting(among targets: some Sequence<String>) -> [String] {
+        let names = Set(targets)
+        return destinations.filter { names.contains($0.value.name) && parked[$0.key] != nil }.map(\.key)
+    }
+
+    func closeAll() {
+        for d in Array(parked.keys) {
+            if let p = unpark(d) { p.responder.respond(BrokerService.feedAnswer(nil, limit: 0)) }
+        }
+    }
+
+    /// The changes queued for the destinations just now woke these parked polls.
+    var onChange: ((String) -> Void)?
+    func changed(_ targets: some Sequence<String>) {
+        for d in waiting(among: targets) { onChange?(d) }
+    }
+}
+
+extension BrokerService {
+    public static let feedPath = "/federation/v1/feed"
+    /// Events a poll may ask for, and the longest wait it may ask for.
+    static let maxFeedEvents = 1000
+    static let maxFeedWaitMilliseconds = 60_000
+    /// Unacknowledged events a feed holds at most (the rest waits as queue items).
+    static let feedWindow = 2000
+
+    /// `POST /federation/v1/feed`: the destination is the certificate's
+    /// domain (never the request's): acknowledges what the agent committed,
+    /// then answers up to `maxEvents` events, waiting up to `timeoutMs` when
+    /// there are none.
+    func poll(_ request: HTTPRequest, _ bound: DomainBinding, _ responder: Responder) {
+        guard let target = feeds.destinations[bound.domain] else {
+            responder.respond(
+                Self.failure(
+                    404, "no_feed", "no route of this broker names domain '\(bound.domain)' as a destination: there is nothing to fetch"))
+            return
+        }
+        guard let body = try? JSONParser.parse(request.body), body.objectValue != nil else {
+            responder.respond(Self.failure(400, "invalid_request", "the poll must be a JSON object"))
+            return
+        }
+        guard let ack = body["ackedThrough"]?.numberValue?.integer, ack >= 0 else {
+            responder.respond(Self.failure(400, "invalid_request", "'ackedThrough' must be the last feed sequence committed (0: none)"))
+            return
+        }
+        let limit = Int(body["maxEvents"]?.numberValue?.integer ?? 100)
+        guard (1...Self.maxFeedEvents).contains(limit) else {
+            responder.respond(Self.failure(400, "invalid_request", "'maxEvents' must be 1 to \(Self.maxFeedEvents)"))
+            return
+        }
+        let epoch = body["epoch"]?.stringValue ?? ""
+        guard epoch.isEmpty || Self.validEpoch(epoch) else {
+            responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
+            return
+        }
+        if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
+        let immediately = body["returnImmediately"]?.boolValue ?? false
+        let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
+        guard (0...Self.maxFeedWaitMilliseconds).contains(wait) else {
+            responder.respond(Self.failure(400, "invalid_request", "'timeoutMs' must be 0 to \(Self.maxFeedWaitMilliseconds)"))
+            return
+        }
+        if refusedBusy(responder) { return }
+        if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, responder) { [self] page in
+            guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
+            timer.keepsLoopAlive = false
+            timer.start(after: UInt64(wait)) { [weak self] in
+                guard let self, let p = feeds.unpark(bound.domain) else { return }
+                p.responder.respond(Self.feedAnswer(page, limit: p.limit))
+            }
+            _ = feeds.park(
+                bound.domain, BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, limit: limit))
+            return true
+        }
+    }
+
+    /// Runs the poll's transaction and answers, unless `park` keeps the
+    /// responder waiting (it returns true).
+    func fetch(
+        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, _ responder: Responder,
+        park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
+    ) {
+        let store = self.store, window = Self.feedWindow
+        writer.submit({ txn in try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, txn) }) {
+            [self] result in
+            switch result {
+            case .success(let page):
+                refreshBacklog(domain, target)
+                if park(page) { return }
+                feeds.served[domain, default: 0] += page.events.count
+                responder.respond(Self.feedAnswer(page, limit: limit))
+            case .failure(BrokerStore.FeedError.newStore(let acked, let issued)):
+                logger.warning(
+                    "downlink: the agent's store and the feed disagree (a re-imaged or restored store, or a restored broker): the feed starts again with the destination's current state",
+                    metadata: [
+                        "domain": .string(domain), "ackedThrough": .stringConvertible(ack), "acknowledged": .stringConvertible(acked),
+                        "issued": .stringConvertible(issued),
+                    ])
+                resync(domain, target, epoch: epoch)
+                responder.respond(Self.resyncAnswer)
+            case .failure(let error):
+                logger.error("downlink poll failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+                responder.respond(
+                    Self.failure(503, "unavailable", "the feed could not be read: \(error)").withHeader("Retry-After", "5"))
+            }
+        }
+    }
+
+    /// The feed starts again: the agent counts from 0 and polls after a second.
+    static let resyncAnswer = failure(
+        503, "resync", "the feed starts again from sequence 1 with the destination's current state: count from 0"
+    ).withHeader("Retry-After", "1")
+
+    /// Runs a resync (`ResyncPhase`) a chunk per group-commit write, so the
+    /// loop stays free; polls of the destination get 503 meanwhile.
+    func resync(_ domain: String, _ target: TargetConfiguration, epoch: String) {
+        guard feeds.resyncing.insert(domain).inserted else { return }
+        if let p = feeds.unpark(domain) { p.responder.respond(Self.feedAnswer(nil, limit: 0)) }
+        func step(_ phase: ResyncPhase, _ from: [UInt8]?) {
+            let store = self.store
+            writer.submit({ txn in try store.resyncStep(target, epoch: epoch, phase, from: from, txn) }) { [self] result in
+                switch result {
+                case .success((.done, _)):
+                    feeds.resyncing.remove(domain)
+                    feeds.backlog[domain] = nil
+                    logger.notice("downlink: the feed starts again", metadata: ["domain": .string(domain)])
+                case .success(let (next, from)):
+                    step(next, from)
+                case .failure(let error):
+                    // Tried again from the start at the store's next poll (every step is idempotent).
+                    feeds.resyncing.remove(domain)
+                    logger.error("downlink: resync failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+                }
+            }
+        }
+        step(.clear(0), nil)
+    }
+
+    /// A parked poll's destination got changes: materialise and answer.
+    func wake(_ domain: String) {
+        guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, limit: p.limit, p.responder)
+    }
+
+    /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).
+    static func feedAnswer(_ page: BrokerStore.FeedPage?, limit: Int) -> HTTPResponse {
+        var body: [UInt8] = Array(#"{"protocol":\#(BrokerStore.downlinkVersion),"#.utf8)
+        if let p = page {
+            body += Array(#""lastSeq":\#(p.position.issued),"ackedThrough":\#(p.position.acked),"moreAvailable":\#(p.more),"#.utf8)
+        }
+        // The events' stored bytes, as they are (JSON already).
+        body += Array(#""events":["#.utf8)
+        for (i, e) in (page?.events ?? []).prefix(max(0, limit)).enumerated() {
+            if i > 0 { body.append(UInt8(ascii: ",")) }
+            body += e
+        }
+        body += [UInt8(ascii: "]"), UInt8(ascii: "}")]
+        return HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: body)
+    }
+
+    /// Counts a destination's queue at most every 10 s.
+    func refreshBacklog(_ domain: String, _ target: TargetConfiguration) {
+        if let b = feeds.backlog[domain], loop.now < b.countedAt + 10_000 { return }
+        if let d = try? store.queueDepth(target: target.name) { feeds.backlog[domain] = (d.count, d.oldest, loop.now) }
+    }
+
+    func downlinkMetrics() -> String {
+        for (domain, t) in feeds.destinations { refreshBacklog(domain, t) }  // also while no agent polls
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ value: (String, TargetConfiguration) -> String) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+            for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+                out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\"} \(value(domain, t))\n"
+            }
+        }
+        let now = unixMilliseconds()
+        func age(_ at: Int64) -> String { at == 0 ? "0" : String(Double(max(0, now - at)) / 1000) }
+        metric("scim_broker_downlink_queue_depth", "gauge", "Changes queued for the destination, not yet in its feed (counted every 10 s).")
+        {
+            d, _ in String(feeds.backlog[d]?.count ?? 0)
+        }
+        metric("scim_broker_downlink_queue_oldest_age_seconds", "gauge", "Age of the oldest change queued for the destination.") { d, _ in
+            (feeds.backlog[d]?.count ?? 0) == 0 ? "0" : age(feeds.backlog[d]?.oldest ?? 0)
+        }
+        metric("scim_broker_downlink_unacked_events", "gauge", "Feed events issued and not yet acknowledged by the agent.") { _, t in
+            String((try? store.feedPosition(target: t.name).unacked) ?? 0)
+        }
+        metric("scim_broker_downlink_unacked_oldest_age_seconds", "gauge", "Age of the oldest unacknowledged feed event.") { _, t in
+            age((try? store.feedOldest(target: t.name)) ?? 0)
+        }
+        metric("scim_broker_downlink_acked_sequence", "gauge", "The feed sequence the agent acknowledged.") { _, t in
+            String((try? store.feedPosition(target: t.name).acked) ?? 0)
+        }
+        metric("scim_broker_downlink_events_served_total", "counter", "Feed events answered to polls (resends included).") { d, _ in
+            String(feeds.served[d] ?? 0)
+        }
+        metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
+            feeds.parked[d] == nil ? "0" : "1"
+        }
+        return out
+    }
+}

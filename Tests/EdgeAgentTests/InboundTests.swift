@@ -1,0 +1,141 @@
+import EdgeAgent
+import EdgeConfig
+import EdgeTestSupport
+import SCIM
+import XCTest
+
+/// The inbound policy and the store's side of the downlink, in process.
+final class InboundTests: XCTestCase {
+    func testInboundConfigurationIsCheckedAtItsKeys() {
+        func problems(_ yaml: String) -> [String] {
+            let d = ConfigDiagnostics()
+            _ = AgentConfiguration.decode(YAMLNode.parse(yaml, d), d)
+            return d.problems.filter { !$0.isWarning }.map(\.description)
+        }
+        let broker = "dataDir: /d\nbroker: {url: 'https://127.0.0.1:1', ca: a, cert: b, key: c, domain: sub}\n"
+        XCTAssertTrue(problems("dataDir: /d\ninbound: {accept: [{domains: [hq]}]}\n").contains { $0.contains("inbound: needs broker") })
+        XCTAssertTrue(problems(broker + "inbound: {}\n").contains { $0.contains("inbound.accept: is required") })
+        XCTAssertTrue(problems(broker + "inbound: {accept: [{types: [User]}]}\n").contains { $0.contains("at least one source domain") })
+        XCTAssertTrue(
+            problems(broker + "inbound: {accept: [{domains: [hq]}], map: {set: {usrType: Guest}}}\n").contains {
+                $0.contains("inbound.map.set: 'usrType' is an attribute of neither User nor Group")
+            })
+        XCTAssertTrue(
+            problems(broker + "inbound: {accept: [{domains: [hq]}], map: {userName: '{domain}'}}\n").contains { $0.contains("{userName}") })
+        XCTAssertTrue(problems(broker + "inbound: {accept: [{domains: [hq]}], waitMs: 70000}\n").contains { $0.contains("0 to 60000") })
+        let d = ConfigDiagnostics()
+        let c = AgentConfiguration.decode(
+            YAMLNode.parse(
+                broker + "inbound: {accept: [{domains: [hq], types: [User], filter: 'active eq true'}], map: {set: {userType: Guest}}}\n", d
+            ), d)
+        XCTAssertEqual(d.problems.filter { !$0.isWarning }.map(\.description), [])
+        let policy = try? XCTUnwrap(c.inbound)
+        XCTAssertEqual(policy?.accepts(domain: "hq", type: "User", ["userName": "a", "active": true]), true)
+        XCTAssertEqual(policy?.accepts(domain: "hq", type: "User", ["userName": "a", "active": false]), false, "the scoping filter")
+        XCTAssertEqual(policy?.accepts(domain: "other", type: "User", ["userName": "a", "active": true]), false, "only the domains named")
+    }
+
+    func event(_ seq: Int, _ uri: String, _ id: String, data: JSON? = nil, domain: String = "hq", endpoint: String = "Users") -> JSON {
+        var body: JSONObject = ["ref": .string("/\(endpoint)/\(id)")]
+        if let data { body["data"] = data }
+        return ["seq": .int(seq), "domain": .string(domain), "events": .object(JSONObject([(uri, .object(body))]))]
+    }
+
+    func user(_ name: String) -> JSON {
+        ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(name), "title": "CFO"]
+    }
+
+    /// Exactly once across resends, a gap refused whole, a local userName
+    /// never overwritten, foreign resources read-only and never relayed.
+    func testDownlinkEventsApplyOnceAndForeignResourcesStayForeign() throws {
+        let dir = TempDirectory("inbound")
+        defer { dir.remove() }
+        let store = try AgentStore(path: dir.path, registry: .standard)
+        var policy = InboundPolicy(accept: [try InboundPolicy.Rule(domains: ["hq"])], userNameTemplate: "{userName}@{domain}")
+        policy.mapping.constant = [("userType", "Guest")]
+        policy.mapping.drop = ["title"]
+        var ctx = WriteContext(newID: "local-1", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t")
+        ctx.recordEvents = true
+        let users = store.registry.resourceType("User")!
+        _ = try store.environment.write { txn in
+            try store.apply(.create(users, validated: ["userName": "taken@hq"]), ctx, profile: .lenient, in: txn)
+        }
+        XCTAssertEqual(try store.outboxCount(), 1, "the local user leaves")
+        let create = "urn:ietf:params:SCIM:event:prov:create:full"
+        func apply(_ events: [JSON]) throws -> DownlinkOutcome {
+            try store.environment.write { txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }
+        }
+        let first = try apply([event(1, create, "b1", data: user("alice")), event(2, create, "b2", data: user("taken"))])
+        XCTAssertEqual(first.appliedThrough, 2)
+        XCTAssertEqual(first.applied, 1)
+        XCTAssertEqual(first.refused.keys.sorted(), [2], "taken@hq is a local user's: never overwritten")
+        let alice = try XCTUnwrap(try store.get(users, "b1"))
+        XCTAssertEqual(alice["userName"], "alice@hq")
+        XCTAssertEqual(alice["userType"], "Guest")
+        XCTAssertNil(alice["title"])
+        XCTAssertEqual(try store.foreignDomain(users, "b1"), "hq")
+        XCTAssertEqual(try store.outboxCount(), 1, "nothing foreign goes up")
+
+        let again = try apply([event(1, create, "b1", data: user("alice")), event(2, create, "b2", data: user("taken"))])
+        XCTAssertEqual(again.duplicates, 2)
+        XCTAssertEqual(again.applied, 0)
+        XCTAssertThrowsError(try apply([event(4, create, "b4", data: user("dave"))]), "a gap") { XCTAssertTrue($0 is DownlinkGap) }
+        XCTAssertEqual(try store.downlinkSequence(), 2, "nothing of a gapped answer is committed")
+        XCTAssertNil(try store.get(users, "b4"))
+
+        // The local IdP cannot change or delete it.
+        for write in [AgentWrite.replace(users, id: "b1", body: user("mallory")), .delete(users, id: "b1")] {
+            XCTAssertThrowsError(try store.environment.write { txn in try store.apply(write, ctx, profile: .lenient, in: txn) }) {
+                let e = $0 as? SCIMError
+                XCTAssertEqual(e?.status, 400)
+                XCTAssertEqual(e?.scimType, .mutability)
+            }
+        }
+        XCTAssertEqual(try store.get(users, "b1")?["userName"], "alice@hq")
+
+        // Leaving what the boundary accepts removes it; a delete too.
+        let left = try apply([event(3, create, "b1", data: user("alice"), domain: "elsewhere")])
+        XCTAssertEqual(left.notAccepted, 1)
+        XCTAssertNil(try store.get(users, "b1"))
+        XCTAssertEqual(try store.foreignCounts(), [:])
+        XCTAssertEqual(try store.outboxCount(), 1)
+    }
+
+    /// A member the boundary did not take when its group arrived (out of the
+    /// filter then) joins the group when it enters later: the broker, which
+    /// sent it, will not name it again.
+    func testAUserAcceptedLaterJoinsTheGroupsThatNamedIt() throws {
+        let dir = TempDirectory("inbound-late")
+        defer { dir.remove() }
+        let store = try AgentStore(path: dir.path, registry: .standard)
+        let policy = InboundPolicy(accept: [
+            try InboundPolicy.Rule(domains: ["hq"], types: ["User"], filter: "active eq true"),
+            try InboundPolicy.Rule(domains: ["hq"], types: ["Group"]),
+        ])
+        let ctx = WriteContext(newID: "n", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t")
+        let create = "urn:ietf:params:SCIM:event:prov:create:full", put = "urn:ietf:params:SCIM:event:prov:put:full"
+        func apply(_ events: [JSON]) throws -> DownlinkOutcome {
+            try store.environment.write { txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }
+        }
+        func person(_ name: String, active: Bool) -> JSON {
+            ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(name), "active": .bool(active)]
+        }
+        let staff = event(
+            3, create, "g1",
+            data: [
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "staff",
+                "members": [["value": "u1", "type": "User"], ["value": "u2", "type": "User"]],
+            ], endpoint: "Groups")
+        let first = try apply([
+            event(1, create, "u1", data: person("in", active: true)), event(2, create, "u2", data: person("out", active: false)), staff,
+        ])
+        XCTAssertEqual(first.notAccepted, 1)
+        let groups = store.registry.resourceType("Group")!
+        func members() throws -> [String] {
+            try store.get(groups, "g1")?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []
+        }
+        XCTAssertEqual(try members(), ["u1"])
+        _ = try apply([event(4, put, "u2", data: person("out", active: true))])
+        XCTAssertEqual(try members().sorted(), ["u1", "u2"], "u2 entered and joined the group that named it")
+    }
+}
