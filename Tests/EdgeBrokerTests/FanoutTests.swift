@@ -307,6 +307,8 @@ final class FanoutTests: FederationTestCase {
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         for k in 0..<5 { _ = try newUser(dp, "user\(k)") }
         XCTAssertTrue(eventually(seconds: 30) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
+        // The proxy logs a write once its answer is back (the app may show the user a moment before).
+        XCTAssertTrue(eventually(seconds: 5) { log.current.filter { $0.1 == 201 }.count >= 5 }, "\(log.current)")
         let seen = log.current
         XCTAssertEqual(seen.filter { $0.1 == 429 }.count, 3)
         // After a 429 the target gets its Retry-After (1 s): apart from requests
@@ -416,9 +418,20 @@ final class FanoutTests: FederationTestCase {
     /// removed) until `targets forget` clears it; forget refuses a target
     /// that is still configured and leaves the other targets alone.
     func testForgetClearsWhatARemovedTargetLeftBehind() throws {
-        let (gone, gonePort) = try startAppAgent("gone")
-        gone.signal(SIGKILL)
-        _ = gone.waitForExit()
+        // A port bound and never listened on: refused, and no other process can take it meanwhile.
+        let dead = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(dead) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        XCTAssertEqual(
+            withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(dead, $0, length) } }, 0)
+        XCTAssertEqual(
+            withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(dead, $0, &length) }
+            }, 0)
+        let gonePort = Int(UInt16(bigEndian: address.sin_port))
         let (_, keptPort) = try startAppAgent("kept")
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("gone", port: gonePort) + target("kept", port: keptPort))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
