@@ -354,6 +354,10 @@ public final class BrokerService {
             "Group PATCHes sent from the member index (only the members that changed)."
         ) { String($0.statistics.memberSteps) }
         perTarget(
+            "scim_broker_target_whole_group_reads_total", "counter",
+            "Group deliveries that read the whole group (a target without PATCH, collisions: link, routes on members, an old store)."
+        ) { String($0.statistics.wholeGroupReads) }
+        perTarget(
             "scim_broker_target_collisions_total", "counter",
             "Changes refused (dead letters) because the account at the target belongs to another resource."
         ) {

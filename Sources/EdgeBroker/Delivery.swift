@@ -33,6 +33,8 @@ public struct TargetStatistics: Sendable {
     public var adopted = 0
     /// Group PATCHes sent from the member index (`groupDelta`).
     public var memberSteps = 0
+    /// Group deliveries that read the whole group (O(n): no PATCH, `collisions: link`, member routes, an old store).
+    public var wholeGroupReads = 0
     /// Changes refused because the account belongs to another resource.
     public var collisions = 0
     public var latencyCounts = [Int](repeating: 0, count: TargetStatistics.latencyBuckets.count)
@@ -496,6 +498,8 @@ public final class TargetWorker {
         var plan: MemberPlan?
         /// A group's change sent from the member index (`groupDelta`).
         var delta: DeltaPlan?
+        /// A new group created with its first members only: it is grown from the index next.
+        var growAfter = false
         /// `collisions: link`: the value and the users that share the account
         /// (each gets its mapping on success).
         var linkValue: String?
@@ -524,6 +528,11 @@ public final class TargetWorker {
     /// batches (`deltaBatch`) after `cursor`: memory holds a batch, not the group.
     struct DeltaPlan {
         var attributeOps: [JSON]
+        /// Growing a new group (`TargetMapping.growFrom`): the last member whose chunk is recorded
+        /// (nil: grown), the end of the chunk being sent (nil: the last), and whether one is loaded.
+        var grow: String?
+        var growNext: String?
+        var growLoaded = false
         var cursor: String?
         var exhausted = false
         var removes: [(member: String, targetID: String)] = []
@@ -568,11 +577,14 @@ public final class TargetWorker {
     }
 
     private func upsert(_ d: Delivery) {
-        // A group already delivered from the index is read without its members.
+        // A group already delivered from the index is read without its members, and so is a new one:
+        // it is created with its first members and grown from the index (`growChunk`).
         let delta = d.item.type == "Group" && indexesGroupMembers && d.mapping?.members != nil && d.mapping?.sent != nil
+        let fromIndex = delta || (d.item.type == "Group" && indexesGroupMembers && d.mapping == nil)
         // A read error is not a deletion: the item stays queued and is retried.
         let stored: (domain: String, type: String, resource: JSONObject)?
-        do { stored = try store.resource(brokerID: d.item.brokerID, members: !delta) } catch {
+        if d.item.type == "Group" && !fromIndex { statistics.wholeGroupReads += 1 }
+        do { stored = try store.resource(brokerID: d.item.brokerID, members: !fromIndex) } catch {
             finish(d, .storeError("cannot read the resource: \(error)"))
             return
         }
@@ -588,6 +600,22 @@ public final class TargetWorker {
             return
         }
         var d = d
+        if fromIndex {
+            // New at the target: created with its first members (as many as one request may add),
+            // the rest added by PATCH from the index, a batch at a time, in the delivery queued after it.
+            var body = targetBody(resource, type: type, brokerID: d.item.brokerID, target: target)
+            do {
+                let first = try store.growChunk(
+                    target: target.name, group: d.item.brokerID, after: "", limit: max(1, target.maxMembersPerPatch))
+                body["members"] = .array(first.adds.map { ["value": .string($0.targetID)] })
+                d.growAfter = first.last != nil
+            } catch {
+                finish(d, .storeError("cannot read the group's members: \(error)"))
+                return
+            }
+            deliver(d, type: type, body: body, externalID: d.item.brokerID)
+            return
+        }
         if type == "Group", var mapping = d.mapping, mapping.members != nil, var sent = mapping.sent {
             // Delivered from the index before, compared whole now (the target took `collisions: link` or
             // member-reading routes, or lost PATCH): the difference is taken from what it holds.
@@ -982,11 +1010,32 @@ public final class TargetWorker {
     /// in `updateGroup`, when its list is complete.
     private func groupDelta(_ d: Delivery, mapping: TargetMapping, body: JSONObject) {
         var d = d
-        var plan = d.delta ?? DeltaPlan(attributeOps: patchOperations(from: mapping.sent ?? [:], to: body, removal: memberRemoval))
+        var plan =
+            d.delta
+            ?? DeltaPlan(attributeOps: patchOperations(from: mapping.sent ?? [:], to: body, removal: memberRemoval), grow: mapping.growFrom)
         let group = d.item.brokerID, target = self.target
-        // Pending members, a batch at a time, until there is something to send or none are left
-        // (or a batch of settled marks to record first: memory and each transaction hold a batch).
+        // A new group's growth first, then the pending members, a batch at a time, until there is something
+        // to send or none are left (or a batch of settled marks to record first: memory and each
+        // transaction hold a batch).
         while plan.removes.isEmpty && plan.adds.isEmpty && !plan.exhausted && plan.done.count < Self.deltaBatch {
+            if let from = plan.grow {
+                if plan.growLoaded {
+                    // The chunk is sent: the walk goes on after it (the next step records that).
+                    plan.grow = plan.growNext
+                    plan.growLoaded = false
+                    continue
+                }
+                do {
+                    let chunk = try store.growChunk(target: target.name, group: group, after: from, limit: Self.deltaBatch)
+                    plan.adds = chunk.adds
+                    plan.growNext = chunk.last
+                    plan.growLoaded = true
+                } catch {
+                    finish(d, .storeError("cannot read the group's members: \(error)"))
+                    return
+                }
+                continue
+            }
             let changes: [BrokerStore.MemberChange]
             do {
                 changes = try store.pendingMemberChanges(target: target.name, group: group, after: plan.cursor, limit: Self.deltaBatch) {
@@ -1023,7 +1072,9 @@ public final class TargetWorker {
             var next = d
             next.delta?.done = []
             let store = self.store, name = target.name, settled = plan.done
-            let same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: mapping.sent, members: mapping.members)
+            var unchanged = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: mapping.sent, members: mapping.members)
+            unchanged.growFrom = plan.grow
+            let same = unchanged
             writer.submit({ txn in
                 try store.recordMemberStep(target: name, group: group, added: [], removed: [], done: settled, mapping: same, txn)
             }) { [weak self] recorded in
@@ -1036,7 +1087,8 @@ public final class TargetWorker {
             return
         }
         if ops.isEmpty {
-            let same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body, members: mapping.members)
+            var same = TargetMapping(targetID: mapping.targetID, etag: mapping.etag, sent: body, members: mapping.members)
+            same.growFrom = plan.grow
             finish(d, .done(mapping: .some(same), method: nil, status: nil))
             return
         }
@@ -1102,7 +1154,9 @@ public final class TargetWorker {
                 }
                 let added = addNow.filter { !again.contains($0.member) },
                     removed = removeNow.filter { !again.contains($0.member) }.map(\.member)
-                let step = TargetMapping(targetID: mapping.targetID, etag: tag, sent: body, members: mapping.members)
+                var recordedStep = TargetMapping(targetID: mapping.targetID, etag: tag, sent: body, members: mapping.members)
+                recordedStep.growFrom = plan.grow  // the chunk's start until it is all recorded: a restart walks it again
+                let step = recordedStep
                 let store = self.store, name = target.name, cleared = done
                 writer.submit({ txn in
                     try store.recordMemberStep(
@@ -1113,7 +1167,7 @@ public final class TargetWorker {
                     case .success(let now):
                         next.delta = plan
                         next.mapping = now
-                        if plan.removes.isEmpty && plan.adds.isEmpty && plan.exhausted {
+                        if plan.removes.isEmpty && plan.adds.isEmpty && plan.exhausted && plan.grow == nil {
                             finish(next, .done(mapping: .some(now), method: "PATCH", status: r.status))
                         } else {
                             groupDelta(next, mapping: now, body: body)  // the next step
@@ -1721,7 +1775,7 @@ public final class TargetWorker {
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
         let type = d.item.type
         // A linked account's mapping says under which value it is shared; every user sharing it gets it.
-        let recorded =
+        var recorded =
             !d.recordsMapping
             ? .none
             : d.linkValue == nil
@@ -1732,12 +1786,17 @@ public final class TargetWorker {
                     }
                 }
         let linked = d.linked
+        if d.growAfter, case .some(.some(var m)) = recorded {
+            m.growFrom = ""  // created with its first members: grown from the index next
+            recorded = .some(m)
+        }
+        let final = recorded
         // What a group's mapping says of its members there (`TargetMembers.swift`).
         let indexing: BrokerStore.GroupIndexing =
             d.delta.map { .keep(done: $0.done) } ?? (indexesGroupMembers ? .rebuild : .none)
         writer.submit({ txn in
             try store.completeDelivery(
-                target: name, keys: keys, brokerID: id, type: type, mapping: recorded, linked: linked,
+                target: name, keys: keys, brokerID: id, type: type, mapping: final, linked: linked,
                 deadLetter: deadLetter, hop: finalHop, trace: trace, indexing: indexing, txn)
         }) { [weak self] result in
             guard let self else { return }

@@ -107,6 +107,10 @@ public struct TargetMapping: Sendable, Equatable {
     /// (`TargetMembers.swift`): how many it holds there, and `sent` holds
     /// no members. Nil: `sent` lists them.
     public var members: Int?
+    /// A group created at the target with its first members and still
+    /// being grown from the directory's member index: the last member
+    /// whose addition was recorded ("": from the first). Nil: grown.
+    public var growFrom: String?
 
     var json: JSON {
         var o: JSONObject = ["id": .string(targetID)]
@@ -114,6 +118,7 @@ public struct TargetMapping: Sendable, Equatable {
         if let sent { o["sent"] = .object(sent) }
         if let link { o["link"] = .string(link) }
         if let members { o["members"] = .int(members) }
+        if let growFrom { o["grow"] = .string(growFrom) }
         return .object(o)
     }
 
@@ -130,6 +135,7 @@ public struct TargetMapping: Sendable, Equatable {
         self.init(
             targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue, link: o["link"]?.stringValue,
             members: o["members"]?.numberValue?.integer.map(Int.init))
+        growFrom = o["grow"]?.stringValue
     }
 }
 

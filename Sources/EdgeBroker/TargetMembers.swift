@@ -190,6 +190,21 @@ extension BrokerStore {
         target: String, group: String, _ mapping: TargetMapping, indexing: GroupIndexing, through: UInt64,
         _ txn: borrowing WriteTransaction
     ) throws -> TargetMapping {
+        let m = try indexedGroupMapping(target: target, group: group, mapping, indexing: indexing, through: through, txn)
+        if m.growFrom != nil, m.members != nil {
+            // Created with its first members: the rest follow from the index, in the delivery queued here.
+            try enqueue(
+                target: target,
+                DeliveryItem(brokerID: group, type: "Group", operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                txn)
+        }
+        return m
+    }
+
+    private func indexedGroupMapping(
+        target: String, group: String, _ mapping: TargetMapping, indexing: GroupIndexing, through: UInt64,
+        _ txn: borrowing WriteTransaction
+    ) throws -> TargetMapping {
         var m = mapping
         switch indexing {
         case .keep(let done):
@@ -381,6 +396,39 @@ extension BrokerStore {
                 return out.count < limit
             }
             return out
+        }
+    }
+}
+
+extension BrokerStore {
+    /// The next members of `group` to add at `target` while it is grown
+    /// (`TargetMapping.growFrom`): up to `limit` members of the directory's
+    /// group after `cursor` ("": from the first), those with an account
+    /// there that the target does not hold yet, and the last member read
+    /// (nil: none left). Members without an account there join when their
+    /// account appears (`userAccountChanged`).
+    func growChunk(target: String, group: String, after cursor: String, limit: Int) throws -> (
+        adds: [(member: String, targetID: String)], last: String?
+    ) {
+        let groupMembers = self.groupMembers, targetIds = self.targetIds, targetMembers = self.targetMembers
+        return try environment.read { txn in
+            let prefix = BrokerStore.memberPrefix(group)
+            var ids: [String] = []
+            try txn.scanKeys(groupMembers, from: cursor.isEmpty ? prefix : prefix + Array(cursor.utf8) + [0], to: Array(group.utf8) + [1]) {
+                k in
+                ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
+                return ids.count < limit
+            }
+            var adds: [(member: String, targetID: String)] = []
+            for id in ids {
+                guard let tid = try txn.get(targetIds, prefixed(target, id)).flatMap(TargetMapping.init)?.targetID else { continue }
+                if try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, id)).map({ String(decoding: $0, as: UTF8.self) })
+                    != tid
+                {
+                    adds.append((id, tid))
+                }
+            }
+            return (adds, ids.count == limit ? ids.last : nil)
         }
     }
 }

@@ -229,3 +229,49 @@ extension FanoutTests {
             "\(membersAtTarget(appPort, "crew"))")
     }
 }
+
+extension FanoutTests {
+    /// A new group is created at a target with its first members and grown
+    /// from the member index a batch at a time (never read whole), its
+    /// progress recorded with each PATCH: a broker SIGKILLed mid-growth
+    /// resumes where it was, and the group ends complete, grown.
+    func testANewGroupIsGrownFromTheIndexAndResumesAfterASIGKILL() throws {
+        let (_, appPort) = try startAppAgent("app")
+        let patches = Locked(0)
+        let proxy = try ServerHarness { request, _, responder in
+            if request.path.contains("/Groups/"), request.method == "PATCH" {
+                usleep(20_000)  // a target that takes its time: the kill lands mid-growth
+                patches.withLock { $0 += 1 }
+            }
+            responder.respond(forward(request, to: appPort))
+        }
+        defer { _ = proxy.stop() }
+        let yaml = "targets:\n" + target("app", port: proxy.port, extra: "    maxMembersPerPatch: 10")
+        var (broker, bp) = try startBroker(yaml: yaml)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let ids = try (0..<300).map { try newUser(dp, "g\($0)") }
+        XCTAssertTrue(eventually(seconds: 60) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 300 })
+        _ = try newGroup(dp, "everyone", members: ids)
+        XCTAssertTrue(eventually(seconds: 30) { patches.current >= 5 }, "growing by PATCH")
+        broker.signal(SIGKILL)
+        _ = broker.waitForExit()
+        let atKill = membersAtTarget(appPort, "everyone").count
+        XCTAssertLessThan(atKill, 300, "killed mid-growth")
+        (broker, bp) = try startBroker(yaml: yaml, port: bp)
+        XCTAssertTrue(
+            eventually(seconds: 60) { self.membersAtTarget(appPort, "everyone").count == 300 },
+            "\(membersAtTarget(appPort, "everyone").count)")
+        let store = try BrokerStore(path: dir.file("broker"))
+        let gid = try XCTUnwrap(store.resources(domain: "acme-de").first { $0["displayName"] == "everyone" }?["id"]?.stringValue)
+        XCTAssertTrue(
+            eventually(seconds: 10) {
+                let m = (try? store.mapping(target: "app", brokerID: gid)) ?? nil
+                return m?.members == 300 && m?.growFrom == nil
+            }, "\(String(describing: try? store.mapping(target: "app", brokerID: gid)))")
+        XCTAssertNil(try store.mapping(target: "app", brokerID: gid)?.sent?["members"], "never held whole in the mapping")
+        XCTAssertLessThan(patches.current, 300 / 10 + 10, "each chunk sent about once (a replay after the kill resends at most one)")
+        let metrics = try brokerMetrics(broker)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_dead_letters_total{target="app"}"#), 0)
+        XCTAssertEqual(metric(metrics, #"scim_broker_target_whole_group_reads_total{target="app"}"#), 0, "the group was never read whole")
+    }
+}
