@@ -114,15 +114,23 @@ func writeText(_ path: String, _ text: String, mode: mode_t = 0o640) throws {
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 public func freeLoopbackPort() -> Int {
+    let (fd, port) = boundLoopbackPort()
+    close(fd)
+    return port
+}
+
+/// A TCP socket bound to a free port on 127.0.0.1 and not listening:
+/// connections to it are refused while the caller holds it (and no other
+/// process can take the port). The caller closes `fd`.
+public func boundLoopbackPort() -> (fd: Int32, port: Int) {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
     var a = sockaddr_in()
     a.sin_family = sa_family_t(AF_INET)
     a.sin_addr.s_addr = inet_addr("127.0.0.1")
     var len = socklen_t(MemoryLayout<sockaddr_in>.size)
     _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
     _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-    return Int(UInt16(bigEndian: a.sin_port))
+    return (fd, Int(UInt16(bigEndian: a.sin_port)))
 }
 
 /// `rm -rf`, without a shell.

@@ -419,19 +419,8 @@ final class FanoutTests: FederationTestCase {
     /// that is still configured and leaves the other targets alone.
     func testForgetClearsWhatARemovedTargetLeftBehind() throws {
         // A port bound and never listened on: refused, and no other process can take it meanwhile.
-        let dead = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let (dead, gonePort) = boundLoopbackPort()
         defer { close(dead) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        XCTAssertEqual(
-            withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(dead, $0, length) } }, 0)
-        XCTAssertEqual(
-            withUnsafeMutablePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(dead, $0, &length) }
-            }, 0)
-        let gonePort = Int(UInt16(bigEndian: address.sin_port))
         let (_, keptPort) = try startAppAgent("kept")
         let (broker, bp) = try startBroker(yaml: "targets:\n" + target("gone", port: gonePort) + target("kept", port: keptPort))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
