@@ -223,16 +223,7 @@ public final class AgentStore: Sendable {
             guard type.id == "User" else { return [] }
             return try txn.get(userNames, Array(name.lowercased().utf8)).map { [String(decoding: $0, as: UTF8.self)] } ?? []
         case .externalId(let value):
-            var ids: [String] = []
-            let key = Array("\(type.id)/\(value)".utf8)
-            try txn.withCursor(externalIds) { cursor in
-                var entry = try cursor.seek(exactly: key)
-                while let e = entry {
-                    ids.append(String(decoding: e.value, as: UTF8.self))
-                    entry = try cursor.nextDuplicate()
-                }
-            }
-            return ids
+            return try txn.duplicateValues(externalIds, Array("\(type.id)/\(value)".utf8))
         }
     }
 
@@ -253,15 +244,7 @@ public final class AgentStore: Sendable {
 
     /// Groups holding `memberID` (directly).
     func groupIDs(_ txn: borrowing some StoreReading & ~Copyable, of memberID: String) throws -> [String] {
-        var ids: [String] = []
-        try txn.withCursor(memberships) { cursor in
-            var entry = try cursor.seek(exactly: Array(memberID.utf8))
-            while let e = entry {
-                ids.append(String(decoding: e.value, as: UTF8.self))
-                entry = try cursor.nextDuplicate()
-            }
-        }
-        return ids
+        try txn.duplicateValues(memberships, Array(memberID.utf8))
     }
 
     /// A resource as a client reads it, in one snapshot: users with their
@@ -297,9 +280,6 @@ public final class AgentStore: Sendable {
         /// to its members, which follow streamed (`memberStream`).
         case streamed(head: [UInt8], version: String?)
     }
-
-    /// Above this many members, a group's default read is streamed.
-    public static let streamMembersAbove = 1000
 
     /// GET by id in one snapshot, without parsing the resource when it can be
     /// answered as stored: `store` writes `meta` last, so the body is the
@@ -337,7 +317,7 @@ public final class AgentStore: Sendable {
                     JSON.array(groups).write(to: &body)
                 }
             } else if type.id == "Group" {
-                if try hasMoreMembers(txn, id, than: AgentStore.streamMembersAbove) {
+                if try hasMoreMembers(txn, id, than: streamedArrayAbove) {
                     return .streamed(head: body, version: meta["version"]?.stringValue)
                 }
                 // Straight from the index's stored bytes, after meta (as `withMembers` places them).

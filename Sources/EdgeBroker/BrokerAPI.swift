@@ -106,7 +106,7 @@ public final class BrokerAPI {
                     guard let r = try store.resource(brokerID: parts[1], members: false), r.type == type.id else {
                         throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
                     }
-                    if type.id == "Group", try store.hasMoreMembers(parts[1], than: BrokerStore.streamMembersAbove) {
+                    if type.id == "Group", try store.hasMoreMembers(parts[1], than: streamedArrayAbove) {
                         var head = JSON.object(r.resource).serialized()
                         head.removeLast()  // the closing brace: the members follow
                         let members = store.memberStream(of: parts[1])

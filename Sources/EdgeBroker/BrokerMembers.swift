@@ -82,22 +82,9 @@ extension BrokerStore {
         return groups
     }
 
-    /// The values of a `duplicateSort` key.
-    func duplicates(_ db: Database, _ key: [UInt8], _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        var values: [String] = []
-        try txn.withCursor(db) { cursor in
-            var entry = try cursor.seek(exactly: key)
-            while let e = entry {
-                values.append(String(decoding: e.value, as: UTF8.self))
-                entry = try cursor.nextDuplicate()
-            }
-        }
-        return values
-    }
-
     /// The groups `member` belongs to in the directory.
     func groups(of member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        try duplicates(memberOf, Array(member.utf8), txn)
+        try txn.duplicateValues(memberOf, Array(member.utf8))
     }
 
     /// The members of `groupID` (O(n): each is parsed).
@@ -110,8 +97,6 @@ extension BrokerStore {
         return out
     }
 
-    /// Above this many members, a GET of a group by the read API is streamed.
-    public static let streamMembersAbove = 1000
     static let membersMember = Array(#","members":["#.utf8)
 
     /// Whether `groupID` has more than `limit` members (reads at most `limit + 1` keys).

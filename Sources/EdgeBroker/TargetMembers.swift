@@ -148,7 +148,7 @@ extension BrokerStore {
 
     /// The groups whose index at `target` holds `member`.
     func heldGroups(target: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        try duplicates(targetMemberOf, prefixed(target, member), txn)
+        try txn.duplicateValues(targetMemberOf, prefixed(target, member))
     }
 
     /// Forgets what `target` holds of `group`'s members, and its pending

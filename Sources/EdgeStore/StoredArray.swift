@@ -1,3 +1,7 @@
+/// Above this many elements a stored array (a group's members) is streamed
+/// rather than built into one body: the agent's and the broker's reads.
+public let streamedArrayAbove = 1000
+
 /// The pieces of a JSON array member (`,"members":[…]`) whose elements are
 /// the stored values of one key range, read a chunk at a time, each chunk in
 /// a read snapshot of its own, then the object's closing brace: for a body

@@ -17,6 +17,19 @@ public protocol StoreReading: ~Copyable {
 }
 
 extension StoreReading where Self: ~Copyable {
+    /// Every value of `key` in a `duplicateSort` database, as text, in order.
+    public func duplicateValues(_ db: Database, _ key: [UInt8]) throws -> [String] {
+        try withCursor(db) { cursor in
+            var values: [String] = []
+            var entry = try cursor.seek(exactly: key)
+            while let e = entry {
+                values.append(String(decoding: e.value, as: UTF8.self))
+                entry = try cursor.nextDuplicate()
+            }
+            return values
+        }
+    }
+
     /// Visits entries with `start <= key < end` (`nil` = unbounded) in key
     /// order, or in reverse; `body` returns `false` to stop early.
     public func scan(
