@@ -14,7 +14,9 @@ final class SandboxTests: XCTestCase {
     func testOnATerminalTheFederationStaysUpUntilCtrlC() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let reference = root + "/.venv/bin/scim2-server"
-        let command = "\(productsDirectory)/scim-edge sandbox --short --plain --reference \(reference) --slapd /nonexistent/slapd"
+        // `exec`: whatever $SHELL `script` starts (dash stays as the parent
+        // of its command, bash does not), the sandbox is script's own child.
+        let command = "exec \(productsDirectory)/scim-edge sandbox --short --plain --reference \(reference) --slapd /nonexistent/slapd"
         let c = try ChildProcess("/usr/bin/script", ["-qefc", command, "/dev/null"])
         defer { c.signal(SIGKILL) }
         XCTAssertNotNil(c.waitForLine("▶ the federation keeps running until Ctrl-C", seconds: 180), c.output.joined(separator: "\n"))
