@@ -16,6 +16,9 @@ extension AgentStore {
     /// The members event of relay protocol 2 (`BrokerStore.membersEvent` at the broker).
     static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
     static let brokerProtocolKey = Array("brokerProtocol".utf8)
+    /// The most members one members event carries: a larger change is sent
+    /// as several events, in order, written in the same transaction.
+    static let maxMembersPerEvent = 1000
 
     /// The relay protocol the broker last said it speaks (1 when it never said).
     public func brokerProtocol() throws -> Int {
@@ -111,11 +114,18 @@ extension AgentStore {
             }
             guard !added.isEmpty || !removed.isEmpty else { return }
             if try brokerProtocol(txn) >= 2 {
-                var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
-                body["version"] = current!["meta"]?["version"]
-                body["added"] = .array(added)
-                body["removed"] = .array(removed)
-                try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
+                // At most `maxMembersPerEvent` members an event: the broker applies
+                // an event in one transaction, whose size this bounds.
+                let changes = removed.map { (false, $0) } + added.map { (true, $0) }
+                for start in stride(from: 0, to: changes.count, by: AgentStore.maxMembersPerEvent) {
+                    let part = changes[start..<min(changes.count, start + AgentStore.maxMembersPerEvent)]
+                    var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
+                    body["version"] = current!["meta"]?["version"]
+                    let adds = part.filter(\.0).map(\.1), removes = part.filter { !$0.0 }.map(\.1)
+                    if !adds.isEmpty || start == 0 { body["added"] = .array(adds) }
+                    if !removes.isEmpty || start == 0 { body["removed"] = .array(removes) }
+                    try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
+                }
             } else {
                 try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.patchFull, ctx, txn)
             }

@@ -150,7 +150,7 @@ public final class BrokerService {
         self.loop = loop
         self.configuration = configuration
         store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
-        writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
+        writer = GroupCommitWriter(environment: store.environment, maxWeight: BrokerStore.applyWeightPerTransaction, inbox: loop.inbox)
         for t in configuration.targets where try store.rebuildLinkIndexIfNeeded(t) {
             logger.notice(
                 "link index built from the directory (collisions: link is new or changed): run `scim-broker targets reconcile --apply \(t.name)` to merge accounts of users now linked",
@@ -272,6 +272,13 @@ public final class BrokerService {
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
+        let commits = writer.statistics
+        metric(
+            "scim_broker_store_commits_total", "counter", "Write transactions committed (group commits).", [("", String(commits.batches))])
+        metric(
+            "scim_broker_store_commit_weight_max", "gauge",
+            "The heaviest commit since start: about how many index entries it changed (bounded, docs/protocol.md).",
+            [("", String(commits.heaviestBatch))])
         metric(
             "scim_broker_membership_deltas_total", "counter", "Of them, group membership changes relayed as members added and removed.",
             [("", String(s.membershipDeltas))])
@@ -598,50 +605,71 @@ public final class BrokerService {
         // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
         if refusedBusy(responder) { return }
         if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
-        let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
-        let ids = (0..<events.count).map { _ in secureID() }
+        let store = self.store, domain = bound.domain, agent = bound.identity, key = AgentKey(identity: agent, epoch: epoch)
         statistics.batches += 1
-        writer.submit({ txn in
-            try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn)
-        }) { [self] result in
-            switch result {
-            case .failure(let error):
-                logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
-                responder.respond(
-                    Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
-                        .withHeader("Retry-After", "5"))
-            case .success(let outcome):
-                if outcome.newSequence {
-                    logger.notice(
-                        "a new agent store: its sequence starts at 1",
-                        metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+        // A batch is applied in transactions of bounded weight (events and the
+        // members they change): LMDB holds a transaction's dirty pages in
+        // memory, so a batch of large membership changes must not become one
+        // huge transaction. The parts go in order; each applies only what
+        // continues the sequence, so a part after one that failed applies
+        // nothing (exactly once holds; the agent sends the rest again).
+        let parts = BrokerStore.applyParts(events.sorted { $0.seq < $1.seq }, maxWeight: BrokerStore.applyWeightPerTransaction)
+        var outcomes: [Result<ApplyOutcome, any Error>?] = Array(repeating: nil, count: parts.count)
+        var answered = 0
+        for (k, part) in parts.enumerated() {
+            let ids = part.events.map { _ in secureID() }, batch = part.events
+            writer.submit({ txn in try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn) }, weight: part.weight)
+            {
+                [self] result in
+                outcomes[k] = result
+                answered += 1
+                if answered == parts.count {
+                    answerBatch(ApplyOutcome.merged(outcomes.map { $0! }), domain: domain, agent: agent, key, responder)
                 }
-                statistics.eventsApplied += outcome.applied
-                statistics.membershipDeltas += outcome.membershipDeltas
-                for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
-                feeds.changed(outcome.fanout.keys)
-                recordPropagation(outcome.acceptedAt)
-                statistics.duplicates += outcome.duplicates
-                statistics.rejectedEvents += outcome.rejected.count
-                if let expected = outcome.expectedSequence {
-                    statistics.gaps += 1
-                    responder.respond(Self.json(409, ["expectedSeq": .number(JSONNumber(integer: Int64(expected)))]))
-                    return
-                }
-                var rejected = JSONObject()
-                for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
-                    rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
-                }
-                responder.respond(
-                    Self.json(
-                        200,
-                        [
-                            "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
-                            "rejected": .object(rejected),
-                            // What this broker understands: agents send membership deltas once they see 2.
-                            "protocol": .number(JSONNumber(integer: Int64(BrokerStore.protocolVersion))),
-                        ]))
             }
+        }
+    }
+
+    private func answerBatch(
+        _ result: Result<ApplyOutcome, any Error>, domain: String, agent: String, _ key: AgentKey, _ responder: Responder
+    ) {
+        switch result {
+        case .failure(let error):
+            logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+            responder.respond(
+                Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
+                    .withHeader("Retry-After", "5"))
+        case .success(let outcome):
+            if outcome.newSequence {
+                logger.notice(
+                    "a new agent store: its sequence starts at 1",
+                    metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+            }
+            statistics.eventsApplied += outcome.applied
+            statistics.membershipDeltas += outcome.membershipDeltas
+            for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
+            feeds.changed(outcome.fanout.keys)
+            recordPropagation(outcome.acceptedAt)
+            statistics.duplicates += outcome.duplicates
+            statistics.rejectedEvents += outcome.rejected.count
+            if let expected = outcome.expectedSequence {
+                statistics.gaps += 1
+                responder.respond(Self.json(409, ["expectedSeq": .number(JSONNumber(integer: Int64(expected)))]))
+                return
+            }
+            var rejected = JSONObject()
+            for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
+                rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
+            }
+            responder.respond(
+                Self.json(
+                    200,
+                    [
+                        "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
+                        "rejected": .object(rejected),
+                        // What this broker understands: agents send membership deltas once they see 2.
+                        "protocol": .number(JSONNumber(integer: Int64(BrokerStore.protocolVersion))),
+                    ]))
         }
     }
 }

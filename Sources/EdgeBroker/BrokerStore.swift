@@ -201,6 +201,65 @@ public struct RelayEvent: Sendable {
     }
 }
 
+extension ApplyOutcome {
+    /// The outcome of a batch applied in parts, in sequence order: what the
+    /// parts applied together; a part's gap counts only when nothing was
+    /// applied before it (as in one transaction); any part's failure fails
+    /// the batch (what committed stays: the agent's resend skips it).
+    static func merged(_ parts: [Result<ApplyOutcome, any Error>]) -> Result<ApplyOutcome, any Error> {
+        var all: ApplyOutcome?
+        for part in parts {
+            guard case .success(let o) = part else { return part }
+            guard var m = all else {
+                all = o
+                continue
+            }
+            if m.applied == 0, m.expectedSequence == nil { m.expectedSequence = o.expectedSequence }
+            m.ackedThrough = max(m.ackedThrough, o.ackedThrough)
+            m.rejected.merge(o.rejected) { a, _ in a }
+            m.applied += o.applied
+            m.membershipDeltas += o.membershipDeltas
+            m.duplicates += o.duplicates
+            m.acceptedAt += o.acceptedAt
+            m.fanout.merge(o.fanout, uniquingKeysWith: +)
+            all = m
+        }
+        return .success(all ?? ApplyOutcome(ackedThrough: 0))
+    }
+}
+
+extension BrokerStore {
+    /// The most weight (`applyWeight`) one apply transaction takes when a
+    /// batch's events can be split: about 1,000 changed index entries
+    /// (a members event of at most 1,000 members goes alone), at most a few
+    /// thousand dirty pages even when each entry lands on a page of its own.
+    static let applyWeightPerTransaction = 1000
+
+    /// About how many index entries applying `event` changes: one for the
+    /// resource, one per member it names.
+    static func applyWeight(_ event: RelayEvent) -> Int {
+        guard let body = event.body["events"]?.objectValue?.members.first?.value else { return 1 }
+        let members = body["data"]?["members"]?.arrayValue?.count ?? 0
+        return 1 + members + (body["added"]?.arrayValue?.count ?? 0) + (body["removed"]?.arrayValue?.count ?? 0)
+    }
+
+    /// `events` (in sequence order) in consecutive parts of at most
+    /// `maxWeight` each (an event heavier than that alone), with their weights.
+    static func applyParts(_ events: [RelayEvent], maxWeight: Int) -> [(events: [RelayEvent], weight: Int)] {
+        var parts: [(events: [RelayEvent], weight: Int)] = []
+        for e in events {
+            let w = applyWeight(e)
+            if let last = parts.last, last.weight + w <= maxWeight {
+                parts[parts.count - 1].events.append(e)
+                parts[parts.count - 1].weight += w
+            } else {
+                parts.append(([e], w))
+            }
+        }
+        return parts
+    }
+}
+
 extension BrokerStore {
     /// Applies a batch from `agent` of `domain` in `txn`: events at or below
     /// the applied sequence are acknowledged without re-applying; a gap stops
