@@ -44,9 +44,9 @@ final class BrokerConsole {
     /// The most dead letters, held removals and hops one answer lists.
     static let maxListed = 200
     static let maxHops = 1000
-    /// Resources per domain: a key walk per domain, at every poll while the
-    /// directory is small, at most every 30 s once it holds 100,000 or more.
-    private var domainCounts: (at: UInt64, counts: [String: Int])?
+    /// Counts that walk the store (resources per domain, dead letters and
+    /// held removals per target).
+    private var counts = CountCache()
 
     init(service: BrokerService, readTokens: [String], operatorTokens: [String]) {
         self.service = service
@@ -63,9 +63,12 @@ final class BrokerConsole {
         do {
             try route(request, responder)
         } catch let e as SCIMError {
-            if e.status == 401 || e.status == 403 {
-                service.logger.warning("console: refused", metadata: ["path": .string(String(request.path)), "detail": .string(e.detail)])
-            }
+            service.logger.warning(
+                "console: refused",
+                metadata: [
+                    "method": .string(request.method), "path": .string(String(request.path)), "status": .stringConvertible(e.status),
+                    "detail": .string(e.detail),
+                ])
             responder.respond(Self.failure(e))
         } catch {
             responder.respond(Self.failure(SCIMError(500, nil, "internal error: \(error)")))
@@ -195,6 +198,8 @@ final class BrokerConsole {
             do {
                 responder.respond(try then(try box.result!.get()))
             } catch let e as SCIMError {
+                self.service.logger.warning(
+                    "console: refused", metadata: ["status": .stringConvertible(e.status), "detail": .string(e.detail)])
                 responder.respond(Self.failure(e))
             } catch {
                 responder.respond(Self.failure(SCIMError(503, nil, "the broker's store could not be read: \(error)")))
@@ -205,41 +210,45 @@ final class BrokerConsole {
     // MARK: what it shows
 
     func overview(_ responder: Responder) {
-        let s = service, store = s.store
+        let s = service, store = s.store, now = s.loop.now
         let targets = s.configuration.targets
-        let countsDue = domainCounts.map { $0.counts.values.reduce(0, +) < 100_000 || s.loop.now >= $0.at + 30_000 } ?? true
-        let domains = s.configuration.domains.map(\.domain)
+        let due = Set(
+            (s.configuration.domains.map { "domain/\($0.domain)" } + targets.flatMap { ["dead/\($0.name)", "held/\($0.name)"] })
+                .filter { counts.due($0, now: now) })
         for (domain, t) in s.feeds.destinations { s.refreshBacklog(domain, t) }
         offload(
             responder,
             {
-                let sequences = try store.agentSequences()
-                var perTarget: [String: (dead: Int, heldSince: Int64?, held: Int)] = [:]
+                var counted: [String: Int] = [:]
+                var heldSince: [String: Int64] = [:]
                 var feeds: [String: (BrokerStore.FeedPosition, Int64)] = [:]
                 for t in targets {
                     let guardState = try store.deletionGuard(target: t.name)
-                    let held = guardState.pausedSince == nil ? 0 : try store.heldRemovals(target: t.name).removals.count
-                    perTarget[t.name] = (try store.deadLetterCount(target: t.name), guardState.pausedSince, held)
+                    heldSince[t.name] = guardState.pausedSince
+                    if guardState.pausedSince == nil {
+                        counted["held/\(t.name)"] = 0
+                    } else if due.contains("held/\(t.name)") {
+                        counted["held/\(t.name)"] = try store.heldRemovals(target: t.name).removals.count
+                    }
+                    if due.contains("dead/\(t.name)") { counted["dead/\(t.name)"] = try store.deadLetterCount(target: t.name) }
                     if t.destination != nil {
                         feeds[t.name] = (try store.feedPosition(target: t.name), try store.feedOldest(target: t.name))
                     }
                 }
-                var counts: [String: Int]?
-                if countsDue {
-                    var c: [String: Int] = [:]
-                    for d in domains { c[d] = try store.resourceCount(domain: d) }
-                    counts = c
+                for key in due where key.hasPrefix("domain/") {
+                    counted[key] = try store.resourceCount(domain: String(key.dropFirst("domain/".count)))
                 }
-                return (sequences, perTarget, feeds, counts, try store.count("User"), try store.count("Group"))
+                return (try store.agentSequences(), heldSince, feeds, counted, try store.count("User"), try store.count("Group"))
             },
-            then: { [self] (sequences, perTarget, feeds, counts, users, groups) in
-                if let counts { domainCounts = (s.loop.now, counts) }
+            then: { [self] (sequences, heldSince, feeds, counted, users, groups) in
+                for (key, n) in counted { counts.set(key, n, now: now) }
                 return Self.ok([
                     "now": .number(JSONNumber(integer: unixMilliseconds())), "version": .string(scimEdgeVersion),
                     "startedAt": .number(JSONNumber(integer: s.startedAt)),
                     "resources": ["User": .int(users), "Group": .int(groups)],
                     "federation": .object(federation(sequences, feeds)),
-                    "targets": .array(targets.filter { $0.destination == nil }.map { .object(targetSummary($0, perTarget[$0.name])) }),
+                    "targets": .array(
+                        targets.filter { $0.destination == nil }.map { .object(targetSummary($0, heldSince: heldSince[$0.name])) }),
                 ])
             })
     }
@@ -260,7 +269,7 @@ final class BrokerConsole {
                 "connections": .int(connections), "stores": .array(stores),
                 "destinationOf": .array(destinations.filter { $0.destination == b.domain }.map { .string($0.name) }),
             ]
-            o["resources"] = domainCounts?.counts[b.domain].map(JSON.int) ?? .null
+            o["resources"] = counts.value("domain/\(b.domain)").map(JSON.int) ?? .null
             o["lastSeen"] = activity.map { .number(JSONNumber(integer: $0.lastSeen)) } ?? .null
             o["lastBatch"] = activity.flatMap { $0.lastBatchAt > 0 ? .number(JSONNumber(integer: $0.lastBatchAt)) : nil } ?? .null
             o["lastBatchEvents"] = activity.map { .int($0.lastBatchEvents) } ?? .null
@@ -293,7 +302,7 @@ final class BrokerConsole {
 
     /// A target as its worker sees it, with the operator's pause, the dead
     /// letters and the deletion guard.
-    func targetSummary(_ t: TargetConfiguration, _ stored: (dead: Int, heldSince: Int64?, held: Int)?) -> JSONObject {
+    func targetSummary(_ t: TargetConfiguration, heldSince: Int64?) -> JSONObject {
         let worker = service.workers.first { $0.target.name == t.name }
         var o: JSONObject = worker?.statusDocument() ?? ["target": .string(t.name)]
         o["updatedAt"] = nil
@@ -311,9 +320,9 @@ final class BrokerConsole {
         } else {
             o["paused"] = .null
         }
-        o["deadLetters"] = .int(stored?.dead ?? 0)
-        o["held"] = .int(stored?.held ?? 0)
-        o["heldSince"] = stored?.heldSince.map { .number(JSONNumber(integer: $0)) } ?? .null
+        o["deadLetters"] = .int(counts.value("dead/\(t.name)") ?? 0)
+        o["held"] = .int(counts.value("held/\(t.name)") ?? 0)
+        o["heldSince"] = heldSince.map { .number(JSONNumber(integer: $0)) } ?? .null
         return o
     }
 
@@ -526,4 +535,16 @@ final class BrokerConsole {
 /// A pool thread's result, read on the loop afterwards (libuv orders the two).
 private final class OffloadResult<T>: @unchecked Sendable {
     var result: Result<T, Error>?
+}
+
+/// Counts that walk keys of the store, for the console's overview: taken
+/// at every poll while small, at most every 30 s once large, so that an
+/// open console costs little on a large store. Threading: loop-confined.
+struct CountCache {
+    static let small = 10_000
+    private var counts: [String: (at: UInt64, value: Int)] = [:]
+
+    func due(_ key: String, now: UInt64) -> Bool { counts[key].map { $0.value < Self.small || now >= $0.at + 30_000 } ?? true }
+    func value(_ key: String) -> Int? { counts[key]?.value }
+    mutating func set(_ key: String, _ value: Int, now: UInt64) { counts[key] = (now, value) }
 }

@@ -608,7 +608,10 @@ struct Pause: ParsableCommand {
     @Option(help: "Why, shown with the pause.") var reason = "paused by an operator"
 
     func run() throws {
-        let (store, _) = try options.open(target: name)
+        let (store, targets) = try options.open(target: name)
+        if let domain = targets.first(where: { $0.name == name })?.destination {
+            throw CommandFailure("\(name) is a boundary: the agent of \(domain) fetches its feed; nothing is sent to pause")
+        }
         let pause = try store.pauseTarget(name, reason: reason)
         emitLine("\(name): paused since \(formatTime(pause.since)) (\(pause.reason)); `scim-broker targets resume \(name)` resumes it")
     }

@@ -22,13 +22,7 @@ extension FanoutTests {
         let operators = dir.write("operator.tokens", Self.operatorToken + "\n")
         let (broker, bp) = try startBroker(
             yaml: "targets:\n"
-                + target(
-                    "app", port: appPort,
-                    extra: """
-                            mapping:
-                              rename: {nickName: bogusAttribute}
-                            deleteGuard: {maxDeletes: 1, windowSeconds: 3600}
-                        """)
+                + target("app", port: appPort, extra: Self.refusesNickNames + "\n    deleteGuard: {maxDeletes: 1, windowSeconds: 3600}")
                 + "api: {listen: 127.0.0.1:0, tokenFile: \(reads), operatorTokenFile: \(operators)}\n")
         let api = try port(of: broker, "console at")
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -267,7 +261,10 @@ extension FanoutTests {
         let (appPort, dp, api, _) = try consoleFederation()
         _ = try newUser(dp, "dora", extra: #","externalId":"hr-4711","name":{"givenName":"Dora","familyName":"Diaz"}"#)
         for i in 1...3 { _ = try newUser(dp, "user\(i)") }
-        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 4 })
+        // A name from an IdP is data, never markup.
+        let markup = "<img src=x onerror=document.body.dataset.pwned=1>"
+        _ = try newUser(dp, markup)
+        XCTAssertTrue(eventually(seconds: 20) { self.users(appPort, token: "t", prefix: "/scim/v2").count == 5 })
         let browser = try HeadlessChromium(width: 1280, height: 1500)
         defer { browser.close() }
         try browser.navigate("http://127.0.0.1:\(api)/console/#token=\(Self.operatorToken)")
@@ -292,6 +289,13 @@ extension FanoutTests {
             hops.contains("accepted by the agent") && hops.contains("relayed and applied by the broker") && hops.contains("delivered"), hops
         )
         XCTAssertTrue(hops.contains("dora"), hops)
+
+        try browser.evaluate("document.querySelector('#q').value = \(quoted(markup)); document.querySelector('#search').requestSubmit()")
+        XCTAssertTrue(
+            browser.waitFor("document.querySelector('#hops') && document.querySelector('#hops').innerText.includes('target app')"))
+        XCTAssertTrue(browser.text("#hops").contains(markup), browser.text("#hops"))
+        XCTAssertEqual(try browser.evaluate("document.querySelectorAll('#results img').length") as? Int, 0)
+        XCTAssertNil(try browser.evaluate("document.body.dataset.pwned"))
 
         // Pause from the page: the broker's state says so, and the page shows it.
         try browser.evaluate("document.querySelector('button[data-action=pause][data-target=app]').click()")
@@ -319,7 +323,7 @@ extension FanoutTests {
 
         // Traffic for the chart, a little between each of the page's polls (every 2 s), then the picture:
         // the counters carried over the resume, and the search for dora again.
-        var created = 5
+        var created = 6
         for poll in 0..<8 {
             let seen = Int(try browser.evaluate("document.body.dataset.samples") as? String ?? "") ?? 0
             XCTAssertTrue(browser.waitFor("Number(document.body.dataset.samples) > \(seen)"))
