@@ -51,6 +51,13 @@ public struct BrokerConfiguration: Sendable {
     /// Read-API tokens, one per line (`api.tokenFile`), read at start: so
     /// that no token needs to sit in the configuration file.
     public var apiTokenFile: String?
+    /// The web console's operator tokens (`api.operatorTokens`): its actions
+    /// need one of them; the read-API tokens only read.
+    public var operatorTokens: [String] = []
+    /// Operator tokens, one per line (`api.operatorTokenFile`), read at start.
+    public var operatorTokenFile: String?
+    /// Whether the read API's listener serves the web console at `/console/`.
+    public var console = true
     /// Resources one page of a read-API filter without an index may examine.
     public var apiScanBudget = BrokerOptions.apiScanBudget.defaultInteger
     /// `/healthz`, `/readyz`, `/metrics`; nil: none.
@@ -120,7 +127,7 @@ public final class BrokerService {
     public private(set) var apiServer: HTTPServer?
     public private(set) var adminServer: HTTPServer?
     /// One delivery worker per target (app).
-    public private(set) var workers: [TargetWorker] = []
+    public internal(set) var workers: [TargetWorker] = []
     /// The downlink feeds of the targets that are boundaries, and their parked polls.
     var feeds = BrokerFeeds(destinations: [])
     /// Keeps the trail bounded: a few thousand keys per second, in the background.
@@ -140,7 +147,21 @@ public final class BrokerService {
     /// The CRL's next update (Unix seconds; 0: no CRL): past it every agent is refused.
     private var crlNextUpdate: Int64 = 0
     /// Per bound agent (`<domain>/<identity>`): its certificate's end of validity, from its last request.
-    private var agentCertificates: [String: Int64] = [:]
+    private(set) var agentCertificates: [String: Int64] = [:]
+    /// Per bound agent (`<domain>/<identity>`): its last request and batch (the console).
+    private(set) var agentActivity: [String: AgentActivity] = [:]
+    /// The targets an operator paused, as the running workers follow them
+    /// (`TargetPause`: from the store, re-read every second).
+    var pauses: [String: TargetPause] = [:]
+    /// Targets whose resume failed (logged once; tried again every second).
+    var resuming: Set<String> = []
+    /// The counters of workers replaced at a resume (`followPauses`): the
+    /// metrics add them, so that a counter never goes back.
+    var retiredCounters: [String: TargetStatistics] = [:]
+    /// The web console on the read API's listener (nil: none).
+    private(set) var console: BrokerConsole?
+    /// Unix ms: when this broker started.
+    public let startedAt = unixMilliseconds()
 
     public init(loop: EventLoop, configuration: BrokerConfiguration) throws {
         guard configuration.tls.verifyPeer, configuration.tls.trustRootsFile != nil else {
@@ -163,7 +184,9 @@ public final class BrokerService {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }
         feeds = BrokerFeeds(destinations: configuration.targets.filter { $0.destination != nil })
-        for w in workers { try w.start() }
+        pauses = try store.targetPauses()
+        // A target an operator paused stays paused across the restart: its worker is not started.
+        for w in workers where pauses[w.target.name] == nil { try w.start() }
         sweepTimer = try LoopTimer(loop: loop)
         sweepTimer?.keepsLoopAlive = false
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
@@ -207,15 +230,35 @@ public final class BrokerService {
                 }
             }
             guard !tokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token or --api-token-file") }
+            var operators = configuration.operatorTokens
+            if let file = configuration.operatorTokenFile {
+                do throws(ConfigError) { operators += try readTokenLines(file) } catch {
+                    throw BrokerError.configuration("api.operatorTokenFile: \(error.message)")
+                }
+            }
+            guard !operators.contains(where: tokens.contains) else {
+                throw BrokerError.configuration(
+                    "a token is both a read-API token and an operator token: give operators tokens of their own")
+            }
             let handler = BrokerAPI(store: store, tokens: tokens, scanBudget: configuration.apiScanBudget)
-            apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
+            if configuration.console { console = BrokerConsole(service: self, readTokens: tokens, operatorTokens: operators) }
+            apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in
+                if let console = weakSelf?.console, BrokerConsole.serves(request) {
+                    console.handle(request, responder)
+                } else {
+                    handler.handle(request, responder)
+                }
+            }
         }
         if let admin = configuration.adminListen {
             adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
                 weakSelf?.admin(request, responder)
             }
         }
-        sweepTimer?.start(after: 1000, repeatEvery: 1000) { weakSelf?.sweepTrail() }
+        sweepTimer?.start(after: 1000, repeatEvery: 1000) {
+            weakSelf?.sweepTrail()
+            weakSelf?.followPauses()
+        }
     }
 
     /// A pass walks both tables a step per second; after a whole pass the next
@@ -333,7 +376,7 @@ public final class BrokerService {
         func header(_ name: String, _ type: String, _ help: String) { out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
         header("scim_broker_target_requests_total", "counter", "Requests to targets by method and status class (error: no response).")
         for w in workers {
-            for (key, n) in w.statistics.requests.sorted(by: { $0.key < $1.key }) {
+            for (key, n) in counters(w).requests.sorted(by: { $0.key < $1.key }) {
                 let parts = key.split(separator: " ")
                 out += "scim_broker_target_requests_total{target=\"\(w.target.name)\",method=\"\(parts[0])\",class=\"\(parts[1])\"} \(n)\n"
             }
@@ -346,29 +389,29 @@ public final class BrokerService {
         perTarget("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
             w.oldestQueuedAt == 0 || w.depth == 0 ? "0" : String(Double(max(0, unixMilliseconds() - w.oldestQueuedAt)) / 1000)
         }
-        perTarget("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String($0.statistics.delivered) }
+        perTarget("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String(counters($0).delivered) }
         perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
-            String($0.statistics.deadLettered)
+            String(counters($0).deadLettered)
         }
         perTarget(
             "scim_broker_target_retries_total", "counter",
             "Deliveries retried after a network error, a 5xx other than 501, or a store read error."
-        ) { String($0.statistics.retries) }
-        perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
-        perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
+        ) { String(counters($0).retries) }
+        perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String(counters($0).throttled) }
+        perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String(counters($0).adopted) }
         perTarget(
             "scim_broker_target_member_steps_total", "counter",
             "Group PATCHes sent from the member index (only the members that changed)."
-        ) { String($0.statistics.memberSteps) }
+        ) { String(counters($0).memberSteps) }
         perTarget(
             "scim_broker_target_whole_group_reads_total", "counter",
             "Group deliveries that read the whole group (a target without PATCH, collisions: link, routes on members, an old store)."
-        ) { String($0.statistics.wholeGroupReads) }
+        ) { String(counters($0).wholeGroupReads) }
         perTarget(
             "scim_broker_target_collisions_total", "counter",
             "Changes refused (dead letters) because the account at the target belongs to another resource."
         ) {
-            String($0.statistics.collisions)
+            String(counters($0).collisions)
         }
         perTarget(
             "scim_broker_target_linked_accounts", "gauge",
@@ -377,6 +420,9 @@ public final class BrokerService {
         perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
         perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") {
             $0.breakerState == .open ? "1" : "0"
+        }
+        perTarget("scim_broker_target_paused", "gauge", "1 while an operator paused the target (targets pause, the console).") {
+            pauses[$0.target.name] == nil ? "0" : "1"
         }
         perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") {
             $0.deletesPaused ? "1" : "0"
@@ -394,7 +440,7 @@ public final class BrokerService {
         }
         header("scim_broker_target_delivery_seconds", "histogram", "From the agent accepting a change to the target's answer.")
         for w in workers {
-            let s = w.statistics
+            let s = counters(w)
             for (i, b) in TargetStatistics.latencyBuckets.enumerated() {
                 out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"\(b)\"} \(s.latencyCounts[i])\n"
             }
@@ -513,6 +559,7 @@ public final class BrokerService {
             return
         }
         guard let bound = bind(context, responder) else { return }
+        agentActivity["\(bound.domain)/\(bound.identity)", default: AgentActivity()].lastSeen = unixMilliseconds()
         if request.path == BrokerService.feedPath { return poll(request, bound, responder) }
         relay(request, context, bound, responder)
     }
@@ -646,6 +693,7 @@ public final class BrokerService {
                     metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
             }
             statistics.eventsApplied += outcome.applied
+            agentActivity["\(domain)/\(agent)", default: AgentActivity()].batch(outcome)
             statistics.membershipDeltas += outcome.membershipDeltas
             for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
             feeds.changed(outcome.fanout.keys)

@@ -707,16 +707,30 @@ extension BrokerStore {
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
 
-    public func deadLetters(target: String?) throws -> [(target: String, letter: JSONObject)] {
+    /// Dead letters, oldest first (of `target`, or of all); at most `limit` (the console pages them).
+    public func deadLetters(target: String?, limit: Int = .max) throws -> [(target: String, letter: JSONObject)] {
         let targetDead = self.targetDead
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
             try txn.scan(targetDead, from: target.map { prefixed($0, []) }, to: target.map(prefixEnd)) { k, v in
                 let name = String(decoding: k.prefix { $0 != 0 }, as: UTF8.self)
                 if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append((name, o)) }
-                return true
+                return out.count < limit
             }
             return out
+        }
+    }
+
+    /// How many dead letters `target` has (keys only).
+    public func deadLetterCount(target: String) throws -> Int {
+        let targetDead = self.targetDead
+        return try environment.read { txn in
+            var n = 0
+            try txn.scanKeys(targetDead, from: prefixed(target, []), to: prefixEnd(target)) { _ in
+                n += 1
+                return true
+            }
+            return n
         }
     }
 
@@ -853,7 +867,7 @@ extension BrokerStore {
             }
         }
         result.stateEntries = try environment.write { txn in
-            try ["status/", "guard/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
+            try ["status/", "guard/", "paused/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
                 n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
             }
         }
