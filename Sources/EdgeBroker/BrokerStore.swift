@@ -360,7 +360,15 @@ extension BrokerStore {
             // directory names them by broker id (unknown ones are not federated).
             // They go to the members index, not into the stored group.
             var touched: [String] = []
-            if type == "Group" {
+            if type == "Group", body["membersUnchanged"]?.boolValue == true {
+                guard existing != nil else {
+                    // Nothing to keep: refused, so the agent sends the whole group at its next change.
+                    throw SCIMError.invalidValue(
+                        "event \(event.seq): the attributes of \(ref) without its members, which this broker does not hold")
+                }
+                // Protocol 3: the attributes alone; the members stand (their changes come as members events).
+                data["members"] = nil
+            } else if type == "Group" {
                 var mapped: [JSONObject] = []
                 for m in data["members"]?.arrayValue ?? [] {
                     if let o = try federatedMember(m, domain: domain, txn) { mapped.append(o) }
@@ -434,8 +442,9 @@ extension BrokerStore {
     }
 
     /// The relay protocol this broker speaks (docs/protocol.md): 2 adds
-    /// `membersEvent`; it says so in every 200.
-    public static let protocolVersion = 2
+    /// `membersEvent`, 3 a group's attributes without its members
+    /// (`membersUnchanged`); it says so in every 200.
+    public static let protocolVersion = 3
     /// A group's members added and removed (protocol 2): `ref`, `version`,
     /// `added` (members, `{"value": id}` in the agent's ids), `removed` (ids).
     public static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"

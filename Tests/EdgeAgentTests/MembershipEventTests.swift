@@ -91,9 +91,12 @@ final class MembershipEventTests: XCTestCase {
                 #"{"method":"POST","path":"/Users","bulkId":"b\#(k)","data":\#(userBody("u\(b * 1000 + k)"))}"#
             }
             let r = try first.call(
-                "POST", "/Bulk", #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops.joined(separator: ","))]}"#)
+                "POST", "/Bulk",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops.joined(separator: ","))]}"#)
             XCTAssertEqual(r.status, 200)
-            ids += try XCTUnwrap(r.body?["Operations"]?.arrayValue).compactMap { $0["location"]?.stringValue?.split(separator: "/").last.map(String.init) }
+            ids += try XCTUnwrap(r.body?["Operations"]?.arrayValue).compactMap {
+                $0["location"]?.stringValue?.split(separator: "/").last.map(String.init)
+            }
         }
         XCTAssertEqual(ids.count, 3000)
         let gid = try XCTUnwrap(
@@ -118,6 +121,39 @@ final class MembershipEventTests: XCTestCase {
         XCTAssertEqual(Set(addedIDs), Set(ids[1..<2501]))
         XCTAssertEqual(addedIDs.count, 2500, "each member once")
         for k in e.indices { XCTAssertNotNil(e[k].body["version"], "each part carries the group's version") }
+    }
+
+    /// Protocol 3: a change of a group's attributes goes as the attributes
+    /// alone (`membersUnchanged`), whatever the group's size, and a change
+    /// of members made in the same request follows as members events.
+    func testWithProtocol3AGroupsAttributesGoWithoutItsMembers() throws {
+        let first = try AgentHarness()
+        let path = first.dir.file("data")
+        let ids = try (0..<3).map { k in try XCTUnwrap(try first.call("POST", "/Users", userBody("u\(k)")).body?["id"]?.stringValue) }
+        let gid = try XCTUnwrap(
+            try first.call(
+                "POST", "/Groups",
+                #"{"schemas":\#(groupSchema),"displayName":"staff","members":[{"value":"\#(ids[0])"},{"value":"\#(ids[1])"}]}"#
+            ).body?["id"]?.stringValue)
+        XCTAssertEqual(first.stop(), 0)
+        let store = try AgentStore(path: path, registry: .standard)
+        try store.environment.write { txn in try store.recordBrokerProtocol(3, in: txn) }
+        let seen = try store.numberedSequence()
+        let agent = try AgentHarness { $0.dataDirectory = path }
+        try patch(agent, gid, #"[{"op":"replace","path":"displayName","value":"all staff"}]"#)
+        try patch(
+            agent, gid,
+            #"[{"op":"replace","path":"displayName","value":"everyone"},{"op":"add","path":"members","value":[{"value":"\#(ids[2])"}]}]"#)
+        XCTAssertEqual(agent.stop(), 0)
+        let e = try events(try AgentStore(path: path, registry: .standard), after: seen)
+        XCTAssertEqual(e.map(\.kind), ["prov:patch:full", "prov:patch:full", "prov:patch:members"])
+        for k in 0..<2 {
+            XCTAssertEqual(e[k].body["membersUnchanged"], .bool(true))
+            XCTAssertNil(e[k].body["data"]?["members"], "no members with the attributes")
+        }
+        XCTAssertEqual(e[0].body["data"]?["displayName"]?.stringValue, "all staff")
+        XCTAssertEqual(e[1].body["data"]?["displayName"]?.stringValue, "everyone")
+        XCTAssertEqual(e[2].body["added"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [ids[2]])
     }
 
     /// What the broker refused is not believed to be there: a user whose

@@ -88,6 +88,23 @@ final class MembershipDeltaTests: XCTestCase {
         XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"])
         outcome = try apply(store, [members(10, "u1", added: ["u2"])])
         XCTAssertNotNil(outcome.rejected[10])
+
+        // Protocol 3: the attributes alone keep the members; for a group the
+        // broker does not hold, they are refused (the agent then sends it whole).
+        func attributes(_ seq: UInt64, _ group: String, _ name: String) -> RelayEvent {
+            event(
+                seq, "urn:ietf:params:SCIM:event:prov:patch:full",
+                [
+                    "ref": .string("/Groups/\(group)"), "membersUnchanged": true,
+                    "data": [
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string(group), "displayName": .string(name),
+                    ],
+                ])
+        }
+        outcome = try apply(store, [attributes(11, "g1", "G"), attributes(12, "nope", "N")])
+        XCTAssertEqual(outcome.applied, 1)
+        XCTAssertTrue(outcome.rejected[12]?.contains("does not hold") ?? false, "\(outcome.rejected)")
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"], "members kept")
     }
 
     /// The stored group holds no members (they are an index); a deleted
