@@ -83,6 +83,8 @@ public struct BrokerConfiguration: Sendable {
 public struct FederationStatistics: Sendable {
     public var batches = 0
     public var eventsApplied = 0
+    /// Index entries of removed groups' members swept (`sweepRemovedGroups`).
+    public var sweptMembers = 0
     public var membershipDeltas = 0
     public var duplicates = 0
     public var rejectedEvents = 0
@@ -134,6 +136,7 @@ public final class BrokerService {
     private var sweepTimer: LoopTimer?
     private var sweepCursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
     private var sweeping = false
+    private var sweepingGroups = false
     private var nextSweepPass: UInt64 = 0
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
@@ -257,6 +260,7 @@ public final class BrokerService {
         }
         sweepTimer?.start(after: 1000, repeatEvery: 1000) {
             weakSelf?.sweepTrail()
+            weakSelf?.sweepRemovedGroups()
             weakSelf?.followPauses()
         }
     }
@@ -272,6 +276,23 @@ public final class BrokerService {
             guard case .success(let next) = r else { return }
             sweepCursors = (next.trail, next.traces)
             if next.trail == nil && next.traces == nil { nextSweepPass = loop.now + 60_000 }
+        }
+    }
+
+    /// Removed groups' members leave the index 1,000 entries a transaction,
+    /// one transaction after another until none is left (then again at the
+    /// next tick, when a group was removed meanwhile).
+    func sweepRemovedGroups() {
+        // A read first: an idle broker does not commit every second.
+        guard !sweepingGroups, (try? store.groupsBeingSwept()) ?? 0 > 0 else { return }
+        sweepingGroups = true
+        let store = self.store
+        writer.submit({ txn in try store.sweepRemovedGroups(limit: 1000, txn) }, weight: 1000) { [self] r in
+            sweepingGroups = false
+            if case .success(let n) = r, n > 0 {
+                statistics.sweptMembers += n
+                sweepRemovedGroups()
+            }
         }
     }
 
@@ -315,6 +336,9 @@ public final class BrokerService {
         let s = statistics
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
+        metric(
+            "scim_broker_removed_group_members_swept_total", "counter",
+            "Member index entries of removed groups removed after the group, 1,000 a transaction.", [("", String(s.sweptMembers))])
         let commits = writer.statistics
         metric(
             "scim_broker_store_commits_total", "counter", "Write transactions committed (group commits).", [("", String(commits.batches))])

@@ -337,7 +337,7 @@ extension BrokerStore {
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
             try updateListIndexes(type: type, key: key, old: existing, new: nil, txn)
-            if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
+            if type == "Group" { try removeMembersLater(brokerID, txn) }
             let left = try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: nil, trace: trace,

@@ -281,7 +281,8 @@ extension FanoutTests {
     /// events of at most 1,000 members and reaches the broker in one batch
     /// (the broker was away while it was made); the broker applies that
     /// batch in transactions of bounded weight (about 1,000 index entries a
-    /// commit), exactly once, and the group holds every member.
+    /// commit), exactly once, and the group holds every member. Removing
+    /// it commits little: its members are swept after it, a chunk a commit.
     func testALargeMembershipChangeIsAppliedInTransactionsOfBoundedWeight() throws {
         var (broker, bp) = try startBroker(yaml: "")
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -319,5 +320,14 @@ extension FanoutTests {
         let store = try BrokerStore(path: dir.file("broker"))
         let group = try XCTUnwrap(try store.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == "staff" })
         XCTAssertEqual(group["members"]?.arrayValue?.count, 2401)
+
+        // Removing the group is one small commit; its members leave the index after it, 1,000 a commit.
+        (broker, bp) = try startBroker(yaml: "", port: bp)
+        XCTAssertEqual(try idp(dp, "DELETE", "/Groups/\(gid)").0, 204)
+        XCTAssertTrue(
+            eventually(seconds: 30) { (try? self.metric(self.brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")) == 2401 },
+            "\(String(describing: try? metric(brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")))")
+        XCTAssertLessThanOrEqual(try XCTUnwrap(metric(try brokerMetrics(broker), "scim_broker_store_commit_weight_max")), 1000)
+        XCTAssertEqual(try store.groupsBeingSwept(), 0)
     }
 }
