@@ -764,12 +764,12 @@ final class FanoutTests: FederationTestCase {
     /// a repeated POST would show).
     func testBrokerKilledMidDeliveryLosesNothingAndDuplicatesNothing() throws {
         let (_, refPort) = try startReferenceServer()
-        // A slow target (50 requests/s) so that the kill lands mid-delivery.
+        // A slow target (20 requests/s: 160 items take 8 s) so that the kill lands mid-delivery on a loaded machine too.
         let yaml =
             "targets:\n"
             + referenceTarget("ref", port: refPort).replacing(
                 "{requestsPerSecond: 2000, concurrency: 4}",
-                with: "{requestsPerSecond: 50, concurrency: 2}")
+                with: "{requestsPerSecond: 20, concurrency: 2}")
         var (broker, bp) = try startBroker(yaml: yaml)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         let users = 120, groupCount = 40
