@@ -15,6 +15,8 @@ import SCIM
 extension AgentStore {
     /// The members event of relay protocol 2 (`BrokerStore.membersEvent` at the broker).
     static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
+    /// The attributes event of relay protocol 3 (`BrokerStore.attributesEvent`).
+    static let attributesEvent = "urn:scim-edge:params:event:prov:patch:attributes"
     static let brokerProtocolKey = Array("brokerProtocol".utf8)
     /// The most members one members event carries: a larger change is sent
     /// as several events, in order, written in the same transaction.
@@ -88,19 +90,15 @@ extension AgentStore {
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?) where p != d:
             try txn.put(propagated, key, d)
-            let uri = kind == EventURI.createFull ? EventURI.putFull : kind
             guard whole == nil, try brokerProtocol(txn) >= 3, let attributes else {
-                try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: uri, ctx, txn)
+                try emitWholeGroup(
+                    type, id: id, current: current!, outbound: whole, uri: kind == EventURI.createFull ? EventURI.putFull : kind, ctx, txn)
                 return
             }
             // Protocol 3: the attributes alone (the broker keeps the members it
             // holds, which `relayedMembers` records), then what changed of the
             // members as deltas: renaming a group of a million costs O(1).
-            var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
-            body["version"] = attributes["meta"]?["version"]
-            body["data"] = .object(attributes)
-            body["membersUnchanged"] = .bool(true)
-            try appendEvent(uri, body: body, ctx, txn)
+            try appendEvent(AgentStore.attributesEvent, type: type, id: id, data: attributes, ctx, txn)
             try emitMemberDeltas(type, id: id, current: current!, pending: pending, outbound: whole, ctx, txn)
         case (_?, _?):
             try emitMemberDeltas(type, id: id, current: current!, pending: pending, outbound: whole, ctx, txn)

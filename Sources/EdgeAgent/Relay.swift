@@ -321,6 +321,11 @@ public final class Relay {
                     protocolError("broker acknowledged through \(acked), but this agent has sent only through \(sentHigh)")
                     return
                 }
+                if acked < batch.last, current {
+                    // The broker committed part of the batch (it applies a batch in parts): the rest goes again, shortly.
+                    rewind("broker applied the batch through \(acked) of \(batch.last)", retryAfter: 1)
+                    return
+                }
                 if current { sendNext() }
             case 409:
                 guard let expected = body?["expectedSeq"]?.numberValue?.integer.map({ UInt64(clamping: $0) }), expected >= 1 else {

@@ -681,24 +681,40 @@ public final class BrokerService {
         // A batch is applied in transactions of bounded weight (events and the
         // members they change): LMDB holds a transaction's dirty pages in
         // memory, so a batch of large membership changes must not become one
-        // huge transaction. The parts go in order; each applies only what
-        // continues the sequence, so a part after one that failed applies
-        // nothing (exactly once holds; the agent sends the rest again).
+        // huge transaction. The parts go one after another, each once the one
+        // before committed (one queued write per batch, as for backpressure);
+        // each applies only what continues the sequence. A part that fails, or
+        // does not cover all its events, ends the batch: the answer is what
+        // committed (a 200 acknowledging that prefix, with its rejections, so
+        // nothing refused is lost; the agent sends the rest again), or the
+        // failure when nothing did.
         let parts = BrokerStore.applyParts(events.sorted { $0.seq < $1.seq }, maxWeight: BrokerStore.applyWeightPerTransaction)
-        var outcomes: [Result<ApplyOutcome, any Error>?] = Array(repeating: nil, count: parts.count)
-        var answered = 0
-        for (k, part) in parts.enumerated() {
-            let ids = part.events.map { _ in secureID() }, batch = part.events
-            writer.submit({ txn in try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn) }, weight: part.weight)
-            {
-                [self] result in
-                outcomes[k] = result
-                answered += 1
-                if answered == parts.count {
-                    answerBatch(ApplyOutcome.merged(outcomes.map { $0! }), domain: domain, agent: agent, key, responder)
+        var done: [ApplyOutcome] = []
+        func submit(_ k: Int) {
+            let batch = parts[k].events, ids = batch.map { _ in secureID() }
+            writer.submit(
+                { txn in try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn) }, weight: parts[k].weight
+            ) { [self] result in
+                switch result {
+                case .success(let o):
+                    done.append(o)
+                    if k + 1 < parts.count, o.ackedThrough >= batch[batch.count - 1].seq {
+                        submit(k + 1)
+                        return
+                    }
+                    answerBatch(.success(ApplyOutcome.merged(done)), domain: domain, agent: agent, key, responder)
+                case .failure(let error):
+                    if !done.isEmpty {
+                        logger.error(
+                            "apply failed part-way: the committed part is acknowledged",
+                            metadata: ["domain": .string(domain), "error": .string("\(error)")])
+                    }
+                    answerBatch(
+                        done.isEmpty ? .failure(error) : .success(ApplyOutcome.merged(done)), domain: domain, agent: agent, key, responder)
                 }
             }
         }
+        submit(0)
     }
 
     private func answerBatch(

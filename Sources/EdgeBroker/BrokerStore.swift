@@ -202,18 +202,12 @@ public struct RelayEvent: Sendable {
 }
 
 extension ApplyOutcome {
-    /// The outcome of a batch applied in parts, in sequence order: what the
-    /// parts applied together; a part's gap counts only when nothing was
-    /// applied before it (as in one transaction); any part's failure fails
-    /// the batch (what committed stays: the agent's resend skips it).
-    static func merged(_ parts: [Result<ApplyOutcome, any Error>]) -> Result<ApplyOutcome, any Error> {
-        var all: ApplyOutcome?
-        for part in parts {
-            guard case .success(let o) = part else { return part }
-            guard var m = all else {
-                all = o
-                continue
-            }
+    /// The outcome of a batch applied in consecutive parts, in sequence
+    /// order: what the parts applied together; a part's gap counts only when
+    /// nothing was applied before it (as in one transaction).
+    static func merged(_ parts: [ApplyOutcome]) -> ApplyOutcome {
+        guard var m = parts.first else { return ApplyOutcome(ackedThrough: 0) }
+        for o in parts.dropFirst() {
             if m.applied == 0, m.expectedSequence == nil { m.expectedSequence = o.expectedSequence }
             m.ackedThrough = max(m.ackedThrough, o.ackedThrough)
             m.rejected.merge(o.rejected) { a, _ in a }
@@ -222,9 +216,8 @@ extension ApplyOutcome {
             m.duplicates += o.duplicates
             m.acceptedAt += o.acceptedAt
             m.fanout.merge(o.fanout, uniquingKeysWith: +)
-            all = m
         }
-        return .success(all ?? ApplyOutcome(ackedThrough: 0))
+        return m
     }
 }
 
@@ -344,7 +337,7 @@ extension BrokerStore {
                 acceptedAt: acceptedAt, txn)
             return queued + (try memberLeft(brokerID, groups: left, trace: trace, acceptedAt: acceptedAt, txn))
         case "urn:ietf:params:SCIM:event:prov:create:full", "urn:ietf:params:SCIM:event:prov:put:full",
-            "urn:ietf:params:SCIM:event:prov:patch:full":
+            "urn:ietf:params:SCIM:event:prov:patch:full", BrokerStore.attributesEvent:
             guard var data = body["data"]?.objectValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'data'") }
             // Namespaced by domain: the broker's own stable id, the source kept beside it.
             let brokerID = existing?["id"]?.stringValue ?? newID
@@ -360,11 +353,18 @@ extension BrokerStore {
             // directory names them by broker id (unknown ones are not federated).
             // They go to the members index, not into the stored group.
             var touched: [String] = []
-            if type == "Group", body["membersUnchanged"]?.boolValue == true {
+            if uri == BrokerStore.attributesEvent {
+                // Protocol 3: the group's attributes alone; its members stand.
+                guard type == "Group" else {
+                    throw SCIMError.invalidValue("event \(event.seq): an attributes event names a group, not \(ref)")
+                }
                 guard existing != nil else {
                     // Nothing to keep: refused, so the agent sends the whole group at its next change.
                     throw SCIMError.invalidValue(
                         "event \(event.seq): the attributes of \(ref) without its members, which this broker does not hold")
+                }
+                guard data["members"] == nil else {
+                    throw SCIMError.invalidValue("event \(event.seq): an attributes event carries no 'members'")
                 }
                 // Protocol 3: the attributes alone; the members stand (their changes come as members events).
                 data["members"] = nil
@@ -390,6 +390,13 @@ extension BrokerStore {
                 throw SCIMError.invalidValue("event \(event.seq): members change for \(ref), which this broker does not hold")
             }
             let added = body["added"]?.arrayValue ?? [], removed = body["removed"]?.arrayValue ?? []
+            // Checked before anything changes: a refused event leaves nothing half applied.
+            guard removed.allSatisfy({ $0.stringValue != nil }) else {
+                throw SCIMError.invalidValue("event \(event.seq): 'removed' holds member ids (strings)")
+            }
+            guard added.allSatisfy({ $0["value"]?.stringValue != nil }) else {
+                throw SCIMError.invalidValue("event \(event.seq): 'added' holds members ({\"value\": id})")
+            }
             var data = existing
             var touched: [String] = []
             for r in removed {
@@ -442,12 +449,15 @@ extension BrokerStore {
     }
 
     /// The relay protocol this broker speaks (docs/protocol.md): 2 adds
-    /// `membersEvent`, 3 a group's attributes without its members
-    /// (`membersUnchanged`); it says so in every 200.
+    /// `membersEvent`, 3 `attributesEvent` (a group's attributes without its
+    /// members); it says so in every 200.
     public static let protocolVersion = 3
     /// A group's members added and removed (protocol 2): `ref`, `version`,
     /// `added` (members, `{"value": id}` in the agent's ids), `removed` (ids).
     public static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
+    /// Protocol 3: a group's attributes without its members, which stand (a
+    /// broker that does not know it refuses it: the agent then sends the group whole).
+    public static let attributesEvent = "urn:scim-edge:params:event:prov:patch:attributes"
 
     /// Stands in for an event the broker refused on its own (docs/protocol.md).
     public static let undeliverableEvent = "urn:scim-edge:params:event:undeliverable"
@@ -457,3 +467,8 @@ extension BrokerStore {
 }
 
 func secureID() -> String { hexString(secureRandomBytes(16)) }
+
+/// Whether `text` has the form of a broker id (`secureID`: 32 lowercase hex digits).
+func isBrokerID(_ text: String) -> Bool {
+    text.utf8.count == 32 && text.utf8.allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
+}

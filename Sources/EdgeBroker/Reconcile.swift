@@ -81,7 +81,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
     report.trace = trace
     // Memory holds a page of accounts and a chunk of resources, whatever the
     // target's size: the accounts go to a scratch LMDB file of this run's.
-    let scratch = try ReconcileScratch()
+    let scratch = try ReconcileScratch(in: store.environment.options.path)
     defer { scratch.remove() }
     func mapping(_ brokerID: String) throws -> TargetMapping? { try store.mapping(target: target.name, brokerID: brokerID) }
     // Groups are listed and compared without their members (a route that
@@ -294,24 +294,50 @@ final class ReconcileScratch {
     let external: Database
     let claimed: Database
 
-    init() throws {
-        var template = Array("/tmp/scim-broker-reconcile.XXXXXX".utf8CString)
+    /// In `directory` (the broker's data directory: storage meant for the
+    /// broker's data, not a tmpfs), named by this process, so a run that was
+    /// killed leaves nothing for long: the next one removes the scratch of
+    /// processes that are gone.
+    init(in directory: String) throws {
+        ReconcileScratch.removeAbandoned(in: directory)
+        var template = Array("\(directory)/reconcile.\(getpid()).XXXXXX".utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw ReconcileError.target("cannot create a temporary directory for reconcile")
+            throw ReconcileError.target("cannot create a scratch directory for reconcile in \(directory): errno \(errno)")
         }
         path = String(cString: made)
-        var o = EnvironmentOptions(path: path)
-        o.unsafeNoSync = true  // scratch: nothing here must survive the run
-        environment = try Environment(o)
-        accounts = try environment.openDatabase("accounts")
-        external = try environment.openDatabase("external")
-        claimed = try environment.openDatabase("claimed")
+        do {
+            var o = EnvironmentOptions(path: path)
+            o.unsafeNoSync = true  // scratch: nothing here must survive the run
+            environment = try Environment(o)
+            accounts = try environment.openDatabase("accounts")
+            external = try environment.openDatabase("external")
+            claimed = try environment.openDatabase("claimed")
+        } catch {
+            ReconcileScratch.remove(path)
+            throw error
+        }
     }
 
-    func remove() {
+    static func remove(_ path: String) {
         for f in ["data.mdb", "lock.mdb"] { unlink(path + "/" + f) }
         rmdir(path)
     }
+
+    /// Scratch directories of reconcile runs whose process is gone.
+    static func removeAbandoned(in directory: String) {
+        guard let dir = opendir(directory) else { return }
+        var abandoned: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            let parts = name.split(separator: ".")
+            guard parts.count == 3, parts[0] == "reconcile", let pid = Int32(parts[1]) else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH { abandoned.append(directory + "/" + name) }
+        }
+        closedir(dir)
+        for path in abandoned { remove(path) }
+    }
+
+    func remove() { ReconcileScratch.remove(path) }
 
     /// Empties it for the next type.
     func clear() throws {
@@ -334,8 +360,10 @@ final class ReconcileScratch {
         try environment.write { txn in
             for o in page {
                 guard let id = o["id"]?.stringValue, !id.isEmpty else { continue }
-                try txn.put(accounts, Array(id.utf8), JSON.object(o).serialized())
-                if let e = o["externalId"]?.stringValue, !e.isEmpty { try txn.put(external, Array(e.utf8), Array(id.utf8)) }
+                // LMDB keys hold at most 511 bytes: a longer id is kept under its digest.
+                try txn.put(accounts, ReconcileScratch.key(id), JSON.object(o).serialized())
+                // Relinking looks up broker ids only: other externalIds (DNs, URNs of any length) are not indexed.
+                if let e = o["externalId"]?.stringValue, isBrokerID(e) { try txn.put(external, Array(e.utf8), Array(id.utf8)) }
             }
         }
     }
@@ -352,7 +380,13 @@ final class ReconcileScratch {
         try environment.read { txn in try txn.get(external, Array(externalID.utf8)).map { String(decoding: $0, as: UTF8.self) } }
     }
 
-    func claim(_ id: String) throws { try environment.write { txn in try txn.put(claimed, Array(id.utf8), []) } }
+    func claim(_ id: String) throws { try environment.write { txn in try txn.put(claimed, ReconcileScratch.key(id), []) } }
+
+    /// An account's key: its id, or for an id too long for an LMDB key its SHA-256 (hex).
+    static func key(_ id: String) -> [UInt8] {
+        let bytes = Array(id.utf8)
+        return bytes.count <= 400 ? bytes : Array(("#" + hexString(sha256(bytes))).utf8)
+    }
 
     /// The accounts nothing claimed, in id order, a chunk at a time.
     func forEachUnclaimed(_ body: (String, JSONObject) throws -> Void) throws {
@@ -365,8 +399,10 @@ final class ReconcileScratch {
                 try txn.scan(accounts, from: from) { k, v in
                     seen += 1
                     last = Array(k)
-                    if try txn.get(claimed, Array(k)) == nil, let o = try JSONParser.parse(v, limits: .stored).objectValue {
-                        chunk.append((String(decoding: k, as: UTF8.self), o))
+                    if try txn.get(claimed, Array(k)) == nil, let o = try JSONParser.parse(v, limits: .stored).objectValue,
+                        let id = o["id"]?.stringValue
+                    {
+                        chunk.append((id, o))
                     }
                     return seen < 500
                 }

@@ -91,20 +91,24 @@ final class MembershipDeltaTests: XCTestCase {
 
         // Protocol 3: the attributes alone keep the members; for a group the
         // broker does not hold, they are refused (the agent then sends it whole).
-        func attributes(_ seq: UInt64, _ group: String, _ name: String) -> RelayEvent {
-            event(
-                seq, "urn:ietf:params:SCIM:event:prov:patch:full",
-                [
-                    "ref": .string("/Groups/\(group)"), "membersUnchanged": true,
-                    "data": [
-                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string(group), "displayName": .string(name),
-                    ],
-                ])
+        func attributes(_ seq: UInt64, _ group: String, _ name: String, members: JSON? = nil) -> RelayEvent {
+            var data: JSONObject = [
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string(group), "displayName": .string(name),
+            ]
+            if let members { data["members"] = members }
+            return event(seq, BrokerStore.attributesEvent, ["ref": .string("/Groups/\(group)"), "data": .object(data)])
         }
-        outcome = try apply(store, [attributes(11, "g1", "G"), attributes(12, "nope", "N")])
+        outcome = try apply(
+            store, [attributes(11, "g1", "G"), attributes(12, "nope", "N"), attributes(13, "g1", "G", members: [["value": "u1"]])])
         XCTAssertEqual(outcome.applied, 1)
         XCTAssertTrue(outcome.rejected[12]?.contains("does not hold") ?? false, "\(outcome.rejected)")
+        XCTAssertTrue(outcome.rejected[13]?.contains("no 'members'") ?? false, "\(outcome.rejected)")
         XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"], "members kept")
+
+        // A members event refused for a bad element leaves nothing half applied.
+        outcome = try apply(store, [event(14, BrokerStore.membersEvent, ["ref": "/Groups/g1", "removed": ["u2", 7]])])
+        XCTAssertNotNil(outcome.rejected[14])
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"], "u2 still a member")
     }
 
     /// Removing a group leaves its members in the index for a sweep, a
