@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeMetrics
@@ -660,28 +661,5 @@ extension HTTPResponse {
         var r = self
         r.headers.set(name, value)
         return r
-    }
-}
-
-/// Latencies of the last 10 s for the /metrics summaries: per-second
-/// histograms (`RecentLatencies`), so a scrape costs the same whatever the
-/// traffic and memory is fixed.
-struct RecentSamples {
-    private var latencies = RecentLatencies(windowSeconds: 10)
-
-    mutating func add(at: Int64, seconds: Double) {
-        latencies.record(UInt64(max(0, seconds) * 1_000_000), atMillis: at)
-    }
-
-    /// Quantiles `qs` over the last 10 s, in seconds.
-    func quantiles(_ qs: [Double]) -> (count: Int, values: [Double]) {
-        let window = latencies.window(nowMillis: unixMilliseconds())
-        return (Int(window.count), qs.map { Double(window.quantile($0)) / 1_000_000 })
-    }
-
-    func summary(_ name: String, _ help: String) -> String {
-        let (n, q) = quantiles([0.5, 0.99])
-        return "# HELP \(name) \(help)\n# TYPE \(name) summary\n"
-            + "\(name){quantile=\"0.5\"} \(q[0])\n\(name){quantile=\"0.99\"} \(q[1])\n\(name)_count \(n)\n"
     }
 }

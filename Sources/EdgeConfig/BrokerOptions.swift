@@ -107,6 +107,8 @@ public enum BrokerOptions {
             windowSeconds, collisions, namespaceUserName, namespaceDisplayName, linkAttribute, linkSourceOfRecord, maxMembersPerPatch,
             breakerThreshold, timeoutMs, rename, drop, constant, routes,
         ]
+        /// The keys of an app target (all but `domain`): an agent's local targets take these.
+        public static let app: [OptionSpec] = all.filter { $0.key != "domain" }
     }
 
     public static let targets = OptionSpec(

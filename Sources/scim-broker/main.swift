@@ -1,6 +1,7 @@
 import ArgumentParser
 import EdgeBroker
 import EdgeConfig
+import EdgeDelivery
 import EdgeLog
 import EdgeLoop
 import EdgeTLS
@@ -411,7 +412,7 @@ struct Reconcile: ParsableCommand {
         guard let target = targets.first(where: { $0.name == name }) else {
             throw CommandFailure("no target \(name) in the configuration (give --config or --target \(name)=URL)")
         }
-        let report = try EdgeBroker.reconcile(store: store, target: target, apply: apply)
+        let report = try EdgeDelivery.reconcile(store: store, target: target, apply: apply)
         if json { emitLine(report.json.serializedString); return }
         emitLine(
             "\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "

@@ -45,7 +45,8 @@ public enum ReconcileError: Error, CustomStringConvertible {
 /// should hold; with `apply`, queues the fixes: create the missing, fix
 /// drift (full PUT), deactivate the strays the broker created.
 /// Runs its own loop: for the CLI, beside (or without) a running broker.
-public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport {
+package func reconcile(store: some DeliveryTables, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport
+{
     let loop = try EventLoop()
     defer { _ = loop.close() }
     var tls: TLSContext?
@@ -109,11 +110,8 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
         var wanted: [(brokerID: String, want: JSONObject, candidates: [String], link: String?)] = []
         var linkedUsers: [String: [LinkedResource]] = [:]
         let link = type == "User" ? target.collisions.linkPolicy : nil
-        for resource in try store.all(type, budget: Int.max, members: type == "User" || groupsWithMembers) {
-            guard let brokerID = resource["id"]?.stringValue,
-                let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
-                target.routes(domain: domain, type: type, resource)
-            else { continue }
+        for (domain, _, resource) in try store.directoryEntries(type, members: type == "User" || groupsWithMembers) {
+            guard let brokerID = resource["id"]?.stringValue, target.routes(domain: domain, type: type, resource) else { continue }
             if let link, let value = link.value(of: resource, domain: domain) {
                 linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
                 continue
@@ -219,7 +217,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
 /// differing members queued (`repairGroupMembers`); any other gets a full
 /// PUT. Returns whether they differ.
 func reconcileMembers(
-    store: BrokerStore, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
+    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
     byTargetID: [String: String], held: JSON?, apply: Bool, trace: String
 ) throws -> Bool {
     // A target that leaves `members` out of a GET of the group says nothing of them.
@@ -259,7 +257,7 @@ func reconcileMembers(
 /// Whether the target's value holds what the broker sends: objects by
 /// the broker's members (a target may add defaults), lists element by
 /// element in any order, strings and numbers exactly.
-func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
+package func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
     guard let have else { return want.isNull || want.arrayValue?.isEmpty == true }
     switch (want, have) {
     case (.object(let w), .object(let h)):
@@ -273,8 +271,8 @@ func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
     }
 }
 
-extension BrokerStore {
-    func forgetMapping(target: String, type: String, brokerID: String) throws {
+extension DeliveryTables {
+    package func forgetMapping(target: String, type: String, brokerID: String) throws {
         try environment.write { txn in try setMapping(target: target, type: type, brokerID: brokerID, nil, txn) }
     }
 }
