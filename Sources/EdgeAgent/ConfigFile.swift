@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLDAP
 import EdgeLoop
@@ -123,7 +124,12 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
             inbound.finish()
         },
         .init(section: AgentOptions.sources, AgentConfiguration.decodeSources),
+        .init(section: AgentOptions.targets, AgentConfiguration.decodeTargets),
     ])
+
+/// The keys of one entry of `targets` (an app's: no `domain`), the broker's
+/// bindings (`makeTargetOptionTable`).
+public let localTargetOptionTable = makeTargetOptionTable(domain: nil)
 
 /// The keys of one entry of `sources` bound to `SourceConfiguration`.
 public let sourceOptionTable = OptionTable<SourceConfiguration>(
@@ -256,6 +262,46 @@ extension AgentConfiguration {
 }
 
 extension AgentConfiguration {
+    /// `targets:`, each entry through `localTargetOptionTable` and the
+    /// collision keys; a name defined twice, a missing url and a route on
+    /// group members (the agent routes a group by its attributes) are
+    /// refused at their own line.
+    static func decodeTargets(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+        guard case .sequence(let items, _) = node else {
+            d.error(path, "must be a list ('- …' entries)", at: node.mark)
+            return
+        }
+        var names: [String: Int] = [:]
+        for (i, item) in items.enumerated() {
+            let at = "\(path)[\(i)]"
+            d.record(at, item.mark)
+            guard var m = YAMLMapping(item, path: at, d) else { continue }
+            var target = localTargetOptionTable.defaults(try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
+            let before = d.problems.count
+            localTargetOptionTable.decode(&m, into: &target)
+            target.decodeCollisions(&m, domains: [])
+            if !m.has("url") {
+                m.problem("url", "is required: the app's SCIM base URL", fix: "add 'url: https://…/scim/v2'")
+            }
+            if target.groupRoutesReadMembers {
+                m.problem(
+                    "routes", "a local target's route cannot filter groups on their members (the agent routes a group by its attributes)",
+                    fix: "filter on displayName or externalId, or route the group whole")
+            }
+            m.finish()
+            guard d.problems.count == before else { continue }
+            if let line = names[target.name] {
+                d.error(
+                    "\(at).name", "target '\(target.name)' is defined twice (first at line \(line))", fix: "give each target its own name")
+                continue
+            }
+            names[target.name] = d.mark("\(at).name")?.line ?? 0
+            config.targets.append(target)
+        }
+    }
+}
+
+extension AgentConfiguration {
     /// Where every run starts, with a file or with flags only: the table's
     /// defaults (`AgentOptions`).
     public static var defaults: AgentConfiguration {
@@ -280,6 +326,19 @@ extension AgentConfiguration: YAMLConfiguration {
             top.problem(
                 "inbound", "needs broker: the downlink is fetched over the relay's connection",
                 fix: "add broker: {url, ca, cert, key, domain}")
+        }
+        // A local target's route names source domains: this agent's own, or one that enters through inbound.
+        let known = [config.relay?.domain ?? AgentStore.standaloneDomain] + (config.inbound?.accept.flatMap(\.domains) ?? [])
+        for (i, t) in config.targets.enumerated() {
+            for (r, route) in t.routes.enumerated() {
+                for (j, domain) in route.domains.enumerated() where !known.contains(domain) {
+                    let key = "targets[\(i)].routes[\(r)].domains[\(j)]"
+                    d.warning(
+                        key,
+                        "domain '\(domain)' is neither this agent's (\(known[0])) nor one its inbound policy accepts: the route carries nothing of it",
+                        at: d.mark(key) ?? d.mark("targets[\(i)]"), fix: "name one of " + known.joined(separator: ", "))
+                }
+            }
         }
         if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
             top.problem(
@@ -441,6 +500,7 @@ extension AgentConfiguration {
             if let file = source.tokenFile { checks.file(file, at: "sources[\(i)].tokenFile", secret: true) }
             if let ca = source.tls.caFile { checks.file(ca, at: "sources[\(i)].tls.ca") }
         }
+        for (i, t) in targets.enumerated() { t.checkFiles(&checks, at: "targets[\(i)]") }
         if let relay, let cert = relay.tls.certificateChainFile,
             let summary = checks.certificate(
                 cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, at: ("broker.cert", "broker.key", "broker.ca")),

@@ -315,87 +315,10 @@ public final class BrokerService {
             sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
         out += propagation.summary(
             "scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
-        if !workers.isEmpty { out += fanoutMetrics() }
+        if !workers.isEmpty { out += targetMetrics(workers, prefix: "scim_broker") }
         if !feeds.destinations.isEmpty { out += downlinkMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
-        return out
-    }
-
-    func fanoutMetrics() -> String {
-        var out = ""
-        func header(_ name: String, _ type: String, _ help: String) { out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
-        header("scim_broker_target_requests_total", "counter", "Requests to targets by method and status class (error: no response).")
-        for w in workers {
-            for (key, n) in w.statistics.requests.sorted(by: { $0.key < $1.key }) {
-                let parts = key.split(separator: " ")
-                out += "scim_broker_target_requests_total{target=\"\(w.target.name)\",method=\"\(parts[0])\",class=\"\(parts[1])\"} \(n)\n"
-            }
-        }
-        func perTarget(_ name: String, _ type: String, _ help: String, _ value: (TargetWorker) -> String) {
-            header(name, type, help)
-            for w in workers { out += "\(name){target=\"\(w.target.name)\"} \(value(w))\n" }
-        }
-        perTarget("scim_broker_target_queue_depth", "gauge", "Changes queued for the target.") { String($0.depth) }
-        perTarget("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
-            w.oldestQueuedAt == 0 || w.depth == 0 ? "0" : String(Double(max(0, unixMilliseconds() - w.oldestQueuedAt)) / 1000)
-        }
-        perTarget("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String($0.statistics.delivered) }
-        perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
-            String($0.statistics.deadLettered)
-        }
-        perTarget(
-            "scim_broker_target_retries_total", "counter",
-            "Deliveries retried after a network error, a 5xx other than 501, or a store read error."
-        ) { String($0.statistics.retries) }
-        perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String($0.statistics.throttled) }
-        perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String($0.statistics.adopted) }
-        perTarget(
-            "scim_broker_target_member_steps_total", "counter",
-            "Group PATCHes sent from the member index (only the members that changed)."
-        ) { String($0.statistics.memberSteps) }
-        perTarget(
-            "scim_broker_target_whole_group_reads_total", "counter",
-            "Group deliveries that read the whole group (a target without PATCH, collisions: link, routes on members, an old store)."
-        ) { String($0.statistics.wholeGroupReads) }
-        perTarget(
-            "scim_broker_target_collisions_total", "counter",
-            "Changes refused (dead letters) because the account at the target belongs to another resource."
-        ) {
-            String($0.statistics.collisions)
-        }
-        perTarget(
-            "scim_broker_target_linked_accounts", "gauge",
-            "Accounts two users or more of different domains share (collisions: link; read every second)."
-        ) { String($0.linkedAccounts) }
-        perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
-        perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") {
-            $0.breakerState == .open ? "1" : "0"
-        }
-        perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") {
-            $0.deletesPaused ? "1" : "0"
-        }
-        perTarget(
-            "scim_broker_target_credentials_refused", "gauge",
-            "1 while the target refuses the credentials or the TLS handshake (paused, queue kept)."
-        ) { $0.credentialsRefused ? "1" : "0" }
-        header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
-        for w in workers {
-            let (n, q) = w.recent.quantiles([0.5, 0.99])
-            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.5\"} \(q[0])\n"
-            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.99\"} \(q[1])\n"
-            out += "scim_broker_target_propagation_seconds_count{target=\"\(w.target.name)\"} \(n)\n"
-        }
-        header("scim_broker_target_delivery_seconds", "histogram", "From the agent accepting a change to the target's answer.")
-        for w in workers {
-            let s = w.statistics
-            for (i, b) in TargetStatistics.latencyBuckets.enumerated() {
-                out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"\(b)\"} \(s.latencyCounts[i])\n"
-            }
-            out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"+Inf\"} \(s.latencyCount)\n"
-            out += "scim_broker_target_delivery_seconds_sum{target=\"\(w.target.name)\"} \(s.latencySum)\n"
-            out += "scim_broker_target_delivery_seconds_count{target=\"\(w.target.name)\"} \(s.latencyCount)\n"
-        }
         return out
     }
 
@@ -619,7 +542,7 @@ public final class BrokerService {
                 }
                 statistics.eventsApplied += outcome.applied
                 statistics.membershipDeltas += outcome.membershipDeltas
-                for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
+                for w in workers where outcome.fanout[w.target.name] != nil { w.kick() }
                 feeds.changed(outcome.fanout.keys)
                 recordPropagation(outcome.acceptedAt)
                 statistics.duplicates += outcome.duplicates

@@ -497,6 +497,12 @@ extension DeliveryTables {
 
     /// Queue depth and the oldest item's queue time (Unix ms; 0: empty).
     package func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
+        let d = try queueCount(target: target)
+        return (d.count, d.oldest)
+    }
+
+    /// The queue's depth, the oldest item's queue time and the last key, in one snapshot.
+    package func queueCount(target: String) throws -> (count: Int, oldest: Int64, last: [UInt8]?) {
         let fanout = self.fanout
         return try environment.read { txn in
             var n = 0
@@ -506,7 +512,29 @@ extension DeliveryTables {
                 n += 1
                 return true
             }
-            return (n, oldest)
+            var last: [UInt8]?
+            try txn.scanKeys(fanout, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k in
+                last = k
+                return false
+            }
+            return (n, oldest, last)
+        }
+    }
+
+    /// How many items were queued for `target` after the key `after` (nil:
+    /// from the first), and the last one's key: what a worker has not
+    /// counted yet, in O(new items).
+    package func queuedSince(target: String, after: [UInt8]?) throws -> (count: Int, last: [UInt8]?) {
+        let fanout = self.fanout
+        return try environment.read { txn in
+            var n = 0
+            var last = after
+            try txn.scanKeys(fanout, from: after.map { $0 + [0] } ?? prefixed(target, []), to: prefixEnd(target)) { k in
+                n += 1
+                last = k
+                return true
+            }
+            return (n, last)
         }
     }
 

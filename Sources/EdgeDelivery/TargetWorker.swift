@@ -105,8 +105,12 @@ public final class TargetWorker {
     /// The form of member removal this target takes: learnt from a 501 to
     /// the other one (kept for this run; a restart costs one more 501).
     var memberRemoval = MemberRemovalForm.filter
-    /// Items queued and not yet completed (refreshed from LMDB periodically).
+    /// Items queued and not yet completed: counted at start, then what each
+    /// `kick` finds queued after `counted`, less what completes (counted
+    /// again from LMDB every 10 s).
     public private(set) var depth = 0
+    /// The last queue key `depth` counts.
+    private var counted: [UInt8]?
     public private(set) var oldestQueuedAt: Int64 = 0
     private var timer: LoopTimer?
     private var ticks = 0
@@ -152,10 +156,11 @@ public final class TargetWorker {
 
     /// `timer` false: the caller drives `tick()` (tests on a simulated clock).
     package func start(timer: Bool = true) throws {
-        let depth = try store.queueDepth(target: target.name)
+        let depth = try store.queueCount(target: target.name)
         self.depth = depth.count
         oldestQueuedAt = depth.oldest
-        recoveredThrough = try store.lastQueueKey(target: target.name)
+        recoveredThrough = depth.last
+        counted = depth.last
         let g = try store.deletionGuard(target: target.name)
         deletionGate.refresh(pausedSince: g.pausedSince, confirmedAt: g.confirmedAt, rejectedAt: g.rejectedAt)
         if timer {
@@ -185,10 +190,15 @@ public final class TargetWorker {
         transport.close()
     }
 
-    /// New items were queued (by an apply, or a write at the agent).
-    package func kick(queued: Int) {
-        depth += queued
-        if oldestQueuedAt == 0 && queued > 0 { oldestQueuedAt = clock.unix() }
+    /// New items may have been queued (by an apply, a write at the agent, a
+    /// delivery's completion, another process): they are counted (the keys
+    /// after the last one counted, O(new)), loaded and sent.
+    package func kick() {
+        if let new = try? store.queuedSince(target: target.name, after: counted), new.count > 0 {
+            depth += new.count
+            counted = new.last
+            if oldestQueuedAt == 0 { oldestQueuedAt = clock.unix() }
+        }
         load()
         pump()
     }
@@ -209,7 +219,7 @@ public final class TargetWorker {
     /// queue show up at the next count).
     private func refreshFromStore() {
         let recount = ticks % 400 == 0
-        if recount, let d = try? store.queueDepth(target: target.name) { depth = d.count; oldestQueuedAt = d.oldest }
+        if recount, let d = try? store.queueCount(target: target.name) { (depth, oldestQueuedAt, counted) = (d.count, d.oldest, d.last) }
         // After a rejection, the guard changes only once the rejected removals are out of `pending`.
         if let g = try? store.deletionGuard(target: target.name), g.rejectedAt == deletionGate.rejectedAt || dropRejectedRemovals() {
             switch deletionGate.refresh(pausedSince: g.pausedSince, confirmedAt: g.confirmedAt, rejectedAt: g.rejectedAt) {
@@ -312,6 +322,10 @@ public final class TargetWorker {
             let recovered = recoveredThrough.map { !$0.lexicographicallyPrecedes(key) } ?? false
             pending.append(Pending(key: key, item: item, recovered: recovered))
             lastLoaded = key
+            if counted.map({ $0.lexicographicallyPrecedes(key) }) ?? true {
+                depth += 1  // queued by another process since the last kick
+                counted = key
+            }
         }
     }
 
@@ -684,7 +698,7 @@ public final class TargetWorker {
             switch result {
             case .success(let queued):
                 // A user's account changed there: the groups it joins or leaves were queued.
-                if queued > 0 { kick(queued: queued) }
+                if queued > 0 { kick() }
                 let done = Set(keys)
                 pending.removeAll { done.contains($0.key) }
                 depth = max(0, depth - keys.count)

@@ -216,10 +216,7 @@ struct UnknownTarget: Error, CustomStringConvertible {
     }
 }
 
-func formatTime(_ ms: Int64?) -> String {
-    guard let ms, ms > 0 else { return "-" }
-    return formatDateTime(secondsSinceEpoch: ms / 1000, milliseconds: Int(ms % 1000))
-}
+func formatTime(_ ms: Int64?) -> String { TargetReports.time(ms) }
 
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -235,7 +232,6 @@ struct TargetStatus: ParsableCommand {
 
     func run() throws {
         let (store, configured) = try options.open()
-        let letters = try store.deadLetters(target: nil)
         // Boundaries (`domain:`): their agent fetches the queue; no worker saves a status for them.
         for t in configured where t.destination != nil {
             let depth = try store.queueDepth(target: t.name), feed = try store.feedPosition(target: t.name)
@@ -255,35 +251,10 @@ struct TargetStatus: ParsableCommand {
                     + "\tfeed issued \(feed.issued), acknowledged \(feed.acked), unacknowledged \(feed.unacked) (oldest \(formatTime(oldestFeed)))"
             )
         }
-        let statuses = try store.targetStatuses()
-        if statuses.isEmpty && !json && !configured.contains(where: { $0.destination != nil }) {
-            emitLine("nothing to show: no target has state in this broker")
-        }
-        for (name, saved) in statuses {
-            var status = saved
-            // With --config: a target that left it keeps its queue until `targets forget`.
-            let removed = options.config != nil && !configured.contains { $0.name == name }
-            if removed { status["removed"] = .bool(true) }
-            let depth = try store.queueDepth(target: name)
-            status["queued"] = .int(depth.count)
-            status["oldestQueuedAt"] = .number(JSONNumber(integer: depth.oldest))
-            status["deadLetters"] = .int(letters.filter { $0.target == name }.count)
-            status["deletesPaused"] = .bool(try store.deletionGuard(target: name).pausedSince != nil)
-            if json { emitLine(JSON.object(status).serializedString); continue }
-            let caps =
-                status["capabilities"]?.objectValue.map { c in
-                    c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
-                } ?? "-"
-            emitLine(
-                "\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
-                    + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
-                    + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
-                    + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
-                    + (status["linked"]?.numberValue.map { "\tlinked \($0.description)" } ?? "")
-                    + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
-                    + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
-                    + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))
-        }
+        let lines = try TargetReports.status(
+            store, configured: options.config != nil ? configured.map(\.name) : nil, json: json, command: "scim-broker",
+            noneYet: !configured.contains(where: { $0.destination != nil }))
+        for line in lines { emitLine(line) }
     }
 }
 
@@ -313,26 +284,8 @@ struct Held: ParsableCommand {
 
     func run() throws {
         let (store, _) = try options.open(target: name)
-        let (pausedSince, held) = try store.heldRemovals(target: name)
-        if json {
-            for h in held { emitLine(h.json.serializedString) }
-            return
-        }
-        guard let pausedSince else {
-            emitLine("\(name): the deletion guard holds nothing (removals flow)")
-            return
-        }
-        emitLine(
-            "\(name): \(held.count) removal\(held.count == 1 ? "" : "s") held by the deletion guard since \(formatTime(pausedSince))"
-                + " (targets confirm-deletes \(name) sends them, targets reject-deletes \(name) [SEQ…] drops them)")
-        for h in held { emitLine(describe(h)) }
+        for line in try TargetReports.held(store, target: name, json: json) { emitLine(line) }
     }
-}
-
-/// One held removal, one line (`held`, `reject-deletes`).
-func describe(_ h: HeldRemoval) -> String {
-    "#\(h.seq)\t\(h.item.operation.rawValue) \(h.item.type) \(h.item.brokerID)\t\(h.nameAttribute) \(h.name ?? "-")"
-        + "\tdomain \(h.domain ?? "-")\tqueued \(formatTime(h.item.queuedAt))\ttrace \(h.item.trace.isEmpty ? "-" : h.item.trace)"
 }
 
 struct RejectDeletes: ParsableCommand {
@@ -348,25 +301,10 @@ struct RejectDeletes: ParsableCommand {
     @Argument(help: "Queue sequences of held removals (#N or N); none: all held removals.") var seq: [String] = []
 
     func run() throws {
-        var seqs: [UInt64] = []
-        for s in seq {
-            guard let n = UInt64(s.hasPrefix("#") ? String(s.dropFirst()) : s) else {
-                throw ValidationError("\(s) is not a queue sequence (#N)")
-            }
-            seqs.append(n)
-        }
+        let (seqs, bad) = TargetReports.queueSequences(seq)
+        if let bad { throw ValidationError("\(bad) is not a queue sequence (#N)") }
         let (store, _) = try options.open(target: name)
-        let result = try store.rejectHeldRemovals(target: name, seqs: seqs.isEmpty ? nil : seqs)
-        guard !result.rejected.isEmpty else {
-            emitLine("\(name): the deletion guard holds nothing; nothing rejected")
-            return
-        }
-        for h in result.rejected { emitLine("rejected \(describe(h))") }
-        emitLine(
-            "\(name): \(result.rejected.count) held removal\(result.rejected.count == 1 ? "" : "s") rejected; "
-                + (result.resumed
-                    ? "nothing held any more: removals resume (the guard counts again from now)"
-                    : "\(result.stillHeld) still held (confirm-deletes or reject-deletes)"))
+        for line in try TargetReports.reject(store, target: name, seqs: seqs) { emitLine(line) }
     }
 }
 
@@ -391,10 +329,7 @@ struct Forget: ParsableCommand {
         guard stored.contains(name) else {
             throw UnknownTarget(name: name, known: stored, configured: false, forgetting: true)
         }
-        let gone = try store.forgetTarget(name)
-        emitLine(
-            "\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
-                + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
+        emitLine(TargetReports.forgotten(name, try store.forgetTarget(name)))
     }
 }
 
@@ -413,15 +348,7 @@ struct Reconcile: ParsableCommand {
             throw CommandFailure("no target \(name) in the configuration (give --config or --target \(name)=URL)")
         }
         let report = try EdgeDelivery.reconcile(store: store, target: target, apply: apply)
-        if json { emitLine(report.json.serializedString); return }
-        emitLine(
-            "\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
-                + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
-                + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : ""))
-        for id in report.missing { emitLine("missing\t\(id)") }
-        for d in report.drifted { emitLine("drifted\t\(d.brokerID)\t\(d.attributes.joined(separator: ","))") }
-        for s in report.strays { emitLine("stray\t\(s.targetID)\t(broker id \(s.brokerID))") }
-        if apply { emitLine("\(report.queued) fixes queued (trace \(report.trace))") }
+        for line in TargetReports.reconciled(name, report, apply: apply, json: json) { emitLine(line) }
     }
 }
 
@@ -439,18 +366,7 @@ struct DeadLetterList: ParsableCommand {
 
     func run() throws {
         let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
-        let letters = try store.deadLetters(target: only)
-        if letters.isEmpty && !json { emitLine("nothing to show: no dead letters" + (only.map { " for \($0)" } ?? "")) }
-        for (target, letter) in letters {
-            if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
-            emitLine(
-                "\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
-                    + "\t\(letter["method"]?.stringValue ?? "") \(letter["path"]?.stringValue ?? "") → \(letter["status"]?.numberValue?.description ?? "")"
-                    + "\t\(letter["type"]?.stringValue ?? "") \(letter["id"]?.stringValue ?? "")\ttrace \(letter["trace"]?.stringValue ?? "-")"
-            )
-            emitLine("  request:  \(letter["request"]?.stringValue ?? "")")
-            emitLine("  response: \(letter["response"]?.stringValue ?? "")")
-        }
+        for line in try TargetReports.deadLetters(store, only: only, json: json) { emitLine(line) }
     }
 }
 
@@ -502,32 +418,9 @@ struct Trace: ParsableCommand {
 
     func run() throws {
         let (store, _) = try options.open()
-        let hops = try store.trail(id)
-        guard !hops.isEmpty else { throw CommandFailure("nothing recorded for \(id)") }
-        for (brokerID, hop) in hops {
-            if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
-            var hop = hop
-            if let since = hop["heldSince"]?.numberValue?.integer, let target = hop["target"]?.stringValue {
-                hop["detail"] = .string(
-                    "held by the deletion guard of target \(target) since \(formatTime(since))"
-                        + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
-            }
-            var detail: [String] = []
-            for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
-                if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
-            }
-            emitLine(
-                "\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))"
-            )
-            for step in hop["steps"]?.arrayValue ?? [] { emitLine("\t\t  " + describeStep(step)) }
-        }
+        guard let lines = try TargetReports.trail(store, id, json: json) else { throw CommandFailure("nothing recorded for \(id)") }
+        for line in lines { emitLine(line) }
     }
-}
-
-/// One request of a delivery: `PATCH /scim/v2/Groups/… → 200`.
-func describeStep(_ step: JSON) -> String {
-    "\(step["method"]?.stringValue ?? "?") \(step["path"]?.stringValue ?? "?") → "
-        + (step["status"]?.numberValue.map { "\($0)" } ?? "no answer: \(step["error"]?.stringValue ?? "")")
 }
 
 struct Push: ParsableCommand {
@@ -578,7 +471,7 @@ struct Push: ParsableCommand {
             if let hop = try store.trail(brokerID).first(where: {
                 $0.hop["hop"]?.stringValue == "target \(name)" && ($0.hop["at"]?.numberValue?.integer ?? 0) >= queuedAt
             })?.hop {
-                for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + describeStep(step)) }
+                for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + TargetReports.describeStep(step)) }
                 let ok = hop["detail"]?.stringValue != "dead letter"
                 emitLine(
                     "result\t" + (ok ? "delivered" : "refused: a dead letter (`scim-broker deadletter list --for \(name)`)")

@@ -23,7 +23,9 @@ struct ScimEdge: ParsableCommand {
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
         subcommands: [
-            Serve.self, CheckConfig.self, Status.self, Sources.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
+            Serve.self, CheckConfig.self, Status.self, Sources.self, Outbox.self, DeadLetter.self, Targets.self, Resources.self,
+            Policy.self,
+            PKI.self,
             BenchCommand.self, SandboxCommand.self, Reference.self,
         ])
 }

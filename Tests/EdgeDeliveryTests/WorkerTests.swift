@@ -210,7 +210,7 @@ final class WorkerTests: XCTestCase {
 
     func queueUsers(_ n: Int, from k: Int = 0) throws {
         for i in k..<(k + n) { try store.writeUser("u\(i)", ["userName": .string("user\(i)")]) }
-        worker.kick(queued: n)
+        worker.kick()
         settle()
     }
 
@@ -251,7 +251,7 @@ final class WorkerTests: XCTestCase {
             return .success(created(r))
         }
         try store.writeUser("u0", ["userName": "user0"])
-        worker.kick(queued: 1)
+        worker.kick()
         settle()
         XCTAssertEqual(target.writes().count, 1)
         time.withLock { $0 += 299_975 }
@@ -364,7 +364,7 @@ final class WorkerTests: XCTestCase {
         try queueUsers(4)
         XCTAssertEqual(store.delivered(), 4)
         for i in 0..<4 { try store.writeUser("u\(i)", nil) }
-        worker.kick(queued: 4)
+        worker.kick()
         settle()
         XCTAssertEqual(target.writes("DELETE").count, 2, "two removals pass")
         XCTAssertTrue(worker.deletesPaused)
