@@ -57,6 +57,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        // The operator commands about targets, one definition for scim-broker and scim-edge (swift-argument-parser).
+        .target(
+            name: "EdgeTargetCommands",
+            dependencies: ["EdgeDelivery", "EdgeConfig", "EdgeLog", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
         .target(
             name: "EdgeAgent",
             dependencies: [
@@ -74,7 +79,7 @@ let package = Package(
         .executableTarget(
             name: "scim-broker",
             dependencies: [
-                "EdgeBroker", "EdgeDelivery", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS",
+                "EdgeBroker", "EdgeDelivery", "EdgeTargetCommands", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ], swiftSettings: strict),
@@ -85,7 +90,7 @@ let package = Package(
         .executableTarget(
             name: "scim-edge",
             dependencies: [
-                "EdgeAgent", "EdgeDelivery", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM",
+                "EdgeAgent", "EdgeDelivery", "EdgeTargetCommands", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ], swiftSettings: strict),

@@ -54,13 +54,7 @@ extension AgentStore: DeliveryTables {
     package func groupMemberIDs(_ group: String, after cursor: String?, limit: Int, _ txn: borrowing some StoreReading & ~Copyable) throws
         -> [String]
     {
-        let prefix = AgentStore.memberPrefix(group)
-        var ids: [String] = []
-        try txn.scanKeys(groupMembers, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix, to: Array(group.utf8) + [1]) { k in
-            ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
-            return ids.count < limit
-        }
-        return ids
+        try EdgeDelivery.groupMemberIDs(in: groupMembers, group, after: cursor, limit: limit, txn)
     }
 
     package func groupsHolding(_ member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {

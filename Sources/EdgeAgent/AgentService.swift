@@ -94,6 +94,8 @@ public final class AgentService {
     public private(set) var downlink: DownlinkPoller?
     /// One delivery worker per local target (docs/agent.md, "Local targets").
     public private(set) var targetWorkers: [TargetWorker] = []
+    /// Keeps the local targets' trail bounded (7 days), as the broker's.
+    private var trailSweeper: TrailSweeper?
     /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
     private(set) var sourceDrivers: [SourceDriver] = []
     private var sourceHolders: [SourceDriverHolder] = []
@@ -172,6 +174,10 @@ public final class AgentService {
                 try TargetWorker(target: t, store: store, writer: writer, loop: loop, logLabel: "scim-edge.target", command: "scim-edge"))
         }
         for w in targetWorkers { try w.start() }
+        if !targetWorkers.isEmpty {
+            trailSweeper = try TrailSweeper(store: store, writer: writer, loop: loop)
+            trailSweeper?.start()
+        }
         let workers = targetWorkers
         // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
         endpoint.onCommitted = { for w in workers { w.kick() } }
@@ -265,6 +271,7 @@ public final class AgentService {
         relay?.stop()
         downlink?.stop()
         for w in targetWorkers { w.stop() }
+        trailSweeper?.stop()
         // Sources stop reading; a batch they hand over from now on is not written (it is read again at the next start).
         for d in sourceDrivers { d.runner.stop() }
         for h in sourceHolders { h.driver = nil }

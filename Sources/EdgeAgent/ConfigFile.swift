@@ -221,19 +221,40 @@ func decodeSourceMapping(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostic
 }
 
 extension AgentConfiguration {
-    /// `sources:`, each entry through `sourceOptionTable`; a name defined twice is refused at its line.
-    static func decodeSources(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+    /// A list of named entries (`sources:`, `targets:`): each decoded by
+    /// `entry` (nil, or a problem recorded: unusable), a name defined twice
+    /// refused at its line (`what`: "source", "target").
+    static func decodeNamedList<Entry>(
+        _ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, what: String, name: (Entry) -> String,
+        _ entry: (inout YAMLMapping, _ at: String) -> Entry?
+    ) -> [Entry] {
         guard case .sequence(let items, _) = node else {
             d.error(path, "must be a list ('- …' entries)", at: node.mark)
-            return
+            return []
         }
         var names: [String: Int] = [:]
+        var out: [Entry] = []
         for (i, item) in items.enumerated() {
             let at = "\(path)[\(i)]"
             d.record(at, item.mark)
             guard var m = YAMLMapping(item, path: at, d) else { continue }
-            var source = sourceOptionTable.defaults(SourceConfiguration(name: "", url: "", baseDN: ""))
             let before = d.problems.count
+            guard let e = entry(&m, at), d.problems.count == before else { continue }
+            if let line = names[name(e)] {
+                d.error(
+                    "\(at).name", "\(what) '\(name(e))' is defined twice (first at line \(line))", fix: "give each \(what) its own name")
+                continue
+            }
+            names[name(e)] = d.mark("\(at).name")?.line ?? 0
+            out.append(e)
+        }
+        return out
+    }
+
+    /// `sources:`, each entry through `sourceOptionTable`; a name defined twice is refused at its line.
+    static func decodeSources(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+        config.sources += decodeNamedList(node, path, d, what: "source", name: \.name) { m, at in
+            var source = sourceOptionTable.defaults(SourceConfiguration(name: "", url: "", baseDN: ""))
             sourceOptionTable.decode(&m, into: &source)
             m.finish()
             // The kind against the scheme and the keys it needs, even when other keys have problems.
@@ -249,35 +270,17 @@ extension AgentConfiguration {
                 d.error("\(at).tokenFile", "a scim source needs tokenFile (its bearer token)")
             default: break
             }
-            guard d.problems.count == before else { continue }
-            if let line = names[source.name] {
-                d.error(
-                    "\(at).name", "source '\(source.name)' is defined twice (first at line \(line))", fix: "give each source its own name")
-                continue
-            }
-            names[source.name] = d.mark("\(at).name")?.line ?? 0
-            config.sources.append(source)
+            return source
         }
     }
-}
 
-extension AgentConfiguration {
     /// `targets:`, each entry through `localTargetOptionTable` and the
     /// collision keys; a name defined twice, a missing url and a route on
     /// group members (the agent routes a group by its attributes) are
     /// refused at their own line.
     static func decodeTargets(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
-        guard case .sequence(let items, _) = node else {
-            d.error(path, "must be a list ('- …' entries)", at: node.mark)
-            return
-        }
-        var names: [String: Int] = [:]
-        for (i, item) in items.enumerated() {
-            let at = "\(path)[\(i)]"
-            d.record(at, item.mark)
-            guard var m = YAMLMapping(item, path: at, d) else { continue }
+        config.targets += decodeNamedList(node, path, d, what: "target", name: \.name) { m, _ in
             var target = localTargetOptionTable.defaults(try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
-            let before = d.problems.count
             localTargetOptionTable.decode(&m, into: &target)
             target.decodeCollisions(&m, domains: [])
             if !m.has("url") {
@@ -289,14 +292,7 @@ extension AgentConfiguration {
                     fix: "filter on displayName or externalId, or route the group whole")
             }
             m.finish()
-            guard d.problems.count == before else { continue }
-            if let line = names[target.name] {
-                d.error(
-                    "\(at).name", "target '\(target.name)' is defined twice (first at line \(line))", fix: "give each target its own name")
-                continue
-            }
-            names[target.name] = d.mark("\(at).name")?.line ?? 0
-            config.targets.append(target)
+            return target
         }
     }
 }

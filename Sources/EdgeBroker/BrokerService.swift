@@ -125,10 +125,8 @@ public final class BrokerService {
     /// The downlink feeds of the targets that are boundaries, and their parked polls.
     var feeds = BrokerFeeds(destinations: [])
     /// Keeps the trail bounded: a few thousand keys per second, in the background.
-    private var sweepTimer: LoopTimer?
-    private var sweepCursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
-    private var sweeping = false
-    private var nextSweepPass: UInt64 = 0
+    /// Keeps the trail bounded (7 days).
+    private var sweeper: TrailSweeper?
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -165,8 +163,7 @@ public final class BrokerService {
         }
         feeds = BrokerFeeds(destinations: configuration.targets.filter { $0.destination != nil })
         for w in workers { try w.start() }
-        sweepTimer = try LoopTimer(loop: loop)
-        sweepTimer?.keepsLoopAlive = false
+        sweeper = try TrailSweeper(store: store, writer: writer, loop: loop)
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
         limits.maxBodyBytes = max(limits.maxBodyBytes, JSONLimits.relayBatch.maxBytes)  // the one batch limit (docs/protocol.md)
@@ -216,21 +213,7 @@ public final class BrokerService {
                 weakSelf?.admin(request, responder)
             }
         }
-        sweepTimer?.start(after: 1000, repeatEvery: 1000) { weakSelf?.sweepTrail() }
-    }
-
-    /// A pass walks both tables a step per second; after a whole pass the next
-    /// one starts a minute later (an idle broker does not commit every second).
-    func sweepTrail() {
-        guard !sweeping, loop.now >= nextSweepPass else { return }
-        sweeping = true
-        let store = self.store, cursors = sweepCursors
-        writer.submit({ txn in try store.sweepTrail(trailFrom: cursors.trail, tracesFrom: cursors.traces, limit: 5000, txn) }) { [self] r in
-            sweeping = false
-            guard case .success(let next) = r else { return }
-            sweepCursors = (next.trail, next.traces)
-            if next.trail == nil && next.traces == nil { nextSweepPass = loop.now + 60_000 }
-        }
+        sweeper?.start()
     }
 
     /// The operations listener: health, readiness and Prometheus metrics.
@@ -325,8 +308,8 @@ public final class BrokerService {
     /// Stops both listeners after in-flight requests.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         let extra = [apiServer, adminServer].compactMap { $0 }
-        sweepTimer?.close()
-        sweepTimer = nil
+        sweeper?.stop()
+        sweeper = nil
         feeds.closeAll()
         server.shutdown { [workers] in
             for w in workers { w.stop() }

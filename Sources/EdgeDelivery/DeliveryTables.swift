@@ -119,6 +119,21 @@ extension DeliveryTables {
     }
 }
 
+/// Up to `limit` member ids of `group` after `cursor` (nil: from the first)
+/// in `members`, a table keyed `<group> 0x00 <member>` (the broker's and the
+/// agent's group member indexes both are).
+package func groupMemberIDs(
+    in members: Database, _ group: String, after cursor: String?, limit: Int, _ txn: borrowing some StoreReading & ~Copyable
+) throws -> [String] {
+    let prefix = Array(group.utf8) + [0]
+    var ids: [String] = []
+    try txn.scanKeys(members, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix, to: Array(group.utf8) + [1]) { k in
+        ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
+        return ids.count < limit
+    }
+    return ids
+}
+
 /// Where a federated resource came from: the extension every resource the
 /// engine reads carries, with at least its source `domain`.
 public let sourceExtensionSchema = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"

@@ -5,6 +5,7 @@ import EdgeDelivery
 import EdgeLog
 import EdgeLoop
 import EdgeTLS
+import EdgeTargetCommands
 import Glibc
 import Logging
 import SCIM
@@ -14,7 +15,10 @@ struct ScimBroker: ParsableCommand {
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
         version: scimEdgeVersion,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self, PKI.self])
+        subcommands: [
+            Serve.self, CheckConfig.self, Status.self, Targets.self, TargetDeadLetters<StoreOptions>.self, TargetTrace<StoreOptions>.self,
+            PKI.self,
+        ])
 }
 
 /// `--help` of an option, from its one declaration.
@@ -157,7 +161,15 @@ func applyTargetFlags(_ targets: inout [TargetConfiguration], _ flags: [String],
 }
 
 /// Where the CLI finds the broker's data: `--data-dir`, or the config's `dataDir` (and targets).
-struct StoreOptions: ParsableArguments {
+struct StoreOptions: TargetStoreOptions {
+    static let program = "scim-broker"
+    static let service = "broker"
+    static let traceHelp =
+        "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName."
+    var configFile: String? { config }
+    func openTargets() throws -> (any DeliveryTables, [TargetConfiguration]) { try open() }
+    func openTargets(for name: String) throws -> (any DeliveryTables, [TargetConfiguration]) { try open(target: name) }
+
     @Option(help: "The broker's YAML configuration (its dataDir and targets).") var config: String?
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
     @Option(help: "NAME=URL: a target not in the config (reconcile).") var target: [String] = []
@@ -221,7 +233,11 @@ func formatTime(_ ms: Int64?) -> String { TargetReports.time(ms) }
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Downstream targets: status, the deletion guard, reconciliation, forgetting a removed target.",
-        subcommands: [TargetStatus.self, Held.self, ConfirmDeletes.self, RejectDeletes.self, Reconcile.self, Push.self, Forget.self])
+        subcommands: [
+            TargetStatus.self, TargetHeld<StoreOptions>.self, TargetConfirmDeletes<StoreOptions>.self,
+            TargetRejectDeletes<StoreOptions>.self,
+            TargetReconcile<StoreOptions>.self, Push.self, TargetForget<StoreOptions>.self,
+        ])
 }
 
 struct TargetStatus: ParsableCommand {
@@ -254,171 +270,6 @@ struct TargetStatus: ParsableCommand {
         let lines = try TargetReports.status(
             store, configured: options.config != nil ? configured.map(\.name) : nil, json: json, command: "scim-broker",
             noneYet: !configured.contains(where: { $0.destination != nil }))
-        for line in lines { emitLine(line) }
-    }
-}
-
-struct ConfirmDeletes: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "confirm-deletes", abstract: "Release the removals the deletion guard holds back for a target.")
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-
-    func run() throws {
-        let (store, _) = try options.open(target: name)
-        try store.confirmDeletes(target: name)
-        emitLine("\(name): removals queued so far are released (the guard counts again from now)")
-    }
-}
-
-struct Held: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "List the removals the deletion guard holds back for a target.",
-        discussion: """
-            One line each: the queue sequence (#N, for reject-deletes), the operation, the type and broker id, \
-            the userName or displayName, the source domain, when it was queued, and the trace id.
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Flag(help: "One JSON document per line.") var json = false
-
-    func run() throws {
-        let (store, _) = try options.open(target: name)
-        for line in try TargetReports.held(store, target: name, json: json) { emitLine(line) }
-    }
-}
-
-struct RejectDeletes: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "reject-deletes", abstract: "Drop removals the deletion guard holds back for a target: they are never sent.",
-        discussion: """
-            Drops the given held removals (#N from `targets held`), or all of them, from the target's queue and \
-            records the rejection in each change's trail. When nothing stays held, the target's removals resume \
-            and the guard counts again from then; the accounts stay at the target (reconcile reports them as strays).
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Argument(help: "Queue sequences of held removals (#N or N); none: all held removals.") var seq: [String] = []
-
-    func run() throws {
-        let (seqs, bad) = TargetReports.queueSequences(seq)
-        if let bad { throw ValidationError("\(bad) is not a queue sequence (#N)") }
-        let (store, _) = try options.open(target: name)
-        for line in try TargetReports.reject(store, target: name, seqs: seqs) { emitLine(line) }
-    }
-}
-
-struct Forget: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Clear what the broker keeps for a target removed from the configuration.",
-        discussion: """
-            Removes the target's queued changes, account mappings, dead letters, status and deletion guard. \
-            Needs --config, to check that the target is no longer there; run it once the broker runs \
-            without the target.
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The removed target.") var name: String
-
-    func run() throws {
-        guard options.config != nil else { throw ValidationError("give --config FILE: forget checks that \(name) is no longer configured") }
-        let (store, targets) = try options.open()
-        guard !targets.contains(where: { $0.name == name }) else {
-            throw CommandFailure("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
-        }
-        let stored = try store.storedTargetNames()
-        guard stored.contains(name) else {
-            throw UnknownTarget(name: name, known: stored, configured: false, forgetting: true)
-        }
-        emitLine(TargetReports.forgotten(name, try store.forgetTarget(name)))
-    }
-}
-
-struct Reconcile: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Compare a target's users and groups with what the routes say it should hold.",
-        discussion: "Reports missing, drifted and stray accounts; --apply queues the fixes for the running broker.")
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Flag(help: "Queue the fixes: create the missing, fix drift, deactivate the strays the broker created.") var apply = false
-    @Flag(help: "Print the report as JSON.") var json = false
-
-    func run() throws {
-        let (store, targets) = try options.open()
-        guard let target = targets.first(where: { $0.name == name }) else {
-            throw CommandFailure("no target \(name) in the configuration (give --config or --target \(name)=URL)")
-        }
-        let report = try EdgeDelivery.reconcile(store: store, target: target, apply: apply)
-        for line in TargetReports.reconciled(name, report, apply: apply, json: json) { emitLine(line) }
-    }
-}
-
-struct DeadLetter: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "deadletter", abstract: "Changes a target refused for good: list, retry or drop them.",
-        subcommands: [DeadLetterList.self, DeadLetterRetry.self, DeadLetterDrop.self])
-}
-
-struct DeadLetterList: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "list", abstract: "The request, the status and the response of each.")
-    @OptionGroup var options: StoreOptions
-    @Option(name: .customLong("for"), help: "Only this target.") var only: String?
-    @Flag(help: "One JSON document per line.") var json = false
-
-    func run() throws {
-        let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
-        for line in try TargetReports.deadLetters(store, only: only, json: json) { emitLine(line) }
-    }
-}
-
-/// Which dead letters `retry` and `drop` settle.
-struct DeadLetterSelection: ParsableArguments {
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Argument(help: "The dead letter's number (#N in list); none: all of the target's (drop asks for --all then).") var seq: UInt64?
-
-    func settle(requeue: Bool) throws -> Int {
-        let (store, targets) = try options.open(target: name)
-        return try store.settleDeadLetters(
-            target: name, seq: seq, requeue: requeue, linkPolicy: targets.first { $0.name == name }?.collisions.linkPolicy)
-    }
-}
-
-struct DeadLetterRetry: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "retry", abstract: "Queue dead-lettered resources again (their current state is delivered).")
-    @OptionGroup var selection: DeadLetterSelection
-    func run() throws { emitLine("\(try selection.settle(requeue: true)) queued again for \(selection.name)") }
-}
-
-struct DeadLetterDrop: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "drop", abstract: "Forget dead letters: one (#N), or every one of the target with --all.")
-    @OptionGroup var selection: DeadLetterSelection
-    @Flag(help: "Drop every dead letter of the target (without a number).") var all = false
-
-    /// Forgetting is for good: all of a target's only when asked in so many words.
-    func validate() throws {
-        if selection.seq == nil && !all {
-            throw ValidationError("give the dead letter's number (#N in deadletter list), or --all to drop every one of \(selection.name)")
-        }
-        if selection.seq != nil && all { throw ValidationError("give a number or --all, not both") }
-    }
-
-    func run() throws { emitLine("\(try selection.settle(requeue: false)) dropped for \(selection.name)") }
-}
-
-struct Trace: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer.")
-    @OptionGroup var options: StoreOptions
-    @Argument(
-        help: "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName.")
-    var id: String
-    @Flag(help: "One JSON document per line.") var json = false
-
-    func run() throws {
-        let (store, _) = try options.open()
-        guard let lines = try TargetReports.trail(store, id, json: json) else { throw CommandFailure("nothing recorded for \(id)") }
         for line in lines { emitLine(line) }
     }
 }

@@ -75,28 +75,11 @@ final class LocalTargetTests: FederationTestCase {
         return (child, try self.port(of: child, "scim-edge"))
     }
 
-    /// `scim-edge ARGS`: exit status and output.
-    func edgeCLI(_ args: [String]) throws -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: productsDirectory + "/scim-edge")
-        p.arguments = args
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let out = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
-    }
+    func edgeCLI(_ args: [String]) throws -> (Int32, String) { try cli("scim-edge", args) }
 
     /// What the reference server holds, by userName (or displayName).
     func held(_ appPort: Int, _ endpoint: String = "/Users", by key: String = "userName") -> [String: JSON] {
-        guard let (status, body) = try? scim(appPort, "GET", "\(endpoint)?count=1000", token: "ref-token", prefix: ""), status == 200 else {
-            return [:]
-        }
-        var out: [String: JSON] = [:]
-        for r in body?["Resources"]?.arrayValue ?? [] { if let n = r[key]?.stringValue { out[n] = r } }
-        return out
+        resources(appPort, endpoint, by: key, token: "ref-token", prefix: "")
     }
 
     func metric(_ child: ChildProcess, _ name: String) -> Double? {
@@ -154,14 +137,15 @@ final class LocalTargetTests: FederationTestCase {
             appIDs, "members named by the app's own ids")
 
         // The refusal: a dead letter with the app's answer, the others flowed past it.
-        let letters = try edgeCLI(["targets", "deadletter", "--data-dir", dir.file("local")])
+        let letters = try edgeCLI(["targets", "deadletter", "list", "--data-dir", dir.file("local")])
         XCTAssertEqual(letters.0, 0, letters.1)
         XCTAssertTrue(letters.1.contains("app\t#1") && letters.1.contains("POST /Users → 400") && letters.1.contains("not here"), letters.1)
         app.refuse.withLock { $0.removeAll() }
-        let retry = try edgeCLI(["targets", "retry", "--data-dir", dir.file("local"), "app"])
+        let retry = try edgeCLI(["targets", "deadletter", "retry", "--data-dir", dir.file("local"), "app"])
         XCTAssertEqual(retry.1, "1 queued again for app\n")
         XCTAssertTrue(eventually(seconds: 20) { self.held(refPort)["refused"] != nil })
-        XCTAssertEqual(try edgeCLI(["targets", "deadletter", "--data-dir", dir.file("local")]).1, "nothing to show: no dead letters\n")
+        XCTAssertEqual(
+            try edgeCLI(["targets", "deadletter", "list", "--data-dir", dir.file("local")]).1, "nothing to show: no dead letters\n")
         XCTAssertTrue(eventually(seconds: 10) { self.metric(agent, #"scim_edge_target_queue_depth{target="app"}"#) == 0 })
         XCTAssertGreaterThan(metric(agent, #"scim_edge_target_delivered_total{target="app"}"#) ?? 0, 0)
         let status = try edgeCLI(["targets", "status", "--data-dir", dir.file("local")])
