@@ -60,14 +60,14 @@ public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// The removals the deletion guard holds for `target`, in queue order,
     /// and since when the target is paused (nil: not paused, nothing held).
-    package func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+    func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
         try environment.read { txn in try heldRemovals(target: target, txn) }
     }
 
-    package func heldRemovals(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
+    func heldRemovals(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
         -> (pausedSince: Int64?, removals: [HeldRemoval])
     {
         let g = try deletionGuard(target: target, txn)
@@ -98,7 +98,7 @@ extension DeliveryTables {
     }
 
     /// Held removals, of every paused target, of the broker id or trace id `idOrTrace` (for `trace`).
-    package func heldRemovals(matching idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [HeldRemoval] {
+    func heldRemovals(matching idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [HeldRemoval] {
         var paused: [String] = []
         try txn.scan(targetState, from: Array("guard/".utf8), to: Array("guard0".utf8)) { k, v in
             if (try JSONParser.parse(v, limits: .stored))["pausedSince"]?.numberValue != nil {
@@ -119,7 +119,7 @@ extension DeliveryTables {
     /// transaction. Marks the guard (`rejectedAt`) so that a running worker
     /// forgets the copies it loaded. Throws, changing nothing, when a given
     /// sequence is not held.
-    package func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
+    func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
         try environment.write { txn in
             let (pausedSince, held) = try heldRemovals(target: target, txn)
             var result = RejectedRemovals()
@@ -156,7 +156,7 @@ extension DeliveryTables {
     }
 
     /// Which of `keys` (a target's queue keys) are no longer queued.
-    package func missingQueueKeys(_ keys: [[UInt8]]) throws -> Set<[UInt8]> {
+    func missingQueueKeys(_ keys: [[UInt8]]) throws -> Set<[UInt8]> {
         try environment.read { txn in
             var gone: Set<[UInt8]> = []
             for k in keys where try txn.get(fanout, k) == nil { gone.insert(k) }
@@ -166,7 +166,7 @@ extension DeliveryTables {
 
     /// Targets the store holds anything for: a queue, account mappings, dead
     /// letters, a status, a deletion guard or counters (sorted).
-    package func storedTargetNames() throws -> [String] {
+    func storedTargetNames() throws -> [String] {
         try environment.read { txn in
             var names: Set<String> = []
             for db in [fanout, targetIds, targetDead] {

@@ -147,12 +147,12 @@ package func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.u
 package func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
 package func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// Queues, in the apply's transaction, what each target must do after a
     /// resource changed from `old` to `new` (nil: absent or deleted).
     /// `touched`: a group's members that changed (marked pending at each
     /// target the group goes to: its delivery sends only those).
-    package func enqueueFanout(
+    func enqueueFanout(
         domain: String, type: String, brokerID: String, old: JSONObject?, new: JSONObject?,
         trace: String, acceptedAt: Int64, touched: [String] = [], _ txn: borrowing WriteTransaction
     ) throws -> [String] {
@@ -219,12 +219,12 @@ extension DeliveryTables {
         return queued
     }
 
-    package func linkKey(_ target: String, _ value: String, _ brokerID: String = "") -> [UInt8] {
+    func linkKey(_ target: String, _ value: String, _ brokerID: String = "") -> [UInt8] {
         prefixed(target, Array(value.utf8) + [0] + Array(brokerID.utf8))
     }
 
     /// Up to `limit` broker ids linked under `value` at `target`, in key order (one range read).
-    package func linkMembers(target: String, value: String, limit: Int = Int.max, _ txn: borrowing WriteTransaction) throws -> [String] {
+    func linkMembers(target: String, value: String, limit: Int = Int.max, _ txn: borrowing WriteTransaction) throws -> [String] {
         var out: [String] = []
         let start = linkKey(target, value)
         try txn.scan(targetLinks, from: start, to: prefixed(target, Array(value.utf8) + [1])) { k, _ in
@@ -235,14 +235,14 @@ extension DeliveryTables {
     }
 
     /// Adds a user to the link index; the linked-accounts gauge counts values with two users or more.
-    package func addLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws {
+    func addLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws {
         let others = try linkMembers(target: target, value: value, limit: 2, txn).filter { $0 != brokerID }
         try txn.put(targetLinks, linkKey(target, value, brokerID), [])
         if others.count == 1 { try addToCounter("links/\(target)", 1, txn) }
     }
 
     /// Removes a user from the link index; returns one user still linked under the value, if any.
-    package func removeLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws -> String? {
+    func removeLink(target: String, value: String, brokerID: String, _ txn: borrowing WriteTransaction) throws -> String? {
         guard try txn.delete(targetLinks, linkKey(target, value, brokerID)) else {
             return try linkMembers(target: target, value: value, limit: 1, txn).first
         }
@@ -251,14 +251,14 @@ extension DeliveryTables {
         return rest.first
     }
 
-    package func addToCounter(_ name: String, _ delta: Int64, _ txn: borrowing WriteTransaction) throws {
+    func addToCounter(_ name: String, _ delta: Int64, _ txn: borrowing WriteTransaction) throws {
         let key = Array(name.utf8)
         let now = Int64(bitPattern: try txn.get(targetState, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0)
         try txn.put(targetState, key, UInt64(bitPattern: max(0, now + delta)).bigEndianBytes)
     }
 
     /// `collisions: link`: the users linked under `value` (read for a delivery).
-    package func linkMembers(target: String, value: String) throws -> [String] {
+    func linkMembers(target: String, value: String) throws -> [String] {
         try environment.read { txn in
             var out: [String] = []
             let start = linkKey(target, value)
@@ -278,7 +278,7 @@ extension DeliveryTables {
     /// A target that is not `link` (any more) loses its index and
     /// fingerprint, so that turning link on again rebuilds the index: the
     /// apply does not keep it meanwhile.
-    package func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
+    func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
         let stateKey = Array("linkindex/\(target.name)".utf8)
         let targetState = self.targetState, targetLinks = self.targetLinks
         func dropIndex(_ txn: borrowing WriteTransaction) throws {
@@ -319,7 +319,7 @@ extension DeliveryTables {
     }
 
     /// Accounts at `target` that two users or more share (`collisions: link`).
-    package func linkedAccounts(target: String) throws -> Int {
+    func linkedAccounts(target: String) throws -> Int {
         let targetState = self.targetState
         return try environment.read { txn in
             Int(Int64(bitPattern: try txn.get(targetState, Array("links/\(target)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0))
@@ -328,13 +328,13 @@ extension DeliveryTables {
 
     /// Returns the item's sequence in the target's queue.
     @discardableResult
-    package func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws -> UInt64 {
+    func enqueue(target: String, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws -> UInt64 {
         let seq = try nextCounter("seq/\(target)", txn)
         try txn.put(fanout, prefixed(target, seq.bigEndianBytes), item.json.serialized())
         return seq
     }
 
-    package func nextCounter(_ name: String, _ txn: borrowing WriteTransaction) throws -> UInt64 {
+    func nextCounter(_ name: String, _ txn: borrowing WriteTransaction) throws -> UInt64 {
         let key = Array(name.utf8)
         let next = (try txn.get(targetState, key).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
         try txn.put(targetState, key, next.bigEndianBytes)
@@ -343,7 +343,7 @@ extension DeliveryTables {
 
     /// Records one hop of a change in the resource's trail (and the trace
     /// id's index); `sweepTrail` removes them after the retention.
-    package func recordHop(
+    func recordHop(
         brokerID: String, trace: String, _ hop: JSONObject, _ txn: borrowing WriteTransaction,
         now: Int64 = unixMicroseconds()
     ) throws {
@@ -360,7 +360,7 @@ extension DeliveryTables {
     /// index entries): looks at up to `limit` keys of each table from the
     /// cursors, deletes what is past the retention, and returns where to go
     /// on (nil: the table's end; the next sweep starts again from the top).
-    package func sweepTrail(
+    func sweepTrail(
         trailFrom: [UInt8]?, tracesFrom: [UInt8]?, limit: Int, now: Int64 = unixMicroseconds(),
         _ txn: borrowing WriteTransaction
     ) throws -> (trail: [UInt8]?, traces: [UInt8]?, deleted: Int) {
@@ -404,7 +404,7 @@ extension DeliveryTables {
     /// `userName`, `externalId`, an email or a group's `displayName`
     /// (indexed), its id at a target, or (by a scan of the directory) its id
     /// at its source (the store's `resolveTrail`).
-    package func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+    func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
         let trail = self.trail
         return try environment.read { txn in
             var (ids, byTrace) = try resolveTrail(idOrTrace, txn)
@@ -469,7 +469,7 @@ extension DeliveryTables {
     // MARK: queue and mapping access for the delivery worker and the CLI
 
     /// Up to `limit` queued items of `target` after `after` (a queue key).
-    package func queued(target: String, after: [UInt8]?, limit: Int) throws -> [(key: [UInt8], item: DeliveryItem)] {
+    func queued(target: String, after: [UInt8]?, limit: Int) throws -> [(key: [UInt8], item: DeliveryItem)] {
         let fanout = self.fanout
         return try environment.read { txn in
             var out: [([UInt8], DeliveryItem)] = []
@@ -483,7 +483,7 @@ extension DeliveryTables {
     }
 
     /// The key of the last queued item of `target` (nil: empty), without reading the rest.
-    package func lastQueueKey(target: String) throws -> [UInt8]? {
+    func lastQueueKey(target: String) throws -> [UInt8]? {
         let fanout = self.fanout
         return try environment.read { txn in
             var last: [UInt8]?
@@ -496,13 +496,13 @@ extension DeliveryTables {
     }
 
     /// Queue depth and the oldest item's queue time (Unix ms; 0: empty).
-    package func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
+    func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
         let d = try queueCount(target: target)
         return (d.count, d.oldest)
     }
 
     /// The queue's depth, the oldest item's queue time and the last key, in one snapshot.
-    package func queueCount(target: String) throws -> (count: Int, oldest: Int64, last: [UInt8]?) {
+    func queueCount(target: String) throws -> (count: Int, oldest: Int64, last: [UInt8]?) {
         let fanout = self.fanout
         return try environment.read { txn in
             var n = 0
@@ -524,7 +524,7 @@ extension DeliveryTables {
     /// How many items were queued for `target` after the key `after` (nil:
     /// from the first), and the last one's key: what a worker has not
     /// counted yet, in O(new items).
-    package func queuedSince(target: String, after: [UInt8]?) throws -> (count: Int, last: [UInt8]?) {
+    func queuedSince(target: String, after: [UInt8]?) throws -> (count: Int, last: [UInt8]?) {
         let fanout = self.fanout
         return try environment.read { txn in
             var n = 0
@@ -541,7 +541,7 @@ extension DeliveryTables {
     /// Records (or, with nil, forgets) which target account a broker id has,
     /// and keeps the reverse index (`targetOwners`) that tells whose an
     /// account is, so that no other resource adopts it.
-    package func setMapping(
+    func setMapping(
         target: String, type: String, brokerID: String, _ mapping: TargetMapping?,
         _ txn: borrowing WriteTransaction
     ) throws {
@@ -572,7 +572,7 @@ extension DeliveryTables {
     }
 
     /// The broker id whose mapping names account `targetID` at the target, if any.
-    package func accountOwner(target: String, type: String, targetID: String) throws -> String? {
+    func accountOwner(target: String, type: String, targetID: String) throws -> String? {
         let targetOwners = self.targetOwners
         return try environment.read { txn in
             try txn.get(targetOwners, prefixed(target, "\(type)/\(targetID)")).map { String(decoding: $0, as: UTF8.self) }
@@ -580,13 +580,13 @@ extension DeliveryTables {
     }
 
     /// What the broker knows of `brokerID`'s account at `target`.
-    package func mapping(target: String, brokerID: String) throws -> TargetMapping? {
+    func mapping(target: String, brokerID: String) throws -> TargetMapping? {
         let targetIds = self.targetIds
         return try environment.read { txn in try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) }
     }
 
     /// Every mapping of a target: broker id → mapping.
-    package func mappings(target: String) throws -> [String: TargetMapping] {
+    func mappings(target: String) throws -> [String: TargetMapping] {
         let targetIds = self.targetIds
         return try environment.read { txn in
             var out: [String: TargetMapping] = [:]
@@ -606,7 +606,7 @@ extension DeliveryTables {
     /// (`TargetMembers.swift`); a user whose account changed gets its
     /// groups there queued. Returns how many items that queued.
     @discardableResult
-    package func completeDelivery(
+    func completeDelivery(
         target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
         linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String, indexing: GroupIndexing = .none,
         _ txn: borrowing WriteTransaction
@@ -640,7 +640,7 @@ extension DeliveryTables {
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
 
-    package func deadLetters(target: String?) throws -> [(target: String, letter: JSONObject)] {
+    func deadLetters(target: String?) throws -> [(target: String, letter: JSONObject)] {
         let targetDead = self.targetDead
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
@@ -658,7 +658,7 @@ extension DeliveryTables {
     /// item's `account` and `link` as they were (a letter written before
     /// they were kept: the link value of the resource as it is now, with
     /// `linkPolicy`, else the one of the store's configured target).
-    package func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
+    func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
         let targetDead = self.targetDead
         let policy = linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy
         return try environment.write { txn in
@@ -692,11 +692,11 @@ extension DeliveryTables {
     /// time of the last confirmation; and of the last `reject-deletes`
     /// (0: never), which tells a running worker to drop what it loaded of
     /// the rejected removals.
-    package func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
+    func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
         try environment.read { txn in try deletionGuard(target: target, txn) }
     }
 
-    package func deletionGuard(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
+    func deletionGuard(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
         -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64)
     {
         let o = try txn.get(targetState, Array("guard/\(target)".utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
@@ -707,7 +707,7 @@ extension DeliveryTables {
     }
 
     /// Writes the pause and the confirmation; `rejectedAt` is kept unless given.
-    package func setDeletionGuard(
+    func setDeletionGuard(
         target: String, pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64? = nil,
         _ txn: borrowing WriteTransaction
     ) throws {
@@ -719,16 +719,16 @@ extension DeliveryTables {
     }
 
     /// `scim-broker targets confirm-deletes NAME`: releases the removals held back.
-    package func confirmDeletes(target: String) throws {
+    func confirmDeletes(target: String) throws {
         try environment.write { txn in try setDeletionGuard(target: target, pausedSince: nil, confirmedAt: unixMilliseconds(), txn) }
     }
 
-    package func saveStatus(target: String, _ status: JSONObject, _ txn: borrowing WriteTransaction) throws {
+    func saveStatus(target: String, _ status: JSONObject, _ txn: borrowing WriteTransaction) throws {
         try txn.put(targetState, Array("status/\(target)".utf8), JSON.object(status).serialized())
     }
 
     /// The last status a running broker saved for each target.
-    package func targetStatuses() throws -> [(String, JSONObject)] {
+    func targetStatuses() throws -> [(String, JSONObject)] {
         let targetState = self.targetState
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
@@ -748,7 +748,7 @@ extension DeliveryTables {
     /// most `chunk` entries, so a long queue does not make one huge commit;
     /// running it again finishes an interrupted run. The caller checks that
     /// the target is no longer configured.
-    package func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
+    func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
         var result = ForgottenTarget()
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
@@ -777,7 +777,7 @@ extension DeliveryTables {
     }
 
     /// The link value (`collisions: link`) of a user as the directory holds it now.
-    package func currentLinkValue(brokerID: String, _ policy: LinkPolicy, _ txn: borrowing WriteTransaction) throws -> String? {
+    func currentLinkValue(brokerID: String, _ policy: LinkPolicy, _ txn: borrowing WriteTransaction) throws -> String? {
         guard let e = try deliveryEntry(brokerID, members: false, txn), e.type == "User" else { return nil }
         return policy.value(of: e.resource, domain: e.domain)
     }
@@ -793,7 +793,7 @@ extension DeliveryTables {
     /// transaction, forgets its ETag and the body last sent (a group
     /// delivered from the member index keeps its index and count: its
     /// attributes are sent again), so the resource is sent whole.
-    package func enqueue(
+    func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
         mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil,
         trace: String = "", resend: Bool = false

@@ -271,8 +271,8 @@ package func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
     }
 }
 
-extension DeliveryTables {
-    package func forgetMapping(target: String, type: String, brokerID: String) throws {
+package extension DeliveryTables {
+    func forgetMapping(target: String, type: String, brokerID: String) throws {
         try environment.write { txn in try setMapping(target: target, type: type, brokerID: brokerID, nil, txn) }
     }
 }

@@ -24,19 +24,17 @@ import SCIM
 /// without (a target without PATCH, or a store from before) keeps the
 /// members in `sent`, and its next delivery compares whole groups, then
 /// moves what the target holds into the index (`GroupIndexing.rebuild`).
-extension DeliveryTables {
-    package static func targetGroupPrefix(_ target: String, _ group: String) -> [UInt8] {
+package extension DeliveryTables {
+    static func targetGroupPrefix(_ target: String, _ group: String) -> [UInt8] {
         Array(target.utf8) + [0] + Array(group.utf8) + [0]
     }
-    package static func targetMemberKey(_ target: String, _ group: String, _ member: String) -> [UInt8] {
+    static func targetMemberKey(_ target: String, _ group: String, _ member: String) -> [UInt8] {
         targetGroupPrefix(target, group) + Array(member.utf8)
     }
-    package static func targetGroupEnd(_ target: String, _ group: String) -> [UInt8] { Array(target.utf8) + [0] + Array(group.utf8) + [1] }
+    static func targetGroupEnd(_ target: String, _ group: String) -> [UInt8] { Array(target.utf8) + [0] + Array(group.utf8) + [1] }
 
     /// Marks `members` of `group` pending at `target`, by the queue item `seq`.
-    package func markMembersPending(
-        target: String, group: String, _ members: some Sequence<String>, seq: UInt64, _ txn: borrowing WriteTransaction
-    )
+    func markMembersPending(target: String, group: String, _ members: some Sequence<String>, seq: UInt64, _ txn: borrowing WriteTransaction)
         throws
     {
         let value = seq.bigEndianBytes
@@ -47,7 +45,7 @@ extension DeliveryTables {
     /// (a member id; nil: the first), each with what the target should hold
     /// and holds. `routes` says whether a member without a mapping there is
     /// routed to it (then it waits). The last member read is the next cursor.
-    package func pendingMemberChanges(
+    func pendingMemberChanges(
         target: String, group: String, after cursor: String?, limit: Int,
         routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool
     ) throws -> [MemberChange] {
@@ -57,7 +55,7 @@ extension DeliveryTables {
     }
 
     /// The same in `txn` (the downlink reads them in the transaction that records them).
-    package func pendingMemberChanges(
+    func pendingMemberChanges(
         target: String, group: String, after cursor: String?, limit: Int,
         routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool, _ txn: borrowing some StoreReading & ~Copyable
     ) throws -> [MemberChange] {
@@ -92,7 +90,7 @@ extension DeliveryTables {
     /// holds (`added`: member → its id there) and no longer holds, the
     /// pending entries done (removed when unchanged), and the group's
     /// mapping (its count updated by what really changed). Returns the mapping.
-    package func recordMemberStep(
+    func recordMemberStep(
         target: String, group: String, added: [(member: String, targetID: String)], removed: [String],
         done: [(member: String, mark: [UInt8])], mapping: TargetMapping, _ txn: borrowing WriteTransaction
     ) throws -> TargetMapping {
@@ -111,9 +109,7 @@ extension DeliveryTables {
     }
 
     /// Returns whether the member is new in the group's index at the target.
-    package func holdMember(target: String, group: String, member: String, targetID: String, _ txn: borrowing WriteTransaction) throws
-        -> Bool
-    {
+    func holdMember(target: String, group: String, member: String, targetID: String, _ txn: borrowing WriteTransaction) throws -> Bool {
         let key = Self.targetMemberKey(target, group, member)
         let had = try txn.get(targetMembers, key)
         try txn.put(targetMembers, key, Array(targetID.utf8))
@@ -122,21 +118,21 @@ extension DeliveryTables {
     }
 
     /// Returns whether the member was in the group's index at the target.
-    package func dropMember(target: String, group: String, member: String, _ txn: borrowing WriteTransaction) throws -> Bool {
+    func dropMember(target: String, group: String, member: String, _ txn: borrowing WriteTransaction) throws -> Bool {
         guard try txn.delete(targetMembers, Self.targetMemberKey(target, group, member)) else { return false }
         _ = try txn.delete(targetMemberOf, prefixed(target, member), value: Array(group.utf8))
         return true
     }
 
     /// The groups whose index at `target` holds `member`.
-    package func heldGroups(target: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+    func heldGroups(target: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
         try txn.duplicateValues(targetMemberOf, prefixed(target, member))
     }
 
     /// Forgets what `target` holds of `group`'s members, and its pending
     /// marks through `through` (all: nil). O(n), in one transaction: when
     /// the group leaves the target or its membership is recorded anew.
-    package func clearGroupIndex(target: String, group: String, pendingThrough through: UInt64?, _ txn: borrowing WriteTransaction) throws {
+    func clearGroupIndex(target: String, group: String, pendingThrough through: UInt64?, _ txn: borrowing WriteTransaction) throws {
         let prefix = Self.targetGroupPrefix(target, group), end = Self.targetGroupEnd(target, group)
         var held: [String] = []
         try txn.scanKeys(targetMembers, from: prefix, to: end) { k in
@@ -156,7 +152,7 @@ extension DeliveryTables {
     /// index made to match `indexing`, pending marks through `through`
     /// (the last queue item the delivery covered) cleared after a whole-
     /// group delivery. Returns the mapping to record.
-    package func completeGroupMapping(
+    func completeGroupMapping(
         target: String, group: String, _ mapping: TargetMapping, indexing: GroupIndexing, through: UInt64,
         _ txn: borrowing WriteTransaction
     ) throws -> TargetMapping {
@@ -210,7 +206,7 @@ extension DeliveryTables {
     /// account was replaced is swapped). An account deleted at the target
     /// left its groups there with it: their index forgets it. Returns how
     /// many items were queued.
-    package func userAccountChanged(
+    func userAccountChanged(
         target: String, user: String, old: TargetMapping?, new: TargetMapping?, trace: String, _ txn: borrowing WriteTransaction
     ) throws -> Int {
         guard old?.targetID != new?.targetID else { return 0 }
@@ -245,12 +241,12 @@ extension DeliveryTables {
     }
 }
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// A user deleted at its source left `groups`: at a target that keeps
     /// removed users as inactive accounts, the groups holding it there are
     /// queued with the user marked, so that it leaves them. (A target that
     /// deletes the account drops its memberships with it.)
-    package func memberLeft(_ member: String, groups: [String], trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction) throws
+    func memberLeft(_ member: String, groups: [String], trace: String, acceptedAt: Int64, _ txn: borrowing WriteTransaction) throws
         -> [String]
     {
         var queued: [String] = []
@@ -272,10 +268,10 @@ extension DeliveryTables {
 /// How many member ids one snapshot of `forEachMemberID` reads.
 package let deliveryMemberChunk = 4096
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// The broker ids of `group`'s members, a chunk at a time, each chunk
     /// read in a snapshot of its own (reconcile: memory holds a chunk).
-    package func forEachMemberID(of group: String, _ body: ([String]) throws -> Void) throws {
+    func forEachMemberID(of group: String, _ body: ([String]) throws -> Void) throws {
         var cursor: String?
         while true {
             let ids: [String] = try environment.read { txn in try groupMemberIDs(group, after: cursor, limit: deliveryMemberChunk, txn) }
@@ -290,7 +286,7 @@ extension DeliveryTables {
     /// holds that it should not, with their ids there). The index is set to
     /// what the target holds and those members are marked, with the group
     /// queued: its delivery sends just those (`groupDelta`).
-    package func repairGroupMembers(
+    func repairGroupMembers(
         target: String, group: String, missing: [String], extra: [(member: String, targetID: String)], trace: String
     ) throws {
         try environment.write { txn in
@@ -310,13 +306,13 @@ extension DeliveryTables {
     }
 }
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// Every member of `group` in the directory and every one `target` holds
     /// of it, marked pending by `seq`: a group that comes back into a
     /// target's routes with its old mapping (and index) still there missed
     /// the changes made while it was out, so its next delivery compares all
     /// of them. O(n), at that transition only.
-    package func markWholeGroupPending(target: String, group: String, seq: UInt64, _ txn: borrowing WriteTransaction) throws {
+    func markWholeGroupPending(target: String, group: String, seq: UInt64, _ txn: borrowing WriteTransaction) throws {
         var members = try groupMemberIDs(group, after: nil, limit: Int.max, txn)
         let held = Self.targetGroupPrefix(target, group)
         try txn.scanKeys(targetMembers, from: held, to: Self.targetGroupEnd(target, group)) { k in
@@ -330,7 +326,7 @@ extension DeliveryTables {
     /// index: a group delivered from it, now compared whole (its target took
     /// `collisions: link` or member-reading routes, or lost PATCH), diffs
     /// against what the target really holds. O(n).
-    package func heldMembers(target: String, group: String) throws -> [JSON] {
+    func heldMembers(target: String, group: String) throws -> [JSON] {
         let targetMembers = self.targetMembers
         return try environment.read { txn in
             var out: [JSON] = []
@@ -345,7 +341,7 @@ extension DeliveryTables {
 
     /// Up to `limit` of the ids `target` holds for `group`'s members: a
     /// sample that a complete member list in an answer must contain.
-    package func heldSample(target: String, group: String, limit: Int) throws -> [String] {
+    func heldSample(target: String, group: String, limit: Int) throws -> [String] {
         let targetMembers = self.targetMembers
         return try environment.read { txn in
             var out: [String] = []
@@ -359,14 +355,14 @@ extension DeliveryTables {
     }
 }
 
-extension DeliveryTables {
+package extension DeliveryTables {
     /// The next members of `group` to add at `target` while it is grown
     /// (`TargetMapping.growFrom`): up to `limit` members of the directory's
     /// group after `cursor` ("": from the first), those with an account
     /// there that the target does not hold yet, and the last member read
     /// (nil: none left). Members without an account there join when their
     /// account appears (`userAccountChanged`).
-    package func growChunk(target: String, group: String, after cursor: String, limit: Int) throws -> (
+    func growChunk(target: String, group: String, after cursor: String, limit: Int) throws -> (
         adds: [(member: String, targetID: String)], last: String?
     ) {
         let targetIds = self.targetIds, targetMembers = self.targetMembers
