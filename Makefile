@@ -6,7 +6,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 # prometheus brings promtool, which checks the shipped alert rules (MonitoringTests, test-deb).
 DEB_PKGS := libuv1-dev liblmdb-dev libssl-dev libhttp-parser-dev libyaml-dev libldap-dev slapd ldap-utils lmdb-utils openssl nginx-light wrk python3-venv curl \
-            binutils lintian systemd procps prometheus
+            binutils lintian systemd procps prometheus chromium
 SWIFT_BUILD_FLAGS ?=
 # SwiftPM itself occasionally crashes while resolving; such a crash is retried once.
 RETRY := bash $(CURDIR)/scripts/retry-on-crash.sh

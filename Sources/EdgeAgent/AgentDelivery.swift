@@ -62,13 +62,14 @@ extension AgentStore: DeliveryTables {
     }
 
     package func forEachDirectoryEntry(
-        _ typeName: String, members: Bool, _ txn: borrowing some StoreReading & ~Copyable, _ body: (DirectoryEntry) throws -> Bool
+        _ typeName: String, members: Bool, from: [UInt8]?, _ txn: borrowing some StoreReading & ~Copyable,
+        _ body: (_ position: [UInt8], DirectoryEntry) throws -> Bool
     ) throws {
         guard let type = registry.resourceType(typeName) else { return }
-        try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { k, v in
+        try txn.scan(resources, from: from ?? Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { k, v in
             guard let o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
             let id = String(decoding: k.dropFirst(type.id.utf8.count + 1), as: UTF8.self)
-            return try body(deliveryEntry(type, id, type.id == "Group" && members ? try withMembers(txn, o) : o, txn))
+            return try body(k, deliveryEntry(type, id, type.id == "Group" && members ? try withMembers(txn, o) : o, txn))
         }
     }
 

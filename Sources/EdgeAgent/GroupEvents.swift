@@ -16,6 +16,9 @@ extension AgentStore {
     /// The members event of relay protocol 2 (`BrokerStore.membersEvent` at the broker).
     static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"
     static let brokerProtocolKey = Array("brokerProtocol".utf8)
+    /// The most members one members event carries: a larger change is sent
+    /// as several events, in order, written in the same transaction.
+    static let maxMembersPerEvent = 1000
 
     /// The relay protocol the broker last said it speaks (1 when it never said).
     public func brokerProtocol() throws -> Int {
@@ -85,40 +88,69 @@ extension AgentStore {
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?) where p != d:
             try txn.put(propagated, key, d)
-            try emitWholeGroup(
-                type, id: id, current: current!, outbound: whole, uri: kind == EventURI.createFull ? EventURI.putFull : kind, ctx, txn)
+            let uri = kind == EventURI.createFull ? EventURI.putFull : kind
+            guard whole == nil, try brokerProtocol(txn) >= 3, let attributes else {
+                try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: uri, ctx, txn)
+                return
+            }
+            // Protocol 3: the attributes alone (the broker keeps the members it
+            // holds, which `relayedMembers` records), then what changed of the
+            // members as deltas: renaming a group of a million costs O(1).
+            var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
+            body["version"] = attributes["meta"]?["version"]
+            body["data"] = .object(attributes)
+            body["membersUnchanged"] = .bool(true)
+            try appendEvent(uri, body: body, ctx, txn)
+            try emitMemberDeltas(type, id: id, current: current!, pending: pending, outbound: whole, ctx, txn)
         case (_?, _?):
-            guard !pending.isEmpty else { return }
-            // Only members changed: those marked, each decided against what the broker was told.
-            var subset = current!
-            subset["members"] = .array(try members(txn, of: id, ids: pending))
-            let outbound = (whole ?? policy.outbound(subset, type: type))?["members"]?.arrayValue ?? []
-            var byID: [String: JSON] = [:]
-            for m in outbound { if let v = m["value"]?.stringValue { byID[v] = m } }
-            var added: [JSON] = [], removed: [JSON] = []
-            for m in pending.sorted() {
-                let relayedKey = AgentStore.memberKey(id, m)
-                let was = try txn.get(relayedMembers, relayedKey)
-                if let member = byID[m], try isPropagated(m, txn) {
-                    let bytes = JSON.object(member.objectValue ?? [:]).serialized()
-                    guard was != bytes else { continue }
-                    added.append(member)
-                    try txn.put(relayedMembers, relayedKey, bytes)
-                } else if was != nil {
-                    removed.append(.string(m))
-                    _ = try txn.delete(relayedMembers, relayedKey)
-                }
+            try emitMemberDeltas(type, id: id, current: current!, pending: pending, outbound: whole, ctx, txn)
+        }
+    }
+
+    /// The members `pending` names that changed as the broker was told them
+    /// (`relayedMembers`): sent as members events (protocol 2), or as the
+    /// whole group to a broker that never said it speaks 2.
+    func emitMemberDeltas(
+        _ type: ResourceType, id: String, current: JSONObject, pending: [String], outbound whole: JSONObject?, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
+        guard !pending.isEmpty else { return }
+        // Only members changed: those marked, each decided against what the broker was told.
+        var subset = current
+        subset["members"] = .array(try members(txn, of: id, ids: pending))
+        let outbound = (whole ?? policy.outbound(subset, type: type))?["members"]?.arrayValue ?? []
+        var byID: [String: JSON] = [:]
+        for m in outbound { if let v = m["value"]?.stringValue { byID[v] = m } }
+        var added: [JSON] = [], removed: [JSON] = []
+        for m in pending.sorted() {
+            let relayedKey = AgentStore.memberKey(id, m)
+            let was = try txn.get(relayedMembers, relayedKey)
+            if let member = byID[m], try isPropagated(m, txn) {
+                let bytes = JSON.object(member.objectValue ?? [:]).serialized()
+                guard was != bytes else { continue }
+                added.append(member)
+                try txn.put(relayedMembers, relayedKey, bytes)
+            } else if was != nil {
+                removed.append(.string(m))
+                _ = try txn.delete(relayedMembers, relayedKey)
             }
-            guard !added.isEmpty || !removed.isEmpty else { return }
-            if try brokerProtocol(txn) >= 2 {
+        }
+        guard !added.isEmpty || !removed.isEmpty else { return }
+        if try brokerProtocol(txn) >= 2 {
+            // At most `maxMembersPerEvent` members an event: the broker applies
+            // an event in one transaction, whose size this bounds.
+            let changes = removed.map { (false, $0) } + added.map { (true, $0) }
+            for start in stride(from: 0, to: changes.count, by: AgentStore.maxMembersPerEvent) {
+                let part = changes[start..<min(changes.count, start + AgentStore.maxMembersPerEvent)]
                 var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
-                body["version"] = current!["meta"]?["version"]
-                body["added"] = .array(added)
-                body["removed"] = .array(removed)
+                body["version"] = current["meta"]?["version"]
+                let adds = part.filter(\.0).map(\.1), removes = part.filter { !$0.0 }.map(\.1)
+                if !adds.isEmpty || start == 0 { body["added"] = .array(adds) }
+                if !removes.isEmpty || start == 0 { body["removed"] = .array(removes) }
                 try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
-            } else {
-                try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.patchFull, ctx, txn)
             }
+        } else {
+            try emitWholeGroup(type, id: id, current: current, outbound: whole, uri: EventURI.patchFull, ctx, txn)
         }
     }
 

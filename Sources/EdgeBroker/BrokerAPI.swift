@@ -144,6 +144,33 @@ extension BrokerStore {
         try deliveryEntry(brokerID, members: members)
     }
 
+    /// Every federated resource of a type, across domains, a chunk at a
+    /// time, each chunk read in a snapshot of its own (reconcile: memory
+    /// holds a chunk); groups with their members when `members` is true.
+    func forEachResource(_ type: String, members: Bool, chunk: Int = 500, _ body: (JSONObject) throws -> Void) throws {
+        let resources = self.resources
+        var from: [UInt8] = []
+        while true {
+            let (found, last): ([JSONObject], [UInt8]?) = try environment.read { txn in
+                var out: [JSONObject] = []
+                var last: [UInt8]?, seen = 0
+                try txn.scan(resources, from: from.isEmpty ? nil : from) { k, v in
+                    seen += 1
+                    last = Array(k)
+                    let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
+                    if parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue {
+                        out.append(type == "Group" && members ? try withMembers(txn, o) : o)
+                    }
+                    return seen < chunk
+                }
+                return (out, seen == chunk ? last : nil)
+            }
+            for r in found { try body(r) }
+            guard let last else { return }
+            from = last + [0]
+        }
+    }
+
     /// Every federated resource of a type, across domains (at most
     /// `budget`); groups with their members unless `members` is false.
     public func all(_ type: String, budget: Int, members: Bool = true) throws -> [JSONObject] {

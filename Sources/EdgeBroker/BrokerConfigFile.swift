@@ -46,6 +46,15 @@ public let brokerOptionTable = OptionTable<BrokerConfiguration>(
         .init(BrokerOptions.apiTokenFile) { c, v in
             c.apiTokenFile = v.text; return nil
         },
+        .init(BrokerOptions.apiOperatorTokens) { c, v in
+            c.operatorTokens += v.list; return nil
+        },
+        .init(BrokerOptions.apiOperatorTokenFile) { c, v in
+            c.operatorTokenFile = v.text; return nil
+        },
+        .init(BrokerOptions.apiConsole) { c, v in
+            c.console = v.boolean; return nil
+        },
         .init(BrokerOptions.apiScanBudget) { c, v in
             c.apiScanBudget = v.integer
             return nil
@@ -117,13 +126,20 @@ extension BrokerConfiguration: YAMLConfiguration {
         if !top.has("tls") && !d.truncated {
             d.error("tls", "is required: the federation listener is mutual TLS", at: top.mark, fix: "add tls: {ca, cert, key}")
         }
-        if !config.apiTokens.isEmpty {
+        for (key, tokens, fileKey) in [
+            ("api.tokens", config.apiTokens, "api.tokenFile"), ("api.operatorTokens", config.operatorTokens, "api.operatorTokenFile"),
+        ] where !tokens.isEmpty {
             d.warning(
-                "api.tokens", "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
-                at: d.mark("api.tokens"), fix: "move them to a file named by api.tokenFile (mode 0640, one token per line)")
-            for (i, token) in config.apiTokens.enumerated() {
-                if let weak = weakTokenReason(token) { d.error("api.tokens[\(i)]", "the token \(weak)", fix: tokenFix) }
+                key, "a token in the configuration file goes wherever the file is copied (backups, tickets, version control)",
+                at: d.mark(key), fix: "move them to a file named by \(fileKey) (mode 0640, one token per line)")
+            for (i, token) in tokens.enumerated() {
+                if let weak = weakTokenReason(token) { d.error("\(key)[\(i)]", "the token \(weak)", fix: tokenFix) }
             }
+        }
+        if config.operatorTokens.contains(where: config.apiTokens.contains) {
+            d.error(
+                "api.operatorTokens", "a token is both a read-API token and an operator token: every reader could act",
+                at: d.mark("api.operatorTokens"), fix: "give operators tokens of their own")
         }
         if let a = config.apiListen, !a.isLoopback {
             d.error(
@@ -264,14 +280,22 @@ extension BrokerConfiguration {
             checks.certificate(cert, key: tls.privateKeyFile, ca: tls.trustRootsFile, at: ("tls.cert", "tls.key", "tls.ca"))
         }
         if let crl = tls.crlFile { checks.revocationList(crl, ca: tls.trustRootsFile, at: "tls.crl") }
-        if let apiTokenFile, checks.file(apiTokenFile, at: "api.tokenFile", secret: true) {
+        var read = apiTokens, acting = operatorTokens
+        for (file, key) in [(apiTokenFile, "api.tokenFile"), (operatorTokenFile, "api.operatorTokenFile")] {
+            guard let file, checks.file(file, at: key, secret: true) else { continue }
             do throws(ConfigError) {
-                for (i, token) in try readTokenLines(apiTokenFile).enumerated() {
-                    if let weak = weakTokenReason(token) {
-                        checks.problem("api.tokenFile", "\(apiTokenFile): token \(i + 1) \(weak)", fix: tokenFix)
-                    }
+                let tokens = try readTokenLines(file)
+                for (i, token) in tokens.enumerated() {
+                    if let weak = weakTokenReason(token) { checks.problem(key, "\(file): token \(i + 1) \(weak)", fix: tokenFix) }
                 }
-            } catch { checks.problem("api.tokenFile", error.message, fix: "write one token per line") }
+                if key == "api.tokenFile" { read += tokens } else { acting += tokens }
+            } catch { checks.problem(key, error.message, fix: "write one token per line") }
+        }
+        // Both in the file itself: `decode` reported it.
+        if acting.contains(where: { read.contains($0) && !(operatorTokens.contains($0) && apiTokens.contains($0)) }) {
+            checks.problem(
+                operatorTokenFile != nil ? "api.operatorTokenFile" : "api.operatorTokens",
+                "a token is both a read-API token and an operator token: every reader could act", fix: "give operators tokens of their own")
         }
         if apiListen != nil && apiTokens.isEmpty && apiTokenFile == nil {
             checks.problem("api.listen", "the read API needs a bearer token", fix: "set api.tokenFile")

@@ -73,18 +73,78 @@ extension BrokerStore {
     }
 
     /// A deleted resource leaves every group holding it (each one index
-    /// entry); returns those groups.
+    /// entry); returns those groups (the directory's: not removed ones).
     @discardableResult
     func leaveGroups(_ memberID: String, _ txn: borrowing WriteTransaction) throws -> [String] {
-        let groups = try groups(of: memberID, txn)
-        for g in groups { _ = try txn.delete(groupMembers, BrokerStore.memberKey(g, memberID)) }
+        let all = try txn.duplicateValues(memberOf, Array(memberID.utf8))
+        for g in all { _ = try txn.delete(groupMembers, BrokerStore.memberKey(g, memberID)) }
         _ = try txn.delete(memberOf, Array(memberID.utf8))
-        return groups
+        return try all.filter { try txn.get(brokerIds, Array($0.utf8)) != nil }
     }
 
-    /// The groups `member` belongs to in the directory.
+    /// The groups `member` belongs to in the directory (a group removed
+    /// whose members are still being swept is not one of them).
     func groups(of member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        try txn.duplicateValues(memberOf, Array(member.utf8))
+        try txn.duplicateValues(memberOf, Array(member.utf8)).filter { try txn.get(brokerIds, Array($0.utf8)) != nil }
+    }
+
+    /// `meta` keys of removed groups whose members are still in the index.
+    static let memberSweepPrefix = Array("sweep/".utf8)
+
+    /// A removed group's members leave the index later, a chunk per
+    /// transaction (`sweepRemovedGroups`): removing a group of n members
+    /// is O(1) in the apply, and no transaction grows with n. Readers skip
+    /// them meanwhile (the group has no `brokerIds` entry any more).
+    func removeMembersLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
+        let prefix = BrokerStore.memberPrefix(groupID)
+        var any = false
+        try txn.scanKeys(groupMembers, from: prefix, to: Array(groupID.utf8) + [1]) { _ in
+            any = true
+            return false
+        }
+        if any { try txn.put(meta, BrokerStore.memberSweepPrefix + Array(groupID.utf8), []) }
+    }
+
+    /// Up to `limit` members of removed groups leave the index (both
+    /// directions). Returns how many entries went (0: nothing to sweep).
+    func sweepRemovedGroups(limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
+        let prefix = BrokerStore.memberSweepPrefix
+        var next: String?
+        try txn.scanKeys(meta, from: prefix, to: prefix.dropLast() + [prefix.last! + 1]) { k in
+            next = String(decoding: k[prefix.count...], as: UTF8.self)
+            return false
+        }
+        guard let group = next else { return 0 }
+        let members = BrokerStore.memberPrefix(group)
+        var ids: [[UInt8]] = []
+        try txn.scanKeys(groupMembers, from: members, to: Array(group.utf8) + [1]) { k in
+            ids.append(Array(k[members.count...]))
+            return ids.count < limit
+        }
+        for id in ids {
+            _ = try txn.delete(groupMembers, members + id)
+            _ = try txn.delete(memberOf, id, value: Array(group.utf8))
+        }
+        if ids.count < limit { _ = try txn.delete(meta, prefix + Array(group.utf8)) }
+        return max(1, ids.count)
+    }
+
+    /// The same in a transaction of its own.
+    public func sweepRemovedGroups(limit: Int) throws -> Int {
+        try environment.write { txn in try sweepRemovedGroups(limit: limit, txn) }
+    }
+
+    /// Removed groups whose members are still being swept.
+    public func groupsBeingSwept() throws -> Int {
+        try environment.read { txn in
+            var n = 0
+            let prefix = BrokerStore.memberSweepPrefix
+            try txn.scanKeys(meta, from: prefix, to: prefix.dropLast() + [prefix.last! + 1]) { _ in
+                n += 1
+                return true
+            }
+            return n
+        }
     }
 
     /// The members of `groupID` (O(n): each is parsed).

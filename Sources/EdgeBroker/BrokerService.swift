@@ -52,6 +52,13 @@ public struct BrokerConfiguration: Sendable {
     /// Read-API tokens, one per line (`api.tokenFile`), read at start: so
     /// that no token needs to sit in the configuration file.
     public var apiTokenFile: String?
+    /// The web console's operator tokens (`api.operatorTokens`): its actions
+    /// need one of them; the read-API tokens only read.
+    public var operatorTokens: [String] = []
+    /// Operator tokens, one per line (`api.operatorTokenFile`), read at start.
+    public var operatorTokenFile: String?
+    /// Whether the read API's listener serves the web console at `/console/`.
+    public var console = true
     /// Resources one page of a read-API filter without an index may examine.
     public var apiScanBudget = BrokerOptions.apiScanBudget.defaultInteger
     /// `/healthz`, `/readyz`, `/metrics`; nil: none.
@@ -77,6 +84,8 @@ public struct BrokerConfiguration: Sendable {
 public struct FederationStatistics: Sendable {
     public var batches = 0
     public var eventsApplied = 0
+    /// Index entries of removed groups' members swept (`sweepRemovedGroups`).
+    public var sweptMembers = 0
     public var membershipDeltas = 0
     public var duplicates = 0
     public var rejectedEvents = 0
@@ -121,12 +130,14 @@ public final class BrokerService {
     public private(set) var apiServer: HTTPServer?
     public private(set) var adminServer: HTTPServer?
     /// One delivery worker per target (app).
-    public private(set) var workers: [TargetWorker] = []
+    public internal(set) var workers: [TargetWorker] = []
     /// The downlink feeds of the targets that are boundaries, and their parked polls.
     var feeds = BrokerFeeds(destinations: [])
     /// Keeps the trail bounded: a few thousand keys per second, in the background.
-    /// Keeps the trail bounded (7 days).
+    /// The trail's part of it (7 days); the timer also sweeps removed groups and follows pauses.
     private var sweeper: TrailSweeper?
+    private var sweepTimer: LoopTimer?
+    private var sweepingGroups = false
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -139,7 +150,21 @@ public final class BrokerService {
     /// The CRL's next update (Unix seconds; 0: no CRL): past it every agent is refused.
     private var crlNextUpdate: Int64 = 0
     /// Per bound agent (`<domain>/<identity>`): its certificate's end of validity, from its last request.
-    private var agentCertificates: [String: Int64] = [:]
+    private(set) var agentCertificates: [String: Int64] = [:]
+    /// Per bound agent (`<domain>/<identity>`): its last request and batch (the console).
+    private(set) var agentActivity: [String: AgentActivity] = [:]
+    /// The targets an operator paused, as the running workers follow them
+    /// (`TargetPause`: from the store, re-read every second).
+    var pauses: [String: TargetPause] = [:]
+    /// Targets whose resume failed (logged once; tried again every second).
+    var resuming: Set<String> = []
+    /// The counters of workers replaced at a resume (`followPauses`): the
+    /// metrics add them, so that a counter never goes back.
+    var retiredCounters: [String: TargetStatistics] = [:]
+    /// The web console on the read API's listener (nil: none).
+    private(set) var console: BrokerConsole?
+    /// Unix ms: when this broker started.
+    public let startedAt = unixMilliseconds()
 
     public init(loop: EventLoop, configuration: BrokerConfiguration) throws {
         guard configuration.tls.verifyPeer, configuration.tls.trustRootsFile != nil else {
@@ -149,7 +174,7 @@ public final class BrokerService {
         self.loop = loop
         self.configuration = configuration
         store = try BrokerStore(path: configuration.dataDirectory, targets: configuration.targets)
-        writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
+        writer = GroupCommitWriter(environment: store.environment, maxWeight: BrokerStore.applyWeightPerTransaction, inbox: loop.inbox)
         for t in configuration.targets where try store.rebuildLinkIndexIfNeeded(t) {
             logger.notice(
                 "link index built from the directory (collisions: link is new or changed): run `scim-broker targets reconcile --apply \(t.name)` to merge accounts of users now linked",
@@ -162,8 +187,12 @@ public final class BrokerService {
             workers.append(try TargetWorker(target: t, store: store, writer: writer, loop: loop))
         }
         feeds = BrokerFeeds(destinations: configuration.targets.filter { $0.destination != nil })
-        for w in workers { try w.start() }
-        sweeper = try TrailSweeper(store: store, writer: writer, loop: loop)
+        pauses = try store.targetPauses()
+        // A target an operator paused stays paused across the restart: its worker is not started.
+        for w in workers where pauses[w.target.name] == nil { try w.start() }
+        sweeper = try TrailSweeper(store: store, writer: writer, loop: loop, ownTimer: false)
+        sweepTimer = try LoopTimer(loop: loop)
+        sweepTimer?.keepsLoopAlive = false
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
         limits.maxBodyBytes = max(limits.maxBodyBytes, JSONLimits.relayBatch.maxBytes)  // the one batch limit (docs/protocol.md)
@@ -205,15 +234,53 @@ public final class BrokerService {
                 }
             }
             guard !tokens.isEmpty else { throw BrokerError.configuration("--api-listen needs --api-token or --api-token-file") }
+            var operators = configuration.operatorTokens
+            if let file = configuration.operatorTokenFile {
+                do throws(ConfigError) { operators += try readTokenLines(file) } catch {
+                    throw BrokerError.configuration("api.operatorTokenFile: \(error.message)")
+                }
+            }
+            guard !operators.contains(where: tokens.contains) else {
+                throw BrokerError.configuration(
+                    "a token is both a read-API token and an operator token: give operators tokens of their own")
+            }
             let handler = BrokerAPI(store: store, tokens: tokens, scanBudget: configuration.apiScanBudget)
-            apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in handler.handle(request, responder) }
+            if configuration.console { console = BrokerConsole(service: self, readTokens: tokens, operatorTokens: operators) }
+            apiServer = try HTTPServer(loop: loop, address: api) { request, _, responder in
+                if let console = weakSelf?.console, BrokerConsole.serves(request) {
+                    console.handle(request, responder)
+                } else {
+                    handler.handle(request, responder)
+                }
+            }
         }
         if let admin = configuration.adminListen {
             adminServer = try HTTPServer(loop: loop, address: admin) { request, _, responder in
                 weakSelf?.admin(request, responder)
             }
         }
-        sweeper?.start()
+        sweepTimer?.start(after: 1000, repeatEvery: 1000) {
+            weakSelf?.sweeper?.step()
+            weakSelf?.sweepRemovedGroups()
+            weakSelf?.followPauses()
+        }
+    }
+
+    /// Removed groups' members leave the index 1,000 entries a transaction,
+    /// one transaction after another until none is left (then again at the
+    /// next tick, when a group was removed meanwhile).
+    func sweepRemovedGroups() {
+        // A read first: an idle broker does not commit every second.
+        guard !sweepingGroups, (try? store.groupsBeingSwept()) ?? 0 > 0 else { return }
+        sweepingGroups = true
+        let store = self.store
+        writer.submit({ txn in try store.sweepRemovedGroups(limit: 1000, txn) }, weight: 1000) { [self] r in
+            sweepingGroups = false
+            if case .success(let n) = r, n > 0 {
+                statistics.sweptMembers += n
+                sweepRemovedGroups()
+            }
+        }
     }
 
     /// The operations listener: health, readiness and Prometheus metrics.
@@ -257,6 +324,16 @@ public final class BrokerService {
         metric("scim_broker_batches_total", "counter", "Batches received from agents.", [("", String(s.batches))])
         metric("scim_broker_events_applied_total", "counter", "Events applied to the directory.", [("", String(s.eventsApplied))])
         metric(
+            "scim_broker_removed_group_members_swept_total", "counter",
+            "Member index entries of removed groups removed after the group, 1,000 a transaction.", [("", String(s.sweptMembers))])
+        let commits = writer.statistics
+        metric(
+            "scim_broker_store_commits_total", "counter", "Write transactions committed (group commits).", [("", String(commits.batches))])
+        metric(
+            "scim_broker_store_commit_weight_max", "gauge",
+            "The heaviest commit since start: about how many index entries it changed (bounded, docs/protocol.md).",
+            [("", String(commits.heaviestBatch))])
+        metric(
             "scim_broker_membership_deltas_total", "counter", "Of them, group membership changes relayed as members added and removed.",
             [("", String(s.membershipDeltas))])
         metric(
@@ -298,7 +375,9 @@ public final class BrokerService {
             sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
         out += propagation.summary(
             "scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
-        if !workers.isEmpty { out += targetMetrics(workers, prefix: "scim_broker") }
+        if !workers.isEmpty {
+            out += targetMetrics(workers, prefix: "scim_broker", counters: counters, paused: { [pauses] in pauses[$0.target.name] != nil })
+        }
         if !feeds.destinations.isEmpty { out += downlinkMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
@@ -308,7 +387,8 @@ public final class BrokerService {
     /// Stops both listeners after in-flight requests.
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         let extra = [apiServer, adminServer].compactMap { $0 }
-        sweeper?.stop()
+        sweepTimer?.close()
+        sweepTimer = nil
         sweeper = nil
         feeds.closeAll()
         server.shutdown { [workers] in
@@ -413,6 +493,7 @@ public final class BrokerService {
             return
         }
         guard let bound = bind(context, responder) else { return }
+        agentActivity["\(bound.domain)/\(bound.identity)", default: AgentActivity()].lastSeen = unixMilliseconds()
         if request.path == BrokerService.feedPath { return poll(request, bound, responder) }
         relay(request, context, bound, responder)
     }
@@ -505,50 +586,72 @@ public final class BrokerService {
         // Backpressure: refuse while too much waits to be applied; the agent's outbox holds it.
         if refusedBusy(responder) { return }
         if let notAfter = context.peerIdentity?.notAfter, notAfter > 0 { agentCertificates["\(bound.domain)/\(bound.identity)"] = notAfter }
-        let store = self.store, domain = bound.domain, agent = bound.identity, batch = events, key = AgentKey(identity: agent, epoch: epoch)
-        let ids = (0..<events.count).map { _ in secureID() }
+        let store = self.store, domain = bound.domain, agent = bound.identity, key = AgentKey(identity: agent, epoch: epoch)
         statistics.batches += 1
-        writer.submit({ txn in
-            try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn)
-        }) { [self] result in
-            switch result {
-            case .failure(let error):
-                logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
-                responder.respond(
-                    Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
-                        .withHeader("Retry-After", "5"))
-            case .success(let outcome):
-                if outcome.newSequence {
-                    logger.notice(
-                        "a new agent store: its sequence starts at 1",
-                        metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+        // A batch is applied in transactions of bounded weight (events and the
+        // members they change): LMDB holds a transaction's dirty pages in
+        // memory, so a batch of large membership changes must not become one
+        // huge transaction. The parts go in order; each applies only what
+        // continues the sequence, so a part after one that failed applies
+        // nothing (exactly once holds; the agent sends the rest again).
+        let parts = BrokerStore.applyParts(events.sorted { $0.seq < $1.seq }, maxWeight: BrokerStore.applyWeightPerTransaction)
+        var outcomes: [Result<ApplyOutcome, any Error>?] = Array(repeating: nil, count: parts.count)
+        var answered = 0
+        for (k, part) in parts.enumerated() {
+            let ids = part.events.map { _ in secureID() }, batch = part.events
+            writer.submit({ txn in try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn) }, weight: part.weight)
+            {
+                [self] result in
+                outcomes[k] = result
+                answered += 1
+                if answered == parts.count {
+                    answerBatch(ApplyOutcome.merged(outcomes.map { $0! }), domain: domain, agent: agent, key, responder)
                 }
-                statistics.eventsApplied += outcome.applied
-                statistics.membershipDeltas += outcome.membershipDeltas
-                for w in workers where outcome.fanout[w.target.name] != nil { w.kick() }
-                feeds.changed(outcome.fanout.keys)
-                recordPropagation(outcome.acceptedAt)
-                statistics.duplicates += outcome.duplicates
-                statistics.rejectedEvents += outcome.rejected.count
-                if let expected = outcome.expectedSequence {
-                    statistics.gaps += 1
-                    responder.respond(Self.json(409, ["expectedSeq": .number(JSONNumber(integer: Int64(expected)))]))
-                    return
-                }
-                var rejected = JSONObject()
-                for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
-                    rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
-                }
-                responder.respond(
-                    Self.json(
-                        200,
-                        [
-                            "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
-                            "rejected": .object(rejected),
-                            // What this broker understands: agents send membership deltas once they see 2.
-                            "protocol": .number(JSONNumber(integer: Int64(BrokerStore.protocolVersion))),
-                        ]))
             }
+        }
+    }
+
+    private func answerBatch(
+        _ result: Result<ApplyOutcome, any Error>, domain: String, agent: String, _ key: AgentKey, _ responder: Responder
+    ) {
+        switch result {
+        case .failure(let error):
+            logger.error("apply failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
+            responder.respond(
+                Self.failure(503, "unavailable", "the batch could not be stored: \(error)")
+                    .withHeader("Retry-After", "5"))
+        case .success(let outcome):
+            if outcome.newSequence {
+                logger.notice(
+                    "a new agent store: its sequence starts at 1",
+                    metadata: ["domain": .string(domain), "agent": .string(agent), "epoch": .string(key.epoch)])
+            }
+            statistics.eventsApplied += outcome.applied
+            agentActivity["\(domain)/\(agent)", default: AgentActivity()].batch(outcome)
+            statistics.membershipDeltas += outcome.membershipDeltas
+            for w in workers where outcome.fanout[w.target.name] != nil { w.kick() }
+            feeds.changed(outcome.fanout.keys)
+            recordPropagation(outcome.acceptedAt)
+            statistics.duplicates += outcome.duplicates
+            statistics.rejectedEvents += outcome.rejected.count
+            if let expected = outcome.expectedSequence {
+                statistics.gaps += 1
+                responder.respond(Self.json(409, ["expectedSeq": .number(JSONNumber(integer: Int64(expected)))]))
+                return
+            }
+            var rejected = JSONObject()
+            for (seq, description) in outcome.rejected.sorted(by: { $0.key < $1.key }) {
+                rejected[String(seq)] = ["err": "invalid_request", "description": .string(description)]
+            }
+            responder.respond(
+                Self.json(
+                    200,
+                    [
+                        "ackedThrough": .number(JSONNumber(integer: Int64(outcome.ackedThrough))),
+                        "rejected": .object(rejected),
+                        // What this broker understands: agents send membership deltas once they see 2.
+                        "protocol": .number(JSONNumber(integer: Int64(BrokerStore.protocolVersion))),
+                    ]))
         }
     }
 }

@@ -202,6 +202,65 @@ public struct RelayEvent: Sendable {
     }
 }
 
+extension ApplyOutcome {
+    /// The outcome of a batch applied in parts, in sequence order: what the
+    /// parts applied together; a part's gap counts only when nothing was
+    /// applied before it (as in one transaction); any part's failure fails
+    /// the batch (what committed stays: the agent's resend skips it).
+    static func merged(_ parts: [Result<ApplyOutcome, any Error>]) -> Result<ApplyOutcome, any Error> {
+        var all: ApplyOutcome?
+        for part in parts {
+            guard case .success(let o) = part else { return part }
+            guard var m = all else {
+                all = o
+                continue
+            }
+            if m.applied == 0, m.expectedSequence == nil { m.expectedSequence = o.expectedSequence }
+            m.ackedThrough = max(m.ackedThrough, o.ackedThrough)
+            m.rejected.merge(o.rejected) { a, _ in a }
+            m.applied += o.applied
+            m.membershipDeltas += o.membershipDeltas
+            m.duplicates += o.duplicates
+            m.acceptedAt += o.acceptedAt
+            m.fanout.merge(o.fanout, uniquingKeysWith: +)
+            all = m
+        }
+        return .success(all ?? ApplyOutcome(ackedThrough: 0))
+    }
+}
+
+extension BrokerStore {
+    /// The most weight (`applyWeight`) one apply transaction takes when a
+    /// batch's events can be split: about 1,000 changed index entries
+    /// (a members event of at most 1,000 members goes alone), at most a few
+    /// thousand dirty pages even when each entry lands on a page of its own.
+    static let applyWeightPerTransaction = 1000
+
+    /// About how many index entries applying `event` changes: one for the
+    /// resource, one per member it names.
+    static func applyWeight(_ event: RelayEvent) -> Int {
+        guard let body = event.body["events"]?.objectValue?.members.first?.value else { return 1 }
+        let members = body["data"]?["members"]?.arrayValue?.count ?? 0
+        return 1 + members + (body["added"]?.arrayValue?.count ?? 0) + (body["removed"]?.arrayValue?.count ?? 0)
+    }
+
+    /// `events` (in sequence order) in consecutive parts of at most
+    /// `maxWeight` each (an event heavier than that alone), with their weights.
+    static func applyParts(_ events: [RelayEvent], maxWeight: Int) -> [(events: [RelayEvent], weight: Int)] {
+        var parts: [(events: [RelayEvent], weight: Int)] = []
+        for e in events {
+            let w = applyWeight(e)
+            if let last = parts.last, last.weight + w <= maxWeight {
+                parts[parts.count - 1].events.append(e)
+                parts[parts.count - 1].weight += w
+            } else {
+                parts.append(([e], w))
+            }
+        }
+        return parts
+    }
+}
+
 extension BrokerStore {
     /// Applies a batch from `agent` of `domain` in `txn`: events at or below
     /// the applied sequence are acknowledged without re-applying; a gap stops
@@ -279,7 +338,7 @@ extension BrokerStore {
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
             try updateListIndexes(type: type, key: key, old: existing, new: nil, txn)
-            if type == "Group" { try replaceMembers(brokerID, with: [], txn) }
+            if type == "Group" { try removeMembersLater(brokerID, txn) }
             let left = try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: nil, trace: trace,
@@ -302,7 +361,15 @@ extension BrokerStore {
             // directory names them by broker id (unknown ones are not federated).
             // They go to the members index, not into the stored group.
             var touched: [String] = []
-            if type == "Group" {
+            if type == "Group", body["membersUnchanged"]?.boolValue == true {
+                guard existing != nil else {
+                    // Nothing to keep: refused, so the agent sends the whole group at its next change.
+                    throw SCIMError.invalidValue(
+                        "event \(event.seq): the attributes of \(ref) without its members, which this broker does not hold")
+                }
+                // Protocol 3: the attributes alone; the members stand (their changes come as members events).
+                data["members"] = nil
+            } else if type == "Group" {
                 var mapped: [JSONObject] = []
                 for m in data["members"]?.arrayValue ?? [] {
                     if let o = try federatedMember(m, domain: domain, txn) { mapped.append(o) }
@@ -376,8 +443,9 @@ extension BrokerStore {
     }
 
     /// The relay protocol this broker speaks (docs/protocol.md): 2 adds
-    /// `membersEvent`; it says so in every 200.
-    public static let protocolVersion = 2
+    /// `membersEvent`, 3 a group's attributes without its members
+    /// (`membersUnchanged`); it says so in every 200.
+    public static let protocolVersion = 3
     /// A group's members added and removed (protocol 2): `ref`, `version`,
     /// `added` (members, `{"value": id}` in the agent's ids), `removed` (ids).
     public static let membersEvent = "urn:scim-edge:params:event:prov:patch:members"

@@ -31,12 +31,13 @@ extension BrokerStore: DeliveryTables {
     }
 
     package func forEachDirectoryEntry(
-        _ type: String, members: Bool, _ txn: borrowing some StoreReading & ~Copyable, _ body: (DirectoryEntry) throws -> Bool
+        _ type: String, members: Bool, from: [UInt8]?, _ txn: borrowing some StoreReading & ~Copyable,
+        _ body: (_ position: [UInt8], DirectoryEntry) throws -> Bool
     ) throws {
-        try txn.scan(resources) { k, v in
+        try txn.scan(resources, from: from) { k, v in
             let parts = String(decoding: k, as: UTF8.self).split(separator: "/", maxSplits: 2)
             guard parts.count == 3, parts[1] == type, let o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
-            return try body((String(parts[0]), type, type == "Group" && members ? try withMembers(txn, o) : o))
+            return try body(k, (String(parts[0]), type, type == "Group" && members ? try withMembers(txn, o) : o))
         }
     }
 }

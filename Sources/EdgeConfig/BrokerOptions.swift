@@ -28,6 +28,17 @@ public enum BrokerOptions {
     public static let apiTokenFile = OptionSpec(
         "api.tokenFile", flag: "api-token-file", .path, "The read API's bearer tokens, one per line (read at start); mode 0640 or stricter."
     )
+    public static let apiOperatorTokens = OptionSpec(
+        "api.operatorTokens", flag: "operator-token", .list, value: "TOKEN",
+        "Bearer tokens of the web console's actions (retry, drop, confirm or reject held deletions, pause, resume, push); a read-API token only looks. Prefer api.operatorTokenFile."
+    )
+    public static let apiOperatorTokenFile = OptionSpec(
+        "api.operatorTokenFile", flag: "operator-token-file", .path,
+        "The console's operator tokens, one per line (read at start); mode 0640 or stricter.")
+    public static let apiConsole = OptionSpec(
+        "api.console", .boolean, default: "true",
+        "Serve the web console at /console/ on the read API's listener (its data with the read API's tokens, its actions with an operator token)."
+    )
     public static let apiScanBudget = OptionSpec(
         "api.scanBudget", .integer(1...100_000_000), default: "100000",
         "How many resources one page of a read-API filter without an index may examine before it answers with a cursor to go on.")
@@ -119,7 +130,9 @@ public enum BrokerOptions {
         nil, flag: "target-token", .list, value: "NAME=TOKEN", "The bearer token for target NAME (repeatable).")
 
     public static let all: [OptionSpec] = [
-        dataDir, listen, tlsCA, tlsCert, tlsKey, tlsCRL, domains, apiListen, apiTokens, apiTokenFile, apiScanBudget, adminListen,
+        dataDir, listen, tlsCA, tlsCert, tlsKey, tlsCRL, domains, apiListen, apiTokens, apiTokenFile, apiOperatorTokens,
+        apiOperatorTokenFile, apiConsole, apiScanBudget,
+        adminListen,
         maxPendingBatches,
         targets, targetToken,
     ]

@@ -305,7 +305,7 @@ package extension DeliveryTables {
             if try txn.get(targetState, stateKey) == fingerprint { return false }
             try dropIndex(txn)
             var linked: [(value: String, brokerID: String)] = []
-            try forEachDirectoryEntry("User", members: false, txn) { e in
+            try forEachDirectoryEntry("User", members: false, from: nil, txn) { _, e in
                 guard let id = e.resource["id"]?.stringValue else { return true }
                 if target.routes(domain: e.domain, type: "User", e.resource), let value = link.value(of: e.resource, domain: e.domain) {
                     linked.append((value, id))
@@ -640,16 +640,30 @@ package extension DeliveryTables {
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
 
-    func deadLetters(target: String?) throws -> [(target: String, letter: JSONObject)] {
+    /// Dead letters, oldest first (of `target`, or of all); at most `limit` (the console pages them).
+    func deadLetters(target: String?, limit: Int = .max) throws -> [(target: String, letter: JSONObject)] {
         let targetDead = self.targetDead
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
             try txn.scan(targetDead, from: target.map { prefixed($0, []) }, to: target.map(prefixEnd)) { k, v in
                 let name = String(decoding: k.prefix { $0 != 0 }, as: UTF8.self)
                 if let o = try JSONParser.parse(v, limits: .stored).objectValue { out.append((name, o)) }
-                return true
+                return out.count < limit
             }
             return out
+        }
+    }
+
+    /// How many dead letters `target` has (keys only).
+    func deadLetterCount(target: String) throws -> Int {
+        let targetDead = self.targetDead
+        return try environment.read { txn in
+            var n = 0
+            try txn.scanKeys(targetDead, from: prefixed(target, []), to: prefixEnd(target)) { _ in
+                n += 1
+                return true
+            }
+            return n
         }
     }
 
@@ -769,7 +783,7 @@ package extension DeliveryTables {
             }
         }
         result.stateEntries = try environment.write { txn in
-            try ["status/", "guard/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
+            try ["status/", "guard/", "paused/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
                 n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
             }
         }

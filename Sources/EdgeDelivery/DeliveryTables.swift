@@ -54,10 +54,12 @@ package protocol DeliveryTables: AnyObject, Sendable {
         -> [String]
     /// The groups holding `member` directly.
     func groupsHolding(_ member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String]
-    /// Every resource of `type` (groups with their members when `members`),
-    /// until `body` returns false.
+    /// The resources of `type` (groups with their members when `members`)
+    /// from the position `from` (nil: the first) in the store's order, each
+    /// with its position (an opaque key), until `body` returns false.
     func forEachDirectoryEntry(
-        _ type: String, members: Bool, _ txn: borrowing some StoreReading & ~Copyable, _ body: (DirectoryEntry) throws -> Bool
+        _ type: String, members: Bool, from: [UInt8]?, _ txn: borrowing some StoreReading & ~Copyable,
+        _ body: (_ position: [UInt8], DirectoryEntry) throws -> Bool
     ) throws
     /// The delivery ids a `trail` query names, and whether it named them by
     /// trace id. By default: a trace id, else the delivery id itself; the
@@ -106,15 +108,26 @@ extension DeliveryTables {
         try environment.read { txn in try deliveryEntry(id, members: members, txn) }
     }
 
-    /// Every resource of `type`, across domains (at most `budget`).
-    package func directoryEntries(_ type: String, members: Bool) throws -> [DirectoryEntry] {
-        try environment.read { txn in
-            var out: [DirectoryEntry] = []
-            try forEachDirectoryEntry(type, members: members, txn) { e in
-                out.append(e)
-                return true
+    /// Every resource of `type`, across domains, a chunk at a time, each
+    /// chunk read in a snapshot of its own (reconcile: memory holds a chunk).
+    package func forEachDirectoryEntry(_ type: String, members: Bool, chunk: Int = 500, _ body: (DirectoryEntry) throws -> Void)
+        throws
+    {
+        var from: [UInt8]?
+        while true {
+            let (found, last): ([DirectoryEntry], [UInt8]?) = try environment.read { txn in
+                var out: [DirectoryEntry] = []
+                var last: [UInt8]?
+                try forEachDirectoryEntry(type, members: members, from: from, txn) { position, e in
+                    out.append(e)
+                    last = position
+                    return out.count < chunk
+                }
+                return (out, out.count == chunk ? last : nil)
             }
-            return out
+            for e in found { try body(e) }
+            guard let last else { return }
+            from = last + [0]
         }
     }
 }

@@ -1,6 +1,8 @@
 import EdgeHTTP
 import EdgeLoop
+import EdgeStore
 import EdgeTLS
+import Glibc
 import SCIM
 
 /// What `scim-broker targets reconcile` found at one target.
@@ -78,62 +80,42 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
     // One trace id for the run: every fix it queues carries it, so its hops can be followed.
     let trace = "reconcile-" + hexString(secureRandomBytes(12))
     report.trace = trace
-    let mappings = try store.mappings(target: target.name)
-    var byTargetID: [String: String] = [:]
-    for (b, m) in mappings { byTargetID[m.targetID] = b }
+    // Memory holds a page of accounts and a chunk of resources, whatever the
+    // target's size: the accounts go to a scratch LMDB file of this run's.
+    let scratch = try ReconcileScratch()
+    defer { scratch.remove() }
+    func mapping(_ brokerID: String) throws -> TargetMapping? { try store.mapping(target: target.name, brokerID: brokerID) }
     // Groups are listed and compared without their members (a route that
     // reads members needs them); each group's members are then compared one
     // group at a time (`reconcileMembers`).
     let groupsWithMembers = target.groupRoutesReadMembers
     for (type, endpoint) in [("User", "/Users"), ("Group", "/Groups")] {
         // The target's accounts, page by page (RFC 7644 §3.4.2.4).
-        var accounts: [String: JSONObject] = [:]
+        try scratch.clear()
         var start = 1
         let listing = type == "Group" ? "&excludedAttributes=members" : ""
         while true {
             let page = try get("\(endpoint)?startIndex=\(start)&count=\(pageSize)\(listing)")
             let resources = page["Resources"]?.arrayValue ?? []
-            for r in resources { if let o = r.objectValue, let id = o["id"]?.stringValue { accounts[id] = o } }
+            try scratch.add(resources.compactMap { $0.objectValue })
             let total = page["totalResults"]?.numberValue?.integer.map(Int.init) ?? 0
             start += resources.count
             if resources.isEmpty || start > total { break }
         }
-        report.seen += accounts.count
-        var byExternal: [String: String] = [:]
-        for (id, o) in accounts { if let e = o["externalId"]?.stringValue { byExternal[e] = id } }
+        report.seen += try scratch.count()
 
         // What the routes want there: one account per resource, and with
         // `collisions: link` one per link value, holding the merged state
         // and named by its anchor (the other linked users are neither
         // missing nor strays: their mappings name the same account).
-        var claimed: Set<String> = []
-        var wanted: [(brokerID: String, want: JSONObject, candidates: [String], link: String?)] = []
         var linkedUsers: [String: [LinkedResource]] = [:]
         let link = type == "User" ? target.collisions.linkPolicy : nil
-        for (domain, _, resource) in try store.directoryEntries(type, members: type == "User" || groupsWithMembers) {
-            guard let brokerID = resource["id"]?.stringValue, target.routes(domain: domain, type: type, resource) else { continue }
-            if let link, let value = link.value(of: resource, domain: domain) {
-                linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
-                continue
-            }
-            var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
-            want["members"] = nil  // compared by `reconcileMembers`
-            wanted.append((brokerID, want, [brokerID], nil))
-        }
-        if let link {
-            for value in linkedUsers.keys.sorted() {
-                let members = link.ordered(linkedUsers[value]!)
-                guard let (anchor, want) = linkedTargetBody(members, link: link, target: target) else { continue }
-                wanted.append((anchor, want, [anchor] + members.map(\.brokerID).filter { $0 != anchor }, value))
-            }
-        }
-        for (brokerID, want, candidates, linkValue) in wanted {
+        func compare(_ brokerID: String, _ want: JSONObject, _ candidates: [String], _ linkValue: String?) throws {
             report.expected += 1
             // The account: the first candidate's whose mapping names one the target has.
-            var targetID =
-                candidates.lazy.compactMap { mappings[$0]?.targetID }.first { accounts[$0] != nil }
-                ?? mappings[brokerID]?.targetID
-            if targetID.map({ accounts[$0] == nil }) ?? true, let found = byExternal[brokerID] {
+            var targetID = try candidates.lazy.compactMap { try mapping($0)?.targetID }.first { try scratch.account($0) != nil }
+            if targetID == nil { targetID = try mapping(brokerID)?.targetID }
+            if try targetID.map({ try scratch.account($0) == nil }) ?? true, let found = try scratch.byExternal(brokerID) {
                 targetID = found
                 report.relinked += 1
                 if apply {
@@ -144,36 +126,37 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
                     report.queued += 1
                 }
             }
-            guard let tid = targetID, let account = accounts[tid] else {
+            guard let tid = targetID, let account = try scratch.account(tid) else {
                 report.missing.append(brokerID)
                 if apply {
                     for id in candidates { try store.forgetMapping(target: target.name, type: type, brokerID: id) }
                     try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, linkPolicy: link, trace: trace)
                     report.queued += 1
                 }
-                continue
+                return
             }
-            claimed.insert(tid)
+            try scratch.claim(tid)
             var differing = want.compactMap { key, value -> String? in
                 key == "schemas" || sameValue(value, account[key]) ? nil : key
             }
+            let groupMapping = type == "Group" ? try mapping(brokerID) : nil
             // A group's members: compared (and with `apply` queued) one group at a time.
             let membersDrift =
                 try type == "Group"
                 && (reconcileMembers(
-                    store: store, target: target, group: brokerID, mapping: mappings[brokerID], mappings: mappings,
-                    byTargetID: byTargetID, held: try get("\(endpoint)/\(tid)")["members"], apply: apply, trace: trace))
+                    store: store, target: target, group: brokerID, mapping: groupMapping,
+                    held: try get("\(endpoint)/\(tid)")["members"], apply: apply, trace: trace))
             if membersDrift { differing.append("members") }
             if !differing.isEmpty {
                 report.drifted.append((brokerID, differing))
                 // A full PUT queued for the members sends the attributes too.
-                let putQueued = membersDrift && mappings[brokerID]?.members == nil
+                let putQueued = membersDrift && groupMapping?.members == nil
                 if apply && membersDrift { report.queued += 1 }
                 if apply && differing != ["members"] && !putQueued {
                     // Unknown target state: the next delivery is a full PUT; a
                     // group delivered from the member index keeps its index and
                     // gets its attributes sent again (`sent` empty).
-                    if type == "Group" && mappings[brokerID]?.members != nil && mappings[brokerID]?.targetID == tid {
+                    if type == "Group" && groupMapping?.members != nil && groupMapping?.targetID == tid {
                         // Its index and count stand (read in the enqueue's transaction): the attributes go again.
                         try store.enqueue(target: target.name, brokerID: brokerID, type: type, .upsert, trace: trace, resend: true)
                     } else {
@@ -186,11 +169,33 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
                 }
             }
         }
-        for (id, account) in accounts.sorted(by: { $0.key < $1.key }) where !claimed.contains(id) {
-            // Created by the broker: its mapping names it, or its externalId is a broker id the broker mapped.
-            let brokerID = byTargetID[id] ?? account["externalId"]?.stringValue.flatMap { mappings[$0] != nil ? $0 : nil }
-            guard let brokerID else { report.foreign += 1; continue }
-            if type == "User" && account["active"]?.boolValue == false { continue }  // already deactivated
+        try store.forEachDirectoryEntry(type, members: type == "User" || groupsWithMembers) { (domain, _, resource) in
+            guard let brokerID = resource["id"]?.stringValue, target.routes(domain: domain, type: type, resource) else { return }
+            if let link, let value = link.value(of: resource, domain: domain) {
+                // Linked users are merged by link value: they are kept until all are known (O(linked users)).
+                linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
+                return
+            }
+            var want = targetBody(resource, type: type, brokerID: brokerID, target: target)
+            want["members"] = nil  // compared by `reconcileMembers`
+            try compare(brokerID, want, [brokerID], nil)
+        }
+        if let link {
+            for value in linkedUsers.keys.sorted() {
+                let members = link.ordered(linkedUsers[value]!)
+                guard let (anchor, want) = linkedTargetBody(members, link: link, target: target) else { continue }
+                try compare(anchor, want, [anchor] + members.map(\.brokerID).filter { $0 != anchor }, value)
+            }
+        }
+        try scratch.forEachUnclaimed { id, account in
+            // Created by the broker: its owner entry names it, or its externalId is a broker id the broker mapped.
+            let owner = try store.accountOwner(target: target.name, type: type, targetID: id)
+            let brokerID = try owner ?? account["externalId"]?.stringValue.flatMap { try mapping($0) != nil ? $0 : nil }
+            guard let brokerID else {
+                report.foreign += 1
+                return
+            }
+            if type == "User" && account["active"]?.boolValue == false { return }  // already deactivated
             report.strays.append((id, brokerID, type))
             if apply {
                 if link != nil {
@@ -217,8 +222,7 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
 /// differing members queued (`repairGroupMembers`); any other gets a full
 /// PUT. Returns whether they differ.
 func reconcileMembers(
-    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, mappings: [String: TargetMapping],
-    byTargetID: [String: String], held: JSON?, apply: Bool, trace: String
+    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: JSON?, apply: Bool, trace: String
 ) throws -> Bool {
     // A target that leaves `members` out of a GET of the group says nothing of them.
     guard let listed = held?.arrayValue else { return false }
@@ -227,7 +231,7 @@ func reconcileMembers(
     try store.forEachMemberID(of: group) { ids in
         for id in ids {
             // As delivery does: a member is sent once it has an account there.
-            guard let tid = mappings[id]?.targetID else { continue }
+            guard let tid = try store.mapping(target: target.name, brokerID: id)?.targetID else { continue }
             // Linked users share one account there: one member stands for them all.
             if remaining.remove(tid) != nil || matched.contains(tid) {
                 matched.insert(tid)
@@ -274,5 +278,101 @@ package func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
 package extension DeliveryTables {
     func forgetMapping(target: String, type: String, brokerID: String) throws {
         try environment.write { txn in try setMapping(target: target, type: type, brokerID: brokerID, nil, txn) }
+    }
+}
+
+/// A target's accounts as one reconcile run listed them, in an LMDB file of
+/// the run's own (removed at the end, never synced): `accounts` (target id →
+/// the account), `external` (externalId → target id), `claimed` (target
+/// ids a resource of the broker's accounts for). Memory holds one page.
+final class ReconcileScratch {
+    let path: String
+    let environment: Environment
+    let accounts: Database
+    let external: Database
+    let claimed: Database
+
+    init() throws {
+        var template = Array("/tmp/scim-reconcile.XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw ReconcileError.target("cannot create a temporary directory for reconcile")
+        }
+        path = String(cString: made)
+        var o = EnvironmentOptions(path: path)
+        o.unsafeNoSync = true  // scratch: nothing here must survive the run
+        environment = try Environment(o)
+        accounts = try environment.openDatabase("accounts")
+        external = try environment.openDatabase("external")
+        claimed = try environment.openDatabase("claimed")
+    }
+
+    func remove() {
+        for f in ["data.mdb", "lock.mdb"] { unlink(path + "/" + f) }
+        rmdir(path)
+    }
+
+    /// Empties it for the next type.
+    func clear() throws {
+        for db in [accounts, external, claimed] {
+            while true {
+                var keys: [[UInt8]] = []
+                try environment.read { txn in
+                    try txn.scanKeys(db) { k in
+                        keys.append(Array(k))
+                        return keys.count < 1000
+                    }
+                }
+                if keys.isEmpty { break }
+                try environment.write { txn in for k in keys { _ = try txn.delete(db, k) } }
+            }
+        }
+    }
+
+    func add(_ page: [JSONObject]) throws {
+        try environment.write { txn in
+            for o in page {
+                guard let id = o["id"]?.stringValue, !id.isEmpty else { continue }
+                try txn.put(accounts, Array(id.utf8), JSON.object(o).serialized())
+                if let e = o["externalId"]?.stringValue, !e.isEmpty { try txn.put(external, Array(e.utf8), Array(id.utf8)) }
+            }
+        }
+    }
+
+    func count() throws -> Int { try environment.count(accounts) }
+
+    func account(_ id: String) throws -> JSONObject? {
+        try environment.read { txn in
+            try txn.get(accounts, Array(id.utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
+        }
+    }
+
+    func byExternal(_ externalID: String) throws -> String? {
+        try environment.read { txn in try txn.get(external, Array(externalID.utf8)).map { String(decoding: $0, as: UTF8.self) } }
+    }
+
+    func claim(_ id: String) throws { try environment.write { txn in try txn.put(claimed, Array(id.utf8), []) } }
+
+    /// The accounts nothing claimed, in id order, a chunk at a time.
+    func forEachUnclaimed(_ body: (String, JSONObject) throws -> Void) throws {
+        var from: [UInt8]?
+        while true {
+            var chunk: [(String, JSONObject)] = []
+            var last: [UInt8]?
+            try environment.read { txn in
+                var seen = 0
+                try txn.scan(accounts, from: from) { k, v in
+                    seen += 1
+                    last = Array(k)
+                    if try txn.get(claimed, Array(k)) == nil, let o = try JSONParser.parse(v, limits: .stored).objectValue {
+                        chunk.append((String(decoding: k, as: UTF8.self), o))
+                    }
+                    return seen < 500
+                }
+                if seen < 500 { last = nil }
+            }
+            for (id, o) in chunk { try body(id, o) }
+            guard let l = last else { return }
+            from = l + [0]
+        }
     }
 }

@@ -12,10 +12,12 @@ package enum TargetReports {
 
     /// One line per target a worker saved a status for: state, queue, counters,
     /// breaker, guard. `configured`: the configured targets (nil: not known,
-    /// a removed one is then not marked).
-    package static func status(_ store: some DeliveryTables, configured: [String]?, json: Bool, command: String, noneYet: Bool)
-        throws -> [String]
-    {
+    /// a removed one is then not marked). `pause`: an operator's pause of a
+    /// target (the broker's `targets pause`), as JSON and for its line.
+    package static func status(
+        _ store: some DeliveryTables, configured: [String]?, json: Bool, command: String, noneYet: Bool,
+        pause: (String) -> (json: JSONObject, line: String)? = { _ in nil }
+    ) throws -> [String] {
         var out: [String] = []
         let letters = try store.deadLetters(target: nil)
         let statuses = try store.targetStatuses()
@@ -32,13 +34,19 @@ package enum TargetReports {
             status["oldestQueuedAt"] = .number(JSONNumber(integer: depth.oldest))
             status["deadLetters"] = .int(letters.filter { $0.target == name }.count)
             status["deletesPaused"] = .bool(try store.deletionGuard(target: name).pausedSince != nil)
+            let paused = pause(name)
+            if let paused {
+                status["state"] = "paused"
+                status["paused"] = .object(paused.json)
+            }
             if json { out.append(JSON.object(status).serializedString); continue }
             let caps =
                 status["capabilities"]?.objectValue.map { c in
                     c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
                 } ?? "-"
             out.append(
-                "\(name)\t\(status["state"]?.stringValue ?? "-")\tqueued \(depth.count) (oldest \(time(depth.oldest)))"
+                "\(name)\t\(status["state"]?.stringValue ?? "-")" + (paused?.line ?? "")
+                    + "\tqueued \(depth.count) (oldest \(time(depth.oldest)))"
                     + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
                     + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
                     + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"

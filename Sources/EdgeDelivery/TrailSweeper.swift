@@ -16,10 +16,12 @@ package final class TrailSweeper {
     private var sweeping = false
     private var nextPass: UInt64 = 0
 
-    package init(store: any DeliveryTables, writer: GroupCommitWriter, loop: EventLoop) throws {
+    /// `ownTimer` false: the caller calls `step()` every second (the broker's timer does more).
+    package init(store: any DeliveryTables, writer: GroupCommitWriter, loop: EventLoop, ownTimer: Bool = true) throws {
         self.store = store
         self.writer = writer
         self.loop = loop
+        guard ownTimer else { return }
         let t = try LoopTimer(loop: loop)
         t.keepsLoopAlive = false
         timer = t
@@ -34,7 +36,8 @@ package final class TrailSweeper {
         timer = nil
     }
 
-    private func step() {
+    /// One step of the sweep (at most one under way).
+    package func step() {
         guard !sweeping, loop.now >= nextPass else { return }
         sweeping = true
         let store = self.store, cursors = self.cursors

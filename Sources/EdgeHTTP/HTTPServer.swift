@@ -171,6 +171,12 @@ public final class HTTPServer {
         return closed
     }
 
+    /// The peer certificates of the open connections whose TLS handshake is
+    /// done: who is connected now (one entry per connection).
+    public var connectedPeers: [PeerIdentity] {
+        connections.values.compactMap { $0.handshakeDone && !$0.isClosed ? $0.transport.peerIdentity : nil }
+    }
+
     public convenience init(
         loop: EventLoop, address: SocketAddress, tls: ReloadableTLSContext? = nil,
         limits: HTTPServerLimits = HTTPServerLimits(), connectionBudget: ConnectionBudget? = nil,

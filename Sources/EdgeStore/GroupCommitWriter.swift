@@ -23,6 +23,8 @@ public final class GroupCommitWriter: Sendable {
         public var writes = 0
         public var failedWrites = 0
         public var largestBatch = 0
+        /// The largest sum of the weights of one batch's writes.
+        public var heaviestBatch = 0
         /// Flushes (meta-page syncs): one per batch.
         public var flushes = 0
     }
@@ -31,11 +33,15 @@ public final class GroupCommitWriter: Sendable {
     private let core: WriterCore
     private let inbox: LoopInbox
 
-    /// `inbox`: the loop of callers that name none of their own.
-    public init(environment: Environment, maxBatch: Int = 1024, inbox: LoopInbox) {
+    /// `inbox`: the loop of callers that name none of their own. A batch
+    /// takes at most `maxBatch` writes and, past its first write, at most
+    /// `maxWeight` of their weights (`submit(weight:)`): a transaction's
+    /// dirty pages, which LMDB holds in memory until the commit, stay bounded
+    /// however many large writes wait.
+    public init(environment: Environment, maxBatch: Int = 1024, maxWeight: Int = .max, inbox: LoopInbox) {
         self.environment = environment
         self.inbox = inbox
-        core = WriterCore(environment: environment, maxBatch: maxBatch)
+        core = WriterCore(environment: environment, maxBatch: maxBatch, maxWeight: maxWeight)
         core.start()
     }
 
@@ -44,8 +50,9 @@ public final class GroupCommitWriter: Sendable {
     /// Queues `operation`; `completion` runs on the caller's loop (`inbox`,
     /// or the writer's own; called on that loop's thread) after the batch
     /// holding it committed durably (success) or with this write's own error.
+    /// `weight`: about how many keys the write changes (see `init`).
     public func submit<T: Sendable>(
-        _ operation: @escaping WriteOperation<T>, inbox: LoopInbox? = nil,
+        _ operation: @escaping WriteOperation<T>, weight: Int = 1, inbox: LoopInbox? = nil,
         completion: @escaping (Result<T, any Error>) -> Void
     ) {
         let inbox = inbox ?? self.inbox
@@ -62,7 +69,7 @@ public final class GroupCommitWriter: Sendable {
                 } else {
                     completion(.failure(StoreError.badTransaction))
                 }
-            }, inbox: inbox)
+            }, inbox: inbox, weight: weight)
         core.enqueue(write)
     }
 
@@ -86,13 +93,15 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
 
     let environment: Environment
     let maxBatch: Int
+    let maxWeight: Int
     private var state = State()
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let work = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-    init(environment: Environment, maxBatch: Int) {
+    init(environment: Environment, maxBatch: Int, maxWeight: Int) {
         self.environment = environment
         self.maxBatch = maxBatch
+        self.maxWeight = maxWeight
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(work, nil)
     }
@@ -152,12 +161,17 @@ final class WriterCore: @unchecked Sendable {  // every field below is used unde
         while true {
             while state.pending.isEmpty && !state.stopping { pthread_cond_wait(work, mutex) }
             guard !state.pending.isEmpty else { break }  // stopping, nothing left
-            let take = min(state.pending.count, maxBatch)
+            var take = 1, weight = state.pending[0].weight
+            while take < min(state.pending.count, maxBatch), state.pending[take].weight <= maxWeight - weight {
+                weight += state.pending[take].weight
+                take += 1
+            }
             let batch = WriteBatch(writes: Array(state.pending.prefix(take)))
             state.pending.removeFirst(take)
             state.statistics.batches += 1
             state.statistics.writes += take
             state.statistics.largestBatch = max(state.statistics.largestBatch, take)
+            state.statistics.heaviestBatch = max(state.statistics.heaviestBatch, weight)
             pthread_mutex_unlock(mutex)
             batch.run(in: environment)
             acknowledge(batch, flushError: flush())
@@ -224,16 +238,18 @@ final class PendingWrite: @unchecked Sendable {
     let apply: @Sendable (borrowing WriteTransaction) throws -> Void
     let complete: (Error?) -> Void
     let inbox: LoopInbox
+    let weight: Int
     var error: (any Error)?
     var settled = false
 
     init(
         apply: @escaping @Sendable (borrowing WriteTransaction) throws -> Void, complete: @escaping (Error?) -> Void,
-        inbox: LoopInbox
+        inbox: LoopInbox, weight: Int = 1
     ) {
         self.apply = apply
         self.complete = complete
         self.inbox = inbox
+        self.weight = max(1, weight)
     }
 }
 

@@ -47,6 +47,8 @@ public final class Sandbox {
     var brokerAdmin = 0, brokerAPI = 0
     var targets: [(name: String, url: ServiceURL, token: String)] = []
     let idpToken = "sandbox-idp-token", apiToken = "sandbox-api-token"
+    /// The console's actions: a token of this run's own.
+    let operatorToken = "sandbox-operator-" + hexString(secureRandomBytes(8))
     var viewLines = 0
     var lastSample: UInt64 = 0
     var previous: [String: Double] = [:]
@@ -175,6 +177,7 @@ public final class Sandbox {
         broker.set(BrokerOptions.domains, map: domains.map { ($0, "spiffe://sandbox/\($0)/agent-1") })
         try broker.set(BrokerOptions.apiListen, "127.0.0.1:\(brokerAPI)")
         broker.set(BrokerOptions.apiTokens, list: [apiToken])
+        broker.set(BrokerOptions.apiOperatorTokens, list: [operatorToken])
         try broker.set(BrokerOptions.adminListen, "127.0.0.1:\(brokerAdmin)")
         for t in targets {
             var target = ConfigDocument()
@@ -393,6 +396,7 @@ public final class Sandbox {
     func stayUntilInterrupted() throws {
         guard sandboxInterrupted == 0 else { return }
         say("▶ the federation keeps running until Ctrl-C")
+        say("  broker console    http://127.0.0.1:\(brokerAPI)/console/#token=\(operatorToken)   (operator; read-only: #token=\(apiToken))")
         say("  broker read API   http://127.0.0.1:\(brokerAPI)/scim/v2   (Authorization: Bearer \(apiToken))")
         say("  broker metrics    http://127.0.0.1:\(brokerAdmin)/metrics")
         for a in agents {

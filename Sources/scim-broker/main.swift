@@ -51,6 +51,8 @@ struct Serve: ParsableCommand {
     @Option(name: flag(BrokerOptions.apiListen), help: help(BrokerOptions.apiListen)) var apiListen: String?
     @Option(name: flag(BrokerOptions.apiTokens), help: help(BrokerOptions.apiTokens)) var apiToken: [String] = []
     @Option(name: flag(BrokerOptions.apiTokenFile), help: help(BrokerOptions.apiTokenFile)) var apiTokenFile: String?
+    @Option(name: flag(BrokerOptions.apiOperatorTokens), help: help(BrokerOptions.apiOperatorTokens)) var operatorToken: [String] = []
+    @Option(name: flag(BrokerOptions.apiOperatorTokenFile), help: help(BrokerOptions.apiOperatorTokenFile)) var operatorTokenFile: String?
     @Option(name: flag(BrokerOptions.adminListen), help: help(BrokerOptions.adminListen)) var adminListen: String?
     @Option(name: flag(BrokerOptions.maxPendingBatches), help: help(BrokerOptions.maxPendingBatches)) var maxPendingBatches: String?
     @Option(name: flag(BrokerOptions.targets), help: help(BrokerOptions.targets)) var target: [String] = []
@@ -62,7 +64,8 @@ struct Serve: ParsableCommand {
             (BrokerOptions.dataDir, dataDir.list), (BrokerOptions.listen, listen.list), (BrokerOptions.tlsCA, ca.list),
             (BrokerOptions.tlsCert, cert.list), (BrokerOptions.tlsKey, key.list), (BrokerOptions.tlsCRL, crl.list),
             (BrokerOptions.domains, domain), (BrokerOptions.apiListen, apiListen.list), (BrokerOptions.apiTokens, apiToken),
-            (BrokerOptions.apiTokenFile, apiTokenFile.list), (BrokerOptions.adminListen, adminListen.list),
+            (BrokerOptions.apiTokenFile, apiTokenFile.list), (BrokerOptions.apiOperatorTokens, operatorToken),
+            (BrokerOptions.apiOperatorTokenFile, operatorTokenFile.list), (BrokerOptions.adminListen, adminListen.list),
             (BrokerOptions.maxPendingBatches, maxPendingBatches.list), (BrokerOptions.targets, target),
             (BrokerOptions.targetToken, targetToken),
         ]
@@ -87,7 +90,10 @@ struct Serve: ParsableCommand {
             throw error
         }
         emitLine("scim-broker \(scimEdgeVersion) listening on \(broker.server.address) (federation over mutual TLS)")
-        if let api = broker.apiServer { emitLine("read API at http://\(api.address)/scim/v2") }
+        if let api = broker.apiServer {
+            emitLine("read API at http://\(api.address)/scim/v2")
+            if config.console { emitLine("console at http://\(api.address)/console/") }
+        }
         if let admin = broker.adminServer { emitLine("operations at http://\(admin.address)/metrics") }
         loop.run()
         _ = loop.close()
@@ -232,11 +238,11 @@ func formatTime(_ ms: Int64?) -> String { TargetReports.time(ms) }
 
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Downstream targets: status, the deletion guard, reconciliation, forgetting a removed target.",
+        abstract: "Downstream targets: status, the deletion guard, reconciliation, push, pause and resume, forgetting a removed target.",
         subcommands: [
             TargetStatus.self, TargetHeld<StoreOptions>.self, TargetConfirmDeletes<StoreOptions>.self,
-            TargetRejectDeletes<StoreOptions>.self,
-            TargetReconcile<StoreOptions>.self, Push.self, TargetForget<StoreOptions>.self,
+            TargetRejectDeletes<StoreOptions>.self, TargetReconcile<StoreOptions>.self, Push.self, Pause.self, Resume.self,
+            TargetForget<StoreOptions>.self,
         ])
 }
 
@@ -267,9 +273,12 @@ struct TargetStatus: ParsableCommand {
                     + "\tfeed issued \(feed.issued), acknowledged \(feed.acked), unacknowledged \(feed.unacked) (oldest \(formatTime(oldestFeed)))"
             )
         }
+        // An operator's pause is the store's (the running broker follows it): shown even while no broker runs.
+        let pauses = try store.targetPauses()
         let lines = try TargetReports.status(
             store, configured: options.config != nil ? configured.map(\.name) : nil, json: json, command: "scim-broker",
-            noneYet: !configured.contains(where: { $0.destination != nil }))
+            noneYet: !configured.contains(where: { $0.destination != nil })
+        ) { name in pauses[name].map { ($0.json, " (since \(formatTime($0.since)): \($0.reason))") } }
         for line in lines { emitLine(line) }
     }
 }
@@ -293,37 +302,23 @@ struct Push: ParsableCommand {
         guard let target = targets.first(where: { $0.name == name }) else {
             throw CommandFailure("give --config: the target's routes decide whether \(id) goes to \(name)")
         }
-        let ids = try store.resources(named: id)
-        guard ids.count == 1, let brokerID = ids.first else {
-            throw CommandFailure(
-                ids.isEmpty
-                    ? "no resource named \(id)" : "\(id) names \(ids.count) resources (\(ids.joined(separator: ", "))): give a broker id")
-        }
-        guard let (domain, type, resource) = try store.resource(brokerID: brokerID) else { throw CommandFailure("\(brokerID) is gone") }
-        let label = resource[type == "User" ? "userName" : "displayName"]?.stringValue ?? "-"
-        emitLine("resource\t\(type) \(brokerID) (\(label), domain \(domain))")
-        guard target.routes(domain: domain, type: type, resource) else {
+        let plan: PushPlan
+        do { plan = try store.push(id, to: target) } catch let e as PushError { throw CommandFailure(e.description) }
+        emitLine("resource\t\(plan.type) \(plan.brokerID) (\(plan.label), domain \(plan.domain))")
+        guard let trace = plan.trace else {
             emitLine("scope\tout of scope: the routes of target \(name) do not want it; nothing is sent")
             throw ExitCode(1)
         }
         emitLine("scope\tin scope for target \(name)")
-        // Its state at the target is taken as unknown: the whole resource is sent (a user by PUT; a group
-        // from the member index gets its attributes again), as reconcile does for drift.
-        let account = try store.mapping(target: name, brokerID: brokerID)?.targetID
-        emitLine("account\t" + (account.map { "\(type) \($0) at the target: sent again, whole" } ?? "none at the target yet: created"))
-        let trace = "push-" + hexString(secureRandomBytes(12))
-        let queuedAt = unixMilliseconds()
-        try store.enqueue(target: name, brokerID: brokerID, type: type, .upsert, trace: trace, resend: true)
+        emitLine(
+            "account\t" + (plan.account.map { "\(plan.type) \($0) at the target: sent again, whole" } ?? "none at the target yet: created"))
         emitLine("queued\ttrace \(trace)")
-        // The running broker picks it up within a second. Its hop is the resource's first at this target
-        // since now (a change queued before may fold the push into its own delivery, under its trace id).
+        // The running broker picks it up within a second.
         let deadline = monotonicMilliseconds() + UInt64(max(1, wait)) * 1000
         while monotonicMilliseconds() < deadline {
-            if let hop = try store.trail(brokerID).first(where: {
-                $0.hop["hop"]?.stringValue == "target \(name)" && ($0.hop["at"]?.numberValue?.integer ?? 0) >= queuedAt
-            })?.hop {
+            if let hop = try store.pushAnswer(target: name, brokerID: plan.brokerID, since: plan.queuedAt) {
                 for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + TargetReports.describeStep(step)) }
-                let ok = hop["detail"]?.stringValue != "dead letter"
+                let ok = PushPlan.delivered(hop)
                 emitLine(
                     "result\t" + (ok ? "delivered" : "refused: a dead letter (`scim-broker deadletter list --for \(name)`)")
                         + (hop["status"]?.numberValue.map { " (\($0))" } ?? "") + (hop["detail"]?.stringValue.map { ": \($0)" } ?? ""))
@@ -334,6 +329,44 @@ struct Push: ParsableCommand {
         }
         throw CommandFailure(
             "no answer from target \(name) within \(wait) s: the push stays queued (is the broker running? `scim-broker targets status`)")
+    }
+}
+
+struct Pause: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop sending to a target until `targets resume`: its queue is kept and keeps growing.",
+        discussion: """
+            The running broker stops the target's deliveries within a second (requests in flight are \
+            abandoned and sent again after the resume; the target applies them idempotently). The pause \
+            survives a restart; `targets status` and the console show it with its reason.
+            """)
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+    @Option(help: "Why, shown with the pause.") var reason = "paused by an operator"
+
+    func run() throws {
+        let (store, targets) = try options.open(target: name)
+        if let domain = targets.first(where: { $0.name == name })?.destination {
+            throw CommandFailure("\(name) is a boundary: the agent of \(domain) fetches its feed; nothing is sent to pause")
+        }
+        let pause = try store.pauseTarget(name, reason: reason)
+        emitLine("\(name): paused since \(formatTime(pause.since)) (\(pause.reason)); `scim-broker targets resume \(name)` resumes it")
+    }
+}
+
+struct Resume: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Resume a target an operator paused: its queue is sent from where it stopped.")
+    @OptionGroup var options: StoreOptions
+    @Argument(help: "The target.") var name: String
+
+    func run() throws {
+        let (store, _) = try options.open(target: name)
+        guard let pause = try store.resumeTarget(name) else {
+            emitLine("\(name): not paused; nothing to resume")
+            return
+        }
+        emitLine("\(name): resumed (paused since \(formatTime(pause.since)): \(pause.reason))")
     }
 }
 

@@ -79,6 +79,83 @@ final class MembershipEventTests: XCTestCase {
         XCTAssertEqual(e[4].body["data"]?["displayName"]?.stringValue, "all staff")
     }
 
+    /// A change of more than `maxMembersPerEvent` (1,000) members goes as
+    /// several members events, in order, written with the change: the
+    /// broker applies each in a transaction of bounded size.
+    func testALargeMembershipChangeIsSplitIntoEventsOfAtMost1000Members() throws {
+        let first = try AgentHarness()
+        let path = first.dir.file("data")
+        var ids: [String] = []
+        for b in 0..<3 {
+            let ops = (0..<1000).map { k in
+                #"{"method":"POST","path":"/Users","bulkId":"b\#(k)","data":\#(userBody("u\(b * 1000 + k)"))}"#
+            }
+            let r = try first.call(
+                "POST", "/Bulk",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops.joined(separator: ","))]}"#)
+            XCTAssertEqual(r.status, 200)
+            ids += try XCTUnwrap(r.body?["Operations"]?.arrayValue).compactMap {
+                $0["location"]?.stringValue?.split(separator: "/").last.map(String.init)
+            }
+        }
+        XCTAssertEqual(ids.count, 3000)
+        let gid = try XCTUnwrap(
+            try first.call("POST", "/Groups", #"{"schemas":\#(groupSchema),"displayName":"staff","members":[{"value":"\#(ids[0])"}]}"#)
+                .body?["id"]?.stringValue)
+        XCTAssertEqual(first.stop(), 0)
+        let store = try AgentStore(path: path, registry: .standard)
+        try store.environment.write { txn in try store.recordBrokerProtocol(2, in: txn) }
+        let seen = try store.numberedSequence()
+        let agent = try AgentHarness { $0.dataDirectory = path }
+        let added = ids[1..<2501].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        let ops = #"[{"op":"remove","path":"members[value eq \"\#(ids[0])\"]"},{"op":"add","path":"members","value":[\#(added)]}]"#
+        XCTAssertEqual(try agent.call("PATCH", "/Groups/\(gid)", #"{"schemas":\#(patchSchema),"Operations":\#(ops)}"#).status, 204)
+        XCTAssertEqual(agent.stop(), 0)
+        let e = try events(try AgentStore(path: path, registry: .standard), after: seen)
+        XCTAssertEqual(e.map(\.kind), Array(repeating: "prov:patch:members", count: 3))
+        let sizes = e.map { ($0.body["added"]?.arrayValue?.count ?? 0) + ($0.body["removed"]?.arrayValue?.count ?? 0) }
+        XCTAssertEqual(sizes, [1000, 1000, 501])
+        let removed = e.flatMap { $0.body["removed"]?.arrayValue ?? [] }.compactMap(\.stringValue)
+        let addedIDs = e.flatMap { $0.body["added"]?.arrayValue ?? [] }.compactMap { $0["value"]?.stringValue }
+        XCTAssertEqual(removed, [ids[0]])
+        XCTAssertEqual(Set(addedIDs), Set(ids[1..<2501]))
+        XCTAssertEqual(addedIDs.count, 2500, "each member once")
+        for k in e.indices { XCTAssertNotNil(e[k].body["version"], "each part carries the group's version") }
+    }
+
+    /// Protocol 3: a change of a group's attributes goes as the attributes
+    /// alone (`membersUnchanged`), whatever the group's size, and a change
+    /// of members made in the same request follows as members events.
+    func testWithProtocol3AGroupsAttributesGoWithoutItsMembers() throws {
+        let first = try AgentHarness()
+        let path = first.dir.file("data")
+        let ids = try (0..<3).map { k in try XCTUnwrap(try first.call("POST", "/Users", userBody("u\(k)")).body?["id"]?.stringValue) }
+        let gid = try XCTUnwrap(
+            try first.call(
+                "POST", "/Groups",
+                #"{"schemas":\#(groupSchema),"displayName":"staff","members":[{"value":"\#(ids[0])"},{"value":"\#(ids[1])"}]}"#
+            ).body?["id"]?.stringValue)
+        XCTAssertEqual(first.stop(), 0)
+        let store = try AgentStore(path: path, registry: .standard)
+        try store.environment.write { txn in try store.recordBrokerProtocol(3, in: txn) }
+        let seen = try store.numberedSequence()
+        let agent = try AgentHarness { $0.dataDirectory = path }
+        try patch(agent, gid, #"[{"op":"replace","path":"displayName","value":"all staff"}]"#)
+        try patch(
+            agent, gid,
+            #"[{"op":"replace","path":"displayName","value":"everyone"},{"op":"add","path":"members","value":[{"value":"\#(ids[2])"}]}]"#)
+        XCTAssertEqual(agent.stop(), 0)
+        let e = try events(try AgentStore(path: path, registry: .standard), after: seen)
+        XCTAssertEqual(e.map(\.kind), ["prov:patch:full", "prov:patch:full", "prov:patch:members"])
+        for k in 0..<2 {
+            XCTAssertEqual(e[k].body["membersUnchanged"], .bool(true))
+            XCTAssertNil(e[k].body["data"]?["members"], "no members with the attributes")
+        }
+        XCTAssertEqual(e[0].body["data"]?["displayName"]?.stringValue, "all staff")
+        XCTAssertEqual(e[1].body["data"]?["displayName"]?.stringValue, "everyone")
+        XCTAssertEqual(e[2].body["added"]?.arrayValue?.compactMap { $0["value"]?.stringValue }, [ids[2]])
+    }
+
     /// What the broker refused is not believed to be there: a user whose
     /// create was refused, added to a group meanwhile, is added again when
     /// the dead letter is retried; a group whose create was refused is sent

@@ -156,6 +156,23 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertTrue(
             weak.output.contains { $0.hasPrefix("\(config):8:14: api.tokenFile: \(dir.file("api.tokens")): token 1 is a placeholder") },
             "\(weak.output)")
+        // The console's operator tokens: a file of their own, strong, and never a reader's token.
+        _ = dir.write("api.tokens", "q3Jx9vY2mP8sL4tW6nB1cR7e\n")
+        _ = dir.write("operator.tokens", "q3Jx9vY2mP8sL4tW6nB1cR7e\nshort\n")
+        chmod(dir.file("operator.tokens"), 0o640)
+        _ = dir.write(
+            "broker.yaml",
+            try String(contentsOfFile: config, encoding: .utf8).replacingOccurrences(
+                of: "tokenFile: \(dir.file("api.tokens"))",
+                with: "tokenFile: \(dir.file("api.tokens"))\n  operatorTokenFile: \(dir.file("operator.tokens"))"))
+        let operators = try ChildProcess(productsDirectory + "/scim-broker", ["check-config", config])
+        XCTAssertEqual(operators.waitForExit(), 1)
+        for expected in [
+            "\(config):9:22: api.operatorTokenFile: \(dir.file("operator.tokens")): token 2 is shorter than 16 characters",
+            "\(config):9:22: api.operatorTokenFile: a token is both a read-API token and an operator token",
+        ] {
+            XCTAssertTrue(operators.output.contains { $0.hasPrefix(expected) }, "'\(expected)' not in \(operators.output)")
+        }
     }
 
     func testStrictErrors() {
@@ -177,6 +194,9 @@ final class BrokerConfigTests: XCTestCase {
         XCTAssertNotNil(DomainBinding("acme-de.eu_1=spiffe://x"))
         fails("dataDir: /d\ntls:\n  ca: a\n", "tls.cert: is required")
         fails(base + "domains:\n  acme: x\napi:\n  listen: nowhere\n", "api.listen: must be HOST:PORT")
+        fails(
+            base + "domains:\n  acme: x\napi:\n  tokens: [q3Jx9vY2mP8sL4tW6nB1cR7e]\n  operatorTokens: [q3Jx9vY2mP8sL4tW6nB1cR7e]\n",
+            "api.operatorTokens: a token is both a read-API token and an operator token", line: 10)
         let d = base + "domains:\n  acme: x\ntargets:\n"
         fails(d + "  - name: a\n    url: ftp://x\n    routes: []\n", "is not http(s)://HOST:PORT/PATH", line: 10)
         fails(d + "  - name: a\n    url: http://127.0.0.1:1\n", "targets[0].routes: is required", line: 9)

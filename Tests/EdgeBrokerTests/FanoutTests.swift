@@ -14,6 +14,10 @@ final class FanoutTests: FederationTestCase {
     let userSchema = "urn:ietf:params:scim:schemas:core:2.0:User"
     let groupSchema = "urn:ietf:params:scim:schemas:core:2.0:Group"
 
+    /// A target's `extra`: a user with a nickName reaches the app under an
+    /// attribute it does not know, which it refuses (a dead letter).
+    static let refusesNickNames = "    mapping:\n      rename: {nickName: bogusAttribute}"
+
     func target(_ name: String, port: Int, token: String = "t", extra: String = "") -> String {
         """
           - name: \(name)
@@ -444,14 +448,7 @@ final class FanoutTests: FederationTestCase {
     /// lists, retries and drops it.
     func testRefusedChangeBecomesADeadLetterAndOthersFlow() throws {
         let (_, appPort) = try startAppAgent("app")
-        let (_, bp) = try startBroker(
-            yaml: "targets:\n"
-                + target(
-                    "app", port: appPort,
-                    extra: """
-                            mapping:
-                              rename: {nickName: bogusAttribute}
-                        """))
+        let (_, bp) = try startBroker(yaml: "targets:\n" + target("app", port: appPort, extra: Self.refusesNickNames))
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         _ = try newUser(dp, "ok1")
         _ = try newUser(dp, "refused", extra: #","nickName":"nick""#)
@@ -746,8 +743,7 @@ final class FanoutTests: FederationTestCase {
     /// a repeated POST would show).
     func testBrokerKilledMidDeliveryLosesNothingAndDuplicatesNothing() throws {
         let (_, refPort) = try startReferenceServer()
-        // A slow target (20 requests/s: 160 changes take 8 s, longer than the agent takes to accept them on a
-        // busy machine) so that the kill lands mid-delivery.
+        // A slow target (20 requests/s: 160 items take 8 s) so that the kill lands mid-delivery on a loaded machine too.
         let yaml =
             "targets:\n"
             + referenceTarget("ref", port: refPort).replacing(

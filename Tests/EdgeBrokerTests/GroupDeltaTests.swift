@@ -275,3 +275,61 @@ extension FanoutTests {
         XCTAssertEqual(metric(metrics, #"scim_broker_target_whole_group_reads_total{target="app"}"#), 0, "the group was never read whole")
     }
 }
+
+extension FanoutTests {
+    /// A membership change of 2,400 members leaves the agent as three
+    /// events of at most 1,000 members and reaches the broker in one batch
+    /// (the broker was away while it was made); the broker applies that
+    /// batch in transactions of bounded weight (about 1,000 index entries a
+    /// commit), exactly once, and the group holds every member. Removing
+    /// it commits little: its members are swept after it, a chunk a commit.
+    func testALargeMembershipChangeIsAppliedInTransactionsOfBoundedWeight() throws {
+        var (broker, bp) = try startBroker(yaml: "")
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var ids: [String] = []
+        for b in 0..<3 {
+            let ops = (0..<1000).map { k in
+                #"{"method":"POST","path":"/Users","bulkId":"b\#(k)","data":{"schemas":["\#(userSchema)"],"userName":"u\#(b * 1000 + k)"}}"#
+            }
+            let (status, body) = try idp(
+                dp, "POST", "/Bulk",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],"Operations":[\#(ops.joined(separator: ","))]}"#)
+            XCTAssertEqual(status, 200)
+            ids += (body?["Operations"]?.arrayValue ?? []).compactMap {
+                $0["location"]?.stringValue?.split(separator: "/").last.map(String.init)
+            }
+        }
+        XCTAssertEqual(ids.count, 3000)
+        let gid = try newGroup(dp, "staff", members: ids[0..<1])
+        XCTAssertTrue(eventually(seconds: 30) { self.applied().values.first == 3001 }, "\(applied())")
+        broker.signal(SIGTERM)
+        XCTAssertEqual(broker.waitForExit(seconds: 20), 0)
+        let added = ids[1..<2401].map { #"{"value":"\#($0)"}"# }.joined(separator: ",")
+        // 204: a large group's PATCH answers without the group (docs/scim.md).
+        XCTAssertEqual(try patchAt(dp, "/Groups/\(gid)", #"[{"op":"add","path":"members","value":[\#(added)]}]"#), 204)
+        (broker, bp) = try startBroker(yaml: "", port: bp)
+        XCTAssertTrue(eventually(seconds: 30) { self.applied().values.first == 3004 }, "three members events: \(applied())")
+        let text = try brokerMetrics(broker)
+        XCTAssertEqual(metric(text, "scim_broker_batches_total"), 1, "the three events came in one batch")
+        XCTAssertEqual(metric(text, "scim_broker_events_applied_total"), 3)
+        XCTAssertGreaterThanOrEqual(metric(text, "scim_broker_store_commits_total") ?? 0, 2, "applied in parts")
+        let heaviest = try XCTUnwrap(metric(text, "scim_broker_store_commit_weight_max"))
+        XCTAssertEqual(heaviest, 1001, "one members event of 1,000 members a commit")
+        broker.signal(SIGTERM)
+        XCTAssertEqual(broker.waitForExit(seconds: 20), 0)
+        let store = try BrokerStore(path: dir.file("broker"))
+        let group = try XCTUnwrap(try store.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == "staff" })
+        XCTAssertEqual(group["members"]?.arrayValue?.count, 2401)
+
+        // Removing the group is one small commit; its members leave the index after it, 1,000 a commit.
+        (broker, bp) = try startBroker(yaml: "", port: bp)
+        XCTAssertEqual(try idp(dp, "DELETE", "/Groups/\(gid)").0, 204)
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                (try? self.metric(self.brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")) == 2401
+            },
+            "\(String(describing: try? metric(brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")))")
+        XCTAssertLessThanOrEqual(try XCTUnwrap(metric(try brokerMetrics(broker), "scim_broker_store_commit_weight_max")), 1000)
+        XCTAssertEqual(try store.groupsBeingSwept(), 0)
+    }
+}

@@ -88,6 +88,70 @@ final class MembershipDeltaTests: XCTestCase {
         XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"])
         outcome = try apply(store, [members(10, "u1", added: ["u2"])])
         XCTAssertNotNil(outcome.rejected[10])
+
+        // Protocol 3: the attributes alone keep the members; for a group the
+        // broker does not hold, they are refused (the agent then sends it whole).
+        func attributes(_ seq: UInt64, _ group: String, _ name: String) -> RelayEvent {
+            event(
+                seq, "urn:ietf:params:SCIM:event:prov:patch:full",
+                [
+                    "ref": .string("/Groups/\(group)"), "membersUnchanged": true,
+                    "data": [
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string(group), "displayName": .string(name),
+                    ],
+                ])
+        }
+        outcome = try apply(store, [attributes(11, "g1", "G"), attributes(12, "nope", "N")])
+        XCTAssertEqual(outcome.applied, 1)
+        XCTAssertTrue(outcome.rejected[12]?.contains("does not hold") ?? false, "\(outcome.rejected)")
+        XCTAssertEqual(try groupMembers(store), ["b-2", "b-3", "b-7"], "members kept")
+    }
+
+    /// Removing a group leaves its members in the index for a sweep, a
+    /// chunk per transaction: the apply is O(1) whatever the group's size;
+    /// meanwhile no reader sees the removed group (a member's groups, a
+    /// `members.value eq` filter), and the sweep then empties the index.
+    func testARemovedGroupsMembersAreSweptAChunkAtATime() throws {
+        let dir = TempDirectory("broker-sweep")
+        defer { dir.remove() }
+        let store = try BrokerStore(path: dir.file("broker"))
+        func group(_ seq: UInt64, _ id: String, _ name: String, _ members: [String]) -> RelayEvent {
+            event(
+                seq, "urn:ietf:params:SCIM:event:prov:create:full",
+                [
+                    "ref": .string("/Groups/\(id)"),
+                    "data": [
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "id": .string(id), "displayName": .string(name),
+                        "members": .array(members.map { ["value": .string($0)] }),
+                    ],
+                ])
+        }
+        let users = (1...5).map { user(UInt64($0), "u\($0)") }
+        XCTAssertEqual(
+            try apply(store, users + [group(6, "g1", "G", ["u1", "u2", "u3", "u4", "u5"]), group(7, "h1", "H", ["u1"])]).applied, 7)
+        XCTAssertEqual(try apply(store, [event(8, "urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Groups/g1"])]).applied, 1)
+        XCTAssertEqual(try store.groupsBeingSwept(), 1)
+        let groups = brokerRegistry.resourceType("Group")!
+        func memberOf(_ id: String) throws -> [String] {
+            let query = try ListQuery(
+                parameters: ["filter": #"members.value eq "\#(id)""#, "attributes": "displayName"], registry: brokerRegistry, type: groups)
+            return try store.list(groups, query, scanBudget: 1000, members: false).items.compactMap { $0["displayName"]?.stringValue }
+        }
+        XCTAssertEqual(try memberOf("b-1"), ["H"], "the removed group is no one's group while it is swept")
+        XCTAssertEqual(try memberOf("b-2"), [])
+        var passes = 0
+        while try store.sweepRemovedGroups(limit: 2) > 0 { passes += 1 }
+        XCTAssertEqual(passes, 3, "5 members, 2 a transaction")
+        XCTAssertEqual(try store.groupsBeingSwept(), 0)
+        XCTAssertEqual(try memberOf("b-1"), ["H"])
+        // A user deleted now leaves only the groups there are.
+        XCTAssertEqual(try apply(store, [event(9, "urn:ietf:params:SCIM:event:prov:delete", ["ref": "/Users/u1"])]).applied, 1)
+        XCTAssertEqual(try groupMembersOf(store, "H"), [])
+    }
+
+    func groupMembersOf(_ store: BrokerStore, _ name: String) throws -> [String] {
+        let group = try XCTUnwrap(try store.resources(domain: "acme-de").first { $0["displayName"]?.stringValue == name })
+        return (group["members"]?.arrayValue ?? []).compactMap { $0["value"]?.stringValue }.sorted()
     }
 
     /// The stored group holds no members (they are an index); a deleted

@@ -27,7 +27,7 @@ final class MembershipRelayTests: FederationTestCase {
         XCTAssertEqual(status, 201)
         let gid = try XCTUnwrap(group?["id"]?.stringValue)
         XCTAssertTrue(
-            eventually(seconds: 20) { agent.output.contains { $0.contains("the broker speaks relay protocol 2") } },
+            eventually(seconds: 20) { agent.output.contains { $0.contains("the broker speaks relay protocol 3") } },
             "the agent learns the broker's protocol from its answers")
 
         // One member at a time: add all 60, remove every third; the broker is killed halfway.
@@ -55,7 +55,7 @@ final class MembershipRelayTests: FederationTestCase {
         let expected = Set(users.enumerated().filter { $0.offset % 3 != 0 }.map(\.element))
 
         // The broker's group, in agent ids (its members are broker ids of this domain's users).
-        func atBroker() -> Set<String>? {
+        func atBroker(_ name: String = "all staff") -> Set<String>? {
             guard let store = try? BrokerStore(path: dir.file("broker")), let all = try? store.resources(domain: "acme-de") else {
                 return nil
             }
@@ -63,7 +63,7 @@ final class MembershipRelayTests: FederationTestCase {
             for r in all {
                 if let id = r["id"]?.stringValue, let source = r[BrokerStore.sourceExtension]?["id"]?.stringValue { sourceOf[id] = source }
             }
-            guard let g = all.first(where: { $0["displayName"]?.stringValue == "all staff" }) else { return nil }
+            guard let g = all.first(where: { $0["displayName"]?.stringValue == name }) else { return nil }
             return Set((g["members"]?.arrayValue ?? []).compactMap { $0["value"]?.stringValue.flatMap { sourceOf[$0] } })
         }
         XCTAssertTrue(eventually(seconds: 60) { atBroker() == expected }, "broker has \(atBroker()?.count ?? -1) of \(expected.count)")
@@ -72,6 +72,10 @@ final class MembershipRelayTests: FederationTestCase {
             metrics.split(separator: "\n").first { $0.hasPrefix("scim_broker_membership_deltas_total ") }
             .flatMap { Double($0.split(separator: " ").last!) } ?? 0
         XCTAssertGreaterThan(deltas, 0, "changes after the restart came as deltas: \(metrics)")
+        // Protocol 3: a rename goes as the attributes alone, and the broker keeps the members it holds.
+        let rename = #"{"schemas":\#(patchSchema),"Operations":[{"op":"replace","path":"displayName","value":"everyone"}]}"#
+        XCTAssertEqual(try scim(dp, "PATCH", "/Groups/\(gid)", rename).0, 200)
+        XCTAssertTrue(eventually(seconds: 30) { atBroker("everyone") == expected }, "renamed: \(atBroker("everyone")?.count ?? -1)")
         for c in children where c.process.isRunning { c.signal(SIGTERM); _ = c.waitForExit() }
         // And the agent agrees with it.
         let (_, agentGroup) = try { () throws -> (Int, JSON?) in

@@ -49,11 +49,12 @@ final class TestStore: DeliveryTables {
     }
     func groupsHolding(_ member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] { [] }
     func forEachDirectoryEntry(
-        _ type: String, members: Bool, _ txn: borrowing some StoreReading & ~Copyable, _ body: (DirectoryEntry) throws -> Bool
+        _ type: String, members: Bool, from: [UInt8]?, _ txn: borrowing some StoreReading & ~Copyable,
+        _ body: ([UInt8], DirectoryEntry) throws -> Bool
     ) throws {
-        try txn.scan(directory) { k, _ in
+        try txn.scan(directory, from: from) { k, _ in
             guard let e = try deliveryEntry(String(decoding: k, as: UTF8.self), members: members, txn), e.type == type else { return true }
-            return try body(e)
+            return try body(k, e)
         }
     }
 

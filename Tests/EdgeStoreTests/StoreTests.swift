@@ -186,6 +186,44 @@ final class StoreTests: XCTestCase {
         XCTAssertEqual(try env.read { try $0.get(db, UInt32(39).bigEndianBytes) }, [39])
     }
 
+    /// A batch takes writes up to `maxWeight` of their weights (a heavier
+    /// write alone): ten writes of weight 4 waiting together, with a budget
+    /// of 10, commit in batches of two, in order.
+    func testGroupCommitBoundsABatchByTheWeightOfItsWrites() throws {
+        let path = dir.file("db")
+        let (results, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in
+            let env = try Environment(EnvironmentOptions(path: path))
+            let db = try env.openDatabase("g")
+            let writer = GroupCommitWriter(environment: env, maxWeight: 10, inbox: loop.inbox)
+            var order: [String] = []
+            writer.submit({ _ in
+                usleep(50_000); return -1
+            }) { _ in }
+            while writer.statistics.batches == 0 { usleep(100) }
+            let weights = [4, 4, 4, 4, 4, 4, 4, 4, 25, 1]
+            for (i, w) in weights.enumerated() {
+                writer.submit(
+                    { txn in
+                        try txn.put(db, UInt32(i).bigEndianBytes, [UInt8(i)])
+                        return i
+                    }, weight: w
+                ) { result in
+                    order.append((try? result.get()).map(String.init) ?? "failed")
+                    if order.count == weights.count {
+                        let stats = writer.statistics
+                        order.append("batches \(stats.batches) largest \(stats.largestBatch)")
+                        finish(order)
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(leftOpen, 0)
+        let order = try XCTUnwrap(results)
+        XCTAssertEqual(Array(order.prefix(10)), (0..<10).map(String.init), "in order, none failed")
+        // The slow write, then 4+4 four times, 25 alone (over the budget), 1.
+        XCTAssertEqual(order.last, "batches 7 largest 2")
+    }
+
     func testGroupCommitReportsStoreFullToTheWriteThatOverflows() throws {
         let path = dir.file("db")
         let (outcome, leftOpen) = try runOnLoop { (loop: EventLoop, finish: @escaping @Sendable ([String]) -> Void) in

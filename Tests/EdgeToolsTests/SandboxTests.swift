@@ -24,6 +24,13 @@ final class SandboxTests: XCTestCase {
         XCTAssertEqual(
             c.output.filter { $0.contains("LDAP") || $0.contains("slapd") },
             ["▶ the LDAP domain is skipped: no slapd at /nonexistent/slapd"])
+        // The console, with the operator token of this run.
+        let console = try XCTUnwrap(c.waitForLine("  broker console", seconds: 5))
+        let consolePort = try XCTUnwrap(Int(console.split(separator: ":")[2].prefix { $0.isNumber }), console)
+        let token = try XCTUnwrap(console.split(separator: "#token=").dropFirst().first?.split(separator: " ").first, console)
+        let session = try RawClient(port: consolePort)
+        session.send("GET /console/api/session HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(token)\r\nConnection: close\r\n\r\n")
+        XCTAssertTrue(try XCTUnwrap(session.readResponses(1).first).body.contains(#""role":"operator""#), console)
         let api = try XCTUnwrap(c.waitForLine("  broker read API", seconds: 5))
         let port = try XCTUnwrap(Int(api.split(separator: ":")[2].prefix { $0.isNumber }), api)
         let client = try RawClient(port: port)
