@@ -1,4 +1,3 @@
-import EdgeDelivery
 import EdgeHTTP
 
 /// The web console's page, style and script, compiled into the broker: a
