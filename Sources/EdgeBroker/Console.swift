@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore

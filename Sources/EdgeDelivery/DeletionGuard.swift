@@ -17,7 +17,7 @@ public struct HeldRemoval: Sendable {
     public var domain: String?
     /// Unix ms: the later of its queueing and the guard's trip.
     public var heldSince: Int64
-    let key: [UInt8]
+    package let key: [UInt8]
 
     public var nameAttribute: String { item.type == "User" ? "userName" : "displayName" }
 
@@ -60,10 +60,10 @@ public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     /// The removals the deletion guard holds for `target`, in queue order,
     /// and since when the target is paused (nil: not paused, nothing held).
-    public func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+    func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
         try environment.read { txn in try heldRemovals(target: target, txn) }
     }
 
@@ -84,12 +84,10 @@ extension BrokerStore {
             var held = HeldRemoval(
                 target: target, seq: seq, item: item, name: item.name, domain: item.domain,
                 heldSince: max(item.queuedAt, pausedSince), key: key)
-            if held.name == nil || held.domain == nil, let path = try txn.get(brokerIds, Array(item.brokerID.utf8)) {
+            if held.name == nil || held.domain == nil, let entry = try deliveryEntry(item.brokerID, members: false, txn) {
                 // Out of the routes rather than deleted (or queued before removals kept the name): the directory knows.
-                if held.domain == nil { held.domain = String(decoding: path.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self) }
-                if held.name == nil, let bytes = try txn.get(resources, path) {
-                    held.name = try JSONParser.parse(bytes, limits: .stored)[held.nameAttribute]?.stringValue
-                }
+                if held.domain == nil { held.domain = entry.domain }
+                if held.name == nil { held.name = entry.resource[held.nameAttribute]?.stringValue }
             }
             if held.name == nil, let m = try txn.get(targetIds, prefixed(target, item.brokerID)).flatMap(TargetMapping.init) {
                 held.name = m.sent?[held.nameAttribute]?.stringValue
@@ -121,7 +119,7 @@ extension BrokerStore {
     /// transaction. Marks the guard (`rejectedAt`) so that a running worker
     /// forgets the copies it loaded. Throws, changing nothing, when a given
     /// sequence is not held.
-    public func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
+    func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
         try environment.write { txn in
             let (pausedSince, held) = try heldRemovals(target: target, txn)
             var result = RejectedRemovals()
@@ -168,7 +166,7 @@ extension BrokerStore {
 
     /// Targets the store holds anything for: a queue, account mappings, dead
     /// letters, a status, a deletion guard or counters (sorted).
-    public func storedTargetNames() throws -> [String] {
+    func storedTargetNames() throws -> [String] {
         try environment.read { txn in
             var names: Set<String> = []
             for db in [fanout, targetIds, targetDead] {
