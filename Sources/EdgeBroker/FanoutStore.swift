@@ -139,6 +139,44 @@ public struct TargetMapping: Sendable, Equatable {
     }
 }
 
+/// How much one `trail` reads at most (the console's limits; the command
+/// line's are its `--limit`).
+public struct TrailLimits: Sendable {
+    /// Resources whose hops are read (a trace id may touch thousands).
+    public var resources: Int
+    /// Hops kept: the earliest.
+    public var hops: Int
+    /// Trail entries read, over all the resources.
+    public var reads: Int
+    /// Resources the directory scan for a trace that reached no target yet looks at.
+    public var scan: Int
+    /// Entries of each paused target's queue read for held removals.
+    public var queue: Int
+
+    public init(resources: Int = .max, hops: Int = .max, reads: Int = .max, scan: Int = .max, queue: Int = .max) {
+        (self.resources, self.hops, self.reads, self.scan, self.queue) = (resources, hops, reads, scan, queue)
+    }
+
+    public static let console = TrailLimits(resources: 200, hops: 1_000, reads: 20_000, scan: 5_000, queue: 10_000)
+}
+
+/// What `trail` found.
+public struct Trail: Sendable {
+    /// The earliest hops, in time order (at most `TrailLimits.hops`).
+    public var hops: [(brokerID: String, hop: JSONObject)] = []
+    /// The hops found: all of them when `complete`, else at least these.
+    public var total = 0
+    /// The resources whose hops were read, and how many the query names
+    /// (at least that many when not `complete`).
+    public var resources: [String] = []
+    public var resourcesTotal = 0
+    /// Everything the query names was read.
+    public var complete = true
+    /// The directory scan (for a trace that reached no target yet) stopped
+    /// after this many resources without finding the query (nil: no such stop).
+    public var scanStopped: Int?
+}
+
 func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
 func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
 func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
@@ -398,21 +436,17 @@ extension BrokerStore {
         return (nextTrail, nextTraces, deleted)
     }
 
-    /// The hops of a change: for a broker id, or for the resources a trace
-    /// id touched. Each target's delivery records one hop that carries the
-    /// agent's acceptance and the broker's apply times; the current state of
-    /// the resource adds its own last acceptance and apply (no target needed).
-    /// A removal the deletion guard holds has no hop yet: it adds one that
-    /// says so (`heldSince`, `target`), from the paused target's queue.
-    /// `idOrTrace` may also be what an operator knows of a resource: its
-    /// `userName`, `externalId`, an email or a group's `displayName`
-    /// (indexed), its id at a target, or (by a scan of the directory) its id
-    /// at its source.
     /// The broker ids `query` names (`trail`): those a trace id touched
-    /// (`byTrace`), or the one resource a broker id, `userName`,
+    /// (`byTrace`; the first `limit`, and `total` counted on to `limit` +
+    /// 10,000 keys), or the one resource a broker id, `userName`,
     /// `externalId`, email, group `displayName`, id at a target or id at the
-    /// source names (several when several resources share that name).
-    func resolve(_ idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool) {
+    /// source names (several when several resources share that name). A
+    /// trace id that reached no target yet is known only to the directory's
+    /// latest change: found by a scan of at most `scan` resources
+    /// (`scanStopped`: the scan stopped there without finding it).
+    func resolve(_ idOrTrace: String, limit: Int = .max, scan budget: Int = .max, _ txn: borrowing some StoreReading & ~Copyable)
+        throws -> (ids: [String], byTrace: Bool, total: Int, scanStopped: Int?)
+    {
         let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
         let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
         // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
@@ -422,17 +456,22 @@ extension BrokerStore {
             return true
         }
         var ids: [String] = []
-        try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
-            ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
-            return true
+        var total = 0
+        let counted = limit > Int.max - 10_000 ? Int.max : limit + 10_000
+        try txn.scanKeys(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k in
+            total += 1
+            if ids.count < limit { ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self)) }
+            return total < counted
         }
         var byTrace = !ids.isEmpty
+        var scanStopped: Int?
         if !byTrace {
             var hasTrail = false
-            try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in
+            try txn.scanKeys(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _ in
                 hasTrail = true; return false
             }
             let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
+            func add(_ id: String) { if !ids.contains(id) { ids.append(id) } }
             if hasTrail || known {
                 ids = [idOrTrace]
             } else {
@@ -443,10 +482,9 @@ extension BrokerStore {
                         let p = BrokerStore.valuePrefix(type, attribute, value)
                         try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
                             if let bytes = try txn.get(resources, key),
-                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
-                                !ids.contains(id)
+                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
                             {
-                                ids.append(id)
+                                add(id)
                             }
                             return true
                         }
@@ -456,50 +494,105 @@ extension BrokerStore {
                 for name in targetNames.sorted() {
                     for type in ["User", "Group"] {
                         if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
-                            let id = String(decoding: owner, as: UTF8.self)
-                            if !ids.contains(id) { ids.append(id) }
+                            add(String(decoding: owner, as: UTF8.self))
                         }
                     }
                 }
             }
-            if ids.isEmpty {
-                // A trace that reached no target yet (the directory knows its latest change), or a source id.
-                var named: [String] = []
-                try txn.scan(resources) { _, v in
-                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
-                        let source = o[BrokerStore.sourceExtension]
-                        if source?["trace"]?.stringValue == idOrTrace {
-                            ids.append(id)
-                        } else if source?["id"]?.stringValue == idOrTrace {
-                            named.append(id)
+            if ids.isEmpty, !idOrTrace.utf8.contains(UInt8(ascii: "/")) {
+                // An id at the source: the directory's key (`<domain>/<type>/<source id>`), one read per domain.
+                for domain in try storedDomains(txn) {
+                    for type in ["User", "Group"] {
+                        if let bytes = try txn.get(resources, Array("\(domain)/\(type)/\(idOrTrace)".utf8)),
+                            let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
+                        {
+                            add(id)
                         }
                     }
-                    return true
+                }
+            }
+            if ids.isEmpty && budget > 0 {
+                // A trace that reached no target yet: the directory's latest change knows it.
+                var read = 0
+                try txn.scan(resources) { _, v in
+                    guard read < budget else {
+                        scanStopped = read
+                        return false
+                    }
+                    read += 1
+                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue,
+                        o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace
+                    {
+                        ids.append(id)
+                    }
+                    return ids.count < limit
                 }
                 byTrace = !ids.isEmpty
-                if !byTrace { ids = named }
+                if byTrace { scanStopped = nil }
             }
+            total = ids.count
         }
-        return (ids, byTrace)
+        return (ids, byTrace, total, scanStopped)
+    }
+
+    /// The domains the directory holds resources of: one seek each.
+    func storedDomains(_ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        var out: [String] = []
+        var from: [UInt8]?
+        while true {
+            var next: [UInt8]?
+            try txn.scanKeys(resources, from: from) { k in
+                next = Array(k.prefix { $0 != UInt8(ascii: "/") })
+                return false
+            }
+            guard let domain = next else { return out }
+            out.append(String(decoding: domain, as: UTF8.self))
+            from = domain + [UInt8(ascii: "0")]  // past `<domain>/…` ("0" follows "/")
+        }
     }
 
     /// The resources `query` names (not a trace id): for `targets push`.
     public func resources(named query: String) throws -> [String] {
         try environment.read { txn in
-            let (ids, byTrace) = try resolve(query, txn)
-            return byTrace ? [] : ids
+            let r = try resolve(query, scan: 0, txn)
+            return r.byTrace ? [] : r.ids
         }
     }
 
-    public func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+    /// The hops of a change: for a broker id, or for the resources a trace
+    /// id touched. Each target's delivery records one hop that carries the
+    /// agent's acceptance and the broker's apply times; the current state of
+    /// the resource adds its own last acceptance and apply (no target needed).
+    /// A removal the deletion guard holds has no hop yet: it adds one that
+    /// says so (`heldSince`, `target`), from the paused target's queue.
+    /// `idOrTrace` may also be what an operator knows of a resource: its
+    /// `userName`, `externalId`, an email or a group's `displayName`
+    /// (indexed), its id at a target or at its source.
+    /// What it reads is bounded by `limits`: the earliest `limits.hops` hops
+    /// are kept as they are found (the memory is that of those, whatever
+    /// the trace touched), and `Trail.complete` says whether everything the
+    /// query names was read.
+    public func trail(_ idOrTrace: String, limits: TrailLimits = TrailLimits()) throws -> Trail {
         let trail = self.trail, resources = self.resources, brokerIds = self.brokerIds
         return try environment.read { txn in
-            var (ids, byTrace) = try resolve(idOrTrace, txn)
-            let held = try heldRemovals(matching: idOrTrace, txn)
+            let named = try resolve(idOrTrace, limit: limits.resources, scan: limits.scan, txn)
+            var ids = named.ids, byTrace = named.byTrace
+            var out = Trail()
+            out.resourcesTotal = named.total
+            out.complete = named.total == ids.count
+            out.scanStopped = named.scanStopped
+            let (held, heldComplete) = try heldRemovals(matching: idOrTrace, budget: limits.queue, txn)
+            out.complete = out.complete && heldComplete
             if ids.isEmpty && !held.isEmpty {
                 // Deleted at the source and held before any target answered: only the queue knows it.
                 byTrace = !held.contains { $0.item.brokerID == idOrTrace }
                 for h in held where !ids.contains(h.item.brokerID) { ids.append(h.item.brokerID) }
+                out.resourcesTotal = ids.count
+            }
+            let order = ["agent accept": 0, "broker apply": 1]
+            func earlier(_ x: (String, JSONObject), _ y: (String, JSONObject)) -> Bool {
+                let a = x.1["at"]?.numberValue?.integer ?? 0, b = y.1["at"]?.numberValue?.integer ?? 0
+                return a != b ? a < b : (order[x.1["hop"]?.stringValue ?? ""] ?? 2) < (order[y.1["hop"]?.stringValue ?? ""] ?? 2)
             }
             var hops: [(String, JSONObject)] = []
             var seen: Set<String> = []
@@ -510,10 +603,27 @@ extension BrokerStore {
                 o["hop"] = .string(name)
                 o["at"] = .number(JSONNumber(integer: at))
                 if let trace { o["trace"] = .string(trace) }
+                out.total += 1
                 hops.append((id, o))
+                if limits.hops <= Int.max / 2 && hops.count >= 2 * max(1, limits.hops) {
+                    // A top-N as they come: the earliest are kept.
+                    hops.sort(by: earlier)
+                    hops.removeLast(hops.count - limits.hops)
+                }
             }
+            var reads = 0
             for id in ids {
+                guard reads < limits.reads else {
+                    out.complete = false
+                    break
+                }
+                out.resources.append(id)
                 try txn.scan(trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
+                    guard reads < limits.reads else {
+                        out.complete = false
+                        return false
+                    }
+                    reads += 1
                     guard let o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
                     let trace = o["trace"]?.stringValue
                     add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
@@ -547,11 +657,9 @@ extension BrokerStore {
                         "queueSeq": .number(JSONNumber(integer: Int64(h.seq))),
                     ])
             }
-            let order = ["agent accept": 0, "broker apply": 1]
-            return hops.sorted {
-                let a = $0.1["at"]?.numberValue?.integer ?? 0, b = $1.1["at"]?.numberValue?.integer ?? 0
-                return a != b ? a < b : (order[$0.1["hop"]?.stringValue ?? ""] ?? 2) < (order[$1.1["hop"]?.stringValue ?? ""] ?? 2)
-            }
+            hops.sort(by: earlier)
+            out.hops = Array(hops.prefix(limits.hops)).map { (brokerID: $0.0, hop: $0.1) }
+            return out
         }
     }
 
@@ -707,6 +815,19 @@ extension BrokerStore {
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
 
+    /// The console settles "all" dead letters it showed, and more arrived since.
+    public enum DeadLetterError: Error, CustomStringConvertible, Equatable {
+        case newer(target: String, through: UInt64, count: Int)
+
+        public var description: String {
+            switch self {
+            case .newer(let target, let through, let count):
+                return
+                    "\(count) more dead \(count == 1 ? "letter" : "letters") of \(target) after #\(through), the last one shown: look at the list again (nothing was changed)"
+            }
+        }
+    }
+
     /// Dead letters, oldest first (of `target`, or of all); at most `limit` (the console pages them).
     public func deadLetters(target: String?, limit: Int = .max) throws -> [(target: String, letter: JSONObject)] {
         let targetDead = self.targetDead
@@ -739,34 +860,77 @@ extension BrokerStore {
     /// item's `account` and `link` as they were (a letter written before
     /// they were kept: the link value of the resource as it is now, with
     /// `linkPolicy`, else the one of the store's configured target).
-    public func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
+    /// All of them: those up to `through` (the console's: the highest the
+    /// operator was shown; `DeadLetterError.newer`, changing nothing, when
+    /// there are more now), else up to the highest there is when it starts;
+    /// in transactions of at most `chunk` letters (a later run finishes an
+    /// interrupted one).
+    public func settleDeadLetters(
+        target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil, through: UInt64? = nil, chunk: Int = 1_000
+    ) throws -> Int {
         let targetDead = self.targetDead
         let policy = linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy
-        return try environment.write { txn in
-            var found: [([UInt8], JSONObject)] = []
-            try txn.scan(
-                targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
-                to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)
-            ) { k, v in
-                if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
-                return true
-            }
-            for (k, o) in found {
-                _ = try txn.delete(targetDead, k)
-                if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
-                    let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
-                {
-                    var link = o["link"]?.stringValue
-                    if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
-                    try enqueue(
-                        target: target,
-                        DeliveryItem(
-                            brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                            queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
+        var from = seq ?? 1
+        let last: UInt64
+        if let seq {
+            last = seq
+        } else {
+            let highest = try environment.read { txn in
+                var highest: UInt64 = 0
+                try txn.scanKeys(targetDead, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k in
+                    highest = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0
+                    return false
                 }
+                return highest
             }
-            return found.count
+            if let through, highest > through {
+                let newer = try environment.read { txn in
+                    var n = 0
+                    try txn.scanKeys(targetDead, from: prefixed(target, (through + 1).bigEndianBytes), to: prefixEnd(target)) { _ in
+                        n += 1
+                        return true
+                    }
+                    return n
+                }
+                throw DeadLetterError.newer(target: target, through: through, count: newer)
+            }
+            last = through ?? highest
         }
+        var settled = 0
+        while from <= last {
+            let (n, next) = try environment.write { txn in
+                var found: [([UInt8], JSONObject)] = []
+                var next: UInt64?
+                try txn.scan(targetDead, from: prefixed(target, from.bigEndianBytes), to: prefixed(target, (last + 1).bigEndianBytes)) {
+                    k, v in
+                    guard found.count < chunk else {
+                        next = UInt64(bigEndianBytes: Array(k.suffix(8)))
+                        return false
+                    }
+                    if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
+                    return true
+                }
+                for (k, o) in found {
+                    _ = try txn.delete(targetDead, k)
+                    if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
+                        let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
+                    {
+                        var link = o["link"]?.stringValue
+                        if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
+                        try enqueue(
+                            target: target,
+                            DeliveryItem(
+                                brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+                                queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
+                    }
+                }
+                return (found.count, next)
+            }
+            settled += n
+            guard let next else { break }
+            from = next
+        }
+        return settled
     }
 
     /// The deletion guard's state: paused since (Unix ms), or nil; the

@@ -515,11 +515,20 @@ struct Trace: ParsableCommand {
         help: "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName.")
     var id: String
     @Flag(help: "One JSON document per line.") var json = false
+    @Option(help: "Print the earliest N hops (the trace of a large change touches many resources).") var limit = 1000
+
+    func validate() throws { if limit < 1 { throw ValidationError("--limit must be at least 1") } }
 
     func run() throws {
         let (store, _) = try options.open()
-        let hops = try store.trail(id)
+        let found = try store.trail(id, limits: TrailLimits(resources: max(1_000, limit), hops: limit, reads: max(100_000, limit * 10)))
+        let hops = found.hops
         guard !hops.isEmpty else { throw CommandFailure("nothing recorded for \(id)") }
+        if found.total > hops.count || !found.complete {
+            writeLine(
+                "the earliest \(hops.count) of \(found.complete ? "" : "at least ")\(found.total) hops, of \(found.resourcesTotal)\(found.complete ? "" : " or more") resources: --limit N prints more",
+                fd: 2)
+        }
         for (brokerID, hop) in hops {
             if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
             var hop = hop
