@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "EdgeStore", targets: ["EdgeStore"]),
         .library(name: "SCIM", targets: ["SCIM"]),
         .library(name: "EdgeAgent", targets: ["EdgeAgent"]),
+        .library(name: "EdgeDelivery", targets: ["EdgeDelivery"]),
         .library(name: "EdgeBroker", targets: ["EdgeBroker"]),
         .executable(name: "scim-broker", targets: ["scim-broker"]),
         .executable(name: "scim-edge", targets: ["scim-edge"]),
@@ -45,26 +46,40 @@ let package = Package(
         .plugin(name: "VersionPlugin", capability: .buildTool()),
         // JSON log lines (swift-log handler, the buffered access log) and the one plain-line writer, for both programs.
         .target(name: "EdgeLog", dependencies: ["SCIM", .product(name: "Logging", package: "swift-log")], swiftSettings: strict),
+        .target(name: "EdgeMetrics", swiftSettings: strict),
+        // The delivery engine the broker and the agents share: per-target durable queues in the store's own LMDB
+        // file, the worker and its parts (rate, window, breaker, deletion guard, retries, the SCIM operations),
+        // reconciliation, the target configuration.
         .target(
-            name: "EdgeAgent",
+            name: "EdgeDelivery",
             dependencies: [
-                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeLog", "EdgeLDAP",
+                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
-
-        .target(name: "EdgeMetrics", swiftSettings: strict),
+        // The operator commands about targets, one definition for scim-broker and scim-edge (swift-argument-parser).
+        .target(
+            name: "EdgeTargetCommands",
+            dependencies: ["EdgeDelivery", "EdgeConfig", "EdgeLog", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .target(
+            name: "EdgeAgent",
+            dependencies: [
+                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeLog", "EdgeLDAP", "EdgeDelivery", "EdgeMetrics",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
         .target(
             name: "EdgeBroker",
             dependencies: [
-                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics",
+                "EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "SCIM", "EdgeConfig", "EdgeMetrics", "EdgeDelivery",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .executableTarget(
             name: "scim-broker",
             dependencies: [
-                "EdgeBroker", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS",
+                "EdgeBroker", "EdgeDelivery", "EdgeTargetCommands", "EdgeLog", "EdgeConfig", "EdgeLoop", "EdgeTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ], swiftSettings: strict),
@@ -75,7 +90,7 @@ let package = Package(
         .executableTarget(
             name: "scim-edge",
             dependencies: [
-                "EdgeAgent", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM",
+                "EdgeAgent", "EdgeDelivery", "EdgeTargetCommands", "EdgeLog", "EdgeTools", "EdgeConfig", "EdgeLoop", "EdgeTLS", "SCIM",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ], swiftSettings: strict),
@@ -98,14 +113,20 @@ let package = Package(
         .testTarget(
             name: "EdgeAgentTests",
             dependencies: [
-                "EdgeAgent", "EdgeConfig", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "EdgeTools", "SCIM", "EdgeTestSupport",
+                "EdgeAgent", "EdgeConfig", "EdgeDelivery", "EdgeHTTP", "EdgeLoop", "EdgeStore", "EdgeLDAP", "EdgeTools", "SCIM",
+                "EdgeTestSupport",
             ],
             swiftSettings: strict),
         .testTarget(
             name: "EdgeBrokerTests",
-            dependencies: ["EdgeBroker", "EdgeAgent", "EdgeLoop", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport"],
+            dependencies: [
+                "EdgeBroker", "EdgeDelivery", "EdgeAgent", "EdgeLoop", "EdgeStore", "EdgeTLS", "EdgeTools", "SCIM", "EdgeTestSupport",
+            ],
             swiftSettings: strict),
         .testTarget(name: "EdgeMetricsTests", dependencies: ["EdgeMetrics"], swiftSettings: strict),
+        .testTarget(
+            name: "EdgeDeliveryTests",
+            dependencies: ["EdgeDelivery", "EdgeHTTP", "EdgeLoop", "EdgeStore", "SCIM", "EdgeTestSupport"], swiftSettings: strict),
         .testTarget(
             name: "EdgeToolsTests", dependencies: ["EdgeTools", "EdgeMetrics", "EdgeHTTP", "SCIM", "EdgeTestSupport"], swiftSettings: strict
         ),

@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -238,6 +239,8 @@ public final class AdminEndpoint {
             out +=
                 "scim_edge_relay_rtt_seconds_bucket{le=\"+Inf\"} \(r.rttCount)\nscim_edge_relay_rtt_seconds_sum \(r.rttSum)\nscim_edge_relay_rtt_seconds_count \(r.rttCount)\n"
         }
+        // Local targets: the broker's delivery metrics, under the agent's prefix.
+        if !agent.targetWorkers.isEmpty { out += targetMetrics(agent.targetWorkers, prefix: "scim_edge") }
         return out
     }
 }

@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLog
 import EdgeLoop
@@ -36,6 +37,8 @@ public struct AgentConfiguration: Sendable {
     public var inbound: InboundPolicy?
     /// Directories the agent pulls from (docs/sources.md).
     public var sources: [SourceConfiguration] = []
+    /// Apps inside the boundary the agent provisions (docs/agent.md, "Local targets").
+    public var targets: [TargetConfiguration] = []
     /// Request lines straight to this sink (`serve`: standard output); nil: through swift-log.
     public var accessLog: LogSink?
 
@@ -89,6 +92,10 @@ public final class AgentService {
     public private(set) var relay: Relay?
     /// Fetches the downlink feed; only with an inbound policy (nothing else ever polls).
     public private(set) var downlink: DownlinkPoller?
+    /// One delivery worker per local target (docs/agent.md, "Local targets").
+    public private(set) var targetWorkers: [TargetWorker] = []
+    /// Keeps the local targets' trail bounded (7 days), as the broker's.
+    private var trailSweeper: TrailSweeper?
     /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
     private(set) var sourceDrivers: [SourceDriver] = []
     private var sourceHolders: [SourceDriverHolder] = []
@@ -113,9 +120,10 @@ public final class AgentService {
         // What /ServiceProviderConfig advertises is what is enforced: a Bulk body is also an HTTP body.
         endpointOptions.bulkMaxPayloadSize = min(endpointOptions.bulkMaxPayloadSize, configuration.limits.maxBodyBytes)
         let maxStore = configuration.maxStoreBytes
-        store = try AgentStore(path: configuration.dataDirectory, registry: .standard, policy: configuration.policy) {
-            $0.maxMapSize = maxStore
-        }
+        store = try AgentStore(
+            path: configuration.dataDirectory, registry: .standard, policy: configuration.policy, targets: configuration.targets,
+            domain: configuration.relay?.domain ?? AgentStore.standaloneDomain
+        ) { $0.maxMapSize = maxStore }
         writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
         let shared = EndpointShared()
         let endpoint = SCIMEndpoint(store: store, writer: writer, options: endpointOptions, shared: shared)
@@ -131,7 +139,8 @@ public final class AgentService {
         ) { request, _, responder in endpoint.handle(request, responder) }
         server.errorBody = SCIMEndpoint.errorResponse
         let store = self.store, writer = self.writer
-        let committed = configuration.relay == nil ? nil : LoopBound<() -> Void>({ endpoint.onCommitted?() })
+        let committed =
+            configuration.relay == nil && configuration.targets.isEmpty ? nil : LoopBound<() -> Void>({ endpoint.onCommitted?() })
         servingLoops = try (1..<max(1, configuration.servingLoops)).map { _ in
             try ServingLoop(
                 store: store, writer: writer, options: endpointOptions, shared: shared, tls: tls,
@@ -155,10 +164,30 @@ public final class AgentService {
             let events = try store.reconcilePolicy(ctx)
             if events > 0 { startupNotes.append("policy changed: \(events) events for resources whose outbound state changed") }
         }
+        for t in configuration.targets {
+            if try store.rebuildLinkIndexIfNeeded(t) {
+                startupNotes.append(
+                    "target \(t.name): link index built (collisions: link is new or changed): `scim-edge targets reconcile \(t.name) --apply` merges the accounts of users now linked"
+                )
+            }
+            targetWorkers.append(
+                try TargetWorker(target: t, store: store, writer: writer, loop: loop, logLabel: "scim-edge.target", command: "scim-edge"))
+        }
+        for w in targetWorkers { try w.start() }
+        if !targetWorkers.isEmpty {
+            trailSweeper = try TrailSweeper(store: store, writer: writer, loop: loop)
+            trailSweeper?.start()
+        }
+        let workers = targetWorkers
+        // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
+        endpoint.onCommitted = { for w in workers { w.kick() } }
         if let relayConfig = configuration.relay {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
             self.relay = relay
-            endpoint.onCommitted = { relay.kick() }
+            endpoint.onCommitted = {
+                relay.kick()
+                for w in workers { w.kick() }
+            }
             relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()
             if let inbound = configuration.inbound {
@@ -168,6 +197,7 @@ public final class AgentService {
                         endpoint.makeContext(HTTPRequest(method: "POST", target: "/downlink"), trace: trace)
                     })
                 downlink = poller
+                poller.onCommitted = { for w in workers { w.kick() } }
                 try poller.start()
             }
         }
@@ -240,6 +270,8 @@ public final class AgentService {
     public func shutdown(_ completion: @escaping () -> Void = {}) {
         relay?.stop()
         downlink?.stop()
+        for w in targetWorkers { w.stop() }
+        trailSweeper?.stop()
         // Sources stop reading; a batch they hand over from now on is not written (it is read again at the next start).
         for d in sourceDrivers { d.runner.stop() }
         for h in sourceHolders { h.driver = nil }
@@ -308,6 +340,10 @@ public final class AgentService {
             do { try downlink.reloadTLS(); done.append("the downlink's certificate") } catch {
                 failed.append("the downlink's certificate (\(error))")
             }
+        }
+        if !targetWorkers.isEmpty {
+            for w in targetWorkers { w.reload() }
+            done.append("the tokens and TLS files of targets " + targetWorkers.map(\.target.name).joined(separator: ", "))
         }
         if done.isEmpty && failed.isEmpty { log("reload: nothing to reload (no token file, no TLS)"); return }
         if !done.isEmpty {

@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeStore
 import EdgeTLS
 import Glibc
@@ -27,6 +28,7 @@ import Synchronization
 /// | `meta` | `seq`, `version`, `schema` (layout version, 2: members in `groupMembers`), `acked`, `policy`, `epoch`, `brokerProtocol` | counters, layout version, relay position, policy fingerprint, store identity |
 /// | `meta` | `attributeIndex` | the format of `attributes` (rebuilt once at open when it differs) |
 /// | `meta` | `count/<type>` (`count/User`, `count/Group`) | how many resources of the type are stored (big-endian UInt64), kept by every create and delete in its transaction |
+/// | `fanout`, `targetIds`, `targetOwners`, `targetLinks`, `targetDead`, `trail`, `traces`, `targetState`, `targetMembers`, `targetMemberOf`, `targetPending` | the delivery engine's, as at the broker (`DeliveryStore.swift`, EdgeDelivery) | the local targets' queues (written in the write's transaction), account mappings, dead letters, trail (`AgentDelivery.swift`) |
 ///
 /// Threading: `Sendable`; reads run anywhere, writes run as `WriteOperation`s
 /// of a `GroupCommitWriter` (on its worker thread).
@@ -58,6 +60,12 @@ public final class AgentStore: Sendable {
     let foreignWaiting: Database
     /// What may leave the boundary (invariant 5), applied before the outbox.
     public let policy: LocalPolicy
+    /// The delivery engine's databases (local targets: `AgentDelivery.swift`).
+    package let delivery: DeliveryDatabases
+    /// The apps inside the boundary every write is queued for, by their routes.
+    public let targets: [TargetConfiguration]
+    /// This boundary's domain, the source domain of its own resources (foreign ones have theirs).
+    public let ownDomain: String
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
     /// by id down the general path: those the default projection drops
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
@@ -84,15 +92,19 @@ public final class AgentStore: Sendable {
     /// existed: it keeps the one sequence it had.
     public let epoch: String
 
+    /// `targets`: the local targets writes are queued for; `domain`: this
+    /// boundary's (`local` without a broker).
     public init(
-        path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil,
-        options: (inout EnvironmentOptions) -> Void = { _ in }
+        path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil, targets: [TargetConfiguration] = [],
+        domain: String = AgentStore.standaloneDomain, options: (inout EnvironmentOptions) -> Void = { _ in }
     ) throws {
         var o = EnvironmentOptions(path: path)
         options(&o)
         environment = try Environment(o)
         self.registry = registry
         self.policy = policy ?? .propagateAll(registry)
+        self.targets = targets
+        ownDomain = domain
         attributeCaseExact = AttributeIndex.caseExactness(registry)
         generalPathNames = Dictionary(
             uniqueKeysWithValues: registry.resourceTypes.map { type in
@@ -117,6 +129,7 @@ public final class AgentStore: Sendable {
         sources = try environment.openDatabase("sources")
         foreign = try environment.openDatabase("foreign")
         foreignWaiting = try environment.openDatabase("foreignWaiting")
+        delivery = try DeliveryDatabases(environment)
         let meta = self.meta, resources = self.resources, types = registry.resourceTypes, attributes = self.attributes
         let groupMembers = self.groupMembers
         epoch = try environment.write { txn in
@@ -153,6 +166,9 @@ public final class AgentStore: Sendable {
             return e
         }
     }
+
+    /// The domain of an agent without a broker: local targets' routes name it.
+    public static let standaloneDomain = "local"
 
     struct StoreLayoutError: Error, CustomStringConvertible {
         let found: UInt64

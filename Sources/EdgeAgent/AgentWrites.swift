@@ -202,6 +202,8 @@ extension AgentStore {
         // writes that add a resource come through here.
         if old == nil { try adjustCount(type, by: 1, txn) }
         try updateAttributeIndex(type, id: id, old: old, new: stored, txn)
+        // Before the relay's event takes the group's pending member marks.
+        try queueForTargets(type, id: id, old: old, new: stored, ctx, txn)
         try emitChange(type, id: id, current: stored, kind: event, ctx, txn)
         return stored
     }
@@ -236,6 +238,7 @@ extension AgentStore {
             _ = try store(groups, id: gid, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
         }
         _ = try txn.delete(memberships, Array(id.utf8))
+        try queueForTargets(type, id: id, old: old, new: nil, ctx, txn)
         try emitChange(type, id: id, current: nil, kind: EventURI.delete, ctx, txn)
     }
 

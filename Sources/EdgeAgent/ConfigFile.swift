@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLDAP
 import EdgeLoop
@@ -123,7 +124,12 @@ public let agentOptionTable = OptionTable<AgentConfiguration>(
             inbound.finish()
         },
         .init(section: AgentOptions.sources, AgentConfiguration.decodeSources),
+        .init(section: AgentOptions.targets, AgentConfiguration.decodeTargets),
     ])
+
+/// The keys of one entry of `targets` (an app's: no `domain`), the broker's
+/// bindings (`makeTargetOptionTable`).
+public let localTargetOptionTable = makeTargetOptionTable(domain: nil)
 
 /// The keys of one entry of `sources` bound to `SourceConfiguration`.
 public let sourceOptionTable = OptionTable<SourceConfiguration>(
@@ -215,19 +221,40 @@ func decodeSourceMapping(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostic
 }
 
 extension AgentConfiguration {
-    /// `sources:`, each entry through `sourceOptionTable`; a name defined twice is refused at its line.
-    static func decodeSources(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+    /// A list of named entries (`sources:`, `targets:`): each decoded by
+    /// `entry` (nil, or a problem recorded: unusable), a name defined twice
+    /// refused at its line (`what`: "source", "target").
+    static func decodeNamedList<Entry>(
+        _ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, what: String, name: (Entry) -> String,
+        _ entry: (inout YAMLMapping, _ at: String) -> Entry?
+    ) -> [Entry] {
         guard case .sequence(let items, _) = node else {
             d.error(path, "must be a list ('- …' entries)", at: node.mark)
-            return
+            return []
         }
         var names: [String: Int] = [:]
+        var out: [Entry] = []
         for (i, item) in items.enumerated() {
             let at = "\(path)[\(i)]"
             d.record(at, item.mark)
             guard var m = YAMLMapping(item, path: at, d) else { continue }
-            var source = sourceOptionTable.defaults(SourceConfiguration(name: "", url: "", baseDN: ""))
             let before = d.problems.count
+            guard let e = entry(&m, at), d.problems.count == before else { continue }
+            if let line = names[name(e)] {
+                d.error(
+                    "\(at).name", "\(what) '\(name(e))' is defined twice (first at line \(line))", fix: "give each \(what) its own name")
+                continue
+            }
+            names[name(e)] = d.mark("\(at).name")?.line ?? 0
+            out.append(e)
+        }
+        return out
+    }
+
+    /// `sources:`, each entry through `sourceOptionTable`; a name defined twice is refused at its line.
+    static func decodeSources(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+        config.sources += decodeNamedList(node, path, d, what: "source", name: \.name) { m, at in
+            var source = sourceOptionTable.defaults(SourceConfiguration(name: "", url: "", baseDN: ""))
             sourceOptionTable.decode(&m, into: &source)
             m.finish()
             // The kind against the scheme and the keys it needs, even when other keys have problems.
@@ -243,14 +270,29 @@ extension AgentConfiguration {
                 d.error("\(at).tokenFile", "a scim source needs tokenFile (its bearer token)")
             default: break
             }
-            guard d.problems.count == before else { continue }
-            if let line = names[source.name] {
-                d.error(
-                    "\(at).name", "source '\(source.name)' is defined twice (first at line \(line))", fix: "give each source its own name")
-                continue
+            return source
+        }
+    }
+
+    /// `targets:`, each entry through `localTargetOptionTable` and the
+    /// collision keys; a name defined twice, a missing url and a route on
+    /// group members (the agent routes a group by its attributes) are
+    /// refused at their own line.
+    static func decodeTargets(_ node: YAMLNode, _ path: String, _ d: ConfigDiagnostics, _ config: inout AgentConfiguration) {
+        config.targets += decodeNamedList(node, path, d, what: "target", name: \.name) { m, _ in
+            var target = localTargetOptionTable.defaults(try! TargetConfiguration(name: "unnamed", url: "http://127.0.0.1:1"))
+            localTargetOptionTable.decode(&m, into: &target)
+            target.decodeCollisions(&m, domains: [])
+            if !m.has("url") {
+                m.problem("url", "is required: the app's SCIM base URL", fix: "add 'url: https://…/scim/v2'")
             }
-            names[source.name] = d.mark("\(at).name")?.line ?? 0
-            config.sources.append(source)
+            if target.groupRoutesReadMembers {
+                m.problem(
+                    "routes", "a local target's route cannot filter groups on their members (the agent routes a group by its attributes)",
+                    fix: "filter on displayName or externalId, or route the group whole")
+            }
+            m.finish()
+            return target
         }
     }
 }
@@ -280,6 +322,19 @@ extension AgentConfiguration: YAMLConfiguration {
             top.problem(
                 "inbound", "needs broker: the downlink is fetched over the relay's connection",
                 fix: "add broker: {url, ca, cert, key, domain}")
+        }
+        // A local target's route names source domains: this agent's own, or one that enters through inbound.
+        let known = [config.relay?.domain ?? AgentStore.standaloneDomain] + (config.inbound?.accept.flatMap(\.domains) ?? [])
+        for (i, t) in config.targets.enumerated() {
+            for (r, route) in t.routes.enumerated() {
+                for (j, domain) in route.domains.enumerated() where !known.contains(domain) {
+                    let key = "targets[\(i)].routes[\(r)].domains[\(j)]"
+                    d.warning(
+                        key,
+                        "domain '\(domain)' is neither this agent's (\(known[0])) nor one its inbound policy accepts: the route carries nothing of it",
+                        at: d.mark(key) ?? d.mark("targets[\(i)]"), fix: "name one of " + known.joined(separator: ", "))
+                }
+            }
         }
         if !config.listen.isLoopback && config.tls == nil && !top.has("tls") {
             top.problem(
@@ -441,6 +496,7 @@ extension AgentConfiguration {
             if let file = source.tokenFile { checks.file(file, at: "sources[\(i)].tokenFile", secret: true) }
             if let ca = source.tls.caFile { checks.file(ca, at: "sources[\(i)].tls.ca") }
         }
+        for (i, t) in targets.enumerated() { t.checkFiles(&checks, at: "targets[\(i)]") }
         if let relay, let cert = relay.tls.certificateChainFile,
             let summary = checks.certificate(
                 cert, key: relay.tls.privateKeyFile, ca: relay.tls.trustRootsFile, at: ("broker.cert", "broker.key", "broker.ca")),

@@ -135,6 +135,9 @@ public final class DownlinkPoller {
     }
 
     /// Commits the events with the sequence they reach, then polls again (acknowledging them).
+    /// After a commit that applied events (the local targets look at their queues).
+    var onCommitted: (() -> Void)?
+
     private func apply(_ events: [JSON]) {
         let store = self.store, policy = self.policy, ctx = makeContext(events.first?["txn"]?.stringValue)
         writer.submit({ txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }) { [weak self] result in
@@ -152,6 +155,7 @@ public final class DownlinkPoller {
                         "downlink: an accepted resource could not be stored here; it is skipped (counted)",
                         metadata: ["seq": .stringConvertible(seq), "reason": .string(reason)])
                 }
+                if outcome.applied > 0 { onCommitted?() }
                 poll()
             case .failure(let gap as DownlinkGap):
                 protocolError("\(gap)")

@@ -1,28 +1,12 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeStore
 import SCIM
 
 /// The federated directory's schemas: the standard ones, plus the source
 /// extension every federated resource carries.
-public let brokerRegistry: SchemaRegistry = {
-    var r = SchemaRegistry.standard
-    let source = Schema(
-        id: BrokerStore.sourceExtension, name: "Source", description: "Where a federated resource came from",
-        attributes: [
-            AttributeDefinition("domain", description: "The domain of the agent that sent it.", caseExact: true, mutability: .readOnly),
-            AttributeDefinition("agent", description: "The agent's certificate identity.", caseExact: true, mutability: .readOnly),
-            AttributeDefinition("id", description: "The id at the agent.", caseExact: true, mutability: .readOnly),
-            AttributeDefinition("version", description: "The version at the agent.", caseExact: true, mutability: .readOnly),
-            AttributeDefinition("trace", description: "Trace id of the change.", caseExact: true, mutability: .readOnly),
-            AttributeDefinition("seq", .integer, description: "The agent's event sequence.", mutability: .readOnly),
-            AttributeDefinition("accepted", .integer, description: "When the agent accepted the change (Unix ms).", mutability: .readOnly),
-            AttributeDefinition("applied", .integer, description: "When the broker applied it (Unix ms).", mutability: .readOnly),
-        ])
-    try! r.addExtension(source, to: "User")
-    try! r.addExtension(source, to: "Group")
-    return r
-}()
+public let brokerRegistry: SchemaRegistry = federatedRegistry
 
 /// The broker's SCIM read API over the federated directory (all domains):
 /// GET by id, list with filter / sort / pagination / projection, `.search`,
@@ -157,14 +141,7 @@ extension BrokerStore {
     /// A federated resource by broker id, with its source domain and type.
     /// `members: false` leaves a group's members unread.
     public func resource(brokerID: String, members: Bool = true) throws -> (domain: String, type: String, resource: JSONObject)? {
-        let brokerIds = self.brokerIds, resources = self.resources
-        return try environment.read { txn in
-            guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
-                let o = try JSONParser.parse(bytes, limits: .stored).objectValue
-            else { return nil }
-            let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-            return (String(parts[0]), String(parts[1]), parts[1] == "Group" && members ? try withMembers(txn, o) : o)
-        }
+        try deliveryEntry(brokerID, members: members)
     }
 
     /// Every federated resource of a type, across domains, a chunk at a

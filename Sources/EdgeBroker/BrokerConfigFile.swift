@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -88,125 +89,17 @@ public let brokerOptionTable = OptionTable<BrokerConfiguration>(
         },
     ])
 
-/// The keys of one entry of `targets` bound to `TargetConfiguration`.
-/// `collisions`, `namespace` and `link` depend on each other: declared
-/// here, read by `decodeTarget`.
-public let targetOptionTable = OptionTable<TargetConfiguration>(
-    BrokerOptions.Target.all,
-    [
-        .init(BrokerOptions.Target.name) { t, v in
-            do throws(SCIMError) { t.name = try TargetConfiguration(name: v.text, url: "http://127.0.0.1:1").name } catch {
-                return OptionProblem(error.detail)
-            }
-            return nil
-        },
-        .init(BrokerOptions.Target.url) { t, v in
-            do throws(SCIMError) {
-                let parsed = try TargetConfiguration(name: "unnamed", url: v.text)
-                (t.url, t.port, t.useTLS, t.basePath, t.host) = (parsed.url, parsed.port, parsed.useTLS, parsed.basePath, parsed.host)
-            } catch { return OptionProblem(error.detail) }
-            return nil
-        },
-        .init(BrokerOptions.Target.domain) { t, v in
-            guard DomainBinding.validName(v.text) else {
-                return OptionProblem("a domain name holds letters, digits, '.', '_' and '-' only (at most 64), got '\(v.text)'")
-            }
-            t.destination = v.text
-            return nil
-        },
-        .init(BrokerOptions.Target.tokenFile) { t, v in
-            t.tokenFile = v.text; return nil
-        },
-        .init(BrokerOptions.Target.tlsCA) { t, v in
-            t.tls.trustRootsFile = v.text; return nil
-        },
-        .init(BrokerOptions.Target.tlsCert) { t, v in
-            t.tls.certificateChainFile = v.text; return nil
-        },
-        .init(BrokerOptions.Target.tlsKey) { t, v in
-            t.tls.privateKeyFile = v.text; return nil
-        },
-        .init(BrokerOptions.Target.tlsMinVersion) { t, v in
-            t.tls.minimumVersion = v.text == "1.3" ? .tls13 : .tls12; return nil
-        },
-        .init(BrokerOptions.Target.requestsPerSecond) { t, v in
-            t.requestsPerSecond = Double(v.integer); return nil
-        },
-        .init(BrokerOptions.Target.concurrency) { t, v in
-            t.concurrency = v.integer; return nil
-        },
-        .init(BrokerOptions.Target.onRemove) { t, v in
-            t.removal = RemovalMode(rawValue: v.text)!; return nil
-        },
-        .init(BrokerOptions.Target.maxDeletes) { t, v in
-            t.deletionGuard.maxDeletes = v.integer; return nil
-        },
-        .init(BrokerOptions.Target.windowSeconds) { t, v in
-            t.deletionGuard.windowSeconds = v.integer; return nil
-        },
-        .init(manual: BrokerOptions.Target.collisions),
-        .init(manual: BrokerOptions.Target.namespaceUserName),
-        .init(manual: BrokerOptions.Target.namespaceDisplayName),
-        .init(manual: BrokerOptions.Target.linkAttribute),
-        .init(manual: BrokerOptions.Target.linkSourceOfRecord),
-        .init(BrokerOptions.Target.maxMembersPerPatch) { t, v in
-            t.maxMembersPerPatch = v.integer; return nil
-        },
-        .init(BrokerOptions.Target.breakerThreshold) { t, v in
-            t.breakerThreshold = v.integer; return nil
-        },
-        .init(BrokerOptions.Target.timeoutMs) { t, v in
-            t.requestTimeoutMilliseconds = UInt64(v.integer); return nil
-        },
-        .init(section: BrokerOptions.Target.rename) { node, path, d, t in
-            guard var rename = YAMLMapping(node, path: path, d) else { return }
-            for (from, mark, value) in rename.entries() {
-                guard case .scalar(let to, _, _) = value, !to.isEmpty else {
-                    d.error(rename.full(from), "must name an attribute", at: mark)
-                    continue
-                }
-                t.mapping.rename.append((from, to))
-            }
-            rename.finish()
-        },
-        .init(BrokerOptions.Target.drop) { t, v in
-            t.mapping.drop = v.list; return nil
-        },
-        .init(section: BrokerOptions.Target.constant) { node, path, d, t in
-            guard var constant = YAMLMapping(node, path: path, d) else { return }
-            for (path, mark, value) in constant.entries() {
-                guard case .scalar(let text, let plain, _) = value else {
-                    d.error(constant.full(path), "must be a scalar", at: mark)
-                    continue
-                }
-                t.mapping.constant.append((path, AttributeMapping.constantValue(text, plain: plain)))
-            }
-            constant.finish()
-        },
-        .init(section: BrokerOptions.Target.routes) { node, path, d, t in
-            guard case .sequence(let routes, _) = node else {
-                d.error(path, "must be a list ('- …' entries)", at: node.mark)
-                return
-            }
-            for (i, item) in routes.enumerated() {
-                d.record("\(path)[\(i)]", item.mark)
-                guard var r = YAMLMapping(item, path: "\(path)[\(i)]", d) else { continue }
-                let domains = r.strings("domains") ?? [], filter = r.string("filter")
-                var types = r.strings("types") ?? []
-                for (j, type) in types.enumerated() where type != "User" && type != "Group" {
-                    d.error("\(r.full("types"))[\(j)]", "route type '\(type)' must be User or Group")
-                }
-                types = types.filter { $0 == "User" || $0 == "Group" }
-                do throws(SCIMError) {
-                    t.routes.append(try Route(domains: domains, types: types, filter: filter))
-                } catch {
-                    // What Route refuses, with the types already checked above, is the filter.
-                    r.problem("filter", "target '\(t.name)': \(error.detail)")
-                }
-                r.finish()
-            }
-        },
-    ])
+/// The keys of one entry of the broker's `targets` bound to
+/// `TargetConfiguration`: an app's (`targetOptionTable(domain:)`), and
+/// `domain`, a boundary instead of an app.
+public let targetOptionTable = makeTargetOptionTable(
+    domain: .init(BrokerOptions.Target.domain) { t, v in
+        guard DomainBinding.validName(v.text) else {
+            return OptionProblem("a domain name holds letters, digits, '.', '_' and '-' only (at most 64), got '\(v.text)'")
+        }
+        t.destination = v.text
+        return nil
+    })
 
 extension BrokerConfiguration {
     /// Where every run starts, with a file or with flags only: the table's
@@ -367,82 +260,9 @@ extension BrokerConfiguration: YAMLConfiguration {
                 m.warning(key, "applies to apps (url), not to a boundary (domain): its agent's inbound policy maps what enters")
             }
         }
-        let namespace = m.mapping("namespace"), link = m.mapping("link"), collisions = m.string("collisions")
-        if let c = collisions {
-            switch c {
-            case "refuse": target.collisions = .refuse
-            case "namespace":
-                var userName = CollisionPolicy.defaultUserNameTemplate, displayName = CollisionPolicy.defaultDisplayNameTemplate
-                if var n = namespace {
-                    for (key, placeholder) in [("userName", "{userName}"), ("displayName", "{displayName}")] {
-                        guard let template = n.string(key) else { continue }
-                        guard template.contains(placeholder), template.contains("{domain}") else {
-                            n.problem(key, "must hold \(placeholder) and {domain}, so that names stay unique per domain")
-                            continue
-                        }
-                        if key == "userName" { userName = template } else { displayName = template }
-                    }
-                    n.finish()
-                }
-                target.collisions = .namespace(userName: userName, displayName: displayName)
-            case "link":
-                guard var l = link else {
-                    m.problem(
-                        "collisions", "'collisions: link' needs 'link: {attribute: …, sourceOfRecord: [domains]}'",
-                        fix: "add link: {attribute: employeeNumber, sourceOfRecord: [your domains, first one's data wins]}")
-                    break
-                }
-                let attribute = l.required("attribute", "the attribute that says two users are one person")
-                let order = l.strings("sourceOfRecord")
-                var usable = attribute != nil && order != nil
-                if let order {
-                    if order.isEmpty {
-                        l.problem("sourceOfRecord", "must list at least one domain (the first one's data wins)")
-                        usable = false
-                    } else if let unknown = order.first(where: { !domains.isEmpty && !domains.contains($0) }) {
-                        l.problem(
-                            "sourceOfRecord",
-                            "names '\(unknown)', which is not one of the broker's domains (\(domains.joined(separator: ", ")))")
-                        usable = false
-                    } else if let twice = order.enumerated().first(where: { order[..<$0.offset].contains($0.element) })?.element {
-                        l.problem("sourceOfRecord", "names '\(twice)' twice")
-                        usable = false
-                    }
-                } else if !l.has("sourceOfRecord") {
-                    l.problem("sourceOfRecord", "is required: the domains in order of precedence (the first one's data wins)")
-                }
-                if usable, let attribute, let order {
-                    do throws(SCIMError) { target.collisions = .link(try LinkPolicy(attribute: attribute, sourceOfRecord: order)) } catch {
-                        l.problem("attribute", error.detail)
-                    }
-                }
-                l.finish()
-            default:
-                m.problem("collisions", "must be refuse, namespace or link, got '\(c)'")
-            }
-        }
-        // Not when 'collisions' is itself wrong: that is the one problem to report.
-        if namespace != nil, collisions == nil || collisions == "refuse" || collisions == "link" {
-            m.problem("namespace", "applies only with 'collisions: namespace'", fix: "add collisions: namespace, or remove it")
-        }
-        if link != nil, collisions == nil || collisions == "refuse" || collisions == "namespace" {
-            m.problem("link", "applies only with 'collisions: link'", fix: "add collisions: link, or remove it")
-        }
+        target.decodeCollisions(&m, domains: domains)
         m.finish()
         return usable ? target : nil
-    }
-}
-
-extension TargetConfiguration {
-    /// The bearer token: `--target-token`, or the first line of `tokenFile`
-    /// (read at start and on SIGHUP, so that it can rotate).
-    public func resolveToken() throws(ConfigError) -> String? {
-        if let token { return token }
-        guard let tokenFile else { return nil }
-        let text = String(decoding: try readFileBytes(tokenFile), as: UTF8.self)
-        let token = text.split(whereSeparator: \.isNewline).first.map { String($0).trimmingSpaces } ?? ""
-        guard !token.isEmpty else { throw ConfigError("target '\(name)': \(tokenFile) holds no token", at: nil, file: tokenFile) }
-        return token
     }
 }
 
@@ -480,25 +300,7 @@ extension BrokerConfiguration {
         if apiListen != nil && apiTokens.isEmpty && apiTokenFile == nil {
             checks.problem("api.listen", "the read API needs a bearer token", fix: "set api.tokenFile")
         }
-        for (i, t) in targets.enumerated() {
-            if let file = t.tokenFile, checks.file(file, at: "targets[\(i)].tokenFile", secret: true) {
-                do { _ = try t.resolveToken() } catch {
-                    checks.problem("targets[\(i)].tokenFile", error.message, fix: "write the app's token on the first line")
-                }
-            }
-            if t.token == nil && t.tokenFile == nil && t.tls.certificateChainFile == nil {
-                checks.problem(
-                    "targets[\(i)]",
-                    "target \(t.name): no tokenFile and no client certificate: the app would be called without credentials",
-                    fix: "set tokenFile, or tls: {cert, key}")
-            }
-            if let ca = t.tls.trustRootsFile { checks.file(ca, at: "targets[\(i)].tls.ca") }
-            if let cert = t.tls.certificateChainFile {
-                checks.certificate(
-                    cert, key: t.tls.privateKeyFile, ca: nil,
-                    at: ("targets[\(i)].tls.cert", "targets[\(i)].tls.key", "targets[\(i)].tls.ca"))
-            }
-        }
+        for (i, t) in targets.enumerated() { t.checkFiles(&checks, at: "targets[\(i)]") }
         for p in checks.problems { d.error(p.key.isEmpty ? nil : p.key, p.message, fix: p.fix) }
     }
 }

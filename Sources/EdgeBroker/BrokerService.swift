@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeMetrics
@@ -133,11 +134,10 @@ public final class BrokerService {
     /// The downlink feeds of the targets that are boundaries, and their parked polls.
     var feeds = BrokerFeeds(destinations: [])
     /// Keeps the trail bounded: a few thousand keys per second, in the background.
+    /// The trail's part of it (7 days); the timer also sweeps removed groups and follows pauses.
+    private var sweeper: TrailSweeper?
     private var sweepTimer: LoopTimer?
-    private var sweepCursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
-    private var sweeping = false
     private var sweepingGroups = false
-    private var nextSweepPass: UInt64 = 0
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -190,6 +190,7 @@ public final class BrokerService {
         pauses = try store.targetPauses()
         // A target an operator paused stays paused across the restart: its worker is not started.
         for w in workers where pauses[w.target.name] == nil { try w.start() }
+        sweeper = try TrailSweeper(store: store, writer: writer, loop: loop, ownTimer: false)
         sweepTimer = try LoopTimer(loop: loop)
         sweepTimer?.keepsLoopAlive = false
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
@@ -259,23 +260,9 @@ public final class BrokerService {
             }
         }
         sweepTimer?.start(after: 1000, repeatEvery: 1000) {
-            weakSelf?.sweepTrail()
+            weakSelf?.sweeper?.step()
             weakSelf?.sweepRemovedGroups()
             weakSelf?.followPauses()
-        }
-    }
-
-    /// A pass walks both tables a step per second; after a whole pass the next
-    /// one starts a minute later (an idle broker does not commit every second).
-    func sweepTrail() {
-        guard !sweeping, loop.now >= nextSweepPass else { return }
-        sweeping = true
-        let store = self.store, cursors = sweepCursors
-        writer.submit({ txn in try store.sweepTrail(trailFrom: cursors.trail, tracesFrom: cursors.traces, limit: 5000, txn) }) { [self] r in
-            sweeping = false
-            guard case .success(let next) = r else { return }
-            sweepCursors = (next.trail, next.traces)
-            if next.trail == nil && next.traces == nil { nextSweepPass = loop.now + 60_000 }
         }
     }
 
@@ -388,90 +375,12 @@ public final class BrokerService {
             sequences.map { ("{agent=\"\($0.domain)/\($0.agent.identity)\",epoch=\"\($0.agent.epoch)\"}", String($0.sequence)) })
         out += propagation.summary(
             "scim_broker_propagation_seconds", "From the agent accepting a change to the broker's commit (last 10 s).")
-        if !workers.isEmpty { out += fanoutMetrics() }
+        if !workers.isEmpty {
+            out += targetMetrics(workers, prefix: "scim_broker", counters: counters, paused: { [pauses] in pauses[$0.target.name] != nil })
+        }
         if !feeds.destinations.isEmpty { out += downlinkMetrics() }
         let info = store.environment.info
         metric("scim_broker_store_used_bytes", "gauge", "Bytes of the LMDB map in use.", [("", String(info.usedBytes))])
-        return out
-    }
-
-    func fanoutMetrics() -> String {
-        var out = ""
-        func header(_ name: String, _ type: String, _ help: String) { out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
-        header("scim_broker_target_requests_total", "counter", "Requests to targets by method and status class (error: no response).")
-        for w in workers {
-            for (key, n) in counters(w).requests.sorted(by: { $0.key < $1.key }) {
-                let parts = key.split(separator: " ")
-                out += "scim_broker_target_requests_total{target=\"\(w.target.name)\",method=\"\(parts[0])\",class=\"\(parts[1])\"} \(n)\n"
-            }
-        }
-        func perTarget(_ name: String, _ type: String, _ help: String, _ value: (TargetWorker) -> String) {
-            header(name, type, help)
-            for w in workers { out += "\(name){target=\"\(w.target.name)\"} \(value(w))\n" }
-        }
-        perTarget("scim_broker_target_queue_depth", "gauge", "Changes queued for the target.") { String($0.depth) }
-        perTarget("scim_broker_target_queue_oldest_age_seconds", "gauge", "Age of the oldest queued change.") { w in
-            w.oldestQueuedAt == 0 || w.depth == 0 ? "0" : String(Double(max(0, unixMilliseconds() - w.oldestQueuedAt)) / 1000)
-        }
-        perTarget("scim_broker_target_delivered_total", "counter", "Changes delivered.") { String(counters($0).delivered) }
-        perTarget("scim_broker_target_dead_letters_total", "counter", "Changes the target refused for good (kept as dead letters).") {
-            String(counters($0).deadLettered)
-        }
-        perTarget(
-            "scim_broker_target_retries_total", "counter",
-            "Deliveries retried after a network error, a 5xx other than 501, or a store read error."
-        ) { String(counters($0).retries) }
-        perTarget("scim_broker_target_throttled_total", "counter", "429/503 answers honoured.") { String(counters($0).throttled) }
-        perTarget("scim_broker_target_adopted_total", "counter", "Existing accounts adopted after 409.") { String(counters($0).adopted) }
-        perTarget(
-            "scim_broker_target_member_steps_total", "counter",
-            "Group PATCHes sent from the member index (only the members that changed)."
-        ) { String(counters($0).memberSteps) }
-        perTarget(
-            "scim_broker_target_whole_group_reads_total", "counter",
-            "Group deliveries that read the whole group (a target without PATCH, collisions: link, routes on members, an old store)."
-        ) { String(counters($0).wholeGroupReads) }
-        perTarget(
-            "scim_broker_target_collisions_total", "counter",
-            "Changes refused (dead letters) because the account at the target belongs to another resource."
-        ) {
-            String(counters($0).collisions)
-        }
-        perTarget(
-            "scim_broker_target_linked_accounts", "gauge",
-            "Accounts two users or more of different domains share (collisions: link; read every second)."
-        ) { String($0.linkedAccounts) }
-        perTarget("scim_broker_target_concurrency", "gauge", "Adaptive concurrency now.") { String(Int($0.limit)) }
-        perTarget("scim_broker_target_breaker_open", "gauge", "1 while the circuit breaker is open.") {
-            $0.breakerState == .open ? "1" : "0"
-        }
-        perTarget("scim_broker_target_paused", "gauge", "1 while an operator paused the target (targets pause, the console).") {
-            pauses[$0.target.name] == nil ? "0" : "1"
-        }
-        perTarget("scim_broker_target_deletes_paused", "gauge", "1 while the deletion guard holds removals.") {
-            $0.deletesPaused ? "1" : "0"
-        }
-        perTarget(
-            "scim_broker_target_credentials_refused", "gauge",
-            "1 while the target refuses the credentials or the TLS handshake (paused, queue kept)."
-        ) { $0.credentialsRefused ? "1" : "0" }
-        header("scim_broker_target_propagation_seconds", "summary", "From the agent accepting a change to the target's answer (last 10 s).")
-        for w in workers {
-            let (n, q) = w.recent.quantiles([0.5, 0.99])
-            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.5\"} \(q[0])\n"
-            out += "scim_broker_target_propagation_seconds{target=\"\(w.target.name)\",quantile=\"0.99\"} \(q[1])\n"
-            out += "scim_broker_target_propagation_seconds_count{target=\"\(w.target.name)\"} \(n)\n"
-        }
-        header("scim_broker_target_delivery_seconds", "histogram", "From the agent accepting a change to the target's answer.")
-        for w in workers {
-            let s = counters(w)
-            for (i, b) in TargetStatistics.latencyBuckets.enumerated() {
-                out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"\(b)\"} \(s.latencyCounts[i])\n"
-            }
-            out += "scim_broker_target_delivery_seconds_bucket{target=\"\(w.target.name)\",le=\"+Inf\"} \(s.latencyCount)\n"
-            out += "scim_broker_target_delivery_seconds_sum{target=\"\(w.target.name)\"} \(s.latencySum)\n"
-            out += "scim_broker_target_delivery_seconds_count{target=\"\(w.target.name)\"} \(s.latencyCount)\n"
-        }
         return out
     }
 
@@ -480,6 +389,7 @@ public final class BrokerService {
         let extra = [apiServer, adminServer].compactMap { $0 }
         sweepTimer?.close()
         sweepTimer = nil
+        sweeper = nil
         feeds.closeAll()
         server.shutdown { [workers] in
             for w in workers { w.stop() }
@@ -735,7 +645,7 @@ public final class BrokerService {
             statistics.eventsApplied += outcome.applied
             agentActivity["\(domain)/\(agent)", default: AgentActivity()].batch(outcome)
             statistics.membershipDeltas += outcome.membershipDeltas
-            for w in workers where outcome.fanout[w.target.name] != nil { w.kick(queued: outcome.fanout[w.target.name]!) }
+            for w in workers where outcome.fanout[w.target.name] != nil { w.kick() }
             feeds.changed(outcome.fanout.keys)
             recordPropagation(outcome.acceptedAt)
             statistics.duplicates += outcome.duplicates
@@ -776,28 +686,5 @@ extension HTTPResponse {
         var r = self
         r.headers.set(name, value)
         return r
-    }
-}
-
-/// Latencies of the last 10 s for the /metrics summaries: per-second
-/// histograms (`RecentLatencies`), so a scrape costs the same whatever the
-/// traffic and memory is fixed.
-struct RecentSamples {
-    private var latencies = RecentLatencies(windowSeconds: 10)
-
-    mutating func add(at: Int64, seconds: Double) {
-        latencies.record(UInt64(max(0, seconds) * 1_000_000), atMillis: at)
-    }
-
-    /// Quantiles `qs` over the last 10 s, in seconds.
-    func quantiles(_ qs: [Double]) -> (count: Int, values: [Double]) {
-        let window = latencies.window(nowMillis: unixMilliseconds())
-        return (Int(window.count), qs.map { Double(window.quantile($0)) / 1_000_000 })
-    }
-
-    func summary(_ name: String, _ help: String) -> String {
-        let (n, q) = quantiles([0.5, 0.99])
-        return "# HELP \(name) \(help)\n# TYPE \(name) summary\n"
-            + "\(name){quantile=\"0.5\"} \(q[0])\n\(name){quantile=\"0.99\"} \(q[1])\n\(name)_count \(n)\n"
     }
 }

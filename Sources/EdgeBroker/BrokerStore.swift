@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -24,14 +25,14 @@ public final class BrokerStore: Sendable {
     let agents: Database
     let resources: Database
     let brokerIds: Database
-    let fanout: Database
-    let targetIds: Database
-    let targetDead: Database
-    let trail: Database
-    let traces: Database
-    let targetState: Database
-    let targetOwners: Database
-    let targetLinks: Database
+    package let fanout: Database
+    package let targetIds: Database
+    package let targetDead: Database
+    package let trail: Database
+    package let traces: Database
+    package let targetState: Database
+    package let targetOwners: Database
+    package let targetLinks: Database
     /// A group's members (`group broker id\0member broker id` → the member),
     /// not an array in the stored group: a change of k members costs
     /// O(k log n) (`BrokerMembers.swift`).
@@ -41,9 +42,9 @@ public final class BrokerStore: Sendable {
     let memberOf: Database
     /// What each target holds of each group's members, and the members
     /// changed since the group was delivered there (`TargetMembers.swift`).
-    let targetMembers: Database
-    let targetMemberOf: Database
-    let targetPending: Database
+    package let targetMembers: Database
+    package let targetMemberOf: Database
+    package let targetPending: Database
     /// The store's own settings (`layout`), and the per-type counts of lists.
     let meta: Database
     /// Lists: each type's resources in broker id order, and the values of
@@ -463,12 +464,7 @@ extension BrokerStore {
     public static let undeliverableEvent = "urn:scim-edge:params:event:undeliverable"
 
     /// Where a federated resource came from.
-    public static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
+    public static let sourceExtension = sourceExtensionSchema
 }
 
 func secureID() -> String { hexString(secureRandomBytes(16)) }
-
-/// Whether `text` has the form of a broker id (`secureID`: 32 lowercase hex digits).
-func isBrokerID(_ text: String) -> Bool {
-    text.utf8.count == 32 && text.utf8.allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
-}

@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -520,7 +521,7 @@ final class BrokerConsole {
     static func conflicts<T>(_ work: () throws -> T) throws -> T {
         do { return try work() } catch let e as DeletionGuardError {
             throw SCIMError(409, nil, e.description)
-        } catch let e as BrokerStore.DeadLetterError {
+        } catch let e as DeadLetterError {
             throw SCIMError(409, nil, e.description)
         }
     }

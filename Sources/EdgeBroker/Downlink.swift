@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeLoop
 import EdgeStore
 import SCIM

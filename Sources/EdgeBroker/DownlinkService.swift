@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore

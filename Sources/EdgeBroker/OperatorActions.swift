@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeLoop
 import EdgeStore
 import EdgeTLS
@@ -223,7 +224,7 @@ extension BrokerService {
     /// An operator queued `count` changes for `target` (a push, a retry):
     /// its worker, or the boundary's parked poll, takes them now.
     func queuedByOperator(target: String, _ count: Int) {
-        if let w = workers.first(where: { $0.target.name == target }), pauses[target] == nil { w.kick(queued: count) }
+        if let w = workers.first(where: { $0.target.name == target }), pauses[target] == nil { w.kick() }
         feeds.changed([target])
     }
 

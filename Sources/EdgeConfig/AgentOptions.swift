@@ -206,11 +206,20 @@ public enum AgentOptions {
         "What this boundary accepts from other domains, fetched from the broker over the relay's outbound mutual TLS (the downlink): stored as read-only foreign resources. Without it the agent never polls and nothing enters. Needs broker.",
         children: Inbound.all)
 
+    /// `targets`: the apps inside this boundary the agent provisions (docs/agent.md, "Local targets"); the keys of an app
+    /// target of the broker (`BrokerOptions.Target.app`), the same delivery engine.
+    public static let targets = OptionSpec(
+        "targets", .sections,
+        "Apps and secondary IdPs inside this boundary that the agent provisions from what it stores: its own IdP's users and groups and the foreign ones its inbound policy accepted. Each has a durable queue in the agent's LMDB file, filled in the write's own transaction, and the broker's delivery engine: retries with Retry-After, rate limit, circuit breaker, dead letters, deletion guard, reconcile, collisions. Routes name source domains: this agent's own (broker.domain; local without a broker) and those that enter through inbound.",
+        children: BrokerOptions.Target.app)
+
     /// In the order of the reference and of `--help`.
     public static let all: [OptionSpec] = [
         dataDir, listen, workers, tokenFile, token, tlsCert, tlsKey, adminListen, maxBodyBytes, maxConnections, requestTimeoutMs,
         idleTimeoutMs, storeMaxBytes, keepOutbox, outboxMaxEvents, outboxMaxBytes, profile, maxResults, scanBudget, patchResponseMaxMembers,
-        brokerURL, brokerCA, brokerCert, brokerKey, brokerCRL, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, inbound, sources,
+        brokerURL, brokerCA, brokerCert, brokerKey, brokerCRL, brokerDomain, brokerAgent, maxEventsPerBatch, window, policy, inbound,
+        sources,
+        targets,
     ]
 
     public static let reference = ConfigReference(

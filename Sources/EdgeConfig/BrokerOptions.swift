@@ -54,7 +54,7 @@ public enum BrokerOptions {
         public static let name = OptionSpec(
             "name", .text, required: .always, "The target's name (letters, digits, '.', '_' and '-'), in metrics, logs and the CLI.")
         public static let url = OptionSpec(
-            "url", .url, "The app's SCIM base URL, http(s)://HOST[:PORT]/PATH (give url or domain).")
+            "url", .url, "The app's SCIM base URL, http(s)://HOST[:PORT]/PATH (a broker's target gives url, or domain for a boundary).")
         public static let domain = OptionSpec(
             "domain", .text,
             "Instead of url: a boundary. The domain whose agent fetches what the routes send here over its own outbound connection (the downlink, docs/protocol.md), never its own domain's resources; the agent's inbound policy decides what it takes. Only name, routes and maxMembersPerPatch apply."
@@ -118,6 +118,8 @@ public enum BrokerOptions {
             windowSeconds, collisions, namespaceUserName, namespaceDisplayName, linkAttribute, linkSourceOfRecord, maxMembersPerPatch,
             breakerThreshold, timeoutMs, rename, drop, constant, routes,
         ]
+        /// The keys of an app target (all but `domain`): an agent's local targets take these.
+        public static let app: [OptionSpec] = all.filter { $0.key != "domain" }
     }
 
     public static let targets = OptionSpec(

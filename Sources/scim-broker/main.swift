@@ -1,9 +1,11 @@
 import ArgumentParser
 import EdgeBroker
 import EdgeConfig
+import EdgeDelivery
 import EdgeLog
 import EdgeLoop
 import EdgeTLS
+import EdgeTargetCommands
 import Glibc
 import Logging
 import SCIM
@@ -13,7 +15,10 @@ struct ScimBroker: ParsableCommand {
         commandName: "scim-broker",
         abstract: "Federated SCIM 2.0 provisioning: the central broker agents relay to.",
         version: scimEdgeVersion,
-        subcommands: [Serve.self, CheckConfig.self, Status.self, Targets.self, DeadLetter.self, Trace.self, PKI.self])
+        subcommands: [
+            Serve.self, CheckConfig.self, Status.self, Targets.self, TargetDeadLetters<StoreOptions>.self, TargetTrace<StoreOptions>.self,
+            PKI.self,
+        ])
 }
 
 /// `--help` of an option, from its one declaration.
@@ -162,7 +167,15 @@ func applyTargetFlags(_ targets: inout [TargetConfiguration], _ flags: [String],
 }
 
 /// Where the CLI finds the broker's data: `--data-dir`, or the config's `dataDir` (and targets).
-struct StoreOptions: ParsableArguments {
+struct StoreOptions: TargetStoreOptions {
+    static let program = "scim-broker"
+    static let service = "broker"
+    static let traceHelp =
+        "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName."
+    var configFile: String? { config }
+    func openTargets() throws -> (any DeliveryTables, [TargetConfiguration]) { try open() }
+    func openTargets(for name: String) throws -> (any DeliveryTables, [TargetConfiguration]) { try open(target: name) }
+
     @Option(help: "The broker's YAML configuration (its dataDir and targets).") var config: String?
     @Option(help: "Directory of the broker's LMDB file.") var dataDir: String?
     @Option(help: "NAME=URL: a target not in the config (reconcile).") var target: [String] = []
@@ -221,17 +234,15 @@ struct UnknownTarget: Error, CustomStringConvertible {
     }
 }
 
-func formatTime(_ ms: Int64?) -> String {
-    guard let ms, ms > 0 else { return "-" }
-    return formatDateTime(secondsSinceEpoch: ms / 1000, milliseconds: Int(ms % 1000))
-}
+func formatTime(_ ms: Int64?) -> String { TargetReports.time(ms) }
 
 struct Targets: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Downstream targets: status, the deletion guard, reconciliation, push, pause and resume, forgetting a removed target.",
         subcommands: [
-            TargetStatus.self, Held.self, ConfirmDeletes.self, RejectDeletes.self, Reconcile.self, Push.self, Pause.self, Resume.self,
-            Forget.self,
+            TargetStatus.self, TargetHeld<StoreOptions>.self, TargetConfirmDeletes<StoreOptions>.self,
+            TargetRejectDeletes<StoreOptions>.self, TargetReconcile<StoreOptions>.self, Push.self, Pause.self, Resume.self,
+            TargetForget<StoreOptions>.self,
         ])
 }
 
@@ -243,7 +254,6 @@ struct TargetStatus: ParsableCommand {
 
     func run() throws {
         let (store, configured) = try options.open()
-        let letters = try store.deadLetters(target: nil)
         // Boundaries (`domain:`): their agent fetches the queue; no worker saves a status for them.
         for t in configured where t.destination != nil {
             let depth = try store.queueDepth(target: t.name), feed = try store.feedPosition(target: t.name)
@@ -263,296 +273,14 @@ struct TargetStatus: ParsableCommand {
                     + "\tfeed issued \(feed.issued), acknowledged \(feed.acked), unacknowledged \(feed.unacked) (oldest \(formatTime(oldestFeed)))"
             )
         }
-        let statuses = try store.targetStatuses()
+        // An operator's pause is the store's (the running broker follows it): shown even while no broker runs.
         let pauses = try store.targetPauses()
-        if statuses.isEmpty && !json && !configured.contains(where: { $0.destination != nil }) {
-            emitLine("nothing to show: no target has state in this broker")
-        }
-        for (name, saved) in statuses {
-            var status = saved
-            // With --config: a target that left it keeps its queue until `targets forget`.
-            let removed = options.config != nil && !configured.contains { $0.name == name }
-            if removed { status["removed"] = .bool(true) }
-            let depth = try store.queueDepth(target: name)
-            status["queued"] = .int(depth.count)
-            status["oldestQueuedAt"] = .number(JSONNumber(integer: depth.oldest))
-            status["deadLetters"] = .int(letters.filter { $0.target == name }.count)
-            status["deletesPaused"] = .bool(try store.deletionGuard(target: name).pausedSince != nil)
-            // An operator's pause is the store's (the running broker follows it): shown even while no broker runs.
-            if let pause = pauses[name] {
-                status["state"] = "paused"
-                status["paused"] = .object(pause.json)
-            }
-            if json { emitLine(JSON.object(status).serializedString); continue }
-            let caps =
-                status["capabilities"]?.objectValue.map { c in
-                    c.members.filter { $0.value == .bool(true) }.map(\.key).joined(separator: ",")
-                } ?? "-"
-            emitLine(
-                "\(name)\t\(status["state"]?.stringValue ?? "-")"
-                    + (pauses[name].map { " (since \(formatTime($0.since)): \($0.reason))" } ?? "")
-                    + "\tqueued \(depth.count) (oldest \(formatTime(depth.oldest)))"
-                    + "\tdelivered \(status["delivered"]?.numberValue?.description ?? "0")\tdead letters \(status["deadLetters"]?.numberValue?.description ?? "0")"
-                    + "\tretries \(status["retries"]?.numberValue?.description ?? "0")\tconcurrency \(status["concurrency"]?.numberValue?.description ?? "-")"
-                    + "\tbreaker \(status["breaker"]?.stringValue ?? "-")\tdeletes \(status["deletesPaused"] == .bool(true) ? "PAUSED" : "flowing")"
-                    + (status["linked"]?.numberValue.map { "\tlinked \($0.description)" } ?? "")
-                    + "\tsupports \(caps)\tupdated \(formatTime(status["updatedAt"]?.numberValue?.integer))"
-                    + (status["lastError"]?.stringValue.map { "\tlast error: \($0)" } ?? "")
-                    + (removed ? "\tREMOVED from the configuration (scim-broker targets forget \(name) clears it)" : ""))
-        }
+        let lines = try TargetReports.status(
+            store, configured: options.config != nil ? configured.map(\.name) : nil, json: json, command: "scim-broker",
+            noneYet: !configured.contains(where: { $0.destination != nil })
+        ) { name in pauses[name].map { ($0.json, " (since \(formatTime($0.since)): \($0.reason))") } }
+        for line in lines { emitLine(line) }
     }
-}
-
-struct ConfirmDeletes: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "confirm-deletes", abstract: "Release the removals the deletion guard holds back for a target.")
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-
-    func run() throws {
-        let (store, _) = try options.open(target: name)
-        try store.confirmDeletes(target: name)
-        emitLine("\(name): removals queued so far are released (the guard counts again from now)")
-    }
-}
-
-struct Held: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "List the removals the deletion guard holds back for a target.",
-        discussion: """
-            One line each: the queue sequence (#N, for reject-deletes), the operation, the type and broker id, \
-            the userName or displayName, the source domain, when it was queued, and the trace id.
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Flag(help: "One JSON document per line.") var json = false
-
-    func run() throws {
-        let (store, _) = try options.open(target: name)
-        let (pausedSince, held) = try store.heldRemovals(target: name)
-        if json {
-            for h in held { emitLine(h.json.serializedString) }
-            return
-        }
-        guard let pausedSince else {
-            emitLine("\(name): the deletion guard holds nothing (removals flow)")
-            return
-        }
-        emitLine(
-            "\(name): \(held.count) removal\(held.count == 1 ? "" : "s") held by the deletion guard since \(formatTime(pausedSince))"
-                + " (targets confirm-deletes \(name) sends them, targets reject-deletes \(name) [SEQ…] drops them)")
-        for h in held { emitLine(describe(h)) }
-    }
-}
-
-/// One held removal, one line (`held`, `reject-deletes`).
-func describe(_ h: HeldRemoval) -> String {
-    "#\(h.seq)\t\(h.item.operation.rawValue) \(h.item.type) \(h.item.brokerID)\t\(h.nameAttribute) \(h.name ?? "-")"
-        + "\tdomain \(h.domain ?? "-")\tqueued \(formatTime(h.item.queuedAt))\ttrace \(h.item.trace.isEmpty ? "-" : h.item.trace)"
-}
-
-struct RejectDeletes: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "reject-deletes", abstract: "Drop removals the deletion guard holds back for a target: they are never sent.",
-        discussion: """
-            Drops the given held removals (#N from `targets held`), or all of them, from the target's queue and \
-            records the rejection in each change's trail. When nothing stays held, the target's removals resume \
-            and the guard counts again from then; the accounts stay at the target (reconcile reports them as strays).
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Argument(help: "Queue sequences of held removals (#N or N); none: all held removals.") var seq: [String] = []
-
-    func run() throws {
-        var seqs: [UInt64] = []
-        for s in seq {
-            guard let n = UInt64(s.hasPrefix("#") ? String(s.dropFirst()) : s) else {
-                throw ValidationError("\(s) is not a queue sequence (#N)")
-            }
-            seqs.append(n)
-        }
-        let (store, _) = try options.open(target: name)
-        let result = try store.rejectHeldRemovals(target: name, seqs: seqs.isEmpty ? nil : seqs)
-        guard !result.rejected.isEmpty else {
-            emitLine("\(name): the deletion guard holds nothing; nothing rejected")
-            return
-        }
-        for h in result.rejected { emitLine("rejected \(describe(h))") }
-        emitLine(
-            "\(name): \(result.rejected.count) held removal\(result.rejected.count == 1 ? "" : "s") rejected; "
-                + (result.resumed
-                    ? "nothing held any more: removals resume (the guard counts again from now)"
-                    : "\(result.stillHeld) still held (confirm-deletes or reject-deletes)"))
-    }
-}
-
-struct Forget: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Clear what the broker keeps for a target removed from the configuration.",
-        discussion: """
-            Removes the target's queued changes, account mappings, dead letters, status and deletion guard. \
-            Needs --config, to check that the target is no longer there; run it once the broker runs \
-            without the target.
-            """)
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The removed target.") var name: String
-
-    func run() throws {
-        guard options.config != nil else { throw ValidationError("give --config FILE: forget checks that \(name) is no longer configured") }
-        let (store, targets) = try options.open()
-        guard !targets.contains(where: { $0.name == name }) else {
-            throw CommandFailure("\(name) is still a target in \(options.config!); remove it there and restart the broker first")
-        }
-        let stored = try store.storedTargetNames()
-        guard stored.contains(name) else {
-            throw UnknownTarget(name: name, known: stored, configured: false, forgetting: true)
-        }
-        let gone = try store.forgetTarget(name)
-        emitLine(
-            "\(name): forgot \(gone.queued) queued changes, \(gone.mappings) account mappings, "
-                + "\(gone.deadLetters) dead letters, \(gone.stateEntries) state entries")
-    }
-}
-
-struct Reconcile: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Compare a target's users and groups with what the routes say it should hold.",
-        discussion: "Reports missing, drifted and stray accounts; --apply queues the fixes for the running broker.")
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Flag(help: "Queue the fixes: create the missing, fix drift, deactivate the strays the broker created.") var apply = false
-    @Flag(help: "Print the report as JSON.") var json = false
-
-    func run() throws {
-        let (store, targets) = try options.open()
-        guard let target = targets.first(where: { $0.name == name }) else {
-            throw CommandFailure("no target \(name) in the configuration (give --config or --target \(name)=URL)")
-        }
-        let report = try EdgeBroker.reconcile(store: store, target: target, apply: apply)
-        if json { emitLine(report.json.serializedString); return }
-        emitLine(
-            "\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
-                + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
-                + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : ""))
-        for id in report.missing { emitLine("missing\t\(id)") }
-        for d in report.drifted { emitLine("drifted\t\(d.brokerID)\t\(d.attributes.joined(separator: ","))") }
-        for s in report.strays { emitLine("stray\t\(s.targetID)\t(broker id \(s.brokerID))") }
-        if apply { emitLine("\(report.queued) fixes queued (trace \(report.trace))") }
-    }
-}
-
-struct DeadLetter: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "deadletter", abstract: "Changes a target refused for good: list, retry or drop them.",
-        subcommands: [DeadLetterList.self, DeadLetterRetry.self, DeadLetterDrop.self])
-}
-
-struct DeadLetterList: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "list", abstract: "The request, the status and the response of each.")
-    @OptionGroup var options: StoreOptions
-    @Option(name: .customLong("for"), help: "Only this target.") var only: String?
-    @Flag(help: "One JSON document per line.") var json = false
-
-    func run() throws {
-        let (store, _) = try only.map { try options.open(target: $0) } ?? options.open()
-        let letters = try store.deadLetters(target: only)
-        if letters.isEmpty && !json { emitLine("nothing to show: no dead letters" + (only.map { " for \($0)" } ?? "")) }
-        for (target, letter) in letters {
-            if json { emitLine(JSON.object(letter.merging(["target": .string(target)])).serializedString); continue }
-            emitLine(
-                "\(target)\t#\(letter["seq"]?.numberValue?.description ?? "?")\t\(formatTime(letter["at"]?.numberValue?.integer))"
-                    + "\t\(letter["method"]?.stringValue ?? "") \(letter["path"]?.stringValue ?? "") → \(letter["status"]?.numberValue?.description ?? "")"
-                    + "\t\(letter["type"]?.stringValue ?? "") \(letter["id"]?.stringValue ?? "")\ttrace \(letter["trace"]?.stringValue ?? "-")"
-            )
-            emitLine("  request:  \(letter["request"]?.stringValue ?? "")")
-            emitLine("  response: \(letter["response"]?.stringValue ?? "")")
-        }
-    }
-}
-
-/// Which dead letters `retry` and `drop` settle.
-struct DeadLetterSelection: ParsableArguments {
-    @OptionGroup var options: StoreOptions
-    @Argument(help: "The target.") var name: String
-    @Argument(help: "The dead letter's number (#N in list); none: all of the target's (drop asks for --all then).") var seq: UInt64?
-
-    func settle(requeue: Bool) throws -> Int {
-        let (store, targets) = try options.open(target: name)
-        return try store.settleDeadLetters(
-            target: name, seq: seq, requeue: requeue, linkPolicy: targets.first { $0.name == name }?.collisions.linkPolicy)
-    }
-}
-
-struct DeadLetterRetry: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "retry", abstract: "Queue dead-lettered resources again (their current state is delivered).")
-    @OptionGroup var selection: DeadLetterSelection
-    func run() throws { emitLine("\(try selection.settle(requeue: true)) queued again for \(selection.name)") }
-}
-
-struct DeadLetterDrop: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "drop", abstract: "Forget dead letters: one (#N), or every one of the target with --all.")
-    @OptionGroup var selection: DeadLetterSelection
-    @Flag(help: "Drop every dead letter of the target (without a number).") var all = false
-
-    /// Forgetting is for good: all of a target's only when asked in so many words.
-    func validate() throws {
-        if selection.seq == nil && !all {
-            throw ValidationError("give the dead letter's number (#N in deadletter list), or --all to drop every one of \(selection.name)")
-        }
-        if selection.seq != nil && all { throw ValidationError("give a number or --all, not both") }
-    }
-
-    func run() throws { emitLine("\(try selection.settle(requeue: false)) dropped for \(selection.name)") }
-}
-
-struct Trace: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer.")
-    @OptionGroup var options: StoreOptions
-    @Argument(
-        help: "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName.")
-    var id: String
-    @Flag(help: "One JSON document per line.") var json = false
-    @Option(help: "Print the earliest N hops (the trace of a large change touches many resources).") var limit = 1000
-
-    func validate() throws { if limit < 1 { throw ValidationError("--limit must be at least 1") } }
-
-    func run() throws {
-        let (store, _) = try options.open()
-        let found = try store.trail(id, limits: TrailLimits(resources: max(1_000, limit), hops: limit, reads: max(100_000, limit * 10)))
-        let hops = found.hops
-        guard !hops.isEmpty else { throw CommandFailure("nothing recorded for \(id)") }
-        if found.total > hops.count || !found.complete {
-            writeLine(
-                "the earliest \(hops.count) of \(found.complete ? "" : "at least ")\(found.total) hops, of \(found.resourcesTotal)\(found.complete ? "" : " or more") resources: --limit N prints more",
-                fd: 2)
-        }
-        for (brokerID, hop) in hops {
-            if json { emitLine(JSON.object(hop.merging(["id": .string(brokerID)])).serializedString); continue }
-            var hop = hop
-            if let since = hop["heldSince"]?.numberValue?.integer, let target = hop["target"]?.stringValue {
-                hop["detail"] = .string(
-                    "held by the deletion guard of target \(target) since \(formatTime(since))"
-                        + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
-            }
-            var detail: [String] = []
-            for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
-                if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
-            }
-            emitLine(
-                "\(formatTime(hop["at"]?.numberValue?.integer))\t\(brokerID)\t\(hop["hop"]?.stringValue ?? "")\t\(detail.joined(separator: " "))"
-            )
-            for step in hop["steps"]?.arrayValue ?? [] { emitLine("\t\t  " + describeStep(step)) }
-        }
-    }
-}
-
-/// One request of a delivery: `PATCH /scim/v2/Groups/… → 200`.
-func describeStep(_ step: JSON) -> String {
-    "\(step["method"]?.stringValue ?? "?") \(step["path"]?.stringValue ?? "?") → "
-        + (step["status"]?.numberValue.map { "\($0)" } ?? "no answer: \(step["error"]?.stringValue ?? "")")
 }
 
 struct Push: ParsableCommand {
@@ -589,7 +317,7 @@ struct Push: ParsableCommand {
         let deadline = monotonicMilliseconds() + UInt64(max(1, wait)) * 1000
         while monotonicMilliseconds() < deadline {
             if let hop = try store.pushAnswer(target: name, brokerID: plan.brokerID, since: plan.queuedAt) {
-                for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + describeStep(step)) }
+                for step in hop["steps"]?.arrayValue ?? [] { emitLine("step\t" + TargetReports.describeStep(step)) }
                 let ok = PushPlan.delivered(hop)
                 emitLine(
                     "result\t" + (ok ? "delivered" : "refused: a dead letter (`scim-broker deadletter list --for \(name)`)")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import EdgeAgent
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLog
 import EdgeLoop
@@ -23,7 +24,9 @@ struct ScimEdge: ParsableCommand {
         abstract: "Federated SCIM 2.0 provisioning: the agent inside a compliance boundary.",
         version: version,
         subcommands: [
-            Serve.self, CheckConfig.self, Status.self, Sources.self, Outbox.self, DeadLetter.self, Resources.self, Policy.self, PKI.self,
+            Serve.self, CheckConfig.self, Status.self, Sources.self, Outbox.self, DeadLetter.self, Targets.self, Resources.self,
+            Policy.self,
+            PKI.self,
             BenchCommand.self, SandboxCommand.self, Reference.self,
         ])
 }
@@ -412,6 +415,15 @@ struct Status: ParsableCommand {
             "foreign          "
                 + (foreign.isEmpty
                     ? "none" : foreign.sorted { $0.key < $1.key }.map { "\($0.value) from \($0.key)" }.joined(separator: ", ")))
+        let targets = try store.storedTargetNames()
+        let letters = try store.deadLetters(target: nil)
+        emit(
+            "local targets    "
+                + (targets.isEmpty
+                    ? "none"
+                    : try targets.map { t in
+                        "\(t): \(try store.queueDepth(target: t).count) queued, \(letters.filter { $0.target == t }.count) dead letters"
+                    }.joined(separator: "; ")))
     }
 }
 

@@ -4,6 +4,8 @@ import EdgeTestSupport
 import SCIM
 import XCTest
 
+@testable import EdgeDelivery
+
 /// The inbound policy and the store's side of the downlink, in process.
 final class InboundTests: XCTestCase {
     func testInboundConfigurationIsCheckedAtItsKeys() {
@@ -137,5 +139,78 @@ final class InboundTests: XCTestCase {
         XCTAssertEqual(try members(), ["u1"])
         _ = try apply([event(4, put, "u2", data: person("out", active: true))])
         XCTAssertEqual(try members().sorted(), ["u1", "u2"], "u2 entered and joined the group that named it")
+    }
+}
+
+/// Local targets' queues at the agent, in process: a write queues what the
+/// routes want in its own transaction (a failing write queues nothing), by
+/// the resource's source domain, with what the inbound mapping made of a
+/// foreign resource.
+final class LocalTargetQueueTests: XCTestCase {
+    func testAWriteQueuesForTheTargetsInItsOwnTransactionByItsSourceDomain() throws {
+        let dir = TempDirectory("local-targets")
+        defer { dir.remove() }
+        var own = try TargetConfiguration(name: "own", url: "http://127.0.0.1:1")
+        own.routes = [try Route(domains: ["sub"])]
+        var guests = try TargetConfiguration(name: "guests", url: "http://127.0.0.1:2")
+        guests.routes = [try Route(domains: ["hq"], types: ["User"])]
+        let store = try AgentStore(path: dir.path, registry: .standard, targets: [own, guests], domain: "sub")
+        let users = store.registry.resourceType("User")!, groups = store.registry.resourceType("Group")!
+        var ctx = WriteContext(newID: "u1", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t1")
+        func write(_ w: AgentWrite) throws {
+            _ = try store.environment.write { txn in try store.apply(w, ctx, profile: .lenient, in: txn) }
+        }
+        try write(.create(users, validated: ["userName": "bob"]))
+        XCTAssertEqual(try store.queueDepth(target: "own").count, 1, "queued with the write, in its transaction")
+        XCTAssertEqual(try store.queueDepth(target: "guests").count, 0, "not routed there: another domain's")
+        ctx.newID = "u9"
+        XCTAssertThrowsError(try write(.create(users, validated: ["userName": "BOB"])), "a userName taken")
+        XCTAssertEqual(try store.queueDepth(target: "own").count, 1, "a refused write queues nothing")
+        ctx.newID = "g1"
+        try write(
+            .create(
+                groups,
+                validated: [
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "team", "members": [["value": "u1"]],
+                ]))
+        let queued = try store.queued(target: "own", after: nil, limit: 10).map(\.item)
+        XCTAssertEqual(queued.map(\.brokerID), ["u1", "g1"])
+        XCTAssertEqual(queued.map(\.trace), ["t1", "t1"], "the write's trace id goes with it")
+        XCTAssertEqual(try store.deliveryEntry("g1")?.resource["members"]?.arrayValue?.count, 1, "read with its members")
+        XCTAssertEqual(try store.deliveryEntry("u1")?.domain, "sub")
+
+        // What enters from hq: queued for the target that takes hq, as the inbound policy made it.
+        var policy = InboundPolicy(accept: [try InboundPolicy.Rule(domains: ["hq"])], userNameTemplate: "{userName}@{domain}")
+        policy.mapping.constant = [("userType", "Guest")]
+        let create = "urn:ietf:params:SCIM:event:prov:create:full"
+        let data: JSON = ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "alice"]
+        let body: JSON = ["ref": "/Users/b1", "data": data]
+        let event: JSON = ["seq": 1, "domain": "hq", "events": .object(JSONObject([(create, body)]))]
+        _ = try store.environment.write { txn in try store.applyDownlink([event], policy: policy, ctx, in: txn) }
+        XCTAssertEqual(try store.queued(target: "guests", after: nil, limit: 10).map(\.item.brokerID), ["b1"])
+        XCTAssertEqual(try store.queueDepth(target: "own").count, 2, "the own-domain target gets nothing of hq")
+        let alice = try XCTUnwrap(try store.deliveryEntry("b1"))
+        XCTAssertEqual(alice.domain, "hq")
+        XCTAssertEqual(alice.resource["userName"], "alice@hq")
+        XCTAssertEqual(alice.resource["userType"], "Guest")
+        let sent = targetBody(alice.resource, type: "User", brokerID: "b1", target: guests)
+        XCTAssertEqual(sent["externalId"], "b1", "the app knows it by its id here")
+        XCTAssertNil(sent[sourceExtensionSchema], "the engine's bookkeeping stays here")
+
+        // A membership change marks just that member at the targets the group goes to.
+        ctx.newID = "u2"
+        try write(.create(users, validated: ["userName": "carol"]))
+        let add = try PatchRequest(
+            [
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [["op": "add", "path": "members", "value": [["value": "u2"]]]],
+            ], registry: store.registry, type: groups)
+        try write(.patch(groups, id: "g1", request: add))
+        let changes = try store.pendingMemberChanges(target: "own", group: "g1", after: nil, limit: 10) { _, _, _ in true }
+        XCTAssertEqual(changes.map(\.member), ["u1", "u2"], "u1 from the group's creation, u2 from the PATCH")
+        // A user's removal leaves its groups: the group is queued with the member marked.
+        try write(.delete(users, id: "u2"))
+        let last = try store.queued(target: "own", after: nil, limit: 20).map { "\($0.item.operation.rawValue) \($0.item.brokerID)" }
+        XCTAssertEqual(last.suffix(2), ["upsert g1", "remove u2"])
     }
 }

@@ -1,5 +1,6 @@
 import EdgeAgent
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -200,7 +201,55 @@ final class ConfigTests: XCTestCase {
         fails("dataDir: /tmp/x\nworkers: many\n", "got 'many'", line: 2)
     }
 
-    /// The example shipped in packaging/ is valid (with its paths pointed at a temp dir).
+    /// `targets:` takes the broker's keys for an app; a url, a name of its
+    /// own and routes a local agent can judge are required; a route naming
+    /// a domain that never reaches this boundary is a warning.
+    func testLocalTargetsTakeTheBrokersAppKeys() throws {
+        let config = try decode(
+            """
+            dataDir: /tmp/x
+            targets:
+              - name: wiki
+                url: https://wiki.internal:8443/scim/v2
+                rate: {requestsPerSecond: 5, concurrency: 2}
+                onRemove: delete
+                deleteGuard: {maxDeletes: 3}
+                collisions: namespace
+                maxMembersPerPatch: 50
+                routes: [{domains: [local], types: [User]}, {filter: "displayName sw \\"eng\\"", types: [Group]}]
+
+            """)
+        let t = try XCTUnwrap(config.targets.first)
+        XCTAssertEqual(t.name, "wiki")
+        XCTAssertEqual(t.host, "wiki.internal")
+        XCTAssertTrue(t.useTLS)
+        XCTAssertEqual(t.basePath, "/scim/v2")
+        XCTAssertEqual(t.requestsPerSecond, 5)
+        XCTAssertEqual(t.removal, .delete)
+        XCTAssertEqual(t.deletionGuard.maxDeletes, 3)
+        XCTAssertEqual(t.maxMembersPerPatch, 50)
+        XCTAssertEqual(t.collisions, .namespace(userName: "{userName}@{domain}", displayName: "{displayName} ({domain})"))
+        XCTAssertEqual(t.routes.count, 2)
+        fails("dataDir: /tmp/x\ntargets:\n  - name: a\n    routes: [{}]\n", "targets[0].url: is required")
+        fails("dataDir: /tmp/x\ntargets:\n  - url: http://127.0.0.1:1\n    routes: [{}]\n", "targets[0].name: is required")
+        fails(
+            "dataDir: /tmp/x\ntargets:\n  - {name: a, url: http://127.0.0.1:1, routes: [{}]}\n  - {name: a, url: http://127.0.0.1:2, routes: [{}]}\n",
+            "target 'a' is defined twice", line: 4)
+        fails(
+            "dataDir: /tmp/x\ntargets:\n  - {name: a, url: http://127.0.0.1:1, routes: [{types: [Group], filter: 'members pr'}]}\n",
+            "cannot filter groups on their members")
+        fails("dataDir: /tmp/x\ntargets:\n  - {name: a, url: http://127.0.0.1:1, domain: hq, routes: [{}]}\n", "domain")
+        let d = ConfigDiagnostics()
+        _ = AgentConfiguration.decode(
+            YAMLNode.parse("dataDir: /tmp/x\ntargets:\n  - {name: a, url: http://127.0.0.1:1, routes: [{domains: [hq]}]}\n", d), d)
+        XCTAssertNoThrow(try d.failIfErrors())
+        XCTAssertTrue(
+            d.problems.contains {
+                $0.isWarning && $0.description.contains("neither this agent's (local) nor one its inbound policy accepts")
+            },
+            "\(d.problems)")
+    }
+
     /// `pki csr` → the organisation's CA (openssl here) signs → check-config
     /// accepts the certificate as this domain's agent.
     func testSigningRequestCarriesTheIdentityCheckConfigExpects() throws {

@@ -1,5 +1,6 @@
 import EdgeBroker
 import EdgeConfig
+import EdgeDelivery
 import EdgeTLS
 import EdgeTestSupport
 import Foundation

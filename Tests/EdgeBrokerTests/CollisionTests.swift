@@ -1,5 +1,6 @@
 import EdgeAgent
 import EdgeBroker
+import EdgeDelivery
 import EdgeTestSupport
 import Foundation
 import SCIM

@@ -8,6 +8,7 @@ import SCIM
 import XCTest
 
 @testable import EdgeBroker
+@testable import EdgeDelivery
 
 /// What one console request may cost on a large store, against a real
 /// broker process over a real socket: every answer reads a bounded part of

@@ -131,6 +131,30 @@ class FederationTestCase: XCTestCase {
         return (child, try self.port(of: child, "scim-edge"))
     }
 
+    /// `PROGRAM ARGS` (`scim-broker`, `scim-edge`) to its end: exit status and output (stdout and stderr).
+    func cli(_ program: String, _ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: productsDirectory + "/" + program)
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+    }
+
+    /// What a SCIM server holds of `endpoint` (`/Users`, `/Groups`), by the value of `key`, read through its own API.
+    func resources(_ port: Int, _ endpoint: String, by key: String, token: String, prefix: String) -> [String: JSON] {
+        guard let (status, body) = try? scim(port, "GET", "\(endpoint)?count=1000", token: token, prefix: prefix), status == 200 else {
+            return [:]
+        }
+        var out: [String: JSON] = [:]
+        for r in body?["Resources"]?.arrayValue ?? [] { if let n = r[key]?.stringValue { out[n] = r } }
+        return out
+    }
+
     /// The reference SCIM server (PyPI `scim2-server`), installed into .venv by `make test`.
     func startReferenceServer(port: Int? = nil, arguments: [String] = []) throws -> (ChildProcess, Int) {
         let p = port ?? freeLoopbackPort()

@@ -325,7 +325,9 @@ extension FanoutTests {
         (broker, bp) = try startBroker(yaml: "", port: bp)
         XCTAssertEqual(try idp(dp, "DELETE", "/Groups/\(gid)").0, 204)
         XCTAssertTrue(
-            eventually(seconds: 30) { (try? self.metric(self.brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")) == 2401 },
+            eventually(seconds: 30) {
+                (try? self.metric(self.brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")) == 2401
+            },
             "\(String(describing: try? metric(brokerMetrics(broker), "scim_broker_removed_group_members_swept_total")))")
         XCTAssertLessThanOrEqual(try XCTUnwrap(metric(try brokerMetrics(broker), "scim_broker_store_commit_weight_max")), 1000)
         XCTAssertEqual(try store.groupsBeingSwept(), 0)

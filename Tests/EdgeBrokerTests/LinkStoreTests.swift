@@ -5,6 +5,7 @@ import SCIM
 import XCTest
 
 @testable import EdgeBroker
+@testable import EdgeDelivery
 
 /// The store's side of `collisions: link`: the link index across policy
 /// changes, whose a shared account is, and what a dead letter's retry queues.

@@ -3,7 +3,8 @@ import EdgeStore
 import Glibc
 import SCIM
 
-/// The fan-out's part of the broker's LMDB file.
+/// The delivery engine's part of a store's LMDB file (the broker's, or an
+/// agent's with local targets): the tables of `DeliveryTables`.
 ///
 /// | database | key | value |
 /// |---|---|---|
@@ -50,7 +51,7 @@ public struct DeliveryItem: Sendable, Equatable {
     /// the user shares).
     public var account: String?
 
-    var json: JSON {
+    package var json: JSON {
         var o: JSONObject = [
             "id": .string(brokerID), "type": .string(type), "op": .string(operation.rawValue), "trace": .string(trace),
             "at": .number(JSONNumber(integer: queuedAt)), "accepted": .number(JSONNumber(integer: acceptedAt)),
@@ -62,7 +63,7 @@ public struct DeliveryItem: Sendable, Equatable {
         return .object(o)
     }
 
-    init(
+    package init(
         brokerID: String, type: String, operation: Operation, trace: String, queuedAt: Int64, acceptedAt: Int64, link: String? = nil,
         account: String? = nil
     ) {
@@ -76,7 +77,7 @@ public struct DeliveryItem: Sendable, Equatable {
         self.account = account
     }
 
-    init?(_ bytes: [UInt8]) {
+    package init?(_ bytes: [UInt8]) {
         guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue,
             let type = o["type"]?.stringValue,
             let op = o["op"]?.stringValue.flatMap(Operation.init(rawValue:))
@@ -90,7 +91,7 @@ public struct DeliveryItem: Sendable, Equatable {
     }
 
     /// What the worker serialises on: the resource, and a linked account's link value.
-    var serialKeys: [String] { link.map { [brokerID, "link\u{0}" + $0] } ?? [brokerID] }
+    package var serialKeys: [String] { link.map { [brokerID, "link\u{0}" + $0] } ?? [brokerID] }
 }
 
 /// What the broker knows of a resource at one target.
@@ -112,7 +113,7 @@ public struct TargetMapping: Sendable, Equatable {
     /// whose addition was recorded ("": from the first). Nil: grown.
     public var growFrom: String?
 
-    var json: JSON {
+    package var json: JSON {
         var o: JSONObject = ["id": .string(targetID)]
         if let etag { o["etag"] = .string(etag) }
         if let sent { o["sent"] = .object(sent) }
@@ -130,7 +131,7 @@ public struct TargetMapping: Sendable, Equatable {
         self.members = members
     }
 
-    init?(_ bytes: [UInt8]) {
+    package init?(_ bytes: [UInt8]) {
         guard let o = (try? JSONParser.parse(bytes, limits: .stored))?.objectValue, let id = o["id"]?.stringValue else { return nil }
         self.init(
             targetID: id, etag: o["etag"]?.stringValue, sent: o["sent"]?.objectValue, link: o["link"]?.stringValue,
@@ -177,11 +178,44 @@ public struct Trail: Sendable {
     public var scanStopped: Int?
 }
 
-func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
-func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
-func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
+/// The delivery ids a `trail` query names (`DeliveryTables.resolveTrail`).
+package struct TrailNames: Sendable {
+    /// The first of them (at most `TrailLimits.resources`).
+    package var ids: [String] = []
+    /// Named by a trace id (else: one resource, or several sharing a name).
+    package var byTrace = false
+    /// How many the query names: `ids.count` when all were read, else at least this.
+    package var total = 0
+    /// The directory scan for a trace that reached no target yet stopped
+    /// after this many resources without finding it (nil: no such stop).
+    package var scanStopped: Int?
 
-extension BrokerStore {
+    package init(ids: [String] = [], byTrace: Bool = false, total: Int? = nil, scanStopped: Int? = nil) {
+        (self.ids, self.byTrace, self.total, self.scanStopped) = (ids, byTrace, total ?? ids.count, scanStopped)
+    }
+}
+
+/// Seven days of hops per resource.
+package let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
+
+package func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
+package func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
+package func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
+
+/// The console settles "all" dead letters it showed, and more arrived since.
+public enum DeadLetterError: Error, CustomStringConvertible, Equatable {
+    case newer(target: String, through: UInt64, count: Int)
+
+    public var description: String {
+        switch self {
+        case .newer(let target, let through, let count):
+            return
+                "\(count) more dead \(count == 1 ? "letter" : "letters") of \(target) after #\(through), the last one shown: look at the list again (nothing was changed)"
+        }
+    }
+}
+
+package extension DeliveryTables {
     /// Queues, in the apply's transaction, what each target must do after a
     /// resource changed from `old` to `new` (nil: absent or deleted).
     /// `touched`: a group's members that changed (marked pending at each
@@ -312,9 +346,9 @@ extension BrokerStore {
     /// A target that is not `link` (any more) loses its index and
     /// fingerprint, so that turning link on again rebuilds the index: the
     /// apply does not keep it meanwhile.
-    public func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
+    func rebuildLinkIndexIfNeeded(_ target: TargetConfiguration) throws -> Bool {
         let stateKey = Array("linkindex/\(target.name)".utf8)
-        let targetState = self.targetState, targetLinks = self.targetLinks, resources = self.resources
+        let targetState = self.targetState, targetLinks = self.targetLinks
         func dropIndex(_ txn: borrowing WriteTransaction) throws {
             var stale: [[UInt8]] = []
             try txn.scan(targetLinks, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, _ in
@@ -339,14 +373,9 @@ extension BrokerStore {
             if try txn.get(targetState, stateKey) == fingerprint { return false }
             try dropIndex(txn)
             var linked: [(value: String, brokerID: String)] = []
-            try txn.scan(resources) { k, v in
-                // `<domain>/User/<source id>`
-                let parts = k.split(separator: UInt8(ascii: "/"), maxSplits: 2)
-                guard parts.count == 3, parts[1].elementsEqual("User".utf8),
-                    let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue
-                else { return true }
-                let domain = String(decoding: parts[0], as: UTF8.self)
-                if target.routes(domain: domain, type: "User", o), let value = link.value(of: o, domain: domain) {
+            try forEachDirectoryEntry("User", members: false, from: nil, txn) { _, e in
+                guard let id = e.resource["id"]?.stringValue else { return true }
+                if target.routes(domain: e.domain, type: "User", e.resource), let value = link.value(of: e.resource, domain: e.domain) {
                     linked.append((value, id))
                 }
                 return true
@@ -358,7 +387,7 @@ extension BrokerStore {
     }
 
     /// Accounts at `target` that two users or more share (`collisions: link`).
-    public func linkedAccounts(target: String) throws -> Int {
+    func linkedAccounts(target: String) throws -> Int {
         let targetState = self.targetState
         return try environment.read { txn in
             Int(Int64(bitPattern: try txn.get(targetState, Array("links/\(target)".utf8)).flatMap(UInt64.init(bigEndianBytes:)) ?? 0))
@@ -394,9 +423,6 @@ extension BrokerStore {
         if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), UInt64(now).bigEndianBytes) }
     }
 
-    /// Seven days of hops per resource.
-    static let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
-
     /// One step of the background sweep that keeps the trail bounded (hops of
     /// resources that changed no more, deleted ones included, and their trace
     /// index entries): looks at up to `limit` keys of each table from the
@@ -406,7 +432,7 @@ extension BrokerStore {
         trailFrom: [UInt8]?, tracesFrom: [UInt8]?, limit: Int, now: Int64 = unixMicroseconds(),
         _ txn: borrowing WriteTransaction
     ) throws -> (trail: [UInt8]?, traces: [UInt8]?, deleted: Int) {
-        let cutoff = UInt64(max(0, now - BrokerStore.trailRetentionMicroseconds))
+        let cutoff = UInt64(max(0, now - trailRetentionMicroseconds))
         var stale: [[UInt8]] = []
         var seen = 0
         var nextTrail: [UInt8]?
@@ -436,129 +462,6 @@ extension BrokerStore {
         return (nextTrail, nextTraces, deleted)
     }
 
-    /// The broker ids `query` names (`trail`): those a trace id touched
-    /// (`byTrace`; the first `limit`, and `total` counted on to `limit` +
-    /// 10,000 keys), or the one resource a broker id, `userName`,
-    /// `externalId`, email, group `displayName`, id at a target or id at the
-    /// source names (several when several resources share that name). A
-    /// trace id that reached no target yet is known only to the directory's
-    /// latest change: found by a scan of at most `scan` resources
-    /// (`scanStopped`: the scan stopped there without finding it).
-    func resolve(_ idOrTrace: String, limit: Int = .max, scan budget: Int = .max, _ txn: borrowing some StoreReading & ~Copyable)
-        throws -> (ids: [String], byTrace: Bool, total: Int, scanStopped: Int?)
-    {
-        let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
-        let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
-        // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
-        var targetNames = Set(targets.map(\.name))
-        try txn.scanKeys(targetState, from: Array("status/".utf8), to: Array("status0".utf8)) { k in
-            targetNames.insert(String(decoding: k.dropFirst(7), as: UTF8.self))
-            return true
-        }
-        var ids: [String] = []
-        var total = 0
-        let counted = limit > Int.max - 10_000 ? Int.max : limit + 10_000
-        try txn.scanKeys(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k in
-            total += 1
-            if ids.count < limit { ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self)) }
-            return total < counted
-        }
-        var byTrace = !ids.isEmpty
-        var scanStopped: Int?
-        if !byTrace {
-            var hasTrail = false
-            try txn.scanKeys(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _ in
-                hasTrail = true; return false
-            }
-            let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
-            func add(_ id: String) { if !ids.contains(id) { ids.append(id) } }
-            if hasTrail || known {
-                ids = [idOrTrace]
-            } else {
-                // A userName, an externalId, an email or a group's displayName, from the list indexes.
-                for type in ["User", "Group"] {
-                    for attribute in [IndexedAttribute.userName, .externalId, .email, .displayName] where attribute.applies(to: type) {
-                        guard let value = attribute.normalized(.string(idOrTrace)) else { continue }
-                        let p = BrokerStore.valuePrefix(type, attribute, value)
-                        try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
-                            if let bytes = try txn.get(resources, key),
-                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
-                            {
-                                add(id)
-                            }
-                            return true
-                        }
-                    }
-                }
-                // An account at a target.
-                for name in targetNames.sorted() {
-                    for type in ["User", "Group"] {
-                        if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
-                            add(String(decoding: owner, as: UTF8.self))
-                        }
-                    }
-                }
-            }
-            if ids.isEmpty, !idOrTrace.utf8.contains(UInt8(ascii: "/")) {
-                // An id at the source: the directory's key (`<domain>/<type>/<source id>`), one read per domain.
-                for domain in try storedDomains(txn) {
-                    for type in ["User", "Group"] {
-                        if let bytes = try txn.get(resources, Array("\(domain)/\(type)/\(idOrTrace)".utf8)),
-                            let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
-                        {
-                            add(id)
-                        }
-                    }
-                }
-            }
-            if ids.isEmpty && budget > 0 {
-                // A trace that reached no target yet: the directory's latest change knows it.
-                var read = 0
-                try txn.scan(resources) { _, v in
-                    guard read < budget else {
-                        scanStopped = read
-                        return false
-                    }
-                    read += 1
-                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue,
-                        o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace
-                    {
-                        ids.append(id)
-                    }
-                    return ids.count < limit
-                }
-                byTrace = !ids.isEmpty
-                if byTrace { scanStopped = nil }
-            }
-            total = ids.count
-        }
-        return (ids, byTrace, total, scanStopped)
-    }
-
-    /// The domains the directory holds resources of: one seek each.
-    func storedDomains(_ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        var out: [String] = []
-        var from: [UInt8]?
-        while true {
-            var next: [UInt8]?
-            try txn.scanKeys(resources, from: from) { k in
-                next = Array(k.prefix { $0 != UInt8(ascii: "/") })
-                return false
-            }
-            guard let domain = next else { return out }
-            out.append(String(decoding: domain, as: UTF8.self))
-            from = domain + [UInt8(ascii: "0")]  // past `<domain>/…` ("0" follows "/")
-        }
-    }
-
-    /// The resources `query` names (not a trace id): for `targets push`.
-    public func resources(named query: String) throws -> [String] {
-        try environment.read { txn in
-            let r = try resolve(query, scan: 0, txn)
-            return r.byTrace ? [] : r.ids
-        }
-    }
-
     /// The hops of a change: for a broker id, or for the resources a trace
     /// id touched. Each target's delivery records one hop that carries the
     /// agent's acceptance and the broker's apply times; the current state of
@@ -567,15 +470,16 @@ extension BrokerStore {
     /// says so (`heldSince`, `target`), from the paused target's queue.
     /// `idOrTrace` may also be what an operator knows of a resource: its
     /// `userName`, `externalId`, an email or a group's `displayName`
-    /// (indexed), its id at a target or at its source.
+    /// (indexed), its id at a target or at its source (the store's
+    /// `resolveTrail`).
     /// What it reads is bounded by `limits`: the earliest `limits.hops` hops
     /// are kept as they are found (the memory is that of those, whatever
     /// the trace touched), and `Trail.complete` says whether everything the
     /// query names was read.
-    public func trail(_ idOrTrace: String, limits: TrailLimits = TrailLimits()) throws -> Trail {
-        let trail = self.trail, resources = self.resources, brokerIds = self.brokerIds
+    func trail(_ idOrTrace: String, limits: TrailLimits = TrailLimits()) throws -> Trail {
+        let trail = self.trail
         return try environment.read { txn in
-            let named = try resolve(idOrTrace, limit: limits.resources, scan: limits.scan, txn)
+            let named = try resolveTrail(idOrTrace, limits: limits, txn)
             var ids = named.ids, byTrace = named.byTrace
             var out = Trail()
             out.resourcesTotal = named.total
@@ -634,9 +538,7 @@ extension BrokerStore {
                     add(id, o["hop"]?.stringValue ?? "target", o["at"]?.numberValue?.integer, trace, target)
                     return true
                 }
-                if let key = try txn.get(brokerIds, Array(id.utf8)), let bytes = try txn.get(resources, key),
-                    let source = try JSONParser.parse(bytes, limits: .stored)[BrokerStore.sourceExtension]?.objectValue
-                {
+                if let source = try deliveryEntry(id, members: false, txn)?.resource[sourceExtensionSchema]?.objectValue {
                     let trace = source["trace"]?.stringValue
                     let extra: JSONObject = [
                         "domain": source["domain"] ?? .null, "sourceId": source["id"] ?? .null, "seq": source["seq"] ?? .null,
@@ -693,7 +595,13 @@ extension BrokerStore {
     }
 
     /// Queue depth and the oldest item's queue time (Unix ms; 0: empty).
-    public func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
+    func queueDepth(target: String) throws -> (count: Int, oldest: Int64) {
+        let d = try queueCount(target: target)
+        return (d.count, d.oldest)
+    }
+
+    /// The queue's depth, the oldest item's queue time and the last key, in one snapshot.
+    func queueCount(target: String) throws -> (count: Int, oldest: Int64, last: [UInt8]?) {
         let fanout = self.fanout
         return try environment.read { txn in
             var n = 0
@@ -703,7 +611,29 @@ extension BrokerStore {
                 n += 1
                 return true
             }
-            return (n, oldest)
+            var last: [UInt8]?
+            try txn.scanKeys(fanout, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k in
+                last = k
+                return false
+            }
+            return (n, oldest, last)
+        }
+    }
+
+    /// How many items were queued for `target` after the key `after` (nil:
+    /// from the first), and the last one's key: what a worker has not
+    /// counted yet, in O(new items).
+    func queuedSince(target: String, after: [UInt8]?) throws -> (count: Int, last: [UInt8]?) {
+        let fanout = self.fanout
+        return try environment.read { txn in
+            var n = 0
+            var last = after
+            try txn.scanKeys(fanout, from: after.map { $0 + [0] } ?? prefixed(target, []), to: prefixEnd(target)) { k in
+                n += 1
+                last = k
+                return true
+            }
+            return (n, last)
         }
     }
 
@@ -741,7 +671,7 @@ extension BrokerStore {
     }
 
     /// The broker id whose mapping names account `targetID` at the target, if any.
-    public func accountOwner(target: String, type: String, targetID: String) throws -> String? {
+    func accountOwner(target: String, type: String, targetID: String) throws -> String? {
         let targetOwners = self.targetOwners
         return try environment.read { txn in
             try txn.get(targetOwners, prefixed(target, "\(type)/\(targetID)")).map { String(decoding: $0, as: UTF8.self) }
@@ -749,13 +679,13 @@ extension BrokerStore {
     }
 
     /// What the broker knows of `brokerID`'s account at `target`.
-    public func mapping(target: String, brokerID: String) throws -> TargetMapping? {
+    func mapping(target: String, brokerID: String) throws -> TargetMapping? {
         let targetIds = self.targetIds
         return try environment.read { txn in try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init) }
     }
 
     /// Every mapping of a target: broker id → mapping.
-    public func mappings(target: String) throws -> [String: TargetMapping] {
+    func mappings(target: String) throws -> [String: TargetMapping] {
         let targetIds = self.targetIds
         return try environment.read { txn in
             var out: [String: TargetMapping] = [:]
@@ -765,12 +695,6 @@ extension BrokerStore {
             }
             return out
         }
-    }
-
-    /// The broker id of a domain's user by its source id.
-    func memberBrokerID(domain: String, sourceID: String, _ txn: borrowing WriteTransaction) throws -> String? {
-        guard let bytes = try txn.get(resources, Array("\(domain)/User/\(sourceID)".utf8)) else { return nil }
-        return try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
     }
 
     /// Completes deliveries: drops their queue entries, records the
@@ -815,21 +739,8 @@ extension BrokerStore {
 
     // MARK: dead letters, the deletion guard, status (shared with the CLI)
 
-    /// The console settles "all" dead letters it showed, and more arrived since.
-    public enum DeadLetterError: Error, CustomStringConvertible, Equatable {
-        case newer(target: String, through: UInt64, count: Int)
-
-        public var description: String {
-            switch self {
-            case .newer(let target, let through, let count):
-                return
-                    "\(count) more dead \(count == 1 ? "letter" : "letters") of \(target) after #\(through), the last one shown: look at the list again (nothing was changed)"
-            }
-        }
-    }
-
     /// Dead letters, oldest first (of `target`, or of all); at most `limit` (the console pages them).
-    public func deadLetters(target: String?, limit: Int = .max) throws -> [(target: String, letter: JSONObject)] {
+    func deadLetters(target: String?, limit: Int = .max) throws -> [(target: String, letter: JSONObject)] {
         let targetDead = self.targetDead
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
@@ -843,7 +754,7 @@ extension BrokerStore {
     }
 
     /// How many dead letters `target` has (keys only).
-    public func deadLetterCount(target: String) throws -> Int {
+    func deadLetterCount(target: String) throws -> Int {
         let targetDead = self.targetDead
         return try environment.read { txn in
             var n = 0
@@ -865,7 +776,7 @@ extension BrokerStore {
     /// there are more now), else up to the highest there is when it starts;
     /// in transactions of at most `chunk` letters (a later run finishes an
     /// interrupted one).
-    public func settleDeadLetters(
+    func settleDeadLetters(
         target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil, through: UInt64? = nil, chunk: Int = 1_000
     ) throws -> Int {
         let targetDead = self.targetDead
@@ -937,7 +848,7 @@ extension BrokerStore {
     /// time of the last confirmation; and of the last `reject-deletes`
     /// (0: never), which tells a running worker to drop what it loaded of
     /// the rejected removals.
-    public func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
+    func deletionGuard(target: String) throws -> (pausedSince: Int64?, confirmedAt: Int64, rejectedAt: Int64) {
         try environment.read { txn in try deletionGuard(target: target, txn) }
     }
 
@@ -964,7 +875,7 @@ extension BrokerStore {
     }
 
     /// `scim-broker targets confirm-deletes NAME`: releases the removals held back.
-    public func confirmDeletes(target: String) throws {
+    func confirmDeletes(target: String) throws {
         try environment.write { txn in try setDeletionGuard(target: target, pausedSince: nil, confirmedAt: unixMilliseconds(), txn) }
     }
 
@@ -973,7 +884,7 @@ extension BrokerStore {
     }
 
     /// The last status a running broker saved for each target.
-    public func targetStatuses() throws -> [(String, JSONObject)] {
+    func targetStatuses() throws -> [(String, JSONObject)] {
         let targetState = self.targetState
         return try environment.read { txn in
             var out: [(String, JSONObject)] = []
@@ -987,35 +898,18 @@ extension BrokerStore {
         }
     }
 
-    /// What `forgetTarget` removed.
-    public struct ForgottenTarget: Sendable {
-        public var queued = 0
-        public var mappings = 0
-        /// Reverse entries of the mappings (whose an account is).
-        public var owners = 0
-        /// Link index entries (`collisions: link`).
-        public var links = 0
-        /// Group member index entries (what the target holds, and what is pending).
-        public var members = 0
-        public var deadLetters = 0
-        /// Status, deletion guard and counters.
-        public var stateEntries = 0
-        public var total: Int { queued + mappings + deadLetters + stateEntries }
-    }
-
     /// `scim-broker targets forget NAME`: removes everything kept for a target
     /// that left the configuration (its queue, account mappings, dead letters,
     /// status, deletion guard and counters). Deletes in transactions of at
     /// most `chunk` entries, so a long queue does not make one huge commit;
     /// running it again finishes an interrupted run. The caller checks that
     /// the target is no longer configured.
-    public func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
+    func forgetTarget(_ name: String, chunk: Int = 10_000) throws -> ForgottenTarget {
         var result = ForgottenTarget()
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
             (targetLinks, \.links), (targetMembers, \.members), (targetMemberOf, \.members), (targetPending, \.members),
-            (downlink, \.queued),
-        ] {
+        ] + otherTargetTables.map { ($0, \ForgottenTarget.queued) } {
             while true {
                 let removed = try environment.write { txn in
                     var keys: [[UInt8]] = []
@@ -1040,12 +934,8 @@ extension BrokerStore {
 
     /// The link value (`collisions: link`) of a user as the directory holds it now.
     func currentLinkValue(brokerID: String, _ policy: LinkPolicy, _ txn: borrowing WriteTransaction) throws -> String? {
-        guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key),
-            let o = try JSONParser.parse(bytes, limits: .stored).objectValue
-        else { return nil }
-        let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 2)
-        guard parts.count == 3, parts[1].elementsEqual("User".utf8) else { return nil }
-        return policy.value(of: o, domain: String(decoding: parts[0], as: UTF8.self))
+        guard let e = try deliveryEntry(brokerID, members: false, txn), e.type == "User" else { return nil }
+        return policy.value(of: e.resource, domain: e.domain)
     }
 
     /// Queues an item from outside the apply (reconciliation, retries).
@@ -1059,7 +949,7 @@ extension BrokerStore {
     /// transaction, forgets its ETag and the body last sent (a group
     /// delivered from the member index keeps its index and count: its
     /// attributes are sent again), so the resource is sent whole.
-    public func enqueue(
+    func enqueue(
         target: String, brokerID: String, type: String, _ operation: DeliveryItem.Operation,
         mapping: TargetMapping? = nil, linked: [String] = [], account: String? = nil, linkPolicy: LinkPolicy? = nil,
         trace: String = "", resend: Bool = false
@@ -1084,4 +974,20 @@ extension BrokerStore {
                     trace: trace, queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: account), txn)
         }
     }
+}
+
+/// What `forgetTarget` removed.
+public struct ForgottenTarget: Sendable {
+    public var queued = 0
+    public var mappings = 0
+    /// Reverse entries of the mappings (whose an account is).
+    public var owners = 0
+    /// Link index entries (`collisions: link`).
+    public var links = 0
+    /// Group member index entries (what the target holds, and what is pending).
+    public var members = 0
+    public var deadLetters = 0
+    /// Status, deletion guard and counters.
+    public var stateEntries = 0
+    public var total: Int { queued + mappings + deadLetters + stateEntries }
 }

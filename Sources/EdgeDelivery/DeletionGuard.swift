@@ -17,7 +17,7 @@ public struct HeldRemoval: Sendable {
     public var domain: String?
     /// Unix ms: the later of its queueing and the guard's trip.
     public var heldSince: Int64
-    let key: [UInt8]
+    package let key: [UInt8]
 
     public var nameAttribute: String { item.type == "User" ? "userName" : "displayName" }
 
@@ -84,12 +84,16 @@ public struct HeldScan: Sendable {
     public var scanned = 0
     /// The whole queue was read (false: the walk stopped at its budget).
     public var complete = true
+
+    package init(pausedSince: Int64? = nil, total: Int = 0, scanned: Int = 0) {
+        (self.pausedSince, self.total, self.scanned) = (pausedSince, total, scanned)
+    }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     /// The removals the deletion guard holds for `target`, in queue order,
     /// and since when the target is paused (nil: not paused, nothing held).
-    public func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
+    func heldRemovals(target: String) throws -> (pausedSince: Int64?, removals: [HeldRemoval]) {
         try environment.read { txn in try heldRemovals(target: target, txn) }
     }
 
@@ -102,7 +106,7 @@ extension BrokerStore {
 
     /// The console's walk: at most `budget` queue entries read, the first
     /// `listed` held removals named.
-    public func scanHeld(target: String, listed: Int = .max, budget: Int = .max) throws -> HeldScan {
+    func scanHeld(target: String, listed: Int = .max, budget: Int = .max) throws -> HeldScan {
         try environment.read { txn in try scanHeld(target: target, listed: listed, budget: budget, txn) }
     }
 
@@ -136,12 +140,10 @@ extension BrokerStore {
             var held = HeldRemoval(
                 target: target, seq: seq, item: item, name: item.name, domain: item.domain,
                 heldSince: max(item.queuedAt, pausedSince), key: key)
-            if held.name == nil || held.domain == nil, let path = try txn.get(brokerIds, Array(item.brokerID.utf8)) {
+            if held.name == nil || held.domain == nil, let entry = try deliveryEntry(item.brokerID, members: false, txn) {
                 // Out of the routes rather than deleted (or queued before removals kept the name): the directory knows.
-                if held.domain == nil { held.domain = String(decoding: path.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self) }
-                if held.name == nil, let bytes = try txn.get(resources, path) {
-                    held.name = try JSONParser.parse(bytes, limits: .stored)[held.nameAttribute]?.stringValue
-                }
+                if held.domain == nil { held.domain = entry.domain }
+                if held.name == nil { held.name = entry.resource[held.nameAttribute]?.stringValue }
             }
             if held.name == nil, let m = try txn.get(targetIds, prefixed(target, item.brokerID)).flatMap(TargetMapping.init) {
                 held.name = m.sent?[held.nameAttribute]?.stringValue
@@ -181,7 +183,7 @@ extension BrokerStore {
     /// `DeletionGuardError` otherwise, changing nothing. The queue after
     /// `through` is read first in a read transaction; the write transaction
     /// reads only what was queued after that.
-    public func confirmDeletes(target: String, through: UInt64) throws {
+    func confirmDeletes(target: String, through: UInt64) throws {
         var after = through
         for write in [false, true] {
             func check(_ txn: borrowing some StoreReading & ~Copyable) throws -> UInt64 {
@@ -216,7 +218,7 @@ extension BrokerStore {
     /// sequence is not held.
     /// With `through` (the console's "reject them all"), throws when a
     /// removal beyond that queue sequence is held: the operator saw less.
-    public func rejectHeldRemovals(target: String, seqs: [UInt64]?, through: UInt64? = nil) throws -> RejectedRemovals {
+    func rejectHeldRemovals(target: String, seqs: [UInt64]?, through: UInt64? = nil) throws -> RejectedRemovals {
         try environment.write { txn in
             let (pausedSince, held) = try heldRemovals(target: target, txn)
             var result = RejectedRemovals()
@@ -267,7 +269,7 @@ extension BrokerStore {
 
     /// Targets the store holds anything for: a queue, account mappings, dead
     /// letters, a status, a deletion guard or counters (sorted).
-    public func storedTargetNames() throws -> [String] {
+    func storedTargetNames() throws -> [String] {
         try environment.read { txn in
             var names: Set<String> = []
             for db in [fanout, targetIds, targetDead] {

@@ -47,7 +47,8 @@ public enum ReconcileError: Error, CustomStringConvertible {
 /// should hold; with `apply`, queues the fixes: create the missing, fix
 /// drift (full PUT), deactivate the strays the broker created.
 /// Runs its own loop: for the CLI, beside (or without) a running broker.
-public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport {
+package func reconcile(store: some DeliveryTables, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport
+{
     let loop = try EventLoop()
     defer { _ = loop.close() }
     var tls: TLSContext?
@@ -168,11 +169,8 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
                 }
             }
         }
-        try store.forEachResource(type, members: type == "User" || groupsWithMembers) { resource in
-            guard let brokerID = resource["id"]?.stringValue,
-                let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue,
-                target.routes(domain: domain, type: type, resource)
-            else { return }
+        try store.forEachDirectoryEntry(type, members: type == "User" || groupsWithMembers) { (domain, _, resource) in
+            guard let brokerID = resource["id"]?.stringValue, target.routes(domain: domain, type: type, resource) else { return }
             if let link, let value = link.value(of: resource, domain: domain) {
                 // Linked users are merged by link value: they are kept until all are known (O(linked users)).
                 linkedUsers[value, default: []].append(LinkedResource(brokerID: brokerID, domain: domain, resource: resource))
@@ -224,7 +222,7 @@ public func reconcile(store: BrokerStore, target: TargetConfiguration, apply: Bo
 /// differing members queued (`repairGroupMembers`); any other gets a full
 /// PUT. Returns whether they differ.
 func reconcileMembers(
-    store: BrokerStore, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: JSON?, apply: Bool, trace: String
+    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: JSON?, apply: Bool, trace: String
 ) throws -> Bool {
     // A target that leaves `members` out of a GET of the group says nothing of them.
     guard let listed = held?.arrayValue else { return false }
@@ -263,7 +261,7 @@ func reconcileMembers(
 /// Whether the target's value holds what the broker sends: objects by
 /// the broker's members (a target may add defaults), lists element by
 /// element in any order, strings and numbers exactly.
-func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
+package func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
     guard let have else { return want.isNull || want.arrayValue?.isEmpty == true }
     switch (want, have) {
     case (.object(let w), .object(let h)):
@@ -277,7 +275,7 @@ func sameValue(_ want: JSON, _ have: JSON?) -> Bool {
     }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     func forgetMapping(target: String, type: String, brokerID: String) throws {
         try environment.write { txn in try setMapping(target: target, type: type, brokerID: brokerID, nil, txn) }
     }
@@ -294,8 +292,8 @@ final class ReconcileScratch {
     let external: Database
     let claimed: Database
 
-    /// In `directory` (the broker's data directory: storage meant for the
-    /// broker's data, not a tmpfs), named by this process, so a run that was
+    /// In `directory` (the store's data directory: storage meant for the
+    /// program's data, not a tmpfs), named by this process, so a run that was
     /// killed leaves nothing for long: the next one removes the scratch of
     /// processes that are gone.
     init(in directory: String) throws {
@@ -362,8 +360,10 @@ final class ReconcileScratch {
                 guard let id = o["id"]?.stringValue, !id.isEmpty else { continue }
                 // LMDB keys hold at most 511 bytes: a longer id is kept under its digest.
                 try txn.put(accounts, ReconcileScratch.key(id), JSON.object(o).serialized())
-                // Relinking looks up broker ids only: other externalIds (DNs, URNs of any length) are not indexed.
-                if let e = o["externalId"]?.stringValue, isBrokerID(e) { try txn.put(external, Array(e.utf8), Array(id.utf8)) }
+                // Relinking looks up the store's own ids (short): a longer externalId (a DN, a URN) is not indexed.
+                if let e = o["externalId"]?.stringValue, !e.isEmpty, e.utf8.count <= 400 {
+                    try txn.put(external, Array(e.utf8), Array(id.utf8))
+                }
             }
         }
     }

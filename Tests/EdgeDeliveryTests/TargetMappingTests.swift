@@ -3,16 +3,16 @@ import EdgeTestSupport
 import SCIM
 import XCTest
 
-@testable import EdgeBroker
+@testable import EdgeDelivery
 
 /// The body a target receives and the PATCH that brings it up to date.
 final class TargetMappingTests: XCTestCase {
     let user: JSONObject = [
-        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", .string(BrokerStore.sourceExtension)],
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", .string(sourceExtensionSchema)],
         "id": "broker-1", "userName": "ana", "title": "Engineer", "nickName": "an",
         "name": ["givenName": "Ana", "familyName": "Lima"],
         "phoneNumbers": [["value": "+1 555", "type": "work"]],
-        "meta": ["resourceType": "User"], .init(BrokerStore.sourceExtension): ["domain": "acme-de"],
+        "meta": ["resourceType": "User"], .init(sourceExtensionSchema): ["domain": "acme-de"],
     ]
 
     func testTargetBodyDropsBrokerFieldsSetsExternalIdAndAppliesTheMapping() {
@@ -23,7 +23,7 @@ final class TargetMappingTests: XCTestCase {
         let body = targetBody(user, brokerID: "broker-1", mapping: mapping)
         XCTAssertNil(body["id"])
         XCTAssertNil(body["meta"])
-        XCTAssertNil(body[BrokerStore.sourceExtension])
+        XCTAssertNil(body[sourceExtensionSchema])
         XCTAssertEqual(body["schemas"], ["urn:ietf:params:scim:schemas:core:2.0:User"])
         XCTAssertEqual(body["externalId"], "broker-1", "the broker is the target's provisioning client")
         XCTAssertNil(body["title"])
@@ -103,36 +103,3 @@ final class TargetMappingTests: XCTestCase {
 }
 
 /// The trail stays bounded: hops past the retention go, with their trace index.
-final class TrailSweepTests: XCTestCase {
-    func testSweepDeletesOnlyHopsPastTheRetention() throws {
-        let dir = TempDirectory("edge-trail")
-        defer { dir.remove() }
-        let store = try BrokerStore(path: dir.path)
-        let now = unixMicroseconds()
-        let old = now - BrokerStore.trailRetentionMicroseconds - 3_600_000_000
-        try store.environment.write { txn in
-            for k in 0..<30 {
-                try store.recordHop(brokerID: "gone-\(k)", trace: "trace-old-\(k)", ["hop": "target app"], txn, now: old)
-            }
-            try store.recordHop(brokerID: "kept", trace: "trace-new", ["hop": "target app"], txn, now: now)
-        }
-        XCTAssertEqual(try store.trail("gone-3").hops.count, 1)
-        // Small steps: the cursors carry the walk across calls.
-        var cursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
-        var deleted = 0, steps = 0
-        repeat {
-            let r = try store.environment.write { txn in
-                try store.sweepTrail(trailFrom: cursors.trail, tracesFrom: cursors.traces, limit: 7, now: now, txn)
-            }
-            cursors = (r.trail, r.traces)
-            deleted += r.deleted
-            steps += 1
-        } while cursors.trail != nil || cursors.traces != nil
-        XCTAssertGreaterThan(steps, 3, "walked in steps of 7 keys")
-        XCTAssertEqual(deleted, 60, "30 hops and their 30 trace entries")
-        XCTAssertTrue(try store.trail("gone-3").hops.isEmpty)
-        XCTAssertTrue(try store.trail("trace-old-3").hops.isEmpty)
-        XCTAssertEqual(try store.trail("kept").hops.count, 1, "recent hops stay")
-        XCTAssertEqual(try store.trail("trace-new").hops.count, 1)
-    }
-}

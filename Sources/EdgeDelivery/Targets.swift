@@ -22,9 +22,13 @@ public struct Route: Sendable {
     public var types: [String] = []
     /// A SCIM filter over the federated resource; nil: everything.
     public var filter: String?
-    var compiled: [String: Filter] = [:]
+    package var compiled: [String: Filter] = [:]
 
-    public init(domains: [String] = [], types: [String] = [], filter: String? = nil) throws(SCIMError) {
+    /// `registry`: the schemas of the resources the route judges (the
+    /// broker's directory, or an agent's schemas), with the source extension.
+    public init(domains: [String] = [], types: [String] = [], filter: String? = nil, registry: SchemaRegistry = federatedRegistry)
+        throws(SCIMError)
+    {
         self.domains = domains
         self.types = types
         self.filter = filter
@@ -33,7 +37,7 @@ public struct Route: Sendable {
         }
         if let filter {
             func compile(_ type: String) throws(SCIMError) -> Filter {
-                try Filter(filter, registry: brokerRegistry, type: brokerRegistry.resourceType(type)!)
+                try Filter(filter, registry: registry, type: registry.resourceType(type)!)
             }
             for type in ["User", "Group"] where types.isEmpty || types.contains(type) {
                 do throws(SCIMError) { compiled[type] = try compile(type) } catch {
@@ -95,11 +99,11 @@ public enum CollisionPolicy: Sendable, Equatable {
     public static let defaultDisplayNameTemplate = BrokerOptions.Target.namespaceDisplayName.defaultValue!
 
     /// The name the target sees for `name` of `domain`.
-    static func expand(_ template: String, _ placeholder: String, _ name: String, domain: String) -> String {
+    package static func expand(_ template: String, _ placeholder: String, _ name: String, domain: String) -> String {
         template.replacing(placeholder, with: name).replacing("{domain}", with: domain)
     }
 
-    func apply(to body: inout JSONObject, type: String, domain: String) {
+    package func apply(to body: inout JSONObject, type: String, domain: String) {
         guard case .namespace(let userName, let displayName) = self else { return }
         let (attribute, template) = type == "User" ? ("userName", userName) : ("displayName", displayName)
         if let name = body[attribute]?.stringValue {
@@ -134,10 +138,10 @@ public struct LinkPolicy: Sendable, Equatable {
     /// looked up in the User's extensions, so `employeeNumber` is the
     /// enterprise extension's), a complex one's `attr.sub`, or a
     /// multi-valued one's element by type, `emails[type eq "work"].value`.
-    public init(attribute: String, sourceOfRecord: [String]) throws(SCIMError) {
+    public init(attribute: String, sourceOfRecord: [String], registry: SchemaRegistry = federatedRegistry) throws(SCIMError) {
         self.attribute = attribute
         self.sourceOfRecord = sourceOfRecord
-        guard let userType = brokerRegistry.resourceType("User") else { throw SCIMError.invalidValue("no User resource type") }
+        guard let userType = registry.resourceType("User") else { throw SCIMError.invalidValue("no User resource type") }
         var text = attribute.trimmingSpaces
         var elementType: String?
         if let open = text.firstIndex(of: "[") {
@@ -159,22 +163,22 @@ public struct LinkPolicy: Sendable, Equatable {
             }
             text = String(text[..<open]) + (rest.isEmpty ? ".value" : String(rest))
         }
-        guard let path = brokerRegistry.parsePath(text, in: userType) else {
+        guard let path = registry.parsePath(text, in: userType) else {
             throw SCIMError.invalidValue("link attribute '\(attribute)' is not an attribute path")
         }
-        var resolved = brokerRegistry.resolve(path, in: userType)
+        var resolved = registry.resolve(path, in: userType)
         var schema = path.schema
         if resolved == nil, path.schema == nil {
-            for ext in userType.extensions where ext.schema != BrokerStore.sourceExtension {
+            for ext in userType.extensions where ext.schema != sourceExtensionSchema {
                 var p = path
                 p.schema = ext.schema
-                if let r = brokerRegistry.resolve(p, in: userType) { resolved = r; schema = ext.schema; break }
+                if let r = registry.resolve(p, in: userType) { resolved = r; schema = ext.schema; break }
             }
         }
         guard let resolved, !path.attribute.isEmpty else {
             throw SCIMError.invalidValue("link attribute '\(attribute)': no such User attribute")
         }
-        if schema.map({ equalsIgnoringASCIICase($0, BrokerStore.sourceExtension) }) ?? false {
+        if schema.map({ equalsIgnoringASCIICase($0, sourceExtensionSchema) }) ?? false {
             throw SCIMError.invalidValue("link attribute '\(attribute)': the source extension differs per domain by design")
         }
         guard resolved.leaf.type != .complex, resolved.attribute.multiValued == (elementType != nil) else {
@@ -230,11 +234,11 @@ public struct LinkPolicy: Sendable, Equatable {
     }
 
     /// Precedence of a domain: its place in `sourceOfRecord` (only listed domains link).
-    func rank(_ domain: String) -> Int { sourceOfRecord.firstIndex(of: domain) ?? sourceOfRecord.count }
+    package func rank(_ domain: String) -> Int { sourceOfRecord.firstIndex(of: domain) ?? sourceOfRecord.count }
 
     /// Linked resources in precedence order: source of record, then broker
     /// id (stable whatever the order read).
-    func ordered(_ members: [LinkedResource]) -> [LinkedResource] {
+    package func ordered(_ members: [LinkedResource]) -> [LinkedResource] {
         members.sorted { a, b in
             let (ra, rb) = (rank(a.domain), rank(b.domain))
             if ra != rb { return ra < rb }
@@ -244,7 +248,7 @@ public struct LinkPolicy: Sendable, Equatable {
     }
 }
 
-func trimmingWhitespace(_ s: String) -> String {
+package func trimmingWhitespace(_ s: String) -> String {
     var t = Substring(s)
     while let c = t.first, c.isWhitespace { t = t.dropFirst() }
     while let c = t.last, c.isWhitespace { t = t.dropLast() }
@@ -252,10 +256,16 @@ func trimmingWhitespace(_ s: String) -> String {
 }
 
 /// One federated user of a linked account.
-struct LinkedResource {
-    let brokerID: String
-    let domain: String
-    let resource: JSONObject
+package struct LinkedResource {
+    package let brokerID: String
+    package let domain: String
+    package let resource: JSONObject
+
+    package init(brokerID: String, domain: String, resource: JSONObject) {
+        self.brokerID = brokerID
+        self.domain = domain
+        self.resource = resource
+    }
 }
 
 /// The body of a linked account (`collisions: link`): the linked users'
@@ -265,7 +275,9 @@ struct LinkedResource {
 /// active; when none is, all supply it and the account is inactive.
 /// `externalId` is the broker id of the first source that supplies data
 /// (the anchor). Then the target's attribute mapping. Nil: no members.
-func linkedTargetBody(_ members: [LinkedResource], link: LinkPolicy, target: TargetConfiguration) -> (anchor: String, body: JSONObject)? {
+package func linkedTargetBody(_ members: [LinkedResource], link: LinkPolicy, target: TargetConfiguration) -> (
+    anchor: String, body: JSONObject
+)? {
     let ordered = link.ordered(members)
     let active = ordered.filter { $0.resource["active"]?.boolValue != false }
     let sources = active.isEmpty ? ordered : active
@@ -368,90 +380,25 @@ public struct TargetConfiguration: Sendable {
 /// `id`/`meta`, no source extension, `externalId` set to the broker id (the
 /// broker is the target's provisioning client, RFC 7643 §3.1), the
 /// target's collision namespace, then its attribute mapping.
-func targetBody(_ resource: JSONObject, type: String, brokerID: String, target: TargetConfiguration) -> JSONObject {
+package func targetBody(_ resource: JSONObject, type: String, brokerID: String, target: TargetConfiguration) -> JSONObject {
     var body = targetBody(resource, brokerID: brokerID, mapping: AttributeMapping())
-    if let domain = resource[BrokerStore.sourceExtension]?["domain"]?.stringValue {
+    if let domain = resource[sourceExtensionSchema]?["domain"]?.stringValue {
         target.collisions.apply(to: &body, type: type, domain: domain)
     }
     target.mapping.apply(to: &body)
     return body
 }
 
-func targetBody(_ resource: JSONObject, brokerID: String, mapping: AttributeMapping) -> JSONObject {
+package func targetBody(_ resource: JSONObject, brokerID: String, mapping: AttributeMapping) -> JSONObject {
     var body = resource
     _ = body.removeValue(forKey: "id")
     _ = body.removeValue(forKey: "meta")
     _ = body.removeValue(forKey: "groups")
-    _ = body.removeValue(forKey: BrokerStore.sourceExtension)
+    _ = body.removeValue(forKey: sourceExtensionSchema)
     if let schemas = body["schemas"]?.arrayValue {
-        body["schemas"] = .array(schemas.filter { $0.stringValue != BrokerStore.sourceExtension })
+        body["schemas"] = .array(schemas.filter { $0.stringValue != sourceExtensionSchema })
     }
     body["externalId"] = .string(brokerID)
     mapping.apply(to: &body)
     return body
-}
-
-/// How a target takes the removal of group members in a PATCH.
-public enum MemberRemovalForm: Sendable, Equatable {
-    /// One `{"op":"remove","path":"members[value eq \"ID\"]"}` per member (RFC 7644 §3.5.2.2).
-    case filter
-    /// One `{"op":"remove","path":"members","value":[{"value":"ID"}, …]}`, as
-    /// Entra ID and authentik send it and django-scim2 takes it.
-    case valueList
-}
-
-/// PATCH operations (RFC 7644 §3.5.2) that turn `old` into `new`: replace
-/// changed or added attributes, remove dropped ones; group members as
-/// adds and removes of the members that changed, so large groups stay
-/// cheap, removals in the form the target takes.
-func patchOperations(from old: JSONObject, to new: JSONObject, removal: MemberRemovalForm = .filter) -> [JSON] {
-    var ops: [JSON] = []
-    for (key, value) in new where key != "schemas" {
-        let before = old[key]
-        if before == value { continue }
-        if equalsIgnoringASCIICase(key, "members"), let b = before?.arrayValue, let a = value.arrayValue {
-            let bv = Set(b.compactMap { $0["value"]?.stringValue }), av = Set(a.compactMap { $0["value"]?.stringValue })
-            let added = a.filter { av.subtracting(bv).contains($0["value"]?.stringValue ?? "") }
-            if !added.isEmpty { ops.append(["op": "add", "path": "members", "value": .array(added)]) }
-            let gone = bv.subtracting(av).sorted()
-            if removal == .valueList && !gone.isEmpty {
-                ops.append(["op": "remove", "path": "members", "value": .array(gone.map { ["value": .string($0)] })])
-            } else {
-                for id in gone { ops.append(["op": "remove", "path": .string("members[value eq \"\(id)\"]")]) }
-            }
-            continue
-        }
-        ops.append(["op": "replace", "path": .string(key), "value": value])
-        if let b = before?.objectValue, let a = value.objectValue {
-            // A replace of a complex attribute (or an extension) leaves the
-            // sub-attributes it does not name as they were (RFC 7644
-            // §3.5.2.3): the ones dropped are removed.
-            for (sub, _) in b where a[sub] == nil {
-                ops.append(["op": "remove", "path": .string(key.hasPrefix("urn:") ? "\(key):\(sub)" : "\(key).\(sub)")])
-            }
-        }
-    }
-    for (key, _) in old where key != "schemas" && new[key] == nil {
-        ops.append(["op": "remove", "path": .string(key)])
-    }
-    return ops
-}
-
-/// A body on the way from `sent` (nil: nothing at the target yet) to `body`
-/// whose members differ from `sent`'s by at most `limit` additions and
-/// removals (removals first: they free room at a target with a cap), or nil
-/// when `body` is within the limit already. Every other attribute is
-/// `body`'s: only the members are spread over requests.
-func membershipStep(from sent: JSONObject?, to body: JSONObject, limit: Int) -> JSONObject? {
-    func values(_ members: [JSON]) -> Set<String> { Set(members.compactMap { $0["value"]?.stringValue }) }
-    let want = body["members"]?.arrayValue ?? [], have = sent?["members"]?.arrayValue ?? []
-    let wantIDs = values(want), haveIDs = values(have)
-    let added = want.filter { !haveIDs.contains($0["value"]?.stringValue ?? "") }
-    let removed = have.filter { !wantIDs.contains($0["value"]?.stringValue ?? "") }
-    guard added.count + removed.count > max(1, limit) else { return nil }
-    let removeNow = values(Array(removed.prefix(max(1, limit))))
-    let addNow = added.prefix(max(0, max(1, limit) - removeNow.count))
-    var step = body
-    step["members"] = .array(have.filter { !removeNow.contains($0["value"]?.stringValue ?? "") } + addNow)
-    return step
 }

@@ -24,7 +24,7 @@ import SCIM
 /// without (a target without PATCH, or a store from before) keeps the
 /// members in `sent`, and its next delivery compares whole groups, then
 /// moves what the target holds into the index (`GroupIndexing.rebuild`).
-extension BrokerStore {
+package extension DeliveryTables {
     static func targetGroupPrefix(_ target: String, _ group: String) -> [UInt8] {
         Array(target.utf8) + [0] + Array(group.utf8) + [0]
     }
@@ -38,24 +38,7 @@ extension BrokerStore {
         throws
     {
         let value = seq.bigEndianBytes
-        for m in members { try txn.put(targetPending, BrokerStore.targetMemberKey(target, group, m), value) }
-    }
-
-    /// A member's change as a group's delivery sees it: what the target
-    /// should hold and what it holds.
-    struct MemberChange: Sendable {
-        var member: String
-        /// The pending entry's value when read (removed only if unchanged).
-        var mark: [UInt8]
-        /// The member's id at the target, if the target should hold it now.
-        var want: String?
-        /// The id the target holds for it, if any.
-        var held: String?
-        /// The member as the directory holds it (`type`), when wanted.
-        var entry: JSONObject?
-        /// Routed to the target but not there yet: stays pending (its
-        /// delivery marks it again when it arrives).
-        var waiting: Bool
+        for m in members { try txn.put(targetPending, Self.targetMemberKey(target, group, m), value) }
     }
 
     /// Up to `limit` pending members of `group` at `target`, after `cursor`
@@ -76,31 +59,26 @@ extension BrokerStore {
         target: String, group: String, after cursor: String?, limit: Int,
         routes: (_ domain: String, _ type: String, _ resource: JSONObject) -> Bool, _ txn: borrowing some StoreReading & ~Copyable
     ) throws -> [MemberChange] {
-        let prefix = BrokerStore.targetGroupPrefix(target, group)
+        let prefix = Self.targetGroupPrefix(target, group)
         var marks: [(String, [UInt8])] = []
         try txn.scan(
             targetPending, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix,
-            to: BrokerStore.targetGroupEnd(target, group)
+            to: Self.targetGroupEnd(target, group)
         ) { k, v in
             marks.append((String(decoding: k[prefix.count...], as: UTF8.self), v))
             return marks.count < limit
         }
         var out: [MemberChange] = []
         for (member, mark) in marks {
-            let entry = try txn.get(groupMembers, BrokerStore.memberKey(group, member)).flatMap {
-                try JSONParser.parse($0, limits: .stored).objectValue
-            }
-            let held = try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, member)).map {
+            let entry = try groupMemberEntry(group: group, member: member, txn)
+            let held = try txn.get(targetMembers, Self.targetMemberKey(target, group, member)).map {
                 String(decoding: $0, as: UTF8.self)
             }
             var want: String?, waiting = false
             if entry != nil {
                 want = try txn.get(targetIds, prefixed(target, member)).flatMap(TargetMapping.init)?.targetID
-                if want == nil, let key = try txn.get(brokerIds, Array(member.utf8)), let bytes = try txn.get(resources, key),
-                    let o = try JSONParser.parse(bytes, limits: .stored).objectValue
-                {
-                    let parts = String(decoding: key, as: UTF8.self).split(separator: "/", maxSplits: 2)
-                    waiting = parts.count == 3 && routes(String(parts[0]), String(parts[1]), o)
+                if want == nil, let e = try deliveryEntry(member, members: false, txn) {
+                    waiting = routes(e.domain, e.type, e.resource)
                 }
             }
             out.append(MemberChange(member: member, mark: mark, want: want, held: held, entry: entry, waiting: waiting))
@@ -121,7 +99,7 @@ extension BrokerStore {
         for m in removed where try dropMember(target: target, group: group, member: m, txn) { count -= 1 }
         for (m, tid) in added where try holdMember(target: target, group: group, member: m, targetID: tid, txn) { count += 1 }
         for (m, mark) in done {
-            let key = BrokerStore.targetMemberKey(target, group, m)
+            let key = Self.targetMemberKey(target, group, m)
             if try txn.get(targetPending, key) == mark { _ = try txn.delete(targetPending, key) }
         }
         var m = mapping
@@ -132,7 +110,7 @@ extension BrokerStore {
 
     /// Returns whether the member is new in the group's index at the target.
     func holdMember(target: String, group: String, member: String, targetID: String, _ txn: borrowing WriteTransaction) throws -> Bool {
-        let key = BrokerStore.targetMemberKey(target, group, member)
+        let key = Self.targetMemberKey(target, group, member)
         let had = try txn.get(targetMembers, key)
         try txn.put(targetMembers, key, Array(targetID.utf8))
         if had == nil { try txn.put(targetMemberOf, prefixed(target, member), Array(group.utf8)) }
@@ -141,7 +119,7 @@ extension BrokerStore {
 
     /// Returns whether the member was in the group's index at the target.
     func dropMember(target: String, group: String, member: String, _ txn: borrowing WriteTransaction) throws -> Bool {
-        guard try txn.delete(targetMembers, BrokerStore.targetMemberKey(target, group, member)) else { return false }
+        guard try txn.delete(targetMembers, Self.targetMemberKey(target, group, member)) else { return false }
         _ = try txn.delete(targetMemberOf, prefixed(target, member), value: Array(group.utf8))
         return true
     }
@@ -155,7 +133,7 @@ extension BrokerStore {
     /// marks through `through` (all: nil). O(n), in one transaction: when
     /// the group leaves the target or its membership is recorded anew.
     func clearGroupIndex(target: String, group: String, pendingThrough through: UInt64?, _ txn: borrowing WriteTransaction) throws {
-        let prefix = BrokerStore.targetGroupPrefix(target, group), end = BrokerStore.targetGroupEnd(target, group)
+        let prefix = Self.targetGroupPrefix(target, group), end = Self.targetGroupEnd(target, group)
         var held: [String] = []
         try txn.scanKeys(targetMembers, from: prefix, to: end) { k in
             held.append(String(decoding: k[prefix.count...], as: UTF8.self))
@@ -168,18 +146,6 @@ extension BrokerStore {
             return true
         }
         for k in marks { _ = try txn.delete(targetPending, k) }
-    }
-
-    /// How a group delivery's completion treats the target's member index.
-    enum GroupIndexing: Sendable {
-        /// The mapping's `sent` lists every member the target holds (a whole
-        /// group was sent): they move into the index, `sent` keeps the rest.
-        case rebuild
-        /// Delivered from the index: it is current; the stored count stands,
-        /// and `done`'s pending marks are cleared (when unchanged).
-        case keep(done: [(member: String, mark: [UInt8])])
-        /// The target takes no PATCH: members stay in `sent`, the index goes.
-        case none
     }
 
     /// A group's mapping as its delivery ends (`completeDelivery`): the
@@ -210,7 +176,7 @@ extension BrokerStore {
         case .keep(let done):
             m.members = try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members ?? mapping.members ?? 0
             for (member, mark) in done {
-                let key = BrokerStore.targetMemberKey(target, group, member)
+                let key = Self.targetMemberKey(target, group, member)
                 if try txn.get(targetPending, key) == mark { _ = try txn.delete(targetPending, key) }
             }
         case .rebuild, .none:
@@ -256,13 +222,12 @@ extension BrokerStore {
         }
         var queued = 0
         let config = targets.first { $0.name == target }
-        for g in Set(try groups(of: user, txn) + heldGroups(target: target, member: user, txn)).sorted() {
+        for g in Set(try groupsHolding(user, txn) + heldGroups(target: target, member: user, txn)).sorted() {
             // Every group there or on its way there: one whose first whole delivery is in flight read its
             // members before this account existed, and its next delivery (from the index) adds the user.
             if try txn.get(targetIds, prefixed(target, g)) == nil {
-                guard let config, let key = try txn.get(brokerIds, Array(g.utf8)), let bytes = try txn.get(resources, key),
-                    let group = try JSONParser.parse(bytes, limits: .stored).objectValue,
-                    config.routes(domain: String(decoding: key.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self), type: "Group", group)
+                guard let config, let e = try deliveryEntry(g, members: config.groupRoutesReadMembers, txn),
+                    config.routes(domain: e.domain, type: "Group", e.resource)
                 else { continue }
             }
             let seq = try enqueue(
@@ -276,7 +241,7 @@ extension BrokerStore {
     }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     /// A user deleted at its source left `groups`: at a target that keeps
     /// removed users as inactive accounts, the groups holding it there are
     /// queued with the user marked, so that it leaves them. (A target that
@@ -286,7 +251,7 @@ extension BrokerStore {
     {
         var queued: [String] = []
         for target in targets where target.removal == .deactivate {
-            for g in groups where try txn.get(targetMembers, BrokerStore.targetMemberKey(target.name, g, member)) != nil {
+            for g in groups where try txn.get(targetMembers, Self.targetMemberKey(target.name, g, member)) != nil {
                 let seq = try enqueue(
                     target: target.name,
                     DeliveryItem(
@@ -300,24 +265,19 @@ extension BrokerStore {
     }
 }
 
-extension BrokerStore {
+/// How many member ids one snapshot of `forEachMemberID` reads.
+package let deliveryMemberChunk = 4096
+
+package extension DeliveryTables {
     /// The broker ids of `group`'s members, a chunk at a time, each chunk
     /// read in a snapshot of its own (reconcile: memory holds a chunk).
     func forEachMemberID(of group: String, _ body: ([String]) throws -> Void) throws {
-        let groupMembers = self.groupMembers, prefix = BrokerStore.memberPrefix(group), end = Array(group.utf8) + [1]
-        var from = prefix
+        var cursor: String?
         while true {
-            let ids: [String] = try environment.read { txn in
-                var ids: [String] = []
-                try txn.scanKeys(groupMembers, from: from, to: end) { k in
-                    ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
-                    return ids.count < BrokerStore.memberChunk
-                }
-                return ids
-            }
+            let ids: [String] = try environment.read { txn in try groupMemberIDs(group, after: cursor, limit: deliveryMemberChunk, txn) }
             try body(ids)
-            guard ids.count == BrokerStore.memberChunk else { return }
-            from = prefix + Array(ids[ids.count - 1].utf8) + [0]
+            guard ids.count == deliveryMemberChunk else { return }
+            cursor = ids[ids.count - 1]
         }
     }
 
@@ -346,21 +306,16 @@ extension BrokerStore {
     }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     /// Every member of `group` in the directory and every one `target` holds
     /// of it, marked pending by `seq`: a group that comes back into a
     /// target's routes with its old mapping (and index) still there missed
     /// the changes made while it was out, so its next delivery compares all
     /// of them. O(n), at that transition only.
     func markWholeGroupPending(target: String, group: String, seq: UInt64, _ txn: borrowing WriteTransaction) throws {
-        var members: [String] = []
-        let prefix = BrokerStore.memberPrefix(group)
-        try txn.scanKeys(groupMembers, from: prefix, to: Array(group.utf8) + [1]) { k in
-            members.append(String(decoding: k[prefix.count...], as: UTF8.self))
-            return true
-        }
-        let held = BrokerStore.targetGroupPrefix(target, group)
-        try txn.scanKeys(targetMembers, from: held, to: BrokerStore.targetGroupEnd(target, group)) { k in
+        var members = try groupMemberIDs(group, after: nil, limit: Int.max, txn)
+        let held = Self.targetGroupPrefix(target, group)
+        try txn.scanKeys(targetMembers, from: held, to: Self.targetGroupEnd(target, group)) { k in
             members.append(String(decoding: k[held.count...], as: UTF8.self))
             return true
         }
@@ -375,7 +330,7 @@ extension BrokerStore {
         let targetMembers = self.targetMembers
         return try environment.read { txn in
             var out: [JSON] = []
-            try txn.scan(targetMembers, from: BrokerStore.targetGroupPrefix(target, group), to: BrokerStore.targetGroupEnd(target, group)) {
+            try txn.scan(targetMembers, from: Self.targetGroupPrefix(target, group), to: Self.targetGroupEnd(target, group)) {
                 _, v in
                 out.append(["value": .string(String(decoding: v, as: UTF8.self))])
                 return true
@@ -390,7 +345,7 @@ extension BrokerStore {
         let targetMembers = self.targetMembers
         return try environment.read { txn in
             var out: [String] = []
-            try txn.scan(targetMembers, from: BrokerStore.targetGroupPrefix(target, group), to: BrokerStore.targetGroupEnd(target, group)) {
+            try txn.scan(targetMembers, from: Self.targetGroupPrefix(target, group), to: Self.targetGroupEnd(target, group)) {
                 _, v in
                 out.append(String(decoding: v, as: UTF8.self))
                 return out.count < limit
@@ -400,7 +355,7 @@ extension BrokerStore {
     }
 }
 
-extension BrokerStore {
+package extension DeliveryTables {
     /// The next members of `group` to add at `target` while it is grown
     /// (`TargetMapping.growFrom`): up to `limit` members of the directory's
     /// group after `cursor` ("": from the first), those with an account
@@ -410,19 +365,13 @@ extension BrokerStore {
     func growChunk(target: String, group: String, after cursor: String, limit: Int) throws -> (
         adds: [(member: String, targetID: String)], last: String?
     ) {
-        let groupMembers = self.groupMembers, targetIds = self.targetIds, targetMembers = self.targetMembers
+        let targetIds = self.targetIds, targetMembers = self.targetMembers
         return try environment.read { txn in
-            let prefix = BrokerStore.memberPrefix(group)
-            var ids: [String] = []
-            try txn.scanKeys(groupMembers, from: cursor.isEmpty ? prefix : prefix + Array(cursor.utf8) + [0], to: Array(group.utf8) + [1]) {
-                k in
-                ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
-                return ids.count < limit
-            }
+            let ids = try groupMemberIDs(group, after: cursor.isEmpty ? nil : cursor, limit: limit, txn)
             var adds: [(member: String, targetID: String)] = []
             for id in ids {
                 guard let tid = try txn.get(targetIds, prefixed(target, id)).flatMap(TargetMapping.init)?.targetID else { continue }
-                if try txn.get(targetMembers, BrokerStore.targetMemberKey(target, group, id)).map({ String(decoding: $0, as: UTF8.self) })
+                if try txn.get(targetMembers, Self.targetMemberKey(target, group, id)).map({ String(decoding: $0, as: UTF8.self) })
                     != tid
                 {
                     adds.append((id, tid))
@@ -431,4 +380,33 @@ extension BrokerStore {
             return (adds, ids.count == limit ? ids.last : nil)
         }
     }
+}
+
+/// A member's change as a group's delivery sees it: what the target
+/// should hold and what it holds.
+package struct MemberChange: Sendable {
+    package var member: String
+    /// The pending entry's value when read (removed only if unchanged).
+    package var mark: [UInt8]
+    /// The member's id at the target, if the target should hold it now.
+    package var want: String?
+    /// The id the target holds for it, if any.
+    package var held: String?
+    /// The member as the directory holds it (`type`), when wanted.
+    package var entry: JSONObject?
+    /// Routed to the target but not there yet: stays pending (its
+    /// delivery marks it again when it arrives).
+    package var waiting: Bool
+}
+
+/// How a group delivery's completion treats the target's member index.
+package enum GroupIndexing: Sendable {
+    /// The mapping's `sent` lists every member the target holds (a whole
+    /// group was sent): they move into the index, `sent` keeps the rest.
+    case rebuild
+    /// Delivered from the index: it is current; the stored count stands,
+    /// and `done`'s pending marks are cleared (when unchanged).
+    case keep(done: [(member: String, mark: [UInt8])])
+    /// The target takes no PATCH: members stay in `sent`, the index goes.
+    case none
 }

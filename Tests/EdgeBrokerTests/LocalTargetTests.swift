@@ -1,0 +1,249 @@
+import EdgeAgent
+import EdgeBroker
+import EdgeHTTP
+import EdgeTestSupport
+import EdgeTools
+import Foundation
+import SCIM
+import XCTest
+
+/// Local targets: an agent provisions the reference SCIM server
+/// (scim2-server) inside its boundary with the broker's delivery engine,
+/// from its own IdP's writes and from what enters through the downlink.
+/// Real processes, real sockets, SIGKILL.
+final class LocalTargetTests: FederationTestCase {
+    /// A proxy in front of the reference server: it records every create
+    /// the server took (by userName), refuses the users the test names, and
+    /// keeps the answer to one create to itself (the server made the
+    /// account; the agent never learns it).
+    final class AppProxy: Sendable {
+        let harness: ServerHarness
+        let created = Locked<[String: Int]>([:])
+        let refuse = Locked<Set<String>>([])
+        let swallow = Locked<String?>(nil)
+        let swallowed = Locked(false)
+        var port: Int { harness.port }
+
+        init(to appPort: Int) throws {
+            let created = self.created, refuse = self.refuse, swallow = self.swallow, swallowed = self.swallowed
+            harness = try ServerHarness { request, _, responder in
+                let name = request.method == "POST" ? (try? JSONParser.parse(request.body))?["userName"]?.stringValue : nil
+                if let name, refuse.current.contains(name) {
+                    responder.respond(
+                        HTTPResponse(
+                            status: 400, headers: ["Content-Type": "application/scim+json"],
+                            body: Array(
+                                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"400","scimType":"invalidValue","detail":"not here"}"#
+                                    .utf8)))
+                    return
+                }
+                let r = forward(request, to: appPort)
+                if let name, r.status == 201 { created.withLock { $0[name, default: 0] += 1 } }
+                if let name, name == swallow.current {
+                    swallowed.withLock { $0 = true }
+                    return  // never answered: the agent is killed waiting for it
+                }
+                responder.respond(r)
+            }
+        }
+    }
+
+    func targetYAML(_ port: Int, routes: String = "[{}]", rate: Int = 2000) -> String {
+        """
+        targets:
+          - name: app
+            url: http://127.0.0.1:\(port)
+            tokenFile: \(dir.write("app.token", "ref-token\n"))
+            rate: {requestsPerSecond: \(rate), concurrency: 2}
+            routes: \(routes)
+
+        """
+    }
+
+    /// A standalone agent (no broker) with local targets, from a YAML file.
+    func startLocalAgent(_ name: String, _ extraYAML: String, port: Int = 0) throws -> (ChildProcess, Int) {
+        let file = dir.write(
+            "\(name).yaml",
+            """
+            dataDir: \(dir.file(name))
+            listen: 127.0.0.1:\(port)
+            admin: {listen: 127.0.0.1:0}
+
+            """ + extraYAML)
+        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", file, "--token", "t"])
+        children.append(child)
+        return (child, try self.port(of: child, "scim-edge"))
+    }
+
+    func edgeCLI(_ args: [String]) throws -> (Int32, String) { try cli("scim-edge", args) }
+
+    /// What the reference server holds, by userName (or displayName).
+    func held(_ appPort: Int, _ endpoint: String = "/Users", by key: String = "userName") -> [String: JSON] {
+        resources(appPort, endpoint, by: key, token: "ref-token", prefix: "")
+    }
+
+    func metric(_ child: ChildProcess, _ name: String) -> Double? {
+        guard let text = try? brokerMetrics(child) else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last!) }
+    }
+
+    /// The agent's users and a group reach the app; the agent is SIGKILLed
+    /// with its queue half sent and a create taken by the app but not yet
+    /// answered, and after the restart every user is there, each created
+    /// exactly once (the create whose answer was lost is found by its
+    /// externalId and adopted, not made twice); a user the app refuses is a
+    /// dead letter that blocks nothing, and `targets retry` delivers it.
+    func testTheAgentsWritesReachTheAppExactlyOnceAcrossAKillAndARefusalIsADeadLetter() throws {
+        let (_, refPort) = try startReferenceServer()
+        let app = try AppProxy(to: refPort)
+        app.refuse.withLock { $0.insert("refused") }
+        app.swallow.withLock { $0 = "u5" }
+        // Slow enough that the kill finds the queue half sent.
+        var (agent, ap) = try startLocalAgent("local", targetYAML(app.port, rate: 15))
+        XCTAssertEqual(try createUser(ap, "refused"), 201, "the IdP's write is taken: the app's refusal is the target's business")
+        let total = 40
+        for k in 0..<total { XCTAssertEqual(try createUser(ap, "u\(k)"), 201) }
+        XCTAssertTrue(eventually(seconds: 30) { app.swallowed.current }, "\(app.created.current)")
+        agent.signal(SIGKILL)
+        _ = agent.waitForExit()
+        let before = app.created.current.count
+        XCTAssertLessThan(before, total, "killed mid-queue")
+        XCTAssertEqual(app.created.current["u5"], 1, "u5 is at the app; the agent did not hear it")
+        (agent, ap) = try startLocalAgent("local", targetYAML(app.port), port: ap)
+        XCTAssertTrue(
+            eventually(seconds: 60) { self.held(refPort).count == total }, "\(held(refPort).keys.sorted()) \(agent.output.suffix(10))")
+        XCTAssertTrue(eventually(seconds: 5) { app.created.current.count == total })
+        XCTAssertEqual(app.created.current.filter { $0.value != 1 }, [:], "each user created exactly once")
+        XCTAssertEqual(held(refPort).count, total, "no second account for anyone")
+        XCTAssertTrue(agent.output.contains { $0.contains("adopted an existing account") }, "u5 was found and adopted")
+        // Every account is named by the agent's id (externalId), and a group by its members' accounts there.
+        let store = try AgentStore(path: dir.file("local"), registry: .standard)
+        let ids = try store.query(store.registry.resourceType("User")!, filter: nil, scanBudget: 1000).compactMap { $0["id"]?.stringValue }
+        XCTAssertEqual(Set(held(refPort).values.compactMap { $0["externalId"]?.stringValue }), Set(ids).subtracting(try refusedID(ap)))
+        let members = (0..<3).compactMap { k in
+            try? scim(ap, "GET", "/Users?filter=userName%20eq%20%22u\(k)%22").1?["Resources"]?.arrayValue?.first?["id"]?.stringValue
+        }
+        XCTAssertEqual(
+            try scim(
+                ap, "POST", "/Groups",
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"team","members":[\#(members.map { #"{"value":"\#($0)"}"# }.joined(separator: ","))]}"#
+            ).0, 201)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.held(refPort, "/Groups", by: "displayName")["team"]?["members"]?.arrayValue?.count == 3 },
+            "\(held(refPort, "/Groups", by: "displayName"))")
+        let appIDs = Set(["u0", "u1", "u2"].compactMap { held(refPort)[$0]?["id"]?.stringValue })
+        XCTAssertEqual(
+            Set(held(refPort, "/Groups", by: "displayName")["team"]?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []),
+            appIDs, "members named by the app's own ids")
+
+        // The refusal: a dead letter with the app's answer, the others flowed past it.
+        let letters = try edgeCLI(["targets", "deadletter", "list", "--data-dir", dir.file("local")])
+        XCTAssertEqual(letters.0, 0, letters.1)
+        XCTAssertTrue(letters.1.contains("app\t#1") && letters.1.contains("POST /Users → 400") && letters.1.contains("not here"), letters.1)
+        app.refuse.withLock { $0.removeAll() }
+        let retry = try edgeCLI(["targets", "deadletter", "retry", "--data-dir", dir.file("local"), "app"])
+        XCTAssertEqual(retry.1, "1 queued again for app\n")
+        XCTAssertTrue(eventually(seconds: 20) { self.held(refPort)["refused"] != nil })
+        XCTAssertEqual(
+            try edgeCLI(["targets", "deadletter", "list", "--data-dir", dir.file("local")]).1, "nothing to show: no dead letters\n")
+        XCTAssertTrue(eventually(seconds: 10) { self.metric(agent, #"scim_edge_target_queue_depth{target="app"}"#) == 0 })
+        XCTAssertGreaterThan(metric(agent, #"scim_edge_target_delivered_total{target="app"}"#) ?? 0, 0)
+        let status = try edgeCLI(["targets", "status", "--data-dir", dir.file("local")])
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                ((try? self.edgeCLI(["targets", "status", "--data-dir", self.dir.file("local")]).1) ?? "").hasPrefix(
+                    "app\tclosed\tqueued 0")
+            }, status.1)
+        let trace = try edgeCLI(["targets", "trace", "--data-dir", dir.file("local"), "u\(total - 1)"])
+        XCTAssertEqual(trace.0, 0, trace.1)
+        XCTAssertTrue(trace.1.contains("target app") && trace.1.contains("POST /Users → 201"), trace.1)
+        // `--limit`: the refused user's earliest hop (its acceptance; the dead letter and the retry come later), and a note.
+        let limited = try edgeCLI(["targets", "trace", "--data-dir", dir.file("local"), "refused", "--limit", "1"])
+        XCTAssertEqual(limited.0, 0, limited.1)
+        let hops = limited.1.split(separator: "\n").filter { !$0.hasPrefix("\t") && !$0.hasPrefix("the earliest ") }
+        XCTAssertEqual(hops.count, 1, limited.1)
+        XCTAssertFalse(limited.1.contains("→ 201"), limited.1)
+        XCTAssertTrue(limited.1.contains("the earliest 1 of ") && limited.1.contains("--limit N prints more"), limited.1)
+    }
+
+    /// The ids of users the app has not got (those it refused), by the agent's list.
+    func refusedID(_ ap: Int) throws -> Set<String> {
+        Set(
+            [try scim(ap, "GET", "/Users?filter=userName%20eq%20%22refused%22").1?["Resources"]?.arrayValue?.first?["id"]?.stringValue]
+                .compactMap { $0 })
+    }
+
+    /// An HQ user enters the subsidiary through the downlink and reaches the
+    /// subsidiary's own app there with the inbound mapping applied (the
+    /// broker is not configured to reach that app at all); the
+    /// subsidiary's own users reach it too; a deactivation in HQ shows at
+    /// the app; a foreign group arrives with its members as the app's ids.
+    func testAForeignUserFromTheDownlinkReachesTheLocalAppMapped() throws {
+        let (_, refPort) = try startReferenceServer()
+        let (_, bp) = try startBroker(
+            yaml: """
+                targets:
+                  - name: us-boundary
+                    domain: acme-us
+                    routes: [{domains: [acme-de]}]
+
+                """)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let file = dir.write(
+            "us.yaml",
+            """
+            dataDir: \(dir.file("us"))
+            listen: 127.0.0.1:0
+            admin: {listen: 127.0.0.1:0}
+            broker: {url: "https://127.0.0.1:\(bp)", ca: \(ca!), cert: \(us.0), key: \(us.1), domain: acme-us, agent: us}
+            inbound:
+              accept: [{domains: [acme-de]}]
+              map:
+                set: {userType: Guest}
+                userName: "{userName}@{domain}"
+              waitMs: 1000
+
+            """ + targetYAML(refPort, routes: "[{domains: [acme-de, acme-us]}]"))
+        let usAgent = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", file, "--token", "t"])
+        children.append(usAgent)
+        let up = try port(of: usAgent, "scim-edge")
+        XCTAssertEqual(try createUser(up, "bob"), 201, "the subsidiary's own user")
+        XCTAssertEqual(
+            try scim(
+                dp, "POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"alice","title":"CFO"}"#
+            ).0, 201)
+        XCTAssertTrue(
+            eventually(seconds: 30) { self.held(refPort)["alice@acme-de"] != nil }, "\(held(refPort).keys) \(usAgent.output.suffix(10))")
+        let alice = try XCTUnwrap(held(refPort)["alice@acme-de"])
+        XCTAssertEqual(alice["userType"], "Guest", "the inbound mapping, applied before the local app sees it")
+        XCTAssertEqual(alice["title"], "CFO")
+        XCTAssertNotNil(held(refPort)["bob"], "the boundary's own users reach its app too")
+        let local = try XCTUnwrap(
+            try scim(up, "GET", "/Users?filter=userName%20eq%20%22alice@acme-de%22").1?["Resources"]?.arrayValue?.first)
+        XCTAssertEqual(alice["externalId"], local["id"], "named by its id in this boundary (the broker id)")
+
+        // A foreign group, with alice as its member there.
+        let hqAlice = try XCTUnwrap(
+            try scim(dp, "GET", "/Users?filter=userName%20eq%20%22alice%22").1?["Resources"]?.arrayValue?.first?["id"]?.stringValue)
+        XCTAssertEqual(
+            try scim(
+                dp, "POST", "/Groups",
+                #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:Group"],"displayName":"finance","members":[{"value":"\#(hqAlice)"}]}"#
+            ).0, 201)
+        XCTAssertTrue(
+            eventually(seconds: 30) {
+                self.held(refPort, "/Groups", by: "displayName")["finance"]?["members"]?.arrayValue?.first?["value"] == alice["id"]
+            }, "\(held(refPort, "/Groups", by: "displayName"))")
+
+        // Deactivated in HQ: inactive at the subsidiary's app.
+        XCTAssertEqual(
+            try scim(
+                dp, "PATCH", "/Users/\(hqAlice)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+            ).0, 200)
+        XCTAssertTrue(eventually(seconds: 30) { self.held(refPort)["alice@acme-de"]?["active"] == .bool(false) }, "\(held(refPort))")
+        XCTAssertEqual(held(refPort).count, 2, "alice and bob, once each")
+        let trace = try edgeCLI(["targets", "trace", "--data-dir", dir.file("us"), "alice@acme-de"])
+        XCTAssertTrue(trace.1.contains("target app"), trace.1)
+    }
+}
