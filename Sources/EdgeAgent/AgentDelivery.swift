@@ -74,19 +74,15 @@ extension AgentStore: DeliveryTables {
     }
 
     /// A trace id (every resource its change touched), an id here, or a userName.
-    package func resolveTrail(_ query: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool) {
-        var ids: [String] = []
-        try txn.scanKeys(traces, from: prefixed(query, []), to: prefixEnd(query)) { k in
-            ids.append(String(decoding: k[(query.utf8.count + 1)...], as: UTF8.self))
-            return true
-        }
-        if !ids.isEmpty { return (ids, true) }
+    package func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames {
+        let byTrace = try traceTouched(query, limit: limits.resources, txn)
+        if byTrace.total > 0 { return byTrace }
         if let users = registry.resourceType("User"), try load(txn, users, query) == nil,
             let id = try lookup(txn, users, .userName(query)).first
         {
-            return ([id], false)
+            return TrailNames(ids: [id])
         }
-        return ([query], false)
+        return TrailNames(ids: [query])
     }
 
     /// Queues, in the write's transaction, what each local target must do now

@@ -44,12 +44,18 @@ extension BrokerStore: DeliveryTables {
 
 extension BrokerStore {
     /// The broker ids `query` names (`trail`): those a trace id touched
-    /// (`byTrace`), or the one resource a broker id, `userName`,
-    /// `externalId`, email, group `displayName`, id at a target or id at the
-    /// source names (several when several resources share that name).
-    package func resolveTrail(_ idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool)
+    /// (`byTrace`; the first `limits.resources`, `traceTouched`), or the one
+    /// resource a broker id, `userName`, `externalId`, email, group
+    /// `displayName`, id at a target or id at the source names (several when
+    /// several resources share that name). A trace id that reached no target
+    /// yet is known only to the directory's latest change: found by a scan
+    /// of at most `limits.scan` resources (`scanStopped`: the scan stopped
+    /// there without finding it).
+    package func resolveTrail(_ idOrTrace: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws
+        -> TrailNames
     {
-        let trail = self.trail, traces = self.traces, resources = self.resources, brokerIds = self.brokerIds
+        let limit = limits.resources, budget = limits.scan
+        let trail = self.trail, resources = self.resources, brokerIds = self.brokerIds
         let byValue = self.byValue, targetOwners = self.targetOwners, targetState = self.targetState
         // The configured targets, and those a running broker saved a status for (a CLI opens the store without them).
         var targetNames = Set(targets.map(\.name))
@@ -57,18 +63,17 @@ extension BrokerStore {
             targetNames.insert(String(decoding: k.dropFirst(7), as: UTF8.self))
             return true
         }
-        var ids: [String] = []
-        try txn.scan(traces, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { k, _ in
-            ids.append(String(decoding: k[(idOrTrace.utf8.count + 1)...], as: UTF8.self))
-            return true
-        }
-        var byTrace = !ids.isEmpty
+        let touched = try traceTouched(idOrTrace, limit: limit, txn)
+        var ids = touched.ids, total = touched.total
+        var byTrace = touched.byTrace
+        var scanStopped: Int?
         if !byTrace {
             var hasTrail = false
-            try txn.scan(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _, _ in
+            try txn.scanKeys(trail, from: prefixed(idOrTrace, []), to: prefixEnd(idOrTrace)) { _ in
                 hasTrail = true; return false
             }
             let known = try txn.get(brokerIds, Array(idOrTrace.utf8)) != nil
+            func add(_ id: String) { if !ids.contains(id) { ids.append(id) } }
             if hasTrail || known {
                 ids = [idOrTrace]
             } else {
@@ -79,10 +84,9 @@ extension BrokerStore {
                         let p = BrokerStore.valuePrefix(type, attribute, value)
                         try txn.scan(byValue, from: p, to: p.dropLast() + [1]) { _, key in
                             if let bytes = try txn.get(resources, key),
-                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue,
-                                !ids.contains(id)
+                                let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
                             {
-                                ids.append(id)
+                                add(id)
                             }
                             return true
                         }
@@ -92,38 +96,68 @@ extension BrokerStore {
                 for name in targetNames.sorted() {
                     for type in ["User", "Group"] {
                         if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
-                            let id = String(decoding: owner, as: UTF8.self)
-                            if !ids.contains(id) { ids.append(id) }
+                            add(String(decoding: owner, as: UTF8.self))
                         }
                     }
                 }
             }
-            if ids.isEmpty {
-                // A trace that reached no target yet (the directory knows its latest change), or a source id.
-                var named: [String] = []
-                try txn.scan(resources) { _, v in
-                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue {
-                        let source = o[BrokerStore.sourceExtension]
-                        if source?["trace"]?.stringValue == idOrTrace {
-                            ids.append(id)
-                        } else if source?["id"]?.stringValue == idOrTrace {
-                            named.append(id)
+            if ids.isEmpty, !idOrTrace.utf8.contains(UInt8(ascii: "/")) {
+                // An id at the source: the directory's key (`<domain>/<type>/<source id>`), one read per domain.
+                for domain in try storedDomains(txn) {
+                    for type in ["User", "Group"] {
+                        if let bytes = try txn.get(resources, Array("\(domain)/\(type)/\(idOrTrace)".utf8)),
+                            let id = try JSONParser.parse(bytes, limits: .stored)["id"]?.stringValue
+                        {
+                            add(id)
                         }
                     }
-                    return true
+                }
+            }
+            if ids.isEmpty && budget > 0 {
+                // A trace that reached no target yet: the directory's latest change knows it.
+                var read = 0
+                try txn.scan(resources) { _, v in
+                    guard read < budget else {
+                        scanStopped = read
+                        return false
+                    }
+                    read += 1
+                    if let o = try JSONParser.parse(v, limits: .stored).objectValue, let id = o["id"]?.stringValue,
+                        o[BrokerStore.sourceExtension]?["trace"]?.stringValue == idOrTrace
+                    {
+                        ids.append(id)
+                    }
+                    return ids.count < limit
                 }
                 byTrace = !ids.isEmpty
-                if !byTrace { ids = named }
+                if byTrace { scanStopped = nil }
             }
+            total = ids.count
         }
-        return (ids, byTrace)
+        return TrailNames(ids: ids, byTrace: byTrace, total: total, scanStopped: scanStopped)
+    }
+
+    /// The domains the directory holds resources of: one seek each.
+    func storedDomains(_ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        var out: [String] = []
+        var from: [UInt8]?
+        while true {
+            var next: [UInt8]?
+            try txn.scanKeys(resources, from: from) { k in
+                next = Array(k.prefix { $0 != UInt8(ascii: "/") })
+                return false
+            }
+            guard let domain = next else { return out }
+            out.append(String(decoding: domain, as: UTF8.self))
+            from = domain + [UInt8(ascii: "0")]  // past `<domain>/…` ("0" follows "/")
+        }
     }
 
     /// The resources `query` names (not a trace id): for `targets push`.
     public func resources(named query: String) throws -> [String] {
         try environment.read { txn in
-            let (ids, byTrace) = try resolveTrail(query, txn)
-            return byTrace ? [] : ids
+            let r = try resolveTrail(query, limits: TrailLimits(scan: 0), txn)
+            return r.byTrace ? [] : r.ids
         }
     }
 

@@ -35,19 +35,30 @@ struct AgentActivity {
 /// and is served without a token: a browser's navigation cannot carry one.
 /// Each action calls what the command line calls (`OperatorActions.swift`,
 /// the dead-letter and deletion-guard functions of the store), on the
-/// thread pool, and then tells the running workers.
+/// thread pool, and then tells the running workers. What one request reads
+/// is bounded (`TrailLimits.console`, `heldBudget`, `letterBytes`), and so
+/// is how many wait for the pool (`maxInFlight`: then 503).
 /// Threading: loop-confined (the broker's loop).
 final class BrokerConsole {
     unowned let service: BrokerService
     let readTokens: [String]
     let operatorTokens: [String]
     static let apiPrefix = "/console/api/"
-    /// The most dead letters, held removals and hops one answer lists.
+    /// The most dead letters, held removals and resources one answer lists.
     static let maxListed = 200
-    static let maxHops = 1000
+    /// Queue entries one walk for held removals reads at most (the overview's count, the list).
+    static let heldBudget = 100_000
+    /// A dead letter's request or response is shown up to this many bytes.
+    static let bodyBytes = 16 << 10
+    /// Stored bytes of dead letters one list reads at most (after the first letter).
+    static let letterBytes = 8 << 20
+    /// Console requests on the thread pool, running or waiting, at most: more get 503.
+    static let maxInFlight = 4
     /// Counts that walk the store (resources per domain, dead letters and
     /// held removals per target).
     private var counts = CountCache()
+    private var inFlight = 0
+    private var refusals = RateLimitedLog()
 
     init(service: BrokerService, readTokens: [String], operatorTokens: [String]) {
         self.service = service
@@ -64,28 +75,47 @@ final class BrokerConsole {
         do {
             try route(request, responder)
         } catch let e as SCIMError {
-            service.logger.warning(
-                "console: refused",
-                metadata: [
-                    "method": .string(request.method), "path": .string(String(request.path)), "status": .stringConvertible(e.status),
-                    "detail": .string(e.detail),
-                ])
+            refused(e, request)
             responder.respond(Self.failure(e))
         } catch {
             responder.respond(Self.failure(SCIMError(500, nil, "internal error: \(error)")))
         }
     }
 
+    /// A refused request, logged at most `RateLimitedLog.perMinute` times a
+    /// minute (many come before any token is checked), its path cut short.
+    func refused(_ e: SCIMError, _ request: HTTPRequest? = nil) {
+        guard let notLogged = refusals.admit(now: service.loop.now) else { return }
+        var metadata: Logger.Metadata = [
+            "status": .stringConvertible(e.status), "detail": .string(Self.shown(e.detail, 300)),
+        ]
+        if let request {
+            metadata["method"] = .string(Self.shown(request.method, 16))
+            metadata["path"] = .string(Self.shown(request.path))
+        }
+        if notLogged > 0 { metadata["notLogged"] = .stringConvertible(notLogged) }
+        service.logger.warning("console: refused", metadata: metadata)
+    }
+
+    /// `text` cut to at most `bytes` bytes (on a character's boundary), with "…" when cut.
+    static func shown(_ text: some StringProtocol, _ bytes: Int = 120) -> String {
+        let utf8 = Array(text.utf8)
+        guard utf8.count > bytes else { return String(text) }
+        var n = bytes
+        while n > 0 && utf8[n] & 0xC0 == 0x80 { n -= 1 }
+        return String(decoding: utf8[..<n], as: UTF8.self) + "…"
+    }
+
     static func failure(_ e: SCIMError) -> HTTPResponse {
         var r = answer(e.status, e.json, type: "application/scim+json")
         if e.status == 401 { r.headers.set("WWW-Authenticate", #"Bearer realm="scim-broker console""#) }
+        if e.status == 503 { r.headers.set("Retry-After", "2") }
         return r
     }
 
     static func answer(_ status: Int, _ body: JSON, type: String = "application/json") -> HTTPResponse {
-        var r = HTTPResponse(status: status, headers: ["Content-Type": type, "Cache-Control": "no-store"], body: body.serialized())
-        r.headers.set("X-Content-Type-Options", "nosniff")
-        return r
+        ConsoleAssets.secured(
+            HTTPResponse(status: status, headers: ["Content-Type": type, "Cache-Control": "no-store"], body: body.serialized()))
     }
 
     static func ok(_ body: JSONObject) -> HTTPResponse { answer(200, .object(body)) }
@@ -109,13 +139,14 @@ final class BrokerConsole {
                     : "this token only reads: actions need an operator token")
         }
         if let origin = request.headers["Origin"] {
-            let host = request.headers["Host"] ?? ""
-            let named = origin.split(separator: "/", omittingEmptySubsequences: true).dropFirst().first.map(String.init) ?? ""
-            guard !host.isEmpty, equalsIgnoringCase(named, host) else {
-                throw SCIMError(403, nil, "a request from another origin (\(origin)) is refused")
+            guard
+                Self.sameOrigin(origin, host: request.headers["Host"], forwardedProto: request.headers["X-Forwarded-Proto"])
+            else {
+                throw SCIMError(403, nil, "a request from another origin (\(Self.shown(origin))) is refused")
             }
         }
-        guard let type = request.headers["Content-Type"], type.lowercased().hasPrefix("application/json") else {
+        let type = request.headers["Content-Type"]?.split(separator: ";", maxSplits: 1).first.map { String($0).trimmingSpaces }
+        guard let type, type.lowercased() == "application/json" else {
             throw SCIMError(415, nil, "an action's body is JSON: Content-Type: application/json")
         }
         guard !request.body.isEmpty else { return [:] }
@@ -125,14 +156,54 @@ final class BrokerConsole {
         return o
     }
 
+    /// Whether a browser's `Origin` is this listener as the browser reached
+    /// it: the same scheme (http, or what a TLS-terminating proxy says in
+    /// `X-Forwarded-Proto`), host and port (the scheme's default when not
+    /// given) as `Host`.
+    static func sameOrigin(_ origin: String, host: String?, forwardedProto: String?) -> Bool {
+        let proto = forwardedProto?.split(separator: ",").first.map { String($0).trimmingSpaces.lowercased() }
+        let scheme = proto == "https" ? "https" : "http"
+        let parts = origin.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[1].isEmpty, parts[0].lowercased() == scheme + ":", let host,
+            let a = hostAndPort(parts[2], scheme: scheme), let b = hostAndPort(Substring(host), scheme: scheme)
+        else { return false }
+        return equalsIgnoringCase(a.host, b.host) && a.port == b.port
+    }
+
+    /// `host[:port]` or `[v6]:port`, the port defaulting to the scheme's; nil when malformed.
+    static func hostAndPort(_ s: Substring, scheme: String) -> (host: String, port: Int)? {
+        var host = s, port: Substring?
+        if s.hasPrefix("[") {
+            guard let close = s.firstIndex(of: "]") else { return nil }
+            host = s[...close]
+            let rest = s[s.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.first == ":" else { return nil }
+                port = rest.dropFirst()
+            }
+        } else if let colon = s.firstIndex(of: ":") {
+            host = s[..<colon]
+            port = s[s.index(after: colon)...]
+        }
+        guard !host.isEmpty, !host.contains("@"), !host.contains(" ") else { return nil }
+        guard let port else { return (String(host), scheme == "https" ? 443 : 80) }
+        guard !port.isEmpty, port.count <= 5, port.allSatisfy(\.isASCII), let n = Int(port), n > 0, n <= 65535 else { return nil }
+        return (String(host), n)
+    }
+
     func route(_ request: HTTPRequest, _ responder: Responder) throws {
-        let parts = request.path.dropFirst(Self.apiPrefix.count).split(separator: "/").map(String.init)
+        let raw = request.path.dropFirst(Self.apiPrefix.count).split(separator: "/")
         let role = try self.role(request)
+        // A target's name may hold any letter: the page percent-encodes it.
+        let decoded = raw.map { percentDecode($0, plusIsSpace: false) }
+        guard !decoded.contains(nil) else { throw SCIMError.invalidSyntax("malformed percent-encoding in the path") }
+        let parts = decoded.map { $0! }
         guard let params = request.query.map(parseQueryString) ?? [:] else { throw SCIMError.invalidSyntax("malformed query string") }
         let read = request.method == "GET" || request.method == "HEAD"
+        let path = Self.shown(request.path)
         func only(_ method: String) throws {
             let allowed = method == "GET" ? read : request.method == method
-            guard allowed else { throw SCIMError(405, nil, "\(request.path) takes \(method)") }
+            guard allowed else { throw SCIMError(405, nil, "\(path) takes \(method)") }
         }
         switch parts.first {
         case "session":
@@ -144,7 +215,7 @@ final class BrokerConsole {
                 ]))
         case "overview":
             try only("GET")
-            return overview(responder)
+            return try overview(responder)
         case "metrics":
             try only("GET")
             return responder.respond(Self.ok(metrics()))
@@ -153,54 +224,60 @@ final class BrokerConsole {
             guard let q = params["q"]?.trimmingSpaces, !q.isEmpty else {
                 throw SCIMError.invalidValue("give q: a userName, an externalId, an email, a group's displayName, any id or a trace id")
             }
-            return trace(q, responder)
+            return try trace(q, responder)
         case "targets" where parts.count >= 3:
             let target = try configuredTarget(parts[1])
             let action = parts[2...].joined(separator: "/")
             switch action {
             case "deadletters":
                 try only("GET")
-                return deadLetters(target, responder)
+                return try deadLetters(target, responder)
             case "held":
                 try only("GET")
-                return held(target, responder)
+                return try held(target, responder)
             case "push" where read:
                 guard let id = params["id"], let since = params["since"].flatMap({ Int64($0) }) else {
                     throw SCIMError.invalidValue("give id (the broker id the push queued) and since (its queuedAt)")
                 }
-                return pushAnswer(target, id, since, responder)
+                return try pushAnswer(target, id, since, responder)
             case "pause", "resume", "push", "deadletters/retry", "deadletters/drop", "held/confirm", "held/reject":
                 try only("POST")
                 let body = try checkAction(request, role)
                 return try act(action, target, body, responder)
             default:
-                throw SCIMError.notFound("no console endpoint \(request.path)")
+                throw SCIMError.notFound("no console endpoint \(path)")
             }
         default:
-            throw SCIMError.notFound("no console endpoint \(request.path)")
+            throw SCIMError.notFound("no console endpoint \(path)")
         }
     }
 
     func configuredTarget(_ name: String) throws -> TargetConfiguration {
         guard let t = service.configuration.targets.first(where: { $0.name == name }) else {
             let known = service.configuration.targets.map(\.name)
-            throw SCIMError.notFound("no target named '\(name)' (configured: \(known.isEmpty ? "none" : known.joined(separator: ", ")))")
+            throw SCIMError.notFound(
+                "no target named '\(Self.shown(name))' (configured: \(known.isEmpty ? "none" : known.joined(separator: ", ")))")
         }
         return t
     }
 
     /// Runs `work` (store reads and writes: they may block) on the thread
-    /// pool; `then` answers on the loop.
+    /// pool; `then` answers on the loop. At most `maxInFlight` wait or run:
+    /// beyond, 503 with Retry-After (nothing is done).
     func offload<T>(
         _ responder: Responder, _ work: @escaping @Sendable () throws -> T, then: @escaping (T) throws -> HTTPResponse
-    ) {
+    ) throws {
+        guard inFlight < Self.maxInFlight else {
+            throw SCIMError(503, nil, "the console has \(inFlight) requests on the broker's store already: try again shortly")
+        }
+        inFlight += 1
         let box = OffloadResult<T>()
         service.loop.offload({ box.result = Result { try work() } }) {
+            self.inFlight -= 1
             do {
                 responder.respond(try then(try box.result!.get()))
             } catch let e as SCIMError {
-                self.service.logger.warning(
-                    "console: refused", metadata: ["status": .stringConvertible(e.status), "detail": .string(e.detail)])
+                self.refused(e)
                 responder.respond(Self.failure(e))
             } catch {
                 responder.respond(Self.failure(SCIMError(503, nil, "the broker's store could not be read: \(error)")))
@@ -208,41 +285,50 @@ final class BrokerConsole {
         }
     }
 
+    /// A view built and serialized on the thread pool: the loop only sends it.
+    func offloadAnswer(_ responder: Responder, _ work: @escaping @Sendable () throws -> JSONObject) throws {
+        try offload(responder, { Self.ok(try work()) }, then: { $0 })
+    }
+
     // MARK: what it shows
 
-    func overview(_ responder: Responder) {
+    func overview(_ responder: Responder) throws {
         let s = service, store = s.store, now = s.loop.now
         let targets = s.configuration.targets
         let due = Set(
             (s.configuration.domains.map { "domain/\($0.domain)" } + targets.flatMap { ["dead/\($0.name)", "held/\($0.name)"] })
                 .filter { counts.due($0, now: now) })
         for (domain, t) in s.feeds.destinations { s.refreshBacklog(domain, t) }
-        offload(
+        try offload(
             responder,
             {
-                var counted: [String: Int] = [:]
+                var counted: [String: HeldScan] = [:]
                 var heldSince: [String: Int64] = [:]
                 var feeds: [String: (BrokerStore.FeedPosition, Int64)] = [:]
+                func count(_ n: Int) -> HeldScan { HeldScan(total: n, scanned: n) }
                 for t in targets {
                     let guardState = try store.deletionGuard(target: t.name)
                     heldSince[t.name] = guardState.pausedSince
                     if guardState.pausedSince == nil {
-                        counted["held/\(t.name)"] = 0
+                        counted["held/\(t.name)"] = count(0)
                     } else if due.contains("held/\(t.name)") {
-                        counted["held/\(t.name)"] = try store.heldRemovals(target: t.name).removals.count
+                        // The walk's cost is what it read of the queue, however few it found.
+                        counted["held/\(t.name)"] = try store.scanHeld(target: t.name, listed: 0, budget: Self.heldBudget)
                     }
-                    if due.contains("dead/\(t.name)") { counted["dead/\(t.name)"] = try store.deadLetterCount(target: t.name) }
+                    if due.contains("dead/\(t.name)") { counted["dead/\(t.name)"] = count(try store.deadLetterCount(target: t.name)) }
                     if t.destination != nil {
                         feeds[t.name] = (try store.feedPosition(target: t.name), try store.feedOldest(target: t.name))
                     }
                 }
                 for key in due where key.hasPrefix("domain/") {
-                    counted[key] = try store.resourceCount(domain: String(key.dropFirst("domain/".count)))
+                    counted[key] = count(try store.resourceCount(domain: String(key.dropFirst("domain/".count))))
                 }
                 return (try store.agentSequences(), heldSince, feeds, counted, try store.count("User"), try store.count("Group"))
             },
             then: { [self] (sequences, heldSince, feeds, counted, users, groups) in
-                for (key, n) in counted { counts.set(key, n, now: now) }
+                for (key, c) in counted {
+                    counts.set(key, c.total, cost: c.scanned, complete: c.complete, now: now, at: unixMilliseconds())
+                }
                 return Self.ok([
                     "now": .number(JSONNumber(integer: unixMilliseconds())), "version": .string(scimEdgeVersion),
                     "startedAt": .number(JSONNumber(integer: s.startedAt)),
@@ -270,7 +356,7 @@ final class BrokerConsole {
                 "connections": .int(connections), "stores": .array(stores),
                 "destinationOf": .array(destinations.filter { $0.destination == b.domain }.map { .string($0.name) }),
             ]
-            o["resources"] = counts.value("domain/\(b.domain)").map(JSON.int) ?? .null
+            counts.describe("domain/\(b.domain)", as: "resources", in: &o)
             o["lastSeen"] = activity.map { .number(JSONNumber(integer: $0.lastSeen)) } ?? .null
             o["lastBatch"] = activity.flatMap { $0.lastBatchAt > 0 ? .number(JSONNumber(integer: $0.lastBatchAt)) : nil } ?? .null
             o["lastBatchEvents"] = activity.map { .int($0.lastBatchEvents) } ?? .null
@@ -321,8 +407,8 @@ final class BrokerConsole {
         } else {
             o["paused"] = .null
         }
-        o["deadLetters"] = .int(counts.value("dead/\(t.name)") ?? 0)
-        o["held"] = .int(counts.value("held/\(t.name)") ?? 0)
+        counts.describe("dead/\(t.name)", as: "deadLetters", in: &o)
+        counts.describe("held/\(t.name)", as: "held", in: &o)
         o["heldSince"] = heldSince.map { .number(JSONNumber(integer: $0)) } ?? .null
         return o
     }
@@ -356,64 +442,70 @@ final class BrokerConsole {
         return .number(JSONNumber(String((d * 1_000_000).rounded() / 1_000_000)) ?? JSONNumber(integer: 0))
     }
 
-    func trace(_ q: String, _ responder: Responder) {
+    func trace(_ q: String, _ responder: Responder) throws {
         let store = service.store
-        offload(
-            responder,
-            {
-                let hops = try store.trail(q)
-                var resources: [JSON] = []
-                for id in Set(hops.map(\.brokerID)).sorted().prefix(Self.maxListed) {
-                    var o: JSONObject = ["id": .string(id)]
-                    if let (domain, type, r) = try store.resource(brokerID: id, members: false) {
-                        o["type"] = .string(type)
-                        o["domain"] = .string(domain)
-                        o["name"] = r[type == "User" ? "userName" : "displayName"] ?? .null
-                        o["externalId"] = r["externalId"] ?? .null
-                    } else {
-                        o["gone"] = true
-                    }
-                    resources.append(.object(o))
+        try offloadAnswer(responder) {
+            let found = try store.trail(q, limits: .console)
+            var resources: [JSON] = []
+            for id in Set(found.hops.map(\.brokerID)).sorted().prefix(Self.maxListed) {
+                var o: JSONObject = ["id": .string(id)]
+                if let (domain, type, r) = try store.resource(brokerID: id, members: false) {
+                    o["type"] = .string(type)
+                    o["domain"] = .string(domain)
+                    o["name"] = r[type == "User" ? "userName" : "displayName"] ?? .null
+                    o["externalId"] = r["externalId"] ?? .null
+                } else {
+                    o["gone"] = true
                 }
-                return (hops, resources)
-            },
-            then: { hops, resources in
-                Self.ok([
-                    "query": .string(q), "total": .int(hops.count), "resources": .array(resources),
-                    "hops": .array(
-                        hops.prefix(Self.maxHops).map { h in
-                            var o = h.hop
-                            o["id"] = .string(h.brokerID)
-                            return .object(o)
-                        }),
-                ])
-            })
+                resources.append(.object(o))
+            }
+            var answer: JSONObject = [
+                "query": .string(q), "total": .int(found.total), "complete": .bool(found.complete),
+                "resourcesTotal": .int(found.resourcesTotal), "resourcesRead": .int(found.resources.count),
+                "resources": .array(resources),
+                "hops": .array(
+                    found.hops.map { h in
+                        var o = h.hop
+                        o["id"] = .string(h.brokerID)
+                        return .object(o)
+                    }),
+            ]
+            if found.hops.isEmpty, let read = found.scanStopped {
+                answer["notFound"] = .string(
+                    "nothing names \(Self.shown(q)); a trace id that reached no target yet is looked for in the first \(read) of the directory's resources only: give a broker id, a userName, an externalId or an id at the source"
+                )
+            }
+            return answer
+        }
     }
 
-    func deadLetters(_ t: TargetConfiguration, _ responder: Responder) {
+    func deadLetters(_ t: TargetConfiguration, _ responder: Responder) throws {
         let store = service.store, name = t.name
-        offload(
-            responder, { (try store.deadLetterCount(target: name), try store.deadLetters(target: name, limit: Self.maxListed)) },
-            then: { total, letters in
-                Self.ok(["target": .string(name), "total": .int(total), "letters": .array(letters.map { .object($0.letter) })])
-            })
+        try offloadAnswer(responder) {
+            let page = try store.consoleDeadLetters(
+                target: name, limit: Self.maxListed, bytes: Self.letterBytes, bodyBytes: Self.bodyBytes)
+            return [
+                "target": .string(name), "total": .int(page.total), "lastSeq": .number(JSONNumber(integer: Int64(page.lastSeq))),
+                "letters": .array(page.letters.map(JSON.object)),
+            ]
+        }
     }
 
-    func held(_ t: TargetConfiguration, _ responder: Responder) {
+    func held(_ t: TargetConfiguration, _ responder: Responder) throws {
         let store = service.store, name = t.name
-        offload(
-            responder, { try store.heldRemovals(target: name) },
-            then: { pausedSince, removals in
-                Self.ok([
-                    "target": .string(name), "pausedSince": pausedSince.map { .number(JSONNumber(integer: $0)) } ?? .null,
-                    "total": .int(removals.count), "removals": .array(removals.prefix(Self.maxListed).map(\.json)),
-                ])
-            })
+        try offloadAnswer(responder) {
+            let scan = try store.scanHeld(target: name, listed: Self.maxListed, budget: Self.heldBudget)
+            return [
+                "target": .string(name), "pausedSince": scan.pausedSince.map { .number(JSONNumber(integer: $0)) } ?? .null,
+                "total": .int(scan.total), "complete": .bool(scan.complete), "scanned": .int(scan.scanned),
+                "lastSeq": .number(JSONNumber(integer: Int64(scan.lastSeq))), "removals": .array(scan.removals.map(\.json)),
+            ]
+        }
     }
 
-    func pushAnswer(_ t: TargetConfiguration, _ id: String, _ since: Int64, _ responder: Responder) {
+    func pushAnswer(_ t: TargetConfiguration, _ id: String, _ since: Int64, _ responder: Responder) throws {
         let store = service.store, name = t.name
-        offload(
+        try offload(
             responder, { try store.pushAnswer(target: name, brokerID: id, since: since) },
             then: { hop in
                 var o: JSONObject = ["target": .string(name), "id": .string(id), "done": .bool(hop != nil)]
@@ -425,23 +517,39 @@ final class BrokerConsole {
 
     // MARK: actions
 
-    /// One action of an operator, by the code the command line runs.
+    /// An action refused because the store holds more, or less, than the operator was shown: 409.
+    static func conflicts<T>(_ work: () throws -> T) throws -> T {
+        do { return try work() } catch let e as DeletionGuardError {
+            throw SCIMError(409, nil, e.description)
+        } catch let e as DeadLetterError {
+            throw SCIMError(409, nil, e.description)
+        }
+    }
+
+    /// One action of an operator, by the code the command line runs. An
+    /// action on everything listed names the highest queue or dead-letter
+    /// sequence the operator was shown (`through`): 409, and nothing done,
+    /// when there is more now.
     func act(_ action: String, _ t: TargetConfiguration, _ body: JSONObject, _ responder: Responder) throws {
         let store = service.store, name = t.name
-        func log(_ detail: String) {
-            service.logger.notice("console: \(action)", metadata: ["target": .string(name), "detail": .string(detail)])
+        func log(_ count: Int, _ detail: String) {
+            service.logger.notice(
+                "console: \(action)", metadata: ["target": .string(name), "count": .stringConvertible(count), "detail": .string(detail)])
         }
         func seq(_ key: String) throws -> UInt64? {
             guard let v = body[key], !v.isNull else { return nil }
             guard let n = v.numberValue?.integer, n > 0 else { throw SCIMError.invalidValue("'\(key)' must be a positive integer (#N)") }
             return UInt64(n)
         }
+        if body["all"] != nil && action != "push" {
+            throw SCIMError.invalidValue(
+                "give 'through': the highest #N you were shown (the list's lastSeq); 'all' is for the command line")
+        }
         switch action {
+        case _ where t.destination != nil && ["pause", "resume", "push"].contains(action):
+            throw SCIMError(
+                409, nil, "\(name) is a boundary: its agent fetches the feed; \(action) it there (or stop its polling) instead")
         case "pause", "resume":
-            guard t.destination == nil else {
-                throw SCIMError(
-                    409, nil, "\(name) is a boundary: its agent fetches the feed; pause it there (or stop its polling) instead")
-            }
             var reason = "paused by an operator (console)"
             if let r = body["reason"] {
                 guard let text = r.stringValue, !text.isEmpty, text.count <= 500 else {
@@ -450,11 +558,11 @@ final class BrokerConsole {
                 reason = text
             }
             let why = reason
-            offload(
+            try offload(
                 responder, { action == "pause" ? try store.pauseTarget(name, reason: why) : try store.resumeTarget(name) },
                 then: { [self] pause in
                     service.followPauses()
-                    log(action == "pause" ? reason : pause == nil ? "was not paused" : "resumed")
+                    log(action == "pause" || pause != nil ? 1 : 0, action == "pause" ? reason : pause == nil ? "was not paused" : "resumed")
                     var o: JSONObject = ["target": .string(name), "paused": .bool(action == "pause")]
                     o["pause"] = pause.map { .object($0.json) } ?? .null
                     return Self.ok(o)
@@ -463,7 +571,7 @@ final class BrokerConsole {
             guard let resource = body["resource"]?.stringValue?.trimmingSpaces, !resource.isEmpty else {
                 throw SCIMError.invalidValue("give 'resource': a userName, an externalId, an email, a displayName or any id")
             }
-            offload(
+            try offload(
                 responder,
                 {
                     do { return try store.push(resource, to: t) } catch let e as PushError {
@@ -473,32 +581,43 @@ final class BrokerConsole {
                 },
                 then: { [self] plan in
                     if plan.trace != nil { service.queuedByOperator(target: name, 1) }
-                    log("\(resource): " + (plan.trace.map { "queued, trace \($0)" } ?? "out of scope"))
+                    log(
+                        plan.trace == nil ? 0 : 1,
+                        "\(Self.shown(resource)): " + (plan.trace.map { "queued, trace \($0)" } ?? "out of scope"))
                     var o = plan.json
                     o["target"] = .string(name)
                     o["paused"] = .bool(service.pauses[name] != nil)
                     return Self.ok(o)
                 })
         case "deadletters/retry", "deadletters/drop":
-            let number = try seq("seq")
-            let all = body["all"]?.boolValue ?? false
+            let number = try seq("seq"), through = try seq("through")
             let requeue = action == "deadletters/retry"
-            // Forgetting is for good: every one only when asked in so many words (as `deadletter drop --all`).
-            if !requeue && number == nil && !all { throw SCIMError.invalidValue("give 'seq' (#N), or 'all': true to drop every one") }
-            if number != nil && all { throw SCIMError.invalidValue("give 'seq' or 'all', not both") }
+            guard (number == nil) != (through == nil) else {
+                throw SCIMError.invalidValue(
+                    "give 'seq' (#N) for one, or 'through' (the highest #N you were shown) for every one up to it; not both")
+            }
             let link = t.collisions.linkPolicy
-            offload(
-                responder, { try store.settleDeadLetters(target: name, seq: number, requeue: requeue, linkPolicy: link) },
+            try offload(
+                responder,
+                {
+                    try Self.conflicts {
+                        try store.settleDeadLetters(target: name, seq: number, requeue: requeue, linkPolicy: link, through: through)
+                    }
+                },
                 then: { [self] n in
                     if requeue && n > 0 { service.queuedByOperator(target: name, n) }
-                    log("\(n) " + (requeue ? "queued again" : "dropped"))
+                    log(n, (requeue ? "queued again" : "dropped") + (number.map { " #\($0)" } ?? through.map { " up to #\($0)" } ?? ""))
                     return Self.ok(["target": .string(name), requeue ? "retried" : "dropped": .int(n)])
                 })
         case "held/confirm":
-            offload(
-                responder, { try store.confirmDeletes(target: name) },
+            guard let through = try seq("through") else {
+                throw SCIMError.invalidValue(
+                    "give 'through': the highest queue sequence (#N) of the held removals you were shown (lastSeq)")
+            }
+            try offload(
+                responder, { try Self.conflicts { try store.confirmDeletes(target: name, through: through) } },
                 then: { _ in
-                    log("removals released")
+                    log(0, "removals up to #\(through) released")
                     return Self.ok(["target": .string(name), "confirmed": true])
                 })
         case "held/reject":
@@ -512,16 +631,16 @@ final class BrokerConsole {
                     return UInt64(n)
                 }
             }
+            let through = try seq("through")
+            guard (seqs == nil) != (through == nil) else {
+                throw SCIMError.invalidValue(
+                    "give 'seqs' (the queue sequences to reject), or 'through' (the highest #N you were shown) for every one; not both")
+            }
             let chosen = seqs
-            offload(
-                responder,
-                {
-                    do { return try store.rejectHeldRemovals(target: name, seqs: chosen) } catch let e as DeletionGuardError {
-                        throw SCIMError(409, nil, e.description)
-                    }
-                },
+            try offload(
+                responder, { try Self.conflicts { try store.rejectHeldRemovals(target: name, seqs: chosen, through: through) } },
                 then: { result in
-                    log("\(result.rejected.count) rejected")
+                    log(result.rejected.count, "rejected" + (through.map { " up to #\($0)" } ?? ""))
                     return Self.ok([
                         "target": .string(name), "rejected": .array(result.rejected.map(\.json)), "stillHeld": .int(result.stillHeld),
                         "resumed": .bool(result.resumed),
@@ -533,19 +652,107 @@ final class BrokerConsole {
     }
 }
 
+extension BrokerStore {
+    /// The console's page of dead letters: the oldest `limit`, read until
+    /// `bytes` stored bytes (at least one letter), each request and response
+    /// cut to `bodyBytes` (`truncated` names those, `requestBytes` and
+    /// `responseBytes` their size); how many there are (keys only), and the
+    /// highest sequence (what "Retry all" and "Drop all" name).
+    func consoleDeadLetters(target: String, limit: Int, bytes: Int, bodyBytes: Int) throws
+        -> (letters: [JSONObject], total: Int, lastSeq: UInt64)
+    {
+        let targetDead = self.targetDead
+        return try environment.read { txn in
+            var total = 0
+            var lastSeq: UInt64 = 0
+            try txn.scanKeys(targetDead, from: prefixed(target, []), to: prefixEnd(target)) { k in
+                total += 1
+                lastSeq = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? lastSeq
+                return true
+            }
+            var letters: [JSONObject] = []
+            var read = 0
+            try txn.scan(targetDead, from: prefixed(target, []), to: prefixEnd(target)) { _, v in
+                guard letters.count < limit, letters.isEmpty || read + v.count <= bytes else { return false }
+                read += v.count
+                guard var o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
+                var cut: [JSON] = []
+                for field in ["request", "response"] {
+                    guard let text = o[field]?.stringValue, text.utf8.count > bodyBytes else { continue }
+                    o[field] = .string(BrokerConsole.shown(text, bodyBytes))
+                    o[field + "Bytes"] = .int(text.utf8.count)
+                    cut.append(.string(field))
+                }
+                if !cut.isEmpty { o["truncated"] = .array(cut) }
+                letters.append(o)
+                return true
+            }
+            return (letters, total, lastSeq)
+        }
+    }
+}
+
 /// A pool thread's result, read on the loop afterwards (libuv orders the two).
 private final class OffloadResult<T>: @unchecked Sendable {
     var result: Result<T, Error>?
 }
 
 /// Counts that walk keys of the store, for the console's overview: taken
-/// at every poll while small, at most every 30 s once large, so that an
-/// open console costs little on a large store. Threading: loop-confined.
+/// at every poll while the walk is short, at most every 30 s once it read
+/// more than 10,000 entries (a count of held removals walks the whole
+/// queue, however few it finds), so that an open console costs little on a
+/// large store. The overview says when each was taken, and `≥` for one that
+/// stopped at its budget. Threading: loop-confined.
 struct CountCache {
     static let small = 10_000
-    private var counts: [String: (at: UInt64, value: Int)] = [:]
+    static let interval: UInt64 = 30_000
+    struct Count {
+        var at: UInt64
+        /// Unix ms, for the page.
+        var takenAt: Int64
+        var value: Int
+        var cost: Int
+        var complete: Bool
+    }
+    private var counts: [String: Count] = [:]
 
-    func due(_ key: String, now: UInt64) -> Bool { counts[key].map { $0.value < Self.small || now >= $0.at + 30_000 } ?? true }
+    func due(_ key: String, now: UInt64) -> Bool { counts[key].map { $0.cost < Self.small || now >= $0.at + Self.interval } ?? true }
     func value(_ key: String) -> Int? { counts[key]?.value }
-    mutating func set(_ key: String, _ value: Int, now: UInt64) { counts[key] = (now, value) }
+    mutating func set(_ key: String, _ value: Int, cost: Int, complete: Bool = true, now: UInt64, at: Int64) {
+        counts[key] = Count(at: now, takenAt: at, value: value, cost: cost, complete: complete)
+    }
+
+    /// `name` (the count, or null), `nameComplete` (false: at least that
+    /// many) and `nameCountedAt` (Unix ms) in `o`.
+    func describe(_ key: String, as name: String, in o: inout JSONObject) {
+        let c = counts[key]
+        o[name] = c.map { .int($0.value) } ?? .null
+        o[name + "Complete"] = .bool(c?.complete ?? true)
+        o[name + "CountedAt"] = c.map { .number(JSONNumber(integer: $0.takenAt)) } ?? .null
+    }
+}
+
+/// A log line that may come from anyone (a refused request): at most
+/// `perMinute` a minute; the next one logged says how many were not.
+/// Threading: loop-confined.
+struct RateLimitedLog {
+    static let perMinute = 20
+    private var windowStart: UInt64 = 0
+    private var logged = 0
+    private var dropped = 0
+
+    /// Nil: do not log this one. Else how many were not logged before it.
+    mutating func admit(now: UInt64) -> Int? {
+        if now >= windowStart + 60_000 {
+            windowStart = now
+            logged = 0
+        }
+        guard logged < Self.perMinute else {
+            dropped += 1
+            return nil
+        }
+        logged += 1
+        defer { dropped = 0 }
+        return dropped
+    }
 }

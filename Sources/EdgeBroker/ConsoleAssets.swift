@@ -8,28 +8,10 @@ import EdgeHTTP
 /// and sends it in the `Authorization` header of each request. Everything
 /// shown is set as text (never as HTML): names come from the IdPs.
 enum ConsoleAssets {
-    static func response(for request: HTTPRequest) -> HTTPResponse {
-        guard request.method == "GET" || request.method == "HEAD" else {
-            var r = HTTPResponse(status: 405, contentType: "text/plain; charset=utf-8", body: "the console's files take GET\n")
-            r.headers.set("Allow", "GET, HEAD")
-            return r
-        }
-        let file: (type: String, body: String)
-        switch request.path {
-        case "/console":
-            var r = HTTPResponse(status: 301, contentType: "text/plain; charset=utf-8", body: "the console is at /console/\n")
-            r.headers.set("Location", "/console/")
-            return r
-        case "/console/", "/console/index.html": file = ("text/html; charset=utf-8", page)
-        case "/console/console.js": file = ("text/javascript; charset=utf-8", script)
-        case "/console/console.css": file = ("text/css; charset=utf-8", style)
-        default:
-            return HTTPResponse(
-                status: 404, contentType: "text/plain; charset=utf-8", body: "no such file: \(request.path) (the console is at /console/)\n"
-            )
-        }
-        var r = HTTPResponse(status: 200, contentType: file.type, body: file.body)
-        // Only its own files, no framing by another site, no referrer.
+    /// Every answer under `/console/` (files, errors, JSON): only its own
+    /// files, no framing by another site, no referrer, no type sniffing.
+    static func secured(_ response: HTTPResponse) -> HTTPResponse {
+        var r = response
         r.headers.set(
             "Content-Security-Policy",
             "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -37,8 +19,32 @@ enum ConsoleAssets {
         r.headers.set("X-Frame-Options", "DENY")
         r.headers.set("X-Content-Type-Options", "nosniff")
         r.headers.set("Referrer-Policy", "no-referrer")
-        r.headers.set("Cache-Control", "no-cache")
         return r
+    }
+
+    static func response(for request: HTTPRequest) -> HTTPResponse {
+        guard request.method == "GET" || request.method == "HEAD" else {
+            var r = HTTPResponse(status: 405, contentType: "text/plain; charset=utf-8", body: "the console's files take GET\n")
+            r.headers.set("Allow", "GET, HEAD")
+            return secured(r)
+        }
+        let file: (type: String, body: String)
+        switch request.path {
+        case "/console":
+            var r = HTTPResponse(status: 301, contentType: "text/plain; charset=utf-8", body: "the console is at /console/\n")
+            r.headers.set("Location", "/console/")
+            return secured(r)
+        case "/console/", "/console/index.html": file = ("text/html; charset=utf-8", page)
+        case "/console/console.js": file = ("text/javascript; charset=utf-8", script)
+        case "/console/console.css": file = ("text/css; charset=utf-8", style)
+        default:
+            // The path is not echoed: it is the caller's.
+            return secured(
+                HTTPResponse(status: 404, contentType: "text/plain; charset=utf-8", body: "no such file (the console is at /console/)\n"))
+        }
+        var r = HTTPResponse(status: 200, contentType: file.type, body: file.body)
+        r.headers.set("Cache-Control", "no-cache")
+        return secured(r)
     }
 
     static let page = #"""
@@ -145,7 +151,7 @@ enum ConsoleAssets {
         (function () {
           const KEY = 'scim-broker-console-token';
           const $ = (s) => document.querySelector(s);
-          let token = null, role = null, samples = [], overview = null, detail = null, polling = null;
+          let token = null, role = null, samples = [], overview = null, detail = null, polling = null, generation = 0;
 
           // Elements from data, always as text.
           function el(tag, attrs, ...children) {
@@ -182,6 +188,13 @@ enum ConsoleAssets {
             return el('span', { title: iso(seconds * 1000), class: days < 0 ? 'bad' : days < 14 ? 'warn' : '' }, days < 0 ? 'expired' : 'in ' + days + ' days');
           }
           const badge = (text, kind) => el('span', { class: 'badge ' + (kind || '') }, text);
+          // A count the broker takes at most every 30 s on a large store: '≥' when its walk stopped, and since when.
+          function counted(o, name) {
+            const v = o[name], at = o[name + 'CountedAt'];
+            if (v === null || v === undefined) return '-';
+            const text = (o[name + 'Complete'] === false ? '≥' : '') + v;
+            return at && Date.now() - at > 10000 ? el('span', { title: 'counted ' + iso(at) }, text, ' ', el('span', { class: 'muted' }, 'as of ', ago(at))) : text;
+          }
 
           async function api(path, body) {
             const init = { headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' };
@@ -224,7 +237,7 @@ enum ConsoleAssets {
                 el('td', { class: 'num' }, d.stores.length ? d.stores.map((s) => el('div', {}, String(s.applied) + (s.epoch ? ' ' : ''), s.epoch ? el('span', { class: 'muted' }, 'epoch ' + s.epoch) : null)) : '-'),
                 el('td', { class: 'num' }, d.lagSeconds === null ? '-' : d.lagSeconds.toFixed(3) + ' s', d.lastBatch ? el('div', { class: 'muted' }, d.lastBatchEvents + ' events, ', ago(d.lastBatch)) : null),
                 until(d.certificateExpiry),
-                num(d.resources),
+                el('td', { class: 'num' }, counted(d, 'resources')),
               ]), 'no domain is bound');
             table($('#destinations'), ['target', 'domain', 'queued', 'oldest queued', 'feed issued / acknowledged', 'unacknowledged', 'oldest unacknowledged', 'agent'],
               f.destinations.map((d) => [d.target, d.domain, num(d.queued), ago(d.oldestQueuedAt), num(d.feed ? d.feed.issued + ' / ' + d.feed.acked : '-'),
@@ -256,8 +269,8 @@ enum ConsoleAssets {
               o.targets.map((t) => [
                 el('td', {}, el('b', {}, t.target), el('div', { class: 'muted' }, t.url || '')),
                 el('td', {}, stateOf(t)), t.breaker || '-', num(t.queued), ago(t.queued ? t.oldestQueuedAt : 0), num(rateOf(t.target)), num(t.delivered),
-                el('td', { class: 'num' }, el('a', { onclick: () => openDetail('deadletters', t.target) }, String(t.deadLetters))),
-                el('td', { class: 'num' }, el('a', { onclick: () => openDetail('held', t.target) }, String(t.held)), t.heldSince ? el('div', { class: 'warn' }, 'guard tripped ', ago(t.heldSince)) : null),
+                el('td', { class: 'num' }, el('a', { onclick: () => openDetail('deadletters', t.target) }, counted(t, 'deadLetters'))),
+                el('td', { class: 'num' }, el('a', { onclick: () => openDetail('held', t.target) }, counted(t, 'held')), t.heldSince ? el('div', { class: 'warn' }, 'guard tripped ', ago(t.heldSince)) : null),
                 el('td', {},
                   t.paused ? action('Resume', () => api('targets/' + enc(t.target) + '/resume', {}), false, { 'data-action': 'resume', 'data-target': t.target })
                     : el('button', { type: 'button', 'data-action': 'pause', 'data-target': t.target, disabled: role !== 'operator', onclick: () => openDetail('pause', t.target) }, 'Pause…'),
@@ -276,19 +289,23 @@ enum ConsoleAssets {
             try {
               if (kind === 'deadletters') {
                 const d = await api(path + 'deadletters');
-                box.replaceChildren(el('h3', {}, 'Dead letters of ' + target + ' ', el('span', { class: 'muted' }, '(' + d.total + ')')),
-                  d.letters.length ? el('div', {}, action('Retry all', () => api(path + 'deadletters/retry', {})), action('Drop all', () => api(path + 'deadletters/drop', { all: true }), true)) : el('p', { class: 'muted' }, 'none'),
+                // "all" is what this list counted: up to its highest number (409 when more came since).
+                box.replaceChildren(el('h3', {}, 'Dead letters of ' + target + ' ', el('span', { class: 'muted' }, '(' + d.total + (d.letters.length < d.total ? ', the oldest ' + d.letters.length + ' shown' : '') + ')')),
+                  d.letters.length ? el('div', {}, action('Retry all ' + d.total, () => api(path + 'deadletters/retry', { through: d.lastSeq })), action('Drop all ' + d.total, () => api(path + 'deadletters/drop', { through: d.lastSeq }), true)) : el('p', { class: 'muted' }, 'none'),
                   d.letters.map((l) => el('div', { class: 'item', 'data-seq': l.seq },
                     el('div', {}, el('b', {}, '#' + l.seq), ' ', iso(l.at), ' ', (l.method || '') + ' ' + (l.path || '') + ' → ' + l.status, ' ', el('span', { class: 'muted' }, (l.type || '') + ' ' + l.id + ', trace '),
                       el('a', { onclick: () => search(l.trace) }, l.trace || '-')),
-                    el('details', {}, el('summary', {}, 'request and response'), el('div', { class: 'muted' }, 'request'), el('pre', {}, l.request || ''), el('div', { class: 'muted' }, 'response'), el('pre', {}, l.response || '')),
+                    el('details', {}, el('summary', {}, 'request and response'), ['request', 'response'].map((f) => [el('div', { class: 'muted' }, f,
+                      (l.truncated || []).includes(f) ? ' (the first 16 KiB of ' + l[f + 'Bytes'] + ' bytes: scim-broker deadletter list shows it whole)' : ''), el('pre', {}, l[f] || '')])),
                     action('Retry', () => api(path + 'deadletters/retry', { seq: l.seq })), action('Drop', () => api(path + 'deadletters/drop', { seq: l.seq }), true))),
                   close);
               } else if (kind === 'held') {
                 const h = await api(path + 'held');
-                box.replaceChildren(el('h3', {}, 'Removals held by the deletion guard of ' + target + ' ', el('span', { class: 'muted' }, '(' + h.total + ')')),
+                const n = (h.complete ? '' : '≥') + h.total;
+                box.replaceChildren(el('h3', {}, 'Removals held by the deletion guard of ' + target + ' ', el('span', { class: 'muted' }, '(' + n + (h.removals.length < h.total ? ', the first ' + h.removals.length + ' shown' : '') + ')')),
+                  h.complete ? null : el('p', { class: 'warn' }, 'The queue is longer than the console reads (' + h.scanned + ' entries): use scim-broker targets held and confirm-deletes.'),
                   h.pausedSince ? el('div', {}, el('p', {}, 'The guard tripped ', ago(h.pausedSince), ': removals wait for a decision. Confirming sends them; rejecting drops them (the accounts stay).'),
-                    action('Confirm: send them all', () => api(path + 'held/confirm', {}), true), action('Reject them all', () => api(path + 'held/reject', {}), true)) : el('p', { class: 'muted' }, 'the deletion guard holds nothing: removals flow'),
+                    action('Confirm: send these ' + n, () => api(path + 'held/confirm', { through: h.lastSeq }), true), action('Reject these ' + n, () => api(path + 'held/reject', { through: h.lastSeq }), true)) : el('p', { class: 'muted' }, 'the deletion guard holds nothing: removals flow'),
                   table(el('table'), ['#', 'removal', 'name', 'domain', 'queued', 'trace', ''], h.removals.map((r) => ['#' + r.seq, r.op + ' ' + r.type + ' ' + r.id, r.userName || r.displayName || '-', r.domain || '-', ago(r.queuedAt),
                     el('a', { onclick: () => search(r.trace) }, r.trace || '-'), action('Reject', () => api(path + 'held/reject', { seqs: [r.seq] }), true)]), 'nothing held'),
                   close);
@@ -355,7 +372,7 @@ enum ConsoleAssets {
             box.replaceChildren(el('p', { class: 'muted' }, 'searching…'));
             try {
               const r = await api('trace?q=' + enc(q));
-              if (!r.hops.length) { box.replaceChildren(el('p', { class: 'muted' }, 'nothing recorded for ' + q)); return; }
+              if (!r.hops.length) { box.replaceChildren(el('p', { class: 'muted' }, r.notFound || 'nothing recorded for ' + q)); return; }
               const names = {};
               for (const x of r.resources) names[x.id] = x;
               const rows = r.hops.map((h, i) => {
@@ -369,7 +386,10 @@ enum ConsoleAssets {
               });
               const t = el('table', { id: 'hops' });
               table(t, ['time (UTC)', 'resource', 'hop', 'outcome', 'detail', 'trace'], rows, '');
-              box.replaceChildren(el('p', { class: 'muted' }, r.total + ' hops of ' + r.resources.map((x) => (x.type || '') + ' ' + (x.name || x.id) + (x.domain ? ' (' + x.domain + ')' : '')).join(', ') + (r.total > r.hops.length ? '; the first ' + r.hops.length + ' shown' : '')), t);
+              const more = r.complete ? '' : 'at least ';
+              box.replaceChildren(el('p', { class: 'muted' }, more + r.total + ' hops of ' + (r.resourcesTotal > r.resources.length ? more + r.resourcesTotal + ' resources, among them ' : '') +
+                r.resources.map((x) => (x.type || '') + ' ' + (x.name || x.id) + (x.domain ? ' (' + x.domain + ')' : '')).join(', ') + (r.total > r.hops.length ? '; the earliest ' + r.hops.length + ' shown' : '') +
+                (r.complete ? '' : '; the console reads ' + r.resourcesRead + ' resources of a trace: scim-broker trace --limit N shows more')), t);
             } catch (e) { box.replaceChildren(el('p', { class: 'bad' }, e.message)); }
           }
 
@@ -434,11 +454,14 @@ enum ConsoleAssets {
               $('#role').className = 'badge ' + (role === 'operator' ? 'warn' : '');
             } catch (e) { if (token) problem(e.message); return; }
             $('#login').hidden = true; $('#main').hidden = false; $('#forget').hidden = false;
-            await refresh();
-            polling = setInterval(refresh, 2000);
+            // The next poll 2 s after the last one answered: a slow broker gets fewer requests, never a pile.
+            const mine = ++generation;
+            clearTimeout(polling);
+            const poll = async () => { await refresh(); if (token && mine === generation) polling = setTimeout(poll, 2000); };
+            await poll();
           }
           function signOut(why) {
-            sessionStorage.removeItem(KEY); token = null; clearInterval(polling);
+            sessionStorage.removeItem(KEY); token = null; generation++; clearTimeout(polling);
             $('#main').hidden = true; $('#forget').hidden = true; $('#login').hidden = false; $('#role').textContent = '';
             problem(why || '');
           }

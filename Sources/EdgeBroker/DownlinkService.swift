@@ -27,6 +27,8 @@ final class BrokerFeeds {
     var served: [String: Int] = [:]
     /// Destinations whose feed is starting again for a new store.
     var resyncing: Set<String> = []
+    /// Destinations whose backlog is being counted (on the thread pool).
+    var counting: Set<String> = []
 
     init(destinations: [TargetConfiguration]) {
         var byDomain: [String: TargetConfiguration] = [:]
@@ -208,10 +210,17 @@ extension BrokerService {
         return HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: body)
     }
 
-    /// Counts a destination's queue at most every 10 s.
+    /// Counts a destination's queue at most every 10 s, on the thread pool
+    /// (the count walks the queue's keys): what is shown is the last count.
     func refreshBacklog(_ domain: String, _ target: TargetConfiguration) {
         if let b = feeds.backlog[domain], loop.now < b.countedAt + 10_000 { return }
-        if let d = try? store.queueDepth(target: target.name) { feeds.backlog[domain] = (d.count, d.oldest, loop.now) }
+        guard feeds.counting.insert(domain).inserted else { return }
+        let store = self.store, name = target.name, box = BacklogCount()
+        loop.offload({ box.depth = try? store.queueDepth(target: name) }) { [weak self] in
+            guard let self else { return }
+            feeds.counting.remove(domain)
+            if let d = box.depth { feeds.backlog[domain] = (d.count, d.oldest, loop.now) }
+        }
     }
 
     func downlinkMetrics() -> String {
@@ -249,4 +258,9 @@ extension BrokerService {
         }
         return out
     }
+}
+
+/// A backlog count, made on a pool thread and read on the loop afterwards (libuv orders the two).
+private final class BacklogCount: @unchecked Sendable {
+    var depth: (count: Int, oldest: Int64)?
 }

@@ -147,10 +147,22 @@ extension BrokerStore {
     /// The target's answer to a push: the resource's first hop at the target
     /// since it was queued (a change queued before may fold the push into its
     /// own delivery, under its own trace id). Nil: not answered yet.
+    /// One range of the resource's trail (its keys are in time order): what
+    /// came before `since` is not read.
     public func pushAnswer(target: String, brokerID: String, since: Int64) throws -> JSONObject? {
-        try trail(brokerID).first {
-            $0.hop["hop"]?.stringValue == "target \(target)" && ($0.hop["at"]?.numberValue?.integer ?? 0) >= since
-        }?.hop
+        let trail = self.trail, name = "target \(target)"
+        return try environment.read { txn in
+            var answer: JSONObject?
+            let from = prefixed(brokerID, UInt64(max(0, since) * 1000).bigEndianBytes)
+            try txn.scan(trail, from: from, to: prefixEnd(brokerID)) { _, v in
+                guard let o = try JSONParser.parse(v, limits: .stored).objectValue, o["hop"]?.stringValue == name else { return true }
+                answer = o
+                answer?["accepted"] = nil
+                answer?["applied"] = nil
+                return false
+            }
+            return answer
+        }
     }
 }
 

@@ -37,7 +37,7 @@ public enum BrokerOptions {
         "The console's operator tokens, one per line (read at start); mode 0640 or stricter.")
     public static let apiConsole = OptionSpec(
         "api.console", .boolean, default: "true",
-        "Serve the web console at /console/ on the read API's listener (its data with the read API's tokens, its actions with an operator token)."
+        "Serve the web console at /console/ on the read API's listener (its data, dead letters' request and response bodies included, with the read API's tokens; its actions with an operator token)."
     )
     public static let apiScanBudget = OptionSpec(
         "api.scanBudget", .integer(1...100_000_000), default: "100000",

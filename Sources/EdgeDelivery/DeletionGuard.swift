@@ -46,6 +46,10 @@ public struct RejectedRemovals: Sendable {
 public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
     /// `reject-deletes` named queue sequences the guard does not hold (nothing was changed).
     case notHeld(target: String, seqs: [UInt64], held: [UInt64])
+    /// The console confirmed or rejected what it showed, and more is held now (nothing was changed).
+    case moreHeld(target: String, through: UInt64, more: Int)
+    /// The console confirmed, and the guard holds nothing (nothing was changed).
+    case nothingHeld(target: String)
 
     public var description: String {
         switch self {
@@ -56,7 +60,33 @@ public enum DeletionGuardError: Error, CustomStringConvertible, Equatable {
                 ? "the guard holds nothing for \(target)"
                 : "held for \(target): " + held.map { "#\($0)" }.joined(separator: ", ")
             return "\(which) \(seqs.count == 1 ? "is" : "are") not held by the deletion guard (\(now)); nothing was rejected"
+        case .moreHeld(let target, let through, let more):
+            return
+                "\(more) more \(more == 1 ? "removal is" : "removals are") held for \(target) after #\(through), the last one shown: look at the list again (nothing was changed)"
+        case .nothingHeld(let target):
+            return "the deletion guard holds nothing for \(target): there is nothing to confirm"
         }
+    }
+}
+
+/// A walk of a paused target's queue for the removals the deletion guard
+/// holds: how many it found, the first ones (with their names), and whether
+/// it read the whole queue.
+public struct HeldScan: Sendable {
+    public var pausedSince: Int64?
+    /// The first held removals found (at most the walk's `listed`), in queue order.
+    public var removals: [HeldRemoval] = []
+    /// Held removals found (all of them when `complete`, else at least these).
+    public var total = 0
+    /// The highest queue sequence of a held removal found (0: none).
+    public var lastSeq: UInt64 = 0
+    /// Queue entries read.
+    public var scanned = 0
+    /// The whole queue was read (false: the walk stopped at its budget).
+    public var complete = true
+
+    package init(pausedSince: Int64? = nil, total: Int = 0, scanned: Int = 0) {
+        (self.pausedSince, self.total, self.scanned) = (pausedSince, total, scanned)
     }
 }
 
@@ -70,15 +100,41 @@ package extension DeliveryTables {
     func heldRemovals(target: String, _ txn: borrowing some StoreReading & ~Copyable) throws
         -> (pausedSince: Int64?, removals: [HeldRemoval])
     {
+        let scan = try scanHeld(target: target, txn)
+        return (scan.pausedSince, scan.removals)
+    }
+
+    /// The console's walk: at most `budget` queue entries read, the first
+    /// `listed` held removals named.
+    func scanHeld(target: String, listed: Int = .max, budget: Int = .max) throws -> HeldScan {
+        try environment.read { txn in try scanHeld(target: target, listed: listed, budget: budget, txn) }
+    }
+
+    /// Walks `target`'s queue (after `after`, a queue sequence) for held
+    /// removals (`matching` them, when given): reads at most `budget`
+    /// entries, keeps and names the first `listed`.
+    func scanHeld(
+        target: String, listed: Int = .max, budget: Int = .max, after: UInt64 = 0,
+        matching: ((DeliveryItem) -> Bool)? = nil, _ txn: borrowing some StoreReading & ~Copyable
+    ) throws -> HeldScan {
         let g = try deletionGuard(target: target, txn)
-        guard let pausedSince = g.pausedSince else { return (nil, []) }
+        var scan = HeldScan(pausedSince: g.pausedSince)
+        guard let pausedSince = g.pausedSince else { return scan }
         var items: [([UInt8], DeliveryItem)] = []
-        try txn.scan(fanout, from: prefixed(target, []), to: prefixEnd(target)) { k, v in
+        try txn.scan(fanout, from: prefixed(target, (after + 1).bigEndianBytes), to: prefixEnd(target)) { k, v in
+            guard scan.scanned < budget else {
+                scan.complete = false
+                return false
+            }
+            scan.scanned += 1
             // A removal queued up to the confirmation passes the guard (see `TargetWorker.removalAllowed`).
-            if let item = DeliveryItem(v), item.operation != .upsert, item.queuedAt > g.confirmedAt { items.append((k, item)) }
+            if let item = DeliveryItem(v), item.operation != .upsert, item.queuedAt > g.confirmedAt, matching?(item) ?? true {
+                scan.total += 1
+                scan.lastSeq = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? scan.lastSeq
+                if items.count < listed { items.append((k, item)) }
+            }
             return true
         }
-        var out: [HeldRemoval] = []
         for (key, item) in items {
             guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) else { continue }
             var held = HeldRemoval(
@@ -92,13 +148,17 @@ package extension DeliveryTables {
             if held.name == nil, let m = try txn.get(targetIds, prefixed(target, item.brokerID)).flatMap(TargetMapping.init) {
                 held.name = m.sent?[held.nameAttribute]?.stringValue
             }
-            out.append(held)
+            scan.removals.append(held)
         }
-        return (pausedSince, out)
+        return scan
     }
 
-    /// Held removals, of every paused target, of the broker id or trace id `idOrTrace` (for `trace`).
-    func heldRemovals(matching idOrTrace: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [HeldRemoval] {
+    /// Held removals, of every paused target, of the broker id or trace id
+    /// `idOrTrace` (for `trace`): each target's queue read up to `budget`
+    /// entries (`complete` false: one was not read to its end).
+    func heldRemovals(matching idOrTrace: String, budget: Int = .max, _ txn: borrowing some StoreReading & ~Copyable) throws
+        -> (removals: [HeldRemoval], complete: Bool)
+    {
         var paused: [String] = []
         try txn.scan(targetState, from: Array("guard/".utf8), to: Array("guard0".utf8)) { k, v in
             if (try JSONParser.parse(v, limits: .stored))["pausedSince"]?.numberValue != nil {
@@ -107,10 +167,47 @@ package extension DeliveryTables {
             return true
         }
         var out: [HeldRemoval] = []
+        var complete = true
         for target in paused {
-            out += try heldRemovals(target: target, txn).removals.filter { $0.item.brokerID == idOrTrace || $0.item.trace == idOrTrace }
+            let scan = try scanHeld(
+                target: target, listed: 1_000, budget: budget, matching: { $0.brokerID == idOrTrace || $0.trace == idOrTrace }, txn)
+            out += scan.removals
+            complete = complete && scan.complete && scan.total == scan.removals.count
         }
-        return out
+        return (out, complete)
+    }
+
+    /// `confirm-deletes` from the console: releases the removals held back
+    /// only when none is held beyond queue sequence `through` (the highest
+    /// the operator was shown), and only when the guard holds any: throws
+    /// `DeletionGuardError` otherwise, changing nothing. The queue after
+    /// `through` is read first in a read transaction; the write transaction
+    /// reads only what was queued after that.
+    func confirmDeletes(target: String, through: UInt64) throws {
+        var after = through
+        for write in [false, true] {
+            func check(_ txn: borrowing some StoreReading & ~Copyable) throws -> UInt64 {
+                guard try deletionGuard(target: target, txn).pausedSince != nil else {
+                    throw DeletionGuardError.nothingHeld(target: target)
+                }
+                let newer = try scanHeld(target: target, listed: 0, after: after, txn)
+                guard newer.total == 0 else { throw DeletionGuardError.moreHeld(target: target, through: through, more: newer.total) }
+                var last = after
+                try txn.scanKeys(fanout, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k in
+                    last = max(last, UInt64(bigEndianBytes: Array(k.suffix(8))) ?? last)
+                    return false
+                }
+                return last
+            }
+            if write {
+                try environment.write { txn in
+                    _ = try check(txn)
+                    try setDeletionGuard(target: target, pausedSince: nil, confirmedAt: unixMilliseconds(), txn)
+                }
+            } else {
+                after = try environment.read { txn in try check(txn) }
+            }
+        }
     }
 
     /// `scim-broker targets reject-deletes NAME [SEQ…]`: drops held removals
@@ -119,10 +216,16 @@ package extension DeliveryTables {
     /// transaction. Marks the guard (`rejectedAt`) so that a running worker
     /// forgets the copies it loaded. Throws, changing nothing, when a given
     /// sequence is not held.
-    func rejectHeldRemovals(target: String, seqs: [UInt64]?) throws -> RejectedRemovals {
+    /// With `through` (the console's "reject them all"), throws when a
+    /// removal beyond that queue sequence is held: the operator saw less.
+    func rejectHeldRemovals(target: String, seqs: [UInt64]?, through: UInt64? = nil) throws -> RejectedRemovals {
         try environment.write { txn in
             let (pausedSince, held) = try heldRemovals(target: target, txn)
             var result = RejectedRemovals()
+            if let through {
+                let more = held.filter { $0.seq > through }.count
+                if more > 0 { throw DeletionGuardError.moreHeld(target: target, through: through, more: more) }
+            }
             if let seqs {
                 let unknown = Set(seqs).subtracting(held.map(\.seq)).sorted()
                 guard unknown.isEmpty else { throw DeletionGuardError.notHeld(target: target, seqs: unknown, held: held.map(\.seq)) }

@@ -140,12 +140,80 @@ public struct TargetMapping: Sendable, Equatable {
     }
 }
 
+/// How much one `trail` reads at most (the console's limits; the command
+/// line's are its `--limit`).
+public struct TrailLimits: Sendable {
+    /// Resources whose hops are read (a trace id may touch thousands).
+    public var resources: Int
+    /// Hops kept: the earliest.
+    public var hops: Int
+    /// Trail entries read, over all the resources.
+    public var reads: Int
+    /// Resources the directory scan for a trace that reached no target yet looks at.
+    public var scan: Int
+    /// Entries of each paused target's queue read for held removals.
+    public var queue: Int
+
+    public init(resources: Int = .max, hops: Int = .max, reads: Int = .max, scan: Int = .max, queue: Int = .max) {
+        (self.resources, self.hops, self.reads, self.scan, self.queue) = (resources, hops, reads, scan, queue)
+    }
+
+    public static let console = TrailLimits(resources: 200, hops: 1_000, reads: 20_000, scan: 5_000, queue: 10_000)
+}
+
+/// What `trail` found.
+public struct Trail: Sendable {
+    /// The earliest hops, in time order (at most `TrailLimits.hops`).
+    public var hops: [(brokerID: String, hop: JSONObject)] = []
+    /// The hops found: all of them when `complete`, else at least these.
+    public var total = 0
+    /// The resources whose hops were read, and how many the query names
+    /// (at least that many when not `complete`).
+    public var resources: [String] = []
+    public var resourcesTotal = 0
+    /// Everything the query names was read.
+    public var complete = true
+    /// The directory scan (for a trace that reached no target yet) stopped
+    /// after this many resources without finding the query (nil: no such stop).
+    public var scanStopped: Int?
+}
+
+/// The delivery ids a `trail` query names (`DeliveryTables.resolveTrail`).
+package struct TrailNames: Sendable {
+    /// The first of them (at most `TrailLimits.resources`).
+    package var ids: [String] = []
+    /// Named by a trace id (else: one resource, or several sharing a name).
+    package var byTrace = false
+    /// How many the query names: `ids.count` when all were read, else at least this.
+    package var total = 0
+    /// The directory scan for a trace that reached no target yet stopped
+    /// after this many resources without finding it (nil: no such stop).
+    package var scanStopped: Int?
+
+    package init(ids: [String] = [], byTrace: Bool = false, total: Int? = nil, scanStopped: Int? = nil) {
+        (self.ids, self.byTrace, self.total, self.scanStopped) = (ids, byTrace, total ?? ids.count, scanStopped)
+    }
+}
+
 /// Seven days of hops per resource.
 package let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
 
 package func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
 package func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
 package func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
+
+/// The console settles "all" dead letters it showed, and more arrived since.
+public enum DeadLetterError: Error, CustomStringConvertible, Equatable {
+    case newer(target: String, through: UInt64, count: Int)
+
+    public var description: String {
+        switch self {
+        case .newer(let target, let through, let count):
+            return
+                "\(count) more dead \(count == 1 ? "letter" : "letters") of \(target) after #\(through), the last one shown: look at the list again (nothing was changed)"
+        }
+    }
+}
 
 package extension DeliveryTables {
     /// Queues, in the apply's transaction, what each target must do after a
@@ -402,17 +470,33 @@ package extension DeliveryTables {
     /// says so (`heldSince`, `target`), from the paused target's queue.
     /// `idOrTrace` may also be what an operator knows of a resource: its
     /// `userName`, `externalId`, an email or a group's `displayName`
-    /// (indexed), its id at a target, or (by a scan of the directory) its id
-    /// at its source (the store's `resolveTrail`).
-    func trail(_ idOrTrace: String) throws -> [(brokerID: String, hop: JSONObject)] {
+    /// (indexed), its id at a target or at its source (the store's
+    /// `resolveTrail`).
+    /// What it reads is bounded by `limits`: the earliest `limits.hops` hops
+    /// are kept as they are found (the memory is that of those, whatever
+    /// the trace touched), and `Trail.complete` says whether everything the
+    /// query names was read.
+    func trail(_ idOrTrace: String, limits: TrailLimits = TrailLimits()) throws -> Trail {
         let trail = self.trail
         return try environment.read { txn in
-            var (ids, byTrace) = try resolveTrail(idOrTrace, txn)
-            let held = try heldRemovals(matching: idOrTrace, txn)
+            let named = try resolveTrail(idOrTrace, limits: limits, txn)
+            var ids = named.ids, byTrace = named.byTrace
+            var out = Trail()
+            out.resourcesTotal = named.total
+            out.complete = named.total == ids.count
+            out.scanStopped = named.scanStopped
+            let (held, heldComplete) = try heldRemovals(matching: idOrTrace, budget: limits.queue, txn)
+            out.complete = out.complete && heldComplete
             if ids.isEmpty && !held.isEmpty {
                 // Deleted at the source and held before any target answered: only the queue knows it.
                 byTrace = !held.contains { $0.item.brokerID == idOrTrace }
                 for h in held where !ids.contains(h.item.brokerID) { ids.append(h.item.brokerID) }
+                out.resourcesTotal = ids.count
+            }
+            let order = ["agent accept": 0, "broker apply": 1]
+            func earlier(_ x: (String, JSONObject), _ y: (String, JSONObject)) -> Bool {
+                let a = x.1["at"]?.numberValue?.integer ?? 0, b = y.1["at"]?.numberValue?.integer ?? 0
+                return a != b ? a < b : (order[x.1["hop"]?.stringValue ?? ""] ?? 2) < (order[y.1["hop"]?.stringValue ?? ""] ?? 2)
             }
             var hops: [(String, JSONObject)] = []
             var seen: Set<String> = []
@@ -423,10 +507,27 @@ package extension DeliveryTables {
                 o["hop"] = .string(name)
                 o["at"] = .number(JSONNumber(integer: at))
                 if let trace { o["trace"] = .string(trace) }
+                out.total += 1
                 hops.append((id, o))
+                if limits.hops <= Int.max / 2 && hops.count >= 2 * max(1, limits.hops) {
+                    // A top-N as they come: the earliest are kept.
+                    hops.sort(by: earlier)
+                    hops.removeLast(hops.count - limits.hops)
+                }
             }
+            var reads = 0
             for id in ids {
+                guard reads < limits.reads else {
+                    out.complete = false
+                    break
+                }
+                out.resources.append(id)
                 try txn.scan(trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
+                    guard reads < limits.reads else {
+                        out.complete = false
+                        return false
+                    }
+                    reads += 1
                     guard let o = try JSONParser.parse(v, limits: .stored).objectValue else { return true }
                     let trace = o["trace"]?.stringValue
                     add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
@@ -458,11 +559,9 @@ package extension DeliveryTables {
                         "queueSeq": .number(JSONNumber(integer: Int64(h.seq))),
                     ])
             }
-            let order = ["agent accept": 0, "broker apply": 1]
-            return hops.sorted {
-                let a = $0.1["at"]?.numberValue?.integer ?? 0, b = $1.1["at"]?.numberValue?.integer ?? 0
-                return a != b ? a < b : (order[$0.1["hop"]?.stringValue ?? ""] ?? 2) < (order[$1.1["hop"]?.stringValue ?? ""] ?? 2)
-            }
+            hops.sort(by: earlier)
+            out.hops = Array(hops.prefix(limits.hops)).map { (brokerID: $0.0, hop: $0.1) }
+            return out
         }
     }
 
@@ -672,34 +771,77 @@ package extension DeliveryTables {
     /// item's `account` and `link` as they were (a letter written before
     /// they were kept: the link value of the resource as it is now, with
     /// `linkPolicy`, else the one of the store's configured target).
-    func settleDeadLetters(target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil) throws -> Int {
+    /// All of them: those up to `through` (the console's: the highest the
+    /// operator was shown; `DeadLetterError.newer`, changing nothing, when
+    /// there are more now), else up to the highest there is when it starts;
+    /// in transactions of at most `chunk` letters (a later run finishes an
+    /// interrupted one).
+    func settleDeadLetters(
+        target: String, seq: UInt64?, requeue: Bool, linkPolicy: LinkPolicy? = nil, through: UInt64? = nil, chunk: Int = 1_000
+    ) throws -> Int {
         let targetDead = self.targetDead
         let policy = linkPolicy ?? targets.first { $0.name == target }?.collisions.linkPolicy
-        return try environment.write { txn in
-            var found: [([UInt8], JSONObject)] = []
-            try txn.scan(
-                targetDead, from: prefixed(target, seq.map(\.bigEndianBytes) ?? []),
-                to: seq.map { prefixed(target, ($0 + 1).bigEndianBytes) } ?? prefixEnd(target)
-            ) { k, v in
-                if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
-                return true
-            }
-            for (k, o) in found {
-                _ = try txn.delete(targetDead, k)
-                if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
-                    let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
-                {
-                    var link = o["link"]?.stringValue
-                    if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
-                    try enqueue(
-                        target: target,
-                        DeliveryItem(
-                            brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
-                            queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
+        var from = seq ?? 1
+        let last: UInt64
+        if let seq {
+            last = seq
+        } else {
+            let highest = try environment.read { txn in
+                var highest: UInt64 = 0
+                try txn.scanKeys(targetDead, from: prefixed(target, []), to: prefixEnd(target), reverse: true) { k in
+                    highest = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0
+                    return false
                 }
+                return highest
             }
-            return found.count
+            if let through, highest > through {
+                let newer = try environment.read { txn in
+                    var n = 0
+                    try txn.scanKeys(targetDead, from: prefixed(target, (through + 1).bigEndianBytes), to: prefixEnd(target)) { _ in
+                        n += 1
+                        return true
+                    }
+                    return n
+                }
+                throw DeadLetterError.newer(target: target, through: through, count: newer)
+            }
+            last = through ?? highest
         }
+        var settled = 0
+        while from <= last {
+            let (n, next) = try environment.write { txn in
+                var found: [([UInt8], JSONObject)] = []
+                var next: UInt64?
+                try txn.scan(targetDead, from: prefixed(target, from.bigEndianBytes), to: prefixed(target, (last + 1).bigEndianBytes)) {
+                    k, v in
+                    guard found.count < chunk else {
+                        next = UInt64(bigEndianBytes: Array(k.suffix(8)))
+                        return false
+                    }
+                    if let o = try JSONParser.parse(v, limits: .stored).objectValue { found.append((k, o)) }
+                    return true
+                }
+                for (k, o) in found {
+                    _ = try txn.delete(targetDead, k)
+                    if requeue, let id = o["id"]?.stringValue, let type = o["type"]?.stringValue,
+                        let op = o["op"]?.stringValue.flatMap(DeliveryItem.Operation.init(rawValue:))
+                    {
+                        var link = o["link"]?.stringValue
+                        if link == nil, type == "User", let policy { link = try currentLinkValue(brokerID: id, policy, txn) }
+                        try enqueue(
+                            target: target,
+                            DeliveryItem(
+                                brokerID: id, type: type, operation: op, trace: o["trace"]?.stringValue ?? "",
+                                queuedAt: unixMilliseconds(), acceptedAt: 0, link: link, account: o["account"]?.stringValue), txn)
+                    }
+                }
+                return (found.count, next)
+            }
+            settled += n
+            guard let next else { break }
+            from = next
+        }
+        return settled
     }
 
     /// The deletion guard's state: paused since (Unix ms), or nil; the

@@ -61,10 +61,12 @@ package protocol DeliveryTables: AnyObject, Sendable {
         _ type: String, members: Bool, from: [UInt8]?, _ txn: borrowing some StoreReading & ~Copyable,
         _ body: (_ position: [UInt8], DirectoryEntry) throws -> Bool
     ) throws
-    /// The delivery ids a `trail` query names, and whether it named them by
-    /// trace id. By default: a trace id, else the delivery id itself; the
-    /// broker also knows names and the ids at targets and sources.
-    func resolveTrail(_ query: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool)
+    /// The delivery ids a `trail` query names (at most `limits.resources`,
+    /// looking at most `limits.scan` resources of the directory when it
+    /// scans), and whether it named them by trace id. By default: a trace
+    /// id, else the delivery id itself; the broker also knows names and the
+    /// ids at targets and sources.
+    func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames
 }
 
 /// A resource as the engine reads it.
@@ -94,13 +96,24 @@ package struct DeliveryDatabases: Sendable {
 extension DeliveryTables {
     package var otherTargetTables: [Database] { [] }
 
-    package func resolveTrail(_ query: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (ids: [String], byTrace: Bool) {
+    package func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames {
+        let byTrace = try traceTouched(query, limit: limits.resources, txn)
+        return byTrace.total > 0 ? byTrace : TrailNames(ids: [query])
+    }
+
+    /// The delivery ids trace id `trace` touched: the first `limit`, and how
+    /// many there are, counted on to `limit` + 10,000 keys (`byTrace`
+    /// false: none).
+    package func traceTouched(_ trace: String, limit: Int, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames {
         var ids: [String] = []
-        try txn.scanKeys(traces, from: prefixed(query, []), to: prefixEnd(query)) { k in
-            ids.append(String(decoding: k[(query.utf8.count + 1)...], as: UTF8.self))
-            return true
+        var total = 0
+        let counted = limit > Int.max - 10_000 ? Int.max : limit + 10_000
+        try txn.scanKeys(traces, from: prefixed(trace, []), to: prefixEnd(trace)) { k in
+            total += 1
+            if ids.count < limit { ids.append(String(decoding: k[(trace.utf8.count + 1)...], as: UTF8.self)) }
+            return total < counted
         }
-        return ids.isEmpty ? ([query], false) : (ids, true)
+        return TrailNames(ids: ids, byTrace: total > 0, total: total)
     }
 
     /// `deliveryEntry` in a snapshot of its own.

@@ -127,10 +127,23 @@ package enum TargetReports {
         return out
     }
 
-    /// Every hop of a change (`trace`); nil: nothing recorded.
-    package static func trail(_ store: some DeliveryTables, _ id: String, json: Bool) throws -> [String]? {
-        let hops = try store.trail(id)
+    /// The hops of a change (`trace`), the earliest `limit`, and, when
+    /// there are more or not everything was read, a note that says so (for
+    /// standard error); nil: nothing recorded. What it reads is bounded by
+    /// `limit` (`TrailLimits`: the hops of at least 1,000 resources, at
+    /// least 100,000 trail entries).
+    package static func trail(_ store: some DeliveryTables, _ id: String, json: Bool, limit: Int = 1_000) throws
+        -> (lines: [String], note: String?)?
+    {
+        let reads = limit > Int.max / 10 ? Int.max : max(100_000, limit * 10)
+        let found = try store.trail(id, limits: TrailLimits(resources: max(1_000, limit), hops: limit, reads: reads))
+        let hops = found.hops
         guard !hops.isEmpty else { return nil }
+        var note: String?
+        if found.total > hops.count || !found.complete {
+            note =
+                "the earliest \(hops.count) of \(found.complete ? "" : "at least ")\(found.total) hops, of \(found.resourcesTotal)\(found.complete ? "" : " or more") resources: --limit N prints more"
+        }
         var out: [String] = []
         for (deliveryID, hop) in hops {
             if json {
@@ -154,7 +167,7 @@ package enum TargetReports {
             )
             for step in hop["steps"]?.arrayValue ?? [] { out.append("\t\t  " + describeStep(step)) }
         }
-        return out
+        return (out, note)
     }
 
     /// One request of a delivery: `PATCH /scim/v2/Groups/… → 200`.

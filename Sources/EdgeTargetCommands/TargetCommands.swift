@@ -156,13 +156,19 @@ package struct TargetTrace<Store: TargetStoreOptions>: ParsableCommand {
     @OptionGroup var options: Store
     @Argument(help: ArgumentHelp(Store.traceHelp)) var id: String
     @Flag(help: "One JSON document per line.") var json = false
+    @Option(help: "Print the earliest N hops (the trace of a large change touches many resources).") var limit = 1000
 
     package init() {}
 
+    package func validate() throws { if limit < 1 { throw ValidationError("--limit must be at least 1") } }
+
     package func run() throws {
         let (store, _) = try options.openTargets()
-        guard let lines = try TargetReports.trail(store, id, json: json) else { throw CommandFailure("nothing recorded for \(id)") }
-        for line in lines { emit(line) }
+        guard let found = try TargetReports.trail(store, id, json: json, limit: limit) else {
+            throw CommandFailure("nothing recorded for \(id)")
+        }
+        if let note = found.note { writeLine(note, fd: 2) }
+        for line in found.lines { emit(line) }
     }
 }
 

@@ -14,12 +14,14 @@ public func parseQueryString(_ query: Substring) -> [String: String]? {
     return out
 }
 
-/// Decodes `%XX` escapes and `+` (a space); nil when an escape is malformed or the result is not UTF-8.
-public func percentDecode(_ s: Substring) -> String? {
+/// Decodes `%XX` escapes and `+` (a space; with `plusIsSpace` false, as
+/// in a path segment, `+` stays); nil when an escape is malformed or the
+/// result is not UTF-8.
+public func percentDecode(_ s: Substring, plusIsSpace: Bool = true) -> String? {
     var bytes: [UInt8] = []
     var it = Array(s.utf8)[...]
     while let c = it.popFirst() {
-        if c == UInt8(ascii: "+") { bytes.append(0x20); continue }
+        if plusIsSpace && c == UInt8(ascii: "+") { bytes.append(0x20); continue }
         guard c == UInt8(ascii: "%") else { bytes.append(c); continue }
         guard let h = it.popFirst(), let l = it.popFirst(), let hv = hexValue(h), let lv = hexValue(l) else { return nil }
         bytes.append(hv << 4 | lv)

@@ -81,7 +81,23 @@ extension FanoutTests {
             XCTAssertEqual(r.status, 200)
             XCTAssertTrue(r.head.contains("Content-Type: \(type)"), r.head)
         }
-        XCTAssertEqual(try console(api, "GET", "/console/nothing.js", token: nil).status, 404)
+        // Every answer under /console/, files, errors and JSON alike: no sniffing, no framing, no referrer.
+        let missing = try console(api, "GET", "/console/nothing.js?<script>", token: nil)
+        XCTAssertEqual(missing.status, 404)
+        let notFound = try RawClient(port: api)
+        notFound.send("GET /console/\(String(repeating: "x", count: 2000)) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        XCTAssertFalse(try XCTUnwrap(notFound.readResponses(1).first).body.contains("xxxxxxxx"), "a 404 does not echo the path")
+        for r in [
+            page, moved, missing, try console(api, "POST", "/console/", token: nil, body: "{}"),
+            try console(api, "GET", "/console/api/session"), try console(api, "GET", "/console/api/overview", token: nil),
+        ] {
+            for header in [
+                "X-Content-Type-Options: nosniff", "X-Frame-Options: DENY", "Referrer-Policy: no-referrer",
+                "Content-Security-Policy: default-src 'none'",
+            ] {
+                XCTAssertTrue(r.head.contains(header), "\(header) missing: \(r.head)")
+            }
+        }
         XCTAssertEqual(try console(api, "POST", "/console/", token: nil, body: "{}").status, 405)
         // The SCIM read API is still there, beside it.
         XCTAssertEqual(
@@ -144,10 +160,26 @@ extension FanoutTests {
         // Not JSON, another site's page, a GET, bad JSON, a bad value: refused, and nothing changes.
         let noType = try console(api, "POST", "/console/api/targets/app/pause", token: Self.operatorToken)
         assertSCIMError(noType, 415)
-        assertSCIMError(
+        // The Origin is compared by scheme, host and port.
+        for origin in ["http://evil.example", "https://127.0.0.1:\(api)", "http://127.0.0.1:\(api + 1)", "http://127.0.0.1", "null"] {
+            assertSCIMError(
+                try console(
+                    api, "POST", "/console/api/targets/app/resume", token: Self.operatorToken, body: "{}", headers: ["Origin: \(origin)"]),
+                403)
+        }
+        XCTAssertEqual(
             try console(
-                api, "POST", "/console/api/targets/app/pause", token: Self.operatorToken, body: "{}",
-                headers: ["Origin: http://evil.example"]), 403)
+                api, "POST", "/console/api/targets/app/resume", token: Self.operatorToken, body: "{}",
+                headers: ["Origin: http://127.0.0.1:\(api)"]
+            ).status, 200)
+        // Exactly JSON, with parameters or not.
+        for (type, status) in [("application/jsonp", 415), ("application/json-seq", 415), ("application/json; charset=utf-8", 200)] {
+            let c = try RawClient(port: api)
+            c.send(
+                "POST /console/api/targets/app/resume HTTP/1.1\r\nHost: 127.0.0.1:\(api)\r\nConnection: close\r\nAuthorization: Bearer \(Self.operatorToken)\r\nContent-Type: \(type)\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            XCTAssertEqual(try XCTUnwrap(c.readResponses(1).first).status, status, type)
+        }
         assertSCIMError(try console(api, "GET", "/console/api/targets/app/pause", token: Self.operatorToken), 405)
         assertSCIMError(try consoleAction(api, "targets/app/pause", "{nope"), 400, "invalidSyntax")
         assertSCIMError(try consoleAction(api, "targets/app/pause", #"{"reason":7}"#), 400, "invalidValue")
@@ -202,16 +234,31 @@ extension FanoutTests {
         XCTAssertEqual(letters[0]["status"], 400)
         XCTAssertTrue(letters[0]["request"]?.stringValue?.contains("bogusAttribute") ?? false)
         XCTAssertTrue(letters[0]["response"]?.stringValue?.contains("invalidSyntax") ?? false)
-        assertSCIMError(try consoleAction(api, "targets/app/deadletters/retry", token: Self.readToken), 403)
-        XCTAssertEqual(try consoleAction(api, "targets/app/deadletters/retry").json?["retried"], 1)
+        let first = try XCTUnwrap(letters[0]["seq"]?.numberValue?.integer)
+        XCTAssertEqual(try console(api, "GET", "/console/api/targets/app/deadletters").json?["lastSeq"]?.numberValue?.integer, first)
+        assertSCIMError(try consoleAction(api, "targets/app/deadletters/retry", #"{"through":\#(first)}"#, token: Self.readToken), 403)
+        // "Retry all" names what it was shown: the page sends the highest number it listed.
+        assertSCIMError(try consoleAction(api, "targets/app/deadletters/retry"), 400, "invalidValue")
+        XCTAssertEqual(try consoleAction(api, "targets/app/deadletters/retry", #"{"through":\#(first)}"#).json?["retried"], 1)
+        var lastSeq: Int64 = 0
         XCTAssertTrue(
             eventually(seconds: 20) {
-                let l = (try? self.console(api, "GET", "/console/api/targets/app/deadletters").json?["letters"]?.arrayValue) ?? []
+                let d = try? self.console(api, "GET", "/console/api/targets/app/deadletters").json
+                let l = d?["letters"]?.arrayValue ?? []
+                lastSeq = d?["lastSeq"]?.numberValue?.integer ?? 0
                 return l.count == 1 && l[0]["seq"] != letters[0]["seq"]
             }, "the retry is refused again: one dead letter, a new one")
         assertSCIMError(try consoleAction(api, "targets/app/deadletters/drop"), 400, "invalidValue")
-        XCTAssertEqual(try consoleAction(api, "targets/app/deadletters/drop", #"{"all":true}"#).json?["dropped"], 1)
+        assertSCIMError(try consoleAction(api, "targets/app/deadletters/drop", #"{"all":true}"#), 400, "invalidValue")
+        // Shown up to #first: the newer one is not dropped unseen.
+        assertSCIMError(try consoleAction(api, "targets/app/deadletters/drop", #"{"through":\#(first)}"#), 409)
+        XCTAssertEqual(try BrokerStore(path: dir.file("broker")).deadLetters(target: "app").count, 1)
+        XCTAssertEqual(try consoleAction(api, "targets/app/deadletters/drop", #"{"through":\#(lastSeq)}"#).json?["dropped"], 1)
         XCTAssertEqual(try BrokerStore(path: dir.file("broker")).deadLetters(target: "app").count, 0)
+        XCTAssertTrue(
+            eventually(seconds: 5) {
+                broker.output.contains { $0.contains(#""msg":"console: deadletters/drop""#) && $0.contains(#""count":"1""#) }
+            }, "the audit line says how many: \(broker.output.suffix(5))")
 
         // Held removals: the guard lets one through and holds the next; one is rejected by its number.
         let ids = [try newUser(dp, "leaver1"), try newUser(dp, "leaver2")]
@@ -226,14 +273,23 @@ extension FanoutTests {
         XCTAssertNotEqual(held?["pausedSince"], .null)
         XCTAssertEqual(target(try console(api, "GET", "/console/api/overview").json, "app")?["held"], 1)
         let seq = try XCTUnwrap(held?["removals"]?.arrayValue?.first?["seq"]?.numberValue?.integer)
+        XCTAssertEqual(held?["lastSeq"]?.numberValue?.integer, seq)
+        XCTAssertEqual(held?["complete"], .bool(true))
         assertSCIMError(try consoleAction(api, "targets/app/held/reject", #"{"seqs":[\#(seq)]}"#, token: Self.readToken), 403)
         assertSCIMError(try consoleAction(api, "targets/app/held/reject", #"{"seqs":[999999]}"#), 409)
+        // Confirming or rejecting "all" names the last one shown: a removal held after it is not released unseen.
+        assertSCIMError(try consoleAction(api, "targets/app/held/confirm"), 400, "invalidValue")
+        assertSCIMError(try consoleAction(api, "targets/app/held/reject"), 400, "invalidValue")
+        assertSCIMError(try consoleAction(api, "targets/app/held/confirm", #"{"through":\#(seq - 1)}"#), 409)
+        assertSCIMError(try consoleAction(api, "targets/app/held/reject", #"{"through":\#(seq - 1)}"#), 409)
+        XCTAssertEqual(try console(api, "GET", "/console/api/targets/app/held").json?["total"], 1, "nothing changed")
         let rejected = try consoleAction(api, "targets/app/held/reject", #"{"seqs":[\#(seq)]}"#)
         XCTAssertEqual(rejected.status, 200)
         XCTAssertEqual(rejected.json?["rejected"]?.arrayValue?.count, 1)
         XCTAssertEqual(rejected.json?["resumed"], .bool(true))
         XCTAssertEqual(try console(api, "GET", "/console/api/targets/app/held").json?["total"], 0)
-        XCTAssertEqual(try consoleAction(api, "targets/app/held/confirm").json?["confirmed"], .bool(true))
+        // Nothing held: nothing to confirm.
+        assertSCIMError(try consoleAction(api, "targets/app/held/confirm", #"{"through":\#(seq)}"#), 409)
 
         // The command line pauses and resumes too: the running broker follows within a second.
         let cli = try brokerCLI(["targets", "pause", "--data-dir", dir.file("broker"), "app", "--reason", "from the shell"])
@@ -351,5 +407,21 @@ extension FanoutTests {
         if ProcessInfo.processInfo.environment["SCIM_EDGE_UPDATE_SCREENSHOT"] == "1" {
             try png.write(to: root.appendingPathComponent("docs/console.png"))
         }
+
+        // A slow broker (each answer 2.5 s late, longer than the 2 s between polls): the page
+        // polls again only once the last poll answered, so its requests never pile up.
+        _ = try browser.evaluate(
+            """
+            window.slow = { now: 0, most: 0, polls: 0 };
+            const plain = window.fetch;
+            window.fetch = (...a) => {
+              slow.now++; slow.most = Math.max(slow.most, slow.now);
+              if (String(a[0]).includes('overview')) slow.polls++;
+              return new Promise((r) => setTimeout(r, 2500)).then(() => plain(...a)).finally(() => { slow.now--; });
+            };
+            0
+            """)
+        XCTAssertTrue(browser.waitFor("window.slow.polls >= 3", seconds: 30))
+        XCTAssertEqual(try browser.evaluate("window.slow.most") as? Int, 2, "one poll (overview and metrics) at a time")
     }
 }

@@ -188,7 +188,7 @@ final class FanoutTests: FederationTestCase {
         let trace = try brokerCLI(["trace", "--data-dir", dir.file("broker"), bobBroker])
         XCTAssertEqual(trace.0, 0, trace.1)
         // The same hops by trace id.
-        let traceID = try XCTUnwrap(store.trail(bobBroker).last?.hop["trace"]?.stringValue)
+        let traceID = try XCTUnwrap(store.trail(bobBroker).hops.last?.hop["trace"]?.stringValue)
         XCTAssertTrue(try brokerCLI(["trace", "--data-dir", dir.file("broker"), traceID]).1.contains("target app"))
 
         // The running broker saves each target's status every second.

@@ -157,6 +157,13 @@ final class LocalTargetTests: FederationTestCase {
         let trace = try edgeCLI(["targets", "trace", "--data-dir", dir.file("local"), "u\(total - 1)"])
         XCTAssertEqual(trace.0, 0, trace.1)
         XCTAssertTrue(trace.1.contains("target app") && trace.1.contains("POST /Users → 201"), trace.1)
+        // `--limit`: the refused user's earliest hop (its acceptance; the dead letter and the retry come later), and a note.
+        let limited = try edgeCLI(["targets", "trace", "--data-dir", dir.file("local"), "refused", "--limit", "1"])
+        XCTAssertEqual(limited.0, 0, limited.1)
+        let hops = limited.1.split(separator: "\n").filter { !$0.hasPrefix("\t") && !$0.hasPrefix("the earliest ") }
+        XCTAssertEqual(hops.count, 1, limited.1)
+        XCTAssertFalse(limited.1.contains("→ 201"), limited.1)
+        XCTAssertTrue(limited.1.contains("the earliest 1 of ") && limited.1.contains("--limit N prints more"), limited.1)
     }
 
     /// The ids of users the app has not got (those it refused), by the agent's list.

@@ -19,7 +19,7 @@ final class TrailSweepTests: XCTestCase {
             }
             try store.recordHop(brokerID: "kept", trace: "trace-new", ["hop": "target app"], txn, now: now)
         }
-        XCTAssertEqual(try store.trail("gone-3").count, 1)
+        XCTAssertEqual(try store.trail("gone-3").hops.count, 1)
         // Small steps: the cursors carry the walk across calls.
         var cursors: (trail: [UInt8]?, traces: [UInt8]?) = (nil, nil)
         var deleted = 0, steps = 0
@@ -33,9 +33,9 @@ final class TrailSweepTests: XCTestCase {
         } while cursors.trail != nil || cursors.traces != nil
         XCTAssertGreaterThan(steps, 3, "walked in steps of 7 keys")
         XCTAssertEqual(deleted, 60, "30 hops and their 30 trace entries")
-        XCTAssertTrue(try store.trail("gone-3").isEmpty)
-        XCTAssertTrue(try store.trail("trace-old-3").isEmpty)
-        XCTAssertEqual(try store.trail("kept").count, 1, "recent hops stay")
-        XCTAssertEqual(try store.trail("trace-new").count, 1)
+        XCTAssertTrue(try store.trail("gone-3").hops.isEmpty)
+        XCTAssertTrue(try store.trail("trace-old-3").hops.isEmpty)
+        XCTAssertEqual(try store.trail("kept").hops.count, 1, "recent hops stay")
+        XCTAssertEqual(try store.trail("trace-new").hops.count, 1)
     }
 }
