@@ -49,6 +49,8 @@ public final class DownlinkPoller {
     private var timer: LoopTimer?
     private var failures = 0
     private var stopped = false
+    /// What the next poll reports of the events it acknowledges (protocol 2).
+    private var report: DownlinkReport?
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -73,6 +75,7 @@ public final class DownlinkPoller {
         t.keepsLoopAlive = false
         timer = t
         statistics.appliedThrough = try store.downlinkSequence()
+        report = try store.downlinkReport()
         poll()
     }
 
@@ -92,14 +95,17 @@ public final class DownlinkPoller {
     private func poll() {
         guard !stopped else { return }
         statistics.polls += 1
-        let body: JSON = [
+        var body: JSONObject = [
             "ackedThrough": .number(JSONNumber(integer: Int64(statistics.appliedThrough))),
             "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(policy.waitMilliseconds),
             // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
             "epoch": .string(store.epoch),
         ]
+        // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).
+        if let report, report.through <= statistics.appliedThrough { body["outcomes"] = report.json }
         let request = HTTPRequest(
-            method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"], body: body.serialized())
+            method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
+            body: JSON.object(body).serialized())
         client.send(request) { [weak self] result in self?.answered(result) }
     }
 
@@ -142,15 +148,24 @@ public final class DownlinkPoller {
             switch result {
             case .success(let outcome):
                 statistics.appliedThrough = outcome.appliedThrough
+                if var r = outcome.report {
+                    r.committed = unixMilliseconds()  // durable now (the stored report has the transaction's time)
+                    report = r
+                }
                 statistics.eventsApplied += outcome.applied
                 statistics.membershipDeltas += outcome.membershipDeltas
                 statistics.duplicates += outcome.duplicates
                 statistics.notAccepted += outcome.notAccepted
                 statistics.refused += outcome.refused.count
                 for (seq, reason) in outcome.refused.sorted(by: { $0.key < $1.key }) {
+                    let event = events.first { $0["seq"]?.numberValue?.integer == Int64(seq) }
                     logger.warning(
                         "downlink: an accepted resource could not be stored here; it is skipped (counted)",
-                        metadata: ["seq": .stringConvertible(seq), "reason": .string(reason)])
+                        metadata: [
+                            "seq": .stringConvertible(seq), "reason": .string(reason),
+                            "trace": .string(event?["txn"]?.stringValue ?? ""),
+                            "ref": .string(event?["events"]?.objectValue?.members.first?.1["ref"]?.stringValue ?? ""),
+                        ])
                 }
                 poll()
             case .failure(let gap as DownlinkGap):
@@ -172,6 +187,7 @@ public final class DownlinkPoller {
             guard let self, !stopped else { return }
             if case .failure(let e) = result { return retry("cannot record the feed's restart: \(e)", after: nil) }
             statistics.appliedThrough = 0
+            report = nil
             schedule(after: seconds * 1000)
         }
     }

@@ -109,6 +109,54 @@ public struct DownlinkOutcome: Sendable, Equatable {
     /// Accepted but not storable here (a userName taken by a local user, an
     /// invalid value): counted and logged, the sequence goes on.
     public var refused: [UInt64: String] = [:]
+    /// What the next poll tells the broker of these events (nil: none newly applied).
+    public var report: DownlinkReport?
+}
+
+/// The boundary's decision on each feed event of one applied answer, sent
+/// with the acknowledgement (`outcomes`, downlink protocol 2) so that the
+/// broker's `trace` shows the change's last hop: committed here at
+/// `committed` (Unix ms, this agent's clock), and for each event whether the
+/// inbound policy accepted it (stored as mapped), did not accept it, or it
+/// was refused here. A refusal goes up as its `scimType` only: the detail
+/// may name what this boundary holds (a local user's userName), so it stays
+/// in this agent's log (invariant 5). Stored in the transaction of the
+/// events (`meta`), so a crash before the next poll loses no report.
+public struct DownlinkReport: Sendable, Equatable {
+    /// The feed sequences it covers: every one not listed was accepted.
+    public var from: UInt64
+    public var through: UInt64
+    public var committed: Int64
+    public var notAccepted: [UInt64] = []
+    /// Feed sequence → `scimType` (`uniqueness`, `invalidValue`, …).
+    public var refused: [UInt64: String] = [:]
+
+    public var json: JSON {
+        var o: JSONObject = [
+            "from": .number(JSONNumber(integer: Int64(from))), "through": .number(JSONNumber(integer: Int64(through))),
+            "committed": .number(JSONNumber(integer: committed)),
+        ]
+        if !notAccepted.isEmpty { o["notAccepted"] = .array(notAccepted.map { .number(JSONNumber(integer: Int64($0))) }) }
+        if !refused.isEmpty {
+            o["refused"] = .object(JSONObject(refused.sorted { $0.key < $1.key }.map { ("\($0.key)", .string($0.value)) }))
+        }
+        return .object(o)
+    }
+
+    init(from: UInt64, through: UInt64, committed: Int64) {
+        (self.from, self.through, self.committed) = (from, through, committed)
+    }
+
+    init?(_ json: JSON) {
+        guard let from = json["from"]?.numberValue?.integer, let through = json["through"]?.numberValue?.integer,
+            let committed = json["committed"]?.numberValue?.integer
+        else { return nil }
+        self.init(from: UInt64(clamping: from), through: UInt64(clamping: through), committed: committed)
+        notAccepted = (json["notAccepted"]?.arrayValue ?? []).compactMap { $0.numberValue?.integer.map { UInt64(clamping: $0) } }
+        for (k, v) in json["refused"]?.objectValue?.members ?? [] {
+            if let seq = UInt64(k), let t = v.stringValue { refused[seq] = t }
+        }
+    }
 }
 
 /// A feed answer that skips a sequence: no honest broker sends one.
@@ -125,6 +173,7 @@ extension AgentStore {
     /// Where a federated resource came from (the broker's source extension; only `domain` reaches an agent).
     static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
     static let downlinkKey = Array("downlinkSeq".utf8)
+    static let downlinkReportKey = Array("downlinkReport".utf8)
 
     /// The source domain of a foreign resource; nil: the resource is this boundary's own.
     func foreignDomain(_ type: ResourceType, _ id: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> String? {
@@ -140,9 +189,17 @@ extension AgentStore {
         try environment.read { txn in try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0 }
     }
 
-    /// The broker starts the feed again: the next poll acknowledges nothing.
+    /// The broker starts the feed again: the next poll acknowledges nothing (and reports nothing).
     public func restartDownlink(in txn: borrowing WriteTransaction) throws {
         try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
+        _ = try txn.delete(meta, AgentStore.downlinkReportKey)
+    }
+
+    /// The outcomes of the last applied answer, which the next poll reports (nil: none).
+    public func downlinkReport() throws -> DownlinkReport? {
+        try environment.read { txn in
+            try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
+        }
     }
 
     /// How many foreign resources of each source domain are stored.
@@ -168,6 +225,7 @@ extension AgentStore {
     {
         var last = try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
         var outcome = DownlinkOutcome(appliedThrough: last)
+        var report = DownlinkReport(from: last + 1, through: last, committed: ctx.epochMilliseconds)
         for event in events {
             guard let n = event["seq"]?.numberValue?.integer, n > 0 else { throw DownlinkGap(expected: last + 1, got: 0) }
             let seq = UInt64(n)
@@ -176,19 +234,31 @@ extension AgentStore {
                 continue
             }
             guard seq == last + 1 else { throw DownlinkGap(expected: last + 1, got: seq) }
+            // Each change is written under its own trace id (the IdP request's at its source).
+            var each = ctx
+            if let trace = event["txn"]?.stringValue, !trace.isEmpty { each.traceID = trace }
             do {
-                switch try txn.nested({ sub in try applyForeign(event, policy: policy, ctx, sub) }) {
+                switch try txn.nested({ sub in try applyForeign(event, policy: policy, each, sub) }) {
                 case .applied: outcome.applied += 1
                 case .delta: (outcome.applied, outcome.membershipDeltas) = (outcome.applied + 1, outcome.membershipDeltas + 1)
-                case .notAccepted: outcome.notAccepted += 1
+                case .notAccepted:
+                    outcome.notAccepted += 1
+                    report.notAccepted.append(seq)
                 }
             } catch let e as SCIMError {
                 outcome.refused[seq] = e.detail
+                report.refused[seq] = e.scimType?.rawValue ?? "refused"
             }
             last = seq
         }
         try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
         outcome.appliedThrough = last
+        // Only resends (nothing new): the stored report, of what they were applied with, stays the one to send.
+        if last >= report.from {
+            report.through = last
+            try txn.put(meta, AgentStore.downlinkReportKey, report.json.serialized())
+            outcome.report = report
+        }
         return outcome
     }
 

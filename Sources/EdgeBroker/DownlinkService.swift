@@ -26,6 +26,17 @@ final class BrokerFeeds {
     var served: [String: Int] = [:]
     /// Destinations whose feed is starting again for a new store.
     var resyncing: Set<String> = []
+    /// Per destination: the events its agent acknowledged, by outcome, and
+    /// from the source agent's acceptance to the boundary's commit.
+    var outcomes: [String: [String: Int]] = [:]
+    var propagation: [String: RecentSamples] = [:]
+
+    func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
+        for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
+        guard !c.latencies.isEmpty else { return }
+        let now = unixMilliseconds()
+        for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
+    }
 
     init(destinations: [TargetConfiguration]) {
         var byDomain: [String: TargetConfiguration] = [:]
@@ -101,6 +112,15 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
             return
         }
+        var outcomes: BrokerStore.FeedOutcomes?
+        if let o = body["outcomes"] {
+            do throws(BrokerStore.FeedOutcomesError) {
+                outcomes = try BrokerStore.FeedOutcomes(o, ack: UInt64(ack))
+            } catch {
+                responder.respond(Self.failure(400, "invalid_request", error.description))
+                return
+            }
+        }
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -110,7 +130,7 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, responder) { [self] page in
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, outcomes: outcomes, responder) { [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
             timer.start(after: UInt64(wait)) { [weak self] in
@@ -126,14 +146,16 @@ extension BrokerService {
     /// Runs the poll's transaction and answers, unless `park` keeps the
     /// responder waiting (it returns true).
     func fetch(
-        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, _ responder: Responder,
-        park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
+        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int,
+        outcomes: BrokerStore.FeedOutcomes? = nil, _ responder: Responder, park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
-        writer.submit({ txn in try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, txn) }) {
-            [self] result in
+        writer.submit({ txn in
+            try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, outcomes: outcomes, txn)
+        }) { [self] result in
             switch result {
             case .success(let page):
+                feeds.committed(domain, page.committed)
                 refreshBacklog(domain, target)
                 if park(page) { return }
                 feeds.served[domain, default: 0] += page.events.count
@@ -245,6 +267,24 @@ extension BrokerService {
         }
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
+        }
+        let name = "scim_broker_downlink_events_committed_total"
+        out +=
+            "# HELP \(name) Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).\n"
+        out += "# TYPE \(name) counter\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            for outcome in ["accepted", "not accepted", "refused", "unreported"] {
+                let label = outcome.replacing(" ", with: "_")
+                out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(feeds.outcomes[domain]?[outcome] ?? 0)\n"
+            }
+        }
+        let p = "scim_broker_downlink_propagation_seconds"
+        out += "# HELP \(p) From the source agent accepting a change to the destination's agent committing it (its clock; last 10 s).\n"
+        out += "# TYPE \(p) summary\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            let (n, q) = (feeds.propagation[domain] ?? RecentSamples()).quantiles([0.5, 0.99])
+            let labels = "domain=\"\(domain)\",target=\"\(t.name)\""
+            out += "\(p){\(labels),quantile=\"0.5\"} \(q[0])\n\(p){\(labels),quantile=\"0.99\"} \(q[1])\n\(p)_count{\(labels)} \(n)\n"
         }
         return out
     }

@@ -502,10 +502,16 @@ extension BrokerStore {
                 for h in held where !ids.contains(h.item.brokerID) { ids.append(h.item.brokerID) }
             }
             var hops: [(String, JSONObject)] = []
-            var seen: Set<String> = []
+            var seen: [String: Int] = [:]
             func add(_ id: String, _ name: String, _ at: Int64?, _ trace: String?, _ extra: JSONObject = [:]) {
                 guard let at, at > 0, !byTrace || trace == idOrTrace else { return }
-                guard seen.insert("\(id) \(name) \(at) \(trace ?? "")").inserted else { return }
+                let key = "\(id) \(name) \(at) \(trace ?? "")"
+                if let i = seen[key] {
+                    // The same hop seen again (from another target's record, or the resource): what it adds is kept.
+                    for (k, v) in extra where hops[i].1[k] == nil { hops[i].1[k] = v }
+                    return
+                }
+                seen[key] = hops.count
                 var o = extra
                 o["hop"] = .string(name)
                 o["at"] = .number(JSONNumber(integer: at))
@@ -518,9 +524,14 @@ extension BrokerStore {
                     let trace = o["trace"]?.stringValue
                     add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
                     add(id, "broker apply", o["applied"]?.numberValue?.integer, trace)
+                    if let issued = o["issued"]?.numberValue?.integer, let target = o["target"]?.stringValue {
+                        // A boundary's commit: its feed issued the event first.
+                        add(id, "feed \(target)", issued, trace, ["feedSeq": o["feedSeq"] ?? .null, "event": o["event"] ?? .null])
+                    }
                     var target = o
                     target["accepted"] = nil
                     target["applied"] = nil
+                    target["issued"] = nil
                     add(id, o["hop"]?.stringValue ?? "target", o["at"]?.numberValue?.integer, trace, target)
                     return true
                 }
@@ -547,10 +558,14 @@ extension BrokerStore {
                         "queueSeq": .number(JSONNumber(integer: Int64(h.seq))),
                     ])
             }
-            let order = ["agent accept": 0, "broker apply": 1]
+            // Hops of one millisecond in the order a change takes them.
+            func rank(_ hop: JSONObject) -> Int {
+                let name = hop["hop"]?.stringValue ?? ""
+                return name == "agent accept" ? 0 : name == "broker apply" ? 1 : name.hasPrefix("feed ") ? 2 : 3
+            }
             return hops.sorted {
                 let a = $0.1["at"]?.numberValue?.integer ?? 0, b = $1.1["at"]?.numberValue?.integer ?? 0
-                return a != b ? a < b : (order[$0.1["hop"]?.stringValue ?? ""] ?? 2) < (order[$1.1["hop"]?.stringValue ?? ""] ?? 2)
+                return a != b ? a < b : rank($0.1) < rank($1.1)
             }
         }
     }
@@ -820,6 +835,8 @@ extension BrokerStore {
         /// Group member index entries (what the target holds, and what is pending).
         public var members = 0
         public var deadLetters = 0
+        /// A boundary's records of its unacknowledged feed events (counted in `queued` already).
+        public var feedRecords = 0
         /// Status, deletion guard and counters.
         public var stateEntries = 0
         public var total: Int { queued + mappings + deadLetters + stateEntries }
@@ -836,7 +853,7 @@ extension BrokerStore {
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
             (targetLinks, \.links), (targetMembers, \.members), (targetMemberOf, \.members), (targetPending, \.members),
-            (downlink, \.queued),
+            (downlink, \.queued), (downlinkTrail, \.feedRecords),
         ] {
             while true {
                 let removed = try environment.write { txn in

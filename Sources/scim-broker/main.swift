@@ -492,7 +492,9 @@ struct DeadLetterDrop: ParsableCommand {
 
 struct Trace: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer.")
+        abstract:
+            "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer, each boundary's feed and commit."
+    )
     @OptionGroup var options: StoreOptions
     @Argument(
         help: "A trace id, a broker id, a userName, an externalId, an id at a target or at the source, or a group's displayName.")
@@ -512,7 +514,7 @@ struct Trace: ParsableCommand {
                         + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
             }
             var detail: [String] = []
-            for key in ["domain", "sourceId", "seq", "event", "method", "status", "detail", "trace"] {
+            for key in ["domain", "sourceId", "seq", "feedSeq", "event", "outcome", "method", "status", "detail", "trace"] {
                 if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
             }
             emitLine(

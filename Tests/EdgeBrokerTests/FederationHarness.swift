@@ -92,6 +92,20 @@ class FederationTestCase: XCTestCase {
     }
 
     /// `/metrics` of a broker or an agent process (from its "operations at" line).
+    /// A `scim-broker` command: its exit status and output (stdout and stderr).
+    func brokerCLI(_ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: productsDirectory + "/scim-broker")
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+    }
+
     func brokerMetrics(_ broker: ChildProcess) throws -> String {
         let line = try XCTUnwrap(broker.waitForLine("operations at"))
         let port = Int(line.split(separator: ":").last!.split(separator: "/").first!)!
@@ -144,11 +158,12 @@ class FederationTestCase: XCTestCase {
 @discardableResult
 func scim(
     _ port: Int, _ method: String, _ path: String, _ body: String = "", token: String = "t",
-    prefix: String = "/scim/v2"
+    prefix: String = "/scim/v2", headers: [String: String] = [:]
 ) throws -> (Int, JSON?) {
     let c = try RawClient(port: port)
+    let extra = headers.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)\r\n" }.joined()
     c.send(
-        "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n"
+        "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n\(extra)"
             + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
     guard let r = c.readResponses(1).first else { return (0, nil) }
     return (r.status, try? JSONParser.parse(r.body))
