@@ -166,17 +166,22 @@ extension BrokerStore {
     /// One poll, in one write transaction: drops the events through `ack`,
     /// materialises queue items while fewer than `window` events are
     /// unacknowledged, and returns up to `limit` events after `ack`.
+    ///
+    /// `after` (protocol 2; at least `ack`): the last sequence the agent
+    /// received, committed or not: the answer starts after it, so the agent
+    /// fetches the next page while it commits the last.
     func pollFeed(
-        target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, window: Int, outcomes: FeedOutcomes? = nil,
-        _ txn: borrowing WriteTransaction
+        target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int, window: Int,
+        outcomes: FeedOutcomes? = nil, _ txn: borrowing WriteTransaction
     ) throws -> FeedPage {
         var position = try feedPosition(target: target.name, txn)
+        let after = max(ack, after ?? ack)
         let epochKey = Array("dlepoch/\(target.name)".utf8)
         if let known = try txn.get(targetState, epochKey) {
-            if known != Array(epoch.utf8) || ack < position.acked || ack > position.issued {
+            if known != Array(epoch.utf8) || ack < position.acked || after > position.issued {
                 throw FeedError.newStore(acked: position.acked, issued: position.issued)
             }
-        } else if ack > 0 {
+        } else if ack > 0 || after > position.issued {
             // A store that counted a feed this broker does not know of (its data restored or replaced).
             throw FeedError.newStore(acked: position.acked, issued: position.issued)
         } else {
@@ -198,7 +203,7 @@ extension BrokerStore {
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
-        try txn.scan(downlink, from: prefixed(target.name, (ack + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
+        try txn.scan(downlink, from: prefixed(target.name, (after + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
             // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
             guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
             events.append(v)
@@ -206,7 +211,7 @@ extension BrokerStore {
             return events.count < limit
         }
         return FeedPage(
-            events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - ack, committed: committed)
+            events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - after, committed: committed)
     }
 
     /// The boundary's commit of the events through `through` becomes each

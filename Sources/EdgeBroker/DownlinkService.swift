@@ -14,6 +14,7 @@ final class BrokerFeeds {
         let timer: LoopTimer
         let epoch: String
         let ack: UInt64
+        let after: UInt64?
         let limit: Int
     }
     /// By destination domain.
@@ -80,8 +81,9 @@ extension BrokerService {
     /// Events a poll may ask for, and the longest wait it may ask for.
     static let maxFeedEvents = 1000
     static let maxFeedWaitMilliseconds = 60_000
-    /// Unacknowledged events a feed holds at most (the rest waits as queue items).
-    static let feedWindow = 2000
+    /// Unacknowledged events a feed holds at most (the rest waits as queue items): room for an
+    /// agent that fetches the next pages while it commits the last (protocol 2, `after`).
+    static let feedWindow = 5000
 
     /// `POST /federation/v1/feed`: the destination is the certificate's
     /// domain (never the request's): acknowledges what the agent committed,
@@ -112,6 +114,15 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
             return
         }
+        var after: UInt64?
+        if let a = body["after"] {
+            guard let n = a.numberValue?.integer, n >= ack else {
+                responder.respond(
+                    Self.failure(400, "invalid_request", "'after' must be the last feed sequence received, at least 'ackedThrough'"))
+                return
+            }
+            after = UInt64(n)
+        }
         var outcomes: BrokerStore.FeedOutcomes?
         if let o = body["outcomes"] {
             do throws(BrokerStore.FeedOutcomesError) {
@@ -130,7 +141,8 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, outcomes: outcomes, responder) { [self] page in
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, responder) {
+            [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
             timer.start(after: UInt64(wait)) { [weak self] in
@@ -138,7 +150,8 @@ extension BrokerService {
                 p.responder.respond(Self.feedAnswer(page, limit: p.limit))
             }
             _ = feeds.park(
-                bound.domain, BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, limit: limit))
+                bound.domain,
+                BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit))
             return true
         }
     }
@@ -146,12 +159,13 @@ extension BrokerService {
     /// Runs the poll's transaction and answers, unless `park` keeps the
     /// responder waiting (it returns true).
     func fetch(
-        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int,
+        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int,
         outcomes: BrokerStore.FeedOutcomes? = nil, _ responder: Responder, park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
         writer.submit({ txn in
-            try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, outcomes: outcomes, txn)
+            try store.pollFeed(
+                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, txn)
         }) { [self] result in
             switch result {
             case .success(let page):
@@ -210,7 +224,7 @@ extension BrokerService {
     /// A parked poll's destination got changes: materialise and answer.
     func wake(_ domain: String) {
         guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
-        fetch(domain, target, epoch: p.epoch, ack: p.ack, limit: p.limit, p.responder)
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, p.responder)
     }
 
     /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).

@@ -126,14 +126,21 @@ extension DownlinkTests {
         let (_, bp) = try startBroker(yaml: brokerYAML)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         XCTAssertEqual(try createAtHQ(dp, "olga", trace: "7ef92f3577b34da6a3ce929d0e0e4739"), 201)
-        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 1 })
+        XCTAssertEqual(try createAtHQ(dp, "pia", trace: "8ff92f3577b34da6a3ce929d0e0e4730"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { self.applied()["acme-de/\(self.deID)"] == 2 })
         let epoch = "0123456789abcdef0123456789abcdef"
         let (status, first) = try poll(bp, cert: us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0}"#)
         XCTAssertEqual(status, 200)
         XCTAssertEqual(first?["protocol"], 2)
-        XCTAssertEqual(first?["events"]?.arrayValue?.count, 1)
+        XCTAssertEqual(first?["events"]?.arrayValue?.count, 2)
         XCTAssertEqual(
             first?["events"]?.arrayValue?.first?["txn"], "7ef92f3577b34da6a3ce929d0e0e4739", "the trace id travels with the event")
+        // `after`: what follows the last received, while it is being committed.
+        let (_, next) = try poll(bp, cert: us, #"{"ackedThrough":0,"after":1,"epoch":"\#(epoch)","timeoutMs":0}"#)
+        XCTAssertEqual(next?["events"]?.arrayValue?.compactMap { $0["seq"]?.numberValue?.integer }, [2])
+        let (behind, said) = try poll(bp, cert: us, #"{"ackedThrough":1,"after":0,"epoch":"\#(epoch)","timeoutMs":0}"#)
+        XCTAssertEqual(behind, 400)
+        XCTAssertTrue(said?["description"]?.stringValue?.contains("at least 'ackedThrough'") == true, "\(String(describing: said))")
 
         for (outcomes, says) in [
             (#"{"from":0,"through":1,"committed":1}"#, "'outcomes' must name the feed sequences"),
@@ -151,7 +158,7 @@ extension DownlinkTests {
         XCTAssertFalse(traceHops("olga").contains { $0["hop"] == "boundary acme-us" })
 
         // Acknowledged without outcomes: the hop says the boundary committed it, and that it did not say how.
-        let (s, _) = try poll(bp, cert: us, #"{"ackedThrough":1,"epoch":"\#(epoch)","timeoutMs":0}"#)
+        let (s, _) = try poll(bp, cert: us, #"{"ackedThrough":2,"epoch":"\#(epoch)","timeoutMs":0}"#)
         XCTAssertEqual(s, 200)
         let hop = try XCTUnwrap(traceHops("olga").first { $0["hop"] == "boundary acme-us" }, "\(traceHops("olga"))")
         XCTAssertEqual(hop["outcome"], "unreported")
