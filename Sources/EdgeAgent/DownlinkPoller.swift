@@ -64,6 +64,8 @@ public final class DownlinkPoller {
     /// Counts failures: an answer applied from before one may fail as its consequence (not a protocol error).
     private var generation = 0
     static let maxApplying = 2
+    /// The broker's last answer said protocol 2 (it takes `after`): only then does a poll leave before a commit.
+    private var pipelined = false
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -150,6 +152,7 @@ public final class DownlinkPoller {
                 statistics.brokerLastSeq = body?["lastSeq"]?.numberValue?.integer.map { UInt64(clamping: $0) } ?? statistics.brokerLastSeq
                 failures = 0
                 reported = max(reported, acked)
+                pipelined = (body?["protocol"]?.numberValue?.integer ?? 1) >= 2
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     // An answer being committed polls when it is (acknowledging it).
@@ -159,7 +162,7 @@ public final class DownlinkPoller {
                 }
                 if let last = events.last?["seq"]?.numberValue?.integer { received = max(received, UInt64(clamping: last)) }
                 apply(events)
-                if applying < Self.maxApplying { poll() }
+                if pipelined && applying < Self.maxApplying { poll() }
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
                 retry("the broker has no feed for this domain: \(description)", after: 60)

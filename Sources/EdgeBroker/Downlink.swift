@@ -33,6 +33,11 @@ extension BrokerStore {
         static let delete = "urn:ietf:params:SCIM:event:prov:delete"
     }
 
+    /// A feed event's kind in the trail (`trace`), by its event URI.
+    static let feedEventKinds = [
+        DownlinkURI.createFull: "create", DownlinkURI.putFull: "put", DownlinkURI.delete: "delete", BrokerStore.membersEvent: "members",
+    ]
+
     /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
     static let maxPageBytes = 4 << 20
 
@@ -229,7 +234,8 @@ extension BrokerStore {
         let domain = target.destination ?? target.name
         let now = unixMilliseconds()
         var out = CommittedEvents()
-        for (i, (key, value)) in records.enumerated() {
+        var seen: [String: Int64] = [:]
+        for (key, value) in records {
             _ = try txn.delete(downlinkTrail, key)
             guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))), let r = try JSONParser.parse(value, limits: .stored).objectValue,
                 let id = r["id"]?.stringValue
@@ -240,14 +246,17 @@ extension BrokerStore {
                 "hop": .string("boundary \(domain)"), "event": r["event"] ?? "change", "target": .string(target.name),
                 "feedSeq": .number(JSONNumber(integer: Int64(seq))), "outcome": .string(said?.outcome ?? "unreported"),
                 "detail": .string(
-                    said?.detail ?? "acknowledged by boundary \(domain), whose agent reported no outcome for it (downlink protocol 1)"),
+                    said?.detail
+                        ?? "acknowledged by boundary \(domain), whose agent reported no outcome for it (an agent of downlink protocol 1)"),
             ]
             if let t = said?.scimType { hop["scimType"] = .string(t) }
             for k in ["issued", "accepted", "applied"] { if let v = r[k], (v.numberValue?.integer ?? 0) > 0 { hop[k] = v } }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
             if said != nil, let accepted = r["accepted"]?.numberValue?.integer, accepted > 0 { out.latencies.append(at - accepted) }
-            // Events of one answer share the commit time: a µs of their own keeps their trail keys apart.
-            try recordHop(brokerID: id, trace: r["trace"]?.stringValue ?? "", hop, txn, now: at * 1000 + Int64(i % 1000))
+            // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart.
+            let n = seen[id, default: 0]
+            seen[id] = n + 1
+            try recordHop(brokerID: id, trace: r["trace"]?.stringValue ?? "", hop, txn, now: at * 1000 + min(n, 999))
         }
         return out
     }
@@ -301,12 +310,7 @@ extension BrokerStore {
         try txn.put(downlink, prefixed(target, seq.bigEndianBytes), JSON.object(e).serialized())
         // What the commit's hop will need (`recordCommits`), without reading the event back.
         let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
-        let kind =
-            [
-                DownlinkURI.createFull: "create", DownlinkURI.putFull: "put", DownlinkURI.delete: "delete",
-                BrokerStore.membersEvent: "members",
-            ][
-                uri] ?? uri
+        let kind = BrokerStore.feedEventKinds[uri] ?? uri
         let record: JSONObject = [
             "id": .string(item.brokerID), "trace": .string(item.trace), "event": .string(kind),
             "issued": .number(JSONNumber(integer: unixMilliseconds())), "accepted": .number(JSONNumber(integer: item.acceptedAt)),
