@@ -27,11 +27,13 @@ if ! command -v rsyslogd >/dev/null || ! relp_modules; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsyslog rsyslog-relp >/dev/null
   fi
 fi
+# cpu PID: its CPU time so far (user + system), in seconds.
+cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }
 # relp_drain NAME OMFILE-OPTIONS: one RELP drain of EVENTS messages (a sender and a receiver of their own, in $r/NAME);
 # writes "rate-from-first rate-from-start first-after lines" to $r/NAME.out (for the sync variant, RELP_SYNC=0 skips it: the receiver
 # syncing its file after each batch it writes, as ours sync each commit).
 relp_drain() {
-  local d="$r/$1" rp tp sender receiver start end first_at="" last
+  local d="$r/$1" rp tp sender receiver start end first_at="" last c0
   mkdir -p "$d/sender" "$d/receiver"
   rp=$(free_port); tp=$(free_port)
   # The sender: messages in over TCP, out by omrelp from a queue that holds them all while the receiver is away
@@ -73,7 +75,7 @@ s.sendall(b"".join(batch)); s.close()
 PY
   # Queued, all of them (impstats: the action queue's size).
   for _ in $(seq 1 600); do grep -q "omrelp queue\", \"origin\": \"core.queue\", \"size\": $EVENTS," "$d/sender.stats" 2>/dev/null && break; sleep 0.1; done
-  start=$(date +%s.%N)
+  start=$(date +%s.%N) c0=$(cpu $sender)
   rsyslogd -n -f "$d/receiver.conf" -i "$d/receiver.pid" >"$d/receiver.log" 2>&1 &
   receiver=$!; pids+=($receiver)
   # The messages arrive in order: the last one's number at the file's end means all are written.
@@ -85,6 +87,7 @@ PY
     kill -0 $receiver 2>/dev/null && kill -0 $sender 2>/dev/null || { echo "rsyslog died" >&2; cat "$d"/*.log >&2; exit 1; }
   done
   end=$(date +%s.%N)
+  python3 -c 'import sys; s,c,r=map(float,sys.argv[1:]); print(f"{s-c+r:.2f}")' "$(cpu $sender)" "$c0" "$(cpu $receiver)" >"$d.cpu"
   kill $sender $receiver 2>/dev/null || true
   # At least once: a message sent when the connection failed may be written twice; every one is there.
   [ "$(grep -o '^ [0-9]\{7\} ' "$d/out.log" | sort -u | wc -l)" -ge "$EVENTS" ] || { echo "RELP lost messages" >&2; exit 1; }
@@ -126,19 +129,22 @@ drain() {
   echo "$t0 $first $(date +%s.%N) $first_n"
 }
 
-# uplink_drain N: an agent's outbox → the broker; writes drain's line to $work/up-N.out.
+# uplink_drain N: an agent's outbox → the broker; writes drain's line to $work/up-N.out, and the CPU seconds the broker
+# and the agent spent from the broker's start to the end of the drain to $work/up-N.cpu.
 uplink_drain() {
-  local bp broker hq
+  local bp broker hq c0
   rm -rf "$work/hq"
   "$bin/edge-fixture" fill-outbox "$work/hq" "$EVENTS" "$BYTES" >/dev/null
   bp=$(free_port)
   start_relay_agent hq "$(free_port)" none "$bp" --outbox-max-events $((EVENTS * 2))
   hq=$agent
   sleep 0.5
+  c0=$(cpu $hq)
   "$bin/scim-broker" serve --data-dir "$work/broker-up-$1" --listen "127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/broker.crt" \
     --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen none >"$work/broker-up-$1.log" 2>&1 &
   broker=$!; pids+=($broker)
   drain broker $broker "broker_status $work/broker-up-$1" >"$work/up-$1.out"
+  echo "$(cpu $broker) $(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.2f}")' "$(cpu $hq)" "$c0")" >"$work/up-$1.cpu"
   kill $broker $hq; wait $broker $hq 2>/dev/null || true
   rm -rf "$work/broker-up-$1"
 }
@@ -146,7 +152,7 @@ uplink_drain() {
 # downlink_drain N: the broker's feed for boundary "us" (filled through de's agent, which then stops) → its agent;
 # writes drain's line to $work/dn-N.out, and "queued foreign committed peak-broker peak-agent" to $work/dn-N.checks.
 downlink_drain() {
-  local bp mp ua broker hq queued foreign committed
+  local bp mp ua broker hq queued foreign committed c0
   rm -rf "$work/hq" "$work/us"
   "$bin/edge-fixture" fill-outbox "$work/hq" "$EVENTS" "$BYTES" >/dev/null
   bp=$(free_port); mp=$(free_port); ua=$(free_port)
@@ -160,9 +166,11 @@ downlink_drain() {
   [ "$(broker_status "$work/broker-down-$1")" = "$EVENTS" ] || { echo "the broker did not apply the backlog" >&2; exit 1; }
   kill $hq; wait $hq 2>/dev/null || true
   queued=$(metric "$mp" 'scim_broker_downlink_queue_depth{')
+  c0=$(cpu $broker)
   start_boundary_agent us "$ua" "$bp"
   track_anon $us "agent-$1"
   drain agent $us "metric $ua scim_edge_downlink_applied_sequence" >"$work/dn-$1.out"
+  echo "$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.2f}")' "$(cpu $broker)" "$c0") $(cpu $us)" >"$work/dn-$1.cpu"
   foreign=$("$bin/scim-edge" status --data-dir "$work/us" | sed -nE 's/^foreign +([0-9]+) from de.*/\1/p')
   local accepted='scim_broker_downlink_events_committed_total{domain="us",target="us-boundary",outcome="accepted"}'
   for _ in $(seq 1 50); do committed=$(metric "$mp" "$accepted"); [ "$committed" = "$EVENTS" ] && break; sleep 0.1; done
@@ -239,5 +247,10 @@ PY
   echo "In the last round the broker had queued $queued changes for the boundary; the agent held $foreign foreign users after the"
   echo "drain, and the broker recorded $committed accepted commits (exactly once)."
   echo "Peak anonymous RSS during that downlink drain (sampled every 0.2 s): broker $peak_broker MiB, agent $peak_agent MiB."
+  read -r ub ua_ <<<"$(cat "$work/up-$ROUNDS.cpu")"
+  read -r db da <<<"$(cat "$work/dn-$ROUNDS.cpu")"
+  rc=$(cat "$r/plain-$ROUNDS.cpu" 2>/dev/null || echo 0)
+  python3 -c 'import sys; n=int(sys.argv[1]); ub,ua,db,da,rc=map(float,sys.argv[2:]); print(f"CPU time per event in that round (user + system, from the drain'"'"'s start, the receiving process from its own): RELP sender and receiver together {rc/n*1e6:.0f} µs; uplink broker {ub/n*1e6:.0f} µs, agent {ua/n*1e6:.0f} µs; downlink broker {db/n*1e6:.0f} µs, agent {da/n*1e6:.0f} µs.")' \
+    "$EVENTS" "$ub" "$ua_" "$db" "$da" "$rc"
   echo "Goal (issue 16): each drain ≥ 1.2× RELP."
 } | tee "$OUT"
