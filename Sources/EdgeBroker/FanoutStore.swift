@@ -153,6 +153,8 @@ extension BrokerStore {
         trace: String, acceptedAt: Int64, touched: [String] = [], _ txn: borrowing WriteTransaction
     ) throws -> [String] {
         var queued: [String] = [], outOfScope: [String] = []
+        // Queued when applied: the apply's time as the resource records it, so that `trace` shows one "broker apply".
+        let appliedAt = new?[BrokerStore.sourceExtension]?["applied"]?.numberValue?.integer ?? unixMilliseconds()
         for target in targets {
             let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
             let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
@@ -162,7 +164,7 @@ extension BrokerStore {
             }
             var item = DeliveryItem(
                 brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
-                queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
+                queuedAt: appliedAt, acceptedAt: acceptedAt)
             if !now, let old {
                 // Who is removed, kept with the removal: the directory may no longer know (see `DeliveryItem.name`).
                 item.domain = domain
@@ -207,7 +209,7 @@ extension BrokerStore {
             var hop: JSONObject = [
                 "hop": "broker routes", "event": "out of scope",
                 "detail": .string("out of scope for \(outOfScope.count == 1 ? "target" : "targets") \(outOfScope.joined(separator: ", "))"),
-                "outOfScope": .array(outOfScope.map { .string($0) }), "applied": .number(JSONNumber(integer: unixMilliseconds())),
+                "outOfScope": .array(outOfScope.map { .string($0) }), "applied": .number(JSONNumber(integer: appliedAt)),
             ]
             if acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
             try recordHop(brokerID: brokerID, trace: trace, hop, txn)
