@@ -12,6 +12,11 @@ OUT="$tmp/agent.md" bash scripts/bench-agent.sh >/dev/null
 OUT="$tmp/relay.md" bash scripts/bench-relay.sh >/dev/null
 OUT="$tmp/e2e.md" bash scripts/bench-e2e.sh >/dev/null
 OUT="$tmp/fanout.md" bash scripts/bench-fanout.sh >/dev/null
+OUT="$tmp/downlink.md" bash scripts/bench-downlink.sh >/dev/null
+OUT="$tmp/downlink-e2e.md" bash scripts/bench-downlink-e2e.sh >/dev/null
+OUT="$tmp/boundaries.md" bash scripts/bench-boundaries.sh >/dev/null
+printf '\n' >>"$tmp/downlink.md"; cat "$tmp/downlink-e2e.md" >>"$tmp/downlink.md"
+printf '\n' >>"$tmp/downlink.md"; cat "$tmp/boundaries.md" >>"$tmp/downlink.md"
 OUT="$tmp/backpressure.md" SVG=docs/backpressure.svg bash scripts/bench-backpressure.sh >/dev/null
 OUT="$tmp/bulk.md" bash scripts/bench-bulk.sh >/dev/null
 OUT="$tmp/members.md" bash scripts/bench-members.sh >/dev/null
@@ -30,7 +35,7 @@ single=$(.build/release/edge-fixture lmdb-ceiling /var/tmp/scim-edge-ceiling 1);
 (cd Benchmarks && swift package benchmark --no-progress --target SCIMBenchmarks --format markdown --path stdout 2>/dev/null) \
   | sed -n '/^## SCIMBenchmarks/,$p' | sed 's/^## SCIMBenchmarks//' >"$tmp/scim.md"
 
-python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" "$tmp/members.md" "$tmp/ldap.md" >docs/benchmarks.md <<'PY'
+python3 - "$tmp/micro.md" "$tmp/http.md" "$ceiling" "$single" "$tmp/scim.md" "$tmp/agent.md" "$tmp/relay.md" "$tmp/e2e.md" "$tmp/fanout.md" "$tmp/backpressure.md" "$tmp/bulk.md" "$tmp/members.md" "$tmp/ldap.md" "$tmp/downlink.md" >docs/benchmarks.md <<'PY'
 import re, sys, datetime, os
 micro = open(sys.argv[1]).read()
 http = open(sys.argv[2]).read()
@@ -44,6 +49,7 @@ backpressure = open(sys.argv[10]).read()
 bulk = open(sys.argv[11]).read()
 members = open(sys.argv[12]).read()
 ldap = open(sys.argv[13]).read()
+downlink = open(sys.argv[14]).read()
 
 def p50(title, metric, text=None):
     sect = (text or micro).split("### " + title)[1].split("###")[0]
@@ -87,6 +93,9 @@ and {w(single)} writes/s one by one (`edge-fixture lmdb-ceiling`), a ceiling of
 ## Fan-out to downstream apps
 
 {fanout}
+## Into other boundaries: the downlink
+
+{downlink}
 ## Backpressure
 
 {backpressure}

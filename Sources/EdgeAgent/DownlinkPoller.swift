@@ -49,6 +49,23 @@ public final class DownlinkPoller {
     private var timer: LoopTimer?
     private var failures = 0
     private var stopped = false
+    /// What the next poll reports of the events it acknowledges (protocol 2).
+    private var report: DownlinkReport?
+    /// Pipelining (protocol 2): the next poll leaves as soon as an answer
+    /// arrives, asking for what follows the last sequence received (`after`)
+    /// while that answer is committed; it acknowledges what is committed.
+    /// At most one poll and `maxApplying` answers are out at once.
+    private var received: UInt64 = 0
+    private var polling = false
+    private var applying = 0
+    private var waiting = false
+    /// The acknowledgement of the last poll the broker answered: outcomes through it are taken.
+    private var reported: UInt64 = 0
+    /// Counts failures: an answer applied from before one may fail as its consequence (not a protocol error).
+    private var generation = 0
+    static let maxApplying = 2
+    /// The broker's last answer said protocol 2 (it takes `after`): only then does a poll leave before a commit.
+    private var pipelined = false
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -73,6 +90,8 @@ public final class DownlinkPoller {
         t.keepsLoopAlive = false
         timer = t
         statistics.appliedThrough = try store.downlinkSequence()
+        received = statistics.appliedThrough
+        report = try store.downlinkReport()
         poll()
     }
 
@@ -90,20 +109,36 @@ public final class DownlinkPoller {
     }
 
     private func poll() {
-        guard !stopped else { return }
+        guard !stopped, !polling, !waiting else { return }
+        polling = true
         statistics.polls += 1
-        let body: JSON = [
-            "ackedThrough": .number(JSONNumber(integer: Int64(statistics.appliedThrough))),
-            "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(policy.waitMilliseconds),
+        let acked = statistics.appliedThrough
+        received = max(received, acked)
+        // Waiting for nothing while an answer is being committed would hold its acknowledgement: not then.
+        let wait = applying > 0 ? 0 : policy.waitMilliseconds
+        var body: JSONObject = [
+            "ackedThrough": .number(JSONNumber(integer: Int64(acked))),
+            "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(wait),
             // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
             "epoch": .string(store.epoch),
         ]
+        if received > acked { body["after"] = .number(JSONNumber(integer: Int64(received))) }
+        // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).
+        if let r = report?.trimmed(after: reported), r.through <= acked { body["outcomes"] = r.json }
         let request = HTTPRequest(
-            method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"], body: body.serialized())
-        client.send(request) { [weak self] result in self?.answered(result) }
+            method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
+            body: JSON.object(body).serialized())
+        let generation = self.generation
+        client.send(request) { [weak self] result in
+            guard let self else { return }
+            polling = false
+            // Sent before a failure: what it asks for follows what may not be committed; asked for again.
+            guard generation == self.generation else { return }
+            answered(result, acked: acked)
+        }
     }
 
-    private func answered(_ result: Result<HTTPResponse, HTTPClientError>) {
+    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64) {
         guard !stopped else { return }
         switch result {
         case .failure(let e):
@@ -116,11 +151,18 @@ public final class DownlinkPoller {
                 guard let events = body?["events"]?.arrayValue else { return retry("broker answered 200 without events", after: nil) }
                 statistics.brokerLastSeq = body?["lastSeq"]?.numberValue?.integer.map { UInt64(clamping: $0) } ?? statistics.brokerLastSeq
                 failures = 0
+                reported = max(reported, acked)
+                pipelined = (body?["protocol"]?.numberValue?.integer ?? 1) >= 2
+                report = report?.trimmed(after: reported)
                 if events.isEmpty {
+                    // An answer being committed polls when it is (acknowledging it).
+                    if applying > 0 { return }
                     // The broker held the poll while there was nothing: ask again (at once, unless it may not hold polls).
                     return policy.waitMilliseconds == 0 ? schedule(after: 1000) : poll()
                 }
+                if let last = events.last?["seq"]?.numberValue?.integer { received = max(received, UInt64(clamping: last)) }
                 apply(events)
+                if pipelined && applying < Self.maxApplying { poll() }
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
                 retry("the broker has no feed for this domain: \(description)", after: 60)
@@ -139,24 +181,40 @@ public final class DownlinkPoller {
     var onCommitted: (() -> Void)?
 
     private func apply(_ events: [JSON]) {
-        let store = self.store, policy = self.policy, ctx = makeContext(events.first?["txn"]?.stringValue)
-        writer.submit({ txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }) { [weak self] result in
+        let store = self.store, policy = self.policy, ctx = makeContext(events.first?["txn"]?.stringValue), reported = self.reported
+        let generation = self.generation
+        applying += 1
+        writer.submit({ txn in try store.applyDownlink(events, policy: policy, ctx, reported: reported, in: txn) }) {
+            [weak self] result in
             guard let self, !stopped else { return }
+            applying -= 1
             switch result {
             case .success(let outcome):
-                statistics.appliedThrough = outcome.appliedThrough
+                statistics.appliedThrough = max(statistics.appliedThrough, outcome.appliedThrough)
+                if var r = outcome.report {
+                    r.committed = unixMilliseconds()  // durable now (the stored report has the transaction's time)
+                    report = r
+                }
                 statistics.eventsApplied += outcome.applied
                 statistics.membershipDeltas += outcome.membershipDeltas
                 statistics.duplicates += outcome.duplicates
                 statistics.notAccepted += outcome.notAccepted
                 statistics.refused += outcome.refused.count
                 for (seq, reason) in outcome.refused.sorted(by: { $0.key < $1.key }) {
+                    let event = events.first { $0["seq"]?.numberValue?.integer == Int64(seq) }
                     logger.warning(
                         "downlink: an accepted resource could not be stored here; it is skipped (counted)",
-                        metadata: ["seq": .stringConvertible(seq), "reason": .string(reason)])
+                        metadata: [
+                            "seq": .stringConvertible(seq), "reason": .string(reason),
+                            "trace": .string(event?["txn"]?.stringValue ?? ""),
+                            "ref": .string(event?["events"]?.objectValue?.members.first?.1["ref"]?.stringValue ?? ""),
+                        ])
                 }
                 if outcome.applied > 0 { onCommitted?() }
                 poll()
+            case .failure where generation != self.generation:
+                // Fetched before a failure: it follows an answer that was not committed. Fetched again from what was.
+                received = statistics.appliedThrough
             case .failure(let gap as DownlinkGap):
                 protocolError("\(gap)")
             case .failure(let e):
@@ -171,11 +229,14 @@ public final class DownlinkPoller {
     private func restart(after seconds: UInt64) {
         logger.warning("downlink: the broker starts the feed again; counting from 0")
         statistics.resyncs += 1
+        waiting = true  // no poll until the restart is committed (an answer being committed before it may finish first)
+        generation += 1
         let store = self.store
         writer.submit({ txn in try store.restartDownlink(in: txn) }) { [weak self] result in
             guard let self, !stopped else { return }
             if case .failure(let e) = result { return retry("cannot record the feed's restart: \(e)", after: nil) }
             statistics.appliedThrough = 0
+            (received, reported, report) = (0, 0, nil)
             schedule(after: seconds * 1000)
         }
     }
@@ -189,6 +250,9 @@ public final class DownlinkPoller {
 
     /// Polls again after the broker's Retry-After (seconds) or a jittered backoff.
     private func retry(_ message: String, after seconds: UInt64?) {
+        // What was received and not committed is asked for again (answers still being committed may yet be).
+        generation += 1
+        received = statistics.appliedThrough
         failures += 1
         statistics.errors += 1
         statistics.lastError = message
@@ -197,6 +261,10 @@ public final class DownlinkPoller {
     }
 
     private func schedule(after milliseconds: UInt64) {
-        timer?.start(after: milliseconds) { [weak self] in self?.poll() }
+        waiting = true
+        timer?.start(after: milliseconds) { [weak self] in
+            self?.waiting = false
+            self?.poll()
+        }
     }
 }

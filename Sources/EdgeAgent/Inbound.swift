@@ -79,19 +79,42 @@ public struct InboundPolicy: Sendable {
     }
 
     /// The resource as it is stored here: the broker's bookkeeping removed
-    /// (`id`, `meta`, the source extension), then `map`, then the userName
+    /// (`id`, `meta`, the source extension), then `map` (`mapping(for:)`,
+    /// worked out once per answer by the caller), then the userName
     /// template. Members are left to the caller (they must be held here).
-    func mapped(_ data: JSONObject, type: String, domain: String) -> JSONObject {
+    func mapped(_ data: JSONObject, type: String, domain: String, mapping typeMapping: AttributeMapping? = nil) -> JSONObject {
         var o = data
         for k in ["id", "meta", "groups", "members", AgentStore.sourceExtension] { o[k] = nil }
-        if let schemas = o["schemas"]?.arrayValue {
+        if let schemas = o["schemas"]?.arrayValue, schemas.contains(where: { $0.stringValue == AgentStore.sourceExtension }) {
             o["schemas"] = .array(schemas.filter { $0.stringValue != AgentStore.sourceExtension })
         }
-        mapping(for: type).apply(to: &o)
+        (typeMapping ?? mapping(for: type)).apply(to: &o)
         if type == "User", let name = o["userName"]?.stringValue {
-            o["userName"] = .string(userNameTemplate.replacing("{userName}", with: name).replacing("{domain}", with: domain))
+            o["userName"] = .string(userName(name, domain: domain))
         }
         return o
+    }
+
+    /// `map.userName` for one user: `{userName}` and `{domain}` replaced (one pass over the template).
+    func userName(_ name: String, domain: String) -> String {
+        if userNameTemplate == "{userName}" { return name }
+        var out = ""
+        var rest = Substring(userNameTemplate)
+        while let open = rest.firstIndex(of: "{") {
+            out += rest[..<open]
+            let tail = rest[open...]
+            if tail.hasPrefix("{userName}") {
+                out += name
+                rest = tail.dropFirst(10)
+            } else if tail.hasPrefix("{domain}") {
+                out += domain
+                rest = tail.dropFirst(8)
+            } else {
+                out += "{"
+                rest = tail.dropFirst()
+            }
+        }
+        return out + rest
     }
 }
 
@@ -109,6 +132,75 @@ public struct DownlinkOutcome: Sendable, Equatable {
     /// Accepted but not storable here (a userName taken by a local user, an
     /// invalid value): counted and logged, the sequence goes on.
     public var refused: [UInt64: String] = [:]
+    /// What the next poll tells the broker of these events (nil: none newly applied).
+    public var report: DownlinkReport?
+}
+
+/// The boundary's decision on each feed event of one applied answer, sent
+/// with the acknowledgement (`outcomes`, downlink protocol 2) so that the
+/// broker's `trace` shows the change's last hop: committed here at
+/// `committed` (Unix ms, this agent's clock), and for each event whether the
+/// inbound policy accepted it (stored as mapped), did not accept it, or it
+/// was refused here. A refusal goes up as its `scimType` only: the detail
+/// may name what this boundary holds (a local user's userName), so it stays
+/// in this agent's log (invariant 5). Stored in the transaction of the
+/// events (`meta`), so a crash before the next poll loses no report.
+public struct DownlinkReport: Sendable, Equatable {
+    /// The feed sequences it covers: every one not listed was accepted.
+    public var from: UInt64
+    public var through: UInt64
+    public var committed: Int64
+    public var notAccepted: [UInt64] = []
+    /// Feed sequence → `scimType` (`uniqueness`, `invalidValue`, …).
+    public var refused: [UInt64: String] = [:]
+
+    public var json: JSON {
+        var o: JSONObject = [
+            "from": .number(JSONNumber(integer: Int64(from))), "through": .number(JSONNumber(integer: Int64(through))),
+            "committed": .number(JSONNumber(integer: committed)),
+        ]
+        if !notAccepted.isEmpty { o["notAccepted"] = .array(notAccepted.map { .number(JSONNumber(integer: Int64($0))) }) }
+        if !refused.isEmpty {
+            o["refused"] = .object(JSONObject(refused.sorted { $0.key < $1.key }.map { ("\($0.key)", .string($0.value)) }))
+        }
+        return .object(o)
+    }
+
+    init(from: UInt64, through: UInt64, committed: Int64) {
+        (self.from, self.through, self.committed) = (from, through, committed)
+    }
+
+    /// Without what the broker has taken already (sequences through `acknowledged`); nil: nothing left.
+    public func trimmed(after acknowledged: UInt64) -> DownlinkReport? {
+        guard through > acknowledged else { return nil }
+        guard from <= acknowledged else { return self }
+        var r = self
+        r.from = acknowledged + 1
+        r.notAccepted = notAccepted.filter { $0 > acknowledged }
+        r.refused = refused.filter { $0.key > acknowledged }
+        return r
+    }
+
+    /// This report followed by `next` (which starts where this one ends): one report of both.
+    func followed(by next: DownlinkReport) -> DownlinkReport {
+        guard through + 1 == next.from else { return next }
+        var r = next
+        r.from = from
+        r.notAccepted = notAccepted + next.notAccepted
+        r.refused.merge(refused) { new, _ in new }
+        return r
+    }
+
+    init?(_ json: JSON) {
+        guard let from = json["from"]?.numberValue?.integer, let through = json["through"]?.numberValue?.integer,
+            let committed = json["committed"]?.numberValue?.integer
+        else { return nil }
+        self.init(from: UInt64(clamping: from), through: UInt64(clamping: through), committed: committed)
+        notAccepted = (json["notAccepted"]?.arrayValue ?? []).compactMap { $0.numberValue?.integer.map { UInt64(clamping: $0) } }
+        for (k, v) in json["refused"]?.objectValue?.members ?? [] {
+            if let seq = UInt64(k), let t = v.stringValue { refused[seq] = t }
+        }
+    }
 }
 
 /// A feed answer that skips a sequence: no honest broker sends one.
@@ -125,6 +217,7 @@ extension AgentStore {
     /// Where a federated resource came from (the broker's source extension; only `domain` reaches an agent).
     static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
     static let downlinkKey = Array("downlinkSeq".utf8)
+    static let downlinkReportKey = Array("downlinkReport".utf8)
 
     /// The source domain of a foreign resource; nil: the resource is this boundary's own.
     func foreignDomain(_ type: ResourceType, _ id: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> String? {
@@ -140,9 +233,17 @@ extension AgentStore {
         try environment.read { txn in try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0 }
     }
 
-    /// The broker starts the feed again: the next poll acknowledges nothing.
+    /// The broker starts the feed again: the next poll acknowledges nothing (and reports nothing).
     public func restartDownlink(in txn: borrowing WriteTransaction) throws {
         try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
+        _ = try txn.delete(meta, AgentStore.downlinkReportKey)
+    }
+
+    /// The outcomes of the last applied answer, which the next poll reports (nil: none).
+    public func downlinkReport() throws -> DownlinkReport? {
+        try environment.read { txn in
+            try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
+        }
     }
 
     /// How many foreign resources of each source domain are stored.
@@ -163,41 +264,86 @@ extension AgentStore {
     /// it are resends and skipped; a gap is an error (nothing applied).
     /// Each event runs in a nested transaction, so one that cannot be stored
     /// changes nothing and the others go on.
-    public func applyDownlink(_ events: [JSON], policy: InboundPolicy, _ ctx: WriteContext, in txn: borrowing WriteTransaction) throws
-        -> DownlinkOutcome
-    {
-        var last = try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
-        var outcome = DownlinkOutcome(appliedThrough: last)
+    ///
+    /// The stored report (`downlinkReport`) is what the next poll tells the
+    /// broker: this answer's outcomes after those not yet taken, i.e. after
+    /// `reported` (the acknowledgement of the last poll the broker answered),
+    /// so that answers applied while a poll was out are all reported.
+    public func applyDownlink(
+        _ events: [JSON], policy: InboundPolicy, _ ctx: WriteContext, reported: UInt64 = 0, in txn: borrowing WriteTransaction
+    ) throws -> DownlinkOutcome {
+        let before = try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        var last = before
+        var fresh: [(UInt64, JSON)] = []
+        var duplicates = 0
         for event in events {
             guard let n = event["seq"]?.numberValue?.integer, n > 0 else { throw DownlinkGap(expected: last + 1, got: 0) }
             let seq = UInt64(n)
             if seq <= last {
-                outcome.duplicates += 1
+                duplicates += 1
                 continue
             }
             guard seq == last + 1 else { throw DownlinkGap(expected: last + 1, got: seq) }
-            do {
-                switch try txn.nested({ sub in try applyForeign(event, policy: policy, ctx, sub) }) {
-                case .applied: outcome.applied += 1
-                case .delta: (outcome.applied, outcome.membershipDeltas) = (outcome.applied + 1, outcome.membershipDeltas + 1)
-                case .notAccepted: outcome.notAccepted += 1
-                }
-            } catch let e as SCIMError {
-                outcome.refused[seq] = e.detail
-            }
+            fresh.append((seq, event))
             last = seq
+        }
+        let maps = ["User": policy.mapping(for: "User"), "Group": policy.mapping(for: "Group")]
+        func run(_ nestEach: Bool, _ txn: borrowing WriteTransaction) throws -> DownlinkOutcome {
+            var outcome = DownlinkOutcome(appliedThrough: before)
+            outcome.duplicates = duplicates
+            var report = DownlinkReport(from: before + 1, through: last, committed: ctx.epochMilliseconds)
+            for (seq, event) in fresh {
+                // Each change is written under its own trace id (the IdP request's at its source).
+                var each = ctx
+                if let trace = event["txn"]?.stringValue, !trace.isEmpty { each.traceID = trace }
+                do {
+                    let change =
+                        nestEach
+                        ? try txn.nested { sub in try applyForeign(event, policy: policy, maps, each, sub) }
+                        : try applyForeign(event, policy: policy, maps, each, txn)
+                    switch change {
+                    case .applied: outcome.applied += 1
+                    case .delta: (outcome.applied, outcome.membershipDeltas) = (outcome.applied + 1, outcome.membershipDeltas + 1)
+                    case .notAccepted:
+                        outcome.notAccepted += 1
+                        report.notAccepted.append(seq)
+                    }
+                } catch let e as SCIMError where nestEach {
+                    outcome.refused[seq] = e.detail
+                    report.refused[seq] = e.scimType?.rawValue ?? "refused"
+                }
+            }
+            if !fresh.isEmpty { outcome.report = report }
+            return outcome
+        }
+        // One nested transaction for the answer; if an event cannot be stored, the answer again with one per
+        // event, so that it alone changes nothing (a nested commit per event costs more, with many events).
+        var outcome: DownlinkOutcome
+        do {
+            outcome = try txn.nested { sub in try run(false, sub) }
+        } catch is SCIMError {
+            outcome = try run(true, txn)
         }
         try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
         outcome.appliedThrough = last
+        // Only resends (nothing new): the stored report, of what they were applied with, stays the one to send.
+        if let report = outcome.report {
+            let stored = try txn.get(meta, AgentStore.downlinkReportKey).flatMap {
+                DownlinkReport(try JSONParser.parse($0, limits: .stored))
+            }
+            let merged = stored?.trimmed(after: reported)?.followed(by: report) ?? report
+            try txn.put(meta, AgentStore.downlinkReportKey, merged.json.serialized())
+            outcome.report = merged
+        }
         return outcome
     }
 
     enum ForeignChange { case applied, delta, notAccepted }
 
     /// One feed event, and what became of it.
-    func applyForeign(_ event: JSON, policy: InboundPolicy, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws
-        -> ForeignChange
-    {
+    func applyForeign(
+        _ event: JSON, policy: InboundPolicy, _ maps: [String: AttributeMapping], _ ctx: WriteContext, _ txn: borrowing WriteTransaction
+    ) throws -> ForeignChange {
         guard let (uri, body) = event["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue else {
             throw SCIMError.invalidValue("a feed event holds one SCIM event with a 'ref'")
         }
@@ -222,7 +368,7 @@ extension AgentStore {
                 if let old { try removeForeign(type, id, old, ctx, txn) }
                 return .notAccepted
             }
-            var mapped = policy.mapped(data, type: type.id, domain: domain)
+            var mapped = policy.mapped(data, type: type.id, domain: domain, mapping: maps[type.id])
             if type.id == "Group" {
                 try forgetWaiting(group: id, txn)  // full state: the members it names now are the ones waiting
                 mapped["members"] = .array(try heldMembers(data["members"]?.arrayValue ?? [], group: id, txn))

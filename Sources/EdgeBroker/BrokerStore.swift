@@ -14,6 +14,7 @@ import SCIM
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
 /// | `byType`, `byValue` | list indexes (`BrokerLists.swift`) | `<domain>/<Type>/<source id>` |
 /// | `downlink` | `<target> 0x00 <feed seq BE>` | a downlink event not yet acknowledged (`Downlink.swift`) |
+/// | `downlinkTrail` | `<target> 0x00 <feed seq BE>` | what that event's commit hop needs (broker id, trace id, times) |
 ///
 /// The agent is named by its certificate identity, never by the batch
 /// (invariant 6): one agent cannot advance another's sequence. Each agent
@@ -53,6 +54,8 @@ public final class BrokerStore: Sendable {
     let byValue: Database
     /// The downlink feeds, per destination (`Downlink.swift`).
     let downlink: Database
+    /// Per feed event not yet acknowledged: what `trace` records of it when the agent acknowledges it.
+    let downlinkTrail: Database
     let listState = BrokerListState()
     /// Where changes fan out to (their routes decide what is queued).
     public let targets: [TargetConfiguration]
@@ -81,6 +84,7 @@ public final class BrokerStore: Sendable {
         byType = try environment.openDatabase("byType")
         byValue = try environment.openDatabase("byValue")
         downlink = try environment.openDatabase("downlink")
+        downlinkTrail = try environment.openDatabase("downlinkTrail")
         self.targets = targets
         try migrateInlineMembers()
         try buildListIndexes()

@@ -6,7 +6,9 @@ import SCIM
 /// the engine's databases are the broker's own, and a resource is named by
 /// its broker id (`brokerIds` → `<domain>/<Type>/<source id>`).
 extension BrokerStore: DeliveryTables {
-    package var otherTargetTables: [Database] { [downlink] }
+    package var otherTargetTables: [(Database, WritableKeyPath<ForgottenTarget, Int>)] {
+        [(downlink, \.queued), (downlinkTrail, \.feedRecords)]
+    }
 
     package func deliveryEntry(_ id: String, members: Bool, _ txn: borrowing some StoreReading & ~Copyable) throws -> DirectoryEntry? {
         guard let key = try txn.get(brokerIds, Array(id.utf8)), let bytes = try txn.get(resources, key),

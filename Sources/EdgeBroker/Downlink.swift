@@ -34,11 +34,17 @@ extension BrokerStore {
         static let delete = "urn:ietf:params:SCIM:event:prov:delete"
     }
 
+    /// A feed event's kind in the trail (`trace`), by its event URI.
+    static let feedEventKinds = [
+        DownlinkURI.createFull: "create", DownlinkURI.putFull: "put", DownlinkURI.delete: "delete", BrokerStore.membersEvent: "members",
+    ]
+
     /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
     static let maxPageBytes = 4 << 20
 
-    /// The downlink protocol version (docs/protocol.md).
-    public static let downlinkVersion = 1
+    /// The downlink protocol version (docs/protocol.md): 2 takes the
+    /// agent's outcomes with its acknowledgement.
+    public static let downlinkVersion = 2
 
     /// Where a destination's feed stands.
     public struct FeedPosition: Sendable, Equatable {
@@ -55,6 +61,78 @@ extension BrokerStore {
         public var position: FeedPosition
         /// More is waiting (events past this page, or queue items not yet materialised).
         public var more: Bool
+        /// What this poll acknowledged, for metrics.
+        public var committed = CommittedEvents()
+    }
+
+    /// The events a poll acknowledged: how many of each outcome, and from
+    /// their source agent's acceptance to the boundary's commit (ms; only
+    /// where the agent reported its commit time).
+    public struct CommittedEvents: Sendable {
+        public var outcomes: [String: Int] = [:]
+        public var latencies: [Int64] = []
+    }
+
+    /// The agent's word on what it acknowledges (`outcomes`, downlink
+    /// protocol 2): its commit time, and for each feed sequence from `from`
+    /// through `through` whether its inbound policy accepted the event
+    /// (every one not listed), did not accept it, or the boundary refused it
+    /// (a `scimType`; its detail stays in the boundary). The broker records
+    /// it as the change's last hop (`trace`), from its own record of each
+    /// event: the agent names sequences, never resources.
+    public struct FeedOutcomes: Sendable, Equatable {
+        public var from: UInt64
+        public var through: UInt64
+        public var committed: Int64
+        public var notAccepted: Set<UInt64> = []
+        public var refused: [UInt64: String] = [:]
+
+        /// Parses `outcomes` of a poll acknowledging `ack`; the error is the 400's description.
+        public init(_ json: JSON, ack: UInt64) throws(FeedOutcomesError) {
+            guard json.objectValue != nil, let from = json["from"]?.numberValue?.integer,
+                let through = json["through"]?.numberValue?.integer, from >= 1, through >= from - 1, UInt64(through) <= ack
+            else {
+                throw FeedOutcomesError(
+                    "'outcomes' must name the feed sequences it covers ('from' ≥ 1 through 'through', at most 'ackedThrough')")
+            }
+            guard through - from < 100_000 else { throw FeedOutcomesError("'outcomes' may cover at most 100000 sequences") }
+            guard let committed = json["committed"]?.numberValue?.integer, committed >= 0 else {
+                throw FeedOutcomesError("'outcomes.committed' must be the commit time in Unix milliseconds")
+            }
+            (self.from, self.through, self.committed) = (UInt64(from), UInt64(through), committed)
+            let range = self.from...max(self.from, self.through)
+            for v in json["notAccepted"]?.arrayValue ?? [] {
+                guard let n = v.numberValue?.integer, n >= 1, range.contains(UInt64(n)) else {
+                    throw FeedOutcomesError("'outcomes.notAccepted' must list sequences from \(from) through \(through)")
+                }
+                notAccepted.insert(UInt64(n))
+            }
+            if let r = json["refused"], r.objectValue == nil { throw FeedOutcomesError("'outcomes.refused' must be an object") }
+            for (k, v) in json["refused"]?.objectValue?.members ?? [] {
+                guard let n = UInt64(k), range.contains(n), let t = v.stringValue, (1...64).contains(t.utf8.count),
+                    t.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) })
+                else {
+                    throw FeedOutcomesError(
+                        "'outcomes.refused' maps sequences from \(from) through \(through) to a scimType (letters only)")
+                }
+                refused[n] = t
+            }
+        }
+
+        /// The hop's `outcome` and `detail` for one feed sequence of `domain`.
+        func describe(_ seq: UInt64, domain: String) -> (outcome: String, detail: String, scimType: String?)? {
+            guard seq >= from && seq <= through else { return nil }
+            if let t = refused[seq] {
+                return ("refused", "refused by boundary \(domain) (\(t)); the reason is in its agent's log", t)
+            }
+            if notAccepted.contains(seq) { return ("not accepted", "not accepted by the inbound policy of \(domain)", nil) }
+            return ("accepted", "committed by boundary \(domain) as its inbound policy maps it", nil)
+        }
+    }
+
+    public struct FeedOutcomesError: Error, Equatable {
+        public let description: String
+        init(_ d: String) { description = d }
     }
 
     /// A poll the feed cannot answer as it stands: another store than the
@@ -94,21 +172,28 @@ extension BrokerStore {
     /// One poll, in one write transaction: drops the events through `ack`,
     /// materialises queue items while fewer than `window` events are
     /// unacknowledged, and returns up to `limit` events after `ack`.
+    ///
+    /// `after` (protocol 2; at least `ack`): the last sequence the agent
+    /// received, committed or not: the answer starts after it, so the agent
+    /// fetches the next page while it commits the last.
     func pollFeed(
-        target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, window: Int, _ txn: borrowing WriteTransaction
+        target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int, window: Int,
+        outcomes: FeedOutcomes? = nil, _ txn: borrowing WriteTransaction
     ) throws -> FeedPage {
         var position = try feedPosition(target: target.name, txn)
+        let after = max(ack, after ?? ack)
         let epochKey = Array("dlepoch/\(target.name)".utf8)
         if let known = try txn.get(targetState, epochKey) {
-            if known != Array(epoch.utf8) || ack < position.acked || ack > position.issued {
+            if known != Array(epoch.utf8) || ack < position.acked || after > position.issued {
                 throw FeedError.newStore(acked: position.acked, issued: position.issued)
             }
-        } else if ack > 0 {
+        } else if ack > 0 || after > position.issued {
             // A store that counted a feed this broker does not know of (its data restored or replaced).
             throw FeedError.newStore(acked: position.acked, issued: position.issued)
         } else {
             try txn.put(targetState, epochKey, Array(epoch.utf8))  // the first store to poll
         }
+        var committed = CommittedEvents()
         if ack > position.acked {
             var done: [[UInt8]] = []
             try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
@@ -116,6 +201,7 @@ extension BrokerStore {
                 return true
             }
             for k in done { _ = try txn.delete(downlink, k) }
+            committed = try recordCommits(target, through: ack, outcomes, txn)
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
         }
@@ -123,14 +209,57 @@ extension BrokerStore {
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
-        try txn.scan(downlink, from: prefixed(target.name, (ack + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
+        try txn.scan(downlink, from: prefixed(target.name, (after + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
             // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
             guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
             events.append(v)
             bytes += v.count + 1
             return events.count < limit
         }
-        return FeedPage(events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - ack)
+        return FeedPage(
+            events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - after, committed: committed)
+    }
+
+    /// The boundary's commit of the events through `through` becomes each
+    /// change's last hop in the trail (`boundary <domain>`, with the feed's
+    /// issue, the outcome and the agent's commit time), from the broker's
+    /// record of each event (`downlinkTrail`), which goes with it.
+    func recordCommits(_ target: TargetConfiguration, through: UInt64, _ outcomes: FeedOutcomes?, _ txn: borrowing WriteTransaction)
+        throws -> CommittedEvents
+    {
+        var records: [([UInt8], [UInt8])] = []
+        try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
+            records.append((k, v))
+            return true
+        }
+        let domain = target.destination ?? target.name
+        let now = unixMilliseconds()
+        var out = CommittedEvents()
+        var seen: [String: Int64] = [:]
+        for (key, value) in records {
+            _ = try txn.delete(downlinkTrail, key)
+            guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))), let r = try JSONParser.parse(value, limits: .stored).objectValue,
+                let id = r["id"]?.stringValue
+            else { continue }
+            let said = outcomes?.describe(seq, domain: domain)
+            let at = said != nil ? outcomes!.committed : now
+            var hop: JSONObject = [
+                "hop": .string("boundary \(domain)"), "event": r["event"] ?? "change", "target": .string(target.name),
+                "feedSeq": .number(JSONNumber(integer: Int64(seq))), "outcome": .string(said?.outcome ?? "unreported"),
+                "detail": .string(
+                    said?.detail
+                        ?? "acknowledged by boundary \(domain), whose agent reported no outcome for it (an agent of downlink protocol 1)"),
+            ]
+            if let t = said?.scimType { hop["scimType"] = .string(t) }
+            for k in ["issued", "accepted", "applied"] { if let v = r[k], (v.numberValue?.integer ?? 0) > 0 { hop[k] = v } }
+            out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
+            if said != nil, let accepted = r["accepted"]?.numberValue?.integer, accepted > 0 { out.latencies.append(at - accepted) }
+            // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart.
+            let n = seen[id, default: 0]
+            seen[id] = n + 1
+            try recordHop(brokerID: id, trace: r["trace"]?.stringValue ?? "", hop, txn, now: at * 1000 + min(n, 999))
+        }
+        return out
     }
 
     /// Turns up to `room` events' worth of queue items into feed events.
@@ -180,6 +309,15 @@ extension BrokerStore {
         ]
         for (k, v) in event { e[k] = v }
         try txn.put(downlink, prefixed(target, seq.bigEndianBytes), JSON.object(e).serialized())
+        // What the commit's hop will need (`recordCommits`), without reading the event back.
+        let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
+        let kind = BrokerStore.feedEventKinds[uri] ?? uri
+        let record: JSONObject = [
+            "id": .string(item.brokerID), "trace": .string(item.trace), "event": .string(kind),
+            "issued": .number(JSONNumber(integer: unixMilliseconds())), "accepted": .number(JSONNumber(integer: item.acceptedAt)),
+            "applied": .number(JSONNumber(integer: item.queuedAt)),
+        ]
+        try txn.put(downlinkTrail, prefixed(target, seq.bigEndianBytes), JSON.object(record).serialized())
     }
 
     /// A resource of the directory by broker id: its domain and state (nil: gone).
@@ -352,7 +490,7 @@ extension BrokerStore {
         let name = target.name
         switch phase {
         case .clear(let n):
-            let tables = [fanout, downlink, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
+            let tables = [fanout, downlink, downlinkTrail, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
             guard n < tables.count else {
                 // The feed's sequence starts again; the queue's own goes on (items queued meanwhile keep theirs).
                 for kind in ["dlseq/", "dlacked/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }

@@ -15,6 +15,7 @@ final class BrokerFeeds {
         let timer: LoopTimer
         let epoch: String
         let ack: UInt64
+        let after: UInt64?
         let limit: Int
     }
     /// By destination domain.
@@ -29,6 +30,17 @@ final class BrokerFeeds {
     var resyncing: Set<String> = []
     /// Destinations whose backlog is being counted (on the thread pool).
     var counting: Set<String> = []
+    /// Per destination: the events its agent acknowledged, by outcome, and
+    /// from the source agent's acceptance to the boundary's commit.
+    var outcomes: [String: [String: Int]] = [:]
+    var propagation: [String: RecentSamples] = [:]
+
+    func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
+        for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
+        guard !c.latencies.isEmpty else { return }
+        let now = unixMilliseconds()
+        for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
+    }
 
     init(destinations: [TargetConfiguration]) {
         var byDomain: [String: TargetConfiguration] = [:]
@@ -72,8 +84,9 @@ extension BrokerService {
     /// Events a poll may ask for, and the longest wait it may ask for.
     static let maxFeedEvents = 1000
     static let maxFeedWaitMilliseconds = 60_000
-    /// Unacknowledged events a feed holds at most (the rest waits as queue items).
-    static let feedWindow = 2000
+    /// Unacknowledged events a feed holds at most (the rest waits as queue items): room for an
+    /// agent that fetches the next pages while it commits the last (protocol 2, `after`).
+    static let feedWindow = 5000
 
     /// `POST /federation/v1/feed`: the destination is the certificate's
     /// domain (never the request's): acknowledges what the agent committed,
@@ -104,6 +117,24 @@ extension BrokerService {
             responder.respond(Self.failure(400, "invalid_request", "'epoch' must be 1 to 64 letters, digits, '-' or '_'"))
             return
         }
+        var after: UInt64?
+        if let a = body["after"] {
+            guard let n = a.numberValue?.integer, n >= ack else {
+                responder.respond(
+                    Self.failure(400, "invalid_request", "'after' must be the last feed sequence received, at least 'ackedThrough'"))
+                return
+            }
+            after = UInt64(n)
+        }
+        var outcomes: BrokerStore.FeedOutcomes?
+        if let o = body["outcomes"] {
+            do throws(BrokerStore.FeedOutcomesError) {
+                outcomes = try BrokerStore.FeedOutcomes(o, ack: UInt64(ack))
+            } catch {
+                responder.respond(Self.failure(400, "invalid_request", error.description))
+                return
+            }
+        }
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -113,7 +144,8 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), limit: limit, responder) { [self] page in
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, responder) {
+            [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
             timer.start(after: UInt64(wait)) { [weak self] in
@@ -121,7 +153,8 @@ extension BrokerService {
                 p.responder.respond(Self.feedAnswer(page, limit: p.limit))
             }
             _ = feeds.park(
-                bound.domain, BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, limit: limit))
+                bound.domain,
+                BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit))
             return true
         }
     }
@@ -129,14 +162,17 @@ extension BrokerService {
     /// Runs the poll's transaction and answers, unless `park` keeps the
     /// responder waiting (it returns true).
     func fetch(
-        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, limit: Int, _ responder: Responder,
-        park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
+        _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int,
+        outcomes: BrokerStore.FeedOutcomes? = nil, _ responder: Responder, park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
-        writer.submit({ txn in try store.pollFeed(target: target, epoch: epoch, ack: ack, limit: limit, window: window, txn) }) {
-            [self] result in
+        writer.submit({ txn in
+            try store.pollFeed(
+                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, txn)
+        }) { [self] result in
             switch result {
             case .success(let page):
+                feeds.committed(domain, page.committed)
                 refreshBacklog(domain, target)
                 if park(page) { return }
                 feeds.served[domain, default: 0] += page.events.count
@@ -191,7 +227,7 @@ extension BrokerService {
     /// A parked poll's destination got changes: materialise and answer.
     func wake(_ domain: String) {
         guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
-        fetch(domain, target, epoch: p.epoch, ack: p.ack, limit: p.limit, p.responder)
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, p.responder)
     }
 
     /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).
@@ -255,6 +291,24 @@ extension BrokerService {
         }
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
+        }
+        let name = "scim_broker_downlink_events_committed_total"
+        out +=
+            "# HELP \(name) Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).\n"
+        out += "# TYPE \(name) counter\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            for outcome in ["accepted", "not accepted", "refused", "unreported"] {
+                let label = outcome.replacing(" ", with: "_")
+                out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(feeds.outcomes[domain]?[outcome] ?? 0)\n"
+            }
+        }
+        let p = "scim_broker_downlink_propagation_seconds"
+        out += "# HELP \(p) From the source agent accepting a change to the destination's agent committing it (its clock; last 10 s).\n"
+        out += "# TYPE \(p) summary\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            let (n, q) = (feeds.propagation[domain] ?? RecentSamples()).quantiles([0.5, 0.99])
+            let labels = "domain=\"\(domain)\",target=\"\(t.name)\""
+            out += "\(p){\(labels),quantile=\"0.5\"} \(q[0])\n\(p){\(labels),quantile=\"0.99\"} \(q[1])\n\(p)_count{\(labels)} \(n)\n"
         }
         return out
     }

@@ -225,6 +225,8 @@ package extension DeliveryTables {
         trace: String, acceptedAt: Int64, touched: [String] = [], _ txn: borrowing WriteTransaction
     ) throws -> [String] {
         var queued: [String] = [], outOfScope: [String] = []
+        // Queued when applied: the apply's time as the resource records it, so that `trace` shows one "broker apply".
+        let appliedAt = new?[sourceExtensionSchema]?["applied"]?.numberValue?.integer ?? unixMilliseconds()
         for target in targets {
             let was = old.map { target.routes(domain: domain, type: type, $0) } ?? false
             let now = new.map { target.routes(domain: domain, type: type, $0) } ?? false
@@ -234,7 +236,7 @@ package extension DeliveryTables {
             }
             var item = DeliveryItem(
                 brokerID: brokerID, type: type, operation: now ? .upsert : .remove, trace: trace,
-                queuedAt: unixMilliseconds(), acceptedAt: acceptedAt)
+                queuedAt: appliedAt, acceptedAt: acceptedAt)
             if !now, let old {
                 // Who is removed, kept with the removal: the directory may no longer know (see `DeliveryItem.name`).
                 item.domain = domain
@@ -279,7 +281,7 @@ package extension DeliveryTables {
             var hop: JSONObject = [
                 "hop": "broker routes", "event": "out of scope",
                 "detail": .string("out of scope for \(outOfScope.count == 1 ? "target" : "targets") \(outOfScope.joined(separator: ", "))"),
-                "outOfScope": .array(outOfScope.map { .string($0) }), "applied": .number(JSONNumber(integer: unixMilliseconds())),
+                "outOfScope": .array(outOfScope.map { .string($0) }), "applied": .number(JSONNumber(integer: appliedAt)),
             ]
             if acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: acceptedAt)) }
             try recordHop(brokerID: brokerID, trace: trace, hop, txn)
@@ -493,16 +495,26 @@ package extension DeliveryTables {
                 for h in held where !ids.contains(h.item.brokerID) { ids.append(h.item.brokerID) }
                 out.resourcesTotal = ids.count
             }
-            let order = ["agent accept": 0, "broker apply": 1]
+            // Hops of one millisecond in the order a change takes them.
+            func rank(_ hop: JSONObject) -> Int {
+                let name = hop["hop"]?.stringValue ?? ""
+                return name == "agent accept" ? 0 : name == "broker apply" ? 1 : name.hasPrefix("feed ") ? 2 : 3
+            }
             func earlier(_ x: (String, JSONObject), _ y: (String, JSONObject)) -> Bool {
                 let a = x.1["at"]?.numberValue?.integer ?? 0, b = y.1["at"]?.numberValue?.integer ?? 0
-                return a != b ? a < b : (order[x.1["hop"]?.stringValue ?? ""] ?? 2) < (order[y.1["hop"]?.stringValue ?? ""] ?? 2)
+                return a != b ? a < b : rank(x.1) < rank(y.1)
             }
             var hops: [(String, JSONObject)] = []
-            var seen: Set<String> = []
+            var seen: [String: Int] = [:]
             func add(_ id: String, _ name: String, _ at: Int64?, _ trace: String?, _ extra: JSONObject = [:]) {
                 guard let at, at > 0, !byTrace || trace == idOrTrace else { return }
-                guard seen.insert("\(id) \(name) \(at) \(trace ?? "")").inserted else { return }
+                let key = "\(id) \(name) \(at) \(trace ?? "")"
+                if let i = seen[key] {
+                    // The same hop seen again (from another target's record, or the resource): what it adds is kept.
+                    for (k, v) in extra where hops[i].1[k] == nil { hops[i].1[k] = v }
+                    return
+                }
+                seen[key] = hops.count
                 var o = extra
                 o["hop"] = .string(name)
                 o["at"] = .number(JSONNumber(integer: at))
@@ -532,9 +544,14 @@ package extension DeliveryTables {
                     let trace = o["trace"]?.stringValue
                     add(id, "agent accept", o["accepted"]?.numberValue?.integer, trace)
                     add(id, "broker apply", o["applied"]?.numberValue?.integer, trace)
+                    if let issued = o["issued"]?.numberValue?.integer, let target = o["target"]?.stringValue {
+                        // A boundary's commit: its feed issued the event first.
+                        add(id, "feed \(target)", issued, trace, ["feedSeq": o["feedSeq"] ?? .null, "event": o["event"] ?? .null])
+                    }
                     var target = o
                     target["accepted"] = nil
                     target["applied"] = nil
+                    target["issued"] = nil
                     add(id, o["hop"]?.stringValue ?? "target", o["at"]?.numberValue?.integer, trace, target)
                     return true
                 }
@@ -909,7 +926,7 @@ package extension DeliveryTables {
         for (db, field) in [
             (fanout, \ForgottenTarget.queued), (targetIds, \.mappings), (targetOwners, \.owners), (targetDead, \.deadLetters),
             (targetLinks, \.links), (targetMembers, \.members), (targetMemberOf, \.members), (targetPending, \.members),
-        ] + otherTargetTables.map { ($0, \ForgottenTarget.queued) } {
+        ] + otherTargetTables {
             while true {
                 let removed = try environment.write { txn in
                     var keys: [[UInt8]] = []
@@ -987,6 +1004,8 @@ public struct ForgottenTarget: Sendable {
     /// Group member index entries (what the target holds, and what is pending).
     public var members = 0
     public var deadLetters = 0
+    /// A boundary's records of its unacknowledged feed events (counted in `queued` already).
+    public var feedRecords = 0
     /// Status, deletion guard and counters.
     public var stateEntries = 0
     public var total: Int { queued + mappings + deadLetters + stateEntries }

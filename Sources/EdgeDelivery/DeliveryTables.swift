@@ -42,7 +42,7 @@ package protocol DeliveryTables: AnyObject, Sendable {
     /// Members changed since the group was delivered.
     var targetPending: Database { get }
     /// Other tables keyed `<target> 0x00 …` that `forgetTarget` clears too (the broker's downlink feeds).
-    var otherTargetTables: [Database] { get }
+    var otherTargetTables: [(Database, WritableKeyPath<ForgottenTarget, Int>)] { get }
 
     /// The resource `id` names, its source domain and type; a group with
     /// its `members` unless `members` is false. Nil: gone.
@@ -94,7 +94,7 @@ package struct DeliveryDatabases: Sendable {
 }
 
 extension DeliveryTables {
-    package var otherTargetTables: [Database] { [] }
+    package var otherTargetTables: [(Database, WritableKeyPath<ForgottenTarget, Int>)] { [] }
 
     package func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames {
         let byTrace = try traceTouched(query, limit: limits.resources, txn)

@@ -150,7 +150,7 @@ package struct TargetTrace<Store: TargetStoreOptions>: ParsableCommand {
         CommandConfiguration(
             commandName: "trace",
             abstract: Store.program == "scim-broker"
-                ? "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer."
+                ? "Every hop of a change, with timestamps: agent acceptance, broker apply, each target's answer, each boundary's feed and commit."
                 : "Every hop of a change to the local targets, with timestamps and each request's answer.")
     }
     @OptionGroup var options: Store

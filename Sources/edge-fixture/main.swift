@@ -186,21 +186,25 @@ do {
         guard args.count == 3 else { fail("usage: edge-fixture slapd-conf DATABASE-DIR PIDFILE") }
         writeLine(LocalDirectory.slapdConfig(database: args[1], pidFile: args[2]), newline: false)
     case "fill-outbox":
-        // Appends N create events of distinct users to an agent's outbox (agent stopped).
-        guard args.count >= 3, let n = Int(args[2]) else { fail("usage: edge-fixture fill-outbox DIR N") }
+        // Appends N create events of distinct users to an agent's outbox (agent stopped), each
+        // with a trace id of its own; BYTES pads each user (its `title`) to about that size.
+        guard args.count >= 3, let n = Int(args[2]) else { fail("usage: edge-fixture fill-outbox DIR N [BYTES]") }
+        let size = args.count > 3 ? Int(args[3]) ?? 0 : 0
         let store = try AgentStore(path: args[1], registry: .standard)
         for chunk in stride(from: 1, through: n, by: 50_000) {
             try store.environment.write { txn in
                 for k in chunk...min(n, chunk + 49_999) {
-                    let user: JSONObject = [
+                    var user: JSONObject = [
                         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": .string("u\(k)"),
                         "userName": .string("user\(k)@example.com"), "active": true,
                         "name": ["givenName": "Bench", "familyName": .string("User \(k)")],
                         "meta": ["resourceType": "User", "version": "W/\"1\""],
                     ]
+                    let bare = JSON.object(user).serialized().count + #","title":"""#.utf8.count
+                    if size > bare { user["title"] = .string(String(repeating: "x", count: size - bare)) }
                     try store.appendEventForTesting(
                         uri: "urn:ietf:params:SCIM:event:prov:create:full", ref: "/Users/u\(k)",
-                        data: user, WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "f\(k)", traceID: "fill"),
+                        data: user, WriteContext(newID: "", now: "", epochSeconds: 0, eventID: "f\(k)", traceID: "fill\(k)"),
                         in: txn)
                 }
             }

@@ -78,9 +78,19 @@ final class InboundTests: XCTestCase {
         XCTAssertEqual(try store.foreignDomain(users, "b1"), "hq")
         XCTAssertEqual(try store.outboxCount(), 1, "nothing foreign goes up")
 
+        // What the next poll reports (downlink protocol 2), stored with the events: the refusal by its kind only.
+        let report = try XCTUnwrap(try store.downlinkReport())
+        XCTAssertEqual(first.report, report)
+        XCTAssertEqual([report.from, report.through], [1, 2])
+        XCTAssertEqual(report.refused, [2: "uniqueness"])
+        XCTAssertEqual(report.notAccepted, [])
+        XCTAssertFalse(String(decoding: report.json.serialized(), as: UTF8.self).contains("taken"), "the local detail stays here")
+
         let again = try apply([event(1, create, "b1", data: user("alice")), event(2, create, "b2", data: user("taken"))])
         XCTAssertEqual(again.duplicates, 2)
         XCTAssertEqual(again.applied, 0)
+        XCTAssertNil(again.report)
+        XCTAssertEqual(try store.downlinkReport(), report, "resends keep the report of what they were applied with")
         XCTAssertThrowsError(try apply([event(4, create, "b4", data: user("dave"))]), "a gap") { XCTAssertTrue($0 is DownlinkGap) }
         XCTAssertEqual(try store.downlinkSequence(), 2, "nothing of a gapped answer is committed")
         XCTAssertNil(try store.get(users, "b4"))
@@ -98,6 +108,9 @@ final class InboundTests: XCTestCase {
         // Leaving what the boundary accepts removes it; a delete too.
         let left = try apply([event(3, create, "b1", data: user("alice"), domain: "elsewhere")])
         XCTAssertEqual(left.notAccepted, 1)
+        XCTAssertEqual(left.report?.notAccepted, [3])
+        _ = try store.environment.write { txn in try store.restartDownlink(in: txn) }
+        XCTAssertNil(try store.downlinkReport(), "a feed started again reports nothing of the old one")
         XCTAssertNil(try store.get(users, "b1"))
         XCTAssertEqual(try store.foreignCounts(), [:])
         XCTAssertEqual(try store.outboxCount(), 1)

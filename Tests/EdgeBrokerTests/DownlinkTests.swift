@@ -24,7 +24,8 @@ final class DownlinkTests: FederationTestCase {
 
     /// An agent of acme-us (or claiming to be) with an inbound policy, from a YAML file.
     func startInboundAgent(
-        _ name: String, cert: (String, String), domain: String = "acme-us", brokerPort: Int, waitMs: Int = 2000, maxEvents: Int = 100
+        _ name: String, cert: (String, String), domain: String = "acme-us", brokerPort: Int, waitMs: Int = 2000, maxEvents: Int = 100,
+        accept: String = "- domains: [acme-de]\n      types: [User, Group]"
     ) throws -> (ChildProcess, Int) {
         let file = dir.write(
             "\(name).yaml",
@@ -35,8 +36,7 @@ final class DownlinkTests: FederationTestCase {
             broker: {url: "https://127.0.0.1:\(brokerPort)", ca: \(ca!), cert: \(cert.0), key: \(cert.1), domain: \(domain), agent: \(name)}
             inbound:
               accept:
-                - domains: [acme-de]
-                  types: [User, Group]
+                \(accept)
               map:
                 set: {userType: Guest}
                 userName: "{userName}@{domain}"

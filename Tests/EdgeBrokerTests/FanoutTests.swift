@@ -78,8 +78,6 @@ final class FanoutTests: FederationTestCase {
         resources(port, "/Groups", by: "displayName", token: token, prefix: prefix)
     }
 
-    func brokerCLI(_ args: [String]) throws -> (Int32, String) { try cli("scim-broker", args) }
-
     func metric(_ text: String, _ prefix: String) -> Double? {
         text.split(separator: "\n").first { $0.hasPrefix(prefix + " ") }.flatMap { Double($0.split(separator: " ").last!) }
     }

@@ -131,6 +131,9 @@ class FederationTestCase: XCTestCase {
         return (child, try self.port(of: child, "scim-edge"))
     }
 
+    /// A `scim-broker` command: its exit status and output (stdout and stderr).
+    func brokerCLI(_ args: [String]) throws -> (Int32, String) { try cli("scim-broker", args) }
+
     /// `PROGRAM ARGS` (`scim-broker`, `scim-edge`) to its end: exit status and output (stdout and stderr).
     func cli(_ program: String, _ args: [String]) throws -> (Int32, String) {
         let p = Process()
@@ -168,11 +171,12 @@ class FederationTestCase: XCTestCase {
 @discardableResult
 func scim(
     _ port: Int, _ method: String, _ path: String, _ body: String = "", token: String = "t",
-    prefix: String = "/scim/v2"
+    prefix: String = "/scim/v2", headers: [String: String] = [:]
 ) throws -> (Int, JSON?) {
     let c = try RawClient(port: port)
+    let extra = headers.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)\r\n" }.joined()
     c.send(
-        "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n"
+        "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n\(extra)"
             + "Content-Type: application/scim+json\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)")
     guard let r = c.readResponses(1).first else { return (0, nil) }
     return (r.status, try? JSONParser.parse(r.body))
