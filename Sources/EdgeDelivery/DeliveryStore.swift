@@ -505,13 +505,15 @@ package extension DeliveryTables {
                 return a != b ? a < b : rank(x.1) < rank(y.1)
             }
             var hops: [(String, JSONObject)] = []
+            var keys: [String] = []  // each hop's key in `seen`, beside it
+            // A hop's index in `hops`, or -1 once it was dropped as later than the kept ones.
             var seen: [String: Int] = [:]
             func add(_ id: String, _ name: String, _ at: Int64?, _ trace: String?, _ extra: JSONObject = [:]) {
                 guard let at, at > 0, !byTrace || trace == idOrTrace else { return }
                 let key = "\(id) \(name) \(at) \(trace ?? "")"
                 if let i = seen[key] {
                     // The same hop seen again (from another target's record, or the resource): what it adds is kept.
-                    for (k, v) in extra where hops[i].1[k] == nil { hops[i].1[k] = v }
+                    if i >= 0 { for (k, v) in extra where hops[i].1[k] == nil { hops[i].1[k] = v } }
                     return
                 }
                 seen[key] = hops.count
@@ -521,10 +523,14 @@ package extension DeliveryTables {
                 if let trace { o["trace"] = .string(trace) }
                 out.total += 1
                 hops.append((id, o))
+                keys.append(key)
                 if limits.hops <= Int.max / 2 && hops.count >= 2 * max(1, limits.hops) {
-                    // A top-N as they come: the earliest are kept.
-                    hops.sort(by: earlier)
-                    hops.removeLast(hops.count - limits.hops)
+                    // A top-N as they come: the earliest are kept (`seen` follows their new places).
+                    let order = hops.indices.sorted { earlier(hops[$0], hops[$1]) }
+                    for k in order[limits.hops...] { seen[keys[k]] = -1 }
+                    hops = order.prefix(limits.hops).map { hops[$0] }
+                    keys = order.prefix(limits.hops).map { keys[$0] }
+                    for (i, k) in keys.enumerated() { seen[k] = i }
                 }
             }
             var reads = 0
