@@ -90,6 +90,7 @@ extension BrokerStore {
 
     /// `meta` keys of removed groups whose members are still in the index.
     static let memberSweepPrefix = Array("sweep/".utf8)
+    static let memberSweepEnd = Array("sweep0".utf8)  // "/" + 1: just past every sweep key
 
     /// A removed group's members leave the index later, a chunk per
     /// transaction (`sweepRemovedGroups`): removing a group of n members
@@ -110,7 +111,7 @@ extension BrokerStore {
     func sweepRemovedGroups(limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
         let prefix = BrokerStore.memberSweepPrefix
         var next: String?
-        try txn.scanKeys(meta, from: prefix, to: prefix.dropLast() + [prefix.last! + 1]) { k in
+        try txn.scanKeys(meta, from: prefix, to: BrokerStore.memberSweepEnd) { k in
             next = String(decoding: k[prefix.count...], as: UTF8.self)
             return false
         }
@@ -139,7 +140,7 @@ extension BrokerStore {
         try environment.read { txn in
             var n = 0
             let prefix = BrokerStore.memberSweepPrefix
-            try txn.scanKeys(meta, from: prefix, to: prefix.dropLast() + [prefix.last! + 1]) { _ in
+            try txn.scanKeys(meta, from: prefix, to: BrokerStore.memberSweepEnd) { _ in
                 n += 1
                 return true
             }
