@@ -11,6 +11,9 @@ public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible
     case malformedResponse(String)
     /// More than `maxQueued` requests were waiting: push back on the caller.
     case queueFull(Int)
+    /// The reader of a streamed body (`stream`) threw: the connection was
+    /// dropped after this response.
+    case bodyRefused(String)
     case closed
 
     public var description: String {
@@ -21,6 +24,7 @@ public enum HTTPClientError: Error, Sendable, Equatable, CustomStringConvertible
         case .timeout: return "timed out"
         case .malformedResponse(let s): return "malformed response: \(s)"
         case .queueFull(let n): return "more than \(n) requests waiting"
+        case .bodyRefused(let s): return "response body refused: \(s)"
         case .closed: return "client closed"
         }
     }
@@ -35,6 +39,7 @@ public struct HTTPClientOptions: Sendable {
     public var connectTimeoutMilliseconds: UInt64 = 10_000
     /// Per request, from the moment it is written.
     public var responseTimeoutMilliseconds: UInt64 = 30_000
+    /// The largest body `send` holds; `stream` holds none, so this does not apply to it.
     public var maxResponseBodyBytes = 64 << 20
     public var maxHeaderBytes = 64 * 1024
     public init() {}
@@ -62,6 +67,8 @@ public final class HTTPClient {
     private var timer: LoopTimer?
     private var connectStartedAt: UInt64 = 0
     private var isClosed = false
+    /// Why the reader of the streamed body in flight refused it.
+    private var refusal: HTTPClientError?
     /// Connections opened so far (reconnects show up here).
     public private(set) var connectionsOpened = 0
     /// The server certificate identity of the current connection.
@@ -115,6 +122,26 @@ public final class HTTPClient {
         guard !isClosed else { completion(.failure(.closed)); return }
         guard queued.count < options.maxQueued else { completion(.failure(.queueFull(options.maxQueued))); return }
         queued.append(PendingRequest(request: request, completion: completion))
+        ensureTimer()
+        pump()
+    }
+
+    /// Sends `request` and hands its response's body to `body` piece by
+    /// piece as it arrives (chunked, `Content-Length` or until the close),
+    /// never holding it: each piece is a view of the loop's read buffer (at
+    /// most 64 KiB; 16 KiB over TLS), valid during the call only, and the next
+    /// read waits until `body` returns. `head` runs first, with the status and
+    /// headers (an empty body); `completion` runs once the body ended (the
+    /// same response again) or failed. If `body` throws, the connection is
+    /// dropped and `completion` gets `.bodyRefused`. The response timeout
+    /// counts from the request's writing to the head, then between pieces.
+    public func stream(
+        _ request: HTTPRequest, head: @escaping (HTTPResponse) -> Void, body: @escaping (UnsafeRawBufferPointer) throws -> Void,
+        completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void
+    ) {
+        guard !isClosed else { completion(.failure(.closed)); return }
+        guard queued.count < options.maxQueued else { completion(.failure(.queueFull(options.maxQueued))); return }
+        queued.append(PendingRequest(request: request, completion: completion, stream: ResponseStream(head: head, body: body)))
         ensureTimer()
         pump()
     }
@@ -196,9 +223,22 @@ public final class HTTPClient {
             maxBodyBytes: options.maxResponseBodyBytes)
         p.onHead = { [unowned self] head in  // the parser dies with this client
             // 1xx are interim; HEAD responses and 204/304 have no body.
+            let first = inFlight.first
+            if head.status >= 200, let stream = first?.stream {
+                stream.head(HTTPResponse(status: head.status, headers: head.headers))
+            }
             if head.status == 204 || head.status == 304 { return .skipBody }
-            if let first = inFlight.first, first.request.method == "HEAD" { return .skipBody }
-            return .readBody
+            if first?.request.method == "HEAD" { return .skipBody }
+            return head.status >= 200 && first?.stream != nil ? .streamBody : .readBody
+        }
+        p.onBodyChunk = { [unowned self] bytes in
+            guard let stream = inFlight.first?.stream else { return false }
+            inFlight[0].writtenAt = loop.now  // the timeout runs between pieces
+            do { try stream.body(bytes) } catch {
+                refusal = .bodyRefused("\(error)")
+                return false
+            }
+            return true
         }
         p.onMessage = { [unowned self] head, body, keepAlive in response(head, body, keepAlive) }
         transport = t
@@ -216,7 +256,15 @@ public final class HTTPClient {
     private func received(_ bytes: UnsafeRawBufferPointer) {
         guard let parser else { return }
         do { try parser.execute(bytes) } catch {
-            dropConnection(reason: .malformedResponse(error.detail), failQueued: false)
+            if let refusal, !inFlight.isEmpty {
+                // Its reader refused this one; what was in flight behind it may or may not have been processed.
+                self.refusal = nil
+                let refused = inFlight.removeFirst()
+                dropConnection(reason: .connectionLost("dropped after a refused response body"), failQueued: false)
+                refused.completion(.failure(refusal))
+            } else {
+                dropConnection(reason: .malformedResponse(error.detail), failQueued: false)
+            }
             pump()
         }
     }
@@ -291,5 +339,18 @@ public final class HTTPClient {
 struct PendingRequest {
     let request: HTTPRequest
     let completion: (Result<HTTPResponse, HTTPClientError>) -> Void
+    var stream: ResponseStream?
     var writtenAt: UInt64?
+
+    init(request: HTTPRequest, completion: @escaping (Result<HTTPResponse, HTTPClientError>) -> Void, stream: ResponseStream? = nil) {
+        self.request = request
+        self.completion = completion
+        self.stream = stream
+    }
+}
+
+/// Where a streamed response goes (`HTTPClient.stream`).
+struct ResponseStream {
+    let head: (HTTPResponse) -> Void
+    let body: (UnsafeRawBufferPointer) throws -> Void
 }

@@ -17,6 +17,9 @@ enum HeadDecision {
     case readBody
     /// No body follows (responses to HEAD, 1xx/204/304).
     case skipBody
+    /// Hand the body to `onBodyChunk` piece by piece as it arrives (no
+    /// `maxBodyBytes`: nothing is held); the message ends with an empty body.
+    case streamBody
     /// Stop: answer with this status and detail, then close.
     case reject(status: Int, detail: String)
 }
@@ -42,9 +45,14 @@ final class MessageParser {
 
     var onHead: ((inout ParsedHead) -> HeadDecision)?
     var onMessage: ((ParsedHead, [UInt8], _ keepAlive: Bool) -> Void)?
+    /// A piece of a streamed body (`.streamBody`), valid during the call
+    /// only; returning false stops the parser (`execute` throws).
+    var onBodyChunk: ((UnsafeRawBufferPointer) -> Bool)?
 
     private var head = ParsedHead()
     private var body: [UInt8] = []
+    /// This message's body goes to `onBodyChunk`.
+    private var streaming = false
     private var headerBytes = 0
     private var field: [UInt8] = []
     private var value: [UInt8] = []
@@ -225,6 +233,7 @@ final class MessageParser {
             m.inMessage = true
             m.head = ParsedHead()
             m.body = []
+            m.streaming = false
             m.headerBytes = 0
             m.inValue = false
             return 0
@@ -266,17 +275,28 @@ final class MessageParser {
             if m.kind == .request, !(m.head.versionMajor == 1 && (m.head.versionMinor == 0 || m.head.versionMinor == 1)) {
                 return m.fail(505, "HTTP/\(m.head.versionMajor).\(m.head.versionMinor) is not supported; use HTTP/1.1")
             }
-            if let length = m.head.contentLength, length > UInt64(m.maxBodyBytes) {
-                return m.fail(413, "body of \(length) bytes is over the limit of \(m.maxBodyBytes) bytes")
+            let tooLong = m.head.contentLength.map { $0 > UInt64(m.maxBodyBytes) } ?? false
+            if tooLong && m.kind == .request {
+                return m.fail(413, "body of \(m.head.contentLength!) bytes is over the limit of \(m.maxBodyBytes) bytes")
             }
-            switch m.onHead?(&m.head) ?? .readBody {
+            let decision = m.onHead?(&m.head) ?? .readBody
+            if tooLong, case .readBody = decision {
+                return m.fail(413, "body of \(m.head.contentLength!) bytes is over the limit of \(m.maxBodyBytes) bytes")
+            }
+            switch decision {
             case .readBody: return 0
+            case .streamBody:
+                m.streaming = true
+                return 0
             case .skipBody: return 1
             case .reject(let status, let detail): return m.fail(status, detail)
             }
         }
         s.pointee.on_body = { p, at, n in
             let m = me(p)
+            if m.streaming {
+                return m.onBodyChunk?(UnsafeRawBufferPointer(start: at, count: n)) ?? false ? 0 : m.fail(400, "body refused by its reader")
+            }
             if m.body.count + n > m.maxBodyBytes {
                 return m.fail(413, "body over the limit of \(m.maxBodyBytes) bytes")
             }

@@ -232,12 +232,16 @@ final class HTTPClientTests: XCTestCase {
 
 /// A listening socket on 127.0.0.1 that accepts one connection, reads one
 /// request head, writes `answer` and closes: servers EdgeHTTP's own would
-/// not be (no framing of its own choice).
+/// not be (no framing of its own choice). With `pieces`, each is written on
+/// its own, and before the next one `gate(k)` must return true for the
+/// pieces up to k (waited for with a deadline): the client read them.
 final class OneShotRawServer: Sendable {
     let port: Int
     private let done = OneShot<Bool>()
 
-    init(answer: String) throws {
+    convenience init(answer: String) throws { try self.init(pieces: [Array(answer.utf8)]) }
+
+    init(pieces: [[UInt8]], gate: @escaping @Sendable (Int) -> Bool = { _ in true }) throws {
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -260,8 +264,12 @@ final class OneShotRawServer: Sendable {
                 if n <= 0 { break }
                 head.append(contentsOf: buf[0..<n])
             }
-            let bytes = Array(answer.utf8)
-            _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            for (k, piece) in pieces.enumerated() {
+                _ = piece.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if k < pieces.count - 1 { _ = eventually(seconds: 10) { gate(k) } }
+            }
             close(fd)
             close(listener)
             done.fulfil(fd >= 0)
