@@ -47,8 +47,12 @@ public enum ReconcileError: Error, CustomStringConvertible {
 /// should hold; with `apply`, queues the fixes: create the missing, fix
 /// drift (full PUT), deactivate the strays the broker created.
 /// Runs its own loop: for the CLI, beside (or without) a running broker.
-package func reconcile(store: some DeliveryTables, target: TargetConfiguration, apply: Bool, pageSize: Int = 200) throws -> ReconcileReport
-{
+/// `client` sets the HTTP client's limits (its body limit bounds a page of
+/// the listings; a group's members are streamed past it).
+package func reconcile(
+    store: some DeliveryTables, target: TargetConfiguration, apply: Bool, pageSize: Int = 200,
+    client clientOptions: HTTPClientOptions = HTTPClientOptions()
+) throws -> ReconcileReport {
     let loop = try EventLoop()
     defer { _ = loop.close() }
     var tls: TLSContext?
@@ -58,14 +62,19 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
         tls = try TLSContext(role: .client, configuration: c)
     }
     guard let address = target.resolveAddress() else { throw ReconcileError.target("cannot resolve \(target.host)") }
-    let client = HTTPClient(loop: loop, address: address, tls: tls, serverName: target.useTLS ? target.host : nil)
+    let client = HTTPClient(
+        loop: loop, address: address, tls: tls, serverName: target.useTLS ? target.host : nil, options: clientOptions)
     defer { client.close() }
+
+    func request(_ path: String) -> HTTPRequest {
+        var headers: HTTPHeaders = ["Accept": "application/scim+json"]
+        if let token { headers.set("Authorization", "Bearer \(token)") }
+        return HTTPRequest(method: "GET", target: target.basePath + path, headers: headers)
+    }
 
     func get(_ path: String) throws -> JSON {
         var result: Result<HTTPResponse, HTTPClientError>?
-        var headers: HTTPHeaders = ["Accept": "application/scim+json"]
-        if let token { headers.set("Authorization", "Bearer \(token)") }
-        client.send(HTTPRequest(method: "GET", target: target.basePath + path, headers: headers)) { result = $0 }
+        client.send(request(path)) { result = $0 }
         while result == nil { _ = loop.runOnce() }
         switch result! {
         case .failure(let e): throw ReconcileError.target("GET \(path): \(e)")
@@ -84,6 +93,53 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
     // target's size: the accounts go to a scratch LMDB file of this run's.
     let scratch = try ReconcileScratch(in: store.environment.options.path)
     defer { scratch.remove() }
+
+    /// A GET of one group at the target, its body streamed: the values of
+    /// its `members` go into the scratch file a chunk at a time (memory
+    /// holds one member element and one chunk, whatever the group's size).
+    /// Returns false when the target left `members` out.
+    func streamMembers(_ path: String) throws -> Bool {
+        try scratch.clearMembers()
+        var scanner = MemberScanner()
+        var status = 0
+        var errorText: [UInt8] = []
+        var chunk: [String] = []
+        var failure: (any Error)?
+        var result: Result<HTTPResponse, HTTPClientError>?
+        client.stream(
+            request(path), head: { status = $0.status },
+            body: { bytes in
+                guard status == 200 else {
+                    errorText.append(contentsOf: bytes.prefix(max(0, 300 - errorText.count)))
+                    return
+                }
+                do {
+                    try scanner.feed(bytes) { element in
+                        guard let value = element["value"]?.stringValue else { return }
+                        chunk.append(value)
+                        if chunk.count == 1000 {
+                            try scratch.addMembers(chunk)
+                            chunk.removeAll(keepingCapacity: true)
+                        }
+                    }
+                } catch {
+                    failure = error
+                    throw error
+                }
+            }
+        ) { result = $0 }
+        while result == nil { _ = loop.runOnce() }
+        if let failure = failure as? JSONError { throw ReconcileError.target("GET \(path): not JSON: \(failure)") }
+        if let failure { throw failure }
+        switch result! {
+        case .failure(let e): throw ReconcileError.target("GET \(path): \(e)")
+        case .success(let r) where r.status == 200:
+            do { try scanner.finish() } catch { throw ReconcileError.target("GET \(path): not JSON: \(error)") }
+            try scratch.addMembers(chunk)
+            return scanner.sawMembers
+        case .success(let r): throw ReconcileError.target("GET \(path) answered \(r.status): \(String(decoding: errorText, as: UTF8.self))")
+        }
+    }
     func mapping(_ brokerID: String) throws -> TargetMapping? { try store.mapping(target: target.name, brokerID: brokerID) }
     // Groups are listed and compared without their members (a route that
     // reads members needs them); each group's members are then compared one
@@ -145,7 +201,7 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
                 try type == "Group"
                 && (reconcileMembers(
                     store: store, target: target, group: brokerID, mapping: groupMapping,
-                    held: try get("\(endpoint)/\(tid)")["members"], apply: apply, trace: trace))
+                    held: try streamMembers("\(endpoint)/\(tid)") ? scratch : nil, apply: apply, trace: trace))
             if membersDrift { differing.append("members") }
             if !differing.isEmpty {
                 report.drifted.append((brokerID, differing))
@@ -214,36 +270,39 @@ package func reconcile(store: some DeliveryTables, target: TargetConfiguration, 
     return report
 }
 
-/// Compares one group's members at the target (`held`, as it answered a
-/// GET of that group: memory holds one group) with the directory's, read a
-/// chunk at a time, each member named by its account there. Members of its
-/// own that the target holds (not created by the broker) are left alone.
+/// Compares one group's members at the target (`held`: their values as it
+/// answered a GET of that group, in the scratch file; nil when it left
+/// `members` out) with the directory's, read a chunk at a time, each member
+/// named by its account there and claimed in the scratch file: what nothing
+/// claims is extra. Memory holds a chunk and the differences, not the
+/// group. Members of its own that the target holds (not created by the
+/// broker) are left alone.
 /// With `apply`, a group delivered from the member index gets just the
 /// differing members queued (`repairGroupMembers`); any other gets a full
 /// PUT. Returns whether they differ.
 func reconcileMembers(
-    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: JSON?, apply: Bool, trace: String
+    store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: ReconcileScratch?, apply: Bool,
+    trace: String
 ) throws -> Bool {
     // A target that leaves `members` out of a GET of the group says nothing of them.
-    guard let listed = held?.arrayValue else { return false }
-    var remaining = Set(listed.compactMap { $0["value"]?.stringValue })
-    var missing: [String] = [], matched: Set<String> = []
+    guard let held else { return false }
+    var missing: [String] = []
     try store.forEachMemberID(of: group) { ids in
-        for id in ids {
-            // As delivery does: a member is sent once it has an account there.
-            guard let tid = try store.mapping(target: target.name, brokerID: id)?.targetID else { continue }
-            // Linked users share one account there: one member stands for them all.
-            if remaining.remove(tid) != nil || matched.contains(tid) {
-                matched.insert(tid)
-            } else {
-                missing.append(id)
-            }
+        // As delivery does: a member is sent once it has an account there.
+        let accounts = try ids.compactMap { id -> (member: String, targetID: String)? in
+            try store.mapping(target: target.name, brokerID: id).map { (id, $0.targetID) }
         }
+        // Linked users share one account there: one member stands for them all (claiming twice is harmless).
+        let found = try held.claimMembers(accounts.map(\.targetID))
+        for (k, account) in accounts.enumerated() where !found[k] { missing.append(account.member) }
     }
     // Only users the broker created there are the broker's to remove (an id is a user's by its owner entry,
     // never by another type's account that happens to share the id).
-    let extra = try remaining.sorted().compactMap { tid in
-        try store.accountOwner(target: target.name, type: "User", targetID: tid).map { (member: $0, targetID: tid) }
+    var extra: [(member: String, targetID: String)] = []
+    try held.forEachUnclaimedMember { tids in
+        for tid in tids {
+            if let owner = try store.accountOwner(target: target.name, type: "User", targetID: tid) { extra.append((owner, tid)) }
+        }
     }
     guard !missing.isEmpty || !extra.isEmpty else { return false }
     if apply, let mapping {
@@ -284,13 +343,17 @@ package extension DeliveryTables {
 /// A target's accounts as one reconcile run listed them, in an LMDB file of
 /// the run's own (removed at the end, never synced): `accounts` (target id →
 /// the account), `external` (externalId → target id), `claimed` (target
-/// ids a resource of the broker's accounts for). Memory holds one page.
+/// ids a resource of the broker's accounts for), and `members` (of the one
+/// group being compared: a member's key → 1 when a member of the broker's
+/// accounts for it, else 0, then its id at the target). Memory holds one
+/// page.
 final class ReconcileScratch {
     let path: String
     let environment: Environment
     let accounts: Database
     let external: Database
     let claimed: Database
+    let members: Database
 
     /// In `directory` (the store's data directory: storage meant for the
     /// program's data, not a tmpfs), named by this process, so a run that was
@@ -310,6 +373,7 @@ final class ReconcileScratch {
             accounts = try environment.openDatabase("accounts")
             external = try environment.openDatabase("external")
             claimed = try environment.openDatabase("claimed")
+            members = try environment.openDatabase("members")
         } catch {
             ReconcileScratch.remove(path)
             throw error
@@ -338,8 +402,13 @@ final class ReconcileScratch {
     func remove() { ReconcileScratch.remove(path) }
 
     /// Empties it for the next type.
-    func clear() throws {
-        for db in [accounts, external, claimed] {
+    func clear() throws { try clear([accounts, external, claimed]) }
+
+    /// Empties the members table for the next group.
+    func clearMembers() throws { try clear([members]) }
+
+    private func clear(_ dbs: [Database]) throws {
+        for db in dbs {
             while true {
                 var keys: [[UInt8]] = []
                 try environment.read { txn in
@@ -382,6 +451,63 @@ final class ReconcileScratch {
 
     func claim(_ id: String) throws { try environment.write { txn in try txn.put(claimed, ReconcileScratch.key(id), []) } }
 
+    /// Values of the group's members at the target, one chunk of them.
+    func addMembers(_ ids: [String]) throws {
+        guard !ids.isEmpty else { return }
+        try environment.write { txn in
+            for id in ids where !id.isEmpty { try txn.put(members, ReconcileScratch.key(id), [0] + Array(id.utf8)) }
+        }
+    }
+
+    /// For each of `ids` (one chunk), whether the group at the target holds
+    /// it; those it holds are marked claimed.
+    func claimMembers(_ ids: [String]) throws -> [Bool] {
+        try environment.write { txn in
+            try ids.map { id in
+                let key = ReconcileScratch.key(id)
+                guard var value = try txn.get(members, key) else { return false }
+                if value.first != 1 {
+                    value[0] = 1
+                    try txn.put(members, key, value)
+                }
+                return true
+            }
+        }
+    }
+
+    /// The group's members at the target nothing claimed, in key order, a chunk at a time.
+    func forEachUnclaimedMember(_ body: ([String]) throws -> Void) throws {
+        try forEachChunk(of: members, size: 1000, pick: { _, _, v in v.first == 0 ? String(decoding: v.dropFirst(), as: UTF8.self) : nil })
+        {
+            try body($0)
+        }
+    }
+
+    /// The entries of `db` in key order, `size` of them read at a time:
+    /// `body` gets what `pick` returned for each chunk's, outside its transaction.
+    private func forEachChunk<T>(
+        of db: Database, size: Int, pick: (borrowing ReadTransaction, [UInt8], [UInt8]) throws -> T?, _ body: ([T]) throws -> Void
+    ) throws {
+        var from: [UInt8]?
+        while true {
+            var chunk: [T] = []
+            var last: [UInt8]?
+            try environment.read { txn in
+                var seen = 0
+                try txn.scan(db, from: from) { k, v in
+                    seen += 1
+                    last = k
+                    if let picked = try pick(txn, k, v) { chunk.append(picked) }
+                    return seen < size
+                }
+                if seen < size { last = nil }
+            }
+            try body(chunk)
+            guard let l = last else { return }
+            from = l + [0]
+        }
+    }
+
     /// An account's key: its id, or for an id too long for an LMDB key its SHA-256 (hex).
     static func key(_ id: String) -> [UInt8] {
         let bytes = Array(id.utf8)
@@ -390,27 +516,17 @@ final class ReconcileScratch {
 
     /// The accounts nothing claimed, in id order, a chunk at a time.
     func forEachUnclaimed(_ body: (String, JSONObject) throws -> Void) throws {
-        var from: [UInt8]?
-        while true {
-            var chunk: [(String, JSONObject)] = []
-            var last: [UInt8]?
-            try environment.read { txn in
-                var seen = 0
-                try txn.scan(accounts, from: from) { k, v in
-                    seen += 1
-                    last = Array(k)
-                    if try txn.get(claimed, Array(k)) == nil, let o = try JSONParser.parse(v, limits: .stored).objectValue,
-                        let id = o["id"]?.stringValue
-                    {
-                        chunk.append((id, o))
-                    }
-                    return seen < 500
-                }
-                if seen < 500 { last = nil }
+        let claimed = self.claimed
+        try forEachChunk(
+            of: accounts, size: 500,
+            pick: { txn, k, v -> (String, JSONObject)? in
+                guard try txn.get(claimed, k) == nil, let o = try JSONParser.parse(v, limits: .stored).objectValue,
+                    let id = o["id"]?.stringValue
+                else { return nil }
+                return (id, o)
             }
+        ) { chunk in
             for (id, o) in chunk { try body(id, o) }
-            guard let l = last else { return }
-            from = l + [0]
         }
     }
 }

@@ -1,0 +1,196 @@
+import EdgeHTTP
+import EdgeLoop
+import EdgeStore
+import EdgeTestSupport
+import SCIM
+import XCTest
+
+@testable import EdgeBroker
+@testable import EdgeDelivery
+
+/// Reconcile of a large group against a SCIM target over a real socket
+/// (a small fake target served by the test), with the broker's store in a
+/// real LMDB file: the target's members are streamed into the run's
+/// scratch file, never held whole, and the repair queued is exactly the
+/// members missing and the broker's members extra.
+final class ReconcileMembersTests: XCTestCase {
+    var dir: TempDirectory!
+    override func setUp() {
+        dir = TempDirectory("broker-reconcile-members")
+        // The fake target writes on after a client that gave up hung up (as the programs do, the test ignores SIGPIPE).
+        signal(SIGPIPE, SIG_IGN)
+    }
+    override func tearDown() { dir.remove() }
+
+    static let members = 20_000
+    /// Users beyond the group's members: broker users the target holds in the group as extras.
+    static let others = 10
+
+    /// What the fake target holds: accounts (serialised), the group's account and the member values it lists.
+    struct Held: Sendable {
+        var users: [[UInt8]] = []
+        var group: [UInt8] = []
+        var memberValues: [String] = []
+        var listMembers = true
+    }
+
+    func fakeTarget(_ held: Locked<Held>) throws -> ServerHarness {
+        try ServerHarness { request, _, responder in
+            let h = held.current
+            let query = String(request.query ?? "")
+            func param(_ name: String) -> Int? {
+                query.split(separator: "&").first { $0.hasPrefix(name + "=") }.flatMap { Int($0.dropFirst(name.count + 1)) }
+            }
+            func page(_ items: [[UInt8]]) -> HTTPResponse {
+                let start = param("startIndex") ?? 1, count = param("count") ?? 100
+                let slice = items.dropFirst(start - 1).prefix(count)
+                var body = Array(
+                    #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:ListResponse"],"totalResults":\#(items.count),"Resources":["#.utf8)
+                for (k, item) in slice.enumerated() {
+                    if k > 0 { body.append(UInt8(ascii: ",")) }
+                    body += item
+                }
+                body += Array("]}".utf8)
+                return HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"], body: body)
+            }
+            switch request.path {
+            case "/scim/v2/Users": responder.respond(page(h.users))
+            case "/scim/v2/Groups":
+                XCTAssertTrue(query.contains("excludedAttributes=members"), query)
+                responder.respond(page([h.group]))
+            case "/scim/v2/Groups/tg":
+                // The group as a target answers it: its attributes, then every member, streamed (chunked).
+                var r = HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"])
+                var prefix = Array(h.group.dropLast())
+                if h.listMembers { prefix += Array(#","members":["#.utf8) }
+                var next = 0
+                var sentPrefix = false, ended = false
+                r.stream = BodyStream {
+                    if !sentPrefix {
+                        sentPrefix = true
+                        return prefix
+                    }
+                    guard h.listMembers, next < h.memberValues.count else {
+                        if ended { return nil }
+                        ended = true
+                        return Array(
+                            (h.listMembers ? #"],"meta":{"resourceType":"Group","members":[{"value":"nested, not a member"}]}}"# : "}").utf8
+                        )
+                    }
+                    var piece: [UInt8] = []
+                    for k in next..<min(next + 500, h.memberValues.count) {
+                        let v = h.memberValues[k]
+                        if k > 0 { piece.append(UInt8(ascii: ",")) }
+                        piece += Array(
+                            #"{"value":"\#(v)","type":"User","$ref":"http://127.0.0.1/scim/v2/Users/\#(v)","display":"member \#(v)"}"#.utf8)
+                    }
+                    next += 500
+                    return piece
+                }
+                responder.respond(r)
+            default:
+                responder.respond(HTTPResponse(status: 404, contentType: "application/scim+json", body: #"{"status":"404"}"#))
+            }
+        }
+    }
+
+    func testALargeGroupsMembersAreStreamedAndTheRepairIsExact() throws {
+        // The directory: users 0..<20,010, a group "all" of users 0..<20,000.
+        let store = try BrokerStore(path: dir.file("broker"))
+        var fixture = ListFixture()
+        var k = 0
+        let users = Self.members + Self.others
+        while k < users {
+            let batch = k..<min(k + 1000, users)
+            try fixture.apply(store, batch.map { fixture.user($0) }, ids: batch.map(ListFixture.brokerID))
+            k = batch.upperBound
+        }
+        try fixture.apply(store, [fixture.group(0, members: Array(0..<Self.members), displayName: "all")], ids: ["g-all"])
+
+        let held = Locked(Held())
+        let server = try fakeTarget(held)
+        defer { _ = server.stop() }
+        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
+        target.routes = [try Route()]
+
+        // What the broker delivered there: every user as account t-<k>, the group as tg with its members indexed.
+        let resources = try store.resources(domain: "acme-de")
+        var accounts: [[UInt8]] = []
+        var targetID: [String: String] = [:]
+        try store.environment.write { txn in
+            for r in resources {
+                guard let id = r["id"]?.stringValue else { continue }
+                let type = r["userName"] == nil ? "Group" : "User"
+                var body = targetBody(r, type: type, brokerID: id, target: target)
+                if type == "User" {
+                    let tid = "t-" + id.dropFirst(2)
+                    targetID[id] = tid
+                    body["id"] = .string(tid)
+                    accounts.append(JSON.object(body).serialized())
+                    try store.setMapping(target: "app", type: type, brokerID: id, TargetMapping(targetID: tid, etag: nil, sent: nil), txn)
+                } else {
+                    body["members"] = nil
+                    body["id"] = "tg"
+                    held.withLock { $0.group = JSON.object(body).serialized() }
+                    try store.setMapping(
+                        target: "app", type: type, brokerID: id, TargetMapping(targetID: "tg", etag: nil, sent: nil, members: Self.members),
+                        txn)
+                }
+            }
+            for m in 0..<Self.members {
+                let id = ListFixture.brokerID(m)
+                _ = try store.holdMember(target: "app", group: "g-all", member: id, targetID: targetID[id]!, txn)
+            }
+        }
+        XCTAssertEqual(accounts.count, users)
+
+        // At the target, behind the broker's back: 20 members gone, the 10 other users and 3 accounts of its own added.
+        let gone = Set((0..<Self.members).filter { $0 % 1000 == 5 }.map(ListFixture.brokerID))
+        let extra = (Self.members..<users).map(ListFixture.brokerID)
+        var values = (0..<Self.members).map(ListFixture.brokerID).filter { !gone.contains($0) }.map { targetID[$0]! }
+        values += extra.map { targetID[$0]! } + ["own-1", "own-2", "own-3"]
+        var random = SplitMix(seed: 7)
+        values.shuffle(using: &random)
+        held.withLock {
+            $0.users = accounts
+            $0.memberValues = values
+        }
+
+        // The client may hold far less than the group's body: the whole-body GET of it would be refused.
+        var options = HTTPClientOptions()
+        options.maxResponseBodyBytes = 128 * 1024
+        let body = values.count * 90
+        XCTAssertGreaterThan(body, 10 * options.maxResponseBodyBytes, "the group's body is over ten times the client's limit")
+
+        let dry = try reconcile(store: store, target: target, apply: false, pageSize: 100, client: options)
+        XCTAssertEqual(dry.missing, [])
+        XCTAssertEqual(dry.strays.count, 0)
+        XCTAssertEqual(dry.drifted.map { $0.brokerID }, ["g-all"], "\(dry.drifted)")
+        XCTAssertEqual(dry.drifted.first?.attributes, ["members"])
+
+        let fixed = try reconcile(store: store, target: target, apply: true, pageSize: 100, client: options)
+        XCTAssertEqual(fixed.queued, 1)
+        // The repair: exactly the missing and the broker's extra members are pending (the target's own are left alone) …
+        let pending = try store.environment.read { txn in
+            var out: [String] = []
+            let prefix = BrokerStore.targetGroupPrefix("app", "g-all")
+            try txn.scanKeys(store.targetPending, from: prefix, to: BrokerStore.targetGroupEnd("app", "g-all")) { key in
+                out.append(String(decoding: key[prefix.count...], as: UTF8.self))
+                return true
+            }
+            return out
+        }
+        XCTAssertEqual(Set(pending), gone.union(extra))
+        XCTAssertEqual(pending.count, gone.count + extra.count)
+        // … the index says what the target holds, and one item is queued for the group.
+        let indexed = try store.heldMembers(target: "app", group: "g-all").compactMap { $0["value"]?.stringValue }
+        XCTAssertEqual(indexed.count, Self.members - gone.count + extra.count)
+        XCTAssertEqual(try store.mappings(target: "app")["g-all"]?.members, Self.members - gone.count + extra.count)
+        XCTAssertEqual(try store.queueDepth(target: "app").count, 1)
+
+        // A target that leaves `members` out of the group's GET says nothing of them: no drift.
+        held.withLock { $0.listMembers = false }
+        let silent = try reconcile(store: store, target: target, apply: false, pageSize: 100, client: options)
+        XCTAssertEqual(silent.drifted.count, 0, "\(silent.drifted)")
+    }
+}
