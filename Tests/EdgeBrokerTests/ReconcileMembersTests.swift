@@ -2,6 +2,7 @@ import EdgeHTTP
 import EdgeLoop
 import EdgeStore
 import EdgeTestSupport
+import Foundation
 import SCIM
 import XCTest
 
@@ -94,67 +95,91 @@ final class ReconcileMembersTests: XCTestCase {
         }
     }
 
-    func testALargeGroupsMembersAreStreamedAndTheRepairIsExact() throws {
-        // The directory: users 0..<20,010, a group "all" of users 0..<20,000.
-        let store = try BrokerStore(path: dir.file("broker"))
+    /// A user's account at the fake target.
+    static func account(_ brokerID: String) -> String { "t-" + brokerID.dropFirst(2) }
+
+    /// The directory in an LMDB file at `path`: users 0..<`users` and a
+    /// group "all" (broker id g-all) of users 0..<`members`, as delivered to
+    /// `target`: every user's mapping names account t-<k>, which the fake
+    /// target lists; the group's names tg, with its members in the index
+    /// when `indexed`. Read a chunk at a time (the store may be large).
+    func deliveredDirectory(
+        path: String, users: Int, members: Int, to target: TargetConfiguration, _ held: Locked<Held>, indexed: Bool
+    ) throws -> BrokerStore {
+        let store = try BrokerStore(path: path)
         var fixture = ListFixture()
         var k = 0
-        let users = Self.members + Self.others
         while k < users {
             let batch = k..<min(k + 1000, users)
             try fixture.apply(store, batch.map { fixture.user($0) }, ids: batch.map(ListFixture.brokerID))
             k = batch.upperBound
         }
-        try fixture.apply(store, [fixture.group(0, members: Array(0..<Self.members), displayName: "all")], ids: ["g-all"])
+        try fixture.apply(store, [fixture.group(0, members: Array(0..<members), displayName: "all")], ids: ["g-all"])
+        var accounts: [[UInt8]] = []
+        var cursor: [UInt8]?
+        while true {
+            var chunk: [JSONObject] = []
+            var last: [UInt8]?
+            try store.environment.read { txn in
+                try store.forEachDirectoryEntry("User", members: false, from: cursor, txn) { position, entry in
+                    chunk.append(entry.resource)
+                    last = position
+                    return chunk.count < 5000
+                }
+            }
+            try store.environment.write { txn in
+                for r in chunk {
+                    let id = try XCTUnwrap(r["id"]?.stringValue)
+                    var body = targetBody(r, type: "User", brokerID: id, target: target)
+                    body["id"] = .string(Self.account(id))
+                    accounts.append(JSON.object(body).serialized())
+                    try store.setMapping(
+                        target: "app", type: "User", brokerID: id, TargetMapping(targetID: Self.account(id), etag: nil, sent: nil), txn)
+                }
+            }
+            guard chunk.count == 5000, let last else { break }
+            cursor = last + [0]
+        }
+        XCTAssertEqual(accounts.count, users)
+        let group = try XCTUnwrap(try store.environment.read { txn in try store.deliveryEntry("g-all", members: false, txn) })
+        var body = targetBody(group.resource, type: "Group", brokerID: "g-all", target: target)
+        body["members"] = nil
+        body["id"] = "tg"
+        try store.environment.write { txn in
+            try store.setMapping(
+                target: "app", type: "Group", brokerID: "g-all",
+                TargetMapping(targetID: "tg", etag: nil, sent: nil, members: indexed ? members : nil), txn)
+            guard indexed else { return }
+            for m in 0..<members {
+                let id = ListFixture.brokerID(m)
+                _ = try store.holdMember(target: "app", group: "g-all", member: id, targetID: Self.account(id), txn)
+            }
+        }
+        held.withLock {
+            $0.users = accounts
+            $0.group = JSON.object(body).serialized()
+        }
+        return store
+    }
 
+    func testALargeGroupsMembersAreStreamedAndTheRepairIsExact() throws {
         let held = Locked(Held())
         let server = try fakeTarget(held)
         defer { _ = server.stop() }
         var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
         target.routes = [try Route()]
-
-        // What the broker delivered there: every user as account t-<k>, the group as tg with its members indexed.
-        let resources = try store.resources(domain: "acme-de")
-        var accounts: [[UInt8]] = []
-        var targetID: [String: String] = [:]
-        try store.environment.write { txn in
-            for r in resources {
-                guard let id = r["id"]?.stringValue else { continue }
-                let type = r["userName"] == nil ? "Group" : "User"
-                var body = targetBody(r, type: type, brokerID: id, target: target)
-                if type == "User" {
-                    let tid = "t-" + id.dropFirst(2)
-                    targetID[id] = tid
-                    body["id"] = .string(tid)
-                    accounts.append(JSON.object(body).serialized())
-                    try store.setMapping(target: "app", type: type, brokerID: id, TargetMapping(targetID: tid, etag: nil, sent: nil), txn)
-                } else {
-                    body["members"] = nil
-                    body["id"] = "tg"
-                    held.withLock { $0.group = JSON.object(body).serialized() }
-                    try store.setMapping(
-                        target: "app", type: type, brokerID: id, TargetMapping(targetID: "tg", etag: nil, sent: nil, members: Self.members),
-                        txn)
-                }
-            }
-            for m in 0..<Self.members {
-                let id = ListFixture.brokerID(m)
-                _ = try store.holdMember(target: "app", group: "g-all", member: id, targetID: targetID[id]!, txn)
-            }
-        }
-        XCTAssertEqual(accounts.count, users)
+        // The directory: users 0..<20,010, a group "all" of users 0..<20,000, all delivered there.
+        let users = Self.members + Self.others
+        let store = try deliveredDirectory(path: dir.file("broker"), users: users, members: Self.members, to: target, held, indexed: true)
 
         // At the target, behind the broker's back: 20 members gone, the 10 other users and 3 accounts of its own added.
         let gone = Set((0..<Self.members).filter { $0 % 1000 == 5 }.map(ListFixture.brokerID))
         let extra = (Self.members..<users).map(ListFixture.brokerID)
-        var values = (0..<Self.members).map(ListFixture.brokerID).filter { !gone.contains($0) }.map { targetID[$0]! }
-        values += extra.map { targetID[$0]! } + ["own-1", "own-2", "own-3"]
+        var values = (0..<Self.members).map(ListFixture.brokerID).filter { !gone.contains($0) }.map(Self.account)
+        values += extra.map(Self.account) + ["own-1", "own-2", "own-3"]
         var random = SplitMix(seed: 7)
         values.shuffle(using: &random)
-        held.withLock {
-            $0.users = accounts
-            $0.memberValues = values
-        }
+        held.withLock { $0.memberValues = values }
 
         // The client may hold far less than the group's body: the whole-body GET of it would be refused.
         var options = HTTPClientOptions()
@@ -192,5 +217,45 @@ final class ReconcileMembersTests: XCTestCase {
         held.withLock { $0.listMembers = false }
         let silent = try reconcile(store: store, target: target, apply: false, pageSize: 100, client: options)
         XCTAssertEqual(silent.drifted.count, 0, "\(silent.drifted)")
+    }
+
+    /// Not a test: the peak anonymous memory of `scim-broker targets
+    /// reconcile` (the process) at groups of the sizes in
+    /// `RECONCILE_HEAP_SIZES` (e.g. "1000 200000"), each with as many users,
+    /// one member missing at the target. Printed as `reconcile heap …`
+    /// lines (docs/benchmarks.md); skipped unless the variable is set.
+    func testReconcileHeapBySize() throws {
+        guard let sizes = ProcessInfo.processInfo.environment["RECONCILE_HEAP_SIZES"] else {
+            throw XCTSkip("set RECONCILE_HEAP_SIZES to measure")
+        }
+        for n in sizes.split(separator: " ").compactMap({ Int($0) }) {
+            let held = Locked(Held())
+            let server = try fakeTarget(held)
+            defer { _ = server.stop() }
+            var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
+            target.routes = [try Route()]
+            let path = dir.file("broker-\(n)")
+            _ = try deliveredDirectory(path: path, users: n, members: n, to: target, held, indexed: true)
+            held.withLock { $0.memberValues = (1..<n).map { Self.account(ListFixture.brokerID($0)) } }
+            let started = Date()
+            let child = try ChildProcess(
+                productsDirectory + "/scim-broker",
+                ["targets", "reconcile", "--data-dir", path, "--target", "app=http://127.0.0.1:\(server.port)/scim/v2", "app", "--json"])
+            // Anonymous RSS (the heap; LMDB's pages are the file's), sampled every 50 ms.
+            var peak = 0
+            while child.process.isRunning {
+                let status = (try? String(contentsOfFile: "/proc/\(child.process.processIdentifier)/status", encoding: .utf8)) ?? ""
+                if let line = status.split(separator: "\n").first(where: { $0.hasPrefix("RssAnon:") }) {
+                    peak = max(peak, Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0)
+                }
+                usleep(50_000)
+            }
+            XCTAssertEqual(child.waitForExit(), 0)
+            let report = try JSONParser.parse(Array(child.output.joined().utf8))
+            XCTAssertEqual(report["drifted"]?.arrayValue?.count, 1, "\(report)")
+            print(
+                "reconcile heap: \(n) members (and users): peak anonymous RSS \(peak) KiB, "
+                    + "\(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        }
     }
 }
