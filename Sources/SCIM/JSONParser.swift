@@ -310,14 +310,7 @@ public struct JSONParser: ~Copyable {
         guard i + 4 <= bytes.count else { throw error("incomplete \\u escape") }
         var v = 0
         for _ in 0..<4 {
-            let c = bytes[i]
-            let d: Int
-            switch c {
-            case 48...57: d = Int(c) - 48
-            case 65...70: d = Int(c) - 55
-            case 97...102: d = Int(c) - 87
-            default: throw error("invalid hex digit in \\u escape")
-            }
+            guard let d = hexDigitValue(bytes[i]) else { throw error("invalid hex digit in \\u escape") }
             v = v << 4 | d
             i += 1
         }
@@ -328,18 +321,8 @@ public struct JSONParser: ~Copyable {
     /// surrogates, nothing above U+10FFFF).
     private mutating func utf8Sequence(into out: inout [UInt8]) throws(JSONError) {
         let c = bytes[i]
-        let n: Int
-        var lo: UInt8 = 0x80, hi: UInt8 = 0xBF
-        switch c {
-        case 0xC2...0xDF: n = 2
-        case 0xE0: n = 3; lo = 0xA0
-        case 0xE1...0xEC, 0xEE...0xEF: n = 3
-        case 0xED: n = 3; hi = 0x9F
-        case 0xF0: n = 4; lo = 0x90
-        case 0xF1...0xF3: n = 4
-        case 0xF4: n = 4; hi = 0x8F
-        default: throw error("invalid UTF-8 byte 0x\(String(c, radix: 16))")
-        }
+        guard let (more, lo, hi) = utf8Lead(c) else { throw error("invalid UTF-8 byte 0x\(String(c, radix: 16))") }
+        let n = more + 1
         guard i + n <= bytes.count else { throw error("truncated UTF-8 sequence") }
         let second = bytes[i + 1]
         guard second >= lo && second <= hi else { throw error("invalid UTF-8 sequence") }
@@ -351,8 +334,35 @@ public struct JSONParser: ~Copyable {
 
 @inline(__always) private func isDigit(_ c: UInt8) -> Bool { c >= 48 && c <= 57 }
 
-private func printable(_ c: UInt8) -> String {
+func printable(_ c: UInt8) -> String {
     c >= 0x20 && c < 0x7F ? String(UnicodeScalar(c)) : "\\x" + String(c, radix: 16)
+}
+
+/// The value of a hexadecimal digit.
+@inline(__always) func hexDigitValue(_ c: UInt8) -> Int? {
+    switch c {
+    case 48...57: return Int(c) - 48
+    case 65...70: return Int(c) - 55
+    case 97...102: return Int(c) - 87
+    default: return nil
+    }
+}
+
+/// For the first byte of a well-formed UTF-8 sequence (RFC 3629: no
+/// overlongs, no surrogates, nothing above U+10FFFF): how many continuation
+/// bytes follow, and the range the next one must be in (the others are
+/// 0x80...0xBF). Nil: not a first byte.
+@inline(__always) func utf8Lead(_ c: UInt8) -> (continuation: Int, low: UInt8, high: UInt8)? {
+    switch c {
+    case 0xC2...0xDF: return (1, 0x80, 0xBF)
+    case 0xE0: return (2, 0xA0, 0xBF)
+    case 0xE1...0xEC, 0xEE...0xEF: return (2, 0x80, 0xBF)
+    case 0xED: return (2, 0x80, 0x9F)
+    case 0xF0: return (3, 0x90, 0xBF)
+    case 0xF1...0xF3: return (3, 0x80, 0xBF)
+    case 0xF4: return (3, 0x80, 0x8F)
+    default: return nil
+    }
 }
 
 func appendUTF8(_ scalar: UInt32, to out: inout [UInt8]) {

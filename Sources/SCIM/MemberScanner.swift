@@ -167,7 +167,7 @@ public struct MemberScanner {
                 scalar.removeAll(keepingCapacity: true)
                 scalar.append(c)
             default:
-                throw error("unexpected character '\(c >= 0x20 && c < 0x7F ? String(UnicodeScalar(c)) : "\\x" + String(c, radix: 16))'")
+                throw error("unexpected character '\(printable(c))'")
             }
         }
     }
@@ -249,18 +249,12 @@ public struct MemberScanner {
                 guard !highSurrogate else { throw error("lone high surrogate in \\u escape") }
                 escape = 0
             default:
-                throw error("invalid escape '\\\(c >= 0x20 && c < 0x7F ? String(UnicodeScalar(c)) : "\\x" + String(c, radix: 16))'")
+                throw error("invalid escape '\\\(printable(c))'")
             }
             return
         }
         if escape >= 2 {
-            let d: Int
-            switch c {
-            case 48...57: d = Int(c) - 48
-            case 65...70: d = Int(c) - 55
-            case 97...102: d = Int(c) - 87
-            default: throw error("invalid hex digit in \\u escape")
-            }
+            guard let d = hexDigitValue(c) else { throw error("invalid hex digit in \\u escape") }
             hex = hex << 4 | d
             escape += 1
             guard escape == 6 else { return }
@@ -295,16 +289,8 @@ public struct MemberScanner {
         case 0..<0x20:
             throw error("unescaped control character in string")
         case 0x80...:
-            switch c {
-            case 0xC2...0xDF: utf8Needed = 1
-            case 0xE0: utf8Needed = 2; utf8Low = 0xA0
-            case 0xE1...0xEC, 0xEE...0xEF: utf8Needed = 2
-            case 0xED: utf8Needed = 2; utf8High = 0x9F
-            case 0xF0: utf8Needed = 3; utf8Low = 0x90
-            case 0xF1...0xF3: utf8Needed = 3
-            case 0xF4: utf8Needed = 3; utf8High = 0x8F
-            default: throw error("invalid UTF-8 byte 0x\(String(c, radix: 16))")
-            }
+            guard let lead = utf8Lead(c) else { throw error("invalid UTF-8 byte 0x\(String(c, radix: 16))") }
+            (utf8Needed, utf8Low, utf8High) = lead
         default:
             break
         }
