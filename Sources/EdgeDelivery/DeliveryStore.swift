@@ -259,8 +259,10 @@ package extension DeliveryTables {
             let seq = try enqueue(target: target.name, item, txn)
             if now && type == "Group" {
                 if !was, try txn.get(targetIds, prefixed(target.name, brokerID)).flatMap(TargetMapping.init)?.members != nil {
-                    // Back in the routes with its old index: what changed while it was out is compared too.
-                    try markWholeGroupPending(target: target.name, group: brokerID, seq: seq, txn)
+                    // Back in the routes with its old index: what changed while it was out is compared
+                    // too, a chunk at a time after this transaction (`compareWholeGroupLater`).
+                    try compareWholeGroupLater(target: target.name, group: brokerID, txn)
+                    if !touched.isEmpty { try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn) }
                 } else if !touched.isEmpty {
                     try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn)
                 }
@@ -741,7 +743,7 @@ package extension DeliveryTables {
                     let through = keys.compactMap { UInt64(bigEndianBytes: Array($0.suffix(8))) }.max() ?? 0
                     m = try completeGroupMapping(target: target, group: brokerID, g, indexing: indexing, through: through, txn)
                 } else {
-                    try clearGroupIndex(target: target, group: brokerID, pendingThrough: nil, txn)
+                    try clearGroupIndexLater(target: target, group: brokerID, txn)
                 }
             } else if linked.isEmpty {
                 let old = try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init)
