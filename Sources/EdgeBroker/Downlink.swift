@@ -374,8 +374,9 @@ extension BrokerStore {
     /// A group's events. New there: its full state with its first members
     /// (at most `maxMembersPerPatch`), then the rest as members events of
     /// that many, read from the directory's index a chunk at a time
-    /// (`TargetMapping.growFrom`, as for a target: docs/fanout.md), so
-    /// neither the poll's transaction nor an event grows with the group.
+    /// (`TargetMapping.growFrom`, as for a target: docs/fanout.md), about
+    /// `deferredChunk` members a poll, so neither the poll's transaction
+    /// nor an event grows with the group.
     /// Then membership changes as deltas of the pending members
     /// (`TargetMembers.swift`: O(k)), at most `limit` events of
     /// `maxMembersPerPatch` members; a change of its other attributes is
@@ -414,7 +415,10 @@ extension BrokerStore {
             _ = try growDestination(target, id, &mapping, chunk, txn)
             events.append(try fullGroupEvent(DownlinkURI.createFull, target: name, id, attributes, domain: now.domain, txn))
         }
-        while events.count < limit, mapping.growFrom != nil {
+        // At most about `deferredChunk` members grown a poll: the poll's transaction stays bounded.
+        var growing = max(1, deferredChunk / chunk)
+        while events.count < limit, growing > 0, mapping.growFrom != nil {
+            growing -= 1
             let added = try growDestination(target, id, &mapping, chunk, txn)
             if !added.isEmpty {
                 events.append(
