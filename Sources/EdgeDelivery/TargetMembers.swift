@@ -475,8 +475,9 @@ package extension DeliveryTables {
         -> (marked: Int, queued: Bool)
     {
         let name = Self.workName(target, group)
-        // Gone from the target again (or its index is being forgotten): nothing to compare.
-        guard try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members != nil,
+        // Gone from the target again, its index being forgotten, or the target no longer configured: nothing to compare.
+        guard targets.contains(where: { $0.name == target }),
+            try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members != nil,
             try !groupIndexSweepPending(target: target, group: group, txn), let phase = value.first
         else {
             try groupRescans.remove(name, txn)
