@@ -469,7 +469,9 @@ extension BrokerStore {
         var count = mapping.members ?? 0
         for a in adds where try holdMember(target: name, group: id, member: a.member, targetID: a.member, txn) {
             count += 1
-            let type = try txn.get(groupMembers, BrokerStore.memberKey(id, a.member)).flatMap { try JSONParser.parse($0, limits: .stored)["type"] }
+            let type = try txn.get(groupMembers, BrokerStore.memberKey(id, a.member)).flatMap {
+                try JSONParser.parse($0, limits: .stored)["type"]
+            }
             added.append(["value": .string(a.member), "type": type ?? "User"])
         }
         mapping.members = count

@@ -490,7 +490,9 @@ package extension DeliveryTables {
         } else {
             ids = []
             let prefix = Self.targetGroupPrefix(target, group)
-            try txn.scanKeys(targetMembers, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix, to: Self.targetGroupEnd(target, group)) {
+            try txn.scanKeys(
+                targetMembers, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix, to: Self.targetGroupEnd(target, group)
+            ) {
                 k in
                 ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
                 return ids.count < limit

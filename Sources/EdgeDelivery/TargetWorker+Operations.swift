@@ -32,7 +32,9 @@ extension TargetWorker {
                 return
             }
             if sweeping {
-                writer.submit({ txn in try store.sweepGroupIndex(target: name, group: group, limit: deferredChunk, txn) }, weight: deferredChunk) {
+                writer.submit(
+                    { txn in try store.sweepGroupIndex(target: name, group: group, limit: deferredChunk, txn) }, weight: deferredChunk
+                ) {
                     [weak self] r in
                     guard let self else { return }
                     if case .failure(let error) = r {

@@ -1,6 +1,6 @@
 internal import CLMDB
-import Synchronization
 import Glibc
+import Synchronization
 
 /// A named LMDB database (`MDB_dbi`). Valid for the life of its `Environment`;
 /// safe to share across threads once opened (LMDB: handles are process-wide

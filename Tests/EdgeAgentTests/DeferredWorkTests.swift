@@ -39,7 +39,9 @@ final class DeferredWorkTests: XCTestCase {
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "all",
             "members": .array(ids.map { ["value": .string($0), "type": "User"] }),
         ]
-        try store.environment.write { txn in _ = try store.apply(.create(groups, validated: group), context(gid), profile: .lenient, in: txn) }
+        try store.environment.write { txn in
+            _ = try store.apply(.create(groups, validated: group), context(gid), profile: .lenient, in: txn)
+        }
         return (ids, gid)
     }
 
@@ -159,7 +161,8 @@ final class DeferredWorkTests: XCTestCase {
         for chunk in stride(from: 0, to: 3000, by: 1000) {
             try apply(
                 (chunk..<chunk + 1000).map { i in
-                    event(create, "/Users/hu\(i)", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string("hu\(i)")])
+                    event(
+                        create, "/Users/hu\(i)", ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string("hu\(i)")])
                 })
         }
         try apply([event(create, "/Groups/hg", group(0..<3000))])
@@ -205,7 +208,8 @@ final class DeferredWorkTests: XCTestCase {
             // What the target holds, as the deliveries would have recorded it.
             try store.environment.write { txn in
                 for u in users {
-                    try store.setMapping(target: "app", type: "User", brokerID: u, TargetMapping(targetID: "t-" + u, etag: nil, sent: nil), txn)
+                    try store.setMapping(
+                        target: "app", type: "User", brokerID: u, TargetMapping(targetID: "t-" + u, etag: nil, sent: nil), txn)
                     _ = try store.holdMember(target: "app", group: gid, member: u, targetID: "t-" + u, txn)
                 }
                 try store.setMapping(
@@ -237,6 +241,7 @@ final class DeferredWorkTests: XCTestCase {
         XCTAssertEqual(steps, ((n - deferredChunk) + n) / deferredChunk + 1)
         XCTAssertLessThanOrEqual(store.environment.heaviestCommitEntries, 2 * deferredChunk + 5)
         XCTAssertEqual(try held(store), 0)
-        XCTAssertEqual(try store.environment.read { txn in try txn.duplicateValues(store.targetMemberOf, prefixed("app", users[n - 1])) }, [])
+        XCTAssertEqual(
+            try store.environment.read { txn in try txn.duplicateValues(store.targetMemberOf, prefixed("app", users[n - 1])) }, [])
     }
 }

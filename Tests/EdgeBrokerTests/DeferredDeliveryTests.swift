@@ -64,7 +64,10 @@ final class DeferredDeliveryTests: XCTestCase {
             [
                 event(
                     BrokerStore.attributesEvent,
-                    ["ref": "/Groups/g1", "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": .string(name)]])
+                    [
+                        "ref": "/Groups/g1",
+                        "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": .string(name)],
+                    ])
             ])
     }
 
@@ -164,7 +167,9 @@ final class DeferredDeliveryTests: XCTestCase {
         func groupMembers(_ events: [JSON]) -> (perEvent: [Int], added: [String], creates: Int, deletes: Int) {
             var perEvent: [Int] = [], added: [String] = [], creates = 0, deletes = 0
             for e in events {
-                guard let (uri, body) = e["events"]?.objectValue?.members.first, body["ref"]?.stringValue == "/Groups/\(gid)" else { continue }
+                guard let (uri, body) = e["events"]?.objectValue?.members.first, body["ref"]?.stringValue == "/Groups/\(gid)" else {
+                    continue
+                }
                 let members = (body["data"]?["members"] ?? body["added"])?.arrayValue ?? []
                 perEvent.append(members.count)
                 added += members.compactMap { $0["value"]?.stringValue }
