@@ -190,11 +190,11 @@ public final class AgentService {
             writer: writer, loop: loop, ownTimer: true, weight: deferredChunk,
             pending: { (try? store.deferredWorkPending()) ?? false },
             step: { txn in try store.deferredStep(limit: deferredChunk, txn) },
-            didSomething: { $0.swept > 0 || $0.delivery.entries > 0 },
+            didSomething: { $0.swept > 0 || $0.delivery.found },
             done: { [weak self] p in
                 guard let self else { return }
                 deferredCounts.swept += p.swept
-                deferredCounts.targetIndex += p.delivery.entries - p.delivery.marked
+                deferredCounts.targetIndex += p.delivery.swept
                 deferredCounts.compared += p.delivery.marked
                 for w in workers where p.delivery.queued.contains(w.target.name) { w.kick() }
             })

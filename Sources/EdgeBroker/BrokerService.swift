@@ -205,7 +205,7 @@ public final class BrokerService {
             writer: writer, loop: loop, ownTimer: false, weight: deferredChunk,
             pending: { (try? store.deferredWorkPending()) ?? false },
             step: { txn in try store.deferredStep(limit: deferredChunk, txn) },
-            didSomething: { $0.swept > 0 || $0.delivery.entries > 0 },
+            didSomething: { $0.swept > 0 || $0.delivery.found },
             done: { progress in weakSelf?.deferredWorkDone(progress) })
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
@@ -282,7 +282,7 @@ public final class BrokerService {
     /// After a step of deferred work: counted, and the targets it queued items for are woken.
     func deferredWorkDone(_ progress: (swept: Int, delivery: DeferredProgress)) {
         statistics.sweptMembers += progress.swept
-        statistics.sweptTargetIndexEntries += progress.delivery.entries - progress.delivery.marked
+        statistics.sweptTargetIndexEntries += progress.delivery.swept
         statistics.comparedMembers += progress.delivery.marked
         let queued = Set(progress.delivery.queued)
         guard !queued.isEmpty else { return }

@@ -527,17 +527,17 @@ package extension DeliveryTables {
         if let (name, _) = try groupIndexSweeps.first(txn) {
             guard let (target, group) = Self.splitWorkName(name) else {
                 try groupIndexSweeps.remove(name, txn)
-                return DeferredProgress(entries: 1)
+                return DeferredProgress(found: true)
             }
-            return DeferredProgress(entries: max(1, try sweepGroupIndex(target: target, group: group, limit: limit, txn)))
+            return DeferredProgress(found: true, swept: try sweepGroupIndex(target: target, group: group, limit: limit, txn))
         }
         if let (name, value) = try groupRescans.first(txn) {
             guard let (target, group) = Self.splitWorkName(name) else {
                 try groupRescans.remove(name, txn)
-                return DeferredProgress(entries: 1)
+                return DeferredProgress(found: true)
             }
             let r = try rescanGroup(target: target, group: group, from: value, limit: limit, txn)
-            return DeferredProgress(entries: max(1, r.marked), marked: r.marked, queued: r.queued ? [target] : [])
+            return DeferredProgress(found: true, marked: r.marked, queued: r.queued ? [target] : [])
         }
         return DeferredProgress()
     }
@@ -545,15 +545,17 @@ package extension DeliveryTables {
 
 /// What one step of deferred work did.
 package struct DeferredProgress: Sendable {
-    /// Entries it removed or marked (at least 1 when it found work; 0: none left).
-    package var entries = 0
-    /// Of them, members marked pending for a whole-group comparison.
+    /// It found work (false: none is left).
+    package var found = false
+    /// Index entries it removed.
+    package var swept = 0
+    /// Members it marked pending for a whole-group comparison.
     package var marked = 0
     /// Targets it queued items for (their workers are woken).
     package var queued: [String] = []
 
-    package init(entries: Int = 0, marked: Int = 0, queued: [String] = []) {
-        (self.entries, self.marked, self.queued) = (entries, marked, queued)
+    package init(found: Bool = false, swept: Int = 0, marked: Int = 0, queued: [String] = []) {
+        (self.found, self.swept, self.marked, self.queued) = (found, swept, marked, queued)
     }
 }
 

@@ -177,7 +177,7 @@ do {
         let store = try AgentStore(path: args[1], registry: .standard, targets: targets)
         for k in 0..<steps {
             let r = try store.deferredStep(limit: deferredChunk)
-            emit("stepped \(k + 1) swept \(r.swept) target \(r.delivery.entries)")
+            emit("stepped \(k + 1) swept \(r.swept) target \(r.delivery.swept) marked \(r.delivery.marked)")
         }
         emit("waiting")
         while true { sleep(60) }
