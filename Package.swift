@@ -103,7 +103,7 @@ let package = Package(
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.
         .executableTarget(
             name: "edge-fixture",
-            dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeLog", "EdgeTools", "SCIM"],
+            dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "EdgeStore", "EdgeAgent", "EdgeDelivery", "EdgeLog", "EdgeTools", "SCIM"],
             swiftSettings: strict),
 
         .testTarget(name: "EdgeLoopTests", dependencies: ["EdgeLoop", "EdgeTestSupport"], swiftSettings: strict),

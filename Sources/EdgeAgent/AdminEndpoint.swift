@@ -118,6 +118,24 @@ public final class AdminEndpoint {
         metric(
             "scim_edge_committed_writes_total", "counter", "Writes through group commit (failed ones included).", [("", String(g.writes))])
         metric("scim_edge_http_connections", "gauge", "Open SCIM connections.", [("", String(openConnections))])
+        metric(
+            "scim_edge_store_commit_entries_max", "gauge",
+            "The most entries (puts and deletes) one committed write transaction wrote since start.",
+            [("", String(agent.store.environment.heaviestCommitEntries))])
+        let d = agent.deferredCounts
+        metric(
+            "scim_edge_removed_group_members_swept_total", "counter",
+            "Index entries of removed groups removed after the group, 1,000 a transaction.", [("", String(d.swept))])
+        if !agent.targetWorkers.isEmpty {
+            metric(
+                "scim_edge_target_group_index_swept_total", "counter",
+                "Entries of a local target's group member index removed after the group left the target, 1,000 a transaction.",
+                [("", String(d.targetIndex))])
+            metric(
+                "scim_edge_target_group_members_compared_total", "counter",
+                "Members of groups back in a local target's routes marked for comparison, 1,000 a transaction.",
+                [("", String(d.compared))])
+        }
         if !agent.sourceDrivers.isEmpty {
             let sources = agent.sourceDrivers.map { d in
                 (label: "{source=\"\(d.runner.configuration.name)\"}", stats: d.statistics, live: d.runner.thread.live.withLock { $0 })

@@ -57,8 +57,10 @@ extension AgentStore: DeliveryTables {
         try EdgeDelivery.groupMemberIDs(in: groupMembers, group, after: cursor, limit: limit, txn)
     }
 
+    /// The stored groups holding `member` (not a removed one whose entries are still being swept).
     package func groupsHolding(_ member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        try groupIDs(txn, of: member)
+        let groups = registry.resourceType("Group")!
+        return try groupIDs(txn, of: member).filter { try txn.get(resources, AgentStore.key(groups, $0)) != nil }
     }
 
     package func forEachDirectoryEntry(

@@ -96,6 +96,13 @@ public final class AgentService {
     public private(set) var targetWorkers: [TargetWorker] = []
     /// Keeps the local targets' trail bounded (7 days), as the broker's.
     private var trailSweeper: TrailSweeper?
+    /// What rare transitions leave for later (`AgentStore.deferredStep`): a
+    /// removed group's index entries, the local targets' group indexes.
+    private var deferred: DeferredWorkRunner<(swept: Int, delivery: DeferredProgress)>?
+    /// Entries of removed groups swept, of the local targets' group indexes
+    /// forgotten, and members of groups back in a target's routes marked
+    /// for comparison (`/metrics`).
+    public private(set) var deferredCounts = (swept: 0, targetIndex: 0, compared: 0)
     /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
     private(set) var sourceDrivers: [SourceDriver] = []
     private var sourceHolders: [SourceDriverHolder] = []
@@ -179,6 +186,19 @@ public final class AgentService {
             trailSweeper?.start()
         }
         let workers = targetWorkers
+        deferred = try DeferredWorkRunner(
+            writer: writer, loop: loop, ownTimer: true, weight: deferredChunk,
+            pending: { (try? store.deferredWorkPending()) ?? false },
+            step: { txn in try store.deferredStep(limit: deferredChunk, txn) },
+            didSomething: { $0.swept > 0 || $0.delivery.found },
+            done: { [weak self] p in
+                guard let self else { return }
+                deferredCounts.swept += p.swept
+                deferredCounts.targetIndex += p.delivery.swept
+                deferredCounts.compared += p.delivery.marked
+                for w in workers where p.delivery.queued.contains(w.target.name) { w.kick() }
+            })
+        deferred?.poke()
         // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
         endpoint.onCommitted = { for w in workers { w.kick() } }
         if let relayConfig = configuration.relay {
@@ -272,6 +292,7 @@ public final class AgentService {
         downlink?.stop()
         for w in targetWorkers { w.stop() }
         trailSweeper?.stop()
+        deferred?.stop()
         // Sources stop reading; a batch they hand over from now on is not written (it is read again at the next start).
         for d in sourceDrivers { d.runner.stop() }
         for h in sourceHolders { h.driver = nil }

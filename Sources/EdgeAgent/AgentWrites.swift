@@ -162,6 +162,11 @@ extension AgentStore {
         if type.id == "Group" {
             let members = new["members"]
             new["members"] = nil
+            if old == nil, try removedGroups.value(Array(id.utf8), txn) != nil {
+                // Back with the id of a group removed moments ago (a foreign group re-entering): what is
+                // left of the old one's entries goes first, so that none is taken for the new one's.
+                while try sweepRemovedGroup(id, limit: AgentStore.memberChunk, txn) == AgentStore.memberChunk {}
+            }
             if replacingMembers {
                 try replaceMembers(id, with: members?.arrayValue?.compactMap(\.objectValue) ?? [], txn)
             } else if members != nil {
@@ -222,9 +227,8 @@ extension AgentStore {
         if let e = old["externalId"]?.stringValue {
             try txn.delete(externalIds, Array("\(type.id)/\(e)".utf8), value: Array(id.utf8))
         }
-        if type.id == "Group" {
-            try replaceMembers(id, with: [], txn)
-        }
+        // A group's members leave the indexes after this write, a chunk a transaction (`removeMembersLater`).
+        if type.id == "Group" { try removeMembersLater(id, txn) }
         // Each group holding it loses one index entry and gets a new
         // version; no group's other members are read (unless events are
         // recorded: the event carries the group's members, `emitChange`).

@@ -85,7 +85,8 @@ extension AgentStore {
             try memberCrossed(id, entering: true, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
-            try forgetRelayedMembers(id, txn)
+            // A deleted group's are swept after it (`removeMembersLater`); one leaving the boundary forgets them now.
+            if current != nil { try forgetRelayedMembers(id, txn) }
             try memberCrossed(id, entering: false, ctx, txn)
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?) where p != d:

@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeHTTP
 import EdgeStore
 import SCIM
@@ -120,6 +121,71 @@ extension AgentStore {
             storedArrayPieces(
                 environment, groupMembers, from: AgentStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
                 member: AgentStore.membersMember, chunk: AgentStore.memberChunk))
+    }
+
+    // MARK: a removed group's members, later
+
+    /// Removed groups whose entries are still in the indexes: `sweep/<group>` in `meta`.
+    var removedGroups: DeferredWork { DeferredWork(meta, prefix: "sweep/") }
+
+    /// A removed group's members leave the indexes later, a chunk per
+    /// transaction (`sweepRemovedGroup`): its `groupMembers` and
+    /// `memberships` entries, then what the relay kept of it
+    /// (`relayedMembers`, `pendingMembers`). Removing a group of n members
+    /// is O(1) in the write that removes it. Readers skip them meanwhile:
+    /// every read of a group's members starts from the stored group, and a
+    /// member's groups are those still stored (`groupsReturned`,
+    /// `groupsHolding`). A group coming back with the same id (a foreign
+    /// group, named by its broker id, re-entering the boundary) finishes
+    /// the sweep first (`store`), so its members are never the old ones.
+    func removeMembersLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
+        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+        for db in [groupMembers, relayedMembers, pendingMembers] where try txn.holdsAny(db, from: prefix, to: end) {
+            try removedGroups.add(Array(groupID.utf8), [], txn)
+            return
+        }
+    }
+
+    /// Up to `limit` entries of removed group `groupID` leave the indexes;
+    /// the work is done when fewer went. Returns how many went.
+    @discardableResult
+    func sweepRemovedGroup(_ groupID: String, limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
+        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1], memberships = self.memberships
+        var n = try txn.deleteRange(groupMembers, from: prefix, to: end, limit: limit) { k in
+            _ = try txn.delete(memberships, Array(k[prefix.count...]), value: Array(groupID.utf8))
+        }
+        for db in [relayedMembers, pendingMembers] where n < limit {
+            n += try txn.deleteRange(db, from: prefix, to: end, limit: limit - n)
+        }
+        if n < limit { try removedGroups.remove(Array(groupID.utf8), txn) }
+        return n
+    }
+
+    /// One step of the agent's deferred work: a chunk of the first removed
+    /// group's entries, else of the local targets' group indexes
+    /// (`deferredDeliveryStep`). `swept`: the agent's entries (0: none left).
+    package func deferredStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> (swept: Int, delivery: DeferredProgress) {
+        if let (name, _) = try removedGroups.first(txn) {
+            return (max(1, try sweepRemovedGroup(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress())
+        }
+        return (0, targets.isEmpty ? DeferredProgress() : try deferredDeliveryStep(limit: limit, txn))
+    }
+
+    /// The same in a transaction of its own (tools and tests).
+    package func deferredStep(limit: Int) throws -> (swept: Int, delivery: DeferredProgress) {
+        try environment.write { txn in try deferredStep(limit: limit, txn) }
+    }
+
+    /// Whether deferred work is left (a read).
+    package func deferredWorkPending() throws -> Bool {
+        let removed = removedGroups
+        return try environment.read { txn in try removed.first(txn) != nil } || (!targets.isEmpty && deliveryWorkPending())
+    }
+
+    /// Removed groups whose entries are still being swept.
+    public func groupsBeingSwept() throws -> Int {
+        let removed = removedGroups
+        return try environment.read { txn in try removed.count(txn) }
     }
 
     // MARK: writes

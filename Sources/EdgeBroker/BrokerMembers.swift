@@ -1,3 +1,4 @@
+import EdgeDelivery
 import EdgeHTTP
 import EdgeStore
 import SCIM
@@ -88,46 +89,31 @@ extension BrokerStore {
         try txn.duplicateValues(memberOf, Array(member.utf8)).filter { try txn.get(brokerIds, Array($0.utf8)) != nil }
     }
 
-    /// `meta` keys of removed groups whose members are still in the index.
-    static let memberSweepPrefix = Array("sweep/".utf8)
-    static let memberSweepEnd = Array("sweep0".utf8)  // "/" + 1: just past every sweep key
+    /// Removed groups whose members are still in the index: `sweep/<group>` in `meta`.
+    var removedGroups: DeferredWork { DeferredWork(meta, prefix: "sweep/") }
 
     /// A removed group's members leave the index later, a chunk per
     /// transaction (`sweepRemovedGroups`): removing a group of n members
     /// is O(1) in the apply, and no transaction grows with n. Readers skip
-    /// them meanwhile (the group has no `brokerIds` entry any more).
+    /// them meanwhile (the group has no `brokerIds` entry any more). A
+    /// group's broker id is made when it is created and never reused, so
+    /// the sweep of a removed group never meets a new one's members.
     func removeMembersLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
-        let prefix = BrokerStore.memberPrefix(groupID)
-        var any = false
-        try txn.scanKeys(groupMembers, from: prefix, to: Array(groupID.utf8) + [1]) { _ in
-            any = true
-            return false
+        if try txn.holdsAny(groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1]) {
+            try removedGroups.add(Array(groupID.utf8), [], txn)
         }
-        if any { try txn.put(meta, BrokerStore.memberSweepPrefix + Array(groupID.utf8), []) }
     }
 
     /// Up to `limit` members of removed groups leave the index (both
     /// directions). Returns how many entries went (0: nothing to sweep).
     func sweepRemovedGroups(limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
-        let prefix = BrokerStore.memberSweepPrefix
-        var next: String?
-        try txn.scanKeys(meta, from: prefix, to: BrokerStore.memberSweepEnd) { k in
-            next = String(decoding: k[prefix.count...], as: UTF8.self)
-            return false
+        guard let (name, _) = try removedGroups.first(txn) else { return 0 }
+        let members = BrokerStore.memberPrefix(String(decoding: name, as: UTF8.self)), memberOf = self.memberOf
+        let n = try txn.deleteRange(groupMembers, from: members, to: name + [1], limit: limit) { k in
+            _ = try txn.delete(memberOf, Array(k[members.count...]), value: name)
         }
-        guard let group = next else { return 0 }
-        let members = BrokerStore.memberPrefix(group)
-        var ids: [[UInt8]] = []
-        try txn.scanKeys(groupMembers, from: members, to: Array(group.utf8) + [1]) { k in
-            ids.append(Array(k[members.count...]))
-            return ids.count < limit
-        }
-        for id in ids {
-            _ = try txn.delete(groupMembers, members + id)
-            _ = try txn.delete(memberOf, id, value: Array(group.utf8))
-        }
-        if ids.count < limit { _ = try txn.delete(meta, prefix + Array(group.utf8)) }
-        return max(1, ids.count)
+        if n < limit { try removedGroups.remove(name, txn) }
+        return max(1, n)
     }
 
     /// The same in a transaction of its own.
@@ -137,15 +123,21 @@ extension BrokerStore {
 
     /// Removed groups whose members are still being swept.
     public func groupsBeingSwept() throws -> Int {
-        try environment.read { txn in
-            var n = 0
-            let prefix = BrokerStore.memberSweepPrefix
-            try txn.scanKeys(meta, from: prefix, to: BrokerStore.memberSweepEnd) { _ in
-                n += 1
-                return true
-            }
-            return n
-        }
+        let removed = removedGroups
+        return try environment.read { txn in try removed.count(txn) }
+    }
+
+    /// One step of the broker's deferred work: a chunk of a removed group's
+    /// members, else of the targets' group indexes (`deferredDeliveryStep`).
+    func deferredStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> (swept: Int, delivery: DeferredProgress) {
+        let swept = try sweepRemovedGroups(limit: limit, txn)
+        if swept > 0 { return (swept, DeferredProgress()) }
+        return (0, try deferredDeliveryStep(limit: limit, txn))
+    }
+
+    /// Whether deferred work is left (a read).
+    func deferredWorkPending() throws -> Bool {
+        try groupsBeingSwept() > 0 || deliveryWorkPending()
     }
 
     /// The members of `groupID` (O(n): each is parsed).

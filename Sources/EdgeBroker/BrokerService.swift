@@ -86,6 +86,11 @@ public struct FederationStatistics: Sendable {
     public var eventsApplied = 0
     /// Index entries of removed groups' members swept (`sweepRemovedGroups`).
     public var sweptMembers = 0
+    /// Entries of the targets' group indexes forgotten after the group left
+    /// the target, and members marked for a whole-group comparison after it
+    /// came back into its routes (`deferredDeliveryStep`).
+    public var sweptTargetIndexEntries = 0
+    public var comparedMembers = 0
     public var membershipDeltas = 0
     public var duplicates = 0
     public var rejectedEvents = 0
@@ -137,7 +142,8 @@ public final class BrokerService {
     /// The trail's part of it (7 days); the timer also sweeps removed groups and follows pauses.
     private var sweeper: TrailSweeper?
     private var sweepTimer: LoopTimer?
-    private var sweepingGroups = false
+    /// What rare transitions leave for later (`deferredStep`): removed groups' members, the targets' group indexes.
+    private var deferred: DeferredWorkRunner<(swept: Int, delivery: DeferredProgress)>?
     public let configuration: BrokerConfiguration
     public private(set) var statistics = FederationStatistics()
     /// Propagation samples (commit time, seconds from the agent's acceptance), newest last, bounded.
@@ -193,10 +199,17 @@ public final class BrokerService {
         sweeper = try TrailSweeper(store: store, writer: writer, loop: loop, ownTimer: false)
         sweepTimer = try LoopTimer(loop: loop)
         sweepTimer?.keepsLoopAlive = false
+        let store = self.store
+        weak var weakSelf: BrokerService?
+        deferred = try DeferredWorkRunner(
+            writer: writer, loop: loop, ownTimer: false, weight: deferredChunk,
+            pending: { (try? store.deferredWorkPending()) ?? false },
+            step: { txn in try store.deferredStep(limit: deferredChunk, txn) },
+            didSomething: { $0.swept > 0 || $0.delivery.found },
+            done: { progress in weakSelf?.deferredWorkDone(progress) })
         tls = try ReloadableTLSContext(role: .server, configuration: configuration.tls)
         var limits = configuration.limits
         limits.maxBodyBytes = max(limits.maxBodyBytes, JSONLimits.relayBatch.maxBytes)  // the one batch limit (docs/protocol.md)
-        weak var weakSelf: BrokerService?
         server = try HTTPServer(loop: loop, address: configuration.listen, tls: tls, limits: limits) { request, context, responder in
             weakSelf?.handle(request, context, responder)
         }
@@ -261,26 +274,20 @@ public final class BrokerService {
         }
         sweepTimer?.start(after: 1000, repeatEvery: 1000) {
             weakSelf?.sweeper?.step()
-            weakSelf?.sweepRemovedGroups()
+            weakSelf?.deferred?.poke()
             weakSelf?.followPauses()
         }
     }
 
-    /// Removed groups' members leave the index 1,000 entries a transaction,
-    /// one transaction after another until none is left (then again at the
-    /// next tick, when a group was removed meanwhile).
-    func sweepRemovedGroups() {
-        // A read first: an idle broker does not commit every second.
-        guard !sweepingGroups, (try? store.groupsBeingSwept()) ?? 0 > 0 else { return }
-        sweepingGroups = true
-        let store = self.store
-        writer.submit({ txn in try store.sweepRemovedGroups(limit: 1000, txn) }, weight: 1000) { [self] r in
-            sweepingGroups = false
-            if case .success(let n) = r, n > 0 {
-                statistics.sweptMembers += n
-                sweepRemovedGroups()
-            }
-        }
+    /// After a step of deferred work: counted, and the targets it queued items for are woken.
+    func deferredWorkDone(_ progress: (swept: Int, delivery: DeferredProgress)) {
+        statistics.sweptMembers += progress.swept
+        statistics.sweptTargetIndexEntries += progress.delivery.swept
+        statistics.comparedMembers += progress.delivery.marked
+        let queued = Set(progress.delivery.queued)
+        guard !queued.isEmpty else { return }
+        for w in workers where queued.contains(w.target.name) { w.kick() }
+        feeds.changed(queued)
     }
 
     /// The operations listener: health, readiness and Prometheus metrics.
@@ -326,6 +333,17 @@ public final class BrokerService {
         metric(
             "scim_broker_removed_group_members_swept_total", "counter",
             "Member index entries of removed groups removed after the group, 1,000 a transaction.", [("", String(s.sweptMembers))])
+        metric(
+            "scim_broker_target_group_index_swept_total", "counter",
+            "Entries of a target's group member index removed after the group left the target, 1,000 a transaction.",
+            [("", String(s.sweptTargetIndexEntries))])
+        metric(
+            "scim_broker_target_group_members_compared_total", "counter",
+            "Members of groups back in a target's routes marked for comparison, 1,000 a transaction.", [("", String(s.comparedMembers))])
+        metric(
+            "scim_broker_store_commit_entries_max", "gauge",
+            "The most entries (puts and deletes) one committed write transaction wrote since start.",
+            [("", String(store.environment.heaviestCommitEntries))])
         let commits = writer.statistics
         metric(
             "scim_broker_store_commits_total", "counter", "Write transactions committed (group commits).", [("", String(commits.batches))])
@@ -390,6 +408,7 @@ public final class BrokerService {
         sweepTimer?.close()
         sweepTimer = nil
         sweeper = nil
+        deferred = nil
         feeds.closeAll()
         server.shutdown { [workers] in
             for w in workers { w.stop() }

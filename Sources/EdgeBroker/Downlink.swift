@@ -371,44 +371,63 @@ extension BrokerStore {
         return feedEvent(DownlinkURI.delete, "/Users/\(id)", domain: now?.domain ?? "")
     }
 
-    /// A group's events. New there: its full state with the members the
-    /// destination holds (O(n), once). Then membership changes as deltas of
-    /// the pending members (`TargetMembers.swift`: O(k)), at most `limit`
-    /// events of `maxMembersPerPatch` members; a change of its other
-    /// attributes is full state again (a rename, rare). Out of the routes or
-    /// deleted: a delete. `more`: pending members are left for the next pass.
+    /// A group's events. New there: its full state with its first members
+    /// (at most `maxMembersPerPatch`), then the rest as members events of
+    /// that many, read from the directory's index a chunk at a time
+    /// (`TargetMapping.growFrom`, as for a target: docs/fanout.md), about
+    /// `deferredChunk` members a poll, so neither the poll's transaction
+    /// nor an event grows with the group.
+    /// Then membership changes as deltas of the pending members
+    /// (`TargetMembers.swift`: O(k)), at most `limit` events of
+    /// `maxMembersPerPatch` members; a change of its other attributes is
+    /// full state again (a rename, rare). Out of the routes or deleted: a
+    /// delete. `more`: members are left for the next pass.
     func groupEvents(_ target: TargetConfiguration, _ id: String, limit: Int, _ txn: borrowing WriteTransaction)
         throws -> (events: [JSONObject], more: Bool)
     {
         let name = target.name, ref = "/Groups/\(id)"
-        let mapping = try txn.get(targetIds, prefixed(name, id)).flatMap(TargetMapping.init)
+        let existing = try txn.get(targetIds, prefixed(name, id)).flatMap(TargetMapping.init)
         let now = try current(id, txn)
         let routed = try now.map { n in
             target.routes(domain: n.domain, type: "Group", target.groupRoutesReadMembers ? try withMembers(txn, n.resource) : n.resource)
         }
         guard let now, routed == true else {
-            try clearGroupIndex(target: name, group: id, pendingThrough: nil, txn)
-            guard mapping != nil else { return ([], false) }
+            try clearGroupIndexLater(target: name, group: id, txn)
+            guard existing != nil else { return ([], false) }
             try setMapping(target: name, type: "Group", brokerID: id, nil, txn)
             return ([feedEvent(DownlinkURI.delete, ref, domain: now?.domain ?? "")], false)
         }
         let attributes = downlinkData(now.resource, domain: now.domain)
-        guard var mapping else {
-            try clearGroupIndex(target: name, group: id, pendingThrough: nil, txn)
-            var count = 0
-            try forEachMember(of: id, txn) { member in
-                guard try txn.get(targetIds, prefixed(name, member)) != nil else { return }
-                if try holdMember(target: name, group: id, member: member, targetID: member, txn) { count += 1 }
-            }
-            try setMapping(
-                target: name, type: "Group", brokerID: id, TargetMapping(targetID: id, etag: nil, sent: attributes, members: count), txn)
-            return ([try fullGroupEvent(DownlinkURI.createFull, target: name, id, attributes, domain: now.domain, txn)], false)
-        }
-        var events: [JSONObject] = []
-        var cursor: String?
-        var more = false
         let chunk = max(1, target.maxMembersPerPatch)
-        while events.count < limit {
+        var events: [JSONObject] = []
+        var mapping: TargetMapping
+        if let existing {
+            mapping = existing
+        } else {
+            if try groupIndexSweepPending(target: name, group: id, txn) {
+                // Its index from its last time there is still being forgotten: a chunk of that now, and the
+                // group waits for the next pass, so that its new index is never mistaken for the old one.
+                try sweepGroupIndex(target: name, group: id, limit: deferredChunk, txn)
+                return ([], true)
+            }
+            mapping = TargetMapping(targetID: id, etag: nil, sent: attributes, members: 0)
+            mapping.growFrom = ""
+            _ = try growDestination(target, id, &mapping, chunk, txn)
+            events.append(try fullGroupEvent(DownlinkURI.createFull, target: name, id, attributes, domain: now.domain, txn))
+        }
+        // At most about `deferredChunk` members grown a poll: the poll's transaction stays bounded.
+        var growing = max(1, deferredChunk / chunk)
+        while events.count < limit, growing > 0, mapping.growFrom != nil {
+            growing -= 1
+            let added = try growDestination(target, id, &mapping, chunk, txn)
+            if !added.isEmpty {
+                events.append(
+                    feedEvent(BrokerStore.membersEvent, ref, domain: now.domain, extra: ["added": .array(added), "removed": .array([])]))
+            }
+        }
+        var cursor: String?
+        var more = mapping.growFrom != nil
+        while !more && events.count < limit {
             let changes = try pendingMemberChanges(
                 target: name, group: id, after: cursor, limit: chunk, routes: { target.routes(domain: $0, type: $1, $2) }, txn)
             let added = changes.filter { $0.want != nil && $0.held == nil }
@@ -435,6 +454,32 @@ extension BrokerStore {
         return (events, more)
     }
 
+    /// The next chunk of a group being grown at a destination
+    /// (`mapping.growFrom`): the directory's members after it that the
+    /// destination holds as users and not yet in the group, held now, and
+    /// the mapping recorded with where to go on (nil: grown). Returns the
+    /// members added (`{value, type}`).
+    func growDestination(
+        _ target: TargetConfiguration, _ id: String, _ mapping: inout TargetMapping, _ chunk: Int, _ txn: borrowing WriteTransaction
+    ) throws -> [JSON] {
+        guard let from = mapping.growFrom else { return [] }
+        let name = target.name
+        let (adds, last) = try growChunk(target: name, group: id, after: from, limit: chunk, txn)
+        var added: [JSON] = []
+        var count = mapping.members ?? 0
+        for a in adds where try holdMember(target: name, group: id, member: a.member, targetID: a.member, txn) {
+            count += 1
+            let type = try txn.get(groupMembers, BrokerStore.memberKey(id, a.member)).flatMap {
+                try JSONParser.parse($0, limits: .stored)["type"]
+            }
+            added.append(["value": .string(a.member), "type": type ?? "User"])
+        }
+        mapping.members = count
+        mapping.growFrom = last
+        try setMapping(target: name, type: "Group", brokerID: id, mapping, txn)
+        return added
+    }
+
     /// A group's full state as the destination holds it: its attributes and
     /// the members of its index there.
     func fullGroupEvent(
@@ -453,17 +498,6 @@ extension BrokerStore {
         }
         data["members"] = .array(members)
         return feedEvent(uri, "/Groups/\(id)", domain: domain, data: data)
-    }
-
-    /// Every member broker id of `group`, in this transaction.
-    func forEachMember(of group: String, _ txn: borrowing WriteTransaction, _ body: (String) throws -> Void) throws {
-        let prefix = BrokerStore.memberPrefix(group)
-        var ids: [String] = []
-        try txn.scanKeys(groupMembers, from: prefix, to: Array(group.utf8) + [1]) { k in
-            ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
-            return true
-        }
-        for m in ids { try body(m) }
     }
 }
 

@@ -259,8 +259,10 @@ package extension DeliveryTables {
             let seq = try enqueue(target: target.name, item, txn)
             if now && type == "Group" {
                 if !was, try txn.get(targetIds, prefixed(target.name, brokerID)).flatMap(TargetMapping.init)?.members != nil {
-                    // Back in the routes with its old index: what changed while it was out is compared too.
-                    try markWholeGroupPending(target: target.name, group: brokerID, seq: seq, txn)
+                    // Back in the routes with its old index: what changed while it was out is compared
+                    // too, a chunk at a time after this transaction (`compareWholeGroupLater`).
+                    try compareWholeGroupLater(target: target.name, group: brokerID, txn)
+                    if !touched.isEmpty { try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn) }
                 } else if !touched.isEmpty {
                     try markMembersPending(target: target.name, group: brokerID, touched, seq: seq, txn)
                 }
@@ -662,7 +664,9 @@ package extension DeliveryTables {
 
     /// Records (or, with nil, forgets) which target account a broker id has,
     /// and keeps the reverse index (`targetOwners`) that tells whose an
-    /// account is, so that no other resource adopts it.
+    /// account is, so that no other resource adopts it. A group's mapping
+    /// forgotten takes its member index there with it, later
+    /// (`clearGroupIndexLater`).
     func setMapping(
         target: String, type: String, brokerID: String, _ mapping: TargetMapping?,
         _ txn: borrowing WriteTransaction
@@ -688,8 +692,9 @@ package extension DeliveryTables {
         if let mapping {
             try txn.put(targetIds, key, mapping.json.serialized())
             try txn.put(targetOwners, prefixed(target, "\(type)/\(mapping.targetID)"), Array(brokerID.utf8))
-        } else {
-            _ = try txn.delete(targetIds, key)
+        } else if try txn.delete(targetIds, key), type == "Group" {
+            // What the target held of the group's members is forgotten after this, a chunk a transaction.
+            try clearGroupIndexLater(target: target, group: brokerID, txn)
         }
     }
 
@@ -740,9 +745,7 @@ package extension DeliveryTables {
                 if let g = m {
                     let through = keys.compactMap { UInt64(bigEndianBytes: Array($0.suffix(8))) }.max() ?? 0
                     m = try completeGroupMapping(target: target, group: brokerID, g, indexing: indexing, through: through, txn)
-                } else {
-                    try clearGroupIndex(target: target, group: brokerID, pendingThrough: nil, txn)
-                }
+                }  // else: its index is forgotten after this (`setMapping`)
             } else if linked.isEmpty {
                 let old = try txn.get(targetIds, prefixed(target, brokerID)).flatMap(TargetMapping.init)
                 queued += try userAccountChanged(target: target, user: brokerID, old: old, new: m, trace: trace, txn)

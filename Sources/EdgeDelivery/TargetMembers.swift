@@ -124,14 +124,16 @@ package extension DeliveryTables {
         return true
     }
 
-    /// The groups whose index at `target` holds `member`.
+    /// The groups whose index at `target` holds `member` (not those the
+    /// target no longer has, whose index is being swept).
     func heldGroups(target: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        try txn.duplicateValues(targetMemberOf, prefixed(target, member))
+        try txn.duplicateValues(targetMemberOf, prefixed(target, member)).filter { try txn.get(targetIds, prefixed(target, $0)) != nil }
     }
 
     /// Forgets what `target` holds of `group`'s members, and its pending
-    /// marks through `through` (all: nil). O(n), in one transaction: when
-    /// the group leaves the target or its membership is recorded anew.
+    /// marks through `through` (all: nil), in this transaction: O(n). Only
+    /// where the index is recorded anew at once (`completeGroupMapping`);
+    /// a group leaving a target forgets it later (`clearGroupIndexLater`).
     func clearGroupIndex(target: String, group: String, pendingThrough through: UInt64?, _ txn: borrowing WriteTransaction) throws {
         let prefix = Self.targetGroupPrefix(target, group), end = Self.targetGroupEnd(target, group)
         var held: [String] = []
@@ -307,21 +309,6 @@ package extension DeliveryTables {
 }
 
 package extension DeliveryTables {
-    /// Every member of `group` in the directory and every one `target` holds
-    /// of it, marked pending by `seq`: a group that comes back into a
-    /// target's routes with its old mapping (and index) still there missed
-    /// the changes made while it was out, so its next delivery compares all
-    /// of them. O(n), at that transition only.
-    func markWholeGroupPending(target: String, group: String, seq: UInt64, _ txn: borrowing WriteTransaction) throws {
-        var members = try groupMemberIDs(group, after: nil, limit: Int.max, txn)
-        let held = Self.targetGroupPrefix(target, group)
-        try txn.scanKeys(targetMembers, from: held, to: Self.targetGroupEnd(target, group)) { k in
-            members.append(String(decoding: k[held.count...], as: UTF8.self))
-            return true
-        }
-        try markMembersPending(target: target, group: group, members, seq: seq, txn)
-    }
-
     /// What `target` holds of `group`'s members (their ids there), from the
     /// index: a group delivered from it, now compared whole (its target took
     /// `collisions: link` or member-reading routes, or lost PATCH), diffs
@@ -365,20 +352,22 @@ package extension DeliveryTables {
     func growChunk(target: String, group: String, after cursor: String, limit: Int) throws -> (
         adds: [(member: String, targetID: String)], last: String?
     ) {
-        let targetIds = self.targetIds, targetMembers = self.targetMembers
-        return try environment.read { txn in
-            let ids = try groupMemberIDs(group, after: cursor.isEmpty ? nil : cursor, limit: limit, txn)
-            var adds: [(member: String, targetID: String)] = []
-            for id in ids {
-                guard let tid = try txn.get(targetIds, prefixed(target, id)).flatMap(TargetMapping.init)?.targetID else { continue }
-                if try txn.get(targetMembers, Self.targetMemberKey(target, group, id)).map({ String(decoding: $0, as: UTF8.self) })
-                    != tid
-                {
-                    adds.append((id, tid))
-                }
+        try environment.read { txn in try growChunk(target: target, group: group, after: cursor, limit: limit, txn) }
+    }
+
+    /// The same in `txn` (the downlink grows a group in the poll's transaction).
+    func growChunk(target: String, group: String, after cursor: String, limit: Int, _ txn: borrowing some StoreReading & ~Copyable)
+        throws -> (adds: [(member: String, targetID: String)], last: String?)
+    {
+        let ids = try groupMemberIDs(group, after: cursor.isEmpty ? nil : cursor, limit: limit, txn)
+        var adds: [(member: String, targetID: String)] = []
+        for id in ids {
+            guard let tid = try txn.get(targetIds, prefixed(target, id)).flatMap(TargetMapping.init)?.targetID else { continue }
+            if try txn.get(targetMembers, Self.targetMemberKey(target, group, id)).map({ String(decoding: $0, as: UTF8.self) }) != tid {
+                adds.append((id, tid))
             }
-            return (adds, ids.count == limit ? ids.last : nil)
         }
+        return (adds, ids.count == limit ? ids.last : nil)
     }
 }
 
@@ -410,3 +399,166 @@ package enum GroupIndexing: Sendable {
     /// The target takes no PATCH: members stay in `sent`, the index goes.
     case none
 }
+
+/// A target's group index after a transition, later: the index of a group
+/// the target no longer has is forgotten (`clearGroupIndexLater`), and
+/// every member of a group back in its routes is compared
+/// (`compareWholeGroupLater`), each a chunk per write transaction in the
+/// background (`deferredDeliveryStep`), so that the transaction that
+/// acknowledges the change stays O(1) whatever the group's size. Kept in
+/// `targetState`: `gsweep/<target>\0<group>` (empty) and
+/// `grescan/<target>\0<group>` (a phase byte, 0: the directory's members,
+/// 1: those the target holds, then the last member marked).
+package extension DeliveryTables {
+    var groupIndexSweeps: DeferredWork { DeferredWork(targetState, prefix: "gsweep/") }
+    var groupRescans: DeferredWork { DeferredWork(targetState, prefix: "grescan/") }
+
+    static func workName(_ target: String, _ group: String) -> [UInt8] { Array(target.utf8) + [0] + Array(group.utf8) }
+    static func splitWorkName(_ name: [UInt8]) -> (target: String, group: String)? {
+        guard let zero = name.firstIndex(of: 0) else { return nil }
+        return (String(decoding: name[..<zero], as: UTF8.self), String(decoding: name[(zero + 1)...], as: UTF8.self))
+    }
+
+    /// `group` left `target` (its mapping is gone, in this transaction):
+    /// what the target held of its members and their pending marks are
+    /// forgotten later, a chunk a transaction. O(1) here. Readers skip them
+    /// meanwhile (`heldGroups` wants a mapping; the others read a group's
+    /// index only through its mapping), and the group's next mapping there
+    /// is made only once its old index is gone (`groupIndexSweepPending`).
+    func clearGroupIndexLater(target: String, group: String, _ txn: borrowing WriteTransaction) throws {
+        let name = Self.workName(target, group)
+        try groupRescans.remove(name, txn)
+        let prefix = Self.targetGroupPrefix(target, group), end = Self.targetGroupEnd(target, group)
+        if try txn.holdsAny(targetMembers, from: prefix, to: end) || txn.holdsAny(targetPending, from: prefix, to: end) {
+            try groupIndexSweeps.add(name, [], txn)
+        }
+    }
+
+    /// Whether the index of a group that left `target` is still being forgotten.
+    func groupIndexSweepPending(target: String, group: String) throws -> Bool {
+        let sweeps = groupIndexSweeps
+        return try environment.read { txn in try sweeps.value(Self.workName(target, group), txn) != nil }
+    }
+
+    func groupIndexSweepPending(target: String, group: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> Bool {
+        try groupIndexSweeps.value(Self.workName(target, group), txn) != nil
+    }
+
+    /// Up to `limit` entries of the old index of `group` at `target` go
+    /// (both directions, then its pending marks); the work is done when
+    /// fewer went. Returns how many went.
+    @discardableResult
+    func sweepGroupIndex(target: String, group: String, limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
+        let prefix = Self.targetGroupPrefix(target, group), end = Self.targetGroupEnd(target, group)
+        let targetMemberOf = self.targetMemberOf
+        var n = try txn.deleteRange(targetMembers, from: prefix, to: end, limit: limit) { k in
+            _ = try txn.delete(targetMemberOf, prefixed(target, Array(k[prefix.count...])), value: Array(group.utf8))
+        }
+        if n < limit { n += try txn.deleteRange(targetPending, from: prefix, to: end, limit: limit - n) }
+        if n < limit { try groupIndexSweeps.remove(Self.workName(target, group), txn) }
+        return n
+    }
+
+    /// A group back in `target`'s routes with its old mapping and index
+    /// missed the changes made while it was out: each of its members in the
+    /// directory and each the target holds is marked pending later, a chunk
+    /// a transaction, each chunk with a queue item of its own, so its
+    /// deliveries compare all of them. O(1) here.
+    func compareWholeGroupLater(target: String, group: String, _ txn: borrowing WriteTransaction) throws {
+        try groupRescans.add(Self.workName(target, group), [0], txn)
+    }
+
+    /// One chunk of a whole-group comparison: up to `limit` members marked,
+    /// with the group queued. Returns how many were marked, and whether an
+    /// item was queued.
+    func rescanGroup(target: String, group: String, from value: [UInt8], limit: Int, _ txn: borrowing WriteTransaction) throws
+        -> (marked: Int, queued: Bool)
+    {
+        let name = Self.workName(target, group)
+        // Gone from the target again, its index being forgotten, or the target no longer configured: nothing to compare.
+        guard targets.contains(where: { $0.name == target }),
+            try txn.get(targetIds, prefixed(target, group)).flatMap(TargetMapping.init)?.members != nil,
+            try !groupIndexSweepPending(target: target, group: group, txn), let phase = value.first
+        else {
+            try groupRescans.remove(name, txn)
+            return (0, false)
+        }
+        let cursor = value.count > 1 ? String(decoding: value[1...], as: UTF8.self) : nil
+        var ids: [String]
+        if phase == 0 {
+            ids = try groupMemberIDs(group, after: cursor, limit: limit, txn)
+        } else {
+            ids = []
+            let prefix = Self.targetGroupPrefix(target, group)
+            try txn.scanKeys(
+                targetMembers, from: cursor.map { prefix + Array($0.utf8) + [0] } ?? prefix, to: Self.targetGroupEnd(target, group)
+            ) {
+                k in
+                ids.append(String(decoding: k[prefix.count...], as: UTF8.self))
+                return ids.count < limit
+            }
+        }
+        if !ids.isEmpty {
+            let seq = try enqueue(
+                target: target,
+                DeliveryItem(brokerID: group, type: "Group", operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0),
+                txn)
+            try markMembersPending(target: target, group: group, ids, seq: seq, txn)
+        }
+        if ids.count == limit {
+            try groupRescans.add(name, [phase] + Array(ids[ids.count - 1].utf8), txn)
+        } else if phase == 0 {
+            try groupRescans.add(name, [1], txn)
+        } else {
+            try groupRescans.remove(name, txn)
+        }
+        return (ids.count, !ids.isEmpty)
+    }
+
+    /// Whether deferred work on the targets' group indexes is left (a read).
+    func deliveryWorkPending() throws -> Bool {
+        let sweeps = groupIndexSweeps, rescans = groupRescans
+        return try environment.read { txn in try sweeps.first(txn) != nil || rescans.first(txn) != nil }
+    }
+
+    /// One step of that work, in `txn`: a chunk of the first index being
+    /// forgotten, else of the first group being compared whole.
+    func deferredDeliveryStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> DeferredProgress {
+        if let (name, _) = try groupIndexSweeps.first(txn) {
+            guard let (target, group) = Self.splitWorkName(name) else {
+                try groupIndexSweeps.remove(name, txn)
+                return DeferredProgress(found: true)
+            }
+            return DeferredProgress(found: true, swept: try sweepGroupIndex(target: target, group: group, limit: limit, txn))
+        }
+        if let (name, value) = try groupRescans.first(txn) {
+            guard let (target, group) = Self.splitWorkName(name) else {
+                try groupRescans.remove(name, txn)
+                return DeferredProgress(found: true)
+            }
+            let r = try rescanGroup(target: target, group: group, from: value, limit: limit, txn)
+            return DeferredProgress(found: true, marked: r.marked, queued: r.queued ? [target] : [])
+        }
+        return DeferredProgress()
+    }
+}
+
+/// What one step of deferred work did.
+package struct DeferredProgress: Sendable {
+    /// It found work (false: none is left).
+    package var found = false
+    /// Index entries it removed.
+    package var swept = 0
+    /// Members it marked pending for a whole-group comparison.
+    package var marked = 0
+    /// Targets it queued items for (their workers are woken).
+    package var queued: [String] = []
+
+    package init(found: Bool = false, swept: Int = 0, marked: Int = 0, queued: [String] = []) {
+        (self.found, self.swept, self.marked, self.queued) = (found, swept, marked, queued)
+    }
+}
+
+/// Entries one transaction of deferred work changes at most (as the broker's
+/// apply transactions: docs/protocol.md).
+package let deferredChunk = 1000

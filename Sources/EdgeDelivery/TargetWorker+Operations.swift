@@ -22,6 +22,30 @@ extension TargetWorker {
     }
 
     func upsert(_ d: Delivery) {
+        if d.item.type == "Group", d.mapping == nil {
+            // Back at the target while the index of its last time there is still being forgotten: that
+            // goes first, a chunk a transaction, so that the new index is never mistaken for the old.
+            let store = self.store, name = target.name, group = d.item.brokerID
+            let sweeping: Bool
+            do { sweeping = try store.groupIndexSweepPending(target: name, group: group) } catch {
+                finish(d, .storeError("cannot read the group's index: \(error)"))
+                return
+            }
+            if sweeping {
+                writer.submit(
+                    { txn in try store.sweepGroupIndex(target: name, group: group, limit: deferredChunk, txn) }, weight: deferredChunk
+                ) {
+                    [weak self] r in
+                    guard let self else { return }
+                    if case .failure(let error) = r {
+                        finish(d, .storeError("cannot forget the group's old index: \(error)"))
+                    } else {
+                        upsert(d)
+                    }
+                }
+                return
+            }
+        }
         // A group already delivered from the index is read without its members, and so is a new one:
         // it is created with its first members and grown from the index (`growChunk`).
         let delta = d.item.type == "Group" && indexesGroupMembers && d.mapping?.members != nil && d.mapping?.sent != nil

@@ -1,5 +1,6 @@
 internal import CLMDB
 import Glibc
+import Synchronization
 
 /// A named LMDB database (`MDB_dbi`). Valid for the life of its `Environment`;
 /// safe to share across threads once opened (LMDB: handles are process-wide
@@ -60,6 +61,24 @@ public final class Environment: @unchecked Sendable {  // see the threading note
     private let namesLock: UnsafeMutablePointer<pthread_mutex_t>
     /// Number of stale reader slots cleared when the environment was opened.
     public private(set) var staleReadersCleared: Int = 0
+    /// Entries written (puts and deletes, nested ones included) by the write
+    /// transaction under way, and the most any committed one wrote: LMDB
+    /// holds a transaction's dirty pages in memory until it commits, so this
+    /// says how large the heaviest commit was (tests, `/metrics`). One write
+    /// transaction at a time: LMDB's writer lock orders these.
+    let writesInTransaction = Atomic<Int>(0)
+    private let heaviestWrites = Atomic<Int>(0)
+
+    /// The most entries one committed write transaction wrote since the environment was opened.
+    public var heaviestCommitEntries: Int { heaviestWrites.load(ordering: .relaxed) }
+
+    /// Starts counting again (tests measure one phase).
+    public func resetHeaviestCommit() { heaviestWrites.store(0, ordering: .relaxed) }
+
+    func committedTopLevel() {
+        let n = writesInTransaction.exchange(0, ordering: .relaxed)
+        if n > heaviestWrites.load(ordering: .relaxed) { heaviestWrites.store(n, ordering: .relaxed) }
+    }
 
     public init(_ options: EnvironmentOptions) throws(StoreError) {
         self.options = options
@@ -132,6 +151,7 @@ public final class Environment: @unchecked Sendable {  // see the threading note
 
     public func beginWrite() throws(StoreError) -> WriteTransaction {
         let txn = try begin(flags: 0, parent: nil)
+        writesInTransaction.store(0, ordering: .relaxed)
         return WriteTransaction(txn: txn, environment: self, ownsLock: true)
     }
 

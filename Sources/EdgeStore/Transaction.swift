@@ -224,7 +224,10 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         let ownsLock = self.ownsLock
         discard self
         let rc = mdb_txn_commit(txn)
-        if ownsLock { environment.releaseTransactionLock() }
+        if ownsLock {
+            if rc == 0 { environment.committedTopLevel() }
+            environment.releaseTransactionLock()
+        }
         try check(rc)
     }
 
@@ -243,6 +246,7 @@ public struct WriteTransaction: ~Copyable, StoreReading {
     public func put(_ db: Database, _ key: [UInt8], _ value: [UInt8], flags: PutFlags = []) throws(StoreError) {
         let rc = withValue(key) { k in withValue(value) { v in mdb_put(txn, db.dbi, &k, &v, flags.rawValue) } }
         try check(rc)
+        environment.writesInTransaction.add(1, ordering: .relaxed)
     }
 
     /// Deletes `key`; returns whether it existed.
@@ -251,6 +255,7 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         let rc = withValue(key) { k in mdb_del(txn, db.dbi, &k, nil) }
         if rc == MDB_NOTFOUND { return false }
         try check(rc)
+        environment.writesInTransaction.add(1, ordering: .relaxed)
         return true
     }
 
@@ -260,6 +265,7 @@ public struct WriteTransaction: ~Copyable, StoreReading {
         let rc = withValue(key) { k in withValue(value) { v in mdb_del(txn, db.dbi, &k, &v) } }
         if rc == MDB_NOTFOUND { return false }
         try check(rc)
+        environment.writesInTransaction.add(1, ordering: .relaxed)
         return true
     }
 

@@ -1,5 +1,6 @@
 import EdgeAgent
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 // Test and benchmark fixture: a process the tests can SIGKILL, and a minimal
 // HTTP server to compare with nginx. Not installed by the packages.
@@ -162,6 +163,24 @@ do {
         clock_gettime(CLOCK_MONOTONIC, &t1)
         let secs = Double(t1.tv_sec - t0.tv_sec) + Double(t1.tv_nsec - t0.tv_nsec) / 1e9
         emit("commits/s \(Int(2000 / secs)) writes/s \(Int(Double(n) / secs))")
+    case "deferred-steps":
+        // The agent store's deferred work (a removed group's index entries, a local target's group index):
+        // STEPS steps of it, each a durable commit of its own, `stepped K` after each; then it waits to be
+        // SIGKILLed, so that the crash tests stop it between two chunks.
+        guard args.count >= 3, let steps = Int(args[2]) else { fail("usage: edge-fixture deferred-steps DIR STEPS [--target NAME]") }
+        var targets: [TargetConfiguration] = []
+        if let i = args.firstIndex(of: "--target"), i + 1 < args.count {
+            var t = try TargetConfiguration(name: args[i + 1], url: "http://127.0.0.1:9/scim/v2")
+            t.routes = [try Route()]
+            targets = [t]
+        }
+        let store = try AgentStore(path: args[1], registry: .standard, targets: targets)
+        for k in 0..<steps {
+            let r = try store.deferredStep(limit: deferredChunk)
+            emit("stepped \(k + 1) swept \(r.swept) target \(r.delivery.swept) marked \(r.delivery.marked)")
+        }
+        emit("waiting")
+        while true { sleep(60) }
     case "pki":
         // A throwaway federation PKI: ca.crt, broker.{crt,key} (127.0.0.1), agent.{crt,key}
         // with the identity spiffe://bench/<domain>/agent for each domain given.

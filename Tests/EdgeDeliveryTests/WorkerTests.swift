@@ -43,9 +43,16 @@ final class TestStore: DeliveryTables {
         else { return nil }
         return (domain, type, r)
     }
-    func groupMemberEntry(group: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> JSONObject? { nil }
+    /// A group's members, from its `members` (sorted by id, as an index would give them).
+    func memberIDs(_ group: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
+        let members = try deliveryEntry(group, members: true, txn)?.resource["members"]?.arrayValue ?? []
+        return members.compactMap { $0["value"]?.stringValue }.sorted()
+    }
+    func groupMemberEntry(group: String, member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> JSONObject? {
+        try memberIDs(group, txn).contains(member) ? ["value": .string(member), "type": "User"] : nil
+    }
     func groupMemberIDs(_ group: String, after: String?, limit: Int, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] {
-        []
+        Array(try memberIDs(group, txn).filter { after == nil || $0 > after! }.prefix(limit))
     }
     func groupsHolding(_ member: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> [String] { [] }
     func forEachDirectoryEntry(
@@ -60,6 +67,16 @@ final class TestStore: DeliveryTables {
 
     /// Writes (or, `resource` nil, deletes) a user and queues it for the targets, in one transaction.
     func writeUser(_ id: String, _ resource: JSONObject?, domain: String = "d1") throws {
+        try write(id, "User", resource, domain: domain)
+    }
+
+    /// Writes a group (its `members` beside its attributes) and queues it, its members marked as changed.
+    func writeGroup(_ id: String, _ resource: JSONObject) throws {
+        let members = resource["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []
+        try write(id, "Group", resource, touched: members)
+    }
+
+    func write(_ id: String, _ type: String, _ resource: JSONObject?, domain: String = "d1", touched: [String] = []) throws {
         try environment.write { txn in
             let old = try deliveryEntry(id, members: false, txn)?.resource
             var new = resource
@@ -68,12 +85,12 @@ final class TestStore: DeliveryTables {
             if let new {
                 try txn.put(
                     directory, Array(id.utf8),
-                    JSON.object(["domain": .string(domain), "type": "User", "resource": .object(new)]).serialized())
+                    JSON.object(["domain": .string(domain), "type": .string(type), "resource": .object(new)]).serialized())
             } else {
                 _ = try txn.delete(directory, Array(id.utf8))
             }
             _ = try enqueueFanout(
-                domain: domain, type: "User", brokerID: id, old: old, new: new, trace: "", acceptedAt: 0, txn)
+                domain: domain, type: type, brokerID: id, old: old, new: new, trace: "", acceptedAt: 0, touched: touched, txn)
         }
     }
 }
@@ -384,4 +401,40 @@ final class WorkerTests: XCTestCase {
 extension TestStore {
     /// How many users the target holds an account for.
     func delivered() -> Int { ((try? mappings(target: "app")) ?? [:]).count }
+}
+
+extension WorkerTests {
+    /// A group taken off the target and routed there again before its old
+    /// index there is forgotten (no background sweep runs here): its
+    /// delivery forgets the old index first, then creates the group with
+    /// every member. Were the old entries taken for the new group's, its
+    /// members would look held already and the POST would carry none.
+    func testAGroupBackAtTheTargetBeforeItsOldIndexIsGoneIsCreatedWithAllItsMembers() throws {
+        let routes = [try Route(types: ["User"]), try Route(types: ["Group"], filter: #"displayName sw "A""#)]
+        try start { t in
+            t.routes = routes
+            t.removal = .delete
+        }
+        try queueUsers(3)
+        let members: JSON = .array((0..<3).map { ["value": .string("u\($0)")] })
+        try store.writeGroup("g1", ["displayName": "A team", "members": members])
+        worker.kick()
+        settle()
+        let posts = { self.target.writes().filter { $0.request.target.hasSuffix("/Groups") } }
+        XCTAssertEqual(posts().count, 1)
+        try store.writeGroup("g1", ["displayName": "B team", "members": members])  // out of the routes: removed there
+        worker.kick()
+        settle()
+        XCTAssertEqual(target.writes("DELETE").count, 1)
+        XCTAssertTrue(try store.groupIndexSweepPending(target: "app", group: "g1"), "its index is left for later")
+        XCTAssertEqual(try store.environment.read { txn in try store.heldGroups(target: "app", member: "u1", txn) }, [])
+        try store.writeGroup("g1", ["displayName": "A team", "members": members])  // back
+        worker.kick()
+        settle()
+        XCTAssertEqual(posts().count, 2)
+        XCTAssertFalse(try store.groupIndexSweepPending(target: "app", group: "g1"))
+        let body = try JSONParser.parse(try XCTUnwrap(posts().last).request.body)
+        XCTAssertEqual(
+            body["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue }.sorted(), ["t-u0", "t-u1", "t-u2"], "\(body)")
+    }
 }
