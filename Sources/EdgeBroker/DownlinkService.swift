@@ -33,10 +33,13 @@ final class BrokerFeeds {
     /// Per destination: the events its agent acknowledged, by outcome, and
     /// from the source agent's acceptance to the boundary's commit.
     var outcomes: [String: [String: Int]] = [:]
+    /// Per destination: its local apps' answers recorded, by outcome (and `unmatched`).
+    var appOutcomes: [String: [String: Int]] = [:]
     var propagation: [String: RecentSamples] = [:]
 
     func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
         for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
+        for (k, n) in c.apps { appOutcomes[domain, default: [:]][k, default: 0] += n }
         guard !c.latencies.isEmpty else { return }
         let now = unixMilliseconds()
         for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
@@ -135,6 +138,13 @@ extension BrokerService {
                 return
             }
         }
+        var apps: [BrokerStore.AppOutcome] = []
+        if let a = body["appOutcomes"] {
+            do throws(BrokerStore.FeedOutcomesError) { apps = try BrokerStore.AppOutcome.parse(a) } catch {
+                responder.respond(Self.failure(400, "invalid_request", error.description))
+                return
+            }
+        }
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -144,7 +154,7 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, responder) {
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, apps: apps, responder) {
             [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
@@ -163,12 +173,13 @@ extension BrokerService {
     /// responder waiting (it returns true).
     func fetch(
         _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int,
-        outcomes: BrokerStore.FeedOutcomes? = nil, _ responder: Responder, park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
+        outcomes: BrokerStore.FeedOutcomes? = nil, apps: [BrokerStore.AppOutcome] = [], _ responder: Responder,
+        park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
         writer.submit({ txn in
             try store.pollFeed(
-                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, txn)
+                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, apps: apps, txn)
         }) { [self] result in
             switch result {
             case .success(let page):
@@ -300,6 +311,16 @@ extension BrokerService {
             for outcome in ["accepted", "not accepted", "refused", "unreported"] {
                 let label = outcome.replacing(" ", with: "_")
                 out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(feeds.outcomes[domain]?[outcome] ?? 0)\n"
+            }
+        }
+        let a = "scim_broker_downlink_app_outcomes_total"
+        out +=
+            "# HELP \(a) The destination's local apps' answers its agent reported (delivered, unchanged, refused; unmatched: about no change this feed carried, not recorded).\n"
+        out += "# TYPE \(a) counter\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            for outcome in ["delivered", "unchanged", "refused", "unmatched"] {
+                out +=
+                    "\(a){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(outcome)\"} \(feeds.appOutcomes[domain]?[outcome] ?? 0)\n"
             }
         }
         let p = "scim_broker_downlink_propagation_seconds"
