@@ -303,26 +303,24 @@ extension BrokerService {
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
         }
-        let name = "scim_broker_downlink_events_committed_total"
-        out +=
-            "# HELP \(name) Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).\n"
-        out += "# TYPE \(name) counter\n"
-        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
-            for outcome in ["accepted", "not accepted", "refused", "unreported"] {
-                let label = outcome.replacing(" ", with: "_")
-                out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(feeds.outcomes[domain]?[outcome] ?? 0)\n"
+        /// A counter per destination and outcome (`_` for a space in the label).
+        func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n"
+            for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+                for outcome in outcomes {
+                    let label = outcome.replacing(" ", with: "_")
+                    out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(counts[domain]?[outcome] ?? 0)\n"
+                }
             }
         }
-        let a = "scim_broker_downlink_app_outcomes_total"
-        out +=
-            "# HELP \(a) The destination's local apps' answers its agent reported (delivered, unchanged, refused; unmatched: about no change this feed carried, not recorded).\n"
-        out += "# TYPE \(a) counter\n"
-        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
-            for outcome in ["delivered", "unchanged", "refused", "unmatched"] {
-                out +=
-                    "\(a){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(outcome)\"} \(feeds.appOutcomes[domain]?[outcome] ?? 0)\n"
-            }
-        }
+        byOutcome(
+            "scim_broker_downlink_events_committed_total",
+            "Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).",
+            ["accepted", "not accepted", "refused", "unreported"], feeds.outcomes)
+        byOutcome(
+            "scim_broker_downlink_app_outcomes_total",
+            "The destination's local apps' answers its agent reported (delivered, unchanged, refused; unmatched: about no change this feed carried, not recorded).",
+            ["delivered", "unchanged", "refused", "unmatched"], feeds.appOutcomes)
         let p = "scim_broker_downlink_propagation_seconds"
         out += "# HELP \(p) From the source agent accepting a change to the destination's agent committing it (its clock; last 10 s).\n"
         out += "# TYPE \(p) summary\n"
