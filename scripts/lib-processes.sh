@@ -56,8 +56,9 @@ targets:
         types: [User]
 YAML
 }
-# start_boundary_agent NAME ADMIN-PORT BROKER-PORT: boundary "us"'s agent (data in $work/NAME), fetching its feed from
-# the broker and taking de's users as guests named user@de, 1,000 events a poll; sets $us and appends it to $pids.
+# start_boundary_agent NAME ADMIN-PORT BROKER-PORT [YAML]: boundary "us"'s agent (data in $work/NAME), fetching its feed
+# from the broker and taking de's users as guests named user@de, 1,000 events a poll; YAML is appended to its
+# configuration (its local `targets:`); sets $us and appends it to $pids.
 start_boundary_agent() {
   cat >"$work/$1.yaml" <<YAML
 dataDir: $work/$1
@@ -72,6 +73,7 @@ inbound:
     set: {userType: Guest}
     userName: "{userName}@{domain}"
   maxEventsPerPoll: 1000
+${4:-}
 YAML
   "$bin/scim-edge" serve --config "$work/$1.yaml" --token t >"$work/$1.log" 2>&1 &
   us=$!; pids+=($us)

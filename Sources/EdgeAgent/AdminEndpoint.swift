@@ -228,6 +228,19 @@ public final class AdminEndpoint {
                 metric(
                     "scim_edge_downlink_lag_events", "gauge", "Feed events the broker issued that are not committed here.",
                     [("", String(s.brokerLastSeq > s.appliedThrough ? s.brokerLastSeq - s.appliedThrough : 0))])
+                metric(
+                    "scim_edge_downlink_app_outcomes_reported_total", "counter",
+                    "Local targets' answers to foreign changes the broker took for its trace (downlink protocol 3).",
+                    [("", String(s.appOutcomesReported))])
+                if let (pending, dropped) = try? agent.store.appOutcomeCounts() {
+                    metric(
+                        "scim_edge_downlink_app_outcomes_pending", "gauge", "Local targets' answers kept for the broker, not yet taken.",
+                        [("", String(pending))])
+                    metric(
+                        "scim_edge_downlink_app_outcomes_dropped_total", "counter",
+                        "Local targets' answers not kept because the outbox of answers was full (their traces end at the boundary).",
+                        [("", String(dropped))])
+                }
             }
             if let relay = agent.relay {
                 metric(

@@ -117,6 +117,6 @@ extension AgentStore: DeliveryTables {
         }
         _ = try enqueueFanout(
             domain: domain, type: type.id, brokerID: id, old: decorated(old), new: decorated(new), trace: ctx.traceID,
-            acceptedAt: ctx.epochMilliseconds, touched: touched, txn)
+            acceptedAt: ctx.originAcceptedAt > 0 ? ctx.originAcceptedAt : ctx.epochMilliseconds, touched: touched, txn)
     }
 }

@@ -129,7 +129,7 @@ public final class AgentService {
         let maxStore = configuration.maxStoreBytes
         store = try AgentStore(
             path: configuration.dataDirectory, registry: .standard, policy: configuration.policy, targets: configuration.targets,
-            domain: configuration.relay?.domain ?? AgentStore.standaloneDomain
+            domain: configuration.relay?.domain ?? AgentStore.standaloneDomain, reportApps: configuration.inbound?.reportApps ?? .none
         ) { $0.maxMapSize = maxStore }
         writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
         let shared = EndpointShared()

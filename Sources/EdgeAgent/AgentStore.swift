@@ -66,6 +66,8 @@ public final class AgentStore: Sendable {
     public let targets: [TargetConfiguration]
     /// This boundary's domain, the source domain of its own resources (foreign ones have theirs).
     public let ownDomain: String
+    /// What the broker learns of the local targets' answers to foreign changes (`AppOutcomes.swift`).
+    public let reportApps: AppOutcomeReporting
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
     /// by id down the general path: those the default projection drops
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which
@@ -96,7 +98,8 @@ public final class AgentStore: Sendable {
     /// boundary's (`local` without a broker).
     public init(
         path: String, registry: SchemaRegistry, policy: LocalPolicy? = nil, targets: [TargetConfiguration] = [],
-        domain: String = AgentStore.standaloneDomain, options: (inout EnvironmentOptions) -> Void = { _ in }
+        domain: String = AgentStore.standaloneDomain, reportApps: AppOutcomeReporting = .none,
+        options: (inout EnvironmentOptions) -> Void = { _ in }
     ) throws {
         var o = EnvironmentOptions(path: path)
         options(&o)
@@ -105,6 +108,7 @@ public final class AgentStore: Sendable {
         self.policy = policy ?? .propagateAll(registry)
         self.targets = targets
         ownDomain = domain
+        self.reportApps = reportApps
         attributeCaseExact = AttributeIndex.caseExactness(registry)
         generalPathNames = Dictionary(
             uniqueKeysWithValues: registry.resourceTypes.map { type in

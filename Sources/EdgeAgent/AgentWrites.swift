@@ -14,6 +14,10 @@ public struct WriteContext: Sendable {
     /// When the write was accepted, in Unix milliseconds (events carry it as
     /// `ts`, so the broker can measure propagation).
     public var epochMilliseconds: Int64 = 0
+    /// A change that entered through the downlink: when its source agent
+    /// accepted it (the feed event's `ts`; 0: not such a change). The local
+    /// targets measure their propagation from it, as the broker does.
+    public var originAcceptedAt: Int64 = 0
     /// Whether writes append relay events (false for a standalone agent).
     public var recordEvents = true
 

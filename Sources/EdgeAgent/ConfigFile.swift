@@ -397,6 +397,13 @@ extension AgentConfiguration: YAMLConfiguration {
             }
             policy[keyPath: keyPath] = n
         }
+        if let report = m.string("reportApps") {
+            if let r = AppOutcomeReporting(rawValue: report) {
+                policy.reportApps = r
+            } else {
+                m.problem("reportApps", "must be named, anonymous or none, got '\(report)'")
+            }
+        }
         return d.problems.count == before ? policy : nil
     }
 

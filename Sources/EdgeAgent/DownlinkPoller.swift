@@ -20,6 +20,8 @@ public struct DownlinkStatistics: Sendable {
     public var protocolErrors = 0
     /// Times the broker started the feed again for this store.
     public var resyncs = 0
+    /// Local apps' answers to foreign changes the broker took (protocol 3).
+    public var appOutcomesReported = 0
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
     public var brokerLastSeq: UInt64 = 0
@@ -66,6 +68,9 @@ public final class DownlinkPoller {
     static let maxApplying = 2
     /// The broker's last answer said protocol 2 (it takes `after`): only then does a poll leave before a commit.
     private var pipelined = false
+    /// It said protocol 3: it takes the local apps' answers (`appOutcomes`); those through `appsTaken` it has.
+    private var takesAppOutcomes = false
+    private var appsTaken: UInt64 = 0
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -125,6 +130,9 @@ public final class DownlinkPoller {
         if received > acked { body["after"] = .number(JSONNumber(integer: Int64(received))) }
         // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).
         if let r = report?.trimmed(after: reported), r.through <= acked { body["outcomes"] = r.json }
+        // The local apps' answers to what entered (protocol 3; `AppOutcomes.swift`): the broker's 200 takes them.
+        let apps = takesAppOutcomes ? (try? store.appOutcomes(after: appsTaken)) ?? nil : nil
+        if let apps { body["appOutcomes"] = .array(apps.items) }
         let request = HTTPRequest(
             method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
             body: JSON.object(body).serialized())
@@ -134,11 +142,11 @@ public final class DownlinkPoller {
             polling = false
             // Sent before a failure: what it asks for follows what may not be committed; asked for again.
             guard generation == self.generation else { return }
-            answered(result, acked: acked)
+            answered(result, acked: acked, apps: apps.map { ($0.through, $0.items.count) })
         }
     }
 
-    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64) {
+    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64, apps: (through: UInt64, count: Int)? = nil) {
         guard !stopped else { return }
         switch result {
         case .failure(let e):
@@ -152,7 +160,10 @@ public final class DownlinkPoller {
                 statistics.brokerLastSeq = body?["lastSeq"]?.numberValue?.integer.map { UInt64(clamping: $0) } ?? statistics.brokerLastSeq
                 failures = 0
                 reported = max(reported, acked)
-                pipelined = (body?["protocol"]?.numberValue?.integer ?? 1) >= 2
+                let version = body?["protocol"]?.numberValue?.integer ?? 1
+                pipelined = version >= 2
+                takesAppOutcomes = version >= 3
+                if let apps { tookAppOutcomes(through: apps.through, count: apps.count) }
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     // An answer being committed polls when it is (acknowledging it).
@@ -258,6 +269,16 @@ public final class DownlinkPoller {
         statistics.lastError = message
         logger.warning("downlink: \(message)")
         schedule(after: seconds.map { $0 * 1000 } ?? jitteredBackoff(failures: failures, cap: Self.maxBackoffMilliseconds))
+    }
+
+    /// The broker has the apps' answers through outbox sequence `through`: they go from the store.
+    private func tookAppOutcomes(through: UInt64, count: Int) {
+        appsTaken = max(appsTaken, through)
+        statistics.appOutcomesReported += count
+        let store = self.store
+        writer.submit({ txn in try store.dropAppOutcomes(through: through, in: txn) }) { [weak self] result in
+            if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the reported app answers (sent again): \(e)") }
+        }
     }
 
     private func schedule(after milliseconds: UInt64) {

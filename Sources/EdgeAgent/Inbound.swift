@@ -45,6 +45,8 @@ public struct InboundPolicy: Sendable {
     /// Per poll: events asked for, and how long the broker may hold the poll.
     public var maxEventsPerPoll = AgentOptions.Inbound.maxEventsPerPoll.defaultInteger
     public var waitMilliseconds = AgentOptions.Inbound.waitMs.defaultInteger
+    /// What the broker learns of the local targets' answers (`AppOutcomes.swift`).
+    public var reportApps = AppOutcomeReporting.named
 
     public static let defaultUserNameTemplate = AgentOptions.Inbound.userName.defaultValue!
 
@@ -137,7 +139,7 @@ public struct DownlinkOutcome: Sendable, Equatable {
 }
 
 /// The boundary's decision on each feed event of one applied answer, sent
-/// with the acknowledgement (`outcomes`, downlink protocol 2) so that the
+/// with the acknowledgement (`outcomes`, downlink protocol 2 and later) so that the
 /// broker's `trace` shows the change's last hop: committed here at
 /// `committed` (Unix ms, this agent's clock), and for each event whether the
 /// inbound policy accepted it (stored as mapped), did not accept it, or it
@@ -296,6 +298,7 @@ extension AgentStore {
                 // Each change is written under its own trace id (the IdP request's at its source).
                 var each = ctx
                 if let trace = event["txn"]?.stringValue, !trace.isEmpty { each.traceID = trace }
+                each.originAcceptedAt = event["ts"]?.numberValue?.integer ?? 0
                 do {
                     let change =
                         nestEach

@@ -43,8 +43,9 @@ extension BrokerStore {
     static let maxPageBytes = 4 << 20
 
     /// The downlink protocol version (docs/protocol.md): 2 takes the
-    /// agent's outcomes with its acknowledgement.
-    public static let downlinkVersion = 2
+    /// agent's outcomes with its acknowledgement, 3 its local apps' answers
+    /// (`appOutcomes`).
+    public static let downlinkVersion = 3
 
     /// Where a destination's feed stands.
     public struct FeedPosition: Sendable, Equatable {
@@ -71,6 +72,8 @@ extension BrokerStore {
     public struct CommittedEvents: Sendable {
         public var outcomes: [String: Int] = [:]
         public var latencies: [Int64] = []
+        /// The local apps' answers the poll carried (protocol 3), by outcome (and `unmatched`).
+        public var apps: [String: Int] = [:]
     }
 
     /// The agent's word on what it acknowledges (`outcomes`, downlink
@@ -178,7 +181,7 @@ extension BrokerStore {
     /// fetches the next page while it commits the last.
     func pollFeed(
         target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int, window: Int,
-        outcomes: FeedOutcomes? = nil, _ txn: borrowing WriteTransaction
+        outcomes: FeedOutcomes? = nil, apps: [AppOutcome] = [], _ txn: borrowing WriteTransaction
     ) throws -> FeedPage {
         var position = try feedPosition(target: target.name, txn)
         let after = max(ack, after ?? ack)
@@ -205,6 +208,7 @@ extension BrokerStore {
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
         }
+        if !apps.isEmpty { committed.apps = try recordAppOutcomes(target, apps, txn) }
         let itemsLeft = try materialize(target, room: window - position.unacked, txn)
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []

@@ -33,10 +33,13 @@ final class BrokerFeeds {
     /// Per destination: the events its agent acknowledged, by outcome, and
     /// from the source agent's acceptance to the boundary's commit.
     var outcomes: [String: [String: Int]] = [:]
+    /// Per destination: its local apps' answers recorded, by outcome (and `unmatched`).
+    var appOutcomes: [String: [String: Int]] = [:]
     var propagation: [String: RecentSamples] = [:]
 
     func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
         for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
+        for (k, n) in c.apps { appOutcomes[domain, default: [:]][k, default: 0] += n }
         guard !c.latencies.isEmpty else { return }
         let now = unixMilliseconds()
         for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
@@ -135,6 +138,13 @@ extension BrokerService {
                 return
             }
         }
+        var apps: [BrokerStore.AppOutcome] = []
+        if let a = body["appOutcomes"] {
+            do throws(BrokerStore.FeedOutcomesError) { apps = try BrokerStore.AppOutcome.parse(a) } catch {
+                responder.respond(Self.failure(400, "invalid_request", error.description))
+                return
+            }
+        }
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -144,7 +154,7 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, responder) {
+        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, apps: apps, responder) {
             [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
@@ -163,12 +173,13 @@ extension BrokerService {
     /// responder waiting (it returns true).
     func fetch(
         _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int,
-        outcomes: BrokerStore.FeedOutcomes? = nil, _ responder: Responder, park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
+        outcomes: BrokerStore.FeedOutcomes? = nil, apps: [BrokerStore.AppOutcome] = [], _ responder: Responder,
+        park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
         writer.submit({ txn in
             try store.pollFeed(
-                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, txn)
+                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, apps: apps, txn)
         }) { [self] result in
             switch result {
             case .success(let page):
@@ -292,16 +303,24 @@ extension BrokerService {
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
         }
-        let name = "scim_broker_downlink_events_committed_total"
-        out +=
-            "# HELP \(name) Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).\n"
-        out += "# TYPE \(name) counter\n"
-        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
-            for outcome in ["accepted", "not accepted", "refused", "unreported"] {
-                let label = outcome.replacing(" ", with: "_")
-                out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(feeds.outcomes[domain]?[outcome] ?? 0)\n"
+        /// A counter per destination and outcome (`_` for a space in the label).
+        func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]]) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n"
+            for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+                for outcome in outcomes {
+                    let label = outcome.replacing(" ", with: "_")
+                    out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(counts[domain]?[outcome] ?? 0)\n"
+                }
             }
         }
+        byOutcome(
+            "scim_broker_downlink_events_committed_total",
+            "Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).",
+            ["accepted", "not accepted", "refused", "unreported"], feeds.outcomes)
+        byOutcome(
+            "scim_broker_downlink_app_outcomes_total",
+            "The destination's local apps' answers its agent reported (delivered, unchanged, refused; unmatched: about no change this feed carried, not recorded).",
+            ["delivered", "unchanged", "refused", "unmatched"], feeds.appOutcomes)
         let p = "scim_broker_downlink_propagation_seconds"
         out += "# HELP \(p) From the source agent accepting a change to the destination's agent committing it (its clock; last 10 s).\n"
         out += "# TYPE \(p) summary\n"

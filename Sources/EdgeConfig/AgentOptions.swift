@@ -198,7 +198,11 @@ public enum AgentOptions {
         public static let waitMs = OptionSpec(
             "waitMs", .integer(0...60_000), default: "25000",
             "How long the broker may hold a poll open when nothing is waiting (long poll), in milliseconds.")
-        public static let all: [OptionSpec] = [accept, set, userName, drop, maxEventsPerPoll, waitMs]
+        public static let reportApps = OptionSpec(
+            "reportApps", .choice(["named", "anonymous", "none"]), default: "named",
+            "What the broker's trace learns of the local targets' answers to what entered: named (status, time and scimType under the target's name), anonymous (the same, the name withheld) or none. Never the answer's detail."
+        )
+        public static let all: [OptionSpec] = [accept, set, userName, drop, maxEventsPerPoll, waitMs, reportApps]
     }
 
     public static let inbound = OptionSpec(

@@ -500,7 +500,7 @@ package extension DeliveryTables {
             // Hops of one millisecond in the order a change takes them.
             func rank(_ hop: JSONObject) -> Int {
                 let name = hop["hop"]?.stringValue ?? ""
-                return name == "agent accept" ? 0 : name == "broker apply" ? 1 : name.hasPrefix("feed ") ? 2 : 3
+                return name == "agent accept" ? 0 : name == "broker apply" ? 1 : name.hasPrefix("feed ") ? 2 : name.hasPrefix("app") ? 4 : 3
             }
             func earlier(_ x: (String, JSONObject), _ y: (String, JSONObject)) -> Bool {
                 let a = x.1["at"]?.numberValue?.integer ?? 0, b = y.1["at"]?.numberValue?.integer ?? 0
@@ -736,7 +736,7 @@ package extension DeliveryTables {
     func completeDelivery(
         target: String, keys: [[UInt8]], brokerID: String, type: String, mapping: TargetMapping??,
         linked: [String] = [], deadLetter: JSONObject?, hop: JSONObject?, trace: String, indexing: GroupIndexing = .none,
-        _ txn: borrowing WriteTransaction
+        domain: String? = nil, _ txn: borrowing WriteTransaction
     ) throws -> Int {
         for k in keys { _ = try txn.delete(fanout, k) }
         var queued = 0
@@ -759,7 +759,11 @@ package extension DeliveryTables {
             d["seq"] = .number(JSONNumber(integer: Int64(seq)))
             try txn.put(targetDead, prefixed(target, seq.bigEndianBytes), JSON.object(d).serialized())
         }
-        if let hop { try recordHop(brokerID: brokerID, trace: trace, hop, txn) }
+        if let hop {
+            try recordHop(brokerID: brokerID, trace: trace, hop, txn)
+            try deliveryEnded(
+                target: target, brokerID: brokerID, type: type, trace: trace, domain: domain, hop: hop, deadLetter: deadLetter, txn)
+        }
         return queued
     }
 

@@ -67,6 +67,15 @@ package protocol DeliveryTables: AnyObject, Sendable {
     /// id, else the delivery id itself; the broker also knows names and the
     /// ids at targets and sources.
     func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames
+    /// A delivery ended (the target answered, had nothing to be sent, or
+    /// refused: `deadLetter`), in the transaction that records it. The
+    /// broker does nothing more; an agent reports its apps' answers to what
+    /// entered through the downlink up to the broker (`AppOutcomes.swift`).
+    /// `domain`: a removal's source domain, as queued.
+    func deliveryEnded(
+        target: String, brokerID: String, type: String, trace: String, domain: String?, hop: JSONObject, deadLetter: JSONObject?,
+        _ txn: borrowing WriteTransaction
+    ) throws
 }
 
 /// A resource as the engine reads it.
@@ -95,6 +104,11 @@ package struct DeliveryDatabases: Sendable {
 
 extension DeliveryTables {
     package var otherTargetTables: [(Database, WritableKeyPath<ForgottenTarget, Int>)] { [] }
+
+    package func deliveryEnded(
+        target: String, brokerID: String, type: String, trace: String, domain: String?, hop: JSONObject, deadLetter: JSONObject?,
+        _ txn: borrowing WriteTransaction
+    ) throws {}
 
     package func resolveTrail(_ query: String, limits: TrailLimits, _ txn: borrowing some StoreReading & ~Copyable) throws -> TrailNames {
         let byTrace = try traceTouched(query, limit: limits.resources, txn)

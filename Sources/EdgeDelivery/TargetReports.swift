@@ -159,7 +159,7 @@ package enum TargetReports {
                         + (hop["queueSeq"]?.numberValue.map { " (#\($0))" } ?? ""))
             }
             var detail: [String] = []
-            for key in ["domain", "sourceId", "seq", "feedSeq", "event", "outcome", "method", "status", "detail", "trace"] {
+            for key in ["domain", "sourceId", "seq", "feedSeq", "event", "outcome", "method", "status", "scimType", "detail", "trace"] {
                 if let v = hop[key], !v.isNull { detail.append("\(key) \(v.stringValue ?? v.serializedString)") }
             }
             out.append(

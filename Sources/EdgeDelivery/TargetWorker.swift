@@ -668,7 +668,7 @@ public final class TargetWorker {
         if d.item.acceptedAt > 0 { hop["accepted"] = .number(JSONNumber(integer: d.item.acceptedAt)) }
         hop["applied"] = .number(JSONNumber(integer: d.item.queuedAt))
         let store = self.store, name = target.name, keys = d.keys, id = d.item.brokerID, trace = d.item.trace, finalHop = hop
-        let type = d.item.type
+        let type = d.item.type, domain = d.item.domain
         // A linked account's mapping says under which value it is shared; every user sharing it gets it.
         var recorded =
             !d.recordsMapping
@@ -691,7 +691,7 @@ public final class TargetWorker {
         writer.submit({ txn in
             try store.completeDelivery(
                 target: name, keys: keys, brokerID: id, type: type, mapping: final, linked: linked,
-                deadLetter: deadLetter, hop: finalHop, trace: trace, indexing: indexing, txn)
+                deadLetter: deadLetter, hop: finalHop, trace: trace, indexing: indexing, domain: domain, txn)
         }) { [weak self] result in
             guard let self else { return }
             endFlight(d)

@@ -46,6 +46,14 @@ public final class Sandbox {
     var agents: [(domain: String, port: Int, admin: Int)] = []
     var brokerAdmin = 0, brokerAPI = 0
     var targets: [(name: String, url: ServiceURL, token: String)] = []
+    /// subsidiary-eu's own app, inside its boundary: the broker is not
+    /// configured to reach it; subsidiary-eu's agent provisions it (its
+    /// local target), HQ's employees included, through the downlink.
+    var localApp: (name: String, url: ServiceURL, token: String)!
+    var edgeBinary = "scim-edge"
+    let localDomain = "subsidiary-eu"
+    /// The processes that answer SCIM when they are up (the reference servers).
+    var scimServers: [String: (name: String, url: ServiceURL, token: String)] = [:]
     let idpToken = "sandbox-idp-token", apiToken = "sandbox-api-token"
     /// The console's actions: a token of this run's own.
     let operatorToken = "sandbox-operator-" + hexString(secureRandomBytes(8))
@@ -125,24 +133,13 @@ public final class Sandbox {
 
         let agentBinary = executableDirectory() + "/scim-edge"
         let self_ = access(agentBinary, X_OK) == 0 ? agentBinary : (findExecutable("scim-edge", candidates: []) ?? agentBinary)
+        edgeBinary = self_
         guard let brokerBinary = findExecutable("scim-broker", candidates: [executableDirectory() + "/scim-broker"]) else {
             throw BenchError("scim-broker not found next to scim-edge nor on PATH")
         }
 
         // Targets: a standalone agent as an "app", and the reference scim2-server when it is installed.
-        let appPort = freeLoopbackPort()
-        try writeText("\(dir)/app.token", "app-token\n", mode: 0o600)
-        processes.append(
-            try ServiceProcess(
-                name: "app", executable: self_,
-                arguments: ["serve"]
-                    + [
-                        (AgentOptions.dataDir, "\(dir)/app"), (AgentOptions.listen, "127.0.0.1:\(appPort)"),
-                        (AgentOptions.token, "app-token"),
-                        (AgentOptions.adminListen, "none"),
-                    ].flatMap { ["--" + $0.0.flag!, $0.1] },
-                logPath: "\(dir)/app.log"))
-        targets.append(("app", ServiceURL(tls: false, host: "127.0.0.1", port: appPort, path: "/scim/v2"), "app-token"))
+        targets.append(try startAgentApp("app", agent: self_))
         let reference =
             options.referenceServer
             ?? findExecutable(
@@ -150,17 +147,9 @@ public final class Sandbox {
                 candidates: [
                     getenv("SCIM2_SERVER").map { String(cString: $0) } ?? "", ".venv/bin/scim2-server",
                 ])
-        if let reference {
-            let port = freeLoopbackPort()
-            try writeText("\(dir)/reference.token", "reference-token\n", mode: 0o600)
-            processes.append(
-                try ServiceProcess(
-                    name: "reference", executable: reference,
-                    arguments: [
-                        "--port", String(port), "--bearer-token", "reference-token",
-                    ], logPath: "\(dir)/reference.log", environment: ["PYTHONUNBUFFERED=1"]))
-            targets.append(("reference", ServiceURL(tls: false, host: "127.0.0.1", port: port, path: ""), "reference-token"))
-        }
+        if let reference { targets.append(try startSCIMServer("reference", reference)) }
+        // subsidiary-eu's own app: a scim2-server like the others (an agent without it), which only its agent reaches.
+        localApp = try reference.map { try startSCIMServer("eu-app", $0) } ?? startAgentApp("eu-app", agent: self_)
 
         // The broker.
         let brokerPort = freeLoopbackPort()
@@ -190,6 +179,15 @@ public final class Sandbox {
             target.append(BrokerOptions.Target.routes, ConfigDocument())
             broker.append(BrokerOptions.targets, target)
         }
+        // A boundary as a destination: HQ's users go to subsidiary-eu's agent, which fetches them (the downlink).
+        var boundary = ConfigDocument()
+        try boundary.set(BrokerOptions.Target.name, "\(localDomain)-boundary")
+        try boundary.set(BrokerOptions.Target.domain, localDomain)
+        var route = ConfigDocument()
+        route.set(BrokerOptions.Target.routeDomains, list: ["hq"])
+        route.set(BrokerOptions.Target.routeTypes, list: ["User"])
+        boundary.append(BrokerOptions.Target.routes, route)
+        broker.append(BrokerOptions.targets, boundary)
         let yaml = broker.yaml()
         try writeText("\(dir)/broker.yaml", yaml)
         processes.append(
@@ -213,8 +211,9 @@ public final class Sandbox {
             try agent.set(AgentOptions.brokerDomain, d)
             try agent.set(AgentOptions.brokerAgent, "agent-1")
             var policy = ConfigDocument()
-            if d == "subsidiary-eu" {
+            if d == localDomain {
                 policy.set(AgentOptions.policyAttributes, map: [("phoneNumbers", "keep-local"), ("addresses", "keep-local")])
+                try localBoundary(&agent)
             }
             if d == "partner" { policy.set(AgentOptions.policyScope, map: [("User", #"userType eq "Contractor""#)]) }
             if !policy.isEmpty { agent.set(AgentOptions.policy, policy) }
@@ -229,9 +228,8 @@ public final class Sandbox {
         }
         for p in processes where p.name != "slapd" {
             let up =
-                p.name == "reference"
-                ? waitHTTP(targets.first { $0.name == "reference" }!)
-                : p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
+                scimServers[p.name].map(waitHTTP)
+                ?? p.waitForLog(p.name == "broker" ? "operations at" : "listening", seconds: 20)
             guard up else {
                 throw BenchError("\(p.name) did not start (its log: \(p.logPath))")
             }
@@ -241,7 +239,68 @@ public final class Sandbox {
             "▶ started: broker (mutual TLS, read API, metrics), agents hq / subsidiary-eu (phones and addresses stay local) / "
                 + "partner (only userType \"Contractor\" leaves), targets " + targets.map(\.name).joined(separator: " and ")
                 + (reference == nil ? " (scim2-server not installed: `make venv` adds it)" : "")
+                + "; inside subsidiary-eu, its own app eu-app, which the broker cannot reach: subsidiary-eu's agent takes HQ's employees "
+                + "from the broker's feed (as guests, without their phones) and provisions eu-app with them and its own"
                 + (directory == nil ? "" : "; agent directory follows slapd (syncrepl)"))
+    }
+
+    /// A standalone agent as an app (`serve` without a broker).
+    func startAgentApp(_ name: String, agent: String) throws -> (name: String, url: ServiceURL, token: String) {
+        let port = freeLoopbackPort()
+        try writeText("\(dir)/\(name).token", "\(name)-token\n", mode: 0o600)
+        processes.append(
+            try ServiceProcess(
+                name: name, executable: agent,
+                arguments: ["serve"]
+                    + [
+                        (AgentOptions.dataDir, "\(dir)/\(name)"), (AgentOptions.listen, "127.0.0.1:\(port)"),
+                        (AgentOptions.token, "\(name)-token"),
+                        (AgentOptions.adminListen, "none"),
+                    ].flatMap { ["--" + $0.0.flag!, $0.1] },
+                logPath: "\(dir)/\(name).log"))
+        return (name, ServiceURL(tls: false, host: "127.0.0.1", port: port, path: "/scim/v2"), "\(name)-token")
+    }
+
+    /// The reference scim2-server as an app.
+    func startSCIMServer(_ name: String, _ executable: String) throws -> (name: String, url: ServiceURL, token: String) {
+        let port = freeLoopbackPort()
+        try writeText("\(dir)/\(name).token", "\(name)-token\n", mode: 0o600)
+        processes.append(
+            try ServiceProcess(
+                name: name, executable: executable, arguments: ["--port", String(port), "--bearer-token", "\(name)-token"],
+                logPath: "\(dir)/\(name).log", environment: ["PYTHONUNBUFFERED=1"]))
+        let app = (name, ServiceURL(tls: false, host: "127.0.0.1", port: port, path: ""), "\(name)-token")
+        scimServers[name] = app
+        return app
+    }
+
+    /// subsidiary-eu's side of the downlink: its inbound policy (HQ's users
+    /// enter as guests, without their phones) and its own app as a local
+    /// target, for its own users and those that entered.
+    func localBoundary(_ agent: inout ConfigDocument) throws {
+        typealias I = AgentOptions.Inbound
+        var inbound = ConfigDocument()
+        var accept = ConfigDocument()
+        accept.set(I.domains, list: ["hq"])
+        accept.set(I.types, list: ["User"])
+        // HQ's employees; the load burst's users (burst-N) stay out: the judgement is subsidiary-eu's.
+        try accept.set(I.filter, #"userName ew "@hq.example""#)
+        inbound.append(I.accept, accept)
+        inbound.set(I.set, map: [("userType", "Guest")])
+        inbound.set(I.drop, list: ["phoneNumbers"])
+        try inbound.set(I.waitMs, 5000)
+        agent.set(AgentOptions.inbound, inbound)
+        typealias T = BrokerOptions.Target
+        var target = ConfigDocument()
+        try target.set(T.name, localApp.name)
+        try target.set(T.url, "http://127.0.0.1:\(localApp.url.port)\(localApp.url.path)")
+        try target.set(T.tokenFile, "\(dir)/\(localApp.name).token")
+        try target.set(T.requestsPerSecond, 20000)
+        try target.set(T.concurrency, 4)
+        var route = ConfigDocument()
+        route.set(T.routeDomains, list: ["hq", localDomain])
+        target.append(T.routes, route)
+        agent.append(AgentOptions.targets, target)
     }
 
     // MARK: the LDAP domain
@@ -404,6 +463,9 @@ public final class Sandbox {
                 "  agent \(pad(a.domain, 13)) http://127.0.0.1:\(a.port)/scim/v2   (Bearer \(idpToken)), metrics http://127.0.0.1:\(a.admin)/metrics"
             )
         }
+        say(
+            "  \(localDomain)'s app \(localApp.url.tls ? "https" : "http")://\(localApp.url.host):\(localApp.url.port)\(localApp.url.path)   "
+                + "(Bearer \(localApp.token); provisioned by its agent only)")
         for t in targets {
             say("  target \(pad(t.name, 12)) http\(t.url.tls ? "s" : "")://\(t.url.host):\(t.url.port)\(t.url.path)   (Bearer \(t.token))")
         }
@@ -469,6 +531,25 @@ public final class Sandbox {
     }
 
     var deactivationMs: Double = 0
+    /// HQ IdP's write ack → visible at subsidiary-eu's own app: a hire, a deactivation (ms).
+    var localAppMs: [Double] = []
+
+    /// Polls `app` (every 0.5 ms) until its user `userName` exists and
+    /// `holds`, for at most 30 s from `since`.
+    func waitAtApp(
+        _ app: (name: String, url: ServiceURL, token: String), _ userName: String, _ what: String, since: UInt64,
+        _ holds: (JSON) -> Bool
+    ) throws {
+        while true {
+            try checkInterrupt()
+            let r = httpGet(
+                app.url, "/Users?filter=" + percentEncode("userName eq \"\(userName)\""),
+                headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
+            if r.status == 200, let u = (try? JSONParser.parse(r.body))?["Resources"]?.arrayValue?.first, holds(u) { return }
+            if monotonicMicros() - since > 30_000_000 { throw BenchError("\(what) did not reach \(app.name) within 30 s") }
+            usleep(500)
+        }
+    }
     /// The metrics when the federation last drained (the latency windows cover the burst).
     var drainedMetrics: [String: Double] = [:]
     var burstReport: BenchReport?
@@ -538,20 +619,23 @@ public final class Sandbox {
         say("▶ contractor ravi@partner.example deactivated at the partner's IdP")
         let t0 = monotonicMicros()
         try idp("partner", "PATCH", "/Users/\(ids["ravi@partner.example"]!)", patch([["op": "replace", "path": "active", "value": false]]))
-        let app = targets[0]
-        while true {
-            try checkInterrupt()
-            let r = httpGet(
-                app.url, "/Users?filter=" + percentEncode("userName eq \"ravi@partner.example\""),
-                headers: ["Authorization": "Bearer \(app.token)"], timeoutMilliseconds: 5000)
-            if r.status == 200, let o = try? JSONParser.parse(r.body), o["Resources"]?.arrayValue?.first?["active"] == .bool(false) {
-                break
-            }
-            if monotonicMicros() - t0 > 30_000_000 { throw BenchError("the deactivation did not reach the app within 30 s") }
-            usleep(500)
-        }
+        try waitAtApp(targets[0], "ravi@partner.example", "the deactivation", since: t0) { $0["active"] == .bool(false) }
         deactivationMs = Double(monotonicMicros() - t0) / 1000
         say("  inactive at the app after \(fixed(deactivationMs, 1)) ms (IdP request → agent → broker → app)")
+
+        // Into another boundary: from HQ's IdP to subsidiary-eu's own app, timed from the IdP's write ack.
+        say("▶ hana@hq.example hired at hq; then erin@hq.example deactivated at hq's IdP")
+        try hire("hq", "hana@hq.example", "Hana", "Hahn", ["title": "Engineer"])
+        var t = monotonicMicros()
+        try waitAtApp(localApp, "hana@hq.example", "HQ's hire", since: t) { _ in true }
+        localAppMs.append(Double(monotonicMicros() - t) / 1000)
+        try idp("hq", "PATCH", "/Users/\(ids["erin@hq.example"]!)", patch([["op": "replace", "path": "active", "value": false]]))
+        t = monotonicMicros()
+        try waitAtApp(localApp, "erin@hq.example", "HQ's deactivation", since: t) { $0["active"] == .bool(false) }
+        localAppMs.append(Double(monotonicMicros() - t) / 1000)
+        say(
+            "  at eu-app after \(fixed(localAppMs[0], 1)) ms, inactive there after \(fixed(localAppMs[1], 1)) ms "
+                + "(HQ IdP's ack → hq agent → broker → subsidiary-eu's agent (its feed) → eu-app)")
 
         let n = options.burst ?? (options.short ? 200 : 3000)
         say("▶ load burst: \(n) hires at hq as fast as 16 connections go")
@@ -594,7 +678,12 @@ public final class Sandbox {
             let outboxes = agents.map { m["\($0.domain) scim_edge_outbox_events"] ?? 1 }.reduce(0, +)
             let queues = targets.map { m["broker scim_broker_target_queue_depth{target=\"\($0.name)\"}"] ?? 1 }.reduce(0, +)
             let pending = m["broker scim_broker_pending_batches"] ?? 1
-            if outboxes == 0 && queues == 0 && pending == 0 { drainedMetrics = m; return }
+            // Into subsidiary-eu: its feed acknowledged, its agent's queue for its own app empty.
+            let eu = "\(localDomain) scim_edge_"
+            let downlink =
+                (m["broker scim_broker_downlink_unacked_events{domain=\"\(localDomain)\",target=\"\(localDomain)-boundary\"}"] ?? 1)
+                + (m[eu + "downlink_lag_events"] ?? 1) + (m[eu + "target_queue_depth{target=\"\(localApp.name)\"}"] ?? 1)
+            if outboxes == 0 && queues == 0 && pending == 0 && downlink == 0 { drainedMetrics = m; return }
             usleep(200_000)
         }
         throw BenchError("the federation did not drain within \(Int(seconds)) s")
@@ -655,6 +744,16 @@ public final class Sandbox {
                     + "  agent → target p99 "
                     + fixed((m[b + "target_propagation_seconds{target=\"\(t.name)\",quantile=\"0.99\"}"] ?? 0) * 1000, 1) + " ms")
         }
+        // Into subsidiary-eu: its feed at the broker, its agent's commits, its own app.
+        let eu = "\(localDomain) scim_edge_", app = "{target=\"\(localApp.name)\"}"
+        let feed = "{domain=\"\(localDomain)\",target=\"\(localDomain)-boundary\"}"
+        lines.append(
+            pad("  ⇣ " + localDomain, 14) + " feed unacked " + pad(int(m[b + "downlink_unacked_events" + feed]), 5) + " committed "
+                + pad(int(m[eu + "downlink_applied_sequence"]), 7) + "  → \(localApp.name) queued "
+                + int(m[eu + "target_queue_depth" + app])
+                + " delivered " + pad(int(m[eu + "target_delivered_total" + app]), 7) + " ("
+                + pad(rate(eu + "target_delivered_total" + app), 5)
+                + "/s)  dead letters " + int(m[eu + "target_dead_letters_total" + app]))
         if options.live {
             var text = viewLines > 0 ? "\u{1B}[\(viewLines)A" : ""
             for l in lines { text += "\u{1B}[K" + l + "\n" }
@@ -670,6 +769,9 @@ public final class Sandbox {
                     "\(t.name) queued \(int(m[b + "target_queue_depth" + l])) delivered \(int(m[b + "target_delivered_total" + l]))"
                         + " dead \(int(m[b + "target_dead_letters_total" + l]))")
             }
+            parts.append(
+                "\(localDomain) feed committed \(int(m[eu + "downlink_applied_sequence"])) → \(localApp.name) delivered "
+                    + "\(int(m[eu + "target_delivered_total" + app])) dead \(int(m[eu + "target_dead_letters_total" + app]))")
             emitRaw("  [\(fixed(Double(now - started) / 1e6, 1)) s] " + parts.joined(separator: " | ") + "\n")
         }
     }
@@ -711,6 +813,52 @@ public final class Sandbox {
     func check(_ ok: Bool, _ text: String) {
         results.append((ok, text))
         say((ok ? "  ✔ " : "  ✘ ") + text)
+    }
+
+    /// subsidiary-eu's own app, which only its agent reaches: HQ's users
+    /// there once each, as its inbound policy maps them, its own users once,
+    /// nothing of its own back through the downlink, HQ's deactivation shown.
+    func verifyLocalBoundary() throws {
+        let hq = Set(
+            try list(agentURL("hq"), idpToken, "/Users").compactMap { $0["userName"]?.stringValue }.filter { $0.hasSuffix("@hq.example") })
+        let own = Set(
+            try list(agentURL(localDomain), idpToken, "/Users").compactMap { $0["userName"]?.stringValue }.filter {
+                $0.hasSuffix("@eu.example")
+            })
+        let expected = hq.union(own)
+        try? waitFor("\(localApp.name) holds hq's users and subsidiary-eu's", at: localApp.url, token: localApp.token) { users, _ in
+            Set(users.keys) == expected
+        }
+        let users = try list(localApp.url, localApp.token, "/Users")
+        let names = users.compactMap { $0["userName"]?.stringValue }
+        let held = Set(names)
+        let name = "\(localApp.name) (inside subsidiary-eu, not reachable by the broker)"
+        check(
+            names.count == held.count && held == expected,
+            "\(name): hq's employees and subsidiary-eu's own users are there exactly once (\(held.count) of \(expected.count), "
+                + "\(names.count - held.count) duplicates)")
+        let fromHQ = users.filter { hq.contains($0["userName"]?.stringValue ?? "") }
+        check(
+            !fromHQ.isEmpty && fromHQ.allSatisfy { $0["userType"] == "Guest" && $0["phoneNumbers"] == nil }
+                && users.filter { own.contains($0["userName"]?.stringValue ?? "") }.allSatisfy { $0["userType"] != "Guest" },
+            "\(localApp.name): hq's employees arrived as subsidiary-eu's inbound policy maps them (userType Guest, phones dropped; the burst's users not accepted); its own are not guests"
+        )
+        check(
+            users.first { $0["userName"] == "erin@hq.example" }?["active"] == .bool(false),
+            "\(localApp.name): hq's deactivation shows there (erin@hq.example inactive)")
+        let m = sample(), eu = "\(localDomain) scim_edge_"
+        _ = try runTool("status", edgeBinary, ["status", "--data-dir", "\(dir)/\(localDomain)"])
+        let status = (try? readText("\(dir)/status.log")) ?? ""
+        let foreign =
+            status.split(separator: "\n").first { $0.hasPrefix("foreign ") }.map {
+                $0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().joined(separator: " ")
+            } ?? "?"
+        check(
+            foreign == "\(hq.count) from hq" && m[eu + "downlink_events_refused_total"] == 0,
+            "\(localDomain): none of its own users came back through the downlink (foreign: \(foreign); refused \(int(m[eu + "downlink_events_refused_total"])))"
+        )
+        let dead = m[eu + "target_dead_letters_total{target=\"\(localApp.name)\"}"] ?? -1
+        check(dead == 0, "\(localApp.name): no change refused (dead letters \(Int(dead)))")
     }
 
     func report() -> Bool {
@@ -791,9 +939,13 @@ public final class Sandbox {
                 let dead = m["broker scim_broker_target_dead_letters_total{target=\"\(t.name)\"}"] ?? -1
                 check(dead == 0, "\(t.name): no change refused (dead letters \(Int(dead)))")
             }
+            try verifyLocalBoundary()
             m = drainedMetrics
             say("▶ latencies (the last 10 s before the federation drained, burst included: changes queued behind it wait)")
             say("  deactivation, IdP request → visible at the app: \(fixed(deactivationMs, 1)) ms")
+            say(
+                "  HQ IdP's ack → visible at subsidiary-eu's own app (another boundary): hire \(fixed(localAppMs.first ?? 0, 1)) ms, "
+                    + "deactivation \(fixed(localAppMs.last ?? 0, 1)) ms")
             let b = "broker scim_broker_"
             say(
                 "  agent acceptance → broker commit: p50 \(fixed((m[b + "propagation_seconds{quantile=\"0.5\"}"] ?? 0) * 1000, 1)) ms, "

@@ -15,20 +15,6 @@ import XCTest
 /// acknowledgement (downlink protocol 2), so what entered was decided inside
 /// the boundary and is visible centrally.
 extension DownlinkTests {
-    /// HQ's IdP request with a W3C `traceparent` (trace id `trace`): the status.
-    func createAtHQ(_ port: Int, _ userName: String, trace: String, extra: String = "") throws -> Int {
-        try scim(
-            port, "POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(userName)"\#(extra)}"#,
-            headers: ["traceparent": "00-\(trace)-00f067aa0ba902b7-01"]
-        ).0
-    }
-
-    /// `scim-broker trace --json`: the hops, in the order given.
-    func traceHops(_ what: String) -> [JSON] {
-        guard let out = try? brokerCLI(["trace", "--data-dir", dir.file("broker"), "--json", what]).1 else { return [] }
-        return out.split(separator: "\n").compactMap { try? JSONParser.parse(Array($0.utf8)) }
-    }
-
     func testOneTraceFollowsAChangeIntoTheBoundaryWithItsDecision() throws {
         let (broker, bp) = try startBroker(yaml: brokerYAML)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -118,10 +104,11 @@ extension DownlinkTests {
         return (status, try? JSONParser.parse(bytes))
     }
 
-    /// Protocol 2 stays compatible: a poll without `outcomes` (a version 1
-    /// agent) is served and its acknowledgement recorded as `unreported`;
-    /// malformed outcomes are refused with a precise 400 and acknowledge
-    /// nothing (invariant 7).
+    /// Protocols 2 and 3 stay compatible: a poll without `outcomes` (a
+    /// version 1 agent) is served and its acknowledgement recorded as
+    /// `unreported`; malformed outcomes or app answers are refused with a
+    /// precise 400 and acknowledge nothing (invariant 7); an app answer about
+    /// a change the feed did not carry under that trace is not recorded.
     func testAPollWithoutOutcomesIsUnderstoodAndBadOutcomesAreRefused() throws {
         let (_, bp) = try startBroker(yaml: brokerYAML)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
@@ -131,7 +118,7 @@ extension DownlinkTests {
         let epoch = "0123456789abcdef0123456789abcdef"
         let (status, first) = try poll(bp, cert: us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0}"#)
         XCTAssertEqual(status, 200)
-        XCTAssertEqual(first?["protocol"], 2)
+        XCTAssertEqual(first?["protocol"], 3)
         XCTAssertEqual(first?["events"]?.arrayValue?.count, 2)
         XCTAssertEqual(
             first?["events"]?.arrayValue?.first?["txn"], "7ef92f3577b34da6a3ce929d0e0e4739", "the trace id travels with the event")
@@ -142,14 +129,27 @@ extension DownlinkTests {
         XCTAssertEqual(behind, 400)
         XCTAssertTrue(said?["description"]?.stringValue?.contains("at least 'ackedThrough'") == true, "\(String(describing: said))")
 
+        let answer = #""id":"x","trace":"t","event":"upsert","at":1"#
         for (outcomes, says) in [
-            (#"{"from":0,"through":1,"committed":1}"#, "'outcomes' must name the feed sequences"),
-            (#"{"from":1,"through":2,"committed":1}"#, "at most 'ackedThrough'"),
-            (#"{"from":1,"through":1}"#, "'outcomes.committed'"),
-            (#"{"from":1,"through":1,"committed":1,"notAccepted":[5]}"#, "'outcomes.notAccepted' must list sequences from 1 through 1"),
-            (#"{"from":1,"through":1,"committed":1,"refused":{"1":"no such thing!"}}"#, "'outcomes.refused'"),
+            (#""outcomes":{"from":0,"through":1,"committed":1}"#, "'outcomes' must name the feed sequences"),
+            (#""outcomes":{"from":1,"through":2,"committed":1}"#, "at most 'ackedThrough'"),
+            (#""outcomes":{"from":1,"through":1}"#, "'outcomes.committed'"),
+            (
+                #""outcomes":{"from":1,"through":1,"committed":1,"notAccepted":[5]}"#,
+                "'outcomes.notAccepted' must list sequences from 1 through 1"
+            ),
+            (#""outcomes":{"from":1,"through":1,"committed":1,"refused":{"1":"no such thing!"}}"#, "'outcomes.refused'"),
+            (#""appOutcomes":{}"#, "'appOutcomes' must be an array"),
+            (#""appOutcomes":[{\#(answer),"outcome":"lost"}]"#, "'appOutcomes[0]': 'outcome' must be delivered, unchanged or refused"),
+            (
+                #""appOutcomes":[{\#(answer),"outcome":"delivered"},{\#(answer),"outcome":"delivered","status":42}]"#,
+                "'appOutcomes[1]': 'status' must be an HTTP status"
+            ),
+            (#""appOutcomes":[{\#(answer),"outcome":"refused","scimType":"in valid"}]"#, "'scimType' must be a scimType"),
+            (#""appOutcomes":[{\#(answer),"outcome":"delivered","target":"a/b"}]"#, "'target' must be the local target's name"),
+            (#""appOutcomes":[{"trace":"t","event":"upsert","outcome":"delivered","at":1}]"#, "'id' must be the broker id"),
         ] {
-            let (s, error) = try poll(bp, cert: us, #"{"ackedThrough":1,"epoch":"\#(epoch)","timeoutMs":0,"outcomes":\#(outcomes)}"#)
+            let (s, error) = try poll(bp, cert: us, #"{"ackedThrough":1,"epoch":"\#(epoch)","timeoutMs":0,\#(outcomes)}"#)
             XCTAssertEqual(s, 400, outcomes)
             XCTAssertEqual(error?["error"], "invalid_request", outcomes)
             XCTAssertTrue(error?["description"]?.stringValue?.contains(says) == true, "\(outcomes): \(String(describing: error))")
@@ -163,5 +163,26 @@ extension DownlinkTests {
         let hop = try XCTUnwrap(traceHops("olga").first { $0["hop"] == "boundary acme-us" }, "\(traceHops("olga"))")
         XCTAssertEqual(hop["outcome"], "unreported")
         XCTAssertEqual(hop["trace"], "7ef92f3577b34da6a3ce929d0e0e4739")
+
+        // App answers (protocol 3): one about olga's change under its trace is recorded; one naming
+        // pia's resource under olga's trace, or olga's under a made-up trace, is not.
+        let ids =
+            first?["events"]?.arrayValue?.compactMap {
+                $0["events"]?.objectValue?.members.first?.1["ref"]?.stringValue?.split(separator: "/").last.map(String.init)
+            } ?? []
+        XCTAssertEqual(ids.count, 2)
+        let answers = [
+            (ids[0], "7ef92f3577b34da6a3ce929d0e0e4739"), (ids[1], "7ef92f3577b34da6a3ce929d0e0e4739"),
+            (ids[0], "00000000000000000000000000000001"),
+        ].map {
+            #"{"id":"\#($0.0)","trace":"\#($0.1)","event":"upsert","outcome":"delivered","status":201,"target":"crm","at":\#(Int64(Date().timeIntervalSince1970 * 1000))}"#
+        }
+        let (taken, _) = try poll(
+            bp, cert: us, #"{"ackedThrough":2,"epoch":"\#(epoch)","timeoutMs":0,"appOutcomes":[\#(answers.joined(separator: ","))]}"#)
+        XCTAssertEqual(taken, 200)
+        XCTAssertEqual(traceHops("olga").last?["hop"], "app crm", "\(traceHops("olga"))")
+        XCTAssertEqual(traceHops("olga").filter { $0["hop"] == "app crm" }.count, 1)
+        XCTAssertFalse(traceHops("pia").contains { $0["hop"] == "app crm" }, "\(traceHops("pia"))")
+        XCTAssertTrue(traceHops("00000000000000000000000000000001").isEmpty)
     }
 }

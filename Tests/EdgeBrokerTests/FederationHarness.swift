@@ -186,3 +186,20 @@ struct HarnessError: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
 }
+
+/// One trace across boundaries (`DownlinkTraceTests`, `LocalTargetTests`).
+extension FederationTestCase {
+    /// HQ's IdP request with a W3C `traceparent` (trace id `trace`): the status.
+    func createAtHQ(_ port: Int, _ userName: String, trace: String, extra: String = "") throws -> Int {
+        try scim(
+            port, "POST", "/Users", #"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"\#(userName)"\#(extra)}"#,
+            headers: ["traceparent": "00-\(trace)-00f067aa0ba902b7-01"]
+        ).0
+    }
+
+    /// `scim-broker trace --json`: the hops, in the order given.
+    func traceHops(_ what: String) -> [JSON] {
+        guard let out = try? brokerCLI(["trace", "--data-dir", dir.file("broker"), "--json", what]).1 else { return [] }
+        return out.split(separator: "\n").compactMap { try? JSONParser.parse(Array($0.utf8)) }
+    }
+}

@@ -173,27 +173,24 @@ final class LocalTargetTests: FederationTestCase {
                 .compactMap { $0 })
     }
 
-    /// An HQ user enters the subsidiary through the downlink and reaches the
-    /// subsidiary's own app there with the inbound mapping applied (the
-    /// broker is not configured to reach that app at all); the
-    /// subsidiary's own users reach it too; a deactivation in HQ shows at
-    /// the app; a foreign group arrives with its members as the app's ids.
-    func testAForeignUserFromTheDownlinkReachesTheLocalAppMapped() throws {
-        let (_, refPort) = try startReferenceServer()
-        let (_, bp) = try startBroker(
-            yaml: """
-                targets:
-                  - name: us-boundary
-                    domain: acme-us
-                    routes: [{domains: [acme-de]}]
+    /// The broker routes acme-de's users into boundary acme-us, whose agent
+    /// it is not configured to reach beyond that feed.
+    let boundaryBrokerYAML = """
+        targets:
+          - name: us-boundary
+            domain: acme-us
+            routes: [{domains: [acme-de]}]
 
-                """)
-        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        """
+
+    /// acme-us's agent: the inbound policy (HQ's users as guests, named
+    /// `{userName}@{domain}`) and its local app at `appPort`.
+    func startSubsidiary(brokerPort bp: Int, appPort: Int, port: Int = 0, extraInbound: String = "") throws -> (ChildProcess, Int) {
         let file = dir.write(
             "us.yaml",
             """
             dataDir: \(dir.file("us"))
-            listen: 127.0.0.1:0
+            listen: 127.0.0.1:\(port)
             admin: {listen: 127.0.0.1:0}
             broker: {url: "https://127.0.0.1:\(bp)", ca: \(ca!), cert: \(us.0), key: \(us.1), domain: acme-us, agent: us}
             inbound:
@@ -202,11 +199,23 @@ final class LocalTargetTests: FederationTestCase {
                 set: {userType: Guest}
                 userName: "{userName}@{domain}"
               waitMs: 1000
+            \(extraInbound)
+            """ + targetYAML(appPort, routes: "[{domains: [acme-de, acme-us]}]"))
+        let child = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", file, "--token", "t"])
+        children.append(child)
+        return (child, try self.port(of: child, "scim-edge"))
+    }
 
-            """ + targetYAML(refPort, routes: "[{domains: [acme-de, acme-us]}]"))
-        let usAgent = try ChildProcess(productsDirectory + "/scim-edge", ["serve", "--config", file, "--token", "t"])
-        children.append(usAgent)
-        let up = try port(of: usAgent, "scim-edge")
+    /// An HQ user enters the subsidiary through the downlink and reaches the
+    /// subsidiary's own app there with the inbound mapping applied (the
+    /// broker is not configured to reach that app at all); the
+    /// subsidiary's own users reach it too; a deactivation in HQ shows at
+    /// the app; a foreign group arrives with its members as the app's ids.
+    func testAForeignUserFromTheDownlinkReachesTheLocalAppMapped() throws {
+        let (_, refPort) = try startReferenceServer()
+        let (_, bp) = try startBroker(yaml: boundaryBrokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        let (usAgent, up) = try startSubsidiary(brokerPort: bp, appPort: refPort)
         XCTAssertEqual(try createUser(up, "bob"), 201, "the subsidiary's own user")
         XCTAssertEqual(
             try scim(
@@ -245,5 +254,78 @@ final class LocalTargetTests: FederationTestCase {
         XCTAssertEqual(held(refPort).count, 2, "alice and bob, once each")
         let trace = try edgeCLI(["targets", "trace", "--data-dir", dir.file("us"), "alice@acme-de"])
         XCTAssertTrue(trace.1.contains("target app"), trace.1)
+    }
+
+    /// One trace from HQ's IdP request to the answer of the subsidiary's
+    /// own app (issue 16, point 5): the agent reports its app's answer up
+    /// with a later poll (downlink protocol 3), and `scim-broker trace` ends
+    /// with it, at its time, a refusal by the app too (its kind only: the
+    /// app's detail stays inside). With `reportApps: anonymous` the answer
+    /// still goes up, the app's name withheld; nothing of the subsidiary's
+    /// own users goes up at all.
+    func testOneTraceEndsWithTheLocalAppsAnswerARefusalToo() throws {
+        let (_, refPort) = try startReferenceServer()
+        let app = try AppProxy(to: refPort)
+        app.refuse.withLock { $0.insert("carol@acme-de") }
+        let (broker, bp) = try startBroker(yaml: boundaryBrokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var (usAgent, up) = try startSubsidiary(brokerPort: bp, appPort: app.port)
+        XCTAssertEqual(try createUser(up, "bob"), 201, "the subsidiary's own user: its delivery is nobody else's business")
+        let delivered = "4bf92f3577b34da6a3ce929d0e0e4736", refused = "5cf92f3577b34da6a3ce929d0e0e4737"
+        XCTAssertEqual(try createAtHQ(dp, "alice", trace: delivered), 201)
+        XCTAssertEqual(try createAtHQ(dp, "carol", trace: refused), 201)
+        func appHop(_ trace: String) -> JSON? { traceHops(trace).first { $0["hop"]?.stringValue?.hasPrefix("app") == true } }
+        XCTAssertTrue(
+            eventually(seconds: 30) { appHop(delivered) != nil && appHop(refused) != nil },
+            "\(traceHops(delivered)) \(usAgent.output.suffix(10))")
+
+        let hops = traceHops(delivered)
+        XCTAssertEqual(
+            hops.compactMap { $0["hop"]?.stringValue },
+            ["agent accept", "broker apply", "feed us-boundary", "boundary acme-us", "app app"], "\(hops)")
+        let times = hops.compactMap { $0["at"]?.numberValue?.integer }
+        XCTAssertEqual(times.count, 5)
+        XCTAssertEqual(times, times.sorted(), "each hop at its time, in the order the change took them")
+        XCTAssertTrue(hops.allSatisfy { $0["trace"]?.stringValue == delivered })
+        let answer = try XCTUnwrap(hops.count == 5 ? hops[4] : nil)
+        XCTAssertEqual(answer["status"], 201)
+        XCTAssertEqual(answer["outcome"], "delivered")
+        XCTAssertEqual(answer["event"], "upsert")
+        XCTAssertEqual(answer["boundary"], "acme-us")
+        XCTAssertNotNil(held(refPort)["alice@acme-de"])
+
+        let refusal = try XCTUnwrap(appHop(refused))
+        XCTAssertEqual(refusal["hop"], "app app")
+        XCTAssertEqual(refusal["outcome"], "refused")
+        XCTAssertEqual(refusal["status"], 400)
+        XCTAssertEqual(refusal["scimType"], "invalidValue")
+        XCTAssertFalse(
+            String(decoding: refusal.serialized(), as: UTF8.self).contains("not here"), "the app's detail stays inside: \(refusal)")
+        XCTAssertEqual(traceHops(refused).last?["hop"], "app app", "the refusal ends the trace")
+
+        // The text form, as an operator reads it.
+        let text = try brokerCLI(["trace", "--data-dir", dir.file("broker"), delivered]).1
+        XCTAssertTrue(text.contains("\tapp app\tevent upsert outcome delivered status 201"), text)
+        let refusedText = try brokerCLI(["trace", "--data-dir", dir.file("broker"), refused]).1
+        XCTAssertTrue(refusedText.contains("status 400 scimType invalidValue"), refusedText)
+        let metrics = try brokerMetrics(broker)
+        for (outcome, n) in [("delivered", 1), ("refused", 1), ("unmatched", 0)] {
+            XCTAssertTrue(
+                metrics.contains(
+                    #"scim_broker_downlink_app_outcomes_total{domain="acme-us",target="us-boundary",outcome="\#(outcome)"} \#(n)"#),
+                "\(outcome): " + metrics.split(separator: "\n").filter { $0.contains("app_outcomes") }.joined(separator: "\n"))
+        }
+        XCTAssertTrue(eventually(seconds: 10) { self.metric(usAgent, "scim_edge_downlink_app_outcomes_pending") == 0 })
+
+        // The name withheld: the answer still ends the trace, as `app`.
+        usAgent.signal(SIGTERM)
+        _ = usAgent.waitForExit()
+        (usAgent, up) = try startSubsidiary(brokerPort: bp, appPort: app.port, port: up, extraInbound: "  reportApps: anonymous\n")
+        let withheld = "6df92f3577b34da6a3ce929d0e0e4738"
+        XCTAssertEqual(try createAtHQ(dp, "dora", trace: withheld), 201)
+        XCTAssertTrue(eventually(seconds: 30) { appHop(withheld) != nil }, "\(traceHops(withheld)) \(usAgent.output.suffix(10))")
+        XCTAssertEqual(appHop(withheld)?["hop"], "app")
+        XCTAssertEqual(appHop(withheld)?["status"], 201)
+        XCTAssertFalse(String(decoding: try XCTUnwrap(appHop(withheld)).serialized(), as: UTF8.self).contains("\"app app\""))
     }
 }

@@ -37,8 +37,15 @@ final class SandboxTests: XCTestCase {
         client.send("GET /scim/v2/Users?count=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sandbox-api-token\r\n\r\n")
         let answer = try XCTUnwrap(client.readResponses(1).first)
         XCTAssertEqual(answer.status, 200)
-        // 211: 13 hires, 2 out of the partner's scope, the burst of 200 (no directory here).
-        XCTAssertTrue(answer.body.contains(#""totalResults":211"#), "the federation as the scenario left it: \(answer.body)")
+        // 212: 14 hires, 2 out of the partner's scope, the burst of 200 (no directory here).
+        XCTAssertTrue(answer.body.contains(#""totalResults":212"#), "the federation as the scenario left it: \(answer.body)")
+        // subsidiary-eu's own app, with HQ's employees its agent provisioned and its own users.
+        let euApp = try XCTUnwrap(c.waitForLine("  subsidiary-eu's app ", seconds: 5))
+        let euPort = try XCTUnwrap(Int(euApp.split(separator: ":")[2].prefix { $0.isNumber }), euApp)
+        let euClient = try RawClient(port: euPort)
+        euClient.send("GET /Users?count=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer eu-app-token\r\nConnection: close\r\n\r\n")
+        let held = try XCTUnwrap(euClient.readResponses(1).first)
+        XCTAssertTrue(held.body.contains(#""totalResults": 10"#), "hq's 6 employees and subsidiary-eu's 4: \(held.body)")
         // Ctrl-C reaches the sandbox (the child of `script` on the terminal).
         let pgrep = try ChildProcess("/usr/bin/pgrep", ["-P", String(c.process.processIdentifier), "-f", "scim-edge sandbox"])
         XCTAssertEqual(pgrep.waitForExit(), 0)
@@ -69,15 +76,30 @@ final class SandboxTests: XCTestCase {
         XCTAssertTrue(
             out.contains { $0.hasPrefix("  at the app after ") && $0.hasSuffix("(ldapmodify → slapd → agent (syncrepl) → broker → app)") })
         for holder in ["broker", "app", "reference"] {
-            // 216: the terminal test's 211 and the directory's 5 (4 loaded, 1 hired by ldapmodify).
+            // 217: the terminal test's 212 and the directory's 5 (4 loaded, 1 hired by ldapmodify).
             XCTAssertTrue(
-                out.contains("  ✔ \(holder): every user that should be there is there exactly once (216 of 216, 0 duplicates)"),
+                out.contains("  ✔ \(holder): every user that should be there is there exactly once (217 of 217, 0 duplicates)"),
                 "\(holder): \(out.joined(separator: "\n"))")
             XCTAssertTrue(out.contains("  ✔ \(holder): the directory's users arrived, its modify and its disabled account too"))
             XCTAssertTrue(out.contains("  ✔ \(holder): every group is there once, directory-staff with the directory's members"))
         }
         XCTAssertTrue(out.contains { $0.hasPrefix("  inactive at the app after ") })
         XCTAssertTrue(out.contains { $0.hasPrefix("  agent acceptance → app's answer: p50 ") })
+        // Into another boundary: subsidiary-eu's own app, which the broker does not reach, provisioned by its agent.
+        // 10: hq's 6 employees (the burst's users are not accepted) and subsidiary-eu's own 4.
+        for line in [
+            "  ✔ eu-app (inside subsidiary-eu, not reachable by the broker): hq's employees and subsidiary-eu's own users are there exactly once (10 of 10, 0 duplicates)",
+            "  ✔ eu-app: hq's employees arrived as subsidiary-eu's inbound policy maps them (userType Guest, phones dropped; the burst's users not accepted); its own are not guests",
+            "  ✔ eu-app: hq's deactivation shows there (erin@hq.example inactive)",
+            "  ✔ subsidiary-eu: none of its own users came back through the downlink (foreign: 6 from hq; refused 0)",
+            "  ✔ eu-app: no change refused (dead letters 0)",
+        ] {
+            XCTAssertTrue(out.contains(line), "\(line)\n\(out.joined(separator: "\n"))")
+        }
+        XCTAssertTrue(
+            out.contains {
+                $0.hasPrefix("  HQ IdP's ack → visible at subsidiary-eu's own app (another boundary): hire ") && $0.hasSuffix(" ms")
+            })
         // Nothing left behind.
         let first = try XCTUnwrap(out.first)
         let dir = String(try XCTUnwrap(first.split(separator: " ").last))
@@ -95,7 +117,7 @@ final class SandboxTests: XCTestCase {
         let dir = String(try XCTUnwrap(c.output.first?.split(separator: " ").last))
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let children = try childProcesses(of: c.process.processIdentifier)
-        XCTAssertGreaterThanOrEqual(children.count, 5, "app, broker and three agents: \(children)")
+        XCTAssertGreaterThanOrEqual(children.count, 6, "app, eu-app, broker and three agents: \(children)")
         c.signal(SIGKILL)
         _ = c.waitForExit(seconds: 10)
         let deadline = Date().addingTimeInterval(20)
