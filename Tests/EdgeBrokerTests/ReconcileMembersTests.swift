@@ -95,6 +95,13 @@ final class ReconcileMembersTests: XCTestCase {
         }
     }
 
+    /// The fake target as target "app", every resource routed to it.
+    func appTarget(_ server: ServerHarness) throws -> TargetConfiguration {
+        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
+        target.routes = [try Route()]
+        return target
+    }
+
     /// A user's account at the fake target.
     static func account(_ brokerID: String) -> String { "t-" + brokerID.dropFirst(2) }
 
@@ -166,8 +173,7 @@ final class ReconcileMembersTests: XCTestCase {
         let held = Locked(Held())
         let server = try fakeTarget(held)
         defer { _ = server.stop() }
-        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-        target.routes = [try Route()]
+        let target = try appTarget(server)
         // The directory: users 0..<20,010, a group "all" of users 0..<20,000, all delivered there.
         let users = Self.members + Self.others
         let store = try deliveredDirectory(path: dir.file("broker"), users: users, members: Self.members, to: target, held, indexed: true)
@@ -227,8 +233,7 @@ final class ReconcileMembersTests: XCTestCase {
         let held = Locked(Held())
         let server = try fakeTarget(held)
         defer { _ = server.stop() }
-        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-        target.routes = [try Route()]
+        let target = try appTarget(server)
         let n = 6_000
         let store = try deliveredDirectory(path: dir.file("broker"), users: n, members: n, to: target, held, indexed: true)
         let gone = Set((0..<5_000).map(ListFixture.brokerID))
@@ -281,8 +286,7 @@ final class ReconcileMembersTests: XCTestCase {
         let held = Locked(Held())
         let server = try fakeTarget(held)
         defer { _ = server.stop() }
-        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-        target.routes = [try Route()]
+        let target = try appTarget(server)
         let store = try deliveredDirectory(path: dir.file("broker"), users: 4, members: 4, to: target, held, indexed: true)
         // Users 1 and 2 have accounts named by 450 and 600 bytes there (the target chose them).
         let long = [1: "L" + String(repeating: "x", count: 449), 2: "M" + String(repeating: "y", count: 599)]
@@ -328,8 +332,7 @@ final class ReconcileMembersTests: XCTestCase {
             let held = Locked(Held())
             let server = try fakeTarget(held)
             defer { _ = server.stop() }
-            var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-            target.routes = [try Route()]
+            let target = try appTarget(server)
             let path = dir.file("broker-\(n)")
             _ = try deliveredDirectory(path: path, users: n, members: n, to: target, held, indexed: true)
             held.withLock { $0.memberValues = (1..<n).map { Self.account(ListFixture.brokerID($0)) } }
