@@ -33,6 +33,35 @@ public final class BrokerAPI {
         type.id == "Group" && projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
     }
 
+    /// A GET of a large group (more than `streamedArrayAbove` members):
+    /// its attributes (projected), then its members from the index, a chunk
+    /// at a time as the connection drains (chunked coding), each projected
+    /// when the projection keeps only some of their sub-attributes. Memory
+    /// holds a chunk, not the group.
+    func streamedGroup(_ group: JSONObject, id: String, _ projection: Projection?, _ type: ResourceType) -> HTTPResponse {
+        var head = JSON.object(projection?.apply(to: group) ?? group).serialized()
+        head.removeLast()  // the closing brace: the members follow
+        // A member with every sub-attribute there is: if the projection keeps it whole, members go as stored.
+        let every = JSONObject(
+            (brokerRegistry.schema(type.schema)?.attribute("members")?.subAttributes ?? []).map { (key: $0.name, value: JSON.string("x")) })
+        var element: (([UInt8]) throws -> [UInt8]?)?
+        if let projection, projection.apply(to: ["members": [.object(every)]])["members"] != [.object(every)] {
+            element = { stored in
+                let kept = projection.apply(to: ["members": [try JSONParser.parse(stored, limits: .stored)]])
+                return kept["members"]?.arrayValue?.first?.serialized()
+            }
+        }
+        let members = store.memberStream(of: id, element: element)
+        var response = HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"])
+        var sentHead = false
+        response.stream = BodyStream {
+            if sentHead { return try members.next() }
+            sentHead = true
+            return head
+        }
+        return response
+    }
+
     static func respond(_ status: Int, _ body: JSON) -> HTTPResponse {
         HTTPResponse(status: status, headers: ["Content-Type": "application/scim+json"], body: body.serialized())
     }
@@ -85,37 +114,24 @@ public final class BrokerAPI {
                 guard let params = request.query.map(parseQueryString) ?? [:] else {
                     throw SCIMError.invalidSyntax("malformed query string")
                 }
-                if request.query == nil {
-                    // As stored, with its members (no projection asked for); a large group streamed.
-                    guard let r = try store.resource(brokerID: parts[1], members: false), r.type == type.id else {
-                        throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
-                    }
-                    if type.id == "Group", try store.hasMoreMembers(parts[1], than: streamedArrayAbove) {
-                        var head = JSON.object(r.resource).serialized()
-                        head.removeLast()  // the closing brace: the members follow
-                        let members = store.memberStream(of: parts[1])
-                        var response = HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"])
-                        var sentHead = false
-                        response.stream = BodyStream {
-                            if sentHead { return try members.next() }
-                            sentHead = true
-                            return head
-                        }
-                        return response
-                    }
-                    return Self.respond(200, .object(try store.withMembers(r.resource)))
-                }
-                let projection = try ListQuery(
-                    parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
-                    registry: brokerRegistry, type: type, maxResults: maxResults
-                ).projection
-                guard
-                    let r = try store.resource(brokerID: parts[1], members: Self.returnsMembers(projection, type)),
-                    r.type == type.id
-                else {
+                // As stored, with its members, when no projection is asked for.
+                let projection =
+                    request.query == nil
+                    ? nil
+                    : try ListQuery(
+                        parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
+                        registry: brokerRegistry, type: type, maxResults: maxResults
+                    ).projection
+                // A projection without members never reads the members index.
+                let members = type.id == "Group" && projection.map { Self.returnsMembers($0, type) } ?? true
+                guard let r = try store.resource(brokerID: parts[1], members: false), r.type == type.id else {
                     throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
                 }
-                return Self.respond(200, .object(projection.apply(to: r.resource)))
+                if members, try store.hasMoreMembers(parts[1], than: streamedArrayAbove) {
+                    return streamedGroup(r.resource, id: parts[1], projection, type)
+                }
+                let resource = members ? try store.withMembers(r.resource) : r.resource
+                return Self.respond(200, .object(projection?.apply(to: resource) ?? resource))
             }
             let query: ListQuery
             if isSearch {

@@ -165,12 +165,14 @@ extension BrokerStore {
         }
     }
 
-    /// The rest of a streamed group body: its members a chunk at a time, then `]}` (`storedArrayPieces`).
-    func memberStream(of groupID: String) -> BodyStream {
+    /// The rest of a streamed group body: its members a chunk at a time,
+    /// then `]}` (`storedArrayPieces`); `element` turns each stored member
+    /// into what is sent (a projection's sub-attributes), nil: as stored.
+    func memberStream(of groupID: String, element: (([UInt8]) throws -> [UInt8]?)? = nil) -> BodyStream {
         BodyStream(
             storedArrayPieces(
                 environment, groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
-                member: BrokerStore.membersMember, chunk: BrokerStore.memberChunk))
+                member: BrokerStore.membersMember, chunk: BrokerStore.memberChunk, element: element))
     }
 
     /// The group with its `members` from the index, in a snapshot of its own.

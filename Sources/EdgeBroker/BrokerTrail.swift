@@ -97,7 +97,7 @@ extension BrokerStore {
                 // An account at a target.
                 for name in targetNames.sorted() {
                     for type in ["User", "Group"] {
-                        if let owner = try txn.get(targetOwners, prefixed(name, "\(type)/\(idOrTrace)")) {
+                        if let owner = try txn.get(targetOwners, ownerKey(name, type, idOrTrace)) {
                             add(String(decoding: owner, as: UTF8.self))
                         }
                     }

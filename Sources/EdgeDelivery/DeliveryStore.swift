@@ -1,5 +1,6 @@
 import EdgeLoop
 import EdgeStore
+import EdgeTLS
 import Glibc
 import SCIM
 
@@ -201,6 +202,21 @@ package let trailRetentionMicroseconds: Int64 = 7 * 86_400 * 1_000_000
 package func prefixed(_ name: String, _ tail: [UInt8]) -> [UInt8] { Array(name.utf8) + [0] + tail }
 package func prefixed(_ name: String, _ tail: String) -> [UInt8] { Array(name.utf8) + [0] + Array(tail.utf8) }
 package func prefixEnd(_ name: String) -> [UInt8] { Array(name.utf8) + [1] }
+
+/// An id chosen elsewhere (an account's id at a target, an externalId) as
+/// (part of) an LMDB key, for storing and looking up alike: its bytes, or
+/// for one longer than 400 bytes (LMDB keys hold at most 511) 0xFF then its
+/// SHA-256. 0xFF is never in UTF-8, so the two never meet; ids keep their
+/// order among themselves.
+package func boundedKey(_ id: String) -> [UInt8] {
+    let bytes = Array(id.utf8)
+    return bytes.count <= 400 ? bytes : [0xFF] + sha256(bytes)
+}
+
+/// The key of `targetOwners` naming the broker id whose account at `target` `targetID` is.
+package func ownerKey(_ target: String, _ type: String, _ targetID: String) -> [UInt8] {
+    prefixed(target, Array("\(type)/".utf8) + boundedKey(targetID))
+}
 
 /// The console settles "all" dead letters it showed, and more arrived since.
 public enum DeadLetterError: Error, CustomStringConvertible, Equatable {
@@ -673,8 +689,8 @@ package extension DeliveryTables {
     ) throws {
         let key = prefixed(target, brokerID)
         if let old = try txn.get(targetIds, key).flatMap(TargetMapping.init), old.targetID != mapping?.targetID {
-            let ownerKey = prefixed(target, "\(type)/\(old.targetID)")
-            if try txn.get(targetOwners, ownerKey).map({ String(decoding: $0, as: UTF8.self) }) == brokerID {
+            let oldOwner = ownerKey(target, type, old.targetID)
+            if try txn.get(targetOwners, oldOwner).map({ String(decoding: $0, as: UTF8.self) }) == brokerID {
                 // A shared (linked) account stays owned while another linked
                 // user's mapping still names it: the entry moves to that user.
                 var heir: String?
@@ -686,12 +702,12 @@ package extension DeliveryTables {
                         }
                     }
                 }
-                if let heir { try txn.put(targetOwners, ownerKey, Array(heir.utf8)) } else { _ = try txn.delete(targetOwners, ownerKey) }
+                if let heir { try txn.put(targetOwners, oldOwner, Array(heir.utf8)) } else { _ = try txn.delete(targetOwners, oldOwner) }
             }
         }
         if let mapping {
             try txn.put(targetIds, key, mapping.json.serialized())
-            try txn.put(targetOwners, prefixed(target, "\(type)/\(mapping.targetID)"), Array(brokerID.utf8))
+            try txn.put(targetOwners, ownerKey(target, type, mapping.targetID), Array(brokerID.utf8))
         } else if try txn.delete(targetIds, key), type == "Group" {
             // What the target held of the group's members is forgotten after this, a chunk a transaction.
             try clearGroupIndexLater(target: target, group: brokerID, txn)
@@ -702,7 +718,7 @@ package extension DeliveryTables {
     func accountOwner(target: String, type: String, targetID: String) throws -> String? {
         let targetOwners = self.targetOwners
         return try environment.read { txn in
-            try txn.get(targetOwners, prefixed(target, "\(type)/\(targetID)")).map { String(decoding: $0, as: UTF8.self) }
+            try txn.get(targetOwners, ownerKey(target, type, targetID)).map { String(decoding: $0, as: UTF8.self) }
         }
     }
 

@@ -19,7 +19,11 @@ public struct ReconcileReport: Sendable {
     public var relinked = 0
     public var expected = 0
     public var seen = 0
-    /// Fixes queued with `--apply`.
+    /// Members of drifted groups the target lacks, and members of the broker's it holds that it should not.
+    public var membersMissing = 0
+    public var membersExtra = 0
+    /// Fixes queued with `--apply` (queue items: a group's members repaired
+    /// in chunks take one a chunk).
     public var queued = 0
     /// The trace id the fixes carry (`scim-broker trace`).
     public var trace = ""
@@ -29,6 +33,7 @@ public struct ReconcileReport: Sendable {
             "expected": .int(expected), "seen": .int(seen), "missing": .array(missing.map { .string($0) }),
             "drifted": .array(drifted.map { ["id": .string($0.brokerID), "attributes": .array($0.attributes.map { .string($0) })] }),
             "strays": .array(strays.map { ["targetId": .string($0.targetID), "id": .string($0.brokerID), "type": .string($0.type)] }),
+            "membersMissing": .int(membersMissing), "membersExtra": .int(membersExtra),
             "foreign": .int(foreign), "relinked": .int(relinked), "queued": .int(queued), "trace": .string(trace),
         ]
     }
@@ -48,10 +53,11 @@ public enum ReconcileError: Error, CustomStringConvertible {
 /// drift (full PUT), deactivate the strays the broker created.
 /// Runs its own loop: for the CLI, beside (or without) a running broker.
 /// `client` sets the HTTP client's limits (its body limit bounds a page of
-/// the listings; a group's members are streamed past it).
+/// the listings; a group's members are streamed past it); `repairChunk`,
+/// how many differing members of a group one repair transaction holds.
 package func reconcile(
     store: some DeliveryTables, target: TargetConfiguration, apply: Bool, pageSize: Int = 200,
-    client clientOptions: HTTPClientOptions = HTTPClientOptions()
+    client clientOptions: HTTPClientOptions = HTTPClientOptions(), repairChunk: Int = 1000
 ) throws -> ReconcileReport {
     let loop = try EventLoop()
     defer { _ = loop.close() }
@@ -197,17 +203,21 @@ package func reconcile(
             }
             let groupMapping = type == "Group" ? try mapping(brokerID) : nil
             // A group's members: compared (and with `apply` queued) one group at a time.
-            let membersDrift =
-                try type == "Group"
-                && (reconcileMembers(
+            let members =
+                type == "Group"
+                ? try reconcileMembers(
                     store: store, target: target, group: brokerID, mapping: groupMapping,
-                    held: try streamMembers("\(endpoint)/\(tid)") ? scratch : nil, apply: apply, trace: trace))
+                    held: try streamMembers("\(endpoint)/\(tid)") ? scratch : nil, apply: apply, trace: trace, repairChunk: repairChunk)
+                : MemberDifference()
+            let membersDrift = members.differs
+            report.membersMissing += members.missing
+            report.membersExtra += members.extra
+            report.queued += members.queued
             if membersDrift { differing.append("members") }
             if !differing.isEmpty {
                 report.drifted.append((brokerID, differing))
                 // A full PUT queued for the members sends the attributes too.
                 let putQueued = membersDrift && groupMapping?.members == nil
-                if apply && membersDrift { report.queued += 1 }
                 if apply && differing != ["members"] && !putQueued {
                     // Unknown target state: the next delivery is a full PUT; a
                     // group delivered from the member index keeps its index and
@@ -221,7 +231,7 @@ package func reconcile(
                             mapping: TargetMapping(targetID: tid, etag: nil, sent: nil, link: linkValue),
                             linked: candidates, linkPolicy: link, trace: trace)
                     }
-                    if !membersDrift { report.queued += 1 }
+                    report.queued += 1
                 }
             }
         }
@@ -270,23 +280,44 @@ package func reconcile(
     return report
 }
 
+/// What `reconcileMembers` found of one group's members, and queued.
+struct MemberDifference {
+    /// Members the target lacks, and members of the broker's it holds that it should not.
+    var missing = 0, extra = 0
+    /// Queue items (with `apply`): one per repaired chunk, or one full PUT.
+    var queued = 0
+    var differs: Bool { missing + extra > 0 }
+}
+
 /// Compares one group's members at the target (`held`: their values as it
 /// answered a GET of that group, in the scratch file; nil when it left
 /// `members` out) with the directory's, read a chunk at a time, each member
 /// named by its account there and claimed in the scratch file: what nothing
-/// claims is extra. Memory holds a chunk and the differences, not the
-/// group. Members of its own that the target holds (not created by the
-/// broker) are left alone.
+/// claims is extra. Members of its own that the target holds (not created by
+/// the broker) are left alone. Memory holds a chunk, not the group nor the
+/// differences.
 /// With `apply`, a group delivered from the member index gets just the
-/// differing members queued (`repairGroupMembers`); any other gets a full
-/// PUT. Returns whether they differ.
+/// differing members queued, `repairChunk` of them a transaction
+/// (`repairGroupMembers`, each its own commit with its own queue item: a
+/// run killed in the middle leaves what it committed queued, and a rerun
+/// finds the rest); any other gets a full PUT.
 func reconcileMembers(
     store: some DeliveryTables, target: TargetConfiguration, group: String, mapping: TargetMapping?, held: ReconcileScratch?, apply: Bool,
-    trace: String
-) throws -> Bool {
+    trace: String, repairChunk: Int = 1000
+) throws -> MemberDifference {
     // A target that leaves `members` out of a GET of the group says nothing of them.
-    guard let held else { return false }
+    guard let held else { return MemberDifference() }
+    var difference = MemberDifference()
+    let repair = apply && mapping?.members != nil
     var missing: [String] = []
+    var extra: [(member: String, targetID: String)] = []
+    func flush() throws {
+        guard repair, !missing.isEmpty || !extra.isEmpty else { return }
+        try store.repairGroupMembers(target: target.name, group: group, missing: missing, extra: extra, trace: trace)
+        difference.queued += 1
+        missing.removeAll(keepingCapacity: true)
+        extra.removeAll(keepingCapacity: true)
+    }
     try store.forEachMemberID(of: group) { ids in
         // As delivery does: a member is sent once it has an account there.
         let accounts = try ids.compactMap { id -> (member: String, targetID: String)? in
@@ -294,27 +325,32 @@ func reconcileMembers(
         }
         // Linked users share one account there: one member stands for them all (claiming twice is harmless).
         let found = try held.claimMembers(accounts.map(\.targetID))
-        for (k, account) in accounts.enumerated() where !found[k] { missing.append(account.member) }
+        for (k, account) in accounts.enumerated() where !found[k] {
+            difference.missing += 1
+            guard repair else { continue }
+            missing.append(account.member)
+            if missing.count == repairChunk { try flush() }
+        }
     }
     // Only users the broker created there are the broker's to remove (an id is a user's by its owner entry,
     // never by another type's account that happens to share the id).
-    var extra: [(member: String, targetID: String)] = []
     try held.forEachUnclaimedMember { tids in
         for tid in tids {
-            if let owner = try store.accountOwner(target: target.name, type: "User", targetID: tid) { extra.append((owner, tid)) }
+            guard let owner = try store.accountOwner(target: target.name, type: "User", targetID: tid) else { continue }
+            difference.extra += 1
+            guard repair else { continue }
+            extra.append((owner, tid))
+            if missing.count + extra.count == repairChunk { try flush() }
         }
     }
-    guard !missing.isEmpty || !extra.isEmpty else { return false }
-    if apply, let mapping {
-        if mapping.members != nil {
-            try store.repairGroupMembers(target: target.name, group: group, missing: missing, extra: extra, trace: trace)
-        } else {
-            try store.enqueue(
-                target: target.name, brokerID: group, type: "Group", .upsert,
-                mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), trace: trace)
-        }
+    try flush()
+    if apply, difference.differs, let mapping, mapping.members == nil {
+        try store.enqueue(
+            target: target.name, brokerID: group, type: "Group", .upsert,
+            mapping: TargetMapping(targetID: mapping.targetID, etag: nil, sent: nil), trace: trace)
+        difference.queued += 1
     }
-    return true
+    return difference
 }
 
 /// Whether the target's value holds what the broker sends: objects by
@@ -427,11 +463,9 @@ final class ReconcileScratch {
         try environment.write { txn in
             for o in page {
                 guard let id = o["id"]?.stringValue, !id.isEmpty else { continue }
-                // LMDB keys hold at most 511 bytes: a longer id is kept under its digest.
                 try txn.put(accounts, ReconcileScratch.key(id), JSON.object(o).serialized())
-                // Relinking looks up the store's own ids (short): a longer externalId (a DN, a URN) is not indexed.
-                if let e = o["externalId"]?.stringValue, !e.isEmpty, e.utf8.count <= 400 {
-                    try txn.put(external, Array(e.utf8), Array(id.utf8))
+                if let e = o["externalId"]?.stringValue, !e.isEmpty {
+                    try txn.put(external, ReconcileScratch.key(e), Array(id.utf8))
                 }
             }
         }
@@ -441,12 +475,12 @@ final class ReconcileScratch {
 
     func account(_ id: String) throws -> JSONObject? {
         try environment.read { txn in
-            try txn.get(accounts, Array(id.utf8)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
+            try txn.get(accounts, ReconcileScratch.key(id)).flatMap { try JSONParser.parse($0, limits: .stored).objectValue }
         }
     }
 
     func byExternal(_ externalID: String) throws -> String? {
-        try environment.read { txn in try txn.get(external, Array(externalID.utf8)).map { String(decoding: $0, as: UTF8.self) } }
+        try environment.read { txn in try txn.get(external, ReconcileScratch.key(externalID)).map { String(decoding: $0, as: UTF8.self) } }
     }
 
     func claim(_ id: String) throws { try environment.write { txn in try txn.put(claimed, ReconcileScratch.key(id), []) } }
@@ -508,11 +542,9 @@ final class ReconcileScratch {
         }
     }
 
-    /// An account's key: its id, or for an id too long for an LMDB key its SHA-256 (hex).
-    static func key(_ id: String) -> [UInt8] {
-        let bytes = Array(id.utf8)
-        return bytes.count <= 400 ? bytes : Array(("#" + hexString(sha256(bytes))).utf8)
-    }
+    /// The key of an id (or externalId) in every table of the scratch file,
+    /// for storing and looking up alike (`boundedKey`: a long id under its digest).
+    static func key(_ id: String) -> [UInt8] { boundedKey(id) }
 
     /// The accounts nothing claimed, in id order, a chunk at a time.
     func forEachUnclaimed(_ body: (String, JSONObject) throws -> Void) throws {

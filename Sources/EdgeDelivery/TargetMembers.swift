@@ -191,7 +191,7 @@ package extension DeliveryTables {
             for member in sent["members"]?.arrayValue ?? [] {
                 // A member the broker did not send (the target's own) is not ours to track.
                 guard let tid = member["value"]?.stringValue,
-                    let owner = try txn.get(targetOwners, prefixed(target, "User/\(tid)")).map({ String(decoding: $0, as: UTF8.self) })
+                    let owner = try txn.get(targetOwners, ownerKey(target, "User", tid)).map({ String(decoding: $0, as: UTF8.self) })
                 else { continue }
                 if try holdMember(target: target, group: group, member: owner, targetID: tid, txn) { count += 1 }
             }

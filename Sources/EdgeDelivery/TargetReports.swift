@@ -96,6 +96,8 @@ package enum TargetReports {
             "\(name): \(report.expected) expected, \(report.seen) at the target: \(report.missing.count) missing, "
                 + "\(report.drifted.count) drifted, \(report.strays.count) strays, \(report.foreign) not created by the broker"
                 + (report.relinked > 0 ? ", \(report.relinked) relinked by externalId" : "")
+                + (report.membersMissing + report.membersExtra > 0
+                    ? "; members of drifted groups: \(report.membersMissing) missing, \(report.membersExtra) extra" : "")
         ]
         out += report.missing.map { "missing\t\($0)" }
         out += report.drifted.map { "drifted\t\($0.brokerID)\t\($0.attributes.joined(separator: ","))" }

@@ -7,10 +7,13 @@ public let streamedArrayAbove = 1000
 /// a read snapshot of its own, then the object's closing brace: for a body
 /// streamed as the connection drains (memory holds one chunk). A range
 /// changing while it is read shows each element as one of those snapshots
-/// saw it. `member` is the opening (`,"members":[`); an empty range gives
+/// saw it. `member` is the opening (`,"members":[`); `element`, when given,
+/// turns a stored value into the element sent (nil: none for it, as a
+/// projection leaves out an element with nothing kept). No element gives
 /// just `}`. Returns nil after the last piece.
 public func storedArrayPieces(
-    _ environment: Environment, _ db: Database, from prefix: [UInt8], to end: [UInt8], member: [UInt8], chunk: Int
+    _ environment: Environment, _ db: Database, from prefix: [UInt8], to end: [UInt8], member: [UInt8], chunk: Int,
+    element: (([UInt8]) throws -> [UInt8]?)? = nil
 ) -> () throws -> [UInt8]? {
     var from: [UInt8]? = prefix, first = true
     return {
@@ -18,11 +21,15 @@ public func storedArrayPieces(
         var piece: [UInt8] = [], n = 0, last: [UInt8] = []
         try environment.read { txn in
             try txn.scan(db, from: start, to: end) { k, v in
-                piece.append(contentsOf: first ? member : [UInt8(ascii: ",")])
-                first = false
-                piece.append(contentsOf: v)
                 last = k
                 n += 1
+                let sent: [UInt8]?
+                if let element { sent = try element(v) } else { sent = v }
+                if let sent {
+                    piece.append(contentsOf: first ? member : [UInt8(ascii: ",")])
+                    first = false
+                    piece.append(contentsOf: sent)
+                }
                 return n < chunk
             }
         }

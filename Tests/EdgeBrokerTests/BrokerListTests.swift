@@ -485,6 +485,25 @@ final class BrokerListAPITests: FederationTestCase {
         XCTAssertEqual(doc["displayName"], "all staff")
         XCTAssertEqual(
             Set(doc["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []), Set((0..<5_000).map(ListFixture.brokerID)))
+        // So is a GET with a projection that keeps the members: whole, or each member projected.
+        for (query, displayName, keys) in [
+            ("attributes=members", false, nil), ("excludedAttributes=displayName", false, nil),
+            ("attributes=members.value,displayName", true, ["value"]), ("excludedAttributes=members.display", true, nil),
+        ] as [(String, Bool, [String]?)] {
+            let raw = try RawClient(port: apiPort)
+            raw.send(
+                "GET /scim/v2/Groups/g-big?\(query) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer api-token\r\nConnection: close\r\n\r\n")
+            let got = try XCTUnwrap(raw.readResponses(1).first)
+            XCTAssertEqual(got.status, 200, query)
+            XCTAssertTrue(got.head.contains("Transfer-Encoding: chunked"), "\(query): \(got.head)")
+            let doc = try JSONParser.parse(Array(got.body.utf8))
+            XCTAssertEqual(doc["id"], "g-big", query)
+            XCTAssertEqual(doc["displayName"] != nil, displayName, query)
+            let members = doc["members"]?.arrayValue ?? []
+            XCTAssertEqual(Set(members.compactMap { $0["value"]?.stringValue }), Set((0..<5_000).map(ListFixture.brokerID)), query)
+            if let keys { XCTAssertEqual(members.first?.objectValue?.members.map(\.key), keys, query) }
+            if query.hasSuffix("members.display") { XCTAssertNil(members.first?["display"], query) }
+        }
 
         var r = try api(apiPort, "/Users?count=0")
         XCTAssertEqual(r.0, 200, "\(String(describing: r.1))")

@@ -95,6 +95,13 @@ final class ReconcileMembersTests: XCTestCase {
         }
     }
 
+    /// The fake target as target "app", every resource routed to it.
+    func appTarget(_ server: ServerHarness) throws -> TargetConfiguration {
+        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
+        target.routes = [try Route()]
+        return target
+    }
+
     /// A user's account at the fake target.
     static func account(_ brokerID: String) -> String { "t-" + brokerID.dropFirst(2) }
 
@@ -166,8 +173,7 @@ final class ReconcileMembersTests: XCTestCase {
         let held = Locked(Held())
         let server = try fakeTarget(held)
         defer { _ = server.stop() }
-        var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-        target.routes = [try Route()]
+        let target = try appTarget(server)
         // The directory: users 0..<20,010, a group "all" of users 0..<20,000, all delivered there.
         let users = Self.members + Self.others
         let store = try deliveredDirectory(path: dir.file("broker"), users: users, members: Self.members, to: target, held, indexed: true)
@@ -219,6 +225,100 @@ final class ReconcileMembersTests: XCTestCase {
         XCTAssertEqual(silent.drifted.count, 0, "\(silent.drifted)")
     }
 
+    /// A target that lost 5,000 of a group's 6,000 members: the repair is
+    /// queued in transactions of at most 1,000 members each (their own
+    /// commits), exactly those members, and a rerun (as after a run killed
+    /// in the middle) changes nothing it already did.
+    func testAGroupsMissingMembersAreRepairedInBoundedTransactions() throws {
+        let held = Locked(Held())
+        let server = try fakeTarget(held)
+        defer { _ = server.stop() }
+        let target = try appTarget(server)
+        let n = 6_000
+        let store = try deliveredDirectory(path: dir.file("broker"), users: n, members: n, to: target, held, indexed: true)
+        let gone = Set((0..<5_000).map(ListFixture.brokerID))
+        held.withLock { $0.memberValues = (5_000..<n).map { Self.account(ListFixture.brokerID($0)) } }
+
+        let dry = try reconcile(store: store, target: target, apply: false, pageSize: 500)
+        XCTAssertEqual(dry.membersMissing, 5_000)
+        XCTAssertEqual(dry.membersExtra, 0)
+        XCTAssertEqual(dry.queued, 0)
+
+        store.environment.resetHeaviestCommit()
+        let fixed = try reconcile(store: store, target: target, apply: true, pageSize: 500)
+        // Each missing member is 3 entries (its index entry and reverse entry deleted, its mark put):
+        // one transaction for all would write 15,000.
+        let heaviest = store.environment.heaviestCommitEntries
+        XCTAssertGreaterThan(heaviest, 0)
+        XCTAssertLessThanOrEqual(heaviest, 3 * 1_000 + 10, "a repair transaction holds at most 1,000 members")
+        XCTAssertEqual(fixed.membersMissing, 5_000)
+        XCTAssertEqual(fixed.drifted.map(\.brokerID), ["g-all"])
+        XCTAssertEqual(fixed.queued, 5, "one queue item a chunk")
+        XCTAssertEqual(try store.queueDepth(target: "app").count, 5)
+
+        func pending() throws -> Set<String> {
+            try store.environment.read { txn in
+                var out: Set<String> = []
+                let prefix = BrokerStore.targetGroupPrefix("app", "g-all")
+                try txn.scanKeys(store.targetPending, from: prefix, to: BrokerStore.targetGroupEnd("app", "g-all")) { key in
+                    out.insert(String(decoding: key[prefix.count...], as: UTF8.self))
+                    return true
+                }
+                return out
+            }
+        }
+        XCTAssertEqual(try pending(), gone)
+        XCTAssertEqual(try store.heldMembers(target: "app", group: "g-all").count, n - 5_000)
+        XCTAssertEqual(try store.mappings(target: "app")["g-all"]?.members, n - 5_000)
+
+        // Run again (the target unchanged, as when a run was killed before its end): the same repair, counted once.
+        let again = try reconcile(store: store, target: target, apply: true, pageSize: 500)
+        XCTAssertEqual(again.membersMissing, 5_000)
+        XCTAssertEqual(try pending(), gone)
+        XCTAssertEqual(try store.mappings(target: "app")["g-all"]?.members, n - 5_000)
+    }
+
+    /// Accounts whose ids are too long for an LMDB key (kept in the scratch
+    /// file and the owner table under their digest) are found, claimed and
+    /// seen as members: not reported missing, not created again; one of the
+    /// target's own is told apart.
+    func testAccountsWithIdsLongerThanAKeyAreFound() throws {
+        let held = Locked(Held())
+        let server = try fakeTarget(held)
+        defer { _ = server.stop() }
+        let target = try appTarget(server)
+        let store = try deliveredDirectory(path: dir.file("broker"), users: 4, members: 4, to: target, held, indexed: true)
+        // Users 1 and 2 have accounts named by 450 and 600 bytes there (the target chose them).
+        let long = [1: "L" + String(repeating: "x", count: 449), 2: "M" + String(repeating: "y", count: 599)]
+        var users = held.current.users
+        for (k, id) in long {
+            var account = try XCTUnwrap(JSONParser.parse(users[k]).objectValue)
+            account["id"] = .string(id)
+            users[k] = JSON.object(account).serialized()
+            let brokerID = ListFixture.brokerID(k)
+            try store.environment.write { txn in
+                try store.setMapping(
+                    target: "app", type: "User", brokerID: brokerID, TargetMapping(targetID: id, etag: nil, sent: nil), txn)
+                _ = try store.holdMember(target: "app", group: "g-all", member: brokerID, targetID: id, txn)
+            }
+        }
+        // And an account of its own named by 600 bytes: not the broker's.
+        users.append(JSON.object(["id": .string("F" + String(repeating: "z", count: 599)), "userName": "foreign"]).serialized())
+        held.withLock {
+            $0.users = users
+            $0.memberValues = (0..<4).map { long[$0] ?? Self.account(ListFixture.brokerID($0)) }
+        }
+        let report = try reconcile(store: store, target: target, apply: true, pageSize: 2)
+        XCTAssertEqual(report.missing, [])
+        XCTAssertEqual(report.strays.count, 0, "\(report.strays)")
+        XCTAssertEqual(report.drifted.count, 0, "\(report.drifted)")
+        XCTAssertEqual(report.seen, 6)
+        XCTAssertEqual(report.foreign, 1)
+        XCTAssertEqual(report.queued, 0)
+        XCTAssertEqual(try store.queueDepth(target: "app").count, 0, "nothing created again")
+        XCTAssertEqual(try store.mappings(target: "app")[ListFixture.brokerID(2)]?.targetID, long[2])
+    }
+
     /// Not a test: the peak anonymous memory of `scim-broker targets
     /// reconcile` (the process) at groups of the sizes in
     /// `RECONCILE_HEAP_SIZES` (e.g. "1000 200000"), each with as many users,
@@ -232,8 +332,7 @@ final class ReconcileMembersTests: XCTestCase {
             let held = Locked(Held())
             let server = try fakeTarget(held)
             defer { _ = server.stop() }
-            var target = try TargetConfiguration(name: "app", url: "http://127.0.0.1:\(server.port)/scim/v2")
-            target.routes = [try Route()]
+            let target = try appTarget(server)
             let path = dir.file("broker-\(n)")
             _ = try deliveredDirectory(path: path, users: n, members: n, to: target, held, indexed: true)
             held.withLock { $0.memberValues = (1..<n).map { Self.account(ListFixture.brokerID($0)) } }
