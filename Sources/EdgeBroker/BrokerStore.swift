@@ -3,6 +3,7 @@ import EdgeLoop
 import EdgeStore
 import EdgeTLS
 import SCIM
+import Synchronization
 
 /// The broker's LMDB file: the federated directory and, per agent, the
 /// sequence applied so far, changed together in one transaction per batch.
@@ -471,4 +472,47 @@ extension BrokerStore {
     public static let sourceExtension = sourceExtensionSchema
 }
 
-func secureID() -> String { hexString(secureRandomBytes(16)) }
+/// `count` new broker ids (`BrokerIDs`).
+func newBrokerIDs(_ count: Int) -> [String] { BrokerIDs.shared.next(count) }
+
+func secureID() -> String { BrokerIDs.shared.next(1)[0] }
+
+/// Broker ids in creation order: 32 hex digits, a 48-bit Unix time in ms, a
+/// 16-bit count that orders the ids of one millisecond, and 64 random bits
+/// (unique across processes and clock steps). Ascending within a process,
+/// so the tables keyed by broker id (`brokerIds`, `byType`, the per-value
+/// index, a boundary agent's foreign resources) grow at their end: a batch
+/// dirties a few pages instead of one per table per event, which is most of
+/// what an apply writes and syncs. An id names a resource and reveals when
+/// the broker first saw it; it grants nothing (every read is authenticated).
+final class BrokerIDs: Sendable {
+    static let shared = BrokerIDs()
+    private let state = Mutex<(ms: UInt64, count: UInt64)>((0, 0))
+
+    func next(_ count: Int) -> [String] {
+        guard count > 0 else { return [] }
+        let random = secureRandomBytes(8 * count)
+        let now = UInt64(max(0, unixMilliseconds()))
+        let first = state.withLock { s -> (ms: UInt64, count: UInt64) in
+            if now > s.ms { s = (now, 0) } else { s.count += 1 }
+            let start = s
+            // Each id after the first takes the next count; past 16 bits, the next millisecond.
+            let last = s.count + UInt64(count - 1)
+            s = (s.ms + (last >> 16), last & 0xFFFF)
+            return start
+        }
+        var out: [String] = []
+        out.reserveCapacity(count)
+        var ms = first.ms, n = first.count
+        for k in 0..<count {
+            var bytes = [UInt8](repeating: 0, count: 16)
+            let head = ms << 16 | n
+            for b in 0..<8 { bytes[b] = UInt8(truncatingIfNeeded: head >> (56 - 8 * UInt64(b))) }
+            for b in 0..<8 { bytes[8 + b] = random[8 * k + b] }
+            out.append(hexString(bytes))
+            n += 1
+            if n > 0xFFFF { (ms, n) = (ms + 1, 0) }
+        }
+        return out
+    }
+}
