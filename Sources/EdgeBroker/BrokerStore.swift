@@ -274,6 +274,7 @@ extension BrokerStore {
         var outcome = ApplyOutcome(ackedThrough: applied)
         outcome.newSequence = known == nil
         var ids = newIDs[...]
+        let counters = ListCounters()
         for event in events.sorted(by: { $0.seq < $1.seq }) {
             if event.seq <= applied {
                 outcome.duplicates += 1
@@ -284,7 +285,7 @@ extension BrokerStore {
                 break
             }
             do {
-                for t in try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), txn) {
+                for t in try applyOne(domain: domain, agent: agent, event, id: ids.first ?? secureID(), counters: counters, txn) {
                     outcome.fanout[t, default: 0] += 1
                 }
                 if !ids.isEmpty { ids.removeFirst() }
@@ -296,13 +297,14 @@ extension BrokerStore {
             }
             applied = event.seq
         }
+        try counters.flush(self, txn)
         try txn.put(agents, key, applied.bigEndianBytes)
         outcome.ackedThrough = applied
         return outcome
     }
 
     func applyOne(
-        domain: String, agent: AgentKey, _ event: RelayEvent, id newID: String,
+        domain: String, agent: AgentKey, _ event: RelayEvent, id newID: String, counters: ListCounters? = nil,
         _ txn: borrowing WriteTransaction
     ) throws -> [String] {
         guard let events = event.body["events"]?.objectValue, events.count == 1, let (uri, body) = events.members.first else {
@@ -335,7 +337,7 @@ extension BrokerStore {
             guard let existing, let brokerID = existing["id"]?.stringValue else { return [] }
             try txn.delete(brokerIds, Array(brokerID.utf8))
             try txn.delete(resources, key)
-            try updateListIndexes(type: type, key: key, old: existing, new: nil, txn)
+            try updateListIndexes(type: type, key: key, old: existing, new: nil, counters: counters, txn)
             if type == "Group" { try removeMembersLater(brokerID, txn) }
             let left = try leaveGroups(brokerID, txn)
             let queued = try enqueueFanout(
@@ -384,7 +386,7 @@ extension BrokerStore {
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
-            try updateListIndexes(type: type, key: key, old: existing, new: data, txn)
+            try updateListIndexes(type: type, key: key, old: existing, new: data, counters: counters, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
                 acceptedAt: acceptedAt, touched: touched, txn)
