@@ -73,15 +73,19 @@ extension BrokerStore {
     /// follows `old` and `new`, so the migration runs this once per
     /// resource (its progress commits with each chunk).
     /// `counters`: where a batch collects its counter moves (written at its
-    /// end); without, each is written at once.
+    /// end); without, each is written at once. `fresh`: the broker id was
+    /// made for this write (a create), so no entry of it can be stored yet
+    /// and none is looked up (the migration, which may meet entries of an
+    /// older layout, never says so).
     func updateListIndexes(
-        type: String, key: [UInt8], old: JSONObject?, new: JSONObject?, counters: ListCounters? = nil, _ txn: borrowing WriteTransaction
+        type: String, key: [UInt8], old: JSONObject?, new: JSONObject?, counters: ListCounters? = nil, fresh: Bool = false,
+        _ txn: borrowing WriteTransaction
     ) throws {
         guard let brokerID = new?["id"]?.stringValue ?? old?["id"]?.stringValue else { return }
         let typeKey = BrokerStore.typePrefix(type) + Array(brokerID.utf8)
         var delta = 0
         if new != nil {
-            let stored = try txn.get(byType, typeKey)
+            let stored = fresh ? nil : try txn.get(byType, typeKey)
             if stored != key {
                 if stored == nil { delta = 1 }
                 try txn.put(byType, typeKey, key)
@@ -93,12 +97,12 @@ extension BrokerStore {
             try move(BrokerStore.countKey(type), delta, counters, txn)
             try move(BrokerStore.generationKey(type), 1, counters, txn)
         }
-        try updateValueEntries(type: type, id: Array(brokerID.utf8), key: key, old: old, new: new, counters: counters, txn)
+        try updateValueEntries(type: type, id: Array(brokerID.utf8), key: key, old: old, new: new, counters: counters, fresh: fresh, txn)
     }
 
     func updateValueEntries(
         type: String, id: [UInt8], key: [UInt8], old: JSONObject?, new: JSONObject?, counters: ListCounters? = nil,
-        _ txn: borrowing WriteTransaction
+        fresh: Bool = false, _ txn: borrowing WriteTransaction
     ) throws {
         let before = BrokerStore.indexedValues(type, old), after = BrokerStore.indexedValues(type, new)
         var changed = false
@@ -107,7 +111,7 @@ extension BrokerStore {
             try countValue(type, p, -1, counters, txn)
         }
         for p in after {
-            let stored = try txn.get(byValue, p + id)
+            let stored = fresh ? nil : try txn.get(byValue, p + id)
             guard stored != key else { continue }
             try txn.put(byValue, p + id, key)
             if stored == nil {

@@ -386,7 +386,9 @@ extension BrokerStore {
             }
             try txn.put(resources, key, JSON.object(data).serialized())
             try txn.put(brokerIds, Array(brokerID.utf8), key)
-            try updateListIndexes(type: type, key: key, old: existing, new: data, counters: counters, txn)
+            // A resource new here has a broker id made for this write: none of its entries can exist.
+            try updateListIndexes(
+                type: type, key: key, old: existing, new: data, counters: counters, fresh: existing == nil && brokerID == newID, txn)
             let queued = try enqueueFanout(
                 domain: domain, type: type, brokerID: brokerID, old: routedOld, new: try routed(data), trace: trace,
                 acceptedAt: acceptedAt, touched: touched, txn)
