@@ -165,7 +165,8 @@ downlink_drain() {
   for _ in $(seq 1 1200); do [ "$(broker_status "$work/broker-down-$1")" = "$EVENTS" ] && break; sleep 0.2; done
   [ "$(broker_status "$work/broker-down-$1")" = "$EVENTS" ] || { echo "the broker did not apply the backlog" >&2; exit 1; }
   kill $hq; wait $hq 2>/dev/null || true
-  queued=$(metric "$mp" 'scim_broker_downlink_queue_depth{')
+  # The depth is counted on the broker's thread pool at most every 10 s: the first scrape starts a count.
+  for _ in $(seq 1 50); do queued=$(metric "$mp" 'scim_broker_downlink_queue_depth{'); [ "${queued:-0}" -gt 0 ] && break; sleep 0.1; done
   c0=$(cpu $broker)
   start_boundary_agent us "$ua" "$bp"
   track_anon $us "agent-$1"

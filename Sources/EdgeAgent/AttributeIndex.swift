@@ -48,16 +48,20 @@ enum AttributeIndex {
         }
     }
 
-    /// The value keys a resource has in the index (`caseExact`: from `caseExactness(_:)`).
-    static func valueKeys(_ type: ResourceType, _ resource: JSONObject?, caseExact exact: [Bool]) -> Set<[UInt8]> {
+    /// The value keys a resource has in the index (`caseExact`: from `caseExactness(_:)`), each once.
+    /// (An array: a resource has a handful, and hashing keys costs more than comparing them.)
+    static func valueKeys(_ type: ResourceType, _ resource: JSONObject?, caseExact exact: [Bool]) -> [[UInt8]] {
         guard let resource else { return [] }
-        var keys = Set<[UInt8]>()
+        var keys: [[UInt8]] = []
         for (i, (t, attribute, sub)) in attributes.enumerated() where t == type.id {
             guard let v = resource[attribute] else { continue }
             let caseExact = exact[i]
             let values: [JSON] = sub.map { s in (v.arrayValue ?? [v]).compactMap { $0[s] } } ?? [v]
             for value in values {
-                if let n = normalised(value, caseExact: caseExact) { keys.insert(valueKey(type.id, attribute, n)) }
+                if let n = normalised(value, caseExact: caseExact) {
+                    let k = valueKey(type.id, attribute, n)
+                    if !keys.contains(k) { keys.append(k) }
+                }
             }
         }
         return keys
@@ -139,11 +143,11 @@ extension AgentStore {
         let before = AttributeIndex.valueKeys(type, old, caseExact: attributeCaseExact)
         let after = AttributeIndex.valueKeys(type, new, caseExact: attributeCaseExact)
         guard before != after else { return }
-        for key in before.subtracting(after) {
+        for key in before where !after.contains(key) {
             try txn.delete(attributes, key + [0] + Array(id.utf8))
             try adjustValueCount(key, by: -1, txn)
         }
-        for key in after.subtracting(before) {
+        for key in after where !before.contains(key) {
             try txn.put(attributes, key + [0] + Array(id.utf8), [])
             try adjustValueCount(key, by: 1, txn)
         }

@@ -45,11 +45,17 @@ extension BrokerStore {
     }
 
     /// The `byValue` prefixes of `resource`'s values, one per distinct value.
-    static func indexedValues(_ type: String, _ resource: JSONObject?) -> Set<[UInt8]> {
+    /// (An array: a resource has a handful, and hashing keys costs more than comparing them.)
+    static func indexedValues(_ type: String, _ resource: JSONObject?) -> [[UInt8]] {
         guard let resource else { return [] }
-        var out = Set<[UInt8]>()
+        var out: [[UInt8]] = []
         for a in IndexedAttribute.allCases where a.applies(to: type) {
-            for v in a.values(resource) { if let n = a.normalized(v) { out.insert(valuePrefix(type, a, n)) } }
+            for v in a.values(resource) {
+                if let n = a.normalized(v) {
+                    let p = valuePrefix(type, a, n)
+                    if !out.contains(p) { out.append(p) }
+                }
+            }
         }
         return out
     }
@@ -66,56 +72,69 @@ extension BrokerStore {
     /// Counts move only when an entry really comes or goes; `unsorted`
     /// follows `old` and `new`, so the migration runs this once per
     /// resource (its progress commits with each chunk).
+    /// `counters`: where a batch collects its counter moves (written at its
+    /// end); without, each is written at once. `fresh`: the broker id was
+    /// made for this write (a create), so no entry of it can be stored yet
+    /// and none is looked up (the migration, which may meet entries of an
+    /// older layout, never says so).
     func updateListIndexes(
-        type: String, key: [UInt8], old: JSONObject?, new: JSONObject?, _ txn: borrowing WriteTransaction
+        type: String, key: [UInt8], old: JSONObject?, new: JSONObject?, counters: ListCounters? = nil, fresh: Bool = false,
+        _ txn: borrowing WriteTransaction
     ) throws {
         guard let brokerID = new?["id"]?.stringValue ?? old?["id"]?.stringValue else { return }
         let typeKey = BrokerStore.typePrefix(type) + Array(brokerID.utf8)
         var delta = 0
         if new != nil {
-            if try txn.get(byType, typeKey) != key {
-                if try txn.get(byType, typeKey) == nil { delta = 1 }
+            let stored = fresh ? nil : try txn.get(byType, typeKey)
+            if stored != key {
+                if stored == nil { delta = 1 }
                 try txn.put(byType, typeKey, key)
             }
         } else if try txn.delete(byType, typeKey) {
             delta = -1
         }
         if delta != 0 {
-            try addToCounter(BrokerStore.countKey(type), delta, txn)
-            try addToCounter(BrokerStore.generationKey(type), 1, txn)
+            try move(BrokerStore.countKey(type), delta, counters, txn)
+            try move(BrokerStore.generationKey(type), 1, counters, txn)
         }
-        try updateValueEntries(type: type, id: Array(brokerID.utf8), key: key, old: old, new: new, txn)
+        try updateValueEntries(type: type, id: Array(brokerID.utf8), key: key, old: old, new: new, counters: counters, fresh: fresh, txn)
     }
 
     func updateValueEntries(
-        type: String, id: [UInt8], key: [UInt8], old: JSONObject?, new: JSONObject?, _ txn: borrowing WriteTransaction
+        type: String, id: [UInt8], key: [UInt8], old: JSONObject?, new: JSONObject?, counters: ListCounters? = nil,
+        fresh: Bool = false, _ txn: borrowing WriteTransaction
     ) throws {
         let before = BrokerStore.indexedValues(type, old), after = BrokerStore.indexedValues(type, new)
         var changed = false
-        for p in before.subtracting(after) where try txn.delete(byValue, p + id) {
+        for p in before where try !after.contains(p) && txn.delete(byValue, p + id) {
             changed = true
-            try countValue(type, p, -1, txn)
+            try countValue(type, p, -1, counters, txn)
         }
         for p in after {
-            let stored = try txn.get(byValue, p + id)
+            let stored = fresh ? nil : try txn.get(byValue, p + id)
             guard stored != key else { continue }
             try txn.put(byValue, p + id, key)
             if stored == nil {
                 changed = true
-                try countValue(type, p, 1, txn)
+                try countValue(type, p, 1, counters, txn)
             }
         }
-        if changed { try addToCounter(BrokerStore.valuesGenerationKey(type), 1, txn) }
+        if changed { try move(BrokerStore.valuesGenerationKey(type), 1, counters, txn) }
         for a in IndexedAttribute.allCases where a.sortable && a.applies(to: type) {
             let d = BrokerStore.unsorted(type, a, new) - BrokerStore.unsorted(type, a, old)
-            if d != 0 { try addToCounter(BrokerStore.unsortedKey(type, a), d, txn) }
+            if d != 0 { try move(BrokerStore.unsortedKey(type, a), d, counters, txn) }
         }
     }
 
     /// The count of the value `prefix` names, for the attributes counted per value.
-    func countValue(_ type: String, _ prefix: [UInt8], _ delta: Int, _ txn: borrowing WriteTransaction) throws {
+    func countValue(_ type: String, _ prefix: [UInt8], _ delta: Int, _ counters: ListCounters?, _ txn: borrowing WriteTransaction) throws {
         guard let a = IndexedAttribute(rawValue: prefix[BrokerStore.typePrefix(type).count]), a.countedPerValue else { return }
-        try addToCounter(BrokerStore.valueCountKey(prefix), delta, txn)
+        try move(BrokerStore.valueCountKey(prefix), delta, counters, txn)
+    }
+
+    /// A counter move: into `counters` when given, else written at once.
+    func move(_ key: [UInt8], _ delta: Int, _ counters: ListCounters?, _ txn: borrowing WriteTransaction) throws {
+        if let counters { try counters.add(key, delta, self, txn) } else { try addToCounter(key, delta, txn) }
     }
 
     /// A big-endian counter of `meta` (0 when absent).
@@ -125,7 +144,10 @@ extension BrokerStore {
 
     /// Moves a counter of `meta`, never below 0; one at 0 is deleted.
     func addToCounter(_ key: [UInt8], _ delta: Int, _ txn: borrowing WriteTransaction) throws {
-        let n = max(0, try counter(txn, key) + delta)
+        try setCounter(key, max(0, try counter(txn, key) + delta), txn)
+    }
+
+    func setCounter(_ key: [UInt8], _ n: Int, _ txn: borrowing WriteTransaction) throws {
         if n == 0 { _ = try txn.delete(meta, key) } else { try txn.put(meta, key, UInt64(n).bigEndianBytes) }
     }
 
@@ -469,4 +491,27 @@ final class BrokerListState: Sendable {
     let positions = PositionIndex()
     let parsed = Atomic<Int>(0)
     let memberReads = Atomic<Int>(0)
+}
+
+/// The list counters one apply transaction moves (`addToCounter`), each read
+/// once and written once, at the end (`flush`), with the same result as
+/// moving each at once (the same floor at 0 at every move): a batch of
+/// creates moves the same few counters for every event. Nothing reads them
+/// in between (lists read them in their own transactions).
+final class ListCounters {
+    private var entries: [(key: [UInt8], value: Int, stored: Int)] = []
+
+    func add(_ key: [UInt8], _ delta: Int, _ store: BrokerStore, _ txn: borrowing WriteTransaction) throws {
+        if let i = entries.firstIndex(where: { $0.key == key }) {
+            entries[i].value = max(0, entries[i].value + delta)
+        } else {
+            let n = try store.counter(txn, key)
+            entries.append((key, max(0, n + delta), n))
+        }
+    }
+
+    func flush(_ store: BrokerStore, _ txn: borrowing WriteTransaction) throws {
+        for e in entries where e.value != e.stored { try store.setCounter(e.key, e.value, txn) }
+        entries = []
+    }
 }

@@ -620,7 +620,7 @@ public final class BrokerService {
         let parts = BrokerStore.applyParts(events.sorted { $0.seq < $1.seq }, maxWeight: BrokerStore.applyWeightPerTransaction)
         var done: [ApplyOutcome] = []
         func submit(_ k: Int) {
-            let batch = parts[k].events, ids = batch.map { _ in secureID() }
+            let batch = parts[k].events, ids = newBrokerIDs(batch.count)
             writer.submit(
                 { txn in try store.apply(domain: domain, agent: key, events: batch, newIDs: ids, in: txn) }, weight: parts[k].weight
             ) { [self] result in

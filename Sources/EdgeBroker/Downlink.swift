@@ -279,14 +279,17 @@ extension BrokerStore {
         var seenUsers: Set<String> = []
         for (key, item) in items {
             var events: [JSONObject] = []
+            var data: [UInt8]?
             var more = false
             if item.type == "User" {
                 // Later items of one user in this pass: the first already sent its current state.
-                if seenUsers.insert(item.brokerID).inserted, let e = try userEvent(target, item.brokerID, txn) { events = [e] }
+                if seenUsers.insert(item.brokerID).inserted, let e = try userEvent(target, item.brokerID, txn) {
+                    (events, data) = ([e.event], e.data)
+                }
             } else if item.type == "Group" {
                 (events, more) = try groupEvents(target, item.brokerID, limit: max(1, room - written), txn)
             }
-            for e in events { try appendFeedEvent(target.name, e, item, txn) }
+            for e in events { try appendFeedEvent(target.name, e, data: data, item, txn) }
             written += events.count
             if !more { _ = try txn.delete(fanout, key) }
             if written >= room || more { break }
@@ -303,8 +306,12 @@ extension BrokerStore {
         return any
     }
 
-    /// Appends one event to the feed under the next sequence.
-    func appendFeedEvent(_ target: String, _ event: JSONObject, _ item: DeliveryItem, _ txn: borrowing WriteTransaction) throws {
+    /// Appends one event to the feed under the next sequence. `data`: the
+    /// SCIM event's `data` as bytes (`downlinkBytes`), written after its
+    /// `ref` as the serialised object would have it.
+    func appendFeedEvent(
+        _ target: String, _ event: JSONObject, data: [UInt8]? = nil, _ item: DeliveryItem, _ txn: borrowing WriteTransaction
+    ) throws {
         let seq = try nextCounter("dlseq/\(target)", txn)
         var e: JSONObject = [
             "seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string("\(target)-\(seq)"), "txn": .string(item.trace),
@@ -312,7 +319,12 @@ extension BrokerStore {
             "ts": .number(JSONNumber(integer: item.acceptedAt)), "queued": .number(JSONNumber(integer: item.queuedAt)),
         ]
         for (k, v) in event { e[k] = v }
-        try txn.put(downlink, prefixed(target, seq.bigEndianBytes), JSON.object(e).serialized())
+        var bytes = JSON.object(e).serialized()
+        if let data {
+            // `…"events":{"<uri>":{"ref":"…"}}}`: the data goes before the last three braces.
+            bytes.insert(contentsOf: Array(#","data":"#.utf8) + data, at: bytes.count - 3)
+        }
+        try txn.put(downlink, prefixed(target, seq.bigEndianBytes), bytes)
         // What the commit's hop will need (`recordCommits`), without reading the event back.
         let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
         let kind = BrokerStore.feedEventKinds[uri] ?? uri
@@ -356,23 +368,97 @@ extension BrokerStore {
     /// nothing otherwise. The mapping (target id = broker id: the agent
     /// names foreign resources by it) is recorded with the event, and the
     /// groups it joins or leaves there are queued (`userAccountChanged`).
-    func userEvent(_ target: TargetConfiguration, _ id: String, _ txn: borrowing WriteTransaction) throws -> JSONObject? {
+    func userEvent(_ target: TargetConfiguration, _ id: String, _ txn: borrowing WriteTransaction) throws -> (
+        event: JSONObject, data: [UInt8]?
+    )? {
         let old = try txn.get(targetIds, prefixed(target.name, id)).flatMap(TargetMapping.init)
-        let now = try current(id, txn)
-        if let now, target.routes(domain: now.domain, type: "User", now.resource) {
+        // The stored bytes, parsed only when a route decides on the resource
+        // itself or they cannot be copied as they are (`downlinkBytes`).
+        let stored = try currentBytes(id, txn)
+        var routed = false
+        if let stored {
+            if let decided = BrokerStore.routesWithoutResource(target, domain: stored.domain, type: "User") {
+                routed = decided
+            } else if let o = try JSONParser.parse(stored.bytes, limits: .stored).objectValue {
+                routed = target.routes(domain: stored.domain, type: "User", o)
+            }
+        }
+        if let stored, routed {
             if old == nil {
                 let m = TargetMapping(targetID: id, etag: nil, sent: nil)
                 try setMapping(target: target.name, type: "User", brokerID: id, m, txn)
                 _ = try userAccountChanged(target: target.name, user: id, old: nil, new: m, trace: "", txn)
             }
-            return feedEvent(
-                old == nil ? DownlinkURI.createFull : DownlinkURI.putFull, "/Users/\(id)", domain: now.domain,
-                data: downlinkData(now.resource, domain: now.domain))
+            let uri = old == nil ? DownlinkURI.createFull : DownlinkURI.putFull, ref = "/Users/\(id)"
+            if let data = downlinkBytes(stored.bytes, domain: stored.domain) {
+                return (feedEvent(uri, ref, domain: stored.domain), data)
+            }
+            guard let o = try JSONParser.parse(stored.bytes, limits: .stored).objectValue else { return nil }
+            return (feedEvent(uri, ref, domain: stored.domain, data: downlinkData(o, domain: stored.domain)), nil)
         }
         guard old != nil else { return nil }
         try setMapping(target: target.name, type: "User", brokerID: id, nil, txn)
         _ = try userAccountChanged(target: target.name, user: id, old: old, new: nil, trace: "", txn)
-        return feedEvent(DownlinkURI.delete, "/Users/\(id)", domain: now?.domain ?? "")
+        return (feedEvent(DownlinkURI.delete, "/Users/\(id)", domain: stored?.domain ?? ""), nil)
+    }
+
+    /// A resource of the directory by broker id: its domain and stored bytes (nil: gone).
+    func currentBytes(_ brokerID: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> (domain: String, bytes: [UInt8])? {
+        guard let key = try txn.get(brokerIds, Array(brokerID.utf8)), let bytes = try txn.get(resources, key) else { return nil }
+        return (String(decoding: key.prefix { $0 != UInt8(ascii: "/") }, as: UTF8.self), bytes)
+    }
+
+    /// Whether `target` routes resources of `domain` and `type` whatever
+    /// they hold (a route without a filter takes them), does not (no route
+    /// names them), or nil: a route's filter decides on the resource.
+    static func routesWithoutResource(_ target: TargetConfiguration, domain: String, type: String) -> Bool? {
+        guard domain != target.destination else { return false }
+        let named = target.routes.filter {
+            ($0.domains.isEmpty || $0.domains.contains(domain)) && ($0.types.isEmpty || $0.types.contains(type))
+        }
+        if named.contains(where: { $0.filter == nil }) { return true }
+        return named.isEmpty ? false : nil
+    }
+
+    /// `downlinkData` of a stored resource, on its bytes: its members but
+    /// `meta` and `groups`, copied as stored, the source extension (in its
+    /// place, or last) reduced to the domain. The same bytes as serialising
+    /// `downlinkData` of the parsed resource, without building it; nil when
+    /// the bytes are not such an object (the caller parses).
+    func downlinkBytes(_ stored: [UInt8], domain: String) -> [UInt8]? {
+        guard let members = storedObjectMembers(stored) else { return nil }
+        let ext = BrokerStore.sourceExtension
+        var out: [UInt8] = [UInt8(ascii: "{")]
+        out.reserveCapacity(stored.count)
+        var first = true, extended = false
+        func member(_ key: String) {
+            if !first { out.append(UInt8(ascii: ",")) }
+            first = false
+            appendJSONString(key, to: &out)
+            out.append(UInt8(ascii: ":"))
+        }
+        func extensionValue() {
+            out += Array(#"{"domain":"#.utf8)
+            appendJSONString(domain, to: &out)
+            out.append(UInt8(ascii: "}"))
+        }
+        for (key, range) in members {
+            if equalsIgnoringASCIICase(key, "meta") || equalsIgnoringASCIICase(key, "groups") { continue }
+            if !extended, equalsIgnoringASCIICase(key, ext) {
+                member(ext)
+                extensionValue()
+                extended = true
+                continue
+            }
+            member(key)
+            stored.withUnsafeBufferPointer { out.append(contentsOf: UnsafeBufferPointer(rebasing: $0[range])) }
+        }
+        if !extended {
+            member(ext)
+            extensionValue()
+        }
+        out.append(UInt8(ascii: "}"))
+        return out
     }
 
     /// A group's events. New there: its full state with its first members

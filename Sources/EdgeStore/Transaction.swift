@@ -348,11 +348,15 @@ public struct Cursor: ~Copyable {
 extension FixedWidthInteger {
     /// The integer as big-endian bytes: such keys sort numerically in LMDB's
     /// default (memcmp) order, which is what the outbox relies on.
+    /// (Inlinable, so that callers in other modules get it specialised for
+    /// their integer type: generic shifts cost dozens of calls per byte.)
+    @inlinable
     public var bigEndianBytes: [UInt8] {
         withUnsafeBytes(of: self.bigEndian) { Array($0) }
     }
 
     /// Reads a big-endian key; `nil` if the length is wrong.
+    @inlinable
     public init?(bigEndianBytes bytes: [UInt8]) {
         guard bytes.count == MemoryLayout<Self>.size else { return nil }
         var v: Self = 0

@@ -104,9 +104,19 @@ public struct JSONObject: Sendable, Equatable, Sequence {
 
     public func makeIterator() -> IndexingIterator<[(key: String, value: JSON)]> { members.makeIterator() }
 
+    /// The member spelled exactly `key`, else the first spelled like it in another ASCII case.
+    /// One pass over the members, comparing the bytes of those of the same length only.
     public func index(of key: String) -> Int? {
-        if let exact = members.firstIndex(where: { sameUTF8($0.key, key) }) { return exact }
-        return members.firstIndex { equalsIgnoringASCIICase($0.key, key) }
+        let length = key.utf8.count
+        var folded: Int?
+        for k in members.indices where members[k].key.utf8.count == length {
+            switch caseComparison(members[k].key, key) {
+            case .exact: return k
+            case .folded: if folded == nil { folded = k }
+            case .different: break
+            }
+        }
+        return folded
     }
 
     mutating func reserveCapacity(_ n: Int) { members.reserveCapacity(n) }
@@ -195,6 +205,20 @@ func compareUTF8(_ a: String, _ b: String, ignoringASCIICase: Bool) -> Bool {
         if c != d && (!ignoringASCIICase || lowerASCII(c) != lowerASCII(d)) { return false }
     }
     return true
+}
+
+enum CaseComparison { case exact, folded, different }
+
+/// How two strings of the same UTF-8 length compare: byte for byte, only
+/// in ASCII case, or not at all.
+@inline(__always)
+func caseComparison(_ a: String, _ b: String) -> CaseComparison {
+    if a == b { return .exact }  // equal ASCII strings compare as bytes
+    var i = a.utf8.makeIterator(), j = b.utf8.makeIterator()
+    while let c = i.next(), let d = j.next() {
+        if c != d && lowerASCII(c) != lowerASCII(d) { return .different }
+    }
+    return .folded
 }
 
 /// Whether `s` starts with `urn:` in any case, without allocating.

@@ -238,7 +238,10 @@ public struct JSONParser: ~Copyable {
         let open = i
         i += 1
         let start = i
-        // Fast path: ASCII without escapes.
+        // Fast path: ASCII without escapes, eight bytes at a time, then byte by byte.
+        if let base = bytes.baseAddress {
+            while i + 8 <= bytes.count, !mayEndPlainRun(UnsafeRawPointer(base + i).loadUnaligned(as: UInt64.self)) { i += 8 }
+        }
         while i < bytes.count {
             let c = bytes[i]
             if c == UInt8(ascii: "\"") {
@@ -447,12 +450,18 @@ func writeString(_ s: String, to out: inout [UInt8]) {
 }
 
 private func writeEscaped(_ bytes: UnsafeBufferPointer<UInt8>, to out: inout [UInt8]) {
-    var run = 0
-    for i in 0..<bytes.count {
-        let c = bytes[i]
+    guard let base = bytes.baseAddress else { return }
+    let n = bytes.count
+    var run = 0, i = 0
+    while i < n {
+        // Eight bytes at a time while none of them needs an escape.
+        while i + 8 <= n, !mayNeedEscape(UnsafeRawPointer(base + i).loadUnaligned(as: UInt64.self)) { i += 8 }
+        guard i < n else { break }
+        let c = base[i]
+        i += 1
         guard c == 0x22 || c == 0x5C || c < 0x20 else { continue }
-        out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run..<i]))
-        run = i + 1
+        out.append(contentsOf: UnsafeBufferPointer(start: base + run, count: i - 1 - run))
+        run = i
         switch c {
         case 0x22: out.append(contentsOf: [0x5C, 0x22])
         case 0x5C: out.append(contentsOf: [0x5C, 0x5C])
@@ -463,5 +472,29 @@ private func writeEscaped(_ bytes: UnsafeBufferPointer<UInt8>, to out: inout [UI
             out.append(contentsOf: [0x5C, UInt8(ascii: "u"), 48, 48, hexDigits[Int(c >> 4)], hexDigits[Int(c & 15)]])
         }
     }
-    out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[run...]))
+    out.append(contentsOf: UnsafeBufferPointer(start: base + run, count: n - run))
+}
+
+private let lowBits: UInt64 = 0x0101_0101_0101_0101
+private let highBits: UInt64 = 0x8080_8080_8080_8080
+
+/// Whether one of the eight bytes of `w` may be `"`, `\` or a control
+/// character (never false when one is; rarely true when none is: a borrow
+/// from a byte that is one, or from a byte of 0x80 and above).
+@inline(__always)
+private func mayNeedEscape(_ w: UInt64) -> Bool {
+    hasZeroByte(w ^ (lowBits &* 0x22)) || hasZeroByte(w ^ (lowBits &* 0x5C)) || (w &- lowBits &* 0x20) & ~w & highBits != 0
+}
+
+/// Whether one of the eight bytes of `w` is 0 (exact).
+@inline(__always)
+func hasZeroByte(_ w: UInt64) -> Bool { (w &- lowBits) & ~w & highBits != 0 }
+
+/// Whether one of the eight bytes of `w` may end a plain ASCII run of a
+/// string being parsed: `"`, `\`, a control character or a byte of 0x80 and
+/// above (never false when one is).
+@inline(__always)
+func mayEndPlainRun(_ w: UInt64) -> Bool {
+    w & highBits != 0 || hasZeroByte(w ^ (lowBits &* 0x22)) || hasZeroByte(w ^ (lowBits &* 0x5C))
+        || (w &- lowBits &* 0x20) & ~w & highBits != 0
 }

@@ -138,6 +138,33 @@ final class JSONTests: XCTestCase {
         XCTAssertEqual(try JSONParser.parse(v.serialized()), v)
     }
 
+    /// Long strings are scanned eight bytes at a time: a character that
+    /// needs an escape (or ends a plain run when parsing) is found at every
+    /// offset of a word, in strings of every length around a word.
+    func testEscapesAtEveryOffsetOfLongStrings() throws {
+        let specials: [(Character, String)] = [
+            ("\"", #"\""#), ("\\", #"\\"#), ("\n", #"\n"#), ("\u{1}", #"\u0001"#), ("\u{1F}", #"\u001f"#), ("é", "é"),
+            ("\u{7F}", "\u{7F}"), (" ", " "), ("!", "!"), ("#", "#"), ("[", "["), ("]", "]"),
+        ]
+        for length in [8, 9, 15, 16, 17, 24, 31, 40] {
+            for at in 0..<length {
+                for (c, escaped) in specials {
+                    var plain = Array(repeating: Character("a"), count: length)
+                    plain[at] = c
+                    let s = String(plain)
+                    let expected =
+                        "\"" + String(repeating: "a", count: at) + escaped + String(repeating: "a", count: length - at - 1) + "\""
+                    XCTAssertEqual(JSON.string(s).text, expected, "\(length) \(at) \(escaped)")
+                    XCTAssertEqual(try JSONParser.parse(expected), .string(s), "\(length) \(at) \(escaped)")
+                }
+            }
+        }
+        // An unescaped control character or quote inside a long run is still refused.
+        XCTAssertThrowsError(try JSONParser.parse("\"aaaaaaaaaaaa\u{1}aaaaaaaaaa\""))
+        XCTAssertThrowsError(try JSONParser.parse("\"aaaaaaaaaaaa\"aaaaaaaaaa\""))
+        XCTAssertThrowsError(try JSONParser.parse(Array("\"aaaaaaaaaaaa".utf8) + [0xFF] + Array("aaaaaaaaaa\"".utf8)))
+    }
+
     /// parse ∘ serialize is the identity on values, and serialize ∘ parse is
     /// the identity on compact documents: checked on generated documents.
     func testRoundTripProperty() throws {
