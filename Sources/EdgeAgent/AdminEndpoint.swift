@@ -125,7 +125,8 @@ public final class AdminEndpoint {
         let d = agent.deferredCounts
         metric(
             "scim_edge_removed_group_members_swept_total", "counter",
-            "Index entries of removed groups removed after the group, 1,000 a transaction.", [("", String(d.swept))])
+            "Index entries of removed groups removed after the group, and relay records of groups that left the boundary, 1,000 a transaction.",
+            [("", String(d.swept))])
         if !agent.targetWorkers.isEmpty {
             metric(
                 "scim_edge_target_group_index_swept_total", "counter",

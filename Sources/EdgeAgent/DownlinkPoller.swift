@@ -126,6 +126,8 @@ public final class DownlinkPoller {
             "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(wait),
             // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
             "epoch": .string(store.epoch),
+            // Downlink protocol 4: a group's attribute change may come without its members (`attributesEvent`).
+            "protocol": 4,
         ]
         if received > acked { body["after"] = .number(JSONNumber(integer: Int64(received))) }
         // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).

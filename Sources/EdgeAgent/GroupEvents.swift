@@ -85,8 +85,9 @@ extension AgentStore {
             try memberCrossed(id, entering: true, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
-            // A deleted group's are swept after it (`removeMembersLater`); one leaving the boundary forgets them now.
-            if current != nil { try forgetRelayedMembers(id, txn) }
+            // A deleted group's are swept after it (`removeMembersLater`); one leaving the boundary forgets
+            // what the broker was told of its members later too (`forgetRelayedLater`).
+            if current != nil { try forgetRelayedLater(id, txn) }
             try memberCrossed(id, entering: false, ctx, txn)
             try appendEvent(EventURI.delete, type: type, id: id, data: nil, ctx, txn)
         case (let p?, let d?) where p != d:
@@ -173,18 +174,48 @@ extension AgentStore {
         try appendEvent(uri, type: type, id: id, data: out, ctx, txn)
     }
 
-    /// Empties `relayedMembers` of `groupID`.
+    /// Empties `relayedMembers` of `groupID` now (the group is sent whole
+    /// next, which is O(n) already), and with it any forgetting of them
+    /// left for later (`forgetRelayedLater`), which must not then take the
+    /// entries the whole group writes.
     func forgetRelayedMembers(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
-        let prefix = AgentStore.memberPrefix(groupID)
-        while true {
-            var keys: [[UInt8]] = []
-            try txn.scanKeys(relayedMembers, from: prefix, to: Array(groupID.utf8) + [1]) { k in
-                keys.append(k)
-                return keys.count < AgentStore.memberChunk
-            }
-            for k in keys { _ = try txn.delete(relayedMembers, k) }
-            if keys.count < AgentStore.memberChunk { return }
-        }
+        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+        while try txn.deleteRange(relayedMembers, from: prefix, to: end, limit: AgentStore.memberChunk) == AgentStore.memberChunk {}
+        try relayForgets.remove(Array(groupID.utf8), txn)
+    }
+
+    // MARK: what the relay told the broker of a group that left, later
+
+    /// Groups still stored that left the boundary, whose `relayedMembers`
+    /// entries are still to be forgotten: `rforget/<group>` in `meta`.
+    var relayForgets: DeferredWork { DeferredWork(meta, prefix: "rforget/") }
+
+    /// A group left the boundary (its scope, a policy change): what the
+    /// broker was told of its members goes later, a chunk per transaction
+    /// (`forgetRelayedChunk`), so that the write or the policy change that
+    /// takes it out is O(1) whatever its size. Nothing reads them
+    /// meanwhile: member deltas are only decided for a group that leaves
+    /// (`propagated`), and one that comes back is sent whole, which empties
+    /// them first and ends this work (`forgetRelayedMembers`).
+    func forgetRelayedLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
+        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+        guard try txn.holdsAny(relayedMembers, from: prefix, to: end) else { return }
+        try relayForgets.add(Array(groupID.utf8), [], txn)
+    }
+
+    /// Up to `limit` of the entries left of `groupID`; the work is done
+    /// when fewer went. Returns how many went.
+    func forgetRelayedChunk(_ groupID: String, limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
+        let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+        let n = try txn.deleteRange(relayedMembers, from: prefix, to: end, limit: limit)
+        if n < limit { try relayForgets.remove(Array(groupID.utf8), txn) }
+        return n
+    }
+
+    /// Groups that left the boundary whose relay records are still being forgotten.
+    public func relayForgetsPending() throws -> Int {
+        let forgets = relayForgets
+        return try environment.read { txn in try forgets.count(txn) }
     }
 }
 

@@ -162,11 +162,16 @@ extension AgentStore {
     }
 
     /// One step of the agent's deferred work: a chunk of the first removed
-    /// group's entries, else of the local targets' group indexes
-    /// (`deferredDeliveryStep`). `swept`: the agent's entries (0: none left).
+    /// group's entries, else of what the relay told the broker of a group
+    /// that left the boundary (`forgetRelayedLater`), else of the local
+    /// targets' group indexes (`deferredDeliveryStep`). `swept`: the
+    /// agent's entries (0: none left).
     package func deferredStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> (swept: Int, delivery: DeferredProgress) {
         if let (name, _) = try removedGroups.first(txn) {
             return (max(1, try sweepRemovedGroup(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress())
+        }
+        if let (name, _) = try relayForgets.first(txn) {
+            return (max(1, try forgetRelayedChunk(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress())
         }
         return (0, targets.isEmpty ? DeferredProgress() : try deferredDeliveryStep(limit: limit, txn))
     }
@@ -178,8 +183,9 @@ extension AgentStore {
 
     /// Whether deferred work is left (a read).
     package func deferredWorkPending() throws -> Bool {
-        let removed = removedGroups
-        return try environment.read { txn in try removed.first(txn) != nil } || (!targets.isEmpty && deliveryWorkPending())
+        let removed = removedGroups, forgets = relayForgets
+        return try environment.read { txn in try removed.first(txn) != nil || forgets.first(txn) != nil }
+            || (!targets.isEmpty && deliveryWorkPending())
     }
 
     /// Removed groups whose entries are still being swept.

@@ -56,6 +56,10 @@ public struct InboundPolicy: Sendable {
         self.userNameTemplate = userNameTemplate
     }
 
+    /// A group's entry has a filter that reads `members`: an event without
+    /// them (`attributesEvent`) cannot say whether the group is in scope.
+    public var groupScopeReadsMembers: Bool { accept.contains { $0.compiled["Group"]?.root.reads("members") ?? false } }
+
     /// Whether a resource of `domain` enters, judged on it as it arrives.
     public func accepts(domain: String, type: String, _ resource: JSONObject) -> Bool {
         accept.contains { $0.matches(domain: domain, type: type, resource) }
@@ -399,6 +403,27 @@ extension AgentStore {
             (group["id"], group["meta"]) = (nil, nil)
             _ = try store(type, id: id, new: group, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
             return .delta
+        case AgentStore.attributesEvent:
+            // Downlink protocol 4: a group's attributes without its members, which stay as they are here.
+            guard type.id == "Group", let data = body["data"]?.objectValue, data["members"] == nil else {
+                throw SCIMError.invalidValue("\(ref): an attributes event is for a group, with 'data' and no 'members'")
+            }
+            guard !policy.groupScopeReadsMembers else {
+                // Whether the group is in scope depends on members this event does not carry: the broker sends it whole.
+                throw SCIMError.noTarget("\(ref): the inbound policy reads members; the group is needed whole")
+            }
+            guard policy.accepts(domain: domain, type: type.id, data) else {
+                if let old { try removeForeign(type, id, old, ctx, txn) }
+                return .notAccepted
+            }
+            // Not held here (not accepted before): the broker sends it whole on this refusal.
+            guard let old else { throw SCIMError.noTarget("\(ref): the group is not held here; it is needed whole") }
+            let mapped = policy.mapped(data, type: type.id, domain: domain, mapping: maps[type.id])
+            let validator = ResourceValidator(registry: registry, type: type, profile: .lenient)
+            var new = try validator.validateReplace(.object(mapped), existing: old)
+            new["members"] = nil
+            _ = try store(type, id: id, new: new, old: old, event: EventURI.patchFull, ctx, txn, replacingMembers: false)
+            return .applied
         default:
             throw SCIMError.invalidValue("\(ref): unknown event type \(uri)")
         }

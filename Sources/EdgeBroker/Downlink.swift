@@ -37,6 +37,7 @@ extension BrokerStore {
     /// A feed event's kind in the trail (`trace`), by its event URI.
     static let feedEventKinds = [
         DownlinkURI.createFull: "create", DownlinkURI.putFull: "put", DownlinkURI.delete: "delete", BrokerStore.membersEvent: "members",
+        BrokerStore.attributesEvent: "attributes",
     ]
 
     /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
@@ -44,8 +45,9 @@ extension BrokerStore {
 
     /// The downlink protocol version (docs/protocol.md): 2 takes the
     /// agent's outcomes with its acknowledgement, 3 its local apps' answers
-    /// (`appOutcomes`).
-    public static let downlinkVersion = 3
+    /// (`appOutcomes`), 4 sends an agent that says 4 in its poll a group's
+    /// attribute change as `attributesEvent` (without its members).
+    public static let downlinkVersion = 4
 
     /// Where a destination's feed stands.
     public struct FeedPosition: Sendable, Equatable {
@@ -179,9 +181,14 @@ extension BrokerStore {
     /// `after` (protocol 2; at least `ack`): the last sequence the agent
     /// received, committed or not: the answer starts after it, so the agent
     /// fetches the next page while it commits the last.
+    ///
+    /// `speaks`: the protocol the agent said in its poll (1 when it said
+    /// none). From 4, a group's attribute change is materialised as
+    /// `attributesEvent`; an older agent gets full state, also for such
+    /// events materialised before it was downgraded (`dlattr`).
     func pollFeed(
         target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int, window: Int,
-        outcomes: FeedOutcomes? = nil, apps: [AppOutcome] = [], _ txn: borrowing WriteTransaction
+        outcomes: FeedOutcomes? = nil, apps: [AppOutcome] = [], speaks: Int = 1, _ txn: borrowing WriteTransaction
     ) throws -> FeedPage {
         var position = try feedPosition(target: target.name, txn)
         let after = max(ack, after ?? ack)
@@ -209,7 +216,7 @@ extension BrokerStore {
             position.acked = ack
         }
         if !apps.isEmpty { committed.apps = try recordAppOutcomes(target, apps, txn) }
-        let itemsLeft = try materialize(target, room: window - position.unacked, txn)
+        let itemsLeft = try materialize(target, room: window - position.unacked, attributesOnly: speaks >= 4, txn)
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
@@ -220,6 +227,7 @@ extension BrokerStore {
             bytes += v.count + 1
             return events.count < limit
         }
+        if speaks < 4 { try wholeForOlderAgent(&events, target: target.name, acked: position.acked, txn) }
         return FeedPage(
             events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - after, committed: committed)
     }
@@ -246,6 +254,7 @@ extension BrokerStore {
                 let id = r["id"]?.stringValue
             else { continue }
             let said = outcomes?.describe(seq, domain: domain)
+            if said?.outcome == "refused", r["event"]?.stringValue == "attributes" { try sendWholeAgain(target, id, txn) }
             let at = said != nil ? outcomes!.committed : now
             var hop: JSONObject = [
                 "hop": .string("boundary \(domain)"), "event": r["event"] ?? "change", "target": .string(target.name),
@@ -268,7 +277,9 @@ extension BrokerStore {
 
     /// Turns up to `room` events' worth of queue items into feed events.
     /// Returns whether queue items are left.
-    func materialize(_ target: TargetConfiguration, room: Int, _ txn: borrowing WriteTransaction) throws -> Bool {
+    func materialize(_ target: TargetConfiguration, room: Int, attributesOnly: Bool = false, _ txn: borrowing WriteTransaction) throws
+        -> Bool
+    {
         guard room > 0 else { return try hasQueued(target.name, txn) }
         var items: [([UInt8], DeliveryItem)] = []
         try txn.scan(fanout, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, v in
@@ -287,7 +298,8 @@ extension BrokerStore {
                     (events, data) = ([e.event], e.data)
                 }
             } else if item.type == "Group" {
-                (events, more) = try groupEvents(target, item.brokerID, limit: max(1, room - written), txn)
+                (events, more) = try groupEvents(
+                    target, item.brokerID, limit: max(1, room - written), attributesOnly: attributesOnly, txn)
             }
             for e in events { try appendFeedEvent(target.name, e, data: data, item, txn) }
             written += events.count
@@ -328,6 +340,7 @@ extension BrokerStore {
         // What the commit's hop will need (`recordCommits`), without reading the event back.
         let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
         let kind = BrokerStore.feedEventKinds[uri] ?? uri
+        if uri == BrokerStore.attributesEvent { try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes) }
         let record: JSONObject = [
             "id": .string(item.brokerID), "trace": .string(item.trace), "event": .string(kind),
             "issued": .number(JSONNumber(integer: unixMilliseconds())), "accepted": .number(JSONNumber(integer: item.acceptedAt)),
@@ -470,11 +483,15 @@ extension BrokerStore {
     /// Then membership changes as deltas of the pending members
     /// (`TargetMembers.swift`: O(k)), at most `limit` events of
     /// `maxMembersPerPatch` members; a change of its other attributes is
-    /// full state again (a rename, rare). Out of the routes or deleted: a
-    /// delete. `more`: members are left for the next pass.
-    func groupEvents(_ target: TargetConfiguration, _ id: String, limit: Int, _ txn: borrowing WriteTransaction)
-        throws -> (events: [JSONObject], more: Bool)
-    {
+    /// full state again with the members it holds there, unless
+    /// `attributesOnly` (the agent speaks protocol 4) and the destination
+    /// took the group's attributes before (`mapping.sent`): then one
+    /// `attributesEvent` without members, O(1) whatever the group's size.
+    /// Out of the routes or deleted: a delete. `more`: members are left for
+    /// the next pass.
+    func groupEvents(
+        _ target: TargetConfiguration, _ id: String, limit: Int, attributesOnly: Bool = false, _ txn: borrowing WriteTransaction
+    ) throws -> (events: [JSONObject], more: Bool) {
         let name = target.name, ref = "/Groups/\(id)"
         let existing = try txn.get(targetIds, prefixed(name, id)).flatMap(TargetMapping.init)
         let now = try current(id, txn)
@@ -537,9 +554,16 @@ extension BrokerStore {
             if !more { break }
         }
         if mapping.sent != attributes {
+            let whole = !attributesOnly || mapping.sent == nil
             mapping.sent = attributes
             try setMapping(target: name, type: "Group", brokerID: id, mapping, txn)
-            events.append(try fullGroupEvent(DownlinkURI.putFull, target: name, id, attributes, domain: now.domain, txn))
+            if whole {
+                events.append(try fullGroupEvent(DownlinkURI.putFull, target: name, id, attributes, domain: now.domain, txn))
+            } else {
+                var data = attributes
+                data["members"] = nil
+                events.append(feedEvent(BrokerStore.attributesEvent, ref, domain: now.domain, data: data))
+            }
         }
         return (events, more)
     }
@@ -591,6 +615,46 @@ extension BrokerStore {
     }
 }
 
+extension BrokerStore {
+    /// An older agent's page (it did not say protocol 4): each
+    /// `attributesEvent` in it, materialised while the destination spoke 3
+    /// (through the sequence in `dlattr`), is answered as full state with
+    /// the members the destination holds now (later members events in the
+    /// feed are set operations, harmless on top of it). O(n) for such an
+    /// event, only after a downgrade; `dlattr` goes once acknowledged.
+    func wholeForOlderAgent(_ events: inout [[UInt8]], target: String, acked: UInt64, _ txn: borrowing WriteTransaction) throws {
+        let key = Array("dlattr/\(target)".utf8)
+        guard let last = try txn.get(targetState, key).flatMap(UInt64.init(bigEndianBytes:)) else { return }
+        guard acked < last else {
+            _ = try txn.delete(targetState, key)
+            return
+        }
+        let uri = Array(BrokerStore.attributesEvent.utf8)
+        for (i, bytes) in events.enumerated() where bytes.count >= uri.count && bytes.contains(uri) {
+            guard var e = try JSONParser.parse(bytes, limits: .stored).objectValue,
+                let (u, body) = e["events"]?.objectValue?.members.first, u == BrokerStore.attributesEvent,
+                let ref = body["ref"]?.stringValue, ref.hasPrefix("/Groups/"), let data = body["data"]?.objectValue
+            else { continue }
+            let domain = e["domain"]?.stringValue ?? ""
+            let full = try fullGroupEvent(DownlinkURI.putFull, target: target, String(ref.dropFirst(8)), data, domain: domain, txn)
+            e["events"] = full["events"]
+            events[i] = JSON.object(e).serialized()
+        }
+    }
+
+    /// The destination refused an `attributesEvent` (it does not hold the
+    /// group, or its inbound policy reads members): what it was sent is
+    /// forgotten and the group queued, so that it goes whole next.
+    func sendWholeAgain(_ target: TargetConfiguration, _ id: String, _ txn: borrowing WriteTransaction) throws {
+        guard var m = try txn.get(targetIds, prefixed(target.name, id)).flatMap(TargetMapping.init) else { return }
+        m.sent = nil
+        try setMapping(target: target.name, type: "Group", brokerID: id, m, txn)
+        try enqueue(
+            target: target.name,
+            DeliveryItem(brokerID: id, type: "Group", operation: .upsert, trace: "", queuedAt: unixMilliseconds(), acceptedAt: 0), txn)
+    }
+}
+
 /// Starting a boundary's feed again (`FeedError.newStore`), a chunk per
 /// write transaction so that memory and each commit stay small: forget what
 /// the broker believes the destination holds (its queue, feed, mappings and
@@ -617,7 +681,7 @@ extension BrokerStore {
             let tables = [fanout, downlink, downlinkTrail, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
             guard n < tables.count else {
                 // The feed's sequence starts again; the queue's own goes on (items queued meanwhile keep theirs).
-                for kind in ["dlseq/", "dlacked/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }
+                for kind in ["dlseq/", "dlacked/", "dlattr/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }
                 return (.requeue(type: "User"), nil)
             }
             var keys: [[UInt8]] = []

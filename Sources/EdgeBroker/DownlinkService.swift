@@ -17,6 +17,7 @@ final class BrokerFeeds {
         let ack: UInt64
         let after: UInt64?
         let limit: Int
+        let speaks: Int
     }
     /// By destination domain.
     let destinations: [String: TargetConfiguration]
@@ -145,6 +146,8 @@ extension BrokerService {
                 return
             }
         }
+        // The protocol the agent speaks (4: it takes a group's attributes without its members); none said: 1.
+        let speaks = Int(body["protocol"]?.numberValue?.integer ?? 1)
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -154,7 +157,10 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
-        fetch(bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, apps: apps, responder) {
+        fetch(
+            bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, apps: apps,
+            speaks: speaks, responder
+        ) {
             [self] page in
             guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
             timer.keepsLoopAlive = false
@@ -164,7 +170,8 @@ extension BrokerService {
             }
             _ = feeds.park(
                 bound.domain,
-                BrokerFeeds.Parked(responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit))
+                BrokerFeeds.Parked(
+                    responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit, speaks: speaks))
             return true
         }
     }
@@ -173,13 +180,14 @@ extension BrokerService {
     /// responder waiting (it returns true).
     func fetch(
         _ domain: String, _ target: TargetConfiguration, epoch: String, ack: UInt64, after: UInt64? = nil, limit: Int,
-        outcomes: BrokerStore.FeedOutcomes? = nil, apps: [BrokerStore.AppOutcome] = [], _ responder: Responder,
+        outcomes: BrokerStore.FeedOutcomes? = nil, apps: [BrokerStore.AppOutcome] = [], speaks: Int = 1, _ responder: Responder,
         park: @escaping (BrokerStore.FeedPage) -> Bool = { _ in false }
     ) {
         let store = self.store, window = Self.feedWindow
         writer.submit({ txn in
             try store.pollFeed(
-                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, apps: apps, txn)
+                target: target, epoch: epoch, ack: ack, after: after, limit: limit, window: window, outcomes: outcomes, apps: apps,
+                speaks: speaks, txn)
         }) { [self] result in
             switch result {
             case .success(let page):
@@ -238,7 +246,7 @@ extension BrokerService {
     /// A parked poll's destination got changes: materialise and answer.
     func wake(_ domain: String) {
         guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
-        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, p.responder)
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, speaks: p.speaks, p.responder)
     }
 
     /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).

@@ -178,6 +178,68 @@ final class DeferredWorkTests: XCTestCase {
         XCTAssertEqual(try store.environment.read { txn in try store.groupIDs(txn, of: "hu2995") }, ["hg"])
     }
 
+    /// (c) A group of 5,000 members taken out of the boundary by a policy
+    /// change: the change commits a few entries (it deleted the 5,000
+    /// records of what the broker was told before), the records go a chunk
+    /// a commit, across a SIGKILL between two chunks; and a group back in
+    /// the boundary before they are all gone is sent whole, with exactly
+    /// its members recorded, which the rest of the work never takes.
+    func testWhatTheRelayToldOfAGroupThatLeftGoesAChunkAtATimeAcrossASIGKILL() throws {
+        let dir = TempDirectory("deferred-relay")
+        defer { dir.remove() }
+        let data = dir.file("data")
+        let out = try LocalPolicy(registry: .standard, scopes: ["Group": #"displayName eq "nobody""#])
+        var gid = ""
+        do {
+            let store = try AgentStore(path: data, registry: .standard)
+            (_, gid) = try fill(store)
+            _ = try store.reconcilePolicy(context("p0"))  // the policy it runs with, recorded
+            XCTAssertEqual(try entries(store, store.relayedMembers, of: gid), n)
+        }
+        do {
+            let store = try AgentStore(path: data, registry: .standard, policy: out)
+            let before = try store.outboxCount()
+            store.environment.resetHeaviestCommit()
+            XCTAssertEqual(try store.reconcilePolicy(context("p1")), 1, "the group's delete")
+            XCTAssertEqual(try store.outboxCount(), before + 1)
+            XCTAssertLessThan(store.environment.heaviestCommitEntries, 100, "the policy change is O(1) in the group's size")
+            XCTAssertEqual(try store.relayForgetsPending(), 1)
+            XCTAssertEqual(try entries(store, store.relayedMembers, of: gid), n, "left for later")
+        }
+        try stepThenKill(data, steps: 2)
+        do {
+            let store = try AgentStore(path: data, registry: .standard, policy: out)
+            XCTAssertEqual(try store.relayForgetsPending(), 1, "the rest is still recorded after the SIGKILL")
+            XCTAssertEqual(try entries(store, store.relayedMembers, of: gid), n - 2 * deferredChunk)
+        }
+        // Back in the boundary (the policy before) with 3,000 records left: sent whole, its records its own.
+        do {
+            let store = try AgentStore(path: data, registry: .standard)
+            let before = try store.outboxCount()
+            XCTAssertEqual(try store.reconcilePolicy(context("p2")), 1)
+            let last = try XCTUnwrap(try store.outboxEntries(after: UInt64(before), limit: 10).last?.1)
+            let (uri, body) = try XCTUnwrap(last["events"]?.objectValue?.members.first)
+            XCTAssertEqual(uri, "urn:ietf:params:SCIM:event:prov:create:full")
+            XCTAssertEqual(body["data"]?["members"]?.arrayValue?.count, n, "the group whole")
+            XCTAssertEqual(try store.relayForgetsPending(), 0, "its sending whole ended the work")
+            XCTAssertEqual(try entries(store, store.relayedMembers, of: gid), n)
+            while try store.deferredStep(limit: deferredChunk).swept > 0 {}
+            XCTAssertEqual(try entries(store, store.relayedMembers, of: gid), n, "no later step takes its new records")
+        }
+        // Out again: the records go a chunk a commit.
+        let outAgain = try AgentStore(path: data, registry: .standard, policy: out)
+        XCTAssertEqual(try outAgain.reconcilePolicy(context("p3")), 1)
+        XCTAssertEqual(try outAgain.relayForgetsPending(), 1)
+        var steps = 0
+        while try outAgain.deferredStep(limit: deferredChunk).swept > 0 {
+            XCTAssertLessThanOrEqual(outAgain.environment.heaviestCommitEntries, deferredChunk + 10)
+            steps += 1
+        }
+        XCTAssertEqual(steps, n / deferredChunk + 1, "5 full chunks, then the one that finds none and ends the work")
+        XCTAssertEqual(try outAgain.relayForgetsPending(), 0)
+        XCTAssertEqual(try entries(outAgain, outAgain.relayedMembers, of: gid), 0)
+    }
+
     /// (b) A local target's index of a group of 5,000 members is forgotten
     /// after the group left the target, not in the transaction that records
     /// it (which wrote 10,000 entries before): a chunk a commit, across a

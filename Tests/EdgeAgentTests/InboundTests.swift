@@ -153,6 +153,63 @@ final class InboundTests: XCTestCase {
         _ = try apply([event(4, put, "u2", data: person("out", active: true))])
         XCTAssertEqual(try members().sorted(), ["u1", "u2"], "u2 entered and joined the group that named it")
     }
+
+    /// Downlink protocol 4: a group's attributes without its members (a
+    /// rename) keep the 3,000 members it holds here, with the inbound
+    /// mapping applied, in a commit of a few entries (full state read and
+    /// wrote every member). Refused with `noTarget` (the broker then sends
+    /// it whole) for a group not held here, or when the inbound policy's
+    /// scope reads members; one the policy no longer accepts goes.
+    func testAGroupsAttributesAloneKeepItsMembers() throws {
+        let dir = TempDirectory("inbound-attributes")
+        defer { dir.remove() }
+        let store = try AgentStore(path: dir.path, registry: .standard)
+        var policy = InboundPolicy(accept: [
+            try InboundPolicy.Rule(domains: ["hq"], types: ["User"]),
+            try InboundPolicy.Rule(domains: ["hq"], types: ["Group"], filter: #"displayName sw "staff""#),
+        ])
+        policy.mapping.constant = [("externalId", "from-hq")]
+        let ctx = WriteContext(newID: "n", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t")
+        let create = "urn:ietf:params:SCIM:event:prov:create:full"
+        let attributes = "urn:scim-edge:params:event:prov:patch:attributes"
+        var seq = 0
+        func next(_ uri: String, _ id: String, _ data: JSON, endpoint: String = "Groups") -> JSON {
+            seq += 1
+            return event(seq, uri, id, data: data, endpoint: endpoint)
+        }
+        func apply(_ events: [JSON], _ policy: InboundPolicy) throws -> DownlinkOutcome {
+            try store.environment.write { txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }
+        }
+        func named(_ name: String) -> JSON { ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": .string(name)] }
+        let n = 3_000
+        for start in stride(from: 0, to: n, by: 1000) {
+            _ = try apply((start..<start + 1000).map { next(create, "u\($0)", user("u\($0)"), endpoint: "Users") }, policy)
+        }
+        var staff = named("staff").objectValue!
+        staff["members"] = .array((0..<n).map { ["value": .string("u\($0)"), "type": "User"] })
+        _ = try apply([next(create, "g1", .object(staff))], policy)
+        let groups = store.registry.resourceType("Group")!
+        store.environment.resetHeaviestCommit()
+        let renamed = try apply([next(attributes, "g1", named("staff, renamed"))], policy)
+        XCTAssertEqual(renamed.refused, [:])
+        XCTAssertEqual(renamed.applied, 1)
+        XCTAssertLessThan(store.environment.heaviestCommitEntries, 50, "no member read or written")
+        let g1 = try XCTUnwrap(store.get(groups, "g1"))
+        XCTAssertEqual(g1["displayName"], "staff, renamed")
+        XCTAssertEqual(g1["externalId"], "from-hq", "the inbound mapping applies")
+        XCTAssertEqual(g1["members"]?.arrayValue?.count, n, "its members kept")
+
+        let notHeld = try apply([next(attributes, "g2", named("staff 2"))], policy)
+        XCTAssertEqual(notHeld.refused.count, 1, "a group not held here is needed whole")
+        XCTAssertNil(try store.get(groups, "g2"))
+        var readsMembers = policy
+        readsMembers.accept[1] = try InboundPolicy.Rule(domains: ["hq"], types: ["Group"], filter: #"members.value eq "u1""#)
+        XCTAssertEqual(try apply([next(attributes, "g1", named("staff, 3"))], readsMembers).refused.count, 1)
+        XCTAssertEqual(try store.get(groups, "g1")?["displayName"], "staff, renamed", "unchanged")
+        let out = try apply([next(attributes, "g1", named("others"))], policy)
+        XCTAssertEqual(out.notAccepted, 1)
+        XCTAssertTrue(try store.get(groups, "g1") == nil, "out of what this boundary accepts: it goes")
+    }
 }
 
 /// Local targets' queues at the agent, in process: a write queues what the

@@ -129,14 +129,16 @@ final class DeferredDeliveryTests: XCTestCase {
 
     /// Polls the feed of `target` until nothing is left; returns each poll's
     /// events (parsed) and the heaviest poll commit.
-    func drain(_ store: BrokerStore, _ target: TargetConfiguration, ack: inout UInt64) throws -> (events: [JSON], heaviest: Int) {
+    func drain(_ store: BrokerStore, _ target: TargetConfiguration, ack: inout UInt64, speaks: Int = 1) throws -> (
+        events: [JSON], heaviest: Int
+    ) {
         var out: [JSON] = []
         var heaviest = 0
         for _ in 0..<10_000 {
             store.environment.resetHeaviestCommit()
             let acked = ack
             let page = try store.environment.write { txn in
-                try store.pollFeed(target: target, epoch: "s1", ack: acked, limit: 100, window: 100, txn)
+                try store.pollFeed(target: target, epoch: "s1", ack: acked, limit: 100, window: 100, speaks: speaks, txn)
             }
             heaviest = max(heaviest, store.environment.heaviestCommitEntries)
             for e in page.events { out.append(try JSONParser.parse(e, limits: .stored)) }
@@ -202,5 +204,84 @@ final class DeferredDeliveryTests: XCTestCase {
         XCTAssertLessThan(back.heaviest, 4 * deferredChunk)
         XCTAssertEqual(try count(store, store.targetMembers, "sub", gid), n)
         XCTAssertEqual(try count(store, store.targetPending, "sub", gid), 0)
+    }
+
+    /// (e) A rename of a group of 3,000 members held at a destination whose
+    /// agent speaks downlink protocol 4 is one attributes event of a few
+    /// hundred bytes, no member in it, and a poll of a few entries (before,
+    /// full state with all 3,000 and as many reads). An agent that does not
+    /// say 3 gets full state, also for an attributes event materialised
+    /// before it was downgraded; one the agent refused (it does not hold
+    /// the group) is followed by the group whole.
+    func testARenameAtADestinationThatSpeaks3IsItsAttributesAlone() throws {
+        let dir = TempDirectory("deferred-rename")
+        defer { dir.remove() }
+        var dest = try TargetConfiguration(name: "sub", url: "http://127.0.0.1:9/scim/v2")
+        dest.destination = "acme-us"
+        dest.routes = [try Route(types: ["User"]), try Route(types: ["Group"])]
+        let store = try BrokerStore(path: dir.file("broker"), targets: [dest])
+        let n = 3_000
+        let (_, gid) = try fill(store, n, name: "A team")
+        var ack: UInt64 = 0
+        func mine(_ events: [JSON]) -> [(uri: String, body: JSON, bytes: Int)] {
+            events.compactMap { e in
+                guard let (uri, body) = e["events"]?.objectValue?.members.first, body["ref"]?.stringValue == "/Groups/\(gid)" else {
+                    return nil
+                }
+                return (uri, body, e.serialized().count)
+            }
+        }
+        _ = try drain(store, dest, ack: &ack, speaks: 4)
+        XCTAssertEqual(try count(store, store.targetMembers, "sub", gid), n)
+
+        try rename(store, "A team, renamed")
+        let renamed = try drain(store, dest, ack: &ack, speaks: 4)
+        var seen = mine(renamed.events)
+        XCTAssertEqual(seen.map(\.uri), [BrokerStore.attributesEvent], "one attributes event")
+        XCTAssertEqual(seen.first?.body["data"]?["displayName"], "A team, renamed")
+        XCTAssertNil(seen.first?.body["data"]?["members"], "no member travels")
+        XCTAssertLessThan(seen.first?.bytes ?? .max, 1024)
+        XCTAssertLessThan(renamed.heaviest, 50, "the poll does not read the group's members")
+        XCTAssertEqual(try count(store, store.targetMembers, "sub", gid), n)
+
+        // An older agent (it says no protocol): full state with the members the destination holds.
+        try rename(store, "A team, again")
+        seen = mine(try drain(store, dest, ack: &ack).events)
+        XCTAssertEqual(seen.map(\.uri), [BrokerStore.DownlinkURI.putFull])
+        XCTAssertEqual(seen.first?.body["data"]?["members"]?.arrayValue?.count, n)
+
+        // Materialised for protocol 4, then asked for by an agent downgraded before it acknowledged it.
+        try rename(store, "A team, 3")
+        let acked = ack
+        let page3 = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s1", ack: acked, limit: 100, window: 100, speaks: 4, txn)
+        }
+        XCTAssertEqual(mine(try page3.events.map { try JSONParser.parse($0, limits: .stored) }).map(\.uri), [BrokerStore.attributesEvent])
+        seen = mine(try drain(store, dest, ack: &ack).events)
+        XCTAssertEqual(seen.map(\.uri), [BrokerStore.DownlinkURI.putFull], "answered whole to the older agent")
+        XCTAssertEqual(seen.first?.body["data"]?["displayName"], "A team, 3")
+        XCTAssertEqual(seen.first?.body["data"]?["members"]?.arrayValue?.count, n)
+        XCTAssertNil(
+            try store.environment.read { txn in try txn.get(store.targetState, Array("dlattr/sub".utf8)) }, "gone once acknowledged")
+
+        // The agent refused the attributes event (it does not hold the group): the group whole follows.
+        try rename(store, "A team, 4")
+        let before = ack
+        let page = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s1", ack: before, limit: 100, window: 100, speaks: 4, txn)
+        }
+        XCTAssertEqual(page.events.count, 1)
+        let refusedSeq = page.position.issued
+        let outcomes = try BrokerStore.FeedOutcomes(
+            [
+                "from": .int(Int(refusedSeq)), "through": .int(Int(refusedSeq)), "committed": 1,
+                "refused": .object(JSONObject([(String(refusedSeq), "noTarget")])),
+            ], ack: refusedSeq)
+        let after = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s1", ack: refusedSeq, limit: 100, window: 100, outcomes: outcomes, speaks: 4, txn)
+        }
+        seen = mine(try after.events.map { try JSONParser.parse($0, limits: .stored) })
+        XCTAssertEqual(seen.map(\.uri), [BrokerStore.DownlinkURI.putFull], "sent whole after the refusal")
+        XCTAssertEqual(seen.first?.body["data"]?["members"]?.arrayValue?.count, n)
     }
 }

@@ -166,6 +166,17 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertGreaterThan(
             metric(usAgent, "scim_edge_downlink_membership_deltas_total") ?? 0, deltasBefore, "a delta, not the whole group")
         XCTAssertEqual(foreign("us"), ["acme-de": 4])
+        // A rename (downlink protocol 4: the attributes alone) keeps the members held there.
+        XCTAssertEqual(
+            try scim(
+                dp, "PATCH", "/Groups/\(gid)",
+                #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"displayName","value":"crew"}]}"#
+            ).0, 200)
+        func crew() -> JSON? { try? scim(up, "GET", "/Groups?filter=displayName%20eq%20%22crew%22").1?["Resources"]?.arrayValue?.first }
+        XCTAssertTrue(eventually(seconds: 20) { crew() != nil }, "\(usAgent.output.suffix(10))")
+        XCTAssertEqual(
+            Set(crew()?["members"]?.arrayValue?.compactMap { $0["value"]?.stringValue } ?? []), Set(here[1...]), "its members kept")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_refused_total"), 0)
     }
 
     /// The certificate decides the feed: an agent with acme-de's certificate

@@ -118,7 +118,7 @@ extension DownlinkTests {
         let epoch = "0123456789abcdef0123456789abcdef"
         let (status, first) = try poll(bp, cert: us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0}"#)
         XCTAssertEqual(status, 200)
-        XCTAssertEqual(first?["protocol"], 3)
+        XCTAssertEqual(first?["protocol"], 4)
         XCTAssertEqual(first?["events"]?.arrayValue?.count, 2)
         XCTAssertEqual(
             first?["events"]?.arrayValue?.first?["txn"], "7ef92f3577b34da6a3ce929d0e0e4739", "the trace id travels with the event")
