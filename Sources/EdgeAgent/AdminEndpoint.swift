@@ -225,6 +225,10 @@ public final class AdminEndpoint {
                     "scim_edge_downlink_resyncs_total", "counter", "Times the broker started this boundary's feed again (counting from 0).",
                     [("", String(s.resyncs))])
                 metric(
+                    "scim_edge_downlink_stale_removed_total", "counter",
+                    "Foreign resources removed at the end of a resync because the broker did not send them again (deleted at their source or out of the routes while this store was away).",
+                    [("", String(s.staleRemoved))])
+                metric(
                     "scim_edge_downlink_applied_sequence", "gauge", "The feed sequence committed here.", [("", String(s.appliedThrough))])
                 metric(
                     "scim_edge_downlink_lag_events", "gauge", "Feed events the broker issued that are not committed here.",

@@ -20,6 +20,8 @@ public struct DownlinkStatistics: Sendable {
     public var protocolErrors = 0
     /// Times the broker started the feed again for this store.
     public var resyncs = 0
+    /// Foreign resources a resync did not send again, removed at its end.
+    public var staleRemoved = 0
     /// Local apps' answers to foreign changes the broker took (protocol 3).
     public var appOutcomesReported = 0
     /// The feed sequence committed here, and the last the broker issued.
@@ -97,7 +99,41 @@ public final class DownlinkPoller {
         statistics.appliedThrough = try store.downlinkSequence()
         received = statistics.appliedThrough
         report = try store.downlinkReport()
+        if try store.staleSweepPending() { sweepStale() }  // a sweep a restart interrupted goes on
         poll()
+    }
+
+    private var sweeping = false
+    /// A sweep step failed: the next committed answer starts it again.
+    private var staleLeft = false
+
+    /// The end of a resync: what this store holds and the new feed did not
+    /// send again goes, a step per transaction (`sweepStaleForeign`),
+    /// while polls go on (what they apply is marked, so it stays).
+    private func sweepStale() {
+        guard !stopped, !sweeping else { return }
+        (sweeping, staleLeft) = (true, false)
+        let store = self.store, ctx = makeContext(nil)
+        writer.submit({ txn in try store.sweepStaleForeign(limit: 1000, ctx, txn) }) { [weak self] result in
+            guard let self, !stopped else { return }
+            sweeping = false
+            switch result {
+            case .success(let step?):
+                statistics.staleRemoved += step.removed
+                if step.removed > 0 {
+                    logger.notice(
+                        "downlink: foreign resources the resync did not send again were removed (deleted at their source or out of the routes meanwhile)",
+                        metadata: ["removed": .stringConvertible(step.removed)])
+                    onCommitted?()
+                }
+                if !step.done { sweepStale() }
+            case .success(nil):
+                return
+            case .failure(let e):
+                staleLeft = true
+                logger.warning("downlink: the sweep after a resync failed; it goes on at the next answer: \(e)")
+            }
+        }
     }
 
     public func stop() {
@@ -126,8 +162,8 @@ public final class DownlinkPoller {
             "maxEvents": .int(policy.maxEventsPerPoll), "timeoutMs": .int(wait),
             // Which store acknowledges: a re-imaged one (another epoch) gets the feed again from the start.
             "epoch": .string(store.epoch),
-            // Downlink protocol 4: a group's attribute change may come without its members (`attributesEvent`).
-            "protocol": 4,
+            // Downlink protocol 4: a group's attribute change may come without its members (`attributesEvent`); 5: a resync ends with `resyncCompleteEvent`.
+            "protocol": 5,
         ]
         if received > acked { body["after"] = .number(JSONNumber(integer: Int64(received))) }
         // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).
@@ -224,6 +260,7 @@ public final class DownlinkPoller {
                         ])
                 }
                 if outcome.applied > 0 { onCommitted?() }
+                if outcome.resyncCompleted || staleLeft { sweepStale() }
                 poll()
             case .failure where generation != self.generation:
                 // Fetched before a failure: it follows an answer that was not committed. Fetched again from what was.

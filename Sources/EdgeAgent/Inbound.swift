@@ -140,6 +140,9 @@ public struct DownlinkOutcome: Sendable, Equatable {
     public var refused: [UInt64: String] = [:]
     /// What the next poll tells the broker of these events (nil: none newly applied).
     public var report: DownlinkReport?
+    /// The answer held the end of a resync (downlink protocol 5): the sweep
+    /// of what was not sent again has begun (`sweepStaleForeign`).
+    public var resyncCompleted = false
 }
 
 /// The boundary's decision on each feed event of one applied answer, sent
@@ -224,6 +227,8 @@ extension AgentStore {
     static let sourceExtension = "urn:scim-edge:params:scim:schemas:extension:source:1.0:Resource"
     static let downlinkKey = Array("downlinkSeq".utf8)
     static let downlinkReportKey = Array("downlinkReport".utf8)
+    /// The last event of a resync's feed (downlink protocol 5; the broker's `resyncCompleteEvent`).
+    static let resyncCompleteEvent = "urn:scim-edge:params:event:feed:resync:complete"
 
     /// The source domain of a foreign resource; nil: the resource is this boundary's own.
     func foreignDomain(_ type: ResourceType, _ id: String, _ txn: borrowing some StoreReading & ~Copyable) throws -> String? {
@@ -239,10 +244,103 @@ extension AgentStore {
         try environment.read { txn in try txn.get(meta, AgentStore.downlinkKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0 }
     }
 
-    /// The broker starts the feed again: the next poll acknowledges nothing (and reports nothing).
+    /// The broker starts the feed again: the next poll acknowledges nothing
+    /// (and reports nothing), and a new resync generation begins: each
+    /// foreign resource the new feed names is marked with it
+    /// (`markSent`), so that when the broker says the resync is complete
+    /// the ones it did not send again can go (`sweepStaleForeign`). A sweep
+    /// of an earlier resync under way stops: this one's covers it.
     public func restartDownlink(in txn: borrowing WriteTransaction) throws {
         try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
         _ = try txn.delete(meta, AgentStore.downlinkReportKey)
+        let generation = (try txn.get(meta, AgentStore.resyncKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+        try txn.put(meta, AgentStore.resyncKey, generation.bigEndianBytes)
+        _ = try txn.delete(meta, AgentStore.staleSweepKey)
+    }
+
+    // MARK: what a resync did not send again
+
+    /// `meta` keys: the resync generation under way (BE; absent: none), and
+    /// where the sweep that ends it stands (present while it runs: the last
+    /// `foreign` key looked at, empty at its start).
+    static let resyncKey = Array("downlinkResync".utf8)
+    static let staleSweepKey = Array("downlinkStaleSweep".utf8)
+    /// `fsent/<type>/<id>` in `meta` → the generation whose feed named it.
+    static func sentKey(_ key: [UInt8]) -> [UInt8] { Array("fsent/".utf8) + key }
+
+    /// While a resync is under way, the foreign resources `events` named
+    /// and this store holds are marked as sent again (whatever became of the
+    /// event: a refusal keeps what was held, and so does the sweep).
+    func markSent(_ events: [(UInt64, JSON)], _ txn: borrowing WriteTransaction) throws -> Bool {
+        guard let generation = try txn.get(meta, AgentStore.resyncKey) else { return false }
+        var completed = false
+        for (_, event) in events {
+            guard let (uri, body) = event["events"]?.objectValue?.members.first else { continue }
+            if uri == AgentStore.resyncCompleteEvent {
+                // Everything the destination should hold came before this: what was not sent again goes.
+                if try txn.get(meta, AgentStore.staleSweepKey) == nil { try txn.put(meta, AgentStore.staleSweepKey, []) }
+                completed = true
+                continue
+            }
+            guard let ref = body["ref"]?.stringValue else { continue }
+            let parts = ref.split(separator: "/")
+            guard parts.count == 2, let type = registry.resourceType(parts[0] == "Users" ? "User" : parts[0] == "Groups" ? "Group" : "")
+            else { continue }
+            let key = AgentStore.key(type, String(parts[1]))
+            if try txn.get(foreign, key) != nil { try txn.put(meta, AgentStore.sentKey(key), generation) }
+        }
+        return completed
+    }
+
+    /// Whether the sweep that ends a resync is under way (a read).
+    public func staleSweepPending() throws -> Bool {
+        try environment.read { txn in try txn.get(meta, AgentStore.staleSweepKey) != nil }
+    }
+
+    /// One step of the sweep that ends a resync: up to `limit` foreign
+    /// resources looked at (at most `limit / 10` removed), each removed when
+    /// the new feed did not name it (deleted at its source, or out of the
+    /// broker's routes, while this store was away; a store restored from a
+    /// backup still held it). Removed as a deletion from the feed would
+    /// remove it: the local targets get it. The marks go as the sweep
+    /// passes, and with the last step the resync ends (nothing is marked
+    /// after it). Events applied meanwhile are still marked, so a resource
+    /// that entered after the resync's end stays. nil: no sweep under way.
+    public func sweepStaleForeign(limit: Int, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws -> (
+        removed: Int, done: Bool
+    )? {
+        guard let cursor = try txn.get(meta, AgentStore.staleSweepKey) else { return nil }
+        let generation = try txn.get(meta, AgentStore.resyncKey)
+        var keys: [[UInt8]] = []
+        try txn.scanKeys(foreign, from: cursor.isEmpty ? nil : cursor + [0]) { k in
+            keys.append(k)
+            return keys.count < limit
+        }
+        var removed = 0, last: [UInt8]?, looked = 0
+        for key in keys {
+            (last, looked) = (key, looked + 1)
+            let sent = try txn.get(meta, AgentStore.sentKey(key))
+            _ = try txn.delete(meta, AgentStore.sentKey(key))
+            guard sent == nil || sent != generation else { continue }
+            let parts = key.split(separator: UInt8(ascii: "/"), maxSplits: 1)
+            if parts.count == 2, let type = registry.resourceType(String(decoding: parts[0], as: UTF8.self)) {
+                let id = String(decoding: parts[1], as: UTF8.self)
+                if let old = try load(txn, type, id) { try removeForeign(type, id, old, ctx, txn) }
+                if type.id == "User" { try forgetWaiting(member: id, txn) }
+            }
+            _ = try txn.delete(foreign, key)
+            removed += 1
+            if removed >= max(1, limit / 10) { break }
+        }
+        // Done when this step looked at every key left (the scan found fewer than it asked for).
+        let done = keys.count < limit && looked == keys.count
+        if done {
+            _ = try txn.delete(meta, AgentStore.staleSweepKey)
+            _ = try txn.delete(meta, AgentStore.resyncKey)
+        } else {
+            try txn.put(meta, AgentStore.staleSweepKey, last!)
+        }
+        return (removed, done)
     }
 
     /// The outcomes of the last applied answer, which the next poll reports (nil: none).
@@ -299,6 +397,8 @@ extension AgentStore {
             outcome.duplicates = duplicates
             var report = DownlinkReport(from: before + 1, through: last, committed: ctx.epochMilliseconds)
             for (seq, event) in fresh {
+                // The end of a resync changes no resource (`markSent` starts the sweep it asks for).
+                if event["events"]?.objectValue?.members.first?.0 == AgentStore.resyncCompleteEvent { continue }
                 // Each change is written under its own trace id (the IdP request's at its source).
                 var each = ctx
                 if let trace = event["txn"]?.stringValue, !trace.isEmpty { each.traceID = trace }
@@ -333,6 +433,7 @@ extension AgentStore {
         }
         try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
         outcome.appliedThrough = last
+        outcome.resyncCompleted = try markSent(fresh, txn)
         // Only resends (nothing new): the stored report, of what they were applied with, stays the one to send.
         if let report = outcome.report {
             let stored = try txn.get(meta, AgentStore.downlinkReportKey).flatMap {
@@ -496,6 +597,7 @@ extension AgentStore {
     {
         try remove(type, id: id, old: old, ctx, txn)
         _ = try txn.delete(foreign, AgentStore.key(type, id))
+        _ = try txn.delete(meta, AgentStore.sentKey(AgentStore.key(type, id)))
         if type.id == "Group" { try forgetWaiting(group: id, txn) }
     }
 

@@ -46,8 +46,18 @@ extension BrokerStore {
     /// The downlink protocol version (docs/protocol.md): 2 takes the
     /// agent's outcomes with its acknowledgement, 3 its local apps' answers
     /// (`appOutcomes`), 4 sends an agent that says 4 in its poll a group's
-    /// attribute change as `attributesEvent` (without its members).
-    public static let downlinkVersion = 4
+    /// attribute change as `attributesEvent` (without its members), 5 ends
+    /// a resync with `resyncCompleteEvent` to an agent that says 5.
+    public static let downlinkVersion = 5
+
+    /// The last event of a resync's feed (downlink protocol 5): everything
+    /// the destination should hold has been sent again before it, so what
+    /// the agent holds and was not sent again since the feed started over
+    /// is no longer the destination's (deleted at its source, or out of the
+    /// routes, while the store was away) and goes.
+    public static let resyncCompleteEvent = "urn:scim-edge:params:event:feed:resync:complete"
+    /// The queue item that becomes it (no resource).
+    static let resyncCompleteItem = "ResyncComplete"
 
     /// Where a destination's feed stands.
     public struct FeedPosition: Sendable, Equatable {
@@ -216,7 +226,7 @@ extension BrokerStore {
             position.acked = ack
         }
         if !apps.isEmpty { committed.apps = try recordAppOutcomes(target, apps, txn) }
-        let itemsLeft = try materialize(target, room: window - position.unacked, attributesOnly: speaks >= 4, txn)
+        let itemsLeft = try materialize(target, room: window - position.unacked, speaks: speaks, txn)
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
@@ -277,9 +287,7 @@ extension BrokerStore {
 
     /// Turns up to `room` events' worth of queue items into feed events.
     /// Returns whether queue items are left.
-    func materialize(_ target: TargetConfiguration, room: Int, attributesOnly: Bool = false, _ txn: borrowing WriteTransaction) throws
-        -> Bool
-    {
+    func materialize(_ target: TargetConfiguration, room: Int, speaks: Int = 1, _ txn: borrowing WriteTransaction) throws -> Bool {
         guard room > 0 else { return try hasQueued(target.name, txn) }
         var items: [([UInt8], DeliveryItem)] = []
         try txn.scan(fanout, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, v in
@@ -299,7 +307,10 @@ extension BrokerStore {
                 }
             } else if item.type == "Group" {
                 (events, more) = try groupEvents(
-                    target, item.brokerID, limit: max(1, room - written), attributesOnly: attributesOnly, txn)
+                    target, item.brokerID, limit: max(1, room - written), attributesOnly: speaks >= 4, txn)
+            } else if item.type == BrokerStore.resyncCompleteItem, speaks >= 5 {
+                // An older agent could not act on it: it goes with no event (its sequence is not taken).
+                events = [["events": .object([BrokerStore.resyncCompleteEvent: .object([:])])]]
             }
             for e in events { try appendFeedEvent(target.name, e, data: data, item, txn) }
             written += events.count
@@ -337,6 +348,7 @@ extension BrokerStore {
             bytes.insert(contentsOf: Array(#","data":"#.utf8) + data, at: bytes.count - 3)
         }
         try txn.put(downlink, prefixed(target, seq.bigEndianBytes), bytes)
+        guard !item.brokerID.isEmpty else { return }  // the end of a resync names no resource: no hop
         // What the commit's hop will need (`recordCommits`), without reading the event back.
         let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
         let kind = BrokerStore.feedEventKinds[uri] ?? uri
@@ -716,6 +728,13 @@ extension BrokerStore {
             if seen == chunk { return (phase, last) }
             guard type == "User" else {
                 try txn.put(targetState, Array("dlepoch/\(name)".utf8), Array(epoch.utf8))
+                // After every resource queued again: the agent removes what it holds and was not sent again.
+                _ = try enqueue(
+                    target: name,
+                    DeliveryItem(
+                        brokerID: "", type: BrokerStore.resyncCompleteItem, operation: .upsert, trace: "", queuedAt: unixMilliseconds(),
+                        acceptedAt: 0),
+                    txn)
                 return (.done, nil)
             }
             return (.requeue(type: "Group"), nil)

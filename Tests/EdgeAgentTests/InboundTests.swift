@@ -116,6 +116,86 @@ final class InboundTests: XCTestCase {
         XCTAssertEqual(try store.outboxCount(), 1)
     }
 
+    /// A resync (downlink protocol 5) ends with `resyncCompleteEvent`: what
+    /// the store held and the new feed did not name goes, a step per
+    /// transaction; what the feed named stays, a refusal included, and so does
+    /// what arrives while the sweep runs. A group goes with its members'
+    /// entries. Before the resync, nothing is ever swept.
+    func testAResyncsEndRemovesWhatTheNewFeedDidNotSendAgain() throws {
+        let dir = TempDirectory("inbound-resync")
+        defer { dir.remove() }
+        let store = try AgentStore(path: dir.path, registry: .standard)
+        let policy = InboundPolicy(accept: [try InboundPolicy.Rule(domains: ["hq"])], userNameTemplate: "{userName}@{domain}")
+        let ctx = WriteContext(newID: "local-1", now: "2026-12-01T00:00:00Z", epochSeconds: 0, eventID: "e", traceID: "t")
+        let users = store.registry.resourceType("User")!, groups = store.registry.resourceType("Group")!
+        let create = "urn:ietf:params:SCIM:event:prov:create:full", complete = "urn:scim-edge:params:event:feed:resync:complete"
+        func apply(_ events: [JSON]) throws -> DownlinkOutcome {
+            try store.environment.write { txn in try store.applyDownlink(events, policy: policy, ctx, in: txn) }
+        }
+        func sweep(_ limit: Int) throws -> (removed: Int, done: Bool)? {
+            try store.environment.write { txn in try store.sweepStaleForeign(limit: limit, ctx, txn) }
+        }
+        var seq = 0
+        func next(_ id: String, _ name: String) -> JSON {
+            seq += 1
+            return event(seq, create, id, data: user(name))
+        }
+        var feed = (0..<30).map { next("u\($0)", "user\($0)") }
+        seq += 1
+        feed.append(
+            event(
+                seq, create, "g1",
+                data: ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "staff", "members": [["value": "u0"]]],
+                endpoint: "Groups"))
+        _ = try apply(feed)
+        XCTAssertEqual(try store.foreignCounts(), ["hq": 31])
+        XCTAssertNil(try sweep(10), "no resync: nothing to sweep")
+
+        // The feed starts again; it names u0…u9, and u10 with a userName a local user took meanwhile (refused: kept as it was).
+        _ = try store.environment.write { txn in try store.restartDownlink(in: txn) }
+        _ = try store.environment.write { txn in
+            try store.apply(.create(users, validated: ["userName": "taken@hq"]), ctx, profile: .lenient, in: txn)
+        }
+        seq = 0
+        var again = (0..<10).map { next("u\($0)", "user\($0)") }
+        again.append(next("u10", "taken"))
+        let outcome = try apply(again)
+        XCTAssertEqual(outcome.refused.count, 1)
+        XCTAssertFalse(outcome.resyncCompleted)
+        XCTAssertFalse(try store.staleSweepPending(), "not before the broker says the resync is complete")
+        seq += 1
+        let end = try apply([["seq": .int(seq), "events": .object(JSONObject([(complete, .object([:]))]))]])
+        XCTAssertTrue(end.resyncCompleted)
+        XCTAssertEqual(end.applied, 0, "the end of a resync changes no resource")
+        XCTAssertEqual(end.refused, [:])
+        XCTAssertTrue(try store.staleSweepPending())
+
+        // Two steps of at most 10 keys: then u25 (held, not yet looked at) is named again and u40 is new; both stay.
+        var removed = 0
+        for _ in 0..<2 { removed += try XCTUnwrap(try sweep(10)).removed }
+        _ = try apply([next("u25", "user25"), next("u40", "user40")])
+        var steps = 2
+        while let step = try sweep(10) {
+            removed += step.removed
+            steps += 1
+            if step.done { break }
+            XCTAssertLessThan(steps, 50)
+        }
+        XCTAssertFalse(try store.staleSweepPending())
+        XCTAssertEqual(removed, 31 - 11 - 1, "all but u0…u10 and u25; g1 too")
+        XCTAssertGreaterThan(steps, 3, "a bounded step at a time (at most limit / 10 removals each)")
+        XCTAssertEqual(try store.foreignCounts(), ["hq": 13])
+        XCTAssertNotNil(try store.get(users, "u10"), "a refused event keeps what was held")
+        XCTAssertNotNil(try store.get(users, "u25"))
+        XCTAssertNotNil(try store.get(users, "u40"))
+        XCTAssertNil(try store.get(users, "u11"))
+        XCTAssertNil(try store.get(groups, "g1"))
+        XCTAssertNil(try sweep(10), "the resync is over")
+        // After it, nothing is marked: a later feed's events are not swept by anything.
+        _ = try apply([next("u26", "user26")])
+        XCTAssertEqual(try store.foreignCounts(), ["hq": 14])
+    }
+
     /// A member the boundary did not take when its group arrived (out of the
     /// filter then) joins the group when it enters later: the broker, which
     /// sent it, will not name it again.

@@ -163,8 +163,10 @@ final class DownlinkTests: FederationTestCase {
                 #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"add","path":"members","value":[{"value":"\#(ids[2])"}]},{"op":"remove","path":"members[value eq \"\#(ids[0])\"]"}]}"#
             ).0 / 100, 2)
         XCTAssertTrue(eventually(seconds: 20) { staffMembers() == Set(here[1...]) }, "\(String(describing: staffMembers()))")
-        XCTAssertGreaterThan(
-            metric(usAgent, "scim_edge_downlink_membership_deltas_total") ?? 0, deltasBefore, "a delta, not the whole group")
+        // The poller counts the delta when the commit's completion reaches its loop, just after readers see it.
+        XCTAssertTrue(
+            eventually(seconds: 10) { (self.metric(usAgent, "scim_edge_downlink_membership_deltas_total") ?? 0) > deltasBefore },
+            "a delta, not the whole group")
         XCTAssertEqual(foreign("us"), ["acme-de": 4])
         // A rename (downlink protocol 4: the attributes alone) keeps the members held there.
         XCTAssertEqual(
@@ -263,15 +265,19 @@ final class DownlinkTests: FederationTestCase {
     /// The subsidiary's store restored from an older backup (same epoch,
     /// behind what it acknowledged): the broker starts the feed again, the
     /// agent counts from 0, and the users it lacked arrive (none skipped as
-    /// a "resend").
+    /// a "resend"). A user deleted at HQ after the backup, which the restored
+    /// store still holds, goes at the resync's end (downlink protocol 5):
+    /// a departed employee keeps no account in the boundary.
     func testARestoredSubsidiaryStoreGetsWhatItLacks() throws {
         let (_, bp) = try startBroker(yaml: brokerYAML)
         let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
         var names: [String] = []
+        var made = 0
         func create(_ n: Int) throws {
             for _ in 0..<n {
-                XCTAssertEqual(try createUser(dp, "b\(names.count)"), 201)
-                names.append("b\(names.count)")
+                XCTAssertEqual(try createUser(dp, "b\(made)"), 201)
+                names.append("b\(made)")
+                made += 1
             }
         }
         try create(10)
@@ -284,6 +290,10 @@ final class DownlinkTests: FederationTestCase {
         // b0 changes after the backup: the restored store holds it as it was, and its new state is the feed's first event again.
         let b0 = try XCTUnwrap(try user(dp, "b0")?["id"]?.stringValue)
         XCTAssertEqual(try deactivate(dp, b0), 200)
+        // b1 leaves HQ after the backup: the restored store holds it, and no feed event will name it again.
+        let b1 = try XCTUnwrap(try user(dp, "b1")?["id"]?.stringValue)
+        XCTAssertEqual(try scim(dp, "DELETE", "/Users/\(b1)").0, 204)
+        names.removeAll { $0 == "b1" }
         try create(10)
         try assertArrivedOnce(names, port: up, agent: "us")
         usAgent.signal(SIGKILL)
@@ -295,6 +305,10 @@ final class DownlinkTests: FederationTestCase {
         try assertArrivedOnce(names, port: up, agent: "us")
         XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_resyncs_total") ?? 0, 1)
         XCTAssertEqual(try user(up, "b0@acme-de")?["active"], false, "the restored store's old b0 was updated, not skipped")
+        XCTAssertNil(try user(up, "b1@acme-de"), "the restored store's b1, deleted at HQ meanwhile, is gone")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_stale_removed_total"), 1)
+        XCTAssertEqual(
+            try AgentStore(path: dir.file("us"), registry: .standard).staleSweepPending(), false, "the sweep ended with the resync")
     }
 
     /// The feed position at the broker, and what the agent committed.

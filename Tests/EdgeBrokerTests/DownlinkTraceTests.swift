@@ -118,7 +118,7 @@ extension DownlinkTests {
         let epoch = "0123456789abcdef0123456789abcdef"
         let (status, first) = try poll(bp, cert: us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0}"#)
         XCTAssertEqual(status, 200)
-        XCTAssertEqual(first?["protocol"], 4)
+        XCTAssertEqual(first?["protocol"], 5)
         XCTAssertEqual(first?["events"]?.arrayValue?.count, 2)
         XCTAssertEqual(
             first?["events"]?.arrayValue?.first?["txn"], "7ef92f3577b34da6a3ce929d0e0e4739", "the trace id travels with the event")
@@ -184,5 +184,29 @@ extension DownlinkTests {
         XCTAssertEqual(traceHops("olga").filter { $0["hop"] == "app crm" }.count, 1)
         XCTAssertFalse(traceHops("pia").contains { $0["hop"] == "app crm" }, "\(traceHops("pia"))")
         XCTAssertTrue(traceHops("00000000000000000000000000000001").isEmpty)
+
+        // Another store (a re-imaged agent): the feed starts again. An agent that says no protocol
+        // gets the users and no end of the resync; one that says 5 gets it last, naming no resource.
+        func resynced(_ epoch: String, _ protocolField: String) throws -> [JSON] {
+            XCTAssertTrue(
+                eventually(seconds: 20) {
+                    (try? self.poll(bp, cert: self.us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0\#(protocolField)}"#).0)
+                        == 200
+                }, "the resync ends")
+            let (status, page) = try poll(
+                bp, cert: us, #"{"ackedThrough":0,"epoch":"\#(epoch)","timeoutMs":0,"maxEvents":100\#(protocolField)}"#)
+            XCTAssertEqual(status, 200)
+            return page?["events"]?.arrayValue ?? []
+        }
+        let complete = "urn:scim-edge:params:event:feed:resync:complete"
+        let old = try resynced("1123456789abcdef0123456789abcdef", "")
+        XCTAssertEqual(old.count, 2, "\(old)")
+        XCTAssertFalse(old.contains { $0["events"]?.objectValue?[complete] != nil })
+        XCTAssertEqual(old.compactMap { $0["seq"]?.numberValue?.integer }, [1, 2], "no sequence taken by what an older agent does not get")
+        let new = try resynced("2123456789abcdef0123456789abcdef", #","protocol":5"#)
+        XCTAssertEqual(new.count, 3, "\(new)")
+        XCTAssertNotNil(new.last?["events"]?.objectValue?[complete], "the end of the resync comes last")
+        XCTAssertNil(new.last?["events"]?.objectValue?[complete]?["ref"])
+        XCTAssertEqual(new.compactMap { $0["seq"]?.numberValue?.integer }, [1, 2, 3])
     }
 }
