@@ -215,6 +215,9 @@ public final class DownlinkPoller {
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
                 retry("the broker has no feed for this domain: \(description)", after: 60)
+            case 409 where body?["error"]?.stringValue == "another_store":
+                // Another agent of this boundary polls with a store of its own: this one waits (and says so).
+                retry("refused: \(description)", after: r.headers["Retry-After"].flatMap(UInt64.init))
             case 503 where body?["error"]?.stringValue == "resync":
                 restart(after: r.headers["Retry-After"].flatMap(UInt64.init) ?? 1)
             case 429, 503:

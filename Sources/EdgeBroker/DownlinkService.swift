@@ -37,6 +37,26 @@ final class BrokerFeeds {
     /// Per destination: its local apps' answers recorded, by outcome (and `unmatched`).
     var appOutcomes: [String: [String: Int]] = [:]
     var propagation: [String: RecentSamples] = [:]
+    /// Per destination: the store (epoch) that polled last, and when (loop ms).
+    var lastPoll: [String: (epoch: String, at: UInt64)] = [:]
+    /// Per destination: polls refused because another store of it is polling.
+    var storeConflicts: [String: Int] = [:]
+    var conflictLog = RateLimitedLog()
+    /// A store that polled within this long is live, and so is one with a poll parked on a connection still open.
+    static let liveStoreMilliseconds: UInt64 = 5000
+
+    /// Whether a store other than `epoch` is polling this destination's feed
+    /// now: two agents with their own stores and one certificate (an HA pair
+    /// both active, a clone started by mistake). Each would make the other's
+    /// next poll start the feed again, a pass over the directory each time;
+    /// the newcomer is refused instead, until the other has been silent for
+    /// `liveStoreMilliseconds` (a re-imaged appliance's old process is gone).
+    func anotherStoreIsLive(_ domain: String, epoch: String, now: UInt64) -> Bool {
+        guard !epoch.isEmpty else { return false }
+        if let p = parked[domain], !p.epoch.isEmpty, p.epoch != epoch, p.responder.isConnected { return true }
+        if let last = lastPoll[domain], !last.epoch.isEmpty, last.epoch != epoch, now < last.at + Self.liveStoreMilliseconds { return true }
+        return false
+    }
 
     func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
         for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
@@ -148,6 +168,20 @@ extension BrokerService {
         }
         // The protocol the agent speaks (4: it takes a group's attributes without its members); none said: 1.
         let speaks = Int(body["protocol"]?.numberValue?.integer ?? 1)
+        if feeds.anotherStoreIsLive(bound.domain, epoch: epoch, now: loop.now) {
+            feeds.storeConflicts[bound.domain, default: 0] += 1
+            if let notLogged = feeds.conflictLog.admit(now: loop.now) {
+                logger.error(
+                    "downlink: two stores poll one boundary's feed (two agents with its certificate, each with its own data directory?); the newer is refused while the other polls",
+                    metadata: ["domain": .string(bound.domain), "epoch": .string(epoch), "notLogged": .stringConvertible(notLogged)])
+            }
+            return responder.respond(
+                Self.failure(
+                    409, "another_store",
+                    "another store of domain '\(bound.domain)' polls this feed now: one agent (one data directory) per boundary polls it; this poll is refused until the other has been silent for \(BrokerFeeds.liveStoreMilliseconds / 1000) s"
+                ).withHeader("Retry-After", "5"))
+        }
+        if !epoch.isEmpty { feeds.lastPoll[bound.domain] = (epoch, loop.now) }
         if feeds.resyncing.contains(bound.domain) { return responder.respond(Self.resyncAnswer) }
         let immediately = body["returnImmediately"]?.boolValue ?? false
         let wait = Int(body["timeoutMs"]?.numberValue?.integer ?? 25_000)
@@ -311,6 +345,10 @@ extension BrokerService {
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
         }
+        metric(
+            "scim_broker_downlink_store_conflicts_total", "counter",
+            "Polls refused (409 another_store) because another store of the destination was polling its feed."
+        ) { d, _ in String(feeds.storeConflicts[d] ?? 0) }
         /// A counter per destination and outcome (`_` for a space in the label).
         func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n"

@@ -262,6 +262,34 @@ final class DownlinkTests: FederationTestCase {
         XCTAssertEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total"), 0)
     }
 
+    /// Two agents of one boundary, each with its own store and the same
+    /// certificate, both running (an HA pair both active): the newcomer is
+    /// refused (409 `another_store`, counted) while the first polls, so the
+    /// feed is not started again at every poll of either. When the first is
+    /// gone, the second's store gets the feed, everything in it, once.
+    func testASecondStoreOfOneBoundaryIsRefusedWhileTheFirstPolls() throws {
+        let (broker, bp) = try startBroker(yaml: brokerYAML)
+        let (_, dp) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: bp)
+        var names: [String] = []
+        for k in 0..<10 {
+            XCTAssertEqual(try createUser(dp, "h\(k)"), 201)
+            names.append("h\(k)")
+        }
+        let (first, fp) = try startInboundAgent("us", cert: us, brokerPort: bp)
+        try assertArrivedOnce(names, port: fp, agent: "us")
+        let (second, sp) = try startInboundAgent("us-standby", cert: us, brokerPort: bp)
+        XCTAssertTrue(eventually(seconds: 20) { (self.metric(broker, "scim_broker_downlink_store_conflicts_total") ?? 0) >= 2 })
+        XCTAssertEqual(try createUser(dp, "h10"), 201)
+        names.append("h10")
+        try assertArrivedOnce(names, port: fp, agent: "us")
+        XCTAssertEqual(metric(first, "scim_edge_downlink_resyncs_total"), 0, "the first store keeps its feed")
+        XCTAssertEqual(foreign("us-standby"), [:], "the second store got nothing while the first polled")
+        first.signal(SIGKILL)
+        _ = first.waitForExit()
+        try assertArrivedOnce(names, port: sp, agent: "us-standby")
+        XCTAssertGreaterThanOrEqual(metric(second, "scim_edge_downlink_resyncs_total") ?? 0, 1)
+    }
+
     /// The subsidiary's store restored from an older backup (same epoch,
     /// behind what it acknowledged): the broker starts the feed again, the
     /// agent counts from 0, and the users it lacked arrive (none skipped as
