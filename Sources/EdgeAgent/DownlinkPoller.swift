@@ -201,7 +201,8 @@ public final class DownlinkPoller {
                 let version = body?["protocol"]?.numberValue?.integer ?? 1
                 pipelined = version >= 2
                 takesAppOutcomes = version >= 3
-                if let apps { tookAppOutcomes(through: apps.through, count: apps.count) }
+                // A broker that said less than 3 ignored them (downgraded): they stay, and go again to one of 3.
+                if let apps, version >= 3 { tookAppOutcomes(through: apps.through, count: apps.count) }
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     // An answer being committed polls when it is (acknowledging it).

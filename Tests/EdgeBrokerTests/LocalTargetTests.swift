@@ -1,6 +1,7 @@
 import EdgeAgent
 import EdgeBroker
 import EdgeHTTP
+import EdgeTLS
 import EdgeTestSupport
 import EdgeTools
 import Foundation
@@ -254,6 +255,56 @@ final class LocalTargetTests: FederationTestCase {
         XCTAssertEqual(held(refPort).count, 2, "alice and bob, once each")
         let trace = try edgeCLI(["targets", "trace", "--data-dir", dir.file("us"), "alice@acme-de"])
         XCTAssertTrue(trace.1.contains("target app"), trace.1)
+    }
+
+    /// A broker downgraded to downlink protocol 2 while the agent holds its
+    /// app's answers: the poll that carried them is answered by a broker that
+    /// ignores them (its answer says 2), so the agent keeps them and sends
+    /// them again once a broker of 3 answers (a fixture plays the broker).
+    func testAppAnswersIgnoredByADowngradedBrokerAreSentAgain() throws {
+        let (_, refPort) = try startReferenceServer()
+        struct Feed {
+            var polls = 0
+            var carried: [String] = []  // the app answers' ids in each poll that carried some
+            var downgradedAt: Int?
+        }
+        let feed = Locked(Feed())
+        let trace = "7af92f3577b34da6a3ce929d0e0e4731"
+        let create: JSON = [
+            "seq": 1, "jti": "f-1", "txn": .string(trace), "ts": 1, "domain": "acme-de",
+            "events": [
+                "urn:ietf:params:SCIM:event:prov:create:full": [
+                    "ref": "/Users/b0001", "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "alice"],
+                ]
+            ],
+        ]
+        let fake = try ServerHarness(tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca)) {
+            request, _, responder in
+            guard request.target == BrokerService.feedPath, let poll = try? JSONParser.parse(request.body) else {
+                return responder.respond(
+                    HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: Array(#"{"ackedThrough":0}"#.utf8)))
+            }
+            let (version, events): (Int, [JSON]) = feed.withLock { f in
+                f.polls += 1
+                let ids = poll["appOutcomes"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? []
+                if !ids.isEmpty { f.carried.append(ids.joined(separator: ",")) }
+                // The first poll that carries app answers meets the downgraded broker; the others one of 3.
+                if !ids.isEmpty && f.downgradedAt == nil { f.downgradedAt = f.polls }
+                let acked = poll["ackedThrough"]?.numberValue?.integer ?? 0
+                return (f.downgradedAt == f.polls ? 2 : 3, acked == 0 ? [create] : [])
+            }
+            if events.isEmpty { usleep(100_000) }  // a short hold, as a broker holds an empty poll
+            let body: JSON = ["protocol": .int(version), "lastSeq": 1, "ackedThrough": 0, "moreAvailable": false, "events": .array(events)]
+            responder.respond(HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: body.serialized()))
+        }
+        defer { _ = fake.stop() }
+        let (usAgent, _) = try startSubsidiary(brokerPort: fake.port, appPort: refPort)
+        XCTAssertTrue(
+            eventually(seconds: 30) { feed.current.carried.count >= 2 }, "\(feed.current) \(usAgent.output.suffix(10))")
+        XCTAssertNotNil(held(refPort)["alice@acme-de"])
+        let carried = feed.current.carried
+        XCTAssertEqual(carried.prefix(2), ["b0001", "b0001"], "the answer the downgraded broker ignored goes again")
+        XCTAssertTrue(eventually(seconds: 10) { self.metric(usAgent, "scim_edge_downlink_app_outcomes_pending") == 0 })
     }
 
     /// One trace from HQ's IdP request to the answer of the subsidiary's
