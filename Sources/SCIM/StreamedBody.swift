@@ -41,10 +41,20 @@ public func streamedResource(_ resource: JSONObject, members: @escaping BodyPiec
 }
 
 extension Projection {
+    /// A member of a group with every sub-attribute `members` has.
+    var everyMemberSubAttribute: JSON {
+        .object(
+            JSONObject(
+                (registry.schema(type.schema)?.attribute("members")?.subAttributes ?? []).map {
+                    (key: $0.name, value: JSON.string("x"))
+                }))
+    }
+
     /// Whether it returns a group's `members` (false for any other type):
-    /// when it does not, the members index is never read.
+    /// when it does not, the members index is never read. Asked of a member
+    /// with every sub-attribute, so that `attributes=members.display` does.
     public var returnsMembers: Bool {
-        type.id == "Group" && apply(to: ["members": [["value": "x"]]])["members"] != nil
+        type.id == "Group" && apply(to: ["members": [everyMemberSubAttribute]])["members"] != nil
     }
 
     /// How each member of a group streamed from the index is sent: nil when
@@ -54,12 +64,8 @@ extension Projection {
     /// `excludedAttributes=members.display`; nil: nothing of it is kept).
     /// What `apply` does to the whole array, one member at a time.
     public var memberElement: (([UInt8]) throws -> [UInt8]?)? {
-        // A member with every sub-attribute there is: if the projection keeps it whole, members go as stored.
-        let every = JSON.object(
-            JSONObject(
-                (registry.schema(type.schema)?.attribute("members")?.subAttributes ?? []).map {
-                    (key: $0.name, value: JSON.string("x"))
-                }))
+        // If the projection keeps a member with every sub-attribute whole, members go as stored.
+        let every = everyMemberSubAttribute
         guard apply(to: ["members": [every]])["members"] != [every] else { return nil }
         return { [self] stored in
             apply(to: ["members": [try JSONParser.parse(stored, limits: .stored)]])["members"]?.arrayValue?.first?.serialized()
