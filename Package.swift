@@ -97,7 +97,7 @@ let package = Package(
 
         // Helpers shared by the test targets only (may use Foundation: never linked into the binaries).
         .target(
-            name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP"], path: "Tests/EdgeTestSupport",
+            name: "EdgeTestSupport", dependencies: ["EdgeLoop", "EdgeTLS", "EdgeHTTP", "SCIM"], path: "Tests/EdgeTestSupport",
             swiftSettings: strict),
 
         // Test fixture process: crash-test writer and a small HTTP server for benchmarks.

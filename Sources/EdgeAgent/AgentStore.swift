@@ -279,6 +279,23 @@ public final class AgentStore: Sendable {
         }
     }
 
+    /// A GET by id under a projection, in one snapshot: as `getAsReturned`,
+    /// except that a group of more than `streamedArrayAbove` members whose
+    /// members are returned (`members`) comes back without them and with
+    /// `streamMembers`: they follow streamed (`memberPieces`), as in
+    /// `DefaultRead.streamed`, the version being the one read here.
+    public func getForProjectedRead(
+        _ type: ResourceType, _ id: String, baseURL: String, members: Bool
+    ) throws -> (resource: JSONObject, streamMembers: Bool)? {
+        try environment.read { txn in
+            guard let stored = try load(txn, type, id) else { return nil }
+            if members, type.id == "Group", stored["members"] == nil, try hasMoreMembers(txn, id, than: streamedArrayAbove) {
+                return (stored, true)
+            }
+            return (try asReturned(txn, stored, type, baseURL: baseURL, members: members), false)
+        }
+    }
+
     func asReturned(
         _ txn: borrowing some StoreReading & ~Copyable, _ stored: JSONObject, _ type: ResourceType, baseURL: String, members: Bool
     ) throws -> JSONObject {
@@ -297,7 +314,7 @@ public final class AgentStore: Sendable {
         /// The stored form needs the general path (`asReturned`, then a projection).
         case general(JSONObject)
         /// A group with more members than one body should hold: the body up
-        /// to its members, which follow streamed (`memberStream`).
+        /// to its members, which follow streamed (`memberPieces`).
         case streamed(head: [UInt8], version: String?)
     }
 

@@ -55,13 +55,18 @@ extension AgentStore {
 
     /// Whether `groupID` has more than `limit` members (reads at most `limit + 1` keys).
     func hasMoreMembers(_ txn: borrowing some StoreReading & ~Copyable, _ groupID: String, than limit: Int) throws -> Bool {
-        let prefix = AgentStore.memberPrefix(groupID)
-        var n = 0
-        try txn.scanKeys(groupMembers, from: prefix, to: Array(groupID.utf8) + [1]) { _ in
-            n += 1
-            return n <= limit
-        }
-        return n > limit
+        try hasMoreMembers(txn, [groupID], than: limit)
+    }
+
+    /// Whether the groups `groupIDs` hold more than `limit` members together
+    /// (reads at most `limit + 1` keys): a list page streams them then.
+    func hasMoreMembers(_ txn: borrowing some StoreReading & ~Copyable, _ groupIDs: [String], than limit: Int) throws -> Bool {
+        try holdMoreKeys(txn, groupMembers, in: groupIDs.lazy.map { (AgentStore.memberPrefix($0), Array($0.utf8) + [1]) }, than: limit)
+    }
+
+    /// The same in a snapshot of its own.
+    public func hasMoreMembers(_ groupIDs: [String], than limit: Int) throws -> Bool {
+        try environment.read { txn in try hasMoreMembers(txn, groupIDs, than: limit) }
     }
 
     /// The members of `groupID` as JSON values (O(n): every one is parsed).
@@ -101,7 +106,7 @@ extension AgentStore {
         var first = true
         try forEachMemberChunk(txn, groupID) { chunk in
             for e in chunk {
-                body.append(contentsOf: first ? AgentStore.membersMember : [UInt8(ascii: ",")])
+                body.append(contentsOf: first ? streamedMembersOpening : [UInt8(ascii: ",")])
                 first = false
                 body.append(contentsOf: e.value)
             }
@@ -110,17 +115,17 @@ extension AgentStore {
         if !first { body.append(UInt8(ascii: "]")) }
     }
 
-    static let membersMember = Array(#","members":["#.utf8)
-
-    /// The rest of a streamed group body (`DefaultRead.streamed`): its
-    /// members a chunk at a time, each chunk read in a snapshot of its own,
-    /// then the closing brackets. Memory holds one chunk. A group changing
-    /// while it is streamed shows each member as one of the snapshots saw it.
-    public func memberStream(of groupID: String) -> BodyStream {
-        BodyStream(
-            storedArrayPieces(
-                environment, groupMembers, from: AgentStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
-                member: AgentStore.membersMember, chunk: AgentStore.memberChunk))
+    /// The rest of a streamed group body (`DefaultRead.streamed`, a
+    /// projected GET, a list page): its members a chunk at a time, each
+    /// chunk read in a snapshot of its own, then the closing brackets.
+    /// Memory holds one chunk. A group changing while it is streamed shows
+    /// each member as one of the snapshots saw it. `element` turns each
+    /// stored member into what is sent (`Projection.memberElement`; nil:
+    /// as stored).
+    public func memberPieces(of groupID: String, element: (([UInt8]) throws -> [UInt8]?)? = nil) -> BodyPieces {
+        storedArrayPieces(
+            environment, groupMembers, from: AgentStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
+            member: streamedMembersOpening, chunk: AgentStore.memberChunk, element: element)
     }
 
     // MARK: a removed group's members, later

@@ -440,17 +440,10 @@ public final class SCIMEndpoint {
             case .streamed(let head, let version):
                 // A large group: its members follow as the connection drains (bounded memory).
                 guard try passesPreconditions(request, version, responder) else { return }
-                var headers = resourceHeaders(version: version, type, id: id, base)
-                headers.set("Content-Type", "application/scim+json")
-                var response = HTTPResponse(status: 200, headers: headers)
-                let members = store.memberStream(of: id)
-                var sentHead = false
-                response.stream = BodyStream {
-                    if sentHead { return try members.next() }
-                    sentHead = true
-                    return head
-                }
-                responder.respond(response)
+                responder.respond(
+                    Self.streamed(
+                        pieces(head: head, then: store.memberPieces(of: id)), headers: resourceHeaders(version: version, type, id: id, base)
+                    ))
                 return
             }
         }
@@ -464,8 +457,21 @@ public final class SCIMEndpoint {
                 registry: registry, type: type, maxResults: options.maxResults, profile: options.profile
             ).projection
             // A projection without members never reads the members index.
-            guard let returned = try store.getAsReturned(type, id, baseURL: base, members: returnsMembers(projection, type)) else {
+            guard let (returned, streamMembers) = try store.getForProjectedRead(type, id, baseURL: base, members: projection.returnsMembers)
+            else {
                 throw SCIMError.notFound("\(type.id) \(id) not found")
+            }
+            if streamMembers {
+                // A large group whose members the projection keeps: its attributes, then its members
+                // from the index (each projected), as the unprojected GET streams them.
+                guard try passesPreconditions(request, returned["meta"]?["version"]?.stringValue, responder) else { return }
+                responder.respond(
+                    Self.streamed(
+                        streamedResource(
+                            try output(returned, type, base, projection),
+                            members: store.memberPieces(of: id, element: projection.memberElement)),
+                        headers: etagHeaders(returned, type, base)))
+                return
             }
             stored = returned
         }
@@ -531,15 +537,7 @@ public final class SCIMEndpoint {
             // One type: walked from where the page starts (AgentStore.list).
             let type = types[0], q = perType[type.id] ?? query
             let page = try store.list(type, q, scanBudget: options.scanBudget)
-            responder.respond(
-                Self.respond(
-                    200,
-                    try makeListResponse(page) { r in
-                        JSON.object(
-                            try output(
-                                try store.asReturned(r, type, baseURL: base, members: returnsMembers(q.projection, type)), type, base,
-                                q.projection))
-                    }))
+            try respondList(page, base, responder) { (type, $0, q.projection) }
             return
         }
         // A root search over several types: each within the budget, merged in memory.
@@ -549,16 +547,60 @@ public final class SCIMEndpoint {
             matches += try store.query(type, filter: q.filter, scanBudget: options.scanBudget).map { (type, $0) }
         }
         let page = try query.paginate(matches, sortable: types.count == 1) { $0.1 }
+        try respondList(page, base, responder) { ($0.0, $0.1, (perType[$0.0.id] ?? query).projection) }
+    }
+
+    /// The ListResponse of a page of stored resources, each of its type and
+    /// projection (`shape`): built in memory, or, when the groups whose
+    /// members it returns hold more than `streamedArrayAbove` members
+    /// together, streamed: each resource in turn, each such group's
+    /// attributes then its members from the index a chunk at a time (each
+    /// chunk in a read snapshot of its own), so that memory holds a chunk,
+    /// not the groups. A page whose projection drops the members never
+    /// reads the members index.
+    func respondList<Element>(
+        _ page: ListPage<Element>, _ base: String, _ responder: Reply,
+        _ shape: @escaping (Element) -> (ResourceType, JSONObject, Projection)
+    ) throws {
+        func streamsMembers(_ r: JSONObject, _ projection: Projection) -> String? {
+            projection.returnsMembers && r["members"] == nil ? r["id"]?.stringValue : nil
+        }
+        let groups = page.items.compactMap { e in
+            let (_, r, projection) = shape(e)
+            return streamsMembers(r, projection)
+        }
+        if !groups.isEmpty, try store.hasMoreMembers(groups, than: streamedArrayAbove) {
+            let store = self.store
+            responder.respond(
+                Self.streamed(
+                    streamedListResponse(page) { [self] e in
+                        let (type, r, projection) = shape(e)
+                        if let id = streamsMembers(r, projection) {
+                            return streamedResource(
+                                try output(r, type, base, projection),
+                                members: store.memberPieces(of: id, element: projection.memberElement))
+                        }
+                        let returned = try store.asReturned(r, type, baseURL: base, members: false)
+                        return onePiece(JSON.object(try output(returned, type, base, projection)).serialized())
+                    }))
+            return
+        }
         responder.respond(
             Self.respond(
                 200,
-                try makeListResponse(page) { type, r in
-                    let projection = (perType[type.id] ?? query).projection
+                try makeListResponse(page) { e in
+                    let (type, r, projection) = shape(e)
                     return JSON.object(
                         try output(
-                            try store.asReturned(r, type, baseURL: base, members: returnsMembers(projection, type)), type, base, projection)
-                    )
+                            try store.asReturned(r, type, baseURL: base, members: projection.returnsMembers), type, base, projection))
                 }))
+    }
+
+    /// A 200 whose body is streamed from `pieces`.
+    static func streamed(_ pieces: @escaping BodyPieces, headers: HTTPHeaders = HTTPHeaders()) -> HTTPResponse {
+        var h = headers
+        h.set("Content-Type", "application/scim+json")
+        return HTTPResponse(status: 200, headers: h, stream: BodyStream(pieces))
     }
 
     /// A resource as returned (`AgentStore.asReturned`) with its
@@ -570,12 +612,6 @@ public final class SCIMEndpoint {
             r["meta"] = .object(meta)
         }
         return projection.apply(to: r)
-    }
-
-    /// Whether `projection` returns a group's `members` (false for any other
-    /// type): when it does not, the members index is never read.
-    func returnsMembers(_ projection: Projection, _ type: ResourceType) -> Bool {
-        type.id == "Group" && projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
     }
 
     /// The projection of a request without `attributes` or `excludedAttributes`, per type.
@@ -640,7 +676,7 @@ public final class SCIMEndpoint {
                             parameters: params.filter { ["attributes", "excludedattributes"].contains($0.key.asciiLowercased) },
                             registry: registry, type: type, maxResults: options.maxResults
                         ).projection
-                    let members = returnsMembers(shape, type)
+                    let members = shape.returnsMembers
                     if members, case .patch = write,
                         try store.hasMoreMembers(stored["id"]?.stringValue ?? "", than: options.patchResponseMaxMembers)
                     {

@@ -27,39 +27,17 @@ public final class BrokerAPI {
         self.scanBudget = scanBudget
     }
 
-    /// Whether `projection` returns a group's `members`: when it does not,
-    /// the members index is not read.
-    static func returnsMembers(_ projection: Projection, _ type: ResourceType) -> Bool {
-        type.id == "Group" && projection.apply(to: ["members": [["value": "x"]]])["members"] != nil
-    }
-
     /// A GET of a large group (more than `streamedArrayAbove` members):
     /// its attributes (projected), then its members from the index, a chunk
     /// at a time as the connection drains (chunked coding), each projected
-    /// when the projection keeps only some of their sub-attributes. Memory
-    /// holds a chunk, not the group.
-    func streamedGroup(_ group: JSONObject, id: String, _ projection: Projection?, _ type: ResourceType) -> HTTPResponse {
-        var head = JSON.object(projection?.apply(to: group) ?? group).serialized()
-        head.removeLast()  // the closing brace: the members follow
-        // A member with every sub-attribute there is: if the projection keeps it whole, members go as stored.
-        let every = JSONObject(
-            (brokerRegistry.schema(type.schema)?.attribute("members")?.subAttributes ?? []).map { (key: $0.name, value: JSON.string("x")) })
-        var element: (([UInt8]) throws -> [UInt8]?)?
-        if let projection, projection.apply(to: ["members": [.object(every)]])["members"] != [.object(every)] {
-            element = { stored in
-                let kept = projection.apply(to: ["members": [try JSONParser.parse(stored, limits: .stored)]])
-                return kept["members"]?.arrayValue?.first?.serialized()
-            }
-        }
-        let members = store.memberStream(of: id, element: element)
-        var response = HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"])
-        var sentHead = false
-        response.stream = BodyStream {
-            if sentHead { return try members.next() }
-            sentHead = true
-            return head
-        }
-        return response
+    /// when the projection keeps only some of their sub-attributes
+    /// (`Projection.memberElement`). Memory holds a chunk, not the group.
+    func streamedGroup(_ group: JSONObject, id: String, _ projection: Projection?) -> BodyPieces {
+        streamedResource(projection?.apply(to: group) ?? group, members: store.memberPieces(of: id, element: projection?.memberElement))
+    }
+
+    static func streamed(_ pieces: @escaping BodyPieces) -> HTTPResponse {
+        HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"], stream: BodyStream(pieces))
     }
 
     static func respond(_ status: Int, _ body: JSON) -> HTTPResponse {
@@ -123,12 +101,12 @@ public final class BrokerAPI {
                         registry: brokerRegistry, type: type, maxResults: maxResults
                     ).projection
                 // A projection without members never reads the members index.
-                let members = type.id == "Group" && projection.map { Self.returnsMembers($0, type) } ?? true
+                let members = type.id == "Group" && projection.map(\.returnsMembers) ?? true
                 guard let r = try store.resource(brokerID: parts[1], members: false), r.type == type.id else {
                     throw SCIMError.notFound("\(type.id) \(parts[1]) not found")
                 }
                 if members, try store.hasMoreMembers(parts[1], than: streamedArrayAbove) {
-                    return streamedGroup(r.resource, id: parts[1], projection, type)
+                    return Self.streamed(streamedGroup(r.resource, id: parts[1], projection))
                 }
                 let resource = members ? try store.withMembers(r.resource) : r.resource
                 return Self.respond(200, .object(projection?.apply(to: resource) ?? resource))
@@ -144,8 +122,18 @@ public final class BrokerAPI {
                 }
                 query = try ListQuery(parameters: params, registry: brokerRegistry, type: type, maxResults: maxResults)
             }
-            let page = try store.list(
-                type, query, scanBudget: scanBudget, members: Self.returnsMembers(query.projection, type))
+            let (page, streamMembers) = try store.list(
+                type, query, scanBudget: scanBudget, members: query.projection.returnsMembers, streamAbove: streamedArrayAbove)
+            if streamMembers {
+                // The page's groups hold more than `streamedArrayAbove` members: each group's
+                // attributes, then its members from the index, a chunk at a time.
+                let element = query.projection.memberElement
+                return Self.streamed(
+                    streamedListResponse(page) { [store] g in
+                        streamedResource(
+                            query.projection.apply(to: g), members: store.memberPieces(of: g["id"]?.stringValue ?? "", element: element))
+                    })
+            }
             return Self.respond(200, makeListResponse(page) { .object(query.projection.apply(to: $0)) })
         case nil:
             throw SCIMError.notFound("name a resource endpoint such as /Users")

@@ -214,6 +214,17 @@ extension BrokerStore {
     /// else `tooMany`. Groups get their members from the index only when
     /// `members` is returned (`withMembers`).
     public func list(_ type: ResourceType, _ query: ListQuery, scanBudget: Int, members: Bool) throws -> ListPage<JSONObject> {
+        try list(type, query, scanBudget: scanBudget, members: members, streamAbove: nil).page
+    }
+
+    /// The same; when the page's groups hold more than `streamAbove`
+    /// members together (counted in the page's snapshot, at most that many
+    /// keys read), they are left without them and `streamMembers` is true:
+    /// the response streams each group's members from the index
+    /// (`memberPieces`), so that memory holds a chunk, not the groups.
+    func list(
+        _ type: ResourceType, _ query: ListQuery, scanBudget: Int, members: Bool, streamAbove: Int?
+    ) throws -> (page: ListPage<JSONObject>, streamMembers: Bool) {
         listState.positions.lastSteps.store(0, ordering: .relaxed)
         var cost = ListCost()
         defer {
@@ -222,13 +233,15 @@ extension BrokerStore {
         }
         return try environment.read { txn in
             var page = try listPage(txn, type, query, scanBudget: scanBudget, &cost)
-            if members && type.id == "Group" {
-                page.items = try page.items.map { g in
-                    cost.memberReads += 1
-                    return try withMembers(txn, g)
-                }[...]
+            guard members && type.id == "Group" else { return (page, false) }
+            cost.memberReads += page.items.count
+            if let streamAbove,
+                try hasMoreMembers(txn, page.items.compactMap { $0["id"]?.stringValue }, than: streamAbove)
+            {
+                return (page, true)
             }
-            return page
+            page.items = try page.items.map { g in try withMembers(txn, g) }[...]
+            return (page, false)
         }
     }
 

@@ -150,29 +150,26 @@ extension BrokerStore {
         return out
     }
 
-    static let membersMember = Array(#","members":["#.utf8)
-
     /// Whether `groupID` has more than `limit` members (reads at most `limit + 1` keys).
     func hasMoreMembers(_ groupID: String, than limit: Int) throws -> Bool {
-        let groupMembers = self.groupMembers
-        return try environment.read { txn in
-            var n = 0
-            try txn.scanKeys(groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1]) { _ in
-                n += 1
-                return n <= limit
-            }
-            return n > limit
-        }
+        try environment.read { txn in try hasMoreMembers(txn, [groupID], than: limit) }
+    }
+
+    /// Whether the groups `groupIDs` hold more than `limit` members together
+    /// (reads at most `limit + 1` keys): a list page streams them then.
+    func hasMoreMembers(_ txn: borrowing some StoreReading & ~Copyable, _ groupIDs: [String], than limit: Int) throws -> Bool {
+        try holdMoreKeys(txn, groupMembers, in: groupIDs.lazy.map { (BrokerStore.memberPrefix($0), Array($0.utf8) + [1]) }, than: limit)
     }
 
     /// The rest of a streamed group body: its members a chunk at a time,
     /// then `]}` (`storedArrayPieces`); `element` turns each stored member
-    /// into what is sent (a projection's sub-attributes), nil: as stored.
-    func memberStream(of groupID: String, element: (([UInt8]) throws -> [UInt8]?)? = nil) -> BodyStream {
-        BodyStream(
-            storedArrayPieces(
-                environment, groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
-                member: BrokerStore.membersMember, chunk: BrokerStore.memberChunk, element: element))
+    /// into what is sent (`Projection.memberElement`), nil: as stored. A
+    /// group without members sent as stored gets `"members":[]`, as
+    /// `withMembers` renders it.
+    func memberPieces(of groupID: String, element: (([UInt8]) throws -> [UInt8]?)? = nil) -> BodyPieces {
+        storedArrayPieces(
+            environment, groupMembers, from: BrokerStore.memberPrefix(groupID), to: Array(groupID.utf8) + [1],
+            member: streamedMembersOpening, chunk: BrokerStore.memberChunk, element: element, emptyArray: element == nil)
     }
 
     /// The group with its `members` from the index, in a snapshot of its own.

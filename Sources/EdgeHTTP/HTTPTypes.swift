@@ -145,6 +145,12 @@ public struct HTTPResponse: Sendable {
         self.body = body
     }
 
+    /// A response whose body is streamed from `stream`'s pieces.
+    public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), stream: BodyStream) {
+        self.init(status: status, headers: headers)
+        self.stream = stream
+    }
+
     public init(status: Int, contentType: String, body: String) {
         self.init(status: status, headers: ["Content-Type": contentType], body: Array(body.utf8))
     }

@@ -10,10 +10,12 @@ public let streamedArrayAbove = 1000
 /// saw it. `member` is the opening (`,"members":[`); `element`, when given,
 /// turns a stored value into the element sent (nil: none for it, as a
 /// projection leaves out an element with nothing kept). No element gives
-/// just `}`. Returns nil after the last piece.
+/// just `}`, or the empty array when `emptyArray` (as a store that
+/// renders an empty group with `"members":[]` does). Returns nil after the
+/// last piece.
 public func storedArrayPieces(
     _ environment: Environment, _ db: Database, from prefix: [UInt8], to end: [UInt8], member: [UInt8], chunk: Int,
-    element: (([UInt8]) throws -> [UInt8]?)? = nil
+    element: (([UInt8]) throws -> [UInt8]?)? = nil, emptyArray: Bool = false
 ) -> () throws -> [UInt8]? {
     var from: [UInt8]? = prefix, first = true
     return {
@@ -37,8 +39,27 @@ public func storedArrayPieces(
             from = last + [0]
         } else {
             from = nil
-            piece.append(contentsOf: first ? [UInt8(ascii: "}")] : Array("]}".utf8))
+            if first && emptyArray { piece.append(contentsOf: member) }
+            piece.append(contentsOf: first && !emptyArray ? [UInt8(ascii: "}")] : Array("]}".utf8))
         }
         return piece
     }
+}
+
+/// Whether the key ranges of `db` (each `from` up to `to`) hold more than
+/// `limit` keys together: reads at most `limit + 1` keys, whatever they
+/// hold (the members of a page's groups, before choosing to stream them).
+public func holdMoreKeys(
+    _ txn: borrowing some StoreReading & ~Copyable, _ db: Database, in ranges: some Sequence<(from: [UInt8], to: [UInt8])>,
+    than limit: Int
+) throws -> Bool {
+    var n = 0
+    for range in ranges {
+        try txn.scanKeys(db, from: range.from, to: range.to) { _ in
+            n += 1
+            return n <= limit
+        }
+        if n > limit { return true }
+    }
+    return false
 }

@@ -6,12 +6,14 @@ public func makeListResponse<Element>(_ page: ListPage<Element>, render: (Elemen
 }
 
 /// A ListResponse (RFC 7644 §3.4.2), with RFC 9865 cursors when given.
+/// `itemsPerPage` is the number of `resources` unless given (a streamed
+/// response: its resources follow the envelope, `streamedListResponse`).
 public func makeListResponse(
-    resources: [JSON], totalResults: Int, startIndex: Int?, nextCursor: String? = nil,
+    resources: [JSON], itemsPerPage: Int? = nil, totalResults: Int, startIndex: Int?, nextCursor: String? = nil,
     previousCursor: String? = nil
 ) -> JSON {
     var o: JSONObject = ["schemas": [.string(SchemaURN.listResponse)], "totalResults": .int(totalResults)]
-    o["itemsPerPage"] = .int(resources.count)
+    o["itemsPerPage"] = .int(itemsPerPage ?? resources.count)
     if let startIndex { o["startIndex"] = .int(startIndex) }
     if let nextCursor { o["nextCursor"] = .string(nextCursor) }
     if let previousCursor { o["previousCursor"] = .string(previousCursor) }

@@ -454,7 +454,10 @@ final class BrokerListAPITests: FederationTestCase {
     /// A broker over a store of 20,000 users and `groups` groups, its read
     /// API configured with `api` (YAML flow members) besides its listener
     /// and token file: the process and the API's port.
-    func startAPI(groups: Int, api: String = "", bigGroup: Int = 0) throws -> (ChildProcess, Int) {
+    /// `more`: further groups (broker id, display name, members).
+    func startAPI(
+        groups: Int, api: String = "", bigGroup: Int = 0, more: [(id: String, name: String, members: Range<Int>)] = []
+    ) throws -> (ChildProcess, Int) {
         do {
             let store = try BrokerStore(path: dir.file("broker"))
             var fixture = ListFixture()
@@ -462,6 +465,9 @@ final class BrokerListAPITests: FederationTestCase {
             if bigGroup > 0 {
                 let big = fixture.group(1_000, members: Array(0..<bigGroup), displayName: "all staff")
                 try fixture.apply(store, [big], ids: ["g-big"])
+            }
+            for (k, g) in more.enumerated() {
+                try fixture.apply(store, [fixture.group(2_000 + k, members: Array(g.members), displayName: g.name)], ids: [g.id])
             }
         }
         let tokens = dir.write("api.tokens", "api-token\n")
