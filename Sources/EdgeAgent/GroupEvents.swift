@@ -260,15 +260,14 @@ extension AgentStore {
     /// with what the broker was told, and sent in full when they differ. O(n).
     func reconcileGroupMembers(_ type: ResourceType, id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
         guard try txn.get(propagated, AgentStore.key(type, id)) != nil else { return }
-        if var work = try relaySends.value(Array(id.utf8), txn) {
-            // Still being sent a chunk at a time: the sending starts over
-            // (under this policy), comparing each member with what the
-            // broker was told and sending what differs. O(1) here.
-            if work.first == AgentStore.relaySendSyncing {
-                work =
-                    RelaySend.decode(work).map { RelaySend(purging: false, acceptedAt: $0.acceptedAt, trace: $0.trace, after: []) }?
-                    .encoded ?? work
-                try relaySends.add(Array(id.utf8), work, txn)
+        if let value = try relaySends.value(Array(id.utf8), txn) {
+            // Still being sent a chunk at a time, under another policy: the
+            // sending starts over under this one, comparing each member with
+            // what the broker was told and sending what differs. O(1) here.
+            if var work = RelaySend.decode(value), work.policy != policy.fingerprint {
+                work.policy = policy.fingerprint
+                if !work.purging { work.after = [] }
+                try relaySends.add(Array(id.utf8), work.encoded, txn)
             }
             return
         }
@@ -294,26 +293,31 @@ extension AgentStore {
 /// (`rsend/<group>` in `meta`): forgetting what the broker was told of it
 /// before (`purging`), or sending its members after `after` (a member id;
 /// empty: from the first). With the trace and acceptance time of the write
-/// that made it enter, which its events carry.
+/// that made it enter, which its events carry, and the fingerprint of the
+/// policy it is sent under (a policy change starts the sending over).
 struct RelaySend {
     var purging: Bool
     var acceptedAt: Int64
     var trace: String
+    var policy: String
     var after: [UInt8]
 
     var encoded: [UInt8] {
-        let t = Array(trace.utf8.prefix(255))
+        let t = Array(trace.utf8.prefix(255)), p = Array(policy.utf8.prefix(255))
         return [purging ? AgentStore.relaySendPurging : AgentStore.relaySendSyncing] + UInt64(bitPattern: acceptedAt).bigEndianBytes
-            + [UInt8(t.count)] + t + after
+            + [UInt8(t.count)] + t + [UInt8(p.count)] + p + after
     }
 
     static func decode(_ v: [UInt8]) -> RelaySend? {
-        guard v.count >= 10, let ms = UInt64(bigEndianBytes: Array(v[1..<9])) else { return nil }
-        let n = Int(v[9])
-        guard v.count >= 10 + n else { return nil }
+        guard v.count >= 11, let ms = UInt64(bigEndianBytes: Array(v[1..<9])) else { return nil }
+        let t = Int(v[9])
+        guard v.count >= 11 + t else { return nil }
+        let p = Int(v[10 + t])
+        guard v.count >= 11 + t + p else { return nil }
         return RelaySend(
             purging: v[0] == AgentStore.relaySendPurging, acceptedAt: Int64(bitPattern: ms),
-            trace: String(decoding: v[10..<10 + n], as: UTF8.self), after: Array(v[(10 + n)...]))
+            trace: String(decoding: v[10..<10 + t], as: UTF8.self), policy: String(decoding: v[(11 + t)..<(11 + t + p)], as: UTF8.self),
+            after: Array(v[(11 + t + p)...]))
     }
 }
 
@@ -345,7 +349,8 @@ extension AgentStore {
         _ txn: borrowing WriteTransaction
     ) throws {
         let name = Array(id.utf8), prefix = AgentStore.memberPrefix(id), end = Array(id.utf8) + [1]
-        var work = RelaySend(purging: false, acceptedAt: ctx.epochMilliseconds, trace: ctx.traceID, after: [])
+        var work = RelaySend(
+            purging: false, acceptedAt: ctx.epochMilliseconds, trace: ctx.traceID, policy: policy.fingerprint, after: [])
         // This work forgets them itself (the two never run at once for a group).
         try relayForgets.remove(name, txn)
         var out = attributes
