@@ -107,7 +107,8 @@ final class GroupEnteringTests: XCTestCase {
         guard let a else { return "none held" }
         let extra = a.subtracting(b), missing = b.subtracting(a)
         return extra.isEmpty && missing.isEmpty
-            ? "" : "\(a.count) held, \(extra.count) extra (\(extra.sorted().prefix(3))), \(missing.count) missing (\(missing.sorted().prefix(3)))"
+            ? ""
+            : "\(a.count) held, \(extra.count) extra (\(extra.sorted().prefix(3))), \(missing.count) missing (\(missing.sorted().prefix(3)))"
     }
 
     func told(_ store: AgentStore) throws -> Int {
@@ -262,6 +263,34 @@ final class GroupEnteringTests: XCTestCase {
         XCTAssertNil(b.members)
         XCTAssertEqual(b.events, events, "nothing sent after the delete")
         XCTAssertEqual(b.refused, 0)
+    }
+
+    /// A policy change while the members are sent (here: members kept
+    /// local from now on) starts the sending over under the new policy:
+    /// what the broker was told and the new policy no longer sends is
+    /// removed, a chunk at a time, and the broker ends with no members.
+    func testAPolicyChangeWhileTheMembersAreSentStartsTheSendingOver() throws {
+        let dir = TempDirectory("entering-policy")
+        defer { dir.remove() }
+        let data = dir.file("data")
+        _ = try fill(data)
+        do {
+            let store = try AgentStore(path: data, registry: .standard)
+            _ = try store.reconcilePolicy(context("in"))
+            _ = try store.deferredStep(limit: deferredChunk)
+            XCTAssertEqual(try broker(store).members?.count, 2000)
+        }
+        let store = try AgentStore(
+            path: data, registry: .standard, policy: try LocalPolicy(registry: .standard, attributes: [("members", .keepLocal)]))
+        store.environment.resetHeaviestCommit()
+        _ = try store.reconcilePolicy(context("local"))
+        XCTAssertLessThan(store.environment.heaviestCommitEntries, 100, "O(1) in the group's size")
+        XCTAssertEqual(try store.relaySendsPending(), 1)
+        try finish(store)
+        let b = try broker(store)
+        XCTAssertEqual(diff(b.members, []), "")
+        XCTAssertLessThanOrEqual(b.largestEvent, 1000)
+        XCTAssertEqual(try told(store), 0)
     }
 
     /// An older broker (no protocol 2 recorded) still gets the group whole.
