@@ -202,14 +202,21 @@ public final class AgentService {
                 for w in workers where p.delivery.queued.contains(w.target.name) { w.kick() }
             })
         deferred?.poke()
+        // A commit may leave work for later (a group entering the boundary
+        // sends its members after it): started at once, not at the next tick.
+        let runner = deferred
         // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
-        endpoint.onCommitted = { for w in workers { w.kick() } }
+        endpoint.onCommitted = {
+            for w in workers { w.kick() }
+            runner?.poke()
+        }
         if let relayConfig = configuration.relay {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
             self.relay = relay
             endpoint.onCommitted = {
                 relay.kick()
                 for w in workers { w.kick() }
+                runner?.poke()
             }
             relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()
