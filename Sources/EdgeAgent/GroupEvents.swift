@@ -6,8 +6,11 @@ import SCIM
 /// A group's relay events. What leaves of a group is its attributes (hashed
 /// in `propagated`, as for users, but without members) and its members that
 /// have left the boundary themselves, kept in `relayedMembers` as the broker
-/// was last told them. A change of the attributes, or a group entering the
-/// boundary, sends the whole group (O(n)); a change of members only — the
+/// was last told them. A group entering the boundary goes, with protocol
+/// 2, with at most its first 1,000 members and the rest later as members
+/// events, a chunk per transaction (`emitEnteringGroup`); a change of the
+/// attributes goes as the attributes alone with protocol 3, else whole
+/// (O(n)); a change of members only — the
 /// PATCH of an IdP adding one person to "all staff", a member entering or
 /// leaving the boundary — sends the members added and removed
 /// (`prov:patch:members`, relay protocol 2: docs/protocol.md), O(k log n),
@@ -216,8 +219,10 @@ extension AgentStore {
     /// (`forgetRelayedChunk`), so that the write or the policy change that
     /// takes it out is O(1) whatever its size. Nothing reads them
     /// meanwhile: member deltas are only decided for a group that leaves
-    /// (`propagated`), and one that comes back is sent whole, which empties
-    /// them first and ends this work (`forgetRelayedMembers`).
+    /// (`propagated`), and one that comes back ends this work: sent whole
+    /// (protocol 1), which empties them first (`forgetRelayedMembers`), or
+    /// sent a chunk at a time (`emitEnteringGroup`), which forgets them
+    /// itself before it sends any member.
     func forgetRelayedLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
         let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
         guard try txn.holdsAny(relayedMembers, from: prefix, to: end) else { return }
