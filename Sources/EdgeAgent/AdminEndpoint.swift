@@ -127,6 +127,10 @@ public final class AdminEndpoint {
             "scim_edge_removed_group_members_swept_total", "counter",
             "Index entries of removed groups removed after the group, and relay records of groups that left the boundary, 1,000 a transaction.",
             [("", String(d.swept))])
+        metric(
+            "scim_edge_relay_entering_members_total", "counter",
+            "Members of groups that entered the boundary sent after the group (members events, 1,000 a transaction), and earlier relay records of them forgotten first.",
+            [("", String(d.relayed))])
         if !agent.targetWorkers.isEmpty {
             metric(
                 "scim_edge_target_group_index_swept_total", "counter",

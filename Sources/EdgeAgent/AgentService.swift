@@ -98,11 +98,11 @@ public final class AgentService {
     private var trailSweeper: TrailSweeper?
     /// What rare transitions leave for later (`AgentStore.deferredStep`): a
     /// removed group's index entries, the local targets' group indexes.
-    private var deferred: DeferredWorkRunner<(swept: Int, delivery: DeferredProgress)>?
+    private var deferred: DeferredWorkRunner<(swept: Int, delivery: DeferredProgress, relayed: Int)>?
     /// Entries of removed groups swept, of the local targets' group indexes
     /// forgotten, and members of groups back in a target's routes marked
     /// for comparison (`/metrics`).
-    public private(set) var deferredCounts = (swept: 0, targetIndex: 0, compared: 0)
+    public private(set) var deferredCounts = (swept: 0, targetIndex: 0, compared: 0, relayed: 0)
     /// The pull sources (docs/sources.md): each reads on its own thread and writes through this loop.
     private(set) var sourceDrivers: [SourceDriver] = []
     private var sourceHolders: [SourceDriverHolder] = []
@@ -190,23 +190,33 @@ public final class AgentService {
             writer: writer, loop: loop, ownTimer: true, weight: deferredChunk,
             pending: { (try? store.deferredWorkPending()) ?? false },
             step: { txn in try store.deferredStep(limit: deferredChunk, txn) },
-            didSomething: { $0.swept > 0 || $0.delivery.found },
+            didSomething: { $0.swept > 0 || $0.delivery.found || $0.relayed > 0 },
             done: { [weak self] p in
                 guard let self else { return }
                 deferredCounts.swept += p.swept
+                deferredCounts.relayed += p.relayed
+                // Members of a group that entered the boundary: their events are in the outbox.
+                if p.relayed > 0 { relay?.kick() }
                 deferredCounts.targetIndex += p.delivery.swept
                 deferredCounts.compared += p.delivery.marked
                 for w in workers where p.delivery.queued.contains(w.target.name) { w.kick() }
             })
         deferred?.poke()
+        // A commit may leave work for later (a group entering the boundary
+        // sends its members after it): started at once, not at the next tick.
+        let runner = deferred
         // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
-        endpoint.onCommitted = { for w in workers { w.kick() } }
+        endpoint.onCommitted = {
+            for w in workers { w.kick() }
+            runner?.poke()
+        }
         if let relayConfig = configuration.relay {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
             self.relay = relay
             endpoint.onCommitted = {
                 relay.kick()
                 for w in workers { w.kick() }
+                runner?.poke()
             }
             relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()

@@ -1,11 +1,16 @@
+import EdgeLoop
 import EdgeStore
+import EdgeTLS
 import SCIM
 
 /// A group's relay events. What leaves of a group is its attributes (hashed
 /// in `propagated`, as for users, but without members) and its members that
 /// have left the boundary themselves, kept in `relayedMembers` as the broker
-/// was last told them. A change of the attributes, or a group entering the
-/// boundary, sends the whole group (O(n)); a change of members only — the
+/// was last told them. A group entering the boundary goes, with protocol
+/// 2, with at most its first 1,000 members and the rest later as members
+/// events, a chunk per transaction (`emitEnteringGroup`); a change of the
+/// attributes goes as the attributes alone with protocol 3, else whole
+/// (O(n)); a change of members only — the
 /// PATCH of an IdP adding one person to "all staff", a member entering or
 /// leaving the boundary — sends the members added and removed
 /// (`prov:patch:members`, relay protocol 2: docs/protocol.md), O(k log n),
@@ -81,10 +86,16 @@ extension AgentStore {
             return
         case (nil, let d?):
             try txn.put(propagated, key, d)
-            try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.createFull, ctx, txn)
+            if whole == nil, let attributes, try brokerProtocol(txn) >= 2 {
+                // Protocol 2: its first members with it, the rest as members events later.
+                try emitEnteringGroup(type, id: id, current: current!, attributes: attributes, ctx, txn)
+            } else {
+                try emitWholeGroup(type, id: id, current: current!, outbound: whole, uri: EventURI.createFull, ctx, txn)
+            }
             try memberCrossed(id, entering: true, ctx, txn)
         case (_?, nil):
             try txn.delete(propagated, key)
+            try relaySends.remove(Array(id.utf8), txn)
             // A deleted group's are swept after it (`removeMembersLater`); one leaving the boundary forgets
             // what the broker was told of its members later too (`forgetRelayedLater`).
             if current != nil { try forgetRelayedLater(id, txn) }
@@ -115,6 +126,10 @@ extension AgentStore {
         _ txn: borrowing WriteTransaction
     ) throws {
         guard !pending.isEmpty else { return }
+        // What the broker was told of the group is still being forgotten
+        // before it is sent (`relaySendStep`): nothing to compare with yet,
+        // and the sending that follows reads every member as it is then.
+        if try relaySends.value(Array(id.utf8), txn)?.first == AgentStore.relaySendPurging { return }
         // Only members changed: those marked, each decided against what the broker was told.
         var subset = current
         subset["members"] = .array(try members(txn, of: id, ids: pending))
@@ -137,20 +152,28 @@ extension AgentStore {
         }
         guard !added.isEmpty || !removed.isEmpty else { return }
         if try brokerProtocol(txn) >= 2 {
-            // At most `maxMembersPerEvent` members an event: the broker applies
-            // an event in one transaction, whose size this bounds.
-            let changes = removed.map { (false, $0) } + added.map { (true, $0) }
-            for start in stride(from: 0, to: changes.count, by: AgentStore.maxMembersPerEvent) {
-                let part = changes[start..<min(changes.count, start + AgentStore.maxMembersPerEvent)]
-                var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
-                body["version"] = current["meta"]?["version"]
-                let adds = part.filter(\.0).map(\.1), removes = part.filter { !$0.0 }.map(\.1)
-                if !adds.isEmpty || start == 0 { body["added"] = .array(adds) }
-                if !removes.isEmpty || start == 0 { body["removed"] = .array(removes) }
-                try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
-            }
+            try appendMembersEvents(type, id: id, version: current["meta"]?["version"], added: added, removed: removed, ctx, txn)
         } else {
             try emitWholeGroup(type, id: id, current: current, outbound: whole, uri: EventURI.patchFull, ctx, txn)
+        }
+    }
+
+    /// Members events (protocol 2) for `added` and `removed`, at most
+    /// `maxMembersPerEvent` members an event: the broker applies an event
+    /// in one transaction, whose size this bounds.
+    func appendMembersEvents(
+        _ type: ResourceType, id: String, version: JSON?, added: [JSON], removed: [JSON], _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
+        let changes = removed.map { (false, $0) } + added.map { (true, $0) }
+        for start in stride(from: 0, to: changes.count, by: AgentStore.maxMembersPerEvent) {
+            let part = changes[start..<min(changes.count, start + AgentStore.maxMembersPerEvent)]
+            var body: JSONObject = ["ref": .string("\(type.endpoint)/\(id)")]
+            body["version"] = version
+            let adds = part.filter(\.0).map(\.1), removes = part.filter { !$0.0 }.map(\.1)
+            if !adds.isEmpty || start == 0 { body["added"] = .array(adds) }
+            if !removes.isEmpty || start == 0 { body["removed"] = .array(removes) }
+            try appendEvent(AgentStore.membersEvent, body: body, ctx, txn)
         }
     }
 
@@ -182,6 +205,7 @@ extension AgentStore {
         let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
         while try txn.deleteRange(relayedMembers, from: prefix, to: end, limit: AgentStore.memberChunk) == AgentStore.memberChunk {}
         try relayForgets.remove(Array(groupID.utf8), txn)
+        try relaySends.remove(Array(groupID.utf8), txn)
     }
 
     // MARK: what the relay told the broker of a group that left, later
@@ -195,8 +219,10 @@ extension AgentStore {
     /// (`forgetRelayedChunk`), so that the write or the policy change that
     /// takes it out is O(1) whatever its size. Nothing reads them
     /// meanwhile: member deltas are only decided for a group that leaves
-    /// (`propagated`), and one that comes back is sent whole, which empties
-    /// them first and ends this work (`forgetRelayedMembers`).
+    /// (`propagated`), and one that comes back ends this work: sent whole
+    /// (protocol 1), which empties them first (`forgetRelayedMembers`), or
+    /// sent a chunk at a time (`emitEnteringGroup`), which forgets them
+    /// itself before it sends any member.
     func forgetRelayedLater(_ groupID: String, _ txn: borrowing WriteTransaction) throws {
         let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
         guard try txn.holdsAny(relayedMembers, from: prefix, to: end) else { return }
@@ -238,9 +264,21 @@ extension AgentStore {
     /// `members` or its sub-attributes, a member now kept local): compared
     /// with what the broker was told, and sent in full when they differ. O(n).
     func reconcileGroupMembers(_ type: ResourceType, id: String, _ ctx: WriteContext, _ txn: borrowing WriteTransaction) throws {
-        guard try txn.get(propagated, AgentStore.key(type, id)) != nil, let current = try load(txn, type, id),
-            let out = try policy.outbound(withMembers(txn, current), type: type)
-        else { return }
+        guard try txn.get(propagated, AgentStore.key(type, id)) != nil else { return }
+        if let value = try relaySends.value(Array(id.utf8), txn) {
+            // Still being sent a chunk at a time, under another policy: the
+            // sending starts over under this one, comparing each member with
+            // what the broker was told and sending what differs. O(1) here.
+            if var work = RelaySend.decode(value), work.policy != policy.fingerprint {
+                work.policy = policy.fingerprint
+                if !work.purging { work.after = [] }
+                try relaySends.add(Array(id.utf8), work.encoded, txn)
+            }
+            return
+        }
+        guard let current = try load(txn, type, id), let out = try policy.outbound(withMembers(txn, current), type: type) else {
+            return
+        }
         var want: [[UInt8]: [UInt8]] = [:]
         for m in out["members"]?.arrayValue ?? [] {
             guard let v = m["value"]?.stringValue, try isPropagated(v, txn) else { continue }
@@ -253,5 +291,192 @@ extension AgentStore {
         }
         if same && want.isEmpty { return }
         try emitWholeGroup(type, id: id, current: current, outbound: nil, uri: EventURI.putFull, ctx, txn)
+    }
+}
+
+/// Where the sending of a group that entered the boundary stands
+/// (`rsend/<group>` in `meta`): forgetting what the broker was told of it
+/// before (`purging`), or sending its members after `after` (a member id;
+/// empty: from the first). With the trace and acceptance time of the write
+/// that made it enter, which its events carry, and the fingerprint of the
+/// policy it is sent under (a policy change starts the sending over).
+struct RelaySend {
+    var purging: Bool
+    var acceptedAt: Int64
+    var trace: String
+    var policy: String
+    var after: [UInt8]
+
+    var encoded: [UInt8] {
+        let t = Array(trace.utf8.prefix(255)), p = Array(policy.utf8.prefix(255))
+        return [purging ? AgentStore.relaySendPurging : AgentStore.relaySendSyncing] + UInt64(bitPattern: acceptedAt).bigEndianBytes
+            + [UInt8(t.count)] + t + [UInt8(p.count)] + p + after
+    }
+
+    static func decode(_ v: [UInt8]) -> RelaySend? {
+        guard v.count >= 11, let ms = UInt64(bigEndianBytes: Array(v[1..<9])) else { return nil }
+        let t = Int(v[9])
+        guard v.count >= 11 + t else { return nil }
+        let p = Int(v[10 + t])
+        guard v.count >= 11 + t + p else { return nil }
+        return RelaySend(
+            purging: v[0] == AgentStore.relaySendPurging, acceptedAt: Int64(bitPattern: ms),
+            trace: String(decoding: v[10..<10 + t], as: UTF8.self), policy: String(decoding: v[(11 + t)..<(11 + t + p)], as: UTF8.self),
+            after: Array(v[(11 + t + p)...]))
+    }
+}
+
+// MARK: a group entering the boundary, a chunk per transaction
+
+extension AgentStore {
+    static let relaySendPurging: UInt8 = 0
+    static let relaySendSyncing: UInt8 = 1
+
+    /// Groups that entered the boundary whose members are still being sent
+    /// (relay protocol 2): `rsend/<group>` in `meta`, a `RelaySend`.
+    var relaySends: DeferredWork { DeferredWork(meta, prefix: "rsend/") }
+
+    /// A group entering the boundary with a broker that speaks protocol 2
+    /// (a policy change, a write that brings it into the scope, its
+    /// creation): full state with at most its first `maxMembersPerEvent`
+    /// members, the rest sent later as members events, a chunk per
+    /// transaction (`relaySendStep`), so the transaction, the event and the
+    /// broker's apply stay bounded whatever its size. `relayedMembers`
+    /// holds exactly what the broker was told throughout: the changes an
+    /// IdP makes meanwhile go as deltas against it (a member not sent yet
+    /// and removed is never sent; one added is sent once, and the chunk
+    /// that reaches it finds it told). What the broker was told of the
+    /// group before (it left the boundary, or an event of it was refused,
+    /// and those records are not all forgotten yet) is forgotten first, a
+    /// chunk a transaction, and the group then goes without members.
+    func emitEnteringGroup(
+        _ type: ResourceType, id: String, current: JSONObject, attributes: JSONObject, _ ctx: WriteContext,
+        _ txn: borrowing WriteTransaction
+    ) throws {
+        let name = Array(id.utf8), prefix = AgentStore.memberPrefix(id), end = Array(id.utf8) + [1]
+        var work = RelaySend(
+            purging: false, acceptedAt: ctx.epochMilliseconds, trace: ctx.traceID, policy: policy.fingerprint, after: [])
+        // This work forgets them itself (the two never run at once for a group).
+        try relayForgets.remove(name, txn)
+        var out = attributes
+        out["members"] = nil
+        if try txn.holdsAny(relayedMembers, from: prefix, to: end) {
+            work.purging = true
+            try relaySends.add(name, work.encoded, txn)
+        } else {
+            let (added, _, next) = try syncRelayedMembers(
+                type, id: id, current: current, after: [], limit: AgentStore.maxMembersPerEvent, txn)
+            if !added.isEmpty { out["members"] = .array(added) }
+            if let next {
+                work.after = next
+                try relaySends.add(name, work.encoded, txn)
+            } else {
+                try relaySends.remove(name, txn)
+            }
+        }
+        try appendEvent(EventURI.createFull, type: type, id: id, data: out, ctx, txn)
+    }
+
+    /// Makes `relayedMembers` of `groupID` match its outbound members for
+    /// the next member ids after `after` (empty: from the first): at most
+    /// `limit` of its members and `limit` of those records. Returns what
+    /// changed (the members to add, the ids to remove) and the last member
+    /// id covered, nil when the rest of the group was covered.
+    func syncRelayedMembers(
+        _ type: ResourceType, id: String, current: JSONObject, after: [UInt8], limit: Int, _ txn: borrowing WriteTransaction
+    ) throws -> (added: [JSON], removed: [JSON], next: [UInt8]?) {
+        let prefix = AgentStore.memberPrefix(id), end = Array(id.utf8) + [1]
+        let from = after.isEmpty ? prefix : prefix + after + [0]
+        var stored: [(id: [UInt8], value: [UInt8])] = [], told: [(id: [UInt8], value: [UInt8])] = []
+        try txn.scan(groupMembers, from: from, to: end) { k, v in
+            stored.append((Array(k[prefix.count...]), v))
+            return stored.count < limit
+        }
+        try txn.scan(relayedMembers, from: from, to: end) { k, v in
+            told.append((Array(k[prefix.count...]), v))
+            return told.count < limit
+        }
+        // Covered: through the last of a list that may go on (the smaller), or everything.
+        var through: [UInt8]?
+        if stored.count == limit { through = stored[stored.count - 1].id }
+        if told.count == limit, through.map({ told[told.count - 1].id.lexicographicallyPrecedes($0) }) ?? true {
+            through = told[told.count - 1].id
+        }
+        if let through {
+            stored.removeAll { through.lexicographicallyPrecedes($0.id) }
+            told.removeAll { through.lexicographicallyPrecedes($0.id) }
+        }
+        var subset = current
+        subset["members"] = .array(try stored.map { try JSONParser.parse($0.value, limits: .stored) })
+        var want: [[UInt8]: [UInt8]] = [:], order: [[UInt8]] = []
+        for m in policy.outbound(subset, type: type)?["members"]?.arrayValue ?? [] {
+            guard let v = m["value"]?.stringValue, try isPropagated(v, txn) else { continue }
+            want[Array(v.utf8)] = JSON.object(m.objectValue ?? [:]).serialized()
+            order.append(Array(v.utf8))
+        }
+        var removed: [JSON] = [], added: [JSON] = []
+        for t in told where want[t.id] == nil {
+            removed.append(.string(String(decoding: t.id, as: UTF8.self)))
+            _ = try txn.delete(relayedMembers, prefix + t.id)
+        }
+        var toldValues: [[UInt8]: [UInt8]] = [:]
+        for t in told { toldValues[t.id] = t.value }
+        for m in order.sorted(by: { $0.lexicographicallyPrecedes($1) }) where toldValues[m] != want[m] {
+            added.append(try JSONParser.parse(want[m]!, limits: .stored))
+            try txn.put(relayedMembers, prefix + m, want[m]!)
+        }
+        return (added, removed, through)
+    }
+
+    /// One chunk of the sending of group `groupID` (`emitEnteringGroup`):
+    /// forgets up to `limit` of what the broker was told before, or sends
+    /// the next members as members events. Ends the work when the group
+    /// is sent, no longer leaves, or is gone (its leaving or removal ended
+    /// it already). Returns how many records or members it handled (at
+    /// least 1).
+    func relaySendStep(_ groupID: String, _ value: [UInt8], limit: Int, _ txn: borrowing WriteTransaction) throws -> Int {
+        let name = Array(groupID.utf8), groups = registry.resourceType("Group")!
+        guard var work = RelaySend.decode(value), try txn.get(propagated, AgentStore.key(groups, groupID)) != nil,
+            let current = try load(txn, groups, groupID)
+        else {
+            try relaySends.remove(name, txn)
+            return 1
+        }
+        let ts = unixTimespec()
+        var ctx = WriteContext(
+            newID: "", now: "", epochSeconds: Int64(ts.tv_sec), eventID: hexString(secureRandomBytes(8)), traceID: work.trace)
+        ctx.epochMilliseconds = work.acceptedAt
+        if work.purging {
+            let prefix = AgentStore.memberPrefix(groupID), end = Array(groupID.utf8) + [1]
+            let n = try txn.deleteRange(relayedMembers, from: prefix, to: end, limit: limit)
+            if n < limit {
+                work.purging = false
+                work.after = []
+                try relaySends.add(name, work.encoded, txn)
+            }
+            return max(1, n)
+        }
+        guard try brokerProtocol(txn) >= 2 else {
+            // A broker downgraded meanwhile: the whole group, as protocol 1 has it (this ends the work).
+            try emitWholeGroup(groups, id: groupID, current: current, outbound: nil, uri: EventURI.putFull, ctx, txn)
+            return 1
+        }
+        let (added, removed, next) = try syncRelayedMembers(groups, id: groupID, current: current, after: work.after, limit: limit, txn)
+        if !added.isEmpty || !removed.isEmpty {
+            try appendMembersEvents(groups, id: groupID, version: current["meta"]?["version"], added: added, removed: removed, ctx, txn)
+        }
+        if let next {
+            work.after = next
+            try relaySends.add(name, work.encoded, txn)
+        } else {
+            try relaySends.remove(name, txn)
+        }
+        return max(1, added.count + removed.count)
+    }
+
+    /// Groups that entered the boundary whose members are still being sent.
+    public func relaySendsPending() throws -> Int {
+        let sends = relaySends
+        return try environment.read { txn in try sends.count(txn) }
     }
 }

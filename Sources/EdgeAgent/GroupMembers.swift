@@ -168,28 +168,36 @@ extension AgentStore {
 
     /// One step of the agent's deferred work: a chunk of the first removed
     /// group's entries, else of what the relay told the broker of a group
-    /// that left the boundary (`forgetRelayedLater`), else of the local
-    /// targets' group indexes (`deferredDeliveryStep`). `swept`: the
-    /// agent's entries (0: none left).
-    package func deferredStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> (swept: Int, delivery: DeferredProgress) {
+    /// that left the boundary (`forgetRelayedLater`), else of the members
+    /// of a group that entered it (`relaySendStep`: `relayed`, its events
+    /// are in the outbox), else of the local targets' group indexes
+    /// (`deferredDeliveryStep`). `swept`: the agent's entries (0: none left).
+    package func deferredStep(limit: Int, _ txn: borrowing WriteTransaction) throws -> (
+        swept: Int, delivery: DeferredProgress, relayed: Int
+    ) {
         if let (name, _) = try removedGroups.first(txn) {
-            return (max(1, try sweepRemovedGroup(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress())
+            return (max(1, try sweepRemovedGroup(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress(), 0)
         }
         if let (name, _) = try relayForgets.first(txn) {
-            return (max(1, try forgetRelayedChunk(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress())
+            return (max(1, try forgetRelayedChunk(String(decoding: name, as: UTF8.self), limit: limit, txn)), DeferredProgress(), 0)
         }
-        return (0, targets.isEmpty ? DeferredProgress() : try deferredDeliveryStep(limit: limit, txn))
+        if let (name, value) = try relaySends.first(txn) {
+            return (0, DeferredProgress(), try relaySendStep(String(decoding: name, as: UTF8.self), value, limit: limit, txn))
+        }
+        return (0, targets.isEmpty ? DeferredProgress() : try deferredDeliveryStep(limit: limit, txn), 0)
     }
 
     /// The same in a transaction of its own (tools and tests).
-    package func deferredStep(limit: Int) throws -> (swept: Int, delivery: DeferredProgress) {
+    package func deferredStep(limit: Int) throws -> (swept: Int, delivery: DeferredProgress, relayed: Int) {
         try environment.write { txn in try deferredStep(limit: limit, txn) }
     }
 
     /// Whether deferred work is left (a read).
     package func deferredWorkPending() throws -> Bool {
-        let removed = removedGroups, forgets = relayForgets
-        return try environment.read { txn in try removed.first(txn) != nil || forgets.first(txn) != nil }
+        let removed = removedGroups, forgets = relayForgets, sends = relaySends
+        return try environment.read { txn in
+            try removed.first(txn) != nil || forgets.first(txn) != nil || sends.first(txn) != nil
+        }
             || (!targets.isEmpty && deliveryWorkPending())
     }
 
