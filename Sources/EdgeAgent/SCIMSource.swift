@@ -270,8 +270,7 @@ public final class SCIMPollClient {
                 do { return try JSONParser.parse(response.body, limits: limits) } catch {
                     throw SourceMappingError("GET \(pathAndQuery): the answer is not JSON: \(error)")
                 }
-            case 429,
-                503 where waitsWhenThrottled:
+            case 429 where waitsWhenThrottled, 503 where waitsWhenThrottled:
                 let wait =
                     response.headers["Retry-After"].flatMap { Double($0.trimmingSpaces) }.map { min(600, max(0, $0)) } ?? throttledBackoff
                 throttledBackoff = min(60, throttledBackoff * 2)

@@ -404,7 +404,17 @@ extension AgentStore {
             var current = stored
             current["id"] = nil
             current["meta"] = nil
-            if current == registry.removingWriteOnly(new, of: type) { return (id, false) }
+            var wanted = registry.removingWriteOnly(new, of: type)
+            if type.id == "Group" {
+                // A stored group holds no members (they are an index): its members are compared with the index.
+                func key(_ m: JSON) -> String { "\(m["value"]?.stringValue ?? "")\u{0}\(m["type"]?.stringValue ?? "User")" }
+                let given = Set((wanted["members"]?.arrayValue ?? []).map(key))
+                wanted["members"] = nil
+                current["members"] = nil
+                if current == wanted, given == Set(try members(txn, of: id).map(key)) { return (id, false) }
+            } else if current == wanted {
+                return (id, false)
+            }
             _ = try apply(.replace(type, id: id, body: .object(body)), ctx, profile: profile, in: txn)
             return (id, true)
         }

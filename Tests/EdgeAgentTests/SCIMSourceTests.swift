@@ -323,6 +323,14 @@ final class SCIMSourceTests: XCTestCase {
         (status, out) = try check(url: "http://127.0.0.1:\(nobody)")
         XCTAssertEqual(status, 1)
         XCTAssertTrue(out.contains { $0.contains("sources[0].url:") && $0.contains("cannot reach") }, "\(out)")
+        // A server throttling now (429, then 503): reachable, a warning each, never waited out.
+        let proxy = try ThrottlingProxy(upstreamPort: refPort)
+        for code in [429, 503] {
+            proxy.refusals.withLock { $0 = Array(repeating: code, count: 50) }
+            (status, out) = try check(url: "http://127.0.0.1:\(proxy.port)")
+            XCTAssertEqual(status, 0, "\(code): \(out)")
+            XCTAssertTrue(out.contains { $0.contains("sources[0].url:") && $0.contains("answered \(code)") }, "\(code): \(out)")
+        }
     }
 
     /// A source's secret readable by others (a SCIM token, an LDAP bind
