@@ -253,7 +253,9 @@ extension AgentStore {
     public func restartDownlink(in txn: borrowing WriteTransaction) throws {
         try txn.put(meta, AgentStore.downlinkKey, UInt64(0).bigEndianBytes)
         _ = try txn.delete(meta, AgentStore.downlinkReportKey)
-        let generation = (try txn.get(meta, AgentStore.resyncKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+        // Never reused (the counter outlives each resync): a mark a sweep left behind names an older one.
+        let generation = (try txn.get(meta, AgentStore.resyncCounterKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0) + 1
+        try txn.put(meta, AgentStore.resyncCounterKey, generation.bigEndianBytes)
         try txn.put(meta, AgentStore.resyncKey, generation.bigEndianBytes)
         _ = try txn.delete(meta, AgentStore.staleSweepKey)
     }
@@ -265,6 +267,8 @@ extension AgentStore {
     /// `foreign` key looked at, empty at its start).
     static let resyncKey = Array("downlinkResync".utf8)
     static let staleSweepKey = Array("downlinkStaleSweep".utf8)
+    /// The last resync generation begun (BE), kept after it ends.
+    static let resyncCounterKey = Array("downlinkResyncCounter".utf8)
     /// `fsent/<type>/<id>` in `meta` → the generation whose feed named it.
     static func sentKey(_ key: [UInt8]) -> [UInt8] { Array("fsent/".utf8) + key }
 

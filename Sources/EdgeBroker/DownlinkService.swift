@@ -200,6 +200,8 @@ extension BrokerService {
             timer.keepsLoopAlive = false
             timer.start(after: UInt64(wait)) { [weak self] in
                 guard let self, let p = feeds.unpark(bound.domain) else { return }
+                // Answered now: the store stays live until its next poll (`anotherStoreIsLive`).
+                if !p.epoch.isEmpty { feeds.lastPoll[bound.domain] = (p.epoch, loop.now) }
                 p.responder.respond(Self.feedAnswer(page, limit: p.limit))
             }
             _ = feeds.park(
@@ -228,6 +230,7 @@ extension BrokerService {
                 feeds.committed(domain, page.committed)
                 refreshBacklog(domain, target)
                 if park(page) { return }
+                if !epoch.isEmpty { feeds.lastPoll[domain] = (epoch, loop.now) }  // answered: live until its next poll
                 feeds.served[domain, default: 0] += page.events.count
                 responder.respond(Self.feedAnswer(page, limit: limit))
             case .failure(BrokerStore.FeedError.newStore(let acked, let issued)):

@@ -171,9 +171,10 @@ final class InboundTests: XCTestCase {
         XCTAssertTrue(try store.staleSweepPending())
 
         // Two steps of at most 10 keys: then u25 (held, not yet looked at) is named again and u40 is new; both stay.
+        // u0, which the sweep passed, is named again too: its mark outlives this resync.
         var removed = 0
         for _ in 0..<2 { removed += try XCTUnwrap(try sweep(10)).removed }
-        _ = try apply([next("u25", "user25"), next("u40", "user40")])
+        _ = try apply([next("u25", "user25"), next("u40", "user40"), next("u0", "user0")])
         var steps = 2
         while let step = try sweep(10) {
             removed += step.removed
@@ -194,6 +195,16 @@ final class InboundTests: XCTestCase {
         // After it, nothing is marked: a later feed's events are not swept by anything.
         _ = try apply([next("u26", "user26")])
         XCTAssertEqual(try store.foreignCounts(), ["hq": 14])
+
+        // A second resync that names only u26: u0's mark from the first one does not keep it.
+        _ = try store.environment.write { txn in try store.restartDownlink(in: txn) }
+        seq = 0
+        _ = try apply([next("u26", "user26")])
+        seq += 1
+        XCTAssertTrue(try apply([["seq": .int(seq), "events": .object(JSONObject([(complete, .object([:]))]))]]).resyncCompleted)
+        while let step = try sweep(1000), !step.done {}
+        XCTAssertEqual(try store.foreignCounts(), ["hq": 1], "only what the second resync named")
+        XCTAssertNil(try store.get(users, "u0"))
     }
 
     /// A member the boundary did not take when its group arrived (out of the
