@@ -203,12 +203,14 @@ public final class AgentService {
             })
         deferred?.poke()
         // A commit may leave work for later (a group entering the boundary
-        // sends its members after it): started at once, not at the next tick.
+        // sends its members after it): started at once, not at the next
+        // tick; other commits cost no look for it.
         let runner = deferred
+        func pokeIfNew() { if store.takeNewDeferredWork() { runner?.poke() } }
         // A commit (on any serving loop, or by a source): its queue entries are counted and sent now.
         endpoint.onCommitted = {
             for w in workers { w.kick() }
-            runner?.poke()
+            pokeIfNew()
         }
         if let relayConfig = configuration.relay {
             let relay = try Relay(loop: loop, store: store, writer: writer, configuration: relayConfig)
@@ -216,7 +218,7 @@ public final class AgentService {
             endpoint.onCommitted = {
                 relay.kick()
                 for w in workers { w.kick() }
-                runner?.poke()
+                pokeIfNew()
             }
             relay.onAcknowledged = { [unowned endpoint] in endpoint.outboxShrank() }
             try relay.start()

@@ -68,6 +68,14 @@ public final class AgentStore: Sendable {
     public let ownDomain: String
     /// What the broker learns of the local targets' answers to foreign changes (`AppOutcomes.swift`).
     public let reportApps: AppOutcomeReporting
+    /// Set by a write that left members of a group entering the boundary to
+    /// send later (`emitEnteringGroup`), so that the commit starts that work
+    /// at once (`takeNewDeferredWork`) and other commits look for none. Set
+    /// before the commit: a write rolled back only causes one needless look.
+    let newDeferredWork = Atomic<Bool>(false)
+
+    /// Whether a write since the last call left deferred work to start now.
+    public func takeNewDeferredWork() -> Bool { newDeferredWork.exchange(false, ordering: .relaxed) }
     /// Per resource type, the member names (lowercased UTF-8) that send a GET
     /// by id down the general path: those the default projection drops
     /// (`Projection.namesHiddenByDefault`) and, for users, `groups`, which

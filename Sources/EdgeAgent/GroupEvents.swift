@@ -363,6 +363,7 @@ extension AgentStore {
         if try txn.holdsAny(relayedMembers, from: prefix, to: end) {
             work.purging = true
             try relaySends.add(name, work.encoded, txn)
+            newDeferredWork.store(true, ordering: .relaxed)
         } else {
             let (added, _, next) = try syncRelayedMembers(
                 type, id: id, current: current, after: [], limit: AgentStore.maxMembersPerEvent, txn)
@@ -370,6 +371,7 @@ extension AgentStore {
             if let next {
                 work.after = next
                 try relaySends.add(name, work.encoded, txn)
+                newDeferredWork.store(true, ordering: .relaxed)
             } else {
                 try relaySends.remove(name, txn)
             }
