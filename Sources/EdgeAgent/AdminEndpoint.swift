@@ -164,6 +164,10 @@ public final class AdminEndpoint {
                 "scim_edge_source_errors_total", "counter", "Entries that could not be mapped or were refused (logged with their DN).",
                 sources.map { ($0.label, String($0.stats.failures)) })
             metric(
+                "scim_edge_source_backpressure_total", "counter",
+                "Batches the agent pushed back (the outbox or the write queue full): the source waits a second and offers the same batch again.",
+                sources.map { ($0.label, String($0.stats.pushedBack)) })
+            metric(
                 "scim_edge_source_connection_failures_total", "counter", "Failed connections, binds and searches (retried with backoff).",
                 sources.map { ($0.label, String($0.live.connectionFailures)) })
             metric(

@@ -196,6 +196,8 @@ final class SourceDriver {
         var written = 0
         var unchanged = 0
         var failures = 0
+        /// Batches refused by backpressure (offered again).
+        var pushedBack = 0
         var entries = 0
         var lastSuccess: Int64 = 0
         /// As stored: the source's entries and what its lag is reckoned from.
@@ -214,6 +216,7 @@ final class SourceDriver {
 
     func submit(_ batch: SourceBatch, _ completion: @escaping (SourceDelivery) -> Void) {
         if let refusal = endpoint.checkBackpressure() {
+            statistics.pushedBack += 1
             completion(.busy(refusal.detail))
             return
         }
@@ -243,6 +246,7 @@ final class SourceDriver {
                 if r.written > 0 { endpoint.onCommitted?() }
                 completion(.committed(r))
             case .failure(StoreError.storeFull(let limit)):
+                statistics.pushedBack += 1
                 completion(.busy("the store is full (\(limit) bytes)"))
             case .failure(let e):
                 log("source \(batch.source): writing a batch failed: \(e)")

@@ -278,7 +278,9 @@ final class LDAPSourceTests: XCTestCase {
         let count = 10_000
         var ldif = skeleton(["people", "groups"])
         for i in 0..<count {
-            ldif += person(String(format: "u%04d", i))
+            // An enterprise attribute for every user; a phone (kept local by the policy) for a few.
+            ldif += person(
+                String(format: "u%04d", i), extra: "employeeNumber: E\(i)" + (i % 1000 == 0 ? "\ntelephoneNumber: +49 30 555 \(i)" : ""))
             if i == 1000 {
                 // An entry that cannot be mapped (no uid for userName), in the middle of the load.
                 ldif += "dn: cn=No Uid,ou=people,\(TestDirectory.suffix)\nobjectClass: inetOrgPerson\ncn: No Uid\nsn: Uid\n\n"
@@ -300,6 +302,9 @@ final class LDAPSourceTests: XCTestCase {
                     mapping:
                       users:
                         active: userAccountControl
+                policy:
+                  attributes:
+                    phoneNumbers: keep-local
                 """)
         var agent = try SourceAgent(config: config)
         let started = Date()
@@ -312,6 +317,21 @@ final class LDAPSourceTests: XCTestCase {
         XCTAssertEqual((u0["name"] as? [String: Any])?["familyName"] as? String, "Familyu0000")
         XCTAssertEqual((u0["emails"] as? [[String: Any]])?.first?["value"] as? String, "u0000@example.org")
         XCTAssertEqual(agent.user("disabled")?["active"] as? Bool, true)
+        // The enterprise extension mapped; the phone stored here, but kept out of the outbox by the policy
+        // (the same write path as the SCIM endpoint's).
+        XCTAssertEqual((u0[SourceMapping.enterprise] as? [String: Any])?["employeeNumber"] as? String, "E0")
+        XCTAssertEqual((u0["phoneNumbers"] as? [[String: Any]])?.first?["value"] as? String, "+49 30 555 0")
+        do {
+            let store = try AgentStore(path: dir.file("data"), registry: .standard)
+            let events = try store.outboxEntries(after: 0, limit: 100_000)
+            let created = events.compactMap { $0.1["events"]?["urn:ietf:params:SCIM:event:prov:create:full"] }
+            let u0Event = try XCTUnwrap(created.first { $0["ref"]?.stringValue == "/Users/\(u0["id"] as? String ?? "")" })
+            XCTAssertEqual(u0Event["data"]?[SourceMapping.enterprise]?["employeeNumber"]?.stringValue, "E0", "the extension leaves")
+            XCTAssertGreaterThanOrEqual(created.count, count, "an event per user")
+            let text = events.map { $0.1.text }.joined()
+            XCTAssertFalse(text.contains("+49 30 555"), "a keep-local value reached the outbox")
+            XCTAssertFalse(text.contains("phoneNumbers"), "a keep-local attribute reached the outbox")
+        }
         XCTAssertTrue(eventually { agent.metrics().contains("scim_edge_source_errors_total{source=\"corp\"} 1") }, agent.metrics())
         XCTAssertTrue(agent.child.output.contains { $0.contains("cn=No Uid") && $0.contains("no value for userName") })
 
@@ -372,6 +392,14 @@ final class LDAPSourceTests: XCTestCase {
         try directory.modify("dn: uid=u0004,ou=people,\(TestDirectory.suffix)\nchangetype: delete\n")
         agent = try SourceAgent(config: config)
         XCTAssertTrue(eventually(seconds: 20) { agent.user("while-down") != nil && agent.user("u0004") == nil }, "changes while down")
+        // Resumed from the cookie, not read again from the start: the directory sent only what changed
+        // (a full refresh would find its 10,000 entries unchanged).
+        let metrics = agent.metrics()
+        let unchanged = metric(metrics, "scim_edge_source_unchanged_total{source=\"corp\"}") ?? -1
+        let changed = metric(metrics, "scim_edge_source_changes_total{source=\"corp\"}") ?? -1
+        print("after the restart: \(Int(changed)) changes, \(Int(unchanged)) unchanged")
+        XCTAssertTrue((0..<100).contains(unchanged), "entries read again after the restart: \(unchanged)")
+        XCTAssertTrue((2..<100).contains(changed), "changes applied after the restart: \(changed)")
 
         // slapd restarted under the agent: it reconnects and follows again.
         directory.stop()
@@ -402,15 +430,20 @@ final class LDAPSourceTests: XCTestCase {
         directory.stop()
     }
 
-    /// Polling against the same kind of slapd with the Active Directory
-    /// mapping (sAMAccountName/userPrincipalName, userAccountControl; the
-    /// key is entryUUID, as slapd has no objectGUID): changes arrive at
+    /// Polling against the same kind of slapd with the default Active
+    /// Directory mapping (sAMAccountName/userPrincipalName,
+    /// userAccountControl, employeeID and department into the enterprise
+    /// extension, the binary objectGUID as the key, in its usual text form:
+    /// the test's schema gives slapd these attributes): changes arrive at
     /// the next poll, renames keep the id, deletions at the full comparison.
     func testPollingWithTheActiveDirectoryMapping() throws {
         let directory = try TestDirectory()
         let dir = TempDirectory("edge-ldap-poll")
         defer { dir.remove() }
-        func adUser(_ name: String, uac: Int = 512) -> String {
+        /// A GUID of its own per entry, no two bytes alike in the swapped parts (so the byte order shows).
+        func guid(_ n: Int) -> [UInt8] { (0..<16).map { UInt8(truncatingIfNeeded: $0 * 17 + n * 31 + 7) } }
+        func guidLine(_ n: Int) -> String { "objectGUID:: " + Data(guid(n)).base64EncodedString() }
+        func adUser(_ name: String, _ n: Int, uac: Int = 512) -> String {
             """
             dn: cn=\(name),ou=ad,\(TestDirectory.suffix)
             objectClass: inetOrgPerson
@@ -420,12 +453,18 @@ final class LDAPSourceTests: XCTestCase {
             sAMAccountName: \(name)
             userPrincipalName: \(name)@corp.example.org
             userAccountControl: \(uac)
+            employeeID: E\(n)
+            department: D\(n % 3)
+            \(guidLine(n))
             """ + "\n\n"
         }
         var ldif = skeleton(["ad"])
-        for i in 0..<50 { ldif += adUser("ad\(i)") }
-        ldif += "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nobjectClass: groupOfNames\ncn: ops\n"
+        for i in 0..<50 { ldif += adUser("ad\(i)", i) }
+        ldif += "dn: cn=ops,ou=ad,\(TestDirectory.suffix)\nobjectClass: groupOfNames\nobjectClass: adAccount\ncn: ops\n\(guidLine(1000))\n"
         ldif += "member: cn=ad3,ou=ad,\(TestDirectory.suffix)\nmember: cn=ad4,ou=ad,\(TestDirectory.suffix)\n\n"
+        // An entry without the key attribute cannot be named for good: refused, counted, the others arrive.
+        ldif += "dn: cn=noguid,ou=ad,\(TestDirectory.suffix)\nobjectClass: inetOrgPerson\nobjectClass: adAccount\ncn: noguid\nsn: N\n"
+        ldif += "sAMAccountName: noguid\n\n"
         try directory.slapadd(ldif)
         try directory.start()
         let config = agentConfig(
@@ -435,18 +474,30 @@ final class LDAPSourceTests: XCTestCase {
                     pollSeconds: 1
                     fullCompareEvery: 2
                     schema: activeDirectory
-                    keyAttribute: entryUUID
-                    userFilter: (objectClass=adAccount)
+                    userFilter: (&(objectClass=adAccount)(!(objectClass=groupOfNames)))
                     groupFilter: (objectClass=groupOfNames)
                 """)
         let agent = try SourceAgent(config: config)
         XCTAssertTrue(eventually(seconds: 20) { agent.total("Users") == 50 }, "\(agent.total("Users"))")
         let ad1 = try XCTUnwrap(agent.user("ad1@corp.example.org"))
         XCTAssertEqual(ad1["active"] as? Bool, true)
+        XCTAssertEqual(ad1["externalId"] as? String, guidString(guid(1)), "objectGUID as Active Directory writes it")
+        XCTAssertNotEqual(guidString(guid(1)), uuidString(guid(1)), "its first three parts little-endian")
+        let enterprise = ad1[SourceMapping.enterprise] as? [String: Any]
+        XCTAssertEqual(enterprise?["employeeNumber"] as? String, "E1", "employeeID into the enterprise extension")
+        XCTAssertEqual(enterprise?["department"] as? String, "D1")
+        XCTAssertTrue((ad1["schemas"] as? [String] ?? []).contains(SourceMapping.enterprise), "\(ad1)")
+        XCTAssertEqual(agent.group("ops")?["externalId"] as? String, guidString(guid(1000)))
+        XCTAssertNil(agent.user("noguid"))
+        XCTAssertTrue(
+            eventually { (metric(agent.metrics(), "scim_edge_source_errors_total{source=\"corp\"}") ?? 0) >= 1 }, "the entry without a key")
+        XCTAssertTrue(
+            eventually { agent.child.output.contains { $0.contains("cn=noguid") && $0.contains("no objectGUID (the key attribute)") } },
+            "logged with its DN: \(agent.child.output.suffix(5))")
         try directory.modify(
             "dn: cn=ad1,ou=ad,\(TestDirectory.suffix)\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: 514\n")
         XCTAssertTrue(eventually(seconds: 10) { agent.user("ad1@corp.example.org")?["active"] as? Bool == false }, "disabled bit")
-        try directory.modify(added(adUser("ad-new")))
+        try directory.modify(added(adUser("ad-new", 500)))
         XCTAssertTrue(eventually(seconds: 10) { agent.user("ad-new@corp.example.org") != nil }, "add")
         let ad2 = try XCTUnwrap(agent.user("ad2@corp.example.org")?["id"] as? String)
         try directory.modify(
@@ -455,6 +506,7 @@ final class LDAPSourceTests: XCTestCase {
         )
         XCTAssertTrue(
             eventually(seconds: 10) { agent.user("ad2-renamed@corp.example.org")?["id"] as? String == ad2 }, "rename keeps the id")
+        XCTAssertEqual(agent.user("ad2-renamed@corp.example.org")?["externalId"] as? String, guidString(guid(2)))
         try directory.modify("dn: cn=ad3,ou=ad,\(TestDirectory.suffix)\nchangetype: delete\n")
         // onDelete: deactivate (the default): kept, with active false, at the next full comparison.
         XCTAssertTrue(eventually(seconds: 15) { agent.user("ad3@corp.example.org")?["active"] as? Bool == false }, "deletion seen")
