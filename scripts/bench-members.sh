@@ -6,7 +6,7 @@
 # one spare user is added and removed R times (PATCH as Entra and Okta send
 # it: path "members" with a value list, and members[value eq "…"]). Reports
 # the median latency and its ratio to the 100-member group's in the same
-# run. Writes a markdown section to $OUT (default: stdout).
+# run (the sizes alternate sample by sample; MEMBERS_SAMPLES, 60). Writes a markdown section to $OUT (default: stdout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib-processes.sh
@@ -17,7 +17,7 @@ port=$(free_port)
 pids+=($!)
 agent=$!
 for _ in $(seq 1 100); do grep -q listening "$work/agent.log" && break; sleep 0.1; done
-PYTHONPATH=scripts python3 - "$port" "${MEMBERS_SIZES:-100 10000 100000 1000000}" "$agent" >"${OUT:-/dev/stdout}" <<'PY'
+PYTHONPATH=scripts python3 - "$port" "${MEMBERS_SIZES:-100 10000 100000 1000000}" "$agent" "${MEMBERS_SAMPLES:-60}" >"${OUT:-/dev/stdout}" <<'PY'
 from bench_scim import bulk_users
 import http.client, json, statistics, sys, time
 port, sizes, pid = int(sys.argv[1]), [int(s) for s in sys.argv[2].split()], sys.argv[3]
@@ -31,28 +31,34 @@ PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 def patch(gid, *ops):
     s, d = call("PATCH", f"/Groups/{gid}", {"schemas": [PATCH], "Operations": list(ops)})
     assert s in (200, 204), (s, d[:300])
-R = 30
+R = int(sys.argv[4]) if len(sys.argv) > 4 else 60
 made = time.perf_counter()
 need = max(sizes) + R
 users = bulk_users(lambda b: call("POST", "/Bulk", b), need, "m")
 made = time.perf_counter() - made
-spares, rows, base, gids = users[-R:], [], None, []
+spares, rows, base, gids, grown = users[-R:], [], None, [], {}
+# Every group is grown first; then the sizes alternate sample by sample (one
+# spare added to and removed from each group in turn), so each size is
+# measured with the same store, the same page cache and the same moment of
+# a shared machine: what differs is the group's size alone.
 for n in sizes:
     s, d = call("POST", "/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": f"g{n}"})
     assert s == 201, s
     gid = json.loads(d)["id"]
-    grown = time.perf_counter()
+    t = time.perf_counter()
     for k in range(0, n, 5000):
         patch(gid, {"op": "add", "path": "members", "value": [{"value": u} for u in users[k:min(n, k + 5000)]]})
-    grown = time.perf_counter() - grown
-    add, remove = [], []
-    for u in spares:
-        t = time.perf_counter(); patch(gid, {"op": "add", "path": "members", "value": [{"value": u}]}); add.append(time.perf_counter() - t)
-        t = time.perf_counter(); patch(gid, {"op": "remove", "path": f'members[value eq "{u}"]'}); remove.append(time.perf_counter() - t)
-    a, r = statistics.median(add), statistics.median(remove)
-    if base is None: base = (a, r)
-    rows.append((n, grown, a, r))
+    grown[n] = time.perf_counter() - t
     gids.append((n, gid))
+add = {n: [] for n in sizes}; remove = {n: [] for n in sizes}
+for u in spares:
+    for n, gid in gids:
+        t = time.perf_counter(); patch(gid, {"op": "add", "path": "members", "value": [{"value": u}]}); add[n].append(time.perf_counter() - t)
+        t = time.perf_counter(); patch(gid, {"op": "remove", "path": f'members[value eq "{u}"]'}); remove[n].append(time.perf_counter() - t)
+for n in sizes:
+    a, r = statistics.median(add[n]), statistics.median(remove[n])
+    if base is None: base = (a, r)
+    rows.append((n, grown[n], a, r))
 def status(field):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(field + ":"): return int(line.split()[1]) // 1024
@@ -83,8 +89,9 @@ print("## Group membership: one member at N vs at 100\n")
 print("A release agent (standalone, durable commits) on one kept-alive connection: a group grown by")
 print(f"PATCH in chunks of 5,000 to N members, then one member added (`path: members`, a value list) and")
 print(f"removed (`members[value eq \"…\"]`) {R} times; median latency (the client included) and its ratio")
-print("to the 100-member group's in the same run. The 100-member PATCH answers 200 with the group,")
-print("a group over 1,000 members 204 (docs/scim.md).\n")
+print("to the 100-member group's in the same run. Every group is grown first, then the sizes alternate sample by")
+print("sample, so each is measured with the same store at the same moment. The 100-member PATCH answers 200 with")
+print("the group, a group over 1,000 members 204 (docs/scim.md).\n")
 print("| N members | growing it (5,000 per PATCH) | add one | ratio | remove one | ratio |")
 print("|---:|---:|---:|---:|---:|---:|")
 for n, g, a, r in rows:
