@@ -533,7 +533,7 @@ extension AgentStore {
             guard let (_, body) = letter["event"]?["events"]?.objectValue?.members.first,
                 let ref = body["ref"]?.stringValue
             else { return false }
-            let parts = ref.split(separator: "/")
+            let parts = slashParts(ref)
             if parts.count == 2, let type = registry.resourceType(endpoint: "/" + parts[0]) {
                 let id = String(parts[1])
                 // Forget what we believed had left, so the current state goes out in full.

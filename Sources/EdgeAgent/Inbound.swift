@@ -41,7 +41,9 @@ public struct InboundPolicy: Sendable {
     /// `map.set` and `map.drop`: each path applies to the types whose schema has it (`userType` to users only).
     public var mapping: AttributeMapping
     /// `map.userName`: `{userName}` and `{domain}`.
-    public var userNameTemplate: String
+    public var userNameTemplate: String { didSet { userNameParts = Self.parts(of: userNameTemplate) } }
+    /// The template cut once into its text and its placeholders (`userName(_:domain:)` runs for every user that enters).
+    var userNameParts: [TemplatePart]
     /// Per poll: events asked for, and how long the broker may hold the poll.
     public var maxEventsPerPoll = AgentOptions.Inbound.maxEventsPerPoll.defaultInteger
     public var waitMilliseconds = AgentOptions.Inbound.waitMs.defaultInteger
@@ -54,6 +56,7 @@ public struct InboundPolicy: Sendable {
         self.accept = accept
         self.mapping = mapping
         self.userNameTemplate = userNameTemplate
+        self.userNameParts = Self.parts(of: userNameTemplate)
     }
 
     /// A group's entry has a filter that reads `members`: an event without
@@ -101,26 +104,49 @@ public struct InboundPolicy: Sendable {
         return o
     }
 
-    /// `map.userName` for one user: `{userName}` and `{domain}` replaced (one pass over the template).
-    func userName(_ name: String, domain: String) -> String {
-        if userNameTemplate == "{userName}" { return name }
-        var out = ""
-        var rest = Substring(userNameTemplate)
-        while let open = rest.firstIndex(of: "{") {
-            out += rest[..<open]
-            let tail = rest[open...]
-            if tail.hasPrefix("{userName}") {
-                out += name
-                rest = tail.dropFirst(10)
-            } else if tail.hasPrefix("{domain}") {
-                out += domain
-                rest = tail.dropFirst(8)
-            } else {
-                out += "{"
-                rest = tail.dropFirst()
+    /// A piece of the userName template: text kept as it is, or a placeholder.
+    enum TemplatePart: Equatable, Sendable { case text([UInt8]), userName, domain }
+
+    /// `template` cut into text and placeholders: `{userName}` and `{domain}`
+    /// are the only ones, any other brace is text.
+    static func parts(of template: String) -> [TemplatePart] {
+        let placeholders: [(token: [UInt8], part: TemplatePart)] = [
+            (Array("{userName}".utf8), .userName), (Array("{domain}".utf8), .domain),
+        ]
+        let bytes = Array(template.utf8)
+        var parts: [TemplatePart] = []
+        var text: [UInt8] = []
+        var i = 0
+        scan: while i < bytes.count {
+            if bytes[i] == UInt8(ascii: "{") {
+                for p in placeholders where bytes[i...].starts(with: p.token) {
+                    if !text.isEmpty { parts.append(.text(text)) }
+                    text = []
+                    parts.append(p.part)
+                    i += p.token.count
+                    continue scan
+                }
+            }
+            text.append(bytes[i])
+            i += 1
+        }
+        if !text.isEmpty { parts.append(.text(text)) }
+        return parts
+    }
+
+    /// `map.userName` for one user: `{userName}` and `{domain}` replaced.
+    public func userName(_ name: String, domain: String) -> String {
+        if userNameParts == [.userName] { return name }
+        var out: [UInt8] = []
+        out.reserveCapacity(name.utf8.count + domain.utf8.count + 16)
+        for part in userNameParts {
+            switch part {
+            case .text(let t): out += t
+            case .userName: out += name.utf8
+            case .domain: out += domain.utf8
             }
         }
-        return out + rest
+        return String(decoding: out, as: UTF8.self)
     }
 }
 
@@ -287,7 +313,7 @@ extension AgentStore {
                 continue
             }
             guard let ref = body["ref"]?.stringValue else { continue }
-            let parts = ref.split(separator: "/")
+            let parts = slashParts(ref)
             guard parts.count == 2, let type = registry.resourceType(parts[0] == "Users" ? "User" : parts[0] == "Groups" ? "Group" : "")
             else { continue }
             let key = AgentStore.key(type, String(parts[1]))
@@ -459,7 +485,7 @@ extension AgentStore {
         guard let (uri, body) = event["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue else {
             throw SCIMError.invalidValue("a feed event holds one SCIM event with a 'ref'")
         }
-        let parts = ref.split(separator: "/")
+        let parts = slashParts(ref)
         guard parts.count == 2, let type = registry.resourceType(parts[0] == "Users" ? "User" : parts[0] == "Groups" ? "Group" : "") else {
             throw SCIMError.invalidValue("'ref' \(ref) is not /Users/<id> or /Groups/<id>")
         }

@@ -318,7 +318,7 @@ extension BrokerStore {
             )
         }
         guard let ref = body["ref"]?.stringValue else { throw SCIMError.invalidValue("event \(event.seq) has no 'ref'") }
-        let parts = BrokerStore.refParts(ref)
+        let parts = slashParts(ref)
         guard parts.count == 2, ["Users", "Groups"].contains(parts[0]), !parts[1].isEmpty else {
             throw SCIMError.invalidValue("event \(event.seq): 'ref' \(ref) is not /Users/<id> or /Groups/<id>")
         }
@@ -432,23 +432,6 @@ extension BrokerStore {
         default:
             throw SCIMError.invalidValue("event \(event.seq): unknown event type \(uri)")
         }
-    }
-
-    /// `ref.split(separator: "/")`, without its generic machinery (a few
-    /// thousand instructions an event): the non-empty parts between slashes.
-    static func refParts(_ ref: String) -> [Substring] {
-        var parts: [Substring] = []
-        let u = ref.utf8
-        var start = u.startIndex, i = u.startIndex
-        while i != u.endIndex {
-            if u[i] == UInt8(ascii: "/") {
-                if start != i { parts.append(Substring(u[start..<i])) }
-                start = u.index(after: i)
-            }
-            i = u.index(after: i)
-        }
-        if start != u.endIndex { parts.append(Substring(u[start...])) }
-        return parts
     }
 
     /// The source extension's fields of the event last applied: the agent's

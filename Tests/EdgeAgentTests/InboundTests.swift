@@ -375,3 +375,26 @@ final class LocalTargetQueueTests: XCTestCase {
         XCTAssertEqual(last.suffix(2), ["upsert g1", "remove u2"])
     }
 }
+
+/// The userName template, cut once into text and placeholders.
+final class UserNameTemplateTests: XCTestCase {
+    func testTheTemplateReplacesItsTwoPlaceholdersAndKeepsEverythingElse() throws {
+        func name(_ template: String, _ user: String = "alice", _ domain: String = "hq") throws -> String {
+            try InboundPolicy(accept: [InboundPolicy.Rule(domains: ["hq"])], userNameTemplate: template).userName(user, domain: domain)
+        }
+        XCTAssertEqual(try name("{userName}"), "alice")
+        XCTAssertEqual(try name("{userName}@{domain}"), "alice@hq")
+        XCTAssertEqual(try name("{domain}\\{userName}"), "hq\\alice")
+        XCTAssertEqual(try name("{userName}.{userName}"), "alice.alice", "a placeholder used twice")
+        XCTAssertEqual(try name("guest-{userName}"), "guest-alice")
+        XCTAssertEqual(try name("{user}{userName}{"), "{user}alice{", "an unknown placeholder and a lone brace are text")
+        XCTAssertEqual(try name("{{userName}}"), "{alice}")
+        XCTAssertEqual(try name("{userName"), "{userName", "an unclosed placeholder is text")
+        XCTAssertEqual(try name("ext_{userName}_é@{domain}", "zoë", "ünï"), "ext_zoë_é@ünï")
+        XCTAssertEqual(try name("fixed"), "fixed")
+        // Changed after the policy was made: the new template applies.
+        var policy = InboundPolicy(accept: [try InboundPolicy.Rule(domains: ["hq"])])
+        policy.userNameTemplate = "{domain}:{userName}"
+        XCTAssertEqual(policy.userName("bob", domain: "de"), "de:bob")
+    }
+}

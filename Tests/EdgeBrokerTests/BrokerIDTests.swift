@@ -21,12 +21,3 @@ final class BrokerIDTests: XCTestCase {
         XCTAssertNotEqual(all[0].suffix(16), all[1].suffix(16))
     }
 }
-
-/// The apply's split of an event's `ref` is `split(separator: "/")`'s.
-final class RefPartsTests: XCTestCase {
-    func testRefPartsAreSplitsParts() {
-        for ref in ["/Users/u1", "Users/u1", "//Users//u1/", "/Groups/g-é/x", "", "/", "//", "/Users/", "a", "/a/b/c", "ü/ö"] {
-            XCTAssertEqual(BrokerStore.refParts(ref), ref.split(separator: "/"), ref)
-        }
-    }
-}
