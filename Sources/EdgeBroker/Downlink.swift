@@ -74,6 +74,8 @@ extension BrokerStore {
         public var position: FeedPosition
         /// More is waiting (events past this page, or queue items not yet materialised).
         public var more: Bool
+        /// Queue items are left to materialise (`materializeAhead` turns them into events while the answer travels).
+        public var queued = false
         /// What this poll acknowledged, for metrics.
         public var committed = CommittedEvents()
     }
@@ -226,7 +228,9 @@ extension BrokerStore {
             position.acked = ack
         }
         if !apps.isEmpty { committed.apps = try recordAppOutcomes(target, apps, txn) }
-        let itemsLeft = try materialize(target, room: window - position.unacked, speaks: speaks, txn)
+        // Only what this page lacks: the rest is materialised after the answer (`materializeAhead`), off the poll's path.
+        let lacking = limit - Int(clamping: position.issued - min(after, position.issued))
+        let itemsLeft = try materialize(target, room: min(window - position.unacked, max(0, lacking)), speaks: speaks, txn)
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
@@ -239,7 +243,20 @@ extension BrokerStore {
         }
         if speaks < 4 { try wholeForOlderAgent(&events, target: target.name, acked: position.acked, txn) }
         return FeedPage(
-            events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - after, committed: committed)
+            events: events, position: position, more: itemsLeft || UInt64(events.count) < position.issued - after, queued: itemsLeft,
+            committed: committed)
+    }
+
+    /// Up to `limit` more queue items' worth of events, while fewer than
+    /// `window` are unacknowledged: run after a poll is answered, so that
+    /// the agent's next poll finds its page ready (the feed stays bounded by
+    /// the window, as in `pollFeed`). Returns whether it materialised any.
+    func materializeAhead(target: TargetConfiguration, limit: Int, window: Int, speaks: Int, _ txn: borrowing WriteTransaction) throws
+        -> Bool
+    {
+        let before = try feedPosition(target: target.name, txn)
+        _ = try materialize(target, room: min(window - before.unacked, limit), speaks: speaks, txn)
+        return try feedPosition(target: target.name, txn).issued > before.issued
     }
 
     /// The boundary's commit of the events through `through` becomes each

@@ -29,6 +29,8 @@ final class BrokerFeeds {
     var served: [String: Int] = [:]
     /// Destinations whose feed is starting again for a new store.
     var resyncing: Set<String> = []
+    /// Destinations whose feed is being materialised ahead of the next poll (`materializeAhead`).
+    var ahead: Set<String> = []
     /// Destinations whose backlog is being counted (on the thread pool).
     var counting: Set<String> = []
     /// Per destination: the events its agent acknowledged, by outcome, and
@@ -233,6 +235,7 @@ extension BrokerService {
                 if !epoch.isEmpty { feeds.lastPoll[domain] = (epoch, loop.now) }  // answered: live until its next poll
                 feeds.served[domain, default: 0] += page.events.count
                 responder.respond(Self.feedAnswer(page, limit: limit))
+                if page.queued { materializeAhead(domain, target, limit: limit, speaks: speaks) }
             case .failure(BrokerStore.FeedError.newStore(let acked, let issued)):
                 logger.warning(
                     "downlink: the agent's store and the feed disagree (a re-imaged or restored store, or a restored broker): the feed starts again with the destination's current state",
@@ -246,6 +249,27 @@ extension BrokerService {
                 logger.error("downlink poll failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
                 responder.respond(
                     Self.failure(503, "unavailable", "the feed could not be read: \(error)").withHeader("Retry-After", "5"))
+            }
+        }
+    }
+
+    /// While the answer travels and the agent commits it, the next page is
+    /// materialised in a transaction of its own, so the next poll finds it
+    /// ready and its own transaction only acknowledges and reads. One at a
+    /// time per destination, never during a resync (the writer runs in
+    /// order: one submitted before a resync began runs before its first step).
+    func materializeAhead(_ domain: String, _ target: TargetConfiguration, limit: Int, speaks: Int) {
+        guard !feeds.resyncing.contains(domain), feeds.ahead.insert(domain).inserted else { return }
+        let store = self.store, window = Self.feedWindow
+        writer.submit({ txn in try store.materializeAhead(target: target, limit: limit, window: window, speaks: speaks, txn) }) {
+            [self] result in
+            feeds.ahead.remove(domain)
+            switch result {
+            case .success(true): wake(domain)  // a poll parked meanwhile has its events now
+            case .success(false): break
+            case .failure(let error):
+                // Nothing lost: the items stay queued, and the next poll materialises what its page lacks.
+                logger.warning("downlink: materialising ahead failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
             }
         }
     }

@@ -127,6 +127,53 @@ final class DeferredDeliveryTests: XCTestCase {
         XCTAssertEqual(try store.queueDepth(target: "app").count, queued + 1 + 7, "the apply's item, and one per chunk that marked")
     }
 
+    /// A poll materialises only what its page lacks (its transaction stays
+    /// short); the rest is materialised ahead after the answer, a page at a
+    /// time within the window, so the next poll finds its page ready and
+    /// only acknowledges and reads. Every user arrives once, in order.
+    func testAPollMaterialisesWhatItsPageLacksAndTheNextPageIsMadeAhead() throws {
+        let dir = TempDirectory("downlink-ahead")
+        defer { dir.remove() }
+        var dest = try TargetConfiguration(name: "sub", url: "http://127.0.0.1:9/scim/v2")
+        dest.destination = "acme-us"
+        dest.routes = [try Route(types: ["User"])]
+        let store = try BrokerStore(path: dir.file("broker"), targets: [dest])
+        _ = try fill(store, 1000, name: "A team")  // 1,000 users (the group is not routed)
+        func poll(ack: UInt64, after: UInt64? = nil) throws -> BrokerStore.FeedPage {
+            try store.environment.write { txn in
+                try store.pollFeed(target: dest, epoch: "s1", ack: ack, after: after, limit: 100, window: 250, speaks: 5, txn)
+            }
+        }
+        func ahead() throws -> Bool {
+            try store.environment.write { txn in try store.materializeAhead(target: dest, limit: 100, window: 250, speaks: 5, txn) }
+        }
+        let first = try poll(ack: 0)
+        XCTAssertEqual(first.events.count, 100)
+        XCTAssertEqual(first.position.issued, 100, "only the page's events, not the window's")
+        XCTAssertTrue(first.queued && first.more)
+        XCTAssertTrue(try ahead())
+        XCTAssertEqual(try store.feedPosition(target: "sub").issued, 200, "a page ahead")
+        XCTAssertTrue(try ahead())
+        XCTAssertEqual(try store.feedPosition(target: "sub").issued, 250, "never past the window of unacknowledged events")
+        XCTAssertFalse(try ahead(), "the window is full: nothing more until an acknowledgement")
+        // The next poll (pipelined: after what it received) finds its page ready and materialises nothing.
+        let second = try poll(ack: 0, after: 100)
+        XCTAssertEqual(second.position.issued, 250)
+        XCTAssertEqual(second.events.count, 100)
+        var seqs = (first.events + second.events).map { try? JSONParser.parse($0, limits: .stored)["seq"]?.numberValue?.integer }
+        var ack: UInt64 = 200
+        for _ in 0..<100 {
+            let page = try poll(ack: ack)
+            seqs += page.events.map { try? JSONParser.parse($0, limits: .stored)["seq"]?.numberValue?.integer }
+            XCTAssertLessThanOrEqual(page.position.unacked, 250)
+            if let last = seqs.last, let l = last { ack = UInt64(l) }
+            if page.queued { _ = try ahead() }
+            if !page.more && page.events.isEmpty { break }
+        }
+        XCTAssertEqual(seqs.compactMap { $0 }, (1...1000).map(Int64.init), "every user once, in feed order")
+        XCTAssertEqual(try store.queueDepth(target: "sub").count, 0)
+    }
+
     /// Polls the feed of `target` until nothing is left; returns each poll's
     /// events (parsed) and the heaviest poll commit.
     func drain(_ store: BrokerStore, _ target: TargetConfiguration, ack: inout UInt64, speaks: Int = 1) throws -> (
