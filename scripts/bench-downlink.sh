@@ -243,7 +243,7 @@ PY
   echo "Uplink: batches of up to 500 events over mutual TLS, a window of batches (protocol.md). Downlink (protocol 2): the agent"
   echo "polls 1,000 events at a time (\`maxEventsPerPoll\`) and asks for the next 1,000 while it commits the last with the feed"
   echo "sequence; a later poll acknowledges them with its outcomes, which the broker records as each change's last hop (\`trace\`)."
-  echo "The broker turns queued changes into feed events as the agent acknowledges (at most 5,000 unacknowledged). The agent's"
+  echo "The broker turns queued changes into feed events as the agent acknowledges, the next page ahead while an answer travels (at most 5,000 unacknowledged). The agent's"
   echo "inbound policy maps each user (\`userType: Guest\`, \`userName\` user@de) and stores it with its indexes."
   echo "In the last round the broker had queued $queued changes for the boundary; the agent held $foreign foreign users after the"
   echo "drain, and the broker recorded $committed accepted commits (exactly once)."
