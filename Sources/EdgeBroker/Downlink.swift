@@ -187,8 +187,9 @@ extension BrokerStore {
     }
 
     /// One poll, in one write transaction: drops the events through `ack`,
-    /// materialises queue items while fewer than `window` events are
-    /// unacknowledged, and returns up to `limit` events after `ack`.
+    /// materialises the queue items this page lacks (while fewer than
+    /// `window` events are unacknowledged; the next page is made after the
+    /// answer, `materializeAhead`), and returns up to `limit` events after `ack`.
     ///
     /// `after` (protocol 2; at least `ack`): the last sequence the agent
     /// received, committed or not: the answer starts after it, so the agent
