@@ -179,7 +179,11 @@ extension BrokerStore {
         return try environment.read { txn in
             var at: Int64 = 0
             try txn.scan(downlink, from: prefixed(target, []), to: prefixEnd(target)) { _, v in
-                at = try JSONParser.parse(v, limits: .stored)["queued"]?.numberValue?.integer ?? 0
+                if let trail = FeedRecord.split(v)?.trail {
+                    at = trail.applied
+                } else {
+                    at = try JSONParser.parse(Array(FeedRecord.json(v)), limits: .stored)["queued"]?.numberValue?.integer ?? 0
+                }
                 return false
             }
             return at
@@ -219,12 +223,16 @@ extension BrokerStore {
         var committed = CommittedEvents()
         if ack > position.acked {
             var done: [[UInt8]] = []
-            try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
+            var trails: [(UInt64, FeedTrail)] = []
+            try txn.scan(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k, v in
                 done.append(k)
+                if let trail = FeedRecord.split(v)?.trail, let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) {
+                    trails.append((seq, trail))
+                }
                 return true
             }
             for k in done { _ = try txn.delete(downlink, k) }
-            committed = try recordCommits(target, through: ack, outcomes, txn)
+            committed = try recordCommits(target, through: ack, trails, outcomes, txn)
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
         }
@@ -236,10 +244,11 @@ extension BrokerStore {
         var events: [[UInt8]] = []
         var bytes = 0
         try txn.scan(downlink, from: prefixed(target.name, (after + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
+            let event = Array(FeedRecord.json(v))
             // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
-            guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
-            events.append(v)
-            bytes += v.count + 1
+            guard events.isEmpty || bytes + event.count <= BrokerStore.maxPageBytes else { return false }
+            events.append(event)
+            bytes += event.count + 1
             return events.count < limit
         }
         if speaks < 4 { try wholeForOlderAgent(&events, target: target.name, acked: position.acked, txn) }
@@ -262,43 +271,48 @@ extension BrokerStore {
 
     /// The boundary's commit of the events through `through` becomes each
     /// change's last hop in the trail (`boundary <domain>`, with the feed's
-    /// issue, the outcome and the agent's commit time), from the broker's
-    /// record of each event (`downlinkTrail`), which goes with it.
-    func recordCommits(_ target: TargetConfiguration, through: UInt64, _ outcomes: FeedOutcomes?, _ txn: borrowing WriteTransaction)
-        throws -> CommittedEvents
-    {
-        var records: [([UInt8], [UInt8])] = []
+    /// issue, the outcome and the agent's commit time), from what each
+    /// event carried in front of it (`trails`, `FeedRecord`) or, for an
+    /// event an older broker stored, its record in `downlinkTrail`, which
+    /// goes with it.
+    func recordCommits(
+        _ target: TargetConfiguration, through: UInt64, _ trails: [(UInt64, FeedTrail)], _ outcomes: FeedOutcomes?,
+        _ txn: borrowing WriteTransaction
+    ) throws -> CommittedEvents {
+        var all = trails
+        var legacy: [[UInt8]] = []
         try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
-            records.append((k, v))
+            legacy.append(k)
+            if let seq = UInt64(bigEndianBytes: Array(k.suffix(8))), let trail = FeedTrail(legacy: v) { all.append((seq, trail)) }
             return true
         }
+        for key in legacy { _ = try txn.delete(downlinkTrail, key) }
+        if !legacy.isEmpty { all.sort { $0.0 < $1.0 } }
         let domain = target.destination ?? target.name
         let now = unixMilliseconds()
         var out = CommittedEvents()
         var seen: [String: Int64] = [:]
-        for (key, value) in records {
-            _ = try txn.delete(downlinkTrail, key)
-            guard let seq = UInt64(bigEndianBytes: Array(key.suffix(8))), let r = try JSONParser.parse(value, limits: .stored).objectValue,
-                let id = r["id"]?.stringValue
-            else { continue }
+        for (seq, r) in all {
             let said = outcomes?.describe(seq, domain: domain)
-            if said?.outcome == "refused", r["event"]?.stringValue == "attributes" { try sendWholeAgain(target, id, txn) }
+            if said?.outcome == "refused", r.event == "attributes" { try sendWholeAgain(target, r.brokerID, txn) }
             let at = said != nil ? outcomes!.committed : now
             var hop: JSONObject = [
-                "hop": .string("boundary \(domain)"), "event": r["event"] ?? "change", "target": .string(target.name),
+                "hop": .string("boundary \(domain)"), "event": .string(r.event), "target": .string(target.name),
                 "feedSeq": .number(JSONNumber(integer: Int64(seq))), "outcome": .string(said?.outcome ?? "unreported"),
                 "detail": .string(
                     said?.detail
                         ?? "acknowledged by boundary \(domain), whose agent reported no outcome for it (an agent of downlink protocol 1)"),
             ]
             if let t = said?.scimType { hop["scimType"] = .string(t) }
-            for k in ["issued", "accepted", "applied"] { if let v = r[k], (v.numberValue?.integer ?? 0) > 0 { hop[k] = v } }
+            for (k, v) in [("issued", r.issued), ("accepted", r.accepted), ("applied", r.applied)] where v > 0 {
+                hop[k] = .number(JSONNumber(integer: v))
+            }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
-            if said != nil, let accepted = r["accepted"]?.numberValue?.integer, accepted > 0 { out.latencies.append(at - accepted) }
+            if said != nil, r.accepted > 0 { out.latencies.append(at - r.accepted) }
             // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart.
-            let n = seen[id, default: 0]
-            seen[id] = n + 1
-            try recordHop(brokerID: id, trace: r["trace"]?.stringValue ?? "", hop, txn, now: at * 1000 + min(n, 999))
+            let n = seen[r.brokerID, default: 0]
+            seen[r.brokerID] = n + 1
+            try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: at * 1000 + min(n, 999))
         }
         return out
     }
@@ -347,36 +361,53 @@ extension BrokerStore {
         return any
     }
 
-    /// Appends one event to the feed under the next sequence. `data`: the
-    /// SCIM event's `data` as bytes (`downlinkBytes`), written after its
-    /// `ref` as the serialised object would have it.
+    /// Appends one event to the feed under the next sequence, with what
+    /// its commit's hop will need in front (`FeedRecord`). `data`: the SCIM
+    /// event's `data` as bytes (`downlinkBytes`), written after its `ref`
+    /// as the serialised object would have it. The envelope is written as
+    /// bytes: `seq`, `jti`, `txn`, `iat`, `ts`, `queued`, then `event`'s
+    /// members (`domain`, `events`).
     func appendFeedEvent(
         _ target: String, _ event: JSONObject, data: [UInt8]? = nil, _ item: DeliveryItem, _ txn: borrowing WriteTransaction
     ) throws {
         let seq = try nextCounter("dlseq/\(target)", txn)
-        var e: JSONObject = [
-            "seq": .number(JSONNumber(integer: Int64(seq))), "jti": .string("\(target)-\(seq)"), "txn": .string(item.trace),
-            "iat": .number(JSONNumber(integer: unixMilliseconds() / 1000)),
-            "ts": .number(JSONNumber(integer: item.acceptedAt)), "queued": .number(JSONNumber(integer: item.queuedAt)),
-        ]
-        for (k, v) in event { e[k] = v }
-        var bytes = JSON.object(e).serialized()
+        let now = unixMilliseconds()
+        let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
+        // The end of a resync names no resource: no hop.
+        let trail =
+            item.brokerID.isEmpty
+            ? nil
+            : FeedTrail(
+                brokerID: item.brokerID, trace: item.trace, event: BrokerStore.feedEventKinds[uri] ?? uri, issued: now,
+                accepted: item.acceptedAt, applied: item.queuedAt)
+        var out = FeedRecord.start(trail, jsonCapacity: 192 + target.utf8.count + item.trace.utf8.count + (data?.count ?? 0))
+        out += #"{"seq":"#.utf8
+        appendDecimal(Int64(seq), to: &out)
+        out += #","jti":"#.utf8
+        appendJSONString("\(target)-\(seq)", to: &out)
+        out += #","txn":"#.utf8
+        appendJSONString(item.trace, to: &out)
+        out += #","iat":"#.utf8
+        appendDecimal(now / 1000, to: &out)
+        out += #","ts":"#.utf8
+        appendDecimal(item.acceptedAt, to: &out)
+        out += #","queued":"#.utf8
+        appendDecimal(item.queuedAt, to: &out)
+        for (k, v) in event {
+            out.append(UInt8(ascii: ","))
+            appendJSONString(k, to: &out)
+            out.append(UInt8(ascii: ":"))
+            v.write(to: &out)
+        }
+        out.append(UInt8(ascii: "}"))
         if let data {
             // `…"events":{"<uri>":{"ref":"…"}}}`: the data goes before the last three braces.
-            bytes.insert(contentsOf: Array(#","data":"#.utf8) + data, at: bytes.count - 3)
+            out.insert(contentsOf: Array(#","data":"#.utf8) + data, at: out.count - 3)
         }
-        try txn.put(downlink, prefixed(target, seq.bigEndianBytes), bytes)
-        guard !item.brokerID.isEmpty else { return }  // the end of a resync names no resource: no hop
-        // What the commit's hop will need (`recordCommits`), without reading the event back.
-        let uri = event["events"]?.objectValue?.members.first?.0 ?? ""
-        let kind = BrokerStore.feedEventKinds[uri] ?? uri
-        if uri == BrokerStore.attributesEvent { try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes) }
-        let record: JSONObject = [
-            "id": .string(item.brokerID), "trace": .string(item.trace), "event": .string(kind),
-            "issued": .number(JSONNumber(integer: unixMilliseconds())), "accepted": .number(JSONNumber(integer: item.acceptedAt)),
-            "applied": .number(JSONNumber(integer: item.queuedAt)),
-        ]
-        try txn.put(downlinkTrail, prefixed(target, seq.bigEndianBytes), JSON.object(record).serialized())
+        try txn.put(downlink, prefixed(target, seq.bigEndianBytes), out)
+        if trail != nil, uri == BrokerStore.attributesEvent {
+            try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes)
+        }
     }
 
     /// A resource of the directory by broker id: its domain and state (nil: gone).
