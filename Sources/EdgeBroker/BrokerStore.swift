@@ -14,8 +14,8 @@ import Synchronization
 /// | `resources` | `<domain>/<Type>/<source id>` | the federated resource (JSON) |
 /// | `brokerIds` | broker id | `<domain>/<Type>/<source id>` |
 /// | `byType`, `byValue` | list indexes (`BrokerLists.swift`) | `<domain>/<Type>/<source id>` |
-/// | `downlink` | `<target> 0x00 <feed seq BE>` | a downlink event not yet acknowledged, after what its commit hop needs (`FeedRecord`) |
-/// | `downlinkTrail` | `<target> 0x00 <feed seq BE>` | that hop's needs for an event an older broker stored (read, no more written) |
+/// | `downlink` | `<target> 0x00 <feed seq BE>` | a downlink event not yet acknowledged (`Downlink.swift`) |
+/// | `downlinkTrail` | `<target> 0x00 <feed seq BE>` | what that event's commit hop needs (`FeedTrail`: broker id, trace id, kind, times) |
 ///
 /// The agent is named by its certificate identity, never by the batch
 /// (invariant 6): one agent cannot advance another's sequence. Each agent

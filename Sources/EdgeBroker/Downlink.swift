@@ -179,11 +179,7 @@ extension BrokerStore {
         return try environment.read { txn in
             var at: Int64 = 0
             try txn.scan(downlink, from: prefixed(target, []), to: prefixEnd(target)) { _, v in
-                if let trail = FeedRecord.split(v)?.trail {
-                    at = trail.applied
-                } else {
-                    at = try JSONParser.parse(Array(FeedRecord.json(v)), limits: .stored)["queued"]?.numberValue?.integer ?? 0
-                }
+                at = try JSONParser.parse(v, limits: .stored)["queued"]?.numberValue?.integer ?? 0
                 return false
             }
             return at
@@ -223,16 +219,12 @@ extension BrokerStore {
         var committed = CommittedEvents()
         if ack > position.acked {
             var done: [[UInt8]] = []
-            var trails: [(UInt64, FeedTrail)] = []
-            try txn.scan(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k, v in
+            try txn.scanKeys(downlink, from: prefixed(target.name, []), to: prefixed(target.name, (ack + 1).bigEndianBytes)) { k in
                 done.append(k)
-                if let trail = FeedRecord.split(v)?.trail, let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) {
-                    trails.append((seq, trail))
-                }
                 return true
             }
             for k in done { _ = try txn.delete(downlink, k) }
-            committed = try recordCommits(target, through: ack, trails, outcomes, txn)
+            committed = try recordCommits(target, through: ack, outcomes, txn)
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
         }
@@ -244,11 +236,10 @@ extension BrokerStore {
         var events: [[UInt8]] = []
         var bytes = 0
         try txn.scan(downlink, from: prefixed(target.name, (after + 1).bigEndianBytes), to: prefixEnd(target.name)) { _, v in
-            let event = Array(FeedRecord.json(v))
             // A page stays within `maxPageBytes`, except an event larger on its own (a big group's full state), which goes alone.
-            guard events.isEmpty || bytes + event.count <= BrokerStore.maxPageBytes else { return false }
-            events.append(event)
-            bytes += event.count + 1
+            guard events.isEmpty || bytes + v.count <= BrokerStore.maxPageBytes else { return false }
+            events.append(v)
+            bytes += v.count + 1
             return events.count < limit
         }
         if speaks < 4 { try wholeForOlderAgent(&events, target: target.name, acked: position.acked, txn) }
@@ -271,23 +262,19 @@ extension BrokerStore {
 
     /// The boundary's commit of the events through `through` becomes each
     /// change's last hop in the trail (`boundary <domain>`, with the feed's
-    /// issue, the outcome and the agent's commit time), from what each
-    /// event carried in front of it (`trails`, `FeedRecord`) or, for an
-    /// event an older broker stored, its record in `downlinkTrail`, which
-    /// goes with it.
-    func recordCommits(
-        _ target: TargetConfiguration, through: UInt64, _ trails: [(UInt64, FeedTrail)], _ outcomes: FeedOutcomes?,
-        _ txn: borrowing WriteTransaction
-    ) throws -> CommittedEvents {
-        var all = trails
-        var legacy: [[UInt8]] = []
+    /// issue, the outcome and the agent's commit time), from the broker's
+    /// record of each event (`downlinkTrail`, `FeedTrail`), which goes with it.
+    func recordCommits(_ target: TargetConfiguration, through: UInt64, _ outcomes: FeedOutcomes?, _ txn: borrowing WriteTransaction)
+        throws -> CommittedEvents
+    {
+        var keys: [[UInt8]] = []
+        var all: [(UInt64, FeedTrail)] = []
         try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
-            legacy.append(k)
-            if let seq = UInt64(bigEndianBytes: Array(k.suffix(8))), let trail = FeedTrail(legacy: v) { all.append((seq, trail)) }
+            keys.append(k)
+            if let seq = UInt64(bigEndianBytes: Array(k.suffix(8))), let trail = FeedTrail(v) { all.append((seq, trail)) }
             return true
         }
-        for key in legacy { _ = try txn.delete(downlinkTrail, key) }
-        if !legacy.isEmpty { all.sort { $0.0 < $1.0 } }
+        for key in keys { _ = try txn.delete(downlinkTrail, key) }
         let domain = target.destination ?? target.name
         let now = unixMilliseconds()
         var out = CommittedEvents()
@@ -361,8 +348,8 @@ extension BrokerStore {
         return any
     }
 
-    /// Appends one event to the feed under the next sequence, with what
-    /// its commit's hop will need in front (`FeedRecord`). `data`: the SCIM
+    /// Appends one event to the feed under the next sequence, and what its
+    /// commit's hop will need to `downlinkTrail` (`FeedTrail`). `data`: the SCIM
     /// event's `data` as bytes (`downlinkBytes`), written after its `ref`
     /// as the serialised object would have it. The envelope is written as
     /// bytes: `seq`, `jti`, `txn`, `iat`, `ts`, `queued`, then `event`'s
@@ -380,7 +367,8 @@ extension BrokerStore {
             : FeedTrail(
                 brokerID: item.brokerID, trace: item.trace, event: BrokerStore.feedEventKinds[uri] ?? uri, issued: now,
                 accepted: item.acceptedAt, applied: item.queuedAt)
-        var out = FeedRecord.start(trail, jsonCapacity: 192 + target.utf8.count + item.trace.utf8.count + (data?.count ?? 0))
+        var out: [UInt8] = []
+        out.reserveCapacity(192 + target.utf8.count + item.trace.utf8.count + (data?.count ?? 0))
         out += #"{"seq":"#.utf8
         appendDecimal(Int64(seq), to: &out)
         out += #","jti":"#.utf8
@@ -405,9 +393,10 @@ extension BrokerStore {
             out.insert(contentsOf: Array(#","data":"#.utf8) + data, at: out.count - 3)
         }
         try txn.put(downlink, prefixed(target, seq.bigEndianBytes), out)
-        if trail != nil, uri == BrokerStore.attributesEvent {
-            try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes)
-        }
+        guard let trail else { return }
+        if uri == BrokerStore.attributesEvent { try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes) }
+        // What the commit's hop will need (`recordCommits`), without reading the event back.
+        try txn.put(downlinkTrail, prefixed(target, seq.bigEndianBytes), trail.encoded)
     }
 
     /// A resource of the directory by broker id: its domain and state (nil: gone).
