@@ -191,7 +191,8 @@ public final class DownlinkPoller {
             retry("broker unreachable: \(e)", after: nil)
         case .success(let r):
             let body = try? JSONParser.parse(r.body, limits: .relayBatch)
-            let description = body?["description"]?.stringValue ?? r.bodyText
+            // Only for a refusal: a 200's body (a page of up to 4 MiB) is not made a String.
+            var description: String { body?["description"]?.stringValue ?? r.bodyText }
             switch r.status {
             case 200:
                 guard let events = body?["events"]?.arrayValue else { return retry("broker answered 200 without events", after: nil) }
