@@ -33,7 +33,7 @@ cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/
 # writes "rate-from-first rate-from-start first-after lines" to $r/NAME.out (for the sync variant, RELP_SYNC=0 skips it: the receiver
 # syncing its file after each batch it writes, as ours sync each commit).
 relp_drain() {
-  local d="$r/$1" rp tp sender receiver start end first_at="" last c0
+  local d="$r/$1" rp tp sender receiver start end first_at="" last c0 watched
   mkdir -p "$d/sender" "$d/receiver"
   rp=$(free_port); tp=$(free_port)
   # The sender: messages in over TCP, out by omrelp from a queue that holds them all while the receiver is away
@@ -80,13 +80,8 @@ PY
   receiver=$!; pids+=($receiver)
   # The messages arrive in order: the last one's number at the file's end means all are written.
   last=" $(printf %07d $((EVENTS - 1))) "
-  while :; do
-    sleep 0.05
-    if [ -z "$first_at" ] && [ -s "$d/out.log" ]; then first_at=$(date +%s.%N); fi
-    [ -n "$first_at" ] && tail -c 4096 "$d/out.log" | grep -q "^$last" && break
-    kill -0 $receiver 2>/dev/null && kill -0 $sender 2>/dev/null || { echo "rsyslog died" >&2; cat "$d"/*.log >&2; exit 1; }
-  done
-  end=$(date +%s.%N)
+  watched=$(python3 scripts/drain_watch.py file $receiver "$d/out.log" "$last") || { echo "rsyslog died" >&2; cat "$d"/*.log >&2; exit 1; }
+  read -r _ first_at end _ <<<"$watched"
   python3 -c 'import sys; s,c,r=map(float,sys.argv[1:]); print(f"{s-c+r:.2f}")' "$(cpu $sender)" "$c0" "$(cpu $receiver)" >"$d.cpu"
   kill $sender $receiver 2>/dev/null || true
   # At least once: a message sent when the connection failed may be written twice; every one is there.
@@ -117,33 +112,28 @@ fi
 broker_status() { "$bin/scim-broker" status --data-dir "$1" 2>/dev/null | sed -nE 's/.*applied through ([0-9]+).*/\1/p' | head -1; }
 # metric PORT PREFIX: the value of the first metric line starting with PREFIX (empty while the process is not up).
 metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($0, m) == 1 && !seen {print $NF; seen = 1}' || true; }
-# drain LABEL PID CMD: samples CMD (a count) every 0.1 s until EVENTS; prints "start first end first-count".
+# drain LABEL PID PORT PREFIX: watches metric PREFIX of PID's admin PORT (one process, every 0.05 s, as for RELP's file)
+# until EVENTS; prints "start first end first-count".
 drain() {
-  local count=0 first="" first_n=0 t0; t0=$(date +%s.%N)
-  while [ "$count" -lt "$EVENTS" ]; do
-    sleep 0.1
-    count=$($3); count=${count:-0}
-    if [ -z "$first" ] && [ "$count" -gt 0 ]; then first=$(date +%s.%N); first_n=$count; fi
-    kill -0 "$2" 2>/dev/null || { echo "$1 died" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
-  done
-  echo "$t0 $first $(date +%s.%N) $first_n"
+  python3 scripts/drain_watch.py metric "$2" "$3" "$4" "$EVENTS" || { echo "$1 died" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
 }
 
 # uplink_drain N: an agent's outbox → the broker; writes drain's line to $work/up-N.out, and the CPU seconds the broker
 # and the agent spent from the broker's start to the end of the drain to $work/up-N.cpu.
 uplink_drain() {
-  local bp broker hq c0
+  local bp mp broker hq c0
   rm -rf "$work/hq"
   "$bin/edge-fixture" fill-outbox "$work/hq" "$EVENTS" "$BYTES" >/dev/null
-  bp=$(free_port)
+  bp=$(free_port); mp=$(free_port)
   start_relay_agent hq "$(free_port)" none "$bp" --outbox-max-events $((EVENTS * 2))
   hq=$agent
   sleep 0.5
   c0=$(cpu $hq)
   "$bin/scim-broker" serve --data-dir "$work/broker-up-$1" --listen "127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/broker.crt" \
-    --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen none >"$work/broker-up-$1.log" 2>&1 &
+    --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen "127.0.0.1:$mp" >"$work/broker-up-$1.log" 2>&1 &
   broker=$!; pids+=($broker)
-  drain broker $broker "broker_status $work/broker-up-$1" >"$work/up-$1.out"
+  drain broker $broker "$mp" 'scim_broker_agent_applied_sequence{' >"$work/up-$1.out"
+  [ "$(broker_status "$work/broker-up-$1")" = "$EVENTS" ] || { echo "the broker's store does not hold every event" >&2; exit 1; }
   echo "$(cpu $broker) $(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.2f}")' "$(cpu $hq)" "$c0")" >"$work/up-$1.cpu"
   kill $broker $hq; wait $broker $hq 2>/dev/null || true
   rm -rf "$work/broker-up-$1"
@@ -170,7 +160,7 @@ downlink_drain() {
   c0=$(cpu $broker)
   start_boundary_agent us "$ua" "$bp"
   track_anon $us "agent-$1"
-  drain agent $us "metric $ua scim_edge_downlink_applied_sequence" >"$work/dn-$1.out"
+  drain agent $us "$ua" scim_edge_downlink_applied_sequence >"$work/dn-$1.out"
   echo "$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.2f}")' "$(cpu $broker)" "$c0") $(cpu $us)" >"$work/dn-$1.cpu"
   foreign=$("$bin/scim-edge" status --data-dir "$work/us" | sed -nE 's/^foreign +([0-9]+) from de.*/\1/p')
   local accepted='scim_broker_downlink_events_committed_total{domain="us",target="us-boundary",outcome="accepted"}'
@@ -216,8 +206,9 @@ relp = best("relp")
 def ratio(x):
     return f"**{x / relp[0]:.2f}×**" if relp else "—"
 print(f"{n:,} messages of {size} bytes each way, best of {len(rounds)} rounds (each round RELP, then the uplink, then the downlink).")
-print("Drain rate: from the first message (event) written at the far end to the last, sampled every 0.1 s (0.05 s for")
-print("RELP's file); in brackets, from the receiver's start, reconnection included.")
+print("Drain rate: from the first message (event) written at the far end to the last, sampled every 0.05 s by one watching")
+print("process for all three (RELP's file; the broker's and the agent's metrics on one kept-alive connection); in brackets,")
+print("from the receiver's start, reconnection included.")
 print()
 print("| drain | receiver | events/s | from its start | first after | vs RELP |")
 print("|---|---|---:|---:|---:|---:|")
