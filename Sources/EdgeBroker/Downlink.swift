@@ -396,7 +396,7 @@ extension BrokerStore {
         guard let trail else { return }
         if uri == BrokerStore.attributesEvent { try txn.put(targetState, Array("dlattr/\(target)".utf8), seq.bigEndianBytes) }
         // What the commit's hop will need (`recordCommits`), without reading the event back.
-        try txn.put(downlinkTrail, prefixed(target, seq.bigEndianBytes), trail.encoded)
+        try txn.put(downlinkTrail, prefixed(target, seq.bigEndianBytes), trail.json)
     }
 
     /// A resource of the directory by broker id: its domain and state (nil: gone).

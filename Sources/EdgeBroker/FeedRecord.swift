@@ -7,10 +7,10 @@ import SCIM
 ///
 /// Stored in binary: `0x01`, then brokerID, trace and event kind, each a
 /// 4-byte big-endian length and its UTF-8, then issued, accepted and
-/// applied as 8-byte big-endian integers. Brokers before 2026-12-03 wrote
-/// it as JSON, which is still read. (A broker downgraded past that reads
-/// no binary record: it records no hop for those events, and the feed
-/// itself, plain JSON in `downlink`, goes on.)
+/// applied as 8-byte big-endian integers; or JSON, as brokers before
+/// 2026-12-03 wrote it. Both are read; JSON is still what is written,
+/// because an older broker fails its poll on a binary record (a downgrade
+/// would wedge the feed): the writer switches one release later.
 struct FeedTrail: Equatable {
     var brokerID: String
     var trace: String
@@ -26,6 +26,20 @@ struct FeedTrail: Equatable {
         (self.issued, self.accepted, self.applied) = (issued, accepted, applied)
     }
 
+    /// The JSON record brokers before 2026-12-03 read, which is what is
+    /// written until a release that reads `encoded` has been out: an older
+    /// broker's `recordCommits` throws on a binary record, which would
+    /// wedge its feed after a downgrade.
+    var json: [UInt8] {
+        let r: JSONObject = [
+            "id": .string(brokerID), "trace": .string(trace), "event": .string(event),
+            "issued": .number(JSONNumber(integer: issued)), "accepted": .number(JSONNumber(integer: accepted)),
+            "applied": .number(JSONNumber(integer: applied)),
+        ]
+        return JSON.object(r).serialized()
+    }
+
+    /// The binary record, read since 2026-12-03 (not yet written: `json`).
     var encoded: [UInt8] {
         let id = brokerID.utf8, trace = trace.utf8, event = event.utf8
         var out: [UInt8] = []
