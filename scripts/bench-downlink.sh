@@ -80,7 +80,7 @@ PY
   receiver=$!; pids+=($receiver)
   # The messages arrive in order: the last one's number at the file's end means all are written.
   last=" $(printf %07d $((EVENTS - 1))) "
-  watched=$(python3 scripts/drain_watch.py file $receiver "$d/out.log" "$last") || { echo "rsyslog died" >&2; cat "$d"/*.log >&2; exit 1; }
+  watched=$(python3 scripts/drain_watch.py file "$receiver,$sender" "$d/out.log" "$last") || { echo "rsyslog died" >&2; cat "$d"/*.log >&2; exit 1; }
   read -r _ first_at end _ <<<"$watched"
   python3 -c 'import sys; s,c,r=map(float,sys.argv[1:]); print(f"{s-c+r:.2f}")' "$(cpu $sender)" "$c0" "$(cpu $receiver)" >"$d.cpu"
   kill $sender $receiver 2>/dev/null || true

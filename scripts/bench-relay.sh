@@ -30,8 +30,8 @@ broker=$!; pids+=($broker)
 track_anon $broker broker
 # The broker's applied sequence (read from its store) on one kept-alive connection, every 0.05 s: a status command
 # per sample would open the store each time and take the CPU the drain runs on.
-watched=$(python3 scripts/drain_watch.py metric $broker "$mp" 'scim_broker_agent_applied_sequence{' "$EVENTS") ||
-  { echo "the broker died" >&2; tail "$work"/*.log >&2; exit 1; }
+watched=$(python3 scripts/drain_watch.py metric "$broker,$agent" "$mp" 'scim_broker_agent_applied_sequence{' "$EVENTS") ||
+  { echo "the drain failed" >&2; tail "$work"/*.log >&2; exit 1; }
 read -r _ first_at end first_applied <<<"$watched"
 kill -0 $agent 2>/dev/null || { echo "the agent died" >&2; tail "$work"/*.log >&2; exit 1; }
 applied=$("$bin/scim-broker" status --data-dir "$work/broker" 2>/dev/null | sed -nE 's/.*applied through ([0-9]+).*/\1/p' | head -1)

@@ -9,7 +9,8 @@
 Samples every 0.05 s, from one process: a drain's rate is not paid for by a process started per sample (curl, a status
 command opening the store), which would take CPU from the receiver and not from RELP's. Prints
 "start first end first-count": when it started, the first sample that saw anything, the first that saw it all, and what
-that first sample counted (0 for a file). Exits 1 if PID (the receiver) dies first.
+that first sample counted (0 for a file). PID may list several (comma-separated: the receiver and the sender); exits 1
+if any dies first, or after DRAIN_TIMEOUT seconds (default 900).
 """
 
 import http.client
@@ -46,7 +47,10 @@ def metric_counter(port, prefix):
             return 0
         for line in body.splitlines():
             if line.startswith(prefix):
-                return int(float(line.split()[-1]))
+                try:
+                    return int(float(line.split()[-1]))
+                except ValueError:
+                    return 0
         return 0
 
     return count
@@ -69,8 +73,9 @@ def file_state(path, marker):
 
 
 def main():
-    kind, pid = sys.argv[1], int(sys.argv[2])
+    kind, pids = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
     start = time.time()
+    deadline = start + float(os.environ.get("DRAIN_TIMEOUT", "900"))
     first, first_count = None, 0
     if kind == "metric":
         port, prefix, events = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -91,8 +96,12 @@ def main():
         if done:
             print(f"{start:.6f} {first or now:.6f} {now:.6f} {first_count}")
             return 0
-        if not alive(pid):
-            print(f"the receiver (pid {pid}) died before the drain was done", file=sys.stderr)
+        dead = [p for p in pids if not alive(p)]
+        if dead:
+            print(f"pid {dead[0]} died before the drain was done", file=sys.stderr)
+            return 1
+        if now > deadline:
+            print(f"the drain was not done after {now - start:.0f} s (last count {n})", file=sys.stderr)
             return 1
 
 
