@@ -88,6 +88,10 @@ extension BrokerStore {
         public var latencies: [Int64] = []
         /// The local apps' answers the poll carried (protocol 3), by outcome (and `unmatched`).
         public var apps: [String: Int] = [:]
+        /// Acknowledged events whose trail record could not be read, by
+        /// feed sequence: `recovered` when their hop was made from the
+        /// event itself, otherwise no hop was recorded (logged, counted).
+        public var untraced: [(seq: UInt64, recovered: Bool)] = []
     }
 
     /// The agent's word on what it acknowledges (`outcomes`, downlink
@@ -223,8 +227,8 @@ extension BrokerStore {
                 done.append(k)
                 return true
             }
+            committed = try recordCommits(target, through: ack, outcomes, txn)  // may read an event back: before they go
             for k in done { _ = try txn.delete(downlink, k) }
-            committed = try recordCommits(target, through: ack, outcomes, txn)
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
         }
@@ -269,15 +273,32 @@ extension BrokerStore {
     {
         var keys: [[UInt8]] = []
         var all: [(UInt64, FeedTrail)] = []
+        var unreadable: [(key: [UInt8], seq: UInt64)] = []
         try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
             keys.append(k)
-            if let seq = UInt64(bigEndianBytes: Array(k.suffix(8))), let trail = FeedTrail(v) { all.append((seq, trail)) }
+            let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0
+            if let trail = FeedTrail(v) { all.append((seq, trail)) } else { unreadable.append((k, seq)) }
             return true
+        }
+        var out = CommittedEvents()
+        if !unreadable.isEmpty {
+            // Read from the event itself (still stored: the caller deletes it after), so that its hop, its
+            // outcome and a refused delta's whole state again are not skipped; counted either way.
+            for (key, seq) in unreadable {
+                if let trail = try txn.get(downlink, key).flatMap(FeedTrail.init(event:)) {
+                    all.append((seq, trail))
+                    out.untraced.append((seq, recovered: true))
+                } else {
+                    out.untraced.append((seq, recovered: false))
+                    out.outcomes[outcomes?.describe(seq, domain: target.destination ?? target.name)?.outcome ?? "unreported", default: 0] +=
+                        1
+                }
+            }
+            all.sort { $0.0 < $1.0 }
         }
         for key in keys { _ = try txn.delete(downlinkTrail, key) }
         let domain = target.destination ?? target.name
         let now = unixMilliseconds()
-        var out = CommittedEvents()
         var seen: [String: Int64] = [:]
         for (seq, r) in all {
             let said = outcomes?.describe(seq, domain: domain)

@@ -38,6 +38,9 @@ final class BrokerFeeds {
     var outcomes: [String: [String: Int]] = [:]
     /// Per destination: its local apps' answers recorded, by outcome (and `unmatched`).
     var appOutcomes: [String: [String: Int]] = [:]
+    /// Per destination: acknowledged events whose trail record could not be
+    /// read, their hop made from the event itself (`recovered`) or not made.
+    var untraced: [String: (recovered: Int, unrecorded: Int)] = [:]
     var propagation: [String: RecentSamples] = [:]
     /// Per destination: the store (epoch) that polled last, and when (loop ms).
     var lastPoll: [String: (epoch: String, at: UInt64)] = [:]
@@ -63,6 +66,9 @@ final class BrokerFeeds {
     func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
         for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
         for (k, n) in c.apps { appOutcomes[domain, default: [:]][k, default: 0] += n }
+        for u in c.untraced {
+            if u.recovered { untraced[domain, default: (0, 0)].recovered += 1 } else { untraced[domain, default: (0, 0)].unrecorded += 1 }
+        }
         guard !c.latencies.isEmpty else { return }
         let now = unixMilliseconds()
         for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
@@ -230,6 +236,7 @@ extension BrokerService {
             switch result {
             case .success(let page):
                 feeds.committed(domain, page.committed)
+                if !page.committed.untraced.isEmpty { logUntraced(domain, page.committed.untraced) }
                 refreshBacklog(domain, target)
                 if park(page) { return }
                 if !epoch.isEmpty { feeds.lastPoll[domain] = (epoch, loop.now) }  // answered: live until its next poll
@@ -328,6 +335,37 @@ extension BrokerService {
 
     /// Counts a destination's queue at most every 10 s, on the thread pool
     /// (the count walks the queue's keys): what is shown is the last count.
+    /// Acknowledged events whose trail record could not be read (a newer
+    /// broker's format after a downgrade, a damaged value): never skipped
+    /// in silence, even when the hop could be made from the event itself.
+    func logUntraced(_ domain: String, _ untraced: [(seq: UInt64, recovered: Bool)]) {
+        let lost = untraced.filter { !$0.recovered }.map(\.seq)
+        let recovered = untraced.filter(\.recovered).map(\.seq)
+        if !recovered.isEmpty {
+            logger.warning(
+                "downlink: acknowledged events had an unreadable trail record; their hop was made from the event itself (issued only to the second)",
+                metadata: ["domain": .string(domain), "feedSeqs": .string(Self.sequences(recovered))])
+        }
+        if !lost.isEmpty {
+            logger.error(
+                "downlink: acknowledged events had an unreadable trail record and event: no boundary hop was recorded for them (trace ends at the broker), a refused group delta is not sent whole again",
+                metadata: ["domain": .string(domain), "feedSeqs": .string(Self.sequences(lost))])
+        }
+    }
+
+    /// `1-3,7`: a log line stays short however many events an answer acknowledged.
+    static func sequences(_ seqs: [UInt64]) -> String {
+        var parts: [String] = []
+        var i = 0
+        while i < seqs.count {
+            var j = i
+            while j + 1 < seqs.count, seqs[j + 1] == seqs[j] + 1 { j += 1 }
+            parts.append(i == j ? "\(seqs[i])" : "\(seqs[i])-\(seqs[j])")
+            i = j + 1
+        }
+        return parts.count > 20 ? parts.prefix(20).joined(separator: ",") + ",… (\(seqs.count) events)" : parts.joined(separator: ",")
+    }
+
     func refreshBacklog(_ domain: String, _ target: TargetConfiguration) {
         if let b = feeds.backlog[domain], loop.now < b.countedAt + 10_000 { return }
         guard feeds.counting.insert(domain).inserted else { return }
@@ -376,6 +414,15 @@ extension BrokerService {
             "scim_broker_downlink_store_conflicts_total", "counter",
             "Polls refused (409 another_store) because another store of the destination was polling its feed."
         ) { d, _ in String(feeds.storeConflicts[d] ?? 0) }
+        let u = "scim_broker_downlink_untraced_events_total"
+        out +=
+            "# HELP \(u) Acknowledged feed events whose trail record could not be read: their hop made from the event (recovered=\"true\") or not recorded (logged).\n"
+        out += "# TYPE \(u) counter\n"
+        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
+            let c = feeds.untraced[domain] ?? (0, 0)
+            out += "\(u){domain=\"\(domain)\",target=\"\(t.name)\",recovered=\"true\"} \(c.recovered)\n"
+            out += "\(u){domain=\"\(domain)\",target=\"\(t.name)\",recovered=\"false\"} \(c.unrecorded)\n"
+        }
         /// A counter per destination and outcome (`_` for a space in the label).
         func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n"

@@ -46,7 +46,7 @@ struct FeedTrail: Equatable {
         out.reserveCapacity(1 + 12 + id.count + trace.count + event.count + 24)
         out.append(Self.marker)
         for s in [id, trace, event] {
-            out += UInt32(clamping: s.count).bigEndianBytes
+            out += UInt32(s.count).bigEndianBytes  // traps past 4 GiB rather than write a record that reads back wrong
             out += s
         }
         for t in [issued, accepted, applied] { out += UInt64(bitPattern: t).bigEndianBytes }
@@ -80,6 +80,23 @@ struct FeedTrail: Equatable {
         self.init(
             brokerID: id, trace: trace, event: event, issued: Int64(bitPattern: issued), accepted: Int64(bitPattern: accepted),
             applied: Int64(bitPattern: applied))
+    }
+
+    /// The record again from the feed event itself (`appendFeedEvent`),
+    /// for an acknowledged event whose record cannot be read (a newer
+    /// broker's format after a downgrade, a damaged value): its resource
+    /// from `ref`, its trace from `txn`, its kind from the event URI, its
+    /// times from `ts` and `queued`; `issued` only to the second (`iat`).
+    /// Nil for an event that names no resource (the end of a resync).
+    init?(event bytes: [UInt8]) {
+        guard let e = try? JSONParser.parse(bytes, limits: .stored).objectValue,
+            let (uri, body) = e["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue,
+            let slash = ref.lastIndex(of: "/"), ref.index(after: slash) < ref.endIndex
+        else { return nil }
+        func time(_ k: String) -> Int64 { e[k]?.numberValue?.integer ?? 0 }
+        self.init(
+            brokerID: String(ref[ref.index(after: slash)...]), trace: e["txn"]?.stringValue ?? "",
+            event: BrokerStore.feedEventKinds[uri] ?? uri, issued: time("iat") * 1000, accepted: time("ts"), applied: time("queued"))
     }
 
     private init?(json bytes: [UInt8]) {

@@ -117,33 +117,315 @@ final class FeedRecordTests: XCTestCase {
         }
     }
 
+    /// The envelope written as bytes is, byte for byte, what serialising
+    /// the `JSONObject` of the event gave before (header members, then the
+    /// event's), with its data inline or given as bytes, for every kind of
+    /// feed event: create, put, delete, members delta, attributes, the end
+    /// of a resync; with a trace and a target name that need escaping.
+    func testTheEnvelopeIsWhatSerialisingItsObjectGave() throws {
+        let dir = TempDirectory("feed-envelope")
+        defer { dir.remove() }
+        let (store, _) = try destinationStore(dir)
+        let data: JSONObject = [
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "zoë \"z\"", "id": "b-9",
+            "emails": [["value": "z@example.com", "primary": true]], "n": .number(JSONNumber(integer: 1500)),
+        ]
+        let kinds: [(uri: String, ref: String, data: JSONObject?, extra: JSONObject)] = [
+            (BrokerStore.DownlinkURI.createFull, "/Users/b-9", data, [:]),
+            (BrokerStore.DownlinkURI.putFull, "/Users/b-9", data, [:]),
+            (BrokerStore.DownlinkURI.delete, "/Users/b-9", nil, [:]),
+            (BrokerStore.membersEvent, "/Groups/g-1", nil, ["add": ["b-1", "b-2"], "remove": ["b-3"]]),
+            (BrokerStore.attributesEvent, "/Groups/g-1", ["displayName": "staff"], [:]),
+        ]
+        let target = "sub \"ü\"\n"
+        var seq: Int64 = 0
+        for (i, k) in kinds.enumerated() {
+            let item = DeliveryItem(
+                brokerID: "b-\(i)", type: "User", operation: .upsert, trace: "t\"\u{1}\(i)", queuedAt: 1_764_000_000_000 + Int64(i),
+                acceptedAt: 1_763_999_999_000 + Int64(i))
+            let withData = store.feedEvent(k.uri, k.ref, domain: "acme-de", data: k.data, extra: k.extra)
+            let withoutData = store.feedEvent(k.uri, k.ref, domain: "acme-de", extra: k.extra)
+            // The data inline in the event, and (as materialising a user does) given as its serialised bytes.
+            for (event, bytes) in [(withData, nil), (withoutData, k.data.map { JSON.object($0).serialized() })]
+            where bytes != nil || k.data != nil || event == withData {
+                seq += 1
+                let written = try store.environment.write { txn in
+                    try store.appendFeedEvent(target, event, data: bytes, item, txn)
+                    return try XCTUnwrap(txn.get(store.downlink, prefixed(target, UInt64(seq).bigEndianBytes)))
+                }
+                let iat = try XCTUnwrap(JSONParser.parse(written, limits: .stored)["iat"])
+                var old: JSONObject = [
+                    "seq": .number(JSONNumber(integer: seq)), "jti": .string("\(target)-\(seq)"), "txn": .string(item.trace), "iat": iat,
+                    "ts": .number(JSONNumber(integer: item.acceptedAt)), "queued": .number(JSONNumber(integer: item.queuedAt)),
+                ]
+                for (key, v) in withData { old[key] = v }
+                XCTAssertEqual(
+                    String(decoding: written, as: UTF8.self), String(decoding: JSON.object(old).serialized(), as: UTF8.self), k.uri)
+            }
+        }
+        // The end of a resync: an empty body, and no trail record (it names no resource).
+        seq += 1
+        let end: JSONObject = ["events": .object([BrokerStore.resyncCompleteEvent: .object([:])])]
+        let item = DeliveryItem(
+            brokerID: "", type: BrokerStore.resyncCompleteItem, operation: .upsert, trace: "", queuedAt: 5, acceptedAt: 0)
+        try store.environment.write { txn in
+            try store.appendFeedEvent(target, end, item, txn)
+            let written = try XCTUnwrap(txn.get(store.downlink, prefixed(target, UInt64(seq).bigEndianBytes)))
+            let iat = try XCTUnwrap(JSONParser.parse(written, limits: .stored)["iat"])
+            let old: JSONObject = [
+                "seq": .number(JSONNumber(integer: seq)), "jti": .string("\(target)-\(seq)"), "txn": "", "iat": iat, "ts": 0, "queued": 5,
+                "events": .object([BrokerStore.resyncCompleteEvent: .object([:])]),
+            ]
+            XCTAssertEqual(String(decoding: written, as: UTF8.self), String(decoding: JSON.object(old).serialized(), as: UTF8.self))
+            XCTAssertNil(try txn.get(store.downlinkTrail, prefixed(target, UInt64(seq).bigEndianBytes)))
+            XCTAssertEqual(try txn.count(store.downlinkTrail), Int(seq) - 1, "one record per event that names a resource")
+        }
+    }
+
+    /// Real LMDB file: a group's create and its members delta, a user's
+    /// delete and the end of a resync, acknowledged, leave the hop each
+    /// names (the end of a resync none), and their records go.
+    func testGroupDeleteAndResyncEventsLeaveTheirHops() throws {
+        let dir = TempDirectory("feed-kinds")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir, types: ["User", "Group"])
+        try applyUsers(store, ["ana", "bob"])
+        try applyRelay(store, [group("g1", "staff", members: ["u0"])], ids: ["b-g"])
+        var page = try poll(store, dest, ack: 0)
+        let ids = try refs(page).map { String($0.split(separator: "/").last!) }
+        XCTAssertEqual(try kinds(page), ["create", "create", "create"], "two users, then the group")
+        try applyRelay(store, [members("g1", add: ["u1"])], ids: [])
+        try applyRelay(store, [relayEvent(BrokerStore.DownlinkURI.delete, ["ref": "/Users/u0"])], ids: [])
+        page = try poll(store, dest, ack: 3)
+        XCTAssertEqual(try kinds(page), ["members", "delete"], "the member joins; the user goes (the agent drops it from its groups)")
+        let outcomes = try BrokerStore.FeedOutcomes(
+            ["from": 4, "through": 5, "committed": .number(JSONNumber(integer: unixMilliseconds())), "notAccepted": [5]], ack: 5)
+        page = try poll(store, dest, ack: 5, outcomes: outcomes)
+        XCTAssertEqual(page.committed.outcomes, ["accepted": 1, "not accepted": 1])
+        XCTAssertTrue(page.committed.untraced.isEmpty)
+        XCTAssertEqual(try boundaryHops(store, ids[2]).map { $0["event"] }, ["create", "members"])
+        XCTAssertEqual(try boundaryHops(store, ids[2]).map { $0["outcome"] }, ["unreported", "accepted"])
+        XCTAssertEqual(try boundaryHops(store, ids[0]).map { $0["event"] }, ["create", "delete"])
+        XCTAssertEqual(try boundaryHops(store, ids[0]).last?["outcome"], "not accepted")
+        // A resync queues every resource again, then its end.
+        var phase = ResyncPhase.clear(0)
+        var from: [UInt8]?
+        while phase != .done {
+            (phase, from) = try store.environment.write { txn in try store.resyncStep(dest, epoch: "s2", phase, from: from, txn) }
+        }
+        page = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s2", ack: 0, limit: 100, window: 100, speaks: 5, txn)
+        }
+        let uris = try page.events.map { try XCTUnwrap(JSONParser.parse($0, limits: .stored)["events"]?.objectValue?.members.first?.key) }
+        XCTAssertEqual(uris.last, BrokerStore.resyncCompleteEvent)
+        XCTAssertEqual(uris.count, 3, "bob, the group, the end")
+        try store.environment.read { txn in XCTAssertEqual(try txn.count(store.downlinkTrail), 2, "none for the end of the resync") }
+        page = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s2", ack: 3, limit: 100, window: 100, speaks: 5, txn)
+        }
+        XCTAssertEqual(page.committed.outcomes, ["unreported": 2])
+        try store.environment.read { txn in XCTAssertEqual(try txn.count(store.downlinkTrail), 0) }
+        XCTAssertEqual(try boundaryHops(store, ids[1]).map { $0["event"] }, ["create", "create"], "and again after the resync")
+    }
+
+    /// Two events of one resource acknowledged by one answer share its
+    /// commit time: each hop gets a µs of its own (feed order), so neither
+    /// overwrites the other in the trail.
+    func testTwoEventsOfOneResourceInOneAnswerKeepTwoHopsInOrder() throws {
+        let dir = TempDirectory("feed-two")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir)
+        try applyUsers(store, ["ana"])
+        _ = try poll(store, dest, ack: 0)
+        try applyRelay(store, [user("u0", "ana.b")], ids: [])
+        _ = try poll(store, dest, ack: 0, after: 1)
+        let committed: Int64 = 1_764_000_000_123
+        let outcomes = try BrokerStore.FeedOutcomes(
+            ["from": 1, "through": 2, "committed": .number(JSONNumber(integer: committed))], ack: 2)
+        let page = try poll(store, dest, ack: 2, outcomes: outcomes)
+        XCTAssertEqual(page.committed.outcomes, ["accepted": 2])
+        let hops = try boundaryHopsWithTimes(store, "b-1")
+        XCTAssertEqual(hops.map { $0.hop["event"] }, ["create", "put"])
+        XCTAssertEqual(hops.map { $0.hop["feedSeq"] }, [1, 2])
+        XCTAssertEqual(hops.map(\.micros), [UInt64(committed) * 1000, UInt64(committed) * 1000 + 1])
+        XCTAssertEqual(hops.map { $0.hop["at"] }, [.number(JSONNumber(integer: committed)), .number(JSONNumber(integer: committed))])
+    }
+
+    /// A trail record that cannot be read (a newer broker's format after a
+    /// downgrade, a damaged value) is not skipped in silence: its hop is
+    /// made from the event itself (a refused group delta is sent whole
+    /// again from it), and counted; one whose event cannot be read either
+    /// is counted as unrecorded, its outcome still counted. Before, both
+    /// were deleted with no hop, count or log.
+    func testAnUnreadableTrailRecordIsReadFromItsEventAndCounted() throws {
+        let dir = TempDirectory("feed-unreadable")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir, types: ["User", "Group"])
+        try applyUsers(store, ["ana", "bob", "cy"])
+        try applyRelay(store, [group("g1", "staff", members: ["u0"])], ids: ["b-g"])
+        _ = try poll(store, dest, ack: 0)
+        try applyRelay(
+            store,
+            [
+                relayEvent(
+                    BrokerStore.attributesEvent, ["ref": "/Groups/g1", "data": ["schemas": [.string(groupSchema)], "displayName": "crew"]])
+            ],
+            ids: [])
+        var page = try poll(store, dest, ack: 0, after: 4)
+        XCTAssertEqual(try kinds(page), ["attributes"])
+        let ids = (1...3).map { "b-\($0)" }
+        // 2: a record in a format this broker does not know; 3: that and its event damaged; 5: the group's delta, unknown format.
+        try store.environment.write { txn in
+            for seq: UInt64 in [2, 3, 5] { try txn.put(store.downlinkTrail, prefixed("sub", seq.bigEndianBytes), [0x7f, 1, 2, 3]) }
+            try txn.put(store.downlink, prefixed("sub", UInt64(3).bigEndianBytes), Array("{\"seq\":3,".utf8))
+        }
+        let before = try store.environment.read { txn in try txn.get(store.downlink, prefixed("sub", UInt64(2).bigEndianBytes)) }
+        let accepted = try XCTUnwrap(JSONParser.parse(XCTUnwrap(before), limits: .stored)["ts"])
+        let outcomes = try BrokerStore.FeedOutcomes(
+            [
+                "from": 1, "through": 5, "committed": .number(JSONNumber(integer: unixMilliseconds())),
+                "refused": ["3": "invalidValue", "5": "noTarget"],
+            ],
+            ack: 5)
+        page = try poll(store, dest, ack: 5, outcomes: outcomes)
+        XCTAssertEqual(page.committed.untraced.map(\.seq), [2, 3, 5])
+        XCTAssertEqual(page.committed.untraced.map(\.recovered), [true, false, true])
+        XCTAssertEqual(page.committed.outcomes, ["accepted": 3, "refused": 2], "each acknowledged event's outcome is counted")
+        XCTAssertEqual(try boundaryHops(store, ids[0]).map { $0["event"] }, ["create"])
+        let recovered = try XCTUnwrap(try boundaryHops(store, ids[1]).first)
+        XCTAssertEqual(recovered["event"], "create")
+        XCTAssertEqual(recovered["feedSeq"], 2)
+        XCTAssertEqual(recovered["trace"], "trace-1")
+        XCTAssertEqual(recovered["accepted"], accepted)
+        XCTAssertEqual(recovered["outcome"], "accepted")
+        XCTAssertEqual(try boundaryHops(store, ids[2]), [], "no hop: neither its record nor its event could be read")
+        XCTAssertEqual(try boundaryHops(store, "b-g").map { $0["event"] }, ["create", "attributes"])
+        XCTAssertEqual(try boundaryHops(store, "b-g").last?["outcome"], "refused")
+        // The refused delta's group is sent whole again (its record was read from the event): the same answer carries it.
+        XCTAssertEqual(try kinds(page), ["put"])
+        XCTAssertEqual(try refs(page), ["/Groups/b-g"])
+        XCTAssertNotNil(
+            try JSONParser.parse(page.events[0], limits: .stored)["events"]?.objectValue?.members.first?.value["data"]?["members"])
+        try store.environment.read { txn in
+            XCTAssertEqual(try txn.count(store.downlinkTrail), 1, "the acknowledged records went; the new event's is there")
+            XCTAssertEqual(try txn.count(store.downlink), 1)
+        }
+    }
+
+    func testSequencesAreLoggedAsRanges() {
+        XCTAssertEqual(BrokerService.sequences([1, 2, 3, 7, 9, 10]), "1-3,7,9-10")
+        XCTAssertEqual(BrokerService.sequences([]), "")
+        XCTAssertEqual(BrokerService.sequences(stride(from: 1, to: 100, by: 2).map(UInt64.init)).hasSuffix(",… (50 events)"), true)
+    }
+
+    let groupSchema = "urn:ietf:params:scim:schemas:core:2.0:Group"
+    var relaySeq: UInt64 = 0
+
+    func relayEvent(_ uri: String, _ body: JSONObject) -> JSONObject {
+        ["txn": "", "ts": .number(JSONNumber(integer: unixMilliseconds())), "events": [uri: .object(body)]]
+    }
+
+    func user(_ ref: String, _ name: String) -> JSONObject {
+        relayEvent(
+            BrokerStore.DownlinkURI.putFull,
+            [
+                "ref": .string("/Users/\(ref)"),
+                "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(name)],
+            ])
+    }
+
+    func group(_ ref: String, _ name: String, members: [String]) -> JSONObject {
+        relayEvent(
+            BrokerStore.DownlinkURI.createFull,
+            [
+                "ref": .string("/Groups/\(ref)"),
+                "data": [
+                    "schemas": [.string(groupSchema)], "displayName": .string(name),
+                    "members": .array(members.map { ["value": .string($0)] }),
+                ],
+            ])
+    }
+
+    func members(_ ref: String, add: [String]) -> JSONObject {
+        relayEvent(BrokerStore.membersEvent, ["ref": .string("/Groups/\(ref)"), "added": .array(add.map { ["value": .string($0)] })])
+    }
+
+    func applyRelay(_ store: BrokerStore, _ bodies: [JSONObject], ids: [String]) throws {
+        let agent = AgentKey(identity: "spiffe://t/acme-de/agent-1", epoch: "e1")
+        let events = bodies.map { body in
+            relaySeq += 1
+            var b = body
+            b["seq"] = .number(JSONNumber(integer: Int64(relaySeq)))
+            return RelayEvent(seq: relaySeq, body: .object(b))
+        }
+        let outcome = try store.environment.write { txn in
+            try store.apply(domain: "acme-de", agent: agent, events: events, newIDs: ids, in: txn)
+        }
+        XCTAssertEqual(outcome.rejected, [:])
+    }
+
+    func poll(
+        _ store: BrokerStore, _ dest: TargetConfiguration, ack: UInt64, after: UInt64? = nil, outcomes: BrokerStore.FeedOutcomes? = nil
+    ) throws -> BrokerStore.FeedPage {
+        try store.environment.write { txn in
+            try store.pollFeed(
+                target: dest, epoch: "s1", ack: ack, after: after, limit: 100, window: 100, outcomes: outcomes, speaks: 5, txn)
+        }
+    }
+
+    func refs(_ page: BrokerStore.FeedPage) throws -> [String] {
+        try page.events.map {
+            try XCTUnwrap(JSONParser.parse($0, limits: .stored)["events"]?.objectValue?.members.first?.value["ref"]?.stringValue)
+        }
+    }
+
+    func kinds(_ page: BrokerStore.FeedPage) throws -> [String] {
+        try page.events.map {
+            let uri = try XCTUnwrap(JSONParser.parse($0, limits: .stored)["events"]?.objectValue?.members.first?.key)
+            return BrokerStore.feedEventKinds[uri] ?? uri
+        }
+    }
+
     /// The stored hop of the boundary's commit of `id`, as `trace` reads it.
     func boundaryHop(_ store: BrokerStore, _ id: String) throws -> JSONObject? {
+        try boundaryHops(store, id).first
+    }
+
+    /// Every hop of the boundary's commits of `id`, in the trail's order.
+    func boundaryHops(_ store: BrokerStore, _ id: String) throws -> [JSONObject] {
+        try boundaryHopsWithTimes(store, id).map(\.hop)
+    }
+
+    func boundaryHopsWithTimes(_ store: BrokerStore, _ id: String) throws -> [(micros: UInt64, hop: JSONObject)] {
         try store.environment.read { txn in
-            var found: JSONObject?
-            try txn.scan(store.trail, from: prefixed(id, []), to: prefixEnd(id)) { _, v in
-                let hop = try JSONParser.parse(v, limits: .stored).objectValue
-                if hop?["hop"] == "boundary acme-us" { found = hop }
-                return found == nil
+            var found: [(UInt64, JSONObject)] = []
+            try txn.scan(store.trail, from: prefixed(id, []), to: prefixEnd(id)) { k, v in
+                let hop = try XCTUnwrap(JSONParser.parse(v, limits: .stored).objectValue)
+                let at = Array(k[(id.utf8.count + 1)...].prefix(8))
+                if hop["hop"] == "boundary acme-us" { found.append((try XCTUnwrap(UInt64(bigEndianBytes: at)), hop)) }
+                return true
             }
             return found
         }
     }
 
-    func destinationStore(_ dir: TempDirectory) throws -> (BrokerStore, TargetConfiguration) {
+    func destinationStore(_ dir: TempDirectory, types: [String] = ["User"]) throws -> (BrokerStore, TargetConfiguration) {
         var dest = try TargetConfiguration(name: "sub", url: "http://127.0.0.1:9/scim/v2")
         dest.destination = "acme-us"
-        dest.routes = [try Route(types: ["User"])]
+        dest.routes = [try Route(types: types)]
         return (try BrokerStore(path: dir.file("broker"), targets: [dest]), dest)
     }
 
     func applyUsers(_ store: BrokerStore, _ names: [String]) throws {
         let agent = AgentKey(identity: "spiffe://t/acme-de/agent-1", epoch: "e1")
+        let first = relaySeq
+        relaySeq += UInt64(names.count)
         let events = names.enumerated().map { i, name in
             RelayEvent(
-                seq: UInt64(i + 1),
+                seq: first + UInt64(i + 1),
                 body: [
-                    "seq": .int(i + 1), "txn": .string("trace-\(i)"), "ts": .number(JSONNumber(integer: unixMilliseconds())),
+                    "seq": .number(JSONNumber(integer: Int64(first) + Int64(i + 1))), "txn": .string("trace-\(i)"),
+                    "ts": .number(JSONNumber(integer: unixMilliseconds())),
                     "events": [
                         BrokerStore.DownlinkURI.createFull: [
                             "ref": .string("/Users/u\(i)"),
@@ -153,7 +435,8 @@ final class FeedRecordTests: XCTestCase {
                 ])
         }
         let outcome = try store.environment.write { txn in
-            try store.apply(domain: "acme-de", agent: agent, events: events, newIDs: names.indices.map { "b-\($0 + 1)" }, in: txn)
+            try store.apply(
+                domain: "acme-de", agent: agent, events: events, newIDs: names.indices.map { "b-\(Int(first) + $0 + 1)" }, in: txn)
         }
         XCTAssertEqual(outcome.rejected, [:])
     }
