@@ -78,6 +78,12 @@ extension DownlinkTests {
                     #"scim_broker_downlink_events_committed_total{domain="acme-us",target="us-boundary",outcome="\#(outcome)"} \#(n)"#),
                 outcome)
         }
+        for recovered in ["true", "false"] {
+            XCTAssertTrue(
+                metrics.contains(
+                    #"scim_broker_downlink_untraced_events_total{domain="acme-us",target="us-boundary",recovered="\#(recovered)"} 0"#),
+                "every trail record was read")
+        }
         XCTAssertTrue(
             metrics.contains(#"scim_broker_downlink_propagation_seconds_count{domain="acme-us",target="us-boundary"} 3"#),
             metrics.split(separator: "\n").filter { $0.contains("propagation") }.joined(separator: "\n"))
