@@ -113,22 +113,23 @@ broker_status() { "$bin/scim-broker" status --data-dir "$1" 2>/dev/null | sed -n
 # metric PORT PREFIX: the value of the first metric line starting with PREFIX (empty while the process is not up).
 metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($0, m) == 1 && !seen {print $NF; seen = 1}' || true; }
 # drain LABEL PID PORT PREFIX: watches metric PREFIX of PID's admin PORT (one process, every 0.05 s, as for RELP's file)
-# until EVENTS; prints "start first end first-count".
+# until EVENTS; prints "start first end first-count", start being $drain_start (taken before the receiver started).
 drain() {
-  python3 scripts/drain_watch.py metric "$2" "$3" "$4" "$EVENTS" || { echo "$1 died" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
+  DRAIN_START=$drain_start python3 scripts/drain_watch.py metric "$2" "$3" "$4" "$EVENTS" ||
+    { echo "$1 died" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
 }
 
 # uplink_drain N: an agent's outbox → the broker; writes drain's line to $work/up-N.out, and the CPU seconds the broker
 # and the agent spent from the broker's start to the end of the drain to $work/up-N.cpu.
 uplink_drain() {
-  local bp mp broker hq c0
+  local bp mp broker hq c0 drain_start
   rm -rf "$work/hq"
   "$bin/edge-fixture" fill-outbox "$work/hq" "$EVENTS" "$BYTES" >/dev/null
   bp=$(free_port); mp=$(free_port)
   start_relay_agent hq "$(free_port)" none "$bp" --outbox-max-events $((EVENTS * 2))
   hq=$agent
   sleep 0.5
-  c0=$(cpu $hq)
+  c0=$(cpu $hq) drain_start=$(date +%s.%N)
   "$bin/scim-broker" serve --data-dir "$work/broker-up-$1" --listen "127.0.0.1:$bp" --ca "$work/ca.crt" --cert "$work/broker.crt" \
     --key "$work/broker.key" --domain "de=spiffe://bench/de/agent" --admin-listen "127.0.0.1:$mp" >"$work/broker-up-$1.log" 2>&1 &
   broker=$!; pids+=($broker)
@@ -142,7 +143,7 @@ uplink_drain() {
 # downlink_drain N: the broker's feed for boundary "us" (filled through de's agent, which then stops) → its agent;
 # writes drain's line to $work/dn-N.out, and "queued foreign committed peak-broker peak-agent" to $work/dn-N.checks.
 downlink_drain() {
-  local bp mp ua broker hq queued foreign committed c0
+  local bp mp ua broker hq queued foreign committed c0 drain_start
   rm -rf "$work/hq" "$work/us"
   "$bin/edge-fixture" fill-outbox "$work/hq" "$EVENTS" "$BYTES" >/dev/null
   bp=$(free_port); mp=$(free_port); ua=$(free_port)
@@ -157,7 +158,7 @@ downlink_drain() {
   kill $hq; wait $hq 2>/dev/null || true
   # The depth is counted on the broker's thread pool at most every 10 s: the first scrape starts a count.
   for _ in $(seq 1 50); do queued=$(metric "$mp" 'scim_broker_downlink_queue_depth{'); [ "${queued:-0}" -gt 0 ] && break; sleep 0.1; done
-  c0=$(cpu $broker)
+  c0=$(cpu $broker) drain_start=$(date +%s.%N)
   start_boundary_agent us "$ua" "$bp"
   track_anon $us "agent-$1"
   drain agent $us "$ua" scim_edge_downlink_applied_sequence >"$work/dn-$1.out"
@@ -192,7 +193,8 @@ import sys
 n, size, sync = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def rate(s, f, e, fn):
     s, f, e, fn = float(s), float(f), float(e), int(fn)
-    return (n - fn) / (e - f), n / (e - s), f - s
+    # A drain seen whole by its first sample (a small EVENTS) has no rate from its first: its rate from its start stands in.
+    return ((n - fn) / (e - f) if e > f else n / (e - s)), n / (e - s), f - s
 rounds = []
 for r in sys.argv[4:]:
     relp, up, dn = (x.split() for x in r.split("|"))

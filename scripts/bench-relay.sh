@@ -30,7 +30,7 @@ broker=$!; pids+=($broker)
 track_anon $broker broker
 # The broker's applied sequence (read from its store) on one kept-alive connection, every 0.05 s: a status command
 # per sample would open the store each time and take the CPU the drain runs on.
-watched=$(python3 scripts/drain_watch.py metric "$broker,$agent" "$mp" 'scim_broker_agent_applied_sequence{' "$EVENTS") ||
+watched=$(DRAIN_START=$start python3 scripts/drain_watch.py metric "$broker,$agent" "$mp" 'scim_broker_agent_applied_sequence{' "$EVENTS") ||
   { echo "the drain failed" >&2; tail "$work"/*.log >&2; exit 1; }
 read -r _ first_at end first_applied <<<"$watched"
 kill -0 $agent 2>/dev/null || { echo "the agent died" >&2; tail "$work"/*.log >&2; exit 1; }

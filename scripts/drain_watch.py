@@ -10,7 +10,9 @@ Samples every 0.05 s, from one process: a drain's rate is not paid for by a proc
 command opening the store), which would take CPU from the receiver and not from RELP's. Prints
 "start first end first-count": when it started, the first sample that saw anything, the first that saw it all, and what
 that first sample counted (0 for a file). PID may list several (comma-separated: the receiver and the sender); exits 1
-if any dies first, or after DRAIN_TIMEOUT seconds (default 900).
+if any dies first, or after DRAIN_TIMEOUT seconds (default 900). DRAIN_START (Unix seconds, as `date +%s.%N` prints)
+is the start to report: the caller's time just before it started the receiver, as RELP's drain takes it; without it,
+this process's own start, which comes 20-50 ms after the receiver's (Python starting) and would flatter the rate.
 """
 
 import http.client
@@ -74,8 +76,8 @@ def file_state(path, marker):
 
 def main():
     kind, pids = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
-    start = time.time()
-    deadline = start + float(os.environ.get("DRAIN_TIMEOUT", "900"))
+    start = float(os.environ.get("DRAIN_START") or time.time())
+    deadline = time.time() + float(os.environ.get("DRAIN_TIMEOUT", "900"))
     first, first_count = None, 0
     if kind == "metric":
         port, prefix, events = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
