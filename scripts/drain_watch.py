@@ -76,7 +76,11 @@ def file_state(path, marker):
 
 def main():
     kind, pids = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
-    start = float(os.environ.get("DRAIN_START") or time.time())
+    try:
+        start = float(os.environ.get("DRAIN_START") or time.time())
+    except ValueError:
+        print(f"DRAIN_START must be Unix seconds (date +%s.%N), not {os.environ['DRAIN_START']!r}", file=sys.stderr)
+        return 2
     deadline = time.time() + float(os.environ.get("DRAIN_TIMEOUT", "900"))
     first, first_count = None, 0
     if kind == "metric":

@@ -88,10 +88,12 @@ extension BrokerStore {
         public var latencies: [Int64] = []
         /// The local apps' answers the poll carried (protocol 3), by outcome (and `unmatched`).
         public var apps: [String: Int] = [:]
-        /// Acknowledged events whose trail record could not be read, by
+        /// Acknowledged events whose trail record was missing or could not be read, by
         /// feed sequence: `recovered` when their hop was made from the
         /// event itself, otherwise no hop was recorded (logged, counted).
         public var untraced: [(seq: UInt64, recovered: Bool)] = []
+        /// Queue items this poll's materialising could not read: dead letters now.
+        public var unreadableItems = 0
     }
 
     /// The agent's word on what it acknowledges (`outcomes`, downlink
@@ -107,6 +109,8 @@ extension BrokerStore {
         public var committed: Int64
         public var notAccepted: Set<UInt64> = []
         public var refused: [UInt64: String] = [:]
+        /// 9999-12-31T23:59:59.999Z in Unix ms: the latest `committed` taken.
+        static let latestCommit: Int64 = 253_402_300_799_999
 
         /// Parses `outcomes` of a poll acknowledging `ack`; the error is the 400's description.
         public init(_ json: JSON, ack: UInt64) throws(FeedOutcomesError) {
@@ -117,8 +121,9 @@ extension BrokerStore {
                     "'outcomes' must name the feed sequences it covers ('from' ≥ 1 through 'through', at most 'ackedThrough')")
             }
             guard through - from < 100_000 else { throw FeedOutcomesError("'outcomes' may cover at most 100000 sequences") }
-            guard let committed = json["committed"]?.numberValue?.integer, committed >= 0 else {
-                throw FeedOutcomesError("'outcomes.committed' must be the commit time in Unix milliseconds")
+            // Bounded (year 9999): the hop's key is the time in µs, which a larger value would overflow.
+            guard let committed = json["committed"]?.numberValue?.integer, committed >= 0, committed <= Self.latestCommit else {
+                throw FeedOutcomesError("'outcomes.committed' must be the commit time in Unix milliseconds (at most \(Self.latestCommit))")
             }
             (self.from, self.through, self.committed) = (UInt64(from), UInt64(through), committed)
             let range = self.from...max(self.from, self.through)
@@ -227,7 +232,7 @@ extension BrokerStore {
                 done.append(k)
                 return true
             }
-            committed = try recordCommits(target, through: ack, outcomes, txn)  // may read an event back: before they go
+            committed = try recordCommits(target, acknowledged: done, through: ack, outcomes, txn)  // may read events: before they go
             for k in done { _ = try txn.delete(downlink, k) }
             try txn.put(targetState, Array("dlacked/\(target.name)".utf8), ack.bigEndianBytes)
             position.acked = ack
@@ -235,7 +240,8 @@ extension BrokerStore {
         if !apps.isEmpty { committed.apps = try recordAppOutcomes(target, apps, txn) }
         // Only what this page lacks: the rest is materialised after the answer (`materializeAhead`), off the poll's path.
         let lacking = limit - Int(clamping: position.issued - min(after, position.issued))
-        let itemsLeft = try materialize(target, room: min(window - position.unacked, max(0, lacking)), speaks: speaks, txn)
+        let (itemsLeft, unreadable) = try materialize(target, room: min(window - position.unacked, max(0, lacking)), speaks: speaks, txn)
+        committed.unreadableItems = unreadable
         position = try feedPosition(target: target.name, txn)
         var events: [[UInt8]] = []
         var bytes = 0
@@ -257,47 +263,64 @@ extension BrokerStore {
     /// the agent's next poll finds its page ready (the feed stays bounded by
     /// the window, as in `pollFeed`). Returns whether it materialised any.
     func materializeAhead(target: TargetConfiguration, limit: Int, window: Int, speaks: Int, _ txn: borrowing WriteTransaction) throws
-        -> Bool
+        -> (made: Bool, unreadable: Int)
     {
         let before = try feedPosition(target: target.name, txn)
-        _ = try materialize(target, room: min(window - before.unacked, limit), speaks: speaks, txn)
-        return try feedPosition(target: target.name, txn).issued > before.issued
+        let (_, unreadable) = try materialize(target, room: min(window - before.unacked, limit), speaks: speaks, txn)
+        return (try feedPosition(target: target.name, txn).issued > before.issued, unreadable)
     }
 
     /// The boundary's commit of the events through `through` becomes each
     /// change's last hop in the trail (`boundary <domain>`, with the feed's
     /// issue, the outcome and the agent's commit time), from the broker's
     /// record of each event (`downlinkTrail`, `FeedTrail`), which goes with it.
-    func recordCommits(_ target: TargetConfiguration, through: UInt64, _ outcomes: FeedOutcomes?, _ txn: borrowing WriteTransaction)
-        throws -> CommittedEvents
-    {
+    /// `acknowledged`: the keys of the events through `through`, in feed
+    /// order, still stored (the caller deletes them after): an event whose
+    /// record is missing or cannot be read (a newer broker's format after a
+    /// downgrade, a damaged value) has its record read from the event
+    /// itself, so that its hop, its outcome and a refused delta's whole
+    /// state again are not skipped; counted (`untraced`) either way.
+    func recordCommits(
+        _ target: TargetConfiguration, acknowledged: [[UInt8]], through: UInt64, _ outcomes: FeedOutcomes?,
+        _ txn: borrowing WriteTransaction
+    ) throws -> CommittedEvents {
+        let domain = target.destination ?? target.name
         var keys: [[UInt8]] = []
-        var all: [(UInt64, FeedTrail)] = []
-        var unreadable: [(key: [UInt8], seq: UInt64)] = []
+        var records: [UInt64: [UInt8]] = [:]
         try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
             keys.append(k)
-            let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0
-            if let trail = FeedTrail(v) { all.append((seq, trail)) } else { unreadable.append((k, seq)) }
+            records[UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0] = v
             return true
         }
+        for key in keys { _ = try txn.delete(downlinkTrail, key) }
         var out = CommittedEvents()
-        if !unreadable.isEmpty {
-            // Read from the event itself (still stored: the caller deletes it after), so that its hop, its
-            // outcome and a refused delta's whole state again are not skipped; counted either way.
-            for (key, seq) in unreadable {
-                if let trail = try txn.get(downlink, key).flatMap(FeedTrail.init(event:)) {
-                    all.append((seq, trail))
-                    out.untraced.append((seq, recovered: true))
-                } else {
-                    out.untraced.append((seq, recovered: false))
-                    out.outcomes[outcomes?.describe(seq, domain: target.destination ?? target.name)?.outcome ?? "unreported", default: 0] +=
-                        1
-                }
+        var all: [(UInt64, FeedTrail)] = []
+        all.reserveCapacity(acknowledged.count)
+        func untraced(_ seq: UInt64) {
+            out.untraced.append((seq, recovered: false))
+            out.outcomes[outcomes?.describe(seq, domain: domain)?.outcome ?? "unreported", default: 0] += 1
+        }
+        for key in acknowledged {
+            let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) ?? 0
+            if let trail = records.removeValue(forKey: seq).flatMap { FeedTrail($0) } {
+                all.append((seq, trail))
+                continue
+            }
+            let event = try txn.get(downlink, key) ?? []
+            if let trail = FeedTrail(event: event) {
+                all.append((seq, trail))
+                out.untraced.append((seq, recovered: true))
+            } else if !FeedTrail.isResyncEnd(event) {  // the end of a resync names no resource: it has no record, and no hop
+                untraced(seq)
+            }
+        }
+        if !records.isEmpty {
+            // Records of events no longer stored (none are, but a record is never dropped unread).
+            for (seq, v) in records.sorted(by: { $0.key < $1.key }) {
+                if let trail = FeedTrail(v) { all.append((seq, trail)) } else { untraced(seq) }
             }
             all.sort { $0.0 < $1.0 }
         }
-        for key in keys { _ = try txn.delete(downlinkTrail, key) }
-        let domain = target.destination ?? target.name
         let now = unixMilliseconds()
         var seen: [String: Int64] = [:]
         for (seq, r) in all {
@@ -317,23 +340,35 @@ extension BrokerStore {
             }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
             if said != nil, r.accepted > 0 { out.latencies.append(at - r.accepted) }
-            // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart.
+            // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart,
+            // and one already taken (an earlier answer committed in the same ms) moves the hop to the next free µs.
             let n = seen[r.brokerID, default: 0]
-            seen[r.brokerID] = n + 1
-            try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: at * 1000 + min(n, 999))
+            var micros = at * 1000 + n
+            while try txn.get(trail, trailKey(r.brokerID, micros: micros, hop: "boundary \(domain)")) != nil { micros += 1 }
+            seen[r.brokerID] = micros - at * 1000 + 1
+            try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: micros)
         }
         return out
     }
 
     /// Turns up to `room` events' worth of queue items into feed events.
-    /// Returns whether queue items are left.
-    func materialize(_ target: TargetConfiguration, room: Int, speaks: Int = 1, _ txn: borrowing WriteTransaction) throws -> Bool {
-        guard room > 0 else { return try hasQueued(target.name, txn) }
+    /// Returns whether queue items are left, and how many could not be read
+    /// (each one a dead letter: it never blocks the items after it).
+    func materialize(_ target: TargetConfiguration, room: Int, speaks: Int = 1, _ txn: borrowing WriteTransaction) throws -> (
+        queued: Bool, unreadable: Int
+    ) {
+        guard room > 0 else { return (try hasQueued(target.name, txn), 0) }
         var items: [([UInt8], DeliveryItem)] = []
+        var unreadable: [([UInt8], [UInt8])] = []
         try txn.scan(fanout, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, v in
-            if let item = DeliveryItem(v) { items.append((k, item)) } else { items.append((k, DeliveryItem.unreadable)) }
-            return items.count < room
+            if let item = DeliveryItem(v), ["User", "Group", BrokerStore.resyncCompleteItem].contains(item.type) {
+                items.append((k, item))
+            } else {
+                unreadable.append((k, v))
+            }
+            return items.count + unreadable.count < room
         }
+        for (k, v) in unreadable { try unreadableItem(target.name, k, v, txn) }
         var written = 0
         var seenUsers: Set<String> = []
         for (key, item) in items {
@@ -357,7 +392,25 @@ extension BrokerStore {
             if !more { _ = try txn.delete(fanout, key) }
             if written >= room || more { break }
         }
-        return try hasQueued(target.name, txn)
+        return (try hasQueued(target.name, txn), unreadable.count)
+    }
+
+    /// A queue item this broker cannot read (a newer broker's kind after a
+    /// downgrade, a damaged value) leaves the queue as a dead letter with
+    /// its stored bytes: visible (`deadletter list`, the console), never
+    /// dropped in silence, and never in the way of the items after it.
+    func unreadableItem(_ target: String, _ key: [UInt8], _ value: [UInt8], _ txn: borrowing WriteTransaction) throws {
+        let seq = try nextCounter("deadseq/\(target)", txn)
+        let letter: JSONObject = [
+            "seq": .number(JSONNumber(integer: Int64(seq))), "id": "", "type": .string(DeliveryItem(value)?.type ?? ""),
+            "method": "", "path": "feed queue",
+            "request": .string(String(decoding: value.prefix(64 << 10), as: UTF8.self)),
+            "response":
+                "a queue item this broker cannot read (a newer broker's after a downgrade, or a damaged value): not sent to the boundary",
+            "at": .number(JSONNumber(integer: unixMilliseconds())),
+        ]
+        try txn.put(targetDead, prefixed(target, seq.bigEndianBytes), JSON.object(letter).serialized())
+        _ = try txn.delete(fanout, key)
     }
 
     func hasQueued(_ target: String, _ txn: borrowing WriteTransaction) throws -> Bool {
@@ -801,9 +854,4 @@ extension BrokerStore {
             return (.done, nil)
         }
     }
-}
-
-extension DeliveryItem {
-    /// A queue entry that does not parse: dropped by the downlink with nothing sent (it names no resource).
-    static let unreadable = DeliveryItem(brokerID: "", type: "", operation: .upsert, trace: "", queuedAt: 0, acceptedAt: 0)
 }

@@ -41,6 +41,8 @@ final class BrokerFeeds {
     /// Per destination: acknowledged events whose trail record could not be
     /// read, their hop made from the event itself (`recovered`) or not made.
     var untraced: [String: (recovered: Int, unrecorded: Int)] = [:]
+    /// Per destination: queue items that could not be read (dead letters now).
+    var unreadableItems: [String: Int] = [:]
     var propagation: [String: RecentSamples] = [:]
     /// Per destination: the store (epoch) that polled last, and when (loop ms).
     var lastPoll: [String: (epoch: String, at: UInt64)] = [:]
@@ -237,6 +239,7 @@ extension BrokerService {
             case .success(let page):
                 feeds.committed(domain, page.committed)
                 if !page.committed.untraced.isEmpty { logUntraced(domain, page.committed.untraced) }
+                if page.committed.unreadableItems > 0 { unreadableItems(domain, page.committed.unreadableItems) }
                 refreshBacklog(domain, target)
                 if park(page) { return }
                 if !epoch.isEmpty { feeds.lastPoll[domain] = (epoch, loop.now) }  // answered: live until its next poll
@@ -272,8 +275,9 @@ extension BrokerService {
             [self] result in
             feeds.ahead.remove(domain)
             switch result {
-            case .success(true): wake(domain)  // a poll parked meanwhile has its events now
-            case .success(false): break
+            case .success(let made):
+                if made.unreadable > 0 { unreadableItems(domain, made.unreadable) }
+                if made.made { wake(domain) }  // a poll parked meanwhile has its events now
             case .failure(let error):
                 // Nothing lost: the items stay queued, and the next poll materialises what its page lacks.
                 logger.warning("downlink: materialising ahead failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
@@ -333,9 +337,7 @@ extension BrokerService {
         return HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: body)
     }
 
-    /// Counts a destination's queue at most every 10 s, on the thread pool
-    /// (the count walks the queue's keys): what is shown is the last count.
-    /// Acknowledged events whose trail record could not be read (a newer
+    /// Acknowledged events whose trail record was missing or could not be read (a newer
     /// broker's format after a downgrade, a damaged value): never skipped
     /// in silence, even when the hop could be made from the event itself.
     func logUntraced(_ domain: String, _ untraced: [(seq: UInt64, recovered: Bool)]) {
@@ -343,14 +345,22 @@ extension BrokerService {
         let recovered = untraced.filter(\.recovered).map(\.seq)
         if !recovered.isEmpty {
             logger.warning(
-                "downlink: acknowledged events had an unreadable trail record; their hop was made from the event itself (issued only to the second)",
+                "downlink: acknowledged events had no readable trail record; their hop was made from the event itself (issued only to the second)",
                 metadata: ["domain": .string(domain), "feedSeqs": .string(Self.sequences(recovered))])
         }
         if !lost.isEmpty {
             logger.error(
-                "downlink: acknowledged events had an unreadable trail record and event: no boundary hop was recorded for them (trace ends at the broker), a refused group delta is not sent whole again",
+                "downlink: acknowledged events had no readable trail record or event: no boundary hop was recorded for them (trace ends at the broker), a refused group delta is not sent whole again",
                 metadata: ["domain": .string(domain), "feedSeqs": .string(Self.sequences(lost))])
         }
+    }
+
+    /// Queue items the destination's materialising could not read: dead letters now, logged and counted.
+    func unreadableItems(_ domain: String, _ n: Int) {
+        feeds.unreadableItems[domain, default: 0] += n
+        logger.error(
+            "downlink: queue items this broker cannot read (a newer broker's after a downgrade, or damaged) became dead letters; the items after them go on",
+            metadata: ["domain": .string(domain), "count": .stringConvertible(n)])
     }
 
     /// `1-3,7`: a log line stays short however many events an answer acknowledged.
@@ -366,6 +376,8 @@ extension BrokerService {
         return parts.count > 20 ? parts.prefix(20).joined(separator: ",") + ",… (\(seqs.count) events)" : parts.joined(separator: ",")
     }
 
+    /// Counts a destination's queue at most every 10 s, on the thread pool
+    /// (the count walks the queue's keys): what is shown is the last count.
     func refreshBacklog(_ domain: String, _ target: TargetConfiguration) {
         if let b = feeds.backlog[domain], loop.now < b.countedAt + 10_000 { return }
         guard feeds.counting.insert(domain).inserted else { return }
@@ -410,6 +422,10 @@ extension BrokerService {
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
         }
+        metric(
+            "scim_broker_downlink_unreadable_items_total", "counter",
+            "Queue items this broker could not read (a newer broker's after a downgrade, or damaged): dead letters, not sent."
+        ) { d, _ in String(feeds.unreadableItems[d] ?? 0) }
         metric(
             "scim_broker_downlink_store_conflicts_total", "counter",
             "Polls refused (409 another_store) because another store of the destination was polling its feed."

@@ -83,20 +83,29 @@ struct FeedTrail: Equatable {
     }
 
     /// The record again from the feed event itself (`appendFeedEvent`),
-    /// for an acknowledged event whose record cannot be read (a newer
-    /// broker's format after a downgrade, a damaged value): its resource
-    /// from `ref`, its trace from `txn`, its kind from the event URI, its
-    /// times from `ts` and `queued`; `issued` only to the second (`iat`).
-    /// Nil for an event that names no resource (the end of a resync).
+    /// for an acknowledged event whose record is missing or cannot be read
+    /// (a newer broker's format after a downgrade, a damaged value): its
+    /// resource from `ref` (`/Users/<id>` or `/Groups/<id>`), its trace
+    /// from `txn`, its kind from the event URI, its times from `ts` and
+    /// `queued`; `issued` only to the second (`iat`). Nil for an event
+    /// that names no resource (the end of a resync) or cannot be read.
     init?(event bytes: [UInt8]) {
         guard let e = try? JSONParser.parse(bytes, limits: .stored).objectValue,
-            let (uri, body) = e["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue,
-            let slash = ref.lastIndex(of: "/"), ref.index(after: slash) < ref.endIndex
+            let (uri, body) = e["events"]?.objectValue?.members.first, let ref = body["ref"]?.stringValue
         else { return nil }
+        let id = ref.hasPrefix("/Users/") ? ref.dropFirst(7) : ref.hasPrefix("/Groups/") ? ref.dropFirst(8) : ""
+        guard !id.isEmpty, !id.contains("/") else { return nil }
         func time(_ k: String) -> Int64 { e[k]?.numberValue?.integer ?? 0 }
+        let (issued, overflow) = time("iat").multipliedReportingOverflow(by: 1000)
         self.init(
-            brokerID: String(ref[ref.index(after: slash)...]), trace: e["txn"]?.stringValue ?? "",
-            event: BrokerStore.feedEventKinds[uri] ?? uri, issued: time("iat") * 1000, accepted: time("ts"), applied: time("queued"))
+            brokerID: String(id), trace: e["txn"]?.stringValue ?? "", event: BrokerStore.feedEventKinds[uri] ?? uri,
+            issued: overflow ? 0 : issued, accepted: time("ts"), applied: time("queued"))
+    }
+
+    /// Whether a stored feed event is the end of a resync (which has no record).
+    static func isResyncEnd(_ bytes: [UInt8]) -> Bool {
+        guard let e = try? JSONParser.parse(bytes, limits: .stored).objectValue else { return false }
+        return e["events"]?.objectValue?.members.first?.key == BrokerStore.resyncCompleteEvent
     }
 
     private init?(json bytes: [UInt8]) {

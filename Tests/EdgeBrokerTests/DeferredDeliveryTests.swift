@@ -145,7 +145,7 @@ final class DeferredDeliveryTests: XCTestCase {
             }
         }
         func ahead() throws -> Bool {
-            try store.environment.write { txn in try store.materializeAhead(target: dest, limit: 100, window: 250, speaks: 5, txn) }
+            try store.environment.write { txn in try store.materializeAhead(target: dest, limit: 100, window: 250, speaks: 5, txn).made }
         }
         let first = try poll(ack: 0)
         XCTAssertEqual(first.events.count, 100)

@@ -140,6 +140,8 @@ extension DownlinkTests {
             (#""outcomes":{"from":0,"through":1,"committed":1}"#, "'outcomes' must name the feed sequences"),
             (#""outcomes":{"from":1,"through":2,"committed":1}"#, "at most 'ackedThrough'"),
             (#""outcomes":{"from":1,"through":1}"#, "'outcomes.committed'"),
+            // A commit time whose µs overflow: it crashed the broker at every retry of the poll.
+            (#""outcomes":{"from":1,"through":1,"committed":9300000000000000}"#, "at most 253402300799999"),
             (
                 #""outcomes":{"from":1,"through":1,"committed":1,"notAccepted":[5]}"#,
                 "'outcomes.notAccepted' must list sequences from 1 through 1"

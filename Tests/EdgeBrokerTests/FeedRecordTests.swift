@@ -134,7 +134,7 @@ final class FeedRecordTests: XCTestCase {
             (BrokerStore.DownlinkURI.createFull, "/Users/b-9", data, [:]),
             (BrokerStore.DownlinkURI.putFull, "/Users/b-9", data, [:]),
             (BrokerStore.DownlinkURI.delete, "/Users/b-9", nil, [:]),
-            (BrokerStore.membersEvent, "/Groups/g-1", nil, ["add": ["b-1", "b-2"], "remove": ["b-3"]]),
+            (BrokerStore.membersEvent, "/Groups/g-1", nil, ["added": [["value": "b-1"], ["value": "b-2"]], "removed": ["b-3"]]),
             (BrokerStore.attributesEvent, "/Groups/g-1", ["displayName": "staff"], [:]),
         ]
         let target = "sub \"ü\"\n"
@@ -146,8 +146,9 @@ final class FeedRecordTests: XCTestCase {
             let withData = store.feedEvent(k.uri, k.ref, domain: "acme-de", data: k.data, extra: k.extra)
             let withoutData = store.feedEvent(k.uri, k.ref, domain: "acme-de", extra: k.extra)
             // The data inline in the event, and (as materialising a user does) given as its serialised bytes.
+            // (An event without data is written once.)
             for (event, bytes) in [(withData, nil), (withoutData, k.data.map { JSON.object($0).serialized() })]
-            where bytes != nil || k.data != nil || event == withData {
+            where k.data != nil || bytes == nil {
                 seq += 1
                 let written = try store.environment.write { txn in
                     try store.appendFeedEvent(target, event, data: bytes, item, txn)
@@ -161,6 +162,15 @@ final class FeedRecordTests: XCTestCase {
                 for (key, v) in withData { old[key] = v }
                 XCTAssertEqual(
                     String(decoding: written, as: UTF8.self), String(decoding: JSON.object(old).serialized(), as: UTF8.self), k.uri)
+                // `iat` is in seconds; the record read back from the event (when its own cannot be read) has it in ms.
+                let seconds = try XCTUnwrap(iat.numberValue?.integer)
+                XCTAssertLessThanOrEqual(abs(seconds - unixMilliseconds() / 1000), 5)
+                XCTAssertEqual(
+                    FeedTrail(event: written),
+                    FeedTrail(
+                        brokerID: String(k.ref.split(separator: "/").last!), trace: item.trace, event: BrokerStore.feedEventKinds[k.uri]!,
+                        issued: seconds * 1000, accepted: item.acceptedAt, applied: item.queuedAt), k.uri)
+                XCTAssertFalse(FeedTrail.isResyncEnd(written))
             }
         }
         // The end of a resync: an empty body, and no trail record (it names no resource).
@@ -178,6 +188,8 @@ final class FeedRecordTests: XCTestCase {
             ]
             XCTAssertEqual(String(decoding: written, as: UTF8.self), String(decoding: JSON.object(old).serialized(), as: UTF8.self))
             XCTAssertNil(try txn.get(store.downlinkTrail, prefixed(target, UInt64(seq).bigEndianBytes)))
+            XCTAssertNil(FeedTrail(event: written), "it names no resource")
+            XCTAssertTrue(FeedTrail.isResyncEnd(written))
             XCTAssertEqual(try txn.count(store.downlinkTrail), Int(seq) - 1, "one record per event that names a resource")
         }
     }
@@ -251,52 +263,59 @@ final class FeedRecordTests: XCTestCase {
         XCTAssertEqual(hops.map { $0.hop["at"] }, [.number(JSONNumber(integer: committed)), .number(JSONNumber(integer: committed))])
     }
 
-    /// A trail record that cannot be read (a newer broker's format after a
-    /// downgrade, a damaged value) is not skipped in silence: its hop is
-    /// made from the event itself (a refused group delta is sent whole
-    /// again from it), and counted; one whose event cannot be read either
-    /// is counted as unrecorded, its outcome still counted. Before, both
-    /// were deleted with no hop, count or log.
-    func testAnUnreadableTrailRecordIsReadFromItsEventAndCounted() throws {
+    /// A trail record that is missing or cannot be read (a newer broker's
+    /// format after a downgrade, a damaged value) is not skipped in
+    /// silence: its hop is made from the event itself, in feed order with
+    /// the readable ones (a refused group delta is sent whole again from
+    /// it), and counted; one whose event cannot be read either is counted
+    /// as unrecorded, its outcome still counted. Before, both were deleted
+    /// with no hop, count or log.
+    func testAnUnreadableOrMissingTrailRecordIsReadFromItsEventAndCounted() throws {
         let dir = TempDirectory("feed-unreadable")
         defer { dir.remove() }
         let (store, dest) = try destinationStore(dir, types: ["User", "Group"])
         try applyUsers(store, ["ana", "bob", "cy"])
         try applyRelay(store, [group("g1", "staff", members: ["u0"])], ids: ["b-g"])
         _ = try poll(store, dest, ack: 0)
-        try applyRelay(
-            store,
-            [
-                relayEvent(
-                    BrokerStore.attributesEvent, ["ref": "/Groups/g1", "data": ["schemas": [.string(groupSchema)], "displayName": "crew"]])
-            ],
-            ids: [])
+        let rename = relayEvent(
+            BrokerStore.attributesEvent, ["ref": "/Groups/g1", "data": ["schemas": [.string(groupSchema)], "displayName": "crew"]])
+        try applyRelay(store, [rename, user("u0", "ana.b")], ids: [])
         var page = try poll(store, dest, ack: 0, after: 4)
-        XCTAssertEqual(try kinds(page), ["attributes"])
+        XCTAssertEqual(try kinds(page), ["attributes", "put"])
         let ids = (1...3).map { "b-\($0)" }
-        // 2: a record in a format this broker does not know; 3: that and its event damaged; 5: the group's delta, unknown format.
+        // 1 and 2: a record in a format this broker does not know; 3: that, and its event damaged; 5 (the group's
+        // delta): no record at all. 6 (ana's second event) is read as usual.
         try store.environment.write { txn in
-            for seq: UInt64 in [2, 3, 5] { try txn.put(store.downlinkTrail, prefixed("sub", seq.bigEndianBytes), [0x7f, 1, 2, 3]) }
+            for seq: UInt64 in [1, 2, 3] { try txn.put(store.downlinkTrail, prefixed("sub", seq.bigEndianBytes), [0x7f, 1, 2, 3]) }
             try txn.put(store.downlink, prefixed("sub", UInt64(3).bigEndianBytes), Array("{\"seq\":3,".utf8))
+            XCTAssertTrue(try txn.delete(store.downlinkTrail, prefixed("sub", UInt64(5).bigEndianBytes)))
         }
-        let before = try store.environment.read { txn in try txn.get(store.downlink, prefixed("sub", UInt64(2).bigEndianBytes)) }
-        let accepted = try XCTUnwrap(JSONParser.parse(XCTUnwrap(before), limits: .stored)["ts"])
+        let second = try store.environment.read { txn in
+            try XCTUnwrap(JSONParser.parse(XCTUnwrap(txn.get(store.downlink, prefixed("sub", UInt64(2).bigEndianBytes))), limits: .stored))
+        }
+        let committed = unixMilliseconds()
         let outcomes = try BrokerStore.FeedOutcomes(
             [
-                "from": 1, "through": 5, "committed": .number(JSONNumber(integer: unixMilliseconds())),
+                "from": 1, "through": 6, "committed": .number(JSONNumber(integer: committed)),
                 "refused": ["3": "invalidValue", "5": "noTarget"],
             ],
-            ack: 5)
-        page = try poll(store, dest, ack: 5, outcomes: outcomes)
-        XCTAssertEqual(page.committed.untraced.map(\.seq), [2, 3, 5])
-        XCTAssertEqual(page.committed.untraced.map(\.recovered), [true, false, true])
-        XCTAssertEqual(page.committed.outcomes, ["accepted": 3, "refused": 2], "each acknowledged event's outcome is counted")
-        XCTAssertEqual(try boundaryHops(store, ids[0]).map { $0["event"] }, ["create"])
+            ack: 6)
+        page = try poll(store, dest, ack: 6, outcomes: outcomes)
+        XCTAssertEqual(page.committed.untraced.map(\.seq), [1, 2, 3, 5])
+        XCTAssertEqual(page.committed.untraced.map(\.recovered), [true, true, false, true])
+        XCTAssertEqual(page.committed.outcomes, ["accepted": 4, "refused": 2], "each acknowledged event's outcome is counted")
+        // Ana's hops in feed order: the create made from its event, then the put from its record, a µs apart.
+        let ana = try boundaryHopsWithTimes(store, ids[0])
+        XCTAssertEqual(ana.map { $0.hop["event"] }, ["create", "put"])
+        XCTAssertEqual(ana.map { $0.hop["feedSeq"] }, [1, 6])
+        XCTAssertEqual(ana.map(\.micros), [UInt64(committed) * 1000, UInt64(committed) * 1000 + 1])
         let recovered = try XCTUnwrap(try boundaryHops(store, ids[1]).first)
         XCTAssertEqual(recovered["event"], "create")
         XCTAssertEqual(recovered["feedSeq"], 2)
         XCTAssertEqual(recovered["trace"], "trace-1")
-        XCTAssertEqual(recovered["accepted"], accepted)
+        XCTAssertEqual(recovered["accepted"], second["ts"])
+        XCTAssertEqual(recovered["applied"], second["queued"])
+        XCTAssertEqual(recovered["issued"], .number(JSONNumber(integer: try XCTUnwrap(second["iat"]?.numberValue?.integer) * 1000)))
         XCTAssertEqual(recovered["outcome"], "accepted")
         XCTAssertEqual(try boundaryHops(store, ids[2]), [], "no hop: neither its record nor its event could be read")
         XCTAssertEqual(try boundaryHops(store, "b-g").map { $0["event"] }, ["create", "attributes"])
@@ -310,6 +329,79 @@ final class FeedRecordTests: XCTestCase {
             XCTAssertEqual(try txn.count(store.downlinkTrail), 1, "the acknowledged records went; the new event's is there")
             XCTAssertEqual(try txn.count(store.downlink), 1)
         }
+    }
+
+    /// Two answers committed in the same ms (the agent's clock) with an
+    /// event of one resource each: the second hop takes the next free µs
+    /// instead of overwriting the first.
+    func testHopsOfTwoAnswersCommittedInOneMillisecondAreBothKept() throws {
+        let dir = TempDirectory("feed-same-ms")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir)
+        try applyUsers(store, ["ana"])
+        _ = try poll(store, dest, ack: 0)
+        let committed: Int64 = 1_764_000_000_123
+        _ = try poll(
+            store, dest, ack: 1,
+            outcomes: try BrokerStore.FeedOutcomes(["from": 1, "through": 1, "committed": .number(JSONNumber(integer: committed))], ack: 1))
+        try applyRelay(store, [user("u0", "ana.b")], ids: [])
+        _ = try poll(store, dest, ack: 1)
+        _ = try poll(
+            store, dest, ack: 2,
+            outcomes: try BrokerStore.FeedOutcomes(["from": 2, "through": 2, "committed": .number(JSONNumber(integer: committed))], ack: 2))
+        let hops = try boundaryHopsWithTimes(store, "b-1")
+        XCTAssertEqual(hops.map { $0.hop["feedSeq"] }, [1, 2])
+        XCTAssertEqual(hops.map(\.micros), [UInt64(committed) * 1000, UInt64(committed) * 1000 + 1])
+    }
+
+    /// A queue item this broker cannot read (damaged, or a newer broker's
+    /// kind after a downgrade) becomes a dead letter with its bytes,
+    /// counted, and the items after it go on; before, it was deleted with
+    /// nothing sent, logged or kept.
+    func testAnUnreadableQueueItemBecomesADeadLetterAndTheNextGoOn() throws {
+        let dir = TempDirectory("feed-unreadable-item")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir)
+        try applyUsers(store, ["ana", "bob"])
+        let damaged = Array("{\"id\":\"b-1\",\"type\":".utf8)
+        let newer = try store.environment.write { txn in
+            // The first user's item damaged; an item of a kind this broker does not know before the second's.
+            var keys: [[UInt8]] = []
+            try txn.scanKeys(store.fanout, from: prefixed("sub", []), to: prefixEnd("sub")) { k in
+                keys.append(k)
+                return true
+            }
+            XCTAssertEqual(keys.count, 2)
+            try txn.put(store.fanout, keys[0], damaged)
+            var other = try XCTUnwrap(DeliveryItem(XCTUnwrap(txn.get(store.fanout, keys[1]))))
+            other.type = "Device"
+            let key = keys[0] + [0]  // between the two
+            XCTAssertTrue(key.lexicographicallyPrecedes(keys[1]))
+            try txn.put(store.fanout, key, other.json.serialized())
+            return other.json.serialized()
+        }
+        let page = try poll(store, dest, ack: 0)
+        XCTAssertEqual(try refs(page), ["/Users/b-2"], "the items after them go on")
+        XCTAssertEqual(page.committed.unreadableItems, 2)
+        let letters = try store.deadLetters(target: "sub")
+        XCTAssertEqual(
+            letters.map { $0.letter["request"] },
+            [.string(String(decoding: damaged, as: UTF8.self)), .string(String(decoding: newer, as: UTF8.self))])
+        XCTAssertEqual(letters.map { $0.letter["type"] }, ["", "Device"])
+        XCTAssertTrue(letters.allSatisfy { $0.letter["response"]?.stringValue?.contains("cannot read") == true })
+        try store.environment.read { txn in XCTAssertEqual(try txn.count(store.fanout), 0) }
+    }
+
+    /// What an answer reports reaches the right counter.
+    func testUntracedEventsAndUnreadableItemsAreCountedByKind() throws {
+        var dest = try TargetConfiguration(name: "sub", url: "http://127.0.0.1:9/scim/v2")
+        dest.destination = "acme-us"
+        let feeds = BrokerFeeds(destinations: [dest])
+        var c = BrokerStore.CommittedEvents()
+        c.untraced = [(1, true), (2, false), (3, true)]
+        feeds.committed("acme-us", c)
+        XCTAssertEqual(feeds.untraced["acme-us"]?.recovered, 2)
+        XCTAssertEqual(feeds.untraced["acme-us"]?.unrecorded, 1)
     }
 
     func testSequencesAreLoggedAsRanges() {
