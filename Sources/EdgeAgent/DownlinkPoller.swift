@@ -219,11 +219,11 @@ public final class DownlinkPoller {
                 retry("the broker has no feed for this domain: \(description)", after: 60)
             case 409 where body?["error"]?.stringValue == "another_store":
                 // Another agent of this boundary polls with a store of its own: this one waits (and says so).
-                retry("refused: \(description)", after: r.headers["Retry-After"].flatMap(UInt64.init))
+                retry("refused: \(description)", after: brokerRetryAfter(r.headers["Retry-After"]))
             case 503 where body?["error"]?.stringValue == "resync":
-                restart(after: r.headers["Retry-After"].flatMap(UInt64.init) ?? 1)
+                restart(after: brokerRetryAfter(r.headers["Retry-After"]) ?? 1)
             case 429, 503:
-                retry("broker busy (\(r.status))", after: r.headers["Retry-After"].flatMap(UInt64.init))
+                retry("broker busy (\(r.status))", after: brokerRetryAfter(r.headers["Retry-After"]))
             default:
                 retry("broker refused the poll: \(r.status) \(description)", after: nil)
             }

@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeStore
@@ -351,7 +352,7 @@ public final class Relay {
                 }
                 if current { rewind(nil, retryAfter: 0) }
             case 429, 503:
-                if current { rewind("broker busy (\(r.status))", retryAfter: r.headers["Retry-After"].flatMap(UInt64.init)) }
+                if current { rewind("broker busy (\(r.status))", retryAfter: brokerRetryAfter(r.headers["Retry-After"])) }
             case 400, 413, 422:
                 // The broker cannot take this batch as a whole. Split it
                 // until the event it cannot take is alone; that event is
@@ -516,4 +517,12 @@ public final class Relay {
 /// 100 ms × 2^failures, at most `cap`.
 func jitteredBackoff(failures: Int, cap: UInt64) -> UInt64 {
     UInt64.random(in: 0...min(cap, 100 << UInt64(min(failures, 16))))
+}
+
+/// The broker's `Retry-After` (delta-seconds), at most 5 minutes as for a
+/// target (`RetrySchedule`): a larger one would park the relay or the
+/// downlink for good, and one past 2^64 / 1000 s would overflow the timer's
+/// milliseconds and stop the agent.
+func brokerRetryAfter(_ header: String?) -> UInt64? {
+    RetrySchedule.retryAfter(header).map { min($0, RetrySchedule.maxRetryAfterSeconds) }
 }

@@ -49,8 +49,9 @@ extension BrokerStore {
                 guard let outcome = item["outcome"]?.stringValue, outcomes.contains(outcome) else {
                     throw bad("'outcome' must be delivered, unchanged or refused")
                 }
-                guard let at = item["at"]?.numberValue?.integer, at > 0 else {
-                    throw bad("'at' must be the answer's time in Unix milliseconds")
+                // Bounded (year 9999) like `outcomes.committed`: the hop's key is the time in µs.
+                guard let at = item["at"]?.numberValue?.integer, at > 0, at <= BrokerStore.FeedOutcomes.latestCommit else {
+                    throw bad("'at' must be the answer's time in Unix milliseconds (at most \(BrokerStore.FeedOutcomes.latestCommit))")
                 }
                 var o = AppOutcome(id: id, trace: trace, event: event, outcome: outcome, at: at)
                 if let t = item["target"] {

@@ -153,7 +153,8 @@ extension BrokerStore {
         let trail = self.trail, name = "target \(target)"
         return try environment.read { txn in
             var answer: JSONObject?
-            let from = prefixed(brokerID, UInt64(max(0, since) * 1000).bigEndianBytes)
+            let (micros, overflow) = max(0, since).multipliedReportingOverflow(by: 1000)  // a time past the trail's: nothing
+            let from = prefixed(brokerID, UInt64(overflow ? .max : micros).bigEndianBytes)
             try txn.scan(trail, from: from, to: prefixEnd(brokerID)) { _, v in
                 guard let o = try JSONParser.parse(v, limits: .stored).objectValue, o["hop"]?.stringValue == name else { return true }
                 answer = o

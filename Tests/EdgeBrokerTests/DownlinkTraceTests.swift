@@ -156,6 +156,8 @@ extension DownlinkTests {
             (#""appOutcomes":[{\#(answer),"outcome":"refused","scimType":"in valid"}]"#, "'scimType' must be a scimType"),
             (#""appOutcomes":[{\#(answer),"outcome":"delivered","target":"a/b"}]"#, "'target' must be the local target's name"),
             (#""appOutcomes":[{"trace":"t","event":"upsert","outcome":"delivered","at":1}]"#, "'id' must be the broker id"),
+            // An answer time whose µs overflow: like `committed`, it crashed the broker at every retry of the poll.
+            (#""appOutcomes":[{\#(answer.replacing("\"at\":1", with: "\"at\":9300000000000000")),"outcome":"delivered"}]"#, "'at' must be"),
         ] {
             let (s, error) = try poll(bp, cert: us, #"{"ackedThrough":1,"epoch":"\#(epoch)","timeoutMs":0,\#(outcomes)}"#)
             XCTAssertEqual(s, 400, outcomes)

@@ -404,6 +404,17 @@ final class FeedRecordTests: XCTestCase {
         XCTAssertEqual(feeds.untraced["acme-us"]?.unrecorded, 1)
     }
 
+    /// A push's answer asked for from a time past what µs can hold (the
+    /// console's `since`) finds nothing instead of trapping.
+    func testAPushAnswerFromTheFarFutureIsNothing() throws {
+        let dir = TempDirectory("feed-far-future")
+        defer { dir.remove() }
+        let (store, _) = try destinationStore(dir)
+        try applyUsers(store, ["ana"])
+        XCTAssertNil(try store.pushAnswer(target: "sub", brokerID: "b-1", since: .max))
+        XCTAssertNil(try store.pushAnswer(target: "sub", brokerID: "b-1", since: Int64.max / 1000 + 1))
+    }
+
     func testSequencesAreLoggedAsRanges() {
         XCTAssertEqual(BrokerService.sequences([1, 2, 3, 7, 9, 10]), "1-3,7,9-10")
         XCTAssertEqual(BrokerService.sequences([]), "")
