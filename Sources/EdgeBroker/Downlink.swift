@@ -286,10 +286,10 @@ extension BrokerStore {
     ) throws -> CommittedEvents {
         let domain = target.destination ?? target.name
         var keys: [[UInt8]] = []
-        var records: [UInt64: [UInt8]] = [:]
+        var records: [(seq: UInt64, value: [UInt8])] = []  // in feed order, as `acknowledged`
         try txn.scan(downlinkTrail, from: prefixed(target.name, []), to: prefixed(target.name, (through + 1).bigEndianBytes)) { k, v in
             keys.append(k)
-            records[UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0] = v
+            records.append((UInt64(bigEndianBytes: Array(k.suffix(8))) ?? 0, v))
             return true
         }
         for key in keys { _ = try txn.delete(downlinkTrail, key) }
@@ -300,11 +300,23 @@ extension BrokerStore {
             out.untraced.append((seq, recovered: false))
             out.outcomes[outcomes?.describe(seq, domain: domain)?.outcome ?? "unreported", default: 0] += 1
         }
+        // A record whose event is no longer stored (none is, but a record is never dropped unread).
+        func alone(_ r: (seq: UInt64, value: [UInt8])) {
+            if let trail = FeedTrail(r.value) { all.append((r.seq, trail)) } else { untraced(r.seq) }
+        }
+        var next = 0  // the first record not yet matched with its event: the two lists are merged in feed order
         for key in acknowledged {
             let seq = UInt64(bigEndianBytes: Array(key.suffix(8))) ?? 0
-            if let trail = records.removeValue(forKey: seq).flatMap { FeedTrail($0) } {
-                all.append((seq, trail))
-                continue
+            while next < records.count, records[next].seq < seq {
+                alone(records[next])
+                next += 1
+            }
+            if next < records.count, records[next].seq == seq {
+                next += 1
+                if let trail = FeedTrail(records[next - 1].value) {
+                    all.append((seq, trail))
+                    continue
+                }
             }
             let event = try txn.get(downlink, key) ?? []
             if let trail = FeedTrail(event: event) {
@@ -314,15 +326,16 @@ extension BrokerStore {
                 untraced(seq)
             }
         }
-        if !records.isEmpty {
-            // Records of events no longer stored (none are, but a record is never dropped unread).
-            for (seq, v) in records.sorted(by: { $0.key < $1.key }) {
-                if let trail = FeedTrail(v) { all.append((seq, trail)) } else { untraced(seq) }
-            }
-            all.sort { $0.0 < $1.0 }
-        }
+        for r in records[next...] { alone(r) }
         let now = unixMilliseconds()
-        var seen: [String: Int64] = [:]
+        // A hop's key is its time in µs: each is after every earlier boundary hop of this feed (`dlhopat/`, one read
+        // and one write per answer) and after the resource's previous one in this answer, so that two events of one
+        // resource in an answer, or two answers committed in the same ms, never share a key (one would overwrite
+        // the other). A hop's `at` is then a little later than the agent's commit time, never earlier.
+        let hopAtKey = Array("dlhopat/\(target.name)".utf8)
+        let previous = try txn.get(targetState, hopAtKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        var latest = previous
+        var lastMicros: [String: UInt64] = [:]
         for (seq, r) in all {
             let said = outcomes?.describe(seq, domain: domain)
             if said?.outcome == "refused", r.event == "attributes" { try sendWholeAgain(target, r.brokerID, txn) }
@@ -340,14 +353,12 @@ extension BrokerStore {
             }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
             if said != nil, r.accepted > 0 { out.latencies.append(at - r.accepted) }
-            // Events of one answer share the commit time: a µs of their own keeps one resource's trail keys apart,
-            // and one already taken (an earlier answer committed in the same ms) moves the hop to the next free µs.
-            let n = seen[r.brokerID, default: 0]
-            var micros = at * 1000 + n
-            while try txn.get(trail, trailKey(r.brokerID, micros: micros, hop: "boundary \(domain)")) != nil { micros += 1 }
-            seen[r.brokerID] = micros - at * 1000 + 1
-            try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: micros)
+            let micros = max(UInt64(max(0, at)) * 1000, previous + 1, (lastMicros[r.brokerID] ?? 0) + 1)
+            lastMicros[r.brokerID] = micros
+            latest = max(latest, micros)
+            try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: Int64(micros))
         }
+        if latest > previous { try txn.put(targetState, hopAtKey, latest.bigEndianBytes) }
         return out
     }
 
@@ -805,6 +816,7 @@ extension BrokerStore {
             let tables = [fanout, downlink, downlinkTrail, targetIds, targetOwners, targetMembers, targetMemberOf, targetPending]
             guard n < tables.count else {
                 // The feed's sequence starts again; the queue's own goes on (items queued meanwhile keep theirs).
+                // (`dlhopat/` stays: the trail's hops of this feed stay too, and a new hop comes after them.)
                 for kind in ["dlseq/", "dlacked/", "dlattr/"] { _ = try txn.delete(targetState, Array("\(kind)\(name)".utf8)) }
                 return (.requeue(type: "User"), nil)
             }

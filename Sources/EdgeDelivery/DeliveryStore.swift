@@ -429,11 +429,6 @@ package extension DeliveryTables {
         return next
     }
 
-    /// A hop's key in the trail: the resource, its time (µs), the hop's name.
-    func trailKey(_ brokerID: String, micros: Int64, hop: String) -> [UInt8] {
-        prefixed(brokerID, UInt64(micros).bigEndianBytes + Array(hop.utf8))
-    }
-
     /// Records one hop of a change in the resource's trail (and the trace
     /// id's index); `sweepTrail` removes them after the retention.
     func recordHop(
@@ -444,7 +439,7 @@ package extension DeliveryTables {
         value["at"] = .number(JSONNumber(integer: now / 1000))
         value["trace"] = .string(trace)
         let name = hop["hop"]?.stringValue ?? ""
-        try txn.put(trail, trailKey(brokerID, micros: now, hop: name), JSON.object(value).serialized())
+        try txn.put(trail, prefixed(brokerID, UInt64(now).bigEndianBytes + Array(name.utf8)), JSON.object(value).serialized())
         if !trace.isEmpty { try txn.put(traces, prefixed(trace, brokerID), UInt64(now).bigEndianBytes) }
     }
 
@@ -976,7 +971,10 @@ package extension DeliveryTables {
             }
         }
         result.stateEntries = try environment.write { txn in
-            try ["status/", "guard/", "paused/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/"].reduce(0) { n, kind in
+            try [
+                "status/", "guard/", "paused/", "seq/", "deadseq/", "links/", "linkindex/", "dlseq/", "dlacked/", "dlattr/", "dlepoch/",
+                "dlhopat/",
+            ].reduce(0) { n, kind in
                 n + (try txn.delete(targetState, Array("\(kind)\(name)".utf8)) ? 1 : 0)
             }
         }

@@ -284,11 +284,13 @@ final class FeedRecordTests: XCTestCase {
         XCTAssertEqual(try kinds(page), ["attributes", "put"])
         let ids = (1...3).map { "b-\($0)" }
         // 1 and 2: a record in a format this broker does not know; 3: that, and its event damaged; 5 (the group's
-        // delta): no record at all. 6 (ana's second event) is read as usual.
+        // delta): no record at all. 6 (ana's second event) is read as usual, and 4 from its record alone.
         try store.environment.write { txn in
             for seq: UInt64 in [1, 2, 3] { try txn.put(store.downlinkTrail, prefixed("sub", seq.bigEndianBytes), [0x7f, 1, 2, 3]) }
             try txn.put(store.downlink, prefixed("sub", UInt64(3).bigEndianBytes), Array("{\"seq\":3,".utf8))
             XCTAssertTrue(try txn.delete(store.downlinkTrail, prefixed("sub", UInt64(5).bigEndianBytes)))
+            // 4 (the group's create): its record without its event, which is read alone.
+            XCTAssertTrue(try txn.delete(store.downlink, prefixed("sub", UInt64(4).bigEndianBytes)))
         }
         let second = try store.environment.read { txn in
             try XCTUnwrap(JSONParser.parse(XCTUnwrap(txn.get(store.downlink, prefixed("sub", UInt64(2).bigEndianBytes))), limits: .stored))
