@@ -40,6 +40,9 @@ extension BrokerStore {
         BrokerStore.attributesEvent: "attributes",
     ]
 
+    /// How far past the broker's clock a boundary hop's time may be (an agent's clock ahead).
+    static let maxHopAheadMilliseconds: Int64 = 300_000
+
     /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
     static let maxPageBytes = 4 << 20
 
@@ -333,7 +336,10 @@ extension BrokerStore {
         // resource in an answer, or two answers committed in the same ms, never share a key (one would overwrite
         // the other). A hop's `at` is then a little later than the agent's commit time, never earlier.
         let hopAtKey = Array("dlhopat/\(target.name)".utf8)
-        let previous = try txn.get(targetState, hopAtKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        let stored = try txn.get(targetState, hopAtKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
+        // One already far ahead (the broker's own clock jumped, then came back) is not followed: its keys are far
+        // from the new ones, which cannot meet them.
+        let previous = stored <= UInt64(now + Self.maxHopAheadMilliseconds) * 1000 ? stored : 0
         var latest = previous
         var lastMicros: [String: UInt64] = [:]
         for (seq, r) in all {
@@ -352,8 +358,11 @@ extension BrokerStore {
                 hop[k] = .number(JSONNumber(integer: v))
             }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
-            if said != nil, r.accepted > 0 { out.latencies.append(at - r.accepted) }
-            let micros = max(UInt64(max(0, at)) * 1000, previous + 1, (lastMicros[r.brokerID] ?? 0) + 1)
+            // The agent's clock, but at most 5 minutes past the broker's: a commit time far ahead would carry
+            // every later hop of the feed with it (`dlhopat/`), beyond the trail's retention (`sweepTrail`).
+            let keyed = min(at, now + Self.maxHopAheadMilliseconds)
+            if said != nil, r.accepted > 0 { out.latencies.append(keyed - r.accepted) }
+            let micros = max(UInt64(max(0, keyed)) * 1000, previous + 1, (lastMicros[r.brokerID] ?? 0) + 1)
             lastMicros[r.brokerID] = micros
             latest = max(latest, micros)
             try recordHop(brokerID: r.brokerID, trace: r.trace, hop, txn, now: Int64(micros))

@@ -1,4 +1,5 @@
 import EdgeDelivery
+import EdgeLoop
 import EdgeStore
 import SCIM
 
@@ -118,7 +119,10 @@ extension BrokerStore {
             ]
             if let s = a.status { hop["status"] = .int(s) }
             if let t = a.scimType { hop["scimType"] = .string(t) }
-            try recordHop(brokerID: a.id, trace: a.trace, hop, txn, now: a.at * 1000 + 999)
+            // At most 5 minutes past the broker's clock, as a boundary hop: a hop keyed far ahead is never swept.
+            try recordHop(
+                brokerID: a.id, trace: a.trace, hop, txn,
+                now: min(a.at, unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000 + 999)
             counts[a.outcome, default: 0] += 1
         }
         return counts

@@ -141,7 +141,7 @@ extension DownlinkTests {
             (#""outcomes":{"from":1,"through":2,"committed":1}"#, "at most 'ackedThrough'"),
             (#""outcomes":{"from":1,"through":1}"#, "'outcomes.committed'"),
             // A commit time whose µs overflow: it crashed the broker at every retry of the poll.
-            (#""outcomes":{"from":1,"through":1,"committed":9300000000000000}"#, "at most 253402300799999"),
+            (#""outcomes":{"from":1,"through":1,"committed":253402300800000}"#, "at most 253402300799999"),
             (
                 #""outcomes":{"from":1,"through":1,"committed":1,"notAccepted":[5]}"#,
                 "'outcomes.notAccepted' must list sequences from 1 through 1"
@@ -157,7 +157,7 @@ extension DownlinkTests {
             (#""appOutcomes":[{\#(answer),"outcome":"delivered","target":"a/b"}]"#, "'target' must be the local target's name"),
             (#""appOutcomes":[{"trace":"t","event":"upsert","outcome":"delivered","at":1}]"#, "'id' must be the broker id"),
             // An answer time whose µs overflow: like `committed`, it crashed the broker at every retry of the poll.
-            (#""appOutcomes":[{\#(answer.replacing("\"at\":1", with: "\"at\":9300000000000000")),"outcome":"delivered"}]"#, "'at' must be"),
+            (#""appOutcomes":[{\#(answer.replacing("\"at\":1", with: "\"at\":253402300800000")),"outcome":"delivered"}]"#, "'at' must be"),
         ] {
             let (s, error) = try poll(bp, cert: us, #"{"ackedThrough":1,"epoch":"\#(epoch)","timeoutMs":0,\#(outcomes)}"#)
             XCTAssertEqual(s, 400, outcomes)

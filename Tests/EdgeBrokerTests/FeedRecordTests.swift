@@ -356,6 +356,50 @@ final class FeedRecordTests: XCTestCase {
         XCTAssertEqual(hops.map(\.micros), [UInt64(committed) * 1000, UInt64(committed) * 1000 + 1])
     }
 
+    /// An agent whose clock is far ahead (10 days) does not carry the
+    /// feed's hops with it: its hop is keyed at most 5 minutes past the
+    /// broker's clock, and the next answer's, from a clock set right, at
+    /// its own time (before, every later hop would have followed the
+    /// furthest one, past the trail's retention).
+    func testAnAgentClockFarAheadDoesNotCarryTheFeedsHops() throws {
+        let dir = TempDirectory("feed-clock-ahead")
+        defer { dir.remove() }
+        let (store, dest) = try destinationStore(dir)
+        try applyUsers(store, ["ana", "bob"])
+        _ = try poll(store, dest, ack: 0, after: 0)
+        let before = unixMilliseconds()
+        let ahead = before + 10 * 86_400_000
+        _ = try poll(
+            store, dest, ack: 1,
+            outcomes: try BrokerStore.FeedOutcomes(["from": 1, "through": 1, "committed": .number(JSONNumber(integer: ahead))], ack: 1))
+        let first = try XCTUnwrap(boundaryHopsWithTimes(store, "b-1").first)
+        XCTAssertLessThanOrEqual(first.micros, UInt64(unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000)
+        XCTAssertGreaterThanOrEqual(first.micros, UInt64(before + BrokerStore.maxHopAheadMilliseconds) * 1000)
+        let right = unixMilliseconds()
+        _ = try poll(
+            store, dest, ack: 2,
+            outcomes: try BrokerStore.FeedOutcomes(["from": 2, "through": 2, "committed": .number(JSONNumber(integer: right))], ack: 2))
+        let second = try XCTUnwrap(boundaryHopsWithTimes(store, "b-2").first)
+        XCTAssertLessThanOrEqual(second.micros, first.micros + 1, "after the furthest hop, not 10 days ahead")
+        XCTAssertGreaterThanOrEqual(second.micros, UInt64(right) * 1000)
+        // A local app's answer from that clock: also at most 5 minutes ahead.
+        let app = BrokerStore.AppOutcome(id: "b-1", trace: "trace-0", event: "upsert", outcome: "delivered", at: ahead)
+        let page = try store.environment.write { txn in
+            try store.pollFeed(target: dest, epoch: "s1", ack: 2, limit: 100, window: 100, apps: [app], speaks: 5, txn)
+        }
+        XCTAssertEqual(page.committed.apps, ["delivered": 1])
+        let hops = try store.environment.read { txn in
+            var found: [UInt64] = []
+            try txn.scanKeys(store.trail, from: prefixed("b-1", []), to: prefixEnd("b-1")) { k in
+                if k.suffix(3).elementsEqual(Array("app".utf8)) { found.append(UInt64(bigEndianBytes: Array(k[4..<12])) ?? 0) }
+                return true
+            }
+            return found
+        }
+        XCTAssertEqual(hops.count, 1)
+        XCTAssertLessThanOrEqual(hops.first ?? .max, UInt64(unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000 + 999)
+    }
+
     /// A queue item this broker cannot read (damaged, or a newer broker's
     /// kind after a downgrade) becomes a dead letter with its bytes,
     /// counted, and the items after it go on; before, it was deleted with
@@ -413,6 +457,12 @@ final class FeedRecordTests: XCTestCase {
         defer { dir.remove() }
         let (store, _) = try destinationStore(dir)
         try applyUsers(store, ["ana"])
+        let at = unixMilliseconds()
+        try store.environment.write { txn in
+            try store.recordHop(brokerID: "b-1", trace: "t", ["hop": "target sub", "status": 201], txn, now: at * 1000)
+        }
+        XCTAssertEqual(try store.pushAnswer(target: "sub", brokerID: "b-1", since: at - 1)?["status"], 201)
+        XCTAssertNil(try store.pushAnswer(target: "sub", brokerID: "b-1", since: at + 1))
         XCTAssertNil(try store.pushAnswer(target: "sub", brokerID: "b-1", since: .max))
         XCTAssertNil(try store.pushAnswer(target: "sub", brokerID: "b-1", since: Int64.max / 1000 + 1))
     }
