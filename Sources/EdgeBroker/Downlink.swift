@@ -40,8 +40,17 @@ extension BrokerStore {
         BrokerStore.attributesEvent: "attributes",
     ]
 
-    /// How far past the broker's clock a boundary hop's time may be (an agent's clock ahead).
-    static let maxHopAheadMilliseconds: Int64 = 300_000
+    /// How far from the broker's clock a boundary hop's time may be (an agent's clock ahead or behind).
+    static let maxHopSkewMilliseconds: Int64 = 300_000
+
+    /// The time a boundary's hop is recorded at: the agent's (`ms`), within
+    /// `maxHopSkewMilliseconds` of the broker's (`now`). A clock far ahead
+    /// would carry the feed's later hops with it (`dlhopat/`) past the
+    /// trail's retention, never swept; one far behind would have the next
+    /// sweep remove the hop at once, without notice.
+    static func hopTime(_ ms: Int64, now: Int64) -> Int64 {
+        min(max(ms, now - maxHopSkewMilliseconds), now + maxHopSkewMilliseconds)
+    }
 
     /// The most bytes of events one poll answers (the agent parses up to 64 MiB).
     static let maxPageBytes = 4 << 20
@@ -339,7 +348,7 @@ extension BrokerStore {
         let stored = try txn.get(targetState, hopAtKey).flatMap(UInt64.init(bigEndianBytes:)) ?? 0
         // One already far ahead (the broker's own clock jumped, then came back) is not followed: its keys are far
         // from the new ones, which cannot meet them.
-        let previous = stored <= UInt64(now + Self.maxHopAheadMilliseconds) * 1000 ? stored : 0
+        let previous = stored <= UInt64(now + Self.maxHopSkewMilliseconds) * 1000 ? stored : 0
         var latest = previous
         var lastMicros: [String: UInt64] = [:]
         for (seq, r) in all {
@@ -358,9 +367,7 @@ extension BrokerStore {
                 hop[k] = .number(JSONNumber(integer: v))
             }
             out.outcomes[said?.outcome ?? "unreported", default: 0] += 1
-            // The agent's clock, but at most 5 minutes past the broker's: a commit time far ahead would carry
-            // every later hop of the feed with it (`dlhopat/`), beyond the trail's retention (`sweepTrail`).
-            let keyed = min(at, now + Self.maxHopAheadMilliseconds)
+            let keyed = Self.hopTime(at, now: now)
             if said != nil, r.accepted > 0 { out.latencies.append(keyed - r.accepted) }
             let micros = max(UInt64(max(0, keyed)) * 1000, previous + 1, (lastMicros[r.brokerID] ?? 0) + 1)
             lastMicros[r.brokerID] = micros

@@ -119,10 +119,8 @@ extension BrokerStore {
             ]
             if let s = a.status { hop["status"] = .int(s) }
             if let t = a.scimType { hop["scimType"] = .string(t) }
-            // At most 5 minutes past the broker's clock, as a boundary hop: a hop keyed far ahead is never swept.
-            try recordHop(
-                brokerID: a.id, trace: a.trace, hop, txn,
-                now: min(a.at, unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000 + 999)
+            // Within 5 minutes of the broker's clock, as a boundary hop (`hopTime`).
+            try recordHop(brokerID: a.id, trace: a.trace, hop, txn, now: BrokerStore.hopTime(a.at, now: unixMilliseconds()) * 1000 + 999)
             counts[a.outcome, default: 0] += 1
         }
         return counts

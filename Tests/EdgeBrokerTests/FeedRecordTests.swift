@@ -251,7 +251,7 @@ final class FeedRecordTests: XCTestCase {
         _ = try poll(store, dest, ack: 0)
         try applyRelay(store, [user("u0", "ana.b")], ids: [])
         _ = try poll(store, dest, ack: 0, after: 1)
-        let committed: Int64 = 1_764_000_000_123
+        let committed = unixMilliseconds()
         let outcomes = try BrokerStore.FeedOutcomes(
             ["from": 1, "through": 2, "committed": .number(JSONNumber(integer: committed))], ack: 2)
         let page = try poll(store, dest, ack: 2, outcomes: outcomes)
@@ -342,7 +342,7 @@ final class FeedRecordTests: XCTestCase {
         let (store, dest) = try destinationStore(dir)
         try applyUsers(store, ["ana"])
         _ = try poll(store, dest, ack: 0)
-        let committed: Int64 = 1_764_000_000_123
+        let committed = unixMilliseconds()
         _ = try poll(
             store, dest, ack: 1,
             outcomes: try BrokerStore.FeedOutcomes(["from": 1, "through": 1, "committed": .number(JSONNumber(integer: committed))], ack: 1))
@@ -360,7 +360,8 @@ final class FeedRecordTests: XCTestCase {
     /// feed's hops with it: its hop is keyed at most 5 minutes past the
     /// broker's clock, and the next answer's, from a clock set right, at
     /// its own time (before, every later hop would have followed the
-    /// furthest one, past the trail's retention).
+    /// furthest one, past the trail's retention). One far behind keeps
+    /// its hop through the next sweep (it was keyed in 1970 and swept).
     func testAnAgentClockFarAheadDoesNotCarryTheFeedsHops() throws {
         let dir = TempDirectory("feed-clock-ahead")
         defer { dir.remove() }
@@ -373,8 +374,8 @@ final class FeedRecordTests: XCTestCase {
             store, dest, ack: 1,
             outcomes: try BrokerStore.FeedOutcomes(["from": 1, "through": 1, "committed": .number(JSONNumber(integer: ahead))], ack: 1))
         let first = try XCTUnwrap(boundaryHopsWithTimes(store, "b-1").first)
-        XCTAssertLessThanOrEqual(first.micros, UInt64(unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000)
-        XCTAssertGreaterThanOrEqual(first.micros, UInt64(before + BrokerStore.maxHopAheadMilliseconds) * 1000)
+        XCTAssertLessThanOrEqual(first.micros, UInt64(unixMilliseconds() + BrokerStore.maxHopSkewMilliseconds) * 1000)
+        XCTAssertGreaterThanOrEqual(first.micros, UInt64(before + BrokerStore.maxHopSkewMilliseconds) * 1000)
         let right = unixMilliseconds()
         _ = try poll(
             store, dest, ack: 2,
@@ -397,7 +398,20 @@ final class FeedRecordTests: XCTestCase {
             return found
         }
         XCTAssertEqual(hops.count, 1)
-        XCTAssertLessThanOrEqual(hops.first ?? .max, UInt64(unixMilliseconds() + BrokerStore.maxHopAheadMilliseconds) * 1000 + 999)
+        XCTAssertLessThanOrEqual(hops.first ?? .max, UInt64(unixMilliseconds() + BrokerStore.maxHopSkewMilliseconds) * 1000 + 999)
+
+        // A clock far behind (1970), in a feed of its own: the hop is kept through a sweep.
+        let other = TempDirectory("feed-clock-behind")
+        defer { other.remove() }
+        let (fresh, feed) = try destinationStore(other)
+        relaySeq = 0
+        try applyUsers(fresh, ["cy"])
+        XCTAssertEqual(try refs(try poll(fresh, feed, ack: 0)), ["/Users/b-1"])
+        let early = unixMilliseconds()
+        _ = try poll(fresh, feed, ack: 1, outcomes: try BrokerStore.FeedOutcomes(["from": 1, "through": 1, "committed": 5], ack: 1))
+        _ = try fresh.environment.write { txn in try fresh.sweepTrail(trailFrom: nil, tracesFrom: nil, limit: 10_000, txn) }
+        let kept = try XCTUnwrap(boundaryHopsWithTimes(fresh, "b-1").first, "kept through the sweep")
+        XCTAssertGreaterThanOrEqual(kept.micros, UInt64(early - BrokerStore.maxHopSkewMilliseconds) * 1000)
     }
 
     /// A queue item this broker cannot read (damaged, or a newer broker's
