@@ -388,7 +388,7 @@ extension BrokerStore {
         var items: [([UInt8], DeliveryItem)] = []
         var unreadable: [([UInt8], [UInt8])] = []
         try txn.scan(fanout, from: prefixed(target.name, []), to: prefixEnd(target.name)) { k, v in
-            if let item = DeliveryItem(v), ["User", "Group", BrokerStore.resyncCompleteItem].contains(item.type) {
+            if let item = DeliveryItem(v), Self.feedItemTypes.contains(item.type) {
                 items.append((k, item))
             } else {
                 unreadable.append((k, v))
@@ -426,18 +426,20 @@ extension BrokerStore {
     /// downgrade, a damaged value) leaves the queue as a dead letter with
     /// its stored bytes: visible (`deadletter list`, the console), never
     /// dropped in silence, and never in the way of the items after it.
+    /// The queue items a feed is made of; any other is unreadable here.
+    static let feedItemTypes: Set<String> = ["User", "Group", resyncCompleteItem]
+
     func unreadableItem(_ target: String, _ key: [UInt8], _ value: [UInt8], _ txn: borrowing WriteTransaction) throws {
-        let seq = try nextCounter("deadseq/\(target)", txn)
         let letter: JSONObject = [
-            "seq": .number(JSONNumber(integer: Int64(seq))), "id": "", "type": .string(DeliveryItem(value)?.type ?? ""),
+            "id": "", "type": .string(DeliveryItem(value)?.type ?? ""),
             "method": "", "path": "feed queue",
             "request": .string(String(decoding: value.prefix(64 << 10), as: UTF8.self)),
             "response":
                 "a queue item this broker cannot read (a newer broker's after a downgrade, or a damaged value): not sent to the boundary",
             "at": .number(JSONNumber(integer: unixMilliseconds())),
         ]
-        try txn.put(targetDead, prefixed(target, seq.bigEndianBytes), JSON.object(letter).serialized())
-        _ = try txn.delete(fanout, key)
+        _ = try completeDelivery(
+            target: target, keys: [key], brokerID: "", type: "", mapping: .none, deadLetter: letter, hop: nil, trace: "", txn)
     }
 
     func hasQueued(_ target: String, _ txn: borrowing WriteTransaction) throws -> Bool {

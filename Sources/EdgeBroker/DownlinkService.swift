@@ -40,7 +40,7 @@ final class BrokerFeeds {
     var appOutcomes: [String: [String: Int]] = [:]
     /// Per destination: acknowledged events whose trail record could not be
     /// read, their hop made from the event itself (`recovered`) or not made.
-    var untraced: [String: (recovered: Int, unrecorded: Int)] = [:]
+    var untraced: [String: [String: Int]] = [:]
     /// Per destination: queue items that could not be read (dead letters now).
     var unreadableItems: [String: Int] = [:]
     var propagation: [String: RecentSamples] = [:]
@@ -68,9 +68,7 @@ final class BrokerFeeds {
     func committed(_ domain: String, _ c: BrokerStore.CommittedEvents) {
         for (k, n) in c.outcomes { outcomes[domain, default: [:]][k, default: 0] += n }
         for (k, n) in c.apps { appOutcomes[domain, default: [:]][k, default: 0] += n }
-        for u in c.untraced {
-            if u.recovered { untraced[domain, default: (0, 0)].recovered += 1 } else { untraced[domain, default: (0, 0)].unrecorded += 1 }
-        }
+        for u in c.untraced { untraced[domain, default: [:]][u.recovered ? "true" : "false", default: 0] += 1 }
         guard !c.latencies.isEmpty else { return }
         let now = unixMilliseconds()
         for ms in c.latencies { propagation[domain, default: RecentSamples()].add(at: now, seconds: Double(max(0, ms)) / 1000) }
@@ -430,25 +428,20 @@ extension BrokerService {
             "scim_broker_downlink_store_conflicts_total", "counter",
             "Polls refused (409 another_store) because another store of the destination was polling its feed."
         ) { d, _ in String(feeds.storeConflicts[d] ?? 0) }
-        let u = "scim_broker_downlink_untraced_events_total"
-        out +=
-            "# HELP \(u) Acknowledged feed events whose trail record could not be read: their hop made from the event (recovered=\"true\") or not recorded (logged).\n"
-        out += "# TYPE \(u) counter\n"
-        for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
-            let c = feeds.untraced[domain] ?? (0, 0)
-            out += "\(u){domain=\"\(domain)\",target=\"\(t.name)\",recovered=\"true\"} \(c.recovered)\n"
-            out += "\(u){domain=\"\(domain)\",target=\"\(t.name)\",recovered=\"false\"} \(c.unrecorded)\n"
-        }
-        /// A counter per destination and outcome (`_` for a space in the label).
-        func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]]) {
+        /// A counter per destination and outcome (`_` for a space in the label; `label`: the label's name).
+        func byOutcome(_ name: String, _ help: String, _ outcomes: [String], _ counts: [String: [String: Int]], label: String = "outcome") {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n"
             for (domain, t) in feeds.destinations.sorted(by: { $0.key < $1.key }) {
                 for outcome in outcomes {
-                    let label = outcome.replacing(" ", with: "_")
-                    out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",outcome=\"\(label)\"} \(counts[domain]?[outcome] ?? 0)\n"
+                    let value = outcome.replacing(" ", with: "_")
+                    out += "\(name){domain=\"\(domain)\",target=\"\(t.name)\",\(label)=\"\(value)\"} \(counts[domain]?[outcome] ?? 0)\n"
                 }
             }
         }
+        byOutcome(
+            "scim_broker_downlink_untraced_events_total",
+            "Acknowledged feed events whose trail record could not be read: their hop made from the event (recovered=\"true\") or not recorded (logged).",
+            ["true", "false"], feeds.untraced, label: "recovered")
         byOutcome(
             "scim_broker_downlink_events_committed_total",
             "Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).",

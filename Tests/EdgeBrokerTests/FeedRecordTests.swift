@@ -460,8 +460,7 @@ final class FeedRecordTests: XCTestCase {
         var c = BrokerStore.CommittedEvents()
         c.untraced = [(1, true), (2, false), (3, true)]
         feeds.committed("acme-us", c)
-        XCTAssertEqual(feeds.untraced["acme-us"]?.recovered, 2)
-        XCTAssertEqual(feeds.untraced["acme-us"]?.unrecorded, 1)
+        XCTAssertEqual(feeds.untraced["acme-us"], ["true": 2, "false": 1])
     }
 
     /// A push's answer asked for from a time past what µs can hold (the
