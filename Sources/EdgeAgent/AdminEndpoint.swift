@@ -245,6 +245,10 @@ public final class AdminEndpoint {
                     "scim_edge_downlink_app_outcomes_reported_total", "counter",
                     "Local targets' answers to foreign changes the broker took for its trace (downlink protocol 3).",
                     [("", String(s.appOutcomesReported))])
+                metric(
+                    "scim_edge_downlink_reports_refused_total", "counter",
+                    "Poll reports (the boundary's outcomes, the local apps' answers) the broker refused: dropped, logged, the poll sent again without them, so those traces end at the boundary.",
+                    ["outcomes", "appOutcomes"].map { ("{report=\"\($0)\"}", String(s.reportsRefused[$0, default: 0])) })
                 if let (pending, dropped) = try? agent.store.appOutcomeCounts() {
                     metric(
                         "scim_edge_downlink_app_outcomes_pending", "gauge", "Local targets' answers kept for the broker, not yet taken.",

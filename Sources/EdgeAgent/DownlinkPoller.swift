@@ -24,6 +24,8 @@ public struct DownlinkStatistics: Sendable {
     public var staleRemoved = 0
     /// Local apps' answers to foreign changes the broker took (protocol 3).
     public var appOutcomesReported = 0
+    /// Reports the broker refused (`invalid_report`): dropped, logged, the poll sent again without them.
+    public var reportsRefused: [String: Int] = [:]
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
     public var brokerLastSeq: UInt64 = 0
@@ -171,6 +173,7 @@ public final class DownlinkPoller {
         // The local apps' answers to what entered (protocol 3; `AppOutcomes.swift`): the broker's 200 takes them.
         let apps = takesAppOutcomes ? (try? store.appOutcomes(after: appsTaken)) ?? nil : nil
         if let apps { body["appOutcomes"] = .array(apps.items) }
+        let carried = (outcomes: body["outcomes"] != nil, apps: apps.map { ($0.through, $0.items.count) })
         let request = HTTPRequest(
             method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
             body: JSON.object(body).serialized())
@@ -180,11 +183,15 @@ public final class DownlinkPoller {
             polling = false
             // Sent before a failure: what it asks for follows what may not be committed; asked for again.
             guard generation == self.generation else { return }
-            answered(result, acked: acked, apps: apps.map { ($0.through, $0.items.count) })
+            answered(result, acked: acked, carried: carried)
         }
     }
 
-    private func answered(_ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64, apps: (through: UInt64, count: Int)? = nil) {
+    private func answered(
+        _ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64,
+        carried: (outcomes: Bool, apps: (through: UInt64, count: Int)?) = (false, nil)
+    ) {
+        let apps = carried.apps
         guard !stopped else { return }
         switch result {
         case .failure(let e):
@@ -214,6 +221,22 @@ public final class DownlinkPoller {
                 if let last = events.last?["seq"]?.numberValue?.integer { received = max(received, UInt64(clamping: last)) }
                 apply(events)
                 if pipelined && applying < Self.maxApplying { poll() }
+            case 400 where body?["error"]?.stringValue == "invalid_report":
+                // The report only annotates the broker's trace: one it cannot take must not hold the feed.
+                let part = body?["report"]?.stringValue
+                if part == "outcomes" && carried.outcomes {
+                    reported = max(reported, acked)
+                    report = report?.trimmed(after: reported)
+                } else if part == "appOutcomes", let apps {
+                    tookAppOutcomes(through: apps.through, count: 0)
+                } else {
+                    return retry("broker refused the poll: \(r.status) \(description)", after: nil)
+                }
+                statistics.reportsRefused[part!, default: 0] += 1
+                logger.error(
+                    "downlink: the broker refused this poll's report; it is dropped (those traces end without it) and the poll sent again",
+                    metadata: ["report": .string(part!), "detail": .string(description)])
+                poll()
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
                 retry("the broker has no feed for this domain: \(description)", after: 60)

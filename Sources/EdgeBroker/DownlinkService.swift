@@ -124,6 +124,18 @@ extension BrokerService {
     /// domain (never the request's): acknowledges what the agent committed,
     /// then answers up to `maxEvents` events, waiting up to `timeoutMs` when
     /// there are none.
+    /// A poll whose report (`outcomes` or `appOutcomes`) is malformed: 400
+    /// `invalid_report`, naming which part, and nothing acknowledged. The
+    /// report only annotates the trace, so an agent of this version sends
+    /// the poll again without it, and the feed goes on (docs/protocol.md).
+    func refuseReport(_ part: String, _ error: BrokerStore.FeedOutcomesError, _ domain: String, _ responder: Responder) {
+        logger.warning(
+            "downlink: a poll's report is refused (the agent sends the poll again without it)",
+            metadata: ["domain": .string(domain), "report": .string(part), "detail": .string(error.description)])
+        responder.respond(
+            Self.json(400, ["error": "invalid_report", "report": .string(part), "description": .string(error.description)]))
+    }
+
     func poll(_ request: HTTPRequest, _ bound: DomainBinding, _ responder: Responder) {
         guard let target = feeds.destinations[bound.domain] else {
             responder.respond(
@@ -163,15 +175,13 @@ extension BrokerService {
             do throws(BrokerStore.FeedOutcomesError) {
                 outcomes = try BrokerStore.FeedOutcomes(o, ack: UInt64(ack))
             } catch {
-                responder.respond(Self.failure(400, "invalid_request", error.description))
-                return
+                return refuseReport("outcomes", error, bound.domain, responder)
             }
         }
         var apps: [BrokerStore.AppOutcome] = []
         if let a = body["appOutcomes"] {
             do throws(BrokerStore.FeedOutcomesError) { apps = try BrokerStore.AppOutcome.parse(a) } catch {
-                responder.respond(Self.failure(400, "invalid_request", error.description))
-                return
+                return refuseReport("appOutcomes", error, bound.domain, responder)
             }
         }
         // The protocol the agent speaks (4: it takes a group's attributes without its members); none said: 1.
