@@ -249,6 +249,10 @@ public final class AdminEndpoint {
                     "scim_edge_downlink_reports_refused_total", "counter",
                     "Poll reports (the boundary's outcomes, the local apps' answers) the broker refused: dropped, logged, the poll sent again without them, so those traces end at the boundary.",
                     ["outcomes", "appOutcomes"].map { ("{report=\"\($0)\"}", String(s.reportsRefused[$0, default: 0])) })
+                metric(
+                    "scim_edge_downlink_app_outcomes_refused_total", "counter",
+                    "Local targets' answers dropped because the broker refused them (invalid_report) or their stored record could not be read (reason).",
+                    [("{reason=\"refused\"}", String(s.appOutcomesRefused)), ("{reason=\"unreadable\"}", String(s.appOutcomesUnreadable))])
                 if let (pending, dropped) = try? agent.store.appOutcomeCounts() {
                     metric(
                         "scim_edge_downlink_app_outcomes_pending", "gauge", "Local targets' answers kept for the broker, not yet taken.",

@@ -79,21 +79,43 @@ extension AgentStore {
         (1...64).contains(s.utf8.count) && s.utf8.allSatisfy { ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) }
     }
 
+    /// The answers one poll carries: their outbox sequences beside them, and
+    /// those of records that could not be read (damaged), which go with the
+    /// batch when the broker takes it (counted) instead of holding the rest.
+    public struct PendingAppOutcomes: Sendable {
+        public var through: UInt64 = 0
+        public var items: [JSON] = []
+        public var sequences: [UInt64] = []
+        public var unreadable: [UInt64] = []
+    }
+
     /// The oldest answers kept for the broker after outbox sequence `after`
-    /// (at most `limit`), and the sequence of the last of them; nil: none.
-    public func appOutcomes(after: UInt64 = 0, limit: Int = AgentStore.appOutcomesPerPoll) throws -> (through: UInt64, items: [JSON])? {
+    /// (at most `limit`, damaged records included), through the last of
+    /// them; nil: none.
+    public func appOutcomes(after: UInt64 = 0, limit: Int = AgentStore.appOutcomesPerPoll) throws -> PendingAppOutcomes? {
         let meta = self.meta, prefix = AgentStore.appOutcomePrefix
         return try environment.read { txn in
-            var items: [JSON] = []
-            var through: UInt64 = 0
+            var out = PendingAppOutcomes()
             try txn.scan(meta, from: prefix + (after + 1).bigEndianBytes, to: Array(prefix.dropLast()) + [UInt8(ascii: "/") + 1]) { k, v in
-                guard let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) else { return true }
-                items.append(try JSONParser.parse(v, limits: .stored))
-                through = seq
-                return items.count < limit
+                guard k.count == prefix.count + 8, let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) else { return true }
+                if let item = try? JSONParser.parse(v, limits: .stored), item.objectValue != nil {
+                    out.items.append(item)
+                    out.sequences.append(seq)
+                } else {
+                    out.unreadable.append(seq)
+                }
+                out.through = seq
+                return out.items.count + out.unreadable.count < limit
             }
-            return items.isEmpty ? nil : (through, items)
+            return out.through == 0 ? nil : out
         }
+    }
+
+    /// One answer the broker refused (the poll's others are sent again).
+    public func dropAppOutcome(_ seq: UInt64, in txn: borrowing WriteTransaction) throws {
+        guard try txn.delete(meta, AgentStore.appOutcomePrefix + seq.bigEndianBytes) else { return }
+        let count = try counter(AgentStore.appOutcomeCountKey, txn)
+        try txn.put(meta, AgentStore.appOutcomeCountKey, (count - min(count, 1)).bigEndianBytes)
     }
 
     /// The broker took the answers through `through`: they go.

@@ -26,6 +26,9 @@ public struct DownlinkStatistics: Sendable {
     public var appOutcomesReported = 0
     /// Reports the broker refused (`invalid_report`): dropped, logged, the poll sent again without them.
     public var reportsRefused: [String: Int] = [:]
+    /// Of them, the local apps' answers dropped; and answers dropped because their stored record could not be read.
+    public var appOutcomesRefused = 0
+    public var appOutcomesUnreadable = 0
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
     public var brokerLastSeq: UInt64 = 0
@@ -75,6 +78,8 @@ public final class DownlinkPoller {
     /// It said protocol 3: it takes the local apps' answers (`appOutcomes`); those through `appsTaken` it has.
     private var takesAppOutcomes = false
     private var appsTaken: UInt64 = 0
+    /// Answers the broker refused whose removal is not committed yet: left out of polls.
+    private var appsRefused: Set<UInt64> = []
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -171,9 +176,15 @@ public final class DownlinkPoller {
         // This boundary's decisions on what it acknowledges, for the broker's trace (a broker of protocol 1 ignores them).
         if let r = report?.trimmed(after: reported), r.through <= acked { body["outcomes"] = r.json }
         // The local apps' answers to what entered (protocol 3; `AppOutcomes.swift`): the broker's 200 takes them.
-        let apps = takesAppOutcomes ? (try? store.appOutcomes(after: appsTaken)) ?? nil : nil
+        var apps = takesAppOutcomes ? (try? store.appOutcomes(after: appsTaken)) ?? nil : nil
+        if var a = apps, !appsRefused.isEmpty {
+            // Refused by the broker, their removal not yet committed: not sent again.
+            let kept = a.sequences.indices.filter { !appsRefused.contains(a.sequences[$0]) }
+            (a.items, a.sequences) = (kept.map { a.items[$0] }, kept.map { a.sequences[$0] })
+            apps = a
+        }
         if let apps { body["appOutcomes"] = .array(apps.items) }
-        let carried = (outcomes: body["outcomes"] != nil, apps: apps.map { ($0.through, $0.items.count) })
+        let carried = (outcomes: body["outcomes"] != nil, apps: apps)
         let request = HTTPRequest(
             method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
             body: JSON.object(body).serialized())
@@ -189,7 +200,7 @@ public final class DownlinkPoller {
 
     private func answered(
         _ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64,
-        carried: (outcomes: Bool, apps: (through: UInt64, count: Int)?) = (false, nil)
+        carried: (outcomes: Bool, apps: AgentStore.PendingAppOutcomes?) = (false, nil)
     ) {
         let apps = carried.apps
         guard !stopped else { return }
@@ -210,7 +221,7 @@ public final class DownlinkPoller {
                 pipelined = version >= 2
                 takesAppOutcomes = version >= 3
                 // A broker that said less than 3 ignored them (downgraded): they stay, and go again to one of 3.
-                if let apps, version >= 3 { tookAppOutcomes(through: apps.through, count: apps.count) }
+                if let apps, version >= 3 { tookAppOutcomes(apps) }
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     // An answer being committed polls when it is (acknowledging it).
@@ -223,19 +234,41 @@ public final class DownlinkPoller {
                 if pipelined && applying < Self.maxApplying { poll() }
             case 400 where body?["error"]?.stringValue == "invalid_report":
                 // The report only annotates the broker's trace: one it cannot take must not hold the feed.
-                let part = body?["report"]?.stringValue
+                let part = body?["report"]?.stringValue ?? ""
+                var dropped = ""
                 if part == "outcomes" && carried.outcomes {
                     reported = max(reported, acked)
                     report = report?.trimmed(after: reported)
-                } else if part == "appOutcomes", let apps {
-                    tookAppOutcomes(through: apps.through, count: 0)
+                    dropped = "the outcomes of feed sequences through \(acked)"
+                    let store = self.store
+                    writer.submit({ txn in try store.dropDownlinkReport(through: acked, in: txn) }) { [weak self] result in
+                        if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the refused report: \(e)") }
+                    }
+                } else if part == "appOutcomes", let apps, !apps.items.isEmpty {
+                    if let i = body?["entry"]?.numberValue?.integer, i >= 0, i < apps.sequences.count {
+                        // One answer refused: it goes, the others are sent again.
+                        let seq = apps.sequences[Int(i)]
+                        dropped = "the local app's answer \(seq) (\(apps.items[Int(i)]["trace"]?.stringValue ?? "-"))"
+                        appsRefused.insert(seq)
+                        let store = self.store
+                        writer.submit({ txn in try store.dropAppOutcome(seq, in: txn) }) { [weak self] result in
+                            guard let self else { return }
+                            if case .failure(let e) = result { return logger.warning("downlink: cannot drop the refused answer: \(e)") }
+                            appsRefused.remove(seq)
+                        }
+                        statistics.appOutcomesRefused += 1
+                    } else {
+                        dropped = "\(apps.items.count) local apps' answers"
+                        statistics.appOutcomesRefused += apps.items.count
+                        tookAppOutcomes(apps, reported: false)
+                    }
                 } else {
                     return retry("broker refused the poll: \(r.status) \(description)", after: nil)
                 }
-                statistics.reportsRefused[part!, default: 0] += 1
+                statistics.reportsRefused[part, default: 0] += 1
                 logger.error(
-                    "downlink: the broker refused this poll's report; it is dropped (those traces end without it) and the poll sent again",
-                    metadata: ["report": .string(part!), "detail": .string(description)])
+                    "downlink: the broker refused this poll's report; what it named is dropped (those traces end without it) and the poll sent again",
+                    metadata: ["report": .string(part), "dropped": .string(dropped), "detail": .string(description)])
                 poll()
             case 404:
                 // No route names this domain: nothing to fetch now (a broker restarted with one is found within a minute).
@@ -338,10 +371,19 @@ public final class DownlinkPoller {
         schedule(after: seconds.map { $0 * 1000 } ?? jitteredBackoff(failures: failures, cap: Self.maxBackoffMilliseconds))
     }
 
-    /// The broker has the apps' answers through outbox sequence `through`: they go from the store.
-    private func tookAppOutcomes(through: UInt64, count: Int) {
+    /// The broker has the apps' answers through outbox sequence `through`
+    /// (or refused them: `reported` false): they go from the store, and so
+    /// do the damaged records among them (logged, counted).
+    private func tookAppOutcomes(_ apps: AgentStore.PendingAppOutcomes, reported: Bool = true) {
+        let through = apps.through
         appsTaken = max(appsTaken, through)
-        statistics.appOutcomesReported += count
+        if reported { statistics.appOutcomesReported += apps.items.count }
+        if !apps.unreadable.isEmpty {
+            statistics.appOutcomesUnreadable += apps.unreadable.count
+            logger.error(
+                "downlink: local apps' answers kept for the broker could not be read; they are dropped (those traces end at the boundary)",
+                metadata: ["sequences": .string(apps.unreadable.map(String.init).joined(separator: ","))])
+        }
         let store = self.store
         writer.submit({ txn in try store.dropAppOutcomes(through: through, in: txn) }) { [weak self] result in
             if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the reported app answers (sent again): \(e)") }

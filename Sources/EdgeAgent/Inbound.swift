@@ -380,6 +380,19 @@ extension AgentStore {
         }
     }
 
+    /// The broker refused the report of what was committed through `acked`:
+    /// the stored report keeps only what follows (sent after a restart
+    /// otherwise, and refused again).
+    public func dropDownlinkReport(through acked: UInt64, in txn: borrowing WriteTransaction) throws {
+        let stored = try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
+        guard let stored else { return }
+        if let rest = stored.trimmed(after: acked) {
+            try txn.put(meta, AgentStore.downlinkReportKey, rest.json.serialized())
+        } else {
+            _ = try txn.delete(meta, AgentStore.downlinkReportKey)
+        }
+    }
+
     /// How many foreign resources of each source domain are stored.
     public func foreignCounts() throws -> [String: Int] {
         try environment.read { txn in

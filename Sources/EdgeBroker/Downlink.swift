@@ -170,7 +170,9 @@ extension BrokerStore {
 
     public struct FeedOutcomesError: Error, Equatable {
         public let description: String
-        init(_ d: String) { description = d }
+        /// The index of the `appOutcomes` entry refused (nil: the whole part).
+        public let entry: Int?
+        init(_ d: String, entry: Int? = nil) { (description, self.entry) = (d, entry) }
     }
 
     /// A poll the feed cannot answer as it stands: another store than the

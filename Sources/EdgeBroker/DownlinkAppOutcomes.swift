@@ -36,7 +36,7 @@ extension BrokerStore {
             }
             var out: [AppOutcome] = []
             for (i, item) in items.enumerated() {
-                func bad(_ what: String) -> FeedOutcomesError { FeedOutcomesError("'appOutcomes[\(i)]': \(what)") }
+                func bad(_ what: String) -> FeedOutcomesError { FeedOutcomesError("'appOutcomes[\(i)]': \(what)", entry: i) }
                 guard item.objectValue != nil else { throw bad("must be an object") }
                 guard let id = item["id"]?.stringValue, (1...128).contains(id.utf8.count), !id.contains("\0") else {
                     throw bad("'id' must be the broker id the feed named the resource by")

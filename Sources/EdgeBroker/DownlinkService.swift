@@ -49,6 +49,9 @@ final class BrokerFeeds {
     /// Per destination: polls refused because another store of it is polling.
     var storeConflicts: [String: Int] = [:]
     var conflictLog = RateLimitedLog()
+    /// Per destination and part (`outcomes`, `appOutcomes`): poll reports refused (400 invalid_report).
+    var reportsRefused: [String: [String: Int]] = [:]
+    var reportLog = RateLimitedLog()
     /// A store that polled within this long is live, and so is one with a poll parked on a connection still open.
     static let liveStoreMilliseconds: UInt64 = 5000
 
@@ -120,22 +123,31 @@ extension BrokerService {
     /// agent that fetches the next pages while it commits the last (protocol 2, `after`).
     static let feedWindow = 5000
 
+    /// A poll whose report (`outcomes` or `appOutcomes`) is malformed: 400
+    /// `invalid_report`, naming the part and (for `appOutcomes`) the entry,
+    /// and nothing acknowledged; logged (at most 20 a minute) and counted.
+    /// The report only annotates the trace, so an agent of this version
+    /// drops what was named and sends the poll again, and the feed goes on
+    /// (docs/protocol.md).
+    func refuseReport(_ part: String, _ error: BrokerStore.FeedOutcomesError, _ domain: String, _ responder: Responder) {
+        feeds.reportsRefused[domain, default: [:]][part, default: 0] += 1
+        if let notLogged = feeds.reportLog.admit(now: loop.now) {
+            logger.warning(
+                "downlink: a poll's report is refused (the agent drops what was named and polls again)",
+                metadata: [
+                    "domain": .string(domain), "report": .string(part), "detail": .string(error.description),
+                    "notLogged": .stringConvertible(notLogged),
+                ])
+        }
+        var body: JSONObject = ["error": "invalid_report", "report": .string(part), "description": .string(error.description)]
+        if let i = error.entry { body["entry"] = .int(i) }
+        responder.respond(Self.json(400, .object(body)))
+    }
+
     /// `POST /federation/v1/feed`: the destination is the certificate's
     /// domain (never the request's): acknowledges what the agent committed,
     /// then answers up to `maxEvents` events, waiting up to `timeoutMs` when
     /// there are none.
-    /// A poll whose report (`outcomes` or `appOutcomes`) is malformed: 400
-    /// `invalid_report`, naming which part, and nothing acknowledged. The
-    /// report only annotates the trace, so an agent of this version sends
-    /// the poll again without it, and the feed goes on (docs/protocol.md).
-    func refuseReport(_ part: String, _ error: BrokerStore.FeedOutcomesError, _ domain: String, _ responder: Responder) {
-        logger.warning(
-            "downlink: a poll's report is refused (the agent sends the poll again without it)",
-            metadata: ["domain": .string(domain), "report": .string(part), "detail": .string(error.description)])
-        responder.respond(
-            Self.json(400, ["error": "invalid_report", "report": .string(part), "description": .string(error.description)]))
-    }
-
     func poll(_ request: HTTPRequest, _ bound: DomainBinding, _ responder: Responder) {
         guard let target = feeds.destinations[bound.domain] else {
             responder.respond(
@@ -452,6 +464,10 @@ extension BrokerService {
             "scim_broker_downlink_untraced_events_total",
             "Acknowledged feed events whose trail record could not be read: their hop made from the event (recovered=\"true\") or not recorded (logged).",
             ["true", "false"], feeds.untraced, label: "recovered")
+        byOutcome(
+            "scim_broker_downlink_reports_refused_total",
+            "Poll reports refused (400 invalid_report: the boundary's outcomes, its local apps' answers); the agent drops what was named and polls again.",
+            ["outcomes", "appOutcomes"], feeds.reportsRefused, label: "report")
         byOutcome(
             "scim_broker_downlink_events_committed_total",
             "Feed events the destination's agent committed, by its outcome (accepted, not accepted, refused, unreported).",
