@@ -215,7 +215,6 @@ public final class DownlinkPoller {
             case 200:
                 guard let events = body?["events"]?.arrayValue else { return retry("broker answered 200 without events", after: nil) }
                 statistics.brokerLastSeq = body?["lastSeq"]?.numberValue?.integer.map { UInt64(clamping: $0) } ?? statistics.brokerLastSeq
-                failures = 0
                 reported = max(reported, acked)
                 let version = body?["protocol"]?.numberValue?.integer ?? 1
                 pipelined = version >= 2
@@ -224,6 +223,7 @@ public final class DownlinkPoller {
                 if let apps, version >= 3 { tookAppOutcomes(apps) }
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
+                    failures = 0
                     // An answer being committed polls when it is (acknowledging it).
                     if applying > 0 { return }
                     // The broker held the poll while there was nothing: ask again (at once, unless it may not hold polls).
@@ -300,6 +300,8 @@ public final class DownlinkPoller {
             applying -= 1
             switch result {
             case .success(let outcome):
+                // Only a commit resets the backoff: a 200 whose events cannot be committed is a failure too.
+                failures = 0
                 statistics.appliedThrough = max(statistics.appliedThrough, outcome.appliedThrough)
                 if var r = outcome.report {
                     r.committed = unixMilliseconds()  // durable now (the stored report has the transaction's time)
@@ -324,8 +326,10 @@ public final class DownlinkPoller {
                 if outcome.resyncCompleted || staleLeft { sweepStale() }
                 poll()
             case .failure where generation != self.generation:
-                // Fetched before a failure: it follows an answer that was not committed. Fetched again from what was.
+                // Fetched before a failure: it follows an answer that was not committed. Fetched again from what was,
+                // by the retry's timer, or now: an empty answer that came meanwhile left the next poll to this commit.
                 received = statistics.appliedThrough
+                poll()
             case .failure(let gap as DownlinkGap):
                 protocolError("\(gap)")
             case .failure(let e):

@@ -461,6 +461,11 @@ extension AgentStore {
                 } catch let e as SCIMError where nestEach {
                     outcome.refused[seq] = e.detail
                     report.refused[seq] = e.scimType?.rawValue ?? "refused"
+                } catch StoreError.badValueSize where nestEach {
+                    // A key over LMDB's 511 bytes (a long id, or a userName the template lengthened): this event alone.
+                    outcome.refused[seq] =
+                        "a key of this resource (its id, its userName as mapped, or a value) is longer than the store holds"
+                    report.refused[seq] = SCIMType.invalidValue.rawValue
                 }
             }
             if !fresh.isEmpty { outcome.report = report }
@@ -472,6 +477,8 @@ extension AgentStore {
         do {
             outcome = try txn.nested { sub in try run(false, sub) }
         } catch is SCIMError {
+            outcome = try run(true, txn)
+        } catch StoreError.badValueSize {
             outcome = try run(true, txn)
         }
         try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
