@@ -245,7 +245,11 @@ public final class DownlinkPoller {
                         if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the refused report: \(e)") }
                     }
                 } else if part == "appOutcomes", let apps, !apps.items.isEmpty {
-                    if let i = body?["entry"]?.numberValue?.integer, i >= 0, i < apps.sequences.count {
+                    if let e = body?["entry"] {
+                        // An entry this poll did not carry: nothing is dropped on a broker's word that fits no answer.
+                        guard let i = e.numberValue?.integer, i >= 0, i < apps.sequences.count else {
+                            return retry("broker refused an answer this poll did not carry: \(description)", after: nil)
+                        }
                         // One answer refused: it goes, the others are sent again.
                         let seq = apps.sequences[Int(i)]
                         dropped = "the local app's answer \(seq) (\(apps.items[Int(i)]["trace"]?.stringValue ?? "-"))"
@@ -275,11 +279,11 @@ public final class DownlinkPoller {
                 retry("the broker has no feed for this domain: \(description)", after: 60)
             case 409 where body?["error"]?.stringValue == "another_store":
                 // Another agent of this boundary polls with a store of its own: this one waits (and says so).
-                retry("refused: \(description)", after: brokerRetryAfter(r.headers["Retry-After"]))
+                retry("refused: \(description)", after: waitAtLeastASecond(r))
             case 503 where body?["error"]?.stringValue == "resync":
-                restart(after: brokerRetryAfter(r.headers["Retry-After"]) ?? 1)
+                restart(after: waitAtLeastASecond(r) ?? 1)
             case 429, 503:
-                retry("broker busy (\(r.status))", after: brokerRetryAfter(r.headers["Retry-After"]))
+                retry("broker busy (\(r.status))", after: waitAtLeastASecond(r))
             default:
                 retry("broker refused the poll: \(r.status) \(description)", after: nil)
             }
@@ -362,6 +366,11 @@ public final class DownlinkPoller {
         client.resetConnection()
         retry("protocol error: \(message)", after: nil)
     }
+
+    /// The broker's Retry-After in seconds (capped at 5 minutes), but at
+    /// least 1: a `Retry-After: 0` would have the agent poll at once,
+    /// in a loop. Nil: none given (the jittered backoff).
+    private func waitAtLeastASecond(_ r: HTTPResponse) -> UInt64? { brokerRetryAfter(r.headers["Retry-After"]).map { max(1, $0) } }
 
     /// Polls again after the broker's Retry-After (seconds) or a jittered backoff.
     private func retry(_ message: String, after seconds: UInt64?) {
