@@ -73,6 +73,8 @@ public final class DownlinkPoller {
     /// Counts failures: an answer applied from before one may fail as its consequence (not a protocol error).
     private var generation = 0
     static let maxApplying = 2
+    /// Refused events logged one by one per answer at most (the rest counted, with one line saying so).
+    static let refusalsLogged = 20
     /// The broker's last answer said protocol 2 (it takes `after`): only then does a poll leave before a commit.
     private var pipelined = false
     /// It said protocol 3: it takes the local apps' answers (`appOutcomes`); those through `appsTaken` it has.
@@ -103,6 +105,9 @@ public final class DownlinkPoller {
         let t = try LoopTimer(loop: loop)
         t.keepsLoopAlive = false
         timer = t
+        let st = try LoopTimer(loop: loop)
+        st.keepsLoopAlive = false
+        sweepTimer = st
         statistics.appliedThrough = try store.downlinkSequence()
         received = statistics.appliedThrough
         report = try store.downlinkReport()
@@ -111,8 +116,11 @@ public final class DownlinkPoller {
     }
 
     private var sweeping = false
-    /// A sweep step failed: the next committed answer starts it again.
+    /// A sweep step failed: the next committed answer starts it again, or
+    /// `sweepTimer` after a backoff (a quiet feed has no next answer).
     private var staleLeft = false
+    private var sweepTimer: LoopTimer?
+    private var sweepFailures = 0
 
     /// The end of a resync: what this store holds and the new feed did not
     /// send again goes, a step per transaction (`sweepStaleForeign`),
@@ -126,6 +134,7 @@ public final class DownlinkPoller {
             sweeping = false
             switch result {
             case .success(let step?):
+                sweepFailures = 0
                 statistics.staleRemoved += step.removed
                 if step.removed > 0 {
                     logger.notice(
@@ -138,7 +147,13 @@ public final class DownlinkPoller {
                 return
             case .failure(let e):
                 staleLeft = true
-                logger.warning("downlink: the sweep after a resync failed; it goes on at the next answer: \(e)")
+                sweepFailures += 1
+                let after = jitteredBackoff(failures: sweepFailures, cap: Self.maxBackoffMilliseconds)
+                logger.warning("downlink: the sweep after a resync failed; it goes on at the next answer, or in \(after) ms: \(e)")
+                sweepTimer?.start(after: after) { [weak self] in
+                    guard let self, staleLeft else { return }
+                    sweepStale()
+                }
             }
         }
     }
@@ -147,6 +162,8 @@ public final class DownlinkPoller {
         stopped = true
         timer?.close()
         timer = nil
+        sweepTimer?.close()
+        sweepTimer = nil
         client.close()
     }
 
@@ -209,7 +226,7 @@ public final class DownlinkPoller {
             retry("broker unreachable: \(e)", after: nil)
         case .success(let r):
             let body = try? JSONParser.parse(r.body, limits: .relayBatch)
-            // Only for a refusal: a 200's body (a page of up to 4 MiB) is not made a String.
+            // Only for a refusal: a 200's body (a page of several MiB) is not made a String.
             var description: String { body?["description"]?.stringValue ?? r.bodyText }
             switch r.status {
             case 200:
@@ -316,8 +333,19 @@ public final class DownlinkPoller {
                 statistics.duplicates += outcome.duplicates
                 statistics.notAccepted += outcome.notAccepted
                 statistics.refused += outcome.refused.count
-                for (seq, reason) in outcome.refused.sorted(by: { $0.key < $1.key }) {
-                    let event = events.first { $0["seq"]?.numberValue?.integer == Int64(seq) }
+                // Each refusal logged with its event (looked up by sequence, not by a scan per refusal), at most 20 an answer.
+                let bySeq =
+                    outcome.refused.isEmpty
+                    ? [:]
+                    : Dictionary(events.compactMap { e in e["seq"]?.numberValue?.integer.map { ($0, e) } }, uniquingKeysWith: { a, _ in a })
+                let refusals = outcome.refused.sorted(by: { $0.key < $1.key })
+                if refusals.count > Self.refusalsLogged {
+                    logger.warning(
+                        "downlink: more accepted resources of one answer could not be stored here than are logged; all are counted",
+                        metadata: ["refused": .stringConvertible(refusals.count), "logged": .stringConvertible(Self.refusalsLogged)])
+                }
+                for (seq, reason) in refusals.prefix(Self.refusalsLogged) {
+                    let event = bySeq[Int64(clamping: seq)]
                     logger.warning(
                         "downlink: an accepted resource could not be stored here; it is skipped (counted)",
                         metadata: [
@@ -399,7 +427,9 @@ public final class DownlinkPoller {
         }
         let store = self.store
         writer.submit({ txn in try store.dropAppOutcomes(through: through, in: txn) }) { [weak self] result in
-            if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the reported app answers (sent again): \(e)") }
+            if case .failure(let e) = result {
+                self?.logger.warning("downlink: cannot drop the reported app answers (sent again after a restart): \(e)")
+            }
         }
     }
 
