@@ -84,9 +84,9 @@ extension AgentStore {
     /// batch when the broker takes it (counted) instead of holding the rest.
     public struct PendingAppOutcomes: Sendable {
         public var through: UInt64 = 0
-        public var items: [JSON] = []
-        public var sequences: [UInt64] = []
+        public var entries: [(seq: UInt64, item: JSON)] = []
         public var unreadable: [UInt64] = []
+        public var items: [JSON] { entries.map(\.item) }
     }
 
     /// The oldest answers kept for the broker after outbox sequence `after`
@@ -99,13 +99,12 @@ extension AgentStore {
             try txn.scan(meta, from: prefix + (after + 1).bigEndianBytes, to: Array(prefix.dropLast()) + [UInt8(ascii: "/") + 1]) { k, v in
                 guard k.count == prefix.count + 8, let seq = UInt64(bigEndianBytes: Array(k.suffix(8))) else { return true }
                 if let item = try? JSONParser.parse(v, limits: .stored), item.objectValue != nil {
-                    out.items.append(item)
-                    out.sequences.append(seq)
+                    out.entries.append((seq, item))
                 } else {
                     out.unreadable.append(seq)
                 }
                 out.through = seq
-                return out.items.count + out.unreadable.count < limit
+                return out.entries.count + out.unreadable.count < limit
             }
             return out.through == 0 ? nil : out
         }

@@ -194,12 +194,8 @@ public final class DownlinkPoller {
         if let r = report?.trimmed(after: reported), r.through <= acked { body["outcomes"] = r.json }
         // The local apps' answers to what entered (protocol 3; `AppOutcomes.swift`): the broker's 200 takes them.
         var apps = takesAppOutcomes ? (try? store.appOutcomes(after: appsTaken)) ?? nil : nil
-        if var a = apps, !appsRefused.isEmpty {
-            // Refused by the broker, their removal not yet committed: not sent again.
-            let kept = a.sequences.indices.filter { !appsRefused.contains(a.sequences[$0]) }
-            (a.items, a.sequences) = (kept.map { a.items[$0] }, kept.map { a.sequences[$0] })
-            apps = a
-        }
+        // Refused by the broker, their removal not yet committed: not sent again.
+        if !appsRefused.isEmpty { apps?.entries.removeAll { appsRefused.contains($0.seq) } }
         if let apps { body["appOutcomes"] = .array(apps.items) }
         let carried = (outcomes: body["outcomes"] != nil, apps: apps)
         let request = HTTPRequest(
@@ -261,15 +257,15 @@ public final class DownlinkPoller {
                     writer.submit({ txn in try store.dropDownlinkReport(through: acked, in: txn) }) { [weak self] result in
                         if case .failure(let e) = result { self?.logger.warning("downlink: cannot drop the refused report: \(e)") }
                     }
-                } else if part == "appOutcomes", let apps, !apps.items.isEmpty {
+                } else if part == "appOutcomes", let apps, !apps.entries.isEmpty {
                     if let e = body?["entry"] {
                         // An entry this poll did not carry: nothing is dropped on a broker's word that fits no answer.
-                        guard let i = e.numberValue?.integer, i >= 0, i < apps.sequences.count else {
+                        guard let i = e.numberValue?.integer, i >= 0, i < apps.entries.count else {
                             return retry("broker refused an answer this poll did not carry: \(description)", after: nil)
                         }
                         // One answer refused: it goes, the others are sent again.
-                        let seq = apps.sequences[Int(i)]
-                        dropped = "the local app's answer \(seq) (\(apps.items[Int(i)]["trace"]?.stringValue ?? "-"))"
+                        let (seq, item) = apps.entries[Int(i)]
+                        dropped = "the local app's answer \(seq) (\(item["trace"]?.stringValue ?? "-"))"
                         appsRefused.insert(seq)
                         let store = self.store
                         writer.submit({ txn in try store.dropAppOutcome(seq, in: txn) }) { [weak self] result in
@@ -279,8 +275,8 @@ public final class DownlinkPoller {
                         }
                         statistics.appOutcomesRefused += 1
                     } else {
-                        dropped = "\(apps.items.count) local apps' answers"
-                        statistics.appOutcomesRefused += apps.items.count
+                        dropped = "\(apps.entries.count) local apps' answers"
+                        statistics.appOutcomesRefused += apps.entries.count
                         tookAppOutcomes(apps, reported: false)
                     }
                 } else {
@@ -418,7 +414,7 @@ public final class DownlinkPoller {
     private func tookAppOutcomes(_ apps: AgentStore.PendingAppOutcomes, reported: Bool = true) {
         let through = apps.through
         appsTaken = max(appsTaken, through)
-        if reported { statistics.appOutcomesReported += apps.items.count }
+        if reported { statistics.appOutcomesReported += apps.entries.count }
         if !apps.unreadable.isEmpty {
             statistics.appOutcomesUnreadable += apps.unreadable.count
             logger.error(

@@ -375,17 +375,18 @@ extension AgentStore {
 
     /// The outcomes of the last applied answer, which the next poll reports (nil: none).
     public func downlinkReport() throws -> DownlinkReport? {
-        try environment.read { txn in
-            try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
-        }
+        try environment.read { txn in try storedDownlinkReport(txn) }
+    }
+
+    func storedDownlinkReport(_ txn: borrowing some StoreReading & ~Copyable) throws -> DownlinkReport? {
+        try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
     }
 
     /// The broker refused the report of what was committed through `acked`:
     /// the stored report keeps only what follows (sent after a restart
     /// otherwise, and refused again).
     public func dropDownlinkReport(through acked: UInt64, in txn: borrowing WriteTransaction) throws {
-        let stored = try txn.get(meta, AgentStore.downlinkReportKey).flatMap { DownlinkReport(try JSONParser.parse($0, limits: .stored)) }
-        guard let stored else { return }
+        guard let stored = try storedDownlinkReport(txn) else { return }
         if let rest = stored.trimmed(after: acked) {
             try txn.put(meta, AgentStore.downlinkReportKey, rest.json.serialized())
         } else {
@@ -458,14 +459,9 @@ extension AgentStore {
                         outcome.notAccepted += 1
                         report.notAccepted.append(seq)
                     }
-                } catch let e as SCIMError where nestEach {
-                    outcome.refused[seq] = e.detail
-                    report.refused[seq] = e.scimType?.rawValue ?? "refused"
-                } catch StoreError.badValueSize where nestEach {
-                    // A key over LMDB's 511 bytes (a long id, or a userName the template lengthened): this event alone.
-                    outcome.refused[seq] =
-                        "a key of this resource (its id, its userName as mapped, or a value) is longer than the store holds"
-                    report.refused[seq] = SCIMType.invalidValue.rawValue
+                } catch {
+                    guard nestEach, let refusal = AgentStore.refusal(error) else { throw error }
+                    (outcome.refused[seq], report.refused[seq]) = refusal
                 }
             }
             if !fresh.isEmpty { outcome.report = report }
@@ -476,9 +472,7 @@ extension AgentStore {
         var outcome: DownlinkOutcome
         do {
             outcome = try txn.nested { sub in try run(false, sub) }
-        } catch is SCIMError {
-            outcome = try run(true, txn)
-        } catch StoreError.badValueSize {
+        } catch  where AgentStore.refusal(error) != nil {
             outcome = try run(true, txn)
         }
         try txn.put(meta, AgentStore.downlinkKey, last.bigEndianBytes)
@@ -486,14 +480,26 @@ extension AgentStore {
         outcome.resyncCompleted = try markSent(fresh, txn)
         // Only resends (nothing new): the stored report, of what they were applied with, stays the one to send.
         if let report = outcome.report {
-            let stored = try txn.get(meta, AgentStore.downlinkReportKey).flatMap {
-                DownlinkReport(try JSONParser.parse($0, limits: .stored))
-            }
-            let merged = stored?.trimmed(after: reported)?.followed(by: report) ?? report
+            let merged = try storedDownlinkReport(txn)?.trimmed(after: reported)?.followed(by: report) ?? report
             try txn.put(meta, AgentStore.downlinkReportKey, merged.json.serialized())
             outcome.report = merged
         }
         return outcome
+    }
+
+    /// An error that refuses one feed event (its detail, logged here, and
+    /// the `scimType` the broker's trace gets), not the answer: a SCIM error,
+    /// or a key over LMDB's 511 bytes (a long id, a userName the template
+    /// lengthened). Nil: the answer fails.
+    static func refusal(_ error: any Error) -> (detail: String, scimType: String)? {
+        if let e = error as? SCIMError { return (e.detail, e.scimType?.rawValue ?? "refused") }
+        if case StoreError.badValueSize? = error as? StoreError {
+            return (
+                "a key of this resource (its id, its userName as mapped, or a value) is longer than the store holds",
+                SCIMType.invalidValue.rawValue
+            )
+        }
+        return nil
     }
 
     enum ForeignChange { case applied, delta, notAccepted }
