@@ -227,6 +227,10 @@ public final class AdminEndpoint {
                     [("", String(s.duplicates))])
                 metric("scim_edge_downlink_errors_total", "counter", "Failed polls (retried).", [("", String(s.errors))])
                 metric(
+                    "scim_edge_downlink_idle_answers_total", "counter",
+                    "Answers that brought nothing new (empty before the wait asked for, or only events committed already); in a row, the polls after them are spaced out.",
+                    [("", String(s.idleAnswers))])
+                metric(
                     "scim_edge_downlink_protocol_errors_total", "counter", "Feed answers no honest broker gives (nothing applied).",
                     [("", String(s.protocolErrors))])
                 metric(

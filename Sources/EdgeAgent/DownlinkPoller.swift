@@ -29,6 +29,9 @@ public struct DownlinkStatistics: Sendable {
     /// Of them, the local apps' answers dropped; and answers dropped because their stored record could not be read.
     public var appOutcomesRefused = 0
     public var appOutcomesUnreadable = 0
+    /// Answers that brought nothing new (no event, before the wait the poll asked for; or only events committed
+    /// already): after the first of a row the next poll waits (`DownlinkPoller.idleWait`).
+    public var idleAnswers = 0
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
     public var brokerLastSeq: UInt64 = 0
@@ -82,6 +85,9 @@ public final class DownlinkPoller {
     private var appsTaken: UInt64 = 0
     /// Answers the broker refused whose removal is not committed yet: left out of polls.
     private var appsRefused: Set<UInt64> = []
+    /// Idle answers in a row (`DownlinkStatistics.idleAnswers`): reset by an answer with something new, or an
+    /// empty one the broker held for the wait asked.
+    private var idleRow = 0
     public private(set) var statistics = DownlinkStatistics()
     public var logger = Logger(label: "scim-edge.downlink")
     static let maxBackoffMilliseconds: UInt64 = 30_000
@@ -198,6 +204,7 @@ public final class DownlinkPoller {
         if !appsRefused.isEmpty { apps?.entries.removeAll { appsRefused.contains($0.seq) } }
         if let apps { body["appOutcomes"] = .array(apps.items) }
         let carried = (outcomes: body["outcomes"] != nil, apps: apps)
+        let asked = (at: loop.now, wait: UInt64(wait))
         let request = HTTPRequest(
             method: "POST", target: "/federation/v1/feed", headers: ["Content-Type": "application/json"],
             body: JSON.object(body).serialized())
@@ -207,13 +214,13 @@ public final class DownlinkPoller {
             polling = false
             // Sent before a failure: what it asks for follows what may not be committed; asked for again.
             guard generation == self.generation else { return }
-            answered(result, acked: acked, carried: carried)
+            answered(result, acked: acked, carried: carried, asked: asked)
         }
     }
 
     private func answered(
         _ result: Result<HTTPResponse, HTTPClientError>, acked: UInt64,
-        carried: (outcomes: Bool, apps: AgentStore.PendingAppOutcomes?) = (false, nil)
+        carried: (outcomes: Bool, apps: AgentStore.PendingAppOutcomes?) = (false, nil), asked: (at: UInt64, wait: UInt64)
     ) {
         let apps = carried.apps
         guard !stopped else { return }
@@ -237,11 +244,27 @@ public final class DownlinkPoller {
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     failures = 0
+                    // Before the wait asked for (at most a second of it): a newer poll of this feed took this one's
+                    // place at the broker, which restarts or starts a resync. Once is nothing; in a row, another agent
+                    // polls with a copy of this store (a cloned data directory), and the two would take turns at once.
+                    let early = asked.wait > 0 && loop.now - asked.at < min(asked.wait, 1000)
+                    let pause = early ? idle("empty answers before the wait asked for") : nil
+                    if !early { idleRow = 0 }
                     // An answer being committed polls when it is (acknowledging it).
                     if applying > 0 { return }
+                    if let pause { return schedule(after: pause) }
                     // The broker held the poll while there was nothing: ask again (at once, unless it may not hold polls).
                     return policy.waitMilliseconds == 0 ? schedule(after: 1000) : poll()
                 }
+                // Only events committed here already (the broker did not take an acknowledgement): nothing to commit.
+                let committed = statistics.appliedThrough
+                if events.allSatisfy({ e in e["seq"]?.numberValue?.integer.map { $0 > 0 && UInt64($0) <= committed } ?? false }) {
+                    statistics.duplicates += events.count
+                    let pause = idle("answers holding only events committed here already")
+                    if applying > 0 { return }
+                    return pause.map { schedule(after: $0) } ?? poll()
+                }
+                idleRow = 0
                 if let last = events.last?["seq"]?.numberValue?.integer { received = max(received, UInt64(clamping: last)) }
                 apply(events)
                 if pipelined && applying < Self.maxApplying { poll() }
@@ -390,6 +413,25 @@ public final class DownlinkPoller {
         client.resetConnection()
         retry("protocol error: \(message)", after: nil)
     }
+
+    /// Counts an answer that brought nothing new; the wait before the next
+    /// poll: none for the first of a row (a poll taken over once, a resend),
+    /// then 250 ms doubling to 5 s, jittered, so that two agents polling with
+    /// one store, or a broker ignoring acknowledgements, do not loop at once.
+    /// Said once a row, at its third.
+    private func idle(_ what: String) -> UInt64? {
+        statistics.idleAnswers += 1
+        idleRow += 1
+        if idleRow == 3 {
+            logger.warning(
+                "downlink: the broker keeps answering with nothing new; polls are spaced out (up to 5 s) until it sends something. Another agent may poll this feed with a copy of this store (a cloned data directory: give each its own), or the broker does not take the acknowledgements",
+                metadata: ["kind": .string(what)])
+        }
+        guard idleRow >= 2 else { return nil }
+        let wait = min(Self.maxIdleWaitMilliseconds, 250 << UInt64(min(idleRow - 2, 5)))
+        return wait / 2 + UInt64.random(in: 0...wait / 2)
+    }
+    static let maxIdleWaitMilliseconds: UInt64 = 5_000
 
     /// The broker's Retry-After in seconds (capped at 5 minutes), but at
     /// least 1: a `Retry-After: 0` would have the agent poll at once,

@@ -1,0 +1,163 @@
+import EdgeBroker
+import EdgeHTTP
+import EdgeTLS
+import EdgeTestSupport
+import Foundation
+import SCIM
+import XCTest
+
+/// How a boundary agent paces its polls when the broker's answers give it
+/// nothing to do, against a scripted broker over mutual TLS (the agent a
+/// real process). Each of these made it poll in a loop, as fast as the
+/// connection answers: an empty answer before the wait asked for (a second
+/// agent polling with a copy of this store takes the first's place at the
+/// broker, again and again), an answer holding only what is committed here
+/// already (a broker that does not take the acknowledgement; each was also a
+/// commit), a `Retry-After: 0`, and an answer that cannot be committed (the
+/// backoff was reset by its 200). Counted over a few seconds: a loaded
+/// machine only makes the counts smaller, the loops made them hundreds.
+extension DownlinkTests {
+    /// A broker that answers each feed poll with `answer(poll, n)` (n counts the polls from 1); the times and bodies
+    /// of the polls it got. Anything else gets an empty relay acknowledgement.
+    func scriptedBroker(
+        _ answer: @escaping @Sendable (JSON, Int) -> HTTPResponse
+    ) throws -> (ServerHarness, Locked<[(at: Date, body: JSON)]>) {
+        let polls = Locked<[(at: Date, body: JSON)]>([])
+        let fake = try ServerHarness(tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca)) {
+            request, _, responder in
+            guard request.target == BrokerService.feedPath, let poll = try? JSONParser.parse(request.body) else {
+                return responder.respond(
+                    HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: Array(#"{"ackedThrough":0}"#.utf8)))
+            }
+            let n = polls.withLock { p in
+                p.append((Date(), poll))
+                return p.count
+            }
+            responder.respond(answer(poll, n))
+        }
+        return (fake, polls)
+    }
+
+    static func feedAnswer(_ events: [JSON], lastSeq: Int = 0) -> HTTPResponse {
+        let body: JSON = ["protocol": 5, "lastSeq": .int(lastSeq), "moreAvailable": false, "events": .array(events)]
+        return HTTPResponse(status: 200, headers: ["Content-Type": "application/json"], body: body.serialized())
+    }
+
+    /// Feed event `seq`: a user of acme-de named `userName`.
+    static func userEvent(_ seq: Int, _ userName: String) -> JSON {
+        [
+            "seq": .int(seq), "jti": .string("f-\(seq)"), "txn": .string(String(repeating: "a", count: 31) + "\(seq % 10)"), "ts": 1,
+            "domain": "acme-de",
+            "events": [
+                "urn:ietf:params:SCIM:event:prov:create:full": [
+                    "ref": .string("/Users/b\(seq)"),
+                    "data": ["schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": .string(userName)],
+                ]
+            ],
+        ]
+    }
+
+    /// The polls that arrived within `seconds` after the `from`th one did.
+    func polls(_ log: Locked<[(at: Date, body: JSON)]>, within seconds: TimeInterval, from: Int) -> Int {
+        let all = log.current
+        guard all.count >= from else { return 0 }
+        let start = all[from - 1].at
+        return all.dropFirst(from).filter { $0.at.timeIntervalSince(start) <= seconds }.count
+    }
+
+    func testEmptyAnswersBeforeTheWaitAreSpacedOutAndTheFeedGoesOn() throws {
+        let sending = Locked(false)
+        // Answers at once, whatever the wait asked for (as when another copy of the store keeps taking the poll's place).
+        let (fake, log) = try scriptedBroker { _, _ in
+            Self.feedAnswer(sending.current ? [Self.userEvent(1, "alice")] : [], lastSeq: sending.current ? 1 : 0)
+        }
+        defer { _ = fake.stop() }
+        let (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: fake.port, waitMs: 5000)
+        XCTAssertTrue(eventually(seconds: 20) { log.current.count >= 2 }, "\(usAgent.output.suffix(10))")
+        // Watched for 4 s from the second poll (the first of a row goes at once, then 250 ms doubling to 5 s).
+        Thread.sleep(forTimeInterval: 4.5)
+        let spaced = polls(log, within: 4, from: 2)
+        XCTAssertLessThanOrEqual(spaced, 12, "polled \(spaced) times in 4 s: a loop")
+        XCTAssertGreaterThanOrEqual(spaced, 2, "polls go on")
+        XCTAssertTrue(log.current.allSatisfy { $0.body["timeoutMs"] == 5000 }, "each asked to be held")
+        XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_idle_answers_total") ?? 0, 3)
+        XCTAssertTrue(usAgent.output.contains { $0.contains("polls are spaced out") }, "said once: \(usAgent.output.suffix(5))")
+        // Something to send: it arrives within the longest spacing, mapped.
+        sending.withLock { $0 = true }
+        XCTAssertTrue(eventually(seconds: 15) { (try? self.user(up, "alice@acme-de")) != nil }, "\(usAgent.output.suffix(10))")
+        XCTAssertTrue(eventually(seconds: 10) { log.current.last?.body["ackedThrough"] == 1 })
+    }
+
+    func testAnswersRepeatingCommittedEventsAreNotCommittedAgainAndAreSpacedOut() throws {
+        // Ignores the acknowledgement: always the first event again.
+        let (fake, log) = try scriptedBroker { _, _ in Self.feedAnswer([Self.userEvent(1, "alice")], lastSeq: 1) }
+        defer { _ = fake.stop() }
+        let (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: fake.port, waitMs: 5000)
+        XCTAssertTrue(eventually(seconds: 20) { (try? self.user(up, "alice@acme-de")) != nil }, "\(usAgent.output.suffix(10))")
+        func firstAcknowledging() -> Int? { log.current.firstIndex { $0.body["ackedThrough"] == 1 }.map { $0 + 1 } }
+        XCTAssertTrue(eventually(seconds: 10) { firstAcknowledging() != nil })
+        let writes = metric(usAgent, "scim_edge_committed_writes_total") ?? 0, answered = log.current.count
+        Thread.sleep(forTimeInterval: 4.5)
+        let spaced = polls(log, within: 4, from: try XCTUnwrap(firstAcknowledging()))
+        XCTAssertLessThanOrEqual(spaced, 12, "polled \(spaced) times in 4 s: a loop")
+        let repeats = log.current.count - answered
+        XCTAssertGreaterThanOrEqual(repeats, 4, "polls go on")
+        let committed = (metric(usAgent, "scim_edge_committed_writes_total") ?? 0) - writes
+        XCTAssertLessThan(committed, Double(repeats - 2), "\(repeats) answers of nothing new: \(committed) commits")
+        XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_duplicates_total") ?? 0, Double(repeats - 1))
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_applied_sequence"), 1)
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_applied_total"), 1, "applied once")
+        XCTAssertTrue(log.current.suffix(3).allSatisfy { $0.body["ackedThrough"] == 1 }, "still acknowledged")
+    }
+
+    func testARetryAfterOfZeroWaitsASecond() throws {
+        // 503 busy to the first 4 polls, then 409 another_store: each with Retry-After 0.
+        let (fake, log) = try scriptedBroker { _, n in
+            let (status, error) = n <= 4 ? (503, "busy") : (409, "another_store")
+            return HTTPResponse(
+                status: status, headers: ["Content-Type": "application/json", "Retry-After": "0"],
+                body: Array(#"{"error":"\#(error)","description":"scripted"}"#.utf8))
+        }
+        defer { _ = fake.stop() }
+        let (usAgent, _) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        XCTAssertTrue(eventually(seconds: 30) { log.current.count >= 8 }, "\(log.current.count) \(usAgent.output.suffix(10))")
+        let times = log.current.prefix(8).map(\.at)
+        for k in 1..<times.count {
+            XCTAssertGreaterThanOrEqual(
+                times[k].timeIntervalSince(times[k - 1]), 0.9,
+                "poll \(k + 1) came \(times[k].timeIntervalSince(times[k - 1])) s after the one before")
+        }
+    }
+
+    func testAnAnswerThatCannotBeCommittedBacksOffLikeALostConnection() throws {
+        // Sequence 2 to a store at 0: a gap, never committed.
+        let (fake, log) = try scriptedBroker { _, _ in Self.feedAnswer([Self.userEvent(2, "bob")], lastSeq: 2) }
+        defer { _ = fake.stop() }
+        let (usAgent, _) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        XCTAssertTrue(eventually(seconds: 20) { log.current.count >= 2 }, "\(usAgent.output.suffix(10))")
+        Thread.sleep(forTimeInterval: 5.5)
+        // Backing off 0-200 ms, 0-400 ms, … doubling (full jitter): a handful in 5 s; reset by each 200, dozens.
+        let retries = polls(log, within: 5, from: 1)
+        XCTAssertLessThanOrEqual(retries, 15, "polled \(retries) times in 5 s")
+        XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_protocol_errors_total") ?? 0, 2)
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_applied_sequence"), 0, "nothing of it applied")
+    }
+
+    func testRefusalsOfOneAnswerAreLoggedTwentyAtMostAndAllCounted() throws {
+        // 25 users whose mapped userName (…@acme-de) is too long for the store's index keys: each refused alone.
+        let long = String(repeating: "r", count: 509)
+        let events = (1...25).map { Self.userEvent($0, "\(long)\($0 % 10)") }
+        let (fake, _) = try scriptedBroker { poll, _ in
+            poll["ackedThrough"] == 0 ? Self.feedAnswer(events, lastSeq: 25) : Self.feedAnswer([], lastSeq: 25)
+        }
+        defer { _ = fake.stop() }
+        let (usAgent, _) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        XCTAssertTrue(
+            eventually(seconds: 20) { self.metric(usAgent, "scim_edge_downlink_applied_sequence") == 25 }, "\(usAgent.output.suffix(10))")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_refused_total"), 25)
+        XCTAssertTrue(eventually(seconds: 5) { usAgent.output.contains { $0.contains("than are logged") } })
+        let each = usAgent.output.filter { $0.contains("an accepted resource could not be stored here") }
+        XCTAssertEqual(each.count, 20, "\(each.count) refusals logged one by one")
+        XCTAssertEqual(usAgent.output.filter { $0.contains("than are logged") }.count, 1)
+    }
+}
