@@ -1,10 +1,14 @@
 import EdgeBroker
 import EdgeHTTP
+import EdgeLoop
+import EdgeStore
 import EdgeTLS
 import EdgeTestSupport
 import Foundation
 import SCIM
 import XCTest
+
+@testable import EdgeAgent
 
 /// How a boundary agent paces its polls when the broker's answers give it
 /// nothing to do, against a scripted broker over mutual TLS (the agent a
@@ -159,5 +163,71 @@ extension DownlinkTests {
         let each = usAgent.output.filter { $0.contains("an accepted resource could not be stored here") }
         XCTAssertEqual(each.count, 20, "\(each.count) refusals logged one by one")
         XCTAssertEqual(usAgent.output.filter { $0.contains("than are logged") }.count, 1)
+    }
+
+    /// An answer's commit that fails after a later poll failed (and its
+    /// retry's empty answer left the next poll to that commit) polls again:
+    /// before, nothing did, and the boundary's feed stopped for good. The
+    /// poller runs in this process so that the test can hold its writer
+    /// until that order is reached.
+    func testACommitFailingAfterALaterFailureStillPollsAgain() throws {
+        // 1: sequences 1 and 3 (a gap: that commit fails); 2 (pipelined): a 500, retried; then nothing.
+        let (fake, log) = try scriptedBroker { _, n in
+            switch n {
+            case 1: return Self.feedAnswer([Self.userEvent(1, "alice"), Self.userEvent(3, "carol")], lastSeq: 3)
+            case 2:
+                return HTTPResponse(
+                    status: 500, headers: ["Content-Type": "application/json"],
+                    body: Array(#"{"error":"unavailable","description":"scripted"}"#.utf8))
+            default: return Self.feedAnswer([], lastSeq: 3)
+            }
+        }
+        defer { _ = fake.stop() }
+        let store = try AgentStore(path: dir.file("us"), registry: .standard)
+        let relay = RelayConfiguration(
+            broker: SocketAddress(host: "127.0.0.1", port: fake.port), brokerName: "localhost",
+            tls: TLSConfiguration(certificateChainFile: us.0, privateKeyFile: us.1, trustRootsFile: ca), domain: "acme-us",
+            agentName: "us")
+        var policy = InboundPolicy(accept: [try InboundPolicy.Rule(domains: ["acme-de"])], userNameTemplate: "{userName}@{domain}")
+        policy.waitMilliseconds = 2000
+        let inbound = policy
+        let gate = DispatchSemaphore(value: 0)
+        final class Running: @unchecked Sendable {  // touched on the loop thread only
+            var poller: DownlinkPoller?
+            var keepAlive: LoopTimer?
+            var writer: GroupCommitWriter?
+        }
+        let running = Running()
+        let thread = try LoopThread.start { loop in
+            let writer = GroupCommitWriter(environment: store.environment, inbox: loop.inbox)
+            // Holds the writer: the first answer's commit waits behind this write until the gate opens.
+            writer.submit({ _ in gate.wait() }) { _ in }
+            let poller = try DownlinkPoller(
+                loop: loop, store: store, writer: writer, relay: relay, policy: inbound,
+                makeContext: { trace in
+                    WriteContext(
+                        newID: "n-\(UInt64.random(in: 0...UInt64.max))", now: "2026-12-04T00:00:00Z", epochSeconds: 0, eventID: "e",
+                        traceID: trace ?? "t")
+                })
+            let keepAlive = try LoopTimer(loop: loop)
+            keepAlive.start(after: 60_000) {}
+            (running.poller, running.keepAlive, running.writer) = (poller, keepAlive, writer)
+            try poller.start()
+        }
+        // The retry's poll (3) was answered with nothing while the first answer waits for the writer.
+        XCTAssertTrue(eventually(seconds: 20) { log.current.count >= 3 }, "\(log.current.count) polls")
+        Thread.sleep(forTimeInterval: 0.5)  // that answer read by the agent (a slower machine only makes the test pass)
+        XCTAssertEqual(log.current.count, 3, "nothing else asked meanwhile")
+        XCTAssertEqual(log.current[1].body["after"], 3, "the second poll was pipelined")
+        gate.signal()
+        XCTAssertTrue(eventually(seconds: 10) { log.current.count >= 4 }, "the poller stopped after the failed commit")
+        XCTAssertEqual(log.current.last?.body["ackedThrough"], 0, "nothing of the answer with a gap committed")
+        XCTAssertNil(log.current.last?.body["after"], "asked again from what is committed")
+        thread.inbox.send {
+            running.poller?.stop()
+            running.keepAlive?.close()
+            (running.poller, running.keepAlive, running.writer) = (nil, nil, nil)
+        }
+        XCTAssertEqual(thread.join(), 0)
     }
 }
