@@ -238,8 +238,28 @@ public final class AgentStore: Sendable {
     }
 
     func load(_ txn: borrowing some StoreReading & ~Copyable, _ type: ResourceType, _ id: String) throws -> JSONObject? {
-        guard let bytes = try txn.get(resources, AgentStore.key(type, id)) else { return nil }
-        return try JSONParser.parse(bytes, limits: .stored).objectValue
+        let key = AgentStore.key(type, id)
+        guard let bytes = try txn.get(resources, key) else { return nil }
+        return try AgentStore.parseResource(bytes, key: key)
+    }
+
+    /// A stored resource's bytes parsed; one that does not parse is a `DamagedRecord` naming `key`.
+    static func parseResource(_ bytes: [UInt8], key: [UInt8]) throws -> JSONObject? {
+        do { return try JSONParser.parse(bytes, limits: .stored).objectValue } catch {
+            throw DamagedRecord(key: String(decoding: key, as: UTF8.self), reason: "\(error)")
+        }
+    }
+
+    /// A stored resource that does not parse (what this agent writes always
+    /// does: the file was damaged there). Names the record, so that a read,
+    /// or the start of an agent whose policy changed (which reads every
+    /// resource), says which one instead of only where the parser stopped.
+    public struct DamagedRecord: Error, CustomStringConvertible {
+        public let key: String
+        public let reason: String
+        public var description: String {
+            "the stored resource \(key) cannot be read (\(reason)): the data directory is damaged there; restore it from a backup"
+        }
     }
 
     /// The ids an index equality names (`userName` case-insensitively).
@@ -347,7 +367,7 @@ public final class AgentStore: Sendable {
                 meta = parsed
             }
             guard var meta, let metaStart else {
-                let stored = try JSONParser.parse(bytes, limits: .stored).objectValue ?? [:]
+                let stored = try AgentStore.parseResource(bytes, key: AgentStore.key(type, id)) ?? [:]
                 return .general(try asReturned(txn, stored, type, baseURL: baseURL, members: true))
             }
             meta["location"] = .string("\(baseURL)\(type.endpoint)/\(id)")

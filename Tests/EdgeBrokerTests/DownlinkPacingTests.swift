@@ -230,4 +230,33 @@ extension DownlinkTests {
         }
         XCTAssertEqual(thread.join(), 0)
     }
+
+    /// The sweep that ends a resync, failing on a quiet feed (no answer
+    /// commits to start it again), is retried on its own backoff: before,
+    /// it waited for a committed answer, which a quiet feed never brings, and
+    /// the resync stayed open with its stale resources. Here a stale foreign
+    /// record is damaged, so every step fails: the retries show, and the
+    /// polls go on.
+    func testAFailedSweepIsRetriedOnAQuietFeed() throws {
+        let (fake, log) = try scriptedBroker { _, _ in Self.feedAnswer([], lastSeq: 0) }
+        defer { _ = fake.stop() }
+        var (usAgent, _) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        usAgent.signal(SIGTERM)
+        XCTAssertNotNil(usAgent.waitForExit(seconds: 20))
+        // While it is down: a resync's sweep under way, and a foreign user it did not send again, damaged.
+        let store = try AgentStore(path: dir.file("us"), registry: .standard)
+        let user = try XCTUnwrap(store.registry.resourceType("User"))
+        try store.environment.write { txn in
+            try txn.put(store.foreign, AgentStore.key(user, "stale-1"), Array("acme-de".utf8))
+            try txn.put(store.resources, AgentStore.key(user, "stale-1"), Array(#"{"id":"#.utf8))
+            try txn.put(store.meta, AgentStore.resyncKey, [1])
+            try txn.put(store.meta, AgentStore.staleSweepKey, [])
+        }
+        (usAgent, _) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        func failures() -> Int { usAgent.output.filter { $0.contains("the sweep after a resync failed") }.count }
+        XCTAssertTrue(eventually(seconds: 20) { failures() >= 3 }, "\(failures()) sweep failures: \(usAgent.output.suffix(10))")
+        XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_applied_total"), 0, "no answer committed meanwhile")
+        XCTAssertGreaterThanOrEqual(log.current.count, 2, "polls go on")
+        XCTAssertTrue(try store.staleSweepPending(), "the sweep stays under way")
+    }
 }
