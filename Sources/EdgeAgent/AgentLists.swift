@@ -47,8 +47,8 @@ extension AgentStore {
             }
             if query.filter == nil && query.sortBy == nil {
                 let space = KeySpace(db: resources, prefix: Array("\(type.id)/".utf8))
-                return try walk(txn, type, query, space, descending: false, salt: "", total: try count(txn, type)) { _, value in
-                    try JSONParser.parse(value, limits: .stored).objectValue
+                return try walk(txn, type, query, space, descending: false, salt: "", total: try count(txn, type)) { key, value in
+                    try AgentStore.parseResource(value, key: key)
                 }
             }
             if let filter = query.filter, query.sortBy == nil, query.count > 0 {
@@ -86,7 +86,7 @@ extension AgentStore {
         var out: [JSONObject] = []
         var scanned = 0
         var failure: Error?
-        try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { _, value in
+        try txn.scan(resources, from: Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { key, value in
             scanned += 1
             if scanned > scanBudget {
                 let advice =
@@ -97,7 +97,7 @@ extension AgentStore {
                 return false
             }
             do {
-                guard let r = try JSONParser.parse(value, limits: .stored).objectValue else { return true }
+                guard let r = try AgentStore.parseResource(value, key: key) else { return true }
                 if try filter == nil || filter!.matches(forMatching(txn, type, r, filter)) { out.append(r) }
             } catch {
                 failure = error
@@ -189,7 +189,7 @@ extension AgentStore {
             scanned += 1
             last = key
             do {
-                if let r = try JSONParser.parse(value, limits: .stored).objectValue, filter.matches(try forMatching(txn, type, r, filter)) {
+                if let r = try AgentStore.parseResource(value, key: key), filter.matches(try forMatching(txn, type, r, filter)) {
                     items.append(r)
                 }
             } catch {

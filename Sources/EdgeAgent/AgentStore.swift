@@ -205,7 +205,7 @@ public final class AgentStore: Sendable {
             return true
         }
         for key in keys {
-            guard let bytes = try txn.get(resources, key), var group = try JSONParser.parse(bytes, limits: .stored).objectValue,
+            guard let bytes = try txn.get(resources, key), var group = try AgentStore.parseResource(bytes, key: key),
                 let name = group.keys.first(where: { equalsIgnoringASCIICase($0, "members") })
             else { continue }
             let id = String(decoding: key.dropFirst("Group/".utf8.count), as: UTF8.self)
@@ -243,11 +243,18 @@ public final class AgentStore: Sendable {
         return try AgentStore.parseResource(bytes, key: key)
     }
 
-    /// A stored resource's bytes parsed; one that does not parse is a `DamagedRecord` naming `key`.
+    /// A stored resource's bytes parsed; one that does not parse, or is not
+    /// an object, is a `DamagedRecord` naming `key` (never taken as absent,
+    /// nor skipped by a list in silence).
     static func parseResource(_ bytes: [UInt8], key: [UInt8]) throws -> JSONObject? {
-        do { return try JSONParser.parse(bytes, limits: .stored).objectValue } catch {
+        let parsed: JSON
+        do { parsed = try JSONParser.parse(bytes, limits: .stored) } catch {
             throw DamagedRecord(key: String(decoding: key, as: UTF8.self), reason: "\(error)")
         }
+        guard let object = parsed.objectValue else {
+            throw DamagedRecord(key: String(decoding: key, as: UTF8.self), reason: "not a JSON object")
+        }
+        return object
     }
 
     /// A stored resource that does not parse (what this agent writes always

@@ -111,7 +111,7 @@ extension AttributeIndex {
             var failure: Error?
             try txn.scan(resources, from: prefix, to: Array("\(type.id)0".utf8)) { key, value in
                 do {
-                    let r = try JSONParser.parse(value, limits: .stored).objectValue
+                    let r = try AgentStore.parseResource(value, key: key)
                     let id = Array(key.dropFirst(prefix.count))
                     // Written as the scan goes (another database than the
                     // one the cursor reads), counts included: nothing is held

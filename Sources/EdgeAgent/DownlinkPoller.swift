@@ -29,8 +29,9 @@ public struct DownlinkStatistics: Sendable {
     /// Of them, the local apps' answers dropped; and answers dropped because their stored record could not be read.
     public var appOutcomesRefused = 0
     public var appOutcomesUnreadable = 0
-    /// Answers that brought nothing new (no event, before the wait the poll asked for; or only events committed
-    /// already): after the first of a row the next poll waits (`DownlinkPoller.idleWait`).
+    /// Answers that brought nothing new (empty, before the wait the poll asked for and without `lastSeq`: the
+    /// held poll was replaced; or only events committed already): after the first of a row the next poll waits
+    /// (`DownlinkPoller.idle`).
     public var idleAnswers = 0
     /// The feed sequence committed here, and the last the broker issued.
     public var appliedThrough: UInt64 = 0
@@ -212,8 +213,9 @@ public final class DownlinkPoller {
         client.send(request) { [weak self] result in
             guard let self else { return }
             polling = false
-            // Sent before a failure: what it asks for follows what may not be committed; asked for again.
-            guard generation == self.generation else { return }
+            // Sent before a failure: what it asks for follows what may not be committed; asked for again, by the
+            // retry's timer, or now: when that timer fired while this poll was out, it left the next poll to it.
+            guard generation == self.generation else { return poll() }
             answered(result, acked: acked, carried: carried, asked: asked)
         }
     }
@@ -244,10 +246,12 @@ public final class DownlinkPoller {
                 report = report?.trimmed(after: reported)
                 if events.isEmpty {
                     failures = 0
-                    // Before the wait asked for (at most a second of it): a newer poll of this feed took this one's
-                    // place at the broker, which restarts or starts a resync. Once is nothing; in a row, another agent
-                    // polls with a copy of this store (a cloned data directory), and the two would take turns at once.
-                    let early = asked.wait > 0 && loop.now - asked.at < min(asked.wait, 1000)
+                    // Before the wait asked for (at most a second of it) and without `lastSeq`: the broker answered the
+                    // held poll with nothing because a newer poll of this feed took its place (or it stops, or starts a
+                    // resync). Once is nothing; in a row, another agent polls with a copy of this store (a cloned data
+                    // directory), and the two would take turns at once. (An empty page with `lastSeq` before the wait
+                    // is an older broker's poll woken by a change that made no event: polled again at once.)
+                    let early = asked.wait > 0 && body?["lastSeq"] == nil && loop.now - asked.at < min(asked.wait, 1000)
                     let pause = early ? idle("empty answers before the wait asked for") : nil
                     if !early { idleRow = 0 }
                     // An answer being committed polls when it is (acknowledging it).
@@ -397,6 +401,7 @@ public final class DownlinkPoller {
         statistics.resyncs += 1
         waiting = true  // no poll until the restart is committed (an answer being committed before it may finish first)
         generation += 1
+        idleRow = 0
         let store = self.store
         writer.submit({ txn in try store.restartDownlink(in: txn) }) { [weak self] result in
             guard let self, !stopped else { return }
@@ -416,9 +421,9 @@ public final class DownlinkPoller {
 
     /// Counts an answer that brought nothing new; the wait before the next
     /// poll: none for the first of a row (a poll taken over once, a resend),
-    /// then 250 ms doubling to 5 s, jittered, so that two agents polling with
-    /// one store, or a broker ignoring acknowledgements, do not loop at once.
-    /// Said once a row, at its third.
+    /// then 125–250 ms, doubling to 2.5–5 s (jittered in the upper half), so
+    /// that two agents polling with one store, or a broker ignoring
+    /// acknowledgements, do not loop at once. Said once a row, at its third.
     private func idle(_ what: String) -> UInt64? {
         statistics.idleAnswers += 1
         idleRow += 1

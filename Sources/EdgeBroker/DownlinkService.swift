@@ -18,6 +18,8 @@ final class BrokerFeeds {
         let after: UInt64?
         let limit: Int
         let speaks: Int
+        /// When it is answered with nothing (loop time, ms).
+        let deadline: UInt64
     }
     /// By destination domain.
     let destinations: [String: TargetConfiguration]
@@ -221,25 +223,50 @@ extension BrokerService {
         }
         if refusedBusy(responder) { return }
         if let older = feeds.unpark(bound.domain) { older.responder.respond(Self.feedAnswer(nil, limit: 0)) }
+        let deadline = loop.now + UInt64(wait)
         fetch(
             bound.domain, target, epoch: epoch, ack: UInt64(ack), after: after, limit: limit, outcomes: outcomes, apps: apps,
             speaks: speaks, responder
         ) {
             [self] page in
-            guard page.events.isEmpty, !immediately, wait > 0, let timer = try? LoopTimer(loop: loop) else { return false }
-            timer.keepsLoopAlive = false
-            timer.start(after: UInt64(wait)) { [weak self] in
-                guard let self, let p = feeds.unpark(bound.domain) else { return }
-                // Answered now: the store stays live until its next poll (`anotherStoreIsLive`).
-                if !p.epoch.isEmpty { feeds.lastPoll[bound.domain] = (p.epoch, loop.now) }
-                p.responder.respond(Self.feedAnswer(page, limit: p.limit))
-            }
-            _ = feeds.park(
-                bound.domain,
-                BrokerFeeds.Parked(
-                    responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit, speaks: speaks))
+            guard !immediately, wait > 0 else { return false }
+            return hold(bound.domain, page, responder, epoch: epoch, after: after, limit: limit, speaks: speaks, until: deadline)
+        }
+    }
+
+    /// Parks a poll whose page is empty until `deadline` (answered then with
+    /// that page), or until a change wakes it (`wake`); false when the page
+    /// has events or no time is left. A poll parked meanwhile is newer than
+    /// this one's arrival only when this one was woken (`woken`): this one
+    /// then yields to it, answered with nothing; otherwise the one parked
+    /// meanwhile is the older, answered with nothing (before, it was dropped
+    /// unanswered, and its timer answered this one).
+    func hold(
+        _ domain: String, _ page: BrokerStore.FeedPage, _ responder: Responder, epoch: String, after: UInt64?, limit: Int,
+        speaks: Int, until deadline: UInt64, woken: Bool = false
+    ) -> Bool {
+        let now = loop.now
+        guard page.events.isEmpty, deadline > now, let timer = try? LoopTimer(loop: loop) else { return false }
+        if woken, feeds.parked[domain] != nil {
+            timer.close()
+            responder.respond(Self.feedAnswer(nil, limit: 0))
             return true
         }
+        timer.keepsLoopAlive = false
+        timer.start(after: deadline - now) { [weak self, weak timer] in
+            guard let self, feeds.parked[domain]?.timer === timer, let p = feeds.unpark(domain) else { return }
+            // Answered now: the store stays live until its next poll (`anotherStoreIsLive`).
+            if !p.epoch.isEmpty { feeds.lastPoll[domain] = (p.epoch, loop.now) }
+            p.responder.respond(Self.feedAnswer(page, limit: p.limit))
+        }
+        let parked = BrokerFeeds.Parked(
+            responder: responder, timer: timer, epoch: epoch, ack: page.position.acked, after: after, limit: limit, speaks: speaks,
+            deadline: deadline)
+        if let older = feeds.park(domain, parked) {
+            older.timer.close()
+            older.responder.respond(Self.feedAnswer(nil, limit: 0))
+        }
+        return true
     }
 
     /// Runs the poll's transaction and answers, unless `park` keeps the
@@ -335,10 +362,20 @@ extension BrokerService {
         step(.clear(0), nil)
     }
 
-    /// A parked poll's destination got changes: materialise and answer.
+    /// A parked poll's destination got changes: materialise and answer, or,
+    /// when they made no event (a user created and deleted before it was in
+    /// the feed, a change of members the route does not send, a queue item
+    /// that became a dead letter), park it again for the time it has left.
+    /// Before, it was answered at once with an empty page: an agent can
+    /// only take an empty answer before its wait as its poll replaced.
     func wake(_ domain: String) {
         guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
-        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, speaks: p.speaks, p.responder)
+        fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, speaks: p.speaks, p.responder) {
+            [self] page in
+            hold(
+                domain, page, p.responder, epoch: p.epoch, after: p.after, limit: p.limit, speaks: p.speaks, until: p.deadline,
+                woken: true)
+        }
     }
 
     /// The 200 of a poll (nil: nothing, for a poll replaced or at shutdown).
