@@ -69,7 +69,7 @@ extension AgentStore: DeliveryTables {
     ) throws {
         guard let type = registry.resourceType(typeName) else { return }
         try txn.scan(resources, from: from ?? Array("\(type.id)/".utf8), to: Array("\(type.id)0".utf8)) { k, v in
-            guard let o = try AgentStore.parseResource(v, key: k) else { return true }
+            let o = try AgentStore.parseResource(v, key: k)
             let id = String(decoding: k.dropFirst(type.id.utf8.count + 1), as: UTF8.self)
             return try body(k, deliveryEntry(type, id, type.id == "Group" && members ? try withMembers(txn, o) : o, txn))
         }

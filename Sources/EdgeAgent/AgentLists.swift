@@ -97,7 +97,7 @@ extension AgentStore {
                 return false
             }
             do {
-                guard let r = try AgentStore.parseResource(value, key: key) else { return true }
+                let r = try AgentStore.parseResource(value, key: key)
                 if try filter == nil || filter!.matches(forMatching(txn, type, r, filter)) { out.append(r) }
             } catch {
                 failure = error
@@ -189,7 +189,8 @@ extension AgentStore {
             scanned += 1
             last = key
             do {
-                if let r = try AgentStore.parseResource(value, key: key), filter.matches(try forMatching(txn, type, r, filter)) {
+                let r = try AgentStore.parseResource(value, key: key)
+                if try filter.matches(forMatching(txn, type, r, filter)) {
                     items.append(r)
                 }
             } catch {

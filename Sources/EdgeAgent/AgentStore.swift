@@ -205,7 +205,7 @@ public final class AgentStore: Sendable {
             return true
         }
         for key in keys {
-            guard let bytes = try txn.get(resources, key), var group = try AgentStore.parseResource(bytes, key: key),
+            guard let bytes = try txn.get(resources, key), case var group = try AgentStore.parseResource(bytes, key: key),
                 let name = group.keys.first(where: { equalsIgnoringASCIICase($0, "members") })
             else { continue }
             let id = String(decoding: key.dropFirst("Group/".utf8.count), as: UTF8.self)
@@ -246,7 +246,7 @@ public final class AgentStore: Sendable {
     /// A stored resource's bytes parsed; one that does not parse, or is not
     /// an object, is a `DamagedRecord` naming `key` (never taken as absent,
     /// nor skipped by a list in silence).
-    static func parseResource(_ bytes: [UInt8], key: [UInt8]) throws -> JSONObject? {
+    static func parseResource(_ bytes: [UInt8], key: [UInt8]) throws -> JSONObject {
         let parsed: JSON
         do { parsed = try JSONParser.parse(bytes, limits: .stored) } catch {
             throw DamagedRecord(key: String(decoding: key, as: UTF8.self), reason: "\(error)")
@@ -257,8 +257,8 @@ public final class AgentStore: Sendable {
         return object
     }
 
-    /// A stored resource that does not parse (what this agent writes always
-    /// does: the file was damaged there). Names the record, so that a read,
+    /// A stored resource that does not parse or is not a JSON object (what
+    /// this agent writes always is: the file was damaged there). Names the record, so that a read,
     /// or the start of an agent whose policy changed (which reads every
     /// resource), says which one instead of only where the parser stopped.
     public struct DamagedRecord: Error, CustomStringConvertible {
@@ -374,7 +374,7 @@ public final class AgentStore: Sendable {
                 meta = parsed
             }
             guard var meta, let metaStart else {
-                let stored = try AgentStore.parseResource(bytes, key: AgentStore.key(type, id)) ?? [:]
+                let stored = try AgentStore.parseResource(bytes, key: AgentStore.key(type, id))
                 return .general(try asReturned(txn, stored, type, baseURL: baseURL, members: true))
             }
             meta["location"] = .string("\(baseURL)\(type.endpoint)/\(id)")

@@ -103,7 +103,11 @@ final class BrokerFeeds {
         return destinations.filter { names.contains($0.value.name) && parked[$0.key] != nil }.map(\.key)
     }
 
+    /// Set by `closeAll` (the broker stops): no poll is held after it.
+    private(set) var closing = false
+
     func closeAll() {
+        closing = true
         for d in Array(parked.keys) {
             if let p = unpark(d) { p.responder.respond(BrokerService.feedAnswer(nil, limit: 0)) }
         }
@@ -246,7 +250,17 @@ extension BrokerService {
         speaks: Int, until deadline: UInt64, woken: Bool = false
     ) -> Bool {
         let now = loop.now
-        guard page.events.isEmpty, deadline > now, let timer = try? LoopTimer(loop: loop) else { return false }
+        guard page.events.isEmpty, deadline > now else { return false }
+        // A fetch that was on the writer when the broker began to stop, or a resync began: not held past them.
+        if feeds.closing {
+            responder.respond(Self.feedAnswer(nil, limit: 0))
+            return true
+        }
+        if feeds.resyncing.contains(domain) {
+            responder.respond(Self.resyncAnswer)
+            return true
+        }
+        guard let timer = try? LoopTimer(loop: loop) else { return false }
         if woken, feeds.parked[domain] != nil {
             timer.close()
             responder.respond(Self.feedAnswer(nil, limit: 0))
@@ -369,7 +383,8 @@ extension BrokerService {
     /// Before, it was answered at once with an empty page: an agent can
     /// only take an empty answer before its wait as its poll replaced.
     func wake(_ domain: String) {
-        guard let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
+        // During a resync no page is made between its steps (its start answered the polls held).
+        guard !feeds.resyncing.contains(domain), let target = feeds.destinations[domain], let p = feeds.unpark(domain) else { return }
         fetch(domain, target, epoch: p.epoch, ack: p.ack, after: p.after, limit: p.limit, speaks: p.speaks, p.responder) {
             [self] page in
             hold(

@@ -105,14 +105,14 @@ extension DownlinkTests {
         func firstAcknowledging() -> Int? { log.current.firstIndex { $0.body["ackedThrough"] == 1 }.map { $0 + 1 } }
         XCTAssertTrue(eventually(seconds: 10) { firstAcknowledging() != nil })
         let writes = metric(usAgent, "scim_edge_committed_writes_total") ?? 0, answered = log.current.count
-        Thread.sleep(forTimeInterval: 6)
+        Thread.sleep(forTimeInterval: 8)
         let spaced = polls(log, within: 4, from: try XCTUnwrap(firstAcknowledging()))
         XCTAssertLessThanOrEqual(spaced, 12, "polled \(spaced) times in 4 s: a loop")
-        // Pauses 125–250 ms doubling to 2.5–5 s: at least 3 in the 6 s after `answered` was read, however late.
+        // Pauses of at most 250, 500, 1000, 2000, 4000 ms: at least 2 in the 8 s after `answered` was read, even 2 s late.
         let repeats = log.current.count - answered
-        XCTAssertGreaterThanOrEqual(repeats, 3, "polls go on")
+        XCTAssertGreaterThanOrEqual(repeats, 2, "polls go on")
         let committed = (metric(usAgent, "scim_edge_committed_writes_total") ?? 0) - writes
-        XCTAssertLessThan(committed, Double(repeats - 1), "\(repeats) answers of nothing new: \(committed) commits")
+        XCTAssertLessThanOrEqual(committed, Double(repeats / 2), "\(repeats) answers of nothing new: \(committed) commits")
         XCTAssertGreaterThanOrEqual(metric(usAgent, "scim_edge_downlink_duplicates_total") ?? 0, Double(repeats - 1))
         XCTAssertEqual(metric(usAgent, "scim_edge_downlink_applied_sequence"), 1)
         XCTAssertEqual(metric(usAgent, "scim_edge_downlink_events_applied_total"), 1, "applied once")
@@ -330,14 +330,17 @@ extension DownlinkTests {
     /// follows what was not committed, is dropped. Before, dropping it
     /// polled no more, and the feed stopped for good; now it polls.
     func testAnAnswerDroppedAfterAFailedCommitStillPollsAgain() throws {
-        let restarted = Locked(false)
+        let restarted = Locked(false), failed = Locked(false)
         let (fake, log) = try scriptedBroker { poll, _ in
             guard restarted.current else {
                 return poll["ackedThrough"] == 0
                     ? Self.feedAnswer([Self.userEvent(1, "alice")], lastSeq: 1) : Self.feedAnswer([], lastSeq: 1)
             }
             if poll["after"] != nil {
-                usleep(1_000_000)  // the pipelined poll, held past the retry's timer (at most 200 ms)
+                // The pipelined poll, held until its answer's commit failed and past the retry's timer (at most 200 ms).
+                let until = Date().addingTimeInterval(10)
+                while !failed.current && Date() < until { usleep(10_000) }
+                usleep(500_000)
                 return Self.feedAnswer([], lastSeq: 2)
             }
             return Self.feedAnswer([Self.userEvent(2, "alice", id: "b1")], lastSeq: 2)
@@ -360,6 +363,8 @@ extension DownlinkTests {
         restarted.withLock { $0 = true }
         let before = log.current.count
         (usAgent, up) = try startInboundAgent("us", cert: us, brokerPort: fake.port)
+        XCTAssertTrue(eventually(seconds: 10) { usAgent.output.contains { $0.contains("cannot be read") } }, "\(usAgent.output.suffix(6))")
+        failed.withLock { $0 = true }
         // The update of alice fails on her damaged record, again and again: retried, with backoff, never stopped.
         XCTAssertTrue(
             eventually(seconds: 15) { log.current.count - before >= 4 },
