@@ -438,10 +438,10 @@ public final class DownlinkPoller {
     }
     static let maxIdleWaitMilliseconds: UInt64 = 5_000
 
-    /// The broker's Retry-After in seconds (capped at 5 minutes), but at
-    /// least 1: a `Retry-After: 0` would have the agent poll at once,
-    /// in a loop. Nil: none given (the jittered backoff).
-    private func waitAtLeastASecond(_ r: HTTPResponse) -> UInt64? { brokerRetryAfter(r.headers["Retry-After"]).map { max(1, $0) } }
+    /// The broker's Retry-After in seconds, 1 to 300 (`brokerRetryAfter`:
+    /// a `0` would have the agent poll at once, in a loop). Nil: none given
+    /// (the jittered backoff).
+    private func waitAtLeastASecond(_ r: HTTPResponse) -> UInt64? { brokerRetryAfter(r.headers["Retry-After"]) }
 
     /// Polls again after the broker's Retry-After (seconds) or a jittered backoff.
     private func retry(_ message: String, after seconds: UInt64?) {

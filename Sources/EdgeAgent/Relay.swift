@@ -519,10 +519,12 @@ func jitteredBackoff(failures: Int, cap: UInt64) -> UInt64 {
     UInt64.random(in: 0...min(cap, 100 << UInt64(min(failures, 16))))
 }
 
-/// The broker's `Retry-After` (delta-seconds), at most 5 minutes as for a
-/// target (`RetrySchedule`): a larger one would park the relay or the
+/// The broker's `Retry-After` (delta-seconds), between 1 s and 5 minutes as
+/// for a target (`RetrySchedule`): a larger one would park the relay or the
 /// downlink for good, and one past 2^64 / 1000 s would overflow the timer's
-/// milliseconds and stop the agent.
+/// milliseconds and stop the agent; a `0` had the relay send the refused
+/// batch again at once, in a loop for as long as the broker (or a proxy
+/// before it) answered so.
 func brokerRetryAfter(_ header: String?) -> UInt64? {
-    RetrySchedule.retryAfter(header).map { min($0, RetrySchedule.maxRetryAfterSeconds) }
+    RetrySchedule.retryAfter(header).map { min(max(1, $0), RetrySchedule.maxRetryAfterSeconds) }
 }

@@ -146,8 +146,9 @@ enum SCIMPollError: Error, CustomStringConvertible {
 /// Blocking GETs to one SCIM server from the source's thread, through the
 /// project's `HTTPClient` on a loop of this thread's own (run only while a
 /// request waits). At most `requestsPerSecond`; a 429 or 503 is waited
-/// out as its `Retry-After` says (delta-seconds, at most 600; without one
-/// 1 s doubling to 60 s) and sent again.
+/// out as its `Retry-After` says (delta-seconds, 1 to 600: a `0` would send
+/// it again at once, in a loop; without one 1 s doubling to 60 s) and sent
+/// again.
 public final class SCIMPollClient {
     let base: ServiceURL
     let token: String
@@ -272,7 +273,7 @@ public final class SCIMPollClient {
                 }
             case 429 where waitsWhenThrottled, 503 where waitsWhenThrottled:
                 let wait =
-                    response.headers["Retry-After"].flatMap { Double($0.trimmingSpaces) }.map { min(600, max(0, $0)) } ?? throttledBackoff
+                    response.headers["Retry-After"].flatMap { Double($0.trimmingSpaces) }.map { min(600, max(1, $0)) } ?? throttledBackoff
                 throttledBackoff = min(60, throttledBackoff * 2)
                 thread.live.withLock { $0.throttled += 1 }
                 thread.log("source \(thread.name): \(response.status) for GET \(pathAndQuery); again in \(wait) s")

@@ -135,7 +135,7 @@ public enum AgentOptions {
             "tokenFile", .path, "scim: the bearer token, on the file's first line; read at every connection; mode 0640 or stricter.")
         public static let requestsPerSecond = OptionSpec(
             "requestsPerSecond", .integer(1...1000), default: "10",
-            "scim: requests per second at most; a 429 or 503 waits as its Retry-After says (at most 10 minutes).")
+            "scim: requests per second at most; a 429 or 503 waits as its Retry-After says (1 s to 10 minutes).")
         public static let pageSize = OptionSpec(
             "pageSize", .integer(1...1000), default: "100", "scim: resources asked for per page (count).")
         public static let fullCompareEvery = OptionSpec(

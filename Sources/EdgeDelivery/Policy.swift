@@ -103,7 +103,7 @@ public struct AdaptiveLimit: Sendable {
 /// When a change is tried again: after a failure, capped exponential
 /// backoff with full jitter (0 … min(30 s, 250 ms · 2^attempt)); after a
 /// throttle (429, 503), the target's `Retry-After` in seconds (1 s when it
-/// gives none, at most 5 minutes: a target cannot park the queue for good).
+/// gives none or 0, at most 5 minutes: a target cannot park the queue for good).
 public enum RetrySchedule {
     public static let capMilliseconds: UInt64 = 30_000
     public static let maxRetryAfterSeconds: UInt64 = 300
@@ -120,9 +120,11 @@ public enum RetrySchedule {
         header.flatMap { UInt64($0.trimmingSpacesAndTabs) }
     }
 
-    /// How long the target is left alone after a throttle, in milliseconds.
+    /// How long the target is left alone after a throttle, in milliseconds:
+    /// at least a second (a `Retry-After: 0` on a 429 or 503 would have the
+    /// worker send again at once, for as long as the target answers so).
     public static func throttlePause(retryAfterSeconds: UInt64?) -> UInt64 {
-        min(maxRetryAfterSeconds, retryAfterSeconds ?? 1) * 1000
+        min(maxRetryAfterSeconds, max(1, retryAfterSeconds ?? 1)) * 1000
     }
 }
 

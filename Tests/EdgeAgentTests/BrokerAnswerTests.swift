@@ -8,7 +8,7 @@ import XCTest
 final class BrokerAnswerTests: XCTestCase {
     func testABrokersRetryAfterIsCappedAtFiveMinutes() {
         XCTAssertEqual(brokerRetryAfter("7"), 7)
-        XCTAssertEqual(brokerRetryAfter(" 0 "), 0)
+        XCTAssertEqual(brokerRetryAfter(" 0 "), 1, "at least a second: 0 would resend at once, in a loop")
         XCTAssertEqual(brokerRetryAfter("300"), 300)
         XCTAssertEqual(brokerRetryAfter("301"), 300)
         XCTAssertEqual(brokerRetryAfter("18446744073709552"), 300, "its milliseconds overflow 64 bits")

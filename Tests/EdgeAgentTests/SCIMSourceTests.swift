@@ -22,19 +22,21 @@ final class ThrottlingProxy: @unchecked Sendable {  // state behind Locked; loop
     }
     private let parts: LoopBound<Parts>
     let refusals = Locked<[Int]>([])
+    /// The refusals' `Retry-After`.
+    let retryAfter = Locked("1")
     let refuseFilters = Locked(false)
     let seen = Locked<[Seen]>([])
 
     init(upstreamPort: Int) throws {
         let ready = OneShot<LoopBound<Parts>>()
-        let refusals = self.refusals, refuseFilters = self.refuseFilters, seen = self.seen
+        let refusals = self.refusals, refuseFilters = self.refuseFilters, seen = self.seen, retryAfter = self.retryAfter
         thread = try LoopThread.start { loop in
             let upstream = HTTPClient(loop: loop, address: SocketAddress(host: "127.0.0.1", port: upstreamPort))
             let server = try HTTPServer(loop: loop, address: SocketAddress(host: "127.0.0.1", port: 0)) { request, _, responder in
                 let target = request.target
                 if let status = refusals.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
                     seen.withLock { $0.append(Seen(at: Date(), target: target, status: status)) }
-                    responder.respond(HTTPResponse(status: status, headers: ["Retry-After": "1"], body: []))
+                    responder.respond(HTTPResponse(status: status, headers: ["Retry-After": retryAfter.current], body: []))
                     return
                 }
                 if refuseFilters.current && target.contains("filter=") {
@@ -208,6 +210,18 @@ final class SCIMSourceTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(next.at.timeIntervalSince(r.at), 0.9, "not before Retry-After")
         }
         XCTAssertTrue(agent.metrics().contains("scim_edge_source_throttled_total{source=\"hr\"} 3"), agent.metrics())
+        // A Retry-After of 0 is waited out as 1 s: sent again at once, it looped for as long as the server answered so.
+        let beforeZero = proxy.seen.current.count
+        proxy.retryAfter.withLock { $0 = "0" }
+        proxy.refusals.withLock { $0 = [429, 503] }
+        _ = createUser(refPort, "after-zero")
+        XCTAssertTrue(eventually(seconds: 30) { agent.user("after-zero") != nil }, "after throttling with Retry-After: 0")
+        let zero = Array(proxy.seen.current[beforeZero...])
+        for (i, r) in zero.enumerated() where [429, 503].contains(r.status) {
+            let next = try XCTUnwrap(zero.dropFirst(i + 1).first, "a request after each refusal")
+            XCTAssertGreaterThanOrEqual(next.at.timeIntervalSince(r.at), 0.9, "Retry-After: 0 waited out as a second")
+        }
+        XCTAssertEqual(zero.filter { [429, 503].contains($0.status) }.count, 2)
 
         // The rate limit: never more than 20 requests within a second (21 with the edges).
         let times = proxy.seen.current.map(\.at)
@@ -235,12 +249,12 @@ final class SCIMSourceTests: XCTestCase {
             eventually(seconds: 30) {
                 agent.user("while-down") != nil && agent.user("p004")?["title"] as? String == "While down" && agent.user("p005") == nil
             }, "changes while down")
-        let expected = count - 2 + 4  // - p002, p005; + taken (the IdP's), after-refused, after-throttle, while-down
+        let expected = count - 2 + 5  // - p002, p005; + taken (the IdP's), after-refused, after-throttle, after-zero, while-down
         XCTAssertTrue(eventually(seconds: 10) { agent.total("Users") == expected }, "\(agent.total("Users")) users")
         agent.stop()
 
         let store = try AgentStore(path: dir.file("data"), registry: .standard)
-        XCTAssertEqual(try createdOnce(store).filter { $0.hasPrefix("/Users/") }.count, count + 4, "every user created once")
+        XCTAssertEqual(try createdOnce(store).filter { $0.hasPrefix("/Users/") }.count, count + 5, "every user created once")
         let status = try store.sourceStatus("hr")
         XCTAssertEqual(status.mode, "scim")
         XCTAssertNotNil(status.position.flatMap(DateTimeValue.init), "the high-water mark: \(status.position ?? "none")")

@@ -94,6 +94,7 @@ final class PolicyTests: XCTestCase {
         XCTAssertNil(RetrySchedule.retryAfter("-1"))
         XCTAssertNil(RetrySchedule.retryAfter(nil))
         XCTAssertEqual(RetrySchedule.throttlePause(retryAfterSeconds: nil), 1000, "no Retry-After: a second")
+        XCTAssertEqual(RetrySchedule.throttlePause(retryAfterSeconds: 0), 1000, "0 is a second too: not a loop")
         XCTAssertEqual(RetrySchedule.throttlePause(retryAfterSeconds: 7), 7000)
         XCTAssertEqual(RetrySchedule.throttlePause(retryAfterSeconds: 86_400), 300_000, "a target cannot park the queue for a day")
     }

@@ -281,6 +281,34 @@ final class WorkerTests: XCTestCase {
         XCTAssertEqual(store.delivered(), 1)
     }
 
+    /// A throttle's `Retry-After: 0` holds the target a second, as none
+    /// does: 0 had the worker send again at once, for as long as the target
+    /// kept answering so (as fast as its rate limit let it).
+    func testAThrottleWithARetryAfterOfZeroHoldsTheTargetASecond() throws {
+        try start()
+        var throttled = 3
+        target.answer = { r in
+            if throttled > 0 {
+                throttled -= 1
+                return .success(HTTPResponse(status: 429, headers: ["Retry-After": "0"]))
+            }
+            return .success(created(r))
+        }
+        try store.writeUser("u0", ["userName": "user0"])
+        worker.kick()
+        settle()
+        XCTAssertEqual(target.writes().count, 1, "the throttled request alone, not a loop of them")
+        advance(975)
+        XCTAssertEqual(target.writes().count, 1, "held for the second")
+        advance(25)
+        XCTAssertEqual(target.writes().count, 2)
+        advance(1000)
+        advance(1000)
+        XCTAssertEqual(target.writes().count, 4)
+        XCTAssertEqual(store.delivered(), 1)
+        XCTAssertEqual(worker.statistics.throttled, 3)
+    }
+
     func testTheBreakerOpensAtItsThresholdWaitsItsCooldownAndOneProbeClosesIt() throws {
         try start {
             $0.breakerThreshold = 3; $0.concurrency = 1
