@@ -339,6 +339,12 @@ public final class Relay {
                     protocolError("broker expects sequence \(expected), but this agent has sent only through \(sentHigh)")
                     return
                 }
+                // It refused this batch's first event as not the one it expects, and expects exactly that one:
+                // no honest broker answers so (it applies what continues its sequence); resent at once, it looped.
+                guard expected != batch.first else {
+                    protocolError("broker refused batch \(batch.first)…\(batch.last) as out of sequence, yet expects sequence \(expected)")
+                    return
+                }
                 // The broker has everything before `expected`.
                 if expected - 1 > ackedThrough { acknowledged(through: expected - 1, rejected: [:]) }
                 if expected - 1 < ackedThrough {

@@ -42,4 +42,29 @@ final class RelayPacingTests: FederationTestCase {
         }
         XCTAssertTrue(eventually(seconds: 10) { (try? self.outboxEvents("de")) == 0 }, "acknowledged once taken")
     }
+
+    /// A 409 that expects exactly the batch's first event (no honest broker
+    /// answers so: it applies what continues its sequence) is a protocol
+    /// error, backed off; resent at once, the batch looped.
+    func testA409ExpectingTheBatchsOwnFirstEventBacksOff() throws {
+        let batches = Locked<[Date]>([])
+        let fake = try ServerHarness(tls: TLSConfiguration(certificateChainFile: broker.0, privateKeyFile: broker.1, trustRootsFile: ca)) {
+            request, _, responder in
+            batches.withLock { $0.append(Date()) }
+            let first = (try? JSONParser.parse(request.body))?["events"]?.arrayValue?.first?["seq"]?.numberValue?.integer ?? 1
+            responder.respond(
+                HTTPResponse(
+                    status: 409, headers: ["Content-Type": "application/json"], body: Array(#"{"expectedSeq":\#(first)}"#.utf8)))
+        }
+        defer { _ = fake.stop() }
+        let (agent, port) = try startAgent("de", cert: de, domain: "acme-de", brokerPort: fake.port)
+        XCTAssertEqual(try create(port, "alice"), 201)
+        XCTAssertTrue(eventually(seconds: 20) { batches.current.count >= 2 }, "\(agent.output.suffix(5))")
+        Thread.sleep(forTimeInterval: 4)
+        // Backing off (jittered, doubling): a handful in 4 s; resent at once, thousands.
+        XCTAssertLessThanOrEqual(batches.current.count, 15, "\(batches.current.count) batches in about 4 s")
+        XCTAssertTrue(
+            agent.output.contains { $0.contains("protocol error") || $0.contains("out of sequence") }, "\(agent.output.suffix(5))")
+        XCTAssertEqual(try outboxEvents("de"), 1, "nothing pruned on the broker's word")
+    }
 }
