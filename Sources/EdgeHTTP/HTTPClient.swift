@@ -291,6 +291,20 @@ public final class HTTPClient {
     private func lost(_ reason: TransportEnd) {
         let ended = transport
         transport = nil
+        // Ended before it was ready (the peer closed or reset it during the TLS
+        // handshake: a server at its connection budget, a balancer without a
+        // backend): a connect failure for what waits, left to the callers'
+        // backoff. Nothing was in flight to fail, so connecting again at once
+        // looped, and the requests never completed.
+        if ended?.isReady == false {
+            parser = nil
+            let error: HTTPClientError =
+                if case .tlsError(let e) = reason { .tls(e) } else {
+                    .connectFailed("\(reason.description) before the connection was ready")
+                }
+            failAll(error, queuedToo: true)
+            return
+        }
         // A response delimited by the end of the connection (no Content-Length,
         // not chunked: RFC 9112 §6.3) is complete now: tell the parser (EOF).
         // One cut short (a Content-Length not reached) fails below as lost.

@@ -139,6 +139,53 @@ final class HTTPClientTests: XCTestCase {
         XCTAssertTrue(r.lines[0].hasPrefix("error connect failed: connect: ECONNREFUSED"), r.lines[0])
     }
 
+    /// A peer that accepts the connection and closes it before the TLS
+    /// handshake completes (a server at its connection budget does, so does
+    /// a load balancer with no backend): the waiting request fails as a
+    /// connect failure, and the caller's backoff decides when to try again.
+    /// Before, nothing was in flight to fail, so the client connected again
+    /// at once, forever (each attempt restarting the connect timeout), and
+    /// the request never completed.
+    func testAPeerClosingBeforeTheHandshakeFailsTheRequestInsteadOfReconnectingInALoop() throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        XCTAssertGreaterThanOrEqual(listener, 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(listener, $0, length) == 0 && getsockname(listener, $0, &length) == 0
+            }
+        }
+        XCTAssertTrue(bound)
+        XCTAssertEqual(listen(listener, 64), 0)
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let accepted = Locked(0), stop = Locked(false)
+        let acceptor = Thread {
+            while !stop.current {
+                var ready = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+                guard poll(&ready, 1, 50) > 0 else { continue }
+                let c = accept(listener, nil, nil)
+                if c >= 0 {
+                    accepted.withLock { $0 += 1 }
+                    close(c)
+                }
+            }
+        }
+        acceptor.start()
+        defer {
+            stop.withLock { $0 = true }
+            Thread.sleep(forTimeInterval: 0.1)
+            close(listener)
+        }
+        let started = Date()
+        let r = try exchange(port: port, tls: pki.clientConfig(), [get("/x")])
+        XCTAssertTrue(r.lines[0].hasPrefix("error connect failed"), r.lines[0])
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "failed when the peer closed, not at a timeout")
+        XCTAssertLessThanOrEqual(accepted.current, 2, "\(accepted.current) connections for one request")
+    }
+
     func testQueueIsBounded() throws {
         let server = try harness()
         var options = HTTPClientOptions()
