@@ -19,6 +19,8 @@ enum SourceDelivery: Sendable {
 /// What the source thread shares with the loop, under a mutex.
 struct SourceLive: Sendable {
     var connected = false
+    /// When the session connected (monotonic ms), while `connected`.
+    var connectedAt: UInt64 = 0
     var mode = ""
     var lastError = ""
     var connectionFailures = 0
@@ -96,7 +98,11 @@ final class SourceThread: Sendable {
     /// Runs `session` (connect, then read until an error) until stopped.
     /// After a failure it is recorded (`sources status`, metrics) and the
     /// next session waits 1 s doubling to 30 s, jittered; a session that
-    /// got connected (`connected`) starts the doubling again.
+    /// stayed connected for a minute (`stableSessionMilliseconds`) starts
+    /// the doubling again. One that failed sooner after connecting does
+    /// not: a server that takes the connection and then fails the reading
+    /// every time (a size limit, a page that always errs) had the whole
+    /// source read again from the start about every second.
     func runSessions(_ session: () throws -> Void) {
         var attempt = 0
         while !isStopping {
@@ -104,7 +110,8 @@ final class SourceThread: Sendable {
                 try session()
             } catch {
                 guard !isStopping else { break }
-                if live.withLock({ $0.connected }) { attempt = 0 }
+                let stable = live.withLock { $0.connected && monotonicMilliseconds() - $0.connectedAt >= Self.stableSessionMilliseconds }
+                if stable { attempt = 0 }
                 attempt += 1
                 let delay = min(30.0, Double(1 << min(attempt - 1, 5))) * (0.75 + Double(UInt32.random(in: 0...1000)) / 4000)
                 live.withLock {
@@ -119,10 +126,14 @@ final class SourceThread: Sendable {
         live.withLock { $0.connected = false }
     }
 
+    /// How long a session must have stayed connected for its failure to start the backoff again.
+    static let stableSessionMilliseconds: UInt64 = 60_000
+
     /// A session reached its server and reads in `mode`.
     func connected(mode: String, to url: String) {
         live.withLock {
             $0.connected = true
+            $0.connectedAt = monotonicMilliseconds()
             $0.mode = mode
             $0.lastError = ""
         }
