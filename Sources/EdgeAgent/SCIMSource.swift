@@ -220,6 +220,11 @@ public final class SCIMPollClient {
         var startIndex = 1
         var next: String? = cursor ? "" : nil
         var tally = ListingTally()
+        // A server that ignores the cursor or startIndex answers the same page again and again: the listing would
+        // never end (at the request rate, the poll never finishing, deletions never found). Refused, so the session
+        // fails and is retried with backoff.
+        var cursorsSeen = Set<String>()
+        var previousFirst: String?
         while !thread.isStopping {
             let page: String
             if let n = next {
@@ -236,10 +241,24 @@ public final class SCIMPollClient {
             }
             let resources = list["Resources"]?.arrayValue ?? []
             let pageTotal = list["totalResults"]?.numberValue?.integer.map(Int.init)
+            let first = resources.first?["id"]?.stringValue
+            if !cursor, let first, first == previousFirst {
+                throw SourceMappingError(
+                    "GET /\(endpoint) at startIndex \(startIndex) answered the page before it again (it starts with \(first)): the server does not page by startIndex"
+                )
+            }
+            previousFirst = first
             tally.page(total: pageTotal, resources: resources.count)
+            if let total = tally.total, tally.seen > 2 * total + 2 * pageSize {
+                throw SourceMappingError(
+                    "GET /\(endpoint): \(tally.seen) resources listed where the first page counted \(total): the listing does not end")
+            }
             for r in resources { try each(r) }
             if cursor {
                 guard let n = list["nextCursor"]?.stringValue, !n.isEmpty, !resources.isEmpty else { break }
+                guard cursorsSeen.insert(n).inserted else {
+                    throw SourceMappingError("GET /\(endpoint): the server's nextCursor \(n) came before: its listing would not end")
+                }
                 next = n
             } else {
                 guard !resources.isEmpty, tally.seen < (pageTotal ?? 0) else { break }
