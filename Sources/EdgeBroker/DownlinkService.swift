@@ -31,6 +31,12 @@ final class BrokerFeeds {
     var served: [String: Int] = [:]
     /// Destinations whose feed is starting again for a new store.
     var resyncing: Set<String> = []
+    /// Per destination: the poll (epoch, acknowledgement, `after`) that started its last resync, and when.
+    var lastResync: [String: (epoch: String, ack: UInt64, after: UInt64?, at: UInt64)] = [:]
+    /// Per destination: resyncs started, and stale polls answered `resync` without starting one again.
+    var resyncs: [String: (started: Int, repeated: Int)] = [:]
+    /// How long the same stale poll gets `resync` again without the work being done again.
+    static let resyncRepeatMilliseconds: UInt64 = 60_000
     /// Destinations whose feed is being materialised ahead of the next poll (`materializeAhead`).
     var ahead: Set<String> = []
     /// Destinations whose backlog is being counted (on the thread pool).
@@ -308,6 +314,17 @@ extension BrokerService {
                 responder.respond(Self.feedAnswer(page, limit: limit))
                 if page.queued { materializeAhead(domain, target, limit: limit, speaks: speaks) }
             case .failure(BrokerStore.FeedError.newStore(let acked, let issued)):
+                // The very poll that started the last resync, again within a minute: the agent could not record
+                // its restart (a full store, say) and polls as before. The feed has started again already; doing
+                // it again would rewrite the whole destination each time. It is answered as before, counted.
+                if let last = feeds.lastResync[domain], last.epoch == epoch, last.ack == ack, last.after == after,
+                    loop.now - last.at < BrokerFeeds.resyncRepeatMilliseconds
+                {
+                    feeds.resyncs[domain, default: (0, 0)].repeated += 1
+                    return responder.respond(Self.resyncAnswer)
+                }
+                feeds.lastResync[domain] = (epoch, ack, after, loop.now)
+                feeds.resyncs[domain, default: (0, 0)].started += 1
                 logger.warning(
                     "downlink: the agent's store and the feed disagree (a re-imaged or restored store, or a restored broker): the feed starts again with the destination's current state",
                     metadata: [
@@ -369,6 +386,7 @@ extension BrokerService {
                 case .failure(let error):
                     // Tried again from the start at the store's next poll (every step is idempotent).
                     feeds.resyncing.remove(domain)
+                    feeds.lastResync[domain] = nil
                     logger.error("downlink: resync failed", metadata: ["domain": .string(domain), "error": .string("\(error)")])
                 }
             }
@@ -494,6 +512,14 @@ extension BrokerService {
         metric("scim_broker_downlink_polls_waiting", "gauge", "1 while the destination's agent has a poll parked (connected).") { d, _ in
             feeds.parked[d] == nil ? "0" : "1"
         }
+        metric(
+            "scim_broker_downlink_resyncs_total", "counter",
+            "Times the destination's feed started again for a store that disagreed with it (re-imaged, restored, or a restored broker)."
+        ) { d, _ in String(feeds.resyncs[d]?.started ?? 0) }
+        metric(
+            "scim_broker_downlink_resyncs_repeated_total", "counter",
+            "Polls that repeated the one that started the last resync, within a minute (the agent did not record its restart): answered resync again, nothing redone."
+        ) { d, _ in String(feeds.resyncs[d]?.repeated ?? 0) }
         metric(
             "scim_broker_downlink_unreadable_items_total", "counter",
             "Queue items this broker could not read (a newer broker's after a downgrade, or damaged): dead letters, not sent."

@@ -45,7 +45,7 @@ final class SourceBackoffTests: XCTestCase {
         XCTAssertTrue(eventually(seconds: 20) { sessions.current.count >= 1 }, "\(agent.child.output.suffix(5))")
         Thread.sleep(forTimeInterval: 8)
         // Waits of 0.75–1, 1.5–2, 3–4, 6–8 s: about 4 sessions in 8 s; started again each time, about 9.
-        let first = sessions.current[0]
+        let first = try XCTUnwrap(sessions.current.first)
         let within = sessions.current.filter { $0.timeIntervalSince(first) <= 8 }.count
         XCTAssertLessThanOrEqual(within, 6, "\(within) sessions in 8 s")
         XCTAssertGreaterThanOrEqual(within, 2, "retried")

@@ -220,21 +220,24 @@ extension DownlinkTests {
             (running.poller, running.keepAlive, running.writer) = (poller, keepAlive, writer)
             try poller.start()
         }
+        defer {
+            gate.signal()  // before the writer goes: its thread must not be left waiting
+            thread.inbox.send {
+                running.poller?.stop()
+                running.keepAlive?.close()
+                (running.poller, running.keepAlive, running.writer) = (nil, nil, nil)
+            }
+            XCTAssertEqual(thread.join(), 0)
+        }
         // The retry's poll (3) was answered with nothing while the first answer waits for the writer.
         XCTAssertTrue(eventually(seconds: 20) { log.current.count >= 3 }, "\(log.current.count) polls")
         Thread.sleep(forTimeInterval: 0.5)  // that answer read by the agent (a slower machine only makes the test pass)
         XCTAssertEqual(log.current.count, 3, "nothing else asked meanwhile")
-        XCTAssertEqual(log.current[1].body["after"], 3, "the second poll was pipelined")
+        XCTAssertEqual(log.current.dropFirst().first?.body["after"], 3, "the second poll was pipelined")
         gate.signal()
         XCTAssertTrue(eventually(seconds: 10) { log.current.count >= 4 }, "the poller stopped after the failed commit")
         XCTAssertEqual(log.current.last?.body["ackedThrough"], 0, "nothing of the answer with a gap committed")
         XCTAssertNil(log.current.last?.body["after"], "asked again from what is committed")
-        thread.inbox.send {
-            running.poller?.stop()
-            running.keepAlive?.close()
-            (running.poller, running.keepAlive, running.writer) = (nil, nil, nil)
-        }
-        XCTAssertEqual(thread.join(), 0)
     }
 
     /// The sweep that ends a resync, failing on a quiet feed (no answer
@@ -371,5 +374,37 @@ extension DownlinkTests {
             "\(log.current.count - before) polls after the restart: \(usAgent.output.suffix(6))")
         XCTAssertTrue(usAgent.output.contains { $0.contains("cannot be read") }, "\(usAgent.output.suffix(6))")
         XCTAssertEqual(metric(usAgent, "scim_edge_downlink_applied_sequence"), 1)
+    }
+
+    /// A boundary agent that cannot record the restart of its feed (its
+    /// store full, say) polls again as before: the same stale poll. The
+    /// broker answered each with a whole resync (every table of the
+    /// destination rewritten); now the same poll within a minute gets
+    /// `resync` again, counted, and nothing is redone. A poll from 0 then
+    /// gets the feed.
+    func testTheSamePollAfterAResyncIsAnsweredWithoutRedoingIt() throws {
+        let (broker, bp) = try startBroker(yaml: brokerYAML)
+        let fresh = #"{"ackedThrough":0,"maxEvents":10,"timeoutMs":0,"epoch":"e1","protocol":5}"#
+        let stale = #"{"ackedThrough":7,"maxEvents":10,"timeoutMs":0,"epoch":"e1","protocol":5}"#
+        XCTAssertEqual(try poll(bp, cert: us, fresh).0, 200)
+        XCTAssertEqual(try poll(bp, cert: us, stale).0, 503, "ahead of what the feed issued: it starts again")
+        func started() -> Int {
+            broker.output.filter { $0.contains("the feed starts again\"") || $0.contains("\"msg\":\"downlink: the feed starts again") }
+                .count
+        }
+        XCTAssertTrue(eventually(seconds: 10) { started() == 1 }, "\(broker.output.suffix(5))")
+        for _ in 0..<3 {
+            let (status, body) = try poll(bp, cert: us, stale)
+            XCTAssertEqual(status, 503)
+            XCTAssertEqual(body?["error"], "resync")
+        }
+        let resyncs = #"scim_broker_downlink_resyncs_total{domain="acme-us",target="us-boundary"} 1"#
+        let repeated = #"scim_broker_downlink_resyncs_repeated_total{domain="acme-us",target="us-boundary"} 3"#
+        XCTAssertTrue(
+            eventually(seconds: 5) { (try? self.brokerMetrics(broker)).map { $0.contains(resyncs) && $0.contains(repeated) } == true },
+            (try? brokerMetrics(broker))?.split(separator: "\n").filter { $0.contains("resync") }.joined(separator: "\n") ?? "")
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(started(), 1, "not started again")
+        XCTAssertEqual(try poll(bp, cert: us, fresh).0, 200, "counted from 0, the feed is served")
     }
 }

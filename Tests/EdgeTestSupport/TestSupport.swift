@@ -201,6 +201,12 @@ public func dechunk(_ data: ArraySlice<UInt8>) -> (body: [UInt8], used: Int)? {
     return nil
 }
 
+/// Sockets in this process (a server or client of a test's own) write to
+/// peers that may have gone: SIGPIPE is ignored, as the programs ignore it
+/// (`ServiceSignals`), or it ends the whole test run (signal 13) as soon as
+/// a test's timing has a peer close first.
+public func ignoreBrokenPipes() { signal(SIGPIPE, SIG_IGN) }
+
 /// An HTTP server on its own loop thread, for tests.
 public final class ServerHarness: Sendable {
     public let port: Int
@@ -213,6 +219,7 @@ public final class ServerHarness: Sendable {
         host: String = "127.0.0.1",
         handler: @escaping @Sendable (HTTPRequest, RequestContext, Responder) -> Void
     ) throws {
+        ignoreBrokenPipes()
         let ready = OneShot<LoopBound<HTTPServer>>()
         let failures = tlsFailures
         thread = try LoopThread.start { loop in
@@ -260,6 +267,7 @@ public func runOnLoop<T: Sendable>(
 )
     throws -> (T?, Int)
 {
+    ignoreBrokenPipes()
     let result = OneShot<T>()
     let thread = try LoopThread.start { loop in try body(loop) { result.fulfil($0) } }
     let value = result.wait(seconds: timeout)
