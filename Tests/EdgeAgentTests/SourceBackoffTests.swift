@@ -10,6 +10,22 @@ import XCTest
 /// start about every second for as long as the server failed. Now only a
 /// session that stayed connected for a minute does: the retries double.
 final class SourceBackoffTests: XCTestCase {
+    /// An agent with SCIM source `hr` reading the server on `serverPort` every second (`extra`: another setting).
+    func startAgent(_ dir: TempDirectory, serverPort: Int, extra: String = "") throws -> SourceAgent {
+        let token = secretFile(dir, "source.token", "ref-token")
+        return try SourceAgent(
+            config: sourceAgentConfig(
+                dir,
+                source: """
+                      - name: hr
+                        kind: scim
+                        url: http://127.0.0.1:\(serverPort)
+                        tokenFile: \(token)
+                        pollSeconds: 1
+                        \(extra)
+                    """))
+    }
+
     func testASourceThatFailsRightAfterConnectingIsRetriedWithGrowingBackoff() throws {
         let dir = TempDirectory("edge-source-backoff")
         defer { dir.remove() }
@@ -30,17 +46,7 @@ final class SourceBackoffTests: XCTestCase {
                     body: #"{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"500","detail":"scripted"}"#))
         }
         defer { _ = server.stop() }
-        let token = secretFile(dir, "source.token", "ref-token")
-        let config = sourceAgentConfig(
-            dir,
-            source: """
-                  - name: hr
-                    kind: scim
-                    url: http://127.0.0.1:\(server.port)
-                    tokenFile: \(token)
-                    pollSeconds: 1
-                """)
-        let agent = try SourceAgent(config: config)
+        let agent = try startAgent(dir, serverPort: server.port)
         defer { agent.stop() }
         XCTAssertTrue(eventually(seconds: 20) { sessions.current.count >= 1 }, "\(agent.child.output.suffix(5))")
         Thread.sleep(forTimeInterval: 8)
@@ -88,18 +94,7 @@ final class SourceBackoffTests: XCTestCase {
                 responder.respond(HTTPResponse(status: 200, headers: ["Content-Type": "application/scim+json"], body: body))
             }
             defer { _ = server.stop() }
-            let token = secretFile(dir, "source.token", "ref-token")
-            let agent = try SourceAgent(
-                config: sourceAgentConfig(
-                    dir,
-                    source: """
-                          - name: hr
-                            kind: scim
-                            url: http://127.0.0.1:\(server.port)
-                            tokenFile: \(token)
-                            pollSeconds: 1
-                            pageSize: 2
-                        """))
+            let agent = try startAgent(dir, serverPort: server.port, extra: "pageSize: 2")
             defer { agent.stop() }
             let said = cursor ? "nextCursor c1 came before" : "answered the page before it again"
             XCTAssertTrue(
