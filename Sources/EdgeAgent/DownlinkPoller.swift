@@ -319,11 +319,11 @@ public final class DownlinkPoller {
                 retry("the broker has no feed for this domain: \(description)", after: 60)
             case 409 where body?["error"]?.stringValue == "another_store":
                 // Another agent of this boundary polls with a store of its own: this one waits (and says so).
-                retry("refused: \(description)", after: waitAtLeastASecond(r))
+                retry("refused: \(description)", after: brokerRetryAfter(r.headers["Retry-After"]))
             case 503 where body?["error"]?.stringValue == "resync":
-                restart(after: waitAtLeastASecond(r) ?? 1)
+                restart(after: brokerRetryAfter(r.headers["Retry-After"]) ?? 1)
             case 429, 503:
-                retry("broker busy (\(r.status))", after: waitAtLeastASecond(r))
+                retry("broker busy (\(r.status))", after: brokerRetryAfter(r.headers["Retry-After"]))
             default:
                 retry("broker refused the poll: \(r.status) \(description)", after: nil)
             }
@@ -437,11 +437,6 @@ public final class DownlinkPoller {
         return wait / 2 + UInt64.random(in: 0...wait / 2)
     }
     static let maxIdleWaitMilliseconds: UInt64 = 5_000
-
-    /// The broker's Retry-After in seconds, 1 to 300 (`brokerRetryAfter`:
-    /// a `0` would have the agent poll at once, in a loop). Nil: none given
-    /// (the jittered backoff).
-    private func waitAtLeastASecond(_ r: HTTPResponse) -> UInt64? { brokerRetryAfter(r.headers["Retry-After"]) }
 
     /// Polls again after the broker's Retry-After (seconds) or a jittered backoff.
     private func retry(_ message: String, after seconds: UInt64?) {

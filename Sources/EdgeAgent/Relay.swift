@@ -532,5 +532,5 @@ func jitteredBackoff(failures: Int, cap: UInt64) -> UInt64 {
 /// batch again at once, in a loop for as long as the broker (or a proxy
 /// before it) answered so.
 func brokerRetryAfter(_ header: String?) -> UInt64? {
-    RetrySchedule.retryAfter(header).map { min(max(1, $0), RetrySchedule.maxRetryAfterSeconds) }
+    RetrySchedule.retryAfter(header).map { RetrySchedule.bounded($0) }
 }

@@ -1,4 +1,5 @@
 import EdgeConfig
+import EdgeDelivery
 import EdgeHTTP
 import EdgeLoop
 import EdgeTLS
@@ -292,7 +293,8 @@ public final class SCIMPollClient {
                 }
             case 429 where waitsWhenThrottled, 503 where waitsWhenThrottled:
                 let wait =
-                    response.headers["Retry-After"].flatMap { Double($0.trimmingSpaces) }.map { min(600, max(1, $0)) } ?? throttledBackoff
+                    RetrySchedule.retryAfter(response.headers["Retry-After"]).map { Double(RetrySchedule.bounded($0, atMost: 600)) }
+                    ?? throttledBackoff
                 throttledBackoff = min(60, throttledBackoff * 2)
                 thread.live.withLock { $0.throttled += 1 }
                 thread.log("source \(thread.name): \(response.status) for GET \(pathAndQuery); again in \(wait) s")

@@ -266,12 +266,11 @@ extension BrokerService {
             responder.respond(Self.resyncAnswer)
             return true
         }
-        guard let timer = try? LoopTimer(loop: loop) else { return false }
         if woken, feeds.parked[domain] != nil {
-            timer.close()
             responder.respond(Self.feedAnswer(nil, limit: 0))
             return true
         }
+        guard let timer = try? LoopTimer(loop: loop) else { return false }
         timer.keepsLoopAlive = false
         timer.start(after: deadline - now) { [weak self, weak timer] in
             guard let self, feeds.parked[domain]?.timer === timer, let p = feeds.unpark(domain) else { return }

@@ -120,11 +120,18 @@ public enum RetrySchedule {
         header.flatMap { UInt64($0.trimmingSpacesAndTabs) }
     }
 
-    /// How long the target is left alone after a throttle, in milliseconds:
-    /// at least a second (a `Retry-After: 0` on a 429 or 503 would have the
-    /// worker send again at once, for as long as the target answers so).
+    /// A peer's `Retry-After` seconds as every caller follows them: at
+    /// least 1 (a `0` had the caller send again at once, in a loop for as
+    /// long as the peer answered so), at most `maximum` (a peer cannot park
+    /// it for good, nor overflow a timer's milliseconds).
+    public static func bounded(_ seconds: UInt64, atMost maximum: UInt64 = maxRetryAfterSeconds) -> UInt64 {
+        min(max(1, seconds), maximum)
+    }
+
+    /// How long the target is left alone after a throttle, in milliseconds
+    /// (`bounded`; 1 s without a `Retry-After`).
     public static func throttlePause(retryAfterSeconds: UInt64?) -> UInt64 {
-        min(maxRetryAfterSeconds, max(1, retryAfterSeconds ?? 1)) * 1000
+        bounded(retryAfterSeconds ?? 1) * 1000
     }
 }
 
